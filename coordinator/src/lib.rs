@@ -1,1 +1,227 @@
-//! placeholder
+//! cache-coordinator as a library: [`open_data_dir`] takes the data directory, [`run`] serves
+//! the gRPC API, the embedded S3 endpoint and the health listener until shutdown.
+
+pub mod api;
+pub mod config;
+pub mod credentials;
+pub mod error;
+pub mod manifests;
+pub mod s3_endpoint;
+pub mod scope;
+pub mod service;
+pub mod store;
+pub mod tokens;
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::config::Config;
+use crate::credentials::{EmbeddedBroker, EmbeddedStoreSettings, SigningKey, now_unix};
+use crate::error::Error;
+use crate::manifests::Database;
+use crate::service::CacheService;
+use crate::store::EmbeddedStore;
+use crate::tokens::AdminToken;
+
+/// The data directory, opened and locked for this process.
+pub struct DataDir {
+    pub path: PathBuf,
+    pub db: Database,
+    pub signing_key: Arc<SigningKey>,
+    pub admin_token: AdminToken,
+    /// s3s-fs's root: one folder per bucket, plus its metadata files.
+    pub objects_root: PathBuf,
+}
+
+/// Creates the data directory if needed, checks it is writable, takes its lock (sled's) and
+/// loads or creates the admin token and the signing key. Fails without touching stored data.
+pub fn open_data_dir(path: &Path, admin_token_from_env: Option<&str>, bucket: &str) -> Result<DataDir, Error> {
+    let data_dir_error = |reason: String| Error::DataDir { path: path.to_path_buf(), reason };
+    std::fs::create_dir_all(path).map_err(|error| data_dir_error(error.to_string()))?;
+    let probe = path.join(".write-probe");
+    std::fs::write(&probe, b"probe")
+        .and_then(|()| std::fs::remove_file(&probe))
+        .map_err(|error| data_dir_error(format!("not writable: {error}")))?;
+    let db = Database::open(path)?;
+    let admin_token = tokens::load_or_create_admin_token(path, admin_token_from_env)?;
+    let signing_key = Arc::new(SigningKey::load_or_create(path)?);
+    let objects_root = path.join("objects");
+    std::fs::create_dir_all(objects_root.join(bucket)).map_err(|error| data_dir_error(error.to_string()))?;
+    Ok(DataDir { path: path.to_path_buf(), db, signing_key, admin_token, objects_root })
+}
+
+/// The three listeners, bound before `run` so that a taken port is a start-up error and tests
+/// can bind port 0.
+pub struct Listeners {
+    pub grpc: TcpListener,
+    pub s3: TcpListener,
+    pub metrics: TcpListener,
+}
+
+impl Listeners {
+    pub async fn bind(config: &Config) -> anyhow::Result<Listeners> {
+        let bind = |flag: &'static str, address: SocketAddr| async move {
+            TcpListener::bind(address).await.with_context(|| format!("cannot listen on {flag} {address}"))
+        };
+        Ok(Listeners {
+            grpc: bind("--listen", config.listen).await?,
+            s3: bind("--s3-listen", config.s3_listen).await?,
+            metrics: bind("--metrics-listen", config.metrics_listen).await?,
+        })
+    }
+}
+
+/// Where a started coordinator can be reached.
+#[derive(Debug, Clone)]
+pub struct Endpoints {
+    pub grpc: SocketAddr,
+    pub s3_url: String,
+    pub metrics: SocketAddr,
+}
+
+impl Listeners {
+    pub fn endpoints(&self, config: &Config) -> std::io::Result<Endpoints> {
+        let s3 = self.s3.local_addr()?;
+        Ok(Endpoints {
+            grpc: self.grpc.local_addr()?,
+            s3_url: config.s3_public_url.clone().unwrap_or_else(|| format!("http://{s3}")),
+            metrics: self.metrics.local_addr()?,
+        })
+    }
+}
+
+/// Serves HTTP/1 and HTTP/2 connections with `service` until `shutdown` flips, then lets open
+/// connections finish.
+async fn serve_http<S, B>(listener: TcpListener, service: S, mut shutdown: watch::Receiver<bool>)
+where
+    S: hyper::service::Service<http::Request<hyper::body::Incoming>, Response = http::Response<B>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((socket, _)) => {
+                    let connection = builder.serve_connection(TokioIo::new(socket), service.clone()).into_owned();
+                    let connection = graceful.watch(connection);
+                    tokio::spawn(async move {
+                        if let Err(error) = connection.await {
+                            tracing::debug!(%error, "connection ended with an error");
+                        }
+                    });
+                }
+                Err(error) => tracing::warn!(%error, "accepting a connection failed"),
+            },
+            _ = shutdown.changed() => break,
+        }
+    }
+    tokio::select! {
+        () = graceful.shutdown() => {}
+        () = tokio::time::sleep(Duration::from_secs(10)) => tracing::warn!("open connections did not finish within 10 s"),
+    }
+}
+
+/// `/healthz` and `/readyz`; the metrics themselves arrive with the observability issue.
+async fn health(request: http::Request<hyper::body::Incoming>) -> Result<http::Response<Full<Bytes>>, Infallible> {
+    let (status, body) = match request.uri().path() {
+        "/healthz" | "/readyz" => (http::StatusCode::OK, "ok\n"),
+        _ => (http::StatusCode::NOT_FOUND, "not found\n"),
+    };
+    let mut response = http::Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+    *response.status_mut() = status;
+    Ok(response)
+}
+
+/// How long a key's record outlives its expiry, so a late request hears "expired" rather than
+/// "unknown key".
+const EXPIRED_KEY_GRACE_SECONDS: i64 = 3600;
+
+/// Serves until `shutdown` resolves.
+pub async fn run(
+    config: Config,
+    data_dir: DataDir,
+    listeners: Listeners,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let endpoints = listeners.endpoints(&config)?;
+    let broker = EmbeddedBroker {
+        db: data_dir.db.clone(),
+        signing_key: data_dir.signing_key.clone(),
+        settings: EmbeddedStoreSettings {
+            endpoint_url: endpoints.s3_url.clone(),
+            region: config.region.clone(),
+            bucket: config.bucket.clone(),
+            prefix: config.prefix.clone(),
+        },
+        ttl: config.credential_ttl,
+    };
+    let store = EmbeddedStore::new(&data_dir.objects_root, &config.bucket)?;
+    let service = Arc::new(CacheService {
+        db: data_dir.db.clone(),
+        broker: Arc::new(broker),
+        store: Arc::new(store),
+        store_prefix: config.prefix.clone(),
+        admin_token_sha256_hex: data_dir.admin_token.sha256_hex.clone(),
+    });
+    let s3_service = s3_endpoint::build_service(
+        &data_dir.objects_root,
+        data_dir.db.clone(),
+        data_dir.signing_key.clone(),
+        &config.bucket,
+        &config.prefix,
+    )?;
+
+    let (stop_sender, stop_receiver) = watch::channel(false);
+    let s3_task = tokio::spawn(serve_http(listeners.s3, s3_service, stop_receiver.clone()));
+    let health_task =
+        tokio::spawn(serve_http(listeners.metrics, hyper::service::service_fn(health), stop_receiver.clone()));
+    let db = data_dir.db.clone();
+    let mut sweeper_stop = stop_receiver.clone();
+    let sweeper_task = tokio::spawn(async move {
+        let mut interval = tokio::time::interval(Duration::from_secs(60));
+        loop {
+            tokio::select! {
+                _ = interval.tick() => {
+                    if let Err(error) = db.remove_expired_keys(now_unix() - EXPIRED_KEY_GRACE_SECONDS) {
+                        tracing::warn!(%error, "sweeping expired storage keys failed");
+                    }
+                }
+                _ = sweeper_stop.changed() => break,
+            }
+        }
+    });
+
+    let mut grpc_stop = stop_receiver;
+    let grpc = tonic::transport::Server::builder()
+        .add_service(proto::v1::worker_server::WorkerServer::new(api::WorkerApi(service.clone())))
+        .add_service(proto::v1::admin_server::AdminServer::new(api::AdminApi(service)))
+        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listeners.grpc), async move {
+            let _ = grpc_stop.changed().await;
+        });
+    let grpc_task = tokio::spawn(grpc);
+
+    shutdown.await;
+    tracing::info!("shutting down");
+    let _ = stop_sender.send(true);
+    let grpc_result = grpc_task.await.context("gRPC server task")?;
+    let _ = tokio::join!(s3_task, health_task, sweeper_task);
+    data_dir.db.flush_to_disk().await?;
+    grpc_result.context("gRPC server")?;
+    Ok(())
+}

@@ -1,1 +1,98 @@
-fn main() {}
+//! `cache-coordinator`: parse flags, start telemetry, load and validate the configuration, then
+//! hand over to [`coordinator::run`].
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use coordinator::config::{Cli, Command, ConfigError, merge, read_file_config};
+use coordinator::{Listeners, open_data_dir, run};
+
+/// Exit code for bad configuration or an unusable data directory (EX_USAGE).
+const EXIT_BAD_CONFIG: u8 = 64;
+
+fn init_tracing() {
+    // s3s logs whole requests at debug level, session tokens included: it never goes below warn.
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"))
+        .add_directive("s3s=warn".parse().expect("static directive"))
+        .add_directive("s3s_fs=warn".parse().expect("static directive"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}
+
+/// Reads a secret from `NAME` or from the file named by `NAME_FILE`.
+fn secret_from_env(name: &str) -> Result<Option<String>, ConfigError> {
+    if let Ok(value) = std::env::var(name) {
+        return Ok(Some(value));
+    }
+    let file_variable = format!("{name}_FILE");
+    match std::env::var_os(&file_variable) {
+        Some(path) => std::fs::read_to_string(&path)
+            .map(|contents| Some(contents.trim().to_owned()))
+            .map_err(|error| ConfigError(format!("cannot read {file_variable} {}: {error}", path.to_string_lossy()))),
+        None => Ok(None),
+    }
+}
+
+async fn shutdown_signal() {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = terminate => {}
+    }
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing();
+    let Command::Serve(args) = cli.command;
+    let fail = |code: u8, message: String| {
+        eprintln!("cache-coordinator: {message}");
+        ExitCode::from(code)
+    };
+
+    let file = match args.config.as_deref().map(read_file_config).transpose() {
+        Ok(file) => file.unwrap_or_default(),
+        Err(error) => return fail(EXIT_BAD_CONFIG, error.to_string()),
+    };
+    let config = match merge(args, file) {
+        Ok(config) => config,
+        Err(error) => return fail(EXIT_BAD_CONFIG, error.to_string()),
+    };
+    let admin_token = match secret_from_env("CACHE_ADMIN_TOKEN") {
+        Ok(token) => token,
+        Err(error) => return fail(EXIT_BAD_CONFIG, error.to_string()),
+    };
+    let data_dir = match open_data_dir(&config.data_dir, admin_token.as_deref(), &config.bucket) {
+        Ok(data_dir) => data_dir,
+        Err(error) => return fail(EXIT_BAD_CONFIG, error.to_string()),
+    };
+    let listeners = match Listeners::bind(&config).await {
+        Ok(listeners) => listeners,
+        Err(error) => return fail(EXIT_BAD_CONFIG, format!("{error:#}")),
+    };
+    match listeners.endpoints(&config) {
+        Ok(endpoints) => {
+            if let Some(path) = &data_dir.admin_token.file {
+                println!("admin token: {}", path.display());
+            }
+            // One line that scripts and tests wait for.
+            println!(
+                "cache-coordinator ready: grpc=http://{} s3={} metrics=http://{}",
+                endpoints.grpc, endpoints.s3_url, endpoints.metrics
+            );
+        }
+        Err(error) => return fail(1, error.to_string()),
+    }
+    match run(config, data_dir, listeners, shutdown_signal()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => fail(1, format!("{error:#}")),
+    }
+}

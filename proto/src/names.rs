@@ -8,16 +8,23 @@ use std::fmt;
 /// Why a name was refused; the message names the rule.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct InvalidName {
-    pub kind: &'static str,
-    pub value: String,
+    /// What was refused, e.g. "project name".
+    pub what: &'static str,
+    /// The refused value, when it may be shown (never for a token).
+    pub value: Option<String>,
     pub rule: &'static str,
 }
 
 impl fmt::Display for InvalidName {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        // The value is shown escaped and cut short: it came from outside.
-        let shown: String = self.value.chars().take(80).collect();
-        write!(f, "invalid {} name {:?}: {}", self.kind, shown, self.rule)
+        match &self.value {
+            // The value is shown escaped and cut short: it came from outside.
+            Some(value) => {
+                let shown: String = value.chars().take(80).collect();
+                write!(f, "invalid {} {:?}: {}", self.what, shown, self.rule)
+            }
+            None => write!(f, "invalid {}: {}", self.what, self.rule),
+        }
     }
 }
 
@@ -29,7 +36,7 @@ const NAME_RULE_NO_UNDERSCORE: &str = "use 1 to 63 characters of a-z, 0-9, '.' o
 /// Checks `[a-z0-9][a-z0-9._-]{0,62}`, the rule for project, service and branch names.
 ///
 /// Project names additionally never contain `_`: see [`validate_project_name`].
-fn validate_name(kind: &'static str, value: &str, allow_underscore: bool, rule: &'static str) -> Result<(), InvalidName> {
+fn validate_name(what: &'static str, value: &str, allow_underscore: bool, rule: &'static str) -> Result<(), InvalidName> {
     let bytes = value.as_bytes();
     let first_ok = bytes.first().is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
     let rest_ok = bytes.iter().all(|&b| {
@@ -40,7 +47,7 @@ fn validate_name(kind: &'static str, value: &str, allow_underscore: bool, rule: 
     if first_ok && rest_ok && bytes.len() <= 63 && !dots_only {
         Ok(())
     } else {
-        Err(InvalidName { kind, value: value.to_owned(), rule })
+        Err(InvalidName { what, value: Some(value.to_owned()), rule })
     }
 }
 
@@ -49,12 +56,12 @@ fn validate_name(kind: &'static str, value: &str, allow_underscore: bool, rule: 
 /// DESIGN.md allows `_` too; project names go without it because a project token is
 /// `cct_<project>_<secret>` and the project must be recoverable from the token unambiguously.
 pub fn validate_project_name(value: &str) -> Result<(), InvalidName> {
-    validate_name("project", value, false, NAME_RULE_NO_UNDERSCORE)
+    validate_name("project name", value, false, NAME_RULE_NO_UNDERSCORE)
 }
 
 /// A service name: `[a-z0-9][a-z0-9._-]{0,62}`.
 pub fn validate_service_name(value: &str) -> Result<(), InvalidName> {
-    validate_name("service", value, true, NAME_RULE)
+    validate_name("service name", value, true, NAME_RULE)
 }
 
 /// A branch name: empty (the default entry) or `[a-z0-9][a-z0-9._-]{0,62}`.
@@ -62,7 +69,7 @@ pub fn validate_branch_name(value: &str) -> Result<(), InvalidName> {
     if value.is_empty() {
         return Ok(());
     }
-    validate_name("branch", value, true, NAME_RULE)
+    validate_name("branch name", value, true, NAME_RULE)
 }
 
 /// A content digest as the API writes it: `sha256:` and 64 lower-case hex digits.
@@ -73,7 +80,25 @@ pub fn validate_digest(value: &str) -> Result<(), InvalidName> {
     if ok {
         Ok(())
     } else {
-        Err(InvalidName { kind: "digest", value: value.to_owned(), rule: "expected sha256: and 64 lower-case hex digits" })
+        Err(InvalidName { what: "digest", value: Some(value.to_owned()), rule: "expected sha256: and 64 lower-case hex digits" })
+    }
+}
+
+/// A bearer token (project or admin) as given on a command line or in the environment: 16 to
+/// 256 characters of `A-Za-z0-9._~-`. The check is about shape only, so a typo is reported
+/// before anything is sent; whether the token is right is the coordinator's call.
+pub fn validate_token(value: &str) -> Result<(), InvalidName> {
+    let ok = (16..=256).contains(&value.len())
+        && value.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'~' | b'-'));
+    if ok {
+        Ok(())
+    } else {
+        // The value of a token is never echoed back, even a malformed one.
+        Err(InvalidName {
+            what: "token",
+            value: None,
+            rule: "expected 16 to 256 characters of A-Z, a-z, 0-9, '.', '_', '~' or '-'",
+        })
     }
 }
 
@@ -110,5 +135,13 @@ mod tests {
         assert!(validate_digest(&format!("sha256:{}", hex.to_uppercase())).is_err());
         assert!(validate_digest(&format!("sha256:{hex}0")).is_err());
         assert!(validate_digest("sha256:../../etc").is_err());
+    }
+
+    #[test]
+    fn tokens_are_checked_for_shape_and_never_echoed() {
+        assert_eq!(validate_token(&format!("cct_web_{}", "ab".repeat(32))), Ok(()));
+        let error = validate_token("secret value with spaces").unwrap_err();
+        assert!(!error.to_string().contains("secret"), "{error}");
+        assert!(validate_token("short").is_err());
     }
 }

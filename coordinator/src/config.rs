@@ -1,0 +1,204 @@
+//! The coordinator's configuration: command-line flags (each also read from an environment
+//! variable), an optional TOML file, and the one pure function that merges them into a
+//! validated [`Config`].
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use serde::Deserialize;
+
+/// cache-coordinator: projects, manifests and scoped storage credentials for the layer cache.
+#[derive(Debug, Parser)]
+#[command(name = "cache-coordinator", version)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve the gRPC API, the embedded S3 endpoint and the metrics listener.
+    Serve(ServeArgs),
+}
+
+#[derive(Debug, Default, Args)]
+pub struct ServeArgs {
+    /// Directory for the database, stored objects and generated keys [default: ./cache-data]
+    #[arg(long, env = "CACHE_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Address of the gRPC API [default: 127.0.0.1:7400]
+    #[arg(long, env = "CACHE_LISTEN")]
+    pub listen: Option<String>,
+    /// Address of the embedded S3 endpoint [default: 127.0.0.1:7401]
+    #[arg(long, env = "CACHE_S3_LISTEN")]
+    pub s3_listen: Option<String>,
+    /// URL at which build hosts reach the embedded S3 endpoint [default: http://<s3-listen>]
+    #[arg(long, env = "CACHE_S3_PUBLIC_URL")]
+    pub s3_public_url: Option<String>,
+    /// Address of the metrics and health listener [default: 127.0.0.1:9400]
+    #[arg(long, env = "CACHE_METRICS_LISTEN")]
+    pub metrics_listen: Option<String>,
+    /// Lifetime of the storage credentials handed to workers, in seconds [default: 900]
+    #[arg(long, env = "CACHE_CREDENTIAL_TTL")]
+    pub credential_ttl: Option<u64>,
+    /// TOML file with the same settings; flags and environment variables win over it
+    #[arg(long, env = "CACHE_CONFIG")]
+    pub config: Option<PathBuf>,
+}
+
+/// The TOML file: the same settings as the flags, plus the embedded store's layout.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub data_dir: Option<PathBuf>,
+    pub listen: Option<String>,
+    pub s3_listen: Option<String>,
+    pub s3_public_url: Option<String>,
+    pub metrics_listen: Option<String>,
+    pub credential_ttl: Option<u64>,
+    #[serde(default)]
+    pub embedded: EmbeddedFileConfig,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EmbeddedFileConfig {
+    pub bucket: Option<String>,
+    pub prefix: Option<String>,
+}
+
+/// A validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub data_dir: PathBuf,
+    pub listen: SocketAddr,
+    pub s3_listen: SocketAddr,
+    /// `None`: derived from the bound S3 address (which may use port 0 in tests).
+    pub s3_public_url: Option<String>,
+    pub metrics_listen: SocketAddr,
+    pub credential_ttl: Duration,
+    pub bucket: String,
+    pub prefix: String,
+    pub region: String,
+}
+
+/// A configuration problem, reported on one line; `main` exits with 64.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+fn parse_address(flag: &str, value: &str) -> Result<SocketAddr, ConfigError> {
+    let invalid = || ConfigError(format!("invalid {flag} address {value:?}: expected HOST:PORT such as 127.0.0.1:7400"));
+    value.to_socket_addrs().map_err(|_| invalid())?.next().ok_or_else(invalid)
+}
+
+/// Bucket names as S3 allows them (3 to 63 of `a-z0-9.-`).
+fn validate_bucket(bucket: &str) -> Result<(), ConfigError> {
+    let ok = (3..=63).contains(&bucket.len())
+        && bucket.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'-')
+        && bucket.as_bytes()[0].is_ascii_alphanumeric();
+    if ok { Ok(()) } else { Err(ConfigError(format!("invalid bucket name {bucket:?}: use 3 to 63 characters of a-z, 0-9, '.' or '-'"))) }
+}
+
+/// A key prefix of safe segments without slashes at either end (may be empty).
+fn validate_prefix(prefix: &str) -> Result<(), ConfigError> {
+    let ok = prefix.is_empty()
+        || prefix.split('/').all(|segment| {
+            !segment.is_empty()
+                && segment != "."
+                && segment != ".."
+                && segment.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+        });
+    if ok { Ok(()) } else { Err(ConfigError(format!("invalid key prefix {prefix:?}: use segments of A-Z, a-z, 0-9, '.', '_' or '-' joined by '/'"))) }
+}
+
+/// Reads the TOML file named by `--config`.
+pub fn read_file_config(path: &Path) -> Result<FileConfig, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|error| ConfigError(format!("cannot read config file {}: {error}", path.display())))?;
+    toml::from_str(&text).map_err(|error| {
+        let message = error.message().to_owned();
+        ConfigError(format!("invalid config file {}: {message}", path.display()))
+    })
+}
+
+/// Merges flags (which win) over the file, applies defaults and validates everything.
+pub fn merge(args: ServeArgs, file: FileConfig) -> Result<Config, ConfigError> {
+    let listen = args.listen.or(file.listen).unwrap_or_else(|| "127.0.0.1:7400".into());
+    let s3_listen = args.s3_listen.or(file.s3_listen).unwrap_or_else(|| "127.0.0.1:7401".into());
+    let metrics_listen = args.metrics_listen.or(file.metrics_listen).unwrap_or_else(|| "127.0.0.1:9400".into());
+    let s3_listen = parse_address("--s3-listen", &s3_listen)?;
+    let s3_public_url = args.s3_public_url.or(file.s3_public_url);
+    match &s3_public_url {
+        Some(url) if !(url.starts_with("http://") || url.starts_with("https://")) || url.len() < 10 => {
+            return Err(ConfigError(format!("invalid --s3-public-url {url:?}: expected http://HOST:PORT or https://HOST")));
+        }
+        None if s3_listen.ip().is_unspecified() => {
+            return Err(ConfigError(format!(
+                "--s3-listen {s3_listen} listens on every interface: give --s3-public-url, the URL build hosts reach it at"
+            )));
+        }
+        _ => {}
+    }
+    let credential_ttl = args.credential_ttl.or(file.credential_ttl).unwrap_or(900);
+    if !(1..=43_200).contains(&credential_ttl) {
+        return Err(ConfigError(format!("invalid --credential-ttl {credential_ttl}: expected 1 to 43200 seconds")));
+    }
+    let bucket = file.embedded.bucket.unwrap_or_else(|| "layer-cache".into());
+    validate_bucket(&bucket)?;
+    let prefix = file.embedded.prefix.unwrap_or_else(|| "cache".into());
+    validate_prefix(&prefix)?;
+    Ok(Config {
+        data_dir: args.data_dir.or(file.data_dir).unwrap_or_else(|| PathBuf::from("./cache-data")),
+        listen: parse_address("--listen", &listen)?,
+        s3_listen,
+        s3_public_url: s3_public_url.map(|url| url.trim_end_matches('/').to_owned()),
+        metrics_listen: parse_address("--metrics-listen", &metrics_listen)?,
+        credential_ttl: Duration::from_secs(credential_ttl),
+        bucket,
+        prefix,
+        region: "us-east-1".into(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_serve_one_machine() {
+        let config = merge(ServeArgs::default(), FileConfig::default()).unwrap();
+        assert_eq!(config.data_dir, PathBuf::from("./cache-data"));
+        assert_eq!(config.listen.to_string(), "127.0.0.1:7400");
+        assert_eq!(config.s3_listen.to_string(), "127.0.0.1:7401");
+        assert_eq!(config.metrics_listen.to_string(), "127.0.0.1:9400");
+        assert_eq!(config.credential_ttl, Duration::from_secs(900));
+        assert_eq!((config.bucket.as_str(), config.prefix.as_str()), ("layer-cache", "cache"));
+    }
+
+    #[test]
+    fn flags_win_over_the_file() {
+        let file: FileConfig = toml::from_str("listen = \"127.0.0.1:1\"\nmetrics_listen = \"127.0.0.1:2\"\n[embedded]\nprefix = \"a/b\"").unwrap();
+        let args = ServeArgs { listen: Some("127.0.0.1:3".into()), ..ServeArgs::default() };
+        let config = merge(args, file).unwrap();
+        assert_eq!(config.listen.port(), 3);
+        assert_eq!(config.metrics_listen.port(), 2);
+        assert_eq!(config.prefix, "a/b");
+    }
+
+    #[test]
+    fn bad_values_are_one_clear_line() {
+        let bad = |args: ServeArgs| merge(args, FileConfig::default()).unwrap_err().to_string();
+        assert_eq!(
+            bad(ServeArgs { listen: Some("nowhere".into()), ..ServeArgs::default() }),
+            "invalid --listen address \"nowhere\": expected HOST:PORT such as 127.0.0.1:7400"
+        );
+        assert!(bad(ServeArgs { s3_listen: Some("0.0.0.0:7401".into()), ..ServeArgs::default() }).contains("--s3-public-url"));
+        assert!(bad(ServeArgs { credential_ttl: Some(0), ..ServeArgs::default() }).contains("--credential-ttl"));
+        assert!(toml::from_str::<FileConfig>("listn = \"x\"").is_err());
+        assert!(validate_prefix("a/../b").is_err());
+        assert!(validate_prefix("/a").is_err());
+        assert!(validate_bucket("Bad_Bucket").is_err());
+    }
+}

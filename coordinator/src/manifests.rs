@@ -1,0 +1,333 @@
+//! The coordinator's persistent state in sled: projects, minted storage keys, manifests, the
+//! blob ledger and counters. The only file that imports sled.
+//!
+//! Trees and their keys (`\0` separates parts; names never contain it):
+//! - `projects`: project name → [`ProjectRecord`] (JSON)
+//! - `minted_keys`: access key ID → [`MintedKeyRecord`] (JSON)
+//! - `manifests`: project `\0` service `\0` branch → `proto::v1::Manifest` (protobuf)
+//! - `blobs`: project `\0` digest → [`BlobRecord`] (JSON), the ledger
+//! - `counters`: project `\0` service → [`ServiceCounters`] (JSON)
+
+use std::path::{Path, PathBuf};
+
+use prost::Message;
+use serde::{Deserialize, Serialize};
+
+use crate::error::Error;
+
+/// A tenant. The token is kept only as its SHA-256.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProjectRecord {
+    pub name: String,
+    pub token_sha256_hex: String,
+    pub created_unix: i64,
+    /// Bumped by every flush, so a save begun before a flush cannot commit after it.
+    pub generation: u64,
+    /// 0 means no quota.
+    pub quota_bytes: u64,
+}
+
+/// What a minted storage key may do; the secret and session token are derived, never stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum KeyAccess {
+    Read,
+    Write,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MintedKeyRecord {
+    pub project: String,
+    pub access: KeyAccess,
+    pub expires_unix: i64,
+}
+
+/// One blob of a project's store, as the ledger knows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlobRecord {
+    pub stored_size: u64,
+    /// How many manifests of the project name this blob.
+    pub references: u64,
+}
+
+/// Counters of one service of one project, fed by the workers' metric reports.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceCounters {
+    pub restores_hit: u64,
+    pub restores_partial: u64,
+    pub restores_miss: u64,
+    pub restores_error: u64,
+    pub saves: u64,
+    pub layers_found: u64,
+    pub layers_transferred: u64,
+    pub bytes_found: u64,
+    pub bytes_transferred: u64,
+}
+
+/// What a flush removed from the database.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FlushedRecords {
+    pub manifests_removed: u64,
+    pub generation: u64,
+}
+
+/// The coordinator's database. Cloning is cheap: every clone shares one sled instance, which
+/// does its own locking.
+#[derive(Clone)]
+pub struct Database {
+    db: sled::Db,
+    projects: sled::Tree,
+    minted_keys: sled::Tree,
+    manifests: sled::Tree,
+    blobs: sled::Tree,
+    counters: sled::Tree,
+}
+
+fn json_to_vec<T: Serialize>(value: &T) -> Vec<u8> {
+    serde_json::to_vec(value).expect("records serialize to JSON")
+}
+
+fn json_from_slice<T: for<'de> Deserialize<'de>>(tree: &str, bytes: &[u8]) -> Result<T, Error> {
+    serde_json::from_slice(bytes).map_err(|error| Error::CorruptState(format!("{tree}: {error}")))
+}
+
+fn db_error(error: sled::Error) -> Error {
+    Error::Database(error.to_string())
+}
+
+fn composite_key(parts: &[&str]) -> Vec<u8> {
+    parts.join("\0").into_bytes()
+}
+
+fn project_prefix(project: &str) -> Vec<u8> {
+    let mut prefix = project.as_bytes().to_vec();
+    prefix.push(0);
+    prefix
+}
+
+impl Database {
+    /// Opens (or creates) the database in `data_dir/db`. A data directory held by another
+    /// coordinator is refused with [`Error::DataDirLocked`].
+    pub fn open(data_dir: &Path) -> Result<Self, Error> {
+        let path: PathBuf = data_dir.join("db");
+        let db = sled::Config::new().path(&path).open().map_err(|error| match error {
+            sled::Error::Io(io) if io.kind() == std::io::ErrorKind::WouldBlock || io.to_string().contains("lock") => {
+                Error::DataDirLocked(data_dir.to_path_buf())
+            }
+            other => Error::DataDir { path: data_dir.to_path_buf(), reason: other.to_string() },
+        })?;
+        let open_tree = |name: &str| db.open_tree(name).map_err(db_error);
+        Ok(Database {
+            projects: open_tree("projects")?,
+            minted_keys: open_tree("minted_keys")?,
+            manifests: open_tree("manifests")?,
+            blobs: open_tree("blobs")?,
+            counters: open_tree("counters")?,
+            db,
+        })
+    }
+
+    /// Makes everything written so far durable.
+    pub async fn flush_to_disk(&self) -> Result<(), Error> {
+        self.db.flush_async().await.map_err(db_error)?;
+        Ok(())
+    }
+
+    /// Inserts a new project; [`Error::ProjectExists`] if the name is taken.
+    pub fn create_project(&self, record: &ProjectRecord) -> Result<(), Error> {
+        let swapped = self
+            .projects
+            .compare_and_swap(record.name.as_bytes(), None as Option<&[u8]>, Some(json_to_vec(record)))
+            .map_err(db_error)?;
+        swapped.map_err(|_| Error::ProjectExists(record.name.clone()))
+    }
+
+    pub fn project(&self, name: &str) -> Result<Option<ProjectRecord>, Error> {
+        match self.projects.get(name.as_bytes()).map_err(db_error)? {
+            Some(bytes) => Ok(Some(json_from_slice("projects", &bytes)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Every project, sorted by name.
+    pub fn projects(&self) -> Result<Vec<ProjectRecord>, Error> {
+        self.projects
+            .iter()
+            .map(|entry| {
+                let (_, bytes) = entry.map_err(db_error)?;
+                json_from_slice("projects", &bytes)
+            })
+            .collect()
+    }
+
+    pub fn insert_minted_key(&self, access_key_id: &str, record: &MintedKeyRecord) -> Result<(), Error> {
+        self.minted_keys.insert(access_key_id.as_bytes(), json_to_vec(record)).map_err(db_error)?;
+        Ok(())
+    }
+
+    pub fn minted_key(&self, access_key_id: &str) -> Result<Option<MintedKeyRecord>, Error> {
+        match self.minted_keys.get(access_key_id.as_bytes()).map_err(db_error)? {
+            Some(bytes) => Ok(Some(json_from_slice("minted_keys", &bytes)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Forgets keys that expired before `now_unix`; returns how many.
+    pub fn remove_expired_keys(&self, now_unix: i64) -> Result<usize, Error> {
+        let mut n_removed = 0;
+        for entry in self.minted_keys.iter() {
+            let (access_key_id, bytes) = entry.map_err(db_error)?;
+            let record: MintedKeyRecord = json_from_slice("minted_keys", &bytes)?;
+            if record.expires_unix < now_unix {
+                self.minted_keys.remove(access_key_id).map_err(db_error)?;
+                n_removed += 1;
+            }
+        }
+        Ok(n_removed)
+    }
+
+    /// The manifest of one cache key, if any.
+    pub fn manifest(&self, project: &str, service: &str, branch: &str) -> Result<Option<proto::v1::Manifest>, Error> {
+        match self.manifests.get(composite_key(&[project, service, branch])).map_err(db_error)? {
+            Some(bytes) => proto::v1::Manifest::decode(bytes.as_ref())
+                .map(Some)
+                .map_err(|error| Error::CorruptState(format!("manifests: {error}"))),
+            None => Ok(None),
+        }
+    }
+
+    /// Every manifest of a project, sorted by service and branch.
+    pub fn manifests(&self, project: &str) -> Result<Vec<proto::v1::Manifest>, Error> {
+        self.manifests
+            .scan_prefix(project_prefix(project))
+            .map(|entry| {
+                let (_, bytes) = entry.map_err(db_error)?;
+                proto::v1::Manifest::decode(bytes.as_ref())
+                    .map_err(|error| Error::CorruptState(format!("manifests: {error}")))
+            })
+            .collect()
+    }
+
+    /// (blob count, stored bytes) of a project's ledger.
+    pub fn blob_totals(&self, project: &str) -> Result<(u64, u64), Error> {
+        let mut totals = (0, 0);
+        for entry in self.blobs.scan_prefix(project_prefix(project)) {
+            let (_, bytes) = entry.map_err(db_error)?;
+            let record: BlobRecord = json_from_slice("blobs", &bytes)?;
+            totals.0 += 1;
+            totals.1 += record.stored_size;
+        }
+        Ok(totals)
+    }
+
+    /// Counters per service, for one project or (with `None`) every project.
+    pub fn service_counters(&self, project: Option<&str>) -> Result<Vec<(String, String, ServiceCounters)>, Error> {
+        let entries = match project {
+            Some(project) => self.counters.scan_prefix(project_prefix(project)),
+            None => self.counters.iter(),
+        };
+        entries
+            .map(|entry| {
+                let (key, bytes) = entry.map_err(db_error)?;
+                let key = String::from_utf8_lossy(&key).into_owned();
+                let (project, service) = key.split_once('\0').unwrap_or((key.as_str(), ""));
+                Ok((project.to_owned(), service.to_owned(), json_from_slice("counters", &bytes)?))
+            })
+            .collect()
+    }
+
+    /// Removes every manifest and ledger entry of a project and bumps its generation, in one
+    /// transaction-free pass that is safe to repeat: the generation is bumped first, so a save
+    /// begun before the flush cannot commit after it.
+    pub fn flush_project(&self, project: &str) -> Result<FlushedRecords, Error> {
+        let updated = self
+            .projects
+            .fetch_and_update(project.as_bytes(), |old| {
+                let mut record: ProjectRecord = serde_json::from_slice(old?).ok()?;
+                record.generation += 1;
+                Some(json_to_vec(&record))
+            })
+            .map_err(db_error)?;
+        if updated.is_none() {
+            return Err(Error::NoSuchProject(project.to_owned()));
+        }
+        let generation = self.project(project)?.map_or(0, |record| record.generation);
+        let mut manifests_removed = 0;
+        for entry in self.manifests.scan_prefix(project_prefix(project)) {
+            let (key, _) = entry.map_err(db_error)?;
+            self.manifests.remove(key).map_err(db_error)?;
+            manifests_removed += 1;
+        }
+        for entry in self.blobs.scan_prefix(project_prefix(project)) {
+            let (key, _) = entry.map_err(db_error)?;
+            self.blobs.remove(key).map_err(db_error)?;
+        }
+        Ok(FlushedRecords { manifests_removed, generation })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn project(name: &str) -> ProjectRecord {
+        ProjectRecord {
+            name: name.to_owned(),
+            token_sha256_hex: "00".repeat(32),
+            created_unix: 1,
+            generation: 0,
+            quota_bytes: 0,
+        }
+    }
+
+    #[test]
+    fn projects_are_unique_and_survive_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let db = Database::open(dir.path()).unwrap();
+            db.create_project(&project("web")).unwrap();
+            assert!(matches!(db.create_project(&project("web")), Err(Error::ProjectExists(name)) if name == "web"));
+            db.db.flush().unwrap();
+        }
+        let db = Database::open(dir.path()).unwrap();
+        assert_eq!(db.projects().unwrap(), vec![project("web")]);
+    }
+
+    #[test]
+    fn a_second_open_of_the_same_directory_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let _first = Database::open(dir.path()).unwrap();
+        assert!(matches!(Database::open(dir.path()), Err(Error::DataDirLocked(_))));
+    }
+
+    #[test]
+    fn flush_removes_only_that_projects_records_and_bumps_the_generation() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Database::open(dir.path()).unwrap();
+        db.create_project(&project("a")).unwrap();
+        db.create_project(&project("ab")).unwrap();
+        let manifest = proto::v1::Manifest::default().encode_to_vec();
+        let blob = json_to_vec(&BlobRecord { stored_size: 5, references: 1 });
+        for name in ["a", "ab"] {
+            db.manifests.insert(composite_key(&[name, "web", ""]), manifest.clone()).unwrap();
+            db.blobs.insert(composite_key(&[name, "sha256:00"]), blob.clone()).unwrap();
+        }
+        assert_eq!(db.flush_project("a").unwrap(), FlushedRecords { manifests_removed: 1, generation: 1 });
+        assert_eq!(db.flush_project("a").unwrap(), FlushedRecords { manifests_removed: 0, generation: 2 });
+        assert_eq!(db.manifests("a").unwrap().len(), 0);
+        assert_eq!(db.manifests("ab").unwrap().len(), 1);
+        assert_eq!(db.blob_totals("ab").unwrap(), (1, 5));
+        assert!(matches!(db.flush_project("nope"), Err(Error::NoSuchProject(_))));
+    }
+
+    #[test]
+    fn expired_keys_are_forgotten() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Database::open(dir.path()).unwrap();
+        let record = |expires_unix| MintedKeyRecord { project: "a".into(), access: KeyAccess::Read, expires_unix };
+        db.insert_minted_key("OLD", &record(10)).unwrap();
+        db.insert_minted_key("NEW", &record(30)).unwrap();
+        assert_eq!(db.remove_expired_keys(20).unwrap(), 1);
+        assert_eq!(db.minted_key("OLD").unwrap(), None);
+        assert_eq!(db.minted_key("NEW").unwrap(), Some(record(30)));
+    }
+}

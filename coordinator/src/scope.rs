@@ -1,0 +1,142 @@
+//! What a minted storage key may do on the embedded S3 endpoint: a pure function of the
+//! request (operation, bucket, object key or list prefix) and the key's scope.
+//!
+//! Architecture Invariant: a key reaches only `<bucket>/<prefix>/<project>/`, never deletes,
+//! and a read key never writes.
+
+use crate::manifests::KeyAccess;
+
+/// Where a minted key may act.
+#[derive(Debug, Clone, Copy)]
+pub struct KeyScope<'a> {
+    pub bucket: &'a str,
+    /// The project's key prefix, ending in `/`, e.g. `cache/web/`.
+    pub project_prefix: &'a str,
+    pub access: KeyAccess,
+}
+
+/// What a request addresses.
+#[derive(Debug, Clone, Copy)]
+pub enum Target<'a> {
+    Root,
+    /// A bucket-level request; `list_prefix` is the `prefix` query parameter of a listing.
+    Bucket { bucket: &'a str, list_prefix: Option<&'a str> },
+    Object { bucket: &'a str, key: &'a str },
+}
+
+const READ_OBJECT_OPERATIONS: &[&str] = &["GetObject", "HeadObject"];
+const WRITE_OBJECT_OPERATIONS: &[&str] = &[
+    "PutObject",
+    "CreateMultipartUpload",
+    "UploadPart",
+    "CompleteMultipartUpload",
+    "AbortMultipartUpload",
+    "ListParts",
+];
+const LIST_OPERATIONS: &[&str] = &["ListObjectsV2", "ListObjects"];
+
+/// A key with only safe segments: no empty, `.` or `..` segment, only `A-Za-z0-9._-`.
+fn is_safe_key_path(path: &str, allow_trailing_slash: bool) -> bool {
+    let path = if allow_trailing_slash { path.strip_suffix('/').unwrap_or(path) } else { path };
+    path.len() <= 1024
+        && path.split('/').all(|segment| {
+            !segment.is_empty()
+                && segment != "."
+                && segment != ".."
+                && segment.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+        })
+}
+
+/// `Ok` when the scope allows `operation` on `target`; otherwise the reason, for the log and the
+/// `AccessDenied` message.
+pub fn authorize(scope: KeyScope<'_>, operation: &str, target: Target<'_>) -> Result<(), String> {
+    match target {
+        Target::Root => Err(format!("{operation} on the service root is outside the key's scope")),
+        Target::Bucket { bucket, list_prefix } => {
+            if bucket != scope.bucket {
+                return Err(format!("bucket {bucket:?} is outside the key's scope"));
+            }
+            if !LIST_OPERATIONS.contains(&operation) {
+                return Err(format!("{operation} is not allowed for this key"));
+            }
+            match list_prefix {
+                Some(prefix) if prefix.starts_with(scope.project_prefix) && is_safe_key_path(prefix, true) => Ok(()),
+                _ => Err(format!("listing is allowed only under {:?}", scope.project_prefix)),
+            }
+        }
+        Target::Object { bucket, key } => {
+            if bucket != scope.bucket {
+                return Err(format!("bucket {bucket:?} is outside the key's scope"));
+            }
+            let inside = key.strip_prefix(scope.project_prefix).is_some_and(|rest| !rest.is_empty());
+            if !inside || !is_safe_key_path(key, false) {
+                return Err(format!("key is outside {:?}", scope.project_prefix));
+            }
+            let allowed = READ_OBJECT_OPERATIONS.contains(&operation)
+                || (scope.access == KeyAccess::Write && WRITE_OBJECT_OPERATIONS.contains(&operation));
+            if allowed { Ok(()) } else { Err(format!("{operation} is not allowed for this key")) }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const READ: KeyScope<'static> = KeyScope { bucket: "layer-cache", project_prefix: "cache/web/", access: KeyAccess::Read };
+    const WRITE: KeyScope<'static> = KeyScope { access: KeyAccess::Write, ..READ };
+
+    fn object(key: &str) -> Target<'_> {
+        Target::Object { bucket: "layer-cache", key }
+    }
+
+    #[test]
+    fn read_keys_read_inside_the_prefix_only() {
+        assert_eq!(authorize(READ, "GetObject", object("cache/web/blobs/sha256/ab")), Ok(()));
+        assert_eq!(authorize(READ, "HeadObject", object("cache/web/x")), Ok(()));
+        for operation in ["PutObject", "CreateMultipartUpload", "UploadPart", "DeleteObject", "CopyObject"] {
+            assert!(authorize(READ, operation, object("cache/web/x")).is_err(), "{operation}");
+        }
+    }
+
+    #[test]
+    fn write_keys_write_but_never_delete() {
+        for operation in WRITE_OBJECT_OPERATIONS {
+            assert_eq!(authorize(WRITE, operation, object("cache/web/x")), Ok(()), "{operation}");
+        }
+        for operation in ["DeleteObject", "DeleteObjects", "CopyObject", "PutObjectAcl", "CreateBucket"] {
+            assert!(authorize(WRITE, operation, object("cache/web/x")).is_err(), "{operation}");
+        }
+    }
+
+    #[test]
+    fn nothing_escapes_the_prefix() {
+        for key in [
+            "cache/web",
+            "cache/web/",
+            "cache/web2/x",
+            "cache/other/x",
+            "cache/web/../other/x",
+            "cache/web/./x",
+            "cache/web//x",
+            "cache/web/x/..",
+            "cache/web/a\\..\\b",
+            "x/cache/web/y",
+        ] {
+            assert!(authorize(WRITE, "GetObject", object(key)).is_err(), "{key}");
+        }
+        assert!(authorize(WRITE, "GetObject", Target::Object { bucket: "other", key: "cache/web/x" }).is_err());
+    }
+
+    #[test]
+    fn listing_only_under_the_prefix() {
+        let list = |list_prefix| Target::Bucket { bucket: "layer-cache", list_prefix };
+        assert_eq!(authorize(READ, "ListObjectsV2", list(Some("cache/web/"))), Ok(()));
+        assert_eq!(authorize(READ, "ListObjectsV2", list(Some("cache/web/blobs/sha256/"))), Ok(()));
+        for prefix in [None, Some(""), Some("cache/"), Some("cache/web"), Some("cache/web/../")] {
+            assert!(authorize(READ, "ListObjectsV2", list(prefix)).is_err(), "{prefix:?}");
+        }
+        assert!(authorize(READ, "ListBuckets", Target::Root).is_err());
+        assert!(authorize(READ, "DeleteBucket", list(Some("cache/web/"))).is_err());
+    }
+}

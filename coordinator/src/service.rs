@@ -1,0 +1,218 @@
+//! The cache's logic behind the gRPC API: projects, authentication, credentials, caches and
+//! flushes. Knows nothing of tonic; `api.rs` adapts it.
+
+use std::sync::Arc;
+
+use proto::names;
+use proto::v1 as pb;
+
+use crate::credentials::{CredentialBroker, IssuedCredentials, now_unix, project_prefix};
+use crate::error::Error;
+use crate::manifests::{Database, KeyAccess, ProjectRecord};
+use crate::store::ObjectStore;
+use crate::tokens;
+
+/// Default transfer plan until the planner (a later issue) tunes it per load.
+const DEFAULT_PART_SIZE: u64 = 16 * 1024 * 1024;
+const DEFAULT_MAX_CONCURRENCY: u32 = 8;
+
+/// Shared by every gRPC handler; each field is itself safe to share.
+pub struct CacheService {
+    pub db: Database,
+    pub broker: Arc<dyn CredentialBroker>,
+    pub store: Arc<dyn ObjectStore>,
+    /// The store's key prefix; a project's objects live under `<prefix>/<project>/`.
+    pub store_prefix: String,
+    pub admin_token_sha256_hex: String,
+}
+
+fn project_message(db: &Database, record: &ProjectRecord) -> Result<pb::Project, Error> {
+    let (blob_count, stored_bytes) = db.blob_totals(&record.name)?;
+    Ok(pb::Project {
+        name: record.name.clone(),
+        created_unix: record.created_unix,
+        generation: record.generation,
+        quota_bytes: record.quota_bytes,
+        stored_bytes,
+        blob_count,
+        cache_count: db.manifests(&record.name)?.len() as u32,
+    })
+}
+
+fn cache_summary(manifest: &pb::Manifest) -> pb::CacheSummary {
+    let layers = manifest.images.iter().flat_map(|image| &image.layers);
+    pb::CacheSummary {
+        key: manifest.key.clone(),
+        image_count: manifest.images.len() as u32,
+        layer_count: layers.clone().count() as u32,
+        total_bytes: layers.map(|layer| layer.size).sum(),
+        created_unix: manifest.created_unix,
+        last_used_unix: manifest.last_used_unix,
+    }
+}
+
+pub fn credentials_message(issued: IssuedCredentials) -> pb::Credentials {
+    pb::Credentials {
+        access_key_id: issued.access_key_id,
+        secret_access_key: issued.secret_access_key,
+        session_token: issued.session_token,
+        expires_unix: issued.expires_unix,
+        endpoint_url: issued.endpoint_url,
+        region: issued.region,
+        bucket: issued.bucket,
+        prefix: issued.prefix,
+        path_style: issued.path_style,
+        access: match issued.access {
+            KeyAccess::Read => pb::Access::Read,
+            KeyAccess::Write => pb::Access::Write,
+        } as i32,
+    }
+}
+
+fn validate_key(key: Option<&pb::CacheKey>) -> Result<pb::CacheKey, Error> {
+    let key = key.ok_or_else(|| Error::InvalidArgument("a cache key with a service name is required".into()))?;
+    names::validate_service_name(&key.service)?;
+    names::validate_branch_name(&key.branch)?;
+    Ok(key.clone())
+}
+
+impl CacheService {
+    /// The project a worker token belongs to.
+    pub fn authenticate_project(&self, token: Option<&str>) -> Result<String, Error> {
+        let token = token.ok_or(Error::Unauthenticated("missing project token: pass --token or set CACHE_TOKEN"))?;
+        if tokens::token_matches(token, &self.admin_token_sha256_hex) {
+            return Err(Error::PermissionDenied("the admin token cannot be used by a worker: use a project token"));
+        }
+        let unknown = Error::Unauthenticated("unknown or revoked project token");
+        let project = tokens::project_of_token(token).ok_or(unknown)?;
+        match self.db.project(project)? {
+            Some(record) if tokens::token_matches(token, &record.token_sha256_hex) => Ok(record.name),
+            _ => Err(Error::Unauthenticated("unknown or revoked project token")),
+        }
+    }
+
+    /// Admits the admin token only.
+    pub fn authenticate_admin(&self, token: Option<&str>) -> Result<(), Error> {
+        let token = token.ok_or(Error::Unauthenticated("missing admin token: pass --admin-token or set CACHE_ADMIN_TOKEN"))?;
+        if tokens::token_matches(token, &self.admin_token_sha256_hex) {
+            return Ok(());
+        }
+        if self.authenticate_project(Some(token)).is_ok() {
+            return Err(Error::PermissionDenied("a project token cannot use the admin API: use the admin token"));
+        }
+        Err(Error::Unauthenticated("wrong admin token"))
+    }
+
+    pub fn create_project(&self, name: &str, quota_bytes: u64) -> Result<(pb::Project, String), Error> {
+        names::validate_project_name(name)?;
+        let token = tokens::new_project_token(name);
+        let record = ProjectRecord {
+            name: name.to_owned(),
+            token_sha256_hex: tokens::sha256_hex(&token),
+            created_unix: now_unix(),
+            generation: 0,
+            quota_bytes,
+        };
+        self.db.create_project(&record)?;
+        Ok((project_message(&self.db, &record)?, token))
+    }
+
+    fn existing_project(&self, name: &str) -> Result<ProjectRecord, Error> {
+        names::validate_project_name(name)?;
+        self.db.project(name)?.ok_or_else(|| Error::NoSuchProject(name.to_owned()))
+    }
+
+    pub fn list_projects(&self) -> Result<Vec<pb::Project>, Error> {
+        self.db.projects()?.iter().map(|record| project_message(&self.db, record)).collect()
+    }
+
+    pub fn list_caches(&self, project: &str) -> Result<(pb::Project, Vec<pb::CacheSummary>), Error> {
+        let record = self.existing_project(project)?;
+        let caches = self.db.manifests(project)?.iter().map(cache_summary).collect();
+        Ok((project_message(&self.db, &record)?, caches))
+    }
+
+    pub fn show_cache(&self, project: &str, key: Option<&pb::CacheKey>) -> Result<pb::Manifest, Error> {
+        self.existing_project(project)?;
+        let key = validate_key(key)?;
+        self.db
+            .manifest(project, &key.service, &key.branch)?
+            .ok_or_else(|| Error::NoSuchCache { project: project.to_owned(), service: key.service.clone() })
+    }
+
+    /// Removes the project's manifests first (so nothing can name a deleted blob), then every
+    /// object under its prefix. Safe to repeat.
+    pub async fn flush_project(&self, project: &str) -> Result<pb::FlushProjectResponse, Error> {
+        self.existing_project(project)?;
+        let flushed = self.db.flush_project(project)?;
+        self.db.flush_to_disk().await?;
+        let deleted = self.store.delete_prefix(&project_prefix(&self.store_prefix, project)).await?;
+        tracing::info!(project, manifests = flushed.manifests_removed, objects = deleted.count, "project flushed");
+        Ok(pb::FlushProjectResponse {
+            manifests_removed: flushed.manifests_removed,
+            objects_removed: deleted.count,
+            bytes_removed: deleted.bytes,
+            generation: flushed.generation,
+        })
+    }
+
+    pub fn stats(&self, project: &str) -> Result<Vec<pb::ServiceStats>, Error> {
+        let filter = if project.is_empty() {
+            None
+        } else {
+            self.existing_project(project)?;
+            Some(project)
+        };
+        let counters = self.db.service_counters(filter)?;
+        Ok(counters
+            .into_iter()
+            .map(|(project, service, c)| pb::ServiceStats {
+                project,
+                service,
+                restores_hit: c.restores_hit,
+                restores_partial: c.restores_partial,
+                restores_miss: c.restores_miss,
+                restores_error: c.restores_error,
+                saves: c.saves,
+                layers_found: c.layers_found,
+                layers_transferred: c.layers_transferred,
+                bytes_found: c.bytes_found,
+                bytes_transferred: c.bytes_transferred,
+            })
+            .collect())
+    }
+
+    pub async fn issue_credentials(&self, project: &str, access: pb::Access) -> Result<pb::Credentials, Error> {
+        let access = match access {
+            pb::Access::Read => KeyAccess::Read,
+            pb::Access::Write => KeyAccess::Write,
+            pb::Access::Unspecified => return Err(Error::InvalidArgument("credentials need an access: read or write".into())),
+        };
+        let issued = self.broker.issue(project, access).await?;
+        tracing::info!(project, access_key_id = issued.access_key_id, ?access, "credentials issued");
+        Ok(credentials_message(issued))
+    }
+
+    /// Finds the manifest of `key`, else of the first fallback that has one.
+    pub fn lookup(&self, project: &str, request: &pb::LookupRequest) -> Result<pb::LookupResponse, Error> {
+        let mut candidates = vec![validate_key(request.key.as_ref())?];
+        for fallback in &request.fallbacks {
+            candidates.push(validate_key(Some(fallback))?);
+        }
+        for key in candidates {
+            if let Some(manifest) = self.db.manifest(project, &key.service, &key.branch)? {
+                return Ok(pb::LookupResponse {
+                    found: true,
+                    matched: Some(key),
+                    manifest: Some(manifest),
+                    plan: Some(pb::TransferPlan {
+                        part_size: DEFAULT_PART_SIZE,
+                        multipart_threshold: DEFAULT_PART_SIZE,
+                        max_concurrency: DEFAULT_MAX_CONCURRENCY,
+                    }),
+                });
+            }
+        }
+        Ok(pb::LookupResponse::default())
+    }
+}

@@ -1,0 +1,121 @@
+//! The coordinator's own object work (checking blobs before a commit, deleting on flush): a
+//! trait with the embedded store's implementation, which works on the same files the embedded
+//! S3 endpoint serves.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use s3s::S3;
+
+use crate::error::Error;
+
+/// What a deletion removed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DeletedObjects {
+    pub count: u64,
+    pub bytes: u64,
+}
+
+#[async_trait::async_trait]
+pub trait ObjectStore: Send + Sync {
+    /// The size of an object, or `None` when it does not exist.
+    async fn object_size(&self, key: &str) -> Result<Option<u64>, Error>;
+    /// Deletes every object whose key starts with `prefix` (which ends in `/`).
+    async fn delete_prefix(&self, prefix: &str) -> Result<DeletedObjects, Error>;
+}
+
+/// The embedded store: objects are files under `<objects_root>/<bucket>/`.
+pub struct EmbeddedStore {
+    file_system: Arc<s3s_fs::FileSystem>,
+    bucket_dir: PathBuf,
+    bucket: String,
+}
+
+impl EmbeddedStore {
+    pub fn new(objects_root: &Path, bucket: &str) -> Result<EmbeddedStore, Error> {
+        let file_system = s3s_fs::FileSystem::new(objects_root).map_err(|error| Error::Store(format!("{error:?}")))?;
+        Ok(EmbeddedStore { file_system: Arc::new(file_system), bucket_dir: objects_root.join(bucket), bucket: bucket.to_owned() })
+    }
+}
+
+/// Every file under `dir` as (key relative to `bucket_dir`, size).
+fn list_files(bucket_dir: &Path, dir: &Path) -> std::io::Result<Vec<(String, u64)>> {
+    let mut files = Vec::new();
+    let mut pending = vec![dir.to_path_buf()];
+    while let Some(dir) = pending.pop() {
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(error) => return Err(error),
+        };
+        for entry in entries {
+            let entry = entry?;
+            let file_type = entry.file_type()?;
+            if file_type.is_dir() {
+                pending.push(entry.path());
+            } else if file_type.is_file() {
+                let path = entry.path();
+                let relative = path.strip_prefix(bucket_dir).map_err(std::io::Error::other)?;
+                let key = relative.iter().map(|part| part.to_string_lossy()).collect::<Vec<_>>().join("/");
+                files.push((key, entry.metadata()?.len()));
+            }
+        }
+    }
+    Ok(files)
+}
+
+fn internal_request<T>(input: T) -> s3s::S3Request<T> {
+    s3s::S3Request {
+        input,
+        method: http::Method::DELETE,
+        uri: http::Uri::from_static("/"),
+        headers: http::HeaderMap::new(),
+        extensions: http::Extensions::new(),
+        credentials: None,
+        region: None,
+        service: None,
+        trailing_headers: None,
+    }
+}
+
+#[async_trait::async_trait]
+impl ObjectStore for EmbeddedStore {
+    async fn object_size(&self, key: &str) -> Result<Option<u64>, Error> {
+        match tokio::fs::metadata(self.bucket_dir.join(key)).await {
+            Ok(metadata) if metadata.is_file() => Ok(Some(metadata.len())),
+            Ok(_) => Ok(None),
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(error) => Err(Error::Store(format!("{key}: {error}"))),
+        }
+    }
+
+    async fn delete_prefix(&self, prefix: &str) -> Result<DeletedObjects, Error> {
+        let prefix_dir = self.bucket_dir.join(prefix.trim_end_matches('/'));
+        let bucket_dir = self.bucket_dir.clone();
+        let listing_dir = prefix_dir.clone();
+        let files = tokio::task::spawn_blocking(move || list_files(&bucket_dir, &listing_dir))
+            .await
+            .map_err(|error| Error::Store(error.to_string()))?
+            .map_err(|error| Error::Store(format!("listing {prefix}: {error}")))?;
+        let mut deleted = DeletedObjects::default();
+        for (key, size) in files {
+            // Through s3s-fs, so its metadata files go with the object.
+            let input = s3s::dto::DeleteObjectInput::builder()
+                .bucket(self.bucket.clone())
+                .key(key.clone())
+                .build()
+                .map_err(|error| Error::Store(error.to_string()))?;
+            self.file_system
+                .delete_object(internal_request(input))
+                .await
+                .map_err(|error| Error::Store(format!("deleting {key}: {error}")))?;
+            deleted.count += 1;
+            deleted.bytes += size;
+        }
+        match tokio::fs::remove_dir_all(&prefix_dir).await {
+            Ok(()) => Ok(deleted),
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(deleted),
+            Err(error) => Err(Error::Store(format!("removing {}: {error}", prefix_dir.display()))),
+        }
+    }
+}
