@@ -60,12 +60,18 @@ impl Worker for WorkerApi {
         Ok(Response::new(self.0.lookup(&project, request.get_ref())?))
     }
 
-    async fn begin_save(&self, request: Request<pb::BeginSaveRequest>) -> Result<Response<pb::BeginSaveResponse>, Status> {
+    async fn begin_save(
+        &self,
+        request: Request<pb::BeginSaveRequest>,
+    ) -> Result<Response<pb::BeginSaveResponse>, Status> {
         self.project(&request)?;
         Err(Error::NotYetImplemented("saving").into())
     }
 
-    async fn commit_save(&self, request: Request<pb::CommitSaveRequest>) -> Result<Response<pb::CommitSaveResponse>, Status> {
+    async fn commit_save(
+        &self,
+        request: Request<pb::CommitSaveRequest>,
+    ) -> Result<Response<pb::CommitSaveResponse>, Status> {
         self.project(&request)?;
         Err(Error::NotYetImplemented("saving").into())
     }
@@ -111,13 +117,19 @@ impl Admin for AdminApi {
         Ok(Response::new(pb::ListProjectsResponse { projects: self.0.list_projects()? }))
     }
 
-    async fn list_caches(&self, request: Request<pb::ListCachesRequest>) -> Result<Response<pb::ListCachesResponse>, Status> {
+    async fn list_caches(
+        &self,
+        request: Request<pb::ListCachesRequest>,
+    ) -> Result<Response<pb::ListCachesResponse>, Status> {
         self.admin(&request)?;
         let (project, caches) = self.0.list_caches(&request.get_ref().project)?;
         Ok(Response::new(pb::ListCachesResponse { project: Some(project), caches }))
     }
 
-    async fn show_cache(&self, request: Request<pb::ShowCacheRequest>) -> Result<Response<pb::ShowCacheResponse>, Status> {
+    async fn show_cache(
+        &self,
+        request: Request<pb::ShowCacheRequest>,
+    ) -> Result<Response<pb::ShowCacheResponse>, Status> {
         self.admin(&request)?;
         let request = request.get_ref();
         let manifest = self.0.show_cache(&request.project, request.key.as_ref())?;

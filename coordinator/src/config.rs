@@ -90,7 +90,8 @@ pub struct Config {
 pub struct ConfigError(pub String);
 
 fn parse_address(flag: &str, value: &str) -> Result<SocketAddr, ConfigError> {
-    let invalid = || ConfigError(format!("invalid {flag} address {value:?}: expected HOST:PORT such as 127.0.0.1:7400"));
+    let invalid =
+        || ConfigError(format!("invalid {flag} address {value:?}: expected HOST:PORT such as 127.0.0.1:7400"));
     value.to_socket_addrs().map_err(|_| invalid())?.next().ok_or_else(invalid)
 }
 
@@ -99,7 +100,11 @@ fn validate_bucket(bucket: &str) -> Result<(), ConfigError> {
     let ok = (3..=63).contains(&bucket.len())
         && bucket.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'-')
         && bucket.as_bytes()[0].is_ascii_alphanumeric();
-    if ok { Ok(()) } else { Err(ConfigError(format!("invalid bucket name {bucket:?}: use 3 to 63 characters of a-z, 0-9, '.' or '-'"))) }
+    if ok {
+        Ok(())
+    } else {
+        Err(ConfigError(format!("invalid bucket name {bucket:?}: use 3 to 63 characters of a-z, 0-9, '.' or '-'")))
+    }
 }
 
 /// A key prefix of safe segments without slashes at either end (may be empty).
@@ -111,12 +116,19 @@ fn validate_prefix(prefix: &str) -> Result<(), ConfigError> {
                 && segment != ".."
                 && segment.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
         });
-    if ok { Ok(()) } else { Err(ConfigError(format!("invalid key prefix {prefix:?}: use segments of A-Z, a-z, 0-9, '.', '_' or '-' joined by '/'"))) }
+    if ok {
+        Ok(())
+    } else {
+        Err(ConfigError(format!(
+            "invalid key prefix {prefix:?}: use segments of A-Z, a-z, 0-9, '.', '_' or '-' joined by '/'"
+        )))
+    }
 }
 
 /// Reads the TOML file named by `--config`.
 pub fn read_file_config(path: &Path) -> Result<FileConfig, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|error| ConfigError(format!("cannot read config file {}: {error}", path.display())))?;
+    let text = std::fs::read_to_string(path)
+        .map_err(|error| ConfigError(format!("cannot read config file {}: {error}", path.display())))?;
     toml::from_str(&text).map_err(|error| {
         let message = error.message().to_owned();
         ConfigError(format!("invalid config file {}: {message}", path.display()))
@@ -132,7 +144,9 @@ pub fn merge(args: ServeArgs, file: FileConfig) -> Result<Config, ConfigError> {
     let s3_public_url = args.s3_public_url.or(file.s3_public_url);
     match &s3_public_url {
         Some(url) if !(url.starts_with("http://") || url.starts_with("https://")) || url.len() < 10 => {
-            return Err(ConfigError(format!("invalid --s3-public-url {url:?}: expected http://HOST:PORT or https://HOST")));
+            return Err(ConfigError(format!(
+                "invalid --s3-public-url {url:?}: expected http://HOST:PORT or https://HOST"
+            )));
         }
         None if s3_listen.ip().is_unspecified() => {
             return Err(ConfigError(format!(
@@ -179,7 +193,9 @@ mod tests {
 
     #[test]
     fn flags_win_over_the_file() {
-        let file: FileConfig = toml::from_str("listen = \"127.0.0.1:1\"\nmetrics_listen = \"127.0.0.1:2\"\n[embedded]\nprefix = \"a/b\"").unwrap();
+        let file: FileConfig =
+            toml::from_str("listen = \"127.0.0.1:1\"\nmetrics_listen = \"127.0.0.1:2\"\n[embedded]\nprefix = \"a/b\"")
+                .unwrap();
         let args = ServeArgs { listen: Some("127.0.0.1:3".into()), ..ServeArgs::default() };
         let config = merge(args, file).unwrap();
         assert_eq!(config.listen.port(), 3);
@@ -194,7 +210,10 @@ mod tests {
             bad(ServeArgs { listen: Some("nowhere".into()), ..ServeArgs::default() }),
             "invalid --listen address \"nowhere\": expected HOST:PORT such as 127.0.0.1:7400"
         );
-        assert!(bad(ServeArgs { s3_listen: Some("0.0.0.0:7401".into()), ..ServeArgs::default() }).contains("--s3-public-url"));
+        assert!(
+            bad(ServeArgs { s3_listen: Some("0.0.0.0:7401".into()), ..ServeArgs::default() })
+                .contains("--s3-public-url")
+        );
         assert!(bad(ServeArgs { credential_ttl: Some(0), ..ServeArgs::default() }).contains("--credential-ttl"));
         assert!(toml::from_str::<FileConfig>("listn = \"x\"").is_err());
         assert!(validate_prefix("a/../b").is_err());

@@ -84,7 +84,8 @@ impl SigningKey {
                 options.write(true).create_new(true);
                 #[cfg(unix)]
                 std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-                let mut file = options.open(&path).map_err(|error| data_dir_error(format!("{}: {error}", path.display())))?;
+                let mut file =
+                    options.open(&path).map_err(|error| data_dir_error(format!("{}: {error}", path.display())))?;
                 file.write_all(format!("{}\n", hex::encode(key)).as_bytes())
                     .and_then(|()| file.sync_all())
                     .map_err(|error| data_dir_error(format!("{}: {error}", path.display())))?;

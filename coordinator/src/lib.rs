@@ -105,7 +105,10 @@ impl Listeners {
 /// connections finish.
 async fn serve_http<S, B>(listener: TcpListener, service: S, mut shutdown: watch::Receiver<bool>)
 where
-    S: hyper::service::Service<http::Request<hyper::body::Incoming>, Response = http::Response<B>> + Clone + Send + 'static,
+    S: hyper::service::Service<http::Request<hyper::body::Incoming>, Response = http::Response<B>>
+        + Clone
+        + Send
+        + 'static,
     S::Future: Send + 'static,
     S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     B: http_body::Body + Send + 'static,

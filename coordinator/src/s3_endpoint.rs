@@ -71,7 +71,11 @@ impl S3Access for MintedKeyAccess {
         let token_ok =
             presented_token.is_some_and(|token| self.signing_key.session_token_matches(&access_key_id, &token));
         if !token_ok {
-            tracing::warn!(access_key_id, project = record.project, "storage request refused: missing or wrong session token");
+            tracing::warn!(
+                access_key_id,
+                project = record.project,
+                "storage request refused: missing or wrong session token"
+            );
             return Err(s3_error!(InvalidToken, "the session token is missing or does not belong to the access key"));
         }
 
@@ -99,7 +103,8 @@ pub fn build_service(
     bucket: &str,
     store_prefix: &str,
 ) -> std::io::Result<s3s::service::S3Service> {
-    let file_system = s3s_fs::FileSystem::new(objects_root).map_err(|error| std::io::Error::other(format!("{error:?}")))?;
+    let file_system =
+        s3s_fs::FileSystem::new(objects_root).map_err(|error| std::io::Error::other(format!("{error:?}")))?;
     let mut builder = s3s::service::S3ServiceBuilder::new(file_system);
     builder.set_auth(MintedKeyAuth { db: db.clone(), signing_key: signing_key.clone() });
     builder.set_access(MintedKeyAccess {

@@ -20,8 +20,14 @@ pub struct KeyScope<'a> {
 pub enum Target<'a> {
     Root,
     /// A bucket-level request; `list_prefix` is the `prefix` query parameter of a listing.
-    Bucket { bucket: &'a str, list_prefix: Option<&'a str> },
-    Object { bucket: &'a str, key: &'a str },
+    Bucket {
+        bucket: &'a str,
+        list_prefix: Option<&'a str>,
+    },
+    Object {
+        bucket: &'a str,
+        key: &'a str,
+    },
 }
 
 const READ_OBJECT_OPERATIONS: &[&str] = &["GetObject", "HeadObject"];
@@ -83,7 +89,8 @@ pub fn authorize(scope: KeyScope<'_>, operation: &str, target: Target<'_>) -> Re
 mod tests {
     use super::*;
 
-    const READ: KeyScope<'static> = KeyScope { bucket: "layer-cache", project_prefix: "cache/web/", access: KeyAccess::Read };
+    const READ: KeyScope<'static> =
+        KeyScope { bucket: "layer-cache", project_prefix: "cache/web/", access: KeyAccess::Read };
     const WRITE: KeyScope<'static> = KeyScope { access: KeyAccess::Write, ..READ };
 
     fn object(key: &str) -> Target<'_> {

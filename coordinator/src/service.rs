@@ -93,7 +93,8 @@ impl CacheService {
 
     /// Admits the admin token only.
     pub fn authenticate_admin(&self, token: Option<&str>) -> Result<(), Error> {
-        let token = token.ok_or(Error::Unauthenticated("missing admin token: pass --admin-token or set CACHE_ADMIN_TOKEN"))?;
+        let token =
+            token.ok_or(Error::Unauthenticated("missing admin token: pass --admin-token or set CACHE_ADMIN_TOKEN"))?;
         if tokens::token_matches(token, &self.admin_token_sha256_hex) {
             return Ok(());
         }
@@ -186,7 +187,9 @@ impl CacheService {
         let access = match access {
             pb::Access::Read => KeyAccess::Read,
             pb::Access::Write => KeyAccess::Write,
-            pb::Access::Unspecified => return Err(Error::InvalidArgument("credentials need an access: read or write".into())),
+            pb::Access::Unspecified => {
+                return Err(Error::InvalidArgument("credentials need an access: read or write".into()));
+            }
         };
         let issued = self.broker.issue(project, access).await?;
         tracing::info!(project, access_key_id = issued.access_key_id, ?access, "credentials issued");

@@ -34,7 +34,11 @@ pub struct EmbeddedStore {
 impl EmbeddedStore {
     pub fn new(objects_root: &Path, bucket: &str) -> Result<EmbeddedStore, Error> {
         let file_system = s3s_fs::FileSystem::new(objects_root).map_err(|error| Error::Store(format!("{error:?}")))?;
-        Ok(EmbeddedStore { file_system: Arc::new(file_system), bucket_dir: objects_root.join(bucket), bucket: bucket.to_owned() })
+        Ok(EmbeddedStore {
+            file_system: Arc::new(file_system),
+            bucket_dir: objects_root.join(bucket),
+            bucket: bucket.to_owned(),
+        })
     }
 }
 

@@ -54,11 +54,15 @@ pub struct AdminToken {
 /// generated into the data directory, generating it (mode 0600) on first start.
 pub fn load_or_create_admin_token(data_dir: &Path, from_env: Option<&str>) -> Result<AdminToken, Error> {
     if let Some(token) = from_env {
-        proto::names::validate_token(token).map_err(|error| Error::InvalidArgument(format!("CACHE_ADMIN_TOKEN: {error}")))?;
+        proto::names::validate_token(token)
+            .map_err(|error| Error::InvalidArgument(format!("CACHE_ADMIN_TOKEN: {error}")))?;
         return Ok(AdminToken { sha256_hex: sha256_hex(token), file: None });
     }
     let path = data_dir.join(ADMIN_TOKEN_FILE);
-    let data_dir_error = |error: std::io::Error| Error::DataDir { path: data_dir.to_path_buf(), reason: format!("{}: {error}", path.display()) };
+    let data_dir_error = |error: std::io::Error| Error::DataDir {
+        path: data_dir.to_path_buf(),
+        reason: format!("{}: {error}", path.display()),
+    };
     match std::fs::read_to_string(&path) {
         Ok(contents) => {
             let token = contents.trim();

@@ -36,7 +36,12 @@ const NAME_RULE_NO_UNDERSCORE: &str = "use 1 to 63 characters of a-z, 0-9, '.' o
 /// Checks `[a-z0-9][a-z0-9._-]{0,62}`, the rule for project, service and branch names.
 ///
 /// Project names additionally never contain `_`: see [`validate_project_name`].
-fn validate_name(what: &'static str, value: &str, allow_underscore: bool, rule: &'static str) -> Result<(), InvalidName> {
+fn validate_name(
+    what: &'static str,
+    value: &str,
+    allow_underscore: bool,
+    rule: &'static str,
+) -> Result<(), InvalidName> {
     let bytes = value.as_bytes();
     let first_ok = bytes.first().is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
     let rest_ok = bytes.iter().all(|&b| {
@@ -80,7 +85,11 @@ pub fn validate_digest(value: &str) -> Result<(), InvalidName> {
     if ok {
         Ok(())
     } else {
-        Err(InvalidName { what: "digest", value: Some(value.to_owned()), rule: "expected sha256: and 64 lower-case hex digits" })
+        Err(InvalidName {
+            what: "digest",
+            value: Some(value.to_owned()),
+            rule: "expected sha256: and 64 lower-case hex digits",
+        })
     }
 }
 

@@ -1,1 +1,196 @@
-//! placeholder
+//! The end-to-end harness: starts the real binaries (a coordinator process, cachectl,
+//! cache-worker) and real peers (the AWS CLI, the Docker engine `.ci/run` starts), and builds
+//! aws-sdk-s3 clients from the credentials the coordinator hands out.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use aws_sdk_s3::config::{BehaviorVersion, Region};
+use proto::client::BearerToken;
+use proto::v1 as pb;
+use proto::v1::worker_client::WorkerClient;
+
+/// Whether this run is CI's, where a missing peer (engine, AWS CLI) fails the test.
+pub fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|value| value == "true" || value == "1")
+}
+
+/// A binary of this workspace, built by the same `cargo test` run (each binary's package has an
+/// integration test, so cargo builds it before any test runs).
+pub fn binary(name: &str) -> PathBuf {
+    let test_executable = std::env::current_exe().expect("path of the test executable");
+    // target/<profile>/deps/<test> → target/<profile>/<name>
+    let profile_dir = test_executable.parent().and_then(Path::parent).expect("target directory");
+    let path = profile_dir.join(name);
+    assert!(
+        path.is_file(),
+        "{} is missing: run `cargo build --workspace` (or `cargo test --workspace`)",
+        path.display()
+    );
+    path
+}
+
+/// A coordinator process on ports chosen by the kernel, with its own data directory.
+pub struct CoordinatorProcess {
+    child: Child,
+    pub grpc_url: String,
+    pub s3_url: String,
+    pub data_dir: PathBuf,
+    pub admin_token: String,
+}
+
+pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
+
+impl CoordinatorProcess {
+    /// Starts `cache-coordinator serve` on `data_dir` and waits for its ready line.
+    pub fn start(data_dir: &Path, extra_args: &[&str]) -> CoordinatorProcess {
+        let mut child = Command::new(binary("cache-coordinator"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--s3-listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
+            .arg("--data-dir")
+            .arg(data_dir)
+            .args(extra_args)
+            .env("CACHE_ADMIN_TOKEN", ADMIN_TOKEN)
+            .env_remove("CACHE_CONFIG")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start cache-coordinator");
+        let stdout = child.stdout.take().expect("stdout");
+        let (line_sender, line_receiver) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if line_sender.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let ready = loop {
+            match line_receiver.recv_timeout(Duration::from_secs(30)) {
+                Ok(line) if line.starts_with("cache-coordinator ready:") => break line,
+                Ok(_) => continue,
+                Err(_) => {
+                    let _ = child.kill();
+                    panic!("cache-coordinator printed no ready line: {:?}", child.wait());
+                }
+            }
+        };
+        let field = |name: &str| {
+            ready
+                .split_whitespace()
+                .find_map(|part| part.strip_prefix(&format!("{name}=")))
+                .unwrap_or_else(|| panic!("{name} in {ready:?}"))
+                .to_owned()
+        };
+        CoordinatorProcess {
+            grpc_url: field("grpc"),
+            s3_url: field("s3"),
+            child,
+            data_dir: data_dir.to_path_buf(),
+            admin_token: ADMIN_TOKEN.to_owned(),
+        }
+    }
+
+    /// Stops the process with SIGTERM and waits for it.
+    pub fn stop(mut self) {
+        let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
+        let status = self.child.wait().expect("wait for cache-coordinator");
+        assert!(status.success(), "cache-coordinator exited with {status}");
+    }
+
+    /// Runs cachectl against this coordinator with the admin token.
+    pub fn cachectl(&self, args: &[&str]) -> Output {
+        Command::new(binary("cachectl"))
+            .arg("--coordinator")
+            .arg(&self.grpc_url)
+            .args(args)
+            .env("CACHE_ADMIN_TOKEN", &self.admin_token)
+            .output()
+            .expect("run cachectl")
+    }
+
+    /// Creates a project through cachectl and returns its token (the last stdout line).
+    pub fn create_project(&self, name: &str) -> String {
+        let output = self.cachectl(&["project", "create", name]);
+        assert!(output.status.success(), "cachectl project create {name}: {}", String::from_utf8_lossy(&output.stderr));
+        String::from_utf8(output.stdout).expect("utf-8").lines().last().expect("token line").to_owned()
+    }
+
+    /// Runs cache-worker against this coordinator with a project token.
+    pub fn cache_worker(&self, token: &str, args: &[&str]) -> Output {
+        Command::new(binary("cache-worker"))
+            .arg("--coordinator")
+            .arg(&self.grpc_url)
+            .args(args)
+            .env("CACHE_TOKEN", token)
+            .output()
+            .expect("run cache-worker")
+    }
+
+    /// Storage credentials straight from the gRPC API, as the worker gets them.
+    pub async fn credentials(&self, token: &str, access: pb::Access) -> pb::Credentials {
+        let channel = proto::client::connect(&self.grpc_url).await.expect("connect");
+        let mut client = WorkerClient::with_interceptor(channel, BearerToken::new(token).expect("token"));
+        let response =
+            client.get_credentials(pb::GetCredentialsRequest { access: access as i32 }).await.expect("GetCredentials");
+        response.into_inner().credentials.expect("credentials")
+    }
+}
+
+impl Drop for CoordinatorProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Parses `export NAME='value'` lines as cache-worker prints them.
+pub fn parse_exports(text: &str) -> Vec<(String, String)> {
+    text.lines()
+        .filter_map(|line| {
+            let (name, value) = line.strip_prefix("export ")?.split_once('=')?;
+            let value = value.strip_prefix('\'')?.strip_suffix('\'')?.replace(r"'\''", "'");
+            Some((name.to_owned(), value))
+        })
+        .collect()
+}
+
+/// An aws-sdk-s3 client for `credentials`, with the secret and token overridable to test
+/// refusals.
+pub fn s3_client(credentials: &pb::Credentials, secret: &str, session_token: Option<&str>) -> aws_sdk_s3::Client {
+    let provider = aws_credential_types::Credentials::new(
+        &credentials.access_key_id,
+        secret,
+        session_token.map(str::to_owned),
+        None,
+        "layer-cache-test",
+    );
+    let config = aws_sdk_s3::Config::builder()
+        .behavior_version(BehaviorVersion::latest())
+        .region(Region::new(credentials.region.clone()))
+        .endpoint_url(&credentials.endpoint_url)
+        .force_path_style(credentials.path_style)
+        .credentials_provider(provider)
+        .http_client(aws_smithy_http_client::Builder::new().build_http())
+        .retry_config(aws_sdk_s3::config::retry::RetryConfig::disabled())
+        .build();
+    aws_sdk_s3::Client::from_conf(config)
+}
+
+/// The client a worker would build: the credentials exactly as handed out.
+pub fn s3_client_for(credentials: &pb::Credentials) -> aws_sdk_s3::Client {
+    s3_client(credentials, &credentials.secret_access_key, Some(&credentials.session_token))
+}
+
+/// Text of a process's stderr.
+pub fn stderr_of(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+/// Text of a process's stdout.
+pub fn stdout_of(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}

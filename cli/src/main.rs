@@ -1,0 +1,269 @@
+//! `cachectl`: the operator's CLI over the coordinator's admin API.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use proto::client::{BearerToken, ClientError, connect};
+use proto::names;
+use proto::v1 as pb;
+use proto::v1::admin_client::AdminClient;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+
+/// cachectl: manage the layer cache's projects and caches.
+#[derive(Debug, Parser)]
+#[command(name = "cachectl", version)]
+struct Cli {
+    /// URL of the coordinator's gRPC API
+    #[arg(long, env = "CACHE_COORDINATOR", default_value = "http://127.0.0.1:7400")]
+    coordinator: String,
+    /// The admin token [default: the contents of --admin-token-file]
+    #[arg(long, env = "CACHE_ADMIN_TOKEN", hide_env_values = true)]
+    admin_token: Option<String>,
+    /// File holding the admin token, read when --admin-token is not given
+    #[arg(long, env = "CACHE_ADMIN_TOKEN_FILE", default_value = "./cache-data/admin-token")]
+    admin_token_file: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Manage projects.
+    #[command(subcommand)]
+    Project(ProjectCommand),
+    /// List projects, or the caches of one project.
+    Ls { project: Option<String> },
+    /// Show one cache: images, tags, layers and sizes.
+    Show {
+        project: String,
+        service: String,
+        /// The branch of the cache key
+        #[arg(long, default_value = "")]
+        branch: String,
+    },
+    /// Remove a project's manifests and stored blobs; the project and its token stay.
+    Flush { project: String },
+    /// Restore and save counters per project and service.
+    Stats { project: Option<String> },
+}
+
+#[derive(Debug, Subcommand)]
+enum ProjectCommand {
+    /// Create a project; its token is printed as the last line of stdout, once.
+    Create {
+        name: String,
+        /// Byte quota of the project's store (0: none)
+        #[arg(long, default_value_t = 0)]
+        quota_bytes: u64,
+    },
+}
+
+type Admin = AdminClient<InterceptedService<Channel, BearerToken>>;
+
+fn format_time(unix: i64) -> String {
+    if unix == 0 {
+        return "-".into();
+    }
+    time::OffsetDateTime::from_unix_timestamp(unix)
+        .ok()
+        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+        .unwrap_or_else(|| unix.to_string())
+}
+
+fn format_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 { format!("{bytes} B") } else { format!("{value:.1} {}", UNITS[unit]) }
+}
+
+fn admin_token(cli: &Cli) -> Result<String, ClientError> {
+    if let Some(token) = &cli.admin_token {
+        return Ok(token.clone());
+    }
+    std::fs::read_to_string(&cli.admin_token_file).map(|contents| contents.trim().to_owned()).map_err(|error| {
+        ClientError::Invalid(format!(
+            "no admin token: pass --admin-token, set CACHE_ADMIN_TOKEN, or point --admin-token-file at the coordinator's \
+             data directory ({}: {error})",
+            cli.admin_token_file.display()
+        ))
+    })
+}
+
+fn validate(result: Result<(), names::InvalidName>) -> Result<(), ClientError> {
+    result.map_err(|error| ClientError::Invalid(error.to_string()))
+}
+
+fn print_projects(projects: &[pb::Project]) {
+    println!("{:<32} {:>7} {:>7} {:>12} {:>4}  CREATED", "PROJECT", "CACHES", "BLOBS", "STORED", "GEN");
+    for project in projects {
+        println!(
+            "{:<32} {:>7} {:>7} {:>12} {:>4}  {}",
+            project.name,
+            project.cache_count,
+            project.blob_count,
+            format_bytes(project.stored_bytes),
+            project.generation,
+            format_time(project.created_unix)
+        );
+    }
+}
+
+fn print_caches(response: &pb::ListCachesResponse) {
+    println!(
+        "{:<32} {:<20} {:>6} {:>6} {:>12}  {:<25}  LAST USED",
+        "SERVICE", "BRANCH", "IMAGES", "LAYERS", "SIZE", "CREATED"
+    );
+    for cache in &response.caches {
+        let key = cache.key.clone().unwrap_or_default();
+        println!(
+            "{:<32} {:<20} {:>6} {:>6} {:>12}  {:<25}  {}",
+            key.service,
+            if key.branch.is_empty() { "-" } else { &key.branch },
+            cache.image_count,
+            cache.layer_count,
+            format_bytes(cache.total_bytes),
+            format_time(cache.created_unix),
+            format_time(cache.last_used_unix)
+        );
+    }
+}
+
+fn print_manifest(project: &str, manifest: &pb::Manifest) {
+    let key = manifest.key.clone().unwrap_or_default();
+    println!(
+        "project {project}, service {}{}",
+        key.service,
+        if key.branch.is_empty() { String::new() } else { format!(", branch {}", key.branch) }
+    );
+    println!(
+        "engine {}, saved {}, last used {}",
+        manifest.engine_version,
+        format_time(manifest.created_unix),
+        format_time(manifest.last_used_unix)
+    );
+    for image in &manifest.images {
+        let tags = if image.repo_tags.is_empty() { "<no tag>".to_owned() } else { image.repo_tags.join(", ") };
+        let builder = match image.builder() {
+            pb::Builder::Classic => "classic builder",
+            pb::Builder::Buildkit => "BuildKit",
+            pb::Builder::Other => "imported",
+            pb::Builder::Unspecified => "unknown builder",
+        };
+        println!("image {} ({tags}; {builder}{})", image.id, if image.inline_cache { ", inline cache" } else { "" });
+        if !image.parent_id.is_empty() {
+            println!("  parent {}", image.parent_id);
+        }
+        for layer in &image.layers {
+            let encoding = if layer.encoding.is_empty() {
+                String::new()
+            } else {
+                format!(", stored {} as {}", format_bytes(layer.stored_size), layer.encoding)
+            };
+            println!("  layer {} {}{encoding}", layer.digest, format_bytes(layer.size));
+        }
+    }
+    for line in &manifest.save_log {
+        println!("log: {line}");
+    }
+}
+
+async fn run(cli: Cli) -> Result<(), ClientError> {
+    match &cli.command {
+        Command::Project(ProjectCommand::Create { name, .. }) => validate(names::validate_project_name(name))?,
+        Command::Ls { project: Some(project) }
+        | Command::Flush { project }
+        | Command::Stats { project: Some(project) } => validate(names::validate_project_name(project))?,
+        Command::Show { project, service, branch } => {
+            validate(names::validate_project_name(project))?;
+            validate(names::validate_service_name(service))?;
+            validate(names::validate_branch_name(branch))?;
+        }
+        Command::Ls { project: None } | Command::Stats { project: None } => {}
+    }
+    let token = BearerToken::new(&admin_token(&cli)?)?;
+    let url = cli.coordinator.clone();
+    let mut admin: Admin = AdminClient::with_interceptor(connect(&url).await?, token);
+    let failed = |status: tonic::Status| ClientError::from_status(&url, &status);
+
+    match cli.command {
+        Command::Project(ProjectCommand::Create { name, quota_bytes }) => {
+            let response = admin
+                .create_project(pb::CreateProjectRequest { name, quota_bytes })
+                .await
+                .map_err(failed)?
+                .into_inner();
+            let project = response.project.unwrap_or_default();
+            println!("created project {}; its token (shown once) follows:", project.name);
+            println!("{}", response.token);
+        }
+        Command::Ls { project: None } => {
+            let response = admin.list_projects(pb::ListProjectsRequest {}).await.map_err(failed)?.into_inner();
+            print_projects(&response.projects);
+        }
+        Command::Ls { project: Some(project) } => {
+            let response = admin.list_caches(pb::ListCachesRequest { project }).await.map_err(failed)?.into_inner();
+            print_caches(&response);
+        }
+        Command::Show { project, service, branch } => {
+            let request =
+                pb::ShowCacheRequest { project: project.clone(), key: Some(pb::CacheKey { service, branch }) };
+            let response = admin.show_cache(request).await.map_err(failed)?.into_inner();
+            print_manifest(&project, &response.manifest.unwrap_or_default());
+        }
+        Command::Flush { project } => {
+            let response = admin
+                .flush_project(pb::FlushProjectRequest { project: project.clone() })
+                .await
+                .map_err(failed)?
+                .into_inner();
+            println!(
+                "flushed project {project}: {} manifests and {} objects ({}) removed",
+                response.manifests_removed,
+                response.objects_removed,
+                format_bytes(response.bytes_removed)
+            );
+        }
+        Command::Stats { project } => {
+            let request = pb::StatsRequest { project: project.unwrap_or_default() };
+            let response = admin.stats(request).await.map_err(failed)?.into_inner();
+            println!(
+                "{:<24} {:<24} {:>5} {:>5} {:>5} {:>5} {:>6} {:>12} {:>12}",
+                "PROJECT", "SERVICE", "HIT", "PART", "MISS", "ERR", "SAVES", "FOUND", "MOVED"
+            );
+            for s in response.services {
+                println!(
+                    "{:<24} {:<24} {:>5} {:>5} {:>5} {:>5} {:>6} {:>12} {:>12}",
+                    s.project,
+                    s.service,
+                    s.restores_hit,
+                    s.restores_partial,
+                    s.restores_miss,
+                    s.restores_error,
+                    s.saves,
+                    format_bytes(s.bytes_found),
+                    format_bytes(s.bytes_transferred)
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("cachectl: {error}");
+            ExitCode::from(error.exit_code())
+        }
+    }
+}

@@ -1,0 +1,8 @@
+//! End-to-end tests over real parts: coordinator processes, the real binaries, aws-sdk-s3 and
+//! the AWS CLI against the embedded S3 endpoint.
+
+mod e2e {
+    mod awscli_isolation;
+    mod embedded_s3_scope;
+    mod projects_and_credentials;
+}
