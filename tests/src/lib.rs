@@ -194,3 +194,39 @@ pub fn stderr_of(output: &Output) -> String {
 pub fn stdout_of(output: &Output) -> String {
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
+
+/// The Docker engine `.ci/run` started (`DOCKER_HOST`). Outside CI a missing engine skips the
+/// test with a note; in CI it fails the test.
+pub fn docker_host() -> Option<String> {
+    let host = std::env::var("DOCKER_HOST").ok().filter(|host| !host.is_empty());
+    let answers = host.is_some() && docker(&["version", "--format", "{{.Server.Version}}"]).status.success();
+    if answers {
+        return host;
+    }
+    assert!(!in_ci(), "no Docker engine answers at DOCKER_HOST={host:?}: .ci/run starts one");
+    eprintln!("skipping: no Docker engine at DOCKER_HOST (run the tests through .ci/run)");
+    None
+}
+
+/// Runs the docker CLI against `DOCKER_HOST`.
+pub fn docker(args: &[&str]) -> Output {
+    Command::new("docker").args(args).output().expect("run the docker CLI")
+}
+
+/// Makes a base image without a registry: busybox and its applet links, imported as `tag`.
+pub fn import_busybox_base(tag: &str) {
+    let root = tempfile::tempdir().expect("temporary directory");
+    let bin = root.path().join("bin");
+    std::fs::create_dir_all(&bin).expect("create bin");
+    std::fs::copy("/bin/busybox", bin.join("busybox")).expect("copy /bin/busybox (package busybox-static)");
+    for applet in ["sh", "echo", "cat", "ls", "mkdir", "touch", "true", "sleep", "head", "dd", "rm", "cp"] {
+        std::os::unix::fs::symlink("busybox", bin.join(applet)).expect("applet link");
+    }
+    let tar = Command::new("tar").arg("-C").arg(root.path()).args(["-c", "."]).stdout(Stdio::piped()).spawn().expect("tar");
+    let imported = Command::new("docker")
+        .args(["import", "-", tag])
+        .stdin(tar.stdout.expect("tar stdout"))
+        .output()
+        .expect("docker import");
+    assert!(imported.status.success(), "docker import {tag}: {}", stderr_of(&imported));
+}
