@@ -222,7 +222,8 @@ pub fn import_busybox_base(tag: &str) {
     for applet in ["sh", "echo", "cat", "ls", "mkdir", "touch", "true", "sleep", "head", "dd", "rm", "cp"] {
         std::os::unix::fs::symlink("busybox", bin.join(applet)).expect("applet link");
     }
-    let tar = Command::new("tar").arg("-C").arg(root.path()).args(["-c", "."]).stdout(Stdio::piped()).spawn().expect("tar");
+    let tar =
+        Command::new("tar").arg("-C").arg(root.path()).args(["-c", "."]).stdout(Stdio::piped()).spawn().expect("tar");
     let imported = Command::new("docker")
         .args(["import", "-", tag])
         .stdin(tar.stdout.expect("tar stdout"))
