@@ -222,12 +222,13 @@ pub fn import_busybox_base(tag: &str) {
     for applet in ["sh", "echo", "cat", "ls", "mkdir", "touch", "true", "sleep", "head", "dd", "rm", "cp"] {
         std::os::unix::fs::symlink("busybox", bin.join(applet)).expect("applet link");
     }
-    let tar =
+    let mut tar =
         Command::new("tar").arg("-C").arg(root.path()).args(["-c", "."]).stdout(Stdio::piped()).spawn().expect("tar");
     let imported = Command::new("docker")
         .args(["import", "-", tag])
-        .stdin(tar.stdout.expect("tar stdout"))
+        .stdin(tar.stdout.take().expect("tar stdout"))
         .output()
         .expect("docker import");
+    assert!(tar.wait().expect("wait for tar").success(), "tar of the base image failed");
     assert!(imported.status.success(), "docker import {tag}: {}", stderr_of(&imported));
 }
