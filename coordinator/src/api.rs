@@ -19,8 +19,9 @@ impl From<Error> for Status {
             Error::Unauthenticated(_) => Status::unauthenticated(message),
             Error::PermissionDenied(_) => Status::permission_denied(message),
             Error::ProjectExists(_) => Status::already_exists(message),
-            Error::NoSuchProject(_) | Error::NoSuchCache { .. } => Status::not_found(message),
-            Error::NotYetImplemented(_) => Status::unimplemented(message),
+            Error::NoSuchProject(_) | Error::NoSuchCache { .. } | Error::NoSuchSave(_) => Status::not_found(message),
+            Error::SaveConflict(_) => Status::aborted(message),
+            Error::BlobNotStored(_) => Status::failed_precondition(message),
             // Retrying may help: the store or the disk may come back.
             Error::Store(_) | Error::Database(_) => Status::unavailable(message),
             Error::CorruptState(_) | Error::DataDir { .. } | Error::DataDirLocked(_) => Status::internal(message),
@@ -60,20 +61,23 @@ impl Worker for WorkerApi {
         Ok(Response::new(self.0.lookup(&project, request.get_ref())?))
     }
 
+    #[tracing::instrument(skip_all)]
     async fn begin_save(
         &self,
         request: Request<pb::BeginSaveRequest>,
     ) -> Result<Response<pb::BeginSaveResponse>, Status> {
-        self.project(&request)?;
-        Err(Error::NotYetImplemented("saving").into())
+        let project = self.project(&request)?;
+        Ok(Response::new(self.0.begin_save(&project, request.get_ref()).await?))
     }
 
+    #[tracing::instrument(skip_all)]
     async fn commit_save(
         &self,
         request: Request<pb::CommitSaveRequest>,
     ) -> Result<Response<pb::CommitSaveResponse>, Status> {
-        self.project(&request)?;
-        Err(Error::NotYetImplemented("saving").into())
+        let project = self.project(&request)?;
+        let manifest = self.0.commit_save(&project, request.get_ref()).await?;
+        Ok(Response::new(pb::CommitSaveResponse { manifest: Some(manifest) }))
     }
 
     #[tracing::instrument(skip_all)]
@@ -90,8 +94,9 @@ impl Worker for WorkerApi {
         &self,
         request: Request<pb::ReportMetricsRequest>,
     ) -> Result<Response<pb::ReportMetricsResponse>, Status> {
-        self.project(&request)?;
-        Err(Error::NotYetImplemented("metric reports").into())
+        let project = self.project(&request)?;
+        self.0.report_metrics(&project, request.get_ref())?;
+        Ok(Response::new(pb::ReportMetricsResponse {}))
     }
 }
 

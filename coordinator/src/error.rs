@@ -22,13 +22,17 @@ pub enum Error {
     #[error("{0}")]
     InvalidArgument(String),
     #[error("{0}")]
+    SaveConflict(String),
+    #[error("{0}")]
+    BlobNotStored(String),
+    #[error("unknown save {0:?}: it expired or the coordinator restarted; save again")]
+    NoSuchSave(String),
+    #[error("{0}")]
     Unauthenticated(&'static str),
     #[error("{0}")]
     PermissionDenied(&'static str),
     #[error("object store error: {0}")]
     Store(String),
-    #[error("{0} arrives with a later release of the coordinator")]
-    NotYetImplemented(&'static str),
 }
 
 impl From<proto::names::InvalidName> for Error {

@@ -7,6 +7,7 @@ pub mod credentials;
 pub mod error;
 pub mod manifests;
 pub mod s3_endpoint;
+pub mod saves;
 pub mod scope;
 pub mod service;
 pub mod store;
@@ -181,6 +182,7 @@ pub async fn run(
         store: Arc::new(store),
         store_prefix: config.prefix.clone(),
         admin_token_sha256_hex: data_dir.admin_token.sha256_hex.clone(),
+        pending_saves: Default::default(),
     });
     let s3_service = s3_endpoint::build_service(
         &data_dir.objects_root,

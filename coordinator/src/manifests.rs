@@ -12,6 +12,8 @@ use std::path::{Path, PathBuf};
 
 use prost::Message;
 use serde::{Deserialize, Serialize};
+use sled::Transactional;
+use sled::transaction::{ConflictableTransactionError, TransactionError};
 
 use crate::error::Error;
 
@@ -265,6 +267,129 @@ impl Database {
     }
 }
 
+/// Every blob digest a manifest names (configs and layers), each once.
+pub fn manifest_digests(manifest: &proto::v1::Manifest) -> std::collections::BTreeSet<String> {
+    let mut digests = std::collections::BTreeSet::new();
+    for image in &manifest.images {
+        digests.insert(image.id.clone());
+        digests.extend(image.layers.iter().map(|layer| layer.digest.clone()));
+    }
+    digests
+}
+
+impl Database {
+    /// Stored sizes of those of `digests` the project's ledger holds.
+    pub fn stored_sizes<'a>(
+        &self,
+        project: &str,
+        digests: impl IntoIterator<Item = &'a String>,
+    ) -> Result<std::collections::HashMap<String, u64>, Error> {
+        let mut sizes = std::collections::HashMap::new();
+        for digest in digests {
+            if let Some(bytes) = self.blobs.get(composite_key(&[project, digest])).map_err(db_error)? {
+                let record: BlobRecord = json_from_slice("blobs", &bytes)?;
+                sizes.insert(digest.clone(), record.stored_size);
+            }
+        }
+        Ok(sizes)
+    }
+
+    /// Makes `manifest` the manifest of its key, atomically with the ledger: the blobs it names
+    /// gain a reference (new ones are recorded with `stored_sizes`), those of the manifest it
+    /// replaces lose one. Refused with [`Error::SaveConflict`] when the project's generation is
+    /// no longer `generation` (a flush happened since the save began).
+    pub fn commit_manifest(
+        &self,
+        project: &str,
+        manifest: &proto::v1::Manifest,
+        generation: u64,
+        stored_sizes: &std::collections::HashMap<String, u64>,
+    ) -> Result<(), Error> {
+        let key = manifest.key.clone().unwrap_or_default();
+        let manifest_key = composite_key(&[project, &key.service, &key.branch]);
+        let new_digests = manifest_digests(manifest);
+        let encoded = manifest.encode_to_vec();
+        let result = (&self.projects, &self.manifests, &self.blobs).transaction(|(projects, manifests, blobs)| {
+            let abort = |error: Error| ConflictableTransactionError::Abort(error);
+            let record: ProjectRecord = match projects.get(project.as_bytes())? {
+                Some(bytes) => json_from_slice("projects", &bytes).map_err(abort)?,
+                None => return Err(abort(Error::NoSuchProject(project.to_owned()))),
+            };
+            if record.generation != generation {
+                return Err(abort(Error::SaveConflict(format!(
+                    "project {project:?} was flushed while the save ran: save again"
+                ))));
+            }
+            let old_digests = match manifests.get(manifest_key.as_slice())? {
+                Some(bytes) => {
+                    let old = proto::v1::Manifest::decode(bytes.as_ref())
+                        .map_err(|error| abort(Error::CorruptState(format!("manifests: {error}"))))?;
+                    manifest_digests(&old)
+                }
+                None => Default::default(),
+            };
+            for digest in new_digests.difference(&old_digests) {
+                let blob_key = composite_key(&[project, digest]);
+                let mut blob = match blobs.get(blob_key.as_slice())? {
+                    Some(bytes) => json_from_slice::<BlobRecord>("blobs", &bytes).map_err(abort)?,
+                    None => BlobRecord { stored_size: stored_sizes.get(digest).copied().unwrap_or(0), references: 0 },
+                };
+                blob.references += 1;
+                blobs.insert(blob_key, json_to_vec(&blob))?;
+            }
+            for digest in old_digests.difference(&new_digests) {
+                let blob_key = composite_key(&[project, digest]);
+                if let Some(bytes) = blobs.get(blob_key.as_slice())? {
+                    let mut blob: BlobRecord = json_from_slice("blobs", &bytes).map_err(abort)?;
+                    // Unreferenced blobs stay stored and recorded until a garbage collection.
+                    blob.references = blob.references.saturating_sub(1);
+                    blobs.insert(blob_key, json_to_vec(&blob))?;
+                }
+            }
+            manifests.insert(manifest_key.as_slice(), encoded.as_slice())?;
+            Ok(())
+        });
+        match result {
+            Ok(()) => Ok(()),
+            Err(TransactionError::Abort(error)) => Err(error),
+            Err(TransactionError::Storage(error)) => Err(db_error(error)),
+        }
+    }
+
+    /// Records that a manifest was used now, unless another writer replaced it meanwhile.
+    pub fn touch_manifest(&self, project: &str, manifest: &proto::v1::Manifest, now_unix: i64) -> Result<(), Error> {
+        let key = manifest.key.clone().unwrap_or_default();
+        let manifest_key = composite_key(&[project, &key.service, &key.branch]);
+        let old = manifest.encode_to_vec();
+        let touched = proto::v1::Manifest { last_used_unix: now_unix, ..manifest.clone() }.encode_to_vec();
+        // A lost race means a newer manifest is there: its own times are right.
+        let _ = self.manifests.compare_and_swap(manifest_key, Some(old), Some(touched)).map_err(db_error)?;
+        Ok(())
+    }
+
+    /// Adds `change` to the counters of one service.
+    pub fn add_to_counters(&self, project: &str, service: &str, change: &ServiceCounters) -> Result<(), Error> {
+        let key = composite_key(&[project, service]);
+        self.counters
+            .fetch_and_update(key, |old| {
+                let mut counters: ServiceCounters =
+                    old.and_then(|bytes| serde_json::from_slice(bytes).ok()).unwrap_or_default();
+                counters.restores_hit += change.restores_hit;
+                counters.restores_partial += change.restores_partial;
+                counters.restores_miss += change.restores_miss;
+                counters.restores_error += change.restores_error;
+                counters.saves += change.saves;
+                counters.layers_found += change.layers_found;
+                counters.layers_transferred += change.layers_transferred;
+                counters.bytes_found += change.bytes_found;
+                counters.bytes_transferred += change.bytes_transferred;
+                Some(json_to_vec(&counters))
+            })
+            .map_err(db_error)?;
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -317,6 +442,46 @@ mod tests {
         assert_eq!(db.manifests("ab").unwrap().len(), 1);
         assert_eq!(db.blob_totals("ab").unwrap(), (1, 5));
         assert!(matches!(db.flush_project("nope"), Err(Error::NoSuchProject(_))));
+    }
+
+    fn manifest_with(service: &str, digests: &[&str]) -> proto::v1::Manifest {
+        proto::v1::Manifest {
+            key: Some(proto::v1::CacheKey { service: service.into(), branch: String::new() }),
+            images: vec![proto::v1::Image {
+                id: digests[0].into(),
+                layers: digests[1..]
+                    .iter()
+                    .map(|digest| proto::v1::Layer { digest: (*digest).into(), ..Default::default() })
+                    .collect(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn commits_count_references_and_refuse_after_a_flush() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Database::open(dir.path()).unwrap();
+        db.create_project(&project("a")).unwrap();
+        let sizes: std::collections::HashMap<String, u64> =
+            [("c1", 1), ("l1", 10), ("l2", 20), ("c2", 2)].iter().map(|(d, s)| (d.to_string(), *s)).collect();
+        db.commit_manifest("a", &manifest_with("web", &["c1", "l1", "l2"]), 0, &sizes).unwrap();
+        db.commit_manifest("a", &manifest_with("api", &["c2", "l1"]), 0, &sizes).unwrap();
+        let references = |digest: &str| {
+            let bytes = db.blobs.get(composite_key(&["a", digest])).unwrap().unwrap();
+            json_from_slice::<BlobRecord>("blobs", &bytes).unwrap().references
+        };
+        assert_eq!(references("l1"), 2);
+        assert_eq!(db.blob_totals("a").unwrap(), (4, 33));
+        // Replacing web's manifest drops its old blobs' references, keeps the shared one.
+        db.commit_manifest("a", &manifest_with("web", &["c2", "l1"]), 0, &sizes).unwrap();
+        assert_eq!((references("c1"), references("l2"), references("l1"), references("c2")), (0, 0, 2, 2));
+        assert_eq!(db.stored_sizes("a", &["l2".to_string(), "zz".to_string()]).unwrap().len(), 1);
+        db.flush_project("a").unwrap();
+        let stale = db.commit_manifest("a", &manifest_with("web", &["c1"]), 0, &sizes);
+        assert!(matches!(stale, Err(Error::SaveConflict(_))), "{stale:?}");
+        assert!(db.manifests("a").unwrap().is_empty());
     }
 
     #[test]

@@ -8,7 +8,7 @@ use proto::v1 as pb;
 
 use crate::credentials::{CredentialBroker, IssuedCredentials, now_unix, project_prefix};
 use crate::error::Error;
-use crate::manifests::{Database, KeyAccess, ProjectRecord};
+use crate::manifests::{Database, KeyAccess, ProjectRecord, ServiceCounters};
 use crate::store::ObjectStore;
 use crate::tokens;
 
@@ -24,6 +24,16 @@ pub struct CacheService {
     /// The store's key prefix; a project's objects live under `<prefix>/<project>/`.
     pub store_prefix: String,
     pub admin_token_sha256_hex: String,
+    pub pending_saves: crate::saves::PendingSaves,
+}
+
+/// The transfer plan handed to workers.
+pub fn default_plan() -> pb::TransferPlan {
+    pb::TransferPlan {
+        part_size: DEFAULT_PART_SIZE,
+        multipart_threshold: DEFAULT_PART_SIZE,
+        max_concurrency: DEFAULT_MAX_CONCURRENCY,
+    }
 }
 
 fn project_message(db: &Database, record: &ProjectRecord) -> Result<pb::Project, Error> {
@@ -69,7 +79,7 @@ pub fn credentials_message(issued: IssuedCredentials) -> pb::Credentials {
     }
 }
 
-fn validate_key(key: Option<&pb::CacheKey>) -> Result<pb::CacheKey, Error> {
+pub(crate) fn validate_key(key: Option<&pb::CacheKey>) -> Result<pb::CacheKey, Error> {
     let key = key.ok_or_else(|| Error::InvalidArgument("a cache key with a service name is required".into()))?;
     names::validate_service_name(&key.service)?;
     names::validate_branch_name(&key.branch)?;
@@ -196,6 +206,35 @@ impl CacheService {
         Ok(credentials_message(issued))
     }
 
+    /// Adds a worker's report of one save or restore to the service's counters.
+    pub fn report_metrics(&self, project: &str, report: &pb::ReportMetricsRequest) -> Result<(), Error> {
+        names::validate_service_name(&report.service)?;
+        let mut change = ServiceCounters::default();
+        for layer in &report.layers {
+            match layer.outcome() {
+                pb::LayerOutcome::Found => {
+                    change.layers_found += 1;
+                    change.bytes_found += layer.bytes;
+                }
+                pb::LayerOutcome::Transferred => {
+                    change.layers_transferred += 1;
+                    change.bytes_transferred += layer.bytes;
+                }
+                pb::LayerOutcome::Failed | pb::LayerOutcome::Unspecified => {}
+            }
+        }
+        if report.operation() == pb::Operation::Restore {
+            match report.restore_outcome() {
+                pb::RestoreOutcome::Hit => change.restores_hit = 1,
+                pb::RestoreOutcome::Partial => change.restores_partial = 1,
+                pb::RestoreOutcome::Miss => change.restores_miss = 1,
+                pb::RestoreOutcome::Error => change.restores_error = 1,
+                pb::RestoreOutcome::Unspecified => {}
+            }
+        }
+        self.db.add_to_counters(project, &report.service, &change)
+    }
+
     /// Finds the manifest of `key`, else of the first fallback that has one.
     pub fn lookup(&self, project: &str, request: &pb::LookupRequest) -> Result<pb::LookupResponse, Error> {
         let mut candidates = vec![validate_key(request.key.as_ref())?];
@@ -204,15 +243,12 @@ impl CacheService {
         }
         for key in candidates {
             if let Some(manifest) = self.db.manifest(project, &key.service, &key.branch)? {
+                self.db.touch_manifest(project, &manifest, now_unix())?;
                 return Ok(pb::LookupResponse {
                     found: true,
                     matched: Some(key),
                     manifest: Some(manifest),
-                    plan: Some(pb::TransferPlan {
-                        part_size: DEFAULT_PART_SIZE,
-                        multipart_threshold: DEFAULT_PART_SIZE,
-                        max_concurrency: DEFAULT_MAX_CONCURRENCY,
-                    }),
+                    plan: Some(default_plan()),
                 });
             }
         }

@@ -93,6 +93,24 @@ pub fn validate_digest(value: &str) -> Result<(), InvalidName> {
     }
 }
 
+/// An image reference as the engine lists it in `RepoTags`, e.g. `registry:5000/team/app:1.2`:
+/// 3 to 255 characters of `A-Za-z0-9._/:@-`, a `:` before the tag, no `..`.
+pub fn validate_repo_tag(value: &str) -> Result<(), InvalidName> {
+    let ok = (3..=255).contains(&value.len())
+        && value.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'/' | b':' | b'@' | b'-'))
+        && value.rsplit_once(':').is_some_and(|(repo, tag)| !repo.is_empty() && !tag.is_empty() && !tag.contains('/'))
+        && !value.contains("..");
+    if ok {
+        Ok(())
+    } else {
+        Err(InvalidName {
+            what: "image tag",
+            value: Some(value.to_owned()),
+            rule: "expected REPOSITORY:TAG of A-Z, a-z, 0-9, '.', '_', '/', ':', '@' or '-'",
+        })
+    }
+}
+
 /// A bearer token (project or admin) as given on a command line or in the environment: 16 to
 /// 256 characters of `A-Za-z0-9._~-`. The check is about shape only, so a typo is reported
 /// before anything is sent; whether the token is right is the coordinator's call.
@@ -144,6 +162,16 @@ mod tests {
         assert!(validate_digest(&format!("sha256:{}", hex.to_uppercase())).is_err());
         assert!(validate_digest(&format!("sha256:{hex}0")).is_err());
         assert!(validate_digest("sha256:../../etc").is_err());
+    }
+
+    #[test]
+    fn repo_tags_are_references_with_a_tag() {
+        for ok in ["base:1", "registry:5000/team/app:1.2", "app:latest"] {
+            assert_eq!(validate_repo_tag(ok), Ok(()), "{ok}");
+        }
+        for bad in ["app", ":1", "app:", "a b:1", "registry:5000/app", "../x:1", "app:1\n"] {
+            assert!(validate_repo_tag(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -101,12 +101,13 @@ pub struct TransferPlan {
 pub struct BeginSaveRequest {
     #[prost(message, optional, tag = "1")]
     pub key: ::core::option::Option<CacheKey>,
+    /// The chain, parents before children; layer and config sizes may be 0 (not yet known).
     #[prost(message, repeated, tag = "2")]
     pub images: ::prost::alloc::vec::Vec<Image>,
     #[prost(string, tag = "3")]
     pub engine_version: ::prost::alloc::string::String,
 }
-#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+#[derive(Clone, PartialEq, ::prost::Message)]
 pub struct BeginSaveResponse {
     /// Names this save in `CommitSave`.
     #[prost(string, tag = "1")]
@@ -121,12 +122,18 @@ pub struct BeginSaveResponse {
     /// The key's manifest already holds exactly these images: nothing to save.
     #[prost(bool, tag = "5")]
     pub unchanged: bool,
+    /// Stored size of every blob of the save the project's store already holds, by digest.
+    #[prost(map = "string, uint64", tag = "6")]
+    pub stored_sizes: ::std::collections::HashMap<::prost::alloc::string::String, u64>,
 }
-#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+#[derive(Clone, PartialEq, ::prost::Message)]
 pub struct CommitSaveRequest {
     #[prost(string, tag = "1")]
     pub save_id: ::prost::alloc::string::String,
-    #[prost(string, repeated, tag = "2")]
+    /// The images of `BeginSave`, now with every layer's and config's size.
+    #[prost(message, repeated, tag = "2")]
+    pub images: ::prost::alloc::vec::Vec<Image>,
+    #[prost(string, repeated, tag = "3")]
     pub save_log: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
 }
 #[derive(Clone, PartialEq, ::prost::Message)]

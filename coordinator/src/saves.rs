@@ -1,0 +1,227 @@
+//! The save protocol: `BeginSave` records what a worker is about to save and answers which
+//! blobs the store lacks; `CommitSave` checks every blob is stored with the right size, then
+//! makes the manifest visible in one transaction with the ledger.
+//!
+//! Architecture Invariant: a manifest never names a blob that was not verified present.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use proto::names;
+use proto::v1 as pb;
+
+use crate::credentials::{now_unix, project_prefix};
+use crate::error::Error;
+use crate::manifests::{ServiceCounters, manifest_digests};
+use crate::service::{CacheService, default_plan, validate_key};
+
+/// How long a begun save may take before its commit is refused.
+const SAVE_LIFETIME: Duration = Duration::from_secs(6 * 3600);
+const MAX_IMAGES: usize = 1000;
+const MAX_LAYERS_PER_IMAGE: usize = 1000;
+
+/// A save between `BeginSave` and `CommitSave`.
+struct PendingSave {
+    project: String,
+    key: pb::CacheKey,
+    generation: u64,
+    image_ids: Vec<String>,
+    engine_version: String,
+    began: Instant,
+}
+
+/// Begun saves, by save ID. Held in memory: a coordinator restart makes workers save again.
+#[derive(Default)]
+pub struct PendingSaves(Mutex<HashMap<String, PendingSave>>);
+
+impl PendingSaves {
+    fn insert(&self, save_id: String, save: PendingSave) {
+        let mut saves = self.0.lock().expect("pending saves lock");
+        saves.retain(|_, pending| pending.began.elapsed() < SAVE_LIFETIME);
+        saves.insert(save_id, save);
+    }
+
+    fn take(&self, save_id: &str, project: &str) -> Result<PendingSave, Error> {
+        let mut saves = self.0.lock().expect("pending saves lock");
+        match saves.get(save_id) {
+            Some(save) if save.project == project && save.began.elapsed() < SAVE_LIFETIME => {
+                Ok(saves.remove(save_id).expect("present"))
+            }
+            _ => Err(Error::NoSuchSave(save_id.to_owned())),
+        }
+    }
+}
+
+/// Checks the images a worker sends: digests, tags, parents inside the chain or empty.
+fn validate_images(images: &[pb::Image]) -> Result<(), Error> {
+    if images.is_empty() || images.len() > MAX_IMAGES {
+        return Err(Error::InvalidArgument(format!("a save holds 1 to {MAX_IMAGES} images, not {}", images.len())));
+    }
+    for image in images {
+        names::validate_digest(&image.id)?;
+        if !image.parent_id.is_empty() {
+            names::validate_digest(&image.parent_id)?;
+        }
+        for tag in &image.repo_tags {
+            names::validate_repo_tag(tag)?;
+        }
+        if image.layers.len() > MAX_LAYERS_PER_IMAGE {
+            return Err(Error::InvalidArgument(format!(
+                "image {} has more than {MAX_LAYERS_PER_IMAGE} layers",
+                image.id
+            )));
+        }
+        for layer in &image.layers {
+            names::validate_digest(&layer.digest)?;
+            if !layer.encoding.is_empty() && layer.encoding != "zstd" {
+                return Err(Error::InvalidArgument(format!("unknown layer encoding {:?}", layer.encoding)));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The images a manifest is about, without sizes or times: what makes two saves the same.
+fn identity(images: &[pb::Image]) -> Vec<(String, String, Vec<String>, Vec<String>)> {
+    images
+        .iter()
+        .map(|image| {
+            let layers = image.layers.iter().map(|layer| layer.digest.clone()).collect();
+            (image.id.clone(), image.parent_id.clone(), image.repo_tags.clone(), layers)
+        })
+        .collect()
+}
+
+impl CacheService {
+    pub async fn begin_save(
+        &self,
+        project: &str,
+        request: &pb::BeginSaveRequest,
+    ) -> Result<pb::BeginSaveResponse, Error> {
+        let key = validate_key(request.key.as_ref())?;
+        validate_images(&request.images)?;
+        let record = self.db.project(project)?.ok_or_else(|| Error::NoSuchProject(project.to_owned()))?;
+        let probe = pb::Manifest { images: request.images.clone(), ..Default::default() };
+        let digests: BTreeSet<String> = manifest_digests(&probe);
+        let stored_sizes = self.db.stored_sizes(project, &digests)?;
+        let missing_digests: Vec<String> = digests.iter().filter(|d| !stored_sizes.contains_key(*d)).cloned().collect();
+        let current = self.db.manifest(project, &key.service, &key.branch)?;
+        let unchanged = missing_digests.is_empty()
+            && current.is_some_and(|manifest| identity(&manifest.images) == identity(&request.images));
+
+        let save_id = crate::tokens::random_hex_32();
+        self.pending_saves.insert(
+            save_id.clone(),
+            PendingSave {
+                project: project.to_owned(),
+                key,
+                generation: record.generation,
+                image_ids: request.images.iter().map(|image| image.id.clone()).collect(),
+                engine_version: request.engine_version.clone(),
+                began: Instant::now(),
+            },
+        );
+        let credentials = if missing_digests.is_empty() {
+            None
+        } else {
+            Some(self.issue_credentials(project, pb::Access::Write).await?)
+        };
+        tracing::info!(project, n_blobs = digests.len(), n_missing = missing_digests.len(), unchanged, "save begun");
+        Ok(pb::BeginSaveResponse {
+            save_id,
+            missing_digests,
+            plan: Some(default_plan()),
+            credentials,
+            unchanged,
+            stored_sizes: stored_sizes.into_iter().collect(),
+        })
+    }
+
+    pub async fn commit_save(&self, project: &str, request: &pb::CommitSaveRequest) -> Result<pb::Manifest, Error> {
+        validate_images(&request.images)?;
+        let pending = self.pending_saves.take(&request.save_id, project)?;
+        let image_ids: Vec<String> = request.images.iter().map(|image| image.id.clone()).collect();
+        if image_ids != pending.image_ids {
+            return Err(Error::InvalidArgument("the committed images differ from the ones the save began with".into()));
+        }
+        let mut manifest = pb::Manifest {
+            key: Some(pending.key.clone()),
+            images: request.images.clone(),
+            engine_version: pending.engine_version,
+            created_unix: now_unix(),
+            last_used_unix: now_unix(),
+            save_log: request.save_log.iter().take(10_000).cloned().collect(),
+        };
+        // Every blob must be stored with the size the worker reports: the ledger answers for
+        // blobs it knows, the store for new ones.
+        let mut reported_sizes: HashMap<String, u64> = HashMap::new();
+        for image in &manifest.images {
+            reported_sizes.insert(image.id.clone(), image.config_size);
+            for layer in &image.layers {
+                let stored = if layer.encoding.is_empty() { layer.size } else { layer.stored_size };
+                reported_sizes.insert(layer.digest.clone(), stored);
+            }
+        }
+        let known = self.db.stored_sizes(project, reported_sizes.keys())?;
+        let prefix = project_prefix(&self.store_prefix, project);
+        for (digest, reported) in &reported_sizes {
+            let stored = match known.get(digest) {
+                Some(size) => Some(*size),
+                None => self.store.object_size(&blob_key(&prefix, digest)).await?,
+            };
+            match stored {
+                Some(size) if size == *reported => {}
+                Some(size) => {
+                    return Err(Error::BlobNotStored(format!(
+                        "blob {digest} is stored with {size} bytes, not {reported}: upload it again"
+                    )));
+                }
+                None => {
+                    return Err(Error::BlobNotStored(format!(
+                        "blob {digest} is not in the store: upload it before committing"
+                    )));
+                }
+            }
+        }
+        // Sizes of the stored layers, as the ledger and the store agree.
+        for image in &mut manifest.images {
+            for layer in &mut image.layers {
+                if layer.encoding.is_empty() {
+                    layer.stored_size = layer.size;
+                }
+            }
+        }
+        self.db.commit_manifest(project, &manifest, pending.generation, &reported_sizes)?;
+        self.db.add_to_counters(project, &pending.key.service, &ServiceCounters { saves: 1, ..Default::default() })?;
+        tracing::info!(project, service = pending.key.service, n_images = manifest.images.len(), "save committed");
+        Ok(manifest)
+    }
+}
+
+/// Where a blob lives in the store.
+pub fn blob_key(project_prefix: &str, digest: &str) -> String {
+    let hex = digest.strip_prefix("sha256:").unwrap_or(digest);
+    format!("{project_prefix}blobs/sha256/{hex}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn images_from_outside_are_checked() {
+        let digest = format!("sha256:{}", "a".repeat(64));
+        let image = pb::Image { id: digest.clone(), repo_tags: vec!["app:1".into()], ..Default::default() };
+        assert!(validate_images(std::slice::from_ref(&image)).is_ok());
+        assert!(validate_images(&[]).is_err());
+        let bad_tag = pb::Image { repo_tags: vec!["../../x".into()], ..image.clone() };
+        assert!(validate_images(&[bad_tag]).is_err());
+        let bad_layer = pb::Image {
+            layers: vec![pb::Layer { digest: "sha256:../../etc/passwd".into(), ..Default::default() }],
+            ..image.clone()
+        };
+        assert!(validate_images(&[bad_layer]).is_err());
+        assert_eq!(blob_key("cache/web/", &digest), format!("cache/web/blobs/sha256/{}", "a".repeat(64)));
+    }
+}
