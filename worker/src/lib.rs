@@ -1,3 +1,12 @@
 //! cache-worker as a library: the pieces the `cache-worker` binary runs on a build host.
 
+pub mod coordinator;
 pub mod credentials;
+pub mod docker;
+pub mod error;
+pub mod export;
+pub mod load;
+pub mod report;
+pub mod restore;
+pub mod save;
+pub mod transfer;

@@ -3,9 +3,12 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use proto::client::{BearerToken, ClientError, connect};
 use proto::v1 as pb;
-use proto::v1::worker_client::WorkerClient;
+use worker::coordinator::Coordinator;
+use worker::docker::Engine;
+use worker::error::WorkerError;
+use worker::restore::{RestoreOptions, Restored, cache_from_flags, report_failure, restore};
+use worker::save::{SaveOptions, save};
 
 /// cache-worker: save and restore Docker layer caches for this build host.
 #[derive(Debug, Parser)]
@@ -29,6 +32,36 @@ enum CredentialsFormat {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Save images with their parent chains and tags to the project's cache.
+    Save {
+        /// The service the cache is kept for
+        #[arg(long, env = "CACHE_SERVICE")]
+        service: String,
+        /// Keep the cache per branch
+        #[arg(long, env = "CACHE_BRANCH", default_value = "")]
+        branch: String,
+        /// Images to save (tags or IDs); each is saved with its parent chain
+        #[arg(required = true)]
+        images: Vec<String>,
+    },
+    /// Bring the service's cached images into the engine before a build.
+    Restore {
+        /// The service the cache is kept for
+        #[arg(long, env = "CACHE_SERVICE")]
+        service: String,
+        /// The branch whose cache to restore
+        #[arg(long, env = "CACHE_BRANCH", default_value = "")]
+        branch: String,
+        /// Branches to try, in order, when the branch has no cache (repeatable)
+        #[arg(long = "fallback-branch")]
+        fallback_branches: Vec<String>,
+        /// Fail (exit 1) when the restore fails, instead of warning and building without cache
+        #[arg(long, env = "CACHE_STRICT")]
+        strict: bool,
+        /// Print only the `--cache-from` flags for the build on stdout (empty on a miss)
+        #[arg(long)]
+        print_cache_from: bool,
+    },
     /// Print read-only storage credentials for this project's cache.
     Credentials {
         #[arg(long, value_enum, default_value = "env")]
@@ -36,32 +69,96 @@ enum Command {
     },
 }
 
-async fn run(cli: Cli) -> Result<(), ClientError> {
-    let token = cli
-        .token
-        .as_deref()
-        .ok_or_else(|| ClientError::Invalid("no project token: pass --token or set CACHE_TOKEN".into()))?;
-    let token = BearerToken::new(token)?;
-    let url = cli.coordinator.clone();
-    let mut client = WorkerClient::with_interceptor(connect(&url).await?, token);
-    match cli.command {
-        Command::Credentials { format: CredentialsFormat::Env } => {
-            let request = pb::GetCredentialsRequest { access: pb::Access::Read as i32 };
-            let response =
-                client.get_credentials(request).await.map_err(|status| ClientError::from_status(&url, &status))?;
-            let credentials = response.into_inner().credentials.unwrap_or_default();
-            print!("{}", worker::credentials::format_env(&credentials));
-        }
-    }
-    Ok(())
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("CACHE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
 }
 
-#[tokio::main(flavor = "current_thread")]
+async fn run_restore(cli: &Cli, options: RestoreOptions, strict: bool, print_cache_from: bool) -> ExitCode {
+    let say = |line: &str| {
+        if print_cache_from {
+            eprintln!("{line}");
+        } else {
+            println!("{line}");
+        }
+    };
+    let mut coordinator = match Coordinator::connect(&cli.coordinator, cli.token.as_deref()).await {
+        Ok(coordinator) => Some(coordinator),
+        Err(error) => return restore_failed(None, &options.service, strict, error.into()).await,
+    };
+    let result = match Engine::connect().await {
+        Ok(engine) => restore(coordinator.as_mut().expect("connected"), &engine, &options, &say).await,
+        Err(error) => Err(error.into()),
+    };
+    match result {
+        Ok(Restored::Hit { cache_from }) => {
+            if print_cache_from {
+                println!("{}", cache_from_flags(&cache_from));
+            }
+            ExitCode::SUCCESS
+        }
+        Ok(Restored::Miss) => ExitCode::SUCCESS,
+        Err(error) => restore_failed(coordinator.as_mut(), &options.service, strict, error).await,
+    }
+}
+
+/// A cache never breaks a build: without `--strict` a failed restore is one warning, exit 0.
+async fn restore_failed(coordinator: Option<&mut Coordinator>, service: &str, strict: bool, error: WorkerError) -> ExitCode {
+    if let Some(coordinator) = coordinator {
+        report_failure(coordinator, service).await;
+    }
+    if strict {
+        eprintln!("cache-worker: restoring {service} failed: {error}");
+        ExitCode::from(error.exit_code().max(1))
+    } else {
+        eprintln!("cache-worker: warning: restoring {service} failed, the build runs without cache: {error}");
+        ExitCode::SUCCESS
+    }
+}
+
+async fn run(cli: Cli) -> Result<(), WorkerError> {
+    match &cli.command {
+        Command::Credentials { format: CredentialsFormat::Env } => {
+            let mut coordinator = Coordinator::connect(&cli.coordinator, cli.token.as_deref()).await?;
+            let request = pb::GetCredentialsRequest { access: pb::Access::Read as i32 };
+            let response = coordinator.client.get_credentials(request).await.map_err(|s| coordinator.failed(s))?;
+            let credentials = response.into_inner().credentials.unwrap_or_default();
+            print!("{}", worker::credentials::format_env(&credentials));
+            Ok(())
+        }
+        Command::Save { service, branch, images } => {
+            let options = SaveOptions { service: service.clone(), branch: branch.clone(), images: images.clone() };
+            proto::names::validate_service_name(service)?;
+            let mut coordinator = Coordinator::connect(&cli.coordinator, cli.token.as_deref()).await?;
+            let engine = Engine::connect().await?;
+            save(&mut coordinator, &engine, &options).await.map(|_| ())
+        }
+        Command::Restore { .. } => unreachable!("restores run through run_restore"),
+    }
+}
+
+#[tokio::main]
 async fn main() -> ExitCode {
-    match run(Cli::parse()).await {
+    let cli = Cli::parse();
+    init_tracing();
+    if let Command::Restore { service, branch, fallback_branches, strict, print_cache_from } = &cli.command {
+        let options =
+            RestoreOptions { service: service.clone(), branch: branch.clone(), fallback_branches: fallback_branches.clone() };
+        let (strict, print_cache_from) = (*strict, *print_cache_from);
+        return run_restore(&cli, options, strict, print_cache_from).await;
+    }
+    let saving = match &cli.command {
+        Command::Save { service, .. } => Some(service.clone()),
+        _ => None,
+    };
+    match run(cli).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("cache-worker: {error}");
+            match saving {
+                Some(service) => eprintln!("cache-worker: saving {service} failed: {error}"),
+                None => eprintln!("cache-worker: {error}"),
+            }
             ExitCode::from(error.exit_code())
         }
     }

@@ -1,0 +1,154 @@
+//! The local Docker engine, through bollard: the image chain, `docker save` as a stream, and
+//! `docker load` from a stream. The only file that imports bollard.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::{Stream, StreamExt, TryStreamExt};
+
+/// A save or load of a large chain can take many minutes; bollard's 120 s default covers the
+/// wait for the export's first byte and would cut it off.
+const ENGINE_TIMEOUT: Duration = Duration::from_secs(4 * 3600);
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("cannot reach the Docker engine at {host}: {reason}")]
+    Unreachable { host: String, reason: String },
+    #[error("no image {0:?} in the Docker engine")]
+    NoSuchImage(String),
+    #[error("the Docker engine failed to {action}: {reason}")]
+    Failed { action: &'static str, reason: String },
+}
+
+/// One image of a chain, as the engine knows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EngineImage {
+    /// `sha256:<hex>` of the config.
+    pub id: String,
+    /// Empty at the root of a chain.
+    pub parent_id: String,
+    pub repo_tags: Vec<String>,
+    /// Diff IDs, bottom layer first.
+    pub diff_ids: Vec<String>,
+}
+
+pub struct Engine {
+    docker: bollard::Docker,
+    host: String,
+}
+
+fn failed(action: &'static str) -> impl Fn(bollard::errors::Error) -> EngineError {
+    move |error| EngineError::Failed { action, reason: error.to_string() }
+}
+
+/// Tags worth keeping: the engine reports untagged images as `<none>:<none>`.
+fn real_tags(tags: &[String]) -> Vec<String> {
+    tags.iter().filter(|tag| !tag.contains("<none>")).cloned().collect()
+}
+
+impl Engine {
+    /// Connects to the engine `DOCKER_HOST` names, or the local socket.
+    pub async fn connect() -> Result<Engine, EngineError> {
+        let host = std::env::var("DOCKER_HOST").unwrap_or_else(|_| "unix:///var/run/docker.sock".into());
+        let unreachable = |reason: String| EngineError::Unreachable { host: host.clone(), reason };
+        let docker = bollard::Docker::connect_with_defaults()
+            .map_err(|error| unreachable(error.to_string()))?
+            .with_timeout(ENGINE_TIMEOUT);
+        docker.ping().await.map_err(|error| unreachable(error.to_string()))?;
+        Ok(Engine { docker, host })
+    }
+
+    pub fn host(&self) -> &str {
+        &self.host
+    }
+
+    /// The engine's version, e.g. "20.10.24+dfsg1".
+    pub async fn version(&self) -> Result<String, EngineError> {
+        let version = self.docker.version().await.map_err(failed("report its version"))?;
+        Ok(version.version.unwrap_or_default())
+    }
+
+    /// The image ID a reference (tag or ID) resolves to, if the engine has it.
+    pub async fn image_id(&self, reference: &str) -> Result<Option<String>, EngineError> {
+        match self.docker.inspect_image(reference).await {
+            Ok(inspect) => Ok(inspect.id),
+            Err(bollard::errors::Error::DockerResponseServerError { status_code: 404, .. }) => Ok(None),
+            Err(error) => Err(failed("inspect an image")(error)),
+        }
+    }
+
+    async fn diff_ids(&self, id: &str) -> Result<Vec<String>, EngineError> {
+        let inspect = self.docker.inspect_image(id).await.map_err(failed("inspect an image"))?;
+        Ok(inspect.root_fs.and_then(|root_fs| root_fs.layers).unwrap_or_default())
+    }
+
+    /// Every image of the chains of `references`: each named image and its parents to the root,
+    /// parents before children, each once. The image list carries the parent links (bollard's
+    /// inspect lacks `Parent`).
+    pub async fn image_chain(&self, references: &[String]) -> Result<Vec<EngineImage>, EngineError> {
+        let options = bollard::query_parameters::ListImagesOptions { all: true, ..Default::default() };
+        let summaries = self.docker.list_images(Some(options)).await.map_err(failed("list images"))?;
+        let by_id: HashMap<&str, &bollard::models::ImageSummary> =
+            summaries.iter().map(|summary| (summary.id.as_str(), summary)).collect();
+        let mut chain: Vec<EngineImage> = Vec::new();
+        for reference in references {
+            let id = self.image_id(reference).await?.ok_or_else(|| EngineError::NoSuchImage(reference.clone()))?;
+            // Walk up to the root, then add the unseen part of the walk root first.
+            let mut walk = Vec::new();
+            let mut current = Some(id);
+            while let Some(id) = current.take() {
+                if chain.iter().any(|image| image.id == id) || walk.iter().any(|image: &EngineImage| image.id == id) {
+                    break;
+                }
+                let summary = by_id.get(id.as_str());
+                let parent_id = summary.map(|summary| summary.parent_id.clone()).unwrap_or_default();
+                walk.push(EngineImage {
+                    repo_tags: summary.map(|summary| real_tags(&summary.repo_tags)).unwrap_or_default(),
+                    diff_ids: self.diff_ids(&id).await?,
+                    id,
+                    parent_id: parent_id.clone(),
+                });
+                if !parent_id.is_empty() {
+                    current = Some(parent_id);
+                }
+            }
+            walk.reverse();
+            chain.extend(walk);
+        }
+        Ok(chain)
+    }
+
+    /// `docker save` of `references`, as a byte stream.
+    pub fn export(&self, references: &[String]) -> impl Stream<Item = std::io::Result<Bytes>> + Send + 'static {
+        let references: Vec<&str> = references.iter().map(String::as_str).collect();
+        self.docker.export_images(&references).map_err(std::io::Error::other)
+    }
+
+    /// `docker load` of a tarball stream. Reads the engine's progress to the end; an error in
+    /// it, or in the stream, fails the load.
+    pub async fn load<S>(&self, tarball: S) -> Result<(), EngineError>
+    where
+        S: Stream<Item = std::io::Result<Bytes>> + Send + 'static,
+    {
+        let options = bollard::query_parameters::ImportImageOptions { quiet: true, ..Default::default() };
+        let mut progress = std::pin::pin!(self.docker.import_image_stream(options, tarball, None));
+        while let Some(message) = progress.next().await {
+            let message = message.map_err(failed("load the restored images"))?;
+            if let Some(detail) = message.error_detail {
+                return Err(EngineError::Failed {
+                    action: "load the restored images",
+                    reason: detail.message.unwrap_or_else(|| "unknown error".into()),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Tags `image_id` as `repo_tag` (`repository:tag`).
+    pub async fn tag(&self, image_id: &str, repo_tag: &str) -> Result<(), EngineError> {
+        let (repo, tag) = repo_tag.rsplit_once(':').unwrap_or((repo_tag, "latest"));
+        let options = bollard::query_parameters::TagImageOptions { repo: Some(repo.to_owned()), tag: Some(tag.to_owned()) };
+        self.docker.tag_image(image_id, Some(options)).await.map_err(failed("tag a restored image"))
+    }
+}

@@ -1,0 +1,40 @@
+//! The worker's errors; each prints as one line a CI log can show, and picks the exit code.
+
+use proto::client::ClientError;
+
+use crate::docker::EngineError;
+use crate::export::ExportError;
+use crate::transfer::TransferError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0}")]
+    Coordinator(#[from] ClientError),
+    #[error("{0}")]
+    Engine(#[from] EngineError),
+    #[error("{0}")]
+    Export(#[from] ExportError),
+    #[error("{0}")]
+    Transfer(#[from] TransferError),
+    #[error("{0}")]
+    Restore(String),
+}
+
+impl WorkerError {
+    /// sysexits-style codes: 64 bad input, the coordinator's codes for its refusals, 1 else.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            WorkerError::Invalid(_) => 64,
+            WorkerError::Coordinator(error) => error.exit_code(),
+            _ => 1,
+        }
+    }
+}
+
+impl From<proto::names::InvalidName> for WorkerError {
+    fn from(error: proto::names::InvalidName) -> Self {
+        WorkerError::Invalid(error.to_string())
+    }
+}

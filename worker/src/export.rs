@@ -1,0 +1,410 @@
+//! Reads a `docker save` tarball as it streams, in both formats engines write: the legacy one
+//! (Engine 20.10: `<v1 id>/layer.tar`, `<config hex>.json`, `manifest.json`) and the OCI layout
+//! (Engines 25+: `blobs/sha256/<digest>`, `index.json`, and a `manifest.json` too).
+//!
+//! Blobs the store lacks are hashed while they are spooled to a temporary file and handed to
+//! the caller to upload; everything else is read past. The result maps every image's config
+//! and layers to digests and sizes, checked against the diff IDs the engine reported.
+
+use std::collections::{HashMap, HashSet};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ExportError {
+    #[error("reading the engine's export failed: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("the engine's export is not in a format this worker reads: {0}")]
+    Format(String),
+    #[error("blob {path} of the export hashes to {actual}, not {expected}")]
+    DigestMismatch { path: String, expected: String, actual: String },
+}
+
+/// A blob the store lacks, hashed and ready to upload.
+pub enum SpooledBlob {
+    /// A layer tar, in a temporary file deleted when this is dropped.
+    File { digest: String, size: u64, path: tempfile::TempPath },
+    /// A config JSON.
+    Bytes { digest: String, bytes: Vec<u8> },
+}
+
+impl SpooledBlob {
+    pub fn digest(&self) -> &str {
+        match self {
+            SpooledBlob::File { digest, .. } | SpooledBlob::Bytes { digest, .. } => digest,
+        }
+    }
+}
+
+/// What the export held: the size of every config and layer, by digest.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct ExportSummary {
+    pub sizes: HashMap<String, u64>,
+    /// The format the engine wrote: "legacy" or "oci".
+    pub format: &'static str,
+}
+
+/// One entry of `manifest.json`.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct ManifestEntry {
+    config: String,
+    #[serde(default)]
+    layers: Vec<String>,
+}
+
+const CHUNK: usize = 1024 * 1024;
+
+fn sha256_digest(bytes: &[u8]) -> String {
+    format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
+}
+
+/// Copies `reader` into a new temporary file in `spool_dir`, hashing along.
+fn spool<R: Read>(reader: &mut R, spool_dir: &Path) -> std::io::Result<(String, u64, tempfile::TempPath)> {
+    let mut file = tempfile::NamedTempFile::new_in(spool_dir)?;
+    let mut hasher = Sha256::new();
+    let mut buffer = vec![0u8; CHUNK];
+    let mut size = 0u64;
+    loop {
+        let n = reader.read(&mut buffer)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buffer[..n]);
+        file.write_all(&buffer[..n])?;
+        size += n as u64;
+    }
+    file.flush()?;
+    Ok((format!("sha256:{}", hex::encode(hasher.finalize())), size, file.into_temp_path()))
+}
+
+/// The digest a path names in the OCI layout (`blobs/sha256/<hex>`) or the legacy config
+/// name (`<hex>.json`).
+fn digest_in_path(path: &str) -> Option<String> {
+    let hex = path.strip_prefix("blobs/sha256/").or_else(|| path.strip_suffix(".json"))?;
+    let digest = format!("sha256:{hex}");
+    proto::names::validate_digest(&digest).ok().map(|()| digest)
+}
+
+/// Normalises `dir/../other/layer.tar`-style symlink targets of the legacy format.
+fn resolve_link(entry_path: &str, target: &str) -> String {
+    let mut parts: Vec<&str> = entry_path.split('/').collect();
+    parts.pop();
+    for part in target.split('/') {
+        match part {
+            ".." => {
+                parts.pop();
+            }
+            "." | "" => {}
+            other => parts.push(other),
+        }
+    }
+    parts.join("/")
+}
+
+/// Reads the export from `reader`. `diff_ids` maps each image ID of the chain to its layers'
+/// diff IDs as the engine reported them; `missing` holds the digests the store lacks, each of
+/// which is handed to `on_blob` once, verified.
+pub fn read_export<R: Read>(
+    reader: R,
+    diff_ids: &HashMap<String, Vec<String>>,
+    missing: &HashSet<String>,
+    spool_dir: &Path,
+    mut on_blob: impl FnMut(SpooledBlob) -> std::io::Result<()>,
+) -> Result<ExportSummary, ExportError> {
+    let layer_digests: HashSet<&String> = diff_ids.values().flatten().collect();
+    let mut emitted: HashSet<String> = HashSet::new();
+    let missing_layers = missing.iter().filter(|digest| layer_digests.contains(digest)).count();
+    let mut manifest_json: Option<Vec<u8>> = None;
+    // Sizes and (when hashed) digests of entries by path; symlinks by path to their target.
+    let mut path_sizes: HashMap<String, u64> = HashMap::new();
+    let mut path_digests: HashMap<String, String> = HashMap::new();
+    let mut links: HashMap<String, String> = HashMap::new();
+    let mut summary = ExportSummary { format: "legacy", ..Default::default() };
+
+    let mut archive = tar::Archive::new(reader);
+    for entry in archive.entries()? {
+        let mut entry = entry?;
+        let path = entry.path()?.to_string_lossy().trim_start_matches("./").to_owned();
+        let entry_type = entry.header().entry_type();
+        if entry_type.is_symlink() || entry_type.is_hard_link() {
+            if let Some(target) = entry.link_name()? {
+                let target = target.to_string_lossy().into_owned();
+                let resolved = if entry_type.is_symlink() { resolve_link(&path, &target) } else { target };
+                links.insert(path, resolved);
+            }
+            continue;
+        }
+        if !entry_type.is_file() {
+            continue;
+        }
+        let size = entry.size();
+        if path == "manifest.json" {
+            let mut bytes = Vec::new();
+            entry.read_to_end(&mut bytes)?;
+            manifest_json = Some(bytes);
+            continue;
+        }
+        if path == "oci-layout" {
+            summary.format = "oci";
+            continue;
+        }
+        if let Some(digest) = digest_in_path(&path) {
+            path_sizes.insert(path.clone(), size);
+            let is_config = diff_ids.contains_key(&digest);
+            if is_config {
+                let mut bytes = Vec::new();
+                entry.read_to_end(&mut bytes)?;
+                let actual = sha256_digest(&bytes);
+                if actual != digest {
+                    return Err(ExportError::DigestMismatch { path, expected: digest, actual });
+                }
+                if missing.contains(&digest) && emitted.insert(digest.clone()) {
+                    on_blob(SpooledBlob::Bytes { digest: digest.clone(), bytes })?;
+                }
+                path_digests.insert(path, digest);
+            } else if layer_digests.contains(&digest) && missing.contains(&digest) && !emitted.contains(&digest) {
+                let (actual, size, spooled) = spool(&mut entry, spool_dir)?;
+                if actual != digest {
+                    return Err(ExportError::DigestMismatch { path, expected: digest, actual });
+                }
+                emitted.insert(digest.clone());
+                on_blob(SpooledBlob::File { digest: digest.clone(), size, path: spooled })?;
+                path_digests.insert(path, digest);
+            }
+            continue;
+        }
+        if path.ends_with("/layer.tar") {
+            path_sizes.insert(path.clone(), size);
+            // Legacy layers are named by v1 IDs: hash them while a missing layer may be among them.
+            let emitted_layers = emitted.iter().filter(|digest| layer_digests.contains(digest)).count();
+            if emitted_layers < missing_layers {
+                let (digest, _, spooled) = spool(&mut entry, spool_dir)?;
+                if missing.contains(&digest) && emitted.insert(digest.clone()) {
+                    on_blob(SpooledBlob::File { digest: digest.clone(), size, path: spooled })?;
+                }
+                path_digests.insert(path, digest);
+            }
+        }
+    }
+
+    let manifest_json = manifest_json.ok_or_else(|| ExportError::Format("no manifest.json".into()))?;
+    let entries: Vec<ManifestEntry> =
+        serde_json::from_slice(&manifest_json).map_err(|error| ExportError::Format(format!("manifest.json: {error}")))?;
+    for entry in entries {
+        let config_digest = digest_in_path(&entry.config)
+            .ok_or_else(|| ExportError::Format(format!("unexpected config path {:?}", entry.config)))?;
+        let config_size = *path_sizes
+            .get(&entry.config)
+            .ok_or_else(|| ExportError::Format(format!("config {} is missing from the export", entry.config)))?;
+        summary.sizes.insert(config_digest.clone(), config_size);
+        let Some(expected) = diff_ids.get(&config_digest) else { continue };
+        if expected.len() != entry.layers.len() {
+            return Err(ExportError::Format(format!(
+                "image {config_digest} has {} layers in the export, {} in the engine",
+                entry.layers.len(),
+                expected.len()
+            )));
+        }
+        for (layer_path, diff_id) in entry.layers.iter().zip(expected) {
+            let resolved = links.get(layer_path).unwrap_or(layer_path);
+            let size = *path_sizes
+                .get(resolved)
+                .ok_or_else(|| ExportError::Format(format!("layer {layer_path} is missing from the export")))?;
+            if let Some(actual) = path_digests.get(resolved)
+                && actual != diff_id
+            {
+                return Err(ExportError::DigestMismatch {
+                    path: layer_path.clone(),
+                    expected: diff_id.clone(),
+                    actual: actual.clone(),
+                });
+            }
+            summary.sizes.insert(diff_id.clone(), size);
+        }
+    }
+    for digest in missing {
+        if !emitted.contains(digest) {
+            return Err(ExportError::Format(format!("blob {digest} is not in the export")));
+        }
+    }
+    Ok(summary)
+}
+
+/// Where spooled layers go: `CACHE_SPOOL_DIR`, else the system's temporary folder.
+pub fn spool_dir() -> PathBuf {
+    std::env::var_os("CACHE_SPOOL_DIR").map(PathBuf::from).unwrap_or_else(std::env::temp_dir)
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// A tarball builder for fixtures.
+    pub(crate) struct Fixture(tar::Builder<Vec<u8>>);
+
+    impl Fixture {
+        pub(crate) fn new() -> Fixture {
+            Fixture(tar::Builder::new(Vec::new()))
+        }
+
+        pub(crate) fn file(&mut self, path: &str, bytes: &[u8]) -> &mut Fixture {
+            let mut header = tar::Header::new_gnu();
+            header.set_size(bytes.len() as u64);
+            header.set_mode(0o644);
+            header.set_entry_type(tar::EntryType::Regular);
+            self.0.append_data(&mut header, path, bytes).unwrap();
+            self
+        }
+
+        fn symlink(&mut self, path: &str, target: &str) -> &mut Fixture {
+            let mut header = tar::Header::new_gnu();
+            header.set_size(0);
+            header.set_entry_type(tar::EntryType::Symlink);
+            self.0.append_link(&mut header, path, target).unwrap();
+            self
+        }
+
+        pub(crate) fn finish(self) -> Vec<u8> {
+            self.0.into_inner().unwrap()
+        }
+    }
+
+    /// A small layer tar with one file.
+    pub(crate) fn layer(content: &[u8]) -> Vec<u8> {
+        let mut fixture = Fixture::new();
+        fixture.file("file", content);
+        fixture.finish()
+    }
+
+    fn hex(digest: &str) -> &str {
+        digest.strip_prefix("sha256:").unwrap()
+    }
+
+    /// The same two-image chain (base: one layer; app: base's layer plus one) in both formats.
+    fn chain() -> (Vec<u8>, Vec<u8>, Vec<u8>, Vec<u8>, HashMap<String, Vec<String>>) {
+        let base_layer = layer(b"base");
+        let app_layer = layer(b"app");
+        let (base_diff, app_diff) = (sha256_digest(&base_layer), sha256_digest(&app_layer));
+        let base_config = format!(r#"{{"rootfs":{{"type":"layers","diff_ids":["{base_diff}"]}}}}"#).into_bytes();
+        let app_config =
+            format!(r#"{{"rootfs":{{"type":"layers","diff_ids":["{base_diff}","{app_diff}"]}}}}"#).into_bytes();
+        let diff_ids = HashMap::from([
+            (sha256_digest(&base_config), vec![base_diff.clone()]),
+            (sha256_digest(&app_config), vec![base_diff, app_diff]),
+        ]);
+        (base_layer, app_layer, base_config, app_config, diff_ids)
+    }
+
+    fn legacy_export() -> (Vec<u8>, HashMap<String, Vec<String>>) {
+        let (base_layer, app_layer, base_config, app_config, diff_ids) = chain();
+        let (base_id, app_id) = (sha256_digest(&base_config), sha256_digest(&app_config));
+        let manifest = format!(
+            r#"[{{"Config":"{b}.json","RepoTags":["base:1"],"Layers":["v1a/layer.tar"]}},
+               {{"Config":"{a}.json","RepoTags":null,"Layers":["v1b/layer.tar","v1c/layer.tar"],"Parent":"{base_id}"}}]"#,
+            b = hex(&base_id),
+            a = hex(&app_id),
+        );
+        let mut fixture = Fixture::new();
+        fixture
+            .file("v1a/VERSION", b"1.0")
+            .file("v1a/layer.tar", &base_layer)
+            .symlink("v1b/layer.tar", "../v1a/layer.tar")
+            .file("v1c/layer.tar", &app_layer)
+            .file(&format!("{}.json", hex(&base_id)), &base_config)
+            .file(&format!("{}.json", hex(&app_id)), &app_config)
+            .file("manifest.json", manifest.as_bytes())
+            .file("repositories", b"{}");
+        (fixture.finish(), diff_ids)
+    }
+
+    /// The OCI layout as Engines 25+ write it, made here rather than committed.
+    fn oci_export() -> (Vec<u8>, HashMap<String, Vec<String>>) {
+        let (base_layer, app_layer, base_config, app_config, diff_ids) = chain();
+        let (base_id, app_id) = (sha256_digest(&base_config), sha256_digest(&app_config));
+        let (base_diff, app_diff) = (sha256_digest(&base_layer), sha256_digest(&app_layer));
+        let oci_manifest = format!(r#"{{"schemaVersion":2,"config":{{"digest":"{app_id}"}}}}"#).into_bytes();
+        let manifest = format!(
+            r#"[{{"Config":"blobs/sha256/{b}","RepoTags":["base:1"],"Layers":["blobs/sha256/{bd}"]}},
+               {{"Config":"blobs/sha256/{a}","RepoTags":null,"Layers":["blobs/sha256/{bd}","blobs/sha256/{ad}"]}}]"#,
+            b = hex(&base_id),
+            a = hex(&app_id),
+            bd = hex(&base_diff),
+            ad = hex(&app_diff),
+        );
+        let mut fixture = Fixture::new();
+        fixture
+            .file("oci-layout", br#"{"imageLayoutVersion":"1.0.0"}"#)
+            .file(&format!("blobs/sha256/{}", hex(&base_diff)), &base_layer)
+            .file(&format!("blobs/sha256/{}", hex(&app_diff)), &app_layer)
+            .file(&format!("blobs/sha256/{}", hex(&base_id)), &base_config)
+            .file(&format!("blobs/sha256/{}", hex(&app_id)), &app_config)
+            .file(&format!("blobs/sha256/{}", hex(&sha256_digest(&oci_manifest))), &oci_manifest)
+            .file("index.json", b"{}")
+            .file("manifest.json", manifest.as_bytes());
+        (fixture.finish(), diff_ids)
+    }
+
+    fn read(tarball: &[u8], diff_ids: &HashMap<String, Vec<String>>, missing: &HashSet<String>) -> (ExportSummary, Vec<(String, u64)>) {
+        let spool_dir = tempfile::tempdir().unwrap();
+        let mut blobs = Vec::new();
+        let summary = read_export(tarball, diff_ids, missing, spool_dir.path(), |blob| {
+            let size = match &blob {
+                SpooledBlob::File { path, size, .. } => {
+                    let bytes = std::fs::read(path).unwrap();
+                    assert_eq!(sha256_digest(&bytes), blob.digest());
+                    *size
+                }
+                SpooledBlob::Bytes { bytes, .. } => bytes.len() as u64,
+            };
+            blobs.push((blob.digest().to_owned(), size));
+            Ok(())
+        })
+        .unwrap();
+        blobs.sort();
+        (summary, blobs)
+    }
+
+    #[test]
+    fn both_formats_read_into_the_same_shape() {
+        let (legacy, diff_ids) = legacy_export();
+        let (oci, oci_diff_ids) = oci_export();
+        assert_eq!(diff_ids, oci_diff_ids);
+        let everything: HashSet<String> = diff_ids.keys().chain(diff_ids.values().flatten()).cloned().collect();
+        let (legacy_summary, legacy_blobs) = read(&legacy, &diff_ids, &everything);
+        let (oci_summary, oci_blobs) = read(&oci, &diff_ids, &everything);
+        assert_eq!((legacy_summary.format, oci_summary.format), ("legacy", "oci"));
+        assert_eq!(legacy_summary.sizes, oci_summary.sizes);
+        assert_eq!(legacy_summary.sizes.len(), 4, "two configs, two distinct layers");
+        // Each missing blob once, even where the legacy format repeats a layer.
+        assert_eq!(legacy_blobs, oci_blobs);
+        assert_eq!(legacy_blobs.len(), 4);
+    }
+
+    #[test]
+    fn only_missing_blobs_are_handed_over() {
+        let (legacy, diff_ids) = legacy_export();
+        let app_layer = sha256_digest(&layer(b"app"));
+        let missing = HashSet::from([app_layer.clone()]);
+        let (summary, blobs) = read(&legacy, &diff_ids, &missing);
+        assert_eq!(blobs, vec![(app_layer, layer(b"app").len() as u64)]);
+        assert_eq!(summary.sizes.len(), 4);
+        let (summary, blobs) = read(&legacy, &diff_ids, &HashSet::new());
+        assert!(blobs.is_empty());
+        assert_eq!(summary.sizes.len(), 4);
+    }
+
+    #[test]
+    fn a_layer_that_does_not_match_the_engines_diff_id_is_an_error() {
+        let (legacy, mut diff_ids) = legacy_export();
+        let app_id = diff_ids.iter().find(|(_, layers)| layers.len() == 2).unwrap().0.clone();
+        diff_ids.get_mut(&app_id).unwrap()[1] = format!("sha256:{}", "0".repeat(64));
+        let wanted = HashSet::from([format!("sha256:{}", "0".repeat(64))]);
+        let spool_dir = tempfile::tempdir().unwrap();
+        let result = read_export(legacy.as_slice(), &diff_ids, &wanted, spool_dir.path(), |_| Ok(()));
+        assert!(matches!(result, Err(ExportError::DigestMismatch { .. })), "{result:?}");
+    }
+}

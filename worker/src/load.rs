@@ -1,0 +1,270 @@
+//! Builds the `docker load` tarball of a manifest as a stream: each config and each distinct
+//! layer downloaded (several at once, in bounded memory) and verified as it passes, then a
+//! `manifest.json` whose entries carry the tags and `Parent` links. A blob whose digest does not
+//! match ends the stream with an error before `manifest.json`, so the engine commits nothing.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use bytes::Bytes;
+use futures::{Stream, StreamExt};
+use proto::v1 as pb;
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use tokio::sync::{Semaphore, mpsc};
+
+use crate::transfer::BlobStore;
+
+/// One blob of the tarball, in the order it is written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlannedBlob {
+    pub path_in_tar: String,
+    pub digest: String,
+    pub size: u64,
+}
+
+/// What to write: the blobs, then `manifest.json`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoadPlan {
+    pub blobs: Vec<PlannedBlob>,
+    pub manifest_json: Vec<u8>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "PascalCase")]
+struct LoadManifestEntry {
+    config: String,
+    repo_tags: Option<Vec<String>>,
+    layers: Vec<String>,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    parent: String,
+}
+
+fn hex(digest: &str) -> &str {
+    digest.strip_prefix("sha256:").unwrap_or(digest)
+}
+
+/// Lays out the tarball of `manifest`: configs as `<hex>.json`, one `<hex>/layer.tar` per
+/// distinct layer, and the entries of `manifest.json` in the manifest's order (parents first).
+pub fn plan_load(manifest: &pb::Manifest) -> LoadPlan {
+    let mut blobs = Vec::new();
+    let mut seen = HashSet::new();
+    let image_ids: HashSet<&str> = manifest.images.iter().map(|image| image.id.as_str()).collect();
+    let mut entries = Vec::new();
+    for image in &manifest.images {
+        let config = format!("{}.json", hex(&image.id));
+        if seen.insert(image.id.clone()) {
+            blobs.push(PlannedBlob { path_in_tar: config.clone(), digest: image.id.clone(), size: image.config_size });
+        }
+        let mut layers = Vec::new();
+        for layer in &image.layers {
+            let path = format!("{}/layer.tar", hex(&layer.digest));
+            if seen.insert(layer.digest.clone()) {
+                blobs.push(PlannedBlob { path_in_tar: path.clone(), digest: layer.digest.clone(), size: layer.size });
+            }
+            layers.push(path);
+        }
+        let parent =
+            if image_ids.contains(image.parent_id.as_str()) { image.parent_id.clone() } else { String::new() };
+        entries.push(LoadManifestEntry {
+            config,
+            repo_tags: (!image.repo_tags.is_empty()).then(|| image.repo_tags.clone()),
+            layers,
+            parent,
+        });
+    }
+    LoadPlan { blobs, manifest_json: serde_json::to_vec(&entries).expect("manifest.json serializes") }
+}
+
+/// A 512-byte tar header for a regular file.
+fn tar_header(path: &str, size: u64) -> Bytes {
+    let mut header = tar::Header::new_ustar();
+    header.set_path(path).expect("short ASCII paths fit a ustar header");
+    header.set_size(size);
+    header.set_mode(0o644);
+    header.set_mtime(0);
+    header.set_entry_type(tar::EntryType::Regular);
+    header.set_cksum();
+    Bytes::copy_from_slice(header.as_bytes())
+}
+
+fn padding(size: u64) -> Bytes {
+    let remainder = (size % 512) as usize;
+    Bytes::from(vec![0u8; if remainder == 0 { 0 } else { 512 - remainder }])
+}
+
+/// How one blob went, for the metrics report and the summary line.
+#[derive(Debug, Clone)]
+pub struct BlobOutcome {
+    pub digest: String,
+    pub bytes: u64,
+    pub seconds: f64,
+}
+
+/// Why the stream stopped early; the restore reports it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LoadFailure {
+    #[error("blob {digest} failed verification: its content hashes to {actual}")]
+    DigestMismatch { digest: String, actual: String },
+    #[error("blob {digest} has {actual} bytes, the manifest says {expected}")]
+    SizeMismatch { digest: String, expected: u64, actual: u64 },
+    #[error("{0}")]
+    Transfer(String),
+}
+
+/// Shared between the stream's producer and the restore that reads the outcome.
+#[derive(Default)]
+pub struct LoadReport {
+    pub failure: Mutex<Option<LoadFailure>>,
+    pub blobs: Mutex<Vec<BlobOutcome>>,
+}
+
+/// Chunks of one blob, fetched ahead of the writer by a bounded amount.
+const CHUNKS_AHEAD_PER_BLOB: usize = 16;
+
+/// The tarball of `plan` as a stream, fetching up to `concurrency` blobs at once.
+pub fn load_stream(
+    store: BlobStore,
+    plan: LoadPlan,
+    concurrency: usize,
+    report: Arc<LoadReport>,
+) -> impl Stream<Item = std::io::Result<Bytes>> + Send + 'static {
+    let (sender, receiver) = mpsc::channel::<std::io::Result<Bytes>>(CHUNKS_AHEAD_PER_BLOB);
+    tokio::spawn(async move {
+        let semaphore = Arc::new(Semaphore::new(concurrency.max(1)));
+        // Fetchers take their permits in tarball order, so the blob the writer waits for always
+        // holds one: no deadlock, and at most `concurrency` blobs are in memory.
+        let (fetchers_sender, mut fetchers) = mpsc::unbounded_channel();
+        let fetch_store = store.clone();
+        let fetch_blobs = plan.blobs.clone();
+        let fetch_semaphore = semaphore.clone();
+        tokio::spawn(async move {
+            for blob in fetch_blobs {
+                let Ok(permit) = fetch_semaphore.clone().acquire_owned().await else { return };
+                let (chunk_sender, chunk_receiver) = mpsc::channel::<Result<Bytes, String>>(CHUNKS_AHEAD_PER_BLOB);
+                let store = fetch_store.clone();
+                tokio::spawn(async move {
+                    let _permit = permit;
+                    match store.download(&blob.digest).await {
+                        Ok(body) => {
+                            let mut body = std::pin::pin!(body);
+                            while let Some(chunk) = body.next().await {
+                                let chunk = chunk.map_err(|error| error.to_string());
+                                let stop = chunk.is_err();
+                                if chunk_sender.send(chunk).await.is_err() || stop {
+                                    return;
+                                }
+                            }
+                        }
+                        Err(error) => {
+                            let _ = chunk_sender.send(Err(error.to_string())).await;
+                        }
+                    }
+                });
+                if fetchers_sender.send(chunk_receiver).is_err() {
+                    return;
+                }
+            }
+        });
+
+        let fail = |failure: LoadFailure| {
+            let message = failure.to_string();
+            *report.failure.lock().expect("report lock") = Some(failure);
+            Err(std::io::Error::other(message))
+        };
+        for blob in &plan.blobs {
+            let Some(mut chunks) = fetchers.recv().await else { return };
+            if sender.send(Ok(tar_header(&blob.path_in_tar, blob.size))).await.is_err() {
+                return;
+            }
+            let started = Instant::now();
+            let mut hasher = Sha256::new();
+            let mut written = 0u64;
+            while let Some(chunk) = chunks.recv().await {
+                let chunk = match chunk {
+                    Ok(chunk) => chunk,
+                    Err(error) => {
+                        let _ = sender.send(fail(LoadFailure::Transfer(error))).await;
+                        return;
+                    }
+                };
+                written += chunk.len() as u64;
+                if written > blob.size {
+                    break;
+                }
+                hasher.update(&chunk);
+                if sender.send(Ok(chunk)).await.is_err() {
+                    return;
+                }
+            }
+            if written != blob.size {
+                let failure = LoadFailure::SizeMismatch { digest: blob.digest.clone(), expected: blob.size, actual: written };
+                let _ = sender.send(fail(failure)).await;
+                return;
+            }
+            let actual = format!("sha256:{}", hex::encode(hasher.finalize()));
+            if actual != blob.digest {
+                let _ = sender.send(fail(LoadFailure::DigestMismatch { digest: blob.digest.clone(), actual })).await;
+                return;
+            }
+            report.blobs.lock().expect("report lock").push(BlobOutcome {
+                digest: blob.digest.clone(),
+                bytes: written,
+                seconds: started.elapsed().as_secs_f64(),
+            });
+            if sender.send(Ok(padding(blob.size))).await.is_err() {
+                return;
+            }
+        }
+        let manifest_size = plan.manifest_json.len() as u64;
+        for piece in [
+            tar_header("manifest.json", manifest_size),
+            Bytes::from(plan.manifest_json),
+            padding(manifest_size),
+            Bytes::from(vec![0u8; 1024]),
+        ] {
+            if sender.send(Ok(piece)).await.is_err() {
+                return;
+            }
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(receiver)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn digest(n: u8) -> String {
+        format!("sha256:{}", hex::encode([n; 32]))
+    }
+
+    #[test]
+    fn the_plan_writes_each_layer_once_and_links_parents() {
+        let layer = |n| pb::Layer { digest: digest(n), size: 10 * n as u64, ..Default::default() };
+        let manifest = pb::Manifest {
+            images: vec![
+                pb::Image { id: digest(1), repo_tags: vec!["base:1".into()], layers: vec![layer(10)], config_size: 5, ..Default::default() },
+                pb::Image { id: digest(2), parent_id: digest(1), layers: vec![layer(10), layer(11)], config_size: 6, ..Default::default() },
+            ],
+            ..Default::default()
+        };
+        let plan = plan_load(&manifest);
+        let paths: Vec<&str> = plan.blobs.iter().map(|blob| blob.path_in_tar.as_str()).collect();
+        assert_eq!(paths.len(), 4, "two configs and two distinct layers: {paths:?}");
+        let entries: serde_json::Value = serde_json::from_slice(&plan.manifest_json).unwrap();
+        assert_eq!(entries[0]["RepoTags"][0], "base:1");
+        assert!(entries[0].get("Parent").is_none());
+        assert_eq!(entries[1]["Parent"], digest(1));
+        assert_eq!(entries[1]["RepoTags"], serde_json::Value::Null);
+        assert_eq!(entries[1]["Layers"][0], entries[0]["Layers"][0]);
+    }
+
+    #[test]
+    fn headers_and_padding_keep_512_byte_blocks() {
+        assert_eq!(tar_header("x.json", 3).len(), 512);
+        assert_eq!(padding(3).len(), 509);
+        assert_eq!(padding(1024).len(), 0);
+    }
+}

@@ -1,0 +1,215 @@
+//! `cache-worker save`: the image chain goes to the project's store, only the blobs it lacks,
+//! and the coordinator commits the manifest once every blob is verified stored.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Instant;
+
+use futures::StreamExt;
+use proto::names;
+use proto::v1 as pb;
+use tokio::sync::{Semaphore, mpsc};
+use tokio_util::io::{StreamReader, SyncIoBridge};
+
+use crate::coordinator::Coordinator;
+use crate::docker::{Engine, EngineImage};
+use crate::error::WorkerError;
+use crate::export::{SpooledBlob, read_export, spool_dir};
+use crate::report::{format_bytes, send_metrics};
+use crate::transfer::BlobStore;
+
+pub struct SaveOptions {
+    pub service: String,
+    pub branch: String,
+    /// Images named on the command line; each is saved with its parent chain.
+    pub images: Vec<String>,
+}
+
+/// What a save did, for the summary line and the tests.
+#[derive(Debug, Default)]
+pub struct SaveSummary {
+    pub n_images: usize,
+    pub n_blobs_uploaded: usize,
+    pub bytes_uploaded: u64,
+    pub n_blobs_stored: usize,
+    pub unchanged: bool,
+}
+
+fn chain_request(chain: &[EngineImage]) -> Vec<pb::Image> {
+    chain
+        .iter()
+        .map(|image| pb::Image {
+            id: image.id.clone(),
+            repo_tags: image.repo_tags.clone(),
+            parent_id: image.parent_id.clone(),
+            layers: image.diff_ids.iter().map(|digest| pb::Layer { digest: digest.clone(), ..Default::default() }).collect(),
+            ..Default::default()
+        })
+        .collect()
+}
+
+/// The save log: each image with its tags and parent, each layer with its size and whether
+/// this save uploaded it.
+fn save_log(images: &[pb::Image], uploaded: &HashSet<String>) -> Vec<String> {
+    let mut lines = Vec::new();
+    for image in images {
+        let tags = if image.repo_tags.is_empty() { "<no tag>".to_owned() } else { image.repo_tags.join(", ") };
+        let parent = if image.parent_id.is_empty() { String::new() } else { format!(", parent {}", image.parent_id) };
+        lines.push(format!("image {} ({tags}{parent})", image.id));
+        for layer in &image.layers {
+            let state = if uploaded.contains(&layer.digest) { "new" } else { "already stored" };
+            lines.push(format!("  layer {} {} {state}", layer.digest, format_bytes(layer.size)));
+        }
+    }
+    lines
+}
+
+/// Uploads every blob the export hands over, several at once; returns (digest, bytes, seconds).
+async fn upload_all(
+    store: BlobStore,
+    concurrency: usize,
+    mut blobs: mpsc::Receiver<SpooledBlob>,
+) -> Result<Vec<(String, u64, f64)>, WorkerError> {
+    let semaphore = Arc::new(Semaphore::new(concurrency.max(1)));
+    let mut uploads = tokio::task::JoinSet::new();
+    let mut done = Vec::new();
+    while let Some(blob) = blobs.recv().await {
+        let permit = semaphore.clone().acquire_owned().await.expect("semaphore is never closed");
+        let store = store.clone();
+        uploads.spawn(async move {
+            let _permit = permit;
+            let started = Instant::now();
+            let (digest, size) = match &blob {
+                SpooledBlob::File { digest, size, path } => {
+                    store.upload_file(digest, path, *size).await?;
+                    (digest.clone(), *size)
+                }
+                SpooledBlob::Bytes { digest, bytes } => {
+                    let size = bytes.len() as u64;
+                    store.upload_bytes(digest, bytes.clone()).await?;
+                    (digest.clone(), size)
+                }
+            };
+            Ok::<_, WorkerError>((digest, size, started.elapsed().as_secs_f64()))
+        });
+        // Surface a failure early rather than after the whole export.
+        while let Some(finished) = uploads.try_join_next() {
+            done.push(finished.map_err(|error| WorkerError::Invalid(error.to_string()))??);
+        }
+    }
+    while let Some(finished) = uploads.join_next().await {
+        done.push(finished.map_err(|error| WorkerError::Invalid(error.to_string()))??);
+    }
+    Ok(done)
+}
+
+pub async fn save(coordinator: &mut Coordinator, engine: &Engine, options: &SaveOptions) -> Result<SaveSummary, WorkerError> {
+    names::validate_service_name(&options.service)?;
+    names::validate_branch_name(&options.branch)?;
+    if options.images.is_empty() {
+        return Err(WorkerError::Invalid("name at least one image to save".into()));
+    }
+    let started = Instant::now();
+    let chain = engine.image_chain(&options.images).await?;
+    for image in &chain {
+        for tag in &image.repo_tags {
+            names::validate_repo_tag(tag)?;
+        }
+    }
+    let key = pb::CacheKey { service: options.service.clone(), branch: options.branch.clone() };
+    let request = pb::BeginSaveRequest {
+        key: Some(key.clone()),
+        images: chain_request(&chain),
+        engine_version: engine.version().await?,
+    };
+    let begun = coordinator.client.begin_save(request.clone()).await.map_err(|s| coordinator.failed(s))?.into_inner();
+    let missing: HashSet<String> = begun.missing_digests.iter().cloned().collect();
+    let mut sizes: HashMap<String, u64> = begun.stored_sizes.clone();
+    let mut uploaded: Vec<(String, u64, f64)> = Vec::new();
+
+    if !missing.is_empty() {
+        let credentials = begun.credentials.clone().ok_or_else(|| WorkerError::Invalid("the coordinator sent no credentials".into()))?;
+        let plan = begun.plan.unwrap_or_default();
+        let store = BlobStore::new(&credentials, &plan);
+        let diff_ids: HashMap<String, Vec<String>> = chain.iter().map(|image| (image.id.clone(), image.diff_ids.clone())).collect();
+        let references: Vec<String> = chain.iter().map(|image| image.id.clone()).collect();
+        let export = engine.export(&references);
+        let (blob_sender, blob_receiver) = mpsc::channel(2);
+        let reader = tokio::task::spawn_blocking(move || {
+            let reader = SyncIoBridge::new(StreamReader::new(export.boxed()));
+            read_export(reader, &diff_ids, &missing, &spool_dir(), |blob| {
+                // The receiver is gone only when an upload failed: that error is reported.
+                blob_sender.blocking_send(blob).map_err(|_| std::io::Error::other("an upload failed"))
+            })
+        });
+        let uploads = upload_all(store, plan.max_concurrency as usize, blob_receiver).await;
+        let summary = reader.await.map_err(|error| WorkerError::Invalid(error.to_string()));
+        // An upload failure is the cause when the reader stopped because of it.
+        uploaded = uploads?;
+        let summary = summary??;
+        sizes.extend(summary.sizes);
+    }
+
+    let mut images = request.images;
+    for image in &mut images {
+        image.config_size = sizes.get(&image.id).copied().unwrap_or(0);
+        for layer in &mut image.layers {
+            layer.size = sizes.get(&layer.digest).copied().unwrap_or(0);
+            layer.stored_size = layer.size;
+        }
+    }
+    let uploaded_digests: HashSet<String> = uploaded.iter().map(|(digest, _, _)| digest.clone()).collect();
+    let log = save_log(&images, &uploaded_digests);
+    for line in &log {
+        println!("{line}");
+    }
+    if !begun.unchanged {
+        let commit = pb::CommitSaveRequest { save_id: begun.save_id.clone(), images: images.clone(), save_log: log };
+        coordinator.client.commit_save(commit).await.map_err(|s| coordinator.failed(s))?;
+    }
+
+    let n_blobs_stored = sizes.len() - uploaded.len();
+    let bytes_uploaded: u64 = uploaded.iter().map(|(_, bytes, _)| bytes).sum();
+    let mut layer_metrics: Vec<pb::LayerMetric> = uploaded
+        .iter()
+        .map(|(digest, bytes, seconds)| pb::LayerMetric {
+            digest: digest.clone(),
+            bytes: *bytes,
+            seconds: *seconds,
+            outcome: pb::LayerOutcome::Transferred as i32,
+        })
+        .collect();
+    layer_metrics.extend(begun.stored_sizes.iter().map(|(digest, bytes)| pb::LayerMetric {
+        digest: digest.clone(),
+        bytes: *bytes,
+        seconds: 0.0,
+        outcome: pb::LayerOutcome::Found as i32,
+    }));
+    let seconds = started.elapsed().as_secs_f64();
+    let report = pb::ReportMetricsRequest {
+        service: options.service.clone(),
+        operation: pb::Operation::Save as i32,
+        layers: layer_metrics,
+        total_seconds: seconds,
+        restore_outcome: 0,
+    };
+    send_metrics(coordinator, report).await;
+    let summary = SaveSummary {
+        n_images: images.len(),
+        n_blobs_uploaded: uploaded.len(),
+        bytes_uploaded,
+        n_blobs_stored,
+        unchanged: begun.unchanged,
+    };
+    println!(
+        "saved {}: {} images; uploaded {} blobs ({}), {} already stored{}; {:.1} s",
+        options.service,
+        summary.n_images,
+        summary.n_blobs_uploaded,
+        format_bytes(bytes_uploaded),
+        n_blobs_stored,
+        if summary.unchanged { "; unchanged since the last save" } else { "" },
+        seconds
+    );
+    Ok(summary)
+}
