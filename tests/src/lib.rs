@@ -213,8 +213,146 @@ pub fn docker(args: &[&str]) -> Output {
     Command::new("docker").args(args).output().expect("run the docker CLI")
 }
 
-/// Makes a base image without a registry: busybox and its applet links, imported as `tag`.
+/// Makes a base image without a registry on the engine at `DOCKER_HOST`: busybox and its
+/// applet links, imported as `tag`.
 pub fn import_busybox_base(tag: &str) {
+    import_busybox(None, tag);
+}
+
+/// Imports a busybox base image as `tag` on the engine at `host` (or `DOCKER_HOST`).
+fn import_busybox(host: Option<&str>, tag: &str) {
+    let root = busybox_root();
+    let mut tar =
+        Command::new("tar").arg("-C").arg(root.path()).args(["-c", "."]).stdout(Stdio::piped()).spawn().expect("tar");
+    let mut import = Command::new("docker");
+    import.args(["import", "-", tag]).stdin(tar.stdout.take().expect("tar stdout"));
+    if let Some(host) = host {
+        import.env("DOCKER_HOST", host);
+    }
+    let imported = import.output().expect("docker import");
+    assert!(tar.wait().expect("wait for tar").success(), "tar of the base image failed");
+    assert!(imported.status.success(), "docker import {tag}: {}", stderr_of(&imported));
+}
+
+/// The engines users run, both tested: Debian 12's Engine 20.10 (installed by `.ci/run`) and
+/// Debian 13's Engine 26.1 (unpacked beside the system by `.ci/run`, found through
+/// `CACHE_TEST_ENGINE26`, the root of the unpacked packages).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EngineKind {
+    Engine20,
+    Engine26,
+}
+
+/// A private Docker engine with a new, empty data root: a fresh build host.
+pub struct DockerEngine {
+    child: Child,
+    dir: tempfile::TempDir,
+    pub host: String,
+    pub kind: EngineKind,
+}
+
+impl DockerEngine {
+    /// Starts an engine of `kind`, or `None` (with a note) when it is not installed here. In CI
+    /// a missing engine fails the test.
+    pub fn start(kind: EngineKind) -> Option<DockerEngine> {
+        let (dockerd, extra_path) = match kind {
+            EngineKind::Engine20 => (PathBuf::from("dockerd"), None),
+            EngineKind::Engine26 => match std::env::var_os("CACHE_TEST_ENGINE26") {
+                Some(root) => {
+                    let root = PathBuf::from(root);
+                    (
+                        root.join("usr/sbin/dockerd"),
+                        Some(format!("{}:{}", root.join("usr/bin").display(), root.join("usr/sbin").display())),
+                    )
+                }
+                None => {
+                    assert!(!in_ci(), "CACHE_TEST_ENGINE26 is not set: .ci/run unpacks Engine 26.1 and sets it");
+                    eprintln!("skipping: Engine 26.1 is not unpacked here (set CACHE_TEST_ENGINE26; .ci/run does)");
+                    return None;
+                }
+            },
+        };
+        let installed = Command::new(&dockerd).arg("--version").output().is_ok_and(|output| output.status.success());
+        if !installed {
+            assert!(!in_ci(), "{} is missing: .ci/run installs it", dockerd.display());
+            eprintln!("skipping: {} is not installed here", dockerd.display());
+            return None;
+        }
+        // Unix socket paths are short: keep the folder near the root.
+        let dir = tempfile::Builder::new().prefix("e").tempdir_in("/tmp").expect("engine folder");
+        let path = std::env::var("PATH").unwrap_or_default();
+        let path = match extra_path {
+            Some(extra) => format!("{extra}:{path}"),
+            None => path,
+        };
+        let host = format!("unix://{}/docker.sock", dir.path().display());
+        let log = std::fs::File::create(dir.path().join("dockerd.log")).expect("engine log");
+        let child = Command::new(&dockerd)
+            .arg("--data-root")
+            .arg(dir.path().join("root"))
+            .arg("--exec-root")
+            .arg(dir.path().join("x"))
+            .arg("--pidfile")
+            .arg(dir.path().join("docker.pid"))
+            .args(["-H", &host, "--bridge=none", "--iptables=false", "--ip-masq=false"])
+            .env("PATH", path)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("start dockerd");
+        let engine = DockerEngine { child, dir, host, kind };
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while !engine.docker(&["version"]).status.success() {
+            assert!(std::time::Instant::now() < deadline, "dockerd did not answer within 60 s: {}", engine.log());
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        Some(engine)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("dockerd.log")).unwrap_or_default()
+    }
+
+    /// Runs the docker CLI against this engine.
+    pub fn docker(&self, args: &[&str]) -> Output {
+        Command::new("docker").args(args).env("DOCKER_HOST", &self.host).output().expect("run the docker CLI")
+    }
+
+    /// A classic-builder build of `context`, off the network.
+    pub fn classic_build(&self, context: &Path, tag: &str, extra_args: &[&str]) -> Output {
+        Command::new("docker")
+            .args(["build", "--network", "none", "-t", tag])
+            .args(extra_args)
+            .arg(context)
+            .env("DOCKER_HOST", &self.host)
+            .env("DOCKER_BUILDKIT", "0")
+            .output()
+            .expect("docker build")
+    }
+
+    /// Makes a busybox base image on this engine.
+    pub fn import_busybox_base(&self, tag: &str) {
+        import_busybox(Some(&self.host), tag);
+    }
+
+    /// IDs of every image the engine holds.
+    pub fn image_ids(&self) -> Vec<String> {
+        let output = self.docker(&["images", "-a", "-q", "--no-trunc"]);
+        assert!(output.status.success(), "{}", stderr_of(&output));
+        stdout_of(&output).lines().map(str::to_owned).collect()
+    }
+}
+
+impl Drop for DockerEngine {
+    fn drop(&mut self) {
+        let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
+        let _ = self.child.wait();
+    }
+}
+
+/// A folder with busybox and its applet links: the root of a registry-free base image.
+pub fn busybox_root() -> tempfile::TempDir {
     let root = tempfile::tempdir().expect("temporary directory");
     let bin = root.path().join("bin");
     std::fs::create_dir_all(&bin).expect("create bin");
@@ -222,13 +360,19 @@ pub fn import_busybox_base(tag: &str) {
     for applet in ["sh", "echo", "cat", "ls", "mkdir", "touch", "true", "sleep", "head", "dd", "rm", "cp"] {
         std::os::unix::fs::symlink("busybox", bin.join(applet)).expect("applet link");
     }
-    let mut tar =
-        Command::new("tar").arg("-C").arg(root.path()).args(["-c", "."]).stdout(Stdio::piped()).spawn().expect("tar");
-    let imported = Command::new("docker")
-        .args(["import", "-", tag])
-        .stdin(tar.stdout.take().expect("tar stdout"))
-        .output()
-        .expect("docker import");
-    assert!(tar.wait().expect("wait for tar").success(), "tar of the base image failed");
-    assert!(imported.status.success(), "docker import {tag}: {}", stderr_of(&imported));
+    root
+}
+
+impl CoordinatorProcess {
+    /// Runs cache-worker with a project token against `engine`.
+    pub fn cache_worker_on(&self, engine: &DockerEngine, token: &str, args: &[&str]) -> Output {
+        Command::new(binary("cache-worker"))
+            .arg("--coordinator")
+            .arg(&self.grpc_url)
+            .args(args)
+            .env("CACHE_TOKEN", token)
+            .env("DOCKER_HOST", &engine.host)
+            .output()
+            .expect("run cache-worker")
+    }
 }

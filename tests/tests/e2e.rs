@@ -6,4 +6,5 @@ mod e2e {
     mod docker_engine;
     mod embedded_s3_scope;
     mod projects_and_credentials;
+    mod save_restore;
 }

@@ -15,7 +15,8 @@ pub struct Coordinator {
 
 impl Coordinator {
     pub async fn connect(url: &str, token: Option<&str>) -> Result<Coordinator, ClientError> {
-        let token = token.ok_or_else(|| ClientError::Invalid("no project token: pass --token or set CACHE_TOKEN".into()))?;
+        let token =
+            token.ok_or_else(|| ClientError::Invalid("no project token: pass --token or set CACHE_TOKEN".into()))?;
         let token = BearerToken::new(token)?;
         Ok(Coordinator { client: WorkerClient::with_interceptor(connect(url).await?, token), url: url.to_owned() })
     }

@@ -148,7 +148,8 @@ impl Engine {
     /// Tags `image_id` as `repo_tag` (`repository:tag`).
     pub async fn tag(&self, image_id: &str, repo_tag: &str) -> Result<(), EngineError> {
         let (repo, tag) = repo_tag.rsplit_once(':').unwrap_or((repo_tag, "latest"));
-        let options = bollard::query_parameters::TagImageOptions { repo: Some(repo.to_owned()), tag: Some(tag.to_owned()) };
+        let options =
+            bollard::query_parameters::TagImageOptions { repo: Some(repo.to_owned()), tag: Some(tag.to_owned()) };
         self.docker.tag_image(image_id, Some(options)).await.map_err(failed("tag a restored image"))
     }
 }

@@ -192,8 +192,8 @@ pub fn read_export<R: Read>(
     }
 
     let manifest_json = manifest_json.ok_or_else(|| ExportError::Format("no manifest.json".into()))?;
-    let entries: Vec<ManifestEntry> =
-        serde_json::from_slice(&manifest_json).map_err(|error| ExportError::Format(format!("manifest.json: {error}")))?;
+    let entries: Vec<ManifestEntry> = serde_json::from_slice(&manifest_json)
+        .map_err(|error| ExportError::Format(format!("manifest.json: {error}")))?;
     for entry in entries {
         let config_digest = digest_in_path(&entry.config)
             .ok_or_else(|| ExportError::Format(format!("unexpected config path {:?}", entry.config)))?;
@@ -284,8 +284,17 @@ pub(crate) mod tests {
         digest.strip_prefix("sha256:").unwrap()
     }
 
-    /// The same two-image chain (base: one layer; app: base's layer plus one) in both formats.
-    fn chain() -> (Vec<u8>, Vec<u8>, Vec<u8>, Vec<u8>, HashMap<String, Vec<String>>) {
+    /// The parts of a two-image chain: base has one layer; app has base's layer plus one.
+    struct Chain {
+        base_layer: Vec<u8>,
+        app_layer: Vec<u8>,
+        base_config: Vec<u8>,
+        app_config: Vec<u8>,
+        diff_ids: HashMap<String, Vec<String>>,
+    }
+
+    /// The same chain for both formats.
+    fn chain() -> Chain {
         let base_layer = layer(b"base");
         let app_layer = layer(b"app");
         let (base_diff, app_diff) = (sha256_digest(&base_layer), sha256_digest(&app_layer));
@@ -296,11 +305,11 @@ pub(crate) mod tests {
             (sha256_digest(&base_config), vec![base_diff.clone()]),
             (sha256_digest(&app_config), vec![base_diff, app_diff]),
         ]);
-        (base_layer, app_layer, base_config, app_config, diff_ids)
+        Chain { base_layer, app_layer, base_config, app_config, diff_ids }
     }
 
     fn legacy_export() -> (Vec<u8>, HashMap<String, Vec<String>>) {
-        let (base_layer, app_layer, base_config, app_config, diff_ids) = chain();
+        let Chain { base_layer, app_layer, base_config, app_config, diff_ids } = chain();
         let (base_id, app_id) = (sha256_digest(&base_config), sha256_digest(&app_config));
         let manifest = format!(
             r#"[{{"Config":"{b}.json","RepoTags":["base:1"],"Layers":["v1a/layer.tar"]}},
@@ -323,7 +332,7 @@ pub(crate) mod tests {
 
     /// The OCI layout as Engines 25+ write it, made here rather than committed.
     fn oci_export() -> (Vec<u8>, HashMap<String, Vec<String>>) {
-        let (base_layer, app_layer, base_config, app_config, diff_ids) = chain();
+        let Chain { base_layer, app_layer, base_config, app_config, diff_ids } = chain();
         let (base_id, app_id) = (sha256_digest(&base_config), sha256_digest(&app_config));
         let (base_diff, app_diff) = (sha256_digest(&base_layer), sha256_digest(&app_layer));
         let oci_manifest = format!(r#"{{"schemaVersion":2,"config":{{"digest":"{app_id}"}}}}"#).into_bytes();
@@ -348,7 +357,11 @@ pub(crate) mod tests {
         (fixture.finish(), diff_ids)
     }
 
-    fn read(tarball: &[u8], diff_ids: &HashMap<String, Vec<String>>, missing: &HashSet<String>) -> (ExportSummary, Vec<(String, u64)>) {
+    fn read(
+        tarball: &[u8],
+        diff_ids: &HashMap<String, Vec<String>>,
+        missing: &HashSet<String>,
+    ) -> (ExportSummary, Vec<(String, u64)>) {
         let spool_dir = tempfile::tempdir().unwrap();
         let mut blobs = Vec::new();
         let summary = read_export(tarball, diff_ids, missing, spool_dir.path(), |blob| {

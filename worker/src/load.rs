@@ -65,8 +65,7 @@ pub fn plan_load(manifest: &pb::Manifest) -> LoadPlan {
             }
             layers.push(path);
         }
-        let parent =
-            if image_ids.contains(image.parent_id.as_str()) { image.parent_id.clone() } else { String::new() };
+        let parent = if image_ids.contains(image.parent_id.as_str()) { image.parent_id.clone() } else { String::new() };
         entries.push(LoadManifestEntry {
             config,
             repo_tags: (!image.repo_tags.is_empty()).then(|| image.repo_tags.clone()),
@@ -199,7 +198,8 @@ pub fn load_stream(
                 }
             }
             if written != blob.size {
-                let failure = LoadFailure::SizeMismatch { digest: blob.digest.clone(), expected: blob.size, actual: written };
+                let failure =
+                    LoadFailure::SizeMismatch { digest: blob.digest.clone(), expected: blob.size, actual: written };
                 let _ = sender.send(fail(failure)).await;
                 return;
             }
@@ -245,8 +245,20 @@ mod tests {
         let layer = |n| pb::Layer { digest: digest(n), size: 10 * n as u64, ..Default::default() };
         let manifest = pb::Manifest {
             images: vec![
-                pb::Image { id: digest(1), repo_tags: vec!["base:1".into()], layers: vec![layer(10)], config_size: 5, ..Default::default() },
-                pb::Image { id: digest(2), parent_id: digest(1), layers: vec![layer(10), layer(11)], config_size: 6, ..Default::default() },
+                pb::Image {
+                    id: digest(1),
+                    repo_tags: vec!["base:1".into()],
+                    layers: vec![layer(10)],
+                    config_size: 5,
+                    ..Default::default()
+                },
+                pb::Image {
+                    id: digest(2),
+                    parent_id: digest(1),
+                    layers: vec![layer(10), layer(11)],
+                    config_size: 6,
+                    ..Default::default()
+                },
             ],
             ..Default::default()
         };

@@ -104,7 +104,12 @@ async fn run_restore(cli: &Cli, options: RestoreOptions, strict: bool, print_cac
 }
 
 /// A cache never breaks a build: without `--strict` a failed restore is one warning, exit 0.
-async fn restore_failed(coordinator: Option<&mut Coordinator>, service: &str, strict: bool, error: WorkerError) -> ExitCode {
+async fn restore_failed(
+    coordinator: Option<&mut Coordinator>,
+    service: &str,
+    strict: bool,
+    error: WorkerError,
+) -> ExitCode {
     if let Some(coordinator) = coordinator {
         report_failure(coordinator, service).await;
     }
@@ -143,8 +148,11 @@ async fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing();
     if let Command::Restore { service, branch, fallback_branches, strict, print_cache_from } = &cli.command {
-        let options =
-            RestoreOptions { service: service.clone(), branch: branch.clone(), fallback_branches: fallback_branches.clone() };
+        let options = RestoreOptions {
+            service: service.clone(),
+            branch: branch.clone(),
+            fallback_branches: fallback_branches.clone(),
+        };
         let (strict, print_cache_from) = (*strict, *print_cache_from);
         return run_restore(&cli, options, strict, print_cache_from).await;
     }

@@ -79,7 +79,8 @@ pub async fn restore(
     };
 
     let request = pb::GetCredentialsRequest { access: pb::Access::Read as i32 };
-    let credentials = coordinator.client.get_credentials(request).await.map_err(|s| coordinator.failed(s))?.into_inner();
+    let credentials =
+        coordinator.client.get_credentials(request).await.map_err(|s| coordinator.failed(s))?.into_inner();
     let credentials = credentials.credentials.unwrap_or_default();
     let plan = found.plan.unwrap_or_default();
     let store = BlobStore::new(&credentials, &plan);

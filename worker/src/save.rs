@@ -42,7 +42,11 @@ fn chain_request(chain: &[EngineImage]) -> Vec<pb::Image> {
             id: image.id.clone(),
             repo_tags: image.repo_tags.clone(),
             parent_id: image.parent_id.clone(),
-            layers: image.diff_ids.iter().map(|digest| pb::Layer { digest: digest.clone(), ..Default::default() }).collect(),
+            layers: image
+                .diff_ids
+                .iter()
+                .map(|digest| pb::Layer { digest: digest.clone(), ..Default::default() })
+                .collect(),
             ..Default::default()
         })
         .collect()
@@ -103,7 +107,11 @@ async fn upload_all(
     Ok(done)
 }
 
-pub async fn save(coordinator: &mut Coordinator, engine: &Engine, options: &SaveOptions) -> Result<SaveSummary, WorkerError> {
+pub async fn save(
+    coordinator: &mut Coordinator,
+    engine: &Engine,
+    options: &SaveOptions,
+) -> Result<SaveSummary, WorkerError> {
     names::validate_service_name(&options.service)?;
     names::validate_branch_name(&options.branch)?;
     if options.images.is_empty() {
@@ -128,10 +136,14 @@ pub async fn save(coordinator: &mut Coordinator, engine: &Engine, options: &Save
     let mut uploaded: Vec<(String, u64, f64)> = Vec::new();
 
     if !missing.is_empty() {
-        let credentials = begun.credentials.clone().ok_or_else(|| WorkerError::Invalid("the coordinator sent no credentials".into()))?;
+        let credentials = begun
+            .credentials
+            .clone()
+            .ok_or_else(|| WorkerError::Invalid("the coordinator sent no credentials".into()))?;
         let plan = begun.plan.unwrap_or_default();
         let store = BlobStore::new(&credentials, &plan);
-        let diff_ids: HashMap<String, Vec<String>> = chain.iter().map(|image| (image.id.clone(), image.diff_ids.clone())).collect();
+        let diff_ids: HashMap<String, Vec<String>> =
+            chain.iter().map(|image| (image.id.clone(), image.diff_ids.clone())).collect();
         let references: Vec<String> = chain.iter().map(|image| image.id.clone()).collect();
         let export = engine.export(&references);
         let (blob_sender, blob_receiver) = mpsc::channel(2);

@@ -55,6 +55,9 @@ impl BlobStore {
             .behavior_version(BehaviorVersion::latest())
             .region(Region::new(region))
             .force_path_style(credentials.path_style)
+            // Every blob is verified against its sha256 as it streams (load.rs): a second,
+            // CRC check would cost CPU the engine needs and hide which blob failed.
+            .response_checksum_validation(aws_sdk_s3::config::ResponseChecksumValidation::WhenRequired)
             .credentials_provider(provider)
             .http_client(
                 aws_smithy_http_client::Builder::new()
@@ -99,7 +102,14 @@ impl BlobStore {
         let key = self.key(digest);
         if size < self.multipart_threshold {
             let body = ByteStream::from_path(path).await.map_err(|error| failed(error.to_string()))?;
-            self.client.put_object().bucket(&self.bucket).key(&key).body(body).send().await.map_err(|e| failed(reason(e)))?;
+            self.client
+                .put_object()
+                .bucket(&self.bucket)
+                .key(&key)
+                .body(body)
+                .send()
+                .await
+                .map_err(|e| failed(reason(e)))?;
             return Ok(());
         }
         let upload = self
@@ -138,7 +148,10 @@ impl BlobStore {
                         .await
                         .map_err(reason)?;
                     Ok::<_, String>(
-                        CompletedPart::builder().part_number(part_number).set_e_tag(uploaded.e_tag().map(str::to_owned)).build(),
+                        CompletedPart::builder()
+                            .part_number(part_number)
+                            .set_e_tag(uploaded.e_tag().map(str::to_owned))
+                            .build(),
                     )
                 }
             })
@@ -182,13 +195,14 @@ impl BlobStore {
         digest: &str,
     ) -> Result<impl Stream<Item = Result<Bytes, TransferError>> + Send + 'static, TransferError> {
         let failed = |reason: String| TransferError::Download { digest: digest.to_owned(), reason };
-        let response = self.client.get_object().bucket(&self.bucket).key(self.key(digest)).send().await.map_err(|error| {
-            if error.as_service_error().is_some_and(|e| e.is_no_such_key()) {
-                TransferError::NotStored { digest: digest.to_owned() }
-            } else {
-                failed(reason(error))
-            }
-        })?;
+        let response =
+            self.client.get_object().bucket(&self.bucket).key(self.key(digest)).send().await.map_err(|error| {
+                if error.as_service_error().is_some_and(|e| e.is_no_such_key()) {
+                    TransferError::NotStored { digest: digest.to_owned() }
+                } else {
+                    failed(reason(error))
+                }
+            })?;
         let digest = digest.to_owned();
         Ok(futures::stream::unfold(Some(response.body), move |body| {
             let digest = digest.clone();
@@ -197,7 +211,7 @@ impl BlobStore {
                 match body.try_next().await {
                     Ok(Some(chunk)) => Some((Ok(chunk), Some(body))),
                     Ok(None) => None,
-                    Err(error) => Some((Err(TransferError::Download { digest, reason: error.to_string() }), None)),
+                    Err(error) => Some((Err(TransferError::Download { digest, reason: reason(error) }), None)),
                 }
             }
         }))

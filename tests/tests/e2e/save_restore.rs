@@ -1,0 +1,199 @@
+//! The seed scenario over real engines: build on one engine, save, restore on a second engine
+//! with an empty data root (a fresh build host), rebuild fully cached. On Engine 20.10 a plain
+//! classic build hits the cache; on Engine 26.1 the build needs the `--cache-from` flags that
+//! restore prints.
+
+use std::path::Path;
+
+use tests::{CoordinatorProcess, DockerEngine, EngineKind, stderr_of, stdout_of};
+
+/// The seed Dockerfile: FROM, RUN, RUN, COPY, ENV, RUN.
+fn seed_context() -> tempfile::TempDir {
+    let context = tempfile::tempdir().unwrap();
+    std::fs::write(
+        context.path().join("Dockerfile"),
+        "FROM base:1\nRUN echo one > /one\nRUN echo two > /two\nCOPY file.txt /file.txt\nENV GREETING=hello\nRUN cat /file.txt /one > /three\n",
+    )
+    .unwrap();
+    std::fs::write(context.path().join("file.txt"), "content\n").unwrap();
+    context
+}
+
+fn build_app(engine: &DockerEngine, context: &Path, extra_args: &[&str]) -> String {
+    let built = engine.classic_build(context, "app:latest", extra_args);
+    assert!(built.status.success(), "build: {}", stderr_of(&built));
+    stdout_of(&built)
+}
+
+fn image_id(engine: &DockerEngine, reference: &str) -> String {
+    let output = engine.docker(&["image", "inspect", "--format", "{{.Id}}", reference]);
+    assert!(output.status.success(), "inspect {reference}: {}", stderr_of(&output));
+    stdout_of(&output).trim().to_owned()
+}
+
+/// The MOVED column of `cachectl stats` for a service, as printed.
+fn bytes_moved(coordinator: &CoordinatorProcess, service: &str) -> String {
+    let stats = stdout_of(&coordinator.cachectl(&["stats", "web"]));
+    let row =
+        stats.lines().find(|line| line.split_whitespace().nth(1) == Some(service)).unwrap_or_else(|| panic!("{stats}"));
+    let fields: Vec<&str> = row.split_whitespace().collect();
+    fields[fields.len() - 2..].join(" ")
+}
+
+fn seed_scenario(kind: EngineKind) {
+    let Some(build_host) = DockerEngine::start(kind) else { return };
+    let data_dir = tempfile::tempdir().unwrap();
+    let coordinator = CoordinatorProcess::start(data_dir.path(), &[]);
+    let token = coordinator.create_project("web");
+    build_host.import_busybox_base("base:1");
+    let context = seed_context();
+    build_app(&build_host, context.path(), &[]);
+    let app_id = image_id(&build_host, "app:latest");
+
+    // Save: the log names every image with its tags, and every layer.
+    let saved = coordinator.cache_worker_on(&build_host, &token, &["save", "--service", "web", "app:latest"]);
+    assert!(saved.status.success(), "save: {}", stderr_of(&saved));
+    let log = stdout_of(&saved);
+    assert!(log.contains(&format!("image {app_id} (app:latest, parent sha256:")), "{log}");
+    assert!(log.lines().any(|line| line.starts_with("image ") && line.contains("(base:1)")), "{log}");
+    assert_eq!(log.lines().filter(|line| line.starts_with("image ")).count(), 6, "base, 4 intermediates, app: {log}");
+    assert!(log.contains(" new\n"), "{log}");
+    let shown = stdout_of(&coordinator.cachectl(&["show", "web", "web"]));
+    for line in log.lines().filter(|line| line.starts_with("  layer ") || line.starts_with("image ")) {
+        let digest = line.split_whitespace().nth(1).unwrap();
+        assert!(shown.contains(digest), "cachectl show lacks {digest}: {shown}");
+    }
+    assert!(shown.contains("app:latest") && shown.contains("base:1"), "{shown}");
+
+    // Saving the unchanged image again moves no layer bytes: the log says so, and so do the
+    // counters the worker reported.
+    let moved_before = bytes_moved(&coordinator, "web");
+    let again = coordinator.cache_worker_on(&build_host, &token, &["save", "--service", "web", "app:latest"]);
+    assert!(again.status.success(), "second save: {}", stderr_of(&again));
+    let again_log = stdout_of(&again);
+    assert!(again_log.contains("uploaded 0 blobs (0 B), 11 already stored; unchanged"), "{again_log}");
+    assert!(!again_log.contains(" new\n"), "{again_log}");
+    assert_eq!(bytes_moved(&coordinator, "web"), moved_before);
+
+    // A fresh build host: restore, then the same build.
+    let fresh_host = DockerEngine::start(kind).unwrap();
+    let mut restore_args = vec!["restore", "--service", "web"];
+    if kind == EngineKind::Engine26 {
+        restore_args.push("--print-cache-from");
+    }
+    let restored = coordinator.cache_worker_on(&fresh_host, &token, &restore_args);
+    assert!(restored.status.success(), "restore: {}", stderr_of(&restored));
+    let flags: Vec<String> = match kind {
+        EngineKind::Engine20 => {
+            assert!(stdout_of(&restored).contains("add to docker build: --cache-from base:1 --cache-from app:latest"));
+            Vec::new()
+        }
+        EngineKind::Engine26 => {
+            let printed = stdout_of(&restored);
+            assert_eq!(printed.trim(), "--cache-from base:1 --cache-from app:latest");
+            printed.split_whitespace().map(str::to_owned).collect()
+        }
+    };
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let rebuilt = build_app(&fresh_host, context.path(), &flags);
+    assert_eq!(rebuilt.matches("Using cache").count(), 5, "every step after FROM is cached: {rebuilt}");
+    assert!(!rebuilt.contains("Running in"), "{rebuilt}");
+    assert_eq!(image_id(&fresh_host, "app:latest"), app_id);
+
+    // After a flush, another fresh host finds nothing, and that is not an error.
+    let flushed = coordinator.cachectl(&["flush", "web"]);
+    assert!(flushed.status.success(), "{}", stderr_of(&flushed));
+    let empty_host = DockerEngine::start(kind).unwrap();
+    let missed = coordinator.cache_worker_on(&empty_host, &token, &["restore", "--service", "web"]);
+    assert!(missed.status.success(), "{}", stderr_of(&missed));
+    assert_eq!(stdout_of(&missed), "no cached image for web\n");
+    assert!(empty_host.image_ids().is_empty());
+    coordinator.stop();
+}
+
+#[test]
+fn the_seed_scenario_on_engine_20_10_rebuilds_fully_cached_with_a_plain_build() {
+    seed_scenario(EngineKind::Engine20);
+}
+
+#[test]
+fn the_seed_scenario_on_engine_26_1_rebuilds_fully_cached_with_the_printed_flags() {
+    seed_scenario(EngineKind::Engine26);
+}
+
+/// Flips one byte in the middle of the largest stored blob of the project.
+fn corrupt_largest_blob(data_dir: &Path) -> String {
+    let blobs = data_dir.join("objects/layer-cache/cache/web/blobs/sha256");
+    let largest = std::fs::read_dir(&blobs)
+        .unwrap()
+        .map(|entry| entry.unwrap().path())
+        .max_by_key(|path| std::fs::metadata(path).unwrap().len())
+        .unwrap();
+    let mut bytes = std::fs::read(&largest).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0xff;
+    std::fs::write(&largest, bytes).unwrap();
+    format!("sha256:{}", largest.file_name().unwrap().to_string_lossy())
+}
+
+#[test]
+fn a_broken_cache_never_breaks_a_build() {
+    let Some(build_host) = DockerEngine::start(EngineKind::Engine20) else { return };
+    let data_dir = tempfile::tempdir().unwrap();
+    let coordinator = CoordinatorProcess::start(data_dir.path(), &[]);
+    let token = coordinator.create_project("web");
+    build_host.import_busybox_base("base:1");
+    let context = seed_context();
+    build_app(&build_host, context.path(), &[]);
+    let saved = coordinator.cache_worker_on(&build_host, &token, &["save", "--service", "web", "app:latest"]);
+    assert!(saved.status.success(), "save: {}", stderr_of(&saved));
+
+    // A failed save exits non-zero with one line and leaves the previous manifest in place.
+    let failed = coordinator.cache_worker_on(&build_host, &token, &["save", "--service", "web", "nothing:here"]);
+    assert_ne!(failed.status.code(), Some(0));
+    assert_eq!(stderr_of(&failed), "cache-worker: saving web failed: no image \"nothing:here\" in the Docker engine\n");
+    assert!(stdout_of(&coordinator.cachectl(&["show", "web", "web"])).contains("app:latest"));
+
+    // A flipped byte: restore names the blob, loads nothing, exits 0 (1 with --strict).
+    let corrupted = corrupt_largest_blob(data_dir.path());
+    let fresh_host = DockerEngine::start(EngineKind::Engine20).unwrap();
+    let restored = coordinator.cache_worker_on(&fresh_host, &token, &["restore", "--service", "web"]);
+    assert_eq!(restored.status.code(), Some(0), "{}", stderr_of(&restored));
+    let warning = stderr_of(&restored);
+    assert_eq!(warning.lines().count(), 1, "{warning}");
+    assert!(
+        warning.starts_with("cache-worker: warning: restoring web failed, the build runs without cache: "),
+        "{warning}"
+    );
+    assert!(warning.contains(&format!("blob {corrupted} failed verification")), "{warning}");
+    assert!(fresh_host.image_ids().is_empty(), "the engine holds nothing from the broken manifest");
+    let strict = coordinator.cache_worker_on(&fresh_host, &token, &["restore", "--service", "web", "--strict"]);
+    assert_eq!(strict.status.code(), Some(1));
+    assert!(stderr_of(&strict).contains(&format!("blob {corrupted} failed verification")));
+    assert!(fresh_host.image_ids().is_empty());
+
+    // The next build runs normally, without the cache.
+    fresh_host.import_busybox_base("base:1");
+    let rebuilt = build_app(&fresh_host, context.path(), &[]);
+    assert!(rebuilt.matches("Running in").count() >= 3, "{rebuilt}");
+    assert!(!rebuilt.contains("Using cache"), "{rebuilt}");
+
+    // An unreachable coordinator: a warning and exit 0, or exit 69 with --strict.
+    let closed_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let unreachable = std::process::Command::new(tests::binary("cache-worker"))
+        .args(["--coordinator", &format!("http://{closed_port}"), "restore", "--service", "web"])
+        .env("CACHE_TOKEN", &token)
+        .env("DOCKER_HOST", &fresh_host.host)
+        .output()
+        .unwrap();
+    assert_eq!(unreachable.status.code(), Some(0));
+    assert!(stderr_of(&unreachable).contains("cannot reach the coordinator"), "{}", stderr_of(&unreachable));
+    let strict_unreachable = std::process::Command::new(tests::binary("cache-worker"))
+        .args(["--coordinator", &format!("http://{closed_port}"), "restore", "--service", "web", "--strict"])
+        .env("CACHE_TOKEN", &token)
+        .env("DOCKER_HOST", &fresh_host.host)
+        .output()
+        .unwrap();
+    assert_eq!(strict_unreachable.status.code(), Some(69));
+    coordinator.stop();
+}
