@@ -21,6 +21,14 @@ impl Coordinator {
         Ok(Coordinator { client: WorkerClient::with_interceptor(connect(url).await?, token), url: url.to_owned() })
     }
 
+    /// Sends the per-layer figures of one save or restore. A cache never breaks a build: a
+    /// failed report is logged, not raised.
+    pub async fn report_metrics(&mut self, report: proto::v1::ReportMetricsRequest) {
+        if let Err(status) = self.client.report_metrics(report).await {
+            tracing::warn!(error = %status.message(), "reporting metrics to the coordinator failed");
+        }
+    }
+
     /// Turns a failed call into the worker's error.
     pub fn failed(&self, status: tonic::Status) -> ClientError {
         ClientError::from_status(&self.url, &status)

@@ -6,7 +6,6 @@ pub mod docker;
 pub mod error;
 pub mod export;
 pub mod load;
-pub mod report;
 pub mod restore;
 pub mod save;
 pub mod transfer;

@@ -5,6 +5,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+use proto::format::format_bytes;
 use proto::names;
 use proto::v1 as pb;
 
@@ -12,7 +13,6 @@ use crate::coordinator::Coordinator;
 use crate::docker::Engine;
 use crate::error::WorkerError;
 use crate::load::{LoadReport, load_stream, plan_load};
-use crate::report::{format_bytes, send_metrics};
 use crate::transfer::BlobStore;
 
 pub struct RestoreOptions {
@@ -74,7 +74,7 @@ pub async fn restore(
     };
     let (true, Some(manifest)) = (found.found, found.manifest) else {
         say(&format!("no cached image for {}", options.service));
-        send_metrics(coordinator, report(pb::RestoreOutcome::Miss, Vec::new(), started.elapsed().as_secs_f64())).await;
+        coordinator.report_metrics(report(pb::RestoreOutcome::Miss, Vec::new(), started.elapsed().as_secs_f64())).await;
         return Ok(Restored::Miss);
     };
 
@@ -117,7 +117,7 @@ pub async fn restore(
         })
         .collect();
     let seconds = started.elapsed().as_secs_f64();
-    send_metrics(coordinator, report(pb::RestoreOutcome::Hit, layers, seconds)).await;
+    coordinator.report_metrics(report(pb::RestoreOutcome::Hit, layers, seconds)).await;
     let cache_from = cache_from_images(&manifest);
     say(&format!(
         "restored {}: {} images, {} blobs ({}) in {:.1} s",
@@ -139,7 +139,7 @@ pub async fn report_failure(coordinator: &mut Coordinator, service: &str) {
         restore_outcome: pb::RestoreOutcome::Error as i32,
         ..Default::default()
     };
-    send_metrics(coordinator, report).await;
+    coordinator.report_metrics(report).await;
 }
 
 #[cfg(test)]

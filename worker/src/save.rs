@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use futures::StreamExt;
+use proto::format::format_bytes;
 use proto::names;
 use proto::v1 as pb;
 use tokio::sync::{Semaphore, mpsc};
@@ -15,7 +16,6 @@ use crate::coordinator::Coordinator;
 use crate::docker::{Engine, EngineImage};
 use crate::error::WorkerError;
 use crate::export::{SpooledBlob, read_export, spool_dir};
-use crate::report::{format_bytes, send_metrics};
 use crate::transfer::BlobStore;
 
 pub struct SaveOptions {
@@ -205,7 +205,7 @@ pub async fn save(
         total_seconds: seconds,
         restore_outcome: 0,
     };
-    send_metrics(coordinator, report).await;
+    coordinator.report_metrics(report).await;
     let summary = SaveSummary {
         n_images: images.len(),
         n_blobs_uploaded: uploaded.len(),

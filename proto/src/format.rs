@@ -1,9 +1,6 @@
-//! Formatting shared by save and restore: sizes, and the per-layer metrics report.
+//! How sizes read in every command's output, so cachectl and cache-worker agree.
 
-use proto::v1 as pb;
-
-use crate::coordinator::Coordinator;
-
+/// `1536` → `1.5 KiB`; below 1 KiB, whole bytes.
 pub fn format_bytes(bytes: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
     let mut value = bytes as f64;
@@ -13,14 +10,6 @@ pub fn format_bytes(bytes: u64) -> String {
         unit += 1;
     }
     if unit == 0 { format!("{bytes} B") } else { format!("{value:.1} {}", UNITS[unit]) }
-}
-
-/// Sends the per-layer figures of one save or restore. A cache never breaks a build: a failed
-/// report is logged, not raised.
-pub async fn send_metrics(coordinator: &mut Coordinator, report: pb::ReportMetricsRequest) {
-    if let Err(status) = coordinator.client.report_metrics(report).await {
-        tracing::warn!(error = %status.message(), "reporting metrics to the coordinator failed");
-    }
 }
 
 #[cfg(test)]
