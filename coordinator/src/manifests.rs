@@ -44,11 +44,20 @@ pub struct MintedKeyRecord {
 }
 
 /// One blob of a project's store, as the ledger knows it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BlobRecord {
     pub stored_size: u64,
     /// How many manifests of the project name this blob.
     pub references: u64,
+    /// Uncompressed size (equals `stored_size` when `encoding` is empty).
+    #[serde(default)]
+    pub size: u64,
+    /// "" for a plain blob, "gzip" or "zstd" for a compressed one.
+    #[serde(default)]
+    pub encoding: String,
+    /// sha256 of the stored bytes when they differ from the blob's digest.
+    #[serde(default)]
+    pub stored_digest: String,
 }
 
 /// Counters of one service of one project, fed by the workers' metric reports.
@@ -278,24 +287,23 @@ pub fn manifest_digests(manifest: &proto::v1::Manifest) -> std::collections::BTr
 }
 
 impl Database {
-    /// Stored sizes of those of `digests` the project's ledger holds.
-    pub fn stored_sizes<'a>(
+    /// The ledger's records of those of `digests` the project's store holds.
+    pub fn stored_blobs<'a>(
         &self,
         project: &str,
         digests: impl IntoIterator<Item = &'a String>,
-    ) -> Result<std::collections::HashMap<String, u64>, Error> {
-        let mut sizes = std::collections::HashMap::new();
+    ) -> Result<std::collections::HashMap<String, BlobRecord>, Error> {
+        let mut records = std::collections::HashMap::new();
         for digest in digests {
             if let Some(bytes) = self.blobs.get(composite_key(&[project, digest])).map_err(db_error)? {
-                let record: BlobRecord = json_from_slice("blobs", &bytes)?;
-                sizes.insert(digest.clone(), record.stored_size);
+                records.insert(digest.clone(), json_from_slice("blobs", &bytes)?);
             }
         }
-        Ok(sizes)
+        Ok(records)
     }
 
     /// Makes `manifest` the manifest of its key, atomically with the ledger: the blobs it names
-    /// gain a reference (new ones are recorded with `stored_sizes`), those of the manifest it
+    /// gain a reference (new ones are recorded as `new_blobs` describes them), those of the manifest it
     /// replaces lose one. Refused with [`Error::SaveConflict`] when the project's generation is
     /// no longer `generation` (a flush happened since the save began).
     pub fn commit_manifest(
@@ -303,7 +311,7 @@ impl Database {
         project: &str,
         manifest: &proto::v1::Manifest,
         generation: u64,
-        stored_sizes: &std::collections::HashMap<String, u64>,
+        new_blobs: &std::collections::HashMap<String, BlobRecord>,
     ) -> Result<(), Error> {
         let key = manifest.key.clone().unwrap_or_default();
         let manifest_key = composite_key(&[project, &key.service, &key.branch]);
@@ -332,7 +340,7 @@ impl Database {
                 let blob_key = composite_key(&[project, digest]);
                 let mut blob = match blobs.get(blob_key.as_slice())? {
                     Some(bytes) => json_from_slice::<BlobRecord>("blobs", &bytes).map_err(abort)?,
-                    None => BlobRecord { stored_size: stored_sizes.get(digest).copied().unwrap_or(0), references: 0 },
+                    None => BlobRecord { references: 0, ..new_blobs.get(digest).cloned().unwrap_or_default() },
                 };
                 blob.references += 1;
                 blobs.insert(blob_key, json_to_vec(&blob))?;
@@ -431,7 +439,7 @@ mod tests {
         db.create_project(&project("a")).unwrap();
         db.create_project(&project("ab")).unwrap();
         let manifest = proto::v1::Manifest::default().encode_to_vec();
-        let blob = json_to_vec(&BlobRecord { stored_size: 5, references: 1 });
+        let blob = json_to_vec(&BlobRecord { stored_size: 5, references: 1, ..Default::default() });
         for name in ["a", "ab"] {
             db.manifests.insert(composite_key(&[name, "web", ""]), manifest.clone()).unwrap();
             db.blobs.insert(composite_key(&[name, "sha256:00"]), blob.clone()).unwrap();
@@ -464,8 +472,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let db = Database::open(dir.path()).unwrap();
         db.create_project(&project("a")).unwrap();
-        let sizes: std::collections::HashMap<String, u64> =
-            [("c1", 1), ("l1", 10), ("l2", 20), ("c2", 2)].iter().map(|(d, s)| (d.to_string(), *s)).collect();
+        let sizes: std::collections::HashMap<String, BlobRecord> = [("c1", 1), ("l1", 10), ("l2", 20), ("c2", 2)]
+            .iter()
+            .map(|(d, s)| (d.to_string(), BlobRecord { stored_size: *s, size: *s, ..Default::default() }))
+            .collect();
         db.commit_manifest("a", &manifest_with("web", &["c1", "l1", "l2"]), 0, &sizes).unwrap();
         db.commit_manifest("a", &manifest_with("api", &["c2", "l1"]), 0, &sizes).unwrap();
         let references = |digest: &str| {
@@ -477,7 +487,7 @@ mod tests {
         // Replacing web's manifest drops its old blobs' references, keeps the shared one.
         db.commit_manifest("a", &manifest_with("web", &["c2", "l1"]), 0, &sizes).unwrap();
         assert_eq!((references("c1"), references("l2"), references("l1"), references("c2")), (0, 0, 2, 2));
-        assert_eq!(db.stored_sizes("a", &["l2".to_string(), "zz".to_string()]).unwrap().len(), 1);
+        assert_eq!(db.stored_blobs("a", &["l2".to_string(), "zz".to_string()]).unwrap().len(), 1);
         db.flush_project("a").unwrap();
         let stale = db.commit_manifest("a", &manifest_with("web", &["c1"]), 0, &sizes);
         assert!(matches!(stale, Err(Error::SaveConflict(_))), "{stale:?}");

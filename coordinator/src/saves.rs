@@ -13,7 +13,7 @@ use proto::v1 as pb;
 
 use crate::credentials::{now_unix, project_prefix};
 use crate::error::Error;
-use crate::manifests::{ServiceCounters, manifest_digests};
+use crate::manifests::{BlobRecord, ServiceCounters, manifest_digests};
 use crate::service::{CacheService, default_plan, validate_key};
 
 /// How long a begun save may take before its commit is refused.
@@ -74,8 +74,11 @@ fn validate_images(images: &[pb::Image]) -> Result<(), Error> {
         }
         for layer in &image.layers {
             names::validate_digest(&layer.digest)?;
-            if !layer.encoding.is_empty() && layer.encoding != "zstd" {
+            if !["", "gzip", "zstd"].contains(&layer.encoding.as_str()) {
                 return Err(Error::InvalidArgument(format!("unknown layer encoding {:?}", layer.encoding)));
+            }
+            if !layer.stored_digest.is_empty() {
+                names::validate_digest(&layer.stored_digest)?;
             }
         }
     }
@@ -104,9 +107,18 @@ impl CacheService {
         let record = self.db.project(project)?.ok_or_else(|| Error::NoSuchProject(project.to_owned()))?;
         let probe = pb::Manifest { images: request.images.clone(), ..Default::default() };
         let digests: BTreeSet<String> = manifest_digests(&probe);
-        let stored_sizes = self.db.stored_sizes(project, &digests)?;
-        let missing_digests: Vec<String> = digests.iter().filter(|d| !stored_sizes.contains_key(*d)).cloned().collect();
+        let stored = self.db.stored_blobs(project, &digests)?;
+        let missing_digests: Vec<String> = digests.iter().filter(|d| !stored.contains_key(*d)).cloned().collect();
         let current = self.db.manifest(project, &key.service, &key.branch)?;
+        let wanted_ids: BTreeSet<&str> = request.images.iter().map(|image| image.id.as_str()).collect();
+        let mut known_images: Vec<pb::Image> = Vec::new();
+        for manifest in self.db.manifests(project)? {
+            for image in manifest.images {
+                if wanted_ids.contains(image.id.as_str()) && !known_images.iter().any(|known| known.id == image.id) {
+                    known_images.push(image);
+                }
+            }
+        }
         let unchanged = missing_digests.is_empty()
             && current.is_some_and(|manifest| identity(&manifest.images) == identity(&request.images));
 
@@ -134,7 +146,17 @@ impl CacheService {
             plan: Some(default_plan()),
             credentials,
             unchanged,
-            stored_sizes: stored_sizes.into_iter().collect(),
+            stored_blobs: stored
+                .into_iter()
+                .map(|(digest, record)| pb::Layer {
+                    digest,
+                    size: record.size,
+                    encoding: record.encoding,
+                    stored_size: record.stored_size,
+                    stored_digest: record.stored_digest,
+                })
+                .collect(),
+            known_images,
         })
     }
 
@@ -155,26 +177,38 @@ impl CacheService {
         };
         // Every blob must be stored with the size the worker reports: the ledger answers for
         // blobs it knows, the store for new ones.
-        let mut reported_sizes: HashMap<String, u64> = HashMap::new();
-        for image in &manifest.images {
-            reported_sizes.insert(image.id.clone(), image.config_size);
-            for layer in &image.layers {
-                let stored = if layer.encoding.is_empty() { layer.size } else { layer.stored_size };
-                reported_sizes.insert(layer.digest.clone(), stored);
+        let mut reported: HashMap<String, BlobRecord> = HashMap::new();
+        for image in &mut manifest.images {
+            let config = BlobRecord { stored_size: image.config_size, size: image.config_size, ..Default::default() };
+            reported.insert(image.id.clone(), config);
+            for layer in &mut image.layers {
+                if layer.encoding.is_empty() {
+                    layer.stored_size = layer.size;
+                    layer.stored_digest.clear();
+                }
+                let record = BlobRecord {
+                    stored_size: layer.stored_size,
+                    size: layer.size,
+                    encoding: layer.encoding.clone(),
+                    stored_digest: layer.stored_digest.clone(),
+                    references: 0,
+                };
+                reported.insert(layer.digest.clone(), record);
             }
         }
-        let known = self.db.stored_sizes(project, reported_sizes.keys())?;
+        let known = self.db.stored_blobs(project, reported.keys())?;
         let prefix = project_prefix(&self.store_prefix, project);
-        for (digest, reported) in &reported_sizes {
+        for (digest, record) in &reported {
             let stored = match known.get(digest) {
-                Some(size) => Some(*size),
+                Some(known) => Some(known.stored_size),
                 None => self.store.object_size(&blob_key(&prefix, digest)).await?,
             };
             match stored {
-                Some(size) if size == *reported => {}
+                Some(size) if size == record.stored_size => {}
                 Some(size) => {
                     return Err(Error::BlobNotStored(format!(
-                        "blob {digest} is stored with {size} bytes, not {reported}: upload it again"
+                        "blob {digest} is stored with {size} bytes, not {}: upload it again",
+                        record.stored_size
                     )));
                 }
                 None => {
@@ -184,15 +218,7 @@ impl CacheService {
                 }
             }
         }
-        // Sizes of the stored layers, as the ledger and the store agree.
-        for image in &mut manifest.images {
-            for layer in &mut image.layers {
-                if layer.encoding.is_empty() {
-                    layer.stored_size = layer.size;
-                }
-            }
-        }
-        self.db.commit_manifest(project, &manifest, pending.generation, &reported_sizes)?;
+        self.db.commit_manifest(project, &manifest, pending.generation, &reported)?;
         self.db.add_to_counters(project, &pending.key.service, &ServiceCounters { saves: 1, ..Default::default() })?;
         tracing::info!(project, service = pending.key.service, n_images = manifest.images.len(), "save committed");
         Ok(manifest)

@@ -331,6 +331,19 @@ impl DockerEngine {
             .expect("docker build")
     }
 
+    /// A BuildKit build of `context` with inline cache metadata, off the network, through
+    /// Debian's own 20.10 client (`/usr/bin/docker`): the newer client on PATH needs buildx.
+    pub fn buildkit_build(&self, context: &Path, tag: &str, extra_args: &[&str]) -> Output {
+        Command::new("/usr/bin/docker")
+            .args(["build", "--progress", "plain", "--network", "none", "-t", tag])
+            .args(extra_args)
+            .arg(context)
+            .env("DOCKER_HOST", &self.host)
+            .env("DOCKER_BUILDKIT", "1")
+            .output()
+            .expect("docker build with BuildKit")
+    }
+
     /// Makes a busybox base image on this engine.
     pub fn import_busybox_base(&self, tag: &str) {
         import_busybox(Some(&self.host), tag);

@@ -3,6 +3,7 @@
 
 mod e2e {
     mod awscli_isolation;
+    mod buildkit;
     mod docker_engine;
     mod embedded_s3_scope;
     mod projects_and_credentials;

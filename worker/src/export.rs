@@ -5,13 +5,20 @@
 //! Blobs the store lacks are hashed while they are spooled to a temporary file and handed to
 //! the caller to upload; everything else is read past. The result maps every image's config
 //! and layers to digests and sizes, checked against the diff IDs the engine reported.
+//!
+//! The containerd image store exports layers as the compressed blobs it holds (gzip): those are
+//! kept compressed (never recompressed), addressed by their diff ID, which is checked by
+//! decompressing once while spooling.
 
 use std::collections::{HashMap, HashSet};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
+use proto::v1 as pb;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
+
+use crate::image_config::{ImageFacts, image_facts};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ExportError {
@@ -25,8 +32,9 @@ pub enum ExportError {
 
 /// A blob the store lacks, hashed and ready to upload.
 pub enum SpooledBlob {
-    /// A layer tar, in a temporary file deleted when this is dropped.
-    File { digest: String, size: u64, path: tempfile::TempPath },
+    /// A layer, in a temporary file deleted when this is dropped; `layer` says how it is stored
+    /// (the file holds `layer.stored_size` bytes).
+    File { layer: pb::Layer, path: tempfile::TempPath },
     /// A config JSON.
     Bytes { digest: String, bytes: Vec<u8> },
 }
@@ -34,17 +42,27 @@ pub enum SpooledBlob {
 impl SpooledBlob {
     pub fn digest(&self) -> &str {
         match self {
-            SpooledBlob::File { digest, .. } | SpooledBlob::Bytes { digest, .. } => digest,
+            SpooledBlob::File { layer, .. } => &layer.digest,
+            SpooledBlob::Bytes { digest, .. } => digest,
         }
     }
 }
 
-/// What the export held: the size of every config and layer, by digest.
-#[derive(Debug, Default, PartialEq, Eq)]
+/// What the export held.
+#[derive(Debug, Default, PartialEq)]
 pub struct ExportSummary {
-    pub sizes: HashMap<String, u64>,
+    /// Every config and layer this export described and this reader measured, as it will be
+    /// stored, by digest (a config's `size` is its length). Compressed layers that were read
+    /// past (already stored) are absent: the coordinator's ledger describes them.
+    pub blobs: HashMap<String, pb::Layer>,
+    /// What each config read says about how its image was built.
+    pub facts: HashMap<String, ImageFacts>,
     /// The format the engine wrote: "legacy" or "oci".
     pub format: &'static str,
+}
+
+fn plain(digest: &str, size: u64) -> pb::Layer {
+    pb::Layer { digest: digest.to_owned(), size, stored_size: size, ..Default::default() }
 }
 
 /// One entry of `manifest.json`.
@@ -62,24 +80,82 @@ fn sha256_digest(bytes: &[u8]) -> String {
     format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
 }
 
-/// Copies `reader` into a new temporary file in `spool_dir`, hashing along.
-fn spool<R: Read>(reader: &mut R, spool_dir: &Path) -> std::io::Result<(String, u64, tempfile::TempPath)> {
+/// Hashes and counts what is written to it: the decompressed side of a gzip layer.
+#[derive(Default)]
+struct HashingWriter {
+    hasher: Sha256,
+    size: u64,
+}
+
+impl Write for HashingWriter {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.hasher.update(bytes);
+        self.size += bytes.len() as u64;
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A blob spooled to a temporary file: the sha256 and size of the bytes in the file and, for a
+/// gzip blob, of its decompressed content.
+struct Spooled {
+    digest: String,
+    size: u64,
+    decompressed: Option<(String, u64)>,
+    path: tempfile::TempPath,
+}
+
+/// Copies `head` and then the rest of `reader` into a new temporary file in `spool_dir`,
+/// hashing along (and, with `gunzip`, hashing the decompressed bytes too).
+fn spool<R: Read>(head: &[u8], reader: &mut R, spool_dir: &Path, gunzip: bool) -> std::io::Result<Spooled> {
     let mut file = tempfile::NamedTempFile::new_in(spool_dir)?;
     let mut hasher = Sha256::new();
+    let mut decoder = gunzip.then(|| flate2::write::GzDecoder::new(HashingWriter::default()));
     let mut buffer = vec![0u8; CHUNK];
     let mut size = 0u64;
+    let mut chunk: &[u8] = head;
     loop {
+        if !chunk.is_empty() {
+            hasher.update(chunk);
+            file.write_all(chunk)?;
+            if let Some(decoder) = decoder.as_mut() {
+                decoder.write_all(chunk)?;
+            }
+            size += chunk.len() as u64;
+        }
         let n = reader.read(&mut buffer)?;
         if n == 0 {
             break;
         }
-        hasher.update(&buffer[..n]);
-        file.write_all(&buffer[..n])?;
-        size += n as u64;
+        chunk = &buffer[..n];
     }
     file.flush()?;
-    Ok((format!("sha256:{}", hex::encode(hasher.finalize())), size, file.into_temp_path()))
+    let decompressed = match decoder {
+        Some(decoder) => {
+            let inner = decoder.finish()?;
+            Some((format!("sha256:{}", hex::encode(inner.hasher.finalize())), inner.size))
+        }
+        None => None,
+    };
+    Ok(Spooled {
+        digest: format!("sha256:{}", hex::encode(hasher.finalize())),
+        size,
+        decompressed,
+        path: file.into_temp_path(),
+    })
 }
+
+/// Reads up to `limit` bytes: enough to tell a gzip stream from JSON.
+fn read_head<R: Read>(reader: &mut R, limit: usize) -> std::io::Result<Vec<u8>> {
+    let mut head = Vec::with_capacity(limit);
+    reader.take(limit as u64).read_to_end(&mut head)?;
+    Ok(head)
+}
+
+const GZIP_MAGIC: [u8; 2] = [0x1f, 0x8b];
 
 /// The digest a path names in the OCI layout (`blobs/sha256/<hex>`) or the legacy config
 /// name (`<hex>.json`).
@@ -119,9 +195,10 @@ pub fn read_export<R: Read>(
     let mut emitted: HashSet<String> = HashSet::new();
     let missing_layers = missing.iter().filter(|digest| layer_digests.contains(digest)).count();
     let mut manifest_json: Option<Vec<u8>> = None;
-    // Sizes and (when hashed) digests of entries by path; symlinks by path to their target.
+    // Sizes of entries by path; what hashing found for the entries it read, by path; symlinks
+    // by path to their target.
     let mut path_sizes: HashMap<String, u64> = HashMap::new();
-    let mut path_digests: HashMap<String, String> = HashMap::new();
+    let mut path_layers: HashMap<String, pb::Layer> = HashMap::new();
     let mut links: HashMap<String, String> = HashMap::new();
     let mut summary = ExportSummary { format: "legacy", ..Default::default() };
 
@@ -152,41 +229,67 @@ pub fn read_export<R: Read>(
             summary.format = "oci";
             continue;
         }
+        // Legacy layers are named by v1 IDs, compressed ones by their compressed digest: hash
+        // them only while a missing layer may be among them.
+        let layers_outstanding =
+            emitted.iter().filter(|digest| layer_digests.contains(digest)).count() < missing_layers;
         if let Some(digest) = digest_in_path(&path) {
             path_sizes.insert(path.clone(), size);
-            let is_config = diff_ids.contains_key(&digest);
-            if is_config {
+            if diff_ids.contains_key(&digest) {
                 let mut bytes = Vec::new();
                 entry.read_to_end(&mut bytes)?;
                 let actual = sha256_digest(&bytes);
                 if actual != digest {
                     return Err(ExportError::DigestMismatch { path, expected: digest, actual });
                 }
+                summary.facts.insert(digest.clone(), image_facts(&bytes));
+                summary.blobs.insert(digest.clone(), plain(&digest, size));
                 if missing.contains(&digest) && emitted.insert(digest.clone()) {
                     on_blob(SpooledBlob::Bytes { digest: digest.clone(), bytes })?;
                 }
-                path_digests.insert(path, digest);
-            } else if layer_digests.contains(&digest) && missing.contains(&digest) && !emitted.contains(&digest) {
-                let (actual, size, spooled) = spool(&mut entry, spool_dir)?;
-                if actual != digest {
-                    return Err(ExportError::DigestMismatch { path, expected: digest, actual });
+            } else if layer_digests.contains(&digest) {
+                if missing.contains(&digest) && !emitted.contains(&digest) {
+                    let spooled = spool(&[], &mut entry, spool_dir, false)?;
+                    if spooled.digest != digest {
+                        return Err(ExportError::DigestMismatch { path, expected: digest, actual: spooled.digest });
+                    }
+                    emitted.insert(digest.clone());
+                    on_blob(SpooledBlob::File { layer: plain(&digest, size), path: spooled.path })?;
                 }
-                emitted.insert(digest.clone());
-                on_blob(SpooledBlob::File { digest: digest.clone(), size, path: spooled })?;
-                path_digests.insert(path, digest);
+                path_layers.insert(path, plain(&digest, size));
+            } else if layers_outstanding {
+                // An OCI manifest or index (JSON), or a compressed layer.
+                let head = read_head(&mut entry, 2)?;
+                if head.starts_with(&GZIP_MAGIC) {
+                    let spooled = spool(&head, &mut entry, spool_dir, true)?;
+                    if spooled.digest != digest {
+                        return Err(ExportError::DigestMismatch { path, expected: digest, actual: spooled.digest });
+                    }
+                    let (diff_id, uncompressed_size) = spooled.decompressed.clone().expect("gunzipped");
+                    let layer = pb::Layer {
+                        digest: diff_id.clone(),
+                        size: uncompressed_size,
+                        encoding: "gzip".into(),
+                        stored_size: spooled.size,
+                        stored_digest: spooled.digest.clone(),
+                    };
+                    if missing.contains(&diff_id) && emitted.insert(diff_id) {
+                        on_blob(SpooledBlob::File { layer: layer.clone(), path: spooled.path })?;
+                    }
+                    path_layers.insert(path, layer);
+                }
             }
             continue;
         }
         if path.ends_with("/layer.tar") {
             path_sizes.insert(path.clone(), size);
-            // Legacy layers are named by v1 IDs: hash them while a missing layer may be among them.
-            let emitted_layers = emitted.iter().filter(|digest| layer_digests.contains(digest)).count();
-            if emitted_layers < missing_layers {
-                let (digest, _, spooled) = spool(&mut entry, spool_dir)?;
-                if missing.contains(&digest) && emitted.insert(digest.clone()) {
-                    on_blob(SpooledBlob::File { digest: digest.clone(), size, path: spooled })?;
+            if layers_outstanding {
+                let spooled = spool(&[], &mut entry, spool_dir, false)?;
+                let layer = plain(&spooled.digest, size);
+                if missing.contains(&spooled.digest) && emitted.insert(spooled.digest.clone()) {
+                    on_blob(SpooledBlob::File { layer: layer.clone(), path: spooled.path })?;
                 }
-                path_digests.insert(path, digest);
+                path_layers.insert(path, layer);
             }
         }
     }
@@ -197,10 +300,9 @@ pub fn read_export<R: Read>(
     for entry in entries {
         let config_digest = digest_in_path(&entry.config)
             .ok_or_else(|| ExportError::Format(format!("unexpected config path {:?}", entry.config)))?;
-        let config_size = *path_sizes
-            .get(&entry.config)
-            .ok_or_else(|| ExportError::Format(format!("config {} is missing from the export", entry.config)))?;
-        summary.sizes.insert(config_digest.clone(), config_size);
+        if !path_sizes.contains_key(&entry.config) {
+            return Err(ExportError::Format(format!("config {} is missing from the export", entry.config)));
+        }
         let Some(expected) = diff_ids.get(&config_digest) else { continue };
         if expected.len() != entry.layers.len() {
             return Err(ExportError::Format(format!(
@@ -214,16 +316,24 @@ pub fn read_export<R: Read>(
             let size = *path_sizes
                 .get(resolved)
                 .ok_or_else(|| ExportError::Format(format!("layer {layer_path} is missing from the export")))?;
-            if let Some(actual) = path_digests.get(resolved)
-                && actual != diff_id
-            {
-                return Err(ExportError::DigestMismatch {
-                    path: layer_path.clone(),
-                    expected: diff_id.clone(),
-                    actual: actual.clone(),
-                });
+            match path_layers.get(resolved) {
+                Some(layer) if &layer.digest != diff_id => {
+                    return Err(ExportError::DigestMismatch {
+                        path: layer_path.clone(),
+                        expected: diff_id.clone(),
+                        actual: layer.digest.clone(),
+                    });
+                }
+                Some(layer) => {
+                    summary.blobs.insert(diff_id.clone(), layer.clone());
+                }
+                // Read past: a plain layer's size is its entry's; a compressed one the ledger
+                // already describes.
+                None if digest_in_path(resolved).is_none_or(|digest| &digest == diff_id) => {
+                    summary.blobs.insert(diff_id.clone(), plain(diff_id, size));
+                }
+                None => {}
             }
-            summary.sizes.insert(diff_id.clone(), size);
         }
     }
     for digest in missing {
@@ -366,10 +476,12 @@ pub(crate) mod tests {
         let mut blobs = Vec::new();
         let summary = read_export(tarball, diff_ids, missing, spool_dir.path(), |blob| {
             let size = match &blob {
-                SpooledBlob::File { path, size, .. } => {
+                SpooledBlob::File { path, layer } => {
                     let bytes = std::fs::read(path).unwrap();
-                    assert_eq!(sha256_digest(&bytes), blob.digest());
-                    *size
+                    let stored_digest =
+                        if layer.stored_digest.is_empty() { &layer.digest } else { &layer.stored_digest };
+                    assert_eq!(&sha256_digest(&bytes), stored_digest);
+                    layer.stored_size
                 }
                 SpooledBlob::Bytes { bytes, .. } => bytes.len() as u64,
             };
@@ -390,8 +502,9 @@ pub(crate) mod tests {
         let (legacy_summary, legacy_blobs) = read(&legacy, &diff_ids, &everything);
         let (oci_summary, oci_blobs) = read(&oci, &diff_ids, &everything);
         assert_eq!((legacy_summary.format, oci_summary.format), ("legacy", "oci"));
-        assert_eq!(legacy_summary.sizes, oci_summary.sizes);
-        assert_eq!(legacy_summary.sizes.len(), 4, "two configs, two distinct layers");
+        assert_eq!(legacy_summary.blobs, oci_summary.blobs);
+        assert_eq!(legacy_summary.blobs.len(), 4, "two configs, two distinct layers");
+        assert_eq!(legacy_summary.facts, oci_summary.facts);
         // Each missing blob once, even where the legacy format repeats a layer.
         assert_eq!(legacy_blobs, oci_blobs);
         assert_eq!(legacy_blobs.len(), 4);
@@ -404,10 +517,10 @@ pub(crate) mod tests {
         let missing = HashSet::from([app_layer.clone()]);
         let (summary, blobs) = read(&legacy, &diff_ids, &missing);
         assert_eq!(blobs, vec![(app_layer, layer(b"app").len() as u64)]);
-        assert_eq!(summary.sizes.len(), 4);
+        assert_eq!(summary.blobs.len(), 4);
         let (summary, blobs) = read(&legacy, &diff_ids, &HashSet::new());
         assert!(blobs.is_empty());
-        assert_eq!(summary.sizes.len(), 4);
+        assert_eq!(summary.blobs.len(), 4);
     }
 
     #[test]

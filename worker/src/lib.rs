@@ -5,6 +5,7 @@ pub mod credentials;
 pub mod docker;
 pub mod error;
 pub mod export;
+pub mod image_config;
 pub mod load;
 pub mod restore;
 pub mod save;

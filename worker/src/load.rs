@@ -20,7 +20,11 @@ use crate::transfer::BlobStore;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PlannedBlob {
     pub path_in_tar: String,
+    /// The blob's address in the store.
     pub digest: String,
+    /// sha256 of the stored bytes: the address, or the compressed digest of a gzip layer.
+    pub stored_digest: String,
+    /// Bytes as stored.
     pub size: u64,
 }
 
@@ -55,13 +59,25 @@ pub fn plan_load(manifest: &pb::Manifest) -> LoadPlan {
     for image in &manifest.images {
         let config = format!("{}.json", hex(&image.id));
         if seen.insert(image.id.clone()) {
-            blobs.push(PlannedBlob { path_in_tar: config.clone(), digest: image.id.clone(), size: image.config_size });
+            blobs.push(PlannedBlob {
+                path_in_tar: config.clone(),
+                digest: image.id.clone(),
+                stored_digest: image.id.clone(),
+                size: image.config_size,
+            });
         }
         let mut layers = Vec::new();
         for layer in &image.layers {
             let path = format!("{}/layer.tar", hex(&layer.digest));
             if seen.insert(layer.digest.clone()) {
-                blobs.push(PlannedBlob { path_in_tar: path.clone(), digest: layer.digest.clone(), size: layer.size });
+                // The engine decompresses a gzip layer.tar itself and checks its diff ID.
+                let compressed = !layer.stored_digest.is_empty();
+                blobs.push(PlannedBlob {
+                    path_in_tar: path.clone(),
+                    digest: layer.digest.clone(),
+                    stored_digest: if compressed { layer.stored_digest.clone() } else { layer.digest.clone() },
+                    size: if compressed { layer.stored_size } else { layer.size },
+                });
             }
             layers.push(path);
         }
@@ -104,7 +120,7 @@ pub struct BlobOutcome {
 /// Why the stream stopped early; the restore reports it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum LoadFailure {
-    #[error("blob {digest} failed verification: its content hashes to {actual}")]
+    #[error("blob {digest} failed verification: its stored content hashes to {actual}")]
     DigestMismatch { digest: String, actual: String },
     #[error("blob {digest} has {actual} bytes, the manifest says {expected}")]
     SizeMismatch { digest: String, expected: u64, actual: u64 },
@@ -204,7 +220,7 @@ pub fn load_stream(
                 return;
             }
             let actual = format!("sha256:{}", hex::encode(hasher.finalize()));
-            if actual != blob.digest {
+            if actual != blob.stored_digest {
                 let _ = sender.send(fail(LoadFailure::DigestMismatch { digest: blob.digest.clone(), actual })).await;
                 return;
             }

@@ -5,7 +5,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Instant;
 
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 use proto::format::format_bytes;
 use proto::names;
 use proto::v1 as pb;
@@ -16,6 +16,7 @@ use crate::coordinator::Coordinator;
 use crate::docker::{Engine, EngineImage};
 use crate::error::WorkerError;
 use crate::export::{SpooledBlob, read_export, spool_dir};
+use crate::image_config::{ImageFacts, builder_name, image_facts};
 use crate::transfer::BlobStore;
 
 pub struct SaveOptions {
@@ -52,20 +53,72 @@ fn chain_request(chain: &[EngineImage]) -> Vec<pb::Image> {
         .collect()
 }
 
-/// The save log: each image with its tags and parent, each layer with its size and whether
-/// this save uploaded it.
+/// The save log: each image with its tags, parent and builder, each layer with its size, how
+/// it is stored, and whether this save uploaded it.
 fn save_log(images: &[pb::Image], uploaded: &HashSet<String>) -> Vec<String> {
     let mut lines = Vec::new();
     for image in images {
         let tags = if image.repo_tags.is_empty() { "<no tag>".to_owned() } else { image.repo_tags.join(", ") };
         let parent = if image.parent_id.is_empty() { String::new() } else { format!(", parent {}", image.parent_id) };
-        lines.push(format!("image {} ({tags}{parent})", image.id));
+        let builder = builder_name(image.builder());
+        let cache = match (image.builder(), image.inline_cache) {
+            (_, true) => ", inline cache",
+            (pb::Builder::Buildkit, false) => ", no inline cache",
+            _ => "",
+        };
+        lines.push(format!("image {} ({tags}{parent}; {builder}{cache})", image.id));
         for layer in &image.layers {
             let state = if uploaded.contains(&layer.digest) { "new" } else { "already stored" };
-            lines.push(format!("  layer {} {} {state}", layer.digest, format_bytes(layer.size)));
+            let encoding = if layer.encoding.is_empty() {
+                String::new()
+            } else {
+                format!(" (stored {} as {})", format_bytes(layer.stored_size), layer.encoding)
+            };
+            lines.push(format!("  layer {} {}{encoding} {state}", layer.digest, format_bytes(layer.size)));
         }
     }
     lines
+}
+
+/// A BuildKit image without inline cache metadata cannot serve `--cache-from`: say how to fix it.
+fn warn_about_missing_inline_cache(images: &[pb::Image]) {
+    for image in images.iter().filter(|image| image.builder() == pb::Builder::Buildkit && !image.inline_cache) {
+        let name = image.repo_tags.first().cloned().unwrap_or_else(|| image.id.clone());
+        eprintln!(
+            "cache-worker: warning: {name} was built by BuildKit without inline cache metadata, so a build cannot reuse its steps: build it with --build-arg BUILDKIT_INLINE_CACHE=1"
+        );
+    }
+}
+
+/// How each image was built, from the configs the export held, the coordinator's knowledge, or
+/// (rarely: stored but in no manifest any more) the stored configs themselves.
+async fn image_facts_for(
+    coordinator: &mut Coordinator,
+    chain: &[EngineImage],
+    from_export: &HashMap<String, ImageFacts>,
+    known_images: &[pb::Image],
+    plan: &pb::TransferPlan,
+) -> Result<HashMap<String, ImageFacts>, WorkerError> {
+    let mut facts = from_export.clone();
+    for image in known_images {
+        facts
+            .entry(image.id.clone())
+            .or_insert(ImageFacts { builder: image.builder(), inline_cache: image.inline_cache });
+    }
+    let unknown: Vec<&EngineImage> = chain.iter().filter(|image| !facts.contains_key(&image.id)).collect();
+    if unknown.is_empty() {
+        return Ok(facts);
+    }
+    let request = pb::GetCredentialsRequest { access: pb::Access::Read as i32 };
+    let credentials =
+        coordinator.client.get_credentials(request).await.map_err(|s| coordinator.failed(s))?.into_inner();
+    let store = BlobStore::new(&credentials.credentials.unwrap_or_default(), plan);
+    for image in unknown {
+        let body = store.download(&image.id).await?;
+        let chunks: Vec<bytes::Bytes> = body.try_collect().await?;
+        facts.insert(image.id.clone(), image_facts(&chunks.concat()));
+    }
+    Ok(facts)
 }
 
 /// Uploads every blob the export hands over, several at once; returns (digest, bytes, seconds).
@@ -84,9 +137,9 @@ async fn upload_all(
             let _permit = permit;
             let started = Instant::now();
             let (digest, size) = match &blob {
-                SpooledBlob::File { digest, size, path } => {
-                    store.upload_file(digest, path, *size).await?;
-                    (digest.clone(), *size)
+                SpooledBlob::File { layer, path } => {
+                    store.upload_file(&layer.digest, path, layer.stored_size).await?;
+                    (layer.digest.clone(), layer.stored_size)
                 }
                 SpooledBlob::Bytes { digest, bytes } => {
                     let size = bytes.len() as u64;
@@ -132,15 +185,17 @@ pub async fn save(
     };
     let begun = coordinator.client.begin_save(request.clone()).await.map_err(|s| coordinator.failed(s))?.into_inner();
     let missing: HashSet<String> = begun.missing_digests.iter().cloned().collect();
-    let mut sizes: HashMap<String, u64> = begun.stored_sizes.clone();
+    let mut blobs: HashMap<String, pb::Layer> =
+        begun.stored_blobs.iter().map(|blob| (blob.digest.clone(), blob.clone())).collect();
+    let mut facts_from_export = HashMap::new();
     let mut uploaded: Vec<(String, u64, f64)> = Vec::new();
+    let plan = begun.plan.unwrap_or_default();
 
     if !missing.is_empty() {
         let credentials = begun
             .credentials
             .clone()
             .ok_or_else(|| WorkerError::Invalid("the coordinator sent no credentials".into()))?;
-        let plan = begun.plan.unwrap_or_default();
         let store = BlobStore::new(&credentials, &plan);
         let diff_ids: HashMap<String, Vec<String>> =
             chain.iter().map(|image| (image.id.clone(), image.diff_ids.clone())).collect();
@@ -159,15 +214,23 @@ pub async fn save(
         // An upload failure is the cause when the reader stopped because of it.
         uploaded = uploads?;
         let summary = summary??;
-        sizes.extend(summary.sizes);
+        blobs.extend(summary.blobs);
+        facts_from_export = summary.facts;
     }
 
+    let facts = image_facts_for(coordinator, &chain, &facts_from_export, &begun.known_images, &plan).await?;
+    let described = |digest: &str| {
+        blobs.get(digest).cloned().ok_or_else(|| WorkerError::Invalid(format!("no size is known for blob {digest}")))
+    };
     let mut images = request.images;
     for image in &mut images {
-        image.config_size = sizes.get(&image.id).copied().unwrap_or(0);
+        image.config_size = described(&image.id)?.size;
+        if let Some(facts) = facts.get(&image.id) {
+            image.builder = facts.builder as i32;
+            image.inline_cache = facts.inline_cache;
+        }
         for layer in &mut image.layers {
-            layer.size = sizes.get(&layer.digest).copied().unwrap_or(0);
-            layer.stored_size = layer.size;
+            *layer = described(&layer.digest)?;
         }
     }
     let uploaded_digests: HashSet<String> = uploaded.iter().map(|(digest, _, _)| digest.clone()).collect();
@@ -175,12 +238,13 @@ pub async fn save(
     for line in &log {
         println!("{line}");
     }
+    warn_about_missing_inline_cache(&images);
     if !begun.unchanged {
         let commit = pb::CommitSaveRequest { save_id: begun.save_id.clone(), images: images.clone(), save_log: log };
         coordinator.client.commit_save(commit).await.map_err(|s| coordinator.failed(s))?;
     }
 
-    let n_blobs_stored = sizes.len() - uploaded.len();
+    let n_blobs_stored = begun.stored_blobs.len();
     let bytes_uploaded: u64 = uploaded.iter().map(|(_, bytes, _)| bytes).sum();
     let mut layer_metrics: Vec<pb::LayerMetric> = uploaded
         .iter()
@@ -191,9 +255,9 @@ pub async fn save(
             outcome: pb::LayerOutcome::Transferred as i32,
         })
         .collect();
-    layer_metrics.extend(begun.stored_sizes.iter().map(|(digest, bytes)| pb::LayerMetric {
-        digest: digest.clone(),
-        bytes: *bytes,
+    layer_metrics.extend(begun.stored_blobs.iter().map(|blob| pb::LayerMetric {
+        digest: blob.digest.clone(),
+        bytes: blob.stored_size,
         seconds: 0.0,
         outcome: pb::LayerOutcome::Found as i32,
     }));

@@ -18,12 +18,17 @@ pub struct Layer {
     /// Uncompressed size in bytes.
     #[prost(uint64, tag = "2")]
     pub size: u64,
-    /// How the blob is stored: "" for the plain tar, "zstd" when compressed.
+    /// How the blob is stored: "" for the plain tar, "gzip" (as the containerd image store saves
+    /// layers; never recompressed) or "zstd" when compressed.
     #[prost(string, tag = "3")]
     pub encoding: ::prost::alloc::string::String,
     /// Size of the stored object (equals `size` when `encoding` is empty).
     #[prost(uint64, tag = "4")]
     pub stored_size: u64,
+    /// "sha256:<hex>" of the stored object when it differs from `digest` (a compressed blob), so
+    /// a restore verifies it without decompressing.
+    #[prost(string, tag = "5")]
+    pub stored_digest: ::prost::alloc::string::String,
 }
 /// One image of a saved chain.
 #[derive(Clone, PartialEq, ::prost::Message)]
@@ -122,9 +127,14 @@ pub struct BeginSaveResponse {
     /// The key's manifest already holds exactly these images: nothing to save.
     #[prost(bool, tag = "5")]
     pub unchanged: bool,
-    /// Stored size of every blob of the save the project's store already holds, by digest.
-    #[prost(map = "string, uint64", tag = "6")]
-    pub stored_sizes: ::std::collections::HashMap<::prost::alloc::string::String, u64>,
+    /// Every blob of the save the project's store already holds, as stored: digest, size,
+    /// encoding, stored size and stored digest (configs: encoding "", sizes equal).
+    #[prost(message, repeated, tag = "6")]
+    pub stored_blobs: ::prost::alloc::vec::Vec<Layer>,
+    /// Images of the save the project's manifests already describe (builder, sizes, encodings),
+    /// so a save that runs no `docker save` still knows them.
+    #[prost(message, repeated, tag = "7")]
+    pub known_images: ::prost::alloc::vec::Vec<Image>,
 }
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct CommitSaveRequest {

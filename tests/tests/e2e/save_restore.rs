@@ -55,7 +55,8 @@ fn seed_scenario(kind: EngineKind) {
     assert!(saved.status.success(), "save: {}", stderr_of(&saved));
     let log = stdout_of(&saved);
     assert!(log.contains(&format!("image {app_id} (app:latest, parent sha256:")), "{log}");
-    assert!(log.lines().any(|line| line.starts_with("image ") && line.contains("(base:1)")), "{log}");
+    assert!(log.contains("; classic builder)"), "{log}");
+    assert!(log.lines().any(|line| line.starts_with("image ") && line.contains("(base:1; imported)")), "{log}");
     assert_eq!(log.lines().filter(|line| line.starts_with("image ")).count(), 6, "base, 4 intermediates, app: {log}");
     assert!(log.contains(" new\n"), "{log}");
     let shown = stdout_of(&coordinator.cachectl(&["show", "web", "web"]));
