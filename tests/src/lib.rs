@@ -255,6 +255,16 @@ impl DockerEngine {
     /// Starts an engine of `kind`, or `None` (with a note) when it is not installed here. In CI
     /// a missing engine fails the test.
     pub fn start(kind: EngineKind) -> Option<DockerEngine> {
+        Self::start_with_config(kind, None)
+    }
+
+    /// Starts Engine 26.1 with the containerd image store (`containerd-snapshotter`), the
+    /// default of fresh Engine 29 installs.
+    pub fn start_with_containerd_store() -> Option<DockerEngine> {
+        Self::start_with_config(EngineKind::Engine26, Some(r#"{"features":{"containerd-snapshotter":true}}"#))
+    }
+
+    fn start_with_config(kind: EngineKind, daemon_json: Option<&str>) -> Option<DockerEngine> {
         let (dockerd, extra_path) = match kind {
             EngineKind::Engine20 => (PathBuf::from("dockerd"), None),
             EngineKind::Engine26 => match std::env::var_os("CACHE_TEST_ENGINE26") {
@@ -287,7 +297,11 @@ impl DockerEngine {
         };
         let host = format!("unix://{}/docker.sock", dir.path().display());
         let log = std::fs::File::create(dir.path().join("dockerd.log")).expect("engine log");
+        let config_file = dir.path().join("daemon.json");
+        std::fs::write(&config_file, daemon_json.unwrap_or("{}")).expect("daemon.json");
         let child = Command::new(&dockerd)
+            .arg("--config-file")
+            .arg(&config_file)
             .arg("--data-root")
             .arg(dir.path().join("root"))
             .arg("--exec-root")

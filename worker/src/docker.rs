@@ -69,6 +69,16 @@ impl Engine {
         Ok(version.version.unwrap_or_default())
     }
 
+    /// Whether the engine keeps images in the containerd image store (the default of fresh
+    /// Engine 29 installs), where image IDs are manifest digests rather than config digests,
+    /// `docker save` writes layers as the compressed blobs it holds, and loaded images do not
+    /// serve as build cache (README, "Engines").
+    pub async fn uses_containerd_store(&self) -> Result<bool, EngineError> {
+        let info = self.docker.info().await.map_err(failed("report its configuration"))?;
+        let driver_status = info.driver_status.unwrap_or_default();
+        Ok(driver_status.iter().any(|pair| pair.iter().any(|value| value.starts_with("io.containerd.snapshotter"))))
+    }
+
     /// The image ID a reference (tag or ID) resolves to, if the engine has it.
     pub async fn image_id(&self, reference: &str) -> Result<Option<String>, EngineError> {
         match self.docker.inspect_image(reference).await {

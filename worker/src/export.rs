@@ -524,6 +524,36 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn gzip_layers_stay_compressed_and_are_addressed_by_their_diff_id() {
+        let layer_tar = layer(b"compressed");
+        let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        encoder.write_all(&layer_tar).unwrap();
+        let gzipped = encoder.finish().unwrap();
+        let (diff_id, stored_digest) = (sha256_digest(&layer_tar), sha256_digest(&gzipped));
+        let config = format!(r#"{{"rootfs":{{"type":"layers","diff_ids":["{diff_id}"]}}}}"#).into_bytes();
+        let config_id = sha256_digest(&config);
+        let manifest = format!(
+            r#"[{{"Config":"blobs/sha256/{c}","RepoTags":["app:1"],"Layers":["blobs/sha256/{l}"]}}]"#,
+            c = hex(&config_id),
+            l = hex(&stored_digest),
+        );
+        let mut fixture = Fixture::new();
+        fixture
+            .file("oci-layout", b"{}")
+            .file(&format!("blobs/sha256/{}", hex(&config_id)), &config)
+            .file(&format!("blobs/sha256/{}", hex(&stored_digest)), &gzipped)
+            .file("manifest.json", manifest.as_bytes());
+        let diff_ids = HashMap::from([(config_id, vec![diff_id.clone()])]);
+        let (summary, blobs) = read(&fixture.finish(), &diff_ids, &HashSet::from([diff_id.clone()]));
+        assert_eq!(blobs, vec![(diff_id.clone(), gzipped.len() as u64)], "the compressed bytes, as they were");
+        let stored = &summary.blobs[&diff_id];
+        assert_eq!(
+            (stored.encoding.as_str(), stored.size, stored.stored_size, stored.stored_digest.as_str()),
+            ("gzip", layer_tar.len() as u64, gzipped.len() as u64, stored_digest.as_str())
+        );
+    }
+
+    #[test]
     fn a_layer_that_does_not_match_the_engines_diff_id_is_an_error() {
         let (legacy, mut diff_ids) = legacy_export();
         let app_id = diff_ids.iter().find(|(_, layers)| layers.len() == 2).unwrap().0.clone();

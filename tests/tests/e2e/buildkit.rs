@@ -148,3 +148,47 @@ fn a_classic_and_a_buildkit_service_share_one_store() {
     assert_fully_cached(&rebuilt_api, 2);
     coordinator.stop();
 }
+
+/// The containerd image store (Engine 26.1 with `containerd-snapshotter`): saving from it and
+/// restoring into it are skipped with one warning each, exit 0, and nothing is stored; the build
+/// runs normally. README's engine table holds what was measured there.
+#[test]
+fn the_containerd_image_store_never_fails_a_build() {
+    let Some(graph_driver_host) = DockerEngine::start(EngineKind::Engine26) else { return };
+    let containerd_host = DockerEngine::start_with_containerd_store().unwrap();
+    let data_dir = tempfile::tempdir().unwrap();
+    let coordinator = CoordinatorProcess::start(data_dir.path(), &[]);
+    let token = coordinator.create_project("shop");
+    let app = context(APP_DOCKERFILE);
+    for host in [&graph_driver_host, &containerd_host] {
+        host.import_busybox_base("base:1");
+        let built = host.classic_build(app.path(), "app:latest", &[]);
+        assert!(built.status.success(), "{}", stderr_of(&built));
+    }
+
+    let saved = coordinator.cache_worker_on(&containerd_host, &token, &["save", "--service", "app", "app:latest"]);
+    assert_eq!(saved.status.code(), Some(0), "{}", stderr_of(&saved));
+    assert_eq!(
+        stderr_of(&saved),
+        "cache-worker: warning: this engine uses the containerd image store, which cache-worker cannot save from yet: nothing saved for app\n"
+    );
+    let caches = stdout_of(&coordinator.cachectl(&["ls", "shop"]));
+    assert_eq!(caches.lines().count(), 1, "nothing stored: {caches}");
+
+    let saved = coordinator.cache_worker_on(&graph_driver_host, &token, &["save", "--service", "app", "app:latest"]);
+    assert!(saved.status.success(), "{}", stderr_of(&saved));
+    let fresh_containerd_host = DockerEngine::start_with_containerd_store().unwrap();
+    let restored = coordinator.cache_worker_on(
+        &fresh_containerd_host,
+        &token,
+        &["restore", "--service", "app", "--print-cache-from"],
+    );
+    assert_eq!(restored.status.code(), Some(0), "{}", stderr_of(&restored));
+    assert_eq!(stdout_of(&restored), "", "no flags: nothing was restored");
+    assert!(stderr_of(&restored).contains("containerd image store"), "{}", stderr_of(&restored));
+    assert!(fresh_containerd_host.image_ids().is_empty());
+    fresh_containerd_host.import_busybox_base("base:1");
+    let built = fresh_containerd_host.classic_build(app.path(), "app:latest", &[]);
+    assert!(built.status.success(), "the build runs normally: {}", stderr_of(&built));
+    coordinator.stop();
+}
