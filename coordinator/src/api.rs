@@ -23,7 +23,7 @@ impl From<Error> for Status {
             Error::SaveConflict(_) => Status::aborted(message),
             Error::BlobNotStored(_) => Status::failed_precondition(message),
             // Retrying may help: the store or the disk may come back.
-            Error::Store(_) | Error::Database(_) => Status::unavailable(message),
+            Error::Store(_) | Error::Database(_) | Error::Credentials(_) => Status::unavailable(message),
             Error::CorruptState(_) | Error::DataDir { .. } | Error::DataDirLocked(_) => Status::internal(message),
         }
     }

@@ -6,7 +6,7 @@ use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde::Deserialize;
 
 /// cache-coordinator: projects, manifests and scoped storage credentials for the layer cache.
@@ -43,9 +43,64 @@ pub struct ServeArgs {
     /// Lifetime of the storage credentials handed to workers, in seconds [default: 900]
     #[arg(long, env = "CACHE_CREDENTIAL_TTL")]
     pub credential_ttl: Option<u64>,
+    /// Where blobs live: the embedded S3 endpoint, or an S3 (or S3-compatible) bucket [default: embedded]
+    #[arg(long, env = "CACHE_STORE", value_enum)]
+    pub store: Option<StoreKind>,
+    /// Bucket of the S3 store (--store s3)
+    #[arg(long, env = "CACHE_STORE_BUCKET")]
+    pub s3_bucket: Option<String>,
+    /// Key prefix in the bucket; a project's blobs live under PREFIX/PROJECT/ [default: cache]
+    #[arg(long, env = "CACHE_STORE_PREFIX")]
+    pub s3_prefix: Option<String>,
+    /// Endpoint URL of an S3-compatible store (MinIO, Ceph RGW, R2) [default: AWS]
+    #[arg(long, env = "CACHE_STORE_ENDPOINT")]
+    pub s3_endpoint: Option<String>,
+    /// Region of the S3 store [default: us-east-1]
+    #[arg(long, env = "CACHE_STORE_REGION")]
+    pub s3_region: Option<String>,
+    /// Address buckets by path (BUCKET in the URL path), as most S3-compatible stores need
+    #[arg(long, env = "CACHE_STORE_PATH_STYLE")]
+    pub s3_path_style: bool,
+    /// When clients add checksums to uploads [default: when-supported]
+    #[arg(long, env = "CACHE_STORE_CHECKSUMS", value_enum)]
+    pub s3_checksums: Option<ChecksumMode>,
+    /// Role that workers' session credentials are assumed from (--store s3)
+    #[arg(long, env = "CACHE_STS_ROLE_ARN")]
+    pub sts_role_arn: Option<String>,
+    /// Endpoint URL of STS [default: AWS]
+    #[arg(long, env = "CACHE_STS_ENDPOINT")]
+    pub sts_endpoint: Option<String>,
     /// TOML file with the same settings; flags and environment variables win over it
     #[arg(long, env = "CACHE_CONFIG")]
     pub config: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreKind {
+    /// The coordinator's own S3 endpoint, objects under the data directory
+    Embedded,
+    /// An S3 or S3-compatible bucket, with credentials from STS AssumeRole
+    S3,
+}
+
+/// When S3 clients add checksums to uploads. aws-sdk-s3's default adds CRC32 to every upload,
+/// which some S3-compatible stores reject.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ChecksumMode {
+    WhenSupported,
+    WhenRequired,
+}
+
+impl ChecksumMode {
+    /// The name the API carries to workers.
+    pub fn api_name(self) -> &'static str {
+        match self {
+            ChecksumMode::WhenSupported => "when_supported",
+            ChecksumMode::WhenRequired => "when_required",
+        }
+    }
 }
 
 /// The TOML file: the same settings as the flags, plus the embedded store's layout.
@@ -58,8 +113,24 @@ pub struct FileConfig {
     pub s3_public_url: Option<String>,
     pub metrics_listen: Option<String>,
     pub credential_ttl: Option<u64>,
+    pub store: Option<StoreKind>,
     #[serde(default)]
     pub embedded: EmbeddedFileConfig,
+    #[serde(default)]
+    pub s3: S3FileConfig,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct S3FileConfig {
+    pub bucket: Option<String>,
+    pub prefix: Option<String>,
+    pub endpoint: Option<String>,
+    pub region: Option<String>,
+    pub path_style: Option<bool>,
+    pub checksums: Option<ChecksumMode>,
+    pub sts_role_arn: Option<String>,
+    pub sts_endpoint: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -79,15 +150,56 @@ pub struct Config {
     pub s3_public_url: Option<String>,
     pub metrics_listen: SocketAddr,
     pub credential_ttl: Duration,
+    /// The store's bucket and key prefix, and its region (both stores).
     pub bucket: String,
     pub prefix: String,
     pub region: String,
+    /// Set with `--store s3`.
+    pub s3: Option<S3Settings>,
+}
+
+/// How to reach an S3 store and hand out its credentials.
+#[derive(Debug, Clone)]
+pub struct S3Settings {
+    pub endpoint: Option<String>,
+    pub path_style: bool,
+    pub checksums: ChecksumMode,
+    pub sts_role_arn: String,
+    pub sts_endpoint: Option<String>,
 }
 
 /// A configuration problem, reported on one line; `main` exits with 64.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
 pub struct ConfigError(pub String);
+
+fn validate_url(flag: &str, url: &str) -> Result<String, ConfigError> {
+    let ok = (url.starts_with("http://") || url.starts_with("https://"))
+        && url.len() > 10
+        && !url.contains(char::is_whitespace);
+    if ok {
+        Ok(url.trim_end_matches('/').to_owned())
+    } else {
+        Err(ConfigError(format!("invalid {flag} {url:?}: expected http://HOST:PORT or https://HOST")))
+    }
+}
+
+/// An IAM role ARN: `arn:PARTITION:iam::ACCOUNT:role/NAME`.
+fn validate_role_arn(arn: &str) -> Result<(), ConfigError> {
+    let parts: Vec<&str> = arn.splitn(6, ':').collect();
+    let ok = parts.len() == 6
+        && parts[0] == "arn"
+        && parts[1].starts_with("aws")
+        && parts[2] == "iam"
+        && parts[4].len() == 12
+        && parts[4].bytes().all(|b| b.is_ascii_digit())
+        && parts[5].strip_prefix("role/").is_some_and(|name| !name.is_empty());
+    if ok {
+        Ok(())
+    } else {
+        Err(ConfigError(format!("invalid --sts-role-arn {arn:?}: expected arn:aws:iam::ACCOUNT:role/NAME")))
+    }
+}
 
 fn parse_address(flag: &str, value: &str) -> Result<SocketAddr, ConfigError> {
     let invalid =
@@ -159,9 +271,55 @@ pub fn merge(args: ServeArgs, file: FileConfig) -> Result<Config, ConfigError> {
     if !(1..=43_200).contains(&credential_ttl) {
         return Err(ConfigError(format!("invalid --credential-ttl {credential_ttl}: expected 1 to 43200 seconds")));
     }
-    let bucket = file.embedded.bucket.unwrap_or_else(|| "layer-cache".into());
+    let store = args.store.or(file.store).unwrap_or(StoreKind::Embedded);
+    let (bucket, prefix, region, s3) = match store {
+        StoreKind::Embedded => (
+            file.embedded.bucket.unwrap_or_else(|| "layer-cache".into()),
+            file.embedded.prefix.unwrap_or_else(|| "cache".into()),
+            "us-east-1".to_owned(),
+            None,
+        ),
+        StoreKind::S3 => {
+            let bucket = args
+                .s3_bucket
+                .or(file.s3.bucket)
+                .ok_or_else(|| ConfigError("--store s3 needs --s3-bucket (CACHE_STORE_BUCKET)".into()))?;
+            let sts_role_arn = args.sts_role_arn.or(file.s3.sts_role_arn).ok_or_else(|| {
+                ConfigError(
+                    "--store s3 needs --sts-role-arn (CACHE_STS_ROLE_ARN): workers get credentials from that role"
+                        .into(),
+                )
+            })?;
+            validate_role_arn(&sts_role_arn)?;
+            // AWS refuses AssumeRole sessions shorter than 15 minutes.
+            if credential_ttl < 900 {
+                return Err(ConfigError(format!(
+                    "invalid --credential-ttl {credential_ttl}: STS needs 900 to 43200 seconds"
+                )));
+            }
+            let region = args.s3_region.or(file.s3.region).unwrap_or_else(|| "us-east-1".into());
+            if region.is_empty() || !region.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
+                return Err(ConfigError(format!("invalid --s3-region {region:?}")));
+            }
+            let settings = S3Settings {
+                endpoint: args
+                    .s3_endpoint
+                    .or(file.s3.endpoint)
+                    .map(|url| validate_url("--s3-endpoint", &url))
+                    .transpose()?,
+                path_style: args.s3_path_style || file.s3.path_style.unwrap_or(false),
+                checksums: args.s3_checksums.or(file.s3.checksums).unwrap_or(ChecksumMode::WhenSupported),
+                sts_role_arn,
+                sts_endpoint: args
+                    .sts_endpoint
+                    .or(file.s3.sts_endpoint)
+                    .map(|url| validate_url("--sts-endpoint", &url))
+                    .transpose()?,
+            };
+            (bucket, args.s3_prefix.or(file.s3.prefix).unwrap_or_else(|| "cache".into()), region, Some(settings))
+        }
+    };
     validate_bucket(&bucket)?;
-    let prefix = file.embedded.prefix.unwrap_or_else(|| "cache".into());
     validate_prefix(&prefix)?;
     Ok(Config {
         data_dir: args.data_dir.or(file.data_dir).unwrap_or_else(|| PathBuf::from("./cache-data")),
@@ -172,7 +330,8 @@ pub fn merge(args: ServeArgs, file: FileConfig) -> Result<Config, ConfigError> {
         credential_ttl: Duration::from_secs(credential_ttl),
         bucket,
         prefix,
-        region: "us-east-1".into(),
+        region,
+        s3,
     })
 }
 
@@ -219,5 +378,37 @@ mod tests {
         assert!(validate_prefix("a/../b").is_err());
         assert!(validate_prefix("/a").is_err());
         assert!(validate_bucket("Bad_Bucket").is_err());
+    }
+
+    fn s3_args() -> ServeArgs {
+        ServeArgs {
+            store: Some(StoreKind::S3),
+            s3_bucket: Some("platform-cache".into()),
+            sts_role_arn: Some("arn:aws:iam::123456789012:role/layer-cache".into()),
+            ..ServeArgs::default()
+        }
+    }
+
+    #[test]
+    fn the_s3_store_needs_a_bucket_and_a_role() {
+        let config = merge(s3_args(), FileConfig::default()).unwrap();
+        let s3 = config.s3.unwrap();
+        assert_eq!(
+            (config.bucket.as_str(), config.prefix.as_str(), config.region.as_str()),
+            ("platform-cache", "cache", "us-east-1")
+        );
+        assert_eq!((s3.path_style, s3.checksums, s3.endpoint), (false, ChecksumMode::WhenSupported, None));
+        let bad = |args: ServeArgs| merge(args, FileConfig::default()).unwrap_err().to_string();
+        assert!(bad(ServeArgs { s3_bucket: None, ..s3_args() }).contains("needs --s3-bucket"));
+        assert!(bad(ServeArgs { sts_role_arn: None, ..s3_args() }).contains("needs --sts-role-arn"));
+        assert!(bad(ServeArgs { sts_role_arn: Some("role/x".into()), ..s3_args() }).contains("invalid --sts-role-arn"));
+        assert!(bad(ServeArgs { credential_ttl: Some(60), ..s3_args() }).contains("STS needs 900"));
+        assert!(
+            bad(ServeArgs { s3_endpoint: Some("minio:9000".into()), ..s3_args() }).contains("invalid --s3-endpoint")
+        );
+        let file: FileConfig =
+            toml::from_str("store = \"s3\"\n[s3]\nbucket = \"b-1\"\nsts_role_arn = \"arn:aws:iam::123456789012:role/r\"\npath_style = true\nchecksums = \"when-required\"").unwrap();
+        let config = merge(ServeArgs::default(), file).unwrap();
+        assert_eq!(config.s3.map(|s3| (s3.path_style, s3.checksums)), Some((true, ChecksumMode::WhenRequired)));
     }
 }

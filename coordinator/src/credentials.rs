@@ -1,8 +1,12 @@
 //! The credential broker: temporary object-store credentials scoped to one project's prefix.
+//! The only file that imports aws-sdk-sts.
 //!
 //! With the embedded store the coordinator mints keys itself: each key's record (project,
 //! access, expiry) lives in sled, and its secret and session token are derived from a signing
 //! key in the data directory, so no secret is stored and minted keys survive a restart.
+//!
+//! With an S3 store, STS AssumeRole hands out session credentials whose inline session policy
+//! allows only the project's prefix and the operations the use needs.
 
 use std::io::Write;
 use std::path::Path;
@@ -13,7 +17,8 @@ use rand::RngCore;
 use sha2::Sha256;
 use subtle::ConstantTimeEq;
 
-use crate::error::Error;
+use crate::config::{ChecksumMode, S3Settings};
+use crate::error::{Error, sdk_error_line};
 use crate::manifests::{Database, KeyAccess, MintedKeyRecord};
 
 /// Credentials handed to a worker. `Debug` hides the secret and the session token.
@@ -30,6 +35,8 @@ pub struct IssuedCredentials {
     pub prefix: String,
     pub path_style: bool,
     pub access: KeyAccess,
+    /// "when_supported" or "when_required": see `ChecksumMode`.
+    pub checksum_mode: &'static str,
 }
 
 impl std::fmt::Debug for IssuedCredentials {
@@ -153,6 +160,7 @@ impl EmbeddedBroker {
             prefix: project_prefix(&self.settings.prefix, project),
             path_style: true,
             access,
+            checksum_mode: ChecksumMode::WhenSupported.api_name(),
         })
     }
 }
@@ -164,9 +172,184 @@ impl CredentialBroker for EmbeddedBroker {
     }
 }
 
+/// The partition of an ARN (`aws`, `aws-cn`, `aws-us-gov`), for resource ARNs in policies.
+fn partition(role_arn: &str) -> &str {
+    role_arn.split(':').nth(1).unwrap_or("aws")
+}
+
+/// The inline session policy for one project and use: objects under `<prefix>/<project>/` only;
+/// reads for a restore; reads, writes and the multipart operations for a save; never a delete,
+/// never a listing.
+pub fn session_policy(role_arn: &str, bucket: &str, store_prefix: &str, project: &str, access: KeyAccess) -> String {
+    let resource = format!("arn:{}:s3:::{bucket}/{}*", partition(role_arn), project_prefix(store_prefix, project));
+    let mut statements = vec![serde_json::json!({
+        "Sid": "ReadProjectBlobs",
+        "Effect": "Allow",
+        "Action": ["s3:GetObject"],
+        "Resource": [resource],
+    })];
+    if access == KeyAccess::Write {
+        statements.push(serde_json::json!({
+            "Sid": "WriteProjectBlobs",
+            "Effect": "Allow",
+            "Action": ["s3:PutObject", "s3:AbortMultipartUpload", "s3:ListMultipartUploadParts"],
+            "Resource": [resource],
+        }));
+    }
+    serde_json::json!({ "Version": "2012-10-17", "Statement": statements }).to_string()
+}
+
+/// The session's name, which CloudTrail shows: `layer-cache-<project>`, within STS's 64
+/// characters of `[\w+=,.@-]` (project names are a subset).
+pub fn role_session_name(project: &str) -> String {
+    format!("layer-cache-{project}").chars().take(64).collect()
+}
+
+/// Hands out STS session credentials for an S3 store.
+pub struct StsBroker {
+    pub client: aws_sdk_sts::Client,
+    pub settings: S3Settings,
+    pub bucket: String,
+    pub prefix: String,
+    pub region: String,
+    pub ttl: Duration,
+}
+
+impl StsBroker {
+    pub fn new(
+        sdk_config: &aws_config::SdkConfig,
+        settings: S3Settings,
+        bucket: &str,
+        prefix: &str,
+        region: &str,
+        ttl: Duration,
+    ) -> StsBroker {
+        let mut config = aws_sdk_sts::config::Builder::from(sdk_config);
+        if let Some(endpoint) = &settings.sts_endpoint {
+            config = config.endpoint_url(endpoint);
+        }
+        StsBroker {
+            client: aws_sdk_sts::Client::from_conf(config.build()),
+            settings,
+            bucket: bucket.to_owned(),
+            prefix: prefix.to_owned(),
+            region: region.to_owned(),
+            ttl,
+        }
+    }
+
+    async fn assume_role(&self, project: &str, access: KeyAccess) -> Result<IssuedCredentials, Error> {
+        let role_arn = &self.settings.sts_role_arn;
+        let tag = aws_sdk_sts::types::Tag::builder()
+            .key("layer-cache-project")
+            .value(project)
+            .build()
+            .map_err(|error| Error::Credentials(error.to_string()))?;
+        let response = self
+            .client
+            .assume_role()
+            .role_arn(role_arn)
+            .role_session_name(role_session_name(project))
+            .policy(session_policy(role_arn, &self.bucket, &self.prefix, project, access))
+            .duration_seconds(self.ttl.as_secs() as i32)
+            .tags(tag)
+            .send()
+            .await
+            .map_err(|error| {
+                Error::Credentials(format!("STS AssumeRole of {role_arn} failed: {}", sdk_error_line(&error)))
+            })?;
+        let credentials = response
+            .credentials()
+            .ok_or_else(|| Error::Credentials("STS AssumeRole returned no credentials".into()))?;
+        Ok(IssuedCredentials {
+            access_key_id: credentials.access_key_id().to_owned(),
+            secret_access_key: credentials.secret_access_key().to_owned(),
+            session_token: credentials.session_token().to_owned(),
+            expires_unix: credentials.expiration().secs(),
+            endpoint_url: self.settings.endpoint.clone().unwrap_or_default(),
+            region: self.region.clone(),
+            bucket: self.bucket.clone(),
+            prefix: project_prefix(&self.prefix, project),
+            path_style: self.settings.path_style,
+            access,
+            checksum_mode: self.settings.checksums.api_name(),
+        })
+    }
+
+    /// Assumes the role once at start-up, so a wrong role or missing permission is a start-up
+    /// error rather than a failure at the first build.
+    pub async fn check(&self) -> Result<(), Error> {
+        self.assume_role("start-up-check", KeyAccess::Read).await.map(|_| ())
+    }
+}
+
+#[async_trait::async_trait]
+impl CredentialBroker for StsBroker {
+    async fn issue(&self, project: &str, access: KeyAccess) -> Result<IssuedCredentials, Error> {
+        self.assume_role(project, access).await
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const ROLE: &str = "arn:aws:iam::123456789012:role/layer-cache";
+
+    #[test]
+    fn a_restore_may_only_read_its_projects_blobs() {
+        let policy: serde_json::Value =
+            serde_json::from_str(&session_policy(ROLE, "platform-cache", "cache", "web", KeyAccess::Read)).unwrap();
+        assert_eq!(
+            policy,
+            serde_json::json!({
+                "Version": "2012-10-17",
+                "Statement": [{
+                    "Sid": "ReadProjectBlobs",
+                    "Effect": "Allow",
+                    "Action": ["s3:GetObject"],
+                    "Resource": ["arn:aws:s3:::platform-cache/cache/web/*"],
+                }],
+            })
+        );
+    }
+
+    #[test]
+    fn a_save_adds_writes_and_multipart_but_never_deletes_or_lists() {
+        let text = session_policy("arn:aws-cn:iam::123456789012:role/r", "b", "p/q", "web", KeyAccess::Write);
+        let policy: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(
+            policy["Statement"][1],
+            serde_json::json!({
+                "Sid": "WriteProjectBlobs",
+                "Effect": "Allow",
+                "Action": ["s3:PutObject", "s3:AbortMultipartUpload", "s3:ListMultipartUploadParts"],
+                "Resource": ["arn:aws-cn:s3:::b/p/q/web/*"],
+            })
+        );
+        assert!(!text.contains("Delete") && !text.contains("ListBucket") && !text.contains("\"s3:*\""));
+    }
+
+    #[test]
+    fn no_valid_project_name_escapes_its_prefix() {
+        for project in ["a", "web.v2", "a-b", "x..y", &"z".repeat(63)] {
+            proto::names::validate_project_name(project).unwrap();
+            let policy: serde_json::Value =
+                serde_json::from_str(&session_policy(ROLE, "b", "cache", project, KeyAccess::Write)).unwrap();
+            for statement in policy["Statement"].as_array().unwrap() {
+                let resource = statement["Resource"][0].as_str().unwrap();
+                // One wildcard, at the end, after the project's own folder.
+                assert_eq!(resource, format!("arn:aws:s3:::b/cache/{project}/*"));
+                assert_eq!(resource.matches(['*', '?']).count(), 1);
+            }
+        }
+        // Names that would widen the resource never pass validation.
+        for bad in ["*", "a*", "a?b", "..", "a/b", ""] {
+            assert!(proto::names::validate_project_name(bad).is_err(), "{bad}");
+        }
+        assert_eq!(role_session_name("web"), "layer-cache-web");
+        assert_eq!(role_session_name(&"z".repeat(63)).len(), 64);
+    }
 
     #[test]
     fn secrets_derive_from_the_signing_key_and_survive_reloading() {

@@ -33,10 +33,35 @@ pub enum Error {
     PermissionDenied(&'static str),
     #[error("object store error: {0}")]
     Store(String),
+    #[error("{0}")]
+    Credentials(String),
 }
 
 impl From<proto::names::InvalidName> for Error {
     fn from(error: proto::names::InvalidName) -> Self {
         Error::InvalidArgument(error.to_string())
     }
+}
+
+/// One line for a failed AWS SDK call: the service's error code and message, or the chain of
+/// causes of a request that never got an answer (SDK errors print as many lines otherwise).
+pub fn sdk_error_line<E, R>(error: &aws_sdk_s3::error::SdkError<E, R>) -> String
+where
+    E: aws_sdk_s3::error::ProvideErrorMetadata + std::error::Error + 'static,
+    R: std::fmt::Debug,
+{
+    if let Some(service_error) = error.as_service_error() {
+        let code = service_error.code().unwrap_or("error");
+        return match service_error.message() {
+            Some(message) => format!("{code}: {message}"),
+            None => code.to_owned(),
+        };
+    }
+    let mut parts = vec![error.to_string()];
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        parts.push(cause.to_string());
+        source = cause.source();
+    }
+    parts.join(": ").replace('\n', " ")
 }

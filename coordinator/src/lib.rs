@@ -62,11 +62,11 @@ pub fn open_data_dir(path: &Path, admin_token_from_env: Option<&str>, bucket: &s
     Ok(DataDir { path: path.to_path_buf(), db, signing_key, admin_token, objects_root })
 }
 
-/// The three listeners, bound before `run` so that a taken port is a start-up error and tests
-/// can bind port 0.
+/// The listeners, bound before `run` so that a taken port is a start-up error and tests can
+/// bind port 0. The embedded S3 endpoint listens only with the embedded store.
 pub struct Listeners {
     pub grpc: TcpListener,
-    pub s3: TcpListener,
+    pub s3: Option<TcpListener>,
     pub metrics: TcpListener,
 }
 
@@ -77,9 +77,82 @@ impl Listeners {
         };
         Ok(Listeners {
             grpc: bind("--listen", config.listen).await?,
-            s3: bind("--s3-listen", config.s3_listen).await?,
+            s3: match config.s3 {
+                None => Some(bind("--s3-listen", config.s3_listen).await?),
+                Some(_) => None,
+            },
             metrics: bind("--metrics-listen", config.metrics_listen).await?,
         })
+    }
+}
+
+/// The HTTPS client of the AWS SDKs: rustls with ring, one stack for the whole process.
+pub fn aws_http_client() -> aws_sdk_s3::config::SharedHttpClient {
+    aws_smithy_http_client::Builder::new()
+        .tls_provider(aws_smithy_http_client::tls::Provider::Rustls(
+            aws_smithy_http_client::tls::rustls_provider::CryptoMode::Ring,
+        ))
+        .build_https()
+}
+
+/// Where blobs live and who hands out credentials for them, as the configuration chose.
+pub struct Store {
+    pub objects: Arc<dyn store::ObjectStore>,
+    pub broker: Arc<dyn credentials::CredentialBroker>,
+    /// The embedded endpoint's HTTP service; `None` with an S3 store.
+    pub embedded_endpoint: Option<s3s::service::S3Service>,
+}
+
+/// Sets up the store. With an S3 store it loads the coordinator's own AWS credentials (the
+/// standard chain), checks the bucket and assumes the role once, so bad configuration is a
+/// start-up error, not a failure at the first build.
+pub async fn open_store(config: &Config, data_dir: &DataDir, endpoints: &Endpoints) -> Result<Store, Error> {
+    match &config.s3 {
+        None => {
+            let broker = EmbeddedBroker {
+                db: data_dir.db.clone(),
+                signing_key: data_dir.signing_key.clone(),
+                settings: EmbeddedStoreSettings {
+                    endpoint_url: endpoints.s3_url.clone(),
+                    region: config.region.clone(),
+                    bucket: config.bucket.clone(),
+                    prefix: config.prefix.clone(),
+                },
+                ttl: config.credential_ttl,
+            };
+            let endpoint = s3_endpoint::build_service(
+                &data_dir.objects_root,
+                data_dir.db.clone(),
+                data_dir.signing_key.clone(),
+                &config.bucket,
+                &config.prefix,
+            )
+            .map_err(|error| Error::Store(error.to_string()))?;
+            Ok(Store {
+                objects: Arc::new(EmbeddedStore::new(&data_dir.objects_root, &config.bucket)?),
+                broker: Arc::new(broker),
+                embedded_endpoint: Some(endpoint),
+            })
+        }
+        Some(settings) => {
+            let sdk_config = aws_config::defaults(aws_config::BehaviorVersion::latest())
+                .http_client(aws_http_client())
+                .region(aws_config::Region::new(config.region.clone()))
+                .load()
+                .await;
+            let objects = store::s3::S3Store::new(&sdk_config, settings, &config.bucket);
+            objects.check().await?;
+            let broker = credentials::StsBroker::new(
+                &sdk_config,
+                settings.clone(),
+                &config.bucket,
+                &config.prefix,
+                &config.region,
+                config.credential_ttl,
+            );
+            broker.check().await?;
+            Ok(Store { objects: Arc::new(objects), broker: Arc::new(broker), embedded_endpoint: None })
+        }
     }
 }
 
@@ -93,12 +166,17 @@ pub struct Endpoints {
 
 impl Listeners {
     pub fn endpoints(&self, config: &Config) -> std::io::Result<Endpoints> {
-        let s3 = self.s3.local_addr()?;
-        Ok(Endpoints {
-            grpc: self.grpc.local_addr()?,
-            s3_url: config.s3_public_url.clone().unwrap_or_else(|| format!("http://{s3}")),
-            metrics: self.metrics.local_addr()?,
-        })
+        let s3_url = match (&self.s3, &config.s3) {
+            (Some(listener), _) => config
+                .s3_public_url
+                .clone()
+                .unwrap_or_else(|| format!("http://{}", listener.local_addr().expect("bound"))),
+            (None, Some(settings)) => {
+                settings.endpoint.clone().unwrap_or_else(|| format!("https://s3.{}.amazonaws.com", config.region))
+            }
+            (None, None) => String::new(),
+        };
+        Ok(Endpoints { grpc: self.grpc.local_addr()?, s3_url, metrics: self.metrics.local_addr()? })
     }
 }
 
@@ -161,39 +239,22 @@ pub async fn run(
     config: Config,
     data_dir: DataDir,
     listeners: Listeners,
+    store: Store,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let endpoints = listeners.endpoints(&config)?;
-    let broker = EmbeddedBroker {
-        db: data_dir.db.clone(),
-        signing_key: data_dir.signing_key.clone(),
-        settings: EmbeddedStoreSettings {
-            endpoint_url: endpoints.s3_url.clone(),
-            region: config.region.clone(),
-            bucket: config.bucket.clone(),
-            prefix: config.prefix.clone(),
-        },
-        ttl: config.credential_ttl,
-    };
-    let store = EmbeddedStore::new(&data_dir.objects_root, &config.bucket)?;
     let service = Arc::new(CacheService {
         db: data_dir.db.clone(),
-        broker: Arc::new(broker),
-        store: Arc::new(store),
+        broker: store.broker,
+        store: store.objects,
         store_prefix: config.prefix.clone(),
         admin_token_sha256_hex: data_dir.admin_token.sha256_hex.clone(),
         pending_saves: Default::default(),
     });
-    let s3_service = s3_endpoint::build_service(
-        &data_dir.objects_root,
-        data_dir.db.clone(),
-        data_dir.signing_key.clone(),
-        &config.bucket,
-        &config.prefix,
-    )?;
-
     let (stop_sender, stop_receiver) = watch::channel(false);
-    let s3_task = tokio::spawn(serve_http(listeners.s3, s3_service, stop_receiver.clone()));
+    let s3_task = match (listeners.s3, store.embedded_endpoint) {
+        (Some(listener), Some(endpoint)) => Some(tokio::spawn(serve_http(listener, endpoint, stop_receiver.clone()))),
+        _ => None,
+    };
     let health_task =
         tokio::spawn(serve_http(listeners.metrics, hyper::service::service_fn(health), stop_receiver.clone()));
     let db = data_dir.db.clone();
@@ -225,7 +286,10 @@ pub async fn run(
     tracing::info!("shutting down");
     let _ = stop_sender.send(true);
     let grpc_result = grpc_task.await.context("gRPC server task")?;
-    let _ = tokio::join!(s3_task, health_task, sweeper_task);
+    if let Some(s3_task) = s3_task {
+        let _ = s3_task.await;
+    }
+    let _ = tokio::join!(health_task, sweeper_task);
     data_dir.db.flush_to_disk().await?;
     grpc_result.context("gRPC server")?;
     Ok(())

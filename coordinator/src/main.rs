@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use coordinator::config::{Cli, Command, ConfigError, merge, read_file_config};
-use coordinator::{Listeners, open_data_dir, run};
+use coordinator::{Listeners, open_data_dir, open_store, run};
 
 /// Exit code for bad configuration or an unusable data directory (EX_USAGE).
 const EXIT_BAD_CONFIG: u8 = 64;
@@ -78,20 +78,23 @@ async fn main() -> ExitCode {
         Ok(listeners) => listeners,
         Err(error) => return fail(EXIT_BAD_CONFIG, format!("{error:#}")),
     };
-    match listeners.endpoints(&config) {
-        Ok(endpoints) => {
-            if let Some(path) = &data_dir.admin_token.file {
-                println!("admin token: {}", path.display());
-            }
-            // One line that scripts and tests wait for.
-            println!(
-                "cache-coordinator ready: grpc=http://{} s3={} metrics=http://{}",
-                endpoints.grpc, endpoints.s3_url, endpoints.metrics
-            );
-        }
+    let endpoints = match listeners.endpoints(&config) {
+        Ok(endpoints) => endpoints,
         Err(error) => return fail(1, error.to_string()),
+    };
+    let store = match open_store(&config, &data_dir, &endpoints).await {
+        Ok(store) => store,
+        Err(error) => return fail(EXIT_BAD_CONFIG, error.to_string()),
+    };
+    if let Some(path) = &data_dir.admin_token.file {
+        println!("admin token: {}", path.display());
     }
-    match run(config, data_dir, listeners, shutdown_signal()).await {
+    // One line that scripts and tests wait for.
+    println!(
+        "cache-coordinator ready: grpc=http://{} s3={} metrics=http://{}",
+        endpoints.grpc, endpoints.s3_url, endpoints.metrics
+    );
+    match run(config, data_dir, listeners, store, shutdown_signal()).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => fail(1, format!("{error:#}")),
     }

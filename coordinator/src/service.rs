@@ -76,6 +76,7 @@ pub fn credentials_message(issued: IssuedCredentials) -> pb::Credentials {
             KeyAccess::Read => pb::Access::Read,
             KeyAccess::Write => pb::Access::Write,
         } as i32,
+        checksum_mode: issued.checksum_mode.to_owned(),
     }
 }
 

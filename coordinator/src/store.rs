@@ -1,6 +1,6 @@
 //! The coordinator's own object work (checking blobs before a commit, deleting on flush): a
-//! trait with the embedded store's implementation, which works on the same files the embedded
-//! S3 endpoint serves.
+//! trait with two implementations: the embedded store's here, which works on the same files the
+//! embedded S3 endpoint serves, and an S3 bucket's in `store/s3.rs`.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -8,6 +8,8 @@ use std::sync::Arc;
 use s3s::S3;
 
 use crate::error::Error;
+
+pub mod s3;
 
 /// What a deletion removed.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

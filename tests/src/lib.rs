@@ -47,6 +47,11 @@ pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
 impl CoordinatorProcess {
     /// Starts `cache-coordinator serve` on `data_dir` and waits for its ready line.
     pub fn start(data_dir: &Path, extra_args: &[&str]) -> CoordinatorProcess {
+        Self::start_with_env(data_dir, extra_args, &[])
+    }
+
+    /// The same, with extra environment variables (the coordinator's own AWS credentials).
+    pub fn start_with_env(data_dir: &Path, extra_args: &[&str], env: &[(&str, &str)]) -> CoordinatorProcess {
         let mut child = Command::new(binary("cache-coordinator"))
             .args(["serve", "--listen", "127.0.0.1:0", "--s3-listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
             .arg("--data-dir")
@@ -54,6 +59,7 @@ impl CoordinatorProcess {
             .args(extra_args)
             .env("CACHE_ADMIN_TOKEN", ADMIN_TOKEN)
             .env_remove("CACHE_CONFIG")
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -156,6 +162,30 @@ pub fn parse_exports(text: &str) -> Vec<(String, String)> {
             Some((name.to_owned(), value))
         })
         .collect()
+}
+
+/// moto's server (S3 and STS) that `.ci/run` starts on loopback, or `None` (with a note) when
+/// it is not running here. In CI its absence fails the test.
+pub fn moto_url() -> Option<String> {
+    let url = std::env::var("CACHE_TEST_MOTO_URL").ok().filter(|url| !url.is_empty());
+    assert!(url.is_some() || !in_ci(), "CACHE_TEST_MOTO_URL is not set: .ci/run starts moto's server and sets it");
+    if url.is_none() {
+        eprintln!("skipping: moto's server is not running here (set CACHE_TEST_MOTO_URL; .ci/run does)");
+    }
+    url
+}
+
+/// An aws-sdk-s3 client with the platform's own (long-lived) keys, for a test to set up and
+/// inspect a bucket.
+pub fn platform_s3_client(endpoint: &str, access_key_id: &str, secret: &str) -> aws_sdk_s3::Client {
+    let credentials = pb::Credentials {
+        access_key_id: access_key_id.to_owned(),
+        region: "us-east-1".into(),
+        endpoint_url: endpoint.to_owned(),
+        path_style: true,
+        ..Default::default()
+    };
+    s3_client(&credentials, secret, None)
 }
 
 /// An aws-sdk-s3 client for `credentials`, with the secret and token overridable to test

@@ -7,5 +7,6 @@ mod e2e {
     mod docker_engine;
     mod embedded_s3_scope;
     mod projects_and_credentials;
+    mod s3_store;
     mod save_restore;
 }

@@ -69,6 +69,10 @@ impl BlobStore {
         if !credentials.endpoint_url.is_empty() {
             config = config.endpoint_url(&credentials.endpoint_url);
         }
+        // Some S3-compatible stores reject the CRC checksums aws-sdk-s3 adds by default.
+        if credentials.checksum_mode == "when_required" {
+            config = config.request_checksum_calculation(aws_sdk_s3::config::RequestChecksumCalculation::WhenRequired);
+        }
         BlobStore {
             client: aws_sdk_s3::Client::from_conf(config.build()),
             bucket: credentials.bucket.clone(),

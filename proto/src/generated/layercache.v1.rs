@@ -181,6 +181,10 @@ pub struct Credentials {
     pub path_style: bool,
     #[prost(enumeration = "Access", tag = "10")]
     pub access: i32,
+    /// When the client adds checksums to uploads: "" or "when_supported" (aws-sdk-s3's default,
+    /// CRC32 on every upload) or "when_required" (for S3-compatible stores that reject them).
+    #[prost(string, tag = "11")]
+    pub checksum_mode: ::prost::alloc::string::String,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct GetCredentialsResponse {

@@ -1,0 +1,103 @@
+//! The coordinator's own object work on an S3 store, with its own credentials (the standard AWS
+//! chain): checking blobs before a commit, deleting a project's objects on flush, and checking
+//! at start-up that the bucket is there.
+
+use aws_sdk_s3::types::{Delete, ObjectIdentifier};
+
+use super::{DeletedObjects, ObjectStore};
+use crate::config::{ChecksumMode, S3Settings};
+use crate::error::{Error, sdk_error_line};
+
+pub struct S3Store {
+    client: aws_sdk_s3::Client,
+    bucket: String,
+}
+
+fn store_error<E, R>(what: &str, error: aws_sdk_s3::error::SdkError<E, R>) -> Error
+where
+    E: aws_sdk_s3::error::ProvideErrorMetadata + std::error::Error + 'static,
+    R: std::fmt::Debug,
+{
+    Error::Store(format!("{what}: {}", sdk_error_line(&error)))
+}
+
+fn build_error(what: &str, error: aws_sdk_s3::error::BuildError) -> Error {
+    Error::Store(format!("{what}: {error}"))
+}
+
+impl S3Store {
+    pub fn new(sdk_config: &aws_config::SdkConfig, settings: &S3Settings, bucket: &str) -> S3Store {
+        let mut config = aws_sdk_s3::config::Builder::from(sdk_config).force_path_style(settings.path_style);
+        if let Some(endpoint) = &settings.endpoint {
+            config = config.endpoint_url(endpoint);
+        }
+        if settings.checksums == ChecksumMode::WhenRequired {
+            config = config
+                .request_checksum_calculation(aws_sdk_s3::config::RequestChecksumCalculation::WhenRequired)
+                .response_checksum_validation(aws_sdk_s3::config::ResponseChecksumValidation::WhenRequired);
+        }
+        S3Store { client: aws_sdk_s3::Client::from_conf(config.build()), bucket: bucket.to_owned() }
+    }
+
+    /// Fails with one clear line when the bucket is missing or unreachable.
+    pub async fn check(&self) -> Result<(), Error> {
+        self.client.head_bucket().bucket(&self.bucket).send().await.map_err(|error| {
+            Error::Store(format!(
+                "bucket {:?} is missing or unreachable with the coordinator's credentials: {}",
+                self.bucket,
+                sdk_error_line(&error)
+            ))
+        })?;
+        Ok(())
+    }
+}
+
+#[async_trait::async_trait]
+impl ObjectStore for S3Store {
+    async fn object_size(&self, key: &str) -> Result<Option<u64>, Error> {
+        match self.client.head_object().bucket(&self.bucket).key(key).send().await {
+            Ok(head) => Ok(Some(head.content_length().unwrap_or(0).max(0) as u64)),
+            Err(error) if error.as_service_error().is_some_and(|e| e.is_not_found()) => Ok(None),
+            Err(error) => Err(store_error(key, error)),
+        }
+    }
+
+    async fn delete_prefix(&self, prefix: &str) -> Result<DeletedObjects, Error> {
+        let mut deleted = DeletedObjects::default();
+        let mut pages = self.client.list_objects_v2().bucket(&self.bucket).prefix(prefix).into_paginator().send();
+        while let Some(page) = pages.next().await {
+            let page = page.map_err(|error| store_error(prefix, error))?;
+            let mut identifiers = Vec::new();
+            for object in page.contents() {
+                let Some(key) = object.key() else { continue };
+                deleted.bytes += object.size().unwrap_or(0).max(0) as u64;
+                identifiers.push(ObjectIdentifier::builder().key(key).build().map_err(|e| build_error(key, e))?);
+            }
+            if identifiers.is_empty() {
+                continue;
+            }
+            deleted.count += identifiers.len() as u64;
+            let delete = Delete::builder()
+                .set_objects(Some(identifiers))
+                .quiet(true)
+                .build()
+                .map_err(|e| build_error(prefix, e))?;
+            let response = self
+                .client
+                .delete_objects()
+                .bucket(&self.bucket)
+                .delete(delete)
+                .send()
+                .await
+                .map_err(|error| store_error(prefix, error))?;
+            if let Some(failed) = response.errors().first() {
+                return Err(Error::Store(format!(
+                    "deleting {} failed: {}",
+                    failed.key().unwrap_or_default(),
+                    failed.message().unwrap_or_default()
+                )));
+            }
+        }
+        Ok(deleted)
+    }
+}

@@ -1,0 +1,148 @@
+//! The coordinator on an S3 store with STS credentials, against moto's server (S3 and STS):
+//! the seed scenario end to end, session credentials that are not the platform's keys, objects
+//! under `PREFIX/PROJECT/`, and bad configuration refused at start-up.
+
+use tests::{
+    CoordinatorProcess, DockerEngine, EngineKind, binary, moto_url, parse_exports, platform_s3_client, stderr_of,
+    stdout_of,
+};
+
+const PLATFORM_KEY_ID: &str = "AKIAPLATFORMKEY00001";
+const PLATFORM_SECRET: &str = "platform-secret-key-not-for-build-hosts";
+const ROLE_ARN: &str = "arn:aws:iam::123456789012:role/layer-cache";
+
+/// The coordinator's own AWS credentials, from the standard chain (here: the environment),
+/// with every other source off.
+fn platform_env() -> Vec<(&'static str, &'static str)> {
+    vec![
+        ("AWS_ACCESS_KEY_ID", PLATFORM_KEY_ID),
+        ("AWS_SECRET_ACCESS_KEY", PLATFORM_SECRET),
+        ("AWS_CONFIG_FILE", "/dev/null"),
+        ("AWS_SHARED_CREDENTIALS_FILE", "/dev/null"),
+        ("AWS_EC2_METADATA_DISABLED", "true"),
+    ]
+}
+
+fn s3_args<'a>(moto: &'a str, bucket: &'a str) -> Vec<&'a str> {
+    vec![
+        "--store",
+        "s3",
+        "--s3-bucket",
+        bucket,
+        "--s3-prefix",
+        "ci",
+        "--s3-endpoint",
+        moto,
+        "--s3-path-style",
+        "--sts-role-arn",
+        ROLE_ARN,
+        "--sts-endpoint",
+        moto,
+    ]
+}
+
+/// A bucket of its own per test: moto's server is shared.
+async fn new_bucket(moto: &str) -> String {
+    let name = format!("layer-cache-{}", std::process::id())
+        + &format!("-{}", std::time::UNIX_EPOCH.elapsed().unwrap().as_nanos() % 1_000_000_000);
+    let client = platform_s3_client(moto, PLATFORM_KEY_ID, PLATFORM_SECRET);
+    client.create_bucket().bucket(&name).send().await.expect("create the bucket in moto");
+    name
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_seed_scenario_runs_on_an_s3_store_with_sts_credentials() {
+    let Some(moto) = moto_url() else { return };
+    let Some(build_host) = DockerEngine::start(EngineKind::Engine20) else { return };
+    let bucket = new_bucket(&moto).await;
+    let data_dir = tempfile::tempdir().unwrap();
+    let coordinator = CoordinatorProcess::start_with_env(data_dir.path(), &s3_args(&moto, &bucket), &platform_env());
+    let token = coordinator.create_project("shop");
+
+    // The worker gets session credentials with a token, never the platform's keys.
+    let printed = coordinator.cache_worker(&token, &["credentials", "--format", "env"]);
+    assert!(printed.status.success(), "{}", stderr_of(&printed));
+    let exports = parse_exports(&stdout_of(&printed));
+    let value = |name: &str| exports.iter().find(|(n, _)| n == name).map(|(_, v)| v.clone()).unwrap_or_default();
+    assert_ne!(value("AWS_ACCESS_KEY_ID"), PLATFORM_KEY_ID);
+    assert_ne!(value("AWS_SECRET_ACCESS_KEY"), PLATFORM_SECRET);
+    assert!(!value("AWS_ACCESS_KEY_ID").is_empty());
+    assert!(!value("AWS_SESSION_TOKEN").is_empty(), "session credentials carry a token");
+    assert_eq!(value("AWS_ENDPOINT_URL"), moto);
+    assert_eq!((value("CACHE_S3_BUCKET"), value("CACHE_S3_PREFIX")), (bucket.clone(), "ci/shop/".to_owned()));
+    assert!(!stdout_of(&printed).contains(PLATFORM_SECRET));
+
+    // The seed scenario: build, save, a fresh host restores, the rebuild is fully cached.
+    build_host.import_busybox_base("base:1");
+    let context = tempfile::tempdir().unwrap();
+    std::fs::write(
+        context.path().join("Dockerfile"),
+        "FROM base:1\nRUN echo one > /one\nRUN echo two > /two\nCOPY file.txt /file.txt\nENV GREETING=hello\nRUN cat /file.txt /one > /three\n",
+    )
+    .unwrap();
+    std::fs::write(context.path().join("file.txt"), "content\n").unwrap();
+    let built = build_host.classic_build(context.path(), "app:latest", &[]);
+    assert!(built.status.success(), "{}", stderr_of(&built));
+    let saved = coordinator.cache_worker_on(&build_host, &token, &["save", "--service", "web", "app:latest"]);
+    assert!(saved.status.success(), "save: {}", stderr_of(&saved));
+    let fresh_host = DockerEngine::start(EngineKind::Engine20).unwrap();
+    let restored = coordinator.cache_worker_on(&fresh_host, &token, &["restore", "--service", "web", "--strict"]);
+    assert!(restored.status.success(), "restore: {}", stderr_of(&restored));
+    let rebuilt = fresh_host.classic_build(context.path(), "app:latest", &[]);
+    assert!(rebuilt.status.success(), "{}", stderr_of(&rebuilt));
+    assert_eq!(stdout_of(&rebuilt).matches("Using cache").count(), 5, "{}", stdout_of(&rebuilt));
+
+    // Every object sits under PREFIX/PROJECT/ in the bucket.
+    let client = platform_s3_client(&moto, PLATFORM_KEY_ID, PLATFORM_SECRET);
+    let listed = client.list_objects_v2().bucket(&bucket).send().await.unwrap();
+    let keys: Vec<&str> = listed.contents().iter().filter_map(|object| object.key()).collect();
+    assert_eq!(keys.len(), 11, "6 configs and 5 layers: {keys:?}");
+    assert!(keys.iter().all(|key| key.starts_with("ci/shop/blobs/sha256/")), "{keys:?}");
+
+    // A flush deletes them with the coordinator's own credentials.
+    let flushed = coordinator.cachectl(&["flush", "shop"]);
+    assert_eq!(
+        stdout_of(&flushed),
+        format!("flushed project shop: 1 manifests and 11 objects ({}) removed\n", {
+            let total: i64 = listed.contents().iter().filter_map(|object| object.size()).sum();
+            proto::format::format_bytes(total as u64)
+        })
+    );
+    let listed = client.list_objects_v2().bucket(&bucket).send().await.unwrap();
+    assert!(listed.contents().is_empty());
+    coordinator.stop();
+}
+
+/// One line on stderr and exit code 64, before anything is served.
+fn assert_refused_at_start_up(args: &[&str], needle: &str) {
+    let data_dir = tempfile::tempdir().unwrap();
+    let output = std::process::Command::new(binary("cache-coordinator"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--data-dir"])
+        .arg(data_dir.path())
+        .args(args)
+        .envs(platform_env())
+        .output()
+        .unwrap();
+    let stderr = stderr_of(&output);
+    assert_eq!(output.status.code(), Some(64), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.contains(needle), "{stderr:?} lacks {needle:?}");
+    assert_eq!(stdout_of(&output), "", "no ready line");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_s3_configuration_is_refused_at_start_up() {
+    let Some(moto) = moto_url() else { return };
+    let bucket = new_bucket(&moto).await;
+    let mut no_role = s3_args(&moto, &bucket);
+    no_role.truncate(no_role.len() - 4);
+    no_role.extend(["--sts-endpoint", &moto]);
+    assert_refused_at_start_up(&no_role, "--store s3 needs --sts-role-arn");
+    assert_refused_at_start_up(
+        &s3_args(&moto, "no-such-bucket-here"),
+        "bucket \"no-such-bucket-here\" is missing or unreachable",
+    );
+    let closed_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let closed = format!("http://{closed_port}");
+    assert_refused_at_start_up(&s3_args(&closed, &bucket), "is missing or unreachable");
+}
