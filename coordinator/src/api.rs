@@ -9,6 +9,7 @@ use proto::v1::worker_server::Worker;
 use tonic::{Request, Response, Status};
 
 use crate::error::Error;
+use crate::metrics::Metrics;
 use crate::service::CacheService;
 
 impl From<Error> for Status {
@@ -53,12 +54,18 @@ impl AdminApi {
     }
 }
 
+/// Counts a finished call by method and status code, and wraps its answer.
+fn counted<T>(metrics: &Metrics, method: &str, result: Result<T, Status>) -> Result<Response<T>, Status> {
+    metrics.record_grpc(method, result.as_ref().map_or_else(Status::code, |_| tonic::Code::Ok));
+    result.map(Response::new)
+}
+
 #[tonic::async_trait]
 impl Worker for WorkerApi {
     #[tracing::instrument(skip_all)]
     async fn lookup(&self, request: Request<pb::LookupRequest>) -> Result<Response<pb::LookupResponse>, Status> {
-        let project = self.project(&request)?;
-        Ok(Response::new(self.0.lookup(&project, request.get_ref())?))
+        let result = async { Ok(self.0.lookup(&self.project(&request)?, request.get_ref())?) }.await;
+        counted(&self.0.metrics, "Lookup", result)
     }
 
     #[tracing::instrument(skip_all)]
@@ -66,8 +73,8 @@ impl Worker for WorkerApi {
         &self,
         request: Request<pb::BeginSaveRequest>,
     ) -> Result<Response<pb::BeginSaveResponse>, Status> {
-        let project = self.project(&request)?;
-        Ok(Response::new(self.0.begin_save(&project, request.get_ref()).await?))
+        let result = async { Ok(self.0.begin_save(&self.project(&request)?, request.get_ref()).await?) }.await;
+        counted(&self.0.metrics, "BeginSave", result)
     }
 
     #[tracing::instrument(skip_all)]
@@ -75,9 +82,12 @@ impl Worker for WorkerApi {
         &self,
         request: Request<pb::CommitSaveRequest>,
     ) -> Result<Response<pb::CommitSaveResponse>, Status> {
-        let project = self.project(&request)?;
-        let manifest = self.0.commit_save(&project, request.get_ref()).await?;
-        Ok(Response::new(pb::CommitSaveResponse { manifest: Some(manifest) }))
+        let result = async {
+            let manifest = self.0.commit_save(&self.project(&request)?, request.get_ref()).await?;
+            Ok(pb::CommitSaveResponse { manifest: Some(manifest) })
+        }
+        .await;
+        counted(&self.0.metrics, "CommitSave", result)
     }
 
     #[tracing::instrument(skip_all)]
@@ -85,18 +95,24 @@ impl Worker for WorkerApi {
         &self,
         request: Request<pb::GetCredentialsRequest>,
     ) -> Result<Response<pb::GetCredentialsResponse>, Status> {
-        let project = self.project(&request)?;
-        let credentials = self.0.issue_credentials(&project, request.get_ref().access()).await?;
-        Ok(Response::new(pb::GetCredentialsResponse { credentials: Some(credentials) }))
+        let result = async {
+            let credentials = self.0.issue_credentials(&self.project(&request)?, request.get_ref().access()).await?;
+            Ok(pb::GetCredentialsResponse { credentials: Some(credentials) })
+        }
+        .await;
+        counted(&self.0.metrics, "GetCredentials", result)
     }
 
     async fn report_metrics(
         &self,
         request: Request<pb::ReportMetricsRequest>,
     ) -> Result<Response<pb::ReportMetricsResponse>, Status> {
-        let project = self.project(&request)?;
-        self.0.report_metrics(&project, request.get_ref())?;
-        Ok(Response::new(pb::ReportMetricsResponse {}))
+        let result = async {
+            self.0.report_metrics(&self.project(&request)?, request.get_ref())?;
+            Ok(pb::ReportMetricsResponse {})
+        }
+        .await;
+        counted(&self.0.metrics, "ReportMetrics", result)
     }
 }
 
@@ -107,38 +123,54 @@ impl Admin for AdminApi {
         &self,
         request: Request<pb::CreateProjectRequest>,
     ) -> Result<Response<pb::CreateProjectResponse>, Status> {
-        self.admin(&request)?;
-        let request = request.get_ref();
-        let (project, token) = self.0.create_project(&request.name, request.quota_bytes)?;
-        tracing::info!(project = project.name, "project created");
-        Ok(Response::new(pb::CreateProjectResponse { project: Some(project), token }))
+        let result = async {
+            self.admin(&request)?;
+            let request = request.get_ref();
+            let (project, token) = self.0.create_project(&request.name, request.quota_bytes)?;
+            tracing::info!(project = project.name, "project created");
+            Ok(pb::CreateProjectResponse { project: Some(project), token })
+        }
+        .await;
+        counted(&self.0.metrics, "CreateProject", result)
     }
 
     async fn list_projects(
         &self,
         request: Request<pb::ListProjectsRequest>,
     ) -> Result<Response<pb::ListProjectsResponse>, Status> {
-        self.admin(&request)?;
-        Ok(Response::new(pb::ListProjectsResponse { projects: self.0.list_projects()? }))
+        let result = async {
+            self.admin(&request)?;
+            Ok(pb::ListProjectsResponse { projects: self.0.list_projects()? })
+        }
+        .await;
+        counted(&self.0.metrics, "ListProjects", result)
     }
 
     async fn list_caches(
         &self,
         request: Request<pb::ListCachesRequest>,
     ) -> Result<Response<pb::ListCachesResponse>, Status> {
-        self.admin(&request)?;
-        let (project, caches) = self.0.list_caches(&request.get_ref().project)?;
-        Ok(Response::new(pb::ListCachesResponse { project: Some(project), caches }))
+        let result = async {
+            self.admin(&request)?;
+            let (project, caches) = self.0.list_caches(&request.get_ref().project)?;
+            Ok(pb::ListCachesResponse { project: Some(project), caches })
+        }
+        .await;
+        counted(&self.0.metrics, "ListCaches", result)
     }
 
     async fn show_cache(
         &self,
         request: Request<pb::ShowCacheRequest>,
     ) -> Result<Response<pb::ShowCacheResponse>, Status> {
-        self.admin(&request)?;
-        let request = request.get_ref();
-        let manifest = self.0.show_cache(&request.project, request.key.as_ref())?;
-        Ok(Response::new(pb::ShowCacheResponse { manifest: Some(manifest) }))
+        let result = async {
+            self.admin(&request)?;
+            let request = request.get_ref();
+            let manifest = self.0.show_cache(&request.project, request.key.as_ref())?;
+            Ok(pb::ShowCacheResponse { manifest: Some(manifest) })
+        }
+        .await;
+        counted(&self.0.metrics, "ShowCache", result)
     }
 
     #[tracing::instrument(skip_all)]
@@ -146,12 +178,20 @@ impl Admin for AdminApi {
         &self,
         request: Request<pb::FlushProjectRequest>,
     ) -> Result<Response<pb::FlushProjectResponse>, Status> {
-        self.admin(&request)?;
-        Ok(Response::new(self.0.flush_project(&request.get_ref().project).await?))
+        let result = async {
+            self.admin(&request)?;
+            Ok(self.0.flush_project(&request.get_ref().project).await?)
+        }
+        .await;
+        counted(&self.0.metrics, "FlushProject", result)
     }
 
     async fn stats(&self, request: Request<pb::StatsRequest>) -> Result<Response<pb::StatsResponse>, Status> {
-        self.admin(&request)?;
-        Ok(Response::new(pb::StatsResponse { services: self.0.stats(&request.get_ref().project)? }))
+        let result = async {
+            self.admin(&request)?;
+            Ok(pb::StatsResponse { services: self.0.stats(&request.get_ref().project)? })
+        }
+        .await;
+        counted(&self.0.metrics, "Stats", result)
     }
 }

@@ -6,6 +6,7 @@ pub mod config;
 pub mod credentials;
 pub mod error;
 pub mod manifests;
+pub mod metrics;
 pub mod s3_endpoint;
 pub mod saves;
 pub mod scope;
@@ -101,12 +102,14 @@ pub struct Store {
     pub broker: Arc<dyn credentials::CredentialBroker>,
     /// The embedded endpoint's HTTP service; `None` with an S3 store.
     pub embedded_endpoint: Option<s3s::service::S3Service>,
+    pub metrics: Arc<metrics::Metrics>,
 }
 
 /// Sets up the store. With an S3 store it loads the coordinator's own AWS credentials (the
 /// standard chain), checks the bucket and assumes the role once, so bad configuration is a
 /// start-up error, not a failure at the first build.
 pub async fn open_store(config: &Config, data_dir: &DataDir, endpoints: &Endpoints) -> Result<Store, Error> {
+    let metrics = Arc::new(metrics::Metrics::new());
     match &config.s3 {
         None => {
             let broker = EmbeddedBroker {
@@ -121,6 +124,7 @@ pub async fn open_store(config: &Config, data_dir: &DataDir, endpoints: &Endpoin
                 ttl: config.credential_ttl,
             };
             let endpoint = s3_endpoint::build_service(
+                metrics.clone(),
                 &data_dir.objects_root,
                 data_dir.db.clone(),
                 data_dir.signing_key.clone(),
@@ -132,6 +136,7 @@ pub async fn open_store(config: &Config, data_dir: &DataDir, endpoints: &Endpoin
                 objects: Arc::new(EmbeddedStore::new(&data_dir.objects_root, &config.bucket)?),
                 broker: Arc::new(broker),
                 embedded_endpoint: Some(endpoint),
+                metrics,
             })
         }
         Some(settings) => {
@@ -151,7 +156,7 @@ pub async fn open_store(config: &Config, data_dir: &DataDir, endpoints: &Endpoin
                 config.credential_ttl,
             );
             broker.check().await?;
-            Ok(Store { objects: Arc::new(objects), broker: Arc::new(broker), embedded_endpoint: None })
+            Ok(Store { objects: Arc::new(objects), broker: Arc::new(broker), embedded_endpoint: None, metrics })
         }
     }
 }
@@ -219,15 +224,28 @@ where
     }
 }
 
-/// `/healthz` and `/readyz`; the metrics themselves arrive with the observability issue.
-async fn health(request: http::Request<hyper::body::Incoming>) -> Result<http::Response<Full<Bytes>>, Infallible> {
-    let (status, body) = match request.uri().path() {
-        "/healthz" | "/readyz" => (http::StatusCode::OK, "ok\n"),
-        _ => (http::StatusCode::NOT_FOUND, "not found\n"),
+/// The metrics listener: `/metrics` (Prometheus text), `/healthz` (the process runs) and
+/// `/readyz` (its database answers).
+fn metrics_listener(
+    request: &http::Request<hyper::body::Incoming>,
+    service: &CacheService,
+) -> http::Response<Full<Bytes>> {
+    let (status, content_type, body) = match request.uri().path() {
+        "/metrics" => match service.metrics_text() {
+            Ok(text) => (http::StatusCode::OK, "application/openmetrics-text; version=1.0.0; charset=utf-8", text),
+            Err(error) => (http::StatusCode::SERVICE_UNAVAILABLE, "text/plain", format!("{error}\n")),
+        },
+        "/healthz" => (http::StatusCode::OK, "text/plain", "ok\n".to_owned()),
+        "/readyz" => match service.db.projects() {
+            Ok(_) => (http::StatusCode::OK, "text/plain", "ready\n".to_owned()),
+            Err(error) => (http::StatusCode::SERVICE_UNAVAILABLE, "text/plain", format!("not ready: {error}\n")),
+        },
+        _ => (http::StatusCode::NOT_FOUND, "text/plain", "not found\n".to_owned()),
     };
-    let mut response = http::Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+    let mut response = http::Response::new(Full::new(Bytes::from(body)));
     *response.status_mut() = status;
-    Ok(response)
+    response.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static(content_type));
+    response
 }
 
 /// How long a key's record outlives its expiry, so a late request hears "expired" rather than
@@ -249,14 +267,19 @@ pub async fn run(
         store_prefix: config.prefix.clone(),
         admin_token_sha256_hex: data_dir.admin_token.sha256_hex.clone(),
         pending_saves: Default::default(),
+        metrics: store.metrics,
     });
     let (stop_sender, stop_receiver) = watch::channel(false);
     let s3_task = match (listeners.s3, store.embedded_endpoint) {
         (Some(listener), Some(endpoint)) => Some(tokio::spawn(serve_http(listener, endpoint, stop_receiver.clone()))),
         _ => None,
     };
-    let health_task =
-        tokio::spawn(serve_http(listeners.metrics, hyper::service::service_fn(health), stop_receiver.clone()));
+    let metrics_service = service.clone();
+    let metrics_handler = hyper::service::service_fn(move |request| {
+        let response = metrics_listener(&request, &metrics_service);
+        async move { Ok::<_, Infallible>(response) }
+    });
+    let health_task = tokio::spawn(serve_http(listeners.metrics, metrics_handler, stop_receiver.clone()));
     let db = data_dir.db.clone();
     let mut sweeper_stop = stop_receiver.clone();
     let sweeper_task = tokio::spawn(async move {
@@ -274,7 +297,11 @@ pub async fn run(
     });
 
     let mut grpc_stop = stop_receiver;
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter.set_serving::<proto::v1::worker_server::WorkerServer<api::WorkerApi>>().await;
+    health_reporter.set_serving::<proto::v1::admin_server::AdminServer<api::AdminApi>>().await;
     let grpc = tonic::transport::Server::builder()
+        .add_service(health_service)
         .add_service(proto::v1::worker_server::WorkerServer::new(api::WorkerApi(service.clone())))
         .add_service(proto::v1::admin_server::AdminServer::new(api::AdminApi(service)))
         .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listeners.grpc), async move {

@@ -11,6 +11,7 @@ use s3s::{S3Result, s3_error};
 
 use crate::credentials::{SigningKey, now_unix, project_prefix};
 use crate::manifests::{Database, MintedKeyRecord};
+use crate::metrics::{Metrics, ProjectLabels};
 use crate::scope::{KeyScope, Target, authorize};
 
 /// The header, and the presigned-URL query parameter, that carry the session token.
@@ -44,6 +45,7 @@ impl S3Auth for MintedKeyAuth {
 
 /// Checks expiry, session token and scope of every signed request.
 struct MintedKeyAccess {
+    metrics: Arc<Metrics>,
     db: Database,
     signing_key: Arc<SigningKey>,
     bucket: String,
@@ -70,7 +72,10 @@ impl S3Access for MintedKeyAccess {
         };
         let token_ok =
             presented_token.is_some_and(|token| self.signing_key.session_token_matches(&access_key_id, &token));
+        let refused =
+            || self.metrics.storage_refusals.get_or_create(&ProjectLabels { project: record.project.clone() }).inc();
         if !token_ok {
+            refused();
             tracing::warn!(
                 access_key_id,
                 project = record.project,
@@ -89,6 +94,7 @@ impl S3Access for MintedKeyAccess {
         };
         let operation = cx.s3_op().name();
         authorize(scope, operation, target).map_err(|reason| {
+            refused();
             tracing::warn!(access_key_id, project = record.project, operation, reason, "storage request refused");
             s3_error!(AccessDenied, "{reason}")
         })
@@ -97,6 +103,7 @@ impl S3Access for MintedKeyAccess {
 
 /// Builds the endpoint's HTTP service over the objects in `objects_root`.
 pub fn build_service(
+    metrics: Arc<Metrics>,
     objects_root: &std::path::Path,
     db: Database,
     signing_key: Arc<SigningKey>,
@@ -108,6 +115,7 @@ pub fn build_service(
     let mut builder = s3s::service::S3ServiceBuilder::new(file_system);
     builder.set_auth(MintedKeyAuth { db: db.clone(), signing_key: signing_key.clone() });
     builder.set_access(MintedKeyAccess {
+        metrics,
         db,
         signing_key,
         bucket: bucket.to_owned(),

@@ -25,6 +25,7 @@ pub struct CacheService {
     pub store_prefix: String,
     pub admin_token_sha256_hex: String,
     pub pending_saves: crate::saves::PendingSaves,
+    pub metrics: std::sync::Arc<crate::metrics::Metrics>,
 }
 
 /// The transfer plan handed to workers.
@@ -159,6 +160,7 @@ impl CacheService {
         let flushed = self.db.flush_project(project)?;
         self.db.flush_to_disk().await?;
         let deleted = self.store.delete_prefix(&project_prefix(&self.store_prefix, project)).await?;
+        self.metrics.flushes.get_or_create(&crate::metrics::ProjectLabels { project: project.to_owned() }).inc();
         tracing::info!(project, manifests = flushed.manifests_removed, objects = deleted.count, "project flushed");
         Ok(pb::FlushProjectResponse {
             manifests_removed: flushed.manifests_removed,
@@ -203,6 +205,9 @@ impl CacheService {
             }
         };
         let issued = self.broker.issue(project, access).await?;
+        let access_name = if access == KeyAccess::Write { "write" } else { "read" };
+        let grant = crate::metrics::GrantLabels { project: project.to_owned(), access: access_name.to_owned() };
+        self.metrics.credential_grants.get_or_create(&grant).inc();
         tracing::info!(project, access_key_id = issued.access_key_id, ?access, "credentials issued");
         Ok(credentials_message(issued))
     }
@@ -233,7 +238,17 @@ impl CacheService {
                 pb::RestoreOutcome::Unspecified => {}
             }
         }
+        self.metrics.record_report(project, report);
         self.db.add_to_counters(project, &report.service, &change)
+    }
+
+    /// The Prometheus text exposition, with the store gauges brought up to date from the ledger.
+    pub fn metrics_text(&self) -> Result<String, Error> {
+        for project in self.db.projects()? {
+            let (blobs, bytes) = self.db.blob_totals(&project.name)?;
+            self.metrics.set_store_totals(&project.name, blobs, bytes);
+        }
+        Ok(self.metrics.encode())
     }
 
     /// Finds the manifest of `key`, else of the first fallback that has one.

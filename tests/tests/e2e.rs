@@ -4,6 +4,8 @@
 mod e2e {
     mod awscli_isolation;
     mod buildkit;
+    mod dashboard;
+    mod deploy_files;
     mod docker_engine;
     mod embedded_s3_scope;
     mod projects_and_credentials;

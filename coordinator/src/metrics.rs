@@ -1,0 +1,263 @@
+//! The coordinator's Prometheus metrics (prometheus-client), fed by the workers' reports, the
+//! admin and credential paths, the embedded endpoint's refusals and every gRPC call. Labels are
+//! projects, services, operations and outcomes only: never digests or hosts, so cardinality
+//! stays bounded by what operators create.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use proto::v1 as pb;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProjectLabels {
+    pub project: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ServiceLabels {
+    pub project: String,
+    pub service: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RestoreLabels {
+    pub project: String,
+    pub service: String,
+    /// hit, partial, miss or error.
+    pub outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LayerLabels {
+    pub project: String,
+    pub service: String,
+    /// save or restore.
+    pub operation: String,
+    /// found (already stored, or already on the host) or transferred.
+    pub outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OperationLabels {
+    pub operation: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct GrantLabels {
+    pub project: String,
+    /// read or write.
+    pub access: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct GrpcLabels {
+    pub method: String,
+    pub code: String,
+}
+
+fn duration_histogram() -> Histogram {
+    // 0.1 s to about 27 minutes.
+    Histogram::new(exponential_buckets(0.1, 2.0, 15))
+}
+
+fn throughput_histogram() -> Histogram {
+    // 1 MB/s to about 4 GB/s.
+    Histogram::new(exponential_buckets(1e6, 2.0, 13))
+}
+
+/// Every metric, registered once; each family is safe to update from any task.
+pub struct Metrics {
+    registry: Registry,
+    pub restores: Family<RestoreLabels, Counter>,
+    pub saves: Family<ServiceLabels, Counter>,
+    pub layers: Family<LayerLabels, Counter>,
+    pub layer_bytes: Family<LayerLabels, Counter>,
+    pub save_duration: Family<ServiceLabels, Histogram, fn() -> Histogram>,
+    pub restore_duration: Family<ServiceLabels, Histogram, fn() -> Histogram>,
+    pub transfer_throughput: Family<OperationLabels, Histogram, fn() -> Histogram>,
+    pub store_bytes: Family<ProjectLabels, Gauge>,
+    pub store_blobs: Family<ProjectLabels, Gauge>,
+    pub flushes: Family<ProjectLabels, Counter>,
+    pub credential_grants: Family<GrantLabels, Counter>,
+    pub storage_refusals: Family<ProjectLabels, Counter>,
+    pub grpc_requests: Family<GrpcLabels, Counter>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("layer_cache");
+        let metrics = Metrics {
+            restores: Family::default(),
+            saves: Family::default(),
+            layers: Family::default(),
+            layer_bytes: Family::default(),
+            save_duration: Family::new_with_constructor(duration_histogram),
+            restore_duration: Family::new_with_constructor(duration_histogram),
+            transfer_throughput: Family::new_with_constructor(throughput_histogram),
+            store_bytes: Family::default(),
+            store_blobs: Family::default(),
+            flushes: Family::default(),
+            credential_grants: Family::default(),
+            storage_refusals: Family::default(),
+            grpc_requests: Family::default(),
+            registry: Registry::default(),
+        };
+        // Counter names carry no `_total`: the encoder adds it.
+        registry.register("restores", "Restores by outcome", metrics.restores.clone());
+        registry.register("saves", "Committed or unchanged saves reported by workers", metrics.saves.clone());
+        registry.register("layers", "Layers and configs by operation and outcome", metrics.layers.clone());
+        registry.register(
+            "layer_bytes",
+            "Bytes of layers and configs by operation and outcome",
+            metrics.layer_bytes.clone(),
+        );
+        registry.register("save_duration_seconds", "Duration of saves", metrics.save_duration.clone());
+        registry.register("restore_duration_seconds", "Duration of restores", metrics.restore_duration.clone());
+        registry.register(
+            "transfer_throughput_bytes_per_second",
+            "Throughput of saves and restores that moved bytes",
+            metrics.transfer_throughput.clone(),
+        );
+        registry.register("store_bytes", "Bytes stored per project", metrics.store_bytes.clone());
+        registry.register("store_blobs", "Blobs stored per project", metrics.store_blobs.clone());
+        registry.register("flushes", "Project flushes", metrics.flushes.clone());
+        registry.register("credential_grants", "Storage credentials handed out", metrics.credential_grants.clone());
+        registry.register(
+            "storage_refusals",
+            "Requests the embedded endpoint refused",
+            metrics.storage_refusals.clone(),
+        );
+        registry.register("grpc_requests", "gRPC calls by method and status code", metrics.grpc_requests.clone());
+        Metrics { registry, ..metrics }
+    }
+
+    /// Adds one worker report.
+    pub fn record_report(&self, project: &str, report: &pb::ReportMetricsRequest) {
+        let service = ServiceLabels { project: project.to_owned(), service: report.service.clone() };
+        let operation = match report.operation() {
+            pb::Operation::Save => "save",
+            pb::Operation::Restore => "restore",
+            pb::Operation::Unspecified => return,
+        };
+        let mut bytes_moved = 0u64;
+        for layer in &report.layers {
+            let outcome = match layer.outcome() {
+                pb::LayerOutcome::Found => "found",
+                pb::LayerOutcome::Transferred => {
+                    bytes_moved += layer.bytes;
+                    "transferred"
+                }
+                pb::LayerOutcome::Failed | pb::LayerOutcome::Unspecified => continue,
+            };
+            let labels = LayerLabels {
+                project: project.to_owned(),
+                service: report.service.clone(),
+                operation: operation.to_owned(),
+                outcome: outcome.to_owned(),
+            };
+            self.layers.get_or_create(&labels).inc();
+            self.layer_bytes.get_or_create(&labels).inc_by(layer.bytes);
+        }
+        match report.operation() {
+            pb::Operation::Save => {
+                self.saves.get_or_create(&service).inc();
+                self.save_duration.get_or_create(&service).observe(report.total_seconds);
+            }
+            _ => {
+                let outcome = match report.restore_outcome() {
+                    pb::RestoreOutcome::Hit => "hit",
+                    pb::RestoreOutcome::Partial => "partial",
+                    pb::RestoreOutcome::Miss => "miss",
+                    pb::RestoreOutcome::Error | pb::RestoreOutcome::Unspecified => "error",
+                };
+                let labels = RestoreLabels {
+                    project: project.to_owned(),
+                    service: report.service.clone(),
+                    outcome: outcome.to_owned(),
+                };
+                self.restores.get_or_create(&labels).inc();
+                if outcome != "miss" {
+                    self.restore_duration.get_or_create(&service).observe(report.total_seconds);
+                }
+            }
+        }
+        if bytes_moved > 0 && report.total_seconds > 0.0 {
+            self.transfer_throughput
+                .get_or_create(&OperationLabels { operation: operation.to_owned() })
+                .observe(bytes_moved as f64 / report.total_seconds);
+        }
+    }
+
+    pub fn record_grpc(&self, method: &str, code: tonic::Code) {
+        let labels = GrpcLabels { method: method.to_owned(), code: format!("{code:?}") };
+        self.grpc_requests.get_or_create(&labels).inc();
+    }
+
+    /// The text exposition, after `set_store_totals` brought the gauges up to date.
+    pub fn encode(&self) -> String {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &self.registry).expect("writing to a String cannot fail");
+        text
+    }
+
+    pub fn set_store_totals(&self, project: &str, blobs: u64, bytes: u64) {
+        let labels = ProjectLabels { project: project.to_owned() };
+        self.store_blobs.get_or_create(&labels).set(blobs as i64);
+        self.store_bytes.get_or_create(&labels).set(bytes as i64);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reports_become_labelled_counters() {
+        let metrics = Metrics::new();
+        let layer =
+            |bytes, outcome: pb::LayerOutcome| pb::LayerMetric { bytes, outcome: outcome as i32, ..Default::default() };
+        metrics.record_report(
+            "shop",
+            &pb::ReportMetricsRequest {
+                service: "web".into(),
+                operation: pb::Operation::Restore as i32,
+                restore_outcome: pb::RestoreOutcome::Hit as i32,
+                layers: vec![layer(100, pb::LayerOutcome::Transferred)],
+                total_seconds: 0.5,
+            },
+        );
+        metrics.record_report(
+            "shop",
+            &pb::ReportMetricsRequest {
+                service: "web".into(),
+                operation: pb::Operation::Save as i32,
+                layers: vec![layer(7, pb::LayerOutcome::Found)],
+                total_seconds: 0.1,
+                ..Default::default()
+            },
+        );
+        metrics.set_store_totals("shop", 3, 42);
+        metrics.record_grpc("Lookup", tonic::Code::Ok);
+        let text = metrics.encode();
+        for line in [
+            "layer_cache_restores_total{project=\"shop\",service=\"web\",outcome=\"hit\"} 1",
+            "layer_cache_layer_bytes_total{project=\"shop\",service=\"web\",operation=\"restore\",outcome=\"transferred\"} 100",
+            "layer_cache_layer_bytes_total{project=\"shop\",service=\"web\",operation=\"save\",outcome=\"found\"} 7",
+            "layer_cache_saves_total{project=\"shop\",service=\"web\"} 1",
+            "layer_cache_store_bytes{project=\"shop\"} 42",
+            "layer_cache_grpc_requests_total{method=\"Lookup\",code=\"Ok\"} 1",
+            "layer_cache_transfer_throughput_bytes_per_second_count{operation=\"restore\"} 1",
+        ] {
+            assert!(text.contains(line), "{line} missing from:\n{text}");
+        }
+    }
+}
