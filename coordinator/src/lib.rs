@@ -301,6 +301,7 @@ pub async fn run(
     health_reporter.set_serving::<proto::v1::worker_server::WorkerServer<api::WorkerApi>>().await;
     health_reporter.set_serving::<proto::v1::admin_server::AdminServer<api::AdminApi>>().await;
     let grpc = tonic::transport::Server::builder()
+        .trace_fn(telemetry::grpc_server_span)
         .add_service(health_service)
         .add_service(proto::v1::worker_server::WorkerServer::new(api::WorkerApi(service.clone())))
         .add_service(proto::v1::admin_server::AdminServer::new(api::AdminApi(service)))

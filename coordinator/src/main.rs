@@ -10,15 +10,6 @@ use coordinator::{Listeners, open_data_dir, open_store, run};
 /// Exit code for bad configuration or an unusable data directory (EX_USAGE).
 const EXIT_BAD_CONFIG: u8 = 64;
 
-fn init_tracing() {
-    // s3s logs whole requests at debug level, session tokens included: it never goes below warn.
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"))
-        .add_directive("s3s=warn".parse().expect("static directive"))
-        .add_directive("s3s_fs=warn".parse().expect("static directive"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
-}
-
 /// Reads a secret from `NAME` or from the file named by `NAME_FILE`.
 fn secret_from_env(name: &str) -> Result<Option<String>, ConfigError> {
     if let Ok(value) = std::env::var(name) {
@@ -51,7 +42,8 @@ async fn shutdown_signal() {
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing();
+    // s3s logs whole requests at debug level, session tokens included: it never goes below warn.
+    let _telemetry = telemetry::init("cache-coordinator", "RUST_LOG", "info", &["s3s=warn", "s3s_fs=warn"]);
     let Command::Serve(args) = cli.command;
     let fail = |code: u8, message: String| {
         eprintln!("cache-coordinator: {message}");

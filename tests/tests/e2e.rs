@@ -11,4 +11,5 @@ mod e2e {
     mod projects_and_credentials;
     mod s3_store;
     mod save_restore;
+    mod traces;
 }

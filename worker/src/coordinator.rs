@@ -5,7 +5,20 @@ use proto::v1::worker_client::WorkerClient;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
-pub type Client = WorkerClient<InterceptedService<Channel, BearerToken>>;
+pub type Client = WorkerClient<InterceptedService<Channel, CallMetadata>>;
+
+/// What every call carries: the project token, and the trace context of the current span so
+/// the coordinator's spans join the worker's trace.
+#[derive(Clone)]
+pub struct CallMetadata(BearerToken);
+
+impl tonic::service::Interceptor for CallMetadata {
+    fn call(&mut self, request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        let mut request = self.0.call(request)?;
+        telemetry::inject_trace_context(request.metadata_mut());
+        Ok(request)
+    }
+}
 
 /// A connected client plus the URL, for error messages.
 pub struct Coordinator {
@@ -18,7 +31,8 @@ impl Coordinator {
         let token =
             token.ok_or_else(|| ClientError::Invalid("no project token: pass --token or set CACHE_TOKEN".into()))?;
         let token = BearerToken::new(token)?;
-        Ok(Coordinator { client: WorkerClient::with_interceptor(connect(url).await?, token), url: url.to_owned() })
+        let client = WorkerClient::with_interceptor(connect(url).await?, CallMetadata(token));
+        Ok(Coordinator { client, url: url.to_owned() })
     }
 
     /// Sends the per-layer figures of one save or restore. A cache never breaks a build: a

@@ -4,6 +4,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use proto::v1 as pb;
+use tracing::Instrument;
 use worker::coordinator::Coordinator;
 use worker::docker::Engine;
 use worker::error::WorkerError;
@@ -67,12 +68,6 @@ enum Command {
         #[arg(long, value_enum, default_value = "env")]
         format: CredentialsFormat,
     },
-}
-
-fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("CACHE_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
 }
 
 async fn run_restore(cli: &Cli, options: RestoreOptions, strict: bool, print_cache_from: bool) -> ExitCode {
@@ -146,7 +141,7 @@ async fn run(cli: Cli) -> Result<(), WorkerError> {
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing();
+    let _telemetry = telemetry::init("cache-worker", "CACHE_LOG", "warn", &[]);
     if let Command::Restore { service, branch, fallback_branches, strict, print_cache_from } = &cli.command {
         let options = RestoreOptions {
             service: service.clone(),
@@ -154,13 +149,18 @@ async fn main() -> ExitCode {
             fallback_branches: fallback_branches.clone(),
         };
         let (strict, print_cache_from) = (*strict, *print_cache_from);
-        return run_restore(&cli, options, strict, print_cache_from).await;
+        let span = tracing::info_span!("restore", service = %service);
+        return run_restore(&cli, options, strict, print_cache_from).instrument(span).await;
     }
     let saving = match &cli.command {
         Command::Save { service, .. } => Some(service.clone()),
         _ => None,
     };
-    match run(cli).await {
+    let span = match &cli.command {
+        Command::Save { service, .. } => tracing::info_span!("save", service = %service),
+        _ => tracing::info_span!("credentials"),
+    };
+    match run(cli).instrument(span).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             match saving {

@@ -1,0 +1,100 @@
+//! Traces: with `OTEL_EXPORTER_OTLP_ENDPOINT` set, one restore is one trace across the worker
+//! and the coordinator, received here by an OTLP receiver inside the test.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{TraceService, TraceServiceServer};
+use opentelemetry_proto::tonic::collector::trace::v1::{ExportTraceServiceRequest, ExportTraceServiceResponse};
+use tests::{CoordinatorProcess, DockerEngine, EngineKind, binary, stderr_of};
+
+/// Spans received: (service.name, trace ID, span name).
+#[derive(Clone, Default)]
+struct Receiver(Arc<Mutex<Vec<(String, Vec<u8>, String)>>>);
+
+#[tonic::async_trait]
+impl TraceService for Receiver {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        let mut spans = self.0.lock().unwrap();
+        for resource_spans in request.into_inner().resource_spans {
+            let service = resource_spans
+                .resource
+                .iter()
+                .flat_map(|resource| &resource.attributes)
+                .find(|attribute| attribute.key == "service.name")
+                .and_then(|attribute| attribute.value.as_ref())
+                .and_then(|value| match &value.value {
+                    Some(opentelemetry_proto::tonic::common::v1::any_value::Value::StringValue(name)) => {
+                        Some(name.clone())
+                    }
+                    _ => None,
+                })
+                .unwrap_or_default();
+            for scope_spans in resource_spans.scope_spans {
+                for span in scope_spans.spans {
+                    spans.push((service.clone(), span.trace_id, span.name));
+                }
+            }
+        }
+        Ok(tonic::Response::new(ExportTraceServiceResponse { partial_success: None }))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_restore_is_one_trace_across_worker_and_coordinator() {
+    let Some(host) = DockerEngine::start(EngineKind::Engine20) else { return };
+    let receiver = Receiver::default();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let endpoint = format!("http://{}", listener.local_addr().unwrap());
+    let server = tonic::transport::Server::builder()
+        .add_service(TraceServiceServer::new(receiver.clone()))
+        .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener));
+    let server = tokio::spawn(server);
+
+    let data_dir = tempfile::tempdir().unwrap();
+    let env = [("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str())];
+    let coordinator = CoordinatorProcess::start_with_env(data_dir.path(), &[], &env);
+    let token = coordinator.create_project("shop");
+    let grpc_url = coordinator.grpc_url.clone();
+    let host_url = host.host.clone();
+    let restored = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(binary("cache-worker"))
+            .args(["--coordinator", &grpc_url, "restore", "--service", "web"])
+            .env("CACHE_TOKEN", &token)
+            .env("DOCKER_HOST", &host_url)
+            .env("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(restored.status.success(), "{}", stderr_of(&restored));
+    // Stopping flushes the coordinator's spans; the worker flushed its own when it exited.
+    tokio::task::spawn_blocking(move || coordinator.stop()).await.unwrap();
+    server.abort();
+
+    let spans = receiver.0.lock().unwrap().clone();
+    let mut services_by_trace: HashMap<Vec<u8>, HashSet<String>> = HashMap::new();
+    for (service, trace_id, _) in &spans {
+        services_by_trace.entry(trace_id.clone()).or_default().insert(service.clone());
+    }
+    let restore_trace = spans
+        .iter()
+        .find(|(service, _, name)| service == "cache-worker" && name == "restore")
+        .map(|(_, trace_id, _)| trace_id.clone())
+        .unwrap_or_else(|| panic!("no restore span from the worker in {spans:?}"));
+    let services = &services_by_trace[&restore_trace];
+    assert!(
+        services.contains("cache-coordinator"),
+        "the coordinator's spans are not in the restore's trace: {spans:?}"
+    );
+    let coordinator_spans: Vec<&str> = spans
+        .iter()
+        .filter(|(service, trace_id, _)| service == "cache-coordinator" && *trace_id == restore_trace)
+        .map(|(_, _, name)| name.as_str())
+        .collect();
+    assert!(coordinator_spans.contains(&"lookup"), "{coordinator_spans:?}");
+}
