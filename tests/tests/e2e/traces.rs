@@ -8,9 +8,17 @@ use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{Tra
 use opentelemetry_proto::tonic::collector::trace::v1::{ExportTraceServiceRequest, ExportTraceServiceResponse};
 use tests::{CoordinatorProcess, DockerEngine, EngineKind, binary, stderr_of};
 
-/// Spans received: (service.name, trace ID, span name).
+/// One span as received.
+#[derive(Clone, Debug)]
+struct ReceivedSpan {
+    /// The `service.name` of the process that sent it.
+    service: String,
+    trace_id: Vec<u8>,
+    name: String,
+}
+
 #[derive(Clone, Default)]
-struct Receiver(Arc<Mutex<Vec<(String, Vec<u8>, String)>>>);
+struct Receiver(Arc<Mutex<Vec<ReceivedSpan>>>);
 
 #[tonic::async_trait]
 impl TraceService for Receiver {
@@ -35,7 +43,7 @@ impl TraceService for Receiver {
                 .unwrap_or_default();
             for scope_spans in resource_spans.scope_spans {
                 for span in scope_spans.spans {
-                    spans.push((service.clone(), span.trace_id, span.name));
+                    spans.push(ReceivedSpan { service: service.clone(), trace_id: span.trace_id, name: span.name });
                 }
             }
         }
@@ -78,13 +86,13 @@ async fn one_restore_is_one_trace_across_worker_and_coordinator() {
 
     let spans = receiver.0.lock().unwrap().clone();
     let mut services_by_trace: HashMap<Vec<u8>, HashSet<String>> = HashMap::new();
-    for (service, trace_id, _) in &spans {
-        services_by_trace.entry(trace_id.clone()).or_default().insert(service.clone());
+    for span in &spans {
+        services_by_trace.entry(span.trace_id.clone()).or_default().insert(span.service.clone());
     }
     let restore_trace = spans
         .iter()
-        .find(|(service, _, name)| service == "cache-worker" && name == "restore")
-        .map(|(_, trace_id, _)| trace_id.clone())
+        .find(|span| span.service == "cache-worker" && span.name == "restore")
+        .map(|span| span.trace_id.clone())
         .unwrap_or_else(|| panic!("no restore span from the worker in {spans:?}"));
     let services = &services_by_trace[&restore_trace];
     assert!(
@@ -93,8 +101,8 @@ async fn one_restore_is_one_trace_across_worker_and_coordinator() {
     );
     let coordinator_spans: Vec<&str> = spans
         .iter()
-        .filter(|(service, trace_id, _)| service == "cache-coordinator" && *trace_id == restore_trace)
-        .map(|(_, _, name)| name.as_str())
+        .filter(|span| span.service == "cache-coordinator" && span.trace_id == restore_trace)
+        .map(|span| span.name.as_str())
         .collect();
     assert!(coordinator_spans.contains(&"lookup"), "{coordinator_spans:?}");
 }
