@@ -521,3 +521,14 @@ impl Drop for PrometheusProcess {
         let _ = self.child.wait();
     }
 }
+
+/// The seed scenario's Dockerfile: FROM, RUN, RUN, COPY, ENV, RUN.
+pub const SEED_DOCKERFILE: &str = "FROM base:1\nRUN echo one > /one\nRUN echo two > /two\nCOPY file.txt /file.txt\nENV GREETING=hello\nRUN cat /file.txt /one > /three\n";
+
+/// A build context with `dockerfile` and the `file.txt` the seed Dockerfile copies.
+pub fn build_context(dockerfile: &str) -> tempfile::TempDir {
+    let context = tempfile::tempdir().expect("build context");
+    std::fs::write(context.path().join("Dockerfile"), dockerfile).expect("write Dockerfile");
+    std::fs::write(context.path().join("file.txt"), "content\n").expect("write file.txt");
+    context
+}

@@ -6,18 +6,9 @@
 use std::collections::HashSet;
 use std::path::Path;
 
-use tests::{CoordinatorProcess, DockerEngine, EngineKind, stderr_of, stdout_of};
+use tests::{CoordinatorProcess, DockerEngine, EngineKind, SEED_DOCKERFILE, build_context, stderr_of, stdout_of};
 
 const INLINE_CACHE: &str = "--build-arg=BUILDKIT_INLINE_CACHE=1";
-
-fn context(dockerfile: &str) -> tempfile::TempDir {
-    let context = tempfile::tempdir().unwrap();
-    std::fs::write(context.path().join("Dockerfile"), dockerfile).unwrap();
-    std::fs::write(context.path().join("file.txt"), "content\n").unwrap();
-    context
-}
-
-const APP_DOCKERFILE: &str = "FROM base:1\nRUN echo one > /one\nRUN echo two > /two\nCOPY file.txt /file.txt\nENV GREETING=hello\nRUN cat /file.txt /one > /three\n";
 
 /// BuildKit's plain progress: (Dockerfile steps after FROM, those of them that said `CACHED`),
 /// as progress IDs (`#5`).
@@ -59,7 +50,7 @@ fn buildkit_scenario(kind: EngineKind) {
     let coordinator = CoordinatorProcess::start(data_dir.path(), &[]);
     let token = coordinator.create_project("shop");
     build_host.import_busybox_base("base:1");
-    let app = context(APP_DOCKERFILE);
+    let app = build_context(SEED_DOCKERFILE);
     let first = build(&build_host, app.path(), "app:latest", &[INLINE_CACHE]);
     assert!(steps_and_cached(&first).1.is_empty(), "the first build runs every step: {first}");
 
@@ -82,7 +73,7 @@ fn buildkit_scenario(kind: EngineKind) {
     assert_fully_cached(&rebuilt, 4);
 
     // An image without inline cache metadata is saved too, with a warning that says how to fix it.
-    let plain = context("FROM base:1\nRUN echo plain > /plain\n");
+    let plain = build_context("FROM base:1\nRUN echo plain > /plain\n");
     build(&build_host, plain.path(), "plain:1", &[]);
     let saved = coordinator.cache_worker_on(&build_host, &token, &["save", "--service", "plain", "plain:1", "base:1"]);
     assert!(saved.status.success(), "save: {}", stderr_of(&saved));
@@ -111,8 +102,8 @@ fn a_classic_and_a_buildkit_service_share_one_store() {
     let coordinator = CoordinatorProcess::start(data_dir.path(), &[]);
     let token = coordinator.create_project("shop");
     build_host.import_busybox_base("base:1");
-    let web = context(APP_DOCKERFILE);
-    let api = context("FROM base:1\nRUN echo api > /api\nCOPY file.txt /api.txt\n");
+    let web = build_context(SEED_DOCKERFILE);
+    let api = build_context("FROM base:1\nRUN echo api > /api\nCOPY file.txt /api.txt\n");
     let classic = build_host.classic_build(web.path(), "web:latest", &[]);
     assert!(classic.status.success(), "{}", stderr_of(&classic));
     build(&build_host, api.path(), "api:latest", &[INLINE_CACHE]);
@@ -159,7 +150,7 @@ fn the_containerd_image_store_never_fails_a_build() {
     let data_dir = tempfile::tempdir().unwrap();
     let coordinator = CoordinatorProcess::start(data_dir.path(), &[]);
     let token = coordinator.create_project("shop");
-    let app = context(APP_DOCKERFILE);
+    let app = build_context(SEED_DOCKERFILE);
     for host in [&graph_driver_host, &containerd_host] {
         host.import_busybox_base("base:1");
         let built = host.classic_build(app.path(), "app:latest", &[]);

@@ -3,8 +3,8 @@
 //! under `PREFIX/PROJECT/`, and bad configuration refused at start-up.
 
 use tests::{
-    CoordinatorProcess, DockerEngine, EngineKind, binary, moto_url, parse_exports, platform_s3_client, stderr_of,
-    stdout_of,
+    CoordinatorProcess, DockerEngine, EngineKind, SEED_DOCKERFILE, binary, build_context, moto_url, parse_exports,
+    platform_s3_client, stderr_of, stdout_of,
 };
 
 const PLATFORM_KEY_ID: &str = "AKIAPLATFORMKEY00001";
@@ -74,13 +74,7 @@ async fn the_seed_scenario_runs_on_an_s3_store_with_sts_credentials() {
 
     // The seed scenario: build, save, a fresh host restores, the rebuild is fully cached.
     build_host.import_busybox_base("base:1");
-    let context = tempfile::tempdir().unwrap();
-    std::fs::write(
-        context.path().join("Dockerfile"),
-        "FROM base:1\nRUN echo one > /one\nRUN echo two > /two\nCOPY file.txt /file.txt\nENV GREETING=hello\nRUN cat /file.txt /one > /three\n",
-    )
-    .unwrap();
-    std::fs::write(context.path().join("file.txt"), "content\n").unwrap();
+    let context = build_context(SEED_DOCKERFILE);
     let built = build_host.classic_build(context.path(), "app:latest", &[]);
     assert!(built.status.success(), "{}", stderr_of(&built));
     let saved = coordinator.cache_worker_on(&build_host, &token, &["save", "--service", "web", "app:latest"]);

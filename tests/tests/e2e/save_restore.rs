@@ -5,19 +5,7 @@
 
 use std::path::Path;
 
-use tests::{CoordinatorProcess, DockerEngine, EngineKind, stderr_of, stdout_of};
-
-/// The seed Dockerfile: FROM, RUN, RUN, COPY, ENV, RUN.
-fn seed_context() -> tempfile::TempDir {
-    let context = tempfile::tempdir().unwrap();
-    std::fs::write(
-        context.path().join("Dockerfile"),
-        "FROM base:1\nRUN echo one > /one\nRUN echo two > /two\nCOPY file.txt /file.txt\nENV GREETING=hello\nRUN cat /file.txt /one > /three\n",
-    )
-    .unwrap();
-    std::fs::write(context.path().join("file.txt"), "content\n").unwrap();
-    context
-}
+use tests::{CoordinatorProcess, DockerEngine, EngineKind, SEED_DOCKERFILE, build_context, stderr_of, stdout_of};
 
 fn build_app(engine: &DockerEngine, context: &Path, extra_args: &[&str]) -> String {
     let built = engine.classic_build(context, "app:latest", extra_args);
@@ -46,7 +34,7 @@ fn seed_scenario(kind: EngineKind) {
     let coordinator = CoordinatorProcess::start(data_dir.path(), &[]);
     let token = coordinator.create_project("web");
     build_host.import_busybox_base("base:1");
-    let context = seed_context();
+    let context = build_context(SEED_DOCKERFILE);
     build_app(&build_host, context.path(), &[]);
     let app_id = image_id(&build_host, "app:latest");
 
@@ -144,7 +132,7 @@ fn a_broken_cache_never_breaks_a_build() {
     let coordinator = CoordinatorProcess::start(data_dir.path(), &[]);
     let token = coordinator.create_project("web");
     build_host.import_busybox_base("base:1");
-    let context = seed_context();
+    let context = build_context(SEED_DOCKERFILE);
     build_app(&build_host, context.path(), &[]);
     let saved = coordinator.cache_worker_on(&build_host, &token, &["save", "--service", "web", "app:latest"]);
     assert!(saved.status.success(), "save: {}", stderr_of(&saved));
