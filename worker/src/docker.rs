@@ -129,6 +129,21 @@ impl Engine {
         Ok(chain)
     }
 
+    /// Every layer chain the engine's layer store holds, as diff IDs from the bottom: each
+    /// prefix of each image's layers. `docker load` does not read a layer whose chain is here.
+    pub async fn layer_chains(&self) -> Result<std::collections::HashSet<Vec<String>>, EngineError> {
+        let options = bollard::query_parameters::ListImagesOptions { all: true, ..Default::default() };
+        let summaries = self.docker.list_images(Some(options)).await.map_err(failed("list images"))?;
+        let mut chains = std::collections::HashSet::new();
+        for summary in summaries {
+            let diff_ids = self.diff_ids(&summary.id).await?;
+            for end in 1..=diff_ids.len() {
+                chains.insert(diff_ids[..end].to_vec());
+            }
+        }
+        Ok(chains)
+    }
+
     /// `docker save` of `references`, as a byte stream.
     pub fn export(&self, references: &[String]) -> impl Stream<Item = std::io::Result<Bytes>> + Send + 'static {
         let references: Vec<&str> = references.iter().map(String::as_str).collect();

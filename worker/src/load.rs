@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use bytes::Bytes;
-use futures::{Stream, StreamExt};
+use futures::Stream;
 use proto::v1 as pb;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
@@ -26,6 +26,9 @@ pub struct PlannedBlob {
     pub stored_digest: String,
     /// Bytes as stored.
     pub size: u64,
+    /// The host already holds this layer's chain wherever the tarball uses it: `docker load`
+    /// does not read it, so it goes as an empty entry and is not downloaded.
+    pub skipped: bool,
 }
 
 /// What to write: the blobs, then `manifest.json`.
@@ -51,7 +54,18 @@ fn hex(digest: &str) -> &str {
 
 /// Lays out the tarball of `manifest`: configs as `<hex>.json`, one `<hex>/layer.tar` per
 /// distinct layer, and the entries of `manifest.json` in the manifest's order (parents first).
-pub fn plan_load(manifest: &pb::Manifest) -> LoadPlan {
+/// A layer is left empty when every chain it ends in the tarball is in `present_chains` (the
+/// host's layer chains, as lists of diff IDs from the bottom).
+pub fn plan_load(manifest: &pb::Manifest, present_chains: &HashSet<Vec<String>>) -> LoadPlan {
+    let mut needed: HashSet<&str> = HashSet::new();
+    for image in &manifest.images {
+        let diff_ids: Vec<String> = image.layers.iter().map(|layer| layer.digest.clone()).collect();
+        for (layer_idx, layer) in image.layers.iter().enumerate() {
+            if !present_chains.contains(&diff_ids[..=layer_idx]) {
+                needed.insert(&layer.digest);
+            }
+        }
+    }
     let mut blobs = Vec::new();
     let mut seen = HashSet::new();
     let image_ids: HashSet<&str> = manifest.images.iter().map(|image| image.id.as_str()).collect();
@@ -64,6 +78,7 @@ pub fn plan_load(manifest: &pb::Manifest) -> LoadPlan {
                 digest: image.id.clone(),
                 stored_digest: image.id.clone(),
                 size: image.config_size,
+                skipped: false,
             });
         }
         let mut layers = Vec::new();
@@ -77,6 +92,7 @@ pub fn plan_load(manifest: &pb::Manifest) -> LoadPlan {
                     digest: layer.digest.clone(),
                     stored_digest: if compressed { layer.stored_digest.clone() } else { layer.digest.clone() },
                     size: if compressed { layer.stored_size } else { layer.size },
+                    skipped: !needed.contains(layer.digest.as_str()),
                 });
             }
             layers.push(path);
@@ -122,8 +138,6 @@ pub struct BlobOutcome {
 pub enum LoadFailure {
     #[error("blob {digest} failed verification: its stored content hashes to {actual}")]
     DigestMismatch { digest: String, actual: String },
-    #[error("blob {digest} has {actual} bytes, the manifest says {expected}")]
-    SizeMismatch { digest: String, expected: u64, actual: u64 },
     #[error("{0}")]
     Transfer(String),
 }
@@ -132,52 +146,65 @@ pub enum LoadFailure {
 #[derive(Default)]
 pub struct LoadReport {
     pub failure: Mutex<Option<LoadFailure>>,
+    /// Blobs downloaded and verified.
     pub blobs: Mutex<Vec<BlobOutcome>>,
+    /// Layers left out because the host already holds them.
+    pub skipped: Mutex<Vec<String>>,
 }
 
-/// Chunks of one blob, fetched ahead of the writer by a bounded amount.
-const CHUNKS_AHEAD_PER_BLOB: usize = 16;
+/// One ranged GET: a part of a blob, in tarball order.
+struct PlannedPart {
+    blob_idx: usize,
+    offset: u64,
+    length: u64,
+}
 
-/// The tarball of `plan` as a stream, fetching up to `concurrency` blobs at once.
+/// Splits the blobs into parts of at most `part_size` bytes, in tarball order. Blobs the host
+/// already has (`skipped`) and empty ones have none.
+fn plan_parts(blobs: &[PlannedBlob], part_size: u64) -> Vec<PlannedPart> {
+    let mut parts = Vec::new();
+    for (blob_idx, blob) in blobs.iter().enumerate() {
+        let mut offset = 0;
+        while offset < blob.size && !blob.skipped {
+            let length = part_size.min(blob.size - offset);
+            parts.push(PlannedPart { blob_idx, offset, length });
+            offset += length;
+        }
+    }
+    parts
+}
+
+/// A downloaded part, holding its permit so memory stays bounded until the writer used it.
+type FetchedPart = Result<(Bytes, tokio::sync::OwnedSemaphorePermit), String>;
+
+/// The tarball of `plan` as a stream. Parts of `part_size` bytes are fetched with ranged GETs,
+/// up to `concurrency` at once and in tarball order, so the writer always waits for the oldest
+/// part in flight and memory stays under `concurrency × part_size`.
 pub fn load_stream(
     store: BlobStore,
     plan: LoadPlan,
     concurrency: usize,
+    part_size: u64,
     report: Arc<LoadReport>,
 ) -> impl Stream<Item = std::io::Result<Bytes>> + Send + 'static {
-    let (sender, receiver) = mpsc::channel::<std::io::Result<Bytes>>(CHUNKS_AHEAD_PER_BLOB);
+    let (sender, receiver) = mpsc::channel::<std::io::Result<Bytes>>(4);
     tokio::spawn(async move {
         let semaphore = Arc::new(Semaphore::new(concurrency.max(1)));
-        // Fetchers take their permits in tarball order, so the blob the writer waits for always
-        // holds one: no deadlock, and at most `concurrency` blobs are in memory.
-        let (fetchers_sender, mut fetchers) = mpsc::unbounded_channel();
-        let fetch_store = store.clone();
+        let parts = plan_parts(&plan.blobs, part_size.max(1024 * 1024));
+        let (parts_sender, mut parts_receiver) =
+            mpsc::unbounded_channel::<tokio::sync::oneshot::Receiver<FetchedPart>>();
         let fetch_blobs = plan.blobs.clone();
-        let fetch_semaphore = semaphore.clone();
         tokio::spawn(async move {
-            for blob in fetch_blobs {
-                let Ok(permit) = fetch_semaphore.clone().acquire_owned().await else { return };
-                let (chunk_sender, chunk_receiver) = mpsc::channel::<Result<Bytes, String>>(CHUNKS_AHEAD_PER_BLOB);
-                let store = fetch_store.clone();
+            for part in parts {
+                let Ok(permit) = semaphore.clone().acquire_owned().await else { return };
+                let (part_sender, part_receiver) = tokio::sync::oneshot::channel();
+                let store = store.clone();
+                let digest = fetch_blobs[part.blob_idx].digest.clone();
                 tokio::spawn(async move {
-                    let _permit = permit;
-                    match store.download(&blob.digest).await {
-                        Ok(body) => {
-                            let mut body = std::pin::pin!(body);
-                            while let Some(chunk) = body.next().await {
-                                let chunk = chunk.map_err(|error| error.to_string());
-                                let stop = chunk.is_err();
-                                if chunk_sender.send(chunk).await.is_err() || stop {
-                                    return;
-                                }
-                            }
-                        }
-                        Err(error) => {
-                            let _ = chunk_sender.send(Err(error.to_string())).await;
-                        }
-                    }
+                    let fetched = store.download_range(&digest, part.offset, part.length).await;
+                    let _ = part_sender.send(fetched.map(|bytes| (bytes, permit)).map_err(|error| error.to_string()));
                 });
-                if fetchers_sender.send(chunk_receiver).is_err() {
+                if parts_sender.send(part_receiver).is_err() {
                     return;
                 }
             }
@@ -189,35 +216,35 @@ pub fn load_stream(
             Err(std::io::Error::other(message))
         };
         for blob in &plan.blobs {
-            let Some(mut chunks) = fetchers.recv().await else { return };
-            if sender.send(Ok(tar_header(&blob.path_in_tar, blob.size))).await.is_err() {
+            let size = if blob.skipped { 0 } else { blob.size };
+            if sender.send(Ok(tar_header(&blob.path_in_tar, size))).await.is_err() {
                 return;
+            }
+            if blob.skipped {
+                report.skipped.lock().expect("report lock").push(blob.digest.clone());
+                continue;
             }
             let started = Instant::now();
             let mut hasher = Sha256::new();
             let mut written = 0u64;
-            while let Some(chunk) = chunks.recv().await {
-                let chunk = match chunk {
-                    Ok(chunk) => chunk,
+            while written < blob.size {
+                let fetched = match parts_receiver.recv().await {
+                    Some(part) => part.await.unwrap_or_else(|_| Err("a download task ended early".into())),
+                    None => Err("the download scheduler ended early".into()),
+                };
+                let (bytes, permit) = match fetched {
+                    Ok(fetched) => fetched,
                     Err(error) => {
                         let _ = sender.send(fail(LoadFailure::Transfer(error))).await;
                         return;
                     }
                 };
-                written += chunk.len() as u64;
-                if written > blob.size {
-                    break;
-                }
-                hasher.update(&chunk);
-                if sender.send(Ok(chunk)).await.is_err() {
+                written += bytes.len() as u64;
+                hasher.update(&bytes);
+                if sender.send(Ok(bytes)).await.is_err() {
                     return;
                 }
-            }
-            if written != blob.size {
-                let failure =
-                    LoadFailure::SizeMismatch { digest: blob.digest.clone(), expected: blob.size, actual: written };
-                let _ = sender.send(fail(failure)).await;
-                return;
+                drop(permit);
             }
             let actual = format!("sha256:{}", hex::encode(hasher.finalize()));
             if actual != blob.stored_digest {
@@ -278,7 +305,7 @@ mod tests {
             ],
             ..Default::default()
         };
-        let plan = plan_load(&manifest);
+        let plan = plan_load(&manifest, &HashSet::new());
         let paths: Vec<&str> = plan.blobs.iter().map(|blob| blob.path_in_tar.as_str()).collect();
         assert_eq!(paths.len(), 4, "two configs and two distinct layers: {paths:?}");
         let entries: serde_json::Value = serde_json::from_slice(&plan.manifest_json).unwrap();
@@ -287,6 +314,30 @@ mod tests {
         assert_eq!(entries[1]["Parent"], digest(1));
         assert_eq!(entries[1]["RepoTags"], serde_json::Value::Null);
         assert_eq!(entries[1]["Layers"][0], entries[0]["Layers"][0]);
+    }
+
+    #[test]
+    fn layers_whose_every_chain_is_on_the_host_are_left_out() {
+        let layer = |n| pb::Layer { digest: digest(n), size: 10, ..Default::default() };
+        let manifest = pb::Manifest {
+            images: vec![
+                pb::Image { id: digest(1), layers: vec![layer(10), layer(11)], config_size: 5, ..Default::default() },
+                // Layer 11 again, on another chain the host does not have.
+                pb::Image { id: digest(2), layers: vec![layer(12), layer(11)], config_size: 5, ..Default::default() },
+            ],
+            ..Default::default()
+        };
+        let present = HashSet::from([vec![digest(10)], vec![digest(10), digest(11)]]);
+        let plan = plan_load(&manifest, &present);
+        let skipped: Vec<&str> =
+            plan.blobs.iter().filter(|blob| blob.skipped).map(|blob| blob.digest.as_str()).collect();
+        assert_eq!(skipped, vec![digest(10).as_str()]);
+        let parts = plan_parts(&plan.blobs, 4);
+        assert_eq!(
+            parts.len(),
+            2 * 2 + 2 * 3,
+            "two configs of 5 bytes in 2 parts each, layers 11 and 12 in 3 each, none for 10"
+        );
     }
 
     #[test]

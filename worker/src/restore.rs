@@ -94,9 +94,9 @@ pub async fn restore(
     let credentials = credentials.credentials.unwrap_or_default();
     let plan = found.plan.unwrap_or_default();
     let store = BlobStore::new(&credentials, &plan);
-    let load_plan = plan_load(&manifest);
+    let load_plan = plan_load(&manifest, &engine.layer_chains().await?);
     let load_report = Arc::new(LoadReport::default());
-    let tarball = load_stream(store, load_plan, plan.max_concurrency as usize, load_report.clone());
+    let tarball = load_stream(store, load_plan, plan.max_concurrency as usize, plan.part_size, load_report.clone());
     let loaded = engine.load(tarball).await;
     // A verification failure is the cause of the engine's error: name the blob.
     if let Some(failure) = load_report.failure.lock().expect("report lock").clone() {
@@ -116,8 +116,9 @@ pub async fn restore(
         }
     }
     let blobs = load_report.blobs.lock().expect("report lock").clone();
+    let skipped = load_report.skipped.lock().expect("report lock").clone();
     let bytes: u64 = blobs.iter().map(|blob| blob.bytes).sum();
-    let layers = blobs
+    let mut layers: Vec<pb::LayerMetric> = blobs
         .iter()
         .map(|blob| pb::LayerMetric {
             digest: blob.digest.clone(),
@@ -126,15 +127,28 @@ pub async fn restore(
             outcome: pb::LayerOutcome::Transferred as i32,
         })
         .collect();
+    let layer_sizes: std::collections::HashMap<&str, u64> = manifest
+        .images
+        .iter()
+        .flat_map(|image| &image.layers)
+        .map(|layer| (layer.digest.as_str(), layer.size))
+        .collect();
+    layers.extend(skipped.iter().map(|digest| pb::LayerMetric {
+        digest: digest.clone(),
+        bytes: layer_sizes.get(digest.as_str()).copied().unwrap_or(0),
+        seconds: 0.0,
+        outcome: pb::LayerOutcome::Found as i32,
+    }));
     let seconds = started.elapsed().as_secs_f64();
     coordinator.report_metrics(report(pb::RestoreOutcome::Hit, layers, seconds)).await;
     let cache_from = cache_from_images(&manifest);
     say(&format!(
-        "restored {}: {} images, {} blobs ({}) in {:.1} s",
+        "restored {}: {} images, {} blobs downloaded ({}), {} layers already on this host, in {:.1} s",
         options.service,
         manifest.images.len(),
         blobs.len(),
         format_bytes(bytes),
+        skipped.len(),
         seconds
     ));
     say(&format!("add to docker build: {}", cache_from_flags(&cache_from)));

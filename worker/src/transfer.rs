@@ -193,6 +193,27 @@ impl BlobStore {
         }
     }
 
+    /// The bytes `offset..offset + length` of a stored blob, in memory. The caller verifies them.
+    pub async fn download_range(&self, digest: &str, offset: u64, length: u64) -> Result<Bytes, TransferError> {
+        let failed = |reason: String| TransferError::Download { digest: digest.to_owned(), reason };
+        let range = format!("bytes={offset}-{}", offset + length - 1);
+        let response =
+            self.client.get_object().bucket(&self.bucket).key(self.key(digest)).range(range).send().await.map_err(
+                |error| {
+                    if error.as_service_error().is_some_and(|e| e.is_no_such_key()) {
+                        TransferError::NotStored { digest: digest.to_owned() }
+                    } else {
+                        failed(reason(error))
+                    }
+                },
+            )?;
+        let bytes = response.body.collect().await.map_err(|error| failed(reason(error)))?.into_bytes();
+        if bytes.len() as u64 != length {
+            return Err(failed(format!("asked for {length} bytes at {offset}, got {}", bytes.len())));
+        }
+        Ok(bytes)
+    }
+
     /// Streams a blob's bytes as stored. The caller verifies them.
     pub async fn download(
         &self,

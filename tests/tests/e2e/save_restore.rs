@@ -89,6 +89,14 @@ fn seed_scenario(kind: EngineKind) {
     assert!(!rebuilt.contains("Running in"), "{rebuilt}");
     assert_eq!(image_id(&fresh_host, "app:latest"), app_id);
 
+    // Restoring again onto a host that holds every layer chain downloads no layer: the tarball
+    // carries them empty, and the engine loads it.
+    let again = coordinator.cache_worker_on(&fresh_host, &token, &["restore", "--service", "web", "--strict"]);
+    assert!(again.status.success(), "restore again: {}", stderr_of(&again));
+    let summary = stdout_of(&again);
+    assert!(summary.contains("6 blobs downloaded") && summary.contains("5 layers already on this host"), "{summary}");
+    assert_eq!(image_id(&fresh_host, "app:latest"), app_id);
+
     // After a flush, another fresh host finds nothing, and that is not an error.
     let flushed = coordinator.cachectl(&["flush", "web"]);
     assert!(flushed.status.success(), "{}", stderr_of(&flushed));
