@@ -13,7 +13,7 @@ use crate::store::ObjectStore;
 use crate::tokens;
 
 /// Default transfer plan until the planner (a later issue) tunes it per load.
-const DEFAULT_PART_SIZE: u64 = 16 * 1024 * 1024;
+const DEFAULT_PART_SIZE: u64 = 8 * 1024 * 1024;
 const DEFAULT_MAX_CONCURRENCY: u32 = 8;
 
 /// Shared by every gRPC handler; each field is itself safe to share.

@@ -187,7 +187,7 @@ pub fn load_stream(
     part_size: u64,
     report: Arc<LoadReport>,
 ) -> impl Stream<Item = std::io::Result<Bytes>> + Send + 'static {
-    let (sender, receiver) = mpsc::channel::<std::io::Result<Bytes>>(4);
+    let (sender, receiver) = mpsc::channel::<std::io::Result<Bytes>>(1);
     tokio::spawn(async move {
         let semaphore = Arc::new(Semaphore::new(concurrency.max(1)));
         let parts = plan_parts(&plan.blobs, part_size.max(1024 * 1024));
