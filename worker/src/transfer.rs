@@ -55,6 +55,15 @@ impl BlobStore {
             .behavior_version(BehaviorVersion::latest())
             .region(Region::new(region))
             .force_path_style(credentials.path_style)
+            // 5xx, throttling and timeouts are retried with exponential backoff and jitter; a
+            // part that stalls is cut off and retried rather than hanging the build.
+            .retry_config(aws_sdk_s3::config::retry::RetryConfig::standard().with_max_attempts(5))
+            .timeout_config(
+                aws_sdk_s3::config::timeout::TimeoutConfig::builder()
+                    .connect_timeout(std::time::Duration::from_secs(10))
+                    .operation_attempt_timeout(std::time::Duration::from_secs(300))
+                    .build(),
+            )
             // Every blob is verified against its sha256 as it streams (load.rs): a second,
             // CRC check would cost CPU the engine needs and hide which blob failed.
             .response_checksum_validation(aws_sdk_s3::config::ResponseChecksumValidation::WhenRequired)
