@@ -28,14 +28,30 @@ fn bytes_moved(coordinator: &CoordinatorProcess, service: &str) -> String {
     fields[fields.len() - 2..].join(" ")
 }
 
-fn seed_scenario(kind: EngineKind) {
-    let Some(build_host) = DockerEngine::start(kind) else { return };
+/// A build host with the seed image built, a coordinator and a project "web".
+struct SeedBuilt {
+    build_host: DockerEngine,
+    coordinator: CoordinatorProcess,
+    token: String,
+    context: tempfile::TempDir,
+    data_dir: tempfile::TempDir,
+}
+
+fn build_seed(kind: EngineKind) -> Option<SeedBuilt> {
+    let build_host = DockerEngine::start(kind)?;
     let data_dir = tempfile::tempdir().unwrap();
     let coordinator = CoordinatorProcess::start(data_dir.path(), &[]);
     let token = coordinator.create_project("web");
     build_host.import_busybox_base("base:1");
     let context = build_context(SEED_DOCKERFILE);
     build_app(&build_host, context.path(), &[]);
+    Some(SeedBuilt { build_host, coordinator, token, context, data_dir })
+}
+
+fn seed_scenario(kind: EngineKind) {
+    let Some(SeedBuilt { build_host, coordinator, token, context, data_dir: _data_dir }) = build_seed(kind) else {
+        return;
+    };
     let app_id = image_id(&build_host, "app:latest");
 
     // Save: the log names every image with its tags, and every layer.
@@ -135,13 +151,9 @@ fn corrupt_largest_blob(data_dir: &Path) -> String {
 
 #[test]
 fn a_broken_cache_never_breaks_a_build() {
-    let Some(build_host) = DockerEngine::start(EngineKind::Engine20) else { return };
-    let data_dir = tempfile::tempdir().unwrap();
-    let coordinator = CoordinatorProcess::start(data_dir.path(), &[]);
-    let token = coordinator.create_project("web");
-    build_host.import_busybox_base("base:1");
-    let context = build_context(SEED_DOCKERFILE);
-    build_app(&build_host, context.path(), &[]);
+    let Some(SeedBuilt { build_host, coordinator, token, context, data_dir }) = build_seed(EngineKind::Engine20) else {
+        return;
+    };
     let saved = coordinator.cache_worker_on(&build_host, &token, &["save", "--service", "web", "app:latest"]);
     assert!(saved.status.success(), "save: {}", stderr_of(&saved));
 
