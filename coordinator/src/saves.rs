@@ -4,7 +4,7 @@
 //!
 //! Architecture Invariant: a manifest never names a blob that was not verified present.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -18,6 +18,12 @@ use crate::service::{CacheService, default_plan, validate_key};
 
 /// How long a begun save may take before its commit is refused.
 const SAVE_LIFETIME: Duration = Duration::from_secs(6 * 3600);
+/// How long a save's claim on the blobs it uploads holds (single flight): another save of the
+/// project neither uploads them nor, at its commit, waits for them longer than this. A worker that
+/// died mid-save releases its claims when this runs out.
+const CLAIM_LIFETIME: Duration = Duration::from_secs(10 * 60);
+/// How often a commit waiting for another save's blobs looks at the store.
+const IN_FLIGHT_POLL: Duration = Duration::from_millis(250);
 const MAX_IMAGES: usize = 1000;
 const MAX_LAYERS_PER_IMAGE: usize = 1000;
 
@@ -29,17 +35,34 @@ struct PendingSave {
     image_ids: Vec<String>,
     engine_version: String,
     began: Instant,
+    /// The missing blobs this save uploads; no other save of the project uploads them meanwhile.
+    claimed: HashSet<String>,
 }
 
 /// Begun saves, by save ID. Held in memory: a coordinator restart makes workers save again.
 #[derive(Default)]
 pub struct PendingSaves(Mutex<HashMap<String, PendingSave>>);
 
+fn claims(save: &PendingSave, project: &str, digest: &str) -> bool {
+    save.project == project && save.began.elapsed() < CLAIM_LIFETIME && save.claimed.contains(digest)
+}
+
 impl PendingSaves {
-    fn insert(&self, save_id: String, save: PendingSave) {
+    /// Registers a save. Of the `missing` blobs it claims those no other live save of the
+    /// project has claimed, and returns (claimed: upload these, in flight: another save does).
+    fn begin(&self, save_id: String, mut save: PendingSave, missing: Vec<String>) -> (Vec<String>, Vec<String>) {
         let mut saves = self.0.lock().expect("pending saves lock");
         saves.retain(|_, pending| pending.began.elapsed() < SAVE_LIFETIME);
+        let (in_flight, to_upload): (Vec<String>, Vec<String>) =
+            missing.into_iter().partition(|digest| saves.values().any(|other| claims(other, &save.project, digest)));
+        save.claimed = to_upload.iter().cloned().collect();
         saves.insert(save_id, save);
+        (to_upload, in_flight)
+    }
+
+    /// Whether a live save of `project` other than the caller's is uploading `digest`.
+    fn in_flight(&self, project: &str, digest: &str) -> bool {
+        self.0.lock().expect("pending saves lock").values().any(|save| claims(save, project, digest))
     }
 
     fn take(&self, save_id: &str, project: &str) -> Result<PendingSave, Error> {
@@ -108,7 +131,7 @@ impl CacheService {
         let probe = pb::Manifest { images: request.images.clone(), ..Default::default() };
         let digests: BTreeSet<String> = manifest_digests(&probe);
         let stored = self.db.stored_blobs(project, &digests)?;
-        let missing_digests: Vec<String> = digests.iter().filter(|d| !stored.contains_key(*d)).cloned().collect();
+        let missing: Vec<String> = digests.iter().filter(|d| !stored.contains_key(*d)).cloned().collect();
         let current = self.db.manifest(project, &key.service, &key.branch)?;
         let wanted_ids: BTreeSet<&str> = request.images.iter().map(|image| image.id.as_str()).collect();
         let mut known_images: Vec<pb::Image> = Vec::new();
@@ -119,27 +142,34 @@ impl CacheService {
                 }
             }
         }
-        let unchanged = missing_digests.is_empty()
+        let unchanged = missing.is_empty()
             && current.is_some_and(|manifest| identity(&manifest.images) == identity(&request.images));
 
         let save_id = crate::tokens::random_hex_32();
-        self.pending_saves.insert(
-            save_id.clone(),
-            PendingSave {
-                project: project.to_owned(),
-                key,
-                generation: record.generation,
-                image_ids: request.images.iter().map(|image| image.id.clone()).collect(),
-                engine_version: request.engine_version.clone(),
-                began: Instant::now(),
-            },
-        );
-        let credentials = if missing_digests.is_empty() {
+        let pending = PendingSave {
+            project: project.to_owned(),
+            key,
+            generation: record.generation,
+            image_ids: request.images.iter().map(|image| image.id.clone()).collect(),
+            engine_version: request.engine_version.clone(),
+            began: Instant::now(),
+            claimed: HashSet::new(),
+        };
+        let (missing_digests, in_flight_digests) = self.pending_saves.begin(save_id.clone(), pending, missing);
+        // Blobs in flight still need the worker's export (for their sizes), not its uploads.
+        let credentials = if missing_digests.is_empty() && in_flight_digests.is_empty() {
             None
         } else {
             Some(self.issue_credentials(project, pb::Access::Write).await?)
         };
-        tracing::info!(project, n_blobs = digests.len(), n_missing = missing_digests.len(), unchanged, "save begun");
+        tracing::info!(
+            project,
+            n_blobs = digests.len(),
+            n_missing = missing_digests.len(),
+            n_in_flight = in_flight_digests.len(),
+            unchanged,
+            "save begun"
+        );
         Ok(pb::BeginSaveResponse {
             save_id,
             missing_digests,
@@ -157,6 +187,7 @@ impl CacheService {
                 })
                 .collect(),
             known_images,
+            in_flight_digests,
         })
     }
 
@@ -201,7 +232,7 @@ impl CacheService {
         for (digest, record) in &reported {
             let stored = match known.get(digest) {
                 Some(known) => Some(known.stored_size),
-                None => self.store.object_size(&blob_key(&prefix, digest)).await?,
+                None => self.stored_or_awaited(project, &blob_key(&prefix, digest), digest).await?,
             };
             match stored {
                 Some(size) if size == record.stored_size => {}
@@ -225,6 +256,20 @@ impl CacheService {
     }
 }
 
+impl CacheService {
+    /// The stored size of a blob; while another save of the project is still uploading it
+    /// (single flight), waits for it, as long as that save's claim holds.
+    async fn stored_or_awaited(&self, project: &str, key: &str, digest: &str) -> Result<Option<u64>, Error> {
+        loop {
+            let stored = self.store.object_size(key).await?;
+            if stored.is_some() || !self.pending_saves.in_flight(project, digest) {
+                return Ok(stored);
+            }
+            tokio::time::sleep(IN_FLIGHT_POLL).await;
+        }
+    }
+}
+
 /// Where a blob lives in the store.
 pub fn blob_key(project_prefix: &str, digest: &str) -> String {
     let hex = digest.strip_prefix("sha256:").unwrap_or(digest);
@@ -234,6 +279,36 @@ pub fn blob_key(project_prefix: &str, digest: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn pending(project: &str) -> PendingSave {
+        PendingSave {
+            project: project.into(),
+            key: pb::CacheKey::default(),
+            generation: 0,
+            image_ids: Vec::new(),
+            engine_version: String::new(),
+            began: Instant::now(),
+            claimed: HashSet::new(),
+        }
+    }
+
+    #[test]
+    fn a_blob_another_save_uploads_is_uploaded_once() {
+        let saves = PendingSaves::default();
+        let digests = |names: &[&str]| names.iter().map(|name| name.to_string()).collect::<Vec<_>>();
+        let (upload, in_flight) = saves.begin("s1".into(), pending("web"), digests(&["a", "b"]));
+        assert_eq!((upload, in_flight), (digests(&["a", "b"]), digests(&[])));
+        let (upload, in_flight) = saves.begin("s2".into(), pending("web"), digests(&["b", "c"]));
+        assert_eq!((upload, in_flight), (digests(&["c"]), digests(&["b"])));
+        // Another project never waits for this one's uploads.
+        let (upload, in_flight) = saves.begin("s3".into(), pending("api"), digests(&["a"]));
+        assert_eq!((upload, in_flight), (digests(&["a"]), digests(&[])));
+        assert!(saves.in_flight("web", "b"));
+        // The claimant's commit (or failure to come back) ends the claim.
+        saves.take("s1", "web").unwrap();
+        assert!(!saves.in_flight("web", "b"));
+        assert!(saves.in_flight("web", "c"));
+    }
 
     #[test]
     fn images_from_outside_are_checked() {

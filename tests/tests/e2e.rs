@@ -11,5 +11,6 @@ mod e2e {
     mod projects_and_credentials;
     mod s3_store;
     mod save_restore;
+    mod single_flight;
     mod traces;
 }

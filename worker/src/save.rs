@@ -55,7 +55,7 @@ fn chain_request(chain: &[EngineImage]) -> Vec<pb::Image> {
 
 /// The save log: each image with its tags, parent and builder, each layer with its size, how
 /// it is stored, and whether this save uploaded it.
-fn save_log(images: &[pb::Image], uploaded: &HashSet<String>) -> Vec<String> {
+fn save_log(images: &[pb::Image], uploaded: &HashSet<String>, in_flight: &HashSet<String>) -> Vec<String> {
     let mut lines = Vec::new();
     for image in images {
         let tags = if image.repo_tags.is_empty() { "<no tag>".to_owned() } else { image.repo_tags.join(", ") };
@@ -68,7 +68,13 @@ fn save_log(images: &[pb::Image], uploaded: &HashSet<String>) -> Vec<String> {
         };
         lines.push(format!("image {} ({tags}{parent}; {builder}{cache})", image.id));
         for layer in &image.layers {
-            let state = if uploaded.contains(&layer.digest) { "new" } else { "already stored" };
+            let state = if uploaded.contains(&layer.digest) {
+                "new"
+            } else if in_flight.contains(&layer.digest) {
+                "uploaded by a concurrent save"
+            } else {
+                "already stored"
+            };
             let encoding = if layer.encoding.is_empty() {
                 String::new()
             } else {
@@ -194,13 +200,15 @@ pub async fn save(
     };
     let begun = coordinator.client.begin_save(request.clone()).await.map_err(|s| coordinator.failed(s))?.into_inner();
     let missing: HashSet<String> = begun.missing_digests.iter().cloned().collect();
+    // Blobs another save of the project is uploading right now: read past, not uploaded.
+    let in_flight: HashSet<String> = begun.in_flight_digests.iter().cloned().collect();
     let mut blobs: HashMap<String, pb::Layer> =
         begun.stored_blobs.iter().map(|blob| (blob.digest.clone(), blob.clone())).collect();
     let mut facts_from_export = HashMap::new();
     let mut uploaded: Vec<(String, u64, f64)> = Vec::new();
     let plan = begun.plan.unwrap_or_default();
 
-    if !missing.is_empty() {
+    if !missing.is_empty() || !in_flight.is_empty() {
         let credentials = begun
             .credentials
             .clone()
@@ -243,7 +251,7 @@ pub async fn save(
         }
     }
     let uploaded_digests: HashSet<String> = uploaded.iter().map(|(digest, _, _)| digest.clone()).collect();
-    let log = save_log(&images, &uploaded_digests);
+    let log = save_log(&images, &uploaded_digests, &in_flight);
     for line in &log {
         println!("{line}");
     }

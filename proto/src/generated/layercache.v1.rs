@@ -135,6 +135,10 @@ pub struct BeginSaveResponse {
     /// so a save that runs no `docker save` still knows them.
     #[prost(message, repeated, tag = "7")]
     pub known_images: ::prost::alloc::vec::Vec<Image>,
+    /// Blobs the store lacks that another save of the project is uploading right now (single
+    /// flight): do not upload them; `CommitSave` waits for them.
+    #[prost(string, repeated, tag = "8")]
+    pub in_flight_digests: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
 }
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct CommitSaveRequest {
