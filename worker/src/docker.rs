@@ -35,7 +35,6 @@ pub struct EngineImage {
 
 pub struct Engine {
     docker: bollard::Docker,
-    host: String,
 }
 
 fn failed(action: &'static str) -> impl Fn(bollard::errors::Error) -> EngineError {
@@ -56,11 +55,7 @@ impl Engine {
             .map_err(|error| unreachable(error.to_string()))?
             .with_timeout(ENGINE_TIMEOUT);
         docker.ping().await.map_err(|error| unreachable(error.to_string()))?;
-        Ok(Engine { docker, host })
-    }
-
-    pub fn host(&self) -> &str {
-        &self.host
+        Ok(Engine { docker })
     }
 
     /// The engine's version, e.g. "20.10.24+dfsg1".
