@@ -221,13 +221,8 @@ fn validate_bucket(bucket: &str) -> Result<(), ConfigError> {
 
 /// A key prefix of safe segments without slashes at either end (may be empty).
 fn validate_prefix(prefix: &str) -> Result<(), ConfigError> {
-    let ok = prefix.is_empty()
-        || prefix.split('/').all(|segment| {
-            !segment.is_empty()
-                && segment != "."
-                && segment != ".."
-                && segment.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
-        });
+    // The same segments the endpoint accepts in object keys.
+    let ok = prefix.is_empty() || crate::scope::is_safe_key_path(prefix, false);
     if ok {
         Ok(())
     } else {

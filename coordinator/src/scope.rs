@@ -42,7 +42,7 @@ const WRITE_OBJECT_OPERATIONS: &[&str] = &[
 const LIST_OPERATIONS: &[&str] = &["ListObjectsV2", "ListObjects"];
 
 /// A key with only safe segments: no empty, `.` or `..` segment, only `A-Za-z0-9._-`.
-fn is_safe_key_path(path: &str, allow_trailing_slash: bool) -> bool {
+pub(crate) fn is_safe_key_path(path: &str, allow_trailing_slash: bool) -> bool {
     let path = if allow_trailing_slash { path.strip_suffix('/').unwrap_or(path) } else { path };
     path.len() <= 1024
         && path.split('/').all(|segment| {

@@ -68,18 +68,13 @@ fn prometheus_loads_the_configuration_and_rules() {
         eprintln!("skipping: promtool is not installed here");
         return;
     }
-    let checked = Command::new("promtool")
-        .arg("check")
-        .arg("config")
-        .arg(deploy_dir().join("prometheus/prometheus.yml"))
-        .output()
-        .unwrap();
-    assert!(checked.status.success(), "{}{}", String::from_utf8_lossy(&checked.stdout), stderr_of(&checked));
-    let rules = Command::new("promtool")
-        .arg("check")
-        .arg("rules")
-        .arg(deploy_dir().join("prometheus/rules.yml"))
-        .output()
-        .unwrap();
-    assert!(rules.status.success(), "{}", stderr_of(&rules));
+    for (what, file) in [("config", "prometheus/prometheus.yml"), ("rules", "prometheus/rules.yml")] {
+        let checked = Command::new("promtool").args(["check", what]).arg(deploy_dir().join(file)).output().unwrap();
+        assert!(
+            checked.status.success(),
+            "{file}: {}{}",
+            String::from_utf8_lossy(&checked.stdout),
+            stderr_of(&checked)
+        );
+    }
 }
