@@ -96,7 +96,10 @@ impl Worker for WorkerApi {
         request: Request<pb::GetCredentialsRequest>,
     ) -> Result<Response<pb::GetCredentialsResponse>, Status> {
         let result = async {
-            let credentials = self.0.issue_credentials(&self.project(&request)?, request.get_ref().access()).await?;
+            let project = self.project(&request)?;
+            let request = request.get_ref();
+            let credentials =
+                self.0.issue_credentials(&project, request.access(), &request.renew_access_key_id).await?;
             Ok(pb::GetCredentialsResponse { credentials: Some(credentials) })
         }
         .await;

@@ -43,6 +43,18 @@ pub struct ServeArgs {
     /// Lifetime of the storage credentials handed to workers, in seconds [default: 900]
     #[arg(long, env = "CACHE_CREDENTIAL_TTL")]
     pub credential_ttl: Option<u64>,
+    /// Smallest part of multipart uploads and ranged downloads, in MiB (8 to 5120); bigger blobs get bigger parts [default: 8]
+    #[arg(long, env = "CACHE_PART_SIZE_MIB")]
+    pub part_size_mib: Option<u64>,
+    /// Blobs this big or bigger are uploaded in parts, in MiB (8 to 5120) [default: 5120 on the embedded store, else the part size]
+    #[arg(long, env = "CACHE_MULTIPART_THRESHOLD_MIB")]
+    pub multipart_threshold_mib: Option<u64>,
+    /// Requests one worker may have in flight at once (1 to 64) [default: 8]
+    #[arg(long, env = "CACHE_WORKER_CONCURRENCY")]
+    pub worker_concurrency: Option<u32>,
+    /// Requests all workers together may have in flight, shared fairly between projects [default: 256]
+    #[arg(long, env = "CACHE_TRANSFER_BUDGET")]
+    pub transfer_budget: Option<u32>,
     /// Where blobs live: the embedded S3 endpoint, or an S3 (or S3-compatible) bucket [default: embedded]
     #[arg(long, env = "CACHE_STORE", value_enum)]
     pub store: Option<StoreKind>,
@@ -113,6 +125,10 @@ pub struct FileConfig {
     pub s3_public_url: Option<String>,
     pub metrics_listen: Option<String>,
     pub credential_ttl: Option<u64>,
+    pub part_size_mib: Option<u64>,
+    pub multipart_threshold_mib: Option<u64>,
+    pub worker_concurrency: Option<u32>,
+    pub transfer_budget: Option<u32>,
     pub store: Option<StoreKind>,
     #[serde(default)]
     pub embedded: EmbeddedFileConfig,
@@ -150,6 +166,8 @@ pub struct Config {
     pub s3_public_url: Option<String>,
     pub metrics_listen: SocketAddr,
     pub credential_ttl: Duration,
+    /// Part size and concurrency of the transfer plans.
+    pub plan: crate::budget::PlanSettings,
     /// The store's bucket and key prefix, and its region (both stores).
     pub bucket: String,
     pub prefix: String,
@@ -266,7 +284,42 @@ pub fn merge(args: ServeArgs, file: FileConfig) -> Result<Config, ConfigError> {
     if !(1..=43_200).contains(&credential_ttl) {
         return Err(ConfigError(format!("invalid --credential-ttl {credential_ttl}: expected 1 to 43200 seconds")));
     }
+    let part_size_mib = args.part_size_mib.or(file.part_size_mib).unwrap_or(8);
+    let part_sizes_mib = proto::parts::MIN_PART_SIZE >> 20..=proto::parts::MAX_PART_SIZE >> 20;
+    if !part_sizes_mib.contains(&part_size_mib) {
+        return Err(ConfigError(format!(
+            "invalid --part-size-mib {part_size_mib}: expected {} to {} MiB",
+            part_sizes_mib.start(),
+            part_sizes_mib.end()
+        )));
+    }
     let store = args.store.or(file.store).unwrap_or(StoreKind::Embedded);
+    // The embedded endpoint (s3s-fs) completes a multipart upload by reading, hashing and
+    // copying every part once more: there one PUT per blob does half the work.
+    let default_threshold_mib = if store == StoreKind::Embedded { *part_sizes_mib.end() } else { part_size_mib };
+    let multipart_threshold_mib =
+        args.multipart_threshold_mib.or(file.multipart_threshold_mib).unwrap_or(default_threshold_mib);
+    if !part_sizes_mib.contains(&multipart_threshold_mib) {
+        return Err(ConfigError(format!(
+            "invalid --multipart-threshold-mib {multipart_threshold_mib}: expected {} to {} MiB",
+            part_sizes_mib.start(),
+            part_sizes_mib.end()
+        )));
+    }
+    let worker_concurrency = args.worker_concurrency.or(file.worker_concurrency).unwrap_or(8);
+    if !(1..=64).contains(&worker_concurrency) {
+        return Err(ConfigError(format!("invalid --worker-concurrency {worker_concurrency}: expected 1 to 64")));
+    }
+    let transfer_budget = args.transfer_budget.or(file.transfer_budget).unwrap_or(256);
+    if !(1..=100_000).contains(&transfer_budget) {
+        return Err(ConfigError(format!("invalid --transfer-budget {transfer_budget}: expected 1 to 100000")));
+    }
+    let plan = crate::budget::PlanSettings {
+        part_size: part_size_mib << 20,
+        multipart_threshold: multipart_threshold_mib << 20,
+        worker_concurrency,
+        transfer_budget,
+    };
     let (bucket, prefix, region, s3) = match store {
         StoreKind::Embedded => (
             file.embedded.bucket.unwrap_or_else(|| "layer-cache".into()),
@@ -323,6 +376,7 @@ pub fn merge(args: ServeArgs, file: FileConfig) -> Result<Config, ConfigError> {
         s3_public_url: s3_public_url.map(|url| url.trim_end_matches('/').to_owned()),
         metrics_listen: parse_address("--metrics-listen", &metrics_listen)?,
         credential_ttl: Duration::from_secs(credential_ttl),
+        plan,
         bucket,
         prefix,
         region,
@@ -369,6 +423,12 @@ mod tests {
                 .contains("--s3-public-url")
         );
         assert!(bad(ServeArgs { credential_ttl: Some(0), ..ServeArgs::default() }).contains("--credential-ttl"));
+        assert!(bad(ServeArgs { part_size_mib: Some(5), ..ServeArgs::default() }).contains("expected 8 to 5120 MiB"));
+        assert!(bad(ServeArgs { part_size_mib: Some(5121), ..ServeArgs::default() }).contains("--part-size-mib"));
+        assert!(
+            bad(ServeArgs { worker_concurrency: Some(0), ..ServeArgs::default() }).contains("--worker-concurrency")
+        );
+        assert!(bad(ServeArgs { transfer_budget: Some(0), ..ServeArgs::default() }).contains("--transfer-budget"));
         assert!(toml::from_str::<FileConfig>("listn = \"x\"").is_err());
         assert!(validate_prefix("a/../b").is_err());
         assert!(validate_prefix("/a").is_err());

@@ -56,6 +56,13 @@ impl std::fmt::Debug for IssuedCredentials {
 #[async_trait::async_trait]
 pub trait CredentialBroker: Send + Sync {
     async fn issue(&self, project: &str, access: KeyAccess) -> Result<IssuedCredentials, Error>;
+
+    /// Fresh credentials for a worker that holds `access_key_id` and is about to see it expire
+    /// mid-transfer. By default simply new ones (S3 does not bind an upload to a key).
+    async fn renew(&self, project: &str, access: KeyAccess, access_key_id: &str) -> Result<IssuedCredentials, Error> {
+        let _ = access_key_id;
+        self.issue(project, access).await
+    }
 }
 
 pub fn now_unix() -> i64 {
@@ -149,7 +156,18 @@ impl EmbeddedBroker {
         let access_key_id = format!("LC{}", hex::encode_upper(id_bytes));
         let record = MintedKeyRecord { project: project.to_owned(), access, expires_unix };
         self.db.insert_minted_key(&access_key_id, &record)?;
-        Ok(IssuedCredentials {
+        Ok(self.credentials(project, access, access_key_id, expires_unix))
+    }
+
+    /// What a worker needs to use a minted key.
+    fn credentials(
+        &self,
+        project: &str,
+        access: KeyAccess,
+        access_key_id: String,
+        expires_unix: i64,
+    ) -> IssuedCredentials {
+        IssuedCredentials {
             secret_access_key: self.signing_key.secret_for(&access_key_id),
             session_token: self.signing_key.session_token_for(&access_key_id),
             access_key_id,
@@ -164,7 +182,7 @@ impl EmbeddedBroker {
             // extra SHA-256 pass (measured: a third of a save's CPU); every blob is verified by
             // its digest end to end instead (spooled, committed by size, restored by sha256).
             checksum_mode: ChecksumMode::WhenRequired.api_name(),
-        })
+        }
     }
 }
 
@@ -172,6 +190,22 @@ impl EmbeddedBroker {
 impl CredentialBroker for EmbeddedBroker {
     async fn issue(&self, project: &str, access: KeyAccess) -> Result<IssuedCredentials, Error> {
         self.mint(project, access, now_unix() + self.ttl.as_secs() as i64)
+    }
+
+    /// The embedded endpoint (s3s-fs) binds a multipart upload to the key that began it, so a
+    /// live key of the same project and access is extended rather than replaced. Any other key
+    /// (unknown, expired, another project's, read for write) gets new credentials instead.
+    async fn renew(&self, project: &str, access: KeyAccess, access_key_id: &str) -> Result<IssuedCredentials, Error> {
+        let expires_unix = now_unix() + self.ttl.as_secs() as i64;
+        match self.db.minted_key(access_key_id)? {
+            Some(record)
+                if record.project == project && record.access == access && record.expires_unix > now_unix() =>
+            {
+                self.db.insert_minted_key(access_key_id, &MintedKeyRecord { expires_unix, ..record })?;
+                Ok(self.credentials(project, access, access_key_id.to_owned(), expires_unix))
+            }
+            _ => self.mint(project, access, expires_unix),
+        }
     }
 }
 

@@ -2,6 +2,7 @@
 //! the gRPC API, the embedded S3 endpoint and the health listener until shutdown.
 
 pub mod api;
+pub mod budget;
 pub mod config;
 pub mod credentials;
 pub mod error;
@@ -267,6 +268,7 @@ pub async fn run(
         store_prefix: config.prefix.clone(),
         admin_token_sha256_hex: data_dir.admin_token.sha256_hex.clone(),
         pending_saves: Default::default(),
+        budget: crate::budget::TransferBudget::new(config.plan),
         metrics: store.metrics,
     });
     let (stop_sender, stop_receiver) = watch::channel(false);

@@ -233,6 +233,7 @@ mod tests {
                 restore_outcome: pb::RestoreOutcome::Hit as i32,
                 layers: vec![layer(100, pb::LayerOutcome::Transferred)],
                 total_seconds: 0.5,
+                ..Default::default()
             },
         );
         metrics.record_report(

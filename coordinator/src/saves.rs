@@ -14,7 +14,7 @@ use proto::v1 as pb;
 use crate::credentials::{now_unix, project_prefix};
 use crate::error::Error;
 use crate::manifests::{BlobRecord, ServiceCounters, manifest_digests};
-use crate::service::{CacheService, default_plan, validate_key};
+use crate::service::{CacheService, validate_key};
 
 /// How long a begun save may take before its commit is refused.
 const SAVE_LIFETIME: Duration = Duration::from_secs(6 * 3600);
@@ -157,10 +157,13 @@ impl CacheService {
         };
         let (missing_digests, in_flight_digests) = self.pending_saves.begin(save_id.clone(), pending, missing);
         // Blobs in flight still need the worker's export (for their sizes), not its uploads.
-        let credentials = if missing_digests.is_empty() && in_flight_digests.is_empty() {
-            None
+        // A save that moves nothing holds no share of the transfer budget.
+        let (credentials, plan) = if missing_digests.is_empty() && in_flight_digests.is_empty() {
+            (None, None)
         } else {
-            Some(self.issue_credentials(project, pb::Access::Write).await?)
+            // The save ID names its lease; the commit gives it back.
+            let plan = self.budget.grant(project, &save_id);
+            (Some(self.issue_credentials(project, pb::Access::Write, "").await?), Some(plan))
         };
         tracing::info!(
             project,
@@ -173,7 +176,7 @@ impl CacheService {
         Ok(pb::BeginSaveResponse {
             save_id,
             missing_digests,
-            plan: Some(default_plan()),
+            plan,
             credentials,
             unchanged,
             stored_blobs: stored
@@ -194,6 +197,7 @@ impl CacheService {
     pub async fn commit_save(&self, project: &str, request: &pb::CommitSaveRequest) -> Result<pb::Manifest, Error> {
         validate_images(&request.images)?;
         let pending = self.pending_saves.take(&request.save_id, project)?;
+        self.budget.release(project, &request.save_id);
         let image_ids: Vec<String> = request.images.iter().map(|image| image.id.clone()).collect();
         if image_ids != pending.image_ids {
             return Err(Error::InvalidArgument("the committed images differ from the ones the save began with".into()));

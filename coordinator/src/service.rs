@@ -12,10 +12,6 @@ use crate::manifests::{Database, KeyAccess, ProjectRecord, ServiceCounters};
 use crate::store::ObjectStore;
 use crate::tokens;
 
-/// Default transfer plan until the planner (a later issue) tunes it per load.
-const DEFAULT_PART_SIZE: u64 = 8 * 1024 * 1024;
-const DEFAULT_MAX_CONCURRENCY: u32 = 8;
-
 /// Shared by every gRPC handler; each field is itself safe to share.
 pub struct CacheService {
     pub db: Database,
@@ -25,16 +21,9 @@ pub struct CacheService {
     pub store_prefix: String,
     pub admin_token_sha256_hex: String,
     pub pending_saves: crate::saves::PendingSaves,
+    /// The transfer planner: part size and each worker's share of the global budget.
+    pub budget: crate::budget::TransferBudget,
     pub metrics: std::sync::Arc<crate::metrics::Metrics>,
-}
-
-/// The transfer plan handed to workers.
-pub fn default_plan() -> pb::TransferPlan {
-    pb::TransferPlan {
-        part_size: DEFAULT_PART_SIZE,
-        multipart_threshold: DEFAULT_PART_SIZE,
-        max_concurrency: DEFAULT_MAX_CONCURRENCY,
-    }
 }
 
 fn project_message(db: &Database, record: &ProjectRecord) -> Result<pb::Project, Error> {
@@ -196,7 +185,13 @@ impl CacheService {
             .collect())
     }
 
-    pub async fn issue_credentials(&self, project: &str, access: pb::Access) -> Result<pb::Credentials, Error> {
+    /// New credentials, or with `renew_access_key_id`, renewed ones for a worker mid-transfer.
+    pub async fn issue_credentials(
+        &self,
+        project: &str,
+        access: pb::Access,
+        renew_access_key_id: &str,
+    ) -> Result<pb::Credentials, Error> {
         let access = match access {
             pb::Access::Read => KeyAccess::Read,
             pb::Access::Write => KeyAccess::Write,
@@ -204,11 +199,19 @@ impl CacheService {
                 return Err(Error::InvalidArgument("credentials need an access: read or write".into()));
             }
         };
-        let issued = self.broker.issue(project, access).await?;
+        if renew_access_key_id.len() > 128 || !renew_access_key_id.bytes().all(|b| b.is_ascii_alphanumeric()) {
+            return Err(Error::InvalidArgument("invalid access key ID to renew".into()));
+        }
+        let issued = if renew_access_key_id.is_empty() {
+            self.broker.issue(project, access).await?
+        } else {
+            self.broker.renew(project, access, renew_access_key_id).await?
+        };
         let access_name = if access == KeyAccess::Write { "write" } else { "read" };
         let grant = crate::metrics::GrantLabels { project: project.to_owned(), access: access_name.to_owned() };
         self.metrics.credential_grants.get_or_create(&grant).inc();
-        tracing::info!(project, access_key_id = issued.access_key_id, ?access, "credentials issued");
+        let renewed = issued.access_key_id == renew_access_key_id;
+        tracing::info!(project, access_key_id = issued.access_key_id, ?access, renewed, "credentials issued");
         Ok(credentials_message(issued))
     }
 
@@ -238,6 +241,9 @@ impl CacheService {
                 pb::RestoreOutcome::Unspecified => {}
             }
         }
+        if !report.lease_id.is_empty() {
+            self.budget.release(project, &report.lease_id);
+        }
         self.metrics.record_report(project, report);
         self.db.add_to_counters(project, &report.service, &change)
     }
@@ -264,7 +270,7 @@ impl CacheService {
                     found: true,
                     matched: Some(key),
                     manifest: Some(manifest),
-                    plan: Some(default_plan()),
+                    plan: Some(self.budget.grant(project, &crate::tokens::random_hex_32())),
                 });
             }
         }

@@ -143,8 +143,10 @@ impl CoordinatorProcess {
     pub async fn credentials(&self, token: &str, access: pb::Access) -> pb::Credentials {
         let channel = proto::client::connect(&self.grpc_url).await.expect("connect");
         let mut client = WorkerClient::with_interceptor(channel, BearerToken::new(token).expect("token"));
-        let response =
-            client.get_credentials(pb::GetCredentialsRequest { access: access as i32 }).await.expect("GetCredentials");
+        let response = client
+            .get_credentials(pb::GetCredentialsRequest { access: access as i32, ..Default::default() })
+            .await
+            .expect("GetCredentials");
         response.into_inner().credentials.expect("credentials")
     }
 }

@@ -13,4 +13,5 @@ mod e2e {
     mod save_restore;
     mod single_flight;
     mod traces;
+    mod transfers;
 }

@@ -20,6 +20,9 @@ pub enum WorkerError {
     Transfer(#[from] TransferError),
     #[error("{0}")]
     Restore(String),
+    /// The build host itself: a spool folder that cannot be made, and the like.
+    #[error("{0}")]
+    Host(String),
 }
 
 impl WorkerError {

@@ -159,11 +159,13 @@ struct PlannedPart {
     length: u64,
 }
 
-/// Splits the blobs into parts of at most `part_size` bytes, in tarball order. Blobs the host
-/// already has (`skipped`) and empty ones have none.
-fn plan_parts(blobs: &[PlannedBlob], part_size: u64) -> Vec<PlannedPart> {
+/// Splits the blobs into parts, in tarball order, each blob's ranges aligned to the parts it
+/// was uploaded in (`part_size_for` its size). Blobs the host already has (`skipped`) and
+/// empty ones have none.
+fn plan_parts(blobs: &[PlannedBlob], part_size_for: impl Fn(u64) -> u64) -> Vec<PlannedPart> {
     let mut parts = Vec::new();
     for (blob_idx, blob) in blobs.iter().enumerate() {
+        let part_size = part_size_for(blob.size);
         let mut offset = 0;
         while offset < blob.size && !blob.skipped {
             let length = part_size.min(blob.size - offset);
@@ -177,20 +179,19 @@ fn plan_parts(blobs: &[PlannedBlob], part_size: u64) -> Vec<PlannedPart> {
 /// A downloaded part, holding its permit so memory stays bounded until the writer used it.
 type FetchedPart = Result<(Bytes, tokio::sync::OwnedSemaphorePermit), String>;
 
-/// The tarball of `plan` as a stream. Parts of `part_size` bytes are fetched with ranged GETs,
-/// up to `concurrency` at once and in tarball order, so the writer always waits for the oldest
-/// part in flight and memory stays under `concurrency × part_size`.
+/// The tarball of `plan` as a stream. Parts (the plan's part size below 70 GiB blobs) are
+/// fetched with ranged GETs, up to `concurrency` at once and in tarball order, so the writer
+/// always waits for the oldest part in flight and memory stays under `concurrency × part size`.
 pub fn load_stream(
     store: BlobStore,
     plan: LoadPlan,
     concurrency: usize,
-    part_size: u64,
     report: Arc<LoadReport>,
 ) -> impl Stream<Item = std::io::Result<Bytes>> + Send + 'static {
     let (sender, receiver) = mpsc::channel::<std::io::Result<Bytes>>(1);
     tokio::spawn(async move {
         let semaphore = Arc::new(Semaphore::new(concurrency.max(1)));
-        let parts = plan_parts(&plan.blobs, part_size.max(1024 * 1024));
+        let parts = plan_parts(&plan.blobs, |size| store.part_size_for(size));
         let (parts_sender, mut parts_receiver) =
             mpsc::unbounded_channel::<tokio::sync::oneshot::Receiver<FetchedPart>>();
         let fetch_blobs = plan.blobs.clone();
@@ -332,7 +333,7 @@ mod tests {
         let skipped: Vec<&str> =
             plan.blobs.iter().filter(|blob| blob.skipped).map(|blob| blob.digest.as_str()).collect();
         assert_eq!(skipped, vec![digest(10).as_str()]);
-        let parts = plan_parts(&plan.blobs, 4);
+        let parts = plan_parts(&plan.blobs, |_| 4);
         assert_eq!(
             parts.len(),
             2 * 2 + 2 * 3,

@@ -9,7 +9,7 @@ use worker::coordinator::Coordinator;
 use worker::docker::Engine;
 use worker::error::WorkerError;
 use worker::restore::{RestoreOptions, Restored, cache_from_flags, report_failure, restore};
-use worker::save::{SaveOptions, save};
+use worker::save::{SaveCleanup, SaveOptions, save};
 
 /// cache-worker: save and restore Docker layer caches for this build host.
 #[derive(Debug, Parser)]
@@ -121,7 +121,7 @@ async fn run(cli: Cli) -> Result<(), WorkerError> {
     match &cli.command {
         Command::Credentials { format: CredentialsFormat::Env } => {
             let mut coordinator = Coordinator::connect(&cli.coordinator, cli.token.as_deref()).await?;
-            let request = pb::GetCredentialsRequest { access: pb::Access::Read as i32 };
+            let request = pb::GetCredentialsRequest { access: pb::Access::Read as i32, ..Default::default() };
             let response = coordinator.client.get_credentials(request).await.map_err(|s| coordinator.failed(s))?;
             let credentials = response.into_inner().credentials.unwrap_or_default();
             print!("{}", worker::credentials::format_env(&credentials));
@@ -132,9 +132,35 @@ async fn run(cli: Cli) -> Result<(), WorkerError> {
             proto::names::validate_service_name(service)?;
             let mut coordinator = Coordinator::connect(&cli.coordinator, cli.token.as_deref()).await?;
             let engine = Engine::connect().await?;
-            save(&mut coordinator, &engine, &options).await.map(|_| ())
+            let cleanup = SaveCleanup::default();
+            tokio::select! {
+                saved = save(&mut coordinator, &engine, &options, &cleanup) => saved.map(|_| ()),
+                (signal, code) = interrupted() => {
+                    // The save's future is gone, so nothing commits; its uploads are aborted so
+                    // the store keeps no part of them.
+                    let aborted = cleanup.run().await;
+                    eprintln!(
+                        "cache-worker: saving {service} interrupted by {signal}: aborted {aborted} unfinished uploads, nothing saved"
+                    );
+                    // Without waiting for the export's reader thread, which the engine may hold.
+                    std::process::exit(code);
+                }
+            }
         }
         Command::Restore { .. } => unreachable!("restores run through run_restore"),
+    }
+}
+
+/// Waits for SIGINT or SIGTERM; returns its name and the exit code a shell would give it.
+async fn interrupted() -> (&'static str, i32) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut interrupt), Ok(mut terminate)) = (signal(SignalKind::interrupt()), signal(SignalKind::terminate()))
+    else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = interrupt.recv() => ("SIGINT", 130),
+        _ = terminate.recv() => ("SIGTERM", 143),
     }
 }
 

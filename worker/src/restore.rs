@@ -75,12 +75,15 @@ pub async fn restore(
         .collect();
     let lookup = pb::LookupRequest { key: Some(key), fallbacks };
     let found = coordinator.client.lookup(lookup).await.map_err(|s| coordinator.failed(s))?.into_inner();
+    // The plan's lease goes back to the coordinator's budget with the report.
+    let lease_id = found.plan.as_ref().map(|plan| plan.lease_id.clone()).unwrap_or_default();
     let report = |outcome: pb::RestoreOutcome, layers: Vec<pb::LayerMetric>, seconds: f64| pb::ReportMetricsRequest {
         service: options.service.clone(),
         operation: pb::Operation::Restore as i32,
         layers,
         total_seconds: seconds,
         restore_outcome: outcome as i32,
+        lease_id: lease_id.clone(),
     };
     let (true, Some(manifest)) = (found.found, found.manifest) else {
         say(&format!("no cached image for {}", options.service));
@@ -88,15 +91,15 @@ pub async fn restore(
         return Ok(Restored::Miss);
     };
 
-    let request = pb::GetCredentialsRequest { access: pb::Access::Read as i32 };
+    let request = pb::GetCredentialsRequest { access: pb::Access::Read as i32, ..Default::default() };
     let credentials =
         coordinator.client.get_credentials(request).await.map_err(|s| coordinator.failed(s))?.into_inner();
     let credentials = credentials.credentials.unwrap_or_default();
     let plan = found.plan.unwrap_or_default();
-    let store = BlobStore::new(&credentials, &plan);
+    let store = BlobStore::new(&credentials, &plan, Some(coordinator.client.clone()));
     let load_plan = plan_load(&manifest, &engine.layer_chains().await?);
     let load_report = Arc::new(LoadReport::default());
-    let tarball = load_stream(store, load_plan, plan.max_concurrency as usize, plan.part_size, load_report.clone());
+    let tarball = load_stream(store, load_plan, plan.max_concurrency as usize, load_report.clone());
     let loaded = engine.load(tarball).await;
     // A verification failure is the cause of the engine's error: name the blob.
     if let Some(failure) = load_report.failure.lock().expect("report lock").clone() {

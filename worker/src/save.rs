@@ -26,6 +26,35 @@ pub struct SaveOptions {
     pub images: Vec<String>,
 }
 
+/// What a save cancelled mid-way (a signal) leaves to clean up: the multipart uploads it began
+/// and did not finish, and its spool folder. The save fills it in as it goes.
+#[derive(Clone, Default)]
+pub struct SaveCleanup(Arc<std::sync::Mutex<(Option<BlobStore>, Option<std::path::PathBuf>)>>);
+
+impl SaveCleanup {
+    fn set_store(&self, store: &BlobStore) {
+        self.0.lock().expect("cleanup lock").0 = Some(store.clone());
+    }
+
+    fn set_spool(&self, path: &std::path::Path) {
+        self.0.lock().expect("cleanup lock").1 = Some(path.to_owned());
+    }
+
+    /// Aborts the unfinished uploads, so the store keeps none of their parts and no object
+    /// appears, and removes the spool. Returns how many uploads it aborted.
+    pub async fn run(&self) -> usize {
+        let (store, spool) = std::mem::take(&mut *self.0.lock().expect("cleanup lock"));
+        if let Some(spool) = spool {
+            // Files still open are unlinked; their space returns when the process exits.
+            let _ = std::fs::remove_dir_all(spool);
+        }
+        match store {
+            Some(store) => store.abort_unfinished().await,
+            None => 0,
+        }
+    }
+}
+
 /// What a save did, for the summary line and the tests.
 #[derive(Debug, Default)]
 pub struct SaveSummary {
@@ -115,10 +144,10 @@ async fn image_facts_for(
     if unknown.is_empty() {
         return Ok(facts);
     }
-    let request = pb::GetCredentialsRequest { access: pb::Access::Read as i32 };
+    let request = pb::GetCredentialsRequest { access: pb::Access::Read as i32, ..Default::default() };
     let credentials =
         coordinator.client.get_credentials(request).await.map_err(|s| coordinator.failed(s))?.into_inner();
-    let store = BlobStore::new(&credentials.credentials.unwrap_or_default(), plan);
+    let store = BlobStore::new(&credentials.credentials.unwrap_or_default(), plan, None);
     for image in unknown {
         let body = store.download(&image.id).await?;
         let chunks: Vec<bytes::Bytes> = body.try_collect().await?;
@@ -170,6 +199,7 @@ pub async fn save(
     coordinator: &mut Coordinator,
     engine: &Engine,
     options: &SaveOptions,
+    cleanup: &SaveCleanup,
 ) -> Result<SaveSummary, WorkerError> {
     names::validate_service_name(&options.service)?;
     names::validate_branch_name(&options.branch)?;
@@ -213,7 +243,13 @@ pub async fn save(
             .credentials
             .clone()
             .ok_or_else(|| WorkerError::Invalid("the coordinator sent no credentials".into()))?;
-        let store = BlobStore::new(&credentials, &plan);
+        let store = BlobStore::new(&credentials, &plan, Some(coordinator.client.clone()));
+        cleanup.set_store(&store);
+        let spool = tempfile::Builder::new().prefix("cache-worker-").tempdir_in(spool_dir()).map_err(|error| {
+            WorkerError::Host(format!("cannot create a spool folder in {}: {error}", spool_dir().display()))
+        })?;
+        cleanup.set_spool(spool.path());
+        let spool_path = spool.path().to_owned();
         let diff_ids: HashMap<String, Vec<String>> =
             chain.iter().map(|image| (image.id.clone(), image.diff_ids.clone())).collect();
         let references: Vec<String> = chain.iter().map(|image| image.id.clone()).collect();
@@ -221,7 +257,7 @@ pub async fn save(
         let (blob_sender, blob_receiver) = mpsc::channel(2);
         let reader = tokio::task::spawn_blocking(move || {
             let reader = SyncIoBridge::new(StreamReader::new(export.boxed()));
-            read_export(reader, &diff_ids, &missing, &spool_dir(), |blob| {
+            read_export(reader, &diff_ids, &missing, &spool_path, |blob| {
                 // The receiver is gone only when an upload failed: that error is reported.
                 blob_sender.blocking_send(blob).map_err(|_| std::io::Error::other("an upload failed"))
             })
@@ -285,6 +321,8 @@ pub async fn save(
         layers: layer_metrics,
         total_seconds: seconds,
         restore_outcome: 0,
+        // The commit gave the save's lease back.
+        lease_id: String::new(),
     };
     coordinator.report_metrics(report).await;
     let summary = SaveSummary {

@@ -2,8 +2,13 @@
 //! scoped credentials and the plan the coordinator handed out. Blobs live at
 //! `<prefix>blobs/sha256/<hex>`, addressed by content.
 
+use std::collections::HashMap;
 use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use aws_credential_types::provider::ProvideCredentials;
+use aws_credential_types::provider::error::CredentialsError;
 use aws_sdk_s3::config::{BehaviorVersion, Region};
 use aws_sdk_s3::error::DisplayErrorContext;
 use aws_sdk_s3::primitives::{ByteStream, Length};
@@ -11,6 +16,9 @@ use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
 use bytes::Bytes;
 use futures::{Stream, StreamExt, TryStreamExt};
 use proto::v1 as pb;
+use tokio::sync::Semaphore;
+
+use crate::coordinator::Client;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TransferError {
@@ -22,12 +30,11 @@ pub enum TransferError {
     NotStored { digest: String },
 }
 
-/// S3's smallest part; the coordinator's plan never asks for less.
-const MIN_PART_SIZE: u64 = 5 * 1024 * 1024;
-/// Parts of one blob in flight at once.
+/// Parts of one blob in flight at once; the store's request cap bounds all of them together.
 const PARTS_IN_FLIGHT: usize = 4;
 
-/// The project's blobs in the object store.
+/// The project's blobs in the object store. Clones share the client, the cap on requests in
+/// flight and the record of unfinished multipart uploads.
 #[derive(Clone)]
 pub struct BlobStore {
     client: aws_sdk_s3::Client,
@@ -35,21 +42,130 @@ pub struct BlobStore {
     prefix: String,
     part_size: u64,
     multipart_threshold: u64,
+    /// One permit per request in flight: the plan's `max_concurrency` for this whole worker.
+    requests: Arc<Semaphore>,
+    /// Multipart uploads begun and neither completed nor aborted, by upload ID: what a
+    /// cancelled save aborts.
+    unfinished: Arc<Mutex<HashMap<String, String>>>,
 }
 
 fn reason<E: std::error::Error>(error: E) -> String {
     DisplayErrorContext(error).to_string()
 }
 
-impl BlobStore {
-    pub fn new(credentials: &pb::Credentials, plan: &pb::TransferPlan) -> BlobStore {
-        let provider = aws_credential_types::Credentials::new(
-            &credentials.access_key_id,
-            &credentials.secret_access_key,
-            Some(credentials.session_token.clone()).filter(|token| !token.is_empty()),
-            None,
-            "layer-cache-coordinator",
+/// How long before they expire credentials are renewed: a fifth of their lifetime, between one
+/// second and one minute, so a request never starts with a key about to lapse.
+fn renewal_margin(credentials: &pb::Credentials) -> Duration {
+    let lifetime = credentials.expires_unix.saturating_sub(unix_now()).max(0) as u64;
+    Duration::from_secs((lifetime / 5).clamp(1, 60))
+}
+
+fn unix_now() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |elapsed| elapsed.as_secs() as i64)
+}
+
+fn sdk_credentials(credentials: &pb::Credentials) -> aws_credential_types::Credentials {
+    let expires =
+        (credentials.expires_unix > 0).then(|| UNIX_EPOCH + Duration::from_secs(credentials.expires_unix as u64));
+    aws_credential_types::Credentials::new(
+        &credentials.access_key_id,
+        &credentials.secret_access_key,
+        Some(credentials.session_token.clone()).filter(|token| !token.is_empty()),
+        expires,
+        "layer-cache-coordinator",
+    )
+}
+
+/// Credentials that renew themselves through the coordinator before they expire, so a long
+/// transfer outlives its first key: a background task renews them a margin before expiry
+/// (even while no request runs, e.g. during the engine's silent export), and the SDK's identity
+/// cache picks up the renewed ones when its copy nears expiry.
+#[derive(Debug, Clone)]
+struct RenewingCredentials {
+    client: Option<Client>,
+    access: pb::Access,
+    current: Arc<tokio::sync::Mutex<pb::Credentials>>,
+}
+
+impl RenewingCredentials {
+    fn new(credentials: &pb::Credentials, client: Option<Client>) -> RenewingCredentials {
+        let renewing = RenewingCredentials {
+            client,
+            access: credentials.access(),
+            current: Arc::new(tokio::sync::Mutex::new(credentials.clone())),
+        };
+        if renewing.client.is_some() && credentials.expires_unix > 0 {
+            let weak = Arc::downgrade(&renewing.current);
+            let (client, access) = (renewing.client.clone(), renewing.access);
+            tokio::spawn(async move {
+                loop {
+                    let Some(current) = weak.upgrade() else { return };
+                    let renewing = RenewingCredentials { client: client.clone(), access, current };
+                    let wait = {
+                        let current = renewing.current.lock().await;
+                        let due = current.expires_unix - renewal_margin(&current).as_secs() as i64;
+                        Duration::from_secs(due.saturating_sub(unix_now()).max(0) as u64)
+                    };
+                    drop(renewing);
+                    tokio::time::sleep(wait).await;
+                    let Some(current) = weak.upgrade() else { return };
+                    let renewing = RenewingCredentials { client: client.clone(), access, current };
+                    if let Err(error) = renewing.fetch().await {
+                        // The next request tries again and reports it if it still fails.
+                        tracing::warn!(%error, "renewing storage credentials failed");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                }
+            });
+        }
+        renewing
+    }
+
+    /// The current credentials, renewed first when they are within the margin of expiry.
+    async fn fetch(&self) -> Result<aws_credential_types::Credentials, CredentialsError> {
+        let mut current = self.current.lock().await;
+        let Some(client) = self.client.clone().filter(|_| current.expires_unix > 0) else {
+            return Ok(sdk_credentials(&current));
+        };
+        if current.expires_unix - unix_now() > renewal_margin(&current).as_secs() as i64 {
+            return Ok(sdk_credentials(&current));
+        }
+        let request = pb::GetCredentialsRequest {
+            access: self.access as i32,
+            renew_access_key_id: current.access_key_id.clone(),
+        };
+        let renewed = client
+            .clone()
+            .get_credentials(request)
+            .await
+            .map_err(|status| CredentialsError::provider_error(format!("renewing credentials: {}", status.message())))?
+            .into_inner()
+            .credentials
+            .ok_or_else(|| CredentialsError::provider_error("the coordinator renewed no credentials"))?;
+        tracing::debug!(
+            access_key_id = renewed.access_key_id,
+            expires_unix = renewed.expires_unix,
+            "credentials renewed"
         );
+        *current = renewed;
+        Ok(sdk_credentials(&current))
+    }
+}
+
+impl ProvideCredentials for RenewingCredentials {
+    fn provide_credentials<'a>(&'a self) -> aws_credential_types::provider::future::ProvideCredentials<'a>
+    where
+        Self: 'a,
+    {
+        aws_credential_types::provider::future::ProvideCredentials::new(self.fetch())
+    }
+}
+
+impl BlobStore {
+    /// A store reached with `credentials`. With the coordinator's `client`, the credentials are
+    /// renewed before they expire; without it they are used as they are.
+    pub fn new(credentials: &pb::Credentials, plan: &pb::TransferPlan, client: Option<Client>) -> BlobStore {
+        let provider = RenewingCredentials::new(credentials, client);
         let region = if credentials.region.is_empty() { "us-east-1".to_owned() } else { credentials.region.clone() };
         let mut config = aws_sdk_s3::Config::builder()
             .behavior_version(BehaviorVersion::latest())
@@ -60,13 +176,14 @@ impl BlobStore {
             .retry_config(aws_sdk_s3::config::retry::RetryConfig::standard().with_max_attempts(5))
             .timeout_config(
                 aws_sdk_s3::config::timeout::TimeoutConfig::builder()
-                    .connect_timeout(std::time::Duration::from_secs(10))
-                    .operation_attempt_timeout(std::time::Duration::from_secs(300))
+                    .connect_timeout(Duration::from_secs(10))
+                    .operation_attempt_timeout(Duration::from_secs(300))
                     .build(),
             )
             // Every blob is verified against its sha256 as it streams (load.rs): a second,
             // CRC check would cost CPU the engine needs and hide which blob failed.
             .response_checksum_validation(aws_sdk_s3::config::ResponseChecksumValidation::WhenRequired)
+            .identity_cache(aws_sdk_s3::config::IdentityCache::lazy().buffer_time(renewal_margin(credentials)).build())
             .credentials_provider(provider)
             .http_client(
                 aws_smithy_http_client::Builder::new()
@@ -86,8 +203,10 @@ impl BlobStore {
             client: aws_sdk_s3::Client::from_conf(config.build()),
             bucket: credentials.bucket.clone(),
             prefix: credentials.prefix.clone(),
-            part_size: plan.part_size.max(MIN_PART_SIZE),
-            multipart_threshold: plan.multipart_threshold.max(MIN_PART_SIZE),
+            part_size: plan.part_size,
+            multipart_threshold: plan.multipart_threshold.max(proto::parts::MIN_PART_SIZE),
+            requests: Arc::new(Semaphore::new((plan.max_concurrency as usize).max(1))),
+            unfinished: Arc::default(),
         }
     }
 
@@ -95,8 +214,18 @@ impl BlobStore {
         format!("{}blobs/sha256/{}", self.prefix, digest.strip_prefix("sha256:").unwrap_or(digest))
     }
 
+    /// The part size of a blob of `size` bytes under the plan.
+    pub fn part_size_for(&self, size: u64) -> u64 {
+        proto::parts::part_size_for(size, self.part_size)
+    }
+
+    async fn request_permit(&self) -> tokio::sync::SemaphorePermit<'_> {
+        self.requests.acquire().await.expect("the request semaphore is never closed")
+    }
+
     /// Uploads bytes already in memory (configs) in one PUT.
     pub async fn upload_bytes(&self, digest: &str, bytes: Vec<u8>) -> Result<(), TransferError> {
+        let _permit = self.request_permit().await;
         self.client
             .put_object()
             .bucket(&self.bucket)
@@ -112,93 +241,80 @@ impl BlobStore {
     /// failed multipart upload is aborted.
     pub async fn upload_file(&self, digest: &str, path: &Path, size: u64) -> Result<(), TransferError> {
         let failed = |reason: String| TransferError::Upload { digest: digest.to_owned(), reason };
-        let key = self.key(digest);
         if size < self.multipart_threshold {
             let body = ByteStream::from_path(path).await.map_err(|error| failed(error.to_string()))?;
+            let _permit = self.request_permit().await;
             self.client
                 .put_object()
                 .bucket(&self.bucket)
-                .key(&key)
+                .key(self.key(digest))
                 .body(body)
                 .send()
                 .await
                 .map_err(|e| failed(reason(e)))?;
             return Ok(());
         }
-        let upload = self
-            .client
-            .create_multipart_upload()
-            .bucket(&self.bucket)
-            .key(&key)
-            .send()
-            .await
-            .map_err(|error| failed(reason(error)))?;
-        let upload_id = upload.upload_id().ok_or_else(|| failed("the store returned no upload ID".into()))?.to_owned();
-        let n_parts = size.div_ceil(self.part_size);
-        let parts = futures::stream::iter(0..n_parts)
+        if size > proto::parts::MAX_BLOB_SIZE {
+            return Err(failed(format!("{size} bytes is more than one object can hold")));
+        }
+        let upload = self.begin_multipart(digest).await?;
+        let part_size = self.part_size_for(size);
+        let parts = futures::stream::iter(0..size.div_ceil(part_size))
             .map(|part_idx| {
-                let (key, upload_id) = (&key, &upload_id);
+                let upload = &upload;
                 async move {
-                    let offset = part_idx * self.part_size;
-                    let length = self.part_size.min(size - offset);
+                    let offset = part_idx * part_size;
+                    let length = part_size.min(size - offset);
                     let body = ByteStream::read_from()
                         .path(path)
                         .offset(offset)
                         .length(Length::Exact(length))
                         .build()
                         .await
-                        .map_err(|error| error.to_string())?;
-                    let part_number = (part_idx + 1) as i32;
-                    let uploaded = self
-                        .client
-                        .upload_part()
-                        .bucket(&self.bucket)
-                        .key(key)
-                        .upload_id(upload_id)
-                        .part_number(part_number)
-                        .body(body)
-                        // The blob's sha256 was checked while spooling and the commit checks
-                        // its size: a second SHA-256 pass for the signature only costs CPU.
-                        .customize()
-                        .disable_payload_signing()
-                        .send()
-                        .await
-                        .map_err(reason)?;
-                    Ok::<_, String>(
-                        CompletedPart::builder()
-                            .part_number(part_number)
-                            .set_e_tag(uploaded.e_tag().map(str::to_owned))
-                            .build(),
-                    )
+                        .map_err(|error| failed(error.to_string()))?;
+                    upload.upload_part((part_idx + 1) as i32, body).await
                 }
             })
             .buffered(PARTS_IN_FLIGHT)
             .try_collect::<Vec<_>>()
             .await;
-        let completed = match parts {
-            Ok(parts) => {
-                self.client
-                    .complete_multipart_upload()
-                    .bucket(&self.bucket)
-                    .key(&key)
-                    .upload_id(&upload_id)
-                    .multipart_upload(CompletedMultipartUpload::builder().set_parts(Some(parts)).build())
-                    .send()
-                    .await
-            }
+        match parts {
+            Ok(parts) => upload.complete(parts).await,
             Err(error) => {
-                self.abort(&key, &upload_id).await;
-                return Err(failed(error));
+                upload.abort().await;
+                Err(error)
             }
-        };
-        if let Err(error) = completed {
-            self.abort(&key, &upload_id).await;
-            return Err(failed(reason(error)));
         }
-        Ok(())
+    }
+
+    /// Begins a multipart upload of a blob; it stays recorded as unfinished until it is
+    /// completed or aborted.
+    pub async fn begin_multipart(&self, digest: &str) -> Result<MultipartUpload, TransferError> {
+        let failed = |reason: String| TransferError::Upload { digest: digest.to_owned(), reason };
+        let key = self.key(digest);
+        let upload = {
+            let _permit = self.request_permit().await;
+            self.client.create_multipart_upload().bucket(&self.bucket).key(&key).send().await
+        }
+        .map_err(|error| failed(reason(error)))?;
+        let upload_id = upload.upload_id().ok_or_else(|| failed("the store returned no upload ID".into()))?.to_owned();
+        self.unfinished.lock().expect("unfinished uploads lock").insert(upload_id.clone(), key.clone());
+        Ok(MultipartUpload { store: self.clone(), digest: digest.to_owned(), key, upload_id })
+    }
+
+    /// Aborts every multipart upload this store began and did not finish (a cancelled save):
+    /// the store keeps none of their parts. Returns how many it aborted.
+    pub async fn abort_unfinished(&self) -> usize {
+        let unfinished: Vec<(String, String)> =
+            self.unfinished.lock().expect("unfinished uploads lock").drain().collect();
+        for (upload_id, key) in &unfinished {
+            self.abort(key, upload_id).await;
+        }
+        unfinished.len()
     }
 
     async fn abort(&self, key: &str, upload_id: &str) {
+        self.unfinished.lock().expect("unfinished uploads lock").remove(upload_id);
         if let Err(error) =
             self.client.abort_multipart_upload().bucket(&self.bucket).key(key).upload_id(upload_id).send().await
         {
@@ -253,5 +369,72 @@ impl BlobStore {
                 }
             }
         }))
+    }
+}
+
+/// A multipart upload of one blob, begun by [`BlobStore::begin_multipart`].
+pub struct MultipartUpload {
+    store: BlobStore,
+    digest: String,
+    key: String,
+    upload_id: String,
+}
+
+impl MultipartUpload {
+    fn failed(&self, reason: String) -> TransferError {
+        TransferError::Upload { digest: self.digest.clone(), reason }
+    }
+
+    /// Uploads part `part_number` (from 1).
+    pub async fn upload_part(&self, part_number: i32, body: ByteStream) -> Result<CompletedPart, TransferError> {
+        let _permit = self.store.request_permit().await;
+        let uploaded = self
+            .store
+            .client
+            .upload_part()
+            .bucket(&self.store.bucket)
+            .key(&self.key)
+            .upload_id(&self.upload_id)
+            .part_number(part_number)
+            .body(body)
+            // The blob's sha256 was checked while spooling and the commit checks its size: a
+            // second SHA-256 pass for the signature only costs CPU.
+            .customize()
+            .disable_payload_signing()
+            .send()
+            .await
+            .map_err(|error| self.failed(reason(error)))?;
+        Ok(CompletedPart::builder().part_number(part_number).set_e_tag(uploaded.e_tag().map(str::to_owned)).build())
+    }
+
+    /// Completes the upload from its parts, in order; aborts it if the store refuses.
+    pub async fn complete(self, parts: Vec<CompletedPart>) -> Result<(), TransferError> {
+        let completed = {
+            let _permit = self.store.request_permit().await;
+            self.store
+                .client
+                .complete_multipart_upload()
+                .bucket(&self.store.bucket)
+                .key(&self.key)
+                .upload_id(&self.upload_id)
+                .multipart_upload(CompletedMultipartUpload::builder().set_parts(Some(parts)).build())
+                .send()
+                .await
+        };
+        match completed {
+            Ok(_) => {
+                self.store.unfinished.lock().expect("unfinished uploads lock").remove(&self.upload_id);
+                Ok(())
+            }
+            Err(error) => {
+                self.abort().await;
+                Err(self.failed(reason(error)))
+            }
+        }
+    }
+
+    /// Aborts the upload: the store drops its parts.
+    pub async fn abort(&self) {
+        self.store.abort(&self.key, &self.upload_id).await;
     }
 }

@@ -90,17 +90,23 @@ pub struct LookupResponse {
     #[prost(message, optional, tag = "4")]
     pub plan: ::core::option::Option<TransferPlan>,
 }
-#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct TransferPlan {
-    /// Part size of multipart uploads and of ranged downloads.
+    /// Smallest part of multipart uploads and of ranged downloads (at least 8 MiB). A blob's own
+    /// part size is this, grown so it has at most 9,000 parts: `proto::parts::part_size_for`.
     #[prost(uint64, tag = "1")]
     pub part_size: u64,
     /// Blobs at least this big go through multipart upload.
     #[prost(uint64, tag = "2")]
     pub multipart_threshold: u64,
-    /// How many transfers this worker may run at once.
+    /// How many requests this worker may have in flight at once: the smaller of the per-worker
+    /// cap and the worker's fair share of the coordinator's global budget.
     #[prost(uint32, tag = "3")]
     pub max_concurrency: u32,
+    /// Names this worker's share of the budget; released by `CommitSave` or by the
+    /// `ReportMetrics` that carries it, and lapses on its own after a while.
+    #[prost(string, tag = "4")]
+    pub lease_id: ::prost::alloc::string::String,
 }
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct BeginSaveRequest {
@@ -155,10 +161,15 @@ pub struct CommitSaveResponse {
     #[prost(message, optional, tag = "1")]
     pub manifest: ::core::option::Option<Manifest>,
 }
-#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct GetCredentialsRequest {
     #[prost(enumeration = "Access", tag = "1")]
     pub access: i32,
+    /// Renewing credentials this worker holds (by their access key ID): where the store binds a
+    /// multipart upload to the key that began it (the embedded endpoint), the same key is
+    /// extended rather than a new one minted. Empty for new credentials.
+    #[prost(string, tag = "2")]
+    pub renew_access_key_id: ::prost::alloc::string::String,
 }
 /// Temporary object-store credentials for one project's prefix.
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
@@ -219,6 +230,9 @@ pub struct ReportMetricsRequest {
     /// Only for OPERATION_RESTORE.
     #[prost(enumeration = "RestoreOutcome", tag = "5")]
     pub restore_outcome: i32,
+    /// The transfer plan's lease, released by this report.
+    #[prost(string, tag = "6")]
+    pub lease_id: ::prost::alloc::string::String,
 }
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct ReportMetricsResponse {}

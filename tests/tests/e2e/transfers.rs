@@ -1,0 +1,250 @@
+//! The transfer engine over real parts: part planning (limits refused at start-up, the stored
+//! parts of a real save), the global budget's fair share through the API, credentials renewed
+//! in the middle of a multipart upload on the embedded endpoint (which binds an upload to its
+//! key), and a save cancelled by SIGTERM mid-upload leaving no object, no parts and no manifest.
+
+use std::io::Read;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use aws_sdk_s3::primitives::ByteStream;
+use proto::v1 as pb;
+use proto::v1::worker_client::WorkerClient;
+use sha2::{Digest, Sha256};
+use tests::{CoordinatorProcess, DockerEngine, EngineKind, binary, build_context, s3_client_for, stderr_of, stdout_of};
+use worker::coordinator::Coordinator;
+use worker::transfer::BlobStore;
+
+const MIB: usize = 1024 * 1024;
+
+fn digest(bytes: &[u8]) -> String {
+    format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
+}
+
+/// Bytes that do not repeat, so no store could shortcut them.
+fn noise(len: usize, seed: u8) -> Vec<u8> {
+    let mut bytes = Vec::with_capacity(len + 32);
+    let mut block = Sha256::digest([seed]);
+    while bytes.len() < len {
+        bytes.extend_from_slice(&block);
+        block = Sha256::digest(block);
+    }
+    bytes.truncate(len);
+    bytes
+}
+
+/// A save request for one image of one layer, sizes not yet known.
+fn begin_request(service: &str, config: &[u8], layer: &[u8]) -> pb::BeginSaveRequest {
+    pb::BeginSaveRequest {
+        key: Some(pb::CacheKey { service: service.into(), branch: String::new() }),
+        images: vec![pb::Image {
+            id: digest(config),
+            layers: vec![pb::Layer { digest: digest(layer), ..Default::default() }],
+            ..Default::default()
+        }],
+        engine_version: "test".into(),
+    }
+}
+
+#[test]
+fn part_sizes_outside_the_limits_are_refused_at_start_up() {
+    for (flag, value) in [("--part-size-mib", "4"), ("--part-size-mib", "6000"), ("--multipart-threshold-mib", "1")] {
+        let data_dir = tempfile::tempdir().unwrap();
+        let output = Command::new(binary("cache-coordinator"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--s3-listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
+            .arg("--data-dir")
+            .arg(data_dir.path())
+            .args([flag, value])
+            .output()
+            .unwrap();
+        assert_eq!(output.status.code(), Some(64), "{flag} {value}: {}", stderr_of(&output));
+        let stderr = stderr_of(&output);
+        assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr}");
+        assert!(stderr.contains(flag) && stderr.contains("expected 8 to 5120 MiB"), "{stderr}");
+        assert_eq!(std::fs::read_dir(data_dir.path()).unwrap().count(), 0, "nothing written for a refused config");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_global_budget_is_shared_fairly_between_projects() {
+    let data_dir = tempfile::tempdir().unwrap();
+    let coordinator =
+        CoordinatorProcess::start(data_dir.path(), &["--transfer-budget", "8", "--worker-concurrency", "8"]);
+    let client_of = |token: String| {
+        let url = coordinator.grpc_url.clone();
+        async move {
+            let channel = proto::client::connect(&url).await.unwrap();
+            WorkerClient::with_interceptor(channel, proto::client::BearerToken::new(&token).unwrap())
+        }
+    };
+    let mut shop = client_of(coordinator.create_project("shop")).await;
+    let mut web = client_of(coordinator.create_project("web")).await;
+    let (config, layer) = (b"{}".to_vec(), b"layer".to_vec());
+    let grant = async |client: &mut WorkerClient<_>, service: &str| {
+        let begun = client.begin_save(begin_request(service, &config, &layer)).await.unwrap().into_inner();
+        let plan = begun.plan.expect("a save that uploads gets a plan");
+        assert_eq!(plan.part_size, 8 << 20);
+        assert_eq!(plan.lease_id, begun.save_id, "the save's lease is named by its save ID");
+        plan
+    };
+
+    // A lone worker gets the per-worker cap; a second one of the same project what is left (at
+    // least one request, so every worker makes progress).
+    let shop1 = grant(&mut shop, "one").await;
+    assert_eq!(shop1.max_concurrency, 8);
+    assert_eq!(grant(&mut shop, "two").await.max_concurrency, 1);
+    // Another project arriving while shop holds the whole budget still moves.
+    assert_eq!(grant(&mut web, "one").await.max_concurrency, 1);
+    // Shop's first worker reports back (its lease goes back to the budget): now web's next worker
+    // gets its fair share, half the budget split between its two workers, not the cap.
+    let report =
+        pb::ReportMetricsRequest { service: "one".into(), lease_id: shop1.lease_id.clone(), ..Default::default() };
+    shop.report_metrics(report).await.unwrap();
+    assert_eq!(grant(&mut web, "two").await.max_concurrency, 8 / 2 / 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credentials_are_renewed_in_the_middle_of_a_multipart_upload() {
+    let data_dir = tempfile::tempdir().unwrap();
+    // Keys live 2 seconds; the upload below takes longer than that.
+    let coordinator = CoordinatorProcess::start(data_dir.path(), &["--credential-ttl", "2"]);
+    let token = coordinator.create_project("web");
+    let config = br#"{"rootfs":{"type":"layers","diff_ids":[]}}"#.to_vec();
+    let layer = noise(20 * MIB, 1);
+
+    let mut worker = Coordinator::connect(&coordinator.grpc_url, Some(&token)).await.unwrap();
+    let begun = worker.client.begin_save(begin_request("web", &config, &layer)).await.unwrap().into_inner();
+    let credentials = begun.credentials.clone().unwrap();
+    let plan = begun.plan.clone().unwrap();
+    let renewing = BlobStore::new(&credentials, &plan, Some(worker.client.clone()));
+    // The same kind of key without renewal, to show that keys do run out.
+    let other = coordinator.credentials(&token, pb::Access::Write).await;
+    let fixed = BlobStore::new(&other, &plan, None);
+
+    let upload = renewing.begin_multipart(&digest(&layer)).await.unwrap();
+    let part = |range: std::ops::Range<usize>| ByteStream::from(layer[range].to_vec());
+    let mut parts = vec![upload.upload_part(1, part(0..8 * MIB)).await.unwrap()];
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let refused = fixed.upload_bytes(&digest(b"late"), b"late".to_vec()).await.unwrap_err();
+    assert!(refused.to_string().contains("ExpiredToken"), "a key nobody renews expires: {refused}");
+    parts.push(upload.upload_part(2, part(8 * MIB..16 * MIB)).await.unwrap());
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    parts.push(upload.upload_part(3, part(16 * MIB..20 * MIB)).await.unwrap());
+    upload.complete(parts).await.expect("the upload completes with the renewed key that began it");
+    renewing.upload_bytes(&digest(&config), config.clone()).await.unwrap();
+
+    // The blob is whole, in three parts, and the save commits.
+    let reader = s3_client_for(&coordinator.credentials(&token, pb::Access::Read).await);
+    let stored = reader.get_object().bucket(&credentials.bucket).key(renewing.key(&digest(&layer))).send().await;
+    let stored = stored.unwrap();
+    assert!(stored.e_tag().unwrap_or_default().trim_matches('"').ends_with("-3"), "{:?}", stored.e_tag());
+    assert_eq!(stored.body.collect().await.unwrap().into_bytes().as_ref(), layer.as_slice());
+    let mut image = begin_request("web", &config, &layer).images.remove(0);
+    image.config_size = config.len() as u64;
+    image.layers[0].size = layer.len() as u64;
+    let commit = pb::CommitSaveRequest { save_id: begun.save_id, images: vec![image], save_log: Vec::new() };
+    worker.client.commit_save(commit).await.expect("commit");
+}
+
+/// A build host holding `big:1`: one layer of `mib` MiB of noise on a busybox base.
+fn build_big_image(engine: &DockerEngine, mib: usize) -> String {
+    engine.import_busybox_base("base:1");
+    let context = build_context(&format!("FROM base:1\nRUN head -c {} /dev/urandom > /noise\n", mib * MIB));
+    let built = engine.classic_build(context.path(), "big:1", &[]);
+    assert!(built.status.success(), "build: {}", stderr_of(&built));
+    let layers = engine.docker(&["image", "inspect", "--format", "{{json .RootFS.Layers}}", "big:1"]);
+    let layers: Vec<String> = serde_json::from_str(stdout_of(&layers).trim()).unwrap();
+    layers.last().unwrap().clone()
+}
+
+/// Multipart uploads the embedded endpoint holds unfinished (s3s-fs keeps them as dot files at
+/// its root).
+fn unfinished_uploads(data_dir: &Path) -> Vec<String> {
+    std::fs::read_dir(data_dir.join("objects"))
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|name| name.starts_with(".upload"))
+        .collect()
+}
+
+#[test]
+fn a_real_save_stores_blobs_in_the_planned_parts_and_restores_from_them() {
+    let Some(build_host) = DockerEngine::start(EngineKind::Engine20) else { return };
+    let noise_layer = build_big_image(&build_host, 20);
+    for (part_size_mib, expected_parts) in [("8", "-3"), ("16", "-2")] {
+        let data_dir = tempfile::tempdir().unwrap();
+        let args = ["--part-size-mib", part_size_mib, "--multipart-threshold-mib", "8"];
+        let coordinator = CoordinatorProcess::start(data_dir.path(), &args);
+        let token = coordinator.create_project("web");
+        let saved = coordinator.cache_worker_on(&build_host, &token, &["save", "--service", "web", "big:1"]);
+        assert!(saved.status.success(), "save: {}", stderr_of(&saved));
+
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        let credentials = runtime.block_on(coordinator.credentials(&token, pb::Access::Read));
+        let key = format!("{}blobs/sha256/{}", credentials.prefix, noise_layer.trim_start_matches("sha256:"));
+        let head =
+            runtime.block_on(s3_client_for(&credentials).head_object().bucket(&credentials.bucket).key(&key).send());
+        let e_tag = head.unwrap().e_tag().unwrap_or_default().trim_matches('"').to_owned();
+        assert!(e_tag.ends_with(expected_parts), "{part_size_mib} MiB parts of 20 MiB: ETag {e_tag}");
+        assert!(unfinished_uploads(data_dir.path()).is_empty());
+
+        // A fresh host restores it with ranges aligned to those parts, verified.
+        let Some(fresh) = DockerEngine::start(EngineKind::Engine20) else { return };
+        let restored = coordinator.cache_worker_on(&fresh, &token, &["restore", "--strict", "--service", "web"]);
+        assert!(restored.status.success(), "restore: {}", stderr_of(&restored));
+        let ids = fresh.image_ids();
+        let original = build_host.docker(&["image", "inspect", "--format", "{{.Id}}", "big:1"]);
+        assert!(ids.contains(&stdout_of(&original).trim().to_owned()), "{ids:?}");
+    }
+}
+
+#[test]
+fn a_save_cancelled_mid_upload_leaves_no_object_no_parts_and_no_manifest() {
+    let Some(build_host) = DockerEngine::start(EngineKind::Engine20) else { return };
+    let noise_layer = build_big_image(&build_host, 192);
+    let data_dir = tempfile::tempdir().unwrap();
+    // Multipart for everything of 8 MiB and more, one request at a time: the upload lasts.
+    let args = ["--multipart-threshold-mib", "8", "--worker-concurrency", "1"];
+    let coordinator = CoordinatorProcess::start(data_dir.path(), &args);
+    let token = coordinator.create_project("web");
+    let spool = tempfile::tempdir().unwrap();
+    let mut save = Command::new(binary("cache-worker"))
+        .args(["--coordinator", &coordinator.grpc_url, "save", "--service", "web", "big:1"])
+        .env("CACHE_TOKEN", &token)
+        .env("DOCKER_HOST", &build_host.host)
+        .env("CACHE_SPOOL_DIR", spool.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+
+    // Interrupt once the endpoint holds part of the upload.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !unfinished_uploads(data_dir.path()).iter().any(|name| name.contains(".part-")) {
+        assert!(save.try_wait().unwrap().is_none(), "the save ended before its upload could be interrupted");
+        assert!(Instant::now() < deadline, "no multipart upload began within 120 s");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let killed = Command::new("kill").args(["-TERM", &save.id().to_string()]).status().unwrap();
+    assert!(killed.success());
+    let status = save.wait().unwrap();
+    let mut stderr = String::new();
+    save.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
+    assert_eq!(status.code(), Some(143), "{stderr}");
+    assert!(
+        stderr.contains("saving web interrupted by SIGTERM: aborted 1 unfinished uploads, nothing saved"),
+        "{stderr}"
+    );
+
+    assert_eq!(unfinished_uploads(data_dir.path()), Vec::<String>::new(), "the store keeps no part");
+    assert_eq!(std::fs::read_dir(spool.path()).unwrap().count(), 0, "the spool is gone");
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let credentials = runtime.block_on(coordinator.credentials(&token, pb::Access::Read));
+    let key = format!("{}blobs/sha256/{}", credentials.prefix, noise_layer.trim_start_matches("sha256:"));
+    let head = runtime.block_on(s3_client_for(&credentials).head_object().bucket(&credentials.bucket).key(&key).send());
+    assert!(head.is_err(), "no object for the interrupted blob");
+    let Some(fresh) = DockerEngine::start(EngineKind::Engine20) else { return };
+    let restored = coordinator.cache_worker_on(&fresh, &token, &["restore", "--service", "web"]);
+    assert_eq!(stdout_of(&restored).trim(), "no cached image for web", "{}", stderr_of(&restored));
+}
