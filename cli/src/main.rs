@@ -48,6 +48,13 @@ enum Command {
     Flush { project: String },
     /// Restore and save counters per project and service.
     Stats { project: Option<String> },
+    /// Print storage credentials for a project's cache as `export` lines for a POSIX shell.
+    Credentials {
+        project: String,
+        /// Write access (put and multipart, never delete) instead of read-only
+        #[arg(long)]
+        write: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -169,6 +176,7 @@ async fn run(cli: Cli) -> Result<(), ClientError> {
         Command::Project(ProjectCommand::Create { name, .. }) => validate(names::validate_project_name(name))?,
         Command::Ls { project: Some(project) }
         | Command::Flush { project }
+        | Command::Credentials { project, .. }
         | Command::Stats { project: Some(project) } => validate(names::validate_project_name(project))?,
         Command::Show { project, service, branch } => {
             validate(names::validate_project_name(project))?;
@@ -219,6 +227,12 @@ async fn run(cli: Cli) -> Result<(), ClientError> {
                 response.objects_removed,
                 format_bytes(response.bytes_removed)
             );
+        }
+        Command::Credentials { project, write } => {
+            let access = if write { pb::Access::Write } else { pb::Access::Read };
+            let request = pb::IssueCredentialsRequest { project, access: access as i32 };
+            let response = admin.issue_credentials(request).await.map_err(failed)?.into_inner();
+            print!("{}", proto::credentials::format_env(&response.credentials.unwrap_or_default()));
         }
         Command::Stats { project } => {
             let request = pb::StatsRequest { project: project.unwrap_or_default() };

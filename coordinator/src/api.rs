@@ -189,6 +189,22 @@ impl Admin for AdminApi {
         counted(&self.0.metrics, "FlushProject", result)
     }
 
+    #[tracing::instrument(skip_all)]
+    async fn issue_credentials(
+        &self,
+        request: Request<pb::IssueCredentialsRequest>,
+    ) -> Result<Response<pb::GetCredentialsResponse>, Status> {
+        let result = async {
+            self.admin(&request)?;
+            let request = request.get_ref();
+            let project = self.0.existing_project(&request.project)?;
+            let credentials = self.0.issue_credentials(&project.name, request.access(), "").await?;
+            Ok(pb::GetCredentialsResponse { credentials: Some(credentials) })
+        }
+        .await;
+        counted(&self.0.metrics, "IssueCredentials", result)
+    }
+
     async fn stats(&self, request: Request<pb::StatsRequest>) -> Result<Response<pb::StatsResponse>, Status> {
         let result = async {
             self.admin(&request)?;

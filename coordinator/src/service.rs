@@ -119,7 +119,7 @@ impl CacheService {
         Ok((project_message(&self.db, &record)?, token))
     }
 
-    fn existing_project(&self, name: &str) -> Result<ProjectRecord, Error> {
+    pub fn existing_project(&self, name: &str) -> Result<ProjectRecord, Error> {
         names::validate_project_name(name)?;
         self.db.project(name)?.ok_or_else(|| Error::NoSuchProject(name.to_owned()))
     }

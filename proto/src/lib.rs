@@ -2,6 +2,7 @@
 //! the naming rules every side of the API enforces.
 
 pub mod client;
+pub mod credentials;
 pub mod format;
 pub mod names;
 pub mod parts;

@@ -1,12 +1,12 @@
 //! cache-worker as a library: the pieces the `cache-worker` binary runs on a build host.
 
 pub mod coordinator;
-pub mod credentials;
 pub mod docker;
 pub mod error;
 pub mod export;
 pub mod image_config;
 pub mod load;
+pub mod progress;
 pub mod restore;
 pub mod save;
 pub mod transfer;

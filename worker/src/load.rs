@@ -14,6 +14,7 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 use tokio::sync::{Semaphore, mpsc};
 
+use crate::progress::Bar;
 use crate::transfer::BlobStore;
 
 /// One blob of the tarball, in the order it is written.
@@ -187,6 +188,7 @@ pub fn load_stream(
     plan: LoadPlan,
     concurrency: usize,
     report: Arc<LoadReport>,
+    bar: Bar,
 ) -> impl Stream<Item = std::io::Result<Bytes>> + Send + 'static {
     let (sender, receiver) = mpsc::channel::<std::io::Result<Bytes>>(1);
     tokio::spawn(async move {
@@ -241,6 +243,7 @@ pub fn load_stream(
                     }
                 };
                 written += bytes.len() as u64;
+                bar.add(bytes.len() as u64);
                 hasher.update(&bytes);
                 if sender.send(Ok(bytes)).await.is_err() {
                     return;
@@ -261,6 +264,7 @@ pub fn load_stream(
                 return;
             }
         }
+        bar.finish();
         let manifest_size = plan.manifest_json.len() as u64;
         for piece in [
             tar_header("manifest.json", manifest_size),

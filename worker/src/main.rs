@@ -124,7 +124,7 @@ async fn run(cli: Cli) -> Result<(), WorkerError> {
             let request = pb::GetCredentialsRequest { access: pb::Access::Read as i32, ..Default::default() };
             let response = coordinator.client.get_credentials(request).await.map_err(|s| coordinator.failed(s))?;
             let credentials = response.into_inner().credentials.unwrap_or_default();
-            print!("{}", worker::credentials::format_env(&credentials));
+            print!("{}", proto::credentials::format_env(&credentials));
             Ok(())
         }
         Command::Save { service, branch, images } => {

@@ -13,6 +13,7 @@ use crate::coordinator::Coordinator;
 use crate::docker::Engine;
 use crate::error::WorkerError;
 use crate::load::{LoadReport, load_stream, plan_load};
+use crate::progress::{Progress, rate};
 use crate::transfer::BlobStore;
 
 pub struct RestoreOptions {
@@ -99,7 +100,9 @@ pub async fn restore(
     let store = BlobStore::new(&credentials, &plan, Some(coordinator.client.clone()));
     let load_plan = plan_load(&manifest, &engine.layer_chains().await?);
     let load_report = Arc::new(LoadReport::default());
-    let tarball = load_stream(store, load_plan, plan.max_concurrency as usize, load_report.clone());
+    let to_download: u64 = load_plan.blobs.iter().filter(|blob| !blob.skipped).map(|blob| blob.size).sum();
+    let bar = Progress::for_stderr().bar(&format!("restore {}", options.service), to_download);
+    let tarball = load_stream(store, load_plan, plan.max_concurrency as usize, load_report.clone(), bar);
     let loaded = engine.load(tarball).await;
     // A verification failure is the cause of the engine's error: name the blob.
     if let Some(failure) = load_report.failure.lock().expect("report lock").clone() {
@@ -146,13 +149,14 @@ pub async fn restore(
     coordinator.report_metrics(report(pb::RestoreOutcome::Hit, layers, seconds)).await;
     let cache_from = cache_from_images(&manifest);
     say(&format!(
-        "restored {}: {} images, {} blobs downloaded ({}), {} layers already on this host, in {:.1} s",
+        "restored {}: {} images, {} blobs downloaded ({}), {} layers already on this host, in {:.1} s, {}",
         options.service,
         manifest.images.len(),
         blobs.len(),
         format_bytes(bytes),
         skipped.len(),
-        seconds
+        seconds,
+        rate(bytes, seconds)
     ));
     say(&format!("add to docker build: {}", cache_from_flags(&cache_from)));
     Ok(Restored::Hit { cache_from })

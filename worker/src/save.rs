@@ -17,6 +17,7 @@ use crate::docker::{Engine, EngineImage};
 use crate::error::WorkerError;
 use crate::export::{SpooledBlob, read_export, spool_dir};
 use crate::image_config::{ImageFacts, builder_name, image_facts};
+use crate::progress::{Bar, Progress, rate};
 use crate::transfer::BlobStore;
 
 pub struct SaveOptions {
@@ -156,11 +157,17 @@ async fn image_facts_for(
     Ok(facts)
 }
 
+/// "layer 0123456789ab" for a progress bar.
+fn short_digest(digest: &str) -> String {
+    format!("layer {}", digest.trim_start_matches("sha256:").get(..12).unwrap_or(digest))
+}
+
 /// Uploads every blob the export hands over, several at once; returns (digest, bytes, seconds).
 async fn upload_all(
     store: BlobStore,
     concurrency: usize,
     mut blobs: mpsc::Receiver<SpooledBlob>,
+    progress: &Progress,
 ) -> Result<Vec<(String, u64, f64)>, WorkerError> {
     let semaphore = Arc::new(Semaphore::new(concurrency.max(1)));
     let mut uploads = tokio::task::JoinSet::new();
@@ -168,12 +175,17 @@ async fn upload_all(
     while let Some(blob) = blobs.recv().await {
         let permit = semaphore.clone().acquire_owned().await.expect("semaphore is never closed");
         let store = store.clone();
+        let bar = match &blob {
+            SpooledBlob::File { layer, .. } => progress.bar(&short_digest(&layer.digest), layer.stored_size),
+            SpooledBlob::Bytes { .. } => Bar::none(),
+        };
         uploads.spawn(async move {
             let _permit = permit;
             let started = Instant::now();
             let (digest, size) = match &blob {
                 SpooledBlob::File { layer, path } => {
-                    store.upload_file(&layer.digest, path, layer.stored_size).await?;
+                    store.upload_file(&layer.digest, path, layer.stored_size, &bar).await?;
+                    bar.finish();
                     (layer.digest.clone(), layer.stored_size)
                 }
                 SpooledBlob::Bytes { digest, bytes } => {
@@ -262,7 +274,7 @@ pub async fn save(
                 blob_sender.blocking_send(blob).map_err(|_| std::io::Error::other("an upload failed"))
             })
         });
-        let uploads = upload_all(store, plan.max_concurrency as usize, blob_receiver).await;
+        let uploads = upload_all(store, plan.max_concurrency as usize, blob_receiver, &Progress::for_stderr()).await;
         let summary = reader.await.map_err(|error| WorkerError::Invalid(error.to_string()));
         // An upload failure is the cause when the reader stopped because of it.
         uploaded = uploads?;
@@ -333,14 +345,15 @@ pub async fn save(
         unchanged: begun.unchanged,
     };
     println!(
-        "saved {}: {} images; uploaded {} blobs ({}), {} already stored{}; {:.1} s",
+        "saved {}: {} images; uploaded {} blobs ({}), {} already stored{}; {:.1} s, {}",
         options.service,
         summary.n_images,
         summary.n_blobs_uploaded,
         format_bytes(bytes_uploaded),
         n_blobs_stored,
         if summary.unchanged { "; unchanged since the last save" } else { "" },
-        seconds
+        seconds,
+        rate(bytes_uploaded, seconds)
     );
     Ok(summary)
 }

@@ -19,6 +19,7 @@ use proto::v1 as pb;
 use tokio::sync::Semaphore;
 
 use crate::coordinator::Client;
+use crate::progress::Bar;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TransferError {
@@ -239,7 +240,7 @@ impl BlobStore {
 
     /// Uploads a file: one PUT below the multipart threshold, parts in parallel above it. A
     /// failed multipart upload is aborted.
-    pub async fn upload_file(&self, digest: &str, path: &Path, size: u64) -> Result<(), TransferError> {
+    pub async fn upload_file(&self, digest: &str, path: &Path, size: u64, bar: &Bar) -> Result<(), TransferError> {
         let failed = |reason: String| TransferError::Upload { digest: digest.to_owned(), reason };
         if size < self.multipart_threshold {
             let body = ByteStream::from_path(path).await.map_err(|error| failed(error.to_string()))?;
@@ -249,9 +250,13 @@ impl BlobStore {
                 .bucket(&self.bucket)
                 .key(self.key(digest))
                 .body(body)
+                // As for parts: the blob's sha256 was checked while spooling.
+                .customize()
+                .disable_payload_signing()
                 .send()
                 .await
                 .map_err(|e| failed(reason(e)))?;
+            bar.add(size);
             return Ok(());
         }
         if size > proto::parts::MAX_BLOB_SIZE {
@@ -272,7 +277,9 @@ impl BlobStore {
                         .build()
                         .await
                         .map_err(|error| failed(error.to_string()))?;
-                    upload.upload_part((part_idx + 1) as i32, body).await
+                    let part = upload.upload_part((part_idx + 1) as i32, body).await?;
+                    bar.add(length);
+                    Ok(part)
                 }
             })
             .buffered(PARTS_IN_FLIGHT)
@@ -319,6 +326,16 @@ impl BlobStore {
             self.client.abort_multipart_upload().bucket(&self.bucket).key(key).upload_id(upload_id).send().await
         {
             tracing::warn!(key, error = reason(error), "aborting a multipart upload failed");
+        }
+    }
+
+    /// The stored size of a blob, or `None` when the store does not hold it.
+    pub async fn stored_size(&self, digest: &str) -> Result<Option<u64>, TransferError> {
+        let _permit = self.request_permit().await;
+        match self.client.head_object().bucket(&self.bucket).key(self.key(digest)).send().await {
+            Ok(head) => Ok(Some(head.content_length().unwrap_or(0).max(0) as u64)),
+            Err(error) if error.as_service_error().is_some_and(|e| e.is_not_found()) => Ok(None),
+            Err(error) => Err(TransferError::Download { digest: digest.to_owned(), reason: reason(error) }),
         }
     }
 

@@ -248,3 +248,44 @@ fn a_save_cancelled_mid_upload_leaves_no_object_no_parts_and_no_manifest() {
     let restored = coordinator.cache_worker_on(&fresh, &token, &["restore", "--service", "web"]);
     assert_eq!(stdout_of(&restored).trim(), "no cached image for web", "{}", stderr_of(&restored));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operators_get_a_projects_credentials_with_cachectl() {
+    let data_dir = tempfile::tempdir().unwrap();
+    let coordinator = CoordinatorProcess::start(data_dir.path(), &[]);
+    coordinator.create_project("web");
+    let credentials = |args: &[&str]| {
+        let output = coordinator.cachectl(args);
+        assert!(output.status.success(), "{args:?}: {}", stderr_of(&output));
+        let exports: std::collections::HashMap<String, String> =
+            tests::parse_exports(&stdout_of(&output)).into_iter().collect();
+        pb::Credentials {
+            access_key_id: exports["AWS_ACCESS_KEY_ID"].clone(),
+            secret_access_key: exports["AWS_SECRET_ACCESS_KEY"].clone(),
+            session_token: exports["AWS_SESSION_TOKEN"].clone(),
+            endpoint_url: exports["AWS_ENDPOINT_URL"].clone(),
+            region: exports["AWS_REGION"].clone(),
+            bucket: exports["CACHE_S3_BUCKET"].clone(),
+            prefix: exports["CACHE_S3_PREFIX"].clone(),
+            path_style: true,
+            ..Default::default()
+        }
+    };
+    let put = |credentials: pb::Credentials| async move {
+        let key = format!("{}other/object", credentials.prefix);
+        let client = s3_client_for(&credentials);
+        client.put_object().bucket(&credentials.bucket).key(key).body(ByteStream::from_static(b"x")).send().await
+    };
+    let write = credentials(&["credentials", "web", "--write"]);
+    assert_eq!(write.prefix, "cache/web/");
+    put(write).await.expect("a write key puts under the project's prefix");
+    let read = credentials(&["credentials", "web"]);
+    assert!(put(read).await.is_err(), "the default is read-only");
+
+    let missing = coordinator.cachectl(&["credentials", "nope"]);
+    assert!(!missing.status.success());
+    assert_eq!(stderr_of(&missing).trim().lines().count(), 1, "{}", stderr_of(&missing));
+    assert!(stderr_of(&missing).contains("nope"), "{}", stderr_of(&missing));
+    let bad = coordinator.cachectl(&["credentials", "../etc"]);
+    assert_eq!(bad.status.code(), Some(64), "{}", stderr_of(&bad));
+}

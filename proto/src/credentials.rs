@@ -1,7 +1,8 @@
-//! `cache-worker credentials`: prints the project's read-only storage credentials so a user can
-//! look at their own cache with any S3 tool.
+//! `export` lines for a project's storage credentials, printed by `cache-worker credentials`
+//! (read-only) and `cachectl credentials` (an operator's, either access), so a user can look at
+//! a cache with any S3 tool.
 
-use proto::v1 as pb;
+use crate::v1 as pb;
 
 /// Quotes `value` for a POSIX shell.
 fn shell_quote(value: &str) -> String {
@@ -29,6 +30,7 @@ pub fn format_env(credentials: &pb::Credentials) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::v1 as pb;
 
     #[test]
     fn export_lines_are_quoted_for_the_shell() {
