@@ -31,6 +31,10 @@ pub enum TransferError {
     NotStored { digest: String },
 }
 
+/// Bytes per read of a spooled file: aws-smithy's default of 64 KiB costs a blocking-pool round
+/// trip per 64 KiB.
+const READ_CHUNK: usize = 1 << 20;
+
 /// Parts of one blob in flight at once; the store's request cap bounds all of them together.
 const PARTS_IN_FLIGHT: usize = 4;
 
@@ -243,7 +247,12 @@ impl BlobStore {
     pub async fn upload_file(&self, digest: &str, path: &Path, size: u64, bar: &Bar) -> Result<(), TransferError> {
         let failed = |reason: String| TransferError::Upload { digest: digest.to_owned(), reason };
         if size < self.multipart_threshold {
-            let body = ByteStream::from_path(path).await.map_err(|error| failed(error.to_string()))?;
+            let body = ByteStream::read_from()
+                .path(path)
+                .buffer_size(READ_CHUNK)
+                .build()
+                .await
+                .map_err(|error| failed(error.to_string()))?;
             let _permit = self.request_permit().await;
             self.client
                 .put_object()
@@ -272,6 +281,7 @@ impl BlobStore {
                     let length = part_size.min(size - offset);
                     let body = ByteStream::read_from()
                         .path(path)
+                        .buffer_size(READ_CHUNK)
                         .offset(offset)
                         .length(Length::Exact(length))
                         .build()
