@@ -344,6 +344,63 @@ pub fn read_export<R: Read>(
     Ok(summary)
 }
 
+/// Bytes the blocking reader of an export receives at a time.
+const HANDOFF_CHUNK: usize = 1 << 20;
+
+/// A blocking reader of an async byte stream (the engine's export) for the tar parser on a
+/// blocking thread. The stream's small chunks are gathered into 1 MiB pieces first: handing
+/// each chunk across threads (as `SyncIoBridge` does) cost more CPU in context switches than
+/// hashing the bytes. Must be called inside the runtime.
+pub fn blocking_reader<S>(stream: S) -> impl Read + Send + 'static
+where
+    S: futures::Stream<Item = std::io::Result<bytes::Bytes>> + Send + 'static,
+{
+    use futures::StreamExt;
+    let (sender, receiver) = tokio::sync::mpsc::channel::<std::io::Result<bytes::Bytes>>(4);
+    tokio::spawn(async move {
+        let mut stream = std::pin::pin!(stream);
+        let mut piece = bytes::BytesMut::with_capacity(HANDOFF_CHUNK);
+        while let Some(chunk) = stream.next().await {
+            match chunk {
+                Ok(chunk) => piece.extend_from_slice(&chunk),
+                Err(error) => {
+                    let _ = sender.send(Err(error)).await;
+                    return;
+                }
+            }
+            if piece.len() >= HANDOFF_CHUNK {
+                let full = std::mem::replace(&mut piece, bytes::BytesMut::with_capacity(HANDOFF_CHUNK));
+                if sender.send(Ok(full.freeze())).await.is_err() {
+                    return;
+                }
+            }
+        }
+        if !piece.is_empty() {
+            let _ = sender.send(Ok(piece.freeze())).await;
+        }
+    });
+    HandoffReader { receiver, current: bytes::Bytes::new() }
+}
+
+struct HandoffReader {
+    receiver: tokio::sync::mpsc::Receiver<std::io::Result<bytes::Bytes>>,
+    current: bytes::Bytes,
+}
+
+impl Read for HandoffReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        while self.current.is_empty() {
+            match self.receiver.blocking_recv() {
+                Some(piece) => self.current = piece?,
+                None => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.current.len());
+        buf[..n].copy_from_slice(&self.current.split_to(n));
+        Ok(n)
+    }
+}
+
 /// Where spooled layers go: `CACHE_SPOOL_DIR`, else the system's temporary folder.
 pub fn spool_dir() -> PathBuf {
     std::env::var_os("CACHE_SPOOL_DIR").map(PathBuf::from).unwrap_or_else(std::env::temp_dir)

@@ -5,17 +5,16 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Instant;
 
-use futures::{StreamExt, TryStreamExt};
+use futures::TryStreamExt;
 use proto::format::format_bytes;
 use proto::names;
 use proto::v1 as pb;
 use tokio::sync::{Semaphore, mpsc};
-use tokio_util::io::{StreamReader, SyncIoBridge};
 
 use crate::coordinator::Coordinator;
 use crate::docker::{Engine, EngineImage};
 use crate::error::WorkerError;
-use crate::export::{SpooledBlob, read_export, spool_dir};
+use crate::export::{SpooledBlob, blocking_reader, read_export, spool_dir};
 use crate::image_config::{ImageFacts, builder_name, image_facts};
 use crate::progress::{Bar, Progress, rate};
 use crate::transfer::BlobStore;
@@ -267,8 +266,8 @@ pub async fn save(
         let references: Vec<String> = chain.iter().map(|image| image.id.clone()).collect();
         let export = engine.export(&references);
         let (blob_sender, blob_receiver) = mpsc::channel(2);
+        let reader = blocking_reader(export);
         let reader = tokio::task::spawn_blocking(move || {
-            let reader = SyncIoBridge::new(StreamReader::new(export.boxed()));
             read_export(reader, &diff_ids, &missing, &spool_path, |blob| {
                 // The receiver is gone only when an upload failed: that error is reported.
                 blob_sender.blocking_send(blob).map_err(|_| std::io::Error::other("an upload failed"))
