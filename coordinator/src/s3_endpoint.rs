@@ -111,8 +111,52 @@ struct ObjectFiles {
     root: std::path::PathBuf,
 }
 
-/// Bytes per read of an object's file.
+/// Bytes per read of an object's file, and per write of an uploaded body.
 const READ_CHUNK: usize = 1 << 20;
+
+/// An upload's body in pieces of at least [`READ_CHUNK`] bytes: s3s-fs writes each piece it is
+/// given through one blocking-pool round trip, and HTTP hands over a few KiB at a time.
+fn coalesced(body: StreamingBlob) -> StreamingBlob {
+    StreamingBlob::wrap(Coalesced { body, piece: bytes::BytesMut::new(), ended: false })
+}
+
+struct Coalesced {
+    body: StreamingBlob,
+    piece: bytes::BytesMut,
+    ended: bool,
+}
+
+impl futures::Stream for Coalesced {
+    type Item = Result<bytes::Bytes, std::io::Error>;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        use std::task::Poll;
+        loop {
+            if self.ended {
+                let rest = self.piece.split().freeze();
+                return Poll::Ready((!rest.is_empty()).then_some(Ok(rest)));
+            }
+            match std::pin::Pin::new(&mut self.body).poll_next(cx) {
+                Poll::Ready(Some(Ok(bytes))) => {
+                    self.piece.extend_from_slice(&bytes);
+                    if self.piece.len() >= READ_CHUNK {
+                        return Poll::Ready(Some(Ok(self.piece.split().freeze())));
+                    }
+                }
+                Poll::Ready(Some(Err(error))) => {
+                    self.ended = true;
+                    self.piece.clear();
+                    return Poll::Ready(Some(Err(std::io::Error::other(error))));
+                }
+                Poll::Ready(None) => self.ended = true,
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
+}
 
 #[async_trait::async_trait]
 impl S3 for ObjectFiles {
@@ -182,7 +226,8 @@ impl S3 for ObjectFiles {
         self.files.list_objects_v2(req).await
     }
 
-    async fn put_object(&self, req: S3Request<PutObjectInput>) -> S3Result<S3Response<PutObjectOutput>> {
+    async fn put_object(&self, mut req: S3Request<PutObjectInput>) -> S3Result<S3Response<PutObjectOutput>> {
+        req.input.body = req.input.body.map(coalesced);
         self.files.put_object(req).await
     }
 
@@ -193,7 +238,8 @@ impl S3 for ObjectFiles {
         self.files.create_multipart_upload(req).await
     }
 
-    async fn upload_part(&self, req: S3Request<UploadPartInput>) -> S3Result<S3Response<UploadPartOutput>> {
+    async fn upload_part(&self, mut req: S3Request<UploadPartInput>) -> S3Result<S3Response<UploadPartOutput>> {
+        req.input.body = req.input.body.map(coalesced);
         self.files.upload_part(req).await
     }
 

@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use futures::StreamExt;
 use proto::v1 as pb;
-use tokio::io::AsyncWriteExt;
+use std::os::unix::fs::FileExt;
 use worker::progress::Bar;
 use worker::transfer::BlobStore;
 
@@ -52,19 +52,26 @@ async fn main() {
             size
         }
         ["get", name, file] => {
+            // Parts land in the file at their offsets as they arrive, several at once, as
+            // s5cmd writes them.
             let size = store.stored_size(name).await.expect("head").expect("the blob is stored");
             let part_size = store.part_size_for(size);
-            let mut out = tokio::fs::File::create(file).await.expect("the output file");
-            let mut parts = futures::stream::iter((0..size.div_ceil(part_size)).map(|part| {
-                let store = store.clone();
-                let offset = part * part_size;
-                async move { store.download_range(name, offset, part_size.min(size - offset)).await }
-            }))
-            .buffered(plan.max_concurrency as usize);
-            while let Some(part) = parts.next().await {
-                out.write_all(&part.expect("download")).await.expect("write");
-            }
-            out.flush().await.expect("flush");
+            let out = std::sync::Arc::new(std::fs::File::create(file).expect("the output file"));
+            out.set_len(size).expect("size the output file");
+            futures::stream::iter(0..size.div_ceil(part_size))
+                .map(|part| {
+                    let (store, out, name) = (store.clone(), out.clone(), name.to_string());
+                    async move {
+                        let offset = part * part_size;
+                        let bytes = store.download_range(&name, offset, part_size.min(size - offset)).await;
+                        let bytes = bytes.expect("download");
+                        let written = tokio::task::spawn_blocking(move || out.write_all_at(&bytes, offset));
+                        written.await.expect("the writer").expect("write");
+                    }
+                })
+                .buffer_unordered(plan.max_concurrency as usize)
+                .collect::<()>()
+                .await;
             size
         }
         _ => panic!("usage: blob-transfer put FILE NAME | get NAME FILE"),
