@@ -37,6 +37,11 @@ pub enum SpooledBlob {
     File { layer: pb::Layer, path: tempfile::TempPath },
     /// A config JSON.
     Bytes { digest: String, bytes: Vec<u8> },
+    /// A layer whose digest is certain before it is read: its bytes stream straight to the
+    /// upload (`layer.stored_size` of them), hashed as they pass, with no spool. The last piece
+    /// is held back until the digest matches, so on a mismatch the upload fails before the
+    /// store keeps anything.
+    Stream { layer: pb::Layer, body: tokio::sync::mpsc::Receiver<std::io::Result<bytes::Bytes>> },
 }
 
 impl SpooledBlob {
@@ -44,6 +49,7 @@ impl SpooledBlob {
         match self {
             SpooledBlob::File { layer, .. } => &layer.digest,
             SpooledBlob::Bytes { digest, .. } => digest,
+            SpooledBlob::Stream { layer, .. } => &layer.digest,
         }
     }
 }
@@ -148,6 +154,60 @@ fn spool<R: Read>(head: &[u8], reader: &mut R, spool_dir: &Path, gunzip: bool) -
     })
 }
 
+/// Streams an entry of `size` bytes that must hash to `digest` to the upload behind
+/// `on_blob`, holding the last piece back until the digest is checked.
+fn stream_entry<R: Read>(
+    reader: &mut R,
+    layer: pb::Layer,
+    path: &str,
+    on_blob: &mut impl FnMut(SpooledBlob) -> std::io::Result<()>,
+) -> Result<(), ExportError> {
+    let (sender, body) = tokio::sync::mpsc::channel(STREAM_PIECES);
+    let digest = layer.digest.clone();
+    on_blob(SpooledBlob::Stream { layer, body })?;
+    // A closed channel means the upload failed: the save reports that error.
+    let closed = || std::io::Error::other("an upload failed");
+    let mut hasher = Sha256::new();
+    let mut held: Option<bytes::Bytes> = None;
+    loop {
+        let mut piece = vec![0u8; CHUNK];
+        let n = read_full(reader, &mut piece)?;
+        if n == 0 {
+            break;
+        }
+        piece.truncate(n);
+        hasher.update(&piece);
+        if let Some(previous) = held.replace(bytes::Bytes::from(piece)) {
+            sender.blocking_send(Ok(previous)).map_err(|_| closed())?;
+        }
+    }
+    let actual = format!("sha256:{}", hex::encode(hasher.finalize()));
+    if actual != digest {
+        let _ = sender.blocking_send(Err(std::io::Error::other(format!("blob {digest} hashes to {actual}"))));
+        return Err(ExportError::DigestMismatch { path: path.to_owned(), expected: digest, actual });
+    }
+    if let Some(last) = held {
+        sender.blocking_send(Ok(last)).map_err(|_| closed())?;
+    }
+    Ok(())
+}
+
+/// Fills `buffer` unless the reader ends first; returns how many bytes it read.
+fn read_full<R: Read>(reader: &mut R, buffer: &mut [u8]) -> std::io::Result<usize> {
+    let mut filled = 0;
+    while filled < buffer.len() {
+        match reader.read(&mut buffer[filled..])? {
+            0 => break,
+            n => filled += n,
+        }
+    }
+    Ok(filled)
+}
+
+/// Pieces of a streamed layer between the export's reader and its upload: memory is this many
+/// times [`CHUNK`].
+const STREAM_PIECES: usize = 4;
+
 /// Reads up to `limit` bytes: enough to tell a gzip stream from JSON.
 fn read_head<R: Read>(reader: &mut R, limit: usize) -> std::io::Result<Vec<u8>> {
     let mut head = Vec::with_capacity(limit);
@@ -201,6 +261,7 @@ pub fn read_export<R: Read>(
     let mut path_layers: HashMap<String, pb::Layer> = HashMap::new();
     let mut links: HashMap<String, String> = HashMap::new();
     let mut summary = ExportSummary { format: "legacy", ..Default::default() };
+    let mut layer_files_seen = 0;
 
     let mut archive = tar::Archive::new(reader);
     for entry in archive.entries()? {
@@ -249,12 +310,9 @@ pub fn read_export<R: Read>(
                 }
             } else if layer_digests.contains(&digest) {
                 if missing.contains(&digest) && !emitted.contains(&digest) {
-                    let spooled = spool(&[], &mut entry, spool_dir, false)?;
-                    if spooled.digest != digest {
-                        return Err(ExportError::DigestMismatch { path, expected: digest, actual: spooled.digest });
-                    }
+                    // The OCI layout names the blob: no spool needed.
+                    stream_entry(&mut entry, plain(&digest, size), &path, &mut on_blob)?;
                     emitted.insert(digest.clone());
-                    on_blob(SpooledBlob::File { layer: plain(&digest, size), path: spooled.path })?;
                 }
                 path_layers.insert(path, plain(&digest, size));
             } else if layers_outstanding {
@@ -283,7 +341,18 @@ pub fn read_export<R: Read>(
         }
         if path.ends_with("/layer.tar") {
             path_sizes.insert(path.clone(), size);
-            if layers_outstanding {
+            layer_files_seen += 1;
+            // Engine 20.10 names layers by v1 ID and writes each distinct layer once (repeats
+            // are symlinks): when this is the last layer file and one missing layer is still
+            // unseen, this is it, and it can stream without a spool.
+            let unseen: Vec<&String> =
+                missing.iter().filter(|digest| layer_digests.contains(digest) && !emitted.contains(*digest)).collect();
+            if layer_files_seen == layer_digests.len() && unseen.len() == 1 {
+                let digest = unseen[0].clone();
+                stream_entry(&mut entry, plain(&digest, size), &path, &mut on_blob)?;
+                emitted.insert(digest.clone());
+                path_layers.insert(path, plain(&digest, size));
+            } else if layers_outstanding {
                 let spooled = spool(&[], &mut entry, spool_dir, false)?;
                 let layer = plain(&spooled.digest, size);
                 if missing.contains(&spooled.digest) && emitted.insert(spooled.digest.clone()) {
@@ -531,6 +600,7 @@ pub(crate) mod tests {
     ) -> (ExportSummary, Vec<(String, u64)>) {
         let spool_dir = tempfile::tempdir().unwrap();
         let mut blobs = Vec::new();
+        let mut streams = Vec::new();
         let summary = read_export(tarball, diff_ids, missing, spool_dir.path(), |blob| {
             let size = match &blob {
                 SpooledBlob::File { path, layer } => {
@@ -541,11 +611,26 @@ pub(crate) mod tests {
                     layer.stored_size
                 }
                 SpooledBlob::Bytes { bytes, .. } => bytes.len() as u64,
+                SpooledBlob::Stream { .. } => {
+                    streams.push(blob);
+                    return Ok(());
+                }
             };
             blobs.push((blob.digest().to_owned(), size));
             Ok(())
         })
         .unwrap();
+        // Streamed layers arrive whole and verified once the reader is done with them.
+        for blob in streams {
+            let SpooledBlob::Stream { layer, mut body } = blob else { unreachable!() };
+            let mut bytes = Vec::new();
+            while let Some(piece) = body.blocking_recv() {
+                bytes.extend_from_slice(&piece.unwrap());
+            }
+            assert_eq!(sha256_digest(&bytes), layer.digest);
+            assert_eq!(bytes.len() as u64, layer.stored_size);
+            blobs.push((layer.digest, layer.stored_size));
+        }
         blobs.sort();
         (summary, blobs)
     }
@@ -617,7 +702,46 @@ pub(crate) mod tests {
         diff_ids.get_mut(&app_id).unwrap()[1] = format!("sha256:{}", "0".repeat(64));
         let wanted = HashSet::from([format!("sha256:{}", "0".repeat(64))]);
         let spool_dir = tempfile::tempdir().unwrap();
-        let result = read_export(legacy.as_slice(), &diff_ids, &wanted, spool_dir.path(), |_| Ok(()));
+        let mut bodies = Vec::new();
+        let result = read_export(legacy.as_slice(), &diff_ids, &wanted, spool_dir.path(), |blob| {
+            bodies.push(blob);
+            Ok(())
+        });
         assert!(matches!(result, Err(ExportError::DigestMismatch { .. })), "{result:?}");
+        // A streamed layer that did not match ends in an error, so its upload fails before the
+        // store keeps it.
+        for blob in bodies {
+            if let SpooledBlob::Stream { mut body, .. } = blob {
+                let mut pieces = Vec::new();
+                while let Some(piece) = body.blocking_recv() {
+                    pieces.push(piece);
+                }
+                assert!(pieces.last().is_some_and(|piece| piece.is_err()), "the body ends in an error");
+            }
+        }
+    }
+
+    #[test]
+    fn the_last_missing_layer_of_a_legacy_export_and_every_oci_layer_stream_without_a_spool() {
+        let (legacy, diff_ids) = legacy_export();
+        let (oci, _) = oci_export();
+        let layers: HashSet<String> = diff_ids.values().flatten().cloned().collect();
+        let spool_dir = tempfile::tempdir().unwrap();
+        let kinds = |tarball: &[u8], missing: &HashSet<String>| {
+            let mut kinds = Vec::new();
+            let mut keep = Vec::new();
+            read_export(tarball, &diff_ids, missing, spool_dir.path(), |blob| {
+                kinds.push(matches!(blob, SpooledBlob::Stream { .. }));
+                keep.push(blob);
+                Ok(())
+            })
+            .unwrap();
+            kinds.sort();
+            kinds
+        };
+        // Legacy: of two missing layers, the second one read is known to be the last unseen.
+        assert_eq!(kinds(&legacy, &layers), vec![false, true]);
+        // OCI: the layout names every layer.
+        assert_eq!(kinds(&oci, &layers), vec![true, true]);
     }
 }

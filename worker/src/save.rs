@@ -175,22 +175,29 @@ async fn upload_all(
         let permit = semaphore.clone().acquire_owned().await.expect("semaphore is never closed");
         let store = store.clone();
         let bar = match &blob {
-            SpooledBlob::File { layer, .. } => progress.bar(&short_digest(&layer.digest), layer.stored_size),
+            SpooledBlob::File { layer, .. } | SpooledBlob::Stream { layer, .. } => {
+                progress.bar(&short_digest(&layer.digest), layer.stored_size)
+            }
             SpooledBlob::Bytes { .. } => Bar::none(),
         };
         uploads.spawn(async move {
             let _permit = permit;
             let started = Instant::now();
-            let (digest, size) = match &blob {
+            let (digest, size) = match blob {
                 SpooledBlob::File { layer, path } => {
-                    store.upload_file(&layer.digest, path, layer.stored_size, &bar).await?;
+                    store.upload_file(&layer.digest, &path, layer.stored_size, &bar).await?;
                     bar.finish();
                     (layer.digest.clone(), layer.stored_size)
                 }
                 SpooledBlob::Bytes { digest, bytes } => {
                     let size = bytes.len() as u64;
-                    store.upload_bytes(digest, bytes.clone()).await?;
-                    (digest.clone(), size)
+                    store.upload_bytes(&digest, bytes).await?;
+                    (digest, size)
+                }
+                SpooledBlob::Stream { layer, body } => {
+                    store.upload_stream(&layer.digest, layer.stored_size, body, &bar).await?;
+                    bar.finish();
+                    (layer.digest, layer.stored_size)
                 }
             };
             Ok::<_, WorkerError>((digest, size, started.elapsed().as_secs_f64()))

@@ -304,6 +304,87 @@ impl BlobStore {
         }
     }
 
+    /// Uploads `size` bytes arriving on `body` (a layer streamed from the export without a
+    /// spool): one PUT below the multipart threshold, else parts of the planned size, a few in
+    /// flight. An error on `body` (a digest that did not match) fails the upload before the
+    /// store keeps anything. A streamed body cannot be sent twice, so it is not retried.
+    pub async fn upload_stream(
+        &self,
+        digest: &str,
+        size: u64,
+        mut body: tokio::sync::mpsc::Receiver<std::io::Result<Bytes>>,
+        bar: &Bar,
+    ) -> Result<(), TransferError> {
+        let failed = |reason: String| TransferError::Upload { digest: digest.to_owned(), reason };
+        if size < self.multipart_threshold {
+            let bar = bar.clone();
+            let frames = tokio_stream::wrappers::ReceiverStream::new(body)
+                .map(move |piece| piece.inspect(|bytes| bar.add(bytes.len() as u64)).map(http_body::Frame::data));
+            let body = ByteStream::from_body_1_x(http_body_util::StreamBody::new(frames));
+            let _permit = self.request_permit().await;
+            self.client
+                .put_object()
+                .bucket(&self.bucket)
+                .key(self.key(digest))
+                .content_length(size as i64)
+                .body(body)
+                .customize()
+                .disable_payload_signing()
+                .send()
+                .await
+                .map_err(|e| failed(reason(e)))?;
+            return Ok(());
+        }
+        if size > proto::parts::MAX_BLOB_SIZE {
+            return Err(failed(format!("{size} bytes is more than one object can hold")));
+        }
+        let upload = self.begin_multipart(digest).await?;
+        let part_size = self.part_size_for(size) as usize;
+        // Parts are cut from the stream in order and sent a few at a time: memory is at most
+        // PARTS_IN_FLIGHT + 1 parts.
+        let sent: Result<Vec<CompletedPart>, TransferError> = async {
+            let mut in_flight = futures::stream::FuturesOrdered::new();
+            let mut completed = Vec::new();
+            let mut part = bytes::BytesMut::with_capacity(part_size);
+            let mut part_number = 0;
+            loop {
+                let piece = body.recv().await;
+                let ended = piece.is_none();
+                if let Some(piece) = piece {
+                    part.extend_from_slice(&piece.map_err(|error| failed(error.to_string()))?);
+                }
+                while part.len() >= part_size || (ended && !part.is_empty()) {
+                    let bytes = part.split_to(part.len().min(part_size)).freeze();
+                    part_number += 1;
+                    let (upload, number, length) = (&upload, part_number, bytes.len() as u64);
+                    in_flight.push_back(async move {
+                        let uploaded = upload.upload_part(number, ByteStream::from(bytes)).await;
+                        bar.add(length);
+                        uploaded
+                    });
+                    if in_flight.len() >= PARTS_IN_FLIGHT {
+                        completed.push(in_flight.next().await.expect("a part is in flight")?);
+                    }
+                }
+                if ended {
+                    break;
+                }
+            }
+            while let Some(uploaded) = in_flight.next().await {
+                completed.push(uploaded?);
+            }
+            Ok(completed)
+        }
+        .await;
+        match sent {
+            Ok(completed) => upload.complete(completed).await,
+            Err(error) => {
+                upload.abort().await;
+                Err(error)
+            }
+        }
+    }
+
     /// Begins a multipart upload of a blob; it stays recorded as unfinished until it is
     /// completed or aborted.
     pub async fn begin_multipart(&self, digest: &str) -> Result<MultipartUpload, TransferError> {
