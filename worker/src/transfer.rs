@@ -230,12 +230,23 @@ impl BlobStore {
 
     /// Uploads bytes already in memory (configs) in one PUT.
     pub async fn upload_bytes(&self, digest: &str, bytes: Vec<u8>) -> Result<(), TransferError> {
+        self.put(digest, bytes.len() as u64, ByteStream::from(bytes)).await
+    }
+
+    /// One PUT of a whole blob of `size` bytes.
+    async fn put(&self, digest: &str, size: u64, body: ByteStream) -> Result<(), TransferError> {
         let _permit = self.request_permit().await;
         self.client
             .put_object()
             .bucket(&self.bucket)
             .key(self.key(digest))
-            .body(ByteStream::from(bytes))
+            .content_length(size as i64)
+            .body(body)
+            // Every blob's sha256 is checked on its way in (spooled, streamed or a config read
+            // whole) and its size at the commit: a second SHA-256 pass for the signature only
+            // costs CPU.
+            .customize()
+            .disable_payload_signing()
             .send()
             .await
             .map_err(|error| TransferError::Upload { digest: digest.to_owned(), reason: reason(error) })?;
@@ -253,26 +264,12 @@ impl BlobStore {
                 .build()
                 .await
                 .map_err(|error| failed(error.to_string()))?;
-            let _permit = self.request_permit().await;
-            self.client
-                .put_object()
-                .bucket(&self.bucket)
-                .key(self.key(digest))
-                .body(body)
-                // As for parts: the blob's sha256 was checked while spooling.
-                .customize()
-                .disable_payload_signing()
-                .send()
-                .await
-                .map_err(|e| failed(reason(e)))?;
+            self.put(digest, size, body).await?;
             bar.add(size);
             return Ok(());
         }
-        if size > proto::parts::MAX_BLOB_SIZE {
-            return Err(failed(format!("{size} bytes is more than one object can hold")));
-        }
-        let upload = self.begin_multipart(digest).await?;
-        let part_size = self.part_size_for(size);
+        let upload = self.begin_multipart(digest, size).await?;
+        let part_size = upload.part_size;
         let parts = futures::stream::iter(0..size.div_ceil(part_size))
             .map(|part_idx| {
                 let upload = &upload;
@@ -321,25 +318,10 @@ impl BlobStore {
             let frames = tokio_stream::wrappers::ReceiverStream::new(body)
                 .map(move |piece| piece.inspect(|bytes| bar.add(bytes.len() as u64)).map(http_body::Frame::data));
             let body = ByteStream::from_body_1_x(http_body_util::StreamBody::new(frames));
-            let _permit = self.request_permit().await;
-            self.client
-                .put_object()
-                .bucket(&self.bucket)
-                .key(self.key(digest))
-                .content_length(size as i64)
-                .body(body)
-                .customize()
-                .disable_payload_signing()
-                .send()
-                .await
-                .map_err(|e| failed(reason(e)))?;
-            return Ok(());
+            return self.put(digest, size, body).await;
         }
-        if size > proto::parts::MAX_BLOB_SIZE {
-            return Err(failed(format!("{size} bytes is more than one object can hold")));
-        }
-        let upload = self.begin_multipart(digest).await?;
-        let part_size = self.part_size_for(size) as usize;
+        let upload = self.begin_multipart(digest, size).await?;
+        let part_size = upload.part_size as usize;
         // Parts are cut from the stream in order and sent a few at a time: memory is at most
         // PARTS_IN_FLIGHT + 1 parts.
         let sent: Result<Vec<CompletedPart>, TransferError> = async {
@@ -385,10 +367,13 @@ impl BlobStore {
         }
     }
 
-    /// Begins a multipart upload of a blob; it stays recorded as unfinished until it is
-    /// completed or aborted.
-    pub async fn begin_multipart(&self, digest: &str) -> Result<MultipartUpload, TransferError> {
+    /// Begins a multipart upload of a blob of `size` bytes, in parts of the planned size for
+    /// it; it stays recorded as unfinished until it is completed or aborted.
+    pub async fn begin_multipart(&self, digest: &str, size: u64) -> Result<MultipartUpload, TransferError> {
         let failed = |reason: String| TransferError::Upload { digest: digest.to_owned(), reason };
+        if size > proto::parts::MAX_BLOB_SIZE {
+            return Err(failed(format!("{size} bytes is more than one object can hold")));
+        }
         let key = self.key(digest);
         let upload = {
             let _permit = self.request_permit().await;
@@ -397,7 +382,13 @@ impl BlobStore {
         .map_err(|error| failed(reason(error)))?;
         let upload_id = upload.upload_id().ok_or_else(|| failed("the store returned no upload ID".into()))?.to_owned();
         self.unfinished.lock().expect("unfinished uploads lock").insert(upload_id.clone(), key.clone());
-        Ok(MultipartUpload { store: self.clone(), digest: digest.to_owned(), key, upload_id })
+        Ok(MultipartUpload {
+            store: self.clone(),
+            digest: digest.to_owned(),
+            key,
+            upload_id,
+            part_size: self.part_size_for(size),
+        })
     }
 
     /// Aborts every multipart upload this store began and did not finish (a cancelled save):
@@ -486,6 +477,8 @@ pub struct MultipartUpload {
     digest: String,
     key: String,
     upload_id: String,
+    /// Every part but the last has this many bytes.
+    pub part_size: u64,
 }
 
 impl MultipartUpload {

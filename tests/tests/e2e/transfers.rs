@@ -122,7 +122,8 @@ async fn credentials_are_renewed_in_the_middle_of_a_multipart_upload() {
     let other = coordinator.credentials(&token, pb::Access::Write).await;
     let fixed = BlobStore::new(&other, &plan, None);
 
-    let upload = renewing.begin_multipart(&digest(&layer)).await.unwrap();
+    let upload = renewing.begin_multipart(&digest(&layer), layer.len() as u64).await.unwrap();
+    assert_eq!(upload.part_size, 8 << 20);
     let part = |range: std::ops::Range<usize>| ByteStream::from(layer[range].to_vec());
     let mut parts = vec![upload.upload_part(1, part(0..8 * MIB)).await.unwrap()];
     tokio::time::sleep(Duration::from_secs(4)).await;
