@@ -99,23 +99,14 @@ impl RenewingCredentials {
             access: credentials.access(),
             current: Arc::new(tokio::sync::Mutex::new(credentials.clone())),
         };
-        if renewing.client.is_some() && credentials.expires_unix > 0 {
-            let weak = Arc::downgrade(&renewing.current);
-            let (client, access) = (renewing.client.clone(), renewing.access);
+        if let (Some(client), true) = (renewing.client.clone(), credentials.expires_unix > 0) {
+            let (weak, access) = (Arc::downgrade(&renewing.current), renewing.access);
+            // The task holds the credentials only while renewing them: dropping the store ends it.
             tokio::spawn(async move {
-                loop {
-                    let Some(current) = weak.upgrade() else { return };
-                    let renewing = RenewingCredentials { client: client.clone(), access, current };
-                    let wait = {
-                        let current = renewing.current.lock().await;
-                        let due = current.expires_unix - renewal_margin(&current).as_secs() as i64;
-                        Duration::from_secs(due.saturating_sub(unix_now()).max(0) as u64)
-                    };
-                    drop(renewing);
+                while let Some(wait) = time_to_renewal(&weak).await {
                     tokio::time::sleep(wait).await;
                     let Some(current) = weak.upgrade() else { return };
-                    let renewing = RenewingCredentials { client: client.clone(), access, current };
-                    if let Err(error) = renewing.fetch().await {
+                    if let Err(error) = renew_if_due(&client, access, &current).await {
                         // The next request tries again and reports it if it still fails.
                         tracing::warn!(%error, "renewing storage credentials failed");
                         tokio::time::sleep(Duration::from_secs(1)).await;
@@ -126,35 +117,46 @@ impl RenewingCredentials {
         renewing
     }
 
-    /// The current credentials, renewed first when they are within the margin of expiry.
     async fn fetch(&self) -> Result<aws_credential_types::Credentials, CredentialsError> {
-        let mut current = self.current.lock().await;
-        let Some(client) = self.client.clone().filter(|_| current.expires_unix > 0) else {
-            return Ok(sdk_credentials(&current));
-        };
-        if current.expires_unix - unix_now() > renewal_margin(&current).as_secs() as i64 {
-            return Ok(sdk_credentials(&current));
+        match &self.client {
+            Some(client) => renew_if_due(client, self.access, &self.current).await,
+            None => Ok(sdk_credentials(&*self.current.lock().await)),
         }
-        let request = pb::GetCredentialsRequest {
-            access: self.access as i32,
-            renew_access_key_id: current.access_key_id.clone(),
-        };
-        let renewed = client
-            .clone()
-            .get_credentials(request)
-            .await
-            .map_err(|status| CredentialsError::provider_error(format!("renewing credentials: {}", status.message())))?
-            .into_inner()
-            .credentials
-            .ok_or_else(|| CredentialsError::provider_error("the coordinator renewed no credentials"))?;
-        tracing::debug!(
-            access_key_id = renewed.access_key_id,
-            expires_unix = renewed.expires_unix,
-            "credentials renewed"
-        );
-        *current = renewed;
-        Ok(sdk_credentials(&current))
     }
+}
+
+/// How long until the credentials are due for renewal; `None` once the store is gone.
+async fn time_to_renewal(current: &std::sync::Weak<tokio::sync::Mutex<pb::Credentials>>) -> Option<Duration> {
+    let current = current.upgrade()?;
+    let current = current.lock().await;
+    let due = current.expires_unix - renewal_margin(&current).as_secs() as i64;
+    Some(Duration::from_secs(due.saturating_sub(unix_now()).max(0) as u64))
+}
+
+/// The current credentials, renewed through the coordinator first when they are within the
+/// renewal margin of their expiry (credentials without an expiry are used as they are).
+async fn renew_if_due(
+    client: &Client,
+    access: pb::Access,
+    current: &tokio::sync::Mutex<pb::Credentials>,
+) -> Result<aws_credential_types::Credentials, CredentialsError> {
+    let mut current = current.lock().await;
+    if current.expires_unix == 0 || current.expires_unix - unix_now() > renewal_margin(&current).as_secs() as i64 {
+        return Ok(sdk_credentials(&current));
+    }
+    let request =
+        pb::GetCredentialsRequest { access: access as i32, renew_access_key_id: current.access_key_id.clone() };
+    let renewed = client
+        .clone()
+        .get_credentials(request)
+        .await
+        .map_err(|status| CredentialsError::provider_error(format!("renewing credentials: {}", status.message())))?
+        .into_inner()
+        .credentials
+        .ok_or_else(|| CredentialsError::provider_error("the coordinator renewed no credentials"))?;
+    tracing::debug!(access_key_id = renewed.access_key_id, expires_unix = renewed.expires_unix, "credentials renewed");
+    *current = renewed;
+    Ok(sdk_credentials(&current))
 }
 
 impl ProvideCredentials for RenewingCredentials {
