@@ -76,6 +76,11 @@ impl TransferBudget {
         }
     }
 
+    /// The global budget of requests in flight.
+    pub fn total(&self) -> u32 {
+        self.settings.transfer_budget
+    }
+
     /// Requests in flight the live leases allow, for the metrics.
     pub fn granted(&self) -> u32 {
         let leases = self.leases.lock().expect("budget lock");

@@ -84,6 +84,10 @@ pub struct Metrics {
     pub credential_grants: Family<GrantLabels, Counter>,
     pub storage_refusals: Family<ProjectLabels, Counter>,
     pub grpc_requests: Family<GrpcLabels, Counter>,
+    /// Requests in flight the live transfer leases allow, all workers together.
+    pub transfer_granted: Gauge,
+    /// The global budget those leases share (`--transfer-budget`).
+    pub transfer_budget: Gauge,
 }
 
 impl Default for Metrics {
@@ -109,6 +113,8 @@ impl Metrics {
             credential_grants: Family::default(),
             storage_refusals: Family::default(),
             grpc_requests: Family::default(),
+            transfer_granted: Gauge::default(),
+            transfer_budget: Gauge::default(),
             registry: Registry::default(),
         };
         // Counter names carry no `_total`: the encoder adds it.
@@ -137,6 +143,16 @@ impl Metrics {
             metrics.storage_refusals.clone(),
         );
         registry.register("grpc_requests", "gRPC calls by method and status code", metrics.grpc_requests.clone());
+        registry.register(
+            "transfer_requests_granted",
+            "Requests in flight the live transfer leases allow, all workers together",
+            metrics.transfer_granted.clone(),
+        );
+        registry.register(
+            "transfer_budget_requests",
+            "The global budget of requests in flight the leases share",
+            metrics.transfer_budget.clone(),
+        );
         Metrics { registry, ..metrics }
     }
 

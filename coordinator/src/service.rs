@@ -254,6 +254,8 @@ impl CacheService {
             let (blobs, bytes) = self.db.blob_totals(&project.name)?;
             self.metrics.set_store_totals(&project.name, blobs, bytes);
         }
+        self.metrics.transfer_granted.set(i64::from(self.budget.granted()));
+        self.metrics.transfer_budget.set(i64::from(self.budget.total()));
         Ok(self.metrics.encode())
     }
 

@@ -125,5 +125,11 @@ async fn every_dashboard_panel_reads_the_right_values_from_a_real_prometheus() {
     assert_eq!(dedup[0].1, store_bytes);
     assert_eq!(value_for(answer("Top projects by restore misses"), "project", "shop"), 1.0);
     assert_eq!(value_for(answer("Flushes per project"), "project", "idle"), 1.0);
+    // Every save committed and every restore reported: no lease holds any of the budget.
+    let budget = |ref_id: &str| {
+        let key = ("Transfer budget in use".to_owned(), ref_id.to_owned());
+        series(&answers[&key]).first().map(|(_, value)| *value)
+    };
+    assert_eq!((budget("A"), budget("B")), (Some(0.0), Some(256.0)));
     coordinator.stop();
 }
