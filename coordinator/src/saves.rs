@@ -161,9 +161,9 @@ impl CacheService {
         let (credentials, plan) = if missing_digests.is_empty() && in_flight_digests.is_empty() {
             (None, None)
         } else {
+            let credentials = self.issue_credentials(project, pb::Access::Write, "").await?;
             // The save ID names its lease; the commit gives it back.
-            let plan = self.budget.grant(project, &save_id);
-            (Some(self.issue_credentials(project, pb::Access::Write, "").await?), Some(plan))
+            (Some(credentials), Some(self.budget.grant(project, &save_id)))
         };
         tracing::info!(
             project,
