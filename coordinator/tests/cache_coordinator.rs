@@ -18,6 +18,9 @@ fn the_example_config_in_deploy_loads() {
     assert_eq!(config.s3_public_url.as_deref(), Some("http://layer-cache.internal:7401"));
     assert_eq!(config.credential_ttl.as_secs(), 900);
     assert_eq!(config.bucket, "layer-cache");
+    assert_eq!(config.plan.part_size, 8 << 20);
+    assert_eq!(config.plan.multipart_threshold, 5120 << 20, "one PUT per blob on the embedded store");
+    assert_eq!((config.plan.worker_concurrency, config.plan.transfer_budget), (8, 256));
 }
 
 #[test]
