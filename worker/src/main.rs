@@ -139,8 +139,9 @@ async fn run(cli: Cli) -> Result<(), WorkerError> {
                     // The save's future is gone, so nothing commits; its uploads are aborted so
                     // the store keeps no part of them.
                     let aborted = cleanup.run().await;
+                    let plural = if aborted == 1 { "" } else { "s" };
                     eprintln!(
-                        "cache-worker: saving {service} interrupted by {signal}: aborted {aborted} unfinished uploads, nothing saved"
+                        "cache-worker: saving {service} interrupted by {signal}: aborted {aborted} unfinished upload{plural}, nothing saved"
                     );
                     // Without waiting for the export's reader thread, which the engine may hold.
                     std::process::exit(code);

@@ -234,7 +234,7 @@ fn a_save_cancelled_mid_upload_leaves_no_object_no_parts_and_no_manifest() {
     save.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
     assert_eq!(status.code(), Some(143), "{stderr}");
     assert!(
-        stderr.contains("saving web interrupted by SIGTERM: aborted 1 unfinished uploads, nothing saved"),
+        stderr.contains("saving web interrupted by SIGTERM: aborted 1 unfinished upload, nothing saved"),
         "{stderr}"
     );
 
