@@ -24,6 +24,8 @@ impl tonic::service::Interceptor for CallMetadata {
 pub struct Coordinator {
     pub client: Client,
     pub url: String,
+    /// The transfer plan's lease this process holds, given back with its metrics report.
+    pub lease_id: String,
 }
 
 impl Coordinator {
@@ -32,7 +34,7 @@ impl Coordinator {
             token.ok_or_else(|| ClientError::Invalid("no project token: pass --token or set CACHE_TOKEN".into()))?;
         let token = BearerToken::new(token)?;
         let client = WorkerClient::with_interceptor(connect(url).await?, CallMetadata(token));
-        Ok(Coordinator { client, url: url.to_owned() })
+        Ok(Coordinator { client, url: url.to_owned(), lease_id: String::new() })
     }
 
     /// Sends the per-layer figures of one save or restore. A cache never breaks a build: a

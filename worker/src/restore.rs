@@ -76,8 +76,10 @@ pub async fn restore(
         .collect();
     let lookup = pb::LookupRequest { key: Some(key), fallbacks };
     let found = coordinator.client.lookup(lookup).await.map_err(|s| coordinator.failed(s))?.into_inner();
-    // The plan's lease goes back to the coordinator's budget with the report.
+    // The plan's lease goes back to the coordinator's budget with the report, also with the
+    // report of a restore that fails from here on (`report_failure`).
     let lease_id = found.plan.as_ref().map(|plan| plan.lease_id.clone()).unwrap_or_default();
+    coordinator.lease_id = lease_id.clone();
     let report = |outcome: pb::RestoreOutcome, layers: Vec<pb::LayerMetric>, seconds: f64| pb::ReportMetricsRequest {
         service: options.service.clone(),
         operation: pb::Operation::Restore as i32,
@@ -168,6 +170,7 @@ pub async fn report_failure(coordinator: &mut Coordinator, service: &str) {
         service: service.to_owned(),
         operation: pb::Operation::Restore as i32,
         restore_outcome: pb::RestoreOutcome::Error as i32,
+        lease_id: std::mem::take(&mut coordinator.lease_id),
         ..Default::default()
     };
     coordinator.report_metrics(report).await;

@@ -180,6 +180,10 @@ fn a_broken_cache_never_breaks_a_build() {
     assert_eq!(strict.status.code(), Some(1));
     assert!(stderr_of(&strict).contains(&format!("blob {corrupted} failed verification")));
     assert!(fresh_host.image_ids().is_empty());
+    // Both failed restores gave their share of the transfer budget back with their reports.
+    let (status, metrics) = tests::http_get(&format!("{}/metrics", coordinator.metrics_url));
+    assert_eq!(status, 200);
+    assert!(metrics.lines().any(|line| line == "layer_cache_transfer_requests_granted 0"), "{metrics}");
 
     // The next build runs normally, without the cache.
     fresh_host.import_busybox_base("base:1");
