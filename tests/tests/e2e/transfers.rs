@@ -290,3 +290,51 @@ async fn operators_get_a_projects_credentials_with_cachectl() {
     let bad = coordinator.cachectl(&["credentials", "../etc"]);
     assert_eq!(bad.status.code(), Some(64), "{}", stderr_of(&bad));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_embedded_endpoint_writes_blobs_without_md5_and_everything_else_through_s3s_fs() {
+    let data_dir = tempfile::tempdir().unwrap();
+    let coordinator = CoordinatorProcess::start(data_dir.path(), &[]);
+    let token = coordinator.create_project("web");
+    let write = coordinator.credentials(&token, pb::Access::Write).await;
+    let plan = pb::TransferPlan {
+        part_size: 8 << 20,
+        multipart_threshold: 5120 << 20,
+        max_concurrency: 4,
+        ..Default::default()
+    };
+    let store = BlobStore::new(&write, &plan, None);
+    let client = s3_client_for(&write);
+    let head = |key: String| {
+        let (client, bucket) = (client.clone(), write.bucket.clone());
+        async move { client.head_object().bucket(bucket).key(key).send().await.unwrap() }
+    };
+
+    // A worker's blob: its ETag is its address, its bytes come back whole and ranged.
+    let blob = noise(3 * MIB + 5, 7);
+    let blob_digest = digest(&blob);
+    store.upload_bytes(&blob_digest, blob.clone()).await.unwrap();
+    let hex_digest = blob_digest.trim_start_matches("sha256:");
+    let e_tag = head(store.key(&blob_digest)).await.e_tag().unwrap_or_default().trim_matches('"').to_owned();
+    assert_eq!(e_tag, hex_digest[..32]);
+    assert_eq!(store.stored_size(&blob_digest).await.unwrap(), Some(blob.len() as u64));
+    let range = store.download_range(&blob_digest, MIB as u64, 10).await.unwrap();
+    assert_eq!(range.as_ref(), &blob[MIB..MIB + 10]);
+    assert!(unfinished_uploads(data_dir.path()).is_empty());
+    let leftovers = std::fs::read_dir(data_dir.path().join("objects")).unwrap();
+    assert!(leftovers.filter_map(Result::ok).all(|entry| !entry.file_name().to_string_lossy().starts_with(".tmp")));
+
+    // Anything else (here a Content-MD5 on an ordinary key) is s3s-fs's: the ETag is the MD5.
+    let other_key = format!("{}other/notes.txt", write.prefix);
+    let md5_hex = "9e107d9d372bb6826bd81d3542a419d6"; // MD5 of the sentence below
+    client
+        .put_object()
+        .bucket(&write.bucket)
+        .key(&other_key)
+        .content_md5("nhB9nTcrtoJr2B01QqQZ1g==")
+        .body(ByteStream::from_static(b"The quick brown fox jumps over the lazy dog"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(head(other_key).await.e_tag().unwrap_or_default().trim_matches('"'), md5_hex);
+}
