@@ -313,11 +313,15 @@ impl ObjectFiles {
         let expected = input.content_length.unwrap_or(0).max(0) as u64;
         let object_path = self.root.join(&input.bucket).join(&input.key);
         let parent = object_path.parent().ok_or_else(|| s3_error!(InvalidRequest))?.to_owned();
-        let mut suffix = [0u8; 8];
-        rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut suffix);
-        let temp_path = self.root.join(format!(".tmp.layer-cache-{}.internal.part", hex::encode(suffix)));
+        // Deleted when dropped, also when the client goes away mid-body and this future with it.
+        let temp = tempfile::Builder::new()
+            .prefix(".tmp.layer-cache-")
+            .suffix(".internal.part")
+            .tempfile_in(&self.root)
+            .map_err(|error| s3_error!(error, InternalError))?;
+        let (file, temp_path) = temp.into_parts();
         let written: std::io::Result<u64> = async {
-            let mut file = tokio::fs::File::create(&temp_path).await?;
+            let mut file = tokio::fs::File::from_std(file);
             let mut body = input.body.map(coalesced).ok_or_else(|| std::io::Error::other("no body"))?;
             let mut written = 0u64;
             while let Some(piece) = body.next().await {
@@ -340,17 +344,14 @@ impl ObjectFiles {
                 async {
                     tokio::fs::write(&info_path, serde_json::json!({ "e_tag": e_tag }).to_string()).await?;
                     tokio::fs::create_dir_all(&parent).await?;
-                    tokio::fs::rename(&temp_path, &object_path).await
+                    temp_path.persist(&object_path).map_err(|error| error.error)
                 }
                 .await
             }
             Ok(size) => Err(std::io::Error::other(format!("{size} bytes of {expected}"))),
             Err(error) => Err(error),
         };
-        if let Err(error) = moved {
-            let _ = tokio::fs::remove_file(&temp_path).await;
-            return Err(s3_error!(error, IncompleteBody));
-        }
+        moved.map_err(|error| s3_error!(error, IncompleteBody))?;
         let output = PutObjectOutput { e_tag: Some(ETag::Strong(e_tag)), ..Default::default() };
         Ok(S3Response::new(output))
     }
