@@ -154,8 +154,8 @@ fn spool<R: Read>(head: &[u8], reader: &mut R, spool_dir: &Path, gunzip: bool) -
     })
 }
 
-/// Streams an entry of `size` bytes that must hash to `digest` to the upload behind
-/// `on_blob`, holding the last piece back until the digest is checked.
+/// Streams an entry that must hash to `layer.digest` to the upload behind `on_blob`, holding
+/// the last piece back until the digest is checked.
 fn stream_entry<R: Read>(
     reader: &mut R,
     layer: pb::Layer,

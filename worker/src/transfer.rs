@@ -331,11 +331,18 @@ impl BlobStore {
             let mut completed = Vec::new();
             let mut part = bytes::BytesMut::with_capacity(part_size);
             let mut part_number = 0;
+            let mut received = 0u64;
             loop {
                 let piece = body.recv().await;
                 let ended = piece.is_none();
                 if let Some(piece) = piece {
-                    part.extend_from_slice(&piece.map_err(|error| failed(error.to_string()))?);
+                    let piece = piece.map_err(|error| failed(error.to_string()))?;
+                    received += piece.len() as u64;
+                    part.extend_from_slice(&piece);
+                }
+                // A body that ends short (the export failed) must not complete as a blob.
+                if ended && received != size {
+                    return Err(failed(format!("the export ended after {received} of {size} bytes")));
                 }
                 while part.len() >= part_size || (ended && !part.is_empty()) {
                     let bytes = part.split_to(part.len().min(part_size)).freeze();

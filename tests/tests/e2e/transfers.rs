@@ -338,3 +338,44 @@ async fn the_embedded_endpoint_writes_blobs_without_md5_and_everything_else_thro
         .unwrap();
     assert_eq!(head(other_key).await.e_tag().unwrap_or_default().trim_matches('"'), md5_hex);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_streamed_blob_that_ends_short_or_fails_its_digest_is_never_stored() {
+    let data_dir = tempfile::tempdir().unwrap();
+    let coordinator = CoordinatorProcess::start(data_dir.path(), &[]);
+    let token = coordinator.create_project("web");
+    let write = coordinator.credentials(&token, pb::Access::Write).await;
+    let blob = noise(20 * MIB, 9);
+    let blob_digest = digest(&blob);
+    for threshold in [8u64 << 20, 5120 << 20] {
+        // In parts (multipart) and in one PUT.
+        let plan = pb::TransferPlan {
+            part_size: 8 << 20,
+            multipart_threshold: threshold,
+            max_concurrency: 4,
+            ..Default::default()
+        };
+        let store = BlobStore::new(&write, &plan, None);
+        for failure in ["short", "mismatch"] {
+            let (sender, body) = tokio::sync::mpsc::channel(4);
+            let upload = {
+                let store = store.clone();
+                let digest = blob_digest.clone();
+                tokio::spawn(async move {
+                    store.upload_stream(&digest, 20 << 20, body, &worker::progress::Bar::none()).await
+                })
+            };
+            for piece in blob[..12 * MIB].chunks(MIB) {
+                sender.send(Ok(bytes::Bytes::copy_from_slice(piece))).await.unwrap();
+            }
+            if failure == "mismatch" {
+                sender.send(Err(std::io::Error::other("blob hashes to something else"))).await.unwrap();
+            }
+            drop(sender);
+            let result = upload.await.unwrap();
+            assert!(result.is_err(), "{failure} with threshold {threshold}: the upload fails");
+            assert_eq!(store.stored_size(&blob_digest).await.unwrap(), None, "{failure}: nothing stored");
+            assert!(unfinished_uploads(data_dir.path()).is_empty(), "{failure}: no parts left");
+        }
+    }
+}
