@@ -227,8 +227,8 @@ impl S3 for ObjectFiles {
     }
 
     async fn put_object(&self, mut req: S3Request<PutObjectInput>) -> S3Result<S3Response<PutObjectOutput>> {
-        if is_plain_blob_put(&req.input) && req.trailing_headers.is_none() {
-            return self.put_blob(req.input).await;
+        if let Some(e_tag) = plain_blob_e_tag(&req.input).filter(|_| req.trailing_headers.is_none()) {
+            return self.put_blob(req.input, e_tag).await;
         }
         req.input.body = req.input.body.map(coalesced);
         self.files.put_object(req).await
@@ -274,11 +274,13 @@ impl S3 for ObjectFiles {
 
 /// A worker's PUT of a content-addressed blob (`…/blobs/sha256/<hex>`) that asks for nothing
 /// but the bytes: no checksum, no Content-MD5, no metadata or attributes beyond the default
-/// content type, no condition. Those
-/// are written by [`ObjectFiles::put_blob`]; anything else goes to s3s-fs.
-fn is_plain_blob_put(input: &PutObjectInput) -> bool {
-    let blob_hex = input.key.rsplit_once("/blobs/sha256/").map(|(_, hex)| hex);
-    blob_hex.is_some_and(|hex| hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit()))
+/// content type, no condition. Its ETag is the first 32 hex digits of its address (it changes
+/// exactly when the content does); [`ObjectFiles::put_blob`] writes it. `None`: anything else,
+/// which goes to s3s-fs.
+fn plain_blob_e_tag(input: &PutObjectInput) -> Option<String> {
+    let (_, hex) = input.key.rsplit_once("/blobs/sha256/")?;
+    let plain = hex.len() == 64
+        && hex.bytes().all(|b| b.is_ascii_hexdigit())
         && input.content_length.is_some()
         && input.content_md5.is_none()
         && input.checksum_algorithm.is_none()
@@ -298,15 +300,15 @@ fn is_plain_blob_put(input: &PutObjectInput) -> bool {
         && input.website_redirect_location.is_none()
         && input.if_match.is_none()
         && input.if_none_match.is_none()
-        && input.storage_class.is_none()
+        && input.storage_class.is_none();
+    plain.then(|| hex[..32].to_ascii_lowercase())
 }
 
 impl ObjectFiles {
     /// Writes a blob the way s3s-fs would (a temporary file renamed into place, its ETag in the
     /// `.internal.json` file s3s-fs reads for GET and HEAD) but without s3s-fs's MD5 pass, which
-    /// cost the endpoint most of a core per 700 MB. A blob's address is its sha256, so its ETag
-    /// is the first 32 hex digits of that address: it changes exactly when the content does.
-    async fn put_blob(&self, input: PutObjectInput) -> S3Result<S3Response<PutObjectOutput>> {
+    /// cost the endpoint most of a core per 700 MB.
+    async fn put_blob(&self, input: PutObjectInput, e_tag: String) -> S3Result<S3Response<PutObjectOutput>> {
         use base64::Engine;
         use futures::StreamExt;
         use tokio::io::AsyncWriteExt;
@@ -333,8 +335,6 @@ impl ObjectFiles {
             Ok(written)
         }
         .await;
-        let hex_digest = input.key.rsplit_once("/blobs/sha256/").map_or("", |(_, hex)| hex);
-        let e_tag = hex_digest[..32].to_ascii_lowercase();
         let encode = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
         let info_path =
             self.root.join(format!(".bucket-{}.object-{}.internal.json", encode(&input.bucket), encode(&input.key)));

@@ -15,11 +15,6 @@ impl Progress {
         Progress(std::io::stderr().is_terminal().then(|| MultiProgress::with_draw_target(ProgressDrawTarget::stderr())))
     }
 
-    /// No bars at all.
-    pub fn hidden() -> Progress {
-        Progress(None)
-    }
-
     /// A bar for one transfer of `total` bytes.
     pub fn bar(&self, label: &str, total: u64) -> Bar {
         let Some(multi) = &self.0 else { return Bar(None) };
@@ -65,7 +60,7 @@ mod tests {
 
     #[test]
     fn hidden_bars_do_nothing_and_rates_read_in_megabytes() {
-        let bar = Progress::hidden().bar("layer", 10);
+        let bar = Progress(None).bar("layer", 10);
         bar.add(5);
         bar.finish();
         assert_eq!(rate(250_000_000, 2.0), "125.0 MB/s");

@@ -291,19 +291,25 @@ async fn operators_get_a_projects_credentials_with_cachectl() {
     assert_eq!(bad.status.code(), Some(64), "{}", stderr_of(&bad));
 }
 
+/// A coordinator on the embedded store with a project "web", and web's write credentials.
+async fn web_project(data_dir: &Path) -> (CoordinatorProcess, pb::Credentials) {
+    let coordinator = CoordinatorProcess::start(data_dir, &[]);
+    let token = coordinator.create_project("web");
+    let write = coordinator.credentials(&token, pb::Access::Write).await;
+    (coordinator, write)
+}
+
+/// A worker's store with `credentials` as they are: 8 MiB parts, 4 requests in flight.
+fn unrenewed_store(credentials: &pb::Credentials, multipart_threshold: u64) -> BlobStore {
+    let plan = pb::TransferPlan { part_size: 8 << 20, multipart_threshold, max_concurrency: 4, ..Default::default() };
+    BlobStore::new(credentials, &plan, None)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_embedded_endpoint_writes_blobs_without_md5_and_everything_else_through_s3s_fs() {
     let data_dir = tempfile::tempdir().unwrap();
-    let coordinator = CoordinatorProcess::start(data_dir.path(), &[]);
-    let token = coordinator.create_project("web");
-    let write = coordinator.credentials(&token, pb::Access::Write).await;
-    let plan = pb::TransferPlan {
-        part_size: 8 << 20,
-        multipart_threshold: 5120 << 20,
-        max_concurrency: 4,
-        ..Default::default()
-    };
-    let store = BlobStore::new(&write, &plan, None);
+    let (_coordinator, write) = web_project(data_dir.path()).await;
+    let store = unrenewed_store(&write, 5120 << 20);
     let client = s3_client_for(&write);
     let head = |key: String| {
         let (client, bucket) = (client.clone(), write.bucket.clone());
@@ -342,20 +348,12 @@ async fn the_embedded_endpoint_writes_blobs_without_md5_and_everything_else_thro
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_streamed_blob_that_ends_short_or_fails_its_digest_is_never_stored() {
     let data_dir = tempfile::tempdir().unwrap();
-    let coordinator = CoordinatorProcess::start(data_dir.path(), &[]);
-    let token = coordinator.create_project("web");
-    let write = coordinator.credentials(&token, pb::Access::Write).await;
+    let (_coordinator, write) = web_project(data_dir.path()).await;
     let blob = noise(20 * MIB, 9);
     let blob_digest = digest(&blob);
     for threshold in [8u64 << 20, 5120 << 20] {
         // In parts (multipart) and in one PUT.
-        let plan = pb::TransferPlan {
-            part_size: 8 << 20,
-            multipart_threshold: threshold,
-            max_concurrency: 4,
-            ..Default::default()
-        };
-        let store = BlobStore::new(&write, &plan, None);
+        let store = unrenewed_store(&write, threshold);
         for failure in ["short", "mismatch"] {
             let (sender, body) = tokio::sync::mpsc::channel(4);
             let upload = {
