@@ -23,8 +23,13 @@ impl From<Error> for Status {
             Error::NoSuchProject(_) | Error::NoSuchCache { .. } | Error::NoSuchSave(_) => Status::not_found(message),
             Error::SaveConflict(_) => Status::aborted(message),
             Error::BlobNotStored(_) => Status::failed_precondition(message),
-            // Retrying may help: the store or the disk may come back.
-            Error::Store(_) | Error::Database(_) | Error::Credentials(_) => Status::unavailable(message),
+            // Retrying may help: the store or the disk may come back. The operator must hear of
+            // it: the worker's line names the cause, and so does the coordinator's log.
+            Error::DataDirUnwritable(_) | Error::Database(_) => {
+                tracing::error!(error = message, "a write to the data directory failed");
+                Status::unavailable(message)
+            }
+            Error::Store(_) | Error::Credentials(_) => Status::unavailable(message),
             Error::CorruptState(_) | Error::DataDir { .. } | Error::DataDirLocked(_) => Status::internal(message),
         }
     }
@@ -82,12 +87,34 @@ impl Worker for WorkerApi {
         &self,
         request: Request<pb::CommitSaveRequest>,
     ) -> Result<Response<pb::CommitSaveResponse>, Status> {
+        let result = async { Ok(self.0.commit_save(&self.project(&request)?, request.get_ref()).await?) }.await;
+        counted(&self.0.metrics, "CommitSave", result)
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn keep_save_alive(
+        &self,
+        request: Request<pb::KeepSaveAliveRequest>,
+    ) -> Result<Response<pb::KeepSaveAliveResponse>, Status> {
         let result = async {
-            let manifest = self.0.commit_save(&self.project(&request)?, request.get_ref()).await?;
-            Ok(pb::CommitSaveResponse { manifest: Some(manifest) })
+            self.0.keep_save_alive(&self.project(&request)?, &request.get_ref().save_id)?;
+            Ok(pb::KeepSaveAliveResponse {})
         }
         .await;
-        counted(&self.0.metrics, "CommitSave", result)
+        counted(&self.0.metrics, "KeepSaveAlive", result)
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn abandon_save(
+        &self,
+        request: Request<pb::AbandonSaveRequest>,
+    ) -> Result<Response<pb::AbandonSaveResponse>, Status> {
+        let result = async {
+            self.0.abandon_save(&self.project(&request)?, &request.get_ref().save_id);
+            Ok(pb::AbandonSaveResponse {})
+        }
+        .await;
+        counted(&self.0.metrics, "AbandonSave", result)
     }
 
     #[tracing::instrument(skip_all)]
@@ -129,7 +156,7 @@ impl Admin for AdminApi {
         let result = async {
             self.admin(&request)?;
             let request = request.get_ref();
-            let (project, token) = self.0.create_project(&request.name, request.quota_bytes)?;
+            let (project, token) = self.0.create_project(&request.name, request.quota_bytes).await?;
             tracing::info!(project = project.name, "project created");
             Ok(pb::CreateProjectResponse { project: Some(project), token })
         }

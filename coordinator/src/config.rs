@@ -43,6 +43,9 @@ pub struct ServeArgs {
     /// Lifetime of the storage credentials handed to workers, in seconds [default: 900]
     #[arg(long, env = "CACHE_CREDENTIAL_TTL")]
     pub credential_ttl: Option<u64>,
+    /// How long a save's claim on the blobs it uploads outlives its worker's last sign of life, in seconds (3 to 600); others wait for a claimed blob rather than upload it again [default: 15]
+    #[arg(long, env = "CACHE_CLAIM_TTL")]
+    pub claim_ttl: Option<u64>,
     /// Smallest part of multipart uploads and ranged downloads, in MiB (8 to 5120); bigger blobs get bigger parts [default: 8]
     #[arg(long, env = "CACHE_PART_SIZE_MIB")]
     pub part_size_mib: Option<u64>,
@@ -125,6 +128,7 @@ pub struct FileConfig {
     pub s3_public_url: Option<String>,
     pub metrics_listen: Option<String>,
     pub credential_ttl: Option<u64>,
+    pub claim_ttl: Option<u64>,
     pub part_size_mib: Option<u64>,
     pub multipart_threshold_mib: Option<u64>,
     pub worker_concurrency: Option<u32>,
@@ -166,6 +170,8 @@ pub struct Config {
     pub s3_public_url: Option<String>,
     pub metrics_listen: SocketAddr,
     pub credential_ttl: Duration,
+    /// How long a save's claims outlive its worker's last sign of life.
+    pub claim_ttl: Duration,
     /// Part size and concurrency of the transfer plans.
     pub plan: crate::budget::PlanSettings,
     /// The store's bucket and key prefix, and its region (both stores).
@@ -280,6 +286,10 @@ pub fn merge(args: ServeArgs, file: FileConfig) -> Result<Config, ConfigError> {
         }
         _ => {}
     }
+    let claim_ttl = args.claim_ttl.or(file.claim_ttl).unwrap_or(15);
+    if !(3..=600).contains(&claim_ttl) {
+        return Err(ConfigError(format!("invalid --claim-ttl {claim_ttl}: expected 3 to 600 seconds")));
+    }
     let credential_ttl = args.credential_ttl.or(file.credential_ttl).unwrap_or(900);
     if !(1..=43_200).contains(&credential_ttl) {
         return Err(ConfigError(format!("invalid --credential-ttl {credential_ttl}: expected 1 to 43200 seconds")));
@@ -376,6 +386,7 @@ pub fn merge(args: ServeArgs, file: FileConfig) -> Result<Config, ConfigError> {
         s3_public_url: s3_public_url.map(|url| url.trim_end_matches('/').to_owned()),
         metrics_listen: parse_address("--metrics-listen", &metrics_listen)?,
         credential_ttl: Duration::from_secs(credential_ttl),
+        claim_ttl: Duration::from_secs(claim_ttl),
         plan,
         bucket,
         prefix,
@@ -396,6 +407,7 @@ mod tests {
         assert_eq!(config.s3_listen.to_string(), "127.0.0.1:7401");
         assert_eq!(config.metrics_listen.to_string(), "127.0.0.1:9400");
         assert_eq!(config.credential_ttl, Duration::from_secs(900));
+        assert_eq!(config.claim_ttl, Duration::from_secs(15));
         assert_eq!((config.bucket.as_str(), config.prefix.as_str()), ("layer-cache", "cache"));
     }
 
@@ -423,6 +435,7 @@ mod tests {
                 .contains("--s3-public-url")
         );
         assert!(bad(ServeArgs { credential_ttl: Some(0), ..ServeArgs::default() }).contains("--credential-ttl"));
+        assert!(bad(ServeArgs { claim_ttl: Some(1), ..ServeArgs::default() }).contains("--claim-ttl"));
         assert!(bad(ServeArgs { part_size_mib: Some(5), ..ServeArgs::default() }).contains("expected 8 to 5120 MiB"));
         assert!(bad(ServeArgs { part_size_mib: Some(5121), ..ServeArgs::default() }).contains("--part-size-mib"));
         assert!(

@@ -69,6 +69,11 @@ pub fn now_unix() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |elapsed| elapsed.as_secs() as i64)
 }
 
+/// The same clock in milliseconds: what orders saves of one cache key.
+pub fn now_unix_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |elapsed| elapsed.as_millis() as i64)
+}
+
 /// Where a project's objects live: `<prefix>/<project>/`.
 pub fn project_prefix(store_prefix: &str, project: &str) -> String {
     if store_prefix.is_empty() { format!("{project}/") } else { format!("{store_prefix}/{project}/") }
@@ -150,12 +155,14 @@ pub struct EmbeddedBroker {
 
 impl EmbeddedBroker {
     /// Mints a key for `project` that expires at `expires_unix`.
-    pub fn mint(&self, project: &str, access: KeyAccess, expires_unix: i64) -> Result<IssuedCredentials, Error> {
+    pub async fn mint(&self, project: &str, access: KeyAccess, expires_unix: i64) -> Result<IssuedCredentials, Error> {
         let mut id_bytes = [0u8; 10];
         rand::rngs::OsRng.fill_bytes(&mut id_bytes);
         let access_key_id = format!("LC{}", hex::encode_upper(id_bytes));
         let record = MintedKeyRecord { project: project.to_owned(), access, expires_unix };
         self.db.insert_minted_key(&access_key_id, &record)?;
+        // A key handed out must keep working after a crash: its record is what admits it.
+        self.db.durable().await?;
         Ok(self.credentials(project, access, access_key_id, expires_unix))
     }
 
@@ -189,7 +196,7 @@ impl EmbeddedBroker {
 #[async_trait::async_trait]
 impl CredentialBroker for EmbeddedBroker {
     async fn issue(&self, project: &str, access: KeyAccess) -> Result<IssuedCredentials, Error> {
-        self.mint(project, access, now_unix() + self.ttl.as_secs() as i64)
+        self.mint(project, access, now_unix() + self.ttl.as_secs() as i64).await
     }
 
     /// The embedded endpoint (s3s-fs) binds a multipart upload to the key that began it, so a
@@ -202,9 +209,10 @@ impl CredentialBroker for EmbeddedBroker {
                 if record.project == project && record.access == access && record.expires_unix > now_unix() =>
             {
                 self.db.insert_minted_key(access_key_id, &MintedKeyRecord { expires_unix, ..record })?;
+                self.db.durable().await?;
                 Ok(self.credentials(project, access, access_key_id.to_owned(), expires_unix))
             }
-            _ => self.mint(project, access, expires_unix),
+            _ => self.mint(project, access, expires_unix).await,
         }
     }
 }
@@ -401,8 +409,8 @@ mod tests {
         assert!(!key.session_token_matches("LC1", ""));
     }
 
-    #[test]
-    fn minted_keys_are_recorded_with_their_scope() {
+    #[tokio::test]
+    async fn minted_keys_are_recorded_with_their_scope() {
         let dir = tempfile::tempdir().unwrap();
         let db = Database::open(dir.path()).unwrap();
         let broker = EmbeddedBroker {
@@ -416,7 +424,7 @@ mod tests {
             },
             ttl: Duration::from_secs(900),
         };
-        let issued = broker.mint("web", KeyAccess::Read, 1234).unwrap();
+        let issued = broker.mint("web", KeyAccess::Read, 1234).await.unwrap();
         assert_eq!(issued.prefix, "cache/web/");
         assert!(!format!("{issued:?}").contains(&issued.secret_access_key));
         assert!(!format!("{issued:?}").contains(&issued.session_token));

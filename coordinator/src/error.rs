@@ -11,6 +11,10 @@ pub enum Error {
     DataDir { path: PathBuf, reason: String },
     #[error("database error: {0}")]
     Database(String),
+    /// The disk under the data directory refuses writes: full, out of inodes, over quota or
+    /// read-only. Said in those words, in the worker's line and the coordinator's log.
+    #[error("the coordinator cannot write its data directory: {0}")]
+    DataDirUnwritable(String),
     #[error("stored state is corrupt ({0}): restore the data directory from a backup")]
     CorruptState(String),
     #[error("project {0:?} already exists")]
@@ -35,6 +39,18 @@ pub enum Error {
     Store(String),
     #[error("{0}")]
     Credentials(String),
+}
+
+/// The cause of a failed write, when it is the disk's: what an operator must fix, in words.
+pub fn disk_problem(error: &std::io::Error) -> Option<String> {
+    let cause = match error.kind() {
+        std::io::ErrorKind::StorageFull => "its disk is full (no space or no inodes left): free space on it",
+        std::io::ErrorKind::QuotaExceeded => "its disk quota is exceeded: raise the quota or free space",
+        std::io::ErrorKind::ReadOnlyFilesystem => "its file system is read-only: remount it read-write",
+        std::io::ErrorKind::PermissionDenied => "permission denied: give the coordinator's user write access",
+        _ => return None,
+    };
+    Some(format!("{cause} ({error})"))
 }
 
 impl From<proto::names::InvalidName> for Error {

@@ -267,7 +267,7 @@ pub async fn run(
         store: store.objects,
         store_prefix: config.prefix.clone(),
         admin_token_sha256_hex: data_dir.admin_token.sha256_hex.clone(),
-        pending_saves: Default::default(),
+        pending_saves: crate::saves::PendingSaves::new(config.claim_ttl),
         budget: crate::budget::TransferBudget::new(config.plan),
         metrics: store.metrics,
     });

@@ -74,6 +74,22 @@ pub struct ServiceCounters {
     pub bytes_transferred: u64,
 }
 
+/// What a commit did to its cache key.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Committed {
+    /// The manifest is the key's now; it replaced the manifest of this save, if any.
+    Stored { replaced: Option<proto::v1::SaveOrigin> },
+    /// The key's manifest came from a save begun later, so it stays (a manifest never goes
+    /// back in time); the commit's new blobs are recorded, unreferenced.
+    KeptNewer(proto::v1::Manifest),
+}
+
+/// Which of two saves of one key began later: by the coordinator's clock, then by save ID.
+fn began_later(a: Option<&proto::v1::SaveOrigin>, b: Option<&proto::v1::SaveOrigin>) -> bool {
+    let order = |origin: Option<&proto::v1::SaveOrigin>| origin.map(|o| (o.began_unix_ms, o.save_id.clone()));
+    order(a) > order(b)
+}
+
 /// What a flush removed from the database.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FlushedRecords {
@@ -81,11 +97,24 @@ pub struct FlushedRecords {
     pub generation: u64,
 }
 
+/// Group commit: writes that finish while a flush runs share the next one, so concurrent
+/// acknowledgements cost one disk sync between them rather than one each.
+#[derive(Default)]
+struct GroupCommit {
+    /// Bumped after every write that must become durable; a write's number is its ticket.
+    n_writes: std::sync::atomic::AtomicU64,
+    /// The highest ticket known to be on disk.
+    n_durable: std::sync::atomic::AtomicU64,
+    /// Held by the one caller flushing; the others wait on it, then find their ticket covered.
+    flushing: tokio::sync::Mutex<()>,
+}
+
 /// The coordinator's database. Cloning is cheap: every clone shares one sled instance, which
 /// does its own locking.
 #[derive(Clone)]
 pub struct Database {
     db: sled::Db,
+    group_commit: std::sync::Arc<GroupCommit>,
     projects: sled::Tree,
     minted_keys: sled::Tree,
     manifests: sled::Tree,
@@ -102,7 +131,13 @@ fn json_from_slice<T: for<'de> Deserialize<'de>>(tree: &str, bytes: &[u8]) -> Re
 }
 
 fn db_error(error: sled::Error) -> Error {
-    Error::Database(error.to_string())
+    match &error {
+        sled::Error::Io(io) => match crate::error::disk_problem(io) {
+            Some(problem) => Error::DataDirUnwritable(problem),
+            None => Error::Database(error.to_string()),
+        },
+        _ => Error::Database(error.to_string()),
+    }
 }
 
 fn composite_key(parts: &[&str]) -> Vec<u8> {
@@ -134,12 +169,31 @@ impl Database {
             blobs: open_tree("blobs")?,
             counters: open_tree("counters")?,
             db,
+            group_commit: Default::default(),
         })
     }
 
     /// Makes everything written so far durable.
     pub async fn flush_to_disk(&self) -> Result<(), Error> {
         self.db.flush_async().await.map_err(db_error)?;
+        Ok(())
+    }
+
+    /// Returns once every write this caller made before the call is on disk: what an
+    /// acknowledgement waits for. sled alone syncs only every 500 ms, so a crash (an OOM kill,
+    /// a lost node) would lose writes already acknowledged. Callers that arrive while another
+    /// one flushes share the next flush (group commit).
+    pub async fn durable(&self) -> Result<(), Error> {
+        use std::sync::atomic::Ordering;
+        let ticket = self.group_commit.n_writes.fetch_add(1, Ordering::SeqCst) + 1;
+        let _flushing = self.group_commit.flushing.lock().await;
+        if self.group_commit.n_durable.load(Ordering::SeqCst) >= ticket {
+            return Ok(());
+        }
+        // Every ticket taken before this load belongs to a write that already finished.
+        let covered = self.group_commit.n_writes.load(Ordering::SeqCst);
+        self.db.flush_async().await.map_err(db_error)?;
+        self.group_commit.n_durable.fetch_max(covered, Ordering::SeqCst);
         Ok(())
     }
 
@@ -246,9 +300,9 @@ impl Database {
             .collect()
     }
 
-    /// Removes every manifest and ledger entry of a project and bumps its generation, in one
-    /// transaction-free pass that is safe to repeat: the generation is bumped first, so a save
-    /// begun before the flush cannot commit after it.
+    /// Removes every manifest, ledger entry and storage key of a project and bumps its
+    /// generation, in one transaction-free pass that is safe to repeat: the generation is
+    /// bumped first, so a save begun before the flush cannot commit after it.
     pub fn flush_project(&self, project: &str) -> Result<FlushedRecords, Error> {
         let updated = self
             .projects
@@ -271,6 +325,15 @@ impl Database {
         for entry in self.blobs.scan_prefix(project_prefix(project)) {
             let (key, _) = entry.map_err(db_error)?;
             self.blobs.remove(key).map_err(db_error)?;
+        }
+        // The project's storage keys die with its generation: a save begun before the flush
+        // can write nothing after it (the embedded endpoint admits only recorded keys).
+        for entry in self.minted_keys.iter() {
+            let (access_key_id, bytes) = entry.map_err(db_error)?;
+            let record: MintedKeyRecord = json_from_slice("minted_keys", &bytes)?;
+            if record.project == project {
+                self.minted_keys.remove(access_key_id).map_err(db_error)?;
+            }
         }
         Ok(FlushedRecords { manifests_removed, generation })
     }
@@ -303,16 +366,17 @@ impl Database {
     }
 
     /// Makes `manifest` the manifest of its key, atomically with the ledger: the blobs it names
-    /// gain a reference (new ones are recorded as `new_blobs` describes them), those of the manifest it
-    /// replaces lose one. Refused with [`Error::SaveConflict`] when the project's generation is
-    /// no longer `generation` (a flush happened since the save began).
+    /// gain a reference (new ones are recorded as `new_blobs` describes them), those of the
+    /// manifest it replaces lose one. A key's manifest made by a save begun later than this one
+    /// stays ([`Committed::KeptNewer`]). Refused with [`Error::SaveConflict`] when the project's
+    /// generation is no longer `generation` (a flush happened since the save began).
     pub fn commit_manifest(
         &self,
         project: &str,
         manifest: &proto::v1::Manifest,
         generation: u64,
         new_blobs: &std::collections::HashMap<String, BlobRecord>,
-    ) -> Result<(), Error> {
+    ) -> Result<Committed, Error> {
         let key = manifest.key.clone().unwrap_or_default();
         let manifest_key = composite_key(&[project, &key.service, &key.branch]);
         let new_digests = manifest_digests(manifest);
@@ -328,14 +392,25 @@ impl Database {
                     "project {project:?} was flushed while the save ran: save again"
                 ))));
             }
-            let old_digests = match manifests.get(manifest_key.as_slice())? {
-                Some(bytes) => {
-                    let old = proto::v1::Manifest::decode(bytes.as_ref())
-                        .map_err(|error| abort(Error::CorruptState(format!("manifests: {error}"))))?;
-                    manifest_digests(&old)
-                }
-                None => Default::default(),
+            let old = match manifests.get(manifest_key.as_slice())? {
+                Some(bytes) => Some(
+                    proto::v1::Manifest::decode(bytes.as_ref())
+                        .map_err(|error| abort(Error::CorruptState(format!("manifests: {error}"))))?,
+                ),
+                None => None,
             };
+            if let Some(old) = old.as_ref().filter(|old| began_later(old.origin.as_ref(), manifest.origin.as_ref())) {
+                // Recorded with no reference, so a garbage collection finds what this save stored.
+                for digest in &new_digests {
+                    let blob_key = composite_key(&[project, digest]);
+                    if blobs.get(blob_key.as_slice())?.is_none() {
+                        let blob = BlobRecord { references: 0, ..new_blobs.get(digest).cloned().unwrap_or_default() };
+                        blobs.insert(blob_key, json_to_vec(&blob))?;
+                    }
+                }
+                return Ok(Committed::KeptNewer(old.clone()));
+            }
+            let old_digests = old.as_ref().map(manifest_digests).unwrap_or_default();
             for digest in new_digests.difference(&old_digests) {
                 let blob_key = composite_key(&[project, digest]);
                 let mut blob = match blobs.get(blob_key.as_slice())? {
@@ -355,10 +430,10 @@ impl Database {
                 }
             }
             manifests.insert(manifest_key.as_slice(), encoded.as_slice())?;
-            Ok(())
+            Ok(Committed::Stored { replaced: old.map(|old| old.origin.unwrap_or_default()) })
         });
         match result {
-            Ok(()) => Ok(()),
+            Ok(committed) => Ok(committed),
             Err(TransactionError::Abort(error)) => Err(error),
             Err(TransactionError::Storage(error)) => Err(db_error(error)),
         }
@@ -492,6 +567,78 @@ mod tests {
         let stale = db.commit_manifest("a", &manifest_with("web", &["c1"]), 0, &sizes);
         assert!(matches!(stale, Err(Error::SaveConflict(_))), "{stale:?}");
         assert!(db.manifests("a").unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_manifest_never_goes_back_in_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Database::open(dir.path()).unwrap();
+        db.create_project(&project("a")).unwrap();
+        let sizes: std::collections::HashMap<String, BlobRecord> = [("c1", 1), ("c2", 2), ("c3", 3)]
+            .iter()
+            .map(|(d, s)| (d.to_string(), BlobRecord { stored_size: *s, size: *s, ..Default::default() }))
+            .collect();
+        let began = |digest: &str, began_unix_ms: i64| proto::v1::Manifest {
+            origin: Some(proto::v1::SaveOrigin {
+                save_id: format!("save-{began_unix_ms}"),
+                began_unix_ms,
+                ..Default::default()
+            }),
+            ..manifest_with("web", &[digest])
+        };
+        assert_eq!(
+            db.commit_manifest("a", &began("c2", 200), 0, &sizes).unwrap(),
+            Committed::Stored { replaced: None }
+        );
+        // A save begun earlier that commits later keeps the newer manifest; its blob is
+        // recorded without a reference.
+        let kept = db.commit_manifest("a", &began("c1", 100), 0, &sizes).unwrap();
+        assert_eq!(kept, Committed::KeptNewer(began("c2", 200)));
+        assert_eq!(db.manifest("a", "web", "").unwrap(), Some(began("c2", 200)));
+        assert_eq!(db.stored_blobs("a", &["c1".to_string()]).unwrap()["c1"].references, 0);
+        let Committed::Stored { replaced: Some(replaced) } =
+            db.commit_manifest("a", &began("c3", 300), 0, &sizes).unwrap()
+        else {
+            panic!("a later save replaces the manifest");
+        };
+        assert_eq!(replaced.save_id, "save-200");
+        assert_eq!(db.stored_blobs("a", &["c2".to_string()]).unwrap()["c2"].references, 0);
+    }
+
+    #[test]
+    fn flush_revokes_the_projects_storage_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Database::open(dir.path()).unwrap();
+        db.create_project(&project("a")).unwrap();
+        let record =
+            |project: &str| MintedKeyRecord { project: project.into(), access: KeyAccess::Write, expires_unix: 1 };
+        db.insert_minted_key("KA", &record("a")).unwrap();
+        db.insert_minted_key("KB", &record("b")).unwrap();
+        db.flush_project("a").unwrap();
+        assert_eq!(db.minted_key("KA").unwrap(), None);
+        assert_eq!(db.minted_key("KB").unwrap(), Some(record("b")));
+    }
+
+    #[tokio::test]
+    async fn durable_writes_survive_a_crash() {
+        // A child process writes, waits for durability, says so, then dies without a flush.
+        let dir = tempfile::tempdir().unwrap();
+        if let Some(path) = std::env::var_os("LAYER_CACHE_DURABILITY_CHILD") {
+            let db = Database::open(std::path::Path::new(&path)).unwrap();
+            db.create_project(&project("web")).unwrap();
+            db.durable().await.unwrap();
+            println!("durable");
+            std::process::abort();
+        }
+        let output = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", "manifests::tests::durable_writes_survive_a_crash", "--nocapture"])
+            .env("LAYER_CACHE_DURABILITY_CHILD", dir.path())
+            .output()
+            .unwrap();
+        assert!(String::from_utf8_lossy(&output.stdout).contains("durable"), "{output:?}");
+        assert!(!output.status.success(), "the child dies without a clean shutdown");
+        let db = Database::open(dir.path()).unwrap();
+        assert_eq!(db.projects().unwrap(), vec![project("web")]);
     }
 
     #[test]

@@ -11,21 +11,21 @@ use std::time::{Duration, Instant};
 use proto::names;
 use proto::v1 as pb;
 
-use crate::credentials::{now_unix, project_prefix};
+use crate::credentials::{now_unix, now_unix_ms, project_prefix};
 use crate::error::Error;
-use crate::manifests::{BlobRecord, ServiceCounters, manifest_digests};
+use crate::manifests::{BlobRecord, Committed, ServiceCounters, manifest_digests};
 use crate::service::{CacheService, validate_key};
 
 /// How long a begun save may take before its commit is refused.
 const SAVE_LIFETIME: Duration = Duration::from_secs(6 * 3600);
-/// How long a save's claim on the blobs it uploads holds (single flight): another save of the
-/// project neither uploads them nor, at its commit, waits for them longer than this. A worker that
-/// died mid-save releases its claims when this runs out.
-const CLAIM_LIFETIME: Duration = Duration::from_secs(10 * 60);
+/// How long one `CommitSave` call waits for blobs other saves are uploading before it answers
+/// "call again": well inside any worker's per-call deadline.
+const COMMIT_WAIT: Duration = Duration::from_secs(2);
 /// How often a commit waiting for another save's blobs looks at the store.
 const IN_FLIGHT_POLL: Duration = Duration::from_millis(250);
 const MAX_IMAGES: usize = 1000;
 const MAX_LAYERS_PER_IMAGE: usize = 1000;
+const MAX_HOST_NAME: usize = 255;
 
 /// A save between `BeginSave` and `CommitSave`.
 struct PendingSave {
@@ -35,45 +35,137 @@ struct PendingSave {
     image_ids: Vec<String>,
     engine_version: String,
     began: Instant,
+    began_unix_ms: i64,
+    host: String,
+    /// The worker's last sign of life (its begin or a `KeepSaveAlive`): its claims lapse
+    /// `claim_ttl` after it.
+    last_alive: Instant,
     /// The missing blobs this save uploads; no other save of the project uploads them meanwhile.
     claimed: HashSet<String>,
 }
 
 /// Begun saves, by save ID. Held in memory: a coordinator restart makes workers save again.
-#[derive(Default)]
-pub struct PendingSaves(Mutex<HashMap<String, PendingSave>>);
+pub struct PendingSaves {
+    saves: Mutex<HashMap<String, PendingSave>>,
+    /// How long a claim outlives its worker's last sign of life.
+    claim_ttl: Duration,
+}
 
-fn claims(save: &PendingSave, project: &str, digest: &str) -> bool {
-    save.project == project && save.began.elapsed() < CLAIM_LIFETIME && save.claimed.contains(digest)
+impl PendingSave {
+    fn claims(&self, project: &str, digest: &str, claim_ttl: Duration, now: Instant) -> bool {
+        self.project == project && now.duration_since(self.last_alive) < claim_ttl && self.claimed.contains(digest)
+    }
 }
 
 impl PendingSaves {
+    pub fn new(claim_ttl: Duration) -> PendingSaves {
+        PendingSaves { saves: Mutex::default(), claim_ttl }
+    }
+
+    /// How often a worker says it is alive: a claim survives two missed calls.
+    pub fn keep_alive_interval(&self) -> Duration {
+        (self.claim_ttl / 3).max(Duration::from_secs(1))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, PendingSave>> {
+        self.saves.lock().expect("pending saves lock")
+    }
+
     /// Registers a save. Of the `missing` blobs it claims those no other live save of the
-    /// project has claimed, and returns (claimed: upload these, in flight: another save does).
-    fn begin(&self, save_id: String, mut save: PendingSave, missing: Vec<String>) -> (Vec<String>, Vec<String>) {
-        let mut saves = self.0.lock().expect("pending saves lock");
-        saves.retain(|_, pending| pending.began.elapsed() < SAVE_LIFETIME);
-        let (in_flight, to_upload): (Vec<String>, Vec<String>) =
-            missing.into_iter().partition(|digest| saves.values().any(|other| claims(other, &save.project, digest)));
+    /// project claims, and returns (claimed: upload these, in flight: another save does). A
+    /// blob claimed only by an earlier save of the same cache key is taken over: that is a
+    /// retry of a save that failed or was killed, or a save it replaces anyway, and a retry
+    /// must never wait for the save it repeats.
+    fn begin(
+        &self,
+        save_id: String,
+        mut save: PendingSave,
+        missing: Vec<String>,
+        now: Instant,
+    ) -> (Vec<String>, Vec<String>) {
+        let claim_ttl = self.claim_ttl;
+        let mut saves = self.lock();
+        saves.retain(|_, pending| now.duration_since(pending.began) < SAVE_LIFETIME);
+        let (in_flight, to_upload): (Vec<String>, Vec<String>) = missing.into_iter().partition(|digest| {
+            saves.values().any(|other| other.key != save.key && other.claims(&save.project, digest, claim_ttl, now))
+        });
+        for other in saves.values_mut().filter(|other| other.project == save.project && other.key == save.key) {
+            for digest in &to_upload {
+                other.claimed.remove(digest);
+            }
+        }
         save.claimed = to_upload.iter().cloned().collect();
         saves.insert(save_id, save);
         (to_upload, in_flight)
     }
 
-    /// Whether a live save of `project` other than the caller's is uploading `digest`.
-    fn in_flight(&self, project: &str, digest: &str) -> bool {
-        self.0.lock().expect("pending saves lock").values().any(|save| claims(save, project, digest))
+    /// Whether a live save of `project` is uploading `digest`.
+    fn in_flight(&self, project: &str, digest: &str, now: Instant) -> bool {
+        self.lock().values().any(|save| save.claims(project, digest, self.claim_ttl, now))
     }
 
-    fn take(&self, save_id: &str, project: &str) -> Result<PendingSave, Error> {
-        let mut saves = self.0.lock().expect("pending saves lock");
-        match saves.get(save_id) {
-            Some(save) if save.project == project && save.began.elapsed() < SAVE_LIFETIME => {
-                Ok(saves.remove(save_id).expect("present"))
+    /// Records a sign of life of a save's worker.
+    fn keep_alive(&self, save_id: &str, project: &str, now: Instant) -> Result<(), Error> {
+        match self.lock().get_mut(save_id) {
+            Some(save) if save.project == project && now.duration_since(save.began) < SAVE_LIFETIME => {
+                save.last_alive = now;
+                Ok(())
             }
             _ => Err(Error::NoSuchSave(save_id.to_owned())),
         }
     }
+
+    /// Forgets a save (and its claims); whether it was there.
+    fn abandon(&self, save_id: &str, project: &str) -> bool {
+        let mut saves = self.lock();
+        if saves.get(save_id).is_some_and(|save| save.project == project) {
+            saves.remove(save_id);
+            return true;
+        }
+        false
+    }
+
+    /// Forgets every save of a project (a flush: none of them can commit).
+    fn abandon_project(&self, project: &str) {
+        self.lock().retain(|_, save| save.project != project);
+    }
+
+    /// What a commit needs of a begun save, which stays begun until [`PendingSaves::take`].
+    fn describe(&self, save_id: &str, project: &str, now: Instant) -> Result<SaveFacts, Error> {
+        match self.lock().get(save_id) {
+            Some(save) if save.project == project && now.duration_since(save.began) < SAVE_LIFETIME => Ok(SaveFacts {
+                key: save.key.clone(),
+                generation: save.generation,
+                image_ids: save.image_ids.clone(),
+                engine_version: save.engine_version.clone(),
+                began_unix_ms: save.began_unix_ms,
+                host: save.host.clone(),
+            }),
+            _ => Err(Error::NoSuchSave(save_id.to_owned())),
+        }
+    }
+
+    fn take(&self, save_id: &str, project: &str) -> Result<(), Error> {
+        if self.abandon(save_id, project) { Ok(()) } else { Err(Error::NoSuchSave(save_id.to_owned())) }
+    }
+}
+
+/// A begun save, as its commit sees it.
+struct SaveFacts {
+    key: pb::CacheKey,
+    generation: u64,
+    image_ids: Vec<String>,
+    engine_version: String,
+    began_unix_ms: i64,
+    host: String,
+}
+
+/// A build host's name from outside: printable, short.
+fn validate_host(host: &str) -> Result<(), Error> {
+    if host.len() > MAX_HOST_NAME || host.chars().any(|c| c.is_control()) {
+        return Err(Error::InvalidArgument(format!("a host name has at most {MAX_HOST_NAME} printable characters")));
+    }
+    Ok(())
 }
 
 /// Checks the images a worker sends: digests, tags, parents inside the chain or empty.
@@ -127,6 +219,7 @@ impl CacheService {
     ) -> Result<pb::BeginSaveResponse, Error> {
         let key = validate_key(request.key.as_ref())?;
         validate_images(&request.images)?;
+        validate_host(&request.host)?;
         let record = self.db.project(project)?.ok_or_else(|| Error::NoSuchProject(project.to_owned()))?;
         let probe = pb::Manifest { images: request.images.clone(), ..Default::default() };
         let digests: BTreeSet<String> = manifest_digests(&probe);
@@ -146,22 +239,37 @@ impl CacheService {
             && current.is_some_and(|manifest| identity(&manifest.images) == identity(&request.images));
 
         let save_id = crate::tokens::random_hex_32();
+        let now = Instant::now();
         let pending = PendingSave {
             project: project.to_owned(),
             key,
             generation: record.generation,
             image_ids: request.images.iter().map(|image| image.id.clone()).collect(),
             engine_version: request.engine_version.clone(),
-            began: Instant::now(),
+            began: now,
+            began_unix_ms: now_unix_ms(),
+            host: request.host.clone(),
+            last_alive: now,
             claimed: HashSet::new(),
         };
-        let (missing_digests, in_flight_digests) = self.pending_saves.begin(save_id.clone(), pending, missing);
+        // An unchanged save commits nothing, so it is not kept (and claims nothing).
+        let (missing_digests, in_flight_digests) = if unchanged {
+            (Vec::new(), Vec::new())
+        } else {
+            self.pending_saves.begin(save_id.clone(), pending, missing, now)
+        };
         // Blobs in flight still need the worker's export (for their sizes), not its uploads.
         // A save that moves nothing holds no share of the transfer budget.
         let (credentials, plan) = if missing_digests.is_empty() && in_flight_digests.is_empty() {
             (None, None)
         } else {
-            let credentials = self.issue_credentials(project, pb::Access::Write, "").await?;
+            let credentials = match self.issue_credentials(project, pb::Access::Write, "").await {
+                Ok(credentials) => credentials,
+                Err(error) => {
+                    self.pending_saves.abandon(&save_id, project);
+                    return Err(error);
+                }
+            };
             // The save ID names its lease; the commit gives it back.
             (Some(credentials), Some(self.budget.grant(project, &save_id)))
         };
@@ -191,13 +299,35 @@ impl CacheService {
                 .collect(),
             known_images,
             in_flight_digests,
+            keep_alive_seconds: self.pending_saves.keep_alive_interval().as_secs() as u32,
         })
     }
 
-    pub async fn commit_save(&self, project: &str, request: &pb::CommitSaveRequest) -> Result<pb::Manifest, Error> {
+    /// Keeps a begun save's claims alive while its worker works.
+    pub fn keep_save_alive(&self, project: &str, save_id: &str) -> Result<(), Error> {
+        self.pending_saves.keep_alive(save_id, project, Instant::now())
+    }
+
+    /// Gives a save's claims and its share of the transfer budget back: its worker will not commit.
+    pub fn abandon_save(&self, project: &str, save_id: &str) {
+        if self.pending_saves.abandon(save_id, project) {
+            self.budget.release(project, save_id);
+            tracing::info!(project, "save abandoned");
+        }
+    }
+
+    /// Forgets every begun save of a flushed project: none of them can commit.
+    pub(crate) fn abandon_project_saves(&self, project: &str) {
+        self.pending_saves.abandon_project(project);
+    }
+
+    pub async fn commit_save(
+        &self,
+        project: &str,
+        request: &pb::CommitSaveRequest,
+    ) -> Result<pb::CommitSaveResponse, Error> {
         validate_images(&request.images)?;
-        let pending = self.pending_saves.take(&request.save_id, project)?;
-        self.budget.release(project, &request.save_id);
+        let pending = self.pending_saves.describe(&request.save_id, project, Instant::now())?;
         let image_ids: Vec<String> = request.images.iter().map(|image| image.id.clone()).collect();
         if image_ids != pending.image_ids {
             return Err(Error::InvalidArgument("the committed images differ from the ones the save began with".into()));
@@ -205,10 +335,17 @@ impl CacheService {
         let mut manifest = pb::Manifest {
             key: Some(pending.key.clone()),
             images: request.images.clone(),
-            engine_version: pending.engine_version,
+            engine_version: pending.engine_version.clone(),
             created_unix: now_unix(),
             last_used_unix: now_unix(),
             save_log: request.save_log.iter().take(10_000).cloned().collect(),
+            origin: Some(pb::SaveOrigin {
+                save_id: request.save_id.clone(),
+                host: pending.host.clone(),
+                began_unix_ms: pending.began_unix_ms,
+                committed_unix_ms: 0,
+                repo_tags: request.images.iter().flat_map(|image| image.repo_tags.iter().cloned()).collect(),
+            }),
         };
         // Every blob must be stored with the size the worker reports: the ledger answers for
         // blobs it knows, the store for new ones.
@@ -233,10 +370,19 @@ impl CacheService {
         }
         let known = self.db.stored_blobs(project, reported.keys())?;
         let prefix = project_prefix(&self.store_prefix, project);
+        let waiting_since = Instant::now();
+        let mut waiting_for = Vec::new();
         for (digest, record) in &reported {
             let stored = match known.get(digest) {
                 Some(known) => Some(known.stored_size),
-                None => self.stored_or_awaited(project, &blob_key(&prefix, digest), digest).await?,
+                None => match self.stored_or_awaited(project, &blob_key(&prefix, digest), digest, waiting_since).await?
+                {
+                    Awaited::Stored(size) => size,
+                    Awaited::StillInFlight => {
+                        waiting_for.push(digest.clone());
+                        continue;
+                    }
+                },
             };
             match stored {
                 Some(size) if size == record.stored_size => {}
@@ -253,21 +399,72 @@ impl CacheService {
                 }
             }
         }
-        self.db.commit_manifest(project, &manifest, pending.generation, &reported)?;
+        if !waiting_for.is_empty() {
+            waiting_for.sort();
+            return Ok(pb::CommitSaveResponse { waiting_for_digests: waiting_for, ..Default::default() });
+        }
+        self.pending_saves.take(&request.save_id, project)?;
+        self.budget.release(project, &request.save_id);
+        if let Some(origin) = manifest.origin.as_mut() {
+            origin.committed_unix_ms = now_unix_ms();
+        }
+        let committed = self.db.commit_manifest(project, &manifest, pending.generation, &reported)?;
         self.db.add_to_counters(project, &pending.key.service, &ServiceCounters { saves: 1, ..Default::default() })?;
-        tracing::info!(project, service = pending.key.service, n_images = manifest.images.len(), "save committed");
-        Ok(manifest)
+        // The worker prints "saved" on this answer: the manifest must survive a crash after it.
+        self.db.durable().await?;
+        let response = match committed {
+            Committed::Stored { replaced } => {
+                tracing::info!(
+                    project,
+                    service = pending.key.service,
+                    n_images = manifest.images.len(),
+                    "save committed"
+                );
+                pb::CommitSaveResponse {
+                    manifest: Some(manifest),
+                    stored: true,
+                    replaced,
+                    waiting_for_digests: Vec::new(),
+                }
+            }
+            Committed::KeptNewer(current) => {
+                tracing::info!(
+                    project,
+                    service = pending.key.service,
+                    "save not stored: a newer save's manifest is kept"
+                );
+                pb::CommitSaveResponse { manifest: Some(current), stored: false, ..Default::default() }
+            }
+        };
+        Ok(response)
     }
 }
 
+/// A blob a commit looked for in the store.
+enum Awaited {
+    /// Its stored size, or `None` when it is not there and nobody is uploading it.
+    Stored(Option<u64>),
+    /// Another live save is still uploading it.
+    StillInFlight,
+}
+
 impl CacheService {
-    /// The stored size of a blob; while another save of the project is still uploading it
-    /// (single flight), waits for it, as long as that save's claim holds.
-    async fn stored_or_awaited(&self, project: &str, key: &str, digest: &str) -> Result<Option<u64>, Error> {
+    /// The stored size of a blob; while another live save of the project is uploading it
+    /// (single flight), waits for it, up to [`COMMIT_WAIT`] after `waiting_since`.
+    async fn stored_or_awaited(
+        &self,
+        project: &str,
+        key: &str,
+        digest: &str,
+        waiting_since: Instant,
+    ) -> Result<Awaited, Error> {
         loop {
             let stored = self.store.object_size(key).await?;
-            if stored.is_some() || !self.pending_saves.in_flight(project, digest) {
-                return Ok(stored);
+            if stored.is_some() || !self.pending_saves.in_flight(project, digest, Instant::now()) {
+                return Ok(Awaited::Stored(stored));
+            }
+            if waiting_since.elapsed() >= COMMIT_WAIT {
+                return Ok(Awaited::StillInFlight);
             }
             tokio::time::sleep(IN_FLIGHT_POLL).await;
         }
@@ -284,34 +481,75 @@ pub fn blob_key(project_prefix: &str, digest: &str) -> String {
 mod tests {
     use super::*;
 
-    fn pending(project: &str) -> PendingSave {
+    fn pending(project: &str, service: &str, now: Instant) -> PendingSave {
         PendingSave {
             project: project.into(),
-            key: pb::CacheKey::default(),
+            key: pb::CacheKey { service: service.into(), branch: String::new() },
             generation: 0,
             image_ids: Vec::new(),
             engine_version: String::new(),
-            began: Instant::now(),
+            began: now,
+            began_unix_ms: 0,
+            host: String::new(),
+            last_alive: now,
             claimed: HashSet::new(),
         }
     }
 
+    fn digests(names: &[&str]) -> Vec<String> {
+        names.iter().map(|name| name.to_string()).collect()
+    }
+
+    const TTL: Duration = Duration::from_secs(15);
+
     #[test]
     fn a_blob_another_save_uploads_is_uploaded_once() {
-        let saves = PendingSaves::default();
-        let digests = |names: &[&str]| names.iter().map(|name| name.to_string()).collect::<Vec<_>>();
-        let (upload, in_flight) = saves.begin("s1".into(), pending("web"), digests(&["a", "b"]));
+        let saves = PendingSaves::new(TTL);
+        let now = Instant::now();
+        let (upload, in_flight) = saves.begin("s1".into(), pending("web", "one", now), digests(&["a", "b"]), now);
         assert_eq!((upload, in_flight), (digests(&["a", "b"]), digests(&[])));
-        let (upload, in_flight) = saves.begin("s2".into(), pending("web"), digests(&["b", "c"]));
+        let (upload, in_flight) = saves.begin("s2".into(), pending("web", "two", now), digests(&["b", "c"]), now);
         assert_eq!((upload, in_flight), (digests(&["c"]), digests(&["b"])));
         // Another project never waits for this one's uploads.
-        let (upload, in_flight) = saves.begin("s3".into(), pending("api"), digests(&["a"]));
+        let (upload, in_flight) = saves.begin("s3".into(), pending("api", "one", now), digests(&["a"]), now);
         assert_eq!((upload, in_flight), (digests(&["a"]), digests(&[])));
-        assert!(saves.in_flight("web", "b"));
-        // The claimant's commit (or failure to come back) ends the claim.
+        assert!(saves.in_flight("web", "b", now));
+        // The claimant's commit (or its abandoning the save) ends the claim.
         saves.take("s1", "web").unwrap();
-        assert!(!saves.in_flight("web", "b"));
-        assert!(saves.in_flight("web", "c"));
+        assert!(!saves.in_flight("web", "b", now));
+        assert!(saves.in_flight("web", "c", now));
+        assert!(saves.take("s1", "web").is_err(), "a save commits once");
+    }
+
+    #[test]
+    fn a_retry_of_the_same_cache_key_takes_the_claims_over() {
+        let saves = PendingSaves::new(TTL);
+        let now = Instant::now();
+        saves.begin("killed".into(), pending("web", "one", now), digests(&["a", "b"]), now);
+        // The retry (same key) uploads both itself, at once; another key waits for the retry.
+        let (upload, in_flight) = saves.begin("retry".into(), pending("web", "one", now), digests(&["a", "b"]), now);
+        assert_eq!((upload, in_flight), (digests(&["a", "b"]), digests(&[])));
+        saves.abandon("retry", "web");
+        assert!(!saves.in_flight("web", "a", now), "the killed save no longer claims what its retry took over");
+    }
+
+    #[test]
+    fn a_claim_lapses_after_its_workers_last_sign_of_life() {
+        let saves = PendingSaves::new(TTL);
+        let start = Instant::now();
+        saves.begin("s1".into(), pending("web", "one", start), digests(&["a"]), start);
+        let later = start + Duration::from_secs(10);
+        assert!(saves.in_flight("web", "a", later));
+        saves.keep_alive("s1", "web", later).unwrap();
+        assert!(saves.in_flight("web", "a", later + Duration::from_secs(14)));
+        let lapsed = later + TTL;
+        assert!(!saves.in_flight("web", "a", lapsed), "no sign of life for the claim's lifetime");
+        let (upload, in_flight) = saves.begin("s2".into(), pending("web", "two", lapsed), digests(&["a"]), lapsed);
+        assert_eq!((upload, in_flight), (digests(&["a"]), digests(&[])), "a lapsed claim is uploaded again");
+        assert!(saves.keep_alive("s1", "api", lapsed).is_err(), "another project's save is not found");
+        assert!(saves.abandon("s2", "web") && !saves.abandon("s2", "web"));
+        assert!(saves.keep_alive("s2", "web", lapsed).is_err());
+        assert_eq!(saves.keep_alive_interval(), Duration::from_secs(5));
     }
 
     #[test]

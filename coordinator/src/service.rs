@@ -105,7 +105,7 @@ impl CacheService {
         Err(Error::Unauthenticated("wrong admin token"))
     }
 
-    pub fn create_project(&self, name: &str, quota_bytes: u64) -> Result<(pb::Project, String), Error> {
+    pub async fn create_project(&self, name: &str, quota_bytes: u64) -> Result<(pb::Project, String), Error> {
         names::validate_project_name(name)?;
         let token = tokens::new_project_token(name);
         let record = ProjectRecord {
@@ -116,6 +116,8 @@ impl CacheService {
             quota_bytes,
         };
         self.db.create_project(&record)?;
+        // The token is printed once: it must outlive a crash right after.
+        self.db.durable().await?;
         Ok((project_message(&self.db, &record)?, token))
     }
 
@@ -147,7 +149,8 @@ impl CacheService {
     pub async fn flush_project(&self, project: &str) -> Result<pb::FlushProjectResponse, Error> {
         self.existing_project(project)?;
         let flushed = self.db.flush_project(project)?;
-        self.db.flush_to_disk().await?;
+        self.abandon_project_saves(project);
+        self.db.durable().await?;
         let deleted = self.store.delete_prefix(&project_prefix(&self.store_prefix, project)).await?;
         self.metrics.flushes.get_or_create(&crate::metrics::ProjectLabels { project: project.to_owned() }).inc();
         tracing::info!(project, manifests = flushed.manifests_removed, objects = deleted.count, "project flushed");

@@ -15,6 +15,8 @@ pub enum ClientError {
     InvalidUrl(String),
     #[error("cannot reach the coordinator at {url}: {reason}")]
     Unreachable { url: String, reason: String },
+    #[error("the coordinator at {url} did not answer within {seconds} s: it is overloaded or stopped")]
+    Stalled { url: String, seconds: u64 },
     #[error("{0}")]
     Refused(String),
     #[error("{0}")]
@@ -31,16 +33,30 @@ impl ClientError {
         match self {
             ClientError::InvalidUrl(_) | ClientError::Invalid(_) => 64,
             ClientError::NotFound(_) => 66,
-            ClientError::Unreachable { .. } => 69,
+            ClientError::Unreachable { .. } | ClientError::Stalled { .. } => 69,
             ClientError::Refused(_) => 77,
             ClientError::Other(_) => 1,
         }
     }
 
+    /// Whether the coordinator itself could not be talked to (a report about it would fail too).
+    pub fn is_unreachable(&self) -> bool {
+        matches!(self, ClientError::Unreachable { .. } | ClientError::Stalled { .. })
+    }
+
     /// Turns a failed call into an error, keeping the coordinator's message.
     pub fn from_status(url: &str, status: &Status) -> ClientError {
+        Self::from_status_with_deadline(url, status, DEFAULT_CALL_TIMEOUT)
+    }
+
+    /// The same, for a channel whose calls have `call_timeout` as their deadline.
+    pub fn from_status_with_deadline(url: &str, status: &Status, call_timeout: Duration) -> ClientError {
         let message = status.message().to_owned();
         match status.code() {
+            // tonic's own deadline (the channel's per-call timeout) ran out.
+            Code::Cancelled | Code::DeadlineExceeded if message.contains("Timeout expired") => {
+                ClientError::Stalled { url: url.to_owned(), seconds: call_timeout.as_secs() }
+            }
             Code::Unauthenticated => ClientError::Refused(format!("unauthenticated: {message}")),
             Code::PermissionDenied => ClientError::Refused(format!("permission denied: {message}")),
             Code::InvalidArgument | Code::AlreadyExists => ClientError::Invalid(message),
@@ -74,15 +90,25 @@ impl Interceptor for BearerToken {
     }
 }
 
-/// Connects to the coordinator at `url` (http only: run TLS in front of it for now).
+/// The per-call deadline of an operator's command.
+const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Connects to the coordinator at `url` (http only: run TLS in front of it for now), every
+/// call with a 120 s deadline (an operator's command).
 pub async fn connect(url: &str) -> Result<Channel, ClientError> {
+    connect_with_deadline(url, DEFAULT_CALL_TIMEOUT).await
+}
+
+/// Connects with a deadline on every call (and on connecting, at most 10 s): a stopped or
+/// frozen coordinator costs a caller that long, not the operating system's TCP timeouts.
+pub async fn connect_with_deadline(url: &str, call_timeout: Duration) -> Result<Channel, ClientError> {
     if !url.starts_with("http://") {
         return Err(ClientError::InvalidUrl(url.to_owned()));
     }
     let endpoint = Endpoint::from_shared(url.to_owned())
         .map_err(|_| ClientError::InvalidUrl(url.to_owned()))?
-        .connect_timeout(Duration::from_secs(10))
-        .timeout(Duration::from_secs(120));
+        .connect_timeout(call_timeout.min(Duration::from_secs(10)))
+        .timeout(call_timeout);
     endpoint.connect().await.map_err(|error| {
         // tonic's transport error names only "transport error"; the cause says what happened.
         let mut reason = error.to_string();

@@ -43,7 +43,7 @@ async fn main() {
         max_concurrency: env_number("CONCURRENCY", 8) as u32,
         lease_id: String::new(),
     };
-    let store = BlobStore::new(&credentials, &plan, None);
+    let store = BlobStore::new(&credentials, &plan, None, std::time::Duration::from_secs(30));
     let started = Instant::now();
     let bytes = match args.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
         ["put", file, name] => {

@@ -1,6 +1,8 @@
 //! The worker's connection to the coordinator's gRPC API, with the project token attached.
 
-use proto::client::{BearerToken, ClientError, connect};
+use std::time::Duration;
+
+use proto::client::{BearerToken, ClientError, connect_with_deadline};
 use proto::v1::worker_client::WorkerClient;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
@@ -26,15 +28,46 @@ pub struct Coordinator {
     pub url: String,
     /// The transfer plan's lease this process holds, given back with its metrics report.
     pub lease_id: String,
+    /// How long any call, and any transfer, may go without progress (`--stall-timeout`).
+    pub stall_timeout: Duration,
 }
 
 impl Coordinator {
-    pub async fn connect(url: &str, token: Option<&str>) -> Result<Coordinator, ClientError> {
+    /// Connects; every call has `stall_timeout` as its deadline.
+    pub async fn connect(url: &str, token: Option<&str>, stall_timeout: Duration) -> Result<Coordinator, ClientError> {
         let token =
             token.ok_or_else(|| ClientError::Invalid("no project token: pass --token or set CACHE_TOKEN".into()))?;
         let token = BearerToken::new(token)?;
-        let client = WorkerClient::with_interceptor(connect(url).await?, CallMetadata(token));
-        Ok(Coordinator { client, url: url.to_owned(), lease_id: String::new() })
+        let client =
+            WorkerClient::with_interceptor(connect_with_deadline(url, stall_timeout).await?, CallMetadata(token));
+        Ok(Coordinator { client, url: url.to_owned(), lease_id: String::new(), stall_timeout })
+    }
+
+    /// Says every `interval` that the save `save_id` is alive, so its claims on the blobs it
+    /// uploads hold, until the returned guard is dropped.
+    pub fn keep_save_alive(&self, save_id: &str, interval: Duration) -> KeepAlive {
+        let (mut client, save_id) = (self.client.clone(), save_id.to_owned());
+        let task = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(interval).await;
+                let request = proto::v1::KeepSaveAliveRequest { save_id: save_id.clone() };
+                if let Err(status) = client.keep_save_alive(request).await {
+                    // The commit reports what went wrong; the claims may lapse meanwhile.
+                    tracing::warn!(error = %status.message(), "telling the coordinator the save is alive failed");
+                }
+            }
+        });
+        KeepAlive(task)
+    }
+
+    /// Gives a save that will not commit back to the coordinator (its claims, its share of the
+    /// budget), best effort and briefly: the coordinator may be the reason it failed.
+    pub async fn abandon_save(&mut self, save_id: &str) {
+        let mut request = tonic::Request::new(proto::v1::AbandonSaveRequest { save_id: save_id.to_owned() });
+        request.set_timeout(self.stall_timeout.min(Duration::from_secs(5)));
+        if let Err(status) = self.client.abandon_save(request).await {
+            tracing::warn!(error = %status.message(), "giving the failed save back to the coordinator failed");
+        }
     }
 
     /// Sends the per-layer figures of one save or restore. A cache never breaks a build: a
@@ -47,6 +80,15 @@ impl Coordinator {
 
     /// Turns a failed call into the worker's error.
     pub fn failed(&self, status: tonic::Status) -> ClientError {
-        ClientError::from_status(&self.url, &status)
+        ClientError::from_status_with_deadline(&self.url, &status, self.stall_timeout)
+    }
+}
+
+/// Keeps a save alive while it lives (see [`Coordinator::keep_save_alive`]).
+pub struct KeepAlive(tokio::task::JoinHandle<()>);
+
+impl Drop for KeepAlive {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }

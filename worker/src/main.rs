@@ -21,8 +21,18 @@ struct Cli {
     /// The project's token, from `cachectl project create`
     #[arg(long, env = "CACHE_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// Seconds any call to the coordinator or the store may go without progress before the
+    /// command gives up (a restore then warns and exits 0; a save fails) (5 to 3600)
+    #[arg(long, env = "CACHE_STALL_TIMEOUT", default_value_t = 30, value_parser = clap::value_parser!(u64).range(5..=3600))]
+    stall_timeout: u64,
     #[command(subcommand)]
     command: Command,
+}
+
+impl Cli {
+    fn stall(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.stall_timeout)
+    }
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -78,7 +88,7 @@ async fn run_restore(cli: &Cli, options: RestoreOptions, strict: bool, print_cac
             println!("{line}");
         }
     };
-    let mut coordinator = match Coordinator::connect(&cli.coordinator, cli.token.as_deref()).await {
+    let mut coordinator = match Coordinator::connect(&cli.coordinator, cli.token.as_deref(), cli.stall()).await {
         Ok(coordinator) => Some(coordinator),
         Err(error) => return restore_failed(None, &options.service, strict, error.into()).await,
     };
@@ -105,7 +115,9 @@ async fn restore_failed(
     strict: bool,
     error: WorkerError,
 ) -> ExitCode {
-    if let Some(coordinator) = coordinator {
+    // A coordinator that did not answer would not take the report either: do not wait twice.
+    let coordinator_down = matches!(&error, WorkerError::Coordinator(client) if client.is_unreachable());
+    if let (Some(coordinator), false) = (coordinator, coordinator_down) {
         report_failure(coordinator, service).await;
     }
     if strict {
@@ -120,7 +132,7 @@ async fn restore_failed(
 async fn run(cli: Cli) -> Result<(), WorkerError> {
     match &cli.command {
         Command::Credentials { format: CredentialsFormat::Env } => {
-            let mut coordinator = Coordinator::connect(&cli.coordinator, cli.token.as_deref()).await?;
+            let mut coordinator = Coordinator::connect(&cli.coordinator, cli.token.as_deref(), cli.stall()).await?;
             let request = pb::GetCredentialsRequest { access: pb::Access::Read as i32, ..Default::default() };
             let response = coordinator.client.get_credentials(request).await.map_err(|s| coordinator.failed(s))?;
             let credentials = response.into_inner().credentials.unwrap_or_default();
@@ -130,7 +142,7 @@ async fn run(cli: Cli) -> Result<(), WorkerError> {
         Command::Save { service, branch, images } => {
             let options = SaveOptions { service: service.clone(), branch: branch.clone(), images: images.clone() };
             proto::names::validate_service_name(service)?;
-            let mut coordinator = Coordinator::connect(&cli.coordinator, cli.token.as_deref()).await?;
+            let mut coordinator = Coordinator::connect(&cli.coordinator, cli.token.as_deref(), cli.stall()).await?;
             let engine = Engine::connect().await?;
             let cleanup = SaveCleanup::default();
             tokio::select! {

@@ -99,7 +99,7 @@ pub async fn restore(
         coordinator.client.get_credentials(request).await.map_err(|s| coordinator.failed(s))?.into_inner();
     let credentials = credentials.credentials.unwrap_or_default();
     let plan = found.plan.unwrap_or_default();
-    let store = BlobStore::new(&credentials, &plan, Some(coordinator.client.clone()));
+    let store = BlobStore::new(&credentials, &plan, Some(coordinator.client.clone()), coordinator.stall_timeout);
     let load_plan = plan_load(&manifest, &engine.layer_chains().await?);
     let load_report = Arc::new(LoadReport::default());
     let to_download: u64 = load_plan.blobs.iter().filter(|blob| !blob.skipped).map(|blob| blob.size).sum();

@@ -3,7 +3,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use futures::TryStreamExt;
 use proto::format::format_bytes;
@@ -29,29 +29,50 @@ pub struct SaveOptions {
 /// What a save cancelled mid-way (a signal) leaves to clean up: the multipart uploads it began
 /// and did not finish, and its spool folder. The save fills it in as it goes.
 #[derive(Clone, Default)]
-pub struct SaveCleanup(Arc<std::sync::Mutex<(Option<BlobStore>, Option<std::path::PathBuf>)>>);
+pub struct SaveCleanup(Arc<std::sync::Mutex<CleanupState>>);
+
+#[derive(Default)]
+struct CleanupState {
+    store: Option<BlobStore>,
+    spool: Option<std::path::PathBuf>,
+    /// The begun save, given back to the coordinator so its claims free at once.
+    save: Option<(crate::coordinator::Client, String)>,
+}
 
 impl SaveCleanup {
     fn set_store(&self, store: &BlobStore) {
-        self.0.lock().expect("cleanup lock").0 = Some(store.clone());
+        self.0.lock().expect("cleanup lock").store = Some(store.clone());
     }
 
     fn set_spool(&self, path: &std::path::Path) {
-        self.0.lock().expect("cleanup lock").1 = Some(path.to_owned());
+        self.0.lock().expect("cleanup lock").spool = Some(path.to_owned());
+    }
+
+    fn set_save(&self, client: &crate::coordinator::Client, save_id: &str) {
+        self.0.lock().expect("cleanup lock").save = Some((client.clone(), save_id.to_owned()));
     }
 
     /// Aborts the unfinished uploads, so the store keeps none of their parts and no object
-    /// appears, and removes the spool. Returns how many uploads it aborted.
+    /// appears, removes the spool, and gives the begun save back to the coordinator (so a
+    /// retry never waits for it). Returns how many uploads it aborted.
     pub async fn run(&self) -> usize {
-        let (store, spool) = std::mem::take(&mut *self.0.lock().expect("cleanup lock"));
+        let CleanupState { store, spool, save } = std::mem::take(&mut *self.0.lock().expect("cleanup lock"));
         if let Some(spool) = spool {
             // Files still open are unlinked; their space returns when the process exits.
             let _ = std::fs::remove_dir_all(spool);
         }
-        match store {
+        let aborted = match store {
             Some(store) => store.abort_unfinished().await,
             None => 0,
+        };
+        if let Some((mut client, save_id)) = save {
+            let mut request = tonic::Request::new(pb::AbandonSaveRequest { save_id });
+            request.set_timeout(std::time::Duration::from_secs(5));
+            if let Err(status) = client.abandon_save(request).await {
+                tracing::warn!(error = %status.message(), "giving the interrupted save back failed");
+            }
         }
+        aborted
     }
 }
 
@@ -63,6 +84,8 @@ pub struct SaveSummary {
     pub bytes_uploaded: u64,
     pub n_blobs_stored: usize,
     pub unchanged: bool,
+    /// The commit made this save's images the cache (false: a newer save's were kept).
+    pub stored: bool,
 }
 
 fn chain_request(chain: &[EngineImage]) -> Vec<pb::Image> {
@@ -147,7 +170,7 @@ async fn image_facts_for(
     let request = pb::GetCredentialsRequest { access: pb::Access::Read as i32, ..Default::default() };
     let credentials =
         coordinator.client.get_credentials(request).await.map_err(|s| coordinator.failed(s))?.into_inner();
-    let store = BlobStore::new(&credentials.credentials.unwrap_or_default(), plan, None);
+    let store = BlobStore::new(&credentials.credentials.unwrap_or_default(), plan, None, coordinator.stall_timeout);
     for image in unknown {
         let body = store.download(&image.id).await?;
         let chunks: Vec<bytes::Bytes> = body.try_collect().await?;
@@ -213,6 +236,21 @@ async fn upload_all(
     Ok(done)
 }
 
+/// The build host's name, for the logs of other saves this one replaces or keeps out.
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|name| name.trim().chars().filter(|c| !c.is_control()).take(255).collect())
+        .unwrap_or_default()
+}
+
+/// How one attempt at a save ended.
+enum Attempt {
+    Done(SaveSummary),
+    /// The coordinator lost the save (it restarted) or a save this one waited for died before
+    /// uploading what it claimed: beginning again fixes both.
+    Again(String),
+}
+
 pub async fn save(
     coordinator: &mut Coordinator,
     engine: &Engine,
@@ -240,13 +278,78 @@ pub async fn save(
             names::validate_repo_tag(tag)?;
         }
     }
+    match save_once(coordinator, engine, options, cleanup, &chain, started).await? {
+        Attempt::Done(summary) => Ok(summary),
+        Attempt::Again(reason) => {
+            eprintln!("cache-worker: {reason}: saving {} again", options.service);
+            match save_once(coordinator, engine, options, cleanup, &chain, started).await? {
+                Attempt::Done(summary) => Ok(summary),
+                Attempt::Again(reason) => Err(WorkerError::Invalid(format!("{reason}, twice"))),
+            }
+        }
+    }
+}
+
+/// One attempt: begin, move the missing blobs, commit. A begun save that fails is given back
+/// to the coordinator, so its claims never hold up a retry.
+async fn save_once(
+    coordinator: &mut Coordinator,
+    engine: &Engine,
+    options: &SaveOptions,
+    cleanup: &SaveCleanup,
+    chain: &[EngineImage],
+    started: Instant,
+) -> Result<Attempt, WorkerError> {
     let key = pb::CacheKey { service: options.service.clone(), branch: options.branch.clone() };
     let request = pb::BeginSaveRequest {
         key: Some(key.clone()),
-        images: chain_request(&chain),
+        images: chain_request(chain),
         engine_version: engine.version().await?,
+        host: host_name(),
     };
     let begun = coordinator.client.begin_save(request.clone()).await.map_err(|s| coordinator.failed(s))?.into_inner();
+    if begun.unchanged {
+        return save_begun(coordinator, engine, options, cleanup, chain, started, request, begun).await;
+    }
+    cleanup.set_save(&coordinator.client, &begun.save_id);
+    let save_id = begun.save_id.clone();
+    let keep_alive = coordinator.keep_save_alive(&save_id, Duration::from_secs(begun.keep_alive_seconds.max(1).into()));
+    let result = save_begun(coordinator, engine, options, cleanup, chain, started, request, begun).await;
+    drop(keep_alive);
+    if !matches!(result, Ok(Attempt::Done(_))) {
+        coordinator.abandon_save(&save_id).await;
+    }
+    result
+}
+
+/// A spool or upload failure on a full or read-only disk of the build host, said as such.
+fn host_disk_error(error: WorkerError) -> WorkerError {
+    if let WorkerError::Export(crate::export::ExportError::Io(io)) = &error {
+        let cause = match io.kind() {
+            std::io::ErrorKind::StorageFull => "is full (no space or no inodes left)",
+            std::io::ErrorKind::QuotaExceeded => "is over its disk quota",
+            std::io::ErrorKind::ReadOnlyFilesystem => "is on a read-only file system",
+            _ => return error,
+        };
+        return WorkerError::Host(format!(
+            "the spool folder {} {cause}: free space there or set CACHE_SPOOL_DIR ({io})",
+            spool_dir().display()
+        ));
+    }
+    error
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn save_begun(
+    coordinator: &mut Coordinator,
+    engine: &Engine,
+    options: &SaveOptions,
+    cleanup: &SaveCleanup,
+    chain: &[EngineImage],
+    started: Instant,
+    request: pb::BeginSaveRequest,
+    begun: pb::BeginSaveResponse,
+) -> Result<Attempt, WorkerError> {
     let missing: HashSet<String> = begun.missing_digests.iter().cloned().collect();
     // Blobs another save of the project is uploading right now: read past, not uploaded.
     let in_flight: HashSet<String> = begun.in_flight_digests.iter().cloned().collect();
@@ -261,7 +364,7 @@ pub async fn save(
             .credentials
             .clone()
             .ok_or_else(|| WorkerError::Invalid("the coordinator sent no credentials".into()))?;
-        let store = BlobStore::new(&credentials, &plan, Some(coordinator.client.clone()));
+        let store = BlobStore::new(&credentials, &plan, Some(coordinator.client.clone()), coordinator.stall_timeout);
         cleanup.set_store(&store);
         let spool = tempfile::Builder::new().prefix("cache-worker-").tempdir_in(spool_dir()).map_err(|error| {
             WorkerError::Host(format!("cannot create a spool folder in {}: {error}", spool_dir().display()))
@@ -284,12 +387,12 @@ pub async fn save(
         let summary = reader.await.map_err(|error| WorkerError::Invalid(error.to_string()));
         // An upload failure is the cause when the reader stopped because of it.
         uploaded = uploads?;
-        let summary = summary??;
+        let summary = summary?.map_err(|error| host_disk_error(error.into()))?;
         blobs.extend(summary.blobs);
         facts_from_export = summary.facts;
     }
 
-    let facts = image_facts_for(coordinator, &chain, &facts_from_export, &begun.known_images, &plan).await?;
+    let facts = image_facts_for(coordinator, chain, &facts_from_export, &begun.known_images, &plan).await?;
     let described = |digest: &str| {
         blobs.get(digest).cloned().ok_or_else(|| WorkerError::Invalid(format!("no size is known for blob {digest}")))
     };
@@ -310,9 +413,32 @@ pub async fn save(
         println!("{line}");
     }
     warn_about_missing_inline_cache(&images);
+    let mut stored = true;
     if !begun.unchanged {
         let commit = pb::CommitSaveRequest { save_id: begun.save_id.clone(), images: images.clone(), save_log: log };
-        coordinator.client.commit_save(commit).await.map_err(|s| coordinator.failed(s))?;
+        let committed = loop {
+            // A commit waits a little for blobs other saves are still uploading, then says
+            // which; those saves are alive (their claims hold), so this one waits on.
+            match coordinator.client.commit_save(commit.clone()).await {
+                Ok(response) if response.get_ref().waiting_for_digests.is_empty() => break response.into_inner(),
+                Ok(_) => continue,
+                Err(status) if status.code() == tonic::Code::NotFound => {
+                    return Ok(Attempt::Again(format!(
+                        "the coordinator no longer knows this save ({})",
+                        status.message()
+                    )));
+                }
+                Err(status) if status.code() == tonic::Code::FailedPrecondition && !in_flight.is_empty() => {
+                    return Ok(Attempt::Again(format!(
+                        "a concurrent save stopped before uploading what this one waited for ({})",
+                        status.message()
+                    )));
+                }
+                Err(status) => return Err(coordinator.failed(status).into()),
+            }
+        };
+        stored = committed.stored;
+        print_commit_outcome(&options.service, &committed, started);
     }
 
     let n_blobs_stored = begun.stored_blobs.len();
@@ -349,9 +475,11 @@ pub async fn save(
         bytes_uploaded,
         n_blobs_stored,
         unchanged: begun.unchanged,
+        stored,
     };
     println!(
-        "saved {}: {} images; uploaded {} blobs ({}), {} already stored{}; {:.1} s, {}",
+        "{} {}: {} images; uploaded {} blobs ({}), {} already stored{}; {:.1} s, {}",
+        if stored { "saved" } else { "not stored (a newer save is the cache)" },
         options.service,
         summary.n_images,
         summary.n_blobs_uploaded,
@@ -361,5 +489,39 @@ pub async fn save(
         seconds,
         rate(bytes_uploaded, seconds)
     );
-    Ok(summary)
+    Ok(Attempt::Done(summary))
+}
+
+/// Says what the commit did to the cache: which save's images it replaced (by their tags and
+/// host), or which newer save's images it kept.
+fn print_commit_outcome(service: &str, committed: &pb::CommitSaveResponse, started: Instant) {
+    let describe = |origin: &pb::SaveOrigin| {
+        let tags = if origin.repo_tags.is_empty() { "no tags".to_owned() } else { origin.repo_tags.join(", ") };
+        let host = if origin.host.is_empty() { String::new() } else { format!(", from host {}", origin.host) };
+        format!("{tags}{host}")
+    };
+    if !committed.stored {
+        let origin = committed.manifest.as_ref().and_then(|manifest| manifest.origin.clone()).unwrap_or_default();
+        println!(
+            "not stored: a save of {service} begun after this one is the cache ({}); it keeps its images",
+            describe(&origin)
+        );
+        return;
+    }
+    let Some(replaced) = &committed.replaced else { return };
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_millis() as i64);
+    let this_save_began_ms = now_ms - started.elapsed().as_millis() as i64;
+    if replaced.committed_unix_ms >= this_save_began_ms {
+        println!(
+            "replaced the images of a concurrent save of {service} ({}), committed while this one ran",
+            describe(replaced)
+        );
+    } else if replaced.committed_unix_ms > 0 {
+        let age = (now_ms - replaced.committed_unix_ms) as f64 / 1000.0;
+        println!("replaced the previous images of {service} ({}), saved {age:.0} s ago", describe(replaced));
+    } else {
+        println!("replaced the previous images of {service}");
+    }
 }

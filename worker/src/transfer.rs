@@ -52,6 +52,8 @@ pub struct BlobStore {
     /// Multipart uploads begun and neither completed nor aborted, by upload ID: what a
     /// cancelled save aborts.
     unfinished: Arc<Mutex<HashMap<String, String>>>,
+    /// How long a request may go without progress.
+    stall_timeout: Duration,
 }
 
 fn reason<E: std::error::Error>(error: E) -> String {
@@ -170,8 +172,15 @@ impl ProvideCredentials for RenewingCredentials {
 
 impl BlobStore {
     /// A store reached with `credentials`. With the coordinator's `client`, the credentials are
-    /// renewed before they expire; without it they are used as they are.
-    pub fn new(credentials: &pb::Credentials, plan: &pb::TransferPlan, client: Option<Client>) -> BlobStore {
+    /// renewed before they expire; without it they are used as they are. A request that makes
+    /// no progress for `stall_timeout` (no answer, or a body that stops moving) is cut off and
+    /// retried, so a stalled store costs a build seconds, not minutes.
+    pub fn new(
+        credentials: &pb::Credentials,
+        plan: &pb::TransferPlan,
+        client: Option<Client>,
+        stall_timeout: Duration,
+    ) -> BlobStore {
         let provider = RenewingCredentials::new(credentials, client);
         let region = if credentials.region.is_empty() { "us-east-1".to_owned() } else { credentials.region.clone() };
         let mut config = aws_sdk_s3::Config::builder()
@@ -179,13 +188,18 @@ impl BlobStore {
             .region(Region::new(region))
             .force_path_style(credentials.path_style)
             // 5xx, throttling and timeouts are retried with exponential backoff and jitter; a
-            // part that stalls is cut off and retried rather than hanging the build.
-            .retry_config(aws_sdk_s3::config::retry::RetryConfig::standard().with_max_attempts(5))
+            // request that stalls is cut off and retried rather than hanging the build: no
+            // answer within the stall timeout (uploads: see `upload_deadline`), or a body that
+            // moves no byte for that long.
+            .retry_config(aws_sdk_s3::config::retry::RetryConfig::standard().with_max_attempts(3))
             .timeout_config(
                 aws_sdk_s3::config::timeout::TimeoutConfig::builder()
-                    .connect_timeout(Duration::from_secs(10))
-                    .operation_attempt_timeout(Duration::from_secs(300))
+                    .connect_timeout(stall_timeout.min(Duration::from_secs(10)))
+                    .read_timeout(stall_timeout)
                     .build(),
+            )
+            .stalled_stream_protection(
+                aws_sdk_s3::config::StalledStreamProtectionConfig::enabled().grace_period(stall_timeout).build(),
             )
             // Every blob is verified against its sha256 as it streams (load.rs): a second,
             // CRC check would cost CPU the engine needs and hide which blob failed.
@@ -214,7 +228,22 @@ impl BlobStore {
             multipart_threshold: plan.multipart_threshold.max(proto::parts::MIN_PART_SIZE),
             requests: Arc::new(Semaphore::new((plan.max_concurrency as usize).max(1))),
             unfinished: Arc::default(),
+            stall_timeout,
         }
+    }
+
+    /// The timeouts of a request that sends `size` bytes: the answer comes only after the
+    /// whole body, so instead of the read timeout the attempt may take the stall timeout plus
+    /// the body at 1 MiB/s (a body that stops moving is cut off sooner, by the stall protection).
+    fn upload_deadline(&self, size: u64) -> aws_sdk_s3::config::Builder {
+        let body_time = Duration::from_secs(size.div_ceil(1 << 20));
+        aws_sdk_s3::config::Builder::default().timeout_config(
+            aws_sdk_s3::config::timeout::TimeoutConfig::builder()
+                .connect_timeout(self.stall_timeout.min(Duration::from_secs(10)))
+                .disable_read_timeout()
+                .operation_attempt_timeout(self.stall_timeout + body_time)
+                .build(),
+        )
     }
 
     pub fn key(&self, digest: &str) -> String {
@@ -248,6 +277,7 @@ impl BlobStore {
             // whole) and its size at the commit: a second SHA-256 pass for the signature only
             // costs CPU.
             .customize()
+            .config_override(self.upload_deadline(size))
             .disable_payload_signing()
             .send()
             .await
@@ -510,6 +540,7 @@ impl MultipartUpload {
             // The blob's sha256 was checked while spooling and the commit checks its size: a
             // second SHA-256 pass for the signature only costs CPU.
             .customize()
+            .config_override(self.store.upload_deadline(self.part_size))
             .disable_payload_signing()
             .send()
             .await

@@ -76,6 +76,27 @@ pub struct Manifest {
     /// Human-readable lines printed by the save: images, tags, layers, new or stored.
     #[prost(string, repeated, tag = "6")]
     pub save_log: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    /// Which save made it: a manifest is replaced only by a save begun later.
+    #[prost(message, optional, tag = "7")]
+    pub origin: ::core::option::Option<SaveOrigin>,
+}
+/// Where a manifest came from.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct SaveOrigin {
+    #[prost(string, tag = "1")]
+    pub save_id: ::prost::alloc::string::String,
+    /// The build host that saved it, as the worker names itself (its host name).
+    #[prost(string, tag = "2")]
+    pub host: ::prost::alloc::string::String,
+    /// When the save began, by the coordinator's clock, in milliseconds.
+    #[prost(int64, tag = "3")]
+    pub began_unix_ms: i64,
+    /// When it was committed, in milliseconds.
+    #[prost(int64, tag = "4")]
+    pub committed_unix_ms: i64,
+    /// The tags of its images, for a save log to name it by.
+    #[prost(string, repeated, tag = "5")]
+    pub repo_tags: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
 }
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct LookupRequest {
@@ -124,6 +145,9 @@ pub struct BeginSaveRequest {
     pub images: ::prost::alloc::vec::Vec<Image>,
     #[prost(string, tag = "3")]
     pub engine_version: ::prost::alloc::string::String,
+    /// The build host's name (at most 255 printable characters), for other saves' logs.
+    #[prost(string, tag = "4")]
+    pub host: ::prost::alloc::string::String,
 }
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct BeginSaveResponse {
@@ -152,6 +176,10 @@ pub struct BeginSaveResponse {
     /// flight): do not upload them; `CommitSave` waits for them.
     #[prost(string, repeated, tag = "8")]
     pub in_flight_digests: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    /// How often to call `KeepSaveAlive` until the commit: the save's claims lapse a few such
+    /// periods after the worker's last sign of life.
+    #[prost(uint32, tag = "9")]
+    pub keep_alive_seconds: u32,
 }
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct CommitSaveRequest {
@@ -165,9 +193,34 @@ pub struct CommitSaveRequest {
 }
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct CommitSaveResponse {
+    /// The key's manifest after the commit: this save's, or a newer save's it kept.
     #[prost(message, optional, tag = "1")]
     pub manifest: ::core::option::Option<Manifest>,
+    /// This save's images are the key's manifest now.
+    #[prost(bool, tag = "2")]
+    pub stored: bool,
+    /// The manifest this commit replaced, if any.
+    #[prost(message, optional, tag = "3")]
+    pub replaced: ::core::option::Option<SaveOrigin>,
+    /// Not committed yet: these blobs are still being uploaded by other live saves of the
+    /// project. Call `CommitSave` again (the save stays begun).
+    #[prost(string, repeated, tag = "4")]
+    pub waiting_for_digests: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
 }
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct KeepSaveAliveRequest {
+    #[prost(string, tag = "1")]
+    pub save_id: ::prost::alloc::string::String,
+}
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct KeepSaveAliveResponse {}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct AbandonSaveRequest {
+    #[prost(string, tag = "1")]
+    pub save_id: ::prost::alloc::string::String,
+}
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct AbandonSaveResponse {}
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct GetCredentialsRequest {
     #[prost(enumeration = "Access", tag = "1")]
@@ -701,6 +754,58 @@ pub mod worker_client {
                 .insert(GrpcMethod::new("layercache.v1.Worker", "CommitSave"));
             self.inner.unary(req, path, codec).await
         }
+        /// The worker of a begun save is alive: its claims on the blobs it uploads hold on. Called
+        /// every `BeginSaveResponse.keep_alive_seconds`; NOT_FOUND when the save is gone.
+        pub async fn keep_save_alive(
+            &mut self,
+            request: impl tonic::IntoRequest<super::KeepSaveAliveRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::KeepSaveAliveResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/layercache.v1.Worker/KeepSaveAlive",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("layercache.v1.Worker", "KeepSaveAlive"));
+            self.inner.unary(req, path, codec).await
+        }
+        /// A begun save that will not commit (failed, interrupted): its claims and its share of the
+        /// transfer budget go back at once. Idempotent.
+        pub async fn abandon_save(
+            &mut self,
+            request: impl tonic::IntoRequest<super::AbandonSaveRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::AbandonSaveResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/layercache.v1.Worker/AbandonSave",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("layercache.v1.Worker", "AbandonSave"));
+            self.inner.unary(req, path, codec).await
+        }
         /// Temporary object-store credentials scoped to the project's prefix.
         pub async fn get_credentials(
             &mut self,
@@ -786,6 +891,24 @@ pub mod worker_server {
             request: tonic::Request<super::CommitSaveRequest>,
         ) -> std::result::Result<
             tonic::Response<super::CommitSaveResponse>,
+            tonic::Status,
+        >;
+        /// The worker of a begun save is alive: its claims on the blobs it uploads hold on. Called
+        /// every `BeginSaveResponse.keep_alive_seconds`; NOT_FOUND when the save is gone.
+        async fn keep_save_alive(
+            &self,
+            request: tonic::Request<super::KeepSaveAliveRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::KeepSaveAliveResponse>,
+            tonic::Status,
+        >;
+        /// A begun save that will not commit (failed, interrupted): its claims and its share of the
+        /// transfer budget go back at once. Idempotent.
+        async fn abandon_save(
+            &self,
+            request: tonic::Request<super::AbandonSaveRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::AbandonSaveResponse>,
             tonic::Status,
         >;
         /// Temporary object-store credentials scoped to the project's prefix.
@@ -996,6 +1119,96 @@ pub mod worker_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = CommitSaveSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/layercache.v1.Worker/KeepSaveAlive" => {
+                    #[allow(non_camel_case_types)]
+                    struct KeepSaveAliveSvc<T: Worker>(pub Arc<T>);
+                    impl<
+                        T: Worker,
+                    > tonic::server::UnaryService<super::KeepSaveAliveRequest>
+                    for KeepSaveAliveSvc<T> {
+                        type Response = super::KeepSaveAliveResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::KeepSaveAliveRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Worker>::keep_save_alive(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = KeepSaveAliveSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/layercache.v1.Worker/AbandonSave" => {
+                    #[allow(non_camel_case_types)]
+                    struct AbandonSaveSvc<T: Worker>(pub Arc<T>);
+                    impl<
+                        T: Worker,
+                    > tonic::server::UnaryService<super::AbandonSaveRequest>
+                    for AbandonSaveSvc<T> {
+                        type Response = super::AbandonSaveResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::AbandonSaveRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Worker>::abandon_save(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = AbandonSaveSvc(inner);
                         let codec = tonic_prost::ProstCodec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(

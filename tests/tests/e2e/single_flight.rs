@@ -2,8 +2,6 @@
 //! second is told the blob is in flight, uploads nothing, and its commit waits for the first's
 //! upload. Driven through the gRPC API and aws-sdk-s3, with no engine, so the overlap is certain.
 
-use std::time::Duration;
-
 use aws_sdk_s3::primitives::ByteStream;
 use proto::v1 as pb;
 use proto::v1::worker_client::WorkerClient;
@@ -39,6 +37,7 @@ async fn two_saves_of_one_new_blob_upload_it_once() {
         key: Some(pb::CacheKey { service: service.into(), branch: String::new() }),
         images: vec![image(false)],
         engine_version: "test".into(),
+        host: "test-host".into(),
     };
 
     let first = client.begin_save(begin("one")).await.unwrap().into_inner();
@@ -52,12 +51,13 @@ async fn two_saves_of_one_new_blob_upload_it_once() {
     expected.sort();
     assert_eq!(in_flight, expected);
 
-    // The second commit waits for the blobs the first save is uploading.
-    let mut waiting_client = client.clone();
-    let request = pb::CommitSaveRequest { save_id: second.save_id, images: vec![image(true)], save_log: Vec::new() };
-    let second_commit = tokio::spawn(async move { waiting_client.commit_save(request).await });
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert!(!second_commit.is_finished(), "the second commit waits while the blobs are in flight");
+    // The second commit waits for the blobs the first save is uploading, then says it still
+    // waits for them: the save stays begun and commits later.
+    let second_commit =
+        pb::CommitSaveRequest { save_id: second.save_id, images: vec![image(true)], save_log: Vec::new() };
+    let waiting = client.commit_save(second_commit.clone()).await.unwrap().into_inner();
+    assert_eq!(waiting.waiting_for_digests, expected, "the second commit waits while the blobs are in flight");
+    assert!(waiting.manifest.is_none() && !waiting.stored);
 
     let credentials = first.credentials.clone().unwrap();
     let store = s3_client_for(&credentials);
@@ -73,9 +73,9 @@ async fn two_saves_of_one_new_blob_upload_it_once() {
             .unwrap();
     }
     let request = pb::CommitSaveRequest { save_id: first.save_id, images: vec![image(true)], save_log: Vec::new() };
-    client.commit_save(request).await.unwrap();
-    let committed = tokio::time::timeout(Duration::from_secs(30), second_commit).await.unwrap().unwrap();
-    assert!(committed.is_ok(), "{committed:?}");
+    assert!(client.commit_save(request).await.unwrap().into_inner().stored);
+    let committed = client.commit_save(second_commit).await.unwrap().into_inner();
+    assert!(committed.stored && committed.waiting_for_digests.is_empty(), "{committed:?}");
 
     // Both caches exist; a third save finds everything stored.
     let third = client.begin_save(begin("three")).await.unwrap().into_inner();

@@ -44,6 +44,7 @@ fn begin_request(service: &str, config: &[u8], layer: &[u8]) -> pb::BeginSaveReq
             ..Default::default()
         }],
         engine_version: "test".into(),
+        host: "test-host".into(),
     }
 }
 
@@ -113,14 +114,14 @@ async fn credentials_are_renewed_in_the_middle_of_a_multipart_upload() {
     let config = br#"{"rootfs":{"type":"layers","diff_ids":[]}}"#.to_vec();
     let layer = noise(20 * MIB, 1);
 
-    let mut worker = Coordinator::connect(&coordinator.grpc_url, Some(&token)).await.unwrap();
+    let mut worker = Coordinator::connect(&coordinator.grpc_url, Some(&token), Duration::from_secs(30)).await.unwrap();
     let begun = worker.client.begin_save(begin_request("web", &config, &layer)).await.unwrap().into_inner();
     let credentials = begun.credentials.clone().unwrap();
     let plan = begun.plan.clone().unwrap();
-    let renewing = BlobStore::new(&credentials, &plan, Some(worker.client.clone()));
+    let renewing = BlobStore::new(&credentials, &plan, Some(worker.client.clone()), worker.stall_timeout);
     // The same kind of key without renewal, to show that keys do run out.
     let other = coordinator.credentials(&token, pb::Access::Write).await;
-    let fixed = BlobStore::new(&other, &plan, None);
+    let fixed = BlobStore::new(&other, &plan, None, Duration::from_secs(30));
 
     let upload = renewing.begin_multipart(&digest(&layer), layer.len() as u64).await.unwrap();
     assert_eq!(upload.part_size, 8 << 20);
@@ -302,7 +303,7 @@ async fn web_project(data_dir: &Path) -> (CoordinatorProcess, pb::Credentials) {
 /// A worker's store with `credentials` as they are: 8 MiB parts, 4 requests in flight.
 fn unrenewed_store(credentials: &pb::Credentials, multipart_threshold: u64) -> BlobStore {
     let plan = pb::TransferPlan { part_size: 8 << 20, multipart_threshold, max_concurrency: 4, ..Default::default() };
-    BlobStore::new(credentials, &plan, None)
+    BlobStore::new(credentials, &plan, None, Duration::from_secs(30))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
