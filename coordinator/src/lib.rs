@@ -104,6 +104,8 @@ pub struct Store {
     /// The embedded endpoint's HTTP service; `None` with an S3 store.
     pub embedded_endpoint: Option<s3s::service::S3Service>,
     pub metrics: Arc<metrics::Metrics>,
+    /// Shared by the embedded endpoint's uploads and the flushes (see `s3_endpoint.rs`).
+    pub publish_lock: s3_endpoint::PublishLock,
 }
 
 /// Sets up the store. With an S3 store it loads the coordinator's own AWS credentials (the
@@ -111,6 +113,7 @@ pub struct Store {
 /// start-up error, not a failure at the first build.
 pub async fn open_store(config: &Config, data_dir: &DataDir, endpoints: &Endpoints) -> Result<Store, Error> {
     let metrics = Arc::new(metrics::Metrics::new());
+    let publish_lock = s3_endpoint::PublishLock::default();
     match &config.s3 {
         None => {
             let broker = EmbeddedBroker {
@@ -131,6 +134,7 @@ pub async fn open_store(config: &Config, data_dir: &DataDir, endpoints: &Endpoin
                 data_dir.signing_key.clone(),
                 &config.bucket,
                 &config.prefix,
+                publish_lock.clone(),
             )
             .map_err(|error| Error::Store(error.to_string()))?;
             Ok(Store {
@@ -138,6 +142,7 @@ pub async fn open_store(config: &Config, data_dir: &DataDir, endpoints: &Endpoin
                 broker: Arc::new(broker),
                 embedded_endpoint: Some(endpoint),
                 metrics,
+                publish_lock,
             })
         }
         Some(settings) => {
@@ -157,7 +162,13 @@ pub async fn open_store(config: &Config, data_dir: &DataDir, endpoints: &Endpoin
                 config.credential_ttl,
             );
             broker.check().await?;
-            Ok(Store { objects: Arc::new(objects), broker: Arc::new(broker), embedded_endpoint: None, metrics })
+            Ok(Store {
+                objects: Arc::new(objects),
+                broker: Arc::new(broker),
+                embedded_endpoint: None,
+                metrics,
+                publish_lock,
+            })
         }
     }
 }
@@ -270,6 +281,7 @@ pub async fn run(
         pending_saves: crate::saves::PendingSaves::new(config.claim_ttl),
         budget: crate::budget::TransferBudget::new(config.plan),
         metrics: store.metrics,
+        publish_lock: store.publish_lock,
     });
     let (stop_sender, stop_receiver) = watch::channel(false);
     let s3_task = match (listeners.s3, store.embedded_endpoint) {

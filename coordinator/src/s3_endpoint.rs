@@ -109,6 +109,60 @@ impl S3Access for MintedKeyAccess {
 struct ObjectFiles {
     files: s3s_fs::FileSystem,
     root: std::path::PathBuf,
+    db: Database,
+    /// Held shared while an object becomes visible, exclusively by a flush while it revokes the
+    /// project's keys: an upload begun before a flush either lands before it (and the flush
+    /// deletes it) or finds its key revoked and leaves nothing.
+    publish: PublishLock,
+}
+
+/// One lock per project (see [`ObjectFiles::publish`]), so a flush waits only for its own
+/// project's uploads; the flush's side is `CacheService::flush_project`.
+#[derive(Clone, Default)]
+pub struct PublishLock(Arc<std::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::RwLock<()>>>>>);
+
+impl PublishLock {
+    pub fn of_project(&self, project: &str) -> Arc<tokio::sync::RwLock<()>> {
+        self.0.lock().expect("publish locks").entry(project.to_owned()).or_default().clone()
+    }
+}
+
+/// The failure of a write to the objects folder, as the worker's line and the log should say
+/// it: the disk's own problem when it has one (probed, since s3s-fs keeps only a message).
+fn write_failed(root: &std::path::Path, error: s3s::S3Error) -> s3s::S3Error {
+    let probe = root.join(".write-probe");
+    let probed = std::fs::write(&probe, [0u8; 4096]).and_then(|()| std::fs::remove_file(&probe));
+    match probed.as_ref().err().and_then(crate::error::disk_problem) {
+        Some(problem) => {
+            let _ = std::fs::remove_file(&probe);
+            tracing::error!(objects = %root.display(), problem, "an upload to the embedded store failed");
+            s3_error!(InternalError, "the coordinator cannot write its data directory: {problem}")
+        }
+        None => error,
+    }
+}
+
+impl ObjectFiles {
+    /// Holds the publish lock for an object about to become visible, once the key that signed
+    /// the request is still recorded (a flush revokes its project's keys).
+    async fn publishing(
+        &self,
+        credentials: Option<&s3s::auth::Credentials>,
+    ) -> S3Result<tokio::sync::OwnedRwLockReadGuard<()>> {
+        let access_key_id = credentials.map(|credentials| credentials.access_key.as_str()).unwrap_or_default();
+        let revoked = || {
+            s3_error!(
+                AccessDenied,
+                "the project was flushed while this upload ran: its key is revoked and nothing was stored"
+            )
+        };
+        let lookup = |db: &Database| db.minted_key(access_key_id).map_err(|error| s3_error!(InternalError, "{error}"));
+        let project = lookup(&self.db)?.ok_or_else(revoked)?.project;
+        let guard = self.publish.of_project(&project).read_owned().await;
+        // Looked up again under the lock: a flush may have revoked it meanwhile.
+        lookup(&self.db)?.ok_or_else(revoked)?;
+        Ok(guard)
+    }
 }
 
 /// Bytes per read of an object's file, and per write of an uploaded body.
@@ -228,10 +282,12 @@ impl S3 for ObjectFiles {
 
     async fn put_object(&self, mut req: S3Request<PutObjectInput>) -> S3Result<S3Response<PutObjectOutput>> {
         if let Some(e_tag) = plain_blob_e_tag(&req.input).filter(|_| req.trailing_headers.is_none()) {
-            return self.put_blob(req.input, e_tag).await;
+            return self.put_blob(req.input, req.credentials.as_ref(), e_tag).await;
         }
         req.input.body = req.input.body.map(coalesced);
-        self.files.put_object(req).await
+        // s3s-fs writes and renames in one call: the lock spans it.
+        let _publishing = self.publishing(req.credentials.as_ref()).await?;
+        self.files.put_object(req).await.map_err(|error| write_failed(&self.root, error))
     }
 
     async fn create_multipart_upload(
@@ -243,7 +299,7 @@ impl S3 for ObjectFiles {
 
     async fn upload_part(&self, mut req: S3Request<UploadPartInput>) -> S3Result<S3Response<UploadPartOutput>> {
         req.input.body = req.input.body.map(coalesced);
-        self.files.upload_part(req).await
+        self.files.upload_part(req).await.map_err(|error| write_failed(&self.root, error))
     }
 
     async fn upload_part_copy(
@@ -261,7 +317,8 @@ impl S3 for ObjectFiles {
         &self,
         req: S3Request<CompleteMultipartUploadInput>,
     ) -> S3Result<S3Response<CompleteMultipartUploadOutput>> {
-        self.files.complete_multipart_upload(req).await
+        let _publishing = self.publishing(req.credentials.as_ref()).await?;
+        self.files.complete_multipart_upload(req).await.map_err(|error| write_failed(&self.root, error))
     }
 
     async fn abort_multipart_upload(
@@ -308,7 +365,12 @@ impl ObjectFiles {
     /// Writes a blob the way s3s-fs would (a temporary file renamed into place, its ETag in the
     /// `.internal.json` file s3s-fs reads for GET and HEAD) but without s3s-fs's MD5 pass, which
     /// cost the endpoint most of a core per 700 MB.
-    async fn put_blob(&self, input: PutObjectInput, e_tag: String) -> S3Result<S3Response<PutObjectOutput>> {
+    async fn put_blob(
+        &self,
+        input: PutObjectInput,
+        credentials: Option<&s3s::auth::Credentials>,
+        e_tag: String,
+    ) -> S3Result<S3Response<PutObjectOutput>> {
         use base64::Engine;
         use futures::StreamExt;
         use tokio::io::AsyncWriteExt;
@@ -320,7 +382,7 @@ impl ObjectFiles {
             .prefix(".tmp.layer-cache-")
             .suffix(".internal.part")
             .tempfile_in(&self.root)
-            .map_err(|error| s3_error!(error, InternalError))?;
+            .map_err(|error| write_failed(&self.root, s3_error!(error, InternalError)))?;
         let (file, temp_path) = temp.into_parts();
         let written: std::io::Result<u64> = async {
             let mut file = tokio::fs::File::from_std(file);
@@ -341,6 +403,7 @@ impl ObjectFiles {
         // The ETag is in place before the object appears, so no GET finds one without the other.
         let moved = match written {
             Ok(size) if size == expected => {
+                let _publishing = self.publishing(credentials).await?;
                 async {
                     tokio::fs::write(&info_path, serde_json::json!({ "e_tag": e_tag }).to_string()).await?;
                     tokio::fs::create_dir_all(&parent).await?;
@@ -351,7 +414,13 @@ impl ObjectFiles {
             Ok(size) => Err(std::io::Error::other(format!("{size} bytes of {expected}"))),
             Err(error) => Err(error),
         };
-        moved.map_err(|error| s3_error!(error, IncompleteBody))?;
+        moved.map_err(|error| match crate::error::disk_problem(&error) {
+            Some(problem) => {
+                tracing::error!(objects = %self.root.display(), problem, "an upload to the embedded store failed");
+                s3_error!(InternalError, "the coordinator cannot write its data directory: {problem}")
+            }
+            None => s3_error!(error, IncompleteBody),
+        })?;
         let output = PutObjectOutput { e_tag: Some(ETag::Strong(e_tag)), ..Default::default() };
         Ok(S3Response::new(output))
     }
@@ -365,10 +434,11 @@ pub fn build_service(
     signing_key: Arc<SigningKey>,
     bucket: &str,
     store_prefix: &str,
+    publish: PublishLock,
 ) -> std::io::Result<s3s::service::S3Service> {
     let file_system =
         s3s_fs::FileSystem::new(objects_root).map_err(|error| std::io::Error::other(format!("{error:?}")))?;
-    let files = ObjectFiles { files: file_system, root: objects_root.to_path_buf() };
+    let files = ObjectFiles { files: file_system, root: objects_root.to_path_buf(), db: db.clone(), publish };
     let mut builder = s3s::service::S3ServiceBuilder::new(files);
     builder.set_auth(MintedKeyAuth { db: db.clone(), signing_key: signing_key.clone() });
     builder.set_access(MintedKeyAccess {

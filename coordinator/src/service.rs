@@ -24,6 +24,8 @@ pub struct CacheService {
     /// The transfer planner: part size and each worker's share of the global budget.
     pub budget: crate::budget::TransferBudget,
     pub metrics: std::sync::Arc<crate::metrics::Metrics>,
+    /// A project's is taken exclusively while a flush revokes its keys (see `s3_endpoint.rs`).
+    pub publish_lock: crate::s3_endpoint::PublishLock,
 }
 
 fn project_message(db: &Database, record: &ProjectRecord) -> Result<pb::Project, Error> {
@@ -148,7 +150,13 @@ impl CacheService {
     /// object under its prefix. Safe to repeat.
     pub async fn flush_project(&self, project: &str) -> Result<pb::FlushProjectResponse, Error> {
         self.existing_project(project)?;
-        let flushed = self.db.flush_project(project)?;
+        let flushed = {
+            // No upload signed by one of the project's keys becomes visible meanwhile: those that
+            // already did are deleted below, the others find their key revoked.
+            let publish_lock = self.publish_lock.of_project(project);
+            let _no_publishing = publish_lock.write().await;
+            self.db.flush_project(project)?
+        };
         self.abandon_project_saves(project);
         self.db.durable().await?;
         let deleted = self.store.delete_prefix(&project_prefix(&self.store_prefix, project)).await?;

@@ -36,6 +36,10 @@ pub fn binary(name: &str) -> PathBuf {
 /// A coordinator process on ports chosen by the kernel, with its own data directory.
 pub struct CoordinatorProcess {
     child: Child,
+    /// The process's stderr (its log), kept for tests to read and printed when a test fails.
+    log: tempfile::NamedTempFile,
+    extra_args: Vec<String>,
+    env: Vec<(String, String)>,
     pub grpc_url: String,
     pub s3_url: String,
     /// `http://HOST:PORT` of the metrics and health listener.
@@ -54,6 +58,8 @@ impl CoordinatorProcess {
 
     /// The same, with extra environment variables (the coordinator's own AWS credentials).
     pub fn start_with_env(data_dir: &Path, extra_args: &[&str], env: &[(&str, &str)]) -> CoordinatorProcess {
+        let log = tempfile::NamedTempFile::new().expect("coordinator log file");
+        let stderr = log.reopen().expect("coordinator log file");
         let mut child = Command::new(binary("cache-coordinator"))
             .args(["serve", "--listen", "127.0.0.1:0", "--s3-listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
             .arg("--data-dir")
@@ -63,7 +69,7 @@ impl CoordinatorProcess {
             .env_remove("CACHE_CONFIG")
             .envs(env.iter().copied())
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(stderr)
             .spawn()
             .expect("start cache-coordinator");
         let stdout = child.stdout.take().expect("stdout");
@@ -82,7 +88,9 @@ impl CoordinatorProcess {
                 Ok(_) => continue,
                 Err(_) => {
                     let _ = child.kill();
-                    panic!("cache-coordinator printed no ready line: {:?}", child.wait());
+                    let status = child.wait();
+                    let log_text = std::fs::read_to_string(log.path()).unwrap_or_default();
+                    panic!("cache-coordinator printed no ready line: {status:?}\n{log_text}");
                 }
             }
         };
@@ -98,9 +106,33 @@ impl CoordinatorProcess {
             s3_url: field("s3"),
             metrics_url: field("metrics"),
             child,
+            log,
+            extra_args: extra_args.iter().map(|arg| arg.to_string()).collect(),
+            env: env.iter().map(|(name, value)| (name.to_string(), value.to_string())).collect(),
             data_dir: data_dir.to_path_buf(),
             admin_token: ADMIN_TOKEN.to_owned(),
         }
+    }
+
+    /// What the process has logged so far (its stderr).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log.path()).expect("read the coordinator's log")
+    }
+
+    /// Kills the process with SIGKILL (an OOM kill, a lost node: no clean shutdown) and starts
+    /// it again on the same data directory and arguments; the new one's ports are new.
+    pub fn crash_and_restart(mut self) -> CoordinatorProcess {
+        self.child.kill().expect("SIGKILL cache-coordinator");
+        self.child.wait().expect("wait for cache-coordinator");
+        let extra_args: Vec<&str> = self.extra_args.iter().map(String::as_str).collect();
+        let env: Vec<(&str, &str)> = self.env.iter().map(|(name, value)| (name.as_str(), value.as_str())).collect();
+        CoordinatorProcess::start_with_env(&self.data_dir, &extra_args, &env)
+    }
+
+    /// Sends a signal (`STOP`, `CONT`, ...) to the process.
+    pub fn signal(&self, name: &str) {
+        let status = Command::new("kill").arg(format!("-{name}")).arg(self.child.id().to_string()).status();
+        assert!(status.is_ok_and(|status| status.success()), "kill -{name} cache-coordinator");
     }
 
     /// Stops the process with SIGTERM and waits for it.
@@ -153,8 +185,16 @@ impl CoordinatorProcess {
 
 impl Drop for CoordinatorProcess {
     fn drop(&mut self) {
+        // A stopped process takes SIGKILL too, but let it run its last moments visibly.
+        let _ = Command::new("kill").arg("-CONT").arg(self.child.id().to_string()).status();
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!(
+                "--- cache-coordinator's log ---\n{}",
+                std::fs::read_to_string(self.log.path()).unwrap_or_default()
+            );
+        }
     }
 }
 
@@ -533,4 +573,88 @@ pub fn build_context(dockerfile: &str) -> tempfile::TempDir {
     std::fs::write(context.path().join("Dockerfile"), dockerfile).expect("write Dockerfile");
     std::fs::write(context.path().join("file.txt"), "content\n").expect("write file.txt");
     context
+}
+
+/// "sha256:<hex>" of some bytes.
+pub fn sha256_digest(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    format!("sha256:{}", hex::encode(sha2::Sha256::digest(bytes)))
+}
+
+/// A worker's gRPC client with a project token.
+pub async fn worker_client(
+    grpc_url: &str,
+    token: &str,
+) -> WorkerClient<tonic::service::interceptor::InterceptedService<tonic::transport::Channel, BearerToken>> {
+    let channel = proto::client::connect(grpc_url).await.expect("connect to the coordinator");
+    WorkerClient::with_interceptor(channel, BearerToken::new(token).expect("token"))
+}
+
+/// An image of one config and one layer, made of `content`, as a worker describes it: sizes
+/// only `with_sizes` (a commit), not at the begin.
+pub fn one_layer_image(tag: &str, content: &[u8], with_sizes: bool) -> pb::Image {
+    let config = one_layer_config(content);
+    pb::Image {
+        id: sha256_digest(&config),
+        repo_tags: vec![tag.to_owned()],
+        config_size: if with_sizes { config.len() as u64 } else { 0 },
+        layers: vec![pb::Layer {
+            digest: sha256_digest(content),
+            size: if with_sizes { content.len() as u64 } else { 0 },
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
+/// The config JSON [`one_layer_image`] names.
+pub fn one_layer_config(content: &[u8]) -> Vec<u8> {
+    format!(r#"{{"rootfs":{{"type":"layers","diff_ids":["{}"]}}}}"#, sha256_digest(content)).into_bytes()
+}
+
+/// Begins the save of [`one_layer_image`] under `service`.
+pub fn begin_one_layer_save(service: &str, tag: &str, content: &[u8]) -> pb::BeginSaveRequest {
+    pb::BeginSaveRequest {
+        key: Some(pb::CacheKey { service: service.into(), branch: String::new() }),
+        images: vec![one_layer_image(tag, content, false)],
+        engine_version: "test".into(),
+        host: "test-host".into(),
+    }
+}
+
+/// Uploads the blobs of [`one_layer_image`] with a begun save's credentials, as a worker does.
+pub async fn upload_one_layer_blobs(credentials: &pb::Credentials, content: &[u8]) {
+    let store = s3_client_for(credentials);
+    for blob in [one_layer_config(content), content.to_vec()] {
+        let key = format!("{}blobs/sha256/{}", credentials.prefix, sha256_digest(&blob).trim_start_matches("sha256:"));
+        store
+            .put_object()
+            .bucket(&credentials.bucket)
+            .key(key)
+            .body(aws_sdk_s3::primitives::ByteStream::from(blob))
+            .send()
+            .await
+            .expect("upload a blob");
+    }
+}
+
+/// A whole save of [`one_layer_image`] through the API: begin, upload, commit.
+pub async fn save_one_layer_image(
+    grpc_url: &str,
+    token: &str,
+    service: &str,
+    tag: &str,
+    content: &[u8],
+) -> pb::CommitSaveResponse {
+    let mut client = worker_client(grpc_url, token).await;
+    let begun = client.begin_save(begin_one_layer_save(service, tag, content)).await.expect("BeginSave").into_inner();
+    if let Some(credentials) = &begun.credentials {
+        upload_one_layer_blobs(credentials, content).await;
+    }
+    let commit = pb::CommitSaveRequest {
+        save_id: begun.save_id,
+        images: vec![one_layer_image(tag, content, true)],
+        save_log: vec![format!("saved {tag}")],
+    };
+    client.commit_save(commit).await.expect("CommitSave").into_inner()
 }

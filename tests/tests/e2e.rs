@@ -7,6 +7,7 @@ mod e2e {
     mod dashboard;
     mod deploy_files;
     mod docker_engine;
+    mod durability;
     mod embedded_s3_scope;
     mod projects_and_credentials;
     mod s3_store;

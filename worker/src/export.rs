@@ -20,14 +20,30 @@ use sha2::{Digest, Sha256};
 
 use crate::image_config::{ImageFacts, image_facts};
 
+/// What went wrong reading an export; each prints as one line, whatever names the export holds.
 #[derive(Debug, thiserror::Error)]
 pub enum ExportError {
-    #[error("reading the engine's export failed: {0}")]
+    #[error("reading the engine's export failed: {}", one_line(.0))]
     Io(#[from] std::io::Error),
-    #[error("the engine's export is not in a format this worker reads: {0}")]
+    #[error("the engine's export is not in a format this worker reads: {}", one_line(.0))]
     Format(String),
-    #[error("blob {path} of the export hashes to {actual}, not {expected}")]
+    #[error("blob {} of the export hashes to {actual}, not {expected}", one_line(.path))]
     DigestMismatch { path: String, expected: String, actual: String },
+}
+
+/// Escapes control characters and line separators: entry names, `manifest.json`'s strings and
+/// the tar reader's messages (which quote entry names) come from the export and may hold a
+/// newline, and an error must stay one line in a CI log.
+fn one_line(text: &impl std::fmt::Display) -> String {
+    let mut line = String::new();
+    for character in text.to_string().chars() {
+        if character.is_control() || matches!(character, '\u{2028}' | '\u{2029}') {
+            line.extend(character.escape_default());
+        } else {
+            line.push(character);
+        }
+    }
+    line
 }
 
 /// A blob the store lacks, hashed and ready to upload.
@@ -217,6 +233,28 @@ fn read_head<R: Read>(reader: &mut R, limit: usize) -> std::io::Result<Vec<u8>> 
 
 const GZIP_MAGIC: [u8; 2] = [0x1f, 0x8b];
 
+/// The most a JSON entry (`manifest.json`, an image config) may hold. These are read into
+/// memory whole; an engine writes kilobytes of each, so anything larger is refused by its
+/// header's size before a byte of it is read, rather than allocated.
+const JSON_LIMIT: u64 = 8 << 20;
+
+/// Reads a JSON entry of `size` bytes (as its header says) whole.
+fn read_json<R: Read>(entry: &mut R, size: u64, path: &str) -> Result<Vec<u8>, ExportError> {
+    if size > JSON_LIMIT {
+        return Err(ExportError::Format(format!(
+            "{path} is {size} bytes, more than the {} MiB a JSON entry may hold",
+            JSON_LIMIT >> 20
+        )));
+    }
+    let mut bytes = Vec::new();
+    entry.take(size).read_to_end(&mut bytes)?;
+    if bytes.len() as u64 != size {
+        let message = format!("{path} ends after {} of its {size} bytes", bytes.len());
+        return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, message).into());
+    }
+    Ok(bytes)
+}
+
 /// The digest a path names in the OCI layout (`blobs/sha256/<hex>`) or the legacy config
 /// name (`<hex>.json`).
 fn digest_in_path(path: &str) -> Option<String> {
@@ -281,9 +319,7 @@ pub fn read_export<R: Read>(
         }
         let size = entry.size();
         if path == "manifest.json" {
-            let mut bytes = Vec::new();
-            entry.read_to_end(&mut bytes)?;
-            manifest_json = Some(bytes);
+            manifest_json = Some(read_json(&mut entry, size, &path)?);
             continue;
         }
         if path == "oci-layout" {
@@ -297,8 +333,7 @@ pub fn read_export<R: Read>(
         if let Some(digest) = digest_in_path(&path) {
             path_sizes.insert(path.clone(), size);
             if diff_ids.contains_key(&digest) {
-                let mut bytes = Vec::new();
-                entry.read_to_end(&mut bytes)?;
+                let bytes = read_json(&mut entry, size, &path)?;
                 let actual = sha256_digest(&bytes);
                 if actual != digest {
                     return Err(ExportError::DigestMismatch { path, expected: digest, actual });
@@ -477,6 +512,12 @@ pub fn spool_dir() -> PathBuf {
 
 #[cfg(test)]
 pub(crate) mod tests {
+    use std::sync::LazyLock;
+    use std::time::{Duration, Instant};
+
+    use proptest::prelude::*;
+    use serde_json::Value;
+
     use super::*;
 
     /// A tarball builder for fixtures.
@@ -501,6 +542,22 @@ pub(crate) mod tests {
             header.set_size(0);
             header.set_entry_type(tar::EntryType::Symlink);
             self.0.append_link(&mut header, path, target).unwrap();
+            self
+        }
+
+        /// An entry whose name and link target go into the header as they are: the builder's
+        /// own methods refuse `..` and absolute names, which a crafted archive holds.
+        fn raw(&mut self, name: &[u8], entry_type: tar::EntryType, link_name: &[u8], bytes: &[u8]) -> &mut Fixture {
+            let mut header = tar::Header::new_gnu();
+            let fields = header.as_old_mut();
+            let (n_name, n_link) = (name.len().min(fields.name.len()), link_name.len().min(fields.linkname.len()));
+            fields.name[..n_name].copy_from_slice(&name[..n_name]);
+            fields.linkname[..n_link].copy_from_slice(&link_name[..n_link]);
+            header.set_size(bytes.len() as u64);
+            header.set_mode(0o644);
+            header.set_entry_type(entry_type);
+            header.set_cksum();
+            self.0.append(&header, bytes).unwrap();
             self
         }
 
@@ -665,13 +722,17 @@ pub(crate) mod tests {
         assert_eq!(summary.blobs.len(), 4);
     }
 
-    #[test]
-    fn gzip_layers_stay_compressed_and_are_addressed_by_their_diff_id() {
-        let layer_tar = layer(b"compressed");
+    fn gzipped(bytes: &[u8]) -> Vec<u8> {
         let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-        encoder.write_all(&layer_tar).unwrap();
-        let gzipped = encoder.finish().unwrap();
-        let (diff_id, stored_digest) = (sha256_digest(&layer_tar), sha256_digest(&gzipped));
+        encoder.write_all(bytes).unwrap();
+        encoder.finish().unwrap()
+    }
+
+    /// The OCI layout as the containerd image store writes it: one image whose layer is the
+    /// gzip blob of `layer_tar`.
+    fn gzip_export(layer_tar: &[u8]) -> (Vec<u8>, HashMap<String, Vec<String>>) {
+        let gzipped = gzipped(layer_tar);
+        let (diff_id, stored_digest) = (sha256_digest(layer_tar), sha256_digest(&gzipped));
         let config = format!(r#"{{"rootfs":{{"type":"layers","diff_ids":["{diff_id}"]}}}}"#).into_bytes();
         let config_id = sha256_digest(&config);
         let manifest = format!(
@@ -685,8 +746,16 @@ pub(crate) mod tests {
             .file(&format!("blobs/sha256/{}", hex(&config_id)), &config)
             .file(&format!("blobs/sha256/{}", hex(&stored_digest)), &gzipped)
             .file("manifest.json", manifest.as_bytes());
-        let diff_ids = HashMap::from([(config_id, vec![diff_id.clone()])]);
-        let (summary, blobs) = read(&fixture.finish(), &diff_ids, &HashSet::from([diff_id.clone()]));
+        (fixture.finish(), HashMap::from([(config_id, vec![diff_id])]))
+    }
+
+    #[test]
+    fn gzip_layers_stay_compressed_and_are_addressed_by_their_diff_id() {
+        let layer_tar = layer(b"compressed");
+        let gzipped = gzipped(&layer_tar);
+        let (diff_id, stored_digest) = (sha256_digest(&layer_tar), sha256_digest(&gzipped));
+        let (tarball, diff_ids) = gzip_export(&layer_tar);
+        let (summary, blobs) = read(&tarball, &diff_ids, &HashSet::from([diff_id.clone()]));
         assert_eq!(blobs, vec![(diff_id.clone(), gzipped.len() as u64)], "the compressed bytes, as they were");
         let stored = &summary.blobs[&diff_id];
         assert_eq!(
@@ -743,5 +812,362 @@ pub(crate) mod tests {
         assert_eq!(kinds(&legacy, &layers), vec![false, true]);
         // OCI: the layout names every layer.
         assert_eq!(kinds(&oci, &layers), vec![true, true]);
+    }
+
+    // What follows holds the reader to its contract with an export it cannot trust: whatever the
+    // bytes, it returns rather than panics, fails with one line, writes only in the spool folder,
+    // and reads no JSON entry over its limit into memory.
+
+    /// A tarball, and the diff IDs of its images as the engine would report them.
+    type Export = (Vec<u8>, HashMap<String, Vec<String>>);
+
+    /// The exports the properties damage: legacy, OCI, and OCI with a gzip layer.
+    static EXPORTS: LazyLock<Vec<Export>> =
+        LazyLock::new(|| vec![legacy_export(), oci_export(), gzip_export(&layer(b"compressed"))]);
+
+    /// Every entry name and link target of the fixture exports, for crafted manifests to name.
+    static FIXTURE_NAMES: LazyLock<Vec<String>> = LazyLock::new(|| {
+        let mut names = Vec::new();
+        for (tarball, _) in EXPORTS.iter() {
+            for entry in tar::Archive::new(tarball.as_slice()).entries().unwrap() {
+                let entry = entry.unwrap();
+                names.push(entry.path().unwrap().to_string_lossy().into_owned());
+                if let Some(target) = entry.link_name().unwrap() {
+                    names.push(target.to_string_lossy().into_owned());
+                }
+            }
+        }
+        names
+    });
+
+    /// Proptest's own settings with a modest number of cases, and no regression files written
+    /// beside the source.
+    fn cases(cases: u32) -> ProptestConfig {
+        ProptestConfig { cases, failure_persistence: None, ..ProptestConfig::default() }
+    }
+
+    /// The digests of `diff_ids` (configs and layers) that `mask` picks: bit `idx` for the
+    /// `idx`-th in sorted order.
+    fn missing_of(diff_ids: &HashMap<String, Vec<String>>, mask: u8) -> HashSet<String> {
+        let mut digests: Vec<&String> = diff_ids.keys().chain(diff_ids.values().flatten()).collect();
+        digests.sort();
+        digests.dedup();
+        digests
+            .into_iter()
+            .enumerate()
+            .filter(|(idx, _)| mask & (1 << idx) != 0)
+            .map(|(_, digest)| digest.clone())
+            .collect()
+    }
+
+    /// Reads `tarball` as a save does, each blob handed over consumed as an upload would (a
+    /// stream drained on its own thread), and checks that the reader wrote nothing outside the
+    /// spool folder and left nothing in it.
+    fn read_untrusted(
+        tarball: impl Read,
+        diff_ids: &HashMap<String, Vec<String>>,
+        missing: &HashSet<String>,
+    ) -> Result<ExportSummary, ExportError> {
+        let root = tempfile::tempdir().unwrap();
+        let spool_dir = root.path().join("spool");
+        std::fs::create_dir(&spool_dir).unwrap();
+        let mut drains = Vec::new();
+        let result = read_export(tarball, diff_ids, missing, &spool_dir, |blob| {
+            match blob {
+                SpooledBlob::File { path, .. } => {
+                    assert!(path.starts_with(&spool_dir), "spooled to {}", path.display())
+                }
+                SpooledBlob::Bytes { .. } => {}
+                SpooledBlob::Stream { mut body, .. } => {
+                    drains.push(std::thread::spawn(move || while body.blocking_recv().is_some() {}));
+                }
+            }
+            Ok(())
+        });
+        for drain in drains {
+            drain.join().unwrap();
+        }
+        let names = |dir: &Path| -> Vec<std::ffi::OsString> {
+            std::fs::read_dir(dir).unwrap().map(|entry| entry.unwrap().file_name()).collect()
+        };
+        assert_eq!(names(root.path()), vec![std::ffi::OsString::from("spool")], "written outside the spool folder");
+        assert_eq!(names(&spool_dir), Vec::<std::ffi::OsString>::new(), "spooled files outlive the read");
+        result
+    }
+
+    /// An error prints as one line; a read that succeeded found what the intact export holds.
+    fn one_line_or_intact(
+        result: &Result<ExportSummary, ExportError>,
+        intact: Option<&ExportSummary>,
+    ) -> Result<(), TestCaseError> {
+        match (result, intact) {
+            (Err(error), _) => prop_assert!(!error.to_string().contains('\n'), "{error:?} prints as {error}"),
+            (Ok(summary), Some(intact)) => {
+                prop_assert_eq!(&summary.blobs, &intact.blobs);
+                prop_assert_eq!(&summary.facts, &intact.facts);
+            }
+            (Ok(_), None) => {}
+        }
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(cases(256))]
+
+        #[test]
+        fn a_truncated_export_fails_in_one_line_or_reads_as_the_whole(
+            export_idx in 0..3usize,
+            cut in any::<prop::sample::Index>(),
+            missing_mask in any::<u8>(),
+        ) {
+            let (tarball, diff_ids) = &EXPORTS[export_idx];
+            let missing = missing_of(diff_ids, missing_mask);
+            let intact = read_untrusted(tarball.as_slice(), diff_ids, &missing).unwrap();
+            let result = read_untrusted(&tarball[..cut.index(tarball.len())], diff_ids, &missing);
+            one_line_or_intact(&result, Some(&intact))?;
+        }
+
+        #[test]
+        fn an_export_with_overwritten_bytes_fails_in_one_line_or_reads_as_the_original(
+            export_idx in 0..3usize,
+            overwrites in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..5),
+            missing_mask in any::<u8>(),
+        ) {
+            let (tarball, diff_ids) = &EXPORTS[export_idx];
+            let mut damaged = tarball.clone();
+            for (position, value) in &overwrites {
+                damaged[position.index(tarball.len())] = *value;
+            }
+            let missing = missing_of(diff_ids, missing_mask);
+            let everything = missing_of(diff_ids, u8::MAX);
+            let result = read_untrusted(damaged.as_slice(), diff_ids, &missing);
+            // Layers the store holds are read past on their headers' word: a size changed
+            // within its block goes unseen here, and the coordinator's size check refuses it.
+            // With every blob missing, everything is hashed.
+            let intact = (missing == everything).then(|| read_untrusted(tarball.as_slice(), diff_ids, &missing).unwrap());
+            one_line_or_intact(&result, intact.as_ref())?;
+        }
+
+        #[test]
+        fn a_crafted_manifest_and_crafted_entries_fail_in_one_line_and_write_nowhere(
+            export_idx in 0..3usize,
+            entries in prop::collection::vec(crafted_entry(), 0..6),
+            manifest in crafted_manifest(),
+            missing_mask in any::<u8>(),
+        ) {
+            let (tarball, diff_ids) = &EXPORTS[export_idx];
+            let mut fixture = without_manifest(tarball);
+            for (name, entry_type, link_name, bytes) in &entries {
+                fixture.raw(name.as_bytes(), *entry_type, link_name.as_bytes(), bytes);
+            }
+            fixture.file("manifest.json", manifest.to_string().as_bytes());
+            let result = read_untrusted(fixture.finish().as_slice(), diff_ids, &missing_of(diff_ids, missing_mask));
+            one_line_or_intact(&result, None)?;
+        }
+    }
+
+    /// The entries of `tarball` but its `manifest.json`, for a crafted one to follow.
+    fn without_manifest(tarball: &[u8]) -> Fixture {
+        let mut fixture = Fixture::new();
+        for entry in tar::Archive::new(tarball).entries().unwrap() {
+            let mut entry = entry.unwrap();
+            if entry.path().unwrap().as_os_str() != "manifest.json" {
+                let header = entry.header().clone();
+                let mut bytes = Vec::new();
+                entry.read_to_end(&mut bytes).unwrap();
+                fixture.0.append(&header, bytes.as_slice()).unwrap();
+            }
+        }
+        fixture
+    }
+
+    /// A name a crafted export may hold: one of the fixture's, one that climbs out of where it
+    /// is or starts at the root, one with a newline, or anything.
+    fn crafted_name() -> impl Strategy<Value = String> {
+        prop_oneof![
+            4 => prop::sample::select(FIXTURE_NAMES.clone()),
+            1 => prop::sample::select(vec![
+                "../../etc/passwd",
+                "/etc/passwd",
+                "../layer.tar",
+                "v1b/../../../outside/layer.tar",
+                "blobs/sha256/../../../etc/shadow",
+                "./manifest.json",
+                "manifest.json",
+                "index.json",
+                "name\nwith a newline/layer.tar",
+                "",
+            ])
+            .prop_map(str::to_owned),
+            1 => "[a-z0-9./]{0,24}",
+            1 => any::<String>(),
+        ]
+    }
+
+    /// A tar entry of a crafted export: a name, a type, a link target and content.
+    fn crafted_entry() -> impl Strategy<Value = (String, tar::EntryType, String, Vec<u8>)> {
+        let entry_type = prop::sample::select(vec![
+            tar::EntryType::Regular,
+            tar::EntryType::Symlink,
+            tar::EntryType::Link,
+            tar::EntryType::Directory,
+            tar::EntryType::GNULongName,
+            tar::EntryType::GNULongLink,
+            tar::EntryType::XHeader,
+        ]);
+        let bytes = prop_oneof![
+            prop::collection::vec(any::<u8>(), 0..64),
+            crafted_value().prop_map(|value| value.to_string().into_bytes()),
+        ];
+        (crafted_name(), entry_type, crafted_name(), bytes)
+    }
+
+    /// JSON of any shape, whose strings are crafted names.
+    fn crafted_value() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::from),
+            any::<i64>().prop_map(Value::from),
+            crafted_name().prop_map(Value::from),
+        ];
+        leaf.prop_recursive(3, 24, 6, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
+                prop::collection::vec((crafted_key(), inner), 0..4)
+                    .prop_map(|fields| Value::Object(fields.into_iter().collect())),
+            ]
+        })
+    }
+
+    fn crafted_key() -> impl Strategy<Value = String> {
+        prop_oneof![
+            prop::sample::select(vec!["Config", "Layers", "RepoTags", "Parent", "LayerSources"])
+                .prop_map(str::to_owned),
+            any::<String>(),
+        ]
+    }
+
+    /// A `manifest.json` that is mostly the right shape: entries whose `Config` and `Layers`
+    /// name real or crafted paths (or are of the wrong type, or absent), in absurd numbers.
+    fn crafted_manifest() -> impl Strategy<Value = Value> {
+        let layers = prop_oneof![
+            prop::collection::vec(crafted_name().prop_map(Value::from), 0..4).prop_map(Value::Array),
+            (crafted_name(), 0..5_000usize)
+                .prop_map(|(name, n_layers)| Value::Array(vec![Value::from(name); n_layers])),
+            crafted_value(),
+        ];
+        let config = prop_oneof![3 => crafted_name().prop_map(Value::from), 1 => crafted_value()];
+        let entry = (
+            prop::option::weighted(0.9, config),
+            prop::option::weighted(0.9, layers),
+            prop::option::of(crafted_value()),
+        )
+            .prop_map(|(config, layers, junk)| {
+                let mut fields = serde_json::Map::new();
+                fields.extend(config.map(|config| ("Config".to_owned(), config)));
+                fields.extend(layers.map(|layers| ("Layers".to_owned(), layers)));
+                fields.extend(junk.map(|junk| ("RepoTags".to_owned(), junk)));
+                Value::Object(fields)
+            });
+        prop_oneof![
+            4 => prop::collection::vec(entry, 0..4).prop_map(Value::Array),
+            1 => crafted_value(),
+        ]
+    }
+
+    /// A reader that counts what is read from it.
+    struct Counted<R> {
+        inner: R,
+        n_read: u64,
+    }
+
+    impl<R: Read> Read for Counted<R> {
+        fn read(&mut self, buffer: &mut [u8]) -> std::io::Result<usize> {
+            let n = self.inner.read(buffer)?;
+            self.n_read += n as u64;
+            Ok(n)
+        }
+    }
+
+    /// A tar header for `path` declaring `size` bytes, with none of them after it.
+    fn header_alone(path: &str, size: u64) -> Vec<u8> {
+        let mut header = tar::Header::new_gnu();
+        header.set_path(path).unwrap();
+        header.set_size(size);
+        header.set_mode(0o644);
+        header.set_entry_type(tar::EntryType::Regular);
+        header.set_cksum();
+        header.as_bytes().to_vec()
+    }
+
+    #[test]
+    fn a_json_entry_over_the_limit_is_refused_before_it_is_read() {
+        let (_, diff_ids) = oci_export();
+        let config = format!("blobs/sha256/{}", hex(diff_ids.keys().next().unwrap()));
+        for path in ["manifest.json", config.as_str()] {
+            // A gibibyte declared and 64 MiB of it there: reading it whole would take them all.
+            let declared = (1 << 30) + 1;
+            let header = header_alone(path, declared);
+            let body = std::io::repeat(b'[').take(64 << 20);
+            let mut export = Counted { inner: header.as_slice().chain(body), n_read: 0 };
+            let started = Instant::now();
+            let error = read_untrusted(&mut export, &diff_ids, &HashSet::new()).unwrap_err();
+            assert!(started.elapsed() < Duration::from_secs(5), "{path}: {:?}", started.elapsed());
+            assert_eq!(
+                error.to_string(),
+                format!(
+                    "the engine's export is not in a format this worker reads: \
+                     {path} is {declared} bytes, more than the 8 MiB a JSON entry may hold"
+                )
+            );
+            assert!(export.n_read <= 64 << 10, "{path}: {} bytes read", export.n_read);
+        }
+    }
+
+    #[test]
+    fn an_entry_declaring_more_than_the_stream_holds_fails_at_once() {
+        let (_, diff_ids) = oci_export();
+        let layer = format!("blobs/sha256/{}", hex(diff_ids.values().flatten().next().unwrap()));
+        let missing = missing_of(&diff_ids, u8::MAX);
+        for path in ["manifest.json", "index.json", layer.as_str(), "v1a/layer.tar", "repositories"] {
+            for declared in [JSON_LIMIT, (1 << 30) + 1, 1 << 40, u64::MAX] {
+                let mut export = header_alone(path, declared);
+                export.extend_from_slice(&[b'{'; 1024]);
+                let started = Instant::now();
+                let error = read_untrusted(export.as_slice(), &diff_ids, &missing).unwrap_err();
+                assert!(started.elapsed() < Duration::from_secs(5), "{path}: {:?}", started.elapsed());
+                assert!(!error.to_string().contains('\n'), "{path}: {error}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_manifest_of_absurdly_many_layers_is_an_error() {
+        let (tarball, diff_ids) = legacy_export();
+        let n_layers = 400_000;
+        let config = format!("{}.json", hex(diff_ids.keys().next().unwrap()));
+        let manifest = serde_json::json!([{ "Config": config, "Layers": vec!["v1a/layer.tar"; n_layers] }]);
+        let mut fixture = without_manifest(&tarball);
+        fixture.file("manifest.json", manifest.to_string().as_bytes());
+        let error = read_untrusted(fixture.finish().as_slice(), &diff_ids, &HashSet::new()).unwrap_err();
+        assert!(error.to_string().contains(&format!("has {n_layers} layers in the export")), "{error}");
+    }
+
+    #[test]
+    fn names_with_newlines_print_on_one_line() {
+        let (tarball, diff_ids) = legacy_export();
+        let base = diff_ids.iter().find(|(_, layers)| layers.len() == 1).unwrap().0;
+        let manifest =
+            serde_json::json!([{ "Config": format!("{}.json", hex(base)), "Layers": ["evil\nname/layer.tar"] }]);
+        let mut fixture = without_manifest(&tarball);
+        fixture.file("manifest.json", manifest.to_string().as_bytes());
+        let error = read_untrusted(fixture.finish().as_slice(), &diff_ids, &HashSet::new()).unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            r"the engine's export is not in a format this worker reads: layer evil\nname/layer.tar is missing from the export"
+        );
+        let mismatch =
+            ExportError::DigestMismatch { path: "a\nb".into(), expected: "sha256:0".into(), actual: "sha256:1".into() };
+        assert_eq!(mismatch.to_string(), r"blob a\nb of the export hashes to sha256:1, not sha256:0");
     }
 }

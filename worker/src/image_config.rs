@@ -63,6 +63,9 @@ pub fn builder_name(builder: pb::Builder) -> &'static str {
 
 #[cfg(test)]
 mod tests {
+    use proptest::prelude::*;
+    use serde_json::Value;
+
     use super::*;
 
     #[test]
@@ -80,5 +83,102 @@ mod tests {
         let imported = br#"{"comment":"Imported from -","history":[{"created_by":""}]}"#;
         assert_eq!(image_facts(imported).builder, pb::Builder::Other);
         assert_eq!(image_facts(b"not json").builder, pb::Builder::Unspecified);
+    }
+
+    // A config comes from whoever built the image: whatever its bytes, reading it returns facts
+    // that agree with each other, and never panics.
+
+    /// Proptest's own settings with a modest number of cases, and no regression files written
+    /// beside the source.
+    fn cases(cases: u32) -> ProptestConfig {
+        ProptestConfig { cases, failure_persistence: None, ..ProptestConfig::default() }
+    }
+
+    /// Inline cache is something only BuildKit writes.
+    fn consistent(facts: ImageFacts) -> Result<(), TestCaseError> {
+        prop_assert!(!facts.inline_cache || facts.builder == pb::Builder::Buildkit, "{facts:?}");
+        prop_assert!(!builder_name(facts.builder).is_empty());
+        Ok(())
+    }
+
+    fn config_key() -> impl Strategy<Value = String> {
+        prop_oneof![
+            3 => prop::sample::select(vec![
+                "container",
+                "history",
+                "created_by",
+                "moby.buildkit.cache.v0",
+                "moby.buildkit.buildinfo.v1",
+                "rootfs",
+            ])
+            .prop_map(str::to_owned),
+            1 => any::<String>(),
+        ]
+    }
+
+    /// A JSON object with a config's field names, each holding a value of any type.
+    fn config_like() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::from),
+            any::<i64>().prop_map(Value::from),
+            prop::sample::select(vec!["", "4cfe", "/bin/sh -c #(nop)  ENV A=b", "RUN true # buildkit", "e30="])
+                .prop_map(Value::from),
+            any::<String>().prop_map(Value::from),
+        ];
+        let value = leaf.prop_recursive(3, 24, 6, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
+                prop::collection::vec((config_key(), inner), 0..4)
+                    .prop_map(|fields| Value::Object(fields.into_iter().collect())),
+            ]
+        });
+        prop::collection::vec((config_key(), value), 0..6)
+            .prop_map(|fields| Value::Object(fields.into_iter().collect()))
+    }
+
+    const BUILDKIT_CONFIG: &[u8] =
+        br#"{"container":"","history":[{"created_by":"RUN true # buildkit"}],"moby.buildkit.cache.v0":"e30="}"#;
+
+    proptest! {
+        #![proptest_config(cases(256))]
+
+        #[test]
+        fn any_bytes_read_as_consistent_facts(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
+            consistent(image_facts(&bytes))?;
+        }
+
+        #[test]
+        fn a_config_with_overwritten_bytes_reads_as_consistent_facts(
+            overwrites in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..5),
+        ) {
+            let mut config = BUILDKIT_CONFIG.to_vec();
+            for (position, value) in &overwrites {
+                config[position.index(BUILDKIT_CONFIG.len())] = *value;
+            }
+            consistent(image_facts(&config))?;
+        }
+
+        #[test]
+        fn a_config_of_any_shape_reads_as_consistent_facts(config in config_like()) {
+            let facts = image_facts(config.to_string().as_bytes());
+            consistent(facts)?;
+            // A config that parsed says inline cache exactly when it holds some.
+            if facts.builder != pb::Builder::Unspecified {
+                let holds_cache = config.get("moby.buildkit.cache.v0").is_some_and(|cache| !cache.is_null());
+                prop_assert_eq!(facts.inline_cache, holds_cache);
+            }
+        }
+    }
+
+    #[test]
+    fn deeply_nested_configs_are_read_without_exhausting_the_stack() {
+        let depth = 100_000;
+        let nested = |field: &str| format!(r#"{{"{field}":{}{}}}"#, "[".repeat(depth), "]".repeat(depth));
+        // serde_json stops at 128 levels (or the first wrong type) in the fields it parses, and
+        // skips an unknown field without recursing.
+        assert_eq!(image_facts(nested("moby.buildkit.cache.v0").as_bytes()).builder, pb::Builder::Unspecified);
+        assert_eq!(image_facts(nested("history").as_bytes()).builder, pb::Builder::Unspecified);
+        assert_eq!(image_facts(nested("unknown").as_bytes()).builder, pb::Builder::Other);
     }
 }
