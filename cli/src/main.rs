@@ -145,6 +145,10 @@ fn print_manifest(project: &str, manifest: &pb::Manifest) {
         format_time(manifest.created_unix),
         format_time(manifest.last_used_unix)
     );
+    if let Some(origin) = manifest.origin.as_ref().filter(|origin| !origin.save_id.is_empty()) {
+        let host = if origin.host.is_empty() { "an unnamed host" } else { origin.host.as_str() };
+        println!("saved from {host} by save {}", origin.save_id.get(..12).unwrap_or(&origin.save_id));
+    }
     for image in &manifest.images {
         let tags = if image.repo_tags.is_empty() { "<no tag>".to_owned() } else { image.repo_tags.join(", ") };
         let builder = match image.builder() {

@@ -3,6 +3,7 @@
 
 mod e2e {
     mod awscli_isolation;
+    mod bad_days;
     mod buildkit;
     mod dashboard;
     mod deploy_files;

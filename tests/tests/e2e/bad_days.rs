@@ -1,0 +1,204 @@
+//! An operator's bad day over the real parts (Engine 20.10, the real binaries): a save killed
+//! mid-upload and retried at once, a frozen coordinator, twenty saves of one service at once.
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tests::{CoordinatorProcess, DockerEngine, EngineKind, binary, build_context, http_get, stderr_of, stdout_of};
+
+/// A build host with `big:1` (a busybox base and one layer of random bytes, big enough that
+/// its save is still uploading when the test kills it), a coordinator and a project "web".
+fn big_image_host() -> Option<(DockerEngine, CoordinatorProcess, String, tempfile::TempDir)> {
+    let engine = DockerEngine::start(EngineKind::Engine20)?;
+    let data_dir = tempfile::tempdir().unwrap();
+    let coordinator = CoordinatorProcess::start(data_dir.path(), &[]);
+    let token = coordinator.create_project("web");
+    engine.import_busybox_base("base:1");
+    let context = build_context("FROM base:1\nRUN dd if=/dev/urandom of=/big bs=1048576 count=192\n");
+    let built = engine.classic_build(context.path(), "big:1", &[]);
+    assert!(built.status.success(), "{}", stderr_of(&built));
+    Some((engine, coordinator, token, data_dir))
+}
+
+/// Transfer requests the coordinator has granted and not had back: it grows when a save begins.
+fn granted(coordinator: &CoordinatorProcess) -> u64 {
+    let (_, text) = http_get(&format!("{}/metrics", coordinator.metrics_url));
+    text.lines()
+        .find_map(|line| line.strip_prefix("layer_cache_transfer_requests_granted "))
+        .and_then(|value| value.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Starts a save of `big:1` and signals it once the coordinator has begun it (its claims held).
+fn save_interrupted_by(
+    coordinator: &CoordinatorProcess,
+    engine: &DockerEngine,
+    token: &str,
+    signal: &str,
+) -> std::process::Output {
+    // A killed save's share stays granted until it lapses: wait for this save's own.
+    let before = granted(coordinator);
+    let child = Command::new(binary("cache-worker"))
+        .args(["--coordinator", &coordinator.grpc_url, "save", "--service", "web", "big:1"])
+        .env("CACHE_TOKEN", token)
+        .env("DOCKER_HOST", &engine.host)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while granted(coordinator) <= before {
+        assert!(Instant::now() < deadline, "the save never began");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let status = Command::new("kill").arg(format!("-{signal}")).arg(child.id().to_string()).status().unwrap();
+    assert!(status.success());
+    child.wait_with_output().unwrap()
+}
+
+fn assert_retry_uploads_itself(retry: &std::process::Output) {
+    assert!(retry.status.success(), "the retry succeeds: {}", stderr_of(retry));
+    let log = stdout_of(retry);
+    assert!(!log.contains("uploaded by a concurrent save"), "the retry never waits for the save it repeats:\n{log}");
+    assert!(log.lines().any(|line| line.contains(" layer ") && line.ends_with(" new")), "{log}");
+    assert!(log.contains("saved web: 2 images"), "{log}");
+}
+
+#[test]
+fn a_killed_or_interrupted_save_never_holds_up_its_retry() {
+    let Some((engine, coordinator, token, _data_dir)) = big_image_host() else { return };
+
+    let killed = save_interrupted_by(&coordinator, &engine, &token, "KILL");
+    assert_eq!(killed.status.code(), None, "killed by SIGKILL: {}", stderr_of(&killed));
+    let shown = coordinator.cachectl(&["show", "web", "web"]);
+    assert_eq!(shown.status.code(), Some(66), "the killed save committed nothing: {}", stdout_of(&shown));
+    let retry = coordinator.cache_worker_on(&engine, &token, &["save", "--service", "web", "big:1"]);
+    assert_retry_uploads_itself(&retry);
+
+    let flushed = coordinator.cachectl(&["flush", "web"]);
+    assert!(flushed.status.success(), "{}", stderr_of(&flushed));
+    let interrupted = save_interrupted_by(&coordinator, &engine, &token, "TERM");
+    assert_eq!(interrupted.status.code(), Some(143), "{}", stderr_of(&interrupted));
+    assert!(stderr_of(&interrupted).contains("interrupted by SIGTERM"), "{}", stderr_of(&interrupted));
+    let retry = coordinator.cache_worker_on(&engine, &token, &["save", "--service", "web", "big:1"]);
+    assert_retry_uploads_itself(&retry);
+}
+
+#[test]
+fn a_stopped_coordinator_costs_a_build_its_stall_timeout() {
+    let Some(build_host) = DockerEngine::start(EngineKind::Engine20) else { return };
+    let data_dir = tempfile::tempdir().unwrap();
+    let coordinator = CoordinatorProcess::start(data_dir.path(), &[]);
+    let token = coordinator.create_project("web");
+    build_host.import_busybox_base("base:1");
+    let context = build_context("FROM base:1\nRUN echo one > /one\n");
+    assert!(build_host.classic_build(context.path(), "app:1", &[]).status.success());
+    let saved = coordinator.cache_worker_on(&build_host, &token, &["save", "--service", "web", "app:1"]);
+    assert!(saved.status.success(), "{}", stderr_of(&saved));
+
+    coordinator.signal("STOP");
+    let fresh_host = DockerEngine::start(EngineKind::Engine20).unwrap();
+    let started = Instant::now();
+    let restore =
+        coordinator.cache_worker_on(&fresh_host, &token, &["--stall-timeout", "5", "restore", "--service", "web"]);
+    let restore_seconds = started.elapsed().as_secs_f64();
+    assert!(restore.status.success(), "a frozen coordinator never fails a build: {}", stderr_of(&restore));
+    let warnings: Vec<String> = stderr_of(&restore).lines().map(str::to_owned).collect();
+    assert_eq!(warnings.len(), 1, "one warning: {warnings:?}");
+    assert!(warnings[0].starts_with("cache-worker: warning: restoring web failed"), "{warnings:?}");
+    assert!(restore_seconds < 20.0, "the restore gave up after its 5 s stall timeout, not {restore_seconds:.1} s");
+    assert!(fresh_host.image_ids().is_empty(), "the engine holds nothing");
+
+    let started = Instant::now();
+    let save = coordinator.cache_worker_on(
+        &build_host,
+        &token,
+        &["--stall-timeout", "5", "save", "--service", "web", "app:1"],
+    );
+    let save_seconds = started.elapsed().as_secs_f64();
+    assert_eq!(save.status.code(), Some(69), "{}", stderr_of(&save));
+    assert_eq!(stderr_of(&save).lines().count(), 1, "{}", stderr_of(&save));
+    assert!(save_seconds < 20.0, "the save gave up after its 5 s stall timeout, not {save_seconds:.1} s");
+
+    // Woken, it still has the previous manifest.
+    coordinator.signal("CONT");
+    let restore = coordinator.cache_worker_on(&fresh_host, &token, &["restore", "--service", "web"]);
+    assert!(stdout_of(&restore).contains("restored web: 2 images"), "{}{}", stdout_of(&restore), stderr_of(&restore));
+}
+
+#[test]
+fn twenty_concurrent_saves_of_one_service_say_which_one_the_cache_keeps() {
+    let Some(build_host) = DockerEngine::start(EngineKind::Engine20) else { return };
+    let data_dir = tempfile::tempdir().unwrap();
+    let coordinator = CoordinatorProcess::start(data_dir.path(), &[]);
+    let token = coordinator.create_project("web");
+    let root = tests::busybox_root();
+    let n_saves = 20;
+    for build in 0..n_saves {
+        std::fs::write(root.path().join("build"), format!("{build}\n")).unwrap();
+        let mut tar =
+            Command::new("tar").arg("-C").arg(root.path()).args(["-c", "."]).stdout(Stdio::piped()).spawn().unwrap();
+        let imported = Command::new("docker")
+            .args(["import", "-", &format!("app:{build}")])
+            .env("DOCKER_HOST", &build_host.host)
+            .stdin(tar.stdout.take().unwrap())
+            .output()
+            .unwrap();
+        assert!(tar.wait().unwrap().success());
+        assert!(imported.status.success(), "{}", stderr_of(&imported));
+    }
+    let saves: Vec<_> = (0..n_saves)
+        .map(|build| {
+            Command::new(binary("cache-worker"))
+                .args(["--coordinator", &coordinator.grpc_url, "save", "--service", "web", &format!("app:{build}")])
+                .env("CACHE_TOKEN", &token)
+                .env("DOCKER_HOST", &build_host.host)
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let logs: Vec<(String, String)> = saves
+        .into_iter()
+        .enumerate()
+        .map(|(build, child)| {
+            let output = child.wait_with_output().unwrap();
+            assert!(output.status.success(), "save {build}: {}", stderr_of(&output));
+            (format!("app:{build}"), stdout_of(&output))
+        })
+        .collect();
+
+    let shown = stdout_of(&coordinator.cachectl(&["show", "web", "web"]));
+    let survivor = logs
+        .iter()
+        .map(|(tag, _)| tag)
+        .find(|tag| shown.contains(&format!("({tag};")))
+        .unwrap_or_else(|| panic!("{shown}"));
+    let mut n_replaced = 0;
+    for (tag, log) in &logs {
+        let stored = log.contains("saved web: 1 images");
+        let kept_out = log.contains("not stored: a save of web begun after this one is the cache");
+        assert!(stored != kept_out, "each save says whether its images are the cache: {log}");
+        if tag == survivor {
+            assert!(stored, "the survivor's log says it stored its images: {log}");
+        }
+        if kept_out {
+            assert_ne!(tag, survivor);
+        }
+        // A save that replaced another names it; nobody replaced the survivor.
+        if let Some(line) = log.lines().find(|line| line.starts_with("replaced the ")) {
+            n_replaced += 1;
+            assert!(!line.contains(&format!("({survivor},")), "the survivor was replaced: {line}");
+        }
+    }
+    let n_stored = logs.iter().filter(|(_, log)| log.contains("saved web: 1 images")).count();
+    // Every stored save but the first replaced exactly one other.
+    assert_eq!(n_replaced, n_stored - 1, "{logs:#?}");
+
+    let fresh_host = DockerEngine::start(EngineKind::Engine20).unwrap();
+    let restore = coordinator.cache_worker_on(&fresh_host, &token, &["restore", "--service", "web"]);
+    assert!(stdout_of(&restore).contains("restored web: 1 images"), "{}{}", stdout_of(&restore), stderr_of(&restore));
+    let inspect = fresh_host.docker(&["image", "inspect", survivor]);
+    assert!(inspect.status.success(), "the survivor is back complete: {}", stderr_of(&inspect));
+}
