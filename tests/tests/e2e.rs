@@ -10,6 +10,7 @@ mod e2e {
     mod docker_engine;
     mod durability;
     mod embedded_s3_scope;
+    mod full_disk;
     mod projects_and_credentials;
     mod s3_store;
     mod save_restore;
