@@ -260,6 +260,17 @@ pub fn s3_client_for(credentials: &pb::Credentials) -> aws_sdk_s3::Client {
     s3_client(credentials, &credentials.secret_access_key, Some(&credentials.session_token))
 }
 
+/// The client a worker uses on the embedded store: no upload checksums, so a blob goes as one
+/// plain PUT of its bytes.
+pub fn s3_client_as_worker(credentials: &pb::Credentials) -> aws_sdk_s3::Client {
+    let config = s3_client_for(credentials)
+        .config()
+        .to_builder()
+        .request_checksum_calculation(aws_sdk_s3::config::RequestChecksumCalculation::WhenRequired)
+        .build();
+    aws_sdk_s3::Client::from_conf(config)
+}
+
 /// Text of a process's stderr.
 pub fn stderr_of(output: &Output) -> String {
     String::from_utf8_lossy(&output.stderr).into_owned()

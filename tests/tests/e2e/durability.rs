@@ -140,13 +140,7 @@ async fn a_flush_during_a_save_leaves_nothing_behind() {
     let begun = client.begin_save(begin_one_layer_save("svc", "app:1", &content)).await.unwrap().into_inner();
     let credentials = begun.credentials.clone().unwrap();
     // As the worker sends it: no checksum, one PUT of the blob's bytes.
-    let store = aws_sdk_s3::Client::from_conf(
-        s3_client_for(&credentials)
-            .config()
-            .to_builder()
-            .request_checksum_calculation(aws_sdk_s3::config::RequestChecksumCalculation::WhenRequired)
-            .build(),
-    );
+    let store = tests::s3_client_as_worker(&credentials);
 
     // An upload in flight across the flush: half its body before, half after.
     let (pieces, body) = tokio::sync::mpsc::channel::<Result<http_body::Frame<bytes::Bytes>, std::io::Error>>(4);

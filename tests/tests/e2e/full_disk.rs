@@ -71,13 +71,7 @@ async fn refused_save(coordinator: &CoordinatorProcess, token: &str, content: &[
         Err(status) => return status.message().to_owned(),
     };
     let credentials = begun.credentials.expect("write credentials");
-    let store = aws_sdk_s3::Client::from_conf(
-        s3_client_for(&credentials)
-            .config()
-            .to_builder()
-            .request_checksum_calculation(aws_sdk_s3::config::RequestChecksumCalculation::WhenRequired)
-            .build(),
-    );
+    let store = tests::s3_client_as_worker(&credentials);
     for blob in [content.to_vec(), one_layer_config(content)] {
         let key = format!("{}blobs/sha256/{}", credentials.prefix, sha256_digest(&blob).trim_start_matches("sha256:"));
         let put = store.put_object().bucket(&credentials.bucket).key(key).body(ByteStream::from(blob)).send().await;
