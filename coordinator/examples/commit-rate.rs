@@ -55,6 +55,7 @@ async fn main() {
         created_unix: 0,
         generation: 0,
         quota_bytes: 0,
+        sweep_after_unix: 0,
     };
     db.create_project(&project).unwrap();
     println!("data directory {} ({n_commits} commits per row)", dir.path().display());

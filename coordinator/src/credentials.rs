@@ -63,6 +63,12 @@ pub trait CredentialBroker: Send + Sync {
         let _ = access_key_id;
         self.issue(project, access).await
     }
+
+    /// Whether the broker records the keys it issues itself (the embedded one must: its
+    /// endpoint admits recorded keys only); the service records the others'.
+    fn records_keys(&self) -> bool {
+        false
+    }
 }
 
 pub fn now_unix() -> i64 {
@@ -211,9 +217,14 @@ impl CredentialBroker for EmbeddedBroker {
         self.mint(project, access, now_unix() + self.ttl.as_secs() as i64).await
     }
 
+    fn records_keys(&self) -> bool {
+        true
+    }
+
     /// The embedded endpoint (s3s-fs) binds a multipart upload to the key that began it, so a
-    /// live key of the same project and access is extended rather than replaced. Any other key
-    /// (unknown, expired, another project's, read for write) gets new credentials instead.
+    /// live key of the same project and access is extended rather than replaced. Any other
+    /// recorded key (expired, another project's, read for write) gets new credentials instead;
+    /// an unrecorded one (revoked by a flush) is refused before this, by the service.
     async fn renew(&self, project: &str, access: KeyAccess, access_key_id: &str) -> Result<IssuedCredentials, Error> {
         let expires_unix = now_unix() + self.ttl.as_secs() as i64;
         match self.db.minted_key(access_key_id)? {

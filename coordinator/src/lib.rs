@@ -296,14 +296,21 @@ pub async fn run(
     let health_task = tokio::spawn(serve_http(listeners.metrics, metrics_handler, stop_receiver.clone()));
     let db = data_dir.db.clone();
     let mut sweeper_stop = stop_receiver.clone();
+    let sweeping_service = service.clone();
     let sweeper_task = tokio::spawn(async move {
-        let mut interval = tokio::time::interval(Duration::from_secs(60));
+        // Each second: post-flush sweeps that fell due; each minute: expired keys.
+        let mut interval = tokio::time::interval(Duration::from_secs(1));
+        let mut n_ticks: u64 = 0;
         loop {
             tokio::select! {
                 _ = interval.tick() => {
-                    if let Err(error) = db.remove_expired_keys(now_unix() - EXPIRED_KEY_GRACE_SECONDS) {
+                    sweeping_service.run_due_sweeps().await;
+                    if n_ticks.is_multiple_of(60)
+                        && let Err(error) = db.remove_expired_keys(now_unix() - EXPIRED_KEY_GRACE_SECONDS)
+                    {
                         tracing::warn!(%error, "sweeping expired storage keys failed");
                     }
+                    n_ticks += 1;
                 }
                 _ = sweeper_stop.changed() => break,
             }

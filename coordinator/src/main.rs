@@ -81,9 +81,14 @@ async fn main() -> ExitCode {
     if let Some(path) = &data_dir.admin_token.file {
         println!("admin token: {}", path.display());
     }
-    // One line that scripts and tests wait for.
+    // One line that scripts and tests wait for; with the embedded store it also names the
+    // address the S3 endpoint is bound to (behind --s3-public-url it differs).
+    let s3_listen = match listeners.s3.as_ref().map(|listener| listener.local_addr()) {
+        Some(Ok(address)) => format!(" s3_listen={address}"),
+        _ => String::new(),
+    };
     println!(
-        "cache-coordinator ready: grpc=http://{} s3={} metrics=http://{}",
+        "cache-coordinator ready: grpc=http://{} s3={} metrics=http://{}{s3_listen}",
         endpoints.grpc, endpoints.s3_url, endpoints.metrics
     );
     match run(config, data_dir, listeners, store, shutdown_signal()).await {

@@ -27,6 +27,12 @@ pub struct ProjectRecord {
     pub generation: u64,
     /// 0 means no quota.
     pub quota_bytes: u64,
+    /// After a flush: when the last storage key issued before it expires (unix seconds). Then
+    /// the project's store is swept once of objects no manifest names, which a save begun
+    /// before the flush may still have written with a key nobody can revoke (an STS session).
+    /// 0: no sweep due.
+    #[serde(default)]
+    pub sweep_after_unix: i64,
 }
 
 /// What a minted storage key may do; the secret and session token are derived, never stored.
@@ -95,6 +101,11 @@ fn began_later(a: Option<&proto::v1::SaveOrigin>, b: Option<&proto::v1::SaveOrig
 pub struct FlushedRecords {
     pub manifests_removed: u64,
     pub generation: u64,
+}
+
+/// The latest expiry among `keys`, or 0.
+fn latest_expiry<'a>(keys: impl IntoIterator<Item = &'a MintedKeyRecord>) -> i64 {
+    keys.into_iter().map(|record| record.expires_unix).max().unwrap_or(0)
 }
 
 /// Group commit: writes that finish while a flush runs share the next one, so concurrent
@@ -236,6 +247,43 @@ impl Database {
         }
     }
 
+    /// Projects whose post-flush sweep is due at `now_unix`, with the time it was due.
+    pub fn sweeps_due(&self, now_unix: i64) -> Result<Vec<(String, i64)>, Error> {
+        Ok(self
+            .projects()?
+            .into_iter()
+            .filter(|record| record.sweep_after_unix > 0 && record.sweep_after_unix <= now_unix)
+            .map(|record| (record.name, record.sweep_after_unix))
+            .collect())
+    }
+
+    /// Marks a project's sweep done, unless a later flush moved it meanwhile.
+    pub fn sweep_done(&self, project: &str, due_unix: i64) -> Result<(), Error> {
+        self.projects
+            .fetch_and_update(project.as_bytes(), |old| {
+                let mut record: ProjectRecord = serde_json::from_slice(old?).ok()?;
+                if record.sweep_after_unix == due_unix {
+                    record.sweep_after_unix = 0;
+                }
+                Some(json_to_vec(&record))
+            })
+            .map_err(db_error)?;
+        Ok(())
+    }
+
+    /// Every digest the project's ledger records (referenced or not).
+    pub fn ledger_digests(&self, project: &str) -> Result<std::collections::HashSet<String>, Error> {
+        let prefix = project_prefix(project);
+        self.blobs
+            .scan_prefix(&prefix)
+            .keys()
+            .map(|key| {
+                let key = key.map_err(db_error)?;
+                Ok(String::from_utf8_lossy(&key[prefix.len()..]).into_owned())
+            })
+            .collect()
+    }
+
     /// Forgets keys that expired before `now_unix`; returns how many.
     pub fn remove_expired_keys(&self, now_unix: i64) -> Result<usize, Error> {
         let mut n_removed = 0;
@@ -327,13 +375,27 @@ impl Database {
             self.blobs.remove(key).map_err(db_error)?;
         }
         // The project's storage keys die with its generation: a save begun before the flush
-        // can write nothing after it (the embedded endpoint admits only recorded keys).
+        // can write nothing after it (the embedded endpoint admits only recorded keys, and
+        // nobody renews an unrecorded one). Where a key outlives its record (an STS session),
+        // the store is swept once it has expired.
+        let mut revoked = Vec::new();
         for entry in self.minted_keys.iter() {
             let (access_key_id, bytes) = entry.map_err(db_error)?;
             let record: MintedKeyRecord = json_from_slice("minted_keys", &bytes)?;
             if record.project == project {
                 self.minted_keys.remove(access_key_id).map_err(db_error)?;
+                revoked.push(record);
             }
+        }
+        let sweep_after_unix = latest_expiry(&revoked);
+        if sweep_after_unix > 0 {
+            self.projects
+                .fetch_and_update(project.as_bytes(), |old| {
+                    let mut record: ProjectRecord = serde_json::from_slice(old?).ok()?;
+                    record.sweep_after_unix = record.sweep_after_unix.max(sweep_after_unix);
+                    Some(json_to_vec(&record))
+                })
+                .map_err(db_error)?;
         }
         Ok(FlushedRecords { manifests_removed, generation })
     }
@@ -484,6 +546,7 @@ mod tests {
             created_unix: 1,
             generation: 0,
             quota_bytes: 0,
+            sweep_after_unix: 0,
         }
     }
 
@@ -613,10 +676,16 @@ mod tests {
         let record =
             |project: &str| MintedKeyRecord { project: project.into(), access: KeyAccess::Write, expires_unix: 1 };
         db.insert_minted_key("KA", &record("a")).unwrap();
+        db.insert_minted_key("KA2", &MintedKeyRecord { expires_unix: 50, ..record("a") }).unwrap();
         db.insert_minted_key("KB", &record("b")).unwrap();
         db.flush_project("a").unwrap();
         assert_eq!(db.minted_key("KA").unwrap(), None);
         assert_eq!(db.minted_key("KB").unwrap(), Some(record("b")));
+        // The store is swept once the last revoked key has expired.
+        assert!(db.sweeps_due(49).unwrap().is_empty());
+        assert_eq!(db.sweeps_due(50).unwrap(), vec![("a".to_string(), 50)]);
+        db.sweep_done("a", 50).unwrap();
+        assert!(db.sweeps_due(1000).unwrap().is_empty());
     }
 
     #[tokio::test]

@@ -8,6 +8,7 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use futures::{StreamExt, TryStreamExt};
 use proto::names;
 use proto::v1 as pb;
 
@@ -26,6 +27,8 @@ const IN_FLIGHT_POLL: Duration = Duration::from_millis(250);
 const MAX_IMAGES: usize = 1000;
 const MAX_LAYERS_PER_IMAGE: usize = 1000;
 const MAX_HOST_NAME: usize = 255;
+/// Store lookups (HEAD) one commit keeps in flight.
+const STORE_LOOKUPS_IN_FLIGHT: usize = 16;
 
 /// A save between `BeginSave` and `CommitSave`.
 struct PendingSave {
@@ -42,6 +45,8 @@ struct PendingSave {
     last_alive: Instant,
     /// The missing blobs this save uploads; no other save of the project uploads them meanwhile.
     claimed: HashSet<String>,
+    /// Its worker fell silent for the claim lifetime and its budget share was given back.
+    silence_noted: bool,
 }
 
 /// Begun saves, by save ID. Held in memory: a coordinator restart makes workers save again.
@@ -99,6 +104,11 @@ impl PendingSaves {
         (to_upload, in_flight)
     }
 
+    /// Whether a live save of `project` claims `digest` (for the post-flush sweep).
+    pub(crate) fn claimed(&self, project: &str, digest: &str, now: Instant) -> bool {
+        self.in_flight(project, digest, now)
+    }
+
     /// Whether a live save of `project` is uploading `digest`.
     fn in_flight(&self, project: &str, digest: &str, now: Instant) -> bool {
         self.lock().values().any(|save| save.claims(project, digest, self.claim_ttl, now))
@@ -109,10 +119,25 @@ impl PendingSaves {
         match self.lock().get_mut(save_id) {
             Some(save) if save.project == project && now.duration_since(save.began) < SAVE_LIFETIME => {
                 save.last_alive = now;
+                save.silence_noted = false;
                 Ok(())
             }
             _ => Err(Error::NoSuchSave(save_id.to_owned())),
         }
+    }
+
+    /// Saves whose worker has been silent for the claim lifetime (killed, most likely): their
+    /// claims have lapsed, and their shares of the transfer budget should too. Each is named
+    /// once; the save itself stays begun, should its worker come back and commit.
+    fn newly_silent(&self, now: Instant) -> Vec<(String, String)> {
+        let mut silent = Vec::new();
+        for (save_id, save) in self.lock().iter_mut() {
+            if !save.silence_noted && now.duration_since(save.last_alive) >= self.claim_ttl {
+                save.silence_noted = true;
+                silent.push((save.project.clone(), save_id.clone()));
+            }
+        }
+        silent
     }
 
     /// Forgets a save (and its claims); whether it was there.
@@ -251,7 +276,9 @@ impl CacheService {
             host: request.host.clone(),
             last_alive: now,
             claimed: HashSet::new(),
+            silence_noted: false,
         };
+        self.release_silent_saves();
         // An unchanged save commits nothing, so it is not kept (and claims nothing).
         let (missing_digests, in_flight_digests) = if unchanged {
             (Vec::new(), Vec::new())
@@ -316,6 +343,15 @@ impl CacheService {
         }
     }
 
+    /// Gives back the budget shares of saves whose workers fell silent (see
+    /// [`PendingSaves::newly_silent`]), so a killed worker's share does not wait 10 minutes.
+    pub(crate) fn release_silent_saves(&self) {
+        for (project, save_id) in self.pending_saves.newly_silent(Instant::now()) {
+            self.budget.release(&project, &save_id);
+            tracing::info!(project, "a save's worker fell silent: its claims lapsed and its budget share is back");
+        }
+    }
+
     /// Forgets every begun save of a flushed project: none of them can commit.
     pub(crate) fn abandon_project_saves(&self, project: &str) {
         self.pending_saves.abandon_project(project);
@@ -368,20 +404,40 @@ impl CacheService {
                 reported.insert(layer.digest.clone(), record);
             }
         }
+        // A post-flush sweep waits until the blobs are checked and recorded.
+        let publish_lock = self.publish_lock.of_project(project);
+        let _no_sweep = publish_lock.read().await;
         let known = self.db.stored_blobs(project, reported.keys())?;
         let prefix = project_prefix(&self.store_prefix, project);
+        // The store answers for the blobs the ledger does not know, several at once, so a
+        // commit of many new layers stays well inside a worker's per-call deadline.
         let waiting_since = Instant::now();
+        let unknown: Vec<String> = reported.keys().filter(|digest| !known.contains_key(*digest)).cloned().collect();
+        let lookups = unknown.into_iter().map(|digest| {
+            let key = blob_key(&prefix, &digest);
+            async move {
+                let awaited = self.stored_or_awaited(project, &key, &digest, waiting_since).await?;
+                Ok::<_, Error>((digest, awaited))
+            }
+        });
+        let looked_up: Vec<(String, Awaited)> =
+            futures::stream::iter(lookups).buffer_unordered(STORE_LOOKUPS_IN_FLIGHT).try_collect().await?;
         let mut waiting_for = Vec::new();
+        let mut in_store: HashMap<String, Option<u64>> = HashMap::new();
+        for (digest, awaited) in looked_up {
+            match awaited {
+                Awaited::Stored(size) => {
+                    in_store.insert(digest, size);
+                }
+                Awaited::StillInFlight => waiting_for.push(digest),
+            }
+        }
         for (digest, record) in &reported {
             let stored = match known.get(digest) {
                 Some(known) => Some(known.stored_size),
-                None => match self.stored_or_awaited(project, &blob_key(&prefix, digest), digest, waiting_since).await?
-                {
-                    Awaited::Stored(size) => size,
-                    Awaited::StillInFlight => {
-                        waiting_for.push(digest.clone());
-                        continue;
-                    }
+                None => match in_store.get(digest) {
+                    Some(size) => *size,
+                    None => continue,
                 },
             };
             match stored {
@@ -493,6 +549,7 @@ mod tests {
             host: String::new(),
             last_alive: now,
             claimed: HashSet::new(),
+            silence_noted: false,
         }
     }
 
@@ -550,6 +607,8 @@ mod tests {
         assert!(saves.abandon("s2", "web") && !saves.abandon("s2", "web"));
         assert!(saves.keep_alive("s2", "web", lapsed).is_err());
         assert_eq!(saves.keep_alive_interval(), Duration::from_secs(5));
+        assert_eq!(saves.newly_silent(lapsed), vec![("web".to_string(), "s1".to_string())]);
+        assert!(saves.newly_silent(lapsed).is_empty(), "each silent save is named once");
     }
 
     #[test]

@@ -116,6 +116,7 @@ impl CacheService {
             created_unix: now_unix(),
             generation: 0,
             quota_bytes,
+            sweep_after_unix: 0,
         };
         self.db.create_project(&record)?;
         // The token is printed once: it must outlive a crash right after.
@@ -159,7 +160,8 @@ impl CacheService {
         };
         self.abandon_project_saves(project);
         self.db.durable().await?;
-        let deleted = self.store.delete_prefix(&project_prefix(&self.store_prefix, project)).await?;
+        let deleted =
+            self.store.delete_prefix(&project_prefix(&self.store_prefix, project), &crate::store::keep_nothing).await?;
         self.metrics.flushes.get_or_create(&crate::metrics::ProjectLabels { project: project.to_owned() }).inc();
         tracing::info!(project, manifests = flushed.manifests_removed, objects = deleted.count, "project flushed");
         Ok(pb::FlushProjectResponse {
@@ -168,6 +170,42 @@ impl CacheService {
             bytes_removed: deleted.bytes,
             generation: flushed.generation,
         })
+    }
+
+    /// The sweep a flush leaves due (see `ProjectRecord::sweep_after_unix`): deletes the
+    /// project's objects that neither the ledger records nor a live save claims. Holds the
+    /// project's publish lock, which commits hold while they check and record their blobs.
+    pub async fn sweep_after_flush(&self, project: &str, due_unix: i64) -> Result<crate::store::DeletedObjects, Error> {
+        let publish_lock = self.publish_lock.of_project(project);
+        let _no_commits = publish_lock.write().await;
+        let recorded = self.db.ledger_digests(project)?;
+        let prefix = project_prefix(&self.store_prefix, project);
+        let now = std::time::Instant::now();
+        let keep = |key: &str| {
+            let digest = key
+                .strip_prefix(prefix.as_str())
+                .and_then(|rest| rest.strip_prefix("blobs/sha256/"))
+                .map(|hex| format!("sha256:{hex}"));
+            digest.is_some_and(|digest| recorded.contains(&digest) || self.pending_saves.claimed(project, &digest, now))
+        };
+        let deleted = self.store.delete_prefix(&prefix, &keep).await?;
+        self.db.sweep_done(project, due_unix)?;
+        self.db.durable().await?;
+        tracing::info!(project, objects = deleted.count, bytes = deleted.bytes, "swept what a flushed save left");
+        Ok(deleted)
+    }
+
+    /// Runs every post-flush sweep that is due.
+    pub async fn run_due_sweeps(&self) {
+        let due = match self.db.sweeps_due(now_unix()) {
+            Ok(due) => due,
+            Err(error) => return tracing::warn!(%error, "looking for due sweeps failed"),
+        };
+        for (project, due_unix) in due {
+            if let Err(error) = self.sweep_after_flush(&project, due_unix).await {
+                tracing::warn!(project, %error, "sweeping after a flush failed; it is tried again");
+            }
+        }
     }
 
     pub fn stats(&self, project: &str) -> Result<Vec<pb::ServiceStats>, Error> {
@@ -213,11 +251,27 @@ impl CacheService {
         if renew_access_key_id.len() > 128 || !renew_access_key_id.bytes().all(|b| b.is_ascii_alphanumeric()) {
             return Err(Error::InvalidArgument("invalid access key ID to renew".into()));
         }
+        // Every key handed out is recorded; a flush forgets its project's, and then nobody
+        // renews them: a save begun before the flush cannot go on writing after it.
+        if !renew_access_key_id.is_empty() && self.db.minted_key(renew_access_key_id)?.is_none() {
+            return Err(Error::SaveConflict(
+                "the storage key to renew was revoked (the project was flushed): save or restore again".into(),
+            ));
+        }
         let issued = if renew_access_key_id.is_empty() {
             self.broker.issue(project, access).await?
         } else {
             self.broker.renew(project, access, renew_access_key_id).await?
         };
+        if !self.broker.records_keys() {
+            let record = crate::manifests::MintedKeyRecord {
+                project: project.to_owned(),
+                access,
+                expires_unix: issued.expires_unix,
+            };
+            self.db.insert_minted_key(&issued.access_key_id, &record)?;
+            self.db.durable().await?;
+        }
         let access_name = if access == KeyAccess::Write { "write" } else { "read" };
         let grant = crate::metrics::GrantLabels { project: project.to_owned(), access: access_name.to_owned() };
         self.metrics.credential_grants.get_or_create(&grant).inc();
@@ -265,6 +319,7 @@ impl CacheService {
             let (blobs, bytes) = self.db.blob_totals(&project.name)?;
             self.metrics.set_store_totals(&project.name, blobs, bytes);
         }
+        self.release_silent_saves();
         self.metrics.transfer_granted.set(i64::from(self.budget.granted()));
         self.metrics.transfer_budget.set(i64::from(self.budget.total()));
         Ok(self.metrics.encode())

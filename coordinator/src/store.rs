@@ -18,12 +18,21 @@ pub struct DeletedObjects {
     pub bytes: u64,
 }
 
+/// Which objects of a prefix a deletion keeps, by key.
+pub type KeepObject<'a> = dyn Fn(&str) -> bool + Send + Sync + 'a;
+
+/// Keeps nothing: a flush.
+pub fn keep_nothing(_key: &str) -> bool {
+    false
+}
+
 #[async_trait::async_trait]
 pub trait ObjectStore: Send + Sync {
     /// The size of an object, or `None` when it does not exist.
     async fn object_size(&self, key: &str) -> Result<Option<u64>, Error>;
-    /// Deletes every object whose key starts with `prefix` (which ends in `/`).
-    async fn delete_prefix(&self, prefix: &str) -> Result<DeletedObjects, Error>;
+    /// Deletes every object whose key starts with `prefix` (which ends in `/`), but those
+    /// `keep` says to keep.
+    async fn delete_prefix(&self, prefix: &str, keep: &KeepObject<'_>) -> Result<DeletedObjects, Error>;
 }
 
 /// The embedded store: objects are files under `<objects_root>/<bucket>/`.
@@ -95,7 +104,7 @@ impl ObjectStore for EmbeddedStore {
         }
     }
 
-    async fn delete_prefix(&self, prefix: &str) -> Result<DeletedObjects, Error> {
+    async fn delete_prefix(&self, prefix: &str, keep: &KeepObject<'_>) -> Result<DeletedObjects, Error> {
         let prefix_dir = self.bucket_dir.join(prefix.trim_end_matches('/'));
         let bucket_dir = self.bucket_dir.clone();
         let listing_dir = prefix_dir.clone();
@@ -104,7 +113,12 @@ impl ObjectStore for EmbeddedStore {
             .map_err(|error| Error::Store(error.to_string()))?
             .map_err(|error| Error::Store(format!("listing {prefix}: {error}")))?;
         let mut deleted = DeletedObjects::default();
+        let mut n_kept = 0;
         for (key, size) in files {
+            if keep(&key) {
+                n_kept += 1;
+                continue;
+            }
             // Through s3s-fs, so its metadata files go with the object.
             let input = s3s::dto::DeleteObjectInput::builder()
                 .bucket(self.bucket.clone())
@@ -117,6 +131,9 @@ impl ObjectStore for EmbeddedStore {
                 .map_err(|error| Error::Store(format!("deleting {key}: {error}")))?;
             deleted.count += 1;
             deleted.bytes += size;
+        }
+        if n_kept > 0 {
+            return Ok(deleted);
         }
         match tokio::fs::remove_dir_all(&prefix_dir).await {
             Ok(()) => Ok(deleted),

@@ -42,6 +42,9 @@ pub struct CoordinatorProcess {
     env: Vec<(String, String)>,
     pub grpc_url: String,
     pub s3_url: String,
+    /// The address the embedded S3 endpoint is bound to (it differs from `s3_url` behind
+    /// `--s3-public-url`); `None` with an S3 store.
+    pub s3_listen: Option<String>,
     /// `http://HOST:PORT` of the metrics and health listener.
     pub metrics_url: String,
     pub data_dir: PathBuf,
@@ -101,9 +104,11 @@ impl CoordinatorProcess {
                 .unwrap_or_else(|| panic!("{name} in {ready:?}"))
                 .to_owned()
         };
+        let s3_listen = ready.split_whitespace().find_map(|part| part.strip_prefix("s3_listen=")).map(str::to_owned);
         CoordinatorProcess {
             grpc_url: field("grpc"),
             s3_url: field("s3"),
+            s3_listen,
             metrics_url: field("metrics"),
             child,
             log,
@@ -186,7 +191,7 @@ impl CoordinatorProcess {
 impl Drop for CoordinatorProcess {
     fn drop(&mut self) {
         // A stopped process takes SIGKILL too, but let it run its last moments visibly.
-        let _ = Command::new("kill").arg("-CONT").arg(self.child.id().to_string()).status();
+        let _ = Command::new("kill").arg("-CONT").arg(self.child.id().to_string()).stderr(Stdio::null()).status();
         let _ = self.child.kill();
         let _ = self.child.wait();
         if std::thread::panicking() {
@@ -261,12 +266,13 @@ pub fn s3_client_for(credentials: &pb::Credentials) -> aws_sdk_s3::Client {
 }
 
 /// The client a worker uses on the embedded store: no upload checksums, so a blob goes as one
-/// plain PUT of its bytes.
+/// plain PUT of its bytes. A body the test holds back is never cut off as stalled.
 pub fn s3_client_as_worker(credentials: &pb::Credentials) -> aws_sdk_s3::Client {
     let config = s3_client_for(credentials)
         .config()
         .to_builder()
         .request_checksum_calculation(aws_sdk_s3::config::RequestChecksumCalculation::WhenRequired)
+        .stalled_stream_protection(aws_sdk_s3::config::StalledStreamProtectionConfig::disabled())
         .build();
     aws_sdk_s3::Client::from_conf(config)
 }
@@ -487,6 +493,81 @@ impl CoordinatorProcess {
             .env("DOCKER_HOST", &engine.host)
             .output()
             .expect("run cache-worker")
+    }
+}
+
+/// A TCP proxy on loopback in front of `upstream` that can freeze: while frozen it moves no
+/// byte in either direction and keeps every connection open, as a stalled store or network
+/// does.
+pub struct FreezingProxy {
+    pub address: std::net::SocketAddr,
+    frozen: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    upstream: std::sync::Arc<std::sync::Mutex<String>>,
+    /// Bytes moved from the upstream to clients so far.
+    moved_down: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl FreezingProxy {
+    /// Listens now; forwards to the address [`FreezingProxy::forward_to`] sets.
+    pub fn start() -> FreezingProxy {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind the proxy");
+        let address = listener.local_addr().expect("address");
+        let frozen = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let upstream = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let moved_down = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let (accept_upstream, accept_frozen, accept_moved) = (upstream.clone(), frozen.clone(), moved_down.clone());
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { break };
+                let upstream = accept_upstream.lock().expect("upstream").clone();
+                let Ok(server) = std::net::TcpStream::connect(&upstream) else { continue };
+                let directions = [
+                    (client.try_clone(), server.try_clone(), None),
+                    (server.try_clone(), client.try_clone(), Some(accept_moved.clone())),
+                ];
+                for (from, to, counter) in directions {
+                    let (Ok(mut from), Ok(mut to)) = (from, to) else { continue };
+                    let frozen = accept_frozen.clone();
+                    std::thread::spawn(move || {
+                        use std::io::{Read, Write};
+                        let mut buffer = vec![0u8; 64 * 1024];
+                        loop {
+                            while frozen.load(std::sync::atomic::Ordering::SeqCst) {
+                                std::thread::sleep(Duration::from_millis(50));
+                            }
+                            match from.read(&mut buffer) {
+                                Ok(0) | Err(_) => break,
+                                Ok(n) => {
+                                    while frozen.load(std::sync::atomic::Ordering::SeqCst) {
+                                        std::thread::sleep(Duration::from_millis(50));
+                                    }
+                                    if to.write_all(&buffer[..n]).is_err() {
+                                        break;
+                                    }
+                                    if let Some(counter) = &counter {
+                                        counter.fetch_add(n as u64, std::sync::atomic::Ordering::SeqCst);
+                                    }
+                                }
+                            }
+                        }
+                        let _ = to.shutdown(std::net::Shutdown::Write);
+                    });
+                }
+            }
+        });
+        FreezingProxy { address, frozen, upstream, moved_down }
+    }
+
+    pub fn forward_to(&self, upstream: &str) {
+        *self.upstream.lock().expect("upstream") = upstream.to_owned();
+    }
+
+    pub fn bytes_moved_down(&self) -> u64 {
+        self.moved_down.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    pub fn freeze(&self) {
+        self.frozen.store(true, std::sync::atomic::Ordering::SeqCst);
     }
 }
 

@@ -236,7 +236,7 @@ const GZIP_MAGIC: [u8; 2] = [0x1f, 0x8b];
 /// The most a JSON entry (`manifest.json`, an image config) may hold. These are read into
 /// memory whole; an engine writes kilobytes of each, so anything larger is refused by its
 /// header's size before a byte of it is read, rather than allocated.
-const JSON_LIMIT: u64 = 8 << 20;
+pub const JSON_LIMIT: u64 = 8 << 20;
 
 /// Reads a JSON entry of `size` bytes (as its header says) whole.
 fn read_json<R: Read>(entry: &mut R, size: u64, path: &str) -> Result<Vec<u8>, ExportError> {

@@ -172,9 +172,18 @@ async fn image_facts_for(
         coordinator.client.get_credentials(request).await.map_err(|s| coordinator.failed(s))?.into_inner();
     let store = BlobStore::new(&credentials.credentials.unwrap_or_default(), plan, None, coordinator.stall_timeout);
     for image in unknown {
-        let body = store.download(&image.id).await?;
-        let chunks: Vec<bytes::Bytes> = body.try_collect().await?;
-        facts.insert(image.id.clone(), image_facts(&chunks.concat()));
+        let mut body = std::pin::pin!(store.download(&image.id).await?);
+        let mut config = Vec::new();
+        while let Some(chunk) = body.try_next().await? {
+            config.extend_from_slice(&chunk);
+            if config.len() as u64 > crate::export::JSON_LIMIT {
+                return Err(WorkerError::Invalid(format!(
+                    "the stored config {} is bigger than an image config may be",
+                    image.id
+                )));
+            }
+        }
+        facts.insert(image.id.clone(), image_facts(&config));
     }
     Ok(facts)
 }

@@ -62,14 +62,14 @@ impl ObjectStore for S3Store {
         }
     }
 
-    async fn delete_prefix(&self, prefix: &str) -> Result<DeletedObjects, Error> {
+    async fn delete_prefix(&self, prefix: &str, keep: &crate::store::KeepObject<'_>) -> Result<DeletedObjects, Error> {
         let mut deleted = DeletedObjects::default();
         let mut pages = self.client.list_objects_v2().bucket(&self.bucket).prefix(prefix).into_paginator().send();
         while let Some(page) = pages.next().await {
             let page = page.map_err(|error| store_error(prefix, error))?;
             let mut identifiers = Vec::new();
             for object in page.contents() {
-                let Some(key) = object.key() else { continue };
+                let Some(key) = object.key().filter(|key| !keep(key)) else { continue };
                 deleted.bytes += object.size().unwrap_or(0).max(0) as u64;
                 identifiers.push(ObjectIdentifier::builder().key(key).build().map_err(|e| build_error(key, e))?);
             }

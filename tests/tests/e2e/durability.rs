@@ -116,8 +116,8 @@ async fn a_dead_saves_claims_lapse_and_its_retry_never_waits() {
     // A save that stays alive keeps its claims past the claim lifetime.
     let fresh = b"a layer a live save uploads".to_vec();
     let live = client.begin_save(begin_one_layer_save("three", "app:2", &fresh)).await.unwrap().into_inner();
-    for _ in 0..5 {
-        tokio::time::sleep(Duration::from_secs(1)).await;
+    for _ in 0..10 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
         client.keep_save_alive(pb::KeepSaveAliveRequest { save_id: live.save_id.clone() }).await.unwrap();
     }
     let waiter = client.begin_save(begin_one_layer_save("four", "app:2", &fresh)).await.unwrap().into_inner();
@@ -156,9 +156,23 @@ async fn a_flush_during_a_save_leaves_nothing_behind() {
     let upload = tokio::spawn(upload);
     let half = content.len() / 2;
     pieces.send(Ok(http_body::Frame::data(bytes::Bytes::copy_from_slice(&content[..half])))).await.unwrap();
+    // The endpoint has the request once it writes the body's temporary file.
+    let objects = data_dir.path().join("objects");
+    let receiving = || {
+        std::fs::read_dir(&objects)
+            .unwrap()
+            .flatten()
+            .any(|entry| entry.file_name().to_string_lossy().starts_with(".tmp.layer-cache-"))
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !receiving() {
+        assert!(std::time::Instant::now() < deadline, "the upload never reached the endpoint");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let flushed = coordinator.cachectl(&["flush", "web"]);
     assert!(flushed.status.success(), "{}", stderr_of(&flushed));
-    pieces.send(Ok(http_body::Frame::data(bytes::Bytes::copy_from_slice(&content[half..])))).await.unwrap();
+    // Should the upload have ended already, its error below says why.
+    let _ = pieces.send(Ok(http_body::Frame::data(bytes::Bytes::copy_from_slice(&content[half..])))).await;
     drop(pieces);
     let refused = upload.await.unwrap().expect_err("an upload begun before the flush does not land after it");
     let refusal = aws_sdk_s3::error::DisplayErrorContext(&refused).to_string();
@@ -246,5 +260,80 @@ async fn concurrent_saves_of_one_key_never_go_back_in_time() {
     let latest = save_one_layer_image(&coordinator.grpc_url, &token, "svc", "app:latest", b"latest build").await;
     assert!(latest.stored);
     assert_eq!(latest.replaced.unwrap().save_id, newer.save_id);
+    coordinator.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_saves_share_of_the_budget_comes_back_with_its_claims() {
+    let data_dir = tempfile::tempdir().unwrap();
+    let coordinator = CoordinatorProcess::start(data_dir.path(), &["--claim-ttl", "3"]);
+    let token = coordinator.create_project("web");
+    let mut client = worker_client(&coordinator.grpc_url, &token).await;
+    let began = std::time::Instant::now();
+    let killed = client.begin_save(begin_one_layer_save("svc", "app:1", b"a killed save")).await.unwrap().into_inner();
+    let share = killed.plan.unwrap().max_concurrency;
+    assert!(share > 0);
+    let granted = || {
+        let (_, text) = tests::http_get(&format!("{}/metrics", coordinator.metrics_url));
+        text.lines()
+            .find_map(|line| line.strip_prefix("layer_cache_transfer_requests_granted "))
+            .and_then(|value| value.trim().parse::<u32>().ok())
+            .expect("the granted gauge")
+    };
+    assert_eq!(granted(), share);
+    // No sign of life: after the claim lifetime its share is back (not after the lease's 10 min).
+    while granted() != 0 {
+        assert!(began.elapsed() < Duration::from_secs(20), "the silent save's share never came back");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(began.elapsed() >= Duration::from_secs(3), "a share lapses only with its claims");
+    coordinator.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn once_a_flushed_projects_keys_expire_its_store_is_swept_of_what_no_manifest_names() {
+    // Where a key outlives its revocation (an STS session with an S3 store), a save begun
+    // before a flush may still write after it: that object is swept once the key expires.
+    let data_dir = tempfile::tempdir().unwrap();
+    let coordinator = CoordinatorProcess::start(data_dir.path(), &["--credential-ttl", "5"]);
+    let token = coordinator.create_project("web");
+    let mut client = worker_client(&coordinator.grpc_url, &token).await;
+    let old =
+        client.begin_save(begin_one_layer_save("svc", "app:0", b"begun before the flush")).await.unwrap().into_inner();
+    let old_key = old.credentials.unwrap();
+    assert!(coordinator.cachectl(&["flush", "web"]).status.success());
+    let renewal = pb::GetCredentialsRequest {
+        access: pb::Access::Write as i32,
+        renew_access_key_id: old_key.access_key_id.clone(),
+    };
+    let refused = client.get_credentials(renewal).await.unwrap_err();
+    assert!(refused.message().contains("revoked"), "a revoked key is never renewed: {refused:?}");
+
+    // What the old save wrote late, as a file in the store (the embedded endpoint refuses it).
+    let blobs = data_dir.path().join("objects").join(&old_key.bucket).join(&old_key.prefix).join("blobs/sha256");
+    std::fs::create_dir_all(&blobs).unwrap();
+    let orphan = blobs.join(sha256_digest(b"written late").trim_start_matches("sha256:"));
+    std::fs::write(&orphan, b"written late").unwrap();
+    // After the flush: a committed save, and one still uploading (its blobs claimed).
+    let committed = save_one_layer_image(&coordinator.grpc_url, &token, "svc", "app:1", b"committed after").await;
+    assert!(committed.stored);
+    let uploading = client.begin_save(begin_one_layer_save("other", "app:2", b"uploading")).await.unwrap().into_inner();
+    upload_one_layer_blobs(uploading.credentials.as_ref().unwrap(), b"uploading").await;
+    let stored = |content: &[u8]| blobs.join(sha256_digest(content).trim_start_matches("sha256:")).is_file();
+
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while orphan.exists() {
+        assert!(std::time::Instant::now() < deadline, "the orphan was never swept");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(stored(b"committed after") && stored(&one_layer_config(b"committed after")), "a committed blob stays");
+    assert!(stored(b"uploading"), "a live save's claimed blob stays");
+    let commit = pb::CommitSaveRequest {
+        save_id: uploading.save_id,
+        images: vec![one_layer_image("app:2", b"uploading", true)],
+        save_log: Vec::new(),
+    };
+    assert!(client.commit_save(commit).await.unwrap().into_inner().stored);
+    assert!(coordinator.log().contains("swept what a flushed save left"), "{}", coordinator.log());
     coordinator.stop();
 }
