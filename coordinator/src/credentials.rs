@@ -167,21 +167,8 @@ impl EmbeddedBroker {
         let access_key_id = format!("LC{}", hex::encode_upper(id_bytes));
         let record = MintedKeyRecord { project: project.to_owned(), access, expires_unix };
         self.db.insert_minted_key(&access_key_id, &record)?;
-        self.key_durable(access).await?;
+        self.db.key_durable(access).await?;
         Ok(self.credentials(project, access, access_key_id, expires_unix))
-    }
-
-    /// A key handed out must keep working after a crash: its record is what admits it. A read
-    /// key is still handed out when the disk refuses (full, read-only), so restores go on
-    /// working from the store; it lapses if the coordinator restarts.
-    async fn key_durable(&self, access: KeyAccess) -> Result<(), Error> {
-        match self.db.durable().await {
-            Err(error) if access == KeyAccess::Read => {
-                tracing::warn!(%error, "a read key was issued without reaching the disk");
-                Ok(())
-            }
-            result => result,
-        }
     }
 
     /// What a worker needs to use a minted key.
@@ -232,7 +219,7 @@ impl CredentialBroker for EmbeddedBroker {
                 if record.project == project && record.access == access && record.expires_unix > now_unix() =>
             {
                 self.db.insert_minted_key(access_key_id, &MintedKeyRecord { expires_unix, ..record })?;
-                self.key_durable(access).await?;
+                self.db.key_durable(access).await?;
                 Ok(self.credentials(project, access, access_key_id.to_owned(), expires_unix))
             }
             _ => self.mint(project, access, expires_unix).await,

@@ -208,6 +208,20 @@ impl Database {
         Ok(())
     }
 
+    /// Waits for a key's record to be durable: a key handed out must keep working after a
+    /// crash, since its record is what admits it (and renews it). A read key is still handed
+    /// out when the disk refuses (full, read-only), so restores go on working from the store;
+    /// it lapses if the coordinator restarts.
+    pub async fn key_durable(&self, access: KeyAccess) -> Result<(), Error> {
+        match self.durable().await {
+            Err(error) if access == KeyAccess::Read => {
+                tracing::warn!(%error, "a read key was issued without reaching the disk");
+                Ok(())
+            }
+            result => result,
+        }
+    }
+
     /// Inserts a new project; [`Error::ProjectExists`] if the name is taken.
     pub fn create_project(&self, record: &ProjectRecord) -> Result<(), Error> {
         let swapped = self

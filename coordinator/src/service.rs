@@ -270,7 +270,7 @@ impl CacheService {
                 expires_unix: issued.expires_unix,
             };
             self.db.insert_minted_key(&issued.access_key_id, &record)?;
-            self.db.durable().await?;
+            self.db.key_durable(access).await?;
         }
         let access_name = if access == KeyAccess::Write { "write" } else { "read" };
         let grant = crate::metrics::GrantLabels { project: project.to_owned(), access: access_name.to_owned() };

@@ -133,6 +133,42 @@ pub fn validate_token(value: &str) -> Result<(), InvalidName> {
 mod tests {
     use super::*;
 
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig { cases: 512, failure_persistence: None, ..Default::default() })]
+
+        /// Any string from outside: no panic, a refusal is one line, and what passes is safe
+        /// as a storage key segment (no separator, not `.` or `..`).
+        #[test]
+        fn any_name_is_refused_in_one_line_or_is_a_safe_segment(value in "(?s).{0,80}|[a-z0-9._-]{1,70}") {
+            for check in [validate_project_name, validate_service_name, validate_branch_name] {
+                match check(&value) {
+                    Ok(()) => proptest::prop_assert!(
+                        value.is_empty() || (!value.contains('/') && value != "." && value != ".." && value.len() <= 63)
+                    ),
+                    Err(error) => proptest::prop_assert!(!error.to_string().contains('\n')),
+                }
+            }
+        }
+
+        #[test]
+        fn any_digest_tag_or_token_is_refused_in_one_line(value in "(?s).{0,300}|sha256:[0-9a-f]{64}|[a-z/]{1,20}:[a-z0-9.]{1,10}") {
+            for check in [validate_digest, validate_repo_tag] {
+                if let Err(error) = check(&value) {
+                    proptest::prop_assert!(!error.to_string().contains('\n'));
+                }
+            }
+            if validate_repo_tag(&value).is_ok() {
+                proptest::prop_assert!(
+                    !value.contains("..") && value.contains(':') && value.bytes().all(|b| b.is_ascii_graphic())
+                );
+            }
+            if let Err(error) = validate_token(&value) {
+                // A token is never echoed, not even a malformed one.
+                proptest::prop_assert!(value.len() < 4 || !error.to_string().contains(&value));
+            }
+        }
+    }
+
     #[test]
     fn accepts_the_documented_pattern() {
         for ok in ["a", "0", "web", "my-project.v2", &"a".repeat(63)] {

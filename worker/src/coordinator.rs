@@ -48,12 +48,19 @@ impl Coordinator {
     pub fn keep_save_alive(&self, save_id: &str, interval: Duration) -> KeepAlive {
         let (mut client, save_id) = (self.client.clone(), save_id.to_owned());
         let task = tokio::spawn(async move {
+            let mut warned = false;
             loop {
                 tokio::time::sleep(interval).await;
                 let request = proto::v1::KeepSaveAliveRequest { save_id: save_id.clone() };
-                if let Err(status) = client.keep_save_alive(request).await {
-                    // The commit reports what went wrong; the claims may lapse meanwhile.
-                    tracing::warn!(error = %status.message(), "telling the coordinator the save is alive failed");
+                match client.keep_save_alive(request).await {
+                    Ok(_) => warned = false,
+                    // The commit reports what went wrong; the claims may lapse meanwhile. Said
+                    // once, not at every interval of a long outage.
+                    Err(status) if !warned => {
+                        warned = true;
+                        tracing::warn!(error = %status.message(), "telling the coordinator the save is alive failed");
+                    }
+                    Err(status) => tracing::debug!(error = %status.message(), "the save is still not kept alive"),
                 }
             }
         });

@@ -23,6 +23,10 @@ pub enum WorkerError {
     /// The build host itself: a spool folder that cannot be made, and the like.
     #[error("{0}")]
     Host(String),
+    /// A save that could not complete for a reason that is nobody's input: begun twice and
+    /// lost by the coordinator twice, say.
+    #[error("{0}")]
+    Save(String),
 }
 
 impl WorkerError {

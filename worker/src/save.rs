@@ -293,7 +293,7 @@ pub async fn save(
             eprintln!("cache-worker: {reason}: saving {} again", options.service);
             match save_once(coordinator, engine, options, cleanup, &chain, started).await? {
                 Attempt::Done(summary) => Ok(summary),
-                Attempt::Again(reason) => Err(WorkerError::Invalid(format!("{reason}, twice"))),
+                Attempt::Again(reason) => Err(WorkerError::Save(format!("{reason}, twice"))),
             }
         }
     }
@@ -447,7 +447,7 @@ async fn save_begun(
             }
         };
         stored = committed.stored;
-        print_commit_outcome(&options.service, &committed, started);
+        print_commit_outcome(&options.service, &committed);
     }
 
     let n_blobs_stored = begun.stored_blobs.len();
@@ -503,7 +503,7 @@ async fn save_begun(
 
 /// Says what the commit did to the cache: which save's images it replaced (by their tags and
 /// host), or which newer save's images it kept.
-fn print_commit_outcome(service: &str, committed: &pb::CommitSaveResponse, started: Instant) {
+fn print_commit_outcome(service: &str, committed: &pb::CommitSaveResponse) {
     let describe = |origin: &pb::SaveOrigin| {
         let tags = if origin.repo_tags.is_empty() { "no tags".to_owned() } else { origin.repo_tags.join(", ") };
         let host = if origin.host.is_empty() { String::new() } else { format!(", from host {}", origin.host) };
@@ -518,19 +518,36 @@ fn print_commit_outcome(service: &str, committed: &pb::CommitSaveResponse, start
         return;
     }
     let Some(replaced) = &committed.replaced else { return };
-    let now_ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |elapsed| elapsed.as_millis() as i64);
-    let this_save_began_ms = now_ms - started.elapsed().as_millis() as i64;
-    if replaced.committed_unix_ms >= this_save_began_ms {
+    // Both times are the coordinator's, so the build hosts' clocks do not matter.
+    let this_save = committed.manifest.as_ref().and_then(|manifest| manifest.origin.clone()).unwrap_or_default();
+    if replaced.committed_unix_ms >= this_save.began_unix_ms && this_save.began_unix_ms > 0 {
         println!(
             "replaced the images of a concurrent save of {service} ({}), committed while this one ran",
             describe(replaced)
         );
     } else if replaced.committed_unix_ms > 0 {
-        let age = (now_ms - replaced.committed_unix_ms) as f64 / 1000.0;
+        let age = (this_save.committed_unix_ms - replaced.committed_unix_ms) as f64 / 1000.0;
         println!("replaced the previous images of {service} ({}), saved {age:.0} s ago", describe(replaced));
     } else {
         println!("replaced the previous images of {service}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_or_read_only_spool_is_named_as_such() {
+        let full = std::io::Error::from(std::io::ErrorKind::StorageFull);
+        let named = host_disk_error(WorkerError::Export(crate::export::ExportError::Io(full))).to_string();
+        assert!(named.starts_with("the spool folder ") && named.contains("is full"), "{named}");
+        let read_only = std::io::Error::from(std::io::ErrorKind::ReadOnlyFilesystem);
+        let named = host_disk_error(WorkerError::Export(crate::export::ExportError::Io(read_only))).to_string();
+        assert!(named.contains("read-only") && named.contains("CACHE_SPOOL_DIR"), "{named}");
+        // Any other failure keeps its own words.
+        let other = std::io::Error::from(std::io::ErrorKind::UnexpectedEof);
+        let kept = host_disk_error(WorkerError::Export(crate::export::ExportError::Io(other))).to_string();
+        assert!(kept.starts_with("reading the engine's export failed"), "{kept}");
     }
 }
