@@ -119,6 +119,16 @@ impl CoordinatorProcess {
         }
     }
 
+    /// Asserts that none of `secrets` (tokens, secret keys, session tokens), nor the admin
+    /// token, appears in what the process has logged.
+    pub fn assert_no_secret_logged(&self, secrets: &[&str]) {
+        let log = self.log();
+        for secret in secrets.iter().copied().chain([self.admin_token.as_str()]) {
+            assert!(secret.len() >= 16, "not a secret to look for: {secret:?}");
+            assert!(!log.contains(secret), "a secret reached the coordinator's log:\n{log}");
+        }
+    }
+
     /// What the process has logged so far (its stderr).
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.log.path()).expect("read the coordinator's log")

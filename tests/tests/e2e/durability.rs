@@ -53,6 +53,7 @@ async fn acknowledged_writes_survive_a_sigkill() {
     assert!(!web.lookup(lookup).await.unwrap().into_inner().found, "the acknowledged flush is kept");
     let shown = coordinator.cachectl(&["show", "web", "svc"]);
     assert_eq!(shown.status.code(), Some(66), "{}", stderr_of(&shown));
+    coordinator.assert_no_secret_logged(&[&web_token, &read_key.secret_access_key, &read_key.session_token]);
     coordinator.stop();
 }
 
@@ -133,7 +134,7 @@ fn sorted(mut digests: Vec<String>) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flush_during_a_save_leaves_nothing_behind() {
     let data_dir = tempfile::tempdir().unwrap();
-    let coordinator = CoordinatorProcess::start(data_dir.path(), &[]);
+    let coordinator = CoordinatorProcess::start_with_env(data_dir.path(), &[], &[("RUST_LOG", "debug")]);
     let token = coordinator.create_project("web");
     let mut client = worker_client(&coordinator.grpc_url, &token).await;
     let content = vec![7u8; 2 << 20];
@@ -210,6 +211,8 @@ async fn a_flush_during_a_save_leaves_nothing_behind() {
     // The project saves again as new.
     let saved = save_one_layer_image(&coordinator.grpc_url, &token, "svc", "app:1", &content).await;
     assert!(saved.stored);
+    // Refused requests are logged (at debug too, here) without the key's secrets.
+    coordinator.assert_no_secret_logged(&[&token, &credentials.secret_access_key, &credentials.session_token]);
     coordinator.stop();
 }
 
