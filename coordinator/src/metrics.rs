@@ -274,7 +274,8 @@ mod tests {
             "layer_cache_grpc_requests_total{method=\"Lookup\",code=\"Ok\"} 1",
             "layer_cache_transfer_throughput_bytes_per_second_count{operation=\"restore\"} 1",
         ] {
-            assert!(text.contains(line), "{line} missing from:\n{text}");
+            // Whole lines: "… 1" must not pass for "… 10".
+            assert!(text.lines().any(|exposed| exposed == line), "{line} missing from:\n{text}");
         }
     }
 }

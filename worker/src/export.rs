@@ -785,9 +785,11 @@ pub(crate) mod tests {
         });
         assert!(matches!(result, Err(ExportError::DigestMismatch { .. })), "{result:?}");
         // A streamed layer that did not match ends in an error, so its upload fails before the
-        // store keeps it.
+        // store keeps it. (The one missing layer of a legacy export is its last: it streams.)
+        let mut n_streamed = 0;
         for blob in bodies {
             if let SpooledBlob::Stream { mut body, .. } = blob {
+                n_streamed += 1;
                 let mut pieces = Vec::new();
                 while let Some(piece) = body.blocking_recv() {
                     pieces.push(piece);
@@ -795,6 +797,7 @@ pub(crate) mod tests {
                 assert!(pieces.last().is_some_and(|piece| piece.is_err()), "the body ends in an error");
             }
         }
+        assert_eq!(n_streamed, 1, "the mismatched layer was streamed");
     }
 
     #[test]

@@ -108,7 +108,11 @@ fn a_classic_and_a_buildkit_service_share_one_store() {
     assert!(classic.status.success(), "{}", stderr_of(&classic));
     build(&build_host, api.path(), "api:latest", &[INLINE_CACHE]);
 
+    let inspect = build_host.docker(&["image", "inspect", "--format", "{{.Id}} {{index .RootFS.Layers 0}}", "base:1"]);
+    let base = stdout_of(&inspect);
+    let (base_id, base_layer) = base.trim().split_once(' ').unwrap();
     let mut digests = HashSet::new();
+    let mut logs = Vec::new();
     for (service, images) in [("web", vec!["web:latest"]), ("api", vec!["api:latest", "base:1"])] {
         let mut args = vec!["save", "--service", service];
         args.extend(images);
@@ -118,7 +122,19 @@ fn a_classic_and_a_buildkit_service_share_one_store() {
         {
             digests.insert(line.split_whitespace().nth(1).unwrap().to_owned());
         }
+        logs.push(stdout_of(&saved));
     }
+    // The second save found the base already stored and uploaded nothing of it.
+    let base_layer_lines: Vec<&str> =
+        logs[1].lines().filter(|line| line.starts_with(&format!("  layer {base_layer} "))).collect();
+    assert!(!base_layer_lines.is_empty(), "{}", logs[1]);
+    assert!(base_layer_lines.iter().all(|line| line.ends_with(" already stored")), "{}", logs[1]);
+    assert!(logs[1].contains(&format!("image {base_id} (base:1")), "{}", logs[1]);
+    let summary = logs[1].lines().find(|line| line.starts_with("saved api: ")).unwrap();
+    let before_stored = summary.split(" already stored").next().unwrap();
+    let n_stored: usize =
+        before_stored.rsplit(' ').next().and_then(|n| n.parse().ok()).unwrap_or_else(|| panic!("{summary}"));
+    assert!(n_stored >= 2, "the base's config and layer were already stored: {summary}");
     // Every distinct config and layer once in the store: the base layer is not stored twice.
     let blobs_dir = data_dir.path().join("objects/layer-cache/cache/shop/blobs/sha256");
     let stored: HashSet<String> = std::fs::read_dir(&blobs_dir)
