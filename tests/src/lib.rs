@@ -508,13 +508,34 @@ impl CoordinatorProcess {
 
 /// A TCP proxy on loopback in front of `upstream` that can freeze: while frozen it moves no
 /// byte in either direction and keeps every connection open, as a stalled store or network
-/// does.
+/// does. It also notes the `Range` headers of the requests it passes.
 pub struct FreezingProxy {
     pub address: std::net::SocketAddr,
     frozen: std::sync::Arc<std::sync::atomic::AtomicBool>,
     upstream: std::sync::Arc<std::sync::Mutex<String>>,
     /// Bytes moved from the upstream to clients so far.
     moved_down: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// The `Range` headers of the requests that passed, as sent (e.g. `bytes=0-8388607`).
+    ranges: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+/// Takes the complete lines out of `pending`; returns the values of `Range:` header lines.
+fn range_headers(pending: &mut Vec<u8>) -> Vec<String> {
+    let mut ranges = Vec::new();
+    while let Some(end) = pending.windows(2).position(|pair| pair == b"\r\n") {
+        let line = String::from_utf8_lossy(&pending[..end]).into_owned();
+        pending.drain(..end + 2);
+        if let Some((name, value)) = line.split_once(':')
+            && name.eq_ignore_ascii_case("range")
+        {
+            ranges.push(value.trim().to_owned());
+        }
+    }
+    // A body without line breaks is not kept whole.
+    if pending.len() > 64 * 1024 {
+        pending.clear();
+    }
+    ranges
 }
 
 impl FreezingProxy {
@@ -525,22 +546,25 @@ impl FreezingProxy {
         let frozen = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let upstream = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
         let moved_down = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let ranges = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let (accept_upstream, accept_frozen, accept_moved) = (upstream.clone(), frozen.clone(), moved_down.clone());
+        let accept_ranges = ranges.clone();
         std::thread::spawn(move || {
             for client in listener.incoming() {
                 let Ok(client) = client else { break };
                 let upstream = accept_upstream.lock().expect("upstream").clone();
                 let Ok(server) = std::net::TcpStream::connect(&upstream) else { continue };
                 let directions = [
-                    (client.try_clone(), server.try_clone(), None),
-                    (server.try_clone(), client.try_clone(), Some(accept_moved.clone())),
+                    (client.try_clone(), server.try_clone(), None, Some(accept_ranges.clone())),
+                    (server.try_clone(), client.try_clone(), Some(accept_moved.clone()), None),
                 ];
-                for (from, to, counter) in directions {
+                for (from, to, counter, ranges) in directions {
                     let (Ok(mut from), Ok(mut to)) = (from, to) else { continue };
                     let frozen = accept_frozen.clone();
                     std::thread::spawn(move || {
                         use std::io::{Read, Write};
                         let mut buffer = vec![0u8; 64 * 1024];
+                        let mut pending = Vec::new();
                         loop {
                             while frozen.load(std::sync::atomic::Ordering::SeqCst) {
                                 std::thread::sleep(Duration::from_millis(50));
@@ -557,6 +581,10 @@ impl FreezingProxy {
                                     if let Some(counter) = &counter {
                                         counter.fetch_add(n as u64, std::sync::atomic::Ordering::SeqCst);
                                     }
+                                    if let Some(ranges) = &ranges {
+                                        pending.extend_from_slice(&buffer[..n]);
+                                        ranges.lock().expect("ranges").extend(range_headers(&mut pending));
+                                    }
                                 }
                             }
                         }
@@ -565,11 +593,16 @@ impl FreezingProxy {
                 }
             }
         });
-        FreezingProxy { address, frozen, upstream, moved_down }
+        FreezingProxy { address, frozen, upstream, moved_down, ranges }
     }
 
     pub fn forward_to(&self, upstream: &str) {
         *self.upstream.lock().expect("upstream") = upstream.to_owned();
+    }
+
+    /// The `Range` headers of every request so far.
+    pub fn ranges(&self) -> Vec<String> {
+        self.ranges.lock().expect("ranges").clone()
     }
 
     pub fn bytes_moved_down(&self) -> u64 {

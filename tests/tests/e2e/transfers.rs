@@ -176,8 +176,12 @@ fn a_real_save_stores_blobs_in_the_planned_parts_and_restores_from_them() {
     let noise_layer = build_big_image(&build_host, 20);
     for (part_size_mib, expected_parts) in [("8", "-3"), ("16", "-2")] {
         let data_dir = tempfile::tempdir().unwrap();
-        let args = ["--part-size-mib", part_size_mib, "--multipart-threshold-mib", "8"];
+        // Build hosts reach the store through a proxy that notes every GET's range.
+        let proxy = tests::FreezingProxy::start();
+        let public_url = format!("http://{}", proxy.address);
+        let args = ["--part-size-mib", part_size_mib, "--multipart-threshold-mib", "8", "--s3-public-url", &public_url];
         let coordinator = CoordinatorProcess::start(data_dir.path(), &args);
+        proxy.forward_to(coordinator.s3_listen.as_deref().unwrap());
         let token = coordinator.create_project("web");
         let saved = coordinator.cache_worker_on(&build_host, &token, &["save", "--service", "web", "big:1"]);
         assert!(saved.status.success(), "save: {}", stderr_of(&saved));
@@ -198,6 +202,22 @@ fn a_real_save_stores_blobs_in_the_planned_parts_and_restores_from_them() {
         let ids = fresh.image_ids();
         let original = build_host.docker(&["image", "inspect", "--format", "{{.Id}}", "big:1"]);
         assert!(ids.contains(&stdout_of(&original).trim().to_owned()), "{ids:?}");
+        // Every range starts on a part boundary and spans at most one part; the 20 MiB layer
+        // came in one range per part.
+        let part_size: u64 = part_size_mib.parse::<u64>().unwrap() << 20;
+        let ranges: Vec<(u64, u64)> = proxy
+            .ranges()
+            .iter()
+            .map(|range| {
+                let (first, last) = range.strip_prefix("bytes=").and_then(|span| span.split_once('-')).unwrap();
+                (first.parse().unwrap(), last.parse().unwrap())
+            })
+            .collect();
+        for (first, last) in &ranges {
+            assert!(first % part_size == 0 && last - first < part_size, "unaligned range {first}-{last}");
+        }
+        let n_parts_of_layer = ranges.iter().filter(|(first, _)| *first > 0).count() + 1;
+        assert_eq!(format!("-{n_parts_of_layer}"), expected_parts, "{ranges:?}");
     }
 }
 
