@@ -41,3 +41,46 @@ fn a_bad_config_file_is_one_line_and_exit_code_64() {
     assert!(stderr.contains("unknown field `unknown_setting`"), "{stderr}");
     assert!(!dir.path().join("data").exists(), "nothing is created on bad configuration");
 }
+
+/// The arguments deploy/ starts the coordinator with: the compose service's `command`, the
+/// StatefulSet's container `args`, and the image's `ENTRYPOINT` + `CMD`.
+fn deploy_argument_lists() -> Vec<(&'static str, Vec<String>)> {
+    let deploy = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy");
+    let strings = |value: &serde_yaml::Value| -> Vec<String> {
+        value.as_sequence().expect("a list of arguments").iter().map(|arg| arg.as_str().unwrap().to_owned()).collect()
+    };
+    let compose: serde_yaml::Value =
+        serde_yaml::from_str(&std::fs::read_to_string(deploy.join("compose.yaml")).unwrap()).unwrap();
+    let kubernetes = std::fs::read_to_string(deploy.join("kubernetes/coordinator.yaml")).unwrap();
+    let stateful_set = serde_yaml::Deserializer::from_str(&kubernetes)
+        .map(|document| <serde_yaml::Value as serde::Deserialize>::deserialize(document).unwrap())
+        .find(|document| document["kind"] == "StatefulSet")
+        .expect("a StatefulSet");
+    let dockerfile = std::fs::read_to_string(deploy.join("Dockerfile")).unwrap();
+    let instruction = |name: &str| -> Vec<String> {
+        let line = dockerfile.lines().find_map(|line| line.strip_prefix(name)).unwrap_or_else(|| panic!("no {name}"));
+        serde_json::from_str(line.trim()).unwrap_or_else(|error| panic!("{name} is not a JSON list: {error}"))
+    };
+    let mut image = instruction("ENTRYPOINT ");
+    assert_eq!(image, ["cache-coordinator"], "the image runs the coordinator");
+    image.extend(instruction("CMD "));
+    vec![
+        ("compose.yaml", strings(&compose["services"]["coordinator"]["command"])),
+        ("kubernetes/coordinator.yaml", strings(&stateful_set["spec"]["template"]["spec"]["containers"][0]["args"])),
+        ("Dockerfile", image[1..].to_vec()),
+    ]
+}
+
+#[test]
+fn deploy_files_start_the_coordinator_with_flags_it_takes() {
+    use clap::Parser;
+    for (file, arguments) in deploy_argument_lists() {
+        let cli =
+            coordinator::config::Cli::try_parse_from(std::iter::once("cache-coordinator".to_owned()).chain(arguments))
+                .unwrap_or_else(|error| panic!("{file}: {error}"));
+        let coordinator::config::Command::Serve(args) = cli.command;
+        let config = merge(args, Default::default()).unwrap_or_else(|error| panic!("{file}: {error}"));
+        assert_eq!(config.listen.to_string(), "0.0.0.0:7400", "{file}");
+        assert_eq!(config.metrics_listen.to_string(), "0.0.0.0:9400", "{file}");
+    }
+}

@@ -78,3 +78,47 @@ fn prometheus_loads_the_configuration_and_rules() {
         );
     }
 }
+
+#[test]
+fn the_worker_example_runs_cache_worker_with_flags_it_takes() {
+    let manifest = std::fs::read_to_string(deploy_dir().join("kubernetes/worker-example.yaml")).unwrap();
+    let pod: serde_yaml::Value = serde_yaml::from_str(&manifest).unwrap();
+    let script = pod["spec"]["containers"][0]["args"][0].as_str().unwrap();
+    let mut n_checked = 0;
+    for line in script.lines() {
+        let Some(start) = line.find("cache-worker ") else { continue };
+        let command = &line[start + "cache-worker ".len()..];
+        let arguments: Vec<&str> = command.trim_end_matches(')').split_whitespace().collect();
+        // Against a closed port: whatever else fails, the arguments must parse (clap's usage
+        // errors exit 2).
+        let output = Command::new(tests::binary("cache-worker"))
+            .args(&arguments)
+            .env("CACHE_COORDINATOR", "http://127.0.0.1:9")
+            .env("CACHE_TOKEN", "cct_web_0123456789abcdef0123456789abcdef")
+            .env("DOCKER_HOST", "unix:///nonexistent/docker.sock")
+            .output()
+            .unwrap();
+        let stderr = stderr_of(&output);
+        assert_ne!(output.status.code(), Some(2), "{command}: {stderr}");
+        assert!(!stderr.contains("Usage:"), "{command}: {stderr}");
+        n_checked += 1;
+    }
+    assert_eq!(n_checked, 2, "the example restores and saves");
+}
+
+#[test]
+fn the_image_builds_and_ships_the_three_binaries() {
+    let dockerfile = std::fs::read_to_string(deploy_dir().join("Dockerfile")).unwrap();
+    let workspace = std::fs::read_to_string(deploy_dir().join("../Cargo.toml")).unwrap();
+    for package in ["coordinator", "worker", "cli"] {
+        assert!(dockerfile.contains(&format!("-p {package}")), "the image builds package {package}");
+        assert!(workspace.contains(&format!("\"{package}\"")), "{package} is a workspace member");
+    }
+    for binary in ["cache-coordinator", "cache-worker", "cachectl"] {
+        assert!(dockerfile.contains(&format!("/src/target/release/{binary} ")), "the image ships {binary}");
+        tests::binary(binary);
+    }
+    let toolchain = dockerfile.lines().find_map(|line| line.strip_prefix("FROM rust:")).unwrap();
+    let rust_version = workspace.lines().find_map(|line| line.strip_prefix("rust-version = ")).unwrap();
+    assert!(toolchain.starts_with(rust_version.trim_matches('"')), "the image's Rust is the workspace's: {toolchain}");
+}

@@ -165,7 +165,7 @@ fn a_broken_cache_never_breaks_a_build() {
 
     // A failed save exits non-zero with one line and leaves the previous manifest in place.
     let failed = coordinator.cache_worker_on(&build_host, &token, &["save", "--service", "web", "nothing:here"]);
-    assert_ne!(failed.status.code(), Some(0));
+    assert_eq!(failed.status.code(), Some(1), "a failed save: exit 1, as README says");
     assert_eq!(stderr_of(&failed), "cache-worker: saving web failed: no image \"nothing:here\" in the Docker engine\n");
     assert!(stdout_of(&coordinator.cachectl(&["show", "web", "web"])).contains("app:latest"));
 

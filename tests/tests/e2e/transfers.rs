@@ -305,7 +305,7 @@ async fn operators_get_a_projects_credentials_with_cachectl() {
     assert!(put(read).await.is_err(), "the default is read-only");
 
     let missing = coordinator.cachectl(&["credentials", "nope"]);
-    assert!(!missing.status.success());
+    assert_eq!(missing.status.code(), Some(66), "no such project: {}", stderr_of(&missing));
     assert_eq!(stderr_of(&missing).trim().lines().count(), 1, "{}", stderr_of(&missing));
     assert!(stderr_of(&missing).contains("nope"), "{}", stderr_of(&missing));
     let bad = coordinator.cachectl(&["credentials", "../etc"]);
