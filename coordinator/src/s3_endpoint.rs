@@ -377,21 +377,28 @@ impl ObjectFiles {
         let expected = input.content_length.unwrap_or(0).max(0) as u64;
         let object_path = self.root.join(&input.bucket).join(&input.key);
         let parent = object_path.parent().ok_or_else(|| s3_error!(InvalidRequest))?.to_owned();
+        let mut body = input.body.map(coalesced).ok_or_else(|| s3_error!(IncompleteBody, "no body"))?;
         // Deleted when dropped, also when the client goes away mid-body and this future with it.
-        let temp = tempfile::Builder::new()
-            .prefix(".tmp.layer-cache-")
-            .suffix(".internal.part")
-            .tempfile_in(&self.root)
-            .map_err(|error| write_failed(&self.root, s3_error!(error, InternalError)))?;
+        let temp =
+            match tempfile::Builder::new().prefix(".tmp.layer-cache-").suffix(".internal.part").tempfile_in(&self.root)
+            {
+                Ok(temp) => temp,
+                Err(error) => {
+                    drain(&mut body).await;
+                    return Err(write_failed(&self.root, s3_error!(error, InternalError)));
+                }
+            };
         let (file, temp_path) = temp.into_parts();
         let written: std::io::Result<u64> = async {
             let mut file = tokio::fs::File::from_std(file);
-            let mut body = input.body.map(coalesced).ok_or_else(|| std::io::Error::other("no body"))?;
             let mut written = 0u64;
             while let Some(piece) = body.next().await {
                 let piece = piece.map_err(std::io::Error::other)?;
                 written += piece.len() as u64;
-                file.write_all(&piece).await?;
+                if let Err(error) = file.write_all(&piece).await {
+                    drain(&mut body).await;
+                    return Err(error);
+                }
             }
             file.flush().await?;
             Ok(written)
@@ -423,6 +430,23 @@ impl ObjectFiles {
         })?;
         let output = PutObjectOutput { e_tag: Some(ETag::Strong(e_tag)), ..Default::default() };
         Ok(S3Response::new(output))
+    }
+}
+
+/// How much of a refused upload's body the endpoint still reads: a client that is still
+/// sending when the answer comes reads no answer at all (it sees a broken pipe), so a refusal
+/// of a body up to this size reaches the worker in its own words.
+const DRAINED_BODY_LIMIT: u64 = 64 << 20;
+
+/// Reads and drops what is left of a refused upload's body, up to [`DRAINED_BODY_LIMIT`].
+async fn drain(body: &mut StreamingBlob) {
+    use futures::StreamExt;
+    let mut drained = 0u64;
+    while drained < DRAINED_BODY_LIMIT {
+        match body.next().await {
+            Some(Ok(piece)) => drained += piece.len() as u64,
+            Some(Err(_)) | None => return,
+        }
     }
 }
 

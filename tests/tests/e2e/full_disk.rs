@@ -107,7 +107,7 @@ async fn a_full_or_read_only_data_directory_is_named_and_the_stored_cache_still_
     // Fill the disk to the last byte.
     let filler = tmpfs.0.path().join("filler");
     let _ = Command::new("dd").arg("if=/dev/zero").arg(format!("of={}", filler.display())).arg("bs=1M").output();
-    let refusal = refused_save(&coordinator, &token, &vec![1u8; 4 << 20]).await;
+    let refusal = refused_save(&coordinator, &token, &vec![1u8; 32 << 20]).await;
     assert!(!refusal.contains('\n'), "one line: {refusal}");
     assert!(refusal.contains("disk is full"), "the cause is named: {refusal}");
     assert!(coordinator.log().contains("disk is full"), "and logged: {}", coordinator.log());
@@ -117,7 +117,7 @@ async fn a_full_or_read_only_data_directory_is_named_and_the_stored_cache_still_
     // The objects' folder turns read-only (a remount of the whole tmpfs is refused while the
     // database's files are open for writing).
     let read_only = ReadOnly::bind(&data_dir.join("objects"));
-    let refusal = refused_save(&coordinator, &token, &vec![2u8; 4 << 20]).await;
+    let refusal = refused_save(&coordinator, &token, &vec![2u8; 32 << 20]).await;
     assert!(!refusal.contains('\n'), "one line: {refusal}");
     assert!(refusal.contains("read-only"), "the cause is named: {refusal}");
     assert!(coordinator.log().contains("read-only"), "and logged: {}", coordinator.log());

@@ -216,3 +216,66 @@ fn a_broken_cache_never_breaks_a_build() {
     assert_eq!(strict_unreachable.status.code(), Some(69));
     coordinator.stop();
 }
+
+#[test]
+fn branch_caches_fall_back_in_the_order_given() {
+    let Some(SeedBuilt { build_host, coordinator, token, context: _context, data_dir: _data_dir }) =
+        build_seed(EngineKind::Engine20)
+    else {
+        return;
+    };
+    let app_id = image_id(&build_host, "app:latest");
+    let saved = coordinator.cache_worker_on(
+        &build_host,
+        &token,
+        &["save", "--service", "web", "--branch", "main", "app:latest"],
+    );
+    assert!(saved.status.success(), "{}", stderr_of(&saved));
+
+    // The branch's own key only: the default entry and other branches stay empty.
+    for branch in ["", "feature"] {
+        let shown = coordinator.cachectl(&["show", "web", "web", "--branch", branch]);
+        assert_eq!(shown.status.code(), Some(66), "branch {branch:?}: {}", stdout_of(&shown));
+    }
+    let shown = coordinator.cachectl(&["show", "web", "web", "--branch", "main"]);
+    assert!(stdout_of(&shown).contains("service web, branch main"), "{}", stdout_of(&shown));
+
+    // Another branch holds just the base.
+    let saved = coordinator.cache_worker_on(
+        &build_host,
+        &token,
+        &["save", "--service", "web", "--branch", "release", "base:1"],
+    );
+    assert!(saved.status.success(), "{}", stderr_of(&saved));
+
+    // A pull request's branch has no cache: it restores the first fallback that has one.
+    let restore = |host: &DockerEngine, fallbacks: [&str; 2]| {
+        let mut args = vec!["restore", "--service", "web", "--branch", "feature"];
+        for fallback in fallbacks {
+            args.extend(["--fallback-branch", fallback]);
+        }
+        let restored = coordinator.cache_worker_on(host, &token, &args);
+        assert!(restored.status.success(), "{}", stderr_of(&restored));
+        stdout_of(&restored)
+    };
+    let first_host = DockerEngine::start(EngineKind::Engine20).unwrap();
+    let restored = restore(&first_host, ["release", "main"]);
+    assert!(restored.contains("restored web: 1 images"), "release first: {restored}");
+    assert!(first_host.docker(&["image", "inspect", "app:latest"]).status.code() == Some(1), "only the base");
+    let second_host = DockerEngine::start(EngineKind::Engine20).unwrap();
+    let restored = restore(&second_host, ["nope", "main"]);
+    assert!(restored.contains("restored web: "), "{restored}");
+    assert_eq!(image_id(&second_host, "app:latest"), app_id);
+
+    // Without a fallback that has one, it is a miss; and --print-cache-from prints nothing.
+    let other_host = DockerEngine::start(EngineKind::Engine20).unwrap();
+    let missed = coordinator.cache_worker_on(
+        &other_host,
+        &token,
+        &["restore", "--service", "web", "--branch", "feature", "--fallback-branch", "nope", "--print-cache-from"],
+    );
+    assert!(missed.status.success(), "{}", stderr_of(&missed));
+    assert_eq!(stdout_of(&missed), "", "no flags on a miss");
+    assert!(stderr_of(&missed).contains("no cached image for web"), "{}", stderr_of(&missed));
+    assert!(other_host.image_ids().is_empty());
+}
