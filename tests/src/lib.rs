@@ -517,6 +517,24 @@ pub struct FreezingProxy {
     moved_down: std::sync::Arc<std::sync::atomic::AtomicU64>,
     /// The `Range` headers of the requests that passed, as sent (e.g. `bytes=0-8388607`).
     ranges: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    /// How many of the next connections are answered `503 Slow Down` instead of forwarded.
+    failing: std::sync::Arc<std::sync::atomic::AtomicU32>,
+}
+
+/// Answers one request on `client` with S3's `503 Slow Down` and closes the connection.
+fn slow_down(mut client: std::net::TcpStream) {
+    use std::io::{Read, Write};
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") && client.read(&mut byte).is_ok_and(|n| n == 1) {
+        head.push(byte[0]);
+    }
+    let body = "<Error><Code>SlowDown</Code><Message>injected by the test</Message></Error>";
+    let _ = write!(
+        client,
+        "HTTP/1.1 503 Slow Down\r\nContent-Type: application/xml\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
 }
 
 /// Takes the complete lines out of `pending`; returns the values of `Range:` header lines.
@@ -549,9 +567,20 @@ impl FreezingProxy {
         let ranges = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let (accept_upstream, accept_frozen, accept_moved) = (upstream.clone(), frozen.clone(), moved_down.clone());
         let accept_ranges = ranges.clone();
+        let failing = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let accept_failing = failing.clone();
         std::thread::spawn(move || {
             for client in listener.incoming() {
                 let Ok(client) = client else { break };
+                let fail = accept_failing
+                    .fetch_update(std::sync::atomic::Ordering::SeqCst, std::sync::atomic::Ordering::SeqCst, |n| {
+                        n.checked_sub(1)
+                    })
+                    .is_ok();
+                if fail {
+                    std::thread::spawn(move || slow_down(client));
+                    continue;
+                }
                 let upstream = accept_upstream.lock().expect("upstream").clone();
                 let Ok(server) = std::net::TcpStream::connect(&upstream) else { continue };
                 let directions = [
@@ -593,11 +622,16 @@ impl FreezingProxy {
                 }
             }
         });
-        FreezingProxy { address, frozen, upstream, moved_down, ranges }
+        FreezingProxy { address, frozen, upstream, moved_down, ranges, failing }
     }
 
     pub fn forward_to(&self, upstream: &str) {
         *self.upstream.lock().expect("upstream") = upstream.to_owned();
+    }
+
+    /// Answers the next `n` connections with `503 Slow Down` (each then closes).
+    pub fn fail_next(&self, n: u32) {
+        self.failing.store(n, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// The `Range` headers of every request so far.

@@ -260,3 +260,34 @@ fn a_store_that_stalls_mid_restore_costs_the_stall_timeout_not_minutes() {
     assert!(fresh_host.image_ids().is_empty(), "the engine holds nothing");
     eprintln!("the restore gave up {seconds:.1} s after the store froze");
 }
+
+#[test]
+fn a_store_that_answers_slow_down_is_retried() {
+    let proxy = tests::FreezingProxy::start();
+    let public_url = format!("http://{}", proxy.address);
+    let Some(build_host) = DockerEngine::start(EngineKind::Engine20) else { return };
+    let data_dir = tempfile::tempdir().unwrap();
+    let coordinator = CoordinatorProcess::start(data_dir.path(), &["--s3-public-url", &public_url]);
+    proxy.forward_to(coordinator.s3_listen.as_deref().unwrap());
+    let token = coordinator.create_project("web");
+    build_host.import_busybox_base("base:1");
+    let context = build_context("FROM base:1\nRUN echo one > /one\n");
+    assert!(build_host.classic_build(context.path(), "app:1", &[]).status.success());
+    let saved = coordinator.cache_worker_on(&build_host, &token, &["save", "--service", "web", "app:1"]);
+    assert!(saved.status.success(), "{}", stderr_of(&saved));
+
+    // Two refusals in a row, then the store answers: the restore retries through them.
+    let fresh_host = DockerEngine::start(EngineKind::Engine20).unwrap();
+    proxy.fail_next(2);
+    let restored = coordinator.cache_worker_on(&fresh_host, &token, &["restore", "--strict", "--service", "web"]);
+    assert!(restored.status.success(), "retried: {}", stderr_of(&restored));
+    assert!(stdout_of(&restored).contains("restored web: 2 images"), "{}", stdout_of(&restored));
+
+    // Refusals past the retries: a strict restore fails with one line naming the store's answer.
+    let other_host = DockerEngine::start(EngineKind::Engine20).unwrap();
+    proxy.fail_next(1000);
+    let refused = coordinator.cache_worker_on(&other_host, &token, &["restore", "--strict", "--service", "web"]);
+    assert_eq!(refused.status.code(), Some(1), "{}", stderr_of(&refused));
+    assert_eq!(stderr_of(&refused).lines().count(), 1, "{}", stderr_of(&refused));
+    assert!(stderr_of(&refused).contains("SlowDown"), "{}", stderr_of(&refused));
+}
