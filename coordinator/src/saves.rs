@@ -111,7 +111,15 @@ impl PendingSaves {
 
     /// Whether a live save of `project` is uploading `digest`.
     fn in_flight(&self, project: &str, digest: &str, now: Instant) -> bool {
-        self.lock().values().any(|save| save.claims(project, digest, self.claim_ttl, now))
+        self.in_flight_for(project, digest, "", now)
+    }
+
+    /// Whether a live save of `project` other than `waiting_save_id` is uploading `digest`: a
+    /// save never waits for its own claims (what it did not upload is simply not there).
+    fn in_flight_for(&self, project: &str, digest: &str, waiting_save_id: &str, now: Instant) -> bool {
+        self.lock()
+            .iter()
+            .any(|(save_id, save)| save_id != waiting_save_id && save.claims(project, digest, self.claim_ttl, now))
     }
 
     /// Records a sign of life of a save's worker.
@@ -416,7 +424,7 @@ impl CacheService {
         let lookups = unknown.into_iter().map(|digest| {
             let key = blob_key(&prefix, &digest);
             async move {
-                let awaited = self.stored_or_awaited(project, &key, &digest, waiting_since).await?;
+                let awaited = self.stored_or_awaited(project, &request.save_id, &key, &digest, waiting_since).await?;
                 Ok::<_, Error>((digest, awaited))
             }
         });
@@ -505,18 +513,19 @@ enum Awaited {
 }
 
 impl CacheService {
-    /// The stored size of a blob; while another live save of the project is uploading it
-    /// (single flight), waits for it, up to [`COMMIT_WAIT`] after `waiting_since`.
+    /// The stored size of a blob; while another live save of the project than `save_id` is
+    /// uploading it (single flight), waits for it, up to [`COMMIT_WAIT`] after `waiting_since`.
     async fn stored_or_awaited(
         &self,
         project: &str,
+        save_id: &str,
         key: &str,
         digest: &str,
         waiting_since: Instant,
     ) -> Result<Awaited, Error> {
         loop {
             let stored = self.store.object_size(key).await?;
-            if stored.is_some() || !self.pending_saves.in_flight(project, digest, Instant::now()) {
+            if stored.is_some() || !self.pending_saves.in_flight_for(project, digest, save_id, Instant::now()) {
                 return Ok(Awaited::Stored(stored));
             }
             if waiting_since.elapsed() >= COMMIT_WAIT {
@@ -571,6 +580,8 @@ mod tests {
         let (upload, in_flight) = saves.begin("s3".into(), pending("api", "one", now), digests(&["a"]), now);
         assert_eq!((upload, in_flight), (digests(&["a"]), digests(&[])));
         assert!(saves.in_flight("web", "b", now));
+        assert!(!saves.in_flight_for("web", "b", "s1", now), "a save never waits for its own claim");
+        assert!(saves.in_flight_for("web", "b", "s2", now));
         // The claimant's commit (or its abandoning the save) ends the claim.
         saves.take("s1", "web").unwrap();
         assert!(!saves.in_flight("web", "b", now));

@@ -340,3 +340,43 @@ async fn once_a_flushed_projects_keys_expire_its_store_is_swept_of_what_no_manif
     assert!(coordinator.log().contains("swept what a flushed save left"), "{}", coordinator.log());
     coordinator.stop();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_names_only_blobs_stored_with_the_size_it_reports() {
+    let data_dir = tempfile::tempdir().unwrap();
+    let coordinator = CoordinatorProcess::start(data_dir.path(), &[]);
+    let token = coordinator.create_project("web");
+    let mut client = worker_client(&coordinator.grpc_url, &token).await;
+    let content = b"a layer".to_vec();
+    let begun = client.begin_save(begin_one_layer_save("svc", "app:1", &content)).await.unwrap().into_inner();
+    let credentials = begun.credentials.clone().unwrap();
+    let commit = |images| pb::CommitSaveRequest { save_id: begun.save_id.clone(), images, save_log: Vec::new() };
+
+    // Only the config is stored: the layer is not, and the commit says which.
+    let store = s3_client_for(&credentials);
+    let config = one_layer_config(&content);
+    let put = store
+        .put_object()
+        .bucket(&credentials.bucket)
+        .key(blob_key(&credentials, &config))
+        .body(ByteStream::from(config));
+    put.send().await.unwrap();
+    let refused = client.commit_save(commit(vec![one_layer_image("app:1", &content, true)])).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::FailedPrecondition, "{refused:?}");
+    assert!(refused.message().contains(&sha256_digest(&content)) && refused.message().contains("not in the store"));
+
+    // Stored, but the worker reports another size.
+    upload_one_layer_blobs(&credentials, &content).await;
+    let mut wrong_size = one_layer_image("app:1", &content, true);
+    wrong_size.layers[0].size += 1;
+    let refused = client.commit_save(commit(vec![wrong_size])).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::FailedPrecondition, "{refused:?}");
+    assert!(refused.message().contains("is stored with 7 bytes, not 8"), "{refused:?}");
+    let shown = coordinator.cachectl(&["show", "web", "svc"]);
+    assert_eq!(shown.status.code(), Some(66), "no manifest after refused commits");
+
+    // The save stays begun and commits once what it reports is true.
+    let committed = client.commit_save(commit(vec![one_layer_image("app:1", &content, true)])).await.unwrap();
+    assert!(committed.into_inner().stored);
+    coordinator.stop();
+}
