@@ -690,29 +690,44 @@ impl PrometheusProcess {
             ),
         )
         .expect("write prometheus.yml");
-        let port =
-            std::net::TcpListener::bind("127.0.0.1:0").expect("a free port").local_addr().expect("address").port();
-        let log = std::fs::File::create(dir.path().join("prometheus.log")).expect("log");
-        let child = Command::new("prometheus")
-            .arg(format!("--config.file={}", config.display()))
-            .arg(format!("--storage.tsdb.path={}", dir.path().join("data").display()))
-            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
-            .stdout(log.try_clone().expect("log"))
-            .stderr(log)
-            .spawn()
-            .expect("start prometheus");
-        let prometheus = PrometheusProcess { child, url: format!("http://127.0.0.1:{port}"), _dir: dir };
-        let deadline = std::time::Instant::now() + Duration::from_secs(60);
-        loop {
-            let ready = std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
-                && http_get(&format!("{}/-/ready", prometheus.url)).0 == 200;
-            if ready {
-                break;
+        // Prometheus cannot be handed a bound socket, and says nothing of a port the kernel
+        // picked: pick one, and should another process take it first (Prometheus then exits,
+        // or someone else answers), pick again. Only our own Prometheus names our storage path.
+        let storage = dir.path().join("data");
+        for _attempt in 0..5 {
+            let port =
+                std::net::TcpListener::bind("127.0.0.1:0").expect("a free port").local_addr().expect("address").port();
+            let log = std::fs::File::create(dir.path().join("prometheus.log")).expect("log");
+            let mut child = Command::new("prometheus")
+                .arg(format!("--config.file={}", config.display()))
+                .arg(format!("--storage.tsdb.path={}", storage.display()))
+                .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+                .stdout(log.try_clone().expect("log"))
+                .stderr(log)
+                .spawn()
+                .expect("start prometheus");
+            let url = format!("http://127.0.0.1:{port}");
+            let deadline = std::time::Instant::now() + Duration::from_secs(60);
+            let ours = loop {
+                if child.try_wait().expect("prometheus status").is_some() {
+                    break false;
+                }
+                if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+                    && http_get(&format!("{url}/-/ready")).0 == 200
+                {
+                    let (_, flags) = http_get(&format!("{url}/api/v1/status/flags"));
+                    break flags.contains(&storage.display().to_string());
+                }
+                assert!(std::time::Instant::now() < deadline, "prometheus did not get ready within 60 s");
+                std::thread::sleep(Duration::from_millis(200));
+            };
+            if ours {
+                return Some(PrometheusProcess { child, url, _dir: dir });
             }
-            assert!(std::time::Instant::now() < deadline, "prometheus did not get ready within 60 s");
-            std::thread::sleep(Duration::from_millis(200));
+            let _ = child.kill();
+            let _ = child.wait();
         }
-        Some(prometheus)
+        panic!("prometheus found no free port in 5 tries");
     }
 
     /// Evaluates `expr` now: the API's JSON answer.
@@ -826,4 +841,13 @@ pub async fn save_one_layer_image(
         save_log: vec![format!("saved {tag}")],
     };
     client.commit_save(commit).await.expect("CommitSave").into_inner()
+}
+
+/// A loopback port that refuses connections and stays so: bound but never listening, so no
+/// other process can take it while the returned socket lives.
+pub fn closed_port() -> (tokio::net::TcpSocket, std::net::SocketAddr) {
+    let socket = tokio::net::TcpSocket::new_v4().expect("a TCP socket");
+    socket.bind("127.0.0.1:0".parse().expect("address")).expect("bind a port");
+    let address = socket.local_addr().expect("address");
+    (socket, address)
 }

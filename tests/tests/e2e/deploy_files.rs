@@ -84,6 +84,7 @@ fn the_worker_example_runs_cache_worker_with_flags_it_takes() {
     let manifest = std::fs::read_to_string(deploy_dir().join("kubernetes/worker-example.yaml")).unwrap();
     let pod: serde_yaml::Value = serde_yaml::from_str(&manifest).unwrap();
     let script = pod["spec"]["containers"][0]["args"][0].as_str().unwrap();
+    let (_held_closed, closed_port) = tests::closed_port();
     let mut n_checked = 0;
     for line in script.lines() {
         let Some(start) = line.find("cache-worker ") else { continue };
@@ -93,7 +94,7 @@ fn the_worker_example_runs_cache_worker_with_flags_it_takes() {
         // errors exit 2).
         let output = Command::new(tests::binary("cache-worker"))
             .args(&arguments)
-            .env("CACHE_COORDINATOR", "http://127.0.0.1:9")
+            .env("CACHE_COORDINATOR", format!("http://{closed_port}"))
             .env("CACHE_TOKEN", "cct_web_0123456789abcdef0123456789abcdef")
             .env("DOCKER_HOST", "unix:///nonexistent/docker.sock")
             .output()

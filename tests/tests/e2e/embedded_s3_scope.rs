@@ -146,7 +146,9 @@ async fn minted_keys_work_inside_their_scope_only() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn expired_keys_are_refused_and_minted_keys_survive_a_restart() {
     let data_dir = tempfile::tempdir().unwrap();
-    let coordinator = CoordinatorProcess::start(data_dir.path(), &["--credential-ttl", "1"]);
+    // Expiry is in whole seconds: a 2-second key lives 1 to 2 s, long enough for the PUT below
+    // wherever in its second it was minted (a 1-second key may live 0 s).
+    let coordinator = CoordinatorProcess::start(data_dir.path(), &["--credential-ttl", "2"]);
     let token = coordinator.create_project("web");
     let short_lived = coordinator.credentials(&token, pb::Access::Write).await;
     let client = s3_client_for(&short_lived);

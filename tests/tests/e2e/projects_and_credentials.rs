@@ -145,7 +145,7 @@ async fn bad_input_and_refused_auth_are_one_clear_line() {
     assert!(coordinator.cache_worker(&token, &["credentials"]).status.success());
 
     // An unreachable coordinator: one line naming it.
-    let closed_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let (_held_closed, closed_port) = tests::closed_port();
     let url = format!("http://{closed_port}");
     let unreachable = std::process::Command::new(binary("cache-worker"))
         .args(["--coordinator", &url, "credentials"])

@@ -136,7 +136,7 @@ async fn bad_s3_configuration_is_refused_at_start_up() {
         &s3_args(&moto, "no-such-bucket-here"),
         "bucket \"no-such-bucket-here\" is missing or unreachable",
     );
-    let closed_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let (_held_closed, closed_port) = tests::closed_port();
     let closed = format!("http://{closed_port}");
     assert_refused_at_start_up(&s3_args(&closed, &bucket), "is missing or unreachable");
 }

@@ -206,7 +206,7 @@ fn a_broken_cache_never_breaks_a_build() {
     assert!(!rebuilt.contains("Using cache"), "{rebuilt}");
 
     // An unreachable coordinator: a warning and exit 0, or exit 69 with --strict.
-    let closed_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let (_held_closed, closed_port) = tests::closed_port();
     let unreachable = std::process::Command::new(tests::binary("cache-worker"))
         .args(["--coordinator", &format!("http://{closed_port}"), "restore", "--service", "web"])
         .env("CACHE_TOKEN", &token)

@@ -127,11 +127,14 @@ async fn credentials_are_renewed_in_the_middle_of_a_multipart_upload() {
     assert_eq!(upload.part_size, 8 << 20);
     let part = |range: std::ops::Range<usize>| ByteStream::from(layer[range].to_vec());
     let mut parts = vec![upload.upload_part(1, part(0..8 * MIB)).await.unwrap()];
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    // Past both keys' expiry, by the clock that decides it (whole seconds).
+    let first_expiry = credentials.expires_unix.max(other.expires_unix);
+    wait_past(first_expiry).await;
     let refused = fixed.upload_bytes(&digest(b"late"), b"late".to_vec()).await.unwrap_err();
     assert!(refused.to_string().contains("ExpiredToken"), "a key nobody renews expires: {refused}");
     parts.push(upload.upload_part(2, part(8 * MIB..16 * MIB)).await.unwrap());
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Past a renewed key's lifetime too: it was renewed again.
+    wait_past(first_expiry + 2).await;
     parts.push(upload.upload_part(3, part(16 * MIB..20 * MIB)).await.unwrap());
     upload.complete(parts).await.expect("the upload completes with the renewed key that began it");
     renewing.upload_bytes(&digest(&config), config.clone()).await.unwrap();
@@ -147,6 +150,14 @@ async fn credentials_are_renewed_in_the_middle_of_a_multipart_upload() {
     image.layers[0].size = layer.len() as u64;
     let commit = pb::CommitSaveRequest { save_id: begun.save_id, images: vec![image], save_log: Vec::new() };
     worker.client.commit_save(commit).await.expect("commit");
+}
+
+/// Returns once the wall clock's whole seconds are past `unix` (how key expiry is judged).
+async fn wait_past(unix: i64) {
+    let now = || std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+    while now() <= unix {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// A build host holding `big:1`: one layer of `mib` MiB of noise on a busybox base.
