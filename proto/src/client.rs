@@ -39,9 +39,10 @@ impl ClientError {
         }
     }
 
-    /// Whether the coordinator itself could not be talked to (a report about it would fail too).
-    pub fn is_unreachable(&self) -> bool {
-        matches!(self, ClientError::Unreachable { .. } | ClientError::Stalled { .. })
+    /// Whether a report of this failure to the coordinator would fail the same way: it could not
+    /// be talked to, or it refused the caller.
+    pub fn fails_reports_too(&self) -> bool {
+        matches!(self, ClientError::Unreachable { .. } | ClientError::Stalled { .. } | ClientError::Refused(_))
     }
 
     /// Turns a failed call into an error, keeping the coordinator's message.

@@ -115,9 +115,10 @@ async fn restore_failed(
     strict: bool,
     error: WorkerError,
 ) -> ExitCode {
-    // A coordinator that did not answer would not take the report either: do not wait twice.
-    let coordinator_down = matches!(&error, WorkerError::Coordinator(client) if client.is_unreachable());
-    if let (Some(coordinator), false) = (coordinator, coordinator_down) {
+    // A coordinator that did not answer, or refused us, would not take the report either: do not
+    // wait twice, nor add a second line.
+    let report_fails = matches!(&error, WorkerError::Coordinator(client) if client.fails_reports_too());
+    if let (Some(coordinator), false) = (coordinator, report_fails) {
         report_failure(coordinator, service).await;
     }
     if strict {

@@ -222,6 +222,17 @@ fn a_broken_cache_never_breaks_a_build() {
         .output()
         .unwrap();
     assert_eq!(strict_unreachable.status.code(), Some(69));
+
+    // A refused token: a warning and exit 0, or exit 77 with --strict; one line either way.
+    let wrong_token = "cct_web_".to_owned() + &"0".repeat(64);
+    for (extra, code) in [(None, 0), (Some("--strict"), 77)] {
+        let mut args = vec!["restore", "--service", "web"];
+        args.extend(extra);
+        let refused = coordinator.cache_worker_on(&fresh_host, &wrong_token, &args);
+        assert_eq!(refused.status.code(), Some(code), "{args:?}: {}", stderr_of(&refused));
+        assert_eq!(stderr_of(&refused).lines().count(), 1, "{}", stderr_of(&refused));
+        assert!(stderr_of(&refused).contains("unknown or revoked project token"), "{}", stderr_of(&refused));
+    }
     coordinator.stop();
 }
 

@@ -1,5 +1,5 @@
-//! Traces: with `OTEL_EXPORTER_OTLP_ENDPOINT` set, one restore is one trace across the worker
-//! and the coordinator, received here by an OTLP receiver inside the test.
+//! Traces: with `OTEL_EXPORTER_OTLP_ENDPOINT` set, one save and one restore are each one trace
+//! across the worker and the coordinator, received here by an OTLP receiver inside the test.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -52,7 +52,7 @@ impl TraceService for Receiver {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn one_restore_is_one_trace_across_worker_and_coordinator() {
+async fn one_save_and_one_restore_are_each_one_trace_across_worker_and_coordinator() {
     let Some(host) = DockerEngine::start(EngineKind::Engine20) else { return };
     let receiver = Receiver::default();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -66,19 +66,26 @@ async fn one_restore_is_one_trace_across_worker_and_coordinator() {
     let env = [("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str())];
     let coordinator = CoordinatorProcess::start_with_env(data_dir.path(), &[], &env);
     let token = coordinator.create_project("shop");
+    host.import_busybox_base("base:1");
     let grpc_url = coordinator.grpc_url.clone();
     let host_url = host.host.clone();
-    let restored = tokio::task::spawn_blocking(move || {
-        std::process::Command::new(binary("cache-worker"))
-            .args(["--coordinator", &grpc_url, "restore", "--service", "web"])
-            .env("CACHE_TOKEN", &token)
-            .env("DOCKER_HOST", &host_url)
-            .env("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint)
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
+    let worker = move |args: &'static [&'static str]| {
+        let (grpc_url, host_url, token, endpoint) =
+            (grpc_url.clone(), host_url.clone(), token.clone(), endpoint.clone());
+        tokio::task::spawn_blocking(move || {
+            std::process::Command::new(binary("cache-worker"))
+                .args(["--coordinator", &grpc_url])
+                .args(args)
+                .env("CACHE_TOKEN", &token)
+                .env("DOCKER_HOST", &host_url)
+                .env("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint)
+                .output()
+                .unwrap()
+        })
+    };
+    let saved = worker(&["save", "--service", "web", "base:1"]).await.unwrap();
+    assert!(saved.status.success(), "{}", stderr_of(&saved));
+    let restored = worker(&["restore", "--service", "web"]).await.unwrap();
     assert!(restored.status.success(), "{}", stderr_of(&restored));
     // Stopping flushes the coordinator's spans; the worker flushed its own when it exited.
     tokio::task::spawn_blocking(move || coordinator.stop()).await.unwrap();
@@ -105,4 +112,19 @@ async fn one_restore_is_one_trace_across_worker_and_coordinator() {
         .map(|span| span.name.as_str())
         .collect();
     assert!(coordinator_spans.contains(&"lookup"), "{coordinator_spans:?}");
+
+    // One save is one trace too: its begin and its commit on the coordinator join it.
+    let save_trace = spans
+        .iter()
+        .find(|span| span.service == "cache-worker" && span.name == "save")
+        .map(|span| span.trace_id.clone())
+        .unwrap_or_else(|| panic!("no save span from the worker in {spans:?}"));
+    assert_ne!(save_trace, restore_trace);
+    let coordinator_spans: Vec<&str> = spans
+        .iter()
+        .filter(|span| span.service == "cache-coordinator" && span.trace_id == save_trace)
+        .map(|span| span.name.as_str())
+        .collect();
+    assert!(coordinator_spans.contains(&"begin_save"), "{coordinator_spans:?}");
+    assert!(coordinator_spans.contains(&"commit_save"), "{coordinator_spans:?}");
 }
