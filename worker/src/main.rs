@@ -66,7 +66,7 @@ enum Command {
         /// Branches to try, in order, when the branch has no cache (repeatable)
         #[arg(long = "fallback-branch")]
         fallback_branches: Vec<String>,
-        /// Fail (exit 1) when the restore fails, instead of warning and building without cache
+        /// Fail (exit 69 unreachable, 77 refused, else 1) when the restore fails, instead of warning and building without cache
         #[arg(long, env = "CACHE_STRICT")]
         strict: bool,
         /// Print only the `--cache-from` flags for the build on stdout (empty on a miss)
