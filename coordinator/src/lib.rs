@@ -339,7 +339,7 @@ pub async fn run(
         let _ = s3_task.await;
     }
     let _ = tokio::join!(health_task, sweeper_task);
-    data_dir.db.flush_to_disk().await?;
+    data_dir.db.durable().await?;
     grpc_result.context("gRPC server")?;
     Ok(())
 }

@@ -184,12 +184,6 @@ impl Database {
         })
     }
 
-    /// Makes everything written so far durable.
-    pub async fn flush_to_disk(&self) -> Result<(), Error> {
-        self.db.flush_async().await.map_err(db_error)?;
-        Ok(())
-    }
-
     /// Returns once every write this caller made before the call is on disk: what an
     /// acknowledgement waits for. sled alone syncs only every 500 ms, so a crash (an OOM kill,
     /// a lost node) would lose writes already acknowledged. Callers that arrive while another

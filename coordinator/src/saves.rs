@@ -104,13 +104,9 @@ impl PendingSaves {
         (to_upload, in_flight)
     }
 
-    /// Whether a live save of `project` claims `digest` (for the post-flush sweep).
-    pub(crate) fn claimed(&self, project: &str, digest: &str, now: Instant) -> bool {
-        self.in_flight(project, digest, now)
-    }
-
-    /// Whether a live save of `project` is uploading `digest`.
-    fn in_flight(&self, project: &str, digest: &str, now: Instant) -> bool {
+    /// Whether a live save of `project` is uploading `digest` (also asked by the post-flush
+    /// sweep).
+    pub(crate) fn in_flight(&self, project: &str, digest: &str, now: Instant) -> bool {
         self.in_flight_for(project, digest, "", now)
     }
 

@@ -186,7 +186,8 @@ impl CacheService {
                 .strip_prefix(prefix.as_str())
                 .and_then(|rest| rest.strip_prefix("blobs/sha256/"))
                 .map(|hex| format!("sha256:{hex}"));
-            digest.is_some_and(|digest| recorded.contains(&digest) || self.pending_saves.claimed(project, &digest, now))
+            digest
+                .is_some_and(|digest| recorded.contains(&digest) || self.pending_saves.in_flight(project, &digest, now))
         };
         let deleted = self.store.delete_prefix(&prefix, &keep).await?;
         self.db.sweep_done(project, due_unix)?;

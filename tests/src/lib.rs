@@ -493,6 +493,21 @@ pub fn busybox_root() -> tempfile::TempDir {
 }
 
 impl CoordinatorProcess {
+    /// Starts cache-worker with a project token against `engine`, its output piped, for a test
+    /// to signal or wait for.
+    pub fn spawn_cache_worker_on(&self, engine: &DockerEngine, token: &str, args: &[&str]) -> Child {
+        Command::new(binary("cache-worker"))
+            .arg("--coordinator")
+            .arg(&self.grpc_url)
+            .args(args)
+            .env("CACHE_TOKEN", token)
+            .env("DOCKER_HOST", &engine.host)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start cache-worker")
+    }
+
     /// Runs cache-worker with a project token against `engine`.
     pub fn cache_worker_on(&self, engine: &DockerEngine, token: &str, args: &[&str]) -> Output {
         Command::new(binary("cache-worker"))
@@ -509,7 +524,7 @@ impl CoordinatorProcess {
 /// A TCP proxy on loopback in front of `upstream` that can freeze: while frozen it moves no
 /// byte in either direction and keeps every connection open, as a stalled store or network
 /// does. It also notes the `Range` headers of the requests it passes.
-pub struct FreezingProxy {
+pub struct FaultyProxy {
     pub address: std::net::SocketAddr,
     frozen: std::sync::Arc<std::sync::atomic::AtomicBool>,
     upstream: std::sync::Arc<std::sync::Mutex<String>>,
@@ -556,9 +571,9 @@ fn range_headers(pending: &mut Vec<u8>) -> Vec<String> {
     ranges
 }
 
-impl FreezingProxy {
-    /// Listens now; forwards to the address [`FreezingProxy::forward_to`] sets.
-    pub fn start() -> FreezingProxy {
+impl FaultyProxy {
+    /// Listens now; forwards to the address [`FaultyProxy::forward_to`] sets.
+    pub fn start() -> FaultyProxy {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind the proxy");
         let address = listener.local_addr().expect("address");
         let frozen = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -622,7 +637,7 @@ impl FreezingProxy {
                 }
             }
         });
-        FreezingProxy { address, frozen, upstream, moved_down, ranges, failing }
+        FaultyProxy { address, frozen, upstream, moved_down, ranges, failing }
     }
 
     pub fn forward_to(&self, upstream: &str) {

@@ -70,11 +70,7 @@ impl Coordinator {
     /// Gives a save that will not commit back to the coordinator (its claims, its share of the
     /// budget), best effort and briefly: the coordinator may be the reason it failed.
     pub async fn abandon_save(&mut self, save_id: &str) {
-        let mut request = tonic::Request::new(proto::v1::AbandonSaveRequest { save_id: save_id.to_owned() });
-        request.set_timeout(self.stall_timeout.min(Duration::from_secs(5)));
-        if let Err(status) = self.client.abandon_save(request).await {
-            tracing::warn!(error = %status.message(), "giving the failed save back to the coordinator failed");
-        }
+        abandon_save(self.client.clone(), save_id, self.stall_timeout).await;
     }
 
     /// Sends the per-layer figures of one save or restore. A cache never breaks a build: a
@@ -88,6 +84,15 @@ impl Coordinator {
     /// Turns a failed call into the worker's error.
     pub fn failed(&self, status: tonic::Status) -> ClientError {
         ClientError::from_status_with_deadline(&self.url, &status, self.stall_timeout)
+    }
+}
+
+/// Gives a begun save back, waiting at most 5 s (or `stall_timeout`, if shorter).
+pub async fn abandon_save(mut client: Client, save_id: &str, stall_timeout: Duration) {
+    let mut request = tonic::Request::new(proto::v1::AbandonSaveRequest { save_id: save_id.to_owned() });
+    request.set_timeout(stall_timeout.min(Duration::from_secs(5)));
+    if let Err(status) = client.abandon_save(request).await {
+        tracing::warn!(error = %status.message(), "giving the save back to the coordinator failed");
     }
 }
 

@@ -65,12 +65,8 @@ impl SaveCleanup {
             Some(store) => store.abort_unfinished().await,
             None => 0,
         };
-        if let Some((mut client, save_id)) = save {
-            let mut request = tonic::Request::new(pb::AbandonSaveRequest { save_id });
-            request.set_timeout(std::time::Duration::from_secs(5));
-            if let Err(status) = client.abandon_save(request).await {
-                tracing::warn!(error = %status.message(), "giving the interrupted save back failed");
-            }
+        if let Some((client, save_id)) = save {
+            crate::coordinator::abandon_save(client, &save_id, Duration::from_secs(5)).await;
         }
         aborted
     }
@@ -252,6 +248,16 @@ fn host_name() -> String {
         .unwrap_or_default()
 }
 
+/// What every attempt of one save works from.
+#[derive(Clone, Copy)]
+struct SaveWork<'a> {
+    engine: &'a Engine,
+    options: &'a SaveOptions,
+    cleanup: &'a SaveCleanup,
+    chain: &'a [EngineImage],
+    started: Instant,
+}
+
 /// How one attempt at a save ended.
 enum Attempt {
     Done(SaveSummary),
@@ -287,11 +293,12 @@ pub async fn save(
             names::validate_repo_tag(tag)?;
         }
     }
-    match save_once(coordinator, engine, options, cleanup, &chain, started).await? {
+    let work = SaveWork { engine, options, cleanup, chain: &chain, started };
+    match save_once(coordinator, work).await? {
         Attempt::Done(summary) => Ok(summary),
         Attempt::Again(reason) => {
             eprintln!("cache-worker: {reason}: saving {} again", options.service);
-            match save_once(coordinator, engine, options, cleanup, &chain, started).await? {
+            match save_once(coordinator, work).await? {
                 Attempt::Done(summary) => Ok(summary),
                 Attempt::Again(reason) => Err(WorkerError::Save(format!("{reason}, twice"))),
             }
@@ -301,14 +308,8 @@ pub async fn save(
 
 /// One attempt: begin, move the missing blobs, commit. A begun save that fails is given back
 /// to the coordinator, so its claims never hold up a retry.
-async fn save_once(
-    coordinator: &mut Coordinator,
-    engine: &Engine,
-    options: &SaveOptions,
-    cleanup: &SaveCleanup,
-    chain: &[EngineImage],
-    started: Instant,
-) -> Result<Attempt, WorkerError> {
+async fn save_once(coordinator: &mut Coordinator, work: SaveWork<'_>) -> Result<Attempt, WorkerError> {
+    let SaveWork { engine, options, cleanup, chain, .. } = work;
     let key = pb::CacheKey { service: options.service.clone(), branch: options.branch.clone() };
     let request = pb::BeginSaveRequest {
         key: Some(key.clone()),
@@ -318,12 +319,12 @@ async fn save_once(
     };
     let begun = coordinator.client.begin_save(request.clone()).await.map_err(|s| coordinator.failed(s))?.into_inner();
     if begun.unchanged {
-        return save_begun(coordinator, engine, options, cleanup, chain, started, request, begun).await;
+        return save_begun(coordinator, work, request, begun).await;
     }
     cleanup.set_save(&coordinator.client, &begun.save_id);
     let save_id = begun.save_id.clone();
     let keep_alive = coordinator.keep_save_alive(&save_id, Duration::from_secs(begun.keep_alive_seconds.max(1).into()));
-    let result = save_begun(coordinator, engine, options, cleanup, chain, started, request, begun).await;
+    let result = save_begun(coordinator, work, request, begun).await;
     drop(keep_alive);
     if !matches!(result, Ok(Attempt::Done(_))) {
         coordinator.abandon_save(&save_id).await;
@@ -348,17 +349,13 @@ fn host_disk_error(error: WorkerError) -> WorkerError {
     error
 }
 
-#[allow(clippy::too_many_arguments)]
 async fn save_begun(
     coordinator: &mut Coordinator,
-    engine: &Engine,
-    options: &SaveOptions,
-    cleanup: &SaveCleanup,
-    chain: &[EngineImage],
-    started: Instant,
+    work: SaveWork<'_>,
     request: pb::BeginSaveRequest,
     begun: pb::BeginSaveResponse,
 ) -> Result<Attempt, WorkerError> {
+    let SaveWork { engine, options, cleanup, chain, started } = work;
     let missing: HashSet<String> = begun.missing_digests.iter().cloned().collect();
     // Blobs another save of the project is uploading right now: read past, not uploaded.
     let in_flight: HashSet<String> = begun.in_flight_digests.iter().cloned().collect();

@@ -5,7 +5,7 @@
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use tests::{CoordinatorProcess, DockerEngine, EngineKind, binary, build_context, http_get, stderr_of, stdout_of};
+use tests::{CoordinatorProcess, DockerEngine, EngineKind, build_context, http_get, stderr_of, stdout_of};
 
 /// A build host with `big:1` (a busybox base and one layer of random bytes, big enough that
 /// its save is still uploading when the test kills it), a coordinator and a project "web".
@@ -50,14 +50,7 @@ fn save_interrupted_by(
 ) -> std::process::Output {
     // A killed save's share stays granted until it lapses: wait for this save's own.
     let before = granted(coordinator);
-    let child = Command::new(binary("cache-worker"))
-        .args(["--coordinator", &coordinator.grpc_url, "save", "--service", "web", "big:1"])
-        .env("CACHE_TOKEN", token)
-        .env("DOCKER_HOST", &engine.host)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = coordinator.spawn_cache_worker_on(engine, token, &["save", "--service", "web", "big:1"]);
     let deadline = Instant::now() + Duration::from_secs(60);
     while granted(coordinator) <= before {
         assert!(Instant::now() < deadline, "the save never began");
@@ -170,14 +163,11 @@ fn twenty_concurrent_saves_of_one_service_say_which_one_the_cache_keeps() {
     }
     let saves: Vec<_> = (0..n_saves)
         .map(|build| {
-            Command::new(binary("cache-worker"))
-                .args(["--coordinator", &coordinator.grpc_url, "save", "--service", "web", &format!("app:{build}")])
-                .env("CACHE_TOKEN", &token)
-                .env("DOCKER_HOST", &build_host.host)
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()
-                .unwrap()
+            coordinator.spawn_cache_worker_on(
+                &build_host,
+                &token,
+                &["save", "--service", "web", &format!("app:{build}")],
+            )
         })
         .collect();
     let logs: Vec<(String, String)> = saves
@@ -228,7 +218,7 @@ fn twenty_concurrent_saves_of_one_service_say_which_one_the_cache_keeps() {
 fn a_store_that_stalls_mid_restore_costs_the_stall_timeout_not_minutes() {
     // Build hosts reach the store through a proxy that freezes mid-download: no answer, no
     // byte, connections open, as a stalled store or network does.
-    let proxy = tests::FreezingProxy::start();
+    let proxy = tests::FaultyProxy::start();
     let public_url = format!("http://{}", proxy.address);
     let Some((engine, coordinator, token, _data_dir)) =
         big_image_host(EngineKind::Engine20, &["--s3-public-url", &public_url])
@@ -241,14 +231,11 @@ fn a_store_that_stalls_mid_restore_costs_the_stall_timeout_not_minutes() {
 
     let fresh_host = DockerEngine::start(EngineKind::Engine20).unwrap();
     let before = proxy.bytes_moved_down();
-    let restore = Command::new(binary("cache-worker"))
-        .args(["--coordinator", &coordinator.grpc_url, "--stall-timeout", "5", "restore", "--service", "web"])
-        .env("CACHE_TOKEN", &token)
-        .env("DOCKER_HOST", &fresh_host.host)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let restore = coordinator.spawn_cache_worker_on(
+        &fresh_host,
+        &token,
+        &["--stall-timeout", "5", "restore", "--service", "web"],
+    );
     let deadline = Instant::now() + Duration::from_secs(60);
     while proxy.bytes_moved_down() < before + (16 << 20) {
         assert!(Instant::now() < deadline, "the restore never got going");
@@ -267,7 +254,7 @@ fn a_store_that_stalls_mid_restore_costs_the_stall_timeout_not_minutes() {
 
 #[test]
 fn a_store_that_answers_slow_down_is_retried() {
-    let proxy = tests::FreezingProxy::start();
+    let proxy = tests::FaultyProxy::start();
     let public_url = format!("http://{}", proxy.address);
     let Some(build_host) = DockerEngine::start(EngineKind::Engine20) else { return };
     let data_dir = tempfile::tempdir().unwrap();

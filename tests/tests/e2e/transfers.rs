@@ -188,7 +188,7 @@ fn a_real_save_stores_blobs_in_the_planned_parts_and_restores_from_them() {
     for (part_size_mib, expected_parts) in [("8", "-3"), ("16", "-2")] {
         let data_dir = tempfile::tempdir().unwrap();
         // Build hosts reach the store through a proxy that notes every GET's range.
-        let proxy = tests::FreezingProxy::start();
+        let proxy = tests::FaultyProxy::start();
         let public_url = format!("http://{}", proxy.address);
         let args = ["--part-size-mib", part_size_mib, "--multipart-threshold-mib", "8", "--s3-public-url", &public_url];
         let coordinator = CoordinatorProcess::start(data_dir.path(), &args);
