@@ -415,6 +415,7 @@ pub fn manifest_digests(manifest: &proto::v1::Manifest) -> std::collections::BTr
     for image in &manifest.images {
         digests.insert(image.id.clone());
         digests.extend(image.layers.iter().map(|layer| layer.digest.clone()));
+        digests.extend(image.oci_blobs.iter().map(|blob| blob.digest.clone()));
     }
     digests
 }

@@ -225,6 +225,21 @@ fn validate_images(images: &[pb::Image]) -> Result<(), Error> {
                 names::validate_digest(&layer.stored_digest)?;
             }
         }
+        if image.oci_blobs.len() > MAX_LAYERS_PER_IMAGE {
+            return Err(Error::InvalidArgument(format!(
+                "image {} names more than {MAX_LAYERS_PER_IMAGE} OCI blobs",
+                image.id
+            )));
+        }
+        for blob in &image.oci_blobs {
+            names::validate_digest(&blob.digest)?;
+            if !blob.encoding.is_empty() || !blob.stored_digest.is_empty() {
+                return Err(Error::InvalidArgument(format!("OCI blob {} is stored as it is", blob.digest)));
+            }
+        }
+        if image.oci_media_type.len() > 255 || image.oci_media_type.chars().any(|c| c.is_control()) {
+            return Err(Error::InvalidArgument("an OCI media type has at most 255 printable characters".into()));
+        }
     }
     Ok(())
 }
@@ -406,6 +421,13 @@ impl CacheService {
                     references: 0,
                 };
                 reported.insert(layer.digest.clone(), record);
+            }
+            for blob in &mut image.oci_blobs {
+                blob.stored_size = blob.size;
+                reported.insert(
+                    blob.digest.clone(),
+                    BlobRecord { stored_size: blob.size, size: blob.size, ..Default::default() },
+                );
             }
         }
         // A post-flush sweep waits until the blobs are checked and recorded.

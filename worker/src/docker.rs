@@ -1,7 +1,7 @@
 //! The local Docker engine, through bollard: the image chain, `docker save` as a stream, and
 //! `docker load` from a stream. The only file that imports bollard.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -21,6 +21,14 @@ pub enum EngineError {
     Failed { action: &'static str, reason: String },
 }
 
+/// The last image of a build stage the named images do not contain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StageLeaf {
+    pub id: String,
+    /// The image of the named chains the stage grew from (its `FROM`, or a step of one).
+    pub base: String,
+}
+
 /// One image of a chain, as the engine knows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EngineImage {
@@ -31,6 +39,8 @@ pub struct EngineImage {
     pub repo_tags: Vec<String>,
     /// Diff IDs, bottom layer first.
     pub diff_ids: Vec<String>,
+    /// On the containerd image store, the media type of the index or manifest `id` names.
+    pub media_type: String,
 }
 
 pub struct Engine {
@@ -84,8 +94,15 @@ impl Engine {
     }
 
     async fn diff_ids(&self, id: &str) -> Result<Vec<String>, EngineError> {
+        Ok(self.layers_and_media_type(id).await?.0)
+    }
+
+    /// An image's diff IDs and, on the containerd image store, the media type of its index or
+    /// manifest (API 1.46 and later report it).
+    async fn layers_and_media_type(&self, id: &str) -> Result<(Vec<String>, String), EngineError> {
         let inspect = self.docker.inspect_image(id).await.map_err(failed("inspect an image"))?;
-        Ok(inspect.root_fs.and_then(|root_fs| root_fs.layers).unwrap_or_default())
+        let media_type = inspect.descriptor.and_then(|descriptor| descriptor.media_type).unwrap_or_default();
+        Ok((inspect.root_fs.and_then(|root_fs| root_fs.layers).unwrap_or_default(), media_type))
     }
 
     /// Every image of the chains of `references`: each named image and its parents to the root,
@@ -96,9 +113,12 @@ impl Engine {
         let summaries = self.docker.list_images(Some(options)).await.map_err(failed("list images"))?;
         let by_id: HashMap<&str, &bollard::models::ImageSummary> =
             summaries.iter().map(|summary| (summary.id.as_str(), summary)).collect();
-        let mut chain: Vec<EngineImage> = Vec::new();
+        let mut ids = Vec::new();
         for reference in references {
-            let id = self.image_id(reference).await?.ok_or_else(|| EngineError::NoSuchImage(reference.clone()))?;
+            ids.push(self.image_id(reference).await?.ok_or_else(|| EngineError::NoSuchImage(reference.clone()))?);
+        }
+        let mut chain: Vec<EngineImage> = Vec::new();
+        for id in ids {
             // Walk up to the root, then add the unseen part of the walk root first.
             let mut walk = Vec::new();
             let mut current = Some(id);
@@ -108,9 +128,11 @@ impl Engine {
                 }
                 let summary = by_id.get(id.as_str());
                 let parent_id = summary.map(|summary| summary.parent_id.clone()).unwrap_or_default();
+                let (diff_ids, media_type) = self.layers_and_media_type(&id).await?;
                 walk.push(EngineImage {
                     repo_tags: summary.map(|summary| real_tags(&summary.repo_tags)).unwrap_or_default(),
-                    diff_ids: self.diff_ids(&id).await?,
+                    diff_ids,
+                    media_type,
                     id,
                     parent_id: parent_id.clone(),
                 });
@@ -122,6 +144,50 @@ impl Engine {
             chain.extend(walk);
         }
         Ok(chain)
+    }
+
+    /// The build stages that the chains of `references` do not contain: the leaves of the
+    /// untagged images that descend from an image of those chains through untagged images only
+    /// (the classic builder leaves each step of each stage as an untagged image), each with
+    /// the image of those chains it grew from, sorted by ID.
+    pub async fn stage_leaves(&self, references: &[String]) -> Result<Vec<StageLeaf>, EngineError> {
+        let options = bollard::query_parameters::ListImagesOptions { all: true, ..Default::default() };
+        let summaries = self.docker.list_images(Some(options)).await.map_err(failed("list images"))?;
+        let parent_of: HashMap<&str, &str> =
+            summaries.iter().map(|summary| (summary.id.as_str(), summary.parent_id.as_str())).collect();
+        let mut in_chains: HashSet<&str> = HashSet::new();
+        for reference in references {
+            let id = self.image_id(reference).await?.ok_or_else(|| EngineError::NoSuchImage(reference.clone()))?;
+            let mut current = summaries.iter().find(|summary| summary.id == id).map(|summary| summary.id.as_str());
+            while let Some(id) = current.take() {
+                if in_chains.insert(id) {
+                    current = parent_of.get(id).copied().filter(|parent| !parent.is_empty());
+                }
+            }
+        }
+        // Each untagged descendant, with the image of the chains its branch grew from.
+        let mut base_of: HashMap<&str, &str> = HashMap::new();
+        loop {
+            let before = base_of.len();
+            for summary in summaries.iter().filter(|summary| real_tags(&summary.repo_tags).is_empty()) {
+                let parent = summary.parent_id.as_str();
+                let base = if in_chains.contains(parent) { Some(parent) } else { base_of.get(parent).copied() };
+                if let (Some(base), false) = (base, in_chains.contains(summary.id.as_str())) {
+                    base_of.entry(summary.id.as_str()).or_insert(base);
+                }
+            }
+            if base_of.len() == before {
+                break;
+            }
+        }
+        let parents: HashSet<&str> = summaries.iter().map(|summary| summary.parent_id.as_str()).collect();
+        let mut leaves: Vec<StageLeaf> = base_of
+            .iter()
+            .filter(|(id, _)| !parents.contains(*id))
+            .map(|(id, base)| StageLeaf { id: (*id).to_owned(), base: (*base).to_owned() })
+            .collect();
+        leaves.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(leaves)
     }
 
     /// Every layer chain the engine's layer store holds, as diff IDs from the bottom: each

@@ -51,8 +51,11 @@ pub enum SpooledBlob {
     /// A layer, in a temporary file deleted when this is dropped; `layer` says how it is stored
     /// (the file holds `layer.stored_size` bytes).
     File { layer: pb::Layer, path: tempfile::TempPath },
-    /// A config JSON.
+    /// A config JSON (or another small blob).
     Bytes { digest: String, bytes: Vec<u8> },
+    /// A blob in a file that stays where it is (a cache folder's, or one in the save's spool
+    /// folder, which goes with the folder).
+    Kept { layer: pb::Layer, path: PathBuf },
     /// A layer whose digest is certain before it is read: its bytes stream straight to the
     /// upload (`layer.stored_size` of them), hashed as they pass, with no spool. The last piece
     /// is held back until the digest matches, so on a mismatch the upload fails before the
@@ -63,7 +66,7 @@ pub enum SpooledBlob {
 impl SpooledBlob {
     pub fn digest(&self) -> &str {
         match self {
-            SpooledBlob::File { layer, .. } => &layer.digest,
+            SpooledBlob::File { layer, .. } | SpooledBlob::Kept { layer, .. } => &layer.digest,
             SpooledBlob::Bytes { digest, .. } => digest,
             SpooledBlob::Stream { layer, .. } => &layer.digest,
         }
@@ -668,6 +671,7 @@ pub(crate) mod tests {
                     layer.stored_size
                 }
                 SpooledBlob::Bytes { bytes, .. } => bytes.len() as u64,
+                SpooledBlob::Kept { .. } => unreachable!("the export's reader spools or streams"),
                 SpooledBlob::Stream { .. } => {
                     streams.push(blob);
                     return Ok(());
@@ -888,6 +892,7 @@ pub(crate) mod tests {
                     assert!(path.starts_with(&spool_dir), "spooled to {}", path.display())
                 }
                 SpooledBlob::Bytes { .. } => {}
+                SpooledBlob::Kept { .. } => unreachable!("the export's reader spools or streams"),
                 SpooledBlob::Stream { mut body, .. } => {
                     drains.push(std::thread::spawn(move || while body.blocking_recv().is_some() {}));
                 }

@@ -1,11 +1,13 @@
 //! cache-worker as a library: the pieces the `cache-worker` binary runs on a build host.
 
+pub mod build_dirs;
 pub mod coordinator;
 pub mod docker;
 pub mod error;
 pub mod export;
 pub mod image_config;
 pub mod load;
+pub mod oci;
 pub mod progress;
 pub mod restore;
 pub mod save;

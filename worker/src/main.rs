@@ -8,7 +8,7 @@ use tracing::Instrument;
 use worker::coordinator::Coordinator;
 use worker::docker::Engine;
 use worker::error::WorkerError;
-use worker::restore::{RestoreOptions, Restored, cache_from_flags, report_failure, restore};
+use worker::restore::{RestoreOptions, Restored, build_flags, report_failure, restore};
 use worker::save::{SaveCleanup, SaveOptions, save};
 
 /// cache-worker: save and restore Docker layer caches for this build host.
@@ -25,6 +25,11 @@ struct Cli {
     /// command gives up (a restore then warns and exits 0; a save fails) (5 to 3600)
     #[arg(long, env = "CACHE_STALL_TIMEOUT", default_value_t = 30, value_parser = clap::value_parser!(u64).range(5..=3600))]
     stall_timeout: u64,
+    /// Where a restore writes what the build reads (BuildKit's local cache sources on the
+    /// containerd image store) and what it restored, and where the build writes its own cache
+    /// for the next save; one folder per service
+    #[arg(long, env = "CACHE_BUILD_CACHE_DIR", default_value_os_t = worker::build_dirs::default_root())]
+    build_cache_dir: std::path::PathBuf,
     #[command(subcommand)]
     command: Command,
 }
@@ -69,7 +74,8 @@ enum Command {
         /// Fail (exit 69 unreachable, 77 refused, else 1) when the restore fails, instead of warning and building without cache
         #[arg(long, env = "CACHE_STRICT")]
         strict: bool,
-        /// Print only the `--cache-from` flags for the build on stdout (empty on a miss)
+        /// Print only the flags for the build on stdout: `--cache-from` (and, on the containerd
+        /// image store, `--cache-to`, also on a miss); empty when the build can use none
         #[arg(long)]
         print_cache_from: bool,
     },
@@ -97,13 +103,12 @@ async fn run_restore(cli: &Cli, options: RestoreOptions, strict: bool, print_cac
         Err(error) => Err(error.into()),
     };
     match result {
-        Ok(Restored::Hit { cache_from }) => {
+        Ok(Restored::Hit { flags } | Restored::Miss { flags }) => {
             if print_cache_from {
-                println!("{}", cache_from_flags(&cache_from));
+                println!("{}", build_flags(&flags));
             }
             ExitCode::SUCCESS
         }
-        Ok(Restored::Miss) => ExitCode::SUCCESS,
         Err(error) => restore_failed(coordinator.as_mut(), &options.service, strict, error).await,
     }
 }
@@ -141,7 +146,12 @@ async fn run(cli: Cli) -> Result<(), WorkerError> {
             Ok(())
         }
         Command::Save { service, branch, images } => {
-            let options = SaveOptions { service: service.clone(), branch: branch.clone(), images: images.clone() };
+            let options = SaveOptions {
+                service: service.clone(),
+                branch: branch.clone(),
+                images: images.clone(),
+                build_cache_dir: cli.build_cache_dir.clone(),
+            };
             proto::names::validate_service_name(service)?;
             let mut coordinator = Coordinator::connect(&cli.coordinator, cli.token.as_deref(), cli.stall()).await?;
             let engine = Engine::connect().await?;
@@ -187,6 +197,7 @@ async fn main() -> ExitCode {
             service: service.clone(),
             branch: branch.clone(),
             fallback_branches: fallback_branches.clone(),
+            build_cache_dir: cli.build_cache_dir.clone(),
         };
         let (strict, print_cache_from) = (*strict, *print_cache_from);
         let span = tracing::info_span!("restore", service = %service);

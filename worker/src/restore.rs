@@ -2,13 +2,20 @@
 //! `docker load` (verified on the way), brings back every tag, and says which `--cache-from`
 //! flags the next build should use.
 
+use std::collections::HashSet;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
+
+use futures::{StreamExt, TryStreamExt};
+use sha2::{Digest, Sha256};
+use tokio::io::AsyncWriteExt;
 
 use proto::format::format_bytes;
 use proto::names;
 use proto::v1 as pb;
 
+use crate::build_dirs::{BuildDirs, RestoreRecord};
 use crate::coordinator::Coordinator;
 use crate::docker::Engine;
 use crate::error::WorkerError;
@@ -21,27 +28,76 @@ pub struct RestoreOptions {
     pub branch: String,
     /// Branches tried, in order, when `branch` has no cache.
     pub fallback_branches: Vec<String>,
+    /// `--build-cache-dir` (see [`BuildDirs`]).
+    pub build_cache_dir: PathBuf,
 }
 
-/// What a restore did.
+/// What a restore did, with the flags the build command should carry.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Restored {
-    /// Nothing cached under the key or its fallbacks.
-    Miss,
-    /// The images are in the engine; the build should name these with `--cache-from`.
-    Hit { cache_from: Vec<String> },
+    /// Nothing cached under the key or its fallbacks (on the containerd image store the flags
+    /// still ask BuildKit to write its cache for the next save).
+    Miss { flags: Vec<String> },
+    /// The images are in the engine.
+    Hit { flags: Vec<String> },
 }
 
-/// `--cache-from IMAGE ...` for a build command.
-pub fn cache_from_flags(images: &[String]) -> String {
-    images.iter().map(|image| format!("--cache-from {image}")).collect::<Vec<_>>().join(" ")
+/// The flags as one piece of a build command line.
+pub fn build_flags(flags: &[String]) -> String {
+    flags.join(" ")
 }
 
-/// What a build should name with `--cache-from`: every tag of the chain (an untagged chain is
-/// named by its last image's ID).
+/// Graph-driver engines: `--cache-from IMAGE` for every tag of the chain and every untagged
+/// image no other image of it grew from (the classic builder's other stages; an untagged
+/// chain is named by its last image).
 fn cache_from_images(manifest: &pb::Manifest) -> Vec<String> {
-    let tags: Vec<String> = manifest.images.iter().flat_map(|image| image.repo_tags.iter().cloned()).collect();
-    if tags.is_empty() { manifest.images.last().map(|image| vec![image.id.clone()]).unwrap_or_default() } else { tags }
+    let parents: HashSet<&str> = manifest.images.iter().map(|image| image.parent_id.as_str()).collect();
+    manifest
+        .images
+        .iter()
+        .flat_map(|image| {
+            if !image.repo_tags.is_empty() {
+                image.repo_tags.clone()
+            } else if !parents.contains(image.id.as_str()) {
+                vec![image.id.clone()]
+            } else {
+                Vec::new()
+            }
+        })
+        .map(|image| format!("--cache-from {image}"))
+        .collect()
+}
+
+/// The untagged images no other image of the manifest grew from: build stages.
+fn stage_leaves(manifest: &pb::Manifest) -> HashSet<String> {
+    let parents: HashSet<&str> = manifest.images.iter().map(|image| image.parent_id.as_str()).collect();
+    manifest
+        .images
+        .iter()
+        .filter(|image| image.repo_tags.is_empty() && !image.build_cache && !parents.contains(image.id.as_str()))
+        .map(|image| image.id.clone())
+        .collect()
+}
+
+/// The containerd image store with BuildKit: each restored image's inline cache read from the
+/// restored layout, the restored `mode=max` cache, and the build's own cache written for the
+/// next save.
+fn buildkit_local_flags(manifest: Option<&pb::Manifest>, dirs: &BuildDirs) -> Vec<String> {
+    let mut flags = Vec::new();
+    for image in manifest.map(|manifest| manifest.images.as_slice()).unwrap_or_default() {
+        if image.build_cache {
+            flags.push(format!("--cache-from type=local,src={}", dirs.cache().display()));
+        } else if image.inline_cache {
+            flags.push(format!("--cache-from type=local,src={},digest={}", dirs.images().display(), image.id));
+        }
+    }
+    flags.push(format!("--cache-to type=local,dest={},mode=max", dirs.export().display()));
+    flags
+}
+
+/// Whether a manifest was saved from the containerd image store (its images are OCI blobs).
+fn saved_as_oci(manifest: &pb::Manifest) -> bool {
+    manifest.images.iter().any(|image| !image.oci_media_type.is_empty())
 }
 
 /// Restores the cache. `say` prints progress lines (stdout, or stderr when stdout is for the
@@ -58,16 +114,11 @@ pub async fn restore(
         names::validate_branch_name(branch)?;
     }
     let started = Instant::now();
-    if engine.uses_containerd_store().await? {
-        // Measured on Engine 26.1 (README): there a classic build with `--cache-from` reuses a
-        // few steps and then fails inside the engine, and BuildKit looks for the inline cache in
-        // a registry. A cache never breaks a build: restore nothing.
-        eprintln!(
-            "cache-worker: warning: this engine uses the containerd image store, where builds cannot reuse restored images yet: nothing restored for {}",
-            options.service
-        );
-        return Ok(Restored::Miss);
-    }
+    let oci = engine.uses_containerd_store().await?;
+    let dirs = BuildDirs::new(&options.build_cache_dir, &options.service);
+    dirs.reset().map_err(|error| {
+        WorkerError::Host(format!("cannot prepare the build cache folder {}: {error}", dirs.images().display()))
+    })?;
     let key = pb::CacheKey { service: options.service.clone(), branch: options.branch.clone() };
     let fallbacks = options
         .fallback_branches
@@ -88,11 +139,26 @@ pub async fn restore(
         restore_outcome: outcome as i32,
         lease_id: lease_id.clone(),
     };
+    let miss_flags = if oci { buildkit_local_flags(None, &dirs) } else { Vec::new() };
     let (true, Some(manifest)) = (found.found, found.manifest) else {
         say(&format!("no cached image for {}", options.service));
         coordinator.report_metrics(report(pb::RestoreOutcome::Miss, Vec::new(), started.elapsed().as_secs_f64())).await;
-        return Ok(Restored::Miss);
+        return Ok(Restored::Miss { flags: miss_flags });
     };
+    if oci != saved_as_oci(&manifest) {
+        // The two stores keep different blobs (compressed or not) under different image IDs.
+        let (saved, here) = if oci {
+            ("a graph-driver engine", "the containerd image store")
+        } else {
+            ("the containerd image store", "a graph driver")
+        };
+        eprintln!(
+            "cache-worker: warning: the cache of {} was saved from {saved} and this engine uses {here}: nothing restored; the next save replaces it",
+            options.service
+        );
+        coordinator.report_metrics(report(pb::RestoreOutcome::Miss, Vec::new(), started.elapsed().as_secs_f64())).await;
+        return Ok(Restored::Miss { flags: miss_flags });
+    }
 
     let request = pb::GetCredentialsRequest { access: pb::Access::Read as i32, ..Default::default() };
     let credentials =
@@ -100,20 +166,31 @@ pub async fn restore(
     let credentials = credentials.credentials.unwrap_or_default();
     let plan = found.plan.unwrap_or_default();
     let store = BlobStore::new(&credentials, &plan, Some(coordinator.client.clone()), coordinator.stall_timeout);
-    let load_plan = plan_load(&manifest, &engine.layer_chains().await?);
     let load_report = Arc::new(LoadReport::default());
-    let to_download: u64 = load_plan.blobs.iter().filter(|blob| !blob.skipped).map(|blob| blob.size).sum();
-    let bar = Progress::for_stderr().bar(&format!("restore {}", options.service), to_download);
-    let tarball = load_stream(store, load_plan, plan.max_concurrency as usize, load_report.clone(), bar);
-    let loaded = engine.load(tarball).await;
-    // A verification failure is the cause of the engine's error: name the blob.
-    if let Some(failure) = load_report.failure.lock().expect("report lock").clone() {
-        return Err(WorkerError::Restore(format!("{failure}; the engine loaded nothing")));
+    if oci {
+        let bar_size = manifest.images.iter().flat_map(crate::oci::image_blobs).map(|(_, size)| size).sum();
+        let bar = Progress::for_stderr().bar(&format!("restore {}", options.service), bar_size);
+        let blobs = restore_layouts(&store, &manifest, &dirs, plan.max_concurrency as usize, &bar).await?;
+        bar.finish();
+        *load_report.blobs.lock().expect("report lock") = blobs;
+        if manifest.images.iter().any(|image| !image.build_cache) {
+            engine.load(crate::oci::layout_tarball(dirs.images())).await?;
+        }
+    } else {
+        let load_plan = plan_load(&manifest, &engine.layer_chains().await?);
+        let to_download: u64 = load_plan.blobs.iter().filter(|blob| !blob.skipped).map(|blob| blob.size).sum();
+        let bar = Progress::for_stderr().bar(&format!("restore {}", options.service), to_download);
+        let tarball = load_stream(store, load_plan, plan.max_concurrency as usize, load_report.clone(), bar);
+        let loaded = engine.load(tarball).await;
+        // A verification failure is the cause of the engine's error: name the blob.
+        if let Some(failure) = load_report.failure.lock().expect("report lock").clone() {
+            return Err(WorkerError::Restore(format!("{failure}; the engine loaded nothing")));
+        }
+        loaded?;
     }
-    loaded?;
 
     // The load restores tags from manifest.json; make sure each one points where it should.
-    for image in &manifest.images {
+    for image in manifest.images.iter().filter(|image| !image.build_cache) {
         for tag in &image.repo_tags {
             if engine.image_id(tag).await?.as_deref() != Some(image.id.as_str()) {
                 engine.tag(&image.id, tag).await?;
@@ -149,7 +226,26 @@ pub async fn restore(
     }));
     let seconds = started.elapsed().as_secs_f64();
     coordinator.report_metrics(report(pb::RestoreOutcome::Hit, layers, seconds)).await;
-    let cache_from = cache_from_images(&manifest);
+    let record = RestoreRecord {
+        images: manifest.images.iter().map(|image| image.id.clone()).collect(),
+        stages: stage_leaves(&manifest),
+    };
+    dirs.write_record(&record)
+        .map_err(|error| WorkerError::Host(format!("cannot write the restore's record: {error}")))?;
+    let classic = manifest.images.iter().any(|image| image.builder() == pb::Builder::Classic);
+    let flags = if !oci {
+        cache_from_images(&manifest)
+    } else if classic {
+        // Measured on 26.1 and 28.5: the classic builder there fails inside the engine when it
+        // reuses a step without a layer (`ENV`), so it gets no flags and builds uncached.
+        say(&format!(
+            "{} was built by the classic builder, which cannot reuse a restored cache on the containerd image store: the build runs uncached; BuildKit (docker build without DOCKER_BUILDKIT=0) can reuse it",
+            options.service
+        ));
+        Vec::new()
+    } else {
+        buildkit_local_flags(Some(&manifest), &dirs)
+    };
     say(&format!(
         "restored {}: {} images, {} blobs downloaded ({}), {} layers already on this host, in {:.1} s, {}",
         options.service,
@@ -160,8 +256,69 @@ pub async fn restore(
         seconds,
         rate(bytes, seconds)
     ));
-    say(&format!("add to docker build: {}", cache_from_flags(&cache_from)));
-    Ok(Restored::Hit { cache_from })
+    if !flags.is_empty() {
+        say(&format!("add to docker build: {}", build_flags(&flags)));
+    }
+    Ok(Restored::Hit { flags })
+}
+
+/// Writes the manifest's OCI layouts (containerd image store): the images' blobs into
+/// `dirs.images()` and the build cache's into `dirs.cache()`, each verified against its digest
+/// before it is renamed into place, several at once; then each layout's `index.json`.
+async fn restore_layouts(
+    store: &BlobStore,
+    manifest: &pb::Manifest,
+    dirs: &BuildDirs,
+    concurrency: usize,
+    bar: &crate::progress::Bar,
+) -> Result<Vec<crate::load::BlobOutcome>, WorkerError> {
+    let mut wanted: Vec<(String, u64, PathBuf)> = Vec::new();
+    let mut seen = HashSet::new();
+    for image in &manifest.images {
+        let dir = if image.build_cache { dirs.cache() } else { dirs.images() };
+        for (digest, size) in crate::oci::image_blobs(image) {
+            names::validate_digest(&digest)?;
+            if seen.insert((digest.clone(), image.build_cache)) {
+                wanted.push((digest, size, dir.clone()));
+            }
+        }
+    }
+    let downloads = wanted.into_iter().map(|(digest, size, dir)| async move {
+        let started = Instant::now();
+        let hex = digest.trim_start_matches("sha256:");
+        let part = dir.join("blobs/sha256").join(format!("{hex}.part"));
+        let mut file = tokio::fs::File::create(&part).await.map_err(host_io)?;
+        let mut body = std::pin::pin!(store.download(&digest).await?);
+        let mut hasher = Sha256::new();
+        let mut bytes = 0u64;
+        while let Some(chunk) = body.try_next().await? {
+            hasher.update(&chunk);
+            bytes += chunk.len() as u64;
+            bar.add(chunk.len() as u64);
+            file.write_all(&chunk).await.map_err(host_io)?;
+        }
+        file.flush().await.map_err(host_io)?;
+        let actual = format!("sha256:{}", hex::encode(hasher.finalize()));
+        if actual != digest || bytes != size {
+            return Err(WorkerError::Restore(format!(
+                "blob {digest} failed verification: its stored content hashes to {actual} ({bytes} bytes, {size} expected); the engine loaded nothing"
+            )));
+        }
+        tokio::fs::rename(&part, dir.join("blobs/sha256").join(hex)).await.map_err(host_io)?;
+        Ok::<_, WorkerError>(crate::load::BlobOutcome { digest, bytes, seconds: started.elapsed().as_secs_f64() })
+    });
+    let outcomes: Vec<_> = futures::stream::iter(downloads).buffer_unordered(concurrency.max(1)).try_collect().await?;
+    let images: Vec<&pb::Image> = manifest.images.iter().filter(|image| !image.build_cache).collect();
+    let caches: Vec<&pb::Image> = manifest.images.iter().filter(|image| image.build_cache).collect();
+    for (dir, listed) in [(dirs.images(), images), (dirs.cache(), caches)] {
+        std::fs::write(dir.join("oci-layout"), crate::oci::OCI_LAYOUT).map_err(host_io)?;
+        std::fs::write(dir.join("index.json"), crate::oci::index_json(&listed)).map_err(host_io)?;
+    }
+    Ok(outcomes)
+}
+
+fn host_io(error: std::io::Error) -> WorkerError {
+    WorkerError::Host(format!("writing the restored layout failed: {error}"))
 }
 
 /// Reports a failed restore to the coordinator, best effort.
@@ -185,13 +342,24 @@ mod tests {
         let manifest = pb::Manifest {
             images: vec![
                 pb::Image { id: "sha256:1".into(), repo_tags: vec!["base:1".into()], ..Default::default() },
-                pb::Image { id: "sha256:2".into(), ..Default::default() },
-                pb::Image { id: "sha256:3".into(), repo_tags: vec!["app:latest".into()], ..Default::default() },
+                pb::Image { id: "sha256:2".into(), parent_id: "sha256:1".into(), ..Default::default() },
+                pb::Image {
+                    id: "sha256:3".into(),
+                    parent_id: "sha256:2".into(),
+                    repo_tags: vec!["app:latest".into()],
+                    ..Default::default()
+                },
+                // A build stage: untagged, no image grew from it.
+                pb::Image { id: "sha256:4".into(), parent_id: "sha256:1".into(), ..Default::default() },
             ],
             ..Default::default()
         };
-        assert_eq!(cache_from_flags(&cache_from_images(&manifest)), "--cache-from base:1 --cache-from app:latest");
+        assert_eq!(
+            build_flags(&cache_from_images(&manifest)),
+            "--cache-from base:1 --cache-from app:latest --cache-from sha256:4"
+        );
+        assert_eq!(stage_leaves(&manifest), HashSet::from(["sha256:4".to_string()]));
         let untagged = pb::Manifest { images: vec![manifest.images[1].clone()], ..Default::default() };
-        assert_eq!(cache_from_images(&untagged), vec!["sha256:2".to_string()]);
+        assert_eq!(cache_from_images(&untagged), vec!["--cache-from sha256:2".to_string()]);
     }
 }

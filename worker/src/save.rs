@@ -11,11 +11,13 @@ use proto::names;
 use proto::v1 as pb;
 use tokio::sync::{Semaphore, mpsc};
 
+use crate::build_dirs::{BuildDirs, stages_to_save};
 use crate::coordinator::Coordinator;
 use crate::docker::{Engine, EngineImage};
 use crate::error::WorkerError;
 use crate::export::{SpooledBlob, blocking_reader, read_export, spool_dir};
 use crate::image_config::{ImageFacts, builder_name, image_facts};
+use crate::oci::{BlobSource, OciBlobs};
 use crate::progress::{Bar, Progress, rate};
 use crate::transfer::BlobStore;
 
@@ -24,6 +26,9 @@ pub struct SaveOptions {
     pub branch: String,
     /// Images named on the command line; each is saved with its parent chain.
     pub images: Vec<String>,
+    /// `--build-cache-dir`: where the last restore's record and the build's own cache export
+    /// are (see [`BuildDirs`]).
+    pub build_cache_dir: std::path::PathBuf,
 }
 
 /// What a save cancelled mid-way (a signal) leaves to clean up: the multipart uploads it began
@@ -114,7 +119,11 @@ fn save_log(images: &[pb::Image], uploaded: &HashSet<String>, in_flight: &HashSe
             (pb::Builder::Buildkit, false) => ", no inline cache",
             _ => "",
         };
-        lines.push(format!("image {} ({tags}{parent}; {builder}{cache})", image.id));
+        if image.build_cache {
+            lines.push(format!("BuildKit cache export {} (--cache-to type=local,mode=max)", image.id));
+        } else {
+            lines.push(format!("image {} ({tags}{parent}; {builder}{cache})", image.id));
+        }
         for layer in &image.layers {
             let state = if uploaded.contains(&layer.digest) {
                 "new"
@@ -136,6 +145,10 @@ fn save_log(images: &[pb::Image], uploaded: &HashSet<String>, in_flight: &HashSe
 
 /// A BuildKit image without inline cache metadata cannot serve `--cache-from`: say how to fix it.
 fn warn_about_missing_inline_cache(images: &[pb::Image]) {
+    // The build's own cache export serves instead, stages and all.
+    if images.iter().any(|image| image.build_cache) {
+        return;
+    }
     for image in images.iter().filter(|image| image.builder() == pb::Builder::Buildkit && !image.inline_cache) {
         let name = image.repo_tags.first().cloned().unwrap_or_else(|| image.id.clone());
         eprintln!(
@@ -203,7 +216,7 @@ async fn upload_all(
         let permit = semaphore.clone().acquire_owned().await.expect("semaphore is never closed");
         let store = store.clone();
         let bar = match &blob {
-            SpooledBlob::File { layer, .. } | SpooledBlob::Stream { layer, .. } => {
+            SpooledBlob::File { layer, .. } | SpooledBlob::Stream { layer, .. } | SpooledBlob::Kept { layer, .. } => {
                 progress.bar(&short_digest(&layer.digest), layer.stored_size)
             }
             SpooledBlob::Bytes { .. } => Bar::none(),
@@ -213,6 +226,11 @@ async fn upload_all(
             let started = Instant::now();
             let (digest, size) = match blob {
                 SpooledBlob::File { layer, path } => {
+                    store.upload_file(&layer.digest, &path, layer.stored_size, &bar).await?;
+                    bar.finish();
+                    (layer.digest.clone(), layer.stored_size)
+                }
+                SpooledBlob::Kept { layer, path } => {
                     store.upload_file(&layer.digest, &path, layer.stored_size, &bar).await?;
                     bar.finish();
                     (layer.digest.clone(), layer.stored_size)
@@ -256,6 +274,17 @@ struct SaveWork<'a> {
     cleanup: &'a SaveCleanup,
     chain: &'a [EngineImage],
     started: Instant,
+    /// The engine keeps images in the containerd image store: they are saved as OCI blobs.
+    oci: bool,
+    /// BuildKit's `mode=max` cache export the build wrote into `--build-cache-dir`, as an image
+    /// of the save and the blobs it reads from.
+    build_cache: Option<&'a (pb::Image, OciBlobs)>,
+}
+
+/// A `docker save` of the containerd image store, read into its spool folder.
+struct OciExport {
+    blobs: OciBlobs,
+    _spool: tempfile::TempDir,
 }
 
 /// How one attempt at a save ended.
@@ -278,22 +307,22 @@ pub async fn save(
         return Err(WorkerError::Invalid("name at least one image to save".into()));
     }
     let started = Instant::now();
-    if engine.uses_containerd_store().await? {
-        // Image IDs there are manifest digests, not the config digests the cache addresses
-        // images by: saving from that store is not supported yet. A cache never breaks a build.
-        eprintln!(
-            "cache-worker: warning: this engine uses the containerd image store, which cache-worker cannot save from yet: nothing saved for {}",
-            options.service
-        );
-        return Ok(SaveSummary::default());
+    let oci = engine.uses_containerd_store().await?;
+    let dirs = BuildDirs::new(&options.build_cache_dir, &options.service);
+    let mut references = options.images.clone();
+    if !oci {
+        // The classic builder's other stages: nobody names their images.
+        let leaves = engine.stage_leaves(&options.images).await?;
+        references.extend(stages_to_save(&leaves, &dirs.read_record()));
     }
-    let chain = engine.image_chain(&options.images).await?;
+    let chain = engine.image_chain(&references).await?;
     for image in &chain {
         for tag in &image.repo_tags {
             names::validate_repo_tag(tag)?;
         }
     }
-    let work = SaveWork { engine, options, cleanup, chain: &chain, started };
+    let build_cache = if oci { read_build_cache(&dirs.export())? } else { None };
+    let work = SaveWork { engine, options, cleanup, chain: &chain, started, oci, build_cache: build_cache.as_ref() };
     match save_once(coordinator, work).await? {
         Attempt::Done(summary) => Ok(summary),
         Attempt::Again(reason) => {
@@ -311,20 +340,24 @@ pub async fn save(
 async fn save_once(coordinator: &mut Coordinator, work: SaveWork<'_>) -> Result<Attempt, WorkerError> {
     let SaveWork { engine, options, cleanup, chain, .. } = work;
     let key = pb::CacheKey { service: options.service.clone(), branch: options.branch.clone() };
-    let request = pb::BeginSaveRequest {
+    let mut request = pb::BeginSaveRequest {
         key: Some(key.clone()),
         images: chain_request(chain),
         engine_version: engine.version().await?,
         host: host_name(),
     };
+    let mut export = None;
+    if work.oci {
+        (request.images, export) = oci_images(coordinator, work, request.clone()).await?;
+    }
     let begun = coordinator.client.begin_save(request.clone()).await.map_err(|s| coordinator.failed(s))?.into_inner();
     if begun.unchanged {
-        return save_begun(coordinator, work, request, begun).await;
+        return save_begun(coordinator, work, request, begun, export).await;
     }
     cleanup.set_save(&coordinator.client, &begun.save_id);
     let save_id = begun.save_id.clone();
     let keep_alive = coordinator.keep_save_alive(&save_id, Duration::from_secs(begun.keep_alive_seconds.max(1).into()));
-    let result = save_begun(coordinator, work, request, begun).await;
+    let result = save_begun(coordinator, work, request, begun, export).await;
     drop(keep_alive);
     if !matches!(result, Ok(Attempt::Done(_))) {
         coordinator.abandon_save(&save_id).await;
@@ -349,13 +382,170 @@ fn host_disk_error(error: WorkerError) -> WorkerError {
     error
 }
 
+/// The containerd image store's images as the save describes them: every blob each one's
+/// index or manifest reaches, from what the project's manifests already say of an image (a
+/// probe `BeginSave`, given straight back) or else from a `docker save`, which is kept for the
+/// uploads. BuildKit's cache export, when the build wrote one, comes last.
+async fn oci_images(
+    coordinator: &mut Coordinator,
+    work: SaveWork<'_>,
+    probe: pb::BeginSaveRequest,
+) -> Result<(Vec<pb::Image>, Option<OciExport>), WorkerError> {
+    let mut images = probe.images.clone();
+    for (image, engine_image) in images.iter_mut().zip(work.chain) {
+        image.layers.clear();
+        image.oci_media_type = engine_image.media_type.clone();
+    }
+    let probe = pb::BeginSaveRequest { images: images.clone(), ..probe };
+    let known = coordinator.client.begin_save(probe).await.map_err(|s| coordinator.failed(s))?.into_inner();
+    coordinator.abandon_save(&known.save_id).await;
+    let missing: HashSet<&String> = known.missing_digests.iter().collect();
+    let known: HashMap<&str, &pb::Image> = known
+        .known_images
+        .iter()
+        .filter(|image| !missing.contains(&image.id) && !image.oci_blobs.is_empty())
+        .map(|image| (image.id.as_str(), image))
+        .collect();
+    let export = if images.iter().all(|image| known.contains_key(image.id.as_str())) {
+        None
+    } else {
+        Some(export_oci(work).await?)
+    };
+    for image in &mut images {
+        if let Some(known) = known.get(image.id.as_str()) {
+            image.layers = known.layers.clone();
+            image.oci_blobs = known.oci_blobs.clone();
+            image.config_size = known.config_size;
+            image.builder = known.builder;
+            image.inline_cache = known.inline_cache;
+            if image.oci_media_type.is_empty() {
+                image.oci_media_type = known.oci_media_type.clone();
+            }
+            continue;
+        }
+        let blobs = &export.as_ref().expect("exported when an image is unknown").blobs;
+        describe_oci_image(image, blobs)?;
+    }
+    if let Some((cache, _)) = work.build_cache {
+        images.push(cache.clone());
+    }
+    Ok((images, export))
+}
+
+/// Fills in an image of the containerd store from the layout that holds it.
+fn describe_oci_image(image: &mut pb::Image, blobs: &OciBlobs) -> Result<(), WorkerError> {
+    let resolved = blobs.resolve(&image.id)?;
+    image.layers = resolved.layers;
+    image.oci_blobs = resolved.oci_blobs;
+    image.config_size = blobs.json.get(&image.id).map(|bytes| bytes.len() as u64).unwrap_or_default();
+    if image.oci_media_type.is_empty() {
+        let listed = blobs.index.iter().find(|descriptor| descriptor.digest == image.id);
+        image.oci_media_type = listed.map(|descriptor| descriptor.media_type.clone()).unwrap_or_default();
+    }
+    // The platform config says how the image was built; an attestation's says nothing.
+    let facts: Vec<ImageFacts> = resolved.configs.iter().map(|config| image_facts(config)).collect();
+    let best = facts
+        .iter()
+        .find(|facts| facts.inline_cache)
+        .or_else(|| facts.iter().find(|facts| matches!(facts.builder, pb::Builder::Buildkit | pb::Builder::Classic)))
+        .or(facts.first());
+    if let Some(facts) = best {
+        image.builder = facts.builder as i32;
+        image.inline_cache = facts.inline_cache;
+    }
+    Ok(())
+}
+
+/// The build's `--cache-to type=local,mode=max` export in `dir`, if it wrote one.
+fn read_build_cache(dir: &std::path::Path) -> Result<Option<(pb::Image, OciBlobs)>, WorkerError> {
+    let Some(blobs) = OciBlobs::read_dir(dir)? else { return Ok(None) };
+    let Some(top) = blobs.index.first().cloned() else { return Ok(None) };
+    let mut image = pb::Image {
+        id: top.digest.clone(),
+        oci_media_type: top.media_type.clone(),
+        build_cache: true,
+        ..Default::default()
+    };
+    describe_oci_image(&mut image, &blobs)?;
+    image.builder = pb::Builder::Buildkit as i32;
+    image.inline_cache = false;
+    Ok(Some((image, blobs)))
+}
+
+/// `docker save` of the chain from the containerd image store, every blob into a spool folder.
+async fn export_oci(work: SaveWork<'_>) -> Result<OciExport, WorkerError> {
+    let spool = tempfile::Builder::new().prefix("cache-worker-").tempdir_in(spool_dir()).map_err(|error| {
+        WorkerError::Host(format!("cannot create a spool folder in {}: {error}", spool_dir().display()))
+    })?;
+    work.cleanup.set_spool(spool.path());
+    let references: Vec<String> = work.chain.iter().map(|image| image.id.clone()).collect();
+    let reader = blocking_reader(work.engine.export(&references));
+    let path = spool.path().to_owned();
+    let blobs = tokio::task::spawn_blocking(move || OciBlobs::read_export(reader, &path))
+        .await
+        .map_err(|error| WorkerError::Invalid(error.to_string()))?
+        .map_err(|error| host_disk_error(error.into()))?;
+    Ok(OciExport { blobs, _spool: spool })
+}
+
+/// Uploads the OCI blobs the store lacks, from the export (made now if the images were known
+/// but a blob of theirs is not stored) or the build's cache folder.
+async fn upload_oci(
+    coordinator: &mut Coordinator,
+    work: SaveWork<'_>,
+    begun: &pb::BeginSaveResponse,
+    export: Option<OciExport>,
+) -> Result<Vec<(String, u64, f64)>, WorkerError> {
+    let in_flight: HashSet<&String> = begun.in_flight_digests.iter().collect();
+    let missing: Vec<&String> = begun.missing_digests.iter().filter(|digest| !in_flight.contains(digest)).collect();
+    if missing.is_empty() {
+        return Ok(Vec::new());
+    }
+    let from_cache = |digest: &str| work.build_cache.and_then(|(_, blobs)| blobs.source(digest));
+    let export = match export {
+        Some(export) => Some(export),
+        None if missing.iter().all(|digest| from_cache(digest).is_some()) => None,
+        None => Some(export_oci(work).await?),
+    };
+    let credentials =
+        begun.credentials.clone().ok_or_else(|| WorkerError::Invalid("the coordinator sent no credentials".into()))?;
+    let plan = begun.plan.clone().unwrap_or_default();
+    let store = BlobStore::new(&credentials, &plan, Some(coordinator.client.clone()), coordinator.stall_timeout);
+    work.cleanup.set_store(&store);
+    let (sender, receiver) = mpsc::channel(missing.len());
+    for digest in missing {
+        let source = export.as_ref().and_then(|export| export.blobs.source(digest)).or_else(|| from_cache(digest));
+        let blob = match source {
+            Some(BlobSource::Bytes(bytes)) => SpooledBlob::Bytes { digest: digest.clone(), bytes },
+            Some(BlobSource::File(path, size)) => SpooledBlob::Kept {
+                layer: pb::Layer { digest: digest.clone(), size, stored_size: size, ..Default::default() },
+                path,
+            },
+            None => {
+                return Err(WorkerError::Invalid(format!("blob {digest} is in neither the export nor the build cache")));
+            }
+        };
+        sender.try_send(blob).expect("the channel holds every blob");
+    }
+    drop(sender);
+    let uploaded = upload_all(store, plan.max_concurrency as usize, receiver, &Progress::for_stderr()).await;
+    drop(export);
+    uploaded
+}
+
 async fn save_begun(
     coordinator: &mut Coordinator,
     work: SaveWork<'_>,
     request: pb::BeginSaveRequest,
     begun: pb::BeginSaveResponse,
+    export: Option<OciExport>,
 ) -> Result<Attempt, WorkerError> {
-    let SaveWork { engine, options, cleanup, chain, started } = work;
+    if work.oci {
+        let uploaded = upload_oci(coordinator, work, &begun, export).await?;
+        let in_flight: HashSet<String> = begun.in_flight_digests.iter().cloned().collect();
+        return finish_save(coordinator, work, request.images, begun, uploaded, in_flight).await;
+    }
+    let SaveWork { engine, cleanup, chain, .. } = work;
     let missing: HashSet<String> = begun.missing_digests.iter().cloned().collect();
     // Blobs another save of the project is uploading right now: read past, not uploaded.
     let in_flight: HashSet<String> = begun.in_flight_digests.iter().cloned().collect();
@@ -363,7 +553,7 @@ async fn save_begun(
         begun.stored_blobs.iter().map(|blob| (blob.digest.clone(), blob.clone())).collect();
     let mut facts_from_export = HashMap::new();
     let mut uploaded: Vec<(String, u64, f64)> = Vec::new();
-    let plan = begun.plan.unwrap_or_default();
+    let plan = begun.plan.clone().unwrap_or_default();
 
     if !missing.is_empty() || !in_flight.is_empty() {
         let credentials = begun
@@ -413,6 +603,19 @@ async fn save_begun(
             *layer = described(&layer.digest)?;
         }
     }
+    finish_save(coordinator, work, images, begun, uploaded, in_flight).await
+}
+
+/// The end of every save: the log, the commit, the metrics report and the summary line.
+async fn finish_save(
+    coordinator: &mut Coordinator,
+    work: SaveWork<'_>,
+    images: Vec<pb::Image>,
+    begun: pb::BeginSaveResponse,
+    uploaded: Vec<(String, u64, f64)>,
+    in_flight: HashSet<String>,
+) -> Result<Attempt, WorkerError> {
+    let SaveWork { options, started, .. } = work;
     let uploaded_digests: HashSet<String> = uploaded.iter().map(|(digest, _, _)| digest.clone()).collect();
     let log = save_log(&images, &uploaded_digests, &in_flight);
     for line in &log {

@@ -40,7 +40,8 @@ pub struct Layer {
 /// One image of a saved chain.
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct Image {
-    /// The image ID: "sha256:<hex>" of the config JSON.
+    /// The image ID: "sha256:<hex>" of the config JSON (graph-driver engines), or of the OCI
+    /// index or manifest the image's name points at (the containerd image store).
     #[prost(string, tag = "1")]
     pub id: ::prost::alloc::string::String,
     #[prost(string, repeated, tag = "2")]
@@ -58,6 +59,20 @@ pub struct Image {
     /// The config carries BuildKit inline cache metadata.
     #[prost(bool, tag = "7")]
     pub inline_cache: bool,
+    /// The containerd image store: every other OCI blob the image's index or manifest reaches
+    /// (platform and attestation manifests, the config, attestation bodies), stored by their own
+    /// sha256 (encoding "", sizes equal), so a restore writes the layout back byte for byte and the
+    /// image keeps its ID. Empty for graph-driver images.
+    #[prost(message, repeated, tag = "8")]
+    pub oci_blobs: ::prost::alloc::vec::Vec<Layer>,
+    /// The media type of the blob `id` names (an OCI index or manifest); empty for graph-driver
+    /// images.
+    #[prost(string, tag = "9")]
+    pub oci_media_type: ::prost::alloc::string::String,
+    /// Not an image but BuildKit's own cache export (`--cache-to type=local,mode=max`): restored
+    /// as a local cache folder, never loaded into the engine.
+    #[prost(bool, tag = "10")]
+    pub build_cache: bool,
 }
 /// What one save produced for one key.
 #[derive(Clone, PartialEq, ::prost::Message)]

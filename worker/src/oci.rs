@@ -1,0 +1,516 @@
+//! Images of the containerd image store (Engine 29's default) and BuildKit's local cache
+//! exports, as OCI image layouts: reading the blobs of a `docker save` from that store or of a
+//! cache folder (each blob checked against the digest that names it), resolving an image's
+//! index or manifest to the blobs it reaches, and writing a layout back, as the folder a
+//! BuildKit build reads with `--cache-from type=local` and as the tarball `docker load` takes.
+//!
+//! Blobs are kept exactly as the engine holds them (compressed layers are never recompressed),
+//! so a restored image keeps its ID (the digest of its index or manifest).
+
+use std::collections::{HashMap, HashSet};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+
+use proto::v1 as pb;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::export::{ExportError, JSON_LIMIT};
+
+/// The blobs of an OCI layout: small JSON ones (indexes, manifests, configs, attestations) in
+/// memory, the rest (layers) in files.
+#[derive(Debug, Default)]
+pub struct OciBlobs {
+    pub json: HashMap<String, Vec<u8>>,
+    pub files: HashMap<String, (PathBuf, u64)>,
+    /// The layout's own `index.json`: the images (or the cache) it names.
+    pub index: Vec<Descriptor>,
+}
+
+/// An OCI descriptor: what a layout's index and manifests point at.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Descriptor {
+    #[serde(rename = "mediaType", default)]
+    pub media_type: String,
+    pub digest: String,
+    pub size: u64,
+    #[serde(default, skip_serializing_if = "HashMap::is_empty")]
+    pub annotations: HashMap<String, String>,
+}
+
+/// An index, a manifest, or anything else JSON: the fields that point at other blobs.
+#[derive(Deserialize)]
+struct Node {
+    #[serde(default)]
+    manifests: Vec<Descriptor>,
+    #[serde(default)]
+    config: Option<Descriptor>,
+    #[serde(default)]
+    layers: Vec<Descriptor>,
+}
+
+#[derive(Deserialize)]
+struct IndexJson {
+    #[serde(default)]
+    manifests: Vec<Descriptor>,
+}
+
+const CHUNK: usize = 1024 * 1024;
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+fn hex_of(digest: &str) -> &str {
+    digest.strip_prefix("sha256:").unwrap_or(digest)
+}
+
+fn blob_digest(path: &str) -> Option<String> {
+    let digest = format!("sha256:{}", path.strip_prefix("blobs/sha256/")?);
+    proto::names::validate_digest(&digest).ok().map(|()| digest)
+}
+
+/// A digest from the layout, checked before it names a file.
+fn valid_digest(digest: &str) -> Result<(), ExportError> {
+    proto::names::validate_digest(digest).map_err(|error| ExportError::Format(error.to_string()))
+}
+
+fn mismatch(path: &str, expected: &str, actual_hex: &str) -> ExportError {
+    ExportError::DigestMismatch {
+        path: path.to_owned(),
+        expected: expected.to_owned(),
+        actual: format!("sha256:{actual_hex}"),
+    }
+}
+
+/// Copies `head` and the rest of `reader` to `path`, hashing along; returns (hex, size).
+fn copy_hashing(head: &[u8], reader: &mut impl Read, path: &Path) -> std::io::Result<(String, u64)> {
+    let mut file = std::io::BufWriter::with_capacity(CHUNK, std::fs::File::create(path)?);
+    let mut hasher = Sha256::new();
+    hasher.update(head);
+    file.write_all(head)?;
+    let mut size = head.len() as u64;
+    let mut buffer = vec![0u8; CHUNK];
+    loop {
+        let n = reader.read(&mut buffer)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buffer[..n]);
+        file.write_all(&buffer[..n])?;
+        size += n as u64;
+    }
+    file.flush()?;
+    Ok((hex::encode(hasher.finalize()), size))
+}
+
+impl OciBlobs {
+    /// Reads a `docker save` of the containerd image store: JSON blobs into memory, the others
+    /// into `spool` (named by their hex digest). Every blob must hash to its name.
+    pub fn read_export<R: Read>(reader: R, spool: &Path) -> Result<OciBlobs, ExportError> {
+        let mut blobs = OciBlobs::default();
+        let mut archive = tar::Archive::new(reader);
+        for entry in archive.entries()? {
+            let mut entry = entry?;
+            if !entry.header().entry_type().is_file() {
+                continue;
+            }
+            let path = entry.path()?.to_string_lossy().trim_start_matches("./").to_owned();
+            let size = entry.size();
+            if path == "index.json" {
+                let bytes = read_small(&mut entry, size, &path)?;
+                blobs.index = parse_index(&bytes)?;
+                continue;
+            }
+            let Some(digest) = blob_digest(&path) else { continue };
+            let mut head = Vec::new();
+            (&mut entry).take(1).read_to_end(&mut head)?;
+            if head == b"{" && size <= JSON_LIMIT {
+                let mut bytes = head;
+                (&mut entry).take(size).read_to_end(&mut bytes)?;
+                let actual = sha256_hex(&bytes);
+                if actual != hex_of(&digest) {
+                    return Err(mismatch(&path, &digest, &actual));
+                }
+                blobs.json.insert(digest, bytes);
+            } else {
+                let file = spool.join(hex_of(&digest));
+                let (actual, size) = copy_hashing(&head, &mut entry, &file)?;
+                if actual != hex_of(&digest) {
+                    return Err(mismatch(&path, &digest, &actual));
+                }
+                blobs.files.insert(digest, (file, size));
+            }
+        }
+        if blobs.index.is_empty() {
+            return Err(ExportError::Format("the export has no index.json naming its images".into()));
+        }
+        Ok(blobs)
+    }
+
+    /// Reads an OCI layout folder (BuildKit's `--cache-to type=local` export) in place: the
+    /// blobs its index reaches, each hashed. `None` when the folder holds no layout.
+    pub fn read_dir(dir: &Path) -> Result<Option<OciBlobs>, ExportError> {
+        let index = match std::fs::read(dir.join("index.json")) {
+            Ok(bytes) => parse_index(&bytes)?,
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(error) => return Err(error.into()),
+        };
+        let mut blobs = OciBlobs { index, ..Default::default() };
+        let mut pending: Vec<String> = blobs.index.iter().map(|descriptor| descriptor.digest.clone()).collect();
+        let mut seen = HashSet::new();
+        while let Some(digest) = pending.pop() {
+            if !seen.insert(digest.clone()) {
+                continue;
+            }
+            valid_digest(&digest)?;
+            let path = dir.join("blobs/sha256").join(hex_of(&digest));
+            let Ok(metadata) = std::fs::metadata(&path) else { continue };
+            let mut file = std::fs::File::open(&path)?;
+            let mut head = Vec::new();
+            (&mut file).take(1).read_to_end(&mut head)?;
+            if head == b"{" && metadata.len() <= JSON_LIMIT {
+                let bytes = std::fs::read(&path)?;
+                let actual = sha256_hex(&bytes);
+                if actual != hex_of(&digest) {
+                    return Err(mismatch(&path.display().to_string(), &digest, &actual));
+                }
+                if let Ok(node) = serde_json::from_slice::<Node>(&bytes) {
+                    let children = node.manifests.iter().chain(node.config.iter()).chain(node.layers.iter());
+                    pending.extend(children.map(|child| child.digest.clone()));
+                }
+                blobs.json.insert(digest, bytes);
+            } else {
+                let mut hasher = Sha256::new();
+                hasher.update(&head);
+                std::io::copy(&mut file, &mut hasher)?;
+                let actual = hex::encode(hasher.finalize());
+                if actual != hex_of(&digest) {
+                    return Err(mismatch(&path.display().to_string(), &digest, &actual));
+                }
+                blobs.files.insert(digest, (path, metadata.len()));
+            }
+        }
+        Ok(Some(blobs))
+    }
+
+    fn size_of(&self, digest: &str) -> Option<u64> {
+        self.json.get(digest).map(|bytes| bytes.len() as u64).or_else(|| self.files.get(digest).map(|(_, size)| *size))
+    }
+
+    /// Everything the blob `top` reaches: its layers (tar blobs under a manifest's `layers`)
+    /// and every other blob (indexes, manifests, configs, attestations), each once, as stored.
+    /// Children the layout lacks (other platforms' manifests) are left out; a layer or config
+    /// a present manifest names must be here.
+    pub fn resolve(&self, top: &str) -> Result<OciImage, ExportError> {
+        let Some(top_json) = self.json.get(top) else {
+            return Err(ExportError::Format(format!("the index or manifest {top} is missing from the export")));
+        };
+        let mut image = OciImage::default();
+        let mut seen: HashSet<String> = HashSet::from([top.to_owned()]);
+        let mut pending: Vec<(String, Vec<u8>)> = vec![(top.to_owned(), top_json.clone())];
+        while let Some((digest, bytes)) = pending.pop() {
+            let node: Node = serde_json::from_slice(&bytes).map_err(|error| {
+                ExportError::Format(format!("blob {digest} is not an OCI index or manifest: {error}"))
+            })?;
+            let is_manifest = node.config.is_some();
+            for child in node.manifests.iter().chain(node.config.iter()).chain(node.layers.iter()) {
+                valid_digest(&child.digest)?;
+                if !seen.insert(child.digest.clone()) {
+                    continue;
+                }
+                let Some(size) = self.size_of(&child.digest) else {
+                    if is_manifest {
+                        return Err(ExportError::Format(format!(
+                            "blob {} of manifest {digest} is missing from the export",
+                            child.digest
+                        )));
+                    }
+                    continue;
+                };
+                if size != child.size {
+                    return Err(ExportError::Format(format!(
+                        "blob {} is {size} bytes, its descriptor says {}",
+                        child.digest, child.size
+                    )));
+                }
+                let blob = pb::Layer { digest: child.digest.clone(), size, stored_size: size, ..Default::default() };
+                let is_layer = is_manifest
+                    && node.layers.iter().any(|layer| layer.digest == child.digest)
+                    && (child.media_type.contains(".tar") || child.media_type.contains("rootfs"));
+                if is_layer {
+                    image.layers.push(blob);
+                    continue;
+                }
+                image.oci_blobs.push(blob);
+                if let Some(json) = self.json.get(&child.digest) {
+                    if node.config.as_ref().is_some_and(|config| config.digest == child.digest) {
+                        image.configs.push(json.clone());
+                    } else if child.media_type.contains("manifest") || child.media_type.contains("index") {
+                        pending.push((child.digest.clone(), json.clone()));
+                    }
+                }
+            }
+        }
+        Ok(image)
+    }
+
+    /// The path or bytes of a blob, for its upload.
+    pub fn source(&self, digest: &str) -> Option<BlobSource> {
+        if let Some(bytes) = self.json.get(digest) {
+            return Some(BlobSource::Bytes(bytes.clone()));
+        }
+        self.files.get(digest).map(|(path, size)| BlobSource::File(path.clone(), *size))
+    }
+}
+
+/// Where a blob of a layout is.
+pub enum BlobSource {
+    Bytes(Vec<u8>),
+    File(PathBuf, u64),
+}
+
+/// What an image's index or manifest reaches.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct OciImage {
+    /// Layer blobs, addressed by their own (compressed) digest, in the order manifests name them.
+    pub layers: Vec<pb::Layer>,
+    /// Every other blob.
+    pub oci_blobs: Vec<pb::Layer>,
+    /// The configs of its platform manifests (the image's config, or a cache's), for what
+    /// they say about the build.
+    pub configs: Vec<Vec<u8>>,
+}
+
+fn read_small(reader: &mut impl Read, size: u64, path: &str) -> Result<Vec<u8>, ExportError> {
+    if size > JSON_LIMIT {
+        return Err(ExportError::Format(format!("{path} is {size} bytes, more than a JSON entry may hold")));
+    }
+    let mut bytes = Vec::new();
+    reader.take(size).read_to_end(&mut bytes)?;
+    Ok(bytes)
+}
+
+fn parse_index(bytes: &[u8]) -> Result<Vec<Descriptor>, ExportError> {
+    let index: IndexJson =
+        serde_json::from_slice(bytes).map_err(|error| ExportError::Format(format!("index.json: {error}")))?;
+    for descriptor in &index.manifests {
+        valid_digest(&descriptor.digest)?;
+    }
+    Ok(index.manifests)
+}
+
+/// The full name containerd gives a tag: `app:1` is `docker.io/library/app:1`.
+pub fn full_image_name(repo_tag: &str) -> String {
+    let first = repo_tag.split('/').next().unwrap_or_default();
+    let has_registry = repo_tag.contains('/') && (first.contains('.') || first.contains(':') || first == "localhost");
+    if has_registry {
+        repo_tag.to_owned()
+    } else if repo_tag.contains('/') {
+        format!("docker.io/{repo_tag}")
+    } else {
+        format!("docker.io/library/{repo_tag}")
+    }
+}
+
+/// The `index.json` of a layout holding `images` (by their tags; an untagged one by digest
+/// alone) or, for a cache, naming it `latest` as BuildKit's local cache reader expects.
+pub fn index_json(images: &[&pb::Image]) -> Vec<u8> {
+    let mut manifests = Vec::new();
+    for image in images {
+        let descriptor = |annotations: HashMap<String, String>| Descriptor {
+            media_type: image.oci_media_type.clone(),
+            digest: image.id.clone(),
+            size: image.config_size,
+            annotations,
+        };
+        if image.build_cache {
+            manifests.push(descriptor(HashMap::from([(REF_NAME.to_owned(), "latest".to_owned())])));
+        } else if image.repo_tags.is_empty() {
+            manifests.push(descriptor(HashMap::new()));
+        }
+        for tag in &image.repo_tags {
+            let short = tag.rsplit_once(':').map(|(_, tag)| tag).unwrap_or("latest");
+            manifests.push(descriptor(HashMap::from([
+                ("io.containerd.image.name".to_owned(), full_image_name(tag)),
+                (REF_NAME.to_owned(), short.to_owned()),
+            ])));
+        }
+    }
+    let index = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": manifests,
+    });
+    serde_json::to_vec(&index).expect("index.json serializes")
+}
+
+const REF_NAME: &str = "org.opencontainers.image.ref.name";
+
+/// The `oci-layout` file every layout begins with.
+pub const OCI_LAYOUT: &[u8] = br#"{"imageLayoutVersion":"1.0.0"}"#;
+
+/// Every blob of `image` as stored: the one its ID names, then the others and the layers.
+pub fn image_blobs(image: &pb::Image) -> impl Iterator<Item = (String, u64)> + '_ {
+    std::iter::once((image.id.clone(), image.config_size))
+        .chain(image.oci_blobs.iter().chain(image.layers.iter()).map(|blob| (blob.digest.clone(), blob.stored_size)))
+}
+
+/// The tarball of the layout in `dir` (`oci-layout`, `index.json`, `blobs/sha256/*`) as a
+/// stream for `docker load`, written by a blocking task in 1 MiB pieces.
+pub fn layout_tarball(dir: PathBuf) -> impl futures::Stream<Item = std::io::Result<bytes::Bytes>> + Send + 'static {
+    let (sender, receiver) = tokio::sync::mpsc::channel::<std::io::Result<bytes::Bytes>>(4);
+    tokio::task::spawn_blocking(move || {
+        let writer = ChannelWriter { sender: sender.clone(), piece: Vec::with_capacity(CHUNK) };
+        let mut builder = tar::Builder::new(writer);
+        let written = (|| -> std::io::Result<()> {
+            builder.append_path_with_name(dir.join("oci-layout"), "oci-layout")?;
+            builder.append_path_with_name(dir.join("index.json"), "index.json")?;
+            let mut names: Vec<_> = std::fs::read_dir(dir.join("blobs/sha256"))?
+                .filter_map(|entry| entry.ok().map(|entry| entry.file_name()))
+                .collect();
+            names.sort();
+            for name in names {
+                let path = dir.join("blobs/sha256").join(&name);
+                builder.append_path_with_name(&path, Path::new("blobs/sha256").join(&name))?;
+            }
+            builder.into_inner()?.flush()
+        })();
+        if let Err(error) = written {
+            let _ = sender.blocking_send(Err(error));
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(receiver)
+}
+
+struct ChannelWriter {
+    sender: tokio::sync::mpsc::Sender<std::io::Result<bytes::Bytes>>,
+    piece: Vec<u8>,
+}
+
+impl Write for ChannelWriter {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.piece.extend_from_slice(bytes);
+        if self.piece.len() >= CHUNK {
+            self.flush()?;
+        }
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        if self.piece.is_empty() {
+            return Ok(());
+        }
+        let piece = std::mem::replace(&mut self.piece, Vec::with_capacity(CHUNK));
+        self.sender
+            .blocking_send(Ok(bytes::Bytes::from(piece)))
+            .map_err(|_| std::io::Error::other("the engine stopped reading the restored images"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn digest_of(bytes: &[u8]) -> String {
+        format!("sha256:{}", sha256_hex(bytes))
+    }
+
+    /// A containerd-store export of one image: an index with a platform manifest and an
+    /// attestation manifest, as Engine 28.5 writes it.
+    fn export_fixture() -> (Vec<u8>, String, Vec<u8>) {
+        let layer = vec![0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 3, 1, 2, 3];
+        let config = br#"{"rootfs":{"type":"layers","diff_ids":["sha256:aa"]},"history":[{"created_by":"RUN x # buildkit"}],"moby.buildkit.cache.v0":"e30="}"#.to_vec();
+        let statement = br#"{"_type":"https://in-toto.io/Statement/v0.1"}"#.to_vec();
+        let attestation_config = br#"{"architecture":"unknown"}"#.to_vec();
+        let manifest = serde_json::to_vec(&serde_json::json!({
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": digest_of(&config), "size": config.len()},
+            "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": digest_of(&layer), "size": layer.len()}],
+        }))
+        .unwrap();
+        let attestation = serde_json::to_vec(&serde_json::json!({
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": digest_of(&attestation_config), "size": attestation_config.len()},
+            "layers": [{"mediaType": "application/vnd.in-toto+json", "digest": digest_of(&statement), "size": statement.len()}],
+        }))
+        .unwrap();
+        let index = serde_json::to_vec(&serde_json::json!({
+            "mediaType": "application/vnd.oci.image.index.v1+json",
+            "manifests": [
+                {"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": digest_of(&manifest), "size": manifest.len()},
+                {"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": digest_of(&attestation), "size": attestation.len()},
+                {"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": "sha256:0000000000000000000000000000000000000000000000000000000000000000", "size": 10},
+            ],
+        }))
+        .unwrap();
+        let top = digest_of(&index);
+        let mut tar = tar::Builder::new(Vec::new());
+        for blob in [&layer, &config, &statement, &attestation_config, &manifest, &attestation, &index] {
+            let mut header = tar::Header::new_gnu();
+            header.set_size(blob.len() as u64);
+            header.set_mode(0o444);
+            header.set_cksum();
+            tar.append_data(&mut header, format!("blobs/sha256/{}", hex_of(&digest_of(blob))), blob.as_slice())
+                .unwrap();
+        }
+        let index_json = format!(
+            r#"{{"manifests":[{{"mediaType":"application/vnd.oci.image.index.v1+json","digest":"{top}","size":{}}}]}}"#,
+            index.len()
+        );
+        let mut header = tar::Header::new_gnu();
+        header.set_size(index_json.len() as u64);
+        header.set_cksum();
+        tar.append_data(&mut header, "index.json", index_json.as_bytes()).unwrap();
+        (tar.into_inner().unwrap(), top, layer)
+    }
+
+    #[test]
+    fn an_export_resolves_to_its_layers_and_every_other_blob_it_reaches() {
+        let (tarball, top, layer) = export_fixture();
+        let spool = tempfile::tempdir().unwrap();
+        let blobs = OciBlobs::read_export(tarball.as_slice(), spool.path()).unwrap();
+        assert_eq!(blobs.index.len(), 1);
+        assert_eq!(blobs.files.len(), 1, "only the gzip layer is spooled");
+        let image = blobs.resolve(&top).unwrap();
+        assert_eq!(image.layers.iter().map(|l| l.digest.clone()).collect::<Vec<_>>(), vec![digest_of(&layer)]);
+        // Two manifests, two configs and the statement; the absent platform is left out.
+        assert_eq!(image.oci_blobs.len(), 5, "{:?}", image.oci_blobs);
+        assert!(image.oci_blobs.iter().all(|blob| blobs.json.contains_key(&blob.digest)));
+        assert_eq!(image.configs.len(), 2);
+        assert!(
+            crate::image_config::image_facts(&image.configs[0]).inline_cache
+                || crate::image_config::image_facts(&image.configs[1]).inline_cache
+        );
+    }
+
+    #[test]
+    fn a_blob_that_does_not_hash_to_its_name_is_refused() {
+        let (mut tarball, _, _) = export_fixture();
+        // The gzip layer's last byte, inside the first entry's data.
+        tarball[512 + 12] ^= 0xff;
+        let spool = tempfile::tempdir().unwrap();
+        let error = OciBlobs::read_export(tarball.as_slice(), spool.path()).unwrap_err();
+        assert!(matches!(error, ExportError::DigestMismatch { .. }), "{error}");
+    }
+
+    #[test]
+    fn tags_get_the_names_containerd_gives_them() {
+        assert_eq!(full_image_name("app:1"), "docker.io/library/app:1");
+        assert_eq!(full_image_name("team/app:1"), "docker.io/team/app:1");
+        assert_eq!(full_image_name("registry.example:5000/app:1"), "registry.example:5000/app:1");
+        assert_eq!(full_image_name("localhost/app:1"), "localhost/app:1");
+        let image = pb::Image {
+            id: "sha256:ab".into(),
+            repo_tags: vec!["app:1".into(), "app:latest".into()],
+            oci_media_type: "application/vnd.oci.image.index.v1+json".into(),
+            config_size: 7,
+            ..Default::default()
+        };
+        let index: serde_json::Value = serde_json::from_slice(&index_json(&[&image])).unwrap();
+        assert_eq!(index["manifests"].as_array().unwrap().len(), 2);
+        assert_eq!(index["manifests"][1]["annotations"]["io.containerd.image.name"], "docker.io/library/app:latest");
+        assert_eq!(index["manifests"][1]["annotations"][REF_NAME], "latest");
+        assert_eq!(index["manifests"][0]["size"], 7);
+    }
+}
