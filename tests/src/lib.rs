@@ -175,6 +175,12 @@ impl CoordinatorProcess {
         String::from_utf8(output.stdout).expect("utf-8").lines().last().expect("token line").to_owned()
     }
 
+    /// The `--build-cache-dir` of workers run without an engine of their own: inside the
+    /// coordinator's data folder, so tests never share one.
+    pub fn build_cache_dir(&self) -> PathBuf {
+        self.data_dir.join("test-worker-build-cache")
+    }
+
     /// Runs cache-worker against this coordinator with a project token.
     pub fn cache_worker(&self, token: &str, args: &[&str]) -> Output {
         Command::new(binary("cache-worker"))
@@ -182,6 +188,7 @@ impl CoordinatorProcess {
             .arg(&self.grpc_url)
             .args(args)
             .env("CACHE_TOKEN", token)
+            .env("CACHE_BUILD_CACHE_DIR", self.build_cache_dir())
             .output()
             .expect("run cache-worker")
     }
@@ -336,13 +343,27 @@ fn import_busybox(host: Option<&str>, tag: &str) {
     assert!(imported.status.success(), "docker import {tag}: {}", stderr_of(&imported));
 }
 
-/// The engines users run, both tested: Debian 12's Engine 20.10 (installed by `.ci/run`) and
-/// Debian 13's Engine 26.1 (unpacked beside the system by `.ci/run`, found through
-/// `CACHE_TEST_ENGINE26`, the root of the unpacked packages).
+/// The engines users run, all tested: Debian 12's Engine 20.10 (installed by `.ci/run`),
+/// Debian 13's Engine 26.1 and Debian sid's Engine 28.5 with its own CLI and buildx (both
+/// unpacked beside the system by `.ci/run`, found through `CACHE_TEST_ENGINE26` and
+/// `CACHE_TEST_ENGINE28`, the roots of the unpacked packages).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EngineKind {
     Engine20,
     Engine26,
+    Engine28,
+}
+
+impl EngineKind {
+    /// The variable naming the unpacked packages' root, and the engine's name, for the
+    /// engines `.ci/run` unpacks.
+    fn unpacked_root(self) -> Option<(&'static str, &'static str)> {
+        match self {
+            EngineKind::Engine20 => None,
+            EngineKind::Engine26 => Some(("CACHE_TEST_ENGINE26", "Engine 26.1")),
+            EngineKind::Engine28 => Some(("CACHE_TEST_ENGINE28", "Engine 28.5")),
+        }
+    }
 }
 
 /// A private Docker engine with a new, empty data root: a fresh build host.
@@ -351,6 +372,10 @@ pub struct DockerEngine {
     dir: tempfile::TempDir,
     pub host: String,
     pub kind: EngineKind,
+    /// Engine 28.5's own CLI and its config folder (with buildx).
+    cli: Option<(PathBuf, PathBuf)>,
+    /// Runs the containerd image store.
+    pub containerd_store: bool,
 }
 
 impl DockerEngine {
@@ -360,26 +385,27 @@ impl DockerEngine {
         Self::start_with_config(kind, None)
     }
 
-    /// Starts Engine 26.1 with the containerd image store (`containerd-snapshotter`), the
-    /// default of fresh Engine 29 installs.
+    /// Starts Engine 28.5 with the containerd image store (`containerd-snapshotter`), as fresh
+    /// Engine 29 installs run by default.
     pub fn start_with_containerd_store() -> Option<DockerEngine> {
-        Self::start_with_config(EngineKind::Engine26, Some(r#"{"features":{"containerd-snapshotter":true}}"#))
+        Self::start_with_config(EngineKind::Engine28, Some(r#"{"features":{"containerd-snapshotter":true}}"#))
     }
 
     fn start_with_config(kind: EngineKind, daemon_json: Option<&str>) -> Option<DockerEngine> {
-        let (dockerd, extra_path) = match kind {
-            EngineKind::Engine20 => (PathBuf::from("dockerd"), None),
-            EngineKind::Engine26 => match std::env::var_os("CACHE_TEST_ENGINE26") {
+        let (dockerd, extra_path, root) = match kind.unpacked_root() {
+            None => (PathBuf::from("dockerd"), None, None),
+            Some((variable, name)) => match std::env::var_os(variable) {
                 Some(root) => {
                     let root = PathBuf::from(root);
                     (
                         root.join("usr/sbin/dockerd"),
                         Some(format!("{}:{}", root.join("usr/bin").display(), root.join("usr/sbin").display())),
+                        Some(root),
                     )
                 }
                 None => {
-                    assert!(!in_ci(), "CACHE_TEST_ENGINE26 is not set: .ci/run unpacks Engine 26.1 and sets it");
-                    eprintln!("skipping: Engine 26.1 is not unpacked here (set CACHE_TEST_ENGINE26; .ci/run does)");
+                    assert!(!in_ci(), "{variable} is not set: .ci/run unpacks {name} and sets it");
+                    eprintln!("skipping: {name} is not unpacked here (set {variable}; .ci/run does)");
                     return None;
                 }
             },
@@ -417,7 +443,22 @@ impl DockerEngine {
             .stderr(log)
             .spawn()
             .expect("start dockerd");
-        let engine = DockerEngine { child, dir, host, kind };
+        // Engine 28.5's own CLI drives BuildKit through buildx, found in its config folder.
+        let cli = match (kind, &root) {
+            (EngineKind::Engine28, Some(root)) => {
+                let plugins = dir.path().join("cli/cli-plugins");
+                std::fs::create_dir_all(&plugins).expect("CLI plugin folder");
+                std::os::unix::fs::symlink(
+                    root.join("usr/libexec/docker/cli-plugins/docker-buildx"),
+                    plugins.join("docker-buildx"),
+                )
+                .expect("link buildx");
+                Some((root.join("usr/bin/docker"), dir.path().join("cli")))
+            }
+            _ => None,
+        };
+        let containerd_store = daemon_json.is_some_and(|json| json.contains("containerd-snapshotter"));
+        let engine = DockerEngine { child, dir, host, kind, cli, containerd_store };
         let deadline = std::time::Instant::now() + Duration::from_secs(60);
         while !engine.docker(&["version"]).status.success() {
             assert!(std::time::Instant::now() < deadline, "dockerd did not answer within 60 s: {}", engine.log());
@@ -447,10 +488,19 @@ impl DockerEngine {
             .expect("docker build")
     }
 
-    /// A BuildKit build of `context` with inline cache metadata, off the network, through
-    /// Debian's own 20.10 client (`/usr/bin/docker`): the newer client on PATH needs buildx.
+    /// A BuildKit build of `context`, off the network: through Engine 28.5's own CLI and
+    /// buildx, or on the older engines Debian's own 20.10 client (`/usr/bin/docker`), since the
+    /// newer client on PATH needs buildx.
     pub fn buildkit_build(&self, context: &Path, tag: &str, extra_args: &[&str]) -> Output {
-        Command::new("/usr/bin/docker")
+        let mut command = match &self.cli {
+            Some((cli, config)) => {
+                let mut command = Command::new(cli);
+                command.env("DOCKER_CONFIG", config);
+                command
+            }
+            None => Command::new("/usr/bin/docker"),
+        };
+        command
             .args(["build", "--progress", "plain", "--network", "none", "-t", tag])
             .args(extra_args)
             .arg(context)
@@ -458,6 +508,11 @@ impl DockerEngine {
             .env("DOCKER_BUILDKIT", "1")
             .output()
             .expect("docker build with BuildKit")
+    }
+
+    /// This host's `--build-cache-dir`.
+    pub fn build_cache_dir(&self) -> PathBuf {
+        self.dir.path().join("build-cache")
     }
 
     /// Makes a busybox base image on this engine.
@@ -502,6 +557,7 @@ impl CoordinatorProcess {
             .args(args)
             .env("CACHE_TOKEN", token)
             .env("DOCKER_HOST", &engine.host)
+            .env("CACHE_BUILD_CACHE_DIR", engine.build_cache_dir())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -516,6 +572,7 @@ impl CoordinatorProcess {
             .args(args)
             .env("CACHE_TOKEN", token)
             .env("DOCKER_HOST", &engine.host)
+            .env("CACHE_BUILD_CACHE_DIR", engine.build_cache_dir())
             .output()
             .expect("run cache-worker")
     }

@@ -5,12 +5,14 @@ mod e2e {
     mod awscli_isolation;
     mod bad_days;
     mod buildkit;
+    mod containerd_store;
     mod dashboard;
     mod deploy_files;
     mod docker_engine;
     mod durability;
     mod embedded_s3_scope;
     mod full_disk;
+    mod multi_stage;
     mod projects_and_credentials;
     mod s3_store;
     mod save_restore;

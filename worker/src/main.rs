@@ -104,7 +104,7 @@ async fn run_restore(cli: &Cli, options: RestoreOptions, strict: bool, print_cac
     };
     match result {
         Ok(Restored::Hit { flags } | Restored::Miss { flags }) => {
-            if print_cache_from {
+            if print_cache_from && !flags.is_empty() {
                 println!("{}", build_flags(&flags));
             }
             ExitCode::SUCCESS

@@ -157,6 +157,13 @@ impl OciBlobs {
             Err(error) => return Err(error.into()),
         };
         let mut blobs = OciBlobs { index, ..Default::default() };
+        // Each build of a job writes its cache manifest into the folder, and `index.json` names
+        // only the last: the others (a `--target test` build's, say) are kept too.
+        for descriptor in cache_manifests(&dir.join("blobs/sha256"))? {
+            if !blobs.index.iter().any(|listed| listed.digest == descriptor.digest) {
+                blobs.index.push(descriptor);
+            }
+        }
         let mut pending: Vec<String> = blobs.index.iter().map(|descriptor| descriptor.digest.clone()).collect();
         let mut seen = HashSet::new();
         while let Some(digest) = pending.pop() {
@@ -281,6 +288,34 @@ pub struct OciImage {
     /// they say about the build.
     pub configs: Vec<Vec<u8>>,
 }
+
+/// The cache manifests BuildKit wrote into a `type=local` cache folder's blobs, sorted.
+fn cache_manifests(blobs_dir: &Path) -> Result<Vec<Descriptor>, ExportError> {
+    let entries = match std::fs::read_dir(blobs_dir) {
+        Ok(entries) => entries,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(error) => return Err(error.into()),
+    };
+    let mut found = Vec::new();
+    for entry in entries {
+        let entry = entry?;
+        let Some(digest) = entry.file_name().to_str().map(|hex| format!("sha256:{hex}")) else { continue };
+        let size = entry.metadata()?.len();
+        if proto::names::validate_digest(&digest).is_err() || size > 64 * 1024 {
+            continue;
+        }
+        let bytes = std::fs::read(entry.path())?;
+        let Ok(node) = serde_json::from_slice::<Node>(&bytes) else { continue };
+        if node.config.is_some_and(|config| config.media_type == BUILDKIT_CACHE_CONFIG) {
+            let media_type = "application/vnd.oci.image.manifest.v1+json".to_owned();
+            found.push(Descriptor { media_type, digest, size, annotations: HashMap::new() });
+        }
+    }
+    found.sort_by(|a, b| a.digest.cmp(&b.digest));
+    Ok(found)
+}
+
+const BUILDKIT_CACHE_CONFIG: &str = "application/vnd.buildkit.cacheconfig.v0";
 
 fn read_small(reader: &mut impl Read, size: u64, path: &str) -> Result<Vec<u8>, ExportError> {
     if size > JSON_LIMIT {

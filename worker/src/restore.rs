@@ -86,7 +86,7 @@ fn buildkit_local_flags(manifest: Option<&pb::Manifest>, dirs: &BuildDirs) -> Ve
     let mut flags = Vec::new();
     for image in manifest.map(|manifest| manifest.images.as_slice()).unwrap_or_default() {
         if image.build_cache {
-            flags.push(format!("--cache-from type=local,src={}", dirs.cache().display()));
+            flags.push(format!("--cache-from type=local,src={},digest={}", dirs.cache().display(), image.id));
         } else if image.inline_cache {
             flags.push(format!("--cache-from type=local,src={},digest={}", dirs.images().display(), image.id));
         }
@@ -116,9 +116,11 @@ pub async fn restore(
     let started = Instant::now();
     let oci = engine.uses_containerd_store().await?;
     let dirs = BuildDirs::new(&options.build_cache_dir, &options.service);
-    dirs.reset().map_err(|error| {
-        WorkerError::Host(format!("cannot prepare the build cache folder {}: {error}", dirs.images().display()))
-    })?;
+    if oci {
+        dirs.reset().map_err(|error| {
+            WorkerError::Host(format!("cannot prepare the build cache folder {}: {error}", dirs.images().display()))
+        })?;
+    }
     let key = pb::CacheKey { service: options.service.clone(), branch: options.branch.clone() };
     let fallbacks = options
         .fallback_branches
@@ -230,8 +232,13 @@ pub async fn restore(
         images: manifest.images.iter().map(|image| image.id.clone()).collect(),
         stages: stage_leaves(&manifest),
     };
-    dirs.write_record(&record)
-        .map_err(|error| WorkerError::Host(format!("cannot write the restore's record: {error}")))?;
+    if let Err(error) = dirs.write_record(&record) {
+        // A save then takes every build stage it finds: more stored, nothing lost.
+        eprintln!(
+            "cache-worker: warning: cannot write what was restored under {}: {error}",
+            options.build_cache_dir.display()
+        );
+    }
     let classic = manifest.images.iter().any(|image| image.builder() == pb::Builder::Classic);
     let flags = if !oci {
         cache_from_images(&manifest)

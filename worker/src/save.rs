@@ -278,7 +278,7 @@ struct SaveWork<'a> {
     oci: bool,
     /// BuildKit's `mode=max` cache export the build wrote into `--build-cache-dir`, as an image
     /// of the save and the blobs it reads from.
-    build_cache: Option<&'a (pb::Image, OciBlobs)>,
+    build_cache: Option<&'a (Vec<pb::Image>, OciBlobs)>,
 }
 
 /// A `docker save` of the containerd image store, read into its spool folder.
@@ -426,8 +426,8 @@ async fn oci_images(
         let blobs = &export.as_ref().expect("exported when an image is unknown").blobs;
         describe_oci_image(image, blobs)?;
     }
-    if let Some((cache, _)) = work.build_cache {
-        images.push(cache.clone());
+    if let Some((caches, _)) = work.build_cache {
+        images.extend(caches.iter().cloned());
     }
     Ok((images, export))
 }
@@ -456,20 +456,24 @@ fn describe_oci_image(image: &mut pb::Image, blobs: &OciBlobs) -> Result<(), Wor
     Ok(())
 }
 
-/// The build's `--cache-to type=local,mode=max` export in `dir`, if it wrote one.
-fn read_build_cache(dir: &std::path::Path) -> Result<Option<(pb::Image, OciBlobs)>, WorkerError> {
+/// The build's `--cache-to type=local,mode=max` export in `dir`, if it wrote one: each cache
+/// manifest (one per build of the job) as an image of the save, and the blobs they reach.
+fn read_build_cache(dir: &std::path::Path) -> Result<Option<(Vec<pb::Image>, OciBlobs)>, WorkerError> {
     let Some(blobs) = OciBlobs::read_dir(dir)? else { return Ok(None) };
-    let Some(top) = blobs.index.first().cloned() else { return Ok(None) };
-    let mut image = pb::Image {
-        id: top.digest.clone(),
-        oci_media_type: top.media_type.clone(),
-        build_cache: true,
-        ..Default::default()
-    };
-    describe_oci_image(&mut image, &blobs)?;
-    image.builder = pb::Builder::Buildkit as i32;
-    image.inline_cache = false;
-    Ok(Some((image, blobs)))
+    let mut images = Vec::new();
+    for top in &blobs.index {
+        let mut image = pb::Image {
+            id: top.digest.clone(),
+            oci_media_type: top.media_type.clone(),
+            build_cache: true,
+            ..Default::default()
+        };
+        describe_oci_image(&mut image, &blobs)?;
+        image.builder = pb::Builder::Buildkit as i32;
+        image.inline_cache = false;
+        images.push(image);
+    }
+    Ok(Some((images, blobs)).filter(|(images, _)| !images.is_empty()))
 }
 
 /// `docker save` of the chain from the containerd image store, every blob into a spool folder.
@@ -522,7 +526,9 @@ async fn upload_oci(
                 path,
             },
             None => {
-                return Err(WorkerError::Invalid(format!("blob {digest} is in neither the export nor the build cache")));
+                return Err(WorkerError::Invalid(format!(
+                    "blob {digest} is in neither the export nor the build cache"
+                )));
             }
         };
         sender.try_send(blob).expect("the channel holds every blob");

@@ -89,7 +89,7 @@ fn seed_scenario(kind: EngineKind) {
     // A fresh build host: restore, then the same build.
     let fresh_host = DockerEngine::start(kind).unwrap();
     let mut restore_args = vec!["restore", "--service", "web"];
-    if kind == EngineKind::Engine26 {
+    if kind != EngineKind::Engine20 {
         restore_args.push("--print-cache-from");
     }
     let restored = coordinator.cache_worker_on(&fresh_host, &token, &restore_args);
@@ -99,19 +99,19 @@ fn seed_scenario(kind: EngineKind) {
             assert!(stdout_of(&restored).contains("add to docker build: --cache-from base:1 --cache-from app:latest"));
             Vec::new()
         }
-        EngineKind::Engine26 => {
+        EngineKind::Engine26 | EngineKind::Engine28 => {
             let printed = stdout_of(&restored);
             assert_eq!(printed.trim(), "--cache-from base:1 --cache-from app:latest");
             printed.split_whitespace().map(str::to_owned).collect()
         }
     };
     let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
-    if kind == EngineKind::Engine26 {
+    if kind != EngineKind::Engine20 {
         // Why restore prints the flags: without them this engine reuses no loaded image.
         let plain = fresh_host.classic_build(context.path(), "plain:latest", &[]);
         assert!(plain.status.success(), "{}", stderr_of(&plain));
         let plain = stdout_of(&plain);
-        assert_eq!(plain.matches("Using cache").count(), 0, "a plain build reuses nothing on 26.1: {plain}");
+        assert_eq!(plain.matches("Using cache").count(), 0, "a plain build reuses nothing on 26.1 and 28.5: {plain}");
         assert_eq!(plain.matches("Running in").count(), 4, "its RUN and ENV steps all ran: {plain}");
     }
     let rebuilt = build_app(&fresh_host, context.path(), &flags);
@@ -146,6 +146,11 @@ fn the_seed_scenario_on_engine_20_10_rebuilds_fully_cached_with_a_plain_build() 
 #[test]
 fn the_seed_scenario_on_engine_26_1_rebuilds_fully_cached_with_the_printed_flags() {
     seed_scenario(EngineKind::Engine26);
+}
+
+#[test]
+fn the_seed_scenario_on_engine_28_5_rebuilds_fully_cached_with_the_printed_flags() {
+    seed_scenario(EngineKind::Engine28);
 }
 
 /// Flips one byte in the middle of the largest stored blob of the project.
