@@ -425,6 +425,7 @@ impl DockerEngine {
         };
         let host = format!("unix://{}/docker.sock", dir.path().display());
         let log = std::fs::File::create(dir.path().join("dockerd.log")).expect("engine log");
+        let containerd_store = daemon_json.is_some_and(|json| json.contains("containerd-snapshotter"));
         let config_file = dir.path().join("daemon.json");
         std::fs::write(&config_file, daemon_json.unwrap_or("{}")).expect("daemon.json");
         let child = Command::new(&dockerd)
@@ -438,6 +439,8 @@ impl DockerEngine {
             .arg(dir.path().join("docker.pid"))
             .args(["-H", &host, "--bridge=none", "--iptables=false", "--ip-masq=false"])
             .env("PATH", path)
+            // Engine 29 refuses API versions before 1.44: so does the engine standing for it.
+            .env("DOCKER_MIN_API_VERSION", if containerd_store { "1.44" } else { "1.24" })
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
@@ -457,7 +460,6 @@ impl DockerEngine {
             }
             _ => None,
         };
-        let containerd_store = daemon_json.is_some_and(|json| json.contains("containerd-snapshotter"));
         let engine = DockerEngine { child, dir, host, kind, cli, containerd_store };
         let deadline = std::time::Instant::now() + Duration::from_secs(60);
         while !engine.docker(&["version"]).status.success() {

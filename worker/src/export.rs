@@ -6,9 +6,9 @@
 //! the caller to upload; everything else is read past. The result maps every image's config
 //! and layers to digests and sizes, checked against the diff IDs the engine reported.
 //!
-//! The containerd image store exports layers as the compressed blobs it holds (gzip): those are
-//! kept compressed (never recompressed), addressed by their diff ID, which is checked by
-//! decompressing once while spooling.
+//! A gzip layer in such an export is kept compressed (never recompressed), addressed by its diff
+//! ID, which is checked by decompressing once while spooling. The containerd image store's
+//! exports, whose images are OCI indexes rather than chains of configs, are read by `oci.rs`.
 
 use std::collections::{HashMap, HashSet};
 use std::io::{Read, Write};

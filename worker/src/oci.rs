@@ -317,6 +317,220 @@ fn cache_manifests(blobs_dir: &Path) -> Result<Vec<Descriptor>, ExportError> {
 
 const BUILDKIT_CACHE_CONFIG: &str = "application/vnd.buildkit.cacheconfig.v0";
 
+impl OciBlobs {
+    /// The cache manifests of a `type=local` cache folder as one: BuildKit reads several
+    /// `--cache-from` sources unreliably (a step whose records sit in one source and whose
+    /// parent step matched in another misses now and then), so the caches every build of a job
+    /// exported are merged into one manifest and one cache config, added to these blobs.
+    pub fn merge_caches(&mut self) -> Result<Option<Descriptor>, ExportError> {
+        if self.index.len() <= 1 {
+            return Ok(self.index.first().cloned());
+        }
+        let mut merged = CacheMerge::default();
+        let mut layer_descriptors: std::collections::BTreeMap<String, Descriptor> = Default::default();
+        for top in &self.index {
+            let manifest = self.json.get(&top.digest).ok_or_else(|| missing_blob(&top.digest))?;
+            let node: Node = serde_json::from_slice(manifest).map_err(|error| bad_cache(&top.digest, error))?;
+            let config = node.config.ok_or_else(|| bad_cache(&top.digest, "no config"))?;
+            let config = self.json.get(&config.digest).ok_or_else(|| missing_blob(&config.digest))?;
+            let config: serde_json::Value =
+                serde_json::from_slice(config).map_err(|error| bad_cache(&top.digest, error))?;
+            merged.add(&config).map_err(|error| bad_cache(&top.digest, error))?;
+            for layer in node.layers {
+                layer_descriptors.entry(layer.digest.clone()).or_insert(layer);
+            }
+        }
+        let config = serde_json::to_vec(&merged.into_config()).expect("the cache config serializes");
+        let config_digest = format!("sha256:{}", sha256_hex(&config));
+        let manifest = serde_json::to_vec(&serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": OCI_MANIFEST,
+            "config": {"mediaType": BUILDKIT_CACHE_CONFIG, "digest": config_digest, "size": config.len()},
+            "layers": layer_descriptors.into_values().collect::<Vec<_>>(),
+        }))
+        .expect("the manifest serializes");
+        let digest = format!("sha256:{}", sha256_hex(&manifest));
+        let descriptor = Descriptor {
+            media_type: OCI_MANIFEST.to_owned(),
+            digest: digest.clone(),
+            size: manifest.len() as u64,
+            annotations: HashMap::new(),
+        };
+        self.json.insert(config_digest, config);
+        self.json.insert(digest, manifest);
+        Ok(Some(descriptor))
+    }
+}
+
+const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+
+fn missing_blob(digest: &str) -> ExportError {
+    ExportError::Format(format!("blob {digest} of the build cache is missing"))
+}
+
+fn bad_cache(digest: &str, error: impl std::fmt::Display) -> ExportError {
+    ExportError::Format(format!("the build cache {digest} does not read as BuildKit's: {error}"))
+}
+
+/// BuildKit cache configs (`layers`: blobs with their parent's index, -1 for none and 0 when
+/// absent; `records`: a digest each, with results naming layers and inputs naming other
+/// records) merged: layers the same by blob and parent, records the same by digest, every
+/// index renumbered.
+#[derive(Default)]
+struct CacheMerge {
+    /// (blob, merged parent index or -1), with the layer's other fields.
+    layers: Vec<(String, i64, serde_json::Map<String, serde_json::Value>)>,
+    /// By digest: results (merged layer index, the result's other fields), chains, and per
+    /// input position the alternatives (selector, linked record's digest).
+    records: std::collections::BTreeMap<String, MergedRecord>,
+}
+
+#[derive(Default)]
+struct MergedRecord {
+    results: Vec<(i64, serde_json::Value)>,
+    chains: Vec<serde_json::Value>,
+    inputs: Vec<Vec<(Option<String>, String)>>,
+}
+
+impl CacheMerge {
+    fn add(&mut self, config: &serde_json::Value) -> Result<(), String> {
+        let empty = Vec::new();
+        let layers = config.get("layers").and_then(|layers| layers.as_array()).unwrap_or(&empty);
+        let records = config.get("records").and_then(|records| records.as_array()).unwrap_or(&empty);
+        let mut mapped: HashMap<usize, i64> = HashMap::new();
+        for index in 0..layers.len() {
+            self.map_layer(layers, index, &mut mapped, 0)?;
+        }
+        let digest_of = |index: i64| -> Result<String, String> {
+            let record = usize::try_from(index).ok().and_then(|index| records.get(index));
+            let digest = record.and_then(|record| record.get("digest")).and_then(|digest| digest.as_str());
+            digest.map(str::to_owned).ok_or_else(|| format!("a link to record {index}, which is not there"))
+        };
+        let layer_of = |value: &serde_json::Value| -> Result<i64, String> {
+            let index = value.as_u64().ok_or("a layer index that is not a number")? as usize;
+            mapped.get(&index).copied().ok_or_else(|| format!("a result in layer {index}, which is not there"))
+        };
+        for record in records {
+            let digest = record.get("digest").and_then(|digest| digest.as_str()).ok_or("a record without a digest")?;
+            let merged = self.records.entry(digest.to_owned()).or_default();
+            for result in record.get("layers").and_then(|results| results.as_array()).unwrap_or(&empty) {
+                let layer = layer_of(result.get("layer").unwrap_or(&serde_json::Value::from(0)))?;
+                if !merged.results.iter().any(|(known, _)| *known == layer) {
+                    merged.results.push((layer, result.clone()));
+                }
+            }
+            for chain in record.get("chains").and_then(|chains| chains.as_array()).unwrap_or(&empty) {
+                let mut chain = chain.clone();
+                if let Some(indexes) = chain.get_mut("layers").and_then(|layers| layers.as_array_mut()) {
+                    for index in indexes.iter_mut() {
+                        *index = serde_json::Value::from(layer_of(index)?);
+                    }
+                }
+                if !merged.chains.contains(&chain) {
+                    merged.chains.push(chain);
+                }
+            }
+            let inputs = record.get("inputs").and_then(|inputs| inputs.as_array()).unwrap_or(&empty);
+            for (position, alternatives) in inputs.iter().enumerate() {
+                if merged.inputs.len() <= position {
+                    merged.inputs.resize(position + 1, Vec::new());
+                }
+                for alternative in alternatives.as_array().unwrap_or(&empty) {
+                    let selector = alternative.get("selector").and_then(|s| s.as_str()).map(str::to_owned);
+                    let link = digest_of(alternative.get("link").and_then(|link| link.as_i64()).unwrap_or(0))?;
+                    if !merged.inputs[position].contains(&(selector.clone(), link.clone())) {
+                        merged.inputs[position].push((selector, link));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The merged index of layer `index` of one config, its parents first.
+    fn map_layer(
+        &mut self,
+        layers: &[serde_json::Value],
+        index: usize,
+        mapped: &mut HashMap<usize, i64>,
+        depth: usize,
+    ) -> Result<i64, String> {
+        if let Some(known) = mapped.get(&index) {
+            return Ok(*known);
+        }
+        if depth > layers.len() {
+            return Err("layers whose parents form a loop".into());
+        }
+        let layer = layers.get(index).and_then(|layer| layer.as_object()).ok_or("a layer that is not there")?;
+        let blob = layer.get("blob").and_then(|blob| blob.as_str()).ok_or("a layer without a blob")?;
+        let parent = match layer.get("parent").and_then(|parent| parent.as_i64()).unwrap_or(0) {
+            -1 => -1,
+            parent => {
+                self.map_layer(layers, usize::try_from(parent).map_err(|_| "a bad parent index")?, mapped, depth + 1)?
+            }
+        };
+        let merged =
+            match self.layers.iter().position(|(known, known_parent, _)| known == blob && *known_parent == parent) {
+                Some(position) => position as i64,
+                None => {
+                    self.layers.push((blob.to_owned(), parent, layer.clone()));
+                    self.layers.len() as i64 - 1
+                }
+            };
+        mapped.insert(index, merged);
+        Ok(merged)
+    }
+
+    fn into_config(self) -> serde_json::Value {
+        let index_of: HashMap<&String, usize> =
+            self.records.keys().enumerate().map(|(index, digest)| (digest, index)).collect();
+        let layers: Vec<serde_json::Value> = self
+            .layers
+            .iter()
+            .map(|(_, parent, fields)| {
+                let mut fields = fields.clone();
+                fields.insert("parent".into(), serde_json::Value::from(*parent));
+                serde_json::Value::Object(fields)
+            })
+            .collect();
+        let records: Vec<serde_json::Value> = self
+            .records
+            .iter()
+            .map(|(digest, record)| {
+                let mut fields = serde_json::Map::new();
+                fields.insert("digest".into(), serde_json::Value::from(digest.clone()));
+                if !record.results.is_empty() {
+                    let results = record.results.iter().map(|(layer, result)| {
+                        let mut result = result.clone();
+                        result["layer"] = serde_json::Value::from(*layer);
+                        result
+                    });
+                    fields.insert("layers".into(), serde_json::Value::Array(results.collect()));
+                }
+                if !record.chains.is_empty() {
+                    fields.insert("chains".into(), serde_json::Value::Array(record.chains.clone()));
+                }
+                if !record.inputs.is_empty() {
+                    let inputs = record.inputs.iter().map(|alternatives| {
+                        let alternatives = alternatives.iter().map(|(selector, link)| {
+                            let mut input = serde_json::Map::new();
+                            if let Some(selector) = selector {
+                                input.insert("selector".into(), serde_json::Value::from(selector.clone()));
+                            }
+                            input.insert("link".into(), serde_json::Value::from(index_of[link]));
+                            serde_json::Value::Object(input)
+                        });
+                        serde_json::Value::Array(alternatives.collect())
+                    });
+                    fields.insert("inputs".into(), serde_json::Value::Array(inputs.collect()));
+                }
+                serde_json::Value::Object(fields)
+            })
+            .collect();
+        serde_json::json!({"layers": layers, "records": records})
+    }
+}
+
 fn read_small(reader: &mut impl Read, size: u64, path: &str) -> Result<Vec<u8>, ExportError> {
     if size > JSON_LIMIT {
         return Err(ExportError::Format(format!("{path} is {size} bytes, more than a JSON entry may hold")));
@@ -527,6 +741,47 @@ mod tests {
         let spool = tempfile::tempdir().unwrap();
         let error = OciBlobs::read_export(tarball.as_slice(), spool.path()).unwrap_err();
         assert!(matches!(error, ExportError::DigestMismatch { .. }), "{error}");
+    }
+
+    #[test]
+    fn cache_configs_merge_by_blob_and_parent_and_by_record_digest() {
+        use serde_json::json;
+        let mut merge = CacheMerge::default();
+        // An absent parent is layer 0; -1 is none.
+        merge
+            .add(&json!({
+                "layers": [{"blob": "b0", "parent": -1}, {"blob": "b1"}],
+                "records": [
+                    {"digest": "r0", "layers": [{"layer": 0, "createdAt": "t0"}]},
+                    {"digest": "r1", "layers": [{"layer": 1, "createdAt": "t1"}], "inputs": [[{"link": 0}]]},
+                ],
+            }))
+            .unwrap();
+        // The same layers and records in another order, and one more step.
+        merge
+            .add(&json!({
+                "layers": [{"blob": "b1", "parent": 1}, {"blob": "b0", "parent": -1}, {"blob": "b2"}],
+                "records": [
+                    {"digest": "r1", "layers": [{"layer": 0, "createdAt": "t1"}], "inputs": [[{"link": 1}]]},
+                    {"digest": "r0", "layers": [{"layer": 1, "createdAt": "t0"}]},
+                    {"digest": "r2", "layers": [{"layer": 2, "createdAt": "t2"}], "inputs": [[{"selector": "s", "link": 0}]]},
+                ],
+            }))
+            .unwrap();
+        assert_eq!(
+            merge.into_config(),
+            json!({
+                "layers": [{"blob": "b0", "parent": -1}, {"blob": "b1", "parent": 0}, {"blob": "b2", "parent": 1}],
+                "records": [
+                    {"digest": "r0", "layers": [{"layer": 0, "createdAt": "t0"}]},
+                    {"digest": "r1", "layers": [{"layer": 1, "createdAt": "t1"}], "inputs": [[{"link": 0}]]},
+                    {"digest": "r2", "layers": [{"layer": 2, "createdAt": "t2"}], "inputs": [[{"selector": "s", "link": 1}]]},
+                ],
+            })
+        );
+        let mut broken = CacheMerge::default();
+        assert!(broken.add(&json!({"layers": [{"blob": "b0", "parent": 0}]})).is_err(), "a layer its own parent");
+        assert!(broken.add(&json!({"records": [{"digest": "r", "inputs": [[{"link": 5}]]}]})).is_err());
     }
 
     #[test]

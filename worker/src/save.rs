@@ -202,6 +202,18 @@ fn short_digest(digest: &str) -> String {
     format!("layer {}", digest.trim_start_matches("sha256:").get(..12).unwrap_or(digest))
 }
 
+/// Uploads a blob from a file; returns (digest, bytes).
+async fn upload_file(
+    store: &BlobStore,
+    layer: pb::Layer,
+    path: &std::path::Path,
+    bar: &Bar,
+) -> Result<(String, u64), WorkerError> {
+    store.upload_file(&layer.digest, path, layer.stored_size, bar).await?;
+    bar.finish();
+    Ok((layer.digest, layer.stored_size))
+}
+
 /// Uploads every blob the export hands over, several at once; returns (digest, bytes, seconds).
 async fn upload_all(
     store: BlobStore,
@@ -225,16 +237,8 @@ async fn upload_all(
             let _permit = permit;
             let started = Instant::now();
             let (digest, size) = match blob {
-                SpooledBlob::File { layer, path } => {
-                    store.upload_file(&layer.digest, &path, layer.stored_size, &bar).await?;
-                    bar.finish();
-                    (layer.digest.clone(), layer.stored_size)
-                }
-                SpooledBlob::Kept { layer, path } => {
-                    store.upload_file(&layer.digest, &path, layer.stored_size, &bar).await?;
-                    bar.finish();
-                    (layer.digest.clone(), layer.stored_size)
-                }
+                SpooledBlob::File { layer, path } => upload_file(&store, layer, &path, &bar).await?,
+                SpooledBlob::Kept { layer, path } => upload_file(&store, layer, &path, &bar).await?,
                 SpooledBlob::Bytes { digest, bytes } => {
                     let size = bytes.len() as u64;
                     store.upload_bytes(&digest, bytes).await?;
@@ -278,7 +282,7 @@ struct SaveWork<'a> {
     oci: bool,
     /// BuildKit's `mode=max` cache export the build wrote into `--build-cache-dir`, as an image
     /// of the save and the blobs it reads from.
-    build_cache: Option<&'a (Vec<pb::Image>, OciBlobs)>,
+    build_cache: Option<&'a (pb::Image, OciBlobs)>,
 }
 
 /// A `docker save` of the containerd image store, read into its spool folder.
@@ -426,8 +430,8 @@ async fn oci_images(
         let blobs = &export.as_ref().expect("exported when an image is unknown").blobs;
         describe_oci_image(image, blobs)?;
     }
-    if let Some((caches, _)) = work.build_cache {
-        images.extend(caches.iter().cloned());
+    if let Some((cache, _)) = work.build_cache {
+        images.push(cache.clone());
     }
     Ok((images, export))
 }
@@ -456,24 +460,18 @@ fn describe_oci_image(image: &mut pb::Image, blobs: &OciBlobs) -> Result<(), Wor
     Ok(())
 }
 
-/// The build's `--cache-to type=local,mode=max` export in `dir`, if it wrote one: each cache
-/// manifest (one per build of the job) as an image of the save, and the blobs they reach.
-fn read_build_cache(dir: &std::path::Path) -> Result<Option<(Vec<pb::Image>, OciBlobs)>, WorkerError> {
-    let Some(blobs) = OciBlobs::read_dir(dir)? else { return Ok(None) };
-    let mut images = Vec::new();
-    for top in &blobs.index {
-        let mut image = pb::Image {
-            id: top.digest.clone(),
-            oci_media_type: top.media_type.clone(),
-            build_cache: true,
-            ..Default::default()
-        };
-        describe_oci_image(&mut image, &blobs)?;
-        image.builder = pb::Builder::Buildkit as i32;
-        image.inline_cache = false;
-        images.push(image);
-    }
-    Ok(Some((images, blobs)).filter(|(images, _)| !images.is_empty()))
+/// The build's `--cache-to type=local,mode=max` export in `dir`, if it wrote one: the cache
+/// manifests of every build of the job, merged into one, as an image of the save, and the
+/// blobs it reaches.
+fn read_build_cache(dir: &std::path::Path) -> Result<Option<(pb::Image, OciBlobs)>, WorkerError> {
+    let Some(mut blobs) = OciBlobs::read_dir(dir)? else { return Ok(None) };
+    let Some(top) = blobs.merge_caches()? else { return Ok(None) };
+    let mut image =
+        pb::Image { id: top.digest, oci_media_type: top.media_type, build_cache: true, ..Default::default() };
+    describe_oci_image(&mut image, &blobs)?;
+    image.builder = pb::Builder::Buildkit as i32;
+    image.inline_cache = false;
+    Ok(Some((image, blobs)))
 }
 
 /// `docker save` of the chain from the containerd image store, every blob into a spool folder.

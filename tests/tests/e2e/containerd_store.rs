@@ -22,6 +22,14 @@ fn restore_flags(coordinator: &CoordinatorProcess, host: &DockerEngine, token: &
 #[test]
 fn the_seed_scenario_on_the_containerd_store_is_fully_cached_with_the_printed_flags() {
     let Some(build_host) = DockerEngine::start_with_containerd_store() else { return };
+    // Like Engine 29, this engine refuses clients older than API 1.44; the worker is not one.
+    let old_client = std::process::Command::new("docker")
+        .arg("version")
+        .env("DOCKER_HOST", &build_host.host)
+        .env("DOCKER_API_VERSION", "1.41")
+        .output()
+        .unwrap();
+    assert!(stderr_of(&old_client).contains("client version 1.41 is too old"), "{}", stderr_of(&old_client));
     let data_dir = tempfile::tempdir().unwrap();
     let coordinator = CoordinatorProcess::start(data_dir.path(), &[]);
     let token = coordinator.create_project("shop");
@@ -95,9 +103,9 @@ fn every_stage_stays_cached_on_the_containerd_store_through_the_mode_max_export(
     let fresh_host = DockerEngine::start_with_containerd_store().unwrap();
     let printed = restore_flags(&coordinator, &fresh_host, &token);
     let cache = fresh_host.build_cache_dir().join("app/cache");
-    // One cache manifest per build of the job: the test stage's and the final image's.
+    // The test stage's and the final image's caches, merged into one source.
     let cache_sources = format!("--cache-from type=local,src={},digest=sha256:", cache.display());
-    assert_eq!(printed.matches(&cache_sources).count(), 2, "{printed}");
+    assert_eq!(printed.matches(&cache_sources).count(), 1, "{printed}");
     let flags: Vec<&str> = printed.split_whitespace().collect();
     let tested = build(&fresh_host, app.path(), "app:test", &[&flags[..], &["--target", "test"]].concat());
     assert_fully_cached(&tested, 4);
@@ -137,5 +145,33 @@ fn a_classic_build_on_the_containerd_store_is_told_why_it_runs_uncached() {
     assert!(image_id(&fresh_host, "base:1").starts_with("sha256:"), "FROM base:1 resolves");
     let rebuilt = fresh_host.classic_build(app.path(), "app:1", &[]);
     assert!(rebuilt.status.success(), "the build runs, uncached: {}", stderr_of(&rebuilt));
+    coordinator.stop();
+}
+
+#[test]
+fn a_cache_saved_on_a_graph_driver_is_not_restored_onto_the_containerd_store() {
+    let Some(graph_driver_host) = DockerEngine::start(tests::EngineKind::Engine20) else { return };
+    let data_dir = tempfile::tempdir().unwrap();
+    let coordinator = CoordinatorProcess::start(data_dir.path(), &[]);
+    let token = coordinator.create_project("shop");
+    graph_driver_host.import_busybox_base("base:1");
+    let app = build_context(SEED_DOCKERFILE);
+    build(&graph_driver_host, app.path(), "app:1", &[INLINE_CACHE]);
+    let saved =
+        coordinator.cache_worker_on(&graph_driver_host, &token, &["save", "--service", "app", "app:1", "base:1"]);
+    assert!(saved.status.success(), "{}", stderr_of(&saved));
+
+    let containerd_host = DockerEngine::start_with_containerd_store().unwrap();
+    let restored =
+        coordinator.cache_worker_on(&containerd_host, &token, &["restore", "--service", "app", "--print-cache-from"]);
+    assert_eq!(restored.status.code(), Some(0), "{}", stderr_of(&restored));
+    assert_eq!(
+        stderr_of(&restored),
+        "cache-worker: warning: the cache of app was saved from a graph-driver engine and this engine uses the containerd image store: nothing restored; the next save replaces it\n"
+    );
+    // The build still writes its cache for the next save.
+    let export = containerd_host.build_cache_dir().join("app/export");
+    assert_eq!(stdout_of(&restored), format!("--cache-to type=local,dest={},mode=max\n", export.display()));
+    assert!(containerd_host.image_ids().is_empty(), "nothing loaded");
     coordinator.stop();
 }

@@ -69,6 +69,11 @@ fn a_classic_two_stage_build_restored_on_engine_26_1_is_fully_cached() {
     classic_two_stages(EngineKind::Engine26);
 }
 
+#[test]
+fn a_classic_two_stage_build_restored_on_engine_28_5_is_fully_cached() {
+    classic_two_stages(EngineKind::Engine28);
+}
+
 fn buildkit_two_stages(host: Option<DockerEngine>, fresh: impl Fn() -> DockerEngine) {
     let Some(build_host) = host else { return };
     let data_dir = tempfile::tempdir().unwrap();
