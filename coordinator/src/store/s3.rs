@@ -39,14 +39,30 @@ impl S3Store {
         S3Store { client: aws_sdk_s3::Client::from_conf(config.build()), bucket: bucket.to_owned() }
     }
 
-    /// Fails with one clear line when the bucket is missing or unreachable.
+    /// Fails with one clear line when the bucket is missing, unreachable or refuses the
+    /// coordinator's credentials. A `HeadBucket` answer has no body, so no error code (the SDK
+    /// names a 404 `NotFound`, a 403 nothing): the HTTP status names the cause.
     pub async fn check(&self) -> Result<(), Error> {
         self.client.head_bucket().bucket(&self.bucket).send().await.map_err(|error| {
-            Error::Store(format!(
-                "bucket {:?} is missing or unreachable with the coordinator's credentials: {}",
-                self.bucket,
-                sdk_error_line(&error)
-            ))
+            let status = error.raw_response().map(|response| response.status().as_u16());
+            let bucket = &self.bucket;
+            Error::Store(match status {
+                Some(403) => format!(
+                    "bucket {bucket:?} refuses the coordinator's credentials: AccessDenied (HTTP 403); they need s3:ListBucket on it, and the role they assume the object permissions"
+                ),
+                Some(404) => format!("bucket {bucket:?} is missing: NoSuchBucket (HTTP 404)"),
+                Some(301) => {
+                    format!("bucket {bucket:?} is in another region (HTTP 301 from HeadBucket): set --s3-region")
+                }
+                Some(status) => format!(
+                    "bucket {bucket:?} refuses the coordinator's credentials: {} (HTTP {status})",
+                    sdk_error_line(&error)
+                ),
+                None => format!(
+                    "bucket {bucket:?} is missing or unreachable with the coordinator's credentials: {}",
+                    sdk_error_line(&error)
+                ),
+            })
         })?;
         Ok(())
     }

@@ -109,12 +109,16 @@ async fn the_seed_scenario_runs_on_an_s3_store_with_sts_credentials() {
 
 /// One line on stderr and exit code 64, before anything is served.
 fn assert_refused_at_start_up(args: &[&str], needle: &str) {
+    assert_refused_at_start_up_with(args, &platform_env(), needle);
+}
+
+fn assert_refused_at_start_up_with(args: &[&str], env: &[(&str, &str)], needle: &str) {
     let data_dir = tempfile::tempdir().unwrap();
     let output = std::process::Command::new(binary("cache-coordinator"))
         .args(["serve", "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--data-dir"])
         .arg(data_dir.path())
         .args(args)
-        .envs(platform_env())
+        .envs(env.iter().copied())
         .output()
         .unwrap();
     let stderr = stderr_of(&output);
@@ -134,9 +138,34 @@ async fn bad_s3_configuration_is_refused_at_start_up() {
     assert_refused_at_start_up(&no_role, "--store s3 needs --sts-role-arn");
     assert_refused_at_start_up(
         &s3_args(&moto, "no-such-bucket-here"),
-        "bucket \"no-such-bucket-here\" is missing or unreachable",
+        "bucket \"no-such-bucket-here\" is missing: NoSuchBucket (HTTP 404)",
     );
     let (_held_closed, closed_port) = tests::closed_port();
     let closed = format!("http://{closed_port}");
     assert_refused_at_start_up(&s3_args(&closed, &bucket), "is missing or unreachable");
+
+    // Credentials the store refuses (`AccessDenied`): one project's read key of another
+    // coordinator's embedded endpoint, which may not look at the bucket itself.
+    let data_dir = tempfile::tempdir().unwrap();
+    let other = CoordinatorProcess::start(data_dir.path(), &[]);
+    other.create_project("elsewhere");
+    let exports = parse_exports(&stdout_of(&other.cachectl(&["credentials", "elsewhere"])));
+    let export = |name: &str| exports.iter().find(|(key, _)| key == name).map(|(_, value)| value.as_str()).unwrap();
+    let (endpoint, bucket) = (export("AWS_ENDPOINT_URL").to_owned(), export("CACHE_S3_BUCKET").to_owned());
+    let mut env = platform_env();
+    env.retain(|(name, _)| !name.starts_with("AWS_ACCESS") && !name.starts_with("AWS_SECRET"));
+    for name in ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_REGION"] {
+        if exports.iter().any(|(key, _)| key == name) {
+            env.push((name, export(name)));
+        }
+    }
+    let mut denied = s3_args(&endpoint, &bucket);
+    let sts = denied.len() - 1;
+    denied[sts] = &moto;
+    assert_refused_at_start_up_with(
+        &denied,
+        &env,
+        &format!("bucket {bucket:?} refuses the coordinator's credentials: AccessDenied (HTTP 403)"),
+    );
+    other.stop();
 }
