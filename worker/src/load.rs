@@ -2,6 +2,8 @@
 //! layer downloaded (several at once, in bounded memory) and verified as it passes, then a
 //! `manifest.json` whose entries carry the tags and `Parent` links. A blob whose digest does not
 //! match ends the stream with an error before `manifest.json`, so the engine commits nothing.
+//! For the containerd image store the same stream carries an OCI layout (`blobs/sha256/*`, then
+//! `oci-layout` and `index.json`), each blob also copied into the layout a BuildKit build reads.
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
@@ -30,13 +32,17 @@ pub struct PlannedBlob {
     /// The host already holds this layer's chain wherever the tarball uses it: `docker load`
     /// does not read it, so it goes as an empty entry and is not downloaded.
     pub skipped: bool,
+    /// Also written here as it passes (renamed into place once verified): the OCI layout a
+    /// BuildKit build reads on the containerd image store.
+    pub copy_to: Option<std::path::PathBuf>,
 }
 
-/// What to write: the blobs, then `manifest.json`.
+/// What to write: the blobs, then small files by name (`manifest.json`; or the OCI layout's
+/// `oci-layout` and `index.json`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LoadPlan {
     pub blobs: Vec<PlannedBlob>,
-    pub manifest_json: Vec<u8>,
+    pub trailer: Vec<(String, Vec<u8>)>,
 }
 
 #[derive(Serialize)]
@@ -80,6 +86,7 @@ pub fn plan_load(manifest: &pb::Manifest, present_chains: &HashSet<Vec<String>>)
                 stored_digest: image.id.clone(),
                 size: image.config_size,
                 skipped: false,
+                copy_to: None,
             });
         }
         let mut layers = Vec::new();
@@ -94,6 +101,7 @@ pub fn plan_load(manifest: &pb::Manifest, present_chains: &HashSet<Vec<String>>)
                     stored_digest: if compressed { layer.stored_digest.clone() } else { layer.digest.clone() },
                     size: if compressed { layer.stored_size } else { layer.size },
                     skipped: !needed.contains(layer.digest.as_str()),
+                    copy_to: None,
                 });
             }
             layers.push(path);
@@ -106,7 +114,35 @@ pub fn plan_load(manifest: &pb::Manifest, present_chains: &HashSet<Vec<String>>)
             parent,
         });
     }
-    LoadPlan { blobs, manifest_json: serde_json::to_vec(&entries).expect("manifest.json serializes") }
+    let manifest_json = serde_json::to_vec(&entries).expect("manifest.json serializes");
+    LoadPlan { blobs, trailer: vec![("manifest.json".to_owned(), manifest_json)] }
+}
+
+/// Lays out the tarball of the containerd image store's images of `manifest` as an OCI layout
+/// (every blob under `blobs/sha256/`, then `oci-layout` and `index.json`), each blob also
+/// written into `copy_dir`'s layout. BuildKit's cache exports are not part of it.
+pub fn plan_oci_load(manifest: &pb::Manifest, copy_dir: &std::path::Path) -> LoadPlan {
+    let images: Vec<&pb::Image> = manifest.images.iter().filter(|image| !image.build_cache).collect();
+    let mut seen = HashSet::new();
+    let mut blobs = Vec::new();
+    for (digest, size) in images.iter().flat_map(|image| crate::oci::image_blobs(image)) {
+        if seen.insert(digest.clone()) {
+            let path_in_tar = format!("blobs/sha256/{}", hex(&digest));
+            blobs.push(PlannedBlob {
+                copy_to: Some(copy_dir.join(&path_in_tar)),
+                path_in_tar,
+                stored_digest: digest.clone(),
+                digest,
+                size,
+                skipped: false,
+            });
+        }
+    }
+    let trailer = vec![
+        ("oci-layout".to_owned(), crate::oci::OCI_LAYOUT.to_vec()),
+        ("index.json".to_owned(), crate::oci::index_json(&images)),
+    ];
+    LoadPlan { blobs, trailer }
 }
 
 /// A 512-byte tar header for a regular file.
@@ -230,6 +266,16 @@ pub fn load_stream(
             let started = Instant::now();
             let mut hasher = Sha256::new();
             let mut written = 0u64;
+            let mut copy = match &blob.copy_to {
+                Some(path) => match Copy::create(path).await {
+                    Ok(copy) => Some(copy),
+                    Err(error) => {
+                        let _ = sender.send(fail(LoadFailure::Transfer(error))).await;
+                        return;
+                    }
+                },
+                None => None,
+            };
             while written < blob.size {
                 let fetched = match parts_receiver.recv().await {
                     Some(part) => part.await.unwrap_or_else(|_| Err("a download task ended early".into())),
@@ -245,6 +291,12 @@ pub fn load_stream(
                 written += bytes.len() as u64;
                 bar.add(bytes.len() as u64);
                 hasher.update(&bytes);
+                if let Some(copy) = copy.as_mut()
+                    && let Err(error) = copy.write(&bytes).await
+                {
+                    let _ = sender.send(fail(LoadFailure::Transfer(error))).await;
+                    return;
+                }
                 if sender.send(Ok(bytes)).await.is_err() {
                     return;
                 }
@@ -253,6 +305,12 @@ pub fn load_stream(
             let actual = format!("sha256:{}", hex::encode(hasher.finalize()));
             if actual != blob.stored_digest {
                 let _ = sender.send(fail(LoadFailure::DigestMismatch { digest: blob.digest.clone(), actual })).await;
+                return;
+            }
+            if let Some(copy) = copy.take()
+                && let Err(error) = copy.finish().await
+            {
+                let _ = sender.send(fail(LoadFailure::Transfer(error))).await;
                 return;
             }
             report.blobs.lock().expect("report lock").push(BlobOutcome {
@@ -265,19 +323,49 @@ pub fn load_stream(
             }
         }
         bar.finish();
-        let manifest_size = plan.manifest_json.len() as u64;
-        for piece in [
-            tar_header("manifest.json", manifest_size),
-            Bytes::from(plan.manifest_json),
-            padding(manifest_size),
-            Bytes::from(vec![0u8; 1024]),
-        ] {
+        let mut pieces = Vec::new();
+        for (name, bytes) in plan.trailer {
+            let size = bytes.len() as u64;
+            pieces.extend([tar_header(&name, size), Bytes::from(bytes), padding(size)]);
+        }
+        pieces.push(Bytes::from(vec![0u8; 1024]));
+        for piece in pieces {
             if sender.send(Ok(piece)).await.is_err() {
                 return;
             }
         }
     });
     tokio_stream::wrappers::ReceiverStream::new(receiver)
+}
+
+/// A blob's copy into a layout folder: written as `<name>.part`, renamed once verified.
+struct Copy {
+    file: tokio::fs::File,
+    part: std::path::PathBuf,
+    path: std::path::PathBuf,
+}
+
+impl Copy {
+    async fn create(path: &std::path::Path) -> Result<Copy, String> {
+        let part = path.with_extension("part");
+        let file = tokio::fs::File::create(&part).await.map_err(|error| copy_failed(&part, error))?;
+        Ok(Copy { file, part, path: path.to_owned() })
+    }
+
+    async fn write(&mut self, bytes: &[u8]) -> Result<(), String> {
+        use tokio::io::AsyncWriteExt;
+        self.file.write_all(bytes).await.map_err(|error| copy_failed(&self.part, error))
+    }
+
+    async fn finish(mut self) -> Result<(), String> {
+        use tokio::io::AsyncWriteExt;
+        self.file.flush().await.map_err(|error| copy_failed(&self.part, error))?;
+        tokio::fs::rename(&self.part, &self.path).await.map_err(|error| copy_failed(&self.path, error))
+    }
+}
+
+fn copy_failed(path: &std::path::Path, error: std::io::Error) -> String {
+    format!("writing {} failed: {error}", path.display())
 }
 
 #[cfg(test)]
@@ -313,7 +401,8 @@ mod tests {
         let plan = plan_load(&manifest, &HashSet::new());
         let paths: Vec<&str> = plan.blobs.iter().map(|blob| blob.path_in_tar.as_str()).collect();
         assert_eq!(paths.len(), 4, "two configs and two distinct layers: {paths:?}");
-        let entries: serde_json::Value = serde_json::from_slice(&plan.manifest_json).unwrap();
+        assert_eq!(plan.trailer[0].0, "manifest.json");
+        let entries: serde_json::Value = serde_json::from_slice(&plan.trailer[0].1).unwrap();
         assert_eq!(entries[0]["RepoTags"][0], "base:1");
         assert!(entries[0].get("Parent").is_none());
         assert_eq!(entries[1]["Parent"], digest(1));
@@ -343,6 +432,45 @@ mod tests {
             2 * 2 + 2 * 3,
             "two configs of 5 bytes in 2 parts each, layers 11 and 12 in 3 each, none for 10"
         );
+    }
+
+    #[test]
+    fn an_oci_load_writes_each_blob_once_into_the_layout_and_leaves_caches_out() {
+        let blob = |n: u8, size| pb::Layer { digest: digest(n), size, stored_size: size, ..Default::default() };
+        let image = |id: u8, tag: &str, layers: Vec<pb::Layer>| pb::Image {
+            id: digest(id),
+            repo_tags: vec![tag.to_owned()],
+            oci_media_type: "application/vnd.oci.image.index.v1+json".into(),
+            config_size: 7,
+            layers,
+            oci_blobs: vec![blob(id + 100, 3)],
+            ..Default::default()
+        };
+        let cache = pb::Image { build_cache: true, ..image(9, "", vec![blob(50, 5)]) };
+        let manifest = pb::Manifest {
+            images: vec![
+                image(1, "base:1", vec![blob(10, 4)]),
+                image(2, "app:1", vec![blob(10, 4), blob(11, 6)]),
+                cache,
+            ],
+            ..Default::default()
+        };
+        let plan = plan_oci_load(&manifest, std::path::Path::new("/layout"));
+        let digests: Vec<&str> = plan.blobs.iter().map(|blob| blob.digest.as_str()).collect();
+        // Each image's index, its other blob and its layers; the shared layer once; no cache blob.
+        assert_eq!(digests.len(), 6, "{digests:?}");
+        assert!(!digests.contains(&digest(50).as_str()) && !digests.contains(&digest(9).as_str()));
+        for blob in &plan.blobs {
+            assert_eq!(blob.path_in_tar, format!("blobs/sha256/{}", hex(&blob.digest)));
+            assert_eq!(
+                blob.copy_to.as_deref(),
+                Some(std::path::Path::new("/layout").join(&blob.path_in_tar).as_path())
+            );
+        }
+        let names: Vec<&str> = plan.trailer.iter().map(|(name, _)| name.as_str()).collect();
+        assert_eq!(names, vec!["oci-layout", "index.json"]);
+        let index: serde_json::Value = serde_json::from_slice(&plan.trailer[1].1).unwrap();
+        assert_eq!(index["manifests"].as_array().unwrap().len(), 2, "one per tag: {index}");
     }
 
     #[test]

@@ -1,8 +1,9 @@
 //! Images of the containerd image store (Engine 29's default) and BuildKit's local cache
 //! exports, as OCI image layouts: reading the blobs of a `docker save` from that store or of a
 //! cache folder (each blob checked against the digest that names it), resolving an image's
-//! index or manifest to the blobs it reaches, and writing a layout back, as the folder a
-//! BuildKit build reads with `--cache-from type=local` and as the tarball `docker load` takes.
+//! index or manifest to the blobs it reaches, and the `index.json` of a layout written back
+//! (the folder a BuildKit build reads with `--cache-from type=local`, and the tarball `docker
+//! load` takes, which `load.rs` streams).
 //!
 //! Blobs are kept exactly as the engine holds them (compressed layers are never recompressed),
 //! so a restored image keeps its ID (the digest of its index or manifest).
@@ -603,58 +604,6 @@ pub const OCI_LAYOUT: &[u8] = br#"{"imageLayoutVersion":"1.0.0"}"#;
 pub fn image_blobs(image: &pb::Image) -> impl Iterator<Item = (String, u64)> + '_ {
     std::iter::once((image.id.clone(), image.config_size))
         .chain(image.oci_blobs.iter().chain(image.layers.iter()).map(|blob| (blob.digest.clone(), blob.stored_size)))
-}
-
-/// The tarball of the layout in `dir` (`oci-layout`, `index.json`, `blobs/sha256/*`) as a
-/// stream for `docker load`, written by a blocking task in 1 MiB pieces.
-pub fn layout_tarball(dir: PathBuf) -> impl futures::Stream<Item = std::io::Result<bytes::Bytes>> + Send + 'static {
-    let (sender, receiver) = tokio::sync::mpsc::channel::<std::io::Result<bytes::Bytes>>(4);
-    tokio::task::spawn_blocking(move || {
-        let writer = ChannelWriter { sender: sender.clone(), piece: Vec::with_capacity(CHUNK) };
-        let mut builder = tar::Builder::new(writer);
-        let written = (|| -> std::io::Result<()> {
-            builder.append_path_with_name(dir.join("oci-layout"), "oci-layout")?;
-            builder.append_path_with_name(dir.join("index.json"), "index.json")?;
-            let mut names: Vec<_> = std::fs::read_dir(dir.join("blobs/sha256"))?
-                .filter_map(|entry| entry.ok().map(|entry| entry.file_name()))
-                .collect();
-            names.sort();
-            for name in names {
-                let path = dir.join("blobs/sha256").join(&name);
-                builder.append_path_with_name(&path, Path::new("blobs/sha256").join(&name))?;
-            }
-            builder.into_inner()?.flush()
-        })();
-        if let Err(error) = written {
-            let _ = sender.blocking_send(Err(error));
-        }
-    });
-    tokio_stream::wrappers::ReceiverStream::new(receiver)
-}
-
-struct ChannelWriter {
-    sender: tokio::sync::mpsc::Sender<std::io::Result<bytes::Bytes>>,
-    piece: Vec<u8>,
-}
-
-impl Write for ChannelWriter {
-    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-        self.piece.extend_from_slice(bytes);
-        if self.piece.len() >= CHUNK {
-            self.flush()?;
-        }
-        Ok(bytes.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        if self.piece.is_empty() {
-            return Ok(());
-        }
-        let piece = std::mem::replace(&mut self.piece, Vec::with_capacity(CHUNK));
-        self.sender
-            .blocking_send(Ok(bytes::Bytes::from(piece)))
-            .map_err(|_| std::io::Error::other("the engine stopped reading the restored images"))
-    }
 }
 
 #[cfg(test)]

@@ -19,7 +19,7 @@ use crate::build_dirs::{BuildDirs, RestoreRecord};
 use crate::coordinator::Coordinator;
 use crate::docker::Engine;
 use crate::error::WorkerError;
-use crate::load::{LoadReport, load_stream, plan_load};
+use crate::load::{LoadReport, load_stream, plan_load, plan_oci_load};
 use crate::progress::{Progress, rate};
 use crate::transfer::BlobStore;
 
@@ -175,26 +175,29 @@ pub async fn restore(
     let plan = found.plan.unwrap_or_default();
     let store = BlobStore::new(&credentials, &plan, Some(coordinator.client.clone()), coordinator.stall_timeout);
     let load_report = Arc::new(LoadReport::default());
-    if oci {
-        let bar_size = manifest.images.iter().flat_map(crate::oci::image_blobs).map(|(_, size)| size).sum();
-        let bar = Progress::for_stderr().bar(&format!("restore {}", options.service), bar_size);
-        let blobs = restore_layouts(&store, &manifest, &dirs, plan.max_concurrency as usize, &bar).await?;
-        bar.finish();
-        *load_report.blobs.lock().expect("report lock") = blobs;
-        if manifest.images.iter().any(|image| !image.build_cache) {
-            engine.load(crate::oci::layout_tarball(dirs.images())).await?;
-        }
+    // The containerd store loads an OCI layout, each blob also written into the layout BuildKit
+    // reads; a graph driver loads `manifest.json`'s chains, without the layers the host holds.
+    let load_plan = if oci {
+        plan_oci_load(&manifest, &dirs.images())
     } else {
-        let load_plan = plan_load(&manifest, &engine.layer_chains().await?);
-        let to_download: u64 = load_plan.blobs.iter().filter(|blob| !blob.skipped).map(|blob| blob.size).sum();
-        let bar = Progress::for_stderr().bar(&format!("restore {}", options.service), to_download);
-        let tarball = load_stream(store, load_plan, plan.max_concurrency as usize, load_report.clone(), bar);
-        let loaded = engine.load(tarball).await;
-        // A verification failure is the cause of the engine's error: name the blob.
-        if let Some(failure) = load_report.failure.lock().expect("report lock").clone() {
-            return Err(WorkerError::Restore(format!("{failure}; the engine loaded nothing")));
+        plan_load(&manifest, &engine.layer_chains().await?)
+    };
+    let to_download: u64 = load_plan.blobs.iter().filter(|blob| !blob.skipped).map(|blob| blob.size).sum();
+    let trailer = load_plan.trailer.clone();
+    let bar = Progress::for_stderr().bar(&format!("restore {}", options.service), to_download);
+    let tarball = load_stream(store.clone(), load_plan, plan.max_concurrency as usize, load_report.clone(), bar);
+    let loaded = engine.load(tarball).await;
+    // A verification failure is the cause of the engine's error: name the blob.
+    if let Some(failure) = load_report.failure.lock().expect("report lock").clone() {
+        return Err(WorkerError::Restore(format!("{failure}; the engine loaded nothing")));
+    }
+    loaded?;
+    if oci {
+        for (name, bytes) in &trailer {
+            std::fs::write(dirs.images().join(name), bytes).map_err(host_io)?;
         }
-        loaded?;
+        let cache_blobs = restore_build_cache(&store, &manifest, &dirs, plan.max_concurrency as usize).await?;
+        load_report.blobs.lock().expect("report lock").extend(cache_blobs);
     }
 
     // The load restores tags from manifest.json; make sure each one points where it should.
@@ -275,31 +278,38 @@ pub async fn restore(
     Ok(Restored::Hit { flags })
 }
 
-/// Writes the manifest's OCI layouts (containerd image store): the images' blobs into
-/// `dirs.images()` and the build cache's into `dirs.cache()`, each verified against its digest
-/// before it is renamed into place, several at once; then each layout's `index.json`.
-async fn restore_layouts(
+/// Writes BuildKit's restored cache export (containerd image store) into `dirs.cache()`: each
+/// blob the restored images' layout already holds linked from there, the others downloaded,
+/// several at once, each verified against its digest before it is renamed into place; then
+/// its `index.json`. Returns the blobs downloaded.
+async fn restore_build_cache(
     store: &BlobStore,
     manifest: &pb::Manifest,
     dirs: &BuildDirs,
     concurrency: usize,
-    bar: &crate::progress::Bar,
 ) -> Result<Vec<crate::load::BlobOutcome>, WorkerError> {
-    let mut wanted: Vec<(String, u64, PathBuf)> = Vec::new();
-    let mut seen = HashSet::new();
-    for image in &manifest.images {
-        let dir = if image.build_cache { dirs.cache() } else { dirs.images() };
-        for (digest, size) in crate::oci::image_blobs(image) {
-            names::validate_digest(&digest)?;
-            if seen.insert((digest.clone(), image.build_cache)) {
-                wanted.push((digest, size, dir.clone()));
-            }
+    let caches: Vec<&pb::Image> = manifest.images.iter().filter(|image| image.build_cache).collect();
+    if caches.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut wanted: Vec<(String, u64)> = Vec::new();
+    for (digest, size) in caches.iter().flat_map(|image| crate::oci::image_blobs(image)) {
+        names::validate_digest(&digest)?;
+        let hex = digest.trim_start_matches("sha256:");
+        let (restored, cached) =
+            (dirs.images().join("blobs/sha256").join(hex), dirs.cache().join("blobs/sha256").join(hex));
+        if cached.exists() || std::fs::hard_link(&restored, &cached).is_ok() {
+            continue;
+        }
+        if !wanted.iter().any(|(known, _)| *known == digest) {
+            wanted.push((digest, size));
         }
     }
-    let downloads = wanted.into_iter().map(|(digest, size, dir)| async move {
+    let downloads = wanted.into_iter().map(|(digest, size)| async move {
         let started = Instant::now();
         let hex = digest.trim_start_matches("sha256:");
-        let part = dir.join("blobs/sha256").join(format!("{hex}.part"));
+        let dir = dirs.cache().join("blobs/sha256");
+        let part = dir.join(format!("{hex}.part"));
         let mut file = tokio::fs::File::create(&part).await.map_err(host_io)?;
         let mut body = std::pin::pin!(store.download(&digest).await?);
         let mut hasher = Sha256::new();
@@ -307,26 +317,21 @@ async fn restore_layouts(
         while let Some(chunk) = body.try_next().await? {
             hasher.update(&chunk);
             bytes += chunk.len() as u64;
-            bar.add(chunk.len() as u64);
             file.write_all(&chunk).await.map_err(host_io)?;
         }
         file.flush().await.map_err(host_io)?;
         let actual = format!("sha256:{}", hex::encode(hasher.finalize()));
         if actual != digest || bytes != size {
             return Err(WorkerError::Restore(format!(
-                "blob {digest} failed verification: its stored content hashes to {actual} ({bytes} bytes, {size} expected); the engine loaded nothing"
+                "blob {digest} of the build cache failed verification: its stored content hashes to {actual} ({bytes} bytes, {size} expected)"
             )));
         }
-        tokio::fs::rename(&part, dir.join("blobs/sha256").join(hex)).await.map_err(host_io)?;
+        tokio::fs::rename(&part, dir.join(hex)).await.map_err(host_io)?;
         Ok::<_, WorkerError>(crate::load::BlobOutcome { digest, bytes, seconds: started.elapsed().as_secs_f64() })
     });
     let outcomes: Vec<_> = futures::stream::iter(downloads).buffer_unordered(concurrency.max(1)).try_collect().await?;
-    let images: Vec<&pb::Image> = manifest.images.iter().filter(|image| !image.build_cache).collect();
-    let caches: Vec<&pb::Image> = manifest.images.iter().filter(|image| image.build_cache).collect();
-    for (dir, listed) in [(dirs.images(), images), (dirs.cache(), caches)] {
-        std::fs::write(dir.join("oci-layout"), crate::oci::OCI_LAYOUT).map_err(host_io)?;
-        std::fs::write(dir.join("index.json"), crate::oci::index_json(&listed)).map_err(host_io)?;
-    }
+    std::fs::write(dirs.cache().join("oci-layout"), crate::oci::OCI_LAYOUT).map_err(host_io)?;
+    std::fs::write(dirs.cache().join("index.json"), crate::oci::index_json(&caches)).map_err(host_io)?;
     Ok(outcomes)
 }
 
