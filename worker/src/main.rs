@@ -75,7 +75,7 @@ enum Command {
         #[arg(long, env = "CACHE_STRICT")]
         strict: bool,
         /// Print only the flags for the build on stdout: `--cache-from` (and, on the containerd
-        /// image store, `--cache-to`, also on a miss); empty when the build can use none
+        /// image store with BuildKit, `--cache-to`); empty on a miss or when the build can use none
         #[arg(long)]
         print_cache_from: bool,
     },
@@ -103,12 +103,13 @@ async fn run_restore(cli: &Cli, options: RestoreOptions, strict: bool, print_cac
         Err(error) => Err(error.into()),
     };
     match result {
-        Ok(Restored::Hit { flags } | Restored::Miss { flags }) => {
+        Ok(Restored::Hit { flags }) => {
             if print_cache_from && !flags.is_empty() {
                 println!("{}", build_flags(&flags));
             }
             ExitCode::SUCCESS
         }
+        Ok(Restored::Miss) => ExitCode::SUCCESS,
         Err(error) => restore_failed(coordinator.as_mut(), &options.service, strict, error).await,
     }
 }

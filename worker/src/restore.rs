@@ -32,13 +32,12 @@ pub struct RestoreOptions {
     pub build_cache_dir: PathBuf,
 }
 
-/// What a restore did, with the flags the build command should carry.
+/// What a restore did.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Restored {
-    /// Nothing cached under the key or its fallbacks (on the containerd image store the flags
-    /// still ask BuildKit to write its cache for the next save).
-    Miss { flags: Vec<String> },
-    /// The images are in the engine.
+    /// Nothing cached under the key or its fallbacks (or nothing this engine can load).
+    Miss,
+    /// The images are in the engine; the build command should carry these flags.
     Hit { flags: Vec<String> },
 }
 
@@ -80,15 +79,16 @@ fn stage_leaves(manifest: &pb::Manifest) -> HashSet<String> {
 }
 
 /// The containerd image store with BuildKit: each restored image's inline cache read from the
-/// restored layout, the restored `mode=max` cache, and the build's own cache written for the
-/// next save.
+/// restored layout, or the restored `mode=max` cache, and the build's own cache written for the
+/// next save. Only when the saved images say BuildKit built them: the classic builder refuses
+/// `--cache-to` (`unknown flag`), and on a miss nothing says which builder runs.
 ///
 /// The `mode=max` cache holds everything the images' inline cache does, and BuildKit reads
 /// overlapping sources unreliably (measured on 28.5: a step whose parent matched in the inline
 /// source, which keeps no result for a stage's inner steps, missed in about half the builds on
 /// a busy host), so when there is one it is the only source.
-fn buildkit_local_flags(manifest: Option<&pb::Manifest>, dirs: &BuildDirs) -> Vec<String> {
-    let images = manifest.map(|manifest| manifest.images.as_slice()).unwrap_or_default();
+fn buildkit_local_flags(manifest: &pb::Manifest, dirs: &BuildDirs) -> Vec<String> {
+    let images = manifest.images.as_slice();
     let mut flags = Vec::new();
     if let Some(cache) = images.iter().find(|image| image.build_cache) {
         flags.push(format!("--cache-from type=local,src={},digest={}", dirs.cache().display(), cache.id));
@@ -147,11 +147,10 @@ pub async fn restore(
         restore_outcome: outcome as i32,
         lease_id: lease_id.clone(),
     };
-    let miss_flags = if oci { buildkit_local_flags(None, &dirs) } else { Vec::new() };
     let (true, Some(manifest)) = (found.found, found.manifest) else {
         say(&format!("no cached image for {}", options.service));
         coordinator.report_metrics(report(pb::RestoreOutcome::Miss, Vec::new(), started.elapsed().as_secs_f64())).await;
-        return Ok(Restored::Miss { flags: miss_flags });
+        return Ok(Restored::Miss);
     };
     if oci != saved_as_oci(&manifest) {
         // The two stores keep different blobs (compressed or not) under different image IDs.
@@ -165,7 +164,7 @@ pub async fn restore(
             options.service
         );
         coordinator.report_metrics(report(pb::RestoreOutcome::Miss, Vec::new(), started.elapsed().as_secs_f64())).await;
-        return Ok(Restored::Miss { flags: miss_flags });
+        return Ok(Restored::Miss);
     }
 
     let request = pb::GetCredentialsRequest { access: pb::Access::Read as i32, ..Default::default() };
@@ -259,8 +258,10 @@ pub async fn restore(
             options.service
         ));
         Vec::new()
+    } else if manifest.images.iter().any(|image| image.builder() == pb::Builder::Buildkit) {
+        buildkit_local_flags(&manifest, &dirs)
     } else {
-        buildkit_local_flags(Some(&manifest), &dirs)
+        Vec::new()
     };
     say(&format!(
         "restored {}: {} images, {} blobs downloaded ({}), {} layers already on this host, in {:.1} s, {}",

@@ -83,33 +83,45 @@ const THREE_STAGES: &str = "FROM base:1 AS build\nRUN echo one > /one\nRUN echo 
 
 #[test]
 fn every_stage_stays_cached_on_the_containerd_store_through_the_mode_max_export() {
-    let Some(build_host) = DockerEngine::start_with_containerd_store() else { return };
+    let Some(first_host) = DockerEngine::start_with_containerd_store() else { return };
     let data_dir = tempfile::tempdir().unwrap();
     let coordinator = CoordinatorProcess::start(data_dir.path(), &[]);
     let token = coordinator.create_project("shop");
-    build_host.import_busybox_base("base:1");
     let app = build_context(THREE_STAGES);
-    // Nothing cached yet: the flags ask BuildKit to write its cache for the save.
-    let printed = restore_flags(&coordinator, &build_host, &token);
-    let export = build_host.build_cache_dir().join("app/export");
-    assert_eq!(printed, format!("--cache-to type=local,dest={},mode=max", export.display()));
+    // The first job: nothing cached, so no flag (the classic builder would refuse --cache-to,
+    // and nothing says which builder runs); the image carries inline cache.
+    first_host.import_busybox_base("base:1");
+    assert_eq!(restore_flags(&coordinator, &first_host, &token), "");
+    build(&first_host, app.path(), "app:1", &[INLINE_CACHE]);
+    let saved = coordinator.cache_worker_on(&first_host, &token, &["save", "--service", "app", "app:1", "base:1"]);
+    assert!(saved.status.success(), "save: {}", stderr_of(&saved));
+
+    // The second job: the inline cache serves the final image, and the flags ask BuildKit to
+    // write its whole cache, which the save takes along.
+    let second_host = DockerEngine::start_with_containerd_store().unwrap();
+    let printed = restore_flags(&coordinator, &second_host, &token);
+    let dirs = second_host.build_cache_dir().join("app");
+    let export = format!("--cache-to type=local,dest={},mode=max", dirs.join("export").display());
+    assert!(printed.ends_with(&export), "{printed}");
     let flags: Vec<&str> = printed.split_whitespace().collect();
-    build(&build_host, app.path(), "app:test", &[&flags[..], &["--target", "test"]].concat());
-    build(&build_host, app.path(), "app:1", &[&flags[..], &[INLINE_CACHE]].concat());
-    let saved = coordinator.cache_worker_on(&build_host, &token, &["save", "--service", "app", "app:1", "base:1"]);
+    build(&second_host, app.path(), "app:test", &[&flags[..], &["--target", "test"]].concat());
+    let rebuilt = build(&second_host, app.path(), "app:1", &[&flags[..], &[INLINE_CACHE]].concat());
+    assert_fully_cached(&rebuilt, 5);
+    let saved = coordinator.cache_worker_on(&second_host, &token, &["save", "--service", "app", "app:1", "base:1"]);
     assert!(saved.status.success(), "save: {}", stderr_of(&saved));
     assert!(stdout_of(&saved).contains("BuildKit cache export sha256:"), "{}", stdout_of(&saved));
 
-    let fresh_host = DockerEngine::start_with_containerd_store().unwrap();
-    let printed = restore_flags(&coordinator, &fresh_host, &token);
-    let cache = fresh_host.build_cache_dir().join("app/cache");
-    // The test stage's and the final image's caches, merged into one source.
+    // The third job: one cache source, the test stage's and the final image's caches merged.
+    let third_host = DockerEngine::start_with_containerd_store().unwrap();
+    let printed = restore_flags(&coordinator, &third_host, &token);
+    let cache = third_host.build_cache_dir().join("app/cache");
     let cache_sources = format!("--cache-from type=local,src={},digest=sha256:", cache.display());
     assert_eq!(printed.matches(&cache_sources).count(), 1, "{printed}");
+    assert_eq!(printed.matches("--cache-from").count(), 1, "{printed}");
     let flags: Vec<&str> = printed.split_whitespace().collect();
-    let tested = build(&fresh_host, app.path(), "app:test", &[&flags[..], &["--target", "test"]].concat());
+    let tested = build(&third_host, app.path(), "app:test", &[&flags[..], &["--target", "test"]].concat());
     assert_fully_cached(&tested, 4);
-    let rebuilt = build(&fresh_host, app.path(), "app:1", &[&flags[..], &[INLINE_CACHE]].concat());
+    let rebuilt = build(&third_host, app.path(), "app:1", &[&flags[..], &[INLINE_CACHE]].concat());
     assert_fully_cached(&rebuilt, 5);
     coordinator.stop();
 }
@@ -169,9 +181,7 @@ fn a_cache_saved_on_a_graph_driver_is_not_restored_onto_the_containerd_store() {
         stderr_of(&restored),
         "cache-worker: warning: the cache of app was saved from a graph-driver engine and this engine uses the containerd image store: nothing restored; the next save replaces it\n"
     );
-    // The build still writes its cache for the next save.
-    let export = containerd_host.build_cache_dir().join("app/export");
-    assert_eq!(stdout_of(&restored), format!("--cache-to type=local,dest={},mode=max\n", export.display()));
+    assert_eq!(stdout_of(&restored), "", "no flags");
     assert!(containerd_host.image_ids().is_empty(), "nothing loaded");
     coordinator.stop();
 }
