@@ -66,9 +66,14 @@ impl BuildDirs {
                 Err(error) => return Err(error),
             }
         }
-        let _ = std::fs::remove_file(self.record());
+        self.forget_record();
         std::fs::create_dir_all(self.images().join("blobs/sha256"))?;
         std::fs::create_dir_all(self.cache().join("blobs/sha256"))
+    }
+
+    /// Forgets the last restore's record: a restore that brings nothing leaves none behind.
+    pub fn forget_record(&self) {
+        let _ = std::fs::remove_file(self.record());
     }
 
     pub fn write_record(&self, record: &RestoreRecord) -> std::io::Result<()> {

@@ -338,9 +338,10 @@ pub fn load_stream(
     tokio_stream::wrappers::ReceiverStream::new(receiver)
 }
 
-/// A blob's copy into a layout folder: written as `<name>.part`, renamed once verified.
+/// A blob's copy into a layout folder: written as `<name>.part`, renamed once verified. Each
+/// piece goes to the file on a blocking thread as it is (a `Bytes` handle, no copy of it).
 struct Copy {
-    file: tokio::fs::File,
+    file: Option<std::fs::File>,
     part: std::path::PathBuf,
     path: std::path::PathBuf,
 }
@@ -348,18 +349,27 @@ struct Copy {
 impl Copy {
     async fn create(path: &std::path::Path) -> Result<Copy, String> {
         let part = path.with_extension("part");
-        let file = tokio::fs::File::create(&part).await.map_err(|error| copy_failed(&part, error))?;
-        Ok(Copy { file, part, path: path.to_owned() })
+        let file = std::fs::File::create(&part).map_err(|error| copy_failed(&part, error))?;
+        Ok(Copy { file: Some(file), part, path: path.to_owned() })
     }
 
-    async fn write(&mut self, bytes: &[u8]) -> Result<(), String> {
-        use tokio::io::AsyncWriteExt;
-        self.file.write_all(bytes).await.map_err(|error| copy_failed(&self.part, error))
+    async fn write(&mut self, bytes: &Bytes) -> Result<(), String> {
+        use std::io::Write;
+        let Some(mut file) = self.file.take() else { return Err(format!("{} was closed", self.part.display())) };
+        let bytes = bytes.clone();
+        let written = tokio::task::spawn_blocking(move || file.write_all(&bytes).map(|()| file)).await;
+        match written {
+            Ok(Ok(file)) => {
+                self.file = Some(file);
+                Ok(())
+            }
+            Ok(Err(error)) => Err(copy_failed(&self.part, error)),
+            Err(error) => Err(format!("writing {} failed: {error}", self.part.display())),
+        }
     }
 
-    async fn finish(mut self) -> Result<(), String> {
-        use tokio::io::AsyncWriteExt;
-        self.file.flush().await.map_err(|error| copy_failed(&self.part, error))?;
+    async fn finish(self) -> Result<(), String> {
+        drop(self.file);
         tokio::fs::rename(&self.part, &self.path).await.map_err(|error| copy_failed(&self.path, error))
     }
 }

@@ -126,6 +126,8 @@ pub async fn restore(
         dirs.reset().map_err(|error| {
             WorkerError::Host(format!("cannot prepare the build cache folder {}: {error}", dirs.images().display()))
         })?;
+    } else {
+        dirs.forget_record();
     }
     let key = pb::CacheKey { service: options.service.clone(), branch: options.branch.clone() };
     let fallbacks = options

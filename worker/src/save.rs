@@ -325,7 +325,17 @@ pub async fn save(
             names::validate_repo_tag(tag)?;
         }
     }
-    let build_cache = if oci { read_build_cache(&dirs.export())? } else { None };
+    let build_cache = match oci.then(|| read_build_cache(&dirs.export())).transpose() {
+        Ok(cache) => cache.flatten(),
+        Err(error) => {
+            // The images are still worth saving; the next job's build exports its cache again.
+            eprintln!(
+                "cache-worker: warning: the build's cache export in {} cannot be read, the images are saved without it: {error}",
+                dirs.export().display()
+            );
+            None
+        }
+    };
     let work = SaveWork { engine, options, cleanup, chain: &chain, started, oci, build_cache: build_cache.as_ref() };
     match save_once(coordinator, work).await? {
         Attempt::Done(summary) => Ok(summary),
