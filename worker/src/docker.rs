@@ -1,5 +1,6 @@
-//! The local Docker engine, through bollard: the image chain, `docker save` as a stream, and
-//! `docker load` from a stream. The only file that imports bollard.
+//! The local Docker engine, through bollard: the image chain, the classic builder's other build
+//! stages, `docker save` as a stream, and `docker load` from a stream. The only file that
+//! imports bollard.
 
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;

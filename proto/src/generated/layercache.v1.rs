@@ -19,7 +19,9 @@ pub struct CacheKey {
 /// One layer of an image, bottom first.
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct Layer {
-    /// "sha256:\<64 hex>": the sha256 of the uncompressed layer tar (the diff ID).
+    /// "sha256:\<64 hex>": the sha256 of the uncompressed layer tar (the diff ID); for an image of
+    /// the containerd image store (`Image.oci_media_type` set), the sha256 of the blob as that
+    /// store holds it (usually gzip), which is also its address.
     #[prost(string, tag = "1")]
     pub digest: ::prost::alloc::string::String,
     /// Uncompressed size in bytes.
