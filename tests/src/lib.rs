@@ -553,13 +553,7 @@ impl CoordinatorProcess {
     /// Starts cache-worker with a project token against `engine`, its output piped, for a test
     /// to signal or wait for.
     pub fn spawn_cache_worker_on(&self, engine: &DockerEngine, token: &str, args: &[&str]) -> Child {
-        Command::new(binary("cache-worker"))
-            .arg("--coordinator")
-            .arg(&self.grpc_url)
-            .args(args)
-            .env("CACHE_TOKEN", token)
-            .env("DOCKER_HOST", &engine.host)
-            .env("CACHE_BUILD_CACHE_DIR", engine.build_cache_dir())
+        self.cache_worker_command_on(engine, token, args)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -568,15 +562,29 @@ impl CoordinatorProcess {
 
     /// Runs cache-worker with a project token against `engine`.
     pub fn cache_worker_on(&self, engine: &DockerEngine, token: &str, args: &[&str]) -> Output {
-        Command::new(binary("cache-worker"))
+        self.cache_worker_command_on(engine, token, args).output().expect("run cache-worker")
+    }
+
+    /// `cache-worker restore --service SERVICE --print-cache-from` on `engine`, which must
+    /// succeed: the flags it printed.
+    pub fn restore_flags(&self, engine: &DockerEngine, token: &str, service: &str) -> String {
+        let restored = self.cache_worker_on(engine, token, &["restore", "--service", service, "--print-cache-from"]);
+        assert!(restored.status.success(), "restore: {}", stderr_of(&restored));
+        stdout_of(&restored).trim().to_owned()
+    }
+
+    /// cache-worker with a project token, the engine as its host and the engine's own
+    /// `--build-cache-dir`.
+    fn cache_worker_command_on(&self, engine: &DockerEngine, token: &str, args: &[&str]) -> Command {
+        let mut command = Command::new(binary("cache-worker"));
+        command
             .arg("--coordinator")
             .arg(&self.grpc_url)
             .args(args)
             .env("CACHE_TOKEN", token)
             .env("DOCKER_HOST", &engine.host)
-            .env("CACHE_BUILD_CACHE_DIR", engine.build_cache_dir())
-            .output()
-            .expect("run cache-worker")
+            .env("CACHE_BUILD_CACHE_DIR", engine.build_cache_dir());
+        command
     }
 }
 

@@ -126,16 +126,16 @@ impl Write for HashingWriter {
 
 /// A blob spooled to a temporary file: the sha256 and size of the bytes in the file and, for a
 /// gzip blob, of its decompressed content.
-struct Spooled {
-    digest: String,
-    size: u64,
+pub(crate) struct Spooled {
+    pub(crate) digest: String,
+    pub(crate) size: u64,
     decompressed: Option<(String, u64)>,
-    path: tempfile::TempPath,
+    pub(crate) path: tempfile::TempPath,
 }
 
 /// Copies `head` and then the rest of `reader` into a new temporary file in `spool_dir`,
 /// hashing along (and, with `gunzip`, hashing the decompressed bytes too).
-fn spool<R: Read>(head: &[u8], reader: &mut R, spool_dir: &Path, gunzip: bool) -> std::io::Result<Spooled> {
+pub(crate) fn spool<R: Read>(head: &[u8], reader: &mut R, spool_dir: &Path, gunzip: bool) -> std::io::Result<Spooled> {
     let mut file = tempfile::NamedTempFile::new_in(spool_dir)?;
     let mut hasher = Sha256::new();
     let mut decoder = gunzip.then(|| flate2::write::GzDecoder::new(HashingWriter::default()));
@@ -242,7 +242,7 @@ const GZIP_MAGIC: [u8; 2] = [0x1f, 0x8b];
 pub const JSON_LIMIT: u64 = 8 << 20;
 
 /// Reads a JSON entry of `size` bytes (as its header says) whole.
-fn read_json<R: Read>(entry: &mut R, size: u64, path: &str) -> Result<Vec<u8>, ExportError> {
+pub(crate) fn read_json<R: Read>(entry: &mut R, size: u64, path: &str) -> Result<Vec<u8>, ExportError> {
     if size > JSON_LIMIT {
         return Err(ExportError::Format(format!(
             "{path} is {size} bytes, more than the {} MiB a JSON entry may hold",

@@ -340,20 +340,20 @@ pub fn load_stream(
 
 /// A blob's copy into a layout folder: written as `<name>.part`, renamed once verified. Each
 /// piece goes to the file on a blocking thread as it is (a `Bytes` handle, no copy of it).
-struct Copy {
+pub(crate) struct Copy {
     file: Option<std::fs::File>,
     part: std::path::PathBuf,
     path: std::path::PathBuf,
 }
 
 impl Copy {
-    async fn create(path: &std::path::Path) -> Result<Copy, String> {
+    pub(crate) async fn create(path: &std::path::Path) -> Result<Copy, String> {
         let part = path.with_extension("part");
         let file = std::fs::File::create(&part).map_err(|error| copy_failed(&part, error))?;
         Ok(Copy { file: Some(file), part, path: path.to_owned() })
     }
 
-    async fn write(&mut self, bytes: &Bytes) -> Result<(), String> {
+    pub(crate) async fn write(&mut self, bytes: &Bytes) -> Result<(), String> {
         use std::io::Write;
         let Some(mut file) = self.file.take() else { return Err(format!("{} was closed", self.part.display())) };
         let bytes = bytes.clone();
@@ -368,7 +368,7 @@ impl Copy {
         }
     }
 
-    async fn finish(self) -> Result<(), String> {
+    pub(crate) async fn finish(self) -> Result<(), String> {
         drop(self.file);
         tokio::fs::rename(&self.part, &self.path).await.map_err(|error| copy_failed(&self.path, error))
     }

@@ -9,14 +9,14 @@
 //! so a restored image keeps its ID (the digest of its index or manifest).
 
 use std::collections::{HashMap, HashSet};
-use std::io::{Read, Write};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use proto::v1 as pb;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::export::{ExportError, JSON_LIMIT};
+use crate::export::{ExportError, JSON_LIMIT, read_json, spool as spool_blob};
 
 /// The blobs of an OCI layout: small JSON ones (indexes, manifests, configs, attestations) in
 /// memory, the rest (layers) in files.
@@ -26,6 +26,8 @@ pub struct OciBlobs {
     pub files: HashMap<String, (PathBuf, u64)>,
     /// The layout's own `index.json`: the images (or the cache) it names.
     pub index: Vec<Descriptor>,
+    /// The spooled files of an export, deleted with these blobs.
+    spooled: Vec<tempfile::TempPath>,
 }
 
 /// An OCI descriptor: what a layout's index and manifests point at.
@@ -56,8 +58,6 @@ struct IndexJson {
     manifests: Vec<Descriptor>,
 }
 
-const CHUNK: usize = 1024 * 1024;
-
 fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
 }
@@ -84,30 +84,9 @@ fn mismatch(path: &str, expected: &str, actual_hex: &str) -> ExportError {
     }
 }
 
-/// Copies `head` and the rest of `reader` to `path`, hashing along; returns (hex, size).
-fn copy_hashing(head: &[u8], reader: &mut impl Read, path: &Path) -> std::io::Result<(String, u64)> {
-    let mut file = std::io::BufWriter::with_capacity(CHUNK, std::fs::File::create(path)?);
-    let mut hasher = Sha256::new();
-    hasher.update(head);
-    file.write_all(head)?;
-    let mut size = head.len() as u64;
-    let mut buffer = vec![0u8; CHUNK];
-    loop {
-        let n = reader.read(&mut buffer)?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buffer[..n]);
-        file.write_all(&buffer[..n])?;
-        size += n as u64;
-    }
-    file.flush()?;
-    Ok((hex::encode(hasher.finalize()), size))
-}
-
 impl OciBlobs {
     /// Reads a `docker save` of the containerd image store: JSON blobs into memory, the others
-    /// into `spool` (named by their hex digest). Every blob must hash to its name.
+    /// spooled into `spool`. Every blob must hash to its name.
     pub fn read_export<R: Read>(reader: R, spool: &Path) -> Result<OciBlobs, ExportError> {
         let mut blobs = OciBlobs::default();
         let mut archive = tar::Archive::new(reader);
@@ -119,7 +98,7 @@ impl OciBlobs {
             let path = entry.path()?.to_string_lossy().trim_start_matches("./").to_owned();
             let size = entry.size();
             if path == "index.json" {
-                let bytes = read_small(&mut entry, size, &path)?;
+                let bytes = read_json(&mut entry, size, &path)?;
                 blobs.index = parse_index(&bytes)?;
                 continue;
             }
@@ -128,19 +107,19 @@ impl OciBlobs {
             (&mut entry).take(1).read_to_end(&mut head)?;
             if head == b"{" && size <= JSON_LIMIT {
                 let mut bytes = head;
-                (&mut entry).take(size).read_to_end(&mut bytes)?;
+                bytes.extend(read_json(&mut entry, size - 1, &path)?);
                 let actual = sha256_hex(&bytes);
                 if actual != hex_of(&digest) {
                     return Err(mismatch(&path, &digest, &actual));
                 }
                 blobs.json.insert(digest, bytes);
             } else {
-                let file = spool.join(hex_of(&digest));
-                let (actual, size) = copy_hashing(&head, &mut entry, &file)?;
-                if actual != hex_of(&digest) {
-                    return Err(mismatch(&path, &digest, &actual));
+                let spooled = spool_blob(&head, &mut entry, spool, false)?;
+                if spooled.digest != digest {
+                    return Err(ExportError::DigestMismatch { path, expected: digest, actual: spooled.digest });
                 }
-                blobs.files.insert(digest, (file, size));
+                blobs.files.insert(digest, (spooled.path.to_path_buf(), spooled.size));
+                blobs.spooled.push(spooled.path);
             }
         }
         if blobs.index.is_empty() {
@@ -530,15 +509,6 @@ impl CacheMerge {
             .collect();
         serde_json::json!({"layers": layers, "records": records})
     }
-}
-
-fn read_small(reader: &mut impl Read, size: u64, path: &str) -> Result<Vec<u8>, ExportError> {
-    if size > JSON_LIMIT {
-        return Err(ExportError::Format(format!("{path} is {size} bytes, more than a JSON entry may hold")));
-    }
-    let mut bytes = Vec::new();
-    reader.take(size).read_to_end(&mut bytes)?;
-    Ok(bytes)
 }
 
 fn parse_index(bytes: &[u8]) -> Result<Vec<Descriptor>, ExportError> {

@@ -9,7 +9,6 @@ use std::time::Instant;
 
 use futures::{StreamExt, TryStreamExt};
 use sha2::{Digest, Sha256};
-use tokio::io::AsyncWriteExt;
 
 use proto::format::format_bytes;
 use proto::names;
@@ -19,7 +18,7 @@ use crate::build_dirs::{BuildDirs, RestoreRecord};
 use crate::coordinator::Coordinator;
 use crate::docker::Engine;
 use crate::error::WorkerError;
-use crate::load::{LoadReport, load_stream, plan_load, plan_oci_load};
+use crate::load::{Copy, LoadReport, load_stream, plan_load, plan_oci_load};
 use crate::progress::{Progress, rate};
 use crate::transfer::BlobStore;
 
@@ -310,26 +309,23 @@ async fn restore_build_cache(
     }
     let downloads = wanted.into_iter().map(|(digest, size)| async move {
         let started = Instant::now();
-        let hex = digest.trim_start_matches("sha256:");
-        let dir = dirs.cache().join("blobs/sha256");
-        let part = dir.join(format!("{hex}.part"));
-        let mut file = tokio::fs::File::create(&part).await.map_err(host_io)?;
+        let path = dirs.cache().join("blobs/sha256").join(digest.trim_start_matches("sha256:"));
+        let mut copy = Copy::create(&path).await.map_err(WorkerError::Host)?;
         let mut body = std::pin::pin!(store.download(&digest).await?);
         let mut hasher = Sha256::new();
         let mut bytes = 0u64;
         while let Some(chunk) = body.try_next().await? {
             hasher.update(&chunk);
             bytes += chunk.len() as u64;
-            file.write_all(&chunk).await.map_err(host_io)?;
+            copy.write(&chunk).await.map_err(WorkerError::Host)?;
         }
-        file.flush().await.map_err(host_io)?;
         let actual = format!("sha256:{}", hex::encode(hasher.finalize()));
         if actual != digest || bytes != size {
             return Err(WorkerError::Restore(format!(
                 "blob {digest} of the build cache failed verification: its stored content hashes to {actual} ({bytes} bytes, {size} expected)"
             )));
         }
-        tokio::fs::rename(&part, dir.join(hex)).await.map_err(host_io)?;
+        copy.finish().await.map_err(WorkerError::Host)?;
         Ok::<_, WorkerError>(crate::load::BlobOutcome { digest, bytes, seconds: started.elapsed().as_secs_f64() })
     });
     let outcomes: Vec<_> = futures::stream::iter(downloads).buffer_unordered(concurrency.max(1)).try_collect().await?;

@@ -33,6 +33,15 @@ fn assert_restore_warned_once(restore: &std::process::Output) {
 }
 
 /// Transfer requests the coordinator has granted and not had back: it grows when a save begins.
+/// Builds `app:1`, one `RUN` on a busybox base, and saves it as service `web`.
+fn build_and_save_one_step(coordinator: &CoordinatorProcess, build_host: &DockerEngine, token: &str) {
+    build_host.import_busybox_base("base:1");
+    let context = build_context("FROM base:1\nRUN echo one > /one\n");
+    assert!(build_host.classic_build(context.path(), "app:1", &[]).status.success());
+    let saved = coordinator.cache_worker_on(build_host, token, &["save", "--service", "web", "app:1"]);
+    assert!(saved.status.success(), "{}", stderr_of(&saved));
+}
+
 fn granted(coordinator: &CoordinatorProcess) -> u64 {
     let (_, text) = http_get(&format!("{}/metrics", coordinator.metrics_url));
     text.lines()
@@ -107,11 +116,7 @@ fn a_stopped_coordinator_costs_a_build_its_stall_timeout() {
     let data_dir = tempfile::tempdir().unwrap();
     let coordinator = CoordinatorProcess::start(data_dir.path(), &[]);
     let token = coordinator.create_project("web");
-    build_host.import_busybox_base("base:1");
-    let context = build_context("FROM base:1\nRUN echo one > /one\n");
-    assert!(build_host.classic_build(context.path(), "app:1", &[]).status.success());
-    let saved = coordinator.cache_worker_on(&build_host, &token, &["save", "--service", "web", "app:1"]);
-    assert!(saved.status.success(), "{}", stderr_of(&saved));
+    build_and_save_one_step(&coordinator, &build_host, &token);
 
     coordinator.signal("STOP");
     let fresh_host = DockerEngine::start(EngineKind::Engine20).unwrap();
@@ -261,11 +266,7 @@ fn a_store_that_answers_slow_down_is_retried() {
     let coordinator = CoordinatorProcess::start(data_dir.path(), &["--s3-public-url", &public_url]);
     proxy.forward_to(coordinator.s3_listen.as_deref().unwrap());
     let token = coordinator.create_project("web");
-    build_host.import_busybox_base("base:1");
-    let context = build_context("FROM base:1\nRUN echo one > /one\n");
-    assert!(build_host.classic_build(context.path(), "app:1", &[]).status.success());
-    let saved = coordinator.cache_worker_on(&build_host, &token, &["save", "--service", "web", "app:1"]);
-    assert!(saved.status.success(), "{}", stderr_of(&saved));
+    build_and_save_one_step(&coordinator, &build_host, &token);
 
     // Two refusals in a row, then the store answers: the restore retries through them.
     let fresh_host = DockerEngine::start(EngineKind::Engine20).unwrap();

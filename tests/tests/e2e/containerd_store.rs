@@ -13,12 +13,6 @@ fn image_id(engine: &DockerEngine, reference: &str) -> String {
     stdout_of(&inspected).trim().to_owned()
 }
 
-fn restore_flags(coordinator: &CoordinatorProcess, host: &DockerEngine, token: &str) -> String {
-    let restored = coordinator.cache_worker_on(host, token, &["restore", "--service", "app", "--print-cache-from"]);
-    assert!(restored.status.success(), "restore: {}", stderr_of(&restored));
-    stdout_of(&restored).trim().to_owned()
-}
-
 #[test]
 fn the_seed_scenario_on_the_containerd_store_is_fully_cached_with_the_printed_flags() {
     let Some(build_host) = DockerEngine::start_with_containerd_store() else { return };
@@ -57,7 +51,7 @@ fn the_seed_scenario_on_the_containerd_store_is_fully_cached_with_the_printed_fl
     );
 
     let fresh_host = DockerEngine::start_with_containerd_store().unwrap();
-    let printed = restore_flags(&coordinator, &fresh_host, &token);
+    let printed = coordinator.restore_flags(&fresh_host, &token, "app");
     let dirs = fresh_host.build_cache_dir().join("app");
     assert_eq!(
         printed,
@@ -91,7 +85,7 @@ fn every_stage_stays_cached_on_the_containerd_store_through_the_mode_max_export(
     // The first job: nothing cached, so no flag (the classic builder would refuse --cache-to,
     // and nothing says which builder runs); the image carries inline cache.
     first_host.import_busybox_base("base:1");
-    assert_eq!(restore_flags(&coordinator, &first_host, &token), "");
+    assert_eq!(coordinator.restore_flags(&first_host, &token, "app"), "");
     build(&first_host, app.path(), "app:1", &[INLINE_CACHE]);
     let saved = coordinator.cache_worker_on(&first_host, &token, &["save", "--service", "app", "app:1", "base:1"]);
     assert!(saved.status.success(), "save: {}", stderr_of(&saved));
@@ -99,7 +93,7 @@ fn every_stage_stays_cached_on_the_containerd_store_through_the_mode_max_export(
     // The second job: the inline cache serves the final image, and the flags ask BuildKit to
     // write its whole cache, which the save takes along.
     let second_host = DockerEngine::start_with_containerd_store().unwrap();
-    let printed = restore_flags(&coordinator, &second_host, &token);
+    let printed = coordinator.restore_flags(&second_host, &token, "app");
     let dirs = second_host.build_cache_dir().join("app");
     let export = format!("--cache-to type=local,dest={},mode=max", dirs.join("export").display());
     assert!(printed.ends_with(&export), "{printed}");
@@ -113,7 +107,7 @@ fn every_stage_stays_cached_on_the_containerd_store_through_the_mode_max_export(
 
     // The third job: one cache source, the test stage's and the final image's caches merged.
     let third_host = DockerEngine::start_with_containerd_store().unwrap();
-    let printed = restore_flags(&coordinator, &third_host, &token);
+    let printed = coordinator.restore_flags(&third_host, &token, "app");
     let cache = third_host.build_cache_dir().join("app/cache");
     let cache_sources = format!("--cache-from type=local,src={},digest=sha256:", cache.display());
     assert_eq!(printed.matches(&cache_sources).count(), 1, "{printed}");

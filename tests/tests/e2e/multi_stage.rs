@@ -14,10 +14,9 @@ fn save(coordinator: &CoordinatorProcess, host: &DockerEngine, token: &str) -> S
     stdout_of(&saved)
 }
 
+/// The flags a restore printed, one per item.
 fn restore_flags(coordinator: &CoordinatorProcess, host: &DockerEngine, token: &str) -> Vec<String> {
-    let restored = coordinator.cache_worker_on(host, token, &["restore", "--service", "app", "--print-cache-from"]);
-    assert!(restored.status.success(), "restore: {}", stderr_of(&restored));
-    stdout_of(&restored).split_whitespace().map(str::to_owned).collect()
+    coordinator.restore_flags(host, token, "app").split_whitespace().map(str::to_owned).collect()
 }
 
 fn images_in(log: &str) -> usize {
