@@ -48,6 +48,19 @@ pub struct Engine {
     docker: bollard::Docker,
 }
 
+/// Where and how an engine keeps its images (`docker info`).
+#[derive(Debug, Clone)]
+pub struct Storage {
+    /// The graph driver (`overlay2`), or the snapshotter on the containerd image store.
+    pub driver: String,
+    /// `DockerRootDir`, as a path on the engine's host.
+    pub data_root: std::path::PathBuf,
+    pub containerd_store: bool,
+    /// Whether the engine is reached through a unix socket, so it runs on this host.
+    pub local: bool,
+    pub host: String,
+}
+
 fn failed(action: &'static str) -> impl Fn(bollard::errors::Error) -> EngineError {
     move |error| EngineError::Failed { action, reason: error.to_string() }
 }
@@ -80,9 +93,23 @@ impl Engine {
     /// `docker save` writes layers as the compressed blobs it holds, and loaded images do not
     /// serve as build cache (README, "Engines").
     pub async fn uses_containerd_store(&self) -> Result<bool, EngineError> {
+        Ok(self.storage().await?.containerd_store)
+    }
+
+    /// Where and how the engine keeps its images.
+    pub async fn storage(&self) -> Result<Storage, EngineError> {
         let info = self.docker.info().await.map_err(failed("report its configuration"))?;
         let driver_status = info.driver_status.unwrap_or_default();
-        Ok(driver_status.iter().any(|pair| pair.iter().any(|value| value.starts_with("io.containerd.snapshotter"))))
+        let containerd_store =
+            driver_status.iter().any(|pair| pair.iter().any(|value| value.starts_with("io.containerd.snapshotter")));
+        let host = std::env::var("DOCKER_HOST").unwrap_or_default();
+        Ok(Storage {
+            driver: info.driver.unwrap_or_default(),
+            data_root: info.docker_root_dir.unwrap_or_default().into(),
+            containerd_store,
+            local: host.is_empty() || host.starts_with("unix://"),
+            host: if host.is_empty() { "unix:///var/run/docker.sock".into() } else { host },
+        })
     }
 
     /// The image ID a reference (tag or ID) resolves to, if the engine has it.

@@ -27,6 +27,9 @@ pub enum WorkerError {
     /// lost by the coordinator twice, say.
     #[error("{0}")]
     Save(String),
+    /// A blob read from the engine's own stores (not its export) failed its check or its read.
+    #[error("{0}")]
+    Direct(String),
 }
 
 impl WorkerError {

@@ -53,9 +53,6 @@ pub enum SpooledBlob {
     File { layer: pb::Layer, path: tempfile::TempPath },
     /// A config JSON (or another small blob).
     Bytes { digest: String, bytes: Vec<u8> },
-    /// A blob in a file that stays where it is (a cache folder's, or one in the save's spool
-    /// folder, which goes with the folder).
-    Kept { layer: pb::Layer, path: PathBuf },
     /// A layer whose digest is certain before it is read: its bytes stream straight to the
     /// upload (`layer.stored_size` of them), hashed as they pass, with no spool. The last piece
     /// is held back until the digest matches, so on a mismatch the upload fails before the
@@ -66,7 +63,7 @@ pub enum SpooledBlob {
 impl SpooledBlob {
     pub fn digest(&self) -> &str {
         match self {
-            SpooledBlob::File { layer, .. } | SpooledBlob::Kept { layer, .. } => &layer.digest,
+            SpooledBlob::File { layer, .. } => &layer.digest,
             SpooledBlob::Bytes { digest, .. } => digest,
             SpooledBlob::Stream { layer, .. } => &layer.digest,
         }
@@ -86,7 +83,7 @@ pub struct ExportSummary {
     pub format: &'static str,
 }
 
-fn plain(digest: &str, size: u64) -> pb::Layer {
+pub(crate) fn plain(digest: &str, size: u64) -> pb::Layer {
     pb::Layer { digest: digest.to_owned(), size, stored_size: size, ..Default::default() }
 }
 
@@ -184,29 +181,63 @@ fn stream_entry<R: Read>(
     let (sender, body) = tokio::sync::mpsc::channel(STREAM_PIECES);
     let digest = layer.digest.clone();
     on_blob(SpooledBlob::Stream { layer, body })?;
-    // A closed channel means the upload failed: the save reports that error.
-    let closed = || std::io::Error::other("an upload failed");
+    match send_checked(reader, &digest, &sender) {
+        Ok(()) => Ok(()),
+        Err(SendError::Read(error)) => Err(error.into()),
+        // A closed channel means the upload failed: the save reports that error.
+        Err(SendError::Closed) => Err(std::io::Error::other("an upload failed").into()),
+        Err(SendError::Mismatch { actual }) => {
+            Err(ExportError::DigestMismatch { path: path.to_owned(), expected: digest, actual })
+        }
+    }
+}
+
+/// Why [`send_checked`] stopped.
+#[derive(Debug)]
+pub(crate) enum SendError {
+    /// Reading failed (the error went to the upload too).
+    Read(std::io::Error),
+    /// The upload is gone: it failed, and says why.
+    Closed,
+    /// The bytes hash to `actual`, not the digest they were sent as.
+    Mismatch { actual: String },
+}
+
+/// Sends everything `reader` holds to an upload in pieces, hashing as it goes, and holds the
+/// last piece back until the whole matches `digest`: on a mismatch or a read error the upload
+/// gets an error instead, so the store never keeps the blob. Blocking.
+pub(crate) fn send_checked<R: Read>(
+    reader: &mut R,
+    digest: &str,
+    sender: &tokio::sync::mpsc::Sender<std::io::Result<bytes::Bytes>>,
+) -> Result<(), SendError> {
     let mut hasher = Sha256::new();
     let mut held: Option<bytes::Bytes> = None;
     loop {
         let mut piece = vec![0u8; CHUNK];
-        let n = read_full(reader, &mut piece)?;
+        let n = match read_full(reader, &mut piece) {
+            Ok(n) => n,
+            Err(error) => {
+                let _ = sender.blocking_send(Err(std::io::Error::new(error.kind(), error.to_string())));
+                return Err(SendError::Read(error));
+            }
+        };
         if n == 0 {
             break;
         }
         piece.truncate(n);
         hasher.update(&piece);
         if let Some(previous) = held.replace(bytes::Bytes::from(piece)) {
-            sender.blocking_send(Ok(previous)).map_err(|_| closed())?;
+            sender.blocking_send(Ok(previous)).map_err(|_| SendError::Closed)?;
         }
     }
     let actual = format!("sha256:{}", hex::encode(hasher.finalize()));
     if actual != digest {
         let _ = sender.blocking_send(Err(std::io::Error::other(format!("blob {digest} hashes to {actual}"))));
-        return Err(ExportError::DigestMismatch { path: path.to_owned(), expected: digest, actual });
+        return Err(SendError::Mismatch { actual });
     }
     if let Some(last) = held {
-        sender.blocking_send(Ok(last)).map_err(|_| closed())?;
+        sender.blocking_send(Ok(last)).map_err(|_| SendError::Closed)?;
     }
     Ok(())
 }
@@ -225,7 +256,7 @@ fn read_full<R: Read>(reader: &mut R, buffer: &mut [u8]) -> std::io::Result<usiz
 
 /// Pieces of a streamed layer between the export's reader and its upload: memory is this many
 /// times [`CHUNK`].
-const STREAM_PIECES: usize = 4;
+pub(crate) const STREAM_PIECES: usize = 4;
 
 /// Reads up to `limit` bytes: enough to tell a gzip stream from JSON.
 fn read_head<R: Read>(reader: &mut R, limit: usize) -> std::io::Result<Vec<u8>> {
@@ -671,7 +702,6 @@ pub(crate) mod tests {
                     layer.stored_size
                 }
                 SpooledBlob::Bytes { bytes, .. } => bytes.len() as u64,
-                SpooledBlob::Kept { .. } => unreachable!("the export's reader spools or streams"),
                 SpooledBlob::Stream { .. } => {
                     streams.push(blob);
                     return Ok(());
@@ -892,7 +922,6 @@ pub(crate) mod tests {
                     assert!(path.starts_with(&spool_dir), "spooled to {}", path.display())
                 }
                 SpooledBlob::Bytes { .. } => {}
-                SpooledBlob::Kept { .. } => unreachable!("the export's reader spools or streams"),
                 SpooledBlob::Stream { mut body, .. } => {
                     drains.push(std::thread::spawn(move || while body.blocking_recv().is_some() {}));
                 }

@@ -2,10 +2,12 @@
 
 pub mod build_dirs;
 pub mod coordinator;
+pub mod direct;
 pub mod docker;
 pub mod error;
 pub mod export;
 pub mod image_config;
+pub mod layer_store;
 pub mod load;
 pub mod oci;
 pub mod progress;

@@ -129,7 +129,8 @@ impl OciBlobs {
     }
 
     /// Reads an OCI layout folder (BuildKit's `--cache-to type=local` export) in place: the
-    /// blobs its index reaches, each hashed. `None` when the folder holds no layout.
+    /// blobs its index reaches (JSON ones checked now, layers when they are uploaded). `None`
+    /// when the folder holds no layout.
     pub fn read_dir(dir: &Path) -> Result<Option<OciBlobs>, ExportError> {
         let index = match std::fs::read(dir.join("index.json")) {
             Ok(bytes) => parse_index(&bytes)?,
@@ -144,18 +145,33 @@ impl OciBlobs {
                 blobs.index.push(descriptor);
             }
         }
-        let mut pending: Vec<String> = blobs.index.iter().map(|descriptor| descriptor.digest.clone()).collect();
+        blobs.walk(&dir.join("blobs/sha256"))?;
+        Ok(Some(blobs))
+    }
+
+    /// Reads the blobs the images `tops` reach from the engine's own containerd content store
+    /// (`blobs_dir` holds `<hex>` files), in place, as [`OciBlobs::read_dir`] does.
+    pub fn read_content_store(blobs_dir: &Path, tops: &[Descriptor]) -> Result<OciBlobs, ExportError> {
+        let mut blobs = OciBlobs { index: tops.to_vec(), ..Default::default() };
+        blobs.walk(blobs_dir)?;
+        Ok(blobs)
+    }
+
+    /// Finds every blob in `blobs_dir` the index reaches (absent ones are left out): JSON ones
+    /// are read into memory and checked against their digests; the others (layers) are only
+    /// measured, and whoever reads one checks it as it goes (`direct.rs` does, uploading it).
+    fn walk(&mut self, blobs_dir: &Path) -> Result<(), ExportError> {
+        let mut pending: Vec<String> = self.index.iter().map(|descriptor| descriptor.digest.clone()).collect();
         let mut seen = HashSet::new();
         while let Some(digest) = pending.pop() {
             if !seen.insert(digest.clone()) {
                 continue;
             }
             valid_digest(&digest)?;
-            let path = dir.join("blobs/sha256").join(hex_of(&digest));
+            let path = blobs_dir.join(hex_of(&digest));
             let Ok(metadata) = std::fs::metadata(&path) else { continue };
-            let mut file = std::fs::File::open(&path)?;
             let mut head = Vec::new();
-            (&mut file).take(1).read_to_end(&mut head)?;
+            std::fs::File::open(&path)?.take(1).read_to_end(&mut head)?;
             if head == b"{" && metadata.len() <= JSON_LIMIT {
                 let bytes = std::fs::read(&path)?;
                 let actual = sha256_hex(&bytes);
@@ -166,19 +182,12 @@ impl OciBlobs {
                     let children = node.manifests.iter().chain(node.config.iter()).chain(node.layers.iter());
                     pending.extend(children.map(|child| child.digest.clone()));
                 }
-                blobs.json.insert(digest, bytes);
+                self.json.insert(digest, bytes);
             } else {
-                let mut hasher = Sha256::new();
-                hasher.update(&head);
-                std::io::copy(&mut file, &mut hasher)?;
-                let actual = hex::encode(hasher.finalize());
-                if actual != hex_of(&digest) {
-                    return Err(mismatch(&path.display().to_string(), &digest, &actual));
-                }
-                blobs.files.insert(digest, (path, metadata.len()));
+                self.files.insert(digest, (path, metadata.len()));
             }
         }
-        Ok(Some(blobs))
+        Ok(())
     }
 
     fn size_of(&self, digest: &str) -> Option<u64> {

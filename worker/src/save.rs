@@ -13,11 +13,13 @@ use tokio::sync::{Semaphore, mpsc};
 
 use crate::build_dirs::{BuildDirs, stages_to_save};
 use crate::coordinator::Coordinator;
+use crate::direct::{self, DirectBlob, Moved, Stores};
 use crate::docker::{Engine, EngineImage};
 use crate::error::WorkerError;
-use crate::export::{SpooledBlob, blocking_reader, read_export, spool_dir};
+use crate::export::{SpooledBlob, blocking_reader, plain, read_export, spool_dir};
 use crate::image_config::{ImageFacts, builder_name, image_facts};
-use crate::oci::{BlobSource, OciBlobs};
+use crate::layer_store::{LayerStore, chain_ids};
+use crate::oci::{BlobSource, Descriptor, OciBlobs};
 use crate::progress::{Bar, Progress, rate};
 use crate::transfer::BlobStore;
 
@@ -198,20 +200,8 @@ async fn image_facts_for(
 }
 
 /// "layer 0123456789ab" for a progress bar.
-fn short_digest(digest: &str) -> String {
+pub(crate) fn short_digest(digest: &str) -> String {
     format!("layer {}", digest.trim_start_matches("sha256:").get(..12).unwrap_or(digest))
-}
-
-/// Uploads a blob from a file; returns (digest, bytes).
-async fn upload_file(
-    store: &BlobStore,
-    layer: pb::Layer,
-    path: &std::path::Path,
-    bar: &Bar,
-) -> Result<(String, u64), WorkerError> {
-    store.upload_file(&layer.digest, path, layer.stored_size, bar).await?;
-    bar.finish();
-    Ok((layer.digest, layer.stored_size))
 }
 
 /// Uploads every blob the export hands over, several at once; returns (digest, bytes, seconds).
@@ -228,7 +218,7 @@ async fn upload_all(
         let permit = semaphore.clone().acquire_owned().await.expect("semaphore is never closed");
         let store = store.clone();
         let bar = match &blob {
-            SpooledBlob::File { layer, .. } | SpooledBlob::Stream { layer, .. } | SpooledBlob::Kept { layer, .. } => {
+            SpooledBlob::File { layer, .. } | SpooledBlob::Stream { layer, .. } => {
                 progress.bar(&short_digest(&layer.digest), layer.stored_size)
             }
             SpooledBlob::Bytes { .. } => Bar::none(),
@@ -237,8 +227,11 @@ async fn upload_all(
             let _permit = permit;
             let started = Instant::now();
             let (digest, size) = match blob {
-                SpooledBlob::File { layer, path } => upload_file(&store, layer, &path, &bar).await?,
-                SpooledBlob::Kept { layer, path } => upload_file(&store, layer, &path, &bar).await?,
+                SpooledBlob::File { layer, path } => {
+                    store.upload_file(&layer.digest, &path, layer.stored_size, &bar).await?;
+                    bar.finish();
+                    (layer.digest, layer.stored_size)
+                }
                 SpooledBlob::Bytes { digest, bytes } => {
                     let size = bytes.len() as u64;
                     store.upload_bytes(&digest, bytes).await?;
@@ -283,12 +276,15 @@ struct SaveWork<'a> {
     /// BuildKit's `mode=max` cache export the build wrote into `--build-cache-dir`, as an image
     /// of the save and the blobs it reads from.
     build_cache: Option<&'a (pb::Image, OciBlobs)>,
+    /// The engine's own stores, when this worker reads them; else the save reads its export.
+    stores: Option<&'a Stores>,
 }
 
-/// A `docker save` of the containerd image store, read into its spool folder.
+/// The blobs of the containerd image store's images: a `docker save` read into its spool
+/// folder, or the engine's content store read in place.
 struct OciExport {
     blobs: OciBlobs,
-    _spool: tempfile::TempDir,
+    _spool: Option<tempfile::TempDir>,
 }
 
 /// How one attempt at a save ended.
@@ -311,7 +307,8 @@ pub async fn save(
         return Err(WorkerError::Invalid("name at least one image to save".into()));
     }
     let started = Instant::now();
-    let oci = engine.uses_containerd_store().await?;
+    let storage = engine.storage().await?;
+    let oci = storage.containerd_store;
     let dirs = BuildDirs::new(&options.build_cache_dir, &options.service);
     let mut references = options.images.clone();
     if !oci {
@@ -336,11 +333,39 @@ pub async fn save(
             None
         }
     };
-    let work = SaveWork { engine, options, cleanup, chain: &chain, started, oci, build_cache: build_cache.as_ref() };
+    let stores = match Stores::open(&storage) {
+        Ok(stores) => Some(stores),
+        Err(why) => {
+            eprintln!("cache-worker: reading the images through docker save: {why}");
+            None
+        }
+    };
+    let work = SaveWork {
+        engine,
+        options,
+        cleanup,
+        chain: &chain,
+        started,
+        oci,
+        build_cache: build_cache.as_ref(),
+        stores: stores.as_ref(),
+    };
+    match save_with(coordinator, work).await {
+        // Nothing that failed its check was kept: the export serves instead.
+        Err(WorkerError::Direct(reason)) if work.stores.is_some() => {
+            eprintln!("cache-worker: {reason}: saving {} through docker save instead", options.service);
+            save_with(coordinator, SaveWork { stores: None, ..work }).await
+        }
+        result => result,
+    }
+}
+
+/// A save, begun once more if the first attempt says so.
+async fn save_with(coordinator: &mut Coordinator, work: SaveWork<'_>) -> Result<SaveSummary, WorkerError> {
     match save_once(coordinator, work).await? {
         Attempt::Done(summary) => Ok(summary),
         Attempt::Again(reason) => {
-            eprintln!("cache-worker: {reason}: saving {} again", options.service);
+            eprintln!("cache-worker: {reason}: saving {} again", work.options.service);
             match save_once(coordinator, work).await? {
                 Attempt::Done(summary) => Ok(summary),
                 Attempt::Again(reason) => Err(WorkerError::Save(format!("{reason}, twice"))),
@@ -410,6 +435,29 @@ async fn oci_images(
         image.layers.clear();
         image.oci_media_type = engine_image.media_type.clone();
     }
+    if let Some(Stores::Content(dir)) = work.stores {
+        // Reading the indexes and manifests in place costs less than asking which are known.
+        let tops: Vec<Descriptor> = images
+            .iter()
+            .map(|image| Descriptor {
+                media_type: image.oci_media_type.clone(),
+                digest: image.id.clone(),
+                size: 0,
+                annotations: Default::default(),
+            })
+            .collect();
+        let read = OciBlobs::read_content_store(dir, &tops).and_then(|blobs| {
+            for image in &mut images {
+                describe_oci_image(image, &blobs)?;
+            }
+            Ok(blobs)
+        });
+        let blobs = read.map_err(|error| WorkerError::Direct(format!("reading the engine's content store failed: {error}")))?;
+        if let Some((cache, _)) = work.build_cache {
+            images.push(cache.clone());
+        }
+        return Ok((images, Some(OciExport { blobs, _spool: None })));
+    }
     let probe = pb::BeginSaveRequest { images: images.clone(), ..probe };
     let known = coordinator.client.begin_save(probe).await.map_err(|s| coordinator.failed(s))?.into_inner();
     coordinator.abandon_save(&known.save_id).await;
@@ -447,7 +495,7 @@ async fn oci_images(
 }
 
 /// Fills in an image of the containerd store from the layout that holds it.
-fn describe_oci_image(image: &mut pb::Image, blobs: &OciBlobs) -> Result<(), WorkerError> {
+fn describe_oci_image(image: &mut pb::Image, blobs: &OciBlobs) -> Result<(), crate::export::ExportError> {
     let resolved = blobs.resolve(&image.id)?;
     image.layers = resolved.layers;
     image.oci_blobs = resolved.oci_blobs;
@@ -497,7 +545,7 @@ async fn export_oci(work: SaveWork<'_>) -> Result<OciExport, WorkerError> {
         .await
         .map_err(|error| WorkerError::Invalid(error.to_string()))?
         .map_err(|error| host_disk_error(error.into()))?;
-    Ok(OciExport { blobs, _spool: spool })
+    Ok(OciExport { blobs, _spool: Some(spool) })
 }
 
 /// Uploads the OCI blobs the store lacks, from the export (made now if the images were known
@@ -524,25 +572,22 @@ async fn upload_oci(
     let plan = begun.plan.clone().unwrap_or_default();
     let store = BlobStore::new(&credentials, &plan, Some(coordinator.client.clone()), coordinator.stall_timeout);
     work.cleanup.set_store(&store);
-    let (sender, receiver) = mpsc::channel(missing.len());
+    let mut blobs = Vec::new();
     for digest in missing {
         let source = export.as_ref().and_then(|export| export.blobs.source(digest)).or_else(|| from_cache(digest));
-        let blob = match source {
-            Some(BlobSource::Bytes(bytes)) => SpooledBlob::Bytes { digest: digest.clone(), bytes },
-            Some(BlobSource::File(path, size)) => SpooledBlob::Kept {
-                layer: pb::Layer { digest: digest.clone(), size, stored_size: size, ..Default::default() },
-                path,
-            },
+        // Every file is checked again as it streams: the content store's and the cache
+        // folder's are read in place, unchecked until now.
+        blobs.push(match source {
+            Some(BlobSource::Bytes(bytes)) => direct::from_bytes(digest, bytes),
+            Some(BlobSource::File(path, _)) => direct::from_file(digest, path),
             None => {
                 return Err(WorkerError::Invalid(format!(
                     "blob {digest} is in neither the export nor the build cache"
                 )));
             }
-        };
-        sender.try_send(blob).expect("the channel holds every blob");
+        });
     }
-    drop(sender);
-    let uploaded = upload_all(store, plan.max_concurrency as usize, receiver, &Progress::for_stderr()).await;
+    let uploaded = direct::upload_all(&store, plan.max_concurrency as usize, blobs, &Progress::for_stderr()).await;
     drop(export);
     uploaded
 }
@@ -558,6 +603,9 @@ async fn save_begun(
         let uploaded = upload_oci(coordinator, work, &begun, export).await?;
         let in_flight: HashSet<String> = begun.in_flight_digests.iter().cloned().collect();
         return finish_save(coordinator, work, request.images, begun, uploaded, in_flight).await;
+    }
+    if let Some(Stores::Layers(layers)) = work.stores {
+        return save_from_layer_store(coordinator, work, layers, request, begun).await;
     }
     let SaveWork { engine, cleanup, chain, .. } = work;
     let missing: HashSet<String> = begun.missing_digests.iter().cloned().collect();
@@ -603,10 +651,20 @@ async fn save_begun(
     }
 
     let facts = image_facts_for(coordinator, chain, &facts_from_export, &begun.known_images, &plan).await?;
+    let images = describe_chain(request.images, &blobs, &facts)?;
+    finish_save(coordinator, work, images, begun, uploaded, in_flight).await
+}
+
+/// The graph driver's images, their configs and layers, with sizes from what was read or what
+/// the store holds, and how each was built.
+fn describe_chain(
+    mut images: Vec<pb::Image>,
+    blobs: &HashMap<String, pb::Layer>,
+    facts: &HashMap<String, ImageFacts>,
+) -> Result<Vec<pb::Image>, WorkerError> {
     let described = |digest: &str| {
         blobs.get(digest).cloned().ok_or_else(|| WorkerError::Invalid(format!("no size is known for blob {digest}")))
     };
-    let mut images = request.images;
     for image in &mut images {
         image.config_size = described(&image.id)?.size;
         if let Some(facts) = facts.get(&image.id) {
@@ -617,6 +675,55 @@ async fn save_begun(
             *layer = described(&layer.digest)?;
         }
     }
+    Ok(images)
+}
+
+/// The graph driver's save, read from the engine's stores: every config of the chain (each
+/// says how its image was built), and only the configs and layers the project lacks.
+async fn save_from_layer_store(
+    coordinator: &mut Coordinator,
+    work: SaveWork<'_>,
+    layers: &LayerStore,
+    request: pb::BeginSaveRequest,
+    begun: pb::BeginSaveResponse,
+) -> Result<Attempt, WorkerError> {
+    let missing: HashSet<&String> = begun.missing_digests.iter().collect();
+    let in_flight: HashSet<String> = begun.in_flight_digests.iter().cloned().collect();
+    let mut blobs: HashMap<String, pb::Layer> =
+        begun.stored_blobs.iter().map(|blob| (blob.digest.clone(), blob.clone())).collect();
+    let mut facts = HashMap::new();
+    let mut to_upload: Vec<DirectBlob> = Vec::new();
+    let mut queued = HashSet::new();
+    for image in work.chain {
+        let config = layers
+            .config(&image.id)
+            .map_err(|error| WorkerError::Direct(format!("reading the config of {} failed: {error}", image.id)))?;
+        facts.insert(image.id.clone(), image_facts(&config));
+        blobs.insert(image.id.clone(), plain(&image.id, config.len() as u64));
+        if missing.contains(&image.id) && queued.insert(image.id.clone()) {
+            to_upload.push(direct::from_bytes(&image.id, config));
+        }
+        for (diff_id, chain_id) in image.diff_ids.iter().zip(chain_ids(&image.diff_ids)) {
+            if missing.contains(diff_id) && queued.insert(diff_id.clone()) {
+                to_upload.push(direct::from_layer_store(layers, &chain_id, diff_id));
+            }
+        }
+    }
+    let mut uploaded: Vec<Moved> = Vec::new();
+    if !to_upload.is_empty() {
+        let credentials = begun
+            .credentials
+            .clone()
+            .ok_or_else(|| WorkerError::Invalid("the coordinator sent no credentials".into()))?;
+        let plan = begun.plan.clone().unwrap_or_default();
+        let store = BlobStore::new(&credentials, &plan, Some(coordinator.client.clone()), coordinator.stall_timeout);
+        work.cleanup.set_store(&store);
+        uploaded = direct::upload_all(&store, plan.max_concurrency as usize, to_upload, &Progress::for_stderr()).await?;
+    }
+    for (digest, size, _) in &uploaded {
+        blobs.insert(digest.clone(), plain(digest, *size));
+    }
+    let images = describe_chain(request.images, &blobs, &facts)?;
     finish_save(coordinator, work, images, begun, uploaded, in_flight).await
 }
 

@@ -1,0 +1,179 @@
+//! Where a save reads the blobs it uploads: straight from the engine's own stores when this
+//! worker can read them (the graph driver's layers, `layer_store.rs`; the containerd image
+//! store's content store, read by `oci.rs`), so a save reads only the blobs the project lacks
+//! and never waits for `docker save`. Otherwise (a remote engine, another driver, a data root
+//! this worker cannot see or read) the save reads the engine's export, and says why once.
+//!
+//! Whatever is read here is checked against its digest as it streams to the upload, which
+//! fails before the store keeps a blob that does not match.
+
+use std::io::Read;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::sync::Semaphore;
+
+use crate::docker::Storage;
+use crate::error::WorkerError;
+use crate::export::{STREAM_PIECES, SendError, send_checked};
+use crate::layer_store::LayerStore;
+use crate::progress::{Bar, Progress};
+use crate::transfer::BlobStore;
+
+/// The engine's stores, as this worker reads them.
+#[derive(Debug, Clone)]
+pub enum Stores {
+    /// The graph driver's layer and image stores.
+    Layers(LayerStore),
+    /// The containerd image store's content store: `<hex>` blob files.
+    Content(PathBuf),
+}
+
+/// Where containerd keeps blobs: the engine's own containerd under its data root, else the
+/// system's (an engine started with `--containerd`).
+fn content_store_dirs(storage: &Storage) -> [PathBuf; 2] {
+    [
+        storage.data_root.join("containerd/daemon/io.containerd.content.v1.content/blobs/sha256"),
+        PathBuf::from("/var/lib/containerd/io.containerd.content.v1.content/blobs/sha256"),
+    ]
+}
+
+impl Stores {
+    /// The engine's stores if this worker can read them; otherwise why not, for the log.
+    pub fn open(storage: &Storage) -> Result<Stores, String> {
+        if !storage.local {
+            return Err(format!("the engine at {} is not on this host", storage.host));
+        }
+        if storage.data_root.as_os_str().is_empty() {
+            return Err("the engine did not say where its data root is".into());
+        }
+        if !storage.containerd_store {
+            return LayerStore::open(&storage.data_root, &storage.driver).map(Stores::Layers);
+        }
+        let dirs = content_store_dirs(storage);
+        for dir in &dirs {
+            if std::fs::read_dir(dir).is_ok() {
+                return Ok(Stores::Content(dir.clone()));
+            }
+        }
+        Err(format!("this worker cannot read the engine's content store ({})", dirs[0].display()))
+    }
+}
+
+/// What a blob is read from, opened on a blocking thread when its upload starts.
+pub type Open = Box<dyn FnOnce() -> std::io::Result<(u64, Box<dyn Read + Send>)> + Send>;
+
+/// A blob to read from the engine's stores and upload.
+pub struct DirectBlob {
+    pub digest: String,
+    pub open: Open,
+}
+
+/// A blob [`upload_all`] moved: its digest, size and seconds.
+pub type Moved = (String, u64, f64);
+
+/// Blobs read at once: each holds [`STREAM_PIECES`] MiB in its reader and up to five parts in
+/// its upload, so this bounds the save's memory whatever the plan allows.
+const READERS: usize = 4;
+
+/// Reads and uploads `blobs`, `concurrency` at a time (at most [`READERS`]), each checked
+/// against its digest as it streams. A blob that cannot be read fails the save with
+/// [`WorkerError::Direct`] (the caller falls back to the export); a failed upload with its
+/// own error.
+pub async fn upload_all(
+    store: &BlobStore,
+    concurrency: usize,
+    blobs: Vec<DirectBlob>,
+    progress: &Progress,
+) -> Result<Vec<Moved>, WorkerError> {
+    let semaphore = Arc::new(Semaphore::new(concurrency.clamp(1, READERS)));
+    let mut uploads = tokio::task::JoinSet::new();
+    let mut moved = Vec::new();
+    for blob in blobs {
+        let permit = semaphore.clone().acquire_owned().await.expect("semaphore is never closed");
+        let store = store.clone();
+        let progress = progress.clone();
+        uploads.spawn(async move {
+            let _permit = permit;
+            upload_one(&store, blob, &progress).await
+        });
+        // Surface a failure before the next blob is read.
+        while let Some(finished) = uploads.try_join_next() {
+            moved.push(finished.map_err(|error| WorkerError::Invalid(error.to_string()))??);
+        }
+    }
+    while let Some(finished) = uploads.join_next().await {
+        moved.push(finished.map_err(|error| WorkerError::Invalid(error.to_string()))??);
+    }
+    Ok(moved)
+}
+
+/// Why a direct read failed, naming the blob.
+fn unreadable(digest: &str, error: impl std::fmt::Display) -> WorkerError {
+    WorkerError::Direct(format!("reading blob {digest} failed: {error}"))
+}
+
+async fn upload_one(store: &BlobStore, blob: DirectBlob, progress: &Progress) -> Result<Moved, WorkerError> {
+    let started = Instant::now();
+    let DirectBlob { digest, open } = blob;
+    let (sender, body) = tokio::sync::mpsc::channel(STREAM_PIECES);
+    let (size_sender, size) = tokio::sync::oneshot::channel();
+    let expected = digest.clone();
+    let reader = tokio::task::spawn_blocking(move || {
+        let (size, mut reader) = open().map_err(SendError::Read)?;
+        let _ = size_sender.send(size);
+        send_checked(&mut reader, &expected, &sender)
+    });
+    let read_failed = |result: Result<Result<(), SendError>, tokio::task::JoinError>| match result {
+        Ok(Ok(())) | Ok(Err(SendError::Closed)) => None,
+        Ok(Err(SendError::Read(error))) => Some(unreadable(&digest, error)),
+        Ok(Err(SendError::Mismatch { actual })) => Some(unreadable(&digest, format!("it hashes to {actual}"))),
+        Err(error) => Some(WorkerError::Invalid(error.to_string())),
+    };
+    let Ok(size) = size.await else {
+        // Opening failed: the reader says why.
+        return Err(read_failed(reader.await).unwrap_or_else(|| unreadable(&digest, "it could not be opened")));
+    };
+    let bar = if size >= 1 << 20 { progress.bar(&crate::save::short_digest(&digest), size) } else { Bar::none() };
+    let uploaded = store.upload_stream(&digest, size, body, &bar).await;
+    // A read failure is the cause when the upload failed because of it.
+    if let Some(error) = read_failed(reader.await) {
+        return Err(error);
+    }
+    uploaded?;
+    bar.finish();
+    Ok((digest, size, started.elapsed().as_secs_f64()))
+}
+
+/// A blob already in memory (a config), as a [`DirectBlob`].
+pub fn from_bytes(digest: &str, bytes: Vec<u8>) -> DirectBlob {
+    DirectBlob {
+        digest: digest.to_owned(),
+        open: Box::new(move || Ok((bytes.len() as u64, Box::new(std::io::Cursor::new(bytes)) as Box<dyn Read + Send>))),
+    }
+}
+
+/// A blob in a file (the content store's), as a [`DirectBlob`].
+pub fn from_file(digest: &str, path: PathBuf) -> DirectBlob {
+    DirectBlob {
+        digest: digest.to_owned(),
+        open: Box::new(move || {
+            let file = std::fs::File::open(&path)?;
+            let size = file.metadata()?.len();
+            Ok((size, Box::new(file) as Box<dyn Read + Send>))
+        }),
+    }
+}
+
+/// The layer of an image in the layer store, as a [`DirectBlob`].
+pub fn from_layer_store(store: &LayerStore, chain_id: &str, diff_id: &str) -> DirectBlob {
+    let (store, chain_id, expected) = (store.clone(), chain_id.to_owned(), diff_id.to_owned());
+    DirectBlob {
+        digest: diff_id.to_owned(),
+        open: Box::new(move || {
+            let layer = store.layer(&chain_id, &expected)?;
+            Ok((layer.size, Box::new(layer.reader) as Box<dyn Read + Send>))
+        }),
+    }
+}
