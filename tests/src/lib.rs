@@ -512,6 +512,11 @@ impl DockerEngine {
             .expect("docker build with BuildKit")
     }
 
+    /// The engine's data root (`--data-root`).
+    pub fn data_root(&self) -> PathBuf {
+        self.dir.path().join("root")
+    }
+
     /// This host's `--build-cache-dir`.
     pub fn build_cache_dir(&self) -> PathBuf {
         self.dir.path().join("build-cache")
@@ -575,7 +580,7 @@ impl CoordinatorProcess {
 
     /// cache-worker with a project token, the engine as its host and the engine's own
     /// `--build-cache-dir`.
-    fn cache_worker_command_on(&self, engine: &DockerEngine, token: &str, args: &[&str]) -> Command {
+    pub fn cache_worker_command_on(&self, engine: &DockerEngine, token: &str, args: &[&str]) -> Command {
         let mut command = Command::new(binary("cache-worker"));
         command
             .arg("--coordinator")

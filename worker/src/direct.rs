@@ -40,8 +40,9 @@ fn content_store_dirs(storage: &Storage) -> [PathBuf; 2] {
 }
 
 impl Stores {
-    /// The engine's stores if this worker can read them; otherwise why not, for the log.
-    pub fn open(storage: &Storage) -> Result<Stores, String> {
+    /// The engine's stores if this worker can read them; otherwise why not, for the log. On
+    /// the containerd image store, the content store is the one that holds the image `probe`.
+    pub fn open(storage: &Storage, probe: &str) -> Result<Stores, String> {
         if !storage.local {
             return Err(format!("the engine at {} is not on this host", storage.host));
         }
@@ -52,8 +53,9 @@ impl Stores {
             return LayerStore::open(&storage.data_root, &storage.driver).map(Stores::Layers);
         }
         let dirs = content_store_dirs(storage);
-        for dir in &dirs {
-            if std::fs::read_dir(dir).is_ok() {
+        let hex = probe.trim_start_matches("sha256:");
+        if proto::names::validate_digest(probe).is_ok() {
+            if let Some(dir) = dirs.iter().find(|dir| dir.join(hex).is_file()) {
                 return Ok(Stores::Content(dir.clone()));
             }
         }

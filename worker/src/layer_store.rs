@@ -87,10 +87,14 @@ impl LayerStore {
     /// not, in words for the log.
     pub fn open(data_root: &Path, driver: &str) -> Result<LayerStore, String> {
         if driver != "overlay2" {
-            return Err(format!("the engine's storage driver is {driver}, and only overlay2's layers are read directly"));
+            return Err(format!(
+                "the engine's storage driver is {driver}, and only overlay2's layers are read directly"
+            ));
         }
         let store = LayerStore { metadata: data_root.join("image").join(driver), layers: data_root.join(driver) };
-        for dir in [store.metadata.join("layerdb/sha256"), store.metadata.join("imagedb/content/sha256"), store.layers.clone()] {
+        for dir in
+            [store.metadata.join("layerdb/sha256"), store.metadata.join("imagedb/content/sha256"), store.layers.clone()]
+        {
             if let Err(error) = std::fs::read_dir(&dir) {
                 return Err(format!("this worker cannot read the engine's data root ({}: {error})", dir.display()));
             }
@@ -118,7 +122,11 @@ impl LayerStore {
         let dir = self.metadata.join("layerdb/sha256").join(hex_of(chain_id).map_err(std::io::Error::other)?);
         let recorded = std::fs::read_to_string(dir.join("diff"))?;
         if recorded.trim() != diff_id {
-            return Err(std::io::Error::other(format!("{} records layer {}, not {diff_id}", dir.display(), recorded.trim())));
+            return Err(std::io::Error::other(format!(
+                "{} records layer {}, not {diff_id}",
+                dir.display(),
+                recorded.trim()
+            )));
         }
         let cache_id = std::fs::read_to_string(dir.join("cache-id"))?;
         let cache_id = cache_id.trim();
@@ -197,7 +205,10 @@ impl TarAssembler {
         let mut parts = relative.components().filter(|part| !matches!(part, Component::CurDir)).peekable();
         while let Some(part) = parts.next() {
             let Component::Normal(part) = part else {
-                return Err(std::io::Error::other(format!("the layer names a file outside it: {}", relative.display())));
+                return Err(std::io::Error::other(format!(
+                    "the layer names a file outside it: {}",
+                    relative.display()
+                )));
             };
             path.push(part);
             if parts.peek().is_some() && !self.safe_dirs.contains(&path) {

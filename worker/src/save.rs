@@ -333,7 +333,8 @@ pub async fn save(
             None
         }
     };
-    let stores = match Stores::open(&storage) {
+    let probe = chain.first().map(|image| image.id.as_str()).unwrap_or_default();
+    let stores = match Stores::open(&storage, probe) {
         Ok(stores) => Some(stores),
         Err(why) => {
             eprintln!("cache-worker: reading the images through docker save: {why}");
@@ -452,7 +453,8 @@ async fn oci_images(
             }
             Ok(blobs)
         });
-        let blobs = read.map_err(|error| WorkerError::Direct(format!("reading the engine's content store failed: {error}")))?;
+        let blobs =
+            read.map_err(|error| WorkerError::Direct(format!("reading the engine's content store failed: {error}")))?;
         if let Some((cache, _)) = work.build_cache {
             images.push(cache.clone());
         }
@@ -718,7 +720,8 @@ async fn save_from_layer_store(
         let plan = begun.plan.clone().unwrap_or_default();
         let store = BlobStore::new(&credentials, &plan, Some(coordinator.client.clone()), coordinator.stall_timeout);
         work.cleanup.set_store(&store);
-        uploaded = direct::upload_all(&store, plan.max_concurrency as usize, to_upload, &Progress::for_stderr()).await?;
+        uploaded =
+            direct::upload_all(&store, plan.max_concurrency as usize, to_upload, &Progress::for_stderr()).await?;
     }
     for (digest, size, _) in &uploaded {
         blobs.insert(digest.clone(), plain(digest, *size));
@@ -807,8 +810,13 @@ async fn finish_save(
         unchanged: begun.unchanged,
         stored,
     };
+    let read_from = match (summary.n_blobs_uploaded, work.stores.is_some()) {
+        (0, _) => "",
+        (_, true) => ", read from the engine's store",
+        (_, false) => ", read from docker save",
+    };
     println!(
-        "{} {}: {} images; uploaded {} blobs ({}), {} already stored{}; {:.1} s, {}",
+        "{} {}: {} images; uploaded {} blobs ({}{read_from}), {} already stored{}; {:.1} s, {}",
         if stored { "saved" } else { "not stored (a newer save is the cache)" },
         options.service,
         summary.n_images,
