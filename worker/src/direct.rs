@@ -179,3 +179,43 @@ pub fn from_layer_store(store: &LayerStore, chain_id: &str, diff_id: &str) -> Di
         }),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn storage(data_root: &std::path::Path, containerd_store: bool, host: &str) -> Storage {
+        Storage {
+            driver: "overlay2".into(),
+            data_root: data_root.to_owned(),
+            containerd_store,
+            local: host.starts_with("unix://"),
+            host: host.into(),
+        }
+    }
+
+    #[test]
+    fn a_remote_engine_or_an_unreadable_store_is_read_through_its_export_with_the_reason() {
+        let root = tempfile::tempdir().unwrap();
+        let remote = Stores::open(&storage(root.path(), false, "tcp://10.0.0.5:2376"), "").unwrap_err();
+        assert_eq!(remote, "the engine at tcp://10.0.0.5:2376 is not on this host");
+        let empty = Stores::open(&storage(root.path(), false, "unix:///run/docker.sock"), "").unwrap_err();
+        assert!(empty.starts_with("this worker cannot read the engine's data root"), "{empty}");
+        let probe = format!("sha256:{}", "a".repeat(64));
+        let no_content = Stores::open(&storage(root.path(), true, "unix:///run/docker.sock"), &probe).unwrap_err();
+        assert!(no_content.starts_with("this worker cannot read the engine's content store"), "{no_content}");
+    }
+
+    #[test]
+    fn the_content_store_is_the_one_holding_the_image() {
+        let root = tempfile::tempdir().unwrap();
+        let blobs = root.path().join("containerd/daemon/io.containerd.content.v1.content/blobs/sha256");
+        std::fs::create_dir_all(&blobs).unwrap();
+        let probe = format!("sha256:{}", "a".repeat(64));
+        let at = storage(root.path(), true, "unix:///run/docker.sock");
+        assert!(Stores::open(&at, &probe).is_err(), "an empty store is not the engine's");
+        std::fs::write(blobs.join("a".repeat(64)), "{}").unwrap();
+        assert!(matches!(Stores::open(&at, &probe), Ok(Stores::Content(dir)) if dir == blobs));
+        assert!(Stores::open(&at, "sha256:../../etc").is_err(), "a bad digest names no file");
+    }
+}

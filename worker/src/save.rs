@@ -205,7 +205,7 @@ pub(crate) fn short_digest(digest: &str) -> String {
 }
 
 /// Uploads every blob the export hands over, several at once; returns (digest, bytes, seconds).
-async fn upload_all(
+async fn upload_spooled(
     store: BlobStore,
     concurrency: usize,
     mut blobs: mpsc::Receiver<SpooledBlob>,
@@ -643,7 +643,8 @@ async fn save_begun(
                 blob_sender.blocking_send(blob).map_err(|_| std::io::Error::other("an upload failed"))
             })
         });
-        let uploads = upload_all(store, plan.max_concurrency as usize, blob_receiver, &Progress::for_stderr()).await;
+        let uploads =
+            upload_spooled(store, plan.max_concurrency as usize, blob_receiver, &Progress::for_stderr()).await;
         let summary = reader.await.map_err(|error| WorkerError::Invalid(error.to_string()));
         // An upload failure is the cause when the reader stopped because of it.
         uploaded = uploads?;
@@ -708,6 +709,12 @@ async fn save_from_layer_store(
         for (diff_id, chain_id) in image.diff_ids.iter().zip(chain_ids(&image.diff_ids)) {
             if missing.contains(diff_id) && queued.insert(diff_id.clone()) {
                 to_upload.push(direct::from_layer_store(layers, &chain_id, diff_id));
+            } else if in_flight.contains(diff_id) && !blobs.contains_key(diff_id) {
+                // Another save uploads it; its length is in its tar-split record.
+                let layer = layers
+                    .layer(&chain_id, diff_id)
+                    .map_err(|error| WorkerError::Direct(format!("reading the layer {diff_id} failed: {error}")))?;
+                blobs.insert(diff_id.clone(), plain(diff_id, layer.size));
             }
         }
     }

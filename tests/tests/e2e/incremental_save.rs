@@ -56,9 +56,8 @@ fn exported_layers(host: &DockerEngine, image: &str) -> HashSet<String> {
         .collect()
 }
 
-/// Every blob the embedded store holds hashes to its name, and every layer of the engine's
-/// own export is among them, byte for byte.
-fn assert_stored_like_the_export(data_dir: &Path, host: &DockerEngine, image: &str) {
+/// The digests of the blobs the embedded store holds, each checked to hash to its name.
+fn stored_blobs(data_dir: &Path) -> HashSet<String> {
     let mut stored = HashSet::new();
     for path in files_under(data_dir) {
         let name = path.file_name().unwrap().to_string_lossy().into_owned();
@@ -68,6 +67,13 @@ fn assert_stored_like_the_export(data_dir: &Path, host: &DockerEngine, image: &s
             stored.insert(digest);
         }
     }
+    stored
+}
+
+/// Every blob the embedded store holds hashes to its name, and every layer of the engine's
+/// own export is among them, byte for byte.
+fn assert_stored_like_the_export(data_dir: &Path, host: &DockerEngine, image: &str) {
+    let stored = stored_blobs(data_dir);
     let exported = exported_layers(host, image);
     assert!(exported.len() >= 4, "base, two RUN layers and a COPY: {exported:?}");
     let missing: Vec<&String> = exported.difference(&stored).collect();
@@ -223,4 +229,39 @@ fn without_access_to_the_data_root_the_containerd_store_saves_through_docker_sav
         || DockerEngine::start_with_containerd_store().unwrap(),
         "this worker cannot read the engine's content store",
     );
+}
+
+#[test]
+fn a_layer_changed_under_the_engine_is_never_stored() {
+    let Some(build_host) = DockerEngine::start(EngineKind::Engine20) else { return };
+    let data_dir = tempfile::tempdir().unwrap();
+    let coordinator = CoordinatorProcess::start(data_dir.path(), &[]);
+    let token = coordinator.create_project("shop");
+    build_host.import_busybox_base("base:1");
+    let app = build_context(AWKWARD_LAYERS);
+    build_app(&build_host, app.path(), &[]);
+    // The first RUN step's /d/a, rewritten in its layer folder with as many bytes.
+    let folders = build_host.data_root().join("overlay2");
+    let changed: Vec<PathBuf> = std::fs::read_dir(&folders)
+        .unwrap()
+        .flatten()
+        .map(|entry| entry.path().join("diff/d/a"))
+        .filter(|file| std::fs::read(file).is_ok_and(|content| content == b"hi\n"))
+        .collect();
+    assert_eq!(changed.len(), 1, "{changed:?}");
+    std::fs::write(&changed[0], b"ho\n").unwrap();
+
+    let saved = coordinator.cache_worker_on(&build_host, &token, &["save", "--service", "app", "app:1", "base:1"]);
+    let said = stderr_of(&saved);
+    assert!(
+        said.contains(" hashes to sha256:") && said.contains(": saving app through docker save instead\n"),
+        "{said}"
+    );
+    // The engine's own export checks the layer too, and fails: so does the save, in one line.
+    assert_eq!(saved.status.code(), Some(1), "{said}");
+    assert!(said.lines().last().unwrap().starts_with("cache-worker: saving app failed: "), "{said}");
+    stored_blobs(data_dir.path());
+    let shown = coordinator.cachectl(&["show", "shop", "app"]);
+    assert!(!shown.status.success(), "nothing was committed: {}", stdout_of(&shown));
+    coordinator.stop();
 }
