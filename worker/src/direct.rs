@@ -54,10 +54,10 @@ impl Stores {
         }
         let dirs = content_store_dirs(storage);
         let hex = probe.trim_start_matches("sha256:");
-        if proto::names::validate_digest(probe).is_ok() {
-            if let Some(dir) = dirs.iter().find(|dir| dir.join(hex).is_file()) {
-                return Ok(Stores::Content(dir.clone()));
-            }
+        if proto::names::validate_digest(probe).is_ok()
+            && let Some(dir) = dirs.iter().find(|dir| dir.join(hex).is_file())
+        {
+            return Ok(Stores::Content(dir.clone()));
         }
         Err(format!("this worker cannot read the engine's content store ({})", dirs[0].display()))
     }
