@@ -56,13 +56,22 @@ pub struct Storage {
     /// `DockerRootDir`, as a path on the engine's host.
     pub data_root: std::path::PathBuf,
     pub containerd_store: bool,
-    /// Whether the engine is reached through a unix socket, so it runs on this host.
+    /// Whether the engine is reached through a unix socket or loopback, so it may run on this
+    /// host.
     pub local: bool,
     pub host: String,
 }
 
 fn failed(action: &'static str) -> impl Fn(bollard::errors::Error) -> EngineError {
     move |error| EngineError::Failed { action, reason: error.to_string() }
+}
+
+/// Whether `DOCKER_HOST` names an engine on this host: its socket, or a TCP port on loopback
+/// (a sidecar engine in the same pod, whose data root a shared volume may hold).
+fn is_local(host: &str) -> bool {
+    let Some(address) = host.strip_prefix("tcp://") else { return host.is_empty() || host.starts_with("unix://") };
+    let name = address.rsplit_once(':').map_or(address, |(name, _)| name);
+    matches!(name, "localhost" | "127.0.0.1" | "[::1]")
 }
 
 /// Tags worth keeping: the engine reports untagged images as `<none>:<none>`.
@@ -107,7 +116,7 @@ impl Engine {
             driver: info.driver.unwrap_or_default(),
             data_root: info.docker_root_dir.unwrap_or_default().into(),
             containerd_store,
-            local: host.is_empty() || host.starts_with("unix://"),
+            local: is_local(&host),
             host: if host.is_empty() { "unix:///var/run/docker.sock".into() } else { host },
         })
     }
@@ -265,5 +274,20 @@ impl Engine {
         let options =
             bollard::query_parameters::TagImageOptions { repo: Some(repo.to_owned()), tag: Some(tag.to_owned()) };
         self.docker.tag_image(image_id, Some(options)).await.map_err(failed("tag a restored image"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn an_engine_on_its_socket_or_loopback_may_be_on_this_host() {
+        for host in
+            ["", "unix:///var/run/docker.sock", "tcp://localhost:2375", "tcp://127.0.0.1:2376", "tcp://[::1]:2375"]
+        {
+            assert!(super::is_local(host), "{host}");
+        }
+        for host in ["tcp://10.0.0.5:2375", "tcp://docker:2375", "ssh://ci@builder", "npipe:////./pipe/docker_engine"] {
+            assert!(!super::is_local(host), "{host}");
+        }
     }
 }

@@ -202,7 +202,9 @@ impl TarAssembler {
     fn open_inside(&mut self, name: &[u8]) -> std::io::Result<(std::fs::File, PathBuf)> {
         let relative = Path::new(std::ffi::OsStr::from_bytes(name));
         let mut path = self.root.clone();
-        let mut parts = relative.components().filter(|part| !matches!(part, Component::CurDir)).peekable();
+        // The engine joins the name to the folder as it is, so `./a` and `/a` are `a` there too.
+        let mut parts =
+            relative.components().filter(|part| !matches!(part, Component::CurDir | Component::RootDir)).peekable();
         while let Some(part) = parts.next() {
             let Component::Normal(part) = part else {
                 return Err(std::io::Error::other(format!(

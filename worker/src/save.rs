@@ -210,7 +210,7 @@ async fn upload_spooled(
     concurrency: usize,
     mut blobs: mpsc::Receiver<SpooledBlob>,
     progress: &Progress,
-) -> Result<Vec<(String, u64, f64)>, WorkerError> {
+) -> Result<Vec<Moved>, WorkerError> {
     let semaphore = Arc::new(Semaphore::new(concurrency.max(1)));
     let mut uploads = tokio::task::JoinSet::new();
     let mut done = Vec::new();
@@ -557,7 +557,7 @@ async fn upload_oci(
     work: SaveWork<'_>,
     begun: &pb::BeginSaveResponse,
     export: Option<OciExport>,
-) -> Result<Vec<(String, u64, f64)>, WorkerError> {
+) -> Result<Vec<Moved>, WorkerError> {
     let in_flight: HashSet<&String> = begun.in_flight_digests.iter().collect();
     let missing: Vec<&String> = begun.missing_digests.iter().filter(|digest| !in_flight.contains(digest)).collect();
     if missing.is_empty() {
@@ -606,9 +606,20 @@ async fn save_begun(
         let in_flight: HashSet<String> = begun.in_flight_digests.iter().cloned().collect();
         return finish_save(coordinator, work, request.images, begun, uploaded, in_flight).await;
     }
-    if let Some(Stores::Layers(layers)) = work.stores {
-        return save_from_layer_store(coordinator, work, layers, request, begun).await;
+    match work.stores {
+        Some(Stores::Layers(layers)) => save_from_layer_store(coordinator, work, layers, request, begun).await,
+        _ => save_from_export(coordinator, work, request, begun).await,
     }
+}
+
+/// The graph driver's save, read from `docker save` of the whole chain: the blobs the project
+/// lacks are uploaded as the export streams past.
+async fn save_from_export(
+    coordinator: &mut Coordinator,
+    work: SaveWork<'_>,
+    request: pb::BeginSaveRequest,
+    begun: pb::BeginSaveResponse,
+) -> Result<Attempt, WorkerError> {
     let SaveWork { engine, cleanup, chain, .. } = work;
     let missing: HashSet<String> = begun.missing_digests.iter().cloned().collect();
     // Blobs another save of the project is uploading right now: read past, not uploaded.
@@ -616,7 +627,7 @@ async fn save_begun(
     let mut blobs: HashMap<String, pb::Layer> =
         begun.stored_blobs.iter().map(|blob| (blob.digest.clone(), blob.clone())).collect();
     let mut facts_from_export = HashMap::new();
-    let mut uploaded: Vec<(String, u64, f64)> = Vec::new();
+    let mut uploaded: Vec<Moved> = Vec::new();
     let plan = begun.plan.clone().unwrap_or_default();
 
     if !missing.is_empty() || !in_flight.is_empty() {
@@ -737,50 +748,77 @@ async fn save_from_layer_store(
     finish_save(coordinator, work, images, begun, uploaded, in_flight).await
 }
 
-/// The end of every save: the log, the commit, the metrics report and the summary line.
+/// The end of every save: the log, the commit, then the report.
 async fn finish_save(
     coordinator: &mut Coordinator,
     work: SaveWork<'_>,
     images: Vec<pb::Image>,
     begun: pb::BeginSaveResponse,
-    uploaded: Vec<(String, u64, f64)>,
+    uploaded: Vec<Moved>,
     in_flight: HashSet<String>,
 ) -> Result<Attempt, WorkerError> {
-    let SaveWork { options, started, .. } = work;
     let uploaded_digests: HashSet<String> = uploaded.iter().map(|(digest, _, _)| digest.clone()).collect();
     let log = save_log(&images, &uploaded_digests, &in_flight);
     for line in &log {
         println!("{line}");
     }
     warn_about_missing_inline_cache(&images);
-    let mut stored = true;
-    if !begun.unchanged {
-        let commit = pb::CommitSaveRequest { save_id: begun.save_id.clone(), images: images.clone(), save_log: log };
-        let committed = loop {
-            // A commit waits a little for blobs other saves are still uploading, then says
-            // which; those saves are alive (their claims hold), so this one waits on.
-            match coordinator.client.commit_save(commit.clone()).await {
-                Ok(response) if response.get_ref().waiting_for_digests.is_empty() => break response.into_inner(),
-                Ok(_) => continue,
-                Err(status) if status.code() == tonic::Code::NotFound => {
-                    return Ok(Attempt::Again(format!(
-                        "the coordinator no longer knows this save ({})",
-                        status.message()
-                    )));
-                }
-                Err(status) if status.code() == tonic::Code::FailedPrecondition && !in_flight.is_empty() => {
-                    return Ok(Attempt::Again(format!(
-                        "a concurrent save stopped before uploading what this one waited for ({})",
-                        status.message()
-                    )));
-                }
-                Err(status) => return Err(coordinator.failed(status).into()),
-            }
-        };
-        stored = committed.stored;
-        print_commit_outcome(&options.service, &committed);
-    }
+    let stored = match commit(coordinator, work, &images, &begun, log, &in_flight).await? {
+        Ok(stored) => stored,
+        Err(again) => return Ok(again),
+    };
+    Ok(Attempt::Done(report(coordinator, work, &images, &begun, &uploaded, stored).await))
+}
 
+/// Commits the save's images (nothing to commit when it is unchanged): whether they became
+/// the cache, or the attempt to make again.
+async fn commit(
+    coordinator: &mut Coordinator,
+    work: SaveWork<'_>,
+    images: &[pb::Image],
+    begun: &pb::BeginSaveResponse,
+    log: Vec<String>,
+    in_flight: &HashSet<String>,
+) -> Result<Result<bool, Attempt>, WorkerError> {
+    if begun.unchanged {
+        return Ok(Ok(true));
+    }
+    let commit = pb::CommitSaveRequest { save_id: begun.save_id.clone(), images: images.to_vec(), save_log: log };
+    let committed = loop {
+        // A commit waits a little for blobs other saves are still uploading, then says
+        // which; those saves are alive (their claims hold), so this one waits on.
+        match coordinator.client.commit_save(commit.clone()).await {
+            Ok(response) if response.get_ref().waiting_for_digests.is_empty() => break response.into_inner(),
+            Ok(_) => continue,
+            Err(status) if status.code() == tonic::Code::NotFound => {
+                return Ok(Err(Attempt::Again(format!(
+                    "the coordinator no longer knows this save ({})",
+                    status.message()
+                ))));
+            }
+            Err(status) if status.code() == tonic::Code::FailedPrecondition && !in_flight.is_empty() => {
+                return Ok(Err(Attempt::Again(format!(
+                    "a concurrent save stopped before uploading what this one waited for ({})",
+                    status.message()
+                ))));
+            }
+            Err(status) => return Err(coordinator.failed(status).into()),
+        }
+    };
+    print_commit_outcome(&work.options.service, &committed);
+    Ok(Ok(committed.stored))
+}
+
+/// Reports what moved to the coordinator's metrics and prints the summary line.
+async fn report(
+    coordinator: &mut Coordinator,
+    work: SaveWork<'_>,
+    images: &[pb::Image],
+    begun: &pb::BeginSaveResponse,
+    uploaded: &[Moved],
+    stored: bool,
+) -> SaveSummary {
+    let SaveWork { options, started, .. } = work;
     let n_blobs_stored = begun.stored_blobs.len();
     let bytes_uploaded: u64 = uploaded.iter().map(|(_, bytes, _)| bytes).sum();
     let mut layer_metrics: Vec<pb::LayerMetric> = uploaded
@@ -834,7 +872,7 @@ async fn finish_save(
         seconds,
         rate(bytes_uploaded, seconds)
     );
-    Ok(Attempt::Done(summary))
+    summary
 }
 
 /// Says what the commit did to the cache: which save's images it replaced (by their tags and
