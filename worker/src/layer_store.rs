@@ -220,7 +220,12 @@ impl TarAssembler {
                 self.safe_dirs.insert(path.clone());
             }
         }
-        let file = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW).open(&path)?;
+        // Non-blocking, so a fifo where a file should be cannot hang the save.
+        let file =
+            std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK).open(&path)?;
+        if !file.metadata()?.is_file() {
+            return Err(std::io::Error::other(format!("{} is not a regular file", path.display())));
+        }
         Ok((file, path))
     }
 
@@ -362,6 +367,12 @@ mod tests {
         let (root, store) = store_with(&through_link, &[]);
         std::os::unix::fs::symlink("/etc", root.path().join("overlay2/c0ffee/diff/link")).unwrap();
         assert!(assemble(&store).unwrap_err().to_string().contains("not a folder"));
+
+        let fifo = [serde_json::json!({"type": 1, "name": "fifo", "size": 1, "position": 0})];
+        let (root, store) = store_with(&fifo, &[]);
+        let made = std::process::Command::new("mkfifo").arg(root.path().join("overlay2/c0ffee/diff/fifo")).status();
+        assert!(made.unwrap().success());
+        assert!(assemble(&store).unwrap_err().to_string().contains("not a regular file"));
 
         let link_itself = [serde_json::json!({"type": 1, "name": "passwd", "size": 1, "position": 0})];
         let (root, store) = store_with(&link_itself, &[]);

@@ -105,9 +105,36 @@ fn build_app(host: &DockerEngine, context: &Path, flags: &[&str]) -> String {
     stdout_of(&built)
 }
 
-fn assert_rebuilt_fully_cached(host: &DockerEngine, progress: &str) {
-    if host.containerd_store {
-        assert_fully_cached(progress, 3);
+/// A coordinator with a project, and the awkward image built on a host.
+struct Built {
+    coordinator: CoordinatorProcess,
+    data_dir: tempfile::TempDir,
+    token: String,
+    app: tempfile::TempDir,
+}
+
+fn built_on(build_host: &DockerEngine) -> Built {
+    let data_dir = tempfile::tempdir().unwrap();
+    let coordinator = CoordinatorProcess::start(data_dir.path(), &[]);
+    let token = coordinator.create_project("shop");
+    build_host.import_busybox_base("base:1");
+    let app = build_context(AWKWARD_LAYERS);
+    build_app(build_host, app.path(), &[]);
+    Built { coordinator, data_dir, token, app }
+}
+
+/// Restores on `fresh_host` and rebuilds `context` there: every step is cached.
+fn assert_restores_fully_cached(
+    coordinator: &CoordinatorProcess,
+    token: &str,
+    fresh_host: &DockerEngine,
+    context: &Path,
+) {
+    let flags = coordinator.restore_flags(fresh_host, token, "app");
+    let flags: Vec<&str> = flags.split_whitespace().collect();
+    let progress = build_app(fresh_host, context, &flags);
+    if fresh_host.containerd_store {
+        assert_fully_cached(&progress, 3);
     } else {
         assert_eq!(progress.matches("Using cache").count(), 3, "{progress}");
         assert!(!progress.contains("Running in"), "{progress}");
@@ -116,12 +143,7 @@ fn assert_rebuilt_fully_cached(host: &DockerEngine, progress: &str) {
 
 fn incremental_saves(build_host: Option<DockerEngine>, fresh: impl Fn() -> DockerEngine) {
     let Some(build_host) = build_host else { return };
-    let data_dir = tempfile::tempdir().unwrap();
-    let coordinator = CoordinatorProcess::start(data_dir.path(), &[]);
-    let token = coordinator.create_project("shop");
-    build_host.import_busybox_base("base:1");
-    let app = build_context(AWKWARD_LAYERS);
-    build_app(&build_host, app.path(), &[]);
+    let Built { coordinator, data_dir, token, app } = built_on(&build_host);
 
     let cold = save(&coordinator, &build_host, &token);
     assert!(!stderr_of(&cold).contains("docker save"), "read from the engine's stores: {}", stderr_of(&cold));
@@ -137,11 +159,7 @@ fn incremental_saves(build_host: Option<DockerEngine>, fresh: impl Fn() -> Docke
     assert!(!stderr_of(&incremental).contains("docker save"), "{}", stderr_of(&incremental));
     assert_stored_like_the_export(data_dir.path(), &build_host, "app:1");
 
-    let fresh_host = fresh();
-    let flags = coordinator.restore_flags(&fresh_host, &token, "app");
-    let flags: Vec<&str> = flags.split_whitespace().collect();
-    let rebuilt = build_app(&fresh_host, app.path(), &flags);
-    assert_rebuilt_fully_cached(&fresh_host, &rebuilt);
+    assert_restores_fully_cached(&coordinator, &token, &fresh(), app.path());
     coordinator.stop();
 }
 
@@ -187,12 +205,7 @@ fn save_without_the_data_root(coordinator: &CoordinatorProcess, host: &DockerEng
 
 fn fallback(build_host: Option<DockerEngine>, fresh: impl Fn() -> DockerEngine, why: &str) {
     let Some(build_host) = build_host else { return };
-    let data_dir = tempfile::tempdir().unwrap();
-    let coordinator = CoordinatorProcess::start(data_dir.path(), &[]);
-    let token = coordinator.create_project("shop");
-    build_host.import_busybox_base("base:1");
-    let app = build_context(AWKWARD_LAYERS);
-    build_app(&build_host, app.path(), &[]);
+    let Built { coordinator, data_dir, token, app } = built_on(&build_host);
     let saved = save_without_the_data_root(&coordinator, &build_host, &token);
     assert!(saved.status.success(), "save: {}", stderr_of(&saved));
     let said = stderr_of(&saved);
@@ -205,11 +218,7 @@ fn fallback(build_host: Option<DockerEngine>, fresh: impl Fn() -> DockerEngine, 
     assert!(stdout_of(&saved).contains(", read from docker save)"), "{}", stdout_of(&saved));
     assert_stored_like_the_export(data_dir.path(), &build_host, "app:1");
 
-    let fresh_host = fresh();
-    let flags = coordinator.restore_flags(&fresh_host, &token, "app");
-    let flags: Vec<&str> = flags.split_whitespace().collect();
-    let rebuilt = build_app(&fresh_host, app.path(), &flags);
-    assert_rebuilt_fully_cached(&fresh_host, &rebuilt);
+    assert_restores_fully_cached(&coordinator, &token, &fresh(), app.path());
     coordinator.stop();
 }
 
@@ -234,12 +243,7 @@ fn without_access_to_the_data_root_the_containerd_store_saves_through_docker_sav
 #[test]
 fn a_layer_changed_under_the_engine_is_never_stored() {
     let Some(build_host) = DockerEngine::start(EngineKind::Engine20) else { return };
-    let data_dir = tempfile::tempdir().unwrap();
-    let coordinator = CoordinatorProcess::start(data_dir.path(), &[]);
-    let token = coordinator.create_project("shop");
-    build_host.import_busybox_base("base:1");
-    let app = build_context(AWKWARD_LAYERS);
-    build_app(&build_host, app.path(), &[]);
+    let Built { coordinator, data_dir, token, app: _app } = built_on(&build_host);
     // The first RUN step's /d/a, rewritten in its layer folder with as many bytes.
     let folders = build_host.data_root().join("overlay2");
     let changed: Vec<PathBuf> = std::fs::read_dir(&folders)
