@@ -143,6 +143,28 @@ fn write_failed(root: &std::path::Path, error: s3s::S3Error) -> s3s::S3Error {
 }
 
 impl ObjectFiles {
+    /// Refuses a multipart operation on an upload the signing key did not begin (another
+    /// project's, found by its ID), whatever object key the request names. s3s-fs records
+    /// the access key that began each upload in `.upload-<id>.json` at its root.
+    async fn owns_upload(&self, upload_id: &str, credentials: Option<&s3s::auth::Credentials>) -> S3Result<()> {
+        let well_formed = upload_id.len() == 36
+            && upload_id
+                .bytes()
+                .enumerate()
+                .all(|(i, b)| if matches!(i, 8 | 13 | 18 | 23) { b == b'-' } else { b.is_ascii_hexdigit() });
+        let no_such = || s3_error!(NoSuchUpload, "no upload {upload_id:?} was begun by this key");
+        if !well_formed {
+            return Err(no_such());
+        }
+        let recorded =
+            tokio::fs::read(self.root.join(format!(".upload-{upload_id}.json"))).await.map_err(|_| no_such())?;
+        let began: Option<String> = serde_json::from_slice(&recorded).map_err(|_| no_such())?;
+        match (began, credentials) {
+            (Some(began), Some(credentials)) if began == credentials.access_key => Ok(()),
+            _ => Err(no_such()),
+        }
+    }
+
     /// Holds the publish lock for an object about to become visible, once the key that signed
     /// the request is still recorded (a flush revokes its project's keys).
     async fn publishing(
@@ -214,18 +236,23 @@ impl futures::Stream for Coalesced {
 
 #[async_trait::async_trait]
 impl S3 for ObjectFiles {
-    async fn get_object(&self, req: S3Request<GetObjectInput>) -> S3Result<S3Response<GetObjectOutput>> {
+    async fn get_object(&self, mut req: S3Request<GetObjectInput>) -> S3Result<S3Response<GetObjectOutput>> {
         use tokio::io::{AsyncReadExt, AsyncSeekExt};
         // The access check has already held the key to safe segments under the project's prefix.
         let path = self.root.join(&req.input.bucket).join(&req.input.key);
-        let range = req.input.range;
-        let mut response = self.files.get_object(req).await?;
         let mut file = tokio::fs::File::open(&path).await.map_err(|error| s3_error!(error, NoSuchKey))?;
         let file_len = file.metadata().await.map_err(|error| s3_error!(error, InternalError))?.len();
-        let start = match range {
-            Some(range) => range.check(file_len)?.start,
+        // The range is checked against the object and handed on as plain offsets: s3s-fs
+        // panics on a suffix range longer than an i64 (`bytes=-9223372036854775808`).
+        let start = match req.input.range {
+            Some(range) => {
+                let checked = range.check(file_len)?;
+                req.input.range = Some(Range::Int { first: checked.start, last: Some(checked.end - 1) });
+                checked.start
+            }
             None => 0,
         };
+        let mut response = self.files.get_object(req).await?;
         file.seek(std::io::SeekFrom::Start(start)).await.map_err(|error| s3_error!(error, InternalError))?;
         let length = response.output.content_length.unwrap_or(0).max(0) as u64;
         let body = tokio_util::io::ReaderStream::with_capacity(file.take(length), READ_CHUNK);
@@ -298,6 +325,7 @@ impl S3 for ObjectFiles {
     }
 
     async fn upload_part(&self, mut req: S3Request<UploadPartInput>) -> S3Result<S3Response<UploadPartOutput>> {
+        self.owns_upload(&req.input.upload_id, req.credentials.as_ref()).await?;
         req.input.body = req.input.body.map(coalesced);
         self.files.upload_part(req).await.map_err(|error| write_failed(&self.root, error))
     }
@@ -310,6 +338,8 @@ impl S3 for ObjectFiles {
     }
 
     async fn list_parts(&self, req: S3Request<ListPartsInput>) -> S3Result<S3Response<ListPartsOutput>> {
+        // s3s-fs checks who began an upload for its other multipart operations, not this one.
+        self.owns_upload(&req.input.upload_id, req.credentials.as_ref()).await?;
         self.files.list_parts(req).await
     }
 
@@ -317,6 +347,7 @@ impl S3 for ObjectFiles {
         &self,
         req: S3Request<CompleteMultipartUploadInput>,
     ) -> S3Result<S3Response<CompleteMultipartUploadOutput>> {
+        self.owns_upload(&req.input.upload_id, req.credentials.as_ref()).await?;
         let _publishing = self.publishing(req.credentials.as_ref()).await?;
         self.files.complete_multipart_upload(req).await.map_err(|error| write_failed(&self.root, error))
     }
@@ -325,6 +356,7 @@ impl S3 for ObjectFiles {
         &self,
         req: S3Request<AbortMultipartUploadInput>,
     ) -> S3Result<S3Response<AbortMultipartUploadOutput>> {
+        self.owns_upload(&req.input.upload_id, req.credentials.as_ref()).await?;
         self.files.abort_multipart_upload(req).await
     }
 }
