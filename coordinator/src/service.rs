@@ -283,7 +283,13 @@ impl CacheService {
 
     /// Adds a worker's report of one save or restore to the service's counters.
     pub fn report_metrics(&self, project: &str, report: &pb::ReportMetricsRequest) -> Result<(), Error> {
+        // The transfer's share of the budget comes back whatever the report says.
+        if !report.lease_id.is_empty() {
+            self.budget.release(project, &report.lease_id);
+        }
         names::validate_service_name(&report.service)?;
+        validate_report(report)?;
+        self.may_report_for(project, &report.service)?;
         let mut change = ServiceCounters::default();
         for layer in &report.layers {
             match layer.outcome() {
@@ -307,11 +313,35 @@ impl CacheService {
                 pb::RestoreOutcome::Unspecified => {}
             }
         }
-        if !report.lease_id.is_empty() {
-            self.budget.release(project, &report.lease_id);
-        }
         self.metrics.record_report(project, report);
         self.db.add_to_counters(project, &report.service, &change)
+    }
+
+    /// Refuses a report for yet another service once a project reports for
+    /// [`MAX_REPORTED_SERVICES`] without a cache: each service is a set of series for as long as
+    /// the coordinator runs, and a row of `cachectl stats` for good.
+    fn may_report_for(&self, project: &str, service: &str) -> Result<(), Error> {
+        let reported: Vec<String> =
+            self.db.service_counters(Some(project))?.into_iter().map(|(_, service, _)| service).collect();
+        if reported.iter().any(|known| known == service) {
+            return Ok(());
+        }
+        let cached: std::collections::HashSet<String> = self
+            .db
+            .manifests(project)?
+            .into_iter()
+            .filter_map(|manifest| manifest.key.map(|key| key.service))
+            .collect();
+        if cached.contains(service) {
+            return Ok(());
+        }
+        let uncached = reported.iter().filter(|known| !cached.contains(*known)).count();
+        if uncached >= MAX_REPORTED_SERVICES {
+            return Err(Error::InvalidArgument(format!(
+                "project {project:?} already reports metrics for {uncached} services without a cache, the most it may: metrics for {service:?} are not recorded"
+            )));
+        }
+        Ok(())
     }
 
     /// The Prometheus text exposition, with the store gauges brought up to date from the ledger.
@@ -345,4 +375,40 @@ impl CacheService {
         }
         Ok(pb::LookupResponse::default())
     }
+}
+
+/// The most services without a cache a project may report metrics for (a first build's
+/// restore misses before its first save, a service renamed): beyond it, reports are refused.
+pub const MAX_REPORTED_SERVICES: usize = 64;
+
+/// The most layers one report may count: far more than any image chain has.
+const MAX_REPORTED_LAYERS: usize = 100_000;
+
+/// The longest a reported transfer may have taken: a week.
+const MAX_REPORTED_SECONDS: f64 = 7.0 * 24.0 * 3600.0;
+
+/// A report's values must be ones a worker can measure: a known operation, durations finite
+/// and under a week, each layer's size at most one object's and its digest well formed.
+fn validate_report(report: &pb::ReportMetricsRequest) -> Result<(), Error> {
+    let invalid = |what: String| Err(Error::InvalidArgument(format!("metrics report refused: {what}")));
+    if report.operation() == pb::Operation::Unspecified {
+        return invalid("it names no operation".into());
+    }
+    let duration_ok = |seconds: f64| seconds.is_finite() && (0.0..=MAX_REPORTED_SECONDS).contains(&seconds);
+    if !duration_ok(report.total_seconds) {
+        return invalid(format!("total_seconds {} is not a duration", report.total_seconds));
+    }
+    if report.layers.len() > MAX_REPORTED_LAYERS {
+        return invalid(format!("{} layers, more than {MAX_REPORTED_LAYERS}", report.layers.len()));
+    }
+    for layer in &report.layers {
+        names::validate_digest(&layer.digest)?;
+        if layer.bytes > proto::parts::MAX_BLOB_SIZE {
+            return invalid(format!("layer {} of {} bytes, more than one blob may hold", layer.digest, layer.bytes));
+        }
+        if !duration_ok(layer.seconds) {
+            return invalid(format!("layer {} took {} seconds", layer.digest, layer.seconds));
+        }
+    }
+    Ok(())
 }

@@ -84,3 +84,76 @@ async fn another_projects_multipart_upload_is_out_of_reach_by_its_id() {
     assert_eq!(listed.parts().len(), 1);
     coordinator.stop();
 }
+
+/// `ReportMetrics` from a project's token, as a forger sends it.
+async fn report(
+    coordinator: &CoordinatorProcess,
+    token: &str,
+    service: &str,
+    layer: pb::LayerMetric,
+    total_seconds: f64,
+) -> Result<(), tonic::Status> {
+    let mut client = tests::worker_client(&coordinator.grpc_url, token).await;
+    let request = pb::ReportMetricsRequest {
+        service: service.into(),
+        operation: pb::Operation::Restore as i32,
+        layers: vec![layer],
+        total_seconds,
+        restore_outcome: pb::RestoreOutcome::Miss as i32,
+        lease_id: String::new(),
+    };
+    client.report_metrics(request).await.map(|_| ())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_metric_reports_are_refused_and_add_no_series_beyond_a_cap() {
+    let data_dir = tempfile::tempdir().unwrap();
+    let coordinator = CoordinatorProcess::start(data_dir.path(), &[]);
+    let token = coordinator.create_project("web");
+    let layer = |bytes: u64, seconds: f64| pb::LayerMetric {
+        digest: format!("sha256:{}", "ab".repeat(32)),
+        bytes,
+        seconds,
+        outcome: pb::LayerOutcome::Transferred as i32,
+    };
+    assert!(report(&coordinator, &token, "app", layer(1024, 0.5), 1.0).await.is_ok(), "a real report");
+    for (forged, total) in
+        [(layer(u64::MAX, 0.5), 1.0), (layer(1, f64::NAN), 1.0), (layer(1, -1.0), 1.0), (layer(1, 0.5), f64::INFINITY)]
+    {
+        let refused = report(&coordinator, &token, "app", forged.clone(), total).await.unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{forged:?} {total}: {refused:?}");
+        assert!(refused.message().starts_with("metrics report refused: "), "{}", refused.message());
+    }
+    let bad_digest = pb::LayerMetric { digest: "../../x".into(), ..layer(1, 0.5) };
+    assert_eq!(
+        report(&coordinator, &token, "app", bad_digest, 1.0).await.unwrap_err().code(),
+        tonic::Code::InvalidArgument
+    );
+    let metrics_url = format!("{}/metrics", coordinator.metrics_url);
+    let (_, text) = tests::http_get(&metrics_url);
+    let moved: Vec<&str> =
+        text.lines().filter(|line| line.contains("layer_bytes_total{") && line.contains("service=\"app\"")).collect();
+    assert_eq!(moved.len(), 1, "{text}");
+    assert!(moved[0].ends_with(" 1024"), "only the real report counted: {moved:?}");
+
+    // New service names, each a set of series: up to the cap, then refused with one line.
+    let (_, before) = tests::http_get(&metrics_url);
+    let mut accepted = 1;
+    for i in 0..100 {
+        match report(&coordinator, &token, &format!("junk{i}"), layer(1, 0.1), 0.1).await {
+            Ok(()) => accepted += 1,
+            Err(refused) => {
+                assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+                assert!(refused.message().contains("without a cache, the most it may"), "{}", refused.message());
+            }
+        }
+    }
+    // The coordinator's MAX_REPORTED_SERVICES: 64 services without a cache.
+    assert_eq!(accepted, 64, "app and 63 junk services");
+    let (_, after) = tests::http_get(&metrics_url);
+    assert!(after.contains("service=\"junk62\"") && !after.contains("junk63"), "no series past the cap");
+    assert!(after.len() < before.len() + 64 * 4096, "{} bytes grew to {}", before.len(), after.len());
+    // The services already reported keep reporting.
+    assert!(report(&coordinator, &token, "junk1", layer(1, 0.1), 0.1).await.is_ok());
+    coordinator.stop();
+}

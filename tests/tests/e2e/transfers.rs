@@ -99,8 +99,12 @@ async fn the_global_budget_is_shared_fairly_between_projects() {
     assert_eq!(grant(&mut web, "one").await.max_concurrency, 1);
     // Shop's first worker reports back (its lease goes back to the budget): now web's next worker
     // gets its fair share, half the budget split between its two workers, not the cap.
-    let report =
-        pb::ReportMetricsRequest { service: "one".into(), lease_id: shop1.lease_id.clone(), ..Default::default() };
+    let report = pb::ReportMetricsRequest {
+        service: "one".into(),
+        operation: pb::Operation::Save as i32,
+        lease_id: shop1.lease_id.clone(),
+        ..Default::default()
+    };
     shop.report_metrics(report).await.unwrap();
     assert_eq!(grant(&mut web, "two").await.max_concurrency, 8 / 2 / 2);
 }
