@@ -143,6 +143,46 @@ fn write_failed(root: &std::path::Path, error: s3s::S3Error) -> s3s::S3Error {
 }
 
 impl ObjectFiles {
+    /// Where s3s-fs keeps an object (the access check has held the key to safe segments).
+    fn object_path(&self, bucket: &str, key: &str) -> std::path::PathBuf {
+        self.root.join(bucket).join(key)
+    }
+
+    /// Refuses to begin or complete a multipart upload of a blob already stored.
+    fn refuse_stored(&self, bucket: &str, key: &str) -> S3Result<()> {
+        if self.object_path(bucket, key).is_file() {
+            return Err(s3_error!(
+                PreconditionFailed,
+                "the blob is already stored, and a stored blob is never replaced"
+            ));
+        }
+        Ok(())
+    }
+
+    /// Checks an object s3s-fs just wrote against the digest its key names; one that does not
+    /// match is deleted (nothing else was there: a stored blob is never replaced) and refused.
+    async fn check_stored(&self, bucket: &str, key: &str) -> S3Result<()> {
+        let path = self.object_path(bucket, key);
+        let expected = blob_hex(key).ok_or_else(|| s3_error!(InvalidRequest, "not a blob key"))?.to_owned();
+        let actual = tokio::task::spawn_blocking({
+            let path = path.clone();
+            move || -> std::io::Result<String> {
+                use sha2::Digest;
+                let mut hasher = sha2::Sha256::new();
+                std::io::copy(&mut std::fs::File::open(path)?, &mut hasher)?;
+                Ok(hex::encode(hasher.finalize()))
+            }
+        })
+        .await
+        .map_err(|error| s3_error!(InternalError, "{error}"))?
+        .map_err(|error| s3_error!(error, InternalError))?;
+        if actual == expected {
+            return Ok(());
+        }
+        let _ = tokio::fs::remove_file(&path).await;
+        Err(bad_digest(&expected, &actual))
+    }
+
     /// Refuses a multipart operation on an upload the signing key did not begin (another
     /// project's, found by its ID), whatever object key the request names. s3s-fs records
     /// the access key that began each upload in `.upload-<id>.json` at its root.
@@ -308,19 +348,30 @@ impl S3 for ObjectFiles {
     }
 
     async fn put_object(&self, mut req: S3Request<PutObjectInput>) -> S3Result<S3Response<PutObjectOutput>> {
+        // A stored blob is never replaced: it was checked against its address when written.
+        if self.object_path(&req.input.bucket, &req.input.key).is_file() {
+            if let Some(body) = req.input.body.as_mut() {
+                drain(body).await;
+            }
+            return Ok(S3Response::new(PutObjectOutput::default()));
+        }
         if let Some(e_tag) = plain_blob_e_tag(&req.input).filter(|_| req.trailing_headers.is_none()) {
             return self.put_blob(req.input, req.credentials.as_ref(), e_tag).await;
         }
         req.input.body = req.input.body.map(coalesced);
+        let (bucket, key) = (req.input.bucket.clone(), req.input.key.clone());
         // s3s-fs writes and renames in one call: the lock spans it.
         let _publishing = self.publishing(req.credentials.as_ref()).await?;
-        self.files.put_object(req).await.map_err(|error| write_failed(&self.root, error))
+        let stored = self.files.put_object(req).await.map_err(|error| write_failed(&self.root, error))?;
+        self.check_stored(&bucket, &key).await?;
+        Ok(stored)
     }
 
     async fn create_multipart_upload(
         &self,
         req: S3Request<CreateMultipartUploadInput>,
     ) -> S3Result<S3Response<CreateMultipartUploadOutput>> {
+        self.refuse_stored(&req.input.bucket, &req.input.key)?;
         self.files.create_multipart_upload(req).await
     }
 
@@ -348,8 +399,13 @@ impl S3 for ObjectFiles {
         req: S3Request<CompleteMultipartUploadInput>,
     ) -> S3Result<S3Response<CompleteMultipartUploadOutput>> {
         self.owns_upload(&req.input.upload_id, req.credentials.as_ref()).await?;
+        self.refuse_stored(&req.input.bucket, &req.input.key)?;
+        let (bucket, key) = (req.input.bucket.clone(), req.input.key.clone());
         let _publishing = self.publishing(req.credentials.as_ref()).await?;
-        self.files.complete_multipart_upload(req).await.map_err(|error| write_failed(&self.root, error))
+        let stored =
+            self.files.complete_multipart_upload(req).await.map_err(|error| write_failed(&self.root, error))?;
+        self.check_stored(&bucket, &key).await?;
+        Ok(stored)
     }
 
     async fn abort_multipart_upload(
@@ -421,12 +477,14 @@ impl ObjectFiles {
                 }
             };
         let (file, temp_path) = temp.into_parts();
+        let mut hasher = <sha2::Sha256 as sha2::Digest>::new();
         let written: std::io::Result<u64> = async {
             let mut file = tokio::fs::File::from_std(file);
             let mut written = 0u64;
             while let Some(piece) = body.next().await {
                 let piece = piece.map_err(std::io::Error::other)?;
                 written += piece.len() as u64;
+                sha2::Digest::update(&mut hasher, &piece);
                 if let Err(error) = file.write_all(&piece).await {
                     drain(&mut body).await;
                     return Err(error);
@@ -439,6 +497,11 @@ impl ObjectFiles {
         let encode = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
         let info_path =
             self.root.join(format!(".bucket-{}.object-{}.internal.json", encode(&input.bucket), encode(&input.key)));
+        let actual = hex::encode(sha2::Digest::finalize(hasher));
+        let address = blob_hex(&input.key).unwrap_or_default();
+        if matches!(written, Ok(size) if size == expected) && actual != address {
+            return Err(bad_digest(address, &actual));
+        }
         // The ETag is in place before the object appears, so no GET finds one without the other.
         let moved = match written {
             Ok(size) if size == expected => {
@@ -463,6 +526,15 @@ impl ObjectFiles {
         let output = PutObjectOutput { e_tag: Some(ETag::Strong(e_tag)), ..Default::default() };
         Ok(S3Response::new(output))
     }
+}
+
+/// The `<64 hex>` a blob key ends in.
+fn blob_hex(key: &str) -> Option<&str> {
+    key.rsplit_once("/blobs/sha256/").map(|(_, hex)| hex).filter(|hex| hex.len() == 64)
+}
+
+fn bad_digest(expected: &str, actual: &str) -> s3s::S3Error {
+    s3_error!(BadDigest, "the body hashes to sha256:{actual}, not to the blob's address sha256:{expected}")
 }
 
 /// How much of a refused upload's body the endpoint still reads: a client that is still

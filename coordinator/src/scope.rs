@@ -2,7 +2,7 @@
 //! request (operation, bucket, object key or list prefix) and the key's scope.
 //!
 //! Architecture Invariant: a key reaches only `<bucket>/<prefix>/<project>/`, never deletes,
-//! and a read key never writes.
+//! a read key never writes, and a write key writes only blobs (`blobs/sha256/<64 hex>`).
 
 use crate::manifests::KeyAccess;
 
@@ -78,9 +78,18 @@ pub fn authorize(scope: KeyScope<'_>, operation: &str, target: Target<'_>) -> Re
             if !inside || !is_safe_key_path(key, false) {
                 return Err(format!("key is outside {:?}", scope.project_prefix));
             }
-            let allowed = READ_OBJECT_OPERATIONS.contains(&operation)
-                || (scope.access == KeyAccess::Write && WRITE_OBJECT_OPERATIONS.contains(&operation));
-            if allowed { Ok(()) } else { Err(format!("{operation} is not allowed for this key")) }
+            if READ_OBJECT_OPERATIONS.contains(&operation) {
+                return Ok(());
+            }
+            if scope.access != KeyAccess::Write || !WRITE_OBJECT_OPERATIONS.contains(&operation) {
+                return Err(format!("{operation} is not allowed for this key"));
+            }
+            // Anything else under the prefix would be bytes no ledger counts and no save names.
+            let blob = key.strip_prefix(scope.project_prefix).and_then(|rest| rest.strip_prefix("blobs/sha256/"));
+            match blob {
+                Some(hex) if hex.len() == 64 && hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) => Ok(()),
+                _ => Err(format!("a write key writes only blobs: {}blobs/sha256/<64 hex>", scope.project_prefix)),
+            }
         }
     }
 }
@@ -119,8 +128,16 @@ mod tests {
             "GetObject",
             "HeadObject",
         ];
+        let blob = format!("cache/web/blobs/sha256/{}", "ab".repeat(32));
         for operation in save_operations {
-            assert_eq!(authorize(WRITE, operation, object("cache/web/x")), Ok(()), "{operation}");
+            assert_eq!(authorize(WRITE, operation, object(&blob)), Ok(()), "{operation}");
+        }
+        // Writes anywhere else under the prefix are refused; reads are not.
+        let upper = format!("cache/web/blobs/sha256/{}", "AB".repeat(32));
+        for key in ["cache/web/x", "cache/web/blobs/sha256/ab", &upper] {
+            assert!(authorize(WRITE, "PutObject", object(key)).is_err(), "{key}");
+            assert!(authorize(WRITE, "CreateMultipartUpload", object(key)).is_err(), "{key}");
+            assert_eq!(authorize(WRITE, "GetObject", object(key)), Ok(()), "{key}");
         }
         // Everything else S3 offers on an object or bucket is refused.
         for operation in [
@@ -147,7 +164,7 @@ mod tests {
             "PutBucketLifecycleConfiguration",
             "PutBucketVersioning",
         ] {
-            assert!(authorize(WRITE, operation, object("cache/web/x")).is_err(), "{operation}");
+            assert!(authorize(WRITE, operation, object(&blob)).is_err(), "{operation}");
         }
     }
 

@@ -83,7 +83,12 @@ async fn the_aws_cli_meets_the_same_refusals() {
     let big = files.path().join("big");
     std::fs::write(&big, vec![3u8; 9 * 1024 * 1024]).unwrap();
     let small = small.to_str().unwrap();
-    let key = "cache/web/blobs/sha256/small";
+    // Write keys write blobs only, each under its own sha256.
+    let blob_key = |content: &[u8]| {
+        format!("cache/web/blobs/sha256/{}", tests::sha256_digest(content).trim_start_matches("sha256:"))
+    };
+    let key = &blob_key(b"hello layer");
+    let big_key = blob_key(&vec![3u8; 9 * 1024 * 1024]);
     let url = |key: &str| format!("s3://{bucket}/{key}");
 
     // Inside the scope: put, get, ranged get, a multipart upload (9 MiB > the CLI's 8 MiB
@@ -101,10 +106,22 @@ async fn the_aws_cli_meets_the_same_refusals() {
     );
     assert_ok(&ranged, "ranged get");
     assert_eq!(std::fs::read(&fetched).unwrap(), b"hello");
-    assert_ok(&aws(&write, &["s3", "cp", big.to_str().unwrap(), &url("cache/web/big")]), "multipart upload");
-    let listing = aws(&read, &["s3", "ls", &url("cache/web/")]);
+    assert_ok(&aws(&write, &["s3", "cp", big.to_str().unwrap(), &url(&big_key)]), "multipart upload");
+    let listing = aws(&read, &["s3", "ls", &url("cache/web/blobs/sha256/")]);
     assert_ok(&listing, "list own prefix");
-    assert!(stdout_of(&listing).contains("big"), "{}", stdout_of(&listing));
+    let big_hex = big_key.rsplit('/').next().unwrap();
+    assert!(stdout_of(&listing).contains(big_hex), "{}", stdout_of(&listing));
+    // Bytes under another blob's address, or under any other name, are refused.
+    assert_refused(
+        &aws(&write, &["s3api", "put-object", "--bucket", &bucket, "--key", &blob_key(b"other"), "--body", small]),
+        "BadDigest",
+        "a blob whose bytes are not its address",
+    );
+    assert_refused(
+        &aws(&write, &["s3api", "put-object", "--bucket", &bucket, "--key", "cache/web/junk", "--body", small]),
+        "AccessDenied",
+        "a write outside blobs/sha256/",
+    );
 
     // Refusals.
     let fetched = fetched.to_str().unwrap();
@@ -169,7 +186,9 @@ async fn the_aws_cli_meets_the_same_refusals() {
     let listing = stdout_of(&aws(&read, &["s3", "ls", "--recursive", &url("cache/web/")]));
     let mut names: Vec<&str> = listing.lines().filter_map(|line| line.split_whitespace().last()).collect();
     names.sort_unstable();
-    assert_eq!(names, ["cache/web/big", "cache/web/blobs/sha256/small"]);
+    let mut expected = [key.as_str(), big_key.as_str()];
+    expected.sort_unstable();
+    assert_eq!(names, expected);
     coordinator.stop();
 
     // An expired key, on a coordinator that mints one-second keys.

@@ -25,6 +25,11 @@ where
     }
 }
 
+/// Where a blob of `content` goes: its sha256 under the project's prefix.
+fn blob_key(credentials: &pb::Credentials, content: &[u8]) -> String {
+    format!("{}blobs/sha256/{}", credentials.prefix, tests::sha256_digest(content).trim_start_matches("sha256:"))
+}
+
 /// Whether `key` exists, asked with a key that may read it.
 async fn exists(client: &aws_sdk_s3::Client, bucket: &str, key: &str) -> bool {
     match client.head_object().bucket(bucket).key(key).send().await {
@@ -47,7 +52,8 @@ async fn minted_keys_work_inside_their_scope_only() {
     assert_eq!(api_write.prefix, "cache/api/");
     let bucket = web_write.bucket.clone();
     let web = s3_client_for(&web_write);
-    let key = format!("{}blobs/sha256/{}", web_write.prefix, "ab".repeat(32));
+    // Write keys write blobs, each under the sha256 of its bytes.
+    let key = blob_key(&web_write, b"0123456789");
 
     // Inside the scope: put, get, ranged get.
     web.put_object().bucket(&bucket).key(&key).body(ByteStream::from_static(b"0123456789")).send().await.unwrap();
@@ -57,8 +63,8 @@ async fn minted_keys_work_inside_their_scope_only() {
     assert_eq!(ranged.body.collect().await.unwrap().into_bytes().as_ref(), b"2345");
 
     // Inside the scope: a multipart upload of two parts (the first at S3's 5 MiB minimum).
-    let multipart_key = format!("{}blobs/sha256/{}", web_write.prefix, "cd".repeat(32));
     let first_part = vec![7u8; 5 * 1024 * 1024];
+    let multipart_key = blob_key(&web_write, &[first_part.as_slice(), b"tail"].concat());
     let upload = web.create_multipart_upload().bucket(&bucket).key(&multipart_key).send().await.unwrap();
     let upload_id = upload.upload_id().unwrap();
     let mut completed = Vec::new();
@@ -152,7 +158,7 @@ async fn expired_keys_are_refused_and_minted_keys_survive_a_restart() {
     let token = coordinator.create_project("web");
     let short_lived = coordinator.credentials(&token, pb::Access::Write).await;
     let client = s3_client_for(&short_lived);
-    let key = format!("{}probe", short_lived.prefix);
+    let key = blob_key(&short_lived, b"x");
     client.put_object().bucket(&short_lived.bucket).key(&key).body(ByteStream::from_static(b"x")).send().await.unwrap();
     // Wait out the key's lifetime on the clock, not for any readiness.
     while std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64

@@ -7,6 +7,74 @@ use aws_sdk_s3::primitives::ByteStream;
 use proto::v1 as pb;
 use tests::{CoordinatorProcess, s3_client_for};
 
+/// Where a blob of `content` goes: its sha256 under the project's prefix.
+fn blob_key(credentials: &pb::Credentials, content: &[u8]) -> String {
+    format!("{}blobs/sha256/{}", credentials.prefix, tests::sha256_digest(content).trim_start_matches("sha256:"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_key_stores_blobs_under_their_own_digest_only_and_never_replaces_one() {
+    let data_dir = tempfile::tempdir().unwrap();
+    let coordinator = CoordinatorProcess::start(data_dir.path(), &[]);
+    let token = coordinator.create_project("web");
+    let write = coordinator.credentials(&token, pb::Access::Write).await;
+    let (web, bucket) = (s3_client_for(&write), write.bucket.clone());
+    let layer = b"the real layer".to_vec();
+    let key = blob_key(&write, &layer);
+    let get = |key: String| {
+        let (web, bucket) = (web.clone(), bucket.clone());
+        async move { web.get_object().bucket(bucket).key(key).send().await.map(|got| got.body) }
+    };
+
+    // Junk under any other name, or under a real layer's address before it is stored.
+    let junk = web
+        .put_object()
+        .bucket(&bucket)
+        .key(format!("{}junk/of/any/size", write.prefix))
+        .body(ByteStream::from_static(b"junk"))
+        .send()
+        .await
+        .unwrap_err();
+    assert_eq!(junk.code(), Some("AccessDenied"), "{junk:?}");
+    let planted = web.put_object().bucket(&bucket).key(&key).body(ByteStream::from_static(b"poison")).send().await;
+    assert_eq!(planted.unwrap_err().code(), Some("BadDigest"));
+    assert!(get(key.clone()).await.is_err(), "nothing was stored under the layer's address");
+    let upload = web.create_multipart_upload().bucket(&bucket).key(&key).send().await.unwrap();
+    let part = web
+        .upload_part()
+        .bucket(&bucket)
+        .key(&key)
+        .upload_id(upload.upload_id().unwrap())
+        .part_number(1)
+        .body(ByteStream::from_static(b"poison in parts"))
+        .send()
+        .await
+        .unwrap();
+    let parts = aws_sdk_s3::types::CompletedMultipartUpload::builder()
+        .parts(aws_sdk_s3::types::CompletedPart::builder().part_number(1).e_tag(part.e_tag().unwrap()).build())
+        .build();
+    let completed = web
+        .complete_multipart_upload()
+        .bucket(&bucket)
+        .key(&key)
+        .upload_id(upload.upload_id().unwrap())
+        .multipart_upload(parts)
+        .send()
+        .await;
+    assert_eq!(completed.unwrap_err().code(), Some("BadDigest"));
+    assert!(get(key.clone()).await.is_err(), "nothing was stored in parts either");
+
+    // The real layer, then other bytes over it: the stored blob stays as it is.
+    web.put_object().bucket(&bucket).key(&key).body(ByteStream::from(layer.clone())).send().await.unwrap();
+    let over = web.put_object().bucket(&bucket).key(&key).body(ByteStream::from_static(b"poison")).send().await;
+    assert!(over.is_ok(), "a PUT of a stored blob is answered as done: {over:?}");
+    let again = web.create_multipart_upload().bucket(&bucket).key(&key).send().await.unwrap_err();
+    assert_eq!(again.code(), Some("PreconditionFailed"), "{again:?}");
+    let stored = get(key.clone()).await.unwrap().collect().await.unwrap().into_bytes();
+    assert_eq!(stored.as_ref(), layer.as_slice(), "the stored blob was not replaced");
+    coordinator.stop();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_suffix_range_beyond_any_object_is_answered_not_panicked_on() {
     let data_dir = tempfile::tempdir().unwrap();
@@ -14,7 +82,7 @@ async fn a_suffix_range_beyond_any_object_is_answered_not_panicked_on() {
     let token = coordinator.create_project("web");
     let write = coordinator.credentials(&token, pb::Access::Write).await;
     let web = s3_client_for(&write);
-    let key = format!("{}blobs/sha256/{}", write.prefix, "ab".repeat(32));
+    let key = blob_key(&write, b"0123456789");
     web.put_object().bucket(&write.bucket).key(&key).body(ByteStream::from_static(b"0123456789")).send().await.unwrap();
 
     // As S3 does: a suffix longer than the object is the whole object.

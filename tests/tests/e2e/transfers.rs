@@ -309,7 +309,7 @@ async fn operators_get_a_projects_credentials_with_cachectl() {
         }
     };
     let put = |credentials: pb::Credentials| async move {
-        let key = format!("{}other/object", credentials.prefix);
+        let key = format!("{}blobs/sha256/{}", credentials.prefix, digest(b"x").trim_start_matches("sha256:"));
         let client = s3_client_for(&credentials);
         client.put_object().bucket(&credentials.bucket).key(key).body(ByteStream::from_static(b"x")).send().await
     };
@@ -366,19 +366,34 @@ async fn the_embedded_endpoint_writes_blobs_without_md5_and_everything_else_thro
     let leftovers = std::fs::read_dir(data_dir.path().join("objects")).unwrap();
     assert!(leftovers.filter_map(Result::ok).all(|entry| !entry.file_name().to_string_lossy().starts_with(".tmp")));
 
-    // Anything else (here a Content-MD5 on an ordinary key) is s3s-fs's: the ETag is the MD5.
-    let other_key = format!("{}other/notes.txt", write.prefix);
+    // Anything else (here a Content-MD5) is s3s-fs's, checked against the address once written:
+    // the ETag is the MD5.
+    let sentence = b"The quick brown fox jumps over the lazy dog";
+    let other_key = format!("{}blobs/sha256/{}", write.prefix, digest(sentence).trim_start_matches("sha256:"));
     let md5_hex = "9e107d9d372bb6826bd81d3542a419d6"; // MD5 of the sentence below
     client
         .put_object()
         .bucket(&write.bucket)
         .key(&other_key)
         .content_md5("nhB9nTcrtoJr2B01QqQZ1g==")
-        .body(ByteStream::from_static(b"The quick brown fox jumps over the lazy dog"))
+        .body(ByteStream::from_static(sentence))
         .send()
         .await
         .unwrap();
     assert_eq!(head(other_key).await.e_tag().unwrap_or_default().trim_matches('"'), md5_hex);
+    // The same path with other bytes under another blob's address: refused, and not kept.
+    let planted = format!("{}blobs/sha256/{}", write.prefix, digest(b"planted").trim_start_matches("sha256:"));
+    let refused = client
+        .put_object()
+        .bucket(&write.bucket)
+        .key(&planted)
+        .content_md5("nhB9nTcrtoJr2B01QqQZ1g==")
+        .body(ByteStream::from_static(sentence))
+        .send()
+        .await
+        .unwrap_err();
+    assert_eq!(aws_sdk_s3::error::ProvideErrorMetadata::code(&refused), Some("BadDigest"), "{refused:?}");
+    assert!(client.head_object().bucket(&write.bucket).key(&planted).send().await.is_err(), "nothing stored");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
