@@ -350,8 +350,10 @@ impl S3 for ObjectFiles {
     async fn put_object(&self, mut req: S3Request<PutObjectInput>) -> S3Result<S3Response<PutObjectOutput>> {
         // A stored blob is never replaced: it was checked against its address when written.
         if self.object_path(&req.input.bucket, &req.input.key).is_file() {
+            // Read to its end: a worker retrying an upload its killed save already
+            // finished gets its answer, not a broken pipe.
             if let Some(body) = req.input.body.as_mut() {
-                drain(body).await;
+                drain_up_to(body, u64::MAX).await;
             }
             return Ok(S3Response::new(PutObjectOutput::default()));
         }
@@ -544,9 +546,14 @@ const DRAINED_BODY_LIMIT: u64 = 64 << 20;
 
 /// Reads and drops what is left of a refused upload's body, up to [`DRAINED_BODY_LIMIT`].
 async fn drain(body: &mut StreamingBlob) {
+    drain_up_to(body, DRAINED_BODY_LIMIT).await;
+}
+
+/// Reads and drops up to `limit` bytes of a body.
+async fn drain_up_to(body: &mut StreamingBlob, limit: u64) {
     use futures::StreamExt;
     let mut drained = 0u64;
-    while drained < DRAINED_BODY_LIMIT {
+    while drained < limit {
         match body.next().await {
             Some(Ok(piece)) => drained += piece.len() as u64,
             Some(Err(_)) | None => return,

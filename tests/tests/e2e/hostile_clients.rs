@@ -72,6 +72,14 @@ async fn a_write_key_stores_blobs_under_their_own_digest_only_and_never_replaces
     assert_eq!(again.code(), Some("PreconditionFailed"), "{again:?}");
     let stored = get(key.clone()).await.unwrap().collect().await.unwrap().into_bytes();
     assert_eq!(stored.as_ref(), layer.as_slice(), "the stored blob was not replaced");
+    // A retried upload of a big stored blob (its save was killed after uploading it) is read
+    // to its end and answered, not cut off.
+    let big = vec![5u8; 65 << 20];
+    let big_key = blob_key(&write, &big);
+    for _ in 0..2 {
+        let put = web.put_object().bucket(&bucket).key(&big_key).body(ByteStream::from(big.clone())).send().await;
+        assert!(put.is_ok(), "{put:?}");
+    }
     coordinator.stop();
 }
 
