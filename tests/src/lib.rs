@@ -852,6 +852,12 @@ pub fn sha256_digest(bytes: &[u8]) -> String {
     format!("sha256:{}", hex::encode(sha2::Sha256::digest(bytes)))
 }
 
+/// Where a blob of `content` goes in a project's store: its sha256 under the project's prefix
+/// (write keys write nothing else).
+pub fn blob_key(credentials: &pb::Credentials, content: &[u8]) -> String {
+    format!("{}blobs/sha256/{}", credentials.prefix, sha256_digest(content).trim_start_matches("sha256:"))
+}
+
 /// A worker's gRPC client with a project token.
 pub async fn worker_client(
     grpc_url: &str,

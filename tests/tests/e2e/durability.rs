@@ -8,13 +8,9 @@ use std::time::Duration;
 use aws_sdk_s3::primitives::ByteStream;
 use proto::v1 as pb;
 use tests::{
-    CoordinatorProcess, begin_one_layer_save, one_layer_config, one_layer_image, s3_client_for, save_one_layer_image,
-    sha256_digest, stderr_of, stdout_of, upload_one_layer_blobs, worker_client,
+    CoordinatorProcess, begin_one_layer_save, blob_key, one_layer_config, one_layer_image, s3_client_for,
+    save_one_layer_image, sha256_digest, stderr_of, stdout_of, upload_one_layer_blobs, worker_client,
 };
-
-fn blob_key(credentials: &pb::Credentials, blob: &[u8]) -> String {
-    format!("{}blobs/sha256/{}", credentials.prefix, sha256_digest(blob).trim_start_matches("sha256:"))
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledged_writes_survive_a_sigkill() {

@@ -6,7 +6,7 @@ use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
 use proto::v1 as pb;
-use tests::{CoordinatorProcess, s3_client, s3_client_for};
+use tests::{CoordinatorProcess, blob_key, s3_client, s3_client_for};
 
 /// The S3 error code of a failed call (the HTTP status for a HEAD, which has no body), or a
 /// panic if it succeeded.
@@ -23,11 +23,6 @@ where
             (None, None) => format!("{error:?}"),
         },
     }
-}
-
-/// Where a blob of `content` goes: its sha256 under the project's prefix.
-fn blob_key(credentials: &pb::Credentials, content: &[u8]) -> String {
-    format!("{}blobs/sha256/{}", credentials.prefix, tests::sha256_digest(content).trim_start_matches("sha256:"))
 }
 
 /// Whether `key` exists, asked with a key that may read it.

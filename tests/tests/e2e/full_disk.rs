@@ -9,7 +9,7 @@ use aws_sdk_s3::primitives::ByteStream;
 use proto::v1 as pb;
 use tests::{
     CoordinatorProcess, begin_one_layer_save, in_ci, one_layer_config, s3_client_for, save_one_layer_image,
-    sha256_digest, worker_client,
+    worker_client,
 };
 
 /// A tmpfs of `size` mounted on a new folder, unmounted when dropped; `None` (with a note)
@@ -73,7 +73,7 @@ async fn refused_save(coordinator: &CoordinatorProcess, token: &str, content: &[
     let credentials = begun.credentials.expect("write credentials");
     let store = tests::s3_client_as_worker(&credentials);
     for blob in [content.to_vec(), one_layer_config(content)] {
-        let key = format!("{}blobs/sha256/{}", credentials.prefix, sha256_digest(&blob).trim_start_matches("sha256:"));
+        let key = tests::blob_key(&credentials, &blob);
         let put = store.put_object().bucket(&credentials.bucket).key(key).body(ByteStream::from(blob)).send().await;
         if let Err(error) = put {
             return aws_sdk_s3::error::DisplayErrorContext(&error).to_string();
@@ -90,7 +90,7 @@ async fn previous_cache_restores(coordinator: &CoordinatorProcess, token: &str, 
     let tags = &found.manifest.expect("the previous manifest").images[0].repo_tags;
     assert_eq!(tags, &vec!["app:1".to_string()]);
     let credentials = coordinator.credentials(token, pb::Access::Read).await;
-    let key = format!("{}blobs/sha256/{}", credentials.prefix, sha256_digest(content).trim_start_matches("sha256:"));
+    let key = tests::blob_key(&credentials, content);
     let object = s3_client_for(&credentials).get_object().bucket(&credentials.bucket).key(key).send().await.unwrap();
     assert_eq!(object.body.collect().await.unwrap().into_bytes().as_ref(), content);
 }

@@ -5,12 +5,7 @@
 use aws_sdk_s3::error::ProvideErrorMetadata;
 use aws_sdk_s3::primitives::ByteStream;
 use proto::v1 as pb;
-use tests::{CoordinatorProcess, s3_client_for};
-
-/// Where a blob of `content` goes: its sha256 under the project's prefix.
-fn blob_key(credentials: &pb::Credentials, content: &[u8]) -> String {
-    format!("{}blobs/sha256/{}", credentials.prefix, tests::sha256_digest(content).trim_start_matches("sha256:"))
-}
+use tests::{CoordinatorProcess, blob_key, s3_client_for};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_key_stores_blobs_under_their_own_digest_only_and_never_replaces_one() {

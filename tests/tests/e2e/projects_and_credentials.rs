@@ -36,8 +36,7 @@ async fn projects_live_through_restarts_and_flush_removes_only_their_cache() {
     for token in [&web_token, &api_token] {
         let credentials = coordinator.credentials(token, pb::Access::Write).await;
         let client = s3_client_for(&credentials);
-        let digest = tests::sha256_digest(b"layer");
-        let key = format!("{}blobs/sha256/{}", credentials.prefix, digest.trim_start_matches("sha256:"));
+        let key = tests::blob_key(&credentials, b"layer");
         client
             .put_object()
             .bucket(&credentials.bucket)

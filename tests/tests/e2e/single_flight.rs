@@ -62,7 +62,7 @@ async fn two_saves_of_one_new_blob_upload_it_once() {
     let credentials = first.credentials.clone().unwrap();
     let store = s3_client_for(&credentials);
     for blob in [&config, &layer] {
-        let key = format!("{}blobs/sha256/{}", credentials.prefix, digest(blob).trim_start_matches("sha256:"));
+        let key = tests::blob_key(&credentials, blob);
         store
             .put_object()
             .bucket(&credentials.bucket)

@@ -309,7 +309,7 @@ async fn operators_get_a_projects_credentials_with_cachectl() {
         }
     };
     let put = |credentials: pb::Credentials| async move {
-        let key = format!("{}blobs/sha256/{}", credentials.prefix, digest(b"x").trim_start_matches("sha256:"));
+        let key = tests::blob_key(&credentials, b"x");
         let client = s3_client_for(&credentials);
         client.put_object().bucket(&credentials.bucket).key(key).body(ByteStream::from_static(b"x")).send().await
     };
