@@ -559,6 +559,20 @@ mod tests {
         }
     }
 
+    /// Opens a database the same process just dropped: sled's flusher thread may hold the
+    /// directory's lock for a moment after the drop (CI saw `DataDirLocked` once).
+    fn reopen(dir: &Path) -> Database {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            match Database::open(dir) {
+                Err(Error::DataDirLocked(_)) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                opened => return opened.unwrap(),
+            }
+        }
+    }
+
     #[test]
     fn projects_are_unique_and_survive_reopening() {
         let dir = tempfile::tempdir().unwrap();
@@ -568,7 +582,7 @@ mod tests {
             assert!(matches!(db.create_project(&project("web")), Err(Error::ProjectExists(name)) if name == "web"));
             db.db.flush().unwrap();
         }
-        let db = Database::open(dir.path()).unwrap();
+        let db = reopen(dir.path());
         assert_eq!(db.projects().unwrap(), vec![project("web")]);
     }
 
