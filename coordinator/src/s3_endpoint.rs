@@ -279,7 +279,7 @@ impl S3 for ObjectFiles {
     async fn get_object(&self, mut req: S3Request<GetObjectInput>) -> S3Result<S3Response<GetObjectOutput>> {
         use tokio::io::{AsyncReadExt, AsyncSeekExt};
         // The access check has already held the key to safe segments under the project's prefix.
-        let path = self.root.join(&req.input.bucket).join(&req.input.key);
+        let path = self.object_path(&req.input.bucket, &req.input.key);
         let mut file = tokio::fs::File::open(&path).await.map_err(|error| s3_error!(error, NoSuchKey))?;
         let file_len = file.metadata().await.map_err(|error| s3_error!(error, InternalError))?.len();
         // The range is checked against the object and handed on as plain offsets: s3s-fs
@@ -465,7 +465,7 @@ impl ObjectFiles {
         use futures::StreamExt;
         use tokio::io::AsyncWriteExt;
         let expected = input.content_length.unwrap_or(0).max(0) as u64;
-        let object_path = self.root.join(&input.bucket).join(&input.key);
+        let object_path = self.object_path(&input.bucket, &input.key);
         let parent = object_path.parent().ok_or_else(|| s3_error!(InvalidRequest))?.to_owned();
         let mut body = input.body.map(coalesced).ok_or_else(|| s3_error!(IncompleteBody, "no body"))?;
         // Deleted when dropped, also when the client goes away mid-body and this future with it.

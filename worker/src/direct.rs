@@ -43,7 +43,7 @@ impl Stores {
     /// The engine's stores if this worker can read them; otherwise why not, for the log. On
     /// the containerd image store, the content store is the one that holds the image `probe`.
     pub fn open(storage: &Storage, probe: &str) -> Result<Stores, String> {
-        if !storage.local {
+        if !storage.is_local() {
             return Err(format!("the engine at {} is not on this host", storage.host));
         }
         if storage.data_root.as_os_str().is_empty() {
@@ -185,13 +185,7 @@ mod tests {
     use super::*;
 
     fn storage(data_root: &std::path::Path, containerd_store: bool, host: &str) -> Storage {
-        Storage {
-            driver: "overlay2".into(),
-            data_root: data_root.to_owned(),
-            containerd_store,
-            local: host.starts_with("unix://"),
-            host: host.into(),
-        }
+        Storage { driver: "overlay2".into(), data_root: data_root.to_owned(), containerd_store, host: host.into() }
     }
 
     #[test]

@@ -56,10 +56,16 @@ pub struct Storage {
     /// `DockerRootDir`, as a path on the engine's host.
     pub data_root: std::path::PathBuf,
     pub containerd_store: bool,
+    /// `DOCKER_HOST`, or the default socket.
+    pub host: String,
+}
+
+impl Storage {
     /// Whether the engine is reached through a unix socket or loopback, so it may run on this
     /// host.
-    pub local: bool,
-    pub host: String,
+    pub fn is_local(&self) -> bool {
+        is_local(&self.host)
+    }
 }
 
 fn failed(action: &'static str) -> impl Fn(bollard::errors::Error) -> EngineError {
@@ -116,7 +122,6 @@ impl Engine {
             driver: info.driver.unwrap_or_default(),
             data_root: info.docker_root_dir.unwrap_or_default().into(),
             containerd_store,
-            local: is_local(&host),
             host: if host.is_empty() { "unix:///var/run/docker.sock".into() } else { host },
         })
     }
