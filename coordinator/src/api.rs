@@ -22,6 +22,7 @@ impl From<Error> for Status {
             Error::ProjectExists(_) => Status::already_exists(message),
             Error::NoSuchProject(_) | Error::NoSuchCache { .. } | Error::NoSuchSave(_) => Status::not_found(message),
             Error::SaveConflict(_) => Status::aborted(message),
+            Error::TooMany(_) => Status::resource_exhausted(message),
             Error::BlobNotStored(_) => Status::failed_precondition(message),
             // Retrying may help: the store or the disk may come back. The operator must hear of
             // it: the worker's line names the cause, and so does the coordinator's log.
@@ -97,8 +98,8 @@ impl Worker for WorkerApi {
         request: Request<pb::KeepSaveAliveRequest>,
     ) -> Result<Response<pb::KeepSaveAliveResponse>, Status> {
         let result = async {
-            self.0.keep_save_alive(&self.project(&request)?, &request.get_ref().save_id)?;
-            Ok(pb::KeepSaveAliveResponse {})
+            let plan = self.0.keep_save_alive(&self.project(&request)?, &request.get_ref().save_id)?;
+            Ok(pb::KeepSaveAliveResponse { plan })
         }
         .await;
         counted(&self.0.metrics, "KeepSaveAlive", result)

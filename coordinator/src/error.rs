@@ -27,6 +27,9 @@ pub enum Error {
     InvalidArgument(String),
     #[error("{0}")]
     SaveConflict(String),
+    /// A project is at one of its bounds (saves in progress, blobs they hold): it must wait.
+    #[error("{0}")]
+    TooMany(String),
     #[error("{0}")]
     BlobNotStored(String),
     #[error("unknown save {0:?}: it expired or the coordinator restarted; save again")]

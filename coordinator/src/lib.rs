@@ -6,6 +6,7 @@ pub mod budget;
 pub mod config;
 pub mod credentials;
 pub mod error;
+pub mod listener;
 pub mod manifests;
 pub mod metrics;
 pub mod s3_endpoint;
@@ -25,7 +26,6 @@ use std::time::Duration;
 use anyhow::Context;
 use bytes::Bytes;
 use http_body_util::Full;
-use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -102,7 +102,7 @@ pub struct Store {
     pub objects: Arc<dyn store::ObjectStore>,
     pub broker: Arc<dyn credentials::CredentialBroker>,
     /// The embedded endpoint's HTTP service; `None` with an S3 store.
-    pub embedded_endpoint: Option<s3s::service::S3Service>,
+    pub embedded_endpoint: Option<s3_endpoint::Gate>,
     pub metrics: Arc<metrics::Metrics>,
     /// Shared by the embedded endpoint's uploads and the flushes (see `s3_endpoint.rs`).
     pub publish_lock: s3_endpoint::PublishLock,
@@ -197,51 +197,9 @@ impl Listeners {
     }
 }
 
-/// Serves HTTP/1 and HTTP/2 connections with `service` until `shutdown` flips, then lets open
-/// connections finish.
-async fn serve_http<S, B>(listener: TcpListener, service: S, mut shutdown: watch::Receiver<bool>)
-where
-    S: hyper::service::Service<http::Request<hyper::body::Incoming>, Response = http::Response<B>>
-        + Clone
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-    B: http_body::Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
-    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    loop {
-        tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((socket, _)) => {
-                    let connection = builder.serve_connection(TokioIo::new(socket), service.clone()).into_owned();
-                    let connection = graceful.watch(connection);
-                    tokio::spawn(async move {
-                        if let Err(error) = connection.await {
-                            tracing::debug!(%error, "connection ended with an error");
-                        }
-                    });
-                }
-                Err(error) => tracing::warn!(%error, "accepting a connection failed"),
-            },
-            _ = shutdown.changed() => break,
-        }
-    }
-    tokio::select! {
-        () = graceful.shutdown() => {}
-        () = tokio::time::sleep(Duration::from_secs(10)) => tracing::warn!("open connections did not finish within 10 s"),
-    }
-}
-
 /// The metrics listener: `/metrics` (Prometheus text), `/healthz` (the process runs) and
 /// `/readyz` (its database answers).
-fn metrics_listener(
-    request: &http::Request<hyper::body::Incoming>,
-    service: &CacheService,
-) -> http::Response<Full<Bytes>> {
+fn metrics_listener<B>(request: &http::Request<B>, service: &CacheService) -> http::Response<Full<Bytes>> {
     let (status, content_type, body) = match request.uri().path() {
         "/metrics" => match service.metrics_text() {
             Ok(text) => (http::StatusCode::OK, "application/openmetrics-text; version=1.0.0; charset=utf-8", text),
@@ -283,17 +241,26 @@ pub async fn run(
         metrics: store.metrics,
         publish_lock: store.publish_lock,
     });
+    let limits = listener::ListenerLimits::for_open_files(listener::raise_open_file_limit());
     let (stop_sender, stop_receiver) = watch::channel(false);
     let s3_task = match (listeners.s3, store.embedded_endpoint) {
-        (Some(listener), Some(endpoint)) => Some(tokio::spawn(serve_http(listener, endpoint, stop_receiver.clone()))),
+        (Some(socket), Some(endpoint)) => {
+            Some(tokio::spawn(listener::serve_http(socket, "s3", limits.s3, endpoint, stop_receiver.clone())))
+        }
         _ => None,
     };
     let metrics_service = service.clone();
-    let metrics_handler = hyper::service::service_fn(move |request| {
+    let metrics_handler = hyper::service::service_fn(move |request: http::Request<listener::TimedBody>| {
         let response = metrics_listener(&request, &metrics_service);
         async move { Ok::<_, Infallible>(response) }
     });
-    let health_task = tokio::spawn(serve_http(listeners.metrics, metrics_handler, stop_receiver.clone()));
+    let health_task = tokio::spawn(listener::serve_http(
+        listeners.metrics,
+        "metrics",
+        limits.metrics,
+        metrics_handler,
+        stop_receiver.clone(),
+    ));
     let db = data_dir.db.clone();
     let mut sweeper_stop = stop_receiver.clone();
     let sweeping_service = service.clone();
@@ -326,7 +293,7 @@ pub async fn run(
         .add_service(health_service)
         .add_service(proto::v1::worker_server::WorkerServer::new(api::WorkerApi(service.clone())))
         .add_service(proto::v1::admin_server::AdminServer::new(api::AdminApi(service)))
-        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listeners.grpc), async move {
+        .serve_with_incoming_shutdown(listener::grpc_incoming(listeners.grpc, limits.grpc), async move {
             let _ = grpc_stop.changed().await;
         });
     let grpc_task = tokio::spawn(grpc);

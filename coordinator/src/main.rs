@@ -43,7 +43,7 @@ async fn shutdown_signal() {
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     // s3s logs whole requests at debug level, session tokens included: it never goes below warn.
-    let _telemetry = telemetry::init("cache-coordinator", "RUST_LOG", "info", &["s3s=warn", "s3s_fs=warn"]);
+    let _telemetry = telemetry::init("cache-coordinator", "RUST_LOG", "info", &["s3s=off", "s3s_fs=warn"]);
     let Command::Serve(args) = cli.command;
     let fail = |code: u8, message: String| {
         eprintln!("cache-coordinator: {message}");

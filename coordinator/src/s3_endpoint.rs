@@ -47,6 +47,7 @@ impl S3Auth for MintedKeyAuth {
 /// Checks expiry, session token and scope of every signed request.
 struct MintedKeyAccess {
     metrics: Arc<Metrics>,
+    refusals: Arc<RefusalLog>,
     db: Database,
     signing_key: Arc<SigningKey>,
     bucket: String,
@@ -77,11 +78,13 @@ impl S3Access for MintedKeyAccess {
             || self.metrics.storage_refusals.get_or_create(&ProjectLabels { project: record.project.clone() }).inc();
         if !token_ok {
             refused();
-            tracing::warn!(
-                access_key_id,
-                project = record.project,
-                "storage request refused: missing or wrong session token"
-            );
+            self.refusals.note(|| {
+                tracing::warn!(
+                    access_key_id,
+                    project = record.project,
+                    "storage request refused: missing or wrong session token"
+                )
+            });
             return Err(s3_error!(InvalidToken, "the session token is missing or does not belong to the access key"));
         }
 
@@ -96,7 +99,9 @@ impl S3Access for MintedKeyAccess {
         let operation = cx.s3_op().name();
         authorize(scope, operation, target).map_err(|reason| {
             refused();
-            tracing::warn!(access_key_id, project = record.project, operation, reason, "storage request refused");
+            self.refusals.note(|| {
+                tracing::warn!(access_key_id, project = record.project, operation, reason, "storage request refused")
+            });
             s3_error!(AccessDenied, "{reason}")
         })
     }
@@ -231,15 +236,40 @@ impl ObjectFiles {
 const READ_CHUNK: usize = 1 << 20;
 
 /// An upload's body in pieces of at least [`READ_CHUNK`] bytes: s3s-fs writes each piece it is
-/// given through one blocking-pool round trip, and HTTP hands over a few KiB at a time.
-fn coalesced(body: StreamingBlob) -> StreamingBlob {
-    StreamingBlob::wrap(Coalesced { body, piece: bytes::BytesMut::new(), ended: false })
+/// given through one blocking-pool round trip, and HTTP hands over a few KiB at a time. The
+/// body's own failure (it ended early, stalled, or did not hash to its signed
+/// `x-amz-content-sha256`) is kept in `failed`, so the answer blames the client, not the disk.
+fn coalesced(body: StreamingBlob, failed: &BodyFailure) -> StreamingBlob {
+    StreamingBlob::wrap(Coalesced { body, piece: bytes::BytesMut::new(), ended: false, failed: failed.clone() })
 }
 
 struct Coalesced {
     body: StreamingBlob,
     piece: bytes::BytesMut,
     ended: bool,
+    failed: BodyFailure,
+}
+
+/// How an upload's body failed, if it did (see [`coalesced`]).
+#[derive(Clone, Default)]
+struct BodyFailure(Arc<std::sync::Mutex<Option<String>>>);
+
+impl BodyFailure {
+    /// The client's error in S3's words, when the body failed; else `otherwise`.
+    fn or(&self, otherwise: s3s::S3Error) -> s3s::S3Error {
+        match self.0.lock().expect("body failure").clone() {
+            Some(failure) if failure.contains("Sha256Mismatch") => {
+                let mut error = s3s::S3Error::with_message(
+                    s3s::S3ErrorCode::Custom("XAmzContentSHA256Mismatch".into()),
+                    "the body does not hash to its x-amz-content-sha256 header",
+                );
+                error.set_status_code(http::StatusCode::BAD_REQUEST);
+                error
+            }
+            Some(failure) => s3_error!(IncompleteBody, "the request body failed: {failure}"),
+            None => otherwise,
+        }
+    }
 }
 
 impl futures::Stream for Coalesced {
@@ -265,6 +295,7 @@ impl futures::Stream for Coalesced {
                 Poll::Ready(Some(Err(error))) => {
                     self.ended = true;
                     self.piece.clear();
+                    self.failed.0.lock().expect("body failure").get_or_insert_with(|| error.to_string());
                     return Poll::Ready(Some(Err(std::io::Error::other(error))));
                 }
                 Poll::Ready(None) => self.ended = true,
@@ -357,14 +388,15 @@ impl S3 for ObjectFiles {
             }
             return Ok(S3Response::new(PutObjectOutput::default()));
         }
+        let failed = BodyFailure::default();
+        req.input.body = req.input.body.map(|body| coalesced(body, &failed));
         if let Some(e_tag) = plain_blob_e_tag(&req.input).filter(|_| req.trailing_headers.is_none()) {
-            return self.put_blob(req.input, req.credentials.as_ref(), e_tag).await;
+            return self.put_blob(req.input, req.credentials.as_ref(), e_tag).await.map_err(|error| failed.or(error));
         }
-        req.input.body = req.input.body.map(coalesced);
         let (bucket, key) = (req.input.bucket.clone(), req.input.key.clone());
         // s3s-fs writes and renames in one call: the lock spans it.
         let _publishing = self.publishing(req.credentials.as_ref()).await?;
-        let stored = self.files.put_object(req).await.map_err(|error| write_failed(&self.root, error))?;
+        let stored = self.files.put_object(req).await.map_err(|error| failed.or(write_failed(&self.root, error)))?;
         self.check_stored(&bucket, &key).await?;
         Ok(stored)
     }
@@ -379,8 +411,9 @@ impl S3 for ObjectFiles {
 
     async fn upload_part(&self, mut req: S3Request<UploadPartInput>) -> S3Result<S3Response<UploadPartOutput>> {
         self.owns_upload(&req.input.upload_id, req.credentials.as_ref()).await?;
-        req.input.body = req.input.body.map(coalesced);
-        self.files.upload_part(req).await.map_err(|error| write_failed(&self.root, error))
+        let failed = BodyFailure::default();
+        req.input.body = req.input.body.map(|body| coalesced(body, &failed));
+        self.files.upload_part(req).await.map_err(|error| failed.or(write_failed(&self.root, error)))
     }
 
     async fn upload_part_copy(
@@ -467,7 +500,7 @@ impl ObjectFiles {
         let expected = input.content_length.unwrap_or(0).max(0) as u64;
         let object_path = self.object_path(&input.bucket, &input.key);
         let parent = object_path.parent().ok_or_else(|| s3_error!(InvalidRequest))?.to_owned();
-        let mut body = input.body.map(coalesced).ok_or_else(|| s3_error!(IncompleteBody, "no body"))?;
+        let mut body = input.body.ok_or_else(|| s3_error!(IncompleteBody, "no body"))?;
         // Deleted when dropped, also when the client goes away mid-body and this future with it.
         let temp =
             match tempfile::Builder::new().prefix(".tmp.layer-cache-").suffix(".internal.part").tempfile_in(&self.root)
@@ -561,6 +594,156 @@ async fn drain_up_to(body: &mut StreamingBlob, limit: u64) {
     }
 }
 
+/// At most this many refusals are logged per [`REFUSAL_LOG_WINDOW`]; the rest are counted,
+/// and the count is logged once the window has passed.
+const REFUSALS_LOGGED_PER_WINDOW: u32 = 20;
+const REFUSAL_LOG_WINDOW: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The log of refused storage requests, rate-limited: a stream of anonymous or hostile
+/// requests costs a few lines per window, not one each.
+#[derive(Default)]
+pub struct RefusalLog(std::sync::Mutex<RefusalWindow>);
+
+#[derive(Default)]
+pub struct RefusalWindow {
+    started: Option<std::time::Instant>,
+    logged: u32,
+    unlogged: u64,
+}
+
+impl RefusalLog {
+    /// Runs `log` (one line) unless this window's lines are spent.
+    pub fn note(&self, log: impl FnOnce()) {
+        let mut window = self.0.lock().expect("refusal log");
+        let now = std::time::Instant::now();
+        if window.started.is_none_or(|started| now.duration_since(started) >= REFUSAL_LOG_WINDOW) {
+            if window.unlogged > 0 {
+                tracing::warn!(
+                    "{} more storage requests were refused in the last {} s (not logged one by one)",
+                    window.unlogged,
+                    REFUSAL_LOG_WINDOW.as_secs()
+                );
+            }
+            *window = RefusalWindow { started: Some(now), logged: 0, unlogged: 0 };
+        }
+        if window.logged < REFUSALS_LOGGED_PER_WINDOW {
+            window.logged += 1;
+            drop(window);
+            log();
+        } else {
+            window.unlogged += 1;
+        }
+    }
+}
+
+/// The largest body of a request that is not an object or part upload (a multipart
+/// completion naming 10,000 parts is about 1.5 MB).
+const MOST_REQUEST_XML: usize = 8 << 20;
+
+/// The endpoint's front door, before s3s reads anything: a request signed by no key, or by a
+/// key this endpoint never minted, is refused from its headers alone, its body unread and its
+/// connection closed; the body of every request but a PUT is capped at [`MOST_REQUEST_XML`];
+/// an answer of the endpoint's own failure (5xx) is logged, rate-limited like the refusals.
+#[derive(Clone)]
+pub struct Gate {
+    s3: s3s::service::S3Service,
+    db: Database,
+    refusals: Arc<RefusalLog>,
+}
+
+/// The access key a request is signed with (SigV4 header or presigned query), if it names one
+/// of a plausible shape.
+fn signing_key_id<B>(request: &http::Request<B>) -> Option<String> {
+    let credential = match request.headers().get(http::header::AUTHORIZATION) {
+        Some(value) => value
+            .to_str()
+            .ok()?
+            .strip_prefix("AWS4-HMAC-SHA256")?
+            .split(',')
+            .find_map(|part| part.trim().strip_prefix("Credential="))?
+            .to_owned(),
+        None => form_urlencoded::parse(request.uri().query()?.as_bytes())
+            .find(|(name, _)| name == "X-Amz-Credential")
+            .map(|(_, value)| value.into_owned())?,
+    };
+    let id = credential.split('/').next()?;
+    (!id.is_empty() && id.len() <= 128 && id.bytes().all(|b| b.is_ascii_alphanumeric())).then(|| id.to_owned())
+}
+
+/// An S3 error answer written by the gate itself; on HTTP/1 it closes the connection, so an
+/// unread body is never read.
+fn gate_refusal(
+    version: http::Version,
+    status: http::StatusCode,
+    code: &str,
+    message: &str,
+) -> http::Response<s3s::Body> {
+    let xml = format!(
+        "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error><Code>{code}</Code><Message>{message}</Message></Error>"
+    );
+    let mut response = http::Response::new(s3s::Body::from(xml));
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    headers.insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/xml"));
+    if version <= http::Version::HTTP_11 {
+        headers.insert(http::header::CONNECTION, http::HeaderValue::from_static("close"));
+    }
+    response
+}
+
+impl Gate {
+    /// The refusal, from the headers alone, of a request no key of this endpoint signed. A key
+    /// it minted (live or expired) passes: s3s checks the signature and gives the precise answer.
+    fn refusal<B>(&self, request: &http::Request<B>) -> Option<http::Response<s3s::Body>> {
+        let refuse = |code: &'static str, message: &'static str| {
+            self.refusals
+                .note(|| tracing::warn!(code, method = %request.method(), "storage request refused: {message}"));
+            Some(gate_refusal(request.version(), http::StatusCode::FORBIDDEN, code, message))
+        };
+        let Some(access_key_id) = signing_key_id(request) else {
+            return refuse("AccessDenied", "requests must be signed with credentials from the coordinator");
+        };
+        match self.db.minted_key(&access_key_id) {
+            Ok(None) => refuse("InvalidAccessKeyId", "the access key is not one this endpoint minted"),
+            // A database failure is s3s's to answer, through the same lookup.
+            Ok(Some(_)) | Err(_) => None,
+        }
+    }
+
+    async fn answer(
+        self,
+        request: http::Request<crate::listener::TimedBody>,
+    ) -> Result<http::Response<s3s::Body>, s3s::HttpError> {
+        if let Some(refusal) = self.refusal(&request) {
+            return Ok(refusal);
+        }
+        let (method, path) = (request.method().clone(), request.uri().path().to_owned());
+        let request = if request.method() == http::Method::PUT {
+            request.map(s3s::Body::http_body_unsync)
+        } else {
+            request.map(|body| s3s::Body::http_body_unsync(http_body_util::Limited::new(body, MOST_REQUEST_XML)))
+        };
+        let answered = self.s3.call(request).await;
+        if let Ok(response) = &answered
+            && response.status().is_server_error()
+        {
+            let status = response.status().as_u16();
+            self.refusals.note(|| tracing::error!(%method, path, status, "a storage request failed in the endpoint"));
+        }
+        answered
+    }
+}
+
+impl hyper::service::Service<http::Request<crate::listener::TimedBody>> for Gate {
+    type Response = http::Response<s3s::Body>;
+    type Error = s3s::HttpError;
+    type Future = std::pin::Pin<Box<dyn std::future::Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn call(&self, request: http::Request<crate::listener::TimedBody>) -> Self::Future {
+        Box::pin(self.clone().answer(request))
+    }
+}
+
 /// Builds the endpoint's HTTP service over the objects in `objects_root`.
 pub fn build_service(
     metrics: Arc<Metrics>,
@@ -570,18 +753,20 @@ pub fn build_service(
     bucket: &str,
     store_prefix: &str,
     publish: PublishLock,
-) -> std::io::Result<s3s::service::S3Service> {
+) -> std::io::Result<Gate> {
     let file_system =
         s3s_fs::FileSystem::new(objects_root).map_err(|error| std::io::Error::other(format!("{error:?}")))?;
     let files = ObjectFiles { files: file_system, root: objects_root.to_path_buf(), db: db.clone(), publish };
     let mut builder = s3s::service::S3ServiceBuilder::new(files);
     builder.set_auth(MintedKeyAuth { db: db.clone(), signing_key: signing_key.clone() });
+    let refusals = Arc::new(RefusalLog::default());
     builder.set_access(MintedKeyAccess {
         metrics,
-        db,
+        refusals: refusals.clone(),
+        db: db.clone(),
         signing_key,
         bucket: bucket.to_owned(),
         store_prefix: store_prefix.to_owned(),
     });
-    Ok(builder.build())
+    Ok(Gate { s3: builder.build(), db, refusals })
 }

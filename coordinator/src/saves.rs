@@ -27,6 +27,17 @@ const IN_FLIGHT_POLL: Duration = Duration::from_millis(250);
 const MAX_IMAGES: usize = 1000;
 const MAX_LAYERS_PER_IMAGE: usize = 1000;
 const MAX_HOST_NAME: usize = 255;
+/// Saves of one project held at once (each kept alive by its worker, or silent for less than
+/// [`SILENT_SAVE_CLAIM_TTLS`] claim lifetimes): a build matrix saves in parallel, a token
+/// cannot pile up saves without end.
+const MOST_SAVES_PER_PROJECT: usize = 64;
+/// Distinct blobs one save may name.
+const MOST_BLOBS_PER_SAVE: usize = 20_000;
+/// Blob and image names the saves of one project may hold in memory together (about 10 MB).
+const MOST_HELD_NAMES_PER_PROJECT: usize = 100_000;
+/// A save whose worker is silent for this many claim lifetimes (10 minutes by default) is
+/// forgotten: its worker, should it come back, hears that the save is unknown and begins again.
+const SILENT_SAVE_CLAIM_TTLS: u32 = 40;
 /// Store lookups (HEAD) one commit keeps in flight.
 const STORE_LOOKUPS_IN_FLIGHT: usize = 16;
 
@@ -57,6 +68,11 @@ pub struct PendingSaves {
 }
 
 impl PendingSave {
+    /// The names it holds in memory.
+    fn held_names(&self) -> usize {
+        self.claimed.len() + self.image_ids.len()
+    }
+
     fn claims(&self, project: &str, digest: &str, claim_ttl: Duration, now: Instant) -> bool {
         self.project == project && now.duration_since(self.last_alive) < claim_ttl && self.claimed.contains(digest)
     }
@@ -81,16 +97,36 @@ impl PendingSaves {
     /// blob claimed only by an earlier save of the same cache key is taken over: that is a
     /// retry of a save that failed or was killed, or a save it replaces anyway, and a retry
     /// must never wait for the save it repeats.
+    /// Refused while the project holds [`MOST_SAVES_PER_PROJECT`] saves or
+    /// [`MOST_HELD_NAMES_PER_PROJECT`] names.
     fn begin(
         &self,
         save_id: String,
         mut save: PendingSave,
         missing: Vec<String>,
         now: Instant,
-    ) -> (Vec<String>, Vec<String>) {
+    ) -> Result<(Vec<String>, Vec<String>), Error> {
         let claim_ttl = self.claim_ttl;
         let mut saves = self.lock();
-        saves.retain(|_, pending| now.duration_since(pending.began) < SAVE_LIFETIME);
+        let forget_silent = claim_ttl * SILENT_SAVE_CLAIM_TTLS;
+        saves.retain(|_, pending| {
+            now.duration_since(pending.began) < SAVE_LIFETIME && now.duration_since(pending.last_alive) < forget_silent
+        });
+        let of_project = || saves.values().filter(|other| other.project == save.project);
+        if of_project().count() >= MOST_SAVES_PER_PROJECT {
+            return Err(Error::TooMany(format!(
+                "project {:?} has {MOST_SAVES_PER_PROJECT} saves in progress, the most it may: save again once some have committed",
+                save.project
+            )));
+        }
+        let held: usize = of_project().map(PendingSave::held_names).sum();
+        if held + missing.len() + save.image_ids.len() > MOST_HELD_NAMES_PER_PROJECT {
+            return Err(Error::TooMany(format!(
+                "project {:?}'s saves in progress name {held} blobs and images, and this one would take them over \
+                 {MOST_HELD_NAMES_PER_PROJECT}: save again once some have committed",
+                save.project
+            )));
+        }
         let (in_flight, to_upload): (Vec<String>, Vec<String>) = missing.into_iter().partition(|digest| {
             saves.values().any(|other| other.key != save.key && other.claims(&save.project, digest, claim_ttl, now))
         });
@@ -101,7 +137,7 @@ impl PendingSaves {
         }
         save.claimed = to_upload.iter().cloned().collect();
         saves.insert(save_id, save);
-        (to_upload, in_flight)
+        Ok((to_upload, in_flight))
     }
 
     /// Whether a live save of `project` is uploading `digest` (also asked by the post-flush
@@ -267,6 +303,12 @@ impl CacheService {
         let record = self.db.project(project)?.ok_or_else(|| Error::NoSuchProject(project.to_owned()))?;
         let probe = pb::Manifest { images: request.images.clone(), ..Default::default() };
         let digests: BTreeSet<String> = manifest_digests(&probe);
+        if digests.len() > MOST_BLOBS_PER_SAVE {
+            return Err(Error::InvalidArgument(format!(
+                "a save names {} blobs, more than the {MOST_BLOBS_PER_SAVE} one save may",
+                digests.len()
+            )));
+        }
         let stored = self.db.stored_blobs(project, &digests)?;
         let missing: Vec<String> = digests.iter().filter(|d| !stored.contains_key(*d)).cloned().collect();
         let current = self.db.manifest(project, &key.service, &key.branch)?;
@@ -302,7 +344,7 @@ impl CacheService {
         let (missing_digests, in_flight_digests) = if unchanged {
             (Vec::new(), Vec::new())
         } else {
-            self.pending_saves.begin(save_id.clone(), pending, missing, now)
+            self.pending_saves.begin(save_id.clone(), pending, missing, now)?
         };
         // Blobs in flight still need the worker's export (for their sizes), not its uploads.
         // A save that moves nothing holds no share of the transfer budget.
@@ -317,7 +359,7 @@ impl CacheService {
                 }
             };
             // The save ID names its lease; the commit gives it back.
-            (Some(credentials), Some(self.budget.grant(project, &save_id)))
+            (Some(credentials), Some(self.budget.grant(project, &save_id, crate::budget::LeaseKind::Save)))
         };
         tracing::info!(
             project,
@@ -349,9 +391,11 @@ impl CacheService {
         })
     }
 
-    /// Keeps a begun save's claims alive while its worker works.
-    pub fn keep_save_alive(&self, project: &str, save_id: &str) -> Result<(), Error> {
-        self.pending_saves.keep_alive(save_id, project, Instant::now())
+    /// Keeps a begun save's claims alive while its worker works; answers its share of the
+    /// transfer budget now.
+    pub fn keep_save_alive(&self, project: &str, save_id: &str) -> Result<Option<pb::TransferPlan>, Error> {
+        self.pending_saves.keep_alive(save_id, project, Instant::now())?;
+        Ok(self.budget.renew(project, save_id))
     }
 
     /// Gives a save's claims and its share of the transfer budget back: its worker will not commit.
@@ -590,12 +634,14 @@ mod tests {
     fn a_blob_another_save_uploads_is_uploaded_once() {
         let saves = PendingSaves::new(TTL);
         let now = Instant::now();
-        let (upload, in_flight) = saves.begin("s1".into(), pending("web", "one", now), digests(&["a", "b"]), now);
+        let (upload, in_flight) =
+            saves.begin("s1".into(), pending("web", "one", now), digests(&["a", "b"]), now).unwrap();
         assert_eq!((upload, in_flight), (digests(&["a", "b"]), digests(&[])));
-        let (upload, in_flight) = saves.begin("s2".into(), pending("web", "two", now), digests(&["b", "c"]), now);
+        let (upload, in_flight) =
+            saves.begin("s2".into(), pending("web", "two", now), digests(&["b", "c"]), now).unwrap();
         assert_eq!((upload, in_flight), (digests(&["c"]), digests(&["b"])));
         // Another project never waits for this one's uploads.
-        let (upload, in_flight) = saves.begin("s3".into(), pending("api", "one", now), digests(&["a"]), now);
+        let (upload, in_flight) = saves.begin("s3".into(), pending("api", "one", now), digests(&["a"]), now).unwrap();
         assert_eq!((upload, in_flight), (digests(&["a"]), digests(&[])));
         assert!(saves.in_flight("web", "b", now));
         assert!(!saves.in_flight_for("web", "b", "s1", now), "a save never waits for its own claim");
@@ -611,9 +657,10 @@ mod tests {
     fn a_retry_of_the_same_cache_key_takes_the_claims_over() {
         let saves = PendingSaves::new(TTL);
         let now = Instant::now();
-        saves.begin("killed".into(), pending("web", "one", now), digests(&["a", "b"]), now);
+        saves.begin("killed".into(), pending("web", "one", now), digests(&["a", "b"]), now).unwrap();
         // The retry (same key) uploads both itself, at once; another key waits for the retry.
-        let (upload, in_flight) = saves.begin("retry".into(), pending("web", "one", now), digests(&["a", "b"]), now);
+        let (upload, in_flight) =
+            saves.begin("retry".into(), pending("web", "one", now), digests(&["a", "b"]), now).unwrap();
         assert_eq!((upload, in_flight), (digests(&["a", "b"]), digests(&[])));
         saves.abandon("retry", "web");
         assert!(!saves.in_flight("web", "a", now), "the killed save no longer claims what its retry took over");
@@ -623,14 +670,15 @@ mod tests {
     fn a_claim_lapses_after_its_workers_last_sign_of_life() {
         let saves = PendingSaves::new(TTL);
         let start = Instant::now();
-        saves.begin("s1".into(), pending("web", "one", start), digests(&["a"]), start);
+        saves.begin("s1".into(), pending("web", "one", start), digests(&["a"]), start).unwrap();
         let later = start + Duration::from_secs(10);
         assert!(saves.in_flight("web", "a", later));
         saves.keep_alive("s1", "web", later).unwrap();
         assert!(saves.in_flight("web", "a", later + Duration::from_secs(14)));
         let lapsed = later + TTL;
         assert!(!saves.in_flight("web", "a", lapsed), "no sign of life for the claim's lifetime");
-        let (upload, in_flight) = saves.begin("s2".into(), pending("web", "two", lapsed), digests(&["a"]), lapsed);
+        let (upload, in_flight) =
+            saves.begin("s2".into(), pending("web", "two", lapsed), digests(&["a"]), lapsed).unwrap();
         assert_eq!((upload, in_flight), (digests(&["a"]), digests(&[])), "a lapsed claim is uploaded again");
         assert!(saves.keep_alive("s1", "api", lapsed).is_err(), "another project's save is not found");
         assert!(saves.abandon("s2", "web") && !saves.abandon("s2", "web"));
@@ -638,6 +686,32 @@ mod tests {
         assert_eq!(saves.keep_alive_interval(), Duration::from_secs(5));
         assert_eq!(saves.newly_silent(lapsed), vec![("web".to_string(), "s1".to_string())]);
         assert!(saves.newly_silent(lapsed).is_empty(), "each silent save is named once");
+    }
+
+    #[test]
+    fn a_project_holds_a_bounded_number_of_saves_and_names_and_silent_ones_are_forgotten() {
+        let saves = PendingSaves::new(TTL);
+        let start = Instant::now();
+        for i in 0..MOST_SAVES_PER_PROJECT {
+            saves.begin(format!("s{i}"), pending("web", &format!("svc{i}"), start), digests(&["a"]), start).unwrap();
+        }
+        let refused = saves.begin("over".into(), pending("web", "over", start), digests(&["a"]), start).unwrap_err();
+        assert!(refused.to_string().contains("has 64 saves in progress"), "{refused}");
+        // Another project is not held up by this one's saves.
+        saves.begin("api".into(), pending("api", "one", start), digests(&["a"]), start).unwrap();
+        // Saves silent for 40 claim lifetimes are forgotten; one kept alive stays.
+        let later = start + TTL * SILENT_SAVE_CLAIM_TTLS - Duration::from_secs(1);
+        saves.keep_alive("s0", "web", later).unwrap();
+        let forgotten = later + Duration::from_secs(2);
+        saves.begin("next".into(), pending("web", "next", forgotten), digests(&["a"]), forgotten).unwrap();
+        assert!(saves.keep_alive("s0", "web", forgotten).is_ok());
+        assert!(saves.keep_alive("s1", "web", forgotten).is_err(), "a silent save was forgotten");
+        // Names held in memory: a save that would take the project over the bound is refused.
+        let many: Vec<String> = (0..MOST_HELD_NAMES_PER_PROJECT - 10).map(|i| format!("d{i}")).collect();
+        saves.begin("big".into(), pending("web", "big", forgotten), many, forgotten).unwrap();
+        let refused =
+            saves.begin("more".into(), pending("web", "more", forgotten), digests(&["x"; 20]), forgotten).unwrap_err();
+        assert!(refused.to_string().contains("blobs and images"), "{refused}");
     }
 
     #[test]

@@ -369,7 +369,11 @@ impl CacheService {
                     found: true,
                     matched: Some(key),
                     manifest: Some(manifest),
-                    plan: Some(self.budget.grant(project, &crate::tokens::random_hex_32())),
+                    plan: Some(self.budget.grant(
+                        project,
+                        &crate::tokens::random_hex_32(),
+                        crate::budget::LeaseKind::Restore,
+                    )),
                 });
             }
         }

@@ -28,6 +28,8 @@ pub struct Coordinator {
     pub url: String,
     /// The transfer plan's lease this process holds, given back with its metrics report.
     pub lease_id: String,
+    /// The current save's share of the transfer budget, as its keep-alive last heard it.
+    pub save_shares: Option<tokio::sync::watch::Receiver<u32>>,
     /// How long any call, and any transfer, may go without progress (`--stall-timeout`).
     pub stall_timeout: Duration,
 }
@@ -40,12 +42,18 @@ impl Coordinator {
         let token = BearerToken::new(token)?;
         let client =
             WorkerClient::with_interceptor(connect_with_deadline(url, stall_timeout).await?, CallMetadata(token));
-        Ok(Coordinator { client, url: url.to_owned(), lease_id: String::new(), stall_timeout })
+        Ok(Coordinator { client, url: url.to_owned(), lease_id: String::new(), save_shares: None, stall_timeout })
     }
 
     /// Says every `interval` that the save `save_id` is alive, so its claims on the blobs it
-    /// uploads hold, until the returned guard is dropped.
-    pub fn keep_save_alive(&self, save_id: &str, interval: Duration) -> KeepAlive {
+    /// uploads hold, until the returned guard is dropped. Each answer's share of the transfer
+    /// budget goes to `shares` (see `BlobStore::follow`).
+    pub fn keep_save_alive(
+        &self,
+        save_id: &str,
+        interval: Duration,
+        shares: tokio::sync::watch::Sender<u32>,
+    ) -> KeepAlive {
         let (mut client, save_id) = (self.client.clone(), save_id.to_owned());
         let task = tokio::spawn(async move {
             let mut warned = false;
@@ -53,7 +61,14 @@ impl Coordinator {
                 tokio::time::sleep(interval).await;
                 let request = proto::v1::KeepSaveAliveRequest { save_id: save_id.clone() };
                 match client.keep_save_alive(request).await {
-                    Ok(_) => warned = false,
+                    Ok(answer) => {
+                        warned = false;
+                        if let Some(plan) = answer.into_inner().plan {
+                            shares.send_if_modified(|share| {
+                                std::mem::replace(share, plan.max_concurrency) != plan.max_concurrency
+                            });
+                        }
+                    }
                     // The commit reports what went wrong; the claims may lapse meanwhile. Said
                     // once, not at every interval of a long outage.
                     Err(status) if !warned => {

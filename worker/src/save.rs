@@ -396,9 +396,13 @@ async fn save_once(coordinator: &mut Coordinator, work: SaveWork<'_>) -> Result<
     }
     cleanup.set_save(&coordinator.client, &begun.save_id);
     let save_id = begun.save_id.clone();
-    let keep_alive = coordinator.keep_save_alive(&save_id, Duration::from_secs(begun.keep_alive_seconds.max(1).into()));
+    let (shares, followed) = tokio::sync::watch::channel(begun.plan.as_ref().map_or(1, |plan| plan.max_concurrency));
+    coordinator.save_shares = Some(followed);
+    let interval = Duration::from_secs(begun.keep_alive_seconds.max(1).into());
+    let keep_alive = coordinator.keep_save_alive(&save_id, interval, shares);
     let result = save_begun(coordinator, work, request, begun, export).await;
     drop(keep_alive);
+    coordinator.save_shares = None;
     if !matches!(result, Ok(Attempt::Done(_))) {
         coordinator.abandon_save(&save_id).await;
     }
@@ -572,7 +576,7 @@ async fn upload_oci(
     let credentials =
         begun.credentials.clone().ok_or_else(|| WorkerError::Invalid("the coordinator sent no credentials".into()))?;
     let plan = begun.plan.clone().unwrap_or_default();
-    let store = BlobStore::new(&credentials, &plan, Some(coordinator.client.clone()), coordinator.stall_timeout);
+    let store = upload_store(coordinator, &credentials, &plan).await;
     work.cleanup.set_store(&store);
     let mut blobs = Vec::new();
     for digest in missing {
@@ -592,6 +596,15 @@ async fn upload_oci(
     let uploaded = direct::upload_all(&store, plan.max_concurrency as usize, blobs, &Progress::for_stderr()).await;
     drop(export);
     uploaded
+}
+
+/// The store a save uploads to, following the save's share of the transfer budget.
+async fn upload_store(coordinator: &Coordinator, credentials: &pb::Credentials, plan: &pb::TransferPlan) -> BlobStore {
+    let store = BlobStore::new(credentials, plan, Some(coordinator.client.clone()), coordinator.stall_timeout);
+    if let Some(shares) = &coordinator.save_shares {
+        store.follow(shares.clone()).await;
+    }
+    store
 }
 
 async fn save_begun(
@@ -635,7 +648,7 @@ async fn save_from_export(
             .credentials
             .clone()
             .ok_or_else(|| WorkerError::Invalid("the coordinator sent no credentials".into()))?;
-        let store = BlobStore::new(&credentials, &plan, Some(coordinator.client.clone()), coordinator.stall_timeout);
+        let store = upload_store(coordinator, &credentials, &plan).await;
         cleanup.set_store(&store);
         let spool = tempfile::Builder::new().prefix("cache-worker-").tempdir_in(spool_dir()).map_err(|error| {
             WorkerError::Host(format!("cannot create a spool folder in {}: {error}", spool_dir().display()))
@@ -736,7 +749,7 @@ async fn save_from_layer_store(
             .clone()
             .ok_or_else(|| WorkerError::Invalid("the coordinator sent no credentials".into()))?;
         let plan = begun.plan.clone().unwrap_or_default();
-        let store = BlobStore::new(&credentials, &plan, Some(coordinator.client.clone()), coordinator.stall_timeout);
+        let store = upload_store(coordinator, &credentials, &plan).await;
         work.cleanup.set_store(&store);
         uploaded =
             direct::upload_all(&store, plan.max_concurrency as usize, to_upload, &Progress::for_stderr()).await?;

@@ -47,13 +47,41 @@ pub struct BlobStore {
     prefix: String,
     part_size: u64,
     multipart_threshold: u64,
-    /// One permit per request in flight: the plan's `max_concurrency` for this whole worker.
-    requests: Arc<Semaphore>,
+    /// One permit per request in flight: the plan's `max_concurrency` for this whole worker,
+    /// following the coordinator's later answers during a save (see [`BlobStore::follow`]).
+    requests: Arc<RequestLimit>,
     /// Multipart uploads begun and neither completed nor aborted, by upload ID: what a
     /// cancelled save aborts.
     unfinished: Arc<Mutex<HashMap<String, String>>>,
     /// How long a request may go without progress.
     stall_timeout: Duration,
+}
+
+/// The cap on a worker's requests in flight, which can move while they run.
+struct RequestLimit {
+    permits: Semaphore,
+    /// The cap now; held while it changes, so changes apply one at a time, in order.
+    limit: tokio::sync::Mutex<usize>,
+}
+
+impl RequestLimit {
+    fn new(limit: usize) -> RequestLimit {
+        RequestLimit { permits: Semaphore::new(limit), limit: tokio::sync::Mutex::new(limit) }
+    }
+
+    /// Sets the cap; a lower one waits for the requests in flight beyond it to end.
+    async fn set(&self, new: usize) {
+        let mut limit = self.limit.lock().await;
+        if new > *limit {
+            self.permits.add_permits(new - *limit);
+        } else if new < *limit {
+            let fewer = u32::try_from(*limit - new).unwrap_or(u32::MAX);
+            if let Ok(permits) = self.permits.acquire_many(fewer).await {
+                permits.forget();
+            }
+        }
+        *limit = new;
+    }
 }
 
 fn reason<E: std::error::Error>(error: E) -> String {
@@ -226,7 +254,7 @@ impl BlobStore {
             prefix: credentials.prefix.clone(),
             part_size: plan.part_size,
             multipart_threshold: plan.multipart_threshold.max(proto::parts::MIN_PART_SIZE),
-            requests: Arc::new(Semaphore::new((plan.max_concurrency as usize).max(1))),
+            requests: Arc::new(RequestLimit::new((plan.max_concurrency as usize).max(1))),
             unfinished: Arc::default(),
             stall_timeout,
         }
@@ -256,7 +284,23 @@ impl BlobStore {
     }
 
     async fn request_permit(&self) -> tokio::sync::SemaphorePermit<'_> {
-        self.requests.acquire().await.expect("the request semaphore is never closed")
+        self.requests.permits.acquire().await.expect("the request semaphore is never closed")
+    }
+
+    /// Follows the share of the transfer budget the coordinator grants this save as it
+    /// changes (`shares`, fed by the save's keep-alive; 0: start no request until it rises).
+    /// The current share applies before this returns; later ones until the store is dropped.
+    pub async fn follow(&self, mut shares: tokio::sync::watch::Receiver<u32>) {
+        let current = *shares.borrow_and_update();
+        self.requests.set(current as usize).await;
+        let limit = Arc::downgrade(&self.requests);
+        tokio::spawn(async move {
+            while shares.changed().await.is_ok() {
+                let share = *shares.borrow_and_update();
+                let Some(limit) = limit.upgrade() else { return };
+                limit.set(share as usize).await;
+            }
+        });
     }
 
     /// Uploads bytes already in memory (configs) in one PUT.

@@ -229,8 +229,14 @@ pub struct KeepSaveAliveRequest {
     #[prost(string, tag = "1")]
     pub save_id: ::prost::alloc::string::String,
 }
-#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
-pub struct KeepSaveAliveResponse {}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct KeepSaveAliveResponse {
+    /// The save's share of the transfer budget now: it follows the other transfers while the
+    /// save runs (max_concurrency 0: wait, start no request until a later answer raises it).
+    /// Absent when the save holds no share (it moves nothing, or its lease lapsed).
+    #[prost(message, optional, tag = "1")]
+    pub plan: ::core::option::Option<TransferPlan>,
+}
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct AbandonSaveRequest {
     #[prost(string, tag = "1")]

@@ -2,10 +2,16 @@
 //! or answered without harm: a suffix range that panicked s3s-fs, and another project's
 //! multipart upload reached by its ID with the attacker's own key in the path.
 
+use std::io::Write;
+use std::time::{Duration, Instant};
+
 use aws_sdk_s3::error::ProvideErrorMetadata;
 use aws_sdk_s3::primitives::ByteStream;
 use proto::v1 as pb;
-use tests::{CoordinatorProcess, blob_key, s3_client_for};
+use tests::{
+    CoordinatorProcess, DockerEngine, EngineKind, SEED_DOCKERFILE, blob_key, build_context, s3_client_for, stderr_of,
+    stdout_of,
+};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_key_stores_blobs_under_their_own_digest_only_and_never_replaces_one() {
@@ -226,5 +232,293 @@ async fn forged_metric_reports_are_refused_and_add_no_series_beyond_a_cap() {
     assert!(after.len() < before.len() + 64 * 4096, "{} bytes grew to {}", before.len(), after.len());
     // The services already reported keep reporting.
     assert!(report(&coordinator, &token, "junk1", layer(1, 0.1), 0.1).await.is_ok());
+    coordinator.stop();
+}
+
+/// Raises this test process's soft open-file limit to its hard one (the test holds a thousand
+/// sockets).
+fn raise_own_file_limit() {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let limit = getrlimit(Resource::Nofile);
+    let _ = setrlimit(Resource::Nofile, Rlimit { current: limit.maximum, maximum: limit.maximum });
+}
+
+/// Reads what a raw connection is answered, up to `timeout`: the text, and whether the
+/// endpoint then closed the connection.
+fn answer_of(socket: &mut std::net::TcpStream, timeout: Duration) -> (String, bool) {
+    use std::io::Read;
+    socket.set_read_timeout(Some(timeout)).unwrap();
+    let mut answer = Vec::new();
+    let mut buffer = [0u8; 4096];
+    loop {
+        match socket.read(&mut buffer) {
+            Ok(0) => return (String::from_utf8_lossy(&answer).into_owned(), true),
+            Ok(n) => answer.extend_from_slice(&buffer[..n]),
+            Err(error) if error.kind() == std::io::ErrorKind::ConnectionReset => {
+                return (String::from_utf8_lossy(&answer).into_owned(), true);
+            }
+            Err(_) => return (String::from_utf8_lossy(&answer).into_owned(), false),
+        }
+    }
+}
+
+/// Anyone who reaches the S3 port, without credentials or with a tenant's key: a thousand
+/// idle connections (a fifth with half-sent headers), anonymous form posts announcing a GiB
+/// each and sending nothing more, and a tenant's uploads that stall mid-body. Another
+/// project's save and restore run normally throughout; the anonymous posts are refused from
+/// their headers; the stalled uploads fail at the body deadline; the idle connections are
+/// closed; the log stays short.
+#[test]
+fn idle_connections_and_slow_bodies_leave_other_projects_working() {
+    raise_own_file_limit();
+    let Some(build_host) = DockerEngine::start(EngineKind::Engine20) else { return };
+    let data_dir = tempfile::tempdir().unwrap();
+    let coordinator = CoordinatorProcess::start(data_dir.path(), &[]);
+    let victim = coordinator.create_project("victim");
+    let stalling = coordinator.create_project("stalling");
+    let s3_address = coordinator.s3_listen.clone().expect("the embedded endpoint's address");
+    let opened = Instant::now();
+
+    let mut idle: Vec<std::net::TcpStream> = (0..1000)
+        .map(|i| {
+            let mut socket = std::net::TcpStream::connect(&s3_address).expect("an idle connection");
+            if i % 5 == 0 {
+                socket.write_all(b"GET /cache/ HTTP/1.1\r\nHost: x\r\n").unwrap();
+            }
+            socket
+        })
+        .collect();
+    let mut posts: Vec<std::net::TcpStream> = (0..20)
+        .map(|_| {
+            let mut socket = std::net::TcpStream::connect(&s3_address).expect("a slow post");
+            let head = "POST /cache HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n\
+                        Content-Length: 1073741824\r\n\r\n--b\r\n";
+            socket.write_all(head.as_bytes()).unwrap();
+            socket
+        })
+        .collect();
+    for post in &mut posts {
+        let (answer, closed) = answer_of(post, Duration::from_secs(10));
+        assert!(answer.starts_with("HTTP/1.1 403"), "refused from its headers: {answer:?}");
+        assert!(answer.contains("<Code>AccessDenied</Code>") && closed, "{answer:?}");
+    }
+
+    // A tenant's uploads that send a piece and then nothing.
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let write = runtime.block_on(coordinator.credentials(&stalling, pb::Access::Write));
+    let (mut senders, mut stalled) = (Vec::new(), Vec::new());
+    for i in 0..4u8 {
+        let content = vec![i; 4 << 20];
+        let (pieces, body) = tokio::sync::mpsc::channel::<Result<http_body::Frame<bytes::Bytes>, std::io::Error>>(1);
+        let body = ByteStream::from_body_1_x(http_body_util::StreamBody::new(
+            tokio_stream::wrappers::ReceiverStream::new(body),
+        ));
+        let upload = tests::s3_client_as_worker(&write)
+            .put_object()
+            .bucket(&write.bucket)
+            .key(blob_key(&write, &content))
+            .content_length(content.len() as i64)
+            .body(body)
+            .send();
+        stalled.push(runtime.spawn(async move { (upload.await, Instant::now()) }));
+        runtime
+            .block_on(pieces.send(Ok(http_body::Frame::data(bytes::Bytes::from(content[..1 << 20].to_vec())))))
+            .unwrap();
+        senders.push(pieces);
+    }
+
+    // Meanwhile another project saves, and a fresh host restores.
+    build_host.import_busybox_base("base:1");
+    let context = build_context(SEED_DOCKERFILE);
+    let built = build_host.classic_build(context.path(), "app:latest", &[]);
+    assert!(built.status.success(), "build: {}", stderr_of(&built));
+    let saved = coordinator.cache_worker_on(&build_host, &victim, &["save", "--service", "web", "app:latest"]);
+    assert!(saved.status.success(), "save: {}", stderr_of(&saved));
+    let Some(fresh_host) = DockerEngine::start(EngineKind::Engine20) else { return };
+    let restored = coordinator.cache_worker_on(&fresh_host, &victim, &["restore", "--service", "web", "--strict"]);
+    assert!(restored.status.success(), "restore: {}", stderr_of(&restored));
+    let rebuilt = fresh_host.classic_build(context.path(), "app:latest", &[]);
+    assert!(rebuilt.status.success(), "rebuild: {}", stderr_of(&rebuilt));
+    assert_eq!(stdout_of(&rebuilt).matches("Using cache").count(), 5, "{}", stdout_of(&rebuilt));
+
+    // The stalled uploads fail at the body deadline (30 s after their last piece), stored nothing.
+    for upload in stalled {
+        let (result, ended) = runtime.block_on(upload).unwrap();
+        assert!(result.is_err(), "a stalled body does not complete");
+        assert!(ended.duration_since(opened) < Duration::from_secs(120), "{:?}", ended.duration_since(opened));
+    }
+    drop(senders);
+    // Every idle connection is closed: the half-sent headers at 10 s, the silent ones at 30 s.
+    for socket in &mut idle {
+        let left = Duration::from_secs(75).saturating_sub(opened.elapsed()).max(Duration::from_secs(1));
+        let (answer, closed) = answer_of(socket, left);
+        assert!(closed, "an idle connection is still open after {:?}: {answer:?}", opened.elapsed());
+    }
+    let log = coordinator.log();
+    assert!(log.lines().count() < 300, "{} log lines:\n{log}", log.lines().count());
+    assert!(!log.contains("accepting a connection failed"), "{log}");
+    coordinator.stop();
+}
+
+/// Replaces a request's body after it was signed, keeping its length.
+#[derive(Debug)]
+struct BodySwappedAfterSigning;
+
+impl aws_sdk_s3::config::Intercept for BodySwappedAfterSigning {
+    fn name(&self) -> &'static str {
+        "BodySwappedAfterSigning"
+    }
+
+    fn modify_before_transmit(
+        &self,
+        context: &mut aws_sdk_s3::config::interceptors::BeforeTransmitInterceptorContextMut<'_>,
+        _: &aws_sdk_s3::config::RuntimeComponents,
+        _: &mut aws_sdk_s3::config::ConfigBag,
+    ) -> Result<(), aws_sdk_s3::error::BoxError> {
+        let length = context.request().body().bytes().map_or(0, <[u8]>::len);
+        *context.request_mut().body_mut() = ByteStream::from(vec![b'x'; length]).into_inner();
+        Ok(())
+    }
+}
+
+/// A body that does not hash to its signed `x-amz-content-sha256` is the client's error (400,
+/// in S3's words), for a blob PUT and for a part alike, and nothing is stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_unlike_its_signed_hash_is_refused_as_the_clients_error() {
+    let data_dir = tempfile::tempdir().unwrap();
+    let coordinator = CoordinatorProcess::start(data_dir.path(), &[]);
+    let token = coordinator.create_project("web");
+    let write = coordinator.credentials(&token, pb::Access::Write).await;
+    let web = tests::s3_client_as_worker(&write);
+    let content = b"a layer's bytes".to_vec();
+    let key = blob_key(&write, &content);
+    let put = web
+        .put_object()
+        .bucket(&write.bucket)
+        .key(&key)
+        .body(ByteStream::from(content.clone()))
+        .customize()
+        .interceptor(BodySwappedAfterSigning)
+        .send()
+        .await
+        .unwrap_err();
+    let raw = put.raw_response().map(|response| response.status().as_u16());
+    assert_eq!((put.code(), raw), (Some("XAmzContentSHA256Mismatch"), Some(400)), "{put:?}");
+    let upload = web.create_multipart_upload().bucket(&write.bucket).key(&key).send().await.unwrap();
+    let part = web
+        .upload_part()
+        .bucket(&write.bucket)
+        .key(&key)
+        .upload_id(upload.upload_id().unwrap())
+        .part_number(1)
+        .body(ByteStream::from(content.clone()))
+        .customize()
+        .interceptor(BodySwappedAfterSigning)
+        .send()
+        .await
+        .unwrap_err();
+    let raw = part.raw_response().map(|response| response.status().as_u16());
+    assert_eq!((part.code(), raw), (Some("XAmzContentSHA256Mismatch"), Some(400)), "{part:?}");
+    assert!(web.head_object().bucket(&write.bucket).key(&key).send().await.is_err(), "nothing was stored");
+    assert!(!coordinator.log().contains("ERROR"), "{}", coordinator.log());
+    coordinator.stop();
+}
+
+/// A token that begins saves and never commits them holds at most 64 at once, and no save may
+/// name more than 20,000 blobs: each refusal is one line (`RESOURCE_EXHAUSTED`, `INVALID_ARGUMENT`),
+/// another project's saves go on, and committing one frees its place.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn saves_that_never_commit_are_bounded_per_project() {
+    let data_dir = tempfile::tempdir().unwrap();
+    let coordinator = CoordinatorProcess::start(data_dir.path(), &[]);
+    let hoarder = coordinator.create_project("hoarder");
+    let other = coordinator.create_project("other");
+    let mut client = tests::worker_client(&coordinator.grpc_url, &hoarder).await;
+    let mut first = None;
+    for i in 0..64 {
+        let content = format!("layer {i}").into_bytes();
+        let begun = client.begin_save(tests::begin_one_layer_save(&format!("svc{i}"), "app:1", &content)).await;
+        let begun = begun.unwrap_or_else(|status| panic!("save {i}: {status:?}")).into_inner();
+        first.get_or_insert((begun.save_id, content));
+    }
+    let refused = client.begin_save(tests::begin_one_layer_save("svc64", "app:1", b"one too many")).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::ResourceExhausted, "{refused:?}");
+    assert!(refused.message().contains("has 64 saves in progress"), "{}", refused.message());
+    let saved = tests::save_one_layer_image(&coordinator.grpc_url, &other, "web", "app:1", b"other's layer").await;
+    assert!(saved.manifest.is_some() && saved.waiting_for_digests.is_empty(), "another project saves: {saved:?}");
+
+    // Committing one of the 64 frees its place.
+    let (save_id, content) = first.unwrap();
+    let write = coordinator.credentials(&hoarder, pb::Access::Write).await;
+    tests::upload_one_layer_blobs(&write, &content).await;
+    let commit = pb::CommitSaveRequest {
+        save_id,
+        images: vec![tests::one_layer_image("app:1", &content, true)],
+        save_log: Vec::new(),
+    };
+    client.commit_save(commit).await.expect("the first save commits");
+    client.begin_save(tests::begin_one_layer_save("svc64", "app:1", b"now it fits")).await.expect("a place is free");
+
+    // One save naming more blobs than any image chain has.
+    let images: Vec<pb::Image> = (0..21u64)
+        .map(|i| pb::Image {
+            id: format!("sha256:{:064x}", 1_000_000 + i),
+            layers: (0..1000u64)
+                .map(|j| pb::Layer { digest: format!("sha256:{:064x}", i * 1000 + j), ..Default::default() })
+                .collect(),
+            ..Default::default()
+        })
+        .collect();
+    let request = pb::BeginSaveRequest {
+        key: Some(pb::CacheKey { service: "huge".into(), branch: String::new() }),
+        images,
+        engine_version: "test".into(),
+        host: "test-host".into(),
+    };
+    let huge = tests::worker_client(&coordinator.grpc_url, &other).await.begin_save(request).await.unwrap_err();
+    assert_eq!(huge.code(), tonic::Code::InvalidArgument, "{huge:?}");
+    assert!(huge.message().contains("more than the 20000 one save may"), "{}", huge.message());
+    coordinator.stop();
+}
+
+/// One project holding as many open saves as it may does not shrink another project's share
+/// of the transfer budget: the other's save and restore get a full worker's cap, and the
+/// granted total stays within the budget (finding 5 of issue 14).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_saves_of_one_project_leave_anothers_share_of_the_budget_whole() {
+    let data_dir = tempfile::tempdir().unwrap();
+    let coordinator = CoordinatorProcess::start(data_dir.path(), &["--transfer-budget", "64"]);
+    let hoarder = coordinator.create_project("hoarder");
+    let web = coordinator.create_project("web");
+    let mut client = tests::worker_client(&coordinator.grpc_url, &hoarder).await;
+    let mut hoarded = Vec::new();
+    for i in 0..64 {
+        let content = format!("layer {i}").into_bytes();
+        let begun = client.begin_save(tests::begin_one_layer_save(&format!("svc{i}"), "app:1", &content)).await;
+        hoarded.push(begun.unwrap().into_inner().save_id);
+    }
+    let granted = || {
+        let (_, metrics) = tests::http_get(&format!("{}/metrics", coordinator.metrics_url));
+        let line =
+            metrics.lines().find(|line| line.starts_with("layer_cache_transfer_requests_granted ")).unwrap().to_owned();
+        line.split_whitespace().nth(1).unwrap().parse::<u32>().unwrap()
+    };
+    assert_eq!(granted(), 64, "the hoarder's saves hold the whole budget, and no more");
+
+    let mut other = tests::worker_client(&coordinator.grpc_url, &web).await;
+    let begun = other.begin_save(tests::begin_one_layer_save("web", "app:1", b"web's layer")).await.unwrap();
+    assert_eq!(begun.into_inner().plan.unwrap().max_concurrency, 8, "a full worker's cap");
+    tests::save_one_layer_image(&coordinator.grpc_url, &web, "api", "app:1", b"api's layer").await;
+    let lookup = pb::LookupRequest {
+        key: Some(pb::CacheKey { service: "api".into(), branch: String::new() }),
+        ..Default::default()
+    };
+    let found = other.lookup(lookup).await.unwrap().into_inner();
+    assert_eq!(found.plan.unwrap().max_concurrency, 8, "a restore too");
+    assert!(granted() <= 64, "{}", granted());
+    // The hoarder's saves learn their smaller shares from their keep-alives; the newest wait.
+    let newest = pb::KeepSaveAliveRequest { save_id: hoarded[63].clone() };
+    let share = client.keep_save_alive(newest).await.unwrap().into_inner().plan.unwrap().max_concurrency;
+    assert_eq!(share, 0, "a save beyond its project's share waits");
     coordinator.stop();
 }

@@ -90,15 +90,22 @@ async fn the_global_budget_is_shared_fairly_between_projects() {
         plan
     };
 
-    // A lone worker gets the per-worker cap; a second one of the same project what is left (at
-    // least one request, so every worker makes progress).
+    // A lone worker gets the per-worker cap; a second one of the same project splits the
+    // project's share with the first, which hears of it at its next keep-alive.
     let shop1 = grant(&mut shop, "one").await;
     assert_eq!(shop1.max_concurrency, 8);
-    assert_eq!(grant(&mut shop, "two").await.max_concurrency, 1);
-    // Another project arriving while shop holds the whole budget still moves.
-    assert_eq!(grant(&mut web, "one").await.max_concurrency, 1);
-    // Shop's first worker reports back (its lease goes back to the budget): now web's next worker
-    // gets its fair share, half the budget split between its two workers, not the cap.
+    assert_eq!(grant(&mut shop, "two").await.max_concurrency, 4);
+    let share_of = async |client: &mut WorkerClient<_>, save_id: &str| {
+        let request = pb::KeepSaveAliveRequest { save_id: save_id.to_owned() };
+        client.keep_save_alive(request).await.unwrap().into_inner().plan.unwrap().max_concurrency
+    };
+    assert_eq!(share_of(&mut shop, &shop1.lease_id).await, 4);
+    // Another project arriving while shop holds the whole budget gets its fair half; shop's
+    // workers shrink to the other half.
+    assert_eq!(grant(&mut web, "one").await.max_concurrency, 4);
+    assert_eq!(share_of(&mut shop, &shop1.lease_id).await, 2);
+    // Shop's first worker reports back (its lease goes back to the budget): shop's other
+    // worker has shop's half to itself, web's two workers split web's.
     let report = pb::ReportMetricsRequest {
         service: "one".into(),
         operation: pb::Operation::Save as i32,
@@ -106,7 +113,7 @@ async fn the_global_budget_is_shared_fairly_between_projects() {
         ..Default::default()
     };
     shop.report_metrics(report).await.unwrap();
-    assert_eq!(grant(&mut web, "two").await.max_concurrency, 8 / 2 / 2);
+    assert_eq!(grant(&mut web, "two").await.max_concurrency, 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -427,4 +434,42 @@ async fn a_streamed_blob_that_ends_short_or_fails_its_digest_is_never_stored() {
             assert!(unfinished_uploads(data_dir.path()).is_empty(), "{failure}: no parts left");
         }
     }
+}
+
+/// A save granted no share of the budget (its project's other saves hold all of it) starts no
+/// request until a keep-alive answer brings it one, then completes.
+#[test]
+fn a_save_beyond_its_projects_share_waits_for_one_then_completes() {
+    let Some(engine) = DockerEngine::start(EngineKind::Engine20) else { return };
+    let data_dir = tempfile::tempdir().unwrap();
+    let coordinator =
+        CoordinatorProcess::start(data_dir.path(), &["--transfer-budget", "2", "--worker-concurrency", "2"]);
+    let token = coordinator.create_project("web");
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let mut client = runtime.block_on(tests::worker_client(&coordinator.grpc_url, &token));
+    let holders: Vec<String> = ["one", "two"]
+        .iter()
+        .map(|service| {
+            let begun = runtime.block_on(client.begin_save(begin_request(service, b"{}", service.as_bytes())));
+            begun.unwrap().into_inner().save_id
+        })
+        .collect();
+    engine.import_busybox_base("base:1");
+    let context = build_context(tests::SEED_DOCKERFILE);
+    let built = engine.classic_build(context.path(), "app:latest", &[]);
+    assert!(built.status.success(), "{}", stderr_of(&built));
+
+    let started = Instant::now();
+    let mut save = coordinator.spawn_cache_worker_on(&engine, &token, &["save", "--service", "app", "app:latest"]);
+    std::thread::sleep(Duration::from_secs(8));
+    assert!(save.try_wait().unwrap().is_none(), "the save waits for a share");
+    for save_id in holders {
+        runtime.block_on(client.abandon_save(pb::AbandonSaveRequest { save_id })).unwrap();
+    }
+    let saved = save.wait_with_output().unwrap();
+    assert!(saved.status.success(), "{}", stderr_of(&saved));
+    assert!(stdout_of(&saved).contains("uploaded"), "{}", stdout_of(&saved));
+    assert!(started.elapsed() < Duration::from_secs(60), "{:?}", started.elapsed());
+    let restored = coordinator.cache_worker_on(&engine, &token, &["restore", "--service", "app", "--strict"]);
+    assert!(restored.status.success(), "{}", stderr_of(&restored));
 }
