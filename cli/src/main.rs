@@ -48,6 +48,9 @@ enum Command {
     Flush { project: String },
     /// Restore and save counters per project and service.
     Stats { project: Option<String> },
+    /// Manage a project's tokens scoped to branches.
+    #[command(subcommand)]
+    Token(TokenCommand),
     /// Print storage credentials for a project's cache as `export` lines for a POSIX shell.
     Credentials {
         project: String,
@@ -66,6 +69,73 @@ enum ProjectCommand {
         #[arg(long, default_value_t = 0)]
         quota_bytes: u64,
     },
+    /// Replace the project token; the new one is printed as the last line of stdout, once. The
+    /// old one, and the storage keys issued to it, stop working at once.
+    RotateToken { name: String },
+    /// Delete a project: its caches, stored blobs, tokens, keys and counters.
+    Delete { name: String },
+}
+
+#[derive(Debug, Subcommand)]
+enum TokenCommand {
+    /// Create a token that may read and write only some branches; it is printed as the last
+    /// line of stdout, once. A pattern is a branch name with `*` for any run of characters;
+    /// `*` or '' (empty) matches the default branch. A branch it may write it may also read.
+    Create {
+        project: String,
+        /// Branches whose caches it may save (and read); repeatable
+        #[arg(long = "write-branch", value_name = "PATTERN")]
+        write_branches: Vec<String>,
+        /// Branches whose caches it may restore; repeatable
+        #[arg(long = "read-branch", value_name = "PATTERN")]
+        read_branches: Vec<String>,
+        /// How long it works: e.g. 90m, 12h, 30d (0: until revoked)
+        #[arg(long, default_value = "0", value_parser = parse_duration_seconds)]
+        expires: u64,
+    },
+    /// List a project's scoped tokens (never their secrets).
+    Ls { project: String },
+    /// Revoke a scoped token and the storage keys issued to it.
+    Revoke { project: String, token_id: String },
+}
+
+/// `0`, or a count with a unit: `s`, `m`, `h` or `d`.
+fn parse_duration_seconds(text: &str) -> Result<u64, String> {
+    if text == "0" {
+        return Ok(0);
+    }
+    let bad = || format!("invalid duration {text:?}: use a number and a unit, as in 90s, 10m, 12h or 30d");
+    let split = text.find(|c: char| !c.is_ascii_digit()).ok_or_else(bad)?;
+    let (count, unit) = text.split_at(split);
+    let count: u64 = count.parse().map_err(|_| bad())?;
+    let unit = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return Err(bad()),
+    };
+    count.checked_mul(unit).ok_or_else(bad)
+}
+
+fn print_tokens(tokens: &[pb::ScopedToken]) {
+    let patterns = |patterns: &[String]| {
+        if patterns.is_empty() {
+            return "-".to_owned();
+        }
+        patterns.iter().map(|p| if p.is_empty() { "''".to_owned() } else { p.clone() }).collect::<Vec<_>>().join(",")
+    };
+    println!("{:<22} {:<24} {:<24} {:<25}  EXPIRES", "TOKEN", "WRITE", "READ", "CREATED");
+    for token in tokens {
+        println!(
+            "{:<22} {:<24} {:<24} {:<25}  {}",
+            token.id,
+            patterns(&token.write_branches),
+            patterns(&token.read_branches),
+            format_time(token.created_unix),
+            if token.expires_unix == 0 { "never".to_owned() } else { format_time(token.expires_unix) }
+        );
+    }
 }
 
 type Admin = AdminClient<InterceptedService<Channel, BearerToken>>;
@@ -177,7 +247,16 @@ fn print_manifest(project: &str, manifest: &pb::Manifest) {
 
 async fn run(cli: Cli) -> Result<(), ClientError> {
     match &cli.command {
-        Command::Project(ProjectCommand::Create { name, .. }) => validate(names::validate_project_name(name))?,
+        Command::Project(
+            ProjectCommand::Create { name, .. }
+            | ProjectCommand::RotateToken { name }
+            | ProjectCommand::Delete { name },
+        )
+        | Command::Token(
+            TokenCommand::Create { project: name, .. }
+            | TokenCommand::Ls { project: name }
+            | TokenCommand::Revoke { project: name, .. },
+        ) => validate(names::validate_project_name(name))?,
         Command::Ls { project: Some(project) }
         | Command::Flush { project }
         | Command::Credentials { project, .. }
@@ -204,6 +283,45 @@ async fn run(cli: Cli) -> Result<(), ClientError> {
             let project = response.project.unwrap_or_default();
             println!("created project {}; its token (shown once) follows:", project.name);
             println!("{}", response.token);
+        }
+        Command::Project(ProjectCommand::RotateToken { name }) => {
+            let request = pb::RotateProjectTokenRequest { project: name.clone() };
+            let response = admin.rotate_project_token(request).await.map_err(failed)?.into_inner();
+            println!(
+                "rotated the token of project {name}; the old one no longer works; the new one (shown once) follows:"
+            );
+            println!("{}", response.token);
+        }
+        Command::Project(ProjectCommand::Delete { name }) => {
+            let request = pb::DeleteProjectRequest { project: name.clone() };
+            let response = admin.delete_project(request).await.map_err(failed)?.into_inner();
+            println!(
+                "deleted project {name}: {} manifests and {} objects ({}) removed, its tokens revoked",
+                response.manifests_removed,
+                response.objects_removed,
+                format_bytes(response.bytes_removed)
+            );
+        }
+        Command::Token(TokenCommand::Create { project, write_branches, read_branches, expires }) => {
+            let request = pb::CreateTokenRequest {
+                project: project.clone(),
+                read_branches,
+                write_branches,
+                expires_seconds: expires,
+            };
+            let response = admin.create_token(request).await.map_err(failed)?.into_inner();
+            let token = response.token.unwrap_or_default();
+            println!("created token {} of project {project}; the token (shown once) follows:", token.id);
+            println!("{}", response.secret);
+        }
+        Command::Token(TokenCommand::Ls { project }) => {
+            let response = admin.list_tokens(pb::ListTokensRequest { project }).await.map_err(failed)?.into_inner();
+            print_tokens(&response.tokens);
+        }
+        Command::Token(TokenCommand::Revoke { project, token_id }) => {
+            let request = pb::RevokeTokenRequest { project: project.clone(), token_id: token_id.clone() };
+            admin.revoke_token(request).await.map_err(failed)?;
+            println!("revoked token {token_id} of project {project} and its storage keys");
         }
         Command::Ls { project: None } => {
             let response = admin.list_projects(pb::ListProjectsRequest {}).await.map_err(failed)?.into_inner();
@@ -272,6 +390,23 @@ async fn main() -> ExitCode {
         Err(error) => {
             eprintln!("cachectl: {error}");
             ExitCode::from(error.exit_code())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_take_a_unit_or_zero() {
+        assert_eq!(parse_duration_seconds("0"), Ok(0));
+        assert_eq!(parse_duration_seconds("90s"), Ok(90));
+        assert_eq!(parse_duration_seconds("10m"), Ok(600));
+        assert_eq!(parse_duration_seconds("12h"), Ok(43_200));
+        assert_eq!(parse_duration_seconds("30d"), Ok(2_592_000));
+        for bad in ["", "10", "m", "1.5h", "-1d", "10w", "99999999999999999999d"] {
+            assert!(parse_duration_seconds(bad).is_err(), "{bad}");
         }
     }
 }

@@ -18,7 +18,7 @@ impl From<Error> for Status {
         match error {
             Error::InvalidArgument(_) => Status::invalid_argument(message),
             Error::Unauthenticated(_) => Status::unauthenticated(message),
-            Error::PermissionDenied(_) => Status::permission_denied(message),
+            Error::PermissionDenied(_) | Error::OutOfScope(_) => Status::permission_denied(message),
             Error::ProjectExists(_) => Status::already_exists(message),
             Error::NoSuchProject(_) | Error::NoSuchCache { .. } | Error::NoSuchSave(_) => Status::not_found(message),
             Error::SaveConflict(_) => Status::aborted(message),
@@ -50,7 +50,11 @@ pub struct AdminApi(pub Arc<CacheService>);
 
 impl WorkerApi {
     fn project<T>(&self, request: &Request<T>) -> Result<String, Status> {
-        Ok(self.0.authenticate_project(bearer_token(request))?)
+        Ok(self.principal(request)?.project)
+    }
+
+    fn principal<T>(&self, request: &Request<T>) -> Result<crate::principals::Principal, Status> {
+        Ok(self.0.authenticate_worker(bearer_token(request))?)
     }
 }
 
@@ -70,7 +74,7 @@ fn counted<T>(metrics: &Metrics, method: &str, result: Result<T, Status>) -> Res
 impl Worker for WorkerApi {
     #[tracing::instrument(skip_all)]
     async fn lookup(&self, request: Request<pb::LookupRequest>) -> Result<Response<pb::LookupResponse>, Status> {
-        let result = async { Ok(self.0.lookup(&self.project(&request)?, request.get_ref())?) }.await;
+        let result = async { Ok(self.0.lookup(&self.principal(&request)?, request.get_ref())?) }.await;
         counted(&self.0.metrics, "Lookup", result)
     }
 
@@ -79,7 +83,7 @@ impl Worker for WorkerApi {
         &self,
         request: Request<pb::BeginSaveRequest>,
     ) -> Result<Response<pb::BeginSaveResponse>, Status> {
-        let result = async { Ok(self.0.begin_save(&self.project(&request)?, request.get_ref()).await?) }.await;
+        let result = async { Ok(self.0.begin_save(&self.principal(&request)?, request.get_ref()).await?) }.await;
         counted(&self.0.metrics, "BeginSave", result)
     }
 
@@ -88,7 +92,7 @@ impl Worker for WorkerApi {
         &self,
         request: Request<pb::CommitSaveRequest>,
     ) -> Result<Response<pb::CommitSaveResponse>, Status> {
-        let result = async { Ok(self.0.commit_save(&self.project(&request)?, request.get_ref()).await?) }.await;
+        let result = async { Ok(self.0.commit_save(&self.principal(&request)?, request.get_ref()).await?) }.await;
         counted(&self.0.metrics, "CommitSave", result)
     }
 
@@ -124,10 +128,20 @@ impl Worker for WorkerApi {
         request: Request<pb::GetCredentialsRequest>,
     ) -> Result<Response<pb::GetCredentialsResponse>, Status> {
         let result = async {
-            let project = self.project(&request)?;
+            let principal = self.principal(&request)?;
             let request = request.get_ref();
-            let credentials =
-                self.0.issue_credentials(&project, request.access(), &request.renew_access_key_id).await?;
+            if request.access() == pb::Access::Write {
+                principal.check_writes_some()?;
+            }
+            let credentials = self
+                .0
+                .issue_credentials(
+                    &principal.project,
+                    request.access(),
+                    &request.renew_access_key_id,
+                    &principal.token_id,
+                )
+                .await?;
             Ok(pb::GetCredentialsResponse { credentials: Some(credentials) })
         }
         .await;
@@ -226,11 +240,83 @@ impl Admin for AdminApi {
             self.admin(&request)?;
             let request = request.get_ref();
             let project = self.0.existing_project(&request.project)?;
-            let credentials = self.0.issue_credentials(&project.name, request.access(), "").await?;
+            let credentials = self.0.issue_credentials(&project.name, request.access(), "", "").await?;
             Ok(pb::GetCredentialsResponse { credentials: Some(credentials) })
         }
         .await;
         counted(&self.0.metrics, "IssueCredentials", result)
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn create_token(
+        &self,
+        request: Request<pb::CreateTokenRequest>,
+    ) -> Result<Response<pb::CreateTokenResponse>, Status> {
+        let result = async {
+            self.admin(&request)?;
+            let request = request.get_ref();
+            let scope = crate::tokens::BranchScope {
+                read: request.read_branches.clone(),
+                write: request.write_branches.clone(),
+            };
+            let (token, secret) = self.0.create_token(&request.project, scope, request.expires_seconds).await?;
+            Ok(pb::CreateTokenResponse { token: Some(token), secret })
+        }
+        .await;
+        counted(&self.0.metrics, "CreateToken", result)
+    }
+
+    async fn list_tokens(
+        &self,
+        request: Request<pb::ListTokensRequest>,
+    ) -> Result<Response<pb::ListTokensResponse>, Status> {
+        let result = async {
+            self.admin(&request)?;
+            Ok(pb::ListTokensResponse { tokens: self.0.list_tokens(&request.get_ref().project)? })
+        }
+        .await;
+        counted(&self.0.metrics, "ListTokens", result)
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn revoke_token(
+        &self,
+        request: Request<pb::RevokeTokenRequest>,
+    ) -> Result<Response<pb::RevokeTokenResponse>, Status> {
+        let result = async {
+            self.admin(&request)?;
+            let request = request.get_ref();
+            self.0.revoke_token(&request.project, &request.token_id).await?;
+            Ok(pb::RevokeTokenResponse {})
+        }
+        .await;
+        counted(&self.0.metrics, "RevokeToken", result)
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn rotate_project_token(
+        &self,
+        request: Request<pb::RotateProjectTokenRequest>,
+    ) -> Result<Response<pb::RotateProjectTokenResponse>, Status> {
+        let result = async {
+            self.admin(&request)?;
+            Ok(pb::RotateProjectTokenResponse { token: self.0.rotate_project_token(&request.get_ref().project).await? })
+        }
+        .await;
+        counted(&self.0.metrics, "RotateProjectToken", result)
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn delete_project(
+        &self,
+        request: Request<pb::DeleteProjectRequest>,
+    ) -> Result<Response<pb::FlushProjectResponse>, Status> {
+        let result = async {
+            self.admin(&request)?;
+            Ok(self.0.delete_project(&request.get_ref().project).await?)
+        }
+        .await;
+        counted(&self.0.metrics, "DeleteProject", result)
     }
 
     async fn stats(&self, request: Request<pb::StatsRequest>) -> Result<Response<pb::StatsResponse>, Status> {

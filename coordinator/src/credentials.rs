@@ -165,7 +165,7 @@ impl EmbeddedBroker {
         let mut id_bytes = [0u8; 10];
         rand::rngs::OsRng.fill_bytes(&mut id_bytes);
         let access_key_id = format!("LC{}", hex::encode_upper(id_bytes));
-        let record = MintedKeyRecord { project: project.to_owned(), access, expires_unix };
+        let record = MintedKeyRecord { project: project.to_owned(), access, expires_unix, token_id: String::new() };
         self.db.insert_minted_key(&access_key_id, &record)?;
         self.db.key_durable(access).await?;
         Ok(self.credentials(project, access, access_key_id, expires_unix))
@@ -439,6 +439,14 @@ mod tests {
         assert!(!format!("{issued:?}").contains(&issued.secret_access_key));
         assert!(!format!("{issued:?}").contains(&issued.session_token));
         let record = db.minted_key(&issued.access_key_id).unwrap().unwrap();
-        assert_eq!(record, MintedKeyRecord { project: "web".into(), access: KeyAccess::Read, expires_unix: 1234 });
+        assert_eq!(
+            record,
+            MintedKeyRecord {
+                project: "web".into(),
+                access: KeyAccess::Read,
+                expires_unix: 1234,
+                token_id: String::new()
+            }
+        );
     }
 }

@@ -38,6 +38,9 @@ pub enum Error {
     Unauthenticated(&'static str),
     #[error("{0}")]
     PermissionDenied(&'static str),
+    /// A scoped token asked for a branch outside its scope.
+    #[error("{0}")]
+    OutOfScope(String),
     #[error("object store error: {0}")]
     Store(String),
     #[error("{0}")]

@@ -9,6 +9,7 @@ pub mod error;
 pub mod listener;
 pub mod manifests;
 pub mod metrics;
+pub mod principals;
 pub mod s3_endpoint;
 pub mod saves;
 pub mod scope;

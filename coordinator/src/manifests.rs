@@ -47,6 +47,22 @@ pub struct MintedKeyRecord {
     pub project: String,
     pub access: KeyAccess,
     pub expires_unix: i64,
+    /// The scoped token it was issued to; empty: the project token. Revoking the token (or
+    /// rotating the project token) revokes its keys.
+    #[serde(default)]
+    pub token_id: String,
+}
+
+/// A token scoped to branches (`cachectl token create`), kept under the SHA-256 of the token.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScopedTokenRecord {
+    /// `tok_` and 16 hex digits: how operators name it (`cachectl token ls / revoke`).
+    pub id: String,
+    pub project: String,
+    pub scope: crate::tokens::BranchScope,
+    pub created_unix: i64,
+    /// 0: it does not expire.
+    pub expires_unix: i64,
 }
 
 /// One blob of a project's store, as the ledger knows it.
@@ -131,6 +147,7 @@ pub struct Database {
     manifests: sled::Tree,
     blobs: sled::Tree,
     counters: sled::Tree,
+    scoped_tokens: sled::Tree,
 }
 
 fn json_to_vec<T: Serialize>(value: &T) -> Vec<u8> {
@@ -179,6 +196,7 @@ impl Database {
             manifests: open_tree("manifests")?,
             blobs: open_tree("blobs")?,
             counters: open_tree("counters")?,
+            scoped_tokens: open_tree("scoped_tokens")?,
             db,
             group_commit: Default::default(),
         })
@@ -290,6 +308,99 @@ impl Database {
                 Ok(String::from_utf8_lossy(&key[prefix.len()..]).into_owned())
             })
             .collect()
+    }
+
+    /// Notes which scoped token a key was issued to (see [`MintedKeyRecord::token_id`]).
+    pub fn tag_minted_key(&self, access_key_id: &str, token_id: &str) -> Result<(), Error> {
+        self.minted_keys
+            .fetch_and_update(access_key_id.as_bytes(), |old| {
+                let mut record: MintedKeyRecord = serde_json::from_slice(old?).ok()?;
+                record.token_id = token_id.to_owned();
+                Some(json_to_vec(&record))
+            })
+            .map_err(db_error)?;
+        Ok(())
+    }
+
+    /// Forgets every key of `project` issued to `token_id` (empty: the project token), so the
+    /// embedded endpoint admits none of them and nobody renews them; returns them.
+    pub fn revoke_keys(&self, project: &str, token_id: &str) -> Result<Vec<MintedKeyRecord>, Error> {
+        let mut revoked = Vec::new();
+        for entry in self.minted_keys.iter() {
+            let (access_key_id, bytes) = entry.map_err(db_error)?;
+            let record: MintedKeyRecord = json_from_slice("minted_keys", &bytes)?;
+            if record.project == project && record.token_id == token_id {
+                self.minted_keys.remove(access_key_id).map_err(db_error)?;
+                revoked.push(record);
+            }
+        }
+        Ok(revoked)
+    }
+
+    pub fn insert_scoped_token(&self, sha256_hex: &str, record: &ScopedTokenRecord) -> Result<(), Error> {
+        self.scoped_tokens.insert(sha256_hex.as_bytes(), json_to_vec(record)).map_err(db_error)?;
+        Ok(())
+    }
+
+    /// The scoped token whose SHA-256 is `sha256_hex`, if one is recorded.
+    pub fn scoped_token(&self, sha256_hex: &str) -> Result<Option<ScopedTokenRecord>, Error> {
+        match self.scoped_tokens.get(sha256_hex.as_bytes()).map_err(db_error)? {
+            Some(bytes) => Ok(Some(json_from_slice("scoped_tokens", &bytes)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// A project's scoped tokens, by creation time.
+    pub fn scoped_tokens(&self, project: &str) -> Result<Vec<ScopedTokenRecord>, Error> {
+        let mut records = Vec::new();
+        for entry in self.scoped_tokens.iter() {
+            let (_, bytes) = entry.map_err(db_error)?;
+            let record: ScopedTokenRecord = json_from_slice("scoped_tokens", &bytes)?;
+            if record.project == project {
+                records.push(record);
+            }
+        }
+        records.sort_by(|a, b| (a.created_unix, &a.id).cmp(&(b.created_unix, &b.id)));
+        Ok(records)
+    }
+
+    /// Removes a project's scoped token by ID (every one, with `None`); returns the removed.
+    pub fn remove_scoped_tokens(&self, project: &str, id: Option<&str>) -> Result<Vec<ScopedTokenRecord>, Error> {
+        let mut removed = Vec::new();
+        for entry in self.scoped_tokens.iter() {
+            let (key, bytes) = entry.map_err(db_error)?;
+            let record: ScopedTokenRecord = json_from_slice("scoped_tokens", &bytes)?;
+            if record.project == project && id.is_none_or(|id| id == record.id) {
+                self.scoped_tokens.remove(key).map_err(db_error)?;
+                removed.push(record);
+            }
+        }
+        Ok(removed)
+    }
+
+    /// Replaces the project token (its hash); [`Error::NoSuchProject`] if there is no project.
+    pub fn set_project_token(&self, project: &str, sha256_hex: &str) -> Result<(), Error> {
+        let updated = self
+            .projects
+            .fetch_and_update(project.as_bytes(), |old| {
+                let mut record: ProjectRecord = serde_json::from_slice(old?).ok()?;
+                record.token_sha256_hex = sha256_hex.to_owned();
+                Some(json_to_vec(&record))
+            })
+            .map_err(db_error)?;
+        updated.map(|_| ()).ok_or_else(|| Error::NoSuchProject(project.to_owned()))
+    }
+
+    /// Forgets what a flush leaves of a project: the record itself, its scoped tokens and its
+    /// counters (its manifests, ledger and keys went with the flush).
+    pub fn remove_project(&self, project: &str) -> Result<(), Error> {
+        self.remove_scoped_tokens(project, None)?;
+        for entry in self.counters.scan_prefix(project_prefix(project)) {
+            let (key, _) = entry.map_err(db_error)?;
+            self.counters.remove(key).map_err(db_error)?;
+        }
+        self.projects.remove(project.as_bytes()).map_err(db_error)?;
+        Ok(())
     }
 
     /// Forgets keys that expired before `now_unix`; returns how many.
@@ -696,8 +807,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let db = Database::open(dir.path()).unwrap();
         db.create_project(&project("a")).unwrap();
-        let record =
-            |project: &str| MintedKeyRecord { project: project.into(), access: KeyAccess::Write, expires_unix: 1 };
+        let record = |project: &str| MintedKeyRecord {
+            project: project.into(),
+            access: KeyAccess::Write,
+            expires_unix: 1,
+            token_id: String::new(),
+        };
         db.insert_minted_key("KA", &record("a")).unwrap();
         db.insert_minted_key("KA2", &MintedKeyRecord { expires_unix: 50, ..record("a") }).unwrap();
         db.insert_minted_key("KB", &record("b")).unwrap();
@@ -737,7 +852,12 @@ mod tests {
     fn expired_keys_are_forgotten() {
         let dir = tempfile::tempdir().unwrap();
         let db = Database::open(dir.path()).unwrap();
-        let record = |expires_unix| MintedKeyRecord { project: "a".into(), access: KeyAccess::Read, expires_unix };
+        let record = |expires_unix| MintedKeyRecord {
+            project: "a".into(),
+            access: KeyAccess::Read,
+            expires_unix,
+            token_id: String::new(),
+        };
         db.insert_minted_key("OLD", &record(10)).unwrap();
         db.insert_minted_key("NEW", &record(30)).unwrap();
         assert_eq!(db.remove_expired_keys(20).unwrap(), 1);

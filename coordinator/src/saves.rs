@@ -294,10 +294,12 @@ fn identity(images: &[pb::Image]) -> Vec<(String, String, Vec<String>, Vec<Strin
 impl CacheService {
     pub async fn begin_save(
         &self,
-        project: &str,
+        principal: &crate::principals::Principal,
         request: &pb::BeginSaveRequest,
     ) -> Result<pb::BeginSaveResponse, Error> {
+        let project = principal.project.as_str();
         let key = validate_key(request.key.as_ref())?;
+        principal.check_write(&key.branch)?;
         validate_images(&request.images)?;
         validate_host(&request.host)?;
         let record = self.db.project(project)?.ok_or_else(|| Error::NoSuchProject(project.to_owned()))?;
@@ -351,7 +353,7 @@ impl CacheService {
         let (credentials, plan) = if missing_digests.is_empty() && in_flight_digests.is_empty() {
             (None, None)
         } else {
-            let credentials = match self.issue_credentials(project, pb::Access::Write, "").await {
+            let credentials = match self.issue_credentials(project, pb::Access::Write, "", &principal.token_id).await {
                 Ok(credentials) => credentials,
                 Err(error) => {
                     self.pending_saves.abandon(&save_id, project);
@@ -422,11 +424,14 @@ impl CacheService {
 
     pub async fn commit_save(
         &self,
-        project: &str,
+        principal: &crate::principals::Principal,
         request: &pb::CommitSaveRequest,
     ) -> Result<pb::CommitSaveResponse, Error> {
+        let project = principal.project.as_str();
         validate_images(&request.images)?;
         let pending = self.pending_saves.describe(&request.save_id, project, Instant::now())?;
+        // Checked again: the save may have been begun by another token of the project.
+        principal.check_write(&pending.key.branch)?;
         let image_ids: Vec<String> = request.images.iter().map(|image| image.id.clone()).collect();
         if image_ids != pending.image_ids {
             return Err(Error::InvalidArgument("the committed images differ from the ones the save began with".into()));

@@ -82,16 +82,7 @@ pub(crate) fn validate_key(key: Option<&pb::CacheKey>) -> Result<pb::CacheKey, E
 impl CacheService {
     /// The project a worker token belongs to.
     pub fn authenticate_project(&self, token: Option<&str>) -> Result<String, Error> {
-        let token = token.ok_or(Error::Unauthenticated("missing project token: pass --token or set CACHE_TOKEN"))?;
-        if tokens::token_matches(token, &self.admin_token_sha256_hex) {
-            return Err(Error::PermissionDenied("the admin token cannot be used by a worker: use a project token"));
-        }
-        let unknown = Error::Unauthenticated("unknown or revoked project token");
-        let project = tokens::project_of_token(token).ok_or(unknown)?;
-        match self.db.project(project)? {
-            Some(record) if tokens::token_matches(token, &record.token_sha256_hex) => Ok(record.name),
-            _ => Err(Error::Unauthenticated("unknown or revoked project token")),
-        }
+        Ok(self.authenticate_worker(token)?.project)
     }
 
     /// Admits the admin token only.
@@ -241,6 +232,7 @@ impl CacheService {
         project: &str,
         access: pb::Access,
         renew_access_key_id: &str,
+        token_id: &str,
     ) -> Result<pb::Credentials, Error> {
         let access = match access {
             pb::Access::Read => KeyAccess::Read,
@@ -269,8 +261,12 @@ impl CacheService {
                 project: project.to_owned(),
                 access,
                 expires_unix: issued.expires_unix,
+                token_id: token_id.to_owned(),
             };
             self.db.insert_minted_key(&issued.access_key_id, &record)?;
+            self.db.key_durable(access).await?;
+        } else if !token_id.is_empty() {
+            self.db.tag_minted_key(&issued.access_key_id, token_id)?;
             self.db.key_durable(access).await?;
         }
         let access_name = if access == KeyAccess::Write { "write" } else { "read" };
@@ -357,10 +353,20 @@ impl CacheService {
     }
 
     /// Finds the manifest of `key`, else of the first fallback that has one.
-    pub fn lookup(&self, project: &str, request: &pb::LookupRequest) -> Result<pb::LookupResponse, Error> {
+    /// The first of the request's keys (then its fallbacks) with a cache. A scoped token must
+    /// be allowed to read every branch it names.
+    pub fn lookup(
+        &self,
+        principal: &crate::principals::Principal,
+        request: &pb::LookupRequest,
+    ) -> Result<pb::LookupResponse, Error> {
+        let project = principal.project.as_str();
         let mut candidates = vec![validate_key(request.key.as_ref())?];
         for fallback in &request.fallbacks {
             candidates.push(validate_key(Some(fallback))?);
+        }
+        for key in &candidates {
+            principal.check_read(&key.branch)?;
         }
         for key in candidates {
             if let Some(manifest) = self.db.manifest(project, &key.service, &key.branch)? {

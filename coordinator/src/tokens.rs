@@ -86,9 +86,123 @@ pub fn load_or_create_admin_token(data_dir: &Path, from_env: Option<&str>) -> Re
     }
 }
 
+/// The branches a scoped token may read (look up, restore) and write (save). A pattern is a
+/// branch name in which `*` stands for any run of characters; `*` alone also matches the
+/// default entry (no branch), which the empty pattern matches too.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct BranchScope {
+    pub read: Vec<String>,
+    pub write: Vec<String>,
+}
+
+/// The most patterns of each kind one token carries.
+pub const MOST_PATTERNS: usize = 16;
+
+/// Checks a branch pattern: a branch name's characters, `*` anywhere, or empty.
+pub fn validate_branch_pattern(pattern: &str) -> Result<(), Error> {
+    let plain = pattern.replace('*', "a");
+    let ok = pattern.is_empty() || pattern == "*" || proto::names::validate_branch_name(&plain).is_ok();
+    if !ok || pattern.len() > 63 {
+        return Err(Error::InvalidArgument(format!(
+            "invalid branch pattern {pattern:?}: use a branch name, with '*' for any run of characters"
+        )));
+    }
+    Ok(())
+}
+
+/// Whether `branch` matches the glob `pattern` (`*`: any run of characters, possibly none).
+pub fn branch_matches(pattern: &str, branch: &str) -> bool {
+    if pattern == "*" {
+        return true;
+    }
+    let mut parts = pattern.split('*');
+    let first = parts.next().unwrap_or_default();
+    let Some(mut rest) = branch.strip_prefix(first) else { return false };
+    let mut parts: Vec<&str> = parts.collect();
+    let Some(last) = parts.pop() else { return rest.is_empty() };
+    for part in parts {
+        match rest.find(part) {
+            Some(at) => rest = &rest[at + part.len()..],
+            None => return false,
+        }
+    }
+    rest.len() >= last.len() && rest.ends_with(last)
+}
+
+impl BranchScope {
+    pub fn validate(&self) -> Result<(), Error> {
+        if self.read.len() > MOST_PATTERNS || self.write.len() > MOST_PATTERNS {
+            return Err(Error::InvalidArgument(format!(
+                "a token carries at most {MOST_PATTERNS} patterns of each kind"
+            )));
+        }
+        if self.read.is_empty() && self.write.is_empty() {
+            return Err(Error::InvalidArgument(
+                "a scoped token needs at least one --read-branch or --write-branch pattern".into(),
+            ));
+        }
+        self.read.iter().chain(&self.write).try_for_each(|pattern| validate_branch_pattern(pattern))
+    }
+
+    /// Whether a cache of `branch` may be read: a branch it may write it may also read.
+    pub fn may_read(&self, branch: &str) -> bool {
+        self.read.iter().chain(&self.write).any(|pattern| branch_matches(pattern, branch))
+    }
+
+    pub fn may_write(&self, branch: &str) -> bool {
+        self.write.iter().any(|pattern| branch_matches(pattern, branch))
+    }
+
+    /// The patterns for a person: `pr-*, main` or `nothing`.
+    pub fn describe(patterns: &[String]) -> String {
+        if patterns.is_empty() {
+            return "nothing".into();
+        }
+        let shown: Vec<String> =
+            patterns.iter().map(|p| if p.is_empty() { "the default branch".to_owned() } else { p.clone() }).collect();
+        shown.join(", ")
+    }
+}
+
+/// A branch for a person.
+pub fn branch_for_people(branch: &str) -> String {
+    if branch.is_empty() { "the default branch".to_owned() } else { format!("branch {branch:?}") }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn branch_patterns_match_as_globs() {
+        for (pattern, branch, matches) in [
+            ("pr-*", "pr-12", true),
+            ("pr-*", "pr-", true),
+            ("pr-*", "main", false),
+            ("pr-*", "", false),
+            ("main", "main", true),
+            ("main", "main2", false),
+            ("*", "", true),
+            ("*", "anything", true),
+            ("", "", true),
+            ("", "main", false),
+            ("release-*-rc", "release-1.2-rc", true),
+            ("release-*-rc", "release-1.2-rc1", false),
+            ("*-rc", "1-rc", true),
+            ("a*a", "a", false),
+        ] {
+            assert_eq!(branch_matches(pattern, branch), matches, "{pattern:?} {branch:?}");
+        }
+        let scope = BranchScope { read: vec!["main".into()], write: vec!["pr-*".into()] };
+        assert!(scope.may_read("main") && scope.may_read("pr-3") && !scope.may_read("dev"));
+        assert!(scope.may_write("pr-3") && !scope.may_write("main") && !scope.may_write(""));
+        assert!(scope.validate().is_ok());
+        assert!(BranchScope::default().validate().is_err());
+        for bad in ["../x", "PR-*", "a b", "**/x"] {
+            assert!(validate_branch_pattern(bad).is_err(), "{bad}");
+        }
+        assert!(validate_branch_pattern("").is_ok() && validate_branch_pattern("*").is_ok());
+    }
 
     #[test]
     fn project_tokens_carry_their_project_and_256_random_bits() {

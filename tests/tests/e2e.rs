@@ -18,6 +18,7 @@ mod e2e {
     mod projects_and_credentials;
     mod s3_store;
     mod save_restore;
+    mod scoped_tokens;
     mod single_flight;
     mod traces;
     mod transfers;

@@ -1,0 +1,199 @@
+//! Who a worker's token is: its project and, for a token scoped to branches (a fork's pull
+//! requests, say), which caches it may read and write; and the admin API's commands over
+//! tokens and projects (create, list and revoke scoped tokens, rotate a project's token,
+//! delete a project with everything it holds).
+
+use proto::v1 as pb;
+
+use crate::credentials::now_unix;
+use crate::error::Error;
+use crate::manifests::ScopedTokenRecord;
+use crate::service::CacheService;
+use crate::tokens::{self, BranchScope, branch_for_people};
+
+/// A worker token, authenticated.
+#[derive(Debug, Clone)]
+pub struct Principal {
+    pub project: String,
+    /// The scoped token's ID; empty for the project token.
+    pub token_id: String,
+    /// `None`: the project token, which may read and write every branch.
+    pub scope: Option<BranchScope>,
+}
+
+impl Principal {
+    /// Refuses a lookup of a branch the token may not read.
+    pub fn check_read(&self, branch: &str) -> Result<(), Error> {
+        match &self.scope {
+            Some(scope) if !scope.may_read(branch) => Err(Error::OutOfScope(format!(
+                "token {} may read {} only, not {}",
+                self.token_id,
+                BranchScope::describe(&[scope.read.clone(), scope.write.clone()].concat()),
+                branch_for_people(branch)
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    /// Refuses a save to a branch the token may not write.
+    pub fn check_write(&self, branch: &str) -> Result<(), Error> {
+        match &self.scope {
+            Some(scope) if !scope.may_write(branch) => Err(Error::OutOfScope(format!(
+                "token {} may save to {} only, not to {}",
+                self.token_id,
+                BranchScope::describe(&scope.write),
+                branch_for_people(branch)
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    /// Refuses write credentials to a token that may write no branch.
+    pub fn check_writes_some(&self) -> Result<(), Error> {
+        match &self.scope {
+            Some(scope) if scope.write.is_empty() => {
+                Err(Error::OutOfScope(format!("token {} may only read: it gets no write credentials", self.token_id)))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// The longest a scoped token may live.
+const MOST_TOKEN_LIFETIME_SECONDS: u64 = 400 * 24 * 3600;
+
+fn token_message(record: &ScopedTokenRecord) -> pb::ScopedToken {
+    pb::ScopedToken {
+        id: record.id.clone(),
+        read_branches: record.scope.read.clone(),
+        write_branches: record.scope.write.clone(),
+        created_unix: record.created_unix,
+        expires_unix: record.expires_unix,
+    }
+}
+
+impl CacheService {
+    /// The principal a worker token stands for: the project token, or a live scoped token.
+    pub fn authenticate_worker(&self, token: Option<&str>) -> Result<Principal, Error> {
+        let token = token.ok_or(Error::Unauthenticated("missing project token: pass --token or set CACHE_TOKEN"))?;
+        if tokens::token_matches(token, &self.admin_token_sha256_hex) {
+            return Err(Error::PermissionDenied("the admin token cannot be used by a worker: use a project token"));
+        }
+        let unknown = Error::Unauthenticated("unknown or revoked project token");
+        let project = tokens::project_of_token(token).ok_or(unknown)?;
+        let Some(record) = self.db.project(project)? else {
+            return Err(Error::Unauthenticated("unknown or revoked project token"));
+        };
+        if tokens::token_matches(token, &record.token_sha256_hex) {
+            return Ok(Principal { project: record.name, token_id: String::new(), scope: None });
+        }
+        // The lookup is by the token's hash: what it reveals (whether a hash is recorded) is
+        // worth nothing without the 256-bit secret.
+        match self.db.scoped_token(&tokens::sha256_hex(token))? {
+            Some(scoped) if scoped.project == record.name => {
+                if scoped.expires_unix != 0 && scoped.expires_unix <= now_unix() {
+                    return Err(Error::Unauthenticated("the token has expired: ask the operator for a new one"));
+                }
+                Ok(Principal { project: scoped.project, token_id: scoped.id, scope: Some(scoped.scope) })
+            }
+            _ => Err(Error::Unauthenticated("unknown or revoked project token")),
+        }
+    }
+
+    /// A new token of `project` that may read and write only the branches of `scope`, for
+    /// `expires_seconds` (0: no expiry). Returns it with the token itself, shown once.
+    pub async fn create_token(
+        &self,
+        project: &str,
+        scope: BranchScope,
+        expires_seconds: u64,
+    ) -> Result<(pb::ScopedToken, String), Error> {
+        self.existing_project(project)?;
+        scope.validate()?;
+        if expires_seconds > MOST_TOKEN_LIFETIME_SECONDS {
+            return Err(Error::InvalidArgument("a token expires within 400 days at most".into()));
+        }
+        let token = tokens::new_project_token(project);
+        let now = now_unix();
+        let record = ScopedTokenRecord {
+            id: format!("tok_{}", &tokens::random_hex_32()[..16]),
+            project: project.to_owned(),
+            scope,
+            created_unix: now,
+            expires_unix: if expires_seconds == 0 { 0 } else { now + expires_seconds as i64 },
+        };
+        self.db.insert_scoped_token(&tokens::sha256_hex(&token), &record)?;
+        // The token is printed once: it must outlive a crash right after.
+        self.db.durable().await?;
+        tracing::info!(project, token_id = record.id, read = ?record.scope.read, write = ?record.scope.write, "scoped token created");
+        Ok((token_message(&record), token))
+    }
+
+    pub fn list_tokens(&self, project: &str) -> Result<Vec<pb::ScopedToken>, Error> {
+        self.existing_project(project)?;
+        Ok(self.db.scoped_tokens(project)?.iter().map(token_message).collect())
+    }
+
+    /// Revokes a scoped token and the storage keys issued to it. Revoking one that is gone
+    /// is refused, so a typo is not mistaken for success.
+    pub async fn revoke_token(&self, project: &str, token_id: &str) -> Result<(), Error> {
+        self.existing_project(project)?;
+        if self.db.remove_scoped_tokens(project, Some(token_id))?.is_empty() {
+            return Err(Error::InvalidArgument(format!("project {project:?} has no token {token_id:?}")));
+        }
+        self.revoke_keys_of(project, token_id).await?;
+        tracing::info!(project, token_id, "scoped token revoked");
+        Ok(())
+    }
+
+    /// Replaces the project token; the old one, and the storage keys issued to it, stop
+    /// working at once (a save running with it fails and is not committed). Scoped tokens stay.
+    pub async fn rotate_project_token(&self, project: &str) -> Result<String, Error> {
+        self.existing_project(project)?;
+        let token = tokens::new_project_token(project);
+        self.db.set_project_token(project, &tokens::sha256_hex(&token))?;
+        self.revoke_keys_of(project, "").await?;
+        tracing::info!(project, "project token rotated");
+        Ok(token)
+    }
+
+    /// Revokes the keys issued to one token under the project's publish lock, as a flush
+    /// does: an upload signed by one either lands before (and stays: it was verified) or
+    /// finds its key gone.
+    async fn revoke_keys_of(&self, project: &str, token_id: &str) -> Result<(), Error> {
+        {
+            let publish_lock = self.publish_lock.of_project(project);
+            let _no_publishing = publish_lock.write().await;
+            self.db.revoke_keys(project, token_id)?;
+        }
+        self.db.durable().await
+    }
+
+    /// Deletes a project: a flush (manifests, ledger, keys, every stored object), then its
+    /// tokens, counters and record. With STS, a session issued before lives until it
+    /// expires; what it writes meanwhile is swept then (while this process runs).
+    pub async fn delete_project(&self, project: &str) -> Result<pb::FlushProjectResponse, Error> {
+        let flushed = self.flush_project(project).await?;
+        let sweep_due = self.db.project(project)?.map_or(0, |record| record.sweep_after_unix);
+        self.db.remove_project(project)?;
+        self.db.durable().await?;
+        if sweep_due > now_unix() {
+            let (store, db) = (self.store.clone(), self.db.clone());
+            let (project, prefix) =
+                (project.to_owned(), crate::credentials::project_prefix(&self.store_prefix, project));
+            let wait = std::time::Duration::from_secs((sweep_due - now_unix()) as u64 + 1);
+            tokio::spawn(async move {
+                tokio::time::sleep(wait).await;
+                // A project created again under the name owns the prefix now.
+                if !matches!(db.project(&project), Ok(None)) {
+                    return;
+                }
+                if let Err(error) = store.delete_prefix(&prefix, &crate::store::keep_nothing).await {
+                    tracing::warn!(%error, "sweeping a deleted project's store failed");
+                }
+            });
+        }
+        tracing::info!(project, "project deleted");
+        Ok(flushed)
+    }
+}
