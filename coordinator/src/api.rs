@@ -24,6 +24,7 @@ impl From<Error> for Status {
             Error::SaveConflict(_) => Status::aborted(message),
             Error::TooMany(_) => Status::resource_exhausted(message),
             Error::BlobNotStored(_) => Status::failed_precondition(message),
+            Error::BlobCorrupt(_) => Status::data_loss(message),
             // Retrying may help: the store or the disk may come back. The operator must hear of
             // it: the worker's line names the cause, and so does the coordinator's log.
             Error::DataDirUnwritable(_) | Error::Database(_) => {

@@ -32,6 +32,10 @@ pub enum Error {
     TooMany(String),
     #[error("{0}")]
     BlobNotStored(String),
+    /// A stored blob did not hash to its digest (planted, or corrupted in the store): it was
+    /// deleted, and the save should upload it again.
+    #[error("{0}")]
+    BlobCorrupt(String),
     #[error("unknown save {0:?}: it expired or the coordinator restarted; save again")]
     NoSuchSave(String),
     #[error("{0}")]

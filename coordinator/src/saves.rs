@@ -225,6 +225,14 @@ struct SaveFacts {
     host: String,
 }
 
+/// The refusal of a commit naming a blob whose stored bytes do not hash to its digest (the
+/// store has just deleted them).
+fn planted(digest: &str) -> Error {
+    Error::BlobCorrupt(format!(
+        "blob {digest} in the store did not hash to its digest and was deleted: upload it again"
+    ))
+}
+
 /// A build host's name from outside: printable, short.
 fn validate_host(host: &str) -> Result<(), Error> {
     if host.len() > MAX_HOST_NAME || host.chars().any(|c| c.is_control()) {
@@ -517,6 +525,14 @@ impl CacheService {
             };
             match stored {
                 Some(size) if size == record.stored_size => {}
+                // New to the ledger and of another size: planted, most likely (a write key
+                // of the project put other bytes there), and deleted if so.
+                Some(_)
+                    if !known.contains_key(digest)
+                        && !self.store.verify_blob(&blob_key(&prefix, digest), digest).await? =>
+                {
+                    return Err(planted(digest));
+                }
                 Some(size) => {
                     return Err(Error::BlobNotStored(format!(
                         "blob {digest} is stored with {size} bytes, not {}: upload it again",
@@ -533,6 +549,21 @@ impl CacheService {
         if !waiting_for.is_empty() {
             waiting_for.sort();
             return Ok(pb::CommitSaveResponse { waiting_for_digests: waiting_for, ..Default::default() });
+        }
+        // Architecture Invariant: a blob is verified against its digest before the ledger
+        // counts it, so no save, however trusted, counts a blob another token planted.
+        let new_blobs: Vec<String> = in_store.keys().cloned().collect();
+        let checks = new_blobs.into_iter().map(|digest| {
+            let key = blob_key(&prefix, &digest);
+            async move {
+                let matches = self.store.verify_blob(&key, &digest).await?;
+                Ok::<_, Error>((digest, matches))
+            }
+        });
+        let checked: Vec<(String, bool)> =
+            futures::stream::iter(checks).buffer_unordered(STORE_LOOKUPS_IN_FLIGHT).try_collect().await?;
+        if let Some((digest, _)) = checked.iter().find(|(_, matches)| !matches) {
+            return Err(planted(digest));
         }
         self.pending_saves.take(&request.save_id, project)?;
         self.budget.release(project, &request.save_id);

@@ -809,6 +809,11 @@ async fn commit(
                     status.message()
                 ))));
             }
+            // A blob in the store did not match its digest (another token planted it) and the
+            // coordinator deleted it: the save uploads it again.
+            Err(status) if status.code() == tonic::Code::DataLoss => {
+                return Ok(Err(Attempt::Again(status.message().to_owned())));
+            }
             Err(status) if status.code() == tonic::Code::FailedPrecondition && !in_flight.is_empty() => {
                 return Ok(Err(Attempt::Again(format!(
                     "a concurrent save stopped before uploading what this one waited for ({})",

@@ -55,6 +55,10 @@ pub struct BlobStore {
     unfinished: Arc<Mutex<HashMap<String, String>>>,
     /// How long a request may go without progress.
     stall_timeout: Duration,
+    /// The store takes checksums (S3, not the embedded endpoint, which checks every blob
+    /// itself): each PUT carries the blob's digest as its `x-amz-checksum-sha256`, which S3
+    /// checks the body against, and `If-None-Match: *`, so a stored blob is never replaced.
+    conditional_puts: bool,
 }
 
 /// The cap on a worker's requests in flight, which can move while they run.
@@ -82,6 +86,20 @@ impl RequestLimit {
         }
         *limit = new;
     }
+}
+
+/// A blob's digest (`sha256:<hex>`) as S3 writes a SHA-256 checksum: base64 of the raw bytes.
+fn digest_base64(digest: &str) -> String {
+    use base64::Engine;
+    let raw = hex::decode(digest.strip_prefix("sha256:").unwrap_or(digest)).unwrap_or_default();
+    base64::engine::general_purpose::STANDARD.encode(raw)
+}
+
+/// Whether S3 refused a conditional write because the object exists.
+fn is_precondition_failed<E: aws_sdk_s3::error::ProvideErrorMetadata, R>(
+    error: &aws_sdk_s3::error::SdkError<E, R>,
+) -> bool {
+    error.as_service_error().and_then(aws_sdk_s3::error::ProvideErrorMetadata::code) == Some("PreconditionFailed")
 }
 
 fn reason<E: std::error::Error>(error: E) -> String {
@@ -257,6 +275,7 @@ impl BlobStore {
             requests: Arc::new(RequestLimit::new((plan.max_concurrency as usize).max(1))),
             unfinished: Arc::default(),
             stall_timeout,
+            conditional_puts: credentials.checksum_mode != "when_required",
         }
     }
 
@@ -311,11 +330,14 @@ impl BlobStore {
     /// One PUT of a whole blob of `size` bytes.
     async fn put(&self, digest: &str, size: u64, body: ByteStream) -> Result<(), TransferError> {
         let _permit = self.request_permit().await;
-        self.client
-            .put_object()
-            .bucket(&self.bucket)
-            .key(self.key(digest))
-            .content_length(size as i64)
+        let mut put = self.client.put_object().bucket(&self.bucket).key(self.key(digest)).content_length(size as i64);
+        if self.conditional_puts {
+            put = put
+                .checksum_algorithm(aws_sdk_s3::types::ChecksumAlgorithm::Sha256)
+                .checksum_sha256(digest_base64(digest))
+                .if_none_match("*");
+        }
+        let sent = put
             .body(body)
             // Every blob's sha256 is checked on its way in (spooled, streamed or a config read
             // whole) and its size at the commit: a second SHA-256 pass for the signature only
@@ -324,9 +346,13 @@ impl BlobStore {
             .config_override(self.upload_deadline(size))
             .disable_payload_signing()
             .send()
-            .await
-            .map_err(|error| TransferError::Upload { digest: digest.to_owned(), reason: reason(error) })?;
-        Ok(())
+            .await;
+        match sent {
+            Ok(_) => Ok(()),
+            // Already stored: the commit checks what is there against the digest.
+            Err(error) if self.conditional_puts && is_precondition_failed(&error) => Ok(()),
+            Err(error) => Err(TransferError::Upload { digest: digest.to_owned(), reason: reason(error) }),
+        }
     }
 
     /// Uploads a file: one PUT below the multipart threshold, parts in parallel above it. A
@@ -596,19 +622,27 @@ impl MultipartUpload {
     pub async fn complete(self, parts: Vec<CompletedPart>) -> Result<(), TransferError> {
         let completed = {
             let _permit = self.store.request_permit().await;
-            self.store
+            let mut complete = self
+                .store
                 .client
                 .complete_multipart_upload()
                 .bucket(&self.store.bucket)
                 .key(&self.key)
                 .upload_id(&self.upload_id)
-                .multipart_upload(CompletedMultipartUpload::builder().set_parts(Some(parts)).build())
-                .send()
-                .await
+                .multipart_upload(CompletedMultipartUpload::builder().set_parts(Some(parts)).build());
+            if self.store.conditional_puts {
+                complete = complete.if_none_match("*");
+            }
+            complete.send().await
         };
         match completed {
             Ok(_) => {
                 self.store.unfinished.lock().expect("unfinished uploads lock").remove(&self.upload_id);
+                Ok(())
+            }
+            // Already stored: the parts go, the commit checks what is there.
+            Err(error) if self.store.conditional_puts && is_precondition_failed(&error) => {
+                self.abort().await;
                 Ok(())
             }
             Err(error) => {

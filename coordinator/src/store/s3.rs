@@ -78,6 +78,59 @@ impl ObjectStore for S3Store {
         }
     }
 
+    /// S3 checks a PUT's body against its `x-amz-checksum-sha256` (workers send the blob's
+    /// digest there), so a stored full-object SHA-256 equal to the digest settles it without
+    /// reading. Without one (a multipart upload's checksum is a checksum of its parts; a
+    /// client may send none) the object is read and hashed.
+    async fn verify_blob(&self, key: &str, digest: &str) -> Result<bool, Error> {
+        use base64::Engine;
+        use sha2::Digest;
+        let hex = digest.strip_prefix("sha256:").unwrap_or(digest);
+        let raw = hex::decode(hex).map_err(|_| Error::InvalidArgument(format!("not a digest: {digest}")))?;
+        let expected = base64::engine::general_purpose::STANDARD.encode(raw);
+        let head = self
+            .client
+            .head_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .checksum_mode(aws_sdk_s3::types::ChecksumMode::Enabled)
+            .send()
+            .await
+            .map_err(|error| store_error(key, error))?;
+        let matches = match head.checksum_sha256().filter(|checksum| !checksum.contains('-')) {
+            Some(checksum) => checksum == expected,
+            None => {
+                let object = self
+                    .client
+                    .get_object()
+                    .bucket(&self.bucket)
+                    .key(key)
+                    .send()
+                    .await
+                    .map_err(|error| store_error(key, error))?;
+                let mut body = object.body;
+                let mut hasher = sha2::Sha256::new();
+                while let Some(piece) =
+                    body.try_next().await.map_err(|error| Error::Store(format!("reading {key}: {error}")))?
+                {
+                    hasher.update(&piece);
+                }
+                hex::encode(hasher.finalize()) == hex
+            }
+        };
+        if !matches {
+            self.client
+                .delete_object()
+                .bucket(&self.bucket)
+                .key(key)
+                .send()
+                .await
+                .map_err(|error| store_error(key, error))?;
+            tracing::warn!(key, "a stored blob did not hash to its digest and was deleted");
+        }
+        Ok(matches)
+    }
+
     async fn delete_prefix(&self, prefix: &str, keep: &crate::store::KeepObject<'_>) -> Result<DeletedObjects, Error> {
         let mut deleted = DeletedObjects::default();
         let mut pages = self.client.list_objects_v2().bucket(&self.bucket).prefix(prefix).into_paginator().send();

@@ -169,3 +169,89 @@ async fn bad_s3_configuration_is_refused_at_start_up() {
     );
     other.stop();
 }
+
+/// On S3 a write key's PUT is not checked against its digest by the store unless it carries
+/// the digest as its SHA-256 checksum, so a pull request's token can plant junk under a real
+/// layer's address. The commit of the default branch's save verifies every blob the ledger
+/// does not know yet: the junk is found, deleted, the worker uploads the layer again in the
+/// same run, and the default branch's restore on a fresh host is complete.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blob_planted_by_a_pull_request_token_never_reaches_the_default_branch() {
+    let Some(moto) = moto_url() else { return };
+    let Some(build_host) = DockerEngine::start(EngineKind::Engine20) else { return };
+    let bucket = new_bucket(&moto).await;
+    let data_dir = tempfile::tempdir().unwrap();
+    let coordinator = CoordinatorProcess::start_with_env(data_dir.path(), &s3_args(&moto, &bucket), &platform_env());
+    let token = coordinator.create_project("shop");
+    let created = coordinator.cachectl(&["token", "create", "shop", "--write-branch", "pr-*", "--read-branch", ""]);
+    assert!(created.status.success(), "{}", stderr_of(&created));
+    let pr = stdout_of(&created).lines().last().unwrap().trim().to_owned();
+
+    build_host.import_busybox_base("base:1");
+    let context = build_context(SEED_DOCKERFILE);
+    let built = build_host.classic_build(context.path(), "app:latest", &[]);
+    assert!(built.status.success(), "{}", stderr_of(&built));
+    let inspect = build_host.docker(&["image", "inspect", "--format", "{{json .RootFS.Layers}}", "app:latest"]);
+    let layers: Vec<String> = serde_json::from_str(stdout_of(&inspect).trim()).unwrap();
+    let write = coordinator.credentials(&pr, proto::v1::Access::Write).await;
+    let key = format!("{}blobs/sha256/{}", write.prefix, layers[1].trim_start_matches("sha256:"));
+    let planted = tests::s3_client_for(&write)
+        .put_object()
+        .bucket(&write.bucket)
+        .key(&key)
+        .body(aws_sdk_s3::primitives::ByteStream::from_static(b"junk under a real layer's address"))
+        .send()
+        .await;
+    assert!(planted.is_ok(), "moto stores it, as S3 would without a checksum: {planted:?}");
+
+    // Junk of a layer's very size, and a commit through the API that names it without
+    // uploading it: refused, the junk deleted.
+    let content = b"the real layer's bytes".to_vec();
+    let junk = vec![b'j'; content.len()];
+    let junk_key = tests::blob_key(&write, &content);
+    let store = tests::s3_client_for(&write);
+    store.put_object().bucket(&write.bucket).key(&junk_key).body(junk.into()).send().await.unwrap();
+    let mut client = tests::worker_client(&coordinator.grpc_url, &token).await;
+    let begun = client.begin_save(tests::begin_one_layer_save("api", "api:1", &content)).await.unwrap().into_inner();
+    let config = tests::one_layer_config(&content);
+    store
+        .put_object()
+        .bucket(&write.bucket)
+        .key(tests::blob_key(&write, &config))
+        .body(config.into())
+        .send()
+        .await
+        .unwrap();
+    let commit = proto::v1::CommitSaveRequest {
+        save_id: begun.save_id,
+        images: vec![tests::one_layer_image("api:1", &content, true)],
+        save_log: Vec::new(),
+    };
+    let refused = client.commit_save(commit).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::DataLoss, "{refused:?}");
+    assert!(store.head_object().bucket(&write.bucket).key(&junk_key).send().await.is_err(), "the junk was deleted");
+
+    let saved = coordinator.cache_worker_on(&build_host, &token, &["save", "--service", "web", "app:latest"]);
+    assert!(saved.status.success(), "save: {}", stderr_of(&saved));
+    assert!(stderr_of(&saved).contains("did not hash to its digest and was deleted"), "{}", stderr_of(&saved));
+    assert!(stderr_of(&saved).contains("saving web again"), "{}", stderr_of(&saved));
+    let fresh_host = DockerEngine::start(EngineKind::Engine20).unwrap();
+    let restored = coordinator.cache_worker_on(&fresh_host, &token, &["restore", "--service", "web", "--strict"]);
+    assert!(restored.status.success(), "restore: {}", stderr_of(&restored));
+    let rebuilt = fresh_host.classic_build(context.path(), "app:latest", &[]);
+    assert!(rebuilt.status.success(), "{}", stderr_of(&rebuilt));
+    assert_eq!(stdout_of(&rebuilt).matches("Using cache").count(), 5, "{}", stdout_of(&rebuilt));
+    // Every blob the worker put carries its digest as its SHA-256 checksum: the commit's
+    // check of the next save is a HEAD, not a read.
+    let client = platform_s3_client(&moto, PLATFORM_KEY_ID, PLATFORM_SECRET);
+    let head = client
+        .head_object()
+        .bucket(&bucket)
+        .key(&key)
+        .checksum_mode(aws_sdk_s3::types::ChecksumMode::Enabled)
+        .send()
+        .await
+        .unwrap();
+    assert!(head.checksum_sha256().is_some(), "{head:?}");
+    coordinator.stop();
+}
