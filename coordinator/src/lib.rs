@@ -75,8 +75,18 @@ pub struct Listeners {
 
 impl Listeners {
     pub async fn bind(config: &Config) -> anyhow::Result<Listeners> {
+        // A listen queue of 1,024 (std's is 128): connections beyond a listener's cap wait
+        // there, and a burst of build hosts connecting at once is not turned away.
         let bind = |flag: &'static str, address: SocketAddr| async move {
-            TcpListener::bind(address).await.with_context(|| format!("cannot listen on {flag} {address}"))
+            let socket =
+                if address.is_ipv4() { tokio::net::TcpSocket::new_v4() } else { tokio::net::TcpSocket::new_v6() };
+            socket
+                .and_then(|socket| {
+                    socket.set_reuseaddr(true)?;
+                    socket.bind(address)?;
+                    socket.listen(1024)
+                })
+                .with_context(|| format!("cannot listen on {flag} {address}"))
         };
         Ok(Listeners {
             grpc: bind("--listen", config.listen).await?,

@@ -61,9 +61,26 @@ impl CoordinatorProcess {
 
     /// The same, with extra environment variables (the coordinator's own AWS credentials).
     pub fn start_with_env(data_dir: &Path, extra_args: &[&str], env: &[(&str, &str)]) -> CoordinatorProcess {
+        Self::start_command(Command::new(binary("cache-coordinator")), data_dir, extra_args, env)
+    }
+
+    /// Starts it with at most `open_files` file descriptors (soft and hard limit, through
+    /// util-linux's `prlimit`), as a host's limit would hold it.
+    pub fn start_with_file_limit(data_dir: &Path, open_files: u64) -> CoordinatorProcess {
+        let mut command = Command::new("prlimit");
+        command.arg(format!("--nofile={open_files}:{open_files}")).arg("--").arg(binary("cache-coordinator"));
+        Self::start_command(command, data_dir, &[], &[])
+    }
+
+    fn start_command(
+        mut command: Command,
+        data_dir: &Path,
+        extra_args: &[&str],
+        env: &[(&str, &str)],
+    ) -> CoordinatorProcess {
         let log = tempfile::NamedTempFile::new().expect("coordinator log file");
         let stderr = log.reopen().expect("coordinator log file");
-        let mut child = Command::new(binary("cache-coordinator"))
+        let mut child = command
             .args(["serve", "--listen", "127.0.0.1:0", "--s3-listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
             .arg("--data-dir")
             .arg(data_dir)

@@ -522,3 +522,46 @@ async fn open_saves_of_one_project_leave_anothers_share_of_the_budget_whole() {
     assert_eq!(share, 0, "a save beyond its project's share waits");
     coordinator.stop();
 }
+
+/// A coordinator held to 300 open files, and 400 connections opened to its S3 port: it
+/// accepts as many as its cap (sized to the limit) and leaves the rest queued, so it never
+/// runs out of descriptors; gRPC and the metrics listener keep answering; the log stays short.
+#[test]
+fn a_flood_of_connections_never_exhausts_the_descriptors_grpc_needs() {
+    raise_own_file_limit();
+    let data_dir = tempfile::tempdir().unwrap();
+    let coordinator = CoordinatorProcess::start_with_file_limit(data_dir.path(), 300);
+    let s3_address = coordinator.s3_listen.clone().expect("the embedded endpoint's address");
+    // Connections beyond the cap and the listen queue wait in the client's connect: each is
+    // given 2 s, together.
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let flood: Vec<tokio::net::TcpStream> = runtime.block_on(async {
+        let connects = (0..400).map(|_| {
+            let address = s3_address.clone();
+            tokio::spawn(async move {
+                tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(address)).await
+            })
+        });
+        let mut open = Vec::new();
+        for connect in connects.collect::<Vec<_>>() {
+            if let Ok(Ok(Ok(socket))) = connect.await {
+                open.push(socket);
+            }
+        }
+        open
+    });
+    assert!(flood.len() > 100, "{} connections opened", flood.len());
+    let token = coordinator.create_project("web");
+    let begun = runtime.block_on(async {
+        let mut client = tests::worker_client(&coordinator.grpc_url, &token).await;
+        client.begin_save(tests::begin_one_layer_save("web", "app:1", b"a layer")).await
+    });
+    assert!(begun.is_ok(), "gRPC answers: {begun:?}");
+    let (status, _) = tests::http_get(&format!("{}/metrics", coordinator.metrics_url));
+    assert_eq!(status, 200);
+    let log = coordinator.log();
+    assert!(log.lines().count() < 100, "{} log lines:\n{log}", log.lines().count());
+    assert!(!log.contains("accepting a connection failed"), "{log}");
+    drop(flood);
+    coordinator.stop();
+}
