@@ -299,7 +299,12 @@ pub async fn run(
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter.set_serving::<proto::v1::worker_server::WorkerServer<api::WorkerApi>>().await;
     health_reporter.set_serving::<proto::v1::admin_server::AdminServer<api::AdminApi>>().await;
+    // One connection may not open streams without end, and a peer that stopped answering is
+    // noticed by its missing pings.
     let grpc = tonic::transport::Server::builder()
+        .max_concurrent_streams(128)
+        .http2_keepalive_interval(Some(Duration::from_secs(60)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
         .trace_fn(telemetry::grpc_server_span)
         .add_service(health_service)
         .add_service(proto::v1::worker_server::WorkerServer::new(api::WorkerApi(service.clone())))
