@@ -183,6 +183,15 @@ fn print_projects(projects: &[pb::Project]) {
 }
 
 fn print_caches(response: &pb::ListCachesResponse) {
+    let project = response.project.clone().unwrap_or_default();
+    println!(
+        "project {}: caches name {} in {} blobs; the store holds {} in {} objects (uploads no save committed included)",
+        project.name,
+        format_bytes(project.stored_bytes),
+        project.blob_count,
+        format_bytes(project.usage_bytes),
+        project.usage_objects
+    );
     println!(
         "{:<32} {:<20} {:>6} {:>6} {:>12}  {:<25}  LAST USED",
         "SERVICE", "BRANCH", "IMAGES", "LAYERS", "SIZE", "CREATED"

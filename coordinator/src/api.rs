@@ -198,7 +198,7 @@ impl Admin for AdminApi {
     ) -> Result<Response<pb::ListCachesResponse>, Status> {
         let result = async {
             self.admin(&request)?;
-            let (project, caches) = self.0.list_caches(&request.get_ref().project)?;
+            let (project, caches) = self.0.list_caches(&request.get_ref().project).await?;
             Ok(pb::ListCachesResponse { project: Some(project), caches })
         }
         .await;

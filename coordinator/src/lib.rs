@@ -233,6 +233,9 @@ fn metrics_listener<B>(request: &http::Request<B>, service: &CacheService) -> ht
 /// "unknown key".
 const EXPIRED_KEY_GRACE_SECONDS: i64 = 3600;
 
+/// How often every project's store usage is counted.
+const USAGE_COUNT_SECONDS: u64 = 300;
+
 /// Serves until `shutdown` resolves.
 pub async fn run(
     config: Config,
@@ -251,6 +254,7 @@ pub async fn run(
         budget: crate::budget::TransferBudget::new(config.plan),
         metrics: store.metrics,
         publish_lock: store.publish_lock,
+        usage: Default::default(),
     });
     let limits = listener::ListenerLimits::for_open_files(listener::raise_open_file_limit());
     let (stop_sender, stop_receiver) = watch::channel(false);
@@ -276,13 +280,17 @@ pub async fn run(
     let mut sweeper_stop = stop_receiver.clone();
     let sweeping_service = service.clone();
     let sweeper_task = tokio::spawn(async move {
-        // Each second: post-flush sweeps that fell due; each minute: expired keys.
+        // Each second: post-flush sweeps that fell due; each minute: expired keys; every five
+        // minutes: the store's usage.
         let mut interval = tokio::time::interval(Duration::from_secs(1));
         let mut n_ticks: u64 = 0;
         loop {
             tokio::select! {
                 _ = interval.tick() => {
                     sweeping_service.run_due_sweeps().await;
+                    if n_ticks.is_multiple_of(USAGE_COUNT_SECONDS) {
+                        sweeping_service.refresh_usage().await;
+                    }
                     if n_ticks.is_multiple_of(60)
                         && let Err(error) = db.remove_expired_keys(now_unix() - EXPIRED_KEY_GRACE_SECONDS)
                     {

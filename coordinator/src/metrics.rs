@@ -79,6 +79,8 @@ pub struct Metrics {
     pub restore_duration: Family<ServiceLabels, Histogram, fn() -> Histogram>,
     pub transfer_throughput: Family<OperationLabels, Histogram, fn() -> Histogram>,
     pub store_bytes: Family<ProjectLabels, Gauge>,
+    /// Everything under the project's prefix, committed or not, as last counted.
+    pub store_usage_bytes: Family<ProjectLabels, Gauge>,
     pub store_blobs: Family<ProjectLabels, Gauge>,
     pub flushes: Family<ProjectLabels, Counter>,
     pub credential_grants: Family<GrantLabels, Counter>,
@@ -108,6 +110,7 @@ impl Metrics {
             restore_duration: Family::new_with_constructor(duration_histogram),
             transfer_throughput: Family::new_with_constructor(throughput_histogram),
             store_bytes: Family::default(),
+            store_usage_bytes: Family::default(),
             store_blobs: Family::default(),
             flushes: Family::default(),
             credential_grants: Family::default(),
@@ -134,6 +137,11 @@ impl Metrics {
             metrics.transfer_throughput.clone(),
         );
         registry.register("store_bytes", "Bytes stored per project", metrics.store_bytes.clone());
+        registry.register(
+            "store_usage_bytes",
+            "Bytes under each project's prefix in the store, committed or not (counted every 5 minutes)",
+            metrics.store_usage_bytes.clone(),
+        );
         registry.register("store_blobs", "Blobs stored per project", metrics.store_blobs.clone());
         registry.register("flushes", "Project flushes", metrics.flushes.clone());
         registry.register("credential_grants", "Storage credentials handed out", metrics.credential_grants.clone());
@@ -223,6 +231,10 @@ impl Metrics {
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &self.registry).expect("writing to a String cannot fail");
         text
+    }
+
+    pub fn set_store_usage(&self, project: &str, bytes: u64) {
+        self.store_usage_bytes.get_or_create(&ProjectLabels { project: project.to_owned() }).set(bytes as i64);
     }
 
     pub fn set_store_totals(&self, project: &str, blobs: u64, bytes: u64) {

@@ -9,7 +9,7 @@ use proto::v1 as pb;
 use crate::credentials::{CredentialBroker, IssuedCredentials, now_unix, project_prefix};
 use crate::error::Error;
 use crate::manifests::{Database, KeyAccess, ProjectRecord, ServiceCounters};
-use crate::store::ObjectStore;
+use crate::store::{ObjectStore, ObjectTotals};
 use crate::tokens;
 
 /// Shared by every gRPC handler; each field is itself safe to share.
@@ -26,11 +26,15 @@ pub struct CacheService {
     pub metrics: std::sync::Arc<crate::metrics::Metrics>,
     /// A project's is taken exclusively while a flush revokes its keys (see `s3_endpoint.rs`).
     pub publish_lock: crate::s3_endpoint::PublishLock,
+    /// Each project's store usage as last counted ([`CacheService::refresh_usage`]).
+    pub usage: std::sync::Mutex<std::collections::HashMap<String, ObjectTotals>>,
 }
 
-fn project_message(db: &Database, record: &ProjectRecord) -> Result<pb::Project, Error> {
+fn project_message(db: &Database, record: &ProjectRecord, usage: ObjectTotals) -> Result<pb::Project, Error> {
     let (blob_count, stored_bytes) = db.blob_totals(&record.name)?;
     Ok(pb::Project {
+        usage_bytes: usage.bytes,
+        usage_objects: usage.count,
         name: record.name.clone(),
         created_unix: record.created_unix,
         generation: record.generation,
@@ -112,7 +116,7 @@ impl CacheService {
         self.db.create_project(&record)?;
         // The token is printed once: it must outlive a crash right after.
         self.db.durable().await?;
-        Ok((project_message(&self.db, &record)?, token))
+        Ok((project_message(&self.db, &record, ObjectTotals::default())?, token))
     }
 
     pub fn existing_project(&self, name: &str) -> Result<ProjectRecord, Error> {
@@ -121,13 +125,44 @@ impl CacheService {
     }
 
     pub fn list_projects(&self) -> Result<Vec<pb::Project>, Error> {
-        self.db.projects()?.iter().map(|record| project_message(&self.db, record)).collect()
+        let usage = self.usage.lock().expect("usage").clone();
+        self.db
+            .projects()?
+            .iter()
+            .map(|record| project_message(&self.db, record, usage.get(&record.name).copied().unwrap_or_default()))
+            .collect()
     }
 
-    pub fn list_caches(&self, project: &str) -> Result<(pb::Project, Vec<pb::CacheSummary>), Error> {
+    pub async fn list_caches(&self, project: &str) -> Result<(pb::Project, Vec<pb::CacheSummary>), Error> {
         let record = self.existing_project(project)?;
         let caches = self.db.manifests(project)?.iter().map(cache_summary).collect();
-        Ok((project_message(&self.db, &record)?, caches))
+        let usage = self.project_usage(project).await?;
+        Ok((project_message(&self.db, &record, usage)?, caches))
+    }
+
+    /// Counts what the store holds under a project's prefix, committed or not, and keeps it
+    /// for `cachectl ls` and the metrics.
+    async fn project_usage(&self, project: &str) -> Result<ObjectTotals, Error> {
+        let usage = self.store.usage(&project_prefix(&self.store_prefix, project)).await?;
+        self.usage.lock().expect("usage").insert(project.to_owned(), usage);
+        self.metrics.set_store_usage(project, usage.bytes);
+        Ok(usage)
+    }
+
+    /// Counts every project's usage (the sweeper calls it every few minutes): every stored
+    /// byte counts, including uploads no commit recorded.
+    pub async fn refresh_usage(&self) {
+        let projects = match self.db.projects() {
+            Ok(projects) => projects,
+            Err(error) => return tracing::warn!(%error, "counting the store's usage failed"),
+        };
+        let names: std::collections::HashSet<String> = projects.iter().map(|record| record.name.clone()).collect();
+        self.usage.lock().expect("usage").retain(|project, _| names.contains(project));
+        for project in names {
+            if let Err(error) = self.project_usage(&project).await {
+                tracing::warn!(project, %error, "counting a project's store usage failed");
+            }
+        }
     }
 
     pub fn show_cache(&self, project: &str, key: Option<&pb::CacheKey>) -> Result<pb::Manifest, Error> {
@@ -166,7 +201,7 @@ impl CacheService {
     /// The sweep a flush leaves due (see `ProjectRecord::sweep_after_unix`): deletes the
     /// project's objects that neither the ledger records nor a live save claims. Holds the
     /// project's publish lock, which commits hold while they check and record their blobs.
-    pub async fn sweep_after_flush(&self, project: &str, due_unix: i64) -> Result<crate::store::DeletedObjects, Error> {
+    pub async fn sweep_after_flush(&self, project: &str, due_unix: i64) -> Result<crate::store::ObjectTotals, Error> {
         let publish_lock = self.publish_lock.of_project(project);
         let _no_commits = publish_lock.write().await;
         let recorded = self.db.ledger_digests(project)?;
@@ -352,9 +387,8 @@ impl CacheService {
         Ok(self.metrics.encode())
     }
 
-    /// Finds the manifest of `key`, else of the first fallback that has one.
-    /// The first of the request's keys (then its fallbacks) with a cache. A scoped token must
-    /// be allowed to read every branch it names.
+    /// Finds the manifest of `key`, else of the first fallback that has one. A scoped token
+    /// must be allowed to read every branch it names.
     pub fn lookup(
         &self,
         principal: &crate::principals::Principal,

@@ -11,9 +11,9 @@ use crate::error::Error;
 
 pub mod s3;
 
-/// What a deletion removed.
+/// A count of objects and their bytes: what a deletion removed, or what a prefix holds.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct DeletedObjects {
+pub struct ObjectTotals {
     pub count: u64,
     pub bytes: u64,
 }
@@ -32,7 +32,9 @@ pub trait ObjectStore: Send + Sync {
     async fn object_size(&self, key: &str) -> Result<Option<u64>, Error>;
     /// Deletes every object whose key starts with `prefix` (which ends in `/`), but those
     /// `keep` says to keep.
-    async fn delete_prefix(&self, prefix: &str, keep: &KeepObject<'_>) -> Result<DeletedObjects, Error>;
+    async fn delete_prefix(&self, prefix: &str, keep: &KeepObject<'_>) -> Result<ObjectTotals, Error>;
+    /// How many objects are stored under `prefix`, and their bytes.
+    async fn usage(&self, prefix: &str) -> Result<ObjectTotals, Error>;
     /// Whether the stored blob under `key` hashes to `digest` (`sha256:<hex>`); one that does
     /// not is deleted, so the next upload of the blob can land. The embedded endpoint checks
     /// every blob while it is written, so by default the answer is yes without reading.
@@ -111,7 +113,16 @@ impl ObjectStore for EmbeddedStore {
         }
     }
 
-    async fn delete_prefix(&self, prefix: &str, keep: &KeepObject<'_>) -> Result<DeletedObjects, Error> {
+    async fn usage(&self, prefix: &str) -> Result<ObjectTotals, Error> {
+        let (bucket_dir, dir) = (self.bucket_dir.clone(), self.bucket_dir.join(prefix.trim_end_matches('/')));
+        let files = tokio::task::spawn_blocking(move || list_files(&bucket_dir, &dir))
+            .await
+            .map_err(|error| Error::Store(error.to_string()))?
+            .map_err(|error| Error::Store(format!("{prefix}: {error}")))?;
+        Ok(ObjectTotals { count: files.len() as u64, bytes: files.iter().map(|(_, size)| size).sum() })
+    }
+
+    async fn delete_prefix(&self, prefix: &str, keep: &KeepObject<'_>) -> Result<ObjectTotals, Error> {
         let prefix_dir = self.bucket_dir.join(prefix.trim_end_matches('/'));
         let bucket_dir = self.bucket_dir.clone();
         let listing_dir = prefix_dir.clone();
@@ -119,7 +130,7 @@ impl ObjectStore for EmbeddedStore {
             .await
             .map_err(|error| Error::Store(error.to_string()))?
             .map_err(|error| Error::Store(format!("listing {prefix}: {error}")))?;
-        let mut deleted = DeletedObjects::default();
+        let mut deleted = ObjectTotals::default();
         let mut n_kept = 0;
         for (key, size) in files {
             if keep(&key) {

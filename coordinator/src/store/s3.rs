@@ -4,7 +4,7 @@
 
 use aws_sdk_s3::types::{Delete, ObjectIdentifier};
 
-use super::{DeletedObjects, ObjectStore};
+use super::{ObjectStore, ObjectTotals};
 use crate::config::{ChecksumMode, S3Settings};
 use crate::error::{Error, sdk_error_line};
 
@@ -131,8 +131,20 @@ impl ObjectStore for S3Store {
         Ok(matches)
     }
 
-    async fn delete_prefix(&self, prefix: &str, keep: &crate::store::KeepObject<'_>) -> Result<DeletedObjects, Error> {
-        let mut deleted = DeletedObjects::default();
+    async fn usage(&self, prefix: &str) -> Result<ObjectTotals, Error> {
+        let mut usage = ObjectTotals::default();
+        let mut pages = self.client.list_objects_v2().bucket(&self.bucket).prefix(prefix).into_paginator().send();
+        while let Some(page) = pages.next().await {
+            for object in page.map_err(|error| store_error(prefix, error))?.contents() {
+                usage.count += 1;
+                usage.bytes += object.size().unwrap_or(0).max(0) as u64;
+            }
+        }
+        Ok(usage)
+    }
+
+    async fn delete_prefix(&self, prefix: &str, keep: &crate::store::KeepObject<'_>) -> Result<ObjectTotals, Error> {
+        let mut deleted = ObjectTotals::default();
         let mut pages = self.client.list_objects_v2().bucket(&self.bucket).prefix(prefix).into_paginator().send();
         while let Some(page) = pages.next().await {
             let page = page.map_err(|error| store_error(prefix, error))?;

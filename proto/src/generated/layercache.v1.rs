@@ -402,12 +402,20 @@ pub struct Project {
     /// 0 means no quota.
     #[prost(uint64, tag = "4")]
     pub quota_bytes: u64,
+    /// What the ledger counts: the blobs the project's manifests name.
     #[prost(uint64, tag = "5")]
     pub stored_bytes: u64,
     #[prost(uint64, tag = "6")]
     pub blob_count: u64,
     #[prost(uint32, tag = "7")]
     pub cache_count: u32,
+    /// Everything in the store under the project's prefix, committed or not (uploads of saves
+    /// that never committed, too), as last counted: fresh in ListCaches, within 5 minutes
+    /// elsewhere.
+    #[prost(uint64, tag = "8")]
+    pub usage_bytes: u64,
+    #[prost(uint64, tag = "9")]
+    pub usage_objects: u64,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct CreateProjectRequest {

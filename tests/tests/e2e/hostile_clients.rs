@@ -81,6 +81,14 @@ async fn a_write_key_stores_blobs_under_their_own_digest_only_and_never_replaces
         let put = web.put_object().bucket(&bucket).key(&big_key).body(ByteStream::from(big.clone())).send().await;
         assert!(put.is_ok(), "{put:?}");
     }
+    // Blobs no save committed count toward the project's usage all the same.
+    let listed = stdout_of(&coordinator.cachectl(&["ls", "web"]));
+    let totals = listed.lines().next().unwrap();
+    assert!(totals.contains("caches name 0 B in 0 blobs"), "{listed}");
+    assert!(totals.contains("the store holds 65.0 MiB in 2 objects"), "{listed}");
+    let (_, metrics) = tests::http_get(&format!("{}/metrics", coordinator.metrics_url));
+    let usage = format!("layer_cache_store_usage_bytes{{project=\"web\"}} {}", (65 << 20) + layer.len());
+    assert!(metrics.contains(&usage), "{usage} in\n{metrics}");
     coordinator.stop();
 }
 
