@@ -855,6 +855,14 @@ impl Drop for PrometheusProcess {
 /// The seed scenario's Dockerfile: FROM, RUN, RUN, COPY, ENV, RUN.
 pub const SEED_DOCKERFILE: &str = "FROM base:1\nRUN echo one > /one\nRUN echo two > /two\nCOPY file.txt /file.txt\nENV GREETING=hello\nRUN cat /file.txt /one > /three\n";
 
+/// Builds the seed image again on `engine` (classic builder) and asserts that every one of its
+/// five steps after `FROM` came from the cache.
+pub fn assert_seed_rebuild_cached(engine: &DockerEngine, context: &Path) {
+    let rebuilt = engine.classic_build(context, "app:latest", &[]);
+    assert!(rebuilt.status.success(), "rebuild: {}", stderr_of(&rebuilt));
+    assert_eq!(stdout_of(&rebuilt).matches("Using cache").count(), 5, "{}", stdout_of(&rebuilt));
+}
+
 /// A build context with `dockerfile` and the `file.txt` the seed Dockerfile copies.
 pub fn build_context(dockerfile: &str) -> tempfile::TempDir {
     let context = tempfile::tempdir().expect("build context");

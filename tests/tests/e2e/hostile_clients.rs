@@ -345,9 +345,7 @@ fn idle_connections_and_slow_bodies_leave_other_projects_working() {
     let Some(fresh_host) = DockerEngine::start(EngineKind::Engine20) else { return };
     let restored = coordinator.cache_worker_on(&fresh_host, &victim, &["restore", "--service", "web", "--strict"]);
     assert!(restored.status.success(), "restore: {}", stderr_of(&restored));
-    let rebuilt = fresh_host.classic_build(context.path(), "app:latest", &[]);
-    assert!(rebuilt.status.success(), "rebuild: {}", stderr_of(&rebuilt));
-    assert_eq!(stdout_of(&rebuilt).matches("Using cache").count(), 5, "{}", stdout_of(&rebuilt));
+    tests::assert_seed_rebuild_cached(&fresh_host, context.path());
 
     // The stalled uploads fail at the body deadline (30 s after their last piece), stored nothing.
     for upload in stalled {

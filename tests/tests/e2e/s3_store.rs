@@ -238,9 +238,7 @@ async fn a_blob_planted_by_a_pull_request_token_never_reaches_the_default_branch
     let fresh_host = DockerEngine::start(EngineKind::Engine20).unwrap();
     let restored = coordinator.cache_worker_on(&fresh_host, &token, &["restore", "--service", "web", "--strict"]);
     assert!(restored.status.success(), "restore: {}", stderr_of(&restored));
-    let rebuilt = fresh_host.classic_build(context.path(), "app:latest", &[]);
-    assert!(rebuilt.status.success(), "{}", stderr_of(&rebuilt));
-    assert_eq!(stdout_of(&rebuilt).matches("Using cache").count(), 5, "{}", stdout_of(&rebuilt));
+    tests::assert_seed_rebuild_cached(&fresh_host, context.path());
     // Every blob the worker put carries its digest as its SHA-256 checksum: the commit's
     // check of the next save is a HEAD, not a read.
     let client = platform_s3_client(&moto, PLATFORM_KEY_ID, PLATFORM_SECRET);

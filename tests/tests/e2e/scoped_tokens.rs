@@ -18,12 +18,6 @@ fn printed_token(coordinator: &CoordinatorProcess, args: &[&str]) -> String {
     stdout_of(&output).lines().last().expect("a token line").trim().to_owned()
 }
 
-fn rebuild_is_cached(engine: &DockerEngine, context: &std::path::Path) {
-    let rebuilt = engine.classic_build(context, "app:latest", &[]);
-    assert!(rebuilt.status.success(), "{}", stderr_of(&rebuilt));
-    assert_eq!(stdout_of(&rebuilt).matches("Using cache").count(), 5, "{}", stdout_of(&rebuilt));
-}
-
 #[test]
 fn a_pull_request_token_writes_its_own_branches_and_reads_main_without_harming_it() {
     let Some(ci_host) = DockerEngine::start(EngineKind::Engine20) else { return };
@@ -82,7 +76,7 @@ fn a_pull_request_token_writes_its_own_branches_and_reads_main_without_harming_i
     let restore = ["restore", "--service", "app", "--branch", "pr-7", "--fallback-branch", "main", "--strict"];
     let restored = coordinator.cache_worker_on(&pr_host, &pr, &restore);
     assert!(restored.status.success(), "{}", stderr_of(&restored));
-    rebuild_is_cached(&pr_host, context.path());
+    tests::assert_seed_rebuild_cached(&pr_host, context.path());
     // It saves its own branch; the project token reads it.
     let saved =
         coordinator.cache_worker_on(&pr_host, &pr, &["save", "--service", "app", "--branch", "pr-7", "app:latest"]);
@@ -103,7 +97,7 @@ fn a_pull_request_token_writes_its_own_branches_and_reads_main_without_harming_i
         &["restore", "--service", "app", "--branch", "main", "--strict"],
     );
     assert!(restored.status.success(), "{}", stderr_of(&restored));
-    rebuild_is_cached(&main_host, context.path());
+    tests::assert_seed_rebuild_cached(&main_host, context.path());
 
     // A read-only token gets no write credentials and cannot save.
     let reader = printed_token(&coordinator, &["token", "create", "web", "--read-branch", "main", "--expires", "1h"]);
