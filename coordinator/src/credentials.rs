@@ -233,10 +233,23 @@ fn partition(role_arn: &str) -> &str {
 }
 
 /// The inline session policy for one project and use: objects under `<prefix>/<project>/` only;
-/// reads for a restore; reads, writes and the multipart operations for a save; never a delete,
-/// never a listing.
-pub fn session_policy(role_arn: &str, bucket: &str, store_prefix: &str, project: &str, access: KeyAccess) -> String {
-    let resource = format!("arn:{}:s3:::{bucket}/{}*", partition(role_arn), project_prefix(store_prefix, project));
+/// reads for a restore; for a save also writes of blobs (`blobs/sha256/…`) and the multipart
+/// operations; never a delete, never a listing. With `conditional_writes` (a store that takes
+/// checksums and conditional headers: S3 itself) a PUT or a multipart completion must carry
+/// `If-None-Match: *`, so a stored blob is never replaced, whoever holds the key; beginning an
+/// upload and its parts carry no such header (S3's `s3:ObjectCreationOperation` is false for
+/// them) and stay allowed.
+pub fn session_policy(
+    role_arn: &str,
+    bucket: &str,
+    store_prefix: &str,
+    project: &str,
+    access: KeyAccess,
+    conditional_writes: bool,
+) -> String {
+    let project_objects =
+        format!("arn:{}:s3:::{bucket}/{}", partition(role_arn), project_prefix(store_prefix, project));
+    let (resource, blobs) = (format!("{project_objects}*"), format!("{project_objects}blobs/sha256/*"));
     let mut statements = vec![serde_json::json!({
         "Sid": "ReadProjectBlobs",
         "Effect": "Allow",
@@ -244,11 +257,35 @@ pub fn session_policy(role_arn: &str, bucket: &str, store_prefix: &str, project:
         "Resource": [resource],
     })];
     if access == KeyAccess::Write {
+        let write = |sid: &str, condition: Option<serde_json::Value>| {
+            let mut statement = serde_json::json!({
+                "Sid": sid,
+                "Effect": "Allow",
+                "Action": ["s3:PutObject"],
+                "Resource": [blobs],
+            });
+            if let Some(condition) = condition {
+                statement["Condition"] = condition;
+            }
+            statement
+        };
+        if conditional_writes {
+            statements.push(write(
+                "WriteNewBlobsOnly",
+                Some(serde_json::json!({ "StringEquals": { "s3:if-none-match": "*" } })),
+            ));
+            statements.push(write(
+                "BeginUploadsAndParts",
+                Some(serde_json::json!({ "Bool": { "s3:ObjectCreationOperation": "false" } })),
+            ));
+        } else {
+            statements.push(write("WriteProjectBlobs", None));
+        }
         statements.push(serde_json::json!({
-            "Sid": "WriteProjectBlobs",
+            "Sid": "MultipartBookkeeping",
             "Effect": "Allow",
-            "Action": ["s3:PutObject", "s3:AbortMultipartUpload", "s3:ListMultipartUploadParts"],
-            "Resource": [resource],
+            "Action": ["s3:AbortMultipartUpload", "s3:ListMultipartUploadParts"],
+            "Resource": [blobs],
         }));
     }
     serde_json::json!({ "Version": "2012-10-17", "Statement": statements }).to_string()
@@ -305,7 +342,14 @@ impl StsBroker {
             .assume_role()
             .role_arn(role_arn)
             .role_session_name(role_session_name(project))
-            .policy(session_policy(role_arn, &self.bucket, &self.prefix, project, access))
+            .policy(session_policy(
+                role_arn,
+                &self.bucket,
+                &self.prefix,
+                project,
+                access,
+                self.settings.checksums == ChecksumMode::WhenSupported,
+            ))
             .duration_seconds(self.ttl.as_secs() as i32)
             .tags(tag)
             .send()
@@ -354,7 +398,8 @@ mod tests {
     #[test]
     fn a_restore_may_only_read_its_projects_blobs() {
         let policy: serde_json::Value =
-            serde_json::from_str(&session_policy(ROLE, "platform-cache", "cache", "web", KeyAccess::Read)).unwrap();
+            serde_json::from_str(&session_policy(ROLE, "platform-cache", "cache", "web", KeyAccess::Read, true))
+                .unwrap();
         assert_eq!(
             policy,
             serde_json::json!({
@@ -371,18 +416,33 @@ mod tests {
 
     #[test]
     fn a_save_adds_writes_and_multipart_but_never_deletes_or_lists() {
-        let text = session_policy("arn:aws-cn:iam::123456789012:role/r", "b", "p/q", "web", KeyAccess::Write);
+        let text = session_policy("arn:aws-cn:iam::123456789012:role/r", "b", "p/q", "web", KeyAccess::Write, false);
         let policy: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let blobs = serde_json::json!(["arn:aws-cn:s3:::b/p/q/web/blobs/sha256/*"]);
         assert_eq!(
             policy["Statement"][1],
-            serde_json::json!({
-                "Sid": "WriteProjectBlobs",
-                "Effect": "Allow",
-                "Action": ["s3:PutObject", "s3:AbortMultipartUpload", "s3:ListMultipartUploadParts"],
-                "Resource": ["arn:aws-cn:s3:::b/p/q/web/*"],
-            })
+            serde_json::json!({ "Sid": "WriteProjectBlobs", "Effect": "Allow", "Action": ["s3:PutObject"], "Resource": blobs })
+        );
+        assert_eq!(
+            policy["Statement"][2]["Action"],
+            serde_json::json!(["s3:AbortMultipartUpload", "s3:ListMultipartUploadParts"])
         );
         assert!(!text.contains("Delete") && !text.contains("ListBucket") && !text.contains("\"s3:*\""));
+    }
+
+    #[test]
+    fn on_s3_a_save_writes_only_blobs_not_yet_stored() {
+        let text = session_policy(ROLE, "b", "cache", "web", KeyAccess::Write, true);
+        let policy: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let statements = policy["Statement"].as_array().unwrap();
+        let puts: Vec<&serde_json::Value> =
+            statements.iter().filter(|s| s["Action"] == serde_json::json!(["s3:PutObject"])).collect();
+        assert_eq!(puts.len(), 2, "{text}");
+        assert_eq!(puts[0]["Condition"], serde_json::json!({ "StringEquals": { "s3:if-none-match": "*" } }));
+        assert_eq!(puts[1]["Condition"], serde_json::json!({ "Bool": { "s3:ObjectCreationOperation": "false" } }));
+        assert!(
+            puts.iter().all(|put| put["Resource"] == serde_json::json!(["arn:aws:s3:::b/cache/web/blobs/sha256/*"]))
+        );
     }
 
     #[test]
@@ -390,12 +450,12 @@ mod tests {
         for project in ["a", "web.v2", "a-b", "x..y", &"z".repeat(63)] {
             proto::names::validate_project_name(project).unwrap();
             let policy: serde_json::Value =
-                serde_json::from_str(&session_policy(ROLE, "b", "cache", project, KeyAccess::Write)).unwrap();
+                serde_json::from_str(&session_policy(ROLE, "b", "cache", project, KeyAccess::Write, true)).unwrap();
             for statement in policy["Statement"].as_array().unwrap() {
                 let resource = statement["Resource"][0].as_str().unwrap();
-                // One wildcard, at the end, after the project's own folder.
-                assert_eq!(resource, format!("arn:aws:s3:::b/cache/{project}/*"));
-                assert_eq!(resource.matches(['*', '?']).count(), 1);
+                // One wildcard, at the end, inside the project's own folder.
+                assert!(resource.starts_with(&format!("arn:aws:s3:::b/cache/{project}/")), "{resource}");
+                assert!(resource.ends_with('*') && resource.matches(['*', '?']).count() == 1, "{resource}");
             }
         }
         // Names that would widen the resource never pass validation.
