@@ -149,6 +149,16 @@ impl Worker for WorkerApi {
         counted(&self.0.metrics, "GetCredentials", result)
     }
 
+    #[tracing::instrument(skip_all)]
+    async fn report_bad_blob(
+        &self,
+        request: Request<pb::ReportBadBlobRequest>,
+    ) -> Result<Response<pb::ReportBadBlobResponse>, Status> {
+        let result =
+            async { Ok(self.0.report_bad_blob(&self.project(&request)?, &request.get_ref().digest).await?) }.await;
+        counted(&self.0.metrics, "ReportBadBlob", result)
+    }
+
     async fn report_metrics(
         &self,
         request: Request<pb::ReportMetricsRequest>,

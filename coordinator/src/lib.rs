@@ -255,6 +255,7 @@ pub async fn run(
         metrics: store.metrics,
         publish_lock: store.publish_lock,
         usage: Default::default(),
+        bad_blob_checks: Default::default(),
     });
     let limits = listener::ListenerLimits::for_open_files(listener::raise_open_file_limit());
     let (stop_sender, stop_receiver) = watch::channel(false);

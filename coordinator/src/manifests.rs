@@ -621,6 +621,43 @@ impl Database {
         }
     }
 
+    /// Forgets a blob the store lost or holds corrupted: every manifest of the project naming it
+    /// goes (its other blobs lose that reference), then the blob's record, so the next save
+    /// uploads it again and no manifest names it meanwhile. Returns the manifests removed. The
+    /// caller holds the project's publish lock, so no commit interleaves.
+    pub fn drop_blob(&self, project: &str, digest: &str) -> Result<u64, Error> {
+        let mut naming = Vec::new();
+        for entry in self.manifests.scan_prefix(project_prefix(project)) {
+            let (key, bytes) = entry.map_err(db_error)?;
+            let manifest = proto::v1::Manifest::decode(bytes.as_ref())
+                .map_err(|error| Error::CorruptState(format!("manifests: {error}")))?;
+            if manifest_digests(&manifest).contains(digest) {
+                naming.push((key, manifest));
+            }
+        }
+        let result = (&self.manifests, &self.blobs).transaction(|(manifests, blobs)| {
+            let abort = |error: Error| ConflictableTransactionError::Abort(error);
+            for (key, manifest) in &naming {
+                manifests.remove(key.as_ref())?;
+                for named in manifest_digests(manifest) {
+                    let blob_key = composite_key(&[project, &named]);
+                    if let Some(bytes) = blobs.get(blob_key.as_slice())? {
+                        let mut blob: BlobRecord = json_from_slice("blobs", &bytes).map_err(abort)?;
+                        blob.references = blob.references.saturating_sub(1);
+                        blobs.insert(blob_key, json_to_vec(&blob))?;
+                    }
+                }
+            }
+            blobs.remove(composite_key(&[project, digest]))?;
+            Ok(naming.len() as u64)
+        });
+        match result {
+            Ok(removed) => Ok(removed),
+            Err(TransactionError::Abort(error)) => Err(error),
+            Err(TransactionError::Storage(error)) => Err(db_error(error)),
+        }
+    }
+
     /// Records that a manifest was used now, unless another writer replaced it meanwhile.
     pub fn touch_manifest(&self, project: &str, manifest: &proto::v1::Manifest, now_unix: i64) -> Result<(), Error> {
         let key = manifest.key.clone().unwrap_or_default();
@@ -737,6 +774,26 @@ mod tests {
             }],
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn a_lost_blob_takes_the_manifests_naming_it_with_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Database::open(dir.path()).unwrap();
+        db.create_project(&project("a")).unwrap();
+        let sizes: std::collections::HashMap<String, BlobRecord> = ["c1", "l1", "l2", "c2"]
+            .iter()
+            .map(|d| (d.to_string(), BlobRecord { stored_size: 1, size: 1, ..Default::default() }))
+            .collect();
+        db.commit_manifest("a", &manifest_with("web", &["c1", "l1", "l2"]), 0, &sizes).unwrap();
+        db.commit_manifest("a", &manifest_with("api", &["c2", "l1"]), 0, &sizes).unwrap();
+        db.commit_manifest("a", &manifest_with("ops", &["c2"]), 0, &sizes).unwrap();
+        assert_eq!(db.drop_blob("a", "l1").unwrap(), 2, "web and api named it");
+        let services: Vec<String> = db.manifests("a").unwrap().iter().map(|m| m.key.clone().unwrap().service).collect();
+        assert_eq!(services, ["ops"]);
+        let known = db.stored_blobs("a", &["c1", "l1", "l2", "c2"].map(String::from)).unwrap();
+        assert!(!known.contains_key("l1"), "the lost blob is forgotten, so a save uploads it again");
+        assert_eq!((known["c1"].references, known["l2"].references, known["c2"].references), (0, 0, 1));
     }
 
     #[test]

@@ -171,12 +171,7 @@ impl ObjectFiles {
         let expected = blob_hex(key).ok_or_else(|| s3_error!(InvalidRequest, "not a blob key"))?.to_owned();
         let actual = tokio::task::spawn_blocking({
             let path = path.clone();
-            move || -> std::io::Result<String> {
-                use sha2::Digest;
-                let mut hasher = sha2::Sha256::new();
-                std::io::copy(&mut std::fs::File::open(path)?, &mut hasher)?;
-                Ok(hex::encode(hasher.finalize()))
-            }
+            move || crate::store::file_sha256_hex(&path)
         })
         .await
         .map_err(|error| s3_error!(InternalError, "{error}"))?

@@ -225,6 +225,9 @@ struct SaveFacts {
     host: String,
 }
 
+/// Checks of a reported bad blob one project may ask for per minute (each may read a blob).
+const BAD_BLOB_CHECKS_PER_MINUTE: u32 = 10;
+
 /// The refusal of a commit naming a blob whose stored bytes do not hash to its digest (the
 /// store has just deleted them).
 fn planted(digest: &str) -> Error {
@@ -399,6 +402,48 @@ impl CacheService {
             in_flight_digests,
             keep_alive_seconds: self.pending_saves.keep_alive_interval().as_secs() as u32,
         })
+    }
+
+    /// A restore's report of a blob missing or corrupt in the store: checked against the store
+    /// (a report is never trusted), and if the blob is indeed lost, dropped from the ledger
+    /// with every manifest naming it, under the project's publish lock, so the next save
+    /// uploads it again and no restore starts on a manifest that cannot complete.
+    pub async fn report_bad_blob(&self, project: &str, digest: &str) -> Result<pb::ReportBadBlobResponse, Error> {
+        names::validate_digest(digest)?;
+        if self.db.stored_blobs(project, &[digest.to_owned()])?.is_empty() {
+            return Ok(pb::ReportBadBlobResponse::default());
+        }
+        {
+            let mut checks = self.bad_blob_checks.lock().expect("bad blob checks");
+            let (since, n) = checks.entry(project.to_owned()).or_insert((Instant::now(), 0));
+            if since.elapsed() >= Duration::from_secs(60) {
+                (*since, *n) = (Instant::now(), 0);
+            }
+            if *n >= BAD_BLOB_CHECKS_PER_MINUTE {
+                return Err(Error::TooMany(format!(
+                    "project {project:?} reported {BAD_BLOB_CHECKS_PER_MINUTE} bad blobs this minute, the most checked: report again later"
+                )));
+            }
+            *n += 1;
+        }
+        let publish_lock = self.publish_lock.of_project(project);
+        let _no_commits = publish_lock.write().await;
+        let key = blob_key(&project_prefix(&self.store_prefix, project), digest);
+        let state = self.store.check_blob(&key, digest).await?;
+        if state == crate::store::BlobState::Intact {
+            tracing::info!(project, digest, "a blob reported bad is intact in the store");
+            return Ok(pb::ReportBadBlobResponse::default());
+        }
+        let caches_removed = self.db.drop_blob(project, digest)?;
+        self.db.durable().await?;
+        tracing::warn!(
+            project,
+            digest,
+            ?state,
+            caches_removed,
+            "a blob the store lost was dropped with the caches naming it"
+        );
+        Ok(pb::ReportBadBlobResponse { dropped: true, caches_removed: caches_removed as u32 })
     }
 
     /// Keeps a begun save's claims alive while its worker works; answers its share of the

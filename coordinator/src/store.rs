@@ -18,6 +18,23 @@ pub struct ObjectTotals {
     pub bytes: u64,
 }
 
+/// What the store really holds under a blob's key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BlobState {
+    Intact,
+    Missing,
+    /// It did not hash to its digest, and was deleted.
+    Corrupt,
+}
+
+/// The sha256 of a file's bytes, as hex.
+pub(crate) fn file_sha256_hex(path: &Path) -> std::io::Result<String> {
+    use sha2::Digest;
+    let mut hasher = sha2::Sha256::new();
+    std::io::copy(&mut std::fs::File::open(path)?, &mut hasher)?;
+    Ok(hex::encode(hasher.finalize()))
+}
+
 /// Which objects of a prefix a deletion keeps, by key.
 pub type KeepObject<'a> = dyn Fn(&str) -> bool + Send + Sync + 'a;
 
@@ -35,6 +52,10 @@ pub trait ObjectStore: Send + Sync {
     async fn delete_prefix(&self, prefix: &str, keep: &KeepObject<'_>) -> Result<ObjectTotals, Error>;
     /// How many objects are stored under `prefix`, and their bytes.
     async fn usage(&self, prefix: &str) -> Result<ObjectTotals, Error>;
+    /// What is stored under a blob's `key`, checked against its `digest` (read and hashed, or
+    /// on S3 by its stored SHA-256 checksum); a corrupt object is deleted. For a restore's
+    /// report of a bad blob, so it does not trust the endpoint's check at write time.
+    async fn check_blob(&self, key: &str, digest: &str) -> Result<BlobState, Error>;
     /// Whether the stored blob under `key` hashes to `digest` (`sha256:<hex>`); one that does
     /// not is deleted, so the next upload of the blob can land. The embedded endpoint checks
     /// every blob while it is written, so by default the answer is yes without reading.
@@ -110,6 +131,25 @@ impl ObjectStore for EmbeddedStore {
             Ok(_) => Ok(None),
             Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(error) => Err(Error::Store(format!("{key}: {error}"))),
+        }
+    }
+
+    async fn check_blob(&self, key: &str, digest: &str) -> Result<BlobState, Error> {
+        let path = self.bucket_dir.join(key);
+        let hashed = tokio::task::spawn_blocking({
+            let path = path.clone();
+            move || file_sha256_hex(&path)
+        })
+        .await
+        .map_err(|error| Error::Store(error.to_string()))?;
+        match hashed {
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(BlobState::Missing),
+            Err(error) => Err(Error::Store(format!("{key}: {error}"))),
+            Ok(actual) if Some(actual.as_str()) == digest.strip_prefix("sha256:") => Ok(BlobState::Intact),
+            Ok(_) => {
+                tokio::fs::remove_file(&path).await.map_err(|error| Error::Store(format!("{key}: {error}")))?;
+                Ok(BlobState::Corrupt)
+            }
         }
     }
 

@@ -14,6 +14,7 @@ mod e2e {
     mod full_disk;
     mod hostile_clients;
     mod incremental_save;
+    mod lost_blobs;
     mod multi_stage;
     mod projects_and_credentials;
     mod s3_store;

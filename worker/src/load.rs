@@ -175,6 +175,8 @@ pub struct BlobOutcome {
 pub enum LoadFailure {
     #[error("blob {digest} failed verification: its stored content hashes to {actual}")]
     DigestMismatch { digest: String, actual: String },
+    #[error("blob {digest} is not in the store")]
+    Missing { digest: String },
     #[error("{0}")]
     Transfer(String),
 }
@@ -214,7 +216,7 @@ fn plan_parts(blobs: &[PlannedBlob], part_size_for: impl Fn(u64) -> u64) -> Vec<
 }
 
 /// A downloaded part, holding its permit so memory stays bounded until the writer used it.
-type FetchedPart = Result<(Bytes, tokio::sync::OwnedSemaphorePermit), String>;
+type FetchedPart = Result<(Bytes, tokio::sync::OwnedSemaphorePermit), crate::transfer::TransferError>;
 
 /// The tarball of `plan` as a stream. Parts (the plan's part size below 70 GiB blobs) are
 /// fetched with ranged GETs, up to `concurrency` at once and in tarball order, so the writer
@@ -241,7 +243,7 @@ pub fn load_stream(
                 let digest = fetch_blobs[part.blob_idx].digest.clone();
                 tokio::spawn(async move {
                     let fetched = store.download_range(&digest, part.offset, part.length).await;
-                    let _ = part_sender.send(fetched.map(|bytes| (bytes, permit)).map_err(|error| error.to_string()));
+                    let _ = part_sender.send(fetched.map(|bytes| (bytes, permit)));
                 });
                 if parts_sender.send(part_receiver).is_err() {
                     return;
@@ -277,14 +279,22 @@ pub fn load_stream(
                 None => None,
             };
             while written < blob.size {
+                let ended = |what: &str| {
+                    let reason = format!("the download {what} ended early");
+                    Err(crate::transfer::TransferError::Download { digest: blob.digest.clone(), reason })
+                };
                 let fetched = match parts_receiver.recv().await {
-                    Some(part) => part.await.unwrap_or_else(|_| Err("a download task ended early".into())),
-                    None => Err("the download scheduler ended early".into()),
+                    Some(part) => part.await.unwrap_or_else(|_| ended("task")),
+                    None => ended("scheduler"),
                 };
                 let (bytes, permit) = match fetched {
                     Ok(fetched) => fetched,
+                    Err(crate::transfer::TransferError::NotStored { digest }) => {
+                        let _ = sender.send(fail(LoadFailure::Missing { digest })).await;
+                        return;
+                    }
                     Err(error) => {
-                        let _ = sender.send(fail(LoadFailure::Transfer(error))).await;
+                        let _ = sender.send(fail(LoadFailure::Transfer(error.to_string()))).await;
                         return;
                     }
                 };

@@ -107,6 +107,22 @@ fn saved_as_oci(manifest: &pb::Manifest) -> bool {
 
 /// Restores the cache. `say` prints progress lines (stdout, or stderr when stdout is for the
 /// flags alone).
+/// Tells the coordinator a blob came back missing or corrupt, and says what it did. A cache
+/// never breaks a build: a failed report is a warning.
+async fn report_bad_blob(coordinator: &mut Coordinator, digest: &str) {
+    let request = pb::ReportBadBlobRequest { digest: digest.to_owned() };
+    match coordinator.client.report_bad_blob(request).await {
+        Ok(answer) if answer.get_ref().dropped => eprintln!(
+            "cache-worker: the coordinator found blob {digest} lost in the store and dropped it with the {} cache(s) naming it: the next save uploads it again",
+            answer.get_ref().caches_removed
+        ),
+        Ok(_) => eprintln!("cache-worker: the coordinator found blob {digest} intact in the store"),
+        Err(status) => {
+            eprintln!("cache-worker: warning: reporting blob {digest} to the coordinator failed: {}", status.message())
+        }
+    }
+}
+
 pub async fn restore(
     coordinator: &mut Coordinator,
     engine: &Engine,
@@ -187,8 +203,15 @@ pub async fn restore(
     let bar = Progress::for_stderr().bar(&format!("restore {}", options.service), to_download);
     let tarball = load_stream(store.clone(), load_plan, plan.max_concurrency as usize, load_report.clone(), bar);
     let loaded = engine.load(tarball).await;
-    // A verification failure is the cause of the engine's error: name the blob.
-    if let Some(failure) = load_report.failure.lock().expect("report lock").clone() {
+    // A verification failure is the cause of the engine's error: name the blob, and tell the
+    // coordinator, which checks the store and drops a lost blob so the next save uploads it.
+    let failure = load_report.failure.lock().expect("report lock").clone();
+    if let Some(failure) = failure {
+        if let crate::load::LoadFailure::DigestMismatch { digest, .. } | crate::load::LoadFailure::Missing { digest } =
+            &failure
+        {
+            report_bad_blob(coordinator, digest).await;
+        }
         return Err(WorkerError::Restore(format!("{failure}; the engine loaded nothing")));
     }
     loaded?;

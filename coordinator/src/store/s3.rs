@@ -131,6 +131,17 @@ impl ObjectStore for S3Store {
         Ok(matches)
     }
 
+    async fn check_blob(&self, key: &str, digest: &str) -> Result<crate::store::BlobState, Error> {
+        if self.object_size(key).await?.is_none() {
+            return Ok(crate::store::BlobState::Missing);
+        }
+        Ok(if self.verify_blob(key, digest).await? {
+            crate::store::BlobState::Intact
+        } else {
+            crate::store::BlobState::Corrupt
+        })
+    }
+
     async fn usage(&self, prefix: &str) -> Result<ObjectTotals, Error> {
         let mut usage = ObjectTotals::default();
         let mut pages = self.client.list_objects_v2().bucket(&self.bucket).prefix(prefix).into_paginator().send();

@@ -301,6 +301,20 @@ pub struct KeepSaveAliveRequest {
     pub save_id: ::prost::alloc::string::String,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ReportBadBlobRequest {
+    #[prost(string, tag = "1")]
+    pub digest: ::prost::alloc::string::String,
+}
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ReportBadBlobResponse {
+    /// The coordinator found the blob missing or corrupt and dropped it.
+    #[prost(bool, tag = "1")]
+    pub dropped: bool,
+    /// Caches (manifests) that named it and are gone with it.
+    #[prost(uint32, tag = "2")]
+    pub caches_removed: u32,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct KeepSaveAliveResponse {
     /// The save's share of the transfer budget now: it follows the other transfers while the
     /// save runs (max_concurrency 0: wait, start no request until a later answer raises it).
@@ -958,6 +972,33 @@ pub mod worker_client {
                 .insert(GrpcMethod::new("layercache.v1.Worker", "ReportMetrics"));
             self.inner.unary(req, path, codec).await
         }
+        /// A restore found a blob missing from the store or not hashing to its digest. The
+        /// coordinator checks the store itself; if the blob is indeed lost it drops it from the
+        /// ledger, with every manifest naming it, so the next save uploads it again.
+        pub async fn report_bad_blob(
+            &mut self,
+            request: impl tonic::IntoRequest<super::ReportBadBlobRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::ReportBadBlobResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/layercache.v1.Worker/ReportBadBlob",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("layercache.v1.Worker", "ReportBadBlob"));
+            self.inner.unary(req, path, codec).await
+        }
     }
 }
 /// Generated server implementations.
@@ -1027,6 +1068,16 @@ pub mod worker_server {
             request: tonic::Request<super::ReportMetricsRequest>,
         ) -> std::result::Result<
             tonic::Response<super::ReportMetricsResponse>,
+            tonic::Status,
+        >;
+        /// A restore found a blob missing from the store or not hashing to its digest. The
+        /// coordinator checks the store itself; if the blob is indeed lost it drops it from the
+        /// ledger, with every manifest naming it, so the next save uploads it again.
+        async fn report_bad_blob(
+            &self,
+            request: tonic::Request<super::ReportBadBlobRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::ReportBadBlobResponse>,
             tonic::Status,
         >;
     }
@@ -1401,6 +1452,51 @@ pub mod worker_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = ReportMetricsSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/layercache.v1.Worker/ReportBadBlob" => {
+                    #[allow(non_camel_case_types)]
+                    struct ReportBadBlobSvc<T: Worker>(pub Arc<T>);
+                    impl<
+                        T: Worker,
+                    > tonic::server::UnaryService<super::ReportBadBlobRequest>
+                    for ReportBadBlobSvc<T> {
+                        type Response = super::ReportBadBlobResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::ReportBadBlobRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Worker>::report_bad_blob(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = ReportBadBlobSvc(inner);
                         let codec = tonic_prost::ProstCodec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(

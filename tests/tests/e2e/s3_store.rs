@@ -253,3 +253,39 @@ async fn a_blob_planted_by_a_pull_request_token_never_reaches_the_default_branch
     assert!(head.checksum_sha256().is_some(), "{head:?}");
     coordinator.stop();
 }
+
+/// A blob deleted from the bucket behind the coordinator's back: the restore that misses it
+/// reports it, the coordinator finds it gone (a HEAD) and drops it with its cache, and the next
+/// save uploads it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blob_lost_from_the_bucket_is_dropped_and_uploaded_again() {
+    let Some(moto) = moto_url() else { return };
+    let Some(build_host) = DockerEngine::start(EngineKind::Engine20) else { return };
+    let bucket = new_bucket(&moto).await;
+    let data_dir = tempfile::tempdir().unwrap();
+    let coordinator = CoordinatorProcess::start_with_env(data_dir.path(), &s3_args(&moto, &bucket), &platform_env());
+    let token = coordinator.create_project("shop");
+    build_host.import_busybox_base("base:1");
+    let context = build_context(SEED_DOCKERFILE);
+    let built = build_host.classic_build(context.path(), "app:latest", &[]);
+    assert!(built.status.success(), "{}", stderr_of(&built));
+    let save = ["save", "--service", "web", "app:latest"];
+    let saved = coordinator.cache_worker_on(&build_host, &token, &save);
+    assert!(saved.status.success(), "save: {}", stderr_of(&saved));
+    let inspect = build_host.docker(&["image", "inspect", "--format", "{{json .RootFS.Layers}}", "app:latest"]);
+    let layers: Vec<String> = serde_json::from_str(stdout_of(&inspect).trim()).unwrap();
+    let key = format!("ci/shop/blobs/sha256/{}", layers[2].trim_start_matches("sha256:"));
+    let client = platform_s3_client(&moto, PLATFORM_KEY_ID, PLATFORM_SECRET);
+    client.delete_object().bucket(&bucket).key(&key).send().await.unwrap();
+
+    let fresh_host = DockerEngine::start(EngineKind::Engine20).unwrap();
+    let failed = coordinator.cache_worker_on(&fresh_host, &token, &["restore", "--service", "web"]);
+    assert!(failed.status.success(), "a failed restore is a warning: {}", stderr_of(&failed));
+    assert!(stderr_of(&failed).contains("dropped it with the 1 cache(s) naming it"), "{}", stderr_of(&failed));
+    let saved = coordinator.cache_worker_on(&build_host, &token, &save);
+    assert!(stdout_of(&saved).contains("uploaded 1 blobs"), "{}", stdout_of(&saved));
+    let restored = coordinator.cache_worker_on(&fresh_host, &token, &["restore", "--service", "web", "--strict"]);
+    assert!(restored.status.success(), "restore: {}", stderr_of(&restored));
+    tests::assert_seed_rebuild_cached(&fresh_host, context.path());
+    coordinator.stop();
+}
