@@ -48,6 +48,14 @@ enum Command {
     Flush { project: String },
     /// Restore and save counters per project and service.
     Stats { project: Option<String> },
+    /// Remove blobs no cache names (unreferenced for longer than the coordinator's --gc-grace,
+    /// named by no save in progress) from every project, or one.
+    Gc {
+        project: Option<String>,
+        /// Say what would be removed, remove nothing
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Manage a project's tokens scoped to branches.
     #[command(subcommand)]
     Token(TokenCommand),
@@ -90,32 +98,13 @@ enum TokenCommand {
         #[arg(long = "read-branch", value_name = "PATTERN")]
         read_branches: Vec<String>,
         /// How long it works: e.g. 90m, 12h, 30d (0: until revoked)
-        #[arg(long, default_value = "0", value_parser = parse_duration_seconds)]
+        #[arg(long, default_value = "0", value_parser = proto::format::parse_duration_seconds)]
         expires: u64,
     },
     /// List a project's scoped tokens (never their secrets).
     Ls { project: String },
     /// Revoke a scoped token and the storage keys issued to it.
     Revoke { project: String, token_id: String },
-}
-
-/// `0`, or a count with a unit: `s`, `m`, `h` or `d`.
-fn parse_duration_seconds(text: &str) -> Result<u64, String> {
-    if text == "0" {
-        return Ok(0);
-    }
-    let bad = || format!("invalid duration {text:?}: use a number and a unit, as in 90s, 10m, 12h or 30d");
-    let split = text.find(|c: char| !c.is_ascii_digit()).ok_or_else(bad)?;
-    let (count, unit) = text.split_at(split);
-    let count: u64 = count.parse().map_err(|_| bad())?;
-    let unit = match unit {
-        "s" => 1,
-        "m" => 60,
-        "h" => 3600,
-        "d" => 86_400,
-        _ => return Err(bad()),
-    };
-    count.checked_mul(unit).ok_or_else(bad)
 }
 
 fn print_tokens(tokens: &[pb::ScopedToken]) {
@@ -275,7 +264,8 @@ async fn run(cli: Cli) -> Result<(), ClientError> {
             validate(names::validate_service_name(service))?;
             validate(names::validate_branch_name(branch))?;
         }
-        Command::Ls { project: None } | Command::Stats { project: None } => {}
+        Command::Gc { project: Some(project), .. } => validate(names::validate_project_name(project))?,
+        Command::Ls { project: None } | Command::Stats { project: None } | Command::Gc { project: None, .. } => {}
     }
     let token = BearerToken::new(&admin_token(&cli)?)?;
     let url = cli.coordinator.clone();
@@ -322,6 +312,19 @@ async fn run(cli: Cli) -> Result<(), ClientError> {
             let token = response.token.unwrap_or_default();
             println!("created token {} of project {project}; the token (shown once) follows:", token.id);
             println!("{}", response.secret);
+        }
+        Command::Gc { project, dry_run } => {
+            let request = pb::CollectGarbageRequest { project: project.unwrap_or_default(), dry_run };
+            let response = admin.collect_garbage(request).await.map_err(failed)?.into_inner();
+            for collected in response.projects {
+                let verb = if collected.dry_run { "would remove" } else { "removed" };
+                println!(
+                    "gc {}: {verb} {} blobs ({})",
+                    collected.project,
+                    collected.blobs,
+                    format_bytes(collected.bytes)
+                );
+            }
         }
         Command::Token(TokenCommand::Ls { project }) => {
             let response = admin.list_tokens(pb::ListTokensRequest { project }).await.map_err(failed)?.into_inner();
@@ -399,23 +402,6 @@ async fn main() -> ExitCode {
         Err(error) => {
             eprintln!("cachectl: {error}");
             ExitCode::from(error.exit_code())
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn durations_take_a_unit_or_zero() {
-        assert_eq!(parse_duration_seconds("0"), Ok(0));
-        assert_eq!(parse_duration_seconds("90s"), Ok(90));
-        assert_eq!(parse_duration_seconds("10m"), Ok(600));
-        assert_eq!(parse_duration_seconds("12h"), Ok(43_200));
-        assert_eq!(parse_duration_seconds("30d"), Ok(2_592_000));
-        for bad in ["", "10", "m", "1.5h", "-1d", "10w", "99999999999999999999d"] {
-            assert!(parse_duration_seconds(bad).is_err(), "{bad}");
         }
     }
 }

@@ -330,6 +330,25 @@ impl Admin for AdminApi {
         counted(&self.0.metrics, "DeleteProject", result)
     }
 
+    #[tracing::instrument(skip_all)]
+    async fn collect_garbage(
+        &self,
+        request: Request<pb::CollectGarbageRequest>,
+    ) -> Result<Response<pb::CollectGarbageResponse>, Status> {
+        let result = async {
+            self.admin(&request)?;
+            let request = request.get_ref();
+            let projects = if request.project.is_empty() {
+                self.0.collect_all_garbage(request.dry_run).await?
+            } else {
+                vec![self.0.collect_garbage(&request.project, request.dry_run).await?]
+            };
+            Ok(pb::CollectGarbageResponse { projects })
+        }
+        .await;
+        counted(&self.0.metrics, "CollectGarbage", result)
+    }
+
     async fn stats(&self, request: Request<pb::StatsRequest>) -> Result<Response<pb::StatsResponse>, Status> {
         let result = async {
             self.admin(&request)?;

@@ -46,6 +46,12 @@ pub struct ServeArgs {
     /// How long a save's claim on the blobs it uploads outlives its worker's last sign of life, in seconds (3 to 600); others wait for a claimed blob rather than upload it again [default: 15]
     #[arg(long, env = "CACHE_CLAIM_TTL")]
     pub claim_ttl: Option<u64>,
+    /// How often unreferenced blobs are collected, e.g. 10m, 1h (0: never in the background; `cachectl gc` still works) [default: 1h]
+    #[arg(long, env = "CACHE_GC_INTERVAL")]
+    pub gc_interval: Option<String>,
+    /// How long a blob stays after no cache names it any more, e.g. 0s, 90s, 1h [default: 1h]
+    #[arg(long, env = "CACHE_GC_GRACE")]
+    pub gc_grace: Option<String>,
     /// Smallest part of multipart uploads and ranged downloads, in MiB (8 to 5120); bigger blobs get bigger parts [default: 8]
     #[arg(long, env = "CACHE_PART_SIZE_MIB")]
     pub part_size_mib: Option<u64>,
@@ -129,6 +135,8 @@ pub struct FileConfig {
     pub metrics_listen: Option<String>,
     pub credential_ttl: Option<u64>,
     pub claim_ttl: Option<u64>,
+    pub gc_interval: Option<String>,
+    pub gc_grace: Option<String>,
     pub part_size_mib: Option<u64>,
     pub multipart_threshold_mib: Option<u64>,
     pub worker_concurrency: Option<u32>,
@@ -172,6 +180,10 @@ pub struct Config {
     pub credential_ttl: Duration,
     /// How long a save's claims outlive its worker's last sign of life.
     pub claim_ttl: Duration,
+    /// How often the background garbage collection runs; zero: never.
+    pub gc_interval: Duration,
+    /// How long an unreferenced blob stays before a collection removes it.
+    pub gc_grace: Duration,
     /// Part size and concurrency of the transfer plans.
     pub plan: crate::budget::PlanSettings,
     /// The store's bucket and key prefix, and its region (both stores).
@@ -290,6 +302,14 @@ pub fn merge(args: ServeArgs, file: FileConfig) -> Result<Config, ConfigError> {
     if !(3..=600).contains(&claim_ttl) {
         return Err(ConfigError(format!("invalid --claim-ttl {claim_ttl}: expected 3 to 600 seconds")));
     }
+    let duration = |flag: &str, value: Option<String>, default: &str| {
+        let value = value.unwrap_or_else(|| default.to_owned());
+        proto::format::parse_duration_seconds(&value)
+            .map(Duration::from_secs)
+            .map_err(|error| ConfigError(format!("{flag}: {error}")))
+    };
+    let gc_interval = duration("--gc-interval", args.gc_interval.or(file.gc_interval), "1h")?;
+    let gc_grace = duration("--gc-grace", args.gc_grace.or(file.gc_grace), "1h")?;
     let credential_ttl = args.credential_ttl.or(file.credential_ttl).unwrap_or(900);
     if !(1..=43_200).contains(&credential_ttl) {
         return Err(ConfigError(format!("invalid --credential-ttl {credential_ttl}: expected 1 to 43200 seconds")));
@@ -387,6 +407,8 @@ pub fn merge(args: ServeArgs, file: FileConfig) -> Result<Config, ConfigError> {
         metrics_listen: parse_address("--metrics-listen", &metrics_listen)?,
         credential_ttl: Duration::from_secs(credential_ttl),
         claim_ttl: Duration::from_secs(claim_ttl),
+        gc_interval,
+        gc_grace,
         plan,
         bucket,
         prefix,
@@ -408,6 +430,7 @@ mod tests {
         assert_eq!(config.metrics_listen.to_string(), "127.0.0.1:9400");
         assert_eq!(config.credential_ttl, Duration::from_secs(900));
         assert_eq!(config.claim_ttl, Duration::from_secs(15));
+        assert_eq!((config.gc_interval, config.gc_grace), (Duration::from_secs(3600), Duration::from_secs(3600)));
         assert_eq!((config.bucket.as_str(), config.prefix.as_str()), ("layer-cache", "cache"));
     }
 
@@ -436,6 +459,8 @@ mod tests {
         );
         assert!(bad(ServeArgs { credential_ttl: Some(0), ..ServeArgs::default() }).contains("--credential-ttl"));
         assert!(bad(ServeArgs { claim_ttl: Some(1), ..ServeArgs::default() }).contains("--claim-ttl"));
+        assert!(bad(ServeArgs { gc_grace: Some("1 hour".into()), ..ServeArgs::default() }).contains("--gc-grace"));
+        assert!(bad(ServeArgs { gc_interval: Some("-1m".into()), ..ServeArgs::default() }).contains("--gc-interval"));
         assert!(bad(ServeArgs { part_size_mib: Some(5), ..ServeArgs::default() }).contains("expected 8 to 5120 MiB"));
         assert!(bad(ServeArgs { part_size_mib: Some(5121), ..ServeArgs::default() }).contains("--part-size-mib"));
         assert!(

@@ -6,6 +6,7 @@ pub mod budget;
 pub mod config;
 pub mod credentials;
 pub mod error;
+pub mod gc;
 pub mod listener;
 pub mod manifests;
 pub mod metrics;
@@ -256,6 +257,7 @@ pub async fn run(
         publish_lock: store.publish_lock,
         usage: Default::default(),
         bad_blob_checks: Default::default(),
+        gc_grace: config.gc_grace,
     });
     let limits = listener::ListenerLimits::for_open_files(listener::raise_open_file_limit());
     let (stop_sender, stop_receiver) = watch::channel(false);
@@ -280,9 +282,10 @@ pub async fn run(
     let db = data_dir.db.clone();
     let mut sweeper_stop = stop_receiver.clone();
     let sweeping_service = service.clone();
+    let gc_every = config.gc_interval.as_secs();
     let sweeper_task = tokio::spawn(async move {
         // Each second: post-flush sweeps that fell due; each minute: expired keys; every five
-        // minutes: the store's usage.
+        // minutes: the store's usage; every `--gc-interval`: garbage.
         let mut interval = tokio::time::interval(Duration::from_secs(1));
         let mut n_ticks: u64 = 0;
         loop {
@@ -291,6 +294,9 @@ pub async fn run(
                     sweeping_service.run_due_sweeps().await;
                     if n_ticks.is_multiple_of(USAGE_COUNT_SECONDS) {
                         sweeping_service.refresh_usage().await;
+                    }
+                    if gc_every > 0 && n_ticks > 0 && n_ticks.is_multiple_of(gc_every) {
+                        let _ = sweeping_service.collect_all_garbage(false).await;
                     }
                     if n_ticks.is_multiple_of(60)
                         && let Err(error) = db.remove_expired_keys(now_unix() - EXPIRED_KEY_GRACE_SECONDS)

@@ -80,6 +80,28 @@ pub struct BlobRecord {
     /// sha256 of the stored bytes when they differ from the blob's digest.
     #[serde(default)]
     pub stored_digest: String,
+    /// When its last reference went (unix seconds), while it has none; 0 while it has some,
+    /// and in records from before garbage collection (a collection then starts its grace).
+    #[serde(default)]
+    pub unreferenced_since_unix: i64,
+}
+
+impl BlobRecord {
+    /// Adds one reference.
+    fn referenced(mut self) -> BlobRecord {
+        self.references += 1;
+        self.unreferenced_since_unix = 0;
+        self
+    }
+
+    /// Drops one reference, noting when the last went.
+    fn unreferenced(mut self, now_unix: i64) -> BlobRecord {
+        self.references = self.references.saturating_sub(1);
+        if self.references == 0 && self.unreferenced_since_unix == 0 {
+            self.unreferenced_since_unix = now_unix;
+        }
+        self
+    }
 }
 
 /// Counters of one service of one project, fed by the workers' metric reports.
@@ -563,6 +585,7 @@ impl Database {
         let manifest_key = composite_key(&[project, &key.service, &key.branch]);
         let new_digests = manifest_digests(manifest);
         let encoded = manifest.encode_to_vec();
+        let now = crate::credentials::now_unix();
         let result = (&self.projects, &self.manifests, &self.blobs).transaction(|(projects, manifests, blobs)| {
             let abort = |error: Error| ConflictableTransactionError::Abort(error);
             let record: ProjectRecord = match projects.get(project.as_bytes())? {
@@ -586,7 +609,11 @@ impl Database {
                 for digest in &new_digests {
                     let blob_key = composite_key(&[project, digest]);
                     if blobs.get(blob_key.as_slice())?.is_none() {
-                        let blob = BlobRecord { references: 0, ..new_blobs.get(digest).cloned().unwrap_or_default() };
+                        let blob = BlobRecord {
+                            references: 0,
+                            unreferenced_since_unix: now,
+                            ..new_blobs.get(digest).cloned().unwrap_or_default()
+                        };
                         blobs.insert(blob_key, json_to_vec(&blob))?;
                     }
                 }
@@ -595,20 +622,18 @@ impl Database {
             let old_digests = old.as_ref().map(manifest_digests).unwrap_or_default();
             for digest in new_digests.difference(&old_digests) {
                 let blob_key = composite_key(&[project, digest]);
-                let mut blob = match blobs.get(blob_key.as_slice())? {
+                let blob = match blobs.get(blob_key.as_slice())? {
                     Some(bytes) => json_from_slice::<BlobRecord>("blobs", &bytes).map_err(abort)?,
                     None => BlobRecord { references: 0, ..new_blobs.get(digest).cloned().unwrap_or_default() },
                 };
-                blob.references += 1;
-                blobs.insert(blob_key, json_to_vec(&blob))?;
+                blobs.insert(blob_key, json_to_vec(&blob.referenced()))?;
             }
             for digest in old_digests.difference(&new_digests) {
                 let blob_key = composite_key(&[project, digest]);
                 if let Some(bytes) = blobs.get(blob_key.as_slice())? {
-                    let mut blob: BlobRecord = json_from_slice("blobs", &bytes).map_err(abort)?;
+                    let blob: BlobRecord = json_from_slice("blobs", &bytes).map_err(abort)?;
                     // Unreferenced blobs stay stored and recorded until a garbage collection.
-                    blob.references = blob.references.saturating_sub(1);
-                    blobs.insert(blob_key, json_to_vec(&blob))?;
+                    blobs.insert(blob_key, json_to_vec(&blob.unreferenced(now)))?;
                 }
             }
             manifests.insert(manifest_key.as_slice(), encoded.as_slice())?;
@@ -635,6 +660,7 @@ impl Database {
                 naming.push((key, manifest));
             }
         }
+        let now = crate::credentials::now_unix();
         let result = (&self.manifests, &self.blobs).transaction(|(manifests, blobs)| {
             let abort = |error: Error| ConflictableTransactionError::Abort(error);
             for (key, manifest) in &naming {
@@ -642,9 +668,8 @@ impl Database {
                 for named in manifest_digests(manifest) {
                     let blob_key = composite_key(&[project, &named]);
                     if let Some(bytes) = blobs.get(blob_key.as_slice())? {
-                        let mut blob: BlobRecord = json_from_slice("blobs", &bytes).map_err(abort)?;
-                        blob.references = blob.references.saturating_sub(1);
-                        blobs.insert(blob_key, json_to_vec(&blob))?;
+                        let blob: BlobRecord = json_from_slice("blobs", &bytes).map_err(abort)?;
+                        blobs.insert(blob_key, json_to_vec(&blob.unreferenced(now)))?;
                     }
                 }
             }
@@ -653,6 +678,52 @@ impl Database {
         });
         match result {
             Ok(removed) => Ok(removed),
+            Err(TransactionError::Abort(error)) => Err(error),
+            Err(TransactionError::Storage(error)) => Err(db_error(error)),
+        }
+    }
+
+    /// The project's blobs no manifest names, with their records; those recorded before garbage
+    /// collection existed get their grace started now.
+    pub fn unreferenced_blobs(&self, project: &str, now_unix: i64) -> Result<Vec<(String, BlobRecord)>, Error> {
+        let prefix = project_prefix(project);
+        let mut unreferenced = Vec::new();
+        for entry in self.blobs.scan_prefix(&prefix) {
+            let (key, bytes) = entry.map_err(db_error)?;
+            let mut record: BlobRecord = json_from_slice("blobs", &bytes)?;
+            if record.references > 0 {
+                continue;
+            }
+            if record.unreferenced_since_unix == 0 {
+                record.unreferenced_since_unix = now_unix;
+                self.blobs.insert(&key, json_to_vec(&record)).map_err(db_error)?;
+            }
+            unreferenced.push((String::from_utf8_lossy(&key[prefix.len()..]).into_owned(), record));
+        }
+        Ok(unreferenced)
+    }
+
+    /// Forgets the blobs of `digests` that still have no reference, in one transaction; returns
+    /// those forgotten. The caller deletes their objects after, holding the publish lock, so a
+    /// commit that names one again finds it unknown and checks the store.
+    pub fn forget_unreferenced(&self, project: &str, digests: &[String]) -> Result<Vec<(String, BlobRecord)>, Error> {
+        let result = self.blobs.transaction(|blobs| {
+            let abort = |error: Error| ConflictableTransactionError::Abort(error);
+            let mut forgotten = Vec::new();
+            for digest in digests {
+                let blob_key = composite_key(&[project, digest]);
+                if let Some(bytes) = blobs.get(blob_key.as_slice())? {
+                    let record: BlobRecord = json_from_slice("blobs", &bytes).map_err(abort)?;
+                    if record.references == 0 {
+                        blobs.remove(blob_key)?;
+                        forgotten.push((digest.clone(), record));
+                    }
+                }
+            }
+            Ok(forgotten)
+        });
+        match result {
+            Ok(forgotten) => Ok(forgotten),
             Err(TransactionError::Abort(error)) => Err(error),
             Err(TransactionError::Storage(error)) => Err(db_error(error)),
         }

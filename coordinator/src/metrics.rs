@@ -17,6 +17,12 @@ pub struct ProjectLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EvictionLabels {
+    pub project: String,
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ServiceLabels {
     pub project: String,
     pub service: String,
@@ -81,6 +87,8 @@ pub struct Metrics {
     pub store_bytes: Family<ProjectLabels, Gauge>,
     /// Everything under the project's prefix, committed or not, as last counted.
     pub store_usage_bytes: Family<ProjectLabels, Gauge>,
+    pub evicted_blobs: Family<EvictionLabels, Counter>,
+    pub evicted_bytes: Family<EvictionLabels, Counter>,
     pub store_blobs: Family<ProjectLabels, Gauge>,
     pub flushes: Family<ProjectLabels, Counter>,
     pub credential_grants: Family<GrantLabels, Counter>,
@@ -111,6 +119,8 @@ impl Metrics {
             transfer_throughput: Family::new_with_constructor(throughput_histogram),
             store_bytes: Family::default(),
             store_usage_bytes: Family::default(),
+            evicted_blobs: Family::default(),
+            evicted_bytes: Family::default(),
             store_blobs: Family::default(),
             flushes: Family::default(),
             credential_grants: Family::default(),
@@ -137,6 +147,12 @@ impl Metrics {
             metrics.transfer_throughput.clone(),
         );
         registry.register("store_bytes", "Bytes stored per project", metrics.store_bytes.clone());
+        registry.register(
+            "evicted_blobs",
+            "Blobs removed from the store, by reason (unreferenced: garbage collection)",
+            metrics.evicted_blobs.clone(),
+        );
+        registry.register("evicted_bytes", "Bytes removed from the store, by reason", metrics.evicted_bytes.clone());
         registry.register(
             "store_usage_bytes",
             "Bytes under each project's prefix in the store, committed or not (counted every 5 minutes)",
@@ -231,6 +247,13 @@ impl Metrics {
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &self.registry).expect("writing to a String cannot fail");
         text
+    }
+
+    /// Blobs removed for `reason` (`unreferenced`, …) and their bytes.
+    pub fn record_eviction(&self, project: &str, reason: &str, blobs: u64, bytes: u64) {
+        let labels = EvictionLabels { project: project.to_owned(), reason: reason.to_owned() };
+        self.evicted_blobs.get_or_create(&labels).inc_by(blobs);
+        self.evicted_bytes.get_or_create(&labels).inc_by(bytes);
     }
 
     pub fn set_store_usage(&self, project: &str, bytes: u64) {

@@ -56,6 +56,8 @@ struct PendingSave {
     last_alive: Instant,
     /// The missing blobs this save uploads; no other save of the project uploads them meanwhile.
     claimed: HashSet<String>,
+    /// Every blob its images name: none is collected as garbage while the save is open.
+    named: HashSet<String>,
     /// Its worker fell silent for the claim lifetime and its budget share was given back.
     silence_noted: bool,
 }
@@ -68,9 +70,9 @@ pub struct PendingSaves {
 }
 
 impl PendingSave {
-    /// The names it holds in memory.
+    /// The names it holds in memory (`claimed` is a part of `named`).
     fn held_names(&self) -> usize {
-        self.claimed.len() + self.image_ids.len()
+        self.named.len() + self.image_ids.len()
     }
 
     fn claims(&self, project: &str, digest: &str, claim_ttl: Duration, now: Instant) -> bool {
@@ -112,6 +114,7 @@ impl PendingSaves {
         saves.retain(|_, pending| {
             now.duration_since(pending.began) < SAVE_LIFETIME && now.duration_since(pending.last_alive) < forget_silent
         });
+        save.named.extend(missing.iter().cloned());
         let of_project = || saves.values().filter(|other| other.project == save.project);
         if of_project().count() >= MOST_SAVES_PER_PROJECT {
             return Err(Error::TooMany(format!(
@@ -120,7 +123,7 @@ impl PendingSaves {
             )));
         }
         let held: usize = of_project().map(PendingSave::held_names).sum();
-        if held + missing.len() + save.image_ids.len() > MOST_HELD_NAMES_PER_PROJECT {
+        if held + save.held_names() > MOST_HELD_NAMES_PER_PROJECT {
             return Err(Error::TooMany(format!(
                 "project {:?}'s saves in progress name {held} blobs and images, and this one would take them over \
                  {MOST_HELD_NAMES_PER_PROJECT}: save again once some have committed",
@@ -138,6 +141,11 @@ impl PendingSaves {
         save.claimed = to_upload.iter().cloned().collect();
         saves.insert(save_id, save);
         Ok((to_upload, in_flight))
+    }
+
+    /// Whether an open save of `project` names `digest` (a garbage collection keeps it).
+    pub(crate) fn named(&self, project: &str, digest: &str) -> bool {
+        self.lock().values().any(|save| save.project == project && save.named.contains(digest))
     }
 
     /// Whether a live save of `project` is uploading `digest` (also asked by the post-flush
@@ -322,6 +330,11 @@ impl CacheService {
                 digests.len()
             )));
         }
+        // Held until the save is registered: a garbage collection (which takes the lock
+        // exclusively) either ran before and this save sees what it left, or runs after and
+        // keeps every blob this save names.
+        let publish_lock = self.publish_lock.of_project(project);
+        let registering = publish_lock.read().await;
         let stored = self.db.stored_blobs(project, &digests)?;
         let missing: Vec<String> = digests.iter().filter(|d| !stored.contains_key(*d)).cloned().collect();
         let current = self.db.manifest(project, &key.service, &key.branch)?;
@@ -350,6 +363,7 @@ impl CacheService {
             host: request.host.clone(),
             last_alive: now,
             claimed: HashSet::new(),
+            named: digests.iter().cloned().collect(),
             silence_noted: false,
         };
         self.release_silent_saves();
@@ -359,6 +373,7 @@ impl CacheService {
         } else {
             self.pending_saves.begin(save_id.clone(), pending, missing, now)?
         };
+        drop(registering);
         // Blobs in flight still need the worker's export (for their sizes), not its uploads.
         // A save that moves nothing holds no share of the transfer budget.
         let (credentials, plan) = if missing_digests.is_empty() && in_flight_digests.is_empty() {
@@ -520,7 +535,7 @@ impl CacheService {
                     size: layer.size,
                     encoding: layer.encoding.clone(),
                     stored_digest: layer.stored_digest.clone(),
-                    references: 0,
+                    ..Default::default()
                 };
                 reported.insert(layer.digest.clone(), record);
             }
@@ -701,6 +716,7 @@ mod tests {
             host: String::new(),
             last_alive: now,
             claimed: HashSet::new(),
+            named: HashSet::new(),
             silence_noted: false,
         }
     }
@@ -790,8 +806,14 @@ mod tests {
         // Names held in memory: a save that would take the project over the bound is refused.
         let many: Vec<String> = (0..MOST_HELD_NAMES_PER_PROJECT - 10).map(|i| format!("d{i}")).collect();
         saves.begin("big".into(), pending("web", "big", forgotten), many, forgotten).unwrap();
-        let refused =
-            saves.begin("more".into(), pending("web", "more", forgotten), digests(&["x"; 20]), forgotten).unwrap_err();
+        let refused = saves
+            .begin(
+                "more".into(),
+                pending("web", "more", forgotten),
+                (0..20).map(|i| format!("x{i}")).collect(),
+                forgotten,
+            )
+            .unwrap_err();
         assert!(refused.to_string().contains("blobs and images"), "{refused}");
     }
 

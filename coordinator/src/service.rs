@@ -28,6 +28,8 @@ pub struct CacheService {
     pub publish_lock: crate::s3_endpoint::PublishLock,
     /// Each project's store usage as last counted ([`CacheService::refresh_usage`]).
     pub usage: std::sync::Mutex<std::collections::HashMap<String, ObjectTotals>>,
+    /// How long a blob stays unreferenced before a garbage collection removes it.
+    pub gc_grace: std::time::Duration,
     /// Per project: since when, and how many, reported bad blobs were checked this minute.
     pub bad_blob_checks: std::sync::Mutex<std::collections::HashMap<String, (std::time::Instant, u32)>>,
 }

@@ -1,4 +1,5 @@
-//! How sizes read in every command's output, so cachectl and cache-worker agree.
+//! How sizes and durations read, in every command's output and every flag that takes one, so
+//! cachectl, cache-worker and cache-coordinator agree.
 
 /// `1536` → `1.5 KiB`; below 1 KiB, whole bytes.
 pub fn format_bytes(bytes: u64) -> String {
@@ -12,9 +13,41 @@ pub fn format_bytes(bytes: u64) -> String {
     if unit == 0 { format!("{bytes} B") } else { format!("{value:.1} {}", UNITS[unit]) }
 }
 
+/// A duration as flags take it: `0`, or a count with a unit, `s`, `m`, `h` or `d` (`90s`,
+/// `10m`, `12h`, `7d`), in seconds.
+pub fn parse_duration_seconds(text: &str) -> Result<u64, String> {
+    if text == "0" {
+        return Ok(0);
+    }
+    let bad = || format!("invalid duration {text:?}: use a number and a unit, as in 90s, 10m, 12h or 7d");
+    let split = text.find(|c: char| !c.is_ascii_digit()).ok_or_else(bad)?;
+    let (count, unit) = text.split_at(split);
+    let count: u64 = count.parse().map_err(|_| bad())?;
+    let unit = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return Err(bad()),
+    };
+    count.checked_mul(unit).ok_or_else(bad)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn durations_take_a_unit_or_zero() {
+        assert_eq!(parse_duration_seconds("0"), Ok(0));
+        assert_eq!(parse_duration_seconds("90s"), Ok(90));
+        assert_eq!(parse_duration_seconds("10m"), Ok(600));
+        assert_eq!(parse_duration_seconds("12h"), Ok(43_200));
+        assert_eq!(parse_duration_seconds("30d"), Ok(2_592_000));
+        for bad in ["", "10", "m", "1.5h", "-1d", "10w", "99999999999999999999d"] {
+            assert!(parse_duration_seconds(bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn sizes_read_like_a_person_wrote_them() {

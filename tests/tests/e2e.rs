@@ -12,6 +12,7 @@ mod e2e {
     mod durability;
     mod embedded_s3_scope;
     mod full_disk;
+    mod garbage;
     mod hostile_clients;
     mod incremental_save;
     mod lost_blobs;

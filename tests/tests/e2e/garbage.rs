@@ -1,0 +1,93 @@
+//! Garbage collection (issue 15, its first part): blobs no cache names are removed from the
+//! ledger and the store once their grace has passed, never while an open save names them;
+//! `cachectl gc --dry-run` removes nothing; evictions are counted in the metrics.
+
+use proto::v1 as pb;
+use tests::{CoordinatorProcess, save_one_layer_image, stderr_of, stdout_of};
+
+/// The blob files of project `web` in an embedded store.
+fn stored_blobs(data_dir: &std::path::Path) -> usize {
+    std::fs::read_dir(data_dir.join("objects/layer-cache/cache/web/blobs/sha256")).map_or(0, |dir| dir.count())
+}
+
+fn gc(coordinator: &CoordinatorProcess, args: &[&str]) -> String {
+    let output = coordinator.cachectl(&[&["gc"], args].concat());
+    assert!(output.status.success(), "{}", stderr_of(&output));
+    stdout_of(&output)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forty_saves_of_a_service_leave_only_what_the_caches_name_after_a_collection() {
+    let data_dir = tempfile::tempdir().unwrap();
+    let coordinator = CoordinatorProcess::start(data_dir.path(), &["--gc-grace", "0s", "--gc-interval", "0"]);
+    let token = coordinator.create_project("web");
+    let url = coordinator.grpc_url.clone();
+    let layer = |i: u8| vec![i; 1 << 20];
+    // Another service keeps the first save's layer: shared blobs stay.
+    save_one_layer_image(&url, &token, "keep", "keep:1", &layer(0)).await;
+    for i in 0..40 {
+        save_one_layer_image(&url, &token, "app", "app:1", &layer(i)).await;
+    }
+    assert_eq!(stored_blobs(data_dir.path()), 80, "a config and a layer per save");
+
+    let dry = gc(&coordinator, &["web", "--dry-run"]);
+    assert_eq!(dry, "gc web: would remove 76 blobs (38.0 MiB)\n");
+    assert_eq!(stored_blobs(data_dir.path()), 80, "a dry run removes nothing");
+    assert_eq!(gc(&coordinator, &["web"]), "gc web: removed 76 blobs (38.0 MiB)\n");
+    assert_eq!(stored_blobs(data_dir.path()), 4, "keep's blobs and app's last two");
+    let listed = stdout_of(&coordinator.cachectl(&["ls", "web"]));
+    assert!(listed.contains("in 4 blobs") && listed.contains("in 4 objects"), "{listed}");
+    assert_eq!(gc(&coordinator, &[]), "gc web: removed 0 blobs (0 B)\n");
+
+    let (_, metrics) = tests::http_get(&format!("{}/metrics", coordinator.metrics_url));
+    assert!(
+        metrics.contains("layer_cache_evicted_blobs_total{project=\"web\",reason=\"unreferenced\"} 76"),
+        "{metrics}"
+    );
+    // What the caches name still restores: their blobs read back whole.
+    let read = coordinator.credentials(&token, pb::Access::Read).await;
+    let store = tests::s3_client_for(&read);
+    for content in [layer(0), layer(39)] {
+        let got = store.get_object().bucket(&read.bucket).key(tests::blob_key(&read, &content)).send().await;
+        assert_eq!(got.unwrap().body.collect().await.unwrap().into_bytes().len(), 1 << 20);
+    }
+    coordinator.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_collection_keeps_what_an_open_save_names_and_what_is_in_its_grace() {
+    let data_dir = tempfile::tempdir().unwrap();
+    let coordinator = CoordinatorProcess::start(data_dir.path(), &["--gc-grace", "0s", "--gc-interval", "0"]);
+    let token = coordinator.create_project("web");
+    let url = coordinator.grpc_url.clone();
+    let (old, new) = (b"the old layer".to_vec(), b"the new layer".to_vec());
+    save_one_layer_image(&url, &token, "app", "app:1", &old).await;
+    save_one_layer_image(&url, &token, "app", "app:1", &new).await;
+    // The old layer has no reference now. A save that names it again begins: it is told the
+    // blob is stored, and a collection running before its commit (made certain here) keeps it.
+    let mut client = tests::worker_client(&url, &token).await;
+    let begun = client.begin_save(tests::begin_one_layer_save("other", "other:1", &old)).await.unwrap().into_inner();
+    assert!(begun.missing_digests.is_empty(), "{begun:?}");
+    assert_eq!(gc(&coordinator, &["web"]), "gc web: removed 0 blobs (0 B)\n");
+    let commit = pb::CommitSaveRequest {
+        save_id: begun.save_id,
+        images: vec![tests::one_layer_image("other:1", &old, true)],
+        save_log: Vec::new(),
+    };
+    let committed = client.commit_save(commit).await.unwrap().into_inner();
+    assert!(committed.stored, "{committed:?}");
+    assert_eq!(gc(&coordinator, &["web"]), "gc web: removed 0 blobs (0 B)\n", "it is named again");
+    let read = coordinator.credentials(&token, pb::Access::Read).await;
+    let got = tests::s3_client_for(&read).get_object().bucket(&read.bucket).key(tests::blob_key(&read, &old)).send();
+    assert!(got.await.is_ok(), "the open save's blob is still stored");
+    coordinator.stop();
+
+    // With the default grace (1 h), a blob unreferenced a moment ago stays.
+    let data_dir = tempfile::tempdir().unwrap();
+    let coordinator = CoordinatorProcess::start(data_dir.path(), &[]);
+    let token = coordinator.create_project("web");
+    save_one_layer_image(&coordinator.grpc_url, &token, "app", "app:1", &old).await;
+    save_one_layer_image(&coordinator.grpc_url, &token, "app", "app:1", &new).await;
+    assert_eq!(gc(&coordinator, &["web", "--dry-run"]), "gc web: would remove 0 blobs (0 B)\n");
+    coordinator.stop();
+}
