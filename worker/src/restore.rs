@@ -107,19 +107,17 @@ fn saved_as_oci(manifest: &pb::Manifest) -> bool {
 
 /// Restores the cache. `say` prints progress lines (stdout, or stderr when stdout is for the
 /// flags alone).
-/// Tells the coordinator a blob came back missing or corrupt, and says what it did. A cache
-/// never breaks a build: a failed report is a warning.
-async fn report_bad_blob(coordinator: &mut Coordinator, digest: &str) {
+/// Tells the coordinator a blob came back missing or corrupt; what it did, for the restore's
+/// one warning line. A cache never breaks a build: a failed report is said, not raised.
+async fn report_bad_blob(coordinator: &mut Coordinator, digest: &str) -> String {
     let request = pb::ReportBadBlobRequest { digest: digest.to_owned() };
     match coordinator.client.report_bad_blob(request).await {
-        Ok(answer) if answer.get_ref().dropped => eprintln!(
-            "cache-worker: the coordinator found blob {digest} lost in the store and dropped it with the {} cache(s) naming it: the next save uploads it again",
+        Ok(answer) if answer.get_ref().dropped => format!(
+            "the coordinator found it lost in the store and dropped it with the {} cache(s) naming it: the next save uploads it again",
             answer.get_ref().caches_removed
         ),
-        Ok(_) => eprintln!("cache-worker: the coordinator found blob {digest} intact in the store"),
-        Err(status) => {
-            eprintln!("cache-worker: warning: reporting blob {digest} to the coordinator failed: {}", status.message())
-        }
+        Ok(_) => "the coordinator found it intact in the store".to_owned(),
+        Err(status) => format!("telling the coordinator failed: {}", status.message()),
     }
 }
 
@@ -207,12 +205,13 @@ pub async fn restore(
     // coordinator, which checks the store and drops a lost blob so the next save uploads it.
     let failure = load_report.failure.lock().expect("report lock").clone();
     if let Some(failure) = failure {
-        if let crate::load::LoadFailure::DigestMismatch { digest, .. } | crate::load::LoadFailure::Missing { digest } =
-            &failure
-        {
-            report_bad_blob(coordinator, digest).await;
-        }
-        return Err(WorkerError::Restore(format!("{failure}; the engine loaded nothing")));
+        let reported = match &failure {
+            crate::load::LoadFailure::DigestMismatch { digest, .. } | crate::load::LoadFailure::Missing { digest } => {
+                format!("; {}", report_bad_blob(coordinator, digest).await)
+            }
+            crate::load::LoadFailure::Transfer(_) => String::new(),
+        };
+        return Err(WorkerError::Restore(format!("{failure}; the engine loaded nothing{reported}")));
     }
     loaded?;
     if oci {

@@ -194,7 +194,16 @@ fn a_broken_cache_never_breaks_a_build() {
         "{warning}"
     );
     assert!(warning.contains(&format!("blob {corrupted} failed verification")), "{warning}");
+    assert!(warning.contains("dropped it with the 1 cache(s) naming it"), "the coordinator was told: {warning}");
     assert!(fresh_host.image_ids().is_empty(), "the engine holds nothing from the broken manifest");
+    // The broken cache is gone: the next restore is a miss, even with --strict.
+    let miss = coordinator.cache_worker_on(&fresh_host, &token, &["restore", "--service", "web", "--strict"]);
+    assert_eq!(miss.status.code(), Some(0), "{}", stderr_of(&miss));
+    assert!(stdout_of(&miss).contains("no cached image for web"), "{}", stdout_of(&miss));
+    // Saved again (the lost blob uploaded again), then broken again: --strict exits 1.
+    let saved = coordinator.cache_worker_on(&build_host, &token, &["save", "--service", "web", "app:latest"]);
+    assert!(saved.status.success(), "save: {}", stderr_of(&saved));
+    assert_eq!(corrupt_largest_blob(data_dir.path()), corrupted);
     let strict = coordinator.cache_worker_on(&fresh_host, &token, &["restore", "--service", "web", "--strict"]);
     assert_eq!(strict.status.code(), Some(1));
     assert!(stderr_of(&strict).contains(&format!("blob {corrupted} failed verification")));
