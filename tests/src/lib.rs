@@ -855,6 +855,22 @@ impl Drop for PrometheusProcess {
 /// The seed scenario's Dockerfile: FROM, RUN, RUN, COPY, ENV, RUN.
 pub const SEED_DOCKERFILE: &str = "FROM base:1\nRUN echo one > /one\nRUN echo two > /two\nCOPY file.txt /file.txt\nENV GREETING=hello\nRUN cat /file.txt /one > /three\n";
 
+/// Imports `base:1` on `engine` and builds the seed image `app:latest` there (classic
+/// builder); the build context is returned, for a rebuild.
+pub fn build_seed_app(engine: &DockerEngine) -> tempfile::TempDir {
+    engine.import_busybox_base("base:1");
+    let context = build_context(SEED_DOCKERFILE);
+    let built = engine.classic_build(context.path(), "app:latest", &[]);
+    assert!(built.status.success(), "build: {}", stderr_of(&built));
+    context
+}
+
+/// The layer digests (diff IDs) of `image` on `engine`, base first.
+pub fn layer_digests(engine: &DockerEngine, image: &str) -> Vec<String> {
+    let inspect = engine.docker(&["image", "inspect", "--format", "{{json .RootFS.Layers}}", image]);
+    serde_json::from_str(stdout_of(&inspect).trim()).expect("the image's layers")
+}
+
 /// Builds the seed image again on `engine` (classic builder) and asserts that every one of its
 /// five steps after `FROM` came from the cache.
 pub fn assert_seed_rebuild_cached(engine: &DockerEngine, context: &Path) {

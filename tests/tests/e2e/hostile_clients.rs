@@ -8,10 +8,7 @@ use std::time::{Duration, Instant};
 use aws_sdk_s3::error::ProvideErrorMetadata;
 use aws_sdk_s3::primitives::ByteStream;
 use proto::v1 as pb;
-use tests::{
-    CoordinatorProcess, DockerEngine, EngineKind, SEED_DOCKERFILE, blob_key, build_context, s3_client_for, stderr_of,
-    stdout_of,
-};
+use tests::{CoordinatorProcess, DockerEngine, EngineKind, blob_key, s3_client_for, stderr_of, stdout_of};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_key_stores_blobs_under_their_own_digest_only_and_never_replaces_one() {
@@ -336,10 +333,7 @@ fn idle_connections_and_slow_bodies_leave_other_projects_working() {
     }
 
     // Meanwhile another project saves, and a fresh host restores.
-    build_host.import_busybox_base("base:1");
-    let context = build_context(SEED_DOCKERFILE);
-    let built = build_host.classic_build(context.path(), "app:latest", &[]);
-    assert!(built.status.success(), "build: {}", stderr_of(&built));
+    let context = tests::build_seed_app(&build_host);
     let saved = coordinator.cache_worker_on(&build_host, &victim, &["save", "--service", "web", "app:latest"]);
     assert!(saved.status.success(), "save: {}", stderr_of(&saved));
     let Some(fresh_host) = DockerEngine::start(EngineKind::Engine20) else { return };

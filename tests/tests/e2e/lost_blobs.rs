@@ -6,13 +6,7 @@
 use std::path::PathBuf;
 
 use proto::v1 as pb;
-use tests::{CoordinatorProcess, DockerEngine, EngineKind, SEED_DOCKERFILE, build_context, stderr_of, stdout_of};
-
-/// The layer digests of `app:latest` on `engine`, base first.
-fn layers(engine: &DockerEngine) -> Vec<String> {
-    let inspect = engine.docker(&["image", "inspect", "--format", "{{json .RootFS.Layers}}", "app:latest"]);
-    serde_json::from_str(stdout_of(&inspect).trim()).unwrap()
-}
+use tests::{CoordinatorProcess, DockerEngine, EngineKind, stderr_of, stdout_of};
 
 #[test]
 fn a_lost_blob_is_dropped_at_the_first_restore_and_uploaded_again_by_the_next_save() {
@@ -20,17 +14,14 @@ fn a_lost_blob_is_dropped_at_the_first_restore_and_uploaded_again_by_the_next_sa
     let data_dir = tempfile::tempdir().unwrap();
     let coordinator = CoordinatorProcess::start(data_dir.path(), &[]);
     let token = coordinator.create_project("web");
-    build_host.import_busybox_base("base:1");
-    let context = build_context(SEED_DOCKERFILE);
-    let built = build_host.classic_build(context.path(), "app:latest", &[]);
-    assert!(built.status.success(), "{}", stderr_of(&built));
+    let context = tests::build_seed_app(&build_host);
     let save = ["save", "--service", "web", "app:latest"];
     let saved = coordinator.cache_worker_on(&build_host, &token, &save);
     assert!(saved.status.success(), "{}", stderr_of(&saved));
     let blob_file = |digest: &str| -> PathBuf {
         data_dir.path().join("objects/layer-cache/cache/web/blobs/sha256").join(digest.trim_start_matches("sha256:"))
     };
-    let layers = layers(&build_host);
+    let layers = tests::layer_digests(&build_host, "app:latest");
 
     // An intact blob reported bad is checked and kept.
     let runtime = tokio::runtime::Runtime::new().unwrap();

@@ -3,8 +3,8 @@
 //! under `PREFIX/PROJECT/`, and bad configuration refused at start-up.
 
 use tests::{
-    CoordinatorProcess, DockerEngine, EngineKind, SEED_DOCKERFILE, binary, build_context, moto_url, parse_exports,
-    platform_s3_client, stderr_of, stdout_of,
+    CoordinatorProcess, DockerEngine, EngineKind, binary, moto_url, parse_exports, platform_s3_client, stderr_of,
+    stdout_of,
 };
 
 const PLATFORM_KEY_ID: &str = "AKIAPLATFORMKEY00001";
@@ -73,10 +73,7 @@ async fn the_seed_scenario_runs_on_an_s3_store_with_sts_credentials() {
     assert!(!stdout_of(&printed).contains(PLATFORM_SECRET));
 
     // The seed scenario: build, save, a fresh host restores, the rebuild is fully cached.
-    build_host.import_busybox_base("base:1");
-    let context = build_context(SEED_DOCKERFILE);
-    let built = build_host.classic_build(context.path(), "app:latest", &[]);
-    assert!(built.status.success(), "{}", stderr_of(&built));
+    let context = tests::build_seed_app(&build_host);
     let saved = coordinator.cache_worker_on(&build_host, &token, &["save", "--service", "web", "app:latest"]);
     assert!(saved.status.success(), "save: {}", stderr_of(&saved));
     let fresh_host = DockerEngine::start(EngineKind::Engine20).unwrap();
@@ -187,12 +184,8 @@ async fn a_blob_planted_by_a_pull_request_token_never_reaches_the_default_branch
     assert!(created.status.success(), "{}", stderr_of(&created));
     let pr = stdout_of(&created).lines().last().unwrap().trim().to_owned();
 
-    build_host.import_busybox_base("base:1");
-    let context = build_context(SEED_DOCKERFILE);
-    let built = build_host.classic_build(context.path(), "app:latest", &[]);
-    assert!(built.status.success(), "{}", stderr_of(&built));
-    let inspect = build_host.docker(&["image", "inspect", "--format", "{{json .RootFS.Layers}}", "app:latest"]);
-    let layers: Vec<String> = serde_json::from_str(stdout_of(&inspect).trim()).unwrap();
+    let context = tests::build_seed_app(&build_host);
+    let layers = tests::layer_digests(&build_host, "app:latest");
     let write = coordinator.credentials(&pr, proto::v1::Access::Write).await;
     let key = format!("{}blobs/sha256/{}", write.prefix, layers[1].trim_start_matches("sha256:"));
     let planted = tests::s3_client_for(&write)
@@ -265,15 +258,11 @@ async fn a_blob_lost_from_the_bucket_is_dropped_and_uploaded_again() {
     let data_dir = tempfile::tempdir().unwrap();
     let coordinator = CoordinatorProcess::start_with_env(data_dir.path(), &s3_args(&moto, &bucket), &platform_env());
     let token = coordinator.create_project("shop");
-    build_host.import_busybox_base("base:1");
-    let context = build_context(SEED_DOCKERFILE);
-    let built = build_host.classic_build(context.path(), "app:latest", &[]);
-    assert!(built.status.success(), "{}", stderr_of(&built));
+    let context = tests::build_seed_app(&build_host);
     let save = ["save", "--service", "web", "app:latest"];
     let saved = coordinator.cache_worker_on(&build_host, &token, &save);
     assert!(saved.status.success(), "save: {}", stderr_of(&saved));
-    let inspect = build_host.docker(&["image", "inspect", "--format", "{{json .RootFS.Layers}}", "app:latest"]);
-    let layers: Vec<String> = serde_json::from_str(stdout_of(&inspect).trim()).unwrap();
+    let layers = tests::layer_digests(&build_host, "app:latest");
     let key = format!("ci/shop/blobs/sha256/{}", layers[2].trim_start_matches("sha256:"));
     let client = platform_s3_client(&moto, PLATFORM_KEY_ID, PLATFORM_SECRET);
     client.delete_object().bucket(&bucket).key(&key).send().await.unwrap();

@@ -7,9 +7,7 @@
 use aws_sdk_s3::error::ProvideErrorMetadata;
 use aws_sdk_s3::primitives::ByteStream;
 use proto::v1 as pb;
-use tests::{
-    CoordinatorProcess, DockerEngine, EngineKind, SEED_DOCKERFILE, build_context, s3_client_for, stderr_of, stdout_of,
-};
+use tests::{CoordinatorProcess, DockerEngine, EngineKind, s3_client_for, stderr_of, stdout_of};
 
 /// The token a `cachectl` command printed as its last line.
 fn printed_token(coordinator: &CoordinatorProcess, args: &[&str]) -> String {
@@ -24,10 +22,7 @@ fn a_pull_request_token_writes_its_own_branches_and_reads_main_without_harming_i
     let data_dir = tempfile::tempdir().unwrap();
     let coordinator = CoordinatorProcess::start(data_dir.path(), &[]);
     let project_token = coordinator.create_project("web");
-    ci_host.import_busybox_base("base:1");
-    let context = build_context(SEED_DOCKERFILE);
-    let built = ci_host.classic_build(context.path(), "app:latest", &[]);
-    assert!(built.status.success(), "{}", stderr_of(&built));
+    let context = tests::build_seed_app(&ci_host);
     let main_save = ["save", "--service", "app", "--branch", "main", "app:latest"];
     let saved = coordinator.cache_worker_on(&ci_host, &project_token, &main_save);
     assert!(saved.status.success(), "{}", stderr_of(&saved));
@@ -53,8 +48,7 @@ fn a_pull_request_token_writes_its_own_branches_and_reads_main_without_harming_i
     let rebuilt = ci_host.classic_build(context.path(), "app:latest", &[]);
     assert!(rebuilt.status.success(), "{}", stderr_of(&rebuilt));
     let new_layer = {
-        let inspect = ci_host.docker(&["image", "inspect", "--format", "{{json .RootFS.Layers}}", "app:latest"]);
-        let layers: Vec<String> = serde_json::from_str(stdout_of(&inspect).trim()).unwrap();
+        let layers = tests::layer_digests(&ci_host, "app:latest");
         layers[layers.len() - 2].clone()
     };
     let key = format!("{}blobs/sha256/{}", write.prefix, new_layer.trim_start_matches("sha256:"));
