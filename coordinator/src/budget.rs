@@ -80,9 +80,14 @@ impl TransferBudget {
         TransferBudget { settings, leases: Mutex::new(HashMap::new()) }
     }
 
+    /// The live leases; when some lapsed, the others' shares are recomputed.
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Lease>> {
         let mut leases = self.leases.lock().expect("budget lock");
+        let before = leases.len();
         leases.retain(|_, lease| lease.renewed.elapsed() < LEASE_LIFETIME);
+        if leases.len() != before {
+            self.rebalance(&mut leases);
+        }
         leases
     }
 

@@ -344,9 +344,8 @@ async fn watch_connection<E: Into<BoxError>>(
 /// A gRPC connection: its socket, its slot under the listener's cap, and the idle deadline
 /// (a read that waits longer than the idle timeout with no byte moved either way fails).
 pub struct GrpcConnection {
-    socket: TcpStream,
+    socket: Watched,
     _slot: OwnedSemaphorePermit,
-    activity: Arc<Activity>,
     idle_timeout: Duration,
     idle: Option<Pin<Box<tokio::time::Sleep>>>,
 }
@@ -355,26 +354,19 @@ impl tonic::transport::server::Connected for GrpcConnection {
     type ConnectInfo = tonic::transport::server::TcpConnectInfo;
 
     fn connect_info(&self) -> Self::ConnectInfo {
-        self.socket.connect_info()
+        self.socket.socket.connect_info()
     }
 }
 
 impl AsyncRead for GrpcConnection {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
         let this = &mut *self;
-        let before = buf.filled().len();
-        match Pin::new(&mut this.socket).poll_read(cx, buf) {
-            Poll::Pending => {}
-            ready => {
-                if buf.filled().len() > before {
-                    this.activity.touch();
-                }
-                this.idle = None;
-                return ready;
-            }
+        if let ready @ Poll::Ready(_) = Pin::new(&mut this.socket).poll_read(cx, buf) {
+            this.idle = None;
+            return ready;
         }
         loop {
-            let remaining = this.idle_timeout.saturating_sub(this.activity.idle_for());
+            let remaining = this.idle_timeout.saturating_sub(this.socket.activity.idle_for());
             if remaining.is_zero() {
                 return Poll::Ready(Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "idle connection")));
             }
@@ -390,11 +382,7 @@ impl AsyncRead for GrpcConnection {
 
 impl AsyncWrite for GrpcConnection {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
-        let polled = Pin::new(&mut self.socket).poll_write(cx, buf);
-        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
-            self.activity.touch();
-        }
-        polled
+        Pin::new(&mut self.socket).poll_write(cx, buf)
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
@@ -416,9 +404,8 @@ pub fn grpc_incoming(
     futures::stream::unfold((listener, slots, false), move |(listener, slots, mut failing)| async move {
         let slot = slots.clone().acquire_owned().await.expect("never closed");
         let socket = accept(&listener, "grpc", &mut failing).await;
-        let activity = Activity::new();
-        let connection =
-            GrpcConnection { socket, _slot: slot, activity, idle_timeout: limits.idle_timeout, idle: None };
+        let socket = Watched { socket, activity: Activity::new() };
+        let connection = GrpcConnection { socket, _slot: slot, idle_timeout: limits.idle_timeout, idle: None };
         Some((Ok(connection), (listener, slots, failing)))
     })
 }

@@ -600,7 +600,7 @@ const REFUSAL_LOG_WINDOW: std::time::Duration = std::time::Duration::from_secs(1
 pub struct RefusalLog(std::sync::Mutex<RefusalWindow>);
 
 #[derive(Default)]
-pub struct RefusalWindow {
+struct RefusalWindow {
     started: Option<std::time::Instant>,
     logged: u32,
     unlogged: u64,

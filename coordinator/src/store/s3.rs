@@ -82,13 +82,13 @@ impl ObjectStore for S3Store {
     /// digest there), so a stored full-object SHA-256 equal to the digest settles it without
     /// reading. Without one (a multipart upload's checksum is a checksum of its parts; a
     /// client may send none) the object is read and hashed.
-    async fn verify_blob(&self, key: &str, digest: &str) -> Result<bool, Error> {
+    async fn check_blob(&self, key: &str, digest: &str) -> Result<crate::store::BlobState, Error> {
         use base64::Engine;
         use sha2::Digest;
         let hex = digest.strip_prefix("sha256:").unwrap_or(digest);
         let raw = hex::decode(hex).map_err(|_| Error::InvalidArgument(format!("not a digest: {digest}")))?;
         let expected = base64::engine::general_purpose::STANDARD.encode(raw);
-        let head = self
+        let head = match self
             .client
             .head_object()
             .bucket(&self.bucket)
@@ -96,7 +96,13 @@ impl ObjectStore for S3Store {
             .checksum_mode(aws_sdk_s3::types::ChecksumMode::Enabled)
             .send()
             .await
-            .map_err(|error| store_error(key, error))?;
+        {
+            Ok(head) => head,
+            Err(error) if error.as_service_error().is_some_and(|e| e.is_not_found()) => {
+                return Ok(crate::store::BlobState::Missing);
+            }
+            Err(error) => return Err(store_error(key, error)),
+        };
         let matches = match head.checksum_sha256().filter(|checksum| !checksum.contains('-')) {
             Some(checksum) => checksum == expected,
             None => {
@@ -128,18 +134,12 @@ impl ObjectStore for S3Store {
                 .map_err(|error| store_error(key, error))?;
             tracing::warn!(key, "a stored blob did not hash to its digest and was deleted");
         }
-        Ok(matches)
+        Ok(if matches { crate::store::BlobState::Intact } else { crate::store::BlobState::Corrupt })
     }
 
-    async fn check_blob(&self, key: &str, digest: &str) -> Result<crate::store::BlobState, Error> {
-        if self.object_size(key).await?.is_none() {
-            return Ok(crate::store::BlobState::Missing);
-        }
-        Ok(if self.verify_blob(key, digest).await? {
-            crate::store::BlobState::Intact
-        } else {
-            crate::store::BlobState::Corrupt
-        })
+    /// Every blob new to the ledger is checked at commit: S3 stores what any key holder sent.
+    async fn verify_blob(&self, key: &str, digest: &str) -> Result<bool, Error> {
+        Ok(self.check_blob(key, digest).await? == crate::store::BlobState::Intact)
     }
 
     async fn usage(&self, prefix: &str) -> Result<ObjectTotals, Error> {
