@@ -73,9 +73,16 @@ enum ProjectCommand {
     /// Create a project; its token is printed as the last line of stdout, once.
     Create {
         name: String,
-        /// Byte quota of the project's store (0: none)
-        #[arg(long, default_value_t = 0)]
-        quota_bytes: u64,
+        /// Quota of the project's store, e.g. 512MiB, 10GiB (0: none) [default: the coordinator's --default-quota]
+        #[arg(long, alias = "quota-bytes", value_name = "SIZE", value_parser = proto::format::parse_size_bytes)]
+        quota: Option<u64>,
+    },
+    /// Set a project's quota, e.g. 512MiB, 10GiB (0: none); a project over its new quota has
+    /// its least recently used caches evicted at once.
+    SetQuota {
+        name: String,
+        #[arg(value_name = "SIZE", value_parser = proto::format::parse_size_bytes)]
+        quota: u64,
     },
     /// Replace the project token; the new one is printed as the last line of stdout, once. The
     /// old one, and the storage keys issued to it, stop working at once.
@@ -157,24 +164,58 @@ fn validate(result: Result<(), names::InvalidName>) -> Result<(), ClientError> {
 }
 
 fn print_projects(projects: &[pb::Project]) {
-    println!("{:<32} {:>7} {:>7} {:>12} {:>4}  CREATED", "PROJECT", "CACHES", "BLOBS", "STORED", "GEN");
+    println!("{:<32} {:>7} {:>7} {:>12} {:>12} {:>4}  CREATED", "PROJECT", "CACHES", "BLOBS", "STORED", "QUOTA", "GEN");
     for project in projects {
         println!(
-            "{:<32} {:>7} {:>7} {:>12} {:>4}  {}",
+            "{:<32} {:>7} {:>7} {:>12} {:>12} {:>4}  {}",
             project.name,
             project.cache_count,
             project.blob_count,
             format_bytes(project.stored_bytes),
+            format_quota(project.quota_bytes),
             project.generation,
             format_time(project.created_unix)
         );
     }
 }
 
+fn format_quota(quota_bytes: u64) -> String {
+    if quota_bytes == 0 { "none".to_owned() } else { format_bytes(quota_bytes) }
+}
+
+/// `web, api (branch dev)`.
+fn cache_names(keys: &[pb::CacheKey]) -> String {
+    let name = |key: &pb::CacheKey| {
+        if key.branch.is_empty() { key.service.clone() } else { format!("{} (branch {})", key.service, key.branch) }
+    };
+    keys.iter().map(name).collect::<Vec<_>>().join(", ")
+}
+
+fn print_evicted(project: &str, evicted: &pb::Evicted) {
+    if !evicted.caches.is_empty() || evicted.blobs > 0 {
+        println!(
+            "project {project}: evicted {} cache{} ({}) and removed {} blobs ({}) to fit its quota",
+            evicted.caches.len(),
+            if evicted.caches.len() == 1 { "" } else { "s" },
+            if evicted.caches.is_empty() { "none".to_owned() } else { cache_names(&evicted.caches) },
+            evicted.blobs,
+            format_bytes(evicted.bytes)
+        );
+    }
+}
+
 fn print_caches(response: &pb::ListCachesResponse) {
     let project = response.project.clone().unwrap_or_default();
+    let quota = match project.quota_bytes {
+        0 => "no quota".to_owned(),
+        quota => format!(
+            "{:.0}% of its quota of {}",
+            project.stored_bytes as f64 * 100.0 / quota as f64,
+            format_bytes(quota)
+        ),
+    };
     println!(
-        "project {}: caches name {} in {} blobs; the store holds {} in {} objects (uploads no save committed included)",
+        "project {}: caches name {} in {} blobs, {quota}; the store holds {} in {} objects (uploads no save committed included)",
         project.name,
         format_bytes(project.stored_bytes),
         project.blob_count,
@@ -182,18 +223,19 @@ fn print_caches(response: &pb::ListCachesResponse) {
         project.usage_objects
     );
     println!(
-        "{:<32} {:<20} {:>6} {:>6} {:>12}  {:<25}  LAST USED",
-        "SERVICE", "BRANCH", "IMAGES", "LAYERS", "SIZE", "CREATED"
+        "{:<32} {:<20} {:>6} {:>6} {:>12} {:>12}  {:<25}  LAST USED",
+        "SERVICE", "BRANCH", "IMAGES", "LAYERS", "SIZE", "STORED", "CREATED"
     );
     for cache in &response.caches {
         let key = cache.key.clone().unwrap_or_default();
         println!(
-            "{:<32} {:<20} {:>6} {:>6} {:>12}  {:<25}  {}",
+            "{:<32} {:<20} {:>6} {:>6} {:>12} {:>12}  {:<25}  {}",
             key.service,
             if key.branch.is_empty() { "-" } else { &key.branch },
             cache.image_count,
             cache.layer_count,
             format_bytes(cache.total_bytes),
+            format_bytes(cache.stored_bytes),
             format_time(cache.created_unix),
             format_time(cache.last_used_unix)
         );
@@ -247,6 +289,7 @@ async fn run(cli: Cli) -> Result<(), ClientError> {
     match &cli.command {
         Command::Project(
             ProjectCommand::Create { name, .. }
+            | ProjectCommand::SetQuota { name, .. }
             | ProjectCommand::RotateToken { name }
             | ProjectCommand::Delete { name },
         )
@@ -273,15 +316,26 @@ async fn run(cli: Cli) -> Result<(), ClientError> {
     let failed = |status: tonic::Status| ClientError::from_status(&url, &status);
 
     match cli.command {
-        Command::Project(ProjectCommand::Create { name, quota_bytes }) => {
+        Command::Project(ProjectCommand::Create { name, quota }) => {
             let response = admin
-                .create_project(pb::CreateProjectRequest { name, quota_bytes })
+                .create_project(pb::CreateProjectRequest { name, quota_bytes: quota })
                 .await
                 .map_err(failed)?
                 .into_inner();
             let project = response.project.unwrap_or_default();
             println!("created project {}; its token (shown once) follows:", project.name);
             println!("{}", response.token);
+        }
+        Command::Project(ProjectCommand::SetQuota { name, quota }) => {
+            let request = pb::SetQuotaRequest { project: name.clone(), quota_bytes: quota };
+            let response = admin.set_quota(request).await.map_err(failed)?.into_inner();
+            let project = response.project.unwrap_or_default();
+            println!(
+                "project {name}: quota {}, the caches name {}",
+                format_quota(project.quota_bytes),
+                format_bytes(project.stored_bytes)
+            );
+            print_evicted(&name, &response.evicted.unwrap_or_default());
         }
         Command::Project(ProjectCommand::RotateToken { name }) => {
             let request = pb::RotateProjectTokenRequest { project: name.clone() };
@@ -318,8 +372,17 @@ async fn run(cli: Cli) -> Result<(), ClientError> {
             let response = admin.collect_garbage(request).await.map_err(failed)?.into_inner();
             for collected in response.projects {
                 let verb = if collected.dry_run { "would remove" } else { "removed" };
+                let expired = match collected.expired.len() {
+                    0 => String::new(),
+                    n => format!(
+                        ", {} {n} expired cache{} ({})",
+                        if collected.dry_run { "would evict" } else { "evicted" },
+                        if n == 1 { "" } else { "s" },
+                        cache_names(&collected.expired)
+                    ),
+                };
                 println!(
-                    "gc {}: {verb} {} blobs ({})",
+                    "gc {}: {verb} {} blobs ({}){expired}",
                     collected.project,
                     collected.blobs,
                     format_bytes(collected.bytes)

@@ -22,7 +22,7 @@ impl From<Error> for Status {
             Error::ProjectExists(_) => Status::already_exists(message),
             Error::NoSuchProject(_) | Error::NoSuchCache { .. } | Error::NoSuchSave(_) => Status::not_found(message),
             Error::SaveConflict(_) => Status::aborted(message),
-            Error::TooMany(_) => Status::resource_exhausted(message),
+            Error::TooMany(_) | Error::OverQuota(_) => Status::resource_exhausted(message),
             Error::BlobNotStored(_) => Status::failed_precondition(message),
             Error::BlobCorrupt(_) => Status::data_loss(message),
             // Retrying may help: the store or the disk may come back. The operator must hear of
@@ -75,7 +75,7 @@ fn counted<T>(metrics: &Metrics, method: &str, result: Result<T, Status>) -> Res
 impl Worker for WorkerApi {
     #[tracing::instrument(skip_all)]
     async fn lookup(&self, request: Request<pb::LookupRequest>) -> Result<Response<pb::LookupResponse>, Status> {
-        let result = async { Ok(self.0.lookup(&self.principal(&request)?, request.get_ref())?) }.await;
+        let result = async { Ok(self.0.lookup(&self.principal(&request)?, request.get_ref()).await?) }.await;
         counted(&self.0.metrics, "Lookup", result)
     }
 
@@ -347,6 +347,17 @@ impl Admin for AdminApi {
         }
         .await;
         counted(&self.0.metrics, "CollectGarbage", result)
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn set_quota(&self, request: Request<pb::SetQuotaRequest>) -> Result<Response<pb::SetQuotaResponse>, Status> {
+        let result = async {
+            self.admin(&request)?;
+            let request = request.get_ref();
+            Ok(self.0.set_quota(&request.project, request.quota_bytes).await?)
+        }
+        .await;
+        counted(&self.0.metrics, "SetQuota", result)
     }
 
     async fn stats(&self, request: Request<pb::StatsRequest>) -> Result<Response<pb::StatsResponse>, Status> {

@@ -15,7 +15,7 @@
 //!   restores together at most half the budget and at most [`MOST_RESTORES_PER_PROJECT`] of
 //!   them (beyond, its oldest lapses), so a project arriving later always finds its share.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -53,6 +53,9 @@ struct Lease {
     granted: Instant,
     /// Its grant, or the save's last keep-alive.
     renewed: Instant,
+    /// A restore's: the blobs of the manifest it reads, which no eviction or collection
+    /// deletes while the lease lives.
+    reads: BTreeSet<String>,
 }
 
 pub struct TransferBudget {
@@ -93,6 +96,28 @@ impl TransferBudget {
 
     /// A plan for one transfer of `project`, holding a share of the budget under `lease_id`.
     pub fn grant(&self, project: &str, lease_id: &str, kind: LeaseKind) -> pb::TransferPlan {
+        self.grant_reading(project, lease_id, kind, BTreeSet::new())
+    }
+
+    /// A restore's plan, its lease also keeping the blobs it `reads` from deletion until its
+    /// report releases it (or it lapses).
+    pub fn grant_restore(&self, project: &str, lease_id: &str, reads: BTreeSet<String>) -> pb::TransferPlan {
+        self.grant_reading(project, lease_id, LeaseKind::Restore, reads)
+    }
+
+    /// The blobs the live restores of `project` read.
+    pub fn read_by_restores(&self, project: &str) -> HashSet<String> {
+        let leases = self.lock();
+        leases.values().filter(|lease| lease.project == project).flat_map(|lease| lease.reads.iter().cloned()).collect()
+    }
+
+    fn grant_reading(
+        &self,
+        project: &str,
+        lease_id: &str,
+        kind: LeaseKind,
+        reads: BTreeSet<String>,
+    ) -> pb::TransferPlan {
         let mut leases = self.lock();
         leases.remove(lease_id);
         let now = Instant::now();
@@ -112,7 +137,7 @@ impl TransferBudget {
                 self.restore_share(&leases, project)
             }
         };
-        let lease = Lease { project: project.to_owned(), kind, concurrency, granted: now, renewed: now };
+        let lease = Lease { project: project.to_owned(), kind, concurrency, granted: now, renewed: now, reads };
         leases.insert(lease_id.to_owned(), lease);
         self.rebalance(&mut leases);
         self.plan(lease_id, leases[lease_id].concurrency)
@@ -306,5 +331,20 @@ mod tests {
         assert_eq!((shares["a"], shares["b"], shares["c"]), (2, 7, 7));
         let demands: BTreeMap<&str, u32> = [("a", 100), ("b", 100), ("c", 100)].into_iter().collect();
         assert_eq!(fair_shares(16, &demands).values().sum::<u32>(), 16);
+    }
+
+    #[test]
+    fn a_restores_blobs_are_kept_until_its_lease_goes() {
+        let budget = budget(8, 64);
+        let reads = |digests: &[&str]| digests.iter().map(|d| d.to_string()).collect::<BTreeSet<String>>();
+        budget.grant_restore("web", "r1", reads(&["sha256:a", "sha256:b"]));
+        budget.grant_restore("web", "r2", reads(&["sha256:b", "sha256:c"]));
+        budget.grant_restore("api", "r3", reads(&["sha256:d"]));
+        let read = budget.read_by_restores("web");
+        assert_eq!(read, ["sha256:a", "sha256:b", "sha256:c"].iter().map(|d| d.to_string()).collect());
+        budget.release("web", "r1");
+        assert!(!budget.read_by_restores("web").contains("sha256:a"));
+        assert!(budget.read_by_restores("web").contains("sha256:b"));
+        assert_eq!(budget.read_by_restores("api").len(), 1, "another project's restores are its own");
     }
 }

@@ -52,6 +52,12 @@ pub struct ServeArgs {
     /// How long a blob stays after no cache names it any more, e.g. 0s, 90s, 1h [default: 1h]
     #[arg(long, env = "CACHE_GC_GRACE")]
     pub gc_grace: Option<String>,
+    /// Caches neither restored nor saved for this long are evicted, e.g. 7d, 12h (0: never) [default: 7d]
+    #[arg(long, env = "CACHE_CACHE_EXPIRY")]
+    pub cache_expiry: Option<String>,
+    /// The byte quota of projects created without --quota, e.g. 512MiB, 10GiB (0: none) [default: 0]
+    #[arg(long, env = "CACHE_DEFAULT_QUOTA")]
+    pub default_quota: Option<String>,
     /// Smallest part of multipart uploads and ranged downloads, in MiB (8 to 5120); bigger blobs get bigger parts [default: 8]
     #[arg(long, env = "CACHE_PART_SIZE_MIB")]
     pub part_size_mib: Option<u64>,
@@ -137,6 +143,8 @@ pub struct FileConfig {
     pub claim_ttl: Option<u64>,
     pub gc_interval: Option<String>,
     pub gc_grace: Option<String>,
+    pub cache_expiry: Option<String>,
+    pub default_quota: Option<String>,
     pub part_size_mib: Option<u64>,
     pub multipart_threshold_mib: Option<u64>,
     pub worker_concurrency: Option<u32>,
@@ -184,6 +192,10 @@ pub struct Config {
     pub gc_interval: Duration,
     /// How long an unreferenced blob stays before a collection removes it.
     pub gc_grace: Duration,
+    /// Caches unused this long are evicted by the collection; zero: never.
+    pub cache_expiry: Duration,
+    /// The quota of a project created without one, in bytes; zero: none.
+    pub default_quota: u64,
     /// Part size and concurrency of the transfer plans.
     pub plan: crate::budget::PlanSettings,
     /// The store's bucket and key prefix, and its region (both stores).
@@ -310,6 +322,10 @@ pub fn merge(args: ServeArgs, file: FileConfig) -> Result<Config, ConfigError> {
     };
     let gc_interval = duration("--gc-interval", args.gc_interval.or(file.gc_interval), "1h")?;
     let gc_grace = duration("--gc-grace", args.gc_grace.or(file.gc_grace), "1h")?;
+    let cache_expiry = duration("--cache-expiry", args.cache_expiry.or(file.cache_expiry), "7d")?;
+    let default_quota = args.default_quota.or(file.default_quota).unwrap_or_else(|| "0".into());
+    let default_quota = proto::format::parse_size_bytes(&default_quota)
+        .map_err(|error| ConfigError(format!("--default-quota: {error}")))?;
     let credential_ttl = args.credential_ttl.or(file.credential_ttl).unwrap_or(900);
     if !(1..=43_200).contains(&credential_ttl) {
         return Err(ConfigError(format!("invalid --credential-ttl {credential_ttl}: expected 1 to 43200 seconds")));
@@ -409,6 +425,8 @@ pub fn merge(args: ServeArgs, file: FileConfig) -> Result<Config, ConfigError> {
         claim_ttl: Duration::from_secs(claim_ttl),
         gc_interval,
         gc_grace,
+        cache_expiry,
+        default_quota,
         plan,
         bucket,
         prefix,
@@ -431,6 +449,7 @@ mod tests {
         assert_eq!(config.credential_ttl, Duration::from_secs(900));
         assert_eq!(config.claim_ttl, Duration::from_secs(15));
         assert_eq!((config.gc_interval, config.gc_grace), (Duration::from_secs(3600), Duration::from_secs(3600)));
+        assert_eq!((config.cache_expiry, config.default_quota), (Duration::from_secs(7 * 86_400), 0));
         assert_eq!((config.bucket.as_str(), config.prefix.as_str()), ("layer-cache", "cache"));
     }
 
@@ -461,6 +480,12 @@ mod tests {
         assert!(bad(ServeArgs { claim_ttl: Some(1), ..ServeArgs::default() }).contains("--claim-ttl"));
         assert!(bad(ServeArgs { gc_grace: Some("1 hour".into()), ..ServeArgs::default() }).contains("--gc-grace"));
         assert!(bad(ServeArgs { gc_interval: Some("-1m".into()), ..ServeArgs::default() }).contains("--gc-interval"));
+        assert!(
+            bad(ServeArgs { cache_expiry: Some("7 days".into()), ..ServeArgs::default() }).contains("--cache-expiry")
+        );
+        assert!(
+            bad(ServeArgs { default_quota: Some("10GB".into()), ..ServeArgs::default() }).contains("--default-quota")
+        );
         assert!(bad(ServeArgs { part_size_mib: Some(5), ..ServeArgs::default() }).contains("expected 8 to 5120 MiB"));
         assert!(bad(ServeArgs { part_size_mib: Some(5121), ..ServeArgs::default() }).contains("--part-size-mib"));
         assert!(

@@ -30,6 +30,9 @@ pub enum Error {
     /// A project is at one of its bounds (saves in progress, blobs they hold): it must wait.
     #[error("{0}")]
     TooMany(String),
+    /// A save would take more than its project's quota alone: it is not stored.
+    #[error("{0}")]
+    OverQuota(String),
     #[error("{0}")]
     BlobNotStored(String),
     /// A stored blob did not hash to its digest (planted, or corrupted in the store): it was

@@ -1,55 +1,153 @@
-//! Garbage collection from the ledger: blobs no manifest names, unreferenced for longer than
-//! the grace period and named by no open save, are forgotten and then deleted from the store,
-//! in the background every `--gc-interval` and on demand (`cachectl gc [PROJECT] [--dry-run]`).
+//! A project's store over its life: garbage collection from the ledger, expiry of unused
+//! caches, and its quota, each removing blobs only once nothing can need them.
+//!
+//! - **Collection** (every `--gc-interval`, and `cachectl gc [PROJECT] [--dry-run]`): caches
+//!   neither restored nor saved for `--cache-expiry` are evicted, and blobs no manifest names,
+//!   unreferenced for longer than `--gc-grace`, are removed.
+//! - **Quota** (after each commit, and `cachectl project set-quota`): while the ledger's bytes
+//!   exceed the project's quota, blobs no manifest names go first, then the least recently
+//!   used caches, the one just saved last of all. A single save larger than the quota is
+//!   refused at its commit ([`CacheService::refuse_over_quota`]).
 //!
 //! The protocol, under the project's publish lock held exclusively (commits hold it shared
-//! while they check and record their blobs; a `BeginSave` while it reads the ledger and
-//! registers the save): the candidates are chosen, their ledger records removed (each only if
-//! it still has no reference) and made durable, then their objects deleted. A commit after
-//! finds a collected blob unknown and checks the store, which no longer has it; no manifest
-//! ever names a deleted blob.
+//! while they check and record their blobs; a `BeginSave` and a `Lookup` while they read and
+//! register): an evicted cache's manifest goes first, with its blobs' references, in one
+//! transaction; then the blobs left with none are forgotten (each only if it still has no
+//! reference), made durable, and only then deleted from the store. Never deleted: a blob an
+//! open save names (it may commit it) or a running restore reads (its lease names the
+//! manifest's blobs). A commit after finds a deleted blob unknown and checks the store, which
+//! no longer has it; so no manifest ever names a deleted blob, and no restore starts on one.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
 
 use proto::v1 as pb;
 
 use crate::credentials::{now_unix, project_prefix};
 use crate::error::Error;
+use crate::manifests::{BlobRecord, manifest_digests};
 use crate::saves::blob_key;
 use crate::service::CacheService;
+use crate::store::ObjectTotals;
+
+/// When a cache was last used: its last restore or save (its creation, for a manifest written
+/// before use was recorded).
+fn last_used(manifest: &pb::Manifest) -> i64 {
+    manifest.last_used_unix.max(manifest.created_unix)
+}
 
 impl CacheService {
-    /// Collects one project's garbage; with `dry_run`, only says what it would remove.
+    /// Whether nothing may delete one of `project`'s blobs now: an open save names it, or a
+    /// running restore reads it.
+    fn protected(&self, project: &str) -> impl Fn(&str) -> bool {
+        let read = self.budget.read_by_restores(project);
+        let project = project.to_owned();
+        let saves = &self.pending_saves;
+        move |digest: &str| read.contains(digest) || saves.named(&project, digest)
+    }
+
+    /// Makes the forgetting of `forgotten` durable, then deletes their objects, and counts them
+    /// in the metrics under `reason`. The caller holds the project's publish lock exclusively.
+    async fn delete_forgotten(
+        &self,
+        project: &str,
+        forgotten: &[(String, BlobRecord)],
+        reason: &str,
+    ) -> Result<ObjectTotals, Error> {
+        let totals = ObjectTotals {
+            count: forgotten.len() as u64,
+            bytes: forgotten.iter().map(|(_, record)| record.stored_size).sum(),
+        };
+        if forgotten.is_empty() {
+            return Ok(totals);
+        }
+        self.db.durable().await?;
+        let prefix = project_prefix(&self.store_prefix, project);
+        let keys: HashSet<String> = forgotten.iter().map(|(digest, _)| blob_key(&prefix, digest)).collect();
+        self.store.delete_prefix(&format!("{prefix}blobs/sha256/"), &|key: &str| !keys.contains(key)).await?;
+        self.metrics.record_eviction(project, reason, totals.count, totals.bytes);
+        Ok(totals)
+    }
+
+    /// Evicts the caches of `keys` (their manifests first); returns the blobs they leave
+    /// unreferenced that nothing protects, and the caches evicted.
+    fn evict_caches(
+        &self,
+        project: &str,
+        keys: &[pb::CacheKey],
+        reason: &str,
+    ) -> Result<(Vec<String>, Vec<pb::CacheKey>), Error> {
+        let protected = self.protected(project);
+        let (mut removable, mut evicted) = (Vec::new(), Vec::new());
+        for key in keys {
+            if let Some(unreferenced) = self.db.remove_manifest(project, key)? {
+                removable.extend(unreferenced.into_iter().filter(|digest| !protected(digest)));
+                evicted.push(key.clone());
+            }
+        }
+        self.metrics.record_cache_evictions(project, reason, evicted.len() as u64);
+        for key in &evicted {
+            tracing::info!(project, service = key.service, branch = key.branch, reason, "cache evicted");
+        }
+        Ok((removable, evicted))
+    }
+
+    /// Collects one project's garbage: expired caches, then blobs unreferenced past the grace
+    /// period; with `dry_run`, only says what it would remove.
     pub async fn collect_garbage(&self, project: &str, dry_run: bool) -> Result<pb::GarbageCollected, Error> {
         self.existing_project(project)?;
         let publish_lock = self.publish_lock.of_project(project);
         let _exclusive = publish_lock.write().await;
         let now = now_unix();
+        let expiry = self.cache_expiry.as_secs() as i64;
+        let manifests = self.db.manifests(project)?;
+        let expired: Vec<pb::CacheKey> = manifests
+            .iter()
+            .filter(|manifest| expiry > 0 && now - last_used(manifest) >= expiry)
+            .map(|manifest| manifest.key.clone().unwrap_or_default())
+            .collect();
         let grace = self.gc_grace.as_secs() as i64;
-        let candidates: Vec<String> = self
+        let protected = self.protected(project);
+        let past_grace = |record: &BlobRecord| now - record.unreferenced_since_unix >= grace;
+        let collectable: Vec<String> = self
             .db
             .unreferenced_blobs(project, now)?
             .into_iter()
-            .filter(|(digest, record)| {
-                now - record.unreferenced_since_unix >= grace && !self.pending_saves.named(project, digest)
-            })
+            .filter(|(digest, record)| past_grace(record) && !protected(digest))
             .map(|(digest, _)| digest)
             .collect();
-        let forgotten = if dry_run {
-            self.db.stored_blobs(project, &candidates)?.into_iter().collect()
-        } else {
-            let forgotten = self.db.forget_unreferenced(project, &candidates)?;
-            self.db.durable().await?;
-            forgotten
-        };
-        let bytes: u64 = forgotten.iter().map(|(_, record)| record.stored_size).sum();
-        if !dry_run && !forgotten.is_empty() {
-            let prefix = project_prefix(&self.store_prefix, project);
-            let keys: std::collections::HashSet<String> =
-                forgotten.iter().map(|(digest, _)| blob_key(&prefix, digest)).collect();
-            self.store.delete_prefix(&format!("{prefix}blobs/sha256/"), &|key: &str| !keys.contains(key)).await?;
-            self.metrics.record_eviction(project, "unreferenced", forgotten.len() as u64, bytes);
-            tracing::info!(project, blobs = forgotten.len(), bytes, "garbage collected");
+        if dry_run {
+            // What expiring would leave unreferenced: blobs only the expired caches name.
+            let kept: BTreeSet<String> = manifests
+                .iter()
+                .filter(|manifest| !expired.contains(&manifest.key.clone().unwrap_or_default()))
+                .flat_map(manifest_digests)
+                .collect();
+            let mut would_remove: BTreeSet<String> = manifests
+                .iter()
+                .filter(|manifest| expired.contains(&manifest.key.clone().unwrap_or_default()))
+                .flat_map(manifest_digests)
+                .filter(|digest| !kept.contains(digest) && !protected(digest))
+                .collect();
+            would_remove.extend(collectable);
+            let records = self.db.stored_blobs(project, &would_remove)?;
+            return Ok(pb::GarbageCollected {
+                project: project.to_owned(),
+                blobs: records.len() as u64,
+                bytes: records.values().map(|record| record.stored_size).sum(),
+                dry_run,
+                expired,
+            });
         }
-        Ok(pb::GarbageCollected { project: project.to_owned(), blobs: forgotten.len() as u64, bytes, dry_run })
+        let (left_by_expired, expired) = self.evict_caches(project, &expired, "expired")?;
+        let forgotten = self.db.forget_unreferenced(project, &left_by_expired)?;
+        let removed_expired = self.delete_forgotten(project, &forgotten, "expired").await?;
+        let forgotten = self.db.forget_unreferenced(project, &collectable)?;
+        let removed = self.delete_forgotten(project, &forgotten, "unreferenced").await?;
+        let (blobs, bytes) = (removed.count + removed_expired.count, removed.bytes + removed_expired.bytes);
+        if blobs > 0 || !expired.is_empty() {
+            tracing::info!(project, blobs, bytes, expired_caches = expired.len(), "garbage collected");
+        }
+        Ok(pb::GarbageCollected { project: project.to_owned(), blobs, bytes, dry_run, expired })
     }
 
     /// Collects every project's garbage (the background run, and `cachectl gc` without a
@@ -66,4 +164,91 @@ impl CacheService {
         }
         Ok(collected)
     }
+
+    /// Brings a project within its quota, if it has one: blobs no manifest names go first
+    /// (grace or not, when nothing protects them), then the least recently used caches, `keep`
+    /// (the cache just saved) never. Takes the project's publish lock exclusively.
+    pub async fn fit_quota(&self, project: &str, keep: Option<&pb::CacheKey>) -> Result<pb::Evicted, Error> {
+        let publish_lock = self.publish_lock.of_project(project);
+        let _exclusive = publish_lock.write().await;
+        let quota = self.existing_project(project)?.quota_bytes;
+        let (_, mut used) = self.db.blob_totals(project)?;
+        if quota == 0 || used <= quota {
+            return Ok(pb::Evicted::default());
+        }
+        let protected = self.protected(project);
+        let spare: Vec<String> = self
+            .db
+            .unreferenced_blobs(project, now_unix())?
+            .into_iter()
+            .map(|(digest, _)| digest)
+            .filter(|digest| !protected(digest))
+            .collect();
+        let mut forgotten = self.db.forget_unreferenced(project, &spare)?;
+        used -= forgotten.iter().map(|(_, record)| record.stored_size).sum::<u64>();
+        let mut caches = self.db.manifests(project)?;
+        caches.retain(|manifest| manifest.key.as_ref() != keep);
+        caches.sort_by_key(|manifest| (last_used(manifest), manifest.created_unix));
+        let mut evicted = Vec::new();
+        for manifest in caches {
+            if used <= quota {
+                break;
+            }
+            let key = manifest.key.unwrap_or_default();
+            let (removable, gone) = self.evict_caches(project, std::slice::from_ref(&key), "quota")?;
+            let freed = self.db.forget_unreferenced(project, &removable)?;
+            used -= freed.iter().map(|(_, record)| record.stored_size).sum::<u64>();
+            forgotten.extend(freed);
+            evicted.extend(gone);
+        }
+        let removed = self.delete_forgotten(project, &forgotten, "quota").await?;
+        if used > quota {
+            tracing::warn!(
+                project,
+                used,
+                quota,
+                "still over its quota: what is left is the cache just saved, or blobs an open save or a running restore needs"
+            );
+        }
+        Ok(pb::Evicted { caches: evicted, blobs: removed.count, bytes: removed.bytes })
+    }
+
+    /// A save whose blobs alone exceed its project's quota is not stored: the blobs it
+    /// uploaded are removed (nothing names them) and the previous cache stays. Called by its
+    /// commit, which no longer holds the publish lock.
+    pub(crate) async fn refuse_over_quota(
+        &self,
+        project: &str,
+        key: &pb::CacheKey,
+        size: u64,
+        quota: u64,
+        uploaded: &HashMap<String, BlobRecord>,
+    ) -> Error {
+        let publish_lock = self.publish_lock.of_project(project);
+        let exclusive = publish_lock.write().await;
+        let discarded = async {
+            self.db.record_unreferenced(project, uploaded, now_unix())?;
+            let protected = self.protected(project);
+            let digests: Vec<String> = uploaded.keys().filter(|digest| !protected(digest)).cloned().collect();
+            let forgotten = self.db.forget_unreferenced(project, &digests)?;
+            self.delete_forgotten(project, &forgotten, "quota").await
+        };
+        if let Err(error) = discarded.await {
+            tracing::warn!(project, %error, "removing the blobs of a save over its quota failed; a collection will");
+        }
+        drop(exclusive);
+        over_quota(project, key, size, quota)
+    }
+}
+
+/// The one line a save over its project's quota gets.
+pub(crate) fn over_quota(project: &str, key: &pb::CacheKey, size: u64, quota: u64) -> Error {
+    let branch = if key.branch.is_empty() { String::new() } else { format!(" on branch {}", key.branch) };
+    Error::OverQuota(format!(
+        "the cache of {}{branch} needs {} in the store, more than project {project:?}'s quota of {}: not saved, \
+         the previous cache is kept (raise it with cachectl project set-quota {project} SIZE)",
+        key.service,
+        proto::format::format_bytes(size),
+        proto::format::format_bytes(quota),
+    ))
 }

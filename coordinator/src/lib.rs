@@ -258,6 +258,8 @@ pub async fn run(
         usage: Default::default(),
         bad_blob_checks: Default::default(),
         gc_grace: config.gc_grace,
+        cache_expiry: config.cache_expiry,
+        default_quota: config.default_quota,
     });
     let limits = listener::ListenerLimits::for_open_files(listener::raise_open_file_limit());
     let (stop_sender, stop_receiver) = watch::channel(false);

@@ -542,6 +542,39 @@ impl Database {
     }
 }
 
+/// Inside a transaction: each of `digests` loses one reference; returns those left with none.
+fn unreference<'a>(
+    blobs: &sled::transaction::TransactionalTree,
+    project: &str,
+    digests: impl IntoIterator<Item = &'a String>,
+    now_unix: i64,
+) -> Result<Vec<String>, ConflictableTransactionError<Error>> {
+    let mut unreferenced = Vec::new();
+    for digest in digests {
+        let blob_key = composite_key(&[project, digest]);
+        if let Some(bytes) = blobs.get(blob_key.as_slice())? {
+            let blob = json_from_slice::<BlobRecord>("blobs", &bytes)
+                .map_err(ConflictableTransactionError::Abort)?
+                .unreferenced(now_unix);
+            if blob.references == 0 {
+                unreferenced.push(digest.clone());
+            }
+            // Unreferenced blobs stay stored and recorded until a collection or eviction.
+            blobs.insert(blob_key, json_to_vec(&blob))?;
+        }
+    }
+    Ok(unreferenced)
+}
+
+/// A transaction's result, its abort's error or its storage's.
+fn transacted<T>(result: Result<T, TransactionError<Error>>) -> Result<T, Error> {
+    match result {
+        Ok(value) => Ok(value),
+        Err(TransactionError::Abort(error)) => Err(error),
+        Err(TransactionError::Storage(error)) => Err(db_error(error)),
+    }
+}
+
 /// Every blob digest a manifest names (configs and layers), each once.
 pub fn manifest_digests(manifest: &proto::v1::Manifest) -> std::collections::BTreeSet<String> {
     let mut digests = std::collections::BTreeSet::new();
@@ -628,21 +661,62 @@ impl Database {
                 };
                 blobs.insert(blob_key, json_to_vec(&blob.referenced()))?;
             }
-            for digest in old_digests.difference(&new_digests) {
-                let blob_key = composite_key(&[project, digest]);
-                if let Some(bytes) = blobs.get(blob_key.as_slice())? {
-                    let blob: BlobRecord = json_from_slice("blobs", &bytes).map_err(abort)?;
-                    // Unreferenced blobs stay stored and recorded until a garbage collection.
-                    blobs.insert(blob_key, json_to_vec(&blob.unreferenced(now)))?;
-                }
-            }
+            unreference(blobs, project, old_digests.difference(&new_digests), now)?;
             manifests.insert(manifest_key.as_slice(), encoded.as_slice())?;
             Ok(Committed::Stored { replaced: old.map(|old| old.origin.unwrap_or_default()) })
         });
-        match result {
-            Ok(committed) => Ok(committed),
-            Err(TransactionError::Abort(error)) => Err(error),
-            Err(TransactionError::Storage(error)) => Err(db_error(error)),
+        transacted(result)
+    }
+
+    /// Records the blobs of a save that was not stored (refused over its quota) as
+    /// unreferenced, those the ledger does not know yet, so a collection removes them.
+    pub fn record_unreferenced(
+        &self,
+        project: &str,
+        new_blobs: &std::collections::HashMap<String, BlobRecord>,
+        now_unix: i64,
+    ) -> Result<(), Error> {
+        for (digest, record) in new_blobs {
+            let blob = BlobRecord { references: 0, unreferenced_since_unix: now_unix, ..record.clone() };
+            // One the ledger records already keeps its record.
+            let _ = self
+                .blobs
+                .compare_and_swap(composite_key(&[project, digest]), None::<&[u8]>, Some(json_to_vec(&blob)))
+                .map_err(db_error)?;
+        }
+        Ok(())
+    }
+
+    /// Evicts one cache: its manifest goes and its blobs lose that reference, in one
+    /// transaction. Returns the blobs left unreferenced, or `None` when there was no manifest.
+    pub fn remove_manifest(&self, project: &str, key: &proto::v1::CacheKey) -> Result<Option<Vec<String>>, Error> {
+        let manifest_key = composite_key(&[project, &key.service, &key.branch]);
+        let now = crate::credentials::now_unix();
+        let result = (&self.manifests, &self.blobs).transaction(|(manifests, blobs)| {
+            let Some(bytes) = manifests.remove(manifest_key.as_slice())? else {
+                return Ok(None);
+            };
+            let manifest = proto::v1::Manifest::decode(bytes.as_ref()).map_err(|error| {
+                ConflictableTransactionError::Abort(Error::CorruptState(format!("manifests: {error}")))
+            })?;
+            unreference(blobs, project, &manifest_digests(&manifest), now).map(Some)
+        });
+        transacted(result)
+    }
+
+    /// Sets a project's byte quota (0: none).
+    pub fn set_quota(&self, project: &str, quota_bytes: u64) -> Result<ProjectRecord, Error> {
+        let updated = self
+            .projects
+            .update_and_fetch(project.as_bytes(), |old| {
+                let mut record: ProjectRecord = serde_json::from_slice(old?).ok()?;
+                record.quota_bytes = quota_bytes;
+                Some(json_to_vec(&record))
+            })
+            .map_err(db_error)?;
+        match updated {
+            Some(bytes) => json_from_slice("projects", &bytes),
+            None => Err(Error::NoSuchProject(project.to_owned())),
         }
     }
 
@@ -662,25 +736,14 @@ impl Database {
         }
         let now = crate::credentials::now_unix();
         let result = (&self.manifests, &self.blobs).transaction(|(manifests, blobs)| {
-            let abort = |error: Error| ConflictableTransactionError::Abort(error);
             for (key, manifest) in &naming {
                 manifests.remove(key.as_ref())?;
-                for named in manifest_digests(manifest) {
-                    let blob_key = composite_key(&[project, &named]);
-                    if let Some(bytes) = blobs.get(blob_key.as_slice())? {
-                        let blob: BlobRecord = json_from_slice("blobs", &bytes).map_err(abort)?;
-                        blobs.insert(blob_key, json_to_vec(&blob.unreferenced(now)))?;
-                    }
-                }
+                unreference(blobs, project, &manifest_digests(manifest), now)?;
             }
             blobs.remove(composite_key(&[project, digest]))?;
             Ok(naming.len() as u64)
         });
-        match result {
-            Ok(removed) => Ok(removed),
-            Err(TransactionError::Abort(error)) => Err(error),
-            Err(TransactionError::Storage(error)) => Err(db_error(error)),
-        }
+        transacted(result)
     }
 
     /// The project's blobs no manifest names, with their records; those recorded before garbage
@@ -722,11 +785,7 @@ impl Database {
             }
             Ok(forgotten)
         });
-        match result {
-            Ok(forgotten) => Ok(forgotten),
-            Err(TransactionError::Abort(error)) => Err(error),
-            Err(TransactionError::Storage(error)) => Err(db_error(error)),
-        }
+        transacted(result)
     }
 
     /// Records that a manifest was used now, unless another writer replaced it meanwhile.
@@ -865,6 +924,39 @@ mod tests {
         let known = db.stored_blobs("a", &["c1", "l1", "l2", "c2"].map(String::from)).unwrap();
         assert!(!known.contains_key("l1"), "the lost blob is forgotten, so a save uploads it again");
         assert_eq!((known["c1"].references, known["l2"].references, known["c2"].references), (0, 0, 1));
+    }
+
+    #[test]
+    fn an_evicted_cache_leaves_only_the_blobs_no_other_names_unreferenced() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Database::open(dir.path()).unwrap();
+        db.create_project(&project("a")).unwrap();
+        let sizes: std::collections::HashMap<String, BlobRecord> = ["c1", "l1", "l2", "c2"]
+            .iter()
+            .map(|d| (d.to_string(), BlobRecord { stored_size: 1, size: 1, ..Default::default() }))
+            .collect();
+        db.commit_manifest("a", &manifest_with("web", &["c1", "l1", "l2"]), 0, &sizes).unwrap();
+        db.commit_manifest("a", &manifest_with("api", &["c2", "l1"]), 0, &sizes).unwrap();
+        let web = proto::v1::CacheKey { service: "web".into(), branch: String::new() };
+        let mut left = db.remove_manifest("a", &web).unwrap().expect("web had a manifest");
+        left.sort();
+        assert_eq!(left, ["c1", "l2"], "l1 is still api's");
+        assert_eq!(db.remove_manifest("a", &web).unwrap(), None, "evicting twice is a no-op");
+        assert!(db.manifest("a", "web", "").unwrap().is_none());
+        let unreferenced: Vec<String> = db.unreferenced_blobs("a", 1).unwrap().into_iter().map(|(d, _)| d).collect();
+        assert_eq!(unreferenced, ["c1", "l2"]);
+        // A refused save's new blobs are recorded unreferenced; known ones keep their records.
+        let refused: std::collections::HashMap<String, BlobRecord> = [("l1", 99), ("l9", 5)]
+            .iter()
+            .map(|(d, s)| (d.to_string(), BlobRecord { stored_size: *s, size: *s, ..Default::default() }))
+            .collect();
+        db.record_unreferenced("a", &refused, 7).unwrap();
+        let known = db.stored_blobs("a", &["l1".to_string(), "l9".to_string()]).unwrap();
+        assert_eq!((known["l1"].stored_size, known["l1"].references), (1, 1));
+        assert_eq!((known["l9"].stored_size, known["l9"].references, known["l9"].unreferenced_since_unix), (5, 0, 7));
+        assert_eq!(db.set_quota("a", 10 << 20).unwrap().quota_bytes, 10 << 20);
+        assert_eq!(db.project("a").unwrap().unwrap().quota_bytes, 10 << 20);
+        assert!(matches!(db.set_quota("b", 1), Err(Error::NoSuchProject(_))));
     }
 
     #[test]

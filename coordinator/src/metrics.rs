@@ -89,6 +89,7 @@ pub struct Metrics {
     pub store_usage_bytes: Family<ProjectLabels, Gauge>,
     pub evicted_blobs: Family<EvictionLabels, Counter>,
     pub evicted_bytes: Family<EvictionLabels, Counter>,
+    pub evicted_caches: Family<EvictionLabels, Counter>,
     pub store_blobs: Family<ProjectLabels, Gauge>,
     pub flushes: Family<ProjectLabels, Counter>,
     pub credential_grants: Family<GrantLabels, Counter>,
@@ -121,6 +122,7 @@ impl Metrics {
             store_usage_bytes: Family::default(),
             evicted_blobs: Family::default(),
             evicted_bytes: Family::default(),
+            evicted_caches: Family::default(),
             store_blobs: Family::default(),
             flushes: Family::default(),
             credential_grants: Family::default(),
@@ -149,10 +151,15 @@ impl Metrics {
         registry.register("store_bytes", "Bytes stored per project", metrics.store_bytes.clone());
         registry.register(
             "evicted_blobs",
-            "Blobs removed from the store, by reason (unreferenced: garbage collection)",
+            "Blobs removed from the store, by reason (unreferenced: garbage collection; expired; quota; lost: missing or corrupt in the store)",
             metrics.evicted_blobs.clone(),
         );
         registry.register("evicted_bytes", "Bytes removed from the store, by reason", metrics.evicted_bytes.clone());
+        registry.register(
+            "evicted_caches",
+            "Caches evicted, by reason (expired; quota; lost: they named a blob the store lost)",
+            metrics.evicted_caches.clone(),
+        );
         registry.register(
             "store_usage_bytes",
             "Bytes under each project's prefix in the store, committed or not (counted every 5 minutes)",
@@ -249,11 +256,19 @@ impl Metrics {
         text
     }
 
-    /// Blobs removed for `reason` (`unreferenced`, …) and their bytes.
+    /// Blobs removed for `reason` (`unreferenced`, `expired`, `quota`, `lost`) and their bytes.
     pub fn record_eviction(&self, project: &str, reason: &str, blobs: u64, bytes: u64) {
         let labels = EvictionLabels { project: project.to_owned(), reason: reason.to_owned() };
         self.evicted_blobs.get_or_create(&labels).inc_by(blobs);
         self.evicted_bytes.get_or_create(&labels).inc_by(bytes);
+    }
+
+    /// Caches evicted for `reason`.
+    pub fn record_cache_evictions(&self, project: &str, reason: &str, caches: u64) {
+        if caches > 0 {
+            let labels = EvictionLabels { project: project.to_owned(), reason: reason.to_owned() };
+            self.evicted_caches.get_or_create(&labels).inc_by(caches);
+        }
     }
 
     pub fn set_store_usage(&self, project: &str, bytes: u64) {

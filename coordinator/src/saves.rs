@@ -347,8 +347,18 @@ impl CacheService {
                 }
             }
         }
-        let unchanged = missing.is_empty()
-            && current.is_some_and(|manifest| identity(&manifest.images) == identity(&request.images));
+        let known_size: u64 = stored.values().map(|record| record.stored_size).sum();
+        if record.quota_bytes > 0 && known_size > record.quota_bytes {
+            return Err(crate::gc::over_quota(project, &key, known_size, record.quota_bytes));
+        }
+        let unchanged = match &current {
+            Some(manifest) => missing.is_empty() && identity(&manifest.images) == identity(&request.images),
+            None => false,
+        };
+        if unchanged && let Some(manifest) = &current {
+            // An unchanged save is a use of its cache, as a restore is.
+            self.db.touch_manifest(project, manifest, now_unix())?;
+        }
 
         let save_id = crate::tokens::random_hex_32();
         let now = Instant::now();
@@ -449,8 +459,11 @@ impl CacheService {
             tracing::info!(project, digest, "a blob reported bad is intact in the store");
             return Ok(pb::ReportBadBlobResponse::default());
         }
+        let size = self.db.stored_blobs(project, &[digest.to_owned()])?.values().map(|record| record.stored_size).sum();
         let caches_removed = self.db.drop_blob(project, digest)?;
         self.db.durable().await?;
+        self.metrics.record_eviction(project, "lost", 1, size);
+        self.metrics.record_cache_evictions(project, "lost", caches_removed);
         tracing::warn!(
             project,
             digest,
@@ -549,7 +562,7 @@ impl CacheService {
         }
         // A post-flush sweep waits until the blobs are checked and recorded.
         let publish_lock = self.publish_lock.of_project(project);
-        let _no_sweep = publish_lock.read().await;
+        let no_sweep = publish_lock.read().await;
         let known = self.db.stored_blobs(project, reported.keys())?;
         let prefix = project_prefix(&self.store_prefix, project);
         // The store answers for the blobs the ledger does not know, several at once, so a
@@ -627,6 +640,14 @@ impl CacheService {
         }
         self.pending_saves.take(&request.save_id, project)?;
         self.budget.release(project, &request.save_id);
+        let size: u64 = reported.values().map(|record| record.stored_size).sum();
+        let quota = self.existing_project(project)?.quota_bytes;
+        if quota > 0 && size > quota {
+            drop(no_sweep);
+            let uploaded: HashMap<String, BlobRecord> =
+                reported.into_iter().filter(|(digest, _)| in_store.contains_key(digest)).collect();
+            return Err(self.refuse_over_quota(project, &pending.key, size, quota, &uploaded).await);
+        }
         if let Some(origin) = manifest.origin.as_mut() {
             origin.committed_unix_ms = now_unix_ms();
         }
@@ -634,6 +655,20 @@ impl CacheService {
         self.db.add_to_counters(project, &pending.key.service, &ServiceCounters { saves: 1, ..Default::default() })?;
         // The worker prints "saved" on this answer: the manifest must survive a crash after it.
         self.db.durable().await?;
+        drop(no_sweep);
+        if quota > 0 {
+            // Architecture Invariant: after a commit the project fits its quota again, the cache
+            // just saved evicted last of all (it alone fits, as checked above).
+            let evicted = self.fit_quota(project, Some(&pending.key)).await?;
+            if !evicted.caches.is_empty() {
+                tracing::info!(
+                    project,
+                    caches = evicted.caches.len(),
+                    bytes = evicted.bytes,
+                    "least recently used caches evicted to fit the quota"
+                );
+            }
+        }
         let response = match committed {
             Committed::Stored { replaced } => {
                 tracing::info!(

@@ -30,6 +30,10 @@ pub struct CacheService {
     pub usage: std::sync::Mutex<std::collections::HashMap<String, ObjectTotals>>,
     /// How long a blob stays unreferenced before a garbage collection removes it.
     pub gc_grace: std::time::Duration,
+    /// Caches unused this long are evicted by a collection; zero: never.
+    pub cache_expiry: std::time::Duration,
+    /// The quota of projects created without one; zero: none.
+    pub default_quota: u64,
     /// Per project: since when, and how many, reported bad blobs were checked this minute.
     pub bad_blob_checks: std::sync::Mutex<std::collections::HashMap<String, (std::time::Instant, u32)>>,
 }
@@ -49,16 +53,18 @@ fn project_message(db: &Database, record: &ProjectRecord, usage: ObjectTotals) -
     })
 }
 
-fn cache_summary(manifest: &pb::Manifest) -> pb::CacheSummary {
+fn cache_summary(db: &Database, project: &str, manifest: &pb::Manifest) -> Result<pb::CacheSummary, Error> {
     let layers = manifest.images.iter().flat_map(|image| &image.layers);
-    pb::CacheSummary {
+    let stored = db.stored_blobs(project, &crate::manifests::manifest_digests(manifest))?;
+    Ok(pb::CacheSummary {
+        stored_bytes: stored.values().map(|record| record.stored_size).sum(),
         key: manifest.key.clone(),
         image_count: manifest.images.len() as u32,
         layer_count: layers.clone().count() as u32,
         total_bytes: layers.map(|layer| layer.size).sum(),
         created_unix: manifest.created_unix,
         last_used_unix: manifest.last_used_unix,
-    }
+    })
 }
 
 pub fn credentials_message(issued: IssuedCredentials) -> pb::Credentials {
@@ -106,8 +112,10 @@ impl CacheService {
         Err(Error::Unauthenticated("wrong admin token"))
     }
 
-    pub async fn create_project(&self, name: &str, quota_bytes: u64) -> Result<(pb::Project, String), Error> {
+    /// Creates a project with `quota_bytes` (`None`: the default quota).
+    pub async fn create_project(&self, name: &str, quota_bytes: Option<u64>) -> Result<(pb::Project, String), Error> {
         names::validate_project_name(name)?;
+        let quota_bytes = quota_bytes.unwrap_or(self.default_quota);
         let token = tokens::new_project_token(name);
         let record = ProjectRecord {
             name: name.to_owned(),
@@ -139,7 +147,12 @@ impl CacheService {
 
     pub async fn list_caches(&self, project: &str) -> Result<(pb::Project, Vec<pb::CacheSummary>), Error> {
         let record = self.existing_project(project)?;
-        let caches = self.db.manifests(project)?.iter().map(cache_summary).collect();
+        let caches = self
+            .db
+            .manifests(project)?
+            .iter()
+            .map(|manifest| cache_summary(&self.db, project, manifest))
+            .collect::<Result<_, _>>()?;
         let usage = self.project_usage(project).await?;
         Ok((project_message(&self.db, &record, usage)?, caches))
     }
@@ -167,6 +180,17 @@ impl CacheService {
                 tracing::warn!(project, %error, "counting a project's store usage failed");
             }
         }
+    }
+
+    /// Sets a project's quota, and evicts at once what no longer fits.
+    pub async fn set_quota(&self, project: &str, quota_bytes: u64) -> Result<pb::SetQuotaResponse, Error> {
+        self.existing_project(project)?;
+        let record = self.db.set_quota(project, quota_bytes)?;
+        self.db.durable().await?;
+        let evicted = self.fit_quota(project, None).await?;
+        tracing::info!(project, quota_bytes, evicted = evicted.caches.len(), "quota set");
+        let usage = self.usage.lock().expect("usage").get(project).copied().unwrap_or_default();
+        Ok(pb::SetQuotaResponse { project: Some(project_message(&self.db, &record, usage)?), evicted: Some(evicted) })
     }
 
     pub fn show_cache(&self, project: &str, key: Option<&pb::CacheKey>) -> Result<pb::Manifest, Error> {
@@ -393,7 +417,7 @@ impl CacheService {
 
     /// Finds the manifest of `key`, else of the first fallback that has one. A scoped token
     /// must be allowed to read every branch it names.
-    pub fn lookup(
+    pub async fn lookup(
         &self,
         principal: &crate::principals::Principal,
         request: &pb::LookupRequest,
@@ -406,18 +430,21 @@ impl CacheService {
         for key in &candidates {
             principal.check_read(&key.branch)?;
         }
+        // Held while the manifest is read and its restore's lease registered: an eviction or a
+        // collection (which take the lock exclusively) either ran before, and this finds what
+        // it left, or runs after and deletes none of the blobs this restore reads.
+        let publish_lock = self.publish_lock.of_project(project);
+        let _registering = publish_lock.read().await;
         for key in candidates {
             if let Some(manifest) = self.db.manifest(project, &key.service, &key.branch)? {
                 self.db.touch_manifest(project, &manifest, now_unix())?;
+                let reads = crate::manifests::manifest_digests(&manifest);
+                let plan = self.budget.grant_restore(project, &crate::tokens::random_hex_32(), reads);
                 return Ok(pb::LookupResponse {
                     found: true,
                     matched: Some(key),
                     manifest: Some(manifest),
-                    plan: Some(self.budget.grant(
-                        project,
-                        &crate::tokens::random_hex_32(),
-                        crate::budget::LeaseKind::Restore,
-                    )),
+                    plan: Some(plan),
                 });
             }
         }

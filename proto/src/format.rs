@@ -33,9 +33,39 @@ pub fn parse_duration_seconds(text: &str) -> Result<u64, String> {
     count.checked_mul(unit).ok_or_else(bad)
 }
 
+/// A size as flags take it: `0`, a count of bytes, or a count with a binary unit, `KiB`,
+/// `MiB`, `GiB` or `TiB` (`512MiB`, `10GiB`), in bytes.
+pub fn parse_size_bytes(text: &str) -> Result<u64, String> {
+    let bad = || format!("invalid size {text:?}: use a number of bytes, or one with a unit, as in 512MiB or 10GiB");
+    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let (count, unit) = text.split_at(split);
+    let count: u64 = count.parse().map_err(|_| bad())?;
+    let unit: u64 = match unit {
+        "" | "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        "TiB" => 1 << 40,
+        _ => return Err(bad()),
+    };
+    count.checked_mul(unit).ok_or_else(bad)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sizes_read_with_binary_units() {
+        assert_eq!(parse_size_bytes("0"), Ok(0));
+        assert_eq!(parse_size_bytes("4096"), Ok(4096));
+        assert_eq!(parse_size_bytes("512MiB"), Ok(512 << 20));
+        assert_eq!(parse_size_bytes("10GiB"), Ok(10 << 30));
+        assert_eq!(parse_size_bytes("2TiB"), Ok(2 << 40));
+        for bad in ["", "MiB", "10 GiB", "10GB", "-1", "1.5GiB", "99999999999TiB"] {
+            assert!(parse_size_bytes(bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn durations_take_a_unit_or_zero() {
