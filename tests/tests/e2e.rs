@@ -18,6 +18,7 @@ mod e2e {
     mod lost_blobs;
     mod multi_stage;
     mod projects_and_credentials;
+    mod quotas;
     mod s3_store;
     mod save_restore;
     mod scoped_tokens;
