@@ -164,17 +164,21 @@ fn validate(result: Result<(), names::InvalidName>) -> Result<(), ClientError> {
 }
 
 fn print_projects(projects: &[pb::Project]) {
-    println!("{:<32} {:>7} {:>7} {:>12} {:>12} {:>4}  CREATED", "PROJECT", "CACHES", "BLOBS", "STORED", "QUOTA", "GEN");
+    // Columns only ever added at the end: scripts read them by position.
+    println!(
+        "{:<32} {:>7} {:>7} {:>12} {:>4}  {:<25}  QUOTA",
+        "PROJECT", "CACHES", "BLOBS", "STORED", "GEN", "CREATED"
+    );
     for project in projects {
         println!(
-            "{:<32} {:>7} {:>7} {:>12} {:>12} {:>4}  {}",
+            "{:<32} {:>7} {:>7} {:>12} {:>4}  {:<25}  {}",
             project.name,
             project.cache_count,
             project.blob_count,
             format_bytes(project.stored_bytes),
-            format_quota(project.quota_bytes),
             project.generation,
-            format_time(project.created_unix)
+            format_time(project.created_unix),
+            format_quota(project.quota_bytes)
         );
     }
 }
@@ -223,21 +227,21 @@ fn print_caches(response: &pb::ListCachesResponse) {
         project.usage_objects
     );
     println!(
-        "{:<32} {:<20} {:>6} {:>6} {:>12} {:>12}  {:<25}  LAST USED",
-        "SERVICE", "BRANCH", "IMAGES", "LAYERS", "SIZE", "STORED", "CREATED"
+        "{:<32} {:<20} {:>6} {:>6} {:>12}  {:<25}  {:<25}  STORED",
+        "SERVICE", "BRANCH", "IMAGES", "LAYERS", "SIZE", "CREATED", "LAST USED"
     );
     for cache in &response.caches {
         let key = cache.key.clone().unwrap_or_default();
         println!(
-            "{:<32} {:<20} {:>6} {:>6} {:>12} {:>12}  {:<25}  {}",
+            "{:<32} {:<20} {:>6} {:>6} {:>12}  {:<25}  {:<25}  {}",
             key.service,
             if key.branch.is_empty() { "-" } else { &key.branch },
             cache.image_count,
             cache.layer_count,
             format_bytes(cache.total_bytes),
-            format_bytes(cache.stored_bytes),
             format_time(cache.created_unix),
-            format_time(cache.last_used_unix)
+            format_time(cache.last_used_unix),
+            format_bytes(cache.stored_bytes)
         );
     }
 }

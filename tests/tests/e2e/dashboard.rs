@@ -1,5 +1,5 @@
 //! The Grafana dashboard against a real Prometheus scraping a real coordinator: saves and
-//! restores with known outcomes (one miss, then two hits), then every panel's query of
+//! restores with known outcomes (one miss, then two hits) and a quota's eviction, then every panel's query of
 //! deploy/grafana/dashboards/layer-cache.json evaluated through Prometheus's HTTP API, and the
 //! values checked. Plus the health endpoints and the gRPC health service.
 
@@ -68,7 +68,7 @@ async fn every_dashboard_panel_reads_the_right_values_from_a_real_prometheus() {
         return;
     };
     let token = coordinator.create_project("shop");
-    coordinator.create_project("idle");
+    let idle_token = coordinator.create_project("idle");
 
     // Health: the listener and the gRPC health service.
     assert_eq!(http_get(&format!("{}/healthz", coordinator.metrics_url)), (200, "ok\n".to_owned()));
@@ -113,6 +113,11 @@ async fn every_dashboard_panel_reads_the_right_values_from_a_real_prometheus() {
     run(&["save", "--service", "web", "app:latest"]);
     run(&["restore", "--service", "web", "--strict"]);
     not_found();
+    // A cache of idle evicted by a quota that leaves no room: its every byte is freed.
+    let saved = coordinator.cache_worker_on(&host, &idle_token, &["save", "--service", "old", "app:latest"]);
+    assert!(saved.status.success(), "{}", stderr_of(&saved));
+    let evicted = coordinator.cachectl(&["project", "set-quota", "idle", "1"]);
+    assert!(stdout_of(&evicted).contains("evicted 1 cache (old)"), "{}", stdout_of(&evicted));
     let flushed = coordinator.cachectl(&["flush", "idle"]);
     assert!(flushed.status.success(), "{}", stderr_of(&flushed));
     wait_for(
@@ -120,7 +125,8 @@ async fn every_dashboard_panel_reads_the_right_values_from_a_real_prometheus() {
         &[
             ("sum(layer_cache_restores_total)", 3.0),
             ("sum(layer_cache_flushes_total)", 1.0),
-            ("sum(layer_cache_saves_total)", 3.0),
+            ("sum(layer_cache_saves_total)", 4.0),
+            ("sum(layer_cache_evicted_caches_total)", 1.0),
         ],
     )
     .await;
@@ -197,6 +203,19 @@ async fn every_dashboard_panel_reads_the_right_values_from_a_real_prometheus() {
     assert!(dedup[0].1 > store_bytes * 0.9 && dedup[0].1 < store_bytes * 2.0, "{dedup:?} {store_bytes}");
     assert_eq!(value_for(answer("Top projects by restore misses"), "project", "shop"), 1.0);
     assert_eq!(value_for(answer("Flushes per project"), "project", "idle"), 1.0);
+    // The eviction: the bytes the coordinator counted, and one cache.
+    let (_, metrics) = http_get(&format!("{}/metrics", coordinator.metrics_url));
+    let freed: f64 = metrics
+        .lines()
+        .find_map(|line| line.strip_prefix("layer_cache_evicted_bytes_total{project=\"idle\",reason=\"quota\"} "))
+        .unwrap_or_else(|| panic!("no quota eviction in {metrics}"))
+        .parse()
+        .unwrap();
+    assert!(freed > 1_000_000.0, "the busybox layer alone is ~2 MB: {freed}");
+    let title = answers_title(&answers, "Evictions and bytes freed");
+    let evictions = |ref_id: &str| answers[&(title.clone(), ref_id.to_owned())].clone();
+    assert_eq!(value_for(&evictions("A"), "reason", "quota"), freed);
+    assert_eq!(value_for(&evictions("B"), "reason", "quota"), 1.0);
     // Every save committed and every restore reported: no lease holds any of the budget.
     let budget = |ref_id: &str| {
         let key = ("Transfer budget in use".to_owned(), ref_id.to_owned());

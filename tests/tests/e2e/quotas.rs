@@ -157,7 +157,7 @@ async fn caches_unused_past_their_expiry_are_evicted_by_a_collection() {
     let created = coordinator.cachectl(&["project", "create", "api", "--quota", "0"]);
     assert!(created.status.success(), "{}", stderr_of(&created));
     let listed = stdout_of(&coordinator.cachectl(&["ls"]));
-    assert!(listed.lines().any(|line| line.starts_with("api ") && line.contains(" none ")), "{listed}");
+    assert!(listed.lines().any(|line| line.starts_with("api ") && line.ends_with(" none")), "{listed}");
     let bad = coordinator.cachectl(&["project", "set-quota", "web", "10GB"]);
     assert!(!bad.status.success());
     assert!(stderr_of(&bad).contains("invalid size \"10GB\""), "{}", stderr_of(&bad));
