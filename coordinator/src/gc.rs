@@ -2,8 +2,9 @@
 //! caches, and its quota, each removing blobs only once nothing can need them.
 //!
 //! - **Collection** (every `--gc-interval`, and `cachectl gc [PROJECT] [--dry-run]`): caches
-//!   neither restored nor saved for `--cache-expiry` are evicted, and blobs no manifest names,
-//!   unreferenced for longer than `--gc-grace`, are removed.
+//!   neither restored nor saved for `--cache-expiry` are evicted; blobs no manifest names,
+//!   unreferenced for longer than `--gc-grace`, are removed; so are objects the ledger never
+//!   recorded (uploads of saves that never committed) written longer than the grace ago.
 //! - **Quota** (after each commit, and `cachectl project set-quota`): while the ledger's bytes
 //!   exceed the project's quota, blobs no manifest names go first, then the least recently
 //!   used caches, the one just saved last of all. A single save larger than the quota is
@@ -27,7 +28,7 @@ use crate::error::Error;
 use crate::manifests::{BlobRecord, manifest_digests};
 use crate::saves::blob_key;
 use crate::service::CacheService;
-use crate::store::ObjectTotals;
+use crate::store::{ObjectTotals, StoredObject};
 
 /// When a cache was last used: its last restore or save (its creation, for a manifest written
 /// before use was recorded).
@@ -115,6 +116,7 @@ impl CacheService {
             .filter(|(digest, record)| past_grace(record) && !protected(digest))
             .map(|(digest, _)| digest)
             .collect();
+        let strays = self.stray_objects(project, now, grace).await?;
         if dry_run {
             // What expiring would leave unreferenced: blobs only the expired caches name.
             let kept: BTreeSet<String> = manifests
@@ -132,8 +134,9 @@ impl CacheService {
             let records = self.db.stored_blobs(project, &would_remove)?;
             return Ok(pb::GarbageCollected {
                 project: project.to_owned(),
-                blobs: records.len() as u64,
-                bytes: records.values().map(|record| record.stored_size).sum(),
+                blobs: (records.len() + strays.len()) as u64,
+                bytes: records.values().map(|record| record.stored_size).sum::<u64>()
+                    + strays.iter().map(|object| object.size).sum::<u64>(),
                 dry_run,
                 expired,
             });
@@ -143,11 +146,42 @@ impl CacheService {
         let removed_expired = self.delete_forgotten(project, &forgotten, "expired").await?;
         let forgotten = self.db.forget_unreferenced(project, &collectable)?;
         let removed = self.delete_forgotten(project, &forgotten, "unreferenced").await?;
-        let (blobs, bytes) = (removed.count + removed_expired.count, removed.bytes + removed_expired.bytes);
+        let removed_strays = self.delete_strays(project, &strays).await?;
+        let blobs = removed.count + removed_expired.count + removed_strays.count;
+        let bytes = removed.bytes + removed_expired.bytes + removed_strays.bytes;
         if blobs > 0 || !expired.is_empty() {
             tracing::info!(project, blobs, bytes, expired_caches = expired.len(), "garbage collected");
         }
         Ok(pb::GarbageCollected { project: project.to_owned(), blobs, bytes, dry_run, expired })
+    }
+
+    /// The project's blob objects the ledger does not record, written longer than the grace
+    /// period ago, that no open save names: uploads of saves that never committed (their
+    /// worker died, or the save was refused). The caller holds the publish lock exclusively.
+    async fn stray_objects(&self, project: &str, now: i64, grace: i64) -> Result<Vec<StoredObject>, Error> {
+        let recorded = self.db.ledger_digests(project)?;
+        let blobs = format!("{}blobs/sha256/", project_prefix(&self.store_prefix, project));
+        let protected = self.protected(project);
+        let listed = self.store.list(&blobs).await?;
+        Ok(listed
+            .into_iter()
+            .filter(|object| {
+                let digest = format!("sha256:{}", object.key.strip_prefix(&blobs).unwrap_or_default());
+                !recorded.contains(&digest) && now - object.modified_unix >= grace && !protected(&digest)
+            })
+            .collect())
+    }
+
+    /// Deletes the stray objects [`CacheService::stray_objects`] found.
+    async fn delete_strays(&self, project: &str, strays: &[StoredObject]) -> Result<ObjectTotals, Error> {
+        if strays.is_empty() {
+            return Ok(ObjectTotals::default());
+        }
+        let keys: HashSet<&str> = strays.iter().map(|object| object.key.as_str()).collect();
+        let blobs = format!("{}blobs/sha256/", project_prefix(&self.store_prefix, project));
+        let deleted = self.store.delete_prefix(&blobs, &|key: &str| !keys.contains(key)).await?;
+        self.metrics.record_eviction(project, "uncommitted", deleted.count, deleted.bytes);
+        Ok(deleted)
     }
 
     /// Collects every project's garbage (the background run, and `cachectl gc` without a
@@ -188,7 +222,9 @@ impl CacheService {
         used -= forgotten.iter().map(|(_, record)| record.stored_size).sum::<u64>();
         let mut caches = self.db.manifests(project)?;
         caches.retain(|manifest| manifest.key.as_ref() != keep);
-        caches.sort_by_key(|manifest| (last_used(manifest), manifest.created_unix));
+        // Within a second, the earlier saved goes first.
+        caches
+            .sort_by_key(|manifest| (last_used(manifest), manifest.origin.as_ref().map_or(0, |o| o.committed_unix_ms)));
         let mut evicted = Vec::new();
         for manifest in caches {
             if used <= quota {

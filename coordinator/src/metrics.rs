@@ -151,7 +151,7 @@ impl Metrics {
         registry.register("store_bytes", "Bytes stored per project", metrics.store_bytes.clone());
         registry.register(
             "evicted_blobs",
-            "Blobs removed from the store, by reason (unreferenced: garbage collection; expired; quota; lost: missing or corrupt in the store)",
+            "Blobs removed from the store, by reason (unreferenced: garbage collection; uncommitted: uploads no save committed; expired; quota; lost: missing or corrupt in the store)",
             metrics.evicted_blobs.clone(),
         );
         registry.register("evicted_bytes", "Bytes removed from the store, by reason", metrics.evicted_bytes.clone());
@@ -256,7 +256,7 @@ impl Metrics {
         text
     }
 
-    /// Blobs removed for `reason` (`unreferenced`, `expired`, `quota`, `lost`) and their bytes.
+    /// Blobs removed for `reason` (`unreferenced`, `uncommitted`, `expired`, `quota`, `lost`) and their bytes.
     pub fn record_eviction(&self, project: &str, reason: &str, blobs: u64, bytes: u64) {
         let labels = EvictionLabels { project: project.to_owned(), reason: reason.to_owned() };
         self.evicted_blobs.get_or_create(&labels).inc_by(blobs);

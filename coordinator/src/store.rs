@@ -18,6 +18,15 @@ pub struct ObjectTotals {
     pub bytes: u64,
 }
 
+/// One object of a listing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredObject {
+    pub key: String,
+    pub size: u64,
+    /// When it was last written (unix seconds).
+    pub modified_unix: i64,
+}
+
 /// What the store really holds under a blob's key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BlobState {
@@ -50,8 +59,13 @@ pub trait ObjectStore: Send + Sync {
     /// Deletes every object whose key starts with `prefix` (which ends in `/`), but those
     /// `keep` says to keep.
     async fn delete_prefix(&self, prefix: &str, keep: &KeepObject<'_>) -> Result<ObjectTotals, Error>;
+    /// Every object stored under `prefix`.
+    async fn list(&self, prefix: &str) -> Result<Vec<StoredObject>, Error>;
     /// How many objects are stored under `prefix`, and their bytes.
-    async fn usage(&self, prefix: &str) -> Result<ObjectTotals, Error>;
+    async fn usage(&self, prefix: &str) -> Result<ObjectTotals, Error> {
+        let objects = self.list(prefix).await?;
+        Ok(ObjectTotals { count: objects.len() as u64, bytes: objects.iter().map(|object| object.size).sum() })
+    }
     /// What is stored under a blob's `key`, checked against its `digest` (read and hashed, or
     /// on S3 by its stored SHA-256 checksum); a corrupt object is deleted. For a restore's
     /// report of a bad blob, so it does not trust the endpoint's check at write time.
@@ -83,8 +97,8 @@ impl EmbeddedStore {
     }
 }
 
-/// Every file under `dir` as (key relative to `bucket_dir`, size).
-fn list_files(bucket_dir: &Path, dir: &Path) -> std::io::Result<Vec<(String, u64)>> {
+/// Every file under `dir`, its key relative to `bucket_dir`.
+fn list_files(bucket_dir: &Path, dir: &Path) -> std::io::Result<Vec<StoredObject>> {
     let mut files = Vec::new();
     let mut pending = vec![dir.to_path_buf()];
     while let Some(dir) = pending.pop() {
@@ -102,7 +116,9 @@ fn list_files(bucket_dir: &Path, dir: &Path) -> std::io::Result<Vec<(String, u64
                 let path = entry.path();
                 let relative = path.strip_prefix(bucket_dir).map_err(std::io::Error::other)?;
                 let key = relative.iter().map(|part| part.to_string_lossy()).collect::<Vec<_>>().join("/");
-                files.push((key, entry.metadata()?.len()));
+                let metadata = entry.metadata()?;
+                let modified = metadata.modified()?.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+                files.push(StoredObject { key, size: metadata.len(), modified_unix: modified.as_secs() as i64 });
             }
         }
     }
@@ -153,26 +169,20 @@ impl ObjectStore for EmbeddedStore {
         }
     }
 
-    async fn usage(&self, prefix: &str) -> Result<ObjectTotals, Error> {
+    async fn list(&self, prefix: &str) -> Result<Vec<StoredObject>, Error> {
         let (bucket_dir, dir) = (self.bucket_dir.clone(), self.bucket_dir.join(prefix.trim_end_matches('/')));
-        let files = tokio::task::spawn_blocking(move || list_files(&bucket_dir, &dir))
+        tokio::task::spawn_blocking(move || list_files(&bucket_dir, &dir))
             .await
             .map_err(|error| Error::Store(error.to_string()))?
-            .map_err(|error| Error::Store(format!("{prefix}: {error}")))?;
-        Ok(ObjectTotals { count: files.len() as u64, bytes: files.iter().map(|(_, size)| size).sum() })
+            .map_err(|error| Error::Store(format!("listing {prefix}: {error}")))
     }
 
     async fn delete_prefix(&self, prefix: &str, keep: &KeepObject<'_>) -> Result<ObjectTotals, Error> {
         let prefix_dir = self.bucket_dir.join(prefix.trim_end_matches('/'));
-        let bucket_dir = self.bucket_dir.clone();
-        let listing_dir = prefix_dir.clone();
-        let files = tokio::task::spawn_blocking(move || list_files(&bucket_dir, &listing_dir))
-            .await
-            .map_err(|error| Error::Store(error.to_string()))?
-            .map_err(|error| Error::Store(format!("listing {prefix}: {error}")))?;
+        let files = self.list(prefix).await?;
         let mut deleted = ObjectTotals::default();
         let mut n_kept = 0;
-        for (key, size) in files {
+        for StoredObject { key, size, .. } in files {
             if keep(&key) {
                 n_kept += 1;
                 continue;

@@ -142,16 +142,19 @@ impl ObjectStore for S3Store {
         Ok(self.check_blob(key, digest).await? == crate::store::BlobState::Intact)
     }
 
-    async fn usage(&self, prefix: &str) -> Result<ObjectTotals, Error> {
-        let mut usage = ObjectTotals::default();
+    async fn list(&self, prefix: &str) -> Result<Vec<crate::store::StoredObject>, Error> {
+        let mut objects = Vec::new();
         let mut pages = self.client.list_objects_v2().bucket(&self.bucket).prefix(prefix).into_paginator().send();
         while let Some(page) = pages.next().await {
             for object in page.map_err(|error| store_error(prefix, error))?.contents() {
-                usage.count += 1;
-                usage.bytes += object.size().unwrap_or(0).max(0) as u64;
+                objects.push(crate::store::StoredObject {
+                    key: object.key().unwrap_or_default().to_owned(),
+                    size: object.size().unwrap_or(0).max(0) as u64,
+                    modified_unix: object.last_modified().map_or(0, |time| time.secs()),
+                });
             }
         }
-        Ok(usage)
+        Ok(objects)
     }
 
     async fn delete_prefix(&self, prefix: &str, keep: &crate::store::KeepObject<'_>) -> Result<ObjectTotals, Error> {

@@ -91,3 +91,39 @@ async fn a_collection_keeps_what_an_open_save_names_and_what_is_in_its_grace() {
     assert_eq!(gc(&coordinator, &["web", "--dry-run"]), "gc web: would remove 0 blobs (0 B)\n");
     coordinator.stop();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uploads_no_save_committed_are_collected_once_their_save_is_gone_and_the_grace_passed() {
+    let data_dir = tempfile::tempdir().unwrap();
+    let coordinator = CoordinatorProcess::start(data_dir.path(), &["--gc-grace", "0s", "--gc-interval", "0"]);
+    let token = coordinator.create_project("web");
+    let url = coordinator.grpc_url.clone();
+    save_one_layer_image(&url, &token, "app", "app:1", b"a committed layer").await;
+    // A save uploads its blobs and never commits (its worker died, say).
+    let content = vec![9u8; 1 << 20];
+    let mut client = tests::worker_client(&url, &token).await;
+    let begun = client.begin_save(tests::begin_one_layer_save("app", "app:2", &content)).await.unwrap().into_inner();
+    tests::upload_one_layer_blobs(begun.credentials.as_ref().unwrap(), &content).await;
+    assert_eq!(stored_blobs(data_dir.path()), 4);
+    assert_eq!(gc(&coordinator, &["web"]), "gc web: removed 0 blobs (0 B)\n", "its save is open");
+    client.abandon_save(pb::AbandonSaveRequest { save_id: begun.save_id }).await.unwrap();
+    assert_eq!(gc(&coordinator, &["web", "--dry-run"]), "gc web: would remove 2 blobs (1.0 MiB)\n");
+    assert_eq!(stored_blobs(data_dir.path()), 4, "a dry run removes nothing");
+    assert_eq!(gc(&coordinator, &["web"]), "gc web: removed 2 blobs (1.0 MiB)\n");
+    assert_eq!(stored_blobs(data_dir.path()), 2, "the committed cache's blobs stay");
+    let (_, metrics) = tests::http_get(&format!("{}/metrics", coordinator.metrics_url));
+    assert!(metrics.contains("layer_cache_evicted_blobs_total{project=\"web\",reason=\"uncommitted\"} 2"), "{metrics}");
+    coordinator.stop();
+
+    // Within the grace period such uploads stay: a save may still be on its way to commit.
+    let data_dir = tempfile::tempdir().unwrap();
+    let coordinator = CoordinatorProcess::start(data_dir.path(), &["--gc-interval", "0"]);
+    let token = coordinator.create_project("web");
+    let mut client = tests::worker_client(&coordinator.grpc_url, &token).await;
+    let begun = client.begin_save(tests::begin_one_layer_save("app", "app:2", &content)).await.unwrap().into_inner();
+    tests::upload_one_layer_blobs(begun.credentials.as_ref().unwrap(), &content).await;
+    client.abandon_save(pb::AbandonSaveRequest { save_id: begun.save_id }).await.unwrap();
+    assert_eq!(gc(&coordinator, &["web"]), "gc web: removed 0 blobs (0 B)\n");
+    assert_eq!(stored_blobs(data_dir.path()), 2);
+    coordinator.stop();
+}

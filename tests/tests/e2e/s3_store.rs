@@ -278,3 +278,51 @@ async fn a_blob_lost_from_the_bucket_is_dropped_and_uploaded_again() {
     tests::assert_seed_rebuild_cached(&fresh_host, context.path());
     coordinator.stop();
 }
+
+/// Garbage collection, a quota's eviction and uploads no save committed, on a bucket: what no
+/// cache names is deleted with the coordinator's own credentials, what the caches name stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn collection_and_eviction_delete_from_the_bucket_only_what_no_cache_names() {
+    let Some(moto) = moto_url() else { return };
+    let bucket = new_bucket(&moto).await;
+    let data_dir = tempfile::tempdir().unwrap();
+    let mut args = s3_args(&moto, &bucket);
+    args.extend(["--gc-grace", "0s", "--gc-interval", "0"]);
+    let coordinator = CoordinatorProcess::start_with_env(data_dir.path(), &args, &platform_env());
+    let token = coordinator.create_project("shop");
+    let url = coordinator.grpc_url.clone();
+    let client = platform_s3_client(&moto, PLATFORM_KEY_ID, PLATFORM_SECRET);
+    let keys = || async {
+        let listed = client.list_objects_v2().bucket(&bucket).prefix("ci/shop/").send().await.unwrap();
+        let mut keys: Vec<String> = listed.contents().iter().filter_map(|o| o.key().map(str::to_owned)).collect();
+        keys.sort();
+        keys
+    };
+    let (old, new, other) = (vec![1u8; 300_000], vec![2u8; 300_000], vec![3u8; 300_000]);
+    tests::save_one_layer_image(&url, &token, "web", "web:1", &old).await;
+    tests::save_one_layer_image(&url, &token, "web", "web:1", &new).await;
+    tests::save_one_layer_image(&url, &token, "api", "api:1", &other).await;
+    // An upload no save commits.
+    let mut worker = tests::worker_client(&url, &token).await;
+    let stray = vec![4u8; 300_000];
+    let begun = worker.begin_save(tests::begin_one_layer_save("ops", "ops:1", &stray)).await.unwrap().into_inner();
+    let credentials = begun.credentials.clone().unwrap();
+    tests::upload_one_layer_blobs(&credentials, &stray).await;
+    worker.abandon_save(proto::v1::AbandonSaveRequest { save_id: begun.save_id }).await.unwrap();
+    assert_eq!(keys().await.len(), 8);
+
+    let collected = coordinator.cachectl(&["gc", "shop"]);
+    assert!(collected.status.success(), "{}", stderr_of(&collected));
+    assert!(stdout_of(&collected).starts_with("gc shop: removed 4 blobs"), "{}", stdout_of(&collected));
+    let left = keys().await;
+    let named: Vec<String> = [&new, &other].iter().map(|content| tests::blob_key(&credentials, content)).collect();
+    assert_eq!(left.len(), 4, "{left:?}");
+    assert!(named.iter().all(|key| left.contains(key)), "{left:?}");
+    // A quota with room for one cache evicts the least recently used: web, saved first.
+    let set = coordinator.cachectl(&["project", "set-quota", "shop", "400000"]);
+    assert!(stdout_of(&set).contains("evicted 1 cache (web)"), "{}", stdout_of(&set));
+    let left = keys().await;
+    assert_eq!(left.len(), 2, "{left:?}");
+    assert!(left.contains(&tests::blob_key(&credentials, &other)), "{left:?}");
+    coordinator.stop();
+}
