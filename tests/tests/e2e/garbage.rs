@@ -1,4 +1,4 @@
-//! Garbage collection (issue 15, its first part): blobs no cache names are removed from the
+//! Garbage collection (issue 15): blobs no cache names are removed from the
 //! ledger and the store once their grace has passed, never while an open save names them;
 //! `cachectl gc --dry-run` removes nothing; evictions are counted in the metrics.
 
@@ -22,7 +22,7 @@ async fn forty_saves_of_a_service_leave_only_what_the_caches_name_after_a_collec
     let coordinator = CoordinatorProcess::start(data_dir.path(), &["--gc-grace", "0s", "--gc-interval", "0"]);
     let token = coordinator.create_project("web");
     let url = coordinator.grpc_url.clone();
-    let layer = |i: u8| vec![i; 1 << 20];
+    let layer = |i: u8| vec![i; 4 << 20];
     // Another service keeps the first save's layer: shared blobs stay.
     save_one_layer_image(&url, &token, "keep", "keep:1", &layer(0)).await;
     for i in 0..40 {
@@ -31,9 +31,9 @@ async fn forty_saves_of_a_service_leave_only_what_the_caches_name_after_a_collec
     assert_eq!(stored_blobs(data_dir.path()), 80, "a config and a layer per save");
 
     let dry = gc(&coordinator, &["web", "--dry-run"]);
-    assert_eq!(dry, "gc web: would remove 76 blobs (38.0 MiB)\n");
+    assert_eq!(dry, "gc web: would remove 76 blobs (152.0 MiB)\n");
     assert_eq!(stored_blobs(data_dir.path()), 80, "a dry run removes nothing");
-    assert_eq!(gc(&coordinator, &["web"]), "gc web: removed 76 blobs (38.0 MiB)\n");
+    assert_eq!(gc(&coordinator, &["web"]), "gc web: removed 76 blobs (152.0 MiB)\n");
     assert_eq!(stored_blobs(data_dir.path()), 4, "keep's blobs and app's last two");
     let listed = stdout_of(&coordinator.cachectl(&["ls", "web"]));
     assert!(listed.contains("in 4 blobs") && listed.contains("in 4 objects"), "{listed}");
@@ -49,7 +49,7 @@ async fn forty_saves_of_a_service_leave_only_what_the_caches_name_after_a_collec
     let store = tests::s3_client_for(&read);
     for content in [layer(0), layer(39)] {
         let got = store.get_object().bucket(&read.bucket).key(tests::blob_key(&read, &content)).send().await;
-        assert_eq!(got.unwrap().body.collect().await.unwrap().into_bytes().len(), 1 << 20);
+        assert_eq!(got.unwrap().body.collect().await.unwrap().into_bytes().len(), 4 << 20);
     }
     coordinator.stop();
 }
