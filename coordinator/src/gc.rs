@@ -19,7 +19,7 @@
 //! manifest's blobs). A commit after finds a deleted blob unknown and checks the store, which
 //! no longer has it; so no manifest ever names a deleted blob, and no restore starts on one.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap};
 
 use proto::v1 as pb;
 
@@ -29,6 +29,11 @@ use crate::manifests::{BlobRecord, manifest_digests};
 use crate::saves::blob_key;
 use crate::service::CacheService;
 use crate::store::{ObjectTotals, StoredObject};
+
+/// Where a project's blobs live in the store.
+fn blobs_prefix(store_prefix: &str, project: &str) -> String {
+    format!("{}blobs/sha256/", project_prefix(store_prefix, project))
+}
 
 /// When a cache was last used: its last restore or save (its creation, for a manifest written
 /// before use was recorded).
@@ -63,8 +68,8 @@ impl CacheService {
         }
         self.db.durable().await?;
         let prefix = project_prefix(&self.store_prefix, project);
-        let keys: HashSet<String> = forgotten.iter().map(|(digest, _)| blob_key(&prefix, digest)).collect();
-        self.store.delete_prefix(&format!("{prefix}blobs/sha256/"), &|key: &str| !keys.contains(key)).await?;
+        let keys: Vec<String> = forgotten.iter().map(|(digest, _)| blob_key(&prefix, digest)).collect();
+        self.store.delete_keys(&keys).await?;
         self.metrics.record_eviction(project, reason, totals.count, totals.bytes);
         Ok(totals)
     }
@@ -96,6 +101,9 @@ impl CacheService {
     /// period; with `dry_run`, only says what it would remove.
     pub async fn collect_garbage(&self, project: &str, dry_run: bool) -> Result<pb::GarbageCollected, Error> {
         self.existing_project(project)?;
+        // Listed before the lock, which saves and restores of the project wait for; what is
+        // stray is decided under it.
+        let listed = self.store.list(&blobs_prefix(&self.store_prefix, project)).await?;
         let publish_lock = self.publish_lock.of_project(project);
         let _exclusive = publish_lock.write().await;
         let now = now_unix();
@@ -116,7 +124,7 @@ impl CacheService {
             .filter(|(digest, record)| past_grace(record) && !protected(digest))
             .map(|(digest, _)| digest)
             .collect();
-        let strays = self.stray_objects(project, now, grace).await?;
+        let strays = self.strays(project, listed, now, grace)?;
         if dry_run {
             // What expiring would leave unreferenced: blobs only the expired caches name.
             let kept: BTreeSet<String> = manifests
@@ -158,11 +166,16 @@ impl CacheService {
     /// The project's blob objects the ledger does not record, written longer than the grace
     /// period ago, that no open save names: uploads of saves that never committed (their
     /// worker died, or the save was refused). The caller holds the publish lock exclusively.
-    async fn stray_objects(&self, project: &str, now: i64, grace: i64) -> Result<Vec<StoredObject>, Error> {
+    fn strays(
+        &self,
+        project: &str,
+        listed: Vec<StoredObject>,
+        now: i64,
+        grace: i64,
+    ) -> Result<Vec<StoredObject>, Error> {
         let recorded = self.db.ledger_digests(project)?;
-        let blobs = format!("{}blobs/sha256/", project_prefix(&self.store_prefix, project));
+        let blobs = blobs_prefix(&self.store_prefix, project);
         let protected = self.protected(project);
-        let listed = self.store.list(&blobs).await?;
         Ok(listed
             .into_iter()
             .filter(|object| {
@@ -172,15 +185,14 @@ impl CacheService {
             .collect())
     }
 
-    /// Deletes the stray objects [`CacheService::stray_objects`] found.
+    /// Deletes the stray objects [`CacheService::strays`] found.
     async fn delete_strays(&self, project: &str, strays: &[StoredObject]) -> Result<ObjectTotals, Error> {
-        if strays.is_empty() {
-            return Ok(ObjectTotals::default());
+        let deleted = ObjectTotals { count: strays.len() as u64, bytes: strays.iter().map(|object| object.size).sum() };
+        if !strays.is_empty() {
+            let keys: Vec<String> = strays.iter().map(|object| object.key.clone()).collect();
+            self.store.delete_keys(&keys).await?;
+            self.metrics.record_eviction(project, "uncommitted", deleted.count, deleted.bytes);
         }
-        let keys: HashSet<&str> = strays.iter().map(|object| object.key.as_str()).collect();
-        let blobs = format!("{}blobs/sha256/", project_prefix(&self.store_prefix, project));
-        let deleted = self.store.delete_prefix(&blobs, &|key: &str| !keys.contains(key)).await?;
-        self.metrics.record_eviction(project, "uncommitted", deleted.count, deleted.bytes);
         Ok(deleted)
     }
 
@@ -206,7 +218,7 @@ impl CacheService {
         let publish_lock = self.publish_lock.of_project(project);
         let _exclusive = publish_lock.write().await;
         let quota = self.existing_project(project)?.quota_bytes;
-        let (_, mut used) = self.db.blob_totals(project)?;
+        let mut used = self.db.totals(project)?.stored_bytes;
         if quota == 0 || used <= quota {
             return Ok(pb::Evicted::default());
         }

@@ -7,6 +7,8 @@
 //! - `manifests`: project `\0` service `\0` branch → `proto::v1::Manifest` (protobuf)
 //! - `blobs`: project `\0` digest → [`BlobRecord`] (JSON), the ledger
 //! - `counters`: project `\0` service → [`ServiceCounters`] (JSON)
+//! - `totals`: project → [`ProjectTotals`] (JSON), kept in step by the same transactions that
+//!   change manifests and the ledger, so totals are read, never counted
 
 use std::path::{Path, PathBuf};
 
@@ -104,6 +106,47 @@ impl BlobRecord {
     }
 }
 
+/// What a project's ledger and manifests add up to.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProjectTotals {
+    /// Blobs the ledger records, referenced or not, and their stored bytes.
+    pub blobs: u64,
+    pub stored_bytes: u64,
+    pub manifests: u64,
+}
+
+/// A change to a project's totals, applied in the transaction that makes it.
+#[derive(Debug, Clone, Copy, Default)]
+struct TotalsChange {
+    blobs: i64,
+    stored_bytes: i64,
+    manifests: i64,
+}
+
+impl TotalsChange {
+    fn blob(&mut self, sign: i64, record: &BlobRecord) {
+        self.blobs += sign;
+        self.stored_bytes += sign * record.stored_size as i64;
+    }
+
+    fn apply(
+        self,
+        totals: &sled::transaction::TransactionalTree,
+        project: &str,
+    ) -> Result<(), ConflictableTransactionError<Error>> {
+        let mut current: ProjectTotals = match totals.get(project.as_bytes())? {
+            Some(bytes) => json_from_slice("totals", &bytes).map_err(ConflictableTransactionError::Abort)?,
+            None => ProjectTotals::default(),
+        };
+        let add = |value: u64, change: i64| (value as i64 + change).max(0) as u64;
+        current.blobs = add(current.blobs, self.blobs);
+        current.stored_bytes = add(current.stored_bytes, self.stored_bytes);
+        current.manifests = add(current.manifests, self.manifests);
+        totals.insert(project.as_bytes(), json_to_vec(&current))?;
+        Ok(())
+    }
+}
+
 /// Counters of one service of one project, fed by the workers' metric reports.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ServiceCounters {
@@ -170,6 +213,7 @@ pub struct Database {
     blobs: sled::Tree,
     counters: sled::Tree,
     scoped_tokens: sled::Tree,
+    totals: sled::Tree,
 }
 
 fn json_to_vec<T: Serialize>(value: &T) -> Vec<u8> {
@@ -219,9 +263,30 @@ impl Database {
             blobs: open_tree("blobs")?,
             counters: open_tree("counters")?,
             scoped_tokens: open_tree("scoped_tokens")?,
+            totals: open_tree("totals")?,
             db,
             group_commit: Default::default(),
         })
+        .and_then(Database::count_missing_totals)
+    }
+
+    /// Counts, once, the totals of projects a coordinator from before they were kept left.
+    fn count_missing_totals(self) -> Result<Database, Error> {
+        for project in self.projects()? {
+            if self.totals.get(project.name.as_bytes()).map_err(db_error)?.is_some() {
+                continue;
+            }
+            let mut totals =
+                ProjectTotals { manifests: self.manifests(&project.name)?.len() as u64, ..Default::default() };
+            for entry in self.blobs.scan_prefix(project_prefix(&project.name)) {
+                let (_, bytes) = entry.map_err(db_error)?;
+                let record: BlobRecord = json_from_slice("blobs", &bytes)?;
+                totals.blobs += 1;
+                totals.stored_bytes += record.stored_size;
+            }
+            self.totals.insert(project.name.as_bytes(), json_to_vec(&totals)).map_err(db_error)?;
+        }
+        Ok(self)
     }
 
     /// Returns once every write this caller made before the call is on disk: what an
@@ -262,7 +327,9 @@ impl Database {
             .projects
             .compare_and_swap(record.name.as_bytes(), None as Option<&[u8]>, Some(json_to_vec(record)))
             .map_err(db_error)?;
-        swapped.map_err(|_| Error::ProjectExists(record.name.clone()))
+        swapped.map_err(|_| Error::ProjectExists(record.name.clone()))?;
+        self.totals.insert(record.name.as_bytes(), json_to_vec(&ProjectTotals::default())).map_err(db_error)?;
+        Ok(())
     }
 
     pub fn project(&self, name: &str) -> Result<Option<ProjectRecord>, Error> {
@@ -422,6 +489,7 @@ impl Database {
             self.counters.remove(key).map_err(db_error)?;
         }
         self.projects.remove(project.as_bytes()).map_err(db_error)?;
+        self.totals.remove(project.as_bytes()).map_err(db_error)?;
         Ok(())
     }
 
@@ -461,16 +529,12 @@ impl Database {
             .collect()
     }
 
-    /// (blob count, stored bytes) of a project's ledger.
-    pub fn blob_totals(&self, project: &str) -> Result<(u64, u64), Error> {
-        let mut totals = (0, 0);
-        for entry in self.blobs.scan_prefix(project_prefix(project)) {
-            let (_, bytes) = entry.map_err(db_error)?;
-            let record: BlobRecord = json_from_slice("blobs", &bytes)?;
-            totals.0 += 1;
-            totals.1 += record.stored_size;
+    /// A project's totals: what its ledger records, and how many manifests it has.
+    pub fn totals(&self, project: &str) -> Result<ProjectTotals, Error> {
+        match self.totals.get(project.as_bytes()).map_err(db_error)? {
+            Some(bytes) => json_from_slice("totals", &bytes),
+            None => Ok(ProjectTotals::default()),
         }
-        Ok(totals)
     }
 
     /// Counters per service, for one project or (with `None`) every project.
@@ -515,6 +579,7 @@ impl Database {
             let (key, _) = entry.map_err(db_error)?;
             self.blobs.remove(key).map_err(db_error)?;
         }
+        self.totals.insert(project.as_bytes(), json_to_vec(&ProjectTotals::default())).map_err(db_error)?;
         // The project's storage keys die with its generation: a save begun before the flush
         // can write nothing after it (the embedded endpoint admits only recorded keys, and
         // nobody renews an unrecorded one). Where a key outlives its record (an STS session),
@@ -619,8 +684,10 @@ impl Database {
         let new_digests = manifest_digests(manifest);
         let encoded = manifest.encode_to_vec();
         let now = crate::credentials::now_unix();
-        let result = (&self.projects, &self.manifests, &self.blobs).transaction(|(projects, manifests, blobs)| {
+        let trees = (&self.projects, &self.manifests, &self.blobs, &self.totals);
+        let result = trees.transaction(|(projects, manifests, blobs, totals)| {
             let abort = |error: Error| ConflictableTransactionError::Abort(error);
+            let mut change = TotalsChange::default();
             let record: ProjectRecord = match projects.get(project.as_bytes())? {
                 Some(bytes) => json_from_slice("projects", &bytes).map_err(abort)?,
                 None => return Err(abort(Error::NoSuchProject(project.to_owned()))),
@@ -647,9 +714,11 @@ impl Database {
                             unreferenced_since_unix: now,
                             ..new_blobs.get(digest).cloned().unwrap_or_default()
                         };
+                        change.blob(1, &blob);
                         blobs.insert(blob_key, json_to_vec(&blob))?;
                     }
                 }
+                change.apply(totals, project)?;
                 return Ok(Committed::KeptNewer(old.clone()));
             }
             let old_digests = old.as_ref().map(manifest_digests).unwrap_or_default();
@@ -657,11 +726,19 @@ impl Database {
                 let blob_key = composite_key(&[project, digest]);
                 let blob = match blobs.get(blob_key.as_slice())? {
                     Some(bytes) => json_from_slice::<BlobRecord>("blobs", &bytes).map_err(abort)?,
-                    None => BlobRecord { references: 0, ..new_blobs.get(digest).cloned().unwrap_or_default() },
+                    None => {
+                        let blob = BlobRecord { references: 0, ..new_blobs.get(digest).cloned().unwrap_or_default() };
+                        change.blob(1, &blob);
+                        blob
+                    }
                 };
                 blobs.insert(blob_key, json_to_vec(&blob.referenced()))?;
             }
             unreference(blobs, project, old_digests.difference(&new_digests), now)?;
+            if old.is_none() {
+                change.manifests += 1;
+            }
+            change.apply(totals, project)?;
             manifests.insert(manifest_key.as_slice(), encoded.as_slice())?;
             Ok(Committed::Stored { replaced: old.map(|old| old.origin.unwrap_or_default()) })
         });
@@ -676,15 +753,20 @@ impl Database {
         new_blobs: &std::collections::HashMap<String, BlobRecord>,
         now_unix: i64,
     ) -> Result<(), Error> {
-        for (digest, record) in new_blobs {
-            let blob = BlobRecord { references: 0, unreferenced_since_unix: now_unix, ..record.clone() };
-            // One the ledger records already keeps its record.
-            let _ = self
-                .blobs
-                .compare_and_swap(composite_key(&[project, digest]), None::<&[u8]>, Some(json_to_vec(&blob)))
-                .map_err(db_error)?;
-        }
-        Ok(())
+        let result = (&self.blobs, &self.totals).transaction(|(blobs, totals)| {
+            let mut change = TotalsChange::default();
+            for (digest, record) in new_blobs {
+                let blob_key = composite_key(&[project, digest]);
+                // One the ledger records already keeps its record.
+                if blobs.get(blob_key.as_slice())?.is_none() {
+                    let blob = BlobRecord { references: 0, unreferenced_since_unix: now_unix, ..record.clone() };
+                    change.blob(1, &blob);
+                    blobs.insert(blob_key, json_to_vec(&blob))?;
+                }
+            }
+            change.apply(totals, project)
+        });
+        transacted(result)
     }
 
     /// Evicts one cache: its manifest goes and its blobs lose that reference, in one
@@ -692,13 +774,14 @@ impl Database {
     pub fn remove_manifest(&self, project: &str, key: &proto::v1::CacheKey) -> Result<Option<Vec<String>>, Error> {
         let manifest_key = composite_key(&[project, &key.service, &key.branch]);
         let now = crate::credentials::now_unix();
-        let result = (&self.manifests, &self.blobs).transaction(|(manifests, blobs)| {
+        let result = (&self.manifests, &self.blobs, &self.totals).transaction(|(manifests, blobs, totals)| {
             let Some(bytes) = manifests.remove(manifest_key.as_slice())? else {
                 return Ok(None);
             };
             let manifest = proto::v1::Manifest::decode(bytes.as_ref()).map_err(|error| {
                 ConflictableTransactionError::Abort(Error::CorruptState(format!("manifests: {error}")))
             })?;
+            TotalsChange { manifests: -1, ..Default::default() }.apply(totals, project)?;
             unreference(blobs, project, &manifest_digests(&manifest), now).map(Some)
         });
         transacted(result)
@@ -735,12 +818,20 @@ impl Database {
             }
         }
         let now = crate::credentials::now_unix();
-        let result = (&self.manifests, &self.blobs).transaction(|(manifests, blobs)| {
+        let result = (&self.manifests, &self.blobs, &self.totals).transaction(|(manifests, blobs, totals)| {
+            let mut change = TotalsChange::default();
             for (key, manifest) in &naming {
-                manifests.remove(key.as_ref())?;
+                if manifests.remove(key.as_ref())?.is_some() {
+                    change.manifests -= 1;
+                }
                 unreference(blobs, project, &manifest_digests(manifest), now)?;
             }
-            blobs.remove(composite_key(&[project, digest]))?;
+            if let Some(bytes) = blobs.remove(composite_key(&[project, digest]))? {
+                let record: BlobRecord =
+                    json_from_slice("blobs", &bytes).map_err(ConflictableTransactionError::Abort)?;
+                change.blob(-1, &record);
+            }
+            change.apply(totals, project)?;
             Ok(naming.len() as u64)
         });
         transacted(result)
@@ -770,8 +861,9 @@ impl Database {
     /// those forgotten. The caller deletes their objects after, holding the publish lock, so a
     /// commit that names one again finds it unknown and checks the store.
     pub fn forget_unreferenced(&self, project: &str, digests: &[String]) -> Result<Vec<(String, BlobRecord)>, Error> {
-        let result = self.blobs.transaction(|blobs| {
+        let result = (&self.blobs, &self.totals).transaction(|(blobs, totals)| {
             let abort = |error: Error| ConflictableTransactionError::Abort(error);
+            let mut change = TotalsChange::default();
             let mut forgotten = Vec::new();
             for digest in digests {
                 let blob_key = composite_key(&[project, digest]);
@@ -779,10 +871,12 @@ impl Database {
                     let record: BlobRecord = json_from_slice("blobs", &bytes).map_err(abort)?;
                     if record.references == 0 {
                         blobs.remove(blob_key)?;
+                        change.blob(-1, &record);
                         forgotten.push((digest.clone(), record));
                     }
                 }
             }
+            change.apply(totals, project)?;
             Ok(forgotten)
         });
         transacted(result)
@@ -887,7 +981,9 @@ mod tests {
         assert_eq!(db.flush_project("a").unwrap(), FlushedRecords { manifests_removed: 0, generation: 2 });
         assert_eq!(db.manifests("a").unwrap().len(), 0);
         assert_eq!(db.manifests("ab").unwrap().len(), 1);
-        assert_eq!(db.blob_totals("ab").unwrap(), (1, 5));
+        // Written behind the totals' back here: counted the slow way.
+        assert_eq!((scanned_totals(&db, "ab").blobs, scanned_totals(&db, "ab").stored_bytes), (1, 5));
+        assert_eq!(db.totals("a").unwrap(), ProjectTotals::default());
         assert!(matches!(db.flush_project("nope"), Err(Error::NoSuchProject(_))));
     }
 
@@ -959,6 +1055,61 @@ mod tests {
         assert!(matches!(db.set_quota("b", 1), Err(Error::NoSuchProject(_))));
     }
 
+    /// A project's totals counted the slow way, to check the kept ones against.
+    fn scanned_totals(db: &Database, project: &str) -> ProjectTotals {
+        let mut totals = ProjectTotals { manifests: db.manifests(project).unwrap().len() as u64, ..Default::default() };
+        for entry in db.blobs.scan_prefix(project_prefix(project)) {
+            let record: BlobRecord = json_from_slice("blobs", &entry.unwrap().1).unwrap();
+            totals.blobs += 1;
+            totals.stored_bytes += record.stored_size;
+        }
+        totals
+    }
+
+    #[test]
+    fn kept_totals_match_a_count_after_every_kind_of_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Database::open(dir.path()).unwrap();
+        db.create_project(&project("a")).unwrap();
+        db.create_project(&project("b")).unwrap();
+        let sizes: std::collections::HashMap<String, BlobRecord> = [("c1", 1), ("l1", 10), ("l2", 20), ("c2", 2)]
+            .iter()
+            .map(|(d, s)| (d.to_string(), BlobRecord { stored_size: *s, size: *s, ..Default::default() }))
+            .collect();
+        let check = |step: &str| {
+            for project in ["a", "b"] {
+                assert_eq!(db.totals(project).unwrap(), scanned_totals(&db, project), "{project} after {step}");
+            }
+        };
+        check("creation");
+        db.commit_manifest("a", &manifest_with("web", &["c1", "l1", "l2"]), 0, &sizes).unwrap();
+        db.commit_manifest("a", &manifest_with("api", &["c2", "l1"]), 0, &sizes).unwrap();
+        db.commit_manifest("b", &manifest_with("web", &["c1"]), 0, &sizes).unwrap();
+        check("commits");
+        db.commit_manifest("a", &manifest_with("web", &["c2", "l1"]), 0, &sizes).unwrap();
+        check("a replacing commit");
+        let extra: std::collections::HashMap<String, BlobRecord> =
+            [("l9".to_string(), BlobRecord { stored_size: 7, ..Default::default() })].into_iter().collect();
+        db.record_unreferenced("a", &extra, 1).unwrap();
+        db.record_unreferenced("a", &extra, 1).unwrap();
+        check("a refused save's blobs");
+        let forgotten = db.forget_unreferenced("a", &["c1".into(), "l2".into(), "l1".into()]).unwrap();
+        assert_eq!(forgotten.len(), 2, "l1 is named");
+        check("forgetting");
+        db.remove_manifest("a", &proto::v1::CacheKey { service: "api".into(), branch: String::new() }).unwrap();
+        check("an eviction");
+        db.drop_blob("a", "l1").unwrap();
+        check("a lost blob");
+        db.flush_project("a").unwrap();
+        check("a flush");
+        assert_eq!(db.totals("b").unwrap(), ProjectTotals { blobs: 1, stored_bytes: 1, manifests: 1 });
+        // A data directory from before totals were kept gets them counted once at open.
+        db.totals.clear().unwrap();
+        drop(db);
+        let db = reopen(dir.path());
+        assert_eq!(db.totals("b").unwrap(), ProjectTotals { blobs: 1, stored_bytes: 1, manifests: 1 });
+    }
+
     #[test]
     fn commits_count_references_and_refuse_after_a_flush() {
         let dir = tempfile::tempdir().unwrap();
@@ -975,7 +1126,7 @@ mod tests {
             json_from_slice::<BlobRecord>("blobs", &bytes).unwrap().references
         };
         assert_eq!(references("l1"), 2);
-        assert_eq!(db.blob_totals("a").unwrap(), (4, 33));
+        assert_eq!(db.totals("a").unwrap(), ProjectTotals { blobs: 4, stored_bytes: 33, manifests: 2 });
         // Replacing web's manifest drops its old blobs' references, keeps the shared one.
         db.commit_manifest("a", &manifest_with("web", &["c2", "l1"]), 0, &sizes).unwrap();
         assert_eq!((references("c1"), references("l2"), references("l1"), references("c2")), (0, 0, 2, 2));

@@ -39,7 +39,7 @@ pub struct CacheService {
 }
 
 fn project_message(db: &Database, record: &ProjectRecord, usage: ObjectTotals) -> Result<pb::Project, Error> {
-    let (blob_count, stored_bytes) = db.blob_totals(&record.name)?;
+    let totals = db.totals(&record.name)?;
     Ok(pb::Project {
         usage_bytes: usage.bytes,
         usage_objects: usage.count,
@@ -47,9 +47,9 @@ fn project_message(db: &Database, record: &ProjectRecord, usage: ObjectTotals) -
         created_unix: record.created_unix,
         generation: record.generation,
         quota_bytes: record.quota_bytes,
-        stored_bytes,
-        blob_count,
-        cache_count: db.manifests(&record.name)?.len() as u32,
+        stored_bytes: totals.stored_bytes,
+        blob_count: totals.blobs,
+        cache_count: totals.manifests as u32,
     })
 }
 
@@ -406,7 +406,8 @@ impl CacheService {
     /// The Prometheus text exposition, with the store gauges brought up to date from the ledger.
     pub fn metrics_text(&self) -> Result<String, Error> {
         for project in self.db.projects()? {
-            let (blobs, bytes) = self.db.blob_totals(&project.name)?;
+            let totals = self.db.totals(&project.name)?;
+            let (blobs, bytes) = (totals.blobs, totals.stored_bytes);
             self.metrics.set_store_totals(&project.name, blobs, bytes);
         }
         self.release_silent_saves();

@@ -56,9 +56,13 @@ pub fn keep_nothing(_key: &str) -> bool {
 pub trait ObjectStore: Send + Sync {
     /// The size of an object, or `None` when it does not exist.
     async fn object_size(&self, key: &str) -> Result<Option<u64>, Error>;
+    /// Deletes the objects of `keys`; a key with no object is no error.
+    async fn delete_keys(&self, keys: &[String]) -> Result<(), Error>;
     /// Deletes every object whose key starts with `prefix` (which ends in `/`), but those
     /// `keep` says to keep.
-    async fn delete_prefix(&self, prefix: &str, keep: &KeepObject<'_>) -> Result<ObjectTotals, Error>;
+    async fn delete_prefix(&self, prefix: &str, keep: &KeepObject<'_>) -> Result<ObjectTotals, Error> {
+        Ok(delete_unkept(self, prefix, keep).await?.0)
+    }
     /// Every object stored under `prefix`.
     async fn list(&self, prefix: &str) -> Result<Vec<StoredObject>, Error>;
     /// How many objects are stored under `prefix`, and their bytes.
@@ -77,6 +81,22 @@ pub trait ObjectStore: Send + Sync {
         let _ = (key, digest);
         Ok(true)
     }
+}
+
+/// Deletes the objects under `prefix` that `keep` does not keep: what was deleted, and how
+/// many were kept.
+async fn delete_unkept<S: ObjectStore + ?Sized>(
+    store: &S,
+    prefix: &str,
+    keep: &KeepObject<'_>,
+) -> Result<(ObjectTotals, usize), Error> {
+    let listed = store.list(prefix).await?;
+    let n_listed = listed.len();
+    let doomed: Vec<StoredObject> = listed.into_iter().filter(|object| !keep(&object.key)).collect();
+    let keys: Vec<String> = doomed.iter().map(|object| object.key.clone()).collect();
+    store.delete_keys(&keys).await?;
+    let deleted = ObjectTotals { count: doomed.len() as u64, bytes: doomed.iter().map(|object| object.size).sum() };
+    Ok((deleted, n_listed - doomed.len()))
 }
 
 /// The embedded store: objects are files under `<objects_root>/<bucket>/`.
@@ -177,14 +197,9 @@ impl ObjectStore for EmbeddedStore {
             .map_err(|error| Error::Store(format!("listing {prefix}: {error}")))
     }
 
-    async fn delete_prefix(&self, prefix: &str, keep: &KeepObject<'_>) -> Result<ObjectTotals, Error> {
-        let prefix_dir = self.bucket_dir.join(prefix.trim_end_matches('/'));
-        let files = self.list(prefix).await?;
-        let mut deleted = ObjectTotals::default();
-        let mut n_kept = 0;
-        for StoredObject { key, size, .. } in files {
-            if keep(&key) {
-                n_kept += 1;
+    async fn delete_keys(&self, keys: &[String]) -> Result<(), Error> {
+        for key in keys {
+            if self.object_size(key).await?.is_none() {
                 continue;
             }
             // Through s3s-fs, so its metadata files go with the object.
@@ -197,12 +212,16 @@ impl ObjectStore for EmbeddedStore {
                 .delete_object(internal_request(input))
                 .await
                 .map_err(|error| Error::Store(format!("deleting {key}: {error}")))?;
-            deleted.count += 1;
-            deleted.bytes += size;
         }
+        Ok(())
+    }
+
+    async fn delete_prefix(&self, prefix: &str, keep: &KeepObject<'_>) -> Result<ObjectTotals, Error> {
+        let (deleted, n_kept) = delete_unkept(self, prefix, keep).await?;
         if n_kept > 0 {
             return Ok(deleted);
         }
+        let prefix_dir = self.bucket_dir.join(prefix.trim_end_matches('/'));
         match tokio::fs::remove_dir_all(&prefix_dir).await {
             Ok(()) => Ok(deleted),
             Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(deleted),

@@ -4,7 +4,7 @@
 
 use aws_sdk_s3::types::{Delete, ObjectIdentifier};
 
-use super::{ObjectStore, ObjectTotals};
+use super::ObjectStore;
 use crate::config::{ChecksumMode, S3Settings};
 use crate::error::{Error, sdk_error_line};
 
@@ -157,26 +157,18 @@ impl ObjectStore for S3Store {
         Ok(objects)
     }
 
-    async fn delete_prefix(&self, prefix: &str, keep: &crate::store::KeepObject<'_>) -> Result<ObjectTotals, Error> {
-        let mut deleted = ObjectTotals::default();
-        let mut pages = self.client.list_objects_v2().bucket(&self.bucket).prefix(prefix).into_paginator().send();
-        while let Some(page) = pages.next().await {
-            let page = page.map_err(|error| store_error(prefix, error))?;
-            let mut identifiers = Vec::new();
-            for object in page.contents() {
-                let Some(key) = object.key().filter(|key| !keep(key)) else { continue };
-                deleted.bytes += object.size().unwrap_or(0).max(0) as u64;
-                identifiers.push(ObjectIdentifier::builder().key(key).build().map_err(|e| build_error(key, e))?);
-            }
-            if identifiers.is_empty() {
-                continue;
-            }
-            deleted.count += identifiers.len() as u64;
+    async fn delete_keys(&self, keys: &[String]) -> Result<(), Error> {
+        // DeleteObjects takes at most 1,000 keys.
+        for batch in keys.chunks(1000) {
+            let identifiers = batch
+                .iter()
+                .map(|key| ObjectIdentifier::builder().key(key).build().map_err(|e| build_error(key, e)))
+                .collect::<Result<Vec<_>, _>>()?;
             let delete = Delete::builder()
                 .set_objects(Some(identifiers))
                 .quiet(true)
                 .build()
-                .map_err(|e| build_error(prefix, e))?;
+                .map_err(|e| build_error("a deletion", e))?;
             let response = self
                 .client
                 .delete_objects()
@@ -184,7 +176,7 @@ impl ObjectStore for S3Store {
                 .delete(delete)
                 .send()
                 .await
-                .map_err(|error| store_error(prefix, error))?;
+                .map_err(|error| store_error(&batch[0], error))?;
             if let Some(failed) = response.errors().first() {
                 return Err(Error::Store(format!(
                     "deleting {} failed: {}",
@@ -193,6 +185,6 @@ impl ObjectStore for S3Store {
                 )));
             }
         }
-        Ok(deleted)
+        Ok(())
     }
 }
