@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::time::Instant;
 
-use coordinator::manifests::{BlobRecord, Database, ProjectRecord};
+use coordinator::state::{BlobRecord, Database, ProjectRecord};
 use proto::v1 as pb;
 
 fn manifest(service: &str, n: usize) -> pb::Manifest {

@@ -50,18 +50,18 @@ pub struct WorkerApi(pub Arc<CacheService>);
 pub struct AdminApi(pub Arc<CacheService>);
 
 impl WorkerApi {
-    fn project<T>(&self, request: &Request<T>) -> Result<String, Status> {
-        Ok(self.principal(request)?.project)
+    async fn project<T>(&self, request: &Request<T>) -> Result<String, Status> {
+        Ok(self.principal(request).await?.project)
     }
 
-    fn principal<T>(&self, request: &Request<T>) -> Result<crate::principals::Principal, Status> {
-        Ok(self.0.authenticate_worker(bearer_token(request))?)
+    async fn principal<T>(&self, request: &Request<T>) -> Result<crate::principals::Principal, Status> {
+        Ok(self.0.authenticate_worker(bearer_token(request)).await?)
     }
 }
 
 impl AdminApi {
-    fn admin<T>(&self, request: &Request<T>) -> Result<(), Status> {
-        Ok(self.0.authenticate_admin(bearer_token(request))?)
+    async fn admin<T>(&self, request: &Request<T>) -> Result<(), Status> {
+        Ok(self.0.authenticate_admin(bearer_token(request)).await?)
     }
 }
 
@@ -75,7 +75,7 @@ fn counted<T>(metrics: &Metrics, method: &str, result: Result<T, Status>) -> Res
 impl Worker for WorkerApi {
     #[tracing::instrument(skip_all)]
     async fn lookup(&self, request: Request<pb::LookupRequest>) -> Result<Response<pb::LookupResponse>, Status> {
-        let result = async { Ok(self.0.lookup(&self.principal(&request)?, request.get_ref()).await?) }.await;
+        let result = async { Ok(self.0.lookup(&self.principal(&request).await?, request.get_ref()).await?) }.await;
         counted(&self.0.metrics, "Lookup", result)
     }
 
@@ -84,7 +84,7 @@ impl Worker for WorkerApi {
         &self,
         request: Request<pb::BeginSaveRequest>,
     ) -> Result<Response<pb::BeginSaveResponse>, Status> {
-        let result = async { Ok(self.0.begin_save(&self.principal(&request)?, request.get_ref()).await?) }.await;
+        let result = async { Ok(self.0.begin_save(&self.principal(&request).await?, request.get_ref()).await?) }.await;
         counted(&self.0.metrics, "BeginSave", result)
     }
 
@@ -93,7 +93,7 @@ impl Worker for WorkerApi {
         &self,
         request: Request<pb::CommitSaveRequest>,
     ) -> Result<Response<pb::CommitSaveResponse>, Status> {
-        let result = async { Ok(self.0.commit_save(&self.principal(&request)?, request.get_ref()).await?) }.await;
+        let result = async { Ok(self.0.commit_save(&self.principal(&request).await?, request.get_ref()).await?) }.await;
         counted(&self.0.metrics, "CommitSave", result)
     }
 
@@ -103,7 +103,7 @@ impl Worker for WorkerApi {
         request: Request<pb::KeepSaveAliveRequest>,
     ) -> Result<Response<pb::KeepSaveAliveResponse>, Status> {
         let result = async {
-            let plan = self.0.keep_save_alive(&self.project(&request)?, &request.get_ref().save_id)?;
+            let plan = self.0.keep_save_alive(&self.project(&request).await?, &request.get_ref().save_id)?;
             Ok(pb::KeepSaveAliveResponse { plan })
         }
         .await;
@@ -116,7 +116,7 @@ impl Worker for WorkerApi {
         request: Request<pb::AbandonSaveRequest>,
     ) -> Result<Response<pb::AbandonSaveResponse>, Status> {
         let result = async {
-            self.0.abandon_save(&self.project(&request)?, &request.get_ref().save_id);
+            self.0.abandon_save(&self.project(&request).await?, &request.get_ref().save_id);
             Ok(pb::AbandonSaveResponse {})
         }
         .await;
@@ -129,7 +129,7 @@ impl Worker for WorkerApi {
         request: Request<pb::GetCredentialsRequest>,
     ) -> Result<Response<pb::GetCredentialsResponse>, Status> {
         let result = async {
-            let principal = self.principal(&request)?;
+            let principal = self.principal(&request).await?;
             let request = request.get_ref();
             if request.access() == pb::Access::Write {
                 principal.check_writes_some()?;
@@ -155,7 +155,8 @@ impl Worker for WorkerApi {
         request: Request<pb::ReportBadBlobRequest>,
     ) -> Result<Response<pb::ReportBadBlobResponse>, Status> {
         let result =
-            async { Ok(self.0.report_bad_blob(&self.project(&request)?, &request.get_ref().digest).await?) }.await;
+            async { Ok(self.0.report_bad_blob(&self.project(&request).await?, &request.get_ref().digest).await?) }
+                .await;
         counted(&self.0.metrics, "ReportBadBlob", result)
     }
 
@@ -164,7 +165,7 @@ impl Worker for WorkerApi {
         request: Request<pb::ReportMetricsRequest>,
     ) -> Result<Response<pb::ReportMetricsResponse>, Status> {
         let result = async {
-            self.0.report_metrics(&self.project(&request)?, request.get_ref())?;
+            self.0.report_metrics(&self.project(&request).await?, request.get_ref()).await?;
             Ok(pb::ReportMetricsResponse {})
         }
         .await;
@@ -180,7 +181,7 @@ impl Admin for AdminApi {
         request: Request<pb::CreateProjectRequest>,
     ) -> Result<Response<pb::CreateProjectResponse>, Status> {
         let result = async {
-            self.admin(&request)?;
+            self.admin(&request).await?;
             let request = request.get_ref();
             let (project, token) = self.0.create_project(&request.name, request.quota_bytes).await?;
             tracing::info!(project = project.name, "project created");
@@ -195,8 +196,8 @@ impl Admin for AdminApi {
         request: Request<pb::ListProjectsRequest>,
     ) -> Result<Response<pb::ListProjectsResponse>, Status> {
         let result = async {
-            self.admin(&request)?;
-            Ok(pb::ListProjectsResponse { projects: self.0.list_projects()? })
+            self.admin(&request).await?;
+            Ok(pb::ListProjectsResponse { projects: self.0.list_projects().await? })
         }
         .await;
         counted(&self.0.metrics, "ListProjects", result)
@@ -207,7 +208,7 @@ impl Admin for AdminApi {
         request: Request<pb::ListCachesRequest>,
     ) -> Result<Response<pb::ListCachesResponse>, Status> {
         let result = async {
-            self.admin(&request)?;
+            self.admin(&request).await?;
             let (project, caches) = self.0.list_caches(&request.get_ref().project).await?;
             Ok(pb::ListCachesResponse { project: Some(project), caches })
         }
@@ -220,9 +221,9 @@ impl Admin for AdminApi {
         request: Request<pb::ShowCacheRequest>,
     ) -> Result<Response<pb::ShowCacheResponse>, Status> {
         let result = async {
-            self.admin(&request)?;
+            self.admin(&request).await?;
             let request = request.get_ref();
-            let manifest = self.0.show_cache(&request.project, request.key.as_ref())?;
+            let manifest = self.0.show_cache(&request.project, request.key.as_ref()).await?;
             Ok(pb::ShowCacheResponse { manifest: Some(manifest) })
         }
         .await;
@@ -235,7 +236,7 @@ impl Admin for AdminApi {
         request: Request<pb::FlushProjectRequest>,
     ) -> Result<Response<pb::FlushProjectResponse>, Status> {
         let result = async {
-            self.admin(&request)?;
+            self.admin(&request).await?;
             Ok(self.0.flush_project(&request.get_ref().project).await?)
         }
         .await;
@@ -248,9 +249,9 @@ impl Admin for AdminApi {
         request: Request<pb::IssueCredentialsRequest>,
     ) -> Result<Response<pb::GetCredentialsResponse>, Status> {
         let result = async {
-            self.admin(&request)?;
+            self.admin(&request).await?;
             let request = request.get_ref();
-            let project = self.0.existing_project(&request.project)?;
+            let project = self.0.existing_project(&request.project).await?;
             let credentials = self.0.issue_credentials(&project.name, request.access(), "", "").await?;
             Ok(pb::GetCredentialsResponse { credentials: Some(credentials) })
         }
@@ -264,7 +265,7 @@ impl Admin for AdminApi {
         request: Request<pb::CreateTokenRequest>,
     ) -> Result<Response<pb::CreateTokenResponse>, Status> {
         let result = async {
-            self.admin(&request)?;
+            self.admin(&request).await?;
             let request = request.get_ref();
             let scope = crate::tokens::BranchScope {
                 read: request.read_branches.clone(),
@@ -282,8 +283,8 @@ impl Admin for AdminApi {
         request: Request<pb::ListTokensRequest>,
     ) -> Result<Response<pb::ListTokensResponse>, Status> {
         let result = async {
-            self.admin(&request)?;
-            Ok(pb::ListTokensResponse { tokens: self.0.list_tokens(&request.get_ref().project)? })
+            self.admin(&request).await?;
+            Ok(pb::ListTokensResponse { tokens: self.0.list_tokens(&request.get_ref().project).await? })
         }
         .await;
         counted(&self.0.metrics, "ListTokens", result)
@@ -295,7 +296,7 @@ impl Admin for AdminApi {
         request: Request<pb::RevokeTokenRequest>,
     ) -> Result<Response<pb::RevokeTokenResponse>, Status> {
         let result = async {
-            self.admin(&request)?;
+            self.admin(&request).await?;
             let request = request.get_ref();
             self.0.revoke_token(&request.project, &request.token_id).await?;
             Ok(pb::RevokeTokenResponse {})
@@ -310,7 +311,7 @@ impl Admin for AdminApi {
         request: Request<pb::RotateProjectTokenRequest>,
     ) -> Result<Response<pb::RotateProjectTokenResponse>, Status> {
         let result = async {
-            self.admin(&request)?;
+            self.admin(&request).await?;
             Ok(pb::RotateProjectTokenResponse { token: self.0.rotate_project_token(&request.get_ref().project).await? })
         }
         .await;
@@ -323,7 +324,7 @@ impl Admin for AdminApi {
         request: Request<pb::DeleteProjectRequest>,
     ) -> Result<Response<pb::FlushProjectResponse>, Status> {
         let result = async {
-            self.admin(&request)?;
+            self.admin(&request).await?;
             Ok(self.0.delete_project(&request.get_ref().project).await?)
         }
         .await;
@@ -336,7 +337,7 @@ impl Admin for AdminApi {
         request: Request<pb::CollectGarbageRequest>,
     ) -> Result<Response<pb::CollectGarbageResponse>, Status> {
         let result = async {
-            self.admin(&request)?;
+            self.admin(&request).await?;
             let request = request.get_ref();
             let projects = if request.project.is_empty() {
                 self.0.collect_all_garbage(request.dry_run).await?
@@ -352,7 +353,7 @@ impl Admin for AdminApi {
     #[tracing::instrument(skip_all)]
     async fn set_quota(&self, request: Request<pb::SetQuotaRequest>) -> Result<Response<pb::SetQuotaResponse>, Status> {
         let result = async {
-            self.admin(&request)?;
+            self.admin(&request).await?;
             let request = request.get_ref();
             Ok(self.0.set_quota(&request.project, request.quota_bytes).await?)
         }
@@ -362,8 +363,8 @@ impl Admin for AdminApi {
 
     async fn stats(&self, request: Request<pb::StatsRequest>) -> Result<Response<pb::StatsResponse>, Status> {
         let result = async {
-            self.admin(&request)?;
-            Ok(pb::StatsResponse { services: self.0.stats(&request.get_ref().project)? })
+            self.admin(&request).await?;
+            Ok(pb::StatsResponse { services: self.0.stats(&request.get_ref().project).await? })
         }
         .await;
         counted(&self.0.metrics, "Stats", result)

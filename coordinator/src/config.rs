@@ -73,6 +73,9 @@ pub struct ServeArgs {
     /// Where blobs live: the embedded S3 endpoint, or an S3 (or S3-compatible) bucket [default: embedded]
     #[arg(long, env = "CACHE_STORE", value_enum)]
     pub store: Option<StoreKind>,
+    /// Where projects, manifests and the ledger live: `sled` (the data directory, one machine) or a PostgreSQL URL that replicas share, postgres://USER[:PASSWORD]@HOST:PORT/DATABASE (needs --store s3) [default: sled]
+    #[arg(long, env = "CACHE_STATE", hide_env_values = true)]
+    pub state: Option<String>,
     /// Bucket of the S3 store (--store s3)
     #[arg(long, env = "CACHE_STORE_BUCKET")]
     pub s3_bucket: Option<String>,
@@ -150,6 +153,7 @@ pub struct FileConfig {
     pub worker_concurrency: Option<u32>,
     pub transfer_budget: Option<u32>,
     pub store: Option<StoreKind>,
+    pub state: Option<String>,
     #[serde(default)]
     pub embedded: EmbeddedFileConfig,
     #[serde(default)]
@@ -204,6 +208,43 @@ pub struct Config {
     pub region: String,
     /// Set with `--store s3`.
     pub s3: Option<S3Settings>,
+    /// The PostgreSQL URL of `--state`; `None`: sled in the data directory.
+    pub state: Option<StateUrl>,
+}
+
+/// A PostgreSQL URL, which may carry a password: its `Debug` shows neither.
+#[derive(Clone)]
+pub struct StateUrl(pub String);
+
+impl std::fmt::Debug for StateUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("StateUrl(postgres://…)")
+    }
+}
+
+/// `--state`: `None` for sled, the URL for PostgreSQL, which replicas share and which needs a
+/// store they share too.
+fn parse_state(state: Option<String>, store: StoreKind) -> Result<Option<StateUrl>, ConfigError> {
+    match state.as_deref() {
+        None | Some("sled") => Ok(None),
+        Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
+            if store == StoreKind::Embedded {
+                return Err(ConfigError(
+                    "--state postgres://… needs --store s3: the embedded S3 endpoint keeps its objects on this \
+                     machine's disk, which replicas cannot share"
+                        .into(),
+                ));
+            }
+            url.parse::<tokio_postgres::Config>().map_err(|error| {
+                ConfigError(format!("invalid --state URL: {error}; expected postgres://USER@HOST:PORT/DATABASE"))
+            })?;
+            Ok(Some(StateUrl(url.to_owned())))
+        }
+        Some(other) => Err(ConfigError(format!(
+            "invalid --state {:?}: expected sled or postgres://USER@HOST:PORT/DATABASE",
+            other.split('@').next_back().unwrap_or_default()
+        ))),
+    }
 }
 
 /// How to reach an S3 store and hand out its credentials.
@@ -340,6 +381,7 @@ pub fn merge(args: ServeArgs, file: FileConfig) -> Result<Config, ConfigError> {
         )));
     }
     let store = args.store.or(file.store).unwrap_or(StoreKind::Embedded);
+    let state = parse_state(args.state.or(file.state), store)?;
     // The embedded endpoint (s3s-fs) completes a multipart upload by reading, hashing and
     // copying every part once more: there one PUT per blob does half the work.
     let default_threshold_mib = if store == StoreKind::Embedded { *part_sizes_mib.end() } else { part_size_mib };
@@ -432,6 +474,7 @@ pub fn merge(args: ServeArgs, file: FileConfig) -> Result<Config, ConfigError> {
         prefix,
         region,
         s3,
+        state,
     })
 }
 
@@ -528,5 +571,26 @@ mod tests {
             toml::from_str("store = \"s3\"\n[s3]\nbucket = \"b-1\"\nsts_role_arn = \"arn:aws:iam::123456789012:role/r\"\npath_style = true\nchecksums = \"when-required\"").unwrap();
         let config = merge(ServeArgs::default(), file).unwrap();
         assert_eq!(config.s3.map(|s3| (s3.path_style, s3.checksums)), Some((true, ChecksumMode::WhenRequired)));
+    }
+
+    #[test]
+    fn postgres_state_needs_a_shared_store_and_hides_its_password() {
+        let url = "postgres://cache:s3cret@db.internal:5432/layer_cache";
+        let config = merge(ServeArgs { state: Some(url.into()), ..s3_args() }, FileConfig::default()).unwrap();
+        assert_eq!(config.state.as_ref().map(|state| state.0.as_str()), Some(url));
+        assert!(!format!("{config:?}").contains("s3cret"));
+        assert!(
+            merge(ServeArgs { state: Some("sled".into()), ..s3_args() }, FileConfig::default())
+                .unwrap()
+                .state
+                .is_none()
+        );
+        let bad = |args: ServeArgs| merge(args, FileConfig::default()).unwrap_err().to_string();
+        let embedded = bad(ServeArgs { state: Some(url.into()), ..ServeArgs::default() });
+        assert!(embedded.contains("needs --store s3") && !embedded.contains("s3cret"), "{embedded}");
+        let unknown = bad(ServeArgs { state: Some("mysql://root:s3cret@db/x".into()), ..s3_args() });
+        assert!(unknown.starts_with("invalid --state") && !unknown.contains("s3cret"), "{unknown}");
+        let malformed = bad(ServeArgs { state: Some("postgres://a:s3cret@db:notaport/x".into()), ..s3_args() });
+        assert!(malformed.starts_with("invalid --state URL") && !malformed.contains("s3cret"), "{malformed}");
     }
 }

@@ -19,7 +19,7 @@ use subtle::ConstantTimeEq;
 
 use crate::config::{ChecksumMode, S3Settings};
 use crate::error::{Error, sdk_error_line};
-use crate::manifests::{Database, KeyAccess, MintedKeyRecord};
+use crate::state::{Database, KeyAccess, MintedKeyRecord};
 
 /// Credentials handed to a worker. `Debug` hides the secret and the session token.
 #[derive(Clone, PartialEq, Eq)]

@@ -25,9 +25,9 @@ use proto::v1 as pb;
 
 use crate::credentials::{now_unix, project_prefix};
 use crate::error::Error;
-use crate::manifests::{BlobRecord, manifest_digests};
 use crate::saves::blob_key;
 use crate::service::CacheService;
+use crate::state::{BlobRecord, manifest_digests};
 use crate::store::{ObjectTotals, StoredObject};
 
 /// Where a project's blobs live in the store.
@@ -76,7 +76,7 @@ impl CacheService {
 
     /// Evicts the caches of `keys` (their manifests first); returns the blobs they leave
     /// unreferenced that nothing protects, and the caches evicted.
-    fn evict_caches(
+    async fn evict_caches(
         &self,
         project: &str,
         keys: &[pb::CacheKey],
@@ -85,7 +85,7 @@ impl CacheService {
         let protected = self.protected(project);
         let (mut removable, mut evicted) = (Vec::new(), Vec::new());
         for key in keys {
-            if let Some(unreferenced) = self.db.remove_manifest(project, key)? {
+            if let Some(unreferenced) = self.db.remove_manifest(project, key).await? {
                 removable.extend(unreferenced.into_iter().filter(|digest| !protected(digest)));
                 evicted.push(key.clone());
             }
@@ -100,7 +100,7 @@ impl CacheService {
     /// Collects one project's garbage: expired caches, then blobs unreferenced past the grace
     /// period; with `dry_run`, only says what it would remove.
     pub async fn collect_garbage(&self, project: &str, dry_run: bool) -> Result<pb::GarbageCollected, Error> {
-        self.existing_project(project)?;
+        self.existing_project(project).await?;
         // Listed before the lock, which saves and restores of the project wait for; what is
         // stray is decided under it.
         let listed = self.store.list(&blobs_prefix(&self.store_prefix, project)).await?;
@@ -108,7 +108,7 @@ impl CacheService {
         let _exclusive = publish_lock.write().await;
         let now = now_unix();
         let expiry = self.cache_expiry.as_secs() as i64;
-        let manifests = self.db.manifests(project)?;
+        let manifests = self.db.manifests(project).await?;
         let expired: Vec<pb::CacheKey> = manifests
             .iter()
             .filter(|manifest| expiry > 0 && now - last_used(manifest) >= expiry)
@@ -119,12 +119,13 @@ impl CacheService {
         let past_grace = |record: &BlobRecord| now - record.unreferenced_since_unix >= grace;
         let collectable: Vec<String> = self
             .db
-            .unreferenced_blobs(project, now)?
+            .unreferenced_blobs(project, now)
+            .await?
             .into_iter()
             .filter(|(digest, record)| past_grace(record) && !protected(digest))
             .map(|(digest, _)| digest)
             .collect();
-        let strays = self.strays(project, listed, now, grace)?;
+        let strays = self.strays(project, listed, now, grace).await?;
         if dry_run {
             // What expiring would leave unreferenced: blobs only the expired caches name.
             let kept: BTreeSet<String> = manifests
@@ -139,7 +140,8 @@ impl CacheService {
                 .filter(|digest| !kept.contains(digest) && !protected(digest))
                 .collect();
             would_remove.extend(collectable);
-            let records = self.db.stored_blobs(project, &would_remove)?;
+            let would_remove: Vec<String> = would_remove.into_iter().collect();
+            let records = self.db.stored_blobs(project, &would_remove).await?;
             return Ok(pb::GarbageCollected {
                 project: project.to_owned(),
                 blobs: (records.len() + strays.len()) as u64,
@@ -149,10 +151,10 @@ impl CacheService {
                 expired,
             });
         }
-        let (left_by_expired, expired) = self.evict_caches(project, &expired, "expired")?;
-        let forgotten = self.db.forget_unreferenced(project, &left_by_expired)?;
+        let (left_by_expired, expired) = self.evict_caches(project, &expired, "expired").await?;
+        let forgotten = self.db.forget_unreferenced(project, &left_by_expired).await?;
         let removed_expired = self.delete_forgotten(project, &forgotten, "expired").await?;
-        let forgotten = self.db.forget_unreferenced(project, &collectable)?;
+        let forgotten = self.db.forget_unreferenced(project, &collectable).await?;
         let removed = self.delete_forgotten(project, &forgotten, "unreferenced").await?;
         let removed_strays = self.delete_strays(project, &strays).await?;
         let blobs = removed.count + removed_expired.count + removed_strays.count;
@@ -166,14 +168,14 @@ impl CacheService {
     /// The project's blob objects the ledger does not record, written longer than the grace
     /// period ago, that no open save names: uploads of saves that never committed (their
     /// worker died, or the save was refused). The caller holds the publish lock exclusively.
-    fn strays(
+    async fn strays(
         &self,
         project: &str,
         listed: Vec<StoredObject>,
         now: i64,
         grace: i64,
     ) -> Result<Vec<StoredObject>, Error> {
-        let recorded = self.db.ledger_digests(project)?;
+        let recorded = self.db.ledger_digests(project).await?;
         let blobs = blobs_prefix(&self.store_prefix, project);
         let protected = self.protected(project);
         Ok(listed
@@ -200,7 +202,7 @@ impl CacheService {
     /// project). A project that fails is logged and the others go on.
     pub async fn collect_all_garbage(&self, dry_run: bool) -> Result<Vec<pb::GarbageCollected>, Error> {
         let mut collected = Vec::new();
-        for project in self.db.projects()? {
+        for project in self.db.projects().await? {
             match self.collect_garbage(&project.name, dry_run).await {
                 Ok(done) => collected.push(done),
                 Err(error) => {
@@ -217,22 +219,23 @@ impl CacheService {
     pub async fn fit_quota(&self, project: &str, keep: Option<&pb::CacheKey>) -> Result<pb::Evicted, Error> {
         let publish_lock = self.publish_lock.of_project(project);
         let _exclusive = publish_lock.write().await;
-        let quota = self.existing_project(project)?.quota_bytes;
-        let mut used = self.db.totals(project)?.stored_bytes;
+        let quota = self.existing_project(project).await?.quota_bytes;
+        let mut used = self.db.totals(project).await?.stored_bytes;
         if quota == 0 || used <= quota {
             return Ok(pb::Evicted::default());
         }
         let protected = self.protected(project);
         let spare: Vec<String> = self
             .db
-            .unreferenced_blobs(project, now_unix())?
+            .unreferenced_blobs(project, now_unix())
+            .await?
             .into_iter()
             .map(|(digest, _)| digest)
             .filter(|digest| !protected(digest))
             .collect();
-        let mut forgotten = self.db.forget_unreferenced(project, &spare)?;
+        let mut forgotten = self.db.forget_unreferenced(project, &spare).await?;
         used -= forgotten.iter().map(|(_, record)| record.stored_size).sum::<u64>();
-        let mut caches = self.db.manifests(project)?;
+        let mut caches = self.db.manifests(project).await?;
         caches.retain(|manifest| manifest.key.as_ref() != keep);
         // Within a second, the earlier saved goes first.
         caches
@@ -243,8 +246,8 @@ impl CacheService {
                 break;
             }
             let key = manifest.key.unwrap_or_default();
-            let (removable, gone) = self.evict_caches(project, std::slice::from_ref(&key), "quota")?;
-            let freed = self.db.forget_unreferenced(project, &removable)?;
+            let (removable, gone) = self.evict_caches(project, std::slice::from_ref(&key), "quota").await?;
+            let freed = self.db.forget_unreferenced(project, &removable).await?;
             used -= freed.iter().map(|(_, record)| record.stored_size).sum::<u64>();
             forgotten.extend(freed);
             evicted.extend(gone);
@@ -275,10 +278,10 @@ impl CacheService {
         let publish_lock = self.publish_lock.of_project(project);
         let exclusive = publish_lock.write().await;
         let discarded = async {
-            self.db.record_unreferenced(project, uploaded, now_unix())?;
+            self.db.record_unreferenced(project, uploaded, now_unix()).await?;
             let protected = self.protected(project);
             let digests: Vec<String> = uploaded.keys().filter(|digest| !protected(digest)).cloned().collect();
-            let forgotten = self.db.forget_unreferenced(project, &digests)?;
+            let forgotten = self.db.forget_unreferenced(project, &digests).await?;
             self.delete_forgotten(project, &forgotten, "quota").await
         };
         if let Err(error) = discarded.await {

@@ -8,13 +8,13 @@ pub mod credentials;
 pub mod error;
 pub mod gc;
 pub mod listener;
-pub mod manifests;
 pub mod metrics;
 pub mod principals;
 pub mod s3_endpoint;
 pub mod saves;
 pub mod scope;
 pub mod service;
+pub mod state;
 pub mod store;
 pub mod tokens;
 
@@ -34,8 +34,8 @@ use tokio::sync::watch;
 use crate::config::Config;
 use crate::credentials::{EmbeddedBroker, EmbeddedStoreSettings, SigningKey, now_unix};
 use crate::error::Error;
-use crate::manifests::Database;
 use crate::service::CacheService;
+use crate::state::Database;
 use crate::store::EmbeddedStore;
 use crate::tokens::AdminToken;
 
@@ -211,14 +211,14 @@ impl Listeners {
 
 /// The metrics listener: `/metrics` (Prometheus text), `/healthz` (the process runs) and
 /// `/readyz` (its database answers).
-fn metrics_listener<B>(request: &http::Request<B>, service: &CacheService) -> http::Response<Full<Bytes>> {
-    let (status, content_type, body) = match request.uri().path() {
-        "/metrics" => match service.metrics_text() {
+async fn metrics_listener(path: &str, service: &CacheService) -> http::Response<Full<Bytes>> {
+    let (status, content_type, body) = match path {
+        "/metrics" => match service.metrics_text().await {
             Ok(text) => (http::StatusCode::OK, "application/openmetrics-text; version=1.0.0; charset=utf-8", text),
             Err(error) => (http::StatusCode::SERVICE_UNAVAILABLE, "text/plain", format!("{error}\n")),
         },
         "/healthz" => (http::StatusCode::OK, "text/plain", "ok\n".to_owned()),
-        "/readyz" => match service.db.projects() {
+        "/readyz" => match service.db.projects().await {
             Ok(_) => (http::StatusCode::OK, "text/plain", "ready\n".to_owned()),
             Err(error) => (http::StatusCode::SERVICE_UNAVAILABLE, "text/plain", format!("not ready: {error}\n")),
         },
@@ -241,12 +241,13 @@ const USAGE_COUNT_SECONDS: u64 = 300;
 pub async fn run(
     config: Config,
     data_dir: DataDir,
+    state: Arc<dyn state::State>,
     listeners: Listeners,
     store: Store,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let service = Arc::new(CacheService {
-        db: data_dir.db.clone(),
+        db: state,
         broker: store.broker,
         store: store.objects,
         store_prefix: config.prefix.clone(),
@@ -271,8 +272,8 @@ pub async fn run(
     };
     let metrics_service = service.clone();
     let metrics_handler = hyper::service::service_fn(move |request: http::Request<listener::TimedBody>| {
-        let response = metrics_listener(&request, &metrics_service);
-        async move { Ok::<_, Infallible>(response) }
+        let (path, service) = (request.uri().path().to_owned(), metrics_service.clone());
+        async move { Ok::<_, Infallible>(metrics_listener(&path, &service).await) }
     });
     let health_task = tokio::spawn(listener::serve_http(
         listeners.metrics,
@@ -281,7 +282,6 @@ pub async fn run(
         metrics_handler,
         stop_receiver.clone(),
     ));
-    let db = data_dir.db.clone();
     let mut sweeper_stop = stop_receiver.clone();
     let sweeping_service = service.clone();
     let gc_every = config.gc_interval.as_secs();
@@ -301,7 +301,8 @@ pub async fn run(
                         let _ = sweeping_service.collect_all_garbage(false).await;
                     }
                     if n_ticks.is_multiple_of(60)
-                        && let Err(error) = db.remove_expired_keys(now_unix() - EXPIRED_KEY_GRACE_SECONDS)
+                        && let Err(error) =
+                            sweeping_service.db.remove_expired_keys(now_unix() - EXPIRED_KEY_GRACE_SECONDS).await
                     {
                         tracing::warn!(%error, "sweeping expired storage keys failed");
                     }

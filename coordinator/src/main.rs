@@ -66,6 +66,14 @@ async fn main() -> ExitCode {
         Ok(data_dir) => data_dir,
         Err(error) => return fail(EXIT_BAD_CONFIG, error.to_string()),
     };
+    // The state replicas share, or this machine's sled.
+    let state: std::sync::Arc<dyn coordinator::state::State> = match &config.state {
+        Some(url) => match coordinator::state::postgres::Postgres::connect(&url.0).await {
+            Ok(state) => std::sync::Arc::new(state),
+            Err(error) => return fail(EXIT_BAD_CONFIG, format!("--state: {error}")),
+        },
+        None => std::sync::Arc::new(data_dir.db.clone()),
+    };
     let listeners = match Listeners::bind(&config).await {
         Ok(listeners) => listeners,
         Err(error) => return fail(EXIT_BAD_CONFIG, format!("{error:#}")),
@@ -91,7 +99,7 @@ async fn main() -> ExitCode {
         "cache-coordinator ready: grpc=http://{} s3={} metrics=http://{}{s3_listen}",
         endpoints.grpc, endpoints.s3_url, endpoints.metrics
     );
-    match run(config, data_dir, listeners, store, shutdown_signal()).await {
+    match run(config, data_dir, state, listeners, store, shutdown_signal()).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => fail(1, format!("{error:#}")),
     }

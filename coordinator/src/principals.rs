@@ -7,8 +7,8 @@ use proto::v1 as pb;
 
 use crate::credentials::now_unix;
 use crate::error::Error;
-use crate::manifests::ScopedTokenRecord;
 use crate::service::CacheService;
+use crate::state::ScopedTokenRecord;
 use crate::tokens::{self, BranchScope, branch_for_people};
 
 /// A worker token, authenticated.
@@ -74,14 +74,14 @@ fn token_message(record: &ScopedTokenRecord) -> pb::ScopedToken {
 
 impl CacheService {
     /// The principal a worker token stands for: the project token, or a live scoped token.
-    pub fn authenticate_worker(&self, token: Option<&str>) -> Result<Principal, Error> {
+    pub async fn authenticate_worker(&self, token: Option<&str>) -> Result<Principal, Error> {
         let token = token.ok_or(Error::Unauthenticated("missing project token: pass --token or set CACHE_TOKEN"))?;
         if tokens::token_matches(token, &self.admin_token_sha256_hex) {
             return Err(Error::PermissionDenied("the admin token cannot be used by a worker: use a project token"));
         }
         let unknown = Error::Unauthenticated("unknown or revoked project token");
         let project = tokens::project_of_token(token).ok_or(unknown)?;
-        let Some(record) = self.db.project(project)? else {
+        let Some(record) = self.db.project(project).await? else {
             return Err(Error::Unauthenticated("unknown or revoked project token"));
         };
         if tokens::token_matches(token, &record.token_sha256_hex) {
@@ -89,7 +89,7 @@ impl CacheService {
         }
         // The lookup is by the token's hash: what it reveals (whether a hash is recorded) is
         // worth nothing without the 256-bit secret.
-        match self.db.scoped_token(&tokens::sha256_hex(token))? {
+        match self.db.scoped_token(&tokens::sha256_hex(token)).await? {
             Some(scoped) if scoped.project == record.name => {
                 if scoped.expires_unix != 0 && scoped.expires_unix <= now_unix() {
                     return Err(Error::Unauthenticated("the token has expired: ask the operator for a new one"));
@@ -108,7 +108,7 @@ impl CacheService {
         scope: BranchScope,
         expires_seconds: u64,
     ) -> Result<(pb::ScopedToken, String), Error> {
-        self.existing_project(project)?;
+        self.existing_project(project).await?;
         scope.validate()?;
         if expires_seconds > MOST_TOKEN_LIFETIME_SECONDS {
             return Err(Error::InvalidArgument("a token expires within 400 days at most".into()));
@@ -122,23 +122,23 @@ impl CacheService {
             created_unix: now,
             expires_unix: if expires_seconds == 0 { 0 } else { now + expires_seconds as i64 },
         };
-        self.db.insert_scoped_token(&tokens::sha256_hex(&token), &record)?;
+        self.db.insert_scoped_token(&tokens::sha256_hex(&token), &record).await?;
         // The token is printed once: it must outlive a crash right after.
         self.db.durable().await?;
         tracing::info!(project, token_id = record.id, read = ?record.scope.read, write = ?record.scope.write, "scoped token created");
         Ok((token_message(&record), token))
     }
 
-    pub fn list_tokens(&self, project: &str) -> Result<Vec<pb::ScopedToken>, Error> {
-        self.existing_project(project)?;
-        Ok(self.db.scoped_tokens(project)?.iter().map(token_message).collect())
+    pub async fn list_tokens(&self, project: &str) -> Result<Vec<pb::ScopedToken>, Error> {
+        self.existing_project(project).await?;
+        Ok(self.db.scoped_tokens(project).await?.iter().map(token_message).collect())
     }
 
     /// Revokes a scoped token and the storage keys issued to it. Revoking one that is gone
     /// is refused, so a typo is not mistaken for success.
     pub async fn revoke_token(&self, project: &str, token_id: &str) -> Result<(), Error> {
-        self.existing_project(project)?;
-        if self.db.remove_scoped_tokens(project, Some(token_id))?.is_empty() {
+        self.existing_project(project).await?;
+        if self.db.remove_scoped_tokens(project, Some(token_id)).await?.is_empty() {
             return Err(Error::InvalidArgument(format!("project {project:?} has no token {token_id:?}")));
         }
         self.revoke_keys_of(project, token_id).await?;
@@ -149,9 +149,9 @@ impl CacheService {
     /// Replaces the project token; the old one, and the storage keys issued to it, stop
     /// working at once (a save running with it fails and is not committed). Scoped tokens stay.
     pub async fn rotate_project_token(&self, project: &str) -> Result<String, Error> {
-        self.existing_project(project)?;
+        self.existing_project(project).await?;
         let token = tokens::new_project_token(project);
-        self.db.set_project_token(project, &tokens::sha256_hex(&token))?;
+        self.db.set_project_token(project, &tokens::sha256_hex(&token)).await?;
         self.revoke_keys_of(project, "").await?;
         tracing::info!(project, "project token rotated");
         Ok(token)
@@ -164,7 +164,7 @@ impl CacheService {
         {
             let publish_lock = self.publish_lock.of_project(project);
             let _no_publishing = publish_lock.write().await;
-            self.db.revoke_keys(project, token_id)?;
+            self.db.revoke_keys(project, token_id).await?;
         }
         self.db.durable().await
     }
@@ -174,8 +174,8 @@ impl CacheService {
     /// expires; what it writes meanwhile is swept then (while this process runs).
     pub async fn delete_project(&self, project: &str) -> Result<pb::FlushProjectResponse, Error> {
         let flushed = self.flush_project(project).await?;
-        let sweep_due = self.db.project(project)?.map_or(0, |record| record.sweep_after_unix);
-        self.db.remove_project(project)?;
+        let sweep_due = self.db.project(project).await?.map_or(0, |record| record.sweep_after_unix);
+        self.db.remove_project(project).await?;
         self.db.durable().await?;
         if sweep_due > now_unix() {
             let (store, db) = (self.store.clone(), self.db.clone());
@@ -185,7 +185,7 @@ impl CacheService {
             tokio::spawn(async move {
                 tokio::time::sleep(wait).await;
                 // A project created again under the name owns the prefix now.
-                if !matches!(db.project(&project), Ok(None)) {
+                if !matches!(db.project(&project).await, Ok(None)) {
                     return;
                 }
                 if let Err(error) = store.delete_prefix(&prefix, &crate::store::keep_nothing).await {

@@ -11,9 +11,9 @@ use s3s::path::S3Path;
 use s3s::{S3, S3Request, S3Response, S3Result, s3_error};
 
 use crate::credentials::{SigningKey, now_unix, project_prefix};
-use crate::manifests::{Database, MintedKeyRecord};
 use crate::metrics::{Metrics, ProjectLabels};
 use crate::scope::{KeyScope, Target, authorize};
+use crate::state::{Database, MintedKeyRecord};
 
 /// The header, and the presigned-URL query parameter, that carry the session token.
 const SESSION_TOKEN_HEADER: &str = "x-amz-security-token";

@@ -14,8 +14,8 @@ use proto::v1 as pb;
 
 use crate::credentials::{now_unix, now_unix_ms, project_prefix};
 use crate::error::Error;
-use crate::manifests::{BlobRecord, Committed, ServiceCounters, manifest_digests};
 use crate::service::{CacheService, validate_key};
+use crate::state::{BlobRecord, Committed, ServiceCounters, manifest_digests};
 
 /// How long a begun save may take before its commit is refused.
 const SAVE_LIFETIME: Duration = Duration::from_secs(6 * 3600);
@@ -321,7 +321,7 @@ impl CacheService {
         principal.check_write(&key.branch)?;
         validate_images(&request.images)?;
         validate_host(&request.host)?;
-        let record = self.db.project(project)?.ok_or_else(|| Error::NoSuchProject(project.to_owned()))?;
+        let record = self.db.project(project).await?.ok_or_else(|| Error::NoSuchProject(project.to_owned()))?;
         let probe = pb::Manifest { images: request.images.clone(), ..Default::default() };
         let digests: BTreeSet<String> = manifest_digests(&probe);
         if digests.len() > MOST_BLOBS_PER_SAVE {
@@ -335,12 +335,13 @@ impl CacheService {
         // keeps every blob this save names.
         let publish_lock = self.publish_lock.of_project(project);
         let registering = publish_lock.read().await;
-        let stored = self.db.stored_blobs(project, &digests)?;
+        let named: Vec<String> = digests.iter().cloned().collect();
+        let stored = self.db.stored_blobs(project, &named).await?;
         let missing: Vec<String> = digests.iter().filter(|d| !stored.contains_key(*d)).cloned().collect();
-        let current = self.db.manifest(project, &key.service, &key.branch)?;
+        let current = self.db.manifest(project, &key.service, &key.branch).await?;
         let wanted_ids: BTreeSet<&str> = request.images.iter().map(|image| image.id.as_str()).collect();
         let mut known_images: Vec<pb::Image> = Vec::new();
-        for manifest in self.db.manifests(project)? {
+        for manifest in self.db.manifests(project).await? {
             for image in manifest.images {
                 if wanted_ids.contains(image.id.as_str()) && !known_images.iter().any(|known| known.id == image.id) {
                     known_images.push(image);
@@ -357,7 +358,7 @@ impl CacheService {
         };
         if unchanged && let Some(manifest) = &current {
             // An unchanged save is a use of its cache, as a restore is.
-            self.db.touch_manifest(project, manifest, now_unix())?;
+            self.db.touch_manifest(project, manifest, now_unix()).await?;
         }
 
         let save_id = crate::tokens::random_hex_32();
@@ -435,7 +436,7 @@ impl CacheService {
     /// uploads it again and no restore starts on a manifest that cannot complete.
     pub async fn report_bad_blob(&self, project: &str, digest: &str) -> Result<pb::ReportBadBlobResponse, Error> {
         names::validate_digest(digest)?;
-        if self.db.stored_blobs(project, &[digest.to_owned()])?.is_empty() {
+        if self.db.stored_blobs(project, &[digest.to_owned()]).await?.is_empty() {
             return Ok(pb::ReportBadBlobResponse::default());
         }
         {
@@ -459,8 +460,9 @@ impl CacheService {
             tracing::info!(project, digest, "a blob reported bad is intact in the store");
             return Ok(pb::ReportBadBlobResponse::default());
         }
-        let size = self.db.stored_blobs(project, &[digest.to_owned()])?.values().map(|record| record.stored_size).sum();
-        let caches_removed = self.db.drop_blob(project, digest)?;
+        let size =
+            self.db.stored_blobs(project, &[digest.to_owned()]).await?.values().map(|record| record.stored_size).sum();
+        let caches_removed = self.db.drop_blob(project, digest).await?;
         self.db.durable().await?;
         self.metrics.record_eviction(project, "lost", 1, size);
         self.metrics.record_cache_evictions(project, "lost", caches_removed);
@@ -563,7 +565,8 @@ impl CacheService {
         // A post-flush sweep waits until the blobs are checked and recorded.
         let publish_lock = self.publish_lock.of_project(project);
         let no_sweep = publish_lock.read().await;
-        let known = self.db.stored_blobs(project, reported.keys())?;
+        let reported_digests: Vec<String> = reported.keys().cloned().collect();
+        let known = self.db.stored_blobs(project, &reported_digests).await?;
         let prefix = project_prefix(&self.store_prefix, project);
         // The store answers for the blobs the ledger does not know, several at once, so a
         // commit of many new layers stays well inside a worker's per-call deadline.
@@ -641,7 +644,7 @@ impl CacheService {
         self.pending_saves.take(&request.save_id, project)?;
         self.budget.release(project, &request.save_id);
         let size: u64 = reported.values().map(|record| record.stored_size).sum();
-        let quota = self.existing_project(project)?.quota_bytes;
+        let quota = self.existing_project(project).await?.quota_bytes;
         if quota > 0 && size > quota {
             drop(no_sweep);
             let uploaded: HashMap<String, BlobRecord> =
@@ -651,8 +654,10 @@ impl CacheService {
         if let Some(origin) = manifest.origin.as_mut() {
             origin.committed_unix_ms = now_unix_ms();
         }
-        let committed = self.db.commit_manifest(project, &manifest, pending.generation, &reported)?;
-        self.db.add_to_counters(project, &pending.key.service, &ServiceCounters { saves: 1, ..Default::default() })?;
+        let committed = self.db.commit_manifest(project, &manifest, pending.generation, &reported).await?;
+        self.db
+            .add_to_counters(project, &pending.key.service, &ServiceCounters { saves: 1, ..Default::default() })
+            .await?;
         // The worker prints "saved" on this answer: the manifest must survive a crash after it.
         self.db.durable().await?;
         drop(no_sweep);

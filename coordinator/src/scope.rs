@@ -4,7 +4,7 @@
 //! Architecture Invariant: a key reaches only `<bucket>/<prefix>/<project>/`, never deletes,
 //! a read key never writes, and a write key writes only blobs (`blobs/sha256/<64 hex>`).
 
-use crate::manifests::KeyAccess;
+use crate::state::KeyAccess;
 
 /// Where a minted key may act.
 #[derive(Debug, Clone, Copy)]

@@ -8,13 +8,13 @@ use proto::v1 as pb;
 
 use crate::credentials::{CredentialBroker, IssuedCredentials, now_unix, project_prefix};
 use crate::error::Error;
-use crate::manifests::{Database, KeyAccess, ProjectRecord, ServiceCounters};
+use crate::state::{KeyAccess, ProjectRecord, ServiceCounters, State};
 use crate::store::{ObjectStore, ObjectTotals};
 use crate::tokens;
 
 /// Shared by every gRPC handler; each field is itself safe to share.
 pub struct CacheService {
-    pub db: Database,
+    pub db: std::sync::Arc<dyn crate::state::State>,
     pub broker: Arc<dyn CredentialBroker>,
     pub store: Arc<dyn ObjectStore>,
     /// The store's key prefix; a project's objects live under `<prefix>/<project>/`.
@@ -38,8 +38,8 @@ pub struct CacheService {
     pub bad_blob_checks: std::sync::Mutex<std::collections::HashMap<String, (std::time::Instant, u32)>>,
 }
 
-fn project_message(db: &Database, record: &ProjectRecord, usage: ObjectTotals) -> Result<pb::Project, Error> {
-    let totals = db.totals(&record.name)?;
+async fn project_message(db: &dyn State, record: &ProjectRecord, usage: ObjectTotals) -> Result<pb::Project, Error> {
+    let totals = db.totals(&record.name).await?;
     Ok(pb::Project {
         usage_bytes: usage.bytes,
         usage_objects: usage.count,
@@ -53,9 +53,10 @@ fn project_message(db: &Database, record: &ProjectRecord, usage: ObjectTotals) -
     })
 }
 
-fn cache_summary(db: &Database, project: &str, manifest: &pb::Manifest) -> Result<pb::CacheSummary, Error> {
+async fn cache_summary(db: &dyn State, project: &str, manifest: &pb::Manifest) -> Result<pb::CacheSummary, Error> {
     let layers = manifest.images.iter().flat_map(|image| &image.layers);
-    let stored = db.stored_blobs(project, &crate::manifests::manifest_digests(manifest))?;
+    let digests: Vec<String> = crate::state::manifest_digests(manifest).into_iter().collect();
+    let stored = db.stored_blobs(project, &digests).await?;
     Ok(pb::CacheSummary {
         stored_bytes: stored.values().map(|record| record.stored_size).sum(),
         key: manifest.key.clone(),
@@ -95,18 +96,18 @@ pub(crate) fn validate_key(key: Option<&pb::CacheKey>) -> Result<pb::CacheKey, E
 
 impl CacheService {
     /// The project a worker token belongs to.
-    pub fn authenticate_project(&self, token: Option<&str>) -> Result<String, Error> {
-        Ok(self.authenticate_worker(token)?.project)
+    pub async fn authenticate_project(&self, token: Option<&str>) -> Result<String, Error> {
+        Ok(self.authenticate_worker(token).await?.project)
     }
 
     /// Admits the admin token only.
-    pub fn authenticate_admin(&self, token: Option<&str>) -> Result<(), Error> {
+    pub async fn authenticate_admin(&self, token: Option<&str>) -> Result<(), Error> {
         let token =
             token.ok_or(Error::Unauthenticated("missing admin token: pass --admin-token or set CACHE_ADMIN_TOKEN"))?;
         if tokens::token_matches(token, &self.admin_token_sha256_hex) {
             return Ok(());
         }
-        if self.authenticate_project(Some(token)).is_ok() {
+        if self.authenticate_project(Some(token)).await.is_ok() {
             return Err(Error::PermissionDenied("a project token cannot use the admin API: use the admin token"));
         }
         Err(Error::Unauthenticated("wrong admin token"))
@@ -125,36 +126,35 @@ impl CacheService {
             quota_bytes,
             sweep_after_unix: 0,
         };
-        self.db.create_project(&record)?;
+        self.db.create_project(&record).await?;
         // The token is printed once: it must outlive a crash right after.
         self.db.durable().await?;
-        Ok((project_message(&self.db, &record, ObjectTotals::default())?, token))
+        Ok((project_message(self.db.as_ref(), &record, ObjectTotals::default()).await?, token))
     }
 
-    pub fn existing_project(&self, name: &str) -> Result<ProjectRecord, Error> {
+    pub async fn existing_project(&self, name: &str) -> Result<ProjectRecord, Error> {
         names::validate_project_name(name)?;
-        self.db.project(name)?.ok_or_else(|| Error::NoSuchProject(name.to_owned()))
+        self.db.project(name).await?.ok_or_else(|| Error::NoSuchProject(name.to_owned()))
     }
 
-    pub fn list_projects(&self) -> Result<Vec<pb::Project>, Error> {
+    pub async fn list_projects(&self) -> Result<Vec<pb::Project>, Error> {
         let usage = self.usage.lock().expect("usage").clone();
-        self.db
-            .projects()?
-            .iter()
-            .map(|record| project_message(&self.db, record, usage.get(&record.name).copied().unwrap_or_default()))
-            .collect()
+        let mut projects = Vec::new();
+        for record in self.db.projects().await? {
+            let usage = usage.get(&record.name).copied().unwrap_or_default();
+            projects.push(project_message(self.db.as_ref(), &record, usage).await?);
+        }
+        Ok(projects)
     }
 
     pub async fn list_caches(&self, project: &str) -> Result<(pb::Project, Vec<pb::CacheSummary>), Error> {
-        let record = self.existing_project(project)?;
-        let caches = self
-            .db
-            .manifests(project)?
-            .iter()
-            .map(|manifest| cache_summary(&self.db, project, manifest))
-            .collect::<Result<_, _>>()?;
+        let record = self.existing_project(project).await?;
+        let mut caches = Vec::new();
+        for manifest in self.db.manifests(project).await? {
+            caches.push(cache_summary(self.db.as_ref(), project, &manifest).await?);
+        }
         let usage = self.project_usage(project).await?;
-        Ok((project_message(&self.db, &record, usage)?, caches))
+        Ok((project_message(self.db.as_ref(), &record, usage).await?, caches))
     }
 
     /// Counts what the store holds under a project's prefix, committed or not, and keeps it
@@ -169,7 +169,7 @@ impl CacheService {
     /// Counts every project's usage (the sweeper calls it every few minutes): every stored
     /// byte counts, including uploads no commit recorded.
     pub async fn refresh_usage(&self) {
-        let projects = match self.db.projects() {
+        let projects = match self.db.projects().await {
             Ok(projects) => projects,
             Err(error) => return tracing::warn!(%error, "counting the store's usage failed"),
         };
@@ -184,33 +184,37 @@ impl CacheService {
 
     /// Sets a project's quota, and evicts at once what no longer fits.
     pub async fn set_quota(&self, project: &str, quota_bytes: u64) -> Result<pb::SetQuotaResponse, Error> {
-        self.existing_project(project)?;
-        let record = self.db.set_quota(project, quota_bytes)?;
+        self.existing_project(project).await?;
+        let record = self.db.set_quota(project, quota_bytes).await?;
         self.db.durable().await?;
         let evicted = self.fit_quota(project, None).await?;
         tracing::info!(project, quota_bytes, evicted = evicted.caches.len(), "quota set");
         let usage = self.usage.lock().expect("usage").get(project).copied().unwrap_or_default();
-        Ok(pb::SetQuotaResponse { project: Some(project_message(&self.db, &record, usage)?), evicted: Some(evicted) })
+        Ok(pb::SetQuotaResponse {
+            project: Some(project_message(self.db.as_ref(), &record, usage).await?),
+            evicted: Some(evicted),
+        })
     }
 
-    pub fn show_cache(&self, project: &str, key: Option<&pb::CacheKey>) -> Result<pb::Manifest, Error> {
-        self.existing_project(project)?;
+    pub async fn show_cache(&self, project: &str, key: Option<&pb::CacheKey>) -> Result<pb::Manifest, Error> {
+        self.existing_project(project).await?;
         let key = validate_key(key)?;
         self.db
-            .manifest(project, &key.service, &key.branch)?
+            .manifest(project, &key.service, &key.branch)
+            .await?
             .ok_or_else(|| Error::NoSuchCache { project: project.to_owned(), service: key.service.clone() })
     }
 
     /// Removes the project's manifests first (so nothing can name a deleted blob), then every
     /// object under its prefix. Safe to repeat.
     pub async fn flush_project(&self, project: &str) -> Result<pb::FlushProjectResponse, Error> {
-        self.existing_project(project)?;
+        self.existing_project(project).await?;
         let flushed = {
             // No upload signed by one of the project's keys becomes visible meanwhile: those that
             // already did are deleted below, the others find their key revoked.
             let publish_lock = self.publish_lock.of_project(project);
             let _no_publishing = publish_lock.write().await;
-            self.db.flush_project(project)?
+            self.db.flush_project(project).await?
         };
         self.abandon_project_saves(project);
         self.db.durable().await?;
@@ -232,7 +236,7 @@ impl CacheService {
     pub async fn sweep_after_flush(&self, project: &str, due_unix: i64) -> Result<crate::store::ObjectTotals, Error> {
         let publish_lock = self.publish_lock.of_project(project);
         let _no_commits = publish_lock.write().await;
-        let recorded = self.db.ledger_digests(project)?;
+        let recorded = self.db.ledger_digests(project).await?;
         let prefix = project_prefix(&self.store_prefix, project);
         let now = std::time::Instant::now();
         let keep = |key: &str| {
@@ -244,7 +248,7 @@ impl CacheService {
                 .is_some_and(|digest| recorded.contains(&digest) || self.pending_saves.in_flight(project, &digest, now))
         };
         let deleted = self.store.delete_prefix(&prefix, &keep).await?;
-        self.db.sweep_done(project, due_unix)?;
+        self.db.sweep_done(project, due_unix).await?;
         self.db.durable().await?;
         tracing::info!(project, objects = deleted.count, bytes = deleted.bytes, "swept what a flushed save left");
         Ok(deleted)
@@ -252,7 +256,7 @@ impl CacheService {
 
     /// Runs every post-flush sweep that is due.
     pub async fn run_due_sweeps(&self) {
-        let due = match self.db.sweeps_due(now_unix()) {
+        let due = match self.db.sweeps_due(now_unix()).await {
             Ok(due) => due,
             Err(error) => return tracing::warn!(%error, "looking for due sweeps failed"),
         };
@@ -263,14 +267,14 @@ impl CacheService {
         }
     }
 
-    pub fn stats(&self, project: &str) -> Result<Vec<pb::ServiceStats>, Error> {
+    pub async fn stats(&self, project: &str) -> Result<Vec<pb::ServiceStats>, Error> {
         let filter = if project.is_empty() {
             None
         } else {
-            self.existing_project(project)?;
+            self.existing_project(project).await?;
             Some(project)
         };
-        let counters = self.db.service_counters(filter)?;
+        let counters = self.db.service_counters(filter).await?;
         Ok(counters
             .into_iter()
             .map(|(project, service, c)| pb::ServiceStats {
@@ -309,7 +313,7 @@ impl CacheService {
         }
         // Every key handed out is recorded; a flush forgets its project's, and then nobody
         // renews them: a save begun before the flush cannot go on writing after it.
-        if !renew_access_key_id.is_empty() && self.db.minted_key(renew_access_key_id)?.is_none() {
+        if !renew_access_key_id.is_empty() && self.db.minted_key(renew_access_key_id).await?.is_none() {
             return Err(Error::SaveConflict(
                 "the storage key to renew was revoked (the project was flushed): save or restore again".into(),
             ));
@@ -320,16 +324,16 @@ impl CacheService {
             self.broker.renew(project, access, renew_access_key_id).await?
         };
         if !self.broker.records_keys() {
-            let record = crate::manifests::MintedKeyRecord {
+            let record = crate::state::MintedKeyRecord {
                 project: project.to_owned(),
                 access,
                 expires_unix: issued.expires_unix,
                 token_id: token_id.to_owned(),
             };
-            self.db.insert_minted_key(&issued.access_key_id, &record)?;
+            self.db.insert_minted_key(&issued.access_key_id, &record).await?;
             self.db.key_durable(access).await?;
         } else if !token_id.is_empty() {
-            self.db.tag_minted_key(&issued.access_key_id, token_id)?;
+            self.db.tag_minted_key(&issued.access_key_id, token_id).await?;
             self.db.key_durable(access).await?;
         }
         let access_name = if access == KeyAccess::Write { "write" } else { "read" };
@@ -341,14 +345,14 @@ impl CacheService {
     }
 
     /// Adds a worker's report of one save or restore to the service's counters.
-    pub fn report_metrics(&self, project: &str, report: &pb::ReportMetricsRequest) -> Result<(), Error> {
+    pub async fn report_metrics(&self, project: &str, report: &pb::ReportMetricsRequest) -> Result<(), Error> {
         // The transfer's share of the budget comes back whatever the report says.
         if !report.lease_id.is_empty() {
             self.budget.release(project, &report.lease_id);
         }
         names::validate_service_name(&report.service)?;
         validate_report(report)?;
-        self.may_report_for(project, &report.service)?;
+        self.may_report_for(project, &report.service).await?;
         let mut change = ServiceCounters::default();
         for layer in &report.layers {
             match layer.outcome() {
@@ -373,21 +377,22 @@ impl CacheService {
             }
         }
         self.metrics.record_report(project, report);
-        self.db.add_to_counters(project, &report.service, &change)
+        self.db.add_to_counters(project, &report.service, &change).await
     }
 
     /// Refuses a report for yet another service once a project reports for
     /// [`MAX_REPORTED_SERVICES`] without a cache: each service is a set of series for as long as
     /// the coordinator runs, and a row of `cachectl stats` for good.
-    fn may_report_for(&self, project: &str, service: &str) -> Result<(), Error> {
+    async fn may_report_for(&self, project: &str, service: &str) -> Result<(), Error> {
         let reported: Vec<String> =
-            self.db.service_counters(Some(project))?.into_iter().map(|(_, service, _)| service).collect();
+            self.db.service_counters(Some(project)).await?.into_iter().map(|(_, service, _)| service).collect();
         if reported.iter().any(|known| known == service) {
             return Ok(());
         }
         let cached: std::collections::HashSet<String> = self
             .db
-            .manifests(project)?
+            .manifests(project)
+            .await?
             .into_iter()
             .filter_map(|manifest| manifest.key.map(|key| key.service))
             .collect();
@@ -404,9 +409,9 @@ impl CacheService {
     }
 
     /// The Prometheus text exposition, with the store gauges brought up to date from the ledger.
-    pub fn metrics_text(&self) -> Result<String, Error> {
-        for project in self.db.projects()? {
-            let totals = self.db.totals(&project.name)?;
+    pub async fn metrics_text(&self) -> Result<String, Error> {
+        for project in self.db.projects().await? {
+            let totals = self.db.totals(&project.name).await?;
             let (blobs, bytes) = (totals.blobs, totals.stored_bytes);
             self.metrics.set_store_totals(&project.name, blobs, bytes);
         }
@@ -437,9 +442,9 @@ impl CacheService {
         let publish_lock = self.publish_lock.of_project(project);
         let _registering = publish_lock.read().await;
         for key in candidates {
-            if let Some(manifest) = self.db.manifest(project, &key.service, &key.branch)? {
-                self.db.touch_manifest(project, &manifest, now_unix())?;
-                let reads = crate::manifests::manifest_digests(&manifest);
+            if let Some(manifest) = self.db.manifest(project, &key.service, &key.branch).await? {
+                self.db.touch_manifest(project, &manifest, now_unix()).await?;
+                let reads = crate::state::manifest_digests(&manifest);
                 let plan = self.budget.grant_restore(project, &crate::tokens::random_hex_32(), reads);
                 return Ok(pb::LookupResponse {
                     found: true,

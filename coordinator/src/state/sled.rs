@@ -10,110 +10,21 @@
 //! - `totals`: project → [`ProjectTotals`] (JSON), kept in step by the same transactions that
 //!   change manifests and the ledger, so totals are read, never counted
 
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
 use prost::Message;
+use proto::v1 as pb;
 use serde::{Deserialize, Serialize};
 use sled::Transactional;
 use sled::transaction::{ConflictableTransactionError, TransactionError};
 
 use crate::error::Error;
 
-/// A tenant. The token is kept only as its SHA-256.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ProjectRecord {
-    pub name: String,
-    pub token_sha256_hex: String,
-    pub created_unix: i64,
-    /// Bumped by every flush, so a save begun before a flush cannot commit after it.
-    pub generation: u64,
-    /// 0 means no quota.
-    pub quota_bytes: u64,
-    /// After a flush: when the last storage key issued before it expires (unix seconds). Then
-    /// the project's store is swept once of objects no manifest names, which a save begun
-    /// before the flush may still have written with a key nobody can revoke (an STS session).
-    /// 0: no sweep due.
-    #[serde(default)]
-    pub sweep_after_unix: i64,
-}
-
-/// What a minted storage key may do; the secret and session token are derived, never stored.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub enum KeyAccess {
-    Read,
-    Write,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct MintedKeyRecord {
-    pub project: String,
-    pub access: KeyAccess,
-    pub expires_unix: i64,
-    /// The scoped token it was issued to; empty: the project token. Revoking the token (or
-    /// rotating the project token) revokes its keys.
-    #[serde(default)]
-    pub token_id: String,
-}
-
-/// A token scoped to branches (`cachectl token create`), kept under the SHA-256 of the token.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ScopedTokenRecord {
-    /// `tok_` and 16 hex digits: how operators name it (`cachectl token ls / revoke`).
-    pub id: String,
-    pub project: String,
-    pub scope: crate::tokens::BranchScope,
-    pub created_unix: i64,
-    /// 0: it does not expire.
-    pub expires_unix: i64,
-}
-
-/// One blob of a project's store, as the ledger knows it.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct BlobRecord {
-    pub stored_size: u64,
-    /// How many manifests of the project name this blob.
-    pub references: u64,
-    /// Uncompressed size (equals `stored_size` when `encoding` is empty).
-    #[serde(default)]
-    pub size: u64,
-    /// "" for a plain blob, "gzip" or "zstd" for a compressed one.
-    #[serde(default)]
-    pub encoding: String,
-    /// sha256 of the stored bytes when they differ from the blob's digest.
-    #[serde(default)]
-    pub stored_digest: String,
-    /// When its last reference went (unix seconds), while it has none; 0 while it has some,
-    /// and in records from before garbage collection (a collection then starts its grace).
-    #[serde(default)]
-    pub unreferenced_since_unix: i64,
-}
-
-impl BlobRecord {
-    /// Adds one reference.
-    fn referenced(mut self) -> BlobRecord {
-        self.references += 1;
-        self.unreferenced_since_unix = 0;
-        self
-    }
-
-    /// Drops one reference, noting when the last went.
-    fn unreferenced(mut self, now_unix: i64) -> BlobRecord {
-        self.references = self.references.saturating_sub(1);
-        if self.references == 0 && self.unreferenced_since_unix == 0 {
-            self.unreferenced_since_unix = now_unix;
-        }
-        self
-    }
-}
-
-/// What a project's ledger and manifests add up to.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ProjectTotals {
-    /// Blobs the ledger records, referenced or not, and their stored bytes.
-    pub blobs: u64,
-    pub stored_bytes: u64,
-    pub manifests: u64,
-}
+use super::{
+    BlobRecord, Committed, FlushedRecords, KeyAccess, MintedKeyRecord, ProjectRecord, ProjectTotals, ScopedTokenRecord,
+    ServiceCounters, State, began_later, latest_expiry, manifest_digests,
+};
 
 /// A change to a project's totals, applied in the transaction that makes it.
 #[derive(Debug, Clone, Copy, Default)]
@@ -145,48 +56,6 @@ impl TotalsChange {
         totals.insert(project.as_bytes(), json_to_vec(&current))?;
         Ok(())
     }
-}
-
-/// Counters of one service of one project, fed by the workers' metric reports.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ServiceCounters {
-    pub restores_hit: u64,
-    pub restores_partial: u64,
-    pub restores_miss: u64,
-    pub restores_error: u64,
-    pub saves: u64,
-    pub layers_found: u64,
-    pub layers_transferred: u64,
-    pub bytes_found: u64,
-    pub bytes_transferred: u64,
-}
-
-/// What a commit did to its cache key.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Committed {
-    /// The manifest is the key's now; it replaced the manifest of this save, if any.
-    Stored { replaced: Option<proto::v1::SaveOrigin> },
-    /// The key's manifest came from a save begun later, so it stays (a manifest never goes
-    /// back in time); the commit's new blobs are recorded, unreferenced.
-    KeptNewer(proto::v1::Manifest),
-}
-
-/// Which of two saves of one key began later: by the coordinator's clock, then by save ID.
-fn began_later(a: Option<&proto::v1::SaveOrigin>, b: Option<&proto::v1::SaveOrigin>) -> bool {
-    let order = |origin: Option<&proto::v1::SaveOrigin>| origin.map(|o| (o.began_unix_ms, o.save_id.clone()));
-    order(a) > order(b)
-}
-
-/// What a flush removed from the database.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct FlushedRecords {
-    pub manifests_removed: u64,
-    pub generation: u64,
-}
-
-/// The latest expiry among `keys`, or 0.
-fn latest_expiry<'a>(keys: impl IntoIterator<Item = &'a MintedKeyRecord>) -> i64 {
-    keys.into_iter().map(|record| record.expires_unix).max().unwrap_or(0)
 }
 
 /// Group commit: writes that finish while a flush runs share the next one, so concurrent
@@ -640,17 +509,6 @@ fn transacted<T>(result: Result<T, TransactionError<Error>>) -> Result<T, Error>
     }
 }
 
-/// Every blob digest a manifest names (configs and layers), each once.
-pub fn manifest_digests(manifest: &proto::v1::Manifest) -> std::collections::BTreeSet<String> {
-    let mut digests = std::collections::BTreeSet::new();
-    for image in &manifest.images {
-        digests.insert(image.id.clone());
-        digests.extend(image.layers.iter().map(|layer| layer.digest.clone()));
-        digests.extend(image.oci_blobs.iter().map(|blob| blob.digest.clone()));
-    }
-    digests
-}
-
 impl Database {
     /// The ledger's records of those of `digests` the project's store holds.
     pub fn stored_blobs<'a>(
@@ -900,19 +758,161 @@ impl Database {
             .fetch_and_update(key, |old| {
                 let mut counters: ServiceCounters =
                     old.and_then(|bytes| serde_json::from_slice(bytes).ok()).unwrap_or_default();
-                counters.restores_hit += change.restores_hit;
-                counters.restores_partial += change.restores_partial;
-                counters.restores_miss += change.restores_miss;
-                counters.restores_error += change.restores_error;
-                counters.saves += change.saves;
-                counters.layers_found += change.layers_found;
-                counters.layers_transferred += change.layers_transferred;
-                counters.bytes_found += change.bytes_found;
-                counters.bytes_transferred += change.bytes_transferred;
+                counters.add(change);
                 Some(json_to_vec(&counters))
             })
             .map_err(db_error)?;
         Ok(())
+    }
+}
+
+#[async_trait::async_trait]
+impl State for Database {
+    async fn durable(&self) -> Result<(), Error> {
+        Database::durable(self).await
+    }
+
+    async fn key_durable(&self, access: KeyAccess) -> Result<(), Error> {
+        Database::key_durable(self, access).await
+    }
+
+    async fn create_project(&self, record: &ProjectRecord) -> Result<(), Error> {
+        Database::create_project(self, record)
+    }
+
+    async fn project(&self, name: &str) -> Result<Option<ProjectRecord>, Error> {
+        Database::project(self, name)
+    }
+
+    async fn projects(&self) -> Result<Vec<ProjectRecord>, Error> {
+        Database::projects(self)
+    }
+
+    async fn set_quota(&self, project: &str, quota_bytes: u64) -> Result<ProjectRecord, Error> {
+        Database::set_quota(self, project, quota_bytes)
+    }
+
+    async fn set_project_token(&self, project: &str, sha256_hex: &str) -> Result<(), Error> {
+        Database::set_project_token(self, project, sha256_hex)
+    }
+
+    async fn remove_project(&self, project: &str) -> Result<(), Error> {
+        Database::remove_project(self, project)
+    }
+
+    async fn insert_minted_key(&self, access_key_id: &str, record: &MintedKeyRecord) -> Result<(), Error> {
+        Database::insert_minted_key(self, access_key_id, record)
+    }
+
+    async fn minted_key(&self, access_key_id: &str) -> Result<Option<MintedKeyRecord>, Error> {
+        Database::minted_key(self, access_key_id)
+    }
+
+    async fn tag_minted_key(&self, access_key_id: &str, token_id: &str) -> Result<(), Error> {
+        Database::tag_minted_key(self, access_key_id, token_id)
+    }
+
+    async fn revoke_keys(&self, project: &str, token_id: &str) -> Result<Vec<MintedKeyRecord>, Error> {
+        Database::revoke_keys(self, project, token_id)
+    }
+
+    async fn remove_expired_keys(&self, now_unix: i64) -> Result<usize, Error> {
+        Database::remove_expired_keys(self, now_unix)
+    }
+
+    async fn sweeps_due(&self, now_unix: i64) -> Result<Vec<(String, i64)>, Error> {
+        Database::sweeps_due(self, now_unix)
+    }
+
+    async fn sweep_done(&self, project: &str, due_unix: i64) -> Result<(), Error> {
+        Database::sweep_done(self, project, due_unix)
+    }
+
+    async fn insert_scoped_token(&self, sha256_hex: &str, record: &ScopedTokenRecord) -> Result<(), Error> {
+        Database::insert_scoped_token(self, sha256_hex, record)
+    }
+
+    async fn scoped_token(&self, sha256_hex: &str) -> Result<Option<ScopedTokenRecord>, Error> {
+        Database::scoped_token(self, sha256_hex)
+    }
+
+    async fn scoped_tokens(&self, project: &str) -> Result<Vec<ScopedTokenRecord>, Error> {
+        Database::scoped_tokens(self, project)
+    }
+
+    async fn remove_scoped_tokens(&self, project: &str, id: Option<&str>) -> Result<Vec<ScopedTokenRecord>, Error> {
+        Database::remove_scoped_tokens(self, project, id)
+    }
+
+    async fn manifest(&self, project: &str, service: &str, branch: &str) -> Result<Option<pb::Manifest>, Error> {
+        Database::manifest(self, project, service, branch)
+    }
+
+    async fn manifests(&self, project: &str) -> Result<Vec<pb::Manifest>, Error> {
+        Database::manifests(self, project)
+    }
+
+    async fn touch_manifest(&self, project: &str, manifest: &pb::Manifest, now_unix: i64) -> Result<(), Error> {
+        Database::touch_manifest(self, project, manifest, now_unix)
+    }
+
+    async fn commit_manifest(
+        &self,
+        project: &str,
+        manifest: &pb::Manifest,
+        generation: u64,
+        new_blobs: &HashMap<String, BlobRecord>,
+    ) -> Result<Committed, Error> {
+        Database::commit_manifest(self, project, manifest, generation, new_blobs)
+    }
+
+    async fn remove_manifest(&self, project: &str, key: &pb::CacheKey) -> Result<Option<Vec<String>>, Error> {
+        Database::remove_manifest(self, project, key)
+    }
+
+    async fn totals(&self, project: &str) -> Result<ProjectTotals, Error> {
+        Database::totals(self, project)
+    }
+
+    async fn service_counters(&self, project: Option<&str>) -> Result<Vec<(String, String, ServiceCounters)>, Error> {
+        Database::service_counters(self, project)
+    }
+
+    async fn add_to_counters(&self, project: &str, service: &str, change: &ServiceCounters) -> Result<(), Error> {
+        Database::add_to_counters(self, project, service, change)
+    }
+
+    async fn flush_project(&self, project: &str) -> Result<FlushedRecords, Error> {
+        Database::flush_project(self, project)
+    }
+
+    async fn stored_blobs(&self, project: &str, digests: &[String]) -> Result<HashMap<String, BlobRecord>, Error> {
+        Database::stored_blobs(self, project, digests)
+    }
+
+    async fn ledger_digests(&self, project: &str) -> Result<HashSet<String>, Error> {
+        Database::ledger_digests(self, project)
+    }
+
+    async fn record_unreferenced(
+        &self,
+        project: &str,
+        new_blobs: &HashMap<String, BlobRecord>,
+        now_unix: i64,
+    ) -> Result<(), Error> {
+        Database::record_unreferenced(self, project, new_blobs, now_unix)
+    }
+
+    async fn drop_blob(&self, project: &str, digest: &str) -> Result<u64, Error> {
+        Database::drop_blob(self, project, digest)
+    }
+
+    async fn unreferenced_blobs(&self, project: &str, now_unix: i64) -> Result<Vec<(String, BlobRecord)>, Error> {
+        Database::unreferenced_blobs(self, project, now_unix)
+    }
+
+    async fn forget_unreferenced(&self, project: &str, digests: &[String]) -> Result<Vec<(String, BlobRecord)>, Error> {
+        Database::forget_unreferenced(self, project, digests)
     }
 }
 
@@ -1209,7 +1209,7 @@ mod tests {
             std::process::abort();
         }
         let output = std::process::Command::new(std::env::current_exe().unwrap())
-            .args(["--exact", "manifests::tests::durable_writes_survive_a_crash", "--nocapture"])
+            .args(["--exact", "state::sled::tests::durable_writes_survive_a_crash", "--nocapture"])
             .env("LAYER_CACHE_DURABILITY_CHILD", dir.path())
             .output()
             .unwrap();

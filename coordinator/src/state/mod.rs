@@ -1,0 +1,259 @@
+//! The coordinator's durable state behind one seam: the record types, and the [`State`]
+//! trait shaped around the cache's operations (projects and tokens, minted keys, manifests
+//! with the ledger, counters, flush). `sled.rs` is the single-machine implementation (the
+//! default); `postgres.rs` the one replicas share.
+
+use std::collections::{HashMap, HashSet};
+
+use proto::v1 as pb;
+use serde::{Deserialize, Serialize};
+
+use crate::error::Error;
+
+pub mod postgres;
+pub mod sled;
+#[cfg(test)]
+mod suite;
+
+pub use self::sled::Database;
+
+/// A tenant. The token is kept only as its SHA-256.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProjectRecord {
+    pub name: String,
+    pub token_sha256_hex: String,
+    pub created_unix: i64,
+    /// Bumped by every flush, so a save begun before a flush cannot commit after it.
+    pub generation: u64,
+    /// 0 means no quota.
+    pub quota_bytes: u64,
+    /// After a flush: when the last storage key issued before it expires (unix seconds). Then
+    /// the project's store is swept once of objects no manifest names, which a save begun
+    /// before the flush may still have written with a key nobody can revoke (an STS session).
+    /// 0: no sweep due.
+    #[serde(default)]
+    pub sweep_after_unix: i64,
+}
+
+/// What a minted storage key may do; the secret and session token are derived, never stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum KeyAccess {
+    Read,
+    Write,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MintedKeyRecord {
+    pub project: String,
+    pub access: KeyAccess,
+    pub expires_unix: i64,
+    /// The scoped token it was issued to; empty: the project token. Revoking the token (or
+    /// rotating the project token) revokes its keys.
+    #[serde(default)]
+    pub token_id: String,
+}
+
+/// A token scoped to branches (`cachectl token create`), kept under the SHA-256 of the token.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScopedTokenRecord {
+    /// `tok_` and 16 hex digits: how operators name it (`cachectl token ls / revoke`).
+    pub id: String,
+    pub project: String,
+    pub scope: crate::tokens::BranchScope,
+    pub created_unix: i64,
+    /// 0: it does not expire.
+    pub expires_unix: i64,
+}
+
+/// One blob of a project's store, as the ledger knows it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlobRecord {
+    pub stored_size: u64,
+    /// How many manifests of the project name this blob.
+    pub references: u64,
+    /// Uncompressed size (equals `stored_size` when `encoding` is empty).
+    #[serde(default)]
+    pub size: u64,
+    /// "" for a plain blob, "gzip" or "zstd" for a compressed one.
+    #[serde(default)]
+    pub encoding: String,
+    /// sha256 of the stored bytes when they differ from the blob's digest.
+    #[serde(default)]
+    pub stored_digest: String,
+    /// When its last reference went (unix seconds), while it has none; 0 while it has some,
+    /// and in records from before garbage collection (a collection then starts its grace).
+    #[serde(default)]
+    pub unreferenced_since_unix: i64,
+}
+
+impl BlobRecord {
+    /// Adds one reference.
+    pub(crate) fn referenced(mut self) -> BlobRecord {
+        self.references += 1;
+        self.unreferenced_since_unix = 0;
+        self
+    }
+
+    /// Drops one reference, noting when the last went.
+    pub(crate) fn unreferenced(mut self, now_unix: i64) -> BlobRecord {
+        self.references = self.references.saturating_sub(1);
+        if self.references == 0 && self.unreferenced_since_unix == 0 {
+            self.unreferenced_since_unix = now_unix;
+        }
+        self
+    }
+}
+
+/// What a project's ledger and manifests add up to.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProjectTotals {
+    /// Blobs the ledger records, referenced or not, and their stored bytes.
+    pub blobs: u64,
+    pub stored_bytes: u64,
+    pub manifests: u64,
+}
+
+/// Counters of one service of one project, fed by the workers' metric reports.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceCounters {
+    pub restores_hit: u64,
+    pub restores_partial: u64,
+    pub restores_miss: u64,
+    pub restores_error: u64,
+    pub saves: u64,
+    pub layers_found: u64,
+    pub layers_transferred: u64,
+    pub bytes_found: u64,
+    pub bytes_transferred: u64,
+}
+
+impl ServiceCounters {
+    /// Adds `change` to these counters.
+    pub fn add(&mut self, change: &ServiceCounters) {
+        self.restores_hit += change.restores_hit;
+        self.restores_partial += change.restores_partial;
+        self.restores_miss += change.restores_miss;
+        self.restores_error += change.restores_error;
+        self.saves += change.saves;
+        self.layers_found += change.layers_found;
+        self.layers_transferred += change.layers_transferred;
+        self.bytes_found += change.bytes_found;
+        self.bytes_transferred += change.bytes_transferred;
+    }
+}
+
+/// What a commit did to its cache key.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Committed {
+    /// The manifest is the key's now; it replaced the manifest of this save, if any.
+    Stored { replaced: Option<proto::v1::SaveOrigin> },
+    /// The key's manifest came from a save begun later, so it stays (a manifest never goes
+    /// back in time); the commit's new blobs are recorded, unreferenced.
+    KeptNewer(proto::v1::Manifest),
+}
+
+/// Which of two saves of one key began later: by the coordinator's clock, then by save ID.
+pub(crate) fn began_later(a: Option<&proto::v1::SaveOrigin>, b: Option<&proto::v1::SaveOrigin>) -> bool {
+    let order = |origin: Option<&proto::v1::SaveOrigin>| origin.map(|o| (o.began_unix_ms, o.save_id.clone()));
+    order(a) > order(b)
+}
+
+/// The latest expiry among `keys`, or 0.
+pub(crate) fn latest_expiry<'a>(keys: impl IntoIterator<Item = &'a MintedKeyRecord>) -> i64 {
+    keys.into_iter().map(|record| record.expires_unix).max().unwrap_or(0)
+}
+
+/// What a flush removed from the database.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FlushedRecords {
+    pub manifests_removed: u64,
+    pub generation: u64,
+}
+
+/// Every blob digest a manifest names (configs and layers), each once.
+pub fn manifest_digests(manifest: &proto::v1::Manifest) -> std::collections::BTreeSet<String> {
+    let mut digests = std::collections::BTreeSet::new();
+    for image in &manifest.images {
+        digests.insert(image.id.clone());
+        digests.extend(image.layers.iter().map(|layer| layer.digest.clone()));
+        digests.extend(image.oci_blobs.iter().map(|blob| blob.digest.clone()));
+    }
+    digests
+}
+
+/// The coordinator's durable state, as the cache's operations use it. Every method is one
+/// atomic step of the protocol its caller follows (see ARCHITECTURE.md's invariants); an
+/// implementation shared by several replicas must keep each atomic across them.
+#[async_trait::async_trait]
+pub trait State: Send + Sync {
+    /// Returns once every write this caller made before the call is durable: what an acknowledgement waits for.
+    async fn durable(&self) -> Result<(), Error>;
+    /// Waits for a storage key's record to be durable (a read key is handed out even when the disk refuses).
+    async fn key_durable(&self, access: KeyAccess) -> Result<(), Error>;
+    /// Inserts a new project; [`Error::ProjectExists`] if the name is taken.
+    async fn create_project(&self, record: &ProjectRecord) -> Result<(), Error>;
+    async fn project(&self, name: &str) -> Result<Option<ProjectRecord>, Error>;
+    /// Every project, sorted by name.
+    async fn projects(&self) -> Result<Vec<ProjectRecord>, Error>;
+    /// Sets a project's byte quota (0: none).
+    async fn set_quota(&self, project: &str, quota_bytes: u64) -> Result<ProjectRecord, Error>;
+    /// Replaces a project's token (its SHA-256).
+    async fn set_project_token(&self, project: &str, sha256_hex: &str) -> Result<(), Error>;
+    /// Removes a project's record, scoped tokens, counters and totals (its caches are flushed first).
+    async fn remove_project(&self, project: &str) -> Result<(), Error>;
+    async fn insert_minted_key(&self, access_key_id: &str, record: &MintedKeyRecord) -> Result<(), Error>;
+    async fn minted_key(&self, access_key_id: &str) -> Result<Option<MintedKeyRecord>, Error>;
+    async fn tag_minted_key(&self, access_key_id: &str, token_id: &str) -> Result<(), Error>;
+    /// Forgets the project's storage keys issued to `token_id` (empty: the project token); returns them.
+    async fn revoke_keys(&self, project: &str, token_id: &str) -> Result<Vec<MintedKeyRecord>, Error>;
+    /// Forgets keys that expired before `now_unix`; returns how many.
+    async fn remove_expired_keys(&self, now_unix: i64) -> Result<usize, Error>;
+    /// Projects whose post-flush sweep is due at `now_unix`, with the time it was due.
+    async fn sweeps_due(&self, now_unix: i64) -> Result<Vec<(String, i64)>, Error>;
+    /// Marks a post-flush sweep done, unless a later flush made another due.
+    async fn sweep_done(&self, project: &str, due_unix: i64) -> Result<(), Error>;
+    async fn insert_scoped_token(&self, sha256_hex: &str, record: &ScopedTokenRecord) -> Result<(), Error>;
+    async fn scoped_token(&self, sha256_hex: &str) -> Result<Option<ScopedTokenRecord>, Error>;
+    async fn scoped_tokens(&self, project: &str) -> Result<Vec<ScopedTokenRecord>, Error>;
+    /// Removes one scoped token of a project (`id`), or all of them; returns those removed.
+    async fn remove_scoped_tokens(&self, project: &str, id: Option<&str>) -> Result<Vec<ScopedTokenRecord>, Error>;
+    async fn manifest(&self, project: &str, service: &str, branch: &str) -> Result<Option<pb::Manifest>, Error>;
+    /// Every manifest of a project, sorted by service and branch.
+    async fn manifests(&self, project: &str) -> Result<Vec<pb::Manifest>, Error>;
+    /// Records that a manifest was used now, unless another writer replaced it meanwhile.
+    async fn touch_manifest(&self, project: &str, manifest: &pb::Manifest, now_unix: i64) -> Result<(), Error>;
+    /// Makes `manifest` its key's, atomically with the ledger (see [`Committed`]); refused with [`Error::SaveConflict`] when the project's generation is no longer `generation`.
+    async fn commit_manifest(
+        &self,
+        project: &str,
+        manifest: &pb::Manifest,
+        generation: u64,
+        new_blobs: &HashMap<String, BlobRecord>,
+    ) -> Result<Committed, Error>;
+    /// Evicts one cache; returns the blobs it left unreferenced, or `None` when there was none.
+    async fn remove_manifest(&self, project: &str, key: &pb::CacheKey) -> Result<Option<Vec<String>>, Error>;
+    /// A project's totals, kept in step by every write (never counted).
+    async fn totals(&self, project: &str) -> Result<ProjectTotals, Error>;
+    /// Counters per service, for one project or (with `None`) every project.
+    async fn service_counters(&self, project: Option<&str>) -> Result<Vec<(String, String, ServiceCounters)>, Error>;
+    async fn add_to_counters(&self, project: &str, service: &str, change: &ServiceCounters) -> Result<(), Error>;
+    /// Removes a project's manifests, ledger and storage keys and bumps its generation.
+    async fn flush_project(&self, project: &str) -> Result<FlushedRecords, Error>;
+    /// The ledger's records of those of `digests` the project's store holds.
+    async fn stored_blobs(&self, project: &str, digests: &[String]) -> Result<HashMap<String, BlobRecord>, Error>;
+    /// Every digest the project's ledger records.
+    async fn ledger_digests(&self, project: &str) -> Result<HashSet<String>, Error>;
+    /// Records a refused save's new blobs as unreferenced, so a collection removes them.
+    async fn record_unreferenced(
+        &self,
+        project: &str,
+        new_blobs: &HashMap<String, BlobRecord>,
+        now_unix: i64,
+    ) -> Result<(), Error>;
+    /// Forgets a lost blob with every manifest naming it; returns the manifests removed.
+    async fn drop_blob(&self, project: &str, digest: &str) -> Result<u64, Error>;
+    /// The project's blobs no manifest names, with their records.
+    async fn unreferenced_blobs(&self, project: &str, now_unix: i64) -> Result<Vec<(String, BlobRecord)>, Error>;
+    /// Forgets those of `digests` that still have no reference; returns them.
+    async fn forget_unreferenced(&self, project: &str, digests: &[String]) -> Result<Vec<(String, BlobRecord)>, Error>;
+}

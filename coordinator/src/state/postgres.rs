@@ -1,0 +1,735 @@
+//! The coordinator's durable state in PostgreSQL, for replicas sharing one database: the same
+//! operations as `sled.rs`, each one transaction. Every write that changes a project's
+//! manifests or ledger first locks the project's row (`FOR UPDATE`), so those writes serialize
+//! per project across replicas as the publish lock serializes them inside one process, and no
+//! transaction is retried for a conflict.
+//!
+//! Tables (`lc_` in front, so the schema can share a database):
+//! - `lc_schema`: the schema's version; a coordinator refuses a database newer than itself
+//! - `lc_projects`, `lc_minted_keys`, `lc_scoped_tokens`, `lc_counters`: records as JSON, as in
+//!   sled, with the columns their lookups need
+//! - `lc_manifests`: protobuf bodies by (project, service, branch)
+//! - `lc_blobs`: the ledger, each record as JSON and its reference count as a column
+//! - `lc_totals`: a project's totals, kept in step by the transactions that change them
+
+use std::collections::{HashMap, HashSet};
+
+use deadpool_postgres::{GenericClient, Manager, ManagerConfig, Pool, RecyclingMethod, Transaction};
+use prost::Message;
+use proto::v1 as pb;
+use serde::{Deserialize, Serialize};
+use tokio_postgres::NoTls;
+
+use super::{
+    BlobRecord, Committed, FlushedRecords, KeyAccess, MintedKeyRecord, ProjectRecord, ProjectTotals, ScopedTokenRecord,
+    ServiceCounters, State, began_later, latest_expiry, manifest_digests,
+};
+use crate::error::Error;
+
+/// The schema this coordinator writes; bumped with each migration below.
+const SCHEMA_VERSION: i32 = 1;
+
+/// Version 1.
+const SCHEMA_1: &str = "
+CREATE TABLE lc_projects (name TEXT PRIMARY KEY, record TEXT NOT NULL);
+CREATE TABLE lc_minted_keys (access_key_id TEXT PRIMARY KEY, project TEXT NOT NULL, record TEXT NOT NULL);
+CREATE INDEX lc_minted_keys_project ON lc_minted_keys (project);
+CREATE TABLE lc_scoped_tokens (sha256 TEXT PRIMARY KEY, project TEXT NOT NULL, record TEXT NOT NULL);
+CREATE INDEX lc_scoped_tokens_project ON lc_scoped_tokens (project);
+CREATE TABLE lc_manifests (
+    project TEXT NOT NULL, service TEXT NOT NULL, branch TEXT NOT NULL, body BYTEA NOT NULL,
+    PRIMARY KEY (project, service, branch));
+CREATE TABLE lc_blobs (
+    project TEXT NOT NULL, digest TEXT NOT NULL, refs BIGINT NOT NULL, record TEXT NOT NULL,
+    PRIMARY KEY (project, digest));
+CREATE INDEX lc_blobs_unreferenced ON lc_blobs (project) WHERE refs = 0;
+CREATE TABLE lc_counters (
+    project TEXT NOT NULL, service TEXT NOT NULL, record TEXT NOT NULL, PRIMARY KEY (project, service));
+CREATE TABLE lc_totals (
+    project TEXT PRIMARY KEY, blobs BIGINT NOT NULL, stored_bytes BIGINT NOT NULL, manifests BIGINT NOT NULL);
+";
+
+fn pg_error(error: impl std::fmt::Display) -> Error {
+    Error::Database(format!("PostgreSQL: {error}"))
+}
+
+fn to_json<T: Serialize>(value: &T) -> String {
+    serde_json::to_string(value).expect("records serialize to JSON")
+}
+
+fn from_json<T: for<'de> Deserialize<'de>>(table: &str, text: &str) -> Result<T, Error> {
+    serde_json::from_str(text).map_err(|error| Error::CorruptState(format!("{table}: {error}")))
+}
+
+fn decode_manifest(body: &[u8]) -> Result<pb::Manifest, Error> {
+    pb::Manifest::decode(body).map_err(|error| Error::CorruptState(format!("lc_manifests: {error}")))
+}
+
+/// The state in one PostgreSQL database, through a pool of connections.
+pub struct Postgres {
+    pool: Pool,
+}
+
+impl Postgres {
+    /// Connects to `url` (`postgres://user@host:port/database`), creates or migrates the
+    /// schema, and refuses a database whose schema is newer than this coordinator's.
+    pub async fn connect(url: &str) -> Result<Postgres, Error> {
+        let config: tokio_postgres::Config =
+            url.parse().map_err(|error| Error::InvalidArgument(format!("invalid --state URL: {error}")))?;
+        let manager = Manager::from_config(config, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
+        let pool = Pool::builder(manager).max_size(16).build().map_err(pg_error)?;
+        let state = Postgres { pool };
+        state.migrate().await?;
+        Ok(state)
+    }
+
+    async fn client(&self) -> Result<deadpool_postgres::Object, Error> {
+        self.pool.get().await.map_err(pg_error)
+    }
+
+    async fn migrate(&self) -> Result<(), Error> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(pg_error)?;
+        // Replicas starting together migrate one at a time.
+        tx.batch_execute(
+            "SELECT pg_advisory_xact_lock(7400); CREATE TABLE IF NOT EXISTS lc_schema (version INTEGER NOT NULL)",
+        )
+        .await
+        .map_err(pg_error)?;
+        let version: Option<i32> =
+            tx.query_opt("SELECT version FROM lc_schema", &[]).await.map_err(pg_error)?.map(|row| row.get(0));
+        match version {
+            Some(version) if version > SCHEMA_VERSION => {
+                return Err(Error::Database(format!(
+                    "the database's schema is version {version}, newer than this coordinator's {SCHEMA_VERSION}: \
+                     run a coordinator at least as new as the one that wrote it"
+                )));
+            }
+            Some(_) => {}
+            None => {
+                tx.batch_execute(SCHEMA_1).await.map_err(pg_error)?;
+                tx.execute("INSERT INTO lc_schema (version) VALUES ($1)", &[&SCHEMA_VERSION])
+                    .await
+                    .map_err(pg_error)?;
+            }
+        }
+        tx.commit().await.map_err(pg_error)
+    }
+}
+
+/// Locks a project's row for the rest of the transaction; its record, if there is one.
+async fn lock_project(tx: &Transaction<'_>, project: &str) -> Result<Option<ProjectRecord>, Error> {
+    let row = tx
+        .query_opt("SELECT record FROM lc_projects WHERE name = $1 FOR UPDATE", &[&project])
+        .await
+        .map_err(pg_error)?;
+    row.map(|row| from_json("lc_projects", row.get::<_, &str>(0))).transpose()
+}
+
+async fn put_project(tx: &impl GenericClient, record: &ProjectRecord) -> Result<(), Error> {
+    tx.execute("UPDATE lc_projects SET record = $2 WHERE name = $1", &[&record.name, &to_json(record)])
+        .await
+        .map_err(pg_error)?;
+    Ok(())
+}
+
+/// The ledger's records of `digests`, locked for the rest of the transaction.
+async fn lock_blobs(
+    tx: &Transaction<'_>,
+    project: &str,
+    digests: &[String],
+) -> Result<HashMap<String, BlobRecord>, Error> {
+    let rows = tx
+        .query(
+            "SELECT digest, record FROM lc_blobs WHERE project = $1 AND digest = ANY($2) FOR UPDATE",
+            &[&project, &digests],
+        )
+        .await
+        .map_err(pg_error)?;
+    rows.iter().map(|row| Ok((row.get::<_, String>(0), from_json("lc_blobs", row.get::<_, &str>(1))?))).collect()
+}
+
+async fn put_blob(tx: &Transaction<'_>, project: &str, digest: &str, record: &BlobRecord) -> Result<(), Error> {
+    tx.execute(
+        "INSERT INTO lc_blobs (project, digest, refs, record) VALUES ($1, $2, $3, $4)
+         ON CONFLICT (project, digest) DO UPDATE SET refs = EXCLUDED.refs, record = EXCLUDED.record",
+        &[&project, &digest, &(record.references as i64), &to_json(record)],
+    )
+    .await
+    .map_err(pg_error)?;
+    Ok(())
+}
+
+/// Each of `digests` loses one reference; returns those left with none.
+async fn unreference(
+    tx: &Transaction<'_>,
+    project: &str,
+    digests: &[String],
+    now_unix: i64,
+) -> Result<Vec<String>, Error> {
+    let mut unreferenced = Vec::new();
+    for (digest, record) in lock_blobs(tx, project, digests).await? {
+        let record = record.unreferenced(now_unix);
+        if record.references == 0 {
+            unreferenced.push(digest.clone());
+        }
+        put_blob(tx, project, &digest, &record).await?;
+    }
+    unreferenced.sort();
+    Ok(unreferenced)
+}
+
+/// Adds to a project's totals (never below zero).
+async fn change_totals(
+    tx: &Transaction<'_>,
+    project: &str,
+    blobs: i64,
+    bytes: i64,
+    manifests: i64,
+) -> Result<(), Error> {
+    tx.execute(
+        "INSERT INTO lc_totals (project, blobs, stored_bytes, manifests)
+             VALUES ($1, GREATEST($2::bigint, 0), GREATEST($3::bigint, 0), GREATEST($4::bigint, 0))
+         ON CONFLICT (project) DO UPDATE SET blobs = GREATEST(lc_totals.blobs + $2::bigint, 0),
+             stored_bytes = GREATEST(lc_totals.stored_bytes + $3::bigint, 0),
+             manifests = GREATEST(lc_totals.manifests + $4::bigint, 0)",
+        &[&project, &blobs, &bytes, &manifests],
+    )
+    .await
+    .map_err(pg_error)?;
+    Ok(())
+}
+
+async fn manifest_of(
+    tx: &impl GenericClient,
+    project: &str,
+    key: &pb::CacheKey,
+    lock: bool,
+) -> Result<Option<pb::Manifest>, Error> {
+    let query = if lock {
+        "SELECT body FROM lc_manifests WHERE project = $1 AND service = $2 AND branch = $3 FOR UPDATE"
+    } else {
+        "SELECT body FROM lc_manifests WHERE project = $1 AND service = $2 AND branch = $3"
+    };
+    let row = tx.query_opt(query, &[&project, &key.service, &key.branch]).await.map_err(pg_error)?;
+    row.map(|row| decode_manifest(row.get::<_, &[u8]>(0))).transpose()
+}
+
+#[async_trait::async_trait]
+impl State for Postgres {
+    // Every transaction is durable once committed (PostgreSQL's synchronous commit).
+    async fn durable(&self) -> Result<(), Error> {
+        Ok(())
+    }
+
+    async fn key_durable(&self, _access: KeyAccess) -> Result<(), Error> {
+        Ok(())
+    }
+
+    async fn create_project(&self, record: &ProjectRecord) -> Result<(), Error> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(pg_error)?;
+        let inserted = tx
+            .execute(
+                "INSERT INTO lc_projects (name, record) VALUES ($1, $2) ON CONFLICT (name) DO NOTHING",
+                &[&record.name, &to_json(record)],
+            )
+            .await
+            .map_err(pg_error)?;
+        if inserted == 0 {
+            return Err(Error::ProjectExists(record.name.clone()));
+        }
+        tx.execute(
+            "INSERT INTO lc_totals (project, blobs, stored_bytes, manifests) VALUES ($1, 0, 0, 0)
+             ON CONFLICT (project) DO UPDATE SET blobs = 0, stored_bytes = 0, manifests = 0",
+            &[&record.name],
+        )
+        .await
+        .map_err(pg_error)?;
+        tx.commit().await.map_err(pg_error)
+    }
+
+    async fn project(&self, name: &str) -> Result<Option<ProjectRecord>, Error> {
+        let client = self.client().await?;
+        let row =
+            client.query_opt("SELECT record FROM lc_projects WHERE name = $1", &[&name]).await.map_err(pg_error)?;
+        row.map(|row| from_json("lc_projects", row.get::<_, &str>(0))).transpose()
+    }
+
+    async fn projects(&self) -> Result<Vec<ProjectRecord>, Error> {
+        let client = self.client().await?;
+        let rows = client.query("SELECT record FROM lc_projects ORDER BY name", &[]).await.map_err(pg_error)?;
+        rows.iter().map(|row| from_json("lc_projects", row.get::<_, &str>(0))).collect()
+    }
+
+    async fn set_quota(&self, project: &str, quota_bytes: u64) -> Result<ProjectRecord, Error> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(pg_error)?;
+        let mut record = lock_project(&tx, project).await?.ok_or_else(|| Error::NoSuchProject(project.to_owned()))?;
+        record.quota_bytes = quota_bytes;
+        put_project(&tx, &record).await?;
+        tx.commit().await.map_err(pg_error)?;
+        Ok(record)
+    }
+
+    async fn set_project_token(&self, project: &str, sha256_hex: &str) -> Result<(), Error> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(pg_error)?;
+        let mut record = lock_project(&tx, project).await?.ok_or_else(|| Error::NoSuchProject(project.to_owned()))?;
+        record.token_sha256_hex = sha256_hex.to_owned();
+        put_project(&tx, &record).await?;
+        tx.commit().await.map_err(pg_error)
+    }
+
+    async fn remove_project(&self, project: &str) -> Result<(), Error> {
+        let client = self.client().await?;
+        client.execute("DELETE FROM lc_scoped_tokens WHERE project = $1", &[&project]).await.map_err(pg_error)?;
+        client.execute("DELETE FROM lc_counters WHERE project = $1", &[&project]).await.map_err(pg_error)?;
+        client.execute("DELETE FROM lc_totals WHERE project = $1", &[&project]).await.map_err(pg_error)?;
+        client.execute("DELETE FROM lc_projects WHERE name = $1", &[&project]).await.map_err(pg_error)?;
+        Ok(())
+    }
+
+    async fn insert_minted_key(&self, access_key_id: &str, record: &MintedKeyRecord) -> Result<(), Error> {
+        let client = self.client().await?;
+        client
+            .execute(
+                "INSERT INTO lc_minted_keys (access_key_id, project, record) VALUES ($1, $2, $3)
+                 ON CONFLICT (access_key_id) DO UPDATE SET project = EXCLUDED.project, record = EXCLUDED.record",
+                &[&access_key_id, &record.project, &to_json(record)],
+            )
+            .await
+            .map_err(pg_error)?;
+        Ok(())
+    }
+
+    async fn minted_key(&self, access_key_id: &str) -> Result<Option<MintedKeyRecord>, Error> {
+        let client = self.client().await?;
+        let row = client
+            .query_opt("SELECT record FROM lc_minted_keys WHERE access_key_id = $1", &[&access_key_id])
+            .await
+            .map_err(pg_error)?;
+        row.map(|row| from_json("lc_minted_keys", row.get::<_, &str>(0))).transpose()
+    }
+
+    async fn tag_minted_key(&self, access_key_id: &str, token_id: &str) -> Result<(), Error> {
+        if let Some(mut record) = self.minted_key(access_key_id).await? {
+            record.token_id = token_id.to_owned();
+            self.insert_minted_key(access_key_id, &record).await?;
+        }
+        Ok(())
+    }
+
+    async fn revoke_keys(&self, project: &str, token_id: &str) -> Result<Vec<MintedKeyRecord>, Error> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                "DELETE FROM lc_minted_keys WHERE project = $1 AND record::jsonb ->> 'token_id' = $2 RETURNING record",
+                &[&project, &token_id],
+            )
+            .await
+            .map_err(pg_error)?;
+        rows.iter().map(|row| from_json("lc_minted_keys", row.get::<_, &str>(0))).collect()
+    }
+
+    async fn remove_expired_keys(&self, now_unix: i64) -> Result<usize, Error> {
+        let client = self.client().await?;
+        let removed = client
+            .execute("DELETE FROM lc_minted_keys WHERE (record::jsonb ->> 'expires_unix')::bigint < $1", &[&now_unix])
+            .await
+            .map_err(pg_error)?;
+        Ok(removed as usize)
+    }
+
+    async fn sweeps_due(&self, now_unix: i64) -> Result<Vec<(String, i64)>, Error> {
+        Ok(self
+            .projects()
+            .await?
+            .into_iter()
+            .filter(|record| record.sweep_after_unix > 0 && record.sweep_after_unix <= now_unix)
+            .map(|record| (record.name, record.sweep_after_unix))
+            .collect())
+    }
+
+    async fn sweep_done(&self, project: &str, due_unix: i64) -> Result<(), Error> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(pg_error)?;
+        if let Some(mut record) = lock_project(&tx, project).await?
+            && record.sweep_after_unix == due_unix
+        {
+            record.sweep_after_unix = 0;
+            put_project(&tx, &record).await?;
+        }
+        tx.commit().await.map_err(pg_error)
+    }
+
+    async fn insert_scoped_token(&self, sha256_hex: &str, record: &ScopedTokenRecord) -> Result<(), Error> {
+        let client = self.client().await?;
+        client
+            .execute(
+                "INSERT INTO lc_scoped_tokens (sha256, project, record) VALUES ($1, $2, $3)
+                 ON CONFLICT (sha256) DO UPDATE SET project = EXCLUDED.project, record = EXCLUDED.record",
+                &[&sha256_hex, &record.project, &to_json(record)],
+            )
+            .await
+            .map_err(pg_error)?;
+        Ok(())
+    }
+
+    async fn scoped_token(&self, sha256_hex: &str) -> Result<Option<ScopedTokenRecord>, Error> {
+        let client = self.client().await?;
+        let row = client
+            .query_opt("SELECT record FROM lc_scoped_tokens WHERE sha256 = $1", &[&sha256_hex])
+            .await
+            .map_err(pg_error)?;
+        row.map(|row| from_json("lc_scoped_tokens", row.get::<_, &str>(0))).transpose()
+    }
+
+    async fn scoped_tokens(&self, project: &str) -> Result<Vec<ScopedTokenRecord>, Error> {
+        let client = self.client().await?;
+        let rows = client
+            .query("SELECT record FROM lc_scoped_tokens WHERE project = $1", &[&project])
+            .await
+            .map_err(pg_error)?;
+        let mut records: Vec<ScopedTokenRecord> =
+            rows.iter().map(|row| from_json("lc_scoped_tokens", row.get::<_, &str>(0))).collect::<Result<_, _>>()?;
+        records.sort_by(|a, b| (a.created_unix, &a.id).cmp(&(b.created_unix, &b.id)));
+        Ok(records)
+    }
+
+    async fn remove_scoped_tokens(&self, project: &str, id: Option<&str>) -> Result<Vec<ScopedTokenRecord>, Error> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                "DELETE FROM lc_scoped_tokens WHERE project = $1 AND ($2::text IS NULL OR record::jsonb ->> 'id' = $2)
+                 RETURNING record",
+                &[&project, &id],
+            )
+            .await
+            .map_err(pg_error)?;
+        rows.iter().map(|row| from_json("lc_scoped_tokens", row.get::<_, &str>(0))).collect()
+    }
+
+    async fn manifest(&self, project: &str, service: &str, branch: &str) -> Result<Option<pb::Manifest>, Error> {
+        let client = self.client().await?;
+        let key = pb::CacheKey { service: service.to_owned(), branch: branch.to_owned() };
+        manifest_of(&client, project, &key, false).await
+    }
+
+    async fn manifests(&self, project: &str) -> Result<Vec<pb::Manifest>, Error> {
+        let client = self.client().await?;
+        let rows = client
+            .query("SELECT body FROM lc_manifests WHERE project = $1 ORDER BY service, branch", &[&project])
+            .await
+            .map_err(pg_error)?;
+        rows.iter().map(|row| decode_manifest(row.get::<_, &[u8]>(0))).collect()
+    }
+
+    async fn touch_manifest(&self, project: &str, manifest: &pb::Manifest, now_unix: i64) -> Result<(), Error> {
+        let key = manifest.key.clone().unwrap_or_default();
+        let touched = pb::Manifest { last_used_unix: now_unix, ..manifest.clone() }.encode_to_vec();
+        let client = self.client().await?;
+        // Only the manifest it was: a lost race means a newer one is there, with its own times.
+        client
+            .execute(
+                "UPDATE lc_manifests SET body = $5 WHERE project = $1 AND service = $2 AND branch = $3 AND body = $4",
+                &[&project, &key.service, &key.branch, &manifest.encode_to_vec(), &touched],
+            )
+            .await
+            .map_err(pg_error)?;
+        Ok(())
+    }
+
+    async fn commit_manifest(
+        &self,
+        project: &str,
+        manifest: &pb::Manifest,
+        generation: u64,
+        new_blobs: &HashMap<String, BlobRecord>,
+    ) -> Result<Committed, Error> {
+        let key = manifest.key.clone().unwrap_or_default();
+        let now = crate::credentials::now_unix();
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(pg_error)?;
+        let record = lock_project(&tx, project).await?.ok_or_else(|| Error::NoSuchProject(project.to_owned()))?;
+        if record.generation != generation {
+            return Err(Error::SaveConflict(format!("project {project:?} was flushed while the save ran: save again")));
+        }
+        let old = manifest_of(&tx, project, &key, true).await?;
+        let new_digests: Vec<String> = manifest_digests(manifest).into_iter().collect();
+        let known = lock_blobs(&tx, project, &new_digests).await?;
+        let (mut n_new, mut new_bytes) = (0i64, 0i64);
+        if let Some(old) = old.as_ref().filter(|old| began_later(old.origin.as_ref(), manifest.origin.as_ref())) {
+            // Recorded with no reference, so a garbage collection finds what this save stored.
+            for digest in new_digests.iter().filter(|digest| !known.contains_key(*digest)) {
+                let blob = BlobRecord {
+                    references: 0,
+                    unreferenced_since_unix: now,
+                    ..new_blobs.get(digest).cloned().unwrap_or_default()
+                };
+                (n_new, new_bytes) = (n_new + 1, new_bytes + blob.stored_size as i64);
+                put_blob(&tx, project, digest, &blob).await?;
+            }
+            change_totals(&tx, project, n_new, new_bytes, 0).await?;
+            tx.commit().await.map_err(pg_error)?;
+            return Ok(Committed::KeptNewer(old.clone()));
+        }
+        let old_digests = old.as_ref().map(manifest_digests).unwrap_or_default();
+        for digest in new_digests.iter().filter(|digest| !old_digests.contains(*digest)) {
+            let blob = match known.get(digest) {
+                Some(blob) => blob.clone(),
+                None => {
+                    let blob = BlobRecord { references: 0, ..new_blobs.get(digest).cloned().unwrap_or_default() };
+                    (n_new, new_bytes) = (n_new + 1, new_bytes + blob.stored_size as i64);
+                    blob
+                }
+            };
+            put_blob(&tx, project, digest, &blob.referenced()).await?;
+        }
+        let dropped: Vec<String> = old_digests.iter().filter(|digest| !new_digests.contains(digest)).cloned().collect();
+        unreference(&tx, project, &dropped, now).await?;
+        change_totals(&tx, project, n_new, new_bytes, i64::from(old.is_none())).await?;
+        tx.execute(
+            "INSERT INTO lc_manifests (project, service, branch, body) VALUES ($1, $2, $3, $4)
+             ON CONFLICT (project, service, branch) DO UPDATE SET body = EXCLUDED.body",
+            &[&project, &key.service, &key.branch, &manifest.encode_to_vec()],
+        )
+        .await
+        .map_err(pg_error)?;
+        tx.commit().await.map_err(pg_error)?;
+        Ok(Committed::Stored { replaced: old.map(|old| old.origin.unwrap_or_default()) })
+    }
+
+    async fn remove_manifest(&self, project: &str, key: &pb::CacheKey) -> Result<Option<Vec<String>>, Error> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(pg_error)?;
+        lock_project(&tx, project).await?;
+        let row = tx
+            .query_opt(
+                "DELETE FROM lc_manifests WHERE project = $1 AND service = $2 AND branch = $3 RETURNING body",
+                &[&project, &key.service, &key.branch],
+            )
+            .await
+            .map_err(pg_error)?;
+        let Some(row) = row else { return Ok(None) };
+        let manifest = decode_manifest(row.get::<_, &[u8]>(0))?;
+        let digests: Vec<String> = manifest_digests(&manifest).into_iter().collect();
+        let unreferenced = unreference(&tx, project, &digests, crate::credentials::now_unix()).await?;
+        change_totals(&tx, project, 0, 0, -1).await?;
+        tx.commit().await.map_err(pg_error)?;
+        Ok(Some(unreferenced))
+    }
+
+    async fn totals(&self, project: &str) -> Result<ProjectTotals, Error> {
+        let client = self.client().await?;
+        let row = client
+            .query_opt("SELECT blobs, stored_bytes, manifests FROM lc_totals WHERE project = $1", &[&project])
+            .await
+            .map_err(pg_error)?;
+        Ok(row.map_or_else(ProjectTotals::default, |row| ProjectTotals {
+            blobs: row.get::<_, i64>(0) as u64,
+            stored_bytes: row.get::<_, i64>(1) as u64,
+            manifests: row.get::<_, i64>(2) as u64,
+        }))
+    }
+
+    async fn service_counters(&self, project: Option<&str>) -> Result<Vec<(String, String, ServiceCounters)>, Error> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                "SELECT project, service, record FROM lc_counters WHERE $1::text IS NULL OR project = $1
+                 ORDER BY project, service",
+                &[&project],
+            )
+            .await
+            .map_err(pg_error)?;
+        rows.iter().map(|row| Ok((row.get(0), row.get(1), from_json("lc_counters", row.get::<_, &str>(2))?))).collect()
+    }
+
+    async fn add_to_counters(&self, project: &str, service: &str, change: &ServiceCounters) -> Result<(), Error> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(pg_error)?;
+        tx.execute(
+            "INSERT INTO lc_counters (project, service, record) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+            &[&project, &service, &to_json(&ServiceCounters::default())],
+        )
+        .await
+        .map_err(pg_error)?;
+        let row = tx
+            .query_one(
+                "SELECT record FROM lc_counters WHERE project = $1 AND service = $2 FOR UPDATE",
+                &[&project, &service],
+            )
+            .await
+            .map_err(pg_error)?;
+        let mut counters: ServiceCounters = from_json("lc_counters", row.get::<_, &str>(0))?;
+        counters.add(change);
+        tx.execute(
+            "UPDATE lc_counters SET record = $3 WHERE project = $1 AND service = $2",
+            &[&project, &service, &to_json(&counters)],
+        )
+        .await
+        .map_err(pg_error)?;
+        tx.commit().await.map_err(pg_error)
+    }
+
+    async fn flush_project(&self, project: &str) -> Result<FlushedRecords, Error> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(pg_error)?;
+        let mut record = lock_project(&tx, project).await?.ok_or_else(|| Error::NoSuchProject(project.to_owned()))?;
+        record.generation += 1;
+        let manifests_removed =
+            tx.execute("DELETE FROM lc_manifests WHERE project = $1", &[&project]).await.map_err(pg_error)?;
+        tx.execute("DELETE FROM lc_blobs WHERE project = $1", &[&project]).await.map_err(pg_error)?;
+        tx.execute("UPDATE lc_totals SET blobs = 0, stored_bytes = 0, manifests = 0 WHERE project = $1", &[&project])
+            .await
+            .map_err(pg_error)?;
+        // The project's storage keys die with its generation (see `sled.rs`).
+        let rows = tx
+            .query("DELETE FROM lc_minted_keys WHERE project = $1 RETURNING record", &[&project])
+            .await
+            .map_err(pg_error)?;
+        let revoked: Vec<MintedKeyRecord> =
+            rows.iter().map(|row| from_json("lc_minted_keys", row.get::<_, &str>(0))).collect::<Result<_, _>>()?;
+        record.sweep_after_unix = record.sweep_after_unix.max(latest_expiry(&revoked));
+        put_project(&tx, &record).await?;
+        tx.commit().await.map_err(pg_error)?;
+        Ok(FlushedRecords { manifests_removed, generation: record.generation })
+    }
+
+    async fn stored_blobs(&self, project: &str, digests: &[String]) -> Result<HashMap<String, BlobRecord>, Error> {
+        let client = self.client().await?;
+        let rows = client
+            .query("SELECT digest, record FROM lc_blobs WHERE project = $1 AND digest = ANY($2)", &[&project, &digests])
+            .await
+            .map_err(pg_error)?;
+        rows.iter().map(|row| Ok((row.get::<_, String>(0), from_json("lc_blobs", row.get::<_, &str>(1))?))).collect()
+    }
+
+    async fn ledger_digests(&self, project: &str) -> Result<HashSet<String>, Error> {
+        let client = self.client().await?;
+        let rows =
+            client.query("SELECT digest FROM lc_blobs WHERE project = $1", &[&project]).await.map_err(pg_error)?;
+        Ok(rows.iter().map(|row| row.get(0)).collect())
+    }
+
+    async fn record_unreferenced(
+        &self,
+        project: &str,
+        new_blobs: &HashMap<String, BlobRecord>,
+        now_unix: i64,
+    ) -> Result<(), Error> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(pg_error)?;
+        lock_project(&tx, project).await?;
+        let digests: Vec<String> = new_blobs.keys().cloned().collect();
+        let known = lock_blobs(&tx, project, &digests).await?;
+        let (mut n_new, mut new_bytes) = (0i64, 0i64);
+        for (digest, record) in new_blobs.iter().filter(|(digest, _)| !known.contains_key(*digest)) {
+            let blob = BlobRecord { references: 0, unreferenced_since_unix: now_unix, ..record.clone() };
+            (n_new, new_bytes) = (n_new + 1, new_bytes + blob.stored_size as i64);
+            put_blob(&tx, project, digest, &blob).await?;
+        }
+        change_totals(&tx, project, n_new, new_bytes, 0).await?;
+        tx.commit().await.map_err(pg_error)
+    }
+
+    async fn drop_blob(&self, project: &str, digest: &str) -> Result<u64, Error> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(pg_error)?;
+        lock_project(&tx, project).await?;
+        let rows = tx
+            .query("SELECT service, branch, body FROM lc_manifests WHERE project = $1 FOR UPDATE", &[&project])
+            .await
+            .map_err(pg_error)?;
+        let now = crate::credentials::now_unix();
+        let mut n_removed = 0u64;
+        for row in &rows {
+            let manifest = decode_manifest(row.get::<_, &[u8]>(2))?;
+            let digests: Vec<String> = manifest_digests(&manifest).into_iter().collect();
+            if !digests.iter().any(|named| named == digest) {
+                continue;
+            }
+            tx.execute(
+                "DELETE FROM lc_manifests WHERE project = $1 AND service = $2 AND branch = $3",
+                &[&project, &row.get::<_, &str>(0), &row.get::<_, &str>(1)],
+            )
+            .await
+            .map_err(pg_error)?;
+            unreference(&tx, project, &digests, now).await?;
+            n_removed += 1;
+        }
+        let removed = tx
+            .query_opt("DELETE FROM lc_blobs WHERE project = $1 AND digest = $2 RETURNING record", &[&project, &digest])
+            .await
+            .map_err(pg_error)?;
+        let (blobs, bytes) = match removed {
+            Some(row) => (1, from_json::<BlobRecord>("lc_blobs", row.get::<_, &str>(0))?.stored_size as i64),
+            None => (0, 0),
+        };
+        change_totals(&tx, project, -blobs, -bytes, -(n_removed as i64)).await?;
+        tx.commit().await.map_err(pg_error)?;
+        Ok(n_removed)
+    }
+
+    async fn unreferenced_blobs(&self, project: &str, now_unix: i64) -> Result<Vec<(String, BlobRecord)>, Error> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(pg_error)?;
+        let rows = tx
+            .query(
+                "SELECT digest, record FROM lc_blobs WHERE project = $1 AND refs = 0 ORDER BY digest FOR UPDATE",
+                &[&project],
+            )
+            .await
+            .map_err(pg_error)?;
+        let mut unreferenced = Vec::new();
+        for row in &rows {
+            let digest: String = row.get(0);
+            let mut record: BlobRecord = from_json("lc_blobs", row.get::<_, &str>(1))?;
+            if record.unreferenced_since_unix == 0 {
+                record.unreferenced_since_unix = now_unix;
+                put_blob(&tx, project, &digest, &record).await?;
+            }
+            unreferenced.push((digest, record));
+        }
+        tx.commit().await.map_err(pg_error)?;
+        Ok(unreferenced)
+    }
+
+    async fn forget_unreferenced(&self, project: &str, digests: &[String]) -> Result<Vec<(String, BlobRecord)>, Error> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(pg_error)?;
+        lock_project(&tx, project).await?;
+        let rows = tx
+            .query(
+                "DELETE FROM lc_blobs WHERE project = $1 AND digest = ANY($2) AND refs = 0 RETURNING digest, record",
+                &[&project, &digests],
+            )
+            .await
+            .map_err(pg_error)?;
+        let forgotten: Vec<(String, BlobRecord)> = rows
+            .iter()
+            .map(|row| Ok((row.get::<_, String>(0), from_json("lc_blobs", row.get::<_, &str>(1))?)))
+            .collect::<Result<_, Error>>()?;
+        let bytes: i64 = forgotten.iter().map(|(_, record)| record.stored_size as i64).sum();
+        change_totals(&tx, project, -(forgotten.len() as i64), -bytes, 0).await?;
+        tx.commit().await.map_err(pg_error)?;
+        Ok(forgotten)
+    }
+}
+
+/// Creates a database of its own on the server at `server_url` (a test's), returning its URL.
+#[cfg(test)]
+pub(crate) async fn new_test_database(server_url: &str) -> String {
+    let config: tokio_postgres::Config = server_url.parse().expect("CACHE_TEST_POSTGRES_URL");
+    let (client, connection) = config.connect(NoTls).await.expect("connect to the test server");
+    tokio::spawn(connection);
+    let name = format!("lc_test_{}_{}", std::process::id(), crate::tokens::random_hex_32().get(..12).unwrap_or("0"));
+    client.batch_execute(&format!("CREATE DATABASE {name}")).await.expect("create a test database");
+    let host = match &config.get_hosts()[0] {
+        tokio_postgres::config::Host::Tcp(host) => host.clone(),
+        tokio_postgres::config::Host::Unix(path) => path.display().to_string(),
+    };
+    let user = config.get_user().unwrap_or("postgres");
+    format!("postgres://{user}@{host}:{}/{name}", config.get_ports().first().copied().unwrap_or(5432))
+}

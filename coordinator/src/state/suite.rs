@@ -1,0 +1,249 @@
+//! One test suite for every [`State`] implementation: what the cache's protocol relies on, run
+//! against sled (a temporary folder) and PostgreSQL (a new database on the server
+//! `CACHE_TEST_POSTGRES_URL` names, which `.ci/run` starts; in CI its absence fails).
+
+use std::collections::HashMap;
+
+use proto::v1 as pb;
+
+use super::*;
+
+fn project(name: &str) -> ProjectRecord {
+    ProjectRecord {
+        name: name.into(),
+        token_sha256_hex: format!("hash-of-{name}"),
+        created_unix: 1,
+        generation: 0,
+        quota_bytes: 0,
+        sweep_after_unix: 0,
+    }
+}
+
+fn manifest(service: &str, digests: &[&str], began_unix_ms: i64) -> pb::Manifest {
+    pb::Manifest {
+        key: Some(pb::CacheKey { service: service.into(), branch: String::new() }),
+        images: vec![pb::Image {
+            id: digests[0].into(),
+            layers: digests[1..]
+                .iter()
+                .map(|digest| pb::Layer { digest: (*digest).into(), ..Default::default() })
+                .collect(),
+            ..Default::default()
+        }],
+        origin: Some(pb::SaveOrigin { began_unix_ms, save_id: format!("save-{began_unix_ms}"), ..Default::default() }),
+        ..Default::default()
+    }
+}
+
+fn sizes() -> HashMap<String, BlobRecord> {
+    [("c1", 1), ("l1", 10), ("l2", 20), ("c2", 2), ("l9", 90)]
+        .iter()
+        .map(|(digest, size)| {
+            (digest.to_string(), BlobRecord { stored_size: *size, size: *size, ..Default::default() })
+        })
+        .collect()
+}
+
+fn key(service: &str) -> pb::CacheKey {
+    pb::CacheKey { service: service.into(), branch: String::new() }
+}
+
+async fn references(state: &dyn State, project: &str, digest: &str) -> Option<u64> {
+    state.stored_blobs(project, &[digest.to_owned()]).await.unwrap().get(digest).map(|record| record.references)
+}
+
+async fn projects_and_tokens(state: &dyn State) {
+    state.create_project(&project("b")).await.unwrap();
+    state.create_project(&project("a")).await.unwrap();
+    assert!(matches!(state.create_project(&project("a")).await, Err(Error::ProjectExists(_))));
+    let names: Vec<String> = state.projects().await.unwrap().into_iter().map(|record| record.name).collect();
+    assert_eq!(names, ["a", "b"]);
+    assert_eq!(state.project("a").await.unwrap(), Some(project("a")));
+    assert_eq!(state.project("zz").await.unwrap(), None);
+    assert_eq!(state.set_quota("a", 5 << 20).await.unwrap().quota_bytes, 5 << 20);
+    state.set_project_token("a", "new-hash").await.unwrap();
+    let record = state.project("a").await.unwrap().unwrap();
+    assert_eq!((record.quota_bytes, record.token_sha256_hex.as_str()), (5 << 20, "new-hash"));
+    assert!(matches!(state.set_quota("zz", 1).await, Err(Error::NoSuchProject(_))));
+    assert!(matches!(state.set_project_token("zz", "x").await, Err(Error::NoSuchProject(_))));
+
+    let scoped = |id: &str, created_unix: i64| ScopedTokenRecord {
+        id: id.into(),
+        project: "a".into(),
+        scope: crate::tokens::BranchScope { read: vec!["*".into()], write: vec!["pr-*".into()] },
+        created_unix,
+        expires_unix: 0,
+    };
+    state.insert_scoped_token("h2", &scoped("tok_2", 20)).await.unwrap();
+    state.insert_scoped_token("h1", &scoped("tok_1", 10)).await.unwrap();
+    assert_eq!(state.scoped_token("h1").await.unwrap(), Some(scoped("tok_1", 10)));
+    let ids: Vec<String> = state.scoped_tokens("a").await.unwrap().into_iter().map(|token| token.id).collect();
+    assert_eq!(ids, ["tok_1", "tok_2"], "by creation time");
+    assert!(state.scoped_tokens("b").await.unwrap().is_empty());
+    assert_eq!(state.remove_scoped_tokens("a", Some("tok_2")).await.unwrap(), vec![scoped("tok_2", 20)]);
+    assert_eq!(state.remove_scoped_tokens("a", None).await.unwrap().len(), 1);
+    assert_eq!(state.scoped_token("h1").await.unwrap(), None);
+}
+
+async fn minted_keys(state: &dyn State) {
+    state.create_project(&project("k")).await.unwrap();
+    let key = |token_id: &str, expires_unix: i64| MintedKeyRecord {
+        project: "k".into(),
+        access: KeyAccess::Write,
+        expires_unix,
+        token_id: token_id.into(),
+    };
+    state.insert_minted_key("K1", &key("", 100)).await.unwrap();
+    state.insert_minted_key("K2", &key("", 200)).await.unwrap();
+    state.insert_minted_key("K3", &key("", 50)).await.unwrap();
+    state.tag_minted_key("K2", "tok_9").await.unwrap();
+    assert_eq!(state.minted_key("K2").await.unwrap(), Some(key("tok_9", 200)));
+    assert_eq!(state.revoke_keys("k", "tok_9").await.unwrap(), vec![key("tok_9", 200)]);
+    assert_eq!(state.minted_key("K2").await.unwrap(), None);
+    assert_eq!(state.remove_expired_keys(60).await.unwrap(), 1, "K3 expired");
+    assert_eq!(state.minted_key("K1").await.unwrap(), Some(key("", 100)));
+    // A flush revokes the rest and makes a sweep due once the last of them has expired.
+    state.flush_project("k").await.unwrap();
+    assert_eq!(state.minted_key("K1").await.unwrap(), None);
+    assert!(state.sweeps_due(99).await.unwrap().is_empty());
+    assert_eq!(state.sweeps_due(100).await.unwrap(), vec![("k".to_owned(), 100)]);
+    state.sweep_done("k", 99).await.unwrap();
+    assert_eq!(state.sweeps_due(100).await.unwrap().len(), 1, "a sweep of another flush is not this one");
+    state.sweep_done("k", 100).await.unwrap();
+    assert!(state.sweeps_due(1000).await.unwrap().is_empty());
+}
+
+async fn manifests_and_the_ledger(state: &dyn State) {
+    state.create_project(&project("m")).await.unwrap();
+    state.create_project(&project("other")).await.unwrap();
+    let sizes = sizes();
+    let web = manifest("web", &["c1", "l1", "l2"], 10);
+    assert!(matches!(state.commit_manifest("m", &web, 0, &sizes).await.unwrap(), Committed::Stored { replaced: None }));
+    state.commit_manifest("m", &manifest("api", &["c2", "l1"], 11), 0, &sizes).await.unwrap();
+    state.commit_manifest("other", &manifest("web", &["c1"], 12), 0, &sizes).await.unwrap();
+    assert_eq!(references(state, "m", "l1").await, Some(2));
+    assert_eq!(state.totals("m").await.unwrap(), ProjectTotals { blobs: 4, stored_bytes: 33, manifests: 2 });
+    assert_eq!(state.manifest("m", "web", "").await.unwrap(), Some(web.clone()));
+    let services: Vec<String> =
+        state.manifests("m").await.unwrap().into_iter().map(|m| m.key.unwrap().service).collect();
+    assert_eq!(services, ["api", "web"]);
+
+    // A later save replaces web: its old blobs lose their reference, the shared one keeps one.
+    let newer = manifest("web", &["c2", "l1"], 20);
+    let replaced = state.commit_manifest("m", &newer, 0, &sizes).await.unwrap();
+    assert!(matches!(replaced, Committed::Stored { replaced: Some(origin) } if origin.began_unix_ms == 10));
+    assert_eq!(
+        (references(state, "m", "c1").await, references(state, "m", "l2").await, references(state, "m", "c2").await),
+        (Some(0), Some(0), Some(2))
+    );
+    // One begun earlier than the key's manifest is not stored; its new blobs are recorded.
+    let stale = manifest("web", &["c1", "l9"], 15);
+    assert!(
+        matches!(state.commit_manifest("m", &stale, 0, &sizes).await.unwrap(), Committed::KeptNewer(kept) if kept == newer)
+    );
+    assert_eq!(references(state, "m", "l9").await, Some(0));
+    assert_eq!(state.totals("m").await.unwrap(), ProjectTotals { blobs: 5, stored_bytes: 123, manifests: 2 });
+
+    // Use is recorded, unless the manifest changed meanwhile.
+    state.touch_manifest("m", &newer, 500).await.unwrap();
+    assert_eq!(state.manifest("m", "web", "").await.unwrap().unwrap().last_used_unix, 500);
+    state.touch_manifest("m", &newer, 600).await.unwrap();
+    assert_eq!(
+        state.manifest("m", "web", "").await.unwrap().unwrap().last_used_unix,
+        500,
+        "newer was replaced by its touch"
+    );
+
+    // Collection: unreferenced blobs get their grace started, then are forgotten if still so.
+    let mut unreferenced: Vec<String> =
+        state.unreferenced_blobs("m", 700).await.unwrap().into_iter().map(|(digest, _)| digest).collect();
+    unreferenced.sort();
+    assert_eq!(unreferenced, ["c1", "l2", "l9"]);
+    let forgotten = state.forget_unreferenced("m", &["c1".into(), "l1".into(), "l9".into()]).await.unwrap();
+    let mut forgotten: Vec<String> = forgotten.into_iter().map(|(digest, _)| digest).collect();
+    forgotten.sort();
+    assert_eq!(forgotten, ["c1", "l9"], "l1 is named");
+    let ledger = state.ledger_digests("m").await.unwrap();
+    assert_eq!(ledger, ["c2", "l1", "l2"].iter().map(|d| d.to_string()).collect());
+    // A refused save's new blobs are recorded unreferenced; known ones keep their records.
+    let refused: HashMap<String, BlobRecord> = [("l1", 99), ("l8", 8)]
+        .iter()
+        .map(|(d, s)| (d.to_string(), BlobRecord { stored_size: *s, ..Default::default() }))
+        .collect();
+    state.record_unreferenced("m", &refused, 800).await.unwrap();
+    let known = state.stored_blobs("m", &["l1".into(), "l8".into(), "zz".into()]).await.unwrap();
+    assert_eq!(known.len(), 2);
+    assert_eq!((known["l1"].stored_size, known["l8"].unreferenced_since_unix), (10, 800));
+
+    // Eviction: the manifest goes, its blobs lose that reference.
+    assert_eq!(state.remove_manifest("m", &key("api")).await.unwrap(), Some(vec![]), "web still names c2 and l1");
+    assert_eq!(state.remove_manifest("m", &key("api")).await.unwrap(), None);
+    // A lost blob takes the manifests naming it.
+    assert_eq!(state.drop_blob("m", "l1").await.unwrap(), 1);
+    assert!(state.manifests("m").await.unwrap().is_empty());
+    assert_eq!(references(state, "m", "l1").await, None);
+    let totals = state.totals("m").await.unwrap();
+    assert_eq!((totals.blobs, totals.manifests), (3, 0), "c2, l2 and l8 stay recorded, unreferenced");
+    assert_eq!(totals.stored_bytes, 2 + 20 + 8);
+
+    // A flush empties the project and fences saves begun before it.
+    let flushed = state.flush_project("m").await.unwrap();
+    assert_eq!(flushed.generation, 1);
+    assert_eq!(state.totals("m").await.unwrap(), ProjectTotals::default());
+    let late = state.commit_manifest("m", &manifest("web", &["c1"], 30), 0, &sizes).await;
+    assert!(matches!(late, Err(Error::SaveConflict(_))), "{late:?}");
+    state.commit_manifest("m", &manifest("web", &["c1"], 30), 1, &sizes).await.unwrap();
+    assert!(matches!(state.flush_project("zz").await, Err(Error::NoSuchProject(_))));
+    // The other project is untouched by all of it.
+    assert_eq!(state.totals("other").await.unwrap(), ProjectTotals { blobs: 1, stored_bytes: 1, manifests: 1 });
+}
+
+async fn counters_and_removal(state: &dyn State) {
+    state.create_project(&project("c")).await.unwrap();
+    let hit = ServiceCounters { restores_hit: 1, bytes_found: 5, ..Default::default() };
+    state.add_to_counters("c", "web", &hit).await.unwrap();
+    state.add_to_counters("c", "web", &hit).await.unwrap();
+    state.add_to_counters("c", "api", &ServiceCounters { saves: 1, ..Default::default() }).await.unwrap();
+    let counters = state.service_counters(Some("c")).await.unwrap();
+    assert_eq!(counters.len(), 2);
+    let web = counters.iter().find(|(_, service, _)| service == "web").unwrap();
+    assert_eq!((web.0.as_str(), web.2.restores_hit, web.2.bytes_found), ("c", 2, 10));
+    assert!(state.service_counters(None).await.unwrap().len() >= 2);
+    state.flush_project("c").await.unwrap();
+    state.remove_project("c").await.unwrap();
+    assert_eq!(state.project("c").await.unwrap(), None);
+    assert!(state.service_counters(Some("c")).await.unwrap().is_empty());
+    assert_eq!(state.totals("c").await.unwrap(), ProjectTotals::default());
+}
+
+/// The whole suite against one implementation.
+pub(crate) async fn run(state: &dyn State) {
+    projects_and_tokens(state).await;
+    minted_keys(state).await;
+    manifests_and_the_ledger(state).await;
+    counters_and_removal(state).await;
+    state.durable().await.unwrap();
+}
+
+#[tokio::test]
+async fn the_suite_passes_on_sled() {
+    let dir = tempfile::tempdir().unwrap();
+    run(&sled::Database::open(dir.path()).unwrap()).await;
+}
+
+#[tokio::test]
+async fn the_suite_passes_on_postgres() {
+    let Some(server) = std::env::var_os("CACHE_TEST_POSTGRES_URL") else {
+        let in_ci = std::env::var("CI").is_ok_and(|value| value == "true" || value == "1");
+        assert!(!in_ci, "CACHE_TEST_POSTGRES_URL is not set: .ci/run starts PostgreSQL and sets it");
+        eprintln!("skipping: CACHE_TEST_POSTGRES_URL is not set");
+        return;
+    };
+    let server = server.into_string().unwrap();
+    let url = postgres::new_test_database(&server).await;
+    let state = postgres::Postgres::connect(&url).await.unwrap();
+    run(&state).await;
+    // A second coordinator on the same database finds the schema in place.
+    let again = postgres::Postgres::connect(&url).await.unwrap();
+    assert_eq!(again.project("a").await.unwrap().map(|record| record.quota_bytes), Some(5 << 20));
+}
