@@ -515,6 +515,13 @@ impl CacheService {
         let pending = self.pending_saves.describe(&request.save_id, project, Instant::now())?;
         // Checked again: the save may have been begun by another token of the project.
         principal.check_write(&pending.key.branch)?;
+        // A flush since the begin (through another replica, which cannot forget this one's
+        // open saves) is named as such, before the store is asked for what it deleted.
+        if self.existing_project(project).await?.generation != pending.generation {
+            self.pending_saves.take(&request.save_id, project)?;
+            self.budget.release(project, &request.save_id);
+            return Err(Error::SaveConflict(format!("project {project:?} was flushed while the save ran: save again")));
+        }
         let image_ids: Vec<String> = request.images.iter().map(|image| image.id.clone()).collect();
         if image_ids != pending.image_ids {
             return Err(Error::InvalidArgument("the committed images differ from the ones the save began with".into()));

@@ -985,3 +985,92 @@ pub fn closed_port() -> (tokio::net::TcpSocket, std::net::SocketAddr) {
     let address = socket.local_addr().expect("address");
     (socket, address)
 }
+
+/// The coordinator on moto's S3 and STS (`CACHE_TEST_MOTO_URL`): its own AWS credentials and
+/// role, the flags of an S3 store, and a bucket per test.
+pub mod moto {
+    use super::platform_s3_client;
+
+    pub const PLATFORM_KEY_ID: &str = "AKIAPLATFORMKEY00001";
+    pub const PLATFORM_SECRET: &str = "platform-secret-key-not-for-build-hosts";
+    pub const ROLE_ARN: &str = "arn:aws:iam::123456789012:role/layer-cache";
+
+    /// The coordinator's own AWS credentials, from the standard chain (here: the environment),
+    /// with every other source off.
+    pub fn platform_env() -> Vec<(&'static str, &'static str)> {
+        vec![
+            ("AWS_ACCESS_KEY_ID", PLATFORM_KEY_ID),
+            ("AWS_SECRET_ACCESS_KEY", PLATFORM_SECRET),
+            ("AWS_CONFIG_FILE", "/dev/null"),
+            ("AWS_SHARED_CREDENTIALS_FILE", "/dev/null"),
+            ("AWS_EC2_METADATA_DISABLED", "true"),
+        ]
+    }
+
+    pub fn s3_args<'a>(moto: &'a str, bucket: &'a str) -> Vec<&'a str> {
+        vec![
+            "--store",
+            "s3",
+            "--s3-bucket",
+            bucket,
+            "--s3-prefix",
+            "ci",
+            "--s3-endpoint",
+            moto,
+            "--s3-path-style",
+            "--sts-role-arn",
+            ROLE_ARN,
+            "--sts-endpoint",
+            moto,
+        ]
+    }
+
+    /// A bucket of its own per test: moto's server is shared.
+    pub async fn new_bucket(moto: &str) -> String {
+        let name = format!("layer-cache-{}", std::process::id())
+            + &format!("-{}", std::time::UNIX_EPOCH.elapsed().unwrap().as_nanos() % 1_000_000_000);
+        let client = platform_s3_client(moto, PLATFORM_KEY_ID, PLATFORM_SECRET);
+        client.create_bucket().bucket(&name).send().await.expect("create the bucket in moto");
+        name
+    }
+}
+
+/// A new, empty PostgreSQL database on the server `CACHE_TEST_POSTGRES_URL` names (which
+/// `.ci/run` starts), for one test: its URL. `None` (with a note) when the variable is unset;
+/// in CI that fails the test.
+pub async fn postgres_database() -> Option<String> {
+    let Ok(server) = std::env::var("CACHE_TEST_POSTGRES_URL") else {
+        assert!(!in_ci(), "CACHE_TEST_POSTGRES_URL is not set: .ci/run starts PostgreSQL and sets it");
+        eprintln!("skipping: CACHE_TEST_POSTGRES_URL is not set");
+        return None;
+    };
+    let (client, connection) =
+        tokio_postgres::connect(&server, tokio_postgres::NoTls).await.expect("connect to PostgreSQL");
+    tokio::spawn(connection);
+    let name = format!(
+        "lc_e2e_{}_{}",
+        std::process::id(),
+        std::time::UNIX_EPOCH.elapsed().unwrap().as_nanos() % 1_000_000_000_000
+    );
+    client.batch_execute(&format!("CREATE DATABASE {name}")).await.expect("create a test database");
+    let (base, _) = server.rsplit_once('/').expect("a URL naming a database");
+    Some(format!("{base}/{name}"))
+}
+
+/// `cache-coordinator serve` with `args` refuses to start: one line on stderr holding `needle`,
+/// exit code 64, no ready line.
+pub fn assert_coordinator_refuses(args: &[&str], env: &[(&str, &str)], needle: &str) {
+    let data_dir = tempfile::tempdir().unwrap();
+    let output = Command::new(binary("cache-coordinator"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--data-dir"])
+        .arg(data_dir.path())
+        .args(args)
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
+    let stderr = stderr_of(&output);
+    assert_eq!(output.status.code(), Some(64), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.contains(needle), "{stderr:?} lacks {needle:?}");
+    assert_eq!(stdout_of(&output), "", "no ready line");
+}

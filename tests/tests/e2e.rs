@@ -19,6 +19,7 @@ mod e2e {
     mod multi_stage;
     mod projects_and_credentials;
     mod quotas;
+    mod replicas;
     mod s3_store;
     mod save_restore;
     mod scoped_tokens;

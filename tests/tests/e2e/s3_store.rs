@@ -2,53 +2,10 @@
 //! the seed scenario end to end, session credentials that are not the platform's keys, objects
 //! under `PREFIX/PROJECT/`, and bad configuration refused at start-up.
 
+use tests::moto::{PLATFORM_KEY_ID, PLATFORM_SECRET, new_bucket, platform_env, s3_args};
 use tests::{
-    CoordinatorProcess, DockerEngine, EngineKind, binary, moto_url, parse_exports, platform_s3_client, stderr_of,
-    stdout_of,
+    CoordinatorProcess, DockerEngine, EngineKind, moto_url, parse_exports, platform_s3_client, stderr_of, stdout_of,
 };
-
-const PLATFORM_KEY_ID: &str = "AKIAPLATFORMKEY00001";
-const PLATFORM_SECRET: &str = "platform-secret-key-not-for-build-hosts";
-const ROLE_ARN: &str = "arn:aws:iam::123456789012:role/layer-cache";
-
-/// The coordinator's own AWS credentials, from the standard chain (here: the environment),
-/// with every other source off.
-fn platform_env() -> Vec<(&'static str, &'static str)> {
-    vec![
-        ("AWS_ACCESS_KEY_ID", PLATFORM_KEY_ID),
-        ("AWS_SECRET_ACCESS_KEY", PLATFORM_SECRET),
-        ("AWS_CONFIG_FILE", "/dev/null"),
-        ("AWS_SHARED_CREDENTIALS_FILE", "/dev/null"),
-        ("AWS_EC2_METADATA_DISABLED", "true"),
-    ]
-}
-
-fn s3_args<'a>(moto: &'a str, bucket: &'a str) -> Vec<&'a str> {
-    vec![
-        "--store",
-        "s3",
-        "--s3-bucket",
-        bucket,
-        "--s3-prefix",
-        "ci",
-        "--s3-endpoint",
-        moto,
-        "--s3-path-style",
-        "--sts-role-arn",
-        ROLE_ARN,
-        "--sts-endpoint",
-        moto,
-    ]
-}
-
-/// A bucket of its own per test: moto's server is shared.
-async fn new_bucket(moto: &str) -> String {
-    let name = format!("layer-cache-{}", std::process::id())
-        + &format!("-{}", std::time::UNIX_EPOCH.elapsed().unwrap().as_nanos() % 1_000_000_000);
-    let client = platform_s3_client(moto, PLATFORM_KEY_ID, PLATFORM_SECRET);
-    client.create_bucket().bucket(&name).send().await.expect("create the bucket in moto");
-    name
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_seed_scenario_runs_on_an_s3_store_with_sts_credentials() {
@@ -110,19 +67,7 @@ fn assert_refused_at_start_up(args: &[&str], needle: &str) {
 }
 
 fn assert_refused_at_start_up_with(args: &[&str], env: &[(&str, &str)], needle: &str) {
-    let data_dir = tempfile::tempdir().unwrap();
-    let output = std::process::Command::new(binary("cache-coordinator"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--data-dir"])
-        .arg(data_dir.path())
-        .args(args)
-        .envs(env.iter().copied())
-        .output()
-        .unwrap();
-    let stderr = stderr_of(&output);
-    assert_eq!(output.status.code(), Some(64), "{stderr}");
-    assert_eq!(stderr.lines().count(), 1, "{stderr}");
-    assert!(stderr.contains(needle), "{stderr:?} lacks {needle:?}");
-    assert_eq!(stdout_of(&output), "", "no ready line");
+    tests::assert_coordinator_refuses(args, env, needle);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
