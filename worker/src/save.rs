@@ -814,6 +814,10 @@ async fn commit(
             Err(status) if status.code() == tonic::Code::DataLoss => {
                 return Ok(Err(Attempt::Again(status.message().to_owned())));
             }
+            // The project was flushed since the save began (through another replica): again.
+            Err(status) if status.code() == tonic::Code::Aborted => {
+                return Ok(Err(Attempt::Again(status.message().to_owned())));
+            }
             Err(status) if status.code() == tonic::Code::FailedPrecondition && !in_flight.is_empty() => {
                 return Ok(Err(Attempt::Again(format!(
                     "a concurrent save stopped before uploading what this one waited for ({})",

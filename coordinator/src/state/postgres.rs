@@ -92,7 +92,8 @@ impl Postgres {
         let tx = client.transaction().await.map_err(pg_error)?;
         // Replicas starting together migrate one at a time.
         tx.batch_execute(
-            "SELECT pg_advisory_xact_lock(7400); CREATE TABLE IF NOT EXISTS lc_schema (version INTEGER NOT NULL)",
+            "SET LOCAL client_min_messages = warning; SELECT pg_advisory_xact_lock(7400);
+             CREATE TABLE IF NOT EXISTS lc_schema (version INTEGER NOT NULL)",
         )
         .await
         .map_err(pg_error)?;
