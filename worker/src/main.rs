@@ -3,6 +3,7 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
+use proto::client::ClientError;
 use proto::v1 as pb;
 use tracing::Instrument;
 use worker::coordinator::Coordinator;
@@ -15,7 +16,8 @@ use worker::save::{SaveCleanup, SaveOptions, save};
 #[derive(Debug, Parser)]
 #[command(name = "cache-worker", version)]
 struct Cli {
-    /// URL of the coordinator's gRPC API
+    /// URL of the coordinator's gRPC API; several, comma-separated, for replicas: the first that
+    /// answers serves the command, and one that stops answering mid-command hands it to the next
     #[arg(long, env = "CACHE_COORDINATOR", default_value = "http://127.0.0.1:7400")]
     coordinator: String,
     /// The project's token, from `cachectl project create`
@@ -37,6 +39,25 @@ struct Cli {
 impl Cli {
     fn stall(&self) -> std::time::Duration {
         std::time::Duration::from_secs(self.stall_timeout)
+    }
+
+    /// The coordinator URLs of `--coordinator`, in the order they are tried.
+    fn coordinator_urls(&self) -> Vec<&str> {
+        self.coordinator.split(',').map(str::trim).filter(|url| !url.is_empty()).collect()
+    }
+}
+
+/// Whether the next coordinator URL may do what this one could not: it did not answer (a
+/// replica stopped or killed), rather than refusing or failing the request.
+fn hand_to_next(error: &WorkerError, url: &str, next: Option<&&str>) -> bool {
+    let unanswered =
+        matches!(error, WorkerError::Coordinator(ClientError::Unreachable { .. } | ClientError::Stalled { .. }));
+    match next {
+        Some(next) if unanswered => {
+            eprintln!("cache-worker: warning: coordinator {url} did not answer ({error}); trying {next}");
+            true
+        }
+        _ => false,
     }
 }
 
@@ -94,14 +115,11 @@ async fn run_restore(cli: &Cli, options: RestoreOptions, strict: bool, print_cac
             println!("{line}");
         }
     };
-    let mut coordinator = match Coordinator::connect(&cli.coordinator, cli.token.as_deref(), cli.stall()).await {
-        Ok(coordinator) => Some(coordinator),
-        Err(error) => return restore_failed(None, &options.service, strict, error.into()).await,
+    let restoring = async |coordinator: &mut Coordinator| {
+        let engine = Engine::connect().await?;
+        restore(coordinator, &engine, &options, &say).await
     };
-    let result = match Engine::connect().await {
-        Ok(engine) => restore(coordinator.as_mut().expect("connected"), &engine, &options, &say).await,
-        Err(error) => Err(error.into()),
-    };
+    let (mut coordinator, result) = with_failover(cli, restoring).await;
     match result {
         Ok(Restored::Hit { flags }) => {
             if print_cache_from && !flags.is_empty() {
@@ -139,7 +157,9 @@ async fn restore_failed(
 async fn run(cli: Cli) -> Result<(), WorkerError> {
     match &cli.command {
         Command::Credentials { format: CredentialsFormat::Env } => {
-            let mut coordinator = Coordinator::connect(&cli.coordinator, cli.token.as_deref(), cli.stall()).await?;
+            let (coordinator, connected) = with_failover(&cli, async |_: &mut Coordinator| Ok(())).await;
+            connected?;
+            let mut coordinator = coordinator.expect("connected");
             let request = pb::GetCredentialsRequest { access: pb::Access::Read as i32, ..Default::default() };
             let response = coordinator.client.get_credentials(request).await.map_err(|s| coordinator.failed(s))?;
             let credentials = response.into_inner().credentials.unwrap_or_default();
@@ -154,11 +174,15 @@ async fn run(cli: Cli) -> Result<(), WorkerError> {
                 build_cache_dir: cli.build_cache_dir.clone(),
             };
             proto::names::validate_service_name(service)?;
-            let mut coordinator = Coordinator::connect(&cli.coordinator, cli.token.as_deref(), cli.stall()).await?;
             let engine = Engine::connect().await?;
             let cleanup = SaveCleanup::default();
+            // A save begun through a replica that stops answering starts over through the next.
+            let saved = async {
+                let saving = async |coordinator: &mut Coordinator| save(coordinator, &engine, &options, &cleanup).await;
+                with_failover(&cli, saving).await.1.map(|_| ())
+            };
             tokio::select! {
-                saved = save(&mut coordinator, &engine, &options, &cleanup) => saved.map(|_| ()),
+                saved = saved => saved,
                 (signal, code) = interrupted() => {
                     // The save's future is gone, so nothing commits; its uploads are aborted so
                     // the store keeps no part of them.
@@ -174,6 +198,30 @@ async fn run(cli: Cli) -> Result<(), WorkerError> {
         }
         Command::Restore { .. } => unreachable!("restores run through run_restore"),
     }
+}
+
+/// Runs `attempt` through the first coordinator of `--coordinator` that answers, and again
+/// through the next while one stops answering: the coordinator it ended with, and its result.
+async fn with_failover<T>(
+    cli: &Cli,
+    mut attempt: impl AsyncFnMut(&mut Coordinator) -> Result<T, WorkerError>,
+) -> (Option<Coordinator>, Result<T, WorkerError>) {
+    let urls = cli.coordinator_urls();
+    let mut last = (None, Err(WorkerError::Invalid("no --coordinator URL".into())));
+    for (i, url) in urls.iter().enumerate() {
+        last = match Coordinator::connect(url, cli.token.as_deref(), cli.stall()).await {
+            Ok(mut coordinator) => {
+                let result = attempt(&mut coordinator).await;
+                (Some(coordinator), result)
+            }
+            Err(error) => (None, Err(error.into())),
+        };
+        match &last.1 {
+            Err(error) if hand_to_next(error, url, urls.get(i + 1)) => continue,
+            _ => break,
+        }
+    }
+    last
 }
 
 /// Waits for SIGINT or SIGTERM; returns its name and the exit code a shell would give it.

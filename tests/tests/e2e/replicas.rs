@@ -84,3 +84,68 @@ async fn postgres_state_with_the_embedded_store_is_refused_in_one_line() {
     args.extend(["--state", &unreachable]);
     tests::assert_coordinator_refuses(&args, &platform_env(), "--state: database error: PostgreSQL:");
 }
+
+/// `cache-worker` on `engine` given several coordinator URLs, tried in order.
+fn worker_through(urls: &[&str], engine: &DockerEngine, token: &str, args: &[&str]) -> std::process::Command {
+    let mut command = std::process::Command::new(tests::binary("cache-worker"));
+    command
+        .arg("--coordinator")
+        .arg(urls.join(","))
+        .args(args)
+        .env("CACHE_TOKEN", token)
+        .env("DOCKER_HOST", &engine.host)
+        .env("CACHE_BUILD_CACHE_DIR", engine.build_cache_dir());
+    command
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_killed_mid_save_costs_that_save_one_retry_through_the_next() {
+    let Some(moto) = moto_url() else { return };
+    let Some(database) = tests::postgres_database().await else { return };
+    let Some(build_host) = DockerEngine::start(EngineKind::Engine20) else { return };
+    let bucket = new_bucket(&moto).await;
+    let (a, b, _dirs) = replicas(&moto, &bucket, &database);
+    let token = a.create_project("shop");
+    let context = tests::build_seed_app(&build_host);
+    let urls = [a.grpc_url.as_str(), b.grpc_url.as_str()];
+    let saved =
+        worker_through(&urls, &build_host, &token, &["save", "--service", "web", "app:latest"]).output().unwrap();
+    assert!(saved.status.success(), "{}", stderr_of(&saved));
+    assert!(stderr_of(&saved).is_empty(), "A answered: no warning: {}", stderr_of(&saved));
+
+    // A save big enough to be uploading when A is killed.
+    let big = tests::build_context("FROM base:1\nRUN head -c 67108864 /dev/urandom > /big\n");
+    let built = build_host.classic_build(big.path(), "big:1", &[]);
+    assert!(built.status.success(), "{}", stderr_of(&built));
+    let saving = worker_through(&urls, &build_host, &token, &["save", "--service", "big", "big:1"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    // The web save began once through A; the big one is the second.
+    while a.log().matches("save begun").count() < 2 {
+        assert!(std::time::Instant::now() < deadline, "the big save never began through A: {}", a.log());
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    a.signal("KILL");
+    let output = saving.wait_with_output().unwrap();
+    assert!(output.status.success(), "{}", stderr_of(&output));
+    let warned = stderr_of(&output);
+    assert!(warned.contains(&format!("coordinator {} did not answer", a.grpc_url)), "{warned}");
+    assert!(warned.contains(&format!("trying {}", b.grpc_url)), "{warned}");
+
+    // Both caches restore through B on a fresh host, whole: nothing was half-committed.
+    let Some(fresh_host) = DockerEngine::start(EngineKind::Engine20) else { return };
+    for service in ["web", "big"] {
+        let restored = worker_through(&urls, &fresh_host, &token, &["restore", "--service", service, "--strict"])
+            .output()
+            .unwrap();
+        assert!(restored.status.success(), "{service}: {}", stderr_of(&restored));
+        assert!(stderr_of(&restored).contains("did not answer"), "A is gone: B served it: {}", stderr_of(&restored));
+    }
+    tests::assert_seed_rebuild_cached(&fresh_host, context.path());
+    let rebuilt = fresh_host.classic_build(big.path(), "big:1", &[]);
+    assert_eq!(stdout_of(&rebuilt).matches("Using cache").count(), 1, "{}", stdout_of(&rebuilt));
+    b.stop();
+}
