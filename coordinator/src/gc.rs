@@ -104,8 +104,7 @@ impl CacheService {
         // Listed before the lock, which saves and restores of the project wait for; what is
         // stray is decided under it.
         let listed = self.store.list(&blobs_prefix(&self.store_prefix, project)).await?;
-        let publish_lock = self.publish_lock.of_project(project);
-        let _exclusive = publish_lock.write().await;
+        let _exclusive = self.lock_project(project, crate::service::Lock::Exclusive).await?;
         let now = now_unix();
         let expiry = self.cache_expiry.as_secs() as i64;
         let manifests = self.db.manifests(project).await?;
@@ -217,8 +216,7 @@ impl CacheService {
     /// (grace or not, when nothing protects them), then the least recently used caches, `keep`
     /// (the cache just saved) never. Takes the project's publish lock exclusively.
     pub async fn fit_quota(&self, project: &str, keep: Option<&pb::CacheKey>) -> Result<pb::Evicted, Error> {
-        let publish_lock = self.publish_lock.of_project(project);
-        let _exclusive = publish_lock.write().await;
+        let _exclusive = self.lock_project(project, crate::service::Lock::Exclusive).await?;
         let quota = self.existing_project(project).await?.quota_bytes;
         let mut used = self.db.totals(project).await?.stored_bytes;
         if quota == 0 || used <= quota {
@@ -275,8 +273,10 @@ impl CacheService {
         quota: u64,
         uploaded: &HashMap<String, BlobRecord>,
     ) -> Error {
-        let publish_lock = self.publish_lock.of_project(project);
-        let exclusive = publish_lock.write().await;
+        let exclusive = match self.lock_project(project, crate::service::Lock::Exclusive).await {
+            Ok(exclusive) => exclusive,
+            Err(error) => return error,
+        };
         let discarded = async {
             self.db.record_unreferenced(project, uploaded, now_unix()).await?;
             let protected = self.protected(project);

@@ -162,8 +162,7 @@ impl CacheService {
     /// finds its key gone.
     async fn revoke_keys_of(&self, project: &str, token_id: &str) -> Result<(), Error> {
         {
-            let publish_lock = self.publish_lock.of_project(project);
-            let _no_publishing = publish_lock.write().await;
+            let _no_publishing = self.lock_project(project, crate::service::Lock::Exclusive).await?;
             self.db.revoke_keys(project, token_id).await?;
         }
         self.db.durable().await

@@ -333,8 +333,7 @@ impl CacheService {
         // Held until the save is registered: a garbage collection (which takes the lock
         // exclusively) either ran before and this save sees what it left, or runs after and
         // keeps every blob this save names.
-        let publish_lock = self.publish_lock.of_project(project);
-        let registering = publish_lock.read().await;
+        let registering = self.lock_project(project, crate::service::Lock::Shared).await?;
         let named: Vec<String> = digests.iter().cloned().collect();
         let stored = self.db.stored_blobs(project, &named).await?;
         let missing: Vec<String> = digests.iter().filter(|d| !stored.contains_key(*d)).cloned().collect();
@@ -452,8 +451,7 @@ impl CacheService {
             }
             *n += 1;
         }
-        let publish_lock = self.publish_lock.of_project(project);
-        let _no_commits = publish_lock.write().await;
+        let _no_commits = self.lock_project(project, crate::service::Lock::Exclusive).await?;
         let key = blob_key(&project_prefix(&self.store_prefix, project), digest);
         let state = self.store.check_blob(&key, digest).await?;
         if state == crate::store::BlobState::Intact {
@@ -570,8 +568,7 @@ impl CacheService {
             }
         }
         // A post-flush sweep waits until the blobs are checked and recorded.
-        let publish_lock = self.publish_lock.of_project(project);
-        let no_sweep = publish_lock.read().await;
+        let no_sweep = self.lock_project(project, crate::service::Lock::Shared).await?;
         let reported_digests: Vec<String> = reported.keys().cloned().collect();
         let known = self.db.stored_blobs(project, &reported_digests).await?;
         let prefix = project_prefix(&self.store_prefix, project);

@@ -38,6 +38,22 @@ pub struct CacheService {
     pub bad_blob_checks: std::sync::Mutex<std::collections::HashMap<String, (std::time::Instant, u32)>>,
 }
 
+/// How a project's publish lock is held (see [`CacheService::lock_project`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lock {
+    /// Saves (begin, commit) and lookups: many at once.
+    Shared,
+    /// Flushes, evictions and collections: alone.
+    Exclusive,
+}
+
+/// A project's publish lock, held in this process and, where the state is shared by replicas,
+/// across them; released on drop.
+pub struct ProjectLock {
+    _in_process: Box<dyn Send + Sync>,
+    _across_replicas: Option<Box<dyn Send + Sync>>,
+}
+
 async fn project_message(db: &dyn State, record: &ProjectRecord, usage: ObjectTotals) -> Result<pb::Project, Error> {
     let totals = db.totals(&record.name).await?;
     Ok(pb::Project {
@@ -98,6 +114,17 @@ impl CacheService {
     /// The project a worker token belongs to.
     pub async fn authenticate_project(&self, token: Option<&str>) -> Result<String, Error> {
         Ok(self.authenticate_worker(token).await?.project)
+    }
+
+    /// Takes `project`'s publish lock: this process's first, then the replicas' (the state's).
+    pub async fn lock_project(&self, project: &str, lock: Lock) -> Result<ProjectLock, Error> {
+        let in_process = self.publish_lock.of_project(project);
+        let in_process: Box<dyn Send + Sync> = match lock {
+            Lock::Shared => Box::new(in_process.read_owned().await),
+            Lock::Exclusive => Box::new(in_process.write_owned().await),
+        };
+        let across_replicas = self.db.project_lock(project, lock == Lock::Exclusive).await?;
+        Ok(ProjectLock { _in_process: in_process, _across_replicas: across_replicas })
     }
 
     /// Admits the admin token only.
@@ -212,8 +239,7 @@ impl CacheService {
         let flushed = {
             // No upload signed by one of the project's keys becomes visible meanwhile: those that
             // already did are deleted below, the others find their key revoked.
-            let publish_lock = self.publish_lock.of_project(project);
-            let _no_publishing = publish_lock.write().await;
+            let _no_publishing = self.lock_project(project, crate::service::Lock::Exclusive).await?;
             self.db.flush_project(project).await?
         };
         self.abandon_project_saves(project);
@@ -234,8 +260,7 @@ impl CacheService {
     /// project's objects that neither the ledger records nor a live save claims. Holds the
     /// project's publish lock, which commits hold while they check and record their blobs.
     pub async fn sweep_after_flush(&self, project: &str, due_unix: i64) -> Result<crate::store::ObjectTotals, Error> {
-        let publish_lock = self.publish_lock.of_project(project);
-        let _no_commits = publish_lock.write().await;
+        let _no_commits = self.lock_project(project, crate::service::Lock::Exclusive).await?;
         let recorded = self.db.ledger_digests(project).await?;
         let prefix = project_prefix(&self.store_prefix, project);
         let now = std::time::Instant::now();
@@ -439,8 +464,7 @@ impl CacheService {
         // Held while the manifest is read and its restore's lease registered: an eviction or a
         // collection (which take the lock exclusively) either ran before, and this finds what
         // it left, or runs after and deletes none of the blobs this restore reads.
-        let publish_lock = self.publish_lock.of_project(project);
-        let _registering = publish_lock.read().await;
+        let _registering = self.lock_project(project, crate::service::Lock::Shared).await?;
         for key in candidates {
             if let Some(manifest) = self.db.manifest(project, &key.service, &key.branch).await? {
                 self.db.touch_manifest(project, &manifest, now_unix()).await?;

@@ -186,6 +186,14 @@ pub fn manifest_digests(manifest: &proto::v1::Manifest) -> std::collections::BTr
 /// implementation shared by several replicas must keep each atomic across them.
 #[async_trait::async_trait]
 pub trait State: Send + Sync {
+    /// Holds `project`'s publish lock across replicas until the returned guard drops: shared
+    /// by saves (begin, commit) and lookups, exclusive for flushes, evictions and collections
+    /// (see ARCHITECTURE.md's invariants). `None`: this implementation serves one process,
+    /// whose own lock suffices.
+    async fn project_lock(&self, project: &str, exclusive: bool) -> Result<Option<Box<dyn Send + Sync>>, Error> {
+        let _ = (project, exclusive);
+        Ok(None)
+    }
     /// Returns once every write this caller made before the call is durable: what an acknowledgement waits for.
     async fn durable(&self) -> Result<(), Error>;
     /// Waits for a storage key's record to be durable (a read key is handed out even when the disk refuses).

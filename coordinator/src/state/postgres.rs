@@ -65,9 +65,42 @@ fn decode_manifest(body: &[u8]) -> Result<pb::Manifest, Error> {
     pb::Manifest::decode(body).map_err(|error| Error::CorruptState(format!("lc_manifests: {error}")))
 }
 
-/// The state in one PostgreSQL database, through a pool of connections.
+/// The state in one PostgreSQL database, through a pool of connections, and another for the
+/// project locks replicas share (advisory locks, each held by a connection of its own while it
+/// is held, released by the server if the replica dies).
 pub struct Postgres {
     pool: Pool,
+    locks: Pool,
+}
+
+/// The advisory lock key of a project: the first 8 bytes of the SHA-256 of its name.
+fn lock_key(project: &str) -> i64 {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(format!("layer-cache project {project}").as_bytes());
+    i64::from_be_bytes(digest[..8].try_into().expect("8 bytes"))
+}
+
+/// A held advisory lock; dropping it unlocks (or, should that fail, closes its connection,
+/// which unlocks too).
+struct AdvisoryLock {
+    client: Option<deadpool_postgres::Object>,
+    key: i64,
+    exclusive: bool,
+}
+
+impl Drop for AdvisoryLock {
+    fn drop(&mut self) {
+        let (Some(client), key, exclusive) = (self.client.take(), self.key, self.exclusive) else { return };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
+        runtime.spawn(async move {
+            let unlock =
+                if exclusive { "SELECT pg_advisory_unlock($1)" } else { "SELECT pg_advisory_unlock_shared($1)" };
+            if client.query_one(unlock, &[&key]).await.is_err() {
+                // Not back into the pool: closing the session releases whatever it holds.
+                drop(deadpool_postgres::Object::take(client));
+            }
+        });
+    }
 }
 
 impl Postgres {
@@ -78,7 +111,13 @@ impl Postgres {
             url.parse().map_err(|error| Error::InvalidArgument(format!("invalid --state URL: {error}")))?;
         let manager = Manager::from_config(config, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
         let pool = Pool::builder(manager).max_size(16).build().map_err(pg_error)?;
-        let state = Postgres { pool };
+        let lock_manager = Manager::from_config(
+            url.parse().map_err(pg_error)?,
+            NoTls,
+            ManagerConfig { recycling_method: RecyclingMethod::Fast },
+        );
+        let locks = Pool::builder(lock_manager).max_size(64).build().map_err(pg_error)?;
+        let state = Postgres { pool, locks };
         state.migrate().await?;
         Ok(state)
     }
@@ -218,6 +257,17 @@ async fn manifest_of(
 
 #[async_trait::async_trait]
 impl State for Postgres {
+    async fn project_lock(&self, project: &str, exclusive: bool) -> Result<Option<Box<dyn Send + Sync>>, Error> {
+        let key = lock_key(project);
+        let lock = if exclusive { "SELECT pg_advisory_lock($1)" } else { "SELECT pg_advisory_lock_shared($1)" };
+        // The guard exists before the lock is asked for: a caller that stops waiting (its
+        // request cancelled) drops it, and its unlock, queued behind the lock on the same
+        // connection, releases the lock once granted.
+        let guard = AdvisoryLock { client: Some(self.locks.get().await.map_err(pg_error)?), key, exclusive };
+        guard.client.as_ref().expect("held").query_one(lock, &[&key]).await.map_err(pg_error)?;
+        Ok(Some(Box::new(guard)))
+    }
+
     // Every transaction is durable once committed (PostgreSQL's synchronous commit).
     async fn durable(&self) -> Result<(), Error> {
         Ok(())

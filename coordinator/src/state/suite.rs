@@ -246,4 +246,17 @@ async fn the_suite_passes_on_postgres() {
     // A second coordinator on the same database finds the schema in place.
     let again = postgres::Postgres::connect(&url).await.unwrap();
     assert_eq!(again.project("a").await.unwrap().map(|record| record.quota_bytes), Some(5 << 20));
+    // A project's lock holds across them: shared with shared, exclusive alone.
+    let wait = std::time::Duration::from_millis(300);
+    let shared = state.project_lock("a", false).await.unwrap();
+    let also_shared = tokio::time::timeout(wait, again.project_lock("a", false)).await;
+    assert!(also_shared.is_ok_and(|lock| lock.is_ok()), "shared locks do not exclude each other");
+    assert!(tokio::time::timeout(wait, again.project_lock("a", true)).await.is_err(), "exclusive waits for shared");
+    assert!(tokio::time::timeout(wait, again.project_lock("b", true)).await.is_ok(), "another project is free");
+    drop(shared);
+    let exclusive = tokio::time::timeout(std::time::Duration::from_secs(5), again.project_lock("a", true)).await;
+    let exclusive = exclusive.expect("granted once the shared locks went").unwrap();
+    assert!(tokio::time::timeout(wait, state.project_lock("a", false)).await.is_err(), "shared waits for exclusive");
+    drop(exclusive);
+    assert!(tokio::time::timeout(std::time::Duration::from_secs(5), state.project_lock("a", false)).await.is_ok());
 }
