@@ -26,6 +26,12 @@ use super::{
 };
 use crate::error::Error;
 
+/// Connections one replica opens at most: for its transactions, and for the project locks it
+/// holds (one each while held; more callers wait for one). 40 a replica: PostgreSQL's default
+/// `max_connections` of 100 serves two replicas; raise it for more.
+const STATE_CONNECTIONS: usize = 8;
+const LOCK_CONNECTIONS: usize = 32;
+
 /// The schema this coordinator writes; bumped with each migration below.
 const SCHEMA_VERSION: i32 = 1;
 
@@ -110,13 +116,13 @@ impl Postgres {
         let config: tokio_postgres::Config =
             url.parse().map_err(|error| Error::InvalidArgument(format!("invalid --state URL: {error}")))?;
         let manager = Manager::from_config(config, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
-        let pool = Pool::builder(manager).max_size(16).build().map_err(pg_error)?;
+        let pool = Pool::builder(manager).max_size(STATE_CONNECTIONS).build().map_err(pg_error)?;
         let lock_manager = Manager::from_config(
             url.parse().map_err(pg_error)?,
             NoTls,
             ManagerConfig { recycling_method: RecyclingMethod::Fast },
         );
-        let locks = Pool::builder(lock_manager).max_size(64).build().map_err(pg_error)?;
+        let locks = Pool::builder(lock_manager).max_size(LOCK_CONNECTIONS).build().map_err(pg_error)?;
         let state = Postgres { pool, locks };
         state.migrate().await?;
         Ok(state)
