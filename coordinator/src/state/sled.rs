@@ -1002,8 +1002,8 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_lost_blob_takes_the_manifests_naming_it_with_it() {
+    /// Project `a` with caches `web` (c1, l1, l2) and `api` (c2, l1), every blob of 1 byte.
+    fn web_and_api_sharing_l1() -> (tempfile::TempDir, Database, std::collections::HashMap<String, BlobRecord>) {
         let dir = tempfile::tempdir().unwrap();
         let db = Database::open(dir.path()).unwrap();
         db.create_project(&project("a")).unwrap();
@@ -1013,6 +1013,12 @@ mod tests {
             .collect();
         db.commit_manifest("a", &manifest_with("web", &["c1", "l1", "l2"]), 0, &sizes).unwrap();
         db.commit_manifest("a", &manifest_with("api", &["c2", "l1"]), 0, &sizes).unwrap();
+        (dir, db, sizes)
+    }
+
+    #[test]
+    fn a_lost_blob_takes_the_manifests_naming_it_with_it() {
+        let (_dir, db, sizes) = web_and_api_sharing_l1();
         db.commit_manifest("a", &manifest_with("ops", &["c2"]), 0, &sizes).unwrap();
         assert_eq!(db.drop_blob("a", "l1").unwrap(), 2, "web and api named it");
         let services: Vec<String> = db.manifests("a").unwrap().iter().map(|m| m.key.clone().unwrap().service).collect();
@@ -1024,15 +1030,7 @@ mod tests {
 
     #[test]
     fn an_evicted_cache_leaves_only_the_blobs_no_other_names_unreferenced() {
-        let dir = tempfile::tempdir().unwrap();
-        let db = Database::open(dir.path()).unwrap();
-        db.create_project(&project("a")).unwrap();
-        let sizes: std::collections::HashMap<String, BlobRecord> = ["c1", "l1", "l2", "c2"]
-            .iter()
-            .map(|d| (d.to_string(), BlobRecord { stored_size: 1, size: 1, ..Default::default() }))
-            .collect();
-        db.commit_manifest("a", &manifest_with("web", &["c1", "l1", "l2"]), 0, &sizes).unwrap();
-        db.commit_manifest("a", &manifest_with("api", &["c2", "l1"]), 0, &sizes).unwrap();
+        let (_dir, db, _) = web_and_api_sharing_l1();
         let web = proto::v1::CacheKey { service: "web".into(), branch: String::new() };
         let mut left = db.remove_manifest("a", &web).unwrap().expect("web had a manifest");
         left.sort();

@@ -21,13 +21,21 @@ fn replicas(
     (a, b, dirs)
 }
 
+/// Two replicas on a new database and bucket, and a build host; `None` when moto, PostgreSQL
+/// or the engine is missing (outside CI).
+async fn replicas_and_a_build_host()
+-> Option<(CoordinatorProcess, CoordinatorProcess, [tempfile::TempDir; 2], DockerEngine)> {
+    let moto = moto_url()?;
+    let database = tests::postgres_database().await?;
+    let build_host = DockerEngine::start(EngineKind::Engine20)?;
+    let bucket = new_bucket(&moto).await;
+    let (a, b, dirs) = replicas(&moto, &bucket, &database);
+    Some((a, b, dirs, build_host))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_save_through_one_replica_restores_through_another_fully_cached() {
-    let Some(moto) = moto_url() else { return };
-    let Some(database) = tests::postgres_database().await else { return };
-    let Some(build_host) = DockerEngine::start(EngineKind::Engine20) else { return };
-    let bucket = new_bucket(&moto).await;
-    let (a, b, _dirs) = replicas(&moto, &bucket, &database);
+    let Some((a, b, _dirs, build_host)) = replicas_and_a_build_host().await else { return };
     let token = a.create_project("shop");
     let listed = stdout_of(&b.cachectl(&["ls"]));
     assert!(listed.lines().any(|line| line.starts_with("shop ")), "B knows the project A created: {listed}");
@@ -100,11 +108,7 @@ fn worker_through(urls: &[&str], engine: &DockerEngine, token: &str, args: &[&st
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_killed_mid_save_costs_that_save_one_retry_through_the_next() {
-    let Some(moto) = moto_url() else { return };
-    let Some(database) = tests::postgres_database().await else { return };
-    let Some(build_host) = DockerEngine::start(EngineKind::Engine20) else { return };
-    let bucket = new_bucket(&moto).await;
-    let (a, b, _dirs) = replicas(&moto, &bucket, &database);
+    let Some((a, b, _dirs, build_host)) = replicas_and_a_build_host().await else { return };
     let token = a.create_project("shop");
     let context = tests::build_seed_app(&build_host);
     let urls = [a.grpc_url.as_str(), b.grpc_url.as_str()];
