@@ -668,14 +668,18 @@ impl CacheService {
         if quota > 0 {
             // Architecture Invariant: after a commit the project fits its quota again, the cache
             // just saved evicted last of all (it alone fits, as checked above).
-            let evicted = self.fit_quota(project, Some(&pending.key)).await?;
-            if !evicted.caches.is_empty() {
-                tracing::info!(
+            // The save is stored whatever happens here: a failed eviction is the next one's.
+            match self.fit_quota(project, Some(&pending.key)).await {
+                Ok(evicted) if !evicted.caches.is_empty() => tracing::info!(
                     project,
                     caches = evicted.caches.len(),
                     bytes = evicted.bytes,
                     "least recently used caches evicted to fit the quota"
-                );
+                ),
+                Ok(_) => {}
+                Err(error) => {
+                    tracing::warn!(project, %error, "evicting to fit the quota failed; the next commit tries again")
+                }
             }
         }
         let response = match committed {
