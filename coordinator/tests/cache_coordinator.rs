@@ -56,6 +56,11 @@ fn deploy_argument_lists() -> Vec<(&'static str, Vec<String>)> {
         .map(|document| <serde_yaml::Value as serde::Deserialize>::deserialize(document).unwrap())
         .find(|document| document["kind"] == "StatefulSet")
         .expect("a StatefulSet");
+    let replicas = std::fs::read_to_string(deploy.join("kubernetes/replicas.yaml")).unwrap();
+    let deployment = serde_yaml::Deserializer::from_str(&replicas)
+        .map(|document| <serde_yaml::Value as serde::Deserialize>::deserialize(document).unwrap())
+        .find(|document| document["kind"] == "Deployment")
+        .expect("a Deployment");
     let dockerfile = std::fs::read_to_string(deploy.join("Dockerfile")).unwrap();
     let instruction = |name: &str| -> Vec<String> {
         let line = dockerfile.lines().find_map(|line| line.strip_prefix(name)).unwrap_or_else(|| panic!("no {name}"));
@@ -67,6 +72,7 @@ fn deploy_argument_lists() -> Vec<(&'static str, Vec<String>)> {
     vec![
         ("compose.yaml", strings(&compose["services"]["coordinator"]["command"])),
         ("kubernetes/coordinator.yaml", strings(&stateful_set["spec"]["template"]["spec"]["containers"][0]["args"])),
+        ("kubernetes/replicas.yaml", strings(&deployment["spec"]["template"]["spec"]["containers"][0]["args"])),
         ("Dockerfile", image[1..].to_vec()),
     ]
 }

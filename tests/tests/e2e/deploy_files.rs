@@ -56,6 +56,17 @@ fn every_yaml_and_json_file_in_deploy_is_well_formed() {
         .collect();
     assert_eq!(kinds, ["Service", "StatefulSet"]);
     assert!(manifests.contains("volumeClaimTemplates"));
+    // Replicas: a Deployment sharing PostgreSQL (its StatefulSet) and the bucket.
+    let replicas = std::fs::read_to_string(deploy_dir().join("kubernetes/replicas.yaml")).unwrap();
+    let kinds: Vec<String> = serde_yaml::Deserializer::from_str(&replicas)
+        .map(|document| serde_yaml::Value::deserialize(document).unwrap()["kind"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(kinds, ["Service", "Deployment", "Service", "StatefulSet"]);
+    assert!(replicas.contains("name: CACHE_STATE") && replicas.contains("--store=s3"));
+    // The compose file runs two replicas on PostgreSQL.
+    assert!(compose["services"]["postgres"].is_mapping() && compose["services"]["coordinator-2"].is_mapping());
+    let command = compose["services"]["coordinator"]["command"].as_sequence().unwrap();
+    assert!(command.iter().any(|arg| arg.as_str().is_some_and(|arg| arg.starts_with("--state=postgres://"))));
 }
 
 use serde::Deserialize as _;
