@@ -277,12 +277,20 @@ impl CacheService {
             Ok(exclusive) => exclusive,
             Err(error) => return error,
         };
+        // Never recorded, so nothing names them, unless a save committed one since, or an open
+        // save or a running restore needs it; what fails here a collection finds as a stray.
         let discarded = async {
-            self.db.record_unreferenced(project, uploaded, now_unix()).await?;
+            let digests: Vec<String> = uploaded.keys().cloned().collect();
+            let recorded = self.db.stored_blobs(project, &digests).await?;
             let protected = self.protected(project);
-            let digests: Vec<String> = uploaded.keys().filter(|digest| !protected(digest)).cloned().collect();
-            let forgotten = self.db.forget_unreferenced(project, &digests).await?;
-            self.delete_forgotten(project, &forgotten, "quota").await
+            let prefix = project_prefix(&self.store_prefix, project);
+            let doomed: Vec<(&String, &BlobRecord)> =
+                uploaded.iter().filter(|(digest, _)| !recorded.contains_key(*digest) && !protected(digest)).collect();
+            let keys: Vec<String> = doomed.iter().map(|(digest, _)| blob_key(&prefix, digest)).collect();
+            self.store.delete_keys(&keys).await?;
+            let bytes = doomed.iter().map(|(_, record)| record.stored_size).sum();
+            self.metrics.record_eviction(project, "quota", keys.len() as u64, bytes);
+            Ok::<_, Error>(())
         };
         if let Err(error) = discarded.await {
             tracing::warn!(project, %error, "removing the blobs of a save over its quota failed; a collection will");

@@ -515,7 +515,8 @@ impl CacheService {
         principal.check_write(&pending.key.branch)?;
         // A flush since the begin (through another replica, which cannot forget this one's
         // open saves) is named as such, before the store is asked for what it deleted.
-        if self.existing_project(project).await?.generation != pending.generation {
+        let record = self.existing_project(project).await?;
+        if record.generation != pending.generation {
             self.pending_saves.take(&request.save_id, project)?;
             self.budget.release(project, &request.save_id);
             return Err(Error::SaveConflict(format!("project {project:?} was flushed while the save ran: save again")));
@@ -648,7 +649,7 @@ impl CacheService {
         self.pending_saves.take(&request.save_id, project)?;
         self.budget.release(project, &request.save_id);
         let size: u64 = reported.values().map(|record| record.stored_size).sum();
-        let quota = self.existing_project(project).await?.quota_bytes;
+        let quota = record.quota_bytes;
         if quota > 0 && size > quota {
             drop(no_sweep);
             let uploaded: HashMap<String, BlobRecord> =

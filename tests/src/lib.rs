@@ -185,6 +185,28 @@ impl CoordinatorProcess {
             .expect("run cachectl")
     }
 
+    /// `cachectl gc ARGS…`, which must succeed: what it printed.
+    pub fn gc(&self, args: &[&str]) -> String {
+        let output = self.cachectl(&[&["gc"], args].concat());
+        assert!(output.status.success(), "{}", stderr_of(&output));
+        stdout_of(&output)
+    }
+
+    /// The value of one sample (`name{labels}`) of the coordinator's `/metrics`, if it is there.
+    pub fn metric(&self, sample: &str) -> Option<f64> {
+        let (_, text) = http_get(&format!("{}/metrics", self.metrics_url));
+        text.lines()
+            .find_map(|line| line.strip_prefix(sample).and_then(|rest| rest.strip_prefix(' ')))
+            .map(|value| value.trim().parse().expect("a sample's value"))
+    }
+
+    /// The sizes of the blob files of `project` in its embedded store (none: no folder yet).
+    pub fn blob_files(&self, project: &str) -> Vec<u64> {
+        let dir = self.data_dir.join(format!("objects/layer-cache/cache/{project}/blobs/sha256"));
+        std::fs::read_dir(dir)
+            .map_or(Vec::new(), |dir| dir.map(|entry| entry.unwrap().metadata().unwrap().len()).collect())
+    }
+
     /// Creates a project through cachectl and returns its token (the last stdout line).
     pub fn create_project(&self, name: &str) -> String {
         let output = self.cachectl(&["project", "create", name]);

@@ -251,13 +251,6 @@ pub trait State: Send + Sync {
     async fn stored_blobs(&self, project: &str, digests: &[String]) -> Result<HashMap<String, BlobRecord>, Error>;
     /// Every digest the project's ledger records.
     async fn ledger_digests(&self, project: &str) -> Result<HashSet<String>, Error>;
-    /// Records a refused save's new blobs as unreferenced, so a collection removes them.
-    async fn record_unreferenced(
-        &self,
-        project: &str,
-        new_blobs: &HashMap<String, BlobRecord>,
-        now_unix: i64,
-    ) -> Result<(), Error>;
     /// Forgets a lost blob with every manifest naming it; returns the manifests removed.
     async fn drop_blob(&self, project: &str, digest: &str) -> Result<u64, Error>;
     /// The project's blobs no manifest names, with their records.

@@ -670,27 +670,6 @@ impl State for Postgres {
         Ok(rows.iter().map(|row| row.get(0)).collect())
     }
 
-    async fn record_unreferenced(
-        &self,
-        project: &str,
-        new_blobs: &HashMap<String, BlobRecord>,
-        now_unix: i64,
-    ) -> Result<(), Error> {
-        let mut client = self.client().await?;
-        let tx = client.transaction().await.map_err(pg_error)?;
-        lock_project(&tx, project).await?;
-        let digests: Vec<String> = new_blobs.keys().cloned().collect();
-        let known = lock_blobs(&tx, project, &digests).await?;
-        let (mut n_new, mut new_bytes) = (0i64, 0i64);
-        for (digest, record) in new_blobs.iter().filter(|(digest, _)| !known.contains_key(*digest)) {
-            let blob = BlobRecord { references: 0, unreferenced_since_unix: now_unix, ..record.clone() };
-            (n_new, new_bytes) = (n_new + 1, new_bytes + blob.stored_size as i64);
-            put_blob(&tx, project, digest, &blob).await?;
-        }
-        change_totals(&tx, project, n_new, new_bytes, 0).await?;
-        tx.commit().await.map_err(pg_error)
-    }
-
     async fn drop_blob(&self, project: &str, digest: &str) -> Result<u64, Error> {
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(pg_error)?;

@@ -603,30 +603,6 @@ impl Database {
         transacted(result)
     }
 
-    /// Records the blobs of a save that was not stored (refused over its quota) as
-    /// unreferenced, those the ledger does not know yet, so a collection removes them.
-    pub fn record_unreferenced(
-        &self,
-        project: &str,
-        new_blobs: &std::collections::HashMap<String, BlobRecord>,
-        now_unix: i64,
-    ) -> Result<(), Error> {
-        let result = (&self.blobs, &self.totals).transaction(|(blobs, totals)| {
-            let mut change = TotalsChange::default();
-            for (digest, record) in new_blobs {
-                let blob_key = composite_key(&[project, digest]);
-                // One the ledger records already keeps its record.
-                if blobs.get(blob_key.as_slice())?.is_none() {
-                    let blob = BlobRecord { references: 0, unreferenced_since_unix: now_unix, ..record.clone() };
-                    change.blob(1, &blob);
-                    blobs.insert(blob_key, json_to_vec(&blob))?;
-                }
-            }
-            change.apply(totals, project)
-        });
-        transacted(result)
-    }
-
     /// Evicts one cache: its manifest goes and its blobs lose that reference, in one
     /// transaction. Returns the blobs left unreferenced, or `None` when there was no manifest.
     pub fn remove_manifest(&self, project: &str, key: &proto::v1::CacheKey) -> Result<Option<Vec<String>>, Error> {
@@ -894,15 +870,6 @@ impl State for Database {
         Database::ledger_digests(self, project)
     }
 
-    async fn record_unreferenced(
-        &self,
-        project: &str,
-        new_blobs: &HashMap<String, BlobRecord>,
-        now_unix: i64,
-    ) -> Result<(), Error> {
-        Database::record_unreferenced(self, project, new_blobs, now_unix)
-    }
-
     async fn drop_blob(&self, project: &str, digest: &str) -> Result<u64, Error> {
         Database::drop_blob(self, project, digest)
     }
@@ -1039,15 +1006,6 @@ mod tests {
         assert!(db.manifest("a", "web", "").unwrap().is_none());
         let unreferenced: Vec<String> = db.unreferenced_blobs("a", 1).unwrap().into_iter().map(|(d, _)| d).collect();
         assert_eq!(unreferenced, ["c1", "l2"]);
-        // A refused save's new blobs are recorded unreferenced; known ones keep their records.
-        let refused: std::collections::HashMap<String, BlobRecord> = [("l1", 99), ("l9", 5)]
-            .iter()
-            .map(|(d, s)| (d.to_string(), BlobRecord { stored_size: *s, size: *s, ..Default::default() }))
-            .collect();
-        db.record_unreferenced("a", &refused, 7).unwrap();
-        let known = db.stored_blobs("a", &["l1".to_string(), "l9".to_string()]).unwrap();
-        assert_eq!((known["l1"].stored_size, known["l1"].references), (1, 1));
-        assert_eq!((known["l9"].stored_size, known["l9"].references, known["l9"].unreferenced_since_unix), (5, 0, 7));
         assert_eq!(db.set_quota("a", 10 << 20).unwrap().quota_bytes, 10 << 20);
         assert_eq!(db.project("a").unwrap().unwrap().quota_bytes, 10 << 20);
         assert!(matches!(db.set_quota("b", 1), Err(Error::NoSuchProject(_))));
@@ -1086,11 +1044,6 @@ mod tests {
         check("commits");
         db.commit_manifest("a", &manifest_with("web", &["c2", "l1"]), 0, &sizes).unwrap();
         check("a replacing commit");
-        let extra: std::collections::HashMap<String, BlobRecord> =
-            [("l9".to_string(), BlobRecord { stored_size: 7, ..Default::default() })].into_iter().collect();
-        db.record_unreferenced("a", &extra, 1).unwrap();
-        db.record_unreferenced("a", &extra, 1).unwrap();
-        check("a refused save's blobs");
         let forgotten = db.forget_unreferenced("a", &["c1".into(), "l2".into(), "l1".into()]).unwrap();
         assert_eq!(forgotten.len(), 2, "l1 is named");
         check("forgetting");

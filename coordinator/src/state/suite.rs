@@ -165,15 +165,6 @@ async fn manifests_and_the_ledger(state: &dyn State) {
     assert_eq!(forgotten, ["c1", "l9"], "l1 is named");
     let ledger = state.ledger_digests("m").await.unwrap();
     assert_eq!(ledger, ["c2", "l1", "l2"].iter().map(|d| d.to_string()).collect());
-    // A refused save's new blobs are recorded unreferenced; known ones keep their records.
-    let refused: HashMap<String, BlobRecord> = [("l1", 99), ("l8", 8)]
-        .iter()
-        .map(|(d, s)| (d.to_string(), BlobRecord { stored_size: *s, ..Default::default() }))
-        .collect();
-    state.record_unreferenced("m", &refused, 800).await.unwrap();
-    let known = state.stored_blobs("m", &["l1".into(), "l8".into(), "zz".into()]).await.unwrap();
-    assert_eq!(known.len(), 2);
-    assert_eq!((known["l1"].stored_size, known["l8"].unreferenced_since_unix), (10, 800));
 
     // Eviction: the manifest goes, its blobs lose that reference.
     assert_eq!(state.remove_manifest("m", &key("api")).await.unwrap(), Some(vec![]), "web still names c2 and l1");
@@ -183,8 +174,8 @@ async fn manifests_and_the_ledger(state: &dyn State) {
     assert!(state.manifests("m").await.unwrap().is_empty());
     assert_eq!(references(state, "m", "l1").await, None);
     let totals = state.totals("m").await.unwrap();
-    assert_eq!((totals.blobs, totals.manifests), (3, 0), "c2, l2 and l8 stay recorded, unreferenced");
-    assert_eq!(totals.stored_bytes, 2 + 20 + 8);
+    assert_eq!((totals.blobs, totals.manifests), (2, 0), "c2 and l2 stay recorded, unreferenced");
+    assert_eq!(totals.stored_bytes, 2 + 20);
 
     // A flush empties the project and fences saves begun before it.
     let flushed = state.flush_project("m").await.unwrap();

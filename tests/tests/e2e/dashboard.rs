@@ -204,13 +204,9 @@ async fn every_dashboard_panel_reads_the_right_values_from_a_real_prometheus() {
     assert_eq!(value_for(answer("Top projects by restore misses"), "project", "shop"), 1.0);
     assert_eq!(value_for(answer("Flushes per project"), "project", "idle"), 1.0);
     // The eviction: the bytes the coordinator counted, and one cache.
-    let (_, metrics) = http_get(&format!("{}/metrics", coordinator.metrics_url));
-    let freed: f64 = metrics
-        .lines()
-        .find_map(|line| line.strip_prefix("layer_cache_evicted_bytes_total{project=\"idle\",reason=\"quota\"} "))
-        .unwrap_or_else(|| panic!("no quota eviction in {metrics}"))
-        .parse()
-        .unwrap();
+    let freed = coordinator
+        .metric("layer_cache_evicted_bytes_total{project=\"idle\",reason=\"quota\"}")
+        .expect("a quota eviction in the metrics");
     assert!(freed > 1_000_000.0, "the busybox layer alone is ~2 MB: {freed}");
     let title = answers_title(&answers, "Evictions and bytes freed");
     let evictions = |ref_id: &str| answers[&(title.clone(), ref_id.to_owned())].clone();

@@ -3,18 +3,7 @@
 //! `cachectl gc --dry-run` removes nothing; evictions are counted in the metrics.
 
 use proto::v1 as pb;
-use tests::{CoordinatorProcess, save_one_layer_image, stderr_of, stdout_of};
-
-/// The blob files of project `web` in an embedded store.
-fn stored_blobs(data_dir: &std::path::Path) -> usize {
-    std::fs::read_dir(data_dir.join("objects/layer-cache/cache/web/blobs/sha256")).map_or(0, |dir| dir.count())
-}
-
-fn gc(coordinator: &CoordinatorProcess, args: &[&str]) -> String {
-    let output = coordinator.cachectl(&[&["gc"], args].concat());
-    assert!(output.status.success(), "{}", stderr_of(&output));
-    stdout_of(&output)
-}
+use tests::{CoordinatorProcess, save_one_layer_image, stdout_of};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forty_saves_of_a_service_leave_only_what_the_caches_name_after_a_collection() {
@@ -28,16 +17,16 @@ async fn forty_saves_of_a_service_leave_only_what_the_caches_name_after_a_collec
     for i in 0..40 {
         save_one_layer_image(&url, &token, "app", "app:1", &layer(i)).await;
     }
-    assert_eq!(stored_blobs(data_dir.path()), 80, "a config and a layer per save");
+    assert_eq!(coordinator.blob_files("web").len(), 80, "a config and a layer per save");
 
-    let dry = gc(&coordinator, &["web", "--dry-run"]);
+    let dry = coordinator.gc(&["web", "--dry-run"]);
     assert_eq!(dry, "gc web: would remove 76 blobs (152.0 MiB)\n");
-    assert_eq!(stored_blobs(data_dir.path()), 80, "a dry run removes nothing");
-    assert_eq!(gc(&coordinator, &["web"]), "gc web: removed 76 blobs (152.0 MiB)\n");
-    assert_eq!(stored_blobs(data_dir.path()), 4, "keep's blobs and app's last two");
+    assert_eq!(coordinator.blob_files("web").len(), 80, "a dry run removes nothing");
+    assert_eq!(coordinator.gc(&["web"]), "gc web: removed 76 blobs (152.0 MiB)\n");
+    assert_eq!(coordinator.blob_files("web").len(), 4, "keep's blobs and app's last two");
     let listed = stdout_of(&coordinator.cachectl(&["ls", "web"]));
     assert!(listed.contains("in 4 blobs") && listed.contains("in 4 objects"), "{listed}");
-    assert_eq!(gc(&coordinator, &[]), "gc web: removed 0 blobs (0 B)\n");
+    assert_eq!(coordinator.gc(&[]), "gc web: removed 0 blobs (0 B)\n");
 
     let (_, metrics) = tests::http_get(&format!("{}/metrics", coordinator.metrics_url));
     assert!(
@@ -68,7 +57,7 @@ async fn a_collection_keeps_what_an_open_save_names_and_what_is_in_its_grace() {
     let mut client = tests::worker_client(&url, &token).await;
     let begun = client.begin_save(tests::begin_one_layer_save("other", "other:1", &old)).await.unwrap().into_inner();
     assert!(begun.missing_digests.is_empty(), "{begun:?}");
-    assert_eq!(gc(&coordinator, &["web"]), "gc web: removed 0 blobs (0 B)\n");
+    assert_eq!(coordinator.gc(&["web"]), "gc web: removed 0 blobs (0 B)\n");
     let commit = pb::CommitSaveRequest {
         save_id: begun.save_id,
         images: vec![tests::one_layer_image("other:1", &old, true)],
@@ -76,7 +65,7 @@ async fn a_collection_keeps_what_an_open_save_names_and_what_is_in_its_grace() {
     };
     let committed = client.commit_save(commit).await.unwrap().into_inner();
     assert!(committed.stored, "{committed:?}");
-    assert_eq!(gc(&coordinator, &["web"]), "gc web: removed 0 blobs (0 B)\n", "it is named again");
+    assert_eq!(coordinator.gc(&["web"]), "gc web: removed 0 blobs (0 B)\n", "it is named again");
     let read = coordinator.credentials(&token, pb::Access::Read).await;
     let got = tests::s3_client_for(&read).get_object().bucket(&read.bucket).key(tests::blob_key(&read, &old)).send();
     assert!(got.await.is_ok(), "the open save's blob is still stored");
@@ -88,7 +77,7 @@ async fn a_collection_keeps_what_an_open_save_names_and_what_is_in_its_grace() {
     let token = coordinator.create_project("web");
     save_one_layer_image(&coordinator.grpc_url, &token, "app", "app:1", &old).await;
     save_one_layer_image(&coordinator.grpc_url, &token, "app", "app:1", &new).await;
-    assert_eq!(gc(&coordinator, &["web", "--dry-run"]), "gc web: would remove 0 blobs (0 B)\n");
+    assert_eq!(coordinator.gc(&["web", "--dry-run"]), "gc web: would remove 0 blobs (0 B)\n");
     coordinator.stop();
 }
 
@@ -104,13 +93,13 @@ async fn uploads_no_save_committed_are_collected_once_their_save_is_gone_and_the
     let mut client = tests::worker_client(&url, &token).await;
     let begun = client.begin_save(tests::begin_one_layer_save("app", "app:2", &content)).await.unwrap().into_inner();
     tests::upload_one_layer_blobs(begun.credentials.as_ref().unwrap(), &content).await;
-    assert_eq!(stored_blobs(data_dir.path()), 4);
-    assert_eq!(gc(&coordinator, &["web"]), "gc web: removed 0 blobs (0 B)\n", "its save is open");
+    assert_eq!(coordinator.blob_files("web").len(), 4);
+    assert_eq!(coordinator.gc(&["web"]), "gc web: removed 0 blobs (0 B)\n", "its save is open");
     client.abandon_save(pb::AbandonSaveRequest { save_id: begun.save_id }).await.unwrap();
-    assert_eq!(gc(&coordinator, &["web", "--dry-run"]), "gc web: would remove 2 blobs (1.0 MiB)\n");
-    assert_eq!(stored_blobs(data_dir.path()), 4, "a dry run removes nothing");
-    assert_eq!(gc(&coordinator, &["web"]), "gc web: removed 2 blobs (1.0 MiB)\n");
-    assert_eq!(stored_blobs(data_dir.path()), 2, "the committed cache's blobs stay");
+    assert_eq!(coordinator.gc(&["web", "--dry-run"]), "gc web: would remove 2 blobs (1.0 MiB)\n");
+    assert_eq!(coordinator.blob_files("web").len(), 4, "a dry run removes nothing");
+    assert_eq!(coordinator.gc(&["web"]), "gc web: removed 2 blobs (1.0 MiB)\n");
+    assert_eq!(coordinator.blob_files("web").len(), 2, "the committed cache's blobs stay");
     let (_, metrics) = tests::http_get(&format!("{}/metrics", coordinator.metrics_url));
     assert!(metrics.contains("layer_cache_evicted_blobs_total{project=\"web\",reason=\"uncommitted\"} 2"), "{metrics}");
     coordinator.stop();
@@ -123,7 +112,7 @@ async fn uploads_no_save_committed_are_collected_once_their_save_is_gone_and_the
     let begun = client.begin_save(tests::begin_one_layer_save("app", "app:2", &content)).await.unwrap().into_inner();
     tests::upload_one_layer_blobs(begun.credentials.as_ref().unwrap(), &content).await;
     client.abandon_save(pb::AbandonSaveRequest { save_id: begun.save_id }).await.unwrap();
-    assert_eq!(gc(&coordinator, &["web"]), "gc web: removed 0 blobs (0 B)\n");
-    assert_eq!(stored_blobs(data_dir.path()), 2);
+    assert_eq!(coordinator.gc(&["web"]), "gc web: removed 0 blobs (0 B)\n");
+    assert_eq!(coordinator.blob_files("web").len(), 2);
     coordinator.stop();
 }

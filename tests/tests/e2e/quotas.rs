@@ -4,24 +4,19 @@
 //! alone is refused and keeps the previous caches; caches unused past `--cache-expiry` are
 //! evicted by a collection; a running restore's blobs survive an eviction of its cache.
 
-use std::path::Path;
 use std::time::Duration;
 
 use proto::v1 as pb;
 use tests::{CoordinatorProcess, DockerEngine, EngineKind, save_one_layer_image, stderr_of, stdout_of};
 
 /// Bytes in the blob files of project `web` in an embedded store.
-fn stored_bytes(data_dir: &Path) -> u64 {
-    let dir = data_dir.join("objects/layer-cache/cache/web/blobs/sha256");
-    std::fs::read_dir(dir).map_or(0, |dir| dir.map(|entry| entry.unwrap().metadata().unwrap().len()).sum())
+fn stored_bytes(coordinator: &CoordinatorProcess) -> u64 {
+    coordinator.blob_files("web").iter().sum()
 }
 
 /// The value of one sample in the coordinator's metrics, 0 when it is not there.
 fn metric(coordinator: &CoordinatorProcess, sample: &str) -> u64 {
-    let (_, text) = tests::http_get(&format!("{}/metrics", coordinator.metrics_url));
-    text.lines()
-        .find_map(|line| line.strip_prefix(sample).and_then(|rest| rest.strip_prefix(' ')))
-        .map_or(0, |value| value.trim().parse().unwrap())
+    coordinator.metric(sample).unwrap_or(0.0) as u64
 }
 
 /// The services `cachectl ls web` lists.
@@ -65,17 +60,17 @@ fn a_project_over_its_quota_evicts_its_least_recently_used_caches() {
     save("s2", "s2:1");
     save("s3", "s3:1");
     assert_eq!(listed_services(&coordinator), ["s1", "s2", "s3"]);
-    assert!(stored_bytes(data_dir.path()) <= quota);
+    assert!(stored_bytes(&coordinator) <= quota);
     // A restore of s1 makes it the most recently used: s2, then s3, go first.
     let Some(touch_host) = DockerEngine::start(EngineKind::Engine20) else { return };
     let restored = coordinator.cache_worker_on(&touch_host, &token, &["restore", "--service", "s1", "--strict"]);
     assert!(restored.status.success(), "{}", stderr_of(&restored));
     std::thread::sleep(Duration::from_millis(1100));
     save("s4", "s4:1");
-    assert!(stored_bytes(data_dir.path()) <= quota, "{} > {quota}", stored_bytes(data_dir.path()));
+    assert!(stored_bytes(&coordinator) <= quota, "{} > {quota}", stored_bytes(&coordinator));
     assert_eq!(listed_services(&coordinator), ["s1", "s3", "s4"], "s2 was the least recently used");
     save("s5", "s5:1");
-    assert!(stored_bytes(data_dir.path()) <= quota, "{} > {quota}", stored_bytes(data_dir.path()));
+    assert!(stored_bytes(&coordinator) <= quota, "{} > {quota}", stored_bytes(&coordinator));
     assert_eq!(listed_services(&coordinator), ["s1", "s4", "s5"]);
     let listed = stdout_of(&coordinator.cachectl(&["ls", "web"]));
     assert!(listed.lines().next().unwrap().contains("% of its quota of"), "{listed}");
@@ -84,7 +79,7 @@ fn a_project_over_its_quota_evicts_its_least_recently_used_caches() {
 
     // A save larger than the quota alone is refused in one line; the caches stay as they were
     // and its uploads are removed.
-    let before = stored_bytes(data_dir.path());
+    let before = stored_bytes(&coordinator);
     let big = service_context("big", 5);
     let built = build_host.classic_build(big.path(), "big:1", &[]);
     assert!(built.status.success(), "{}", stderr_of(&built));
@@ -94,7 +89,7 @@ fn a_project_over_its_quota_evicts_its_least_recently_used_caches() {
     assert_eq!(line.trim().lines().count(), 1, "{line}");
     assert!(line.contains("more than project \"web\"'s quota") && line.contains("previous cache is kept"), "{line}");
     assert_eq!(listed_services(&coordinator), ["s1", "s4", "s5"]);
-    assert_eq!(stored_bytes(data_dir.path()), before, "the refused save's blobs are gone");
+    assert_eq!(stored_bytes(&coordinator), before, "the refused save's blobs are gone");
 
     // Every restore on a fresh host is complete, its rebuild fully cached, or a clean miss.
     let Some(fresh_host) = DockerEngine::start(EngineKind::Engine20) else { return };
@@ -138,13 +133,8 @@ async fn caches_unused_past_their_expiry_are_evicted_by_a_collection() {
     assert!(found.found);
     tokio::time::sleep(Duration::from_secs(4)).await;
 
-    let gc = |args: &[&str]| {
-        let output = coordinator.cachectl(&[&["gc", "web"], args].concat());
-        assert!(output.status.success(), "{}", stderr_of(&output));
-        stdout_of(&output)
-    };
-    let files =
-        || std::fs::read_dir(data_dir.path().join("objects/layer-cache/cache/web/blobs/sha256")).unwrap().count();
+    let gc = |args: &[&str]| coordinator.gc(&[&["web"], args].concat());
+    let files = || coordinator.blob_files("web").len();
     assert_eq!(gc(&["--dry-run"]), "gc web: would remove 2 blobs (137 B), would evict 1 expired cache (old)\n");
     assert_eq!((files(), listed_services(&coordinator)), (4, vec!["old".to_owned(), "used".to_owned()]));
     assert_eq!(gc(&[]), "gc web: removed 2 blobs (137 B), evicted 1 expired cache (old)\n");
@@ -180,7 +170,7 @@ async fn a_running_restore_keeps_its_blobs_when_its_cache_is_evicted() {
     // Its cache is evicted meanwhile, and a collection runs: the blobs it reads stay.
     let lowered = coordinator.cachectl(&["project", "set-quota", "web", "1KiB"]);
     assert!(stdout_of(&lowered).contains("evicted 1 cache (app) and removed 0 blobs"), "{}", stdout_of(&lowered));
-    assert_eq!(stdout_of(&coordinator.cachectl(&["gc", "web"])), "gc web: removed 0 blobs (0 B)\n");
+    assert_eq!(coordinator.gc(&["web"]), "gc web: removed 0 blobs (0 B)\n");
     let read = coordinator.credentials(&token, pb::Access::Read).await;
     let store = tests::s3_client_for(&read);
     let got = store.get_object().bucket(&read.bucket).key(tests::blob_key(&read, &content)).send().await.unwrap();
@@ -194,7 +184,7 @@ async fn a_running_restore_keeps_its_blobs_when_its_cache_is_evicted() {
         ..Default::default()
     };
     client.report_metrics(report).await.unwrap();
-    assert_eq!(stdout_of(&coordinator.cachectl(&["gc", "web"])), "gc web: removed 2 blobs (1.0 MiB)\n");
+    assert_eq!(coordinator.gc(&["web"]), "gc web: removed 2 blobs (1.0 MiB)\n");
     let gone = store.get_object().bucket(&read.bucket).key(tests::blob_key(&read, &content)).send().await;
     assert!(gone.is_err(), "deleted once no restore reads it");
     coordinator.stop();

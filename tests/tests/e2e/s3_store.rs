@@ -7,14 +7,32 @@ use tests::{
     CoordinatorProcess, DockerEngine, EngineKind, moto_url, parse_exports, platform_s3_client, stderr_of, stdout_of,
 };
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_seed_scenario_runs_on_an_s3_store_with_sts_credentials() {
-    let Some(moto) = moto_url() else { return };
-    let Some(build_host) = DockerEngine::start(EngineKind::Engine20) else { return };
+/// A coordinator on a bucket of its own in moto, with project `shop`, and a build host; `None`
+/// when moto or the engine is missing (outside CI).
+struct OnMoto {
+    moto: String,
+    bucket: String,
+    data_dir: tempfile::TempDir,
+    coordinator: CoordinatorProcess,
+    build_host: DockerEngine,
+    token: String,
+}
+
+async fn on_moto() -> Option<OnMoto> {
+    let moto = moto_url()?;
+    let build_host = DockerEngine::start(EngineKind::Engine20)?;
     let bucket = new_bucket(&moto).await;
     let data_dir = tempfile::tempdir().unwrap();
     let coordinator = CoordinatorProcess::start_with_env(data_dir.path(), &s3_args(&moto, &bucket), &platform_env());
     let token = coordinator.create_project("shop");
+    Some(OnMoto { moto, bucket, data_dir, coordinator, build_host, token })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_seed_scenario_runs_on_an_s3_store_with_sts_credentials() {
+    let Some(OnMoto { moto, bucket, data_dir: _data_dir, coordinator, build_host, token }) = on_moto().await else {
+        return;
+    };
 
     // The worker gets session credentials with a token, never the platform's keys.
     let printed = coordinator.cache_worker(&token, &["credentials", "--format", "env"]);
@@ -119,12 +137,9 @@ async fn bad_s3_configuration_is_refused_at_start_up() {
 /// same run, and the default branch's restore on a fresh host is complete.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_blob_planted_by_a_pull_request_token_never_reaches_the_default_branch() {
-    let Some(moto) = moto_url() else { return };
-    let Some(build_host) = DockerEngine::start(EngineKind::Engine20) else { return };
-    let bucket = new_bucket(&moto).await;
-    let data_dir = tempfile::tempdir().unwrap();
-    let coordinator = CoordinatorProcess::start_with_env(data_dir.path(), &s3_args(&moto, &bucket), &platform_env());
-    let token = coordinator.create_project("shop");
+    let Some(OnMoto { moto, bucket, data_dir: _data_dir, coordinator, build_host, token }) = on_moto().await else {
+        return;
+    };
     let created = coordinator.cachectl(&["token", "create", "shop", "--write-branch", "pr-*", "--read-branch", ""]);
     assert!(created.status.success(), "{}", stderr_of(&created));
     let pr = stdout_of(&created).lines().last().unwrap().trim().to_owned();
@@ -197,12 +212,9 @@ async fn a_blob_planted_by_a_pull_request_token_never_reaches_the_default_branch
 /// save uploads it again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_blob_lost_from_the_bucket_is_dropped_and_uploaded_again() {
-    let Some(moto) = moto_url() else { return };
-    let Some(build_host) = DockerEngine::start(EngineKind::Engine20) else { return };
-    let bucket = new_bucket(&moto).await;
-    let data_dir = tempfile::tempdir().unwrap();
-    let coordinator = CoordinatorProcess::start_with_env(data_dir.path(), &s3_args(&moto, &bucket), &platform_env());
-    let token = coordinator.create_project("shop");
+    let Some(OnMoto { moto, bucket, data_dir: _data_dir, coordinator, build_host, token }) = on_moto().await else {
+        return;
+    };
     let context = tests::build_seed_app(&build_host);
     let save = ["save", "--service", "web", "app:latest"];
     let saved = coordinator.cache_worker_on(&build_host, &token, &save);
@@ -256,9 +268,8 @@ async fn collection_and_eviction_delete_from_the_bucket_only_what_no_cache_names
     worker.abandon_save(proto::v1::AbandonSaveRequest { save_id: begun.save_id }).await.unwrap();
     assert_eq!(keys().await.len(), 8);
 
-    let collected = coordinator.cachectl(&["gc", "shop"]);
-    assert!(collected.status.success(), "{}", stderr_of(&collected));
-    assert!(stdout_of(&collected).starts_with("gc shop: removed 4 blobs"), "{}", stdout_of(&collected));
+    let collected = coordinator.gc(&["shop"]);
+    assert!(collected.starts_with("gc shop: removed 4 blobs"), "{collected}");
     let left = keys().await;
     let named: Vec<String> = [&new, &other].iter().map(|content| tests::blob_key(&credentials, content)).collect();
     assert_eq!(left.len(), 4, "{left:?}");
