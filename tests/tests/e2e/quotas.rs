@@ -189,3 +189,31 @@ async fn a_running_restore_keeps_its_blobs_when_its_cache_is_evicted() {
     assert!(gone.is_err(), "deleted once no restore reads it");
     coordinator.stop();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_eviction_acknowledged_with_its_commit_survives_a_sigkill_right_after() {
+    let data_dir = tempfile::tempdir().unwrap();
+    let coordinator = CoordinatorProcess::start(data_dir.path(), &["--gc-interval", "0", "--gc-grace", "0s"]);
+    let token = coordinator.create_project("web");
+    let set = coordinator.cachectl(&["project", "set-quota", "web", "1500KiB"]);
+    assert!(set.status.success(), "{}", stderr_of(&set));
+    let (first, second) = (vec![1u8; 1 << 20], vec![2u8; 1 << 20]);
+    save_one_layer_image(&coordinator.grpc_url, &token, "old", "old:1", &first).await;
+    // This commit's answer comes after the eviction it caused: killed right after it, the
+    // coordinator comes back with old evicted and new whole.
+    let committed = save_one_layer_image(&coordinator.grpc_url, &token, "new", "new:1", &second).await;
+    assert!(committed.stored, "{committed:?}");
+    let coordinator = coordinator.crash_and_restart();
+    assert_eq!(listed_services(&coordinator), ["new"]);
+    assert!(stored_bytes(&coordinator) <= 1500 << 10, "{}", stored_bytes(&coordinator));
+    assert_eq!(coordinator.gc(&["web"]), "gc web: removed 0 blobs (0 B)\n", "nothing was left half-removed");
+    let read = coordinator.credentials(&token, pb::Access::Read).await;
+    let store = tests::s3_client_for(&read);
+    let got = store.get_object().bucket(&read.bucket).key(tests::blob_key(&read, &second)).send().await.unwrap();
+    assert_eq!(got.body.collect().await.unwrap().into_bytes().len(), 1 << 20);
+    // The retry of the evicted cache's save uploads it again and it is kept (new goes now).
+    let again = save_one_layer_image(&coordinator.grpc_url, &token, "old", "old:1", &first).await;
+    assert!(again.stored, "{again:?}");
+    assert_eq!(listed_services(&coordinator), ["old"]);
+    coordinator.stop();
+}
