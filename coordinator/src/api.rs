@@ -103,7 +103,7 @@ impl Worker for WorkerApi {
         request: Request<pb::KeepSaveAliveRequest>,
     ) -> Result<Response<pb::KeepSaveAliveResponse>, Status> {
         let result = async {
-            let plan = self.0.keep_save_alive(&self.project(&request).await?, &request.get_ref().save_id)?;
+            let plan = self.0.keep_save_alive(&self.project(&request).await?, &request.get_ref().save_id).await?;
             Ok(pb::KeepSaveAliveResponse { plan })
         }
         .await;
@@ -116,7 +116,7 @@ impl Worker for WorkerApi {
         request: Request<pb::AbandonSaveRequest>,
     ) -> Result<Response<pb::AbandonSaveResponse>, Status> {
         let result = async {
-            self.0.abandon_save(&self.project(&request).await?, &request.get_ref().save_id);
+            self.0.abandon_save(&self.project(&request).await?, &request.get_ref().save_id).await?;
             Ok(pb::AbandonSaveResponse {})
         }
         .await;

@@ -16,10 +16,14 @@
 //!   them (beyond, its oldest lapses), so a project arriving later always finds its share.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
 use proto::v1 as pb;
+
+use crate::error::Error;
+pub use crate::state::LeaseKind;
+use crate::state::{Ephemeral, Lease, Leases};
 
 /// How long a lease holds without its save committing or saying it is alive, or its restore
 /// reporting.
@@ -39,28 +43,11 @@ pub struct PlanSettings {
     pub transfer_budget: u32,
 }
 
-/// What a lease is for: a save's share follows the budget while it runs, a restore's is fixed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LeaseKind {
-    Save,
-    Restore,
-}
-
-struct Lease {
-    project: String,
-    kind: LeaseKind,
-    concurrency: u32,
-    granted: Instant,
-    /// Its grant, or the save's last keep-alive.
-    renewed: Instant,
-    /// A restore's: the blobs of the manifest it reads, which no eviction or collection
-    /// deletes while the lease lives.
-    reads: BTreeSet<String>,
-}
-
+/// The planner. Its leases live in the state's ephemeral records, so replicas sharing a
+/// database share one budget; every change runs on one consistent view of them.
 pub struct TransferBudget {
     settings: PlanSettings,
-    leases: Mutex<HashMap<String, Lease>>,
+    leases: Arc<dyn Ephemeral>,
 }
 
 /// Max-min fair shares of `budget` between demands: each gets its demand or an equal part of
@@ -78,69 +65,118 @@ fn fair_shares(budget: u32, demands: &BTreeMap<&str, u32>) -> BTreeMap<String, u
     shares
 }
 
+/// Whether a lease renewed at `renewed` has lapsed at `now` (unix milliseconds).
+fn lapsed(renewed: i64, now: i64) -> bool {
+    now.saturating_sub(renewed) >= LEASE_LIFETIME.as_millis() as i64
+}
+
 impl TransferBudget {
-    pub fn new(settings: PlanSettings) -> TransferBudget {
-        TransferBudget { settings, leases: Mutex::new(HashMap::new()) }
+    pub fn new(settings: PlanSettings, leases: Arc<dyn Ephemeral>) -> TransferBudget {
+        TransferBudget { settings, leases }
     }
 
-    /// The live leases; when some lapsed, the others' shares are recomputed.
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Lease>> {
-        let mut leases = self.leases.lock().expect("budget lock");
-        let before = leases.len();
-        leases.retain(|_, lease| lease.renewed.elapsed() < LEASE_LIFETIME);
-        if leases.len() != before {
-            self.rebalance(&mut leases);
-        }
-        leases
+    /// Runs `change` on the live leases at `now`; when some lapsed, the others' shares are
+    /// recomputed first.
+    async fn change<R: Send>(&self, now: i64, change: impl FnOnce(&mut Leases) -> R + Send) -> Result<R, Error> {
+        let mut change = Some(change);
+        let mut result = None;
+        self.leases
+            .update_leases(&mut |leases| {
+                let before = leases.len();
+                leases.retain(|_, lease| !lapsed(lease.renewed_unix_ms, now));
+                if leases.len() != before {
+                    self.rebalance(leases);
+                }
+                if let Some(change) = change.take() {
+                    result = Some(change(leases));
+                }
+            })
+            .await?;
+        Ok(result.expect("the change ran"))
+    }
+
+    /// Answers `read` of the live leases at `now`.
+    async fn read<R: Send>(
+        &self,
+        now: i64,
+        read: impl Fn(&mut dyn Iterator<Item = &Lease>) -> R + Send + Sync,
+    ) -> Result<R, Error> {
+        let mut result = None;
+        self.leases
+            .read_leases(&mut |leases| {
+                result = Some(read(&mut leases.values().filter(|lease| !lapsed(lease.renewed_unix_ms, now))));
+            })
+            .await?;
+        Ok(result.expect("the read ran"))
     }
 
     /// A plan for one transfer of `project`, holding a share of the budget under `lease_id`.
-    pub fn grant(&self, project: &str, lease_id: &str, kind: LeaseKind) -> pb::TransferPlan {
-        self.grant_reading(project, lease_id, kind, BTreeSet::new())
+    pub async fn grant(
+        &self,
+        project: &str,
+        lease_id: &str,
+        kind: LeaseKind,
+        now: i64,
+    ) -> Result<pb::TransferPlan, Error> {
+        self.grant_reading(project, lease_id, kind, BTreeSet::new(), now).await
     }
 
     /// A restore's plan, its lease also keeping the blobs it `reads` from deletion until its
     /// report releases it (or it lapses).
-    pub fn grant_restore(&self, project: &str, lease_id: &str, reads: BTreeSet<String>) -> pb::TransferPlan {
-        self.grant_reading(project, lease_id, LeaseKind::Restore, reads)
+    pub async fn grant_restore(
+        &self,
+        project: &str,
+        lease_id: &str,
+        reads: BTreeSet<String>,
+        now: i64,
+    ) -> Result<pb::TransferPlan, Error> {
+        self.grant_reading(project, lease_id, LeaseKind::Restore, reads, now).await
     }
 
     /// The blobs the live restores of `project` read.
-    pub fn read_by_restores(&self, project: &str) -> HashSet<String> {
-        let leases = self.lock();
-        leases.values().filter(|lease| lease.project == project).flat_map(|lease| lease.reads.iter().cloned()).collect()
+    pub async fn read_by_restores(&self, project: &str, now: i64) -> Result<HashSet<String>, Error> {
+        self.read(now, |leases| {
+            leases.filter(|lease| lease.project == project).flat_map(|lease| lease.reads.iter().cloned()).collect()
+        })
+        .await
     }
 
-    fn grant_reading(
+    async fn grant_reading(
         &self,
         project: &str,
         lease_id: &str,
         kind: LeaseKind,
         reads: BTreeSet<String>,
-    ) -> pb::TransferPlan {
-        let mut leases = self.lock();
-        leases.remove(lease_id);
-        let now = Instant::now();
-        let concurrency = match kind {
-            LeaseKind::Save => 0,
-            LeaseKind::Restore => {
-                let mut restores: Vec<(Instant, String)> = leases
-                    .iter()
-                    .filter(|(_, lease)| lease.project == project && lease.kind == LeaseKind::Restore)
-                    .map(|(id, lease)| (lease.granted, id.clone()))
-                    .collect();
-                restores.sort();
-                for (_, oldest) in restores.iter().take((restores.len() + 1).saturating_sub(MOST_RESTORES_PER_PROJECT))
-                {
-                    leases.remove(oldest);
-                }
-                self.restore_share(&leases, project)
-            }
-        };
-        let lease = Lease { project: project.to_owned(), kind, concurrency, granted: now, renewed: now, reads };
-        leases.insert(lease_id.to_owned(), lease);
-        self.rebalance(&mut leases);
-        self.plan(lease_id, leases[lease_id].concurrency)
+        now: i64,
+    ) -> Result<pb::TransferPlan, Error> {
+        let concurrency = self
+            .change(now, |leases| {
+                leases.remove(lease_id);
+                let concurrency = match kind {
+                    LeaseKind::Save => 0,
+                    LeaseKind::Restore => {
+                        let mut restores: Vec<(u64, String)> = leases
+                            .iter()
+                            .filter(|(_, lease)| lease.project == project && lease.kind == LeaseKind::Restore)
+                            .map(|(id, lease)| (lease.order, id.clone()))
+                            .collect();
+                        restores.sort();
+                        let beyond = (restores.len() + 1).saturating_sub(MOST_RESTORES_PER_PROJECT);
+                        for (_, oldest) in restores.iter().take(beyond) {
+                            leases.remove(oldest);
+                        }
+                        self.restore_share(leases, project)
+                    }
+                };
+                let order = leases.values().map(|lease| lease.order + 1).max().unwrap_or(0);
+                let lease =
+                    Lease { project: project.to_owned(), kind, concurrency, order, renewed_unix_ms: now, reads };
+                leases.insert(lease_id.to_owned(), lease);
+                self.rebalance(leases);
+                leases[lease_id].concurrency
+            })
+            .await?;
+        Ok(self.plan(lease_id, concurrency))
     }
 
     fn plan(&self, lease_id: &str, concurrency: u32) -> pb::TransferPlan {
@@ -153,7 +189,7 @@ impl TransferBudget {
     }
 
     /// Each project's demand: its restores' fixed shares, and a full worker's cap for each save.
-    fn demands<'a>(&self, leases: &'a HashMap<String, Lease>) -> BTreeMap<&'a str, u32> {
+    fn demands<'a>(&self, leases: &'a Leases) -> BTreeMap<&'a str, u32> {
         let mut demands: BTreeMap<&str, u32> = BTreeMap::new();
         for lease in leases.values() {
             let demand = match lease.kind {
@@ -168,7 +204,7 @@ impl TransferBudget {
     /// What a new restore of `project` gets: what its fair share (as if it asked a worker's
     /// cap more) leaves beside its restores, within half the budget for all its restores, and
     /// never below one.
-    fn restore_share(&self, leases: &HashMap<String, Lease>, project: &str) -> u32 {
+    fn restore_share(&self, leases: &Leases, project: &str) -> u32 {
         let cap = self.settings.worker_concurrency;
         let mut demands = self.demands(leases);
         *demands.entry(project).or_default() += cap;
@@ -185,13 +221,13 @@ impl TransferBudget {
     /// Gives every save its part of its project's fair share, oldest first: an equal part
     /// within the worker's cap, or, when the project holds more saves than its share has
     /// requests, one each for the oldest and none for the rest.
-    fn rebalance(&self, leases: &mut HashMap<String, Lease>) {
+    fn rebalance(&self, leases: &mut Leases) {
         let shares = fair_shares(self.settings.transfer_budget, &self.demands(leases));
-        let mut saves: BTreeMap<String, Vec<(Instant, String)>> = BTreeMap::new();
+        let mut saves: BTreeMap<String, Vec<(u64, String)>> = BTreeMap::new();
         let mut restoring: HashMap<String, u32> = HashMap::new();
         for (id, lease) in leases.iter() {
             match lease.kind {
-                LeaseKind::Save => saves.entry(lease.project.clone()).or_default().push((lease.granted, id.clone())),
+                LeaseKind::Save => saves.entry(lease.project.clone()).or_default().push((lease.order, id.clone())),
                 LeaseKind::Restore => *restoring.entry(lease.project.clone()).or_default() += lease.concurrency,
             }
         }
@@ -209,21 +245,26 @@ impl TransferBudget {
 
     /// A save's lease renewed by its keep-alive: the share it holds now (it may have changed
     /// since the last answer), or `None` when the lease has lapsed or is another project's.
-    pub fn renew(&self, project: &str, lease_id: &str) -> Option<pb::TransferPlan> {
-        let mut leases = self.lock();
-        let lease = leases.get_mut(lease_id).filter(|lease| lease.project == project)?;
-        lease.renewed = Instant::now();
-        let concurrency = lease.concurrency;
-        Some(self.plan(lease_id, concurrency))
+    pub async fn renew(&self, project: &str, lease_id: &str, now: i64) -> Result<Option<pb::TransferPlan>, Error> {
+        let concurrency = self
+            .change(now, |leases| {
+                let lease = leases.get_mut(lease_id).filter(|lease| lease.project == project)?;
+                lease.renewed_unix_ms = now;
+                Some(lease.concurrency)
+            })
+            .await?;
+        Ok(concurrency.map(|concurrency| self.plan(lease_id, concurrency)))
     }
 
     /// Gives a lease's share back. Only the project that holds it can release it.
-    pub fn release(&self, project: &str, lease_id: &str) {
-        let mut leases = self.lock();
-        if leases.get(lease_id).is_some_and(|lease| lease.project == project) {
-            leases.remove(lease_id);
-            self.rebalance(&mut leases);
-        }
+    pub async fn release(&self, project: &str, lease_id: &str, now: i64) -> Result<(), Error> {
+        self.change(now, |leases| {
+            if leases.get(lease_id).is_some_and(|lease| lease.project == project) {
+                leases.remove(lease_id);
+                self.rebalance(leases);
+            }
+        })
+        .await
     }
 
     /// The global budget of requests in flight.
@@ -232,8 +273,8 @@ impl TransferBudget {
     }
 
     /// Requests in flight the live leases allow, for the metrics.
-    pub fn granted(&self) -> u32 {
-        self.lock().values().map(|lease| lease.concurrency).sum()
+    pub async fn granted(&self, now: i64) -> Result<u32, Error> {
+        self.read(now, |leases| leases.map(|lease| lease.concurrency).sum()).await
     }
 }
 
@@ -241,87 +282,108 @@ impl TransferBudget {
 mod tests {
     use super::*;
 
+    /// The clock of these tests, in unix milliseconds.
+    const NOW: i64 = 1_800_000_000_000;
+
     fn budget(worker_concurrency: u32, transfer_budget: u32) -> TransferBudget {
-        TransferBudget::new(PlanSettings {
-            part_size: 16 << 20,
-            multipart_threshold: 16 << 20,
-            worker_concurrency,
-            transfer_budget,
-        })
+        let settings =
+            PlanSettings { part_size: 16 << 20, multipart_threshold: 16 << 20, worker_concurrency, transfer_budget };
+        TransferBudget::new(settings, Arc::new(crate::state::InMemory::default()))
     }
 
-    fn save(budget: &TransferBudget, project: &str, lease: &str) -> u32 {
-        budget.grant(project, lease, LeaseKind::Save).max_concurrency
+    async fn save(budget: &TransferBudget, project: &str, lease: &str) -> u32 {
+        budget.grant(project, lease, LeaseKind::Save, NOW).await.unwrap().max_concurrency
     }
 
-    fn now(budget: &TransferBudget, project: &str, lease: &str) -> u32 {
-        budget.renew(project, lease).expect("a live lease").max_concurrency
+    async fn now(budget: &TransferBudget, project: &str, lease: &str) -> u32 {
+        budget.renew(project, lease, NOW).await.unwrap().expect("a live lease").max_concurrency
     }
 
-    #[test]
-    fn a_lone_worker_gets_the_per_worker_cap() {
+    async fn restore(budget: &TransferBudget, project: &str, lease: &str) -> u32 {
+        budget.grant(project, lease, LeaseKind::Restore, NOW).await.unwrap().max_concurrency
+    }
+
+    #[tokio::test]
+    async fn a_lone_worker_gets_the_per_worker_cap() {
         let budget = budget(8, 256);
-        let plan = budget.grant("web", "a", LeaseKind::Save);
+        let plan = budget.grant("web", "a", LeaseKind::Save, NOW).await.unwrap();
         assert_eq!((plan.max_concurrency, plan.part_size, plan.lease_id.as_str()), (8, 16 << 20, "a"));
-        assert_eq!(budget.grant("web", "r", LeaseKind::Restore).max_concurrency, 8);
+        assert_eq!(restore(&budget, "web", "r").await, 8);
     }
 
-    #[test]
-    fn hundreds_of_open_saves_of_one_project_leave_anothers_share_whole_and_the_budget_unexceeded() {
+    #[tokio::test]
+    async fn hundreds_of_open_saves_of_one_project_leave_anothers_share_whole_and_the_budget_unexceeded() {
         let budget = budget(8, 256);
         for i in 0..300 {
-            save(&budget, "hoarder", &format!("h{i}"));
+            save(&budget, "hoarder", &format!("h{i}")).await;
         }
-        assert_eq!(budget.granted(), 256, "the saves beyond the budget wait");
+        assert_eq!(budget.granted(NOW).await.unwrap(), 256, "the saves beyond the budget wait");
         // Another project's save gets a full worker's cap, its restore too; the hoarder's
         // saves shrink to make room.
-        assert_eq!(save(&budget, "web", "w0"), 8);
-        assert_eq!(budget.grant("web", "wr", LeaseKind::Restore).max_concurrency, 8);
-        assert!(budget.granted() <= 256, "{}", budget.granted());
+        assert_eq!(save(&budget, "web", "w0").await, 8);
+        assert_eq!(restore(&budget, "web", "wr").await, 8);
+        assert!(budget.granted(NOW).await.unwrap() <= 256, "{}", budget.granted(NOW).await.unwrap());
         // Many saves of the other project: it holds half the budget, the hoarder the rest.
         for i in 1..40 {
-            save(&budget, "web", &format!("w{i}"));
+            save(&budget, "web", &format!("w{i}")).await;
         }
-        let web: u32 = (0..40).map(|i| now(&budget, "web", &format!("w{i}"))).sum::<u32>() + 8;
-        let hoarder: u32 = (0..300).map(|i| now(&budget, "hoarder", &format!("h{i}"))).sum();
-        assert_eq!((web, hoarder, budget.granted()), (128, 128, 256));
+        let (mut web, mut hoarder) = (8, 0);
+        for i in 0..40 {
+            web += now(&budget, "web", &format!("w{i}")).await;
+        }
+        for i in 0..300 {
+            hoarder += now(&budget, "hoarder", &format!("h{i}")).await;
+        }
+        assert_eq!((web, hoarder, budget.granted(NOW).await.unwrap()), (128, 128, 256));
         // The oldest of the hoarder's saves hold one request each, the newest wait.
-        assert_eq!((now(&budget, "hoarder", "h0"), now(&budget, "hoarder", "h299")), (1, 0));
+        assert_eq!((now(&budget, "hoarder", "h0").await, now(&budget, "hoarder", "h299").await), (1, 0));
         // Once the other project is done, the hoarder's saves get the budget back.
         for i in 0..40 {
-            budget.release("web", &format!("w{i}"));
+            budget.release("web", &format!("w{i}"), NOW).await.unwrap();
         }
-        budget.release("web", "wr");
-        assert_eq!(budget.granted(), 256);
-        assert_eq!(now(&budget, "hoarder", "h255"), 1);
+        budget.release("web", "wr", NOW).await.unwrap();
+        assert_eq!(budget.granted(NOW).await.unwrap(), 256);
+        assert_eq!(now(&budget, "hoarder", "h255").await, 1);
     }
 
-    #[test]
-    fn restores_hold_at_most_half_the_budget_and_a_bounded_number_of_leases() {
+    #[tokio::test]
+    async fn restores_hold_at_most_half_the_budget_and_a_bounded_number_of_leases() {
         let budget = budget(8, 64);
-        let restores: Vec<u32> =
-            (0..40).map(|i| budget.grant("flood", &format!("r{i}"), LeaseKind::Restore).max_concurrency).collect();
+        let mut restores = Vec::new();
+        for i in 0..40 {
+            restores.push(restore(&budget, "flood", &format!("r{i}")).await);
+        }
         assert_eq!(&restores[..4], &[8, 8, 8, 8], "{restores:?}");
         assert!(restores.iter().all(|&c| c >= 1), "a restore always gets a request");
-        let held: u32 =
-            (24..40).map(|i| budget.renew("flood", &format!("r{i}")).map_or(0, |p| p.max_concurrency)).sum();
-        assert_eq!(budget.granted(), held, "only the newest {MOST_RESTORES_PER_PROJECT} restores hold leases");
-        assert!(budget.renew("flood", "r0").is_none(), "the oldest lapsed");
-        assert!(budget.granted() <= 32 + MOST_RESTORES_PER_PROJECT as u32, "{}", budget.granted());
+        let mut held = 0;
+        for i in 24..40 {
+            held += budget.renew("flood", &format!("r{i}"), NOW).await.unwrap().map_or(0, |p| p.max_concurrency);
+        }
+        assert_eq!(
+            budget.granted(NOW).await.unwrap(),
+            held,
+            "only the newest {MOST_RESTORES_PER_PROJECT} restores hold leases"
+        );
+        assert!(budget.renew("flood", "r0", NOW).await.unwrap().is_none(), "the oldest lapsed");
+        assert!(
+            budget.granted(NOW).await.unwrap() <= 32 + MOST_RESTORES_PER_PROJECT as u32,
+            "{}",
+            budget.granted(NOW).await.unwrap()
+        );
         // A project arriving after the flood finds its share.
-        assert_eq!(save(&budget, "web", "w"), 8);
-        assert!(budget.granted() <= 64, "{}", budget.granted());
+        assert_eq!(save(&budget, "web", "w").await, 8);
+        assert!(budget.granted(NOW).await.unwrap() <= 64, "{}", budget.granted(NOW).await.unwrap());
     }
 
-    #[test]
-    fn only_the_holder_releases_or_renews_a_lease() {
+    #[tokio::test]
+    async fn only_the_holder_releases_or_renews_a_lease() {
         let budget = budget(8, 8);
-        save(&budget, "web", "a");
-        budget.release("api", "a");
-        assert!(budget.renew("api", "a").is_none());
-        assert_eq!(budget.granted(), 8);
-        budget.release("web", "a");
-        assert_eq!(budget.granted(), 0);
+        save(&budget, "web", "a").await;
+        budget.release("api", "a", NOW).await.unwrap();
+        assert!(budget.renew("api", "a", NOW).await.unwrap().is_none());
+        assert_eq!(budget.granted(NOW).await.unwrap(), 8);
+        budget.release("web", "a", NOW).await.unwrap();
+        assert_eq!(budget.granted(NOW).await.unwrap(), 0);
     }
 
     #[test]
@@ -333,18 +395,22 @@ mod tests {
         assert_eq!(fair_shares(16, &demands).values().sum::<u32>(), 16);
     }
 
-    #[test]
-    fn a_restores_blobs_are_kept_until_its_lease_goes() {
+    #[tokio::test]
+    async fn a_restores_blobs_are_kept_until_its_lease_goes() {
         let budget = budget(8, 64);
         let reads = |digests: &[&str]| digests.iter().map(|d| d.to_string()).collect::<BTreeSet<String>>();
-        budget.grant_restore("web", "r1", reads(&["sha256:a", "sha256:b"]));
-        budget.grant_restore("web", "r2", reads(&["sha256:b", "sha256:c"]));
-        budget.grant_restore("api", "r3", reads(&["sha256:d"]));
-        let read = budget.read_by_restores("web");
+        budget.grant_restore("web", "r1", reads(&["sha256:a", "sha256:b"]), NOW).await.unwrap();
+        budget.grant_restore("web", "r2", reads(&["sha256:b", "sha256:c"]), NOW).await.unwrap();
+        budget.grant_restore("api", "r3", reads(&["sha256:d"]), NOW).await.unwrap();
+        let read = budget.read_by_restores("web", NOW).await.unwrap();
         assert_eq!(read, ["sha256:a", "sha256:b", "sha256:c"].iter().map(|d| d.to_string()).collect());
-        budget.release("web", "r1");
-        assert!(!budget.read_by_restores("web").contains("sha256:a"));
-        assert!(budget.read_by_restores("web").contains("sha256:b"));
-        assert_eq!(budget.read_by_restores("api").len(), 1, "another project's restores are its own");
+        budget.release("web", "r1", NOW).await.unwrap();
+        assert!(!budget.read_by_restores("web", NOW).await.unwrap().contains("sha256:a"));
+        assert!(budget.read_by_restores("web", NOW).await.unwrap().contains("sha256:b"));
+        assert_eq!(
+            budget.read_by_restores("api", NOW).await.unwrap().len(),
+            1,
+            "another project's restores are its own"
+        );
     }
 }

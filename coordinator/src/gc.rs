@@ -44,11 +44,10 @@ fn last_used(manifest: &pb::Manifest) -> i64 {
 impl CacheService {
     /// Whether nothing may delete one of `project`'s blobs now: an open save names it, or a
     /// running restore reads it.
-    fn protected(&self, project: &str) -> impl Fn(&str) -> bool {
-        let read = self.budget.read_by_restores(project);
-        let project = project.to_owned();
-        let saves = &self.pending_saves;
-        move |digest: &str| read.contains(digest) || saves.named(&project, digest)
+    async fn protected(&self, project: &str) -> Result<impl Fn(&str) -> bool + use<>, Error> {
+        let read = self.budget.read_by_restores(project, crate::credentials::now_unix_ms()).await?;
+        let named = self.pending_saves.named(project).await?;
+        Ok(move |digest: &str| read.contains(digest) || named.contains(digest))
     }
 
     /// Makes the forgetting of `forgotten` durable, then deletes their objects, and counts them
@@ -82,7 +81,7 @@ impl CacheService {
         keys: &[pb::CacheKey],
         reason: &str,
     ) -> Result<(Vec<String>, Vec<pb::CacheKey>), Error> {
-        let protected = self.protected(project);
+        let protected = self.protected(project).await?;
         let (mut removable, mut evicted) = (Vec::new(), Vec::new());
         for key in keys {
             if let Some(unreferenced) = self.db.remove_manifest(project, key).await? {
@@ -114,7 +113,7 @@ impl CacheService {
             .map(|manifest| manifest.key.clone().unwrap_or_default())
             .collect();
         let grace = self.gc_grace.as_secs() as i64;
-        let protected = self.protected(project);
+        let protected = self.protected(project).await?;
         let past_grace = |record: &BlobRecord| now - record.unreferenced_since_unix >= grace;
         let collectable: Vec<String> = self
             .db
@@ -176,7 +175,7 @@ impl CacheService {
     ) -> Result<Vec<StoredObject>, Error> {
         let recorded = self.db.ledger_digests(project).await?;
         let blobs = blobs_prefix(&self.store_prefix, project);
-        let protected = self.protected(project);
+        let protected = self.protected(project).await?;
         Ok(listed
             .into_iter()
             .filter(|object| {
@@ -222,7 +221,7 @@ impl CacheService {
         if quota == 0 || used <= quota {
             return Ok(pb::Evicted::default());
         }
-        let protected = self.protected(project);
+        let protected = self.protected(project).await?;
         let spare: Vec<String> = self
             .db
             .unreferenced_blobs(project, now_unix())
@@ -282,7 +281,7 @@ impl CacheService {
         let discarded = async {
             let digests: Vec<String> = uploaded.keys().cloned().collect();
             let recorded = self.db.stored_blobs(project, &digests).await?;
-            let protected = self.protected(project);
+            let protected = self.protected(project).await?;
             let prefix = project_prefix(&self.store_prefix, project);
             let doomed: Vec<(&String, &BlobRecord)> =
                 uploaded.iter().filter(|(digest, _)| !recorded.contains_key(*digest) && !protected(digest)).collect();

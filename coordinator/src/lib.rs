@@ -247,13 +247,13 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let service = Arc::new(CacheService {
-        db: state,
+        db: state.clone(),
         broker: store.broker,
         store: store.objects,
         store_prefix: config.prefix.clone(),
         admin_token_sha256_hex: data_dir.admin_token.sha256_hex.clone(),
-        pending_saves: crate::saves::PendingSaves::new(config.claim_ttl),
-        budget: crate::budget::TransferBudget::new(config.plan),
+        pending_saves: crate::saves::PendingSaves::new(config.claim_ttl, state.clone()),
+        budget: crate::budget::TransferBudget::new(config.plan, state.clone()),
         metrics: store.metrics,
         publish_lock: store.publish_lock,
         usage: Default::default(),

@@ -5,7 +5,7 @@
 //! Architecture Invariant: a manifest never names a blob that was not verified present.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
-use std::sync::Mutex;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::{StreamExt, TryStreamExt};
@@ -15,7 +15,7 @@ use proto::v1 as pb;
 use crate::credentials::{now_unix, now_unix_ms, project_prefix};
 use crate::error::Error;
 use crate::service::{CacheService, validate_key};
-use crate::state::{BlobRecord, Committed, ServiceCounters, manifest_digests};
+use crate::state::{BlobRecord, Committed, Ephemeral, OpenSave, OpenSaves, ServiceCounters, manifest_digests};
 
 /// How long a begun save may take before its commit is refused.
 const SAVE_LIFETIME: Duration = Duration::from_secs(6 * 3600);
@@ -41,48 +41,33 @@ const SILENT_SAVE_CLAIM_TTLS: u32 = 40;
 /// Store lookups (HEAD) one commit keeps in flight.
 const STORE_LOOKUPS_IN_FLIGHT: usize = 16;
 
-/// A save between `BeginSave` and `CommitSave`.
-struct PendingSave {
-    project: String,
-    key: pb::CacheKey,
-    generation: u64,
-    image_ids: Vec<String>,
-    engine_version: String,
-    began: Instant,
-    began_unix_ms: i64,
-    host: String,
-    /// The worker's last sign of life (its begin or a `KeepSaveAlive`): its claims lapse
-    /// `claim_ttl` after it.
-    last_alive: Instant,
-    /// The missing blobs this save uploads; no other save of the project uploads them meanwhile.
-    claimed: HashSet<String>,
-    /// Every blob its images name: none is collected as garbage while the save is open.
-    named: HashSet<String>,
-    /// Its worker fell silent for the claim lifetime and its budget share was given back.
-    silence_noted: bool,
-}
-
-/// Begun saves, by save ID. Held in memory: a coordinator restart makes workers save again.
+/// Begun saves and their single-flight claims, kept in the state's ephemeral records (this
+/// process's memory on sled, the database replicas share on PostgreSQL). Every rule below runs
+/// on one consistent view of the project's open saves, at a time (unix milliseconds) its
+/// caller passes in.
 pub struct PendingSaves {
-    saves: Mutex<HashMap<String, PendingSave>>,
+    saves: Arc<dyn Ephemeral>,
     /// How long a claim outlives its worker's last sign of life.
     claim_ttl: Duration,
 }
 
-impl PendingSave {
-    /// The names it holds in memory (`claimed` is a part of `named`).
-    fn held_names(&self) -> usize {
-        self.named.len() + self.image_ids.len()
-    }
+fn millis(duration: Duration) -> i64 {
+    duration.as_millis() as i64
+}
 
-    fn claims(&self, project: &str, digest: &str, claim_ttl: Duration, now: Instant) -> bool {
-        self.project == project && now.duration_since(self.last_alive) < claim_ttl && self.claimed.contains(digest)
-    }
+/// The names a save holds (`claimed` is a part of `named`).
+fn held_names(save: &OpenSave) -> usize {
+    save.named.len() + save.image_ids.len()
+}
+
+/// Whether a save was begun too long ago to commit.
+fn too_old(save: &OpenSave, now: i64) -> bool {
+    now.saturating_sub(save.began_unix_ms) >= millis(SAVE_LIFETIME)
 }
 
 impl PendingSaves {
-    pub fn new(claim_ttl: Duration) -> PendingSaves {
-        PendingSaves { saves: Mutex::default(), claim_ttl }
+    pub fn new(claim_ttl: Duration, saves: Arc<dyn Ephemeral>) -> PendingSaves {
+        PendingSaves { saves, claim_ttl }
     }
 
     /// How often a worker says it is alive: a claim survives two missed calls.
@@ -90,8 +75,34 @@ impl PendingSaves {
         (self.claim_ttl / 3).max(Duration::from_secs(1))
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, PendingSave>> {
-        self.saves.lock().expect("pending saves lock")
+    fn claims(&self, save: &OpenSave, project: &str, digest: &str, now: i64) -> bool {
+        save.project == project
+            && now.saturating_sub(save.last_alive_unix_ms) < millis(self.claim_ttl)
+            && save.claimed.contains(digest)
+    }
+
+    /// Runs `change` on the open saves of `project` (`None`: of every project).
+    async fn change<R: Send>(
+        &self,
+        project: Option<&str>,
+        change: impl FnOnce(&mut OpenSaves) -> R + Send,
+    ) -> Result<R, Error> {
+        let (mut change, mut result) = (Some(change), None);
+        self.saves
+            .update_open_saves(project, &mut |saves| {
+                if let Some(change) = change.take() {
+                    result = Some(change(saves));
+                }
+            })
+            .await?;
+        Ok(result.expect("the change ran"))
+    }
+
+    /// Answers `read` of the open saves of `project`.
+    async fn read<R: Send>(&self, project: &str, read: impl Fn(&OpenSaves) -> R + Send + Sync) -> Result<R, Error> {
+        let mut result = None;
+        self.saves.read_open_saves(project, &mut |saves| result = Some(read(saves))).await?;
+        Ok(result.expect("the read ran"))
     }
 
     /// Registers a save. Of the `missing` blobs it claims those no other live save of the
@@ -101,113 +112,140 @@ impl PendingSaves {
     /// must never wait for the save it repeats.
     /// Refused while the project holds [`MOST_SAVES_PER_PROJECT`] saves or
     /// [`MOST_HELD_NAMES_PER_PROJECT`] names.
-    fn begin(
+    async fn begin(
         &self,
         save_id: String,
-        mut save: PendingSave,
+        mut save: OpenSave,
         missing: Vec<String>,
-        now: Instant,
+        now: i64,
     ) -> Result<(Vec<String>, Vec<String>), Error> {
-        let claim_ttl = self.claim_ttl;
-        let mut saves = self.lock();
-        let forget_silent = claim_ttl * SILENT_SAVE_CLAIM_TTLS;
-        saves.retain(|_, pending| {
-            now.duration_since(pending.began) < SAVE_LIFETIME && now.duration_since(pending.last_alive) < forget_silent
-        });
-        save.named.extend(missing.iter().cloned());
-        let of_project = || saves.values().filter(|other| other.project == save.project);
-        if of_project().count() >= MOST_SAVES_PER_PROJECT {
-            return Err(Error::TooMany(format!(
-                "project {:?} has {MOST_SAVES_PER_PROJECT} saves in progress, the most it may: save again once some have committed",
-                save.project
-            )));
-        }
-        let held: usize = of_project().map(PendingSave::held_names).sum();
-        if held + save.held_names() > MOST_HELD_NAMES_PER_PROJECT {
-            return Err(Error::TooMany(format!(
-                "project {:?}'s saves in progress name {held} blobs and images, and this one would take them over \
-                 {MOST_HELD_NAMES_PER_PROJECT}: save again once some have committed",
-                save.project
-            )));
-        }
-        let (in_flight, to_upload): (Vec<String>, Vec<String>) = missing.into_iter().partition(|digest| {
-            saves.values().any(|other| other.key != save.key && other.claims(&save.project, digest, claim_ttl, now))
-        });
-        for other in saves.values_mut().filter(|other| other.project == save.project && other.key == save.key) {
-            for digest in &to_upload {
-                other.claimed.remove(digest);
+        let project = save.project.clone();
+        let forget_silent = millis(self.claim_ttl * SILENT_SAVE_CLAIM_TTLS);
+        self.change(Some(&project), move |saves| {
+            saves.retain(|_, pending| {
+                pending.project != save.project
+                    || (!too_old(pending, now) && now.saturating_sub(pending.last_alive_unix_ms) < forget_silent)
+            });
+            save.named.extend(missing.iter().cloned());
+            let of_project = || saves.values().filter(|other| other.project == save.project);
+            if of_project().count() >= MOST_SAVES_PER_PROJECT {
+                return Err(Error::TooMany(format!(
+                    "project {:?} has {MOST_SAVES_PER_PROJECT} saves in progress, the most it may: save again once some have committed",
+                    save.project
+                )));
             }
-        }
-        save.claimed = to_upload.iter().cloned().collect();
-        saves.insert(save_id, save);
-        Ok((to_upload, in_flight))
+            let held: usize = of_project().map(held_names).sum();
+            if held + held_names(&save) > MOST_HELD_NAMES_PER_PROJECT {
+                return Err(Error::TooMany(format!(
+                    "project {:?}'s saves in progress name {held} blobs and images, and this one would take them over \
+                     {MOST_HELD_NAMES_PER_PROJECT}: save again once some have committed",
+                    save.project
+                )));
+            }
+            let same_key = |other: &OpenSave| other.service == save.service && other.branch == save.branch;
+            let (in_flight, to_upload): (Vec<String>, Vec<String>) = missing.into_iter().partition(|digest| {
+                saves.values().any(|other| !same_key(other) && self.claims(other, &save.project, digest, now))
+            });
+            for other in saves.values_mut().filter(|other| other.project == save.project && same_key(other)) {
+                for digest in &to_upload {
+                    other.claimed.remove(digest);
+                }
+            }
+            save.claimed = to_upload.iter().cloned().collect();
+            saves.insert(save_id, save);
+            Ok((to_upload, in_flight))
+        })
+        .await?
     }
 
-    /// Whether an open save of `project` names `digest` (a garbage collection keeps it).
-    pub(crate) fn named(&self, project: &str, digest: &str) -> bool {
-        self.lock().values().any(|save| save.project == project && save.named.contains(digest))
+    /// The blobs open saves of `project` name (a garbage collection keeps them).
+    pub(crate) async fn named(&self, project: &str) -> Result<HashSet<String>, Error> {
+        self.read(project, |saves| {
+            saves.values().filter(|save| save.project == project).flat_map(|save| save.named.iter().cloned()).collect()
+        })
+        .await
     }
 
-    /// Whether a live save of `project` is uploading `digest` (also asked by the post-flush
-    /// sweep).
-    pub(crate) fn in_flight(&self, project: &str, digest: &str, now: Instant) -> bool {
-        self.in_flight_for(project, digest, "", now)
+    /// The blobs live saves of `project` are uploading (the post-flush sweep keeps them).
+    pub(crate) async fn in_flight(&self, project: &str, now: i64) -> Result<HashSet<String>, Error> {
+        self.read(project, |saves| {
+            let live = saves.values().filter(|save| {
+                save.project == project && now.saturating_sub(save.last_alive_unix_ms) < millis(self.claim_ttl)
+            });
+            live.flat_map(|save| save.claimed.iter().cloned()).collect()
+        })
+        .await
     }
 
     /// Whether a live save of `project` other than `waiting_save_id` is uploading `digest`: a
     /// save never waits for its own claims (what it did not upload is simply not there).
-    fn in_flight_for(&self, project: &str, digest: &str, waiting_save_id: &str, now: Instant) -> bool {
-        self.lock()
-            .iter()
-            .any(|(save_id, save)| save_id != waiting_save_id && save.claims(project, digest, self.claim_ttl, now))
+    async fn in_flight_for(&self, project: &str, digest: &str, waiting_save_id: &str, now: i64) -> Result<bool, Error> {
+        self.read(project, |saves| {
+            saves.iter().any(|(save_id, save)| save_id != waiting_save_id && self.claims(save, project, digest, now))
+        })
+        .await
     }
 
     /// Records a sign of life of a save's worker.
-    fn keep_alive(&self, save_id: &str, project: &str, now: Instant) -> Result<(), Error> {
-        match self.lock().get_mut(save_id) {
-            Some(save) if save.project == project && now.duration_since(save.began) < SAVE_LIFETIME => {
-                save.last_alive = now;
+    async fn keep_alive(&self, save_id: &str, project: &str, now: i64) -> Result<(), Error> {
+        self.change(Some(project), |saves| match saves.get_mut(save_id) {
+            Some(save) if save.project == project && !too_old(save, now) => {
+                save.last_alive_unix_ms = now;
                 save.silence_noted = false;
                 Ok(())
             }
             _ => Err(Error::NoSuchSave(save_id.to_owned())),
-        }
+        })
+        .await?
     }
 
-    /// Saves whose worker has been silent for the claim lifetime (killed, most likely): their
-    /// claims have lapsed, and their shares of the transfer budget should too. Each is named
-    /// once; the save itself stays begun, should its worker come back and commit.
-    fn newly_silent(&self, now: Instant) -> Vec<(String, String)> {
-        let mut silent = Vec::new();
-        for (save_id, save) in self.lock().iter_mut() {
-            if !save.silence_noted && now.duration_since(save.last_alive) >= self.claim_ttl {
-                save.silence_noted = true;
-                silent.push((save.project.clone(), save_id.clone()));
+    /// Saves of `project` (`None`: of every project) whose worker has been silent for the
+    /// claim lifetime (killed, most likely): their claims have lapsed, and their shares of the
+    /// transfer budget should too. Each is named once; the save itself stays begun, should its
+    /// worker come back and commit. Saves silent for [`SILENT_SAVE_CLAIM_TTLS`] claim lifetimes,
+    /// or begun too long ago, are forgotten.
+    async fn newly_silent(&self, project: Option<&str>, now: i64) -> Result<Vec<(String, String)>, Error> {
+        let (claim_ttl, forget_silent) = (millis(self.claim_ttl), millis(self.claim_ttl * SILENT_SAVE_CLAIM_TTLS));
+        self.change(project, |saves| {
+            let mine = |save: &OpenSave| project.is_none_or(|project| save.project == project);
+            saves.retain(|_, save| {
+                !mine(save) || (!too_old(save, now) && now.saturating_sub(save.last_alive_unix_ms) < forget_silent)
+            });
+            let mut silent = Vec::new();
+            for (save_id, save) in saves.iter_mut().filter(|(_, save)| mine(save)) {
+                if !save.silence_noted && now.saturating_sub(save.last_alive_unix_ms) >= claim_ttl {
+                    save.silence_noted = true;
+                    silent.push((save.project.clone(), save_id.clone()));
+                }
             }
-        }
-        silent
+            silent.sort();
+            silent
+        })
+        .await
     }
 
     /// Forgets a save (and its claims); whether it was there.
-    fn abandon(&self, save_id: &str, project: &str) -> bool {
-        let mut saves = self.lock();
-        if saves.get(save_id).is_some_and(|save| save.project == project) {
-            saves.remove(save_id);
-            return true;
-        }
-        false
+    async fn abandon(&self, save_id: &str, project: &str) -> Result<bool, Error> {
+        self.change(Some(project), |saves| {
+            if saves.get(save_id).is_some_and(|save| save.project == project) {
+                saves.remove(save_id);
+                return true;
+            }
+            false
+        })
+        .await
     }
 
     /// Forgets every save of a project (a flush: none of them can commit).
-    fn abandon_project(&self, project: &str) {
-        self.lock().retain(|_, save| save.project != project);
+    async fn abandon_project(&self, project: &str) -> Result<(), Error> {
+        self.change(Some(project), |saves| saves.retain(|_, save| save.project != project)).await
     }
 
     /// What a commit needs of a begun save, which stays begun until [`PendingSaves::take`].
-    fn describe(&self, save_id: &str, project: &str, now: Instant) -> Result<SaveFacts, Error> {
-        match self.lock().get(save_id) {
-            Some(save) if save.project == project && now.duration_since(save.began) < SAVE_LIFETIME => Ok(SaveFacts {
-                key: save.key.clone(),
+    async fn describe(&self, save_id: &str, project: &str, now: i64) -> Result<SaveFacts, Error> {
+        self.read(project, |saves| match saves.get(save_id) {
+            Some(save) if save.project == project && !too_old(save, now) => Ok(SaveFacts {
+                key: pb::CacheKey { service: save.service.clone(), branch: save.branch.clone() },
                 generation: save.generation,
                 image_ids: save.image_ids.clone(),
                 engine_version: save.engine_version.clone(),
@@ -215,11 +253,12 @@ impl PendingSaves {
                 host: save.host.clone(),
             }),
             _ => Err(Error::NoSuchSave(save_id.to_owned())),
-        }
+        })
+        .await?
     }
 
-    fn take(&self, save_id: &str, project: &str) -> Result<(), Error> {
-        if self.abandon(save_id, project) { Ok(()) } else { Err(Error::NoSuchSave(save_id.to_owned())) }
+    async fn take(&self, save_id: &str, project: &str) -> Result<(), Error> {
+        if self.abandon(save_id, project).await? { Ok(()) } else { Err(Error::NoSuchSave(save_id.to_owned())) }
     }
 }
 
@@ -361,27 +400,27 @@ impl CacheService {
         }
 
         let save_id = crate::tokens::random_hex_32();
-        let now = Instant::now();
-        let pending = PendingSave {
+        let now = now_unix_ms();
+        let pending = OpenSave {
             project: project.to_owned(),
-            key,
+            service: key.service.clone(),
+            branch: key.branch.clone(),
             generation: record.generation,
             image_ids: request.images.iter().map(|image| image.id.clone()).collect(),
             engine_version: request.engine_version.clone(),
-            began: now,
-            began_unix_ms: now_unix_ms(),
+            began_unix_ms: now,
             host: request.host.clone(),
-            last_alive: now,
-            claimed: HashSet::new(),
-            named: digests.iter().cloned().collect(),
+            last_alive_unix_ms: now,
+            claimed: BTreeSet::new(),
+            named: digests.clone(),
             silence_noted: false,
         };
-        self.release_silent_saves();
+        self.release_silent_saves(Some(project)).await;
         // An unchanged save commits nothing, so it is not kept (and claims nothing).
         let (missing_digests, in_flight_digests) = if unchanged {
             (Vec::new(), Vec::new())
         } else {
-            self.pending_saves.begin(save_id.clone(), pending, missing, now)?
+            self.pending_saves.begin(save_id.clone(), pending, missing, now).await?
         };
         drop(registering);
         // Blobs in flight still need the worker's export (for their sizes), not its uploads.
@@ -392,12 +431,13 @@ impl CacheService {
             let credentials = match self.issue_credentials(project, pb::Access::Write, "", &principal.token_id).await {
                 Ok(credentials) => credentials,
                 Err(error) => {
-                    self.pending_saves.abandon(&save_id, project);
+                    self.pending_saves.abandon(&save_id, project).await?;
                     return Err(error);
                 }
             };
             // The save ID names its lease; the commit gives it back.
-            (Some(credentials), Some(self.budget.grant(project, &save_id, crate::budget::LeaseKind::Save)))
+            let plan = self.budget.grant(project, &save_id, crate::budget::LeaseKind::Save, now).await?;
+            (Some(credentials), Some(plan))
         };
         tracing::info!(
             project,
@@ -476,31 +516,41 @@ impl CacheService {
 
     /// Keeps a begun save's claims alive while its worker works; answers its share of the
     /// transfer budget now.
-    pub fn keep_save_alive(&self, project: &str, save_id: &str) -> Result<Option<pb::TransferPlan>, Error> {
-        self.pending_saves.keep_alive(save_id, project, Instant::now())?;
-        Ok(self.budget.renew(project, save_id))
+    pub async fn keep_save_alive(&self, project: &str, save_id: &str) -> Result<Option<pb::TransferPlan>, Error> {
+        let now = now_unix_ms();
+        self.pending_saves.keep_alive(save_id, project, now).await?;
+        self.budget.renew(project, save_id, now).await
     }
 
     /// Gives a save's claims and its share of the transfer budget back: its worker will not commit.
-    pub fn abandon_save(&self, project: &str, save_id: &str) {
-        if self.pending_saves.abandon(save_id, project) {
-            self.budget.release(project, save_id);
+    pub async fn abandon_save(&self, project: &str, save_id: &str) -> Result<(), Error> {
+        if self.pending_saves.abandon(save_id, project).await? {
+            self.budget.release(project, save_id, now_unix_ms()).await?;
             tracing::info!(project, "save abandoned");
         }
+        Ok(())
     }
 
-    /// Gives back the budget shares of saves whose workers fell silent (see
-    /// [`PendingSaves::newly_silent`]), so a killed worker's share does not wait 10 minutes.
-    pub(crate) fn release_silent_saves(&self) {
-        for (project, save_id) in self.pending_saves.newly_silent(Instant::now()) {
-            self.budget.release(&project, &save_id);
-            tracing::info!(project, "a save's worker fell silent: its claims lapsed and its budget share is back");
+    /// Gives back the budget shares of saves of `project` (`None`: of every project) whose
+    /// workers fell silent (see [`PendingSaves::newly_silent`]), so a killed worker's share
+    /// does not wait 10 minutes. A failure is logged: the next call tries again.
+    pub(crate) async fn release_silent_saves(&self, project: Option<&str>) {
+        let now = now_unix_ms();
+        let released = async {
+            for (project, save_id) in self.pending_saves.newly_silent(project, now).await? {
+                self.budget.release(&project, &save_id, now).await?;
+                tracing::info!(project, "a save's worker fell silent: its claims lapsed and its budget share is back");
+            }
+            Ok::<_, Error>(())
+        };
+        if let Err(error) = released.await {
+            tracing::warn!(%error, "releasing the budget shares of silent saves failed; it is tried again");
         }
     }
 
     /// Forgets every begun save of a flushed project: none of them can commit.
-    pub(crate) fn abandon_project_saves(&self, project: &str) {
-        self.pending_saves.abandon_project(project);
+    pub(crate) async fn abandon_project_saves(&self, project: &str) -> Result<(), Error> {
+        self.pending_saves.abandon_project(project).await
     }
 
     pub async fn commit_save(
@@ -510,15 +560,15 @@ impl CacheService {
     ) -> Result<pb::CommitSaveResponse, Error> {
         let project = principal.project.as_str();
         validate_images(&request.images)?;
-        let pending = self.pending_saves.describe(&request.save_id, project, Instant::now())?;
+        let pending = self.pending_saves.describe(&request.save_id, project, now_unix_ms()).await?;
         // Checked again: the save may have been begun by another token of the project.
         principal.check_write(&pending.key.branch)?;
         // A flush since the begin (through another replica, which cannot forget this one's
         // open saves) is named as such, before the store is asked for what it deleted.
         let record = self.existing_project(project).await?;
         if record.generation != pending.generation {
-            self.pending_saves.take(&request.save_id, project)?;
-            self.budget.release(project, &request.save_id);
+            self.pending_saves.take(&request.save_id, project).await?;
+            self.budget.release(project, &request.save_id, now_unix_ms()).await?;
             return Err(Error::SaveConflict(format!("project {project:?} was flushed while the save ran: save again")));
         }
         let image_ids: Vec<String> = request.images.iter().map(|image| image.id.clone()).collect();
@@ -646,8 +696,8 @@ impl CacheService {
         if let Some((digest, _)) = checked.iter().find(|(_, matches)| !matches) {
             return Err(planted(digest));
         }
-        self.pending_saves.take(&request.save_id, project)?;
-        self.budget.release(project, &request.save_id);
+        self.pending_saves.take(&request.save_id, project).await?;
+        self.budget.release(project, &request.save_id, now_unix_ms()).await?;
         let size: u64 = reported.values().map(|record| record.stored_size).sum();
         let quota = record.quota_bytes;
         if quota > 0 && size > quota {
@@ -732,7 +782,7 @@ impl CacheService {
     ) -> Result<Awaited, Error> {
         loop {
             let stored = self.store.object_size(key).await?;
-            if stored.is_some() || !self.pending_saves.in_flight_for(project, digest, save_id, Instant::now()) {
+            if stored.is_some() || !self.pending_saves.in_flight_for(project, digest, save_id, now_unix_ms()).await? {
                 return Ok(Awaited::Stored(stored));
             }
             if waiting_since.elapsed() >= COMMIT_WAIT {
@@ -750,22 +800,22 @@ pub fn blob_key(project_prefix: &str, digest: &str) -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn pending(project: &str, service: &str, now: Instant) -> PendingSave {
-        PendingSave {
+    pub(crate) fn pending(project: &str, service: &str, now: i64) -> OpenSave {
+        OpenSave {
             project: project.into(),
-            key: pb::CacheKey { service: service.into(), branch: String::new() },
+            service: service.into(),
+            branch: String::new(),
             generation: 0,
             image_ids: Vec::new(),
             engine_version: String::new(),
-            began: now,
-            began_unix_ms: 0,
+            began_unix_ms: now,
             host: String::new(),
-            last_alive: now,
-            claimed: HashSet::new(),
-            named: HashSet::new(),
+            last_alive_unix_ms: now,
+            claimed: BTreeSet::new(),
+            named: BTreeSet::new(),
             silence_noted: false,
         }
     }
@@ -774,95 +824,119 @@ mod tests {
         names.iter().map(|name| name.to_string()).collect()
     }
 
-    const TTL: Duration = Duration::from_secs(15);
+    fn set(names: &[&str]) -> HashSet<String> {
+        names.iter().map(|name| name.to_string()).collect()
+    }
 
-    #[test]
-    fn a_blob_another_save_uploads_is_uploaded_once() {
-        let saves = PendingSaves::new(TTL);
-        let now = Instant::now();
+    const TTL: Duration = Duration::from_secs(15);
+    /// The clock of these tests, in unix milliseconds.
+    const START: i64 = 1_800_000_000_000;
+
+    fn saves() -> PendingSaves {
+        PendingSaves::new(TTL, Arc::new(crate::state::InMemory::default()))
+    }
+
+    /// The rules of single flight on `saves`, which two replicas may share: `other` sees what
+    /// `saves` registered (the same saves, on sled; another replica, on PostgreSQL).
+    pub(crate) async fn single_flight_holds(saves: &PendingSaves, other: &PendingSaves, project: &str) {
+        let now = START;
         let (upload, in_flight) =
-            saves.begin("s1".into(), pending("web", "one", now), digests(&["a", "b"]), now).unwrap();
+            saves.begin("s1".into(), pending(project, "one", now), digests(&["a", "b"]), now).await.unwrap();
         assert_eq!((upload, in_flight), (digests(&["a", "b"]), digests(&[])));
         let (upload, in_flight) =
-            saves.begin("s2".into(), pending("web", "two", now), digests(&["b", "c"]), now).unwrap();
+            other.begin("s2".into(), pending(project, "two", now), digests(&["b", "c"]), now).await.unwrap();
         assert_eq!((upload, in_flight), (digests(&["c"]), digests(&["b"])));
         // Another project never waits for this one's uploads.
-        let (upload, in_flight) = saves.begin("s3".into(), pending("api", "one", now), digests(&["a"]), now).unwrap();
+        let elsewhere = format!("{project}-other");
+        let (upload, in_flight) =
+            other.begin("s3".into(), pending(&elsewhere, "one", now), digests(&["a"]), now).await.unwrap();
         assert_eq!((upload, in_flight), (digests(&["a"]), digests(&[])));
-        assert!(saves.in_flight("web", "b", now));
-        assert!(!saves.in_flight_for("web", "b", "s1", now), "a save never waits for its own claim");
-        assert!(saves.in_flight_for("web", "b", "s2", now));
+        assert_eq!(other.in_flight(project, now).await.unwrap(), set(&["a", "b", "c"]));
+        assert!(!other.in_flight_for(project, "b", "s1", now).await.unwrap(), "a save never waits for its own claim");
+        assert!(other.in_flight_for(project, "b", "s2", now).await.unwrap());
+        assert_eq!(other.named(project).await.unwrap(), set(&["a", "b", "c"]));
+        let facts = other.describe("s1", project, now).await.unwrap();
+        assert_eq!(facts.key.service, "one");
         // The claimant's commit (or its abandoning the save) ends the claim.
-        saves.take("s1", "web").unwrap();
-        assert!(!saves.in_flight("web", "b", now));
-        assert!(saves.in_flight("web", "c", now));
-        assert!(saves.take("s1", "web").is_err(), "a save commits once");
+        other.take("s1", project).await.unwrap();
+        assert!(!saves.in_flight_for(project, "b", "s2", now).await.unwrap());
+        assert_eq!(saves.in_flight(project, now).await.unwrap(), set(&["c"]));
+        assert!(saves.take("s1", project).await.is_err(), "a save commits once");
+        // A flush forgets the project's saves, and only its.
+        saves.abandon_project(project).await.unwrap();
+        assert!(other.named(project).await.unwrap().is_empty());
+        assert_eq!(other.named(&elsewhere).await.unwrap(), set(&["a"]));
     }
 
-    #[test]
-    fn a_retry_of_the_same_cache_key_takes_the_claims_over() {
-        let saves = PendingSaves::new(TTL);
-        let now = Instant::now();
-        saves.begin("killed".into(), pending("web", "one", now), digests(&["a", "b"]), now).unwrap();
+    #[tokio::test]
+    async fn a_blob_another_save_uploads_is_uploaded_once() {
+        let saves = saves();
+        single_flight_holds(&saves, &saves, "web").await;
+    }
+
+    #[tokio::test]
+    async fn a_retry_of_the_same_cache_key_takes_the_claims_over() {
+        let saves = saves();
+        let now = START;
+        saves.begin("killed".into(), pending("web", "one", now), digests(&["a", "b"]), now).await.unwrap();
         // The retry (same key) uploads both itself, at once; another key waits for the retry.
         let (upload, in_flight) =
-            saves.begin("retry".into(), pending("web", "one", now), digests(&["a", "b"]), now).unwrap();
+            saves.begin("retry".into(), pending("web", "one", now), digests(&["a", "b"]), now).await.unwrap();
         assert_eq!((upload, in_flight), (digests(&["a", "b"]), digests(&[])));
-        saves.abandon("retry", "web");
-        assert!(!saves.in_flight("web", "a", now), "the killed save no longer claims what its retry took over");
+        saves.abandon("retry", "web").await.unwrap();
+        assert!(
+            saves.in_flight("web", now).await.unwrap().is_empty(),
+            "the killed save no longer claims what its retry took over"
+        );
     }
 
-    #[test]
-    fn a_claim_lapses_after_its_workers_last_sign_of_life() {
-        let saves = PendingSaves::new(TTL);
-        let start = Instant::now();
-        saves.begin("s1".into(), pending("web", "one", start), digests(&["a"]), start).unwrap();
-        let later = start + Duration::from_secs(10);
-        assert!(saves.in_flight("web", "a", later));
-        saves.keep_alive("s1", "web", later).unwrap();
-        assert!(saves.in_flight("web", "a", later + Duration::from_secs(14)));
-        let lapsed = later + TTL;
-        assert!(!saves.in_flight("web", "a", lapsed), "no sign of life for the claim's lifetime");
+    #[tokio::test]
+    async fn a_claim_lapses_after_its_workers_last_sign_of_life() {
+        let saves = saves();
+        let start = START;
+        saves.begin("s1".into(), pending("web", "one", start), digests(&["a"]), start).await.unwrap();
+        let later = start + 10_000;
+        assert!(saves.in_flight("web", later).await.unwrap().contains("a"));
+        saves.keep_alive("s1", "web", later).await.unwrap();
+        assert!(saves.in_flight("web", later + 14_000).await.unwrap().contains("a"));
+        let lapsed = later + millis(TTL);
+        assert!(saves.in_flight("web", lapsed).await.unwrap().is_empty(), "no sign of life for the claim's lifetime");
         let (upload, in_flight) =
-            saves.begin("s2".into(), pending("web", "two", lapsed), digests(&["a"]), lapsed).unwrap();
+            saves.begin("s2".into(), pending("web", "two", lapsed), digests(&["a"]), lapsed).await.unwrap();
         assert_eq!((upload, in_flight), (digests(&["a"]), digests(&[])), "a lapsed claim is uploaded again");
-        assert!(saves.keep_alive("s1", "api", lapsed).is_err(), "another project's save is not found");
-        assert!(saves.abandon("s2", "web") && !saves.abandon("s2", "web"));
-        assert!(saves.keep_alive("s2", "web", lapsed).is_err());
+        assert!(saves.keep_alive("s1", "api", lapsed).await.is_err(), "another project's save is not found");
+        assert!(saves.abandon("s2", "web").await.unwrap() && !saves.abandon("s2", "web").await.unwrap());
+        assert!(saves.keep_alive("s2", "web", lapsed).await.is_err());
         assert_eq!(saves.keep_alive_interval(), Duration::from_secs(5));
-        assert_eq!(saves.newly_silent(lapsed), vec![("web".to_string(), "s1".to_string())]);
-        assert!(saves.newly_silent(lapsed).is_empty(), "each silent save is named once");
+        assert_eq!(saves.newly_silent(None, lapsed).await.unwrap(), vec![("web".to_string(), "s1".to_string())]);
+        assert!(saves.newly_silent(Some("web"), lapsed).await.unwrap().is_empty(), "each silent save is named once");
     }
 
-    #[test]
-    fn a_project_holds_a_bounded_number_of_saves_and_names_and_silent_ones_are_forgotten() {
-        let saves = PendingSaves::new(TTL);
-        let start = Instant::now();
+    #[tokio::test]
+    async fn a_project_holds_a_bounded_number_of_saves_and_names_and_silent_ones_are_forgotten() {
+        let saves = saves();
+        let start = START;
         for i in 0..MOST_SAVES_PER_PROJECT {
-            saves.begin(format!("s{i}"), pending("web", &format!("svc{i}"), start), digests(&["a"]), start).unwrap();
+            let save = pending("web", &format!("svc{i}"), start);
+            saves.begin(format!("s{i}"), save, digests(&["a"]), start).await.unwrap();
         }
-        let refused = saves.begin("over".into(), pending("web", "over", start), digests(&["a"]), start).unwrap_err();
+        let refused =
+            saves.begin("over".into(), pending("web", "over", start), digests(&["a"]), start).await.unwrap_err();
         assert!(refused.to_string().contains("has 64 saves in progress"), "{refused}");
         // Another project is not held up by this one's saves.
-        saves.begin("api".into(), pending("api", "one", start), digests(&["a"]), start).unwrap();
+        saves.begin("api".into(), pending("api", "one", start), digests(&["a"]), start).await.unwrap();
         // Saves silent for 40 claim lifetimes are forgotten; one kept alive stays.
-        let later = start + TTL * SILENT_SAVE_CLAIM_TTLS - Duration::from_secs(1);
-        saves.keep_alive("s0", "web", later).unwrap();
-        let forgotten = later + Duration::from_secs(2);
-        saves.begin("next".into(), pending("web", "next", forgotten), digests(&["a"]), forgotten).unwrap();
-        assert!(saves.keep_alive("s0", "web", forgotten).is_ok());
-        assert!(saves.keep_alive("s1", "web", forgotten).is_err(), "a silent save was forgotten");
-        // Names held in memory: a save that would take the project over the bound is refused.
+        let later = start + millis(TTL * SILENT_SAVE_CLAIM_TTLS) - 1_000;
+        saves.keep_alive("s0", "web", later).await.unwrap();
+        let forgotten = later + 2_000;
+        saves.begin("next".into(), pending("web", "next", forgotten), digests(&["a"]), forgotten).await.unwrap();
+        assert!(saves.keep_alive("s0", "web", forgotten).await.is_ok());
+        assert!(saves.keep_alive("s1", "web", forgotten).await.is_err(), "a silent save was forgotten");
+        // Names held: a save that would take the project over the bound is refused.
         let many: Vec<String> = (0..MOST_HELD_NAMES_PER_PROJECT - 10).map(|i| format!("d{i}")).collect();
-        saves.begin("big".into(), pending("web", "big", forgotten), many, forgotten).unwrap();
-        let refused = saves
-            .begin(
-                "more".into(),
-                pending("web", "more", forgotten),
-                (0..20).map(|i| format!("x{i}")).collect(),
-                forgotten,
-            )
-            .unwrap_err();
+        saves.begin("big".into(), pending("web", "big", forgotten), many, forgotten).await.unwrap();
+        let more = (0..20).map(|i| format!("x{i}")).collect();
+        let refused = saves.begin("more".into(), pending("web", "more", forgotten), more, forgotten).await.unwrap_err();
         assert!(refused.to_string().contains("blobs and images"), "{refused}");
     }
 

@@ -242,7 +242,7 @@ impl CacheService {
             let _no_publishing = self.lock_project(project, crate::service::Lock::Exclusive).await?;
             self.db.flush_project(project).await?
         };
-        self.abandon_project_saves(project);
+        self.abandon_project_saves(project).await?;
         self.db.durable().await?;
         let deleted =
             self.store.delete_prefix(&project_prefix(&self.store_prefix, project), &crate::store::keep_nothing).await?;
@@ -263,14 +263,13 @@ impl CacheService {
         let _no_commits = self.lock_project(project, crate::service::Lock::Exclusive).await?;
         let recorded = self.db.ledger_digests(project).await?;
         let prefix = project_prefix(&self.store_prefix, project);
-        let now = std::time::Instant::now();
+        let in_flight = self.pending_saves.in_flight(project, crate::credentials::now_unix_ms()).await?;
         let keep = |key: &str| {
             let digest = key
                 .strip_prefix(prefix.as_str())
                 .and_then(|rest| rest.strip_prefix("blobs/sha256/"))
                 .map(|hex| format!("sha256:{hex}"));
-            digest
-                .is_some_and(|digest| recorded.contains(&digest) || self.pending_saves.in_flight(project, &digest, now))
+            digest.is_some_and(|digest| recorded.contains(&digest) || in_flight.contains(&digest))
         };
         let deleted = self.store.delete_prefix(&prefix, &keep).await?;
         self.db.sweep_done(project, due_unix).await?;
@@ -373,7 +372,7 @@ impl CacheService {
     pub async fn report_metrics(&self, project: &str, report: &pb::ReportMetricsRequest) -> Result<(), Error> {
         // The transfer's share of the budget comes back whatever the report says.
         if !report.lease_id.is_empty() {
-            self.budget.release(project, &report.lease_id);
+            self.budget.release(project, &report.lease_id, crate::credentials::now_unix_ms()).await?;
         }
         names::validate_service_name(&report.service)?;
         validate_report(report)?;
@@ -440,8 +439,8 @@ impl CacheService {
             let (blobs, bytes) = (totals.blobs, totals.stored_bytes);
             self.metrics.set_store_totals(&project.name, blobs, bytes);
         }
-        self.release_silent_saves();
-        self.metrics.transfer_granted.set(i64::from(self.budget.granted()));
+        self.release_silent_saves(None).await;
+        self.metrics.transfer_granted.set(i64::from(self.budget.granted(crate::credentials::now_unix_ms()).await?));
         self.metrics.transfer_budget.set(i64::from(self.budget.total()));
         Ok(self.metrics.encode())
     }
@@ -469,7 +468,9 @@ impl CacheService {
             if let Some(manifest) = self.db.manifest(project, &key.service, &key.branch).await? {
                 self.db.touch_manifest(project, &manifest, now_unix()).await?;
                 let reads = crate::state::manifest_digests(&manifest);
-                let plan = self.budget.grant_restore(project, &crate::tokens::random_hex_32(), reads);
+                let lease_id = crate::tokens::random_hex_32();
+                let plan =
+                    self.budget.grant_restore(project, &lease_id, reads, crate::credentials::now_unix_ms()).await?;
                 return Ok(pb::LookupResponse {
                     found: true,
                     matched: Some(key),

@@ -1,20 +1,24 @@
-//! The coordinator's durable state behind one seam: the record types, and the [`State`]
-//! trait shaped around the cache's operations (projects and tokens, minted keys, manifests
-//! with the ledger, counters, flush). `sled.rs` is the single-machine implementation (the
-//! default); `postgres.rs` the one replicas share.
+//! The coordinator's state behind one seam: the record types, and the [`State`] trait shaped
+//! around the cache's operations (projects and tokens, minted keys, manifests with the ledger,
+//! counters, flush), with [`Ephemeral`] beneath it for what lives only as long as a transfer
+//! (open saves with their single-flight claims, transfer leases). `sled.rs` is the
+//! single-machine implementation (the default, its ephemeral records in memory); `postgres.rs`
+//! the one replicas share, every record in the database.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 
 use proto::v1 as pb;
 use serde::{Deserialize, Serialize};
 
 use crate::error::Error;
 
+mod memory;
 pub mod postgres;
 pub mod sled;
 #[cfg(test)]
 mod suite;
 
+pub use self::memory::InMemory;
 pub use self::sled::Database;
 
 /// A tenant. The token is kept only as its SHA-256.
@@ -181,11 +185,87 @@ pub fn manifest_digests(manifest: &proto::v1::Manifest) -> std::collections::BTr
     digests
 }
 
+/// A save between `BeginSave` and `CommitSave` (see `saves.rs`). Times are unix milliseconds
+/// of the caller's clock, passed in with each operation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OpenSave {
+    pub project: String,
+    pub service: String,
+    pub branch: String,
+    pub generation: u64,
+    pub image_ids: Vec<String>,
+    pub engine_version: String,
+    pub began_unix_ms: i64,
+    pub host: String,
+    /// The worker's last sign of life (its begin or a `KeepSaveAlive`): its claims lapse a
+    /// claim lifetime after it.
+    pub last_alive_unix_ms: i64,
+    /// The missing blobs this save uploads; no other save of the project uploads them meanwhile.
+    pub claimed: BTreeSet<String>,
+    /// Every blob its images name: none is collected as garbage while the save is open.
+    pub named: BTreeSet<String>,
+    /// Its worker fell silent for the claim lifetime and its budget share was given back.
+    pub silence_noted: bool,
+}
+
+/// Open saves by save ID.
+pub type OpenSaves = HashMap<String, OpenSave>;
+
+/// What a transfer lease is for: a save's share follows the budget while it runs, a restore's is fixed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LeaseKind {
+    Save,
+    Restore,
+}
+
+/// A share of the global transfer budget (see `budget.rs`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lease {
+    pub project: String,
+    pub kind: LeaseKind,
+    pub concurrency: u32,
+    /// Its place in the order of grants (older first), as the shares and the restores' bound
+    /// count it: one more than any lease held at its grant.
+    pub order: u64,
+    /// Its grant, or the save's last keep-alive.
+    pub renewed_unix_ms: i64,
+    /// A restore's: the blobs of the manifest it reads, which no eviction or collection
+    /// deletes while the lease lives.
+    pub reads: BTreeSet<String>,
+}
+
+/// Transfer leases by lease ID.
+pub type Leases = HashMap<String, Lease>;
+
+/// What lives only as long as a transfer: open saves (with their claims) and transfer leases.
+/// Each `update_` runs its `change` atomically with respect to every other replica's: the rules
+/// (claims, fair shares) live in `saves.rs` and `budget.rs`, which see one consistent map.
+#[async_trait::async_trait]
+pub trait Ephemeral: Send + Sync {
+    /// Runs `change` on the open saves: with a project, on at least that project's (it must
+    /// change no other's); with `None`, on every project's.
+    async fn update_open_saves(
+        &self,
+        project: Option<&str>,
+        change: &mut (dyn for<'a> FnMut(&'a mut OpenSaves) + Send),
+    ) -> Result<(), Error>;
+    /// Lets `read` see at least `project`'s open saves as they are now.
+    async fn read_open_saves(
+        &self,
+        project: &str,
+        read: &mut (dyn for<'a> FnMut(&'a OpenSaves) + Send),
+    ) -> Result<(), Error>;
+    /// Runs `change` on every transfer lease.
+    async fn update_leases(&self, change: &mut (dyn for<'a> FnMut(&'a mut Leases) + Send)) -> Result<(), Error>;
+    /// Lets `read` see every transfer lease as it is now.
+    async fn read_leases(&self, read: &mut (dyn for<'a> FnMut(&'a Leases) + Send)) -> Result<(), Error>;
+}
+
 /// The coordinator's durable state, as the cache's operations use it. Every method is one
 /// atomic step of the protocol its caller follows (see ARCHITECTURE.md's invariants); an
 /// implementation shared by several replicas must keep each atomic across them.
 #[async_trait::async_trait]
-pub trait State: Send + Sync {
+pub trait State: Ephemeral {
     /// Holds `project`'s publish lock across replicas until the returned guard drops: shared
     /// by saves (begin, commit) and lookups, exclusive for flushes, evictions and collections
     /// (see ARCHITECTURE.md's invariants). `None`: this implementation serves one process,

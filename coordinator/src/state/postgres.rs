@@ -11,6 +11,10 @@
 //! - `lc_manifests`: protobuf bodies by (project, service, branch)
 //! - `lc_blobs`: the ledger, each record as JSON and its reference count as a column
 //! - `lc_totals`: a project's totals, kept in step by the transactions that change them
+//! - `lc_open_saves`, `lc_leases` (version 2): open saves with their single-flight claims, and
+//!   transfer leases, as JSON; each change is one transaction under an advisory lock (a
+//!   project's for its open saves, one for every lease), so a rule in `saves.rs` or
+//!   `budget.rs` sees one consistent view across replicas
 
 use std::collections::{HashMap, HashSet};
 
@@ -33,7 +37,7 @@ const STATE_CONNECTIONS: usize = 8;
 const LOCK_CONNECTIONS: usize = 32;
 
 /// The schema this coordinator writes; bumped with each migration below.
-const SCHEMA_VERSION: i32 = 1;
+const SCHEMA_VERSION: i32 = 2;
 
 /// Version 1.
 const SCHEMA_1: &str = "
@@ -54,6 +58,21 @@ CREATE TABLE lc_counters (
 CREATE TABLE lc_totals (
     project TEXT PRIMARY KEY, blobs BIGINT NOT NULL, stored_bytes BIGINT NOT NULL, manifests BIGINT NOT NULL);
 ";
+
+/// Version 2: the ephemeral records replicas share.
+const SCHEMA_2: &str = "
+CREATE TABLE lc_open_saves (id TEXT PRIMARY KEY, project TEXT NOT NULL, record TEXT NOT NULL);
+CREATE INDEX lc_open_saves_project ON lc_open_saves (project);
+CREATE TABLE lc_leases (id TEXT PRIMARY KEY, project TEXT NOT NULL, record TEXT NOT NULL);
+";
+
+/// Transaction advisory locks (the two-key space, apart from the projects' publish locks):
+/// every project's open saves (shared by a change of one project's, exclusive for all), one
+/// project's, and the leases.
+const ALL_OPEN_SAVES_LOCK: &str = "SELECT pg_advisory_xact_lock(7401, 0)";
+const SOME_OPEN_SAVES_LOCK: &str = "SELECT pg_advisory_xact_lock_shared(7401, 0)";
+const PROJECT_OPEN_SAVES_LOCK: &str = "SELECT pg_advisory_xact_lock(7402, hashtext($1))";
+const LEASES_LOCK: &str = "SELECT pg_advisory_xact_lock(7403, 0)";
 
 fn pg_error(error: impl std::fmt::Display) -> Error {
     Error::Database(format!("PostgreSQL: {error}"))
@@ -151,9 +170,16 @@ impl Postgres {
                      run a coordinator at least as new as the one that wrote it"
                 )));
             }
-            Some(_) => {}
+            Some(SCHEMA_VERSION) => {}
+            Some(version) => {
+                if version < 2 {
+                    tx.batch_execute(SCHEMA_2).await.map_err(pg_error)?;
+                }
+                tx.execute("UPDATE lc_schema SET version = $1", &[&SCHEMA_VERSION]).await.map_err(pg_error)?;
+            }
             None => {
                 tx.batch_execute(SCHEMA_1).await.map_err(pg_error)?;
+                tx.batch_execute(SCHEMA_2).await.map_err(pg_error)?;
                 tx.execute("INSERT INTO lc_schema (version) VALUES ($1)", &[&SCHEMA_VERSION])
                     .await
                     .map_err(pg_error)?;
@@ -259,6 +285,102 @@ async fn manifest_of(
     };
     let row = tx.query_opt(query, &[&project, &key.service, &key.branch]).await.map_err(pg_error)?;
     row.map(|row| decode_manifest(row.get::<_, &[u8]>(0))).transpose()
+}
+
+/// Ephemeral records of `table` (all of them, or `project`'s), by ID.
+async fn ephemeral_records<T: for<'de> Deserialize<'de>>(
+    client: &impl GenericClient,
+    table: &'static str,
+    project: Option<&str>,
+) -> Result<HashMap<String, T>, Error> {
+    let rows = match project {
+        Some(project) => client.query(&format!("SELECT id, record FROM {table} WHERE project = $1"), &[&project]).await,
+        None => client.query(&format!("SELECT id, record FROM {table}"), &[]).await,
+    };
+    rows.map_err(pg_error)?
+        .iter()
+        .map(|row| Ok((row.get::<_, String>(0), from_json(table, row.get::<_, &str>(1))?)))
+        .collect()
+}
+
+impl Postgres {
+    /// Runs `change` on the records of `table` (all, or `project`'s) in one transaction, after
+    /// `locks` (statements taking transaction advisory locks, `$1` the project), and writes back
+    /// what it changed.
+    async fn update_ephemeral<T: Serialize + for<'de> Deserialize<'de> + Clone + PartialEq + Send + Sync>(
+        &self,
+        table: &'static str,
+        project: Option<&str>,
+        locks: &[&str],
+        project_of: fn(&T) -> &str,
+        change: &mut (dyn for<'a> FnMut(&'a mut HashMap<String, T>) + Send),
+    ) -> Result<(), Error> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(pg_error)?;
+        for lock in locks {
+            match lock.contains("$1") {
+                true => tx.execute(*lock, &[&project.unwrap_or_default()]).await,
+                false => tx.execute(*lock, &[]).await,
+            }
+            .map_err(pg_error)?;
+        }
+        let before: HashMap<String, T> = ephemeral_records(&tx, table, project).await?;
+        let mut records = before.clone();
+        change(&mut records);
+        let gone: Vec<&String> = before.keys().filter(|id| !records.contains_key(*id)).collect();
+        if !gone.is_empty() {
+            tx.execute(&format!("DELETE FROM {table} WHERE id = ANY($1)"), &[&gone]).await.map_err(pg_error)?;
+        }
+        let changed: Vec<(&String, &T)> =
+            records.iter().filter(|(id, record)| before.get(*id) != Some(record)).collect();
+        if !changed.is_empty() {
+            debug_assert!(
+                changed.iter().all(|(_, record)| project.is_none_or(|project| project_of(record) == project))
+            );
+            let ids: Vec<&str> = changed.iter().map(|(id, _)| id.as_str()).collect();
+            let projects: Vec<&str> = changed.iter().map(|(_, record)| project_of(record)).collect();
+            let bodies: Vec<String> = changed.iter().map(|(_, record)| to_json(record)).collect();
+            let upsert = format!(
+                "INSERT INTO {table} (id, project, record) SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[])
+                 ON CONFLICT (id) DO UPDATE SET project = EXCLUDED.project, record = EXCLUDED.record"
+            );
+            tx.execute(&upsert, &[&ids, &projects, &bodies]).await.map_err(pg_error)?;
+        }
+        tx.commit().await.map_err(pg_error)
+    }
+}
+
+#[async_trait::async_trait]
+impl super::Ephemeral for Postgres {
+    async fn update_open_saves(
+        &self,
+        project: Option<&str>,
+        change: &mut (dyn for<'a> FnMut(&'a mut super::OpenSaves) + Send),
+    ) -> Result<(), Error> {
+        let locks: &[&str] = match project {
+            Some(_) => &[SOME_OPEN_SAVES_LOCK, PROJECT_OPEN_SAVES_LOCK],
+            None => &[ALL_OPEN_SAVES_LOCK],
+        };
+        self.update_ephemeral("lc_open_saves", project, locks, |save: &super::OpenSave| &save.project, change).await
+    }
+
+    async fn read_open_saves(
+        &self,
+        project: &str,
+        read: &mut (dyn for<'a> FnMut(&'a super::OpenSaves) + Send),
+    ) -> Result<(), Error> {
+        read(&ephemeral_records(&self.client().await?, "lc_open_saves", Some(project)).await?);
+        Ok(())
+    }
+
+    async fn update_leases(&self, change: &mut (dyn for<'a> FnMut(&'a mut super::Leases) + Send)) -> Result<(), Error> {
+        self.update_ephemeral("lc_leases", None, &[LEASES_LOCK], |lease: &super::Lease| &lease.project, change).await
+    }
+
+    async fn read_leases(&self, read: &mut (dyn for<'a> FnMut(&'a super::Leases) + Send)) -> Result<(), Error> {
+        read(&ephemeral_records(&self.client().await?, "lc_leases", None).await?);
+        Ok(())
+    }
 }
 
 #[async_trait::async_trait]

@@ -83,6 +83,8 @@ pub struct Database {
     counters: sled::Tree,
     scoped_tokens: sled::Tree,
     totals: sled::Tree,
+    /// Open saves and transfer leases: one process's, so in its memory.
+    ephemeral: std::sync::Arc<super::InMemory>,
 }
 
 fn json_to_vec<T: Serialize>(value: &T) -> Vec<u8> {
@@ -133,6 +135,7 @@ impl Database {
             counters: open_tree("counters")?,
             scoped_tokens: open_tree("scoped_tokens")?,
             totals: open_tree("totals")?,
+            ephemeral: Default::default(),
             db,
             group_commit: Default::default(),
         })
@@ -739,6 +742,33 @@ impl Database {
             })
             .map_err(db_error)?;
         Ok(())
+    }
+}
+
+#[async_trait::async_trait]
+impl super::Ephemeral for Database {
+    async fn update_open_saves(
+        &self,
+        project: Option<&str>,
+        change: &mut (dyn for<'a> FnMut(&'a mut super::OpenSaves) + Send),
+    ) -> Result<(), Error> {
+        self.ephemeral.update_open_saves(project, change).await
+    }
+
+    async fn read_open_saves(
+        &self,
+        project: &str,
+        read: &mut (dyn for<'a> FnMut(&'a super::OpenSaves) + Send),
+    ) -> Result<(), Error> {
+        self.ephemeral.read_open_saves(project, read).await
+    }
+
+    async fn update_leases(&self, change: &mut (dyn for<'a> FnMut(&'a mut super::Leases) + Send)) -> Result<(), Error> {
+        self.ephemeral.update_leases(change).await
+    }
+
+    async fn read_leases(&self, read: &mut (dyn for<'a> FnMut(&'a super::Leases) + Send)) -> Result<(), Error> {
+        self.ephemeral.read_leases(read).await
     }
 }
 

@@ -216,10 +216,48 @@ pub(crate) async fn run(state: &dyn State) {
     state.durable().await.unwrap();
 }
 
+/// Open saves and transfer leases, seen through two handles on one state (the same one on
+/// sled; two replicas' on PostgreSQL): single flight and one budget hold across them.
+pub(crate) async fn ephemeral_records_are_shared(a: std::sync::Arc<dyn State>, b: std::sync::Arc<dyn State>) {
+    let ttl = std::time::Duration::from_secs(15);
+    let (saves_a, saves_b) =
+        (crate::saves::PendingSaves::new(ttl, a.clone()), crate::saves::PendingSaves::new(ttl, b.clone()));
+    crate::saves::tests::single_flight_holds(&saves_a, &saves_b, "shared").await;
+    let settings = crate::budget::PlanSettings {
+        part_size: 1 << 20,
+        multipart_threshold: 1 << 20,
+        worker_concurrency: 8,
+        transfer_budget: 16,
+    };
+    let (budget_a, budget_b) =
+        (crate::budget::TransferBudget::new(settings, a), crate::budget::TransferBudget::new(settings, b));
+    let now = 1_800_000_000_000;
+    let save = crate::budget::LeaseKind::Save;
+    assert_eq!(budget_a.grant("p1", "x", save, now).await.unwrap().max_concurrency, 8);
+    assert_eq!(budget_b.grant("p2", "y", save, now).await.unwrap().max_concurrency, 8);
+    assert_eq!(budget_a.renew("p1", "x", now).await.unwrap().map(|plan| plan.max_concurrency), Some(8));
+    let reads = ["sha256:r".to_string()].into_iter().collect();
+    assert_eq!(budget_b.grant_restore("p2", "z", reads, now).await.unwrap().max_concurrency, 8);
+    // The fair shares are recomputed for every lease, whichever handle granted it: p2's
+    // restore took its save's share.
+    assert_eq!(budget_a.renew("p2", "y", now).await.unwrap().map(|plan| plan.max_concurrency), Some(0));
+    assert_eq!(budget_b.granted(now).await.unwrap(), 16);
+    assert!(budget_a.read_by_restores("p2", now).await.unwrap().contains("sha256:r"));
+    budget_a.release("p2", "z", now).await.unwrap();
+    assert!(budget_b.read_by_restores("p2", now).await.unwrap().is_empty());
+    assert_eq!(budget_b.renew("p2", "y", now).await.unwrap().map(|plan| plan.max_concurrency), Some(8));
+    // A lease not renewed for its lifetime lapses, and its share goes back.
+    let later = now + 10 * 60 * 1000;
+    assert_eq!(budget_b.granted(later).await.unwrap(), 0);
+    assert_eq!(budget_a.grant("p2", "w", save, later).await.unwrap().max_concurrency, 8);
+}
+
 #[tokio::test]
 async fn the_suite_passes_on_sled() {
     let dir = tempfile::tempdir().unwrap();
-    run(&sled::Database::open(dir.path()).unwrap()).await;
+    let database = sled::Database::open(dir.path()).unwrap();
+    run(&database).await;
+    ephemeral_records_are_shared(std::sync::Arc::new(database.clone()), std::sync::Arc::new(database)).await;
 }
 
 #[tokio::test]
@@ -250,4 +288,20 @@ async fn the_suite_passes_on_postgres() {
     assert!(tokio::time::timeout(wait, state.project_lock("a", false)).await.is_err(), "shared waits for exclusive");
     drop(exclusive);
     assert!(tokio::time::timeout(std::time::Duration::from_secs(5), state.project_lock("a", false)).await.is_ok());
+    ephemeral_records_are_shared(std::sync::Arc::new(state), std::sync::Arc::new(again)).await;
+
+    // A database of schema version 1 is migrated; one newer than this coordinator's refused.
+    let config: tokio_postgres::Config = url.parse().unwrap();
+    let (client, connection) = config.connect(tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(connection);
+    client.batch_execute("DROP TABLE lc_open_saves, lc_leases; UPDATE lc_schema SET version = 1").await.unwrap();
+    let migrated = postgres::Postgres::connect(&url).await.unwrap();
+    assert_eq!(migrated.project("a").await.unwrap().map(|record| record.quota_bytes), Some(5 << 20));
+    let version: i32 = client.query_one("SELECT version FROM lc_schema", &[]).await.unwrap().get(0);
+    assert_eq!(version, 2);
+    migrated.update_leases(&mut |leases| assert!(leases.is_empty())).await.unwrap();
+    client.batch_execute("UPDATE lc_schema SET version = 99").await.unwrap();
+    let refused = postgres::Postgres::connect(&url).await.err().expect("a newer schema is refused").to_string();
+    assert!(refused.contains("schema is version 99, newer than this coordinator's 2"), "{refused}");
+    assert_eq!(refused.lines().count(), 1, "{refused}");
 }
