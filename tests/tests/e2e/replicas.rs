@@ -1,20 +1,23 @@
 //! Coordinator replicas sharing one PostgreSQL database (`--state postgres://…`) and one
 //! bucket (moto's S3 and STS): a project created through one is the other's; a save through one
-//! restores through the other on a fresh engine, fully cached; a flush through one fences a
+//! restores through the other on a fresh engine, fully cached; two saves of one new blob
+//! through the two upload it once, under one transfer budget; a flush through one fences a
 //! save begun through the other; the embedded store with PostgreSQL is refused in one line.
 
 use proto::v1 as pb;
 use tests::moto::{new_bucket, platform_env, s3_args};
 use tests::{CoordinatorProcess, DockerEngine, EngineKind, moto_url, stderr_of, stdout_of};
 
-/// Two replicas on one database and one bucket.
+/// Two replicas on one database and one bucket, started with `extra` arguments.
 fn replicas(
     moto: &str,
     bucket: &str,
     database: &str,
+    extra: &[&str],
 ) -> (CoordinatorProcess, CoordinatorProcess, [tempfile::TempDir; 2]) {
     let mut args = s3_args(moto, bucket);
     args.extend(["--state", database]);
+    args.extend(extra);
     let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
     let a = CoordinatorProcess::start_with_env(dirs[0].path(), &args, &platform_env());
     let b = CoordinatorProcess::start_with_env(dirs[1].path(), &args, &platform_env());
@@ -29,8 +32,78 @@ async fn replicas_and_a_build_host()
     let database = tests::postgres_database().await?;
     let build_host = DockerEngine::start(EngineKind::Engine20)?;
     let bucket = new_bucket(&moto).await;
-    let (a, b, dirs) = replicas(&moto, &bucket, &database);
+    let (a, b, dirs) = replicas(&moto, &bucket, &database, &[]);
     Some((a, b, dirs, build_host))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_saves_of_one_new_blob_through_two_replicas_upload_it_once_under_one_budget() {
+    let Some(moto) = moto_url() else { return };
+    let Some(database) = tests::postgres_database().await else { return };
+    let bucket = new_bucket(&moto).await;
+    // A budget of one worker's cap: two saves share it wherever they began.
+    let (a, b, _dirs) = replicas(&moto, &bucket, &database, &["--transfer-budget", "8"]);
+    let token = a.create_project("web");
+    let (mut through_a, mut through_b) =
+        (tests::worker_client(&a.grpc_url, &token).await, tests::worker_client(&b.grpc_url, &token).await);
+    let content = vec![42u8; 3 << 20];
+    let expected = {
+        let mut digests = vec![
+            tests::sha256_digest(&content),
+            tests::one_layer_image("app:1", &content, false).id,
+        ];
+        digests.sort();
+        digests
+    };
+    let sorted = |mut digests: Vec<String>| {
+        digests.sort();
+        digests
+    };
+
+    let first = through_a.begin_save(tests::begin_one_layer_save("one", "app:1", &content)).await.unwrap().into_inner();
+    assert_eq!(sorted(first.missing_digests.clone()), expected);
+    assert_eq!(first.plan.as_ref().unwrap().max_concurrency, 8, "alone, the save holds the whole budget");
+    let second =
+        through_b.begin_save(tests::begin_one_layer_save("two", "app:1", &content)).await.unwrap().into_inner();
+    assert!(second.missing_digests.is_empty(), "B's save uploads nothing: {:?}", second.missing_digests);
+    assert_eq!(sorted(second.in_flight_digests.clone()), expected, "B knows A's save is uploading them");
+    assert_eq!(second.plan.as_ref().unwrap().max_concurrency, 4, "B's save gets half the one budget");
+    let renewed = through_a
+        .keep_save_alive(pb::KeepSaveAliveRequest { save_id: first.save_id.clone() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(renewed.plan.unwrap().max_concurrency, 4, "A's save learns that B's took half");
+    for replica in [&a, &b] {
+        assert_eq!(replica.metric("layer_cache_transfer_requests_granted"), Some(8.0), "one budget, seen by both");
+    }
+
+    // B's commit waits for the blobs A's save is uploading, then says it still waits.
+    let second_commit = pb::CommitSaveRequest {
+        save_id: second.save_id,
+        images: vec![tests::one_layer_image("app:1", &content, true)],
+        save_log: Vec::new(),
+    };
+    let waiting = through_b.commit_save(second_commit.clone()).await.unwrap().into_inner();
+    assert_eq!(waiting.waiting_for_digests, expected, "{waiting:?}");
+    assert!(!waiting.stored);
+    tests::upload_one_layer_blobs(first.credentials.as_ref().unwrap(), &content).await;
+    let first_commit = pb::CommitSaveRequest {
+        save_id: first.save_id,
+        images: vec![tests::one_layer_image("app:1", &content, true)],
+        save_log: Vec::new(),
+    };
+    assert!(through_a.commit_save(first_commit).await.unwrap().into_inner().stored);
+    let committed = through_b.commit_save(second_commit).await.unwrap().into_inner();
+    assert!(committed.stored && committed.waiting_for_digests.is_empty(), "{committed:?}");
+    for replica in [&a, &b] {
+        assert_eq!(replica.metric("layer_cache_transfer_requests_granted"), Some(0.0), "both leases went back");
+    }
+    let listed = stdout_of(&b.cachectl(&["ls", "web"]));
+    assert!(listed.lines().any(|line| line.starts_with("one ")), "{listed}");
+    assert!(listed.lines().any(|line| line.starts_with("two ")), "{listed}");
+    a.stop();
+    b.stop();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
