@@ -287,26 +287,45 @@ pub async fn run(
     let gc_every = config.gc_interval.as_secs();
     let sweeper_task = tokio::spawn(async move {
         // Each second: post-flush sweeps that fell due; each minute: expired keys; every five
-        // minutes: the store's usage; every `--gc-interval`: garbage.
+        // minutes: the store's usage; every `--gc-interval`: garbage. Of replicas sharing a
+        // state, one leads the work on the shared store and records (the others count usage
+        // only), and another takes the lead when it goes.
         let mut interval = tokio::time::interval(Duration::from_secs(1));
         let mut n_ticks: u64 = 0;
+        let mut lead = None;
         loop {
             tokio::select! {
                 _ = interval.tick() => {
-                    sweeping_service.run_due_sweeps().await;
                     if n_ticks.is_multiple_of(USAGE_COUNT_SECONDS) {
                         sweeping_service.refresh_usage().await;
                     }
-                    if gc_every > 0 && n_ticks > 0 && n_ticks.is_multiple_of(gc_every) {
+                    n_ticks += 1;
+                    if lead.is_none() {
+                        lead = match sweeping_service.db.lead_background_work().await {
+                            Ok(Some(guard)) => {
+                                tracing::info!("this coordinator leads the background work (collections, sweeps)");
+                                Some(guard)
+                            }
+                            Ok(None) => None,
+                            Err(error) => {
+                                tracing::warn!(%error, "taking the lead of the background work failed; tried again");
+                                None
+                            }
+                        };
+                    }
+                    if lead.is_none() {
+                        continue;
+                    }
+                    sweeping_service.run_due_sweeps().await;
+                    if gc_every > 0 && n_ticks > 1 && (n_ticks - 1).is_multiple_of(gc_every) {
                         let _ = sweeping_service.collect_all_garbage(false).await;
                     }
-                    if n_ticks.is_multiple_of(60)
+                    if (n_ticks - 1).is_multiple_of(60)
                         && let Err(error) =
                             sweeping_service.db.remove_expired_keys(now_unix() - EXPIRED_KEY_GRACE_SECONDS).await
                     {
                         tracing::warn!(%error, "sweeping expired storage keys failed");
                     }
-                    n_ticks += 1;
                 }
                 _ = sweeper_stop.changed() => break,
             }

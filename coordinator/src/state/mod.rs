@@ -274,6 +274,12 @@ pub trait State: Ephemeral {
         let _ = (project, exclusive);
         Ok(None)
     }
+    /// Takes the lead of the background work (collections, post-flush sweeps, expired keys)
+    /// across replicas, until the returned guard drops; `None`: another replica leads. One
+    /// process always leads its own.
+    async fn lead_background_work(&self) -> Result<Option<Box<dyn Send + Sync>>, Error> {
+        Ok(Some(Box::new(())))
+    }
     /// Returns once every write this caller made before the call is durable: what an acknowledgement waits for.
     async fn durable(&self) -> Result<(), Error>;
     /// Waits for a storage key's record to be durable (a read key is handed out even when the disk refuses).

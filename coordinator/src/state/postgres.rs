@@ -98,6 +98,9 @@ pub struct Postgres {
     locks: Pool,
 }
 
+/// The advisory lock key the replica leading the background work holds.
+const LEADER_LOCK_KEY: i64 = 7404;
+
 /// The advisory lock key of a project: the first 8 bytes of the SHA-256 of its name.
 fn lock_key(project: &str) -> i64 {
     use sha2::Digest;
@@ -394,6 +397,15 @@ impl State for Postgres {
         let guard = AdvisoryLock { client: Some(self.locks.get().await.map_err(pg_error)?), key, exclusive };
         guard.client.as_ref().expect("held").query_one(lock, &[&key]).await.map_err(pg_error)?;
         Ok(Some(Box::new(guard)))
+    }
+
+    async fn lead_background_work(&self) -> Result<Option<Box<dyn Send + Sync>>, Error> {
+        let client = self.locks.get().await.map_err(pg_error)?;
+        let row = client.query_one("SELECT pg_try_advisory_lock($1)", &[&LEADER_LOCK_KEY]).await.map_err(pg_error)?;
+        if !row.get::<_, bool>(0) {
+            return Ok(None);
+        }
+        Ok(Some(Box::new(AdvisoryLock { client: Some(client), key: LEADER_LOCK_KEY, exclusive: true })))
     }
 
     // Every transaction is durable once committed (PostgreSQL's synchronous commit).

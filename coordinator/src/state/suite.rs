@@ -257,6 +257,7 @@ async fn the_suite_passes_on_sled() {
     let dir = tempfile::tempdir().unwrap();
     let database = sled::Database::open(dir.path()).unwrap();
     run(&database).await;
+    assert!(database.lead_background_work().await.unwrap().is_some(), "one process leads its own work");
     ephemeral_records_are_shared(std::sync::Arc::new(database.clone()), std::sync::Arc::new(database)).await;
 }
 
@@ -288,6 +289,20 @@ async fn the_suite_passes_on_postgres() {
     assert!(tokio::time::timeout(wait, state.project_lock("a", false)).await.is_err(), "shared waits for exclusive");
     drop(exclusive);
     assert!(tokio::time::timeout(std::time::Duration::from_secs(5), state.project_lock("a", false)).await.is_ok());
+    // One replica leads the background work; another takes the lead once it goes.
+    let lead = state.lead_background_work().await.unwrap();
+    assert!(lead.is_some());
+    assert!(again.lead_background_work().await.unwrap().is_none(), "one leader at a time");
+    drop(lead);
+    let mut taken = None;
+    for _ in 0..50 {
+        taken = again.lead_background_work().await.unwrap();
+        if taken.is_some() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(taken.is_some(), "the lead is free once its holder lets go");
     ephemeral_records_are_shared(std::sync::Arc::new(state), std::sync::Arc::new(again)).await;
 
     // A database of schema version 1 is migrated; one newer than this coordinator's refused.

@@ -102,6 +102,15 @@ async fn two_saves_of_one_new_blob_through_two_replicas_upload_it_once_under_one
     let listed = stdout_of(&b.cachectl(&["ls", "web"]));
     assert!(listed.lines().any(|line| line.starts_with("one ")), "{listed}");
     assert!(listed.lines().any(|line| line.starts_with("two ")), "{listed}");
+    // One of them leads the collections and sweeps, not both.
+    let leads = |replica: &CoordinatorProcess| replica.log().contains("leads the background work");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !leads(&a) && !leads(&b) {
+        assert!(std::time::Instant::now() < deadline, "no replica took the lead: {}", a.log());
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    assert!(!(leads(&a) && leads(&b)), "both replicas lead: {}\n{}", a.log(), b.log());
     a.stop();
     b.stop();
 }
