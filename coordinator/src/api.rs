@@ -54,7 +54,7 @@ impl WorkerApi {
         Ok(self.principal(request).await?.project)
     }
 
-    async fn principal<T>(&self, request: &Request<T>) -> Result<crate::principals::Principal, Status> {
+    async fn principal<T>(&self, request: &Request<T>) -> Result<crate::tokens::Principal, Status> {
         Ok(self.0.authenticate_worker(bearer_token(request)).await?)
     }
 }

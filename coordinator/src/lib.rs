@@ -3,15 +3,13 @@
 
 pub mod api;
 pub mod budget;
+pub mod claims;
 pub mod config;
 pub mod credentials;
 pub mod error;
-pub mod gc;
 pub mod listener;
 pub mod metrics;
-pub mod principals;
 pub mod s3_endpoint;
-pub mod saves;
 pub mod scope;
 pub mod service;
 pub mod state;
@@ -252,7 +250,7 @@ pub async fn run(
         store: store.objects,
         store_prefix: config.prefix.clone(),
         admin_token_sha256_hex: data_dir.admin_token.sha256_hex.clone(),
-        pending_saves: crate::saves::PendingSaves::new(config.claim_ttl, state.clone()),
+        pending_saves: crate::claims::PendingSaves::new(config.claim_ttl, state.clone()),
         budget: crate::budget::TransferBudget::new(config.plan, state.clone()),
         metrics: store.metrics,
         publish_lock: store.publish_lock,

@@ -229,3 +229,9 @@ impl ObjectStore for EmbeddedStore {
         }
     }
 }
+
+/// Where a blob lives in the store.
+pub fn blob_key(project_prefix: &str, digest: &str) -> String {
+    let hex = digest.strip_prefix("sha256:").unwrap_or(digest);
+    format!("{project_prefix}blobs/sha256/{hex}")
+}

@@ -10,6 +10,54 @@ use subtle::ConstantTimeEq;
 
 use crate::error::Error;
 
+/// A worker token, authenticated.
+#[derive(Debug, Clone)]
+pub struct Principal {
+    pub project: String,
+    /// The scoped token's ID; empty for the project token.
+    pub token_id: String,
+    /// `None`: the project token, which may read and write every branch.
+    pub scope: Option<BranchScope>,
+}
+
+impl Principal {
+    /// Refuses a lookup of a branch the token may not read.
+    pub fn check_read(&self, branch: &str) -> Result<(), Error> {
+        match &self.scope {
+            Some(scope) if !scope.may_read(branch) => Err(Error::OutOfScope(format!(
+                "token {} may read {} only, not {}",
+                self.token_id,
+                BranchScope::describe(&[scope.read.clone(), scope.write.clone()].concat()),
+                branch_for_people(branch)
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    /// Refuses a save to a branch the token may not write.
+    pub fn check_write(&self, branch: &str) -> Result<(), Error> {
+        match &self.scope {
+            Some(scope) if !scope.may_write(branch) => Err(Error::OutOfScope(format!(
+                "token {} may save to {} only, not to {}",
+                self.token_id,
+                BranchScope::describe(&scope.write),
+                branch_for_people(branch)
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    /// Refuses write credentials to a token that may write no branch.
+    pub fn check_writes_some(&self) -> Result<(), Error> {
+        match &self.scope {
+            Some(scope) if scope.write.is_empty() => {
+                Err(Error::OutOfScope(format!("token {} may only read: it gets no write credentials", self.token_id)))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
 const PROJECT_TOKEN_PREFIX: &str = "cct_";
 const ADMIN_TOKEN_FILE: &str = "admin-token";
 

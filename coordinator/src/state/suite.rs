@@ -221,8 +221,8 @@ pub(crate) async fn run(state: &dyn State) {
 pub(crate) async fn ephemeral_records_are_shared(a: std::sync::Arc<dyn State>, b: std::sync::Arc<dyn State>) {
     let ttl = std::time::Duration::from_secs(15);
     let (saves_a, saves_b) =
-        (crate::saves::PendingSaves::new(ttl, a.clone()), crate::saves::PendingSaves::new(ttl, b.clone()));
-    crate::saves::tests::single_flight_holds(&saves_a, &saves_b, "shared").await;
+        (crate::claims::PendingSaves::new(ttl, a.clone()), crate::claims::PendingSaves::new(ttl, b.clone()));
+    crate::claims::tests::single_flight_holds(&saves_a, &saves_b, "shared").await;
     let settings = crate::budget::PlanSettings {
         part_size: 1 << 20,
         multipart_threshold: 1 << 20,

@@ -48,10 +48,7 @@ async fn two_saves_of_one_new_blob_through_two_replicas_upload_it_once_under_one
         (tests::worker_client(&a.grpc_url, &token).await, tests::worker_client(&b.grpc_url, &token).await);
     let content = vec![42u8; 3 << 20];
     let expected = {
-        let mut digests = vec![
-            tests::sha256_digest(&content),
-            tests::one_layer_image("app:1", &content, false).id,
-        ];
+        let mut digests = vec![tests::sha256_digest(&content), tests::one_layer_image("app:1", &content, false).id];
         digests.sort();
         digests
     };

@@ -1,63 +1,14 @@
-//! Who a worker's token is: its project and, for a token scoped to branches (a fork's pull
-//! requests, say), which caches it may read and write; and the admin API's commands over
-//! tokens and projects (create, list and revoke scoped tokens, rotate a project's token,
-//! delete a project with everything it holds).
+//! Who a worker's token is (its [`Principal`]), and the admin API's commands over tokens and
+//! projects (create, list and revoke scoped tokens, rotate a project's token, delete a project
+//! with everything it holds).
 
 use proto::v1 as pb;
 
+use super::CacheService;
 use crate::credentials::now_unix;
 use crate::error::Error;
-use crate::service::CacheService;
 use crate::state::ScopedTokenRecord;
-use crate::tokens::{self, BranchScope, branch_for_people};
-
-/// A worker token, authenticated.
-#[derive(Debug, Clone)]
-pub struct Principal {
-    pub project: String,
-    /// The scoped token's ID; empty for the project token.
-    pub token_id: String,
-    /// `None`: the project token, which may read and write every branch.
-    pub scope: Option<BranchScope>,
-}
-
-impl Principal {
-    /// Refuses a lookup of a branch the token may not read.
-    pub fn check_read(&self, branch: &str) -> Result<(), Error> {
-        match &self.scope {
-            Some(scope) if !scope.may_read(branch) => Err(Error::OutOfScope(format!(
-                "token {} may read {} only, not {}",
-                self.token_id,
-                BranchScope::describe(&[scope.read.clone(), scope.write.clone()].concat()),
-                branch_for_people(branch)
-            ))),
-            _ => Ok(()),
-        }
-    }
-
-    /// Refuses a save to a branch the token may not write.
-    pub fn check_write(&self, branch: &str) -> Result<(), Error> {
-        match &self.scope {
-            Some(scope) if !scope.may_write(branch) => Err(Error::OutOfScope(format!(
-                "token {} may save to {} only, not to {}",
-                self.token_id,
-                BranchScope::describe(&scope.write),
-                branch_for_people(branch)
-            ))),
-            _ => Ok(()),
-        }
-    }
-
-    /// Refuses write credentials to a token that may write no branch.
-    pub fn check_writes_some(&self) -> Result<(), Error> {
-        match &self.scope {
-            Some(scope) if scope.write.is_empty() => {
-                Err(Error::OutOfScope(format!("token {} may only read: it gets no write credentials", self.token_id)))
-            }
-            _ => Ok(()),
-        }
-    }
-}
+use crate::tokens::{self, BranchScope, Principal};
 
 /// The longest a scoped token may live.
 const MOST_TOKEN_LIFETIME_SECONDS: u64 = 400 * 24 * 3600;
@@ -162,7 +113,7 @@ impl CacheService {
     /// finds its key gone.
     async fn revoke_keys_of(&self, project: &str, token_id: &str) -> Result<(), Error> {
         {
-            let _no_publishing = self.lock_project(project, crate::service::Lock::Exclusive).await?;
+            let _no_publishing = self.lock_project(project, super::Lock::Exclusive).await?;
             self.db.revoke_keys(project, token_id).await?;
         }
         self.db.durable().await

@@ -23,11 +23,11 @@ use std::collections::{BTreeSet, HashMap};
 
 use proto::v1 as pb;
 
+use super::CacheService;
 use crate::credentials::{now_unix, project_prefix};
 use crate::error::Error;
-use crate::saves::blob_key;
-use crate::service::CacheService;
 use crate::state::{BlobRecord, manifest_digests};
+use crate::store::blob_key;
 use crate::store::{ObjectTotals, StoredObject};
 
 /// Where a project's blobs live in the store.
@@ -103,7 +103,7 @@ impl CacheService {
         // Listed before the lock, which saves and restores of the project wait for; what is
         // stray is decided under it.
         let listed = self.store.list(&blobs_prefix(&self.store_prefix, project)).await?;
-        let _exclusive = self.lock_project(project, crate::service::Lock::Exclusive).await?;
+        let _exclusive = self.lock_project(project, super::Lock::Exclusive).await?;
         let now = now_unix();
         let expiry = self.cache_expiry.as_secs() as i64;
         let manifests = self.db.manifests(project).await?;
@@ -215,7 +215,7 @@ impl CacheService {
     /// (grace or not, when nothing protects them), then the least recently used caches, `keep`
     /// (the cache just saved) never. Takes the project's publish lock exclusively.
     pub async fn fit_quota(&self, project: &str, keep: Option<&pb::CacheKey>) -> Result<pb::Evicted, Error> {
-        let _exclusive = self.lock_project(project, crate::service::Lock::Exclusive).await?;
+        let _exclusive = self.lock_project(project, super::Lock::Exclusive).await?;
         let quota = self.existing_project(project).await?.quota_bytes;
         let mut used = self.db.totals(project).await?.stored_bytes;
         if quota == 0 || used <= quota {
@@ -272,7 +272,7 @@ impl CacheService {
         quota: u64,
         uploaded: &HashMap<String, BlobRecord>,
     ) -> Error {
-        let exclusive = match self.lock_project(project, crate::service::Lock::Exclusive).await {
+        let exclusive = match self.lock_project(project, super::Lock::Exclusive).await {
             Ok(exclusive) => exclusive,
             Err(error) => return error,
         };

@@ -1,5 +1,8 @@
-//! The cache's logic behind the gRPC API: projects, authentication, credentials, caches and
-//! flushes. Knows nothing of tonic; `api.rs` adapts it.
+//! The cache's logic behind the gRPC API: [`CacheService`] and its project lock, with projects,
+//! authentication, credentials, caches and flushes here, and the rest in children that depend
+//! on this module, never it on them: `saves.rs` (the save protocol), `principals.rs` (tokens
+//! and projects' admin commands), `gc.rs` (collection, expiry, quotas). Knows nothing of
+//! tonic; `api.rs` adapts it.
 
 use std::sync::Arc;
 
@@ -12,6 +15,10 @@ use crate::state::{KeyAccess, ProjectRecord, ServiceCounters, State};
 use crate::store::{ObjectStore, ObjectTotals};
 use crate::tokens;
 
+mod gc;
+mod principals;
+mod saves;
+
 /// Shared by every gRPC handler; each field is itself safe to share.
 pub struct CacheService {
     pub db: std::sync::Arc<dyn crate::state::State>,
@@ -20,7 +27,7 @@ pub struct CacheService {
     /// The store's key prefix; a project's objects live under `<prefix>/<project>/`.
     pub store_prefix: String,
     pub admin_token_sha256_hex: String,
-    pub pending_saves: crate::saves::PendingSaves,
+    pub pending_saves: crate::claims::PendingSaves,
     /// The transfer planner: part size and each worker's share of the global budget.
     pub budget: crate::budget::TransferBudget,
     pub metrics: std::sync::Arc<crate::metrics::Metrics>,
@@ -239,7 +246,7 @@ impl CacheService {
         let flushed = {
             // No upload signed by one of the project's keys becomes visible meanwhile: those that
             // already did are deleted below, the others find their key revoked.
-            let _no_publishing = self.lock_project(project, crate::service::Lock::Exclusive).await?;
+            let _no_publishing = self.lock_project(project, Lock::Exclusive).await?;
             self.db.flush_project(project).await?
         };
         self.abandon_project_saves(project).await?;
@@ -260,7 +267,7 @@ impl CacheService {
     /// project's objects that neither the ledger records nor a live save claims. Holds the
     /// project's publish lock, which commits hold while they check and record their blobs.
     pub async fn sweep_after_flush(&self, project: &str, due_unix: i64) -> Result<crate::store::ObjectTotals, Error> {
-        let _no_commits = self.lock_project(project, crate::service::Lock::Exclusive).await?;
+        let _no_commits = self.lock_project(project, Lock::Exclusive).await?;
         let recorded = self.db.ledger_digests(project).await?;
         let prefix = project_prefix(&self.store_prefix, project);
         let in_flight = self.pending_saves.in_flight(project, crate::credentials::now_unix_ms()).await?;
@@ -449,7 +456,7 @@ impl CacheService {
     /// must be allowed to read every branch it names.
     pub async fn lookup(
         &self,
-        principal: &crate::principals::Principal,
+        principal: &crate::tokens::Principal,
         request: &pb::LookupRequest,
     ) -> Result<pb::LookupResponse, Error> {
         let project = principal.project.as_str();
@@ -463,7 +470,7 @@ impl CacheService {
         // Held while the manifest is read and its restore's lease registered: an eviction or a
         // collection (which take the lock exclusively) either ran before, and this finds what
         // it left, or runs after and deletes none of the blobs this restore reads.
-        let _registering = self.lock_project(project, crate::service::Lock::Shared).await?;
+        let _registering = self.lock_project(project, Lock::Shared).await?;
         for key in candidates {
             if let Some(manifest) = self.db.manifest(project, &key.service, &key.branch).await? {
                 self.db.touch_manifest(project, &manifest, now_unix()).await?;

@@ -1,0 +1,406 @@
+//! Single flight: begun saves, and the claims that make a blob two saves of a project need
+//! uploaded once. The records live in the state's ephemeral part (this process's memory on
+//! sled, the database replicas share on PostgreSQL); every rule here runs on one consistent
+//! view of a project's open saves, at a time (unix milliseconds) its caller passes in.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use proto::v1 as pb;
+
+use crate::error::Error;
+use crate::state::{Ephemeral, OpenSave, OpenSaves};
+
+/// How long a begun save may take before its commit is refused.
+const SAVE_LIFETIME: Duration = Duration::from_secs(6 * 3600);
+/// Saves of one project held at once (each kept alive by its worker, or silent for less than
+/// [`SILENT_SAVE_CLAIM_TTLS`] claim lifetimes): a build matrix saves in parallel, a token
+/// cannot pile up saves without end.
+pub(crate) const MOST_SAVES_PER_PROJECT: usize = 64;
+/// Blob and image names the saves of one project may hold in memory together (about 10 MB).
+const MOST_HELD_NAMES_PER_PROJECT: usize = 100_000;
+/// A save whose worker is silent for this many claim lifetimes (10 minutes by default) is
+/// forgotten: its worker, should it come back, hears that the save is unknown and begins again.
+const SILENT_SAVE_CLAIM_TTLS: u32 = 40;
+
+/// Begun saves and their single-flight claims, kept in the state's ephemeral records (this
+/// process's memory on sled, the database replicas share on PostgreSQL). Every rule below runs
+/// on one consistent view of the project's open saves, at a time (unix milliseconds) its
+/// caller passes in.
+pub struct PendingSaves {
+    saves: Arc<dyn Ephemeral>,
+    /// How long a claim outlives its worker's last sign of life.
+    claim_ttl: Duration,
+}
+
+fn millis(duration: Duration) -> i64 {
+    duration.as_millis() as i64
+}
+
+/// The names a save holds (`claimed` is a part of `named`).
+fn held_names(save: &OpenSave) -> usize {
+    save.named.len() + save.image_ids.len()
+}
+
+/// Whether a save was begun too long ago to commit.
+fn too_old(save: &OpenSave, now: i64) -> bool {
+    now.saturating_sub(save.began_unix_ms) >= millis(SAVE_LIFETIME)
+}
+
+impl PendingSaves {
+    pub fn new(claim_ttl: Duration, saves: Arc<dyn Ephemeral>) -> PendingSaves {
+        PendingSaves { saves, claim_ttl }
+    }
+
+    /// How often a worker says it is alive: a claim survives two missed calls.
+    pub fn keep_alive_interval(&self) -> Duration {
+        (self.claim_ttl / 3).max(Duration::from_secs(1))
+    }
+
+    fn claims(&self, save: &OpenSave, project: &str, digest: &str, now: i64) -> bool {
+        save.project == project
+            && now.saturating_sub(save.last_alive_unix_ms) < millis(self.claim_ttl)
+            && save.claimed.contains(digest)
+    }
+
+    /// Runs `change` on the open saves of `project` (`None`: of every project).
+    async fn change<R: Send>(
+        &self,
+        project: Option<&str>,
+        change: impl FnOnce(&mut OpenSaves) -> R + Send,
+    ) -> Result<R, Error> {
+        let (mut change, mut result) = (Some(change), None);
+        self.saves
+            .update_open_saves(project, &mut |saves| {
+                if let Some(change) = change.take() {
+                    result = Some(change(saves));
+                }
+            })
+            .await?;
+        Ok(result.expect("the change ran"))
+    }
+
+    /// Answers `read` of the open saves of `project`.
+    async fn read<R: Send>(&self, project: &str, read: impl Fn(&OpenSaves) -> R + Send + Sync) -> Result<R, Error> {
+        let mut result = None;
+        self.saves.read_open_saves(project, &mut |saves| result = Some(read(saves))).await?;
+        Ok(result.expect("the read ran"))
+    }
+
+    /// Registers a save. Of the `missing` blobs it claims those no other live save of the
+    /// project claims, and returns (claimed: upload these, in flight: another save does). A
+    /// blob claimed only by an earlier save of the same cache key is taken over: that is a
+    /// retry of a save that failed or was killed, or a save it replaces anyway, and a retry
+    /// must never wait for the save it repeats.
+    /// Refused while the project holds [`MOST_SAVES_PER_PROJECT`] saves or
+    /// [`MOST_HELD_NAMES_PER_PROJECT`] names.
+    pub(crate) async fn begin(
+        &self,
+        save_id: String,
+        mut save: OpenSave,
+        missing: Vec<String>,
+        now: i64,
+    ) -> Result<(Vec<String>, Vec<String>), Error> {
+        let project = save.project.clone();
+        let forget_silent = millis(self.claim_ttl * SILENT_SAVE_CLAIM_TTLS);
+        self.change(Some(&project), move |saves| {
+            saves.retain(|_, pending| {
+                pending.project != save.project
+                    || (!too_old(pending, now) && now.saturating_sub(pending.last_alive_unix_ms) < forget_silent)
+            });
+            save.named.extend(missing.iter().cloned());
+            let of_project = || saves.values().filter(|other| other.project == save.project);
+            if of_project().count() >= MOST_SAVES_PER_PROJECT {
+                return Err(Error::TooMany(format!(
+                    "project {:?} has {MOST_SAVES_PER_PROJECT} saves in progress, the most it may: save again once some have committed",
+                    save.project
+                )));
+            }
+            let held: usize = of_project().map(held_names).sum();
+            if held + held_names(&save) > MOST_HELD_NAMES_PER_PROJECT {
+                return Err(Error::TooMany(format!(
+                    "project {:?}'s saves in progress name {held} blobs and images, and this one would take them over \
+                     {MOST_HELD_NAMES_PER_PROJECT}: save again once some have committed",
+                    save.project
+                )));
+            }
+            let same_key = |other: &OpenSave| other.service == save.service && other.branch == save.branch;
+            let (in_flight, to_upload): (Vec<String>, Vec<String>) = missing.into_iter().partition(|digest| {
+                saves.values().any(|other| !same_key(other) && self.claims(other, &save.project, digest, now))
+            });
+            for other in saves.values_mut().filter(|other| other.project == save.project && same_key(other)) {
+                for digest in &to_upload {
+                    other.claimed.remove(digest);
+                }
+            }
+            save.claimed = to_upload.iter().cloned().collect();
+            saves.insert(save_id, save);
+            Ok((to_upload, in_flight))
+        })
+        .await?
+    }
+
+    /// The blobs open saves of `project` name (a garbage collection keeps them).
+    pub(crate) async fn named(&self, project: &str) -> Result<HashSet<String>, Error> {
+        self.read(project, |saves| {
+            saves.values().filter(|save| save.project == project).flat_map(|save| save.named.iter().cloned()).collect()
+        })
+        .await
+    }
+
+    /// The blobs live saves of `project` are uploading (the post-flush sweep keeps them).
+    pub(crate) async fn in_flight(&self, project: &str, now: i64) -> Result<HashSet<String>, Error> {
+        self.read(project, |saves| {
+            let live = saves.values().filter(|save| {
+                save.project == project && now.saturating_sub(save.last_alive_unix_ms) < millis(self.claim_ttl)
+            });
+            live.flat_map(|save| save.claimed.iter().cloned()).collect()
+        })
+        .await
+    }
+
+    /// Whether a live save of `project` other than `waiting_save_id` is uploading `digest`: a
+    /// save never waits for its own claims (what it did not upload is simply not there).
+    pub(crate) async fn in_flight_for(
+        &self,
+        project: &str,
+        digest: &str,
+        waiting_save_id: &str,
+        now: i64,
+    ) -> Result<bool, Error> {
+        self.read(project, |saves| {
+            saves.iter().any(|(save_id, save)| save_id != waiting_save_id && self.claims(save, project, digest, now))
+        })
+        .await
+    }
+
+    /// Records a sign of life of a save's worker.
+    pub(crate) async fn keep_alive(&self, save_id: &str, project: &str, now: i64) -> Result<(), Error> {
+        self.change(Some(project), |saves| match saves.get_mut(save_id) {
+            Some(save) if save.project == project && !too_old(save, now) => {
+                save.last_alive_unix_ms = now;
+                save.silence_noted = false;
+                Ok(())
+            }
+            _ => Err(Error::NoSuchSave(save_id.to_owned())),
+        })
+        .await?
+    }
+
+    /// Saves of `project` (`None`: of every project) whose worker has been silent for the
+    /// claim lifetime (killed, most likely): their claims have lapsed, and their shares of the
+    /// transfer budget should too. Each is named once; the save itself stays begun, should its
+    /// worker come back and commit. Saves silent for [`SILENT_SAVE_CLAIM_TTLS`] claim lifetimes,
+    /// or begun too long ago, are forgotten.
+    pub(crate) async fn newly_silent(&self, project: Option<&str>, now: i64) -> Result<Vec<(String, String)>, Error> {
+        let (claim_ttl, forget_silent) = (millis(self.claim_ttl), millis(self.claim_ttl * SILENT_SAVE_CLAIM_TTLS));
+        self.change(project, |saves| {
+            let mine = |save: &OpenSave| project.is_none_or(|project| save.project == project);
+            saves.retain(|_, save| {
+                !mine(save) || (!too_old(save, now) && now.saturating_sub(save.last_alive_unix_ms) < forget_silent)
+            });
+            let mut silent = Vec::new();
+            for (save_id, save) in saves.iter_mut().filter(|(_, save)| mine(save)) {
+                if !save.silence_noted && now.saturating_sub(save.last_alive_unix_ms) >= claim_ttl {
+                    save.silence_noted = true;
+                    silent.push((save.project.clone(), save_id.clone()));
+                }
+            }
+            silent.sort();
+            silent
+        })
+        .await
+    }
+
+    /// Forgets a save (and its claims); whether it was there.
+    pub(crate) async fn abandon(&self, save_id: &str, project: &str) -> Result<bool, Error> {
+        self.change(Some(project), |saves| {
+            if saves.get(save_id).is_some_and(|save| save.project == project) {
+                saves.remove(save_id);
+                return true;
+            }
+            false
+        })
+        .await
+    }
+
+    /// Forgets every save of a project (a flush: none of them can commit).
+    pub(crate) async fn abandon_project(&self, project: &str) -> Result<(), Error> {
+        self.change(Some(project), |saves| saves.retain(|_, save| save.project != project)).await
+    }
+
+    /// What a commit needs of a begun save, which stays begun until [`PendingSaves::take`].
+    pub(crate) async fn describe(&self, save_id: &str, project: &str, now: i64) -> Result<SaveFacts, Error> {
+        self.read(project, |saves| match saves.get(save_id) {
+            Some(save) if save.project == project && !too_old(save, now) => Ok(SaveFacts {
+                key: pb::CacheKey { service: save.service.clone(), branch: save.branch.clone() },
+                generation: save.generation,
+                image_ids: save.image_ids.clone(),
+                engine_version: save.engine_version.clone(),
+                began_unix_ms: save.began_unix_ms,
+                host: save.host.clone(),
+            }),
+            _ => Err(Error::NoSuchSave(save_id.to_owned())),
+        })
+        .await?
+    }
+
+    pub(crate) async fn take(&self, save_id: &str, project: &str) -> Result<(), Error> {
+        if self.abandon(save_id, project).await? { Ok(()) } else { Err(Error::NoSuchSave(save_id.to_owned())) }
+    }
+}
+
+/// A begun save, as its commit sees it.
+pub(crate) struct SaveFacts {
+    pub key: pb::CacheKey,
+    pub generation: u64,
+    pub image_ids: Vec<String>,
+    pub engine_version: String,
+    pub began_unix_ms: i64,
+    pub host: String,
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use std::collections::BTreeSet;
+
+    use super::*;
+
+    pub(crate) fn pending(project: &str, service: &str, now: i64) -> OpenSave {
+        OpenSave {
+            project: project.into(),
+            service: service.into(),
+            branch: String::new(),
+            generation: 0,
+            image_ids: Vec::new(),
+            engine_version: String::new(),
+            began_unix_ms: now,
+            host: String::new(),
+            last_alive_unix_ms: now,
+            claimed: BTreeSet::new(),
+            named: BTreeSet::new(),
+            silence_noted: false,
+        }
+    }
+
+    fn digests(names: &[&str]) -> Vec<String> {
+        names.iter().map(|name| name.to_string()).collect()
+    }
+
+    fn set(names: &[&str]) -> HashSet<String> {
+        names.iter().map(|name| name.to_string()).collect()
+    }
+
+    const TTL: Duration = Duration::from_secs(15);
+    /// The clock of these tests, in unix milliseconds.
+    const START: i64 = 1_800_000_000_000;
+
+    fn saves() -> PendingSaves {
+        PendingSaves::new(TTL, Arc::new(crate::state::InMemory::default()))
+    }
+
+    /// The rules of single flight on `saves`, which two replicas may share: `other` sees what
+    /// `saves` registered (the same saves, on sled; another replica, on PostgreSQL).
+    pub(crate) async fn single_flight_holds(saves: &PendingSaves, other: &PendingSaves, project: &str) {
+        let now = START;
+        let (upload, in_flight) =
+            saves.begin("s1".into(), pending(project, "one", now), digests(&["a", "b"]), now).await.unwrap();
+        assert_eq!((upload, in_flight), (digests(&["a", "b"]), digests(&[])));
+        let (upload, in_flight) =
+            other.begin("s2".into(), pending(project, "two", now), digests(&["b", "c"]), now).await.unwrap();
+        assert_eq!((upload, in_flight), (digests(&["c"]), digests(&["b"])));
+        // Another project never waits for this one's uploads.
+        let elsewhere = format!("{project}-other");
+        let (upload, in_flight) =
+            other.begin("s3".into(), pending(&elsewhere, "one", now), digests(&["a"]), now).await.unwrap();
+        assert_eq!((upload, in_flight), (digests(&["a"]), digests(&[])));
+        assert_eq!(other.in_flight(project, now).await.unwrap(), set(&["a", "b", "c"]));
+        assert!(!other.in_flight_for(project, "b", "s1", now).await.unwrap(), "a save never waits for its own claim");
+        assert!(other.in_flight_for(project, "b", "s2", now).await.unwrap());
+        assert_eq!(other.named(project).await.unwrap(), set(&["a", "b", "c"]));
+        let facts = other.describe("s1", project, now).await.unwrap();
+        assert_eq!(facts.key.service, "one");
+        // The claimant's commit (or its abandoning the save) ends the claim.
+        other.take("s1", project).await.unwrap();
+        assert!(!saves.in_flight_for(project, "b", "s2", now).await.unwrap());
+        assert_eq!(saves.in_flight(project, now).await.unwrap(), set(&["c"]));
+        assert!(saves.take("s1", project).await.is_err(), "a save commits once");
+        // A flush forgets the project's saves, and only its.
+        saves.abandon_project(project).await.unwrap();
+        assert!(other.named(project).await.unwrap().is_empty());
+        assert_eq!(other.named(&elsewhere).await.unwrap(), set(&["a"]));
+    }
+
+    #[tokio::test]
+    async fn a_blob_another_save_uploads_is_uploaded_once() {
+        let saves = saves();
+        single_flight_holds(&saves, &saves, "web").await;
+    }
+
+    #[tokio::test]
+    async fn a_retry_of_the_same_cache_key_takes_the_claims_over() {
+        let saves = saves();
+        let now = START;
+        saves.begin("killed".into(), pending("web", "one", now), digests(&["a", "b"]), now).await.unwrap();
+        // The retry (same key) uploads both itself, at once; another key waits for the retry.
+        let (upload, in_flight) =
+            saves.begin("retry".into(), pending("web", "one", now), digests(&["a", "b"]), now).await.unwrap();
+        assert_eq!((upload, in_flight), (digests(&["a", "b"]), digests(&[])));
+        saves.abandon("retry", "web").await.unwrap();
+        assert!(
+            saves.in_flight("web", now).await.unwrap().is_empty(),
+            "the killed save no longer claims what its retry took over"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_claim_lapses_after_its_workers_last_sign_of_life() {
+        let saves = saves();
+        let start = START;
+        saves.begin("s1".into(), pending("web", "one", start), digests(&["a"]), start).await.unwrap();
+        let later = start + 10_000;
+        assert!(saves.in_flight("web", later).await.unwrap().contains("a"));
+        saves.keep_alive("s1", "web", later).await.unwrap();
+        assert!(saves.in_flight("web", later + 14_000).await.unwrap().contains("a"));
+        let lapsed = later + millis(TTL);
+        assert!(saves.in_flight("web", lapsed).await.unwrap().is_empty(), "no sign of life for the claim's lifetime");
+        let (upload, in_flight) =
+            saves.begin("s2".into(), pending("web", "two", lapsed), digests(&["a"]), lapsed).await.unwrap();
+        assert_eq!((upload, in_flight), (digests(&["a"]), digests(&[])), "a lapsed claim is uploaded again");
+        assert!(saves.keep_alive("s1", "api", lapsed).await.is_err(), "another project's save is not found");
+        assert!(saves.abandon("s2", "web").await.unwrap() && !saves.abandon("s2", "web").await.unwrap());
+        assert!(saves.keep_alive("s2", "web", lapsed).await.is_err());
+        assert_eq!(saves.keep_alive_interval(), Duration::from_secs(5));
+        assert_eq!(saves.newly_silent(None, lapsed).await.unwrap(), vec![("web".to_string(), "s1".to_string())]);
+        assert!(saves.newly_silent(Some("web"), lapsed).await.unwrap().is_empty(), "each silent save is named once");
+    }
+
+    #[tokio::test]
+    async fn a_project_holds_a_bounded_number_of_saves_and_names_and_silent_ones_are_forgotten() {
+        let saves = saves();
+        let start = START;
+        for i in 0..MOST_SAVES_PER_PROJECT {
+            let save = pending("web", &format!("svc{i}"), start);
+            saves.begin(format!("s{i}"), save, digests(&["a"]), start).await.unwrap();
+        }
+        let refused =
+            saves.begin("over".into(), pending("web", "over", start), digests(&["a"]), start).await.unwrap_err();
+        assert!(refused.to_string().contains("has 64 saves in progress"), "{refused}");
+        // Another project is not held up by this one's saves.
+        saves.begin("api".into(), pending("api", "one", start), digests(&["a"]), start).await.unwrap();
+        // Saves silent for 40 claim lifetimes are forgotten; one kept alive stays.
+        let later = start + millis(TTL * SILENT_SAVE_CLAIM_TTLS) - 1_000;
+        saves.keep_alive("s0", "web", later).await.unwrap();
+        let forgotten = later + 2_000;
+        saves.begin("next".into(), pending("web", "next", forgotten), digests(&["a"]), forgotten).await.unwrap();
+        assert!(saves.keep_alive("s0", "web", forgotten).await.is_ok());
+        assert!(saves.keep_alive("s1", "web", forgotten).await.is_err(), "a silent save was forgotten");
+        // Names held: a save that would take the project over the bound is refused.
+        let many: Vec<String> = (0..MOST_HELD_NAMES_PER_PROJECT - 10).map(|i| format!("d{i}")).collect();
+        saves.begin("big".into(), pending("web", "big", forgotten), many, forgotten).await.unwrap();
+        let more = (0..20).map(|i| format!("x{i}")).collect();
+        let refused = saves.begin("more".into(), pending("web", "more", forgotten), more, forgotten).await.unwrap_err();
+        assert!(refused.to_string().contains("blobs and images"), "{refused}");
+    }
+}
