@@ -289,6 +289,15 @@ fn print_manifest(project: &str, manifest: &pb::Manifest) {
     }
 }
 
+/// `2 of 5 (40%)`: the build steps of the saved images the builds reused; `-` before any.
+fn steps_reused(reused: u64, rebuilt: u64) -> String {
+    let steps = reused + rebuilt;
+    if steps == 0 {
+        return "-".into();
+    }
+    format!("{reused} of {steps} ({}%)", reused * 100 / steps)
+}
+
 async fn run(cli: Cli) -> Result<(), ClientError> {
     match &cli.command {
         Command::Project(
@@ -438,13 +447,14 @@ async fn run(cli: Cli) -> Result<(), ClientError> {
         Command::Stats { project } => {
             let request = pb::StatsRequest { project: project.unwrap_or_default() };
             let response = admin.stats(request).await.map_err(failed)?.into_inner();
+            // Columns are only ever added at the end: scripts read them by position.
             println!(
-                "{:<24} {:<24} {:>5} {:>5} {:>5} {:>5} {:>6} {:>12} {:>12}",
-                "PROJECT", "SERVICE", "HIT", "PART", "MISS", "ERR", "SAVES", "FOUND", "MOVED"
+                "{:<24} {:<24} {:>5} {:>5} {:>5} {:>5} {:>6} {:>12} {:>12} {:>18}",
+                "PROJECT", "SERVICE", "HIT", "PART", "MISS", "ERR", "SAVES", "FOUND", "MOVED", "STEPS REUSED"
             );
             for s in response.services {
                 println!(
-                    "{:<24} {:<24} {:>5} {:>5} {:>5} {:>5} {:>6} {:>12} {:>12}",
+                    "{:<24} {:<24} {:>5} {:>5} {:>5} {:>5} {:>6} {:>12} {:>12} {:>18}",
                     s.project,
                     s.service,
                     s.restores_hit,
@@ -453,7 +463,8 @@ async fn run(cli: Cli) -> Result<(), ClientError> {
                     s.restores_error,
                     s.saves,
                     format_bytes(s.bytes_found),
-                    format_bytes(s.bytes_transferred)
+                    format_bytes(s.bytes_transferred),
+                    steps_reused(s.steps_reused, s.steps_rebuilt)
                 );
             }
         }

@@ -79,6 +79,8 @@ pub struct Metrics {
     registry: Registry,
     pub restores: Family<RestoreLabels, Counter>,
     pub saves: Family<ServiceLabels, Counter>,
+    /// Build steps of saved images, reused or rebuilt (`outcome` is `reused` or `rebuilt`).
+    pub build_steps: Family<RestoreLabels, Counter>,
     pub layers: Family<LayerLabels, Counter>,
     pub layer_bytes: Family<LayerLabels, Counter>,
     pub save_duration: Family<ServiceLabels, Histogram, fn() -> Histogram>,
@@ -113,6 +115,7 @@ impl Metrics {
         let metrics = Metrics {
             restores: Family::default(),
             saves: Family::default(),
+            build_steps: Family::default(),
             layers: Family::default(),
             layer_bytes: Family::default(),
             save_duration: Family::new_with_constructor(duration_histogram),
@@ -135,6 +138,11 @@ impl Metrics {
         // Counter names carry no `_total`: the encoder adds it.
         registry.register("restores", "Restores by outcome", metrics.restores.clone());
         registry.register("saves", "Committed or unchanged saves reported by workers", metrics.saves.clone());
+        registry.register(
+            "build_steps",
+            "Build steps of saved images: reused from the cache the key held, or rebuilt",
+            metrics.build_steps.clone(),
+        );
         registry.register("layers", "Layers and configs by operation and outcome", metrics.layers.clone());
         registry.register(
             "layer_bytes",
@@ -218,6 +226,14 @@ impl Metrics {
             pb::Operation::Save => {
                 self.saves.get_or_create(&service).inc();
                 self.save_duration.get_or_create(&service).observe(report.total_seconds);
+                for (outcome, steps) in [("reused", report.steps_reused), ("rebuilt", report.steps_rebuilt)] {
+                    let labels = RestoreLabels {
+                        project: project.to_owned(),
+                        service: report.service.clone(),
+                        outcome: outcome.to_owned(),
+                    };
+                    self.build_steps.get_or_create(&labels).inc_by(u64::from(steps));
+                }
             }
             _ => {
                 let outcome = match report.restore_outcome() {

@@ -24,6 +24,7 @@ mod e2e {
     mod save_restore;
     mod scoped_tokens;
     mod single_flight;
+    mod step_reuse;
     mod traces;
     mod transfers;
 }

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures::{Stream, StreamExt, TryStreamExt};
+use proto::v1 as pb;
 
 /// A save or load of a large chain can take many minutes; bollard's 120 s default covers the
 /// wait for the export's first byte and would cut it off.
@@ -81,6 +82,20 @@ fn is_local(host: &str) -> bool {
 }
 
 /// Tags worth keeping: the engine reports untagged images as `<none>:<none>`.
+/// The longest instruction a step records (the coordinator's bound), cut at a character.
+const MOST_INSTRUCTION_BYTES: usize = 4096;
+
+fn truncate_instruction(mut instruction: String) -> String {
+    if instruction.len() > MOST_INSTRUCTION_BYTES {
+        let mut end = MOST_INSTRUCTION_BYTES;
+        while !instruction.is_char_boundary(end) {
+            end -= 1;
+        }
+        instruction.truncate(end);
+    }
+    instruction
+}
+
 fn real_tags(tags: &[String]) -> Vec<String> {
     tags.iter().filter(|tag| !tag.contains("<none>")).cloned().collect()
 }
@@ -145,6 +160,47 @@ impl Engine {
         let inspect = self.docker.inspect_image(id).await.map_err(failed("inspect an image"))?;
         let media_type = inspect.descriptor.and_then(|descriptor| descriptor.media_type).unwrap_or_default();
         Ok((inspect.root_fs.and_then(|root_fs| root_fs.layers).unwrap_or_default(), media_type))
+    }
+
+    /// An image's build history, oldest step first, as the engine records it.
+    pub async fn history(&self, id: &str) -> Result<Vec<pb::Step>, EngineError> {
+        let items = self.docker.image_history(id).await.map_err(failed("read an image's history"))?;
+        Ok(items
+            .into_iter()
+            .rev()
+            .map(|item| pb::Step {
+                instruction: truncate_instruction(item.created_by),
+                created_unix: item.created,
+                size: item.size.max(0) as u64,
+            })
+            .collect())
+    }
+
+    /// The image `id` grew FROM: of the tagged images whose layers begin its layers and whose
+    /// history begins its history (`history`), the one with the longest history, with that
+    /// history's length. `None`: no such image here (FROM scratch, or a base since removed).
+    pub async fn base_of(
+        &self,
+        id: &str,
+        diff_ids: &[String],
+        history: &[pb::Step],
+    ) -> Result<Option<(String, String, usize)>, EngineError> {
+        let summaries = self.docker.list_images(None::<bollard::query_parameters::ListImagesOptions>).await;
+        let summaries = summaries.map_err(failed("list images"))?;
+        let mut best: Option<(String, String, usize)> = None;
+        for summary in summaries.iter().filter(|summary| summary.id != id) {
+            let Some(tag) = real_tags(&summary.repo_tags).into_iter().min() else { continue };
+            let layers = self.diff_ids(&summary.id).await?;
+            if layers.len() > diff_ids.len() || diff_ids[..layers.len()] != layers[..] {
+                continue;
+            }
+            let theirs = self.history(&summary.id).await?;
+            let longer = best.as_ref().is_none_or(|(_, _, n)| theirs.len() > *n);
+            if theirs.len() < history.len() && history[..theirs.len()] == theirs[..] && longer {
+                best = Some((tag, summary.id.clone(), theirs.len()));
+            }
+        }
+        Ok(best)
     }
 
     /// Every image of the chains of `references`: each named image and its parents to the root,

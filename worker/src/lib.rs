@@ -13,4 +13,5 @@ pub mod oci;
 pub mod progress;
 pub mod restore;
 pub mod save;
+pub mod steps;
 pub mod transfer;

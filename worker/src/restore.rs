@@ -161,6 +161,7 @@ pub async fn restore(
         total_seconds: seconds,
         restore_outcome: outcome as i32,
         lease_id: lease_id.clone(),
+        ..Default::default()
     };
     let (true, Some(manifest)) = (found.found, found.manifest) else {
         say(&format!("no cached image for {}", options.service));

@@ -21,6 +21,7 @@ use crate::image_config::{ImageFacts, builder_name, image_facts};
 use crate::layer_store::{LayerStore, chain_ids};
 use crate::oci::{BlobSource, Descriptor, OciBlobs};
 use crate::progress::{Bar, Progress, rate};
+use crate::steps::ImageSteps;
 use crate::transfer::BlobStore;
 
 pub struct SaveOptions {
@@ -278,6 +279,8 @@ struct SaveWork<'a> {
     build_cache: Option<&'a (pb::Image, OciBlobs)>,
     /// The engine's own stores, when this worker reads them; else the save reads its export.
     stores: Option<&'a Stores>,
+    /// The build steps of the images the save names (those the engine could tell).
+    steps: &'a [ImageSteps],
 }
 
 /// The blobs of the containerd image store's images: a `docker save` read into its spool
@@ -333,6 +336,7 @@ pub async fn save(
             None
         }
     };
+    let steps = named_steps(engine, &options.images, &chain).await;
     let probe = chain.first().map(|image| image.id.as_str()).unwrap_or_default();
     let stores = match Stores::open(&storage, probe) {
         Ok(stores) => Some(stores),
@@ -350,6 +354,7 @@ pub async fn save(
         oci,
         build_cache: build_cache.as_ref(),
         stores: stores.as_ref(),
+        steps: &steps,
     };
     match save_with(coordinator, work).await {
         // Nothing that failed its check was kept: the export serves instead.
@@ -389,6 +394,9 @@ async fn save_once(coordinator: &mut Coordinator, work: SaveWork<'_>) -> Result<
     let mut export = None;
     if work.oci {
         (request.images, export) = oci_images(coordinator, work, request.clone()).await?;
+    }
+    for steps in work.steps {
+        steps.attach(&mut request.images);
     }
     let begun = coordinator.client.begin_save(request.clone()).await.map_err(|s| coordinator.failed(s))?.into_inner();
     if begun.unchanged {
@@ -771,7 +779,9 @@ async fn finish_save(
     in_flight: HashSet<String>,
 ) -> Result<Attempt, WorkerError> {
     let uploaded_digests: HashSet<String> = uploaded.iter().map(|(digest, _, _)| digest.clone()).collect();
-    let log = save_log(&images, &uploaded_digests, &in_flight);
+    let mut log = save_log(&images, &uploaded_digests, &in_flight);
+    let (reuse_lines, steps_reused, steps_rebuilt) = step_reuse(work, &begun.previous_images).await;
+    log.extend(reuse_lines);
     for line in &log {
         println!("{line}");
     }
@@ -780,7 +790,44 @@ async fn finish_save(
         Ok(stored) => stored,
         Err(again) => return Ok(again),
     };
-    Ok(Attempt::Done(report(coordinator, work, &images, &begun, &uploaded, stored).await))
+    let steps = (steps_reused, steps_rebuilt);
+    Ok(Attempt::Done(report(coordinator, work, &images, &begun, &uploaded, stored, steps).await))
+}
+
+/// The build steps of the images `references` name, each read from the engine; one the engine
+/// cannot tell is left out with a warning (its save goes on).
+async fn named_steps(engine: &Engine, references: &[String], chain: &[EngineImage]) -> Vec<ImageSteps> {
+    let mut named = Vec::new();
+    for reference in references {
+        let image = match engine.image_id(reference).await {
+            Ok(Some(id)) => chain.iter().find(|image| image.id == id),
+            _ => None,
+        };
+        let Some(image) = image else { continue };
+        match crate::steps::of_image(engine, reference, image).await {
+            Ok(steps) => named.push(steps),
+            Err(error) => eprintln!("cache-worker: warning: the build steps of {reference} are not counted: {error}"),
+        }
+    }
+    named
+}
+
+/// Each named image's reuse line (`app:latest: reused 2 of 5 steps; first rebuilt: …`), and
+/// the steps reused and rebuilt in all.
+async fn step_reuse(work: SaveWork<'_>, previous_images: &[pb::Image]) -> (Vec<String>, u32, u32) {
+    let (mut lines, mut reused, mut rebuilt) = (Vec::new(), 0, 0);
+    for steps in work.steps {
+        let previous = steps.previous(previous_images);
+        let restored_here = match previous {
+            Some(previous) => matches!(work.engine.image_id(&previous.id).await, Ok(Some(_))),
+            None => false,
+        };
+        let reuse = crate::steps::compare(steps, previous, restored_here);
+        lines.push(reuse.line(&steps.reference));
+        reused += reuse.reused as u32;
+        rebuilt += (reuse.steps - reuse.reused) as u32;
+    }
+    (lines, reused, rebuilt)
 }
 
 /// Commits the save's images (nothing to commit when it is unchanged): whether they became
@@ -839,6 +886,7 @@ async fn report(
     begun: &pb::BeginSaveResponse,
     uploaded: &[Moved],
     stored: bool,
+    (steps_reused, steps_rebuilt): (u32, u32),
 ) -> SaveSummary {
     let SaveWork { options, started, .. } = work;
     let n_blobs_stored = begun.stored_blobs.len();
@@ -867,6 +915,8 @@ async fn report(
         restore_outcome: 0,
         // The commit gave the save's lease back.
         lease_id: String::new(),
+        steps_reused,
+        steps_rebuilt,
     };
     coordinator.report_metrics(report).await;
     let summary = SaveSummary {

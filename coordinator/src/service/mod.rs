@@ -320,6 +320,8 @@ impl CacheService {
                 layers_transferred: c.layers_transferred,
                 bytes_found: c.bytes_found,
                 bytes_transferred: c.bytes_transferred,
+                steps_reused: c.steps_reused,
+                steps_rebuilt: c.steps_rebuilt,
             })
             .collect())
     }
@@ -397,6 +399,10 @@ impl CacheService {
                 }
                 pb::LayerOutcome::Failed | pb::LayerOutcome::Unspecified => {}
             }
+        }
+        if report.operation() == pb::Operation::Save {
+            change.steps_reused = report.steps_reused.into();
+            change.steps_rebuilt = report.steps_rebuilt.into();
         }
         if report.operation() == pb::Operation::Restore {
             match report.restore_outcome() {
@@ -494,6 +500,9 @@ impl CacheService {
 /// restore misses before its first save, a service renamed): beyond it, reports are refused.
 pub const MAX_REPORTED_SERVICES: usize = 64;
 
+/// The most build steps one save may count: 1,000 images' worth of 1,000 steps.
+const MAX_REPORTED_STEPS: u64 = 1_000_000;
+
 /// The most layers one report may count: far more than any image chain has.
 const MAX_REPORTED_LAYERS: usize = 100_000;
 
@@ -510,6 +519,13 @@ fn validate_report(report: &pb::ReportMetricsRequest) -> Result<(), Error> {
     let duration_ok = |seconds: f64| seconds.is_finite() && (0.0..=MAX_REPORTED_SECONDS).contains(&seconds);
     if !duration_ok(report.total_seconds) {
         return invalid(format!("total_seconds {} is not a duration", report.total_seconds));
+    }
+    let steps = u64::from(report.steps_reused) + u64::from(report.steps_rebuilt);
+    if report.operation() == pb::Operation::Save && steps > MAX_REPORTED_STEPS {
+        return invalid(format!("{steps} build steps, more than {MAX_REPORTED_STEPS}"));
+    }
+    if report.operation() != pb::Operation::Save && steps > 0 {
+        return invalid("build steps are counted by saves only".into());
     }
     if report.layers.len() > MAX_REPORTED_LAYERS {
         return invalid(format!("{} layers, more than {MAX_REPORTED_LAYERS}", report.layers.len()));

@@ -48,6 +48,30 @@ fn validate_host(host: &str) -> Result<(), Error> {
     Ok(())
 }
 
+/// The most build steps one image may record, and the longest instruction.
+const MAX_STEPS_PER_IMAGE: usize = 1000;
+const MAX_INSTRUCTION: usize = 4096;
+
+/// Checks an image's build steps and base: bounded, and the base a tag and a digest.
+fn validate_steps(image: &pb::Image) -> Result<(), Error> {
+    if image.steps.len() > MAX_STEPS_PER_IMAGE {
+        return Err(Error::InvalidArgument(format!(
+            "image {} records more than {MAX_STEPS_PER_IMAGE} steps",
+            image.id
+        )));
+    }
+    if image.steps.iter().any(|step| step.instruction.len() > MAX_INSTRUCTION) {
+        return Err(Error::InvalidArgument(format!("a build step has at most {MAX_INSTRUCTION} bytes of instruction")));
+    }
+    if !image.base.is_empty() {
+        names::validate_repo_tag(&image.base)?;
+    }
+    if !image.base_id.is_empty() {
+        names::validate_digest(&image.base_id)?;
+    }
+    Ok(())
+}
+
 /// Checks the images a worker sends: digests, tags, parents inside the chain or empty.
 fn validate_images(images: &[pb::Image]) -> Result<(), Error> {
     if images.is_empty() || images.len() > MAX_IMAGES {
@@ -88,6 +112,7 @@ fn validate_images(images: &[pb::Image]) -> Result<(), Error> {
                 return Err(Error::InvalidArgument(format!("OCI blob {} is stored as it is", blob.digest)));
             }
         }
+        validate_steps(image)?;
         if image.oci_media_type.len() > 255 || image.oci_media_type.chars().any(|c| c.is_control()) {
             return Err(Error::InvalidArgument("an OCI media type has at most 255 printable characters".into()));
         }
@@ -221,6 +246,9 @@ impl CacheService {
                 })
                 .collect(),
             known_images,
+            previous_images: current
+                .map(|manifest| manifest.images.into_iter().filter(|image| !image.steps.is_empty()).collect())
+                .unwrap_or_default(),
             in_flight_digests,
             keep_alive_seconds: self.pending_saves.keep_alive_interval().as_secs() as u32,
         })

@@ -129,6 +129,11 @@ pub struct ServiceCounters {
     pub layers_transferred: u64,
     pub bytes_found: u64,
     pub bytes_transferred: u64,
+    /// Build steps of saved images the build reused, and rebuilt.
+    #[serde(default)]
+    pub steps_reused: u64,
+    #[serde(default)]
+    pub steps_rebuilt: u64,
 }
 
 impl ServiceCounters {
@@ -143,6 +148,8 @@ impl ServiceCounters {
         self.layers_transferred += change.layers_transferred;
         self.bytes_found += change.bytes_found;
         self.bytes_transferred += change.bytes_transferred;
+        self.steps_reused += change.steps_reused;
+        self.steps_rebuilt += change.steps_rebuilt;
     }
 }
 

@@ -200,6 +200,29 @@ pub struct Image {
     /// as a local cache folder, never loaded into the engine.
     #[prost(bool, tag = "10")]
     pub build_cache: bool,
+    /// For an image the save named: its build steps after the final stage's FROM, as the
+    /// engine's history records them, oldest first (empty-layer steps included); at most 1,000.
+    #[prost(message, repeated, tag = "11")]
+    pub steps: ::prost::alloc::vec::Vec<Step>,
+    /// The image its final stage grew FROM, by tag (e.g. "base:1") and ID; empty when none is
+    /// known (FROM scratch, or a base the engine no longer holds).
+    #[prost(string, tag = "12")]
+    pub base: ::prost::alloc::string::String,
+    #[prost(string, tag = "13")]
+    pub base_id: ::prost::alloc::string::String,
+}
+/// One build step of an image.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct Step {
+    /// The history's "created by", e.g. "/bin/sh -c #(nop) COPY file:… in /f" (at most 4 KiB).
+    #[prost(string, tag = "1")]
+    pub instruction: ::prost::alloc::string::String,
+    /// When the step was made: a step the build reused keeps the time it was first made.
+    #[prost(int64, tag = "2")]
+    pub created_unix: i64,
+    /// The size of its layer (0 for an empty-layer step).
+    #[prost(uint64, tag = "3")]
+    pub size: u64,
 }
 /// What one save produced for one key.
 #[derive(Clone, PartialEq, ::prost::Message)]
@@ -322,6 +345,10 @@ pub struct BeginSaveResponse {
     /// periods after the worker's last sign of life.
     #[prost(uint32, tag = "9")]
     pub keep_alive_seconds: u32,
+    /// The images of the key's current cache (with their steps), which the worker compares with
+    /// the images it saves to count the build steps reused.
+    #[prost(message, repeated, tag = "10")]
+    pub previous_images: ::prost::alloc::vec::Vec<Image>,
 }
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct CommitSaveRequest {
@@ -455,6 +482,12 @@ pub struct ReportMetricsRequest {
     /// The transfer plan's lease, released by this report.
     #[prost(string, tag = "6")]
     pub lease_id: ::prost::alloc::string::String,
+    /// Only for OPERATION_SAVE: the build steps of the saved images the build reused (unchanged
+    /// since the cache the key held), and those it rebuilt.
+    #[prost(uint32, tag = "7")]
+    pub steps_reused: u32,
+    #[prost(uint32, tag = "8")]
+    pub steps_rebuilt: u32,
 }
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct ReportMetricsResponse {}
@@ -597,6 +630,10 @@ pub struct ServiceStats {
     pub bytes_found: u64,
     #[prost(uint64, tag = "11")]
     pub bytes_transferred: u64,
+    #[prost(uint64, tag = "12")]
+    pub steps_reused: u64,
+    #[prost(uint64, tag = "13")]
+    pub steps_rebuilt: u64,
 }
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct StatsResponse {

@@ -1,5 +1,5 @@
 //! The Grafana dashboard against a real Prometheus scraping a real coordinator: saves and
-//! restores with known outcomes (one miss, then two hits) and a quota's eviction, then every panel's query of
+//! restores with known outcomes (one miss, then two hits; build steps reused 3 of 6) and a quota's eviction, then every panel's query of
 //! deploy/grafana/dashboards/layer-cache.json evaluated through Prometheus's HTTP API, and the
 //! values checked. Plus the health endpoints and the gRPC health service.
 
@@ -160,6 +160,12 @@ async fn every_dashboard_panel_reads_the_right_values_from_a_real_prometheus() {
     let over_time = series(answer("Restore hit rate over time"));
     assert_eq!(over_time.len(), 1, "{over_time:?}");
     assert_eq!((over_time[0].0["service"].as_str(), over_time[0].1), (Some("web"), 1.0));
+    // Steps reused, from the saves' reports: web's first save reused none of its 2 steps (no
+    // cache yet), the unchanged one both, the last one the first (its second was edited); idle's
+    // save found no cache for its key.
+    let steps = answer("Build steps reused since start");
+    assert_eq!(value_for(steps, "project", "shop"), 0.5, "{steps}");
+    assert_eq!(value_for(steps, "project", "idle"), 0.0, "{steps}");
     let by_outcome = answer("Restores by outcome");
     assert!(value_for(by_outcome, "outcome", "hit") > 0.0, "{by_outcome}");
     assert_eq!(value_for(by_outcome, "outcome", "miss"), 0.0, "{by_outcome}");

@@ -182,7 +182,7 @@ async fn report(
         layers: vec![layer],
         total_seconds,
         restore_outcome: pb::RestoreOutcome::Miss as i32,
-        lease_id: String::new(),
+        ..Default::default()
     };
     client.report_metrics(request).await.map(|_| ())
 }
