@@ -34,6 +34,17 @@ pub struct PendingSaves {
     claim_ttl: Duration,
 }
 
+/// What registering a save answered.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct Begun {
+    /// The missing blobs this save claimed: it uploads them.
+    pub to_upload: Vec<String>,
+    /// The missing blobs another live save of the project is uploading.
+    pub in_flight: Vec<String>,
+    /// (project, save ID) of the project's saves that fell silent.
+    pub silent: Vec<(String, String)>,
+}
+
 fn millis(duration: Duration) -> i64 {
     duration.as_millis() as i64
 }
@@ -94,21 +105,18 @@ impl PendingSaves {
     /// retry of a save that failed or was killed, or a save it replaces anyway, and a retry
     /// must never wait for the save it repeats.
     /// Refused while the project holds [`MOST_SAVES_PER_PROJECT`] saves or
-    /// [`MOST_HELD_NAMES_PER_PROJECT`] names.
+    /// [`MOST_HELD_NAMES_PER_PROJECT`] names. Also answers the project's saves that fell
+    /// silent (see [`PendingSaves::newly_silent`]), in the same step.
     pub(crate) async fn begin(
         &self,
         save_id: String,
         mut save: OpenSave,
         missing: Vec<String>,
         now: i64,
-    ) -> Result<(Vec<String>, Vec<String>), Error> {
+    ) -> Result<Begun, Error> {
         let project = save.project.clone();
-        let forget_silent = millis(self.claim_ttl * SILENT_SAVE_CLAIM_TTLS);
         self.change(Some(&project), move |saves| {
-            saves.retain(|_, pending| {
-                pending.project != save.project
-                    || (!too_old(pending, now) && now.saturating_sub(pending.last_alive_unix_ms) < forget_silent)
-            });
+            let silent = self.note_silent(saves, Some(&save.project), now);
             save.named.extend(missing.iter().cloned());
             let of_project = || saves.values().filter(|other| other.project == save.project);
             if of_project().count() >= MOST_SAVES_PER_PROJECT {
@@ -136,7 +144,7 @@ impl PendingSaves {
             }
             save.claimed = to_upload.iter().cloned().collect();
             saves.insert(save_id, save);
-            Ok((to_upload, in_flight))
+            Ok(Begun { to_upload, in_flight, silent })
         })
         .await?
     }
@@ -194,23 +202,25 @@ impl PendingSaves {
     /// worker come back and commit. Saves silent for [`SILENT_SAVE_CLAIM_TTLS`] claim lifetimes,
     /// or begun too long ago, are forgotten.
     pub(crate) async fn newly_silent(&self, project: Option<&str>, now: i64) -> Result<Vec<(String, String)>, Error> {
+        self.change(project, |saves| self.note_silent(saves, project, now)).await
+    }
+
+    /// [`PendingSaves::newly_silent`] on `saves`.
+    fn note_silent(&self, saves: &mut OpenSaves, project: Option<&str>, now: i64) -> Vec<(String, String)> {
         let (claim_ttl, forget_silent) = (millis(self.claim_ttl), millis(self.claim_ttl * SILENT_SAVE_CLAIM_TTLS));
-        self.change(project, |saves| {
-            let mine = |save: &OpenSave| project.is_none_or(|project| save.project == project);
-            saves.retain(|_, save| {
-                !mine(save) || (!too_old(save, now) && now.saturating_sub(save.last_alive_unix_ms) < forget_silent)
-            });
-            let mut silent = Vec::new();
-            for (save_id, save) in saves.iter_mut().filter(|(_, save)| mine(save)) {
-                if !save.silence_noted && now.saturating_sub(save.last_alive_unix_ms) >= claim_ttl {
-                    save.silence_noted = true;
-                    silent.push((save.project.clone(), save_id.clone()));
-                }
+        let mine = |save: &OpenSave| project.is_none_or(|project| save.project == project);
+        saves.retain(|_, save| {
+            !mine(save) || (!too_old(save, now) && now.saturating_sub(save.last_alive_unix_ms) < forget_silent)
+        });
+        let mut silent = Vec::new();
+        for (save_id, save) in saves.iter_mut().filter(|(_, save)| mine(save)) {
+            if !save.silence_noted && now.saturating_sub(save.last_alive_unix_ms) >= claim_ttl {
+                save.silence_noted = true;
+                silent.push((save.project.clone(), save_id.clone()));
             }
-            silent.sort();
-            silent
-        })
-        .await
+        }
+        silent.sort();
+        silent
     }
 
     /// Forgets a save (and its claims); whether it was there.
@@ -304,15 +314,15 @@ pub(crate) mod tests {
     /// `saves` registered (the same saves, on sled; another replica, on PostgreSQL).
     pub(crate) async fn single_flight_holds(saves: &PendingSaves, other: &PendingSaves, project: &str) {
         let now = START;
-        let (upload, in_flight) =
+        let Begun { to_upload: upload, in_flight, .. } =
             saves.begin("s1".into(), pending(project, "one", now), digests(&["a", "b"]), now).await.unwrap();
         assert_eq!((upload, in_flight), (digests(&["a", "b"]), digests(&[])));
-        let (upload, in_flight) =
+        let Begun { to_upload: upload, in_flight, .. } =
             other.begin("s2".into(), pending(project, "two", now), digests(&["b", "c"]), now).await.unwrap();
         assert_eq!((upload, in_flight), (digests(&["c"]), digests(&["b"])));
         // Another project never waits for this one's uploads.
         let elsewhere = format!("{project}-other");
-        let (upload, in_flight) =
+        let Begun { to_upload: upload, in_flight, .. } =
             other.begin("s3".into(), pending(&elsewhere, "one", now), digests(&["a"]), now).await.unwrap();
         assert_eq!((upload, in_flight), (digests(&["a"]), digests(&[])));
         assert_eq!(other.in_flight(project, now).await.unwrap(), set(&["a", "b", "c"]));
@@ -344,7 +354,7 @@ pub(crate) mod tests {
         let now = START;
         saves.begin("killed".into(), pending("web", "one", now), digests(&["a", "b"]), now).await.unwrap();
         // The retry (same key) uploads both itself, at once; another key waits for the retry.
-        let (upload, in_flight) =
+        let Begun { to_upload: upload, in_flight, .. } =
             saves.begin("retry".into(), pending("web", "one", now), digests(&["a", "b"]), now).await.unwrap();
         assert_eq!((upload, in_flight), (digests(&["a", "b"]), digests(&[])));
         saves.abandon("retry", "web").await.unwrap();
@@ -365,15 +375,23 @@ pub(crate) mod tests {
         assert!(saves.in_flight("web", later + 14_000).await.unwrap().contains("a"));
         let lapsed = later + millis(TTL);
         assert!(saves.in_flight("web", lapsed).await.unwrap().is_empty(), "no sign of life for the claim's lifetime");
-        let (upload, in_flight) =
-            saves.begin("s2".into(), pending("web", "two", lapsed), digests(&["a"]), lapsed).await.unwrap();
-        assert_eq!((upload, in_flight), (digests(&["a"]), digests(&[])), "a lapsed claim is uploaded again");
+        let begun = saves.begin("s2".into(), pending("web", "two", lapsed), digests(&["a"]), lapsed).await.unwrap();
+        assert_eq!(
+            (begun.to_upload, begun.in_flight),
+            (digests(&["a"]), digests(&[])),
+            "a lapsed claim is uploaded again"
+        );
+        assert_eq!(begun.silent, vec![("web".to_string(), "s1".to_string())], "the begin names the silent save");
+        assert!(saves.newly_silent(Some("web"), lapsed).await.unwrap().is_empty(), "each silent save is named once");
         assert!(saves.keep_alive("s1", "api", lapsed).await.is_err(), "another project's save is not found");
         assert!(saves.abandon("s2", "web").await.unwrap() && !saves.abandon("s2", "web").await.unwrap());
         assert!(saves.keep_alive("s2", "web", lapsed).await.is_err());
         assert_eq!(saves.keep_alive_interval(), Duration::from_secs(5));
-        assert_eq!(saves.newly_silent(None, lapsed).await.unwrap(), vec![("web".to_string(), "s1".to_string())]);
-        assert!(saves.newly_silent(Some("web"), lapsed).await.unwrap().is_empty(), "each silent save is named once");
+        // Silent again, once more named, now by the look over every project.
+        let later = lapsed + millis(TTL);
+        saves.keep_alive("s1", "web", lapsed).await.unwrap();
+        assert_eq!(saves.newly_silent(None, later).await.unwrap(), vec![("web".to_string(), "s1".to_string())]);
+        assert!(saves.newly_silent(None, later).await.unwrap().is_empty(), "each silent save is named once");
     }
 
     #[tokio::test]

@@ -795,7 +795,8 @@ async fn finish_save(
 }
 
 /// The build steps of the images `references` name, each read from the engine; one the engine
-/// cannot tell is left out with a warning (its save goes on).
+/// cannot tell is left out with a warning (its save goes on), and so is one that is the base of
+/// another (`app:1 base:1`: the build made app:1, base:1 is what it grew from).
 async fn named_steps(engine: &Engine, references: &[String], chain: &[EngineImage]) -> Vec<ImageSteps> {
     let mut named = Vec::new();
     for reference in references {
@@ -809,6 +810,8 @@ async fn named_steps(engine: &Engine, references: &[String], chain: &[EngineImag
             Err(error) => eprintln!("cache-worker: warning: the build steps of {reference} are not counted: {error}"),
         }
     }
+    let bases: HashSet<String> = named.iter().map(|steps| steps.base_id.clone()).collect();
+    named.retain(|steps| !bases.contains(&steps.id));
     named
 }
 

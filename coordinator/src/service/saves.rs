@@ -197,12 +197,13 @@ impl CacheService {
             named: digests.clone(),
             silence_noted: false,
         };
-        self.release_silent_saves(Some(project)).await;
         // An unchanged save commits nothing, so it is not kept (and claims nothing).
         let (missing_digests, in_flight_digests) = if unchanged {
             (Vec::new(), Vec::new())
         } else {
-            self.pending_saves.begin(save_id.clone(), pending, missing, now).await?
+            let begun = self.pending_saves.begin(save_id.clone(), pending, missing, now).await?;
+            self.release_shares_of_silent(begun.silent, now).await;
+            (begun.to_upload, begun.in_flight)
         };
         drop(registering);
         // Blobs in flight still need the worker's export (for their sizes), not its uploads.
@@ -321,15 +322,22 @@ impl CacheService {
     /// does not wait 10 minutes. A failure is logged: the next call tries again.
     pub(crate) async fn release_silent_saves(&self, project: Option<&str>) {
         let now = now_unix_ms();
-        let released = async {
-            for (project, save_id) in self.pending_saves.newly_silent(project, now).await? {
-                self.budget.release(&project, &save_id, now).await?;
-                tracing::info!(project, "a save's worker fell silent: its claims lapsed and its budget share is back");
+        match self.pending_saves.newly_silent(project, now).await {
+            Ok(silent) => self.release_shares_of_silent(silent, now).await,
+            Err(error) => tracing::warn!(%error, "looking for silent saves failed; it is tried again"),
+        }
+    }
+
+    /// Gives back the budget shares of `silent` saves, (project, save ID) each.
+    async fn release_shares_of_silent(&self, silent: Vec<(String, String)>, now: i64) {
+        for (project, save_id) in silent {
+            match self.budget.release(&project, &save_id, now).await {
+                Ok(()) => tracing::info!(
+                    project,
+                    "a save's worker fell silent: its claims lapsed and its budget share is back"
+                ),
+                Err(error) => tracing::warn!(project, %error, "releasing a silent save's budget share failed"),
             }
-            Ok::<_, Error>(())
-        };
-        if let Err(error) = released.await {
-            tracing::warn!(%error, "releasing the budget shares of silent saves failed; it is tried again");
         }
     }
 

@@ -3,6 +3,7 @@
 //! image, or (Engine 26.1 without the printed `--cache-from`) a restore the build did not use.
 //! The counts reach the metrics, `cachectl stats` and `cachectl show`.
 
+use super::buildkit::{INLINE_CACHE, build as buildkit_build};
 use tests::{CoordinatorProcess, DockerEngine, EngineKind, SEED_DOCKERFILE, stderr_of, stdout_of};
 
 /// The steps counter of project web's service web.
@@ -11,14 +12,21 @@ fn steps(coordinator: &CoordinatorProcess, outcome: &str) -> f64 {
     coordinator.metric(&sample).unwrap_or(0.0)
 }
 
-/// Saves app:latest from `host` as service web; its output's reuse line for app:latest.
-fn save(coordinator: &CoordinatorProcess, host: &DockerEngine, token: &str) -> String {
-    let saved = coordinator.cache_worker_on(host, token, &["save", "--service", "web", "app:latest"]);
+/// Saves `images` from `host` as service web; its output's one reuse line (for the first image).
+fn save_images(coordinator: &CoordinatorProcess, host: &DockerEngine, token: &str, images: &[&str]) -> String {
+    let mut args = vec!["save", "--service", "web"];
+    args.extend(images);
+    let saved = coordinator.cache_worker_on(host, token, &args);
     assert!(saved.status.success(), "{}", stderr_of(&saved));
     let out = stdout_of(&saved);
-    let lines: Vec<&str> = out.lines().filter(|line| line.starts_with("app:latest: reused ")).collect();
-    assert_eq!(lines.len(), 1, "one reuse line for the one image saved: {out}");
+    let lines: Vec<&str> = out.lines().filter(|line| line.contains(": reused ")).collect();
+    assert_eq!(lines.len(), 1, "one reuse line, for the image the build made: {out}");
+    assert!(lines[0].starts_with(&format!("{}: reused ", images[0])), "{out}");
     lines[0].to_owned()
+}
+
+fn save(coordinator: &CoordinatorProcess, host: &DockerEngine, token: &str) -> String {
+    save_images(coordinator, host, token, &["app:latest"])
 }
 
 fn build(host: &DockerEngine, context: &std::path::Path, flags: &[&str]) {
@@ -110,4 +118,54 @@ fn engine_20_10_counts_the_steps_a_build_reused_and_names_why_the_first_miss_mis
 #[test]
 fn engine_26_1_counts_no_step_reused_when_the_build_ignores_the_restored_cache() {
     step_reuse(EngineKind::Engine26);
+}
+
+/// BuildKit images (with inline cache, saved with their base named beside them, as users of
+/// `--cache-from` do) on `host` and a fresh host of the same kind.
+fn buildkit_step_reuse(first_host: DockerEngine, fresh_host: impl Fn() -> DockerEngine) {
+    let data_dir = tempfile::tempdir().unwrap();
+    let coordinator = CoordinatorProcess::start(data_dir.path(), &[]);
+    let token = coordinator.create_project("web");
+    first_host.import_busybox_base("base:1");
+    let app = tests::build_context(SEED_DOCKERFILE);
+    buildkit_build(&first_host, app.path(), "app:1", &[INLINE_CACHE]);
+    let images = ["app:1", "base:1"];
+    assert_eq!(
+        save_images(&coordinator, &first_host, &token, &images),
+        "app:1: reused 0 of 5 steps; first rebuilt: step 1 RUN echo one > /one (the cache held no image for this key)",
+        "the ENV step counts though it has no layer"
+    );
+    let host = fresh_host();
+    let printed = coordinator.restore_flags(&host, &token, "web");
+    let mut flags: Vec<&str> = printed.split_whitespace().collect();
+    flags.push(INLINE_CACHE);
+    buildkit_build(&host, app.path(), "app:1", &flags);
+    assert_eq!(save_images(&coordinator, &host, &token, &images), "app:1: reused 5 of 5 steps");
+    std::fs::write(app.path().join("file.txt"), "changed content\n").unwrap();
+    buildkit_build(&host, app.path(), "app:1", &flags);
+    assert_eq!(
+        save_images(&coordinator, &host, &token, &images),
+        "app:1: reused 2 of 5 steps; first rebuilt: step 3 COPY file.txt /file.txt (its files changed)"
+    );
+    // A multi-stage build: its steps are the final stage's, after its FROM.
+    let stages = tests::build_context(
+        "FROM base:1 AS build\nRUN echo one > /one\nFROM base:1\nCOPY --from=build /one /one\nRUN cat /one > /two\n",
+    );
+    buildkit_build(&host, stages.path(), "app:1", &flags);
+    let line = save_images(&coordinator, &host, &token, &images);
+    assert!(line.starts_with("app:1: reused 0 of 2 steps; first rebuilt: step 1 COPY "), "{line}");
+    assert_eq!((steps(&coordinator, "reused"), steps(&coordinator, "rebuilt")), (7.0, 10.0));
+    coordinator.stop();
+}
+
+#[test]
+fn buildkit_images_on_engine_28_5_count_the_steps_a_build_reused() {
+    let Some(host) = DockerEngine::start(EngineKind::Engine28) else { return };
+    buildkit_step_reuse(host, || DockerEngine::start(EngineKind::Engine28).unwrap());
+}
+
+#[test]
+fn buildkit_images_on_the_containerd_store_count_the_steps_a_build_reused() {
+    let Some(host) = DockerEngine::start_with_containerd_store() else { return };
+    buildkit_step_reuse(host, || DockerEngine::start_with_containerd_store().unwrap());
 }
