@@ -117,7 +117,8 @@ fn copies_files(instruction: &str) -> bool {
 }
 
 /// Compares `current` with `previous`, the image the key's cache held (`None`: it held none);
-/// `restored_here`: that image is on this host (restored, or built here).
+/// `restored_here`: that image is on this host (restored, or built here; the containerd store
+/// forgets an image once a rebuild takes its tag, so a reused step also says so).
 pub fn compare(current: &ImageSteps, previous: Option<&pb::Image>, restored_here: bool) -> Reuse {
     let steps = current.steps.len();
     let first = |number: usize, why: String| {
@@ -136,14 +137,17 @@ pub fn compare(current: &ImageSteps, previous: Option<&pb::Image>, restored_here
         return first(reused, "the cache held no such step".into());
     };
     let now = &current.steps.get(reused).cloned().unwrap_or_default();
+    // A COPY or ADD of the same sources' names whose hash or size moved read other files; so
+    // did one rebuilt after steps the build did reuse (the cache was in use, and a COPY's key is
+    // its files). Nothing reused and the cached image absent: it was never restored here.
     let why = if copies_files(&now.instruction)
         && without_sources(&now.instruction) == without_sources(&before.instruction)
-        && (now.instruction != before.instruction || now.size != before.size)
+        && (now.instruction != before.instruction || now.size != before.size || reused > 0)
     {
         "its files changed"
     } else if now.instruction != before.instruction {
         "the instruction changed"
-    } else if !restored_here {
+    } else if !restored_here && reused == 0 {
         "nothing was restored on this host"
     } else {
         "unchanged, but the build did not use the restored cache"
@@ -235,7 +239,14 @@ mod tests {
         assert_eq!(display("ENV A=b"), "ENV A=b");
         assert_eq!(display("/bin/sh -c #(nop)  ENV A=b"), "ENV A=b");
         assert!(display(&format!("RUN {}", "x".repeat(100))).ends_with('…'));
-        // A BuildKit COPY names no hash: a changed file shows in its layer's size or time.
+        // A BuildKit COPY names no hash: a changed file shows in its layer's size, or in its
+        // being rebuilt after steps the build reused.
+        let steps = |copy_at: i64| {
+            vec![step("RUN /bin/sh -c echo one # buildkit", 50, 4), step("COPY f /f # buildkit", copy_at, 6)]
+        };
+        let before_two = held(steps(100), "");
+        let reuse = compare(&image(steps(300), ""), Some(&before_two), false);
+        assert_eq!((reuse.reused, reuse.first_rebuilt.unwrap().2), (1, "its files changed".to_string()));
         let before = held(vec![step("COPY f /f # buildkit", 100, 6)], "");
         let now = image(vec![step("COPY f /f # buildkit", 200, 9)], "");
         assert_eq!(compare(&now, Some(&before), true).first_rebuilt.unwrap().2, "its files changed");
