@@ -82,11 +82,8 @@ impl TransferBudget {
         let mut result = None;
         self.leases
             .update_leases(&mut |leases| {
-                let before = leases.len();
                 leases.retain(|_, lease| !lapsed(lease.renewed_unix_ms, now));
-                if leases.len() != before {
-                    self.rebalance(leases);
-                }
+                self.rebalance(leases);
                 if let Some(change) = change.take() {
                     result = Some(change(leases));
                 }
@@ -104,7 +101,13 @@ impl TransferBudget {
         let mut result = None;
         self.leases
             .read_leases(&mut |leases| {
-                result = Some(read(&mut leases.values().filter(|lease| !lapsed(lease.renewed_unix_ms, now))));
+                let mut live: Leases = leases
+                    .iter()
+                    .filter(|(_, lease)| !lapsed(lease.renewed_unix_ms, now))
+                    .map(|(id, lease)| (id.clone(), lease.clone()))
+                    .collect();
+                self.rebalance(&mut live);
+                result = Some(read(&mut live.values()));
             })
             .await?;
         Ok(result.expect("the read ran"))
@@ -169,8 +172,15 @@ impl TransferBudget {
                     }
                 };
                 let order = leases.values().map(|lease| lease.order + 1).max().unwrap_or(0);
-                let lease =
-                    Lease { project: project.to_owned(), kind, concurrency, order, renewed_unix_ms: now, reads };
+                let lease = Lease {
+                    project: project.to_owned(),
+                    kind,
+                    fixed: concurrency,
+                    concurrency,
+                    order,
+                    renewed_unix_ms: now,
+                    reads,
+                };
                 leases.insert(lease_id.to_owned(), lease);
                 self.rebalance(leases);
                 leases[lease_id].concurrency
@@ -194,7 +204,7 @@ impl TransferBudget {
         for lease in leases.values() {
             let demand = match lease.kind {
                 LeaseKind::Save => self.settings.worker_concurrency,
-                LeaseKind::Restore => lease.concurrency,
+                LeaseKind::Restore => lease.fixed,
             };
             *demands.entry(lease.project.as_str()).or_default() += demand;
         }
@@ -212,7 +222,7 @@ impl TransferBudget {
         let restoring: u32 = leases
             .values()
             .filter(|lease| lease.project == project && lease.kind == LeaseKind::Restore)
-            .map(|lease| lease.concurrency)
+            .map(|lease| lease.fixed)
             .sum();
         let half = (self.settings.transfer_budget / 2).saturating_sub(restoring);
         share.saturating_sub(restoring).min(half).min(cap).max(1)
@@ -222,13 +232,16 @@ impl TransferBudget {
     /// within the worker's cap, or, when the project holds more saves than its share has
     /// requests, one each for the oldest and none for the rest.
     fn rebalance(&self, leases: &mut Leases) {
+        for lease in leases.values_mut().filter(|lease| lease.kind == LeaseKind::Restore) {
+            lease.concurrency = lease.fixed;
+        }
         let shares = fair_shares(self.settings.transfer_budget, &self.demands(leases));
         let mut saves: BTreeMap<String, Vec<(u64, String)>> = BTreeMap::new();
         let mut restoring: HashMap<String, u32> = HashMap::new();
         for (id, lease) in leases.iter() {
             match lease.kind {
                 LeaseKind::Save => saves.entry(lease.project.clone()).or_default().push((lease.order, id.clone())),
-                LeaseKind::Restore => *restoring.entry(lease.project.clone()).or_default() += lease.concurrency,
+                LeaseKind::Restore => *restoring.entry(lease.project.clone()).or_default() += lease.fixed,
             }
         }
         for (project, mut ids) in saves {

@@ -250,6 +250,7 @@ impl PendingSaves {
                 engine_version: save.engine_version.clone(),
                 began_unix_ms: save.began_unix_ms,
                 host: save.host.clone(),
+                leased: save.leased,
             }),
             _ => Err(Error::NoSuchSave(save_id.to_owned())),
         })
@@ -269,6 +270,8 @@ pub(crate) struct SaveFacts {
     pub engine_version: String,
     pub began_unix_ms: i64,
     pub host: String,
+    /// Its begin granted it a share of the transfer budget.
+    pub leased: bool,
 }
 
 #[cfg(test)]
@@ -291,6 +294,7 @@ pub(crate) mod tests {
             claimed: BTreeSet::new(),
             named: BTreeSet::new(),
             silence_noted: false,
+            leased: false,
         }
     }
 

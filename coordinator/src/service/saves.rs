@@ -196,6 +196,8 @@ impl CacheService {
             claimed: BTreeSet::new(),
             named: digests.clone(),
             silence_noted: false,
+            // A save that moves nothing holds no share of the transfer budget (see below).
+            leased: !missing.is_empty(),
         };
         // An unchanged save commits nothing, so it is not kept (and claims nothing).
         let (missing_digests, in_flight_digests) = if unchanged {
@@ -361,7 +363,9 @@ impl CacheService {
         let record = self.existing_project(project).await?;
         if record.generation != pending.generation {
             self.pending_saves.take(&request.save_id, project).await?;
-            self.budget.release(project, &request.save_id, now_unix_ms()).await?;
+            if pending.leased {
+                self.budget.release(project, &request.save_id, now_unix_ms()).await?;
+            }
             return Err(Error::SaveConflict(format!("project {project:?} was flushed while the save ran: save again")));
         }
         let image_ids: Vec<String> = request.images.iter().map(|image| image.id.clone()).collect();
@@ -490,7 +494,9 @@ impl CacheService {
             return Err(planted(digest));
         }
         self.pending_saves.take(&request.save_id, project).await?;
-        self.budget.release(project, &request.save_id, now_unix_ms()).await?;
+        if pending.leased {
+            self.budget.release(project, &request.save_id, now_unix_ms()).await?;
+        }
         let size: u64 = reported.values().map(|record| record.stored_size).sum();
         let quota = record.quota_bytes;
         if quota > 0 && size > quota {

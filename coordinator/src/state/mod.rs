@@ -213,6 +213,9 @@ pub struct OpenSave {
     pub named: BTreeSet<String>,
     /// Its worker fell silent for the claim lifetime and its budget share was given back.
     pub silence_noted: bool,
+    /// It holds a share of the transfer budget (it had blobs to move), which its commit gives back.
+    #[serde(default)]
+    pub leased: bool,
 }
 
 /// Open saves by save ID.
@@ -230,6 +233,13 @@ pub enum LeaseKind {
 pub struct Lease {
     pub project: String,
     pub kind: LeaseKind,
+    /// A restore's grant, fixed for its life (0 for a save).
+    #[serde(default)]
+    pub fixed: u32,
+    /// The requests it may have in flight now: a restore's fixed grant, a save's part of its
+    /// project's fair share. Derived from the other leases, so never stored: a change of one
+    /// lease rewrites that lease alone.
+    #[serde(skip)]
     pub concurrency: u32,
     /// Its place in the order of grants (older first), as the shares and the restores' bound
     /// count it: one more than any lease held at its grant.
