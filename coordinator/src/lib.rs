@@ -284,7 +284,8 @@ pub async fn run(
     let sweeping_service = service.clone();
     let gc_every = config.gc_interval.as_secs();
     let sweeper_task = tokio::spawn(async move {
-        // Each second: post-flush sweeps that fell due; each minute: expired keys; every five
+        // Each second: post-flush sweeps that fell due, and the budget shares of saves whose
+        // workers fell silent; each minute: expired keys; every five
         // minutes: the store's usage; every `--gc-interval`: garbage. Of replicas sharing a
         // state, one leads the work on the shared store and records (the others count usage
         // only), and another takes the lead when it goes.
@@ -315,6 +316,7 @@ pub async fn run(
                         continue;
                     }
                     sweeping_service.run_due_sweeps().await;
+                    sweeping_service.release_silent_saves().await;
                     if gc_every > 0 && n_ticks > 1 && (n_ticks - 1).is_multiple_of(gc_every) {
                         let _ = sweeping_service.collect_all_garbage(false).await;
                     }

@@ -452,7 +452,6 @@ impl CacheService {
             let (blobs, bytes) = (totals.blobs, totals.stored_bytes);
             self.metrics.set_store_totals(&project.name, blobs, bytes);
         }
-        self.release_silent_saves(None).await;
         self.metrics.transfer_granted.set(i64::from(self.budget.granted(crate::credentials::now_unix_ms()).await?));
         self.metrics.transfer_budget.set(i64::from(self.budget.total()));
         Ok(self.metrics.encode())

@@ -319,12 +319,13 @@ impl CacheService {
         Ok(())
     }
 
-    /// Gives back the budget shares of saves of `project` (`None`: of every project) whose
-    /// workers fell silent (see [`PendingSaves::newly_silent`]), so a killed worker's share
-    /// does not wait 10 minutes. A failure is logged: the next call tries again.
-    pub(crate) async fn release_silent_saves(&self, project: Option<&str>) {
+    /// Gives back the budget shares of saves whose workers fell silent (see
+    /// [`crate::claims::PendingSaves::newly_silent`]), so a killed worker's share does not
+    /// wait 10 minutes. Run each second by the replica leading the background work (and, for
+    /// its project, by every begin); a failure is logged, and the next second tries again.
+    pub(crate) async fn release_silent_saves(&self) {
         let now = now_unix_ms();
-        match self.pending_saves.newly_silent(project, now).await {
+        match self.pending_saves.newly_silent(None, now).await {
             Ok(silent) => self.release_shares_of_silent(silent, now).await,
             Err(error) => tracing::warn!(%error, "looking for silent saves failed; it is tried again"),
         }

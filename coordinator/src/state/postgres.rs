@@ -312,7 +312,7 @@ impl Postgres {
     /// Runs `change` on the records of `table` (all, or `project`'s) in one transaction, after
     /// `locks` (statements taking transaction advisory locks, `$1` the project), and writes back
     /// what it changed.
-    async fn update_ephemeral<T: Serialize + for<'de> Deserialize<'de> + Clone + PartialEq + Send + Sync>(
+    async fn update_ephemeral<T: Serialize + for<'de> Deserialize<'de> + Clone + Send + Sync>(
         &self,
         table: &'static str,
         project: Option<&str>,
