@@ -2,6 +2,7 @@
 //! the naming rules every side of the API enforces.
 
 pub mod client;
+pub mod clock;
 pub mod credentials;
 pub mod digest;
 pub mod format;
