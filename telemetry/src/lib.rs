@@ -43,10 +43,7 @@ pub fn init(
     }
     let endpoint = std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT").ok().filter(|endpoint| !endpoint.is_empty());
     let Some(endpoint) = endpoint else {
-        tracing_subscriber::registry()
-            .with(filter)
-            .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
-            .init();
+        tracing_subscriber::registry().with(filter).with(log_layer()).init();
         return Telemetry { provider: None };
     };
     opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
@@ -54,10 +51,7 @@ pub fn init(
     let exporter = match exporter {
         Ok(exporter) => exporter,
         Err(error) => {
-            tracing_subscriber::registry()
-                .with(filter)
-                .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
-                .init();
+            tracing_subscriber::registry().with(filter).with(log_layer()).init();
             tracing::warn!(%error, endpoint, "OTLP export is off: the exporter could not start");
             return Telemetry { provider: None };
         }
@@ -68,12 +62,29 @@ pub fn init(
     // Spans go to OTLP at info and above whatever the log filter says.
     let spans =
         tracing_opentelemetry::layer().with_tracer(tracer).with_filter(tracing_subscriber::filter::LevelFilter::INFO);
-    let logs = tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_filter(filter);
+    let logs = log_layer().with_filter(filter);
     tracing_subscriber::registry().with(logs).with(spans).init();
     Telemetry { provider: Some(provider) }
 }
 
 use tracing_subscriber::Layer as _;
+
+/// Log lines to stderr, coloured only on a terminal: a log written to a file, journald,
+/// Kubernetes or a CI log gets plain text, never escape codes.
+fn log_layer<S>() -> tracing_subscriber::fmt::Layer<
+    S,
+    tracing_subscriber::fmt::format::DefaultFields,
+    tracing_subscriber::fmt::format::Format,
+    fn() -> std::io::Stderr,
+>
+where
+    S: tracing::Subscriber + for<'span> tracing_subscriber::registry::LookupSpan<'span>,
+{
+    use std::io::IsTerminal as _;
+    tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr as fn() -> std::io::Stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+}
 
 struct MetadataInjector<'a>(&'a mut tonic::metadata::MetadataMap);
 
