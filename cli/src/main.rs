@@ -299,117 +299,18 @@ fn steps_reused(reused: u64, rebuilt: u64) -> String {
 }
 
 async fn run(cli: Cli) -> Result<(), ClientError> {
-    match &cli.command {
-        Command::Project(
-            ProjectCommand::Create { name, .. }
-            | ProjectCommand::SetQuota { name, .. }
-            | ProjectCommand::RotateToken { name }
-            | ProjectCommand::Delete { name },
-        )
-        | Command::Token(
-            TokenCommand::Create { project: name, .. }
-            | TokenCommand::Ls { project: name }
-            | TokenCommand::Revoke { project: name, .. },
-        ) => validate(names::validate_project_name(name))?,
-        Command::Ls { project: Some(project) }
-        | Command::Flush { project }
-        | Command::Credentials { project, .. }
-        | Command::Stats { project: Some(project) } => validate(names::validate_project_name(project))?,
-        Command::Show { project, service, branch } => {
-            validate(names::validate_project_name(project))?;
-            validate(names::validate_service_name(service))?;
-            validate(names::validate_branch_name(branch))?;
-        }
-        Command::Gc { project: Some(project), .. } => validate(names::validate_project_name(project))?,
-        Command::Ls { project: None } | Command::Stats { project: None } | Command::Gc { project: None, .. } => {}
-    }
+    validate_names(&cli.command)?;
     let token = BearerToken::new(&admin_token(&cli)?)?;
     let url = cli.coordinator.clone();
     let mut admin: Admin = AdminClient::with_interceptor(connect(&url).await?, token);
     let failed = |status: tonic::Status| ClientError::from_status(&url, &status);
 
     match cli.command {
-        Command::Project(ProjectCommand::Create { name, quota }) => {
-            let response = admin
-                .create_project(pb::CreateProjectRequest { name, quota_bytes: quota })
-                .await
-                .map_err(failed)?
-                .into_inner();
-            let project = response.project.unwrap_or_default();
-            println!("created project {}; its token (shown once) follows:", project.name);
-            println!("{}", response.token);
-        }
-        Command::Project(ProjectCommand::SetQuota { name, quota }) => {
-            let request = pb::SetQuotaRequest { project: name.clone(), quota_bytes: quota };
-            let response = admin.set_quota(request).await.map_err(failed)?.into_inner();
-            let project = response.project.unwrap_or_default();
-            println!(
-                "project {name}: quota {}, the caches name {}",
-                format_quota(project.quota_bytes),
-                format_bytes(project.stored_bytes)
-            );
-            print_evicted(&name, &response.evicted.unwrap_or_default());
-        }
-        Command::Project(ProjectCommand::RotateToken { name }) => {
-            let request = pb::RotateProjectTokenRequest { project: name.clone() };
-            let response = admin.rotate_project_token(request).await.map_err(failed)?.into_inner();
-            println!(
-                "rotated the token of project {name}; the old one no longer works; the new one (shown once) follows:"
-            );
-            println!("{}", response.token);
-        }
-        Command::Project(ProjectCommand::Delete { name }) => {
-            let request = pb::DeleteProjectRequest { project: name.clone() };
-            let response = admin.delete_project(request).await.map_err(failed)?.into_inner();
-            println!(
-                "deleted project {name}: {} manifests and {} objects ({}) removed, its tokens revoked",
-                response.manifests_removed,
-                response.objects_removed,
-                format_bytes(response.bytes_removed)
-            );
-        }
-        Command::Token(TokenCommand::Create { project, write_branches, read_branches, expires }) => {
-            let request = pb::CreateTokenRequest {
-                project: project.clone(),
-                read_branches,
-                write_branches,
-                expires_seconds: expires,
-            };
-            let response = admin.create_token(request).await.map_err(failed)?.into_inner();
-            let token = response.token.unwrap_or_default();
-            println!("created token {} of project {project}; the token (shown once) follows:", token.id);
-            println!("{}", response.secret);
-        }
+        Command::Project(command) => project_command(&mut admin, &url, command).await?,
+        Command::Token(command) => token_command(&mut admin, &url, command).await?,
         Command::Gc { project, dry_run } => {
             let request = pb::CollectGarbageRequest { project: project.unwrap_or_default(), dry_run };
-            let response = admin.collect_garbage(request).await.map_err(failed)?.into_inner();
-            for collected in response.projects {
-                let verb = if collected.dry_run { "would remove" } else { "removed" };
-                let expired = match collected.expired.len() {
-                    0 => String::new(),
-                    n => format!(
-                        ", {} {n} expired cache{} ({})",
-                        if collected.dry_run { "would evict" } else { "evicted" },
-                        if n == 1 { "" } else { "s" },
-                        cache_names(&collected.expired)
-                    ),
-                };
-                println!(
-                    "gc {}: {verb} {} blobs ({}){expired}",
-                    collected.project,
-                    collected.blobs,
-                    format_bytes(collected.bytes)
-                );
-            }
-        }
-        Command::Token(TokenCommand::Ls { project }) => {
-            let response = admin.list_tokens(pb::ListTokensRequest { project }).await.map_err(failed)?.into_inner();
-            print_tokens(&response.tokens);
-        }
-        Command::Token(TokenCommand::Revoke { project, token_id }) => {
-            let request = pb::RevokeTokenRequest { project: project.clone(), token_id: token_id.clone() };
-            admin.revoke_token(request).await.map_err(failed)?;
-            println!("revoked token {token_id} of project {project} and its storage keys");
+            print_collected(admin.collect_garbage(request).await.map_err(failed)?.into_inner());
         }
         Command::Ls { project: None } => {
             let response = admin.list_projects(pb::ListProjectsRequest {}).await.map_err(failed)?.into_inner();
@@ -446,30 +347,161 @@ async fn run(cli: Cli) -> Result<(), ClientError> {
         }
         Command::Stats { project } => {
             let request = pb::StatsRequest { project: project.unwrap_or_default() };
-            let response = admin.stats(request).await.map_err(failed)?.into_inner();
-            // Columns are only ever added at the end: scripts read them by position.
-            println!(
-                "{:<24} {:<24} {:>5} {:>5} {:>5} {:>5} {:>6} {:>12} {:>12} {:>18}",
-                "PROJECT", "SERVICE", "HIT", "PART", "MISS", "ERR", "SAVES", "FOUND", "MOVED", "STEPS REUSED"
-            );
-            for s in response.services {
-                println!(
-                    "{:<24} {:<24} {:>5} {:>5} {:>5} {:>5} {:>6} {:>12} {:>12} {:>18}",
-                    s.project,
-                    s.service,
-                    s.restores_hit,
-                    s.restores_partial,
-                    s.restores_miss,
-                    s.restores_error,
-                    s.saves,
-                    format_bytes(s.bytes_found),
-                    format_bytes(s.bytes_transferred),
-                    steps_reused(s.steps_reused, s.steps_rebuilt)
-                );
-            }
+            print_stats(admin.stats(request).await.map_err(failed)?.into_inner());
         }
     }
     Ok(())
+}
+
+/// Checks every name the command carries before anything is sent: one clear line, exit 64.
+fn validate_names(command: &Command) -> Result<(), ClientError> {
+    match command {
+        Command::Project(
+            ProjectCommand::Create { name, .. }
+            | ProjectCommand::SetQuota { name, .. }
+            | ProjectCommand::RotateToken { name }
+            | ProjectCommand::Delete { name },
+        )
+        | Command::Token(
+            TokenCommand::Create { project: name, .. }
+            | TokenCommand::Ls { project: name }
+            | TokenCommand::Revoke { project: name, .. },
+        ) => validate(names::validate_project_name(name))?,
+        Command::Ls { project: Some(project) }
+        | Command::Flush { project }
+        | Command::Credentials { project, .. }
+        | Command::Stats { project: Some(project) } => validate(names::validate_project_name(project))?,
+        Command::Show { project, service, branch } => {
+            validate(names::validate_project_name(project))?;
+            validate(names::validate_service_name(service))?;
+            validate(names::validate_branch_name(branch))?;
+        }
+        Command::Gc { project: Some(project), .. } => validate(names::validate_project_name(project))?,
+        Command::Ls { project: None } | Command::Stats { project: None } | Command::Gc { project: None, .. } => {}
+    }
+    Ok(())
+}
+
+/// `cachectl project …`.
+async fn project_command(admin: &mut Admin, url: &str, command: ProjectCommand) -> Result<(), ClientError> {
+    let failed = |status: tonic::Status| ClientError::from_status(url, &status);
+    match command {
+        ProjectCommand::Create { name, quota } => {
+            let response = admin
+                .create_project(pb::CreateProjectRequest { name, quota_bytes: quota })
+                .await
+                .map_err(failed)?
+                .into_inner();
+            let project = response.project.unwrap_or_default();
+            println!("created project {}; its token (shown once) follows:", project.name);
+            println!("{}", response.token);
+        }
+        ProjectCommand::SetQuota { name, quota } => {
+            let request = pb::SetQuotaRequest { project: name.clone(), quota_bytes: quota };
+            let response = admin.set_quota(request).await.map_err(failed)?.into_inner();
+            let project = response.project.unwrap_or_default();
+            println!(
+                "project {name}: quota {}, the caches name {}",
+                format_quota(project.quota_bytes),
+                format_bytes(project.stored_bytes)
+            );
+            print_evicted(&name, &response.evicted.unwrap_or_default());
+        }
+        ProjectCommand::RotateToken { name } => {
+            let request = pb::RotateProjectTokenRequest { project: name.clone() };
+            let response = admin.rotate_project_token(request).await.map_err(failed)?.into_inner();
+            println!(
+                "rotated the token of project {name}; the old one no longer works; the new one (shown once) follows:"
+            );
+            println!("{}", response.token);
+        }
+        ProjectCommand::Delete { name } => {
+            let request = pb::DeleteProjectRequest { project: name.clone() };
+            let response = admin.delete_project(request).await.map_err(failed)?.into_inner();
+            println!(
+                "deleted project {name}: {} manifests and {} objects ({}) removed, its tokens revoked",
+                response.manifests_removed,
+                response.objects_removed,
+                format_bytes(response.bytes_removed)
+            );
+        }
+    }
+    Ok(())
+}
+
+/// `cachectl token …`.
+async fn token_command(admin: &mut Admin, url: &str, command: TokenCommand) -> Result<(), ClientError> {
+    let failed = |status: tonic::Status| ClientError::from_status(url, &status);
+    match command {
+        TokenCommand::Create { project, write_branches, read_branches, expires } => {
+            let request = pb::CreateTokenRequest {
+                project: project.clone(),
+                read_branches,
+                write_branches,
+                expires_seconds: expires,
+            };
+            let response = admin.create_token(request).await.map_err(failed)?.into_inner();
+            let token = response.token.unwrap_or_default();
+            println!("created token {} of project {project}; the token (shown once) follows:", token.id);
+            println!("{}", response.secret);
+        }
+        TokenCommand::Ls { project } => {
+            let response = admin.list_tokens(pb::ListTokensRequest { project }).await.map_err(failed)?.into_inner();
+            print_tokens(&response.tokens);
+        }
+        TokenCommand::Revoke { project, token_id } => {
+            let request = pb::RevokeTokenRequest { project: project.clone(), token_id: token_id.clone() };
+            admin.revoke_token(request).await.map_err(failed)?;
+            println!("revoked token {token_id} of project {project} and its storage keys");
+        }
+    }
+    Ok(())
+}
+
+/// What `cachectl gc` removed (or would), a line a project.
+fn print_collected(response: pb::CollectGarbageResponse) {
+    for collected in response.projects {
+        let verb = if collected.dry_run { "would remove" } else { "removed" };
+        let expired = match collected.expired.len() {
+            0 => String::new(),
+            n => format!(
+                ", {} {n} expired cache{} ({})",
+                if collected.dry_run { "would evict" } else { "evicted" },
+                if n == 1 { "" } else { "s" },
+                cache_names(&collected.expired)
+            ),
+        };
+        println!(
+            "gc {}: {verb} {} blobs ({}){expired}",
+            collected.project,
+            collected.blobs,
+            format_bytes(collected.bytes)
+        );
+    }
+}
+
+/// `cachectl stats`: a row a service.
+fn print_stats(response: pb::StatsResponse) {
+    // Columns are only ever added at the end: scripts read them by position.
+    println!(
+        "{:<24} {:<24} {:>5} {:>5} {:>5} {:>5} {:>6} {:>12} {:>12} {:>18}",
+        "PROJECT", "SERVICE", "HIT", "PART", "MISS", "ERR", "SAVES", "FOUND", "MOVED", "STEPS REUSED"
+    );
+    for s in response.services {
+        println!(
+            "{:<24} {:<24} {:>5} {:>5} {:>5} {:>5} {:>6} {:>12} {:>12} {:>18}",
+            s.project,
+            s.service,
+            s.restores_hit,
+            s.restores_partial,
+            s.restores_miss,
+            s.restores_error,
+            s.saves,
+            format_bytes(s.bytes_found),
+            format_bytes(s.bytes_transferred),
+            steps_reused(s.steps_reused, s.steps_rebuilt)
+        );
+    }
 }
 
 #[tokio::main(flavor = "current_thread")]

@@ -45,10 +45,7 @@ pub fn build_context(dockerfile: &str) -> tempfile::TempDir {
 }
 
 /// "sha256:<hex>" of some bytes.
-pub fn sha256_digest(bytes: &[u8]) -> String {
-    use sha2::Digest;
-    format!("sha256:{}", hex::encode(sha2::Sha256::digest(bytes)))
-}
+pub use proto::digest::sha256_digest;
 
 /// A worker's gRPC client with a project token.
 pub async fn worker_client(
@@ -95,7 +92,7 @@ pub fn begin_one_layer_save(service: &str, tag: &str, content: &[u8]) -> pb::Beg
 pub async fn upload_one_layer_blobs(credentials: &pb::Credentials, content: &[u8]) {
     let store = s3_client_for(credentials);
     for blob in [one_layer_config(content), content.to_vec()] {
-        let key = format!("{}blobs/sha256/{}", credentials.prefix, sha256_digest(&blob).trim_start_matches("sha256:"));
+        let key = proto::object_keys::blob_key(&credentials.prefix, &sha256_digest(&blob));
         store
             .put_object()
             .bucket(&credentials.bucket)

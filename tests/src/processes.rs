@@ -202,7 +202,10 @@ impl CoordinatorProcess {
 
     /// The sizes of the blob files of `project` in its embedded store (none: no folder yet).
     pub fn blob_files(&self, project: &str) -> Vec<u64> {
-        let dir = self.data_dir.join(format!("objects/layer-cache/cache/{project}/blobs/sha256"));
+        let dir = self
+            .data_dir
+            .join("objects/layer-cache")
+            .join(proto::object_keys::blobs_prefix(&proto::object_keys::project_prefix("cache", project)));
         std::fs::read_dir(dir)
             .map_or(Vec::new(), |dir| dir.map(|entry| entry.unwrap().metadata().unwrap().len()).collect())
     }

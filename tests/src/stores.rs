@@ -72,7 +72,7 @@ pub fn s3_client_as_worker(credentials: &pb::Credentials) -> aws_sdk_s3::Client 
 /// Where a blob of `content` goes in a project's store: its sha256 under the project's prefix
 /// (write keys write nothing else).
 pub fn blob_key(credentials: &pb::Credentials, content: &[u8]) -> String {
-    format!("{}blobs/sha256/{}", credentials.prefix, sha256_digest(content).trim_start_matches("sha256:"))
+    proto::object_keys::blob_key(&credentials.prefix, &sha256_digest(content))
 }
 
 /// The coordinator on moto's S3 and STS (`CACHE_TEST_MOTO_URL`): its own AWS credentials and

@@ -5,12 +5,7 @@
 use aws_sdk_s3::primitives::ByteStream;
 use proto::v1 as pb;
 use proto::v1::worker_client::WorkerClient;
-use sha2::{Digest, Sha256};
-use tests::{CoordinatorProcess, s3_client_for};
-
-fn digest(bytes: &[u8]) -> String {
-    format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
-}
+use tests::{CoordinatorProcess, s3_client_for, sha256_digest};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_saves_of_one_new_blob_upload_it_once() {
@@ -23,11 +18,11 @@ async fn two_saves_of_one_new_blob_upload_it_once() {
     let config = br#"{"rootfs":{"type":"layers","diff_ids":[]}}"#.to_vec();
     let layer = vec![42u8; 3 * 1024 * 1024];
     let image = |with_sizes: bool| pb::Image {
-        id: digest(&config),
+        id: sha256_digest(&config),
         repo_tags: vec!["app:1".into()],
         config_size: if with_sizes { config.len() as u64 } else { 0 },
         layers: vec![pb::Layer {
-            digest: digest(&layer),
+            digest: sha256_digest(&layer),
             size: if with_sizes { layer.len() as u64 } else { 0 },
             ..Default::default()
         }],
@@ -47,7 +42,7 @@ async fn two_saves_of_one_new_blob_upload_it_once() {
     assert!(second.missing_digests.is_empty(), "the second save uploads nothing: {:?}", second.missing_digests);
     let mut in_flight = second.in_flight_digests.clone();
     in_flight.sort();
-    let mut expected = vec![digest(&config), digest(&layer)];
+    let mut expected = vec![sha256_digest(&config), sha256_digest(&layer)];
     expected.sort();
     assert_eq!(in_flight, expected);
 
