@@ -45,7 +45,9 @@ pub fn build_context(dockerfile: &str) -> tempfile::TempDir {
 }
 
 /// "sha256:<hex>" of some bytes.
-pub use proto::digest::sha256_digest;
+pub fn sha256_digest(bytes: &[u8]) -> String {
+    proto::digest::sha256_digest(bytes)
+}
 
 /// A worker's gRPC client with a project token.
 pub async fn worker_client(
