@@ -23,6 +23,10 @@ pub enum ClientError {
     Invalid(String),
     #[error("{0}")]
     NotFound(String),
+    /// The coordinator failed inside (a broken data directory, a failed task): nothing the
+    /// caller did, and nothing it can fix by asking again differently.
+    #[error("the coordinator failed: {0}")]
+    Internal(String),
     #[error("coordinator error: {0}")]
     Other(String),
 }
@@ -35,6 +39,8 @@ impl ClientError {
             ClientError::NotFound(_) => 66,
             ClientError::Unreachable { .. } | ClientError::Stalled { .. } => 69,
             ClientError::Refused(_) => 77,
+            // EX_SOFTWARE: the coordinator's own failure, never the caller's bad input.
+            ClientError::Internal(_) => 70,
             ClientError::Other(_) => 1,
         }
     }
@@ -62,6 +68,7 @@ impl ClientError {
             Code::PermissionDenied => ClientError::Refused(format!("permission denied: {message}")),
             Code::InvalidArgument | Code::AlreadyExists => ClientError::Invalid(message),
             Code::NotFound => ClientError::NotFound(message),
+            Code::Internal => ClientError::Internal(message),
             Code::Unavailable if message.contains("transport") || message.contains("connect") => {
                 ClientError::Unreachable { url: url.to_owned(), reason: message }
             }
@@ -120,4 +127,31 @@ pub async fn connect_with_deadline(url: &str, call_timeout: Duration) -> Result<
         }
         ClientError::Unreachable { url: url.to_owned(), reason }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_internal_error_of_the_coordinator_exits_70_with_its_message() {
+        let status = Status::internal("the coordinator cannot write its data directory: its disk is full");
+        let error = ClientError::from_status("http://coordinator:7070", &status);
+        assert!(matches!(error, ClientError::Internal(_)), "{error:?}");
+        assert_eq!(error.exit_code(), 70);
+        assert_eq!(
+            error.to_string(),
+            "the coordinator failed: the coordinator cannot write its data directory: its disk is full"
+        );
+        assert!(!error.fails_reports_too());
+    }
+
+    #[test]
+    fn bad_input_and_other_codes_keep_their_exit_codes() {
+        let url = "http://coordinator:7070";
+        assert_eq!(ClientError::from_status(url, &Status::invalid_argument("bad name")).exit_code(), 64);
+        assert_eq!(ClientError::from_status(url, &Status::not_found("no cache")).exit_code(), 66);
+        assert_eq!(ClientError::from_status(url, &Status::permission_denied("no")).exit_code(), 77);
+        assert_eq!(ClientError::from_status(url, &Status::resource_exhausted("later")).exit_code(), 1);
+    }
 }
