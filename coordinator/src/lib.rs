@@ -26,11 +26,12 @@ use std::time::Duration;
 use anyhow::Context;
 use bytes::Bytes;
 use http_body_util::Full;
+use proto::clock::SharedClock;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::config::Config;
-use crate::credentials::{EmbeddedBroker, EmbeddedStoreSettings, SigningKey, now_unix};
+use crate::credentials::{EmbeddedBroker, EmbeddedStoreSettings, SigningKey};
 use crate::error::Error;
 use crate::service::CacheService;
 use crate::state::Database;
@@ -235,13 +236,15 @@ const EXPIRED_KEY_GRACE_SECONDS: i64 = 3600;
 /// How often every project's store usage is counted.
 const USAGE_COUNT_SECONDS: u64 = 300;
 
-/// Serves until `shutdown` resolves.
+/// Serves until `shutdown` resolves, reading every time it stamps or compares, its
+/// background sweeps' included, from `clock`.
 pub async fn run(
     config: Config,
     data_dir: DataDir,
     state: Arc<dyn state::State>,
     listeners: Listeners,
     store: Store,
+    clock: SharedClock,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let service = Arc::new(CacheService {
@@ -259,6 +262,7 @@ pub async fn run(
         gc_grace: config.gc_grace,
         cache_expiry: config.cache_expiry,
         default_quota: config.default_quota,
+        clock,
     });
     let limits = listener::ListenerLimits::for_open_files(listener::raise_open_file_limit());
     let (stop_sender, stop_receiver) = watch::channel(false);
@@ -322,7 +326,10 @@ pub async fn run(
                     }
                     if (n_ticks - 1).is_multiple_of(60)
                         && let Err(error) =
-                            sweeping_service.db.remove_expired_keys(now_unix() - EXPIRED_KEY_GRACE_SECONDS).await
+                            sweeping_service
+                                .db
+                                .remove_expired_keys(sweeping_service.clock.now_unix() - EXPIRED_KEY_GRACE_SECONDS)
+                                .await
                     {
                         tracing::warn!(%error, "sweeping expired storage keys failed");
                     }

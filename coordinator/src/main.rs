@@ -99,7 +99,7 @@ async fn main() -> ExitCode {
         "cache-coordinator ready: grpc=http://{} s3={} metrics=http://{}{s3_listen}",
         endpoints.grpc, endpoints.s3_url, endpoints.metrics
     );
-    match run(config, data_dir, state, listeners, store, shutdown_signal()).await {
+    match run(config, data_dir, state, listeners, store, proto::clock::system_clock(), shutdown_signal()).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => fail(1, format!("{error:#}")),
     }

@@ -24,7 +24,7 @@ use std::collections::{BTreeSet, HashMap};
 use proto::v1 as pb;
 
 use super::CacheService;
-use crate::credentials::{now_unix, project_prefix};
+use crate::credentials::project_prefix;
 use crate::error::Error;
 use crate::state::{BlobRecord, manifest_digests};
 use crate::store::blob_key;
@@ -45,7 +45,7 @@ impl CacheService {
     /// Whether nothing may delete one of `project`'s blobs now: an open save names it, or a
     /// running restore reads it.
     async fn protected(&self, project: &str) -> Result<impl Fn(&str) -> bool + use<>, Error> {
-        let read = self.budget.read_by_restores(project, crate::credentials::now_unix_ms()).await?;
+        let read = self.budget.read_by_restores(project, self.clock.now_unix_ms()).await?;
         let named = self.pending_saves.named(project).await?;
         Ok(move |digest: &str| read.contains(digest) || named.contains(digest))
     }
@@ -104,7 +104,7 @@ impl CacheService {
         // stray is decided under it.
         let listed = self.store.list(&blobs_prefix(&self.store_prefix, project)).await?;
         let _exclusive = self.lock_project(project, super::Lock::Exclusive).await?;
-        let now = now_unix();
+        let now = self.clock.now_unix();
         let expiry = self.cache_expiry.as_secs() as i64;
         let manifests = self.db.manifests(project).await?;
         let expired: Vec<pb::CacheKey> = manifests
@@ -224,7 +224,7 @@ impl CacheService {
         let protected = self.protected(project).await?;
         let spare: Vec<String> = self
             .db
-            .unreferenced_blobs(project, now_unix())
+            .unreferenced_blobs(project, self.clock.now_unix())
             .await?
             .into_iter()
             .map(|(digest, _)| digest)

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use proto::names;
 use proto::v1 as pb;
 
-use crate::credentials::{CredentialBroker, IssuedCredentials, now_unix, project_prefix};
+use crate::credentials::{CredentialBroker, IssuedCredentials, project_prefix};
 use crate::error::Error;
 use crate::state::{KeyAccess, ProjectRecord, ServiceCounters, State};
 use crate::store::{ObjectStore, ObjectTotals};
@@ -41,8 +41,12 @@ pub struct CacheService {
     pub cache_expiry: std::time::Duration,
     /// The quota of projects created without one; zero: none.
     pub default_quota: u64,
-    /// Per project: since when, and how many, reported bad blobs were checked this minute.
-    pub bad_blob_checks: std::sync::Mutex<std::collections::HashMap<String, (std::time::Instant, u32)>>,
+    /// Per project: since when (unix ms), and how many, reported bad blobs were checked this
+    /// minute.
+    pub bad_blob_checks: std::sync::Mutex<std::collections::HashMap<String, (i64, u32)>>,
+    /// The wall clock every time this service stamps or compares is read from: the system's in
+    /// production, a manual one in tests.
+    pub clock: proto::clock::SharedClock,
 }
 
 /// How a project's publish lock is held (see [`CacheService::lock_project`]).
@@ -155,7 +159,7 @@ impl CacheService {
         let record = ProjectRecord {
             name: name.to_owned(),
             token_sha256_hex: tokens::sha256_hex(&token),
-            created_unix: now_unix(),
+            created_unix: self.clock.now_unix(),
             generation: 0,
             quota_bytes,
             sweep_after_unix: 0,
@@ -270,7 +274,7 @@ impl CacheService {
         let _no_commits = self.lock_project(project, Lock::Exclusive).await?;
         let recorded = self.db.ledger_digests(project).await?;
         let prefix = project_prefix(&self.store_prefix, project);
-        let in_flight = self.pending_saves.in_flight(project, crate::credentials::now_unix_ms()).await?;
+        let in_flight = self.pending_saves.in_flight(project, self.clock.now_unix_ms()).await?;
         let keep = |key: &str| {
             let digest = key
                 .strip_prefix(prefix.as_str())
@@ -287,7 +291,7 @@ impl CacheService {
 
     /// Runs every post-flush sweep that is due.
     pub async fn run_due_sweeps(&self) {
-        let due = match self.db.sweeps_due(now_unix()).await {
+        let due = match self.db.sweeps_due(self.clock.now_unix()).await {
             Ok(due) => due,
             Err(error) => return tracing::warn!(%error, "looking for due sweeps failed"),
         };
@@ -381,7 +385,7 @@ impl CacheService {
     pub async fn report_metrics(&self, project: &str, report: &pb::ReportMetricsRequest) -> Result<(), Error> {
         // The transfer's share of the budget comes back whatever the report says.
         if !report.lease_id.is_empty() {
-            self.budget.release(project, &report.lease_id, crate::credentials::now_unix_ms()).await?;
+            self.budget.release(project, &report.lease_id, self.clock.now_unix_ms()).await?;
         }
         names::validate_service_name(&report.service)?;
         validate_report(report)?;
@@ -452,7 +456,7 @@ impl CacheService {
             let (blobs, bytes) = (totals.blobs, totals.stored_bytes);
             self.metrics.set_store_totals(&project.name, blobs, bytes);
         }
-        self.metrics.transfer_granted.set(i64::from(self.budget.granted(crate::credentials::now_unix_ms()).await?));
+        self.metrics.transfer_granted.set(i64::from(self.budget.granted(self.clock.now_unix_ms()).await?));
         self.metrics.transfer_budget.set(i64::from(self.budget.total()));
         Ok(self.metrics.encode())
     }
@@ -478,11 +482,10 @@ impl CacheService {
         let _registering = self.lock_project(project, Lock::Shared).await?;
         for key in candidates {
             if let Some(manifest) = self.db.manifest(project, &key.service, &key.branch).await? {
-                self.db.touch_manifest(project, &manifest, now_unix()).await?;
+                self.db.touch_manifest(project, &manifest, self.clock.now_unix()).await?;
                 let reads = crate::state::manifest_digests(&manifest);
                 let lease_id = crate::tokens::random_hex_32();
-                let plan =
-                    self.budget.grant_restore(project, &lease_id, reads, crate::credentials::now_unix_ms()).await?;
+                let plan = self.budget.grant_restore(project, &lease_id, reads, self.clock.now_unix_ms()).await?;
                 return Ok(pb::LookupResponse {
                     found: true,
                     matched: Some(key),

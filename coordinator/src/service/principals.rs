@@ -5,7 +5,6 @@
 use proto::v1 as pb;
 
 use super::CacheService;
-use crate::credentials::now_unix;
 use crate::error::Error;
 use crate::state::ScopedTokenRecord;
 use crate::tokens::{self, BranchScope, Principal};
@@ -42,7 +41,7 @@ impl CacheService {
         // worth nothing without the 256-bit secret.
         match self.db.scoped_token(&tokens::sha256_hex(token)).await? {
             Some(scoped) if scoped.project == record.name => {
-                if scoped.expires_unix != 0 && scoped.expires_unix <= now_unix() {
+                if scoped.expires_unix != 0 && scoped.expires_unix <= self.clock.now_unix() {
                     return Err(Error::Unauthenticated("the token has expired: ask the operator for a new one"));
                 }
                 Ok(Principal { project: scoped.project, token_id: scoped.id, scope: Some(scoped.scope) })
@@ -65,7 +64,7 @@ impl CacheService {
             return Err(Error::InvalidArgument("a token expires within 400 days at most".into()));
         }
         let token = tokens::new_project_token(project);
-        let now = now_unix();
+        let now = self.clock.now_unix();
         let record = ScopedTokenRecord {
             id: format!("tok_{}", &tokens::random_hex_32()[..16]),
             project: project.to_owned(),
@@ -127,11 +126,11 @@ impl CacheService {
         let sweep_due = self.db.project(project).await?.map_or(0, |record| record.sweep_after_unix);
         self.db.remove_project(project).await?;
         self.db.durable().await?;
-        if sweep_due > now_unix() {
+        if sweep_due > self.clock.now_unix() {
             let (store, db) = (self.store.clone(), self.db.clone());
             let (project, prefix) =
                 (project.to_owned(), crate::credentials::project_prefix(&self.store_prefix, project));
-            let wait = std::time::Duration::from_secs((sweep_due - now_unix()) as u64 + 1);
+            let wait = std::time::Duration::from_secs((sweep_due - self.clock.now_unix()) as u64 + 1);
             tokio::spawn(async move {
                 tokio::time::sleep(wait).await;
                 // A project created again under the name owns the prefix now.

@@ -12,9 +12,10 @@ use proto::names;
 use proto::v1 as pb;
 
 use super::{CacheService, Lock, validate_key};
-use crate::credentials::{now_unix, now_unix_ms, project_prefix};
+use crate::claims::SaveFacts;
+use crate::credentials::project_prefix;
 use crate::error::Error;
-use crate::state::{BlobRecord, Committed, OpenSave, ServiceCounters, manifest_digests};
+use crate::state::{BlobRecord, Committed, OpenSave, ProjectRecord, ServiceCounters, manifest_digests};
 use crate::store::blob_key;
 
 /// How long one `CommitSave` call waits for blobs other saves are uploading before it answers
@@ -131,26 +132,78 @@ fn identity(images: &[pb::Image]) -> Vec<(String, String, Vec<String>, Vec<Strin
         .collect()
 }
 
+/// A begin's key and the distinct blobs it names, once the principal may write its branch and
+/// its images, host and number of blobs are within bounds.
+fn validate_begin(
+    principal: &crate::tokens::Principal,
+    request: &pb::BeginSaveRequest,
+) -> Result<(pb::CacheKey, BTreeSet<String>), Error> {
+    let key = validate_key(request.key.as_ref())?;
+    principal.check_write(&key.branch)?;
+    validate_images(&request.images)?;
+    validate_host(&request.host)?;
+    let probe = pb::Manifest { images: request.images.clone(), ..Default::default() };
+    let digests: BTreeSet<String> = manifest_digests(&probe);
+    if digests.len() > MOST_BLOBS_PER_SAVE {
+        return Err(Error::InvalidArgument(format!(
+            "a save names {} blobs, more than the {MOST_BLOBS_PER_SAVE} one save may",
+            digests.len()
+        )));
+    }
+    Ok((key, digests))
+}
+
+/// The record of a begun save, as its claims keep it until the commit.
+fn open_save(
+    project: &str,
+    key: &pb::CacheKey,
+    record: &ProjectRecord,
+    request: &pb::BeginSaveRequest,
+    digests: &BTreeSet<String>,
+    moves_blobs: bool,
+    now_unix_ms: i64,
+) -> OpenSave {
+    OpenSave {
+        project: project.to_owned(),
+        service: key.service.clone(),
+        branch: key.branch.clone(),
+        generation: record.generation,
+        image_ids: request.images.iter().map(|image| image.id.clone()).collect(),
+        engine_version: request.engine_version.clone(),
+        began_unix_ms: now_unix_ms,
+        host: request.host.clone(),
+        last_alive_unix_ms: now_unix_ms,
+        claimed: BTreeSet::new(),
+        named: digests.clone(),
+        silence_noted: false,
+        // A save that moves nothing holds no share of the transfer budget.
+        leased: moves_blobs,
+    }
+}
+
+/// A blob the ledger holds, as a begin answers it.
+fn stored_layer(digest: String, record: BlobRecord) -> pb::Layer {
+    pb::Layer {
+        digest,
+        size: record.size,
+        encoding: record.encoding,
+        stored_size: record.stored_size,
+        stored_digest: record.stored_digest,
+    }
+}
+
 impl CacheService {
+    /// Records what a worker is about to save and answers which blobs the store lacks (claimed
+    /// for it to upload, or in flight from another save), with credentials and a share of the
+    /// transfer budget when it moves anything.
     pub async fn begin_save(
         &self,
         principal: &crate::tokens::Principal,
         request: &pb::BeginSaveRequest,
     ) -> Result<pb::BeginSaveResponse, Error> {
         let project = principal.project.as_str();
-        let key = validate_key(request.key.as_ref())?;
-        principal.check_write(&key.branch)?;
-        validate_images(&request.images)?;
-        validate_host(&request.host)?;
+        let (key, digests) = validate_begin(principal, request)?;
         let record = self.db.project(project).await?.ok_or_else(|| Error::NoSuchProject(project.to_owned()))?;
-        let probe = pb::Manifest { images: request.images.clone(), ..Default::default() };
-        let digests: BTreeSet<String> = manifest_digests(&probe);
-        if digests.len() > MOST_BLOBS_PER_SAVE {
-            return Err(Error::InvalidArgument(format!(
-                "a save names {} blobs, more than the {MOST_BLOBS_PER_SAVE} one save may",
-                digests.len()
-            )));
-        }
         // Held until the save is registered: a garbage collection (which takes the lock
         // exclusively) either ran before and this save sees what it left, or runs after and
         // keeps every blob this save names.
@@ -159,15 +212,7 @@ impl CacheService {
         let stored = self.db.stored_blobs(project, &named).await?;
         let missing: Vec<String> = digests.iter().filter(|d| !stored.contains_key(*d)).cloned().collect();
         let current = self.db.manifest(project, &key.service, &key.branch).await?;
-        let wanted_ids: BTreeSet<&str> = request.images.iter().map(|image| image.id.as_str()).collect();
-        let mut known_images: Vec<pb::Image> = Vec::new();
-        for manifest in self.db.manifests(project).await? {
-            for image in manifest.images {
-                if wanted_ids.contains(image.id.as_str()) && !known_images.iter().any(|known| known.id == image.id) {
-                    known_images.push(image);
-                }
-            }
-        }
+        let known_images = self.known_images(project, &request.images).await?;
         let known_size: u64 = stored.values().map(|record| record.stored_size).sum();
         if record.quota_bytes > 0 && known_size > record.quota_bytes {
             return Err(super::gc::over_quota(project, &key, known_size, record.quota_bytes));
@@ -178,31 +223,15 @@ impl CacheService {
         };
         if unchanged && let Some(manifest) = &current {
             // An unchanged save is a use of its cache, as a restore is.
-            self.db.touch_manifest(project, manifest, now_unix()).await?;
+            self.db.touch_manifest(project, manifest, self.clock.now_unix()).await?;
         }
-
         let save_id = crate::tokens::random_hex_32();
-        let now = now_unix_ms();
-        let pending = OpenSave {
-            project: project.to_owned(),
-            service: key.service.clone(),
-            branch: key.branch.clone(),
-            generation: record.generation,
-            image_ids: request.images.iter().map(|image| image.id.clone()).collect(),
-            engine_version: request.engine_version.clone(),
-            began_unix_ms: now,
-            host: request.host.clone(),
-            last_alive_unix_ms: now,
-            claimed: BTreeSet::new(),
-            named: digests.clone(),
-            silence_noted: false,
-            // A save that moves nothing holds no share of the transfer budget (see below).
-            leased: !missing.is_empty(),
-        };
+        let now = self.clock.now_unix_ms();
         // An unchanged save commits nothing, so it is not kept (and claims nothing).
         let (missing_digests, in_flight_digests) = if unchanged {
             (Vec::new(), Vec::new())
         } else {
+            let pending = open_save(project, &key, &record, request, &digests, !missing.is_empty(), now);
             let begun = self.pending_saves.begin(save_id.clone(), pending, missing, now).await?;
             self.release_shares_of_silent(begun.silent, now).await;
             (begun.to_upload, begun.in_flight)
@@ -213,16 +242,7 @@ impl CacheService {
         let (credentials, plan) = if missing_digests.is_empty() && in_flight_digests.is_empty() {
             (None, None)
         } else {
-            let credentials = match self.issue_credentials(project, pb::Access::Write, "", &principal.token_id).await {
-                Ok(credentials) => credentials,
-                Err(error) => {
-                    self.pending_saves.abandon(&save_id, project).await?;
-                    return Err(error);
-                }
-            };
-            // The save ID names its lease; the commit gives it back.
-            let plan = self.budget.grant(project, &save_id, crate::budget::LeaseKind::Save, now).await?;
-            (Some(credentials), Some(plan))
+            self.save_grant(principal, &save_id, now).await?
         };
         tracing::info!(
             project,
@@ -238,16 +258,7 @@ impl CacheService {
             plan,
             credentials,
             unchanged,
-            stored_blobs: stored
-                .into_iter()
-                .map(|(digest, record)| pb::Layer {
-                    digest,
-                    size: record.size,
-                    encoding: record.encoding,
-                    stored_size: record.stored_size,
-                    stored_digest: record.stored_digest,
-                })
-                .collect(),
+            stored_blobs: stored.into_iter().map(|(digest, record)| stored_layer(digest, record)).collect(),
             known_images,
             previous_images: current
                 .map(|manifest| manifest.images.into_iter().filter(|image| !image.steps.is_empty()).collect())
@@ -255,6 +266,42 @@ impl CacheService {
             in_flight_digests,
             keep_alive_seconds: self.pending_saves.keep_alive_interval().as_secs() as u32,
         })
+    }
+
+    /// The images of `images` some manifest of the project already holds, each once, with
+    /// what that manifest recorded of them.
+    async fn known_images(&self, project: &str, images: &[pb::Image]) -> Result<Vec<pb::Image>, Error> {
+        let wanted_ids: BTreeSet<&str> = images.iter().map(|image| image.id.as_str()).collect();
+        let mut known_images: Vec<pb::Image> = Vec::new();
+        for manifest in self.db.manifests(project).await? {
+            for image in manifest.images {
+                if wanted_ids.contains(image.id.as_str()) && !known_images.iter().any(|known| known.id == image.id) {
+                    known_images.push(image);
+                }
+            }
+        }
+        Ok(known_images)
+    }
+
+    /// Write credentials and a share of the transfer budget for a save that moves blobs; the
+    /// save ID names its lease, and the commit gives it back. Without credentials, the save's
+    /// claims are given back.
+    async fn save_grant(
+        &self,
+        principal: &crate::tokens::Principal,
+        save_id: &str,
+        now_unix_ms: i64,
+    ) -> Result<(Option<pb::Credentials>, Option<pb::TransferPlan>), Error> {
+        let project = principal.project.as_str();
+        let credentials = match self.issue_credentials(project, pb::Access::Write, "", &principal.token_id).await {
+            Ok(credentials) => credentials,
+            Err(error) => {
+                self.pending_saves.abandon(save_id, project).await?;
+                return Err(error);
+            }
+        };
+        let plan = self.budget.grant(project, save_id, crate::budget::LeaseKind::Save, now_unix_ms).await?;
+        Ok((Some(credentials), Some(plan)))
     }
 
     /// A restore's report of a blob missing or corrupt in the store: checked against the store
@@ -268,9 +315,10 @@ impl CacheService {
         }
         {
             let mut checks = self.bad_blob_checks.lock().expect("bad blob checks");
-            let (since, n) = checks.entry(project.to_owned()).or_insert((Instant::now(), 0));
-            if since.elapsed() >= Duration::from_secs(60) {
-                (*since, *n) = (Instant::now(), 0);
+            let now_ms = self.clock.now_unix_ms();
+            let (since_ms, n) = checks.entry(project.to_owned()).or_insert((now_ms, 0));
+            if now_ms - *since_ms >= 60_000 {
+                (*since_ms, *n) = (now_ms, 0);
             }
             if *n >= BAD_BLOB_CHECKS_PER_MINUTE {
                 return Err(Error::TooMany(format!(
@@ -305,7 +353,7 @@ impl CacheService {
     /// Keeps a begun save's claims alive while its worker works; answers its share of the
     /// transfer budget now.
     pub async fn keep_save_alive(&self, project: &str, save_id: &str) -> Result<Option<pb::TransferPlan>, Error> {
-        let now = now_unix_ms();
+        let now = self.clock.now_unix_ms();
         self.pending_saves.keep_alive(save_id, project, now).await?;
         self.budget.renew(project, save_id, now).await
     }
@@ -313,7 +361,7 @@ impl CacheService {
     /// Gives a save's claims and its share of the transfer budget back: its worker will not commit.
     pub async fn abandon_save(&self, project: &str, save_id: &str) -> Result<(), Error> {
         if self.pending_saves.abandon(save_id, project).await? {
-            self.budget.release(project, save_id, now_unix_ms()).await?;
+            self.budget.release(project, save_id, self.clock.now_unix_ms()).await?;
             tracing::info!(project, "save abandoned");
         }
         Ok(())
@@ -324,7 +372,7 @@ impl CacheService {
     /// wait 10 minutes. Run each second by the replica leading the background work (and, for
     /// its project, by every begin); a failure is logged, and the next second tries again.
     pub(crate) async fn release_silent_saves(&self) {
-        let now = now_unix_ms();
+        let now = self.clock.now_unix_ms();
         match self.pending_saves.newly_silent(None, now).await {
             Ok(silent) => self.release_shares_of_silent(silent, now).await,
             Err(error) => tracing::warn!(%error, "looking for silent saves failed; it is tried again"),
@@ -349,6 +397,9 @@ impl CacheService {
         self.pending_saves.abandon_project(project).await
     }
 
+    /// Checks every blob the save names is stored with the size its worker reports (and each
+    /// new one against its digest), then commits the manifest with the ledger, durably, and
+    /// evicts to fit the quota; or answers which blobs other saves are still uploading.
     pub async fn commit_save(
         &self,
         principal: &crate::tokens::Principal,
@@ -356,7 +407,55 @@ impl CacheService {
     ) -> Result<pb::CommitSaveResponse, Error> {
         let project = principal.project.as_str();
         validate_images(&request.images)?;
-        let pending = self.pending_saves.describe(&request.save_id, project, now_unix_ms()).await?;
+        let (pending, record) = self.committable_save(principal, request).await?;
+        let mut manifest = self.manifest_of(&pending, request);
+        let reported = reported_blobs(&mut manifest.images);
+        // A post-flush sweep waits until the blobs are checked and recorded.
+        let no_sweep = self.lock_project(project, Lock::Shared).await?;
+        let reported_digests: Vec<String> = reported.keys().cloned().collect();
+        let known = self.db.stored_blobs(project, &reported_digests).await?;
+        let prefix = project_prefix(&self.store_prefix, project);
+        let (in_store, mut waiting_for) =
+            self.look_up_unknown_blobs(project, &request.save_id, &prefix, &reported, &known).await?;
+        self.check_stored_sizes(&prefix, &reported, &known, &in_store).await?;
+        if !waiting_for.is_empty() {
+            waiting_for.sort();
+            return Ok(pb::CommitSaveResponse { waiting_for_digests: waiting_for, ..Default::default() });
+        }
+        self.verify_new_blobs(&prefix, &in_store).await?;
+        self.pending_saves.take(&request.save_id, project).await?;
+        if pending.leased {
+            self.budget.release(project, &request.save_id, self.clock.now_unix_ms()).await?;
+        }
+        let size: u64 = reported.values().map(|record| record.stored_size).sum();
+        let quota = record.quota_bytes;
+        if quota > 0 && size > quota {
+            drop(no_sweep);
+            let uploaded: HashMap<String, BlobRecord> =
+                reported.into_iter().filter(|(digest, _)| in_store.contains_key(digest)).collect();
+            return Err(self.refuse_over_quota(project, &pending.key, size, quota, &uploaded).await);
+        }
+        if let Some(origin) = manifest.origin.as_mut() {
+            origin.committed_unix_ms = self.clock.now_unix_ms();
+        }
+        let committed = self.record_commit(project, &manifest, &pending, &reported).await?;
+        drop(no_sweep);
+        if quota > 0 {
+            self.fit_quota_after_commit(project, &pending.key).await;
+        }
+        Ok(commit_response(project, &pending.key, manifest, committed))
+    }
+
+    /// The begun save `request` commits, and its project's record: refused when the save was
+    /// begun for a branch this principal may not write, when its project was flushed since
+    /// (its claims and budget share then given back), or when its images changed.
+    async fn committable_save(
+        &self,
+        principal: &crate::tokens::Principal,
+        request: &pb::CommitSaveRequest,
+    ) -> Result<(SaveFacts, ProjectRecord), Error> {
+        let project = principal.project.as_str();
+        let pending = self.pending_saves.describe(&request.save_id, project, self.clock.now_unix_ms()).await?;
         // Checked again: the save may have been begun by another token of the project.
         principal.check_write(&pending.key.branch)?;
         // A flush since the begin (through another replica, which cannot forget this one's
@@ -365,7 +464,7 @@ impl CacheService {
         if record.generation != pending.generation {
             self.pending_saves.take(&request.save_id, project).await?;
             if pending.leased {
-                self.budget.release(project, &request.save_id, now_unix_ms()).await?;
+                self.budget.release(project, &request.save_id, self.clock.now_unix_ms()).await?;
             }
             return Err(Error::SaveConflict(format!("project {project:?} was flushed while the save ran: save again")));
         }
@@ -373,12 +472,19 @@ impl CacheService {
         if image_ids != pending.image_ids {
             return Err(Error::InvalidArgument("the committed images differ from the ones the save began with".into()));
         }
-        let mut manifest = pb::Manifest {
+        Ok((pending, record))
+    }
+
+    /// The manifest a commit makes visible, created and last used now; its origin's commit
+    /// time is stamped just before it is recorded.
+    fn manifest_of(&self, pending: &SaveFacts, request: &pb::CommitSaveRequest) -> pb::Manifest {
+        let now = self.clock.now_unix();
+        pb::Manifest {
             key: Some(pending.key.clone()),
             images: request.images.clone(),
             engine_version: pending.engine_version.clone(),
-            created_unix: now_unix(),
-            last_used_unix: now_unix(),
+            created_unix: now,
+            last_used_unix: now,
             save_log: request.save_log.iter().take(10_000).cloned().collect(),
             origin: Some(pb::SaveOrigin {
                 save_id: request.save_id.clone(),
@@ -387,48 +493,26 @@ impl CacheService {
                 committed_unix_ms: 0,
                 repo_tags: request.images.iter().flat_map(|image| image.repo_tags.iter().cloned()).collect(),
             }),
-        };
-        // Every blob must be stored with the size the worker reports: the ledger answers for
-        // blobs it knows, the store for new ones.
-        let mut reported: HashMap<String, BlobRecord> = HashMap::new();
-        for image in &mut manifest.images {
-            let config = BlobRecord { stored_size: image.config_size, size: image.config_size, ..Default::default() };
-            reported.insert(image.id.clone(), config);
-            for layer in &mut image.layers {
-                if layer.encoding.is_empty() {
-                    layer.stored_size = layer.size;
-                    layer.stored_digest.clear();
-                }
-                let record = BlobRecord {
-                    stored_size: layer.stored_size,
-                    size: layer.size,
-                    encoding: layer.encoding.clone(),
-                    stored_digest: layer.stored_digest.clone(),
-                    ..Default::default()
-                };
-                reported.insert(layer.digest.clone(), record);
-            }
-            for blob in &mut image.oci_blobs {
-                blob.stored_size = blob.size;
-                reported.insert(
-                    blob.digest.clone(),
-                    BlobRecord { stored_size: blob.size, size: blob.size, ..Default::default() },
-                );
-            }
         }
-        // A post-flush sweep waits until the blobs are checked and recorded.
-        let no_sweep = self.lock_project(project, Lock::Shared).await?;
-        let reported_digests: Vec<String> = reported.keys().cloned().collect();
-        let known = self.db.stored_blobs(project, &reported_digests).await?;
-        let prefix = project_prefix(&self.store_prefix, project);
-        // The store answers for the blobs the ledger does not know, several at once, so a
-        // commit of many new layers stays well inside a worker's per-call deadline.
+    }
+
+    /// Asks the store for the reported blobs the ledger does not know, several at once, so a
+    /// commit of many new layers stays well inside a worker's per-call deadline: their stored
+    /// sizes (`None`: absent), and the blobs other live saves are still uploading.
+    async fn look_up_unknown_blobs(
+        &self,
+        project: &str,
+        save_id: &str,
+        prefix: &str,
+        reported: &HashMap<String, BlobRecord>,
+        known: &HashMap<String, BlobRecord>,
+    ) -> Result<(HashMap<String, Option<u64>>, Vec<String>), Error> {
         let waiting_since = Instant::now();
         let unknown: Vec<String> = reported.keys().filter(|digest| !known.contains_key(*digest)).cloned().collect();
         let lookups = unknown.into_iter().map(|digest| {
-            let key = blob_key(&prefix, &digest);
+            let key = blob_key(prefix, &digest);
             async move {
-                let awaited = self.stored_or_awaited(project, &request.save_id, &key, &digest, waiting_since).await?;
+                let awaited = self.stored_or_awaited(project, save_id, &key, &digest, waiting_since).await?;
                 Ok::<_, Error>((digest, awaited))
             }
         });
@@ -444,7 +528,19 @@ impl CacheService {
                 Awaited::StillInFlight => waiting_for.push(digest),
             }
         }
-        for (digest, record) in &reported {
+        Ok((in_store, waiting_for))
+    }
+
+    /// Every reported blob not still in flight must be stored with the size its worker
+    /// reports: the ledger answers for blobs it knows, the store (`in_store`) for new ones.
+    async fn check_stored_sizes(
+        &self,
+        prefix: &str,
+        reported: &HashMap<String, BlobRecord>,
+        known: &HashMap<String, BlobRecord>,
+        in_store: &HashMap<String, Option<u64>>,
+    ) -> Result<(), Error> {
+        for (digest, record) in reported {
             let stored = match known.get(digest) {
                 Some(known) => Some(known.stored_size),
                 None => match in_store.get(digest) {
@@ -458,7 +554,7 @@ impl CacheService {
                 // of the project put other bytes there), and deleted if so.
                 Some(_)
                     if !known.contains_key(digest)
-                        && !self.store.verify_blob(&blob_key(&prefix, digest), digest).await? =>
+                        && !self.store.verify_blob(&blob_key(prefix, digest), digest).await? =>
                 {
                     return Err(planted(digest));
                 }
@@ -475,15 +571,16 @@ impl CacheService {
                 }
             }
         }
-        if !waiting_for.is_empty() {
-            waiting_for.sort();
-            return Ok(pb::CommitSaveResponse { waiting_for_digests: waiting_for, ..Default::default() });
-        }
-        // Architecture Invariant: a blob is verified against its digest before the ledger
-        // counts it, so no save, however trusted, counts a blob another token planted.
-        let new_blobs: Vec<String> = in_store.keys().cloned().collect();
-        let checks = new_blobs.into_iter().map(|digest| {
-            let key = blob_key(&prefix, &digest);
+        Ok(())
+    }
+
+    /// Checks each blob new to the ledger (`in_store`) against its digest, several at once.
+    ///
+    /// Architecture Invariant: a blob is verified against its digest before the ledger
+    /// counts it, so no save, however trusted, counts a blob another token planted.
+    async fn verify_new_blobs(&self, prefix: &str, in_store: &HashMap<String, Option<u64>>) -> Result<(), Error> {
+        let checks = in_store.keys().cloned().map(|digest| {
+            let key = blob_key(prefix, &digest);
             async move {
                 let matches = self.store.verify_blob(&key, &digest).await?;
                 Ok::<_, Error>((digest, matches))
@@ -491,73 +588,99 @@ impl CacheService {
         });
         let checked: Vec<(String, bool)> =
             futures::stream::iter(checks).buffer_unordered(STORE_LOOKUPS_IN_FLIGHT).try_collect().await?;
-        if let Some((digest, _)) = checked.iter().find(|(_, matches)| !matches) {
-            return Err(planted(digest));
+        match checked.iter().find(|(_, matches)| !matches) {
+            Some((digest, _)) => Err(planted(digest)),
+            None => Ok(()),
         }
-        self.pending_saves.take(&request.save_id, project).await?;
-        if pending.leased {
-            self.budget.release(project, &request.save_id, now_unix_ms()).await?;
-        }
-        let size: u64 = reported.values().map(|record| record.stored_size).sum();
-        let quota = record.quota_bytes;
-        if quota > 0 && size > quota {
-            drop(no_sweep);
-            let uploaded: HashMap<String, BlobRecord> =
-                reported.into_iter().filter(|(digest, _)| in_store.contains_key(digest)).collect();
-            return Err(self.refuse_over_quota(project, &pending.key, size, quota, &uploaded).await);
-        }
-        if let Some(origin) = manifest.origin.as_mut() {
-            origin.committed_unix_ms = now_unix_ms();
-        }
-        let committed = self.db.commit_manifest(project, &manifest, pending.generation, &reported).await?;
+    }
+
+    /// Commits the manifest with the ledger, counts the save, and makes both durable: the
+    /// worker prints "saved" on the answer, so the manifest must survive a crash after it.
+    async fn record_commit(
+        &self,
+        project: &str,
+        manifest: &pb::Manifest,
+        pending: &SaveFacts,
+        reported: &HashMap<String, BlobRecord>,
+    ) -> Result<Committed, Error> {
+        let committed = self.db.commit_manifest(project, manifest, pending.generation, reported).await?;
         self.db
             .add_to_counters(project, &pending.key.service, &ServiceCounters { saves: 1, ..Default::default() })
             .await?;
-        // The worker prints "saved" on this answer: the manifest must survive a crash after it.
         self.db.durable().await?;
-        drop(no_sweep);
-        if quota > 0 {
-            // Architecture Invariant: after a commit the project fits its quota again, the cache
-            // just saved evicted last of all (it alone fits, as checked above).
-            // The save is stored whatever happens here: a failed eviction is the next one's.
-            match self.fit_quota(project, Some(&pending.key)).await {
-                Ok(evicted) if !evicted.caches.is_empty() => tracing::info!(
-                    project,
-                    caches = evicted.caches.len(),
-                    bytes = evicted.bytes,
-                    "least recently used caches evicted to fit the quota"
-                ),
-                Ok(_) => {}
-                Err(error) => {
-                    tracing::warn!(project, %error, "evicting to fit the quota failed; the next commit tries again")
-                }
+        Ok(committed)
+    }
+
+    /// Evicts the least recently used caches until the project fits its quota again.
+    ///
+    /// Architecture Invariant: after a commit the project fits its quota again, the cache
+    /// just saved evicted last of all (it alone fits, as checked before the commit).
+    /// The save is stored whatever happens here: a failed eviction is the next one's.
+    async fn fit_quota_after_commit(&self, project: &str, saved: &pb::CacheKey) {
+        match self.fit_quota(project, Some(saved)).await {
+            Ok(evicted) if !evicted.caches.is_empty() => tracing::info!(
+                project,
+                caches = evicted.caches.len(),
+                bytes = evicted.bytes,
+                "least recently used caches evicted to fit the quota"
+            ),
+            Ok(_) => {}
+            Err(error) => {
+                tracing::warn!(project, %error, "evicting to fit the quota failed; the next commit tries again")
             }
         }
-        let response = match committed {
-            Committed::Stored { replaced } => {
-                tracing::info!(
-                    project,
-                    service = pending.key.service,
-                    n_images = manifest.images.len(),
-                    "save committed"
-                );
-                pb::CommitSaveResponse {
-                    manifest: Some(manifest),
-                    stored: true,
-                    replaced,
-                    waiting_for_digests: Vec::new(),
-                }
+    }
+}
+
+/// The blobs a commit names, each with the sizes its worker reports, keyed by digest: image
+/// configs, layers and OCI blobs. Fills in what an unencoded layer or OCI blob leaves implied
+/// (stored as it is).
+fn reported_blobs(images: &mut [pb::Image]) -> HashMap<String, BlobRecord> {
+    let mut reported: HashMap<String, BlobRecord> = HashMap::new();
+    for image in images {
+        let config = BlobRecord { stored_size: image.config_size, size: image.config_size, ..Default::default() };
+        reported.insert(image.id.clone(), config);
+        for layer in &mut image.layers {
+            if layer.encoding.is_empty() {
+                layer.stored_size = layer.size;
+                layer.stored_digest.clear();
             }
-            Committed::KeptNewer(current) => {
-                tracing::info!(
-                    project,
-                    service = pending.key.service,
-                    "save not stored: a newer save's manifest is kept"
-                );
-                pb::CommitSaveResponse { manifest: Some(current), stored: false, ..Default::default() }
-            }
-        };
-        Ok(response)
+            let record = BlobRecord {
+                stored_size: layer.stored_size,
+                size: layer.size,
+                encoding: layer.encoding.clone(),
+                stored_digest: layer.stored_digest.clone(),
+                ..Default::default()
+            };
+            reported.insert(layer.digest.clone(), record);
+        }
+        for blob in &mut image.oci_blobs {
+            blob.stored_size = blob.size;
+            reported.insert(
+                blob.digest.clone(),
+                BlobRecord { stored_size: blob.size, size: blob.size, ..Default::default() },
+            );
+        }
+    }
+    reported
+}
+
+/// A commit's answer: the manifest stored, or the newer one kept.
+fn commit_response(
+    project: &str,
+    key: &pb::CacheKey,
+    manifest: pb::Manifest,
+    committed: Committed,
+) -> pb::CommitSaveResponse {
+    match committed {
+        Committed::Stored { replaced } => {
+            tracing::info!(project, service = key.service, n_images = manifest.images.len(), "save committed");
+            pb::CommitSaveResponse { manifest: Some(manifest), stored: true, replaced, waiting_for_digests: Vec::new() }
+        }
+        Committed::KeptNewer(current) => {
+            tracing::info!(project, service = key.service, "save not stored: a newer save's manifest is kept");
+            pb::CommitSaveResponse { manifest: Some(current), stored: false, ..Default::default() }
+        }
     }
 }
 
@@ -582,7 +705,9 @@ impl CacheService {
     ) -> Result<Awaited, Error> {
         loop {
             let stored = self.store.object_size(key).await?;
-            if stored.is_some() || !self.pending_saves.in_flight_for(project, digest, save_id, now_unix_ms()).await? {
+            if stored.is_some()
+                || !self.pending_saves.in_flight_for(project, digest, save_id, self.clock.now_unix_ms()).await?
+            {
                 return Ok(Awaited::Stored(stored));
             }
             if waiting_since.elapsed() >= COMMIT_WAIT {
