@@ -14,6 +14,7 @@ mod e2e {
     mod full_disk;
     mod garbage;
     mod hostile_clients;
+    mod in_process;
     mod incremental_save;
     mod lost_blobs;
     mod multi_stage;

@@ -2,25 +2,60 @@
 //! a commit evicts its least recently used caches, the one just saved last; every restore after
 //! is either complete (its rebuild fully cached) or a clean miss; a save larger than the quota
 //! alone is refused and keeps the previous caches; caches unused past `--cache-expiry` are
-//! evicted by a collection; a running restore's blobs survive an eviction of its cache.
+//! evicted by a collection; a running restore's blobs survive an eviction of its cache. Last
+//! use and expiry are driven by an in-process coordinator's manual clock, not by sleeping.
 
+use std::process::Output;
 use std::time::Duration;
 
 use proto::v1 as pb;
 use tests::{CoordinatorProcess, DockerEngine, EngineKind, save_one_layer_image, stderr_of, stdout_of};
 
+use super::in_process::InProcessCoordinator;
+
+/// What these tests read of a coordinator, run as a process or in this one.
+trait Observed {
+    fn cachectl(&self, args: &[&str]) -> Output;
+    fn metric(&self, sample: &str) -> Option<f64>;
+    fn blob_files(&self, project: &str) -> Vec<u64>;
+}
+
+impl Observed for CoordinatorProcess {
+    fn cachectl(&self, args: &[&str]) -> Output {
+        CoordinatorProcess::cachectl(self, args)
+    }
+    fn metric(&self, sample: &str) -> Option<f64> {
+        CoordinatorProcess::metric(self, sample)
+    }
+    fn blob_files(&self, project: &str) -> Vec<u64> {
+        CoordinatorProcess::blob_files(self, project)
+    }
+}
+
+impl Observed for InProcessCoordinator {
+    fn cachectl(&self, args: &[&str]) -> Output {
+        InProcessCoordinator::cachectl(self, args)
+    }
+    fn metric(&self, sample: &str) -> Option<f64> {
+        InProcessCoordinator::metric(self, sample)
+    }
+    fn blob_files(&self, project: &str) -> Vec<u64> {
+        InProcessCoordinator::blob_files(self, project)
+    }
+}
+
 /// Bytes in the blob files of project `web` in an embedded store.
-fn stored_bytes(coordinator: &CoordinatorProcess) -> u64 {
+fn stored_bytes(coordinator: &impl Observed) -> u64 {
     coordinator.blob_files("web").iter().sum()
 }
 
 /// The value of one sample in the coordinator's metrics, 0 when it is not there.
-fn metric(coordinator: &CoordinatorProcess, sample: &str) -> u64 {
+fn metric(coordinator: &impl Observed, sample: &str) -> u64 {
     coordinator.metric(sample).unwrap_or(0.0) as u64
 }
 
 /// The services `cachectl ls web` lists.
-fn listed_services(coordinator: &CoordinatorProcess) -> Vec<String> {
+fn listed_services(coordinator: &impl Observed) -> Vec<String> {
     let listed = coordinator.cachectl(&["ls", "web"]);
     assert!(listed.status.success(), "{}", stderr_of(&listed));
     stdout_of(&listed).lines().skip(2).map(|line| line.split_whitespace().next().unwrap().to_owned()).collect()
@@ -35,7 +70,7 @@ fn service_context(name: &str, mib: u32) -> tempfile::TempDir {
 fn a_project_over_its_quota_evicts_its_least_recently_used_caches() {
     let Some(build_host) = DockerEngine::start(EngineKind::Engine20) else { return };
     let data_dir = tempfile::tempdir().unwrap();
-    let coordinator = CoordinatorProcess::start(data_dir.path(), &["--gc-interval", "0"]);
+    let coordinator = InProcessCoordinator::start(data_dir.path(), &["--gc-interval", "0"]);
     let token = coordinator.create_project("web");
     build_host.import_busybox_base("base:1");
     let services = ["s1", "s2", "s3", "s4", "s5"];
@@ -44,7 +79,7 @@ fn a_project_over_its_quota_evicts_its_least_recently_used_caches() {
         let saved = coordinator.cache_worker_on(&build_host, &token, &["save", "--service", service, tag]);
         assert!(saved.status.success(), "save {service}: {}", stderr_of(&saved));
         // Last use is counted in seconds: each step in a second of its own.
-        std::thread::sleep(Duration::from_millis(1100));
+        coordinator.advance(Duration::from_millis(1100));
     };
     for (service, context) in services.iter().zip(&contexts) {
         let built = build_host.classic_build(context.path(), &format!("{service}:1"), &[]);
@@ -65,7 +100,7 @@ fn a_project_over_its_quota_evicts_its_least_recently_used_caches() {
     let Some(touch_host) = DockerEngine::start(EngineKind::Engine20) else { return };
     let restored = coordinator.cache_worker_on(&touch_host, &token, &["restore", "--service", "s1", "--strict"]);
     assert!(restored.status.success(), "{}", stderr_of(&restored));
-    std::thread::sleep(Duration::from_millis(1100));
+    coordinator.advance(Duration::from_millis(1100));
     save("s4", "s4:1");
     assert!(stored_bytes(&coordinator) <= quota, "{} > {quota}", stored_bytes(&coordinator));
     assert_eq!(listed_services(&coordinator), ["s1", "s3", "s4"], "s2 was the least recently used");
@@ -121,17 +156,17 @@ fn a_project_over_its_quota_evicts_its_least_recently_used_caches() {
 async fn caches_unused_past_their_expiry_are_evicted_by_a_collection() {
     let data_dir = tempfile::tempdir().unwrap();
     let args = ["--cache-expiry", "6s", "--gc-interval", "0", "--gc-grace", "1h", "--default-quota", "10GiB"];
-    let coordinator = CoordinatorProcess::start(data_dir.path(), &args);
+    let coordinator = InProcessCoordinator::start(data_dir.path(), &args);
     let token = coordinator.create_project("web");
     let url = coordinator.grpc_url.clone();
     save_one_layer_image(&url, &token, "old", "old:1", b"a layer only old names").await;
     save_one_layer_image(&url, &token, "used", "used:1", b"a layer used names").await;
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    coordinator.advance(Duration::from_secs(4));
     let mut client = tests::worker_client(&url, &token).await;
     let key = pb::CacheKey { service: "used".into(), branch: String::new() };
     let found = client.lookup(pb::LookupRequest { key: Some(key), fallbacks: Vec::new() }).await.unwrap().into_inner();
     assert!(found.found);
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    coordinator.advance(Duration::from_secs(4));
 
     let gc = |args: &[&str]| coordinator.gc(&[&["web"], args].concat());
     let files = || coordinator.blob_files("web").len();
