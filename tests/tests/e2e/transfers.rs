@@ -437,7 +437,8 @@ async fn a_streamed_blob_that_ends_short_or_fails_its_digest_is_never_stored() {
 }
 
 /// A save granted no share of the budget (its project's other saves hold all of it) starts no
-/// request until a keep-alive answer brings it one, then completes.
+/// request until a keep-alive answer brings it one, then completes. That it waits is shown
+/// after a keep-alive answered it, not after a sleep.
 #[test]
 fn a_save_beyond_its_projects_share_waits_for_one_then_completes() {
     let Some(engine) = DockerEngine::start(EngineKind::Engine20) else { return };
@@ -461,8 +462,17 @@ fn a_save_beyond_its_projects_share_waits_for_one_then_completes() {
 
     let started = Instant::now();
     let mut save = coordinator.spawn_cache_worker_on(&engine, &token, &["save", "--service", "app", "app:latest"]);
-    std::thread::sleep(Duration::from_secs(8));
+    // Not a timer but an event: once a keep-alive has answered the begun save its (empty)
+    // share, the save still waits, and has stored nothing.
+    let keep_alive_answered = "layer_cache_grpc_requests_total{method=\"KeepSaveAlive\",code=\"Ok\"}";
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while coordinator.metric(keep_alive_answered).unwrap_or(0.0) < 1.0 {
+        assert!(Instant::now() < deadline, "no keep-alive of the waiting save was answered");
+        assert!(save.try_wait().unwrap().is_none(), "the save waits for a share");
+        std::thread::sleep(Duration::from_millis(50));
+    }
     assert!(save.try_wait().unwrap().is_none(), "the save waits for a share");
+    assert!(coordinator.blob_files("web").is_empty(), "a save granted no share starts no upload");
     for save_id in holders {
         runtime.block_on(client.abandon_save(pb::AbandonSaveRequest { save_id })).unwrap();
     }
