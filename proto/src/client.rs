@@ -25,7 +25,7 @@ pub enum ClientError {
     NotFound(String),
     /// The coordinator failed inside (a broken data directory, a failed task): nothing the
     /// caller did, and nothing it can fix by asking again differently.
-    #[error("the coordinator failed: {0}")]
+    #[error("{0}")]
     Internal(String),
     #[error("coordinator error: {0}")]
     Other(String),
@@ -68,7 +68,9 @@ impl ClientError {
             Code::PermissionDenied => ClientError::Refused(format!("permission denied: {message}")),
             Code::InvalidArgument | Code::AlreadyExists => ClientError::Invalid(message),
             Code::NotFound => ClientError::NotFound(message),
-            Code::Internal => ClientError::Internal(message),
+            // The line names the coordinator once, whether or not its message already does.
+            Code::Internal if message.starts_with("the coordinator") => ClientError::Internal(message),
+            Code::Internal => ClientError::Internal(format!("the coordinator failed: {message}")),
             Code::Unavailable if message.contains("transport") || message.contains("connect") => {
                 ClientError::Unreachable { url: url.to_owned(), reason: message }
             }
@@ -139,11 +141,13 @@ mod tests {
         let error = ClientError::from_status("http://coordinator:7070", &status);
         assert!(matches!(error, ClientError::Internal(_)), "{error:?}");
         assert_eq!(error.exit_code(), 70);
-        assert_eq!(
-            error.to_string(),
-            "the coordinator failed: the coordinator cannot write its data directory: its disk is full"
-        );
+        assert_eq!(error.to_string(), "the coordinator cannot write its data directory: its disk is full");
         assert!(!error.fails_reports_too());
+        let corrupt = ClientError::from_status("http://coordinator:7070", &Status::internal("stored state is corrupt"));
+        assert_eq!(
+            (corrupt.exit_code(), corrupt.to_string().as_str()),
+            (70, "the coordinator failed: stored state is corrupt")
+        );
     }
 
     #[test]
