@@ -566,4 +566,97 @@ mod tests {
         assert_eq!(padding(3).len(), 509);
         assert_eq!(padding(1024).len(), 0);
     }
+
+    /// Blobs by digest, read in parts of 3 bytes.
+    #[derive(Clone)]
+    struct Blobs(Arc<std::collections::HashMap<String, Bytes>>);
+
+    impl BlobReader for Blobs {
+        fn part_size_for(&self, _size: u64) -> u64 {
+            3
+        }
+
+        async fn download_range(&self, digest: &str, offset: u64, length: u64) -> Result<Bytes, TransferError> {
+            let blob = self.0.get(digest).ok_or_else(|| TransferError::NotStored { digest: digest.to_owned() })?;
+            Ok(blob.slice(offset as usize..(offset + length) as usize))
+        }
+
+        async fn download(&self, _digest: &str) -> Result<BlobBody, TransferError> {
+            unreachable!("a load reads ranges")
+        }
+    }
+
+    fn blob(bytes: &[u8]) -> PlannedBlob {
+        let digest = proto::digest::sha256_digest(bytes);
+        PlannedBlob {
+            path_in_tar: format!("{}.json", hex(&digest)),
+            stored_digest: digest.clone(),
+            digest,
+            size: bytes.len() as u64,
+            skipped: false,
+            copy_to: None,
+        }
+    }
+
+    /// Reads the whole stream: its bytes, and whether it ended with an error.
+    async fn read_all(stream: impl Stream<Item = std::io::Result<Bytes>>) -> (Vec<u8>, bool) {
+        let mut stream = std::pin::pin!(stream);
+        let mut bytes = Vec::new();
+        while let Some(piece) = stream.next().await {
+            match piece {
+                Ok(piece) => bytes.extend_from_slice(&piece),
+                Err(_) => return (bytes, true),
+            }
+        }
+        (bytes, false)
+    }
+
+    #[tokio::test]
+    async fn a_verified_stream_returns_what_it_wrote() {
+        let (first, second) = (b"the first blob".as_slice(), b"a second one".as_slice());
+        let store = Blobs(Arc::new(
+            [first, second].map(|b| (proto::digest::sha256_digest(b), Bytes::copy_from_slice(b))).into(),
+        ));
+        let plan = LoadPlan {
+            blobs: vec![blob(first), blob(second)],
+            trailer: vec![("manifest.json".into(), b"[]".to_vec())],
+        };
+        let (stream, outcome) = load_stream(store, plan, 2, Bar::none());
+        let (bytes, failed) = read_all(stream).await;
+        assert!(!failed);
+        let names: Vec<String> = tar::Archive::new(bytes.as_slice())
+            .entries()
+            .unwrap()
+            .map(|entry| entry.unwrap().path().unwrap().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names.last().map(String::as_str), Some("manifest.json"));
+        let StreamEnd::Finished(streamed) = outcome.ended().await else { panic!("the stream did not finish") };
+        let sizes: Vec<u64> = streamed.blobs.iter().map(|blob| blob.bytes).collect();
+        assert_eq!(sizes, vec![first.len() as u64, second.len() as u64]);
+    }
+
+    #[tokio::test]
+    async fn a_corrupt_blob_ends_the_stream_before_the_trailer() {
+        let good = b"a good blob".as_slice();
+        let corrupt = blob(b"what the manifest says");
+        let store = Blobs(Arc::new(
+            [
+                (proto::digest::sha256_digest(good), Bytes::copy_from_slice(good)),
+                (corrupt.digest.clone(), Bytes::from_static(b"what the store returns")),
+            ]
+            .into(),
+        ));
+        let plan = LoadPlan {
+            blobs: vec![blob(good), corrupt.clone()],
+            trailer: vec![("manifest.json".into(), b"[]".to_vec())],
+        };
+        let (stream, outcome) = load_stream(store, plan, 2, Bar::none());
+        let (bytes, failed) = read_all(stream).await;
+        assert!(failed, "the stream ends with an error");
+        assert!(!bytes.windows(13).any(|window| window == b"manifest.json"), "no trailer was written");
+        let StreamEnd::Failed(LoadFailure::DigestMismatch { digest, .. }) = outcome.ended().await else {
+            panic!("the mismatch is not the outcome")
+        };
+        assert_eq!(digest, corrupt.digest);
+    }
 }
