@@ -26,8 +26,6 @@ impl tonic::service::Interceptor for CallMetadata {
 pub struct Coordinator {
     pub client: Client,
     pub url: String,
-    /// The transfer plan's lease this process holds, given back with its metrics report.
-    pub lease_id: String,
     /// The current save's share of the transfer budget, as its keep-alive last heard it.
     pub save_shares: Option<tokio::sync::watch::Receiver<u32>>,
     /// How long any call, and any transfer, may go without progress (`--stall-timeout`).
@@ -42,7 +40,7 @@ impl Coordinator {
         let token = BearerToken::new(token)?;
         let client =
             WorkerClient::with_interceptor(connect_with_deadline(url, stall_timeout).await?, CallMetadata(token));
-        Ok(Coordinator { client, url: url.to_owned(), lease_id: String::new(), save_shares: None, stall_timeout })
+        Ok(Coordinator { client, url: url.to_owned(), save_shares: None, stall_timeout })
     }
 
     /// Says every `interval` that the save `save_id` is alive, so its claims on the blobs it

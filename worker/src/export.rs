@@ -14,6 +14,7 @@ use std::collections::{HashMap, HashSet};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
+use proto::digest::sha256_digest;
 use proto::v1 as pb;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
@@ -97,10 +98,6 @@ struct ManifestEntry {
 }
 
 const CHUNK: usize = 1024 * 1024;
-
-fn sha256_digest(bytes: &[u8]) -> String {
-    format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
-}
 
 /// Hashes and counts what is written to it: the decompressed side of a gzip layer.
 #[derive(Default)]
@@ -292,8 +289,8 @@ pub(crate) fn read_json<R: Read>(entry: &mut R, size: u64, path: &str) -> Result
 /// The digest a path names in the OCI layout (`blobs/sha256/<hex>`) or the legacy config
 /// name (`<hex>.json`).
 fn digest_in_path(path: &str) -> Option<String> {
-    let hex = path.strip_prefix("blobs/sha256/").or_else(|| path.strip_suffix(".json"))?;
-    let digest = format!("sha256:{hex}");
+    let digest = crate::layout::digest_of_blob_path(path)
+        .or_else(|| path.strip_suffix(".json").map(|hex| format!("{}{hex}", proto::digest::SHA256_PREFIX)))?;
     proto::names::validate_digest(&digest).ok().map(|()| digest)
 }
 
@@ -321,127 +318,218 @@ pub fn read_export<R: Read>(
     diff_ids: &HashMap<String, Vec<String>>,
     missing: &HashSet<String>,
     spool_dir: &Path,
-    mut on_blob: impl FnMut(SpooledBlob) -> std::io::Result<()>,
+    on_blob: impl FnMut(SpooledBlob) -> std::io::Result<()>,
 ) -> Result<ExportSummary, ExportError> {
-    let layer_digests: HashSet<&String> = diff_ids.values().flatten().collect();
-    let mut emitted: HashSet<String> = HashSet::new();
-    let missing_layers = missing.iter().filter(|digest| layer_digests.contains(digest)).count();
-    let mut manifest_json: Option<Vec<u8>> = None;
-    // Sizes of entries by path; what hashing found for the entries it read, by path; symlinks
-    // by path to their target.
-    let mut path_sizes: HashMap<String, u64> = HashMap::new();
-    let mut path_layers: HashMap<String, pb::Layer> = HashMap::new();
-    let mut links: HashMap<String, String> = HashMap::new();
-    let mut summary = ExportSummary { format: "legacy", ..Default::default() };
-    let mut layer_files_seen = 0;
-
+    let mut export = ExportReader::new(diff_ids, missing, spool_dir, on_blob);
     let mut archive = tar::Archive::new(reader);
     for entry in archive.entries()? {
-        let mut entry = entry?;
+        export.read_entry(&mut entry?)?;
+    }
+    export.finish()
+}
+
+/// One export being read: what the engine said (`diff_ids`), what the store lacks (`missing`),
+/// and what the entries read so far held. One method per kind of entry.
+struct ExportReader<'a, F> {
+    diff_ids: &'a HashMap<String, Vec<String>>,
+    missing: &'a HashSet<String>,
+    spool_dir: &'a Path,
+    on_blob: F,
+    /// Every layer's diff ID.
+    layer_digests: HashSet<&'a String>,
+    /// How many of `missing` are layers.
+    missing_layers: usize,
+    /// The digests handed to `on_blob`.
+    emitted: HashSet<String>,
+    manifest_json: Option<Vec<u8>>,
+    /// Sizes of entries by path.
+    path_sizes: HashMap<String, u64>,
+    /// What hashing found for the entries it read, by path.
+    path_layers: HashMap<String, pb::Layer>,
+    /// Links by path, to their target.
+    links: HashMap<String, String>,
+    /// Legacy `layer.tar` files read so far.
+    layer_files_seen: usize,
+    summary: ExportSummary,
+}
+
+impl<'a, F: FnMut(SpooledBlob) -> std::io::Result<()>> ExportReader<'a, F> {
+    fn new(
+        diff_ids: &'a HashMap<String, Vec<String>>,
+        missing: &'a HashSet<String>,
+        spool_dir: &'a Path,
+        on_blob: F,
+    ) -> Self {
+        let layer_digests: HashSet<&String> = diff_ids.values().flatten().collect();
+        let missing_layers = missing.iter().filter(|digest| layer_digests.contains(digest)).count();
+        ExportReader {
+            diff_ids,
+            missing,
+            spool_dir,
+            on_blob,
+            layer_digests,
+            missing_layers,
+            emitted: HashSet::new(),
+            manifest_json: None,
+            path_sizes: HashMap::new(),
+            path_layers: HashMap::new(),
+            links: HashMap::new(),
+            layer_files_seen: 0,
+            summary: ExportSummary { format: "legacy", ..Default::default() },
+        }
+    }
+
+    /// One entry of the tarball, by its kind.
+    fn read_entry<R: Read>(&mut self, entry: &mut tar::Entry<'_, R>) -> Result<(), ExportError> {
         let path = entry.path()?.to_string_lossy().trim_start_matches("./").to_owned();
         let entry_type = entry.header().entry_type();
         if entry_type.is_symlink() || entry_type.is_hard_link() {
             if let Some(target) = entry.link_name()? {
                 let target = target.to_string_lossy().into_owned();
                 let resolved = if entry_type.is_symlink() { resolve_link(&path, &target) } else { target };
-                links.insert(path, resolved);
+                self.links.insert(path, resolved);
             }
-            continue;
+            return Ok(());
         }
         if !entry_type.is_file() {
-            continue;
+            return Ok(());
         }
         let size = entry.size();
         if path == "manifest.json" {
-            manifest_json = Some(read_json(&mut entry, size, &path)?);
-            continue;
-        }
-        if path == "oci-layout" {
-            summary.format = "oci";
-            continue;
-        }
-        // Legacy layers are named by v1 IDs, compressed ones by their compressed digest: hash
-        // them only while a missing layer may be among them.
-        let layers_outstanding =
-            emitted.iter().filter(|digest| layer_digests.contains(digest)).count() < missing_layers;
-        if let Some(digest) = digest_in_path(&path) {
-            path_sizes.insert(path.clone(), size);
-            if diff_ids.contains_key(&digest) {
-                let bytes = read_json(&mut entry, size, &path)?;
-                let actual = sha256_digest(&bytes);
-                if actual != digest {
-                    return Err(ExportError::DigestMismatch { path, expected: digest, actual });
-                }
-                summary.facts.insert(digest.clone(), image_facts(&bytes));
-                summary.blobs.insert(digest.clone(), plain(&digest, size));
-                if missing.contains(&digest) && emitted.insert(digest.clone()) {
-                    on_blob(SpooledBlob::Bytes { digest: digest.clone(), bytes })?;
-                }
-            } else if layer_digests.contains(&digest) {
-                if missing.contains(&digest) && !emitted.contains(&digest) {
-                    // The OCI layout names the blob: no spool needed.
-                    stream_entry(&mut entry, plain(&digest, size), &path, &mut on_blob)?;
-                    emitted.insert(digest.clone());
-                }
-                path_layers.insert(path, plain(&digest, size));
-            } else if layers_outstanding {
-                // An OCI manifest or index (JSON), or a compressed layer.
-                let head = read_head(&mut entry, 2)?;
-                if head.starts_with(&GZIP_MAGIC) {
-                    let spooled = spool(&head, &mut entry, spool_dir, true)?;
-                    if spooled.digest != digest {
-                        return Err(ExportError::DigestMismatch { path, expected: digest, actual: spooled.digest });
-                    }
-                    let (diff_id, uncompressed_size) = spooled.decompressed.clone().expect("gunzipped");
-                    let layer = pb::Layer {
-                        digest: diff_id.clone(),
-                        size: uncompressed_size,
-                        encoding: "gzip".into(),
-                        stored_size: spooled.size,
-                        stored_digest: spooled.digest.clone(),
-                    };
-                    if missing.contains(&diff_id) && emitted.insert(diff_id) {
-                        on_blob(SpooledBlob::File { layer: layer.clone(), path: spooled.path })?;
-                    }
-                    path_layers.insert(path, layer);
-                }
+            self.manifest_json = Some(read_json(entry, size, &path)?);
+        } else if path == "oci-layout" {
+            self.summary.format = "oci";
+        } else if let Some(digest) = digest_in_path(&path) {
+            self.path_sizes.insert(path.clone(), size);
+            if self.diff_ids.contains_key(&digest) {
+                self.config(entry, path, digest, size)?;
+            } else if self.layer_digests.contains(&digest) {
+                self.named_layer(entry, path, digest, size)?;
+            } else if self.layers_outstanding() {
+                self.other_blob(entry, path, digest)?;
             }
-            continue;
+        } else if path.ends_with("/layer.tar") {
+            self.path_sizes.insert(path.clone(), size);
+            self.legacy_layer(entry, path, size)?;
         }
-        if path.ends_with("/layer.tar") {
-            path_sizes.insert(path.clone(), size);
-            layer_files_seen += 1;
-            // Engine 20.10 names layers by v1 ID and writes each distinct layer once (repeats
-            // are symlinks): when this is the last layer file and one missing layer is still
-            // unseen, this is it, and it can stream without a spool.
-            let unseen: Vec<&String> =
-                missing.iter().filter(|digest| layer_digests.contains(digest) && !emitted.contains(*digest)).collect();
-            if layer_files_seen == layer_digests.len() && unseen.len() == 1 {
-                let digest = unseen[0].clone();
-                stream_entry(&mut entry, plain(&digest, size), &path, &mut on_blob)?;
-                emitted.insert(digest.clone());
-                path_layers.insert(path, plain(&digest, size));
-            } else if layers_outstanding {
-                let spooled = spool(&[], &mut entry, spool_dir, false)?;
-                let layer = plain(&spooled.digest, size);
-                if missing.contains(&spooled.digest) && emitted.insert(spooled.digest.clone()) {
-                    on_blob(SpooledBlob::File { layer: layer.clone(), path: spooled.path })?;
-                }
-                path_layers.insert(path, layer);
-            }
-        }
+        Ok(())
     }
 
-    let manifest_json = manifest_json.ok_or_else(|| ExportError::Format("no manifest.json".into()))?;
-    let entries: Vec<ManifestEntry> = serde_json::from_slice(&manifest_json)
-        .map_err(|error| ExportError::Format(format!("manifest.json: {error}")))?;
-    for entry in entries {
+    /// Legacy layers are named by v1 IDs, compressed ones by their compressed digest: hash them
+    /// only while a missing layer may be among them.
+    fn layers_outstanding(&self) -> bool {
+        self.emitted.iter().filter(|digest| self.layer_digests.contains(digest)).count() < self.missing_layers
+    }
+
+    /// Hands a blob the store lacks to `on_blob`, once.
+    fn emit(&mut self, digest: &str, blob: impl FnOnce() -> SpooledBlob) -> Result<(), ExportError> {
+        if self.missing.contains(digest) && self.emitted.insert(digest.to_owned()) {
+            (self.on_blob)(blob())?;
+        }
+        Ok(())
+    }
+
+    /// An image config: read whole, checked, its facts kept.
+    fn config(&mut self, entry: &mut impl Read, path: String, digest: String, size: u64) -> Result<(), ExportError> {
+        let bytes = read_json(entry, size, &path)?;
+        let actual = sha256_digest(&bytes);
+        if actual != digest {
+            return Err(ExportError::DigestMismatch { path, expected: digest, actual });
+        }
+        self.summary.facts.insert(digest.clone(), image_facts(&bytes));
+        self.summary.blobs.insert(digest.clone(), plain(&digest, size));
+        self.emit(&digest.clone(), || SpooledBlob::Bytes { digest, bytes })
+    }
+
+    /// A layer the OCI layout names by its diff ID: streamed with no spool when missing.
+    fn named_layer(
+        &mut self,
+        entry: &mut impl Read,
+        path: String,
+        digest: String,
+        size: u64,
+    ) -> Result<(), ExportError> {
+        if self.missing.contains(&digest) && !self.emitted.contains(&digest) {
+            stream_entry(entry, plain(&digest, size), &path, &mut self.on_blob)?;
+            self.emitted.insert(digest.clone());
+        }
+        self.path_layers.insert(path, plain(&digest, size));
+        Ok(())
+    }
+
+    /// Another blob of the OCI layout: a manifest or index (JSON, read past), or a compressed
+    /// layer, spooled and checked by decompressing once.
+    fn other_blob(&mut self, entry: &mut impl Read, path: String, digest: String) -> Result<(), ExportError> {
+        let head = read_head(entry, 2)?;
+        if !head.starts_with(&GZIP_MAGIC) {
+            return Ok(());
+        }
+        let spooled = spool(&head, entry, self.spool_dir, true)?;
+        if spooled.digest != digest {
+            return Err(ExportError::DigestMismatch { path, expected: digest, actual: spooled.digest });
+        }
+        let (diff_id, uncompressed_size) = spooled.decompressed.clone().expect("gunzipped");
+        let layer = pb::Layer {
+            digest: diff_id.clone(),
+            size: uncompressed_size,
+            encoding: "gzip".into(),
+            stored_size: spooled.size,
+            stored_digest: spooled.digest.clone(),
+        };
+        self.path_layers.insert(path, layer.clone());
+        self.emit(&diff_id, || SpooledBlob::File { layer, path: spooled.path })
+    }
+
+    /// A legacy `<v1 id>/layer.tar`. Engine 20.10 writes each distinct layer once (repeats are
+    /// symlinks): when this is the last layer file and one missing layer is still unseen, this
+    /// is it, and it can stream without a spool.
+    fn legacy_layer(&mut self, entry: &mut impl Read, path: String, size: u64) -> Result<(), ExportError> {
+        let layers_outstanding = self.layers_outstanding();
+        self.layer_files_seen += 1;
+        let unseen: Vec<&String> = self
+            .missing
+            .iter()
+            .filter(|digest| self.layer_digests.contains(digest) && !self.emitted.contains(*digest))
+            .collect();
+        if self.layer_files_seen == self.layer_digests.len() && unseen.len() == 1 {
+            let digest = unseen[0].clone();
+            stream_entry(entry, plain(&digest, size), &path, &mut self.on_blob)?;
+            self.emitted.insert(digest.clone());
+            self.path_layers.insert(path, plain(&digest, size));
+        } else if layers_outstanding {
+            let spooled = spool(&[], entry, self.spool_dir, false)?;
+            let layer = plain(&spooled.digest, size);
+            self.path_layers.insert(path, layer.clone());
+            self.emit(&spooled.digest.clone(), || SpooledBlob::File { layer, path: spooled.path })?;
+        }
+        Ok(())
+    }
+
+    /// Matches `manifest.json`'s images against the engine's diff IDs, and checks every
+    /// missing blob was handed over.
+    fn finish(mut self) -> Result<ExportSummary, ExportError> {
+        let manifest_json = self.manifest_json.take().ok_or_else(|| ExportError::Format("no manifest.json".into()))?;
+        let entries: Vec<ManifestEntry> = serde_json::from_slice(&manifest_json)
+            .map_err(|error| ExportError::Format(format!("manifest.json: {error}")))?;
+        for entry in entries {
+            self.image(entry)?;
+        }
+        for digest in self.missing {
+            if !self.emitted.contains(digest) {
+                return Err(ExportError::Format(format!("blob {digest} is not in the export")));
+            }
+        }
+        Ok(self.summary)
+    }
+
+    /// One image of `manifest.json`: its config present, its layers those the engine reported.
+    fn image(&mut self, entry: ManifestEntry) -> Result<(), ExportError> {
         let config_digest = digest_in_path(&entry.config)
             .ok_or_else(|| ExportError::Format(format!("unexpected config path {:?}", entry.config)))?;
-        if !path_sizes.contains_key(&entry.config) {
+        if !self.path_sizes.contains_key(&entry.config) {
             return Err(ExportError::Format(format!("config {} is missing from the export", entry.config)));
         }
-        let Some(expected) = diff_ids.get(&config_digest) else { continue };
+        let Some(expected) = self.diff_ids.get(&config_digest) else { return Ok(()) };
         if expected.len() != entry.layers.len() {
             return Err(ExportError::Format(format!(
                 "image {config_digest} has {} layers in the export, {} in the engine",
@@ -450,11 +538,12 @@ pub fn read_export<R: Read>(
             )));
         }
         for (layer_path, diff_id) in entry.layers.iter().zip(expected) {
-            let resolved = links.get(layer_path).unwrap_or(layer_path);
-            let size = *path_sizes
+            let resolved = self.links.get(layer_path).unwrap_or(layer_path);
+            let size = *self
+                .path_sizes
                 .get(resolved)
                 .ok_or_else(|| ExportError::Format(format!("layer {layer_path} is missing from the export")))?;
-            match path_layers.get(resolved) {
+            match self.path_layers.get(resolved) {
                 Some(layer) if &layer.digest != diff_id => {
                     return Err(ExportError::DigestMismatch {
                         path: layer_path.clone(),
@@ -463,23 +552,18 @@ pub fn read_export<R: Read>(
                     });
                 }
                 Some(layer) => {
-                    summary.blobs.insert(diff_id.clone(), layer.clone());
+                    self.summary.blobs.insert(diff_id.clone(), layer.clone());
                 }
                 // Read past: a plain layer's size is its entry's; a compressed one the ledger
                 // already describes.
                 None if digest_in_path(resolved).is_none_or(|digest| &digest == diff_id) => {
-                    summary.blobs.insert(diff_id.clone(), plain(diff_id, size));
+                    self.summary.blobs.insert(diff_id.clone(), plain(diff_id, size));
                 }
                 None => {}
             }
         }
+        Ok(())
     }
-    for digest in missing {
-        if !emitted.contains(digest) {
-            return Err(ExportError::Format(format!("blob {digest} is not in the export")));
-        }
-    }
-    Ok(summary)
 }
 
 /// Bytes the blocking reader of an export receives at a time.
@@ -731,8 +815,7 @@ pub(crate) mod tests {
         let (legacy, diff_ids) = legacy_export();
         let (oci, oci_diff_ids) = oci_export();
         // The engine's diff IDs name the layers' own bytes, computed here apart from the fixture.
-        let layer_digests: HashSet<String> =
-            [layer(b"base"), layer(b"app")].iter().map(|tar| sha256_digest(tar)).collect();
+        let layer_digests: HashSet<String> = [layer(b"base"), layer(b"app")].iter().map(sha256_digest).collect();
         assert_eq!(diff_ids.values().flatten().cloned().collect::<HashSet<_>>(), layer_digests);
         assert_eq!(oci_diff_ids, diff_ids);
         let everything: HashSet<String> = diff_ids.keys().chain(diff_ids.values().flatten()).cloned().collect();
@@ -753,7 +836,7 @@ pub(crate) mod tests {
     #[test]
     fn only_missing_blobs_are_handed_over() {
         let (legacy, diff_ids) = legacy_export();
-        let app_layer = sha256_digest(&layer(b"app"));
+        let app_layer = sha256_digest(layer(b"app"));
         let missing = HashSet::from([app_layer.clone()]);
         let (summary, blobs) = read(&legacy, &diff_ids, &missing);
         assert_eq!(blobs, vec![(app_layer, layer(b"app").len() as u64)]);

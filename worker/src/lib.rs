@@ -8,6 +8,7 @@ pub mod error;
 pub mod export;
 pub mod image_config;
 pub mod layer_store;
+pub mod layout;
 pub mod load;
 pub mod oci;
 pub mod progress;

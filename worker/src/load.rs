@@ -6,18 +6,18 @@
 //! `oci-layout` and `index.json`), each blob also copied into the layout a BuildKit build reads.
 
 use std::collections::HashSet;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
-use futures::Stream;
+use futures::{Stream, StreamExt};
+use proto::digest::{DigestHasher, digest_hex as hex};
 use proto::v1 as pb;
 use serde::Serialize;
-use sha2::{Digest, Sha256};
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 
 use crate::progress::Bar;
-use crate::transfer::BlobStore;
+use crate::transfer::{BlobStore, TransferError};
 
 /// One blob of the tarball, in the order it is written.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -53,10 +53,6 @@ struct LoadManifestEntry {
     layers: Vec<String>,
     #[serde(skip_serializing_if = "String::is_empty")]
     parent: String,
-}
-
-fn hex(digest: &str) -> &str {
-    digest.strip_prefix("sha256:").unwrap_or(digest)
 }
 
 /// Lays out the tarball of `manifest`: configs as `<hex>.json`, one `<hex>/layer.tar` per
@@ -127,7 +123,7 @@ pub fn plan_oci_load(manifest: &pb::Manifest, copy_dir: &std::path::Path) -> Loa
     let mut blobs = Vec::new();
     for (digest, size) in images.iter().flat_map(|image| crate::oci::image_blobs(image)) {
         if seen.insert(digest.clone()) {
-            let path_in_tar = format!("blobs/sha256/{}", hex(&digest));
+            let path_in_tar = crate::layout::blob_path(&digest);
             blobs.push(PlannedBlob {
                 copy_to: Some(copy_dir.join(&path_in_tar)),
                 path_in_tar,
@@ -181,14 +177,67 @@ pub enum LoadFailure {
     Transfer(String),
 }
 
-/// Shared between the stream's producer and the restore that reads the outcome.
-#[derive(Default)]
-pub struct LoadReport {
-    pub failure: Mutex<Option<LoadFailure>>,
+/// What a load stream wrote.
+#[derive(Debug, Clone, Default)]
+pub struct Streamed {
     /// Blobs downloaded and verified.
-    pub blobs: Mutex<Vec<BlobOutcome>>,
+    pub blobs: Vec<BlobOutcome>,
     /// Layers left out because the host already holds them.
-    pub skipped: Mutex<Vec<String>>,
+    pub skipped: Vec<String>,
+}
+
+/// How a load stream ended, returned by its task once it did.
+#[derive(Debug)]
+pub enum StreamEnd {
+    /// Every blob verified, the trailer written.
+    Finished(Streamed),
+    /// A blob failed: the stream ended with an error before the trailer.
+    Failed(LoadFailure),
+    /// Its reader (the engine) stopped reading first; what it wrote until then.
+    Dropped(Streamed),
+}
+
+/// The end of a load stream, to await once the engine is done reading it.
+pub struct LoadOutcome(tokio::task::JoinHandle<StreamEnd>);
+
+impl LoadOutcome {
+    pub async fn ended(self) -> StreamEnd {
+        self.0.await.unwrap_or_else(|error| {
+            StreamEnd::Failed(LoadFailure::Transfer(format!("the load stream's task failed: {error}")))
+        })
+    }
+}
+
+/// Where a load reads its blobs: the object store ([`BlobStore`]), or a fake in tests.
+pub trait BlobReader: Clone + Send + Sync + 'static {
+    /// The part size of a blob of `size` bytes (its ranges follow the parts it was uploaded in).
+    fn part_size_for(&self, size: u64) -> u64;
+    /// The bytes `offset..offset + length` of a stored blob, unverified.
+    fn download_range(
+        &self,
+        digest: &str,
+        offset: u64,
+        length: u64,
+    ) -> impl Future<Output = Result<Bytes, TransferError>> + Send;
+    /// A stored blob's bytes, unverified.
+    fn download(&self, digest: &str) -> impl Future<Output = Result<BlobBody, TransferError>> + Send;
+}
+
+/// A blob's bytes as they arrive.
+pub type BlobBody = futures::stream::BoxStream<'static, Result<Bytes, TransferError>>;
+
+impl BlobReader for BlobStore {
+    fn part_size_for(&self, size: u64) -> u64 {
+        BlobStore::part_size_for(self, size)
+    }
+
+    async fn download_range(&self, digest: &str, offset: u64, length: u64) -> Result<Bytes, TransferError> {
+        BlobStore::download_range(self, digest, offset, length).await
+    }
+
+    async fn download(&self, digest: &str) -> Result<BlobBody, TransferError> {
+        Ok(BlobStore::download(self, digest).await?.boxed())
+    }
 }
 
 /// One ranged GET: a part of a blob, in tarball order.
@@ -216,123 +265,81 @@ fn plan_parts(blobs: &[PlannedBlob], part_size_for: impl Fn(u64) -> u64) -> Vec<
 }
 
 /// A downloaded part, holding its permit so memory stays bounded until the writer used it.
-type FetchedPart = Result<(Bytes, tokio::sync::OwnedSemaphorePermit), crate::transfer::TransferError>;
+type FetchedPart = Result<(Bytes, OwnedSemaphorePermit), TransferError>;
 
-/// The tarball of `plan` as a stream. Parts (the plan's part size below 70 GiB blobs) are
-/// fetched with ranged GETs, up to `concurrency` at once and in tarball order, so the writer
-/// always waits for the oldest part in flight and memory stays under `concurrency × part size`.
-pub fn load_stream(
-    store: BlobStore,
+/// The parts being fetched, in tarball order.
+type PartsInFlight = mpsc::UnboundedReceiver<oneshot::Receiver<FetchedPart>>;
+
+/// The tarball of `plan` as a stream, and its outcome once it ended. Parts (the plan's part
+/// size below 70 GiB blobs) are fetched with ranged GETs, up to `concurrency` at once and in
+/// tarball order, so the writer always waits for the oldest part in flight and memory stays
+/// under `concurrency × part size`.
+pub fn load_stream<R: BlobReader>(
+    store: R,
     plan: LoadPlan,
     concurrency: usize,
-    report: Arc<LoadReport>,
     bar: Bar,
-) -> impl Stream<Item = std::io::Result<Bytes>> + Send + 'static {
+) -> (impl Stream<Item = std::io::Result<Bytes>> + Send + 'static, LoadOutcome) {
     let (sender, receiver) = mpsc::channel::<std::io::Result<Bytes>>(1);
-    tokio::spawn(async move {
-        let semaphore = Arc::new(Semaphore::new(concurrency.max(1)));
-        let parts = plan_parts(&plan.blobs, |size| store.part_size_for(size));
-        let (parts_sender, mut parts_receiver) =
-            mpsc::unbounded_channel::<tokio::sync::oneshot::Receiver<FetchedPart>>();
-        let fetch_blobs = plan.blobs.clone();
-        tokio::spawn(async move {
-            for part in parts {
-                let Ok(permit) = semaphore.clone().acquire_owned().await else { return };
-                let (part_sender, part_receiver) = tokio::sync::oneshot::channel();
-                let store = store.clone();
-                let digest = fetch_blobs[part.blob_idx].digest.clone();
-                tokio::spawn(async move {
-                    let fetched = store.download_range(&digest, part.offset, part.length).await;
-                    let _ = part_sender.send(fetched.map(|bytes| (bytes, permit)));
-                });
-                if parts_sender.send(part_receiver).is_err() {
-                    return;
-                }
-            }
-        });
+    let parts = fetch_parts(store, &plan.blobs, concurrency);
+    let writer = TarWriter { sender, parts, bar };
+    let task = tokio::spawn(writer.write(plan));
+    (tokio_stream::wrappers::ReceiverStream::new(receiver), LoadOutcome(task))
+}
 
-        let fail = |failure: LoadFailure| {
-            let message = failure.to_string();
-            *report.failure.lock().expect("report lock") = Some(failure);
-            Err(std::io::Error::other(message))
-        };
-        for blob in &plan.blobs {
-            let size = if blob.skipped { 0 } else { blob.size };
-            if sender.send(Ok(tar_header(&blob.path_in_tar, size))).await.is_err() {
-                return;
-            }
-            if blob.skipped {
-                report.skipped.lock().expect("report lock").push(blob.digest.clone());
-                continue;
-            }
-            let started = Instant::now();
-            let mut hasher = Sha256::new();
-            let mut written = 0u64;
-            let mut copy = match &blob.copy_to {
-                Some(path) => match Copy::create(path).await {
-                    Ok(copy) => Some(copy),
-                    Err(error) => {
-                        let _ = sender.send(fail(LoadFailure::Transfer(error))).await;
-                        return;
-                    }
-                },
-                None => None,
-            };
-            while written < blob.size {
-                let ended = |what: &str| {
-                    let reason = format!("the download {what} ended early");
-                    Err(crate::transfer::TransferError::Download { digest: blob.digest.clone(), reason })
-                };
-                let fetched = match parts_receiver.recv().await {
-                    Some(part) => part.await.unwrap_or_else(|_| ended("task")),
-                    None => ended("scheduler"),
-                };
-                let (bytes, permit) = match fetched {
-                    Ok(fetched) => fetched,
-                    Err(crate::transfer::TransferError::NotStored { digest }) => {
-                        let _ = sender.send(fail(LoadFailure::Missing { digest })).await;
-                        return;
-                    }
-                    Err(error) => {
-                        let _ = sender.send(fail(LoadFailure::Transfer(error.to_string()))).await;
-                        return;
-                    }
-                };
-                written += bytes.len() as u64;
-                bar.add(bytes.len() as u64);
-                hasher.update(&bytes);
-                if let Some(copy) = copy.as_mut()
-                    && let Err(error) = copy.write(&bytes).await
-                {
-                    let _ = sender.send(fail(LoadFailure::Transfer(error))).await;
-                    return;
-                }
-                if sender.send(Ok(bytes)).await.is_err() {
-                    return;
-                }
-                drop(permit);
-            }
-            let actual = format!("sha256:{}", hex::encode(hasher.finalize()));
-            if actual != blob.stored_digest {
-                let _ = sender.send(fail(LoadFailure::DigestMismatch { digest: blob.digest.clone(), actual })).await;
-                return;
-            }
-            if let Some(copy) = copy.take()
-                && let Err(error) = copy.finish().await
-            {
-                let _ = sender.send(fail(LoadFailure::Transfer(error))).await;
-                return;
-            }
-            report.blobs.lock().expect("report lock").push(BlobOutcome {
-                digest: blob.digest.clone(),
-                bytes: written,
-                seconds: started.elapsed().as_secs_f64(),
+/// Starts fetching every part of `blobs`, at most `concurrency` held at once.
+fn fetch_parts<R: BlobReader>(store: R, blobs: &[PlannedBlob], concurrency: usize) -> PartsInFlight {
+    let semaphore = Arc::new(Semaphore::new(concurrency.max(1)));
+    let parts = plan_parts(blobs, |size| store.part_size_for(size));
+    let digests: Vec<String> = blobs.iter().map(|blob| blob.digest.clone()).collect();
+    let (parts_sender, parts_receiver) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        for part in parts {
+            let Ok(permit) = semaphore.clone().acquire_owned().await else { return };
+            let (part_sender, part_receiver) = oneshot::channel();
+            let store = store.clone();
+            let digest = digests[part.blob_idx].clone();
+            tokio::spawn(async move {
+                let fetched = store.download_range(&digest, part.offset, part.length).await;
+                let _ = part_sender.send(fetched.map(|bytes| (bytes, permit)));
             });
-            if sender.send(Ok(padding(blob.size))).await.is_err() {
+            if parts_sender.send(part_receiver).is_err() {
                 return;
             }
         }
-        bar.finish();
+    });
+    parts_receiver
+}
+
+/// Why one blob's entry stopped.
+enum BlobEnd {
+    /// The reader went away.
+    Gone,
+    Failed(LoadFailure),
+}
+
+/// Writes the tarball's entries into the stream, verifying each blob as it passes.
+struct TarWriter {
+    sender: mpsc::Sender<std::io::Result<Bytes>>,
+    parts: PartsInFlight,
+    bar: Bar,
+}
+
+impl TarWriter {
+    async fn write(mut self, plan: LoadPlan) -> StreamEnd {
+        let mut streamed = Streamed::default();
+        for blob in &plan.blobs {
+            match self.write_blob(blob).await {
+                Ok(Some(outcome)) => streamed.blobs.push(outcome),
+                Ok(None) => streamed.skipped.push(blob.digest.clone()),
+                Err(BlobEnd::Gone) => return StreamEnd::Dropped(streamed),
+                Err(BlobEnd::Failed(failure)) => {
+                    let _ = self.sender.send(Err(std::io::Error::other(failure.to_string()))).await;
+                    return StreamEnd::Failed(failure);
+                }
+            }
+        }
+        self.bar.finish();
         let mut pieces = Vec::new();
         for (name, bytes) in plan.trailer {
             let size = bytes.len() as u64;
@@ -340,12 +347,72 @@ pub fn load_stream(
         }
         pieces.push(Bytes::from(vec![0u8; 1024]));
         for piece in pieces {
-            if sender.send(Ok(piece)).await.is_err() {
-                return;
+            if self.send(piece).await.is_err() {
+                return StreamEnd::Dropped(streamed);
             }
         }
-    });
-    tokio_stream::wrappers::ReceiverStream::new(receiver)
+        StreamEnd::Finished(streamed)
+    }
+
+    async fn send(&self, bytes: Bytes) -> Result<(), BlobEnd> {
+        self.sender.send(Ok(bytes)).await.map_err(|_| BlobEnd::Gone)
+    }
+
+    /// One blob's entry: its header, its parts as they arrive (hashed, and copied into the
+    /// layout when it has a `copy_to`), its padding. `None` for a layer left out.
+    async fn write_blob(&mut self, blob: &PlannedBlob) -> Result<Option<BlobOutcome>, BlobEnd> {
+        let failed = |reason: String| BlobEnd::Failed(LoadFailure::Transfer(reason));
+        self.send(tar_header(&blob.path_in_tar, if blob.skipped { 0 } else { blob.size })).await?;
+        if blob.skipped {
+            return Ok(None);
+        }
+        let started = Instant::now();
+        let mut hasher = DigestHasher::new();
+        let mut copy = match &blob.copy_to {
+            Some(path) => Some(Copy::create(path).await.map_err(failed)?),
+            None => None,
+        };
+        while hasher.size() < blob.size {
+            let (bytes, permit) = self.next_part(&blob.digest).await?;
+            self.bar.add(bytes.len() as u64);
+            hasher.update(&bytes);
+            if let Some(copy) = copy.as_mut() {
+                copy.write(&bytes).await.map_err(failed)?;
+            }
+            self.send(bytes).await?;
+            drop(permit);
+        }
+        let written = hasher.size();
+        let actual = hasher.finish();
+        if actual != blob.stored_digest {
+            return Err(BlobEnd::Failed(LoadFailure::DigestMismatch { digest: blob.digest.clone(), actual }));
+        }
+        if let Some(copy) = copy {
+            copy.finish().await.map_err(failed)?;
+        }
+        let outcome =
+            BlobOutcome { digest: blob.digest.clone(), bytes: written, seconds: started.elapsed().as_secs_f64() };
+        self.send(padding(blob.size)).await?;
+        Ok(Some(outcome))
+    }
+
+    /// The oldest part in flight, once fetched.
+    async fn next_part(&mut self, digest: &str) -> Result<(Bytes, OwnedSemaphorePermit), BlobEnd> {
+        let ended = |what: &str| {
+            let reason = format!("the download {what} ended early");
+            Err(TransferError::Download { digest: digest.to_owned(), reason })
+        };
+        let fetched = match self.parts.recv().await {
+            Some(part) => part.await.unwrap_or_else(|_| ended("task")),
+            None => ended("scheduler"),
+        };
+        fetched.map_err(|error| {
+            BlobEnd::Failed(match error {
+                TransferError::NotStored { digest } => LoadFailure::Missing { digest },
+                error => LoadFailure::Transfer(error.to_string()),
+            })
+        })
+    }
 }
 
 /// A blob's copy into a layout folder: written as `<name>.part`, renamed once verified. Each
@@ -498,5 +565,98 @@ mod tests {
         assert_eq!(tar_header("x.json", 3).len(), 512);
         assert_eq!(padding(3).len(), 509);
         assert_eq!(padding(1024).len(), 0);
+    }
+
+    /// Blobs by digest, read in parts of 3 bytes.
+    #[derive(Clone)]
+    struct Blobs(Arc<std::collections::HashMap<String, Bytes>>);
+
+    impl BlobReader for Blobs {
+        fn part_size_for(&self, _size: u64) -> u64 {
+            3
+        }
+
+        async fn download_range(&self, digest: &str, offset: u64, length: u64) -> Result<Bytes, TransferError> {
+            let blob = self.0.get(digest).ok_or_else(|| TransferError::NotStored { digest: digest.to_owned() })?;
+            Ok(blob.slice(offset as usize..(offset + length) as usize))
+        }
+
+        async fn download(&self, _digest: &str) -> Result<BlobBody, TransferError> {
+            unreachable!("a load reads ranges")
+        }
+    }
+
+    fn blob(bytes: &[u8]) -> PlannedBlob {
+        let digest = proto::digest::sha256_digest(bytes);
+        PlannedBlob {
+            path_in_tar: format!("{}.json", hex(&digest)),
+            stored_digest: digest.clone(),
+            digest,
+            size: bytes.len() as u64,
+            skipped: false,
+            copy_to: None,
+        }
+    }
+
+    /// Reads the whole stream: its bytes, and whether it ended with an error.
+    async fn read_all(stream: impl Stream<Item = std::io::Result<Bytes>>) -> (Vec<u8>, bool) {
+        let mut stream = std::pin::pin!(stream);
+        let mut bytes = Vec::new();
+        while let Some(piece) = stream.next().await {
+            match piece {
+                Ok(piece) => bytes.extend_from_slice(&piece),
+                Err(_) => return (bytes, true),
+            }
+        }
+        (bytes, false)
+    }
+
+    #[tokio::test]
+    async fn a_verified_stream_returns_what_it_wrote() {
+        let (first, second) = (b"the first blob".as_slice(), b"a second one".as_slice());
+        let store = Blobs(Arc::new(
+            [first, second].map(|b| (proto::digest::sha256_digest(b), Bytes::copy_from_slice(b))).into(),
+        ));
+        let plan = LoadPlan {
+            blobs: vec![blob(first), blob(second)],
+            trailer: vec![("manifest.json".into(), b"[]".to_vec())],
+        };
+        let (stream, outcome) = load_stream(store, plan, 2, Bar::none());
+        let (bytes, failed) = read_all(stream).await;
+        assert!(!failed);
+        let names: Vec<String> = tar::Archive::new(bytes.as_slice())
+            .entries()
+            .unwrap()
+            .map(|entry| entry.unwrap().path().unwrap().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names.last().map(String::as_str), Some("manifest.json"));
+        let StreamEnd::Finished(streamed) = outcome.ended().await else { panic!("the stream did not finish") };
+        let sizes: Vec<u64> = streamed.blobs.iter().map(|blob| blob.bytes).collect();
+        assert_eq!(sizes, vec![first.len() as u64, second.len() as u64]);
+    }
+
+    #[tokio::test]
+    async fn a_corrupt_blob_ends_the_stream_before_the_trailer() {
+        let good = b"a good blob".as_slice();
+        let corrupt = blob(b"what the manifest says");
+        let store = Blobs(Arc::new(
+            [
+                (proto::digest::sha256_digest(good), Bytes::copy_from_slice(good)),
+                (corrupt.digest.clone(), Bytes::from_static(b"what the store returns")),
+            ]
+            .into(),
+        ));
+        let plan = LoadPlan {
+            blobs: vec![blob(good), corrupt.clone()],
+            trailer: vec![("manifest.json".into(), b"[]".to_vec())],
+        };
+        let (stream, outcome) = load_stream(store, plan, 2, Bar::none());
+        let (bytes, failed) = read_all(stream).await;
+        assert!(failed, "the stream ends with an error");
+        assert!(!bytes.windows(13).any(|window| window == b"manifest.json"), "no trailer was written");
+        let StreamEnd::Failed(LoadFailure::DigestMismatch { digest, .. }) = outcome.ended().await else {
+            panic!("the mismatch is not the outcome")
+        };
+        assert_eq!(digest, corrupt.digest);
     }
 }

@@ -9,6 +9,7 @@ use tracing::Instrument;
 use worker::coordinator::Coordinator;
 use worker::docker::Engine;
 use worker::error::WorkerError;
+use worker::restore::seams::Lease;
 use worker::restore::{RestoreOptions, Restored, build_flags, report_failure, restore};
 use worker::save::{SaveCleanup, SaveOptions, save};
 
@@ -115,11 +116,12 @@ async fn run_restore(cli: &Cli, options: RestoreOptions, strict: bool, print_cac
             println!("{line}");
         }
     };
-    let restoring = async |coordinator: &mut Coordinator| {
-        let engine = Engine::connect().await?;
-        restore(coordinator, &engine, &options, &say).await
+    // A restore reports its own failures to the coordinator; an engine out of reach too.
+    let restoring = async |coordinator: &mut Coordinator| match Engine::connect().await {
+        Ok(engine) => restore(coordinator, &engine, &options, &say).await,
+        Err(error) => Err(report_failure(coordinator, &options.service, Lease::default(), error.into()).await),
     };
-    let (mut coordinator, result) = with_failover(cli, restoring).await;
+    let (_, result) = with_failover(cli, restoring).await;
     match result {
         Ok(Restored::Hit { flags }) => {
             if print_cache_from && !flags.is_empty() {
@@ -128,23 +130,12 @@ async fn run_restore(cli: &Cli, options: RestoreOptions, strict: bool, print_cac
             ExitCode::SUCCESS
         }
         Ok(Restored::Miss) => ExitCode::SUCCESS,
-        Err(error) => restore_failed(coordinator.as_mut(), &options.service, strict, error).await,
+        Err(error) => restore_failed(&options.service, strict, error),
     }
 }
 
 /// A cache never breaks a build: without `--strict` a failed restore is one warning, exit 0.
-async fn restore_failed(
-    coordinator: Option<&mut Coordinator>,
-    service: &str,
-    strict: bool,
-    error: WorkerError,
-) -> ExitCode {
-    // A coordinator that did not answer, or refused us, would not take the report either: do not
-    // wait twice, nor add a second line.
-    let report_fails = matches!(&error, WorkerError::Coordinator(client) if client.fails_reports_too());
-    if let (Some(coordinator), false) = (coordinator, report_fails) {
-        report_failure(coordinator, service).await;
-    }
+fn restore_failed(service: &str, strict: bool, error: WorkerError) -> ExitCode {
     if strict {
         eprintln!("cache-worker: restoring {service} failed: {error}");
         ExitCode::from(error.exit_code().max(1))

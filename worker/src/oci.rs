@@ -12,9 +12,10 @@ use std::collections::{HashMap, HashSet};
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
+use proto::digest::{digest_hex as hex_of, sha256_hex};
+use proto::object_keys::BLOBS_DIR;
 use proto::v1 as pb;
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
 use crate::export::{ExportError, JSON_LIMIT, read_json, spool as spool_blob};
 
@@ -58,16 +59,8 @@ struct IndexJson {
     manifests: Vec<Descriptor>,
 }
 
-fn sha256_hex(bytes: &[u8]) -> String {
-    hex::encode(Sha256::digest(bytes))
-}
-
-fn hex_of(digest: &str) -> &str {
-    digest.strip_prefix("sha256:").unwrap_or(digest)
-}
-
 fn blob_digest(path: &str) -> Option<String> {
-    let digest = format!("sha256:{}", path.strip_prefix("blobs/sha256/")?);
+    let digest = crate::layout::digest_of_blob_path(path)?;
     proto::names::validate_digest(&digest).ok().map(|()| digest)
 }
 
@@ -140,12 +133,12 @@ impl OciBlobs {
         let mut blobs = OciBlobs { index, ..Default::default() };
         // Each build of a job writes its cache manifest into the folder, and `index.json` names
         // only the last: the others (a `--target test` build's, say) are kept too.
-        for descriptor in cache_manifests(&dir.join("blobs/sha256"))? {
+        for descriptor in cache_manifests(&dir.join(BLOBS_DIR))? {
             if !blobs.index.iter().any(|listed| listed.digest == descriptor.digest) {
                 blobs.index.push(descriptor);
             }
         }
-        blobs.walk(&dir.join("blobs/sha256"))?;
+        blobs.walk(&dir.join(BLOBS_DIR))?;
         Ok(Some(blobs))
     }
 
@@ -628,8 +621,7 @@ mod tests {
             header.set_size(blob.len() as u64);
             header.set_mode(0o444);
             header.set_cksum();
-            tar.append_data(&mut header, format!("blobs/sha256/{}", hex_of(&digest_of(blob))), blob.as_slice())
-                .unwrap();
+            tar.append_data(&mut header, crate::layout::blob_path(&digest_of(blob)), blob.as_slice()).unwrap();
         }
         let index_json = format!(
             r#"{{"manifests":[{{"mediaType":"application/vnd.oci.image.index.v1+json","digest":"{top}","size":{}}}]}}"#,

@@ -1,0 +1,85 @@
+//! BuildKit's restored cache export on the containerd image store: the blobs of the manifest's
+//! build-cache images written into `dirs.cache()`, each linked from the restored images' layout
+//! when it is there, else downloaded and verified.
+
+use std::time::Instant;
+
+use futures::{StreamExt, TryStreamExt};
+use proto::digest::DigestHasher;
+use proto::names;
+use proto::v1 as pb;
+
+use crate::build_dirs::BuildDirs;
+use crate::error::WorkerError;
+use crate::layout;
+use crate::load::{BlobOutcome, BlobReader, Copy};
+
+/// Writes BuildKit's restored cache export (containerd image store) into `dirs.cache()`: each
+/// blob the restored images' layout already holds linked from there, the others downloaded,
+/// several at once, each verified against its digest before it is renamed into place; then
+/// its `index.json`. Returns the blobs downloaded.
+pub(super) async fn restore_build_cache<R: BlobReader>(
+    store: &R,
+    manifest: &pb::Manifest,
+    dirs: &BuildDirs,
+    concurrency: usize,
+) -> Result<Vec<BlobOutcome>, WorkerError> {
+    let caches: Vec<&pb::Image> = manifest.images.iter().filter(|image| image.build_cache).collect();
+    if caches.is_empty() {
+        return Ok(Vec::new());
+    }
+    let wanted = blobs_to_download(&caches, dirs)?;
+    let downloads = wanted.into_iter().map(|(digest, size)| download(store, dirs, digest, size));
+    let outcomes: Vec<_> = futures::stream::iter(downloads).buffer_unordered(concurrency.max(1)).try_collect().await?;
+    std::fs::write(dirs.cache().join("oci-layout"), crate::oci::OCI_LAYOUT).map_err(host_io)?;
+    std::fs::write(dirs.cache().join("index.json"), crate::oci::index_json(&caches)).map_err(host_io)?;
+    Ok(outcomes)
+}
+
+/// The caches' blobs neither in the cache folder already nor linked there from the restored
+/// images' layout, each once.
+fn blobs_to_download(caches: &[&pb::Image], dirs: &BuildDirs) -> Result<Vec<(String, u64)>, WorkerError> {
+    let mut wanted: Vec<(String, u64)> = Vec::new();
+    for (digest, size) in caches.iter().flat_map(|image| crate::oci::image_blobs(image)) {
+        names::validate_digest(&digest)?;
+        let (restored, cached) =
+            (layout::blob_file(&dirs.images(), &digest), layout::blob_file(&dirs.cache(), &digest));
+        if cached.exists() || std::fs::hard_link(&restored, &cached).is_ok() {
+            continue;
+        }
+        if !wanted.iter().any(|(known, _)| *known == digest) {
+            wanted.push((digest, size));
+        }
+    }
+    Ok(wanted)
+}
+
+/// Downloads one blob into the cache folder, renamed into place once verified.
+async fn download<R: BlobReader>(
+    store: &R,
+    dirs: &BuildDirs,
+    digest: String,
+    size: u64,
+) -> Result<BlobOutcome, WorkerError> {
+    let started = Instant::now();
+    let mut copy = Copy::create(&layout::blob_file(&dirs.cache(), &digest)).await.map_err(WorkerError::Host)?;
+    let mut body = store.download(&digest).await?;
+    let mut hasher = DigestHasher::new();
+    while let Some(chunk) = body.try_next().await? {
+        hasher.update(&chunk);
+        copy.write(&chunk).await.map_err(WorkerError::Host)?;
+    }
+    let bytes = hasher.size();
+    let actual = hasher.finish();
+    if actual != digest || bytes != size {
+        return Err(WorkerError::Restore(format!(
+            "blob {digest} of the build cache failed verification: its stored content hashes to {actual} ({bytes} bytes, {size} expected)"
+        )));
+    }
+    copy.finish().await.map_err(WorkerError::Host)?;
+    Ok(BlobOutcome { digest, bytes, seconds: started.elapsed().as_secs_f64() })
+}
+
+pub(super) fn host_io(error: std::io::Error) -> WorkerError {
+    WorkerError::Host(format!("writing the restored layout failed: {error}"))
+}
