@@ -332,11 +332,10 @@ impl StsBroker {
 
     async fn assume_role(&self, project: &str, access: KeyAccess) -> Result<IssuedCredentials, Error> {
         let role_arn = &self.settings.sts_role_arn;
-        let tag = aws_sdk_sts::types::Tag::builder()
-            .key("layer-cache-project")
-            .value(project)
-            .build()
-            .map_err(|error| Error::Credentials(error.to_string()))?;
+        let tag =
+            aws_sdk_sts::types::Tag::builder().key("layer-cache-project").value(project).build().map_err(|error| {
+                Error::Credentials { what: "building the STS session tag".into(), source: Some(error.into()) }
+            })?;
         let response = self
             .client
             .assume_role()
@@ -355,11 +354,10 @@ impl StsBroker {
             .send()
             .await
             .map_err(|error| {
-                Error::Credentials(format!("STS AssumeRole of {role_arn} failed: {}", sdk_error_line(&error)))
+                Error::credentials(format!("STS AssumeRole of {role_arn} failed: {}", sdk_error_line(&error)))
             })?;
-        let credentials = response
-            .credentials()
-            .ok_or_else(|| Error::Credentials("STS AssumeRole returned no credentials".into()))?;
+        let credentials =
+            response.credentials().ok_or_else(|| Error::credentials("STS AssumeRole returned no credentials"))?;
         Ok(IssuedCredentials {
             access_key_id: credentials.access_key_id().to_owned(),
             secret_access_key: credentials.secret_access_key().to_owned(),

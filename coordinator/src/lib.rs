@@ -146,7 +146,7 @@ pub async fn open_store(config: &Config, data_dir: &DataDir, endpoints: &Endpoin
                 &config.prefix,
                 publish_lock.clone(),
             )
-            .map_err(|error| Error::Store(error.to_string()))?;
+            .map_err(|error| Error::store_cause("starting the embedded S3 endpoint", error))?;
             Ok(Store {
                 objects: Arc::new(EmbeddedStore::new(&data_dir.objects_root, &config.bucket)?),
                 broker: Arc::new(broker),
@@ -213,12 +213,14 @@ async fn metrics_listener(path: &str, service: &CacheService) -> http::Response<
     let (status, content_type, body) = match path {
         "/metrics" => match service.metrics_text().await {
             Ok(text) => (http::StatusCode::OK, "application/openmetrics-text; version=1.0.0; charset=utf-8", text),
-            Err(error) => (http::StatusCode::SERVICE_UNAVAILABLE, "text/plain", format!("{error}\n")),
+            Err(error) => (http::StatusCode::SERVICE_UNAVAILABLE, "text/plain", format!("{}\n", error.line())),
         },
         "/healthz" => (http::StatusCode::OK, "text/plain", "ok\n".to_owned()),
         "/readyz" => match service.db.projects().await {
             Ok(_) => (http::StatusCode::OK, "text/plain", "ready\n".to_owned()),
-            Err(error) => (http::StatusCode::SERVICE_UNAVAILABLE, "text/plain", format!("not ready: {error}\n")),
+            Err(error) => {
+                (http::StatusCode::SERVICE_UNAVAILABLE, "text/plain", format!("not ready: {}\n", error.line()))
+            }
         },
         _ => (http::StatusCode::NOT_FOUND, "text/plain", "not found\n".to_owned()),
     };
@@ -307,7 +309,7 @@ pub async fn run(
                             }
                             Ok(None) => None,
                             Err(error) => {
-                                tracing::warn!(%error, "taking the lead of the background work failed; tried again");
+                                tracing::warn!(error = %error.line(), "taking the lead of the background work failed; tried again");
                                 None
                             }
                         };
@@ -324,7 +326,7 @@ pub async fn run(
                         && let Err(error) =
                             sweeping_service.db.remove_expired_keys(now_unix() - EXPIRED_KEY_GRACE_SECONDS).await
                     {
-                        tracing::warn!(%error, "sweeping expired storage keys failed");
+                        tracing::warn!(error = %error.line(), "sweeping expired storage keys failed");
                     }
                 }
                 _ = sweeper_stop.changed() => break,

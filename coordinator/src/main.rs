@@ -10,6 +10,26 @@ use coordinator::{Listeners, open_data_dir, open_store, run};
 /// Exit code for bad configuration or an unusable data directory (EX_USAGE).
 const EXIT_BAD_CONFIG: u8 = 64;
 
+/// Exit code for a failure of the coordinator's own (a task that panicked): EX_SOFTWARE.
+const EXIT_INTERNAL: u8 = 70;
+
+/// The exit code for a start-up error: internal (70) when a task failed, else bad configuration (64).
+fn start_up_exit_code(error: &coordinator::error::Error) -> u8 {
+    match error {
+        coordinator::error::Error::Internal(_) => EXIT_INTERNAL,
+        _ => EXIT_BAD_CONFIG,
+    }
+}
+
+/// The exit code once serving: 70 when a task panicked, else 1.
+fn serve_exit_code(error: &anyhow::Error) -> u8 {
+    let internal = error.chain().any(|cause| {
+        cause.is::<tokio::task::JoinError>()
+            || matches!(cause.downcast_ref(), Some(coordinator::error::Error::Internal(_)))
+    });
+    if internal { EXIT_INTERNAL } else { 1 }
+}
+
 /// Reads a secret from `NAME` or from the file named by `NAME_FILE`.
 fn secret_from_env(name: &str) -> Result<Option<String>, ConfigError> {
     if let Ok(value) = std::env::var(name) {
@@ -64,13 +84,13 @@ async fn main() -> ExitCode {
     };
     let data_dir = match open_data_dir(&config.data_dir, admin_token.as_deref(), &config.bucket) {
         Ok(data_dir) => data_dir,
-        Err(error) => return fail(EXIT_BAD_CONFIG, error.to_string()),
+        Err(error) => return fail(start_up_exit_code(&error), error.line()),
     };
     // The state replicas share, or this machine's sled.
     let state: std::sync::Arc<dyn coordinator::state::State> = match &config.state {
         Some(url) => match coordinator::state::postgres::Postgres::connect(&url.0).await {
             Ok(state) => std::sync::Arc::new(state),
-            Err(error) => return fail(EXIT_BAD_CONFIG, format!("--state: {error}")),
+            Err(error) => return fail(start_up_exit_code(&error), format!("--state: {}", error.line())),
         },
         None => std::sync::Arc::new(data_dir.db.clone()),
     };
@@ -84,7 +104,7 @@ async fn main() -> ExitCode {
     };
     let store = match open_store(&config, &data_dir, &endpoints).await {
         Ok(store) => store,
-        Err(error) => return fail(EXIT_BAD_CONFIG, error.to_string()),
+        Err(error) => return fail(start_up_exit_code(&error), error.line()),
     };
     if let Some(path) = &data_dir.admin_token.file {
         println!("admin token: {}", path.display());
@@ -101,6 +121,6 @@ async fn main() -> ExitCode {
     );
     match run(config, data_dir, state, listeners, store, shutdown_signal()).await {
         Ok(()) => ExitCode::SUCCESS,
-        Err(error) => fail(1, format!("{error:#}")),
+        Err(error) => fail(serve_exit_code(&error), format!("{error:#}")),
     }
 }

@@ -28,7 +28,7 @@ struct MintedKeyAuth {
 fn live_record(db: &Database, access_key_id: &str) -> S3Result<MintedKeyRecord> {
     let record = db
         .minted_key(access_key_id)
-        .map_err(|error| s3_error!(InternalError, "{error}"))?
+        .map_err(|error| s3_error!(InternalError, "{}", error.line()))?
         .ok_or_else(|| s3_error!(InvalidAccessKeyId, "the access key is not one this endpoint minted"))?;
     if record.expires_unix <= now_unix() {
         return Err(s3_error!(ExpiredToken, "the access key has expired: ask the coordinator for new credentials"));
@@ -137,7 +137,9 @@ impl PublishLock {
 fn write_failed(root: &std::path::Path, error: s3s::S3Error) -> s3s::S3Error {
     let probe = root.join(".write-probe");
     let probed = std::fs::write(&probe, [0u8; 4096]).and_then(|()| std::fs::remove_file(&probe));
-    match probed.as_ref().err().and_then(crate::error::disk_problem) {
+    let problem =
+        probed.as_ref().err().and_then(|error| Some(format!("{} ({error})", crate::error::disk_problem(error)?)));
+    match problem {
         Some(problem) => {
             let _ = std::fs::remove_file(&probe);
             tracing::error!(objects = %root.display(), problem, "an upload to the embedded store failed");
@@ -218,7 +220,8 @@ impl ObjectFiles {
                 "the project was flushed while this upload ran: its key is revoked and nothing was stored"
             )
         };
-        let lookup = |db: &Database| db.minted_key(access_key_id).map_err(|error| s3_error!(InternalError, "{error}"));
+        let lookup =
+            |db: &Database| db.minted_key(access_key_id).map_err(|error| s3_error!(InternalError, "{}", error.line()));
         let project = lookup(&self.db)?.ok_or_else(revoked)?.project;
         let guard = self.publish.of_project(&project).read_owned().await;
         // Looked up again under the lock: a flush may have revoked it meanwhile.
@@ -548,6 +551,7 @@ impl ObjectFiles {
         };
         moved.map_err(|error| match crate::error::disk_problem(&error) {
             Some(problem) => {
+                let problem = format!("{problem} ({error})");
                 tracing::error!(objects = %self.root.display(), problem, "an upload to the embedded store failed");
                 s3_error!(InternalError, "the coordinator cannot write its data directory: {problem}")
             }

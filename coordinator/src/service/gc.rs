@@ -84,7 +84,7 @@ impl CacheService {
         let protected = self.protected(project).await?;
         let (mut removable, mut evicted) = (Vec::new(), Vec::new());
         for key in keys {
-            if let Some(unreferenced) = self.db.remove_manifest(project, key).await? {
+            if let Some(unreferenced) = self.db.remove_manifest(project, key, crate::credentials::now_unix()).await? {
                 removable.extend(unreferenced.into_iter().filter(|digest| !protected(digest)));
                 evicted.push(key.clone());
             }
@@ -204,7 +204,7 @@ impl CacheService {
             match self.collect_garbage(&project.name, dry_run).await {
                 Ok(done) => collected.push(done),
                 Err(error) => {
-                    tracing::warn!(project = project.name, %error, "garbage collection failed; it is tried again")
+                    tracing::warn!(project = project.name, error = %error.line(), "garbage collection failed; it is tried again")
                 }
             }
         }
@@ -292,7 +292,7 @@ impl CacheService {
             Ok::<_, Error>(())
         };
         if let Err(error) = discarded.await {
-            tracing::warn!(project, %error, "removing the blobs of a save over its quota failed; a collection will");
+            tracing::warn!(project, error = %error.line(), "removing the blobs of a save over its quota failed; a collection will");
         }
         drop(exclusive);
         over_quota(project, key, size, quota)

@@ -139,7 +139,7 @@ impl CacheService {
                     return;
                 }
                 if let Err(error) = store.delete_prefix(&prefix, &crate::store::keep_nothing).await {
-                    tracing::warn!(%error, "sweeping a deleted project's store failed");
+                    tracing::warn!(error = %error.line(), "sweeping a deleted project's store failed");
                 }
             });
         }

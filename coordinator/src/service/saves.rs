@@ -288,7 +288,7 @@ impl CacheService {
         }
         let size =
             self.db.stored_blobs(project, &[digest.to_owned()]).await?.values().map(|record| record.stored_size).sum();
-        let caches_removed = self.db.drop_blob(project, digest).await?;
+        let caches_removed = self.db.drop_blob(project, digest, crate::credentials::now_unix()).await?;
         self.db.durable().await?;
         self.metrics.record_eviction(project, "lost", 1, size);
         self.metrics.record_cache_evictions(project, "lost", caches_removed);
@@ -327,7 +327,7 @@ impl CacheService {
         let now = now_unix_ms();
         match self.pending_saves.newly_silent(None, now).await {
             Ok(silent) => self.release_shares_of_silent(silent, now).await,
-            Err(error) => tracing::warn!(%error, "looking for silent saves failed; it is tried again"),
+            Err(error) => tracing::warn!(error = %error.line(), "looking for silent saves failed; it is tried again"),
         }
     }
 
@@ -339,7 +339,9 @@ impl CacheService {
                     project,
                     "a save's worker fell silent: its claims lapsed and its budget share is back"
                 ),
-                Err(error) => tracing::warn!(project, %error, "releasing a silent save's budget share failed"),
+                Err(error) => {
+                    tracing::warn!(project, error = %error.line(), "releasing a silent save's budget share failed")
+                }
             }
         }
     }
@@ -509,7 +511,10 @@ impl CacheService {
         if let Some(origin) = manifest.origin.as_mut() {
             origin.committed_unix_ms = now_unix_ms();
         }
-        let committed = self.db.commit_manifest(project, &manifest, pending.generation, &reported).await?;
+        let committed = self
+            .db
+            .commit_manifest(project, &manifest, pending.generation, &reported, crate::credentials::now_unix())
+            .await?;
         self.db
             .add_to_counters(project, &pending.key.service, &ServiceCounters { saves: 1, ..Default::default() })
             .await?;
@@ -529,7 +534,7 @@ impl CacheService {
                 ),
                 Ok(_) => {}
                 Err(error) => {
-                    tracing::warn!(project, %error, "evicting to fit the quota failed; the next commit tries again")
+                    tracing::warn!(project, error = %error.line(), "evicting to fit the quota failed; the next commit tries again")
                 }
             }
         }

@@ -76,8 +76,8 @@ const SOME_OPEN_SAVES_LOCK: &str = "SELECT pg_advisory_xact_lock_shared(7401, 0)
 const PROJECT_OPEN_SAVES_LOCK: &str = "SELECT pg_advisory_xact_lock(7402, hashtext($1))";
 const LEASES_LOCK: &str = "SELECT pg_advisory_xact_lock(7403, 0)";
 
-fn pg_error(error: impl std::fmt::Display) -> Error {
-    Error::Database(format!("PostgreSQL: {error}"))
+fn pg_error(error: impl Into<crate::error::Cause>) -> Error {
+    Error::database("PostgreSQL", error)
 }
 
 fn to_json<T: Serialize>(value: &T) -> String {
@@ -85,11 +85,11 @@ fn to_json<T: Serialize>(value: &T) -> String {
 }
 
 fn from_json<T: for<'de> Deserialize<'de>>(table: &str, text: &str) -> Result<T, Error> {
-    serde_json::from_str(text).map_err(|error| Error::CorruptState(format!("{table}: {error}")))
+    serde_json::from_str(text).map_err(|error| Error::corrupt(table, error))
 }
 
 fn decode_manifest(body: &[u8]) -> Result<pb::Manifest, Error> {
-    pb::Manifest::decode(body).map_err(|error| Error::CorruptState(format!("lc_manifests: {error}")))
+    pb::Manifest::decode(body).map_err(|error| Error::corrupt("lc_manifests", error))
 }
 
 /// The state in one PostgreSQL database, through a pool of connections, and another for the
@@ -170,10 +170,13 @@ impl Postgres {
             tx.query_opt("SELECT version FROM lc_schema", &[]).await.map_err(pg_error)?.map(|row| row.get(0));
         match version {
             Some(version) if version > SCHEMA_VERSION => {
-                return Err(Error::Database(format!(
-                    "the database's schema is version {version}, newer than this coordinator's {SCHEMA_VERSION}: \
-                     run a coordinator at least as new as the one that wrote it"
-                )));
+                return Err(Error::Database {
+                    what: format!(
+                        "the database's schema is version {version}, newer than this coordinator's {SCHEMA_VERSION}: \
+                         run a coordinator at least as new as the one that wrote it"
+                    ),
+                    source: None,
+                });
             }
             Some(SCHEMA_VERSION) => {}
             Some(version) => {
@@ -644,9 +647,10 @@ impl State for Postgres {
         manifest: &pb::Manifest,
         generation: u64,
         new_blobs: &HashMap<String, BlobRecord>,
+        now_unix: i64,
     ) -> Result<Committed, Error> {
         let key = manifest.key.clone().unwrap_or_default();
-        let now = crate::credentials::now_unix();
+        let now = now_unix;
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(pg_error)?;
         let record = lock_project(&tx, project).await?.ok_or_else(|| Error::NoSuchProject(project.to_owned()))?;
@@ -698,7 +702,12 @@ impl State for Postgres {
         Ok(Committed::Stored { replaced: old.map(|old| old.origin.unwrap_or_default()) })
     }
 
-    async fn remove_manifest(&self, project: &str, key: &pb::CacheKey) -> Result<Option<Vec<String>>, Error> {
+    async fn remove_manifest(
+        &self,
+        project: &str,
+        key: &pb::CacheKey,
+        now_unix: i64,
+    ) -> Result<Option<Vec<String>>, Error> {
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(pg_error)?;
         lock_project(&tx, project).await?;
@@ -712,7 +721,7 @@ impl State for Postgres {
         let Some(row) = row else { return Ok(None) };
         let manifest = decode_manifest(row.get::<_, &[u8]>(0))?;
         let digests: Vec<String> = manifest_digests(&manifest).into_iter().collect();
-        let unreferenced = unreference(&tx, project, &digests, crate::credentials::now_unix()).await?;
+        let unreferenced = unreference(&tx, project, &digests, now_unix).await?;
         change_totals(&tx, project, 0, 0, -1).await?;
         tx.commit().await.map_err(pg_error)?;
         Ok(Some(unreferenced))
@@ -811,7 +820,7 @@ impl State for Postgres {
         Ok(rows.iter().map(|row| row.get(0)).collect())
     }
 
-    async fn drop_blob(&self, project: &str, digest: &str) -> Result<u64, Error> {
+    async fn drop_blob(&self, project: &str, digest: &str, now_unix: i64) -> Result<u64, Error> {
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(pg_error)?;
         lock_project(&tx, project).await?;
@@ -819,7 +828,7 @@ impl State for Postgres {
             .query("SELECT service, branch, body FROM lc_manifests WHERE project = $1 FOR UPDATE", &[&project])
             .await
             .map_err(pg_error)?;
-        let now = crate::credentials::now_unix();
+        let now = now_unix;
         let mut n_removed = 0u64;
         for row in &rows {
             let manifest = decode_manifest(row.get::<_, &[u8]>(2))?;
