@@ -19,7 +19,7 @@ use subtle::ConstantTimeEq;
 
 use crate::config::{ChecksumMode, S3Settings};
 use crate::error::{Error, sdk_error_line};
-use crate::state::{Database, KeyAccess, MintedKeyRecord};
+use crate::state::{KeyAccess, MintedKeyRecord, State};
 
 /// Credentials handed to a worker. `Debug` hides the secret and the session token.
 #[derive(Clone, PartialEq, Eq)]
@@ -153,7 +153,10 @@ pub struct EmbeddedStoreSettings {
 
 /// Mints keys for the embedded endpoint, which enforces them (see `s3_endpoint.rs`).
 pub struct EmbeddedBroker {
-    pub db: Database,
+    /// Where minted keys are recorded: the endpoint admits recorded keys only.
+    pub state: std::sync::Arc<dyn State>,
+    /// What a key's expiry counts from.
+    pub clock: proto::clock::SharedClock,
     pub signing_key: std::sync::Arc<SigningKey>,
     pub settings: EmbeddedStoreSettings,
     pub ttl: Duration,
@@ -166,8 +169,8 @@ impl EmbeddedBroker {
         rand::rngs::OsRng.fill_bytes(&mut id_bytes);
         let access_key_id = format!("LC{}", hex::encode_upper(id_bytes));
         let record = MintedKeyRecord { project: project.to_owned(), access, expires_unix, token_id: String::new() };
-        self.db.insert_minted_key(&access_key_id, &record)?;
-        self.db.key_durable(access).await?;
+        self.state.insert_minted_key(&access_key_id, &record).await?;
+        self.state.key_durable(access).await?;
         Ok(self.credentials(project, access, access_key_id, expires_unix))
     }
 
@@ -201,7 +204,7 @@ impl EmbeddedBroker {
 #[async_trait::async_trait]
 impl CredentialBroker for EmbeddedBroker {
     async fn issue(&self, project: &str, access: KeyAccess) -> Result<IssuedCredentials, Error> {
-        self.mint(project, access, now_unix() + self.ttl.as_secs() as i64).await
+        self.mint(project, access, self.clock.now_unix() + self.ttl.as_secs() as i64).await
     }
 
     fn records_keys(&self) -> bool {
@@ -213,13 +216,12 @@ impl CredentialBroker for EmbeddedBroker {
     /// recorded key (expired, another project's, read for write) gets new credentials instead;
     /// an unrecorded one (revoked by a flush) is refused before this, by the service.
     async fn renew(&self, project: &str, access: KeyAccess, access_key_id: &str) -> Result<IssuedCredentials, Error> {
-        let expires_unix = now_unix() + self.ttl.as_secs() as i64;
-        match self.db.minted_key(access_key_id)? {
-            Some(record)
-                if record.project == project && record.access == access && record.expires_unix > now_unix() =>
-            {
-                self.db.insert_minted_key(access_key_id, &MintedKeyRecord { expires_unix, ..record })?;
-                self.db.key_durable(access).await?;
+        let now_unix = self.clock.now_unix();
+        let expires_unix = now_unix + self.ttl.as_secs() as i64;
+        match self.state.minted_key(access_key_id).await? {
+            Some(record) if record.project == project && record.access == access && record.expires_unix > now_unix => {
+                self.state.insert_minted_key(access_key_id, &MintedKeyRecord { expires_unix, ..record }).await?;
+                self.state.key_durable(access).await?;
                 Ok(self.credentials(project, access, access_key_id.to_owned(), expires_unix))
             }
             _ => self.mint(project, access, expires_unix).await,
@@ -480,9 +482,11 @@ mod tests {
     #[tokio::test]
     async fn minted_keys_are_recorded_with_their_scope() {
         let dir = tempfile::tempdir().unwrap();
-        let db = Database::open(dir.path()).unwrap();
+        let db = crate::state::Database::open(dir.path()).unwrap();
+        let clock = proto::clock::ManualClock::at(1_000_000);
         let broker = EmbeddedBroker {
-            db: db.clone(),
+            state: std::sync::Arc::new(db.clone()),
+            clock: clock.clone(),
             signing_key: std::sync::Arc::new(SigningKey::load_or_create(dir.path()).unwrap()),
             settings: EmbeddedStoreSettings {
                 endpoint_url: "http://127.0.0.1:7401".into(),
@@ -506,5 +510,18 @@ mod tests {
                 token_id: String::new()
             }
         );
+
+        // Expiry counts from the broker's clock: a live key is extended, an expired one replaced.
+        let write = broker.issue("web", KeyAccess::Write).await.unwrap();
+        assert_eq!(write.expires_unix, 1_000 + 900);
+        clock.advance(Duration::from_secs(600));
+        let extended = broker.renew("web", KeyAccess::Write, &write.access_key_id).await.unwrap();
+        assert_eq!(
+            (extended.access_key_id.as_str(), extended.expires_unix),
+            (write.access_key_id.as_str(), 1_600 + 900)
+        );
+        clock.advance(Duration::from_secs(901));
+        let replaced = broker.renew("web", KeyAccess::Write, &write.access_key_id).await.unwrap();
+        assert_ne!(replaced.access_key_id, write.access_key_id);
     }
 }

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use coordinator::config::{Cli, Command, ConfigError, merge, read_file_config};
-use coordinator::{Listeners, open_data_dir, open_store, run};
+use coordinator::{Listeners, open_data_dir, open_state, open_store, run};
 
 /// Exit code for bad configuration or an unusable data directory (EX_USAGE).
 const EXIT_BAD_CONFIG: u8 = 64;
@@ -82,17 +82,16 @@ async fn main() -> ExitCode {
         Ok(token) => token,
         Err(error) => return fail(EXIT_BAD_CONFIG, error.to_string()),
     };
-    let data_dir = match open_data_dir(&config.data_dir, admin_token.as_deref(), &config.bucket) {
+    // Sled is opened (and the data directory locked by it) only when it is the state.
+    let with_sled = config.state.is_none();
+    let data_dir = match open_data_dir(&config.data_dir, admin_token.as_deref(), &config.bucket, with_sled) {
         Ok(data_dir) => data_dir,
         Err(error) => return fail(start_up_exit_code(&error), error.line()),
     };
     // The state replicas share, or this machine's sled.
-    let state: std::sync::Arc<dyn coordinator::state::State> = match &config.state {
-        Some(url) => match coordinator::state::postgres::Postgres::connect(&url.0).await {
-            Ok(state) => std::sync::Arc::new(state),
-            Err(error) => return fail(start_up_exit_code(&error), format!("--state: {}", error.line())),
-        },
-        None => std::sync::Arc::new(data_dir.db.clone()),
+    let state = match open_state(&config, &data_dir).await {
+        Ok(state) => state,
+        Err(error) => return fail(start_up_exit_code(&error), format!("--state: {}", error.line())),
     };
     let listeners = match Listeners::bind(&config).await {
         Ok(listeners) => listeners,
@@ -102,7 +101,7 @@ async fn main() -> ExitCode {
         Ok(endpoints) => endpoints,
         Err(error) => return fail(1, error.to_string()),
     };
-    let store = match open_store(&config, &data_dir, &endpoints).await {
+    let store = match open_store(&config, &data_dir, state.clone(), proto::clock::system_clock(), &endpoints).await {
         Ok(store) => store,
         Err(error) => return fail(start_up_exit_code(&error), error.line()),
     };
