@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::Error;
 
+pub mod ledger;
 mod memory;
 pub mod postgres;
 pub mod sled;

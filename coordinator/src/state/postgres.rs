@@ -26,7 +26,7 @@ use tokio_postgres::NoTls;
 
 use super::{
     BlobRecord, Committed, FlushedRecords, KeyAccess, MintedKeyRecord, ProjectRecord, ProjectTotals, ScopedTokenRecord,
-    ServiceCounters, State, began_later, latest_expiry, manifest_digests,
+    ServiceCounters, State, latest_expiry, ledger, manifest_digests,
 };
 use crate::error::Error;
 
@@ -650,56 +650,29 @@ impl State for Postgres {
         now_unix: i64,
     ) -> Result<Committed, Error> {
         let key = manifest.key.clone().unwrap_or_default();
-        let now = now_unix;
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(pg_error)?;
         let record = lock_project(&tx, project).await?.ok_or_else(|| Error::NoSuchProject(project.to_owned()))?;
-        if record.generation != generation {
-            return Err(Error::SaveConflict(format!("project {project:?} was flushed while the save ran: save again")));
-        }
         let old = manifest_of(&tx, project, &key, true).await?;
-        let new_digests: Vec<String> = manifest_digests(manifest).into_iter().collect();
-        let known = lock_blobs(&tx, project, &new_digests).await?;
-        let (mut n_new, mut new_bytes) = (0i64, 0i64);
-        if let Some(old) = old.as_ref().filter(|old| began_later(old.origin.as_ref(), manifest.origin.as_ref())) {
-            // Recorded with no reference, so a garbage collection finds what this save stored.
-            for digest in new_digests.iter().filter(|digest| !known.contains_key(*digest)) {
-                let blob = BlobRecord {
-                    references: 0,
-                    unreferenced_since_unix: now,
-                    ..new_blobs.get(digest).cloned().unwrap_or_default()
-                };
-                (n_new, new_bytes) = (n_new + 1, new_bytes + blob.stored_size as i64);
-                put_blob(&tx, project, digest, &blob).await?;
-            }
-            change_totals(&tx, project, n_new, new_bytes, 0).await?;
-            tx.commit().await.map_err(pg_error)?;
-            return Ok(Committed::KeptNewer(old.clone()));
+        let digests: Vec<String> = ledger::commit_digests(manifest, old.as_ref()).into_iter().collect();
+        let known = lock_blobs(&tx, project, &digests).await?;
+        let view = ledger::CommitView { project: &record, old, known: &known };
+        let (committed, change) = ledger::commit(view, manifest, generation, new_blobs, now_unix)?;
+        for (digest, blob) in &change.put_blobs {
+            put_blob(&tx, project, digest, blob).await?;
         }
-        let old_digests = old.as_ref().map(manifest_digests).unwrap_or_default();
-        for digest in new_digests.iter().filter(|digest| !old_digests.contains(*digest)) {
-            let blob = match known.get(digest) {
-                Some(blob) => blob.clone(),
-                None => {
-                    let blob = BlobRecord { references: 0, ..new_blobs.get(digest).cloned().unwrap_or_default() };
-                    (n_new, new_bytes) = (n_new + 1, new_bytes + blob.stored_size as i64);
-                    blob
-                }
-            };
-            put_blob(&tx, project, digest, &blob.referenced()).await?;
+        change_totals(&tx, project, change.blobs_delta, change.stored_bytes_delta, change.manifests_delta).await?;
+        if let Some(manifest) = &change.put_manifest {
+            tx.execute(
+                "INSERT INTO lc_manifests (project, service, branch, body) VALUES ($1, $2, $3, $4)
+                 ON CONFLICT (project, service, branch) DO UPDATE SET body = EXCLUDED.body",
+                &[&project, &key.service, &key.branch, &manifest.encode_to_vec()],
+            )
+            .await
+            .map_err(pg_error)?;
         }
-        let dropped: Vec<String> = old_digests.iter().filter(|digest| !new_digests.contains(digest)).cloned().collect();
-        unreference(&tx, project, &dropped, now).await?;
-        change_totals(&tx, project, n_new, new_bytes, i64::from(old.is_none())).await?;
-        tx.execute(
-            "INSERT INTO lc_manifests (project, service, branch, body) VALUES ($1, $2, $3, $4)
-             ON CONFLICT (project, service, branch) DO UPDATE SET body = EXCLUDED.body",
-            &[&project, &key.service, &key.branch, &manifest.encode_to_vec()],
-        )
-        .await
-        .map_err(pg_error)?;
         tx.commit().await.map_err(pg_error)?;
-        Ok(Committed::Stored { replaced: old.map(|old| old.origin.unwrap_or_default()) })
+        Ok(committed)
     }
 
     async fn remove_manifest(

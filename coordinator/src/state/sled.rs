@@ -23,7 +23,7 @@ use crate::error::Error;
 
 use super::{
     BlobRecord, Committed, FlushedRecords, KeyAccess, MintedKeyRecord, ProjectRecord, ProjectTotals, ScopedTokenRecord,
-    ServiceCounters, State, began_later, latest_expiry, manifest_digests,
+    ServiceCounters, State, latest_expiry, ledger, manifest_digests,
 };
 
 /// A change to a project's totals, applied in the transaction that makes it.
@@ -542,22 +542,14 @@ impl Database {
     ) -> Result<Committed, Error> {
         let key = manifest.key.clone().unwrap_or_default();
         let manifest_key = composite_key(&[project, &key.service, &key.branch]);
-        let new_digests = manifest_digests(manifest);
         let encoded = manifest.encode_to_vec();
-        let now = now_unix;
         let trees = (&self.projects, &self.manifests, &self.blobs, &self.totals);
         let result = trees.transaction(|(projects, manifests, blobs, totals)| {
             let abort = |error: Error| ConflictableTransactionError::Abort(error);
-            let mut change = TotalsChange::default();
             let record: ProjectRecord = match projects.get(project.as_bytes())? {
                 Some(bytes) => json_from_slice("projects", &bytes).map_err(abort)?,
                 None => return Err(abort(Error::NoSuchProject(project.to_owned()))),
             };
-            if record.generation != generation {
-                return Err(abort(Error::SaveConflict(format!(
-                    "project {project:?} was flushed while the save ran: save again"
-                ))));
-            }
             let old = match manifests.get(manifest_key.as_slice())? {
                 Some(bytes) => Some(
                     proto::v1::Manifest::decode(bytes.as_ref())
@@ -565,43 +557,27 @@ impl Database {
                 ),
                 None => None,
             };
-            if let Some(old) = old.as_ref().filter(|old| began_later(old.origin.as_ref(), manifest.origin.as_ref())) {
-                // Recorded with no reference, so a garbage collection finds what this save stored.
-                for digest in &new_digests {
-                    let blob_key = composite_key(&[project, digest]);
-                    if blobs.get(blob_key.as_slice())?.is_none() {
-                        let blob = BlobRecord {
-                            references: 0,
-                            unreferenced_since_unix: now,
-                            ..new_blobs.get(digest).cloned().unwrap_or_default()
-                        };
-                        change.blob(1, &blob);
-                        blobs.insert(blob_key, json_to_vec(&blob))?;
-                    }
+            let mut known = std::collections::HashMap::new();
+            for digest in ledger::commit_digests(manifest, old.as_ref()) {
+                if let Some(bytes) = blobs.get(composite_key(&[project, &digest]))? {
+                    known.insert(digest, json_from_slice::<BlobRecord>("blobs", &bytes).map_err(abort)?);
                 }
-                change.apply(totals, project)?;
-                return Ok(Committed::KeptNewer(old.clone()));
             }
-            let old_digests = old.as_ref().map(manifest_digests).unwrap_or_default();
-            for digest in new_digests.difference(&old_digests) {
-                let blob_key = composite_key(&[project, digest]);
-                let blob = match blobs.get(blob_key.as_slice())? {
-                    Some(bytes) => json_from_slice::<BlobRecord>("blobs", &bytes).map_err(abort)?,
-                    None => {
-                        let blob = BlobRecord { references: 0, ..new_blobs.get(digest).cloned().unwrap_or_default() };
-                        change.blob(1, &blob);
-                        blob
-                    }
-                };
-                blobs.insert(blob_key, json_to_vec(&blob.referenced()))?;
+            let view = ledger::CommitView { project: &record, old, known: &known };
+            let (committed, change) = ledger::commit(view, manifest, generation, new_blobs, now_unix).map_err(abort)?;
+            for (digest, blob) in &change.put_blobs {
+                blobs.insert(composite_key(&[project, digest]), json_to_vec(blob))?;
             }
-            unreference(blobs, project, old_digests.difference(&new_digests), now)?;
-            if old.is_none() {
-                change.manifests += 1;
+            if change.put_manifest.is_some() {
+                manifests.insert(manifest_key.as_slice(), encoded.as_slice())?;
             }
-            change.apply(totals, project)?;
-            manifests.insert(manifest_key.as_slice(), encoded.as_slice())?;
-            Ok(Committed::Stored { replaced: old.map(|old| old.origin.unwrap_or_default()) })
+            let totals_change = TotalsChange {
+                blobs: change.blobs_delta,
+                stored_bytes: change.stored_bytes_delta,
+                manifests: change.manifests_delta,
+            };
+            totals_change.apply(totals, project)?;
+            Ok(committed)
         });
         transacted(result)
     }
