@@ -801,7 +801,6 @@ impl State for Postgres {
             .query("SELECT service, branch, body FROM lc_manifests WHERE project = $1 FOR UPDATE", &[&project])
             .await
             .map_err(pg_error)?;
-        let now = now_unix;
         let mut n_removed = 0u64;
         for row in &rows {
             let manifest = decode_manifest(row.get::<_, &[u8]>(2))?;
@@ -815,7 +814,7 @@ impl State for Postgres {
             )
             .await
             .map_err(pg_error)?;
-            unreference(&tx, project, &digests, now).await?;
+            unreference(&tx, project, &digests, now_unix).await?;
             n_removed += 1;
         }
         let removed = tx

@@ -591,7 +591,6 @@ impl Database {
         now_unix: i64,
     ) -> Result<Option<Vec<String>>, Error> {
         let manifest_key = composite_key(&[project, &key.service, &key.branch]);
-        let now = now_unix;
         let result = (&self.manifests, &self.blobs, &self.totals).transaction(|(manifests, blobs, totals)| {
             let Some(bytes) = manifests.remove(manifest_key.as_slice())? else {
                 return Ok(None);
@@ -599,7 +598,7 @@ impl Database {
             let manifest = proto::v1::Manifest::decode(bytes.as_ref())
                 .map_err(|error| ConflictableTransactionError::Abort(Error::corrupt("manifests", error)))?;
             TotalsChange { manifests: -1, ..Default::default() }.apply(totals, project)?;
-            unreference(blobs, project, &manifest_digests(&manifest), now).map(Some)
+            unreference(blobs, project, &manifest_digests(&manifest), now_unix).map(Some)
         });
         transacted(result)
     }
@@ -634,14 +633,13 @@ impl Database {
                 naming.push((key, manifest));
             }
         }
-        let now = now_unix;
         let result = (&self.manifests, &self.blobs, &self.totals).transaction(|(manifests, blobs, totals)| {
             let mut change = TotalsChange::default();
             for (key, manifest) in &naming {
                 if manifests.remove(key.as_ref())?.is_some() {
                     change.manifests -= 1;
                 }
-                unreference(blobs, project, &manifest_digests(manifest), now)?;
+                unreference(blobs, project, &manifest_digests(manifest), now_unix)?;
             }
             if let Some(bytes) = blobs.remove(composite_key(&[project, digest]))? {
                 let record: BlobRecord =
