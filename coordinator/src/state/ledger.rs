@@ -18,11 +18,14 @@ pub struct CommitView<'a> {
     pub known: &'a HashMap<String, BlobRecord>,
 }
 
-/// What a rule changes: blob records to write, the manifest to store, the totals' change.
+/// What a rule changes: blob records to write or forget, the manifest to store, the manifests
+/// to remove (by key), the totals' change.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ChangeSet {
     pub put_blobs: Vec<(String, BlobRecord)>,
+    pub remove_blobs: Vec<String>,
     pub put_manifest: Option<pb::Manifest>,
+    pub remove_manifests: Vec<pb::CacheKey>,
     pub blobs_delta: i64,
     pub stored_bytes_delta: i64,
     pub manifests_delta: i64,
@@ -92,6 +95,53 @@ pub fn commit(
     change.put_manifest = Some(manifest.clone());
     let replaced = view.old.map(|old| old.origin.unwrap_or_default());
     Ok((Committed::Stored { replaced }, change))
+}
+
+/// Every digest a drop's view must hold the records of: the lost blob's, and those the
+/// manifests naming it name.
+pub fn drop_digests(naming: &[pb::Manifest], digest: &str) -> BTreeSet<String> {
+    let mut digests: BTreeSet<String> = naming.iter().flat_map(manifest_digests).collect();
+    digests.insert(digest.to_owned());
+    digests
+}
+
+/// Forgets a blob the store lost or holds corrupted, at `now_unix`: every manifest naming it
+/// (`naming`) goes and its other blobs lose that reference, then the blob's record goes, so the
+/// next save uploads it again and no manifest names it meanwhile. `known`: the ledger's records
+/// of [`drop_digests`].
+pub fn drop_blob(
+    naming: &[pb::Manifest],
+    known: &HashMap<String, BlobRecord>,
+    digest: &str,
+    now_unix: i64,
+) -> ChangeSet {
+    let mut records = known.clone();
+    let mut touched = BTreeSet::new();
+    let mut change = ChangeSet::default();
+    for manifest in naming {
+        change.remove_manifests.push(manifest.key.clone().unwrap_or_default());
+        for named in manifest_digests(manifest) {
+            if let Some(record) = records.get_mut(&named) {
+                *record = record.clone().unreferenced(now_unix);
+                touched.insert(named);
+            }
+        }
+    }
+    change.manifests_delta = -(naming.len() as i64);
+    if let Some(record) = records.get(digest) {
+        change.blobs_delta = -1;
+        change.stored_bytes_delta = -(record.stored_size as i64);
+        change.remove_blobs.push(digest.to_owned());
+    }
+    change.put_blobs = touched
+        .into_iter()
+        .filter(|named| named != digest)
+        .map(|named| {
+            let record = records[&named].clone();
+            (named, record)
+        })
+        .collect();
+    change
 }
 
 #[cfg(test)]
@@ -169,5 +219,28 @@ mod tests {
             commit(view, &manifest(&["c1"], 300), 0, &HashMap::new(), 4_000),
             Err(Error::SaveConflict(_))
         ));
+    }
+
+    #[test]
+    fn a_dropped_blob_takes_the_manifests_naming_it_and_their_references() {
+        let web = manifest(&["c1", "l1"], 100);
+        let api = pb::Manifest {
+            key: Some(pb::CacheKey { service: "api".into(), branch: String::new() }),
+            ..manifest(&["c2", "l1"], 100)
+        };
+        let known: HashMap<String, BlobRecord> = [("c1", 1), ("c2", 2), ("l1", 2)]
+            .into_iter()
+            .map(|(d, references)| (d.to_string(), BlobRecord { stored_size: 10, references, ..Default::default() }))
+            .collect();
+        let naming = [web, api];
+        assert_eq!(drop_digests(&naming, "l1"), ["c1", "c2", "l1"].iter().map(|d| d.to_string()).collect());
+        let change = drop_blob(&naming, &known, "l1", 5_000);
+        assert_eq!(change.remove_blobs, ["l1"]);
+        assert_eq!(change.remove_manifests.len(), 2);
+        let put: HashMap<_, _> = change.put_blobs.iter().cloned().collect();
+        assert_eq!((put["c1"].references, put["c1"].unreferenced_since_unix), (0, 5_000));
+        assert_eq!((put["c2"].references, put["c2"].unreferenced_since_unix), (1, 0), "another manifest names it");
+        assert!(!put.contains_key("l1"));
+        assert_eq!((change.blobs_delta, change.stored_bytes_delta, change.manifests_delta), (-1, -10, -2));
     }
 }

@@ -801,33 +801,35 @@ impl State for Postgres {
             .query("SELECT service, branch, body FROM lc_manifests WHERE project = $1 FOR UPDATE", &[&project])
             .await
             .map_err(pg_error)?;
-        let mut n_removed = 0u64;
+        let mut naming = Vec::new();
         for row in &rows {
             let manifest = decode_manifest(row.get::<_, &[u8]>(2))?;
-            let digests: Vec<String> = manifest_digests(&manifest).into_iter().collect();
-            if !digests.iter().any(|named| named == digest) {
-                continue;
+            if manifest_digests(&manifest).contains(digest) {
+                naming.push(manifest);
             }
+        }
+        let digests: Vec<String> = ledger::drop_digests(&naming, digest).into_iter().collect();
+        let known = lock_blobs(&tx, project, &digests).await?;
+        let change = ledger::drop_blob(&naming, &known, digest, now_unix);
+        for key in &change.remove_manifests {
             tx.execute(
                 "DELETE FROM lc_manifests WHERE project = $1 AND service = $2 AND branch = $3",
-                &[&project, &row.get::<_, &str>(0), &row.get::<_, &str>(1)],
+                &[&project, &key.service, &key.branch],
             )
             .await
             .map_err(pg_error)?;
-            unreference(&tx, project, &digests, now_unix).await?;
-            n_removed += 1;
         }
-        let removed = tx
-            .query_opt("DELETE FROM lc_blobs WHERE project = $1 AND digest = $2 RETURNING record", &[&project, &digest])
-            .await
-            .map_err(pg_error)?;
-        let (blobs, bytes) = match removed {
-            Some(row) => (1, from_json::<BlobRecord>("lc_blobs", row.get::<_, &str>(0))?.stored_size as i64),
-            None => (0, 0),
-        };
-        change_totals(&tx, project, -blobs, -bytes, -(n_removed as i64)).await?;
+        for (named, blob) in &change.put_blobs {
+            put_blob(&tx, project, named, blob).await?;
+        }
+        for named in &change.remove_blobs {
+            tx.execute("DELETE FROM lc_blobs WHERE project = $1 AND digest = $2", &[&project, named])
+                .await
+                .map_err(pg_error)?;
+        }
+        change_totals(&tx, project, change.blobs_delta, change.stored_bytes_delta, change.manifests_delta).await?;
         tx.commit().await.map_err(pg_error)?;
-        Ok(n_removed)
+        Ok(naming.len() as u64)
     }
 
     async fn unreferenced_blobs(&self, project: &str, now_unix: i64) -> Result<Vec<(String, BlobRecord)>, Error> {

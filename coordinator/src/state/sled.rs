@@ -626,27 +626,39 @@ impl Database {
     pub fn drop_blob(&self, project: &str, digest: &str, now_unix: i64) -> Result<u64, Error> {
         let mut naming = Vec::new();
         for entry in self.manifests.scan_prefix(project_prefix(project)) {
-            let (key, bytes) = entry.map_err(db_error)?;
+            let (_, bytes) = entry.map_err(db_error)?;
             let manifest =
                 proto::v1::Manifest::decode(bytes.as_ref()).map_err(|error| Error::corrupt("manifests", error))?;
             if manifest_digests(&manifest).contains(digest) {
-                naming.push((key, manifest));
+                naming.push(manifest);
             }
         }
+        let digests = ledger::drop_digests(&naming, digest);
         let result = (&self.manifests, &self.blobs, &self.totals).transaction(|(manifests, blobs, totals)| {
-            let mut change = TotalsChange::default();
-            for (key, manifest) in &naming {
-                if manifests.remove(key.as_ref())?.is_some() {
-                    change.manifests -= 1;
+            let mut known = std::collections::HashMap::new();
+            for named in &digests {
+                if let Some(bytes) = blobs.get(composite_key(&[project, named]))? {
+                    let record =
+                        json_from_slice::<BlobRecord>("blobs", &bytes).map_err(ConflictableTransactionError::Abort)?;
+                    known.insert(named.clone(), record);
                 }
-                unreference(blobs, project, &manifest_digests(manifest), now_unix)?;
             }
-            if let Some(bytes) = blobs.remove(composite_key(&[project, digest]))? {
-                let record: BlobRecord =
-                    json_from_slice("blobs", &bytes).map_err(ConflictableTransactionError::Abort)?;
-                change.blob(-1, &record);
+            let change = ledger::drop_blob(&naming, &known, digest, now_unix);
+            for key in &change.remove_manifests {
+                manifests.remove(composite_key(&[project, &key.service, &key.branch]))?;
             }
-            change.apply(totals, project)?;
+            for (named, blob) in &change.put_blobs {
+                blobs.insert(composite_key(&[project, named]), json_to_vec(blob))?;
+            }
+            for named in &change.remove_blobs {
+                blobs.remove(composite_key(&[project, named]))?;
+            }
+            let totals_change = TotalsChange {
+                blobs: change.blobs_delta,
+                stored_bytes: change.stored_bytes_delta,
+                manifests: change.manifests_delta,
+            };
+            totals_change.apply(totals, project)?;
             Ok(naming.len() as u64)
         });
         transacted(result)
