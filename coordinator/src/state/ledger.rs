@@ -97,6 +97,25 @@ pub fn commit(
     Ok((Committed::Stored { replaced }, change))
 }
 
+/// Evicts one cache at `now_unix`: its manifest (`manifest`) goes and its blobs lose that
+/// reference; `known` holds the ledger's records of the blobs it names. Returns the blobs left
+/// unreferenced (sorted), which stay recorded until a collection or eviction deletes them.
+pub fn evict(manifest: &pb::Manifest, known: &HashMap<String, BlobRecord>, now_unix: i64) -> (Vec<String>, ChangeSet) {
+    let mut change = ChangeSet { manifests_delta: -1, ..Default::default() };
+    change.remove_manifests.push(manifest.key.clone().unwrap_or_default());
+    let mut unreferenced = Vec::new();
+    for digest in manifest_digests(manifest) {
+        if let Some(record) = known.get(&digest) {
+            let record = record.clone().unreferenced(now_unix);
+            if record.references == 0 {
+                unreferenced.push(digest.clone());
+            }
+            change.put_blobs.push((digest, record));
+        }
+    }
+    (unreferenced, change)
+}
+
 /// Every digest a drop's view must hold the records of: the lost blob's, and those the
 /// manifests naming it name.
 pub fn drop_digests(naming: &[pb::Manifest], digest: &str) -> BTreeSet<String> {
@@ -242,5 +261,19 @@ mod tests {
         assert_eq!((put["c2"].references, put["c2"].unreferenced_since_unix), (1, 0), "another manifest names it");
         assert!(!put.contains_key("l1"));
         assert_eq!((change.blobs_delta, change.stored_bytes_delta, change.manifests_delta), (-1, -10, -2));
+    }
+
+    #[test]
+    fn an_evicted_cache_leaves_only_the_blobs_no_other_names_unreferenced() {
+        let known: HashMap<String, BlobRecord> = [("c1", 1), ("l1", 2)]
+            .into_iter()
+            .map(|(d, references)| (d.to_string(), BlobRecord { stored_size: 10, references, ..Default::default() }))
+            .collect();
+        let (unreferenced, change) = evict(&manifest(&["c1", "l1"], 100), &known, 6_000);
+        assert_eq!(unreferenced, ["c1"]);
+        let put: HashMap<_, _> = change.put_blobs.iter().cloned().collect();
+        assert_eq!((put["c1"].references, put["c1"].unreferenced_since_unix), (0, 6_000));
+        assert_eq!((put["l1"].references, put["l1"].unreferenced_since_unix), (1, 0));
+        assert_eq!((change.blobs_delta, change.manifests_delta, change.remove_manifests.len()), (0, -1, 1));
     }
 }

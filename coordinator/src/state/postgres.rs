@@ -240,25 +240,6 @@ async fn put_blob(tx: &Transaction<'_>, project: &str, digest: &str, record: &Bl
     Ok(())
 }
 
-/// Each of `digests` loses one reference; returns those left with none.
-async fn unreference(
-    tx: &Transaction<'_>,
-    project: &str,
-    digests: &[String],
-    now_unix: i64,
-) -> Result<Vec<String>, Error> {
-    let mut unreferenced = Vec::new();
-    for (digest, record) in lock_blobs(tx, project, digests).await? {
-        let record = record.unreferenced(now_unix);
-        if record.references == 0 {
-            unreferenced.push(digest.clone());
-        }
-        put_blob(tx, project, &digest, &record).await?;
-    }
-    unreferenced.sort();
-    Ok(unreferenced)
-}
-
 /// Adds to a project's totals (never below zero).
 async fn change_totals(
     tx: &Transaction<'_>,
@@ -694,8 +675,13 @@ impl State for Postgres {
         let Some(row) = row else { return Ok(None) };
         let manifest = decode_manifest(row.get::<_, &[u8]>(0))?;
         let digests: Vec<String> = manifest_digests(&manifest).into_iter().collect();
-        let unreferenced = unreference(&tx, project, &digests, now_unix).await?;
-        change_totals(&tx, project, 0, 0, -1).await?;
+        let known = lock_blobs(&tx, project, &digests).await?;
+        // The manifest is deleted above (its row read as it went): the change set's removal is done.
+        let (unreferenced, change) = ledger::evict(&manifest, &known, now_unix);
+        for (digest, blob) in &change.put_blobs {
+            put_blob(&tx, project, digest, blob).await?;
+        }
+        change_totals(&tx, project, change.blobs_delta, change.stored_bytes_delta, change.manifests_delta).await?;
         tx.commit().await.map_err(pg_error)?;
         Ok(Some(unreferenced))
     }

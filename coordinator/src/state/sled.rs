@@ -478,30 +478,6 @@ impl Database {
     }
 }
 
-/// Inside a transaction: each of `digests` loses one reference; returns those left with none.
-fn unreference<'a>(
-    blobs: &sled::transaction::TransactionalTree,
-    project: &str,
-    digests: impl IntoIterator<Item = &'a String>,
-    now_unix: i64,
-) -> Result<Vec<String>, ConflictableTransactionError<Error>> {
-    let mut unreferenced = Vec::new();
-    for digest in digests {
-        let blob_key = composite_key(&[project, digest]);
-        if let Some(bytes) = blobs.get(blob_key.as_slice())? {
-            let blob = json_from_slice::<BlobRecord>("blobs", &bytes)
-                .map_err(ConflictableTransactionError::Abort)?
-                .unreferenced(now_unix);
-            if blob.references == 0 {
-                unreferenced.push(digest.clone());
-            }
-            // Unreferenced blobs stay stored and recorded until a collection or eviction.
-            blobs.insert(blob_key, json_to_vec(&blob))?;
-        }
-    }
-    Ok(unreferenced)
-}
-
 /// A transaction's result, its abort's error or its storage's.
 fn transacted<T>(result: Result<T, TransactionError<Error>>) -> Result<T, Error> {
     match result {
@@ -592,13 +568,25 @@ impl Database {
     ) -> Result<Option<Vec<String>>, Error> {
         let manifest_key = composite_key(&[project, &key.service, &key.branch]);
         let result = (&self.manifests, &self.blobs, &self.totals).transaction(|(manifests, blobs, totals)| {
-            let Some(bytes) = manifests.remove(manifest_key.as_slice())? else {
+            let abort = |error: Error| ConflictableTransactionError::Abort(error);
+            let Some(bytes) = manifests.get(manifest_key.as_slice())? else {
                 return Ok(None);
             };
             let manifest = proto::v1::Manifest::decode(bytes.as_ref())
-                .map_err(|error| ConflictableTransactionError::Abort(Error::corrupt("manifests", error)))?;
-            TotalsChange { manifests: -1, ..Default::default() }.apply(totals, project)?;
-            unreference(blobs, project, &manifest_digests(&manifest), now_unix).map(Some)
+                .map_err(|error| abort(Error::corrupt("manifests", error)))?;
+            let mut known = std::collections::HashMap::new();
+            for digest in manifest_digests(&manifest) {
+                if let Some(bytes) = blobs.get(composite_key(&[project, &digest]))? {
+                    known.insert(digest, json_from_slice::<BlobRecord>("blobs", &bytes).map_err(abort)?);
+                }
+            }
+            let (unreferenced, change) = ledger::evict(&manifest, &known, now_unix);
+            manifests.remove(manifest_key.as_slice())?;
+            for (digest, blob) in &change.put_blobs {
+                blobs.insert(composite_key(&[project, digest]), json_to_vec(blob))?;
+            }
+            TotalsChange { manifests: change.manifests_delta, ..Default::default() }.apply(totals, project)?;
+            Ok(Some(unreferenced))
         });
         transacted(result)
     }
