@@ -31,7 +31,8 @@ async fn commits_per_second(db: &Database, n_commits: usize, n_at_once: usize, d
         tasks.spawn(async move {
             for n in (worker..n_commits).step_by(n_at_once) {
                 let service = format!("s{}", n % 50);
-                db.commit_manifest("bench", &manifest(&service, n), 0, &HashMap::<String, BlobRecord>::new()).unwrap();
+                db.commit_manifest("bench", &manifest(&service, n), 0, &HashMap::<String, BlobRecord>::new(), 0)
+                    .unwrap();
                 if durable {
                     db.durable().await.unwrap();
                 }

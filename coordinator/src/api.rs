@@ -14,7 +14,7 @@ use crate::service::CacheService;
 
 impl From<Error> for Status {
     fn from(error: Error) -> Status {
-        let message = error.to_string();
+        let message = error.line();
         match error {
             Error::InvalidArgument(_) => Status::invalid_argument(message),
             Error::Unauthenticated(_) => Status::unauthenticated(message),
@@ -27,12 +27,17 @@ impl From<Error> for Status {
             Error::BlobCorrupt(_) => Status::data_loss(message),
             // Retrying may help: the store or the disk may come back. The operator must hear of
             // it: the worker's line names the cause, and so does the coordinator's log.
-            Error::DataDirUnwritable(_) | Error::Database(_) => {
+            Error::DataDirUnwritable { .. } | Error::Database { .. } => {
                 tracing::error!(error = message, "a write to the data directory failed");
                 Status::unavailable(message)
             }
-            Error::Store(_) | Error::Credentials(_) => Status::unavailable(message),
-            Error::CorruptState(_) | Error::DataDir { .. } | Error::DataDirLocked(_) => Status::internal(message),
+            Error::Store { .. } | Error::Credentials { .. } => Status::unavailable(message),
+            Error::CorruptState { .. } | Error::DataDir { .. } | Error::DataDirLocked(_) => Status::internal(message),
+            // A panicked task is a bug of the coordinator's: said as one, never as bad input.
+            Error::Internal(_) => {
+                tracing::error!(error = message, "a task of the coordinator failed");
+                Status::internal(message)
+            }
         }
     }
 }

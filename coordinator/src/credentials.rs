@@ -10,16 +10,17 @@
 
 use std::io::Write;
 use std::path::Path;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use hmac::{Hmac, Mac};
+use proto::object_keys::project_prefix;
 use rand::RngCore;
 use sha2::Sha256;
 use subtle::ConstantTimeEq;
 
 use crate::config::{ChecksumMode, S3Settings};
 use crate::error::{Error, sdk_error_line};
-use crate::state::{Database, KeyAccess, MintedKeyRecord};
+use crate::state::{KeyAccess, MintedKeyRecord, State};
 
 /// Credentials handed to a worker. `Debug` hides the secret and the session token.
 #[derive(Clone, PartialEq, Eq)]
@@ -69,20 +70,6 @@ pub trait CredentialBroker: Send + Sync {
     fn records_keys(&self) -> bool {
         false
     }
-}
-
-pub fn now_unix() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |elapsed| elapsed.as_secs() as i64)
-}
-
-/// The same clock in milliseconds: what orders saves of one cache key.
-pub fn now_unix_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |elapsed| elapsed.as_millis() as i64)
-}
-
-/// Where a project's objects live: `<prefix>/<project>/`.
-pub fn project_prefix(store_prefix: &str, project: &str) -> String {
-    if store_prefix.is_empty() { format!("{project}/") } else { format!("{store_prefix}/{project}/") }
 }
 
 const SIGNING_KEY_FILE: &str = "s3-signing.key";
@@ -153,7 +140,10 @@ pub struct EmbeddedStoreSettings {
 
 /// Mints keys for the embedded endpoint, which enforces them (see `s3_endpoint.rs`).
 pub struct EmbeddedBroker {
-    pub db: Database,
+    /// Where minted keys are recorded: the endpoint admits recorded keys only.
+    pub state: std::sync::Arc<dyn State>,
+    /// What a key's expiry counts from.
+    pub clock: proto::clock::SharedClock,
     pub signing_key: std::sync::Arc<SigningKey>,
     pub settings: EmbeddedStoreSettings,
     pub ttl: Duration,
@@ -166,8 +156,8 @@ impl EmbeddedBroker {
         rand::rngs::OsRng.fill_bytes(&mut id_bytes);
         let access_key_id = format!("LC{}", hex::encode_upper(id_bytes));
         let record = MintedKeyRecord { project: project.to_owned(), access, expires_unix, token_id: String::new() };
-        self.db.insert_minted_key(&access_key_id, &record)?;
-        self.db.key_durable(access).await?;
+        self.state.insert_minted_key(&access_key_id, &record).await?;
+        self.state.key_durable(access).await?;
         Ok(self.credentials(project, access, access_key_id, expires_unix))
     }
 
@@ -201,7 +191,7 @@ impl EmbeddedBroker {
 #[async_trait::async_trait]
 impl CredentialBroker for EmbeddedBroker {
     async fn issue(&self, project: &str, access: KeyAccess) -> Result<IssuedCredentials, Error> {
-        self.mint(project, access, now_unix() + self.ttl.as_secs() as i64).await
+        self.mint(project, access, self.clock.now_unix() + self.ttl.as_secs() as i64).await
     }
 
     fn records_keys(&self) -> bool {
@@ -213,13 +203,12 @@ impl CredentialBroker for EmbeddedBroker {
     /// recorded key (expired, another project's, read for write) gets new credentials instead;
     /// an unrecorded one (revoked by a flush) is refused before this, by the service.
     async fn renew(&self, project: &str, access: KeyAccess, access_key_id: &str) -> Result<IssuedCredentials, Error> {
-        let expires_unix = now_unix() + self.ttl.as_secs() as i64;
-        match self.db.minted_key(access_key_id)? {
-            Some(record)
-                if record.project == project && record.access == access && record.expires_unix > now_unix() =>
-            {
-                self.db.insert_minted_key(access_key_id, &MintedKeyRecord { expires_unix, ..record })?;
-                self.db.key_durable(access).await?;
+        let now_unix = self.clock.now_unix();
+        let expires_unix = now_unix + self.ttl.as_secs() as i64;
+        match self.state.minted_key(access_key_id).await? {
+            Some(record) if record.project == project && record.access == access && record.expires_unix > now_unix => {
+                self.state.insert_minted_key(access_key_id, &MintedKeyRecord { expires_unix, ..record }).await?;
+                self.state.key_durable(access).await?;
                 Ok(self.credentials(project, access, access_key_id.to_owned(), expires_unix))
             }
             _ => self.mint(project, access, expires_unix).await,
@@ -332,11 +321,10 @@ impl StsBroker {
 
     async fn assume_role(&self, project: &str, access: KeyAccess) -> Result<IssuedCredentials, Error> {
         let role_arn = &self.settings.sts_role_arn;
-        let tag = aws_sdk_sts::types::Tag::builder()
-            .key("layer-cache-project")
-            .value(project)
-            .build()
-            .map_err(|error| Error::Credentials(error.to_string()))?;
+        let tag =
+            aws_sdk_sts::types::Tag::builder().key("layer-cache-project").value(project).build().map_err(|error| {
+                Error::Credentials { what: "building the STS session tag".into(), source: Some(error.into()) }
+            })?;
         let response = self
             .client
             .assume_role()
@@ -355,11 +343,10 @@ impl StsBroker {
             .send()
             .await
             .map_err(|error| {
-                Error::Credentials(format!("STS AssumeRole of {role_arn} failed: {}", sdk_error_line(&error)))
+                Error::credentials(format!("STS AssumeRole of {role_arn} failed: {}", sdk_error_line(&error)))
             })?;
-        let credentials = response
-            .credentials()
-            .ok_or_else(|| Error::Credentials("STS AssumeRole returned no credentials".into()))?;
+        let credentials =
+            response.credentials().ok_or_else(|| Error::credentials("STS AssumeRole returned no credentials"))?;
         Ok(IssuedCredentials {
             access_key_id: credentials.access_key_id().to_owned(),
             secret_access_key: credentials.secret_access_key().to_owned(),
@@ -482,9 +469,11 @@ mod tests {
     #[tokio::test]
     async fn minted_keys_are_recorded_with_their_scope() {
         let dir = tempfile::tempdir().unwrap();
-        let db = Database::open(dir.path()).unwrap();
+        let db = crate::state::Database::open(dir.path()).unwrap();
+        let clock = proto::clock::ManualClock::at(1_000_000);
         let broker = EmbeddedBroker {
-            db: db.clone(),
+            state: std::sync::Arc::new(db.clone()),
+            clock: clock.clone(),
             signing_key: std::sync::Arc::new(SigningKey::load_or_create(dir.path()).unwrap()),
             settings: EmbeddedStoreSettings {
                 endpoint_url: "http://127.0.0.1:7401".into(),
@@ -508,5 +497,18 @@ mod tests {
                 token_id: String::new()
             }
         );
+
+        // Expiry counts from the broker's clock: a live key is extended, an expired one replaced.
+        let write = broker.issue("web", KeyAccess::Write).await.unwrap();
+        assert_eq!(write.expires_unix, 1_000 + 900);
+        clock.advance(Duration::from_secs(600));
+        let extended = broker.renew("web", KeyAccess::Write, &write.access_key_id).await.unwrap();
+        assert_eq!(
+            (extended.access_key_id.as_str(), extended.expires_unix),
+            (write.access_key_id.as_str(), 1_600 + 900)
+        );
+        clock.advance(Duration::from_secs(901));
+        let replaced = broker.renew("web", KeyAccess::Write, &write.access_key_id).await.unwrap();
+        assert_ne!(replaced.access_key_id, write.access_key_id);
     }
 }

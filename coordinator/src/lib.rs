@@ -1,4 +1,5 @@
-//! cache-coordinator as a library: [`open_data_dir`] takes the data directory, [`run`] serves
+//! cache-coordinator as a library: [`open_data_dir`] takes the data directory, [`open_state`]
+//! the state and [`open_store`] the object store, [`run`] serves
 //! the gRPC API, the embedded S3 endpoint and the health listener until shutdown.
 
 pub mod api;
@@ -38,26 +39,33 @@ use crate::state::Database;
 use crate::store::EmbeddedStore;
 use crate::tokens::AdminToken;
 
-/// The data directory, opened and locked for this process.
+/// The data directory, opened for this process (and locked, by sled, when sled is the state).
 pub struct DataDir {
     pub path: PathBuf,
-    pub db: Database,
+    /// The data directory's sled database: opened only when it is the state (`--state` unset).
+    pub db: Option<Database>,
     pub signing_key: Arc<SigningKey>,
     pub admin_token: AdminToken,
     /// s3s-fs's root: one folder per bucket, plus its metadata files.
     pub objects_root: PathBuf,
 }
 
-/// Creates the data directory if needed, checks it is writable, takes its lock (sled's) and
-/// loads or creates the admin token and the signing key. Fails without touching stored data.
-pub fn open_data_dir(path: &Path, admin_token_from_env: Option<&str>, bucket: &str) -> Result<DataDir, Error> {
+/// Creates the data directory if needed, checks it is writable, opens its sled database when
+/// `with_sled` (taking the directory's lock) and loads or creates the admin token and the
+/// signing key. Fails without touching stored data.
+pub fn open_data_dir(
+    path: &Path,
+    admin_token_from_env: Option<&str>,
+    bucket: &str,
+    with_sled: bool,
+) -> Result<DataDir, Error> {
     let data_dir_error = |reason: String| Error::DataDir { path: path.to_path_buf(), reason };
     std::fs::create_dir_all(path).map_err(|error| data_dir_error(error.to_string()))?;
     let probe = path.join(".write-probe");
     std::fs::write(&probe, b"probe")
         .and_then(|()| std::fs::remove_file(&probe))
         .map_err(|error| data_dir_error(format!("not writable: {error}")))?;
-    let db = Database::open(path)?;
+    let db = if with_sled { Some(Database::open(path)?) } else { None };
     let admin_token = tokens::load_or_create_admin_token(path, admin_token_from_env)?;
     let signing_key = Arc::new(SigningKey::load_or_create(path)?);
     let objects_root = path.join("objects");
@@ -119,16 +127,37 @@ pub struct Store {
     pub publish_lock: s3_endpoint::PublishLock,
 }
 
+/// The state the configuration chose: the PostgreSQL database replicas share (`--state`), or
+/// the data directory's sled (opened by [`open_data_dir`] with `with_sled`).
+pub async fn open_state(config: &Config, data_dir: &DataDir) -> Result<Arc<dyn state::State>, Error> {
+    match (&config.state, &data_dir.db) {
+        (Some(url), _) => Ok(Arc::new(state::postgres::Postgres::connect(&url.0).await?)),
+        (None, Some(db)) => Ok(Arc::new(db.clone())),
+        (None, None) => Err(Error::DataDir {
+            path: data_dir.path.clone(),
+            reason: "its database was not opened (open_data_dir without sled)".into(),
+        }),
+    }
+}
+
 /// Sets up the store. With an S3 store it loads the coordinator's own AWS credentials (the
 /// standard chain), checks the bucket and assumes the role once, so bad configuration is a
-/// start-up error, not a failure at the first build.
-pub async fn open_store(config: &Config, data_dir: &DataDir, endpoints: &Endpoints) -> Result<Store, Error> {
+/// start-up error, not a failure at the first build. The embedded store's broker and endpoint
+/// keep their key records in `state` and read their expiry by `clock`.
+pub async fn open_store(
+    config: &Config,
+    data_dir: &DataDir,
+    state: Arc<dyn state::State>,
+    clock: SharedClock,
+    endpoints: &Endpoints,
+) -> Result<Store, Error> {
     let metrics = Arc::new(metrics::Metrics::new());
     let publish_lock = s3_endpoint::PublishLock::default();
     match &config.s3 {
         None => {
             let broker = EmbeddedBroker {
-                db: data_dir.db.clone(),
+                state: state.clone(),
+                clock: clock.clone(),
                 signing_key: data_dir.signing_key.clone(),
                 settings: EmbeddedStoreSettings {
                     endpoint_url: endpoints.s3_url.clone(),
@@ -141,13 +170,12 @@ pub async fn open_store(config: &Config, data_dir: &DataDir, endpoints: &Endpoin
             let endpoint = s3_endpoint::build_service(
                 metrics.clone(),
                 &data_dir.objects_root,
-                data_dir.db.clone(),
-                data_dir.signing_key.clone(),
+                s3_endpoint::MintedKeys { state, clock, signing_key: data_dir.signing_key.clone() },
                 &config.bucket,
                 &config.prefix,
                 publish_lock.clone(),
             )
-            .map_err(|error| Error::Store(error.to_string()))?;
+            .map_err(|error| Error::store_cause("starting the embedded S3 endpoint", error))?;
             Ok(Store {
                 objects: Arc::new(EmbeddedStore::new(&data_dir.objects_root, &config.bucket)?),
                 broker: Arc::new(broker),
@@ -214,12 +242,14 @@ async fn metrics_listener(path: &str, service: &CacheService) -> http::Response<
     let (status, content_type, body) = match path {
         "/metrics" => match service.metrics_text().await {
             Ok(text) => (http::StatusCode::OK, "application/openmetrics-text; version=1.0.0; charset=utf-8", text),
-            Err(error) => (http::StatusCode::SERVICE_UNAVAILABLE, "text/plain", format!("{error}\n")),
+            Err(error) => (http::StatusCode::SERVICE_UNAVAILABLE, "text/plain", format!("{}\n", error.line())),
         },
         "/healthz" => (http::StatusCode::OK, "text/plain", "ok\n".to_owned()),
         "/readyz" => match service.db.projects().await {
             Ok(_) => (http::StatusCode::OK, "text/plain", "ready\n".to_owned()),
-            Err(error) => (http::StatusCode::SERVICE_UNAVAILABLE, "text/plain", format!("not ready: {error}\n")),
+            Err(error) => {
+                (http::StatusCode::SERVICE_UNAVAILABLE, "text/plain", format!("not ready: {}\n", error.line()))
+            }
         },
         _ => (http::StatusCode::NOT_FOUND, "text/plain", "not found\n".to_owned()),
     };
@@ -311,7 +341,7 @@ pub async fn run(
                             }
                             Ok(None) => None,
                             Err(error) => {
-                                tracing::warn!(%error, "taking the lead of the background work failed; tried again");
+                                tracing::warn!(error = %error.line(), "taking the lead of the background work failed; tried again");
                                 None
                             }
                         };
@@ -331,7 +361,7 @@ pub async fn run(
                                 .remove_expired_keys(sweeping_service.clock.now_unix() - EXPIRED_KEY_GRACE_SECONDS)
                                 .await
                     {
-                        tracing::warn!(%error, "sweeping expired storage keys failed");
+                        tracing::warn!(error = %error.line(), "sweeping expired storage keys failed");
                     }
                 }
                 _ = sweeper_stop.changed() => break,
@@ -366,7 +396,7 @@ pub async fn run(
         let _ = s3_task.await;
     }
     let _ = tokio::join!(health_task, sweeper_task);
-    data_dir.db.durable().await?;
+    state.durable().await?;
     grpc_result.context("gRPC server")?;
     Ok(())
 }

@@ -5,10 +5,30 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use coordinator::config::{Cli, Command, ConfigError, merge, read_file_config};
-use coordinator::{Listeners, open_data_dir, open_store, run};
+use coordinator::{Listeners, open_data_dir, open_state, open_store, run};
 
 /// Exit code for bad configuration or an unusable data directory (EX_USAGE).
 const EXIT_BAD_CONFIG: u8 = 64;
+
+/// Exit code for a failure of the coordinator's own (a task that panicked): EX_SOFTWARE.
+const EXIT_INTERNAL: u8 = 70;
+
+/// The exit code for a start-up error: internal (70) when a task failed, else bad configuration (64).
+fn start_up_exit_code(error: &coordinator::error::Error) -> u8 {
+    match error {
+        coordinator::error::Error::Internal(_) => EXIT_INTERNAL,
+        _ => EXIT_BAD_CONFIG,
+    }
+}
+
+/// The exit code once serving: 70 when a task panicked, else 1.
+fn serve_exit_code(error: &anyhow::Error) -> u8 {
+    let internal = error.chain().any(|cause| {
+        cause.is::<tokio::task::JoinError>()
+            || matches!(cause.downcast_ref(), Some(coordinator::error::Error::Internal(_)))
+    });
+    if internal { EXIT_INTERNAL } else { 1 }
+}
 
 /// Reads a secret from `NAME` or from the file named by `NAME_FILE`.
 fn secret_from_env(name: &str) -> Result<Option<String>, ConfigError> {
@@ -62,17 +82,16 @@ async fn main() -> ExitCode {
         Ok(token) => token,
         Err(error) => return fail(EXIT_BAD_CONFIG, error.to_string()),
     };
-    let data_dir = match open_data_dir(&config.data_dir, admin_token.as_deref(), &config.bucket) {
+    // Sled is opened (and the data directory locked by it) only when it is the state.
+    let with_sled = config.state.is_none();
+    let data_dir = match open_data_dir(&config.data_dir, admin_token.as_deref(), &config.bucket, with_sled) {
         Ok(data_dir) => data_dir,
-        Err(error) => return fail(EXIT_BAD_CONFIG, error.to_string()),
+        Err(error) => return fail(start_up_exit_code(&error), error.line()),
     };
     // The state replicas share, or this machine's sled.
-    let state: std::sync::Arc<dyn coordinator::state::State> = match &config.state {
-        Some(url) => match coordinator::state::postgres::Postgres::connect(&url.0).await {
-            Ok(state) => std::sync::Arc::new(state),
-            Err(error) => return fail(EXIT_BAD_CONFIG, format!("--state: {error}")),
-        },
-        None => std::sync::Arc::new(data_dir.db.clone()),
+    let state = match open_state(&config, &data_dir).await {
+        Ok(state) => state,
+        Err(error) => return fail(start_up_exit_code(&error), format!("--state: {}", error.line())),
     };
     let listeners = match Listeners::bind(&config).await {
         Ok(listeners) => listeners,
@@ -82,9 +101,11 @@ async fn main() -> ExitCode {
         Ok(endpoints) => endpoints,
         Err(error) => return fail(1, error.to_string()),
     };
-    let store = match open_store(&config, &data_dir, &endpoints).await {
+    // The one clock everything reads time from: key expiry, the ledger's stamps, the sweeps.
+    let clock = proto::clock::system_clock();
+    let store = match open_store(&config, &data_dir, state.clone(), clock.clone(), &endpoints).await {
         Ok(store) => store,
-        Err(error) => return fail(EXIT_BAD_CONFIG, error.to_string()),
+        Err(error) => return fail(start_up_exit_code(&error), error.line()),
     };
     if let Some(path) = &data_dir.admin_token.file {
         println!("admin token: {}", path.display());
@@ -99,8 +120,8 @@ async fn main() -> ExitCode {
         "cache-coordinator ready: grpc=http://{} s3={} metrics=http://{}{s3_listen}",
         endpoints.grpc, endpoints.s3_url, endpoints.metrics
     );
-    match run(config, data_dir, state, listeners, store, proto::clock::system_clock(), shutdown_signal()).await {
+    match run(config, data_dir, state, listeners, store, clock, shutdown_signal()).await {
         Ok(()) => ExitCode::SUCCESS,
-        Err(error) => fail(1, format!("{error:#}")),
+        Err(error) => fail(serve_exit_code(&error), format!("{error:#}")),
     }
 }

@@ -10,10 +10,14 @@ use s3s::dto::*;
 use s3s::path::S3Path;
 use s3s::{S3, S3Request, S3Response, S3Result, s3_error};
 
-use crate::credentials::{SigningKey, now_unix, project_prefix};
+use proto::clock::SharedClock;
+
+use proto::object_keys::project_prefix;
+
+use crate::credentials::SigningKey;
 use crate::metrics::{Metrics, ProjectLabels};
 use crate::scope::{KeyScope, Target, authorize};
-use crate::state::{Database, MintedKeyRecord};
+use crate::state::{MintedKeyRecord, State};
 
 /// The header, and the presigned-URL query parameter, that carry the session token.
 const SESSION_TOKEN_HEADER: &str = "x-amz-security-token";
@@ -21,16 +25,19 @@ const SESSION_TOKEN_QUERY: &str = "X-Amz-Security-Token";
 
 /// Looks up minted keys for s3s's signature check.
 struct MintedKeyAuth {
-    db: Database,
+    state: Arc<dyn State>,
+    clock: SharedClock,
     signing_key: Arc<SigningKey>,
 }
 
-fn live_record(db: &Database, access_key_id: &str) -> S3Result<MintedKeyRecord> {
-    let record = db
+/// The record of a key that is recorded and not expired by `clock`.
+async fn live_record(state: &dyn State, clock: &SharedClock, access_key_id: &str) -> S3Result<MintedKeyRecord> {
+    let record = state
         .minted_key(access_key_id)
-        .map_err(|error| s3_error!(InternalError, "{error}"))?
+        .await
+        .map_err(|error| s3_error!(InternalError, "{}", error.line()))?
         .ok_or_else(|| s3_error!(InvalidAccessKeyId, "the access key is not one this endpoint minted"))?;
-    if record.expires_unix <= now_unix() {
+    if record.expires_unix <= clock.now_unix() {
         return Err(s3_error!(ExpiredToken, "the access key has expired: ask the coordinator for new credentials"));
     }
     Ok(record)
@@ -39,7 +46,7 @@ fn live_record(db: &Database, access_key_id: &str) -> S3Result<MintedKeyRecord> 
 #[async_trait::async_trait]
 impl S3Auth for MintedKeyAuth {
     async fn get_secret_key(&self, access_key: &str) -> S3Result<SecretKey> {
-        live_record(&self.db, access_key)?;
+        live_record(self.state.as_ref(), &self.clock, access_key).await?;
         Ok(SecretKey::from(self.signing_key.secret_for(access_key)))
     }
 }
@@ -48,7 +55,8 @@ impl S3Auth for MintedKeyAuth {
 struct MintedKeyAccess {
     metrics: Arc<Metrics>,
     refusals: Arc<RefusalLog>,
-    db: Database,
+    state: Arc<dyn State>,
+    clock: SharedClock,
     signing_key: Arc<SigningKey>,
     bucket: String,
     store_prefix: String,
@@ -66,7 +74,7 @@ impl S3Access for MintedKeyAccess {
             return Err(s3_error!(AccessDenied, "requests must be signed with credentials from the coordinator"));
         };
         let access_key_id = credentials.access_key.clone();
-        let record = live_record(&self.db, &access_key_id)?;
+        let record = live_record(self.state.as_ref(), &self.clock, &access_key_id).await?;
 
         let presented_token = match cx.headers().get(SESSION_TOKEN_HEADER) {
             Some(value) => value.to_str().ok().map(str::to_owned),
@@ -114,7 +122,7 @@ impl S3Access for MintedKeyAccess {
 struct ObjectFiles {
     files: s3s_fs::FileSystem,
     root: std::path::PathBuf,
-    db: Database,
+    state: Arc<dyn State>,
     /// Held shared while an object becomes visible, exclusively by a flush while it revokes the
     /// project's keys: an upload begun before a flush either lands before it (and the flush
     /// deletes it) or finds its key revoked and leaves nothing.
@@ -137,7 +145,9 @@ impl PublishLock {
 fn write_failed(root: &std::path::Path, error: s3s::S3Error) -> s3s::S3Error {
     let probe = root.join(".write-probe");
     let probed = std::fs::write(&probe, [0u8; 4096]).and_then(|()| std::fs::remove_file(&probe));
-    match probed.as_ref().err().and_then(crate::error::disk_problem) {
+    let problem =
+        probed.as_ref().err().and_then(|error| Some(format!("{} ({error})", crate::error::disk_problem(error)?)));
+    match problem {
         Some(problem) => {
             let _ = std::fs::remove_file(&probe);
             tracing::error!(objects = %root.display(), problem, "an upload to the embedded store failed");
@@ -218,11 +228,13 @@ impl ObjectFiles {
                 "the project was flushed while this upload ran: its key is revoked and nothing was stored"
             )
         };
-        let lookup = |db: &Database| db.minted_key(access_key_id).map_err(|error| s3_error!(InternalError, "{error}"));
-        let project = lookup(&self.db)?.ok_or_else(revoked)?.project;
+        let lookup = || async {
+            self.state.minted_key(access_key_id).await.map_err(|error| s3_error!(InternalError, "{}", error.line()))
+        };
+        let project = lookup().await?.ok_or_else(revoked)?.project;
         let guard = self.publish.of_project(&project).read_owned().await;
         // Looked up again under the lock: a flush may have revoked it meanwhile.
-        lookup(&self.db)?.ok_or_else(revoked)?;
+        lookup().await?.ok_or_else(revoked)?;
         Ok(guard)
     }
 }
@@ -548,6 +560,7 @@ impl ObjectFiles {
         };
         moved.map_err(|error| match crate::error::disk_problem(&error) {
             Some(problem) => {
+                let problem = format!("{problem} ({error})");
                 tracing::error!(objects = %self.root.display(), problem, "an upload to the embedded store failed");
                 s3_error!(InternalError, "the coordinator cannot write its data directory: {problem}")
             }
@@ -642,7 +655,7 @@ const MOST_REQUEST_XML: usize = 8 << 20;
 #[derive(Clone)]
 pub struct Gate {
     s3: s3s::service::S3Service,
-    db: Database,
+    state: Arc<dyn State>,
     refusals: Arc<RefusalLog>,
 }
 
@@ -689,7 +702,7 @@ fn gate_refusal(
 impl Gate {
     /// The refusal, from the headers alone, of a request no key of this endpoint signed. A key
     /// it minted (live or expired) passes: s3s checks the signature and gives the precise answer.
-    fn refusal<B>(&self, request: &http::Request<B>) -> Option<http::Response<s3s::Body>> {
+    async fn refusal<B>(&self, request: &http::Request<B>) -> Option<http::Response<s3s::Body>> {
         let refuse = |code: &'static str, message: &'static str| {
             self.refusals
                 .note(|| tracing::warn!(code, method = %request.method(), "storage request refused: {message}"));
@@ -698,7 +711,7 @@ impl Gate {
         let Some(access_key_id) = signing_key_id(request) else {
             return refuse("AccessDenied", "requests must be signed with credentials from the coordinator");
         };
-        match self.db.minted_key(&access_key_id) {
+        match self.state.minted_key(&access_key_id).await {
             Ok(None) => refuse("InvalidAccessKeyId", "the access key is not one this endpoint minted"),
             // A database failure is s3s's to answer, through the same lookup.
             Ok(Some(_)) | Err(_) => None,
@@ -709,7 +722,7 @@ impl Gate {
         self,
         request: http::Request<crate::listener::TimedBody>,
     ) -> Result<http::Response<s3s::Body>, s3s::HttpError> {
-        if let Some(refusal) = self.refusal(&request) {
+        if let Some(refusal) = self.refusal(&request).await {
             return Ok(refusal);
         }
         let (method, path) = (request.method().clone(), request.uri().path().to_owned());
@@ -739,29 +752,38 @@ impl hyper::service::Service<http::Request<crate::listener::TimedBody>> for Gate
     }
 }
 
+/// Where the endpoint finds the keys it admits: their records (through the state, whichever
+/// backend holds it), the clock their expiry is read by, and the key their secrets derive from.
+pub struct MintedKeys {
+    pub state: Arc<dyn State>,
+    pub clock: SharedClock,
+    pub signing_key: Arc<SigningKey>,
+}
+
 /// Builds the endpoint's HTTP service over the objects in `objects_root`.
 pub fn build_service(
     metrics: Arc<Metrics>,
     objects_root: &std::path::Path,
-    db: Database,
-    signing_key: Arc<SigningKey>,
+    keys: MintedKeys,
     bucket: &str,
     store_prefix: &str,
     publish: PublishLock,
 ) -> std::io::Result<Gate> {
+    let MintedKeys { state, clock, signing_key } = keys;
     let file_system =
         s3s_fs::FileSystem::new(objects_root).map_err(|error| std::io::Error::other(format!("{error:?}")))?;
-    let files = ObjectFiles { files: file_system, root: objects_root.to_path_buf(), db: db.clone(), publish };
+    let files = ObjectFiles { files: file_system, root: objects_root.to_path_buf(), state: state.clone(), publish };
     let mut builder = s3s::service::S3ServiceBuilder::new(files);
-    builder.set_auth(MintedKeyAuth { db: db.clone(), signing_key: signing_key.clone() });
+    builder.set_auth(MintedKeyAuth { state: state.clone(), clock: clock.clone(), signing_key: signing_key.clone() });
     let refusals = Arc::new(RefusalLog::default());
     builder.set_access(MintedKeyAccess {
         metrics,
         refusals: refusals.clone(),
-        db: db.clone(),
+        state: state.clone(),
+        clock,
         signing_key,
         bucket: bucket.to_owned(),
         store_prefix: store_prefix.to_owned(),
     });
-    Ok(Gate { s3: builder.build(), db, refusals })
+    Ok(Gate { s3: builder.build(), state, refusals })
 }

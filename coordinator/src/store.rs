@@ -108,7 +108,7 @@ pub struct EmbeddedStore {
 
 impl EmbeddedStore {
     pub fn new(objects_root: &Path, bucket: &str) -> Result<EmbeddedStore, Error> {
-        let file_system = s3s_fs::FileSystem::new(objects_root).map_err(|error| Error::Store(format!("{error:?}")))?;
+        let file_system = s3s_fs::FileSystem::new(objects_root).map_err(|error| Error::store(format!("{error:?}")))?;
         Ok(EmbeddedStore {
             file_system: Arc::new(file_system),
             bucket_dir: objects_root.join(bucket),
@@ -166,7 +166,7 @@ impl ObjectStore for EmbeddedStore {
             Ok(metadata) if metadata.is_file() => Ok(Some(metadata.len())),
             Ok(_) => Ok(None),
             Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(error) => Err(Error::Store(format!("{key}: {error}"))),
+            Err(error) => Err(Error::store_cause(key, error)),
         }
     }
 
@@ -176,14 +176,13 @@ impl ObjectStore for EmbeddedStore {
             let path = path.clone();
             move || file_sha256_hex(&path)
         })
-        .await
-        .map_err(|error| Error::Store(error.to_string()))?;
+        .await?;
         match hashed {
             Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(BlobState::Missing),
-            Err(error) => Err(Error::Store(format!("{key}: {error}"))),
+            Err(error) => Err(Error::store_cause(key, error)),
             Ok(actual) if Some(actual.as_str()) == digest.strip_prefix("sha256:") => Ok(BlobState::Intact),
             Ok(_) => {
-                tokio::fs::remove_file(&path).await.map_err(|error| Error::Store(format!("{key}: {error}")))?;
+                tokio::fs::remove_file(&path).await.map_err(|error| Error::store_cause(key, error))?;
                 Ok(BlobState::Corrupt)
             }
         }
@@ -192,9 +191,8 @@ impl ObjectStore for EmbeddedStore {
     async fn list(&self, prefix: &str) -> Result<Vec<StoredObject>, Error> {
         let (bucket_dir, dir) = (self.bucket_dir.clone(), self.bucket_dir.join(prefix.trim_end_matches('/')));
         tokio::task::spawn_blocking(move || list_files(&bucket_dir, &dir))
-            .await
-            .map_err(|error| Error::Store(error.to_string()))?
-            .map_err(|error| Error::Store(format!("listing {prefix}: {error}")))
+            .await?
+            .map_err(|error| Error::store_cause(format!("listing {prefix}"), error))
     }
 
     async fn delete_keys(&self, keys: &[String]) -> Result<(), Error> {
@@ -207,11 +205,11 @@ impl ObjectStore for EmbeddedStore {
                 .bucket(self.bucket.clone())
                 .key(key.clone())
                 .build()
-                .map_err(|error| Error::Store(error.to_string()))?;
+                .map_err(|error| Error::store_cause(format!("deleting {key}"), error))?;
             self.file_system
                 .delete_object(internal_request(input))
                 .await
-                .map_err(|error| Error::Store(format!("deleting {key}: {error}")))?;
+                .map_err(|error| Error::store(format!("deleting {key}: {error}")))?;
         }
         Ok(())
     }
@@ -225,13 +223,7 @@ impl ObjectStore for EmbeddedStore {
         match tokio::fs::remove_dir_all(&prefix_dir).await {
             Ok(()) => Ok(deleted),
             Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(deleted),
-            Err(error) => Err(Error::Store(format!("removing {}: {error}", prefix_dir.display()))),
+            Err(error) => Err(Error::store_cause(format!("removing {}", prefix_dir.display()), error)),
         }
     }
-}
-
-/// Where a blob lives in the store.
-pub fn blob_key(project_prefix: &str, digest: &str) -> String {
-    let hex = digest.strip_prefix("sha256:").unwrap_or(digest);
-    format!("{project_prefix}blobs/sha256/{hex}")
 }

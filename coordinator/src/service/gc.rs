@@ -21,19 +21,13 @@
 
 use std::collections::{BTreeSet, HashMap};
 
+use proto::object_keys::{blob_key, blobs_prefix, project_prefix};
 use proto::v1 as pb;
 
 use super::CacheService;
-use crate::credentials::project_prefix;
 use crate::error::Error;
 use crate::state::{BlobRecord, manifest_digests};
-use crate::store::blob_key;
 use crate::store::{ObjectTotals, StoredObject};
-
-/// Where a project's blobs live in the store.
-fn blobs_prefix(store_prefix: &str, project: &str) -> String {
-    format!("{}blobs/sha256/", project_prefix(store_prefix, project))
-}
 
 /// When a cache was last used: its last restore or save (its creation, for a manifest written
 /// before use was recorded).
@@ -84,7 +78,7 @@ impl CacheService {
         let protected = self.protected(project).await?;
         let (mut removable, mut evicted) = (Vec::new(), Vec::new());
         for key in keys {
-            if let Some(unreferenced) = self.db.remove_manifest(project, key).await? {
+            if let Some(unreferenced) = self.db.remove_manifest(project, key, self.clock.now_unix()).await? {
                 removable.extend(unreferenced.into_iter().filter(|digest| !protected(digest)));
                 evicted.push(key.clone());
             }
@@ -102,7 +96,7 @@ impl CacheService {
         self.existing_project(project).await?;
         // Listed before the lock, which saves and restores of the project wait for; what is
         // stray is decided under it.
-        let listed = self.store.list(&blobs_prefix(&self.store_prefix, project)).await?;
+        let listed = self.store.list(&blobs_prefix(&project_prefix(&self.store_prefix, project))).await?;
         let _exclusive = self.lock_project(project, super::Lock::Exclusive).await?;
         let now = self.clock.now_unix();
         let expiry = self.cache_expiry.as_secs() as i64;
@@ -174,7 +168,7 @@ impl CacheService {
         grace: i64,
     ) -> Result<Vec<StoredObject>, Error> {
         let recorded = self.db.ledger_digests(project).await?;
-        let blobs = blobs_prefix(&self.store_prefix, project);
+        let blobs = blobs_prefix(&project_prefix(&self.store_prefix, project));
         let protected = self.protected(project).await?;
         Ok(listed
             .into_iter()
@@ -204,7 +198,7 @@ impl CacheService {
             match self.collect_garbage(&project.name, dry_run).await {
                 Ok(done) => collected.push(done),
                 Err(error) => {
-                    tracing::warn!(project = project.name, %error, "garbage collection failed; it is tried again")
+                    tracing::warn!(project = project.name, error = %error.line(), "garbage collection failed; it is tried again")
                 }
             }
         }
@@ -292,7 +286,7 @@ impl CacheService {
             Ok::<_, Error>(())
         };
         if let Err(error) = discarded.await {
-            tracing::warn!(project, %error, "removing the blobs of a save over its quota failed; a collection will");
+            tracing::warn!(project, error = %error.line(), "removing the blobs of a save over its quota failed; a collection will");
         }
         drop(exclusive);
         over_quota(project, key, size, quota)

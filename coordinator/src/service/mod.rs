@@ -7,9 +7,10 @@
 use std::sync::Arc;
 
 use proto::names;
+use proto::object_keys::project_prefix;
 use proto::v1 as pb;
 
-use crate::credentials::{CredentialBroker, IssuedCredentials, project_prefix};
+use crate::credentials::{CredentialBroker, IssuedCredentials};
 use crate::error::Error;
 use crate::state::{KeyAccess, ProjectRecord, ServiceCounters, State};
 use crate::store::{ObjectStore, ObjectTotals};
@@ -209,13 +210,13 @@ impl CacheService {
     pub async fn refresh_usage(&self) {
         let projects = match self.db.projects().await {
             Ok(projects) => projects,
-            Err(error) => return tracing::warn!(%error, "counting the store's usage failed"),
+            Err(error) => return tracing::warn!(error = %error.line(), "counting the store's usage failed"),
         };
         let names: std::collections::HashSet<String> = projects.iter().map(|record| record.name.clone()).collect();
         self.usage.lock().expect("usage").retain(|project, _| names.contains(project));
         for project in names {
             if let Err(error) = self.project_usage(&project).await {
-                tracing::warn!(project, %error, "counting a project's store usage failed");
+                tracing::warn!(project, error = %error.line(), "counting a project's store usage failed");
             }
         }
     }
@@ -293,11 +294,11 @@ impl CacheService {
     pub async fn run_due_sweeps(&self) {
         let due = match self.db.sweeps_due(self.clock.now_unix()).await {
             Ok(due) => due,
-            Err(error) => return tracing::warn!(%error, "looking for due sweeps failed"),
+            Err(error) => return tracing::warn!(error = %error.line(), "looking for due sweeps failed"),
         };
         for (project, due_unix) in due {
             if let Err(error) = self.sweep_after_flush(&project, due_unix).await {
-                tracing::warn!(project, %error, "sweeping after a flush failed; it is tried again");
+                tracing::warn!(project, error = %error.line(), "sweeping after a flush failed; it is tried again");
             }
         }
     }

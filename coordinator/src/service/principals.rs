@@ -129,7 +129,7 @@ impl CacheService {
         if sweep_due > self.clock.now_unix() {
             let (store, db) = (self.store.clone(), self.db.clone());
             let (project, prefix) =
-                (project.to_owned(), crate::credentials::project_prefix(&self.store_prefix, project));
+                (project.to_owned(), proto::object_keys::project_prefix(&self.store_prefix, project));
             let wait = std::time::Duration::from_secs((sweep_due - self.clock.now_unix()) as u64 + 1);
             tokio::spawn(async move {
                 tokio::time::sleep(wait).await;
@@ -138,7 +138,7 @@ impl CacheService {
                     return;
                 }
                 if let Err(error) = store.delete_prefix(&prefix, &crate::store::keep_nothing).await {
-                    tracing::warn!(%error, "sweeping a deleted project's store failed");
+                    tracing::warn!(error = %error.line(), "sweeping a deleted project's store failed");
                 }
             });
         }

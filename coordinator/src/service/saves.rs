@@ -9,14 +9,13 @@ use std::time::{Duration, Instant};
 
 use futures::{StreamExt, TryStreamExt};
 use proto::names;
+use proto::object_keys::{blob_key, project_prefix};
 use proto::v1 as pb;
 
 use super::{CacheService, Lock, validate_key};
 use crate::claims::SaveFacts;
-use crate::credentials::project_prefix;
 use crate::error::Error;
 use crate::state::{BlobRecord, Committed, OpenSave, ProjectRecord, ServiceCounters, manifest_digests};
-use crate::store::blob_key;
 
 /// How long one `CommitSave` call waits for blobs other saves are uploading before it answers
 /// "call again": well inside any worker's per-call deadline.
@@ -336,7 +335,7 @@ impl CacheService {
         }
         let size =
             self.db.stored_blobs(project, &[digest.to_owned()]).await?.values().map(|record| record.stored_size).sum();
-        let caches_removed = self.db.drop_blob(project, digest).await?;
+        let caches_removed = self.db.drop_blob(project, digest, self.clock.now_unix()).await?;
         self.db.durable().await?;
         self.metrics.record_eviction(project, "lost", 1, size);
         self.metrics.record_cache_evictions(project, "lost", caches_removed);
@@ -375,7 +374,7 @@ impl CacheService {
         let now = self.clock.now_unix_ms();
         match self.pending_saves.newly_silent(None, now).await {
             Ok(silent) => self.release_shares_of_silent(silent, now).await,
-            Err(error) => tracing::warn!(%error, "looking for silent saves failed; it is tried again"),
+            Err(error) => tracing::warn!(error = %error.line(), "looking for silent saves failed; it is tried again"),
         }
     }
 
@@ -387,7 +386,9 @@ impl CacheService {
                     project,
                     "a save's worker fell silent: its claims lapsed and its budget share is back"
                 ),
-                Err(error) => tracing::warn!(project, %error, "releasing a silent save's budget share failed"),
+                Err(error) => {
+                    tracing::warn!(project, error = %error.line(), "releasing a silent save's budget share failed")
+                }
             }
         }
     }
@@ -603,7 +604,8 @@ impl CacheService {
         pending: &SaveFacts,
         reported: &HashMap<String, BlobRecord>,
     ) -> Result<Committed, Error> {
-        let committed = self.db.commit_manifest(project, manifest, pending.generation, reported).await?;
+        let committed =
+            self.db.commit_manifest(project, manifest, pending.generation, reported, self.clock.now_unix()).await?;
         self.db
             .add_to_counters(project, &pending.key.service, &ServiceCounters { saves: 1, ..Default::default() })
             .await?;
@@ -626,7 +628,7 @@ impl CacheService {
             ),
             Ok(_) => {}
             Err(error) => {
-                tracing::warn!(project, %error, "evicting to fit the quota failed; the next commit tries again")
+                tracing::warn!(project, error = %error.line(), "evicting to fit the quota failed; the next commit tries again")
             }
         }
     }

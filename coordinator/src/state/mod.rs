@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::Error;
 
+pub mod ledger;
 mod memory;
 pub mod postgres;
 pub mod sled;
@@ -333,16 +334,22 @@ pub trait State: Ephemeral {
     async fn manifests(&self, project: &str) -> Result<Vec<pb::Manifest>, Error>;
     /// Records that a manifest was used now, unless another writer replaced it meanwhile.
     async fn touch_manifest(&self, project: &str, manifest: &pb::Manifest, now_unix: i64) -> Result<(), Error>;
-    /// Makes `manifest` its key's, atomically with the ledger (see [`Committed`]); refused with [`Error::SaveConflict`] when the project's generation is no longer `generation`.
+    /// Makes `manifest` its key's at `now_unix`, atomically with the ledger (see [`Committed`]); refused with [`Error::SaveConflict`] when the project's generation is no longer `generation`.
     async fn commit_manifest(
         &self,
         project: &str,
         manifest: &pb::Manifest,
         generation: u64,
         new_blobs: &HashMap<String, BlobRecord>,
+        now_unix: i64,
     ) -> Result<Committed, Error>;
-    /// Evicts one cache; returns the blobs it left unreferenced, or `None` when there was none.
-    async fn remove_manifest(&self, project: &str, key: &pb::CacheKey) -> Result<Option<Vec<String>>, Error>;
+    /// Evicts one cache at `now_unix`; returns the blobs it left unreferenced, or `None` when there was none.
+    async fn remove_manifest(
+        &self,
+        project: &str,
+        key: &pb::CacheKey,
+        now_unix: i64,
+    ) -> Result<Option<Vec<String>>, Error>;
     /// A project's totals, kept in step by every write (never counted).
     async fn totals(&self, project: &str) -> Result<ProjectTotals, Error>;
     /// Counters per service, for one project or (with `None`) every project.
@@ -355,7 +362,7 @@ pub trait State: Ephemeral {
     /// Every digest the project's ledger records.
     async fn ledger_digests(&self, project: &str) -> Result<HashSet<String>, Error>;
     /// Forgets a lost blob with every manifest naming it; returns the manifests removed.
-    async fn drop_blob(&self, project: &str, digest: &str) -> Result<u64, Error>;
+    async fn drop_blob(&self, project: &str, digest: &str, now_unix: i64) -> Result<u64, Error>;
     /// The project's blobs no manifest names, with their records.
     async fn unreferenced_blobs(&self, project: &str, now_unix: i64) -> Result<Vec<(String, BlobRecord)>, Error>;
     /// Forgets those of `digests` that still have no reference; returns them.

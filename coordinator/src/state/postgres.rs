@@ -26,7 +26,7 @@ use tokio_postgres::NoTls;
 
 use super::{
     BlobRecord, Committed, FlushedRecords, KeyAccess, MintedKeyRecord, ProjectRecord, ProjectTotals, ScopedTokenRecord,
-    ServiceCounters, State, began_later, latest_expiry, manifest_digests,
+    ServiceCounters, State, latest_expiry, ledger, manifest_digests,
 };
 use crate::error::Error;
 
@@ -76,8 +76,8 @@ const SOME_OPEN_SAVES_LOCK: &str = "SELECT pg_advisory_xact_lock_shared(7401, 0)
 const PROJECT_OPEN_SAVES_LOCK: &str = "SELECT pg_advisory_xact_lock(7402, hashtext($1))";
 const LEASES_LOCK: &str = "SELECT pg_advisory_xact_lock(7403, 0)";
 
-fn pg_error(error: impl std::fmt::Display) -> Error {
-    Error::Database(format!("PostgreSQL: {error}"))
+fn pg_error(error: impl Into<crate::error::Cause>) -> Error {
+    Error::database("PostgreSQL", error)
 }
 
 fn to_json<T: Serialize>(value: &T) -> String {
@@ -85,11 +85,11 @@ fn to_json<T: Serialize>(value: &T) -> String {
 }
 
 fn from_json<T: for<'de> Deserialize<'de>>(table: &str, text: &str) -> Result<T, Error> {
-    serde_json::from_str(text).map_err(|error| Error::CorruptState(format!("{table}: {error}")))
+    serde_json::from_str(text).map_err(|error| Error::corrupt(table, error))
 }
 
 fn decode_manifest(body: &[u8]) -> Result<pb::Manifest, Error> {
-    pb::Manifest::decode(body).map_err(|error| Error::CorruptState(format!("lc_manifests: {error}")))
+    pb::Manifest::decode(body).map_err(|error| Error::corrupt("lc_manifests", error))
 }
 
 /// The state in one PostgreSQL database, through a pool of connections, and another for the
@@ -170,10 +170,13 @@ impl Postgres {
             tx.query_opt("SELECT version FROM lc_schema", &[]).await.map_err(pg_error)?.map(|row| row.get(0));
         match version {
             Some(version) if version > SCHEMA_VERSION => {
-                return Err(Error::Database(format!(
-                    "the database's schema is version {version}, newer than this coordinator's {SCHEMA_VERSION}: \
-                     run a coordinator at least as new as the one that wrote it"
-                )));
+                return Err(Error::Database {
+                    what: format!(
+                        "the database's schema is version {version}, newer than this coordinator's {SCHEMA_VERSION}: \
+                         run a coordinator at least as new as the one that wrote it"
+                    ),
+                    source: None,
+                });
             }
             Some(SCHEMA_VERSION) => {}
             Some(version) => {
@@ -235,25 +238,6 @@ async fn put_blob(tx: &Transaction<'_>, project: &str, digest: &str, record: &Bl
     .await
     .map_err(pg_error)?;
     Ok(())
-}
-
-/// Each of `digests` loses one reference; returns those left with none.
-async fn unreference(
-    tx: &Transaction<'_>,
-    project: &str,
-    digests: &[String],
-    now_unix: i64,
-) -> Result<Vec<String>, Error> {
-    let mut unreferenced = Vec::new();
-    for (digest, record) in lock_blobs(tx, project, digests).await? {
-        let record = record.unreferenced(now_unix);
-        if record.references == 0 {
-            unreferenced.push(digest.clone());
-        }
-        put_blob(tx, project, &digest, &record).await?;
-    }
-    unreferenced.sort();
-    Ok(unreferenced)
 }
 
 /// Adds to a project's totals (never below zero).
@@ -644,61 +628,40 @@ impl State for Postgres {
         manifest: &pb::Manifest,
         generation: u64,
         new_blobs: &HashMap<String, BlobRecord>,
+        now_unix: i64,
     ) -> Result<Committed, Error> {
         let key = manifest.key.clone().unwrap_or_default();
-        let now = crate::credentials::now_unix();
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(pg_error)?;
         let record = lock_project(&tx, project).await?.ok_or_else(|| Error::NoSuchProject(project.to_owned()))?;
-        if record.generation != generation {
-            return Err(Error::SaveConflict(format!("project {project:?} was flushed while the save ran: save again")));
-        }
         let old = manifest_of(&tx, project, &key, true).await?;
-        let new_digests: Vec<String> = manifest_digests(manifest).into_iter().collect();
-        let known = lock_blobs(&tx, project, &new_digests).await?;
-        let (mut n_new, mut new_bytes) = (0i64, 0i64);
-        if let Some(old) = old.as_ref().filter(|old| began_later(old.origin.as_ref(), manifest.origin.as_ref())) {
-            // Recorded with no reference, so a garbage collection finds what this save stored.
-            for digest in new_digests.iter().filter(|digest| !known.contains_key(*digest)) {
-                let blob = BlobRecord {
-                    references: 0,
-                    unreferenced_since_unix: now,
-                    ..new_blobs.get(digest).cloned().unwrap_or_default()
-                };
-                (n_new, new_bytes) = (n_new + 1, new_bytes + blob.stored_size as i64);
-                put_blob(&tx, project, digest, &blob).await?;
-            }
-            change_totals(&tx, project, n_new, new_bytes, 0).await?;
-            tx.commit().await.map_err(pg_error)?;
-            return Ok(Committed::KeptNewer(old.clone()));
+        let digests: Vec<String> = ledger::commit_digests(manifest, old.as_ref()).into_iter().collect();
+        let known = lock_blobs(&tx, project, &digests).await?;
+        let view = ledger::CommitView { project: &record, old, known: &known };
+        let (committed, change) = ledger::commit(view, manifest, generation, new_blobs, now_unix)?;
+        for (digest, blob) in &change.put_blobs {
+            put_blob(&tx, project, digest, blob).await?;
         }
-        let old_digests = old.as_ref().map(manifest_digests).unwrap_or_default();
-        for digest in new_digests.iter().filter(|digest| !old_digests.contains(*digest)) {
-            let blob = match known.get(digest) {
-                Some(blob) => blob.clone(),
-                None => {
-                    let blob = BlobRecord { references: 0, ..new_blobs.get(digest).cloned().unwrap_or_default() };
-                    (n_new, new_bytes) = (n_new + 1, new_bytes + blob.stored_size as i64);
-                    blob
-                }
-            };
-            put_blob(&tx, project, digest, &blob.referenced()).await?;
+        change_totals(&tx, project, change.blobs_delta, change.stored_bytes_delta, change.manifests_delta).await?;
+        if let Some(manifest) = &change.put_manifest {
+            tx.execute(
+                "INSERT INTO lc_manifests (project, service, branch, body) VALUES ($1, $2, $3, $4)
+                 ON CONFLICT (project, service, branch) DO UPDATE SET body = EXCLUDED.body",
+                &[&project, &key.service, &key.branch, &manifest.encode_to_vec()],
+            )
+            .await
+            .map_err(pg_error)?;
         }
-        let dropped: Vec<String> = old_digests.iter().filter(|digest| !new_digests.contains(digest)).cloned().collect();
-        unreference(&tx, project, &dropped, now).await?;
-        change_totals(&tx, project, n_new, new_bytes, i64::from(old.is_none())).await?;
-        tx.execute(
-            "INSERT INTO lc_manifests (project, service, branch, body) VALUES ($1, $2, $3, $4)
-             ON CONFLICT (project, service, branch) DO UPDATE SET body = EXCLUDED.body",
-            &[&project, &key.service, &key.branch, &manifest.encode_to_vec()],
-        )
-        .await
-        .map_err(pg_error)?;
         tx.commit().await.map_err(pg_error)?;
-        Ok(Committed::Stored { replaced: old.map(|old| old.origin.unwrap_or_default()) })
+        Ok(committed)
     }
 
-    async fn remove_manifest(&self, project: &str, key: &pb::CacheKey) -> Result<Option<Vec<String>>, Error> {
+    async fn remove_manifest(
+        &self,
+        project: &str,
+        key: &pb::CacheKey,
+        now_unix: i64,
+    ) -> Result<Option<Vec<String>>, Error> {
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(pg_error)?;
         lock_project(&tx, project).await?;
@@ -712,8 +675,13 @@ impl State for Postgres {
         let Some(row) = row else { return Ok(None) };
         let manifest = decode_manifest(row.get::<_, &[u8]>(0))?;
         let digests: Vec<String> = manifest_digests(&manifest).into_iter().collect();
-        let unreferenced = unreference(&tx, project, &digests, crate::credentials::now_unix()).await?;
-        change_totals(&tx, project, 0, 0, -1).await?;
+        let known = lock_blobs(&tx, project, &digests).await?;
+        // The manifest is deleted above (its row read as it went): the change set's removal is done.
+        let (unreferenced, change) = ledger::evict(&manifest, &known, now_unix);
+        for (digest, blob) in &change.put_blobs {
+            put_blob(&tx, project, digest, blob).await?;
+        }
+        change_totals(&tx, project, change.blobs_delta, change.stored_bytes_delta, change.manifests_delta).await?;
         tx.commit().await.map_err(pg_error)?;
         Ok(Some(unreferenced))
     }
@@ -811,7 +779,7 @@ impl State for Postgres {
         Ok(rows.iter().map(|row| row.get(0)).collect())
     }
 
-    async fn drop_blob(&self, project: &str, digest: &str) -> Result<u64, Error> {
+    async fn drop_blob(&self, project: &str, digest: &str, now_unix: i64) -> Result<u64, Error> {
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(pg_error)?;
         lock_project(&tx, project).await?;
@@ -819,34 +787,35 @@ impl State for Postgres {
             .query("SELECT service, branch, body FROM lc_manifests WHERE project = $1 FOR UPDATE", &[&project])
             .await
             .map_err(pg_error)?;
-        let now = crate::credentials::now_unix();
-        let mut n_removed = 0u64;
+        let mut naming = Vec::new();
         for row in &rows {
             let manifest = decode_manifest(row.get::<_, &[u8]>(2))?;
-            let digests: Vec<String> = manifest_digests(&manifest).into_iter().collect();
-            if !digests.iter().any(|named| named == digest) {
-                continue;
+            if manifest_digests(&manifest).contains(digest) {
+                naming.push(manifest);
             }
+        }
+        let digests: Vec<String> = ledger::drop_digests(&naming, digest).into_iter().collect();
+        let known = lock_blobs(&tx, project, &digests).await?;
+        let change = ledger::drop_blob(&naming, &known, digest, now_unix);
+        for key in &change.remove_manifests {
             tx.execute(
                 "DELETE FROM lc_manifests WHERE project = $1 AND service = $2 AND branch = $3",
-                &[&project, &row.get::<_, &str>(0), &row.get::<_, &str>(1)],
+                &[&project, &key.service, &key.branch],
             )
             .await
             .map_err(pg_error)?;
-            unreference(&tx, project, &digests, now).await?;
-            n_removed += 1;
         }
-        let removed = tx
-            .query_opt("DELETE FROM lc_blobs WHERE project = $1 AND digest = $2 RETURNING record", &[&project, &digest])
-            .await
-            .map_err(pg_error)?;
-        let (blobs, bytes) = match removed {
-            Some(row) => (1, from_json::<BlobRecord>("lc_blobs", row.get::<_, &str>(0))?.stored_size as i64),
-            None => (0, 0),
-        };
-        change_totals(&tx, project, -blobs, -bytes, -(n_removed as i64)).await?;
+        for (named, blob) in &change.put_blobs {
+            put_blob(&tx, project, named, blob).await?;
+        }
+        for named in &change.remove_blobs {
+            tx.execute("DELETE FROM lc_blobs WHERE project = $1 AND digest = $2", &[&project, named])
+                .await
+                .map_err(pg_error)?;
+        }
+        change_totals(&tx, project, change.blobs_delta, change.stored_bytes_delta, change.manifests_delta).await?;
         tx.commit().await.map_err(pg_error)?;
-        Ok(n_removed)
+        Ok(naming.len() as u64)
     }
 
     async fn unreferenced_blobs(&self, project: &str, now_unix: i64) -> Result<Vec<(String, BlobRecord)>, Error> {

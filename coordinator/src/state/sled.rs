@@ -23,7 +23,7 @@ use crate::error::Error;
 
 use super::{
     BlobRecord, Committed, FlushedRecords, KeyAccess, MintedKeyRecord, ProjectRecord, ProjectTotals, ScopedTokenRecord,
-    ServiceCounters, State, began_later, latest_expiry, manifest_digests,
+    ServiceCounters, State, latest_expiry, ledger, manifest_digests,
 };
 
 /// A change to a project's totals, applied in the transaction that makes it.
@@ -92,16 +92,16 @@ fn json_to_vec<T: Serialize>(value: &T) -> Vec<u8> {
 }
 
 fn json_from_slice<T: for<'de> Deserialize<'de>>(tree: &str, bytes: &[u8]) -> Result<T, Error> {
-    serde_json::from_slice(bytes).map_err(|error| Error::CorruptState(format!("{tree}: {error}")))
+    serde_json::from_slice(bytes).map_err(|error| Error::corrupt(tree, error))
 }
 
 fn db_error(error: sled::Error) -> Error {
-    match &error {
-        sled::Error::Io(io) => match crate::error::disk_problem(io) {
-            Some(problem) => Error::DataDirUnwritable(problem),
-            None => Error::Database(error.to_string()),
+    match error {
+        sled::Error::Io(io) => match crate::error::disk_problem(&io) {
+            Some(problem) => Error::DataDirUnwritable { problem, source: io },
+            None => Error::database("sled", io),
         },
-        _ => Error::Database(error.to_string()),
+        error => Error::database("sled", error),
     }
 }
 
@@ -186,7 +186,7 @@ impl Database {
     pub async fn key_durable(&self, access: KeyAccess) -> Result<(), Error> {
         match self.durable().await {
             Err(error) if access == KeyAccess::Read => {
-                tracing::warn!(%error, "a read key was issued without reaching the disk");
+                tracing::warn!(error = %error.line(), "a read key was issued without reaching the disk");
                 Ok(())
             }
             result => result,
@@ -384,7 +384,7 @@ impl Database {
         match self.manifests.get(composite_key(&[project, service, branch])).map_err(db_error)? {
             Some(bytes) => proto::v1::Manifest::decode(bytes.as_ref())
                 .map(Some)
-                .map_err(|error| Error::CorruptState(format!("manifests: {error}"))),
+                .map_err(|error| Error::corrupt("manifests", error)),
             None => Ok(None),
         }
     }
@@ -395,8 +395,7 @@ impl Database {
             .scan_prefix(project_prefix(project))
             .map(|entry| {
                 let (_, bytes) = entry.map_err(db_error)?;
-                proto::v1::Manifest::decode(bytes.as_ref())
-                    .map_err(|error| Error::CorruptState(format!("manifests: {error}")))
+                proto::v1::Manifest::decode(bytes.as_ref()).map_err(|error| Error::corrupt("manifests", error))
             })
             .collect()
     }
@@ -479,30 +478,6 @@ impl Database {
     }
 }
 
-/// Inside a transaction: each of `digests` loses one reference; returns those left with none.
-fn unreference<'a>(
-    blobs: &sled::transaction::TransactionalTree,
-    project: &str,
-    digests: impl IntoIterator<Item = &'a String>,
-    now_unix: i64,
-) -> Result<Vec<String>, ConflictableTransactionError<Error>> {
-    let mut unreferenced = Vec::new();
-    for digest in digests {
-        let blob_key = composite_key(&[project, digest]);
-        if let Some(bytes) = blobs.get(blob_key.as_slice())? {
-            let blob = json_from_slice::<BlobRecord>("blobs", &bytes)
-                .map_err(ConflictableTransactionError::Abort)?
-                .unreferenced(now_unix);
-            if blob.references == 0 {
-                unreferenced.push(digest.clone());
-            }
-            // Unreferenced blobs stay stored and recorded until a collection or eviction.
-            blobs.insert(blob_key, json_to_vec(&blob))?;
-        }
-    }
-    Ok(unreferenced)
-}
-
 /// A transaction's result, its abort's error or its storage's.
 fn transacted<T>(result: Result<T, TransactionError<Error>>) -> Result<T, Error> {
     match result {
@@ -539,87 +514,79 @@ impl Database {
         manifest: &proto::v1::Manifest,
         generation: u64,
         new_blobs: &std::collections::HashMap<String, BlobRecord>,
+        now_unix: i64,
     ) -> Result<Committed, Error> {
         let key = manifest.key.clone().unwrap_or_default();
         let manifest_key = composite_key(&[project, &key.service, &key.branch]);
-        let new_digests = manifest_digests(manifest);
         let encoded = manifest.encode_to_vec();
-        let now = crate::credentials::now_unix();
         let trees = (&self.projects, &self.manifests, &self.blobs, &self.totals);
         let result = trees.transaction(|(projects, manifests, blobs, totals)| {
             let abort = |error: Error| ConflictableTransactionError::Abort(error);
-            let mut change = TotalsChange::default();
             let record: ProjectRecord = match projects.get(project.as_bytes())? {
                 Some(bytes) => json_from_slice("projects", &bytes).map_err(abort)?,
                 None => return Err(abort(Error::NoSuchProject(project.to_owned()))),
             };
-            if record.generation != generation {
-                return Err(abort(Error::SaveConflict(format!(
-                    "project {project:?} was flushed while the save ran: save again"
-                ))));
-            }
             let old = match manifests.get(manifest_key.as_slice())? {
                 Some(bytes) => Some(
                     proto::v1::Manifest::decode(bytes.as_ref())
-                        .map_err(|error| abort(Error::CorruptState(format!("manifests: {error}"))))?,
+                        .map_err(|error| abort(Error::corrupt("manifests", error)))?,
                 ),
                 None => None,
             };
-            if let Some(old) = old.as_ref().filter(|old| began_later(old.origin.as_ref(), manifest.origin.as_ref())) {
-                // Recorded with no reference, so a garbage collection finds what this save stored.
-                for digest in &new_digests {
-                    let blob_key = composite_key(&[project, digest]);
-                    if blobs.get(blob_key.as_slice())?.is_none() {
-                        let blob = BlobRecord {
-                            references: 0,
-                            unreferenced_since_unix: now,
-                            ..new_blobs.get(digest).cloned().unwrap_or_default()
-                        };
-                        change.blob(1, &blob);
-                        blobs.insert(blob_key, json_to_vec(&blob))?;
-                    }
+            let mut known = std::collections::HashMap::new();
+            for digest in ledger::commit_digests(manifest, old.as_ref()) {
+                if let Some(bytes) = blobs.get(composite_key(&[project, &digest]))? {
+                    known.insert(digest, json_from_slice::<BlobRecord>("blobs", &bytes).map_err(abort)?);
                 }
-                change.apply(totals, project)?;
-                return Ok(Committed::KeptNewer(old.clone()));
             }
-            let old_digests = old.as_ref().map(manifest_digests).unwrap_or_default();
-            for digest in new_digests.difference(&old_digests) {
-                let blob_key = composite_key(&[project, digest]);
-                let blob = match blobs.get(blob_key.as_slice())? {
-                    Some(bytes) => json_from_slice::<BlobRecord>("blobs", &bytes).map_err(abort)?,
-                    None => {
-                        let blob = BlobRecord { references: 0, ..new_blobs.get(digest).cloned().unwrap_or_default() };
-                        change.blob(1, &blob);
-                        blob
-                    }
-                };
-                blobs.insert(blob_key, json_to_vec(&blob.referenced()))?;
+            let view = ledger::CommitView { project: &record, old, known: &known };
+            let (committed, change) = ledger::commit(view, manifest, generation, new_blobs, now_unix).map_err(abort)?;
+            for (digest, blob) in &change.put_blobs {
+                blobs.insert(composite_key(&[project, digest]), json_to_vec(blob))?;
             }
-            unreference(blobs, project, old_digests.difference(&new_digests), now)?;
-            if old.is_none() {
-                change.manifests += 1;
+            if change.put_manifest.is_some() {
+                manifests.insert(manifest_key.as_slice(), encoded.as_slice())?;
             }
-            change.apply(totals, project)?;
-            manifests.insert(manifest_key.as_slice(), encoded.as_slice())?;
-            Ok(Committed::Stored { replaced: old.map(|old| old.origin.unwrap_or_default()) })
+            let totals_change = TotalsChange {
+                blobs: change.blobs_delta,
+                stored_bytes: change.stored_bytes_delta,
+                manifests: change.manifests_delta,
+            };
+            totals_change.apply(totals, project)?;
+            Ok(committed)
         });
         transacted(result)
     }
 
     /// Evicts one cache: its manifest goes and its blobs lose that reference, in one
     /// transaction. Returns the blobs left unreferenced, or `None` when there was no manifest.
-    pub fn remove_manifest(&self, project: &str, key: &proto::v1::CacheKey) -> Result<Option<Vec<String>>, Error> {
+    pub fn remove_manifest(
+        &self,
+        project: &str,
+        key: &proto::v1::CacheKey,
+        now_unix: i64,
+    ) -> Result<Option<Vec<String>>, Error> {
         let manifest_key = composite_key(&[project, &key.service, &key.branch]);
-        let now = crate::credentials::now_unix();
         let result = (&self.manifests, &self.blobs, &self.totals).transaction(|(manifests, blobs, totals)| {
-            let Some(bytes) = manifests.remove(manifest_key.as_slice())? else {
+            let abort = |error: Error| ConflictableTransactionError::Abort(error);
+            let Some(bytes) = manifests.get(manifest_key.as_slice())? else {
                 return Ok(None);
             };
-            let manifest = proto::v1::Manifest::decode(bytes.as_ref()).map_err(|error| {
-                ConflictableTransactionError::Abort(Error::CorruptState(format!("manifests: {error}")))
-            })?;
-            TotalsChange { manifests: -1, ..Default::default() }.apply(totals, project)?;
-            unreference(blobs, project, &manifest_digests(&manifest), now).map(Some)
+            let manifest = proto::v1::Manifest::decode(bytes.as_ref())
+                .map_err(|error| abort(Error::corrupt("manifests", error)))?;
+            let mut known = std::collections::HashMap::new();
+            for digest in manifest_digests(&manifest) {
+                if let Some(bytes) = blobs.get(composite_key(&[project, &digest]))? {
+                    known.insert(digest, json_from_slice::<BlobRecord>("blobs", &bytes).map_err(abort)?);
+                }
+            }
+            let (unreferenced, change) = ledger::evict(&manifest, &known, now_unix);
+            manifests.remove(manifest_key.as_slice())?;
+            for (digest, blob) in &change.put_blobs {
+                blobs.insert(composite_key(&[project, digest]), json_to_vec(blob))?;
+            }
+            TotalsChange { manifests: change.manifests_delta, ..Default::default() }.apply(totals, project)?;
+            Ok(Some(unreferenced))
         });
         transacted(result)
     }
@@ -644,31 +611,42 @@ impl Database {
     /// goes (its other blobs lose that reference), then the blob's record, so the next save
     /// uploads it again and no manifest names it meanwhile. Returns the manifests removed. The
     /// caller holds the project's publish lock, so no commit interleaves.
-    pub fn drop_blob(&self, project: &str, digest: &str) -> Result<u64, Error> {
+    pub fn drop_blob(&self, project: &str, digest: &str, now_unix: i64) -> Result<u64, Error> {
         let mut naming = Vec::new();
         for entry in self.manifests.scan_prefix(project_prefix(project)) {
-            let (key, bytes) = entry.map_err(db_error)?;
-            let manifest = proto::v1::Manifest::decode(bytes.as_ref())
-                .map_err(|error| Error::CorruptState(format!("manifests: {error}")))?;
+            let (_, bytes) = entry.map_err(db_error)?;
+            let manifest =
+                proto::v1::Manifest::decode(bytes.as_ref()).map_err(|error| Error::corrupt("manifests", error))?;
             if manifest_digests(&manifest).contains(digest) {
-                naming.push((key, manifest));
+                naming.push(manifest);
             }
         }
-        let now = crate::credentials::now_unix();
+        let digests = ledger::drop_digests(&naming, digest);
         let result = (&self.manifests, &self.blobs, &self.totals).transaction(|(manifests, blobs, totals)| {
-            let mut change = TotalsChange::default();
-            for (key, manifest) in &naming {
-                if manifests.remove(key.as_ref())?.is_some() {
-                    change.manifests -= 1;
+            let mut known = std::collections::HashMap::new();
+            for named in &digests {
+                if let Some(bytes) = blobs.get(composite_key(&[project, named]))? {
+                    let record =
+                        json_from_slice::<BlobRecord>("blobs", &bytes).map_err(ConflictableTransactionError::Abort)?;
+                    known.insert(named.clone(), record);
                 }
-                unreference(blobs, project, &manifest_digests(manifest), now)?;
             }
-            if let Some(bytes) = blobs.remove(composite_key(&[project, digest]))? {
-                let record: BlobRecord =
-                    json_from_slice("blobs", &bytes).map_err(ConflictableTransactionError::Abort)?;
-                change.blob(-1, &record);
+            let change = ledger::drop_blob(&naming, &known, digest, now_unix);
+            for key in &change.remove_manifests {
+                manifests.remove(composite_key(&[project, &key.service, &key.branch]))?;
             }
-            change.apply(totals, project)?;
+            for (named, blob) in &change.put_blobs {
+                blobs.insert(composite_key(&[project, named]), json_to_vec(blob))?;
+            }
+            for named in &change.remove_blobs {
+                blobs.remove(composite_key(&[project, named]))?;
+            }
+            let totals_change = TotalsChange {
+                blobs: change.blobs_delta,
+                stored_bytes: change.stored_bytes_delta,
+                manifests: change.manifests_delta,
+            };
+            totals_change.apply(totals, project)?;
             Ok(naming.len() as u64)
         });
         transacted(result)
@@ -868,12 +846,18 @@ impl State for Database {
         manifest: &pb::Manifest,
         generation: u64,
         new_blobs: &HashMap<String, BlobRecord>,
+        now_unix: i64,
     ) -> Result<Committed, Error> {
-        Database::commit_manifest(self, project, manifest, generation, new_blobs)
+        Database::commit_manifest(self, project, manifest, generation, new_blobs, now_unix)
     }
 
-    async fn remove_manifest(&self, project: &str, key: &pb::CacheKey) -> Result<Option<Vec<String>>, Error> {
-        Database::remove_manifest(self, project, key)
+    async fn remove_manifest(
+        &self,
+        project: &str,
+        key: &pb::CacheKey,
+        now_unix: i64,
+    ) -> Result<Option<Vec<String>>, Error> {
+        Database::remove_manifest(self, project, key, now_unix)
     }
 
     async fn totals(&self, project: &str) -> Result<ProjectTotals, Error> {
@@ -900,8 +884,8 @@ impl State for Database {
         Database::ledger_digests(self, project)
     }
 
-    async fn drop_blob(&self, project: &str, digest: &str) -> Result<u64, Error> {
-        Database::drop_blob(self, project, digest)
+    async fn drop_blob(&self, project: &str, digest: &str, now_unix: i64) -> Result<u64, Error> {
+        Database::drop_blob(self, project, digest, now_unix)
     }
 
     async fn unreferenced_blobs(&self, project: &str, now_unix: i64) -> Result<Vec<(String, BlobRecord)>, Error> {
@@ -1008,16 +992,16 @@ mod tests {
             .iter()
             .map(|d| (d.to_string(), BlobRecord { stored_size: 1, size: 1, ..Default::default() }))
             .collect();
-        db.commit_manifest("a", &manifest_with("web", &["c1", "l1", "l2"]), 0, &sizes).unwrap();
-        db.commit_manifest("a", &manifest_with("api", &["c2", "l1"]), 0, &sizes).unwrap();
+        db.commit_manifest("a", &manifest_with("web", &["c1", "l1", "l2"]), 0, &sizes, 400).unwrap();
+        db.commit_manifest("a", &manifest_with("api", &["c2", "l1"]), 0, &sizes, 400).unwrap();
         (dir, db, sizes)
     }
 
     #[test]
     fn a_lost_blob_takes_the_manifests_naming_it_with_it() {
         let (_dir, db, sizes) = web_and_api_sharing_l1();
-        db.commit_manifest("a", &manifest_with("ops", &["c2"]), 0, &sizes).unwrap();
-        assert_eq!(db.drop_blob("a", "l1").unwrap(), 2, "web and api named it");
+        db.commit_manifest("a", &manifest_with("ops", &["c2"]), 0, &sizes, 400).unwrap();
+        assert_eq!(db.drop_blob("a", "l1", 800).unwrap(), 2, "web and api named it");
         let services: Vec<String> = db.manifests("a").unwrap().iter().map(|m| m.key.clone().unwrap().service).collect();
         assert_eq!(services, ["ops"]);
         let known = db.stored_blobs("a", &["c1", "l1", "l2", "c2"].map(String::from)).unwrap();
@@ -1029,10 +1013,10 @@ mod tests {
     fn an_evicted_cache_leaves_only_the_blobs_no_other_names_unreferenced() {
         let (_dir, db, _) = web_and_api_sharing_l1();
         let web = proto::v1::CacheKey { service: "web".into(), branch: String::new() };
-        let mut left = db.remove_manifest("a", &web).unwrap().expect("web had a manifest");
+        let mut left = db.remove_manifest("a", &web, 800).unwrap().expect("web had a manifest");
         left.sort();
         assert_eq!(left, ["c1", "l2"], "l1 is still api's");
-        assert_eq!(db.remove_manifest("a", &web).unwrap(), None, "evicting twice is a no-op");
+        assert_eq!(db.remove_manifest("a", &web, 800).unwrap(), None, "evicting twice is a no-op");
         assert!(db.manifest("a", "web", "").unwrap().is_none());
         let unreferenced: Vec<String> = db.unreferenced_blobs("a", 1).unwrap().into_iter().map(|(d, _)| d).collect();
         assert_eq!(unreferenced, ["c1", "l2"]);
@@ -1068,18 +1052,18 @@ mod tests {
             }
         };
         check("creation");
-        db.commit_manifest("a", &manifest_with("web", &["c1", "l1", "l2"]), 0, &sizes).unwrap();
-        db.commit_manifest("a", &manifest_with("api", &["c2", "l1"]), 0, &sizes).unwrap();
-        db.commit_manifest("b", &manifest_with("web", &["c1"]), 0, &sizes).unwrap();
+        db.commit_manifest("a", &manifest_with("web", &["c1", "l1", "l2"]), 0, &sizes, 400).unwrap();
+        db.commit_manifest("a", &manifest_with("api", &["c2", "l1"]), 0, &sizes, 400).unwrap();
+        db.commit_manifest("b", &manifest_with("web", &["c1"]), 0, &sizes, 400).unwrap();
         check("commits");
-        db.commit_manifest("a", &manifest_with("web", &["c2", "l1"]), 0, &sizes).unwrap();
+        db.commit_manifest("a", &manifest_with("web", &["c2", "l1"]), 0, &sizes, 400).unwrap();
         check("a replacing commit");
         let forgotten = db.forget_unreferenced("a", &["c1".into(), "l2".into(), "l1".into()]).unwrap();
         assert_eq!(forgotten.len(), 2, "l1 is named");
         check("forgetting");
-        db.remove_manifest("a", &proto::v1::CacheKey { service: "api".into(), branch: String::new() }).unwrap();
+        db.remove_manifest("a", &proto::v1::CacheKey { service: "api".into(), branch: String::new() }, 800).unwrap();
         check("an eviction");
-        db.drop_blob("a", "l1").unwrap();
+        db.drop_blob("a", "l1", 800).unwrap();
         check("a lost blob");
         db.flush_project("a").unwrap();
         check("a flush");
@@ -1100,8 +1084,8 @@ mod tests {
             .iter()
             .map(|(d, s)| (d.to_string(), BlobRecord { stored_size: *s, size: *s, ..Default::default() }))
             .collect();
-        db.commit_manifest("a", &manifest_with("web", &["c1", "l1", "l2"]), 0, &sizes).unwrap();
-        db.commit_manifest("a", &manifest_with("api", &["c2", "l1"]), 0, &sizes).unwrap();
+        db.commit_manifest("a", &manifest_with("web", &["c1", "l1", "l2"]), 0, &sizes, 400).unwrap();
+        db.commit_manifest("a", &manifest_with("api", &["c2", "l1"]), 0, &sizes, 400).unwrap();
         let references = |digest: &str| {
             let bytes = db.blobs.get(composite_key(&["a", digest])).unwrap().unwrap();
             json_from_slice::<BlobRecord>("blobs", &bytes).unwrap().references
@@ -1109,11 +1093,11 @@ mod tests {
         assert_eq!(references("l1"), 2);
         assert_eq!(db.totals("a").unwrap(), ProjectTotals { blobs: 4, stored_bytes: 33, manifests: 2 });
         // Replacing web's manifest drops its old blobs' references, keeps the shared one.
-        db.commit_manifest("a", &manifest_with("web", &["c2", "l1"]), 0, &sizes).unwrap();
+        db.commit_manifest("a", &manifest_with("web", &["c2", "l1"]), 0, &sizes, 400).unwrap();
         assert_eq!((references("c1"), references("l2"), references("l1"), references("c2")), (0, 0, 2, 2));
         assert_eq!(db.stored_blobs("a", &["l2".to_string(), "zz".to_string()]).unwrap().len(), 1);
         db.flush_project("a").unwrap();
-        let stale = db.commit_manifest("a", &manifest_with("web", &["c1"]), 0, &sizes);
+        let stale = db.commit_manifest("a", &manifest_with("web", &["c1"]), 0, &sizes, 400);
         assert!(matches!(stale, Err(Error::SaveConflict(_))), "{stale:?}");
         assert!(db.manifests("a").unwrap().is_empty());
     }
@@ -1136,17 +1120,17 @@ mod tests {
             ..manifest_with("web", &[digest])
         };
         assert_eq!(
-            db.commit_manifest("a", &began("c2", 200), 0, &sizes).unwrap(),
+            db.commit_manifest("a", &began("c2", 200), 0, &sizes, 400).unwrap(),
             Committed::Stored { replaced: None }
         );
         // A save begun earlier that commits later keeps the newer manifest; its blob is
         // recorded without a reference.
-        let kept = db.commit_manifest("a", &began("c1", 100), 0, &sizes).unwrap();
+        let kept = db.commit_manifest("a", &began("c1", 100), 0, &sizes, 400).unwrap();
         assert_eq!(kept, Committed::KeptNewer(began("c2", 200)));
         assert_eq!(db.manifest("a", "web", "").unwrap(), Some(began("c2", 200)));
         assert_eq!(db.stored_blobs("a", &["c1".to_string()]).unwrap()["c1"].references, 0);
         let Committed::Stored { replaced: Some(replaced) } =
-            db.commit_manifest("a", &began("c3", 300), 0, &sizes).unwrap()
+            db.commit_manifest("a", &began("c3", 300), 0, &sizes, 400).unwrap()
         else {
             panic!("a later save replaces the manifest");
         };

@@ -118,9 +118,12 @@ async fn manifests_and_the_ledger(state: &dyn State) {
     state.create_project(&project("other")).await.unwrap();
     let sizes = sizes();
     let web = manifest("web", &["c1", "l1", "l2"], 10);
-    assert!(matches!(state.commit_manifest("m", &web, 0, &sizes).await.unwrap(), Committed::Stored { replaced: None }));
-    state.commit_manifest("m", &manifest("api", &["c2", "l1"], 11), 0, &sizes).await.unwrap();
-    state.commit_manifest("other", &manifest("web", &["c1"], 12), 0, &sizes).await.unwrap();
+    assert!(matches!(
+        state.commit_manifest("m", &web, 0, &sizes, 400).await.unwrap(),
+        Committed::Stored { replaced: None }
+    ));
+    state.commit_manifest("m", &manifest("api", &["c2", "l1"], 11), 0, &sizes, 400).await.unwrap();
+    state.commit_manifest("other", &manifest("web", &["c1"], 12), 0, &sizes, 400).await.unwrap();
     assert_eq!(references(state, "m", "l1").await, Some(2));
     assert_eq!(state.totals("m").await.unwrap(), ProjectTotals { blobs: 4, stored_bytes: 33, manifests: 2 });
     assert_eq!(state.manifest("m", "web", "").await.unwrap(), Some(web.clone()));
@@ -130,7 +133,7 @@ async fn manifests_and_the_ledger(state: &dyn State) {
 
     // A later save replaces web: its old blobs lose their reference, the shared one keeps one.
     let newer = manifest("web", &["c2", "l1"], 20);
-    let replaced = state.commit_manifest("m", &newer, 0, &sizes).await.unwrap();
+    let replaced = state.commit_manifest("m", &newer, 0, &sizes, 400).await.unwrap();
     assert!(matches!(replaced, Committed::Stored { replaced: Some(origin) } if origin.began_unix_ms == 10));
     assert_eq!(
         (references(state, "m", "c1").await, references(state, "m", "l2").await, references(state, "m", "c2").await),
@@ -139,7 +142,7 @@ async fn manifests_and_the_ledger(state: &dyn State) {
     // One begun earlier than the key's manifest is not stored; its new blobs are recorded.
     let stale = manifest("web", &["c1", "l9"], 15);
     assert!(
-        matches!(state.commit_manifest("m", &stale, 0, &sizes).await.unwrap(), Committed::KeptNewer(kept) if kept == newer)
+        matches!(state.commit_manifest("m", &stale, 0, &sizes, 400).await.unwrap(), Committed::KeptNewer(kept) if kept == newer)
     );
     assert_eq!(references(state, "m", "l9").await, Some(0));
     assert_eq!(state.totals("m").await.unwrap(), ProjectTotals { blobs: 5, stored_bytes: 123, manifests: 2 });
@@ -167,10 +170,12 @@ async fn manifests_and_the_ledger(state: &dyn State) {
     assert_eq!(ledger, ["c2", "l1", "l2"].iter().map(|d| d.to_string()).collect());
 
     // Eviction: the manifest goes, its blobs lose that reference.
-    assert_eq!(state.remove_manifest("m", &key("api")).await.unwrap(), Some(vec![]), "web still names c2 and l1");
-    assert_eq!(state.remove_manifest("m", &key("api")).await.unwrap(), None);
+    assert_eq!(state.remove_manifest("m", &key("api"), 800).await.unwrap(), Some(vec![]), "web still names c2 and l1");
+    assert_eq!(state.remove_manifest("m", &key("api"), 800).await.unwrap(), None);
     // A lost blob takes the manifests naming it.
-    assert_eq!(state.drop_blob("m", "l1").await.unwrap(), 1);
+    assert_eq!(state.drop_blob("m", "l1", 800).await.unwrap(), 1);
+    let c2 = state.stored_blobs("m", &["c2".into()]).await.unwrap();
+    assert_eq!(c2["c2"].unreferenced_since_unix, 800, "its last reference went at the time passed in");
     assert!(state.manifests("m").await.unwrap().is_empty());
     assert_eq!(references(state, "m", "l1").await, None);
     let totals = state.totals("m").await.unwrap();
@@ -181,9 +186,9 @@ async fn manifests_and_the_ledger(state: &dyn State) {
     let flushed = state.flush_project("m").await.unwrap();
     assert_eq!(flushed.generation, 1);
     assert_eq!(state.totals("m").await.unwrap(), ProjectTotals::default());
-    let late = state.commit_manifest("m", &manifest("web", &["c1"], 30), 0, &sizes).await;
+    let late = state.commit_manifest("m", &manifest("web", &["c1"], 30), 0, &sizes, 400).await;
     assert!(matches!(late, Err(Error::SaveConflict(_))), "{late:?}");
-    state.commit_manifest("m", &manifest("web", &["c1"], 30), 1, &sizes).await.unwrap();
+    state.commit_manifest("m", &manifest("web", &["c1"], 30), 1, &sizes, 400).await.unwrap();
     assert!(matches!(state.flush_project("zz").await, Err(Error::NoSuchProject(_))));
     // The other project is untouched by all of it.
     assert_eq!(state.totals("other").await.unwrap(), ProjectTotals { blobs: 1, stored_bytes: 1, manifests: 1 });

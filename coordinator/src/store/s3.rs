@@ -16,13 +16,13 @@ pub struct S3Store {
 fn store_error<E, R>(what: &str, error: aws_sdk_s3::error::SdkError<E, R>) -> Error
 where
     E: aws_sdk_s3::error::ProvideErrorMetadata + std::error::Error + 'static,
-    R: std::fmt::Debug,
+    R: std::fmt::Debug + 'static,
 {
-    Error::Store(format!("{what}: {}", sdk_error_line(&error)))
+    Error::store(format!("{what}: {}", sdk_error_line(&error)))
 }
 
 fn build_error(what: &str, error: aws_sdk_s3::error::BuildError) -> Error {
-    Error::Store(format!("{what}: {error}"))
+    Error::store_cause(what, error)
 }
 
 impl S3Store {
@@ -46,7 +46,7 @@ impl S3Store {
         self.client.head_bucket().bucket(&self.bucket).send().await.map_err(|error| {
             let status = error.raw_response().map(|response| response.status().as_u16());
             let bucket = &self.bucket;
-            Error::Store(match status {
+            Error::store(match status {
                 Some(403) => format!(
                     "bucket {bucket:?} refuses the coordinator's credentials: AccessDenied (HTTP 403); they need s3:ListBucket on it, and the role they assume the object permissions"
                 ),
@@ -117,7 +117,7 @@ impl ObjectStore for S3Store {
                 let mut body = object.body;
                 let mut hasher = sha2::Sha256::new();
                 while let Some(piece) =
-                    body.try_next().await.map_err(|error| Error::Store(format!("reading {key}: {error}")))?
+                    body.try_next().await.map_err(|error| Error::store_cause(format!("reading {key}"), error))?
                 {
                     hasher.update(&piece);
                 }
@@ -178,7 +178,7 @@ impl ObjectStore for S3Store {
                 .await
                 .map_err(|error| store_error(&batch[0], error))?;
             if let Some(failed) = response.errors().first() {
-                return Err(Error::Store(format!(
+                return Err(Error::store(format!(
                     "deleting {} failed: {}",
                     failed.key().unwrap_or_default(),
                     failed.message().unwrap_or_default()

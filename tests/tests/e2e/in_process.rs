@@ -41,11 +41,15 @@ impl InProcessCoordinator {
         let server = std::thread::spawn(move || {
             let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
             runtime.block_on(async move {
-                let data_dir = coordinator::open_data_dir(&config.data_dir, Some(ADMIN_TOKEN), &config.bucket)?;
-                let state: Arc<dyn coordinator::state::State> = Arc::new(data_dir.db.clone());
+                let with_sled = config.state.is_none();
+                let data_dir =
+                    coordinator::open_data_dir(&config.data_dir, Some(ADMIN_TOKEN), &config.bucket, with_sled)?;
+                let state = coordinator::open_state(&config, &data_dir).await?;
                 let listeners = coordinator::Listeners::bind(&config).await?;
                 let endpoints = listeners.endpoints(&config)?;
-                let store = coordinator::open_store(&config, &data_dir, &endpoints).await?;
+                let store =
+                    coordinator::open_store(&config, &data_dir, state.clone(), server_clock.clone(), &endpoints)
+                        .await?;
                 let _ = ready_sender.send(endpoints);
                 let shutdown = async move {
                     let _ = shutdown_receiver.await;

@@ -1,0 +1,279 @@
+//! The ledger's rules, written once: pure functions over a project's view (the records a rule
+//! needs, loaded by a backend under the project's lock) that return a change set the backend
+//! applies in one transaction. The time is the caller's.
+
+use std::collections::{BTreeSet, HashMap};
+
+use proto::v1 as pb;
+
+use super::{BlobRecord, Committed, ProjectRecord, began_later, manifest_digests};
+use crate::error::Error;
+
+/// What a commit needs to see of its project, loaded under the project's lock.
+pub struct CommitView<'a> {
+    pub project: &'a ProjectRecord,
+    /// The key's manifest now, if any.
+    pub old: Option<pb::Manifest>,
+    /// The ledger's records of the blobs the new and the old manifest name (those it has).
+    pub known: &'a HashMap<String, BlobRecord>,
+}
+
+/// What a rule changes: blob records to write or forget, the manifest to store, the manifests
+/// to remove (by key), the totals' change.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ChangeSet {
+    pub put_blobs: Vec<(String, BlobRecord)>,
+    pub remove_blobs: Vec<String>,
+    pub put_manifest: Option<pb::Manifest>,
+    pub remove_manifests: Vec<pb::CacheKey>,
+    pub blobs_delta: i64,
+    pub stored_bytes_delta: i64,
+    pub manifests_delta: i64,
+}
+
+impl ChangeSet {
+    fn new_blob(&mut self, digest: &str, record: BlobRecord) {
+        self.blobs_delta += 1;
+        self.stored_bytes_delta += record.stored_size as i64;
+        self.put_blobs.push((digest.to_owned(), record));
+    }
+}
+
+/// Every digest a commit's view must hold the records of: those the new manifest and the
+/// key's old one name.
+pub fn commit_digests(manifest: &pb::Manifest, old: Option<&pb::Manifest>) -> BTreeSet<String> {
+    let mut digests = manifest_digests(manifest);
+    digests.extend(old.map(manifest_digests).unwrap_or_default());
+    digests
+}
+
+/// Makes `manifest` its key's at `now_unix`: the blobs it names gain a reference (new ones
+/// recorded as `new_blobs` describes them), those of the manifest it replaces lose one. A key's
+/// manifest made by a save begun later stays ([`Committed::KeptNewer`]), the commit's new blobs
+/// recorded unreferenced so a collection finds them. Refused with [`Error::SaveConflict`] when
+/// the project's generation is no longer `generation` (a flush happened since the save began).
+pub fn commit(
+    view: CommitView<'_>,
+    manifest: &pb::Manifest,
+    generation: u64,
+    new_blobs: &HashMap<String, BlobRecord>,
+    now_unix: i64,
+) -> Result<(Committed, ChangeSet), Error> {
+    let name = &view.project.name;
+    if view.project.generation != generation {
+        return Err(Error::SaveConflict(format!("project {name:?} was flushed while the save ran: save again")));
+    }
+    let described = |digest: &str| new_blobs.get(digest).cloned().unwrap_or_default();
+    let new_digests = manifest_digests(manifest);
+    let mut change = ChangeSet::default();
+    if let Some(old) = view.old.as_ref().filter(|old| began_later(old.origin.as_ref(), manifest.origin.as_ref())) {
+        for digest in new_digests.iter().filter(|digest| !view.known.contains_key(*digest)) {
+            let blob = BlobRecord { references: 0, unreferenced_since_unix: now_unix, ..described(digest) };
+            change.new_blob(digest, blob);
+        }
+        return Ok((Committed::KeptNewer(old.clone()), change));
+    }
+    let old_digests = view.old.as_ref().map(manifest_digests).unwrap_or_default();
+    for digest in new_digests.difference(&old_digests) {
+        match view.known.get(digest) {
+            Some(blob) => change.put_blobs.push((digest.clone(), blob.clone().referenced())),
+            None => {
+                let blob = BlobRecord { references: 0, ..described(digest) };
+                change.blobs_delta += 1;
+                change.stored_bytes_delta += blob.stored_size as i64;
+                change.put_blobs.push((digest.clone(), blob.referenced()));
+            }
+        }
+    }
+    for digest in old_digests.difference(&new_digests) {
+        // Unreferenced blobs stay stored and recorded until a collection or eviction.
+        if let Some(blob) = view.known.get(digest) {
+            change.put_blobs.push((digest.clone(), blob.clone().unreferenced(now_unix)));
+        }
+    }
+    change.manifests_delta = i64::from(view.old.is_none());
+    change.put_manifest = Some(manifest.clone());
+    let replaced = view.old.map(|old| old.origin.unwrap_or_default());
+    Ok((Committed::Stored { replaced }, change))
+}
+
+/// Evicts one cache at `now_unix`: its manifest (`manifest`) goes and its blobs lose that
+/// reference; `known` holds the ledger's records of the blobs it names. Returns the blobs left
+/// unreferenced (sorted), which stay recorded until a collection or eviction deletes them.
+pub fn evict(manifest: &pb::Manifest, known: &HashMap<String, BlobRecord>, now_unix: i64) -> (Vec<String>, ChangeSet) {
+    let mut change = ChangeSet { manifests_delta: -1, ..Default::default() };
+    change.remove_manifests.push(manifest.key.clone().unwrap_or_default());
+    let mut unreferenced = Vec::new();
+    for digest in manifest_digests(manifest) {
+        if let Some(record) = known.get(&digest) {
+            let record = record.clone().unreferenced(now_unix);
+            if record.references == 0 {
+                unreferenced.push(digest.clone());
+            }
+            change.put_blobs.push((digest, record));
+        }
+    }
+    (unreferenced, change)
+}
+
+/// Every digest a drop's view must hold the records of: the lost blob's, and those the
+/// manifests naming it name.
+pub fn drop_digests(naming: &[pb::Manifest], digest: &str) -> BTreeSet<String> {
+    let mut digests: BTreeSet<String> = naming.iter().flat_map(manifest_digests).collect();
+    digests.insert(digest.to_owned());
+    digests
+}
+
+/// Forgets a blob the store lost or holds corrupted, at `now_unix`: every manifest naming it
+/// (`naming`) goes and its other blobs lose that reference, then the blob's record goes, so the
+/// next save uploads it again and no manifest names it meanwhile. `known`: the ledger's records
+/// of [`drop_digests`].
+pub fn drop_blob(
+    naming: &[pb::Manifest],
+    known: &HashMap<String, BlobRecord>,
+    digest: &str,
+    now_unix: i64,
+) -> ChangeSet {
+    let mut records = known.clone();
+    let mut touched = BTreeSet::new();
+    let mut change = ChangeSet::default();
+    for manifest in naming {
+        change.remove_manifests.push(manifest.key.clone().unwrap_or_default());
+        for named in manifest_digests(manifest) {
+            if let Some(record) = records.get_mut(&named) {
+                *record = record.clone().unreferenced(now_unix);
+                touched.insert(named);
+            }
+        }
+    }
+    change.manifests_delta = -(naming.len() as i64);
+    if let Some(record) = records.get(digest) {
+        change.blobs_delta = -1;
+        change.stored_bytes_delta = -(record.stored_size as i64);
+        change.remove_blobs.push(digest.to_owned());
+    }
+    change.put_blobs = touched
+        .into_iter()
+        .filter(|named| named != digest)
+        .map(|named| {
+            let record = records[&named].clone();
+            (named, record)
+        })
+        .collect();
+    change
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn project(generation: u64) -> ProjectRecord {
+        ProjectRecord {
+            name: "m".into(),
+            token_sha256_hex: String::new(),
+            created_unix: 0,
+            generation,
+            quota_bytes: 0,
+            sweep_after_unix: 0,
+        }
+    }
+
+    fn manifest(digests: &[&str], began_unix_ms: i64) -> pb::Manifest {
+        pb::Manifest {
+            key: Some(pb::CacheKey { service: "web".into(), branch: String::new() }),
+            images: vec![pb::Image {
+                id: digests[0].into(),
+                layers: digests[1..].iter().map(|d| pb::Layer { digest: (*d).into(), ..Default::default() }).collect(),
+                ..Default::default()
+            }],
+            origin: Some(pb::SaveOrigin { began_unix_ms, save_id: format!("s{began_unix_ms}"), ..Default::default() }),
+            ..Default::default()
+        }
+    }
+
+    fn sized(digests: &[&str]) -> HashMap<String, BlobRecord> {
+        digests
+            .iter()
+            .map(|d| (d.to_string(), BlobRecord { stored_size: 10, size: 10, ..Default::default() }))
+            .collect()
+    }
+
+    #[test]
+    fn a_commit_references_its_blobs_and_unreferences_the_replaced_ones_at_the_time_passed_in() {
+        let record = project(0);
+        let old = manifest(&["c1", "l1"], 100);
+        let known: HashMap<String, BlobRecord> = [("c1", 1), ("l1", 1)]
+            .into_iter()
+            .map(|(d, references)| (d.to_string(), BlobRecord { stored_size: 10, references, ..Default::default() }))
+            .collect();
+        let newer = manifest(&["c2", "l1"], 200);
+        let view = CommitView { project: &record, old: Some(old), known: &known };
+        let (committed, change) = commit(view, &newer, 0, &sized(&["c2"]), 4_000).unwrap();
+        assert!(matches!(committed, Committed::Stored { replaced: Some(_) }));
+        let put: HashMap<_, _> = change.put_blobs.iter().cloned().collect();
+        assert_eq!((put["c2"].references, put["c2"].unreferenced_since_unix), (1, 0));
+        assert_eq!((put["c1"].references, put["c1"].unreferenced_since_unix), (0, 4_000));
+        assert!(!put.contains_key("l1"), "named by both: unchanged");
+        assert_eq!((change.blobs_delta, change.stored_bytes_delta, change.manifests_delta), (1, 10, 0));
+    }
+
+    #[test]
+    fn a_manifest_never_goes_back_in_time_and_a_flush_fences_the_commit() {
+        let record = project(1);
+        let known = HashMap::new();
+        let newer = manifest(&["c2"], 200);
+        let view = CommitView { project: &record, old: Some(newer.clone()), known: &known };
+        let (committed, change) = commit(view, &manifest(&["c1"], 100), 1, &sized(&["c1"]), 4_000).unwrap();
+        assert_eq!(committed, Committed::KeptNewer(newer));
+        assert_eq!(change.put_manifest, None);
+        assert_eq!(
+            change.put_blobs,
+            [(
+                "c1".to_string(),
+                BlobRecord { stored_size: 10, size: 10, unreferenced_since_unix: 4_000, ..Default::default() }
+            )]
+        );
+        let view = CommitView { project: &record, old: None, known: &known };
+        assert!(matches!(
+            commit(view, &manifest(&["c1"], 300), 0, &HashMap::new(), 4_000),
+            Err(Error::SaveConflict(_))
+        ));
+    }
+
+    #[test]
+    fn a_dropped_blob_takes_the_manifests_naming_it_and_their_references() {
+        let web = manifest(&["c1", "l1"], 100);
+        let api = pb::Manifest {
+            key: Some(pb::CacheKey { service: "api".into(), branch: String::new() }),
+            ..manifest(&["c2", "l1"], 100)
+        };
+        let known: HashMap<String, BlobRecord> = [("c1", 1), ("c2", 2), ("l1", 2)]
+            .into_iter()
+            .map(|(d, references)| (d.to_string(), BlobRecord { stored_size: 10, references, ..Default::default() }))
+            .collect();
+        let naming = [web, api];
+        assert_eq!(drop_digests(&naming, "l1"), ["c1", "c2", "l1"].iter().map(|d| d.to_string()).collect());
+        let change = drop_blob(&naming, &known, "l1", 5_000);
+        assert_eq!(change.remove_blobs, ["l1"]);
+        assert_eq!(change.remove_manifests.len(), 2);
+        let put: HashMap<_, _> = change.put_blobs.iter().cloned().collect();
+        assert_eq!((put["c1"].references, put["c1"].unreferenced_since_unix), (0, 5_000));
+        assert_eq!((put["c2"].references, put["c2"].unreferenced_since_unix), (1, 0), "another manifest names it");
+        assert!(!put.contains_key("l1"));
+        assert_eq!((change.blobs_delta, change.stored_bytes_delta, change.manifests_delta), (-1, -10, -2));
+    }
+
+    #[test]
+    fn an_evicted_cache_leaves_only_the_blobs_no_other_names_unreferenced() {
+        let known: HashMap<String, BlobRecord> = [("c1", 1), ("l1", 2)]
+            .into_iter()
+            .map(|(d, references)| (d.to_string(), BlobRecord { stored_size: 10, references, ..Default::default() }))
+            .collect();
+        let (unreferenced, change) = evict(&manifest(&["c1", "l1"], 100), &known, 6_000);
+        assert_eq!(unreferenced, ["c1"]);
+        let put: HashMap<_, _> = change.put_blobs.iter().cloned().collect();
+        assert_eq!((put["c1"].references, put["c1"].unreferenced_since_unix), (0, 6_000));
+        assert_eq!((put["l1"].references, put["l1"].unreferenced_since_unix), (1, 0));
+        assert_eq!((change.blobs_delta, change.manifests_delta, change.remove_manifests.len()), (0, -1, 1));
+    }
+}
