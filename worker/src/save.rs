@@ -9,20 +9,21 @@ use futures::TryStreamExt;
 use proto::format::format_bytes;
 use proto::names;
 use proto::v1 as pb;
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::mpsc;
 
 use crate::build_dirs::{BuildDirs, stages_to_save};
 use crate::coordinator::Coordinator;
-use crate::direct::{self, DirectBlob, Moved, Stores};
+use crate::direct::{self, DirectBlob, Stores};
 use crate::docker::{Engine, EngineImage};
 use crate::error::WorkerError;
 use crate::export::{SpooledBlob, blocking_reader, plain, read_export, spool_dir};
 use crate::image_config::{ImageFacts, builder_name, image_facts};
 use crate::layer_store::{LayerStore, chain_ids};
 use crate::oci::{BlobSource, Descriptor, OciBlobs};
-use crate::progress::{Bar, Progress, rate};
+use crate::progress::{Bar, Progress, rate, short_digest};
 use crate::steps::ImageSteps;
 use crate::transfer::BlobStore;
+use crate::upload::{Moved, upload_bounded};
 
 pub struct SaveOptions {
     pub service: String,
@@ -200,23 +201,15 @@ async fn image_facts_for(
     Ok(facts)
 }
 
-/// "layer 0123456789ab" for a progress bar.
-pub(crate) fn short_digest(digest: &str) -> String {
-    format!("layer {}", digest.trim_start_matches("sha256:").get(..12).unwrap_or(digest))
-}
-
 /// Uploads every blob the export hands over, several at once; returns (digest, bytes, seconds).
 async fn upload_spooled(
     store: BlobStore,
     concurrency: usize,
-    mut blobs: mpsc::Receiver<SpooledBlob>,
+    blobs: mpsc::Receiver<SpooledBlob>,
     progress: &Progress,
 ) -> Result<Vec<Moved>, WorkerError> {
-    let semaphore = Arc::new(Semaphore::new(concurrency.max(1)));
-    let mut uploads = tokio::task::JoinSet::new();
-    let mut done = Vec::new();
-    while let Some(blob) = blobs.recv().await {
-        let permit = semaphore.clone().acquire_owned().await.expect("semaphore is never closed");
+    let blobs = tokio_stream::wrappers::ReceiverStream::new(blobs);
+    upload_bounded(concurrency, blobs, |blob| {
         let store = store.clone();
         let bar = match &blob {
             SpooledBlob::File { layer, .. } | SpooledBlob::Stream { layer, .. } => {
@@ -224,37 +217,31 @@ async fn upload_spooled(
             }
             SpooledBlob::Bytes { .. } => Bar::none(),
         };
-        uploads.spawn(async move {
-            let _permit = permit;
-            let started = Instant::now();
-            let (digest, size) = match blob {
-                SpooledBlob::File { layer, path } => {
-                    store.upload_file(&layer.digest, &path, layer.stored_size, &bar).await?;
-                    bar.finish();
-                    (layer.digest, layer.stored_size)
-                }
-                SpooledBlob::Bytes { digest, bytes } => {
-                    let size = bytes.len() as u64;
-                    store.upload_bytes(&digest, bytes).await?;
-                    (digest, size)
-                }
-                SpooledBlob::Stream { layer, body } => {
-                    store.upload_stream(&layer.digest, layer.stored_size, body, &bar).await?;
-                    bar.finish();
-                    (layer.digest, layer.stored_size)
-                }
-            };
-            Ok::<_, WorkerError>((digest, size, started.elapsed().as_secs_f64()))
-        });
-        // Surface a failure early rather than after the whole export.
-        while let Some(finished) = uploads.try_join_next() {
-            done.push(finished.map_err(|error| WorkerError::Invalid(error.to_string()))??);
+        async move { upload_spooled_one(&store, blob, &bar).await }
+    })
+    .await
+}
+
+async fn upload_spooled_one(store: &BlobStore, blob: SpooledBlob, bar: &Bar) -> Result<Moved, WorkerError> {
+    let started = Instant::now();
+    let (digest, size) = match blob {
+        SpooledBlob::File { layer, path } => {
+            store.upload_file(&layer.digest, &path, layer.stored_size, bar).await?;
+            bar.finish();
+            (layer.digest, layer.stored_size)
         }
-    }
-    while let Some(finished) = uploads.join_next().await {
-        done.push(finished.map_err(|error| WorkerError::Invalid(error.to_string()))??);
-    }
-    Ok(done)
+        SpooledBlob::Bytes { digest, bytes } => {
+            let size = bytes.len() as u64;
+            store.upload_bytes(&digest, bytes).await?;
+            (digest, size)
+        }
+        SpooledBlob::Stream { layer, body } => {
+            store.upload_stream(&layer.digest, layer.stored_size, body, bar).await?;
+            bar.finish();
+            (layer.digest, layer.stored_size)
+        }
+    };
+    Ok((digest, size, started.elapsed().as_secs_f64()))
 }
 
 /// The build host's name, for the logs of other saves this one replaces or keeps out.
@@ -557,7 +544,7 @@ async fn export_oci(work: SaveWork<'_>) -> Result<OciExport, WorkerError> {
     let path = spool.path().to_owned();
     let blobs = tokio::task::spawn_blocking(move || OciBlobs::read_export(reader, &path))
         .await
-        .map_err(|error| WorkerError::Invalid(error.to_string()))?
+        .map_err(WorkerError::Internal)?
         .map_err(|error| host_disk_error(error.into()))?;
     Ok(OciExport { blobs, _spool: Some(spool) })
 }
@@ -677,7 +664,7 @@ async fn save_from_export(
         });
         let uploads =
             upload_spooled(store, plan.max_concurrency as usize, blob_receiver, &Progress::for_stderr()).await;
-        let summary = reader.await.map_err(|error| WorkerError::Invalid(error.to_string()));
+        let summary = reader.await.map_err(WorkerError::Internal);
         // An upload failure is the cause when the reader stopped because of it.
         uploaded = uploads?;
         let summary = summary?.map_err(|error| host_disk_error(error.into()))?;
