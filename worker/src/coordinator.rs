@@ -28,8 +28,6 @@ pub struct Coordinator {
     pub url: String,
     /// The transfer plan's lease this process holds, given back with its metrics report.
     pub lease_id: String,
-    /// The current save's share of the transfer budget, as its keep-alive last heard it.
-    pub save_shares: Option<tokio::sync::watch::Receiver<u32>>,
     /// How long any call, and any transfer, may go without progress (`--stall-timeout`).
     pub stall_timeout: Duration,
 }
@@ -42,18 +40,24 @@ impl Coordinator {
         let token = BearerToken::new(token)?;
         let client =
             WorkerClient::with_interceptor(connect_with_deadline(url, stall_timeout).await?, CallMetadata(token));
-        Ok(Coordinator { client, url: url.to_owned(), lease_id: String::new(), save_shares: None, stall_timeout })
+        Ok(Coordinator { client, url: url.to_owned(), lease_id: String::new(), stall_timeout })
     }
 
-    /// Says every `interval` that the save `save_id` is alive, so its claims on the blobs it
-    /// uploads hold, until the returned guard is dropped. Each answer's share of the transfer
-    /// budget goes to `shares` (see `BlobStore::follow`).
-    pub fn keep_save_alive(
-        &self,
-        save_id: &str,
-        interval: Duration,
-        shares: tokio::sync::watch::Sender<u32>,
-    ) -> KeepAlive {
+    /// Holds the begun save `save_id`: says every `interval` that it is alive, so its claims on
+    /// the blobs it uploads hold, until the lease is dropped, and follows each answer's share
+    /// of the transfer budget (`first_share` until the first answer).
+    pub fn lease_save(&self, save_id: &str, interval: Duration, first_share: u32) -> SaveLease {
+        let (shares, followed) = tokio::sync::watch::channel(first_share);
+        SaveLease {
+            save_id: save_id.to_owned(),
+            shares: followed,
+            _keep_alive: self.keep_save_alive(save_id, interval, shares),
+        }
+    }
+
+    /// Says every `interval` that the save `save_id` is alive until the returned guard is
+    /// dropped; each answer's share of the transfer budget goes to `shares`.
+    fn keep_save_alive(&self, save_id: &str, interval: Duration, shares: tokio::sync::watch::Sender<u32>) -> KeepAlive {
         let (mut client, save_id) = (self.client.clone(), save_id.to_owned());
         let task = tokio::spawn(async move {
             let mut warned = false;
@@ -112,8 +116,24 @@ pub async fn abandon_save(mut client: Client, save_id: &str, stall_timeout: Dura
     }
 }
 
-/// Keeps a save alive while it lives (see [`Coordinator::keep_save_alive`]).
-pub struct KeepAlive(tokio::task::JoinHandle<()>);
+/// A begun save this worker holds (see [`Coordinator::lease_save`]): alive while it lives, with
+/// its current share of the transfer budget.
+pub struct SaveLease {
+    pub save_id: String,
+    shares: tokio::sync::watch::Receiver<u32>,
+    _keep_alive: KeepAlive,
+}
+
+impl SaveLease {
+    /// The save's share of the transfer budget, as the coordinator last answered (see
+    /// `BlobStore::follow`).
+    pub fn shares(&self) -> tokio::sync::watch::Receiver<u32> {
+        self.shares.clone()
+    }
+}
+
+/// Keeps a save alive while it lives (see [`Coordinator::lease_save`]).
+struct KeepAlive(tokio::task::JoinHandle<()>);
 
 impl Drop for KeepAlive {
     fn drop(&mut self) {

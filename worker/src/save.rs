@@ -12,7 +12,7 @@ use proto::v1 as pb;
 use tokio::sync::mpsc;
 
 use crate::build_dirs::{BuildDirs, stages_to_save};
-use crate::coordinator::Coordinator;
+use crate::coordinator::{Coordinator, SaveLease};
 use crate::direct::{self, DirectBlob, Stores};
 use crate::docker::{Engine, EngineImage};
 use crate::error::WorkerError;
@@ -387,17 +387,16 @@ async fn save_once(coordinator: &mut Coordinator, work: SaveWork<'_>) -> Result<
     }
     let begun = coordinator.client.begin_save(request.clone()).await.map_err(|s| coordinator.failed(s))?.into_inner();
     if begun.unchanged {
-        return save_begun(coordinator, work, request, begun, export).await;
+        return save_begun(coordinator, work, None, request, begun, export).await;
     }
     cleanup.set_save(&coordinator.client, &begun.save_id);
-    let save_id = begun.save_id.clone();
-    let (shares, followed) = tokio::sync::watch::channel(begun.plan.as_ref().map_or(1, |plan| plan.max_concurrency));
-    coordinator.save_shares = Some(followed);
     let interval = Duration::from_secs(begun.keep_alive_seconds.max(1).into());
-    let keep_alive = coordinator.keep_save_alive(&save_id, interval, shares);
-    let result = save_begun(coordinator, work, request, begun, export).await;
-    drop(keep_alive);
-    coordinator.save_shares = None;
+    let first_share = begun.plan.as_ref().map_or(1, |plan| plan.max_concurrency);
+    let lease = coordinator.lease_save(&begun.save_id, interval, first_share);
+    let result = save_begun(coordinator, work, Some(&lease), request, begun, export).await;
+    // The keep-alive stops before the save is given back.
+    let save_id = lease.save_id.clone();
+    drop(lease);
     if !matches!(result, Ok(Attempt::Done(_))) {
         coordinator.abandon_save(&save_id).await;
     }
@@ -554,6 +553,7 @@ async fn export_oci(work: SaveWork<'_>) -> Result<OciExport, WorkerError> {
 async fn upload_oci(
     coordinator: &mut Coordinator,
     work: SaveWork<'_>,
+    lease: Option<&SaveLease>,
     begun: &pb::BeginSaveResponse,
     export: Option<OciExport>,
 ) -> Result<Vec<Moved>, WorkerError> {
@@ -571,7 +571,7 @@ async fn upload_oci(
     let credentials =
         begun.credentials.clone().ok_or_else(|| WorkerError::Invalid("the coordinator sent no credentials".into()))?;
     let plan = begun.plan.clone().unwrap_or_default();
-    let store = upload_store(coordinator, &credentials, &plan).await;
+    let store = upload_store(coordinator, lease, &credentials, &plan).await;
     work.cleanup.set_store(&store);
     let mut blobs = Vec::new();
     for digest in missing {
@@ -594,10 +594,15 @@ async fn upload_oci(
 }
 
 /// The store a save uploads to, following the save's share of the transfer budget.
-async fn upload_store(coordinator: &Coordinator, credentials: &pb::Credentials, plan: &pb::TransferPlan) -> BlobStore {
+async fn upload_store(
+    coordinator: &Coordinator,
+    lease: Option<&SaveLease>,
+    credentials: &pb::Credentials,
+    plan: &pb::TransferPlan,
+) -> BlobStore {
     let store = BlobStore::new(credentials, plan, Some(coordinator.client.clone()), coordinator.stall_timeout);
-    if let Some(shares) = &coordinator.save_shares {
-        store.follow(shares.clone()).await;
+    if let Some(lease) = lease {
+        store.follow(lease.shares()).await;
     }
     store
 }
@@ -605,18 +610,19 @@ async fn upload_store(coordinator: &Coordinator, credentials: &pb::Credentials, 
 async fn save_begun(
     coordinator: &mut Coordinator,
     work: SaveWork<'_>,
+    lease: Option<&SaveLease>,
     request: pb::BeginSaveRequest,
     begun: pb::BeginSaveResponse,
     export: Option<OciExport>,
 ) -> Result<Attempt, WorkerError> {
     if work.oci {
-        let uploaded = upload_oci(coordinator, work, &begun, export).await?;
+        let uploaded = upload_oci(coordinator, work, lease, &begun, export).await?;
         let in_flight: HashSet<String> = begun.in_flight_digests.iter().cloned().collect();
         return finish_save(coordinator, work, request.images, begun, uploaded, in_flight).await;
     }
     match work.stores {
-        Some(Stores::Layers(layers)) => save_from_layer_store(coordinator, work, layers, request, begun).await,
-        _ => save_from_export(coordinator, work, request, begun).await,
+        Some(Stores::Layers(layers)) => save_from_layer_store(coordinator, work, lease, layers, request, begun).await,
+        _ => save_from_export(coordinator, work, lease, request, begun).await,
     }
 }
 
@@ -625,6 +631,7 @@ async fn save_begun(
 async fn save_from_export(
     coordinator: &mut Coordinator,
     work: SaveWork<'_>,
+    lease: Option<&SaveLease>,
     request: pb::BeginSaveRequest,
     begun: pb::BeginSaveResponse,
 ) -> Result<Attempt, WorkerError> {
@@ -643,7 +650,7 @@ async fn save_from_export(
             .credentials
             .clone()
             .ok_or_else(|| WorkerError::Invalid("the coordinator sent no credentials".into()))?;
-        let store = upload_store(coordinator, &credentials, &plan).await;
+        let store = upload_store(coordinator, lease, &credentials, &plan).await;
         cleanup.set_store(&store);
         let spool = tempfile::Builder::new().prefix("cache-worker-").tempdir_in(spool_dir()).map_err(|error| {
             WorkerError::Host(format!("cannot create a spool folder in {}: {error}", spool_dir().display()))
@@ -705,6 +712,7 @@ fn describe_chain(
 async fn save_from_layer_store(
     coordinator: &mut Coordinator,
     work: SaveWork<'_>,
+    lease: Option<&SaveLease>,
     layers: &LayerStore,
     request: pb::BeginSaveRequest,
     begun: pb::BeginSaveResponse,
@@ -744,7 +752,7 @@ async fn save_from_layer_store(
             .clone()
             .ok_or_else(|| WorkerError::Invalid("the coordinator sent no credentials".into()))?;
         let plan = begun.plan.clone().unwrap_or_default();
-        let store = upload_store(coordinator, &credentials, &plan).await;
+        let store = upload_store(coordinator, lease, &credentials, &plan).await;
         work.cleanup.set_store(&store);
         uploaded =
             direct::upload_all(&store, plan.max_concurrency as usize, to_upload, &Progress::for_stderr()).await?;
