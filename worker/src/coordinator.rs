@@ -101,6 +101,45 @@ impl Coordinator {
         }
     }
 
+    /// Begins a save: what the project lacks, the credentials and the plan to upload it with.
+    pub async fn begin_save(
+        &mut self,
+        request: proto::v1::BeginSaveRequest,
+    ) -> Result<proto::v1::BeginSaveResponse, ClientError> {
+        Ok(self.client.begin_save(request).await.map_err(|status| self.failed(status))?.into_inner())
+    }
+
+    /// Asks once to commit a save, as a domain outcome: stored (or kept out by a newer
+    /// cache, which the answer says), still waiting for blobs other saves upload, or to be
+    /// begun again. `waited_on_others` says the save read past blobs other saves were
+    /// uploading, whose loss is then a reason to begin again rather than a failure.
+    pub async fn commit_save(
+        &mut self,
+        request: proto::v1::CommitSaveRequest,
+        waited_on_others: bool,
+    ) -> Result<CommitOutcome, ClientError> {
+        let status = match self.client.commit_save(request).await {
+            Ok(response) if response.get_ref().waiting_for_digests.is_empty() => {
+                return Ok(CommitOutcome::Committed(Box::new(response.into_inner())));
+            }
+            Ok(_) => return Ok(CommitOutcome::Waiting),
+            Err(status) => status,
+        };
+        let again = match status.code() {
+            tonic::Code::NotFound => format!("the coordinator no longer knows this save ({})", status.message()),
+            // A blob in the store did not match its digest (another token planted it) and the
+            // coordinator deleted it: the save uploads it again.
+            tonic::Code::DataLoss => status.message().to_owned(),
+            // The project was flushed since the save began (through another replica): again.
+            tonic::Code::Aborted => status.message().to_owned(),
+            tonic::Code::FailedPrecondition if waited_on_others => {
+                format!("a concurrent save stopped before uploading what this one waited for ({})", status.message())
+            }
+            _ => return Err(self.failed(status)),
+        };
+        Ok(CommitOutcome::BeginAgain(again))
+    }
+
     /// Turns a failed call into the worker's error.
     pub fn failed(&self, status: tonic::Status) -> ClientError {
         ClientError::from_status_with_deadline(&self.url, &status, self.stall_timeout)
@@ -114,6 +153,18 @@ pub async fn abandon_save(mut client: Client, save_id: &str, stall_timeout: Dura
     if let Err(status) = client.abandon_save(request).await {
         tracing::warn!(error = %status.message(), "giving the save back to the coordinator failed");
     }
+}
+
+/// What one request to commit a save came to.
+#[derive(Debug)]
+pub enum CommitOutcome {
+    /// The commit is decided: `stored` says whether this save became the cache or a newer
+    /// one was kept.
+    Committed(Box<proto::v1::CommitSaveResponse>),
+    /// Blobs other saves are still uploading: ask again (those saves are alive).
+    Waiting,
+    /// The save cannot commit as begun, for the reason given: begin it again.
+    BeginAgain(String),
 }
 
 /// A begun save this worker holds (see [`Coordinator::lease_save`]): alive while it lives, with

@@ -12,7 +12,7 @@ use proto::v1 as pb;
 use tokio::sync::mpsc;
 
 use crate::build_dirs::{BuildDirs, stages_to_save};
-use crate::coordinator::{Coordinator, SaveLease};
+use crate::coordinator::{CommitOutcome, Coordinator, SaveLease};
 use crate::direct::{self, DirectBlob, Stores};
 use crate::docker::{Engine, EngineImage};
 use crate::error::WorkerError;
@@ -385,7 +385,7 @@ async fn save_once(coordinator: &mut Coordinator, work: SaveWork<'_>) -> Result<
     for steps in work.steps {
         steps.attach(&mut request.images);
     }
-    let begun = coordinator.client.begin_save(request.clone()).await.map_err(|s| coordinator.failed(s))?.into_inner();
+    let begun = coordinator.begin_save(request.clone()).await?;
     if begun.unchanged {
         return save_begun(coordinator, work, None, request, begun, export).await;
     }
@@ -459,7 +459,7 @@ async fn oci_images(
         return Ok((images, Some(OciExport { blobs, _spool: None })));
     }
     let probe = pb::BeginSaveRequest { images: images.clone(), ..probe };
-    let known = coordinator.client.begin_save(probe).await.map_err(|s| coordinator.failed(s))?.into_inner();
+    let known = coordinator.begin_save(probe).await?;
     coordinator.abandon_save(&known.save_id).await;
     let missing: HashSet<&String> = known.missing_digests.iter().collect();
     let known: HashMap<&str, &pb::Image> = known
@@ -845,31 +845,10 @@ async fn commit(
     let committed = loop {
         // A commit waits a little for blobs other saves are still uploading, then says
         // which; those saves are alive (their claims hold), so this one waits on.
-        match coordinator.client.commit_save(commit.clone()).await {
-            Ok(response) if response.get_ref().waiting_for_digests.is_empty() => break response.into_inner(),
-            Ok(_) => continue,
-            Err(status) if status.code() == tonic::Code::NotFound => {
-                return Ok(Err(Attempt::Again(format!(
-                    "the coordinator no longer knows this save ({})",
-                    status.message()
-                ))));
-            }
-            // A blob in the store did not match its digest (another token planted it) and the
-            // coordinator deleted it: the save uploads it again.
-            Err(status) if status.code() == tonic::Code::DataLoss => {
-                return Ok(Err(Attempt::Again(status.message().to_owned())));
-            }
-            // The project was flushed since the save began (through another replica): again.
-            Err(status) if status.code() == tonic::Code::Aborted => {
-                return Ok(Err(Attempt::Again(status.message().to_owned())));
-            }
-            Err(status) if status.code() == tonic::Code::FailedPrecondition && !in_flight.is_empty() => {
-                return Ok(Err(Attempt::Again(format!(
-                    "a concurrent save stopped before uploading what this one waited for ({})",
-                    status.message()
-                ))));
-            }
-            Err(status) => return Err(coordinator.failed(status).into()),
+        match coordinator.commit_save(commit.clone(), !in_flight.is_empty()).await? {
+            CommitOutcome::Committed(committed) => break *committed,
+            CommitOutcome::Waiting => continue,
+            CommitOutcome::BeginAgain(reason) => return Ok(Err(Attempt::Again(reason))),
         }
     };
     print_commit_outcome(&work.options.service, &committed);
