@@ -155,6 +155,26 @@ pub async fn abandon_save(mut client: Client, save_id: &str, stall_timeout: Dura
     }
 }
 
+/// The coordinator as a save sees it: a seam a test fakes.
+pub trait SaveCoordinator {
+    /// Asks once to commit a save (see [`Coordinator::commit_save`]).
+    fn commit_save(
+        &mut self,
+        request: proto::v1::CommitSaveRequest,
+        waited_on_others: bool,
+    ) -> impl std::future::Future<Output = Result<CommitOutcome, ClientError>> + Send;
+}
+
+impl SaveCoordinator for Coordinator {
+    async fn commit_save(
+        &mut self,
+        request: proto::v1::CommitSaveRequest,
+        waited_on_others: bool,
+    ) -> Result<CommitOutcome, ClientError> {
+        Coordinator::commit_save(self, request, waited_on_others).await
+    }
+}
+
 /// What one request to commit a save came to.
 #[derive(Debug)]
 pub enum CommitOutcome {

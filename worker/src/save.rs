@@ -12,7 +12,7 @@ use proto::v1 as pb;
 use tokio::sync::mpsc;
 
 use crate::build_dirs::{BuildDirs, stages_to_save};
-use crate::coordinator::{CommitOutcome, Coordinator, SaveLease};
+use crate::coordinator::{CommitOutcome, Coordinator, SaveCoordinator, SaveLease};
 use crate::direct::{self, DirectBlob, Stores};
 use crate::docker::{Engine, EngineImage};
 use crate::error::WorkerError;
@@ -278,6 +278,7 @@ struct OciExport {
 }
 
 /// How one attempt at a save ended.
+#[derive(Debug)]
 enum Attempt {
     Done(SaveSummary),
     /// The coordinator lost the save (it restarted) or a save this one waited for died before
@@ -781,7 +782,7 @@ async fn finish_save(
         println!("{line}");
     }
     warn_about_missing_inline_cache(&images);
-    let stored = match commit(coordinator, work, &images, &begun, log, &in_flight).await? {
+    let stored = match commit(coordinator, &work.options.service, &images, &begun, log, &in_flight).await? {
         Ok(stored) => stored,
         Err(again) => return Ok(again),
     };
@@ -831,8 +832,8 @@ async fn step_reuse(work: SaveWork<'_>, previous_images: &[pb::Image]) -> (Vec<S
 /// Commits the save's images (nothing to commit when it is unchanged): whether they became
 /// the cache, or the attempt to make again.
 async fn commit(
-    coordinator: &mut Coordinator,
-    work: SaveWork<'_>,
+    coordinator: &mut impl SaveCoordinator,
+    service: &str,
     images: &[pb::Image],
     begun: &pb::BeginSaveResponse,
     log: Vec<String>,
@@ -851,7 +852,7 @@ async fn commit(
             CommitOutcome::BeginAgain(reason) => return Ok(Err(Attempt::Again(reason))),
         }
     };
-    print_commit_outcome(&work.options.service, &committed);
+    print_commit_outcome(service, &committed);
     Ok(Ok(committed.stored))
 }
 
@@ -959,6 +960,52 @@ fn print_commit_outcome(service: &str, committed: &pb::CommitSaveResponse) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A coordinator that answers commits from a script, and counts them.
+    struct ScriptedCommits(Vec<CommitOutcome>, usize);
+
+    impl SaveCoordinator for ScriptedCommits {
+        async fn commit_save(
+            &mut self,
+            _request: pb::CommitSaveRequest,
+            _waited_on_others: bool,
+        ) -> Result<CommitOutcome, proto::client::ClientError> {
+            self.1 += 1;
+            Ok(self.0.remove(0))
+        }
+    }
+
+    fn begun() -> pb::BeginSaveResponse {
+        pb::BeginSaveResponse { save_id: "s1".into(), ..Default::default() }
+    }
+
+    #[tokio::test]
+    async fn a_commit_waits_while_others_upload_then_says_whether_it_was_stored() {
+        let stored = pb::CommitSaveResponse { stored: true, ..Default::default() };
+        let script = vec![CommitOutcome::Waiting, CommitOutcome::Waiting, CommitOutcome::Committed(Box::new(stored))];
+        let mut coordinator = ScriptedCommits(script, 0);
+        let outcome = commit(&mut coordinator, "svc", &[], &begun(), vec![], &HashSet::new()).await.unwrap();
+        assert!(matches!(outcome, Ok(true)), "{outcome:?}");
+        assert_eq!(coordinator.1, 3);
+
+        let kept_newer = pb::CommitSaveResponse { stored: false, ..Default::default() };
+        let mut coordinator = ScriptedCommits(vec![CommitOutcome::Committed(Box::new(kept_newer))], 0);
+        let outcome = commit(&mut coordinator, "svc", &[], &begun(), vec![], &HashSet::new()).await.unwrap();
+        assert!(matches!(outcome, Ok(false)), "a newer cache kept: {outcome:?}");
+    }
+
+    #[tokio::test]
+    async fn a_commit_told_to_begin_again_returns_the_reason_and_an_unchanged_save_commits_nothing() {
+        let mut coordinator = ScriptedCommits(vec![CommitOutcome::BeginAgain("the project was flushed".into())], 0);
+        let outcome = commit(&mut coordinator, "svc", &[], &begun(), vec![], &HashSet::new()).await.unwrap();
+        assert!(matches!(&outcome, Err(Attempt::Again(reason)) if reason == "the project was flushed"), "{outcome:?}");
+
+        let mut coordinator = ScriptedCommits(vec![], 0);
+        let unchanged = pb::BeginSaveResponse { unchanged: true, ..begun() };
+        let outcome = commit(&mut coordinator, "svc", &[], &unchanged, vec![], &HashSet::new()).await.unwrap();
+        assert!(matches!(outcome, Ok(true)), "{outcome:?}");
+        assert_eq!(coordinator.1, 0, "nothing to commit");
+    }
 
     #[test]
     fn a_full_or_read_only_spool_is_named_as_such() {
