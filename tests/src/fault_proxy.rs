@@ -143,4 +143,9 @@ impl FaultyProxy {
     pub fn freeze(&self) {
         self.frozen.store(true, std::sync::atomic::Ordering::SeqCst);
     }
+
+    /// Moves bytes again after [`FaultyProxy::freeze`].
+    pub fn thaw(&self) {
+        self.frozen.store(false, std::sync::atomic::Ordering::SeqCst);
+    }
 }

@@ -286,6 +286,16 @@ pub fn stdout_of(output: &Output) -> String {
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
+/// A command's stderr is one plain line a person reads: no second line from a log, no `Debug`
+/// dump of an SDK's error, no terminal escape codes (stderr is not a terminal here).
+pub fn assert_one_plain_line(output: &Output) {
+    let stderr = stderr_of(output);
+    assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
+    for dump in ["Error {", "ServiceError(", "DispatchFailure", "ConnectorError", "\x1b", "WARN"] {
+        assert!(!stderr.contains(dump), "no {dump:?} in: {stderr}");
+    }
+}
+
 impl CoordinatorProcess {
     /// Starts cache-worker with a project token against `engine`, its output piped, for a test
     /// to signal or wait for.

@@ -26,8 +26,6 @@ impl tonic::service::Interceptor for CallMetadata {
 pub struct Coordinator {
     pub client: Client,
     pub url: String,
-    /// The current save's share of the transfer budget, as its keep-alive last heard it.
-    pub save_shares: Option<tokio::sync::watch::Receiver<u32>>,
     /// How long any call, and any transfer, may go without progress (`--stall-timeout`).
     pub stall_timeout: Duration,
 }
@@ -40,18 +38,24 @@ impl Coordinator {
         let token = BearerToken::new(token)?;
         let client =
             WorkerClient::with_interceptor(connect_with_deadline(url, stall_timeout).await?, CallMetadata(token));
-        Ok(Coordinator { client, url: url.to_owned(), save_shares: None, stall_timeout })
+        Ok(Coordinator { client, url: url.to_owned(), stall_timeout })
     }
 
-    /// Says every `interval` that the save `save_id` is alive, so its claims on the blobs it
-    /// uploads hold, until the returned guard is dropped. Each answer's share of the transfer
-    /// budget goes to `shares` (see `BlobStore::follow`).
-    pub fn keep_save_alive(
-        &self,
-        save_id: &str,
-        interval: Duration,
-        shares: tokio::sync::watch::Sender<u32>,
-    ) -> KeepAlive {
+    /// Holds the begun save `save_id`: says every `interval` that it is alive, so its claims on
+    /// the blobs it uploads hold, until the lease is dropped, and follows each answer's share
+    /// of the transfer budget (`first_share` until the first answer).
+    pub fn lease_save(&self, save_id: &str, interval: Duration, first_share: u32) -> SaveLease {
+        let (shares, followed) = tokio::sync::watch::channel(first_share);
+        SaveLease {
+            save_id: save_id.to_owned(),
+            shares: followed,
+            _keep_alive: self.keep_save_alive(save_id, interval, shares),
+        }
+    }
+
+    /// Says every `interval` that the save `save_id` is alive until the returned guard is
+    /// dropped; each answer's share of the transfer budget goes to `shares`.
+    fn keep_save_alive(&self, save_id: &str, interval: Duration, shares: tokio::sync::watch::Sender<u32>) -> KeepAlive {
         let (mut client, save_id) = (self.client.clone(), save_id.to_owned());
         let task = tokio::spawn(async move {
             let mut warned = false;
@@ -87,11 +91,51 @@ impl Coordinator {
     }
 
     /// Sends the per-layer figures of one save or restore. A cache never breaks a build: a
-    /// failed report is logged, not raised.
+    /// failed report is logged at debug, not raised, and not warned about: it fails when the
+    /// coordinator is gone, and the command's own line already says so.
     pub async fn report_metrics(&mut self, report: proto::v1::ReportMetricsRequest) {
         if let Err(status) = self.client.report_metrics(report).await {
-            tracing::warn!(error = %status.message(), "reporting metrics to the coordinator failed");
+            tracing::debug!(error = %status.message(), "reporting metrics to the coordinator failed");
         }
+    }
+
+    /// Begins a save: what the project lacks, the credentials and the plan to upload it with.
+    pub async fn begin_save(
+        &mut self,
+        request: proto::v1::BeginSaveRequest,
+    ) -> Result<proto::v1::BeginSaveResponse, ClientError> {
+        Ok(self.client.begin_save(request).await.map_err(|status| self.failed(status))?.into_inner())
+    }
+
+    /// Asks once to commit a save, as a domain outcome: stored (or kept out by a newer
+    /// cache, which the answer says), still waiting for blobs other saves upload, or to be
+    /// begun again. `waited_on_others` says the save read past blobs other saves were
+    /// uploading, whose loss is then a reason to begin again rather than a failure.
+    pub async fn commit_save(
+        &mut self,
+        request: proto::v1::CommitSaveRequest,
+        waited_on_others: bool,
+    ) -> Result<CommitOutcome, ClientError> {
+        let status = match self.client.commit_save(request).await {
+            Ok(response) if response.get_ref().waiting_for_digests.is_empty() => {
+                return Ok(CommitOutcome::Committed(Box::new(response.into_inner())));
+            }
+            Ok(_) => return Ok(CommitOutcome::Waiting),
+            Err(status) => status,
+        };
+        let again = match status.code() {
+            tonic::Code::NotFound => format!("the coordinator no longer knows this save ({})", status.message()),
+            // A blob in the store did not match its digest (another token planted it) and the
+            // coordinator deleted it: the save uploads it again.
+            tonic::Code::DataLoss => status.message().to_owned(),
+            // The project was flushed since the save began (through another replica): again.
+            tonic::Code::Aborted => status.message().to_owned(),
+            tonic::Code::FailedPrecondition if waited_on_others => {
+                format!("a concurrent save stopped before uploading what this one waited for ({})", status.message())
+            }
+            _ => return Err(self.failed(status)),
+        };
+        Ok(CommitOutcome::BeginAgain(again))
     }
 
     /// Turns a failed call into the worker's error.
@@ -109,8 +153,56 @@ pub async fn abandon_save(mut client: Client, save_id: &str, stall_timeout: Dura
     }
 }
 
-/// Keeps a save alive while it lives (see [`Coordinator::keep_save_alive`]).
-pub struct KeepAlive(tokio::task::JoinHandle<()>);
+/// The coordinator as a save sees it: a seam a test fakes.
+pub trait SaveCoordinator {
+    /// Asks once to commit a save (see [`Coordinator::commit_save`]).
+    fn commit_save(
+        &mut self,
+        request: proto::v1::CommitSaveRequest,
+        waited_on_others: bool,
+    ) -> impl std::future::Future<Output = Result<CommitOutcome, ClientError>> + Send;
+}
+
+impl SaveCoordinator for Coordinator {
+    async fn commit_save(
+        &mut self,
+        request: proto::v1::CommitSaveRequest,
+        waited_on_others: bool,
+    ) -> Result<CommitOutcome, ClientError> {
+        Coordinator::commit_save(self, request, waited_on_others).await
+    }
+}
+
+/// What one request to commit a save came to.
+#[derive(Debug)]
+pub enum CommitOutcome {
+    /// The commit is decided: `stored` says whether this save became the cache or a newer
+    /// one was kept.
+    Committed(Box<proto::v1::CommitSaveResponse>),
+    /// Blobs other saves are still uploading: ask again (those saves are alive).
+    Waiting,
+    /// The save cannot commit as begun, for the reason given: begin it again.
+    BeginAgain(String),
+}
+
+/// A begun save this worker holds (see [`Coordinator::lease_save`]): alive while it lives, with
+/// its current share of the transfer budget.
+pub struct SaveLease {
+    pub save_id: String,
+    shares: tokio::sync::watch::Receiver<u32>,
+    _keep_alive: KeepAlive,
+}
+
+impl SaveLease {
+    /// The save's share of the transfer budget, as the coordinator last answered (see
+    /// `BlobStore::follow`).
+    pub fn shares(&self) -> tokio::sync::watch::Receiver<u32> {
+        self.shares.clone()
+    }
+}
+
+/// Keeps a save alive while it lives (see [`Coordinator::lease_save`]).
+struct KeepAlive(tokio::task::JoinHandle<()>);
 
 impl Drop for KeepAlive {
     fn drop(&mut self) {

@@ -9,17 +9,15 @@
 
 use std::io::Read;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Instant;
-
-use tokio::sync::Semaphore;
 
 use crate::docker::Storage;
 use crate::error::WorkerError;
 use crate::export::{STREAM_PIECES, SendError, send_checked};
 use crate::layer_store::LayerStore;
-use crate::progress::{Bar, Progress};
+use crate::progress::{Bar, Progress, short_digest};
 use crate::transfer::BlobStore;
+use crate::upload::{Moved, upload_bounded};
 
 /// The engine's stores, as this worker reads them.
 #[derive(Debug, Clone)]
@@ -72,9 +70,6 @@ pub struct DirectBlob {
     pub open: Open,
 }
 
-/// A blob [`upload_all`] moved: its digest, size and seconds.
-pub type Moved = (String, u64, f64);
-
 /// Blobs read at once: each holds [`STREAM_PIECES`] MiB in its reader and up to five parts in
 /// its upload, so this bounds the save's memory whatever the plan allows.
 const READERS: usize = 4;
@@ -89,26 +84,11 @@ pub async fn upload_all(
     blobs: Vec<DirectBlob>,
     progress: &Progress,
 ) -> Result<Vec<Moved>, WorkerError> {
-    let semaphore = Arc::new(Semaphore::new(concurrency.clamp(1, READERS)));
-    let mut uploads = tokio::task::JoinSet::new();
-    let mut moved = Vec::new();
-    for blob in blobs {
-        let permit = semaphore.clone().acquire_owned().await.expect("semaphore is never closed");
-        let store = store.clone();
-        let progress = progress.clone();
-        uploads.spawn(async move {
-            let _permit = permit;
-            upload_one(&store, blob, &progress).await
-        });
-        // Surface a failure before the next blob is read.
-        while let Some(finished) = uploads.try_join_next() {
-            moved.push(finished.map_err(|error| WorkerError::Invalid(error.to_string()))??);
-        }
-    }
-    while let Some(finished) = uploads.join_next().await {
-        moved.push(finished.map_err(|error| WorkerError::Invalid(error.to_string()))??);
-    }
-    Ok(moved)
+    upload_bounded(concurrency.clamp(1, READERS), futures::stream::iter(blobs), |blob| {
+        let (store, progress) = (store.clone(), progress.clone());
+        async move { upload_one(&store, blob, &progress).await }
+    })
+    .await
 }
 
 /// Why a direct read failed, naming the blob.
@@ -131,13 +111,13 @@ async fn upload_one(store: &BlobStore, blob: DirectBlob, progress: &Progress) ->
         Ok(Ok(())) | Ok(Err(SendError::Closed)) => None,
         Ok(Err(SendError::Read(error))) => Some(unreadable(&digest, error)),
         Ok(Err(SendError::Mismatch { actual })) => Some(unreadable(&digest, format!("it hashes to {actual}"))),
-        Err(error) => Some(WorkerError::Invalid(error.to_string())),
+        Err(error) => Some(WorkerError::Internal(error)),
     };
     let Ok(size) = size.await else {
         // Opening failed: the reader says why.
         return Err(read_failed(reader.await).unwrap_or_else(|| unreadable(&digest, "it could not be opened")));
     };
-    let bar = if size >= 1 << 20 { progress.bar(&crate::save::short_digest(&digest), size) } else { Bar::none() };
+    let bar = if size >= 1 << 20 { progress.bar(&short_digest(&digest), size) } else { Bar::none() };
     let uploaded = store.upload_stream(&digest, size, body, &bar).await;
     // A read failure is the cause when the upload failed because of it.
     if let Some(error) = read_failed(reader.await) {

@@ -30,13 +30,18 @@ pub enum WorkerError {
     /// A blob read from the engine's own stores (not its export) failed its check or its read.
     #[error("{0}")]
     Direct(String),
+    /// A task of this worker panicked or was cancelled: a bug, never anyone's input.
+    #[error("an internal task of the worker failed: {0}")]
+    Internal(#[from] tokio::task::JoinError),
 }
 
 impl WorkerError {
-    /// sysexits-style codes: 64 bad input, the coordinator's codes for its refusals, 1 else.
+    /// sysexits-style codes: 64 bad input, 70 an internal failure (`EX_SOFTWARE`), the
+    /// coordinator's codes for its refusals, 1 else.
     pub fn exit_code(&self) -> u8 {
         match self {
             WorkerError::Invalid(_) => 64,
+            WorkerError::Internal(_) => 70,
             WorkerError::Coordinator(error) => error.exit_code(),
             _ => 1,
         }

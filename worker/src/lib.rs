@@ -16,3 +16,4 @@ pub mod restore;
 pub mod save;
 pub mod steps;
 pub mod transfer;
+pub mod upload;

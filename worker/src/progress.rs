@@ -54,6 +54,11 @@ pub fn rate(bytes: u64, seconds: f64) -> String {
     format!("{:.1} MB/s", bytes as f64 / 1e6 / seconds.max(0.001))
 }
 
+/// "layer 0123456789ab" for a progress bar.
+pub(crate) fn short_digest(digest: &str) -> String {
+    format!("layer {}", digest.trim_start_matches("sha256:").get(..12).unwrap_or(digest))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -9,20 +9,21 @@ use futures::TryStreamExt;
 use proto::format::format_bytes;
 use proto::names;
 use proto::v1 as pb;
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::mpsc;
 
 use crate::build_dirs::{BuildDirs, stages_to_save};
-use crate::coordinator::Coordinator;
-use crate::direct::{self, DirectBlob, Moved, Stores};
+use crate::coordinator::{CommitOutcome, Coordinator, SaveCoordinator, SaveLease};
+use crate::direct::{self, DirectBlob, Stores};
 use crate::docker::{Engine, EngineImage};
 use crate::error::WorkerError;
 use crate::export::{SpooledBlob, blocking_reader, plain, read_export, spool_dir};
 use crate::image_config::{ImageFacts, builder_name, image_facts};
 use crate::layer_store::{LayerStore, chain_ids};
 use crate::oci::{BlobSource, Descriptor, OciBlobs};
-use crate::progress::{Bar, Progress, rate};
+use crate::progress::{Bar, Progress, rate, short_digest};
 use crate::steps::ImageSteps;
 use crate::transfer::BlobStore;
+use crate::upload::{Moved, upload_bounded};
 
 pub struct SaveOptions {
     pub service: String,
@@ -200,23 +201,15 @@ async fn image_facts_for(
     Ok(facts)
 }
 
-/// "layer 0123456789ab" for a progress bar.
-pub(crate) fn short_digest(digest: &str) -> String {
-    format!("layer {}", digest.trim_start_matches("sha256:").get(..12).unwrap_or(digest))
-}
-
 /// Uploads every blob the export hands over, several at once; returns (digest, bytes, seconds).
 async fn upload_spooled(
     store: BlobStore,
     concurrency: usize,
-    mut blobs: mpsc::Receiver<SpooledBlob>,
+    blobs: mpsc::Receiver<SpooledBlob>,
     progress: &Progress,
 ) -> Result<Vec<Moved>, WorkerError> {
-    let semaphore = Arc::new(Semaphore::new(concurrency.max(1)));
-    let mut uploads = tokio::task::JoinSet::new();
-    let mut done = Vec::new();
-    while let Some(blob) = blobs.recv().await {
-        let permit = semaphore.clone().acquire_owned().await.expect("semaphore is never closed");
+    let blobs = tokio_stream::wrappers::ReceiverStream::new(blobs);
+    upload_bounded(concurrency, blobs, |blob| {
         let store = store.clone();
         let bar = match &blob {
             SpooledBlob::File { layer, .. } | SpooledBlob::Stream { layer, .. } => {
@@ -224,37 +217,31 @@ async fn upload_spooled(
             }
             SpooledBlob::Bytes { .. } => Bar::none(),
         };
-        uploads.spawn(async move {
-            let _permit = permit;
-            let started = Instant::now();
-            let (digest, size) = match blob {
-                SpooledBlob::File { layer, path } => {
-                    store.upload_file(&layer.digest, &path, layer.stored_size, &bar).await?;
-                    bar.finish();
-                    (layer.digest, layer.stored_size)
-                }
-                SpooledBlob::Bytes { digest, bytes } => {
-                    let size = bytes.len() as u64;
-                    store.upload_bytes(&digest, bytes).await?;
-                    (digest, size)
-                }
-                SpooledBlob::Stream { layer, body } => {
-                    store.upload_stream(&layer.digest, layer.stored_size, body, &bar).await?;
-                    bar.finish();
-                    (layer.digest, layer.stored_size)
-                }
-            };
-            Ok::<_, WorkerError>((digest, size, started.elapsed().as_secs_f64()))
-        });
-        // Surface a failure early rather than after the whole export.
-        while let Some(finished) = uploads.try_join_next() {
-            done.push(finished.map_err(|error| WorkerError::Invalid(error.to_string()))??);
+        async move { upload_spooled_one(&store, blob, &bar).await }
+    })
+    .await
+}
+
+async fn upload_spooled_one(store: &BlobStore, blob: SpooledBlob, bar: &Bar) -> Result<Moved, WorkerError> {
+    let started = Instant::now();
+    let (digest, size) = match blob {
+        SpooledBlob::File { layer, path } => {
+            store.upload_file(&layer.digest, &path, layer.stored_size, bar).await?;
+            bar.finish();
+            (layer.digest, layer.stored_size)
         }
-    }
-    while let Some(finished) = uploads.join_next().await {
-        done.push(finished.map_err(|error| WorkerError::Invalid(error.to_string()))??);
-    }
-    Ok(done)
+        SpooledBlob::Bytes { digest, bytes } => {
+            let size = bytes.len() as u64;
+            store.upload_bytes(&digest, bytes).await?;
+            (digest, size)
+        }
+        SpooledBlob::Stream { layer, body } => {
+            store.upload_stream(&layer.digest, layer.stored_size, body, bar).await?;
+            bar.finish();
+            (layer.digest, layer.stored_size)
+        }
+    };
+    Ok((digest, size, started.elapsed().as_secs_f64()))
 }
 
 /// The build host's name, for the logs of other saves this one replaces or keeps out.
@@ -291,6 +278,7 @@ struct OciExport {
 }
 
 /// How one attempt at a save ended.
+#[derive(Debug)]
 enum Attempt {
     Done(SaveSummary),
     /// The coordinator lost the save (it restarted) or a save this one waited for died before
@@ -398,19 +386,18 @@ async fn save_once(coordinator: &mut Coordinator, work: SaveWork<'_>) -> Result<
     for steps in work.steps {
         steps.attach(&mut request.images);
     }
-    let begun = coordinator.client.begin_save(request.clone()).await.map_err(|s| coordinator.failed(s))?.into_inner();
+    let begun = coordinator.begin_save(request.clone()).await?;
     if begun.unchanged {
-        return save_begun(coordinator, work, request, begun, export).await;
+        return save_begun(coordinator, work, None, request, begun, export).await;
     }
     cleanup.set_save(&coordinator.client, &begun.save_id);
-    let save_id = begun.save_id.clone();
-    let (shares, followed) = tokio::sync::watch::channel(begun.plan.as_ref().map_or(1, |plan| plan.max_concurrency));
-    coordinator.save_shares = Some(followed);
     let interval = Duration::from_secs(begun.keep_alive_seconds.max(1).into());
-    let keep_alive = coordinator.keep_save_alive(&save_id, interval, shares);
-    let result = save_begun(coordinator, work, request, begun, export).await;
-    drop(keep_alive);
-    coordinator.save_shares = None;
+    let first_share = begun.plan.as_ref().map_or(1, |plan| plan.max_concurrency);
+    let lease = coordinator.lease_save(&begun.save_id, interval, first_share);
+    let result = save_begun(coordinator, work, Some(&lease), request, begun, export).await;
+    // The keep-alive stops before the save is given back.
+    let save_id = lease.save_id.clone();
+    drop(lease);
     if !matches!(result, Ok(Attempt::Done(_))) {
         coordinator.abandon_save(&save_id).await;
     }
@@ -473,7 +460,7 @@ async fn oci_images(
         return Ok((images, Some(OciExport { blobs, _spool: None })));
     }
     let probe = pb::BeginSaveRequest { images: images.clone(), ..probe };
-    let known = coordinator.client.begin_save(probe).await.map_err(|s| coordinator.failed(s))?.into_inner();
+    let known = coordinator.begin_save(probe).await?;
     coordinator.abandon_save(&known.save_id).await;
     let missing: HashSet<&String> = known.missing_digests.iter().collect();
     let known: HashMap<&str, &pb::Image> = known
@@ -557,7 +544,7 @@ async fn export_oci(work: SaveWork<'_>) -> Result<OciExport, WorkerError> {
     let path = spool.path().to_owned();
     let blobs = tokio::task::spawn_blocking(move || OciBlobs::read_export(reader, &path))
         .await
-        .map_err(|error| WorkerError::Invalid(error.to_string()))?
+        .map_err(WorkerError::Internal)?
         .map_err(|error| host_disk_error(error.into()))?;
     Ok(OciExport { blobs, _spool: Some(spool) })
 }
@@ -567,6 +554,7 @@ async fn export_oci(work: SaveWork<'_>) -> Result<OciExport, WorkerError> {
 async fn upload_oci(
     coordinator: &mut Coordinator,
     work: SaveWork<'_>,
+    lease: Option<&SaveLease>,
     begun: &pb::BeginSaveResponse,
     export: Option<OciExport>,
 ) -> Result<Vec<Moved>, WorkerError> {
@@ -584,7 +572,7 @@ async fn upload_oci(
     let credentials =
         begun.credentials.clone().ok_or_else(|| WorkerError::Invalid("the coordinator sent no credentials".into()))?;
     let plan = begun.plan.clone().unwrap_or_default();
-    let store = upload_store(coordinator, &credentials, &plan).await;
+    let store = upload_store(coordinator, lease, &credentials, &plan).await;
     work.cleanup.set_store(&store);
     let mut blobs = Vec::new();
     for digest in missing {
@@ -607,10 +595,15 @@ async fn upload_oci(
 }
 
 /// The store a save uploads to, following the save's share of the transfer budget.
-async fn upload_store(coordinator: &Coordinator, credentials: &pb::Credentials, plan: &pb::TransferPlan) -> BlobStore {
+async fn upload_store(
+    coordinator: &Coordinator,
+    lease: Option<&SaveLease>,
+    credentials: &pb::Credentials,
+    plan: &pb::TransferPlan,
+) -> BlobStore {
     let store = BlobStore::new(credentials, plan, Some(coordinator.client.clone()), coordinator.stall_timeout);
-    if let Some(shares) = &coordinator.save_shares {
-        store.follow(shares.clone()).await;
+    if let Some(lease) = lease {
+        store.follow(lease.shares()).await;
     }
     store
 }
@@ -618,18 +611,19 @@ async fn upload_store(coordinator: &Coordinator, credentials: &pb::Credentials, 
 async fn save_begun(
     coordinator: &mut Coordinator,
     work: SaveWork<'_>,
+    lease: Option<&SaveLease>,
     request: pb::BeginSaveRequest,
     begun: pb::BeginSaveResponse,
     export: Option<OciExport>,
 ) -> Result<Attempt, WorkerError> {
     if work.oci {
-        let uploaded = upload_oci(coordinator, work, &begun, export).await?;
+        let uploaded = upload_oci(coordinator, work, lease, &begun, export).await?;
         let in_flight: HashSet<String> = begun.in_flight_digests.iter().cloned().collect();
         return finish_save(coordinator, work, request.images, begun, uploaded, in_flight).await;
     }
     match work.stores {
-        Some(Stores::Layers(layers)) => save_from_layer_store(coordinator, work, layers, request, begun).await,
-        _ => save_from_export(coordinator, work, request, begun).await,
+        Some(Stores::Layers(layers)) => save_from_layer_store(coordinator, work, lease, layers, request, begun).await,
+        _ => save_from_export(coordinator, work, lease, request, begun).await,
     }
 }
 
@@ -638,6 +632,7 @@ async fn save_begun(
 async fn save_from_export(
     coordinator: &mut Coordinator,
     work: SaveWork<'_>,
+    lease: Option<&SaveLease>,
     request: pb::BeginSaveRequest,
     begun: pb::BeginSaveResponse,
 ) -> Result<Attempt, WorkerError> {
@@ -656,7 +651,7 @@ async fn save_from_export(
             .credentials
             .clone()
             .ok_or_else(|| WorkerError::Invalid("the coordinator sent no credentials".into()))?;
-        let store = upload_store(coordinator, &credentials, &plan).await;
+        let store = upload_store(coordinator, lease, &credentials, &plan).await;
         cleanup.set_store(&store);
         let spool = tempfile::Builder::new().prefix("cache-worker-").tempdir_in(spool_dir()).map_err(|error| {
             WorkerError::Host(format!("cannot create a spool folder in {}: {error}", spool_dir().display()))
@@ -677,7 +672,7 @@ async fn save_from_export(
         });
         let uploads =
             upload_spooled(store, plan.max_concurrency as usize, blob_receiver, &Progress::for_stderr()).await;
-        let summary = reader.await.map_err(|error| WorkerError::Invalid(error.to_string()));
+        let summary = reader.await.map_err(WorkerError::Internal);
         // An upload failure is the cause when the reader stopped because of it.
         uploaded = uploads?;
         let summary = summary?.map_err(|error| host_disk_error(error.into()))?;
@@ -718,6 +713,7 @@ fn describe_chain(
 async fn save_from_layer_store(
     coordinator: &mut Coordinator,
     work: SaveWork<'_>,
+    lease: Option<&SaveLease>,
     layers: &LayerStore,
     request: pb::BeginSaveRequest,
     begun: pb::BeginSaveResponse,
@@ -757,7 +753,7 @@ async fn save_from_layer_store(
             .clone()
             .ok_or_else(|| WorkerError::Invalid("the coordinator sent no credentials".into()))?;
         let plan = begun.plan.clone().unwrap_or_default();
-        let store = upload_store(coordinator, &credentials, &plan).await;
+        let store = upload_store(coordinator, lease, &credentials, &plan).await;
         work.cleanup.set_store(&store);
         uploaded =
             direct::upload_all(&store, plan.max_concurrency as usize, to_upload, &Progress::for_stderr()).await?;
@@ -786,7 +782,7 @@ async fn finish_save(
         println!("{line}");
     }
     warn_about_missing_inline_cache(&images);
-    let stored = match commit(coordinator, work, &images, &begun, log, &in_flight).await? {
+    let stored = match commit(coordinator, &work.options.service, &images, &begun, log, &in_flight).await? {
         Ok(stored) => stored,
         Err(again) => return Ok(again),
     };
@@ -836,8 +832,8 @@ async fn step_reuse(work: SaveWork<'_>, previous_images: &[pb::Image]) -> (Vec<S
 /// Commits the save's images (nothing to commit when it is unchanged): whether they became
 /// the cache, or the attempt to make again.
 async fn commit(
-    coordinator: &mut Coordinator,
-    work: SaveWork<'_>,
+    coordinator: &mut impl SaveCoordinator,
+    service: &str,
     images: &[pb::Image],
     begun: &pb::BeginSaveResponse,
     log: Vec<String>,
@@ -850,34 +846,13 @@ async fn commit(
     let committed = loop {
         // A commit waits a little for blobs other saves are still uploading, then says
         // which; those saves are alive (their claims hold), so this one waits on.
-        match coordinator.client.commit_save(commit.clone()).await {
-            Ok(response) if response.get_ref().waiting_for_digests.is_empty() => break response.into_inner(),
-            Ok(_) => continue,
-            Err(status) if status.code() == tonic::Code::NotFound => {
-                return Ok(Err(Attempt::Again(format!(
-                    "the coordinator no longer knows this save ({})",
-                    status.message()
-                ))));
-            }
-            // A blob in the store did not match its digest (another token planted it) and the
-            // coordinator deleted it: the save uploads it again.
-            Err(status) if status.code() == tonic::Code::DataLoss => {
-                return Ok(Err(Attempt::Again(status.message().to_owned())));
-            }
-            // The project was flushed since the save began (through another replica): again.
-            Err(status) if status.code() == tonic::Code::Aborted => {
-                return Ok(Err(Attempt::Again(status.message().to_owned())));
-            }
-            Err(status) if status.code() == tonic::Code::FailedPrecondition && !in_flight.is_empty() => {
-                return Ok(Err(Attempt::Again(format!(
-                    "a concurrent save stopped before uploading what this one waited for ({})",
-                    status.message()
-                ))));
-            }
-            Err(status) => return Err(coordinator.failed(status).into()),
+        match coordinator.commit_save(commit.clone(), !in_flight.is_empty()).await? {
+            CommitOutcome::Committed(committed) => break *committed,
+            CommitOutcome::Waiting => continue,
+            CommitOutcome::BeginAgain(reason) => return Ok(Err(Attempt::Again(reason))),
         }
     };
-    print_commit_outcome(&work.options.service, &committed);
+    print_commit_outcome(service, &committed);
     Ok(Ok(committed.stored))
 }
 
@@ -985,6 +960,52 @@ fn print_commit_outcome(service: &str, committed: &pb::CommitSaveResponse) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A coordinator that answers commits from a script, and counts them.
+    struct ScriptedCommits(Vec<CommitOutcome>, usize);
+
+    impl SaveCoordinator for ScriptedCommits {
+        async fn commit_save(
+            &mut self,
+            _request: pb::CommitSaveRequest,
+            _waited_on_others: bool,
+        ) -> Result<CommitOutcome, proto::client::ClientError> {
+            self.1 += 1;
+            Ok(self.0.remove(0))
+        }
+    }
+
+    fn begun() -> pb::BeginSaveResponse {
+        pb::BeginSaveResponse { save_id: "s1".into(), ..Default::default() }
+    }
+
+    #[tokio::test]
+    async fn a_commit_waits_while_others_upload_then_says_whether_it_was_stored() {
+        let stored = pb::CommitSaveResponse { stored: true, ..Default::default() };
+        let script = vec![CommitOutcome::Waiting, CommitOutcome::Waiting, CommitOutcome::Committed(Box::new(stored))];
+        let mut coordinator = ScriptedCommits(script, 0);
+        let outcome = commit(&mut coordinator, "svc", &[], &begun(), vec![], &HashSet::new()).await.unwrap();
+        assert!(matches!(outcome, Ok(true)), "{outcome:?}");
+        assert_eq!(coordinator.1, 3);
+
+        let kept_newer = pb::CommitSaveResponse { stored: false, ..Default::default() };
+        let mut coordinator = ScriptedCommits(vec![CommitOutcome::Committed(Box::new(kept_newer))], 0);
+        let outcome = commit(&mut coordinator, "svc", &[], &begun(), vec![], &HashSet::new()).await.unwrap();
+        assert!(matches!(outcome, Ok(false)), "a newer cache kept: {outcome:?}");
+    }
+
+    #[tokio::test]
+    async fn a_commit_told_to_begin_again_returns_the_reason_and_an_unchanged_save_commits_nothing() {
+        let mut coordinator = ScriptedCommits(vec![CommitOutcome::BeginAgain("the project was flushed".into())], 0);
+        let outcome = commit(&mut coordinator, "svc", &[], &begun(), vec![], &HashSet::new()).await.unwrap();
+        assert!(matches!(&outcome, Err(Attempt::Again(reason)) if reason == "the project was flushed"), "{outcome:?}");
+
+        let mut coordinator = ScriptedCommits(vec![], 0);
+        let unchanged = pb::BeginSaveResponse { unchanged: true, ..begun() };
+        let outcome = commit(&mut coordinator, "svc", &[], &unchanged, vec![], &HashSet::new()).await.unwrap();
+        assert!(matches!(outcome, Ok(true)), "{outcome:?}");
+        assert_eq!(coordinator.1, 0, "nothing to commit");
+    }
 
     #[test]
     fn a_full_or_read_only_spool_is_named_as_such() {

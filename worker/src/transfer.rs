@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use aws_credential_types::provider::ProvideCredentials;
 use aws_credential_types::provider::error::CredentialsError;
 use aws_sdk_s3::config::{BehaviorVersion, Region};
-use aws_sdk_s3::error::DisplayErrorContext;
+use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::{ByteStream, Length};
 use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
 use bytes::Bytes;
@@ -102,8 +102,37 @@ fn is_precondition_failed<E: aws_sdk_s3::error::ProvideErrorMetadata, R>(
     error.as_service_error().and_then(aws_sdk_s3::error::ProvideErrorMetadata::code) == Some("PreconditionFailed")
 }
 
-fn reason<E: std::error::Error>(error: E) -> String {
-    DisplayErrorContext(error).to_string()
+/// One readable line for a failed store request, never a `Debug` dump: the store's own message
+/// and code when it answered ("the project was flushed ... (AccessDenied)"), "cannot reach the
+/// store: <cause>" when no answer came, else the innermost cause.
+fn reason<E, R>(error: SdkError<E, R>) -> String
+where
+    E: ProvideErrorMetadata + std::error::Error + 'static,
+    R: std::fmt::Debug + 'static,
+{
+    if let Some(service) = error.as_service_error() {
+        match (service.message(), service.code()) {
+            (Some(message), Some(code)) => return format!("{message} ({code})"),
+            (Some(message), None) => return message.to_owned(),
+            (None, Some(code)) => return format!("the store refused the request ({code})"),
+            (None, None) => {}
+        }
+    }
+    match &error {
+        SdkError::DispatchFailure(_) => format!("cannot reach the store: {}", innermost_cause(&error)),
+        SdkError::TimeoutError(_) => "the store did not answer in time".to_owned(),
+        _ => innermost_cause(&error),
+    }
+}
+
+/// The last cause in an error's chain: the one that says what happened (an SDK's outer layers
+/// only say where: "dispatch failure", "io error", "client error (Connect)").
+fn innermost_cause(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut cause = error;
+    while let Some(source) = cause.source() {
+        cause = source;
+    }
+    cause.to_string()
 }
 
 /// How long before they expire credentials are renewed: a fifth of their lifetime, between one
@@ -544,7 +573,7 @@ impl BlobStore {
                     }
                 },
             )?;
-        let bytes = response.body.collect().await.map_err(|error| failed(reason(error)))?.into_bytes();
+        let bytes = response.body.collect().await.map_err(|error| failed(innermost_cause(&error)))?.into_bytes();
         if bytes.len() as u64 != length {
             return Err(failed(format!("asked for {length} bytes at {offset}, got {}", bytes.len())));
         }
@@ -573,7 +602,9 @@ impl BlobStore {
                 match body.try_next().await {
                     Ok(Some(chunk)) => Some((Ok(chunk), Some(body))),
                     Ok(None) => None,
-                    Err(error) => Some((Err(TransferError::Download { digest, reason: reason(error) }), None)),
+                    Err(error) => {
+                        Some((Err(TransferError::Download { digest, reason: innermost_cause(&error) }), None))
+                    }
                 }
             }
         }))
@@ -655,5 +686,35 @@ impl MultipartUpload {
     /// Aborts the upload: the store drops its parts.
     pub async fn abort(&self) {
         self.store.abort(&self.key, &self.upload_id).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use aws_sdk_s3::error::{ConnectorError, ErrorMetadata};
+    use aws_sdk_s3::operation::put_object::PutObjectError;
+
+    use super::*;
+
+    #[test]
+    fn a_store_refusal_reads_as_its_message_and_code() {
+        let metadata = ErrorMetadata::builder()
+            .code("AccessDenied")
+            .message("the project was flushed while this upload ran: its key is revoked and nothing was stored")
+            .build();
+        let error = SdkError::<PutObjectError, ()>::service_error(PutObjectError::generic(metadata), ());
+        assert_eq!(
+            reason(error),
+            "the project was flushed while this upload ran: its key is revoked and nothing was stored (AccessDenied)"
+        );
+    }
+
+    #[test]
+    fn an_unreachable_store_reads_as_the_innermost_cause() {
+        let refused = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "Connection refused (os error 111)");
+        let error = SdkError::<PutObjectError, ()>::dispatch_failure(ConnectorError::io(Box::new(refused)));
+        assert_eq!(reason(error), "cannot reach the store: Connection refused (os error 111)");
+        let error = SdkError::<PutObjectError, ()>::timeout_error("deadline");
+        assert_eq!(reason(error), "the store did not answer in time");
     }
 }

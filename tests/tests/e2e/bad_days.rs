@@ -111,6 +111,69 @@ fn killed_and_interrupted_saves(kind: EngineKind) {
 }
 
 #[test]
+fn a_flush_mid_save_or_a_coordinator_killed_mid_restore_reads_as_one_plain_line() {
+    // Build hosts reach the store through a proxy, to stop a restore's download at a known point.
+    let proxy = tests::FaultyProxy::start();
+    let public_url = format!("http://{}", proxy.address);
+    let Some((engine, coordinator, token, data_dir)) =
+        big_image_host(EngineKind::Engine20, &["--s3-public-url", &public_url])
+    else {
+        return;
+    };
+    proxy.forward_to(coordinator.s3_listen.as_deref().expect("the embedded endpoint's address"));
+
+    // The project is flushed while the save's upload is in flight at the embedded endpoint.
+    let saving = coordinator.spawn_cache_worker_on(&engine, &token, &["save", "--service", "web", "big:1"]);
+    let objects = data_dir.path().join("objects");
+    let receiving = || {
+        std::fs::read_dir(&objects).into_iter().flatten().flatten().any(|entry| {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            name.starts_with(".tmp.layer-cache-") || name.starts_with(".upload-")
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !receiving() {
+        assert!(Instant::now() < deadline, "the save never began uploading");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let flushed = coordinator.cachectl(&["flush", "web"]);
+    assert!(flushed.status.success(), "{}", stderr_of(&flushed));
+    let saved = saving.wait_with_output().unwrap();
+    assert!(!saved.status.success(), "{}", stdout_of(&saved));
+    tests::assert_one_plain_line(&saved);
+    let line = stderr_of(&saved);
+    assert!(line.starts_with("cache-worker: saving web failed: "), "{line}");
+    // An upload in flight is refused as flushed; one begun after the flush, for its revoked key.
+    assert!(line.contains("flushed") || line.contains("(InvalidAccessKeyId)"), "the cause is named: {line}");
+    eprintln!("a flush mid-save reads: {line}");
+
+    // Saved again, then the coordinator (and its embedded endpoint) dies mid-download.
+    let saved = coordinator.cache_worker_on(&engine, &token, &["save", "--service", "web", "big:1"]);
+    assert!(saved.status.success(), "{}", stderr_of(&saved));
+    let fresh_host = DockerEngine::start(EngineKind::Engine20).unwrap();
+    let restoring = coordinator.spawn_cache_worker_on(
+        &fresh_host,
+        &token,
+        &["--stall-timeout", "5", "restore", "--service", "web"],
+    );
+    let before = proxy.bytes_moved_down();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while proxy.bytes_moved_down() < before + (16 << 20) {
+        assert!(Instant::now() < deadline, "the restore never got going");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    proxy.freeze();
+    coordinator.signal("KILL");
+    proxy.thaw();
+    let restore = restoring.wait_with_output().unwrap();
+    assert_restore_warned_once(&restore);
+    tests::assert_one_plain_line(&restore);
+    let line = stderr_of(&restore);
+    assert!(line.contains("failed, the build runs without cache: downloading blob sha256:"), "{line}");
+    eprintln!("a coordinator killed mid-restore reads: {line}");
+}
+
+#[test]
 fn a_stopped_coordinator_costs_a_build_its_stall_timeout() {
     let Some(build_host) = DockerEngine::start(EngineKind::Engine20) else { return };
     let data_dir = tempfile::tempdir().unwrap();

@@ -8,8 +8,8 @@ use std::process::Command;
 use aws_sdk_s3::primitives::ByteStream;
 use proto::v1 as pb;
 use tests::{
-    CoordinatorProcess, begin_one_layer_save, in_ci, one_layer_config, s3_client_for, save_one_layer_image,
-    worker_client,
+    CoordinatorProcess, DockerEngine, EngineKind, begin_one_layer_save, build_context, in_ci, one_layer_config,
+    s3_client_for, save_one_layer_image, stderr_of, stdout_of, worker_client,
 };
 
 /// A tmpfs of `size` mounted on a new folder, unmounted when dropped; `None` (with a note)
@@ -95,12 +95,35 @@ async fn previous_cache_restores(coordinator: &CoordinatorProcess, token: &str, 
     assert_eq!(object.body.collect().await.unwrap().into_bytes().as_ref(), content);
 }
 
+/// A build host holding `d:1`, a busybox base and one layer of 8 MiB of random bytes.
+fn image_to_save() -> Option<DockerEngine> {
+    let engine = DockerEngine::start(EngineKind::Engine20)?;
+    engine.import_busybox_base("base:1");
+    let context = build_context("FROM base:1\nRUN dd if=/dev/urandom of=/layer bs=1048576 count=8\n");
+    let built = engine.classic_build(context.path(), "d:1", &[]);
+    assert!(built.status.success(), "{}", stderr_of(&built));
+    Some(engine)
+}
+
+/// cache-worker's save on the full disk fails with one plain line naming the full disk.
+fn worker_save_names_the_full_disk(coordinator: &CoordinatorProcess, token: &str, build_host: Option<&DockerEngine>) {
+    let Some(build_host) = build_host else { return };
+    let saved = coordinator.cache_worker_on(build_host, token, &["save", "--service", "d", "d:1"]);
+    assert!(!saved.status.success(), "{}", stdout_of(&saved));
+    tests::assert_one_plain_line(&saved);
+    let line = stderr_of(&saved);
+    assert!(line.starts_with("cache-worker: saving d failed: "), "{line}");
+    assert!(line.contains("disk is full"), "the cause is named: {line}");
+    eprintln!("a save on a full disk reads: {line}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_or_read_only_data_directory_is_named_and_the_stored_cache_still_restores() {
     let Some(tmpfs) = Tmpfs::mount("48m") else { return };
     let data_dir = tmpfs.0.path().join("data");
     let coordinator = CoordinatorProcess::start(&data_dir, &[]);
     let token = coordinator.create_project("web");
+    let build_host = image_to_save();
     let first = b"the layer stored before the disk filled".to_vec();
     assert!(save_one_layer_image(&coordinator.grpc_url, &token, "svc", "app:1", &first).await.stored);
 
@@ -110,6 +133,7 @@ async fn a_full_or_read_only_data_directory_is_named_and_the_stored_cache_still_
     let refusal = refused_save(&coordinator, &token, &vec![1u8; 32 << 20]).await;
     assert!(!refusal.contains('\n'), "one line: {refusal}");
     assert!(refusal.contains("disk is full"), "the cause is named: {refusal}");
+    worker_save_names_the_full_disk(&coordinator, &token, build_host.as_ref());
     assert!(coordinator.log().contains("disk is full"), "and logged: {}", coordinator.log());
     previous_cache_restores(&coordinator, &token, &first).await;
 
