@@ -194,20 +194,12 @@ impl CoordinatorProcess {
 
     /// The value of one sample (`name{labels}`) of the coordinator's `/metrics`, if it is there.
     pub fn metric(&self, sample: &str) -> Option<f64> {
-        let (_, text) = http_get(&format!("{}/metrics", self.metrics_url));
-        text.lines()
-            .find_map(|line| line.strip_prefix(sample).and_then(|rest| rest.strip_prefix(' ')))
-            .map(|value| value.trim().parse().expect("a sample's value"))
+        metric_sample(&self.metrics_url, sample)
     }
 
     /// The sizes of the blob files of `project` in its embedded store (none: no folder yet).
     pub fn blob_files(&self, project: &str) -> Vec<u64> {
-        let dir = self
-            .data_dir
-            .join("objects/layer-cache")
-            .join(proto::object_keys::blobs_prefix(&proto::object_keys::project_prefix("cache", project)));
-        std::fs::read_dir(dir)
-            .map_or(Vec::new(), |dir| dir.map(|entry| entry.unwrap().metadata().unwrap().len()).collect())
+        blob_files_in(&self.data_dir, project)
     }
 
     /// Creates a project through cachectl and returns its token (the last stdout line).
@@ -360,4 +352,21 @@ pub fn assert_coordinator_refuses(args: &[&str], env: &[(&str, &str)], needle: &
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
     assert!(stderr.contains(needle), "{stderr:?} lacks {needle:?}");
     assert_eq!(stdout_of(&output), "", "no ready line");
+}
+
+/// The value of one sample (`name{labels}`) of the `/metrics` at `metrics_url`, if it is there.
+pub fn metric_sample(metrics_url: &str, sample: &str) -> Option<f64> {
+    let (_, text) = http_get(&format!("{metrics_url}/metrics"));
+    text.lines()
+        .find_map(|line| line.strip_prefix(sample).and_then(|rest| rest.strip_prefix(' ')))
+        .map(|value| value.trim().parse().expect("a sample's value"))
+}
+
+/// The sizes of the blob files of `project` in the embedded store under `data_dir` (none: no
+/// folder yet).
+pub fn blob_files_in(data_dir: &std::path::Path, project: &str) -> Vec<u64> {
+    let dir = data_dir
+        .join("objects/layer-cache")
+        .join(proto::object_keys::blobs_prefix(&proto::object_keys::project_prefix("cache", project)));
+    std::fs::read_dir(dir).map_or(Vec::new(), |dir| dir.map(|entry| entry.unwrap().metadata().unwrap().len()).collect())
 }

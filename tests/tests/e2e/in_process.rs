@@ -11,7 +11,7 @@ use std::time::Duration;
 use clap::Parser;
 use coordinator::config::{Cli, Command as CoordinatorCommand, FileConfig, merge};
 use proto::clock::ManualClock;
-use tests::{ADMIN_TOKEN, DockerEngine, binary, http_get, stderr_of, stdout_of};
+use tests::{ADMIN_TOKEN, DockerEngine, binary, blob_files_in, metric_sample, stderr_of, stdout_of};
 
 /// A coordinator serving from a thread of the test process until stopped or dropped.
 pub struct InProcessCoordinator {
@@ -116,20 +116,12 @@ impl InProcessCoordinator {
 
     /// The value of one sample (`name{labels}`) of its `/metrics`, if it is there.
     pub fn metric(&self, sample: &str) -> Option<f64> {
-        let (_, text) = http_get(&format!("{}/metrics", self.metrics_url));
-        text.lines()
-            .find_map(|line| line.strip_prefix(sample).and_then(|rest| rest.strip_prefix(' ')))
-            .map(|value| value.trim().parse().expect("a sample's value"))
+        metric_sample(&self.metrics_url, sample)
     }
 
     /// The sizes of the blob files of `project` in its embedded store (none: no folder yet).
     pub fn blob_files(&self, project: &str) -> Vec<u64> {
-        let dir = self
-            .data_dir
-            .join("objects/layer-cache")
-            .join(proto::object_keys::blobs_prefix(&proto::object_keys::project_prefix("cache", project)));
-        std::fs::read_dir(dir)
-            .map_or(Vec::new(), |dir| dir.map(|entry| entry.unwrap().metadata().unwrap().len()).collect())
+        blob_files_in(&self.data_dir, project)
     }
 
     /// Runs cache-worker with a project token against `engine`.
