@@ -6,7 +6,9 @@ use std::collections::{BTreeSet, HashMap};
 
 use proto::v1 as pb;
 
-use super::{BlobRecord, Committed, ProjectRecord, began_later, manifest_digests};
+use super::{
+    BlobRecord, Committed, FlushedRecords, MintedKeyRecord, ProjectRecord, began_later, latest_expiry, manifest_digests,
+};
 use crate::error::Error;
 
 /// What a commit needs to see of its project, loaded under the project's lock.
@@ -18,14 +20,18 @@ pub struct CommitView<'a> {
     pub known: &'a HashMap<String, BlobRecord>,
 }
 
-/// What a rule changes: blob records to write or forget, the manifest to store, the manifests
-/// to remove (by key), the totals' change.
+/// What a rule changes: the project's record to write, blob records to write or forget, the
+/// manifest to store, the manifests to remove (by key), the storage keys to revoke (by access
+/// key ID), the totals' change (or their reset to zero, applied before the change).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ChangeSet {
+    pub put_project: Option<ProjectRecord>,
     pub put_blobs: Vec<(String, BlobRecord)>,
     pub remove_blobs: Vec<String>,
     pub put_manifest: Option<pb::Manifest>,
     pub remove_manifests: Vec<pb::CacheKey>,
+    pub remove_keys: Vec<String>,
+    pub reset_totals: bool,
     pub blobs_delta: i64,
     pub stored_bytes_delta: i64,
     pub manifests_delta: i64,
@@ -163,6 +169,41 @@ pub fn drop_blob(
     change
 }
 
+/// What a flush needs to see of its project, loaded under the project's exclusive lock.
+pub struct FlushView<'a> {
+    pub project: &'a ProjectRecord,
+    /// The keys of the project's manifests.
+    pub manifests: Vec<pb::CacheKey>,
+    /// Every digest the project's ledger records.
+    pub blobs: Vec<String>,
+    /// The storage keys issued for the project, by access key ID.
+    pub keys: Vec<(String, MintedKeyRecord)>,
+}
+
+/// Flushes a project: its manifests, ledger and totals go, its generation is bumped (so a save
+/// begun before the flush cannot commit after it), and its storage keys die with the
+/// generation: a save begun before the flush can write nothing after it (the embedded endpoint
+/// admits only recorded keys, and nobody renews an unrecorded one). Where a key outlives its
+/// record (an STS session), the store is swept once the last one has expired
+/// ([`ProjectRecord::sweep_after_unix`]).
+pub fn flush(view: FlushView<'_>) -> (FlushedRecords, ChangeSet) {
+    let mut record = view.project.clone();
+    record.generation += 1;
+    let revoked: Vec<(String, MintedKeyRecord)> =
+        view.keys.into_iter().filter(|(_, key)| key.project == record.name).collect();
+    record.sweep_after_unix = record.sweep_after_unix.max(latest_expiry(revoked.iter().map(|(_, key)| key)));
+    let flushed = FlushedRecords { manifests_removed: view.manifests.len() as u64, generation: record.generation };
+    let change = ChangeSet {
+        put_project: Some(record),
+        remove_blobs: view.blobs,
+        remove_manifests: view.manifests,
+        remove_keys: revoked.into_iter().map(|(id, _)| id).collect(),
+        reset_totals: true,
+        ..Default::default()
+    };
+    (flushed, change)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -275,5 +316,34 @@ mod tests {
         assert_eq!((put["c1"].references, put["c1"].unreferenced_since_unix), (0, 6_000));
         assert_eq!((put["l1"].references, put["l1"].unreferenced_since_unix), (1, 0));
         assert_eq!((change.blobs_delta, change.manifests_delta, change.remove_manifests.len()), (0, -1, 1));
+    }
+
+    #[test]
+    fn a_flush_empties_the_project_bumps_its_generation_and_revokes_its_keys() {
+        let key = |project: &str, expires_unix| MintedKeyRecord {
+            project: project.into(),
+            access: super::super::KeyAccess::Write,
+            expires_unix,
+            token_id: String::new(),
+        };
+        let record = ProjectRecord { sweep_after_unix: 30, ..project(2) };
+        let view = FlushView {
+            project: &record,
+            manifests: vec![pb::CacheKey { service: "web".into(), branch: String::new() }],
+            blobs: vec!["c1".into(), "l1".into()],
+            keys: vec![("KA".into(), key("m", 50)), ("KB".into(), key("m", 20)), ("KO".into(), key("other", 90))],
+        };
+        let (flushed, change) = flush(view);
+        assert_eq!(flushed, FlushedRecords { manifests_removed: 1, generation: 3 });
+        let put = change.put_project.unwrap();
+        assert_eq!((put.generation, put.sweep_after_unix), (3, 50), "swept once the last revoked key expired");
+        assert_eq!(change.remove_keys, ["KA", "KB"], "another project's key stays");
+        assert_eq!(change.remove_blobs, ["c1", "l1"]);
+        assert_eq!(change.remove_manifests.len(), 1);
+        assert!(change.reset_totals);
+        let record = ProjectRecord { sweep_after_unix: 0, ..project(0) };
+        let view = FlushView { project: &record, manifests: vec![], blobs: vec![], keys: vec![] };
+        let (flushed, change) = flush(view);
+        assert_eq!((flushed.generation, change.put_project.unwrap().sweep_after_unix), (1, 0), "no key: no sweep");
     }
 }

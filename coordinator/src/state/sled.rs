@@ -23,7 +23,7 @@ use crate::error::Error;
 
 use super::{
     BlobRecord, Committed, FlushedRecords, KeyAccess, MintedKeyRecord, ProjectRecord, ProjectTotals, ScopedTokenRecord,
-    ServiceCounters, State, latest_expiry, ledger, manifest_digests,
+    ServiceCounters, State, ledger, manifest_digests,
 };
 
 /// A change to a project's totals, applied in the transaction that makes it.
@@ -424,57 +424,65 @@ impl Database {
             .collect()
     }
 
-    /// Removes every manifest, ledger entry and storage key of a project and bumps its
-    /// generation, in one transaction-free pass that is safe to repeat: the generation is
-    /// bumped first, so a save begun before the flush cannot commit after it.
+    /// Flushes a project ([`ledger::flush`]): what it removes is scanned first (sled's
+    /// transactions cannot scan; the caller holds the project's exclusive publish lock, so no
+    /// commit interleaves), then the change set is applied in one transaction.
     pub fn flush_project(&self, project: &str) -> Result<FlushedRecords, Error> {
-        let updated = self
-            .projects
-            .fetch_and_update(project.as_bytes(), |old| {
-                let mut record: ProjectRecord = serde_json::from_slice(old?).ok()?;
-                record.generation += 1;
-                Some(json_to_vec(&record))
-            })
-            .map_err(db_error)?;
-        if updated.is_none() {
-            return Err(Error::NoSuchProject(project.to_owned()));
+        let prefix = project_prefix(project);
+        let mut manifests = Vec::new();
+        for key in self.manifests.scan_prefix(&prefix).keys() {
+            let key = key.map_err(db_error)?;
+            let key = String::from_utf8_lossy(&key[prefix.len()..]).into_owned();
+            let (service, branch) = key.split_once('\0').unwrap_or((key.as_str(), ""));
+            manifests.push(pb::CacheKey { service: service.to_owned(), branch: branch.to_owned() });
         }
-        let generation = self.project(project)?.map_or(0, |record| record.generation);
-        let mut manifests_removed = 0;
-        for entry in self.manifests.scan_prefix(project_prefix(project)) {
-            let (key, _) = entry.map_err(db_error)?;
-            self.manifests.remove(key).map_err(db_error)?;
-            manifests_removed += 1;
-        }
-        for entry in self.blobs.scan_prefix(project_prefix(project)) {
-            let (key, _) = entry.map_err(db_error)?;
-            self.blobs.remove(key).map_err(db_error)?;
-        }
-        self.totals.insert(project.as_bytes(), json_to_vec(&ProjectTotals::default())).map_err(db_error)?;
-        // The project's storage keys die with its generation: a save begun before the flush
-        // can write nothing after it (the embedded endpoint admits only recorded keys, and
-        // nobody renews an unrecorded one). Where a key outlives its record (an STS session),
-        // the store is swept once it has expired.
-        let mut revoked = Vec::new();
+        let blobs: Vec<String> = self.ledger_digests(project)?.into_iter().collect();
+        let mut keys = Vec::new();
         for entry in self.minted_keys.iter() {
             let (access_key_id, bytes) = entry.map_err(db_error)?;
             let record: MintedKeyRecord = json_from_slice("minted_keys", &bytes)?;
             if record.project == project {
-                self.minted_keys.remove(access_key_id).map_err(db_error)?;
-                revoked.push(record);
+                keys.push((String::from_utf8_lossy(&access_key_id).into_owned(), record));
             }
         }
-        let sweep_after_unix = latest_expiry(&revoked);
-        if sweep_after_unix > 0 {
-            self.projects
-                .fetch_and_update(project.as_bytes(), |old| {
-                    let mut record: ProjectRecord = serde_json::from_slice(old?).ok()?;
-                    record.sweep_after_unix = record.sweep_after_unix.max(sweep_after_unix);
-                    Some(json_to_vec(&record))
-                })
-                .map_err(db_error)?;
-        }
-        Ok(FlushedRecords { manifests_removed, generation })
+        let trees = (&self.projects, &self.manifests, &self.blobs, &self.totals, &self.minted_keys);
+        let result = trees.transaction(|(projects, manifests_tree, blobs_tree, totals, minted_keys)| {
+            let abort = |error: Error| ConflictableTransactionError::Abort(error);
+            let record: ProjectRecord = match projects.get(project.as_bytes())? {
+                Some(bytes) => json_from_slice("projects", &bytes).map_err(abort)?,
+                None => return Err(abort(Error::NoSuchProject(project.to_owned()))),
+            };
+            let view = ledger::FlushView {
+                project: &record,
+                manifests: manifests.clone(),
+                blobs: blobs.clone(),
+                keys: keys.clone(),
+            };
+            let (flushed, change) = ledger::flush(view);
+            if let Some(record) = &change.put_project {
+                projects.insert(project.as_bytes(), json_to_vec(record))?;
+            }
+            for key in &change.remove_manifests {
+                manifests_tree.remove(composite_key(&[project, &key.service, &key.branch]))?;
+            }
+            for digest in &change.remove_blobs {
+                blobs_tree.remove(composite_key(&[project, digest]))?;
+            }
+            for access_key_id in &change.remove_keys {
+                minted_keys.remove(access_key_id.as_bytes())?;
+            }
+            if change.reset_totals {
+                totals.insert(project.as_bytes(), json_to_vec(&ProjectTotals::default()))?;
+            }
+            let totals_change = TotalsChange {
+                blobs: change.blobs_delta,
+                stored_bytes: change.stored_bytes_delta,
+                manifests: change.manifests_delta,
+            };
+            totals_change.apply(totals, project)?;
+            Ok(flushed)
+        });
+        transacted(result)
     }
 }
 
