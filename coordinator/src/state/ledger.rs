@@ -6,9 +6,7 @@ use std::collections::{BTreeSet, HashMap};
 
 use proto::v1 as pb;
 
-use super::{
-    BlobRecord, Committed, FlushedRecords, MintedKeyRecord, ProjectRecord, began_later, latest_expiry, manifest_digests,
-};
+use super::{BlobRecord, Committed, FlushedRecords, MintedKeyRecord, ProjectRecord, began_later, manifest_digests};
 use crate::error::Error;
 
 /// What a commit needs to see of its project, loaded under the project's lock.
@@ -169,6 +167,11 @@ pub fn drop_blob(
     change
 }
 
+/// The latest expiry among `keys`, or 0.
+fn latest_expiry<'a>(keys: impl IntoIterator<Item = &'a MintedKeyRecord>) -> i64 {
+    keys.into_iter().map(|record| record.expires_unix).max().unwrap_or(0)
+}
+
 /// What a flush needs to see of its project, loaded under the project's exclusive lock.
 pub struct FlushView<'a> {
     pub project: &'a ProjectRecord,
@@ -202,6 +205,64 @@ pub fn flush(view: FlushView<'_>) -> (FlushedRecords, ChangeSet) {
         ..Default::default()
     };
     (flushed, change)
+}
+
+/// Starts the grace of the project's blobs no manifest names, at `now_unix`: `records` holds
+/// (at least) the unreferenced ones of its ledger. Returns them (those recorded before garbage
+/// collection existed with their grace started now), and the change that starts it.
+pub fn unreferenced(records: Vec<(String, BlobRecord)>, now_unix: i64) -> (Vec<(String, BlobRecord)>, ChangeSet) {
+    let mut change = ChangeSet::default();
+    let mut unreferenced = Vec::new();
+    for (digest, mut record) in records.into_iter().filter(|(_, record)| record.references == 0) {
+        if record.unreferenced_since_unix == 0 {
+            record.unreferenced_since_unix = now_unix;
+            change.put_blobs.push((digest.clone(), record.clone()));
+        }
+        unreferenced.push((digest, record));
+    }
+    (unreferenced, change)
+}
+
+/// Forgets those of `digests` that still have no reference (`known`: the ledger's records of
+/// them); returns them, in the order of `digests`. The caller deletes their objects after,
+/// holding the publish lock, so a commit that names one again finds it unknown.
+pub fn forget_unreferenced(
+    known: &HashMap<String, BlobRecord>,
+    digests: &[String],
+) -> (Vec<(String, BlobRecord)>, ChangeSet) {
+    let mut change = ChangeSet::default();
+    let mut forgotten: Vec<(String, BlobRecord)> = Vec::new();
+    for digest in digests {
+        let Some(record) = known.get(digest).filter(|record| record.references == 0) else { continue };
+        if forgotten.iter().any(|(done, _)| done == digest) {
+            continue;
+        }
+        change.blobs_delta -= 1;
+        change.stored_bytes_delta -= record.stored_size as i64;
+        change.remove_blobs.push(digest.clone());
+        forgotten.push((digest.clone(), record.clone()));
+    }
+    (forgotten, change)
+}
+
+/// Projects whose post-flush sweep is due at `now_unix`, with the time it was due.
+pub fn sweeps_due(projects: Vec<ProjectRecord>, now_unix: i64) -> Vec<(String, i64)> {
+    projects
+        .into_iter()
+        .filter(|record| record.sweep_after_unix > 0 && record.sweep_after_unix <= now_unix)
+        .map(|record| (record.name, record.sweep_after_unix))
+        .collect()
+}
+
+/// Marks a project's post-flush sweep (due at `due_unix`) done: its record to write, or `None`
+/// when a later flush made another due meanwhile.
+pub fn sweep_done(project: &ProjectRecord, due_unix: i64) -> Option<ProjectRecord> {
+    (project.sweep_after_unix == due_unix).then(|| ProjectRecord { sweep_after_unix: 0, ..project.clone() })
+}
+
+/// A manifest as used at `now_unix` (stored only if it is still its key's).
+pub fn touched(manifest: &pb::Manifest, now_unix: i64) -> pb::Manifest {
+    pb::Manifest { last_used_unix: now_unix, ..manifest.clone() }
 }
 
 #[cfg(test)]
@@ -345,5 +406,38 @@ mod tests {
         let view = FlushView { project: &record, manifests: vec![], blobs: vec![], keys: vec![] };
         let (flushed, change) = flush(view);
         assert_eq!((flushed.generation, change.put_project.unwrap().sweep_after_unix), (1, 0), "no key: no sweep");
+    }
+
+    #[test]
+    fn the_grace_of_an_unreferenced_blob_starts_once_and_only_unreferenced_blobs_are_forgotten() {
+        let blob = |references, unreferenced_since_unix| BlobRecord {
+            stored_size: 10,
+            references,
+            unreferenced_since_unix,
+            ..Default::default()
+        };
+        let records = vec![("a".to_string(), blob(0, 0)), ("b".into(), blob(0, 300)), ("c".into(), blob(1, 0))];
+        let (unreferenced, change) = unreferenced(records, 700);
+        assert_eq!(unreferenced, [("a".to_string(), blob(0, 700)), ("b".into(), blob(0, 300))]);
+        assert_eq!(change.put_blobs, [("a".to_string(), blob(0, 700))], "a grace already started stays");
+        let known: HashMap<String, BlobRecord> =
+            [("a".to_string(), blob(0, 700)), ("c".into(), blob(1, 0))].into_iter().collect();
+        let asked = ["c", "a", "zz", "a"].map(String::from);
+        let (forgotten, change) = forget_unreferenced(&known, &asked);
+        assert_eq!(forgotten, [("a".to_string(), blob(0, 700))], "c is named, zz unknown");
+        assert_eq!(change.remove_blobs, ["a"]);
+        assert_eq!((change.blobs_delta, change.stored_bytes_delta), (-1, -10));
+    }
+
+    #[test]
+    fn a_sweep_is_due_once_the_last_key_expired_and_done_unless_a_later_flush_moved_it() {
+        let at = |name: &str, sweep_after_unix| ProjectRecord { name: name.into(), sweep_after_unix, ..project(0) };
+        let projects = vec![at("a", 50), at("b", 0), at("c", 90)];
+        assert_eq!(sweeps_due(projects.clone(), 49), []);
+        assert_eq!(sweeps_due(projects, 50), [("a".to_string(), 50)]);
+        assert_eq!(sweep_done(&at("a", 50), 50), Some(at("a", 0)));
+        assert_eq!(sweep_done(&at("a", 80), 50), None, "a later flush made another due");
+        let manifest = manifest(&["c1"], 100);
+        assert_eq!(touched(&manifest, 900), pb::Manifest { last_used_unix: 900, ..manifest });
     }
 }

@@ -302,7 +302,11 @@ async fn apply(tx: &Transaction<'_>, project: &str, change: &ledger::ChangeSet) 
             .await
             .map_err(pg_error)?;
     }
-    change_totals(tx, project, change.blobs_delta, change.stored_bytes_delta, change.manifests_delta).await
+    let deltas = [change.blobs_delta, change.stored_bytes_delta, change.manifests_delta];
+    if change.reset_totals || deltas != [0; 3] {
+        change_totals(tx, project, deltas[0], deltas[1], deltas[2]).await?;
+    }
+    Ok(())
 }
 
 async fn manifest_of(
@@ -568,22 +572,14 @@ impl State for Postgres {
     }
 
     async fn sweeps_due(&self, now_unix: i64) -> Result<Vec<(String, i64)>, Error> {
-        Ok(self
-            .projects()
-            .await?
-            .into_iter()
-            .filter(|record| record.sweep_after_unix > 0 && record.sweep_after_unix <= now_unix)
-            .map(|record| (record.name, record.sweep_after_unix))
-            .collect())
+        Ok(ledger::sweeps_due(self.projects().await?, now_unix))
     }
 
     async fn sweep_done(&self, project: &str, due_unix: i64) -> Result<(), Error> {
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(pg_error)?;
-        if let Some(mut record) = lock_project(&tx, project).await?
-            && record.sweep_after_unix == due_unix
+        if let Some(record) = lock_project(&tx, project).await?.and_then(|record| ledger::sweep_done(&record, due_unix))
         {
-            record.sweep_after_unix = 0;
             put_project(&tx, &record).await?;
         }
         tx.commit().await.map_err(pg_error)
@@ -653,7 +649,7 @@ impl State for Postgres {
 
     async fn touch_manifest(&self, project: &str, manifest: &pb::Manifest, now_unix: i64) -> Result<(), Error> {
         let key = manifest.key.clone().unwrap_or_default();
-        let touched = pb::Manifest { last_used_unix: now_unix, ..manifest.clone() }.encode_to_vec();
+        let touched = ledger::touched(manifest, now_unix).encode_to_vec();
         let client = self.client().await?;
         // Only the manifest it was: a lost race means a newer one is there, with its own times.
         client
@@ -845,16 +841,12 @@ impl State for Postgres {
             )
             .await
             .map_err(pg_error)?;
-        let mut unreferenced = Vec::new();
-        for row in &rows {
-            let digest: String = row.get(0);
-            let mut record: BlobRecord = from_json("lc_blobs", row.get::<_, &str>(1))?;
-            if record.unreferenced_since_unix == 0 {
-                record.unreferenced_since_unix = now_unix;
-                put_blob(&tx, project, &digest, &record).await?;
-            }
-            unreferenced.push((digest, record));
-        }
+        let records = rows
+            .iter()
+            .map(|row| Ok((row.get::<_, String>(0), from_json("lc_blobs", row.get::<_, &str>(1))?)))
+            .collect::<Result<_, Error>>()?;
+        let (unreferenced, change) = ledger::unreferenced(records, now_unix);
+        apply(&tx, project, &change).await?;
         tx.commit().await.map_err(pg_error)?;
         Ok(unreferenced)
     }
@@ -863,19 +855,9 @@ impl State for Postgres {
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(pg_error)?;
         lock_project(&tx, project).await?;
-        let rows = tx
-            .query(
-                "DELETE FROM lc_blobs WHERE project = $1 AND digest = ANY($2) AND refs = 0 RETURNING digest, record",
-                &[&project, &digests],
-            )
-            .await
-            .map_err(pg_error)?;
-        let forgotten: Vec<(String, BlobRecord)> = rows
-            .iter()
-            .map(|row| Ok((row.get::<_, String>(0), from_json("lc_blobs", row.get::<_, &str>(1))?)))
-            .collect::<Result<_, Error>>()?;
-        let bytes: i64 = forgotten.iter().map(|(_, record)| record.stored_size as i64).sum();
-        change_totals(&tx, project, -(forgotten.len() as i64), -bytes, 0).await?;
+        let known = lock_blobs(&tx, project, digests).await?;
+        let (forgotten, change) = ledger::forget_unreferenced(&known, digests);
+        apply(&tx, project, &change).await?;
         tx.commit().await.map_err(pg_error)?;
         Ok(forgotten)
     }

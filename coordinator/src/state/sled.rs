@@ -35,9 +35,13 @@ struct TotalsChange {
 }
 
 impl TotalsChange {
-    fn blob(&mut self, sign: i64, record: &BlobRecord) {
-        self.blobs += sign;
-        self.stored_bytes += sign * record.stored_size as i64;
+    /// The totals' part of a ledger rule's change set.
+    fn of(change: &ledger::ChangeSet) -> TotalsChange {
+        TotalsChange {
+            blobs: change.blobs_delta,
+            stored_bytes: change.stored_bytes_delta,
+            manifests: change.manifests_delta,
+        }
     }
 
     fn apply(
@@ -234,25 +238,17 @@ impl Database {
         }
     }
 
-    /// Projects whose post-flush sweep is due at `now_unix`, with the time it was due.
+    /// Projects whose post-flush sweep is due at `now_unix` ([`ledger::sweeps_due`]).
     pub fn sweeps_due(&self, now_unix: i64) -> Result<Vec<(String, i64)>, Error> {
-        Ok(self
-            .projects()?
-            .into_iter()
-            .filter(|record| record.sweep_after_unix > 0 && record.sweep_after_unix <= now_unix)
-            .map(|record| (record.name, record.sweep_after_unix))
-            .collect())
+        Ok(ledger::sweeps_due(self.projects()?, now_unix))
     }
 
-    /// Marks a project's sweep done, unless a later flush moved it meanwhile.
+    /// Marks a project's sweep done ([`ledger::sweep_done`]).
     pub fn sweep_done(&self, project: &str, due_unix: i64) -> Result<(), Error> {
         self.projects
             .fetch_and_update(project.as_bytes(), |old| {
-                let mut record: ProjectRecord = serde_json::from_slice(old?).ok()?;
-                if record.sweep_after_unix == due_unix {
-                    record.sweep_after_unix = 0;
-                }
-                Some(json_to_vec(&record))
+                let record: ProjectRecord = serde_json::from_slice(old?).ok()?;
+                Some(json_to_vec(&ledger::sweep_done(&record, due_unix).unwrap_or(record)))
             })
             .map_err(db_error)?;
         Ok(())
@@ -474,12 +470,7 @@ impl Database {
             if change.reset_totals {
                 totals.insert(project.as_bytes(), json_to_vec(&ProjectTotals::default()))?;
             }
-            let totals_change = TotalsChange {
-                blobs: change.blobs_delta,
-                stored_bytes: change.stored_bytes_delta,
-                manifests: change.manifests_delta,
-            };
-            totals_change.apply(totals, project)?;
+            TotalsChange::of(&change).apply(totals, project)?;
             Ok(flushed)
         });
         transacted(result)
@@ -555,12 +546,7 @@ impl Database {
             if change.put_manifest.is_some() {
                 manifests.insert(manifest_key.as_slice(), encoded.as_slice())?;
             }
-            let totals_change = TotalsChange {
-                blobs: change.blobs_delta,
-                stored_bytes: change.stored_bytes_delta,
-                manifests: change.manifests_delta,
-            };
-            totals_change.apply(totals, project)?;
+            TotalsChange::of(&change).apply(totals, project)?;
             Ok(committed)
         });
         transacted(result)
@@ -593,7 +579,7 @@ impl Database {
             for (digest, blob) in &change.put_blobs {
                 blobs.insert(composite_key(&[project, digest]), json_to_vec(blob))?;
             }
-            TotalsChange { manifests: change.manifests_delta, ..Default::default() }.apply(totals, project)?;
+            TotalsChange::of(&change).apply(totals, project)?;
             Ok(Some(unreferenced))
         });
         transacted(result)
@@ -649,68 +635,59 @@ impl Database {
             for named in &change.remove_blobs {
                 blobs.remove(composite_key(&[project, named]))?;
             }
-            let totals_change = TotalsChange {
-                blobs: change.blobs_delta,
-                stored_bytes: change.stored_bytes_delta,
-                manifests: change.manifests_delta,
-            };
-            totals_change.apply(totals, project)?;
+            TotalsChange::of(&change).apply(totals, project)?;
             Ok(naming.len() as u64)
         });
         transacted(result)
     }
 
-    /// The project's blobs no manifest names, with their records; those recorded before garbage
-    /// collection existed get their grace started now.
+    /// The project's blobs no manifest names, with their records ([`ledger::unreferenced`]);
+    /// the grace of those that have none yet starts in one batch.
     pub fn unreferenced_blobs(&self, project: &str, now_unix: i64) -> Result<Vec<(String, BlobRecord)>, Error> {
         let prefix = project_prefix(project);
-        let mut unreferenced = Vec::new();
+        let mut records = Vec::new();
         for entry in self.blobs.scan_prefix(&prefix) {
             let (key, bytes) = entry.map_err(db_error)?;
-            let mut record: BlobRecord = json_from_slice("blobs", &bytes)?;
-            if record.references > 0 {
-                continue;
-            }
-            if record.unreferenced_since_unix == 0 {
-                record.unreferenced_since_unix = now_unix;
-                self.blobs.insert(&key, json_to_vec(&record)).map_err(db_error)?;
-            }
-            unreferenced.push((String::from_utf8_lossy(&key[prefix.len()..]).into_owned(), record));
+            let record: BlobRecord = json_from_slice("blobs", &bytes)?;
+            records.push((String::from_utf8_lossy(&key[prefix.len()..]).into_owned(), record));
         }
+        let (unreferenced, change) = ledger::unreferenced(records, now_unix);
+        let mut batch = sled::Batch::default();
+        for (digest, blob) in &change.put_blobs {
+            batch.insert(composite_key(&[project, digest]), json_to_vec(blob));
+        }
+        self.blobs.apply_batch(batch).map_err(db_error)?;
         Ok(unreferenced)
     }
 
-    /// Forgets the blobs of `digests` that still have no reference, in one transaction; returns
-    /// those forgotten. The caller deletes their objects after, holding the publish lock, so a
-    /// commit that names one again finds it unknown and checks the store.
+    /// Forgets the blobs of `digests` that still have no reference ([`ledger::forget_unreferenced`]),
+    /// in one transaction; returns those forgotten.
     pub fn forget_unreferenced(&self, project: &str, digests: &[String]) -> Result<Vec<(String, BlobRecord)>, Error> {
         let result = (&self.blobs, &self.totals).transaction(|(blobs, totals)| {
-            let abort = |error: Error| ConflictableTransactionError::Abort(error);
-            let mut change = TotalsChange::default();
-            let mut forgotten = Vec::new();
+            let mut known = HashMap::new();
             for digest in digests {
-                let blob_key = composite_key(&[project, digest]);
-                if let Some(bytes) = blobs.get(blob_key.as_slice())? {
-                    let record: BlobRecord = json_from_slice("blobs", &bytes).map_err(abort)?;
-                    if record.references == 0 {
-                        blobs.remove(blob_key)?;
-                        change.blob(-1, &record);
-                        forgotten.push((digest.clone(), record));
-                    }
+                if let Some(bytes) = blobs.get(composite_key(&[project, digest]))? {
+                    let record =
+                        json_from_slice::<BlobRecord>("blobs", &bytes).map_err(ConflictableTransactionError::Abort)?;
+                    known.insert(digest.clone(), record);
                 }
             }
-            change.apply(totals, project)?;
+            let (forgotten, change) = ledger::forget_unreferenced(&known, digests);
+            for digest in &change.remove_blobs {
+                blobs.remove(composite_key(&[project, digest]))?;
+            }
+            TotalsChange::of(&change).apply(totals, project)?;
             Ok(forgotten)
         });
         transacted(result)
     }
 
-    /// Records that a manifest was used now, unless another writer replaced it meanwhile.
+    /// Records that a manifest was used now ([`ledger::touched`]), unless another writer replaced it meanwhile.
     pub fn touch_manifest(&self, project: &str, manifest: &proto::v1::Manifest, now_unix: i64) -> Result<(), Error> {
         let key = manifest.key.clone().unwrap_or_default();
         let manifest_key = composite_key(&[project, &key.service, &key.branch]);
         let old = manifest.encode_to_vec();
-        let touched = proto::v1::Manifest { last_used_unix: now_unix, ..manifest.clone() }.encode_to_vec();
+        let touched = ledger::touched(manifest, now_unix).encode_to_vec();
         // A lost race means a newer manifest is there: its own times are right.
         let _ = self.manifests.compare_and_swap(manifest_key, Some(old), Some(touched)).map_err(db_error)?;
         Ok(())
