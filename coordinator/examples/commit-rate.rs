@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::time::Instant;
 
-use coordinator::state::{BlobRecord, Database, ProjectRecord};
+use coordinator::state::{BlobRecord, Database, ProjectRecord, State};
 use proto::v1 as pb;
 
 fn manifest(service: &str, n: usize) -> pb::Manifest {
@@ -32,6 +32,7 @@ async fn commits_per_second(db: &Database, n_commits: usize, n_at_once: usize, d
             for n in (worker..n_commits).step_by(n_at_once) {
                 let service = format!("s{}", n % 50);
                 db.commit_manifest("bench", &manifest(&service, n), 0, &HashMap::<String, BlobRecord>::new(), 0)
+                    .await
                     .unwrap();
                 if durable {
                     db.durable().await.unwrap();
@@ -58,7 +59,7 @@ async fn main() {
         quota_bytes: 0,
         sweep_after_unix: 0,
     };
-    db.create_project(&project).unwrap();
+    db.create_project(&project).await.unwrap();
     println!("data directory {} ({n_commits} commits per row)", dir.path().display());
     for n_at_once in [1, 16] {
         let volatile = commits_per_second(&db, n_commits, n_at_once, false).await;

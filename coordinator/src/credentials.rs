@@ -487,7 +487,7 @@ mod tests {
         assert_eq!(issued.prefix, "cache/web/");
         assert!(!format!("{issued:?}").contains(&issued.secret_access_key));
         assert!(!format!("{issued:?}").contains(&issued.session_token));
-        let record = db.minted_key(&issued.access_key_id).unwrap().unwrap();
+        let record = db.minted_key(&issued.access_key_id).await.unwrap().unwrap();
         assert_eq!(
             record,
             MintedKeyRecord {

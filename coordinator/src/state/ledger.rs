@@ -6,7 +6,7 @@ use std::collections::{BTreeSet, HashMap};
 
 use proto::v1 as pb;
 
-use super::{BlobRecord, Committed, ProjectRecord, began_later, manifest_digests};
+use super::{BlobRecord, Committed, FlushedRecords, MintedKeyRecord, ProjectRecord, began_later, manifest_digests};
 use crate::error::Error;
 
 /// What a commit needs to see of its project, loaded under the project's lock.
@@ -18,14 +18,18 @@ pub struct CommitView<'a> {
     pub known: &'a HashMap<String, BlobRecord>,
 }
 
-/// What a rule changes: blob records to write or forget, the manifest to store, the manifests
-/// to remove (by key), the totals' change.
+/// What a rule changes: the project's record to write, blob records to write or forget, the
+/// manifest to store, the manifests to remove (by key), the storage keys to revoke (by access
+/// key ID), the totals' change (or their reset to zero, applied before the change).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ChangeSet {
+    pub put_project: Option<ProjectRecord>,
     pub put_blobs: Vec<(String, BlobRecord)>,
     pub remove_blobs: Vec<String>,
     pub put_manifest: Option<pb::Manifest>,
     pub remove_manifests: Vec<pb::CacheKey>,
+    pub remove_keys: Vec<String>,
+    pub reset_totals: bool,
     pub blobs_delta: i64,
     pub stored_bytes_delta: i64,
     pub manifests_delta: i64,
@@ -163,6 +167,104 @@ pub fn drop_blob(
     change
 }
 
+/// The latest expiry among `keys`, or 0.
+fn latest_expiry<'a>(keys: impl IntoIterator<Item = &'a MintedKeyRecord>) -> i64 {
+    keys.into_iter().map(|record| record.expires_unix).max().unwrap_or(0)
+}
+
+/// What a flush needs to see of its project, loaded under the project's exclusive lock.
+pub struct FlushView<'a> {
+    pub project: &'a ProjectRecord,
+    /// The keys of the project's manifests.
+    pub manifests: Vec<pb::CacheKey>,
+    /// Every digest the project's ledger records.
+    pub blobs: Vec<String>,
+    /// The storage keys issued for the project, by access key ID.
+    pub keys: Vec<(String, MintedKeyRecord)>,
+}
+
+/// Flushes a project: its manifests, ledger and totals go, its generation is bumped (so a save
+/// begun before the flush cannot commit after it), and its storage keys die with the
+/// generation: a save begun before the flush can write nothing after it (the embedded endpoint
+/// admits only recorded keys, and nobody renews an unrecorded one). Where a key outlives its
+/// record (an STS session), the store is swept once the last one has expired
+/// ([`ProjectRecord::sweep_after_unix`]).
+pub fn flush(view: FlushView<'_>) -> (FlushedRecords, ChangeSet) {
+    let mut record = view.project.clone();
+    record.generation += 1;
+    let revoked: Vec<(String, MintedKeyRecord)> =
+        view.keys.into_iter().filter(|(_, key)| key.project == record.name).collect();
+    record.sweep_after_unix = record.sweep_after_unix.max(latest_expiry(revoked.iter().map(|(_, key)| key)));
+    let flushed = FlushedRecords { manifests_removed: view.manifests.len() as u64, generation: record.generation };
+    let change = ChangeSet {
+        put_project: Some(record),
+        remove_blobs: view.blobs,
+        remove_manifests: view.manifests,
+        remove_keys: revoked.into_iter().map(|(id, _)| id).collect(),
+        reset_totals: true,
+        ..Default::default()
+    };
+    (flushed, change)
+}
+
+/// Starts the grace of the project's blobs no manifest names, at `now_unix`: `records` holds
+/// (at least) the unreferenced ones of its ledger. Returns them (those recorded before garbage
+/// collection existed with their grace started now), and the change that starts it.
+pub fn unreferenced(records: Vec<(String, BlobRecord)>, now_unix: i64) -> (Vec<(String, BlobRecord)>, ChangeSet) {
+    let mut change = ChangeSet::default();
+    let mut unreferenced = Vec::new();
+    for (digest, mut record) in records.into_iter().filter(|(_, record)| record.references == 0) {
+        if record.unreferenced_since_unix == 0 {
+            record.unreferenced_since_unix = now_unix;
+            change.put_blobs.push((digest.clone(), record.clone()));
+        }
+        unreferenced.push((digest, record));
+    }
+    (unreferenced, change)
+}
+
+/// Forgets those of `digests` that still have no reference (`known`: the ledger's records of
+/// them); returns them, in the order of `digests`. The caller deletes their objects after,
+/// holding the publish lock, so a commit that names one again finds it unknown.
+pub fn forget_unreferenced(
+    known: &HashMap<String, BlobRecord>,
+    digests: &[String],
+) -> (Vec<(String, BlobRecord)>, ChangeSet) {
+    let mut change = ChangeSet::default();
+    let mut forgotten: Vec<(String, BlobRecord)> = Vec::new();
+    for digest in digests {
+        let Some(record) = known.get(digest).filter(|record| record.references == 0) else { continue };
+        if forgotten.iter().any(|(done, _)| done == digest) {
+            continue;
+        }
+        change.blobs_delta -= 1;
+        change.stored_bytes_delta -= record.stored_size as i64;
+        change.remove_blobs.push(digest.clone());
+        forgotten.push((digest.clone(), record.clone()));
+    }
+    (forgotten, change)
+}
+
+/// Projects whose post-flush sweep is due at `now_unix`, with the time it was due.
+pub fn sweeps_due(projects: Vec<ProjectRecord>, now_unix: i64) -> Vec<(String, i64)> {
+    projects
+        .into_iter()
+        .filter(|record| record.sweep_after_unix > 0 && record.sweep_after_unix <= now_unix)
+        .map(|record| (record.name, record.sweep_after_unix))
+        .collect()
+}
+
+/// Marks a project's post-flush sweep (due at `due_unix`) done: its record to write, or `None`
+/// when a later flush made another due meanwhile.
+pub fn sweep_done(project: &ProjectRecord, due_unix: i64) -> Option<ProjectRecord> {
+    (project.sweep_after_unix == due_unix).then(|| ProjectRecord { sweep_after_unix: 0, ..project.clone() })
+}
+
+/// A manifest as used at `now_unix` (stored only if it is still its key's).
+pub fn touched(manifest: &pb::Manifest, now_unix: i64) -> pb::Manifest {
+    pb::Manifest { last_used_unix: now_unix, ..manifest.clone() }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -275,5 +377,67 @@ mod tests {
         assert_eq!((put["c1"].references, put["c1"].unreferenced_since_unix), (0, 6_000));
         assert_eq!((put["l1"].references, put["l1"].unreferenced_since_unix), (1, 0));
         assert_eq!((change.blobs_delta, change.manifests_delta, change.remove_manifests.len()), (0, -1, 1));
+    }
+
+    #[test]
+    fn a_flush_empties_the_project_bumps_its_generation_and_revokes_its_keys() {
+        let key = |project: &str, expires_unix| MintedKeyRecord {
+            project: project.into(),
+            access: super::super::KeyAccess::Write,
+            expires_unix,
+            token_id: String::new(),
+        };
+        let record = ProjectRecord { sweep_after_unix: 30, ..project(2) };
+        let view = FlushView {
+            project: &record,
+            manifests: vec![pb::CacheKey { service: "web".into(), branch: String::new() }],
+            blobs: vec!["c1".into(), "l1".into()],
+            keys: vec![("KA".into(), key("m", 50)), ("KB".into(), key("m", 20)), ("KO".into(), key("other", 90))],
+        };
+        let (flushed, change) = flush(view);
+        assert_eq!(flushed, FlushedRecords { manifests_removed: 1, generation: 3 });
+        let put = change.put_project.unwrap();
+        assert_eq!((put.generation, put.sweep_after_unix), (3, 50), "swept once the last revoked key expired");
+        assert_eq!(change.remove_keys, ["KA", "KB"], "another project's key stays");
+        assert_eq!(change.remove_blobs, ["c1", "l1"]);
+        assert_eq!(change.remove_manifests.len(), 1);
+        assert!(change.reset_totals);
+        let record = ProjectRecord { sweep_after_unix: 0, ..project(0) };
+        let view = FlushView { project: &record, manifests: vec![], blobs: vec![], keys: vec![] };
+        let (flushed, change) = flush(view);
+        assert_eq!((flushed.generation, change.put_project.unwrap().sweep_after_unix), (1, 0), "no key: no sweep");
+    }
+
+    #[test]
+    fn the_grace_of_an_unreferenced_blob_starts_once_and_only_unreferenced_blobs_are_forgotten() {
+        let blob = |references, unreferenced_since_unix| BlobRecord {
+            stored_size: 10,
+            references,
+            unreferenced_since_unix,
+            ..Default::default()
+        };
+        let records = vec![("a".to_string(), blob(0, 0)), ("b".into(), blob(0, 300)), ("c".into(), blob(1, 0))];
+        let (unreferenced, change) = unreferenced(records, 700);
+        assert_eq!(unreferenced, [("a".to_string(), blob(0, 700)), ("b".into(), blob(0, 300))]);
+        assert_eq!(change.put_blobs, [("a".to_string(), blob(0, 700))], "a grace already started stays");
+        let known: HashMap<String, BlobRecord> =
+            [("a".to_string(), blob(0, 700)), ("c".into(), blob(1, 0))].into_iter().collect();
+        let asked = ["c", "a", "zz", "a"].map(String::from);
+        let (forgotten, change) = forget_unreferenced(&known, &asked);
+        assert_eq!(forgotten, [("a".to_string(), blob(0, 700))], "c is named, zz unknown");
+        assert_eq!(change.remove_blobs, ["a"]);
+        assert_eq!((change.blobs_delta, change.stored_bytes_delta), (-1, -10));
+    }
+
+    #[test]
+    fn a_sweep_is_due_once_the_last_key_expired_and_done_unless_a_later_flush_moved_it() {
+        let at = |name: &str, sweep_after_unix| ProjectRecord { name: name.into(), sweep_after_unix, ..project(0) };
+        let projects = vec![at("a", 50), at("b", 0), at("c", 90)];
+        assert_eq!(sweeps_due(projects.clone(), 49), []);
+        assert_eq!(sweeps_due(projects, 50), [("a".to_string(), 50)]);
+        assert_eq!(sweep_done(&at("a", 50), 50), Some(at("a", 0)));
+        assert_eq!(sweep_done(&at("a", 80), 50), None, "a later flush made another due");
+        let manifest = manifest(&["c1"], 100);
+        assert_eq!(touched(&manifest, 900), pb::Manifest { last_used_unix: 900, ..manifest });
     }
 }

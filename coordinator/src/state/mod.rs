@@ -170,11 +170,6 @@ pub(crate) fn began_later(a: Option<&proto::v1::SaveOrigin>, b: Option<&proto::v
     order(a) > order(b)
 }
 
-/// The latest expiry among `keys`, or 0.
-pub(crate) fn latest_expiry<'a>(keys: impl IntoIterator<Item = &'a MintedKeyRecord>) -> i64 {
-    keys.into_iter().map(|record| record.expires_unix).max().unwrap_or(0)
-}
-
 /// What a flush removed from the database.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FlushedRecords {

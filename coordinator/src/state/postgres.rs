@@ -26,7 +26,7 @@ use tokio_postgres::NoTls;
 
 use super::{
     BlobRecord, Committed, FlushedRecords, KeyAccess, MintedKeyRecord, ProjectRecord, ProjectTotals, ScopedTokenRecord,
-    ServiceCounters, State, latest_expiry, ledger, manifest_digests,
+    ServiceCounters, State, ledger, manifest_digests,
 };
 use crate::error::Error;
 
@@ -258,6 +258,54 @@ async fn change_totals(
     )
     .await
     .map_err(pg_error)?;
+    Ok(())
+}
+
+/// Applies a ledger rule's change set (see [`ledger::ChangeSet`]) inside `tx`.
+async fn apply(tx: &Transaction<'_>, project: &str, change: &ledger::ChangeSet) -> Result<(), Error> {
+    if let Some(record) = &change.put_project {
+        put_project(tx, record).await?;
+    }
+    for key in &change.remove_manifests {
+        tx.execute(
+            "DELETE FROM lc_manifests WHERE project = $1 AND service = $2 AND branch = $3",
+            &[&project, &key.service, &key.branch],
+        )
+        .await
+        .map_err(pg_error)?;
+    }
+    if let Some(manifest) = &change.put_manifest {
+        let key = manifest.key.clone().unwrap_or_default();
+        tx.execute(
+            "INSERT INTO lc_manifests (project, service, branch, body) VALUES ($1, $2, $3, $4)
+             ON CONFLICT (project, service, branch) DO UPDATE SET body = EXCLUDED.body",
+            &[&project, &key.service, &key.branch, &manifest.encode_to_vec()],
+        )
+        .await
+        .map_err(pg_error)?;
+    }
+    for (digest, blob) in &change.put_blobs {
+        put_blob(tx, project, digest, blob).await?;
+    }
+    if !change.remove_blobs.is_empty() {
+        tx.execute("DELETE FROM lc_blobs WHERE project = $1 AND digest = ANY($2)", &[&project, &change.remove_blobs])
+            .await
+            .map_err(pg_error)?;
+    }
+    if !change.remove_keys.is_empty() {
+        tx.execute("DELETE FROM lc_minted_keys WHERE access_key_id = ANY($1)", &[&change.remove_keys])
+            .await
+            .map_err(pg_error)?;
+    }
+    if change.reset_totals {
+        tx.execute("UPDATE lc_totals SET blobs = 0, stored_bytes = 0, manifests = 0 WHERE project = $1", &[&project])
+            .await
+            .map_err(pg_error)?;
+    }
+    let deltas = [change.blobs_delta, change.stored_bytes_delta, change.manifests_delta];
+    if change.reset_totals || deltas != [0; 3] {
+        change_totals(tx, project, deltas[0], deltas[1], deltas[2]).await?;
+    }
     Ok(())
 }
 
@@ -524,22 +572,14 @@ impl State for Postgres {
     }
 
     async fn sweeps_due(&self, now_unix: i64) -> Result<Vec<(String, i64)>, Error> {
-        Ok(self
-            .projects()
-            .await?
-            .into_iter()
-            .filter(|record| record.sweep_after_unix > 0 && record.sweep_after_unix <= now_unix)
-            .map(|record| (record.name, record.sweep_after_unix))
-            .collect())
+        Ok(ledger::sweeps_due(self.projects().await?, now_unix))
     }
 
     async fn sweep_done(&self, project: &str, due_unix: i64) -> Result<(), Error> {
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(pg_error)?;
-        if let Some(mut record) = lock_project(&tx, project).await?
-            && record.sweep_after_unix == due_unix
+        if let Some(record) = lock_project(&tx, project).await?.and_then(|record| ledger::sweep_done(&record, due_unix))
         {
-            record.sweep_after_unix = 0;
             put_project(&tx, &record).await?;
         }
         tx.commit().await.map_err(pg_error)
@@ -609,7 +649,7 @@ impl State for Postgres {
 
     async fn touch_manifest(&self, project: &str, manifest: &pb::Manifest, now_unix: i64) -> Result<(), Error> {
         let key = manifest.key.clone().unwrap_or_default();
-        let touched = pb::Manifest { last_used_unix: now_unix, ..manifest.clone() }.encode_to_vec();
+        let touched = ledger::touched(manifest, now_unix).encode_to_vec();
         let client = self.client().await?;
         // Only the manifest it was: a lost race means a newer one is there, with its own times.
         client
@@ -639,19 +679,7 @@ impl State for Postgres {
         let known = lock_blobs(&tx, project, &digests).await?;
         let view = ledger::CommitView { project: &record, old, known: &known };
         let (committed, change) = ledger::commit(view, manifest, generation, new_blobs, now_unix)?;
-        for (digest, blob) in &change.put_blobs {
-            put_blob(&tx, project, digest, blob).await?;
-        }
-        change_totals(&tx, project, change.blobs_delta, change.stored_bytes_delta, change.manifests_delta).await?;
-        if let Some(manifest) = &change.put_manifest {
-            tx.execute(
-                "INSERT INTO lc_manifests (project, service, branch, body) VALUES ($1, $2, $3, $4)
-                 ON CONFLICT (project, service, branch) DO UPDATE SET body = EXCLUDED.body",
-                &[&project, &key.service, &key.branch, &manifest.encode_to_vec()],
-            )
-            .await
-            .map_err(pg_error)?;
-        }
+        apply(&tx, project, &change).await?;
         tx.commit().await.map_err(pg_error)?;
         Ok(committed)
     }
@@ -676,12 +704,9 @@ impl State for Postgres {
         let manifest = decode_manifest(row.get::<_, &[u8]>(0))?;
         let digests: Vec<String> = manifest_digests(&manifest).into_iter().collect();
         let known = lock_blobs(&tx, project, &digests).await?;
-        // The manifest is deleted above (its row read as it went): the change set's removal is done.
+        // The manifest is deleted above (its row read as it went): the change set's removal finds none.
         let (unreferenced, change) = ledger::evict(&manifest, &known, now_unix);
-        for (digest, blob) in &change.put_blobs {
-            put_blob(&tx, project, digest, blob).await?;
-        }
-        change_totals(&tx, project, change.blobs_delta, change.stored_bytes_delta, change.manifests_delta).await?;
+        apply(&tx, project, &change).await?;
         tx.commit().await.map_err(pg_error)?;
         Ok(Some(unreferenced))
     }
@@ -742,25 +767,29 @@ impl State for Postgres {
     async fn flush_project(&self, project: &str) -> Result<FlushedRecords, Error> {
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(pg_error)?;
-        let mut record = lock_project(&tx, project).await?.ok_or_else(|| Error::NoSuchProject(project.to_owned()))?;
-        record.generation += 1;
-        let manifests_removed =
-            tx.execute("DELETE FROM lc_manifests WHERE project = $1", &[&project]).await.map_err(pg_error)?;
-        tx.execute("DELETE FROM lc_blobs WHERE project = $1", &[&project]).await.map_err(pg_error)?;
-        tx.execute("UPDATE lc_totals SET blobs = 0, stored_bytes = 0, manifests = 0 WHERE project = $1", &[&project])
-            .await
-            .map_err(pg_error)?;
-        // The project's storage keys die with its generation (see `sled.rs`).
+        let record = lock_project(&tx, project).await?.ok_or_else(|| Error::NoSuchProject(project.to_owned()))?;
         let rows = tx
-            .query("DELETE FROM lc_minted_keys WHERE project = $1 RETURNING record", &[&project])
+            .query("SELECT service, branch FROM lc_manifests WHERE project = $1 FOR UPDATE", &[&project])
             .await
             .map_err(pg_error)?;
-        let revoked: Vec<MintedKeyRecord> =
-            rows.iter().map(|row| from_json("lc_minted_keys", row.get::<_, &str>(0))).collect::<Result<_, _>>()?;
-        record.sweep_after_unix = record.sweep_after_unix.max(latest_expiry(&revoked));
-        put_project(&tx, &record).await?;
+        let manifests = rows.iter().map(|row| pb::CacheKey { service: row.get(0), branch: row.get(1) }).collect();
+        let rows = tx
+            .query("SELECT digest FROM lc_blobs WHERE project = $1 FOR UPDATE", &[&project])
+            .await
+            .map_err(pg_error)?;
+        let blobs = rows.iter().map(|row| row.get(0)).collect();
+        let rows = tx
+            .query("SELECT access_key_id, record FROM lc_minted_keys WHERE project = $1 FOR UPDATE", &[&project])
+            .await
+            .map_err(pg_error)?;
+        let keys = rows
+            .iter()
+            .map(|row| Ok((row.get::<_, String>(0), from_json("lc_minted_keys", row.get::<_, &str>(1))?)))
+            .collect::<Result<_, Error>>()?;
+        let (flushed, change) = ledger::flush(ledger::FlushView { project: &record, manifests, blobs, keys });
+        apply(&tx, project, &change).await?;
         tx.commit().await.map_err(pg_error)?;
-        Ok(FlushedRecords { manifests_removed, generation: record.generation })
+        Ok(flushed)
     }
 
     async fn stored_blobs(&self, project: &str, digests: &[String]) -> Result<HashMap<String, BlobRecord>, Error> {
@@ -797,23 +826,7 @@ impl State for Postgres {
         let digests: Vec<String> = ledger::drop_digests(&naming, digest).into_iter().collect();
         let known = lock_blobs(&tx, project, &digests).await?;
         let change = ledger::drop_blob(&naming, &known, digest, now_unix);
-        for key in &change.remove_manifests {
-            tx.execute(
-                "DELETE FROM lc_manifests WHERE project = $1 AND service = $2 AND branch = $3",
-                &[&project, &key.service, &key.branch],
-            )
-            .await
-            .map_err(pg_error)?;
-        }
-        for (named, blob) in &change.put_blobs {
-            put_blob(&tx, project, named, blob).await?;
-        }
-        for named in &change.remove_blobs {
-            tx.execute("DELETE FROM lc_blobs WHERE project = $1 AND digest = $2", &[&project, named])
-                .await
-                .map_err(pg_error)?;
-        }
-        change_totals(&tx, project, change.blobs_delta, change.stored_bytes_delta, change.manifests_delta).await?;
+        apply(&tx, project, &change).await?;
         tx.commit().await.map_err(pg_error)?;
         Ok(naming.len() as u64)
     }
@@ -828,16 +841,12 @@ impl State for Postgres {
             )
             .await
             .map_err(pg_error)?;
-        let mut unreferenced = Vec::new();
-        for row in &rows {
-            let digest: String = row.get(0);
-            let mut record: BlobRecord = from_json("lc_blobs", row.get::<_, &str>(1))?;
-            if record.unreferenced_since_unix == 0 {
-                record.unreferenced_since_unix = now_unix;
-                put_blob(&tx, project, &digest, &record).await?;
-            }
-            unreferenced.push((digest, record));
-        }
+        let records = rows
+            .iter()
+            .map(|row| Ok((row.get::<_, String>(0), from_json("lc_blobs", row.get::<_, &str>(1))?)))
+            .collect::<Result<_, Error>>()?;
+        let (unreferenced, change) = ledger::unreferenced(records, now_unix);
+        apply(&tx, project, &change).await?;
         tx.commit().await.map_err(pg_error)?;
         Ok(unreferenced)
     }
@@ -846,19 +855,9 @@ impl State for Postgres {
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(pg_error)?;
         lock_project(&tx, project).await?;
-        let rows = tx
-            .query(
-                "DELETE FROM lc_blobs WHERE project = $1 AND digest = ANY($2) AND refs = 0 RETURNING digest, record",
-                &[&project, &digests],
-            )
-            .await
-            .map_err(pg_error)?;
-        let forgotten: Vec<(String, BlobRecord)> = rows
-            .iter()
-            .map(|row| Ok((row.get::<_, String>(0), from_json("lc_blobs", row.get::<_, &str>(1))?)))
-            .collect::<Result<_, Error>>()?;
-        let bytes: i64 = forgotten.iter().map(|(_, record)| record.stored_size as i64).sum();
-        change_totals(&tx, project, -(forgotten.len() as i64), -bytes, 0).await?;
+        let known = lock_blobs(&tx, project, digests).await?;
+        let (forgotten, change) = ledger::forget_unreferenced(&known, digests);
+        apply(&tx, project, &change).await?;
         tx.commit().await.map_err(pg_error)?;
         Ok(forgotten)
     }

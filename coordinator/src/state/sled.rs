@@ -23,7 +23,7 @@ use crate::error::Error;
 
 use super::{
     BlobRecord, Committed, FlushedRecords, KeyAccess, MintedKeyRecord, ProjectRecord, ProjectTotals, ScopedTokenRecord,
-    ServiceCounters, State, latest_expiry, ledger, manifest_digests,
+    ServiceCounters, State, ledger, manifest_digests,
 };
 
 /// A change to a project's totals, applied in the transaction that makes it.
@@ -35,9 +35,13 @@ struct TotalsChange {
 }
 
 impl TotalsChange {
-    fn blob(&mut self, sign: i64, record: &BlobRecord) {
-        self.blobs += sign;
-        self.stored_bytes += sign * record.stored_size as i64;
+    /// The totals' part of a ledger rule's change set.
+    fn of(change: &ledger::ChangeSet) -> TotalsChange {
+        TotalsChange {
+            blobs: change.blobs_delta,
+            stored_bytes: change.stored_bytes_delta,
+            manifests: change.manifests_delta,
+        }
     }
 
     fn apply(
@@ -144,12 +148,12 @@ impl Database {
 
     /// Counts, once, the totals of projects a coordinator from before they were kept left.
     fn count_missing_totals(self) -> Result<Database, Error> {
-        for project in self.projects()? {
+        for project in self.scan_projects()? {
             if self.totals.get(project.name.as_bytes()).map_err(db_error)?.is_some() {
                 continue;
             }
             let mut totals =
-                ProjectTotals { manifests: self.manifests(&project.name)?.len() as u64, ..Default::default() };
+                ProjectTotals { manifests: self.scan_manifests(&project.name)?.len() as u64, ..Default::default() };
             for entry in self.blobs.scan_prefix(project_prefix(&project.name)) {
                 let (_, bytes) = entry.map_err(db_error)?;
                 let record: BlobRecord = json_from_slice("blobs", &bytes)?;
@@ -161,11 +165,85 @@ impl Database {
         Ok(self)
     }
 
+    /// Every project, sorted by name.
+    fn scan_projects(&self) -> Result<Vec<ProjectRecord>, Error> {
+        self.projects
+            .iter()
+            .map(|entry| {
+                let (_, bytes) = entry.map_err(db_error)?;
+                json_from_slice("projects", &bytes)
+            })
+            .collect()
+    }
+
+    /// Every manifest of a project, sorted by service and branch.
+    fn scan_manifests(&self, project: &str) -> Result<Vec<pb::Manifest>, Error> {
+        self.manifests
+            .scan_prefix(project_prefix(project))
+            .map(|entry| {
+                let (_, bytes) = entry.map_err(db_error)?;
+                proto::v1::Manifest::decode(bytes.as_ref()).map_err(|error| Error::corrupt("manifests", error))
+            })
+            .collect()
+    }
+
+    /// Every digest the project's ledger records (referenced or not).
+    fn scan_ledger_digests(&self, project: &str) -> Result<HashSet<String>, Error> {
+        let prefix = project_prefix(project);
+        self.blobs
+            .scan_prefix(&prefix)
+            .keys()
+            .map(|key| {
+                let key = key.map_err(db_error)?;
+                Ok(String::from_utf8_lossy(&key[prefix.len()..]).into_owned())
+            })
+            .collect()
+    }
+}
+
+/// A transaction's result, its abort's error or its storage's.
+fn transacted<T>(result: Result<T, TransactionError<Error>>) -> Result<T, Error> {
+    match result {
+        Ok(value) => Ok(value),
+        Err(TransactionError::Abort(error)) => Err(error),
+        Err(TransactionError::Storage(error)) => Err(db_error(error)),
+    }
+}
+
+#[async_trait::async_trait]
+impl super::Ephemeral for Database {
+    async fn update_open_saves(
+        &self,
+        project: Option<&str>,
+        change: &mut (dyn for<'a> FnMut(&'a mut super::OpenSaves) + Send),
+    ) -> Result<(), Error> {
+        self.ephemeral.update_open_saves(project, change).await
+    }
+
+    async fn read_open_saves(
+        &self,
+        project: &str,
+        read: &mut (dyn for<'a> FnMut(&'a super::OpenSaves) + Send),
+    ) -> Result<(), Error> {
+        self.ephemeral.read_open_saves(project, read).await
+    }
+
+    async fn update_leases(&self, change: &mut (dyn for<'a> FnMut(&'a mut super::Leases) + Send)) -> Result<(), Error> {
+        self.ephemeral.update_leases(change).await
+    }
+
+    async fn read_leases(&self, read: &mut (dyn for<'a> FnMut(&'a super::Leases) + Send)) -> Result<(), Error> {
+        self.ephemeral.read_leases(read).await
+    }
+}
+
+#[async_trait::async_trait]
+impl State for Database {
     /// Returns once every write this caller made before the call is on disk: what an
     /// acknowledgement waits for. sled alone syncs only every 500 ms, so a crash (an OOM kill,
     /// a lost node) would lose writes already acknowledged. Callers that arrive while another
     /// one flushes share the next flush (group commit).
-    pub async fn durable(&self) -> Result<(), Error> {
+    async fn durable(&self) -> Result<(), Error> {
         use std::sync::atomic::Ordering;
         let ticket = self.group_commit.n_writes.fetch_add(1, Ordering::SeqCst) + 1;
         let _flushing = self.group_commit.flushing.lock().await;
@@ -183,7 +261,7 @@ impl Database {
     /// crash, since its record is what admits it (and renews it). A read key is still handed
     /// out when the disk refuses (full, read-only), so restores go on working from the store;
     /// it lapses if the coordinator restarts.
-    pub async fn key_durable(&self, access: KeyAccess) -> Result<(), Error> {
+    async fn key_durable(&self, access: KeyAccess) -> Result<(), Error> {
         match self.durable().await {
             Err(error) if access == KeyAccess::Read => {
                 tracing::warn!(error = %error.line(), "a read key was issued without reaching the disk");
@@ -194,7 +272,7 @@ impl Database {
     }
 
     /// Inserts a new project; [`Error::ProjectExists`] if the name is taken.
-    pub fn create_project(&self, record: &ProjectRecord) -> Result<(), Error> {
+    async fn create_project(&self, record: &ProjectRecord) -> Result<(), Error> {
         let swapped = self
             .projects
             .compare_and_swap(record.name.as_bytes(), None as Option<&[u8]>, Some(json_to_vec(record)))
@@ -204,7 +282,7 @@ impl Database {
         Ok(())
     }
 
-    pub fn project(&self, name: &str) -> Result<Option<ProjectRecord>, Error> {
+    async fn project(&self, name: &str) -> Result<Option<ProjectRecord>, Error> {
         match self.projects.get(name.as_bytes()).map_err(db_error)? {
             Some(bytes) => Ok(Some(json_from_slice("projects", &bytes)?)),
             None => Ok(None),
@@ -212,135 +290,28 @@ impl Database {
     }
 
     /// Every project, sorted by name.
-    pub fn projects(&self) -> Result<Vec<ProjectRecord>, Error> {
-        self.projects
-            .iter()
-            .map(|entry| {
-                let (_, bytes) = entry.map_err(db_error)?;
-                json_from_slice("projects", &bytes)
-            })
-            .collect()
+    async fn projects(&self) -> Result<Vec<ProjectRecord>, Error> {
+        self.scan_projects()
     }
 
-    pub fn insert_minted_key(&self, access_key_id: &str, record: &MintedKeyRecord) -> Result<(), Error> {
-        self.minted_keys.insert(access_key_id.as_bytes(), json_to_vec(record)).map_err(db_error)?;
-        Ok(())
-    }
-
-    pub fn minted_key(&self, access_key_id: &str) -> Result<Option<MintedKeyRecord>, Error> {
-        match self.minted_keys.get(access_key_id.as_bytes()).map_err(db_error)? {
-            Some(bytes) => Ok(Some(json_from_slice("minted_keys", &bytes)?)),
-            None => Ok(None),
-        }
-    }
-
-    /// Projects whose post-flush sweep is due at `now_unix`, with the time it was due.
-    pub fn sweeps_due(&self, now_unix: i64) -> Result<Vec<(String, i64)>, Error> {
-        Ok(self
-            .projects()?
-            .into_iter()
-            .filter(|record| record.sweep_after_unix > 0 && record.sweep_after_unix <= now_unix)
-            .map(|record| (record.name, record.sweep_after_unix))
-            .collect())
-    }
-
-    /// Marks a project's sweep done, unless a later flush moved it meanwhile.
-    pub fn sweep_done(&self, project: &str, due_unix: i64) -> Result<(), Error> {
-        self.projects
-            .fetch_and_update(project.as_bytes(), |old| {
+    /// Sets a project's byte quota (0: none).
+    async fn set_quota(&self, project: &str, quota_bytes: u64) -> Result<ProjectRecord, Error> {
+        let updated = self
+            .projects
+            .update_and_fetch(project.as_bytes(), |old| {
                 let mut record: ProjectRecord = serde_json::from_slice(old?).ok()?;
-                if record.sweep_after_unix == due_unix {
-                    record.sweep_after_unix = 0;
-                }
+                record.quota_bytes = quota_bytes;
                 Some(json_to_vec(&record))
             })
             .map_err(db_error)?;
-        Ok(())
-    }
-
-    /// Every digest the project's ledger records (referenced or not).
-    pub fn ledger_digests(&self, project: &str) -> Result<std::collections::HashSet<String>, Error> {
-        let prefix = project_prefix(project);
-        self.blobs
-            .scan_prefix(&prefix)
-            .keys()
-            .map(|key| {
-                let key = key.map_err(db_error)?;
-                Ok(String::from_utf8_lossy(&key[prefix.len()..]).into_owned())
-            })
-            .collect()
-    }
-
-    /// Notes which scoped token a key was issued to (see [`MintedKeyRecord::token_id`]).
-    pub fn tag_minted_key(&self, access_key_id: &str, token_id: &str) -> Result<(), Error> {
-        self.minted_keys
-            .fetch_and_update(access_key_id.as_bytes(), |old| {
-                let mut record: MintedKeyRecord = serde_json::from_slice(old?).ok()?;
-                record.token_id = token_id.to_owned();
-                Some(json_to_vec(&record))
-            })
-            .map_err(db_error)?;
-        Ok(())
-    }
-
-    /// Forgets every key of `project` issued to `token_id` (empty: the project token), so the
-    /// embedded endpoint admits none of them and nobody renews them; returns them.
-    pub fn revoke_keys(&self, project: &str, token_id: &str) -> Result<Vec<MintedKeyRecord>, Error> {
-        let mut revoked = Vec::new();
-        for entry in self.minted_keys.iter() {
-            let (access_key_id, bytes) = entry.map_err(db_error)?;
-            let record: MintedKeyRecord = json_from_slice("minted_keys", &bytes)?;
-            if record.project == project && record.token_id == token_id {
-                self.minted_keys.remove(access_key_id).map_err(db_error)?;
-                revoked.push(record);
-            }
+        match updated {
+            Some(bytes) => json_from_slice("projects", &bytes),
+            None => Err(Error::NoSuchProject(project.to_owned())),
         }
-        Ok(revoked)
-    }
-
-    pub fn insert_scoped_token(&self, sha256_hex: &str, record: &ScopedTokenRecord) -> Result<(), Error> {
-        self.scoped_tokens.insert(sha256_hex.as_bytes(), json_to_vec(record)).map_err(db_error)?;
-        Ok(())
-    }
-
-    /// The scoped token whose SHA-256 is `sha256_hex`, if one is recorded.
-    pub fn scoped_token(&self, sha256_hex: &str) -> Result<Option<ScopedTokenRecord>, Error> {
-        match self.scoped_tokens.get(sha256_hex.as_bytes()).map_err(db_error)? {
-            Some(bytes) => Ok(Some(json_from_slice("scoped_tokens", &bytes)?)),
-            None => Ok(None),
-        }
-    }
-
-    /// A project's scoped tokens, by creation time.
-    pub fn scoped_tokens(&self, project: &str) -> Result<Vec<ScopedTokenRecord>, Error> {
-        let mut records = Vec::new();
-        for entry in self.scoped_tokens.iter() {
-            let (_, bytes) = entry.map_err(db_error)?;
-            let record: ScopedTokenRecord = json_from_slice("scoped_tokens", &bytes)?;
-            if record.project == project {
-                records.push(record);
-            }
-        }
-        records.sort_by(|a, b| (a.created_unix, &a.id).cmp(&(b.created_unix, &b.id)));
-        Ok(records)
-    }
-
-    /// Removes a project's scoped token by ID (every one, with `None`); returns the removed.
-    pub fn remove_scoped_tokens(&self, project: &str, id: Option<&str>) -> Result<Vec<ScopedTokenRecord>, Error> {
-        let mut removed = Vec::new();
-        for entry in self.scoped_tokens.iter() {
-            let (key, bytes) = entry.map_err(db_error)?;
-            let record: ScopedTokenRecord = json_from_slice("scoped_tokens", &bytes)?;
-            if record.project == project && id.is_none_or(|id| id == record.id) {
-                self.scoped_tokens.remove(key).map_err(db_error)?;
-                removed.push(record);
-            }
-        }
-        Ok(removed)
     }
 
     /// Replaces the project token (its hash); [`Error::NoSuchProject`] if there is no project.
-    pub fn set_project_token(&self, project: &str, sha256_hex: &str) -> Result<(), Error> {
+    async fn set_project_token(&self, project: &str, sha256_hex: &str) -> Result<(), Error> {
         let updated = self
             .projects
             .fetch_and_update(project.as_bytes(), |old| {
@@ -354,8 +325,8 @@ impl Database {
 
     /// Forgets what a flush leaves of a project: the record itself, its scoped tokens and its
     /// counters (its manifests, ledger and keys went with the flush).
-    pub fn remove_project(&self, project: &str) -> Result<(), Error> {
-        self.remove_scoped_tokens(project, None)?;
+    async fn remove_project(&self, project: &str) -> Result<(), Error> {
+        self.remove_scoped_tokens(project, None).await?;
         for entry in self.counters.scan_prefix(project_prefix(project)) {
             let (key, _) = entry.map_err(db_error)?;
             self.counters.remove(key).map_err(db_error)?;
@@ -365,8 +336,47 @@ impl Database {
         Ok(())
     }
 
+    async fn insert_minted_key(&self, access_key_id: &str, record: &MintedKeyRecord) -> Result<(), Error> {
+        self.minted_keys.insert(access_key_id.as_bytes(), json_to_vec(record)).map_err(db_error)?;
+        Ok(())
+    }
+
+    async fn minted_key(&self, access_key_id: &str) -> Result<Option<MintedKeyRecord>, Error> {
+        match self.minted_keys.get(access_key_id.as_bytes()).map_err(db_error)? {
+            Some(bytes) => Ok(Some(json_from_slice("minted_keys", &bytes)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Notes which scoped token a key was issued to (see [`MintedKeyRecord::token_id`]).
+    async fn tag_minted_key(&self, access_key_id: &str, token_id: &str) -> Result<(), Error> {
+        self.minted_keys
+            .fetch_and_update(access_key_id.as_bytes(), |old| {
+                let mut record: MintedKeyRecord = serde_json::from_slice(old?).ok()?;
+                record.token_id = token_id.to_owned();
+                Some(json_to_vec(&record))
+            })
+            .map_err(db_error)?;
+        Ok(())
+    }
+
+    /// Forgets every key of `project` issued to `token_id` (empty: the project token), so the
+    /// embedded endpoint admits none of them and nobody renews them; returns them.
+    async fn revoke_keys(&self, project: &str, token_id: &str) -> Result<Vec<MintedKeyRecord>, Error> {
+        let mut revoked = Vec::new();
+        for entry in self.minted_keys.iter() {
+            let (access_key_id, bytes) = entry.map_err(db_error)?;
+            let record: MintedKeyRecord = json_from_slice("minted_keys", &bytes)?;
+            if record.project == project && record.token_id == token_id {
+                self.minted_keys.remove(access_key_id).map_err(db_error)?;
+                revoked.push(record);
+            }
+        }
+        Ok(revoked)
+    }
+
     /// Forgets keys that expired before `now_unix`; returns how many.
-    pub fn remove_expired_keys(&self, now_unix: i64) -> Result<usize, Error> {
+    async fn remove_expired_keys(&self, now_unix: i64) -> Result<usize, Error> {
         let mut n_removed = 0;
         for entry in self.minted_keys.iter() {
             let (access_key_id, bytes) = entry.map_err(db_error)?;
@@ -379,8 +389,65 @@ impl Database {
         Ok(n_removed)
     }
 
+    /// Projects whose post-flush sweep is due at `now_unix` ([`ledger::sweeps_due`]).
+    async fn sweeps_due(&self, now_unix: i64) -> Result<Vec<(String, i64)>, Error> {
+        Ok(ledger::sweeps_due(self.scan_projects()?, now_unix))
+    }
+
+    /// Marks a project's sweep done ([`ledger::sweep_done`]).
+    async fn sweep_done(&self, project: &str, due_unix: i64) -> Result<(), Error> {
+        self.projects
+            .fetch_and_update(project.as_bytes(), |old| {
+                let record: ProjectRecord = serde_json::from_slice(old?).ok()?;
+                Some(json_to_vec(&ledger::sweep_done(&record, due_unix).unwrap_or(record)))
+            })
+            .map_err(db_error)?;
+        Ok(())
+    }
+
+    async fn insert_scoped_token(&self, sha256_hex: &str, record: &ScopedTokenRecord) -> Result<(), Error> {
+        self.scoped_tokens.insert(sha256_hex.as_bytes(), json_to_vec(record)).map_err(db_error)?;
+        Ok(())
+    }
+
+    /// The scoped token whose SHA-256 is `sha256_hex`, if one is recorded.
+    async fn scoped_token(&self, sha256_hex: &str) -> Result<Option<ScopedTokenRecord>, Error> {
+        match self.scoped_tokens.get(sha256_hex.as_bytes()).map_err(db_error)? {
+            Some(bytes) => Ok(Some(json_from_slice("scoped_tokens", &bytes)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// A project's scoped tokens, by creation time.
+    async fn scoped_tokens(&self, project: &str) -> Result<Vec<ScopedTokenRecord>, Error> {
+        let mut records = Vec::new();
+        for entry in self.scoped_tokens.iter() {
+            let (_, bytes) = entry.map_err(db_error)?;
+            let record: ScopedTokenRecord = json_from_slice("scoped_tokens", &bytes)?;
+            if record.project == project {
+                records.push(record);
+            }
+        }
+        records.sort_by(|a, b| (a.created_unix, &a.id).cmp(&(b.created_unix, &b.id)));
+        Ok(records)
+    }
+
+    /// Removes a project's scoped token by ID (every one, with `None`); returns the removed.
+    async fn remove_scoped_tokens(&self, project: &str, id: Option<&str>) -> Result<Vec<ScopedTokenRecord>, Error> {
+        let mut removed = Vec::new();
+        for entry in self.scoped_tokens.iter() {
+            let (key, bytes) = entry.map_err(db_error)?;
+            let record: ScopedTokenRecord = json_from_slice("scoped_tokens", &bytes)?;
+            if record.project == project && id.is_none_or(|id| id == record.id) {
+                self.scoped_tokens.remove(key).map_err(db_error)?;
+                removed.push(record);
+            }
+        }
+        Ok(removed)
+    }
+
     /// The manifest of one cache key, if any.
-    pub fn manifest(&self, project: &str, service: &str, branch: &str) -> Result<Option<proto::v1::Manifest>, Error> {
+    async fn manifest(&self, project: &str, service: &str, branch: &str) -> Result<Option<pb::Manifest>, Error> {
         match self.manifests.get(composite_key(&[project, service, branch])).map_err(db_error)? {
             Some(bytes) => proto::v1::Manifest::decode(bytes.as_ref())
                 .map(Some)
@@ -390,117 +457,19 @@ impl Database {
     }
 
     /// Every manifest of a project, sorted by service and branch.
-    pub fn manifests(&self, project: &str) -> Result<Vec<proto::v1::Manifest>, Error> {
-        self.manifests
-            .scan_prefix(project_prefix(project))
-            .map(|entry| {
-                let (_, bytes) = entry.map_err(db_error)?;
-                proto::v1::Manifest::decode(bytes.as_ref()).map_err(|error| Error::corrupt("manifests", error))
-            })
-            .collect()
+    async fn manifests(&self, project: &str) -> Result<Vec<pb::Manifest>, Error> {
+        self.scan_manifests(project)
     }
 
-    /// A project's totals: what its ledger records, and how many manifests it has.
-    pub fn totals(&self, project: &str) -> Result<ProjectTotals, Error> {
-        match self.totals.get(project.as_bytes()).map_err(db_error)? {
-            Some(bytes) => json_from_slice("totals", &bytes),
-            None => Ok(ProjectTotals::default()),
-        }
-    }
-
-    /// Counters per service, for one project or (with `None`) every project.
-    pub fn service_counters(&self, project: Option<&str>) -> Result<Vec<(String, String, ServiceCounters)>, Error> {
-        let entries = match project {
-            Some(project) => self.counters.scan_prefix(project_prefix(project)),
-            None => self.counters.iter(),
-        };
-        entries
-            .map(|entry| {
-                let (key, bytes) = entry.map_err(db_error)?;
-                let key = String::from_utf8_lossy(&key).into_owned();
-                let (project, service) = key.split_once('\0').unwrap_or((key.as_str(), ""));
-                Ok((project.to_owned(), service.to_owned(), json_from_slice("counters", &bytes)?))
-            })
-            .collect()
-    }
-
-    /// Removes every manifest, ledger entry and storage key of a project and bumps its
-    /// generation, in one transaction-free pass that is safe to repeat: the generation is
-    /// bumped first, so a save begun before the flush cannot commit after it.
-    pub fn flush_project(&self, project: &str) -> Result<FlushedRecords, Error> {
-        let updated = self
-            .projects
-            .fetch_and_update(project.as_bytes(), |old| {
-                let mut record: ProjectRecord = serde_json::from_slice(old?).ok()?;
-                record.generation += 1;
-                Some(json_to_vec(&record))
-            })
-            .map_err(db_error)?;
-        if updated.is_none() {
-            return Err(Error::NoSuchProject(project.to_owned()));
-        }
-        let generation = self.project(project)?.map_or(0, |record| record.generation);
-        let mut manifests_removed = 0;
-        for entry in self.manifests.scan_prefix(project_prefix(project)) {
-            let (key, _) = entry.map_err(db_error)?;
-            self.manifests.remove(key).map_err(db_error)?;
-            manifests_removed += 1;
-        }
-        for entry in self.blobs.scan_prefix(project_prefix(project)) {
-            let (key, _) = entry.map_err(db_error)?;
-            self.blobs.remove(key).map_err(db_error)?;
-        }
-        self.totals.insert(project.as_bytes(), json_to_vec(&ProjectTotals::default())).map_err(db_error)?;
-        // The project's storage keys die with its generation: a save begun before the flush
-        // can write nothing after it (the embedded endpoint admits only recorded keys, and
-        // nobody renews an unrecorded one). Where a key outlives its record (an STS session),
-        // the store is swept once it has expired.
-        let mut revoked = Vec::new();
-        for entry in self.minted_keys.iter() {
-            let (access_key_id, bytes) = entry.map_err(db_error)?;
-            let record: MintedKeyRecord = json_from_slice("minted_keys", &bytes)?;
-            if record.project == project {
-                self.minted_keys.remove(access_key_id).map_err(db_error)?;
-                revoked.push(record);
-            }
-        }
-        let sweep_after_unix = latest_expiry(&revoked);
-        if sweep_after_unix > 0 {
-            self.projects
-                .fetch_and_update(project.as_bytes(), |old| {
-                    let mut record: ProjectRecord = serde_json::from_slice(old?).ok()?;
-                    record.sweep_after_unix = record.sweep_after_unix.max(sweep_after_unix);
-                    Some(json_to_vec(&record))
-                })
-                .map_err(db_error)?;
-        }
-        Ok(FlushedRecords { manifests_removed, generation })
-    }
-}
-
-/// A transaction's result, its abort's error or its storage's.
-fn transacted<T>(result: Result<T, TransactionError<Error>>) -> Result<T, Error> {
-    match result {
-        Ok(value) => Ok(value),
-        Err(TransactionError::Abort(error)) => Err(error),
-        Err(TransactionError::Storage(error)) => Err(db_error(error)),
-    }
-}
-
-impl Database {
-    /// The ledger's records of those of `digests` the project's store holds.
-    pub fn stored_blobs<'a>(
-        &self,
-        project: &str,
-        digests: impl IntoIterator<Item = &'a String>,
-    ) -> Result<std::collections::HashMap<String, BlobRecord>, Error> {
-        let mut records = std::collections::HashMap::new();
-        for digest in digests {
-            if let Some(bytes) = self.blobs.get(composite_key(&[project, digest])).map_err(db_error)? {
-                records.insert(digest.clone(), json_from_slice("blobs", &bytes)?);
-            }
-        }
-        Ok(records)
+    /// Records that a manifest was used now ([`ledger::touched`]), unless another writer replaced it meanwhile.
+    async fn touch_manifest(&self, project: &str, manifest: &pb::Manifest, now_unix: i64) -> Result<(), Error> {
+        let key = manifest.key.clone().unwrap_or_default();
+        let manifest_key = composite_key(&[project, &key.service, &key.branch]);
+        let old = manifest.encode_to_vec();
+        let touched = ledger::touched(manifest, now_unix).encode_to_vec();
+        // A lost race means a newer manifest is there: its own times are right.
+        let _ = self.manifests.compare_and_swap(manifest_key, Some(old), Some(touched)).map_err(db_error)?;
+        Ok(())
     }
 
     /// Makes `manifest` the manifest of its key, atomically with the ledger: the blobs it names
@@ -508,12 +477,12 @@ impl Database {
     /// manifest it replaces lose one. A key's manifest made by a save begun later than this one
     /// stays ([`Committed::KeptNewer`]). Refused with [`Error::SaveConflict`] when the project's
     /// generation is no longer `generation` (a flush happened since the save began).
-    pub fn commit_manifest(
+    async fn commit_manifest(
         &self,
         project: &str,
-        manifest: &proto::v1::Manifest,
+        manifest: &pb::Manifest,
         generation: u64,
-        new_blobs: &std::collections::HashMap<String, BlobRecord>,
+        new_blobs: &HashMap<String, BlobRecord>,
         now_unix: i64,
     ) -> Result<Committed, Error> {
         let key = manifest.key.clone().unwrap_or_default();
@@ -547,12 +516,7 @@ impl Database {
             if change.put_manifest.is_some() {
                 manifests.insert(manifest_key.as_slice(), encoded.as_slice())?;
             }
-            let totals_change = TotalsChange {
-                blobs: change.blobs_delta,
-                stored_bytes: change.stored_bytes_delta,
-                manifests: change.manifests_delta,
-            };
-            totals_change.apply(totals, project)?;
+            TotalsChange::of(&change).apply(totals, project)?;
             Ok(committed)
         });
         transacted(result)
@@ -560,10 +524,10 @@ impl Database {
 
     /// Evicts one cache: its manifest goes and its blobs lose that reference, in one
     /// transaction. Returns the blobs left unreferenced, or `None` when there was no manifest.
-    pub fn remove_manifest(
+    async fn remove_manifest(
         &self,
         project: &str,
-        key: &proto::v1::CacheKey,
+        key: &pb::CacheKey,
         now_unix: i64,
     ) -> Result<Option<Vec<String>>, Error> {
         let manifest_key = composite_key(&[project, &key.service, &key.branch]);
@@ -585,33 +549,127 @@ impl Database {
             for (digest, blob) in &change.put_blobs {
                 blobs.insert(composite_key(&[project, digest]), json_to_vec(blob))?;
             }
-            TotalsChange { manifests: change.manifests_delta, ..Default::default() }.apply(totals, project)?;
+            TotalsChange::of(&change).apply(totals, project)?;
             Ok(Some(unreferenced))
         });
         transacted(result)
     }
 
-    /// Sets a project's byte quota (0: none).
-    pub fn set_quota(&self, project: &str, quota_bytes: u64) -> Result<ProjectRecord, Error> {
-        let updated = self
-            .projects
-            .update_and_fetch(project.as_bytes(), |old| {
-                let mut record: ProjectRecord = serde_json::from_slice(old?).ok()?;
-                record.quota_bytes = quota_bytes;
-                Some(json_to_vec(&record))
+    /// A project's totals: what its ledger records, and how many manifests it has.
+    async fn totals(&self, project: &str) -> Result<ProjectTotals, Error> {
+        match self.totals.get(project.as_bytes()).map_err(db_error)? {
+            Some(bytes) => json_from_slice("totals", &bytes),
+            None => Ok(ProjectTotals::default()),
+        }
+    }
+
+    /// Counters per service, for one project or (with `None`) every project.
+    async fn service_counters(&self, project: Option<&str>) -> Result<Vec<(String, String, ServiceCounters)>, Error> {
+        let entries = match project {
+            Some(project) => self.counters.scan_prefix(project_prefix(project)),
+            None => self.counters.iter(),
+        };
+        entries
+            .map(|entry| {
+                let (key, bytes) = entry.map_err(db_error)?;
+                let key = String::from_utf8_lossy(&key).into_owned();
+                let (project, service) = key.split_once('\0').unwrap_or((key.as_str(), ""));
+                Ok((project.to_owned(), service.to_owned(), json_from_slice("counters", &bytes)?))
+            })
+            .collect()
+    }
+
+    /// Adds `change` to the counters of one service.
+    async fn add_to_counters(&self, project: &str, service: &str, change: &ServiceCounters) -> Result<(), Error> {
+        let key = composite_key(&[project, service]);
+        self.counters
+            .fetch_and_update(key, |old| {
+                let mut counters: ServiceCounters =
+                    old.and_then(|bytes| serde_json::from_slice(bytes).ok()).unwrap_or_default();
+                counters.add(change);
+                Some(json_to_vec(&counters))
             })
             .map_err(db_error)?;
-        match updated {
-            Some(bytes) => json_from_slice("projects", &bytes),
-            None => Err(Error::NoSuchProject(project.to_owned())),
+        Ok(())
+    }
+
+    /// Flushes a project ([`ledger::flush`]): what it removes is scanned first (sled's
+    /// transactions cannot scan; the caller holds the project's exclusive publish lock, so no
+    /// commit interleaves), then the change set is applied in one transaction.
+    async fn flush_project(&self, project: &str) -> Result<FlushedRecords, Error> {
+        let prefix = project_prefix(project);
+        let mut manifests = Vec::new();
+        for key in self.manifests.scan_prefix(&prefix).keys() {
+            let key = key.map_err(db_error)?;
+            let key = String::from_utf8_lossy(&key[prefix.len()..]).into_owned();
+            let (service, branch) = key.split_once('\0').unwrap_or((key.as_str(), ""));
+            manifests.push(pb::CacheKey { service: service.to_owned(), branch: branch.to_owned() });
         }
+        let blobs: Vec<String> = self.scan_ledger_digests(project)?.into_iter().collect();
+        let mut keys = Vec::new();
+        for entry in self.minted_keys.iter() {
+            let (access_key_id, bytes) = entry.map_err(db_error)?;
+            let record: MintedKeyRecord = json_from_slice("minted_keys", &bytes)?;
+            if record.project == project {
+                keys.push((String::from_utf8_lossy(&access_key_id).into_owned(), record));
+            }
+        }
+        let trees = (&self.projects, &self.manifests, &self.blobs, &self.totals, &self.minted_keys);
+        let result = trees.transaction(|(projects, manifests_tree, blobs_tree, totals, minted_keys)| {
+            let abort = |error: Error| ConflictableTransactionError::Abort(error);
+            let record: ProjectRecord = match projects.get(project.as_bytes())? {
+                Some(bytes) => json_from_slice("projects", &bytes).map_err(abort)?,
+                None => return Err(abort(Error::NoSuchProject(project.to_owned()))),
+            };
+            let view = ledger::FlushView {
+                project: &record,
+                manifests: manifests.clone(),
+                blobs: blobs.clone(),
+                keys: keys.clone(),
+            };
+            let (flushed, change) = ledger::flush(view);
+            if let Some(record) = &change.put_project {
+                projects.insert(project.as_bytes(), json_to_vec(record))?;
+            }
+            for key in &change.remove_manifests {
+                manifests_tree.remove(composite_key(&[project, &key.service, &key.branch]))?;
+            }
+            for digest in &change.remove_blobs {
+                blobs_tree.remove(composite_key(&[project, digest]))?;
+            }
+            for access_key_id in &change.remove_keys {
+                minted_keys.remove(access_key_id.as_bytes())?;
+            }
+            if change.reset_totals {
+                totals.insert(project.as_bytes(), json_to_vec(&ProjectTotals::default()))?;
+            }
+            TotalsChange::of(&change).apply(totals, project)?;
+            Ok(flushed)
+        });
+        transacted(result)
+    }
+
+    /// The ledger's records of those of `digests` the project's store holds.
+    async fn stored_blobs(&self, project: &str, digests: &[String]) -> Result<HashMap<String, BlobRecord>, Error> {
+        let mut records = std::collections::HashMap::new();
+        for digest in digests {
+            if let Some(bytes) = self.blobs.get(composite_key(&[project, digest])).map_err(db_error)? {
+                records.insert(digest.clone(), json_from_slice("blobs", &bytes)?);
+            }
+        }
+        Ok(records)
+    }
+
+    /// Every digest the project's ledger records (referenced or not).
+    async fn ledger_digests(&self, project: &str) -> Result<HashSet<String>, Error> {
+        self.scan_ledger_digests(project)
     }
 
     /// Forgets a blob the store lost or holds corrupted: every manifest of the project naming it
     /// goes (its other blobs lose that reference), then the blob's record, so the next save
     /// uploads it again and no manifest names it meanwhile. Returns the manifests removed. The
     /// caller holds the project's publish lock, so no commit interleaves.
-    pub fn drop_blob(&self, project: &str, digest: &str, now_unix: i64) -> Result<u64, Error> {
+    async fn drop_blob(&self, project: &str, digest: &str, now_unix: i64) -> Result<u64, Error> {
         let mut naming = Vec::new();
         for entry in self.manifests.scan_prefix(project_prefix(project)) {
             let (_, bytes) = entry.map_err(db_error)?;
@@ -641,259 +699,51 @@ impl Database {
             for named in &change.remove_blobs {
                 blobs.remove(composite_key(&[project, named]))?;
             }
-            let totals_change = TotalsChange {
-                blobs: change.blobs_delta,
-                stored_bytes: change.stored_bytes_delta,
-                manifests: change.manifests_delta,
-            };
-            totals_change.apply(totals, project)?;
+            TotalsChange::of(&change).apply(totals, project)?;
             Ok(naming.len() as u64)
         });
         transacted(result)
     }
 
-    /// The project's blobs no manifest names, with their records; those recorded before garbage
-    /// collection existed get their grace started now.
-    pub fn unreferenced_blobs(&self, project: &str, now_unix: i64) -> Result<Vec<(String, BlobRecord)>, Error> {
+    /// The project's blobs no manifest names, with their records ([`ledger::unreferenced`]);
+    /// the grace of those that have none yet starts in one batch.
+    async fn unreferenced_blobs(&self, project: &str, now_unix: i64) -> Result<Vec<(String, BlobRecord)>, Error> {
         let prefix = project_prefix(project);
-        let mut unreferenced = Vec::new();
+        let mut records = Vec::new();
         for entry in self.blobs.scan_prefix(&prefix) {
             let (key, bytes) = entry.map_err(db_error)?;
-            let mut record: BlobRecord = json_from_slice("blobs", &bytes)?;
-            if record.references > 0 {
-                continue;
-            }
-            if record.unreferenced_since_unix == 0 {
-                record.unreferenced_since_unix = now_unix;
-                self.blobs.insert(&key, json_to_vec(&record)).map_err(db_error)?;
-            }
-            unreferenced.push((String::from_utf8_lossy(&key[prefix.len()..]).into_owned(), record));
+            let record: BlobRecord = json_from_slice("blobs", &bytes)?;
+            records.push((String::from_utf8_lossy(&key[prefix.len()..]).into_owned(), record));
         }
+        let (unreferenced, change) = ledger::unreferenced(records, now_unix);
+        let mut batch = sled::Batch::default();
+        for (digest, blob) in &change.put_blobs {
+            batch.insert(composite_key(&[project, digest]), json_to_vec(blob));
+        }
+        self.blobs.apply_batch(batch).map_err(db_error)?;
         Ok(unreferenced)
     }
 
-    /// Forgets the blobs of `digests` that still have no reference, in one transaction; returns
-    /// those forgotten. The caller deletes their objects after, holding the publish lock, so a
-    /// commit that names one again finds it unknown and checks the store.
-    pub fn forget_unreferenced(&self, project: &str, digests: &[String]) -> Result<Vec<(String, BlobRecord)>, Error> {
+    /// Forgets the blobs of `digests` that still have no reference ([`ledger::forget_unreferenced`]),
+    /// in one transaction; returns those forgotten.
+    async fn forget_unreferenced(&self, project: &str, digests: &[String]) -> Result<Vec<(String, BlobRecord)>, Error> {
         let result = (&self.blobs, &self.totals).transaction(|(blobs, totals)| {
-            let abort = |error: Error| ConflictableTransactionError::Abort(error);
-            let mut change = TotalsChange::default();
-            let mut forgotten = Vec::new();
+            let mut known = HashMap::new();
             for digest in digests {
-                let blob_key = composite_key(&[project, digest]);
-                if let Some(bytes) = blobs.get(blob_key.as_slice())? {
-                    let record: BlobRecord = json_from_slice("blobs", &bytes).map_err(abort)?;
-                    if record.references == 0 {
-                        blobs.remove(blob_key)?;
-                        change.blob(-1, &record);
-                        forgotten.push((digest.clone(), record));
-                    }
+                if let Some(bytes) = blobs.get(composite_key(&[project, digest]))? {
+                    let record =
+                        json_from_slice::<BlobRecord>("blobs", &bytes).map_err(ConflictableTransactionError::Abort)?;
+                    known.insert(digest.clone(), record);
                 }
             }
-            change.apply(totals, project)?;
+            let (forgotten, change) = ledger::forget_unreferenced(&known, digests);
+            for digest in &change.remove_blobs {
+                blobs.remove(composite_key(&[project, digest]))?;
+            }
+            TotalsChange::of(&change).apply(totals, project)?;
             Ok(forgotten)
         });
         transacted(result)
-    }
-
-    /// Records that a manifest was used now, unless another writer replaced it meanwhile.
-    pub fn touch_manifest(&self, project: &str, manifest: &proto::v1::Manifest, now_unix: i64) -> Result<(), Error> {
-        let key = manifest.key.clone().unwrap_or_default();
-        let manifest_key = composite_key(&[project, &key.service, &key.branch]);
-        let old = manifest.encode_to_vec();
-        let touched = proto::v1::Manifest { last_used_unix: now_unix, ..manifest.clone() }.encode_to_vec();
-        // A lost race means a newer manifest is there: its own times are right.
-        let _ = self.manifests.compare_and_swap(manifest_key, Some(old), Some(touched)).map_err(db_error)?;
-        Ok(())
-    }
-
-    /// Adds `change` to the counters of one service.
-    pub fn add_to_counters(&self, project: &str, service: &str, change: &ServiceCounters) -> Result<(), Error> {
-        let key = composite_key(&[project, service]);
-        self.counters
-            .fetch_and_update(key, |old| {
-                let mut counters: ServiceCounters =
-                    old.and_then(|bytes| serde_json::from_slice(bytes).ok()).unwrap_or_default();
-                counters.add(change);
-                Some(json_to_vec(&counters))
-            })
-            .map_err(db_error)?;
-        Ok(())
-    }
-}
-
-#[async_trait::async_trait]
-impl super::Ephemeral for Database {
-    async fn update_open_saves(
-        &self,
-        project: Option<&str>,
-        change: &mut (dyn for<'a> FnMut(&'a mut super::OpenSaves) + Send),
-    ) -> Result<(), Error> {
-        self.ephemeral.update_open_saves(project, change).await
-    }
-
-    async fn read_open_saves(
-        &self,
-        project: &str,
-        read: &mut (dyn for<'a> FnMut(&'a super::OpenSaves) + Send),
-    ) -> Result<(), Error> {
-        self.ephemeral.read_open_saves(project, read).await
-    }
-
-    async fn update_leases(&self, change: &mut (dyn for<'a> FnMut(&'a mut super::Leases) + Send)) -> Result<(), Error> {
-        self.ephemeral.update_leases(change).await
-    }
-
-    async fn read_leases(&self, read: &mut (dyn for<'a> FnMut(&'a super::Leases) + Send)) -> Result<(), Error> {
-        self.ephemeral.read_leases(read).await
-    }
-}
-
-#[async_trait::async_trait]
-impl State for Database {
-    async fn durable(&self) -> Result<(), Error> {
-        Database::durable(self).await
-    }
-
-    async fn key_durable(&self, access: KeyAccess) -> Result<(), Error> {
-        Database::key_durable(self, access).await
-    }
-
-    async fn create_project(&self, record: &ProjectRecord) -> Result<(), Error> {
-        Database::create_project(self, record)
-    }
-
-    async fn project(&self, name: &str) -> Result<Option<ProjectRecord>, Error> {
-        Database::project(self, name)
-    }
-
-    async fn projects(&self) -> Result<Vec<ProjectRecord>, Error> {
-        Database::projects(self)
-    }
-
-    async fn set_quota(&self, project: &str, quota_bytes: u64) -> Result<ProjectRecord, Error> {
-        Database::set_quota(self, project, quota_bytes)
-    }
-
-    async fn set_project_token(&self, project: &str, sha256_hex: &str) -> Result<(), Error> {
-        Database::set_project_token(self, project, sha256_hex)
-    }
-
-    async fn remove_project(&self, project: &str) -> Result<(), Error> {
-        Database::remove_project(self, project)
-    }
-
-    async fn insert_minted_key(&self, access_key_id: &str, record: &MintedKeyRecord) -> Result<(), Error> {
-        Database::insert_minted_key(self, access_key_id, record)
-    }
-
-    async fn minted_key(&self, access_key_id: &str) -> Result<Option<MintedKeyRecord>, Error> {
-        Database::minted_key(self, access_key_id)
-    }
-
-    async fn tag_minted_key(&self, access_key_id: &str, token_id: &str) -> Result<(), Error> {
-        Database::tag_minted_key(self, access_key_id, token_id)
-    }
-
-    async fn revoke_keys(&self, project: &str, token_id: &str) -> Result<Vec<MintedKeyRecord>, Error> {
-        Database::revoke_keys(self, project, token_id)
-    }
-
-    async fn remove_expired_keys(&self, now_unix: i64) -> Result<usize, Error> {
-        Database::remove_expired_keys(self, now_unix)
-    }
-
-    async fn sweeps_due(&self, now_unix: i64) -> Result<Vec<(String, i64)>, Error> {
-        Database::sweeps_due(self, now_unix)
-    }
-
-    async fn sweep_done(&self, project: &str, due_unix: i64) -> Result<(), Error> {
-        Database::sweep_done(self, project, due_unix)
-    }
-
-    async fn insert_scoped_token(&self, sha256_hex: &str, record: &ScopedTokenRecord) -> Result<(), Error> {
-        Database::insert_scoped_token(self, sha256_hex, record)
-    }
-
-    async fn scoped_token(&self, sha256_hex: &str) -> Result<Option<ScopedTokenRecord>, Error> {
-        Database::scoped_token(self, sha256_hex)
-    }
-
-    async fn scoped_tokens(&self, project: &str) -> Result<Vec<ScopedTokenRecord>, Error> {
-        Database::scoped_tokens(self, project)
-    }
-
-    async fn remove_scoped_tokens(&self, project: &str, id: Option<&str>) -> Result<Vec<ScopedTokenRecord>, Error> {
-        Database::remove_scoped_tokens(self, project, id)
-    }
-
-    async fn manifest(&self, project: &str, service: &str, branch: &str) -> Result<Option<pb::Manifest>, Error> {
-        Database::manifest(self, project, service, branch)
-    }
-
-    async fn manifests(&self, project: &str) -> Result<Vec<pb::Manifest>, Error> {
-        Database::manifests(self, project)
-    }
-
-    async fn touch_manifest(&self, project: &str, manifest: &pb::Manifest, now_unix: i64) -> Result<(), Error> {
-        Database::touch_manifest(self, project, manifest, now_unix)
-    }
-
-    async fn commit_manifest(
-        &self,
-        project: &str,
-        manifest: &pb::Manifest,
-        generation: u64,
-        new_blobs: &HashMap<String, BlobRecord>,
-        now_unix: i64,
-    ) -> Result<Committed, Error> {
-        Database::commit_manifest(self, project, manifest, generation, new_blobs, now_unix)
-    }
-
-    async fn remove_manifest(
-        &self,
-        project: &str,
-        key: &pb::CacheKey,
-        now_unix: i64,
-    ) -> Result<Option<Vec<String>>, Error> {
-        Database::remove_manifest(self, project, key, now_unix)
-    }
-
-    async fn totals(&self, project: &str) -> Result<ProjectTotals, Error> {
-        Database::totals(self, project)
-    }
-
-    async fn service_counters(&self, project: Option<&str>) -> Result<Vec<(String, String, ServiceCounters)>, Error> {
-        Database::service_counters(self, project)
-    }
-
-    async fn add_to_counters(&self, project: &str, service: &str, change: &ServiceCounters) -> Result<(), Error> {
-        Database::add_to_counters(self, project, service, change)
-    }
-
-    async fn flush_project(&self, project: &str) -> Result<FlushedRecords, Error> {
-        Database::flush_project(self, project)
-    }
-
-    async fn stored_blobs(&self, project: &str, digests: &[String]) -> Result<HashMap<String, BlobRecord>, Error> {
-        Database::stored_blobs(self, project, digests)
-    }
-
-    async fn ledger_digests(&self, project: &str) -> Result<HashSet<String>, Error> {
-        Database::ledger_digests(self, project)
-    }
-
-    async fn drop_blob(&self, project: &str, digest: &str, now_unix: i64) -> Result<u64, Error> {
-        Database::drop_blob(self, project, digest, now_unix)
-    }
-
-    async fn unreferenced_blobs(&self, project: &str, now_unix: i64) -> Result<Vec<(String, BlobRecord)>, Error> {
-        Database::unreferenced_blobs(self, project, now_unix)
-    }
-
-    async fn forget_unreferenced(&self, project: &str, digests: &[String]) -> Result<Vec<(String, BlobRecord)>, Error> {
-        Database::forget_unreferenced(self, project, digests)
     }
 }
 
@@ -926,46 +776,48 @@ mod tests {
         }
     }
 
-    #[test]
-    fn projects_are_unique_and_survive_reopening() {
+    #[tokio::test]
+    async fn projects_are_unique_and_survive_reopening() {
         let dir = tempfile::tempdir().unwrap();
         {
             let db = Database::open(dir.path()).unwrap();
-            db.create_project(&project("web")).unwrap();
-            assert!(matches!(db.create_project(&project("web")), Err(Error::ProjectExists(name)) if name == "web"));
+            db.create_project(&project("web")).await.unwrap();
+            assert!(
+                matches!(db.create_project(&project("web")).await, Err(Error::ProjectExists(name)) if name == "web")
+            );
             db.db.flush().unwrap();
         }
         let db = reopen(dir.path());
-        assert_eq!(db.projects().unwrap(), vec![project("web")]);
+        assert_eq!(db.projects().await.unwrap(), vec![project("web")]);
     }
 
-    #[test]
-    fn a_second_open_of_the_same_directory_is_refused() {
+    #[tokio::test]
+    async fn a_second_open_of_the_same_directory_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let _first = Database::open(dir.path()).unwrap();
         assert!(matches!(Database::open(dir.path()), Err(Error::DataDirLocked(_))));
     }
 
-    #[test]
-    fn flush_removes_only_that_projects_records_and_bumps_the_generation() {
+    #[tokio::test]
+    async fn flush_removes_only_that_projects_records_and_bumps_the_generation() {
         let dir = tempfile::tempdir().unwrap();
         let db = Database::open(dir.path()).unwrap();
-        db.create_project(&project("a")).unwrap();
-        db.create_project(&project("ab")).unwrap();
+        db.create_project(&project("a")).await.unwrap();
+        db.create_project(&project("ab")).await.unwrap();
         let manifest = proto::v1::Manifest::default().encode_to_vec();
         let blob = json_to_vec(&BlobRecord { stored_size: 5, references: 1, ..Default::default() });
         for name in ["a", "ab"] {
             db.manifests.insert(composite_key(&[name, "web", ""]), manifest.clone()).unwrap();
             db.blobs.insert(composite_key(&[name, "sha256:00"]), blob.clone()).unwrap();
         }
-        assert_eq!(db.flush_project("a").unwrap(), FlushedRecords { manifests_removed: 1, generation: 1 });
-        assert_eq!(db.flush_project("a").unwrap(), FlushedRecords { manifests_removed: 0, generation: 2 });
-        assert_eq!(db.manifests("a").unwrap().len(), 0);
-        assert_eq!(db.manifests("ab").unwrap().len(), 1);
+        assert_eq!(db.flush_project("a").await.unwrap(), FlushedRecords { manifests_removed: 1, generation: 1 });
+        assert_eq!(db.flush_project("a").await.unwrap(), FlushedRecords { manifests_removed: 0, generation: 2 });
+        assert_eq!(db.manifests("a").await.unwrap().len(), 0);
+        assert_eq!(db.manifests("ab").await.unwrap().len(), 1);
         // Written behind the totals' back here: counted the slow way.
-        assert_eq!((scanned_totals(&db, "ab").blobs, scanned_totals(&db, "ab").stored_bytes), (1, 5));
-        assert_eq!(db.totals("a").unwrap(), ProjectTotals::default());
-        assert!(matches!(db.flush_project("nope"), Err(Error::NoSuchProject(_))));
+        assert_eq!((scanned_totals(&db, "ab").await.blobs, scanned_totals(&db, "ab").await.stored_bytes), (1, 5));
+        assert_eq!(db.totals("a").await.unwrap(), ProjectTotals::default());
+        assert!(matches!(db.flush_project("nope").await, Err(Error::NoSuchProject(_))));
     }
 
     fn manifest_with(service: &str, digests: &[&str]) -> proto::v1::Manifest {
@@ -984,50 +836,53 @@ mod tests {
     }
 
     /// Project `a` with caches `web` (c1, l1, l2) and `api` (c2, l1), every blob of 1 byte.
-    fn web_and_api_sharing_l1() -> (tempfile::TempDir, Database, std::collections::HashMap<String, BlobRecord>) {
+    async fn web_and_api_sharing_l1() -> (tempfile::TempDir, Database, std::collections::HashMap<String, BlobRecord>) {
         let dir = tempfile::tempdir().unwrap();
         let db = Database::open(dir.path()).unwrap();
-        db.create_project(&project("a")).unwrap();
+        db.create_project(&project("a")).await.unwrap();
         let sizes: std::collections::HashMap<String, BlobRecord> = ["c1", "l1", "l2", "c2"]
             .iter()
             .map(|d| (d.to_string(), BlobRecord { stored_size: 1, size: 1, ..Default::default() }))
             .collect();
-        db.commit_manifest("a", &manifest_with("web", &["c1", "l1", "l2"]), 0, &sizes, 400).unwrap();
-        db.commit_manifest("a", &manifest_with("api", &["c2", "l1"]), 0, &sizes, 400).unwrap();
+        db.commit_manifest("a", &manifest_with("web", &["c1", "l1", "l2"]), 0, &sizes, 400).await.unwrap();
+        db.commit_manifest("a", &manifest_with("api", &["c2", "l1"]), 0, &sizes, 400).await.unwrap();
         (dir, db, sizes)
     }
 
-    #[test]
-    fn a_lost_blob_takes_the_manifests_naming_it_with_it() {
-        let (_dir, db, sizes) = web_and_api_sharing_l1();
-        db.commit_manifest("a", &manifest_with("ops", &["c2"]), 0, &sizes, 400).unwrap();
-        assert_eq!(db.drop_blob("a", "l1", 800).unwrap(), 2, "web and api named it");
-        let services: Vec<String> = db.manifests("a").unwrap().iter().map(|m| m.key.clone().unwrap().service).collect();
+    #[tokio::test]
+    async fn a_lost_blob_takes_the_manifests_naming_it_with_it() {
+        let (_dir, db, sizes) = web_and_api_sharing_l1().await;
+        db.commit_manifest("a", &manifest_with("ops", &["c2"]), 0, &sizes, 400).await.unwrap();
+        assert_eq!(db.drop_blob("a", "l1", 800).await.unwrap(), 2, "web and api named it");
+        let services: Vec<String> =
+            db.manifests("a").await.unwrap().iter().map(|m| m.key.clone().unwrap().service).collect();
         assert_eq!(services, ["ops"]);
-        let known = db.stored_blobs("a", &["c1", "l1", "l2", "c2"].map(String::from)).unwrap();
+        let known = db.stored_blobs("a", &["c1", "l1", "l2", "c2"].map(String::from)).await.unwrap();
         assert!(!known.contains_key("l1"), "the lost blob is forgotten, so a save uploads it again");
         assert_eq!((known["c1"].references, known["l2"].references, known["c2"].references), (0, 0, 1));
     }
 
-    #[test]
-    fn an_evicted_cache_leaves_only_the_blobs_no_other_names_unreferenced() {
-        let (_dir, db, _) = web_and_api_sharing_l1();
+    #[tokio::test]
+    async fn an_evicted_cache_leaves_only_the_blobs_no_other_names_unreferenced() {
+        let (_dir, db, _) = web_and_api_sharing_l1().await;
         let web = proto::v1::CacheKey { service: "web".into(), branch: String::new() };
-        let mut left = db.remove_manifest("a", &web, 800).unwrap().expect("web had a manifest");
+        let mut left = db.remove_manifest("a", &web, 800).await.unwrap().expect("web had a manifest");
         left.sort();
         assert_eq!(left, ["c1", "l2"], "l1 is still api's");
-        assert_eq!(db.remove_manifest("a", &web, 800).unwrap(), None, "evicting twice is a no-op");
-        assert!(db.manifest("a", "web", "").unwrap().is_none());
-        let unreferenced: Vec<String> = db.unreferenced_blobs("a", 1).unwrap().into_iter().map(|(d, _)| d).collect();
+        assert_eq!(db.remove_manifest("a", &web, 800).await.unwrap(), None, "evicting twice is a no-op");
+        assert!(db.manifest("a", "web", "").await.unwrap().is_none());
+        let unreferenced: Vec<String> =
+            db.unreferenced_blobs("a", 1).await.unwrap().into_iter().map(|(d, _)| d).collect();
         assert_eq!(unreferenced, ["c1", "l2"]);
-        assert_eq!(db.set_quota("a", 10 << 20).unwrap().quota_bytes, 10 << 20);
-        assert_eq!(db.project("a").unwrap().unwrap().quota_bytes, 10 << 20);
-        assert!(matches!(db.set_quota("b", 1), Err(Error::NoSuchProject(_))));
+        assert_eq!(db.set_quota("a", 10 << 20).await.unwrap().quota_bytes, 10 << 20);
+        assert_eq!(db.project("a").await.unwrap().unwrap().quota_bytes, 10 << 20);
+        assert!(matches!(db.set_quota("b", 1).await, Err(Error::NoSuchProject(_))));
     }
 
     /// A project's totals counted the slow way, to check the kept ones against.
-    fn scanned_totals(db: &Database, project: &str) -> ProjectTotals {
-        let mut totals = ProjectTotals { manifests: db.manifests(project).unwrap().len() as u64, ..Default::default() };
+    async fn scanned_totals(db: &Database, project: &str) -> ProjectTotals {
+        let mut totals =
+            ProjectTotals { manifests: db.manifests(project).await.unwrap().len() as u64, ..Default::default() };
         for entry in db.blobs.scan_prefix(project_prefix(project)) {
             let record: BlobRecord = json_from_slice("blobs", &entry.unwrap().1).unwrap();
             totals.blobs += 1;
@@ -1036,77 +891,81 @@ mod tests {
         totals
     }
 
-    #[test]
-    fn kept_totals_match_a_count_after_every_kind_of_write() {
+    /// Checks both projects' kept totals against a count, after `step`.
+    async fn check(db: &Database, step: &str) {
+        for project in ["a", "b"] {
+            assert_eq!(db.totals(project).await.unwrap(), scanned_totals(db, project).await, "{project} after {step}");
+        }
+    }
+
+    #[tokio::test]
+    async fn kept_totals_match_a_count_after_every_kind_of_write() {
         let dir = tempfile::tempdir().unwrap();
         let db = Database::open(dir.path()).unwrap();
-        db.create_project(&project("a")).unwrap();
-        db.create_project(&project("b")).unwrap();
+        db.create_project(&project("a")).await.unwrap();
+        db.create_project(&project("b")).await.unwrap();
         let sizes: std::collections::HashMap<String, BlobRecord> = [("c1", 1), ("l1", 10), ("l2", 20), ("c2", 2)]
             .iter()
             .map(|(d, s)| (d.to_string(), BlobRecord { stored_size: *s, size: *s, ..Default::default() }))
             .collect();
-        let check = |step: &str| {
-            for project in ["a", "b"] {
-                assert_eq!(db.totals(project).unwrap(), scanned_totals(&db, project), "{project} after {step}");
-            }
-        };
-        check("creation");
-        db.commit_manifest("a", &manifest_with("web", &["c1", "l1", "l2"]), 0, &sizes, 400).unwrap();
-        db.commit_manifest("a", &manifest_with("api", &["c2", "l1"]), 0, &sizes, 400).unwrap();
-        db.commit_manifest("b", &manifest_with("web", &["c1"]), 0, &sizes, 400).unwrap();
-        check("commits");
-        db.commit_manifest("a", &manifest_with("web", &["c2", "l1"]), 0, &sizes, 400).unwrap();
-        check("a replacing commit");
-        let forgotten = db.forget_unreferenced("a", &["c1".into(), "l2".into(), "l1".into()]).unwrap();
+        check(&db, "creation").await;
+        db.commit_manifest("a", &manifest_with("web", &["c1", "l1", "l2"]), 0, &sizes, 400).await.unwrap();
+        db.commit_manifest("a", &manifest_with("api", &["c2", "l1"]), 0, &sizes, 400).await.unwrap();
+        db.commit_manifest("b", &manifest_with("web", &["c1"]), 0, &sizes, 400).await.unwrap();
+        check(&db, "commits").await;
+        db.commit_manifest("a", &manifest_with("web", &["c2", "l1"]), 0, &sizes, 400).await.unwrap();
+        check(&db, "a replacing commit").await;
+        let forgotten = db.forget_unreferenced("a", &["c1".into(), "l2".into(), "l1".into()]).await.unwrap();
         assert_eq!(forgotten.len(), 2, "l1 is named");
-        check("forgetting");
-        db.remove_manifest("a", &proto::v1::CacheKey { service: "api".into(), branch: String::new() }, 800).unwrap();
-        check("an eviction");
-        db.drop_blob("a", "l1", 800).unwrap();
-        check("a lost blob");
-        db.flush_project("a").unwrap();
-        check("a flush");
-        assert_eq!(db.totals("b").unwrap(), ProjectTotals { blobs: 1, stored_bytes: 1, manifests: 1 });
+        check(&db, "forgetting").await;
+        db.remove_manifest("a", &proto::v1::CacheKey { service: "api".into(), branch: String::new() }, 800)
+            .await
+            .unwrap();
+        check(&db, "an eviction").await;
+        db.drop_blob("a", "l1", 800).await.unwrap();
+        check(&db, "a lost blob").await;
+        db.flush_project("a").await.unwrap();
+        check(&db, "a flush").await;
+        assert_eq!(db.totals("b").await.unwrap(), ProjectTotals { blobs: 1, stored_bytes: 1, manifests: 1 });
         // A data directory from before totals were kept gets them counted once at open.
         db.totals.clear().unwrap();
         drop(db);
         let db = reopen(dir.path());
-        assert_eq!(db.totals("b").unwrap(), ProjectTotals { blobs: 1, stored_bytes: 1, manifests: 1 });
+        assert_eq!(db.totals("b").await.unwrap(), ProjectTotals { blobs: 1, stored_bytes: 1, manifests: 1 });
     }
 
-    #[test]
-    fn commits_count_references_and_refuse_after_a_flush() {
+    #[tokio::test]
+    async fn commits_count_references_and_refuse_after_a_flush() {
         let dir = tempfile::tempdir().unwrap();
         let db = Database::open(dir.path()).unwrap();
-        db.create_project(&project("a")).unwrap();
+        db.create_project(&project("a")).await.unwrap();
         let sizes: std::collections::HashMap<String, BlobRecord> = [("c1", 1), ("l1", 10), ("l2", 20), ("c2", 2)]
             .iter()
             .map(|(d, s)| (d.to_string(), BlobRecord { stored_size: *s, size: *s, ..Default::default() }))
             .collect();
-        db.commit_manifest("a", &manifest_with("web", &["c1", "l1", "l2"]), 0, &sizes, 400).unwrap();
-        db.commit_manifest("a", &manifest_with("api", &["c2", "l1"]), 0, &sizes, 400).unwrap();
+        db.commit_manifest("a", &manifest_with("web", &["c1", "l1", "l2"]), 0, &sizes, 400).await.unwrap();
+        db.commit_manifest("a", &manifest_with("api", &["c2", "l1"]), 0, &sizes, 400).await.unwrap();
         let references = |digest: &str| {
             let bytes = db.blobs.get(composite_key(&["a", digest])).unwrap().unwrap();
             json_from_slice::<BlobRecord>("blobs", &bytes).unwrap().references
         };
         assert_eq!(references("l1"), 2);
-        assert_eq!(db.totals("a").unwrap(), ProjectTotals { blobs: 4, stored_bytes: 33, manifests: 2 });
+        assert_eq!(db.totals("a").await.unwrap(), ProjectTotals { blobs: 4, stored_bytes: 33, manifests: 2 });
         // Replacing web's manifest drops its old blobs' references, keeps the shared one.
-        db.commit_manifest("a", &manifest_with("web", &["c2", "l1"]), 0, &sizes, 400).unwrap();
+        db.commit_manifest("a", &manifest_with("web", &["c2", "l1"]), 0, &sizes, 400).await.unwrap();
         assert_eq!((references("c1"), references("l2"), references("l1"), references("c2")), (0, 0, 2, 2));
-        assert_eq!(db.stored_blobs("a", &["l2".to_string(), "zz".to_string()]).unwrap().len(), 1);
-        db.flush_project("a").unwrap();
-        let stale = db.commit_manifest("a", &manifest_with("web", &["c1"]), 0, &sizes, 400);
+        assert_eq!(db.stored_blobs("a", &["l2".to_string(), "zz".to_string()]).await.unwrap().len(), 1);
+        db.flush_project("a").await.unwrap();
+        let stale = db.commit_manifest("a", &manifest_with("web", &["c1"]), 0, &sizes, 400).await;
         assert!(matches!(stale, Err(Error::SaveConflict(_))), "{stale:?}");
-        assert!(db.manifests("a").unwrap().is_empty());
+        assert!(db.manifests("a").await.unwrap().is_empty());
     }
 
-    #[test]
-    fn a_manifest_never_goes_back_in_time() {
+    #[tokio::test]
+    async fn a_manifest_never_goes_back_in_time() {
         let dir = tempfile::tempdir().unwrap();
         let db = Database::open(dir.path()).unwrap();
-        db.create_project(&project("a")).unwrap();
+        db.create_project(&project("a")).await.unwrap();
         let sizes: std::collections::HashMap<String, BlobRecord> = [("c1", 1), ("c2", 2), ("c3", 3)]
             .iter()
             .map(|(d, s)| (d.to_string(), BlobRecord { stored_size: *s, size: *s, ..Default::default() }))
@@ -1120,46 +979,46 @@ mod tests {
             ..manifest_with("web", &[digest])
         };
         assert_eq!(
-            db.commit_manifest("a", &began("c2", 200), 0, &sizes, 400).unwrap(),
+            db.commit_manifest("a", &began("c2", 200), 0, &sizes, 400).await.unwrap(),
             Committed::Stored { replaced: None }
         );
         // A save begun earlier that commits later keeps the newer manifest; its blob is
         // recorded without a reference.
-        let kept = db.commit_manifest("a", &began("c1", 100), 0, &sizes, 400).unwrap();
+        let kept = db.commit_manifest("a", &began("c1", 100), 0, &sizes, 400).await.unwrap();
         assert_eq!(kept, Committed::KeptNewer(began("c2", 200)));
-        assert_eq!(db.manifest("a", "web", "").unwrap(), Some(began("c2", 200)));
-        assert_eq!(db.stored_blobs("a", &["c1".to_string()]).unwrap()["c1"].references, 0);
+        assert_eq!(db.manifest("a", "web", "").await.unwrap(), Some(began("c2", 200)));
+        assert_eq!(db.stored_blobs("a", &["c1".to_string()]).await.unwrap()["c1"].references, 0);
         let Committed::Stored { replaced: Some(replaced) } =
-            db.commit_manifest("a", &began("c3", 300), 0, &sizes, 400).unwrap()
+            db.commit_manifest("a", &began("c3", 300), 0, &sizes, 400).await.unwrap()
         else {
             panic!("a later save replaces the manifest");
         };
         assert_eq!(replaced.save_id, "save-200");
-        assert_eq!(db.stored_blobs("a", &["c2".to_string()]).unwrap()["c2"].references, 0);
+        assert_eq!(db.stored_blobs("a", &["c2".to_string()]).await.unwrap()["c2"].references, 0);
     }
 
-    #[test]
-    fn flush_revokes_the_projects_storage_keys() {
+    #[tokio::test]
+    async fn flush_revokes_the_projects_storage_keys() {
         let dir = tempfile::tempdir().unwrap();
         let db = Database::open(dir.path()).unwrap();
-        db.create_project(&project("a")).unwrap();
+        db.create_project(&project("a")).await.unwrap();
         let record = |project: &str| MintedKeyRecord {
             project: project.into(),
             access: KeyAccess::Write,
             expires_unix: 1,
             token_id: String::new(),
         };
-        db.insert_minted_key("KA", &record("a")).unwrap();
-        db.insert_minted_key("KA2", &MintedKeyRecord { expires_unix: 50, ..record("a") }).unwrap();
-        db.insert_minted_key("KB", &record("b")).unwrap();
-        db.flush_project("a").unwrap();
-        assert_eq!(db.minted_key("KA").unwrap(), None);
-        assert_eq!(db.minted_key("KB").unwrap(), Some(record("b")));
+        db.insert_minted_key("KA", &record("a")).await.unwrap();
+        db.insert_minted_key("KA2", &MintedKeyRecord { expires_unix: 50, ..record("a") }).await.unwrap();
+        db.insert_minted_key("KB", &record("b")).await.unwrap();
+        db.flush_project("a").await.unwrap();
+        assert_eq!(db.minted_key("KA").await.unwrap(), None);
+        assert_eq!(db.minted_key("KB").await.unwrap(), Some(record("b")));
         // The store is swept once the last revoked key has expired.
-        assert!(db.sweeps_due(49).unwrap().is_empty());
-        assert_eq!(db.sweeps_due(50).unwrap(), vec![("a".to_string(), 50)]);
-        db.sweep_done("a", 50).unwrap();
-        assert!(db.sweeps_due(1000).unwrap().is_empty());
+        assert!(db.sweeps_due(49).await.unwrap().is_empty());
+        assert_eq!(db.sweeps_due(50).await.unwrap(), vec![("a".to_string(), 50)]);
+        db.sweep_done("a", 50).await.unwrap();
+        assert!(db.sweeps_due(1000).await.unwrap().is_empty());
     }
 
     #[tokio::test]
@@ -1168,7 +1027,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         if let Some(path) = std::env::var_os("LAYER_CACHE_DURABILITY_CHILD") {
             let db = Database::open(std::path::Path::new(&path)).unwrap();
-            db.create_project(&project("web")).unwrap();
+            db.create_project(&project("web")).await.unwrap();
             db.durable().await.unwrap();
             println!("durable");
             std::process::abort();
@@ -1181,11 +1040,11 @@ mod tests {
         assert!(String::from_utf8_lossy(&output.stdout).contains("durable"), "{output:?}");
         assert!(!output.status.success(), "the child dies without a clean shutdown");
         let db = Database::open(dir.path()).unwrap();
-        assert_eq!(db.projects().unwrap(), vec![project("web")]);
+        assert_eq!(db.projects().await.unwrap(), vec![project("web")]);
     }
 
-    #[test]
-    fn expired_keys_are_forgotten() {
+    #[tokio::test]
+    async fn expired_keys_are_forgotten() {
         let dir = tempfile::tempdir().unwrap();
         let db = Database::open(dir.path()).unwrap();
         let record = |expires_unix| MintedKeyRecord {
@@ -1194,10 +1053,10 @@ mod tests {
             expires_unix,
             token_id: String::new(),
         };
-        db.insert_minted_key("OLD", &record(10)).unwrap();
-        db.insert_minted_key("NEW", &record(30)).unwrap();
-        assert_eq!(db.remove_expired_keys(20).unwrap(), 1);
-        assert_eq!(db.minted_key("OLD").unwrap(), None);
-        assert_eq!(db.minted_key("NEW").unwrap(), Some(record(30)));
+        db.insert_minted_key("OLD", &record(10)).await.unwrap();
+        db.insert_minted_key("NEW", &record(30)).await.unwrap();
+        assert_eq!(db.remove_expired_keys(20).await.unwrap(), 1);
+        assert_eq!(db.minted_key("OLD").await.unwrap(), None);
+        assert_eq!(db.minted_key("NEW").await.unwrap(), Some(record(30)));
     }
 }
