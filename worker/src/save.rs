@@ -58,8 +58,8 @@ impl SaveCleanup {
         self.0.lock().expect("cleanup lock").spool = Some(path.to_owned());
     }
 
-    fn set_save(&self, client: &crate::coordinator::Client, save_id: &str) {
-        self.0.lock().expect("cleanup lock").save = Some((client.clone(), save_id.to_owned()));
+    fn set_save(&self, coordinator: &Coordinator, save_id: &str) {
+        self.0.lock().expect("cleanup lock").save = Some((coordinator.client.clone(), save_id.to_owned()));
     }
 
     /// Aborts the unfinished uploads, so the store keeps none of their parts and no object
@@ -181,10 +181,8 @@ async fn image_facts_for(
     if unknown.is_empty() {
         return Ok(facts);
     }
-    let request = pb::GetCredentialsRequest { access: pb::Access::Read as i32, ..Default::default() };
-    let credentials =
-        coordinator.client.get_credentials(request).await.map_err(|s| coordinator.failed(s))?.into_inner();
-    let store = BlobStore::new(&credentials.credentials.unwrap_or_default(), plan, None, coordinator.stall_timeout);
+    let credentials = coordinator.read_credentials().await?;
+    let store = BlobStore::new(&credentials, plan, None, coordinator.stall_timeout);
     for image in unknown {
         let mut body = std::pin::pin!(store.download(&image.id).await?);
         let mut config = Vec::new();
@@ -387,7 +385,7 @@ async fn save_once(
     if begun.unchanged {
         return upload_commit_report(coordinator, job, source, None, request, begun, export).await;
     }
-    job.cleanup.set_save(&coordinator.client, &begun.save_id);
+    job.cleanup.set_save(coordinator, &begun.save_id);
     let interval = Duration::from_secs(begun.keep_alive_seconds.max(1).into());
     let first_share = begun.plan.as_ref().map_or(1, |plan| plan.max_concurrency);
     let lease = coordinator.lease_save(&begun.save_id, interval, first_share);
@@ -656,20 +654,6 @@ async fn upload_oci(
     uploaded
 }
 
-/// The store a save uploads to, following the save's share of the transfer budget.
-async fn upload_store(
-    coordinator: &Coordinator,
-    lease: Option<&SaveLease>,
-    credentials: &pb::Credentials,
-    plan: &pb::TransferPlan,
-) -> BlobStore {
-    let store = BlobStore::new(credentials, plan, Some(coordinator.client.clone()), coordinator.stall_timeout);
-    if let Some(lease) = lease {
-        store.follow(lease.shares()).await;
-    }
-    store
-}
-
 /// The graph driver's blobs, read from `docker save` of the whole chain: the blobs the project
 /// lacks are uploaded as the export streams past.
 async fn upload_from_export(
@@ -872,6 +856,20 @@ async fn commit(
     };
     print_commit_outcome(service, &committed);
     Ok(Ok(committed.stored))
+}
+
+/// The store a save uploads to, following the save's share of the transfer budget.
+async fn upload_store(
+    coordinator: &Coordinator,
+    lease: Option<&SaveLease>,
+    credentials: &pb::Credentials,
+    plan: &pb::TransferPlan,
+) -> BlobStore {
+    let store = BlobStore::new(credentials, plan, Some(coordinator.client.clone()), coordinator.stall_timeout);
+    if let Some(lease) = lease {
+        store.follow(lease.shares()).await;
+    }
+    store
 }
 
 /// Reports what moved to the coordinator's metrics and prints the summary line.
