@@ -138,6 +138,13 @@ impl Coordinator {
         Ok(CommitOutcome::BeginAgain(again))
     }
 
+    /// Read credentials for the project's store, asked for now.
+    pub async fn read_credentials(&mut self) -> Result<proto::v1::Credentials, ClientError> {
+        let request = proto::v1::GetCredentialsRequest { access: proto::v1::Access::Read as i32, ..Default::default() };
+        let answer = self.client.get_credentials(request).await.map_err(|status| self.failed(status))?;
+        Ok(answer.into_inner().credentials.unwrap_or_default())
+    }
+
     /// Turns a failed call into the worker's error.
     pub fn failed(&self, status: tonic::Status) -> ClientError {
         ClientError::from_status_with_deadline(&self.url, &status, self.stall_timeout)

@@ -1,8 +1,5 @@
-//! Where a save reads the blobs it uploads: straight from the engine's own stores when this
-//! worker can read them (the graph driver's layers, `layer_store.rs`; the containerd image
-//! store's content store, read by `oci.rs`), so a save reads only the blobs the project lacks
-//! and never waits for `docker save`. Otherwise (a remote engine, another driver, a data root
-//! this worker cannot see or read) the save reads the engine's export, and says why once.
+//! The blobs a save reads from files or memory (the engine's stores read in place, see
+//! `save_source.rs`; an OCI export's spool; the build's cache folder) and uploads.
 //!
 //! Whatever is read here is checked against its digest as it streams to the upload, which
 //! fails before the store keeps a blob that does not match.
@@ -11,55 +8,12 @@ use std::io::Read;
 use std::path::PathBuf;
 use std::time::Instant;
 
-use crate::docker::Storage;
 use crate::error::WorkerError;
 use crate::export::{STREAM_PIECES, SendError, send_checked};
 use crate::layer_store::LayerStore;
 use crate::progress::{Bar, Progress, short_digest};
 use crate::transfer::BlobStore;
 use crate::upload::{Moved, upload_bounded};
-
-/// The engine's stores, as this worker reads them.
-#[derive(Debug, Clone)]
-pub enum Stores {
-    /// The graph driver's layer and image stores.
-    Layers(LayerStore),
-    /// The containerd image store's content store: `<hex>` blob files.
-    Content(PathBuf),
-}
-
-/// Where containerd keeps blobs: the engine's own containerd under its data root, else the
-/// system's (an engine started with `--containerd`).
-fn content_store_dirs(storage: &Storage) -> [PathBuf; 2] {
-    [
-        storage.data_root.join("containerd/daemon/io.containerd.content.v1.content/blobs/sha256"),
-        PathBuf::from("/var/lib/containerd/io.containerd.content.v1.content/blobs/sha256"),
-    ]
-}
-
-impl Stores {
-    /// The engine's stores if this worker can read them; otherwise why not, for the log. On
-    /// the containerd image store, the content store is the one that holds the image `probe`.
-    pub fn open(storage: &Storage, probe: &str) -> Result<Stores, String> {
-        if !storage.is_local() {
-            return Err(format!("the engine at {} is not on this host", storage.host));
-        }
-        if storage.data_root.as_os_str().is_empty() {
-            return Err("the engine did not say where its data root is".into());
-        }
-        if !storage.containerd_store {
-            return LayerStore::open(&storage.data_root, &storage.driver).map(Stores::Layers);
-        }
-        let dirs = content_store_dirs(storage);
-        let hex = probe.trim_start_matches("sha256:");
-        if proto::names::validate_digest(probe).is_ok()
-            && let Some(dir) = dirs.iter().find(|dir| dir.join(hex).is_file())
-        {
-            return Ok(Stores::Content(dir.clone()));
-        }
-        Err(format!("this worker cannot read the engine's content store ({})", dirs[0].display()))
-    }
-}
 
 /// What a blob is read from, opened on a blocking thread when its upload starts.
 pub type Open = Box<dyn FnOnce() -> std::io::Result<(u64, Box<dyn Read + Send>)> + Send>;
@@ -157,39 +111,5 @@ pub fn from_layer_store(store: &LayerStore, chain_id: &str, diff_id: &str) -> Di
             let layer = store.layer(&chain_id, &expected)?;
             Ok((layer.size, Box::new(layer.reader) as Box<dyn Read + Send>))
         }),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn storage(data_root: &std::path::Path, containerd_store: bool, host: &str) -> Storage {
-        Storage { driver: "overlay2".into(), data_root: data_root.to_owned(), containerd_store, host: host.into() }
-    }
-
-    #[test]
-    fn a_remote_engine_or_an_unreadable_store_is_read_through_its_export_with_the_reason() {
-        let root = tempfile::tempdir().unwrap();
-        let remote = Stores::open(&storage(root.path(), false, "tcp://10.0.0.5:2376"), "").unwrap_err();
-        assert_eq!(remote, "the engine at tcp://10.0.0.5:2376 is not on this host");
-        let empty = Stores::open(&storage(root.path(), false, "unix:///run/docker.sock"), "").unwrap_err();
-        assert!(empty.starts_with("this worker cannot read the engine's data root"), "{empty}");
-        let probe = format!("sha256:{}", "a".repeat(64));
-        let no_content = Stores::open(&storage(root.path(), true, "unix:///run/docker.sock"), &probe).unwrap_err();
-        assert!(no_content.starts_with("this worker cannot read the engine's content store"), "{no_content}");
-    }
-
-    #[test]
-    fn the_content_store_is_the_one_holding_the_image() {
-        let root = tempfile::tempdir().unwrap();
-        let blobs = root.path().join("containerd/daemon/io.containerd.content.v1.content/blobs/sha256");
-        std::fs::create_dir_all(&blobs).unwrap();
-        let probe = format!("sha256:{}", "a".repeat(64));
-        let at = storage(root.path(), true, "unix:///run/docker.sock");
-        assert!(Stores::open(&at, &probe).is_err(), "an empty store is not the engine's");
-        std::fs::write(blobs.join("a".repeat(64)), "{}").unwrap();
-        assert!(matches!(Stores::open(&at, &probe), Ok(Stores::Content(dir)) if dir == blobs));
-        assert!(Stores::open(&at, "sha256:../../etc").is_err(), "a bad digest names no file");
     }
 }

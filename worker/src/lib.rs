@@ -14,6 +14,7 @@ pub mod oci;
 pub mod progress;
 pub mod restore;
 pub mod save;
+pub mod save_source;
 pub mod steps;
 pub mod transfer;
 pub mod upload;

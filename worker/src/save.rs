@@ -13,14 +13,15 @@ use tokio::sync::mpsc;
 
 use crate::build_dirs::{BuildDirs, stages_to_save};
 use crate::coordinator::{CommitOutcome, Coordinator, SaveCoordinator, SaveLease};
-use crate::direct::{self, DirectBlob, Stores};
+use crate::direct::{self, DirectBlob};
 use crate::docker::{Engine, EngineImage};
 use crate::error::WorkerError;
 use crate::export::{SpooledBlob, blocking_reader, plain, read_export, spool_dir};
 use crate::image_config::{ImageFacts, builder_name, image_facts};
 use crate::layer_store::{LayerStore, chain_ids};
-use crate::oci::{BlobSource, Descriptor, OciBlobs};
+use crate::oci::{self, Descriptor, OciBlobs};
 use crate::progress::{Bar, Progress, rate, short_digest};
+use crate::save_source::BlobSource;
 use crate::steps::ImageSteps;
 use crate::transfer::BlobStore;
 use crate::upload::{Moved, upload_bounded};
@@ -57,8 +58,8 @@ impl SaveCleanup {
         self.0.lock().expect("cleanup lock").spool = Some(path.to_owned());
     }
 
-    fn set_save(&self, client: &crate::coordinator::Client, save_id: &str) {
-        self.0.lock().expect("cleanup lock").save = Some((client.clone(), save_id.to_owned()));
+    fn set_save(&self, coordinator: &Coordinator, save_id: &str) {
+        self.0.lock().expect("cleanup lock").save = Some((coordinator.client.clone(), save_id.to_owned()));
     }
 
     /// Aborts the unfinished uploads, so the store keeps none of their parts and no object
@@ -180,10 +181,8 @@ async fn image_facts_for(
     if unknown.is_empty() {
         return Ok(facts);
     }
-    let request = pb::GetCredentialsRequest { access: pb::Access::Read as i32, ..Default::default() };
-    let credentials =
-        coordinator.client.get_credentials(request).await.map_err(|s| coordinator.failed(s))?.into_inner();
-    let store = BlobStore::new(&credentials.credentials.unwrap_or_default(), plan, None, coordinator.stall_timeout);
+    let credentials = coordinator.read_credentials().await?;
+    let store = BlobStore::new(&credentials, plan, None, coordinator.stall_timeout);
     for image in unknown {
         let mut body = std::pin::pin!(store.download(&image.id).await?);
         let mut config = Vec::new();
@@ -251,23 +250,19 @@ fn host_name() -> String {
         .unwrap_or_default()
 }
 
-/// What every attempt of one save works from.
-#[derive(Clone, Copy)]
-struct SaveWork<'a> {
+/// One save: what every attempt works from, whatever its blob source.
+struct SaveJob<'a> {
     engine: &'a Engine,
     options: &'a SaveOptions,
     cleanup: &'a SaveCleanup,
-    chain: &'a [EngineImage],
+    /// The images the save names, their parents and (classic builder) their other stages.
+    chain: Vec<EngineImage>,
     started: Instant,
-    /// The engine keeps images in the containerd image store: they are saved as OCI blobs.
-    oci: bool,
     /// BuildKit's `mode=max` cache export the build wrote into `--build-cache-dir`, as an image
     /// of the save and the blobs it reads from.
-    build_cache: Option<&'a (pb::Image, OciBlobs)>,
-    /// The engine's own stores, when this worker reads them; else the save reads its export.
-    stores: Option<&'a Stores>,
+    build_cache: Option<(pb::Image, OciBlobs)>,
     /// The build steps of the images the save names (those the engine could tell).
-    steps: &'a [ImageSteps],
+    steps: Vec<ImageSteps>,
 }
 
 /// The blobs of the containerd image store's images: a `docker save` read into its spool
@@ -275,6 +270,13 @@ struct SaveWork<'a> {
 struct OciExport {
     blobs: OciBlobs,
     _spool: Option<tempfile::TempDir>,
+}
+
+/// What an attempt's uploads came to: the images described with every blob's size, and the
+/// blobs this save moved.
+struct Uploaded {
+    images: Vec<pb::Image>,
+    moved: Vec<Moved>,
 }
 
 /// How one attempt at a save ended.
@@ -286,115 +288,108 @@ enum Attempt {
     Again(String),
 }
 
+/// Saves the images `options` names: the job is prepared and its blob source chosen once, then
+/// attempted (begin → upload → commit → report) until it is done.
 pub async fn save(
     coordinator: &mut Coordinator,
     engine: &Engine,
     options: &SaveOptions,
     cleanup: &SaveCleanup,
 ) -> Result<SaveSummary, WorkerError> {
-    names::validate_service_name(&options.service)?;
-    names::validate_branch_name(&options.branch)?;
-    if options.images.is_empty() {
-        return Err(WorkerError::Invalid("name at least one image to save".into()));
-    }
-    let started = Instant::now();
-    let storage = engine.storage().await?;
-    let oci = storage.containerd_store;
-    let dirs = BuildDirs::new(&options.build_cache_dir, &options.service);
-    let mut references = options.images.clone();
-    if !oci {
-        // The classic builder's other stages: nobody names their images.
-        let leaves = engine.stage_leaves(&options.images).await?;
-        references.extend(stages_to_save(&leaves, &dirs.read_record()));
-    }
-    let chain = engine.image_chain(&references).await?;
-    for image in &chain {
-        for tag in &image.repo_tags {
-            names::validate_repo_tag(tag)?;
+    let (job, source) = SaveJob::prepare(engine, options, cleanup).await?;
+    attempt_until_done(&options.service, source, async |source| save_once(coordinator, &job, source).await).await
+}
+
+/// The one retry layer: an attempt told to begin again is made once more, and a read in place
+/// that failed its check is made again from the engine's export (nothing it read was kept).
+async fn attempt_until_done(
+    service: &str,
+    mut source: BlobSource,
+    mut attempt: impl AsyncFnMut(&BlobSource) -> Result<Attempt, WorkerError>,
+) -> Result<SaveSummary, WorkerError> {
+    let mut began_again = false;
+    loop {
+        match attempt(&source).await {
+            Ok(Attempt::Done(summary)) => return Ok(summary),
+            Ok(Attempt::Again(reason)) if !began_again => {
+                eprintln!("cache-worker: {reason}: saving {service} again");
+                began_again = true;
+            }
+            Ok(Attempt::Again(reason)) => return Err(WorkerError::Save(format!("{reason}, twice"))),
+            Err(WorkerError::Direct(reason)) if source.reads_in_place() => {
+                eprintln!("cache-worker: {reason}: saving {service} through docker save instead");
+                source = source.export();
+                began_again = false;
+            }
+            Err(error) => return Err(error),
         }
-    }
-    let build_cache = match oci.then(|| read_build_cache(&dirs.export())).transpose() {
-        Ok(cache) => cache.flatten(),
-        Err(error) => {
-            // The images are still worth saving; the next job's build exports its cache again.
-            eprintln!(
-                "cache-worker: warning: the build's cache export in {} cannot be read, the images are saved without it: {error}",
-                dirs.export().display()
-            );
-            None
-        }
-    };
-    let steps = named_steps(engine, &options.images, &chain).await;
-    let probe = chain.first().map(|image| image.id.as_str()).unwrap_or_default();
-    let stores = match Stores::open(&storage, probe) {
-        Ok(stores) => Some(stores),
-        Err(why) => {
-            eprintln!("cache-worker: reading the images through docker save: {why}");
-            None
-        }
-    };
-    let work = SaveWork {
-        engine,
-        options,
-        cleanup,
-        chain: &chain,
-        started,
-        oci,
-        build_cache: build_cache.as_ref(),
-        stores: stores.as_ref(),
-        steps: &steps,
-    };
-    match save_with(coordinator, work).await {
-        // Nothing that failed its check was kept: the export serves instead.
-        Err(WorkerError::Direct(reason)) if work.stores.is_some() => {
-            eprintln!("cache-worker: {reason}: saving {} through docker save instead", options.service);
-            save_with(coordinator, SaveWork { stores: None, ..work }).await
-        }
-        result => result,
     }
 }
 
-/// A save, begun once more if the first attempt says so.
-async fn save_with(coordinator: &mut Coordinator, work: SaveWork<'_>) -> Result<SaveSummary, WorkerError> {
-    match save_once(coordinator, work).await? {
-        Attempt::Done(summary) => Ok(summary),
-        Attempt::Again(reason) => {
-            eprintln!("cache-worker: {reason}: saving {} again", work.options.service);
-            match save_once(coordinator, work).await? {
-                Attempt::Done(summary) => Ok(summary),
-                Attempt::Again(reason) => Err(WorkerError::Save(format!("{reason}, twice"))),
+impl<'a> SaveJob<'a> {
+    /// Checks the names, reads the chain, the build's cache export and steps from the engine,
+    /// and chooses where the blobs are read from.
+    async fn prepare(
+        engine: &'a Engine,
+        options: &'a SaveOptions,
+        cleanup: &'a SaveCleanup,
+    ) -> Result<(SaveJob<'a>, BlobSource), WorkerError> {
+        names::validate_service_name(&options.service)?;
+        names::validate_branch_name(&options.branch)?;
+        if options.images.is_empty() {
+            return Err(WorkerError::Invalid("name at least one image to save".into()));
+        }
+        let started = Instant::now();
+        let storage = engine.storage().await?;
+        let oci = storage.containerd_store;
+        let dirs = BuildDirs::new(&options.build_cache_dir, &options.service);
+        let mut references = options.images.clone();
+        if !oci {
+            // The classic builder's other stages: nobody names their images.
+            let leaves = engine.stage_leaves(&options.images).await?;
+            references.extend(stages_to_save(&leaves, &dirs.read_record()));
+        }
+        let chain = engine.image_chain(&references).await?;
+        for image in &chain {
+            for tag in &image.repo_tags {
+                names::validate_repo_tag(tag)?;
             }
         }
+        let build_cache = match oci.then(|| read_build_cache(&dirs.export())).transpose() {
+            Ok(cache) => cache.flatten(),
+            Err(error) => {
+                // The images are still worth saving; the next job's build exports its cache again.
+                eprintln!(
+                    "cache-worker: warning: the build's cache export in {} cannot be read, the images are saved without it: {error}",
+                    dirs.export().display()
+                );
+                None
+            }
+        };
+        let steps = named_steps(engine, &options.images, &chain).await;
+        let probe = chain.first().map(|image| image.id.as_str()).unwrap_or_default();
+        let source = BlobSource::choose(&storage, probe);
+        Ok((SaveJob { engine, options, cleanup, chain, started, build_cache, steps }, source))
     }
 }
 
-/// One attempt: begin, move the missing blobs, commit. A begun save that fails is given back
-/// to the coordinator, so its claims never hold up a retry.
-async fn save_once(coordinator: &mut Coordinator, work: SaveWork<'_>) -> Result<Attempt, WorkerError> {
-    let SaveWork { engine, options, cleanup, chain, .. } = work;
-    let key = pb::CacheKey { service: options.service.clone(), branch: options.branch.clone() };
-    let mut request = pb::BeginSaveRequest {
-        key: Some(key.clone()),
-        images: chain_request(chain),
-        engine_version: engine.version().await?,
-        host: host_name(),
-    };
-    let mut export = None;
-    if work.oci {
-        (request.images, export) = oci_images(coordinator, work, request.clone()).await?;
-    }
-    for steps in work.steps {
-        steps.attach(&mut request.images);
-    }
+/// One attempt: begin, upload the missing blobs, commit, report. A begun save that fails is
+/// given back to the coordinator, so its claims never hold up a retry.
+async fn save_once(
+    coordinator: &mut Coordinator,
+    job: &SaveJob<'_>,
+    source: &BlobSource,
+) -> Result<Attempt, WorkerError> {
+    let (request, export) = begin_request(coordinator, job, source).await?;
     let begun = coordinator.begin_save(request.clone()).await?;
     if begun.unchanged {
-        return save_begun(coordinator, work, None, request, begun, export).await;
+        return upload_commit_report(coordinator, job, source, None, request, begun, export).await;
     }
-    cleanup.set_save(&coordinator.client, &begun.save_id);
+    job.cleanup.set_save(coordinator, &begun.save_id);
     let interval = Duration::from_secs(begun.keep_alive_seconds.max(1).into());
     let first_share = begun.plan.as_ref().map_or(1, |plan| plan.max_concurrency);
     let lease = coordinator.lease_save(&begun.save_id, interval, first_share);
-    let result = save_begun(coordinator, work, Some(&lease), request, begun, export).await;
+    let result = upload_commit_report(coordinator, job, source, Some(&lease), request, begun, export).await;
     // The keep-alive stops before the save is given back.
     let save_id = lease.save_id.clone();
     drop(lease);
@@ -402,6 +397,70 @@ async fn save_once(coordinator: &mut Coordinator, work: SaveWork<'_>) -> Result<
         coordinator.abandon_save(&save_id).await;
     }
     result
+}
+
+/// What the save begins with: the chain's images, described as OCI blobs on the containerd
+/// image store (with the export that described them, kept for the uploads), and their steps.
+async fn begin_request(
+    coordinator: &mut Coordinator,
+    job: &SaveJob<'_>,
+    source: &BlobSource,
+) -> Result<(pb::BeginSaveRequest, Option<OciExport>), WorkerError> {
+    let key = pb::CacheKey { service: job.options.service.clone(), branch: job.options.branch.clone() };
+    let mut request = pb::BeginSaveRequest {
+        key: Some(key),
+        images: chain_request(&job.chain),
+        engine_version: job.engine.version().await?,
+        host: host_name(),
+    };
+    let mut export = None;
+    if source.oci() {
+        (request.images, export) = oci_images(coordinator, job, source, request.clone()).await?;
+    }
+    for steps in &job.steps {
+        steps.attach(&mut request.images);
+    }
+    Ok((request, export))
+}
+
+/// A begun save: the blobs the project lacks uploaded from the job's source, then the log, the
+/// commit and the report.
+async fn upload_commit_report(
+    coordinator: &mut Coordinator,
+    job: &SaveJob<'_>,
+    source: &BlobSource,
+    lease: Option<&SaveLease>,
+    request: pb::BeginSaveRequest,
+    begun: pb::BeginSaveResponse,
+    export: Option<OciExport>,
+) -> Result<Attempt, WorkerError> {
+    let images = request.images;
+    let uploaded = match source {
+        BlobSource::LayerStore(layers) => {
+            upload_from_layer_store(coordinator, job, lease, layers, images, &begun).await?
+        }
+        BlobSource::Export { oci: false } => upload_from_export(coordinator, job, lease, images, &begun).await?,
+        BlobSource::ContentStore(_) | BlobSource::Export { oci: true } => {
+            let moved = upload_oci(coordinator, job, lease, &begun, export).await?;
+            Uploaded { images, moved }
+        }
+    };
+    let in_flight: HashSet<String> = begun.in_flight_digests.iter().cloned().collect();
+    let uploaded_digests: HashSet<String> = uploaded.moved.iter().map(|(digest, _, _)| digest.clone()).collect();
+    let mut log = save_log(&uploaded.images, &uploaded_digests, &in_flight);
+    let (reuse_lines, steps_reused, steps_rebuilt) = step_reuse(job, &begun.previous_images).await;
+    log.extend(reuse_lines);
+    for line in &log {
+        println!("{line}");
+    }
+    warn_about_missing_inline_cache(&uploaded.images);
+    let service = &job.options.service;
+    let stored = match commit(coordinator, service, &uploaded.images, &begun, log, &in_flight).await? {
+        Ok(stored) => stored,
+        Err(again) => return Ok(again),
+    };
+    let steps = (steps_reused, steps_rebuilt);
+    Ok(Attempt::Done(report(coordinator, job, source.reads_in_place(), &uploaded, &begun, stored, steps).await))
 }
 
 /// A spool or upload failure on a full or read-only disk of the build host, said as such.
@@ -427,15 +486,16 @@ fn host_disk_error(error: WorkerError) -> WorkerError {
 /// uploads. BuildKit's cache export, when the build wrote one, comes last.
 async fn oci_images(
     coordinator: &mut Coordinator,
-    work: SaveWork<'_>,
+    job: &SaveJob<'_>,
+    source: &BlobSource,
     probe: pb::BeginSaveRequest,
 ) -> Result<(Vec<pb::Image>, Option<OciExport>), WorkerError> {
     let mut images = probe.images.clone();
-    for (image, engine_image) in images.iter_mut().zip(work.chain) {
+    for (image, engine_image) in images.iter_mut().zip(&job.chain) {
         image.layers.clear();
         image.oci_media_type = engine_image.media_type.clone();
     }
-    if let Some(Stores::Content(dir)) = work.stores {
+    if let BlobSource::ContentStore(dir) = source {
         // Reading the indexes and manifests in place costs less than asking which are known.
         let tops: Vec<Descriptor> = images
             .iter()
@@ -454,7 +514,7 @@ async fn oci_images(
         });
         let blobs =
             read.map_err(|error| WorkerError::Direct(format!("reading the engine's content store failed: {error}")))?;
-        if let Some((cache, _)) = work.build_cache {
+        if let Some((cache, _)) = &job.build_cache {
             images.push(cache.clone());
         }
         return Ok((images, Some(OciExport { blobs, _spool: None })));
@@ -472,7 +532,7 @@ async fn oci_images(
     let export = if images.iter().all(|image| known.contains_key(image.id.as_str())) {
         None
     } else {
-        Some(export_oci(work).await?)
+        Some(export_oci(job).await?)
     };
     for image in &mut images {
         if let Some(known) = known.get(image.id.as_str()) {
@@ -489,7 +549,7 @@ async fn oci_images(
         let blobs = &export.as_ref().expect("exported when an image is unknown").blobs;
         describe_oci_image(image, blobs)?;
     }
-    if let Some((cache, _)) = work.build_cache {
+    if let Some((cache, _)) = &job.build_cache {
         images.push(cache.clone());
     }
     Ok((images, export))
@@ -534,13 +594,13 @@ fn read_build_cache(dir: &std::path::Path) -> Result<Option<(pb::Image, OciBlobs
 }
 
 /// `docker save` of the chain from the containerd image store, every blob into a spool folder.
-async fn export_oci(work: SaveWork<'_>) -> Result<OciExport, WorkerError> {
+async fn export_oci(job: &SaveJob<'_>) -> Result<OciExport, WorkerError> {
     let spool = tempfile::Builder::new().prefix("cache-worker-").tempdir_in(spool_dir()).map_err(|error| {
         WorkerError::Host(format!("cannot create a spool folder in {}: {error}", spool_dir().display()))
     })?;
-    work.cleanup.set_spool(spool.path());
-    let references: Vec<String> = work.chain.iter().map(|image| image.id.clone()).collect();
-    let reader = blocking_reader(work.engine.export(&references));
+    job.cleanup.set_spool(spool.path());
+    let references: Vec<String> = job.chain.iter().map(|image| image.id.clone()).collect();
+    let reader = blocking_reader(job.engine.export(&references));
     let path = spool.path().to_owned();
     let blobs = tokio::task::spawn_blocking(move || OciBlobs::read_export(reader, &path))
         .await
@@ -553,7 +613,7 @@ async fn export_oci(work: SaveWork<'_>) -> Result<OciExport, WorkerError> {
 /// but a blob of theirs is not stored) or the build's cache folder.
 async fn upload_oci(
     coordinator: &mut Coordinator,
-    work: SaveWork<'_>,
+    job: &SaveJob<'_>,
     lease: Option<&SaveLease>,
     begun: &pb::BeginSaveResponse,
     export: Option<OciExport>,
@@ -563,25 +623,25 @@ async fn upload_oci(
     if missing.is_empty() {
         return Ok(Vec::new());
     }
-    let from_cache = |digest: &str| work.build_cache.and_then(|(_, blobs)| blobs.source(digest));
+    let from_cache = |digest: &str| job.build_cache.as_ref().and_then(|(_, blobs)| blobs.source(digest));
     let export = match export {
         Some(export) => Some(export),
         None if missing.iter().all(|digest| from_cache(digest).is_some()) => None,
-        None => Some(export_oci(work).await?),
+        None => Some(export_oci(job).await?),
     };
     let credentials =
         begun.credentials.clone().ok_or_else(|| WorkerError::Invalid("the coordinator sent no credentials".into()))?;
     let plan = begun.plan.clone().unwrap_or_default();
     let store = upload_store(coordinator, lease, &credentials, &plan).await;
-    work.cleanup.set_store(&store);
+    job.cleanup.set_store(&store);
     let mut blobs = Vec::new();
     for digest in missing {
         let source = export.as_ref().and_then(|export| export.blobs.source(digest)).or_else(|| from_cache(digest));
         // Every file is checked again as it streams: the content store's and the cache
         // folder's are read in place, unchecked until now.
         blobs.push(match source {
-            Some(BlobSource::Bytes(bytes)) => direct::from_bytes(digest, bytes),
-            Some(BlobSource::File(path, _)) => direct::from_file(digest, path),
+            Some(oci::BlobSource::Bytes(bytes)) => direct::from_bytes(digest, bytes),
+            Some(oci::BlobSource::File(path, _)) => direct::from_file(digest, path),
             None => {
                 return Err(WorkerError::Invalid(format!(
                     "blob {digest} is in neither the export nor the build cache"
@@ -594,49 +654,16 @@ async fn upload_oci(
     uploaded
 }
 
-/// The store a save uploads to, following the save's share of the transfer budget.
-async fn upload_store(
-    coordinator: &Coordinator,
-    lease: Option<&SaveLease>,
-    credentials: &pb::Credentials,
-    plan: &pb::TransferPlan,
-) -> BlobStore {
-    let store = BlobStore::new(credentials, plan, Some(coordinator.client.clone()), coordinator.stall_timeout);
-    if let Some(lease) = lease {
-        store.follow(lease.shares()).await;
-    }
-    store
-}
-
-async fn save_begun(
-    coordinator: &mut Coordinator,
-    work: SaveWork<'_>,
-    lease: Option<&SaveLease>,
-    request: pb::BeginSaveRequest,
-    begun: pb::BeginSaveResponse,
-    export: Option<OciExport>,
-) -> Result<Attempt, WorkerError> {
-    if work.oci {
-        let uploaded = upload_oci(coordinator, work, lease, &begun, export).await?;
-        let in_flight: HashSet<String> = begun.in_flight_digests.iter().cloned().collect();
-        return finish_save(coordinator, work, request.images, begun, uploaded, in_flight).await;
-    }
-    match work.stores {
-        Some(Stores::Layers(layers)) => save_from_layer_store(coordinator, work, lease, layers, request, begun).await,
-        _ => save_from_export(coordinator, work, lease, request, begun).await,
-    }
-}
-
-/// The graph driver's save, read from `docker save` of the whole chain: the blobs the project
+/// The graph driver's blobs, read from `docker save` of the whole chain: the blobs the project
 /// lacks are uploaded as the export streams past.
-async fn save_from_export(
+async fn upload_from_export(
     coordinator: &mut Coordinator,
-    work: SaveWork<'_>,
+    job: &SaveJob<'_>,
     lease: Option<&SaveLease>,
-    request: pb::BeginSaveRequest,
-    begun: pb::BeginSaveResponse,
-) -> Result<Attempt, WorkerError> {
-    let SaveWork { engine, cleanup, chain, .. } = work;
+    images: Vec<pb::Image>,
+    begun: &pb::BeginSaveResponse,
+) -> Result<Uploaded, WorkerError> {
+    let SaveJob { engine, cleanup, chain, .. } = job;
     let missing: HashSet<String> = begun.missing_digests.iter().cloned().collect();
     // Blobs another save of the project is uploading right now: read past, not uploaded.
     let in_flight: HashSet<String> = begun.in_flight_digests.iter().cloned().collect();
@@ -681,8 +708,8 @@ async fn save_from_export(
     }
 
     let facts = image_facts_for(coordinator, chain, &facts_from_export, &begun.known_images, &plan).await?;
-    let images = describe_chain(request.images, &blobs, &facts)?;
-    finish_save(coordinator, work, images, begun, uploaded, in_flight).await
+    let images = describe_chain(images, &blobs, &facts)?;
+    Ok(Uploaded { images, moved: uploaded })
 }
 
 /// The graph driver's images, their configs and layers, with sizes from what was read or what
@@ -708,24 +735,24 @@ fn describe_chain(
     Ok(images)
 }
 
-/// The graph driver's save, read from the engine's stores: every config of the chain (each
+/// The graph driver's blobs, read from the engine's stores: every config of the chain (each
 /// says how its image was built), and only the configs and layers the project lacks.
-async fn save_from_layer_store(
+async fn upload_from_layer_store(
     coordinator: &mut Coordinator,
-    work: SaveWork<'_>,
+    job: &SaveJob<'_>,
     lease: Option<&SaveLease>,
     layers: &LayerStore,
-    request: pb::BeginSaveRequest,
-    begun: pb::BeginSaveResponse,
-) -> Result<Attempt, WorkerError> {
+    images: Vec<pb::Image>,
+    begun: &pb::BeginSaveResponse,
+) -> Result<Uploaded, WorkerError> {
     let missing: HashSet<&String> = begun.missing_digests.iter().collect();
-    let in_flight: HashSet<String> = begun.in_flight_digests.iter().cloned().collect();
+    let in_flight: HashSet<&String> = begun.in_flight_digests.iter().collect();
     let mut blobs: HashMap<String, pb::Layer> =
         begun.stored_blobs.iter().map(|blob| (blob.digest.clone(), blob.clone())).collect();
     let mut facts = HashMap::new();
     let mut to_upload: Vec<DirectBlob> = Vec::new();
     let mut queued = HashSet::new();
-    for image in work.chain {
+    for image in &job.chain {
         let config = layers
             .config(&image.id)
             .map_err(|error| WorkerError::Direct(format!("reading the config of {} failed: {error}", image.id)))?;
@@ -754,40 +781,15 @@ async fn save_from_layer_store(
             .ok_or_else(|| WorkerError::Invalid("the coordinator sent no credentials".into()))?;
         let plan = begun.plan.clone().unwrap_or_default();
         let store = upload_store(coordinator, lease, &credentials, &plan).await;
-        work.cleanup.set_store(&store);
+        job.cleanup.set_store(&store);
         uploaded =
             direct::upload_all(&store, plan.max_concurrency as usize, to_upload, &Progress::for_stderr()).await?;
     }
     for (digest, size, _) in &uploaded {
         blobs.insert(digest.clone(), plain(digest, *size));
     }
-    let images = describe_chain(request.images, &blobs, &facts)?;
-    finish_save(coordinator, work, images, begun, uploaded, in_flight).await
-}
-
-/// The end of every save: the log, the commit, then the report.
-async fn finish_save(
-    coordinator: &mut Coordinator,
-    work: SaveWork<'_>,
-    images: Vec<pb::Image>,
-    begun: pb::BeginSaveResponse,
-    uploaded: Vec<Moved>,
-    in_flight: HashSet<String>,
-) -> Result<Attempt, WorkerError> {
-    let uploaded_digests: HashSet<String> = uploaded.iter().map(|(digest, _, _)| digest.clone()).collect();
-    let mut log = save_log(&images, &uploaded_digests, &in_flight);
-    let (reuse_lines, steps_reused, steps_rebuilt) = step_reuse(work, &begun.previous_images).await;
-    log.extend(reuse_lines);
-    for line in &log {
-        println!("{line}");
-    }
-    warn_about_missing_inline_cache(&images);
-    let stored = match commit(coordinator, &work.options.service, &images, &begun, log, &in_flight).await? {
-        Ok(stored) => stored,
-        Err(again) => return Ok(again),
-    };
-    let steps = (steps_reused, steps_rebuilt);
-    Ok(Attempt::Done(report(coordinator, work, &images, &begun, &uploaded, stored, steps).await))
+    let images = describe_chain(images, &blobs, &facts)?;
+    Ok(Uploaded { images, moved: uploaded })
 }
 
 /// The build steps of the images `references` name, each read from the engine; one the engine
@@ -813,12 +815,12 @@ async fn named_steps(engine: &Engine, references: &[String], chain: &[EngineImag
 
 /// Each named image's reuse line (`app:latest: reused 2 of 5 steps; first rebuilt: …`), and
 /// the steps reused and rebuilt in all.
-async fn step_reuse(work: SaveWork<'_>, previous_images: &[pb::Image]) -> (Vec<String>, u32, u32) {
+async fn step_reuse(job: &SaveJob<'_>, previous_images: &[pb::Image]) -> (Vec<String>, u32, u32) {
     let (mut lines, mut reused, mut rebuilt) = (Vec::new(), 0, 0);
-    for steps in work.steps {
+    for steps in &job.steps {
         let previous = steps.previous(previous_images);
         let restored_here = match previous {
-            Some(previous) => matches!(work.engine.image_id(&previous.id).await, Ok(Some(_))),
+            Some(previous) => matches!(job.engine.image_id(&previous.id).await, Ok(Some(_))),
             None => false,
         };
         let reuse = crate::steps::compare(steps, previous, restored_here);
@@ -856,17 +858,31 @@ async fn commit(
     Ok(Ok(committed.stored))
 }
 
+/// The store a save uploads to, following the save's share of the transfer budget.
+async fn upload_store(
+    coordinator: &Coordinator,
+    lease: Option<&SaveLease>,
+    credentials: &pb::Credentials,
+    plan: &pb::TransferPlan,
+) -> BlobStore {
+    let store = BlobStore::new(credentials, plan, Some(coordinator.client.clone()), coordinator.stall_timeout);
+    if let Some(lease) = lease {
+        store.follow(lease.shares()).await;
+    }
+    store
+}
+
 /// Reports what moved to the coordinator's metrics and prints the summary line.
 async fn report(
     coordinator: &mut Coordinator,
-    work: SaveWork<'_>,
-    images: &[pb::Image],
+    job: &SaveJob<'_>,
+    read_in_place: bool,
+    Uploaded { images, moved: uploaded }: &Uploaded,
     begun: &pb::BeginSaveResponse,
-    uploaded: &[Moved],
     stored: bool,
     (steps_reused, steps_rebuilt): (u32, u32),
 ) -> SaveSummary {
-    let SaveWork { options, started, .. } = work;
+    let SaveJob { options, started, .. } = job;
     let n_blobs_stored = begun.stored_blobs.len();
     let bytes_uploaded: u64 = uploaded.iter().map(|(_, bytes, _)| bytes).sum();
     let mut layer_metrics: Vec<pb::LayerMetric> = uploaded
@@ -905,7 +921,7 @@ async fn report(
         unchanged: begun.unchanged,
         stored,
     };
-    let read_from = match (summary.n_blobs_uploaded, work.stores.is_some()) {
+    let read_from = match (summary.n_blobs_uploaded, read_in_place) {
         (0, _) => "",
         (_, true) => ", read from the engine's store",
         (_, false) => ", read from docker save",
@@ -1005,6 +1021,55 @@ mod tests {
         let outcome = commit(&mut coordinator, "svc", &[], &unchanged, vec![], &HashSet::new()).await.unwrap();
         assert!(matches!(outcome, Ok(true)), "{outcome:?}");
         assert_eq!(coordinator.1, 0, "nothing to commit");
+    }
+
+    /// Runs the retry layer over scripted attempts; returns its result and the sources tried.
+    async fn attempts(
+        source: BlobSource,
+        script: Vec<Result<Attempt, WorkerError>>,
+    ) -> (Result<SaveSummary, WorkerError>, Vec<BlobSource>) {
+        let (mut script, mut tried) = (script.into_iter(), Vec::new());
+        let result = attempt_until_done("svc", source, async |source| {
+            tried.push(source.clone());
+            script.next().expect("no attempt past the script")
+        })
+        .await;
+        (result, tried)
+    }
+
+    fn done() -> Result<Attempt, WorkerError> {
+        Ok(Attempt::Done(SaveSummary { stored: true, ..Default::default() }))
+    }
+
+    #[tokio::test]
+    async fn a_save_told_to_begin_again_is_made_once_more_then_fails_naming_the_reason() {
+        let export = BlobSource::Export { oci: false };
+        let (result, tried) = attempts(export.clone(), vec![Ok(Attempt::Again("lost".into())), done()]).await;
+        assert!(result.unwrap().stored);
+        assert_eq!(tried.len(), 2);
+
+        let again = || Ok(Attempt::Again("the coordinator no longer knows this save".into()));
+        let (result, tried) = attempts(export, vec![again(), again()]).await;
+        let error = result.unwrap_err();
+        assert!(matches!(&error, WorkerError::Save(reason) if reason.ends_with("save, twice")), "{error:?}");
+        assert_eq!(tried.len(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_failed_read_in_place_is_made_again_from_the_export_and_only_once() {
+        let content = BlobSource::ContentStore("/nowhere".into());
+        let unreadable = || Err(WorkerError::Direct("reading blob sha256:ab failed: it hashes to sha256:cd".into()));
+        let (result, tried) = attempts(content.clone(), vec![unreadable(), done()]).await;
+        assert!(result.is_ok());
+        assert!(matches!(tried[..], [BlobSource::ContentStore(_), BlobSource::Export { oci: true }]), "{tried:?}");
+
+        // The export failing its own check, or any other failure, ends the save.
+        let (result, tried) = attempts(content.clone(), vec![unreadable(), unreadable()]).await;
+        assert!(matches!(result, Err(WorkerError::Direct(_))), "{result:?}");
+        assert_eq!(tried.len(), 2);
+        let (result, tried) = attempts(content, vec![Err(WorkerError::Save("the store is gone".into()))]).await;
+        assert!(matches!(result, Err(WorkerError::Save(_))), "{result:?}");
+        assert_eq!(tried.len(), 1);
     }
 
     #[test]
