@@ -245,16 +245,16 @@ impl OciBlobs {
     }
 
     /// The path or bytes of a blob, for its upload.
-    pub fn source(&self, digest: &str) -> Option<BlobSource> {
+    pub fn source(&self, digest: &str) -> Option<LayoutBlob> {
         if let Some(bytes) = self.json.get(digest) {
-            return Some(BlobSource::Bytes(bytes.clone()));
+            return Some(LayoutBlob::Bytes(bytes.clone()));
         }
-        self.files.get(digest).map(|(path, size)| BlobSource::File(path.clone(), *size))
+        self.files.get(digest).map(|(path, size)| LayoutBlob::File(path.clone(), *size))
     }
 }
 
 /// Where a blob of a layout is.
-pub enum BlobSource {
+pub enum LayoutBlob {
     Bytes(Vec<u8>),
     File(PathBuf, u64),
 }

@@ -640,8 +640,8 @@ async fn upload_oci(
         // Every file is checked again as it streams: the content store's and the cache
         // folder's are read in place, unchecked until now.
         blobs.push(match source {
-            Some(oci::BlobSource::Bytes(bytes)) => direct::from_bytes(digest, bytes),
-            Some(oci::BlobSource::File(path, _)) => direct::from_file(digest, path),
+            Some(oci::LayoutBlob::Bytes(bytes)) => direct::from_bytes(digest, bytes),
+            Some(oci::LayoutBlob::File(path, _)) => direct::from_file(digest, path),
             None => {
                 return Err(WorkerError::Invalid(format!(
                     "blob {digest} is in neither the export nor the build cache"
