@@ -13,7 +13,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use hmac::{Hmac, Mac};
-use proto::object_keys::project_prefix;
+use proto::object_keys::{blobs_prefix, project_prefix};
 use rand::RngCore;
 use sha2::Sha256;
 use subtle::ConstantTimeEq;
@@ -238,7 +238,7 @@ pub fn session_policy(
 ) -> String {
     let project_objects =
         format!("arn:{}:s3:::{bucket}/{}", partition(role_arn), project_prefix(store_prefix, project));
-    let (resource, blobs) = (format!("{project_objects}*"), format!("{project_objects}blobs/sha256/*"));
+    let (resource, blobs) = (format!("{project_objects}*"), format!("{}*", blobs_prefix(&project_objects)));
     let mut statements = vec![serde_json::json!({
         "Sid": "ReadProjectBlobs",
         "Effect": "Allow",

@@ -465,7 +465,7 @@ impl S3 for ObjectFiles {
 /// exactly when the content does); [`ObjectFiles::put_blob`] writes it. `None`: anything else,
 /// which goes to s3s-fs.
 fn plain_blob_e_tag(input: &PutObjectInput) -> Option<String> {
-    let (_, hex) = input.key.rsplit_once("/blobs/sha256/")?;
+    let hex = proto::object_keys::blob_hex_of_key(&input.key)?;
     let plain = hex.len() == 64
         && hex.bytes().all(|b| b.is_ascii_hexdigit())
         && input.content_length.is_some()
@@ -573,7 +573,7 @@ impl ObjectFiles {
 
 /// The `<64 hex>` a blob key ends in.
 fn blob_hex(key: &str) -> Option<&str> {
-    key.rsplit_once("/blobs/sha256/").map(|(_, hex)| hex).filter(|hex| hex.len() == 64)
+    proto::object_keys::blob_hex_of_key(key).filter(|hex| hex.len() == 64)
 }
 
 fn bad_digest(expected: &str, actual: &str) -> s3s::S3Error {

@@ -85,10 +85,15 @@ pub fn authorize(scope: KeyScope<'_>, operation: &str, target: Target<'_>) -> Re
                 return Err(format!("{operation} is not allowed for this key"));
             }
             // Anything else under the prefix would be bytes no ledger counts and no save names.
-            let blob = key.strip_prefix(scope.project_prefix).and_then(|rest| rest.strip_prefix("blobs/sha256/"));
+            let blob = key
+                .strip_prefix(scope.project_prefix)
+                .and_then(|rest| rest.strip_prefix(proto::object_keys::BLOBS_DIR));
             match blob {
                 Some(hex) if hex.len() == 64 && hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) => Ok(()),
-                _ => Err(format!("a write key writes only blobs: {}blobs/sha256/<64 hex>", scope.project_prefix)),
+                _ => Err(format!(
+                    "a write key writes only blobs: {}<64 hex>",
+                    proto::object_keys::blobs_prefix(scope.project_prefix)
+                )),
             }
         }
     }

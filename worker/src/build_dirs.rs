@@ -67,8 +67,8 @@ impl BuildDirs {
             }
         }
         self.forget_record();
-        std::fs::create_dir_all(self.images().join("blobs/sha256"))?;
-        std::fs::create_dir_all(self.cache().join("blobs/sha256"))
+        std::fs::create_dir_all(self.images().join(proto::object_keys::BLOBS_DIR))?;
+        std::fs::create_dir_all(self.cache().join(proto::object_keys::BLOBS_DIR))
     }
 
     /// Forgets the last restore's record: a restore that brings nothing leaves none behind.

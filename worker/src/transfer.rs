@@ -322,8 +322,9 @@ impl BlobStore {
         )
     }
 
+    /// A blob's key under the prefix the credentials name (`proto::object_keys`' layout).
     pub fn key(&self, digest: &str) -> String {
-        format!("{}blobs/sha256/{}", self.prefix, digest.strip_prefix("sha256:").unwrap_or(digest))
+        proto::object_keys::blob_key(&self.prefix, digest)
     }
 
     /// The part size of a blob of `size` bytes under the plan.
