@@ -176,13 +176,7 @@ impl CoordinatorProcess {
 
     /// Runs cachectl against this coordinator with the admin token.
     pub fn cachectl(&self, args: &[&str]) -> Output {
-        Command::new(binary("cachectl"))
-            .arg("--coordinator")
-            .arg(&self.grpc_url)
-            .args(args)
-            .env("CACHE_ADMIN_TOKEN", &self.admin_token)
-            .output()
-            .expect("run cachectl")
+        cachectl_at(&self.grpc_url, &self.admin_token, args)
     }
 
     /// `cachectl gc ARGS…`, which must succeed: what it printed.
@@ -369,4 +363,15 @@ pub fn blob_files_in(data_dir: &std::path::Path, project: &str) -> Vec<u64> {
         .join("objects/layer-cache")
         .join(proto::object_keys::blobs_prefix(&proto::object_keys::project_prefix("cache", project)));
     std::fs::read_dir(dir).map_or(Vec::new(), |dir| dir.map(|entry| entry.unwrap().metadata().unwrap().len()).collect())
+}
+
+/// Runs cachectl against the coordinator at `grpc_url` with `admin_token`.
+pub fn cachectl_at(grpc_url: &str, admin_token: &str, args: &[&str]) -> Output {
+    Command::new(binary("cachectl"))
+        .arg("--coordinator")
+        .arg(grpc_url)
+        .args(args)
+        .env("CACHE_ADMIN_TOKEN", admin_token)
+        .output()
+        .expect("run cachectl")
 }

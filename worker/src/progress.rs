@@ -56,7 +56,7 @@ pub fn rate(bytes: u64, seconds: f64) -> String {
 
 /// "layer 0123456789ab" for a progress bar.
 pub(crate) fn short_digest(digest: &str) -> String {
-    format!("layer {}", digest.trim_start_matches("sha256:").get(..12).unwrap_or(digest))
+    format!("layer {}", proto::digest::digest_hex(digest).get(..12).unwrap_or(digest))
 }
 
 #[cfg(test)]

@@ -52,7 +52,7 @@ impl BlobSource {
             return LayerStore::open(&storage.data_root, &storage.driver).map(BlobSource::LayerStore);
         }
         let dirs = content_store_dirs(storage);
-        let hex = probe.trim_start_matches("sha256:");
+        let hex = proto::digest::digest_hex(probe);
         if proto::names::validate_digest(probe).is_ok()
             && let Some(dir) = dirs.iter().find(|dir| dir.join(hex).is_file())
         {

@@ -11,7 +11,7 @@ use std::time::Duration;
 use clap::Parser;
 use coordinator::config::{Cli, Command as CoordinatorCommand, FileConfig, merge};
 use proto::clock::ManualClock;
-use tests::{ADMIN_TOKEN, DockerEngine, binary, blob_files_in, metric_sample, stderr_of, stdout_of};
+use tests::{ADMIN_TOKEN, DockerEngine, binary, blob_files_in, cachectl_at, metric_sample, stderr_of, stdout_of};
 
 /// A coordinator serving from a thread of the test process until stopped or dropped.
 pub struct InProcessCoordinator {
@@ -91,13 +91,7 @@ impl InProcessCoordinator {
 
     /// Runs cachectl against it with the admin token.
     pub fn cachectl(&self, args: &[&str]) -> Output {
-        Command::new(binary("cachectl"))
-            .arg("--coordinator")
-            .arg(&self.grpc_url)
-            .args(args)
-            .env("CACHE_ADMIN_TOKEN", ADMIN_TOKEN)
-            .output()
-            .expect("run cachectl")
+        cachectl_at(&self.grpc_url, ADMIN_TOKEN, args)
     }
 
     /// `cachectl gc ARGS…`, which must succeed: what it printed.
