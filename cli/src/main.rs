@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use proto::client::{BearerToken, ClientError, connect};
 use proto::format::format_bytes;
-use proto::names;
+use proto::names::{self, printable};
 use proto::v1 as pb;
 use proto::v1::admin_client::AdminClient;
 use tonic::service::interceptor::InterceptedService;
@@ -255,16 +255,18 @@ fn print_manifest(project: &str, manifest: &pb::Manifest) {
     );
     println!(
         "engine {}, saved {}, last used {}",
-        manifest.engine_version,
+        printable(&manifest.engine_version),
         format_time(manifest.created_unix),
         format_time(manifest.last_used_unix)
     );
     if let Some(origin) = manifest.origin.as_ref().filter(|origin| !origin.save_id.is_empty()) {
-        let host = if origin.host.is_empty() { "an unnamed host" } else { origin.host.as_str() };
-        println!("saved from {host} by save {}", origin.save_id.get(..12).unwrap_or(&origin.save_id));
+        let host = if origin.host.is_empty() { "an unnamed host".into() } else { printable(&origin.host) };
+        let save_id = origin.save_id.get(..12).unwrap_or(&origin.save_id);
+        println!("saved from {host} by save {}", printable(save_id));
     }
     for image in &manifest.images {
         let tags = if image.repo_tags.is_empty() { "<no tag>".to_owned() } else { image.repo_tags.join(", ") };
+        let tags = printable(&tags);
         let builder = match image.builder() {
             pb::Builder::Classic => "classic builder",
             pb::Builder::Buildkit => "BuildKit",
@@ -285,13 +287,14 @@ fn print_manifest(project: &str, manifest: &pb::Manifest) {
         }
     }
     for line in &manifest.save_log {
-        println!("log: {line}");
+        println!("log: {}", printable(line));
     }
 }
 
 /// `2 of 5 (40%)`: the build steps of the saved images the builds reused; `-` before any.
 fn steps_reused(reused: u64, rebuilt: u64) -> String {
-    let steps = reused + rebuilt;
+    // In u128: saturated counters still add up.
+    let (reused, steps) = (u128::from(reused), u128::from(reused) + u128::from(rebuilt));
     if steps == 0 {
         return "-".into();
     }
@@ -513,5 +516,17 @@ async fn main() -> ExitCode {
             eprintln!("cachectl: {error}");
             ExitCode::from(error.exit_code())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn step_counts_at_their_largest_still_print() {
+        assert_eq!(steps_reused(0, 0), "-");
+        assert_eq!(steps_reused(2, 3), "2 of 5 (40%)");
+        assert_eq!(steps_reused(u64::MAX, u64::MAX), format!("{} of {} (50%)", u64::MAX, u128::from(u64::MAX) * 2));
     }
 }

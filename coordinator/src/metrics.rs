@@ -3,8 +3,10 @@
 //! projects, services, operations and outcomes only: never digests or hosts, so cardinality
 //! stays bounded by what operators create.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use prometheus_client::encoding::EncodeLabelSet;
-use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::counter::{self, Atomic};
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
@@ -63,6 +65,43 @@ pub struct GrpcLabels {
     pub method: String,
     pub code: String,
 }
+
+/// A counter's value that stops at `u64::MAX` instead of wrapping: workers' reports are added
+/// to it, and a counter that wrapped would go backwards on every dashboard.
+#[derive(Debug, Default)]
+pub struct Saturating(AtomicU64);
+
+impl Atomic<u64> for Saturating {
+    fn inc(&self) -> u64 {
+        self.inc_by(1)
+    }
+
+    fn inc_by(&self, v: u64) -> u64 {
+        let add = |old: u64| Some(old.saturating_add(v));
+        self.0.fetch_update(Ordering::Relaxed, Ordering::Relaxed, add).unwrap_or_else(|old| old)
+    }
+
+    fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// The values of the labels that name kinds rather than tenants: every series a project can
+/// have is one of these per project (and service), so a deleted project's can all be removed.
+const OPERATIONS: [&str; 2] = ["save", "restore"];
+const LAYER_OUTCOMES: [&str; 2] = ["found", "transferred"];
+const RESTORE_OUTCOMES: [&str; 4] = ["hit", "partial", "miss", "error"];
+const STEP_OUTCOMES: [&str; 2] = ["reused", "rebuilt"];
+pub const EVICTION_REASONS: [&str; 5] = ["unreferenced", "uncommitted", "expired", "quota", "lost"];
+const ACCESSES: [&str; 2] = ["read", "write"];
+
+/// Every counter here saturates ([`Saturating`]).
+pub type Counter = counter::Counter<u64, Saturating>;
+
+/// The shortest a transfer that moved bytes is taken to have lasted: a report of less (down to
+/// the smallest positive float) would put an infinite throughput into the histogram every
+/// project shares.
+const SHORTEST_TRANSFER_SECONDS: f64 = 0.001;
 
 fn duration_histogram() -> Histogram {
     // 0.1 s to about 27 minutes.
@@ -208,7 +247,7 @@ impl Metrics {
             let outcome = match layer.outcome() {
                 pb::LayerOutcome::Found => "found",
                 pb::LayerOutcome::Transferred => {
-                    bytes_moved += layer.bytes;
+                    bytes_moved = bytes_moved.saturating_add(layer.bytes);
                     "transferred"
                 }
                 pb::LayerOutcome::Failed | pb::LayerOutcome::Unspecified => continue,
@@ -253,10 +292,59 @@ impl Metrics {
                 }
             }
         }
-        if bytes_moved > 0 && report.total_seconds > 0.0 {
+        let throughput = bytes_moved as f64 / report.total_seconds.max(SHORTEST_TRANSFER_SECONDS);
+        if bytes_moved > 0 && throughput.is_finite() {
             self.transfer_throughput
                 .get_or_create(&OperationLabels { operation: operation.to_owned() })
-                .observe(bytes_moved as f64 / report.total_seconds);
+                .observe(throughput);
+        }
+    }
+
+    /// Removes every series of a deleted project (`services`: those it reported for), so a
+    /// project's name leaves `/metrics` with it.
+    pub fn forget_project(&self, project: &str, services: &[String]) {
+        let project = project.to_owned();
+        for service in services {
+            let service = ServiceLabels { project: project.clone(), service: service.clone() };
+            self.saves.remove(&service);
+            self.save_duration.remove(&service);
+            self.restore_duration.remove(&service);
+            for outcome in RESTORE_OUTCOMES.into_iter().chain(STEP_OUTCOMES) {
+                let labels = RestoreLabels {
+                    project: project.clone(),
+                    service: service.service.clone(),
+                    outcome: outcome.into(),
+                };
+                self.restores.remove(&labels);
+                self.build_steps.remove(&labels);
+            }
+            for (operation, outcome) in
+                OPERATIONS.into_iter().flat_map(|operation| LAYER_OUTCOMES.map(|outcome| (operation, outcome)))
+            {
+                let labels = LayerLabels {
+                    project: project.clone(),
+                    service: service.service.clone(),
+                    operation: operation.into(),
+                    outcome: outcome.into(),
+                };
+                self.layers.remove(&labels);
+                self.layer_bytes.remove(&labels);
+            }
+        }
+        let labels = ProjectLabels { project: project.clone() };
+        for family in [&self.store_bytes, &self.store_usage_bytes, &self.store_blobs] {
+            family.remove(&labels);
+        }
+        self.flushes.remove(&labels);
+        self.storage_refusals.remove(&labels);
+        for reason in EVICTION_REASONS {
+            let labels = EvictionLabels { project: project.clone(), reason: reason.into() };
+            self.evicted_blobs.remove(&labels);
+            self.evicted_bytes.remove(&labels);
+            self.evicted_caches.remove(&labels);
+        }
+        for access in ACCESSES {
+            self.credential_grants.remove(&GrantLabels { project: project.clone(), access: access.into() });
         }
     }
 
@@ -274,6 +362,7 @@ impl Metrics {
 
     /// Blobs removed for `reason` (`unreferenced`, `uncommitted`, `expired`, `quota`, `lost`) and their bytes.
     pub fn record_eviction(&self, project: &str, reason: &str, blobs: u64, bytes: u64) {
+        debug_assert!(EVICTION_REASONS.contains(&reason), "{reason} is not in EVICTION_REASONS");
         let labels = EvictionLabels { project: project.to_owned(), reason: reason.to_owned() };
         self.evicted_blobs.get_or_create(&labels).inc_by(blobs);
         self.evicted_bytes.get_or_create(&labels).inc_by(bytes);
@@ -281,6 +370,7 @@ impl Metrics {
 
     /// Caches evicted for `reason`.
     pub fn record_cache_evictions(&self, project: &str, reason: &str, caches: u64) {
+        debug_assert!(EVICTION_REASONS.contains(&reason), "{reason} is not in EVICTION_REASONS");
         if caches > 0 {
             let labels = EvictionLabels { project: project.to_owned(), reason: reason.to_owned() };
             self.evicted_caches.get_or_create(&labels).inc_by(caches);
@@ -343,5 +433,53 @@ mod tests {
             // Whole lines: "… 1" must not pass for "… 10".
             assert!(text.lines().any(|exposed| exposed == line), "{line} missing from:\n{text}");
         }
+    }
+
+    #[test]
+    fn counters_saturate_and_a_forgotten_project_leaves_no_series() {
+        let metrics = Metrics::new();
+        let counter = Counter::default();
+        counter.inc_by(u64::MAX - 1);
+        counter.inc_by(5);
+        counter.inc();
+        assert_eq!(counter.get(), u64::MAX);
+        for operation in [pb::Operation::Save, pb::Operation::Restore] {
+            for outcome in [pb::LayerOutcome::Found, pb::LayerOutcome::Transferred] {
+                metrics.record_report(
+                    "gone",
+                    &pb::ReportMetricsRequest {
+                        service: "web".into(),
+                        operation: operation as i32,
+                        restore_outcome: pb::RestoreOutcome::Partial as i32,
+                        steps_reused: 3,
+                        layers: vec![pb::LayerMetric { bytes: 9, outcome: outcome as i32, ..Default::default() }],
+                        total_seconds: 2.0,
+                        ..Default::default()
+                    },
+                );
+            }
+        }
+        for reason in EVICTION_REASONS {
+            metrics.record_eviction("gone", reason, 1, 2);
+            metrics.record_cache_evictions("gone", reason, 1);
+        }
+        for access in ACCESSES {
+            metrics
+                .credential_grants
+                .get_or_create(&GrantLabels { project: "gone".into(), access: access.into() })
+                .inc();
+        }
+        metrics.set_store_totals("gone", 1, 2);
+        metrics.set_store_usage("gone", 2);
+        metrics.set_store_totals("kept", 1, 2);
+        metrics.flushes.get_or_create(&ProjectLabels { project: "gone".into() }).inc();
+        metrics.storage_refusals.get_or_create(&ProjectLabels { project: "gone".into() }).inc();
+        assert!(metrics.encode().lines().filter(|line| line.contains("project=\"gone\"")).count() > 30);
+
+        metrics.forget_project("gone", &["web".to_owned()]);
+        let text = metrics.encode();
+        let left: Vec<&str> = text.lines().filter(|line| line.contains("project=\"gone\"")).collect();
+        assert!(left.is_empty(), "{left:#?}");
+        assert!(text.contains("layer_cache_store_bytes{project=\"kept\"} 2"), "{text}");
     }
 }

@@ -18,6 +18,7 @@ mod e2e {
     mod incremental_save;
     mod lost_blobs;
     mod multi_stage;
+    mod operator_view;
     mod projects_and_credentials;
     mod quotas;
     mod replicas;

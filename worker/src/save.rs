@@ -145,7 +145,24 @@ fn save_log(images: &[pb::Image], uploaded: &HashSet<String>, in_flight: &HashSe
             lines.push(format!("  layer {} {}{encoding} {state}", layer.digest, format_bytes(layer.size)));
         }
     }
+    for line in &mut lines {
+        cut_to(line, proto::names::MAX_SAVE_LOG_LINE);
+    }
     lines
+}
+
+/// Cuts `line` to at most `max` bytes on a character boundary (an image with very many tags),
+/// marking the cut, so the coordinator keeps the line.
+fn cut_to(line: &mut String, max: usize) {
+    if line.len() <= max {
+        return;
+    }
+    let mut end = max - '…'.len_utf8();
+    while !line.is_char_boundary(end) {
+        end -= 1;
+    }
+    line.truncate(end);
+    line.push('…');
 }
 
 /// A BuildKit image without inline cache metadata cannot serve `--cache-from`: say how to fix it.
@@ -976,6 +993,21 @@ fn print_commit_outcome(service: &str, committed: &pb::CommitSaveResponse) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_log_line_of_an_image_with_very_many_tags_is_cut_to_what_the_coordinator_keeps() {
+        let image = pb::Image {
+            id: format!("sha256:{}", "a".repeat(64)),
+            repo_tags: (0..40).map(|n| format!("registry.example/team/é-app-{n}:{}", "v".repeat(200))).collect(),
+            ..Default::default()
+        };
+        let lines = save_log(&[image], &HashSet::new(), &HashSet::new());
+        assert!(lines[0].len() <= proto::names::MAX_SAVE_LOG_LINE && lines[0].ends_with('…'), "{}", lines[0].len());
+        assert!(proto::names::validate_printable("save log line", &lines[0], proto::names::MAX_SAVE_LOG_LINE).is_ok());
+        let mut short = "image x".to_owned();
+        cut_to(&mut short, 100);
+        assert_eq!(short, "image x");
+    }
 
     /// A coordinator that answers commits from a script, and counts them.
     struct ScriptedCommits(Vec<CommitOutcome>, usize);

@@ -396,11 +396,11 @@ impl CacheService {
             match layer.outcome() {
                 pb::LayerOutcome::Found => {
                     change.layers_found += 1;
-                    change.bytes_found += layer.bytes;
+                    change.bytes_found = change.bytes_found.saturating_add(layer.bytes);
                 }
                 pb::LayerOutcome::Transferred => {
                     change.layers_transferred += 1;
-                    change.bytes_transferred += layer.bytes;
+                    change.bytes_transferred = change.bytes_transferred.saturating_add(layer.bytes);
                 }
                 pb::LayerOutcome::Failed | pb::LayerOutcome::Unspecified => {}
             }

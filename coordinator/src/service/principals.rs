@@ -124,8 +124,11 @@ impl CacheService {
     pub async fn delete_project(&self, project: &str) -> Result<pb::FlushProjectResponse, Error> {
         let flushed = self.flush_project(project).await?;
         let sweep_due = self.db.project(project).await?.map_or(0, |record| record.sweep_after_unix);
+        let reported: Vec<String> =
+            self.db.service_counters(Some(project)).await?.into_iter().map(|(_, service, _)| service).collect();
         self.db.remove_project(project).await?;
         self.db.durable().await?;
+        self.metrics.forget_project(project, &reported);
         if sweep_due > self.clock.now_unix() {
             let (store, db) = (self.store.clone(), self.db.clone());
             let (project, prefix) =

@@ -141,6 +141,7 @@ fn validate_begin(
     principal.check_write(&key.branch)?;
     validate_images(&request.images)?;
     validate_host(&request.host)?;
+    names::validate_printable("engine version", &request.engine_version, names::MAX_ENGINE_VERSION)?;
     let probe = pb::Manifest { images: request.images.clone(), ..Default::default() };
     let digests: BTreeSet<String> = manifest_digests(&probe);
     if digests.len() > MOST_BLOBS_PER_SAVE {
@@ -408,6 +409,9 @@ impl CacheService {
     ) -> Result<pb::CommitSaveResponse, Error> {
         let project = principal.project.as_str();
         validate_images(&request.images)?;
+        for line in &request.save_log {
+            names::validate_printable("save log line", line, names::MAX_SAVE_LOG_LINE)?;
+        }
         let (pending, record) = self.committable_save(principal, request).await?;
         let mut manifest = self.manifest_of(&pending, request);
         let reported = reported_blobs(&mut manifest.images);

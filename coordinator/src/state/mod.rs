@@ -138,19 +138,19 @@ pub struct ServiceCounters {
 }
 
 impl ServiceCounters {
-    /// Adds `change` to these counters.
+    /// Adds `change` to these counters; each stops at `u64::MAX` rather than wrap.
     pub fn add(&mut self, change: &ServiceCounters) {
-        self.restores_hit += change.restores_hit;
-        self.restores_partial += change.restores_partial;
-        self.restores_miss += change.restores_miss;
-        self.restores_error += change.restores_error;
-        self.saves += change.saves;
-        self.layers_found += change.layers_found;
-        self.layers_transferred += change.layers_transferred;
-        self.bytes_found += change.bytes_found;
-        self.bytes_transferred += change.bytes_transferred;
-        self.steps_reused += change.steps_reused;
-        self.steps_rebuilt += change.steps_rebuilt;
+        self.restores_hit = self.restores_hit.saturating_add(change.restores_hit);
+        self.restores_partial = self.restores_partial.saturating_add(change.restores_partial);
+        self.restores_miss = self.restores_miss.saturating_add(change.restores_miss);
+        self.restores_error = self.restores_error.saturating_add(change.restores_error);
+        self.saves = self.saves.saturating_add(change.saves);
+        self.layers_found = self.layers_found.saturating_add(change.layers_found);
+        self.layers_transferred = self.layers_transferred.saturating_add(change.layers_transferred);
+        self.bytes_found = self.bytes_found.saturating_add(change.bytes_found);
+        self.bytes_transferred = self.bytes_transferred.saturating_add(change.bytes_transferred);
+        self.steps_reused = self.steps_reused.saturating_add(change.steps_reused);
+        self.steps_rebuilt = self.steps_rebuilt.saturating_add(change.steps_rebuilt);
     }
 }
 
