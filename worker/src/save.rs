@@ -145,24 +145,23 @@ fn save_log(images: &[pb::Image], uploaded: &HashSet<String>, in_flight: &HashSe
             lines.push(format!("  layer {} {}{encoding} {state}", layer.digest, format_bytes(layer.size)));
         }
     }
-    for line in &mut lines {
-        cut_to(line, proto::names::MAX_SAVE_LOG_LINE);
-    }
     lines
 }
 
-/// Cuts `line` to at most `max` bytes on a character boundary (an image with very many tags),
-/// marking the cut, so the coordinator keeps the line.
-fn cut_to(line: &mut String, max: usize) {
-    if line.len() <= max {
-        return;
+/// A line of the save's log as the coordinator keeps it: any character a terminal would act on
+/// (an instruction's, say) escaped, and cut to at most `max` bytes on a character boundary (an
+/// image with very many tags), the cut marked.
+fn log_line(line: &str, max: usize) -> String {
+    let mut line = proto::names::printable(line).into_owned();
+    if line.len() > max {
+        let mut end = max - '…'.len_utf8();
+        while !line.is_char_boundary(end) {
+            end -= 1;
+        }
+        line.truncate(end);
+        line.push('…');
     }
-    let mut end = max - '…'.len_utf8();
-    while !line.is_char_boundary(end) {
-        end -= 1;
-    }
-    line.truncate(end);
-    line.push('…');
+    line
 }
 
 /// A BuildKit image without inline cache metadata cannot serve `--cache-from`: say how to fix it.
@@ -467,6 +466,7 @@ async fn upload_commit_report(
     let mut log = save_log(&uploaded.images, &uploaded_digests, &in_flight);
     let (reuse_lines, steps_reused, steps_rebuilt) = step_reuse(job, &begun.previous_images).await;
     log.extend(reuse_lines);
+    let log: Vec<String> = log.iter().map(|line| log_line(line, proto::names::MAX_SAVE_LOG_LINE)).collect();
     for line in &log {
         println!("{line}");
     }
@@ -995,18 +995,19 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_log_line_of_an_image_with_very_many_tags_is_cut_to_what_the_coordinator_keeps() {
+    fn log_lines_are_cut_and_escaped_to_what_the_coordinator_keeps() {
         let image = pb::Image {
             id: format!("sha256:{}", "a".repeat(64)),
             repo_tags: (0..40).map(|n| format!("registry.example/team/é-app-{n}:{}", "v".repeat(200))).collect(),
             ..Default::default()
         };
-        let lines = save_log(&[image], &HashSet::new(), &HashSet::new());
-        assert!(lines[0].len() <= proto::names::MAX_SAVE_LOG_LINE && lines[0].ends_with('…'), "{}", lines[0].len());
-        assert!(proto::names::validate_printable("save log line", &lines[0], proto::names::MAX_SAVE_LOG_LINE).is_ok());
-        let mut short = "image x".to_owned();
-        cut_to(&mut short, 100);
-        assert_eq!(short, "image x");
+        let max = proto::names::MAX_SAVE_LOG_LINE;
+        let line = log_line(&save_log(&[image], &HashSet::new(), &HashSet::new())[0], max);
+        assert!(line.len() <= max && line.ends_with('…'), "{}", line.len());
+        assert!(proto::names::validate_printable("save log line", &line, max).is_ok());
+        assert_eq!(log_line("image x", 100), "image x");
+        let step = log_line("app:1: reused 1 of 2 steps; first rebuilt: step 2 RUN printf '\u{1b}[31m'", max);
+        assert!(proto::names::validate_printable("save log line", &step, max).is_ok(), "{step}");
     }
 
     /// A coordinator that answers commits from a script, and counts them.
