@@ -42,9 +42,10 @@ pub struct CacheService {
     pub cache_expiry: std::time::Duration,
     /// The quota of projects created without one; zero: none.
     pub default_quota: u64,
-    /// Per project: since when (unix ms), and how many, reported bad blobs were checked this
-    /// minute.
-    pub bad_blob_checks: std::sync::Mutex<std::collections::HashMap<String, (i64, u32)>>,
+    /// Per token of a project (project, token ID): since when (unix ms), and how many, reported
+    /// bad blobs were checked this minute. Per token, so a less trusted token that spends its
+    /// checks never leaves the default branch's worker without its own.
+    pub bad_blob_checks: std::sync::Mutex<std::collections::HashMap<(String, String), (i64, u32)>>,
     /// The wall clock every time this service stamps or compares is read from: the system's in
     /// production, a manual one in tests.
     pub clock: proto::clock::SharedClock,
@@ -331,14 +332,22 @@ impl CacheService {
             .collect())
     }
 
-    /// New credentials, or with `renew_access_key_id`, renewed ones for a worker mid-transfer.
+    /// New credentials, or with `renew_access_key_id`, renewed ones for a worker mid-transfer,
+    /// for `holder` (`None`: the admin API, whose keys count as the project token's). A key
+    /// renews only for the token it was issued to.
+    ///
+    /// Architecture Invariant: a key is recorded with the token it is issued to before it is
+    /// handed out, under the project's publish lock held shared, once the token is checked
+    /// still live; a revoke, a rotation, a flush and a deletion take that lock exclusively, so
+    /// each either finds the key and revokes it, or runs first and the mint is refused.
     pub async fn issue_credentials(
         &self,
         project: &str,
         access: pb::Access,
         renew_access_key_id: &str,
-        token_id: &str,
+        holder: Option<&tokens::Principal>,
     ) -> Result<pb::Credentials, Error> {
+        let token_id = holder.map_or("", |principal| principal.token_id.as_str());
         let access = match access {
             pb::Access::Read => KeyAccess::Read,
             pb::Access::Write => KeyAccess::Write,
@@ -349,17 +358,32 @@ impl CacheService {
         if renew_access_key_id.len() > 128 || !renew_access_key_id.bytes().all(|b| b.is_ascii_alphanumeric()) {
             return Err(Error::InvalidArgument("invalid access key ID to renew".into()));
         }
+        let minting = self.lock_project(project, Lock::Shared).await?;
+        if let Some(principal) = holder {
+            self.check_still_live(principal).await?;
+        }
         // Every key handed out is recorded; a flush forgets its project's, and then nobody
         // renews them: a save begun before the flush cannot go on writing after it.
-        if !renew_access_key_id.is_empty() && self.db.minted_key(renew_access_key_id).await?.is_none() {
-            return Err(Error::SaveConflict(
-                "the storage key to renew was revoked (the project was flushed): save or restore again".into(),
-            ));
+        if !renew_access_key_id.is_empty() {
+            match self.db.minted_key(renew_access_key_id).await? {
+                None => {
+                    return Err(Error::SaveConflict(
+                        "the storage key to renew was revoked (the project was flushed): save or restore again".into(),
+                    ));
+                }
+                // Renewing hands out the key's secret and keeps it alive: only its own token may.
+                Some(record) if record.project != project || record.token_id != token_id => {
+                    return Err(Error::PermissionDenied(
+                        "the storage key to renew was issued to another token: ask for new credentials instead",
+                    ));
+                }
+                Some(_) => {}
+            }
         }
         let issued = if renew_access_key_id.is_empty() {
-            self.broker.issue(project, access).await?
+            self.broker.issue(project, access, token_id).await?
         } else {
-            self.broker.renew(project, access, renew_access_key_id).await?
+            self.broker.renew(project, access, renew_access_key_id, token_id).await?
         };
         if !self.broker.records_keys() {
             let record = crate::state::MintedKeyRecord {
@@ -370,10 +394,8 @@ impl CacheService {
             };
             self.db.insert_minted_key(&issued.access_key_id, &record).await?;
             self.db.key_durable(access).await?;
-        } else if !token_id.is_empty() {
-            self.db.tag_minted_key(&issued.access_key_id, token_id).await?;
-            self.db.key_durable(access).await?;
         }
+        drop(minting);
         let access_name = if access == KeyAccess::Write { "write" } else { "read" };
         let grant = crate::metrics::GrantLabels { project: project.to_owned(), access: access_name.to_owned() };
         self.metrics.credential_grants.get_or_create(&grant).inc();

@@ -35,19 +35,40 @@ impl CacheService {
             return Err(Error::Unauthenticated("unknown or revoked project token"));
         };
         if tokens::token_matches(token, &record.token_sha256_hex) {
-            return Ok(Principal { project: record.name, token_id: String::new(), scope: None });
+            let token_sha256_hex = record.token_sha256_hex;
+            return Ok(Principal { project: record.name, token_id: String::new(), scope: None, token_sha256_hex });
         }
         // The lookup is by the token's hash: what it reveals (whether a hash is recorded) is
         // worth nothing without the 256-bit secret.
-        match self.db.scoped_token(&tokens::sha256_hex(token)).await? {
+        let token_sha256_hex = tokens::sha256_hex(token);
+        match self.db.scoped_token(&token_sha256_hex).await? {
             Some(scoped) if scoped.project == record.name => {
                 if scoped.expires_unix != 0 && scoped.expires_unix <= self.clock.now_unix() {
                     return Err(Error::Unauthenticated("the token has expired: ask the operator for a new one"));
                 }
-                Ok(Principal { project: scoped.project, token_id: scoped.id, scope: Some(scoped.scope) })
+                Ok(Principal {
+                    project: scoped.project,
+                    token_id: scoped.id,
+                    scope: Some(scoped.scope),
+                    token_sha256_hex,
+                })
             }
             _ => Err(Error::Unauthenticated("unknown or revoked project token")),
         }
+    }
+
+    /// Refuses a principal whose token was revoked (or rotated away) since it was
+    /// authenticated: asked under the project's publish lock before a key is minted for it.
+    pub(super) async fn check_still_live(&self, principal: &Principal) -> Result<(), Error> {
+        let revoked = Error::Unauthenticated("unknown or revoked project token");
+        let Some(record) = self.db.project(&principal.project).await? else { return Err(revoked) };
+        let live = if principal.token_id.is_empty() {
+            tokens::token_matches_hash(&principal.token_sha256_hex, &record.token_sha256_hex)
+        } else {
+            let scoped = self.db.scoped_token(&principal.token_sha256_hex).await?;
+            scoped.is_some_and(|scoped| scoped.project == principal.project && scoped.id == principal.token_id)
+        };
+        if live { Ok(()) } else { Err(revoked) }
     }
 
     /// A new token of `project` that may read and write only the branches of `scope`, for
@@ -88,10 +109,14 @@ impl CacheService {
     /// is refused, so a typo is not mistaken for success.
     pub async fn revoke_token(&self, project: &str, token_id: &str) -> Result<(), Error> {
         self.existing_project(project).await?;
-        if self.db.remove_scoped_tokens(project, Some(token_id)).await?.is_empty() {
-            return Err(Error::InvalidArgument(format!("project {project:?} has no token {token_id:?}")));
+        {
+            let _no_minting = self.lock_project(project, super::Lock::Exclusive).await?;
+            if self.db.remove_scoped_tokens(project, Some(token_id)).await?.is_empty() {
+                return Err(Error::InvalidArgument(format!("project {project:?} has no token {token_id:?}")));
+            }
+            self.db.revoke_keys(project, token_id).await?;
         }
-        self.revoke_keys_of(project, token_id).await?;
+        self.db.durable().await?;
         tracing::info!(project, token_id, "scoped token revoked");
         Ok(())
     }
@@ -101,21 +126,18 @@ impl CacheService {
     pub async fn rotate_project_token(&self, project: &str) -> Result<String, Error> {
         self.existing_project(project).await?;
         let token = tokens::new_project_token(project);
-        self.db.set_project_token(project, &tokens::sha256_hex(&token)).await?;
-        self.revoke_keys_of(project, "").await?;
+        {
+            // Under the project's publish lock, as a flush: an upload signed by one of the old
+            // token's keys lands before (and stays: it was verified) or finds its key gone, and
+            // a key minted for the old token is either revoked here or refused (see
+            // `CacheService::issue_credentials`).
+            let _no_minting = self.lock_project(project, super::Lock::Exclusive).await?;
+            self.db.set_project_token(project, &tokens::sha256_hex(&token)).await?;
+            self.db.revoke_keys(project, "").await?;
+        }
+        self.db.durable().await?;
         tracing::info!(project, "project token rotated");
         Ok(token)
-    }
-
-    /// Revokes the keys issued to one token under the project's publish lock, as a flush
-    /// does: an upload signed by one either lands before (and stays: it was verified) or
-    /// finds its key gone.
-    async fn revoke_keys_of(&self, project: &str, token_id: &str) -> Result<(), Error> {
-        {
-            let _no_publishing = self.lock_project(project, super::Lock::Exclusive).await?;
-            self.db.revoke_keys(project, token_id).await?;
-        }
-        self.db.durable().await
     }
 
     /// Deletes a project: a flush (manifests, ledger, keys, every stored object), then its
@@ -124,7 +146,16 @@ impl CacheService {
     pub async fn delete_project(&self, project: &str) -> Result<pb::FlushProjectResponse, Error> {
         let flushed = self.flush_project(project).await?;
         let sweep_due = self.db.project(project).await?.map_or(0, |record| record.sweep_after_unix);
-        self.db.remove_project(project).await?;
+        {
+            // A key minted since the flush (its token was still live) is revoked with the
+            // tokens; none is minted after them.
+            let _no_minting = self.lock_project(project, super::Lock::Exclusive).await?;
+            let scoped = self.db.scoped_tokens(project).await?;
+            self.db.remove_project(project).await?;
+            for token_id in std::iter::once(String::new()).chain(scoped.into_iter().map(|token| token.id)) {
+                self.db.revoke_keys(project, &token_id).await?;
+            }
+        }
         self.db.durable().await?;
         if sweep_due > self.clock.now_unix() {
             let (store, db) = (self.store.clone(), self.db.clone());

@@ -29,7 +29,8 @@ const MAX_HOST_NAME: usize = 255;
 const MOST_BLOBS_PER_SAVE: usize = 20_000;
 /// Store lookups (HEAD) one commit keeps in flight.
 const STORE_LOOKUPS_IN_FLIGHT: usize = 16;
-/// Checks of a reported bad blob one project may ask for per minute (each may read a blob).
+/// Checks of a reported bad blob one token of a project may ask for per minute (each may read
+/// a blob).
 const BAD_BLOB_CHECKS_PER_MINUTE: u32 = 10;
 
 /// The refusal of a commit naming a blob whose stored bytes do not hash to its digest (the
@@ -154,7 +155,7 @@ fn validate_begin(
 
 /// The record of a begun save, as its claims keep it until the commit.
 fn open_save(
-    project: &str,
+    principal: &crate::tokens::Principal,
     key: &pb::CacheKey,
     record: &ProjectRecord,
     request: &pb::BeginSaveRequest,
@@ -163,7 +164,8 @@ fn open_save(
     now_unix_ms: i64,
 ) -> OpenSave {
     OpenSave {
-        project: project.to_owned(),
+        project: principal.project.clone(),
+        token_id: principal.token_id.clone(),
         service: key.service.clone(),
         branch: key.branch.clone(),
         generation: record.generation,
@@ -230,7 +232,7 @@ impl CacheService {
         let (missing_digests, in_flight_digests) = if unchanged {
             (Vec::new(), Vec::new())
         } else {
-            let pending = open_save(project, &key, &record, request, &digests, !missing.is_empty(), now);
+            let pending = open_save(principal, &key, &record, request, &digests, !missing.is_empty(), now);
             let begun = self.pending_saves.begin(save_id.clone(), pending, missing, now).await?;
             self.release_shares_of_silent(begun.silent, now).await;
             (begun.to_upload, begun.in_flight)
@@ -292,7 +294,7 @@ impl CacheService {
         now_unix_ms: i64,
     ) -> Result<(Option<pb::Credentials>, Option<pb::TransferPlan>), Error> {
         let project = principal.project.as_str();
-        let credentials = match self.issue_credentials(project, pb::Access::Write, "", &principal.token_id).await {
+        let credentials = match self.issue_credentials(project, pb::Access::Write, "", Some(principal)).await {
             Ok(credentials) => credentials,
             Err(error) => {
                 self.pending_saves.abandon(save_id, project).await?;
@@ -307,7 +309,12 @@ impl CacheService {
     /// (a report is never trusted), and if the blob is indeed lost, dropped from the ledger
     /// with every manifest naming it, under the project's publish lock, so the next save
     /// uploads it again and no restore starts on a manifest that cannot complete.
-    pub async fn report_bad_blob(&self, project: &str, digest: &str) -> Result<pb::ReportBadBlobResponse, Error> {
+    pub async fn report_bad_blob(
+        &self,
+        principal: &crate::tokens::Principal,
+        digest: &str,
+    ) -> Result<pb::ReportBadBlobResponse, Error> {
+        let project = principal.project.as_str();
         names::validate_digest(digest)?;
         if self.db.stored_blobs(project, &[digest.to_owned()]).await?.is_empty() {
             return Ok(pb::ReportBadBlobResponse::default());
@@ -315,13 +322,19 @@ impl CacheService {
         {
             let mut checks = self.bad_blob_checks.lock().expect("bad blob checks");
             let now_ms = self.clock.now_unix_ms();
-            let (since_ms, n) = checks.entry(project.to_owned()).or_insert((now_ms, 0));
+            let holder = (project.to_owned(), principal.token_id.clone());
+            let (since_ms, n) = checks.entry(holder).or_insert((now_ms, 0));
             if now_ms - *since_ms >= 60_000 {
                 (*since_ms, *n) = (now_ms, 0);
             }
             if *n >= BAD_BLOB_CHECKS_PER_MINUTE {
+                let whose = if principal.token_id.is_empty() {
+                    format!("project {project:?}'s token")
+                } else {
+                    format!("token {} of project {project:?}", principal.token_id)
+                };
                 return Err(Error::TooMany(format!(
-                    "project {project:?} reported {BAD_BLOB_CHECKS_PER_MINUTE} bad blobs this minute, the most checked: report again later"
+                    "{whose} reported {BAD_BLOB_CHECKS_PER_MINUTE} bad blobs this minute, the most checked: report again later"
                 )));
             }
             *n += 1;
