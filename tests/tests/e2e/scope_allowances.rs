@@ -162,20 +162,6 @@ fn a_storage_key_renews_only_for_its_token_and_goes_with_it() {
             Ok::<_, tonic::Status>(answer.into_inner().credentials.expect("credentials"))
         }
     };
-    let main_key = runtime.block_on(credentials(&main_token, "")).unwrap();
-
-    // The pull request's token names the project token's key: refused with one line, no secret.
-    let refused = runtime.block_on(credentials(&pr_token, &main_key.access_key_id)).unwrap_err();
-    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
-    assert!(refused.message().contains("issued to another token"), "{}", refused.message());
-    // Each token renews its own key.
-    let pr_key = runtime.block_on(credentials(&pr_token, "")).unwrap();
-    let renewed = runtime.block_on(credentials(&pr_token, &pr_key.access_key_id)).unwrap();
-    assert_eq!(renewed.access_key_id, pr_key.access_key_id);
-    let renewed = runtime.block_on(credentials(&main_token, &main_key.access_key_id)).unwrap();
-    assert_eq!(renewed.access_key_id, main_key.access_key_id);
-
-    // Rotating the project token revokes its key; revoking the scoped token revokes the other.
     let write_with = |key: &pb::Credentials| {
         let key = key.clone();
         async move {
@@ -189,9 +175,25 @@ fn a_storage_key_renews_only_for_its_token_and_goes_with_it() {
                 .await
         }
     };
+    let main_key = runtime.block_on(credentials(&main_token, "")).unwrap();
+    let pr_key = runtime.block_on(credentials(&pr_token, "")).unwrap();
+    // Each token renews its own key.
+    let renewed = runtime.block_on(credentials(&pr_token, &pr_key.access_key_id)).unwrap();
+    assert_eq!(renewed.access_key_id, pr_key.access_key_id);
+    let renewed = runtime.block_on(credentials(&main_token, &main_key.access_key_id)).unwrap();
+    assert_eq!(renewed.access_key_id, main_key.access_key_id);
     assert!(runtime.block_on(write_with(&main_key)).is_ok());
+
+    // The pull request's token names the project token's key to renew: it must neither get the
+    // key's secret nor take the key over, so rotating the project token still revokes it.
+    let taken_over = runtime.block_on(credentials(&pr_token, &main_key.access_key_id));
     printed_token(&coordinator, &["project", "rotate-token", "web"]);
     assert!(runtime.block_on(write_with(&main_key)).is_err(), "the project token's key outlived its rotation");
+    let refused = taken_over.expect_err("a scoped token renewed the project token's key");
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
+    assert!(refused.message().contains("issued to another token"), "{}", refused.message());
+
+    // A rotation leaves scoped tokens' keys; revoking the scoped token revokes its key.
     assert!(runtime.block_on(write_with(&pr_key)).is_ok(), "a rotation leaves scoped tokens' keys");
     let listed = stdout_of(&coordinator.cachectl(&["token", "ls", "web"]));
     let pr_id = listed.split_whitespace().find(|word| word.starts_with("tok_")).expect("the token's ID").to_owned();
