@@ -227,7 +227,7 @@ impl CacheService {
         self.existing_project(project).await?;
         let record = self.db.set_quota(project, quota_bytes).await?;
         self.db.durable().await?;
-        let evicted = self.fit_quota(project, None).await?;
+        let evicted = self.fit_quota(project, None, None).await?;
         tracing::info!(project, quota_bytes, evicted = evicted.caches.len(), "quota set");
         let usage = self.usage.lock().expect("usage").get(project).copied().unwrap_or_default();
         Ok(pb::SetQuotaResponse {

@@ -454,8 +454,8 @@ impl CacheService {
         }
         let committed = self.record_commit(project, &manifest, &pending, &reported).await?;
         drop(no_sweep);
-        if quota > 0 {
-            self.fit_quota_after_commit(project, &pending.key).await;
+        if quota > 0 && !self.fit_quota_after_commit(principal, &pending.key).await {
+            return Err(super::gc::over_quota_of_others(principal, &pending.key, quota));
         }
         Ok(commit_response(project, &pending.key, manifest, committed))
     }
@@ -626,22 +626,34 @@ impl CacheService {
         Ok(committed)
     }
 
-    /// Evicts the least recently used caches until the project fits its quota again.
+    /// Evicts the least recently used caches until the project fits its quota again; whether
+    /// the cache just saved is kept.
     ///
     /// Architecture Invariant: after a commit the project fits its quota again, the cache
-    /// just saved evicted last of all (it alone fits, as checked before the commit).
-    /// The save is stored whatever happens here: a failed eviction is the next one's.
-    async fn fit_quota_after_commit(&self, project: &str, saved: &pb::CacheKey) {
-        match self.fit_quota(project, Some(saved)).await {
-            Ok(evicted) if !evicted.caches.is_empty() => tracing::info!(
-                project,
-                caches = evicted.caches.len(),
-                bytes = evicted.bytes,
-                "least recently used caches evicted to fit the quota"
-            ),
-            Ok(_) => {}
+    /// just saved evicted last of all (it alone fits, as checked before the commit). A scoped
+    /// token's commit never evicts a cache it may read but not write (rather its own): a less
+    /// trusted token never evicts the default branch's.
+    /// The save is stored whatever else happens here: a failed eviction is the next one's.
+    async fn fit_quota_after_commit(&self, principal: &crate::tokens::Principal, saved: &pb::CacheKey) -> bool {
+        let project = principal.project.as_str();
+        match self.fit_quota(project, Some(saved), principal.scope.as_ref()).await {
+            Ok(evicted) if evicted.caches.contains(saved) => {
+                tracing::info!(project, "a scoped token's save did not fit the quota beside the caches it reads");
+                false
+            }
+            Ok(evicted) if !evicted.caches.is_empty() => {
+                tracing::info!(
+                    project,
+                    caches = evicted.caches.len(),
+                    bytes = evicted.bytes,
+                    "least recently used caches evicted to fit the quota"
+                );
+                true
+            }
+            Ok(_) => true,
             Err(error) => {
-                tracing::warn!(project, error = %error.line(), "evicting to fit the quota failed; the next commit tries again")
+                tracing::warn!(project, error = %error.line(), "evicting to fit the quota failed; the next commit tries again");
+                true
             }
         }
     }

@@ -202,3 +202,48 @@ fn a_storage_key_renews_only_for_its_token_and_goes_with_it() {
     assert!(runtime.block_on(write_with(&pr_key)).is_err(), "the scoped token's key outlived its revocation");
     coordinator.stop();
 }
+
+#[test]
+fn a_pull_request_save_never_evicts_the_default_branch_to_fit_the_quota() {
+    let project = Project::start();
+    let set = project.coordinator.cachectl(&["project", "set-quota", "web", "1MiB"]);
+    assert!(set.status.success(), "{}", stderr_of(&set));
+    let url = project.coordinator.grpc_url.clone();
+    tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let mut main = worker_client(&url, &project.main_token).await;
+        let mut pr = worker_client(&url, &project.pr_token).await;
+        let main_layer = vec![1u8; 600 * 1024];
+        let begun = main.begin_save(begin_on("main", "app", &main_layer)).await.unwrap().into_inner();
+        assert!(upload_and_commit(&url, &project.main_token, &begun, &main_layer).await.stored);
+
+        // The pull request's cache fits the quota alone, not beside main's: it is not saved,
+        // and main's cache stays.
+        let pr_layer = vec![2u8; 600 * 1024];
+        let begun = pr.begin_save(begin_on("pr-1", "app", &pr_layer)).await.unwrap().into_inner();
+        upload_one_layer_blobs(begun.credentials.as_ref().expect("write credentials"), &pr_layer).await;
+        let commit = pb::CommitSaveRequest {
+            save_id: begun.save_id.clone(),
+            images: vec![one_layer_image("app:1", &pr_layer, true)],
+            save_log: Vec::new(),
+        };
+        let refused = pr.commit_save(commit).await.expect_err("the pull request's save evicted main's cache");
+        assert_eq!(refused.code(), tonic::Code::ResourceExhausted, "{refused:?}");
+        assert!(refused.message().contains("beside the caches token tok_"), "{}", refused.message());
+        let key = |branch: &str| Some(pb::CacheKey { service: "app".into(), branch: branch.into() });
+        let lookup = |branch: &str| pb::LookupRequest { key: key(branch), ..Default::default() };
+        assert!(main.lookup(lookup("main")).await.unwrap().into_inner().found, "main's cache was evicted");
+        assert!(!pr.lookup(lookup("pr-1")).await.unwrap().into_inner().found);
+
+        // The project token's next save of main (begun after the last) makes room by evicting
+        // what it must.
+        project.coordinator.advance(std::time::Duration::from_secs(1));
+        let small = b"a small layer".to_vec();
+        let begun = pr.begin_save(begin_on("pr-2", "app", &small)).await.unwrap().into_inner();
+        assert!(upload_and_commit(&url, &project.pr_token, &begun, &small).await.stored, "a cache that fits is saved");
+        let bigger = vec![3u8; 900 * 1024];
+        let begun = main.begin_save(begin_on("main", "app", &bigger)).await.unwrap().into_inner();
+        assert!(upload_and_commit(&url, &project.main_token, &begun, &bigger).await.stored);
+        assert!(main.lookup(lookup("main")).await.unwrap().into_inner().found);
+    });
+    project.coordinator.stop();
+}
