@@ -165,7 +165,7 @@ impl Worker for WorkerApi {
         request: Request<pb::ReportMetricsRequest>,
     ) -> Result<Response<pb::ReportMetricsResponse>, Status> {
         let result = async {
-            self.0.report_metrics(&self.project(&request).await?, request.get_ref()).await?;
+            self.0.report_metrics(&self.principal(&request).await?, request.get_ref()).await?;
             Ok(pb::ReportMetricsResponse {})
         }
         .await;

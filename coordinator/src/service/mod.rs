@@ -405,14 +405,19 @@ impl CacheService {
     }
 
     /// Adds a worker's report of one save or restore to the service's counters.
-    pub async fn report_metrics(&self, project: &str, report: &pb::ReportMetricsRequest) -> Result<(), Error> {
+    pub async fn report_metrics(
+        &self,
+        principal: &tokens::Principal,
+        report: &pb::ReportMetricsRequest,
+    ) -> Result<(), Error> {
+        let project = principal.project.as_str();
         // The transfer's share of the budget comes back whatever the report says.
         if !report.lease_id.is_empty() {
             self.budget.release(project, &report.lease_id, self.clock.now_unix_ms()).await?;
         }
         names::validate_service_name(&report.service)?;
         validate_report(report)?;
-        self.may_report_for(project, &report.service).await?;
+        self.may_report_for(project, &report.service, principal.scope.is_some()).await?;
         let mut change = ServiceCounters::default();
         for layer in &report.layers {
             match layer.outcome() {
@@ -446,8 +451,10 @@ impl CacheService {
 
     /// Refuses a report for yet another service once a project reports for
     /// [`MAX_REPORTED_SERVICES`] without a cache: each service is a set of series for as long as
-    /// the coordinator runs, and a row of `cachectl stats` for good.
-    async fn may_report_for(&self, project: &str, service: &str) -> Result<(), Error> {
+    /// the coordinator runs, and a row of `cachectl stats` for good. A scoped token (`scoped`)
+    /// adds one only below half of them: the rest is the project token's, so a less trusted
+    /// token never leaves the default branch's new service without its metrics.
+    async fn may_report_for(&self, project: &str, service: &str, scoped: bool) -> Result<(), Error> {
         let reported: Vec<String> =
             self.db.service_counters(Some(project)).await?.into_iter().map(|(_, service, _)| service).collect();
         if reported.iter().any(|known| known == service) {
@@ -464,7 +471,7 @@ impl CacheService {
             return Ok(());
         }
         let uncached = reported.iter().filter(|known| !cached.contains(*known)).count();
-        if uncached >= MAX_REPORTED_SERVICES {
+        if uncached >= MAX_REPORTED_SERVICES || (scoped && uncached >= MAX_REPORTED_SERVICES / 2) {
             return Err(Error::InvalidArgument(format!(
                 "project {project:?} already reports metrics for {uncached} services without a cache, the most it may: metrics for {service:?} are not recorded"
             )));

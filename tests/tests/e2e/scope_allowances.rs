@@ -247,3 +247,29 @@ fn a_pull_request_save_never_evicts_the_default_branch_to_fit_the_quota() {
     });
     project.coordinator.stop();
 }
+
+#[test]
+fn a_pull_request_token_reporting_many_new_services_leaves_the_project_tokens_reports() {
+    let project = Project::start();
+    let url = project.coordinator.grpc_url.clone();
+    tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let miss = |service: String| pb::ReportMetricsRequest {
+            service,
+            operation: pb::Operation::Restore as i32,
+            restore_outcome: pb::RestoreOutcome::Miss as i32,
+            total_seconds: 0.1,
+            ..Default::default()
+        };
+        let mut pr = worker_client(&url, &project.pr_token).await;
+        let mut accepted = 0;
+        for i in 0..64 {
+            if pr.report_metrics(miss(format!("junk{i}"))).await.is_ok() {
+                accepted += 1;
+            }
+        }
+        assert_eq!(accepted, 32, "a scoped token adds half the project's services without a cache");
+        let mut main = worker_client(&url, &project.main_token).await;
+        main.report_metrics(miss("app".into())).await.expect("the project token's first report of a new service");
+    });
+    project.coordinator.stop();
+}
