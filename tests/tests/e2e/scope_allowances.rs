@@ -7,8 +7,8 @@
 
 use proto::v1 as pb;
 use tests::{
-    begin_one_layer_save, one_layer_image, s3_client_for, sha256_digest, stderr_of, stdout_of, upload_one_layer_blobs,
-    worker_client,
+    DockerEngine, EngineKind, begin_one_layer_save, one_layer_image, s3_client_for, sha256_digest, stderr_of,
+    stdout_of, upload_one_layer_blobs, worker_client,
 };
 
 use super::in_process::InProcessCoordinator;
@@ -271,5 +271,79 @@ fn a_pull_request_token_reporting_many_new_services_leaves_the_project_tokens_re
         let mut main = worker_client(&url, &project.main_token).await;
         main.report_metrics(miss("app".into())).await.expect("the project token's first report of a new service");
     });
+    project.coordinator.stop();
+}
+
+/// Runs cache-worker against `coordinator` and `engine`, failing the test if it has not ended
+/// after `limit` (a save waiting for ever is the failure looked for, not a slow machine).
+fn cache_worker_within(
+    coordinator: &InProcessCoordinator,
+    engine: &DockerEngine,
+    token: &str,
+    args: &[&str],
+    limit: std::time::Duration,
+) -> std::process::Output {
+    let mut child = std::process::Command::new(tests::binary("cache-worker"))
+        .arg("--coordinator")
+        .arg(&coordinator.grpc_url)
+        .args(args)
+        .env("CACHE_TOKEN", token)
+        .env("DOCKER_HOST", &engine.host)
+        .env("CACHE_BUILD_CACHE_DIR", engine.build_cache_dir())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start cache-worker");
+    let deadline = std::time::Instant::now() + limit;
+    while child.try_wait().expect("cache-worker's status").is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let output = child.wait_with_output().expect("cache-worker's output");
+            panic!("cache-worker {args:?} had not ended after {limit:?}: {}", stderr_of(&output));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    child.wait_with_output().expect("cache-worker's output")
+}
+
+#[test]
+fn main_saves_and_restores_on_a_real_engine_while_a_pull_request_holds_its_layers() {
+    let Some(ci_host) = DockerEngine::start(EngineKind::Engine20) else { return };
+    let project = Project::start();
+    let context = tests::build_seed_app(&ci_host);
+    let layers = tests::layer_digests(&ci_host, "app:latest");
+    let image_id = stdout_of(&ci_host.docker(&["image", "inspect", "--format", "{{.Id}}", "app:latest"]));
+    // The pull request begins a save naming main's image and every layer, and never uploads:
+    // it claims them all (the coordinator's clock stands still, so the claims never lapse).
+    let url = project.coordinator.grpc_url.clone();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let image = pb::Image {
+            id: image_id.trim().to_owned(),
+            repo_tags: vec!["app:pr".into()],
+            layers: layers.iter().map(|digest| pb::Layer { digest: digest.clone(), ..Default::default() }).collect(),
+            ..Default::default()
+        };
+        let request = pb::BeginSaveRequest {
+            key: Some(pb::CacheKey { service: "app".into(), branch: "pr-1".into() }),
+            images: vec![image],
+            engine_version: "test".into(),
+            host: "pr-host".into(),
+        };
+        let held = worker_client(&url, &project.pr_token).await.begin_save(request).await.unwrap().into_inner();
+        assert_eq!(held.missing_digests.len(), layers.len() + 1, "{held:?}");
+    });
+
+    // Main's save neither waits for those claims nor fails; its strict restore on a fresh host
+    // brings back a cache every step of the rebuild reuses.
+    let save = ["save", "--service", "app", "--branch", "main", "app:latest"];
+    let limit = std::time::Duration::from_secs(180);
+    let saved = cache_worker_within(&project.coordinator, &ci_host, &project.main_token, &save, limit);
+    assert!(saved.status.success(), "{}", stderr_of(&saved));
+    let Some(fresh_host) = DockerEngine::start(EngineKind::Engine20) else { return };
+    let restore = ["restore", "--service", "app", "--branch", "main", "--strict"];
+    let restored = cache_worker_within(&project.coordinator, &fresh_host, &project.main_token, &restore, limit);
+    assert!(restored.status.success(), "{}", stderr_of(&restored));
+    tests::assert_seed_rebuild_cached(&fresh_host, context.path());
     project.coordinator.stop();
 }
