@@ -573,3 +573,63 @@ fn validate_report(report: &pb::ReportMetricsRequest) -> Result<(), Error> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use std::path::Path;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::credentials::{EmbeddedBroker, EmbeddedStoreSettings, SigningKey};
+
+    /// The embedded broker over `db`, its signing key in `dir`.
+    pub(crate) fn embedded_broker(dir: &Path, db: &crate::state::Database) -> EmbeddedBroker {
+        EmbeddedBroker {
+            state: Arc::new(db.clone()),
+            clock: proto::clock::ManualClock::starting_now(),
+            signing_key: Arc::new(SigningKey::load_or_create(dir).unwrap()),
+            settings: EmbeddedStoreSettings {
+                endpoint_url: "http://127.0.0.1:7401".into(),
+                region: "us-east-1".into(),
+                bucket: "layer-cache".into(),
+                prefix: "cache".into(),
+            },
+            ttl: Duration::from_secs(900),
+        }
+    }
+
+    /// A service on sled (`db`) with the embedded store under `dir/objects`, minting through
+    /// `broker` (`None`: the embedded broker).
+    pub(crate) fn service(
+        dir: &Path,
+        db: crate::state::Database,
+        broker: Option<Arc<dyn CredentialBroker>>,
+    ) -> Arc<CacheService> {
+        std::fs::create_dir_all(dir.join("objects/layer-cache")).unwrap();
+        let broker = broker.unwrap_or_else(|| Arc::new(embedded_broker(dir, &db)));
+        let state: Arc<dyn State> = Arc::new(db);
+        let plan = crate::budget::PlanSettings {
+            part_size: 8 << 20,
+            multipart_threshold: 16 << 20,
+            worker_concurrency: 8,
+            transfer_budget: 64,
+        };
+        Arc::new(CacheService {
+            db: state.clone(),
+            broker,
+            store: Arc::new(crate::store::EmbeddedStore::new(&dir.join("objects"), "layer-cache").unwrap()),
+            store_prefix: "cache".into(),
+            admin_token_sha256_hex: tokens::sha256_hex("admin"),
+            pending_saves: crate::claims::PendingSaves::new(Duration::from_secs(15), state.clone()),
+            budget: crate::budget::TransferBudget::new(plan, state),
+            metrics: Arc::new(crate::metrics::Metrics::new()),
+            publish_lock: Default::default(),
+            usage: Default::default(),
+            gc_grace: Duration::from_secs(3600),
+            cache_expiry: Duration::ZERO,
+            default_quota: 0,
+            bad_blob_checks: Default::default(),
+            clock: proto::clock::ManualClock::starting_now(),
+        })
+    }
+}

@@ -184,7 +184,7 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::credentials::{CredentialBroker, EmbeddedBroker, EmbeddedStoreSettings, IssuedCredentials, SigningKey};
+    use crate::credentials::{CredentialBroker, EmbeddedBroker, IssuedCredentials};
     use crate::state::{KeyAccess, State};
 
     /// The embedded broker, paused inside `issue` until the test lets it go: the moment a key
@@ -208,34 +208,6 @@ mod tests {
         }
     }
 
-    /// A service on sled in `dir`, minting through `broker`.
-    fn service(dir: &std::path::Path, db: crate::state::Database, broker: Arc<PausedBroker>) -> Arc<CacheService> {
-        let state: Arc<dyn crate::state::State> = Arc::new(db);
-        let plan = crate::budget::PlanSettings {
-            part_size: 8 << 20,
-            multipart_threshold: 16 << 20,
-            worker_concurrency: 8,
-            transfer_budget: 64,
-        };
-        Arc::new(CacheService {
-            db: state.clone(),
-            broker,
-            store: Arc::new(crate::store::EmbeddedStore::new(&dir.join("objects"), "layer-cache").unwrap()),
-            store_prefix: "cache".into(),
-            admin_token_sha256_hex: tokens::sha256_hex("admin"),
-            pending_saves: crate::claims::PendingSaves::new(Duration::from_secs(15), state.clone()),
-            budget: crate::budget::TransferBudget::new(plan, state),
-            metrics: Arc::new(crate::metrics::Metrics::new()),
-            publish_lock: Default::default(),
-            usage: Default::default(),
-            gc_grace: Duration::from_secs(3600),
-            cache_expiry: Duration::ZERO,
-            default_quota: 0,
-            bad_blob_checks: Default::default(),
-            clock: proto::clock::ManualClock::starting_now(),
-        })
-    }
-
     /// What takes a token's keys away.
     #[derive(Clone, Copy, Debug)]
     enum Revoke {
@@ -248,22 +220,10 @@ mod tests {
     /// `revoke` says: the key must then be refused or revoked, never left live.
     async fn mint_while(revoke: Revoke) {
         let dir = tempfile::tempdir().unwrap();
-        std::fs::create_dir_all(dir.path().join("objects/layer-cache")).unwrap();
         let db = crate::state::Database::open(dir.path()).unwrap();
-        let inner = EmbeddedBroker {
-            state: Arc::new(db.clone()),
-            clock: proto::clock::ManualClock::starting_now(),
-            signing_key: Arc::new(SigningKey::load_or_create(dir.path()).unwrap()),
-            settings: EmbeddedStoreSettings {
-                endpoint_url: "http://127.0.0.1:7401".into(),
-                region: "us-east-1".into(),
-                bucket: "layer-cache".into(),
-                prefix: "cache".into(),
-            },
-            ttl: Duration::from_secs(900),
-        };
+        let inner = crate::service::tests::embedded_broker(dir.path(), &db);
         let broker = Arc::new(PausedBroker { inner, entered: Default::default(), go_on: Default::default() });
-        let service = service(dir.path(), db.clone(), broker.clone());
+        let service = crate::service::tests::service(dir.path(), db.clone(), Some(broker.clone()));
         let (_, project_token) = service.create_project("web", None).await.unwrap();
         let scope = BranchScope { read: vec!["main".into()], write: vec!["pr-*".into()] };
         let (_, pr_token) = service.create_token("web", scope, 0).await.unwrap();

@@ -339,8 +339,15 @@ impl CacheService {
             }
             *n += 1;
         }
-        let _no_commits = self.lock_project(project, Lock::Exclusive).await?;
         let key = blob_key(&project_prefix(&self.store_prefix, project), digest);
+        // Read and hashed without the project's lock: a report of a big intact blob (any token
+        // may send one) must not hold every save and restore of the project meanwhile.
+        if self.store.check_blob(&key, digest).await? == crate::store::BlobState::Intact {
+            tracing::info!(project, digest, "a blob reported bad is intact in the store");
+            return Ok(pb::ReportBadBlobResponse::default());
+        }
+        let _no_commits = self.lock_project(project, Lock::Exclusive).await?;
+        // Looked at again under the lock, before anything is dropped.
         let state = self.store.check_blob(&key, digest).await?;
         if state == crate::store::BlobState::Intact {
             tracing::info!(project, digest, "a blob reported bad is intact in the store");
@@ -763,5 +770,57 @@ mod tests {
         };
         assert!(validate_images(&[bad_layer]).is_err());
         assert_eq!(blob_key("cache/web/", &digest), format!("cache/web/blobs/sha256/{}", "a".repeat(64)));
+    }
+
+    /// Saves one image of a config and one layer through `service` as `principal`, the blobs
+    /// written straight into the embedded store's folder under `dir`; returns the layer's digest.
+    async fn save_one_layer(
+        service: &CacheService,
+        principal: &crate::tokens::Principal,
+        dir: &std::path::Path,
+        layer: &[u8],
+    ) -> String {
+        let layer_digest = proto::digest::sha256_digest(layer);
+        let config = format!(r#"{{"rootfs":{{"type":"layers","diff_ids":["{layer_digest}"]}}}}"#).into_bytes();
+        let image = |sized: bool| pb::Image {
+            id: proto::digest::sha256_digest(&config),
+            repo_tags: vec!["app:1".into()],
+            config_size: if sized { config.len() as u64 } else { 0 },
+            layers: vec![pb::Layer {
+                digest: layer_digest.clone(),
+                size: if sized { layer.len() as u64 } else { 0 },
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let key = pb::CacheKey { service: "app".into(), branch: String::new() };
+        let begin = pb::BeginSaveRequest { key: Some(key), images: vec![image(false)], ..Default::default() };
+        let begun = service.begin_save(principal, &begin).await.unwrap();
+        for blob in [&config[..], layer] {
+            let digest = proto::digest::sha256_digest(blob);
+            let path = dir.join("objects/layer-cache").join(blob_key("cache/web/", &digest));
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(path, blob).unwrap();
+        }
+        let commit = pb::CommitSaveRequest { save_id: begun.save_id, images: vec![image(true)], save_log: Vec::new() };
+        assert!(service.commit_save(principal, &commit).await.unwrap().stored);
+        layer_digest
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_report_of_an_intact_blob_never_waits_for_the_projects_lock() {
+        let dir = tempfile::tempdir().unwrap();
+        let service = super::super::tests::service(dir.path(), crate::state::Database::open(dir.path()).unwrap(), None);
+        let (_, token) = service.create_project("web", None).await.unwrap();
+        let principal = service.authenticate_worker(Some(&token)).await.unwrap();
+        let digest = save_one_layer(&service, &principal, dir.path(), &vec![7u8; 1 << 20]).await;
+        // A commit or a lookup holds the project's lock (shared) meanwhile: a report of an
+        // intact blob, which any token may send ten times a minute and which reads the whole
+        // blob, is answered without waiting for it (it used to take the lock exclusively).
+        let _committing = service.lock_project("web", Lock::Shared).await.unwrap();
+        let report = service.report_bad_blob(&principal, &digest);
+        let answered = tokio::time::timeout(Duration::from_secs(20), report).await;
+        let answer = answered.expect("the report waited for the project's lock").unwrap();
+        assert!(!answer.dropped);
     }
 }
