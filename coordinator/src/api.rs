@@ -141,12 +141,7 @@ impl Worker for WorkerApi {
             }
             let credentials = self
                 .0
-                .issue_credentials(
-                    &principal.project,
-                    request.access(),
-                    &request.renew_access_key_id,
-                    &principal.token_id,
-                )
+                .issue_credentials(&principal.project, request.access(), &request.renew_access_key_id, Some(&principal))
                 .await?;
             Ok(pb::GetCredentialsResponse { credentials: Some(credentials) })
         }
@@ -160,7 +155,7 @@ impl Worker for WorkerApi {
         request: Request<pb::ReportBadBlobRequest>,
     ) -> Result<Response<pb::ReportBadBlobResponse>, Status> {
         let result =
-            async { Ok(self.0.report_bad_blob(&self.project(&request).await?, &request.get_ref().digest).await?) }
+            async { Ok(self.0.report_bad_blob(&self.principal(&request).await?, &request.get_ref().digest).await?) }
                 .await;
         counted(&self.0.metrics, "ReportBadBlob", result)
     }
@@ -170,7 +165,7 @@ impl Worker for WorkerApi {
         request: Request<pb::ReportMetricsRequest>,
     ) -> Result<Response<pb::ReportMetricsResponse>, Status> {
         let result = async {
-            self.0.report_metrics(&self.project(&request).await?, request.get_ref()).await?;
+            self.0.report_metrics(&self.principal(&request).await?, request.get_ref()).await?;
             Ok(pb::ReportMetricsResponse {})
         }
         .await;
@@ -257,7 +252,7 @@ impl Admin for AdminApi {
             self.admin(&request).await?;
             let request = request.get_ref();
             let project = self.0.existing_project(&request.project).await?;
-            let credentials = self.0.issue_credentials(&project.name, request.access(), "", "").await?;
+            let credentials = self.0.issue_credentials(&project.name, request.access(), "", None).await?;
             Ok(pb::GetCredentialsResponse { credentials: Some(credentials) })
         }
         .await;

@@ -14,12 +14,17 @@ use crate::state::{Ephemeral, OpenSave, OpenSaves};
 
 /// How long a begun save may take before its commit is refused.
 const SAVE_LIFETIME: Duration = Duration::from_secs(6 * 3600);
-/// Saves of one project held at once (each kept alive by its worker, or silent for less than
-/// [`SILENT_SAVE_CLAIM_TTLS`] claim lifetimes): a build matrix saves in parallel, a token
-/// cannot pile up saves without end.
-pub(crate) const MOST_SAVES_PER_PROJECT: usize = 64;
-/// Blob and image names the saves of one project may hold in memory together (about 10 MB).
-const MOST_HELD_NAMES_PER_PROJECT: usize = 100_000;
+/// Saves one token of a project holds at once (each kept alive by its worker, or silent for
+/// less than [`SILENT_SAVE_CLAIM_TTLS`] claim lifetimes): a build matrix saves in parallel, a
+/// token cannot pile up saves without end. Counted per token, so a less trusted token (a
+/// fork's pull requests) that holds its all never keeps the default branch's from saving.
+pub(crate) const MOST_SAVES_PER_TOKEN: usize = 64;
+/// Blob and image names the saves of one token may hold in memory together (about 10 MB).
+const MOST_HELD_NAMES_PER_TOKEN: usize = 100_000;
+/// How long after its save began a claim still holds up another save of the same token: a
+/// claimant alive but stuck (its keep-alive runs, its upload does not) delays the others this
+/// long at most, then they upload the blob themselves (commit verifies it either way).
+const CLAIM_HOLDS_UP_FOR: Duration = Duration::from_secs(10 * 60);
 /// A save whose worker is silent for this many claim lifetimes (10 minutes by default) is
 /// forgotten: its worker, should it come back, hears that the save is unknown and begins again.
 const SILENT_SAVE_CLAIM_TTLS: u32 = 40;
@@ -75,6 +80,16 @@ impl PendingSaves {
             && save.claimed.contains(digest)
     }
 
+    /// Whether a save of `token_id` waits for `claimant`'s upload of `digest`: only for a
+    /// live claim of a save of the same token, begun less than [`CLAIM_HOLDS_UP_FOR`] ago.
+    /// A claim of another token (another scope: a pull request's, or simply another) never
+    /// holds a save up: the save uploads the blob itself, and commit verifies what is stored.
+    fn holds_up(&self, claimant: &OpenSave, token_id: &str, project: &str, digest: &str, now: i64) -> bool {
+        claimant.token_id == token_id
+            && now.saturating_sub(claimant.began_unix_ms) < millis(CLAIM_HOLDS_UP_FOR)
+            && self.claims(claimant, project, digest, now)
+    }
+
     /// Runs `change` on the open saves of `project` (`None`: of every project).
     async fn change<R: Send>(
         &self,
@@ -99,13 +114,13 @@ impl PendingSaves {
         Ok(result.expect("the read ran"))
     }
 
-    /// Registers a save. Of the `missing` blobs it claims those no other live save of the
-    /// project claims, and returns (claimed: upload these, in flight: another save does). A
-    /// blob claimed only by an earlier save of the same cache key is taken over: that is a
-    /// retry of a save that failed or was killed, or a save it replaces anyway, and a retry
-    /// must never wait for the save it repeats.
-    /// Refused while the project holds [`MOST_SAVES_PER_PROJECT`] saves or
-    /// [`MOST_HELD_NAMES_PER_PROJECT`] names. Also answers the project's saves that fell
+    /// Registers a save. Of the `missing` blobs it claims those no other save holds it up for
+    /// (see [`PendingSaves::holds_up`]), and returns (claimed: upload these, in flight: another
+    /// save of its token does). A blob claimed only by an earlier save of the same cache key is
+    /// taken over: that is a retry of a save that failed or was killed, or a save it replaces
+    /// anyway, and a retry must never wait for the save it repeats.
+    /// Refused while its token holds [`MOST_SAVES_PER_TOKEN`] saves or
+    /// [`MOST_HELD_NAMES_PER_TOKEN`] names. Also answers the project's saves that fell
     /// silent (see [`PendingSaves::newly_silent`]), in the same step.
     pub(crate) async fn begin(
         &self,
@@ -118,24 +133,30 @@ impl PendingSaves {
         self.change(Some(&project), move |saves| {
             let silent = self.note_silent(saves, Some(&save.project), now);
             save.named.extend(missing.iter().cloned());
-            let of_project = || saves.values().filter(|other| other.project == save.project);
-            if of_project().count() >= MOST_SAVES_PER_PROJECT {
+            let of_token =
+                || saves.values().filter(|other| other.project == save.project && other.token_id == save.token_id);
+            let whose = if save.token_id.is_empty() {
+                format!("project {:?}'s token", save.project)
+            } else {
+                format!("token {} of project {:?}", save.token_id, save.project)
+            };
+            if of_token().count() >= MOST_SAVES_PER_TOKEN {
                 return Err(Error::TooMany(format!(
-                    "project {:?} has {MOST_SAVES_PER_PROJECT} saves in progress, the most it may: save again once some have committed",
-                    save.project
+                    "{whose} has {MOST_SAVES_PER_TOKEN} saves in progress, the most it may: save again once some have committed"
                 )));
             }
-            let held: usize = of_project().map(held_names).sum();
-            if held + held_names(&save) > MOST_HELD_NAMES_PER_PROJECT {
+            let held: usize = of_token().map(held_names).sum();
+            if held + held_names(&save) > MOST_HELD_NAMES_PER_TOKEN {
                 return Err(Error::TooMany(format!(
-                    "project {:?}'s saves in progress name {held} blobs and images, and this one would take them over \
-                     {MOST_HELD_NAMES_PER_PROJECT}: save again once some have committed",
-                    save.project
+                    "{whose}'s saves in progress name {held} blobs and images, and this one would take them over \
+                     {MOST_HELD_NAMES_PER_TOKEN}: save again once some have committed"
                 )));
             }
             let same_key = |other: &OpenSave| other.service == save.service && other.branch == save.branch;
             let (in_flight, to_upload): (Vec<String>, Vec<String>) = missing.into_iter().partition(|digest| {
-                saves.values().any(|other| !same_key(other) && self.claims(other, &save.project, digest, now))
+                saves
+                    .values()
+                    .any(|other| !same_key(other) && self.holds_up(other, &save.token_id, &save.project, digest, now))
             });
             for other in saves.values_mut().filter(|other| other.project == save.project && same_key(other)) {
                 for digest in &to_upload {
@@ -168,8 +189,9 @@ impl PendingSaves {
         .await
     }
 
-    /// Whether a live save of `project` other than `waiting_save_id` is uploading `digest`: a
-    /// save never waits for its own claims (what it did not upload is simply not there).
+    /// Whether a save of `project` other than `waiting_save_id` is uploading `digest` and
+    /// holds the waiting save up (see [`PendingSaves::holds_up`]): a save never waits for its
+    /// own claims (what it did not upload is simply not there), nor for another token's.
     pub(crate) async fn in_flight_for(
         &self,
         project: &str,
@@ -178,7 +200,12 @@ impl PendingSaves {
         now: i64,
     ) -> Result<bool, Error> {
         self.read(project, |saves| {
-            saves.iter().any(|(save_id, save)| save_id != waiting_save_id && self.claims(save, project, digest, now))
+            let Some(waiting) = saves.get(waiting_save_id).filter(|waiting| waiting.project == project) else {
+                return false;
+            };
+            saves.iter().any(|(save_id, save)| {
+                save_id != waiting_save_id && self.holds_up(save, &waiting.token_id, project, digest, now)
+            })
         })
         .await
     }
@@ -283,6 +310,7 @@ pub(crate) mod tests {
     pub(crate) fn pending(project: &str, service: &str, now: i64) -> OpenSave {
         OpenSave {
             project: project.into(),
+            token_id: String::new(),
             service: service.into(),
             branch: String::new(),
             generation: 0,
@@ -402,13 +430,13 @@ pub(crate) mod tests {
     async fn a_project_holds_a_bounded_number_of_saves_and_names_and_silent_ones_are_forgotten() {
         let saves = saves();
         let start = START;
-        for i in 0..MOST_SAVES_PER_PROJECT {
+        for i in 0..MOST_SAVES_PER_TOKEN {
             let save = pending("web", &format!("svc{i}"), start);
             saves.begin(format!("s{i}"), save, digests(&["a"]), start).await.unwrap();
         }
         let refused =
             saves.begin("over".into(), pending("web", "over", start), digests(&["a"]), start).await.unwrap_err();
-        assert!(refused.to_string().contains("has 64 saves in progress"), "{refused}");
+        assert!(refused.to_string().contains("project \"web\"'s token has 64 saves in progress"), "{refused}");
         // Another project is not held up by this one's saves.
         saves.begin("api".into(), pending("api", "one", start), digests(&["a"]), start).await.unwrap();
         // Saves silent for 40 claim lifetimes are forgotten; one kept alive stays.
@@ -419,10 +447,68 @@ pub(crate) mod tests {
         assert!(saves.keep_alive("s0", "web", forgotten).await.is_ok());
         assert!(saves.keep_alive("s1", "web", forgotten).await.is_err(), "a silent save was forgotten");
         // Names held: a save that would take the project over the bound is refused.
-        let many: Vec<String> = (0..MOST_HELD_NAMES_PER_PROJECT - 10).map(|i| format!("d{i}")).collect();
+        let many: Vec<String> = (0..MOST_HELD_NAMES_PER_TOKEN - 10).map(|i| format!("d{i}")).collect();
         saves.begin("big".into(), pending("web", "big", forgotten), many, forgotten).await.unwrap();
         let more = (0..20).map(|i| format!("x{i}")).collect();
         let refused = saves.begin("more".into(), pending("web", "more", forgotten), more, forgotten).await.unwrap_err();
         assert!(refused.to_string().contains("blobs and images"), "{refused}");
+    }
+
+    fn of_token(token_id: &str, service: &str, branch: &str, now: i64) -> OpenSave {
+        OpenSave { token_id: token_id.into(), branch: branch.into(), ..pending("web", service, now) }
+    }
+
+    #[tokio::test]
+    async fn a_claim_of_another_token_never_holds_a_save_up() {
+        let saves = saves();
+        let start = START;
+        // A pull request's save names the default branch's next layer and keeps itself alive.
+        let pr = of_token("tok_pr", "app", "pr-1", start);
+        saves.begin("pr".into(), pr, digests(&["next"]), start).await.unwrap();
+        let later = start + 10_000;
+        saves.keep_alive("pr", "web", later).await.unwrap();
+        // The project token's save uploads it itself, and its commit never waits for the claim.
+        let main = of_token("", "app", "main", later);
+        let begun = saves.begin("main".into(), main, digests(&["next"]), later).await.unwrap();
+        assert_eq!((begun.to_upload, begun.in_flight), (digests(&["next"]), digests(&[])));
+        assert!(!saves.in_flight_for("web", "next", "main", later).await.unwrap());
+        // Another save of the same token still waits for the claim (single flight)...
+        let sibling = of_token("tok_pr", "api", "pr-2", later);
+        let begun = saves.begin("sibling".into(), sibling, digests(&["next"]), later).await.unwrap();
+        assert_eq!((begun.to_upload, begun.in_flight), (digests(&[]), digests(&["next"])));
+        assert!(saves.in_flight_for("web", "next", "sibling", later).await.unwrap());
+        // ...for a while: a claimant alive but stuck holds it up 10 minutes of its save at most.
+        let stuck = start + millis(CLAIM_HOLDS_UP_FOR);
+        saves.keep_alive("pr", "web", stuck).await.unwrap();
+        saves.keep_alive("sibling", "web", stuck).await.unwrap();
+        assert!(!saves.in_flight_for("web", "next", "sibling", stuck).await.unwrap());
+        let retry = of_token("tok_pr", "api", "pr-3", stuck);
+        let begun = saves.begin("retry".into(), retry, digests(&["next"]), stuck).await.unwrap();
+        assert_eq!((begun.to_upload, begun.in_flight), (digests(&["next"]), digests(&[])));
+    }
+
+    #[tokio::test]
+    async fn a_token_holding_its_most_saves_never_keeps_another_token_from_saving() {
+        let saves = saves();
+        let now = START;
+        for i in 0..MOST_SAVES_PER_TOKEN {
+            let save = of_token("tok_pr", &format!("svc{i}"), "pr-1", now);
+            saves.begin(format!("pr{i}"), save, digests(&["a"]), now).await.unwrap();
+        }
+        let over = of_token("tok_pr", "over", "pr-1", now);
+        let refused = saves.begin("over".into(), over, digests(&["a"]), now).await.unwrap_err();
+        assert!(refused.to_string().contains("token tok_pr of project \"web\" has 64 saves in progress"), "{refused}");
+        // The project token's save of the default branch, and another scoped token's, go on.
+        saves.begin("main".into(), of_token("", "app", "main", now), digests(&["a"]), now).await.unwrap();
+        saves.begin("rel".into(), of_token("tok_rel", "app", "release-1", now), digests(&["a"]), now).await.unwrap();
+        // Names are counted per token too.
+        let many: Vec<String> = (0..MOST_HELD_NAMES_PER_TOKEN - 70).map(|i| format!("d{i}")).collect();
+        let filled = saves.begin("big".into(), of_token("tok_big", "big", "pr-2", now), many, now).await;
+        assert!(filled.is_ok(), "another token's names are not this one's");
+        let more = (0..100).map(|i| format!("x{i}")).collect();
+        let refused = saves.begin("more".into(), of_token("tok_big", "more", "pr-3", now), more, now).await;
+        assert!(refused.unwrap_err().to_string().contains("blobs and images"));
+        let more = (0..100).map(|i| format!("y{i}")).collect();
+        saves.begin("main2".into(), of_token("", "app2", "main", now), more, now).await.unwrap();
     }
 }

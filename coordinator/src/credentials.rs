@@ -56,13 +56,22 @@ impl std::fmt::Debug for IssuedCredentials {
 /// STS-backed broker for real S3 stores sits behind the same trait.
 #[async_trait::async_trait]
 pub trait CredentialBroker: Send + Sync {
-    async fn issue(&self, project: &str, access: KeyAccess) -> Result<IssuedCredentials, Error>;
+    /// New credentials for `project`, issued to the token `token_id` (empty: the project
+    /// token): a broker that records its keys records them with it before they are handed out.
+    async fn issue(&self, project: &str, access: KeyAccess, token_id: &str) -> Result<IssuedCredentials, Error>;
 
-    /// Fresh credentials for a worker that holds `access_key_id` and is about to see it expire
-    /// mid-transfer. By default simply new ones (S3 does not bind an upload to a key).
-    async fn renew(&self, project: &str, access: KeyAccess, access_key_id: &str) -> Result<IssuedCredentials, Error> {
+    /// Fresh credentials for a worker that holds `access_key_id` (issued to `token_id`: the
+    /// service checked) and is about to see it expire mid-transfer. By default simply new ones
+    /// (S3 does not bind an upload to a key).
+    async fn renew(
+        &self,
+        project: &str,
+        access: KeyAccess,
+        access_key_id: &str,
+        token_id: &str,
+    ) -> Result<IssuedCredentials, Error> {
         let _ = access_key_id;
-        self.issue(project, access).await
+        self.issue(project, access, token_id).await
     }
 
     /// Whether the broker records the keys it issues itself (the embedded one must: its
@@ -150,12 +159,21 @@ pub struct EmbeddedBroker {
 }
 
 impl EmbeddedBroker {
-    /// Mints a key for `project` that expires at `expires_unix`.
-    pub async fn mint(&self, project: &str, access: KeyAccess, expires_unix: i64) -> Result<IssuedCredentials, Error> {
+    /// Mints a key for `project` that expires at `expires_unix`, recorded as issued to
+    /// `token_id` (empty: the project token) before anyone holds it, so revoking the token
+    /// revokes it.
+    pub async fn mint(
+        &self,
+        project: &str,
+        access: KeyAccess,
+        expires_unix: i64,
+        token_id: &str,
+    ) -> Result<IssuedCredentials, Error> {
         let mut id_bytes = [0u8; 10];
         rand::rngs::OsRng.fill_bytes(&mut id_bytes);
         let access_key_id = format!("LC{}", hex::encode_upper(id_bytes));
-        let record = MintedKeyRecord { project: project.to_owned(), access, expires_unix, token_id: String::new() };
+        let record =
+            MintedKeyRecord { project: project.to_owned(), access, expires_unix, token_id: token_id.to_owned() };
         self.state.insert_minted_key(&access_key_id, &record).await?;
         self.state.key_durable(access).await?;
         Ok(self.credentials(project, access, access_key_id, expires_unix))
@@ -190,8 +208,8 @@ impl EmbeddedBroker {
 
 #[async_trait::async_trait]
 impl CredentialBroker for EmbeddedBroker {
-    async fn issue(&self, project: &str, access: KeyAccess) -> Result<IssuedCredentials, Error> {
-        self.mint(project, access, self.clock.now_unix() + self.ttl.as_secs() as i64).await
+    async fn issue(&self, project: &str, access: KeyAccess, token_id: &str) -> Result<IssuedCredentials, Error> {
+        self.mint(project, access, self.clock.now_unix() + self.ttl.as_secs() as i64, token_id).await
     }
 
     fn records_keys(&self) -> bool {
@@ -199,19 +217,30 @@ impl CredentialBroker for EmbeddedBroker {
     }
 
     /// The embedded endpoint (s3s-fs) binds a multipart upload to the key that began it, so a
-    /// live key of the same project and access is extended rather than replaced. Any other
-    /// recorded key (expired, another project's, read for write) gets new credentials instead;
-    /// an unrecorded one (revoked by a flush) is refused before this, by the service.
-    async fn renew(&self, project: &str, access: KeyAccess, access_key_id: &str) -> Result<IssuedCredentials, Error> {
+    /// live key of the same project, access and token is extended rather than replaced. Any
+    /// other recorded key (expired, read for write) gets new credentials instead; an unrecorded
+    /// one (revoked) or another token's is refused before this, by the service.
+    async fn renew(
+        &self,
+        project: &str,
+        access: KeyAccess,
+        access_key_id: &str,
+        token_id: &str,
+    ) -> Result<IssuedCredentials, Error> {
         let now_unix = self.clock.now_unix();
         let expires_unix = now_unix + self.ttl.as_secs() as i64;
         match self.state.minted_key(access_key_id).await? {
-            Some(record) if record.project == project && record.access == access && record.expires_unix > now_unix => {
+            Some(record)
+                if record.project == project
+                    && record.access == access
+                    && record.token_id == token_id
+                    && record.expires_unix > now_unix =>
+            {
                 self.state.insert_minted_key(access_key_id, &MintedKeyRecord { expires_unix, ..record }).await?;
                 self.state.key_durable(access).await?;
                 Ok(self.credentials(project, access, access_key_id.to_owned(), expires_unix))
             }
-            _ => self.mint(project, access, expires_unix).await,
+            _ => self.mint(project, access, expires_unix, token_id).await,
         }
     }
 }
@@ -371,7 +400,8 @@ impl StsBroker {
 
 #[async_trait::async_trait]
 impl CredentialBroker for StsBroker {
-    async fn issue(&self, project: &str, access: KeyAccess) -> Result<IssuedCredentials, Error> {
+    async fn issue(&self, project: &str, access: KeyAccess, token_id: &str) -> Result<IssuedCredentials, Error> {
+        let _ = token_id;
         self.assume_role(project, access).await
     }
 }
@@ -483,7 +513,7 @@ mod tests {
             },
             ttl: Duration::from_secs(900),
         };
-        let issued = broker.mint("web", KeyAccess::Read, 1234).await.unwrap();
+        let issued = broker.mint("web", KeyAccess::Read, 1234, "").await.unwrap();
         assert_eq!(issued.prefix, "cache/web/");
         assert!(!format!("{issued:?}").contains(&issued.secret_access_key));
         assert!(!format!("{issued:?}").contains(&issued.session_token));
@@ -499,16 +529,22 @@ mod tests {
         );
 
         // Expiry counts from the broker's clock: a live key is extended, an expired one replaced.
-        let write = broker.issue("web", KeyAccess::Write).await.unwrap();
+        let write = broker.issue("web", KeyAccess::Write, "tok_1").await.unwrap();
         assert_eq!(write.expires_unix, 1_000 + 900);
+        let record = db.minted_key(&write.access_key_id).await.unwrap().unwrap();
+        assert_eq!(record.token_id, "tok_1", "a key is recorded with its token before it is handed out");
         clock.advance(Duration::from_secs(600));
-        let extended = broker.renew("web", KeyAccess::Write, &write.access_key_id).await.unwrap();
+        let extended = broker.renew("web", KeyAccess::Write, &write.access_key_id, "tok_1").await.unwrap();
         assert_eq!(
             (extended.access_key_id.as_str(), extended.expires_unix),
             (write.access_key_id.as_str(), 1_600 + 900)
         );
+        // Another token never extends it (nor learns its secret): it gets a key of its own.
+        let other = broker.renew("web", KeyAccess::Write, &write.access_key_id, "tok_2").await.unwrap();
+        assert_ne!(other.access_key_id, write.access_key_id);
+        assert_eq!(db.minted_key(&write.access_key_id).await.unwrap().unwrap().token_id, "tok_1");
         clock.advance(Duration::from_secs(901));
-        let replaced = broker.renew("web", KeyAccess::Write, &write.access_key_id).await.unwrap();
+        let replaced = broker.renew("web", KeyAccess::Write, &write.access_key_id, "tok_1").await.unwrap();
         assert_ne!(replaced.access_key_id, write.access_key_id);
     }
 }

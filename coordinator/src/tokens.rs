@@ -18,6 +18,8 @@ pub struct Principal {
     pub token_id: String,
     /// `None`: the project token, which may read and write every branch.
     pub scope: Option<BranchScope>,
+    /// The SHA-256 of the token presented, to check it is still live when a key is minted.
+    pub token_sha256_hex: String,
 }
 
 impl Principal {
@@ -88,6 +90,11 @@ pub fn sha256_hex(token: &str) -> String {
 /// Whether `token` hashes to `expected_sha256_hex`, compared in constant time.
 pub fn token_matches(token: &str, expected_sha256_hex: &str) -> bool {
     sha256_hex(token).as_bytes().ct_eq(expected_sha256_hex.as_bytes()).into()
+}
+
+/// Whether two SHA-256 hex digests are the same, compared in constant time.
+pub fn token_matches_hash(sha256_hex: &str, expected_sha256_hex: &str) -> bool {
+    sha256_hex.as_bytes().ct_eq(expected_sha256_hex.as_bytes()).into()
 }
 
 /// The admin token as the coordinator holds it: only its hash, plus where it was written when

@@ -24,6 +24,7 @@ mod e2e {
     mod replicas;
     mod s3_store;
     mod save_restore;
+    mod scope_allowances;
     mod scoped_tokens;
     mod single_flight;
     mod step_reuse;

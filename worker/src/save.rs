@@ -472,7 +472,8 @@ async fn upload_commit_report(
     }
     warn_about_missing_inline_cache(&uploaded.images);
     let service = &job.options.service;
-    let stored = match commit(coordinator, service, &uploaded.images, &begun, log, &in_flight).await? {
+    let stored = match commit(coordinator, service, &uploaded.images, &begun, log, &in_flight, MOST_COMMIT_WAIT).await?
+    {
         Ok(stored) => stored,
         Err(again) => return Ok(again),
     };
@@ -848,8 +849,14 @@ async fn step_reuse(job: &SaveJob<'_>, previous_images: &[pb::Image]) -> (Vec<St
     (lines, reused, rebuilt)
 }
 
+/// The longest a commit waits in all for blobs other saves of its token are uploading: past
+/// it the save begins again, and then uploads what it waited for itself (the coordinator lets
+/// a claim hold others up for 10 minutes of its save at most).
+const MOST_COMMIT_WAIT: Duration = Duration::from_secs(15 * 60);
+
 /// Commits the save's images (nothing to commit when it is unchanged): whether they became
-/// the cache, or the attempt to make again.
+/// the cache, or the attempt to make again. Waits for blobs other saves upload `most_wait` at
+/// most.
 async fn commit(
     coordinator: &mut impl SaveCoordinator,
     service: &str,
@@ -857,17 +864,25 @@ async fn commit(
     begun: &pb::BeginSaveResponse,
     log: Vec<String>,
     in_flight: &HashSet<String>,
+    most_wait: Duration,
 ) -> Result<Result<bool, Attempt>, WorkerError> {
     if begun.unchanged {
         return Ok(Ok(true));
     }
     let commit = pb::CommitSaveRequest { save_id: begun.save_id.clone(), images: images.to_vec(), save_log: log };
+    let waiting_since = Instant::now();
     let committed = loop {
         // A commit waits a little for blobs other saves are still uploading, then says
-        // which; those saves are alive (their claims hold), so this one waits on.
+        // which; those saves are alive (their claims hold), so this one waits on, for a while.
         match coordinator.commit_save(commit.clone(), !in_flight.is_empty()).await? {
             CommitOutcome::Committed(committed) => break *committed,
-            CommitOutcome::Waiting => continue,
+            CommitOutcome::Waiting if waiting_since.elapsed() < most_wait => continue,
+            CommitOutcome::Waiting => {
+                return Ok(Err(Attempt::Again(format!(
+                    "blobs another save of the project claimed were still not uploaded after {} s",
+                    most_wait.as_secs()
+                ))));
+            }
             CommitOutcome::BeginAgain(reason) => return Ok(Err(Attempt::Again(reason))),
         }
     };
@@ -1033,25 +1048,43 @@ mod tests {
         let stored = pb::CommitSaveResponse { stored: true, ..Default::default() };
         let script = vec![CommitOutcome::Waiting, CommitOutcome::Waiting, CommitOutcome::Committed(Box::new(stored))];
         let mut coordinator = ScriptedCommits(script, 0);
-        let outcome = commit(&mut coordinator, "svc", &[], &begun(), vec![], &HashSet::new()).await.unwrap();
+        let outcome =
+            commit(&mut coordinator, "svc", &[], &begun(), vec![], &HashSet::new(), MOST_COMMIT_WAIT).await.unwrap();
         assert!(matches!(outcome, Ok(true)), "{outcome:?}");
         assert_eq!(coordinator.1, 3);
 
         let kept_newer = pb::CommitSaveResponse { stored: false, ..Default::default() };
         let mut coordinator = ScriptedCommits(vec![CommitOutcome::Committed(Box::new(kept_newer))], 0);
-        let outcome = commit(&mut coordinator, "svc", &[], &begun(), vec![], &HashSet::new()).await.unwrap();
+        let outcome =
+            commit(&mut coordinator, "svc", &[], &begun(), vec![], &HashSet::new(), MOST_COMMIT_WAIT).await.unwrap();
         assert!(matches!(outcome, Ok(false)), "a newer cache kept: {outcome:?}");
+    }
+
+    #[tokio::test]
+    async fn a_commit_waits_for_other_saves_a_bounded_time_then_begins_again() {
+        // Another save keeps its claim alive and never uploads: past the bound (none here),
+        // the save begins again rather than waiting for ever.
+        let mut coordinator = ScriptedCommits(vec![CommitOutcome::Waiting], 0);
+        let in_flight: HashSet<String> = ["sha256:a".to_owned()].into();
+        let outcome = commit(&mut coordinator, "svc", &[], &begun(), vec![], &in_flight, Duration::ZERO).await.unwrap();
+        assert!(
+            matches!(&outcome, Err(Attempt::Again(reason)) if reason.contains("still not uploaded")),
+            "{outcome:?}"
+        );
+        assert_eq!(coordinator.1, 1);
     }
 
     #[tokio::test]
     async fn a_commit_told_to_begin_again_returns_the_reason_and_an_unchanged_save_commits_nothing() {
         let mut coordinator = ScriptedCommits(vec![CommitOutcome::BeginAgain("the project was flushed".into())], 0);
-        let outcome = commit(&mut coordinator, "svc", &[], &begun(), vec![], &HashSet::new()).await.unwrap();
+        let outcome =
+            commit(&mut coordinator, "svc", &[], &begun(), vec![], &HashSet::new(), MOST_COMMIT_WAIT).await.unwrap();
         assert!(matches!(&outcome, Err(Attempt::Again(reason)) if reason == "the project was flushed"), "{outcome:?}");
 
         let mut coordinator = ScriptedCommits(vec![], 0);
         let unchanged = pb::BeginSaveResponse { unchanged: true, ..begun() };
-        let outcome = commit(&mut coordinator, "svc", &[], &unchanged, vec![], &HashSet::new()).await.unwrap();
+        let outcome =
+            commit(&mut coordinator, "svc", &[], &unchanged, vec![], &HashSet::new(), MOST_COMMIT_WAIT).await.unwrap();
         assert!(matches!(outcome, Ok(true)), "{outcome:?}");
         assert_eq!(coordinator.1, 0, "nothing to commit");
     }

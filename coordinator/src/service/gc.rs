@@ -207,8 +207,18 @@ impl CacheService {
 
     /// Brings a project within its quota, if it has one: blobs no manifest names go first
     /// (grace or not, when nothing protects them), then the least recently used caches, `keep`
-    /// (the cache just saved) never. Takes the project's publish lock exclusively.
-    pub async fn fit_quota(&self, project: &str, keep: Option<&pb::CacheKey>) -> Result<pb::Evicted, Error> {
+    /// (the cache just saved) never. With `saved_by` (the scope of the scoped token that saved
+    /// `keep`), no cache of a branch that token may read but not write is evicted: those are
+    /// what it falls back to, more trusted than itself (`main` for a fork's pull requests), so
+    /// a less trusted token never evicts the default branch's cache; when the rest is not
+    /// enough, `keep` goes too (and is among the caches answered). Takes the project's
+    /// publish lock exclusively.
+    pub async fn fit_quota(
+        &self,
+        project: &str,
+        keep: Option<&pb::CacheKey>,
+        saved_by: Option<&crate::tokens::BranchScope>,
+    ) -> Result<pb::Evicted, Error> {
         let _exclusive = self.lock_project(project, super::Lock::Exclusive).await?;
         let quota = self.existing_project(project).await?.quota_bytes;
         let mut used = self.db.totals(project).await?.stored_bytes;
@@ -227,7 +237,11 @@ impl CacheService {
         let mut forgotten = self.db.forget_unreferenced(project, &spare).await?;
         used -= forgotten.iter().map(|(_, record)| record.stored_size).sum::<u64>();
         let mut caches = self.db.manifests(project).await?;
-        caches.retain(|manifest| manifest.key.as_ref() != keep);
+        caches.retain(|manifest| {
+            let branch = manifest.key.as_ref().map_or("", |key| key.branch.as_str());
+            let trusted_more = |scope: &crate::tokens::BranchScope| scope.may_read(branch) && !scope.may_write(branch);
+            manifest.key.as_ref() != keep && !saved_by.is_some_and(trusted_more)
+        });
         // Within a second, the earlier saved goes first.
         caches
             .sort_by_key(|manifest| (last_used(manifest), manifest.origin.as_ref().map_or(0, |o| o.committed_unix_ms)));
@@ -238,6 +252,15 @@ impl CacheService {
             }
             let key = manifest.key.unwrap_or_default();
             let (removable, gone) = self.evict_caches(project, std::slice::from_ref(&key), "quota").await?;
+            let freed = self.db.forget_unreferenced(project, &removable).await?;
+            used -= freed.iter().map(|(_, record)| record.stored_size).sum::<u64>();
+            forgotten.extend(freed);
+            evicted.extend(gone);
+        }
+        if let (Some(_), Some(keep)) = (saved_by, keep)
+            && used > quota
+        {
+            let (removable, gone) = self.evict_caches(project, std::slice::from_ref(keep), "quota").await?;
             let freed = self.db.forget_unreferenced(project, &removable).await?;
             used -= freed.iter().map(|(_, record)| record.stored_size).sum::<u64>();
             forgotten.extend(freed);
@@ -291,6 +314,20 @@ impl CacheService {
         drop(exclusive);
         over_quota(project, key, size, quota)
     }
+}
+
+/// The refusal of a scoped token's save that fits the quota only by evicting caches of
+/// branches the token reads but may not write (its own cache was evicted again).
+pub(crate) fn over_quota_of_others(principal: &crate::tokens::Principal, key: &pb::CacheKey, quota: u64) -> Error {
+    let branch = if key.branch.is_empty() { String::new() } else { format!(" on branch {}", key.branch) };
+    Error::OverQuota(format!(
+        "the cache of {}{branch} does not fit project {:?}'s quota of {} beside the caches token {} reads: \
+         not saved (the operator can raise it with cachectl project set-quota)",
+        key.service,
+        principal.project,
+        proto::format::format_bytes(quota),
+        principal.token_id,
+    ))
 }
 
 /// The one line a save over its project's quota gets.

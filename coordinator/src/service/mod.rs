@@ -42,9 +42,10 @@ pub struct CacheService {
     pub cache_expiry: std::time::Duration,
     /// The quota of projects created without one; zero: none.
     pub default_quota: u64,
-    /// Per project: since when (unix ms), and how many, reported bad blobs were checked this
-    /// minute.
-    pub bad_blob_checks: std::sync::Mutex<std::collections::HashMap<String, (i64, u32)>>,
+    /// Per token of a project (project, token ID): since when (unix ms), and how many, reported
+    /// bad blobs were checked this minute. Per token, so a less trusted token that spends its
+    /// checks never leaves the default branch's worker without its own.
+    pub bad_blob_checks: std::sync::Mutex<std::collections::HashMap<(String, String), (i64, u32)>>,
     /// The wall clock every time this service stamps or compares is read from: the system's in
     /// production, a manual one in tests.
     pub clock: proto::clock::SharedClock,
@@ -226,7 +227,7 @@ impl CacheService {
         self.existing_project(project).await?;
         let record = self.db.set_quota(project, quota_bytes).await?;
         self.db.durable().await?;
-        let evicted = self.fit_quota(project, None).await?;
+        let evicted = self.fit_quota(project, None, None).await?;
         tracing::info!(project, quota_bytes, evicted = evicted.caches.len(), "quota set");
         let usage = self.usage.lock().expect("usage").get(project).copied().unwrap_or_default();
         Ok(pb::SetQuotaResponse {
@@ -331,14 +332,22 @@ impl CacheService {
             .collect())
     }
 
-    /// New credentials, or with `renew_access_key_id`, renewed ones for a worker mid-transfer.
+    /// New credentials, or with `renew_access_key_id`, renewed ones for a worker mid-transfer,
+    /// for `holder` (`None`: the admin API, whose keys count as the project token's). A key
+    /// renews only for the token it was issued to.
+    ///
+    /// Architecture Invariant: a key is recorded with the token it is issued to before it is
+    /// handed out, under the project's publish lock held shared, once the token is checked
+    /// still live; a revoke, a rotation, a flush and a deletion take that lock exclusively, so
+    /// each either finds the key and revokes it, or runs first and the mint is refused.
     pub async fn issue_credentials(
         &self,
         project: &str,
         access: pb::Access,
         renew_access_key_id: &str,
-        token_id: &str,
+        holder: Option<&tokens::Principal>,
     ) -> Result<pb::Credentials, Error> {
+        let token_id = holder.map_or("", |principal| principal.token_id.as_str());
         let access = match access {
             pb::Access::Read => KeyAccess::Read,
             pb::Access::Write => KeyAccess::Write,
@@ -349,17 +358,32 @@ impl CacheService {
         if renew_access_key_id.len() > 128 || !renew_access_key_id.bytes().all(|b| b.is_ascii_alphanumeric()) {
             return Err(Error::InvalidArgument("invalid access key ID to renew".into()));
         }
+        let minting = self.lock_project(project, Lock::Shared).await?;
+        if let Some(principal) = holder {
+            self.check_still_live(principal).await?;
+        }
         // Every key handed out is recorded; a flush forgets its project's, and then nobody
         // renews them: a save begun before the flush cannot go on writing after it.
-        if !renew_access_key_id.is_empty() && self.db.minted_key(renew_access_key_id).await?.is_none() {
-            return Err(Error::SaveConflict(
-                "the storage key to renew was revoked (the project was flushed): save or restore again".into(),
-            ));
+        if !renew_access_key_id.is_empty() {
+            match self.db.minted_key(renew_access_key_id).await? {
+                None => {
+                    return Err(Error::SaveConflict(
+                        "the storage key to renew was revoked (the project was flushed): save or restore again".into(),
+                    ));
+                }
+                // Renewing hands out the key's secret and keeps it alive: only its own token may.
+                Some(record) if record.project != project || record.token_id != token_id => {
+                    return Err(Error::PermissionDenied(
+                        "the storage key to renew was issued to another token: ask for new credentials instead",
+                    ));
+                }
+                Some(_) => {}
+            }
         }
         let issued = if renew_access_key_id.is_empty() {
-            self.broker.issue(project, access).await?
+            self.broker.issue(project, access, token_id).await?
         } else {
-            self.broker.renew(project, access, renew_access_key_id).await?
+            self.broker.renew(project, access, renew_access_key_id, token_id).await?
         };
         if !self.broker.records_keys() {
             let record = crate::state::MintedKeyRecord {
@@ -370,10 +394,8 @@ impl CacheService {
             };
             self.db.insert_minted_key(&issued.access_key_id, &record).await?;
             self.db.key_durable(access).await?;
-        } else if !token_id.is_empty() {
-            self.db.tag_minted_key(&issued.access_key_id, token_id).await?;
-            self.db.key_durable(access).await?;
         }
+        drop(minting);
         let access_name = if access == KeyAccess::Write { "write" } else { "read" };
         let grant = crate::metrics::GrantLabels { project: project.to_owned(), access: access_name.to_owned() };
         self.metrics.credential_grants.get_or_create(&grant).inc();
@@ -383,14 +405,19 @@ impl CacheService {
     }
 
     /// Adds a worker's report of one save or restore to the service's counters.
-    pub async fn report_metrics(&self, project: &str, report: &pb::ReportMetricsRequest) -> Result<(), Error> {
+    pub async fn report_metrics(
+        &self,
+        principal: &tokens::Principal,
+        report: &pb::ReportMetricsRequest,
+    ) -> Result<(), Error> {
+        let project = principal.project.as_str();
         // The transfer's share of the budget comes back whatever the report says.
         if !report.lease_id.is_empty() {
             self.budget.release(project, &report.lease_id, self.clock.now_unix_ms()).await?;
         }
         names::validate_service_name(&report.service)?;
         validate_report(report)?;
-        self.may_report_for(project, &report.service).await?;
+        self.may_report_for(project, &report.service, principal.scope.is_some()).await?;
         let mut change = ServiceCounters::default();
         for layer in &report.layers {
             match layer.outcome() {
@@ -424,8 +451,10 @@ impl CacheService {
 
     /// Refuses a report for yet another service once a project reports for
     /// [`MAX_REPORTED_SERVICES`] without a cache: each service is a set of series for as long as
-    /// the coordinator runs, and a row of `cachectl stats` for good.
-    async fn may_report_for(&self, project: &str, service: &str) -> Result<(), Error> {
+    /// the coordinator runs, and a row of `cachectl stats` for good. A scoped token (`scoped`)
+    /// adds one only below half of them: the rest is the project token's, so a less trusted
+    /// token never leaves the default branch's new service without its metrics.
+    async fn may_report_for(&self, project: &str, service: &str, scoped: bool) -> Result<(), Error> {
         let reported: Vec<String> =
             self.db.service_counters(Some(project)).await?.into_iter().map(|(_, service, _)| service).collect();
         if reported.iter().any(|known| known == service) {
@@ -442,7 +471,7 @@ impl CacheService {
             return Ok(());
         }
         let uncached = reported.iter().filter(|known| !cached.contains(*known)).count();
-        if uncached >= MAX_REPORTED_SERVICES {
+        if uncached >= MAX_REPORTED_SERVICES || (scoped && uncached >= MAX_REPORTED_SERVICES / 2) {
             return Err(Error::InvalidArgument(format!(
                 "project {project:?} already reports metrics for {uncached} services without a cache, the most it may: metrics for {service:?} are not recorded"
             )));
@@ -543,4 +572,64 @@ fn validate_report(report: &pb::ReportMetricsRequest) -> Result<(), Error> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use std::path::Path;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::credentials::{EmbeddedBroker, EmbeddedStoreSettings, SigningKey};
+
+    /// The embedded broker over `db`, its signing key in `dir`.
+    pub(crate) fn embedded_broker(dir: &Path, db: &crate::state::Database) -> EmbeddedBroker {
+        EmbeddedBroker {
+            state: Arc::new(db.clone()),
+            clock: proto::clock::ManualClock::starting_now(),
+            signing_key: Arc::new(SigningKey::load_or_create(dir).unwrap()),
+            settings: EmbeddedStoreSettings {
+                endpoint_url: "http://127.0.0.1:7401".into(),
+                region: "us-east-1".into(),
+                bucket: "layer-cache".into(),
+                prefix: "cache".into(),
+            },
+            ttl: Duration::from_secs(900),
+        }
+    }
+
+    /// A service on sled (`db`) with the embedded store under `dir/objects`, minting through
+    /// `broker` (`None`: the embedded broker).
+    pub(crate) fn service(
+        dir: &Path,
+        db: crate::state::Database,
+        broker: Option<Arc<dyn CredentialBroker>>,
+    ) -> Arc<CacheService> {
+        std::fs::create_dir_all(dir.join("objects/layer-cache")).unwrap();
+        let broker = broker.unwrap_or_else(|| Arc::new(embedded_broker(dir, &db)));
+        let state: Arc<dyn State> = Arc::new(db);
+        let plan = crate::budget::PlanSettings {
+            part_size: 8 << 20,
+            multipart_threshold: 16 << 20,
+            worker_concurrency: 8,
+            transfer_budget: 64,
+        };
+        Arc::new(CacheService {
+            db: state.clone(),
+            broker,
+            store: Arc::new(crate::store::EmbeddedStore::new(&dir.join("objects"), "layer-cache").unwrap()),
+            store_prefix: "cache".into(),
+            admin_token_sha256_hex: tokens::sha256_hex("admin"),
+            pending_saves: crate::claims::PendingSaves::new(Duration::from_secs(15), state.clone()),
+            budget: crate::budget::TransferBudget::new(plan, state),
+            metrics: Arc::new(crate::metrics::Metrics::new()),
+            publish_lock: Default::default(),
+            usage: Default::default(),
+            gc_grace: Duration::from_secs(3600),
+            cache_expiry: Duration::ZERO,
+            default_quota: 0,
+            bad_blob_checks: Default::default(),
+            clock: proto::clock::ManualClock::starting_now(),
+        })
+    }
 }

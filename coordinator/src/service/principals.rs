@@ -35,19 +35,40 @@ impl CacheService {
             return Err(Error::Unauthenticated("unknown or revoked project token"));
         };
         if tokens::token_matches(token, &record.token_sha256_hex) {
-            return Ok(Principal { project: record.name, token_id: String::new(), scope: None });
+            let token_sha256_hex = record.token_sha256_hex;
+            return Ok(Principal { project: record.name, token_id: String::new(), scope: None, token_sha256_hex });
         }
         // The lookup is by the token's hash: what it reveals (whether a hash is recorded) is
         // worth nothing without the 256-bit secret.
-        match self.db.scoped_token(&tokens::sha256_hex(token)).await? {
+        let token_sha256_hex = tokens::sha256_hex(token);
+        match self.db.scoped_token(&token_sha256_hex).await? {
             Some(scoped) if scoped.project == record.name => {
                 if scoped.expires_unix != 0 && scoped.expires_unix <= self.clock.now_unix() {
                     return Err(Error::Unauthenticated("the token has expired: ask the operator for a new one"));
                 }
-                Ok(Principal { project: scoped.project, token_id: scoped.id, scope: Some(scoped.scope) })
+                Ok(Principal {
+                    project: scoped.project,
+                    token_id: scoped.id,
+                    scope: Some(scoped.scope),
+                    token_sha256_hex,
+                })
             }
             _ => Err(Error::Unauthenticated("unknown or revoked project token")),
         }
+    }
+
+    /// Refuses a principal whose token was revoked (or rotated away) since it was
+    /// authenticated: asked under the project's publish lock before a key is minted for it.
+    pub(super) async fn check_still_live(&self, principal: &Principal) -> Result<(), Error> {
+        let revoked = Error::Unauthenticated("unknown or revoked project token");
+        let Some(record) = self.db.project(&principal.project).await? else { return Err(revoked) };
+        let live = if principal.token_id.is_empty() {
+            tokens::token_matches_hash(&principal.token_sha256_hex, &record.token_sha256_hex)
+        } else {
+            let scoped = self.db.scoped_token(&principal.token_sha256_hex).await?;
+            scoped.is_some_and(|scoped| scoped.project == principal.project && scoped.id == principal.token_id)
+        };
+        if live { Ok(()) } else { Err(revoked) }
     }
 
     /// A new token of `project` that may read and write only the branches of `scope`, for
@@ -88,10 +109,14 @@ impl CacheService {
     /// is refused, so a typo is not mistaken for success.
     pub async fn revoke_token(&self, project: &str, token_id: &str) -> Result<(), Error> {
         self.existing_project(project).await?;
-        if self.db.remove_scoped_tokens(project, Some(token_id)).await?.is_empty() {
-            return Err(Error::InvalidArgument(format!("project {project:?} has no token {token_id:?}")));
+        {
+            let _no_minting = self.lock_project(project, super::Lock::Exclusive).await?;
+            if self.db.remove_scoped_tokens(project, Some(token_id)).await?.is_empty() {
+                return Err(Error::InvalidArgument(format!("project {project:?} has no token {token_id:?}")));
+            }
+            self.db.revoke_keys(project, token_id).await?;
         }
-        self.revoke_keys_of(project, token_id).await?;
+        self.db.durable().await?;
         tracing::info!(project, token_id, "scoped token revoked");
         Ok(())
     }
@@ -101,21 +126,18 @@ impl CacheService {
     pub async fn rotate_project_token(&self, project: &str) -> Result<String, Error> {
         self.existing_project(project).await?;
         let token = tokens::new_project_token(project);
-        self.db.set_project_token(project, &tokens::sha256_hex(&token)).await?;
-        self.revoke_keys_of(project, "").await?;
+        {
+            // Under the project's publish lock, as a flush: an upload signed by one of the old
+            // token's keys lands before (and stays: it was verified) or finds its key gone, and
+            // a key minted for the old token is either revoked here or refused (see
+            // `CacheService::issue_credentials`).
+            let _no_minting = self.lock_project(project, super::Lock::Exclusive).await?;
+            self.db.set_project_token(project, &tokens::sha256_hex(&token)).await?;
+            self.db.revoke_keys(project, "").await?;
+        }
+        self.db.durable().await?;
         tracing::info!(project, "project token rotated");
         Ok(token)
-    }
-
-    /// Revokes the keys issued to one token under the project's publish lock, as a flush
-    /// does: an upload signed by one either lands before (and stays: it was verified) or
-    /// finds its key gone.
-    async fn revoke_keys_of(&self, project: &str, token_id: &str) -> Result<(), Error> {
-        {
-            let _no_publishing = self.lock_project(project, super::Lock::Exclusive).await?;
-            self.db.revoke_keys(project, token_id).await?;
-        }
-        self.db.durable().await
     }
 
     /// Deletes a project: a flush (manifests, ledger, keys, every stored object), then its
@@ -126,7 +148,16 @@ impl CacheService {
         let sweep_due = self.db.project(project).await?.map_or(0, |record| record.sweep_after_unix);
         let reported: Vec<String> =
             self.db.service_counters(Some(project)).await?.into_iter().map(|(_, service, _)| service).collect();
-        self.db.remove_project(project).await?;
+        {
+            // A key minted since the flush (its token was still live) is revoked with the
+            // tokens; none is minted after them.
+            let _no_minting = self.lock_project(project, super::Lock::Exclusive).await?;
+            let scoped = self.db.scoped_tokens(project).await?;
+            self.db.remove_project(project).await?;
+            for token_id in std::iter::once(String::new()).chain(scoped.into_iter().map(|token| token.id)) {
+                self.db.revoke_keys(project, &token_id).await?;
+            }
+        }
         self.db.durable().await?;
         self.metrics.forget_project(project, &reported);
         if sweep_due > self.clock.now_unix() {
@@ -147,5 +178,101 @@ impl CacheService {
         }
         tracing::info!(project, "project deleted");
         Ok(flushed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::credentials::{CredentialBroker, EmbeddedBroker, IssuedCredentials};
+    use crate::state::{KeyAccess, State};
+
+    /// The embedded broker, paused inside `issue` until the test lets it go: the moment a key
+    /// is being minted.
+    struct PausedBroker {
+        inner: EmbeddedBroker,
+        entered: tokio::sync::Notify,
+        go_on: tokio::sync::Notify,
+    }
+
+    #[async_trait::async_trait]
+    impl CredentialBroker for PausedBroker {
+        async fn issue(&self, project: &str, access: KeyAccess, token_id: &str) -> Result<IssuedCredentials, Error> {
+            self.entered.notify_one();
+            self.go_on.notified().await;
+            self.inner.issue(project, access, token_id).await
+        }
+
+        fn records_keys(&self) -> bool {
+            true
+        }
+    }
+
+    /// What takes a token's keys away.
+    #[derive(Clone, Copy, Debug)]
+    enum Revoke {
+        ScopedToken,
+        Rotation,
+        Deletion,
+    }
+
+    /// Mints a key for a token and, while the broker is inside the mint, revokes the token as
+    /// `revoke` says: the key must then be refused or revoked, never left live.
+    async fn mint_while(revoke: Revoke) {
+        let dir = tempfile::tempdir().unwrap();
+        let db = crate::state::Database::open(dir.path()).unwrap();
+        let inner = crate::service::tests::embedded_broker(dir.path(), &db);
+        let broker = Arc::new(PausedBroker { inner, entered: Default::default(), go_on: Default::default() });
+        let service = crate::service::tests::service(dir.path(), db.clone(), Some(broker.clone()));
+        let (_, project_token) = service.create_project("web", None).await.unwrap();
+        let scope = BranchScope { read: vec!["main".into()], write: vec!["pr-*".into()] };
+        let (_, pr_token) = service.create_token("web", scope, 0).await.unwrap();
+        let token = if matches!(revoke, Revoke::Rotation) { project_token } else { pr_token };
+        let principal = service.authenticate_worker(Some(&token)).await.unwrap();
+
+        let minting = {
+            let (service, principal) = (service.clone(), principal.clone());
+            tokio::spawn(async move { service.issue_credentials("web", pb::Access::Write, "", Some(&principal)).await })
+        };
+        broker.entered.notified().await;
+        let mut revoking = {
+            let service = service.clone();
+            tokio::spawn(async move {
+                match revoke {
+                    Revoke::ScopedToken => {
+                        let id = service.db.scoped_tokens("web").await?.remove(0).id;
+                        service.revoke_token("web", &id).await
+                    }
+                    Revoke::Rotation => service.rotate_project_token("web").await.map(|_| ()),
+                    Revoke::Deletion => service.delete_project("web").await.map(|_| ()),
+                }
+            })
+        };
+        // Today the revoke waits for the mint to finish; before, it ran to its end meanwhile
+        // (given the time to), and the key minted next was left live. Either way the outcome
+        // below must hold.
+        let revoked_first = tokio::time::timeout(Duration::from_millis(500), &mut revoking).await.is_ok();
+        broker.go_on.notify_one();
+        let minted = minting.await.unwrap();
+        if !revoked_first {
+            revoking.await.unwrap().unwrap();
+        }
+        match minted {
+            Ok(credentials) => {
+                let record = db.minted_key(&credentials.access_key_id).await.unwrap();
+                assert_eq!(record, None, "{revoke:?}: a key minted meanwhile is still live");
+            }
+            Err(error) => assert!(matches!(error, Error::Unauthenticated(_)), "{revoke:?}: {error:?}"),
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_key_minted_while_its_token_is_revoked_never_outlives_the_revoke() {
+        for revoke in [Revoke::ScopedToken, Revoke::Rotation, Revoke::Deletion] {
+            mint_while(revoke).await;
+        }
     }
 }

@@ -29,7 +29,8 @@ const MAX_HOST_NAME: usize = 255;
 const MOST_BLOBS_PER_SAVE: usize = 20_000;
 /// Store lookups (HEAD) one commit keeps in flight.
 const STORE_LOOKUPS_IN_FLIGHT: usize = 16;
-/// Checks of a reported bad blob one project may ask for per minute (each may read a blob).
+/// Checks of a reported bad blob one token of a project may ask for per minute (each may read
+/// a blob).
 const BAD_BLOB_CHECKS_PER_MINUTE: u32 = 10;
 
 /// The refusal of a commit naming a blob whose stored bytes do not hash to its digest (the
@@ -155,7 +156,7 @@ fn validate_begin(
 
 /// The record of a begun save, as its claims keep it until the commit.
 fn open_save(
-    project: &str,
+    principal: &crate::tokens::Principal,
     key: &pb::CacheKey,
     record: &ProjectRecord,
     request: &pb::BeginSaveRequest,
@@ -164,7 +165,8 @@ fn open_save(
     now_unix_ms: i64,
 ) -> OpenSave {
     OpenSave {
-        project: project.to_owned(),
+        project: principal.project.clone(),
+        token_id: principal.token_id.clone(),
         service: key.service.clone(),
         branch: key.branch.clone(),
         generation: record.generation,
@@ -231,7 +233,7 @@ impl CacheService {
         let (missing_digests, in_flight_digests) = if unchanged {
             (Vec::new(), Vec::new())
         } else {
-            let pending = open_save(project, &key, &record, request, &digests, !missing.is_empty(), now);
+            let pending = open_save(principal, &key, &record, request, &digests, !missing.is_empty(), now);
             let begun = self.pending_saves.begin(save_id.clone(), pending, missing, now).await?;
             self.release_shares_of_silent(begun.silent, now).await;
             (begun.to_upload, begun.in_flight)
@@ -293,7 +295,7 @@ impl CacheService {
         now_unix_ms: i64,
     ) -> Result<(Option<pb::Credentials>, Option<pb::TransferPlan>), Error> {
         let project = principal.project.as_str();
-        let credentials = match self.issue_credentials(project, pb::Access::Write, "", &principal.token_id).await {
+        let credentials = match self.issue_credentials(project, pb::Access::Write, "", Some(principal)).await {
             Ok(credentials) => credentials,
             Err(error) => {
                 self.pending_saves.abandon(save_id, project).await?;
@@ -308,7 +310,12 @@ impl CacheService {
     /// (a report is never trusted), and if the blob is indeed lost, dropped from the ledger
     /// with every manifest naming it, under the project's publish lock, so the next save
     /// uploads it again and no restore starts on a manifest that cannot complete.
-    pub async fn report_bad_blob(&self, project: &str, digest: &str) -> Result<pb::ReportBadBlobResponse, Error> {
+    pub async fn report_bad_blob(
+        &self,
+        principal: &crate::tokens::Principal,
+        digest: &str,
+    ) -> Result<pb::ReportBadBlobResponse, Error> {
+        let project = principal.project.as_str();
         names::validate_digest(digest)?;
         if self.db.stored_blobs(project, &[digest.to_owned()]).await?.is_empty() {
             return Ok(pb::ReportBadBlobResponse::default());
@@ -316,19 +323,32 @@ impl CacheService {
         {
             let mut checks = self.bad_blob_checks.lock().expect("bad blob checks");
             let now_ms = self.clock.now_unix_ms();
-            let (since_ms, n) = checks.entry(project.to_owned()).or_insert((now_ms, 0));
+            let holder = (project.to_owned(), principal.token_id.clone());
+            let (since_ms, n) = checks.entry(holder).or_insert((now_ms, 0));
             if now_ms - *since_ms >= 60_000 {
                 (*since_ms, *n) = (now_ms, 0);
             }
             if *n >= BAD_BLOB_CHECKS_PER_MINUTE {
+                let whose = if principal.token_id.is_empty() {
+                    format!("project {project:?}'s token")
+                } else {
+                    format!("token {} of project {project:?}", principal.token_id)
+                };
                 return Err(Error::TooMany(format!(
-                    "project {project:?} reported {BAD_BLOB_CHECKS_PER_MINUTE} bad blobs this minute, the most checked: report again later"
+                    "{whose} reported {BAD_BLOB_CHECKS_PER_MINUTE} bad blobs this minute, the most checked: report again later"
                 )));
             }
             *n += 1;
         }
-        let _no_commits = self.lock_project(project, Lock::Exclusive).await?;
         let key = blob_key(&project_prefix(&self.store_prefix, project), digest);
+        // Read and hashed without the project's lock: a report of a big intact blob (any token
+        // may send one) must not hold every save and restore of the project meanwhile.
+        if self.store.check_blob(&key, digest).await? == crate::store::BlobState::Intact {
+            tracing::info!(project, digest, "a blob reported bad is intact in the store");
+            return Ok(pb::ReportBadBlobResponse::default());
+        }
+        let _no_commits = self.lock_project(project, Lock::Exclusive).await?;
+        // Looked at again under the lock, before anything is dropped.
         let state = self.store.check_blob(&key, digest).await?;
         if state == crate::store::BlobState::Intact {
             tracing::info!(project, digest, "a blob reported bad is intact in the store");
@@ -445,8 +465,8 @@ impl CacheService {
         }
         let committed = self.record_commit(project, &manifest, &pending, &reported).await?;
         drop(no_sweep);
-        if quota > 0 {
-            self.fit_quota_after_commit(project, &pending.key).await;
+        if quota > 0 && !self.fit_quota_after_commit(principal, &pending.key).await {
+            return Err(super::gc::over_quota_of_others(principal, &pending.key, quota));
         }
         Ok(commit_response(project, &pending.key, manifest, committed))
     }
@@ -617,22 +637,34 @@ impl CacheService {
         Ok(committed)
     }
 
-    /// Evicts the least recently used caches until the project fits its quota again.
+    /// Evicts the least recently used caches until the project fits its quota again; whether
+    /// the cache just saved is kept.
     ///
     /// Architecture Invariant: after a commit the project fits its quota again, the cache
-    /// just saved evicted last of all (it alone fits, as checked before the commit).
-    /// The save is stored whatever happens here: a failed eviction is the next one's.
-    async fn fit_quota_after_commit(&self, project: &str, saved: &pb::CacheKey) {
-        match self.fit_quota(project, Some(saved)).await {
-            Ok(evicted) if !evicted.caches.is_empty() => tracing::info!(
-                project,
-                caches = evicted.caches.len(),
-                bytes = evicted.bytes,
-                "least recently used caches evicted to fit the quota"
-            ),
-            Ok(_) => {}
+    /// just saved evicted last of all (it alone fits, as checked before the commit). A scoped
+    /// token's commit never evicts a cache it may read but not write (rather its own): a less
+    /// trusted token never evicts the default branch's.
+    /// The save is stored whatever else happens here: a failed eviction is the next one's.
+    async fn fit_quota_after_commit(&self, principal: &crate::tokens::Principal, saved: &pb::CacheKey) -> bool {
+        let project = principal.project.as_str();
+        match self.fit_quota(project, Some(saved), principal.scope.as_ref()).await {
+            Ok(evicted) if evicted.caches.contains(saved) => {
+                tracing::info!(project, "a scoped token's save did not fit the quota beside the caches it reads");
+                false
+            }
+            Ok(evicted) if !evicted.caches.is_empty() => {
+                tracing::info!(
+                    project,
+                    caches = evicted.caches.len(),
+                    bytes = evicted.bytes,
+                    "least recently used caches evicted to fit the quota"
+                );
+                true
+            }
+            Ok(_) => true,
             Err(error) => {
-                tracing::warn!(project, error = %error.line(), "evicting to fit the quota failed; the next commit tries again")
+                tracing::warn!(project, error = %error.line(), "evicting to fit the quota failed; the next commit tries again");
+                true
             }
         }
     }
@@ -742,5 +774,57 @@ mod tests {
         };
         assert!(validate_images(&[bad_layer]).is_err());
         assert_eq!(blob_key("cache/web/", &digest), format!("cache/web/blobs/sha256/{}", "a".repeat(64)));
+    }
+
+    /// Saves one image of a config and one layer through `service` as `principal`, the blobs
+    /// written straight into the embedded store's folder under `dir`; returns the layer's digest.
+    async fn save_one_layer(
+        service: &CacheService,
+        principal: &crate::tokens::Principal,
+        dir: &std::path::Path,
+        layer: &[u8],
+    ) -> String {
+        let layer_digest = proto::digest::sha256_digest(layer);
+        let config = format!(r#"{{"rootfs":{{"type":"layers","diff_ids":["{layer_digest}"]}}}}"#).into_bytes();
+        let image = |sized: bool| pb::Image {
+            id: proto::digest::sha256_digest(&config),
+            repo_tags: vec!["app:1".into()],
+            config_size: if sized { config.len() as u64 } else { 0 },
+            layers: vec![pb::Layer {
+                digest: layer_digest.clone(),
+                size: if sized { layer.len() as u64 } else { 0 },
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let key = pb::CacheKey { service: "app".into(), branch: String::new() };
+        let begin = pb::BeginSaveRequest { key: Some(key), images: vec![image(false)], ..Default::default() };
+        let begun = service.begin_save(principal, &begin).await.unwrap();
+        for blob in [&config[..], layer] {
+            let digest = proto::digest::sha256_digest(blob);
+            let path = dir.join("objects/layer-cache").join(blob_key("cache/web/", &digest));
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(path, blob).unwrap();
+        }
+        let commit = pb::CommitSaveRequest { save_id: begun.save_id, images: vec![image(true)], save_log: Vec::new() };
+        assert!(service.commit_save(principal, &commit).await.unwrap().stored);
+        layer_digest
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_report_of_an_intact_blob_never_waits_for_the_projects_lock() {
+        let dir = tempfile::tempdir().unwrap();
+        let service = super::super::tests::service(dir.path(), crate::state::Database::open(dir.path()).unwrap(), None);
+        let (_, token) = service.create_project("web", None).await.unwrap();
+        let principal = service.authenticate_worker(Some(&token)).await.unwrap();
+        let digest = save_one_layer(&service, &principal, dir.path(), &vec![7u8; 1 << 20]).await;
+        // A commit or a lookup holds the project's lock (shared) meanwhile: a report of an
+        // intact blob, which any token may send ten times a minute and which reads the whole
+        // blob, is answered without waiting for it (it used to take the lock exclusively).
+        let _committing = service.lock_project("web", Lock::Shared).await.unwrap();
+        let report = service.report_bad_blob(&principal, &digest);
+        let answered = tokio::time::timeout(Duration::from_secs(20), report).await;
+        let answer = answered.expect("the report waited for the project's lock").unwrap();
+        assert!(!answer.dropped);
     }
 }

@@ -193,6 +193,10 @@ pub fn manifest_digests(manifest: &proto::v1::Manifest) -> std::collections::BTr
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OpenSave {
     pub project: String,
+    /// The scoped token that began it; empty: the project token. Its claims hold up only saves
+    /// of the same token, and its allowances are that token's.
+    #[serde(default)]
+    pub token_id: String,
     pub service: String,
     pub branch: String,
     pub generation: u64,
@@ -310,7 +314,6 @@ pub trait State: Ephemeral {
     async fn remove_project(&self, project: &str) -> Result<(), Error>;
     async fn insert_minted_key(&self, access_key_id: &str, record: &MintedKeyRecord) -> Result<(), Error>;
     async fn minted_key(&self, access_key_id: &str) -> Result<Option<MintedKeyRecord>, Error>;
-    async fn tag_minted_key(&self, access_key_id: &str, token_id: &str) -> Result<(), Error>;
     /// Forgets the project's storage keys issued to `token_id` (empty: the project token); returns them.
     async fn revoke_keys(&self, project: &str, token_id: &str) -> Result<Vec<MintedKeyRecord>, Error>;
     /// Forgets keys that expired before `now_unix`; returns how many.

@@ -542,14 +542,6 @@ impl State for Postgres {
         row.map(|row| from_json("lc_minted_keys", row.get::<_, &str>(0))).transpose()
     }
 
-    async fn tag_minted_key(&self, access_key_id: &str, token_id: &str) -> Result<(), Error> {
-        if let Some(mut record) = self.minted_key(access_key_id).await? {
-            record.token_id = token_id.to_owned();
-            self.insert_minted_key(access_key_id, &record).await?;
-        }
-        Ok(())
-    }
-
     async fn revoke_keys(&self, project: &str, token_id: &str) -> Result<Vec<MintedKeyRecord>, Error> {
         let client = self.client().await?;
         let rows = client

@@ -348,18 +348,6 @@ impl State for Database {
         }
     }
 
-    /// Notes which scoped token a key was issued to (see [`MintedKeyRecord::token_id`]).
-    async fn tag_minted_key(&self, access_key_id: &str, token_id: &str) -> Result<(), Error> {
-        self.minted_keys
-            .fetch_and_update(access_key_id.as_bytes(), |old| {
-                let mut record: MintedKeyRecord = serde_json::from_slice(old?).ok()?;
-                record.token_id = token_id.to_owned();
-                Some(json_to_vec(&record))
-            })
-            .map_err(db_error)?;
-        Ok(())
-    }
-
     /// Forgets every key of `project` issued to `token_id` (empty: the project token), so the
     /// embedded endpoint admits none of them and nobody renews them; returns them.
     async fn revoke_keys(&self, project: &str, token_id: &str) -> Result<Vec<MintedKeyRecord>, Error> {

@@ -94,9 +94,8 @@ async fn minted_keys(state: &dyn State) {
         token_id: token_id.into(),
     };
     state.insert_minted_key("K1", &key("", 100)).await.unwrap();
-    state.insert_minted_key("K2", &key("", 200)).await.unwrap();
+    state.insert_minted_key("K2", &key("tok_9", 200)).await.unwrap();
     state.insert_minted_key("K3", &key("", 50)).await.unwrap();
-    state.tag_minted_key("K2", "tok_9").await.unwrap();
     assert_eq!(state.minted_key("K2").await.unwrap(), Some(key("tok_9", 200)));
     assert_eq!(state.revoke_keys("k", "tok_9").await.unwrap(), vec![key("tok_9", 200)]);
     assert_eq!(state.minted_key("K2").await.unwrap(), None);
