@@ -163,6 +163,7 @@ async fn run(cli: Cli) -> Result<(), WorkerError> {
                 branch: branch.clone(),
                 images: images.clone(),
                 build_cache_dir: cli.build_cache_dir.clone(),
+                owner: worker::build_dirs::owner_of(cli.token.as_deref().unwrap_or_default()),
             };
             proto::names::validate_service_name(service)?;
             let engine = Engine::connect().await?;
@@ -238,6 +239,7 @@ async fn main() -> ExitCode {
             branch: branch.clone(),
             fallback_branches: fallback_branches.clone(),
             build_cache_dir: cli.build_cache_dir.clone(),
+            owner: worker::build_dirs::owner_of(cli.token.as_deref().unwrap_or_default()),
         };
         let (strict, print_cache_from) = (*strict, *print_cache_from);
         let span = tracing::info_span!("restore", service = %service);

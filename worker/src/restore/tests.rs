@@ -108,6 +108,10 @@ impl ImageLoader for FakeEngine {
         Ok(false)
     }
 
+    async fn image_ids(&self) -> Result<HashSet<String>, EngineError> {
+        Ok(self.images.lock().unwrap().values().cloned().collect())
+    }
+
     async fn layer_chains(&self) -> Result<HashSet<Vec<String>>, EngineError> {
         Ok(self.chains.clone())
     }
@@ -207,6 +211,7 @@ fn options(dir: &tempfile::TempDir) -> RestoreOptions {
         branch: "main".into(),
         fallback_branches: vec!["develop".into()],
         build_cache_dir: dir.path().to_owned(),
+        owner: crate::build_dirs::owner_of("cct_shop_token"),
     }
 }
 
