@@ -34,7 +34,7 @@ pub struct BuildDirs {
 /// What the last restore or save of a service on this host saw, by image ID. A restore writes
 /// it as it begins (the job's mark: every image already here is not this job's build) and again
 /// with the images it brought; a save writes it with the images it saved.
-#[derive(Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct HostRecord {
     /// [`owner_of`] the token that wrote it; empty in records of older workers.
     #[serde(default)]
@@ -125,20 +125,35 @@ impl BuildDirs {
         read_record_file(&self.record())
     }
 
-    /// The record a save on this host goes by: the service's own, else the newest of any other
-    /// service under the same root, with that service's stages left out (they are another
-    /// cache's); `None` when no restore or save ever ran here (a fresh host).
-    pub fn save_baseline(&self) -> Option<HostRecord> {
-        if let Some(record) = self.read_record() {
-            return Some(record);
-        }
+    /// The record a save by `owner` on this host goes by: the service's own, else the newest of
+    /// any other service under the same root, with that service's stages left out (they are
+    /// another cache's); and, whichever it is, every image another token's record saw or names
+    /// counted as already here (another project's, or another scope's, build is never this
+    /// job's, even when this job ran no restore). `None` when no restore or save ever ran here
+    /// (a fresh host).
+    pub fn save_baseline(&self, owner: &str) -> Option<HostRecord> {
         let parent = self.root.parent()?;
-        let newest = std::fs::read_dir(parent)
-            .ok()?
-            .filter_map(Result::ok)
-            .filter_map(|entry| read_record_file(&entry.path().join(RECORD_FILE)))
-            .max_by_key(|record| record.written_unix)?;
-        Some(HostRecord { stages: HashSet::new(), ..newest })
+        let others: Vec<(PathBuf, HostRecord)> = std::fs::read_dir(parent)
+            .map(|entries| {
+                entries
+                    .filter_map(Result::ok)
+                    .map(|entry| entry.path())
+                    .filter(|path| *path != self.root)
+                    .filter_map(|path| read_record_file(&path.join(RECORD_FILE)).map(|record| (path, record)))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let mut baseline = match self.read_record() {
+            Some(record) => record,
+            None => {
+                let newest = others.iter().max_by_key(|(_, record)| record.written_unix)?;
+                HostRecord { stages: HashSet::new(), ..newest.1.clone() }
+            }
+        };
+        for (_, record) in others.iter().filter(|(_, record)| record.owner != owner) {
+            baseline.present.extend(record.present.iter().chain(&record.images).cloned());
+        }
+        Some(baseline)
     }
 
     /// Whether the build's cache export may be saved by `owner`: only when the service's record
@@ -230,16 +245,25 @@ mod tests {
             BuildDirs::new(root.path(), "worker"),
             BuildDirs::new(root.path(), "api"),
         );
-        assert_eq!(api.save_baseline(), None, "a fresh host");
+        assert_eq!(api.save_baseline("me"), None, "a fresh host");
         let mut old = HostRecord::begin("me", ids(&["old"]));
         old.written_unix -= 10;
         app.write_record(&old).unwrap();
         let newest = HostRecord { stages: ids(&["worker-stage"]), ..HostRecord::begin("me", ids(&["old", "new"])) };
         worker.write_record(&newest).unwrap();
-        let baseline = api.save_baseline().unwrap();
+        let baseline = api.save_baseline("me").unwrap();
         assert_eq!(baseline.present, ids(&["old", "new"]));
         assert!(baseline.stages.is_empty(), "another service's stages are not this one's");
-        assert_eq!(app.save_baseline().unwrap().present, ids(&["old"]), "a service's own record first");
+        assert_eq!(app.save_baseline("me").unwrap().present, ids(&["old"]), "a service's own record first");
+        // What another token's record saw or names is never this save's, whichever record it
+        // goes by.
+        let theirs = HostRecord { images: ids(&["their-stage"]), ..HostRecord::begin("them", ids(&["theirs-before"])) };
+        BuildDirs::new(root.path(), "shop").write_record(&theirs).unwrap();
+        let baseline = app.save_baseline("me").unwrap();
+        assert_eq!(baseline.present, ids(&["old", "their-stage", "theirs-before"]));
+        // For them, their own record adds nothing; the other token's records count.
+        let for_them = app.save_baseline("them").unwrap().present;
+        assert!(!for_them.contains("theirs-before") && for_them.contains("new"), "{for_them:?}");
         assert!(app.export_is_of("me") && !app.export_is_of("them") && !api.export_is_of("me"));
         assert_ne!(owner_of("cct_a_1"), owner_of("cct_b_1"));
         assert!(!owner_of("cct_secret_token").contains("secret"));

@@ -358,7 +358,7 @@ impl<'a> SaveJob<'a> {
             // The classic builder's other stages: nobody names their images, so those made
             // since this job's restore (or the host's last save) are taken.
             let leaves = engine.stage_leaves(&options.images).await?;
-            let taken = stages_to_save(&leaves, dirs.save_baseline().as_ref(), &options.owner);
+            let taken = stages_to_save(&leaves, dirs.save_baseline(&options.owner).as_ref(), &options.owner);
             references.extend(taken.iter().cloned());
             stages = Some(taken);
         }

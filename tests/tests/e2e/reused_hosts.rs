@@ -3,7 +3,8 @@
 //! service on the same base: each cache holds one build's images and a quota sized for one
 //! build of each holds. Two projects' jobs of the same service name one after the other on one
 //! containerd-store host: neither saves the other's BuildKit cache export, and each restores
-//! fully cached.
+//! fully cached. A project that saves without a restore on a host another project used
+//! takes none of its images.
 
 use std::collections::HashSet;
 
@@ -97,6 +98,46 @@ fn ten_builds_and_a_second_service(kind: EngineKind) {
     assert_eq!(coordinator.blob_files("shop").len(), named.len(), "{last_app}\n{worker_log}");
     let stored: u64 = coordinator.blob_files("shop").iter().sum();
     assert!(stored <= quota.parse().unwrap(), "{stored} bytes stored, quota {quota}");
+    coordinator.stop();
+}
+
+/// A save without a restore: the job's build and save alone, as a CI script that never
+/// restores runs them.
+fn save_only_job(
+    coordinator: &CoordinatorProcess,
+    host: &DockerEngine,
+    token: &str,
+    service: &str,
+    context: &std::path::Path,
+) -> String {
+    let tag = format!("{service}:1");
+    let built = host.classic_build(context, &tag, &[]);
+    assert!(built.status.success(), "{}", stderr_of(&built));
+    let saved = coordinator.cache_worker_on(host, token, &["save", "--service", service, &tag, "base:1"]);
+    assert!(saved.status.success(), "save of {service}: {}", stderr_of(&saved));
+    stdout_of(&saved)
+}
+
+#[test]
+fn a_project_saving_without_a_restore_on_a_shared_host_takes_none_of_another_projects_images() {
+    let Some(host) = DockerEngine::start(EngineKind::Engine20) else { return };
+    let data_dir = tempfile::tempdir().unwrap();
+    let coordinator = CoordinatorProcess::start(data_dir.path(), &[]);
+    let (ours, theirs) = (coordinator.create_project("ours"), coordinator.create_project("theirs"));
+    host.import_busybox_base("base:1");
+    let worker = build_context(WORKER);
+    let first = save_only_job(&coordinator, &host, &ours, "worker", worker.path());
+    assert_eq!(images_in(&first), 3, "{first}");
+    // Another project's job on the same host, on the same base.
+    let app = build_context(APP);
+    let their_log = classic_job(&coordinator, &host, &theirs, "app", app.path(), &["--build-arg", "BUILD=1"]);
+    assert_eq!(images_in(&their_log), 5, "{their_log}");
+    // Our next job saves without restoring: the same build's images, none of theirs.
+    let again = save_only_job(&coordinator, &host, &ours, "worker", worker.path());
+    let their_images: HashSet<&str> = their_log.lines().filter_map(|line| line.strip_prefix("image ")).collect();
+    let our_images: HashSet<&str> = again.lines().filter_map(|line| line.strip_prefix("image ")).collect();
+    assert_eq!(our_images.intersection(&their_images).count(), 1, "the base alone: {again}");
+    assert_eq!(images_in(&again), 3, "{again}");
     coordinator.stop();
 }
 
