@@ -25,6 +25,30 @@ pub fn owner_of(token: &str) -> String {
     hex::encode(&digest[..16])
 }
 
+/// Which CI job a record belongs to: a hash of `--job-id` (`CACHE_JOB_ID`), else of the job
+/// the platform names in its own variables (GitLab's `CI_JOB_ID`, Buildkite's
+/// `BUILDKITE_JOB_ID`, GitHub's run, attempt and job); empty when none does.
+pub fn job_of(job_id: Option<&str>) -> String {
+    let from_platform = || {
+        let var = |name: &str| std::env::var(name).ok().filter(|value| !value.is_empty());
+        var("CI_JOB_ID")
+            .map(|id| format!("gitlab {id}"))
+            .or_else(|| var("BUILDKITE_JOB_ID").map(|id| format!("buildkite {id}")))
+            .or_else(|| {
+                let run = var("GITHUB_RUN_ID")?;
+                Some(format!(
+                    "github {run} {} {}",
+                    var("GITHUB_RUN_ATTEMPT").unwrap_or_default(),
+                    var("GITHUB_JOB").unwrap_or_default()
+                ))
+            })
+    };
+    match job_id.filter(|id| !id.is_empty()).map(str::to_owned).or_else(from_platform) {
+        Some(job) => hex::encode(&Sha256::digest(format!("cache-worker build dir job\n{job}").as_bytes())[..16]),
+        None => String::new(),
+    }
+}
+
 /// One service's folders.
 #[derive(Debug, Clone)]
 pub struct BuildDirs {
@@ -39,6 +63,9 @@ pub struct HostRecord {
     /// [`owner_of`] the token that wrote it; empty in records of older workers.
     #[serde(default)]
     pub owner: String,
+    /// [`job_of`] the job that wrote it; empty when no job was named.
+    #[serde(default)]
+    pub job: String,
     /// Seconds since the epoch: the newest record of any service speaks for the host.
     #[serde(default)]
     pub written_unix: u64,
@@ -52,11 +79,11 @@ pub struct HostRecord {
 }
 
 impl HostRecord {
-    /// A record begun now by `owner` with the engine holding `present`.
-    pub fn begin(owner: &str, present: HashSet<String>) -> HostRecord {
+    /// A record begun now by `owner` in `job` with the engine holding `present`.
+    pub fn begin(owner: &str, job: &str, present: HashSet<String>) -> HostRecord {
         let written_unix =
             std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |since| since.as_secs());
-        HostRecord { owner: owner.to_owned(), written_unix, present, ..Default::default() }
+        HostRecord { owner: owner.to_owned(), job: job.to_owned(), written_unix, present, ..Default::default() }
     }
 }
 
@@ -156,10 +183,13 @@ impl BuildDirs {
         Some(baseline)
     }
 
-    /// Whether the build's cache export may be saved by `owner`: only when the service's record
-    /// is theirs (their restore emptied the folder and printed the flag that fills it).
-    pub fn export_is_of(&self, owner: &str) -> bool {
-        self.read_record().is_some_and(|record| record.owner == owner)
+    /// Whether the build's cache export may be saved by `owner` in `job`: only when the
+    /// service's record is theirs (their restore emptied the folder and printed the flag that
+    /// fills it), and of the same job when both name one (not an earlier job's export).
+    pub fn export_is_of(&self, owner: &str, job: &str) -> bool {
+        self.read_record().is_some_and(|record| {
+            record.owner == owner && (record.job.is_empty() || job.is_empty() || record.job == job)
+        })
     }
 }
 
@@ -246,10 +276,10 @@ mod tests {
             BuildDirs::new(root.path(), "api"),
         );
         assert_eq!(api.save_baseline("me"), None, "a fresh host");
-        let mut old = HostRecord::begin("me", ids(&["old"]));
+        let mut old = HostRecord::begin("me", "job-1", ids(&["old"]));
         old.written_unix -= 10;
         app.write_record(&old).unwrap();
-        let newest = HostRecord { stages: ids(&["worker-stage"]), ..HostRecord::begin("me", ids(&["old", "new"])) };
+        let newest = HostRecord { stages: ids(&["worker-stage"]), ..HostRecord::begin("me", "", ids(&["old", "new"])) };
         worker.write_record(&newest).unwrap();
         let baseline = api.save_baseline("me").unwrap();
         assert_eq!(baseline.present, ids(&["old", "new"]));
@@ -257,14 +287,19 @@ mod tests {
         assert_eq!(app.save_baseline("me").unwrap().present, ids(&["old"]), "a service's own record first");
         // What another token's record saw or names is never this save's, whichever record it
         // goes by.
-        let theirs = HostRecord { images: ids(&["their-stage"]), ..HostRecord::begin("them", ids(&["theirs-before"])) };
+        let theirs =
+            HostRecord { images: ids(&["their-stage"]), ..HostRecord::begin("them", "", ids(&["theirs-before"])) };
         BuildDirs::new(root.path(), "shop").write_record(&theirs).unwrap();
         let baseline = app.save_baseline("me").unwrap();
         assert_eq!(baseline.present, ids(&["old", "their-stage", "theirs-before"]));
         // For them, their own record adds nothing; the other token's records count.
         let for_them = app.save_baseline("them").unwrap().present;
         assert!(!for_them.contains("theirs-before") && for_them.contains("new"), "{for_them:?}");
-        assert!(app.export_is_of("me") && !app.export_is_of("them") && !api.export_is_of("me"));
+        assert!(app.export_is_of("me", "job-1") && !app.export_is_of("them", "job-1") && !api.export_is_of("me", ""));
+        assert!(!app.export_is_of("me", "job-2"), "an earlier job's export");
+        assert!(app.export_is_of("me", ""), "no job named: the token decides");
+        assert_eq!(job_of(Some("")), job_of(None));
+        assert_ne!(job_of(Some("1")), job_of(Some("2")));
         assert_ne!(owner_of("cct_a_1"), owner_of("cct_b_1"));
         assert!(!owner_of("cct_secret_token").contains("secret"));
     }

@@ -37,6 +37,9 @@ pub struct SaveOptions {
     /// [`crate::build_dirs::owner_of`] the token: a record or cache export another token left
     /// on this host is not this job's.
     pub owner: String,
+    /// [`crate::build_dirs::job_of`] the CI job: a cache export an earlier job left is not
+    /// this one's.
+    pub job: String,
 }
 
 /// What a save cancelled mid-way (a signal) leaves to clean up: the multipart uploads it began
@@ -368,11 +371,11 @@ impl<'a> SaveJob<'a> {
                 names::validate_repo_tag(tag)?;
             }
         }
-        let export_is_ours = oci && dirs.export_is_of(&options.owner);
+        let export_is_ours = oci && dirs.export_is_of(&options.owner, &options.job);
         if oci && !export_is_ours && dirs.export().join("index.json").exists() {
             // Another project's job, or one before any restore of this service: not this build's.
             eprintln!(
-                "cache-worker: warning: the cache export in {} was not written after a restore of {} with this token, so it is left out: restore before the build",
+                "cache-worker: warning: the cache export in {} was not written after a restore of {} with this token in this job, so it is left out: restore before the build",
                 dirs.export().display(),
                 options.service
             );
@@ -405,7 +408,7 @@ impl SaveJob<'_> {
         let record = HostRecord {
             images: self.chain.iter().map(|image| image.id.clone()).collect(),
             stages: stages.iter().cloned().collect(),
-            ..HostRecord::begin(&self.options.owner, present)
+            ..HostRecord::begin(&self.options.owner, &self.options.job, present)
         };
         let dirs = BuildDirs::new(&self.options.build_cache_dir, &self.options.service);
         if let Err(error) = dirs.write_record(&record) {

@@ -7,6 +7,7 @@
 //! takes none of its images.
 
 use std::collections::HashSet;
+use std::process::Output;
 
 use super::buildkit::{INLINE_CACHE, assert_fully_cached, build};
 use tests::{CoordinatorProcess, DockerEngine, EngineKind, SEED_DOCKERFILE, build_context, stderr_of, stdout_of};
@@ -194,7 +195,7 @@ fn two_projects_jobs_of_one_service_name_on_one_containerd_store_host_keep_to_th
     assert_eq!(
         stderr_of(&saved),
         format!(
-            "cache-worker: warning: the cache export in {} was not written after a restore of app with this token, so it is left out: restore before the build\n",
+            "cache-worker: warning: the cache export in {} was not written after a restore of app with this token in this job, so it is left out: restore before the build\n",
             export.display()
         )
     );
@@ -213,5 +214,45 @@ fn two_projects_jobs_of_one_service_name_on_one_containerd_store_host_keep_to_th
     let mut flags: Vec<&str> = printed.split_whitespace().collect();
     flags.push(INLINE_CACHE);
     assert_fully_cached(&build(&other_fresh_host, other_app.path(), "app:1", &flags), 3);
+    coordinator.stop();
+}
+
+/// `cache-worker ARGS…` on `host` in the CI job `job` (`CACHE_JOB_ID`), which must succeed.
+fn in_job(coordinator: &CoordinatorProcess, host: &DockerEngine, token: &str, job: &str, args: &[&str]) -> Output {
+    let output = coordinator.cache_worker_command_on(host, token, args).env("CACHE_JOB_ID", job).output().unwrap();
+    assert!(output.status.success(), "{args:?}: {}", stderr_of(&output));
+    output
+}
+
+#[test]
+fn a_later_job_of_the_same_project_does_not_save_an_earlier_jobs_cache_export() {
+    let Some(host) = DockerEngine::start_with_containerd_store() else { return };
+    let data_dir = tempfile::tempdir().unwrap();
+    let coordinator = CoordinatorProcess::start(data_dir.path(), &[]);
+    let token = coordinator.create_project("shop");
+    host.import_busybox_base("base:1");
+    let app = build_context(OTHER_APP);
+    let save = ["save", "--service", "app", "app:1", "base:1"];
+    build(&host, app.path(), "app:1", &[INLINE_CACHE]);
+    in_job(&coordinator, &host, &token, "1", &save);
+    // Job 2 restores, builds with the printed flags (its export) and saves the export.
+    let restored = in_job(&coordinator, &host, &token, "2", &["restore", "--service", "app", "--print-cache-from"]);
+    let printed = stdout_of(&restored);
+    let flags: Vec<&str> = printed.split_whitespace().collect();
+    build(&host, app.path(), "app:1", &[&flags[..], &[INLINE_CACHE]].concat());
+    let saved = in_job(&coordinator, &host, &token, "2", &save);
+    assert!(stdout_of(&saved).contains("BuildKit cache export sha256:"), "{}", stdout_of(&saved));
+    // Job 3 changes the build and saves without restoring: job 2's export is not its build's.
+    std::fs::write(app.path().join("file.txt"), "changed\n").unwrap();
+    build(&host, app.path(), "app:1", &[INLINE_CACHE]);
+    let saved = in_job(&coordinator, &host, &token, "3", &save);
+    assert!(!stdout_of(&saved).contains("BuildKit cache export"), "{}", stdout_of(&saved));
+    assert!(stderr_of(&saved).contains("with this token in this job, so it is left out"), "{}", stderr_of(&saved));
+    // So a fresh host rebuilds job 3's build fully cached from its inline cache.
+    let fresh_host = DockerEngine::start_with_containerd_store().unwrap();
+    let printed = coordinator.restore_flags(&fresh_host, &token, "app");
+    let mut flags: Vec<&str> = printed.split_whitespace().collect();
+    flags.push(INLINE_CACHE);
+    assert_fully_cached(&build(&fresh_host, app.path(), "app:1", &flags), 3);
     coordinator.stop();
 }

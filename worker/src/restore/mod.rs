@@ -35,6 +35,8 @@ pub struct RestoreOptions {
     pub build_cache_dir: PathBuf,
     /// [`crate::build_dirs::owner_of`] the token: whose the record this restore writes is.
     pub owner: String,
+    /// [`crate::build_dirs::job_of`] the CI job, recorded for the save of the same job.
+    pub job: String,
 }
 
 /// What a restore did.
@@ -109,7 +111,7 @@ async fn look_up<'a, C: RestoreCoordinator, E: ImageLoader>(
     }
     // The job's mark: whatever the engine holds now is not this job's build, and the cache
     // export the build writes is this token's (a save goes by both).
-    let mark = HostRecord::begin(&options.owner, engine.image_ids().await?);
+    let mark = HostRecord::begin(&options.owner, &options.job, engine.image_ids().await?);
     if let Err(error) = dirs.write_record(&mark) {
         dirs.forget_record();
         eprintln!(
@@ -296,6 +298,7 @@ impl Run<'_> {
     fn write_record(&self, manifest: &pb::Manifest) {
         let record = HostRecord {
             owner: self.mark.owner.clone(),
+            job: self.mark.job.clone(),
             written_unix: self.mark.written_unix,
             present: self.mark.present.clone(),
             images: manifest.images.iter().map(|image| image.id.clone()).collect(),

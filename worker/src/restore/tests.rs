@@ -212,6 +212,7 @@ fn options(dir: &tempfile::TempDir) -> RestoreOptions {
         fallback_branches: vec!["develop".into()],
         build_cache_dir: dir.path().to_owned(),
         owner: crate::build_dirs::owner_of("cct_shop_token"),
+        job: crate::build_dirs::job_of(Some("job-1")),
     }
 }
 
