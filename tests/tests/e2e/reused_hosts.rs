@@ -58,6 +58,11 @@ fn ten_builds_on_one_engine_20_10_host_and_a_second_service_each_cache_one_build
 }
 
 #[test]
+fn ten_builds_on_one_engine_26_1_host_and_a_second_service_each_cache_one_build() {
+    ten_builds_and_a_second_service(EngineKind::Engine26);
+}
+
+#[test]
 fn ten_builds_on_one_engine_28_5_host_and_a_second_service_each_cache_one_build() {
     ten_builds_and_a_second_service(EngineKind::Engine28);
 }
