@@ -154,9 +154,10 @@ impl BuildDirs {
 
     /// The record a save by `owner` on this host goes by: the service's own, else the newest of
     /// any other service under the same root, with that service's stages left out (they are
-    /// another cache's); and, whichever it is, every image another token's record saw or names
-    /// counted as already here (another project's, or another scope's, build is never this
-    /// job's, even when this job ran no restore). `None` when no restore or save ever ran here
+    /// another cache's); and, whichever it is, every image another service's cache holds and
+    /// every image another token's record saw counted as already here (another service's
+    /// cache, or another project's or scope's build, is never this job's, even when this job
+    /// ran no restore or restored several services before building them). `None` when no restore or save ever ran here
     /// (a fresh host).
     pub fn save_baseline(&self, owner: &str) -> Option<HostRecord> {
         let parent = self.root.parent()?;
@@ -177,8 +178,13 @@ impl BuildDirs {
                 HostRecord { stages: HashSet::new(), ..newest.1.clone() }
             }
         };
-        for (_, record) in others.iter().filter(|(_, record)| record.owner != owner) {
-            baseline.present.extend(record.present.iter().chain(&record.images).cloned());
+        for (_, record) in &others {
+            // Another service's cache (restored or saved) is not this job's build, even
+            // restored after this service's mark; what another token's record saw is not either.
+            baseline.present.extend(record.images.iter().cloned());
+            if record.owner != owner {
+                baseline.present.extend(record.present.iter().cloned());
+            }
         }
         Some(baseline)
     }
@@ -268,6 +274,30 @@ mod tests {
     }
 
     #[test]
+    fn another_services_restored_images_are_not_this_saves_stages() {
+        // One job restores two services, then builds both, then saves both: the second
+        // service's restore brought its stage after the first service's mark.
+        let root = tempfile::tempdir().unwrap();
+        let (app, worker) = (BuildDirs::new(root.path(), "app"), BuildDirs::new(root.path(), "worker"));
+        let shared = HostRecord {
+            images: ids(&["shared-stage"]),
+            stages: ids(&["shared-stage"]),
+            ..HostRecord::begin("me", "", ids(&["base"]))
+        };
+        app.write_record(&shared).unwrap();
+        let restored = HostRecord {
+            images: ids(&["worker-stage", "shared-stage"]),
+            stages: ids(&["worker-stage", "shared-stage"]),
+            ..HostRecord::begin("me", "", ids(&["base"]))
+        };
+        worker.write_record(&restored).unwrap();
+        let leaves = [leaf("app-stage", "base"), leaf("shared-stage", "app-step"), leaf("worker-stage", "base")];
+        let baseline = app.save_baseline("me").unwrap();
+        // A stage both caches hold stays this cache's too.
+        assert_eq!(stages_to_save(&leaves, Some(&baseline), "me"), vec!["app-stage", "shared-stage"]);
+    }
+
+    #[test]
     fn a_service_without_a_record_goes_by_the_hosts_newest_and_an_export_by_its_owner() {
         let root = tempfile::tempdir().unwrap();
         let (app, worker, api) = (
@@ -294,6 +324,7 @@ mod tests {
         assert_eq!(baseline.present, ids(&["old", "their-stage", "theirs-before"]));
         // For them, their own record adds nothing; the other token's records count.
         let for_them = app.save_baseline("them").unwrap().present;
+        assert!(for_them.contains("their-stage"), "another service's cache, whoever's");
         assert!(!for_them.contains("theirs-before") && for_them.contains("new"), "{for_them:?}");
         assert!(app.export_is_of("me", "job-1") && !app.export_is_of("them", "job-1") && !api.export_is_of("me", ""));
         assert!(!app.export_is_of("me", "job-2"), "an earlier job's export");

@@ -3,7 +3,8 @@
 //! service on the same base: each cache holds one build's images and a quota sized for one
 //! build of each holds. Two projects' jobs of the same service name one after the other on one
 //! containerd-store host: neither saves the other's BuildKit cache export, and each restores
-//! fully cached. A project that saves without a restore on a host another project used
+//! fully cached. A job that restores two services before building them saves each without
+//! the other's stages. A project that saves without a restore on a host another project used
 //! takes none of its images.
 
 use std::collections::HashSet;
@@ -104,6 +105,39 @@ fn ten_builds_and_a_second_service(kind: EngineKind) {
     assert_eq!(coordinator.blob_files("shop").len(), named.len(), "{last_app}\n{worker_log}");
     let stored: u64 = coordinator.blob_files("shop").iter().sum();
     assert!(stored <= quota.parse().unwrap(), "{stored} bytes stored, quota {quota}");
+    coordinator.stop();
+}
+
+#[test]
+fn a_job_restoring_two_services_before_building_them_saves_each_without_the_others_stages() {
+    let Some(first_host) = DockerEngine::start(EngineKind::Engine20) else { return };
+    let data_dir = tempfile::tempdir().unwrap();
+    let coordinator = CoordinatorProcess::start(data_dir.path(), &[]);
+    let token = coordinator.create_project("shop");
+    let (app, worker) = (build_context(APP), build_context(WORKER));
+    first_host.import_busybox_base("base:1");
+    let app_log = classic_job(&coordinator, &first_host, &token, "app", app.path(), &["--build-arg", "BUILD=1"]);
+    let worker_log = classic_job(&coordinator, &first_host, &token, "worker", worker.path(), &[]);
+    assert_eq!((images_in(&app_log), images_in(&worker_log)), (5, 3));
+
+    // The next job, on a fresh host: both restores first, then both builds, then both saves.
+    let host = DockerEngine::start(EngineKind::Engine20).unwrap();
+    let app_flags = coordinator.restore_flags(&host, &token, "app");
+    let worker_flags = coordinator.restore_flags(&host, &token, "worker");
+    for (context, tag, flags, extra) in [
+        (app.path(), "app:1", &app_flags, &["--build-arg", "BUILD=1"][..]),
+        (worker.path(), "worker:1", &worker_flags, &[][..]),
+    ] {
+        let flags: Vec<&str> = flags.split_whitespace().chain(extra.iter().copied()).collect();
+        let built = host.classic_build(context, tag, &flags);
+        assert!(built.status.success(), "{}", stderr_of(&built));
+        assert!(!stdout_of(&built).contains("Running in"), "fully cached: {}", stdout_of(&built));
+    }
+    for (service, tag, log) in [("app", "app:1", &app_log), ("worker", "worker:1", &worker_log)] {
+        let saved = coordinator.cache_worker_on(&host, &token, &["save", "--service", service, tag, "base:1"]);
+        assert!(saved.status.success(), "{}", stderr_of(&saved));
+        assert_eq!(named_in(&stdout_of(&saved)), named_in(log), "{service}: {}", stdout_of(&saved));
+    }
     coordinator.stop();
 }
 
