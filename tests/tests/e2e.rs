@@ -22,6 +22,7 @@ mod e2e {
     mod projects_and_credentials;
     mod quotas;
     mod replicas;
+    mod reused_hosts;
     mod s3_store;
     mod save_restore;
     mod scope_allowances;

@@ -288,6 +288,13 @@ impl Engine {
         Ok(leaves)
     }
 
+    /// Every image the engine lists, untagged build steps included, by ID.
+    pub async fn image_ids(&self) -> Result<HashSet<String>, EngineError> {
+        let options = bollard::query_parameters::ListImagesOptions { all: true, ..Default::default() };
+        let summaries = self.docker.list_images(Some(options)).await.map_err(failed("list images"))?;
+        Ok(summaries.into_iter().map(|summary| summary.id).collect())
+    }
+
     /// Every layer chain the engine's layer store holds, as diff IDs from the bottom: each
     /// prefix of each image's layers. `docker load` does not read a layer whose chain is here.
     pub async fn layer_chains(&self) -> Result<std::collections::HashSet<Vec<String>>, EngineError> {

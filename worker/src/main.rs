@@ -33,6 +33,11 @@ struct Cli {
     /// for the next save; one folder per service
     #[arg(long, env = "CACHE_BUILD_CACHE_DIR", default_value_os_t = worker::build_dirs::default_root())]
     build_cache_dir: std::path::PathBuf,
+    /// The CI job this command runs in (any text; unset: the platform's own job variables,
+    /// e.g. GitLab's CI_JOB_ID): a save takes BuildKit's cache export only in the job whose
+    /// restore printed the flag that writes it
+    #[arg(long, env = "CACHE_JOB_ID")]
+    job_id: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -163,6 +168,8 @@ async fn run(cli: Cli) -> Result<(), WorkerError> {
                 branch: branch.clone(),
                 images: images.clone(),
                 build_cache_dir: cli.build_cache_dir.clone(),
+                owner: worker::build_dirs::owner_of(cli.token.as_deref().unwrap_or_default()),
+                job: worker::build_dirs::job_of(cli.job_id.as_deref()),
             };
             proto::names::validate_service_name(service)?;
             let engine = Engine::connect().await?;
@@ -238,6 +245,8 @@ async fn main() -> ExitCode {
             branch: branch.clone(),
             fallback_branches: fallback_branches.clone(),
             build_cache_dir: cli.build_cache_dir.clone(),
+            owner: worker::build_dirs::owner_of(cli.token.as_deref().unwrap_or_default()),
+            job: worker::build_dirs::job_of(cli.job_id.as_deref()),
         };
         let (strict, print_cache_from) = (*strict, *print_cache_from);
         let span = tracing::info_span!("restore", service = %service);

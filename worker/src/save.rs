@@ -11,7 +11,7 @@ use proto::names;
 use proto::v1 as pb;
 use tokio::sync::mpsc;
 
-use crate::build_dirs::{BuildDirs, stages_to_save};
+use crate::build_dirs::{BuildDirs, HostRecord, stages_to_save};
 use crate::coordinator::{CommitOutcome, Coordinator, SaveCoordinator, SaveLease};
 use crate::direct::{self, DirectBlob};
 use crate::docker::{Engine, EngineImage};
@@ -34,6 +34,12 @@ pub struct SaveOptions {
     /// `--build-cache-dir`: where the last restore's record and the build's own cache export
     /// are (see [`BuildDirs`]).
     pub build_cache_dir: std::path::PathBuf,
+    /// [`crate::build_dirs::owner_of`] the token: a record or cache export another token left
+    /// on this host is not this job's.
+    pub owner: String,
+    /// [`crate::build_dirs::job_of`] the CI job: a cache export an earlier job left is not
+    /// this one's.
+    pub job: String,
 }
 
 /// What a save cancelled mid-way (a signal) leaves to clean up: the multipart uploads it began
@@ -279,6 +285,9 @@ struct SaveJob<'a> {
     build_cache: Option<(pb::Image, OciBlobs)>,
     /// The build steps of the images the save names (those the engine could tell).
     steps: Vec<ImageSteps>,
+    /// The classic builder's other stages the save takes (their leaves); `None` on the
+    /// containerd image store, where images have no parent chain.
+    stages: Option<Vec<String>>,
 }
 
 /// The blobs of the containerd image store's images: a `docker save` read into its spool
@@ -313,7 +322,10 @@ pub async fn save(
     cleanup: &SaveCleanup,
 ) -> Result<SaveSummary, WorkerError> {
     let (job, source) = SaveJob::prepare(engine, options, cleanup).await?;
-    attempt_until_done(&options.service, source, async |source| save_once(coordinator, &job, source).await).await
+    let summary =
+        attempt_until_done(&options.service, source, async |source| save_once(coordinator, &job, source).await).await?;
+    job.write_record().await;
+    Ok(summary)
 }
 
 /// The one retry layer: an attempt told to begin again is made once more, and a read in place
@@ -360,10 +372,14 @@ impl<'a> SaveJob<'a> {
         let oci = storage.containerd_store;
         let dirs = BuildDirs::new(&options.build_cache_dir, &options.service);
         let mut references = options.images.clone();
+        let mut stages = None;
         if !oci {
-            // The classic builder's other stages: nobody names their images.
+            // The classic builder's other stages: nobody names their images, so those made
+            // since this job's restore (or the host's last save) are taken.
             let leaves = engine.stage_leaves(&options.images).await?;
-            references.extend(stages_to_save(&leaves, &dirs.read_record()));
+            let taken = stages_to_save(&leaves, dirs.save_baseline(&options.owner).as_ref(), &options.owner);
+            references.extend(taken.iter().cloned());
+            stages = Some(taken);
         }
         let chain = engine.image_chain(&references).await?;
         for image in &chain {
@@ -371,7 +387,16 @@ impl<'a> SaveJob<'a> {
                 names::validate_repo_tag(tag)?;
             }
         }
-        let build_cache = match oci.then(|| read_build_cache(&dirs.export())).transpose() {
+        let export_is_ours = oci && dirs.export_is_of(&options.owner, &options.job);
+        if oci && !export_is_ours && dirs.export().join("index.json").exists() {
+            // Another project's job, or one before any restore of this service: not this build's.
+            eprintln!(
+                "cache-worker: warning: the cache export in {} was not written after a restore of {} with this token in this job, so it is left out: restore before the build",
+                dirs.export().display(),
+                options.service
+            );
+        }
+        let build_cache = match export_is_ours.then(|| read_build_cache(&dirs.export())).transpose() {
             Ok(cache) => cache.flatten(),
             Err(error) => {
                 // The images are still worth saving; the next job's build exports its cache again.
@@ -385,7 +410,29 @@ impl<'a> SaveJob<'a> {
         let steps = named_steps(engine, &options.images, &chain).await;
         let probe = chain.first().map(|image| image.id.as_str()).unwrap_or_default();
         let source = BlobSource::choose(&storage, probe);
-        Ok((SaveJob { engine, options, cleanup, chain, started, build_cache, steps }, source))
+        Ok((SaveJob { engine, options, cleanup, chain, started, build_cache, steps, stages }, source))
+    }
+}
+
+impl SaveJob<'_> {
+    /// After a save on a graph driver, the service's record says what the host held and what
+    /// the cache holds now, so the next save here (without a restore first) takes only what
+    /// its own build made. Best effort: without it that save goes by an older record.
+    async fn write_record(&self) {
+        let Some(stages) = &self.stages else { return };
+        let Ok(present) = self.engine.image_ids().await else { return };
+        let record = HostRecord {
+            images: self.chain.iter().map(|image| image.id.clone()).collect(),
+            stages: stages.iter().cloned().collect(),
+            ..HostRecord::begin(&self.options.owner, &self.options.job, present)
+        };
+        let dirs = BuildDirs::new(&self.options.build_cache_dir, &self.options.service);
+        if let Err(error) = dirs.write_record(&record) {
+            eprintln!(
+                "cache-worker: warning: cannot write what was saved under {}: {error}",
+                self.options.build_cache_dir.display()
+            );
+        }
     }
 }
 

@@ -128,10 +128,12 @@ fn a_classic_build_on_the_containerd_store_is_told_why_it_runs_uncached() {
     let token = coordinator.create_project("shop");
     build_host.import_busybox_base("base:1");
     let app = build_context(SEED_DOCKERFILE);
+    // The job restores first (a miss), so the export folder is this job's.
+    assert_eq!(coordinator.restore_flags(&build_host, &token, "app"), "");
     let built = build_host.classic_build(app.path(), "app:1", &[]);
     assert!(built.status.success(), "{}", stderr_of(&built));
-    // A cache export that names a manifest it lacks (a build killed mid-export, say) is left
-    // out with a warning; the images are saved.
+    // A cache export of this job that names a manifest it lacks (a build killed mid-export,
+    // say) is left out with a warning; the images are saved.
     let export = build_host.build_cache_dir().join("app/export");
     std::fs::create_dir_all(&export).unwrap();
     let zeros = "0".repeat(64);

@@ -17,7 +17,7 @@ use proto::format::format_bytes;
 use proto::names;
 use proto::v1 as pb;
 
-use crate::build_dirs::{BuildDirs, RestoreRecord};
+use crate::build_dirs::{BuildDirs, HostRecord};
 use crate::error::WorkerError;
 use crate::load::{LoadFailure, StreamEnd, Streamed, load_stream, plan_load, plan_oci_load};
 use crate::progress::{Progress, rate};
@@ -33,6 +33,10 @@ pub struct RestoreOptions {
     pub fallback_branches: Vec<String>,
     /// `--build-cache-dir` (see [`BuildDirs`]).
     pub build_cache_dir: PathBuf,
+    /// [`crate::build_dirs::owner_of`] the token: whose the record this restore writes is.
+    pub owner: String,
+    /// [`crate::build_dirs::job_of`] the CI job, recorded for the save of the same job.
+    pub job: String,
 }
 
 /// What a restore did.
@@ -52,6 +56,8 @@ struct Run<'a> {
     /// The engine keeps the containerd image store.
     oci: bool,
     dirs: BuildDirs,
+    /// The job's mark as this restore began it: who, when, and every image already here.
+    mark: HostRecord,
 }
 
 /// Restores the cache. `say` prints progress lines (stdout, or stderr when stdout is for the
@@ -102,8 +108,16 @@ async fn look_up<'a, C: RestoreCoordinator, E: ImageLoader>(
         dirs.reset().map_err(|error| {
             WorkerError::Host(format!("cannot prepare the build cache folder {}: {error}", dirs.images().display()))
         })?;
-    } else {
+    }
+    // The job's mark: whatever the engine holds now is not this job's build, and the cache
+    // export the build writes is this token's (a save goes by both).
+    let mark = HostRecord::begin(&options.owner, &options.job, engine.image_ids().await?);
+    if let Err(error) = dirs.write_record(&mark) {
         dirs.forget_record();
+        eprintln!(
+            "cache-worker: warning: cannot write this job's mark under {}: {error}",
+            options.build_cache_dir.display()
+        );
     }
     let key = |branch: &String| pb::CacheKey { service: options.service.clone(), branch: branch.clone() };
     let lookup = pb::LookupRequest {
@@ -111,7 +125,7 @@ async fn look_up<'a, C: RestoreCoordinator, E: ImageLoader>(
         fallbacks: options.fallback_branches.iter().map(key).collect(),
     };
     let lookup = coordinator.lookup(lookup).await?;
-    Ok((Run { options, say, started, oci, dirs }, lookup))
+    Ok((Run { options, say, started, oci, dirs, mark }, lookup))
 }
 
 /// The metrics report of a restore.
@@ -282,12 +296,16 @@ impl Run<'_> {
     }
 
     fn write_record(&self, manifest: &pb::Manifest) {
-        let record = RestoreRecord {
+        let record = HostRecord {
+            owner: self.mark.owner.clone(),
+            job: self.mark.job.clone(),
+            written_unix: self.mark.written_unix,
+            present: self.mark.present.clone(),
             images: manifest.images.iter().map(|image| image.id.clone()).collect(),
             stages: stage_leaves(manifest),
         };
         if let Err(error) = self.dirs.write_record(&record) {
-            // A save then takes every build stage it finds: more stored, nothing lost.
+            // The job's mark stays: a save then counts the restored stages as this build's.
             eprintln!(
                 "cache-worker: warning: cannot write what was restored under {}: {error}",
                 self.options.build_cache_dir.display()

@@ -108,6 +108,9 @@ pub trait ImageLoader {
     /// Whether the engine keeps images in the containerd image store (OCI blobs).
     fn uses_containerd_store(&self) -> impl Future<Output = Result<bool, EngineError>>;
 
+    /// Every image the engine lists, by ID.
+    fn image_ids(&self) -> impl Future<Output = Result<HashSet<String>, EngineError>>;
+
     /// Every layer chain the engine holds, as diff IDs from the bottom.
     fn layer_chains(&self) -> impl Future<Output = Result<HashSet<Vec<String>>, EngineError>>;
 
@@ -126,6 +129,10 @@ pub trait ImageLoader {
 impl ImageLoader for Engine {
     async fn uses_containerd_store(&self) -> Result<bool, EngineError> {
         Engine::uses_containerd_store(self).await
+    }
+
+    async fn image_ids(&self) -> Result<HashSet<String>, EngineError> {
+        Engine::image_ids(self).await
     }
 
     async fn layer_chains(&self) -> Result<HashSet<Vec<String>>, EngineError> {

@@ -108,6 +108,10 @@ impl ImageLoader for FakeEngine {
         Ok(false)
     }
 
+    async fn image_ids(&self) -> Result<HashSet<String>, EngineError> {
+        Ok(self.images.lock().unwrap().values().cloned().collect())
+    }
+
     async fn layer_chains(&self) -> Result<HashSet<Vec<String>>, EngineError> {
         Ok(self.chains.clone())
     }
@@ -207,6 +211,8 @@ fn options(dir: &tempfile::TempDir) -> RestoreOptions {
         branch: "main".into(),
         fallback_branches: vec!["develop".into()],
         build_cache_dir: dir.path().to_owned(),
+        owner: crate::build_dirs::owner_of("cct_shop_token"),
+        job: crate::build_dirs::job_of(Some("job-1")),
     }
 }
 
@@ -342,4 +348,30 @@ async fn an_invalid_branch_is_bad_input_and_reported_without_a_lease() {
     let error = restore(&mut coordinator, &FakeEngine::default(), &options, &|_| {}).await.unwrap_err();
     assert_eq!(error.exit_code(), 64, "{error}");
     assert_eq!(coordinator.outcomes(), vec![(pb::RestoreOutcome::Error, String::new())]);
+}
+
+#[tokio::test]
+async fn a_restore_marks_the_job_with_the_images_already_here_and_its_token() {
+    // A leftover of an earlier job on this host.
+    let engine = FakeEngine::default();
+    engine.images.lock().unwrap().insert("old:1".into(), "sha256:left-behind".into());
+    let dir = tempfile::tempdir().unwrap();
+    let dirs = BuildDirs::new(dir.path(), "shop");
+    let say = |_: &str| {};
+    // A miss leaves the mark alone: nothing restored, the leftover already here.
+    let empty = FakeStore(Arc::new(HashMap::new()));
+    let mut coordinator = FakeCoordinator::new(Answer::Miss, empty);
+    assert_eq!(restore(&mut coordinator, &engine, &options(&dir), &say).await.unwrap(), Restored::Miss);
+    let mark = dirs.read_record().unwrap();
+    assert_eq!(mark.owner, crate::build_dirs::owner_of("cct_shop_token"));
+    assert_eq!(mark.present, HashSet::from(["sha256:left-behind".to_string()]));
+    assert!(mark.images.is_empty());
+    // A hit keeps the mark and adds the cache's images.
+    let (manifest, blobs) = cached();
+    let mut coordinator = FakeCoordinator::new(Answer::Hit(Box::new(manifest.clone())), FakeStore(Arc::new(blobs)));
+    assert!(matches!(restore(&mut coordinator, &engine, &options(&dir), &say).await, Ok(Restored::Hit { .. })));
+    let record = dirs.read_record().unwrap();
+    assert!(record.present.contains("sha256:left-behind"));
+    assert_eq!(record.images, manifest.images.iter().map(|image| image.id.clone()).collect());
+    assert_eq!(record.owner, mark.owner);
 }
