@@ -19,6 +19,7 @@ mod e2e {
     mod lost_blobs;
     mod multi_stage;
     mod projects_and_credentials;
+    mod pull_request_trust;
     mod quotas;
     mod replicas;
     mod s3_store;

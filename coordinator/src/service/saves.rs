@@ -180,14 +180,66 @@ fn open_save(
     }
 }
 
-/// A blob the ledger holds, as a begin answers it.
+/// A blob the ledger holds, as a begin answers it: derived from its digest and the stored size
+/// the commit that recorded it checked against the store, never from what a worker claimed of
+/// it (a record written before that was checked keeps no other field).
+///
+/// Architecture Invariant: every blob is stored as the bytes of its digest (the embedded
+/// endpoint refuses other bytes, a commit verifies each new blob), so its record is plain.
 fn stored_layer(digest: String, record: BlobRecord) -> pb::Layer {
-    pb::Layer {
-        digest,
-        size: record.size,
-        encoding: record.encoding,
-        stored_size: record.stored_size,
-        stored_digest: record.stored_digest,
+    pb::Layer { digest, size: record.stored_size, stored_size: record.stored_size, ..Default::default() }
+}
+
+/// The most bytes of image descriptions (`known_images`) one begin answers: what is left of a
+/// worker's 4 MiB message beside the other answers. Images beyond are not described, and
+/// their save reads them from the engine.
+const KNOWN_IMAGES_BUDGET: usize = 1 << 20;
+
+/// Whether what `manifest` says of its images may be told to `principal`'s save of `branch`:
+/// the token may read the manifest's branch, and that is `branch` itself or the token that
+/// wrote the manifest could have written `branch` too. So a branch is never told what a less
+/// trusted token wrote (a pull request's description of the default branch's images), and a
+/// manifest from before its writer was recorded describes only its own branch.
+fn may_describe(principal: &crate::tokens::Principal, manifest: &pb::Manifest, branch: &str) -> bool {
+    let source = manifest.key.as_ref().map(|key| key.branch.as_str()).unwrap_or_default();
+    if principal.check_read(source).is_err() {
+        return false;
+    }
+    source == branch
+        || manifest.origin.as_ref().is_some_and(|origin| {
+            origin.writer_branches.iter().any(|pattern| crate::tokens::branch_matches(pattern, branch))
+        })
+}
+
+/// What a begin tells of an image a manifest holds: what a save that runs no `docker save`
+/// needs (its blobs, as [`stored_layer`] derives them, and how it was built), not its steps or
+/// tags, which the manifest's writer chose.
+fn known_image(image: pb::Image) -> pb::Image {
+    let plain = |layer: pb::Layer| pb::Layer {
+        size: layer.stored_size,
+        stored_size: layer.stored_size,
+        digest: layer.digest,
+        ..Default::default()
+    };
+    pb::Image {
+        id: image.id,
+        parent_id: image.parent_id,
+        layers: image.layers.into_iter().map(plain).collect(),
+        config_size: image.config_size,
+        builder: image.builder,
+        inline_cache: image.inline_cache,
+        oci_blobs: image.oci_blobs.into_iter().map(plain).collect(),
+        oci_media_type: image.oci_media_type,
+        build_cache: image.build_cache,
+        ..Default::default()
+    }
+}
+
+/// The branch patterns a principal may write, as a manifest records its writer.
+fn writer_branches(principal: &crate::tokens::Principal) -> Vec<String> {
+    match &principal.scope {
+        Some(scope) => scope.write.clone(),
+        None => vec!["*".to_owned()],
     }
 }
 
@@ -211,7 +263,7 @@ impl CacheService {
         let stored = self.db.stored_blobs(project, &named).await?;
         let missing: Vec<String> = digests.iter().filter(|d| !stored.contains_key(*d)).cloned().collect();
         let current = self.db.manifest(project, &key.service, &key.branch).await?;
-        let known_images = self.known_images(project, &request.images).await?;
+        let known_images = self.known_images(principal, &key, &request.images).await?;
         let known_size: u64 = stored.values().map(|record| record.stored_size).sum();
         if record.quota_bytes > 0 && known_size > record.quota_bytes {
             return Err(super::gc::over_quota(project, &key, known_size, record.quota_bytes));
@@ -267,17 +319,36 @@ impl CacheService {
         })
     }
 
-    /// The images of `images` some manifest of the project already holds, each once, with
-    /// what that manifest recorded of them.
-    async fn known_images(&self, project: &str, images: &[pb::Image]) -> Result<Vec<pb::Image>, Error> {
+    /// The images of `images` that manifests of the project already hold, each once, with what
+    /// the first trusted one recorded of them ([`may_describe`]; the save's own branch first),
+    /// within [`KNOWN_IMAGES_BUDGET`].
+    async fn known_images(
+        &self,
+        principal: &crate::tokens::Principal,
+        key: &pb::CacheKey,
+        images: &[pb::Image],
+    ) -> Result<Vec<pb::Image>, Error> {
+        use prost::Message;
         let wanted_ids: BTreeSet<&str> = images.iter().map(|image| image.id.as_str()).collect();
-        let mut known_images: Vec<pb::Image> = Vec::new();
-        for manifest in self.db.manifests(project).await? {
-            for image in manifest.images {
-                if wanted_ids.contains(image.id.as_str()) && !known_images.iter().any(|known| known.id == image.id) {
-                    known_images.push(image);
-                }
+        let mut sources: Vec<pb::Manifest> = self
+            .db
+            .manifests(&principal.project)
+            .await?
+            .into_iter()
+            .filter(|manifest| may_describe(principal, manifest, &key.branch))
+            .collect();
+        sources.sort_by_key(|manifest| manifest.key.as_ref().is_none_or(|source| source.branch != key.branch));
+        let (mut known_images, mut n_bytes): (Vec<pb::Image>, usize) = (Vec::new(), 0);
+        for image in sources.into_iter().flat_map(|manifest| manifest.images) {
+            if !wanted_ids.contains(image.id.as_str()) || known_images.iter().any(|known| known.id == image.id) {
+                continue;
             }
+            let described = known_image(image);
+            n_bytes += described.encoded_len();
+            if n_bytes > KNOWN_IMAGES_BUDGET {
+                break;
+            }
+            known_images.push(described);
         }
         Ok(known_images)
     }
@@ -409,8 +480,8 @@ impl CacheService {
         let project = principal.project.as_str();
         validate_images(&request.images)?;
         let (pending, record) = self.committable_save(principal, request).await?;
-        let mut manifest = self.manifest_of(&pending, request);
-        let reported = reported_blobs(&mut manifest.images);
+        let mut manifest = self.manifest_of(principal, &pending, request);
+        let reported = reported_blobs(&mut manifest.images)?;
         // A post-flush sweep waits until the blobs are checked and recorded.
         let no_sweep = self.lock_project(project, Lock::Shared).await?;
         let reported_digests: Vec<String> = reported.keys().cloned().collect();
@@ -476,9 +547,15 @@ impl CacheService {
         Ok((pending, record))
     }
 
-    /// The manifest a commit makes visible, created and last used now; its origin's commit
-    /// time is stamped just before it is recorded.
-    fn manifest_of(&self, pending: &SaveFacts, request: &pb::CommitSaveRequest) -> pb::Manifest {
+    /// The manifest a commit makes visible, created and last used now, naming the branches its
+    /// committing `principal` may write; its origin's commit time is stamped just before it is
+    /// recorded.
+    fn manifest_of(
+        &self,
+        principal: &crate::tokens::Principal,
+        pending: &SaveFacts,
+        request: &pb::CommitSaveRequest,
+    ) -> pb::Manifest {
         let now = self.clock.now_unix();
         pb::Manifest {
             key: Some(pending.key.clone()),
@@ -493,6 +570,7 @@ impl CacheService {
                 began_unix_ms: pending.began_unix_ms,
                 committed_unix_ms: 0,
                 repo_tags: request.images.iter().flat_map(|image| image.repo_tags.iter().cloned()).collect(),
+                writer_branches: writer_branches(principal),
             }),
         }
     }
@@ -634,37 +712,46 @@ impl CacheService {
     }
 }
 
-/// The blobs a commit names, each with the sizes its worker reports, keyed by digest: image
-/// configs, layers and OCI blobs. Fills in what an unencoded layer or OCI blob leaves implied
-/// (stored as it is).
-fn reported_blobs(images: &mut [pb::Image]) -> HashMap<String, BlobRecord> {
+/// The refusal of a commit describing a blob as stored otherwise than as the bytes of its
+/// digest: no store holds such a blob, and its record would reach other branches' saves.
+fn not_plain(digest: &str) -> Error {
+    Error::InvalidArgument(format!(
+        "blob {digest} is stored as the bytes of its digest: commit it with no encoding or stored digest"
+    ))
+}
+
+/// The blobs a commit names, each with the record the coordinator derives for it, keyed by
+/// digest: image configs, layers and OCI blobs. Every blob is stored as the bytes of its
+/// digest, so its record is its size alone (stored size and size equal), which the commit
+/// then checks against the ledger or the store; a layer described as compressed or stored
+/// under another digest is refused, never recorded for another branch to copy.
+fn reported_blobs(images: &mut [pb::Image]) -> Result<HashMap<String, BlobRecord>, Error> {
     let mut reported: HashMap<String, BlobRecord> = HashMap::new();
+    // A blob named twice is named with one size: each place it is named is what a restore reads.
+    let mut note = |digest: &str, size: u64| match reported.insert(digest.to_owned(), BlobRecord::plain(size)) {
+        Some(earlier) if earlier.stored_size != size => Err(Error::InvalidArgument(format!(
+            "blob {digest} is named with two sizes, {} and {size}",
+            earlier.stored_size
+        ))),
+        _ => Ok(()),
+    };
     for image in images {
-        let config = BlobRecord { stored_size: image.config_size, size: image.config_size, ..Default::default() };
-        reported.insert(image.id.clone(), config);
+        note(&image.id, image.config_size)?;
         for layer in &mut image.layers {
-            if layer.encoding.is_empty() {
-                layer.stored_size = layer.size;
-                layer.stored_digest.clear();
+            let stored_as_itself = layer.stored_digest.is_empty() || layer.stored_digest == layer.digest;
+            if !layer.encoding.is_empty() || !stored_as_itself {
+                return Err(not_plain(&layer.digest));
             }
-            let record = BlobRecord {
-                stored_size: layer.stored_size,
-                size: layer.size,
-                encoding: layer.encoding.clone(),
-                stored_digest: layer.stored_digest.clone(),
-                ..Default::default()
-            };
-            reported.insert(layer.digest.clone(), record);
+            layer.stored_size = layer.size;
+            layer.stored_digest.clear();
+            note(&layer.digest, layer.size)?;
         }
         for blob in &mut image.oci_blobs {
             blob.stored_size = blob.size;
-            reported.insert(
-                blob.digest.clone(),
-                BlobRecord { stored_size: blob.size, size: blob.size, ..Default::default() },
-            );
+            note(&blob.digest, blob.size)?;
         }
     }
-    reported
+    Ok(reported)
 }
 
 /// A commit's answer: the manifest stored, or the newer one kept.
