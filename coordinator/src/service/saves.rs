@@ -235,6 +235,35 @@ fn known_image(image: pb::Image) -> pb::Image {
     }
 }
 
+/// The most bytes of the key's previous images (with their steps) one begin answers.
+const PREVIOUS_IMAGES_BUDGET: usize = 1 << 20;
+
+/// The images of the key's manifest that recorded build steps, for the save to say which steps
+/// it reused, within [`PREVIOUS_IMAGES_BUDGET`] (beyond, a save reports no reuse for the rest).
+fn previous_images(manifest: pb::Manifest) -> Vec<pb::Image> {
+    use prost::Message;
+    let mut n_bytes = 0;
+    manifest
+        .images
+        .into_iter()
+        .filter(|image| !image.steps.is_empty())
+        .take_while(|image| {
+            n_bytes += image.encoded_len();
+            n_bytes <= PREVIOUS_IMAGES_BUDGET
+        })
+        .collect()
+}
+
+/// Whether every blob record of `manifest` is one a commit derives (plain: no encoding, no
+/// other stored digest, stored size equal to size).
+fn checked_records(manifest: &pb::Manifest) -> bool {
+    manifest.images.iter().flat_map(|image| image.layers.iter().chain(&image.oci_blobs)).all(|layer| {
+        layer.encoding.is_empty()
+            && (layer.stored_digest.is_empty() || layer.stored_digest == layer.digest)
+            && layer.size == layer.stored_size
+    })
+}
+
 /// The branch patterns a principal may write, as a manifest records its writer.
 fn writer_branches(principal: &crate::tokens::Principal) -> Vec<String> {
     match &principal.scope {
@@ -269,7 +298,13 @@ impl CacheService {
             return Err(super::gc::over_quota(project, &key, known_size, record.quota_bytes));
         }
         let unchanged = match &current {
-            Some(manifest) => missing.is_empty() && identity(&manifest.images) == identity(&request.images),
+            // A manifest holding a record no commit checked (written before commits derived
+            // them) is saved again, so the save replaces it with checked ones.
+            Some(manifest) => {
+                missing.is_empty()
+                    && identity(&manifest.images) == identity(&request.images)
+                    && checked_records(manifest)
+            }
             None => false,
         };
         if unchanged && let Some(manifest) = &current {
@@ -311,9 +346,7 @@ impl CacheService {
             unchanged,
             stored_blobs: stored.into_iter().map(|(digest, record)| stored_layer(digest, record)).collect(),
             known_images,
-            previous_images: current
-                .map(|manifest| manifest.images.into_iter().filter(|image| !image.steps.is_empty()).collect())
-                .unwrap_or_default(),
+            previous_images: current.map(previous_images).unwrap_or_default(),
             in_flight_digests,
             keep_alive_seconds: self.pending_saves.keep_alive_interval().as_secs() as u32,
         })
@@ -825,5 +858,82 @@ mod tests {
         };
         assert!(validate_images(&[bad_layer]).is_err());
         assert_eq!(blob_key("cache/web/", &digest), format!("cache/web/blobs/sha256/{}", "a".repeat(64)));
+    }
+
+    fn digest(c: char) -> String {
+        format!("sha256:{}", c.to_string().repeat(64))
+    }
+
+    fn image_with(layer: pb::Layer) -> pb::Image {
+        pb::Image { id: digest('c'), config_size: 5, layers: vec![layer], ..Default::default() }
+    }
+
+    #[test]
+    fn a_commit_derives_every_record_and_refuses_a_compressed_or_renamed_one() {
+        let honest = pb::Layer { digest: digest('a'), size: 10, stored_size: 99, ..Default::default() };
+        let mut images = vec![image_with(honest.clone())];
+        let reported = reported_blobs(&mut images).unwrap();
+        assert_eq!(reported[&digest('a')], BlobRecord::plain(10));
+        assert_eq!(reported[&digest('c')], BlobRecord::plain(5));
+        assert_eq!(images[0].layers[0].stored_size, 10, "the manifest carries the derived record");
+        for forged in [
+            pb::Layer { encoding: "gzip".into(), ..honest.clone() },
+            pb::Layer { stored_digest: digest('0'), ..honest.clone() },
+        ] {
+            let refused = reported_blobs(&mut [image_with(forged)]).unwrap_err();
+            assert!(refused.line().contains("stored as the bytes of its digest"), "{}", refused.line());
+        }
+        let twice = pb::Image { layers: vec![honest.clone(), pb::Layer { size: 11, ..honest }], ..images[0].clone() };
+        assert!(reported_blobs(&mut [twice]).unwrap_err().line().contains("two sizes"));
+    }
+
+    fn manifest_on(branch: &str, writer_branches: &[&str]) -> pb::Manifest {
+        pb::Manifest {
+            key: Some(pb::CacheKey { service: "app".into(), branch: branch.into() }),
+            origin: Some(pb::SaveOrigin {
+                writer_branches: writer_branches.iter().map(|pattern| pattern.to_string()).collect(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_branch_is_told_only_what_tokens_that_could_write_it_wrote() {
+        let project_token = crate::tokens::Principal { project: "web".into(), token_id: String::new(), scope: None };
+        let pr_token = crate::tokens::Principal {
+            scope: Some(crate::tokens::BranchScope { read: vec!["main".into()], write: vec!["pr-*".into()] }),
+            ..project_token.clone()
+        };
+        let by_pr = manifest_on("pr-1", &["pr-*"]);
+        let by_project_token = manifest_on("main", &["*"]);
+        assert!(!may_describe(&project_token, &by_pr, "main"), "a pull request never describes main's images");
+        assert!(may_describe(&project_token, &by_project_token, "pr-1"));
+        assert!(may_describe(&pr_token, &by_project_token, "pr-2"), "main's describe a pull request's");
+        assert!(may_describe(&pr_token, &by_pr, "pr-2"), "one pull request's another's: the same writer");
+        assert!(!may_describe(&pr_token, &manifest_on("dev", &["*"]), "pr-2"), "a branch it may not read");
+        assert!(!may_describe(&project_token, &manifest_on("pr-1", &[]), "main"), "an unknown writer");
+        assert!(may_describe(&project_token, &manifest_on("main", &[]), "main"), "its own branch");
+    }
+
+    #[test]
+    fn known_images_carry_checked_records_and_no_steps() {
+        let forged = pb::Layer {
+            digest: digest('a'),
+            size: 123,
+            stored_size: 10,
+            encoding: "gzip".into(),
+            ..Default::default()
+        };
+        let image = pb::Image {
+            steps: vec![pb::Step { instruction: "RUN x".into(), ..Default::default() }],
+            repo_tags: vec!["app:1".into()],
+            ..image_with(forged)
+        };
+        let manifest = pb::Manifest { images: vec![image.clone()], ..Default::default() };
+        assert!(!checked_records(&manifest), "saved again rather than kept");
+        let known = known_image(image);
+        assert!(known.steps.is_empty() && known.repo_tags.is_empty());
+        assert_eq!(known.layers[0], pb::Layer { digest: digest('a'), size: 10, stored_size: 10, ..Default::default() });
     }
 }
