@@ -244,8 +244,13 @@ async fn lookups_by_a_pull_request_never_unprotect_the_blobs_a_main_restore_read
         manifest_of(&mut pr, key("app", "pr-1")).await;
     }
 
-    // A collection runs: unnamed blobs go at once (no grace), but none a restore reads.
+    // A collection runs: unnamed blobs go at once (no grace), but none a restore reads; then
+    // a quota of one byte evicts every cache it can.
     coordinator.gc(&["web"]);
+    let set = coordinator.cachectl(&["project", "set-quota", "web", "1"]);
+    assert!(set.status.success(), "{}", stderr_of(&set));
+    let evicted = main.lookup(pb::LookupRequest { key: Some(key("app", "main")), fallbacks: vec![] }).await.unwrap();
+    assert!(!evicted.into_inner().found, "the eviction ran");
 
     // Main's running restore still downloads every blob it reads.
     let store = s3_client_for(&read_key);
