@@ -196,19 +196,26 @@ fn stored_layer(digest: String, record: BlobRecord) -> pb::Layer {
 const KNOWN_IMAGES_BUDGET: usize = 1 << 20;
 
 /// Whether what `manifest` says of its images may be told to `principal`'s save of `branch`:
-/// the token may read the manifest's branch, and that is `branch` itself or the token that
-/// wrote the manifest could have written `branch` too. So a branch is never told what a less
-/// trusted token wrote (a pull request's description of the default branch's images), and a
-/// manifest from before its writer was recorded describes only its own branch.
+/// the token may read the manifest's branch, and that is `branch` itself, or the token that
+/// wrote the manifest could have written `branch` too, or the save's token is a scoped one
+/// given that branch to read (a pull request's token, whose builds already load the default
+/// branch's cache). So a branch is never told what a less trusted token wrote (a pull
+/// request's description of the default branch's images: the project token reads every
+/// branch but was given none), and a manifest from before its writer was recorded describes
+/// only its own branch and the branches of tokens given it to read.
 fn may_describe(principal: &crate::tokens::Principal, manifest: &pb::Manifest, branch: &str) -> bool {
     let source = manifest.key.as_ref().map(|key| key.branch.as_str()).unwrap_or_default();
     if principal.check_read(source).is_err() {
         return false;
     }
-    source == branch
-        || manifest.origin.as_ref().is_some_and(|origin| {
-            origin.writer_branches.iter().any(|pattern| crate::tokens::branch_matches(pattern, branch))
-        })
+    let written_by_a_writer_of_branch = manifest.origin.as_ref().is_some_and(|origin| {
+        origin.writer_branches.iter().any(|pattern| crate::tokens::branch_matches(pattern, branch))
+    });
+    let given_to_read = principal
+        .scope
+        .as_ref()
+        .is_some_and(|scope| scope.read.iter().any(|pattern| crate::tokens::branch_matches(pattern, source)));
+    source == branch || written_by_a_writer_of_branch || given_to_read
 }
 
 /// What a begin tells of an image a manifest holds: what a save that runs no `docker save`
@@ -910,6 +917,9 @@ mod tests {
         assert!(!may_describe(&project_token, &by_pr, "main"), "a pull request never describes main's images");
         assert!(may_describe(&project_token, &by_project_token, "pr-1"));
         assert!(may_describe(&pr_token, &by_project_token, "pr-2"), "main's describe a pull request's");
+        let by_main_token = manifest_on("main", &["main"]);
+        assert!(may_describe(&pr_token, &by_main_token, "pr-2"), "the branch a pull request was given to read");
+        assert!(!may_describe(&project_token, &manifest_on("pr-1", &["pr-*"]), "main"));
         assert!(may_describe(&pr_token, &by_pr, "pr-2"), "one pull request's another's: the same writer");
         assert!(!may_describe(&pr_token, &manifest_on("dev", &["*"]), "pr-2"), "a branch it may not read");
         assert!(!may_describe(&project_token, &manifest_on("pr-1", &[]), "main"), "an unknown writer");
