@@ -12,8 +12,13 @@
 //!   together never exceed the budget;
 //! - a restore cannot be slowed once started (it has no keep-alive), so it keeps what it was
 //!   granted: at least one request, at most what its project's share leaves, a project's
-//!   restores together at most half the budget and at most [`MOST_RESTORES_PER_PROJECT`] of
-//!   them (beyond, its oldest lapses), so a project arriving later always finds its share.
+//!   restores together at most half the budget and at most [`MOST_RESTORES_PER_TOKEN`] of
+//!   them per token (beyond, that token's oldest lapses), so a project arriving later always
+//!   finds its share.
+//!
+//! A restore's lease also protects the blobs it reads from eviction and collection. The bound
+//! counts each token's restores apart, so no token (a pull request's, looking up its own
+//! branches) can end the lease, and the protection, of a restore another token runs.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
@@ -28,8 +33,8 @@ use crate::state::{Ephemeral, Lease, Leases};
 /// How long a lease holds without its save committing or saying it is alive, or its restore
 /// reporting.
 const LEASE_LIFETIME: Duration = Duration::from_secs(10 * 60);
-/// Restore leases one project holds at once.
-pub const MOST_RESTORES_PER_PROJECT: usize = 16;
+/// Restore leases one token of a project (the project token, or one scoped token) holds at once.
+pub const MOST_RESTORES_PER_TOKEN: usize = 16;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PlanSettings {
@@ -121,19 +126,21 @@ impl TransferBudget {
         kind: LeaseKind,
         now: i64,
     ) -> Result<pb::TransferPlan, Error> {
-        self.grant_reading(project, lease_id, kind, BTreeSet::new(), now).await
+        self.grant_reading(project, "", lease_id, kind, BTreeSet::new(), now).await
     }
 
-    /// A restore's plan, its lease also keeping the blobs it `reads` from deletion until its
-    /// report releases it (or it lapses).
+    /// A restore's plan for the token `holder` (a scoped token's ID; empty for the project
+    /// token), its lease also keeping the blobs it `reads` from deletion until its report
+    /// releases it (or it lapses).
     pub async fn grant_restore(
         &self,
         project: &str,
+        holder: &str,
         lease_id: &str,
         reads: BTreeSet<String>,
         now: i64,
     ) -> Result<pb::TransferPlan, Error> {
-        self.grant_reading(project, lease_id, LeaseKind::Restore, reads, now).await
+        self.grant_reading(project, holder, lease_id, LeaseKind::Restore, reads, now).await
     }
 
     /// The blobs the live restores of `project` read.
@@ -147,6 +154,7 @@ impl TransferBudget {
     async fn grant_reading(
         &self,
         project: &str,
+        holder: &str,
         lease_id: &str,
         kind: LeaseKind,
         reads: BTreeSet<String>,
@@ -158,13 +166,17 @@ impl TransferBudget {
                 let concurrency = match kind {
                     LeaseKind::Save => 0,
                     LeaseKind::Restore => {
+                        // Only the holder's own restores make room: another token's lookups
+                        // never end a lease, nor the protection of the blobs it reads.
                         let mut restores: Vec<(u64, String)> = leases
                             .iter()
-                            .filter(|(_, lease)| lease.project == project && lease.kind == LeaseKind::Restore)
+                            .filter(|(_, lease)| {
+                                lease.project == project && lease.kind == LeaseKind::Restore && lease.holder == holder
+                            })
                             .map(|(id, lease)| (lease.order, id.clone()))
                             .collect();
                         restores.sort();
-                        let beyond = (restores.len() + 1).saturating_sub(MOST_RESTORES_PER_PROJECT);
+                        let beyond = (restores.len() + 1).saturating_sub(MOST_RESTORES_PER_TOKEN);
                         for (_, oldest) in restores.iter().take(beyond) {
                             leases.remove(oldest);
                         }
@@ -180,6 +192,7 @@ impl TransferBudget {
                     order,
                     renewed_unix_ms: now,
                     reads,
+                    holder: holder.to_owned(),
                 };
                 leases.insert(lease_id.to_owned(), lease);
                 self.rebalance(leases);
@@ -375,11 +388,11 @@ mod tests {
         assert_eq!(
             budget.granted(NOW).await.unwrap(),
             held,
-            "only the newest {MOST_RESTORES_PER_PROJECT} restores hold leases"
+            "only the newest {MOST_RESTORES_PER_TOKEN} restores hold leases"
         );
         assert!(budget.renew("flood", "r0", NOW).await.unwrap().is_none(), "the oldest lapsed");
         assert!(
-            budget.granted(NOW).await.unwrap() <= 32 + MOST_RESTORES_PER_PROJECT as u32,
+            budget.granted(NOW).await.unwrap() <= 32 + MOST_RESTORES_PER_TOKEN as u32,
             "{}",
             budget.granted(NOW).await.unwrap()
         );
@@ -409,12 +422,33 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn another_tokens_lookups_never_end_a_restores_lease_or_its_protection() {
+        let budget = budget(8, 64);
+        let main_reads: BTreeSet<String> = ["sha256:main".to_string()].into();
+        budget.grant_restore("web", "", "main", main_reads, NOW).await.unwrap();
+        for i in 0..3 * MOST_RESTORES_PER_TOKEN {
+            let reads: BTreeSet<String> = [format!("sha256:pr{i}")].into();
+            budget.grant_restore("web", "pr-token", &format!("pr{i}"), reads, NOW).await.unwrap();
+        }
+        let read = budget.read_by_restores("web", NOW).await.unwrap();
+        assert!(read.contains("sha256:main"), "another token's lookups never unprotect main's restore");
+        let n_pr = read.iter().filter(|digest| digest.starts_with("sha256:pr")).count();
+        assert_eq!(n_pr, MOST_RESTORES_PER_TOKEN, "the pull request's own oldest make room");
+        assert!(budget.granted(NOW).await.unwrap() <= 64, "{}", budget.granted(NOW).await.unwrap());
+        // The same token's own restores beyond the bound still end its oldest.
+        for i in 0..MOST_RESTORES_PER_TOKEN {
+            budget.grant_restore("web", "", &format!("m{i}"), BTreeSet::new(), NOW).await.unwrap();
+        }
+        assert!(!budget.read_by_restores("web", NOW).await.unwrap().contains("sha256:main"));
+    }
+
+    #[tokio::test]
     async fn a_restores_blobs_are_kept_until_its_lease_goes() {
         let budget = budget(8, 64);
         let reads = |digests: &[&str]| digests.iter().map(|d| d.to_string()).collect::<BTreeSet<String>>();
-        budget.grant_restore("web", "r1", reads(&["sha256:a", "sha256:b"]), NOW).await.unwrap();
-        budget.grant_restore("web", "r2", reads(&["sha256:b", "sha256:c"]), NOW).await.unwrap();
-        budget.grant_restore("api", "r3", reads(&["sha256:d"]), NOW).await.unwrap();
+        budget.grant_restore("web", "", "r1", reads(&["sha256:a", "sha256:b"]), NOW).await.unwrap();
+        budget.grant_restore("web", "", "r2", reads(&["sha256:b", "sha256:c"]), NOW).await.unwrap();
+        budget.grant_restore("api", "", "r3", reads(&["sha256:d"]), NOW).await.unwrap();
         let read = budget.read_by_restores("web", NOW).await.unwrap();
         assert_eq!(read, ["sha256:a", "sha256:b", "sha256:c"].iter().map(|d| d.to_string()).collect());
         budget.release("web", "r1", NOW).await.unwrap();

@@ -20,6 +20,7 @@ mod e2e {
     mod multi_stage;
     mod operator_view;
     mod projects_and_credentials;
+    mod pull_request_trust;
     mod quotas;
     mod replicas;
     mod reused_hosts;

@@ -515,7 +515,10 @@ impl CacheService {
                 self.db.touch_manifest(project, &manifest, self.clock.now_unix()).await?;
                 let reads = crate::state::manifest_digests(&manifest);
                 let lease_id = crate::tokens::random_hex_32();
-                let plan = self.budget.grant_restore(project, &lease_id, reads, self.clock.now_unix_ms()).await?;
+                let plan = self
+                    .budget
+                    .grant_restore(project, &principal.token_id, &lease_id, reads, self.clock.now_unix_ms())
+                    .await?;
                 return Ok(pb::LookupResponse {
                     found: true,
                     matched: Some(key),

@@ -183,14 +183,102 @@ fn open_save(
     }
 }
 
-/// A blob the ledger holds, as a begin answers it.
+/// A blob the ledger holds, as a begin answers it: derived from its digest and the stored size
+/// the commit that recorded it checked against the store, never from what a worker claimed of
+/// it (a record written before that was checked keeps no other field).
+///
+/// Architecture Invariant: every blob is stored as the bytes of its digest (the embedded
+/// endpoint refuses other bytes, a commit verifies each new blob), so its record is plain.
 fn stored_layer(digest: String, record: BlobRecord) -> pb::Layer {
-    pb::Layer {
-        digest,
-        size: record.size,
-        encoding: record.encoding,
-        stored_size: record.stored_size,
-        stored_digest: record.stored_digest,
+    pb::Layer { digest, size: record.stored_size, stored_size: record.stored_size, ..Default::default() }
+}
+
+/// The most bytes of image descriptions (`known_images`) one begin answers: what is left of a
+/// worker's 4 MiB message beside the other answers. Images beyond are not described, and
+/// their save reads them from the engine.
+const KNOWN_IMAGES_BUDGET: usize = 1 << 20;
+
+/// Whether what `manifest` says of its images may be told to `principal`'s save of `branch`:
+/// the token may read the manifest's branch, and that is `branch` itself, or the token that
+/// wrote the manifest could have written `branch` too, or the save's token is a scoped one
+/// given that branch to read (a pull request's token, whose builds already load the default
+/// branch's cache). So a branch is never told what a less trusted token wrote (a pull
+/// request's description of the default branch's images: the project token reads every
+/// branch but was given none), and a manifest from before its writer was recorded describes
+/// only its own branch and the branches of tokens given it to read.
+fn may_describe(principal: &crate::tokens::Principal, manifest: &pb::Manifest, branch: &str) -> bool {
+    let source = manifest.key.as_ref().map(|key| key.branch.as_str()).unwrap_or_default();
+    if principal.check_read(source).is_err() {
+        return false;
+    }
+    let written_by_a_writer_of_branch = manifest.origin.as_ref().is_some_and(|origin| {
+        origin.writer_branches.iter().any(|pattern| crate::tokens::branch_matches(pattern, branch))
+    });
+    let given_to_read = principal
+        .scope
+        .as_ref()
+        .is_some_and(|scope| scope.read.iter().any(|pattern| crate::tokens::branch_matches(pattern, source)));
+    source == branch || written_by_a_writer_of_branch || given_to_read
+}
+
+/// What a begin tells of an image a manifest holds: what a save that runs no `docker save`
+/// needs (its blobs, as [`stored_layer`] derives them, and how it was built), not its steps or
+/// tags, which the manifest's writer chose.
+fn known_image(image: pb::Image) -> pb::Image {
+    let plain = |layer: pb::Layer| pb::Layer {
+        size: layer.stored_size,
+        stored_size: layer.stored_size,
+        digest: layer.digest,
+        ..Default::default()
+    };
+    pb::Image {
+        id: image.id,
+        parent_id: image.parent_id,
+        layers: image.layers.into_iter().map(plain).collect(),
+        config_size: image.config_size,
+        builder: image.builder,
+        inline_cache: image.inline_cache,
+        oci_blobs: image.oci_blobs.into_iter().map(plain).collect(),
+        oci_media_type: image.oci_media_type,
+        build_cache: image.build_cache,
+        ..Default::default()
+    }
+}
+
+/// The most bytes of the key's previous images (with their steps) one begin answers.
+const PREVIOUS_IMAGES_BUDGET: usize = 1 << 20;
+
+/// The images of the key's manifest that recorded build steps, for the save to say which steps
+/// it reused, within [`PREVIOUS_IMAGES_BUDGET`] (beyond, a save reports no reuse for the rest).
+fn previous_images(manifest: pb::Manifest) -> Vec<pb::Image> {
+    use prost::Message;
+    let mut n_bytes = 0;
+    manifest
+        .images
+        .into_iter()
+        .filter(|image| !image.steps.is_empty())
+        .take_while(|image| {
+            n_bytes += image.encoded_len();
+            n_bytes <= PREVIOUS_IMAGES_BUDGET
+        })
+        .collect()
+}
+
+/// Whether every blob record of `manifest` is one a commit derives (plain: no encoding, no
+/// other stored digest, stored size equal to size).
+fn checked_records(manifest: &pb::Manifest) -> bool {
+    manifest.images.iter().flat_map(|image| image.layers.iter().chain(&image.oci_blobs)).all(|layer| {
+        layer.encoding.is_empty()
+            && (layer.stored_digest.is_empty() || layer.stored_digest == layer.digest)
+            && layer.size == layer.stored_size
+    })
+}
+
+/// The branch patterns a principal may write, as a manifest records its writer.
+fn writer_branches(principal: &crate::tokens::Principal) -> Vec<String> {
+    match &principal.scope {
+        Some(scope) => scope.write.clone(),
+        None => vec!["*".to_owned()],
     }
 }
 
@@ -214,13 +302,19 @@ impl CacheService {
         let stored = self.db.stored_blobs(project, &named).await?;
         let missing: Vec<String> = digests.iter().filter(|d| !stored.contains_key(*d)).cloned().collect();
         let current = self.db.manifest(project, &key.service, &key.branch).await?;
-        let known_images = self.known_images(project, &request.images).await?;
+        let known_images = self.known_images(principal, &key, &request.images).await?;
         let known_size: u64 = stored.values().map(|record| record.stored_size).sum();
         if record.quota_bytes > 0 && known_size > record.quota_bytes {
             return Err(super::gc::over_quota(project, &key, known_size, record.quota_bytes));
         }
         let unchanged = match &current {
-            Some(manifest) => missing.is_empty() && identity(&manifest.images) == identity(&request.images),
+            // A manifest holding a record no commit checked (written before commits derived
+            // them) is saved again, so the save replaces it with checked ones.
+            Some(manifest) => {
+                missing.is_empty()
+                    && identity(&manifest.images) == identity(&request.images)
+                    && checked_records(manifest)
+            }
             None => false,
         };
         if unchanged && let Some(manifest) = &current {
@@ -262,25 +356,42 @@ impl CacheService {
             unchanged,
             stored_blobs: stored.into_iter().map(|(digest, record)| stored_layer(digest, record)).collect(),
             known_images,
-            previous_images: current
-                .map(|manifest| manifest.images.into_iter().filter(|image| !image.steps.is_empty()).collect())
-                .unwrap_or_default(),
+            previous_images: current.map(previous_images).unwrap_or_default(),
             in_flight_digests,
             keep_alive_seconds: self.pending_saves.keep_alive_interval().as_secs() as u32,
         })
     }
 
-    /// The images of `images` some manifest of the project already holds, each once, with
-    /// what that manifest recorded of them.
-    async fn known_images(&self, project: &str, images: &[pb::Image]) -> Result<Vec<pb::Image>, Error> {
+    /// The images of `images` that manifests of the project already hold, each once, with what
+    /// the first trusted one recorded of them ([`may_describe`]; the save's own branch first),
+    /// within [`KNOWN_IMAGES_BUDGET`].
+    async fn known_images(
+        &self,
+        principal: &crate::tokens::Principal,
+        key: &pb::CacheKey,
+        images: &[pb::Image],
+    ) -> Result<Vec<pb::Image>, Error> {
+        use prost::Message;
         let wanted_ids: BTreeSet<&str> = images.iter().map(|image| image.id.as_str()).collect();
-        let mut known_images: Vec<pb::Image> = Vec::new();
-        for manifest in self.db.manifests(project).await? {
-            for image in manifest.images {
-                if wanted_ids.contains(image.id.as_str()) && !known_images.iter().any(|known| known.id == image.id) {
-                    known_images.push(image);
-                }
+        let mut sources: Vec<pb::Manifest> = self
+            .db
+            .manifests(&principal.project)
+            .await?
+            .into_iter()
+            .filter(|manifest| may_describe(principal, manifest, &key.branch))
+            .collect();
+        sources.sort_by_key(|manifest| manifest.key.as_ref().is_none_or(|source| source.branch != key.branch));
+        let (mut known_images, mut n_bytes): (Vec<pb::Image>, usize) = (Vec::new(), 0);
+        for image in sources.into_iter().flat_map(|manifest| manifest.images) {
+            if !wanted_ids.contains(image.id.as_str()) || known_images.iter().any(|known| known.id == image.id) {
+                continue;
             }
+            let described = known_image(image);
+            n_bytes += described.encoded_len();
+            if n_bytes > KNOWN_IMAGES_BUDGET {
+                break;
+            }
+            known_images.push(described);
         }
         Ok(known_images)
     }
@@ -433,8 +544,8 @@ impl CacheService {
             names::validate_printable("save log line", line, names::MAX_SAVE_LOG_LINE)?;
         }
         let (pending, record) = self.committable_save(principal, request).await?;
-        let mut manifest = self.manifest_of(&pending, request);
-        let reported = reported_blobs(&mut manifest.images);
+        let mut manifest = self.manifest_of(principal, &pending, request);
+        let reported = reported_blobs(&mut manifest.images)?;
         // A post-flush sweep waits until the blobs are checked and recorded.
         let no_sweep = self.lock_project(project, Lock::Shared).await?;
         let reported_digests: Vec<String> = reported.keys().cloned().collect();
@@ -500,9 +611,15 @@ impl CacheService {
         Ok((pending, record))
     }
 
-    /// The manifest a commit makes visible, created and last used now; its origin's commit
-    /// time is stamped just before it is recorded.
-    fn manifest_of(&self, pending: &SaveFacts, request: &pb::CommitSaveRequest) -> pb::Manifest {
+    /// The manifest a commit makes visible, created and last used now, naming the branches its
+    /// committing `principal` may write; its origin's commit time is stamped just before it is
+    /// recorded.
+    fn manifest_of(
+        &self,
+        principal: &crate::tokens::Principal,
+        pending: &SaveFacts,
+        request: &pb::CommitSaveRequest,
+    ) -> pb::Manifest {
         let now = self.clock.now_unix();
         pb::Manifest {
             key: Some(pending.key.clone()),
@@ -517,6 +634,7 @@ impl CacheService {
                 began_unix_ms: pending.began_unix_ms,
                 committed_unix_ms: 0,
                 repo_tags: request.images.iter().flat_map(|image| image.repo_tags.iter().cloned()).collect(),
+                writer_branches: writer_branches(principal),
             }),
         }
     }
@@ -670,37 +788,46 @@ impl CacheService {
     }
 }
 
-/// The blobs a commit names, each with the sizes its worker reports, keyed by digest: image
-/// configs, layers and OCI blobs. Fills in what an unencoded layer or OCI blob leaves implied
-/// (stored as it is).
-fn reported_blobs(images: &mut [pb::Image]) -> HashMap<String, BlobRecord> {
+/// The refusal of a commit describing a blob as stored otherwise than as the bytes of its
+/// digest: no store holds such a blob, and its record would reach other branches' saves.
+fn not_plain(digest: &str) -> Error {
+    Error::InvalidArgument(format!(
+        "blob {digest} is stored as the bytes of its digest: commit it with no encoding or stored digest"
+    ))
+}
+
+/// The blobs a commit names, each with the record the coordinator derives for it, keyed by
+/// digest: image configs, layers and OCI blobs. Every blob is stored as the bytes of its
+/// digest, so its record is its size alone (stored size and size equal), which the commit
+/// then checks against the ledger or the store; a layer described as compressed or stored
+/// under another digest is refused, never recorded for another branch to copy.
+fn reported_blobs(images: &mut [pb::Image]) -> Result<HashMap<String, BlobRecord>, Error> {
     let mut reported: HashMap<String, BlobRecord> = HashMap::new();
+    // A blob named twice is named with one size: each place it is named is what a restore reads.
+    let mut note = |digest: &str, size: u64| match reported.insert(digest.to_owned(), BlobRecord::plain(size)) {
+        Some(earlier) if earlier.stored_size != size => Err(Error::InvalidArgument(format!(
+            "blob {digest} is named with two sizes, {} and {size}",
+            earlier.stored_size
+        ))),
+        _ => Ok(()),
+    };
     for image in images {
-        let config = BlobRecord { stored_size: image.config_size, size: image.config_size, ..Default::default() };
-        reported.insert(image.id.clone(), config);
+        note(&image.id, image.config_size)?;
         for layer in &mut image.layers {
-            if layer.encoding.is_empty() {
-                layer.stored_size = layer.size;
-                layer.stored_digest.clear();
+            let stored_as_itself = layer.stored_digest.is_empty() || layer.stored_digest == layer.digest;
+            if !layer.encoding.is_empty() || !stored_as_itself {
+                return Err(not_plain(&layer.digest));
             }
-            let record = BlobRecord {
-                stored_size: layer.stored_size,
-                size: layer.size,
-                encoding: layer.encoding.clone(),
-                stored_digest: layer.stored_digest.clone(),
-                ..Default::default()
-            };
-            reported.insert(layer.digest.clone(), record);
+            layer.stored_size = layer.size;
+            layer.stored_digest.clear();
+            note(&layer.digest, layer.size)?;
         }
         for blob in &mut image.oci_blobs {
             blob.stored_size = blob.size;
-            reported.insert(
-                blob.digest.clone(),
-                BlobRecord { stored_size: blob.size, size: blob.size, ..Default::default() },
-            );
+            note(&blob.digest, blob.size)?;
         }
     }
-    reported
+    Ok(reported)
 }
 
 /// A commit's answer: the manifest stored, or the newer one kept.
@@ -826,5 +953,90 @@ mod tests {
         let answered = tokio::time::timeout(Duration::from_secs(20), report).await;
         let answer = answered.expect("the report waited for the project's lock").unwrap();
         assert!(!answer.dropped);
+    }
+
+    fn digest(c: char) -> String {
+        format!("sha256:{}", c.to_string().repeat(64))
+    }
+
+    fn image_with(layer: pb::Layer) -> pb::Image {
+        pb::Image { id: digest('c'), config_size: 5, layers: vec![layer], ..Default::default() }
+    }
+
+    #[test]
+    fn a_commit_derives_every_record_and_refuses_a_compressed_or_renamed_one() {
+        let honest = pb::Layer { digest: digest('a'), size: 10, stored_size: 99, ..Default::default() };
+        let mut images = vec![image_with(honest.clone())];
+        let reported = reported_blobs(&mut images).unwrap();
+        assert_eq!(reported[&digest('a')], BlobRecord::plain(10));
+        assert_eq!(reported[&digest('c')], BlobRecord::plain(5));
+        assert_eq!(images[0].layers[0].stored_size, 10, "the manifest carries the derived record");
+        for forged in [
+            pb::Layer { encoding: "gzip".into(), ..honest.clone() },
+            pb::Layer { stored_digest: digest('0'), ..honest.clone() },
+        ] {
+            let refused = reported_blobs(&mut [image_with(forged)]).unwrap_err();
+            assert!(refused.line().contains("stored as the bytes of its digest"), "{}", refused.line());
+        }
+        let twice = pb::Image { layers: vec![honest.clone(), pb::Layer { size: 11, ..honest }], ..images[0].clone() };
+        assert!(reported_blobs(&mut [twice]).unwrap_err().line().contains("two sizes"));
+    }
+
+    fn manifest_on(branch: &str, writer_branches: &[&str]) -> pb::Manifest {
+        pb::Manifest {
+            key: Some(pb::CacheKey { service: "app".into(), branch: branch.into() }),
+            origin: Some(pb::SaveOrigin {
+                writer_branches: writer_branches.iter().map(|pattern| pattern.to_string()).collect(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_branch_is_told_only_what_tokens_that_could_write_it_wrote() {
+        let project_token = crate::tokens::Principal {
+            project: "web".into(),
+            token_id: String::new(),
+            scope: None,
+            token_sha256_hex: String::new(),
+        };
+        let pr_token = crate::tokens::Principal {
+            scope: Some(crate::tokens::BranchScope { read: vec!["main".into()], write: vec!["pr-*".into()] }),
+            ..project_token.clone()
+        };
+        let by_pr = manifest_on("pr-1", &["pr-*"]);
+        let by_project_token = manifest_on("main", &["*"]);
+        assert!(!may_describe(&project_token, &by_pr, "main"), "a pull request never describes main's images");
+        assert!(may_describe(&project_token, &by_project_token, "pr-1"));
+        assert!(may_describe(&pr_token, &by_project_token, "pr-2"), "main's describe a pull request's");
+        let by_main_token = manifest_on("main", &["main"]);
+        assert!(may_describe(&pr_token, &by_main_token, "pr-2"), "the branch a pull request was given to read");
+        assert!(!may_describe(&project_token, &manifest_on("pr-1", &["pr-*"]), "main"));
+        assert!(may_describe(&pr_token, &by_pr, "pr-2"), "one pull request's another's: the same writer");
+        assert!(!may_describe(&pr_token, &manifest_on("dev", &["*"]), "pr-2"), "a branch it may not read");
+        assert!(!may_describe(&project_token, &manifest_on("pr-1", &[]), "main"), "an unknown writer");
+        assert!(may_describe(&project_token, &manifest_on("main", &[]), "main"), "its own branch");
+    }
+
+    #[test]
+    fn known_images_carry_checked_records_and_no_steps() {
+        let forged = pb::Layer {
+            digest: digest('a'),
+            size: 123,
+            stored_size: 10,
+            encoding: "gzip".into(),
+            ..Default::default()
+        };
+        let image = pb::Image {
+            steps: vec![pb::Step { instruction: "RUN x".into(), ..Default::default() }],
+            repo_tags: vec!["app:1".into()],
+            ..image_with(forged)
+        };
+        let manifest = pb::Manifest { images: vec![image.clone()], ..Default::default() };
+        assert!(!checked_records(&manifest), "saved again rather than kept");
+        let known = known_image(image);
+        assert!(known.steps.is_empty() && known.repo_tags.is_empty());
+        assert_eq!(known.layers[0], pb::Layer { digest: digest('a'), size: 10, stored_size: 10, ..Default::default() });
     }
 }

@@ -92,6 +92,11 @@ pub struct BlobRecord {
 }
 
 impl BlobRecord {
+    /// The record of a blob stored as the bytes of its digest, `size` bytes, not yet referenced.
+    pub(crate) fn plain(size: u64) -> BlobRecord {
+        BlobRecord { stored_size: size, size, ..Default::default() }
+    }
+
     /// Adds one reference.
     pub(crate) fn referenced(mut self) -> BlobRecord {
         self.references += 1;
@@ -249,6 +254,11 @@ pub struct Lease {
     /// A restore's: the blobs of the manifest it reads, which no eviction or collection
     /// deletes while the lease lives.
     pub reads: BTreeSet<String>,
+    /// A restore's: the token that looked it up (its scoped token's ID; empty for the project
+    /// token). The bound on a project's restores counts each token's own, so lookups with
+    /// another token never end this lease, nor the protection of what it reads.
+    #[serde(default)]
+    pub holder: String,
 }
 
 /// Transfer leases by lease ID.

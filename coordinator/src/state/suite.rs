@@ -241,7 +241,7 @@ pub(crate) async fn ephemeral_records_are_shared(a: std::sync::Arc<dyn State>, b
     assert_eq!(budget_b.grant("p2", "y", save, now).await.unwrap().max_concurrency, 8);
     assert_eq!(budget_a.renew("p1", "x", now).await.unwrap().map(|plan| plan.max_concurrency), Some(8));
     let reads = ["sha256:r".to_string()].into_iter().collect();
-    assert_eq!(budget_b.grant_restore("p2", "z", reads, now).await.unwrap().max_concurrency, 8);
+    assert_eq!(budget_b.grant_restore("p2", "", "z", reads, now).await.unwrap().max_concurrency, 8);
     // The fair shares are recomputed for every lease, whichever handle granted it: p2's
     // restore took its save's share.
     assert_eq!(budget_a.renew("p2", "y", now).await.unwrap().map(|plan| plan.max_concurrency), Some(0));

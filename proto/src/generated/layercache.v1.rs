@@ -262,6 +262,12 @@ pub struct SaveOrigin {
     /// The tags of its images, for a save log to name it by.
     #[prost(string, repeated, tag = "5")]
     pub repo_tags: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    /// The branch patterns the token that committed it may write (`*` for the project token):
+    /// a save of another branch is told of its images only when that token could have written
+    /// that branch too. Empty in manifests written before it was recorded: then only a save of
+    /// the manifest's own branch is told of them.
+    #[prost(string, repeated, tag = "6")]
+    pub writer_branches: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
 }
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct LookupRequest {
@@ -329,12 +335,15 @@ pub struct BeginSaveResponse {
     /// The key's manifest already holds exactly these images: nothing to save.
     #[prost(bool, tag = "5")]
     pub unchanged: bool,
-    /// Every blob of the save the project's store already holds, as stored: digest, size,
-    /// encoding, stored size and stored digest (configs: encoding "", sizes equal).
+    /// Every blob of the save the project's store already holds, as the coordinator checked it:
+    /// digest and stored size (every blob is stored as the bytes of its digest: encoding and
+    /// stored digest empty, size equal to the stored size).
     #[prost(message, repeated, tag = "6")]
     pub stored_blobs: ::prost::alloc::vec::Vec<Layer>,
-    /// Images of the save the project's manifests already describe (builder, sizes, encodings),
-    /// so a save that runs no `docker save` still knows them.
+    /// Images of the save that manifests the token may read, and whose writers could have
+    /// written the save's branch, already describe (the branch's own first): builder, sizes,
+    /// layers and OCI blobs, without build steps or tags, at most 1 MiB of them, so a save that
+    /// runs no `docker save` still knows them.
     #[prost(message, repeated, tag = "7")]
     pub known_images: ::prost::alloc::vec::Vec<Image>,
     /// Blobs the store lacks that another save of the project is uploading right now (single
