@@ -1,7 +1,8 @@
 //! The coordinator's listeners and what they withstand from clients that authenticate slowly
 //! or never: a cap on open connections per listener (connections beyond it wait in the
 //! kernel's queue, costing the process nothing), a deadline for each request's headers, for a
-//! connection that does nothing and between a request body's pieces, and an accept loop that
+//! connection with no request in flight (whatever frames it sends) and between a request
+//! body's pieces, and an accept loop that
 //! backs off, logging once, while the process is out of file descriptors.
 
 use std::future::Future;
@@ -115,7 +116,9 @@ async fn accept(listener: &TcpListener, name: &'static str, failing: &mut bool) 
     }
 }
 
-/// When a connection last moved a byte, and how many of its requests are being answered.
+/// How many of a connection's requests are being answered (from the call until the
+/// response's body is sent or dropped), and when one last began or ended. Nothing else a
+/// client sends counts: HTTP/2 PINGs, SETTINGS and WINDOW_UPDATEs keep no connection open.
 struct Activity {
     epoch: Instant,
     last_millis: AtomicU64,
@@ -131,59 +134,63 @@ impl Activity {
         self.last_millis.store(self.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
     }
 
-    fn idle_for(&self) -> Duration {
-        self.epoch.elapsed().saturating_sub(Duration::from_millis(self.last_millis.load(Ordering::Relaxed)))
+    /// Counts a request as in flight until the returned guard drops.
+    fn begin(self: &Arc<Self>) -> InFlight {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.touch();
+        InFlight(self.clone())
     }
-}
 
-/// A socket that notes each byte it moves in its connection's [`Activity`].
-struct Watched {
-    socket: TcpStream,
-    activity: Arc<Activity>,
-}
-
-impl AsyncRead for Watched {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
-        let before = buf.filled().len();
-        let polled = Pin::new(&mut self.socket).poll_read(cx, buf);
-        if buf.filled().len() > before {
-            self.activity.touch();
+    /// How long until the connection has been idle for `idle_timeout`: zero when it has, the
+    /// whole timeout while a request is in flight.
+    fn idle_left(&self, idle_timeout: Duration) -> Duration {
+        if self.in_flight.load(Ordering::Relaxed) > 0 {
+            return idle_timeout;
         }
-        polled
+        let idle_for =
+            self.epoch.elapsed().saturating_sub(Duration::from_millis(self.last_millis.load(Ordering::Relaxed)));
+        idle_timeout.saturating_sub(idle_for)
     }
 }
 
-impl AsyncWrite for Watched {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
-        let polled = Pin::new(&mut self.socket).poll_write(cx, buf);
-        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
-            self.activity.touch();
-        }
-        polled
-    }
+/// One request in flight on a connection.
+struct InFlight(Arc<Activity>);
 
-    fn poll_write_vectored(
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.0.touch();
+    }
+}
+
+/// A response body that keeps its request in flight until it is sent (or dropped), so a long
+/// download is not taken for an idle connection.
+pub struct CountedBody<B> {
+    inner: Pin<Box<B>>,
+    in_flight: Option<InFlight>,
+}
+
+impl<B: http_body::Body> http_body::Body for CountedBody<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        let polled = Pin::new(&mut self.socket).poll_write_vectored(cx, bufs);
-        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
-            self.activity.touch();
+    ) -> Poll<Option<Result<http_body::Frame<B::Data>, B::Error>>> {
+        let polled = self.inner.as_mut().poll_frame(cx);
+        if matches!(polled, Poll::Ready(None)) {
+            self.in_flight = None;
         }
         polled
     }
 
-    fn is_write_vectored(&self) -> bool {
-        self.socket.is_write_vectored()
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
     }
 
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.socket).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.socket).poll_shutdown(cx)
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
     }
 }
 
@@ -232,7 +239,8 @@ impl http_body::Body for TimedBody {
     }
 }
 
-/// A service counted as in flight from its call to its answer, its request body timed.
+/// A service whose requests are counted in flight from the call until their response's
+/// body is sent, their request bodies timed.
 #[derive(Clone)]
 struct Tracked<S> {
     inner: S,
@@ -240,32 +248,61 @@ struct Tracked<S> {
     body_timeout: Duration,
 }
 
-struct InFlight(Arc<Activity>);
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
-        self.0.touch();
-    }
-}
-
 impl<S, B> hyper::service::Service<http::Request<hyper::body::Incoming>> for Tracked<S>
 where
     S: hyper::service::Service<http::Request<TimedBody>, Response = http::Response<B>>,
     S::Future: Send + 'static,
 {
-    type Response = http::Response<B>;
+    type Response = http::Response<CountedBody<B>>;
     type Error = S::Error;
-    type Future = Pin<Box<dyn Future<Output = Result<http::Response<B>, S::Error>> + Send>>;
+    type Future = Pin<Box<dyn Future<Output = Result<http::Response<CountedBody<B>>, S::Error>> + Send>>;
 
     fn call(&self, request: http::Request<hyper::body::Incoming>) -> Self::Future {
-        self.activity.in_flight.fetch_add(1, Ordering::Relaxed);
-        let in_flight = InFlight(self.activity.clone());
+        let in_flight = self.activity.begin();
         let timeout = self.body_timeout;
         let answer = self.inner.call(request.map(|inner| TimedBody { inner, timeout, deadline: None }));
         Box::pin(async move {
-            let _in_flight = in_flight;
-            answer.await
+            let response = answer.await?;
+            Ok(response.map(|body| CountedBody { inner: Box::pin(body), in_flight: Some(in_flight) }))
+        })
+    }
+}
+
+/// A tower layer for the gRPC server counting each call in flight on its connection (found
+/// by the [`GrpcConnectInfo`] tonic puts in the request), until its response's body is sent.
+#[derive(Clone, Copy, Default)]
+pub struct CountGrpcCalls;
+
+impl<S> tower::Layer<S> for CountGrpcCalls {
+    type Service = CountedGrpc<S>;
+
+    fn layer(&self, inner: S) -> CountedGrpc<S> {
+        CountedGrpc(inner)
+    }
+}
+
+#[derive(Clone)]
+pub struct CountedGrpc<S>(S);
+
+impl<S, RequestBody, B> tower::Service<http::Request<RequestBody>> for CountedGrpc<S>
+where
+    S: tower::Service<http::Request<RequestBody>, Response = http::Response<B>>,
+    S::Future: Send + 'static,
+{
+    type Response = http::Response<CountedBody<B>>;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<http::Response<CountedBody<B>>, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<RequestBody>) -> Self::Future {
+        let in_flight = request.extensions().get::<GrpcConnectInfo>().map(|info| info.activity.begin());
+        let answer = self.0.call(request);
+        Box::pin(async move {
+            let response = answer.await?;
+            Ok(response.map(|body| CountedBody { inner: Box::pin(body), in_flight }))
         })
     }
 }
@@ -302,7 +339,7 @@ pub async fn serve_http<S, B>(
             _ = shutdown.changed() => break,
         };
         let activity = Activity::new();
-        let io = TokioIo::new(Watched { socket, activity: activity.clone() });
+        let io = TokioIo::new(socket);
         let tracked = Tracked { inner: service.clone(), activity: activity.clone(), body_timeout: limits.body_timeout };
         let connection = graceful.watch(builder.serve_connection(io, tracked).into_owned());
         tokio::spawn(watch_connection(connection, activity, limits.idle_timeout, permit));
@@ -313,8 +350,9 @@ pub async fn serve_http<S, B>(
     }
 }
 
-/// Drives a connection to its end, or drops it (closing the socket) once it has had nothing
-/// in flight and moved no byte for `idle_timeout`; its slot frees when this returns.
+/// Drives a connection to its end, or drops it (closing the socket) once it has had no
+/// request in flight for `idle_timeout`, whatever frames it sent; its slot frees when this
+/// returns.
 async fn watch_connection<E: Into<BoxError>>(
     connection: impl Future<Output = Result<(), E>>,
     activity: Arc<Activity>,
@@ -332,7 +370,7 @@ async fn watch_connection<E: Into<BoxError>>(
                 return;
             }
             _ = check.tick() => {
-                if activity.in_flight.load(Ordering::Relaxed) == 0 && activity.idle_for() >= idle_timeout {
+                if activity.idle_left(idle_timeout).is_zero() {
                     tracing::debug!("closing a connection idle for {} s", idle_timeout.as_secs());
                     return;
                 }
@@ -342,19 +380,29 @@ async fn watch_connection<E: Into<BoxError>>(
 }
 
 /// A gRPC connection: its socket, its slot under the listener's cap, and the idle deadline
-/// (a read that waits longer than the idle timeout with no byte moved either way fails).
+/// (a read fails once no call has been in flight for the idle timeout, whatever the client
+/// sent meanwhile; [`CountGrpcCalls`] counts the calls).
 pub struct GrpcConnection {
-    socket: Watched,
+    socket: TcpStream,
+    activity: Arc<Activity>,
     _slot: OwnedSemaphorePermit,
     idle_timeout: Duration,
     idle: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
+/// What tonic puts in each request of a [`GrpcConnection`]: the peer's address, and the
+/// connection's count of calls in flight.
+#[derive(Clone)]
+pub struct GrpcConnectInfo {
+    pub tcp: tonic::transport::server::TcpConnectInfo,
+    activity: Arc<Activity>,
+}
+
 impl tonic::transport::server::Connected for GrpcConnection {
-    type ConnectInfo = tonic::transport::server::TcpConnectInfo;
+    type ConnectInfo = GrpcConnectInfo;
 
     fn connect_info(&self) -> Self::ConnectInfo {
-        self.socket.socket.connect_info()
+        GrpcConnectInfo { tcp: self.socket.connect_info(), activity: self.activity.clone() }
     }
 }
 
@@ -362,17 +410,16 @@ impl AsyncRead for GrpcConnection {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
         let this = &mut *self;
         if let ready @ Poll::Ready(_) = Pin::new(&mut this.socket).poll_read(cx, buf) {
-            this.idle = None;
             return ready;
         }
         loop {
-            let remaining = this.idle_timeout.saturating_sub(this.socket.activity.idle_for());
+            let remaining = this.activity.idle_left(this.idle_timeout);
             if remaining.is_zero() {
                 return Poll::Ready(Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "idle connection")));
             }
             let idle = this.idle.get_or_insert_with(|| Box::pin(tokio::time::sleep(remaining)));
             match idle.as_mut().poll(cx) {
-                // Writes may have moved bytes meanwhile: look again with what is left.
+                // Calls may have begun or ended meanwhile: look again with what is left.
                 Poll::Ready(()) => this.idle = None,
                 Poll::Pending => return Poll::Pending,
             }
@@ -385,6 +432,18 @@ impl AsyncWrite for GrpcConnection {
         Pin::new(&mut self.socket).poll_write(cx, buf)
     }
 
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.socket).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.socket.is_write_vectored()
+    }
+
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.socket).poll_flush(cx)
     }
@@ -395,7 +454,8 @@ impl AsyncWrite for GrpcConnection {
 }
 
 /// gRPC's incoming connections, within `limits` (the cap and the idle deadline; tonic keeps
-/// its own header and keep-alive handling), accepted with the same back-off.
+/// its own header and keep-alive handling), accepted with the same back-off. The server
+/// must carry the [`CountGrpcCalls`] layer, or every connection is idle from its start.
 pub fn grpc_incoming(
     listener: TcpListener,
     limits: Limits,
@@ -404,15 +464,137 @@ pub fn grpc_incoming(
     futures::stream::unfold((listener, slots, false), move |(listener, slots, mut failing)| async move {
         let slot = slots.clone().acquire_owned().await.expect("never closed");
         let socket = accept(&listener, "grpc", &mut failing).await;
-        let socket = Watched { socket, activity: Activity::new() };
-        let connection = GrpcConnection { socket, _slot: slot, idle_timeout: limits.idle_timeout, idle: None };
+        let connection = GrpcConnection {
+            socket,
+            activity: Activity::new(),
+            _slot: slot,
+            idle_timeout: limits.idle_timeout,
+            idle: None,
+        };
         Some((Ok(connection), (listener, slots, failing)))
     })
 }
 
 #[cfg(test)]
 mod tests {
+    use std::convert::Infallible;
+
     use super::*;
+
+    fn short_idle() -> Limits {
+        Limits {
+            max_connections: 8,
+            header_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(1),
+            body_timeout: Duration::from_secs(30),
+        }
+    }
+
+    /// An HTTP/2 client that sends nothing but PINGs (answering the server's own): how long
+    /// the server kept its connection open, at most 6 s.
+    async fn only_pings(address: std::net::SocketAddr) -> Duration {
+        let socket = TcpStream::connect(address).await.unwrap();
+        let (send_request, mut connection) = h2::client::handshake(socket).await.unwrap();
+        let mut ping_pong = connection.ping_pong().expect("the first ping_pong");
+        let opened = Instant::now();
+        let driver = tokio::spawn(connection);
+        while opened.elapsed() < Duration::from_secs(6) {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            if ping_pong.ping(h2::Ping::opaque()).await.is_err() {
+                break;
+            }
+        }
+        let kept = opened.elapsed();
+        drop(send_request);
+        driver.abort();
+        kept
+    }
+
+    /// A GET over HTTP/2 on its own connection: its body and how long it took.
+    async fn get(address: std::net::SocketAddr, path: &str) -> (Vec<u8>, Duration) {
+        let started = Instant::now();
+        let socket = TcpStream::connect(address).await.unwrap();
+        let (mut send_request, connection) = h2::client::handshake(socket).await.unwrap();
+        let driver = tokio::spawn(connection);
+        let request = http::Request::get(format!("http://{address}{path}")).body(()).unwrap();
+        let (response, _) = send_request.send_request(request, true).unwrap();
+        let mut body = response.await.unwrap().into_body();
+        let mut bytes = Vec::new();
+        while let Some(piece) = body.data().await {
+            let piece = piece.unwrap();
+            let _ = body.flow_control().release_capacity(piece.len());
+            bytes.extend_from_slice(&piece);
+        }
+        driver.abort();
+        (bytes, started.elapsed())
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_http_connection_that_only_pings_is_closed_and_one_answering_slowly_is_not() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        // Answers that outlast the idle deadline: a head after 1.5 s, a body in pieces over 3 s.
+        let service = hyper::service::service_fn(|request: http::Request<TimedBody>| async move {
+            if request.uri().path() == "/slow-head" {
+                tokio::time::sleep(Duration::from_millis(1500)).await;
+            }
+            let n_pieces = if request.uri().path() == "/slow-body" { 6 } else { 1 };
+            let pieces = futures::stream::unfold(0, move |piece_idx| async move {
+                if piece_idx == n_pieces {
+                    return None;
+                }
+                if n_pieces > 1 {
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                Some((Ok::<_, Infallible>(http_body::Frame::data(Bytes::from_static(b"x"))), piece_idx + 1))
+            });
+            Ok::<_, Infallible>(http::Response::new(http_body_util::StreamBody::new(pieces)))
+        });
+        let (_stop, shutdown) = watch::channel(false);
+        tokio::spawn(serve_http(listener, "test", short_idle(), service, shutdown));
+
+        let (pinged, slow_head, slow_body) =
+            tokio::join!(only_pings(address), get(address, "/slow-head"), get(address, "/slow-body"));
+        assert!(pinged < Duration::from_secs(3), "a connection that only pings was kept {pinged:?}");
+        assert!(pinged >= Duration::from_millis(900), "it was closed before the deadline: {pinged:?}");
+        assert_eq!(slow_head.0, b"x");
+        assert_eq!(slow_body.0, b"xxxxxx");
+        assert!(slow_head.1 > Duration::from_secs(1) && slow_body.1 > Duration::from_secs(2));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_grpc_connection_that_only_pings_is_closed_and_one_with_a_call_open_is_not() {
+        use tonic_health::pb::health_client::HealthClient;
+        use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus};
+
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let (reporter, health) = tonic_health::server::health_reporter();
+        reporter.set_service_status("", tonic_health::ServingStatus::Serving).await;
+        let server = tonic::transport::Server::builder()
+            .layer(CountGrpcCalls)
+            .add_service(health)
+            .serve_with_incoming(grpc_incoming(listener, short_idle()));
+        tokio::spawn(server);
+
+        // A call held open for 2.5 s (a health watch) keeps its connection: the status change
+        // still reaches it.
+        let watching = async {
+            let channel = tonic::transport::Endpoint::from_shared(format!("http://{address}")).unwrap();
+            let mut client = HealthClient::new(channel.connect().await.unwrap());
+            let mut updates = client.watch(HealthCheckRequest { service: String::new() }).await.unwrap().into_inner();
+            let first = updates.message().await.unwrap().unwrap();
+            tokio::time::sleep(Duration::from_millis(2500)).await;
+            reporter.set_service_status("", tonic_health::ServingStatus::NotServing).await;
+            (first.status, updates.message().await)
+        };
+        let (pinged, (first, then)) = tokio::join!(only_pings(address), watching);
+        assert!(pinged < Duration::from_secs(3), "a connection that only pings was kept {pinged:?}");
+        assert!(pinged >= Duration::from_millis(900), "it was closed before the deadline: {pinged:?}");
+        assert_eq!(first, ServingStatus::Serving as i32);
+        let then = then.expect("the watch's connection is still open").expect("an update");
+        assert_eq!(then.status, ServingStatus::NotServing as i32);
+    }
 
     #[test]
     fn the_caps_follow_the_open_file_limit_within_bounds() {

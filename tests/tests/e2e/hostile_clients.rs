@@ -1,6 +1,7 @@
 //! What a hostile tenant's storage key tried on the embedded endpoint (issue 14), each refused
 //! or answered without harm: a suffix range that panicked s3s-fs, and another project's
-//! multipart upload reached by its ID with the attacker's own key in the path.
+//! multipart upload reached by its ID with the attacker's own key in the path; and what
+//! clients that never send a request do to the listeners (idle, slow or only pinging).
 
 use std::io::Write;
 use std::time::{Duration, Instant};
@@ -360,6 +361,111 @@ fn idle_connections_and_slow_bodies_leave_other_projects_working() {
     coordinator.stop();
 }
 
+/// An unauthenticated HTTP/2 client on `address`: it sends the preface and SETTINGS, then
+/// nothing but a PING a second (answering the server's), never a request, until the server
+/// closes the connection (true) or `stop` flips (false).
+async fn only_ping(address: String, mut stop: tokio::sync::watch::Receiver<bool>) -> bool {
+    let pinging = async {
+        let Ok(socket) = tokio::net::TcpStream::connect(&address).await else { return true };
+        let Ok((send_request, mut connection)) = h2::client::handshake(socket).await else { return true };
+        let mut ping_pong = connection.ping_pong().expect("the first ping_pong");
+        let driver = tokio::spawn(connection);
+        loop {
+            if ping_pong.ping(h2::Ping::opaque()).await.is_err() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        drop(send_request);
+        driver.abort();
+        true
+    };
+    tokio::select! {
+        closed = pinging => closed,
+        _ = stop.wait_for(|stop| *stop) => false,
+    }
+}
+
+/// `command`'s output, or a failed test if it runs longer than `limit` (it is killed).
+fn output_within(mut command: std::process::Command, limit: Duration) -> std::process::Output {
+    let child = command
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start the command");
+    let pid = child.id();
+    let (sender, receiver) = std::sync::mpsc::channel();
+    std::thread::spawn(move || sender.send(child.wait_with_output()));
+    match receiver.recv_timeout(limit) {
+        Ok(output) => output.expect("the command's output"),
+        Err(_) => {
+            let _ = std::process::Command::new("kill").arg(pid.to_string()).status();
+            panic!("{command:?} did not finish within {limit:?}");
+        }
+    }
+}
+
+/// A coordinator held to a host's usual 1,024 open files (so its real caps: 528 connections
+/// on the S3 endpoint, 176 on gRPC, 64 on metrics), and 1,000 unauthenticated HTTP/2
+/// connections to each listener that send nothing but PINGs. Each is closed once it has had no
+/// request in flight for the idle timeout (2 s here), pings or not, so the ones queued behind
+/// get their turn and are closed too, and another project's save and restore complete.
+#[test]
+fn connections_that_only_ping_are_closed_and_leave_other_projects_working() {
+    raise_own_file_limit();
+    let Some(build_host) = DockerEngine::start(EngineKind::Engine20) else { return };
+    let data_dir = tempfile::tempdir().unwrap();
+    let idle = ["--idle-timeout", "2s", "--grpc-idle-timeout", "2s"];
+    let coordinator = CoordinatorProcess::start_with_file_limit(data_dir.path(), 1024, &idle);
+    let victim = coordinator.create_project("victim");
+    let context = tests::build_seed_app(&build_host);
+    let addresses = [
+        coordinator.s3_listen.clone().expect("the embedded endpoint's address"),
+        coordinator.grpc_url.trim_start_matches("http://").to_owned(),
+        coordinator.metrics_url.trim_start_matches("http://").to_owned(),
+    ];
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let pingers: Vec<_> = addresses
+        .iter()
+        .flat_map(|address| std::iter::repeat_n(address.clone(), 1000))
+        .map(|address| runtime.spawn(only_ping(address, stopped.clone())))
+        .collect();
+    let opened = Instant::now();
+
+    let save = coordinator.cache_worker_command_on(&build_host, &victim, &["save", "--service", "web", "app:latest"]);
+    let saved = output_within(save, Duration::from_secs(180));
+    assert!(saved.status.success(), "save: {}", stderr_of(&saved));
+    let Some(fresh_host) = DockerEngine::start(EngineKind::Engine20) else { return };
+    let restore =
+        coordinator.cache_worker_command_on(&fresh_host, &victim, &["restore", "--service", "web", "--strict"]);
+    let restored = output_within(restore, Duration::from_secs(180));
+    assert!(restored.status.success(), "restore: {}", stderr_of(&restored));
+    tests::assert_seed_rebuild_cached(&fresh_host, context.path());
+    let worked = opened.elapsed();
+
+    // Every pinging connection was closed by the coordinator: none is left to stop.
+    let left = runtime.block_on(async {
+        let stop_at = tokio::time::sleep(Duration::from_secs(60).saturating_sub(opened.elapsed()));
+        tokio::select! {
+            () = stop_at => {}
+            () = async { for pinger in &pingers { while !pinger.is_finished() { tokio::time::sleep(Duration::from_millis(100)).await } } } => {}
+        }
+        stop.send(true).unwrap();
+        let mut left = 0;
+        for pinger in pingers {
+            left += usize::from(!pinger.await.unwrap());
+        }
+        left
+    });
+    assert_eq!(left, 0, "connections that only pinged still open after {:?}", opened.elapsed());
+    eprintln!("the save and restore took {worked:?} beside 3,000 pinging connections");
+    let log = coordinator.log();
+    assert!(log.lines().count() < 300, "{} log lines:\n{log}", log.lines().count());
+    assert!(!log.contains("accepting a connection failed"), "{log}");
+    coordinator.stop();
+}
+
 /// Replaces a request's body after it was signed, keeping its length.
 #[derive(Debug)]
 struct BodySwappedAfterSigning;
@@ -530,7 +636,7 @@ async fn open_saves_of_one_project_leave_anothers_share_of_the_budget_whole() {
 fn a_flood_of_connections_never_exhausts_the_descriptors_grpc_needs() {
     raise_own_file_limit();
     let data_dir = tempfile::tempdir().unwrap();
-    let coordinator = CoordinatorProcess::start_with_file_limit(data_dir.path(), 300);
+    let coordinator = CoordinatorProcess::start_with_file_limit(data_dir.path(), 300, &[]);
     let s3_address = coordinator.s3_listen.clone().expect("the embedded endpoint's address");
     // Connections beyond the cap and the listen queue wait in the client's connect: each is
     // given 2 s, together.
