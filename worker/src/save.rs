@@ -454,6 +454,8 @@ async fn upload_commit_report(
         println!("{line}");
     }
     warn_about_missing_inline_cache(&uploaded.images);
+    // The manifest keeps the log within the bounds the coordinator accepts.
+    let log = proto::save_log::fit_save_log(log);
     let service = &job.options.service;
     let stored = match commit(coordinator, service, &uploaded.images, &begun, log, &in_flight).await? {
         Ok(stored) => stored,

@@ -211,8 +211,14 @@ impl CacheService {
     pub async fn fit_quota(&self, project: &str, keep: Option<&pb::CacheKey>) -> Result<pb::Evicted, Error> {
         let _exclusive = self.lock_project(project, super::Lock::Exclusive).await?;
         let quota = self.existing_project(project).await?.quota_bytes;
-        let mut used = self.db.totals(project).await?.stored_bytes;
-        if quota == 0 || used <= quota {
+        if quota == 0 {
+            return Ok(pb::Evicted::default());
+        }
+        // The manifests' own bytes count beside the blobs'.
+        let mut caches = self.db.manifests(project).await?;
+        let mut used =
+            self.db.totals(project).await?.stored_bytes + caches.iter().map(super::saves::manifest_bytes).sum::<u64>();
+        if used <= quota {
             return Ok(pb::Evicted::default());
         }
         let protected = self.protected(project).await?;
@@ -226,7 +232,6 @@ impl CacheService {
             .collect();
         let mut forgotten = self.db.forget_unreferenced(project, &spare).await?;
         used -= forgotten.iter().map(|(_, record)| record.stored_size).sum::<u64>();
-        let mut caches = self.db.manifests(project).await?;
         caches.retain(|manifest| manifest.key.as_ref() != keep);
         // Within a second, the earlier saved goes first.
         caches
@@ -236,6 +241,7 @@ impl CacheService {
             if used <= quota {
                 break;
             }
+            used -= super::saves::manifest_bytes(&manifest);
             let key = manifest.key.unwrap_or_default();
             let (removable, gone) = self.evict_caches(project, std::slice::from_ref(&key), "quota").await?;
             let freed = self.db.forget_unreferenced(project, &removable).await?;

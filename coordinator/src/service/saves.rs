@@ -48,6 +48,19 @@ fn validate_host(host: &str) -> Result<(), Error> {
     Ok(())
 }
 
+/// The save log and engine version from outside: within the bounds every worker fits them to
+/// (`proto::save_log`), printable.
+fn validate_save_log(lines: &[String]) -> Result<(), Error> {
+    proto::save_log::check_save_log(lines).map_err(Error::InvalidArgument)
+}
+
+fn validate_engine_version(version: &str) -> Result<(), Error> {
+    proto::save_log::check_engine_version(version).map_err(Error::InvalidArgument)
+}
+
+/// Tags one image may carry.
+const MAX_TAGS_PER_IMAGE: usize = 256;
+
 /// The most build steps one image may record, and the longest instruction.
 const MAX_STEPS_PER_IMAGE: usize = 1000;
 const MAX_INSTRUCTION: usize = 4096;
@@ -81,6 +94,9 @@ fn validate_images(images: &[pb::Image]) -> Result<(), Error> {
         names::validate_digest(&image.id)?;
         if !image.parent_id.is_empty() {
             names::validate_digest(&image.parent_id)?;
+        }
+        if image.repo_tags.len() > MAX_TAGS_PER_IMAGE {
+            return Err(Error::InvalidArgument(format!("image {} has more than {MAX_TAGS_PER_IMAGE} tags", image.id)));
         }
         for tag in &image.repo_tags {
             names::validate_repo_tag(tag)?;
@@ -141,6 +157,7 @@ fn validate_begin(
     principal.check_write(&key.branch)?;
     validate_images(&request.images)?;
     validate_host(&request.host)?;
+    validate_engine_version(&request.engine_version)?;
     let probe = pb::Manifest { images: request.images.clone(), ..Default::default() };
     let digests: BTreeSet<String> = manifest_digests(&probe);
     if digests.len() > MOST_BLOBS_PER_SAVE {
@@ -408,6 +425,7 @@ impl CacheService {
     ) -> Result<pb::CommitSaveResponse, Error> {
         let project = principal.project.as_str();
         validate_images(&request.images)?;
+        validate_save_log(&request.save_log)?;
         let (pending, record) = self.committable_save(principal, request).await?;
         let mut manifest = self.manifest_of(&pending, request);
         let reported = reported_blobs(&mut manifest.images);
@@ -428,7 +446,8 @@ impl CacheService {
         if pending.leased {
             self.budget.release(project, &request.save_id, self.clock.now_unix_ms()).await?;
         }
-        let size: u64 = reported.values().map(|record| record.stored_size).sum();
+        // The manifest's own bytes count against the quota beside its blobs'.
+        let size: u64 = reported.values().map(|record| record.stored_size).sum::<u64>() + manifest_bytes(&manifest);
         let quota = record.quota_bytes;
         if quota > 0 && size > quota {
             drop(no_sweep);
@@ -634,6 +653,11 @@ impl CacheService {
     }
 }
 
+/// What a manifest costs its project's quota: its encoded size.
+pub(crate) fn manifest_bytes(manifest: &pb::Manifest) -> u64 {
+    prost::Message::encoded_len(manifest) as u64
+}
+
 /// The blobs a commit names, each with the sizes its worker reports, keyed by digest: image
 /// configs, layers and OCI blobs. Fills in what an unencoded layer or OCI blob leaves implied
 /// (stored as it is).
@@ -738,5 +762,21 @@ mod tests {
         };
         assert!(validate_images(&[bad_layer]).is_err());
         assert_eq!(blob_key("cache/web/", &digest), format!("cache/web/blobs/sha256/{}", "a".repeat(64)));
+    }
+
+    #[test]
+    fn what_a_save_records_beside_its_images_is_bounded() {
+        let digest = format!("sha256:{}", "a".repeat(64));
+        let tagged = pb::Image { id: digest, repo_tags: vec!["app:1".into(); 257], ..Default::default() };
+        assert!(validate_images(&[tagged]).unwrap_err().to_string().contains("256 tags"));
+        assert!(validate_save_log(&vec!["x".repeat(4000); 990]).is_err());
+        assert!(validate_save_log(&vec!["x".into(); 10_001]).is_err());
+        assert!(validate_save_log(&vec!["x".repeat(1000); 1100]).is_err());
+        assert!(validate_save_log(&["saved from ci-main-1\u{1b}[2J".into()]).is_err());
+        assert!(validate_save_log(&vec!["x".repeat(1000); 1000]).is_ok());
+        assert!(validate_engine_version("20.10.24").is_ok());
+        assert!(validate_engine_version("20.10\u{1b}]52;c;aGk=\u{7}").is_err());
+        let manifest = pb::Manifest { save_log: vec!["x".repeat(1000); 1000], ..Default::default() };
+        assert!((1_000_000..1_010_000).contains(&manifest_bytes(&manifest)));
     }
 }
