@@ -380,7 +380,7 @@ pub async fn run(
     // noticed by its missing pings, and one with no call in flight for the idle timeout is
     // closed (its calls counted by the layer).
     let grpc = tonic::transport::Server::builder()
-        .layer(listener::CountGrpcCalls)
+        .layer(listener::CountGrpcCalls { body_timeout: limits.grpc.body_timeout })
         .max_concurrent_streams(128)
         .http2_keepalive_interval(Some(Duration::from_secs(60)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))

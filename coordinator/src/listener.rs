@@ -196,13 +196,17 @@ impl<B: http_body::Body> http_body::Body for CountedBody<B> {
 
 /// A request body that fails when its client sends nothing for the body timeout. The clock
 /// starts when the handler first waits for it, so a handler that reads late is not punished.
-pub struct TimedBody {
-    inner: hyper::body::Incoming,
+pub struct TimedBody<B = hyper::body::Incoming> {
+    inner: B,
     timeout: Duration,
     deadline: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
-impl http_body::Body for TimedBody {
+impl<B> http_body::Body for TimedBody<B>
+where
+    B: http_body::Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
     type Data = Bytes;
     type Error = BoxError;
 
@@ -214,7 +218,7 @@ impl http_body::Body for TimedBody {
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(frame) => {
                 this.deadline = None;
-                Poll::Ready(frame.map(|frame| frame.map_err(BoxError::from)))
+                Poll::Ready(frame.map(|frame| frame.map_err(Into::into)))
             }
             Poll::Pending => {
                 let timeout = this.timeout;
@@ -269,24 +273,31 @@ where
 }
 
 /// A tower layer for the gRPC server counting each call in flight on its connection (found
-/// by the [`GrpcConnectInfo`] tonic puts in the request), until its response's body is sent.
-#[derive(Clone, Copy, Default)]
-pub struct CountGrpcCalls;
+/// by the [`GrpcConnectInfo`] tonic puts in the request), until its response's body is sent;
+/// its request body is timed as the HTTP listeners' are (no RPC streams its request, so a
+/// call whose message does not come is a client holding the connection).
+#[derive(Clone, Copy)]
+pub struct CountGrpcCalls {
+    pub body_timeout: Duration,
+}
 
 impl<S> tower::Layer<S> for CountGrpcCalls {
     type Service = CountedGrpc<S>;
 
     fn layer(&self, inner: S) -> CountedGrpc<S> {
-        CountedGrpc(inner)
+        CountedGrpc { inner, body_timeout: self.body_timeout }
     }
 }
 
 #[derive(Clone)]
-pub struct CountedGrpc<S>(S);
+pub struct CountedGrpc<S> {
+    inner: S,
+    body_timeout: Duration,
+}
 
-impl<S, RequestBody, B> tower::Service<http::Request<RequestBody>> for CountedGrpc<S>
+impl<S, B> tower::Service<http::Request<tonic::body::Body>> for CountedGrpc<S>
 where
-    S: tower::Service<http::Request<RequestBody>, Response = http::Response<B>>,
+    S: tower::Service<http::Request<tonic::body::Body>, Response = http::Response<B>>,
     S::Future: Send + 'static,
 {
     type Response = http::Response<CountedBody<B>>;
@@ -294,12 +305,14 @@ where
     type Future = Pin<Box<dyn Future<Output = Result<http::Response<CountedBody<B>>, S::Error>> + Send>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
-        self.0.poll_ready(cx)
+        self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, request: http::Request<RequestBody>) -> Self::Future {
+    fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
         let in_flight = request.extensions().get::<GrpcConnectInfo>().map(|info| info.activity.begin());
-        let answer = self.0.call(request);
+        let timeout = self.body_timeout;
+        let request = request.map(|inner| tonic::body::Body::new(TimedBody { inner, timeout, deadline: None }));
+        let answer = self.inner.call(request);
         Box::pin(async move {
             let response = answer.await?;
             Ok(response.map(|body| CountedBody { inner: Box::pin(body), in_flight }))
@@ -510,6 +523,31 @@ mod tests {
         kept
     }
 
+    /// An HTTP/2 client that begins a gRPC call and never sends its message, pinging: how long
+    /// the server kept its connection open, at most 6 s.
+    async fn never_sends_its_message(address: std::net::SocketAddr) -> Duration {
+        let socket = TcpStream::connect(address).await.unwrap();
+        let (mut send_request, mut connection) = h2::client::handshake(socket).await.unwrap();
+        let mut ping_pong = connection.ping_pong().expect("the first ping_pong");
+        let opened = Instant::now();
+        let driver = tokio::spawn(connection);
+        let request = http::Request::post(format!("http://{address}/grpc.health.v1.Health/Check"))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(())
+            .unwrap();
+        let (_response, _message) = send_request.send_request(request, false).unwrap();
+        while opened.elapsed() < Duration::from_secs(6) {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            if ping_pong.ping(h2::Ping::opaque()).await.is_err() {
+                break;
+            }
+        }
+        let kept = opened.elapsed();
+        driver.abort();
+        kept
+    }
+
     /// A GET over HTTP/2 on its own connection: its body and how long it took.
     async fn get(address: std::net::SocketAddr, path: &str) -> (Vec<u8>, Duration) {
         let started = Instant::now();
@@ -563,7 +601,7 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_grpc_connection_that_only_pings_is_closed_and_one_with_a_call_open_is_not() {
+    async fn a_grpc_connection_that_only_pings_or_never_sends_its_message_is_closed_and_one_with_a_call_open_is_not() {
         use tonic_health::pb::health_client::HealthClient;
         use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus};
 
@@ -572,7 +610,7 @@ mod tests {
         let (reporter, health) = tonic_health::server::health_reporter();
         reporter.set_service_status("", tonic_health::ServingStatus::Serving).await;
         let server = tonic::transport::Server::builder()
-            .layer(CountGrpcCalls)
+            .layer(CountGrpcCalls { body_timeout: Duration::from_secs(1) })
             .add_service(health)
             .serve_with_incoming(grpc_incoming(listener, short_idle()));
         tokio::spawn(server);
@@ -588,8 +626,11 @@ mod tests {
             reporter.set_service_status("", tonic_health::ServingStatus::NotServing).await;
             (first.status, updates.message().await)
         };
-        let (pinged, (first, then)) = tokio::join!(only_pings(address), watching);
+        let (pinged, silent, (first, then)) =
+            tokio::join!(only_pings(address), never_sends_its_message(address), watching);
         assert!(pinged < Duration::from_secs(3), "a connection that only pings was kept {pinged:?}");
+        // The call fails at the body deadline (1 s), then the connection is idle (1 s more).
+        assert!(silent < Duration::from_secs(4), "a call whose message never came held its connection {silent:?}");
         assert!(pinged >= Duration::from_millis(900), "it was closed before the deadline: {pinged:?}");
         assert_eq!(first, ServingStatus::Serving as i32);
         let then = then.expect("the watch's connection is still open").expect("an update");
