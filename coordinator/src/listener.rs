@@ -119,19 +119,49 @@ async fn accept(listener: &TcpListener, name: &'static str, failing: &mut bool) 
 /// How many of a connection's requests are being answered (from the call until the
 /// response's body is sent or dropped), and when one last began or ended. Nothing else a
 /// client sends counts: HTTP/2 PINGs, SETTINGS and WINDOW_UPDATEs keep no connection open.
+/// On the HTTP listeners it also notes the responses being sent and when one last gave a
+/// piece, so a client that stops reading its response does not hold the connection either.
 struct Activity {
     epoch: Instant,
     last_millis: AtomicU64,
     in_flight: AtomicUsize,
+    streaming: AtomicUsize,
+    last_piece_millis: AtomicU64,
 }
 
 impl Activity {
     fn new() -> Arc<Activity> {
-        Arc::new(Activity { epoch: Instant::now(), last_millis: AtomicU64::new(0), in_flight: AtomicUsize::new(0) })
+        Arc::new(Activity {
+            epoch: Instant::now(),
+            last_millis: AtomicU64::new(0),
+            in_flight: AtomicUsize::new(0),
+            streaming: AtomicUsize::new(0),
+            last_piece_millis: AtomicU64::new(0),
+        })
+    }
+
+    fn now_millis(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
     }
 
     fn touch(&self) {
-        self.last_millis.store(self.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
+        self.last_millis.store(self.now_millis(), Ordering::Relaxed);
+    }
+
+    /// Counts a response body as being sent until the returned guard drops.
+    fn streaming(self: &Arc<Self>) -> Streaming {
+        self.streaming.fetch_add(1, Ordering::Relaxed);
+        self.last_piece_millis.store(self.now_millis(), Ordering::Relaxed);
+        Streaming(self.clone())
+    }
+
+    /// How long the responses being sent have given no piece (zero when none is being sent):
+    /// a client that does not read leaves its response's body unpolled.
+    fn stalled_for(&self) -> Duration {
+        if self.streaming.load(Ordering::Relaxed) == 0 {
+            return Duration::ZERO;
+        }
+        Duration::from_millis(self.now_millis().saturating_sub(self.last_piece_millis.load(Ordering::Relaxed)))
     }
 
     /// Counts a request as in flight until the returned guard drops.
@@ -163,11 +193,21 @@ impl Drop for InFlight {
     }
 }
 
+/// One response body being sent on an HTTP listener's connection.
+struct Streaming(Arc<Activity>);
+
+impl Drop for Streaming {
+    fn drop(&mut self) {
+        self.0.streaming.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// A response body that keeps its request in flight until it is sent (or dropped), so a long
-/// download is not taken for an idle connection.
+/// download is not taken for an idle connection; on the HTTP listeners it notes each piece.
 pub struct CountedBody<B> {
     inner: Pin<Box<B>>,
     in_flight: Option<InFlight>,
+    streaming: Option<Streaming>,
 }
 
 impl<B: http_body::Body> http_body::Body for CountedBody<B> {
@@ -179,8 +219,15 @@ impl<B: http_body::Body> http_body::Body for CountedBody<B> {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<http_body::Frame<B::Data>, B::Error>>> {
         let polled = self.inner.as_mut().poll_frame(cx);
-        if matches!(polled, Poll::Ready(None)) {
-            self.in_flight = None;
+        match (&polled, &self.streaming) {
+            (Poll::Ready(None), _) => {
+                self.streaming = None;
+                self.in_flight = None;
+            }
+            (Poll::Ready(Some(_)), Some(streaming)) => {
+                streaming.0.last_piece_millis.store(streaming.0.now_millis(), Ordering::Relaxed);
+            }
+            _ => {}
         }
         polled
     }
@@ -265,9 +312,11 @@ where
         let in_flight = self.activity.begin();
         let timeout = self.body_timeout;
         let answer = self.inner.call(request.map(|inner| TimedBody { inner, timeout, deadline: None }));
+        let activity = self.activity.clone();
         Box::pin(async move {
             let response = answer.await?;
-            Ok(response.map(|body| CountedBody { inner: Box::pin(body), in_flight: Some(in_flight) }))
+            let streaming = Some(activity.streaming());
+            Ok(response.map(|body| CountedBody { inner: Box::pin(body), in_flight: Some(in_flight), streaming }))
         })
     }
 }
@@ -315,7 +364,8 @@ where
         let answer = self.inner.call(request);
         Box::pin(async move {
             let response = answer.await?;
-            Ok(response.map(|body| CountedBody { inner: Box::pin(body), in_flight }))
+            // A gRPC response may pause by design (a health watch): never taken for stalled.
+            Ok(response.map(|body| CountedBody { inner: Box::pin(body), in_flight, streaming: None }))
         })
     }
 }
@@ -355,7 +405,7 @@ pub async fn serve_http<S, B>(
         let io = TokioIo::new(socket);
         let tracked = Tracked { inner: service.clone(), activity: activity.clone(), body_timeout: limits.body_timeout };
         let connection = graceful.watch(builder.serve_connection(io, tracked).into_owned());
-        tokio::spawn(watch_connection(connection, activity, limits.idle_timeout, permit));
+        tokio::spawn(watch_connection(connection, activity, limits, permit));
     }
     tokio::select! {
         () = graceful.shutdown() => {}
@@ -364,14 +414,16 @@ pub async fn serve_http<S, B>(
 }
 
 /// Drives a connection to its end, or drops it (closing the socket) once it has had no
-/// request in flight for `idle_timeout`, whatever frames it sent; its slot frees when this
-/// returns.
+/// request in flight for the idle timeout, whatever frames it sent, or once the responses it
+/// is sent have given no piece for the body timeout (its client does not read them); its slot
+/// frees when this returns.
 async fn watch_connection<E: Into<BoxError>>(
     connection: impl Future<Output = Result<(), E>>,
     activity: Arc<Activity>,
-    idle_timeout: Duration,
+    limits: Limits,
     _slot: OwnedSemaphorePermit,
 ) {
+    let idle_timeout = limits.idle_timeout;
     tokio::pin!(connection);
     let mut check = tokio::time::interval(Duration::from_secs(1));
     loop {
@@ -385,6 +437,10 @@ async fn watch_connection<E: Into<BoxError>>(
             _ = check.tick() => {
                 if activity.idle_left(idle_timeout).is_zero() {
                     tracing::debug!("closing a connection idle for {} s", idle_timeout.as_secs());
+                    return;
+                }
+                if activity.stalled_for() >= limits.body_timeout {
+                    tracing::debug!("closing a connection whose client read none of its response for {} s", limits.body_timeout.as_secs());
                     return;
                 }
             }
@@ -499,7 +555,7 @@ mod tests {
             max_connections: 8,
             header_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(1),
-            body_timeout: Duration::from_secs(30),
+            body_timeout: Duration::from_secs(1),
         }
     }
 
@@ -548,6 +604,28 @@ mod tests {
         kept
     }
 
+    /// An HTTP/2 client that asks for `path` and reads none of the answer's body, pinging: how
+    /// long the server kept its connection open, at most 6 s.
+    async fn never_reads(address: std::net::SocketAddr, path: &str) -> Duration {
+        let socket = TcpStream::connect(address).await.unwrap();
+        let (mut send_request, mut connection) = h2::client::handshake(socket).await.unwrap();
+        let mut ping_pong = connection.ping_pong().expect("the first ping_pong");
+        let opened = Instant::now();
+        let driver = tokio::spawn(connection);
+        let request = http::Request::get(format!("http://{address}{path}")).body(()).unwrap();
+        let (response, _) = send_request.send_request(request, true).unwrap();
+        let _unread = response.await.unwrap();
+        while opened.elapsed() < Duration::from_secs(6) {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            if ping_pong.ping(h2::Ping::opaque()).await.is_err() {
+                break;
+            }
+        }
+        let kept = opened.elapsed();
+        driver.abort();
+        kept
+    }
+
     /// A GET over HTTP/2 on its own connection: its body and how long it took.
     async fn get(address: std::net::SocketAddr, path: &str) -> (Vec<u8>, Duration) {
         let started = Instant::now();
@@ -568,7 +646,7 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn an_http_connection_that_only_pings_is_closed_and_one_answering_slowly_is_not() {
+    async fn an_http_connection_that_only_pings_or_never_reads_is_closed_and_one_answering_slowly_is_not() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap();
         // Answers that outlast the idle deadline: a head after 1.5 s, a body in pieces over 3 s.
@@ -576,23 +654,42 @@ mod tests {
             if request.uri().path() == "/slow-head" {
                 tokio::time::sleep(Duration::from_millis(1500)).await;
             }
-            let n_pieces = if request.uri().path() == "/slow-body" { 6 } else { 1 };
-            let pieces = futures::stream::unfold(0, move |piece_idx| async move {
-                if piece_idx == n_pieces {
-                    return None;
+            let path = request.uri().path().to_owned();
+            let n_pieces = match path.as_str() {
+                "/slow-body" => 6,
+                "/big" => 64,
+                _ => 1,
+            };
+            let pieces = futures::stream::unfold(0, move |piece_idx| {
+                let path = path.clone();
+                async move {
+                    if piece_idx == n_pieces {
+                        return None;
+                    }
+                    let piece = match path.as_str() {
+                        "/slow-body" => {
+                            tokio::time::sleep(Duration::from_millis(500)).await;
+                            Bytes::from_static(b"x")
+                        }
+                        "/big" => Bytes::from(vec![0u8; 1 << 20]),
+                        _ => Bytes::from_static(b"x"),
+                    };
+                    Some((Ok::<_, Infallible>(http_body::Frame::data(piece)), piece_idx + 1))
                 }
-                if n_pieces > 1 {
-                    tokio::time::sleep(Duration::from_millis(500)).await;
-                }
-                Some((Ok::<_, Infallible>(http_body::Frame::data(Bytes::from_static(b"x"))), piece_idx + 1))
             });
             Ok::<_, Infallible>(http::Response::new(http_body_util::StreamBody::new(pieces)))
         });
         let (_stop, shutdown) = watch::channel(false);
         tokio::spawn(serve_http(listener, "test", short_idle(), service, shutdown));
 
-        let (pinged, slow_head, slow_body) =
-            tokio::join!(only_pings(address), get(address, "/slow-head"), get(address, "/slow-body"));
+        let (pinged, unread, slow_head, slow_body) = tokio::join!(
+            only_pings(address),
+            never_reads(address, "/big"),
+            get(address, "/slow-head"),
+            get(address, "/slow-body")
+        );
+        // A response its client does not read is given up at the body deadline (1 s here).
+        assert!(unread < Duration::from_secs(3), "a client that read nothing of its answer held it {unread:?}");
         assert!(pinged < Duration::from_secs(3), "a connection that only pings was kept {pinged:?}");
         assert!(pinged >= Duration::from_millis(900), "it was closed before the deadline: {pinged:?}");
         assert_eq!(slow_head.0, b"x");
