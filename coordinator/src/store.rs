@@ -99,6 +99,19 @@ pub trait ObjectStore: Send + Sync {
     }
 }
 
+/// The incomplete uploads under `prefix`; none, logged, when the store will not list them (an
+/// S3 policy written before the coordinator asked for `s3:ListBucketMultipartUploads`), so a
+/// flush or a collection still does the rest of its work.
+pub async fn pending_uploads_or_none<S: ObjectStore + ?Sized>(store: &S, prefix: &str) -> Vec<PendingUpload> {
+    match store.pending_uploads(prefix).await {
+        Ok(uploads) => uploads,
+        Err(error) => {
+            tracing::warn!(prefix, error = %error.line(), "listing incomplete multipart uploads failed; they are left");
+            Vec::new()
+        }
+    }
+}
+
 /// Deletes the objects under `prefix` that `keep` does not keep, and aborts the incomplete
 /// uploads of such keys (each counted as one object): what was deleted, and how many objects
 /// were kept.
@@ -113,8 +126,14 @@ async fn delete_unkept<S: ObjectStore + ?Sized>(
     let keys: Vec<String> = doomed.iter().map(|object| object.key.clone()).collect();
     store.delete_keys(&keys).await?;
     let uploads: Vec<PendingUpload> =
-        store.pending_uploads(prefix).await?.into_iter().filter(|upload| !keep(&upload.key)).collect();
-    store.abort_uploads(&uploads).await?;
+        pending_uploads_or_none(store, prefix).await.into_iter().filter(|upload| !keep(&upload.key)).collect();
+    let uploads = match store.abort_uploads(&uploads).await {
+        Ok(()) => uploads,
+        Err(error) => {
+            tracing::warn!(prefix, error = %error.line(), "aborting incomplete multipart uploads failed; they are left");
+            Vec::new()
+        }
+    };
     let deleted = ObjectTotals {
         count: (doomed.len() + uploads.len()) as u64,
         bytes: doomed.iter().map(|object| object.size).sum::<u64>()

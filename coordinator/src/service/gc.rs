@@ -121,13 +121,12 @@ impl CacheService {
             .map(|(digest, _)| digest)
             .collect();
         let strays = self.strays(project, listed, now, grace).await?;
-        let stale_uploads: Vec<PendingUpload> = self
-            .store
-            .pending_uploads(&project_prefix(&self.store_prefix, project))
-            .await?
-            .into_iter()
-            .filter(|upload| now - upload.modified_unix >= grace && !protected(&upload_digest(&upload.key)))
-            .collect();
+        let stale_uploads: Vec<PendingUpload> =
+            crate::store::pending_uploads_or_none(self.store.as_ref(), &project_prefix(&self.store_prefix, project))
+                .await
+                .into_iter()
+                .filter(|upload| now - upload.modified_unix >= grace && !protected(&upload_digest(&upload.key)))
+                .collect();
         let uploads = ObjectTotals {
             count: stale_uploads.len() as u64,
             bytes: stale_uploads.iter().map(|upload| upload.bytes).sum(),
@@ -166,8 +165,14 @@ impl CacheService {
         let removed_strays = self.delete_strays(project, &strays).await?;
         // Multipart uploads begun and left (a killed worker's, or a key holder's that never
         // completes them): aborted once untouched for the grace period.
-        if !stale_uploads.is_empty() {
-            self.store.abort_uploads(&stale_uploads).await?;
+        let uploads = match self.store.abort_uploads(&stale_uploads).await {
+            Ok(()) => uploads,
+            Err(error) => {
+                tracing::warn!(project, error = %error.line(), "aborting incomplete multipart uploads failed; the next collection tries again");
+                ObjectTotals::default()
+            }
+        };
+        if uploads.count > 0 {
             self.metrics.record_eviction(project, "uncommitted", uploads.count, uploads.bytes);
         }
         let blobs = removed.count + removed_expired.count + removed_strays.count + uploads.count;
