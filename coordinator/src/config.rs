@@ -100,6 +100,12 @@ pub struct ServeArgs {
     /// Endpoint URL of STS [default: AWS]
     #[arg(long, env = "CACHE_STS_ENDPOINT")]
     pub sts_endpoint: Option<String>,
+    /// A connection to the S3 endpoint or the metrics listener with no request in flight for this long is closed, whatever else it sends (pings, settings), e.g. 30s, 2m (1s to 1h) [default: 30s]
+    #[arg(long, env = "CACHE_IDLE_TIMEOUT")]
+    pub idle_timeout: Option<String>,
+    /// The same for gRPC connections: workers keep theirs between calls (1s to 1h) [default: 5m]
+    #[arg(long, env = "CACHE_GRPC_IDLE_TIMEOUT")]
+    pub grpc_idle_timeout: Option<String>,
     /// TOML file with the same settings; flags and environment variables win over it
     #[arg(long, env = "CACHE_CONFIG")]
     pub config: Option<PathBuf>,
@@ -152,6 +158,8 @@ pub struct FileConfig {
     pub multipart_threshold_mib: Option<u64>,
     pub worker_concurrency: Option<u32>,
     pub transfer_budget: Option<u32>,
+    pub idle_timeout: Option<String>,
+    pub grpc_idle_timeout: Option<String>,
     pub store: Option<StoreKind>,
     pub state: Option<String>,
     #[serde(default)]
@@ -200,6 +208,9 @@ pub struct Config {
     pub cache_expiry: Duration,
     /// The quota of a project created without one, in bytes; zero: none.
     pub default_quota: u64,
+    /// How long an S3 or metrics connection, and a gRPC one, may have no request in flight.
+    pub idle_timeout: Duration,
+    pub grpc_idle_timeout: Duration,
     /// Part size and concurrency of the transfer plans.
     pub plan: crate::budget::PlanSettings,
     /// The store's bucket and key prefix, and its region (both stores).
@@ -364,6 +375,15 @@ pub fn merge(args: ServeArgs, file: FileConfig) -> Result<Config, ConfigError> {
     let gc_interval = duration("--gc-interval", args.gc_interval.or(file.gc_interval), "1h")?;
     let gc_grace = duration("--gc-grace", args.gc_grace.or(file.gc_grace), "1h")?;
     let cache_expiry = duration("--cache-expiry", args.cache_expiry.or(file.cache_expiry), "7d")?;
+    let idle = |flag: &str, value: Option<String>, default: &str| {
+        let timeout = duration(flag, value, default)?;
+        if !(1..=3600).contains(&timeout.as_secs()) {
+            return Err(ConfigError(format!("invalid {flag} {} s: expected 1s to 1h", timeout.as_secs())));
+        }
+        Ok(timeout)
+    };
+    let idle_timeout = idle("--idle-timeout", args.idle_timeout.or(file.idle_timeout), "30s")?;
+    let grpc_idle_timeout = idle("--grpc-idle-timeout", args.grpc_idle_timeout.or(file.grpc_idle_timeout), "5m")?;
     let default_quota = args.default_quota.or(file.default_quota).unwrap_or_else(|| "0".into());
     let default_quota = proto::format::parse_size_bytes(&default_quota)
         .map_err(|error| ConfigError(format!("--default-quota: {error}")))?;
@@ -468,6 +488,8 @@ pub fn merge(args: ServeArgs, file: FileConfig) -> Result<Config, ConfigError> {
         gc_interval,
         gc_grace,
         cache_expiry,
+        idle_timeout,
+        grpc_idle_timeout,
         default_quota,
         plan,
         bucket,
@@ -494,6 +516,10 @@ mod tests {
         assert_eq!((config.gc_interval, config.gc_grace), (Duration::from_secs(3600), Duration::from_secs(3600)));
         assert_eq!((config.cache_expiry, config.default_quota), (Duration::from_secs(7 * 86_400), 0));
         assert_eq!((config.bucket.as_str(), config.prefix.as_str()), ("layer-cache", "cache"));
+        assert_eq!(
+            (config.idle_timeout, config.grpc_idle_timeout),
+            (Duration::from_secs(30), Duration::from_secs(300))
+        );
     }
 
     #[test]
@@ -535,6 +561,13 @@ mod tests {
             bad(ServeArgs { worker_concurrency: Some(0), ..ServeArgs::default() }).contains("--worker-concurrency")
         );
         assert!(bad(ServeArgs { transfer_budget: Some(0), ..ServeArgs::default() }).contains("--transfer-budget"));
+        assert_eq!(
+            bad(ServeArgs { idle_timeout: Some("0s".into()), ..ServeArgs::default() }),
+            "invalid --idle-timeout 0 s: expected 1s to 1h"
+        );
+        assert!(
+            bad(ServeArgs { grpc_idle_timeout: Some("2h".into()), ..ServeArgs::default() }).contains("--grpc-idle")
+        );
         assert!(toml::from_str::<FileConfig>("listn = \"x\"").is_err());
         assert!(validate_prefix("a/../b").is_err());
         assert!(validate_prefix("/a").is_err());

@@ -294,7 +294,10 @@ pub async fn run(
         default_quota: config.default_quota,
         clock,
     });
-    let limits = listener::ListenerLimits::for_open_files(listener::raise_open_file_limit());
+    let mut limits = listener::ListenerLimits::for_open_files(listener::raise_open_file_limit());
+    limits.s3.idle_timeout = config.idle_timeout;
+    limits.metrics.idle_timeout = config.idle_timeout;
+    limits.grpc.idle_timeout = config.grpc_idle_timeout;
     let (stop_sender, stop_receiver) = watch::channel(false);
     let s3_task = match (listeners.s3, store.embedded_endpoint) {
         (Some(socket), Some(endpoint)) => {
@@ -373,9 +376,11 @@ pub async fn run(
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter.set_serving::<proto::v1::worker_server::WorkerServer<api::WorkerApi>>().await;
     health_reporter.set_serving::<proto::v1::admin_server::AdminServer<api::AdminApi>>().await;
-    // One connection may not open streams without end, and a peer that stopped answering is
-    // noticed by its missing pings.
+    // One connection may not open streams without end, a peer that stopped answering is
+    // noticed by its missing pings, and one with no call in flight for the idle timeout is
+    // closed (its calls counted by the layer).
     let grpc = tonic::transport::Server::builder()
+        .layer(listener::CountGrpcCalls { body_timeout: limits.grpc.body_timeout })
         .max_concurrent_streams(128)
         .http2_keepalive_interval(Some(Duration::from_secs(60)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))

@@ -27,6 +27,18 @@ pub struct StoredObject {
     pub modified_unix: i64,
 }
 
+/// A multipart upload begun and never completed nor aborted: its parts take room that no
+/// object listing shows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PendingUpload {
+    pub key: String,
+    pub upload_id: String,
+    /// Its parts' bytes (0 where the store does not say).
+    pub bytes: u64,
+    /// When it was begun or last given a part, whichever is later (unix seconds).
+    pub modified_unix: i64,
+}
+
 /// What the store really holds under a blob's key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BlobState {
@@ -59,12 +71,16 @@ pub trait ObjectStore: Send + Sync {
     /// Deletes the objects of `keys`; a key with no object is no error.
     async fn delete_keys(&self, keys: &[String]) -> Result<(), Error>;
     /// Deletes every object whose key starts with `prefix` (which ends in `/`), but those
-    /// `keep` says to keep.
+    /// `keep` says to keep; incomplete multipart uploads of such keys are aborted alike.
     async fn delete_prefix(&self, prefix: &str, keep: &KeepObject<'_>) -> Result<ObjectTotals, Error> {
         Ok(delete_unkept(self, prefix, keep).await?.0)
     }
     /// Every object stored under `prefix`.
     async fn list(&self, prefix: &str) -> Result<Vec<StoredObject>, Error>;
+    /// The incomplete multipart uploads of objects under `prefix`.
+    async fn pending_uploads(&self, prefix: &str) -> Result<Vec<PendingUpload>, Error>;
+    /// Aborts `uploads`, their parts removed; one already gone is no error.
+    async fn abort_uploads(&self, uploads: &[PendingUpload]) -> Result<(), Error>;
     /// How many objects are stored under `prefix`, and their bytes.
     async fn usage(&self, prefix: &str) -> Result<ObjectTotals, Error> {
         let objects = self.list(prefix).await?;
@@ -83,8 +99,22 @@ pub trait ObjectStore: Send + Sync {
     }
 }
 
-/// Deletes the objects under `prefix` that `keep` does not keep: what was deleted, and how
-/// many were kept.
+/// The incomplete uploads under `prefix`; none, logged, when the store will not list them (an
+/// S3 policy written before the coordinator asked for `s3:ListBucketMultipartUploads`), so a
+/// flush or a collection still does the rest of its work.
+pub async fn pending_uploads_or_none<S: ObjectStore + ?Sized>(store: &S, prefix: &str) -> Vec<PendingUpload> {
+    match store.pending_uploads(prefix).await {
+        Ok(uploads) => uploads,
+        Err(error) => {
+            tracing::warn!(prefix, error = %error.line(), "listing incomplete multipart uploads failed; they are left");
+            Vec::new()
+        }
+    }
+}
+
+/// Deletes the objects under `prefix` that `keep` does not keep, and aborts the incomplete
+/// uploads of such keys (each counted as one object): what was deleted, and how many objects
+/// were kept.
 async fn delete_unkept<S: ObjectStore + ?Sized>(
     store: &S,
     prefix: &str,
@@ -95,13 +125,28 @@ async fn delete_unkept<S: ObjectStore + ?Sized>(
     let doomed: Vec<StoredObject> = listed.into_iter().filter(|object| !keep(&object.key)).collect();
     let keys: Vec<String> = doomed.iter().map(|object| object.key.clone()).collect();
     store.delete_keys(&keys).await?;
-    let deleted = ObjectTotals { count: doomed.len() as u64, bytes: doomed.iter().map(|object| object.size).sum() };
+    let uploads: Vec<PendingUpload> =
+        pending_uploads_or_none(store, prefix).await.into_iter().filter(|upload| !keep(&upload.key)).collect();
+    let uploads = match store.abort_uploads(&uploads).await {
+        Ok(()) => uploads,
+        Err(error) => {
+            tracing::warn!(prefix, error = %error.line(), "aborting incomplete multipart uploads failed; they are left");
+            Vec::new()
+        }
+    };
+    let deleted = ObjectTotals {
+        count: (doomed.len() + uploads.len()) as u64,
+        bytes: doomed.iter().map(|object| object.size).sum::<u64>()
+            + uploads.iter().map(|upload| upload.bytes).sum::<u64>(),
+    };
     Ok((deleted, n_listed - doomed.len()))
 }
 
-/// The embedded store: objects are files under `<objects_root>/<bucket>/`.
+/// The embedded store: objects are files under `<objects_root>/<bucket>/`; s3s-fs keeps a
+/// multipart upload's record, metadata and parts as files at `<objects_root>` itself.
 pub struct EmbeddedStore {
     file_system: Arc<s3s_fs::FileSystem>,
+    objects_root: PathBuf,
     bucket_dir: PathBuf,
     bucket: String,
 }
@@ -111,10 +156,60 @@ impl EmbeddedStore {
         let file_system = s3s_fs::FileSystem::new(objects_root).map_err(|error| Error::store(format!("{error:?}")))?;
         Ok(EmbeddedStore {
             file_system: Arc::new(file_system),
+            objects_root: objects_root.to_path_buf(),
             bucket_dir: objects_root.join(bucket),
             bucket: bucket.to_owned(),
         })
     }
+}
+
+/// The files of s3s-fs's incomplete multipart uploads at `root` whose object is in `bucket`
+/// under `prefix`, each upload with its files. s3s-fs names them
+/// `.bucket-<b64 bucket>.object-<b64 key>.upload-<id>.metadata.json` (written when the upload
+/// begins), `.upload-<id>.json` (who began it) and `.upload_id-<id>.part-<n>`.
+fn upload_files(root: &Path, bucket: &str, prefix: &str) -> std::io::Result<Vec<(PendingUpload, Vec<PathBuf>)>> {
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let object_tag = format!(".bucket-{}.object-", b64.encode(bucket));
+    let mut uploads: std::collections::BTreeMap<String, (PendingUpload, Vec<PathBuf>)> = Default::default();
+    // Every upload file at the root, by upload ID: its path, size and time.
+    let mut files_of: std::collections::HashMap<String, Vec<(PathBuf, u64, i64)>> = Default::default();
+    let entries = match std::fs::read_dir(root) {
+        Ok(entries) => entries,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(error) => return Err(error),
+    };
+    for entry in entries {
+        let entry = entry?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let metadata = match entry.metadata() {
+            Ok(metadata) if metadata.is_file() => metadata,
+            _ => continue,
+        };
+        let modified = metadata.modified()?.duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs() as i64;
+        let file = (entry.path(), metadata.len(), modified);
+        if let Some(rest) = name.strip_prefix(&object_tag).and_then(|rest| rest.strip_suffix(".metadata.json")) {
+            let Some((key_b64, upload_id)) = rest.rsplit_once(".upload-") else { continue };
+            let Some(key) = b64.decode(key_b64).ok().and_then(|key| String::from_utf8(key).ok()) else { continue };
+            if key.starts_with(prefix) {
+                let upload = PendingUpload { key, upload_id: upload_id.to_owned(), bytes: 0, modified_unix: modified };
+                uploads.insert(upload_id.to_owned(), (upload, vec![file.0]));
+            }
+        } else if let Some(upload_id) = name.strip_prefix(".upload-").and_then(|rest| rest.strip_suffix(".json")) {
+            files_of.entry(upload_id.to_owned()).or_default().push(file);
+        } else if let Some((upload_id, _)) = name.strip_prefix(".upload_id-").and_then(|rest| rest.split_once(".part-"))
+        {
+            files_of.entry(upload_id.to_owned()).or_default().push(file);
+        }
+    }
+    for (upload_id, (upload, paths)) in &mut uploads {
+        for (path, size, modified) in files_of.remove(upload_id).unwrap_or_default() {
+            upload.bytes += size;
+            upload.modified_unix = upload.modified_unix.max(modified);
+            paths.push(path);
+        }
+    }
+    Ok(uploads.into_values().collect())
 }
 
 /// Every file under `dir`, its key relative to `bucket_dir`.
@@ -193,6 +288,47 @@ impl ObjectStore for EmbeddedStore {
         tokio::task::spawn_blocking(move || list_files(&bucket_dir, &dir))
             .await?
             .map_err(|error| Error::store_cause(format!("listing {prefix}"), error))
+    }
+
+    /// Objects and incomplete uploads alike (an upload as one object: its parts' bytes).
+    async fn usage(&self, prefix: &str) -> Result<ObjectTotals, Error> {
+        let objects = self.list(prefix).await?;
+        let uploads = self.pending_uploads(prefix).await?;
+        Ok(ObjectTotals {
+            count: (objects.len() + uploads.len()) as u64,
+            bytes: objects.iter().map(|object| object.size).sum::<u64>()
+                + uploads.iter().map(|upload| upload.bytes).sum::<u64>(),
+        })
+    }
+
+    async fn pending_uploads(&self, prefix: &str) -> Result<Vec<PendingUpload>, Error> {
+        let (root, bucket, key_prefix) = (self.objects_root.clone(), self.bucket.clone(), prefix.to_owned());
+        let found = tokio::task::spawn_blocking(move || upload_files(&root, &bucket, &key_prefix))
+            .await?
+            .map_err(|error| Error::store_cause(format!("listing the uploads under {prefix}"), error))?;
+        Ok(found.into_iter().map(|(upload, _)| upload).collect())
+    }
+
+    async fn abort_uploads(&self, uploads: &[PendingUpload]) -> Result<(), Error> {
+        let (root, bucket) = (self.objects_root.clone(), self.bucket.clone());
+        let doomed: std::collections::HashSet<(String, String)> =
+            uploads.iter().map(|upload| (upload.key.clone(), upload.upload_id.clone())).collect();
+        tokio::task::spawn_blocking(move || {
+            for (upload, paths) in upload_files(&root, &bucket, "")? {
+                if !doomed.contains(&(upload.key, upload.upload_id)) {
+                    continue;
+                }
+                for path in paths {
+                    match std::fs::remove_file(&path) {
+                        Err(error) if error.kind() != std::io::ErrorKind::NotFound => return Err(error),
+                        _ => {}
+                    }
+                }
+            }
+            Ok(())
+        })
+        .await?
+        .map_err(|error| Error::store_cause("aborting incomplete uploads", error))
     }
 
     async fn delete_keys(&self, keys: &[String]) -> Result<(), Error> {

@@ -62,10 +62,10 @@ impl CoordinatorProcess {
 
     /// Starts it with at most `open_files` file descriptors (soft and hard limit, through
     /// util-linux's `prlimit`), as a host's limit would hold it.
-    pub fn start_with_file_limit(data_dir: &Path, open_files: u64) -> CoordinatorProcess {
+    pub fn start_with_file_limit(data_dir: &Path, open_files: u64, extra_args: &[&str]) -> CoordinatorProcess {
         let mut command = Command::new("prlimit");
         command.arg(format!("--nofile={open_files}:{open_files}")).arg("--").arg(binary("cache-coordinator"));
-        Self::start_command(command, data_dir, &[], &[])
+        Self::start_command(command, data_dir, extra_args, &[])
     }
 
     fn start_command(

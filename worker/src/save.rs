@@ -154,22 +154,6 @@ fn save_log(images: &[pb::Image], uploaded: &HashSet<String>, in_flight: &HashSe
     lines
 }
 
-/// A line of the save's log as the coordinator keeps it: any character a terminal would act on
-/// (an instruction's, say) escaped, and cut to at most `max` bytes on a character boundary (an
-/// image with very many tags), the cut marked.
-fn log_line(line: &str, max: usize) -> String {
-    let mut line = proto::names::printable(line).into_owned();
-    if line.len() > max {
-        let mut end = max - '…'.len_utf8();
-        while !line.is_char_boundary(end) {
-            end -= 1;
-        }
-        line.truncate(end);
-        line.push('…');
-    }
-    line
-}
-
 /// A BuildKit image without inline cache metadata cannot serve `--cache-from`: say how to fix it.
 fn warn_about_missing_inline_cache(images: &[pb::Image]) {
     // The build's own cache export serves instead, stages and all.
@@ -513,11 +497,12 @@ async fn upload_commit_report(
     let mut log = save_log(&uploaded.images, &uploaded_digests, &in_flight);
     let (reuse_lines, steps_reused, steps_rebuilt) = step_reuse(job, &begun.previous_images).await;
     log.extend(reuse_lines);
-    let log: Vec<String> = log.iter().map(|line| log_line(line, proto::names::MAX_SAVE_LOG_LINE)).collect();
     for line in &log {
         println!("{line}");
     }
     warn_about_missing_inline_cache(&uploaded.images);
+    // The manifest keeps the log within the bounds the coordinator accepts.
+    let log = proto::save_log::fit_save_log(log);
     let service = &job.options.service;
     let stored = match commit(coordinator, service, &uploaded.images, &begun, log, &in_flight, MOST_COMMIT_WAIT).await?
     {
@@ -1055,22 +1040,6 @@ fn print_commit_outcome(service: &str, committed: &pb::CommitSaveResponse) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn log_lines_are_cut_and_escaped_to_what_the_coordinator_keeps() {
-        let image = pb::Image {
-            id: format!("sha256:{}", "a".repeat(64)),
-            repo_tags: (0..40).map(|n| format!("registry.example/team/é-app-{n}:{}", "v".repeat(200))).collect(),
-            ..Default::default()
-        };
-        let max = proto::names::MAX_SAVE_LOG_LINE;
-        let line = log_line(&save_log(&[image], &HashSet::new(), &HashSet::new())[0], max);
-        assert!(line.len() <= max && line.ends_with('…'), "{}", line.len());
-        assert!(proto::names::validate_printable("save log line", &line, max).is_ok());
-        assert_eq!(log_line("image x", 100), "image x");
-        let step = log_line("app:1: reused 1 of 2 steps; first rebuilt: step 2 RUN printf '\u{1b}[31m'", max);
-        assert!(proto::names::validate_printable("save log line", &step, max).is_ok(), "{step}");
-    }
 
     /// A coordinator that answers commits from a script, and counts them.
     struct ScriptedCommits(Vec<CommitOutcome>, usize);

@@ -4,7 +4,9 @@
 //! - **Collection** (every `--gc-interval`, and `cachectl gc [PROJECT] [--dry-run]`): caches
 //!   neither restored nor saved for `--cache-expiry` are evicted; blobs no manifest names,
 //!   unreferenced for longer than `--gc-grace`, are removed; so are objects the ledger never
-//!   recorded (uploads of saves that never committed) written longer than the grace ago.
+//!   recorded (uploads of saves that never committed) written longer than the grace ago, and
+//!   multipart uploads never completed and untouched as long (flush and project deletion
+//!   abort them all).
 //! - **Quota** (after each commit, and `cachectl project set-quota`): while the ledger's bytes
 //!   exceed the project's quota, blobs no manifest names go first, then the least recently
 //!   used caches, the one just saved last of all. A single save larger than the quota is
@@ -27,7 +29,7 @@ use proto::v1 as pb;
 use super::CacheService;
 use crate::error::Error;
 use crate::state::{BlobRecord, manifest_digests};
-use crate::store::{ObjectTotals, StoredObject};
+use crate::store::{ObjectTotals, PendingUpload, StoredObject};
 
 /// When a cache was last used: its last restore or save (its creation, for a manifest written
 /// before use was recorded).
@@ -91,7 +93,8 @@ impl CacheService {
     }
 
     /// Collects one project's garbage: expired caches, then blobs unreferenced past the grace
-    /// period; with `dry_run`, only says what it would remove.
+    /// period, strays and incomplete uploads untouched for it; with `dry_run`, only says what
+    /// it would remove.
     pub async fn collect_garbage(&self, project: &str, dry_run: bool) -> Result<pb::GarbageCollected, Error> {
         self.existing_project(project).await?;
         // Listed before the lock, which saves and restores of the project wait for; what is
@@ -118,6 +121,16 @@ impl CacheService {
             .map(|(digest, _)| digest)
             .collect();
         let strays = self.strays(project, listed, now, grace).await?;
+        let stale_uploads: Vec<PendingUpload> =
+            crate::store::pending_uploads_or_none(self.store.as_ref(), &project_prefix(&self.store_prefix, project))
+                .await
+                .into_iter()
+                .filter(|upload| now - upload.modified_unix >= grace && !protected(&upload_digest(&upload.key)))
+                .collect();
+        let uploads = ObjectTotals {
+            count: stale_uploads.len() as u64,
+            bytes: stale_uploads.iter().map(|upload| upload.bytes).sum(),
+        };
         if dry_run {
             // What expiring would leave unreferenced: blobs only the expired caches name.
             let kept: BTreeSet<String> = manifests
@@ -136,9 +149,10 @@ impl CacheService {
             let records = self.db.stored_blobs(project, &would_remove).await?;
             return Ok(pb::GarbageCollected {
                 project: project.to_owned(),
-                blobs: (records.len() + strays.len()) as u64,
+                blobs: (records.len() + strays.len()) as u64 + uploads.count,
                 bytes: records.values().map(|record| record.stored_size).sum::<u64>()
-                    + strays.iter().map(|object| object.size).sum::<u64>(),
+                    + strays.iter().map(|object| object.size).sum::<u64>()
+                    + uploads.bytes,
                 dry_run,
                 expired,
             });
@@ -149,8 +163,20 @@ impl CacheService {
         let forgotten = self.db.forget_unreferenced(project, &collectable).await?;
         let removed = self.delete_forgotten(project, &forgotten, "unreferenced").await?;
         let removed_strays = self.delete_strays(project, &strays).await?;
-        let blobs = removed.count + removed_expired.count + removed_strays.count;
-        let bytes = removed.bytes + removed_expired.bytes + removed_strays.bytes;
+        // Multipart uploads begun and left (a killed worker's, or a key holder's that never
+        // completes them): aborted once untouched for the grace period.
+        let uploads = match self.store.abort_uploads(&stale_uploads).await {
+            Ok(()) => uploads,
+            Err(error) => {
+                tracing::warn!(project, error = %error.line(), "aborting incomplete multipart uploads failed; the next collection tries again");
+                ObjectTotals::default()
+            }
+        };
+        if uploads.count > 0 {
+            self.metrics.record_eviction(project, "uncommitted", uploads.count, uploads.bytes);
+        }
+        let blobs = removed.count + removed_expired.count + removed_strays.count + uploads.count;
+        let bytes = removed.bytes + removed_expired.bytes + removed_strays.bytes + uploads.bytes;
         if blobs > 0 || !expired.is_empty() {
             tracing::info!(project, blobs, bytes, expired_caches = expired.len(), "garbage collected");
         }
@@ -221,8 +247,14 @@ impl CacheService {
     ) -> Result<pb::Evicted, Error> {
         let _exclusive = self.lock_project(project, super::Lock::Exclusive).await?;
         let quota = self.existing_project(project).await?.quota_bytes;
-        let mut used = self.db.totals(project).await?.stored_bytes;
-        if quota == 0 || used <= quota {
+        if quota == 0 {
+            return Ok(pb::Evicted::default());
+        }
+        // The manifests' own bytes count beside the blobs'.
+        let mut caches = self.db.manifests(project).await?;
+        let mut used =
+            self.db.totals(project).await?.stored_bytes + caches.iter().map(super::saves::manifest_bytes).sum::<u64>();
+        if used <= quota {
             return Ok(pb::Evicted::default());
         }
         let protected = self.protected(project).await?;
@@ -236,7 +268,6 @@ impl CacheService {
             .collect();
         let mut forgotten = self.db.forget_unreferenced(project, &spare).await?;
         used -= forgotten.iter().map(|(_, record)| record.stored_size).sum::<u64>();
-        let mut caches = self.db.manifests(project).await?;
         caches.retain(|manifest| {
             let branch = manifest.key.as_ref().map_or("", |key| key.branch.as_str());
             let trusted_more = |scope: &crate::tokens::BranchScope| scope.may_read(branch) && !scope.may_write(branch);
@@ -250,6 +281,7 @@ impl CacheService {
             if used <= quota {
                 break;
             }
+            used -= super::saves::manifest_bytes(&manifest);
             let key = manifest.key.unwrap_or_default();
             let (removable, gone) = self.evict_caches(project, std::slice::from_ref(&key), "quota").await?;
             let freed = self.db.forget_unreferenced(project, &removable).await?;
@@ -328,6 +360,11 @@ pub(crate) fn over_quota_of_others(principal: &crate::tokens::Principal, key: &p
         proto::format::format_bytes(quota),
         principal.token_id,
     ))
+}
+
+/// The digest an upload's blob key names (empty for any other key), for the protection check.
+fn upload_digest(key: &str) -> String {
+    proto::object_keys::blob_hex_of_key(key).map(|hex| format!("sha256:{hex}")).unwrap_or_default()
 }
 
 /// The one line a save over its project's quota gets.

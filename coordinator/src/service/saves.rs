@@ -49,6 +49,19 @@ fn validate_host(host: &str) -> Result<(), Error> {
     Ok(())
 }
 
+/// The save log and engine version from outside: within the bounds every worker fits them to
+/// (`proto::save_log`), printable.
+fn validate_save_log(lines: &[String]) -> Result<(), Error> {
+    proto::save_log::check_save_log(lines).map_err(Error::InvalidArgument)
+}
+
+fn validate_engine_version(version: &str) -> Result<(), Error> {
+    proto::save_log::check_engine_version(version).map_err(Error::InvalidArgument)
+}
+
+/// Tags one image may carry.
+const MAX_TAGS_PER_IMAGE: usize = 256;
+
 /// The most build steps one image may record, and the longest instruction.
 const MAX_STEPS_PER_IMAGE: usize = 1000;
 const MAX_INSTRUCTION: usize = 4096;
@@ -82,6 +95,9 @@ fn validate_images(images: &[pb::Image]) -> Result<(), Error> {
         names::validate_digest(&image.id)?;
         if !image.parent_id.is_empty() {
             names::validate_digest(&image.parent_id)?;
+        }
+        if image.repo_tags.len() > MAX_TAGS_PER_IMAGE {
+            return Err(Error::InvalidArgument(format!("image {} has more than {MAX_TAGS_PER_IMAGE} tags", image.id)));
         }
         for tag in &image.repo_tags {
             names::validate_repo_tag(tag)?;
@@ -142,7 +158,7 @@ fn validate_begin(
     principal.check_write(&key.branch)?;
     validate_images(&request.images)?;
     validate_host(&request.host)?;
-    names::validate_printable("engine version", &request.engine_version, names::MAX_ENGINE_VERSION)?;
+    validate_engine_version(&request.engine_version)?;
     let probe = pb::Manifest { images: request.images.clone(), ..Default::default() };
     let digests: BTreeSet<String> = manifest_digests(&probe);
     if digests.len() > MOST_BLOBS_PER_SAVE {
@@ -540,9 +556,7 @@ impl CacheService {
     ) -> Result<pb::CommitSaveResponse, Error> {
         let project = principal.project.as_str();
         validate_images(&request.images)?;
-        for line in &request.save_log {
-            names::validate_printable("save log line", line, names::MAX_SAVE_LOG_LINE)?;
-        }
+        validate_save_log(&request.save_log)?;
         let (pending, record) = self.committable_save(principal, request).await?;
         let mut manifest = self.manifest_of(principal, &pending, request);
         let reported = reported_blobs(&mut manifest.images)?;
@@ -563,7 +577,8 @@ impl CacheService {
         if pending.leased {
             self.budget.release(project, &request.save_id, self.clock.now_unix_ms()).await?;
         }
-        let size: u64 = reported.values().map(|record| record.stored_size).sum();
+        // The manifest's own bytes count against the quota beside its blobs'.
+        let size: u64 = reported.values().map(|record| record.stored_size).sum::<u64>() + manifest_bytes(&manifest);
         let quota = record.quota_bytes;
         if quota > 0 && size > quota {
             drop(no_sweep);
@@ -786,6 +801,11 @@ impl CacheService {
             }
         }
     }
+}
+
+/// What a manifest costs its project's quota: its encoded size.
+pub(crate) fn manifest_bytes(manifest: &pb::Manifest) -> u64 {
+    prost::Message::encoded_len(manifest) as u64
 }
 
 /// The refusal of a commit describing a blob as stored otherwise than as the bytes of its
@@ -1038,5 +1058,21 @@ mod tests {
         let known = known_image(image);
         assert!(known.steps.is_empty() && known.repo_tags.is_empty());
         assert_eq!(known.layers[0], pb::Layer { digest: digest('a'), size: 10, stored_size: 10, ..Default::default() });
+    }
+
+    #[test]
+    fn what_a_save_records_beside_its_images_is_bounded() {
+        let digest = format!("sha256:{}", "a".repeat(64));
+        let tagged = pb::Image { id: digest, repo_tags: vec!["app:1".into(); 257], ..Default::default() };
+        assert!(validate_images(&[tagged]).unwrap_err().to_string().contains("256 tags"));
+        assert!(validate_save_log(&vec!["x".repeat(4000); 990]).is_err());
+        assert!(validate_save_log(&vec!["x".into(); 10_001]).is_err());
+        assert!(validate_save_log(&vec!["x".repeat(1000); 1100]).is_err());
+        assert!(validate_save_log(&["saved from ci-main-1\u{1b}[2J".into()]).is_err());
+        assert!(validate_save_log(&vec!["x".repeat(1000); 1000]).is_ok());
+        assert!(validate_engine_version("20.10.24").is_ok());
+        assert!(validate_engine_version("20.10\u{1b}]52;c;aGk=\u{7}").is_err());
+        let manifest = pb::Manifest { save_log: vec!["x".repeat(1000); 1000], ..Default::default() };
+        assert!((1_000_000..1_010_000).contains(&manifest_bytes(&manifest)));
     }
 }

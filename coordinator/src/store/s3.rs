@@ -157,6 +157,59 @@ impl ObjectStore for S3Store {
         Ok(objects)
     }
 
+    /// ListMultipartUploads, page by page (its markers); S3 does not say how big an upload's
+    /// parts are without a ListParts each, so their bytes are left 0, and its time is when it
+    /// was begun.
+    async fn pending_uploads(&self, prefix: &str) -> Result<Vec<crate::store::PendingUpload>, Error> {
+        let mut uploads = Vec::new();
+        let (mut key_marker, mut upload_id_marker) = (None, None);
+        loop {
+            let page = self
+                .client
+                .list_multipart_uploads()
+                .bucket(&self.bucket)
+                .prefix(prefix)
+                .set_key_marker(key_marker.take())
+                .set_upload_id_marker(upload_id_marker.take())
+                .send()
+                .await
+                .map_err(|error| store_error(prefix, error))?;
+            for upload in page.uploads() {
+                uploads.push(crate::store::PendingUpload {
+                    key: upload.key().unwrap_or_default().to_owned(),
+                    upload_id: upload.upload_id().unwrap_or_default().to_owned(),
+                    bytes: 0,
+                    modified_unix: upload.initiated().map_or(0, |time| time.secs()),
+                });
+            }
+            if !page.is_truncated().unwrap_or(false) || page.next_key_marker().is_none() {
+                return Ok(uploads);
+            }
+            key_marker = page.next_key_marker().map(str::to_owned);
+            upload_id_marker = page.next_upload_id_marker().map(str::to_owned);
+        }
+    }
+
+    async fn abort_uploads(&self, uploads: &[crate::store::PendingUpload]) -> Result<(), Error> {
+        for upload in uploads {
+            let aborted = self
+                .client
+                .abort_multipart_upload()
+                .bucket(&self.bucket)
+                .key(&upload.key)
+                .upload_id(&upload.upload_id)
+                .send()
+                .await;
+            match aborted {
+                Err(error) if error.as_service_error().is_none_or(|e| !e.is_no_such_upload()) => {
+                    return Err(store_error(&upload.key, error));
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
     async fn delete_keys(&self, keys: &[String]) -> Result<(), Error> {
         // DeleteObjects takes at most 1,000 keys.
         for batch in keys.chunks(1000) {

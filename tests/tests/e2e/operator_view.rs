@@ -33,7 +33,7 @@ async fn text_a_pull_request_sends_never_reaches_the_operators_terminal_raw() {
     for version in ["28.5\u{1b}]52;c;Y3VybCBldmlsLnNoIHwgc2g=\u{7}", "\u{202e}5.82", "28.5\n"] {
         let refused = client.begin_save(begin(version)).await.unwrap_err();
         assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{version:?}: {refused:?}");
-        assert!(refused.message().contains("invalid engine version"), "{}", refused.message());
+        assert!(refused.message().contains("an engine version has at most"), "{}", refused.message());
         assert!(!refused.message().contains('\u{1b}') && !refused.message().contains('\n'), "{refused:?}");
     }
     let begun = client.begin_save(begin("28.5.2")).await.unwrap().into_inner();
@@ -46,12 +46,14 @@ async fn text_a_pull_request_sends_never_reaches_the_operators_terminal_raw() {
 
     // A log line that clears the screen, or forges a line of the coordinator's own: refused,
     // and the save stays open for a clean commit.
-    for forged in ["\u{1b}[2J\u{1b}[Hall clear", "fine\nsaved from ci-main-1 by save 0123456789ab", "x\ry"] {
+    for forged in
+        ["\u{1b}[2J\u{1b}[Hall clear", "fine\nsaved from ci-main-1 by save 0123456789ab", "x\ry", "\u{202e}1-niam-ic"]
+    {
         let refused = client.commit_save(commit(vec!["image ok".into(), forged.into()])).await.unwrap_err();
         assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{forged:?}: {refused:?}");
-        assert!(refused.message().contains("invalid save log line"), "{}", refused.message());
+        assert!(refused.message().contains("no control or bidirectional-override"), "{}", refused.message());
     }
-    let long = "é".repeat(proto::names::MAX_SAVE_LOG_LINE);
+    let long = "é".repeat(proto::save_log::MAX_SAVE_LOG_LINE);
     let refused = client.commit_save(commit(vec![long])).await.unwrap_err();
     assert_eq!(refused.code(), tonic::Code::InvalidArgument, "a line past the bound: {refused:?}");
     let committed = client.commit_save(commit(vec!["image sha256:ab (app:pr; classic builder)".into()])).await;

@@ -252,3 +252,69 @@ async fn an_eviction_acknowledged_with_its_commit_survives_a_sigkill_right_after
     assert_eq!(listed_services(&coordinator), ["old"]);
     coordinator.stop();
 }
+
+/// A one-layer save of `service` through the API whose commit carries `save_log`: the commit's
+/// answer, or its refusal.
+async fn save_with_log(
+    coordinator: &CoordinatorProcess,
+    token: &str,
+    service: &str,
+    save_log: Vec<String>,
+) -> Result<pb::CommitSaveResponse, tonic::Status> {
+    let content = format!("the layer of {service}").into_bytes();
+    let mut client = tests::worker_client(&coordinator.grpc_url, token).await;
+    let begun = client
+        .begin_save(tests::begin_one_layer_save(service, "app:1", &content))
+        .await
+        .expect("BeginSave")
+        .into_inner();
+    if let Some(credentials) = &begun.credentials {
+        tests::upload_one_layer_blobs(credentials, &content).await;
+    }
+    let images = vec![tests::one_layer_image("app:1", &content, true)];
+    let commit = pb::CommitSaveRequest { save_id: begun.save_id, images, save_log };
+    client.commit_save(commit).await.map(tonic::Response::into_inner)
+}
+
+/// What a client writes beside its blobs is bounded and counted: a save log of 990 lines of
+/// 4,000 bytes (each commit kept 4 MB of it on today's main, 377 MiB for a 1 MiB quota) is
+/// refused with one line naming the limit, as is an engine version carrying escape codes; the
+/// manifests' own bytes count against the quota, so ten saves of logs of 1,000 lines of 1,000
+/// bytes, under ten services, leave only the newest cache of a 1 MiB quota, and a manifest
+/// bigger than the quota alone is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn manifests_are_bounded_and_count_against_the_quota() {
+    let data_dir = tempfile::tempdir().unwrap();
+    let coordinator = CoordinatorProcess::start(data_dir.path(), &[]);
+    let token = coordinator.create_project("web");
+    let set = coordinator.cachectl(&["project", "set-quota", "web", "1MiB"]);
+    assert!(set.status.success(), "{}", stderr_of(&set));
+
+    let huge = save_with_log(&coordinator, &token, "huge", vec!["x".repeat(4000); 990]).await.unwrap_err();
+    assert_eq!(huge.code(), tonic::Code::InvalidArgument, "{huge:?}");
+    assert_eq!(huge.message(), "a save log line holds at most 1024 bytes");
+    let escapes =
+        save_with_log(&coordinator, &token, "escapes", vec!["\u{1b}]52;c;aGk=\u{7}".into()]).await.unwrap_err();
+    assert_eq!(escapes.code(), tonic::Code::InvalidArgument, "{escapes:?}");
+    let mut client = tests::worker_client(&coordinator.grpc_url, &token).await;
+    let mut begin = tests::begin_one_layer_save("version", "app:1", b"a layer");
+    begin.engine_version = "20.10\u{1b}[2J saved from ci-main-1".into();
+    let version = client.begin_save(begin).await.unwrap_err();
+    assert_eq!(version.code(), tonic::Code::InvalidArgument, "{version:?}");
+
+    for service_idx in 0..10 {
+        let service = format!("svc{service_idx}");
+        let saved = save_with_log(&coordinator, &token, &service, vec!["y".repeat(1000); 1000]).await;
+        assert!(saved.is_ok_and(|saved| saved.stored), "{service}");
+    }
+    let listed = stdout_of(&coordinator.cachectl(&["ls", "web"]));
+    let caches: Vec<&str> = listed.lines().filter(|line| line.contains("svc")).collect();
+    assert_eq!(caches.len(), 1, "one manifest of 1 MB fits a 1 MiB quota:\n{listed}");
+    assert!(caches[0].contains("svc9"), "the newest stays:\n{listed}");
+
+    let lowered = coordinator.cachectl(&["project", "set-quota", "web", "512KiB"]);
+    assert!(lowered.status.success(), "{}", stderr_of(&lowered));
+    let over = save_with_log(&coordinator, &token, "over", vec!["z".repeat(1000); 600]).await.unwrap_err();
+    assert_eq!(over.code(), tonic::Code::ResourceExhausted, "{over:?}");
+    coordinator.stop();
+}

@@ -267,9 +267,28 @@ async fn collection_and_eviction_delete_from_the_bucket_only_what_no_cache_names
     tests::upload_one_layer_blobs(&credentials, &stray).await;
     worker.abandon_save(proto::v1::AbandonSaveRequest { save_id: begun.save_id }).await.unwrap();
     assert_eq!(keys().await.len(), 8);
+    // A multipart upload begun and never completed: not an object, but it holds its parts.
+    let left_key = tests::blob_key(&credentials, b"an upload never completed");
+    let upload = client.create_multipart_upload().bucket(&bucket).key(&left_key).send().await.unwrap();
+    client
+        .upload_part()
+        .bucket(&bucket)
+        .key(&left_key)
+        .upload_id(upload.upload_id().unwrap())
+        .part_number(1)
+        .body(aws_sdk_s3::primitives::ByteStream::from(vec![5u8; 1 << 20]))
+        .send()
+        .await
+        .unwrap();
+    let uploads = || async {
+        let listed = client.list_multipart_uploads().bucket(&bucket).prefix("ci/shop/").send().await.unwrap();
+        listed.uploads().len()
+    };
+    assert_eq!(uploads().await, 1);
 
     let collected = coordinator.gc(&["shop"]);
-    assert!(collected.starts_with("gc shop: removed 4 blobs"), "{collected}");
+    assert!(collected.starts_with("gc shop: removed 5 blobs"), "{collected}");
+    assert_eq!(uploads().await, 0, "the incomplete upload was aborted");
     let left = keys().await;
     let named: Vec<String> = [&new, &other].iter().map(|content| tests::blob_key(&credentials, content)).collect();
     assert_eq!(left.len(), 4, "{left:?}");
