@@ -501,18 +501,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let db = crate::state::Database::open(dir.path()).unwrap();
         let clock = proto::clock::ManualClock::at(1_000_000);
-        let broker = EmbeddedBroker {
-            state: std::sync::Arc::new(db.clone()),
-            clock: clock.clone(),
-            signing_key: std::sync::Arc::new(SigningKey::load_or_create(dir.path()).unwrap()),
-            settings: EmbeddedStoreSettings {
-                endpoint_url: "http://127.0.0.1:7401".into(),
-                region: "us-east-1".into(),
-                bucket: "layer-cache".into(),
-                prefix: "cache".into(),
-            },
-            ttl: Duration::from_secs(900),
-        };
+        let broker = crate::service::tests::embedded_broker_on(dir.path(), &db, clock.clone());
         let issued = broker.mint("web", KeyAccess::Read, 1234, "").await.unwrap();
         assert_eq!(issued.prefix, "cache/web/");
         assert!(!format!("{issued:?}").contains(&issued.secret_access_key));

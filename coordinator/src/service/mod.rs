@@ -585,11 +585,20 @@ pub(crate) mod tests {
     use super::*;
     use crate::credentials::{EmbeddedBroker, EmbeddedStoreSettings, SigningKey};
 
-    /// The embedded broker over `db`, its signing key in `dir`.
+    /// The embedded broker over `db`, its signing key in `dir`, on a clock set to now.
     pub(crate) fn embedded_broker(dir: &Path, db: &crate::state::Database) -> EmbeddedBroker {
+        embedded_broker_on(dir, db, proto::clock::ManualClock::starting_now())
+    }
+
+    /// The embedded broker over `db`, its signing key in `dir`, reading `clock`.
+    pub(crate) fn embedded_broker_on(
+        dir: &Path,
+        db: &crate::state::Database,
+        clock: proto::clock::SharedClock,
+    ) -> EmbeddedBroker {
         EmbeddedBroker {
             state: Arc::new(db.clone()),
-            clock: proto::clock::ManualClock::starting_now(),
+            clock,
             signing_key: Arc::new(SigningKey::load_or_create(dir).unwrap()),
             settings: EmbeddedStoreSettings {
                 endpoint_url: "http://127.0.0.1:7401".into(),
