@@ -457,7 +457,17 @@ pub struct GrpcConnection {
     _slot: OwnedSemaphorePermit,
     idle_timeout: Duration,
     idle: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// When the client's bytes were last read (the activity's clock, milliseconds).
+    last_read_millis: Option<u64>,
+    /// Whether this idle spell's one grace was given.
+    grace_given: bool,
 }
+
+/// How long a connection whose client sent bytes just as its idle deadline passed is kept
+/// beyond it, once: a call whose frames were read but not yet dispatched then begins, rather
+/// than being dropped with its connection. A client that only pings gains this once per idle
+/// spell.
+const IDLE_GRACE: Duration = Duration::from_secs(1);
 
 /// What tonic puts in each request of a [`GrpcConnection`]: the peer's address, and the
 /// connection's count of calls in flight.
@@ -478,13 +488,26 @@ impl tonic::transport::server::Connected for GrpcConnection {
 impl AsyncRead for GrpcConnection {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
         let this = &mut *self;
+        let filled = buf.filled().len();
         if let ready @ Poll::Ready(_) = Pin::new(&mut this.socket).poll_read(cx, buf) {
+            if buf.filled().len() > filled {
+                this.last_read_millis = Some(this.activity.now_millis());
+            }
             return ready;
         }
         loop {
-            let remaining = this.activity.idle_left(this.idle_timeout);
-            if remaining.is_zero() {
-                return Poll::Ready(Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "idle connection")));
+            let mut remaining = this.activity.idle_left(this.idle_timeout);
+            if !remaining.is_zero() {
+                this.grace_given = false;
+            } else {
+                let now = this.activity.now_millis();
+                let just_read = this.last_read_millis.is_some_and(|read| now.saturating_sub(read) < 250);
+                if this.grace_given || !just_read {
+                    return Poll::Ready(Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "idle connection")));
+                }
+                this.grace_given = true;
+                remaining = IDLE_GRACE;
+                this.idle = None;
             }
             let idle = this.idle.get_or_insert_with(|| Box::pin(tokio::time::sleep(remaining)));
             match idle.as_mut().poll(cx) {
@@ -539,6 +562,8 @@ pub fn grpc_incoming(
             _slot: slot,
             idle_timeout: limits.idle_timeout,
             idle: None,
+            last_read_millis: None,
+            grace_given: false,
         };
         Some((Ok(connection), (listener, slots, failing)))
     })
@@ -559,6 +584,18 @@ mod tests {
         }
     }
 
+    /// Pings every 100 ms until the server closes the connection or 6 s have passed since
+    /// `opened`: how long it was kept open.
+    async fn ping_until_closed(ping_pong: &mut h2::PingPong, opened: Instant) -> Duration {
+        while opened.elapsed() < Duration::from_secs(6) {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            if ping_pong.ping(h2::Ping::opaque()).await.is_err() {
+                break;
+            }
+        }
+        opened.elapsed()
+    }
+
     /// An HTTP/2 client that sends nothing but PINGs (answering the server's own): how long
     /// the server kept its connection open, at most 6 s.
     async fn only_pings(address: std::net::SocketAddr) -> Duration {
@@ -567,13 +604,7 @@ mod tests {
         let mut ping_pong = connection.ping_pong().expect("the first ping_pong");
         let opened = Instant::now();
         let driver = tokio::spawn(connection);
-        while opened.elapsed() < Duration::from_secs(6) {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            if ping_pong.ping(h2::Ping::opaque()).await.is_err() {
-                break;
-            }
-        }
-        let kept = opened.elapsed();
+        let kept = ping_until_closed(&mut ping_pong, opened).await;
         drop(send_request);
         driver.abort();
         kept
@@ -593,13 +624,7 @@ mod tests {
             .body(())
             .unwrap();
         let (_response, _message) = send_request.send_request(request, false).unwrap();
-        while opened.elapsed() < Duration::from_secs(6) {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            if ping_pong.ping(h2::Ping::opaque()).await.is_err() {
-                break;
-            }
-        }
-        let kept = opened.elapsed();
+        let kept = ping_until_closed(&mut ping_pong, opened).await;
         driver.abort();
         kept
     }
@@ -615,15 +640,45 @@ mod tests {
         let request = http::Request::get(format!("http://{address}{path}")).body(()).unwrap();
         let (response, _) = send_request.send_request(request, true).unwrap();
         let _unread = response.await.unwrap();
-        while opened.elapsed() < Duration::from_secs(6) {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            if ping_pong.ping(h2::Ping::opaque()).await.is_err() {
-                break;
-            }
-        }
-        let kept = opened.elapsed();
+        let kept = ping_until_closed(&mut ping_pong, opened).await;
         driver.abort();
         kept
+    }
+
+    /// A client connects to a gRPC listener with a 200 ms idle timeout and, if `written`,
+    /// sends bytes just after the deadline passed: how long the server's next read took to fail.
+    async fn read_past_the_deadline(
+        address: std::net::SocketAddr,
+        incoming: &mut (impl futures::Stream<Item = std::io::Result<GrpcConnection>> + Unpin),
+        written: bool,
+    ) -> Duration {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut client = TcpStream::connect(address).await.unwrap();
+        let mut connection = futures::StreamExt::next(incoming).await.unwrap().unwrap();
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        if written {
+            // A call's first frames, arriving as the deadline passes.
+            client.write_all(b"frames").await.unwrap();
+            let mut got = [0u8; 6];
+            connection.read_exact(&mut got).await.unwrap();
+        }
+        let started = Instant::now();
+        let failed = connection.read(&mut [0u8; 1]).await.unwrap_err();
+        assert_eq!(failed.kind(), std::io::ErrorKind::TimedOut);
+        started.elapsed()
+    }
+
+    #[tokio::test]
+    async fn a_grpc_connection_whose_client_writes_just_as_it_goes_idle_is_kept_a_moment_once() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let limits = Limits { idle_timeout: Duration::from_millis(200), ..short_idle() };
+        let mut incoming = Box::pin(grpc_incoming(listener, limits));
+        let silent = read_past_the_deadline(address, &mut incoming, false).await;
+        assert!(silent < Duration::from_millis(100), "a silent idle connection fails at once: {silent:?}");
+        let written = read_past_the_deadline(address, &mut incoming, true).await;
+        assert!(written >= Duration::from_millis(900), "bytes just read earn the grace: {written:?}");
+        assert!(written < Duration::from_secs(3), "but only once: {written:?}");
     }
 
     /// A GET over HTTP/2 on its own connection: its body and how long it took.
