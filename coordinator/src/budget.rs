@@ -9,7 +9,8 @@
 //! and release:
 //! - a save's share can change while it runs: its worker learns the current one from each
 //!   keep-alive answer, and a save beyond its project's share gets 0 (it waits), so the saves
-//!   together never exceed the budget;
+//!   together never exceed the budget; a project's share goes max-min fairly to the tokens
+//!   saving first, then evenly to each token's saves, so no token's saves starve another's;
 //! - a restore cannot be slowed once started (it has no keep-alive), so it keeps what it was
 //!   granted: at least one request, at most what its project's share leaves, a project's
 //!   restores together at most half the budget and at most [`MOST_RESTORES_PER_TOKEN`] of
@@ -127,6 +128,19 @@ impl TransferBudget {
         now: i64,
     ) -> Result<pb::TransferPlan, Error> {
         self.grant_reading(project, "", lease_id, kind, BTreeSet::new(), now).await
+    }
+
+    /// A save's plan for the token `holder` (a scoped token's ID; empty for the project
+    /// token): its project's share is split between the tokens saving first, so one token's
+    /// many saves never leave another's at 0.
+    pub async fn grant_save(
+        &self,
+        project: &str,
+        holder: &str,
+        lease_id: &str,
+        now: i64,
+    ) -> Result<pb::TransferPlan, Error> {
+        self.grant_reading(project, holder, lease_id, LeaseKind::Save, BTreeSet::new(), now).await
     }
 
     /// A restore's plan for the token `holder` (a scoped token's ID; empty for the project
@@ -249,22 +263,40 @@ impl TransferBudget {
             lease.concurrency = lease.fixed;
         }
         let shares = fair_shares(self.settings.transfer_budget, &self.demands(leases));
-        let mut saves: BTreeMap<String, Vec<(u64, String)>> = BTreeMap::new();
+        // Each project's saves by the token that began them.
+        let mut saves: BTreeMap<String, BTreeMap<String, Vec<(u64, String)>>> = BTreeMap::new();
         let mut restoring: HashMap<String, u32> = HashMap::new();
         for (id, lease) in leases.iter() {
             match lease.kind {
-                LeaseKind::Save => saves.entry(lease.project.clone()).or_default().push((lease.order, id.clone())),
+                LeaseKind::Save => saves
+                    .entry(lease.project.clone())
+                    .or_default()
+                    .entry(lease.holder.clone())
+                    .or_default()
+                    .push((lease.order, id.clone())),
                 LeaseKind::Restore => *restoring.entry(lease.project.clone()).or_default() += lease.fixed,
             }
         }
-        for (project, mut ids) in saves {
-            ids.sort();
+        for (project, by_token) in saves {
             let share = shares[&project].saturating_sub(restoring.get(&project).copied().unwrap_or(0));
-            let n = ids.len() as u32;
-            for (i, (_, id)) in ids.iter().enumerate() {
-                let i = i as u32;
-                let part = share / n + u32::from(i < share % n);
-                leases.get_mut(id).expect("listed").concurrency = part.min(self.settings.worker_concurrency);
+            // Max-min fair between the project's tokens, then evenly between a token's saves
+            // (the older first when the share does not divide).
+            let demands: BTreeMap<&str, u32> = by_token
+                .iter()
+                .map(|(token, ids)| {
+                    (token.as_str(), (ids.len() as u32).saturating_mul(self.settings.worker_concurrency))
+                })
+                .collect();
+            let token_shares = fair_shares(share, &demands);
+            for (token, mut ids) in by_token {
+                ids.sort();
+                let share = token_shares[&token];
+                let n = ids.len() as u32;
+                for (i, (_, id)) in ids.iter().enumerate() {
+                    let i = i as u32;
+                    let part = share / n + u32::from(i < share % n);
+                    leases.get_mut(id).expect("listed").concurrency = part.min(self.settings.worker_concurrency);
+                }
             }
         }
     }
@@ -327,6 +359,23 @@ mod tests {
 
     async fn restore(budget: &TransferBudget, project: &str, lease: &str) -> u32 {
         budget.grant(project, lease, LeaseKind::Restore, NOW).await.unwrap().max_concurrency
+    }
+
+    #[tokio::test]
+    async fn one_tokens_many_saves_never_leave_another_tokens_save_waiting() {
+        let budget = budget(8, 16);
+        for i in 0..64 {
+            budget.grant_save("web", "tok_pr", &format!("pr{i}"), NOW).await.unwrap();
+        }
+        // The project token's save, begun last, gets half the project's share at once...
+        assert_eq!(budget.grant_save("web", "", "main", NOW).await.unwrap().max_concurrency, 8);
+        // ...and the pull request's 64 saves share the other half, the budget kept.
+        let mut pr = 0;
+        for i in 0..64 {
+            pr += now(&budget, "web", &format!("pr{i}")).await;
+        }
+        assert_eq!(pr, 8);
+        assert_eq!(budget.granted(NOW).await.unwrap(), 16);
     }
 
     #[tokio::test]

@@ -429,7 +429,7 @@ impl CacheService {
                 return Err(error);
             }
         };
-        let plan = self.budget.grant(project, save_id, crate::budget::LeaseKind::Save, now_unix_ms).await?;
+        let plan = self.budget.grant_save(project, &principal.token_id, save_id, now_unix_ms).await?;
         Ok((Some(credentials), Some(plan)))
     }
 

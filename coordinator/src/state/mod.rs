@@ -254,9 +254,10 @@ pub struct Lease {
     /// A restore's: the blobs of the manifest it reads, which no eviction or collection
     /// deletes while the lease lives.
     pub reads: BTreeSet<String>,
-    /// A restore's: the token that looked it up (its scoped token's ID; empty for the project
-    /// token). The bound on a project's restores counts each token's own, so lookups with
-    /// another token never end this lease, nor the protection of what it reads.
+    /// The token that began the save or looked the restore up (its scoped token's ID; empty
+    /// for the project token). A project's save share is split between tokens first, and the
+    /// bound on its restores counts each token's own, so lookups with another token never end
+    /// this lease, nor the protection of what it reads.
     #[serde(default)]
     pub holder: String,
 }
