@@ -365,6 +365,12 @@ pub fn blob_files_in(data_dir: &std::path::Path, project: &str) -> Vec<u64> {
     std::fs::read_dir(dir).map_or(Vec::new(), |dir| dir.map(|entry| entry.unwrap().metadata().unwrap().len()).collect())
 }
 
+/// The token a successful `cachectl token create` printed as its last line.
+pub fn printed_token(output: &Output) -> String {
+    assert!(output.status.success(), "cachectl: {}", stderr_of(output));
+    stdout_of(output).lines().last().expect("a token line").trim().to_owned()
+}
+
 /// Runs cachectl against the coordinator at `grpc_url` with `admin_token`.
 pub fn cachectl_at(grpc_url: &str, admin_token: &str, args: &[&str]) -> Output {
     Command::new(binary("cachectl"))

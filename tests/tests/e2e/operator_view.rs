@@ -8,10 +8,15 @@ use tests::{CoordinatorProcess, begin_one_layer_save, one_layer_image, stderr_of
 
 /// A token of `web` that writes `pr-*` and reads main, as a fork's pull request gets.
 fn pull_request_token(coordinator: &CoordinatorProcess) -> String {
-    let args = ["token", "create", "web", "--write-branch", "pr-*", "--read-branch", "main"];
-    let output = coordinator.cachectl(&args);
-    assert!(output.status.success(), "{}", stderr_of(&output));
-    stdout_of(&output).lines().last().expect("a token line").trim().to_owned()
+    tests::printed_token(&coordinator.cachectl(&[
+        "token",
+        "create",
+        "web",
+        "--write-branch",
+        "pr-*",
+        "--read-branch",
+        "main",
+    ]))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -90,11 +95,7 @@ async fn reports_a_read_only_token_sends_keep_every_shared_series_finite_and_mon
     let data_dir = tempfile::tempdir().unwrap();
     let coordinator = CoordinatorProcess::start(data_dir.path(), &[]);
     coordinator.create_project("web");
-    let reader = {
-        let output = coordinator.cachectl(&["token", "create", "web", "--read-branch", "pr-*"]);
-        assert!(output.status.success(), "{}", stderr_of(&output));
-        stdout_of(&output).lines().last().unwrap().trim().to_owned()
-    };
+    let reader = tests::printed_token(&coordinator.cachectl(&["token", "create", "web", "--read-branch", "pr-*"]));
     let mut client = tests::worker_client(&coordinator.grpc_url, &reader).await;
     let throughput_sum = "layer_cache_transfer_throughput_bytes_per_second_sum{operation=\"restore\"}";
 

@@ -8,23 +8,24 @@
 use proto::v1 as pb;
 use tests::{
     CoordinatorProcess, DockerEngine, EngineKind, one_layer_config, one_layer_image, s3_client_for, sha256_digest,
-    stderr_of, stdout_of, worker_client,
+    stderr_of, worker_client,
 };
 
 type Client = pb::worker_client::WorkerClient<
     tonic::service::interceptor::InterceptedService<tonic::transport::Channel, proto::client::BearerToken>,
 >;
 
-/// The token a `cachectl` command printed as its last line.
-fn printed_token(coordinator: &CoordinatorProcess, args: &[&str]) -> String {
-    let output = coordinator.cachectl(args);
-    assert!(output.status.success(), "cachectl {args:?}: {}", stderr_of(&output));
-    stdout_of(&output).lines().last().expect("a token line").trim().to_owned()
-}
-
 /// A pull request's token of project `web`: writes `pr-*`, reads `main`.
 fn pull_request_token(coordinator: &CoordinatorProcess) -> String {
-    printed_token(coordinator, &["token", "create", "web", "--write-branch", "pr-*", "--read-branch", "main"])
+    tests::printed_token(&coordinator.cachectl(&[
+        "token",
+        "create",
+        "web",
+        "--write-branch",
+        "pr-*",
+        "--read-branch",
+        "main",
+    ]))
 }
 
 fn key(service: &str, branch: &str) -> pb::CacheKey {
@@ -158,8 +159,15 @@ async fn a_pull_request_never_describes_mains_images_and_cannot_swell_mains_answ
     let data_dir = tempfile::tempdir().unwrap();
     let coordinator = CoordinatorProcess::start(data_dir.path(), &[]);
     let project_token = coordinator.create_project("web");
-    let main_token =
-        printed_token(&coordinator, &["token", "create", "web", "--write-branch", "main", "--read-branch", "main"]);
+    let main_token = tests::printed_token(&coordinator.cachectl(&[
+        "token",
+        "create",
+        "web",
+        "--write-branch",
+        "main",
+        "--read-branch",
+        "main",
+    ]));
     let pr_token = pull_request_token(&coordinator);
     let mut pr = worker_client(&coordinator.grpc_url, &pr_token).await;
     let mut main = worker_client(&coordinator.grpc_url, &main_token).await;
@@ -268,8 +276,15 @@ fn after_everything_a_pull_request_token_can_do_mains_save_and_strict_restore_wo
     let data_dir = tempfile::tempdir().unwrap();
     let coordinator = CoordinatorProcess::start(data_dir.path(), &[]);
     let _project_token = coordinator.create_project("web");
-    let main_token =
-        printed_token(&coordinator, &["token", "create", "web", "--write-branch", "main", "--read-branch", "main"]);
+    let main_token = tests::printed_token(&coordinator.cachectl(&[
+        "token",
+        "create",
+        "web",
+        "--write-branch",
+        "main",
+        "--read-branch",
+        "main",
+    ]));
     let pr_token = pull_request_token(&coordinator);
     let main_save = ["save", "--service", "app", "--branch", "main", "app:latest"];
     let context = tests::build_seed_app(&ci_host);

@@ -13,13 +13,6 @@ use tests::{
 
 use super::in_process::InProcessCoordinator;
 
-/// The token a `cachectl` command printed as its last line.
-fn printed_token(coordinator: &InProcessCoordinator, args: &[&str]) -> String {
-    let output = coordinator.cachectl(args);
-    assert!(output.status.success(), "cachectl {args:?}: {}", stderr_of(&output));
-    stdout_of(&output).lines().last().expect("a token line").trim().to_owned()
-}
-
 /// [`begin_one_layer_save`] on `branch`.
 fn begin_on(branch: &str, service: &str, content: &[u8]) -> pb::BeginSaveRequest {
     let mut request = begin_one_layer_save(service, "app:1", content);
@@ -59,8 +52,9 @@ impl Project {
         let coordinator = InProcessCoordinator::start(data_dir.path(), &[]);
         let main_token = coordinator.create_project("web");
         let pr_args = ["token", "create", "web", "--write-branch", "pr-*", "--read-branch", "main"];
-        let pr_token = printed_token(&coordinator, &pr_args);
-        let reader_token = printed_token(&coordinator, &["token", "create", "web", "--read-branch", "main"]);
+        let pr_token = tests::printed_token(&coordinator.cachectl(&pr_args));
+        let reader_token =
+            tests::printed_token(&coordinator.cachectl(&["token", "create", "web", "--read-branch", "main"]));
         Project { coordinator, _data_dir: data_dir, main_token, pr_token, reader_token }
     }
 }
@@ -150,8 +144,15 @@ fn a_storage_key_renews_only_for_its_token_and_goes_with_it() {
     let data_dir = tempfile::tempdir().unwrap();
     let coordinator = InProcessCoordinator::start(data_dir.path(), &[]);
     let main_token = coordinator.create_project("web");
-    let pr_token =
-        printed_token(&coordinator, &["token", "create", "web", "--write-branch", "pr-*", "--read-branch", "main"]);
+    let pr_token = tests::printed_token(&coordinator.cachectl(&[
+        "token",
+        "create",
+        "web",
+        "--write-branch",
+        "pr-*",
+        "--read-branch",
+        "main",
+    ]));
     let url = coordinator.grpc_url.clone();
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let credentials = |token: &str, renew: &str| {
@@ -187,7 +188,7 @@ fn a_storage_key_renews_only_for_its_token_and_goes_with_it() {
     // The pull request's token names the project token's key to renew: it must neither get the
     // key's secret nor take the key over, so rotating the project token still revokes it.
     let taken_over = runtime.block_on(credentials(&pr_token, &main_key.access_key_id));
-    printed_token(&coordinator, &["project", "rotate-token", "web"]);
+    tests::printed_token(&coordinator.cachectl(&["project", "rotate-token", "web"]));
     assert!(runtime.block_on(write_with(&main_key)).is_err(), "the project token's key outlived its rotation");
     let refused = taken_over.expect_err("a scoped token renewed the project token's key");
     assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");

@@ -9,13 +9,6 @@ use aws_sdk_s3::primitives::ByteStream;
 use proto::v1 as pb;
 use tests::{CoordinatorProcess, DockerEngine, EngineKind, s3_client_for, stderr_of, stdout_of};
 
-/// The token a `cachectl` command printed as its last line.
-fn printed_token(coordinator: &CoordinatorProcess, args: &[&str]) -> String {
-    let output = coordinator.cachectl(args);
-    assert!(output.status.success(), "cachectl {args:?}: {}", stderr_of(&output));
-    stdout_of(&output).lines().last().expect("a token line").trim().to_owned()
-}
-
 #[test]
 fn a_pull_request_token_writes_its_own_branches_and_reads_main_without_harming_it() {
     let Some(ci_host) = DockerEngine::start(EngineKind::Engine20) else { return };
@@ -27,8 +20,15 @@ fn a_pull_request_token_writes_its_own_branches_and_reads_main_without_harming_i
     let saved = coordinator.cache_worker_on(&ci_host, &project_token, &main_save);
     assert!(saved.status.success(), "{}", stderr_of(&saved));
 
-    let pr =
-        printed_token(&coordinator, &["token", "create", "web", "--write-branch", "pr-*", "--read-branch", "main"]);
+    let pr = tests::printed_token(&coordinator.cachectl(&[
+        "token",
+        "create",
+        "web",
+        "--write-branch",
+        "pr-*",
+        "--read-branch",
+        "main",
+    ]));
     let listed = stdout_of(&coordinator.cachectl(&["token", "ls", "web"]));
     assert!(listed.contains("pr-*") && listed.contains("main") && listed.contains("never"), "{listed}");
     assert!(!listed.contains(&pr), "a token's secret is never listed");
@@ -94,7 +94,15 @@ fn a_pull_request_token_writes_its_own_branches_and_reads_main_without_harming_i
     tests::assert_seed_rebuild_cached(&main_host, context.path());
 
     // A read-only token gets no write credentials and cannot save.
-    let reader = printed_token(&coordinator, &["token", "create", "web", "--read-branch", "main", "--expires", "1h"]);
+    let reader = tests::printed_token(&coordinator.cachectl(&[
+        "token",
+        "create",
+        "web",
+        "--read-branch",
+        "main",
+        "--expires",
+        "1h",
+    ]));
     let mut client = runtime.block_on(tests::worker_client(&coordinator.grpc_url, &reader));
     let request = pb::GetCredentialsRequest { access: pb::Access::Write as i32, ..Default::default() };
     let no_write = runtime.block_on(client.get_credentials(request)).unwrap_err();
@@ -122,7 +130,7 @@ fn a_pull_request_token_writes_its_own_branches_and_reads_main_without_harming_i
     assert!(!again.status.success(), "revoking a token that is gone is an error");
 
     // Rotating the project token: the old one stops working, the new one works.
-    let rotated = printed_token(&coordinator, &["project", "rotate-token", "web"]);
+    let rotated = tests::printed_token(&coordinator.cachectl(&["project", "rotate-token", "web"]));
     let old = coordinator.cache_worker_on(
         &main_host,
         &project_token,
