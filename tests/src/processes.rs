@@ -365,6 +365,11 @@ pub fn blob_files_in(data_dir: &std::path::Path, project: &str) -> Vec<u64> {
     std::fs::read_dir(dir).map_or(Vec::new(), |dir| dir.map(|entry| entry.unwrap().metadata().unwrap().len()).collect())
 }
 
+/// `cachectl token create PROJECT --write-branch WRITE --read-branch READ`, as its arguments.
+pub fn scoped_token_args<'a>(project: &'a str, write: &'a str, read: &'a str) -> [&'a str; 7] {
+    ["token", "create", project, "--write-branch", write, "--read-branch", read]
+}
+
 /// The token a successful `cachectl token create` printed as its last line.
 pub fn printed_token(output: &Output) -> String {
     assert!(output.status.success(), "cachectl: {}", stderr_of(output));

@@ -6,25 +6,13 @@
 use proto::v1 as pb;
 use tests::{CoordinatorProcess, begin_one_layer_save, one_layer_image, stderr_of, stdout_of, upload_one_layer_blobs};
 
-/// A token of `web` that writes `pr-*` and reads main, as a fork's pull request gets.
-fn pull_request_token(coordinator: &CoordinatorProcess) -> String {
-    tests::printed_token(&coordinator.cachectl(&[
-        "token",
-        "create",
-        "web",
-        "--write-branch",
-        "pr-*",
-        "--read-branch",
-        "main",
-    ]))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn text_a_pull_request_sends_never_reaches_the_operators_terminal_raw() {
     let data_dir = tempfile::tempdir().unwrap();
     let coordinator = CoordinatorProcess::start(data_dir.path(), &[]);
     coordinator.create_project("web");
-    let pr = pull_request_token(&coordinator);
+    // A token of web that writes pr-* and reads main, as a fork's pull request gets.
+    let pr = tests::printed_token(&coordinator.cachectl(&tests::scoped_token_args("web", "pr-*", "main")));
     let mut client = tests::worker_client(&coordinator.grpc_url, &pr).await;
     let content = b"a pull request's layer";
     let begin = |engine_version: &str| {

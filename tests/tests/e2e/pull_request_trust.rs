@@ -17,15 +17,7 @@ type Client = pb::worker_client::WorkerClient<
 
 /// A pull request's token of project `web`: writes `pr-*`, reads `main`.
 fn pull_request_token(coordinator: &CoordinatorProcess) -> String {
-    tests::printed_token(&coordinator.cachectl(&[
-        "token",
-        "create",
-        "web",
-        "--write-branch",
-        "pr-*",
-        "--read-branch",
-        "main",
-    ]))
+    tests::printed_token(&coordinator.cachectl(&tests::scoped_token_args("web", "pr-*", "main")))
 }
 
 fn key(service: &str, branch: &str) -> pb::CacheKey {
@@ -159,15 +151,7 @@ async fn a_pull_request_never_describes_mains_images_and_cannot_swell_mains_answ
     let data_dir = tempfile::tempdir().unwrap();
     let coordinator = CoordinatorProcess::start(data_dir.path(), &[]);
     let project_token = coordinator.create_project("web");
-    let main_token = tests::printed_token(&coordinator.cachectl(&[
-        "token",
-        "create",
-        "web",
-        "--write-branch",
-        "main",
-        "--read-branch",
-        "main",
-    ]));
+    let main_token = tests::printed_token(&coordinator.cachectl(&tests::scoped_token_args("web", "main", "main")));
     let pr_token = pull_request_token(&coordinator);
     let mut pr = worker_client(&coordinator.grpc_url, &pr_token).await;
     let mut main = worker_client(&coordinator.grpc_url, &main_token).await;
@@ -276,15 +260,7 @@ fn after_everything_a_pull_request_token_can_do_mains_save_and_strict_restore_wo
     let data_dir = tempfile::tempdir().unwrap();
     let coordinator = CoordinatorProcess::start(data_dir.path(), &[]);
     let _project_token = coordinator.create_project("web");
-    let main_token = tests::printed_token(&coordinator.cachectl(&[
-        "token",
-        "create",
-        "web",
-        "--write-branch",
-        "main",
-        "--read-branch",
-        "main",
-    ]));
+    let main_token = tests::printed_token(&coordinator.cachectl(&tests::scoped_token_args("web", "main", "main")));
     let pr_token = pull_request_token(&coordinator);
     let main_save = ["save", "--service", "app", "--branch", "main", "app:latest"];
     let context = tests::build_seed_app(&ci_host);

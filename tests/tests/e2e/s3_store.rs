@@ -140,7 +140,7 @@ async fn a_blob_planted_by_a_pull_request_token_never_reaches_the_default_branch
     let Some(OnMoto { moto, bucket, data_dir: _data_dir, coordinator, build_host, token }) = on_moto().await else {
         return;
     };
-    let created = coordinator.cachectl(&["token", "create", "shop", "--write-branch", "pr-*", "--read-branch", ""]);
+    let created = coordinator.cachectl(&tests::scoped_token_args("shop", "pr-*", ""));
     assert!(created.status.success(), "{}", stderr_of(&created));
     let pr = stdout_of(&created).lines().last().unwrap().trim().to_owned();
 

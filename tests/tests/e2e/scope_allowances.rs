@@ -51,7 +51,7 @@ impl Project {
         let data_dir = tempfile::tempdir().unwrap();
         let coordinator = InProcessCoordinator::start(data_dir.path(), &[]);
         let main_token = coordinator.create_project("web");
-        let pr_args = ["token", "create", "web", "--write-branch", "pr-*", "--read-branch", "main"];
+        let pr_args = tests::scoped_token_args("web", "pr-*", "main");
         let pr_token = tests::printed_token(&coordinator.cachectl(&pr_args));
         let reader_token =
             tests::printed_token(&coordinator.cachectl(&["token", "create", "web", "--read-branch", "main"]));
@@ -144,15 +144,7 @@ fn a_storage_key_renews_only_for_its_token_and_goes_with_it() {
     let data_dir = tempfile::tempdir().unwrap();
     let coordinator = InProcessCoordinator::start(data_dir.path(), &[]);
     let main_token = coordinator.create_project("web");
-    let pr_token = tests::printed_token(&coordinator.cachectl(&[
-        "token",
-        "create",
-        "web",
-        "--write-branch",
-        "pr-*",
-        "--read-branch",
-        "main",
-    ]));
+    let pr_token = tests::printed_token(&coordinator.cachectl(&tests::scoped_token_args("web", "pr-*", "main")));
     let url = coordinator.grpc_url.clone();
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let credentials = |token: &str, renew: &str| {

@@ -20,15 +20,7 @@ fn a_pull_request_token_writes_its_own_branches_and_reads_main_without_harming_i
     let saved = coordinator.cache_worker_on(&ci_host, &project_token, &main_save);
     assert!(saved.status.success(), "{}", stderr_of(&saved));
 
-    let pr = tests::printed_token(&coordinator.cachectl(&[
-        "token",
-        "create",
-        "web",
-        "--write-branch",
-        "pr-*",
-        "--read-branch",
-        "main",
-    ]));
+    let pr = tests::printed_token(&coordinator.cachectl(&tests::scoped_token_args("web", "pr-*", "main")));
     let listed = stdout_of(&coordinator.cachectl(&["token", "ls", "web"]));
     assert!(listed.contains("pr-*") && listed.contains("main") && listed.contains("never"), "{listed}");
     assert!(!listed.contains(&pr), "a token's secret is never listed");
