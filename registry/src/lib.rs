@@ -8,6 +8,12 @@
 //! and takes what was verified.
 
 pub mod backend;
+mod handlers;
+pub mod names;
+mod response;
+mod routes;
 pub mod server;
+mod uploads;
 
 pub use backend::{Backend, BlobRead, ByteRange, ManifestBody, Reference, RegistryError, UploadedBlob};
+pub use server::{ServeOptions, serve};

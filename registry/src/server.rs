@@ -1,12 +1,33 @@
 //! Serves the distribution API over HTTP/1.1 on a listener until told to stop, then waits for
 //! the requests in flight (a manifest `PUT` may be committing a save).
+//!
+//! Each request's handler runs as a task of its own, so a client that hangs up never cuts a
+//! backend call short (a commit half done), and the stop waits for every one of them. A
+//! connection with no request in flight for `idle_timeout` is closed; so is every idle one when
+//! the view stops.
 
+use std::convert::Infallible;
 use std::future::Future;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use crate::backend::Backend;
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body::{Body as HttpBody, Frame, SizeHint};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use proto::clock::SharedClock;
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+
+use crate::backend::{Backend, RegistryError};
+use crate::handlers::{self, View};
+use crate::response::{Body, Failure};
 
 /// How a view serves.
 #[derive(Debug, Clone)]
@@ -15,13 +36,25 @@ pub struct ServeOptions {
     pub spool_dir: PathBuf,
     /// The largest manifest a `PUT` may carry.
     pub max_manifest_bytes: usize,
-    /// A connection with no request in flight for this long is closed.
+    /// A connection with no request in flight for this long is closed; an upload session
+    /// unused for this long is dropped with its file; a request body that sends nothing for
+    /// this long is cut off.
     pub idle_timeout: Duration,
+    /// How many upload sessions may be open at once.
+    pub max_uploads: usize,
+    /// The clock upload sessions age by.
+    pub clock: SharedClock,
 }
 
 impl ServeOptions {
     pub fn new(spool_dir: PathBuf) -> ServeOptions {
-        ServeOptions { spool_dir, max_manifest_bytes: 4 * 1024 * 1024, idle_timeout: Duration::from_secs(300) }
+        ServeOptions {
+            spool_dir,
+            max_manifest_bytes: 4 * 1024 * 1024,
+            idle_timeout: Duration::from_secs(300),
+            max_uploads: 256,
+            clock: proto::clock::system_clock(),
+        }
     }
 }
 
@@ -33,6 +66,172 @@ pub async fn serve(
     options: ServeOptions,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let _ = (listener, backend, options, shutdown);
-    unimplemented!("the protocol is being written")
+    tokio::fs::create_dir_all(&options.spool_dir).await?;
+    let sweep_every = (options.idle_timeout / 2).clamp(Duration::from_millis(100), Duration::from_secs(30));
+    let view = Arc::new(View::new(backend, options));
+    let (stop_sender, stop) = watch::channel(false);
+    // Every connection and every request handler holds a clone; when the last one is dropped,
+    // `recv` below returns `None`: everything in flight is answered.
+    let (alive, mut all_done) = mpsc::channel::<()>(1);
+    let sweeper = tokio::spawn({
+        let view = view.clone();
+        async move {
+            let mut ticker = tokio::time::interval(sweep_every);
+            loop {
+                ticker.tick().await;
+                let n_dropped = view.uploads.drop_idle();
+                if n_dropped > 0 {
+                    tracing::info!(n_dropped, "dropped upload sessions left idle");
+                }
+            }
+        }
+    });
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            () = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _peer)) => {
+                    let _ = stream.set_nodelay(true);
+                    tokio::spawn(serve_connection(view.clone(), stream, stop.clone(), alive.clone()));
+                }
+                Err(err) => {
+                    // Out of file descriptors, most likely: let the connections in flight end.
+                    tracing::warn!(error = %err, "registry view could not accept a connection");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+        }
+    }
+    drop(listener);
+    stop_sender.send_replace(true);
+    drop(alive);
+    let _ = all_done.recv().await;
+    sweeper.abort();
+    view.uploads.clear();
+    Ok(())
+}
+
+/// When a connection last had something to do, and how many of its requests are in flight (a
+/// request is in flight from its head until its response body is done or dropped).
+struct Activity {
+    in_flight: AtomicUsize,
+    last_active: Mutex<Instant>,
+}
+
+impl Activity {
+    fn begin(self: &Arc<Self>) -> InFlight {
+        self.in_flight.fetch_add(1, Ordering::SeqCst);
+        self.touch();
+        InFlight(self.clone())
+    }
+
+    fn touch(&self) {
+        *self.last_active.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = Instant::now();
+    }
+
+    fn idle_for(&self) -> Duration {
+        if self.in_flight.load(Ordering::SeqCst) > 0 {
+            return Duration::ZERO;
+        }
+        self.last_active.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).elapsed()
+    }
+}
+
+struct InFlight(Arc<Activity>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.touch();
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// A response body that marks its request done when it is finished or dropped.
+struct Tracked {
+    body: Body,
+    _in_flight: InFlight,
+}
+
+impl HttpBody for Tracked {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+async fn serve_connection(
+    view: Arc<View>,
+    stream: tokio::net::TcpStream,
+    mut stop: watch::Receiver<bool>,
+    alive: mpsc::Sender<()>,
+) {
+    let activity = Arc::new(Activity { in_flight: AtomicUsize::new(0), last_active: Mutex::new(Instant::now()) });
+    let service = hyper::service::service_fn({
+        let (view, activity, alive) = (view.clone(), activity.clone(), alive.clone());
+        move |request: Request<Incoming>| {
+            let in_flight = activity.begin();
+            let (view, alive) = (view.clone(), alive.clone());
+            async move {
+                let method = request.method().clone();
+                let path = request.uri().path().to_owned();
+                let handler = tokio::spawn(async move {
+                    let _alive = alive;
+                    handlers::handle(&view, request).await
+                });
+                let response = handler.await.unwrap_or_else(|err| {
+                    tracing::error!(error = %err, "a registry request's handler failed");
+                    Failure::Registry(RegistryError::Internal("the registry view failed on this request".into()))
+                        .into_response()
+                });
+                // Headers are never logged: an Authorization header must not reach a log.
+                tracing::debug!(%method, ?path, status = response.status().as_u16(), "registry request");
+                Ok::<Response<Body>, Infallible>(
+                    response.map(|body| Tracked { body, _in_flight: in_flight }.boxed_unsync()),
+                )
+            }
+        }
+    });
+    let connection = hyper::server::conn::http1::Builder::new()
+        .keep_alive(true)
+        .writev(true)
+        .serve_connection(TokioIo::new(stream), service);
+    tokio::pin!(connection);
+    let idle_timeout = view.options.idle_timeout;
+    let mut ticker = tokio::time::interval((idle_timeout / 4).max(Duration::from_millis(10)));
+    let mut closing = false;
+    loop {
+        tokio::select! {
+            served = connection.as_mut() => {
+                if let Err(err) = served {
+                    tracing::debug!(error = %err, "registry connection ended with an error");
+                }
+                break;
+            }
+            _ = stop.wait_for(|stop| *stop), if !closing => {
+                connection.as_mut().graceful_shutdown();
+                closing = true;
+            }
+            _ = ticker.tick(), if !closing => {
+                if activity.idle_for() >= idle_timeout {
+                    connection.as_mut().graceful_shutdown();
+                    closing = true;
+                }
+            }
+        }
+    }
+    drop(alive);
 }
