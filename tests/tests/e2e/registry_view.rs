@@ -312,10 +312,11 @@ fn both_targets_a_job_builds_stay_cached_through_the_view() {
     coordinator.stop();
 }
 
-/// An image built with inline cache on `kind`'s graph driver, saved by `cache-worker save`,
-/// serves `--cache-from VIEW/app:1` on a fresh host of the same kind.
-fn inline_cache_through_the_view(kind: EngineKind) {
-    let Some(first_host) = DockerEngine::start(kind) else { return };
+/// An image built with inline cache, saved by `cache-worker save`, serves `--cache-from
+/// VIEW/app:1` on a fresh host of the same kind (`start` makes one): the graph drivers' only
+/// way, and the containerd store's before its first export through the view.
+fn inline_cache_through_the_view(start: impl Fn() -> Option<DockerEngine>) {
+    let Some(first_host) = start() else { return };
     print_versions(&first_host);
     let store = FaultyProxy::start();
     let (coordinator, _data_dir, token) = coordinator_behind(&store);
@@ -330,7 +331,7 @@ fn inline_cache_through_the_view(kind: EngineKind) {
     assert!(saved.status.success(), "save: {}", stderr_of(&saved));
     let final_layers = saved_layer_bytes(&first_host, "app:1");
 
-    let fresh_host = DockerEngine::start(kind).unwrap();
+    let fresh_host = start().expect("a second engine");
     fresh_host.import_reproducible_busybox_base("base:1");
     let read_before = store.bytes_moved_down();
     let job = Job::start(&coordinator, &fresh_host, &token, &[]);
@@ -342,12 +343,21 @@ fn inline_cache_through_the_view(kind: EngineKind) {
         "--cache-from {app_image} in {:?}",
         job.printed
     );
-    assert!(!job.printed.contains("--cache-to"), "the docker driver refuses cache export here: {}", job.printed);
+    if fresh_host.containerd_store {
+        assert!(
+            job.printed.contains(&format!("--cache-to type=registry,ref={view}/buildcache:latest,")),
+            "{}",
+            job.printed
+        );
+    } else {
+        assert!(!job.printed.contains("--cache-to"), "the docker driver refuses cache export here: {}", job.printed);
+    }
     let rebuilt = job.build(app.path(), "app:1", &[INLINE_CACHE]);
     assert_all_from_cache(&rebuilt, STEPS);
     let (served, read) = (job.meter.bytes_moved_down(), store.bytes_moved_down() - read_before);
     eprintln!(
-        "lazy import, {kind:?} graph driver: the view served {served} B, read {read} B from the store; the final image's layers are {final_layers} B"
+        "lazy import, {:?} (containerd store: {}), inline cache: the view served {served} B, read {read} B from the store; the final image's layers are {final_layers} B",
+        fresh_host.kind, fresh_host.containerd_store
     );
     assert!(served > 0, "the build asked the view");
     assert!(read < 16 * MIB / 4, "the view read {read} B from the store: the toolchain layer");
@@ -358,17 +368,22 @@ fn inline_cache_through_the_view(kind: EngineKind) {
 
 #[test]
 fn an_inline_cache_image_saved_on_engine_20_10_is_imported_through_the_view() {
-    inline_cache_through_the_view(EngineKind::Engine20);
+    inline_cache_through_the_view(|| DockerEngine::start(EngineKind::Engine20));
 }
 
 #[test]
 fn an_inline_cache_image_saved_on_engine_26_1_is_imported_through_the_view() {
-    inline_cache_through_the_view(EngineKind::Engine26);
+    inline_cache_through_the_view(|| DockerEngine::start(EngineKind::Engine26));
+}
+
+#[test]
+fn an_inline_cache_image_saved_on_the_containerd_store_is_imported_through_the_view() {
+    inline_cache_through_the_view(DockerEngine::start_with_containerd_store);
 }
 
 #[test]
 fn an_inline_cache_image_saved_on_engine_28_5_is_imported_through_the_view() {
-    inline_cache_through_the_view(EngineKind::Engine28);
+    inline_cache_through_the_view(|| DockerEngine::start(EngineKind::Engine28));
 }
 
 /// `cachectl show shop app --branch main` without its `last used` line, which a lookup moves.
