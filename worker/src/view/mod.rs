@@ -422,7 +422,6 @@ impl ViewBackend {
             begun.stored_blobs.len(),
             started.elapsed().as_secs_f64()
         );
-        println!("{line}");
         Ok(Ok(line))
     }
 
