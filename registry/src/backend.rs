@@ -156,4 +156,11 @@ pub trait Backend: Send + Sync + 'static {
         reference: &Reference,
         manifest: ManifestBody,
     ) -> Result<(), RegistryError>;
+
+    /// The tags of `repository`, for `GET /v2/<name>/tags/list` (which `skopeo inspect` asks
+    /// for). Optional: a backend that does not list answers `UNSUPPORTED`, as this default does.
+    async fn tags(&self, repository: &str) -> Result<Vec<String>, RegistryError> {
+        let _ = repository;
+        Err(RegistryError::Unsupported("this registry view does not list tags".to_owned()))
+    }
 }

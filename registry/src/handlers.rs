@@ -86,6 +86,7 @@ where
         (Route::Blob { repository, digest }, &Method::GET | &Method::HEAD) => {
             get_blob(view, &repository, &digest, request.headers(), head).await
         }
+        (Route::Tags { repository }, &Method::GET) => list_tags(view, &repository, request.uri().query()).await,
         (Route::UploadStart { repository }, &Method::POST) => start_upload(view, &repository, request).await,
         (Route::Upload { repository, id }, &Method::GET) => upload_status(view, &repository, &id).await,
         (Route::Upload { repository, id }, &Method::PATCH) => patch_upload(view, &repository, &id, request).await,
@@ -101,7 +102,7 @@ where
 
 fn unsupported(method: &Method) -> Failure {
     Failure::Registry(RegistryError::Unsupported(format!(
-        "{method} is not offered on this route by the cache's registry view (no deletes, no listings)"
+        "{method} is not offered on this route by the cache's registry view (no deletes, no catalog)"
     )))
 }
 
@@ -320,6 +321,24 @@ impl HttpBody for BlobBody {
     fn size_hint(&self) -> SizeHint {
         SizeHint::with_exact(self.remaining)
     }
+}
+
+/// `{"name","tags"}`, sorted, paged by `n` and `last` as distribution pages it.
+async fn list_tags(view: &View, repository: &str, query: Option<&str>) -> Result<Response<Body>, Failure> {
+    let mut tags = view.backend.tags(repository).await?;
+    tags.sort();
+    tags.dedup();
+    if let Some(last) = routes::query_param(query, "last") {
+        tags.retain(|tag| *tag > last);
+    }
+    if let Some(n) = routes::query_param(query, "n").and_then(|n| n.parse::<usize>().ok()) {
+        tags.truncate(n);
+    }
+    let bytes = serde_json::to_vec(&serde_json::json!({ "name": repository, "tags": tags })).unwrap_or_default();
+    let mut response = Response::new(response::full(bytes.clone()));
+    set(response.headers_mut(), header::CONTENT_TYPE, "application/json");
+    response.headers_mut().insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
+    Ok(response)
 }
 
 fn upload_response(status: StatusCode, repository: &str, id: &str, size: u64) -> Response<Body> {

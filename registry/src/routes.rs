@@ -18,8 +18,10 @@ pub enum Route {
     UploadStart { repository: String },
     /// `/v2/<name>/blobs/uploads/<id>`.
     Upload { repository: String, id: String },
-    /// `/v2/<name>/tags/list` and `/v2/_catalog`: known to the API, not offered by this view.
-    Listing,
+    /// `/v2/<name>/tags/list`.
+    Tags { repository: String },
+    /// `/v2/_catalog`: known to the API, not offered by this view.
+    Catalog,
 }
 
 /// Why a path is not a route.
@@ -53,7 +55,7 @@ pub fn parse_path(path: &str) -> Result<Route, RouteError> {
         ))));
     }
     if rest == "_catalog" {
-        return Ok(Route::Listing);
+        return Ok(Route::Catalog);
     }
     let segments: Vec<&str> = rest.split('/').collect();
     let n_segments = segments.len();
@@ -78,10 +80,7 @@ pub fn parse_path(path: &str) -> Result<Route, RouteError> {
         let (kind, last) = (segments[n_segments - 2], segments[n_segments - 1]);
         match (kind, last) {
             ("blobs", "uploads") => return Ok(Route::UploadStart { repository: name_of(2)? }),
-            ("tags", "list") => {
-                name_of(2)?;
-                return Ok(Route::Listing);
-            }
+            ("tags", "list") => return Ok(Route::Tags { repository: name_of(2)? }),
             ("manifests", reference) => {
                 let repository = name_of(2)?;
                 return Ok(Route::Manifest { repository, reference: names::parse_reference(reference)? });
@@ -221,8 +220,8 @@ mod tests {
             parse_path(&format!("/v2/x/y/blobs/uploads/{id}")),
             Ok(Route::Upload { repository: "x/y".into(), id: id.into() })
         );
-        assert_eq!(parse_path("/v2/_catalog"), Ok(Route::Listing));
-        assert_eq!(parse_path("/v2/app/tags/list"), Ok(Route::Listing));
+        assert_eq!(parse_path("/v2/_catalog"), Ok(Route::Catalog));
+        assert_eq!(parse_path("/v2/c/web/tags/list"), Ok(Route::Tags { repository: "c/web".into() }));
     }
 
     #[test]

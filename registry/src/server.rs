@@ -10,8 +10,8 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::path::PathBuf;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -23,7 +23,6 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use proto::clock::SharedClock;
 use tokio::sync::{mpsc, watch};
-use tokio::time::Instant;
 
 use crate::backend::{Backend, RegistryError};
 use crate::handlers::{self, View};
@@ -42,7 +41,7 @@ pub struct ServeOptions {
     pub idle_timeout: Duration,
     /// How many upload sessions may be open at once.
     pub max_uploads: usize,
-    /// The clock upload sessions age by.
+    /// The clock upload sessions and idle connections age by.
     pub clock: SharedClock,
 }
 
@@ -67,7 +66,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     tokio::fs::create_dir_all(&options.spool_dir).await?;
-    let sweep_every = (options.idle_timeout / 2).clamp(Duration::from_millis(100), Duration::from_secs(30));
+    let sweep_every = (options.idle_timeout / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
     let view = Arc::new(View::new(backend, options));
     let (stop_sender, stop) = watch::channel(false);
     // Every connection and every request handler holds a clone; when the last one is dropped,
@@ -112,11 +111,13 @@ pub async fn serve(
     Ok(())
 }
 
-/// When a connection last had something to do, and how many of its requests are in flight (a
-/// request is in flight from its head until its response body is done or dropped).
+/// When a connection last had something to do (on the view's clock), and how many of its
+/// requests are in flight (a request is in flight from its head until its response body is done
+/// or dropped).
 struct Activity {
+    clock: SharedClock,
     in_flight: AtomicUsize,
-    last_active: Mutex<Instant>,
+    last_active_ms: AtomicI64,
 }
 
 impl Activity {
@@ -127,14 +128,15 @@ impl Activity {
     }
 
     fn touch(&self) {
-        *self.last_active.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = Instant::now();
+        self.last_active_ms.store(self.clock.now_unix_ms(), Ordering::SeqCst);
     }
 
     fn idle_for(&self) -> Duration {
         if self.in_flight.load(Ordering::SeqCst) > 0 {
             return Duration::ZERO;
         }
-        self.last_active.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).elapsed()
+        let idle_ms = self.clock.now_unix_ms() - self.last_active_ms.load(Ordering::SeqCst);
+        Duration::from_millis(idle_ms.max(0) as u64)
     }
 }
 
@@ -179,7 +181,12 @@ async fn serve_connection(
     mut stop: watch::Receiver<bool>,
     alive: mpsc::Sender<()>,
 ) {
-    let activity = Arc::new(Activity { in_flight: AtomicUsize::new(0), last_active: Mutex::new(Instant::now()) });
+    let clock = view.options.clock.clone();
+    let activity = Arc::new(Activity {
+        in_flight: AtomicUsize::new(0),
+        last_active_ms: AtomicI64::new(clock.now_unix_ms()),
+        clock,
+    });
     let service = hyper::service::service_fn({
         let (view, activity, alive) = (view.clone(), activity.clone(), alive.clone());
         move |request: Request<Incoming>| {
@@ -211,7 +218,8 @@ async fn serve_connection(
         .serve_connection(TokioIo::new(stream), service);
     tokio::pin!(connection);
     let idle_timeout = view.options.idle_timeout;
-    let mut ticker = tokio::time::interval((idle_timeout / 4).max(Duration::from_millis(10)));
+    // Idleness is measured on the view's clock; this only says how often to look.
+    let mut ticker = tokio::time::interval((idle_timeout / 4).clamp(Duration::from_millis(10), Duration::from_secs(1)));
     let mut closing = false;
     loop {
         tokio::select! {
