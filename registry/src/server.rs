@@ -185,7 +185,7 @@ async fn serve_connection(
     let activity = Arc::new(Activity {
         in_flight: AtomicUsize::new(0),
         last_active_ms: AtomicI64::new(clock.now_unix_ms()),
-        clock,
+        clock: clock.clone(),
     });
     let service = hyper::service::service_fn({
         let (view, activity, alive) = (view.clone(), activity.clone(), alive.clone());
@@ -220,7 +220,10 @@ async fn serve_connection(
     let idle_timeout = view.options.idle_timeout;
     // Idleness is measured on the view's clock; this only says how often to look.
     let mut ticker = tokio::time::interval((idle_timeout / 4).clamp(Duration::from_millis(10), Duration::from_secs(1)));
-    let mut closing = false;
+    // When the connection was told to close. A response still streaming to a client that does
+    // not read gets `idle_timeout` more; then the connection is dropped, so a stuck client cannot
+    // hold the view's stop (handlers are tasks of their own and are waited for regardless).
+    let mut closing_since_ms: Option<i64> = None;
     loop {
         tokio::select! {
             served = connection.as_mut() => {
@@ -229,16 +232,21 @@ async fn serve_connection(
                 }
                 break;
             }
-            _ = stop.wait_for(|stop| *stop), if !closing => {
+            _ = stop.wait_for(|stop| *stop), if closing_since_ms.is_none() => {
                 connection.as_mut().graceful_shutdown();
-                closing = true;
+                closing_since_ms = Some(clock.now_unix_ms());
             }
-            _ = ticker.tick(), if !closing => {
-                if activity.idle_for() >= idle_timeout {
+            _ = ticker.tick() => match closing_since_ms {
+                None if activity.idle_for() >= idle_timeout => {
                     connection.as_mut().graceful_shutdown();
-                    closing = true;
+                    closing_since_ms = Some(clock.now_unix_ms());
                 }
-            }
+                Some(since_ms) if clock.now_unix_ms() - since_ms >= idle_timeout.as_millis() as i64 => {
+                    tracing::debug!("registry connection dropped: its response did not finish after the close");
+                    break;
+                }
+                _ => {}
+            },
         }
     }
     drop(alive);

@@ -716,6 +716,33 @@ async fn the_stop_waits_for_a_manifest_put_in_flight() {
 }
 
 #[tokio::test]
+async fn a_client_that_stops_reading_holds_the_stop_only_for_the_idle_time() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let served = Served::start_with(|options| options.idle_timeout = Duration::from_secs(60)).await;
+    // Larger than what the sockets buffer, so the response cannot finish while nobody reads.
+    let digest = served.memory.add_blob(&bytes_of(64 * 1024 * 1024, 15));
+    let mut stuck = tokio::net::TcpStream::connect(served.addr).await.unwrap();
+    stuck.write_all(format!("GET /v2/app/blobs/{digest} HTTP/1.1\r\nhost: x\r\n\r\n").as_bytes()).await.unwrap();
+    let mut buffer = vec![0u8; 4096];
+    let n_read = stuck.read(&mut buffer).await.unwrap();
+    assert!(String::from_utf8_lossy(&buffer[..n_read]).starts_with("HTTP/1.1 200"));
+
+    let Served { mut stop, task, addr, clock, spool: _spool, .. } = served;
+    stop.take().unwrap().send(()).unwrap();
+    while tokio::net::TcpStream::connect(addr).await.is_ok() {
+        tokio::task::yield_now().await;
+    }
+    assert!(!task.is_finished(), "the response in flight was cut at once");
+    clock.advance(Duration::from_secs(61));
+    tokio::time::timeout(Duration::from_secs(30), task)
+        .await
+        .expect("the stop waited past the idle time")
+        .unwrap()
+        .unwrap();
+    drop(stuck);
+}
+
+#[tokio::test]
 async fn a_client_that_hangs_up_does_not_cut_a_commit_short() {
     let served = Served::start().await;
     let config = bytes_of(100, 11);
