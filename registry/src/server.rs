@@ -27,6 +27,7 @@ use tokio::sync::{mpsc, watch};
 use crate::backend::{Backend, RegistryError};
 use crate::handlers::{self, View};
 use crate::response::{Body, Failure};
+use crate::uploads;
 
 /// How a view serves.
 #[derive(Debug, Clone)]
@@ -36,8 +37,9 @@ pub struct ServeOptions {
     /// The largest manifest a `PUT` may carry.
     pub max_manifest_bytes: usize,
     /// A connection with no request in flight for this long is closed; an upload session
-    /// unused for this long is dropped with its file; a request body that sends nothing for
-    /// this long is cut off.
+    /// unused for this long is dropped with its file (and at start, spool files a killed view
+    /// left that were not written for this long are removed); a request body that sends
+    /// nothing for this long is cut off.
     pub idle_timeout: Duration,
     /// How many upload sessions may be open at once.
     pub max_uploads: usize,
@@ -66,6 +68,11 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     tokio::fs::create_dir_all(&options.spool_dir).await?;
+    let n_stale =
+        uploads::remove_stale_spool_files(&options.spool_dir, options.idle_timeout, options.clock.now_unix_ms());
+    if n_stale > 0 {
+        tracing::info!(n_stale, "removed upload files a stopped view left behind");
+    }
     let sweep_every = (options.idle_timeout / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
     let view = Arc::new(View::new(backend, options));
     let (stop_sender, stop) = watch::channel(false);
