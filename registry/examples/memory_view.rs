@@ -1,7 +1,8 @@
 //! A registry view over memory, for checking the protocol by hand against real clients (the
 //! Docker CLI, BuildKit, skopeo) and comparing its answers with the reference registry's:
 //! `cargo run -p registry --example memory_view [ADDR]` prints `listening on ADDR`, serves
-//! until interrupted (SIGINT), then prints what was stored and served.
+//! until interrupted (SIGINT), then prints what was stored and served; it prints
+//! each backend call as it comes.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -26,11 +27,15 @@ impl Backend for Memory {
         let key = match reference {
             Reference::Tag(tag) | Reference::Digest(tag) => tag.clone(),
         };
-        Ok(self.manifests.lock().unwrap().get(&(repository.to_owned(), key)).cloned())
+        let found = self.manifests.lock().unwrap().get(&(repository.to_owned(), key.clone())).cloned();
+        println!("manifest {repository}:{key} -> {}", found.is_some());
+        Ok(found)
     }
 
     async fn blob_size(&self, _repository: &str, digest: &str) -> Result<Option<u64>, RegistryError> {
-        Ok(self.blobs.lock().unwrap().get(digest).map(|bytes| bytes.len() as u64))
+        let size = self.blobs.lock().unwrap().get(digest).map(|bytes| bytes.len() as u64);
+        println!("blob size {digest} -> {size:?}");
+        Ok(size)
     }
 
     async fn read_blob(
@@ -45,6 +50,7 @@ impl Backend for Memory {
             Some(ByteRange { start, end }) => bytes.slice(start as usize..=end as usize),
             None => bytes,
         };
+        println!("read blob {digest} {range:?}");
         self.n_blobs_served.fetch_add(1, Ordering::SeqCst);
         self.n_bytes_served.fetch_add(part.len() as u64, Ordering::SeqCst);
         let pieces: Vec<std::io::Result<Bytes>> =
@@ -55,6 +61,7 @@ impl Backend for Memory {
     async fn blob_uploaded(&self, _repository: &str, blob: UploadedBlob) -> Result<(), RegistryError> {
         let bytes =
             Bytes::from(tokio::fs::read(&blob.path).await.map_err(|err| RegistryError::Internal(err.to_string()))?);
+        println!("uploaded {} ({} bytes)", blob.digest, blob.size);
         self.blobs.lock().unwrap().insert(blob.digest, bytes);
         Ok(())
     }
