@@ -286,3 +286,42 @@ mod tests {
         assert_eq!(parse_content_range("x"), None);
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    proptest! {
+        #[test]
+        fn any_path_parses_without_panic_and_names_only_valid_repositories(path in "(/v2/)?[a-zA-Z0-9._:/%-]{0,80}") {
+            match parse_path(&path) {
+                Ok(Route::Manifest { repository, .. })
+                | Ok(Route::Blob { repository, .. })
+                | Ok(Route::UploadStart { repository })
+                | Ok(Route::Upload { repository, .. })
+                | Ok(Route::Tags { repository }) => {
+                    prop_assert!(names::validate_repository(&repository).is_ok());
+                    prop_assert!(!path.contains('%') && !path.contains(".."));
+                }
+                _ => {}
+            }
+        }
+
+        #[test]
+        fn any_range_header_gives_a_range_inside_the_blob(header in "(bytes=)?[0-9,-]{0,24}", size in 0u64..1_000_000) {
+            if let RangeAsk::Part(ByteRange { start, end }) = parse_range(Some(&header), size) {
+                prop_assert!(start <= end && end < size);
+            }
+            if let Some((start, end)) = parse_content_range(&header) {
+                prop_assert!(start <= end);
+            }
+        }
+
+        #[test]
+        fn any_manifest_body_is_judged_without_panic(body in proptest::collection::vec(any::<u8>(), 0..200), content_type in "[a-z./+;= -]{0,40}") {
+            let _ = names::manifest_media_type(&body, Some(&content_type));
+        }
+    }
+}

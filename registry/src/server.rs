@@ -22,7 +22,7 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use proto::clock::SharedClock;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{Semaphore, mpsc, watch};
 
 use crate::backend::{Backend, RegistryError};
 use crate::handlers::{self, View};
@@ -43,6 +43,8 @@ pub struct ServeOptions {
     pub idle_timeout: Duration,
     /// How many upload sessions may be open at once.
     pub max_uploads: usize,
+    /// How many connections are served at once (more wait until one closes).
+    pub max_connections: usize,
     /// The clock upload sessions and idle connections age by.
     pub clock: SharedClock,
 }
@@ -54,6 +56,7 @@ impl ServeOptions {
             max_manifest_bytes: 4 * 1024 * 1024,
             idle_timeout: Duration::from_secs(300),
             max_uploads: 256,
+            max_connections: 512,
             clock: proto::clock::system_clock(),
         }
     }
@@ -92,14 +95,28 @@ pub async fn serve(
             }
         }
     });
+    // At most `max_connections` are served at once; more wait in the listener's backlog, so a
+    // runaway client cannot take the worker's file descriptors.
+    let connections = Arc::new(Semaphore::new(view.options.max_connections.max(1)));
     tokio::pin!(shutdown);
     loop {
+        let permit = tokio::select! {
+            () = &mut shutdown => break,
+            permit = connections.clone().acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => break,
+            },
+        };
         tokio::select! {
             () = &mut shutdown => break,
             accepted = listener.accept() => match accepted {
                 Ok((stream, _peer)) => {
                     let _ = stream.set_nodelay(true);
-                    tokio::spawn(serve_connection(view.clone(), stream, stop.clone(), alive.clone()));
+                    let connection = serve_connection(view.clone(), stream, stop.clone(), alive.clone());
+                    tokio::spawn(async move {
+                        connection.await;
+                        drop(permit);
+                    });
                 }
                 Err(err) => {
                     // Out of file descriptors, most likely: let the connections in flight end.

@@ -689,6 +689,30 @@ async fn a_connection_left_idle_is_closed_and_a_busy_one_is_not() {
 }
 
 #[tokio::test]
+async fn connections_over_the_cap_wait_until_one_closes() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let served = Served::start_with(|options| options.max_connections = 2).await;
+    let ping = b"GET /v2/ HTTP/1.1\r\nhost: x\r\n\r\n";
+    let mut buffer = vec![0u8; 4096];
+    let mut open = Vec::new();
+    for _ in 0..2 {
+        let mut connection = tokio::net::TcpStream::connect(served.addr).await.unwrap();
+        connection.write_all(ping).await.unwrap();
+        let n_read = connection.read(&mut buffer).await.unwrap();
+        assert!(String::from_utf8_lossy(&buffer[..n_read]).starts_with("HTTP/1.1 200"));
+        open.push(connection);
+    }
+    let mut third = tokio::net::TcpStream::connect(served.addr).await.unwrap();
+    third.write_all(ping).await.unwrap();
+    // Not answered while two are open (this can only pass early, never fail late).
+    assert!(tokio::time::timeout(Duration::from_millis(300), third.read(&mut buffer)).await.is_err());
+    drop(open.pop());
+    let n_read = third.read(&mut buffer).await.unwrap();
+    assert!(String::from_utf8_lossy(&buffer[..n_read]).starts_with("HTTP/1.1 200"));
+    served.stop().await;
+}
+
+#[tokio::test]
 async fn the_stop_waits_for_a_manifest_put_in_flight() {
     let served = Served::start().await;
     let config = bytes_of(100, 10);
