@@ -117,7 +117,10 @@ fn set(headers: &mut HeaderMap, name: impl http::header::IntoHeaderName, value: 
 fn with_status(status: StatusCode) -> Response<Body> {
     let mut response = Response::new(response::empty());
     *response.status_mut() = status;
-    set(response.headers_mut(), header::CONTENT_LENGTH, "0");
+    // A 204 carries no body, so no length either.
+    if status != StatusCode::NO_CONTENT {
+        set(response.headers_mut(), header::CONTENT_LENGTH, "0");
+    }
     response
 }
 
@@ -192,12 +195,17 @@ where
     let mut bytes = BytesMut::new();
     loop {
         let frame = match tokio::time::timeout(view.options.idle_timeout, body.frame()).await {
-            Err(_) => return Err(Failure::UploadInvalid("the manifest's body stalled; nothing was stored".to_owned())),
+            Err(_) => {
+                return Err(
+                    RegistryError::ManifestInvalid("the manifest's body stalled; nothing was stored".into()).into()
+                );
+            }
             Ok(None) => break,
             Ok(Some(Err(err))) => {
-                return Err(Failure::UploadInvalid(format!(
+                return Err(RegistryError::ManifestInvalid(format!(
                     "the manifest's body broke off: {err}; nothing was stored"
-                )));
+                ))
+                .into());
             }
             Ok(Some(Ok(frame))) => frame,
         };
@@ -377,7 +385,10 @@ where
         // A monolithic upload: the whole blob in this one request.
         names::validate_digest(&digest)?;
         let mut spool = view.uploads.spool()?;
-        spool.append(request.into_body(), view.options.idle_timeout).await.map_err(|err| err.into_failure("of"))?;
+        spool
+            .append(request.into_body(), view.options.idle_timeout)
+            .await
+            .map_err(|err| err.into_failure(&format!("the upload of {digest}")))?;
         let blob = spool.finish(&digest, None).await?;
         view.backend.blob_uploaded(repository, blob).await?;
         return Ok(blob_created(repository, &digest));
@@ -433,9 +444,9 @@ where
         Err(AppendError::Spool(err)) => {
             guard.take();
             view.uploads.remove(id);
-            return Err(AppendError::Spool(err).into_failure(id));
+            return Err(AppendError::Spool(err).into_failure(&format!("upload {id}")));
         }
-        Err(err) => return Err(err.into_failure(id)),
+        Err(err) => return Err(err.into_failure(&format!("upload {id}"))),
     }
     let size = spool.size();
     session.touch(view.uploads.now_ms());
@@ -452,6 +463,7 @@ where
     B: HttpBody<Data = Bytes> + Unpin,
     B::Error: std::fmt::Display,
 {
+    let session = view.uploads.get(repository, id)?;
     let Some(digest) = routes::query_param(request.uri().query(), "digest") else {
         return Err(RegistryError::DigestInvalid(format!(
             "the final PUT of upload {id} needs ?digest=sha256:<hex>; the upload is kept"
@@ -459,19 +471,18 @@ where
         .into());
     };
     names::validate_digest(&digest)?;
-    let session = view.uploads.get(repository, id)?;
     let mut guard = session.spool.try_lock().map_err(|_| busy(id))?;
     let spool = guard.as_mut().ok_or_else(|| uploads::unknown(id))?;
     let appended = spool.append(request.into_body(), view.options.idle_timeout).await;
     if let Err(AppendError::Body(reason)) = appended {
-        return Err(AppendError::Body(reason).into_failure(id));
+        return Err(AppendError::Body(reason).into_failure(&format!("upload {id}")));
     }
     // From here the session is over, whatever the outcome: a mismatch deletes its file.
     let spool = guard.take().ok_or_else(|| uploads::unknown(id))?;
     view.uploads.remove(id);
     drop(guard);
     if let Err(err) = appended {
-        return Err(err.into_failure(id));
+        return Err(err.into_failure(&format!("upload {id}")));
     }
     let blob = spool.finish(&digest, None).await?;
     view.backend.blob_uploaded(repository, blob).await?;

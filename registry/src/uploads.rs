@@ -53,11 +53,12 @@ pub enum AppendError {
 }
 
 impl AppendError {
-    pub fn into_failure(self, id: &str) -> Failure {
+    /// The failure to answer with; `what` names the upload ("upload <id>").
+    pub fn into_failure(self, what: &str) -> Failure {
         match self {
-            AppendError::Body(reason) => Failure::UploadInvalid(format!("upload {id} broke off: {reason}")),
+            AppendError::Body(reason) => Failure::UploadInvalid(format!("{what} broke off: {reason}")),
             AppendError::Spool(err) => Failure::Registry(RegistryError::Internal(format!(
-                "upload {id} could not be spooled on the build host: {err}"
+                "{what} could not be spooled on the build host: {err}"
             ))),
         }
     }
