@@ -1,6 +1,6 @@
 //! A registry view over memory, for checking the protocol by hand against real clients (the
 //! Docker CLI, BuildKit, skopeo) and comparing its answers with the reference registry's:
-//! `cargo run -p registry --example memory_view [ADDR]` prints `listening on ADDR`, serves
+//! `cargo run -p registry --example memory_view [ADDR] [--read-only]` prints `listening on ADDR`, serves
 //! until interrupted (SIGINT), then prints what was stored and served; it prints
 //! each backend call as it comes.
 
@@ -15,6 +15,9 @@ use registry::{Backend, BlobRead, ByteRange, ManifestBody, Reference, RegistryEr
 
 #[derive(Default)]
 struct Memory {
+    /// With `--read-only`: every push is refused before it begins, as a view whose token may
+    /// not write the branch refuses it.
+    read_only: bool,
     blobs: Mutex<HashMap<String, Bytes>>,
     manifests: Mutex<HashMap<(String, String), ManifestBody>>,
     n_blobs_served: AtomicU64,
@@ -66,6 +69,16 @@ impl Backend for Memory {
         Ok(())
     }
 
+    async fn check_push(&self, repository: &str) -> Result<(), RegistryError> {
+        if self.read_only {
+            println!("push to {repository} refused");
+            return Err(RegistryError::Denied(format!(
+                "this view may not write {repository}: its token may save to pr-* only, not to branch \"main\""
+            )));
+        }
+        Ok(())
+    }
+
     async fn put_manifest(
         &self,
         repository: &str,
@@ -91,10 +104,12 @@ impl Backend for Memory {
 
 #[tokio::main]
 async fn main() -> std::io::Result<()> {
-    let addr = std::env::args().nth(1).unwrap_or_else(|| "127.0.0.1:0".to_owned());
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let read_only = args.iter().any(|arg| arg == "--read-only");
+    let addr = args.iter().find(|arg| !arg.starts_with("--")).cloned().unwrap_or_else(|| "127.0.0.1:0".to_owned());
     let listener = tokio::net::TcpListener::bind(&addr).await?;
     println!("listening on {}", listener.local_addr()?);
-    let memory = Arc::new(Memory::default());
+    let memory = Arc::new(Memory { read_only, ..Memory::default() });
     let spool = tempfile::tempdir()?;
     let interrupted = async {
         let _ = tokio::signal::ctrl_c().await;

@@ -177,6 +177,7 @@ where
     B: HttpBody<Data = Bytes> + Unpin,
     B::Error: std::fmt::Display,
 {
+    view.backend.check_push(repository).await?;
     let limit = view.options.max_manifest_bytes;
     let too_large = || {
         Failure::TooLarge(format!("the manifest is larger than this view's limit of {limit} bytes; nothing was stored"))
@@ -371,6 +372,7 @@ where
     B: HttpBody<Data = Bytes> + Unpin,
     B::Error: std::fmt::Display,
 {
+    view.backend.check_push(repository).await?;
     let query = request.uri().query();
     if let Some(mount) = routes::query_param(query, "mount") {
         names::validate_digest(&mount)?;

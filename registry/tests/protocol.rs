@@ -167,6 +167,46 @@ impl Backend for Bare {
     }
 }
 
+/// A backend whose token may not push: it says so before anything is spooled.
+struct ReadOnly(Memory);
+
+#[async_trait::async_trait]
+impl Backend for ReadOnly {
+    async fn manifest(&self, repository: &str, reference: &Reference) -> Result<Option<ManifestBody>, RegistryError> {
+        self.0.manifest(repository, reference).await
+    }
+
+    async fn blob_size(&self, repository: &str, digest: &str) -> Result<Option<u64>, RegistryError> {
+        self.0.blob_size(repository, digest).await
+    }
+
+    async fn read_blob(
+        &self,
+        repository: &str,
+        digest: &str,
+        range: Option<ByteRange>,
+    ) -> Result<Option<BlobRead>, RegistryError> {
+        self.0.read_blob(repository, digest, range).await
+    }
+
+    async fn blob_uploaded(&self, repository: &str, blob: UploadedBlob) -> Result<(), RegistryError> {
+        self.0.blob_uploaded(repository, blob).await
+    }
+
+    async fn put_manifest(
+        &self,
+        repository: &str,
+        reference: &Reference,
+        manifest: ManifestBody,
+    ) -> Result<(), RegistryError> {
+        self.0.put_manifest(repository, reference, manifest).await
+    }
+
+    async fn check_push(&self, _repository: &str) -> Result<(), RegistryError> {
+        Err(RegistryError::Denied("token tok_1 may save to pr-* only, not to branch \"main\"".into()))
+    }
+}
+
 /// A view served on a port the kernel picked, with a clock the test moves.
 struct Served {
     addr: SocketAddr,
@@ -576,6 +616,43 @@ async fn a_cancelled_upload_is_forgotten_and_deletes_and_listings_are_unsupporte
     }
     assert_eq!(get(served.addr, "/v2/app/manifests/1").await.status, 200, "nothing was deleted");
     served.stop().await;
+}
+
+#[tokio::test]
+async fn a_view_that_may_not_push_refuses_before_spooling_and_still_serves_reads() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let spool = tempfile::tempdir().unwrap();
+    let memory = Memory::default();
+    let config = bytes_of(100, 16);
+    let digest = memory.add_blob(&config);
+    let manifest = oci_manifest(&config, &[]);
+    memory.add_manifest("app", "1", &manifest);
+    let backend = Arc::new(ReadOnly(memory));
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(serve(listener, backend.clone(), ServeOptions::new(spool.path().to_owned()), async move {
+        let _ = stopped.await;
+    }));
+    let blob = bytes_of(1000, 17);
+    for path in [
+        "/v2/app/blobs/uploads/".to_owned(),
+        format!("/v2/app/blobs/uploads/?digest={}", sha256_digest(&blob)),
+        format!("/v2/app/blobs/uploads/?mount={digest}&from=app"),
+        "/v2/app/manifests/latest".to_owned(),
+    ] {
+        let method = if path.contains("manifests") { "PUT" } else { "POST" };
+        let body: &[u8] = if path.contains("manifests") { &manifest } else { &blob };
+        let reply = send(addr, method, &path, &[], body).await;
+        assert_eq!((reply.status, reply.code().as_str()), (403, "DENIED"), "{path}");
+        let json: serde_json::Value = serde_json::from_slice(reply.bytes()).unwrap();
+        assert_eq!(json["errors"][0]["message"], "token tok_1 may save to pr-* only, not to branch \"main\"");
+    }
+    assert_eq!(std::fs::read_dir(spool.path()).unwrap().count(), 0, "nothing was spooled");
+    assert_eq!(backend.0.n_blobs_uploaded.load(Ordering::SeqCst), 0);
+    assert_eq!(get(addr, "/v2/app/manifests/1").await.bytes(), &manifest);
+    assert_eq!(get(addr, &format!("/v2/app/blobs/{digest}")).await.bytes(), &config);
+    stop.send(()).unwrap();
+    task.await.unwrap().unwrap();
 }
 
 #[tokio::test]
