@@ -120,6 +120,22 @@ impl BuildDirs {
         self.root.join(RECORD_FILE)
     }
 
+    /// A running registry view's process and address (`cache-worker view start` writes it,
+    /// `view stop` reads it).
+    pub fn view_state(&self) -> PathBuf {
+        self.root.join("view.json")
+    }
+
+    /// What a running registry view prints, for `view stop` to show.
+    pub fn view_log(&self) -> PathBuf {
+        self.root.join("view.log")
+    }
+
+    /// Makes the service's folder (a view writes its state there).
+    pub fn create(&self) -> std::io::Result<()> {
+        std::fs::create_dir_all(&self.root)
+    }
+
     /// Empties the folders a restore writes and makes them again.
     pub fn reset(&self) -> std::io::Result<()> {
         for dir in [self.images(), self.cache(), self.export()] {

@@ -15,6 +15,8 @@ pub mod progress;
 pub mod restore;
 pub mod save;
 pub mod save_source;
+pub mod signals;
 pub mod steps;
 pub mod transfer;
 pub mod upload;
+pub mod view;

@@ -106,11 +106,126 @@ enum Command {
         #[arg(long)]
         print_cache_from: bool,
     },
+    /// Serve the service's cache to BuildKit as a registry on this host for a CI job: builds
+    /// fetch only the blobs they use, and BuildKit's cache export is saved as it is pushed.
+    View {
+        #[command(subcommand)]
+        command: ViewCommand,
+    },
     /// Print read-only storage credentials for this project's cache.
     Credentials {
         #[arg(long, value_enum, default_value = "env")]
         format: CredentialsFormat,
     },
+}
+
+/// Which cache a view serves and where it listens.
+#[derive(Debug, clap::Args)]
+struct ViewArgs {
+    /// The service the cache is kept for
+    #[arg(long, env = "CACHE_SERVICE")]
+    service: String,
+    /// The branch whose cache to serve, and which a pushed cache export is saved to
+    #[arg(long, env = "CACHE_BRANCH", default_value = "")]
+    branch: String,
+    /// Branches to serve, in order, when the branch has no cache (repeatable)
+    #[arg(long = "fallback-branch")]
+    fallback_branches: Vec<String>,
+    /// Where the view listens: loopback, which every engine reaches over plain HTTP without
+    /// configuration (port 0: any free port)
+    #[arg(long, env = "CACHE_VIEW_LISTEN", default_value = "127.0.0.1:0")]
+    listen: String,
+}
+
+impl ViewArgs {
+    fn options(&self) -> worker::view::ViewOptions {
+        worker::view::ViewOptions {
+            service: self.service.clone(),
+            branch: self.branch.clone(),
+            fallback_branches: self.fallback_branches.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Subcommand)]
+enum ViewCommand {
+    /// Start the view in the background and print the flags for the build command (one line)
+    Start(ViewArgs),
+    /// Stop the service's view: wait for its pending saves, print what it served and saved
+    Stop {
+        /// The service whose view to stop
+        #[arg(long, env = "CACHE_SERVICE")]
+        service: String,
+    },
+    /// Run a build command with the view's flags appended, serving while it runs
+    Run {
+        #[command(flatten)]
+        view: ViewArgs,
+        /// The build command and its arguments, after `--`
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
+    /// Serve in the foreground until SIGTERM or SIGINT (what `start` runs)
+    Serve(ViewArgs),
+}
+
+/// The first coordinator of `--coordinator` that answers.
+async fn connected(cli: &Cli) -> Result<Coordinator, WorkerError> {
+    let (coordinator, result) = with_failover(cli, async |_: &mut Coordinator| Ok(())).await;
+    result.map(|()| coordinator.expect("connected"))
+}
+
+async fn run_view(cli: &Cli, command: &ViewCommand) -> ExitCode {
+    use worker::view::process;
+    let dirs = |service: &str| worker::build_dirs::BuildDirs::new(&cli.build_cache_dir, service);
+    let result = match command {
+        ViewCommand::Start(args) => {
+            let settings = process::Settings {
+                coordinator: &cli.coordinator,
+                token: cli.token.as_deref(),
+                stall_timeout: cli.stall_timeout,
+                build_cache_dir: &cli.build_cache_dir,
+                job_id: cli.job_id.as_deref(),
+            };
+            match process::start(&args.options(), &args.listen, &settings, &dirs(&args.service)).await {
+                Ok(flags) => {
+                    println!("{}", build_flags(&flags));
+                    Ok(())
+                }
+                // A cache never breaks a build: a view that cannot start is a warning.
+                Err(error) if !matches!(error, WorkerError::Invalid(_)) => {
+                    eprintln!(
+                        "cache-worker: warning: the view of {} did not start, the build runs without cache: {error}",
+                        args.service
+                    );
+                    println!();
+                    Ok(())
+                }
+                Err(error) => Err(error),
+            }
+        }
+        ViewCommand::Stop { service } => process::stop(service, &dirs(service)).await,
+        ViewCommand::Serve(args) => match process::open(connected(cli).await, args.options(), &args.listen).await {
+            Ok(running) => process::serve(running, &dirs(&args.service)).await,
+            Err(error) => Err(error),
+        },
+        ViewCommand::Run { view, command } => {
+            match process::open(connected(cli).await, view.options(), &view.listen).await {
+                Ok(running) => match process::run(running, command).await {
+                    Ok(code) => return ExitCode::from(u8::try_from(code).unwrap_or(1)),
+                    Err(error) => Err(error),
+                },
+                Err(error) => Err(error),
+            }
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("cache-worker: {error}");
+            ExitCode::from(error.exit_code())
+        }
+    }
 }
 
 async fn run_restore(cli: &Cli, options: RestoreOptions, strict: bool, print_cache_from: bool) -> ExitCode {
@@ -181,7 +296,7 @@ async fn run(cli: Cli) -> Result<(), WorkerError> {
             };
             tokio::select! {
                 saved = saved => saved,
-                (signal, code) = interrupted() => {
+                (signal, code) = worker::signals::interrupted() => {
                     // The save's future is gone, so nothing commits; its uploads are aborted so
                     // the store keeps no part of them.
                     let aborted = cleanup.run().await;
@@ -195,6 +310,7 @@ async fn run(cli: Cli) -> Result<(), WorkerError> {
             }
         }
         Command::Restore { .. } => unreachable!("restores run through run_restore"),
+        Command::View { .. } => unreachable!("views run through run_view"),
     }
 }
 
@@ -222,19 +338,6 @@ async fn with_failover<T>(
     last
 }
 
-/// Waits for SIGINT or SIGTERM; returns its name and the exit code a shell would give it.
-async fn interrupted() -> (&'static str, i32) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut interrupt), Ok(mut terminate)) = (signal(SignalKind::interrupt()), signal(SignalKind::terminate()))
-    else {
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = interrupt.recv() => ("SIGINT", 130),
-        _ = terminate.recv() => ("SIGTERM", 143),
-    }
-}
-
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -251,6 +354,10 @@ async fn main() -> ExitCode {
         let (strict, print_cache_from) = (*strict, *print_cache_from);
         let span = tracing::info_span!("restore", service = %service);
         return run_restore(&cli, options, strict, print_cache_from).instrument(span).await;
+    }
+    if let Command::View { command } = &cli.command {
+        let span = tracing::info_span!("view");
+        return run_view(&cli, command).instrument(span).await;
     }
     let saving = match &cli.command {
         Command::Save { service, .. } => Some(service.clone()),

@@ -119,7 +119,7 @@ fn chain_request(chain: &[EngineImage]) -> Vec<pb::Image> {
 
 /// The save log: each image with its tags, parent and builder, each layer with its size, how
 /// it is stored, and whether this save uploaded it.
-fn save_log(images: &[pb::Image], uploaded: &HashSet<String>, in_flight: &HashSet<String>) -> Vec<String> {
+pub(crate) fn save_log(images: &[pb::Image], uploaded: &HashSet<String>, in_flight: &HashSet<String>) -> Vec<String> {
     let mut lines = Vec::new();
     for image in images {
         let tags = if image.repo_tags.is_empty() { "<no tag>".to_owned() } else { image.repo_tags.join(", ") };
@@ -131,7 +131,7 @@ fn save_log(images: &[pb::Image], uploaded: &HashSet<String>, in_flight: &HashSe
             _ => "",
         };
         if image.build_cache {
-            lines.push(format!("BuildKit cache export {} (--cache-to type=local,mode=max)", image.id));
+            lines.push(format!("BuildKit cache export {} (--cache-to, mode=max)", image.id));
         } else {
             lines.push(format!("image {} ({tags}{parent}; {builder}{cache})", image.id));
         }
@@ -250,7 +250,7 @@ async fn upload_spooled_one(store: &BlobStore, blob: SpooledBlob, bar: &Bar) -> 
 }
 
 /// The build host's name, for the logs of other saves this one replaces or keeps out.
-fn host_name() -> String {
+pub(crate) fn host_name() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|name| name.trim().chars().filter(|c| !c.is_control()).take(255).collect())
         .unwrap_or_default()
@@ -290,7 +290,7 @@ struct Uploaded {
 
 /// How one attempt at a save ended.
 #[derive(Debug)]
-enum Attempt {
+pub(crate) enum Attempt {
     Done(SaveSummary),
     /// The coordinator lost the save (it restarted) or a save this one waited for died before
     /// uploading what it claimed: beginning again fixes both.
@@ -884,12 +884,12 @@ async fn step_reuse(job: &SaveJob<'_>, previous_images: &[pb::Image]) -> (Vec<St
 /// The longest a commit waits in all for blobs other saves of its token are uploading: past
 /// it the save begins again, and then uploads what it waited for itself (the coordinator lets
 /// a claim hold others up for 10 minutes of its save at most).
-const MOST_COMMIT_WAIT: Duration = Duration::from_secs(15 * 60);
+pub(crate) const MOST_COMMIT_WAIT: Duration = Duration::from_secs(15 * 60);
 
 /// Commits the save's images (nothing to commit when it is unchanged): whether they became
 /// the cache, or the attempt to make again. Waits for blobs other saves upload `most_wait` at
 /// most.
-async fn commit(
+pub(crate) async fn commit(
     coordinator: &mut impl SaveCoordinator,
     service: &str,
     images: &[pb::Image],
