@@ -33,4 +33,5 @@ mod e2e {
     mod step_reuse;
     mod traces;
     mod transfers;
+    mod view_lost_blobs;
 }

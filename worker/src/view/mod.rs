@@ -81,6 +81,8 @@ pub struct ViewBackend {
     said: std::sync::Mutex<Vec<String>>,
     hit: bool,
     started: Instant,
+    /// Reports of bad blobs under way, awaited before the view closes.
+    reports: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
 /// The largest stored manifest read into memory.
@@ -120,6 +122,7 @@ impl ViewBackend {
             said: Default::default(),
             hit: false,
             started: Instant::now(),
+            reports: Default::default(),
         };
         let mut coordinator = match coordinator {
             Ok(coordinator) => coordinator,
@@ -253,6 +256,13 @@ impl ViewBackend {
         let line = format!("cache-worker: warning: blob {digest} came back missing or corrupt from the store: {said}");
         eprintln!("{line}");
         self.said.lock().expect("not poisoned").push(line);
+    }
+
+    /// Reports a bad blob from a response already under way, awaited by `close`.
+    fn report_later(self: &Arc<Self>, digest: &str) {
+        let (view, digest) = (Arc::clone(self), digest.to_owned());
+        let report = tokio::spawn(async move { view.lost(&digest).await });
+        self.reports.lock().expect("not poisoned").push(report);
     }
 
     /// The size of a blob this view has: named by the cache, uploaded in this job, or stored.
@@ -435,13 +445,16 @@ impl ViewBackend {
             begun.stored_blobs.len(),
             started.elapsed().as_secs_f64()
         );
-        println!("{line}");
         Ok(Ok(line))
     }
 
     /// Reports the view's reads to the coordinator (giving the lookup's lease back) and
     /// returns its summary lines.
     pub async fn close(&self) -> Vec<String> {
+        let reports = std::mem::take(&mut *self.reports.lock().expect("not poisoned"));
+        for report in reports {
+            let _ = report.await;
+        }
         let seconds = self.started.elapsed().as_secs_f64();
         let served = std::mem::take(&mut *self.served.lock().expect("not poisoned"));
         if let Some(coordinator) = self.coordinator.lock().await.as_mut() {
@@ -625,19 +638,41 @@ impl Backend for SharedView {
         let Some(size) = self.0.size_of(digest).await? else { return Ok(None) };
         let store = self.0.store()?.clone();
         let (start, end) = range.map_or((0, size.saturating_sub(1)), |range| (range.start, range.end));
-        let ranges = if size == 0 { Vec::new() } else { part_ranges(start, end, store.part_size_for(size)) };
+        let mut ranges = if size == 0 { Vec::new() } else { part_ranges(start, end, store.part_size_for(size)) };
         let length: u64 = ranges.iter().map(|(_, length)| length).sum();
-        let owned = digest.to_owned();
         let view = Arc::clone(&self.0);
         let started = Instant::now();
-        let body = futures::stream::iter(ranges)
+        // The first part is read before the answer begins, so a blob the store lost is a clean
+        // `BLOB_UNKNOWN` (and reported) rather than a response cut short.
+        let first = match ranges.first().copied() {
+            None => None,
+            Some((offset, length)) => match with_retries(|| store.download_range(digest, offset, length)).await {
+                Ok(piece) => Some(piece),
+                Err(TransferError::NotStored { .. }) => {
+                    self.0.lost(digest).await;
+                    return Err(RegistryError::BlobUnknown(format!("{digest} is no longer in the store")));
+                }
+                Err(error) => return Err(self.0.read_failed(digest, error)),
+            },
+        };
+        if !ranges.is_empty() {
+            ranges.remove(0);
+        }
+        let owned = digest.to_owned();
+        let reporter = Arc::clone(&self.0);
+        let rest = futures::stream::iter(ranges)
             .map(move |(offset, length)| {
                 let (store, digest) = (store.clone(), owned.clone());
                 async move { with_retries(|| store.download_range(&digest, offset, length)).await }
             })
             .buffered(self.0.concurrency)
-            .map_err(std::io::Error::other)
-            .boxed();
+            .map_err(move |error| {
+                if let TransferError::NotStored { digest } = &error {
+                    reporter.report_later(digest);
+                }
+                std::io::Error::other(error)
+            });
+        let body = futures::stream::iter(first.map(Ok)).chain(rest).boxed();
         let counted = {
             let (view, counting) = (Arc::clone(&view), Arc::clone(&view));
             let digest = digest.to_owned();
@@ -654,9 +689,7 @@ impl Backend for SharedView {
         };
         let body = if range.is_none() {
             let digest = digest.to_owned();
-            verified(counted, digest.clone(), move |_| {
-                tokio::spawn(async move { view.lost(&digest).await });
-            })
+            verified(counted, digest.clone(), move |_| view.report_later(&digest))
         } else {
             counted
         };
