@@ -9,6 +9,7 @@
 
 pub mod catalog;
 mod flags;
+mod merge;
 pub mod process;
 
 use std::collections::{HashMap, HashSet};
@@ -79,6 +80,9 @@ pub struct ViewBackend {
     served: std::sync::Mutex<Vec<(String, u64, f64)>>,
     /// Lines the summary prints after the counts (saves, lost blobs).
     said: std::sync::Mutex<Vec<String>>,
+    /// The cache export this job committed last (merged with those before it), held while a
+    /// push is merged and committed: a job's exports add up instead of replacing each other.
+    exported: tokio::sync::Mutex<Option<ManifestBody>>,
     hit: bool,
     started: Instant,
     /// Reports of bad blobs under way, awaited before the view closes.
@@ -120,6 +124,7 @@ impl ViewBackend {
             counters: Counters::default(),
             served: Default::default(),
             said: Default::default(),
+            exported: Default::default(),
             hit: false,
             started: Instant::now(),
             reports: Default::default(),
@@ -282,6 +287,62 @@ impl ViewBackend {
         with_retries(|| store.stored_size(digest))
             .await
             .map_err(|error| RegistryError::Unavailable(format!("asking the store for {digest} failed: {error}")))
+    }
+
+    /// `pushed` merged with the `earlier` export of this job: one cache config of both (spooled
+    /// as an upload of this job) and a manifest naming it and every blob either names. A push
+    /// in another form (an index, `image-manifest=false`) replaces the earlier as it is.
+    async fn merged_export(
+        &self,
+        earlier: &ManifestBody,
+        pushed: &ManifestBody,
+    ) -> Result<ManifestBody, RegistryError> {
+        let (Some(earlier_config), Some(pushed_config)) = (cache_config_of(earlier), cache_config_of(pushed)) else {
+            return Ok(pushed.clone());
+        };
+        let invalid =
+            |error: String| RegistryError::ManifestInvalid(format!("merging the job's cache exports: {error}"));
+        let first = self.small_blob(&earlier_config.0, earlier_config.1).await?;
+        let second = self.small_blob(&pushed_config.0, pushed_config.1).await?;
+        let config = merge::merge_configs(&first, &second).map_err(invalid)?;
+        let digest = proto::digest::sha256_digest(&config);
+        let bytes =
+            merge::merge_manifests(&earlier.bytes, &pushed.bytes, (&digest, config.len() as u64)).map_err(invalid)?;
+        let spooled = (|| {
+            use std::io::Write;
+            let mut file = tempfile::Builder::new().prefix("merged-cache-").tempfile_in(crate::export::spool_dir())?;
+            file.write_all(&config)?;
+            Ok::<_, std::io::Error>(file.into_temp_path())
+        })()
+        .map_err(|error| RegistryError::Internal(format!("spooling the merged cache config failed: {error}")))?;
+        let upload = UploadedBlob { digest: digest.clone(), size: config.len() as u64, path: spooled };
+        self.uploads.lock().expect("not poisoned").insert(digest, Arc::new(upload));
+        let digest = proto::digest::sha256_digest(&bytes);
+        Ok(ManifestBody { media_type: pushed.media_type.clone(), digest, bytes: Bytes::from(bytes) })
+    }
+
+    /// A blob small enough to hold (a cache config): from this job's uploads, or the store.
+    async fn small_blob(&self, digest: &str, size: u64) -> Result<Vec<u8>, RegistryError> {
+        if size > MANIFEST_LIMIT * 4 {
+            return Err(RegistryError::ManifestInvalid(format!("the cache config {digest} is bigger than 16 MiB")));
+        }
+        let upload = self.uploads.lock().expect("not poisoned").get(digest).cloned();
+        let bytes = match upload {
+            Some(upload) => tokio::fs::read(&upload.path)
+                .await
+                .map_err(|error| RegistryError::Internal(format!("reading the upload of {digest} failed: {error}")))?,
+            None => {
+                let store = self.store()?;
+                with_retries(|| store.download_range(digest, 0, size))
+                    .await
+                    .map_err(|error| self.read_failed(digest, error))?
+                    .to_vec()
+            }
+        };
+        if proto::digest::sha256_digest(&bytes) != digest {
+            return Err(RegistryError::BlobUnknown(format!("the cache config {digest} does not hash to its digest")));
+        }
+        Ok(bytes)
     }
 
     /// Commits a pushed cache export as a save of the view's key.
@@ -499,6 +560,14 @@ impl ViewBackend {
         }
         lines
     }
+}
+
+/// The BuildKit cache config an image manifest names (`image-manifest=true`): digest, size.
+fn cache_config_of(manifest: &ManifestBody) -> Option<(String, u64)> {
+    let parsed: serde_json::Value = serde_json::from_slice(&manifest.bytes).ok()?;
+    let config = &parsed["config"];
+    (config["mediaType"] == "application/vnd.buildkit.cacheconfig.v0")
+        .then(|| Some((config["digest"].as_str()?.to_owned(), config["size"].as_u64()?)))?
 }
 
 /// A refusal of the coordinator as the registry error a build log shows.
@@ -720,7 +789,15 @@ impl Backend for SharedView {
                 return Err(RegistryError::ManifestBlobUnknown(blob.digest.clone()));
             }
         }
-        self.0.commit_push(image, &manifest).await
+        let mut exported = self.0.exported.lock().await;
+        let manifest = match exported.as_ref() {
+            Some(earlier) => self.0.merged_export(earlier, &manifest).await?,
+            None => manifest,
+        };
+        let image = catalog::pushed_cache(&manifest)?;
+        self.0.commit_push(image, &manifest).await?;
+        *exported = Some(manifest);
+        Ok(())
     }
 }
 
