@@ -137,6 +137,31 @@ fn saved_layer_bytes(engine: &DockerEngine, image: &str) -> u64 {
     layers.iter().map(|layer| std::fs::metadata(dir.path().join(layer.as_str().unwrap())).unwrap().len()).sum()
 }
 
+/// Ends the view of service `app` on a host when dropped, if it still runs: a test that fails
+/// before its `view stop` leaves no process behind (the pid is in the view's `view.json`).
+struct ViewGuard(std::path::PathBuf);
+
+impl ViewGuard {
+    fn of(host: &DockerEngine) -> ViewGuard {
+        ViewGuard(host.build_cache_dir().join("app/view.json"))
+    }
+}
+
+impl Drop for ViewGuard {
+    fn drop(&mut self) {
+        let Ok(state) = std::fs::read(&self.0) else { return };
+        let Some(pid) =
+            serde_json::from_slice::<serde_json::Value>(&state).ok().and_then(|state| state["pid"].as_u64())
+        else {
+            return;
+        };
+        let command = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        if command.split(|byte| *byte == 0).any(|argument| argument == b"serve") {
+            let _ = Command::new("kill").args(["-KILL", &pid.to_string()]).status();
+        }
+    }
+}
+
 /// One CI job's view on a build host: `view start` answered, its flags rewritten to reach the
 /// view through `meter`, a proxy counting what BuildKit and the view exchange.
 struct Job<'a> {
@@ -148,11 +173,13 @@ struct Job<'a> {
     meter: FaultyProxy,
     /// The view's own `127.0.0.1:PORT`.
     address: String,
+    _guard: ViewGuard,
 }
 
 impl<'a> Job<'a> {
     /// `cache-worker view start --service app --branch main EXTRA…`, which must print flags.
     fn start(coordinator: &'a CoordinatorProcess, host: &'a DockerEngine, token: &str, extra: &[&str]) -> Job<'a> {
+        let guard = ViewGuard::of(host);
         let mut args = vec!["view", "start", "--service", "app", "--branch", "main"];
         args.extend(extra);
         let command = coordinator.cache_worker_command_on(host, token, &args);
@@ -164,7 +191,7 @@ impl<'a> Job<'a> {
         let address = view_address(&printed);
         let meter = FaultyProxy::start();
         meter.forward_to(&address);
-        Job { coordinator, host, token: token.to_owned(), printed, meter, address }
+        Job { coordinator, host, token: token.to_owned(), printed, meter, address, _guard: guard }
     }
 
     /// The printed flags, naming the meter instead of the view, as build arguments.
@@ -592,6 +619,7 @@ fn with_no_cache_or_no_coordinator_the_wrapped_build_runs_uncached_and_succeeds(
         .env("CACHE_TOKEN", &token)
         .env("DOCKER_HOST", &fresh_host.host)
         .env("CACHE_BUILD_CACHE_DIR", fresh_host.build_cache_dir());
+    let _guard = ViewGuard::of(&fresh_host);
     let started = output_within(start, Duration::from_secs(120), "cache-worker view start");
     assert_eq!(started.status.code(), Some(0), "{}", stderr_of(&started));
     assert_eq!(stdout_of(&started).trim(), "", "no cache flags");
