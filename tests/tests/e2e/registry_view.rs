@@ -477,7 +477,10 @@ fn a_pull_requests_view_imports_main_but_its_export_to_main_is_refused_in_one_li
     for dump in ["Error {", "Status {", "\\n"] {
         assert!(!progress.contains(dump), "no {dump:?} in the build log: {progress}");
     }
-    job.stop();
+    let summary = job.stop();
+    assert!(!summary.contains("view: saved"), "{summary}");
+    let refused = format!("view: app: BuildKit's cache export was not saved: {}", &refusals[0]["denied: ".len()..]);
+    assert!(summary.lines().any(|line| line == refused), "{refused:?} in {summary}");
     assert_eq!(main_cache(&coordinator), before, "main's cache is unchanged");
     coordinator.stop();
 }

@@ -795,7 +795,12 @@ impl Backend for SharedView {
             None => manifest,
         };
         let image = catalog::pushed_cache(&manifest)?;
-        self.0.commit_push(image, &manifest).await?;
+        if let Err(error) = self.0.commit_push(image, &manifest).await {
+            // The build log shows the refusal; the job's summary says it too.
+            let line = format!("view: {}: BuildKit's cache export was not saved: {error}", self.0.options.service);
+            self.0.said.lock().expect("not poisoned").push(line);
+            return Err(error);
+        }
         *exported = Some(manifest);
         Ok(())
     }
