@@ -340,7 +340,11 @@ fn both_targets_a_job_builds_stay_cached_through_the_view() {
     job.build(app.path(), "app:test", &["--target", "test"]);
     job.build(app.path(), "app:1", &[]);
     let summary = job.stop();
-    assert!(summary.contains("view: saved"), "{summary}");
+    assert_eq!(
+        summary.lines().filter(|line| line.starts_with("view: saved app: ")).count(),
+        2,
+        "each export once: {summary}"
+    );
 
     // The next job, on a fresh host, finds both builds' steps: the second export added to the
     // first rather than replacing it.
