@@ -109,6 +109,18 @@ impl Catalog {
         self.blobs.get(digest).copied()
     }
 
+    /// The tags served in `repository`, sorted.
+    pub fn tags(&self, repository: &str) -> Vec<String> {
+        let repository = short_repository(repository);
+        if repository == BUILD_CACHE_REPOSITORY {
+            return self.build_cache.iter().map(|_| BUILD_CACHE_TAG.to_owned()).collect();
+        }
+        let mut tags: Vec<String> =
+            self.tags.keys().filter(|(name, _)| name == repository).map(|(_, tag)| tag.clone()).collect();
+        tags.sort();
+        tags
+    }
+
     /// Whether the cache holds BuildKit's cache export.
     pub fn has_build_cache(&self) -> bool {
         self.build_cache.is_some()
@@ -295,6 +307,8 @@ mod tests {
         assert_eq!(catalog.blob_size(&digest(1)), Some(700));
         assert_eq!(catalog.blob_size(&digest(9)), None);
         assert_eq!(catalog.importable, vec!["app:1".to_string(), "base:2".to_string()]);
+        assert_eq!(catalog.tags("app"), vec!["1".to_string()]);
+        assert!(catalog.tags(BUILD_CACHE_REPOSITORY).is_empty());
     }
 
     #[test]

@@ -80,6 +80,8 @@ pub struct ViewBackend {
     /// Lines the summary prints after the counts (saves, lost blobs).
     said: std::sync::Mutex<Vec<String>>,
     hit: bool,
+    /// The coordinator answered the lookup: pushes may be saved.
+    answered: bool,
     started: Instant,
     /// Reports of bad blobs under way, awaited before the view closes.
     reports: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
@@ -121,6 +123,7 @@ impl ViewBackend {
             served: Default::default(),
             said: Default::default(),
             hit: false,
+            answered: false,
             started: Instant::now(),
             reports: Default::default(),
         };
@@ -139,6 +142,7 @@ impl ViewBackend {
             return Ok((backend, Opened { containerd_store, coordinator: false }));
         }
         *backend.coordinator.get_mut() = Some(coordinator);
+        backend.answered = true;
         Ok((backend, Opened { containerd_store, coordinator: true }))
     }
 
@@ -688,6 +692,26 @@ impl Backend for SharedView {
         self.0.counters.bytes_received.fetch_add(blob.size, Ordering::Relaxed);
         self.0.uploads.lock().expect("not poisoned").insert(blob.digest.clone(), Arc::new(blob));
         Ok(())
+    }
+
+    async fn check_push(&self, repository: &str) -> Result<(), RegistryError> {
+        if repository != BUILD_CACHE_REPOSITORY {
+            return Err(RegistryError::Unsupported(format!(
+                "this view keeps BuildKit's cache export at {BUILD_CACHE_REPOSITORY}:<tag> only; save images with cache-worker save"
+            )));
+        }
+        // Not the coordinator's lock: a commit holds it while it saves.
+        if !self.0.answered {
+            return Err(RegistryError::Unavailable(format!(
+                "the coordinator did not answer when the view of {} started: the cache is not saved",
+                self.0.options.service
+            )));
+        }
+        Ok(())
+    }
+
+    async fn tags(&self, repository: &str) -> Result<Vec<String>, RegistryError> {
+        Ok(self.0.catalog.tags(repository))
     }
 
     async fn put_manifest(
