@@ -15,8 +15,12 @@ use serde::Deserialize;
 
 /// The repository BuildKit's cache export is served and pushed under.
 pub const BUILD_CACHE_REPOSITORY: &str = "buildcache";
-/// The tag the printed flags give it.
+/// The tag the printed flags import it from.
 pub const BUILD_CACHE_TAG: &str = "latest";
+/// The tag the printed flags export it to, which reads never find: BuildKit skips the push of
+/// a manifest a registry already holds, and a job importing its fallback branch's cache
+/// unchanged must still save it to its own branch.
+pub const BUILD_CACHE_EXPORT_TAG: &str = "export";
 
 const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
@@ -98,7 +102,9 @@ impl Catalog {
     pub fn manifest(&self, repository: &str, reference: &Reference) -> Option<&ManifestSource> {
         let repository = short_repository(repository);
         match reference {
-            Reference::Tag(_) if repository == BUILD_CACHE_REPOSITORY => self.build_cache.as_ref(),
+            Reference::Tag(tag) if repository == BUILD_CACHE_REPOSITORY => {
+                self.build_cache.as_ref().filter(|_| tag != BUILD_CACHE_EXPORT_TAG)
+            }
             Reference::Tag(tag) => self.tags.get(&(repository.to_owned(), tag.clone())),
             Reference::Digest(digest) => self.digests.get(digest),
         }
@@ -328,6 +334,8 @@ mod tests {
         assert_eq!(image.oci_blobs, vec![layer(&digest(4), 99)]);
         let catalog = Catalog::of(&pb::Manifest { images: vec![image], ..Default::default() });
         assert!(catalog.has_build_cache());
+        let exported = catalog.manifest(BUILD_CACHE_REPOSITORY, &Reference::Tag(BUILD_CACHE_EXPORT_TAG.into()));
+        assert_eq!(exported, None, "a push never finds its manifest already there");
         let served = catalog.manifest(BUILD_CACHE_REPOSITORY, &Reference::Tag("anything".into()));
         assert_eq!(
             served,
