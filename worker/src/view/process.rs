@@ -186,6 +186,12 @@ pub async fn start(
     let deadline = Instant::now() + Duration::from_secs(settings.stall_timeout * 3 + 10);
     loop {
         if let Some(state) = read_state(dirs).filter(|state| state.pid == child.id()) {
+            // The view warned as it opened (no coordinator, no engine): the job's log shows it
+            // now, beside the flags it explains, not only at the stop.
+            let log = std::fs::read_to_string(dirs.view_log()).unwrap_or_default();
+            for warning in log.lines().filter(|line| line.starts_with("cache-worker: warning: ")) {
+                eprintln!("{warning}");
+            }
             return Ok(state.flags);
         }
         if let Ok(Some(status)) = child.try_wait() {
