@@ -9,7 +9,6 @@
 
 pub mod catalog;
 mod flags;
-mod merge;
 pub mod process;
 
 use std::collections::{HashMap, HashSet};
@@ -80,11 +79,13 @@ pub struct ViewBackend {
     served: std::sync::Mutex<Vec<(String, u64, f64)>>,
     /// Lines the summary prints after the counts (saves, lost blobs).
     said: std::sync::Mutex<Vec<String>>,
-    /// The cache export this job committed last (merged with those before it), held while a
-    /// push is merged and committed: a job's exports add up instead of replacing each other.
-    exported: tokio::sync::Mutex<Option<ManifestBody>>,
     hit: bool,
+    /// The coordinator answered the lookup: pushes may be saved.
+    answered: bool,
     started: Instant,
+    /// The cache export this view last committed: a later push of the same job is merged
+    /// with it, so a `--target test` build's stages stay beside the final build's.
+    pushed: tokio::sync::Mutex<Option<ManifestBody>>,
     /// Reports of bad blobs under way, awaited before the view closes.
     reports: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
@@ -124,10 +125,11 @@ impl ViewBackend {
             counters: Counters::default(),
             served: Default::default(),
             said: Default::default(),
-            exported: Default::default(),
             hit: false,
+            answered: false,
             started: Instant::now(),
             reports: Default::default(),
+            pushed: Default::default(),
         };
         let mut coordinator = match coordinator {
             Ok(coordinator) => coordinator,
@@ -144,6 +146,7 @@ impl ViewBackend {
             return Ok((backend, Opened { containerd_store, coordinator: false }));
         }
         *backend.coordinator.get_mut() = Some(coordinator);
+        backend.answered = true;
         Ok((backend, Opened { containerd_store, coordinator: true }))
     }
 
@@ -263,6 +266,69 @@ impl ViewBackend {
         self.said.lock().expect("not poisoned").push(line);
     }
 
+    /// Two cache exports of this job as one (`oci.rs`'s merge, as a save merges the exports of
+    /// a `type=local` folder): the merged manifest, and its config (digest, bytes), which no
+    /// client uploaded.
+    async fn merged(
+        &self,
+        earlier: &ManifestBody,
+        pushed: &ManifestBody,
+    ) -> Result<(ManifestBody, (String, Bytes)), RegistryError> {
+        let mut blobs = crate::oci::OciBlobs::default();
+        for manifest in [earlier, pushed] {
+            let image = catalog::pushed_cache(manifest)?;
+            let Some(config) = image.oci_blobs.first().filter(|_| manifest.media_type.contains("manifest")) else {
+                return Err(RegistryError::ManifestInvalid("an export as an index (image-manifest=false)".into()));
+            };
+            let bytes = self.small_blob(&config.digest, config.size).await?;
+            blobs.json.insert(config.digest.clone(), bytes.to_vec());
+            blobs.json.insert(manifest.digest.clone(), manifest.bytes.to_vec());
+            blobs.index.push(crate::oci::Descriptor {
+                media_type: manifest.media_type.clone(),
+                digest: manifest.digest.clone(),
+                size: manifest.bytes.len() as u64,
+                annotations: Default::default(),
+            });
+        }
+        let top = blobs
+            .merge_caches()
+            .map_err(|error| RegistryError::ManifestInvalid(error.to_string()))?
+            .ok_or_else(|| RegistryError::Internal("merging two exports gave none".into()))?;
+        let bytes = Bytes::from(blobs.json.remove(&top.digest).unwrap_or_default());
+        let merged = ManifestBody { media_type: top.media_type, digest: top.digest, bytes };
+        let image = catalog::pushed_cache(&merged)?;
+        let config = image.oci_blobs.first().map(|config| config.digest.clone()).unwrap_or_default();
+        let config_bytes = Bytes::from(blobs.json.remove(&config).unwrap_or_default());
+        Ok((merged, (config, config_bytes)))
+    }
+
+    /// A small blob's bytes (a cache config): from this job's uploads, else the store; verified.
+    async fn small_blob(&self, digest: &str, size: u64) -> Result<Bytes, RegistryError> {
+        if size > MANIFEST_LIMIT {
+            return Err(RegistryError::ManifestInvalid(format!("the cache config {digest} is bigger than 4 MiB")));
+        }
+        let upload = self.uploads.lock().expect("not poisoned").get(digest).cloned();
+        let bytes =
+            match upload {
+                Some(upload) => Bytes::from(tokio::fs::read(&upload.path).await.map_err(|error| {
+                    RegistryError::Internal(format!("reading the upload of {digest} failed: {error}"))
+                })?),
+                None if size == 0 => Bytes::new(),
+                None => {
+                    let store = self.store()?;
+                    with_retries(|| store.download_range(digest, 0, size))
+                        .await
+                        .map_err(|error| self.read_failed(digest, error))?
+                }
+            };
+        if proto::digest::sha256_digest(&bytes) != digest {
+            return Err(RegistryError::ManifestInvalid(format!(
+                "the cache config {digest} does not hash to its digest"
+            )));
+        }
+        Ok(bytes)
+    }
+
     /// Reports a bad blob from a response already under way, awaited by `close`.
     fn report_later(self: &Arc<Self>, digest: &str) {
         let (view, digest) = (Arc::clone(self), digest.to_owned());
@@ -289,64 +355,13 @@ impl ViewBackend {
             .map_err(|error| RegistryError::Unavailable(format!("asking the store for {digest} failed: {error}")))
     }
 
-    /// `pushed` merged with the `earlier` export of this job: one cache config of both (spooled
-    /// as an upload of this job) and a manifest naming it and every blob either names. A push
-    /// in another form (an index, `image-manifest=false`) replaces the earlier as it is.
-    async fn merged_export(
-        &self,
-        earlier: &ManifestBody,
-        pushed: &ManifestBody,
-    ) -> Result<ManifestBody, RegistryError> {
-        let (Some(earlier_config), Some(pushed_config)) = (cache_config_of(earlier), cache_config_of(pushed)) else {
-            return Ok(pushed.clone());
-        };
-        let invalid =
-            |error: String| RegistryError::ManifestInvalid(format!("merging the job's cache exports: {error}"));
-        let first = self.small_blob(&earlier_config.0, earlier_config.1).await?;
-        let second = self.small_blob(&pushed_config.0, pushed_config.1).await?;
-        let config = merge::merge_configs(&first, &second).map_err(invalid)?;
-        let digest = proto::digest::sha256_digest(&config);
-        let bytes =
-            merge::merge_manifests(&earlier.bytes, &pushed.bytes, (&digest, config.len() as u64)).map_err(invalid)?;
-        let spooled = (|| {
-            use std::io::Write;
-            let mut file = tempfile::Builder::new().prefix("merged-cache-").tempfile_in(crate::export::spool_dir())?;
-            file.write_all(&config)?;
-            Ok::<_, std::io::Error>(file.into_temp_path())
-        })()
-        .map_err(|error| RegistryError::Internal(format!("spooling the merged cache config failed: {error}")))?;
-        let upload = UploadedBlob { digest: digest.clone(), size: config.len() as u64, path: spooled };
-        self.uploads.lock().expect("not poisoned").insert(digest, Arc::new(upload));
-        let digest = proto::digest::sha256_digest(&bytes);
-        Ok(ManifestBody { media_type: pushed.media_type.clone(), digest, bytes: Bytes::from(bytes) })
-    }
-
-    /// A blob small enough to hold (a cache config): from this job's uploads, or the store.
-    async fn small_blob(&self, digest: &str, size: u64) -> Result<Vec<u8>, RegistryError> {
-        if size > MANIFEST_LIMIT * 4 {
-            return Err(RegistryError::ManifestInvalid(format!("the cache config {digest} is bigger than 16 MiB")));
-        }
-        let upload = self.uploads.lock().expect("not poisoned").get(digest).cloned();
-        let bytes = match upload {
-            Some(upload) => tokio::fs::read(&upload.path)
-                .await
-                .map_err(|error| RegistryError::Internal(format!("reading the upload of {digest} failed: {error}")))?,
-            None => {
-                let store = self.store()?;
-                with_retries(|| store.download_range(digest, 0, size))
-                    .await
-                    .map_err(|error| self.read_failed(digest, error))?
-                    .to_vec()
-            }
-        };
-        if proto::digest::sha256_digest(&bytes) != digest {
-            return Err(RegistryError::BlobUnknown(format!("the cache config {digest} does not hash to its digest")));
-        }
-        Ok(bytes)
-    }
-
     /// Commits a pushed cache export as a save of the view's key.
-    async fn commit_push(&self, image: pb::Image, manifest: &ManifestBody) -> Result<(), RegistryError> {
+    async fn commit_push(
+        &self,
+        image: pb::Image,
+        manifest: &ManifestBody,
+        config: Option<(String, Bytes)>,
+    ) -> Result<(), RegistryError> {
         let mut guard = self.coordinator.lock().await;
         let Some(coordinator) = guard.as_mut() else {
             return Err(RegistryError::Unavailable(format!(
@@ -358,7 +373,7 @@ impl ViewBackend {
         // A save the coordinator lost, or whose blobs another save failed to upload, begins
         // once more, as `cache-worker save` does.
         for _ in 0..2 {
-            match self.save_once(coordinator, &image, manifest).await? {
+            match self.save_once(coordinator, &image, manifest, config.as_ref()).await? {
                 Ok(line) => {
                     self.said.lock().expect("not poisoned").push(line);
                     return Ok(());
@@ -375,8 +390,8 @@ impl ViewBackend {
         coordinator: &mut Coordinator,
         image: &pb::Image,
         manifest: &ManifestBody,
+        config: Option<&(String, Bytes)>,
     ) -> Result<Result<String, String>, RegistryError> {
-        let started = Instant::now();
         let request = pb::BeginSaveRequest {
             key: Some(pb::CacheKey { service: self.options.service.clone(), branch: self.options.branch.clone() }),
             images: vec![image.clone()],
@@ -393,7 +408,7 @@ impl ViewBackend {
         let interval = Duration::from_secs(begun.keep_alive_seconds.max(1).into());
         let plan = begun.plan.clone().unwrap_or_default();
         let lease = coordinator.lease_save(&begun.save_id, interval, plan.max_concurrency);
-        let result = self.upload_and_commit(coordinator, image, manifest, &begun, &lease, started).await;
+        let result = self.upload_and_commit(coordinator, image, manifest, config, &begun, &lease).await;
         drop(lease);
         if !matches!(result, Ok(Ok(_))) {
             coordinator.abandon_save(&begun.save_id).await;
@@ -406,16 +421,21 @@ impl ViewBackend {
         coordinator: &mut Coordinator,
         image: &pb::Image,
         manifest: &ManifestBody,
+        config: Option<&(String, Bytes)>,
         begun: &pb::BeginSaveResponse,
         lease: &crate::coordinator::SaveLease,
-        started: Instant,
     ) -> Result<Result<String, String>, RegistryError> {
+        let started = Instant::now();
         let in_flight: HashSet<String> = begun.in_flight_digests.iter().cloned().collect();
         let mut blobs = Vec::new();
         let mut held = Vec::new();
         for digest in begun.missing_digests.iter().filter(|digest| !in_flight.contains(*digest)) {
             if *digest == manifest.digest {
                 blobs.push(crate::direct::from_bytes(digest, manifest.bytes.to_vec()));
+                continue;
+            }
+            if let Some((_, bytes)) = config.filter(|(config, _)| config == digest) {
+                blobs.push(crate::direct::from_bytes(digest, bytes.to_vec()));
                 continue;
             }
             let upload = self.uploads.lock().expect("not poisoned").get(digest).cloned();
@@ -560,14 +580,6 @@ impl ViewBackend {
         }
         lines
     }
-}
-
-/// The BuildKit cache config an image manifest names (`image-manifest=true`): digest, size.
-fn cache_config_of(manifest: &ManifestBody) -> Option<(String, u64)> {
-    let parsed: serde_json::Value = serde_json::from_slice(&manifest.bytes).ok()?;
-    let config = &parsed["config"];
-    (config["mediaType"] == "application/vnd.buildkit.cacheconfig.v0")
-        .then(|| Some((config["digest"].as_str()?.to_owned(), config["size"].as_u64()?)))?
 }
 
 /// A refusal of the coordinator as the registry error a build log shows.
@@ -772,6 +784,26 @@ impl Backend for SharedView {
         Ok(())
     }
 
+    async fn check_push(&self, repository: &str) -> Result<(), RegistryError> {
+        if repository != BUILD_CACHE_REPOSITORY {
+            return Err(RegistryError::Unsupported(format!(
+                "this view keeps BuildKit's cache export at {BUILD_CACHE_REPOSITORY}:<tag> only; save images with cache-worker save"
+            )));
+        }
+        // Not the coordinator's lock: a commit holds it while it saves.
+        if !self.0.answered {
+            return Err(RegistryError::Unavailable(format!(
+                "the coordinator did not answer when the view of {} started: the cache is not saved",
+                self.0.options.service
+            )));
+        }
+        Ok(())
+    }
+
+    async fn tags(&self, repository: &str) -> Result<Vec<String>, RegistryError> {
+        Ok(self.0.catalog.tags(repository))
+    }
+
     async fn put_manifest(
         &self,
         repository: &str,
@@ -789,19 +821,30 @@ impl Backend for SharedView {
                 return Err(RegistryError::ManifestBlobUnknown(blob.digest.clone()));
             }
         }
-        let mut exported = self.0.exported.lock().await;
-        let manifest = match exported.as_ref() {
-            Some(earlier) => self.0.merged_export(earlier, &manifest).await?,
-            None => manifest,
+        // One push at a time: each merges with the one before.
+        let mut pushed = self.0.pushed.lock().await;
+        let named: Vec<String> = image.layers.iter().chain(&image.oci_blobs).map(|blob| blob.digest.clone()).collect();
+        let (image, manifest, config) = match pushed.as_ref() {
+            None => (image, manifest, None),
+            Some(earlier) => match self.0.merged(earlier, &manifest).await {
+                Ok((merged, config)) => (catalog::pushed_cache(&merged)?, merged, Some(config)),
+                Err(error) => {
+                    eprintln!(
+                        "cache-worker: warning: this job's cache exports cannot be merged, the last one is saved alone: {error}"
+                    );
+                    (image, manifest, None)
+                }
+            },
         };
-        let image = catalog::pushed_cache(&manifest)?;
-        if let Err(error) = self.0.commit_push(image, &manifest).await {
+        if let Err(error) = self.0.commit_push(image, &manifest, config).await {
             // The build log shows the refusal; the job's summary says it too.
             let line = format!("view: {}: BuildKit's cache export was not saved: {error}", self.0.options.service);
             self.0.said.lock().expect("not poisoned").push(line);
             return Err(error);
         }
-        *exported = Some(manifest);
+        // The pushed config a merge replaced is saved in the merged one.
+        self.0.uploads.lock().expect("not poisoned").retain(|digest, _| !named.contains(digest));
+        *pushed = Some(manifest);
         Ok(())
     }
 }

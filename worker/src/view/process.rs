@@ -70,11 +70,13 @@ impl Running {
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<Vec<String>, WorkerError> {
-        let spool = tempfile::Builder::new()
-            .prefix("cache-worker-view-")
-            .tempdir_in(crate::export::spool_dir())
-            .map_err(|error| WorkerError::Host(format!("the view cannot make its spool folder: {error}")))?;
-        let options = registry::server::ServeOptions::new(spool.path().to_owned());
+        // One folder per service, the same for every view of it, so a view killed mid-push
+        // leaves nothing for long: the next one removes the uploads it left as it starts.
+        let spool = crate::export::spool_dir().join(format!("cache-worker-view-{}", self.backend.options.service));
+        std::fs::create_dir_all(&spool).map_err(|error| {
+            WorkerError::Host(format!("the view cannot make its spool folder {}: {error}", spool.display()))
+        })?;
+        let options = registry::server::ServeOptions::new(spool);
         let backend: Arc<dyn registry::Backend> = Arc::new(super::SharedView(Arc::clone(&self.backend)));
         registry::server::serve(self.listener, backend, options, shutdown)
             .await
