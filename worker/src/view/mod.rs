@@ -88,6 +88,9 @@ pub struct ViewBackend {
     pushed: tokio::sync::Mutex<Option<ManifestBody>>,
     /// Reports of bad blobs under way, awaited before the view closes.
     reports: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    /// Blobs this view found missing or corrupt: reported once, then answered `BLOB_UNKNOWN`
+    /// at once (BuildKit asks again and again, backing off, before it runs the step instead).
+    lost_blobs: std::sync::Mutex<HashSet<String>>,
 }
 
 /// The largest stored manifest read into memory.
@@ -129,6 +132,7 @@ impl ViewBackend {
             answered: false,
             started: Instant::now(),
             reports: Default::default(),
+            lost_blobs: Default::default(),
             pushed: Default::default(),
         };
         let mut coordinator = match coordinator {
@@ -256,6 +260,9 @@ impl ViewBackend {
 
     /// Tells the coordinator a blob came back missing or corrupt, and says what it did.
     async fn lost(&self, digest: &str) {
+        if !self.lost_blobs.lock().expect("not poisoned").insert(digest.to_owned()) {
+            return;
+        }
         let mut coordinator = self.coordinator.lock().await;
         let said = match coordinator.as_mut() {
             Some(coordinator) => coordinator.report_bad_blob(digest).await.said(),
@@ -715,6 +722,9 @@ impl Backend for SharedView {
         let upload = self.0.uploads.lock().expect("not poisoned").get(digest).cloned();
         if let Some(upload) = upload {
             return Ok(Some(read_upload(upload, range).await?));
+        }
+        if self.0.lost_blobs.lock().expect("not poisoned").contains(digest) {
+            return Err(RegistryError::BlobUnknown(format!("{digest} is no longer in the store")));
         }
         let Some(size) = self.0.size_of(digest).await? else { return Ok(None) };
         let store = self.0.store()?.clone();
