@@ -4,8 +4,6 @@
 //! instead, so the build still succeeds; the next job builds uncached, saves, and the job after
 //! it is cached again.
 
-use std::path::PathBuf;
-
 use tests::{CoordinatorProcess, DockerEngine, EngineKind, stderr_of, stdout_of};
 
 const DOCKERFILE: &str = "FROM scratch\nCOPY file.txt /file.txt\nCOPY two.txt /two.txt\n";
@@ -40,21 +38,12 @@ fn a_blob_lost_from_the_store_is_reported_through_the_view_and_the_build_runs_it
     let built = build(&build_host, context.path(), "");
     assert!(built.status.success(), "{}", stderr_of(&built));
     let save = ["save", "--service", "web", "app:1"];
-    let blob_file = |digest: &str| -> PathBuf {
-        data_dir.path().join("objects/layer-cache/cache/web/blobs/sha256").join(digest.trim_start_matches("sha256:"))
-    };
     let layers = tests::layer_digests(&build_host, "app:1");
 
     for how in ["corrupted", "deleted"] {
         let saved = coordinator.cache_worker_on(&build_host, &token, &save);
         assert!(saved.status.success(), "{how}: {}", stderr_of(&saved));
-        let file = blob_file(&layers[1]);
-        if how == "corrupted" {
-            let size = std::fs::metadata(&file).unwrap().len() as usize;
-            std::fs::write(&file, vec![b'x'; size]).unwrap();
-        } else {
-            std::fs::remove_file(&file).unwrap();
-        }
+        tests::lose_blob(data_dir.path(), "web", &layers[1], how);
 
         // The job that reads it: BuildKit's pull fails, and it runs the step instead.
         let Some(fresh_host) = DockerEngine::start(EngineKind::Engine20) else { return };

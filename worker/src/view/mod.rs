@@ -499,25 +499,10 @@ impl ViewBackend {
             Err(crate::save::Attempt::Done(_)) => unreachable!("a commit ends no attempt"),
         };
         let bytes: u64 = moved.iter().map(|(_, bytes, _)| bytes).sum();
-        let mut layers: Vec<pb::LayerMetric> = moved
-            .iter()
-            .map(|(digest, bytes, seconds)| pb::LayerMetric {
-                digest: digest.clone(),
-                bytes: *bytes,
-                seconds: *seconds,
-                outcome: pb::LayerOutcome::Transferred as i32,
-            })
-            .collect();
-        layers.extend(begun.stored_blobs.iter().map(|blob| pb::LayerMetric {
-            digest: blob.digest.clone(),
-            bytes: blob.stored_size,
-            seconds: 0.0,
-            outcome: pb::LayerOutcome::Found as i32,
-        }));
         let report = pb::ReportMetricsRequest {
             service: service.clone(),
             operation: pb::Operation::Save as i32,
-            layers,
+            layers: crate::upload::layer_metrics(&moved, &begun.stored_blobs),
             total_seconds: started.elapsed().as_secs_f64(),
             ..Default::default()
         };
@@ -547,15 +532,7 @@ impl ViewBackend {
         let served = std::mem::take(&mut *self.served.lock().expect("not poisoned"));
         if let Some(coordinator) = self.coordinator.lock().await.as_mut() {
             let outcome = if self.hit { pb::RestoreOutcome::Hit } else { pb::RestoreOutcome::Miss };
-            let layers = served
-                .iter()
-                .map(|(digest, bytes, seconds)| pb::LayerMetric {
-                    digest: digest.clone(),
-                    bytes: *bytes,
-                    seconds: *seconds,
-                    outcome: pb::LayerOutcome::Transferred as i32,
-                })
-                .collect();
+            let layers = crate::upload::layer_metrics(&served, &[]);
             let report = pb::ReportMetricsRequest {
                 service: self.options.service.clone(),
                 operation: pb::Operation::Restore as i32,
