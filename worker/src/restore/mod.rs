@@ -199,7 +199,13 @@ impl Run<'_> {
     ) -> Result<Streamed, WorkerError> {
         let store = coordinator.blob_reader(plan).await?;
         let concurrency = plan.max_concurrency as usize;
-        let mut streamed = self.load(coordinator, engine, &store, manifest, concurrency).await?;
+        // A cache of BuildKit's export alone (a view's push saves it so) has no image to load,
+        // and the engine refuses a layout without one.
+        let mut streamed = if manifest.images.iter().any(|image| !image.build_cache) {
+            self.load(coordinator, engine, &store, manifest, concurrency).await?
+        } else {
+            Streamed::default()
+        };
         if self.oci {
             let cache_blobs = restore_build_cache(&store, manifest, &self.dirs, concurrency).await?;
             streamed.blobs.extend(cache_blobs);

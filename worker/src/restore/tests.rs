@@ -98,6 +98,8 @@ impl RestoreCoordinator for FakeCoordinator {
 #[derive(Default)]
 struct FakeEngine {
     refuses: bool,
+    /// Keeps the containerd image store.
+    containerd: bool,
     chains: HashSet<Vec<String>>,
     /// References (IDs and tags) to image IDs.
     images: Mutex<HashMap<String, String>>,
@@ -105,7 +107,7 @@ struct FakeEngine {
 
 impl ImageLoader for FakeEngine {
     async fn uses_containerd_store(&self) -> Result<bool, EngineError> {
-        Ok(false)
+        Ok(self.containerd)
     }
 
     async fn image_ids(&self) -> Result<HashSet<String>, EngineError> {
@@ -326,6 +328,49 @@ async fn a_miss_is_said_and_reported_with_the_lease() {
     assert_eq!(restored.unwrap(), Restored::Miss);
     assert_eq!(said, vec!["no cached image for shop".to_owned()]);
     assert_eq!(coordinator.outcomes(), vec![(pb::RestoreOutcome::Miss, "lease-1".to_owned())]);
+}
+
+#[tokio::test]
+async fn a_cache_of_buildkits_export_alone_is_restored_without_a_load() {
+    // As a view's push saves it: BuildKit's cache export, no image.
+    let mut blobs = HashMap::new();
+    let layer = Bytes::from_static(b"a cached layer");
+    let config = Bytes::from_static(br#"{"layers":[],"records":[]}"#);
+    let (layer_digest, config_digest) = (sha256_digest(&layer), sha256_digest(&config));
+    let manifest_json = serde_json::to_vec(&serde_json::json!({
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.buildkit.cacheconfig.v0", "digest": config_digest, "size": config.len()},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": layer_digest, "size": layer.len()}],
+    }))
+    .unwrap();
+    let manifest_digest = sha256_digest(&manifest_json);
+    let plain = |digest: &String, size: usize| pb::Layer {
+        digest: digest.clone(),
+        size: size as u64,
+        stored_size: size as u64,
+        ..Default::default()
+    };
+    let image = pb::Image {
+        id: manifest_digest.clone(),
+        oci_media_type: "application/vnd.oci.image.manifest.v1+json".into(),
+        config_size: manifest_json.len() as u64,
+        layers: vec![plain(&layer_digest, layer.len())],
+        oci_blobs: vec![plain(&config_digest, config.len())],
+        build_cache: true,
+        builder: pb::Builder::Buildkit as i32,
+        ..Default::default()
+    };
+    blobs.insert(layer_digest, layer);
+    blobs.insert(config_digest, config);
+    blobs.insert(manifest_digest.clone(), Bytes::from(manifest_json));
+    let manifest = pb::Manifest { images: vec![image], ..Default::default() };
+    let mut coordinator = FakeCoordinator::new(Answer::Hit(Box::new(manifest)), FakeStore(Arc::new(blobs)));
+    // A load of a layout with no image fails in the engine ("image might be filtered out").
+    let engine = FakeEngine { containerd: true, refuses: true, ..Default::default() };
+    let (restored, said) = run(&mut coordinator, &engine).await;
+    let Ok(Restored::Hit { flags }) = restored else { panic!("a hit: {restored:?} {said:?}") };
+    assert!(flags[0].contains(&format!("/cache,digest={manifest_digest}")), "{flags:?}");
+    assert_eq!(coordinator.outcomes(), vec![(pb::RestoreOutcome::Hit, "lease-1".to_owned())]);
 }
 
 #[tokio::test]
