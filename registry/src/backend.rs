@@ -156,4 +156,21 @@ pub trait Backend: Send + Sync + 'static {
         reference: &Reference,
         manifest: ManifestBody,
     ) -> Result<(), RegistryError>;
+
+    /// Whether a push to `repository` may begin: asked before an upload starts (`POST`, also a
+    /// mount or a monolithic upload) and before a manifest `PUT` is read, so a view that may not
+    /// write refuses (`Denied`, one line the build log shows) before any byte is spooled.
+    /// Optional: the default lets every push begin (`blob_uploaded` and `put_manifest` still
+    /// decide).
+    async fn check_push(&self, repository: &str) -> Result<(), RegistryError> {
+        let _ = repository;
+        Ok(())
+    }
+
+    /// The tags of `repository`, for `GET /v2/<name>/tags/list` (which `skopeo inspect` asks
+    /// for). Optional: a backend that does not list answers `UNSUPPORTED`, as this default does.
+    async fn tags(&self, repository: &str) -> Result<Vec<String>, RegistryError> {
+        let _ = repository;
+        Err(RegistryError::Unsupported("this registry view does not list tags".to_owned()))
+    }
 }

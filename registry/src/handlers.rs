@@ -86,6 +86,7 @@ where
         (Route::Blob { repository, digest }, &Method::GET | &Method::HEAD) => {
             get_blob(view, &repository, &digest, request.headers(), head).await
         }
+        (Route::Tags { repository }, &Method::GET) => list_tags(view, &repository, request.uri().query()).await,
         (Route::UploadStart { repository }, &Method::POST) => start_upload(view, &repository, request).await,
         (Route::Upload { repository, id }, &Method::GET) => upload_status(view, &repository, &id).await,
         (Route::Upload { repository, id }, &Method::PATCH) => patch_upload(view, &repository, &id, request).await,
@@ -101,7 +102,7 @@ where
 
 fn unsupported(method: &Method) -> Failure {
     Failure::Registry(RegistryError::Unsupported(format!(
-        "{method} is not offered on this route by the cache's registry view (no deletes, no listings)"
+        "{method} is not offered on this route by the cache's registry view (no deletes, no catalog)"
     )))
 }
 
@@ -116,7 +117,10 @@ fn set(headers: &mut HeaderMap, name: impl http::header::IntoHeaderName, value: 
 fn with_status(status: StatusCode) -> Response<Body> {
     let mut response = Response::new(response::empty());
     *response.status_mut() = status;
-    set(response.headers_mut(), header::CONTENT_LENGTH, "0");
+    // A 204 carries no body, so no length either.
+    if status != StatusCode::NO_CONTENT {
+        set(response.headers_mut(), header::CONTENT_LENGTH, "0");
+    }
     response
 }
 
@@ -173,6 +177,7 @@ where
     B: HttpBody<Data = Bytes> + Unpin,
     B::Error: std::fmt::Display,
 {
+    view.backend.check_push(repository).await?;
     let limit = view.options.max_manifest_bytes;
     let too_large = || {
         Failure::TooLarge(format!("the manifest is larger than this view's limit of {limit} bytes; nothing was stored"))
@@ -191,12 +196,17 @@ where
     let mut bytes = BytesMut::new();
     loop {
         let frame = match tokio::time::timeout(view.options.idle_timeout, body.frame()).await {
-            Err(_) => return Err(Failure::UploadInvalid("the manifest's body stalled; nothing was stored".to_owned())),
+            Err(_) => {
+                return Err(
+                    RegistryError::ManifestInvalid("the manifest's body stalled; nothing was stored".into()).into()
+                );
+            }
             Ok(None) => break,
             Ok(Some(Err(err))) => {
-                return Err(Failure::UploadInvalid(format!(
+                return Err(RegistryError::ManifestInvalid(format!(
                     "the manifest's body broke off: {err}; nothing was stored"
-                )));
+                ))
+                .into());
             }
             Ok(Some(Ok(frame))) => frame,
         };
@@ -322,6 +332,24 @@ impl HttpBody for BlobBody {
     }
 }
 
+/// `{"name","tags"}`, sorted, paged by `n` and `last` as distribution pages it.
+async fn list_tags(view: &View, repository: &str, query: Option<&str>) -> Result<Response<Body>, Failure> {
+    let mut tags = view.backend.tags(repository).await?;
+    tags.sort();
+    tags.dedup();
+    if let Some(last) = routes::query_param(query, "last") {
+        tags.retain(|tag| *tag > last);
+    }
+    if let Some(n) = routes::query_param(query, "n").and_then(|n| n.parse::<usize>().ok()) {
+        tags.truncate(n);
+    }
+    let bytes = serde_json::to_vec(&serde_json::json!({ "name": repository, "tags": tags })).unwrap_or_default();
+    let mut response = Response::new(response::full(bytes.clone()));
+    set(response.headers_mut(), header::CONTENT_TYPE, "application/json");
+    response.headers_mut().insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
+    Ok(response)
+}
+
 fn upload_response(status: StatusCode, repository: &str, id: &str, size: u64) -> Response<Body> {
     let mut response = with_status(status);
     let headers = response.headers_mut();
@@ -344,6 +372,7 @@ where
     B: HttpBody<Data = Bytes> + Unpin,
     B::Error: std::fmt::Display,
 {
+    view.backend.check_push(repository).await?;
     let query = request.uri().query();
     if let Some(mount) = routes::query_param(query, "mount") {
         names::validate_digest(&mount)?;
@@ -358,7 +387,10 @@ where
         // A monolithic upload: the whole blob in this one request.
         names::validate_digest(&digest)?;
         let mut spool = view.uploads.spool()?;
-        spool.append(request.into_body(), view.options.idle_timeout).await.map_err(|err| err.into_failure("of"))?;
+        spool
+            .append(request.into_body(), view.options.idle_timeout)
+            .await
+            .map_err(|err| err.into_failure(&format!("the upload of {digest}")))?;
         let blob = spool.finish(&digest, None).await?;
         view.backend.blob_uploaded(repository, blob).await?;
         return Ok(blob_created(repository, &digest));
@@ -414,9 +446,9 @@ where
         Err(AppendError::Spool(err)) => {
             guard.take();
             view.uploads.remove(id);
-            return Err(AppendError::Spool(err).into_failure(id));
+            return Err(AppendError::Spool(err).into_failure(&format!("upload {id}")));
         }
-        Err(err) => return Err(err.into_failure(id)),
+        Err(err) => return Err(err.into_failure(&format!("upload {id}"))),
     }
     let size = spool.size();
     session.touch(view.uploads.now_ms());
@@ -433,6 +465,7 @@ where
     B: HttpBody<Data = Bytes> + Unpin,
     B::Error: std::fmt::Display,
 {
+    let session = view.uploads.get(repository, id)?;
     let Some(digest) = routes::query_param(request.uri().query(), "digest") else {
         return Err(RegistryError::DigestInvalid(format!(
             "the final PUT of upload {id} needs ?digest=sha256:<hex>; the upload is kept"
@@ -440,19 +473,18 @@ where
         .into());
     };
     names::validate_digest(&digest)?;
-    let session = view.uploads.get(repository, id)?;
     let mut guard = session.spool.try_lock().map_err(|_| busy(id))?;
     let spool = guard.as_mut().ok_or_else(|| uploads::unknown(id))?;
     let appended = spool.append(request.into_body(), view.options.idle_timeout).await;
     if let Err(AppendError::Body(reason)) = appended {
-        return Err(AppendError::Body(reason).into_failure(id));
+        return Err(AppendError::Body(reason).into_failure(&format!("upload {id}")));
     }
     // From here the session is over, whatever the outcome: a mismatch deletes its file.
     let spool = guard.take().ok_or_else(|| uploads::unknown(id))?;
     view.uploads.remove(id);
     drop(guard);
     if let Err(err) = appended {
-        return Err(err.into_failure(id));
+        return Err(err.into_failure(&format!("upload {id}")));
     }
     let blob = spool.finish(&digest, None).await?;
     view.backend.blob_uploaded(repository, blob).await?;

@@ -18,8 +18,10 @@ pub enum Route {
     UploadStart { repository: String },
     /// `/v2/<name>/blobs/uploads/<id>`.
     Upload { repository: String, id: String },
-    /// `/v2/<name>/tags/list` and `/v2/_catalog`: known to the API, not offered by this view.
-    Listing,
+    /// `/v2/<name>/tags/list`.
+    Tags { repository: String },
+    /// `/v2/_catalog`: known to the API, not offered by this view.
+    Catalog,
 }
 
 /// Why a path is not a route.
@@ -53,7 +55,7 @@ pub fn parse_path(path: &str) -> Result<Route, RouteError> {
         ))));
     }
     if rest == "_catalog" {
-        return Ok(Route::Listing);
+        return Ok(Route::Catalog);
     }
     let segments: Vec<&str> = rest.split('/').collect();
     let n_segments = segments.len();
@@ -78,10 +80,7 @@ pub fn parse_path(path: &str) -> Result<Route, RouteError> {
         let (kind, last) = (segments[n_segments - 2], segments[n_segments - 1]);
         match (kind, last) {
             ("blobs", "uploads") => return Ok(Route::UploadStart { repository: name_of(2)? }),
-            ("tags", "list") => {
-                name_of(2)?;
-                return Ok(Route::Listing);
-            }
+            ("tags", "list") => return Ok(Route::Tags { repository: name_of(2)? }),
             ("manifests", reference) => {
                 let repository = name_of(2)?;
                 return Ok(Route::Manifest { repository, reference: names::parse_reference(reference)? });
@@ -221,8 +220,8 @@ mod tests {
             parse_path(&format!("/v2/x/y/blobs/uploads/{id}")),
             Ok(Route::Upload { repository: "x/y".into(), id: id.into() })
         );
-        assert_eq!(parse_path("/v2/_catalog"), Ok(Route::Listing));
-        assert_eq!(parse_path("/v2/app/tags/list"), Ok(Route::Listing));
+        assert_eq!(parse_path("/v2/_catalog"), Ok(Route::Catalog));
+        assert_eq!(parse_path("/v2/c/web/tags/list"), Ok(Route::Tags { repository: "c/web".into() }));
     }
 
     #[test]
@@ -285,5 +284,44 @@ mod tests {
         assert_eq!(parse_content_range("bytes 100-199/200"), Some((100, 199)));
         assert_eq!(parse_content_range("5-4"), None);
         assert_eq!(parse_content_range("x"), None);
+    }
+}
+
+#[cfg(test)]
+mod properties {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    proptest! {
+        #[test]
+        fn any_path_parses_without_panic_and_names_only_valid_repositories(path in "(/v2/)?[a-zA-Z0-9._:/%-]{0,80}") {
+            match parse_path(&path) {
+                Ok(Route::Manifest { repository, .. })
+                | Ok(Route::Blob { repository, .. })
+                | Ok(Route::UploadStart { repository })
+                | Ok(Route::Upload { repository, .. })
+                | Ok(Route::Tags { repository }) => {
+                    prop_assert!(names::validate_repository(&repository).is_ok());
+                    prop_assert!(!path.contains('%') && !path.contains(".."));
+                }
+                _ => {}
+            }
+        }
+
+        #[test]
+        fn any_range_header_gives_a_range_inside_the_blob(header in "(bytes=)?[0-9,-]{0,24}", size in 0u64..1_000_000) {
+            if let RangeAsk::Part(ByteRange { start, end }) = parse_range(Some(&header), size) {
+                prop_assert!(start <= end && end < size);
+            }
+            if let Some((start, end)) = parse_content_range(&header) {
+                prop_assert!(start <= end);
+            }
+        }
+
+        #[test]
+        fn any_manifest_body_is_judged_without_panic(body in proptest::collection::vec(any::<u8>(), 0..200), content_type in "[a-z./+;= -]{0,40}") {
+            let _ = names::manifest_media_type(&body, Some(&content_type));
+        }
     }
 }

@@ -10,8 +10,8 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::path::PathBuf;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -22,12 +22,12 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use proto::clock::SharedClock;
-use tokio::sync::{mpsc, watch};
-use tokio::time::Instant;
+use tokio::sync::{Semaphore, mpsc, watch};
 
 use crate::backend::{Backend, RegistryError};
 use crate::handlers::{self, View};
 use crate::response::{Body, Failure};
+use crate::uploads;
 
 /// How a view serves.
 #[derive(Debug, Clone)]
@@ -37,12 +37,15 @@ pub struct ServeOptions {
     /// The largest manifest a `PUT` may carry.
     pub max_manifest_bytes: usize,
     /// A connection with no request in flight for this long is closed; an upload session
-    /// unused for this long is dropped with its file; a request body that sends nothing for
-    /// this long is cut off.
+    /// unused for this long is dropped with its file (and at start, spool files a killed view
+    /// left that were not written for this long are removed); a request body that sends
+    /// nothing for this long is cut off.
     pub idle_timeout: Duration,
     /// How many upload sessions may be open at once.
     pub max_uploads: usize,
-    /// The clock upload sessions age by.
+    /// How many connections are served at once (more wait until one closes).
+    pub max_connections: usize,
+    /// The clock upload sessions and idle connections age by.
     pub clock: SharedClock,
 }
 
@@ -53,6 +56,7 @@ impl ServeOptions {
             max_manifest_bytes: 4 * 1024 * 1024,
             idle_timeout: Duration::from_secs(300),
             max_uploads: 256,
+            max_connections: 512,
             clock: proto::clock::system_clock(),
         }
     }
@@ -67,7 +71,12 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     tokio::fs::create_dir_all(&options.spool_dir).await?;
-    let sweep_every = (options.idle_timeout / 2).clamp(Duration::from_millis(100), Duration::from_secs(30));
+    let n_stale =
+        uploads::remove_stale_spool_files(&options.spool_dir, options.idle_timeout, options.clock.now_unix_ms());
+    if n_stale > 0 {
+        tracing::info!(n_stale, "removed upload files a stopped view left behind");
+    }
+    let sweep_every = (options.idle_timeout / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
     let view = Arc::new(View::new(backend, options));
     let (stop_sender, stop) = watch::channel(false);
     // Every connection and every request handler holds a clone; when the last one is dropped,
@@ -86,14 +95,28 @@ pub async fn serve(
             }
         }
     });
+    // At most `max_connections` are served at once; more wait in the listener's backlog, so a
+    // runaway client cannot take the worker's file descriptors.
+    let connections = Arc::new(Semaphore::new(view.options.max_connections.max(1)));
     tokio::pin!(shutdown);
     loop {
+        let permit = tokio::select! {
+            () = &mut shutdown => break,
+            permit = connections.clone().acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => break,
+            },
+        };
         tokio::select! {
             () = &mut shutdown => break,
             accepted = listener.accept() => match accepted {
                 Ok((stream, _peer)) => {
                     let _ = stream.set_nodelay(true);
-                    tokio::spawn(serve_connection(view.clone(), stream, stop.clone(), alive.clone()));
+                    let connection = serve_connection(view.clone(), stream, stop.clone(), alive.clone());
+                    tokio::spawn(async move {
+                        connection.await;
+                        drop(permit);
+                    });
                 }
                 Err(err) => {
                     // Out of file descriptors, most likely: let the connections in flight end.
@@ -112,11 +135,13 @@ pub async fn serve(
     Ok(())
 }
 
-/// When a connection last had something to do, and how many of its requests are in flight (a
-/// request is in flight from its head until its response body is done or dropped).
+/// When a connection last had something to do (on the view's clock), and how many of its
+/// requests are in flight (a request is in flight from its head until its response body is done
+/// or dropped).
 struct Activity {
+    clock: SharedClock,
     in_flight: AtomicUsize,
-    last_active: Mutex<Instant>,
+    last_active_ms: AtomicI64,
 }
 
 impl Activity {
@@ -127,14 +152,15 @@ impl Activity {
     }
 
     fn touch(&self) {
-        *self.last_active.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = Instant::now();
+        self.last_active_ms.store(self.clock.now_unix_ms(), Ordering::SeqCst);
     }
 
     fn idle_for(&self) -> Duration {
         if self.in_flight.load(Ordering::SeqCst) > 0 {
             return Duration::ZERO;
         }
-        self.last_active.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).elapsed()
+        let idle_ms = self.clock.now_unix_ms() - self.last_active_ms.load(Ordering::SeqCst);
+        Duration::from_millis(idle_ms.max(0) as u64)
     }
 }
 
@@ -179,7 +205,12 @@ async fn serve_connection(
     mut stop: watch::Receiver<bool>,
     alive: mpsc::Sender<()>,
 ) {
-    let activity = Arc::new(Activity { in_flight: AtomicUsize::new(0), last_active: Mutex::new(Instant::now()) });
+    let clock = view.options.clock.clone();
+    let activity = Arc::new(Activity {
+        in_flight: AtomicUsize::new(0),
+        last_active_ms: AtomicI64::new(clock.now_unix_ms()),
+        clock: clock.clone(),
+    });
     let service = hyper::service::service_fn({
         let (view, activity, alive) = (view.clone(), activity.clone(), alive.clone());
         move |request: Request<Incoming>| {
@@ -211,8 +242,12 @@ async fn serve_connection(
         .serve_connection(TokioIo::new(stream), service);
     tokio::pin!(connection);
     let idle_timeout = view.options.idle_timeout;
-    let mut ticker = tokio::time::interval((idle_timeout / 4).max(Duration::from_millis(10)));
-    let mut closing = false;
+    // Idleness is measured on the view's clock; this only says how often to look.
+    let mut ticker = tokio::time::interval((idle_timeout / 4).clamp(Duration::from_millis(10), Duration::from_secs(1)));
+    // When the connection was told to close. A response still streaming to a client that does
+    // not read gets `idle_timeout` more; then the connection is dropped, so a stuck client cannot
+    // hold the view's stop (handlers are tasks of their own and are waited for regardless).
+    let mut closing_since_ms: Option<i64> = None;
     loop {
         tokio::select! {
             served = connection.as_mut() => {
@@ -221,16 +256,21 @@ async fn serve_connection(
                 }
                 break;
             }
-            _ = stop.wait_for(|stop| *stop), if !closing => {
+            _ = stop.wait_for(|stop| *stop), if closing_since_ms.is_none() => {
                 connection.as_mut().graceful_shutdown();
-                closing = true;
+                closing_since_ms = Some(clock.now_unix_ms());
             }
-            _ = ticker.tick(), if !closing => {
-                if activity.idle_for() >= idle_timeout {
+            _ = ticker.tick() => match closing_since_ms {
+                None if activity.idle_for() >= idle_timeout => {
                     connection.as_mut().graceful_shutdown();
-                    closing = true;
+                    closing_since_ms = Some(clock.now_unix_ms());
                 }
-            }
+                Some(since_ms) if clock.now_unix_ms() - since_ms >= idle_timeout.as_millis() as i64 => {
+                    tracing::debug!("registry connection dropped: its response did not finish after the close");
+                    break;
+                }
+                _ => {}
+            },
         }
     }
     drop(alive);

@@ -26,6 +26,9 @@ use crate::response::Failure;
 /// reaches the disk in large writes.
 const SPOOL_WRITE_BUFFER: usize = 1024 * 1024;
 
+/// How every spool file's name begins.
+const SPOOL_PREFIX: &str = "upload-";
+
 /// The bytes of one upload so far, in a file deleted when this is dropped.
 pub struct Spool {
     file: tokio::fs::File,
@@ -50,11 +53,12 @@ pub enum AppendError {
 }
 
 impl AppendError {
-    pub fn into_failure(self, id: &str) -> Failure {
+    /// The failure to answer with; `what` names the upload ("upload <id>").
+    pub fn into_failure(self, what: &str) -> Failure {
         match self {
-            AppendError::Body(reason) => Failure::UploadInvalid(format!("upload {id} broke off: {reason}")),
+            AppendError::Body(reason) => Failure::UploadInvalid(format!("{what} broke off: {reason}")),
             AppendError::Spool(err) => Failure::Registry(RegistryError::Internal(format!(
-                "upload {id} could not be spooled on the build host: {err}"
+                "{what} could not be spooled on the build host: {err}"
             ))),
         }
     }
@@ -63,7 +67,7 @@ impl AppendError {
 impl Spool {
     /// An empty spool file in `dir`.
     pub fn create(dir: &Path) -> std::io::Result<Spool> {
-        let (file, path) = tempfile::Builder::new().prefix("upload-").tempfile_in(dir)?.into_parts();
+        let (file, path) = tempfile::Builder::new().prefix(SPOOL_PREFIX).tempfile_in(dir)?.into_parts();
         Ok(Spool { file: tokio::fs::File::from_std(file), path, hasher: DigestHasher::new() })
     }
 
@@ -260,6 +264,31 @@ impl Uploads {
     }
 }
 
+/// Deletes the spool files in `dir` last written more than `idle` before `now_ms`: uploads of a
+/// view that was killed (a view that is alive drops its own idle sessions, and writes its live
+/// ones). Returns how many went.
+pub fn remove_stale_spool_files(dir: &Path, idle: Duration, now_ms: i64) -> usize {
+    let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
+    let mut n_removed = 0;
+    for entry in entries.flatten() {
+        let is_spool_file = entry.file_name().to_str().is_some_and(|name| name.starts_with(SPOOL_PREFIX));
+        let written_ms = entry
+            .metadata()
+            .ok()
+            .filter(|metadata| metadata.is_file())
+            .and_then(|metadata| metadata.modified().ok())
+            .and_then(|modified| modified.duration_since(std::time::UNIX_EPOCH).ok())
+            .map(|since_epoch| since_epoch.as_millis() as i64);
+        if is_spool_file
+            && written_ms.is_some_and(|written_ms| now_ms - written_ms > idle.as_millis() as i64)
+            && std::fs::remove_file(entry.path()).is_ok()
+        {
+            n_removed += 1;
+        }
+    }
+    n_removed
+}
+
 /// The answer for an id this view does not hold.
 pub fn unknown(id: &str) -> Failure {
     Failure::UploadUnknown(format!("upload {} is unknown: it finished, was cancelled or expired", shown(id)))
@@ -268,7 +297,7 @@ pub fn unknown(id: &str) -> Failure {
 #[cfg(test)]
 mod tests {
     use http_body_util::{Full, StreamBody};
-    use proto::clock::ManualClock;
+    use proto::clock::{Clock, ManualClock};
     use proto::digest::sha256_digest;
 
     use super::*;
@@ -332,6 +361,21 @@ mod tests {
         spool.append(Full::new(Bytes::from_static(b"def")), Duration::from_secs(5)).await.unwrap();
         let blob = spool.finish(&sha256_digest(b"abcdef"), None).await.unwrap();
         assert_eq!(std::fs::read(&blob.path).unwrap(), b"abcdef");
+    }
+
+    #[test]
+    fn spool_files_left_by_a_killed_view_are_removed_and_recent_ones_and_others_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let kept = Spool::create(dir.path()).unwrap();
+        std::fs::write(dir.path().join("upload-left"), b"x").unwrap();
+        std::fs::write(dir.path().join("view.log"), b"x").unwrap();
+        let now_ms = proto::clock::SystemClock.now_unix_ms();
+        assert_eq!(remove_stale_spool_files(dir.path(), Duration::from_secs(300), now_ms), 0);
+        let later_ms = now_ms + 301_000;
+        assert_eq!(remove_stale_spool_files(dir.path(), Duration::from_secs(300), later_ms), 2);
+        let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|entry| entry.unwrap().file_name()).collect();
+        assert_eq!(left, ["view.log"]);
+        drop(kept);
     }
 
     #[tokio::test]

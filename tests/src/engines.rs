@@ -197,6 +197,12 @@ impl DockerEngine {
     /// buildx, or on the older engines Debian's own 20.10 client (`/usr/bin/docker`), since the
     /// newer client on PATH needs buildx.
     pub fn buildkit_build(&self, context: &Path, tag: &str, extra_args: &[&str]) -> Output {
+        self.buildkit_build_command(context, tag, extra_args).output().expect("docker build with BuildKit")
+    }
+
+    /// The command [`DockerEngine::buildkit_build`] runs, for a test to run it another way (as
+    /// the command a wrapper runs, or while reading its output as it comes).
+    pub fn buildkit_build_command(&self, context: &Path, tag: &str, extra_args: &[&str]) -> Command {
         let mut command = match &self.cli {
             Some((cli, config)) => {
                 let mut command = Command::new(cli);
@@ -210,9 +216,8 @@ impl DockerEngine {
             .args(extra_args)
             .arg(context)
             .env("DOCKER_HOST", &self.host)
-            .env("DOCKER_BUILDKIT", "1")
-            .output()
-            .expect("docker build with BuildKit")
+            .env("DOCKER_BUILDKIT", "1");
+        command
     }
 
     /// The engine's data root (`--data-root`).
@@ -228,6 +233,28 @@ impl DockerEngine {
     /// Makes a busybox base image on this engine.
     pub fn import_busybox_base(&self, tag: &str) {
         import_busybox(Some(&self.host), tag);
+    }
+
+    /// Makes a busybox base image on this engine whose layer is the same bytes on every host (the
+    /// tar's order, times and owners fixed), as a base pulled from a registry would be: builds on
+    /// fresh hosts then share cache keys without restoring the base.
+    pub fn import_reproducible_busybox_base(&self, tag: &str) {
+        let root = busybox_root();
+        let mut tar = Command::new("tar")
+            .args(["--sort=name", "--mtime=@0", "--owner=0", "--group=0", "--numeric-owner", "-C"])
+            .arg(root.path())
+            .args(["-c", "."])
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("tar");
+        let imported = Command::new("docker")
+            .args(["import", "-", tag])
+            .stdin(tar.stdout.take().expect("tar stdout"))
+            .env("DOCKER_HOST", &self.host)
+            .output()
+            .expect("docker import");
+        assert!(tar.wait().expect("wait for tar").success(), "tar of the base image failed");
+        assert!(imported.status.success(), "docker import {tag}: {}", stderr_of(&imported));
     }
 
     /// IDs of every image the engine holds.

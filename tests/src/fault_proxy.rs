@@ -1,5 +1,6 @@
-//! A TCP proxy in front of the embedded endpoint that freezes, answers `503 Slow Down`, and
-//! notes each request's `Range`: a stalled or throttling store on demand.
+//! A TCP proxy in front of the embedded endpoint (or any HTTP peer) that freezes, answers
+//! `503 Slow Down`, notes each request's `Range` and counts the bytes it moves each way: a
+//! stalled or throttling store on demand, and a meter of what crossed it.
 
 use std::time::Duration;
 
@@ -12,6 +13,8 @@ pub struct FaultyProxy {
     upstream: std::sync::Arc<std::sync::Mutex<String>>,
     /// Bytes moved from the upstream to clients so far.
     moved_down: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// Bytes moved from clients to the upstream so far.
+    moved_up: std::sync::Arc<std::sync::atomic::AtomicU64>,
     /// The `Range` headers of the requests that passed, as sent (e.g. `bytes=0-8388607`).
     ranges: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
     /// How many of the next connections are answered `503 Slow Down` instead of forwarded.
@@ -61,6 +64,8 @@ impl FaultyProxy {
         let frozen = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let upstream = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
         let moved_down = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let moved_up = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let accept_moved_up = moved_up.clone();
         let ranges = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let (accept_upstream, accept_frozen, accept_moved) = (upstream.clone(), frozen.clone(), moved_down.clone());
         let accept_ranges = ranges.clone();
@@ -81,7 +86,12 @@ impl FaultyProxy {
                 let upstream = accept_upstream.lock().expect("upstream").clone();
                 let Ok(server) = std::net::TcpStream::connect(&upstream) else { continue };
                 let directions = [
-                    (client.try_clone(), server.try_clone(), None, Some(accept_ranges.clone())),
+                    (
+                        client.try_clone(),
+                        server.try_clone(),
+                        Some(accept_moved_up.clone()),
+                        Some(accept_ranges.clone()),
+                    ),
                     (server.try_clone(), client.try_clone(), Some(accept_moved.clone()), None),
                 ];
                 for (from, to, counter, ranges) in directions {
@@ -119,7 +129,7 @@ impl FaultyProxy {
                 }
             }
         });
-        FaultyProxy { address, frozen, upstream, moved_down, ranges, failing }
+        FaultyProxy { address, frozen, upstream, moved_down, moved_up, ranges, failing }
     }
 
     pub fn forward_to(&self, upstream: &str) {
@@ -138,6 +148,10 @@ impl FaultyProxy {
 
     pub fn bytes_moved_down(&self) -> u64 {
         self.moved_down.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    pub fn bytes_moved_up(&self) -> u64 {
+        self.moved_up.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     pub fn freeze(&self) {

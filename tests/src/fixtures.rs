@@ -44,6 +44,25 @@ pub fn build_context(dockerfile: &str) -> tempfile::TempDir {
     context
 }
 
+/// A blob of the embedded store lost behind the coordinator's back, `how`: its file under the
+/// coordinator's data directory `data_dir` "corrupted" in place (as many bytes, all `x`) or
+/// "deleted".
+pub fn lose_blob(data_dir: &Path, project: &str, digest: &str, how: &str) {
+    let file = data_dir
+        .join("objects/layer-cache/cache")
+        .join(project)
+        .join("blobs/sha256")
+        .join(digest.trim_start_matches("sha256:"));
+    match how {
+        "corrupted" => {
+            let size = std::fs::metadata(&file).expect("the stored blob").len() as usize;
+            std::fs::write(&file, vec![b'x'; size]).expect("corrupt the blob");
+        }
+        "deleted" => std::fs::remove_file(&file).expect("delete the blob"),
+        other => panic!("no way to lose a blob called {other:?}"),
+    }
+}
+
 /// "sha256:<hex>" of some bytes.
 pub fn sha256_digest(bytes: &[u8]) -> String {
     proto::digest::sha256_digest(bytes)

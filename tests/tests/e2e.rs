@@ -22,6 +22,7 @@ mod e2e {
     mod projects_and_credentials;
     mod pull_request_trust;
     mod quotas;
+    mod registry_view;
     mod replicas;
     mod reused_hosts;
     mod s3_store;
@@ -32,4 +33,5 @@ mod e2e {
     mod step_reuse;
     mod traces;
     mod transfers;
+    mod view_lost_blobs;
 }

@@ -89,15 +89,8 @@ enum Command {
     },
     /// Bring the service's cached images into the engine before a build.
     Restore {
-        /// The service the cache is kept for
-        #[arg(long, env = "CACHE_SERVICE")]
-        service: String,
-        /// The branch whose cache to restore
-        #[arg(long, env = "CACHE_BRANCH", default_value = "")]
-        branch: String,
-        /// Branches to try, in order, when the branch has no cache (repeatable)
-        #[arg(long = "fallback-branch")]
-        fallback_branches: Vec<String>,
+        #[command(flatten)]
+        key: KeyArgs,
         /// Fail (exit 69 unreachable, 77 refused, else 1) when the restore fails, instead of warning and building without cache
         #[arg(long, env = "CACHE_STRICT")]
         strict: bool,
@@ -119,18 +112,25 @@ enum Command {
     },
 }
 
-/// Which cache a view serves and where it listens.
+/// Which cache a restore or a view reads.
 #[derive(Debug, clap::Args)]
-struct ViewArgs {
+struct KeyArgs {
     /// The service the cache is kept for
     #[arg(long, env = "CACHE_SERVICE")]
     service: String,
-    /// The branch whose cache to serve, and which a pushed cache export is saved to
+    /// The branch whose cache to read (a view saves a pushed cache export to it too)
     #[arg(long, env = "CACHE_BRANCH", default_value = "")]
     branch: String,
-    /// Branches to serve, in order, when the branch has no cache (repeatable)
+    /// Branches to try, in order, when the branch has no cache (repeatable)
     #[arg(long = "fallback-branch")]
     fallback_branches: Vec<String>,
+}
+
+/// Which cache a view serves and where it listens.
+#[derive(Debug, clap::Args)]
+struct ViewArgs {
+    #[command(flatten)]
+    key: KeyArgs,
     /// Where the view listens: loopback, which every engine reaches over plain HTTP without
     /// configuration (port 0: any free port)
     #[arg(long, env = "CACHE_VIEW_LISTEN", default_value = "127.0.0.1:0")]
@@ -140,9 +140,9 @@ struct ViewArgs {
 impl ViewArgs {
     fn options(&self) -> worker::view::ViewOptions {
         worker::view::ViewOptions {
-            service: self.service.clone(),
-            branch: self.branch.clone(),
-            fallback_branches: self.fallback_branches.clone(),
+            service: self.key.service.clone(),
+            branch: self.key.branch.clone(),
+            fallback_branches: self.key.fallback_branches.clone(),
         }
     }
 }
@@ -187,7 +187,7 @@ async fn run_view(cli: &Cli, command: &ViewCommand) -> ExitCode {
                 build_cache_dir: &cli.build_cache_dir,
                 job_id: cli.job_id.as_deref(),
             };
-            match process::start(&args.options(), &args.listen, &settings, &dirs(&args.service)).await {
+            match process::start(&args.options(), &args.listen, &settings, &dirs(&args.key.service)).await {
                 Ok(flags) => {
                     println!("{}", build_flags(&flags));
                     Ok(())
@@ -196,7 +196,7 @@ async fn run_view(cli: &Cli, command: &ViewCommand) -> ExitCode {
                 Err(error) if !matches!(error, WorkerError::Invalid(_)) => {
                     eprintln!(
                         "cache-worker: warning: the view of {} did not start, the build runs without cache: {error}",
-                        args.service
+                        args.key.service
                     );
                     println!();
                     Ok(())
@@ -206,7 +206,7 @@ async fn run_view(cli: &Cli, command: &ViewCommand) -> ExitCode {
         }
         ViewCommand::Stop { service } => process::stop(service, &dirs(service)).await,
         ViewCommand::Serve(args) => match process::open(connected(cli).await, args.options(), &args.listen).await {
-            Ok(running) => process::serve(running, &dirs(&args.service)).await,
+            Ok(running) => process::serve(running, &dirs(&args.key.service)).await,
             Err(error) => Err(error),
         },
         ViewCommand::Run { view, command } => {
@@ -342,7 +342,9 @@ async fn with_failover<T>(
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     let _telemetry = telemetry::init("cache-worker", "CACHE_LOG", "warn", &[]);
-    if let Command::Restore { service, branch, fallback_branches, strict, print_cache_from } = &cli.command {
+    if let Command::Restore { key: KeyArgs { service, branch, fallback_branches }, strict, print_cache_from } =
+        &cli.command
+    {
         let options = RestoreOptions {
             service: service.clone(),
             branch: branch.clone(),

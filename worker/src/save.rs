@@ -949,21 +949,7 @@ async fn report(
     let SaveJob { options, started, .. } = job;
     let n_blobs_stored = begun.stored_blobs.len();
     let bytes_uploaded: u64 = uploaded.iter().map(|(_, bytes, _)| bytes).sum();
-    let mut layer_metrics: Vec<pb::LayerMetric> = uploaded
-        .iter()
-        .map(|(digest, bytes, seconds)| pb::LayerMetric {
-            digest: digest.clone(),
-            bytes: *bytes,
-            seconds: *seconds,
-            outcome: pb::LayerOutcome::Transferred as i32,
-        })
-        .collect();
-    layer_metrics.extend(begun.stored_blobs.iter().map(|blob| pb::LayerMetric {
-        digest: blob.digest.clone(),
-        bytes: blob.stored_size,
-        seconds: 0.0,
-        outcome: pb::LayerOutcome::Found as i32,
-    }));
+    let layer_metrics = crate::upload::layer_metrics(uploaded, &begun.stored_blobs);
     let seconds = started.elapsed().as_secs_f64();
     let report = pb::ReportMetricsRequest {
         service: options.service.clone(),

@@ -11,6 +11,25 @@ use crate::error::WorkerError;
 /// One uploaded blob: its digest, its size in bytes and the seconds its upload took.
 pub type Moved = (String, u64, f64);
 
+/// The per-layer figures of a save's report (or a view's reads): each blob moved, then each the
+/// store already held.
+pub fn layer_metrics(moved: &[Moved], stored: &[proto::v1::Layer]) -> Vec<proto::v1::LayerMetric> {
+    use proto::v1::{LayerMetric, LayerOutcome};
+    let transferred = moved.iter().map(|(digest, bytes, seconds)| LayerMetric {
+        digest: digest.clone(),
+        bytes: *bytes,
+        seconds: *seconds,
+        outcome: LayerOutcome::Transferred as i32,
+    });
+    let found = stored.iter().map(|blob| LayerMetric {
+        digest: blob.digest.clone(),
+        bytes: blob.stored_size,
+        seconds: 0.0,
+        outcome: LayerOutcome::Found as i32,
+    });
+    transferred.chain(found).collect()
+}
+
 /// Runs `upload` on each item of `blobs`, at most `concurrency` at once (at least one). The
 /// next item is taken only when a slot is free, so a source that reads or spools ahead is held
 /// back; a failure is surfaced before the next item is taken, not after the whole source.

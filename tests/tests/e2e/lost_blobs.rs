@@ -31,13 +31,7 @@ fn a_lost_blob_is_dropped_at_the_first_restore_and_uploaded_again_by_the_next_sa
     assert!(stdout_of(&coordinator.cachectl(&["ls", "web"])).contains("\nweb "), "the cache stays");
 
     for (how, layer) in [("corrupted", &layers[2]), ("deleted", &layers[3])] {
-        let file = blob_file(layer);
-        if how == "corrupted" {
-            let size = std::fs::metadata(&file).unwrap().len() as usize;
-            std::fs::write(&file, vec![b'x'; size]).unwrap();
-        } else {
-            std::fs::remove_file(&file).unwrap();
-        }
+        tests::lose_blob(data_dir.path(), "web", layer, how);
         let Some(fresh_host) = DockerEngine::start(EngineKind::Engine20) else { return };
         let restore = ["restore", "--service", "web"];
         let failed = coordinator.cache_worker_on(&fresh_host, &token, &restore);

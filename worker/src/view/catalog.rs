@@ -15,8 +15,12 @@ use serde::Deserialize;
 
 /// The repository BuildKit's cache export is served and pushed under.
 pub const BUILD_CACHE_REPOSITORY: &str = "buildcache";
-/// The tag the printed flags give it.
+/// The tag the printed flags import it from.
 pub const BUILD_CACHE_TAG: &str = "latest";
+/// The tag the printed flags export it to, which reads never find: BuildKit skips the push of
+/// a manifest a registry already holds, and a job importing its fallback branch's cache
+/// unchanged must still save it to its own branch.
+pub const BUILD_CACHE_EXPORT_TAG: &str = "export";
 
 const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
@@ -98,7 +102,9 @@ impl Catalog {
     pub fn manifest(&self, repository: &str, reference: &Reference) -> Option<&ManifestSource> {
         let repository = short_repository(repository);
         match reference {
-            Reference::Tag(_) if repository == BUILD_CACHE_REPOSITORY => self.build_cache.as_ref(),
+            Reference::Tag(tag) if repository == BUILD_CACHE_REPOSITORY => {
+                self.build_cache.as_ref().filter(|_| tag != BUILD_CACHE_EXPORT_TAG)
+            }
             Reference::Tag(tag) => self.tags.get(&(repository.to_owned(), tag.clone())),
             Reference::Digest(digest) => self.digests.get(digest),
         }
@@ -107,6 +113,18 @@ impl Catalog {
     /// The stored size of a blob a served manifest names.
     pub fn blob_size(&self, digest: &str) -> Option<u64> {
         self.blobs.get(digest).copied()
+    }
+
+    /// The tags served in `repository`, sorted.
+    pub fn tags(&self, repository: &str) -> Vec<String> {
+        let repository = short_repository(repository);
+        if repository == BUILD_CACHE_REPOSITORY {
+            return self.build_cache.iter().map(|_| BUILD_CACHE_TAG.to_owned()).collect();
+        }
+        let mut tags: Vec<String> =
+            self.tags.keys().filter(|(name, _)| name == repository).map(|(_, tag)| tag.clone()).collect();
+        tags.sort();
+        tags
     }
 
     /// Whether the cache holds BuildKit's cache export.
@@ -295,6 +313,8 @@ mod tests {
         assert_eq!(catalog.blob_size(&digest(1)), Some(700));
         assert_eq!(catalog.blob_size(&digest(9)), None);
         assert_eq!(catalog.importable, vec!["app:1".to_string(), "base:2".to_string()]);
+        assert_eq!(catalog.tags("app"), vec!["1".to_string()]);
+        assert!(catalog.tags(BUILD_CACHE_REPOSITORY).is_empty());
     }
 
     #[test]
@@ -314,6 +334,8 @@ mod tests {
         assert_eq!(image.oci_blobs, vec![layer(&digest(4), 99)]);
         let catalog = Catalog::of(&pb::Manifest { images: vec![image], ..Default::default() });
         assert!(catalog.has_build_cache());
+        let exported = catalog.manifest(BUILD_CACHE_REPOSITORY, &Reference::Tag(BUILD_CACHE_EXPORT_TAG.into()));
+        assert_eq!(exported, None, "a push never finds its manifest already there");
         let served = catalog.manifest(BUILD_CACHE_REPOSITORY, &Reference::Tag("anything".into()));
         assert_eq!(
             served,

@@ -2,13 +2,16 @@
 //! exports caches, to write through it).
 
 use super::Opened;
-use super::catalog::{BUILD_CACHE_REPOSITORY, BUILD_CACHE_TAG, Catalog};
+use super::catalog::{BUILD_CACHE_EXPORT_TAG, BUILD_CACHE_REPOSITORY, BUILD_CACHE_TAG, Catalog};
 
 /// The flags for `address` (`HOST:PORT`): nothing when the view serves no cache (the
 /// coordinator or the engine did not answer); on the containerd image store, BuildKit's cache
 /// export read and written `mode=max` (or, before the first export, the inline cache of the
 /// saved images); on a graph driver, whose docker driver exports no cache, the saved images'
 /// inline cache.
+///
+/// A refused or failed export (a pull request's token exporting to the default branch) fails no
+/// build: `ignore-error=true`, and BuildKit still prints the view's one line.
 ///
 /// The `mode=max` export holds everything the inline cache does, and BuildKit reads
 /// overlapping sources unreliably, so when there is one it is the only source (as `restore`).
@@ -18,6 +21,7 @@ pub fn view_flags(address: &str, opened: Opened, catalog: &Catalog) -> Vec<Strin
         return Vec::new();
     }
     let build_cache = format!("{address}/{BUILD_CACHE_REPOSITORY}:{BUILD_CACHE_TAG}");
+    let export = format!("{address}/{BUILD_CACHE_REPOSITORY}:{BUILD_CACHE_EXPORT_TAG}");
     let mut flags = Vec::new();
     if containerd_store && catalog.has_build_cache() {
         flags.push(format!("--cache-from type=registry,ref={build_cache}"));
@@ -26,7 +30,7 @@ pub fn view_flags(address: &str, opened: Opened, catalog: &Catalog) -> Vec<Strin
     }
     if containerd_store {
         flags.push(format!(
-            "--cache-to type=registry,ref={build_cache},mode=max,image-manifest=true,oci-mediatypes=true"
+            "--cache-to type=registry,ref={export},mode=max,image-manifest=true,oci-mediatypes=true,ignore-error=true"
         ));
     }
     flags
@@ -61,7 +65,7 @@ mod tests {
             vec!["--cache-from 127.0.0.1:5000/app:1".to_string()]
         );
         assert!(view_flags(address, graph, &Catalog::default()).is_empty());
-        let to = "--cache-to type=registry,ref=127.0.0.1:5000/buildcache:latest,mode=max,image-manifest=true,oci-mediatypes=true";
+        let to = "--cache-to type=registry,ref=127.0.0.1:5000/buildcache:export,mode=max,image-manifest=true,oci-mediatypes=true,ignore-error=true";
         assert_eq!(view_flags(address, oci, &Catalog::default()), vec![to.to_string()]);
         assert_eq!(
             view_flags(address, oci, &catalog(vec![inline("app:1", true)])),

@@ -80,7 +80,14 @@ pub struct ViewBackend {
     /// Lines the summary prints after the counts (saves, lost blobs).
     said: std::sync::Mutex<Vec<String>>,
     hit: bool,
+    /// The coordinator answered the lookup: pushes may be saved.
+    answered: bool,
     started: Instant,
+    /// The cache export this view last committed: a later push of the same job is merged
+    /// with it, so a `--target test` build's stages stay beside the final build's.
+    pushed: tokio::sync::Mutex<Option<ManifestBody>>,
+    /// Reports of bad blobs under way, awaited before the view closes.
+    reports: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
 /// The largest stored manifest read into memory.
@@ -119,7 +126,10 @@ impl ViewBackend {
             served: Default::default(),
             said: Default::default(),
             hit: false,
+            answered: false,
             started: Instant::now(),
+            reports: Default::default(),
+            pushed: Default::default(),
         };
         let mut coordinator = match coordinator {
             Ok(coordinator) => coordinator,
@@ -136,6 +146,7 @@ impl ViewBackend {
             return Ok((backend, Opened { containerd_store, coordinator: false }));
         }
         *backend.coordinator.get_mut() = Some(coordinator);
+        backend.answered = true;
         Ok((backend, Opened { containerd_store, coordinator: true }))
     }
 
@@ -255,6 +266,76 @@ impl ViewBackend {
         self.said.lock().expect("not poisoned").push(line);
     }
 
+    /// Two cache exports of this job as one (`oci.rs`'s merge, as a save merges the exports of
+    /// a `type=local` folder): the merged manifest, and its config (digest, bytes), which no
+    /// client uploaded.
+    async fn merged(
+        &self,
+        earlier: &ManifestBody,
+        pushed: &ManifestBody,
+    ) -> Result<(ManifestBody, (String, Bytes)), RegistryError> {
+        let mut blobs = crate::oci::OciBlobs::default();
+        for manifest in [earlier, pushed] {
+            let image = catalog::pushed_cache(manifest)?;
+            let Some(config) = image.oci_blobs.first().filter(|_| manifest.media_type.contains("manifest")) else {
+                return Err(RegistryError::ManifestInvalid("an export as an index (image-manifest=false)".into()));
+            };
+            let bytes = self.small_blob(&config.digest, config.size).await?;
+            blobs.json.insert(config.digest.clone(), bytes.to_vec());
+            blobs.json.insert(manifest.digest.clone(), manifest.bytes.to_vec());
+            blobs.index.push(crate::oci::Descriptor {
+                media_type: manifest.media_type.clone(),
+                digest: manifest.digest.clone(),
+                size: manifest.bytes.len() as u64,
+                annotations: Default::default(),
+            });
+        }
+        let top = blobs
+            .merge_caches()
+            .map_err(|error| RegistryError::ManifestInvalid(error.to_string()))?
+            .ok_or_else(|| RegistryError::Internal("merging two exports gave none".into()))?;
+        let bytes = Bytes::from(blobs.json.remove(&top.digest).unwrap_or_default());
+        let merged = ManifestBody { media_type: top.media_type, digest: top.digest, bytes };
+        let image = catalog::pushed_cache(&merged)?;
+        let config = image.oci_blobs.first().map(|config| config.digest.clone()).unwrap_or_default();
+        let config_bytes = Bytes::from(blobs.json.remove(&config).unwrap_or_default());
+        Ok((merged, (config, config_bytes)))
+    }
+
+    /// A small blob's bytes (a cache config): from this job's uploads, else the store; verified.
+    async fn small_blob(&self, digest: &str, size: u64) -> Result<Bytes, RegistryError> {
+        if size > MANIFEST_LIMIT {
+            return Err(RegistryError::ManifestInvalid(format!("the cache config {digest} is bigger than 4 MiB")));
+        }
+        let upload = self.uploads.lock().expect("not poisoned").get(digest).cloned();
+        let bytes =
+            match upload {
+                Some(upload) => Bytes::from(tokio::fs::read(&upload.path).await.map_err(|error| {
+                    RegistryError::Internal(format!("reading the upload of {digest} failed: {error}"))
+                })?),
+                None if size == 0 => Bytes::new(),
+                None => {
+                    let store = self.store()?;
+                    with_retries(|| store.download_range(digest, 0, size))
+                        .await
+                        .map_err(|error| self.read_failed(digest, error))?
+                }
+            };
+        if proto::digest::sha256_digest(&bytes) != digest {
+            return Err(RegistryError::ManifestInvalid(format!(
+                "the cache config {digest} does not hash to its digest"
+            )));
+        }
+        Ok(bytes)
+    }
+
+    /// Reports a bad blob from a response already under way, awaited by `close`.
+    fn report_later(self: &Arc<Self>, digest: &str) {
+        let (view, digest) = (Arc::clone(self), digest.to_owned());
+        let report = tokio::spawn(async move { view.lost(&digest).await });
+        self.reports.lock().expect("not poisoned").push(report);
+    }
+
     /// The size of a blob this view has: named by the cache, uploaded in this job, or stored.
     async fn size_of(&self, digest: &str) -> Result<Option<u64>, RegistryError> {
         if let Some(size) = self.catalog.blob_size(digest) {
@@ -263,6 +344,11 @@ impl ViewBackend {
         if let Some(upload) = self.uploads.lock().expect("not poisoned").get(digest) {
             return Ok(Some(upload.size));
         }
+        self.stored_size(digest).await
+    }
+
+    /// The size of `digest`'s object in the store, if there is one.
+    async fn stored_size(&self, digest: &str) -> Result<Option<u64>, RegistryError> {
         let Ok(store) = self.store() else { return Ok(None) };
         with_retries(|| store.stored_size(digest))
             .await
@@ -270,7 +356,12 @@ impl ViewBackend {
     }
 
     /// Commits a pushed cache export as a save of the view's key.
-    async fn commit_push(&self, image: pb::Image, manifest: &ManifestBody) -> Result<(), RegistryError> {
+    async fn commit_push(
+        &self,
+        image: pb::Image,
+        manifest: &ManifestBody,
+        config: Option<(String, Bytes)>,
+    ) -> Result<(), RegistryError> {
         let mut guard = self.coordinator.lock().await;
         let Some(coordinator) = guard.as_mut() else {
             return Err(RegistryError::Unavailable(format!(
@@ -282,7 +373,7 @@ impl ViewBackend {
         // A save the coordinator lost, or whose blobs another save failed to upload, begins
         // once more, as `cache-worker save` does.
         for _ in 0..2 {
-            match self.save_once(coordinator, &image, manifest).await? {
+            match self.save_once(coordinator, &image, manifest, config.as_ref()).await? {
                 Ok(line) => {
                     self.said.lock().expect("not poisoned").push(line);
                     return Ok(());
@@ -299,8 +390,8 @@ impl ViewBackend {
         coordinator: &mut Coordinator,
         image: &pb::Image,
         manifest: &ManifestBody,
+        config: Option<&(String, Bytes)>,
     ) -> Result<Result<String, String>, RegistryError> {
-        let started = Instant::now();
         let request = pb::BeginSaveRequest {
             key: Some(pb::CacheKey { service: self.options.service.clone(), branch: self.options.branch.clone() }),
             images: vec![image.clone()],
@@ -317,7 +408,7 @@ impl ViewBackend {
         let interval = Duration::from_secs(begun.keep_alive_seconds.max(1).into());
         let plan = begun.plan.clone().unwrap_or_default();
         let lease = coordinator.lease_save(&begun.save_id, interval, plan.max_concurrency);
-        let result = self.upload_and_commit(coordinator, image, manifest, &begun, &lease, started).await;
+        let result = self.upload_and_commit(coordinator, image, manifest, config, &begun, &lease).await;
         drop(lease);
         if !matches!(result, Ok(Ok(_))) {
             coordinator.abandon_save(&begun.save_id).await;
@@ -330,10 +421,11 @@ impl ViewBackend {
         coordinator: &mut Coordinator,
         image: &pb::Image,
         manifest: &ManifestBody,
+        config: Option<&(String, Bytes)>,
         begun: &pb::BeginSaveResponse,
         lease: &crate::coordinator::SaveLease,
-        started: Instant,
     ) -> Result<Result<String, String>, RegistryError> {
+        let started = Instant::now();
         let in_flight: HashSet<String> = begun.in_flight_digests.iter().cloned().collect();
         let mut blobs = Vec::new();
         let mut held = Vec::new();
@@ -342,8 +434,20 @@ impl ViewBackend {
                 blobs.push(crate::direct::from_bytes(digest, manifest.bytes.to_vec()));
                 continue;
             }
+            if let Some((_, bytes)) = config.filter(|(config, _)| config == digest) {
+                blobs.push(crate::direct::from_bytes(digest, bytes.to_vec()));
+                continue;
+            }
             let upload = self.uploads.lock().expect("not poisoned").get(digest).cloned();
-            let Some(upload) = upload else { return Err(RegistryError::ManifestBlobUnknown(digest.clone())) };
+            let Some(upload) = upload else {
+                // Not in the ledger, yet in the store: a save that died after its upload (a
+                // view killed mid-export) left it there, and a `HEAD` of it answered present,
+                // so the build never sent it. The commit checks it against its digest.
+                if self.stored_size(digest).await?.is_some() {
+                    continue;
+                }
+                return Err(RegistryError::ManifestBlobUnknown(digest.clone()));
+            };
             blobs.push(crate::direct::from_file(digest, upload.path.to_path_buf()));
             held.push(upload);
         }
@@ -388,25 +492,10 @@ impl ViewBackend {
             Err(crate::save::Attempt::Done(_)) => unreachable!("a commit ends no attempt"),
         };
         let bytes: u64 = moved.iter().map(|(_, bytes, _)| bytes).sum();
-        let mut layers: Vec<pb::LayerMetric> = moved
-            .iter()
-            .map(|(digest, bytes, seconds)| pb::LayerMetric {
-                digest: digest.clone(),
-                bytes: *bytes,
-                seconds: *seconds,
-                outcome: pb::LayerOutcome::Transferred as i32,
-            })
-            .collect();
-        layers.extend(begun.stored_blobs.iter().map(|blob| pb::LayerMetric {
-            digest: blob.digest.clone(),
-            bytes: blob.stored_size,
-            seconds: 0.0,
-            outcome: pb::LayerOutcome::Found as i32,
-        }));
         let report = pb::ReportMetricsRequest {
             service: service.clone(),
             operation: pb::Operation::Save as i32,
-            layers,
+            layers: crate::upload::layer_metrics(&moved, &begun.stored_blobs),
             total_seconds: started.elapsed().as_secs_f64(),
             ..Default::default()
         };
@@ -428,19 +517,15 @@ impl ViewBackend {
     /// Reports the view's reads to the coordinator (giving the lookup's lease back) and
     /// returns its summary lines.
     pub async fn close(&self) -> Vec<String> {
+        let reports = std::mem::take(&mut *self.reports.lock().expect("not poisoned"));
+        for report in reports {
+            let _ = report.await;
+        }
         let seconds = self.started.elapsed().as_secs_f64();
         let served = std::mem::take(&mut *self.served.lock().expect("not poisoned"));
         if let Some(coordinator) = self.coordinator.lock().await.as_mut() {
             let outcome = if self.hit { pb::RestoreOutcome::Hit } else { pb::RestoreOutcome::Miss };
-            let layers = served
-                .iter()
-                .map(|(digest, bytes, seconds)| pb::LayerMetric {
-                    digest: digest.clone(),
-                    bytes: *bytes,
-                    seconds: *seconds,
-                    outcome: pb::LayerOutcome::Transferred as i32,
-                })
-                .collect();
+            let layers = crate::upload::layer_metrics(&served, &[]);
             let report = pb::ReportMetricsRequest {
                 service: self.options.service.clone(),
                 operation: pb::Operation::Restore as i32,
@@ -611,19 +696,41 @@ impl Backend for SharedView {
         let Some(size) = self.0.size_of(digest).await? else { return Ok(None) };
         let store = self.0.store()?.clone();
         let (start, end) = range.map_or((0, size.saturating_sub(1)), |range| (range.start, range.end));
-        let ranges = if size == 0 { Vec::new() } else { part_ranges(start, end, store.part_size_for(size)) };
+        let mut ranges = if size == 0 { Vec::new() } else { part_ranges(start, end, store.part_size_for(size)) };
         let length: u64 = ranges.iter().map(|(_, length)| length).sum();
-        let owned = digest.to_owned();
         let view = Arc::clone(&self.0);
         let started = Instant::now();
-        let body = futures::stream::iter(ranges)
+        // The first part is read before the answer begins, so a blob the store lost is a clean
+        // `BLOB_UNKNOWN` (and reported) rather than a response cut short.
+        let first = match ranges.first().copied() {
+            None => None,
+            Some((offset, length)) => match with_retries(|| store.download_range(digest, offset, length)).await {
+                Ok(piece) => Some(piece),
+                Err(TransferError::NotStored { .. }) => {
+                    self.0.lost(digest).await;
+                    return Err(RegistryError::BlobUnknown(format!("{digest} is no longer in the store")));
+                }
+                Err(error) => return Err(self.0.read_failed(digest, error)),
+            },
+        };
+        if !ranges.is_empty() {
+            ranges.remove(0);
+        }
+        let owned = digest.to_owned();
+        let reporter = Arc::clone(&self.0);
+        let rest = futures::stream::iter(ranges)
             .map(move |(offset, length)| {
                 let (store, digest) = (store.clone(), owned.clone());
                 async move { with_retries(|| store.download_range(&digest, offset, length)).await }
             })
             .buffered(self.0.concurrency)
-            .map_err(std::io::Error::other)
-            .boxed();
+            .map_err(move |error| {
+                if let TransferError::NotStored { digest } = &error {
+                    reporter.report_later(digest);
+                }
+                std::io::Error::other(error)
+            });
+        let body = futures::stream::iter(first.map(Ok)).chain(rest).boxed();
         let counted = {
             let (view, counting) = (Arc::clone(&view), Arc::clone(&view));
             let digest = digest.to_owned();
@@ -640,9 +747,7 @@ impl Backend for SharedView {
         };
         let body = if range.is_none() {
             let digest = digest.to_owned();
-            verified(counted, digest.clone(), move |_| {
-                tokio::spawn(async move { view.lost(&digest).await });
-            })
+            verified(counted, digest.clone(), move |_| view.report_later(&digest))
         } else {
             counted
         };
@@ -654,6 +759,26 @@ impl Backend for SharedView {
         self.0.counters.bytes_received.fetch_add(blob.size, Ordering::Relaxed);
         self.0.uploads.lock().expect("not poisoned").insert(blob.digest.clone(), Arc::new(blob));
         Ok(())
+    }
+
+    async fn check_push(&self, repository: &str) -> Result<(), RegistryError> {
+        if repository != BUILD_CACHE_REPOSITORY {
+            return Err(RegistryError::Unsupported(format!(
+                "this view keeps BuildKit's cache export at {BUILD_CACHE_REPOSITORY}:<tag> only; save images with cache-worker save"
+            )));
+        }
+        // Not the coordinator's lock: a commit holds it while it saves.
+        if !self.0.answered {
+            return Err(RegistryError::Unavailable(format!(
+                "the coordinator did not answer when the view of {} started: the cache is not saved",
+                self.0.options.service
+            )));
+        }
+        Ok(())
+    }
+
+    async fn tags(&self, repository: &str) -> Result<Vec<String>, RegistryError> {
+        Ok(self.0.catalog.tags(repository))
     }
 
     async fn put_manifest(
@@ -673,7 +798,31 @@ impl Backend for SharedView {
                 return Err(RegistryError::ManifestBlobUnknown(blob.digest.clone()));
             }
         }
-        self.0.commit_push(image, &manifest).await
+        // One push at a time: each merges with the one before.
+        let mut pushed = self.0.pushed.lock().await;
+        let named: Vec<String> = image.layers.iter().chain(&image.oci_blobs).map(|blob| blob.digest.clone()).collect();
+        let (image, manifest, config) = match pushed.as_ref() {
+            None => (image, manifest, None),
+            Some(earlier) => match self.0.merged(earlier, &manifest).await {
+                Ok((merged, config)) => (catalog::pushed_cache(&merged)?, merged, Some(config)),
+                Err(error) => {
+                    eprintln!(
+                        "cache-worker: warning: this job's cache exports cannot be merged, the last one is saved alone: {error}"
+                    );
+                    (image, manifest, None)
+                }
+            },
+        };
+        if let Err(error) = self.0.commit_push(image, &manifest, config).await {
+            // The build log shows the refusal; the job's summary says it too.
+            let line = format!("view: {}: BuildKit's cache export was not saved: {error}", self.0.options.service);
+            self.0.said.lock().expect("not poisoned").push(line);
+            return Err(error);
+        }
+        // The pushed config a merge replaced is saved in the merged one.
+        self.0.uploads.lock().expect("not poisoned").retain(|digest, _| !named.contains(digest));
+        *pushed = Some(manifest);
+        Ok(())
     }
 }
 

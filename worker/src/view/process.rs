@@ -70,11 +70,13 @@ impl Running {
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<Vec<String>, WorkerError> {
-        let spool = tempfile::Builder::new()
-            .prefix("cache-worker-view-")
-            .tempdir_in(crate::export::spool_dir())
-            .map_err(|error| WorkerError::Host(format!("the view cannot make its spool folder: {error}")))?;
-        let options = registry::server::ServeOptions::new(spool.path().to_owned());
+        // One folder per service, the same for every view of it, so a view killed mid-push
+        // leaves nothing for long: the next one removes the uploads it left as it starts.
+        let spool = crate::export::spool_dir().join(format!("cache-worker-view-{}", self.backend.options.service));
+        std::fs::create_dir_all(&spool).map_err(|error| {
+            WorkerError::Host(format!("the view cannot make its spool folder {}: {error}", spool.display()))
+        })?;
+        let options = registry::server::ServeOptions::new(spool);
         let backend: Arc<dyn registry::Backend> = Arc::new(super::SharedView(Arc::clone(&self.backend)));
         registry::server::serve(self.listener, backend, options, shutdown)
             .await
@@ -184,6 +186,12 @@ pub async fn start(
     let deadline = Instant::now() + Duration::from_secs(settings.stall_timeout * 3 + 10);
     loop {
         if let Some(state) = read_state(dirs).filter(|state| state.pid == child.id()) {
+            // The view warned as it opened (no coordinator, no engine): the job's log shows it
+            // now, beside the flags it explains, not only at the stop.
+            let log = std::fs::read_to_string(dirs.view_log()).unwrap_or_default();
+            for warning in log.lines().filter(|line| line.starts_with("cache-worker: warning: ")) {
+                eprintln!("{warning}");
+            }
             return Ok(state.flags);
         }
         if let Ok(Some(status)) = child.try_wait() {
