@@ -185,7 +185,9 @@ impl ViewBackend {
             Lookup::Hit { manifest, plan, lease } => (Some(manifest), plan, lease),
         };
         self.lease = lease;
-        self.concurrency = (plan.max_concurrency as usize).clamp(1, PARTS_PER_READ);
+        // A miss comes without a plan: this job's own reads then go at the view's pace.
+        let planned = if plan.max_concurrency == 0 { PARTS_PER_READ } else { plan.max_concurrency as usize };
+        self.concurrency = planned.clamp(1, PARTS_PER_READ);
         self.store = Some(coordinator.blob_reader(&plan).await?);
         let Some(manifest) = manifest else {
             eprintln!("view: no cached image for {}", self.options.service);
