@@ -105,7 +105,7 @@ const PARTS_PER_READ: usize = 4;
 /// with the plan's part size (8 MiB, more only for blobs over 70 GiB) this keeps the view
 /// under 256 MiB however many blobs BuildKit reads at once (measured without it: about 400 MiB
 /// with eight reads of a big blob).
-const PARTS_HELD: usize = 12;
+const PARTS_HELD: usize = 8;
 
 impl ViewBackend {
     /// Opens a view: the engine's kind and version, then the lookup with fallbacks and a
