@@ -306,6 +306,18 @@ async fn send_body(addr: SocketAddr, method: &str, path: &str, headers: &[(&str,
     Reply { status: parts.status.as_u16(), headers: parts.headers, body }
 }
 
+/// A manifest `PUT` the backend holds (until `put_release`), once the backend has it.
+async fn held_manifest_put(served: &Served, seed: u64) -> tokio::task::JoinHandle<Reply> {
+    let config = bytes_of(100, seed);
+    served.memory.add_blob(&config);
+    served.memory.hold_puts.store(true, Ordering::SeqCst);
+    let manifest = oci_manifest(&config, &[]);
+    let addr = served.addr;
+    let push = tokio::spawn(async move { send(addr, "PUT", "/v2/app/manifests/1", &[], &manifest).await });
+    served.memory.put_entered.notified().await;
+    push
+}
+
 async fn send(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Reply {
     send_body(addr, method, path, headers, full(Bytes::copy_from_slice(body))).await
 }
@@ -792,13 +804,7 @@ async fn connections_over_the_cap_wait_until_one_closes() {
 #[tokio::test]
 async fn the_stop_waits_for_a_manifest_put_in_flight() {
     let served = Served::start().await;
-    let config = bytes_of(100, 10);
-    served.memory.add_blob(&config);
-    served.memory.hold_puts.store(true, Ordering::SeqCst);
-    let manifest = oci_manifest(&config, &[]);
-    let addr = served.addr;
-    let push = tokio::spawn(async move { send(addr, "PUT", "/v2/app/manifests/1", &[], &manifest).await });
-    served.memory.put_entered.notified().await;
+    let push = held_manifest_put(&served, 10).await;
 
     let Served { memory, mut stop, task, addr, spool: _spool, .. } = served;
     stop.take().unwrap().send(()).unwrap();
@@ -846,13 +852,7 @@ async fn a_client_that_stops_reading_holds_the_stop_only_for_the_idle_time() {
 #[tokio::test]
 async fn a_client_that_hangs_up_does_not_cut_a_commit_short() {
     let served = Served::start().await;
-    let config = bytes_of(100, 11);
-    served.memory.add_blob(&config);
-    served.memory.hold_puts.store(true, Ordering::SeqCst);
-    let manifest = oci_manifest(&config, &[]);
-    let addr = served.addr;
-    let push = tokio::spawn(async move { send(addr, "PUT", "/v2/app/manifests/1", &[], &manifest).await });
-    served.memory.put_entered.notified().await;
+    let push = held_manifest_put(&served, 11).await;
     push.abort();
     let _ = push.await;
     served.memory.put_release.notify_one();

@@ -923,7 +923,7 @@ pub(crate) async fn commit(
 }
 
 /// The store a save uploads to, following the save's share of the transfer budget.
-async fn upload_store(
+pub(crate) async fn upload_store(
     coordinator: &Coordinator,
     lease: Option<&SaveLease>,
     credentials: &pb::Credentials,

@@ -74,6 +74,8 @@ pub struct ViewBackend {
     parts: Arc<tokio::sync::Semaphore>,
     /// Verified uploads of this job not committed yet, by digest.
     uploads: std::sync::Mutex<HashMap<String, Arc<UploadedBlob>>>,
+    /// Blobs outside the catalog the store was found to hold, with their sizes.
+    stored: std::sync::Mutex<HashMap<String, u64>>,
     /// Stored manifests read once.
     manifests: std::sync::Mutex<HashMap<String, ManifestBody>>,
     counters: Counters,
@@ -133,6 +135,7 @@ impl ViewBackend {
             parts: Arc::new(tokio::sync::Semaphore::new(PARTS_HELD)),
             uploads: Default::default(),
             manifests: Default::default(),
+            stored: Default::default(),
             counters: Counters::default(),
             served: Default::default(),
             said: Default::default(),
@@ -270,6 +273,7 @@ impl ViewBackend {
 
     /// Tells the coordinator a blob came back missing or corrupt, and says what it did.
     async fn lost(&self, digest: &str) {
+        self.stored.lock().expect("not poisoned").remove(digest);
         if !self.lost_blobs.lock().expect("not poisoned").insert(digest.to_owned()) {
             return;
         }
@@ -365,11 +369,20 @@ impl ViewBackend {
     }
 
     /// The size of `digest`'s object in the store, if there is one.
+    /// Asked once per blob found: a push's `HEAD`, its manifest's check and its commit ask
+    /// about the same blobs, and a stored blob is never replaced.
     async fn stored_size(&self, digest: &str) -> Result<Option<u64>, RegistryError> {
+        if let Some(size) = self.stored.lock().expect("not poisoned").get(digest) {
+            return Ok(Some(*size));
+        }
         let Ok(store) = self.store() else { return Ok(None) };
-        with_retries(|| store.stored_size(digest))
+        let size = with_retries(|| store.stored_size(digest))
             .await
-            .map_err(|error| RegistryError::Unavailable(format!("asking the store for {digest} failed: {error}")))
+            .map_err(|error| RegistryError::Unavailable(format!("asking the store for {digest} failed: {error}")))?;
+        if let Some(size) = size {
+            self.stored.lock().expect("not poisoned").insert(digest.to_owned(), size);
+        }
+        Ok(size)
     }
 
     /// Commits a pushed cache export as a save of the view's key.
@@ -475,9 +488,7 @@ impl ViewBackend {
                 .clone()
                 .ok_or_else(|| RegistryError::Internal("the coordinator sent no credentials".into()))?;
             let plan = begun.plan.clone().unwrap_or_default();
-            let store =
-                BlobStore::new(&credentials, &plan, Some(coordinator.client.clone()), coordinator.stall_timeout);
-            store.follow(lease.shares()).await;
+            let store = crate::save::upload_store(coordinator, Some(lease), &credentials, &plan).await;
             let progress = crate::progress::Progress::for_stderr();
             moved = crate::direct::upload_all(&store, plan.max_concurrency as usize, blobs, &progress)
                 .await
