@@ -7,6 +7,8 @@ use proto::v1::worker_client::WorkerClient;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
+use crate::transfer::AFTER_FAILURE;
+
 pub type Client = WorkerClient<InterceptedService<Channel, CallMetadata>>;
 
 /// What every call carries: the project token, and the trace context of the current span so
@@ -94,7 +96,19 @@ impl Coordinator {
     /// failed report is logged at debug, not raised, and not warned about: it fails when the
     /// coordinator is gone, and the command's own line already says so.
     pub async fn report_metrics(&mut self, report: proto::v1::ReportMetricsRequest) {
-        if let Err(status) = self.client.report_metrics(report).await {
+        self.send_report(tonic::Request::new(report)).await;
+    }
+
+    /// The same for a command that failed: within [`AFTER_FAILURE`], since the coordinator
+    /// (or the store it serves) may be what failed.
+    pub async fn report_failure_metrics(&mut self, report: proto::v1::ReportMetricsRequest) {
+        let mut request = tonic::Request::new(report);
+        request.set_timeout(self.stall_timeout.min(AFTER_FAILURE));
+        self.send_report(request).await;
+    }
+
+    async fn send_report(&mut self, request: tonic::Request<proto::v1::ReportMetricsRequest>) {
+        if let Err(status) = self.client.report_metrics(request).await {
             tracing::debug!(error = %status.message(), "reporting metrics to the coordinator failed");
         }
     }
@@ -151,12 +165,14 @@ impl Coordinator {
     }
 }
 
-/// Gives a begun save back, waiting at most 5 s (or `stall_timeout`, if shorter).
+/// Gives a begun save back, waiting at most [`AFTER_FAILURE`] (or `stall_timeout`, if
+/// shorter). A failure is logged at debug: the save's own line says what went wrong, and its
+/// claims lapse by themselves.
 pub async fn abandon_save(mut client: Client, save_id: &str, stall_timeout: Duration) {
     let mut request = tonic::Request::new(proto::v1::AbandonSaveRequest { save_id: save_id.to_owned() });
-    request.set_timeout(stall_timeout.min(Duration::from_secs(5)));
+    request.set_timeout(stall_timeout.min(AFTER_FAILURE));
     if let Err(status) = client.abandon_save(request).await {
-        tracing::warn!(error = %status.message(), "giving the save back to the coordinator failed");
+        tracing::debug!(error = %status.message(), "giving the save back to the coordinator failed");
     }
 }
 
