@@ -35,9 +35,9 @@ pub enum TransferError {
     /// The store took no byte and gave no answer for the whole stall timeout (or did so
     /// earlier in this command): nothing more is asked of it.
     #[error(
-        "uploading blob {digest} failed: the store took no bytes and gave no answer for {seconds} s: it is overloaded or stopped"
+        "{moving} blob {digest} failed: the store {moved} and gave no answer for {seconds} s: it is overloaded or stopped"
     )]
-    Stalled { digest: String, seconds: u64 },
+    Stalled { moving: &'static str, moved: &'static str, digest: String, seconds: u64 },
 }
 
 /// Bytes per read of a spooled file: aws-smithy's default of 64 KiB costs a blocking-pool round
@@ -49,7 +49,7 @@ const PARTS_IN_FLIGHT: usize = 4;
 
 /// The longest a best-effort request after a failure may take (an abort, a report): the
 /// endpoint may be what failed, and the command's line is already decided.
-pub const AFTER_FAILURE: Duration = Duration::from_secs(2);
+pub const AFTER_FAILURE: Duration = Duration::from_secs(1);
 
 /// How long a request that sends `size` bytes may take in all: the stall timeout plus the body
 /// at 1 MiB/s (uploads, and a commit that checks what they stored).
@@ -80,7 +80,15 @@ impl ClassifyRetry for NoRetryAfterStall {
     }
 }
 
-/// When a request last made progress: begun, or a byte of its body taken by the connection.
+/// Which way a stalled request moved bytes, for its line.
+#[derive(Clone, Copy)]
+enum Direction {
+    Up,
+    Down,
+}
+
+/// When a request last made progress: begun, a byte of its body taken by the connection, or a
+/// byte of its answer received.
 #[derive(Clone)]
 struct LastProgress(Arc<Mutex<Instant>>);
 
@@ -154,6 +162,36 @@ impl http_body::Body for WatchedBody {
 
     fn size_hint(&self) -> http_body::SizeHint {
         self.inner.size_hint()
+    }
+}
+
+/// A request body fed by a channel whose receiver the uploader can drop while the connection
+/// still holds the body, so the sender is never left waiting on a stalled request.
+struct ChannelBody {
+    receiver: Arc<Mutex<Option<tokio::sync::mpsc::Receiver<std::io::Result<Bytes>>>>>,
+    bar: Bar,
+}
+
+impl http_body::Body for ChannelBody {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        context: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, std::io::Error>>> {
+        let mut receiver = self.receiver.lock().expect("body lock");
+        let Some(receiver) = receiver.as_mut() else {
+            return Poll::Ready(Some(Err(std::io::Error::other("the upload was given up"))));
+        };
+        receiver.poll_recv(context).map(|piece| {
+            piece.map(|piece| {
+                piece.map(|bytes| {
+                    self.bar.add(bytes.len() as u64);
+                    http_body::Frame::data(bytes)
+                })
+            })
+        })
     }
 }
 
@@ -460,13 +498,17 @@ impl BlobStore {
             Some(sent) => Ok(sent),
             None => {
                 self.mark_stalled();
-                Err(self.stall_error(digest))
+                Err(self.stall_error(Direction::Up, digest))
             }
         }
     }
 
-    fn stall_error(&self, digest: &str) -> TransferError {
-        TransferError::Stalled { digest: digest.to_owned(), seconds: self.stall_timeout.as_secs() }
+    fn stall_error(&self, direction: Direction, digest: &str) -> TransferError {
+        let (moving, moved) = match direction {
+            Direction::Up => ("uploading", "took no bytes"),
+            Direction::Down => ("downloading", "sent no bytes"),
+        };
+        TransferError::Stalled { moving, moved, digest: digest.to_owned(), seconds: self.stall_timeout.as_secs() }
     }
 
     /// Notes a failed request that timed out: the store stalled (see `stalled_at`).
@@ -504,7 +546,7 @@ impl BlobStore {
     async fn request_permit(&self, digest: &str) -> Result<tokio::sync::SemaphorePermit<'_>, TransferError> {
         let permit = self.requests.permits.acquire().await.expect("the request semaphore is never closed");
         if self.stalled_recently() {
-            return Err(self.stall_error(digest));
+            return Err(self.stall_error(Direction::Up, digest));
         }
         Ok(permit)
     }
@@ -623,11 +665,13 @@ impl BlobStore {
     ) -> Result<(), TransferError> {
         let failed = |reason: String| TransferError::Upload { digest: digest.to_owned(), reason };
         if size < self.multipart_threshold {
-            let bar = bar.clone();
-            let frames = tokio_stream::wrappers::ReceiverStream::new(body)
-                .map(move |piece| piece.inspect(|bytes| bar.add(bytes.len() as u64)).map(http_body::Frame::data));
-            let body = ByteStream::from_body_1_x(http_body_util::StreamBody::new(frames));
-            return self.put(digest, size, body).await;
+            let receiver = Arc::new(Mutex::new(Some(body)));
+            let body = ByteStream::from_body_1_x(ChannelBody { receiver: receiver.clone(), bar: bar.clone() });
+            let put = self.put(digest, size, body).await;
+            // The connection may still hold the body (a store that stopped reading it): the
+            // sender (the export's reader) is let go all the same.
+            drop(receiver.lock().expect("body lock").take());
+            return put;
         }
         let upload = self.begin_multipart(digest, size).await?;
         let part_size = upload.part_size as usize;
@@ -753,18 +797,36 @@ impl BlobStore {
     pub async fn download_range(&self, digest: &str, offset: u64, length: u64) -> Result<Bytes, TransferError> {
         let failed = |reason: String| TransferError::Download { digest: digest.to_owned(), reason };
         let range = format!("bytes={offset}-{}", offset + length - 1);
-        let response =
-            self.client.get_object().bucket(&self.bucket).key(self.key(digest)).range(range).send().await.map_err(
-                |error| {
-                    self.note_timeout(&error);
-                    if error.as_service_error().is_some_and(|e| e.is_no_such_key()) {
-                        TransferError::NotStored { digest: digest.to_owned() }
-                    } else {
-                        failed(reason(error))
-                    }
-                },
-            )?;
-        let bytes = response.body.collect().await.map_err(|error| failed(innermost_cause(&error)))?.into_bytes();
+        if self.stalled_recently() {
+            return Err(self.stall_error(Direction::Down, digest));
+        }
+        // A range whose answer, or whose next byte, does not come for the stall timeout fails
+        // then (the SDK's own protection would take a second or so more to see it).
+        let progress = LastProgress::now();
+        let fetching = async {
+            let request = self.client.get_object().bucket(&self.bucket).key(self.key(digest)).range(range);
+            let response = request.send().await.map_err(|error| {
+                self.note_timeout(&error);
+                if error.as_service_error().is_some_and(|e| e.is_no_such_key()) {
+                    TransferError::NotStored { digest: digest.to_owned() }
+                } else {
+                    failed(reason(error))
+                }
+            })?;
+            progress.mark();
+            let mut body = response.body;
+            let mut bytes = bytes::BytesMut::with_capacity(length as usize);
+            while let Some(piece) = body.try_next().await.map_err(|error| failed(innermost_cause(&error)))? {
+                progress.mark();
+                bytes.extend_from_slice(&piece);
+            }
+            Ok(bytes.freeze())
+        };
+        let Some(fetched) = progress.unless_stalled(self.stall_timeout, fetching).await else {
+            self.mark_stalled();
+            return Err(self.stall_error(Direction::Down, digest));
+        };
+        let bytes = fetched?;
         if bytes.len() as u64 != length {
             return Err(failed(format!("asked for {length} bytes at {offset}, got {}", bytes.len())));
         }
@@ -953,13 +1015,33 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_streamed_upload_the_store_stops_taking_fails_after_the_stall_timeout() {
+        let (_listener, store) = frozen_store();
+        let digest = format!("sha256:{}", "c".repeat(64));
+        let size: u64 = 32 << 20;
+        let (sender, body) = tokio::sync::mpsc::channel(4);
+        tokio::spawn(async move {
+            for _ in 0..32 {
+                if sender.send(Ok(Bytes::from(vec![7u8; 1 << 20]))).await.is_err() {
+                    return;
+                }
+            }
+        });
+        let started = Instant::now();
+        let failed = store.upload_stream(&digest, size, body, &Bar::none()).await.unwrap_err();
+        let seconds = started.elapsed().as_secs_f64();
+        assert!(matches!(failed, TransferError::Stalled { .. }), "{failed}");
+        assert!((1.0..4.0).contains(&seconds), "gave up after {seconds:.1} s");
+    }
+
+    #[tokio::test]
     async fn a_request_without_an_answer_is_not_attempted_again() {
         let (_listener, store) = frozen_store();
         let digest = format!("sha256:{}", "b".repeat(64));
         let started = Instant::now();
         let failed = store.download_range(&digest, 0, 10).await.err().unwrap();
         let seconds = started.elapsed().as_secs_f64();
-        assert!(matches!(failed, TransferError::Download { .. }), "{failed}");
+        assert!(matches!(failed, TransferError::Stalled { .. } | TransferError::Download { .. }), "{failed}");
         // One attempt of 1 s; three would take 3 s and their backoff.
         assert!(seconds < 2.5, "gave up after {seconds:.1} s: the stalled request was tried again");
         let head = store.stored_size(&digest).await.err().unwrap();
