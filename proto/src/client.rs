@@ -64,6 +64,10 @@ impl ClientError {
             Code::Cancelled | Code::DeadlineExceeded if message.contains("Timeout expired") => {
                 ClientError::Stalled { url: url.to_owned(), seconds: call_timeout.as_secs() }
             }
+            // The connection's pings went unanswered (see `connect_watched`): frozen, not gone.
+            Code::Unavailable | Code::Unknown if pings_unanswered(status) => {
+                ClientError::Stalled { url: url.to_owned(), seconds: call_timeout.as_secs() }
+            }
             Code::Unauthenticated => ClientError::Refused(format!("unauthenticated: {message}")),
             Code::PermissionDenied => ClientError::Refused(format!("permission denied: {message}")),
             Code::InvalidArgument | Code::AlreadyExists => ClientError::Invalid(message),
@@ -77,6 +81,19 @@ impl ClientError {
             code => ClientError::Other(format!("{message} ({code:?})")),
         }
     }
+}
+
+/// Whether a call failed because its connection's HTTP/2 pings went unanswered (hyper's
+/// keep-alive timeout, somewhere in the status's causes).
+fn pings_unanswered(status: &Status) -> bool {
+    let mut source = std::error::Error::source(status);
+    while let Some(cause) = source {
+        if format!("{cause:?}").contains("KeepAliveTimedOut") || cause.to_string().contains("keep-alive timed out") {
+            return true;
+        }
+        source = cause.source();
+    }
+    false
 }
 
 /// Adds `authorization: Bearer <token>` to every call.
@@ -112,23 +129,40 @@ pub async fn connect(url: &str) -> Result<Channel, ClientError> {
 /// Connects with a deadline on every call (and on connecting, at most 10 s): a stopped or
 /// frozen coordinator costs a caller that long, not the operating system's TCP timeouts.
 pub async fn connect_with_deadline(url: &str, call_timeout: Duration) -> Result<Channel, ClientError> {
+    watched_endpoint(url, call_timeout, call_timeout)?.connect().await.map_err(|error| unreachable(url, &error))
+}
+
+/// A connection for calls that may take `call_timeout` while the coordinator works (a commit
+/// that checks large blobs), made when first used: an HTTP/2 ping every half `stall_timeout`
+/// while a call is open, unanswered for half of it, ends the connection and its calls. A
+/// coordinator at work answers pings; a frozen one (stopped, its host hung) does not, so it
+/// costs a caller `stall_timeout`, not `call_timeout`.
+pub fn connect_watched(url: &str, stall_timeout: Duration, call_timeout: Duration) -> Result<Channel, ClientError> {
+    Ok(watched_endpoint(url, stall_timeout, call_timeout)?.connect_lazy())
+}
+
+fn watched_endpoint(url: &str, stall_timeout: Duration, call_timeout: Duration) -> Result<Endpoint, ClientError> {
     if !url.starts_with("http://") {
         return Err(ClientError::InvalidUrl(url.to_owned()));
     }
-    let endpoint = Endpoint::from_shared(url.to_owned())
+    Ok(Endpoint::from_shared(url.to_owned())
         .map_err(|_| ClientError::InvalidUrl(url.to_owned()))?
-        .connect_timeout(call_timeout.min(Duration::from_secs(10)))
-        .timeout(call_timeout);
-    endpoint.connect().await.map_err(|error| {
-        // tonic's transport error names only "transport error"; the cause says what happened.
-        let mut reason = error.to_string();
-        let mut source = std::error::Error::source(&error);
-        while let Some(cause) = source {
-            reason = cause.to_string();
-            source = cause.source();
-        }
-        ClientError::Unreachable { url: url.to_owned(), reason }
-    })
+        .connect_timeout(stall_timeout.min(Duration::from_secs(10)))
+        .http2_keep_alive_interval(stall_timeout / 2)
+        .keep_alive_timeout(stall_timeout / 2)
+        .timeout(call_timeout))
+}
+
+/// A failed connection as one line: tonic's transport error names only "transport error".
+fn unreachable(url: &str, error: &tonic::transport::Error) -> ClientError {
+    // The innermost cause says what happened.
+    let mut reason = error.to_string();
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        reason = cause.to_string();
+        source = cause.source();
+    }
+    ClientError::Unreachable { url: url.to_owned(), reason }
 }
 
 #[cfg(test)]

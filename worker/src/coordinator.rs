@@ -2,10 +2,15 @@
 
 use std::time::Duration;
 
-use proto::client::{BearerToken, ClientError, connect_with_deadline};
+use proto::client::{BearerToken, ClientError, connect_watched, connect_with_deadline};
 use proto::v1::worker_client::WorkerClient;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
+
+use crate::transfer::{AFTER_FAILURE, body_deadline};
+
+/// The channel deadline of commits; each commit's own is shorter (see `Coordinator::commit_save`).
+const LONGEST_COMMIT: Duration = Duration::from_secs(24 * 3600);
 
 pub type Client = WorkerClient<InterceptedService<Channel, CallMetadata>>;
 
@@ -25,6 +30,10 @@ impl tonic::service::Interceptor for CallMetadata {
 /// A connected client plus the URL, for error messages.
 pub struct Coordinator {
     pub client: Client,
+    /// Commits only: a commit may take longer than the stall timeout while the coordinator
+    /// checks large new blobs in the store, so it has a deadline of its own, and the connection
+    /// is watched with pings instead (see [`connect_watched`]).
+    commits: Client,
     pub url: String,
     /// How long any call, and any transfer, may go without progress (`--stall-timeout`).
     pub stall_timeout: Duration,
@@ -36,9 +45,13 @@ impl Coordinator {
         let token =
             token.ok_or_else(|| ClientError::Invalid("no project token: pass --token or set CACHE_TOKEN".into()))?;
         let token = BearerToken::new(token)?;
-        let client =
-            WorkerClient::with_interceptor(connect_with_deadline(url, stall_timeout).await?, CallMetadata(token));
-        Ok(Coordinator { client, url: url.to_owned(), stall_timeout })
+        let client = WorkerClient::with_interceptor(
+            connect_with_deadline(url, stall_timeout).await?,
+            CallMetadata(token.clone()),
+        );
+        let commits =
+            WorkerClient::with_interceptor(connect_watched(url, stall_timeout, LONGEST_COMMIT)?, CallMetadata(token));
+        Ok(Coordinator { client, commits, url: url.to_owned(), stall_timeout })
     }
 
     /// Holds the begun save `save_id`: says every `interval` that it is alive, so its claims on
@@ -71,11 +84,11 @@ impl Coordinator {
                             });
                         }
                     }
-                    // The commit reports what went wrong; the claims may lapse meanwhile. Said
-                    // once, not at every interval of a long outage.
+                    // The commit reports what went wrong (the save's one line); the claims may
+                    // lapse meanwhile. Logged once, not at every interval of a long outage.
                     Err(status) if !warned => {
                         warned = true;
-                        tracing::warn!(error = %status.message(), "telling the coordinator the save is alive failed");
+                        tracing::debug!(error = %status.message(), "telling the coordinator the save is alive failed");
                     }
                     Err(status) => tracing::debug!(error = %status.message(), "the save is still not kept alive"),
                 }
@@ -94,7 +107,19 @@ impl Coordinator {
     /// failed report is logged at debug, not raised, and not warned about: it fails when the
     /// coordinator is gone, and the command's own line already says so.
     pub async fn report_metrics(&mut self, report: proto::v1::ReportMetricsRequest) {
-        if let Err(status) = self.client.report_metrics(report).await {
+        self.send_report(tonic::Request::new(report)).await;
+    }
+
+    /// The same for a command that failed: within [`AFTER_FAILURE`], since the coordinator
+    /// (or the store it serves) may be what failed.
+    pub async fn report_failure_metrics(&mut self, report: proto::v1::ReportMetricsRequest) {
+        let mut request = tonic::Request::new(report);
+        request.set_timeout(self.stall_timeout.min(AFTER_FAILURE));
+        self.send_report(request).await;
+    }
+
+    async fn send_report(&mut self, request: tonic::Request<proto::v1::ReportMetricsRequest>) {
+        if let Err(status) = self.client.report_metrics(request).await {
             tracing::debug!(error = %status.message(), "reporting metrics to the coordinator failed");
         }
     }
@@ -116,7 +141,14 @@ impl Coordinator {
         request: proto::v1::CommitSaveRequest,
         waited_on_others: bool,
     ) -> Result<CommitOutcome, ClientError> {
-        let status = match self.client.commit_save(request).await {
+        // The coordinator checks each new blob, reading it whole when the store cannot tell
+        // its checksum (multipart uploads to S3): the commit may take the stall timeout plus
+        // every blob the save names at 1 MiB/s, while the coordinator answers pings.
+        let bytes: u64 =
+            request.images.iter().flat_map(|image| &image.layers).map(|layer| layer.stored_size.max(layer.size)).sum();
+        let mut call = tonic::Request::new(request);
+        call.set_timeout(body_deadline(self.stall_timeout, bytes));
+        let status = match self.commits.commit_save(call).await {
             Ok(response) if response.get_ref().waiting_for_digests.is_empty() => {
                 return Ok(CommitOutcome::Committed(Box::new(response.into_inner())));
             }
@@ -151,12 +183,14 @@ impl Coordinator {
     }
 }
 
-/// Gives a begun save back, waiting at most 5 s (or `stall_timeout`, if shorter).
+/// Gives a begun save back, waiting at most [`AFTER_FAILURE`] (or `stall_timeout`, if
+/// shorter). A failure is logged at debug: the save's own line says what went wrong, and its
+/// claims lapse by themselves.
 pub async fn abandon_save(mut client: Client, save_id: &str, stall_timeout: Duration) {
     let mut request = tonic::Request::new(proto::v1::AbandonSaveRequest { save_id: save_id.to_owned() });
-    request.set_timeout(stall_timeout.min(Duration::from_secs(5)));
+    request.set_timeout(stall_timeout.min(AFTER_FAILURE));
     if let Err(status) = client.abandon_save(request).await {
-        tracing::warn!(error = %status.message(), "giving the save back to the coordinator failed");
+        tracing::debug!(error = %status.message(), "giving the save back to the coordinator failed");
     }
 }
 
@@ -214,5 +248,50 @@ struct KeepAlive(tokio::task::JoinHandle<()>);
 impl Drop for KeepAlive {
     fn drop(&mut self) {
         self.0.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+
+    /// A coordinator that takes HTTP/2 connections, says its settings, reads what comes first
+    /// and then freezes (as SIGSTOP leaves it: connections open, nothing read or answered).
+    async fn frozen_coordinator() -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((mut socket, _)) = listener.accept().await {
+                // An empty SETTINGS frame: the handshake completes.
+                socket.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0]).await.unwrap();
+                let _ = socket.read(&mut [0u8; 16 << 10]).await;
+                held.push(socket);
+            }
+        });
+        url
+    }
+
+    #[tokio::test]
+    async fn a_commit_to_a_frozen_coordinator_fails_within_the_stall_timeout_not_its_own_deadline() {
+        let url = frozen_coordinator().await;
+        let stall = Duration::from_secs(2);
+        let token = format!("cct_web_{}", "ab".repeat(32));
+        let mut coordinator = Coordinator::connect(&url, Some(&token), stall).await.unwrap();
+        // A save of a 1 GiB layer: its commit may take 2 s plus 1024 s while the coordinator
+        // answers pings.
+        let layer = proto::v1::Layer { size: 1 << 30, ..Default::default() };
+        let image = proto::v1::Image { layers: vec![layer], ..Default::default() };
+        let request = proto::v1::CommitSaveRequest { save_id: "save-1".into(), images: vec![image], save_log: vec![] };
+        let started = Instant::now();
+        let failed = coordinator.commit_save(request, false).await.unwrap_err();
+        let seconds = started.elapsed().as_secs_f64();
+        assert!(matches!(failed, ClientError::Stalled { seconds: 2, .. }), "{failed:?}");
+        assert_eq!(failed.exit_code(), 69);
+        assert!(seconds < 4.0, "the commit gave up after {seconds:.1} s");
     }
 }

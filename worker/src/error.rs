@@ -37,12 +37,15 @@ pub enum WorkerError {
 
 impl WorkerError {
     /// sysexits-style codes: 64 bad input, 70 an internal failure (`EX_SOFTWARE`), the
-    /// coordinator's codes for its refusals, 1 else.
+    /// coordinator's codes for its refusals, 69 a coordinator or store that stopped answering,
+    /// 1 else.
     pub fn exit_code(&self) -> u8 {
         match self {
             WorkerError::Invalid(_) => 64,
             WorkerError::Internal(_) => 70,
             WorkerError::Coordinator(error) => error.exit_code(),
+            // EX_UNAVAILABLE, as for a coordinator that stopped answering.
+            WorkerError::Transfer(TransferError::Stalled { .. }) => 69,
             _ => 1,
         }
     }

@@ -24,9 +24,10 @@ struct Cli {
     /// The project's token, from `cachectl project create`
     #[arg(long, env = "CACHE_TOKEN", hide_env_values = true)]
     token: Option<String>,
-    /// Seconds any call to the coordinator or the store may go without progress before the
-    /// command gives up (a restore then warns and exits 0; a save fails) (5 to 3600)
-    #[arg(long, env = "CACHE_STALL_TIMEOUT", default_value_t = 30, value_parser = clap::value_parser!(u64).range(5..=3600))]
+    /// Seconds any call to the coordinator, the store or the Docker engine may go without
+    /// progress before the command gives up (a restore then warns and exits 0; a save fails):
+    /// a frozen dependency costs a build about this long, once (5 to 3600)
+    #[arg(long, env = "CACHE_STALL_TIMEOUT", default_value_t = 10, value_parser = clap::value_parser!(u64).range(5..=3600))]
     stall_timeout: u64,
     /// Where a restore writes what the build reads (BuildKit's local cache sources on the
     /// containerd image store) and what it restored, and where the build writes its own cache

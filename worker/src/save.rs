@@ -82,7 +82,7 @@ impl SaveCleanup {
             None => 0,
         };
         if let Some((client, save_id)) = save {
-            crate::coordinator::abandon_save(client, &save_id, Duration::from_secs(5)).await;
+            crate::coordinator::abandon_save(client, &save_id, crate::transfer::AFTER_FAILURE).await;
         }
         aborted
     }
@@ -440,7 +440,9 @@ async fn save_once(
     // The keep-alive stops before the save is given back.
     let save_id = lease.save_id.clone();
     drop(lease);
-    if !matches!(result, Ok(Attempt::Done(_))) {
+    // Not to a coordinator that just stopped answering: it would cost the save that again.
+    let coordinator_failed = matches!(&result, Err(WorkerError::Coordinator(error)) if error.fails_reports_too());
+    if !matches!(result, Ok(Attempt::Done(_))) && !coordinator_failed {
         coordinator.abandon_save(&save_id).await;
     }
     result

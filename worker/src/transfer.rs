@@ -4,14 +4,17 @@
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use aws_credential_types::provider::ProvideCredentials;
 use aws_credential_types::provider::error::CredentialsError;
+use aws_sdk_s3::config::retry::{ClassifyRetry, RetryAction};
 use aws_sdk_s3::config::{BehaviorVersion, Region};
 use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
-use aws_sdk_s3::primitives::{ByteStream, Length};
+use aws_sdk_s3::primitives::{ByteStream, Length, SdkBody};
 use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
 use bytes::Bytes;
 use futures::{Stream, StreamExt, TryStreamExt};
@@ -29,6 +32,12 @@ pub enum TransferError {
     Download { digest: String, reason: String },
     #[error("blob {digest} is not in the store")]
     NotStored { digest: String },
+    /// The store took no byte and gave no answer for the whole stall timeout (or did so
+    /// earlier in this command): nothing more is asked of it.
+    #[error(
+        "{moving} blob {digest} failed: the store {moved} and gave no answer for {seconds} s: it is overloaded or stopped"
+    )]
+    Stalled { moving: &'static str, moved: &'static str, digest: String, seconds: u64 },
 }
 
 /// Bytes per read of a spooled file: aws-smithy's default of 64 KiB costs a blocking-pool round
@@ -37,6 +46,154 @@ const READ_CHUNK: usize = 1 << 20;
 
 /// Parts of one blob in flight at once; the store's request cap bounds all of them together.
 const PARTS_IN_FLIGHT: usize = 4;
+
+/// The longest a best-effort request after a failure may take (an abort, a report): the
+/// endpoint may be what failed, and the command's line is already decided.
+pub const AFTER_FAILURE: Duration = Duration::from_secs(1);
+
+/// How long a request that sends `size` bytes may take in all: the stall timeout plus the body
+/// at 1 MiB/s (uploads, and a commit that checks what they stored).
+pub fn body_deadline(stall_timeout: Duration, size: u64) -> Duration {
+    stall_timeout + Duration::from_secs(size.div_ceil(1 << 20))
+}
+
+/// No second attempt after a timeout: the store just went the whole stall timeout without an
+/// answer, and another attempt would cost a build that long again. Refusals and 5xx answers
+/// are still retried.
+#[derive(Debug)]
+struct NoRetryAfterStall;
+
+impl ClassifyRetry for NoRetryAfterStall {
+    fn classify_retry(&self, context: &aws_sdk_s3::config::interceptors::InterceptorContext) -> RetryAction {
+        match context.output_or_error() {
+            Some(Err(error))
+                if error.is_timeout_error() || error.as_connector_error().is_some_and(|error| error.is_timeout()) =>
+            {
+                RetryAction::RetryForbidden
+            }
+            _ => RetryAction::NoActionIndicated,
+        }
+    }
+
+    fn name(&self) -> &'static str {
+        "no retry after a stall"
+    }
+}
+
+/// Which way a stalled request moved bytes, for its line.
+#[derive(Clone, Copy)]
+enum Direction {
+    Up,
+    Down,
+}
+
+/// When a request last made progress: begun, a byte of its body taken by the connection, or a
+/// byte of its answer received.
+#[derive(Clone)]
+struct LastProgress(Arc<Mutex<Instant>>);
+
+impl LastProgress {
+    fn now() -> LastProgress {
+        LastProgress(Arc::new(Mutex::new(Instant::now())))
+    }
+
+    fn mark(&self) {
+        *self.0.lock().expect("progress lock") = Instant::now();
+    }
+
+    fn at(&self) -> Instant {
+        *self.0.lock().expect("progress lock")
+    }
+
+    /// `body`, marking this progress each time the connection takes a piece of it (again on
+    /// each attempt: the SDK rebuilds a retryable body through the same mapping).
+    fn watch(&self, body: ByteStream) -> ByteStream {
+        let progress = self.clone();
+        ByteStream::new(body.into_inner().map_preserve_contents(move |inner| {
+            SdkBody::from_body_1_x(WatchedBody { inner, progress: progress.clone() })
+        }))
+    }
+
+    /// Runs `request` until it ends, or `None` once it went `stall_timeout` without progress.
+    async fn unless_stalled<T>(&self, stall_timeout: Duration, request: impl Future<Output = T>) -> Option<T> {
+        let mut request = std::pin::pin!(request);
+        loop {
+            let deadline = self.at() + stall_timeout;
+            tokio::select! {
+                done = &mut request => return Some(done),
+                () = tokio::time::sleep_until(deadline.into()) => {
+                    if self.at() + stall_timeout <= Instant::now() {
+                        return None;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A request body that marks its [`LastProgress`] as the connection takes it: a store that
+/// stops reading (frozen, its buffers full) shows as no progress, which the SDK's own stall
+/// protection does not count against an upload.
+struct WatchedBody {
+    inner: SdkBody,
+    progress: LastProgress,
+}
+
+impl http_body::Body for WatchedBody {
+    type Data = Bytes;
+    type Error = aws_sdk_s3::error::BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        context: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(context);
+        if let Poll::Ready(Some(Ok(frame))) = &polled
+            && frame.is_data()
+        {
+            self.progress.mark();
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// A request body fed by a channel whose receiver the uploader can drop while the connection
+/// still holds the body, so the sender is never left waiting on a stalled request.
+struct ChannelBody {
+    receiver: Arc<Mutex<Option<tokio::sync::mpsc::Receiver<std::io::Result<Bytes>>>>>,
+    bar: Bar,
+}
+
+impl http_body::Body for ChannelBody {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        context: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, std::io::Error>>> {
+        let mut receiver = self.receiver.lock().expect("body lock");
+        let Some(receiver) = receiver.as_mut() else {
+            return Poll::Ready(Some(Err(std::io::Error::other("the upload was given up"))));
+        };
+        receiver.poll_recv(context).map(|piece| {
+            piece.map(|piece| {
+                piece.map(|bytes| {
+                    self.bar.add(bytes.len() as u64);
+                    http_body::Frame::data(bytes)
+                })
+            })
+        })
+    }
+}
 
 /// The project's blobs in the object store. Clones share the client, the cap on requests in
 /// flight and the record of unfinished multipart uploads.
@@ -55,6 +212,10 @@ pub struct BlobStore {
     unfinished: Arc<Mutex<HashMap<String, String>>>,
     /// How long a request may go without progress.
     stall_timeout: Duration,
+    /// When a request last went `stall_timeout` without progress: for as long again no request
+    /// is sent (aborts included), so a command that fails on it fails once, not per request
+    /// (a view, which runs for a whole job, tries again after that).
+    stalled_at: Arc<Mutex<Option<Instant>>>,
     /// The store takes checksums (S3, not the embedded endpoint, which checks every blob
     /// itself): each PUT carries the blob's digest as its `x-amz-checksum-sha256`, which S3
     /// checks the body against, and `If-None-Match: *`, so a stored blob is never replaced.
@@ -119,6 +280,7 @@ where
         }
     }
     match &error {
+        SdkError::DispatchFailure(failure) if failure.is_timeout() => "the store did not answer in time".to_owned(),
         SdkError::DispatchFailure(_) => format!("cannot reach the store: {}", innermost_cause(&error)),
         SdkError::TimeoutError(_) => "the store did not answer in time".to_owned(),
         _ => innermost_cause(&error),
@@ -249,7 +411,7 @@ impl BlobStore {
     /// A store reached with `credentials`. With the coordinator's `client`, the credentials are
     /// renewed before they expire; without it they are used as they are. A request that makes
     /// no progress for `stall_timeout` (no answer, or a body that stops moving) is cut off and
-    /// retried, so a stalled store costs a build seconds, not minutes.
+    /// not tried again, so a stalled store costs a build the stall timeout, once.
     pub fn new(
         credentials: &pb::Credentials,
         plan: &pb::TransferPlan,
@@ -262,11 +424,11 @@ impl BlobStore {
             .behavior_version(BehaviorVersion::latest())
             .region(Region::new(region))
             .force_path_style(credentials.path_style)
-            // 5xx, throttling and timeouts are retried with exponential backoff and jitter; a
-            // request that stalls is cut off and retried rather than hanging the build: no
-            // answer within the stall timeout (uploads: see `upload_deadline`), or a body that
-            // moves no byte for that long.
+            // 5xx and throttling are retried with exponential backoff and jitter; a request that
+            // stalls is cut off, not retried: no answer within the stall timeout (uploads: see
+            // `upload_deadline` and `LastProgress`), or a body that moves no byte for that long.
             .retry_config(aws_sdk_s3::config::retry::RetryConfig::standard().with_max_attempts(3))
+            .retry_classifier(NoRetryAfterStall)
             .timeout_config(
                 aws_sdk_s3::config::timeout::TimeoutConfig::builder()
                     .connect_timeout(stall_timeout.min(Duration::from_secs(10)))
@@ -304,22 +466,70 @@ impl BlobStore {
             requests: Arc::new(RequestLimit::new((plan.max_concurrency as usize).max(1))),
             unfinished: Arc::default(),
             stall_timeout,
+            stalled_at: Arc::default(),
             conditional_puts: credentials.checksum_mode != "when_required",
         }
     }
 
     /// The timeouts of a request that sends `size` bytes: the answer comes only after the
-    /// whole body, so instead of the read timeout the attempt may take the stall timeout plus
-    /// the body at 1 MiB/s (a body that stops moving is cut off sooner, by the stall protection).
+    /// whole body, so instead of the read timeout the attempt may take [`body_deadline`] (a
+    /// body the store stops taking is cut off sooner, see [`BlobStore::send_watched`]).
     fn upload_deadline(&self, size: u64) -> aws_sdk_s3::config::Builder {
-        let body_time = Duration::from_secs(size.div_ceil(1 << 20));
         aws_sdk_s3::config::Builder::default().timeout_config(
             aws_sdk_s3::config::timeout::TimeoutConfig::builder()
                 .connect_timeout(self.stall_timeout.min(Duration::from_secs(10)))
                 .disable_read_timeout()
-                .operation_attempt_timeout(self.stall_timeout + body_time)
+                .operation_attempt_timeout(body_deadline(self.stall_timeout, size))
                 .build(),
         )
+    }
+
+    /// Sends an upload of `body` (`send` makes the request from the watched body) and waits for
+    /// its answer while it makes progress: a store that takes no byte of it and gives no answer
+    /// for the stall timeout fails it, and every later request of this store at once.
+    async fn send_watched<T>(
+        &self,
+        digest: &str,
+        body: ByteStream,
+        send: impl AsyncFnOnce(ByteStream) -> T,
+    ) -> Result<T, TransferError> {
+        let progress = LastProgress::now();
+        match progress.unless_stalled(self.stall_timeout, send(progress.watch(body))).await {
+            Some(sent) => Ok(sent),
+            None => {
+                self.mark_stalled();
+                Err(self.stall_error(Direction::Up, digest))
+            }
+        }
+    }
+
+    fn stall_error(&self, direction: Direction, digest: &str) -> TransferError {
+        let (moving, moved) = match direction {
+            Direction::Up => ("uploading", "took no bytes"),
+            Direction::Down => ("downloading", "sent no bytes"),
+        };
+        TransferError::Stalled { moving, moved, digest: digest.to_owned(), seconds: self.stall_timeout.as_secs() }
+    }
+
+    /// Notes a failed request that timed out: the store stalled (see `stalled_at`).
+    fn note_timeout<E, R>(&self, error: &SdkError<E, R>) {
+        let timed_out = match error {
+            SdkError::TimeoutError(_) => true,
+            SdkError::DispatchFailure(failure) => failure.is_timeout(),
+            _ => false,
+        };
+        if timed_out {
+            self.mark_stalled();
+        }
+    }
+
+    fn mark_stalled(&self) {
+        *self.stalled_at.lock().expect("stall lock") = Some(Instant::now());
+    }
+
+    /// Whether a request stalled within the last stall timeout.
+    fn stalled_recently(&self) -> bool {
+        self.stalled_at.lock().expect("stall lock").is_some_and(|at| at.elapsed() < self.stall_timeout)
     }
 
     /// A blob's key under the prefix the credentials name (`proto::object_keys`' layout).
@@ -332,8 +542,13 @@ impl BlobStore {
         proto::parts::part_size_for(size, self.part_size)
     }
 
-    async fn request_permit(&self) -> tokio::sync::SemaphorePermit<'_> {
-        self.requests.permits.acquire().await.expect("the request semaphore is never closed")
+    /// A permit to send a request about `digest`; refused right after the store stalled.
+    async fn request_permit(&self, digest: &str) -> Result<tokio::sync::SemaphorePermit<'_>, TransferError> {
+        let permit = self.requests.permits.acquire().await.expect("the request semaphore is never closed");
+        if self.stalled_recently() {
+            return Err(self.stall_error(Direction::Up, digest));
+        }
+        Ok(permit)
     }
 
     /// Follows the share of the transfer budget the coordinator grants this save as it
@@ -359,7 +574,7 @@ impl BlobStore {
 
     /// One PUT of a whole blob of `size` bytes.
     async fn put(&self, digest: &str, size: u64, body: ByteStream) -> Result<(), TransferError> {
-        let _permit = self.request_permit().await;
+        let _permit = self.request_permit(digest).await?;
         let mut put = self.client.put_object().bucket(&self.bucket).key(self.key(digest)).content_length(size as i64);
         if self.conditional_puts {
             put = put
@@ -367,21 +582,25 @@ impl BlobStore {
                 .checksum_sha256(digest_base64(digest))
                 .if_none_match("*");
         }
-        let sent = put
-            .body(body)
-            // Every blob's sha256 is checked on its way in (spooled, streamed or a config read
-            // whole) and its size at the commit: a second SHA-256 pass for the signature only
-            // costs CPU.
-            .customize()
-            .config_override(self.upload_deadline(size))
-            .disable_payload_signing()
-            .send()
-            .await;
-        match sent {
+        let sending = async move |body| {
+            put.body(body)
+                // Every blob's sha256 is checked on its way in (spooled, streamed or a config
+                // read whole) and its size at the commit: a second SHA-256 pass for the
+                // signature only costs CPU.
+                .customize()
+                .config_override(self.upload_deadline(size))
+                .disable_payload_signing()
+                .send()
+                .await
+        };
+        match self.send_watched(digest, body, sending).await? {
             Ok(_) => Ok(()),
             // Already stored: the commit checks what is there against the digest.
             Err(error) if self.conditional_puts && is_precondition_failed(&error) => Ok(()),
-            Err(error) => Err(TransferError::Upload { digest: digest.to_owned(), reason: reason(error) }),
+            Err(error) => {
+                self.note_timeout(&error);
+                Err(TransferError::Upload { digest: digest.to_owned(), reason: reason(error) })
+            }
         }
     }
 
@@ -446,11 +665,13 @@ impl BlobStore {
     ) -> Result<(), TransferError> {
         let failed = |reason: String| TransferError::Upload { digest: digest.to_owned(), reason };
         if size < self.multipart_threshold {
-            let bar = bar.clone();
-            let frames = tokio_stream::wrappers::ReceiverStream::new(body)
-                .map(move |piece| piece.inspect(|bytes| bar.add(bytes.len() as u64)).map(http_body::Frame::data));
-            let body = ByteStream::from_body_1_x(http_body_util::StreamBody::new(frames));
-            return self.put(digest, size, body).await;
+            let receiver = Arc::new(Mutex::new(Some(body)));
+            let body = ByteStream::from_body_1_x(ChannelBody { receiver: receiver.clone(), bar: bar.clone() });
+            let put = self.put(digest, size, body).await;
+            // The connection may still hold the body (a store that stopped reading it): the
+            // sender (the export's reader) is let go all the same.
+            drop(receiver.lock().expect("body lock").take());
+            return put;
         }
         let upload = self.begin_multipart(digest, size).await?;
         let part_size = upload.part_size as usize;
@@ -515,10 +736,13 @@ impl BlobStore {
         }
         let key = self.key(digest);
         let upload = {
-            let _permit = self.request_permit().await;
+            let _permit = self.request_permit(digest).await?;
             self.client.create_multipart_upload().bucket(&self.bucket).key(&key).send().await
         }
-        .map_err(|error| failed(reason(error)))?;
+        .map_err(|error| {
+            self.note_timeout(&error);
+            failed(reason(error))
+        })?;
         let upload_id = upload.upload_id().ok_or_else(|| failed("the store returned no upload ID".into()))?.to_owned();
         self.unfinished.lock().expect("unfinished uploads lock").insert(upload_id.clone(), key.clone());
         Ok(MultipartUpload {
@@ -541,8 +765,14 @@ impl BlobStore {
         unfinished.len()
     }
 
+    /// Aborts one upload, best effort; not against a store that stalled (another stall timeout
+    /// would be spent on it): the coordinator's collection aborts what is left.
     async fn abort(&self, key: &str, upload_id: &str) {
         self.unfinished.lock().expect("unfinished uploads lock").remove(upload_id);
+        if self.stalled_recently() {
+            tracing::debug!(key, "the store stalled: the multipart upload is left to the coordinator's collection");
+            return;
+        }
         if let Err(error) =
             self.client.abort_multipart_upload().bucket(&self.bucket).key(key).upload_id(upload_id).send().await
         {
@@ -552,11 +782,14 @@ impl BlobStore {
 
     /// The stored size of a blob, or `None` when the store does not hold it.
     pub async fn stored_size(&self, digest: &str) -> Result<Option<u64>, TransferError> {
-        let _permit = self.request_permit().await;
+        let _permit = self.request_permit(digest).await?;
         match self.client.head_object().bucket(&self.bucket).key(self.key(digest)).send().await {
             Ok(head) => Ok(Some(head.content_length().unwrap_or(0).max(0) as u64)),
             Err(error) if error.as_service_error().is_some_and(|e| e.is_not_found()) => Ok(None),
-            Err(error) => Err(TransferError::Download { digest: digest.to_owned(), reason: reason(error) }),
+            Err(error) => {
+                self.note_timeout(&error);
+                Err(TransferError::Download { digest: digest.to_owned(), reason: reason(error) })
+            }
         }
     }
 
@@ -564,17 +797,36 @@ impl BlobStore {
     pub async fn download_range(&self, digest: &str, offset: u64, length: u64) -> Result<Bytes, TransferError> {
         let failed = |reason: String| TransferError::Download { digest: digest.to_owned(), reason };
         let range = format!("bytes={offset}-{}", offset + length - 1);
-        let response =
-            self.client.get_object().bucket(&self.bucket).key(self.key(digest)).range(range).send().await.map_err(
-                |error| {
-                    if error.as_service_error().is_some_and(|e| e.is_no_such_key()) {
-                        TransferError::NotStored { digest: digest.to_owned() }
-                    } else {
-                        failed(reason(error))
-                    }
-                },
-            )?;
-        let bytes = response.body.collect().await.map_err(|error| failed(innermost_cause(&error)))?.into_bytes();
+        if self.stalled_recently() {
+            return Err(self.stall_error(Direction::Down, digest));
+        }
+        // A range whose answer, or whose next byte, does not come for the stall timeout fails
+        // then (the SDK's own protection would take a second or so more to see it).
+        let progress = LastProgress::now();
+        let fetching = async {
+            let request = self.client.get_object().bucket(&self.bucket).key(self.key(digest)).range(range);
+            let response = request.send().await.map_err(|error| {
+                self.note_timeout(&error);
+                if error.as_service_error().is_some_and(|e| e.is_no_such_key()) {
+                    TransferError::NotStored { digest: digest.to_owned() }
+                } else {
+                    failed(reason(error))
+                }
+            })?;
+            progress.mark();
+            let mut body = response.body;
+            let mut bytes = bytes::BytesMut::with_capacity(length as usize);
+            while let Some(piece) = body.try_next().await.map_err(|error| failed(innermost_cause(&error)))? {
+                progress.mark();
+                bytes.extend_from_slice(&piece);
+            }
+            Ok(bytes.freeze())
+        };
+        let Some(fetched) = progress.unless_stalled(self.stall_timeout, fetching).await else {
+            self.mark_stalled();
+            return Err(self.stall_error(Direction::Down, digest));
+        };
+        let bytes = fetched?;
         if bytes.len() as u64 != length {
             return Err(failed(format!("asked for {length} bytes at {offset}, got {}", bytes.len())));
         }
@@ -589,6 +841,7 @@ impl BlobStore {
         let failed = |reason: String| TransferError::Download { digest: digest.to_owned(), reason };
         let response =
             self.client.get_object().bucket(&self.bucket).key(self.key(digest)).send().await.map_err(|error| {
+                self.note_timeout(&error);
                 if error.as_service_error().is_some_and(|e| e.is_no_such_key()) {
                     TransferError::NotStored { digest: digest.to_owned() }
                 } else {
@@ -629,31 +882,35 @@ impl MultipartUpload {
 
     /// Uploads part `part_number` (from 1).
     pub async fn upload_part(&self, part_number: i32, body: ByteStream) -> Result<CompletedPart, TransferError> {
-        let _permit = self.store.request_permit().await;
-        let uploaded = self
-            .store
-            .client
-            .upload_part()
-            .bucket(&self.store.bucket)
-            .key(&self.key)
-            .upload_id(&self.upload_id)
-            .part_number(part_number)
-            .body(body)
-            // The blob's sha256 was checked while spooling and the commit checks its size: a
-            // second SHA-256 pass for the signature only costs CPU.
-            .customize()
-            .config_override(self.store.upload_deadline(self.part_size))
-            .disable_payload_signing()
-            .send()
-            .await
-            .map_err(|error| self.failed(reason(error)))?;
+        let _permit = self.store.request_permit(&self.digest).await?;
+        let sending = async |body| {
+            self.store
+                .client
+                .upload_part()
+                .bucket(&self.store.bucket)
+                .key(&self.key)
+                .upload_id(&self.upload_id)
+                .part_number(part_number)
+                .body(body)
+                // The blob's sha256 was checked while spooling and the commit checks its size:
+                // a second SHA-256 pass for the signature only costs CPU.
+                .customize()
+                .config_override(self.store.upload_deadline(self.part_size))
+                .disable_payload_signing()
+                .send()
+                .await
+        };
+        let uploaded = self.store.send_watched(&self.digest, body, sending).await?.map_err(|error| {
+            self.store.note_timeout(&error);
+            self.failed(reason(error))
+        })?;
         Ok(CompletedPart::builder().part_number(part_number).set_e_tag(uploaded.e_tag().map(str::to_owned)).build())
     }
 
     /// Completes the upload from its parts, in order; aborts it if the store refuses.
     pub async fn complete(self, parts: Vec<CompletedPart>) -> Result<(), TransferError> {
         let completed = {
-            let _permit = self.store.request_permit().await;
+            let _permit = self.store.request_permit(&self.digest).await?;
             let mut complete = self
                 .store
                 .client
@@ -678,6 +935,7 @@ impl MultipartUpload {
                 Ok(())
             }
             Err(error) => {
+                self.store.note_timeout(&error);
                 self.abort().await;
                 Err(self.failed(reason(error)))
             }
@@ -708,6 +966,102 @@ mod tests {
             reason(error),
             "the project was flushed while this upload ran: its key is revoked and nothing was stored (AccessDenied)"
         );
+    }
+
+    /// A store that takes connections and never reads nor answers (a frozen process: the
+    /// kernel still completes the handshake), and a store client on it with a 1 s stall timeout.
+    fn frozen_store() -> (std::net::TcpListener, BlobStore) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let credentials = pb::Credentials {
+            access_key_id: "AKIDFROZEN".into(),
+            secret_access_key: "secret".into(),
+            endpoint_url: format!("http://{}", listener.local_addr().unwrap()),
+            bucket: "cache".into(),
+            path_style: true,
+            checksum_mode: "when_required".into(),
+            ..Default::default()
+        };
+        let plan = pb::TransferPlan {
+            part_size: 8 << 20,
+            multipart_threshold: 64 << 20,
+            max_concurrency: 4,
+            ..Default::default()
+        };
+        (listener, BlobStore::new(&credentials, &plan, None, Duration::from_secs(1)))
+    }
+
+    #[tokio::test]
+    async fn an_upload_the_store_stops_taking_fails_once_after_the_stall_timeout() {
+        let (_listener, store) = frozen_store();
+        let digest = format!("sha256:{}", "a".repeat(64));
+        let started = Instant::now();
+        // More than the socket buffers hold: the body stops moving. The attempt's own deadline
+        // (1 s plus the body at 1 MiB/s) would be 33 s, times 3 attempts.
+        let failed = store.upload_bytes(&digest, vec![7; 32 << 20]).await.unwrap_err();
+        let seconds = started.elapsed().as_secs_f64();
+        assert!(matches!(failed, TransferError::Stalled { seconds: 1, .. }), "{failed}");
+        assert!((1.0..4.0).contains(&seconds), "gave up after {seconds:.1} s");
+        assert_eq!(
+            failed.to_string(),
+            format!(
+                "uploading blob {digest} failed: the store took no bytes and gave no answer for 1 s: it is overloaded or stopped"
+            )
+        );
+        // What follows right after is not sent: the command fails once, not per request.
+        let started = Instant::now();
+        let again = store.begin_multipart(&digest, 100 << 20).await.err().unwrap();
+        assert!(matches!(again, TransferError::Stalled { .. }), "{again}");
+        assert!(started.elapsed() < Duration::from_millis(500));
+    }
+
+    #[tokio::test]
+    async fn a_streamed_upload_the_store_stops_taking_fails_after_the_stall_timeout() {
+        let (_listener, store) = frozen_store();
+        let digest = format!("sha256:{}", "c".repeat(64));
+        let size: u64 = 32 << 20;
+        let (sender, body) = tokio::sync::mpsc::channel(4);
+        tokio::spawn(async move {
+            for _ in 0..32 {
+                if sender.send(Ok(Bytes::from(vec![7u8; 1 << 20]))).await.is_err() {
+                    return;
+                }
+            }
+        });
+        let started = Instant::now();
+        let failed = store.upload_stream(&digest, size, body, &Bar::none()).await.unwrap_err();
+        let seconds = started.elapsed().as_secs_f64();
+        assert!(matches!(failed, TransferError::Stalled { .. }), "{failed}");
+        assert!((1.0..4.0).contains(&seconds), "gave up after {seconds:.1} s");
+    }
+
+    #[tokio::test]
+    async fn a_request_without_an_answer_is_not_attempted_again() {
+        let (_listener, store) = frozen_store();
+        let digest = format!("sha256:{}", "b".repeat(64));
+        let started = Instant::now();
+        let failed = store.download_range(&digest, 0, 10).await.err().unwrap();
+        let seconds = started.elapsed().as_secs_f64();
+        assert!(matches!(failed, TransferError::Stalled { .. } | TransferError::Download { .. }), "{failed}");
+        // One attempt of 1 s; three would take 3 s and their backoff.
+        assert!(seconds < 2.5, "gave up after {seconds:.1} s: the stalled request was tried again");
+        let head = store.stored_size(&digest).await.err().unwrap();
+        assert!(matches!(head, TransferError::Stalled { .. }), "{head}");
+    }
+
+    #[tokio::test]
+    async fn a_request_that_keeps_making_progress_is_not_a_stall() {
+        let progress = LastProgress::now();
+        let marking = progress.clone();
+        let slow = async move {
+            for _ in 0..6 {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                marking.mark();
+            }
+            "done"
+        };
+        assert_eq!(progress.unless_stalled(Duration::from_millis(250), slow).await, Some("done"));
+        let stuck = std::future::pending::<()>();
+        assert_eq!(progress.unless_stalled(Duration::from_millis(250), stuck).await, None);
     }
 
     #[test]

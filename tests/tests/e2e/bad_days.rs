@@ -151,11 +151,7 @@ fn a_flush_mid_save_or_a_coordinator_killed_mid_restore_reads_as_one_plain_line(
     let saved = coordinator.cache_worker_on(&engine, &token, &["save", "--service", "web", "big:1"]);
     assert!(saved.status.success(), "{}", stderr_of(&saved));
     let fresh_host = DockerEngine::start(EngineKind::Engine20).unwrap();
-    let restoring = coordinator.spawn_cache_worker_on(
-        &fresh_host,
-        &token,
-        &["--stall-timeout", "5", "restore", "--service", "web"],
-    );
+    let restoring = coordinator.spawn_cache_worker_on(&fresh_host, &token, &["restore", "--service", "web"]);
     let before = proxy.bytes_moved_down();
     let deadline = Instant::now() + Duration::from_secs(60);
     while proxy.bytes_moved_down() < before + (16 << 20) {
@@ -173,6 +169,8 @@ fn a_flush_mid_save_or_a_coordinator_killed_mid_restore_reads_as_one_plain_line(
     eprintln!("a coordinator killed mid-restore reads: {line}");
 }
 
+/// With the default `--stall-timeout` (10 s), a stopped coordinator costs a command at most
+/// 15 s in all.
 #[test]
 fn a_stopped_coordinator_costs_a_build_its_stall_timeout() {
     let Some(build_host) = DockerEngine::start(EngineKind::Engine20) else { return };
@@ -184,23 +182,18 @@ fn a_stopped_coordinator_costs_a_build_its_stall_timeout() {
     coordinator.signal("STOP");
     let fresh_host = DockerEngine::start(EngineKind::Engine20).unwrap();
     let started = Instant::now();
-    let restore =
-        coordinator.cache_worker_on(&fresh_host, &token, &["--stall-timeout", "5", "restore", "--service", "web"]);
+    let restore = coordinator.cache_worker_on(&fresh_host, &token, &["restore", "--service", "web"]);
     let restore_seconds = started.elapsed().as_secs_f64();
     assert_restore_warned_once(&restore);
-    assert!(restore_seconds < 30.0, "the restore gave up after its 5 s stall timeout, not {restore_seconds:.1} s");
+    assert!(restore_seconds <= 15.0, "the restore gave up after its 10 s stall timeout, not {restore_seconds:.1} s");
     assert!(fresh_host.image_ids().is_empty(), "the engine holds nothing");
 
     let started = Instant::now();
-    let save = coordinator.cache_worker_on(
-        &build_host,
-        &token,
-        &["--stall-timeout", "5", "save", "--service", "web", "app:1"],
-    );
+    let save = coordinator.cache_worker_on(&build_host, &token, &["save", "--service", "web", "app:1"]);
     let save_seconds = started.elapsed().as_secs_f64();
     assert_eq!(save.status.code(), Some(69), "{}", stderr_of(&save));
     assert_eq!(stderr_of(&save).lines().count(), 1, "{}", stderr_of(&save));
-    assert!(save_seconds < 30.0, "the save gave up after its 5 s stall timeout, not {save_seconds:.1} s");
+    assert!(save_seconds <= 15.0, "the save gave up after its 10 s stall timeout, not {save_seconds:.1} s");
 
     // Woken, it still has the previous manifest.
     coordinator.signal("CONT");
@@ -299,11 +292,7 @@ fn a_store_that_stalls_mid_restore_costs_the_stall_timeout_not_minutes() {
 
     let fresh_host = DockerEngine::start(EngineKind::Engine20).unwrap();
     let before = proxy.bytes_moved_down();
-    let restore = coordinator.spawn_cache_worker_on(
-        &fresh_host,
-        &token,
-        &["--stall-timeout", "5", "restore", "--service", "web"],
-    );
+    let restore = coordinator.spawn_cache_worker_on(&fresh_host, &token, &["restore", "--service", "web"]);
     let deadline = Instant::now() + Duration::from_secs(60);
     while proxy.bytes_moved_down() < before + (16 << 20) {
         assert!(Instant::now() < deadline, "the restore never got going");
@@ -314,8 +303,8 @@ fn a_store_that_stalls_mid_restore_costs_the_stall_timeout_not_minutes() {
     let restore = restore.wait_with_output().unwrap();
     let seconds = frozen_at.elapsed().as_secs_f64();
     assert_restore_warned_once(&restore);
-    // At most 3 attempts of a 5 s stall each, with backoff between them.
-    assert!(seconds < 45.0, "the restore gave up after {seconds:.1} s of a stalled store");
+    // One stall of the default 10 s and the failure's report, not 3 attempts of it.
+    assert!(seconds <= 15.0, "the restore gave up after {seconds:.1} s of a stalled store");
     assert!(fresh_host.image_ids().is_empty(), "the engine holds nothing");
     eprintln!("the restore gave up {seconds:.1} s after the store froze");
 }

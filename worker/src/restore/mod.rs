@@ -158,7 +158,8 @@ pub async fn report_failure<C: RestoreCoordinator>(
 ) -> WorkerError {
     let report_fails = matches!(&error, WorkerError::Coordinator(client) if client.fails_reports_too());
     if !report_fails {
-        coordinator.report_metrics(metrics_report(service, pb::RestoreOutcome::Error, Vec::new(), 0.0, lease)).await;
+        let report = metrics_report(service, pb::RestoreOutcome::Error, Vec::new(), 0.0, lease);
+        coordinator.report_failure_metrics(report).await;
     }
     error
 }

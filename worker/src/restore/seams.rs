@@ -65,6 +65,10 @@ pub trait RestoreCoordinator {
 
     /// Sends a restore's figures, best effort: a cache never breaks a build.
     fn report_metrics(&mut self, report: pb::ReportMetricsRequest) -> impl Future<Output = ()>;
+
+    /// Sends a failed restore's figures, best effort and briefly (see
+    /// [`crate::transfer::AFTER_FAILURE`]): the coordinator may be what failed.
+    fn report_failure_metrics(&mut self, report: pb::ReportMetricsRequest) -> impl Future<Output = ()>;
 }
 
 impl RestoreCoordinator for Coordinator {
@@ -100,6 +104,10 @@ impl RestoreCoordinator for Coordinator {
 
     async fn report_metrics(&mut self, report: pb::ReportMetricsRequest) {
         Coordinator::report_metrics(self, report).await
+    }
+
+    async fn report_failure_metrics(&mut self, report: pb::ReportMetricsRequest) {
+        Coordinator::report_failure_metrics(self, report).await
     }
 }
 

@@ -91,6 +91,10 @@ impl RestoreCoordinator for FakeCoordinator {
     async fn report_metrics(&mut self, report: pb::ReportMetricsRequest) {
         self.reports.push(report);
     }
+
+    async fn report_failure_metrics(&mut self, report: pb::ReportMetricsRequest) {
+        self.reports.push(report);
+    }
 }
 
 /// A graph-driver engine: loads a tarball by its `manifest.json` (images and tags), or
