@@ -15,7 +15,7 @@ pub enum WorkerError {
     #[error("{0}")]
     Engine(#[from] EngineError),
     #[error("{0}")]
-    Export(#[from] ExportError),
+    Export(ExportError),
     #[error("{0}")]
     Transfer(#[from] TransferError),
     #[error("{0}")]
@@ -37,13 +37,28 @@ pub enum WorkerError {
 
 impl WorkerError {
     /// sysexits-style codes: 64 bad input, 70 an internal failure (`EX_SOFTWARE`), the
-    /// coordinator's codes for its refusals, 1 else.
+    /// coordinator's codes for its refusals, 69 an engine unreachable or stalled (as a coordinator
+    /// is), 1 else.
     pub fn exit_code(&self) -> u8 {
         match self {
             WorkerError::Invalid(_) => 64,
             WorkerError::Internal(_) => 70,
             WorkerError::Coordinator(error) => error.exit_code(),
+            WorkerError::Engine(EngineError::Unreachable { .. } | EngineError::Stalled { .. }) => 69,
             _ => 1,
+        }
+    }
+}
+
+impl From<ExportError> for WorkerError {
+    /// An export that ended because the engine stalled is the engine's failure, not the
+    /// export's.
+    fn from(error: ExportError) -> Self {
+        match &error {
+            ExportError::Io(io) => {
+                EngineError::stall_behind(io).map_or(WorkerError::Export(error), WorkerError::Engine)
+            }
+            _ => WorkerError::Export(error),
         }
     }
 }
