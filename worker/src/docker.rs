@@ -45,7 +45,11 @@ impl EngineError {
             if let Some(EngineError::Stalled { host, seconds }) = error.downcast_ref::<EngineError>() {
                 return Some(EngineError::Stalled { host: host.clone(), seconds: *seconds });
             }
-            cause = error.source();
+            // An I/O error's own `source` skips the error it wraps.
+            cause = match error.downcast_ref::<std::io::Error>() {
+                Some(io) => io.get_ref().map(|inner| inner as _),
+                None => error.source(),
+            };
         }
         None
     }
@@ -260,12 +264,11 @@ impl Engine {
         let driver_status = info.driver_status.unwrap_or_default();
         let containerd_store =
             driver_status.iter().any(|pair| pair.iter().any(|value| value.starts_with("io.containerd.snapshotter")));
-        let host = std::env::var("DOCKER_HOST").unwrap_or_default();
         Ok(Storage {
             driver: info.driver.unwrap_or_default(),
             data_root: info.docker_root_dir.unwrap_or_default().into(),
             containerd_store,
-            host: if host.is_empty() { "unix:///var/run/docker.sock".into() } else { host },
+            host: self.watchdog.host.clone(),
         })
     }
 
@@ -516,6 +519,28 @@ mod tests {
     /// A ping to a frozen engine: connected, never answered.
     fn frozen() -> std::future::Pending<bool> {
         std::future::pending()
+    }
+
+    #[test]
+    fn a_stall_is_found_behind_the_export_reader_s_error() {
+        let stalled = super::EngineError::Stalled { host: "unix:///d.sock".into(), seconds: 10 };
+        let line = stalled.to_string();
+        assert_eq!(line, "the Docker engine at unix:///d.sock did not answer for 10 s (--stall-timeout)");
+        // As the export stream yields it, and wrapped once more by a reader passing it on.
+        let from_stream = std::io::Error::other(stalled);
+        let found = super::EngineError::stall_behind(&from_stream).map(|error| error.to_string());
+        assert_eq!(found.as_deref(), Some(line.as_str()));
+        let passed_on = std::io::Error::other(std::io::Error::other(super::EngineError::Stalled {
+            host: "unix:///d.sock".into(),
+            seconds: 10,
+        }));
+        let found = super::EngineError::stall_behind(&passed_on).map(|error| error.to_string());
+        assert_eq!(found.as_deref(), Some(line.as_str()));
+        let error = crate::error::WorkerError::from(crate::export::ExportError::Io(from_stream));
+        assert_eq!(error.exit_code(), 69, "{error}");
+        assert_eq!(error.to_string(), line);
+        let other = crate::error::WorkerError::from(crate::export::ExportError::Io(std::io::Error::other("EOF")));
+        assert_eq!(other.exit_code(), 1, "{other}");
     }
 
     #[tokio::test(start_paused = true)]
