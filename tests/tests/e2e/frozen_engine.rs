@@ -3,7 +3,8 @@
 //! the containerd image store: a restore frozen mid-load, or begun on a frozen engine, warns
 //! once and exits 0, and the engine, woken, holds nothing of the cache; a save frozen
 //! mid-export (`docker save`, the worker not seeing the data root), or begun on a frozen
-//! engine, fails with one line and exit 69.
+//! engine, fails with one line and exit 69; one frozen mid-upload on the direct path (the
+//! stores read in place) finishes without the engine.
 
 use std::io::Read;
 use std::process::{Child, Output, Stdio};
@@ -162,6 +163,23 @@ fn a_frozen_engine_costs_a_build_at_most_15_s(start: impl Fn() -> Option<DockerE
     let (save, took) = finish(saving, started);
     build_host.signal("CONT");
     assert_save_gave_up(&save, took, &build_host, "frozen before the save");
+
+    // Frozen mid-upload on the direct path: the blobs are read in place, so the uploads finish
+    // without the engine, and the save's last asks of it (is the previous image here, what
+    // does the host hold now) cost one deadline between them.
+    let mut saving = coordinator.spawn_cache_worker_on(&build_host, &token, &["save", "--service", "web", "big:2"]);
+    wait_until_moved(&mut saving, || folder_bytes(data_dir.path()), UNDER_WAY, "the save's upload");
+    build_host.signal("STOP");
+    let (save, took) = finish(saving, Instant::now());
+    build_host.signal("CONT");
+    eprintln!(
+        "frozen mid-upload on the direct path: the save ended {:.1} s after the engine froze",
+        took.as_secs_f64()
+    );
+    assert!(save.status.success(), "{}", stderr_of(&save));
+    assert_eq!(stderr_of(&save), "", "no warning");
+    assert!(tests::stdout_of(&save).contains("saved web: "), "{}", tests::stdout_of(&save));
+    assert!(took <= BOUND, "the save took {took:?} after the engine froze");
 
     // Woken, the engines take the cache that was stored before the freezes.
     let restore = coordinator.cache_worker_on(&fresh_host, &token, &["restore", "--service", "web"]);
