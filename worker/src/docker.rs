@@ -541,6 +541,9 @@ mod tests {
         assert_eq!(error.to_string(), line);
         let other = crate::error::WorkerError::from(crate::export::ExportError::Io(std::io::Error::other("EOF")));
         assert_eq!(other.exit_code(), 1, "{other}");
+        // An engine out of reach is what a coordinator out of reach is: 69 under --strict too.
+        let unreachable = super::EngineError::Unreachable { host: "unix:///d.sock".into(), reason: "gone".into() };
+        assert_eq!(crate::error::WorkerError::from(unreachable).exit_code(), 69);
     }
 
     #[tokio::test(start_paused = true)]
