@@ -257,6 +257,37 @@ impl DockerEngine {
         assert!(imported.status.success(), "docker import {tag}: {}", stderr_of(&imported));
     }
 
+    /// Sends dockerd `signal` (`STOP`, `CONT`): a frozen engine, whose socket still accepts
+    /// connections and answers nothing.
+    pub fn signal(&self, signal: &str) {
+        let sent = Command::new("kill").arg(format!("-{signal}")).arg(self.child.id().to_string()).status();
+        assert!(sent.is_ok_and(|status| status.success()), "kill -{signal} dockerd");
+    }
+
+    /// Bytes dockerd has read so far (`rchar` of /proc/PID/io): a load's stream among them.
+    pub fn bytes_read(&self) -> u64 {
+        let io = std::fs::read_to_string(format!("/proc/{}/io", self.child.id())).expect("dockerd's /proc/PID/io");
+        io.lines().find_map(|line| line.strip_prefix("rchar: ")?.trim().parse().ok()).expect("rchar")
+    }
+
+    /// `command` (cache-worker on this engine) run with an empty tmpfs over the engine's data
+    /// root in a mount namespace of its own: the engine answers on its socket, its files are
+    /// out of sight, so a save reads `docker save`.
+    pub fn without_data_root(&self, command: &Command) -> Command {
+        let mut hidden = Command::new("unshare");
+        hidden
+            .args(["--mount", "--propagation", "private", "sh", "-c", r#"mount -t tmpfs none "$0" && exec "$@""#])
+            .arg(self.data_root())
+            .arg(command.get_program())
+            .args(command.get_args());
+        for (name, value) in command.get_envs() {
+            if let Some(value) = value {
+                hidden.env(name, value);
+            }
+        }
+        hidden
+    }
+
     /// IDs of every image the engine holds.
     pub fn image_ids(&self) -> Vec<String> {
         let output = self.docker(&["images", "-a", "-q", "--no-trunc"]);
@@ -267,6 +298,8 @@ impl DockerEngine {
 
 impl Drop for DockerEngine {
     fn drop(&mut self) {
+        // A stopped engine takes SIGTERM only once woken.
+        let _ = Command::new("kill").arg("-CONT").arg(self.child.id().to_string()).stderr(Stdio::null()).status();
         let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
         let _ = self.child.wait();
     }

@@ -12,6 +12,7 @@ mod e2e {
     mod durability;
     mod embedded_s3_scope;
     mod frozen_coordinator;
+    mod frozen_engine;
     mod full_disk;
     mod garbage;
     mod hostile_clients;

@@ -3,15 +3,24 @@
 //! imports bollard.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
 use futures::{Stream, StreamExt, TryStreamExt};
 use proto::v1 as pb;
+use tokio::time::Instant;
 
-/// A save or load of a large chain can take many minutes; bollard's 120 s default covers the
-/// wait for the export's first byte and would cut it off.
+/// bollard's own cap on a call, far above any deadline here: a save or load of a large chain
+/// can take many minutes, and its 120 s default covers the wait for the export's first byte.
+/// A call ends long before on `--stall-timeout` when the engine stops answering ([`watch`]).
 const ENGINE_TIMEOUT: Duration = Duration::from_secs(4 * 3600);
+
+/// How often a waiting call asks the engine whether it is alive (`/_ping`), and how long one
+/// such ask may take.
+const PING_EVERY: Duration = Duration::from_secs(1);
+const PING_WAIT: Duration = Duration::from_secs(2);
 
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
@@ -21,6 +30,29 @@ pub enum EngineError {
     NoSuchImage(String),
     #[error("the Docker engine failed to {action}: {reason}")]
     Failed { action: &'static str, reason: String },
+    /// A call made no progress and the engine answered no ping for the whole deadline (a
+    /// frozen or wedged dockerd).
+    #[error("the Docker engine at {host} did not answer for {seconds} s (--stall-timeout)")]
+    Stalled { host: String, seconds: u64 },
+}
+
+impl EngineError {
+    /// The engine's stall behind an I/O error of a reader of [`Engine::export`], if that is
+    /// what ended it (the tar reader passes its source's errors on).
+    pub fn stall_behind(error: &std::io::Error) -> Option<EngineError> {
+        let mut cause: Option<&(dyn std::error::Error + 'static)> = error.get_ref().map(|inner| inner as _);
+        while let Some(error) = cause {
+            if let Some(EngineError::Stalled { host, seconds }) = error.downcast_ref::<EngineError>() {
+                return Some(EngineError::Stalled { host: host.clone(), seconds: *seconds });
+            }
+            // An I/O error's own `source` skips the error it wraps.
+            cause = match error.downcast_ref::<std::io::Error>() {
+                Some(io) => io.get_ref().map(|inner| inner as _),
+                None => error.source(),
+            };
+        }
+        None
+    }
 }
 
 /// The last image of a build stage the named images do not contain.
@@ -47,6 +79,100 @@ pub struct EngineImage {
 
 pub struct Engine {
     docker: bollard::Docker,
+    watchdog: Arc<Watchdog>,
+}
+
+/// When a call last showed the engine alive: a byte or a message of its own, or an answer to a
+/// ping.
+struct Signs(std::sync::Mutex<Instant>);
+
+impl Signs {
+    fn new() -> Signs {
+        Signs(std::sync::Mutex::new(Instant::now()))
+    }
+
+    fn mark(&self) {
+        *self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Instant::now();
+    }
+
+    fn last(&self) -> Instant {
+        *self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// The rule every engine call runs under: `call` is given up (`None`) once, for `stall`, it
+/// showed no sign of life (`signs`, marked by the call's own bytes and messages) and the engine
+/// answered none of the pings sent every [`PING_EVERY`]. An engine that goes quiet while it
+/// works (`docker save` writing its export to a temporary folder first, the containerd store
+/// unpacking after a load's last byte) still answers pings; a frozen one answers nothing.
+async fn watch<T, P: Future<Output = bool>>(
+    call: impl Future<Output = T>,
+    signs: &Signs,
+    stall: Duration,
+    ping: impl Fn() -> P,
+) -> Option<T> {
+    let pinging = async {
+        loop {
+            tokio::time::sleep(PING_EVERY).await;
+            if tokio::time::timeout(PING_WAIT, ping()).await == Ok(true) {
+                signs.mark();
+            }
+        }
+    };
+    let expiring = async {
+        loop {
+            let deadline = signs.last() + stall;
+            if Instant::now() >= deadline {
+                return;
+            }
+            tokio::time::sleep_until(deadline).await;
+        }
+    };
+    tokio::select! {
+        biased;
+        out = call => Some(out),
+        () = expiring => None,
+        () = pinging => None,
+    }
+}
+
+/// The engine's deadline, in one place: every call of [`Engine`] goes through [`Watchdog::watch`].
+struct Watchdog {
+    host: String,
+    stall: Duration,
+    /// A client of its own, so a ping never queues behind the call it vouches for.
+    pinger: bollard::Docker,
+    /// Set once a call stalled: every later call fails at once rather than waiting again.
+    stalled: AtomicBool,
+}
+
+impl Watchdog {
+    fn stalled(&self) -> EngineError {
+        EngineError::Stalled { host: self.host.clone(), seconds: self.stall.as_secs() }
+    }
+
+    /// Runs `call` under [`watch`], with the pings sent on the watchdog's own client.
+    async fn watch<T>(&self, call: impl Future<Output = T>, signs: &Signs) -> Result<T, EngineError> {
+        if self.stalled.load(Ordering::SeqCst) {
+            return Err(self.stalled());
+        }
+        let ping = || {
+            let pinger = self.pinger.clone();
+            async move { pinger.ping().await.is_ok() }
+        };
+        match watch(call, signs, self.stall, ping).await {
+            Some(out) => Ok(out),
+            None => {
+                self.stalled.store(true, Ordering::SeqCst);
+                Err(self.stalled())
+            }
+        }
+    }
+
+    /// A call whose only progress is its answer.
+    async fn call<T>(&self, call: impl Future<Output = T>) -> Result<T, EngineError> {
+        self.watch(call, &Signs::new()).await
+    }
 }
 
 /// Where and how an engine keeps its images (`docker info`).
@@ -101,20 +227,26 @@ fn real_tags(tags: &[String]) -> Vec<String> {
 }
 
 impl Engine {
-    /// Connects to the engine `DOCKER_HOST` names, or the local socket.
-    pub async fn connect() -> Result<Engine, EngineError> {
-        let host = std::env::var("DOCKER_HOST").unwrap_or_else(|_| "unix:///var/run/docker.sock".into());
+    /// Connects to the engine `DOCKER_HOST` names, or the local socket. Every call, this
+    /// connection's first ping too, fails once it went `stall` without progress while the
+    /// engine answered no ping (`--stall-timeout`).
+    pub async fn connect(stall: Duration) -> Result<Engine, EngineError> {
+        let host = std::env::var("DOCKER_HOST")
+            .ok()
+            .filter(|host| !host.is_empty())
+            .unwrap_or_else(|| "unix:///var/run/docker.sock".into());
         let unreachable = |reason: String| EngineError::Unreachable { host: host.clone(), reason };
-        let docker = bollard::Docker::connect_with_defaults()
-            .map_err(|error| unreachable(error.to_string()))?
-            .with_timeout(ENGINE_TIMEOUT);
-        docker.ping().await.map_err(|error| unreachable(error.to_string()))?;
-        Ok(Engine { docker })
+        let client = || bollard::Docker::connect_with_defaults().map_err(|error| unreachable(error.to_string()));
+        let docker = client()?.with_timeout(ENGINE_TIMEOUT);
+        let pinger = client()?.with_timeout(PING_WAIT);
+        let watchdog = Arc::new(Watchdog { host: host.clone(), stall, pinger, stalled: AtomicBool::new(false) });
+        watchdog.call(docker.ping()).await?.map_err(|error| unreachable(error.to_string()))?;
+        Ok(Engine { docker, watchdog })
     }
 
     /// The engine's version, e.g. "20.10.24+dfsg1".
     pub async fn version(&self) -> Result<String, EngineError> {
-        let version = self.docker.version().await.map_err(failed("report its version"))?;
+        let version = self.watchdog.call(self.docker.version()).await?.map_err(failed("report its version"))?;
         Ok(version.version.unwrap_or_default())
     }
 
@@ -128,22 +260,21 @@ impl Engine {
 
     /// Where and how the engine keeps its images.
     pub async fn storage(&self) -> Result<Storage, EngineError> {
-        let info = self.docker.info().await.map_err(failed("report its configuration"))?;
+        let info = self.watchdog.call(self.docker.info()).await?.map_err(failed("report its configuration"))?;
         let driver_status = info.driver_status.unwrap_or_default();
         let containerd_store =
             driver_status.iter().any(|pair| pair.iter().any(|value| value.starts_with("io.containerd.snapshotter")));
-        let host = std::env::var("DOCKER_HOST").unwrap_or_default();
         Ok(Storage {
             driver: info.driver.unwrap_or_default(),
             data_root: info.docker_root_dir.unwrap_or_default().into(),
             containerd_store,
-            host: if host.is_empty() { "unix:///var/run/docker.sock".into() } else { host },
+            host: self.watchdog.host.clone(),
         })
     }
 
     /// The image ID a reference (tag or ID) resolves to, if the engine has it.
     pub async fn image_id(&self, reference: &str) -> Result<Option<String>, EngineError> {
-        match self.docker.inspect_image(reference).await {
+        match self.watchdog.call(self.docker.inspect_image(reference)).await? {
             Ok(inspect) => Ok(inspect.id),
             Err(bollard::errors::Error::DockerResponseServerError { status_code: 404, .. }) => Ok(None),
             Err(error) => Err(failed("inspect an image")(error)),
@@ -157,14 +288,15 @@ impl Engine {
     /// An image's diff IDs and, on the containerd image store, the media type of its index or
     /// manifest (API 1.46 and later report it).
     async fn layers_and_media_type(&self, id: &str) -> Result<(Vec<String>, String), EngineError> {
-        let inspect = self.docker.inspect_image(id).await.map_err(failed("inspect an image"))?;
+        let inspect = self.watchdog.call(self.docker.inspect_image(id)).await?.map_err(failed("inspect an image"))?;
         let media_type = inspect.descriptor.and_then(|descriptor| descriptor.media_type).unwrap_or_default();
         Ok((inspect.root_fs.and_then(|root_fs| root_fs.layers).unwrap_or_default(), media_type))
     }
 
     /// An image's build history, oldest step first, as the engine records it.
     pub async fn history(&self, id: &str) -> Result<Vec<pb::Step>, EngineError> {
-        let items = self.docker.image_history(id).await.map_err(failed("read an image's history"))?;
+        let items =
+            self.watchdog.call(self.docker.image_history(id)).await?.map_err(failed("read an image's history"))?;
         Ok(items
             .into_iter()
             .rev()
@@ -185,8 +317,8 @@ impl Engine {
         diff_ids: &[String],
         history: &[pb::Step],
     ) -> Result<Option<(String, String, usize)>, EngineError> {
-        let summaries = self.docker.list_images(None::<bollard::query_parameters::ListImagesOptions>).await;
-        let summaries = summaries.map_err(failed("list images"))?;
+        let listing = self.docker.list_images(None::<bollard::query_parameters::ListImagesOptions>);
+        let summaries = self.watchdog.call(listing).await?.map_err(failed("list images"))?;
         let mut best: Option<(String, String, usize)> = None;
         for summary in summaries.iter().filter(|summary| summary.id != id) {
             let Some(tag) = real_tags(&summary.repo_tags).into_iter().min() else { continue };
@@ -208,7 +340,7 @@ impl Engine {
     /// inspect lacks `Parent`).
     pub async fn image_chain(&self, references: &[String]) -> Result<Vec<EngineImage>, EngineError> {
         let options = bollard::query_parameters::ListImagesOptions { all: true, ..Default::default() };
-        let summaries = self.docker.list_images(Some(options)).await.map_err(failed("list images"))?;
+        let summaries = self.list_images(options).await?;
         let by_id: HashMap<&str, &bollard::models::ImageSummary> =
             summaries.iter().map(|summary| (summary.id.as_str(), summary)).collect();
         let mut ids = Vec::new();
@@ -250,7 +382,7 @@ impl Engine {
     /// the image of those chains it grew from, sorted by ID.
     pub async fn stage_leaves(&self, references: &[String]) -> Result<Vec<StageLeaf>, EngineError> {
         let options = bollard::query_parameters::ListImagesOptions { all: true, ..Default::default() };
-        let summaries = self.docker.list_images(Some(options)).await.map_err(failed("list images"))?;
+        let summaries = self.list_images(options).await?;
         let parent_of: HashMap<&str, &str> =
             summaries.iter().map(|summary| (summary.id.as_str(), summary.parent_id.as_str())).collect();
         let mut in_chains: HashSet<&str> = HashSet::new();
@@ -291,7 +423,7 @@ impl Engine {
     /// Every image the engine lists, untagged build steps included, by ID.
     pub async fn image_ids(&self) -> Result<HashSet<String>, EngineError> {
         let options = bollard::query_parameters::ListImagesOptions { all: true, ..Default::default() };
-        let summaries = self.docker.list_images(Some(options)).await.map_err(failed("list images"))?;
+        let summaries = self.list_images(options).await?;
         Ok(summaries.into_iter().map(|summary| summary.id).collect())
     }
 
@@ -299,7 +431,7 @@ impl Engine {
     /// prefix of each image's layers. `docker load` does not read a layer whose chain is here.
     pub async fn layer_chains(&self) -> Result<std::collections::HashSet<Vec<String>>, EngineError> {
         let options = bollard::query_parameters::ListImagesOptions { all: true, ..Default::default() };
-        let summaries = self.docker.list_images(Some(options)).await.map_err(failed("list images"))?;
+        let summaries = self.list_images(options).await?;
         let mut chains = std::collections::HashSet::new();
         for summary in summaries {
             let diff_ids = self.diff_ids(&summary.id).await?;
@@ -310,21 +442,47 @@ impl Engine {
         Ok(chains)
     }
 
-    /// `docker save` of `references`, as a byte stream.
+    async fn list_images(
+        &self,
+        options: bollard::query_parameters::ListImagesOptions,
+    ) -> Result<Vec<bollard::models::ImageSummary>, EngineError> {
+        self.watchdog.call(self.docker.list_images(Some(options))).await?.map_err(failed("list images"))
+    }
+
+    /// `docker save` of `references`, as a byte stream; each piece is waited for under the
+    /// deadline, and a stall ends the stream with an error [`EngineError::stall_behind`] finds.
     pub fn export(&self, references: &[String]) -> impl Stream<Item = std::io::Result<Bytes>> + Send + 'static {
         let references: Vec<&str> = references.iter().map(String::as_str).collect();
-        self.docker.export_images(&references).map_err(std::io::Error::other)
+        let export = self.docker.export_images(&references).map_err(std::io::Error::other).boxed();
+        let watchdog = Arc::clone(&self.watchdog);
+        futures::stream::unfold(Some(export), move |export| {
+            let watchdog = Arc::clone(&watchdog);
+            async move {
+                let mut export = export?;
+                match watchdog.call(export.next()).await {
+                    Ok(Some(piece)) => Some((piece, Some(export))),
+                    Ok(None) => None,
+                    Err(stalled) => Some((Err(std::io::Error::other(stalled)), None)),
+                }
+            }
+        })
     }
 
     /// `docker load` of a tarball stream. Reads the engine's progress to the end; an error in
-    /// it, or in the stream, fails the load.
+    /// it, or in the stream, fails the load. The engine taking the stream's bytes, and each of
+    /// its messages, is progress; a stall drops the request, and with it the rest of the stream
+    /// (its trailer never sent, the engine loads nothing of it).
     pub async fn load<S>(&self, tarball: S) -> Result<(), EngineError>
     where
         S: Stream<Item = std::io::Result<Bytes>> + Send + 'static,
     {
+        let signs = Arc::new(Signs::new());
+        let taken = Arc::clone(&signs);
+        let tarball = tarball.inspect(move |_| taken.mark());
         let options = bollard::query_parameters::ImportImageOptions { quiet: true, ..Default::default() };
         let mut progress = std::pin::pin!(self.docker.import_image_stream(options, tarball, None));
-        while let Some(message) = progress.next().await {
+        while let Some(message) = self.watchdog.watch(progress.next(), &signs).await? {
+            signs.mark();
             let message = message.map_err(failed("load the restored images"))?;
             if let Some(detail) = message.error_detail {
                 return Err(EngineError::Failed {
@@ -341,12 +499,109 @@ impl Engine {
         let (repo, tag) = repo_tag.rsplit_once(':').unwrap_or((repo_tag, "latest"));
         let options =
             bollard::query_parameters::TagImageOptions { repo: Some(repo.to_owned()), tag: Some(tag.to_owned()) };
-        self.docker.tag_image(image_id, Some(options)).await.map_err(failed("tag a restored image"))
+        self.watchdog
+            .call(self.docker.tag_image(image_id, Some(options)))
+            .await?
+            .map_err(failed("tag a restored image"))
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
+    use tokio::time::{Instant, sleep};
+
+    use super::{Signs, watch};
+
+    const STALL: Duration = Duration::from_secs(10);
+
+    /// A ping to a frozen engine: connected, never answered.
+    fn frozen() -> std::future::Pending<bool> {
+        std::future::pending()
+    }
+
+    #[test]
+    fn a_stall_is_found_behind_the_export_reader_s_error() {
+        let stalled = super::EngineError::Stalled { host: "unix:///d.sock".into(), seconds: 10 };
+        let line = stalled.to_string();
+        assert_eq!(line, "the Docker engine at unix:///d.sock did not answer for 10 s (--stall-timeout)");
+        // As the export stream yields it, and wrapped once more by a reader passing it on.
+        let from_stream = std::io::Error::other(stalled);
+        let found = super::EngineError::stall_behind(&from_stream).map(|error| error.to_string());
+        assert_eq!(found.as_deref(), Some(line.as_str()));
+        let passed_on = std::io::Error::other(std::io::Error::other(super::EngineError::Stalled {
+            host: "unix:///d.sock".into(),
+            seconds: 10,
+        }));
+        let found = super::EngineError::stall_behind(&passed_on).map(|error| error.to_string());
+        assert_eq!(found.as_deref(), Some(line.as_str()));
+        let error = crate::error::WorkerError::from(crate::export::ExportError::Io(from_stream));
+        assert_eq!(error.exit_code(), 69, "{error}");
+        assert_eq!(error.to_string(), line);
+        let other = crate::error::WorkerError::from(crate::export::ExportError::Io(std::io::Error::other("EOF")));
+        assert_eq!(other.exit_code(), 1, "{other}");
+        // An engine out of reach is what a coordinator out of reach is: 69 under --strict too.
+        let unreachable = super::EngineError::Unreachable { host: "unix:///d.sock".into(), reason: "gone".into() };
+        assert_eq!(crate::error::WorkerError::from(unreachable).exit_code(), 69);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_busy_engine_that_answers_pings_is_not_stalled() {
+        // `docker save` writing a minute's export to its temporary folder before the first byte.
+        let quiet_minute = async {
+            sleep(Duration::from_secs(60)).await;
+            "exported"
+        };
+        let out = watch(quiet_minute, &Signs::new(), STALL, || async { true }).await;
+        assert_eq!(out, Some("exported"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_engine_stalls_at_the_deadline() {
+        let started = Instant::now();
+        let out = watch(std::future::pending::<()>(), &Signs::new(), STALL, frozen).await;
+        assert_eq!(out, None);
+        assert_eq!(started.elapsed(), STALL);
+        // Pings refused at once (the socket gone) are no answer either.
+        let out = watch(std::future::pending::<()>(), &Signs::new(), STALL, || async { false }).await;
+        assert_eq!(out, None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_call_moving_bytes_is_alive_while_pings_go_unanswered() {
+        let signs = Signs::new();
+        let streaming = async {
+            for _ in 0..12 {
+                sleep(Duration::from_secs(5)).await;
+                signs.mark();
+            }
+        };
+        assert_eq!(watch(streaming, &signs, STALL, frozen).await, Some(()));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_deadline_runs_from_the_last_sign_of_life() {
+        // Bytes for 15 s, then nothing and no ping answered: given up 10 s after the last byte.
+        let started = Instant::now();
+        let signs = Signs::new();
+        let stopping = async {
+            for _ in 0..3 {
+                sleep(Duration::from_secs(5)).await;
+                signs.mark();
+            }
+            std::future::pending::<()>().await;
+        };
+        assert_eq!(watch(stopping, &signs, STALL, frozen).await, None);
+        assert_eq!(started.elapsed(), Duration::from_secs(25));
+        // Pings answered for 20 s, then the engine froze: given up within a ping of 30 s.
+        let started = Instant::now();
+        let ping = || async move { if started.elapsed() < Duration::from_secs(20) { true } else { frozen().await } };
+        assert_eq!(watch(std::future::pending::<()>(), &Signs::new(), STALL, ping).await, None);
+        let waited = started.elapsed();
+        assert!(waited >= Duration::from_secs(29) && waited <= Duration::from_secs(31), "{waited:?}");
+    }
+
     #[test]
     fn an_engine_on_its_socket_or_loopback_may_be_on_this_host() {
         for host in

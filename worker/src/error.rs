@@ -15,7 +15,7 @@ pub enum WorkerError {
     #[error("{0}")]
     Engine(#[from] EngineError),
     #[error("{0}")]
-    Export(#[from] ExportError),
+    Export(ExportError),
     #[error("{0}")]
     Transfer(#[from] TransferError),
     #[error("{0}")]
@@ -37,8 +37,8 @@ pub enum WorkerError {
 
 impl WorkerError {
     /// sysexits-style codes: 64 bad input, 70 an internal failure (`EX_SOFTWARE`), the
-    /// coordinator's codes for its refusals, 69 a coordinator or store that stopped answering,
-    /// 1 else.
+    /// coordinator's codes for its refusals, 69 a coordinator, store or engine that is
+    /// unreachable or stopped answering, 1 else.
     pub fn exit_code(&self) -> u8 {
         match self {
             WorkerError::Invalid(_) => 64,
@@ -46,7 +46,21 @@ impl WorkerError {
             WorkerError::Coordinator(error) => error.exit_code(),
             // EX_UNAVAILABLE, as for a coordinator that stopped answering.
             WorkerError::Transfer(TransferError::Stalled { .. }) => 69,
+            WorkerError::Engine(EngineError::Unreachable { .. } | EngineError::Stalled { .. }) => 69,
             _ => 1,
+        }
+    }
+}
+
+impl From<ExportError> for WorkerError {
+    /// An export that ended because the engine stalled is the engine's failure, not the
+    /// export's.
+    fn from(error: ExportError) -> Self {
+        match &error {
+            ExportError::Io(io) => {
+                EngineError::stall_behind(io).map_or(WorkerError::Export(error), WorkerError::Engine)
+            }
+            _ => WorkerError::Export(error),
         }
     }
 }

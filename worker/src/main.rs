@@ -206,12 +206,14 @@ async fn run_view(cli: &Cli, command: &ViewCommand) -> ExitCode {
             }
         }
         ViewCommand::Stop { service } => process::stop(service, &dirs(service)).await,
-        ViewCommand::Serve(args) => match process::open(connected(cli).await, args.options(), &args.listen).await {
-            Ok(running) => process::serve(running, &dirs(&args.key.service)).await,
-            Err(error) => Err(error),
-        },
+        ViewCommand::Serve(args) => {
+            match process::open(connected(cli).await, args.options(), &args.listen, cli.stall()).await {
+                Ok(running) => process::serve(running, &dirs(&args.key.service)).await,
+                Err(error) => Err(error),
+            }
+        }
         ViewCommand::Run { view, command } => {
-            match process::open(connected(cli).await, view.options(), &view.listen).await {
+            match process::open(connected(cli).await, view.options(), &view.listen, cli.stall()).await {
                 Ok(running) => match process::run(running, command).await {
                     Ok(code) => return ExitCode::from(u8::try_from(code).unwrap_or(1)),
                     Err(error) => Err(error),
@@ -238,7 +240,7 @@ async fn run_restore(cli: &Cli, options: RestoreOptions, strict: bool, print_cac
         }
     };
     // A restore reports its own failures to the coordinator; an engine out of reach too.
-    let restoring = async |coordinator: &mut Coordinator| match Engine::connect().await {
+    let restoring = async |coordinator: &mut Coordinator| match Engine::connect(cli.stall()).await {
         Ok(engine) => restore(coordinator, &engine, &options, &say).await,
         Err(error) => Err(report_failure(coordinator, &options.service, Lease::default(), error.into()).await),
     };
@@ -288,7 +290,7 @@ async fn run(cli: Cli) -> Result<(), WorkerError> {
                 job: worker::build_dirs::job_of(cli.job_id.as_deref()),
             };
             proto::names::validate_service_name(service)?;
-            let engine = Engine::connect().await?;
+            let engine = Engine::connect(cli.stall()).await?;
             let cleanup = SaveCleanup::default();
             // A save begun through a replica that stops answering starts over through the next.
             let saved = async {

@@ -14,7 +14,7 @@ use tokio::sync::mpsc;
 use crate::build_dirs::{BuildDirs, HostRecord, stages_to_save};
 use crate::coordinator::{CommitOutcome, Coordinator, SaveCoordinator, SaveLease};
 use crate::direct::{self, DirectBlob};
-use crate::docker::{Engine, EngineImage};
+use crate::docker::{Engine, EngineError, EngineImage};
 use crate::error::WorkerError;
 use crate::export::{SpooledBlob, blocking_reader, plain, read_export, spool_dir};
 use crate::image_config::{ImageFacts, builder_name, image_facts};
@@ -391,7 +391,7 @@ impl<'a> SaveJob<'a> {
                 None
             }
         };
-        let steps = named_steps(engine, &options.images, &chain).await;
+        let steps = named_steps(engine, &options.images, &chain).await?;
         let probe = chain.first().map(|image| image.id.as_str()).unwrap_or_default();
         let source = BlobSource::choose(&storage, probe);
         Ok((SaveJob { engine, options, cleanup, chain, started, build_cache, steps, stages }, source))
@@ -846,23 +846,30 @@ async fn upload_from_layer_store(
 
 /// The build steps of the images `references` name, each read from the engine; one the engine
 /// cannot tell is left out with a warning (its save goes on), and so is one that is the base of
-/// another (`app:1 base:1`: the build made app:1, base:1 is what it grew from).
-async fn named_steps(engine: &Engine, references: &[String], chain: &[EngineImage]) -> Vec<ImageSteps> {
+/// another (`app:1 base:1`: the build made app:1, base:1 is what it grew from). An engine that
+/// stalled fails the save: nothing more can be read from it.
+async fn named_steps(
+    engine: &Engine,
+    references: &[String],
+    chain: &[EngineImage],
+) -> Result<Vec<ImageSteps>, EngineError> {
     let mut named = Vec::new();
     for reference in references {
         let image = match engine.image_id(reference).await {
             Ok(Some(id)) => chain.iter().find(|image| image.id == id),
+            Err(stalled @ EngineError::Stalled { .. }) => return Err(stalled),
             _ => None,
         };
         let Some(image) = image else { continue };
         match crate::steps::of_image(engine, reference, image).await {
             Ok(steps) => named.push(steps),
+            Err(stalled @ EngineError::Stalled { .. }) => return Err(stalled),
             Err(error) => eprintln!("cache-worker: warning: the build steps of {reference} are not counted: {error}"),
         }
     }
     let bases: HashSet<String> = named.iter().map(|steps| steps.base_id.clone()).collect();
     named.retain(|steps| !bases.contains(&steps.id));
-    named
+    Ok(named)
 }
 
 /// Each named image's reuse line (`app:latest: reused 2 of 5 steps; first rebuilt: …`), and

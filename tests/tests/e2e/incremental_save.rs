@@ -189,18 +189,7 @@ fn an_incremental_save_on_the_containerd_store_uploads_the_changed_layer_read_fr
 /// the engine answers on its socket, its files are out of sight.
 fn save_without_the_data_root(coordinator: &CoordinatorProcess, host: &DockerEngine, token: &str) -> Output {
     let worker = coordinator.cache_worker_command_on(host, token, &["save", "--service", "app", "app:1", "base:1"]);
-    let mut hidden = Command::new("unshare");
-    hidden
-        .args(["--mount", "--propagation", "private", "sh", "-c", r#"mount -t tmpfs none "$0" && exec "$@""#])
-        .arg(host.data_root())
-        .arg(worker.get_program())
-        .args(worker.get_args());
-    for (name, value) in worker.get_envs() {
-        if let Some(value) = value {
-            hidden.env(name, value);
-        }
-    }
-    hidden.output().expect("unshare")
+    host.without_data_root(&worker).output().expect("unshare")
 }
 
 fn fallback(build_host: Option<DockerEngine>, fresh: impl Fn() -> DockerEngine, why: &str) {

@@ -18,6 +18,7 @@ use proto::names;
 use proto::v1 as pb;
 
 use crate::build_dirs::{BuildDirs, HostRecord};
+use crate::docker::EngineError;
 use crate::error::WorkerError;
 use crate::load::{LoadFailure, StreamEnd, Streamed, load_stream, plan_load, plan_oci_load};
 use crate::progress::{Progress, rate};
@@ -246,6 +247,11 @@ impl Run<'_> {
         let bar = Progress::for_stderr().bar(&format!("restore {}", self.options.service), to_download);
         let (tarball, outcome) = load_stream(store.clone(), load_plan, concurrency, bar);
         let loaded = engine.load(tarball).await;
+        if let Err(stalled @ EngineError::Stalled { .. }) = loaded {
+            // The stream's task may still wait on the request the engine froze on: the error is
+            // the engine's, and what the stream did is not waited for.
+            return Err(stalled.into());
+        }
         let streamed = match outcome.ended().await {
             StreamEnd::Finished(streamed) | StreamEnd::Dropped(streamed) => streamed,
             // A verification failure is the cause of the engine's error: name the blob, and

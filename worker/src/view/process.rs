@@ -40,8 +40,9 @@ pub async fn open(
     coordinator: Result<Coordinator, WorkerError>,
     options: ViewOptions,
     listen: &str,
+    stall: std::time::Duration,
 ) -> Result<Running, WorkerError> {
-    let (containerd_store, version) = match Engine::connect().await {
+    let (containerd_store, version) = match Engine::connect(stall).await {
         Ok(engine) => match (engine.uses_containerd_store().await, engine.version().await) {
             (Ok(oci), Ok(version)) => (Some(oci), version),
             (Err(error), _) | (_, Err(error)) => {
