@@ -4,7 +4,7 @@
 //! A save reads the blobs it uploads through it; a restore may ask whether the host already
 //! holds a blob. Where the engine's store is, `save_source.rs` alone knows.
 //!
-//! Its calls block: make them from a blocking thread. Nothing read here is trusted: whoever
+//! Its calls block (but [`ContentStore::holds`]): make them from a blocking thread. Nothing read here is trusted: whoever
 //! reads a blob checks it against its digest as it streams.
 
 use std::io::Read;
@@ -49,6 +49,16 @@ impl ContentStore {
     /// Whether the store holds the blob `digest` (a store that cannot answer holds nothing).
     pub fn has(&self, digest: &str) -> bool {
         matches!(self.size(digest), Ok(Some(_)))
+    }
+
+    /// [`ContentStore::has`] for async callers (a restore asking which blobs the host holds).
+    pub async fn holds(&self, digest: &str) -> bool {
+        match self {
+            ContentStore::Folder(_) => self.has(digest),
+            ContentStore::Socket(client) => {
+                checked_hex(digest).is_ok() && matches!(client.size(digest).await, Ok(Some(_)))
+            }
+        }
     }
 
     /// The blob `digest`, its size and a reader of its bytes; an absent blob is `NotFound`.

@@ -141,6 +141,17 @@ impl EngineStores {
         Err(why)
     }
 
+    /// The engine's content store where no image names it (a restore onto a host that may
+    /// hold some blobs already): the first content store folder this worker sees, else the
+    /// containerd `--containerd-socket` names, if it answers.
+    pub async fn host_content_store(&self, storage: &Storage) -> Option<ContentStore> {
+        if let Some(dir) = self.content_store_dirs(storage).into_iter().find(|dir| dir.is_dir()) {
+            return Some(ContentStore::Folder(dir));
+        }
+        let socket = self.containerd_socket.as_ref()?;
+        ContentClient::connect(socket, self.stall_timeout).await.ok().map(ContentStore::Socket)
+    }
+
     /// The graph driver's stores under the data root, if they hold the image `probe`.
     fn layer_store(&self, storage: &Storage, probe: &str) -> Result<LayerStore, String> {
         let root = self.data_root(storage);
@@ -321,6 +332,20 @@ mod tests {
         let containerd = storage(Path::new("/var/lib/docker"), true, "unix:///run/docker.sock");
         let why = BlobSource::in_place(&containerd, &stores(Some(bare.path())), &other_image).await.unwrap_err();
         assert!(why.contains(&bare.path().display().to_string()) && why.contains("given by --engine-root"), "{why}");
+    }
+
+    #[tokio::test]
+    async fn a_restore_finds_the_content_store_under_the_engine_root() {
+        let root = tempfile::tempdir().unwrap();
+        let at = storage(Path::new("/var/lib/docker-not-here"), true, "unix:///run/docker.sock");
+        assert!(stores(Some(root.path())).host_content_store(&at).await.is_none(), "no folder, no socket");
+        let blobs = root.path().join("containerd/daemon/io.containerd.content.v1.content/blobs/sha256");
+        std::fs::create_dir_all(&blobs).unwrap();
+        let held = format!("sha256:{}", "a".repeat(64));
+        std::fs::write(blobs.join("a".repeat(64)), "x").unwrap();
+        let store = stores(Some(root.path())).host_content_store(&at).await.unwrap();
+        assert!(matches!(&store, ContentStore::Folder(dir) if *dir == blobs), "{store:?}");
+        assert!(store.holds(&held).await && !store.holds(&format!("sha256:{}", "b".repeat(64))).await);
     }
 
     #[test]

@@ -128,14 +128,21 @@ fn with_the_content_store_out_of_sight_the_containerd_store_is_read_through_cont
     let socket = containerd_socket(&host);
     assert!(socket.exists(), "the engine's containerd listens at {}", socket.display());
 
-    // Neither the files nor a socket in the usual places: the export, saying what to pass.
-    let cold = save_with_the_data_root_moved(&coordinator, &host, &token, None, &[]);
-    assert_read_from_the_export(&cold, "this worker cannot read the engine's content store");
-    assert!(export_lines(&cold)[0].contains("--containerd-socket"), "{}", stderr_of(&cold));
-
-    // Through the socket: in place, and a one-line change uploads that layer alone.
-    change_one_line(&host, app.path(), "changed\n");
     let socket_flag = ["--containerd-socket", socket.to_str().unwrap()];
+
+    // Through the socket: every blob (a 72 MiB layer among them) read in place.
+    let cold = save_with_the_data_root_moved(&coordinator, &host, &token, None, &socket_flag);
+    assert_read_in_place(&cold);
+    assert_stored_like_the_export(data_dir.path(), &host, "app:1");
+
+    // Neither the files nor a socket in the usual places: the export, saying what to pass.
+    change_one_line(&host, app.path(), "changed\n");
+    let without = save_with_the_data_root_moved(&coordinator, &host, &token, None, &[]);
+    assert_read_from_the_export(&without, "this worker cannot read the engine's content store");
+    assert!(export_lines(&without)[0].contains("--containerd-socket"), "{}", stderr_of(&without));
+
+    // Through the socket again: a one-line change uploads that layer alone.
+    change_one_line(&host, app.path(), "changed again\n");
     let incremental = save_with_the_data_root_moved(&coordinator, &host, &token, None, &socket_flag);
     assert_read_in_place(&incremental);
     assert_eq!(new_layers(&stdout_of(&incremental)), 1, "only the COPY layer: {}", stdout_of(&incremental));
