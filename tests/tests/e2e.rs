@@ -11,6 +11,7 @@ mod e2e {
     mod docker_engine;
     mod durability;
     mod embedded_s3_scope;
+    mod engine_root;
     mod frozen_coordinator;
     mod frozen_engine;
     mod full_disk;

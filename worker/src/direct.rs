@@ -1,5 +1,5 @@
-//! The blobs a save reads from files or memory (the engine's stores read in place, see
-//! `save_source.rs`; an OCI export's spool; the build's cache folder) and uploads.
+//! The blobs a save reads from files, a content store or memory (the engine's stores read in
+//! place, see `save_source.rs`; an OCI export's spool; the build's cache folder) and uploads.
 //!
 //! Whatever is read here is checked against its digest as it streams to the upload, which
 //! fails before the store keeps a blob that does not match.
@@ -8,6 +8,7 @@ use std::io::Read;
 use std::path::PathBuf;
 use std::time::Instant;
 
+use crate::content_store::ContentStore;
 use crate::error::WorkerError;
 use crate::export::{STREAM_PIECES, SendError, send_checked};
 use crate::layer_store::LayerStore;
@@ -100,6 +101,13 @@ pub fn from_file(digest: &str, path: PathBuf) -> DirectBlob {
             Ok((size, Box::new(file) as Box<dyn Read + Send>))
         }),
     }
+}
+
+/// A blob in a content store (a folder of blob files, or containerd's socket), as a
+/// [`DirectBlob`].
+pub fn from_content_store(digest: &str, store: ContentStore) -> DirectBlob {
+    let name = digest.to_owned();
+    DirectBlob { digest: digest.to_owned(), open: Box::new(move || store.open(&name)) }
 }
 
 /// The layer of an image in the layer store, as a [`DirectBlob`].

@@ -1,6 +1,8 @@
 //! cache-worker as a library: the pieces the `cache-worker` binary runs on a build host.
 
 pub mod build_dirs;
+pub mod containerd;
+pub mod content_store;
 pub mod coordinator;
 pub mod direct;
 pub mod docker;

@@ -34,6 +34,16 @@ struct Cli {
     /// for the next save; one folder per service
     #[arg(long, env = "CACHE_BUILD_CACHE_DIR", default_value_os_t = worker::build_dirs::default_root())]
     build_cache_dir: std::path::PathBuf,
+    /// The engine's data root as this worker sees it, when not at the engine's own path (a
+    /// worker in a container with the data root mounted elsewhere, read-only will do): a save
+    /// reads the blobs it uploads there in place instead of through `docker save`
+    #[arg(long, env = "CACHE_ENGINE_ROOT")]
+    engine_root: Option<std::path::PathBuf>,
+    /// The socket of the engine's containerd (containerd image store), where a save reads blobs
+    /// whose files it cannot see; unset: /var/run/docker/containerd/containerd.sock, then
+    /// /run/containerd/containerd.sock
+    #[arg(long, env = "CACHE_CONTAINERD_SOCKET")]
+    containerd_socket: Option<std::path::PathBuf>,
     /// The CI job this command runs in (any text; unset: the platform's own job variables,
     /// e.g. GitLab's CI_JOB_ID): a save takes BuildKit's cache export only in the job whose
     /// restore printed the flag that writes it
@@ -46,6 +56,15 @@ struct Cli {
 impl Cli {
     fn stall(&self) -> std::time::Duration {
         std::time::Duration::from_secs(self.stall_timeout)
+    }
+
+    /// Where this worker reaches the engine's stores (`--engine-root`, `--containerd-socket`).
+    fn engine_stores(&self) -> worker::save_source::EngineStores {
+        worker::save_source::EngineStores {
+            engine_root: self.engine_root.clone(),
+            containerd_socket: self.containerd_socket.clone(),
+            stall_timeout: self.stall(),
+        }
     }
 
     /// The coordinator URLs of `--coordinator`, in the order they are tried.
@@ -288,8 +307,10 @@ async fn run(cli: Cli) -> Result<(), WorkerError> {
                 build_cache_dir: cli.build_cache_dir.clone(),
                 owner: worker::build_dirs::owner_of(cli.token.as_deref().unwrap_or_default()),
                 job: worker::build_dirs::job_of(cli.job_id.as_deref()),
+                stores: cli.engine_stores(),
             };
             proto::names::validate_service_name(service)?;
+            options.stores.validate().map_err(WorkerError::Invalid)?;
             let engine = Engine::connect(cli.stall()).await?;
             let cleanup = SaveCleanup::default();
             // A save begun through a replica that stops answering starts over through the next.

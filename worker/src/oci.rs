@@ -17,6 +17,7 @@ use proto::object_keys::BLOBS_DIR;
 use proto::v1 as pb;
 use serde::{Deserialize, Serialize};
 
+use crate::content_store::ContentStore;
 use crate::export::{ExportError, JSON_LIMIT, read_json, spool as spool_blob};
 
 /// The blobs of an OCI layout: small JSON ones (indexes, manifests, configs, attestations) in
@@ -25,6 +26,10 @@ use crate::export::{ExportError, JSON_LIMIT, read_json, spool as spool_blob};
 pub struct OciBlobs {
     pub json: HashMap<String, Vec<u8>>,
     pub files: HashMap<String, (PathBuf, u64)>,
+    /// Blobs (layers) left in the content store or folder they were found in, and their sizes.
+    stored: HashMap<String, u64>,
+    /// That store.
+    store: Option<ContentStore>,
     /// The layout's own `index.json`: the images (or the cache) it names.
     pub index: Vec<Descriptor>,
     /// The spooled files of an export, deleted with these blobs.
@@ -138,22 +143,22 @@ impl OciBlobs {
                 blobs.index.push(descriptor);
             }
         }
-        blobs.walk(&dir.join(BLOBS_DIR))?;
+        blobs.walk(ContentStore::Folder(dir.join(BLOBS_DIR)))?;
         Ok(Some(blobs))
     }
 
     /// Reads the blobs the images `tops` reach from the engine's own containerd content store
-    /// (`blobs_dir` holds `<hex>` files), in place, as [`OciBlobs::read_dir`] does.
-    pub fn read_content_store(blobs_dir: &Path, tops: &[Descriptor]) -> Result<OciBlobs, ExportError> {
+    /// (its folder, or containerd's socket), in place, as [`OciBlobs::read_dir`] does. Blocks.
+    pub fn read_content_store(store: &ContentStore, tops: &[Descriptor]) -> Result<OciBlobs, ExportError> {
         let mut blobs = OciBlobs { index: tops.to_vec(), ..Default::default() };
-        blobs.walk(blobs_dir)?;
+        blobs.walk(store.clone())?;
         Ok(blobs)
     }
 
-    /// Finds every blob in `blobs_dir` the index reaches (absent ones are left out): JSON ones
-    /// are read into memory and checked against their digests; the others (layers) are only
+    /// Finds every blob in `store` the index reaches (absent ones are left out): JSON ones are
+    /// read into memory and checked against their digests; the others (layers) are only
     /// measured, and whoever reads one checks it as it goes (`direct.rs` does, uploading it).
-    fn walk(&mut self, blobs_dir: &Path) -> Result<(), ExportError> {
+    fn walk(&mut self, store: ContentStore) -> Result<(), ExportError> {
         let mut pending: Vec<String> = self.index.iter().map(|descriptor| descriptor.digest.clone()).collect();
         let mut seen = HashSet::new();
         while let Some(digest) = pending.pop() {
@@ -161,15 +166,19 @@ impl OciBlobs {
                 continue;
             }
             valid_digest(&digest)?;
-            let path = blobs_dir.join(hex_of(&digest));
-            let Ok(metadata) = std::fs::metadata(&path) else { continue };
+            let (size, mut reader) = match store.open(&digest) {
+                Ok(opened) => opened,
+                Err(error) if error.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(error) => return Err(error.into()),
+            };
             let mut head = Vec::new();
-            std::fs::File::open(&path)?.take(1).read_to_end(&mut head)?;
-            if head == b"{" && metadata.len() <= JSON_LIMIT {
-                let bytes = std::fs::read(&path)?;
+            (&mut reader).take(1).read_to_end(&mut head)?;
+            if head == b"{" && size <= JSON_LIMIT {
+                let mut bytes = head;
+                reader.take(JSON_LIMIT).read_to_end(&mut bytes)?;
                 let actual = sha256_hex(&bytes);
                 if actual != hex_of(&digest) {
-                    return Err(mismatch(&path.display().to_string(), &digest, &actual));
+                    return Err(mismatch(&format!("{} in {}", digest, store.describe()), &digest, &actual));
                 }
                 if let Ok(node) = serde_json::from_slice::<Node>(&bytes) {
                     let children = node.manifests.iter().chain(node.config.iter()).chain(node.layers.iter());
@@ -177,14 +186,19 @@ impl OciBlobs {
                 }
                 self.json.insert(digest, bytes);
             } else {
-                self.files.insert(digest, (path, metadata.len()));
+                self.stored.insert(digest, size);
             }
         }
+        self.store = Some(store);
         Ok(())
     }
 
     fn size_of(&self, digest: &str) -> Option<u64> {
-        self.json.get(digest).map(|bytes| bytes.len() as u64).or_else(|| self.files.get(digest).map(|(_, size)| *size))
+        self.json
+            .get(digest)
+            .map(|bytes| bytes.len() as u64)
+            .or_else(|| self.files.get(digest).map(|(_, size)| *size))
+            .or_else(|| self.stored.get(digest).copied())
     }
 
     /// Everything the blob `top` reaches: its layers (tar blobs under a manifest's `layers`)
@@ -249,7 +263,11 @@ impl OciBlobs {
         if let Some(bytes) = self.json.get(digest) {
             return Some(LayoutBlob::Bytes(bytes.clone()));
         }
-        self.files.get(digest).map(|(path, size)| LayoutBlob::File(path.clone(), *size))
+        if let Some((path, size)) = self.files.get(digest) {
+            return Some(LayoutBlob::File(path.clone(), *size));
+        }
+        let store = self.store.as_ref().filter(|_| self.stored.contains_key(digest))?;
+        Some(LayoutBlob::Stored(store.clone()))
     }
 }
 
@@ -257,6 +275,8 @@ impl OciBlobs {
 pub enum LayoutBlob {
     Bytes(Vec<u8>),
     File(PathBuf, u64),
+    /// In the content store or folder it was found in.
+    Stored(ContentStore),
 }
 
 /// What an image's index or manifest reaches.

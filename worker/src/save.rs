@@ -21,7 +21,7 @@ use crate::image_config::{ImageFacts, builder_name, image_facts};
 use crate::layer_store::{LayerStore, chain_ids};
 use crate::oci::{self, Descriptor, OciBlobs};
 use crate::progress::{Bar, Progress, rate, short_digest};
-use crate::save_source::BlobSource;
+use crate::save_source::{BlobSource, EngineStores};
 use crate::steps::ImageSteps;
 use crate::transfer::BlobStore;
 use crate::upload::{Moved, upload_bounded};
@@ -40,6 +40,8 @@ pub struct SaveOptions {
     /// [`crate::build_dirs::job_of`] the CI job: a cache export an earlier job left is not
     /// this one's.
     pub job: String,
+    /// Where this worker reaches the engine's stores, when not where the engine says.
+    pub stores: EngineStores,
 }
 
 /// What a save cancelled mid-way (a signal) leaves to clean up: the multipart uploads it began
@@ -393,7 +395,7 @@ impl<'a> SaveJob<'a> {
         };
         let steps = named_steps(engine, &options.images, &chain).await?;
         let probe = chain.first().map(|image| image.id.as_str()).unwrap_or_default();
-        let source = BlobSource::choose(&storage, probe);
+        let source = BlobSource::choose(&storage, &options.stores, probe).await;
         Ok((SaveJob { engine, options, cleanup, chain, started, build_cache, steps, stages }, source))
     }
 }
@@ -547,7 +549,7 @@ async fn oci_images(
         image.layers.clear();
         image.oci_media_type = engine_image.media_type.clone();
     }
-    if let BlobSource::ContentStore(dir) = source {
+    if let BlobSource::ContentStore(store) = source {
         // Reading the indexes and manifests in place costs less than asking which are known.
         let tops: Vec<Descriptor> = images
             .iter()
@@ -558,12 +560,17 @@ async fn oci_images(
                 annotations: Default::default(),
             })
             .collect();
-        let read = OciBlobs::read_content_store(dir, &tops).and_then(|blobs| {
-            for image in &mut images {
-                describe_oci_image(image, &blobs)?;
-            }
-            Ok(blobs)
-        });
+        // Through containerd's socket, the reads block.
+        let store = store.clone();
+        let read = tokio::task::spawn_blocking(move || OciBlobs::read_content_store(&store, &tops))
+            .await
+            .map_err(WorkerError::Internal)?
+            .and_then(|blobs| {
+                for image in &mut images {
+                    describe_oci_image(image, &blobs)?;
+                }
+                Ok(blobs)
+            });
         let blobs =
             read.map_err(|error| WorkerError::Direct(format!("reading the engine's content store failed: {error}")))?;
         if let Some((cache, _)) = &job.build_cache {
@@ -694,6 +701,7 @@ async fn upload_oci(
         blobs.push(match source {
             Some(oci::LayoutBlob::Bytes(bytes)) => direct::from_bytes(digest, bytes),
             Some(oci::LayoutBlob::File(path, _)) => direct::from_file(digest, path),
+            Some(oci::LayoutBlob::Stored(store)) => direct::from_content_store(digest, store),
             None => {
                 return Err(WorkerError::Invalid(format!(
                     "blob {digest} is in neither the export nor the build cache"
@@ -1134,7 +1142,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_failed_read_in_place_is_made_again_from_the_export_and_only_once() {
-        let content = BlobSource::ContentStore("/nowhere".into());
+        let content = BlobSource::ContentStore(crate::content_store::ContentStore::Folder("/nowhere".into()));
         let unreadable = || Err(WorkerError::Direct("reading blob sha256:ab failed: it hashes to sha256:cd".into()));
         let (result, tried) = attempts(content.clone(), vec![unreadable(), done()]).await;
         assert!(result.is_ok());

@@ -72,7 +72,7 @@ fn stored_blobs(data_dir: &Path) -> HashSet<String> {
 
 /// Every blob the embedded store holds hashes to its name, and every layer of the engine's
 /// own export is among them, byte for byte.
-fn assert_stored_like_the_export(data_dir: &Path, host: &DockerEngine, image: &str) {
+pub(super) fn assert_stored_like_the_export(data_dir: &Path, host: &DockerEngine, image: &str) {
     let stored = stored_blobs(data_dir);
     let exported = exported_layers(host, image);
     assert!(exported.len() >= 4, "base, two RUN layers and a COPY: {exported:?}");
@@ -81,7 +81,7 @@ fn assert_stored_like_the_export(data_dir: &Path, host: &DockerEngine, image: &s
 }
 
 /// Layers the save log calls new.
-fn new_layers(log: &str) -> usize {
+pub(super) fn new_layers(log: &str) -> usize {
     log.lines().filter(|line| line.starts_with("  layer ") && line.ends_with(" new")).count()
 }
 
@@ -94,7 +94,7 @@ fn save(coordinator: &CoordinatorProcess, host: &DockerEngine, token: &str) -> O
 /// A build of the context on `host`: BuildKit with inline cache on the containerd store (the
 /// classic builder's images there serve no cache), the classic builder elsewhere. Returns its
 /// progress.
-fn build_app(host: &DockerEngine, context: &Path, flags: &[&str]) -> String {
+pub(super) fn build_app(host: &DockerEngine, context: &Path, flags: &[&str]) -> String {
     if host.containerd_store {
         let mut flags = flags.to_vec();
         flags.push(INLINE_CACHE);
@@ -106,14 +106,14 @@ fn build_app(host: &DockerEngine, context: &Path, flags: &[&str]) -> String {
 }
 
 /// A coordinator with a project, and the awkward image built on a host.
-struct Built {
-    coordinator: CoordinatorProcess,
-    data_dir: tempfile::TempDir,
-    token: String,
-    app: tempfile::TempDir,
+pub(super) struct Built {
+    pub(super) coordinator: CoordinatorProcess,
+    pub(super) data_dir: tempfile::TempDir,
+    pub(super) token: String,
+    pub(super) app: tempfile::TempDir,
 }
 
-fn built_on(build_host: &DockerEngine) -> Built {
+pub(super) fn built_on(build_host: &DockerEngine) -> Built {
     let data_dir = tempfile::tempdir().unwrap();
     let coordinator = CoordinatorProcess::start(data_dir.path(), &[]);
     let token = coordinator.create_project("shop");
@@ -124,7 +124,7 @@ fn built_on(build_host: &DockerEngine) -> Built {
 }
 
 /// Restores on `fresh_host` and rebuilds `context` there: every step is cached.
-fn assert_restores_fully_cached(
+pub(super) fn assert_restores_fully_cached(
     coordinator: &CoordinatorProcess,
     token: &str,
     fresh_host: &DockerEngine,
