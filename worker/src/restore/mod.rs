@@ -19,8 +19,9 @@ use proto::v1 as pb;
 
 use crate::build_dirs::{BuildDirs, HostRecord};
 use crate::error::WorkerError;
-use crate::load::{LoadFailure, StreamEnd, Streamed, load_stream, plan_load, plan_oci_load};
+use crate::load::{LoadFailure, StreamEnd, Streamed, copy_from_host, load_stream, plan_load, plan_oci_load};
 use crate::progress::{Progress, rate};
+use crate::save_source::HostBlobs;
 use build_cache::{host_io, restore_build_cache};
 pub use flags::build_flags;
 use flags::{buildkit_local_flags, cache_from_images, saved_as_oci, stage_leaves};
@@ -199,15 +200,16 @@ impl Run<'_> {
     ) -> Result<Streamed, WorkerError> {
         let store = coordinator.blob_reader(plan).await?;
         let concurrency = plan.max_concurrency as usize;
+        let host = if self.oci { engine.host_blobs().await? } else { HostBlobs::default() };
         // A cache of BuildKit's export alone (a view's push saves it so) has no image to load,
         // and the engine refuses a layout without one.
         let mut streamed = if manifest.images.iter().any(|image| !image.build_cache) {
-            self.load(coordinator, engine, &store, manifest, concurrency).await?
+            self.load(coordinator, engine, &store, manifest, &host, concurrency).await?
         } else {
             Streamed::default()
         };
         if self.oci {
-            let cache_blobs = restore_build_cache(&store, manifest, &self.dirs, concurrency).await?;
+            let cache_blobs = restore_build_cache(&store, manifest, &self.dirs, &host, concurrency).await?;
             streamed.blobs.extend(cache_blobs);
         }
         // The load restores tags from manifest.json; make sure each one points where it should.
@@ -224,24 +226,27 @@ impl Run<'_> {
         Ok(streamed)
     }
 
-    /// Streams the images into `docker load`. The containerd store loads an OCI layout, each
-    /// blob also written into the layout BuildKit reads; a graph driver loads `manifest.json`'s
-    /// chains, without the layers the host holds.
+    /// Streams the images into `docker load`. The containerd store loads an OCI layout without
+    /// the blobs its content store holds, and the layout BuildKit reads gets what it cannot
+    /// find in that store ([`plan_oci_load`]); a graph driver loads `manifest.json`'s chains,
+    /// without the layers the host holds.
     async fn load<C: RestoreCoordinator, E: ImageLoader>(
         &self,
         coordinator: &mut C,
         engine: &E,
         store: &C::Reader,
         manifest: &pb::Manifest,
+        host: &HostBlobs,
         concurrency: usize,
     ) -> Result<Streamed, WorkerError> {
         let load_plan = if self.oci {
-            plan_oci_load(manifest, &self.dirs.images())
+            plan_oci_load(manifest, &self.dirs.images(), host)
         } else {
             plan_load(manifest, &engine.layer_chains().await?)
         };
         let to_download: u64 = load_plan.blobs.iter().filter(|blob| !blob.skipped).map(|blob| blob.size).sum();
         let trailer = load_plan.trailer.clone();
+        copy_from_host(&load_plan.from_host).map_err(WorkerError::Host)?;
         let bar = Progress::for_stderr().bar(&format!("restore {}", self.options.service), to_download);
         let (tarball, outcome) = load_stream(store.clone(), load_plan, concurrency, bar);
         let loaded = engine.load(tarball).await;

@@ -101,6 +101,8 @@ struct FakeEngine {
     /// Keeps the containerd image store.
     containerd: bool,
     chains: HashSet<Vec<String>>,
+    /// Its content store.
+    host: crate::save_source::HostBlobs,
     /// References (IDs and tags) to image IDs.
     images: Mutex<HashMap<String, String>>,
 }
@@ -108,6 +110,10 @@ struct FakeEngine {
 impl ImageLoader for FakeEngine {
     async fn uses_containerd_store(&self) -> Result<bool, EngineError> {
         Ok(self.containerd)
+    }
+
+    async fn host_blobs(&self) -> Result<crate::save_source::HostBlobs, EngineError> {
+        Ok(self.host.clone())
     }
 
     async fn image_ids(&self) -> Result<HashSet<String>, EngineError> {
