@@ -366,6 +366,7 @@ struct TarWriter {
 
 impl TarWriter {
     async fn write(mut self, plan: LoadPlan) -> StreamEnd {
+        let started = Instant::now();
         let mut streamed = Streamed { skipped: plan.held.clone(), ..Streamed::default() };
         for blob in &plan.blobs {
             match self.write_blob(blob).await {
@@ -390,6 +391,8 @@ impl TarWriter {
                 return StreamEnd::Dropped(streamed);
             }
         }
+        // Beside the engine's "finished the load": how long the engine waited on the stream.
+        tracing::debug!(seconds = started.elapsed().as_secs_f64(), "the load stream is written");
         StreamEnd::Finished(streamed)
     }
 
@@ -414,11 +417,13 @@ impl TarWriter {
         while hasher.size() < blob.size {
             let (bytes, permit) = self.next_part(&blob.digest).await?;
             self.bar.add(bytes.len() as u64);
+            // Into the stream first: the engine reads this part while it is hashed (a bad blob
+            // still ends the stream before the trailer, so the engine commits nothing).
+            self.send(bytes.clone()).await?;
             hasher.update(&bytes);
             if let Some(copy) = copy.as_mut() {
                 copy.write(&bytes).await.map_err(failed)?;
             }
-            self.send(bytes).await?;
             drop(permit);
         }
         let written = hasher.size();

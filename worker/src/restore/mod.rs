@@ -249,7 +249,9 @@ impl Run<'_> {
         copy_from_host(&load_plan.from_host).map_err(WorkerError::Host)?;
         let bar = Progress::for_stderr().bar(&format!("restore {}", self.options.service), to_download);
         let (tarball, outcome) = load_stream(store.clone(), load_plan, concurrency, bar);
+        let loading = Instant::now();
         let loaded = engine.load(tarball).await;
+        tracing::debug!(seconds = loading.elapsed().as_secs_f64(), "the engine finished the load");
         let streamed = match outcome.ended().await {
             StreamEnd::Finished(streamed) | StreamEnd::Dropped(streamed) => streamed,
             // A verification failure is the cause of the engine's error: name the blob, and
