@@ -27,6 +27,7 @@ mod e2e {
     mod quotas;
     mod registry_view;
     mod replicas;
+    mod restore_pace;
     mod reused_hosts;
     mod s3_store;
     mod save_restore;

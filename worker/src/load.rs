@@ -3,7 +3,10 @@
 //! `manifest.json` whose entries carry the tags and `Parent` links. A blob whose digest does not
 //! match ends the stream with an error before `manifest.json`, so the engine commits nothing.
 //! For the containerd image store the same stream carries an OCI layout (`blobs/sha256/*`, then
-//! `oci-layout` and `index.json`), each blob also copied into the layout a BuildKit build reads.
+//! `oci-layout` and `index.json`) without the blobs the host's content store already holds; the
+//! layout a BuildKit build reads gets the small blobs, and the layers only when that content
+//! store is not visible here (BuildKit reads them there: each layer is written once, by the
+//! engine).
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -17,6 +20,7 @@ use serde::Serialize;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 
 use crate::progress::Bar;
+use crate::save_source::HostBlobs;
 use crate::transfer::{BlobStore, TransferError};
 
 /// One blob of the tarball, in the order it is written.
@@ -39,10 +43,16 @@ pub struct PlannedBlob {
 
 /// What to write: the blobs, then small files by name (`manifest.json`; or the OCI layout's
 /// `oci-layout` and `index.json`).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct LoadPlan {
     pub blobs: Vec<PlannedBlob>,
     pub trailer: Vec<(String, Vec<u8>)>,
+    /// Blobs the host's content store holds: no entry in the tarball (the engine's import
+    /// finds them there), not downloaded.
+    pub held: Vec<String>,
+    /// Blobs the host holds that the BuildKit layout needs: the content store's file, and its
+    /// file in the layout ([`copy_from_host`]).
+    pub from_host: Vec<(std::path::PathBuf, std::path::PathBuf)>,
 }
 
 #[derive(Serialize)]
@@ -111,34 +121,63 @@ pub fn plan_load(manifest: &pb::Manifest, present_chains: &HashSet<Vec<String>>)
         });
     }
     let manifest_json = serde_json::to_vec(&entries).expect("manifest.json serializes");
-    LoadPlan { blobs, trailer: vec![("manifest.json".to_owned(), manifest_json)] }
+    LoadPlan { blobs, trailer: vec![("manifest.json".to_owned(), manifest_json)], ..LoadPlan::default() }
 }
 
 /// Lays out the tarball of the containerd image store's images of `manifest` as an OCI layout
-/// (every blob under `blobs/sha256/`, then `oci-layout` and `index.json`), each blob also
-/// written into `copy_dir`'s layout. BuildKit's cache exports are not part of it.
-pub fn plan_oci_load(manifest: &pb::Manifest, copy_dir: &std::path::Path) -> LoadPlan {
+/// (their blobs under `blobs/sha256/`, then `oci-layout` and `index.json`). A blob the host
+/// holds has no entry: containerd's import takes the content store's. The layout a BuildKit
+/// build reads (`copy_dir`) gets the small blobs (indexes, manifests, configs), copied as they
+/// pass or from the content store; when that store is visible here it gets no layer (BuildKit
+/// on the engine reads the layers from the content store the load fills, so each is written
+/// once), else every layer is copied as it passes. BuildKit's cache exports are not part of it.
+pub fn plan_oci_load(manifest: &pb::Manifest, copy_dir: &std::path::Path, host: &HostBlobs) -> LoadPlan {
     let images: Vec<&pb::Image> = manifest.images.iter().filter(|image| !image.build_cache).collect();
+    let layers: HashSet<&str> =
+        images.iter().flat_map(|image| &image.layers).map(|layer| layer.digest.as_str()).collect();
     let mut seen = HashSet::new();
-    let mut blobs = Vec::new();
+    let mut plan = LoadPlan::default();
     for (digest, size) in images.iter().flat_map(|image| crate::oci::image_blobs(image)) {
-        if seen.insert(digest.clone()) {
-            let path_in_tar = crate::layout::blob_path(&digest);
-            blobs.push(PlannedBlob {
-                copy_to: Some(copy_dir.join(&path_in_tar)),
-                path_in_tar,
-                stored_digest: digest.clone(),
-                digest,
-                size,
-                skipped: false,
-            });
+        if !seen.insert(digest.clone()) {
+            continue;
         }
+        let path_in_tar = crate::layout::blob_path(&digest);
+        let in_layout = copy_dir.join(&path_in_tar);
+        let in_layout = (!host.visible() || !layers.contains(digest.as_str())).then_some(in_layout);
+        if let Some(held) = host.holds(&digest) {
+            plan.held.push(digest);
+            plan.from_host.extend(in_layout.map(|in_layout| (held, in_layout)));
+            continue;
+        }
+        plan.blobs.push(PlannedBlob {
+            copy_to: in_layout,
+            path_in_tar,
+            stored_digest: digest.clone(),
+            digest,
+            size,
+            skipped: false,
+        });
     }
-    let trailer = vec![
+    plan.trailer = vec![
         ("oci-layout".to_owned(), crate::oci::OCI_LAYOUT.to_vec()),
         ("index.json".to_owned(), crate::oci::index_json(&images)),
     ];
-    LoadPlan { blobs, trailer }
+    plan
+}
+
+/// Puts each of `files`' blobs, a file of the host's content store, into its layout file: a
+/// link, or a copy where the two are on different mounts (the engine mounts its data root).
+pub fn copy_from_host(files: &[(std::path::PathBuf, std::path::PathBuf)]) -> Result<(), String> {
+    for (held, file) in files {
+        if file.exists() || std::fs::hard_link(held, file).is_ok() {
+            continue;
+        }
+        let part = file.with_extension("part");
+        std::fs::copy(held, &part)
+            .and_then(|_| std::fs::rename(&part, file))
+            .map_err(|error| copy_failed(file, error))?;
+    }
+    Ok(())
 }
 
 /// A 512-byte tar header for a regular file.
@@ -327,7 +366,8 @@ struct TarWriter {
 
 impl TarWriter {
     async fn write(mut self, plan: LoadPlan) -> StreamEnd {
-        let mut streamed = Streamed::default();
+        let started = Instant::now();
+        let mut streamed = Streamed { skipped: plan.held.clone(), ..Streamed::default() };
         for blob in &plan.blobs {
             match self.write_blob(blob).await {
                 Ok(Some(outcome)) => streamed.blobs.push(outcome),
@@ -351,6 +391,8 @@ impl TarWriter {
                 return StreamEnd::Dropped(streamed);
             }
         }
+        // Beside the engine's "finished the load": how long the engine waited on the stream.
+        tracing::debug!(seconds = started.elapsed().as_secs_f64(), "the load stream is written");
         StreamEnd::Finished(streamed)
     }
 
@@ -375,11 +417,13 @@ impl TarWriter {
         while hasher.size() < blob.size {
             let (bytes, permit) = self.next_part(&blob.digest).await?;
             self.bar.add(bytes.len() as u64);
+            // Into the stream first: the engine reads this part while it is hashed (a bad blob
+            // still ends the stream before the trailer, so the engine commits nothing).
+            self.send(bytes.clone()).await?;
             hasher.update(&bytes);
             if let Some(copy) = copy.as_mut() {
                 copy.write(&bytes).await.map_err(failed)?;
             }
-            self.send(bytes).await?;
             drop(permit);
         }
         let written = hasher.size();
@@ -542,7 +586,8 @@ mod tests {
             ],
             ..Default::default()
         };
-        let plan = plan_oci_load(&manifest, std::path::Path::new("/layout"));
+        let plan = plan_oci_load(&manifest, std::path::Path::new("/layout"), &HostBlobs::default());
+        assert!(plan.held.is_empty() && plan.from_host.is_empty(), "no content store here: copies");
         let digests: Vec<&str> = plan.blobs.iter().map(|blob| blob.digest.as_str()).collect();
         // Each image's index, its other blob and its layers; the shared layer once; no cache blob.
         assert_eq!(digests.len(), 6, "{digests:?}");
@@ -558,6 +603,70 @@ mod tests {
         assert_eq!(names, vec!["oci-layout", "index.json"]);
         let index: serde_json::Value = serde_json::from_slice(&plan.trailer[1].1).unwrap();
         assert_eq!(index["manifests"].as_array().unwrap().len(), 2, "one per tag: {index}");
+    }
+
+    #[test]
+    fn an_oci_load_leaves_out_what_the_host_holds_and_writes_each_layer_once() {
+        let blob = |n: u8, size| pb::Layer { digest: digest(n), size, stored_size: size, ..Default::default() };
+        let image = pb::Image {
+            id: digest(1),
+            repo_tags: vec!["app:1".into()],
+            oci_media_type: "application/vnd.oci.image.index.v1+json".into(),
+            config_size: 7,
+            layers: vec![blob(10, 4), blob(11, 6)],
+            oci_blobs: vec![blob(101, 3), blob(102, 3)],
+            ..Default::default()
+        };
+        let manifest = pb::Manifest { images: vec![image], ..Default::default() };
+        let content = tempfile::tempdir().unwrap();
+        for held in [10, 102] {
+            std::fs::write(content.path().join(hex(&digest(held))), "held").unwrap();
+        }
+        let host = HostBlobs::in_dirs(vec![content.path().to_owned()]);
+        let layout = tempfile::tempdir().unwrap();
+        let in_layout = |n: u8| layout.path().join(format!("blobs/sha256/{}", hex(&digest(n))));
+        let plan = plan_oci_load(&manifest, layout.path(), &host);
+        assert_eq!(plan.held, vec![digest(102), digest(10)], "what the host holds: no entry, no download");
+        let streamed: Vec<(&str, Option<&std::path::Path>)> =
+            plan.blobs.iter().map(|blob| (blob.digest.as_str(), blob.copy_to.as_deref())).collect();
+        let (index, other) = (in_layout(1), in_layout(101));
+        assert_eq!(
+            streamed,
+            vec![
+                (digest(1).as_str(), Some(index.as_path())),
+                (digest(101).as_str(), Some(other.as_path())),
+                (digest(11).as_str(), None)
+            ],
+            "the small blobs copied as they pass; the layer written by the engine alone"
+        );
+        assert_eq!(plan.from_host, vec![(content.path().join(hex(&digest(102))), in_layout(102))]);
+        std::fs::create_dir_all(layout.path().join("blobs/sha256")).unwrap();
+        copy_from_host(&plan.from_host).unwrap();
+        assert_eq!(std::fs::read(in_layout(102)).unwrap(), b"held");
+    }
+
+    #[tokio::test]
+    async fn the_blobs_the_host_holds_have_no_entry_and_count_as_found() {
+        let new = b"a blob the host lacks".as_slice();
+        let store = Blobs(Arc::new([(proto::digest::sha256_digest(new), Bytes::copy_from_slice(new))].into()));
+        let plan = LoadPlan {
+            blobs: vec![blob(new)],
+            trailer: vec![("index.json".into(), b"{}".to_vec())],
+            held: vec![digest(7)],
+            from_host: Vec::new(),
+        };
+        let (stream, outcome) = load_stream(store, plan, 2, Bar::none());
+        let (bytes, failed) = read_all(stream).await;
+        assert!(!failed);
+        let names: Vec<String> = tar::Archive::new(bytes.as_slice())
+            .entries()
+            .unwrap()
+            .map(|entry| entry.unwrap().path().unwrap().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names.len(), 2, "the new blob and index.json: {names:?}");
+        let StreamEnd::Finished(streamed) = outcome.ended().await else { panic!("the stream did not finish") };
+        assert_eq!(streamed.skipped, vec![digest(7)]);
+        assert_eq!(streamed.blobs.len(), 1);
     }
 
     #[test]
@@ -620,6 +729,7 @@ mod tests {
         let plan = LoadPlan {
             blobs: vec![blob(first), blob(second)],
             trailer: vec![("manifest.json".into(), b"[]".to_vec())],
+            ..LoadPlan::default()
         };
         let (stream, outcome) = load_stream(store, plan, 2, Bar::none());
         let (bytes, failed) = read_all(stream).await;
@@ -649,6 +759,7 @@ mod tests {
         let plan = LoadPlan {
             blobs: vec![blob(good), corrupt.clone()],
             trailer: vec![("manifest.json".into(), b"[]".to_vec())],
+            ..LoadPlan::default()
         };
         let (stream, outcome) = load_stream(store, plan, 2, Bar::none());
         let (bytes, failed) = read_all(stream).await;

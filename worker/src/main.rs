@@ -36,7 +36,8 @@ struct Cli {
     build_cache_dir: std::path::PathBuf,
     /// The engine's data root as this worker sees it, when not at the engine's own path (a
     /// worker in a container with the data root mounted elsewhere, read-only will do): a save
-    /// reads the blobs it uploads there in place instead of through `docker save`
+    /// reads the blobs it uploads there in place instead of through `docker save`, and a
+    /// restore on the containerd image store skips the blobs the host's content store holds
     #[arg(long, env = "CACHE_ENGINE_ROOT")]
     engine_root: Option<std::path::PathBuf>,
     /// The socket of the engine's containerd (containerd image store), where a save reads blobs
@@ -376,6 +377,7 @@ async fn main() -> ExitCode {
             build_cache_dir: cli.build_cache_dir.clone(),
             owner: worker::build_dirs::owner_of(cli.token.as_deref().unwrap_or_default()),
             job: worker::build_dirs::job_of(cli.job_id.as_deref()),
+            stores: cli.engine_stores(),
         };
         let (strict, print_cache_from) = (*strict, *print_cache_from);
         let span = tracing::info_span!("restore", service = %service);

@@ -170,6 +170,46 @@ impl EngineStores {
     }
 }
 
+/// The blobs the engine's containerd holds, as files this worker can read (a restore's one
+/// question about them: [`HostBlobs::holds`]). Empty when the engine is not on this host, keeps
+/// the graph driver, or its content store is not visible here.
+#[derive(Debug, Clone, Default)]
+pub struct HostBlobs {
+    dirs: Vec<PathBuf>,
+}
+
+impl HostBlobs {
+    /// The content store of `storage`'s engine, if this worker can see it: the engine's own
+    /// containerd's when it exists, else the system's (never both: the system's containerd
+    /// may hold blobs the engine's does not).
+    pub fn of(storage: &Storage, stores: &EngineStores) -> HostBlobs {
+        let unseen = !storage.is_local() && !stores.given();
+        if unseen || !storage.containerd_store || stores.data_root(storage).as_os_str().is_empty() {
+            return HostBlobs::default();
+        }
+        let dirs = stores.content_store_dirs(storage);
+        HostBlobs::in_dirs(dirs.into_iter().find(|dir| dir.is_dir()).into_iter().collect())
+    }
+
+    /// The blobs under these `<hex>` folders (a test's, or a content store found another way).
+    pub fn in_dirs(dirs: Vec<PathBuf>) -> HostBlobs {
+        HostBlobs { dirs }
+    }
+
+    /// Whether any content store is visible: then the host's blobs can be linked, not copied.
+    pub fn visible(&self) -> bool {
+        !self.dirs.is_empty()
+    }
+
+    /// The file of `digest` when the host holds it (containerd commits a blob by renaming it
+    /// into place once verified: a file here is whole).
+    pub fn holds(&self, digest: &str) -> Option<PathBuf> {
+        proto::names::validate_digest(digest).ok()?;
+        let hex = proto::digest::digest_hex(digest);
+        self.dirs.iter().map(|dir| dir.join(hex)).find(|file| file.is_file())
+    }
+}
+
 impl BlobSource {
     /// The engine's stores if this worker can read them, else its export, saying why. The
     /// stores are the ones that hold the image `probe`.
@@ -267,6 +307,26 @@ mod tests {
         let chosen = BlobSource::choose(&at, &none, &probe).await;
         assert!(matches!(chosen, BlobSource::Export { oci: true }), "{chosen:?}");
         assert!(!chosen.reads_in_place() && chosen.oci());
+    }
+
+    #[test]
+    fn the_host_holds_the_blobs_its_visible_content_store_has() {
+        let root = tempfile::tempdir().unwrap();
+        let blobs = root.path().join("containerd/daemon/io.containerd.content.v1.content/blobs/sha256");
+        let (held, absent) = (format!("sha256:{}", "a".repeat(64)), format!("sha256:{}", "b".repeat(64)));
+        let local = storage(root.path(), true, "unix:///run/docker.sock");
+        assert!(!HostBlobs::of(&local, &EngineStores::default()).visible(), "no content store yet");
+        std::fs::create_dir_all(&blobs).unwrap();
+        std::fs::write(blobs.join("a".repeat(64)), "{}").unwrap();
+        let host = HostBlobs::of(&local, &EngineStores::default());
+        assert!(host.visible());
+        assert_eq!(host.holds(&held), Some(blobs.join("a".repeat(64))));
+        assert_eq!(host.holds(&absent), None);
+        assert_eq!(host.holds("sha256:../../etc/passwd"), None, "a bad digest names no file");
+        let remote = HostBlobs::of(&storage(root.path(), true, "tcp://10.0.0.5:2376"), &EngineStores::default());
+        let graph_driver =
+            HostBlobs::of(&storage(root.path(), false, "unix:///run/docker.sock"), &EngineStores::default());
+        assert!(remote.holds(&held).is_none() && graph_driver.holds(&held).is_none());
     }
 
     #[tokio::test]

@@ -1,6 +1,7 @@
 //! BuildKit's restored cache export on the containerd image store: the blobs of the manifest's
-//! build-cache images written into `dirs.cache()`, each linked from the restored images' layout
-//! when it is there, else downloaded and verified.
+//! build-cache images written into `dirs.cache()`: a layer the engine's content store holds left
+//! to BuildKit to read there, a blob the restored images' layout or that store holds linked or
+//! copied from there, the others downloaded and verified.
 
 use std::time::Instant;
 
@@ -12,23 +13,27 @@ use proto::v1 as pb;
 use crate::build_dirs::BuildDirs;
 use crate::error::WorkerError;
 use crate::layout;
-use crate::load::{BlobOutcome, BlobReader, Copy};
+use crate::load::{BlobOutcome, BlobReader, Copy, copy_from_host};
+use crate::save_source::HostBlobs;
 
-/// Writes BuildKit's restored cache export (containerd image store) into `dirs.cache()`: each
-/// blob the restored images' layout already holds linked from there, the others downloaded,
+/// Writes BuildKit's restored cache export (containerd image store) into `dirs.cache()`: no
+/// layer the host's content store holds (BuildKit on the engine reads it there), each other
+/// blob the restored images' layout or that store holds linked or copied from there, the others
+/// downloaded,
 /// several at once, each verified against its digest before it is renamed into place; then
 /// its `index.json`. Returns the blobs downloaded.
 pub(super) async fn restore_build_cache<R: BlobReader>(
     store: &R,
     manifest: &pb::Manifest,
     dirs: &BuildDirs,
+    host: &HostBlobs,
     concurrency: usize,
 ) -> Result<Vec<BlobOutcome>, WorkerError> {
     let caches: Vec<&pb::Image> = manifest.images.iter().filter(|image| image.build_cache).collect();
     if caches.is_empty() {
         return Ok(Vec::new());
     }
-    let wanted = blobs_to_download(&caches, dirs)?;
+    let wanted = blobs_to_download(&caches, dirs, host)?;
     let downloads = wanted.into_iter().map(|(digest, size)| download(store, dirs, digest, size));
     let outcomes: Vec<_> = futures::stream::iter(downloads).buffer_unordered(concurrency.max(1)).try_collect().await?;
     std::fs::write(dirs.cache().join("oci-layout"), crate::oci::OCI_LAYOUT).map_err(host_io)?;
@@ -36,15 +41,27 @@ pub(super) async fn restore_build_cache<R: BlobReader>(
     Ok(outcomes)
 }
 
-/// The caches' blobs neither in the cache folder already nor linked there from the restored
-/// images' layout, each once.
-fn blobs_to_download(caches: &[&pb::Image], dirs: &BuildDirs) -> Result<Vec<(String, u64)>, WorkerError> {
+/// The caches' blobs neither in the cache folder already, nor held by the host (a layer) or
+/// linked there from the restored images' layout or the host's content store, each once.
+fn blobs_to_download(
+    caches: &[&pb::Image],
+    dirs: &BuildDirs,
+    host: &HostBlobs,
+) -> Result<Vec<(String, u64)>, WorkerError> {
     let mut wanted: Vec<(String, u64)> = Vec::new();
+    let layers: std::collections::HashSet<&str> =
+        caches.iter().flat_map(|image| &image.layers).map(|layer| layer.digest.as_str()).collect();
     for (digest, size) in caches.iter().flat_map(|image| crate::oci::image_blobs(image)) {
         names::validate_digest(&digest)?;
         let (restored, cached) =
             (layout::blob_file(&dirs.images(), &digest), layout::blob_file(&dirs.cache(), &digest));
         if cached.exists() || std::fs::hard_link(&restored, &cached).is_ok() {
+            continue;
+        }
+        if let Some(held) = host.holds(&digest) {
+            if !layers.contains(digest.as_str()) {
+                copy_from_host(&[(held, cached)]).map_err(WorkerError::Host)?;
+            }
             continue;
         }
         if !wanted.iter().any(|(known, _)| *known == digest) {

@@ -20,8 +20,9 @@ use proto::v1 as pb;
 use crate::build_dirs::{BuildDirs, HostRecord};
 use crate::docker::EngineError;
 use crate::error::WorkerError;
-use crate::load::{LoadFailure, StreamEnd, Streamed, load_stream, plan_load, plan_oci_load};
+use crate::load::{LoadFailure, StreamEnd, Streamed, copy_from_host, load_stream, plan_load, plan_oci_load};
 use crate::progress::{Progress, rate};
+use crate::save_source::HostBlobs;
 use build_cache::{host_io, restore_build_cache};
 pub use flags::build_flags;
 use flags::{buildkit_local_flags, cache_from_images, saved_as_oci, stage_leaves};
@@ -38,6 +39,9 @@ pub struct RestoreOptions {
     pub owner: String,
     /// [`crate::build_dirs::job_of`] the CI job, recorded for the save of the same job.
     pub job: String,
+    /// Where this worker sees the engine's stores (`--engine-root`): on the containerd image
+    /// store, the blobs the host already holds are neither downloaded nor sent again.
+    pub stores: crate::save_source::EngineStores,
 }
 
 /// What a restore did.
@@ -99,6 +103,7 @@ async fn look_up<'a, C: RestoreCoordinator, E: ImageLoader>(
 ) -> Result<(Run<'a>, Lookup), WorkerError> {
     names::validate_service_name(&options.service)?;
     names::validate_branch_name(&options.branch)?;
+    options.stores.validate().map_err(WorkerError::Invalid)?;
     for branch in &options.fallback_branches {
         names::validate_branch_name(branch)?;
     }
@@ -201,15 +206,16 @@ impl Run<'_> {
     ) -> Result<Streamed, WorkerError> {
         let store = coordinator.blob_reader(plan).await?;
         let concurrency = plan.max_concurrency as usize;
+        let host = if self.oci { engine.host_blobs(&self.options.stores).await? } else { HostBlobs::default() };
         // A cache of BuildKit's export alone (a view's push saves it so) has no image to load,
         // and the engine refuses a layout without one.
         let mut streamed = if manifest.images.iter().any(|image| !image.build_cache) {
-            self.load(coordinator, engine, &store, manifest, concurrency).await?
+            self.load(coordinator, engine, &store, manifest, &host, concurrency).await?
         } else {
             Streamed::default()
         };
         if self.oci {
-            let cache_blobs = restore_build_cache(&store, manifest, &self.dirs, concurrency).await?;
+            let cache_blobs = restore_build_cache(&store, manifest, &self.dirs, &host, concurrency).await?;
             streamed.blobs.extend(cache_blobs);
         }
         // The load restores tags from manifest.json; make sure each one points where it should.
@@ -226,27 +232,32 @@ impl Run<'_> {
         Ok(streamed)
     }
 
-    /// Streams the images into `docker load`. The containerd store loads an OCI layout, each
-    /// blob also written into the layout BuildKit reads; a graph driver loads `manifest.json`'s
-    /// chains, without the layers the host holds.
+    /// Streams the images into `docker load`. The containerd store loads an OCI layout without
+    /// the blobs its content store holds, and the layout BuildKit reads gets what it cannot
+    /// find in that store ([`plan_oci_load`]); a graph driver loads `manifest.json`'s chains,
+    /// without the layers the host holds.
     async fn load<C: RestoreCoordinator, E: ImageLoader>(
         &self,
         coordinator: &mut C,
         engine: &E,
         store: &C::Reader,
         manifest: &pb::Manifest,
+        host: &HostBlobs,
         concurrency: usize,
     ) -> Result<Streamed, WorkerError> {
         let load_plan = if self.oci {
-            plan_oci_load(manifest, &self.dirs.images())
+            plan_oci_load(manifest, &self.dirs.images(), host)
         } else {
             plan_load(manifest, &engine.layer_chains().await?)
         };
         let to_download: u64 = load_plan.blobs.iter().filter(|blob| !blob.skipped).map(|blob| blob.size).sum();
         let trailer = load_plan.trailer.clone();
+        copy_from_host(&load_plan.from_host).map_err(WorkerError::Host)?;
         let bar = Progress::for_stderr().bar(&format!("restore {}", self.options.service), to_download);
         let (tarball, outcome) = load_stream(store.clone(), load_plan, concurrency, bar);
+        let loading = Instant::now();
         let loaded = engine.load(tarball).await;
+        tracing::debug!(seconds = loading.elapsed().as_secs_f64(), "the engine finished the load");
         if let Err(stalled @ EngineError::Stalled { .. }) = loaded {
             // The stream's task may still wait on the request the engine froze on: the error is
             // the engine's, and what the stream did is not waited for.

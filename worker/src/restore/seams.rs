@@ -12,6 +12,7 @@ use crate::coordinator::Coordinator;
 use crate::docker::{Engine, EngineError};
 use crate::error::WorkerError;
 use crate::load::BlobReader;
+use crate::save_source::{EngineStores, HostBlobs};
 use crate::transfer::BlobStore;
 
 /// The transfer plan's lease a restore holds: given back with its metrics report, a failed
@@ -116,6 +117,10 @@ pub trait ImageLoader {
     /// Whether the engine keeps images in the containerd image store (OCI blobs).
     fn uses_containerd_store(&self) -> impl Future<Output = Result<bool, EngineError>>;
 
+    /// The blobs the engine's content store holds, as this worker sees them (`stores`: where,
+    /// when `--engine-root` says; none on a graph driver, or where the store is not visible).
+    fn host_blobs(&self, stores: &EngineStores) -> impl Future<Output = Result<HostBlobs, EngineError>>;
+
     /// Every image the engine lists, by ID.
     fn image_ids(&self) -> impl Future<Output = Result<HashSet<String>, EngineError>>;
 
@@ -137,6 +142,10 @@ pub trait ImageLoader {
 impl ImageLoader for Engine {
     async fn uses_containerd_store(&self) -> Result<bool, EngineError> {
         Engine::uses_containerd_store(self).await
+    }
+
+    async fn host_blobs(&self, stores: &EngineStores) -> Result<HostBlobs, EngineError> {
+        Ok(HostBlobs::of(&self.storage().await?, stores))
     }
 
     async fn image_ids(&self) -> Result<HashSet<String>, EngineError> {

@@ -105,6 +105,8 @@ struct FakeEngine {
     /// Keeps the containerd image store.
     containerd: bool,
     chains: HashSet<Vec<String>>,
+    /// Its content store.
+    host: crate::save_source::HostBlobs,
     /// References (IDs and tags) to image IDs.
     images: Mutex<HashMap<String, String>>,
 }
@@ -112,6 +114,13 @@ struct FakeEngine {
 impl ImageLoader for FakeEngine {
     async fn uses_containerd_store(&self) -> Result<bool, EngineError> {
         Ok(self.containerd)
+    }
+
+    async fn host_blobs(
+        &self,
+        _stores: &crate::save_source::EngineStores,
+    ) -> Result<crate::save_source::HostBlobs, EngineError> {
+        Ok(self.host.clone())
     }
 
     async fn image_ids(&self) -> Result<HashSet<String>, EngineError> {
@@ -219,6 +228,7 @@ fn options(dir: &tempfile::TempDir) -> RestoreOptions {
         build_cache_dir: dir.path().to_owned(),
         owner: crate::build_dirs::owner_of("cct_shop_token"),
         job: crate::build_dirs::job_of(Some("job-1")),
+        stores: crate::save_source::EngineStores::default(),
     }
 }
 

@@ -1,0 +1,70 @@
+//! A restore at the engine's pace on the containerd image store: the blobs the host already
+//! holds are neither downloaded nor sent to the engine again, each layer is written once (by the
+//! engine: the layout a BuildKit build reads holds only the small blobs), and the next build is
+//! fully cached.
+
+use super::buildkit::{INLINE_CACHE, assert_fully_cached, build};
+use tests::{CoordinatorProcess, DockerEngine, build_context, stderr_of};
+
+/// Two random layers of 6 MiB each (incompressible): the `half` stage holds the first.
+const HALF_AND_FULL: &str = "FROM base:1 AS half\nRUN head -c 6291456 /dev/urandom > /first\nFROM half\nRUN head -c 6291456 /dev/urandom > /second\n";
+
+/// The bytes in a restore's summary line: `restored S: N images, K blobs downloaded (X MiB), ...`.
+fn downloaded_mib(summary: &str) -> f64 {
+    let in_parens = summary.split("blobs downloaded (").nth(1).and_then(|rest| rest.split(')').next());
+    let (value, unit) = in_parens.and_then(|text| text.split_once(' ')).unwrap_or_else(|| panic!("{summary}"));
+    let value: f64 = value.parse().unwrap_or_else(|_| panic!("{summary}"));
+    match unit {
+        "B" => value / 1048576.0,
+        "KiB" => value / 1024.0,
+        "MiB" => value,
+        "GiB" => value * 1024.0,
+        _ => panic!("{summary}"),
+    }
+}
+
+#[test]
+fn a_restore_onto_a_host_holding_half_the_image_downloads_only_the_other_half() {
+    let Some(build_host) = DockerEngine::start_with_containerd_store() else { return };
+    let data_dir = tempfile::tempdir().unwrap();
+    let coordinator = CoordinatorProcess::start(data_dir.path(), &[]);
+    let token = coordinator.create_project("shop");
+    build_host.import_busybox_base("base:1");
+    let app = build_context(HALF_AND_FULL);
+    build(&build_host, app.path(), "half:1", &["--target", "half"]);
+    build(&build_host, app.path(), "app:1", &[INLINE_CACHE]);
+    let saved = coordinator.cache_worker_on(&build_host, &token, &["save", "--service", "app", "app:1", "base:1"]);
+    assert!(saved.status.success(), "save: {}", stderr_of(&saved));
+
+    // The host already holds the half stage: the base and the first random layer, the same blobs.
+    let half_host = DockerEngine::start_with_containerd_store().unwrap();
+    let half_tar = data_dir.path().join("half.tar");
+    let exported = build_host.docker(&["save", "-o", half_tar.to_str().unwrap(), "half:1"]);
+    assert!(exported.status.success(), "{}", stderr_of(&exported));
+    let loaded = half_host.docker(&["load", "-i", half_tar.to_str().unwrap()]);
+    assert!(loaded.status.success(), "{}", stderr_of(&loaded));
+
+    let restored =
+        coordinator.cache_worker_on(&half_host, &token, &["restore", "--service", "app", "--print-cache-from"]);
+    assert!(restored.status.success(), "restore: {}", stderr_of(&restored));
+    let log = stderr_of(&restored);
+    let summary = log.lines().find(|line| line.starts_with("restored app: ")).unwrap_or_else(|| panic!("{log}"));
+    let mib = downloaded_mib(summary);
+    assert!((6.0..9.0).contains(&mib), "only the second layer (6 MiB) and the small blobs came down: {summary}");
+    assert!(!summary.contains(" 0 layers already on this host"), "{summary}");
+
+    // The layout BuildKit reads holds the small blobs; the layers only the engine wrote, once.
+    let printed = String::from_utf8_lossy(&restored.stdout).trim().to_owned();
+    let layout = half_host.build_cache_dir().join("app/images/blobs/sha256");
+    let files: Vec<std::fs::Metadata> =
+        std::fs::read_dir(&layout).unwrap().map(|entry| entry.unwrap().metadata().unwrap()).collect();
+    let bytes: u64 = files.iter().map(|file| file.len()).sum();
+    assert!(files.len() >= 4, "both images' indexes, manifests and configs: {} files", files.len());
+    assert!(bytes < 1 << 20, "no layer in the layout: {bytes} bytes in {} files", files.len());
+
+    let mut flags: Vec<&str> = printed.split_whitespace().collect();
+    flags.push(INLINE_CACHE);
+    let rebuilt = build(&half_host, app.path(), "app:1", &flags);
+    assert_fully_cached(&rebuilt, 2);
+    coordinator.stop();
+}
