@@ -658,11 +658,7 @@ mod tests {
         let (stream, outcome) = load_stream(store, plan, 2, Bar::none());
         let (bytes, failed) = read_all(stream).await;
         assert!(!failed);
-        let names: Vec<String> = tar::Archive::new(bytes.as_slice())
-            .entries()
-            .unwrap()
-            .map(|entry| entry.unwrap().path().unwrap().to_string_lossy().into_owned())
-            .collect();
+        let names = entry_names(&bytes);
         assert_eq!(names.len(), 2, "the new blob and index.json: {names:?}");
         let StreamEnd::Finished(streamed) = outcome.ended().await else { panic!("the stream did not finish") };
         assert_eq!(streamed.skipped, vec![digest(7)]);
@@ -707,6 +703,15 @@ mod tests {
         }
     }
 
+    /// The names of a tarball's entries, in order.
+    fn entry_names(bytes: &[u8]) -> Vec<String> {
+        tar::Archive::new(bytes)
+            .entries()
+            .unwrap()
+            .map(|entry| entry.unwrap().path().unwrap().to_string_lossy().into_owned())
+            .collect()
+    }
+
     /// Reads the whole stream: its bytes, and whether it ended with an error.
     async fn read_all(stream: impl Stream<Item = std::io::Result<Bytes>>) -> (Vec<u8>, bool) {
         let mut stream = std::pin::pin!(stream);
@@ -734,11 +739,7 @@ mod tests {
         let (stream, outcome) = load_stream(store, plan, 2, Bar::none());
         let (bytes, failed) = read_all(stream).await;
         assert!(!failed);
-        let names: Vec<String> = tar::Archive::new(bytes.as_slice())
-            .entries()
-            .unwrap()
-            .map(|entry| entry.unwrap().path().unwrap().to_string_lossy().into_owned())
-            .collect();
+        let names = entry_names(&bytes);
         assert_eq!(names.last().map(String::as_str), Some("manifest.json"));
         let StreamEnd::Finished(streamed) = outcome.ended().await else { panic!("the stream did not finish") };
         let sizes: Vec<u64> = streamed.blobs.iter().map(|blob| blob.bytes).collect();

@@ -805,14 +805,7 @@ impl BlobStore {
         let progress = LastProgress::now();
         let fetching = async {
             let request = self.client.get_object().bucket(&self.bucket).key(self.key(digest)).range(range);
-            let response = request.send().await.map_err(|error| {
-                self.note_timeout(&error);
-                if error.as_service_error().is_some_and(|e| e.is_no_such_key()) {
-                    TransferError::NotStored { digest: digest.to_owned() }
-                } else {
-                    failed(reason(error))
-                }
-            })?;
+            let response = request.send().await.map_err(|error| self.get_failed(digest, error))?;
             progress.mark();
             let mut body = response.body;
             let mut bytes = bytes::BytesMut::with_capacity(length as usize);
@@ -833,21 +826,30 @@ impl BlobStore {
         Ok(bytes)
     }
 
+    /// A GET of `digest` that failed: not stored, or why (a timeout is noted as a stall).
+    fn get_failed<R>(
+        &self,
+        digest: &str,
+        error: SdkError<aws_sdk_s3::operation::get_object::GetObjectError, R>,
+    ) -> TransferError
+    where
+        R: std::fmt::Debug + 'static,
+    {
+        self.note_timeout(&error);
+        if error.as_service_error().is_some_and(|e| e.is_no_such_key()) {
+            TransferError::NotStored { digest: digest.to_owned() }
+        } else {
+            TransferError::Download { digest: digest.to_owned(), reason: reason(error) }
+        }
+    }
+
     /// Streams a blob's bytes as stored. The caller verifies them.
     pub async fn download(
         &self,
         digest: &str,
     ) -> Result<impl Stream<Item = Result<Bytes, TransferError>> + Send + 'static, TransferError> {
-        let failed = |reason: String| TransferError::Download { digest: digest.to_owned(), reason };
-        let response =
-            self.client.get_object().bucket(&self.bucket).key(self.key(digest)).send().await.map_err(|error| {
-                self.note_timeout(&error);
-                if error.as_service_error().is_some_and(|e| e.is_no_such_key()) {
-                    TransferError::NotStored { digest: digest.to_owned() }
-                } else {
-                    failed(reason(error))
-                }
-            })?;
+        let get = self.client.get_object().bucket(&self.bucket).key(self.key(digest));
+        let response = get.send().await.map_err(|error| self.get_failed(digest, error))?;
         let digest = digest.to_owned();
         Ok(futures::stream::unfold(Some(response.body), move |body| {
             let digest = digest.clone();
