@@ -63,7 +63,13 @@ fn wait_until_moved(child: &mut Child, moved: impl Fn() -> u64, amount: u64, wha
     let before = moved();
     let deadline = Instant::now() + Duration::from_secs(180);
     while moved() < before + amount {
-        assert!(child.try_wait().expect("poll cache-worker").is_none(), "{what} ended before the engine was stopped");
+        if let Some(status) = child.try_wait().expect("poll cache-worker") {
+            let mut stderr = String::new();
+            if let Some(mut pipe) = child.stderr.take() {
+                let _ = pipe.read_to_string(&mut stderr);
+            }
+            panic!("{what} ended ({status}) before the engine was stopped: {stderr}");
+        }
         assert!(Instant::now() < deadline, "{what} never got going");
         std::thread::sleep(Duration::from_millis(5));
     }
@@ -150,7 +156,7 @@ fn a_frozen_engine_costs_a_build_at_most_15_s(start: impl Fn() -> Option<DockerE
         .stderr(Stdio::piped())
         .spawn()
         .expect("start cache-worker in its own mount namespace");
-    wait_until_moved(&mut saving, || folder_bytes(spool.path()), UNDER_WAY, "the save's export");
+    wait_until_moved(&mut saving, || build_host.bytes_read(), UNDER_WAY, "the save's export");
     build_host.signal("STOP");
     let (save, took) = finish(saving, Instant::now());
     build_host.signal("CONT");
