@@ -252,7 +252,9 @@ pub struct Lease {
     /// Its grant, or the save's last keep-alive.
     pub renewed_unix_ms: i64,
     /// A restore's: the blobs of the manifest it reads, which no eviction or collection
-    /// deletes while the lease lives.
+    /// deletes while the lease lives. Kept apart from the rest on PostgreSQL: a change of
+    /// leases never reads it, only [`Ephemeral::read_leases`] of one project does.
+    #[serde(default)]
     pub reads: BTreeSet<String>,
     /// The token that began the save or looked the restore up (its scoped token's ID; empty
     /// for the project token). A project's save share is split between tokens first, and the
@@ -264,6 +266,20 @@ pub struct Lease {
 
 /// Transfer leases by lease ID.
 pub type Leases = HashMap<String, Lease>;
+
+/// A project's demand on the transfer budget, as the last change of its leases left it: what
+/// every other project's change reads of it (see `budget.rs`), so no change reads, or waits
+/// for, another project's leases.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseDemand {
+    /// Requests in flight its leases ask for.
+    pub demand: u32,
+    /// When its last lease lapses (unix milliseconds): from then on it counts 0.
+    pub lapses_unix_ms: i64,
+}
+
+/// Projects' demands by project.
+pub type LeaseDemands = HashMap<String, LeaseDemand>;
 
 /// What lives only as long as a transfer: open saves (with their claims) and transfer leases.
 /// Each `update_` runs its `change` atomically with respect to every other replica's: the rules
@@ -283,10 +299,23 @@ pub trait Ephemeral: Send + Sync {
         project: &str,
         read: &mut (dyn for<'a> FnMut(&'a OpenSaves) + Send),
     ) -> Result<(), Error>;
-    /// Runs `change` on every transfer lease.
-    async fn update_leases(&self, change: &mut (dyn for<'a> FnMut(&'a mut Leases) + Send)) -> Result<(), Error>;
-    /// Lets `read` see every transfer lease as it is now.
-    async fn read_leases(&self, read: &mut (dyn for<'a> FnMut(&'a Leases) + Send)) -> Result<(), Error>;
+    /// Runs `change` on `project`'s transfer leases (`reads` left empty, and kept as they are
+    /// for the leases it keeps), beside every project's demand as its last change left it (a
+    /// snapshot: another project's may change meanwhile); `change` answers `project`'s demand
+    /// now, which is recorded with its leases. Changes of one project's leases run one at a
+    /// time across replicas; changes of different projects never wait for each other.
+    async fn update_leases(
+        &self,
+        project: &str,
+        change: &mut (dyn for<'a> FnMut(&'a mut Leases, &'a LeaseDemands) -> LeaseDemand + Send),
+    ) -> Result<(), Error>;
+    /// Lets `read` see the transfer leases as they are now: with a project, that project's,
+    /// with what their restores read; with `None`, every project's, `reads` left empty.
+    async fn read_leases(
+        &self,
+        project: Option<&str>,
+        read: &mut (dyn for<'a> FnMut(&'a Leases) + Send),
+    ) -> Result<(), Error>;
 }
 
 /// The coordinator's durable state, as the cache's operations use it. Every method is one

@@ -13,8 +13,12 @@
 //! - `lc_totals`: a project's totals, kept in step by the transactions that change them
 //! - `lc_open_saves`, `lc_leases` (version 2): open saves with their single-flight claims, and
 //!   transfer leases, as JSON; each change is one transaction under an advisory lock (a
-//!   project's for its open saves, one for every lease), so a rule in `saves.rs` or
-//!   `budget.rs` sees one consistent view across replicas
+//!   project's for its open saves, a project's for its leases), so a rule in `saves.rs` or
+//!   `budget.rs` sees one consistent view of a project's records across replicas
+//! - `lc_leases.reads`, `lc_lease_demand` (version 3): the blobs a restore's lease protects,
+//!   apart, so a change of leases never reads them; and each project's demand on the transfer
+//!   budget, written with its leases, which is all a change of another project's leases reads
+//!   of them
 
 use std::collections::{HashMap, HashSet};
 
@@ -37,7 +41,7 @@ const STATE_CONNECTIONS: usize = 8;
 const LOCK_CONNECTIONS: usize = 32;
 
 /// The schema this coordinator writes; bumped with each migration below.
-const SCHEMA_VERSION: i32 = 2;
+const SCHEMA_VERSION: i32 = 3;
 
 /// Version 1.
 const SCHEMA_1: &str = "
@@ -68,13 +72,26 @@ CREATE INDEX lc_open_saves_project ON lc_open_saves (project);
 CREATE UNLOGGED TABLE lc_leases (id TEXT PRIMARY KEY, project TEXT NOT NULL, record TEXT NOT NULL);
 ";
 
+/// Version 3: leases partitioned by project. A restore's `reads` move out of its record (the
+/// hot part every change of its project's leases reads and writes) into a column; each
+/// project's demand is kept beside. Leases from before count in other projects' shares from
+/// their project's next change of leases on.
+const SCHEMA_3: &str = "
+ALTER TABLE lc_leases ADD COLUMN reads TEXT[] NOT NULL DEFAULT '{}';
+UPDATE lc_leases SET reads = ARRAY(SELECT jsonb_array_elements_text(COALESCE(record::jsonb -> 'reads', '[]'))),
+    record = (record::jsonb - 'reads')::text;
+CREATE INDEX lc_leases_project ON lc_leases (project);
+CREATE UNLOGGED TABLE lc_lease_demand (
+    project TEXT PRIMARY KEY, demand BIGINT NOT NULL, lapses_unix_ms BIGINT NOT NULL);
+";
+
 /// Transaction advisory locks (the two-key space, apart from the projects' publish locks):
 /// every project's open saves (shared by a change of one project's, exclusive for all), one
-/// project's, and the leases.
+/// project's, and one project's leases.
 const ALL_OPEN_SAVES_LOCK: &str = "SELECT pg_advisory_xact_lock(7401, 0)";
 const SOME_OPEN_SAVES_LOCK: &str = "SELECT pg_advisory_xact_lock_shared(7401, 0)";
 const PROJECT_OPEN_SAVES_LOCK: &str = "SELECT pg_advisory_xact_lock(7402, hashtext($1))";
-const LEASES_LOCK: &str = "SELECT pg_advisory_xact_lock(7403, 0)";
+const PROJECT_LEASES_LOCK: &str = "SELECT pg_advisory_xact_lock(7403, hashtext($1))";
 
 fn pg_error(error: impl Into<crate::error::Cause>) -> Error {
     Error::database("PostgreSQL", error)
@@ -183,11 +200,15 @@ impl Postgres {
                 if version < 2 {
                     tx.batch_execute(SCHEMA_2).await.map_err(pg_error)?;
                 }
+                if version < 3 {
+                    tx.batch_execute(SCHEMA_3).await.map_err(pg_error)?;
+                }
                 tx.execute("UPDATE lc_schema SET version = $1", &[&SCHEMA_VERSION]).await.map_err(pg_error)?;
             }
             None => {
                 tx.batch_execute(SCHEMA_1).await.map_err(pg_error)?;
                 tx.batch_execute(SCHEMA_2).await.map_err(pg_error)?;
+                tx.batch_execute(SCHEMA_3).await.map_err(pg_error)?;
                 tx.execute("INSERT INTO lc_schema (version) VALUES ($1)", &[&SCHEMA_VERSION])
                     .await
                     .map_err(pg_error)?;
@@ -324,6 +345,21 @@ async fn manifest_of(
     row.map(|row| decode_manifest(row.get::<_, &[u8]>(0))).transpose()
 }
 
+/// A lease's record as stored: without its `reads`, which are a column of their own.
+fn lease_json(lease: &super::Lease) -> String {
+    let bare = super::Lease {
+        project: lease.project.clone(),
+        kind: lease.kind,
+        fixed: lease.fixed,
+        concurrency: lease.concurrency,
+        order: lease.order,
+        renewed_unix_ms: lease.renewed_unix_ms,
+        reads: Default::default(),
+        holder: lease.holder.clone(),
+    };
+    to_json(&bare)
+}
+
 /// Ephemeral records of `table` (all of them, or `project`'s), by ID.
 async fn ephemeral_records<T: for<'de> Deserialize<'de>>(
     client: &impl GenericClient,
@@ -415,12 +451,111 @@ impl super::Ephemeral for Postgres {
         Ok(())
     }
 
-    async fn update_leases(&self, change: &mut (dyn for<'a> FnMut(&'a mut super::Leases) + Send)) -> Result<(), Error> {
-        self.update_ephemeral("lc_leases", None, &[LEASES_LOCK], |lease: &super::Lease| &lease.project, change).await
+    async fn update_leases(
+        &self,
+        project: &str,
+        change: &mut (dyn for<'a> FnMut(&'a mut super::Leases, &'a super::LeaseDemands) -> super::LeaseDemand + Send),
+    ) -> Result<(), Error> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(pg_error)?;
+        // Nothing here outlives a server crash anyway: the commit need not wait for the disk.
+        // Sent together: one round trip for the lock and both reads.
+        let by_project: &[&(dyn tokio_postgres::types::ToSql + Sync)] = &[&project];
+        let (_, _, leases, demands) = futures::try_join!(
+            tx.batch_execute("SET LOCAL synchronous_commit = off"),
+            tx.execute(PROJECT_LEASES_LOCK, by_project),
+            tx.query("SELECT id, record FROM lc_leases WHERE project = $1", by_project),
+            tx.query("SELECT project, demand, lapses_unix_ms FROM lc_lease_demand WHERE project <> $1", by_project),
+        )
+        .map_err(pg_error)?;
+        let before: super::Leases = leases
+            .iter()
+            .map(|row| Ok((row.get::<_, String>(0), from_json("lc_leases", row.get::<_, &str>(1))?)))
+            .collect::<Result<_, Error>>()?;
+        let demands: super::LeaseDemands = demands
+            .iter()
+            .map(|row| {
+                let demand = u32::try_from(row.get::<_, i64>(1)).unwrap_or(u32::MAX);
+                (row.get(0), super::LeaseDemand { demand, lapses_unix_ms: row.get(2) })
+            })
+            .collect();
+        let mut records = before.clone();
+        let demand = change(&mut records, &demands);
+        let gone: Vec<&String> = before.keys().filter(|id| !records.contains_key(*id)).collect();
+        // What is written is the JSON without `reads`: a change to a field never stored writes
+        // nothing, and a lease's `reads` are written once, with the lease.
+        let changed: Vec<(&String, &super::Lease, bool)> = records
+            .iter()
+            .filter(|(_, lease)| lease.project == project)
+            .filter_map(|(id, lease)| match before.get(id) {
+                None => Some((id, lease, true)),
+                Some(was) if lease_json(was) != lease_json(lease) => Some((id, lease, false)),
+                Some(_) => None,
+            })
+            .collect();
+        let ids: Vec<&str> = changed.iter().map(|(id, _, _)| id.as_str()).collect();
+        let bodies: Vec<String> = changed.iter().map(|(_, lease, _)| lease_json(lease)).collect();
+        // A new lease's reads, as one text (a text[][] cannot be ragged); kept lease's: NULL.
+        let reads: Vec<Option<String>> =
+            changed.iter().map(|(_, lease, new)| new.then(|| to_json(&lease.reads))).collect();
+        let lapses_unix_ms = if records.is_empty() { 0 } else { demand.lapses_unix_ms };
+        let demand = if records.is_empty() { 0 } else { i64::from(demand.demand) };
+        let write_demand = async {
+            tx.execute(
+                "INSERT INTO lc_lease_demand (project, demand, lapses_unix_ms) VALUES ($1, $2, $3)
+                 ON CONFLICT (project) DO UPDATE SET demand = EXCLUDED.demand, lapses_unix_ms = EXCLUDED.lapses_unix_ms",
+                &[&project, &demand, &lapses_unix_ms],
+            )
+            .await
+        };
+        let remove = async {
+            if gone.is_empty() {
+                return Ok(0);
+            }
+            tx.execute("DELETE FROM lc_leases WHERE project = $1 AND id = ANY($2)", &[&project, &gone]).await
+        };
+        let upsert = async {
+            if changed.is_empty() {
+                return Ok(0);
+            }
+            tx.execute(
+                "INSERT INTO lc_leases (id, project, record, reads)
+                 SELECT id, $1, record, COALESCE(ARRAY(SELECT jsonb_array_elements_text(reads::jsonb)), '{}')
+                 FROM UNNEST($2::text[], $3::text[], $4::text[]) AS given (id, record, reads)
+                 ON CONFLICT (id) DO UPDATE SET record = EXCLUDED.record,
+                     reads = CASE WHEN EXCLUDED.reads = '{}' THEN lc_leases.reads ELSE EXCLUDED.reads END
+                 WHERE lc_leases.project = EXCLUDED.project",
+                &[&project, &ids, &bodies, &reads],
+            )
+            .await
+        };
+        futures::try_join!(write_demand, remove, upsert).map_err(pg_error)?;
+        tx.commit().await.map_err(pg_error)
     }
 
-    async fn read_leases(&self, read: &mut (dyn for<'a> FnMut(&'a super::Leases) + Send)) -> Result<(), Error> {
-        read(&ephemeral_records(&self.client().await?, "lc_leases", None).await?);
+    async fn read_leases(
+        &self,
+        project: Option<&str>,
+        read: &mut (dyn for<'a> FnMut(&'a super::Leases) + Send),
+    ) -> Result<(), Error> {
+        let client = self.client().await?;
+        let leases: super::Leases = match project {
+            Some(project) => {
+                let rows = client
+                    .query("SELECT id, record, reads FROM lc_leases WHERE project = $1", &[&project])
+                    .await
+                    .map_err(pg_error)?;
+                rows.iter()
+                    .map(|row| {
+                        let mut lease: super::Lease = from_json("lc_leases", row.get::<_, &str>(1))?;
+                        lease.reads = row.get::<_, Vec<String>>(2).into_iter().collect();
+                        Ok((row.get::<_, String>(0), lease))
+                    })
+                    .collect::<Result<_, Error>>()?
+            }
+            None => ephemeral_records(&client, "lc_leases", None).await?,
+        };
+        read(&leases);
         Ok(())
     }
 }

@@ -265,15 +265,90 @@ async fn the_suite_passes_on_sled() {
     ephemeral_records_are_shared(std::sync::Arc::new(database.clone()), std::sync::Arc::new(database)).await;
 }
 
-#[tokio::test]
-async fn the_suite_passes_on_postgres() {
+/// The PostgreSQL server of the tests, or `None` (outside CI) when there is none.
+fn postgres_server() -> Option<String> {
     let Some(server) = std::env::var_os("CACHE_TEST_POSTGRES_URL") else {
         let in_ci = std::env::var("CI").is_ok_and(|value| value == "true" || value == "1");
         assert!(!in_ci, "CACHE_TEST_POSTGRES_URL is not set: .ci/run starts PostgreSQL and sets it");
         eprintln!("skipping: CACHE_TEST_POSTGRES_URL is not set");
-        return;
+        return None;
     };
-    let server = server.into_string().unwrap();
+    Some(server.into_string().unwrap())
+}
+
+/// While one project's records are held mid-change (its publish lock taken exclusively, as a
+/// flush does, and a change of its leases open), two other projects' saves begin, take and
+/// give back their budget shares, commit, and their restores are granted, through two
+/// replicas: no project waits for another's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_projects_save_and_restore_while_a_third_holds_its_locks() {
+    let Some(server) = postgres_server() else { return };
+    let url = postgres::new_test_database(&server).await;
+    let replicas = [
+        std::sync::Arc::new(postgres::Postgres::connect(&url).await.unwrap()),
+        std::sync::Arc::new(postgres::Postgres::connect(&url).await.unwrap()),
+    ];
+    for name in ["a", "b", "c"] {
+        replicas[0].create_project(&project(name)).await.unwrap();
+    }
+    // Project C's holder, on a thread and runtime of its own, blocked inside its change.
+    let (held_tx, held_rx) = std::sync::mpsc::channel::<()>();
+    let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+    let holder_url = url.clone();
+    let holder = std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        runtime.block_on(async {
+            let state = postgres::Postgres::connect(&holder_url).await.unwrap();
+            let _flushing = state.project_lock("c", true).await.unwrap();
+            state
+                .update_leases("c", &mut move |_, _| {
+                    held_tx.send(()).unwrap();
+                    release_rx.recv().unwrap();
+                    LeaseDemand::default()
+                })
+                .await
+                .unwrap();
+        });
+    });
+    held_rx.recv_timeout(std::time::Duration::from_secs(30)).expect("project C's holder holds its locks");
+    let settings = crate::budget::PlanSettings {
+        part_size: 1 << 20,
+        multipart_threshold: 1 << 20,
+        worker_concurrency: 8,
+        transfer_budget: 64,
+    };
+    let now = 1_800_000_000_000;
+    let rounds = ["a", "b"].into_iter().zip(replicas.clone()).map(|(project, state)| async move {
+        let ttl = std::time::Duration::from_secs(15);
+        let saves = crate::claims::PendingSaves::new(ttl, state.clone());
+        let budget = crate::budget::TransferBudget::new(settings, state.clone());
+        for round in 0..3 {
+            let save_id = format!("{project}-save-{round}");
+            let _saving = state.project_lock(project, false).await.unwrap();
+            let pending = crate::claims::tests::pending(project, "web", now);
+            saves.begin(save_id.clone(), pending, vec!["l1".into()], now).await.unwrap();
+            assert!(budget.grant_save(project, "", &save_id, now).await.unwrap().max_concurrency > 0);
+            assert!(budget.renew(project, &save_id, now).await.unwrap().is_some());
+            saves.take(&save_id, project).await.unwrap();
+            budget.release(project, &save_id, now).await.unwrap();
+            let saved = manifest("web", &["c1", "l1"], round);
+            let committed = state.commit_manifest(project, &saved, 0, &sizes(), 1).await.unwrap();
+            assert!(matches!(committed, Committed::Stored { .. }));
+            let reads = ["c1".to_string(), "l1".to_string()].into_iter().collect();
+            let lease_id = format!("{project}-restore-{round}");
+            assert!(budget.grant_restore(project, "", &lease_id, reads, now).await.unwrap().max_concurrency > 0);
+        }
+    });
+    let done = tokio::time::timeout(std::time::Duration::from_secs(20), futures::future::join_all(rounds)).await;
+    release_tx.send(()).unwrap();
+    holder.join().unwrap();
+    done.expect("projects A and B waited for project C's locks");
+    assert_eq!(replicas[1].totals("b").await.unwrap().manifests, 1);
+}
+
+#[tokio::test]
+async fn the_suite_passes_on_postgres() {
+    let Some(server) = postgres_server() else { return };
     let url = postgres::new_test_database(&server).await;
     let state = postgres::Postgres::connect(&url).await.unwrap();
     run(&state).await;
@@ -313,14 +388,39 @@ async fn the_suite_passes_on_postgres() {
     let config: tokio_postgres::Config = url.parse().unwrap();
     let (client, connection) = config.connect(tokio_postgres::NoTls).await.unwrap();
     tokio::spawn(connection);
-    client.batch_execute("DROP TABLE lc_open_saves, lc_leases; UPDATE lc_schema SET version = 1").await.unwrap();
+    client
+        .batch_execute("DROP TABLE lc_open_saves, lc_leases, lc_lease_demand; UPDATE lc_schema SET version = 1")
+        .await
+        .unwrap();
     let migrated = postgres::Postgres::connect(&url).await.unwrap();
     assert_eq!(migrated.project("a").await.unwrap().map(|record| record.quota_bytes), Some(5 << 20));
     let version: i32 = client.query_one("SELECT version FROM lc_schema", &[]).await.unwrap().get(0);
-    assert_eq!(version, 2);
-    migrated.update_leases(&mut |leases| assert!(leases.is_empty())).await.unwrap();
+    assert_eq!(version, 3);
+    migrated
+        .update_leases("p", &mut |leases, _| {
+            assert!(leases.is_empty());
+            LeaseDemand::default()
+        })
+        .await
+        .unwrap();
+    // One of version 2 keeps its leases, a restore's reads moved apart from its record.
+    let lease = r#"{"project":"p","kind":"Restore","fixed":1,"order":0,"renewed_unix_ms":9,"reads":["sha256:r"]}"#;
+    client
+        .batch_execute(&format!(
+            "DROP TABLE lc_lease_demand; DROP INDEX lc_leases_project; ALTER TABLE lc_leases DROP COLUMN reads;
+             INSERT INTO lc_leases (id, project, record) VALUES ('r', 'p', '{lease}');
+             UPDATE lc_schema SET version = 2"
+        ))
+        .await
+        .unwrap();
+    let migrated = postgres::Postgres::connect(&url).await.unwrap();
+    let mut seen = Vec::new();
+    migrated.read_leases(Some("p"), &mut |leases| seen.extend(leases["r"].reads.iter().cloned())).await.unwrap();
+    assert_eq!(seen, ["sha256:r"]);
+    let record: String = client.query_one("SELECT record FROM lc_leases", &[]).await.unwrap().get(0);
+    assert!(!record.contains("sha256:r"), "{record}");
     client.batch_execute("UPDATE lc_schema SET version = 99").await.unwrap();
     let refused = postgres::Postgres::connect(&url).await.err().expect("a newer schema is refused").to_string();
-    assert!(refused.contains("schema is version 99, newer than this coordinator's 2"), "{refused}");
+    assert!(refused.contains("schema is version 99, newer than this coordinator's 3"), "{refused}");
     assert_eq!(refused.lines().count(), 1, "{refused}");
 }
