@@ -106,27 +106,40 @@ impl TransferBudget {
         let mut result = None;
         self.leases
             .update_leases(project, &mut |leases, demands| {
-                leases.retain(|_, lease| lease.project == project && !lapsed(lease.renewed_unix_ms, now));
-                let others: Demands = demands
-                    .iter()
-                    .filter(|(other, demand)| *other != project && demand.lapses_unix_ms > now)
-                    .map(|(other, demand)| (other.clone(), demand.demand))
-                    .collect();
-                self.rebalance(project, leases, &others);
-                if let Some(change) = change.take() {
-                    result = Some(change(leases, &others));
-                }
-                LeaseDemand {
-                    demand: self.demand(leases.values()),
-                    lapses_unix_ms: leases
-                        .values()
-                        .map(|lease| lease.renewed_unix_ms.saturating_add(LEASE_LIFETIME.as_millis() as i64))
-                        .max()
-                        .unwrap_or(now),
-                }
+                let change = change.take().expect("a change runs once");
+                let (changed, demand) = self.run_change(project, now, leases, demands, change);
+                result = Some(changed);
+                demand
             })
             .await?;
         Ok(result.expect("the change ran"))
+    }
+
+    /// Runs `change` on `project`'s `leases` at `now` (those lapsed dropped first), beside the
+    /// live ones of the other projects' `demands`; answers what `change` did and the project's
+    /// demand after it, as [`Ephemeral::update_leases`] records it.
+    fn run_change<R>(
+        &self,
+        project: &str,
+        now: i64,
+        leases: &mut Leases,
+        demands: &crate::state::LeaseDemands,
+        change: impl FnOnce(&mut Leases, &Demands) -> R,
+    ) -> (R, LeaseDemand) {
+        leases.retain(|_, lease| lease.project == project && !lapsed(lease.renewed_unix_ms, now));
+        let others: Demands = demands
+            .iter()
+            .filter(|(other, demand)| *other != project && demand.lapses_unix_ms > now)
+            .map(|(other, demand)| (other.clone(), demand.demand))
+            .collect();
+        self.rebalance(project, leases, &others);
+        let changed = change(leases, &others);
+        let lapses_unix_ms = leases
+            .values()
+            .map(|lease| lease.renewed_unix_ms.saturating_add(LEASE_LIFETIME.as_millis() as i64))
+            .max()
+            .unwrap_or(now);
+        (changed, LeaseDemand { demand: self.demand(leases.values()), lapses_unix_ms })
     }
 
     /// Answers `read` of every project's live leases at `now`, each project's shares computed
@@ -218,46 +231,72 @@ impl TransferBudget {
         reads: BTreeSet<String>,
         now: i64,
     ) -> Result<pb::TransferPlan, Error> {
-        let concurrency = self
-            .change(project, now, |leases, others| {
-                leases.remove(lease_id);
-                let concurrency = match kind {
-                    LeaseKind::Save => 0,
-                    LeaseKind::Restore => {
-                        // Only the holder's own restores make room: another token's lookups
-                        // never end a lease, nor the protection of the blobs it reads.
-                        let mut restores: Vec<(u64, String)> = leases
-                            .iter()
-                            .filter(|(_, lease)| {
-                                lease.project == project && lease.kind == LeaseKind::Restore && lease.holder == holder
-                            })
-                            .map(|(id, lease)| (lease.order, id.clone()))
-                            .collect();
-                        restores.sort();
-                        let beyond = (restores.len() + 1).saturating_sub(MOST_RESTORES_PER_TOKEN);
-                        for (_, oldest) in restores.iter().take(beyond) {
-                            leases.remove(oldest);
-                        }
-                        self.restore_share(leases, others, project)
-                    }
-                };
-                let order = leases.values().map(|lease| lease.order + 1).max().unwrap_or(0);
-                let lease = Lease {
-                    project: project.to_owned(),
-                    kind,
-                    fixed: concurrency,
-                    concurrency,
-                    order,
-                    renewed_unix_ms: now,
-                    reads,
-                    holder: holder.to_owned(),
-                };
-                leases.insert(lease_id.to_owned(), lease);
-                self.rebalance(project, leases, others);
-                leases[lease_id].concurrency
+        let mut reads = Some(reads);
+        let mut plan = None;
+        self.leases
+            .update_leases(project, &mut |leases, demands| {
+                let reads = reads.take().expect("a grant runs once");
+                let (granted, demand) = self.grant_in(project, holder, lease_id, kind, reads, now, leases, demands);
+                plan = Some(granted);
+                demand
             })
             .await?;
-        Ok(self.plan(lease_id, concurrency))
+        Ok(plan.expect("the grant ran"))
+    }
+
+    /// Grants `project` a lease (see [`TransferBudget::grant_restore`]) inside a step its
+    /// caller runs on the project's `leases` and the others' `demands` (as
+    /// [`Ephemeral::update_leases`] does): the plan, and the demand to record.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn grant_in(
+        &self,
+        project: &str,
+        holder: &str,
+        lease_id: &str,
+        kind: LeaseKind,
+        reads: BTreeSet<String>,
+        now: i64,
+        leases: &mut Leases,
+        demands: &crate::state::LeaseDemands,
+    ) -> (pb::TransferPlan, LeaseDemand) {
+        let (concurrency, demand) = self.run_change(project, now, leases, demands, |leases, others| {
+            leases.remove(lease_id);
+            let concurrency = match kind {
+                LeaseKind::Save => 0,
+                LeaseKind::Restore => {
+                    // Only the holder's own restores make room: another token's lookups
+                    // never end a lease, nor the protection of the blobs it reads.
+                    let mut restores: Vec<(u64, String)> = leases
+                        .iter()
+                        .filter(|(_, lease)| {
+                            lease.project == project && lease.kind == LeaseKind::Restore && lease.holder == holder
+                        })
+                        .map(|(id, lease)| (lease.order, id.clone()))
+                        .collect();
+                    restores.sort();
+                    let beyond = (restores.len() + 1).saturating_sub(MOST_RESTORES_PER_TOKEN);
+                    for (_, oldest) in restores.iter().take(beyond) {
+                        leases.remove(oldest);
+                    }
+                    self.restore_share(leases, others, project)
+                }
+            };
+            let order = leases.values().map(|lease| lease.order + 1).max().unwrap_or(0);
+            let lease = Lease {
+                project: project.to_owned(),
+                kind,
+                fixed: concurrency,
+                concurrency,
+                order,
+                renewed_unix_ms: now,
+                reads,
+                holder: holder.to_owned(),
+            };
+            leases.insert(lease_id.to_owned(), lease);
+            self.rebalance(project, leases, others);
+            leases[lease_id].concurrency
+        });
+        (self.plan(lease_id, concurrency), demand)
     }
 
     fn plan(&self, lease_id: &str, concurrency: u32) -> pb::TransferPlan {

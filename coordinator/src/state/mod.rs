@@ -372,6 +372,29 @@ pub trait State: Ephemeral {
     async fn manifests(&self, project: &str) -> Result<Vec<pb::Manifest>, Error>;
     /// Records that a manifest was used now, unless another writer replaced it meanwhile.
     async fn touch_manifest(&self, project: &str, manifest: &pb::Manifest, now_unix: i64) -> Result<(), Error>;
+    /// A restore's lookup as one atomic step: the manifest of the first of `keys` the project
+    /// holds, recorded as used at `now_unix`, with `grant` run on the project's transfer leases
+    /// (as [`Ephemeral::update_leases`] runs a change) for it, while the project's publish lock
+    /// is held shared across replicas, so no eviction or collection runs between the read and
+    /// the lease that protects what the restore reads. A miss takes no lock and changes
+    /// nothing. The caller holds the lock in this process; this default, for one process,
+    /// composes the steps above.
+    async fn look_up(
+        &self,
+        project: &str,
+        keys: &[pb::CacheKey],
+        now_unix: i64,
+        grant: &mut (dyn for<'a> FnMut(&'a pb::Manifest, &'a mut Leases, &'a LeaseDemands) -> LeaseDemand + Send),
+    ) -> Result<Option<pb::Manifest>, Error> {
+        for key in keys {
+            if let Some(manifest) = self.manifest(project, &key.service, &key.branch).await? {
+                self.touch_manifest(project, &manifest, now_unix).await?;
+                self.update_leases(project, &mut |leases, demands| grant(&manifest, leases, demands)).await?;
+                return Ok(Some(manifest));
+            }
+        }
+        Ok(None)
+    }
     /// Makes `manifest` its key's at `now_unix`, atomically with the ledger (see [`Committed`]); refused with [`Error::SaveConflict`] when the project's generation is no longer `generation`.
     async fn commit_manifest(
         &self,

@@ -23,6 +23,7 @@
 use std::collections::{HashMap, HashSet};
 
 use deadpool_postgres::{GenericClient, Manager, ManagerConfig, Pool, RecyclingMethod, Transaction};
+use futures::TryFutureExt;
 use prost::Message;
 use proto::v1 as pb;
 use serde::{Deserialize, Serialize};
@@ -345,6 +346,110 @@ async fn manifest_of(
     row.map(|row| decode_manifest(row.get::<_, &[u8]>(0))).transpose()
 }
 
+/// Locks `project`'s leases for the rest of the transaction; its leases (`reads` left empty)
+/// and every other project's demand. The lock and both reads go in one round trip.
+async fn locked_leases(tx: &Transaction<'_>, project: &str) -> Result<(super::Leases, super::LeaseDemands), Error> {
+    let by_project: &[&(dyn tokio_postgres::types::ToSql + Sync)] = &[&project];
+    let (_, leases, demands) = futures::try_join!(
+        tx.execute(PROJECT_LEASES_LOCK, by_project),
+        tx.query("SELECT id, record FROM lc_leases WHERE project = $1", by_project),
+        tx.query("SELECT project, demand, lapses_unix_ms FROM lc_lease_demand WHERE project <> $1", by_project),
+    )
+    .map_err(pg_error)?;
+    let leases = leases
+        .iter()
+        .map(|row| Ok((row.get::<_, String>(0), from_json("lc_leases", row.get::<_, &str>(1))?)))
+        .collect::<Result<_, Error>>()?;
+    let demands = demands
+        .iter()
+        .map(|row| {
+            let demand = u32::try_from(row.get::<_, i64>(1)).unwrap_or(u32::MAX);
+            (row.get(0), super::LeaseDemand { demand, lapses_unix_ms: row.get(2) })
+        })
+        .collect();
+    Ok((leases, demands))
+}
+
+/// Writes what a change made of `project`'s leases (`before` it, `after` it) and the project's
+/// `demand`, in one round trip.
+async fn write_leases(
+    tx: &Transaction<'_>,
+    project: &str,
+    before: &super::Leases,
+    after: &super::Leases,
+    demand: super::LeaseDemand,
+) -> Result<(), Error> {
+    let gone: Vec<&String> = before.keys().filter(|id| !after.contains_key(*id)).collect();
+    // What is written is the JSON without `reads`: a change to a field never stored writes
+    // nothing, and a lease's `reads` are written once, with the lease.
+    let changed: Vec<(&String, &super::Lease, bool)> = after
+        .iter()
+        .filter(|(_, lease)| lease.project == project)
+        .filter_map(|(id, lease)| match before.get(id) {
+            None => Some((id, lease, true)),
+            Some(was) if lease_json(was) != lease_json(lease) => Some((id, lease, false)),
+            Some(_) => None,
+        })
+        .collect();
+    let ids: Vec<&str> = changed.iter().map(|(id, _, _)| id.as_str()).collect();
+    let bodies: Vec<String> = changed.iter().map(|(_, lease, _)| lease_json(lease)).collect();
+    // A new lease's reads, as one JSON text (a text[][] cannot be ragged); a kept lease's: NULL.
+    let reads: Vec<Option<String>> = changed.iter().map(|(_, lease, new)| new.then(|| to_json(&lease.reads))).collect();
+    let lapses_unix_ms = if after.is_empty() { 0 } else { demand.lapses_unix_ms };
+    let demand = if after.is_empty() { 0 } else { i64::from(demand.demand) };
+    let write_demand = async {
+        tx.execute(
+            "INSERT INTO lc_lease_demand (project, demand, lapses_unix_ms) VALUES ($1, $2, $3)
+             ON CONFLICT (project) DO UPDATE SET demand = EXCLUDED.demand, lapses_unix_ms = EXCLUDED.lapses_unix_ms",
+            &[&project, &demand, &lapses_unix_ms],
+        )
+        .await
+    };
+    let remove = async {
+        if gone.is_empty() {
+            return Ok(0);
+        }
+        tx.execute("DELETE FROM lc_leases WHERE project = $1 AND id = ANY($2)", &[&project, &gone]).await
+    };
+    let upsert = async {
+        if changed.is_empty() {
+            return Ok(0);
+        }
+        tx.execute(
+            "INSERT INTO lc_leases (id, project, record, reads)
+             SELECT id, $1, record, COALESCE(ARRAY(SELECT jsonb_array_elements_text(reads::jsonb)), '{}')
+             FROM UNNEST($2::text[], $3::text[], $4::text[]) AS given (id, record, reads)
+             ON CONFLICT (id) DO UPDATE SET record = EXCLUDED.record,
+                 reads = CASE WHEN EXCLUDED.reads = '{}' THEN lc_leases.reads ELSE EXCLUDED.reads END
+             WHERE lc_leases.project = EXCLUDED.project",
+            &[&project, &ids, &bodies, &reads],
+        )
+        .await
+    };
+    futures::try_join!(write_demand, remove, upsert).map_err(pg_error)?;
+    Ok(())
+}
+
+/// The manifest of the first of `keys` the project holds.
+async fn first_manifest(
+    tx: &Transaction<'_>,
+    project: &str,
+    keys: &[pb::CacheKey],
+) -> Result<Option<pb::Manifest>, Error> {
+    let services: Vec<&str> = keys.iter().map(|key| key.service.as_str()).collect();
+    let branches: Vec<&str> = keys.iter().map(|key| key.branch.as_str()).collect();
+    let row = tx
+        .query_opt(
+            "SELECT body FROM lc_manifests JOIN UNNEST($2::text[], $3::text[]) WITH ORDINALITY AS wanted (service, branch, n)
+                 USING (service, branch)
+             WHERE project = $1 ORDER BY wanted.n LIMIT 1",
+            &[&project, &services, &branches],
+        )
+        .await
+        .map_err(pg_error)?;
+    row.map(|row| decode_manifest(row.get::<_, &[u8]>(0))).transpose()
+}
+
 /// A lease's record as stored: without its `reads`, which are a column of their own.
 fn lease_json(lease: &super::Lease) -> String {
     let bare = super::Lease {
@@ -460,76 +565,13 @@ impl super::Ephemeral for Postgres {
         let tx = client.transaction().await.map_err(pg_error)?;
         // Nothing here outlives a server crash anyway: the commit need not wait for the disk.
         // Sent together: one round trip for the lock and both reads.
-        let by_project: &[&(dyn tokio_postgres::types::ToSql + Sync)] = &[&project];
-        let (_, _, leases, demands) = futures::try_join!(
-            tx.batch_execute("SET LOCAL synchronous_commit = off"),
-            tx.execute(PROJECT_LEASES_LOCK, by_project),
-            tx.query("SELECT id, record FROM lc_leases WHERE project = $1", by_project),
-            tx.query("SELECT project, demand, lapses_unix_ms FROM lc_lease_demand WHERE project <> $1", by_project),
-        )
-        .map_err(pg_error)?;
-        let before: super::Leases = leases
-            .iter()
-            .map(|row| Ok((row.get::<_, String>(0), from_json("lc_leases", row.get::<_, &str>(1))?)))
-            .collect::<Result<_, Error>>()?;
-        let demands: super::LeaseDemands = demands
-            .iter()
-            .map(|row| {
-                let demand = u32::try_from(row.get::<_, i64>(1)).unwrap_or(u32::MAX);
-                (row.get(0), super::LeaseDemand { demand, lapses_unix_ms: row.get(2) })
-            })
-            .collect();
-        let mut records = before.clone();
-        let demand = change(&mut records, &demands);
-        let gone: Vec<&String> = before.keys().filter(|id| !records.contains_key(*id)).collect();
-        // What is written is the JSON without `reads`: a change to a field never stored writes
-        // nothing, and a lease's `reads` are written once, with the lease.
-        let changed: Vec<(&String, &super::Lease, bool)> = records
-            .iter()
-            .filter(|(_, lease)| lease.project == project)
-            .filter_map(|(id, lease)| match before.get(id) {
-                None => Some((id, lease, true)),
-                Some(was) if lease_json(was) != lease_json(lease) => Some((id, lease, false)),
-                Some(_) => None,
-            })
-            .collect();
-        let ids: Vec<&str> = changed.iter().map(|(id, _, _)| id.as_str()).collect();
-        let bodies: Vec<String> = changed.iter().map(|(_, lease, _)| lease_json(lease)).collect();
-        // A new lease's reads, as one text (a text[][] cannot be ragged); kept lease's: NULL.
-        let reads: Vec<Option<String>> =
-            changed.iter().map(|(_, lease, new)| new.then(|| to_json(&lease.reads))).collect();
-        let lapses_unix_ms = if records.is_empty() { 0 } else { demand.lapses_unix_ms };
-        let demand = if records.is_empty() { 0 } else { i64::from(demand.demand) };
-        let write_demand = async {
-            tx.execute(
-                "INSERT INTO lc_lease_demand (project, demand, lapses_unix_ms) VALUES ($1, $2, $3)
-                 ON CONFLICT (project) DO UPDATE SET demand = EXCLUDED.demand, lapses_unix_ms = EXCLUDED.lapses_unix_ms",
-                &[&project, &demand, &lapses_unix_ms],
-            )
-            .await
-        };
-        let remove = async {
-            if gone.is_empty() {
-                return Ok(0);
-            }
-            tx.execute("DELETE FROM lc_leases WHERE project = $1 AND id = ANY($2)", &[&project, &gone]).await
-        };
-        let upsert = async {
-            if changed.is_empty() {
-                return Ok(0);
-            }
-            tx.execute(
-                "INSERT INTO lc_leases (id, project, record, reads)
-                 SELECT id, $1, record, COALESCE(ARRAY(SELECT jsonb_array_elements_text(reads::jsonb)), '{}')
-                 FROM UNNEST($2::text[], $3::text[], $4::text[]) AS given (id, record, reads)
-                 ON CONFLICT (id) DO UPDATE SET record = EXCLUDED.record,
-                     reads = CASE WHEN EXCLUDED.reads = '{}' THEN lc_leases.reads ELSE EXCLUDED.reads END
-                 WHERE lc_leases.project = EXCLUDED.project",
-                &[&project, &ids, &bodies, &reads],
-            )
-            .await
-        };
-        futures::try_join!(write_demand, remove, upsert).map_err(pg_error)?;
+        let (_, (before, demands)) = futures::try_join!(
+            tx.batch_execute("SET LOCAL synchronous_commit = off").map_err(pg_error),
+            locked_leases(&tx, project)
+        )?;
+        let mut leases = before.clone();
+        let demand = change(&mut leases, &demands);
+        write_leases(&tx, project, &before, &leases, demand).await?;
         tx.commit().await.map_err(pg_error)
     }
 
@@ -787,6 +829,59 @@ impl State for Postgres {
             .await
             .map_err(pg_error)?;
         Ok(())
+    }
+
+    async fn look_up(
+        &self,
+        project: &str,
+        keys: &[pb::CacheKey],
+        now_unix: i64,
+        grant: &mut (
+                 dyn for<'a> FnMut(
+            &'a pb::Manifest,
+            &'a mut super::Leases,
+            &'a super::LeaseDemands,
+        ) -> super::LeaseDemand
+                     + Send
+             ),
+    ) -> Result<Option<pb::Manifest>, Error> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(pg_error)?;
+        // A miss takes no lock. A hit is read again under the lock: an eviction may have run
+        // between. The lock is the publish lock of `project_lock`, for this transaction only.
+        if first_manifest(&tx, project, keys).await?.is_none() {
+            tx.commit().await.map_err(pg_error)?;
+            return Ok(None);
+        }
+        // A use's time is a hint for expiry and eviction: it need not wait for the disk.
+        let key = lock_key(project);
+        let by_key: &[&(dyn tokio_postgres::types::ToSql + Sync)] = &[&key];
+        let (_, _, found, (before, demands)) = futures::try_join!(
+            tx.batch_execute("SET LOCAL synchronous_commit = off").map_err(pg_error),
+            tx.execute("SELECT pg_advisory_xact_lock_shared($1)", by_key).map_err(pg_error),
+            first_manifest(&tx, project, keys),
+            locked_leases(&tx, project),
+        )?;
+        let Some(manifest) = found else {
+            tx.commit().await.map_err(pg_error)?;
+            return Ok(None);
+        };
+        let mut leases = before.clone();
+        let demand = grant(&manifest, &mut leases, &demands);
+        let key = manifest.key.clone().unwrap_or_default();
+        let touched = ledger::touched(&manifest, now_unix).encode_to_vec();
+        let touch = async {
+            // Only the manifest it was: a lost race means a newer one is there, with its own times.
+            tx.execute(
+                "UPDATE lc_manifests SET body = $5 WHERE project = $1 AND service = $2 AND branch = $3 AND body = $4",
+                &[&project, &key.service, &key.branch, &manifest.encode_to_vec(), &touched],
+            )
+            .await
+            .map_err(pg_error)
+        };
+        futures::try_join!(touch, write_leases(&tx, project, &before, &leases, demand))?;
+        tx.commit().await.map_err(pg_error)?;
+        Ok(Some(manifest))
     }
 
     async fn commit_manifest(

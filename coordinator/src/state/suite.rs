@@ -223,6 +223,7 @@ pub(crate) async fn run(state: &dyn State) {
 /// Open saves and transfer leases, seen through two handles on one state (the same one on
 /// sled; two replicas' on PostgreSQL): single flight and one budget hold across them.
 pub(crate) async fn ephemeral_records_are_shared(a: std::sync::Arc<dyn State>, b: std::sync::Arc<dyn State>) {
+    let (a_state, b_state) = (a.clone(), b.clone());
     let ttl = std::time::Duration::from_secs(15);
     let (saves_a, saves_b) =
         (crate::claims::PendingSaves::new(ttl, a.clone()), crate::claims::PendingSaves::new(ttl, b.clone()));
@@ -254,6 +255,39 @@ pub(crate) async fn ephemeral_records_are_shared(a: std::sync::Arc<dyn State>, b
     let later = now + 10 * 60 * 1000;
     assert_eq!(budget_b.granted(later).await.unwrap(), 0);
     assert_eq!(budget_a.grant("p2", "w", save, later).await.unwrap().max_concurrency, 8);
+    look_up_grants_with_the_manifest(a_state.as_ref(), b_state.as_ref()).await;
+}
+
+/// A lookup reads the first key's manifest that exists, marks it used and runs its grant in
+/// the same step; a miss changes nothing.
+async fn look_up_grants_with_the_manifest(a: &dyn State, b: &dyn State) {
+    a.create_project(&project("look")).await.unwrap();
+    let saved = manifest("web", &["c1", "l1"], 5);
+    a.commit_manifest("look", &saved, 0, &sizes(), 1).await.unwrap();
+    let mut granted = 0;
+    let mut grant = |manifest: &pb::Manifest, leases: &mut Leases, _: &LeaseDemands| {
+        granted += 1;
+        let lease = Lease {
+            project: "look".into(),
+            kind: LeaseKind::Restore,
+            fixed: 1,
+            concurrency: 1,
+            order: 0,
+            renewed_unix_ms: 9,
+            reads: manifest_digests(manifest),
+            holder: String::new(),
+        };
+        leases.insert("r1".into(), lease);
+        LeaseDemand { demand: 1, lapses_unix_ms: 10 }
+    };
+    assert_eq!(b.look_up("look", &[key("none")], 7, &mut grant).await.unwrap(), None);
+    let found = b.look_up("look", &[key("none"), key("web"), key("web2")], 7, &mut grant).await.unwrap();
+    assert_eq!(found.and_then(|manifest| manifest.key), Some(key("web")));
+    assert_eq!(granted, 1, "the grant runs on a hit only");
+    assert_eq!(a.manifest("look", "web", "").await.unwrap().unwrap().last_used_unix, 7);
+    let mut reads = Vec::new();
+    a.read_leases(Some("look"), &mut |leases| reads.extend(leases["r1"].reads.iter().cloned())).await.unwrap();
+    assert_eq!(reads, ["c1", "l1"]);
 }
 
 #[tokio::test]
@@ -334,9 +368,17 @@ async fn two_projects_save_and_restore_while_a_third_holds_its_locks() {
             let saved = manifest("web", &["c1", "l1"], round);
             let committed = state.commit_manifest(project, &saved, 0, &sizes(), 1).await.unwrap();
             assert!(matches!(committed, Committed::Stored { .. }));
-            let reads = ["c1".to_string(), "l1".to_string()].into_iter().collect();
             let lease_id = format!("{project}-restore-{round}");
-            assert!(budget.grant_restore(project, "", &lease_id, reads, now).await.unwrap().max_concurrency > 0);
+            let mut plan = None;
+            let mut grant = |manifest: &pb::Manifest, leases: &mut Leases, demands: &LeaseDemands| {
+                let reads = manifest_digests(manifest);
+                let restore = crate::budget::LeaseKind::Restore;
+                let (granted, demand) = budget.grant_in(project, "", &lease_id, restore, reads, now, leases, demands);
+                plan = Some(granted);
+                demand
+            };
+            assert!(state.look_up(project, &[key("web")], 2, &mut grant).await.unwrap().is_some());
+            assert!(plan.is_some_and(|plan| plan.max_concurrency > 0));
         }
     });
     let done = tokio::time::timeout(std::time::Duration::from_secs(20), futures::future::join_all(rounds)).await;
@@ -382,7 +424,18 @@ async fn the_suite_passes_on_postgres() {
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
     assert!(taken.is_some(), "the lead is free once its holder lets go");
-    ephemeral_records_are_shared(std::sync::Arc::new(state), std::sync::Arc::new(again)).await;
+    let again = std::sync::Arc::new(again);
+    ephemeral_records_are_shared(std::sync::Arc::new(state), again.clone()).await;
+    // A lookup's hit holds the publish lock shared for its step: it waits for a flush's
+    // (exclusive) lock; a miss takes none.
+    let flushing = again.project_lock("look", true).await.unwrap();
+    let mut grant = |_: &pb::Manifest, _: &mut Leases, _: &LeaseDemands| LeaseDemand::default();
+    let miss = tokio::time::timeout(wait, again.look_up("look", &[key("none")], 8, &mut grant)).await;
+    assert!(miss.is_ok_and(|found| found.unwrap().is_none()), "a miss waits for no lock");
+    let mut grant = |_: &pb::Manifest, _: &mut Leases, _: &LeaseDemands| LeaseDemand::default();
+    let hit = tokio::time::timeout(wait, again.look_up("look", &[key("web")], 8, &mut grant)).await;
+    assert!(hit.is_err(), "a hit waits for the exclusive lock");
+    drop(flushing);
 
     // A database of schema version 1 is migrated; one newer than this coordinator's refused.
     let config: tokio_postgres::Config = url.parse().unwrap();
