@@ -252,14 +252,7 @@ impl PendingSaves {
 
     /// Forgets a save (and its claims); whether it was there.
     pub(crate) async fn abandon(&self, save_id: &str, project: &str) -> Result<bool, Error> {
-        self.change(Some(project), |saves| {
-            if saves.get(save_id).is_some_and(|save| save.project == project) {
-                saves.remove(save_id);
-                return true;
-            }
-            false
-        })
-        .await
+        self.change(Some(project), |saves| forget(saves, save_id, project)).await
     }
 
     /// Forgets every save of a project (a flush: none of them can commit).
@@ -287,6 +280,16 @@ impl PendingSaves {
     pub(crate) async fn take(&self, save_id: &str, project: &str) -> Result<(), Error> {
         if self.abandon(save_id, project).await? { Ok(()) } else { Err(Error::NoSuchSave(save_id.to_owned())) }
     }
+}
+
+/// Forgets the save `save_id` of `project` from `saves` (and its claims), inside a step its
+/// caller runs on the project's open saves; whether it was there.
+pub(crate) fn forget(saves: &mut OpenSaves, save_id: &str, project: &str) -> bool {
+    if saves.get(save_id).is_some_and(|save| save.project == project) {
+        saves.remove(save_id);
+        return true;
+    }
+    false
 }
 
 /// A begun save, as its commit sees it.

@@ -560,6 +560,11 @@ impl CacheService {
         let (pending, record) = self.committable_save(principal, request).await?;
         let mut manifest = self.manifest_of(principal, &pending, request);
         let reported = reported_blobs(&mut manifest.images)?;
+        if let Some(answer) =
+            self.commit_known_blobs(principal, &pending, &record, &manifest, &reported, &request.save_id).await?
+        {
+            return Ok(answer);
+        }
         // A post-flush sweep waits until the blobs are checked and recorded.
         let no_sweep = self.lock_project(project, Lock::Shared).await?;
         let reported_digests: Vec<String> = reported.keys().cloned().collect();
@@ -595,6 +600,58 @@ impl CacheService {
             return Err(super::gc::over_quota_of_others(principal, &pending.key, quota));
         }
         Ok(commit_response(project, &pending.key, manifest, committed))
+    }
+
+    /// The commit of a save whose every blob the ledger records, which needs no look at the
+    /// store: checked against the ledger and recorded in one step of the state
+    /// (`State::commit_known`, under the publish lock held shared for the step). `None`: the
+    /// ledger lacks one of the blobs, or the save is over the quota, and nothing changed; the
+    /// commit then takes the way through the store.
+    async fn commit_known_blobs(
+        &self,
+        principal: &crate::tokens::Principal,
+        pending: &SaveFacts,
+        record: &ProjectRecord,
+        manifest: &pb::Manifest,
+        reported: &HashMap<String, BlobRecord>,
+        save_id: &str,
+    ) -> Result<Option<pb::CommitSaveResponse>, Error> {
+        let project = principal.project.as_str();
+        let size: u64 = reported.values().map(|record| record.stored_size).sum::<u64>() + manifest_bytes(manifest);
+        let quota = record.quota_bytes;
+        if quota > 0 && size > quota {
+            return Ok(None);
+        }
+        let mut manifest = manifest.clone();
+        if let Some(origin) = manifest.origin.as_mut() {
+            origin.committed_unix_ms = self.clock.now_unix_ms();
+        }
+        let recording = self.lock_in_process(project, Lock::Shared).await;
+        let committed = self
+            .db
+            .commit_known(
+                project,
+                &manifest,
+                pending.generation,
+                reported,
+                self.clock.now_unix(),
+                &mut |known| check_known_sizes(reported, known),
+                &mut |saves| match crate::claims::forget(saves, save_id, project) {
+                    true => Ok(()),
+                    false => Err(Error::NoSuchSave(save_id.to_owned())),
+                },
+            )
+            .await?;
+        drop(recording);
+        let Some(committed) = committed else { return Ok(None) };
+        self.db.durable().await?;
+        if pending.leased {
+            self.budget.release(project, save_id, self.clock.now_unix_ms()).await?;
+        }
+        if quota > 0 && !self.fit_quota_after_commit(principal, &pending.key).await {
+            return Err(super::gc::over_quota_of_others(principal, &pending.key, quota));
+        }
+        Ok(Some(commit_response(project, &pending.key, manifest, committed)))
     }
 
     /// The begun save `request` commits, and its project's record: refused when the save was
@@ -716,12 +773,7 @@ impl CacheService {
                 {
                     return Err(planted(digest));
                 }
-                Some(size) => {
-                    return Err(Error::BlobNotStored(format!(
-                        "blob {digest} is stored with {size} bytes, not {}: upload it again",
-                        record.stored_size
-                    )));
-                }
+                Some(size) => return Err(stored_with(digest, size, record.stored_size)),
                 None => {
                     return Err(Error::BlobNotStored(format!(
                         "blob {digest} is not in the store: upload it before committing"
@@ -848,6 +900,22 @@ fn reported_blobs(images: &mut [pb::Image]) -> Result<HashMap<String, BlobRecord
         }
     }
     Ok(reported)
+}
+
+/// The refusal of a commit reporting a blob of `reported_size` bytes that is stored with `size`.
+fn stored_with(digest: &str, size: u64, reported_size: u64) -> Error {
+    Error::BlobNotStored(format!("blob {digest} is stored with {size} bytes, not {reported_size}: upload it again"))
+}
+
+/// Every reported blob the ledger records (`known`) must be recorded with the size its worker
+/// reports.
+fn check_known_sizes(reported: &HashMap<String, BlobRecord>, known: &HashMap<String, BlobRecord>) -> Result<(), Error> {
+    for (digest, record) in reported {
+        if let Some(known) = known.get(digest).filter(|known| known.stored_size != record.stored_size) {
+            return Err(stored_with(digest, known.stored_size, record.stored_size));
+        }
+    }
+    Ok(())
 }
 
 /// A commit's answer: the manifest stored, or the newer one kept.

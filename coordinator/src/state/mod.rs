@@ -404,6 +404,39 @@ pub trait State: Ephemeral {
         new_blobs: &HashMap<String, BlobRecord>,
         now_unix: i64,
     ) -> Result<Committed, Error>;
+    /// A commit whose every blob the ledger already records, as one atomic step while the
+    /// project's publish lock is held shared across replicas: `check` sees the ledger's records
+    /// of `new_blobs` (every blob the commit names) and may refuse; `take` removes the save from
+    /// the project's open saves (or refuses: it was not there); then the
+    /// manifest is committed as [`State::commit_manifest`] commits it, and one save counted for
+    /// its service. `Ok(None)`: the ledger lacks one of the blobs, and nothing changed (the
+    /// caller checks the store). The caller holds the lock in this process; this default, for
+    /// one process, composes the steps above.
+    #[allow(clippy::too_many_arguments)]
+    async fn commit_known(
+        &self,
+        project: &str,
+        manifest: &pb::Manifest,
+        generation: u64,
+        new_blobs: &HashMap<String, BlobRecord>,
+        now_unix: i64,
+        check: &mut (dyn for<'a> FnMut(&'a HashMap<String, BlobRecord>) -> Result<(), Error> + Send),
+        take: &mut (dyn for<'a> FnMut(&'a mut OpenSaves) -> Result<(), Error> + Send),
+    ) -> Result<Option<Committed>, Error> {
+        let digests: Vec<String> = new_blobs.keys().cloned().collect();
+        let known = self.stored_blobs(project, &digests).await?;
+        if known.len() < digests.len() {
+            return Ok(None);
+        }
+        check(&known)?;
+        let mut taken = Ok(());
+        self.update_open_saves(Some(project), &mut |saves| taken = take(saves)).await?;
+        taken?;
+        let committed = self.commit_manifest(project, manifest, generation, new_blobs, now_unix).await?;
+        let service = manifest.key.as_ref().map(|key| key.service.as_str()).unwrap_or_default();
+        self.add_to_counters(project, service, &ServiceCounters { saves: 1, ..Default::default() }).await?;
+        Ok(Some(committed))
+    }
     /// Evicts one cache at `now_unix`; returns the blobs it left unreferenced, or `None` when there was none.
     async fn remove_manifest(
         &self,

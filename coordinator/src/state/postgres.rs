@@ -481,6 +481,70 @@ async fn ephemeral_records<T: for<'de> Deserialize<'de>>(
         .collect()
 }
 
+/// Writes back what a change made of the records of `table` (all, or `project`'s): `before`
+/// it and `after` it.
+async fn write_ephemeral<T: Serialize>(
+    tx: &Transaction<'_>,
+    table: &'static str,
+    project: Option<&str>,
+    before: &HashMap<String, T>,
+    after: &HashMap<String, T>,
+    project_of: fn(&T) -> &str,
+) -> Result<(), Error> {
+    let gone: Vec<&String> = before.keys().filter(|id| !after.contains_key(*id)).collect();
+    if !gone.is_empty() {
+        tx.execute(&format!("DELETE FROM {table} WHERE id = ANY($1)"), &[&gone]).await.map_err(pg_error)?;
+    }
+    // What is written is the JSON: a change to a field never stored writes nothing.
+    let changed: Vec<(&String, &T)> = after
+        .iter()
+        .filter(|(id, record)| before.get(*id).is_none_or(|was| to_json(was) != to_json(*record)))
+        .collect();
+    if !changed.is_empty() {
+        debug_assert!(changed.iter().all(|(_, record)| project.is_none_or(|project| project_of(record) == project)));
+        let ids: Vec<&str> = changed.iter().map(|(id, _)| id.as_str()).collect();
+        let projects: Vec<&str> = changed.iter().map(|(_, record)| project_of(record)).collect();
+        let bodies: Vec<String> = changed.iter().map(|(_, record)| to_json(record)).collect();
+        let upsert = format!(
+            "INSERT INTO {table} (id, project, record) SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[])
+             ON CONFLICT (id) DO UPDATE SET project = EXCLUDED.project, record = EXCLUDED.record"
+        );
+        tx.execute(&upsert, &[&ids, &projects, &bodies]).await.map_err(pg_error)?;
+    }
+    Ok(())
+}
+
+/// Adds `change` to the counters of a project's service, inside `tx`.
+async fn add_counters(
+    tx: &Transaction<'_>,
+    project: &str,
+    service: &str,
+    change: &ServiceCounters,
+) -> Result<(), Error> {
+    tx.execute(
+        "INSERT INTO lc_counters (project, service, record) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+        &[&project, &service, &to_json(&ServiceCounters::default())],
+    )
+    .await
+    .map_err(pg_error)?;
+    let row = tx
+        .query_one(
+            "SELECT record FROM lc_counters WHERE project = $1 AND service = $2 FOR UPDATE",
+            &[&project, &service],
+        )
+        .await
+        .map_err(pg_error)?;
+    let mut counters: ServiceCounters = from_json("lc_counters", row.get::<_, &str>(0))?;
+    counters.add(change);
+    tx.execute(
+        "UPDATE lc_counters SET record = $3 WHERE project = $1 AND service = $2",
+        &[&project, &service, &to_json(&counters)],
+    )
+    .await
+    .map_err(pg_error)?;
+    Ok(())
+}
+
 impl Postgres {
     /// Runs `change` on the records of `table` (all, or `project`'s) in one transaction, after
     /// `locks` (statements taking transaction advisory locks, `$1` the project), and writes back
@@ -507,28 +571,7 @@ impl Postgres {
         let before: HashMap<String, T> = ephemeral_records(&tx, table, project).await?;
         let mut records = before.clone();
         change(&mut records);
-        let gone: Vec<&String> = before.keys().filter(|id| !records.contains_key(*id)).collect();
-        if !gone.is_empty() {
-            tx.execute(&format!("DELETE FROM {table} WHERE id = ANY($1)"), &[&gone]).await.map_err(pg_error)?;
-        }
-        // What is written is the JSON: a change to a field never stored writes nothing.
-        let changed: Vec<(&String, &T)> = records
-            .iter()
-            .filter(|(id, record)| before.get(*id).is_none_or(|was| to_json(was) != to_json(*record)))
-            .collect();
-        if !changed.is_empty() {
-            debug_assert!(
-                changed.iter().all(|(_, record)| project.is_none_or(|project| project_of(record) == project))
-            );
-            let ids: Vec<&str> = changed.iter().map(|(id, _)| id.as_str()).collect();
-            let projects: Vec<&str> = changed.iter().map(|(_, record)| project_of(record)).collect();
-            let bodies: Vec<String> = changed.iter().map(|(_, record)| to_json(record)).collect();
-            let upsert = format!(
-                "INSERT INTO {table} (id, project, record) SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[])
-                 ON CONFLICT (id) DO UPDATE SET project = EXCLUDED.project, record = EXCLUDED.record"
-            );
-            tx.execute(&upsert, &[&ids, &projects, &bodies]).await.map_err(pg_error)?;
-        }
+        write_ephemeral(&tx, table, project, &before, &records, project_of).await?;
         tx.commit().await.map_err(pg_error)
     }
 }
@@ -906,6 +949,59 @@ impl State for Postgres {
         Ok(committed)
     }
 
+    async fn commit_known(
+        &self,
+        project: &str,
+        manifest: &pb::Manifest,
+        generation: u64,
+        new_blobs: &HashMap<String, BlobRecord>,
+        now_unix: i64,
+        check: &mut (dyn for<'a> FnMut(&'a HashMap<String, BlobRecord>) -> Result<(), Error> + Send),
+        take: &mut (dyn for<'a> FnMut(&'a mut super::OpenSaves) -> Result<(), Error> + Send),
+    ) -> Result<Option<Committed>, Error> {
+        let key = manifest.key.clone().unwrap_or_default();
+        let digests: Vec<String> = new_blobs.keys().cloned().collect();
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(pg_error)?;
+        // The publish lock (`project_lock`'s, for this transaction only), then the project's
+        // row, the key's manifest and the blobs, in one round trip.
+        let lock = lock_key(project);
+        let by_key: &[&(dyn tokio_postgres::types::ToSql + Sync)] = &[&lock];
+        let (_, record, old, mut known) = futures::try_join!(
+            tx.execute("SELECT pg_advisory_xact_lock_shared($1)", by_key).map_err(pg_error),
+            lock_project(&tx, project),
+            manifest_of(&tx, project, &key, true),
+            lock_blobs(&tx, project, &digests),
+        )?;
+        if known.len() < digests.len() {
+            tx.commit().await.map_err(pg_error)?;
+            return Ok(None);
+        }
+        let record = record.ok_or_else(|| Error::NoSuchProject(project.to_owned()))?;
+        check(&known)?;
+        // The blobs of the manifest it replaces that it does not name, and the open saves.
+        let replaced: Vec<String> =
+            old.iter().flat_map(manifest_digests).filter(|digest| !new_blobs.contains_key(digest)).collect();
+        let by_project: &[&(dyn tokio_postgres::types::ToSql + Sync)] = &[&project];
+        let (more_known, _, _, saves) = futures::try_join!(
+            lock_blobs(&tx, project, &replaced),
+            tx.execute(SOME_OPEN_SAVES_LOCK, &[]).map_err(pg_error),
+            tx.execute(PROJECT_OPEN_SAVES_LOCK, by_project).map_err(pg_error),
+            ephemeral_records::<super::OpenSave>(&tx, "lc_open_saves", Some(project)),
+        )?;
+        known.extend(more_known);
+        let mut taken = saves.clone();
+        take(&mut taken)?;
+        let view = ledger::CommitView { project: &record, old, known: &known };
+        let (committed, change) = ledger::commit(view, manifest, generation, new_blobs, now_unix)?;
+        apply(&tx, project, &change).await?;
+        write_ephemeral(&tx, "lc_open_saves", Some(project), &saves, &taken, |save| &save.project).await?;
+        let counted = ServiceCounters { saves: 1, ..Default::default() };
+        add_counters(&tx, project, &key.service, &counted).await?;
+        tx.commit().await.map_err(pg_error)?;
+        Ok(Some(committed))
+    }
+
     async fn remove_manifest(
         &self,
         project: &str,
@@ -962,27 +1058,7 @@ impl State for Postgres {
     async fn add_to_counters(&self, project: &str, service: &str, change: &ServiceCounters) -> Result<(), Error> {
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(pg_error)?;
-        tx.execute(
-            "INSERT INTO lc_counters (project, service, record) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
-            &[&project, &service, &to_json(&ServiceCounters::default())],
-        )
-        .await
-        .map_err(pg_error)?;
-        let row = tx
-            .query_one(
-                "SELECT record FROM lc_counters WHERE project = $1 AND service = $2 FOR UPDATE",
-                &[&project, &service],
-            )
-            .await
-            .map_err(pg_error)?;
-        let mut counters: ServiceCounters = from_json("lc_counters", row.get::<_, &str>(0))?;
-        counters.add(change);
-        tx.execute(
-            "UPDATE lc_counters SET record = $3 WHERE project = $1 AND service = $2",
-            &[&project, &service, &to_json(&counters)],
-        )
-        .await
-        .map_err(pg_error)?;
+        add_counters(&tx, project, service, change).await?;
         tx.commit().await.map_err(pg_error)
     }
 

@@ -256,6 +256,57 @@ pub(crate) async fn ephemeral_records_are_shared(a: std::sync::Arc<dyn State>, b
     assert_eq!(budget_b.granted(later).await.unwrap(), 0);
     assert_eq!(budget_a.grant("p2", "w", save, later).await.unwrap().max_concurrency, 8);
     look_up_grants_with_the_manifest(a_state.as_ref(), b_state.as_ref()).await;
+    a_commit_of_known_blobs_is_one_step(a_state.as_ref(), b_state.as_ref()).await;
+}
+
+/// Whether save `s1` of project `known` is open.
+async fn save_is_open(state: &dyn State) -> bool {
+    let mut open = false;
+    state.read_open_saves("known", &mut |saves| open = saves.contains_key("s1")).await.unwrap();
+    open
+}
+
+/// A commit naming only blobs the ledger records is checked, takes its save and is recorded in
+/// one step; one naming a blob the ledger lacks, or refused by its check, changes nothing.
+async fn a_commit_of_known_blobs_is_one_step(a: &dyn State, b: &dyn State) {
+    a.create_project(&project("known")).await.unwrap();
+    let first = manifest("web", &["c1", "l1"], 5);
+    a.commit_manifest("known", &first, 0, &sizes(), 1).await.unwrap();
+    let open = crate::claims::tests::pending("known", "web", 6);
+    a.update_open_saves(Some("known"), &mut |saves| {
+        saves.insert("s1".into(), open.clone());
+    })
+    .await
+    .unwrap();
+    let named = |digests: &[&str]| -> HashMap<String, BlobRecord> {
+        digests.iter().map(|digest| (digest.to_string(), sizes()[*digest].clone())).collect()
+    };
+    let take = &mut |saves: &mut OpenSaves| match crate::claims::forget(saves, "s1", "known") {
+        true => Ok(()),
+        false => Err(Error::NoSuchSave("s1".into())),
+    };
+    let unknown = manifest("web", &["c1", "l1", "l2"], 7);
+    let passes = &mut |_: &HashMap<String, BlobRecord>| Ok(());
+    assert_eq!(b.commit_known("known", &unknown, 0, &named(&["c1", "l1", "l2"]), 8, passes, take).await.unwrap(), None);
+    assert!(save_is_open(a).await, "nothing changed");
+    let second = manifest("web", &["c1", "l1"], 7);
+    let refuses = &mut |known: &HashMap<String, BlobRecord>| {
+        assert_eq!(known.len(), 2);
+        Err(Error::BlobNotStored("no".into()))
+    };
+    let refused = b.commit_known("known", &second, 0, &named(&["c1", "l1"]), 8, refuses, take).await;
+    assert!(matches!(refused, Err(Error::BlobNotStored(_))));
+    assert!(save_is_open(a).await, "nothing changed");
+    let committed = b.commit_known("known", &second, 0, &named(&["c1", "l1"]), 8, passes, take).await.unwrap();
+    assert!(matches!(committed, Some(Committed::Stored { replaced: Some(_) })), "{committed:?}");
+    assert!(!save_is_open(a).await, "the save is taken");
+    let stored = a.manifest("known", "web", "").await.unwrap().unwrap();
+    assert_eq!(stored.origin.map(|origin| origin.began_unix_ms), Some(7));
+    assert_eq!(references(a, "known", "l1").await, Some(1));
+    let counted = a.service_counters(Some("known")).await.unwrap();
+    assert_eq!(counted.iter().map(|(_, _, counters)| counters.saves).sum::<u64>(), 1);
+    let again = b.commit_known("known", &second, 0, &named(&["c1", "l1"]), 9, passes, take).await;
+    assert!(matches!(again, Err(Error::NoSuchSave(_))), "a save commits once");
 }
 
 /// A lookup reads the first key's manifest that exists, marks it used and runs its grant in
