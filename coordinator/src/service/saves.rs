@@ -261,6 +261,35 @@ fn known_image(image: pb::Image) -> pb::Image {
     }
 }
 
+/// The images of `images` that the project's `manifests` already hold, each once, with what
+/// the first trusted one recorded of them ([`may_describe`]; the save's own branch first),
+/// within [`KNOWN_IMAGES_BUDGET`].
+fn known_images(
+    principal: &crate::tokens::Principal,
+    key: &pb::CacheKey,
+    images: &[pb::Image],
+    manifests: Vec<pb::Manifest>,
+) -> Vec<pb::Image> {
+    use prost::Message;
+    let wanted_ids: BTreeSet<&str> = images.iter().map(|image| image.id.as_str()).collect();
+    let mut sources: Vec<pb::Manifest> =
+        manifests.into_iter().filter(|manifest| may_describe(principal, manifest, &key.branch)).collect();
+    sources.sort_by_key(|manifest| manifest.key.as_ref().is_none_or(|source| source.branch != key.branch));
+    let (mut known_images, mut n_bytes): (Vec<pb::Image>, usize) = (Vec::new(), 0);
+    for image in sources.into_iter().flat_map(|manifest| manifest.images) {
+        if !wanted_ids.contains(image.id.as_str()) || known_images.iter().any(|known| known.id == image.id) {
+            continue;
+        }
+        let described = known_image(image);
+        n_bytes += described.encoded_len();
+        if n_bytes > KNOWN_IMAGES_BUDGET {
+            break;
+        }
+        known_images.push(described);
+    }
+    known_images
+}
+
 /// The most bytes of the key's previous images (with their steps) one begin answers.
 const PREVIOUS_IMAGES_BUDGET: usize = 1 << 20;
 
@@ -317,8 +346,10 @@ impl CacheService {
         let named: Vec<String> = digests.iter().cloned().collect();
         let stored = self.db.stored_blobs(project, &named).await?;
         let missing: Vec<String> = digests.iter().filter(|d| !stored.contains_key(*d)).cloned().collect();
-        let current = self.db.manifest(project, &key.service, &key.branch).await?;
-        let known_images = self.known_images(principal, &key, &request.images).await?;
+        // Every manifest of the project, read once: the key's own among them.
+        let manifests = self.db.manifests(project).await?;
+        let current = manifests.iter().find(|manifest| manifest.key.as_ref() == Some(&key)).cloned();
+        let known_images = known_images(principal, &key, &request.images, manifests);
         let known_size: u64 = stored.values().map(|record| record.stored_size).sum();
         if record.quota_bytes > 0 && known_size > record.quota_bytes {
             return Err(super::gc::over_quota(project, &key, known_size, record.quota_bytes));
@@ -376,40 +407,6 @@ impl CacheService {
             in_flight_digests,
             keep_alive_seconds: self.pending_saves.keep_alive_interval().as_secs() as u32,
         })
-    }
-
-    /// The images of `images` that manifests of the project already hold, each once, with what
-    /// the first trusted one recorded of them ([`may_describe`]; the save's own branch first),
-    /// within [`KNOWN_IMAGES_BUDGET`].
-    async fn known_images(
-        &self,
-        principal: &crate::tokens::Principal,
-        key: &pb::CacheKey,
-        images: &[pb::Image],
-    ) -> Result<Vec<pb::Image>, Error> {
-        use prost::Message;
-        let wanted_ids: BTreeSet<&str> = images.iter().map(|image| image.id.as_str()).collect();
-        let mut sources: Vec<pb::Manifest> = self
-            .db
-            .manifests(&principal.project)
-            .await?
-            .into_iter()
-            .filter(|manifest| may_describe(principal, manifest, &key.branch))
-            .collect();
-        sources.sort_by_key(|manifest| manifest.key.as_ref().is_none_or(|source| source.branch != key.branch));
-        let (mut known_images, mut n_bytes): (Vec<pb::Image>, usize) = (Vec::new(), 0);
-        for image in sources.into_iter().flat_map(|manifest| manifest.images) {
-            if !wanted_ids.contains(image.id.as_str()) || known_images.iter().any(|known| known.id == image.id) {
-                continue;
-            }
-            let described = known_image(image);
-            n_bytes += described.encoded_len();
-            if n_bytes > KNOWN_IMAGES_BUDGET {
-                break;
-            }
-            known_images.push(described);
-        }
-        Ok(known_images)
     }
 
     /// Write credentials and a share of the transfer budget for a save that moves blobs; the
