@@ -122,15 +122,29 @@ impl PendingSaves {
     /// Refused while its token holds [`MOST_SAVES_PER_TOKEN`] saves or
     /// [`MOST_HELD_NAMES_PER_TOKEN`] names. Also answers the project's saves that fell
     /// silent (see [`PendingSaves::newly_silent`]), in the same step.
+    /// (The service registers a save inside its begin's step: see [`PendingSaves::begin_in`].)
+    #[cfg(test)]
     pub(crate) async fn begin(
         &self,
+        save_id: String,
+        save: OpenSave,
+        missing: Vec<String>,
+        now: i64,
+    ) -> Result<Begun, Error> {
+        let project = save.project.clone();
+        self.change(Some(&project), move |saves| self.begin_in(saves, save_id, save, missing, now)).await?
+    }
+
+    /// [`PendingSaves::begin`] inside a step its caller runs on the project's open `saves`.
+    pub(crate) fn begin_in(
+        &self,
+        saves: &mut OpenSaves,
         save_id: String,
         mut save: OpenSave,
         missing: Vec<String>,
         now: i64,
     ) -> Result<Begun, Error> {
-        let project = save.project.clone();
-        self.change(Some(&project), move |saves| {
+        {
             let silent = self.note_silent(saves, Some(&save.project), now);
             save.named.extend(missing.iter().cloned());
             let of_token =
@@ -166,8 +180,7 @@ impl PendingSaves {
             save.claimed = to_upload.iter().cloned().collect();
             saves.insert(save_id, save);
             Ok(Begun { to_upload, in_flight, silent })
-        })
-        .await?
+        }
     }
 
     /// The blobs open saves of `project` name (a garbage collection keeps them).

@@ -268,19 +268,19 @@ fn known_images(
     principal: &crate::tokens::Principal,
     key: &pb::CacheKey,
     images: &[pb::Image],
-    manifests: Vec<pb::Manifest>,
+    manifests: &[pb::Manifest],
 ) -> Vec<pb::Image> {
     use prost::Message;
     let wanted_ids: BTreeSet<&str> = images.iter().map(|image| image.id.as_str()).collect();
-    let mut sources: Vec<pb::Manifest> =
-        manifests.into_iter().filter(|manifest| may_describe(principal, manifest, &key.branch)).collect();
+    let mut sources: Vec<&pb::Manifest> =
+        manifests.iter().filter(|manifest| may_describe(principal, manifest, &key.branch)).collect();
     sources.sort_by_key(|manifest| manifest.key.as_ref().is_none_or(|source| source.branch != key.branch));
     let (mut known_images, mut n_bytes): (Vec<pb::Image>, usize) = (Vec::new(), 0);
-    for image in sources.into_iter().flat_map(|manifest| manifest.images) {
+    for image in sources.into_iter().flat_map(|manifest| &manifest.images) {
         if !wanted_ids.contains(image.id.as_str()) || known_images.iter().any(|known| known.id == image.id) {
             continue;
         }
-        let described = known_image(image);
+        let described = known_image(image.clone());
         n_bytes += described.encoded_len();
         if n_bytes > KNOWN_IMAGES_BUDGET {
             break;
@@ -341,45 +341,59 @@ impl CacheService {
         let record = self.db.project(project).await?.ok_or_else(|| Error::NoSuchProject(project.to_owned()))?;
         // Held until the save is registered: a garbage collection (which takes the lock
         // exclusively) either ran before and this save sees what it left, or runs after and
-        // keeps every blob this save names.
-        let registering = self.lock_project(project, Lock::Shared).await?;
+        // keeps every blob this save names. Across replicas the state holds it for its step
+        // (`State::begin_save`).
+        let registering = self.lock_in_process(project, Lock::Shared).await;
         let named: Vec<String> = digests.iter().cloned().collect();
-        let stored = self.db.stored_blobs(project, &named).await?;
-        let missing: Vec<String> = digests.iter().filter(|d| !stored.contains_key(*d)).cloned().collect();
-        // Every manifest of the project, read once: the key's own among them.
-        let manifests = self.db.manifests(project).await?;
-        let current = manifests.iter().find(|manifest| manifest.key.as_ref() == Some(&key)).cloned();
-        let known_images = known_images(principal, &key, &request.images, manifests);
-        let known_size: u64 = stored.values().map(|record| record.stored_size).sum();
-        if record.quota_bytes > 0 && known_size > record.quota_bytes {
-            return Err(super::gc::over_quota(project, &key, known_size, record.quota_bytes));
-        }
-        let unchanged = match &current {
-            // A manifest holding a record no commit checked (written before commits derived
-            // them) is saved again, so the save replaces it with checked ones.
-            Some(manifest) => {
-                missing.is_empty()
-                    && identity(&manifest.images) == identity(&request.images)
-                    && checked_records(manifest)
+        let save_id = crate::tokens::random_hex_32();
+        let now = self.clock.now_unix_ms();
+        let mut outcome = None;
+        self.db
+            .begin_save(project, &named, &mut |stored, manifests, saves| {
+                let missing: Vec<String> = digests.iter().filter(|d| !stored.contains_key(*d)).cloned().collect();
+                let current = manifests.iter().find(|manifest| manifest.key.as_ref() == Some(&key));
+                let known_size: u64 = stored.values().map(|record| record.stored_size).sum();
+                if record.quota_bytes > 0 && known_size > record.quota_bytes {
+                    return Err(super::gc::over_quota(project, &key, known_size, record.quota_bytes));
+                }
+                let unchanged = match current {
+                    // A manifest holding a record no commit checked (written before commits
+                    // derived them) is saved again, so the save replaces it with checked ones.
+                    Some(manifest) => {
+                        missing.is_empty()
+                            && identity(&manifest.images) == identity(&request.images)
+                            && checked_records(manifest)
+                    }
+                    None => false,
+                };
+                // An unchanged save commits nothing, so it is not kept (and claims nothing).
+                let begun = match unchanged {
+                    true => None,
+                    false => {
+                        let moves_blobs = !missing.is_empty();
+                        let pending = open_save(principal, &key, &record, request, &digests, moves_blobs, now);
+                        Some(self.pending_saves.begin_in(saves, save_id.clone(), pending, missing, now)?)
+                    }
+                };
+                let known_images = known_images(principal, &key, &request.images, manifests);
+                outcome = Some((stored.clone(), current.cloned(), known_images, begun));
+                Ok(())
+            })
+            .await?;
+        drop(registering);
+        let (stored, current, known_images, begun) = outcome.expect("the save was registered");
+        let unchanged = begun.is_none();
+        let (missing_digests, in_flight_digests) = match begun {
+            Some(begun) => {
+                self.release_shares_of_silent(begun.silent, now).await;
+                (begun.to_upload, begun.in_flight)
             }
-            None => false,
+            None => (Vec::new(), Vec::new()),
         };
         if unchanged && let Some(manifest) = &current {
             // An unchanged save is a use of its cache, as a restore is.
             self.db.touch_manifest(project, manifest, self.clock.now_unix()).await?;
         }
-        let save_id = crate::tokens::random_hex_32();
-        let now = self.clock.now_unix_ms();
-        // An unchanged save commits nothing, so it is not kept (and claims nothing).
-        let (missing_digests, in_flight_digests) = if unchanged {
-            (Vec::new(), Vec::new())
-        } else {
-            let pending = open_save(principal, &key, &record, request, &digests, !missing.is_empty(), now);
-            let begun = self.pending_saves.begin(save_id.clone(), pending, missing, now).await?;
-            self.release_shares_of_silent(begun.silent, now).await;
-            (begun.to_upload, begun.in_flight)
-        };
-        drop(registering);
         // Blobs in flight still need the worker's export (for their sizes), not its uploads.
         // A save that moves nothing holds no share of the transfer budget.
         let (credentials, plan) = if missing_digests.is_empty() && in_flight_digests.is_empty() {

@@ -404,6 +404,32 @@ pub trait State: Ephemeral {
         new_blobs: &HashMap<String, BlobRecord>,
         now_unix: i64,
     ) -> Result<Committed, Error>;
+    /// A save's begin as one atomic step, while the project's publish lock is held shared
+    /// across replicas (so a collection either ran before and the save sees what it left, or
+    /// runs after and keeps every blob the save names): `register` sees the ledger's records
+    /// of those of `digests` the store holds and every manifest of the project, and runs on
+    /// the project's open saves (as [`Ephemeral::update_open_saves`] runs a change); its
+    /// answer is this step's. The caller holds the lock in this process; this default, for
+    /// one process, composes the steps above.
+    async fn begin_save(
+        &self,
+        project: &str,
+        digests: &[String],
+        register: &mut (
+                 dyn for<'a> FnMut(
+            &'a HashMap<String, BlobRecord>,
+            &'a [pb::Manifest],
+            &'a mut OpenSaves,
+        ) -> Result<(), Error>
+                     + Send
+             ),
+    ) -> Result<(), Error> {
+        let stored = self.stored_blobs(project, digests).await?;
+        let manifests = self.manifests(project).await?;
+        let mut registered = Ok(());
+        self.update_open_saves(Some(project), &mut |saves| registered = register(&stored, &manifests, saves)).await?;
+        registered
+    }
     /// A commit whose every blob the ledger already records, as one atomic step while the
     /// project's publish lock is held shared across replicas: `check` sees the ledger's records
     /// of `new_blobs` (every blob the commit names) and may refuse; `take` removes the save from

@@ -949,6 +949,53 @@ impl State for Postgres {
         Ok(committed)
     }
 
+    async fn begin_save(
+        &self,
+        project: &str,
+        digests: &[String],
+        register: &mut (
+                 dyn for<'a> FnMut(
+            &'a HashMap<String, BlobRecord>,
+            &'a [pb::Manifest],
+            &'a mut super::OpenSaves,
+        ) -> Result<(), Error>
+                     + Send
+             ),
+    ) -> Result<(), Error> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(pg_error)?;
+        // The publish lock (`project_lock`'s, for this transaction only), the ledger's records,
+        // the manifests and the open saves, in one round trip. Only the open saves are written,
+        // which outlive no server crash: the commit need not wait for the disk.
+        let lock = lock_key(project);
+        let by_key: &[&(dyn tokio_postgres::types::ToSql + Sync)] = &[&lock];
+        let by_project: &[&(dyn tokio_postgres::types::ToSql + Sync)] = &[&project];
+        let by_digests: &[&(dyn tokio_postgres::types::ToSql + Sync)] = &[&project, &digests];
+        let (_, _, stored, manifests, _, _, saves) = futures::try_join!(
+            tx.batch_execute("SET LOCAL synchronous_commit = off").map_err(pg_error),
+            tx.execute("SELECT pg_advisory_xact_lock_shared($1)", by_key).map_err(pg_error),
+            tx.query("SELECT digest, record FROM lc_blobs WHERE project = $1 AND digest = ANY($2)", by_digests)
+                .map_err(pg_error),
+            tx.query("SELECT body FROM lc_manifests WHERE project = $1 ORDER BY service, branch", by_project)
+                .map_err(pg_error),
+            tx.execute(SOME_OPEN_SAVES_LOCK, &[]).map_err(pg_error),
+            tx.execute(PROJECT_OPEN_SAVES_LOCK, by_project).map_err(pg_error),
+            ephemeral_records::<super::OpenSave>(&tx, "lc_open_saves", Some(project)),
+        )?;
+        let stored: HashMap<String, BlobRecord> = stored
+            .iter()
+            .map(|row| Ok((row.get::<_, String>(0), from_json("lc_blobs", row.get::<_, &str>(1))?)))
+            .collect::<Result<_, Error>>()?;
+        let manifests: Vec<pb::Manifest> =
+            manifests.iter().map(|row| decode_manifest(row.get::<_, &[u8]>(0))).collect::<Result<_, _>>()?;
+        let mut changed = saves.clone();
+        // What the rule changed stands even when it refuses (the silent saves it noted).
+        let registered = register(&stored, &manifests, &mut changed);
+        write_ephemeral(&tx, "lc_open_saves", Some(project), &saves, &changed, |save| &save.project).await?;
+        tx.commit().await.map_err(pg_error)?;
+        registered
+    }
+
     async fn commit_known(
         &self,
         project: &str,

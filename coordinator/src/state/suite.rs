@@ -257,6 +257,26 @@ pub(crate) async fn ephemeral_records_are_shared(a: std::sync::Arc<dyn State>, b
     assert_eq!(budget_a.grant("p2", "w", save, later).await.unwrap().max_concurrency, 8);
     look_up_grants_with_the_manifest(a_state.as_ref(), b_state.as_ref()).await;
     a_commit_of_known_blobs_is_one_step(a_state.as_ref(), b_state.as_ref()).await;
+    a_begin_is_one_step(a_state.as_ref(), b_state.as_ref()).await;
+}
+
+/// A begin sees the ledger's records of the blobs it names and the project's manifests, and
+/// registers its save, in one step; its refusal is the step's.
+async fn a_begin_is_one_step(a: &dyn State, b: &dyn State) {
+    let named = ["c1".to_string(), "zz".to_string()];
+    let mut register = |stored: &HashMap<String, BlobRecord>, manifests: &[pb::Manifest], saves: &mut OpenSaves| {
+        assert_eq!(stored.keys().collect::<Vec<_>>(), ["c1"]);
+        assert_eq!(manifests.len(), 1);
+        saves.insert("s2".into(), crate::claims::tests::pending("known", "web", 9));
+        Ok(())
+    };
+    b.begin_save("known", &named, &mut register).await.unwrap();
+    let mut open = false;
+    a.read_open_saves("known", &mut |saves| open = saves.contains_key("s2")).await.unwrap();
+    assert!(open);
+    let mut refuse =
+        |_: &HashMap<String, BlobRecord>, _: &[pb::Manifest], _: &mut OpenSaves| Err(Error::TooMany("too many".into()));
+    assert!(matches!(b.begin_save("known", &named, &mut refuse).await, Err(Error::TooMany(_))));
 }
 
 /// Whether save `s1` of project `known` is open.
@@ -407,17 +427,36 @@ async fn two_projects_save_and_restore_while_a_third_holds_its_locks() {
         let ttl = std::time::Duration::from_secs(15);
         let saves = crate::claims::PendingSaves::new(ttl, state.clone());
         let budget = crate::budget::TransferBudget::new(settings, state.clone());
-        for round in 0..3 {
+        // The first save's blobs are new (its commit the way through the store, the session
+        // lock across it); the next ones' the ledger records (one step each).
+        for round in 0..4 {
             let save_id = format!("{project}-save-{round}");
-            let _saving = state.project_lock(project, false).await.unwrap();
             let pending = crate::claims::tests::pending(project, "web", now);
-            saves.begin(save_id.clone(), pending, vec!["l1".into()], now).await.unwrap();
+            let named = ["c1".to_string(), "l1".to_string()];
+            let mut register = |stored: &HashMap<String, BlobRecord>, _: &[pb::Manifest], open: &mut OpenSaves| {
+                let missing = named.iter().filter(|digest| !stored.contains_key(*digest)).cloned().collect();
+                saves.begin_in(open, save_id.clone(), pending.clone(), missing, now).map(|_| ())
+            };
+            state.begin_save(project, &named, &mut register).await.unwrap();
             assert!(budget.grant_save(project, "", &save_id, now).await.unwrap().max_concurrency > 0);
             assert!(budget.renew(project, &save_id, now).await.unwrap().is_some());
-            saves.take(&save_id, project).await.unwrap();
             budget.release(project, &save_id, now).await.unwrap();
             let saved = manifest("web", &["c1", "l1"], round);
-            let committed = state.commit_manifest(project, &saved, 0, &sizes(), 1).await.unwrap();
+            let blobs: HashMap<String, BlobRecord> =
+                named.iter().map(|digest| (digest.clone(), sizes()[digest].clone())).collect();
+            let committed = if round == 0 {
+                let _checking = state.project_lock(project, false).await.unwrap();
+                saves.take(&save_id, project).await.unwrap();
+                state.commit_manifest(project, &saved, 0, &blobs, 1).await.unwrap()
+            } else {
+                let passes = &mut |_: &HashMap<String, BlobRecord>| Ok(());
+                let take = &mut |open: &mut OpenSaves| match crate::claims::forget(open, &save_id, project) {
+                    true => Ok(()),
+                    false => Err(Error::NoSuchSave(save_id.clone())),
+                };
+                let committed = state.commit_known(project, &saved, 0, &blobs, 1, passes, take).await.unwrap();
+                committed.expect("the ledger records every blob")
+            };
             assert!(matches!(committed, Committed::Stored { .. }));
             let lease_id = format!("{project}-restore-{round}");
             let mut plan = None;
@@ -486,6 +525,14 @@ async fn the_suite_passes_on_postgres() {
     let mut grant = |_: &pb::Manifest, _: &mut Leases, _: &LeaseDemands| LeaseDemand::default();
     let hit = tokio::time::timeout(wait, again.look_up("look", &[key("web")], 8, &mut grant)).await;
     assert!(hit.is_err(), "a hit waits for the exclusive lock");
+    let mut register = |_: &HashMap<String, BlobRecord>, _: &[pb::Manifest], _: &mut OpenSaves| Ok(());
+    let begin = tokio::time::timeout(wait, again.begin_save("look", &["c1".to_string()], &mut register)).await;
+    assert!(begin.is_err(), "a begin waits for the exclusive lock");
+    let passes = &mut |_: &HashMap<String, BlobRecord>| Ok(());
+    let take = &mut |_: &mut OpenSaves| Ok(());
+    let saved = manifest("web", &["c1", "l1"], 6);
+    let commit = tokio::time::timeout(wait, again.commit_known("look", &saved, 0, &sizes(), 9, passes, take)).await;
+    assert!(commit.is_err(), "a commit waits for the exclusive lock");
     drop(flushing);
 
     // A database of schema version 1 is migrated; one newer than this coordinator's refused.
