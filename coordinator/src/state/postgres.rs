@@ -35,11 +35,13 @@ use super::{
 };
 use crate::error::Error;
 
-/// Connections one replica opens at most: for its transactions, and for the project locks it
-/// holds (one each while held; more callers wait for one). 40 a replica: PostgreSQL's default
-/// `max_connections` of 100 serves two replicas; raise it for more.
-const STATE_CONNECTIONS: usize = 8;
-const LOCK_CONNECTIONS: usize = 32;
+/// Connections one replica opens at most: for its transactions (a begin, a commit of blobs the
+/// ledger records and a lookup each hold one for their one transaction, the publish lock
+/// inside it), and for the session locks it holds (one each while held; more callers wait for
+/// one): a commit that checks the store, flushes, evictions and collections, the lead. 40 a
+/// replica: PostgreSQL's default `max_connections` of 100 serves two replicas; raise it for more.
+const STATE_CONNECTIONS: usize = 24;
+const LOCK_CONNECTIONS: usize = 16;
 
 /// The schema this coordinator writes; bumped with each migration below.
 const SCHEMA_VERSION: i32 = 3;
@@ -94,6 +96,50 @@ const SOME_OPEN_SAVES_LOCK: &str = "SELECT pg_advisory_xact_lock_shared(7401, 0)
 const PROJECT_OPEN_SAVES_LOCK: &str = "SELECT pg_advisory_xact_lock(7402, hashtext($1))";
 const PROJECT_LEASES_LOCK: &str = "SELECT pg_advisory_xact_lock(7403, hashtext($1))";
 
+/// Statements prepared once per connection (deadpool's statement cache): each later use is one
+/// round trip, not two (a prepare, then the execution), and an autocommit read one
+/// transaction, not two.
+#[async_trait::async_trait]
+trait Cached: GenericClient {
+    async fn cached_query(
+        &self,
+        sql: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> Result<Vec<tokio_postgres::Row>, tokio_postgres::Error> {
+        let statement = self.prepare_cached(sql).await?;
+        self.query(&statement, params).await
+    }
+
+    async fn cached_query_opt(
+        &self,
+        sql: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> Result<Option<tokio_postgres::Row>, tokio_postgres::Error> {
+        let statement = self.prepare_cached(sql).await?;
+        self.query_opt(&statement, params).await
+    }
+
+    async fn cached_query_one(
+        &self,
+        sql: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> Result<tokio_postgres::Row, tokio_postgres::Error> {
+        let statement = self.prepare_cached(sql).await?;
+        self.query_one(&statement, params).await
+    }
+
+    async fn cached_execute(
+        &self,
+        sql: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> Result<u64, tokio_postgres::Error> {
+        let statement = self.prepare_cached(sql).await?;
+        self.execute(&statement, params).await
+    }
+}
+
+impl<T: GenericClient> Cached for T {}
+
 fn pg_error(error: impl Into<crate::error::Cause>) -> Error {
     Error::database("PostgreSQL", error)
 }
@@ -143,7 +189,7 @@ impl Drop for AdvisoryLock {
         runtime.spawn(async move {
             let unlock =
                 if exclusive { "SELECT pg_advisory_unlock($1)" } else { "SELECT pg_advisory_unlock_shared($1)" };
-            if client.query_one(unlock, &[&key]).await.is_err() {
+            if client.cached_query_one(unlock, &[&key]).await.is_err() {
                 // Not back into the pool: closing the session releases whatever it holds.
                 drop(deadpool_postgres::Object::take(client));
             }
@@ -185,7 +231,7 @@ impl Postgres {
         .await
         .map_err(pg_error)?;
         let version: Option<i32> =
-            tx.query_opt("SELECT version FROM lc_schema", &[]).await.map_err(pg_error)?.map(|row| row.get(0));
+            tx.cached_query_opt("SELECT version FROM lc_schema", &[]).await.map_err(pg_error)?.map(|row| row.get(0));
         match version {
             Some(version) if version > SCHEMA_VERSION => {
                 return Err(Error::Database {
@@ -204,13 +250,13 @@ impl Postgres {
                 if version < 3 {
                     tx.batch_execute(SCHEMA_3).await.map_err(pg_error)?;
                 }
-                tx.execute("UPDATE lc_schema SET version = $1", &[&SCHEMA_VERSION]).await.map_err(pg_error)?;
+                tx.cached_execute("UPDATE lc_schema SET version = $1", &[&SCHEMA_VERSION]).await.map_err(pg_error)?;
             }
             None => {
                 tx.batch_execute(SCHEMA_1).await.map_err(pg_error)?;
                 tx.batch_execute(SCHEMA_2).await.map_err(pg_error)?;
                 tx.batch_execute(SCHEMA_3).await.map_err(pg_error)?;
-                tx.execute("INSERT INTO lc_schema (version) VALUES ($1)", &[&SCHEMA_VERSION])
+                tx.cached_execute("INSERT INTO lc_schema (version) VALUES ($1)", &[&SCHEMA_VERSION])
                     .await
                     .map_err(pg_error)?;
             }
@@ -229,7 +275,7 @@ async fn lock_project(tx: &Transaction<'_>, project: &str) -> Result<Option<Proj
 }
 
 async fn put_project(tx: &impl GenericClient, record: &ProjectRecord) -> Result<(), Error> {
-    tx.execute("UPDATE lc_projects SET record = $2 WHERE name = $1", &[&record.name, &to_json(record)])
+    tx.cached_execute("UPDATE lc_projects SET record = $2 WHERE name = $1", &[&record.name, &to_json(record)])
         .await
         .map_err(pg_error)?;
     Ok(())
@@ -252,7 +298,7 @@ async fn lock_blobs(
 }
 
 async fn put_blob(tx: &Transaction<'_>, project: &str, digest: &str, record: &BlobRecord) -> Result<(), Error> {
-    tx.execute(
+    tx.cached_execute(
         "INSERT INTO lc_blobs (project, digest, refs, record) VALUES ($1, $2, $3, $4)
          ON CONFLICT (project, digest) DO UPDATE SET refs = EXCLUDED.refs, record = EXCLUDED.record",
         &[&project, &digest, &(record.references as i64), &to_json(record)],
@@ -270,7 +316,7 @@ async fn change_totals(
     bytes: i64,
     manifests: i64,
 ) -> Result<(), Error> {
-    tx.execute(
+    tx.cached_execute(
         "INSERT INTO lc_totals (project, blobs, stored_bytes, manifests)
              VALUES ($1, GREATEST($2::bigint, 0), GREATEST($3::bigint, 0), GREATEST($4::bigint, 0))
          ON CONFLICT (project) DO UPDATE SET blobs = GREATEST(lc_totals.blobs + $2::bigint, 0),
@@ -289,7 +335,7 @@ async fn apply(tx: &Transaction<'_>, project: &str, change: &ledger::ChangeSet) 
         put_project(tx, record).await?;
     }
     for key in &change.remove_manifests {
-        tx.execute(
+        tx.cached_execute(
             "DELETE FROM lc_manifests WHERE project = $1 AND service = $2 AND branch = $3",
             &[&project, &key.service, &key.branch],
         )
@@ -298,7 +344,7 @@ async fn apply(tx: &Transaction<'_>, project: &str, change: &ledger::ChangeSet) 
     }
     if let Some(manifest) = &change.put_manifest {
         let key = manifest.key.clone().unwrap_or_default();
-        tx.execute(
+        tx.cached_execute(
             "INSERT INTO lc_manifests (project, service, branch, body) VALUES ($1, $2, $3, $4)
              ON CONFLICT (project, service, branch) DO UPDATE SET body = EXCLUDED.body",
             &[&project, &key.service, &key.branch, &manifest.encode_to_vec()],
@@ -310,19 +356,25 @@ async fn apply(tx: &Transaction<'_>, project: &str, change: &ledger::ChangeSet) 
         put_blob(tx, project, digest, blob).await?;
     }
     if !change.remove_blobs.is_empty() {
-        tx.execute("DELETE FROM lc_blobs WHERE project = $1 AND digest = ANY($2)", &[&project, &change.remove_blobs])
-            .await
-            .map_err(pg_error)?;
+        tx.cached_execute(
+            "DELETE FROM lc_blobs WHERE project = $1 AND digest = ANY($2)",
+            &[&project, &change.remove_blobs],
+        )
+        .await
+        .map_err(pg_error)?;
     }
     if !change.remove_keys.is_empty() {
-        tx.execute("DELETE FROM lc_minted_keys WHERE access_key_id = ANY($1)", &[&change.remove_keys])
+        tx.cached_execute("DELETE FROM lc_minted_keys WHERE access_key_id = ANY($1)", &[&change.remove_keys])
             .await
             .map_err(pg_error)?;
     }
     if change.reset_totals {
-        tx.execute("UPDATE lc_totals SET blobs = 0, stored_bytes = 0, manifests = 0 WHERE project = $1", &[&project])
-            .await
-            .map_err(pg_error)?;
+        tx.cached_execute(
+            "UPDATE lc_totals SET blobs = 0, stored_bytes = 0, manifests = 0 WHERE project = $1",
+            &[&project],
+        )
+        .await
+        .map_err(pg_error)?;
     }
     let deltas = [change.blobs_delta, change.stored_bytes_delta, change.manifests_delta];
     if change.reset_totals || deltas != [0; 3] {
@@ -342,7 +394,7 @@ async fn manifest_of(
     } else {
         "SELECT body FROM lc_manifests WHERE project = $1 AND service = $2 AND branch = $3"
     };
-    let row = tx.query_opt(query, &[&project, &key.service, &key.branch]).await.map_err(pg_error)?;
+    let row = tx.cached_query_opt(query, &[&project, &key.service, &key.branch]).await.map_err(pg_error)?;
     row.map(|row| decode_manifest(row.get::<_, &[u8]>(0))).transpose()
 }
 
@@ -351,9 +403,9 @@ async fn manifest_of(
 async fn locked_leases(tx: &Transaction<'_>, project: &str) -> Result<(super::Leases, super::LeaseDemands), Error> {
     let by_project: &[&(dyn tokio_postgres::types::ToSql + Sync)] = &[&project];
     let (_, leases, demands) = futures::try_join!(
-        tx.execute(PROJECT_LEASES_LOCK, by_project),
-        tx.query("SELECT id, record FROM lc_leases WHERE project = $1", by_project),
-        tx.query("SELECT project, demand, lapses_unix_ms FROM lc_lease_demand WHERE project <> $1", by_project),
+        tx.cached_execute(PROJECT_LEASES_LOCK, by_project),
+        tx.cached_query("SELECT id, record FROM lc_leases WHERE project = $1", by_project),
+        tx.cached_query("SELECT project, demand, lapses_unix_ms FROM lc_lease_demand WHERE project <> $1", by_project),
     )
     .map_err(pg_error)?;
     let leases = leases
@@ -398,7 +450,7 @@ async fn write_leases(
     let lapses_unix_ms = if after.is_empty() { 0 } else { demand.lapses_unix_ms };
     let demand = if after.is_empty() { 0 } else { i64::from(demand.demand) };
     let write_demand = async {
-        tx.execute(
+        tx.cached_execute(
             "INSERT INTO lc_lease_demand (project, demand, lapses_unix_ms) VALUES ($1, $2, $3)
              ON CONFLICT (project) DO UPDATE SET demand = EXCLUDED.demand, lapses_unix_ms = EXCLUDED.lapses_unix_ms",
             &[&project, &demand, &lapses_unix_ms],
@@ -409,13 +461,13 @@ async fn write_leases(
         if gone.is_empty() {
             return Ok(0);
         }
-        tx.execute("DELETE FROM lc_leases WHERE project = $1 AND id = ANY($2)", &[&project, &gone]).await
+        tx.cached_execute("DELETE FROM lc_leases WHERE project = $1 AND id = ANY($2)", &[&project, &gone]).await
     };
     let upsert = async {
         if changed.is_empty() {
             return Ok(0);
         }
-        tx.execute(
+        tx.cached_execute(
             "INSERT INTO lc_leases (id, project, record, reads)
              SELECT id, $1, record, COALESCE(ARRAY(SELECT jsonb_array_elements_text(reads::jsonb)), '{}')
              FROM UNNEST($2::text[], $3::text[], $4::text[]) AS given (id, record, reads)
@@ -472,8 +524,10 @@ async fn ephemeral_records<T: for<'de> Deserialize<'de>>(
     project: Option<&str>,
 ) -> Result<HashMap<String, T>, Error> {
     let rows = match project {
-        Some(project) => client.query(&format!("SELECT id, record FROM {table} WHERE project = $1"), &[&project]).await,
-        None => client.query(&format!("SELECT id, record FROM {table}"), &[]).await,
+        Some(project) => {
+            client.cached_query(&format!("SELECT id, record FROM {table} WHERE project = $1"), &[&project]).await
+        }
+        None => client.cached_query(&format!("SELECT id, record FROM {table}"), &[]).await,
     };
     rows.map_err(pg_error)?
         .iter()
@@ -493,7 +547,7 @@ async fn write_ephemeral<T: Serialize>(
 ) -> Result<(), Error> {
     let gone: Vec<&String> = before.keys().filter(|id| !after.contains_key(*id)).collect();
     if !gone.is_empty() {
-        tx.execute(&format!("DELETE FROM {table} WHERE id = ANY($1)"), &[&gone]).await.map_err(pg_error)?;
+        tx.cached_execute(&format!("DELETE FROM {table} WHERE id = ANY($1)"), &[&gone]).await.map_err(pg_error)?;
     }
     // What is written is the JSON: a change to a field never stored writes nothing.
     let changed: Vec<(&String, &T)> = after
@@ -509,7 +563,7 @@ async fn write_ephemeral<T: Serialize>(
             "INSERT INTO {table} (id, project, record) SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[])
              ON CONFLICT (id) DO UPDATE SET project = EXCLUDED.project, record = EXCLUDED.record"
         );
-        tx.execute(&upsert, &[&ids, &projects, &bodies]).await.map_err(pg_error)?;
+        tx.cached_execute(&upsert, &[&ids, &projects, &bodies]).await.map_err(pg_error)?;
     }
     Ok(())
 }
@@ -521,7 +575,7 @@ async fn add_counters(
     service: &str,
     change: &ServiceCounters,
 ) -> Result<(), Error> {
-    tx.execute(
+    tx.cached_execute(
         "INSERT INTO lc_counters (project, service, record) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
         &[&project, &service, &to_json(&ServiceCounters::default())],
     )
@@ -536,7 +590,7 @@ async fn add_counters(
         .map_err(pg_error)?;
     let mut counters: ServiceCounters = from_json("lc_counters", row.get::<_, &str>(0))?;
     counters.add(change);
-    tx.execute(
+    tx.cached_execute(
         "UPDATE lc_counters SET record = $3 WHERE project = $1 AND service = $2",
         &[&project, &service, &to_json(&counters)],
     )
@@ -563,8 +617,8 @@ impl Postgres {
         tx.batch_execute("SET LOCAL synchronous_commit = off").await.map_err(pg_error)?;
         for lock in locks {
             match lock.contains("$1") {
-                true => tx.execute(*lock, &[&project.unwrap_or_default()]).await,
-                false => tx.execute(*lock, &[]).await,
+                true => tx.cached_execute(lock, &[&project.unwrap_or_default()]).await,
+                false => tx.cached_execute(lock, &[]).await,
             }
             .map_err(pg_error)?;
         }
@@ -660,7 +714,8 @@ impl State for Postgres {
 
     async fn lead_background_work(&self) -> Result<Option<Box<dyn Send + Sync>>, Error> {
         let client = self.locks.get().await.map_err(pg_error)?;
-        let row = client.query_one("SELECT pg_try_advisory_lock($1)", &[&LEADER_LOCK_KEY]).await.map_err(pg_error)?;
+        let row =
+            client.cached_query_one("SELECT pg_try_advisory_lock($1)", &[&LEADER_LOCK_KEY]).await.map_err(pg_error)?;
         if !row.get::<_, bool>(0) {
             return Ok(None);
         }
@@ -689,7 +744,7 @@ impl State for Postgres {
         if inserted == 0 {
             return Err(Error::ProjectExists(record.name.clone()));
         }
-        tx.execute(
+        tx.cached_execute(
             "INSERT INTO lc_totals (project, blobs, stored_bytes, manifests) VALUES ($1, 0, 0, 0)
              ON CONFLICT (project) DO UPDATE SET blobs = 0, stored_bytes = 0, manifests = 0",
             &[&record.name],
@@ -701,14 +756,16 @@ impl State for Postgres {
 
     async fn project(&self, name: &str) -> Result<Option<ProjectRecord>, Error> {
         let client = self.client().await?;
-        let row =
-            client.query_opt("SELECT record FROM lc_projects WHERE name = $1", &[&name]).await.map_err(pg_error)?;
+        let row = client
+            .cached_query_opt("SELECT record FROM lc_projects WHERE name = $1", &[&name])
+            .await
+            .map_err(pg_error)?;
         row.map(|row| from_json("lc_projects", row.get::<_, &str>(0))).transpose()
     }
 
     async fn projects(&self) -> Result<Vec<ProjectRecord>, Error> {
         let client = self.client().await?;
-        let rows = client.query("SELECT record FROM lc_projects ORDER BY name", &[]).await.map_err(pg_error)?;
+        let rows = client.cached_query("SELECT record FROM lc_projects ORDER BY name", &[]).await.map_err(pg_error)?;
         rows.iter().map(|row| from_json("lc_projects", row.get::<_, &str>(0))).collect()
     }
 
@@ -733,10 +790,13 @@ impl State for Postgres {
 
     async fn remove_project(&self, project: &str) -> Result<(), Error> {
         let client = self.client().await?;
-        client.execute("DELETE FROM lc_scoped_tokens WHERE project = $1", &[&project]).await.map_err(pg_error)?;
-        client.execute("DELETE FROM lc_counters WHERE project = $1", &[&project]).await.map_err(pg_error)?;
-        client.execute("DELETE FROM lc_totals WHERE project = $1", &[&project]).await.map_err(pg_error)?;
-        client.execute("DELETE FROM lc_projects WHERE name = $1", &[&project]).await.map_err(pg_error)?;
+        client
+            .cached_execute("DELETE FROM lc_scoped_tokens WHERE project = $1", &[&project])
+            .await
+            .map_err(pg_error)?;
+        client.cached_execute("DELETE FROM lc_counters WHERE project = $1", &[&project]).await.map_err(pg_error)?;
+        client.cached_execute("DELETE FROM lc_totals WHERE project = $1", &[&project]).await.map_err(pg_error)?;
+        client.cached_execute("DELETE FROM lc_projects WHERE name = $1", &[&project]).await.map_err(pg_error)?;
         Ok(())
     }
 
@@ -901,7 +961,7 @@ impl State for Postgres {
         let by_key: &[&(dyn tokio_postgres::types::ToSql + Sync)] = &[&key];
         let (_, _, found, (before, demands)) = futures::try_join!(
             tx.batch_execute("SET LOCAL synchronous_commit = off").map_err(pg_error),
-            tx.execute("SELECT pg_advisory_xact_lock_shared($1)", by_key).map_err(pg_error),
+            tx.cached_execute("SELECT pg_advisory_xact_lock_shared($1)", by_key).map_err(pg_error),
             first_manifest(&tx, project, keys),
             locked_leases(&tx, project),
         )?;
@@ -915,7 +975,7 @@ impl State for Postgres {
         let touched = ledger::touched(&manifest, now_unix).encode_to_vec();
         let touch = async {
             // Only the manifest it was: a lost race means a newer one is there, with its own times.
-            tx.execute(
+            tx.cached_execute(
                 "UPDATE lc_manifests SET body = $5 WHERE project = $1 AND service = $2 AND branch = $3 AND body = $4",
                 &[&project, &key.service, &key.branch, &manifest.encode_to_vec(), &touched],
             )
@@ -973,13 +1033,13 @@ impl State for Postgres {
         let by_digests: &[&(dyn tokio_postgres::types::ToSql + Sync)] = &[&project, &digests];
         let (_, _, stored, manifests, _, _, saves) = futures::try_join!(
             tx.batch_execute("SET LOCAL synchronous_commit = off").map_err(pg_error),
-            tx.execute("SELECT pg_advisory_xact_lock_shared($1)", by_key).map_err(pg_error),
-            tx.query("SELECT digest, record FROM lc_blobs WHERE project = $1 AND digest = ANY($2)", by_digests)
+            tx.cached_execute("SELECT pg_advisory_xact_lock_shared($1)", by_key).map_err(pg_error),
+            tx.cached_query("SELECT digest, record FROM lc_blobs WHERE project = $1 AND digest = ANY($2)", by_digests)
                 .map_err(pg_error),
-            tx.query("SELECT body FROM lc_manifests WHERE project = $1 ORDER BY service, branch", by_project)
+            tx.cached_query("SELECT body FROM lc_manifests WHERE project = $1 ORDER BY service, branch", by_project)
                 .map_err(pg_error),
-            tx.execute(SOME_OPEN_SAVES_LOCK, &[]).map_err(pg_error),
-            tx.execute(PROJECT_OPEN_SAVES_LOCK, by_project).map_err(pg_error),
+            tx.cached_execute(SOME_OPEN_SAVES_LOCK, &[]).map_err(pg_error),
+            tx.cached_execute(PROJECT_OPEN_SAVES_LOCK, by_project).map_err(pg_error),
             ephemeral_records::<super::OpenSave>(&tx, "lc_open_saves", Some(project)),
         )?;
         let stored: HashMap<String, BlobRecord> = stored
@@ -1015,7 +1075,7 @@ impl State for Postgres {
         let lock = lock_key(project);
         let by_key: &[&(dyn tokio_postgres::types::ToSql + Sync)] = &[&lock];
         let (_, record, old, mut known) = futures::try_join!(
-            tx.execute("SELECT pg_advisory_xact_lock_shared($1)", by_key).map_err(pg_error),
+            tx.cached_execute("SELECT pg_advisory_xact_lock_shared($1)", by_key).map_err(pg_error),
             lock_project(&tx, project),
             manifest_of(&tx, project, &key, true),
             lock_blobs(&tx, project, &digests),
@@ -1032,8 +1092,8 @@ impl State for Postgres {
         let by_project: &[&(dyn tokio_postgres::types::ToSql + Sync)] = &[&project];
         let (more_known, _, _, saves) = futures::try_join!(
             lock_blobs(&tx, project, &replaced),
-            tx.execute(SOME_OPEN_SAVES_LOCK, &[]).map_err(pg_error),
-            tx.execute(PROJECT_OPEN_SAVES_LOCK, by_project).map_err(pg_error),
+            tx.cached_execute(SOME_OPEN_SAVES_LOCK, &[]).map_err(pg_error),
+            tx.cached_execute(PROJECT_OPEN_SAVES_LOCK, by_project).map_err(pg_error),
             ephemeral_records::<super::OpenSave>(&tx, "lc_open_saves", Some(project)),
         )?;
         known.extend(more_known);
@@ -1148,8 +1208,10 @@ impl State for Postgres {
 
     async fn ledger_digests(&self, project: &str) -> Result<HashSet<String>, Error> {
         let client = self.client().await?;
-        let rows =
-            client.query("SELECT digest FROM lc_blobs WHERE project = $1", &[&project]).await.map_err(pg_error)?;
+        let rows = client
+            .cached_query("SELECT digest FROM lc_blobs WHERE project = $1", &[&project])
+            .await
+            .map_err(pg_error)?;
         Ok(rows.iter().map(|row| row.get(0)).collect())
     }
 
