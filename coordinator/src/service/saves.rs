@@ -647,10 +647,7 @@ impl CacheService {
                 reported,
                 self.clock.now_unix(),
                 &mut |known| check_known_sizes(reported, known),
-                &mut |saves| match crate::claims::forget(saves, save_id, project) {
-                    true => Ok(()),
-                    false => Err(Error::NoSuchSave(save_id.to_owned())),
-                },
+                save_id,
             )
             .await?;
         drop(recording);

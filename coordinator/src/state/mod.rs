@@ -432,8 +432,8 @@ pub trait State: Ephemeral {
     }
     /// A commit whose every blob the ledger already records, as one atomic step while the
     /// project's publish lock is held shared across replicas: `check` sees the ledger's records
-    /// of `new_blobs` (every blob the commit names) and may refuse; `take` removes the save from
-    /// the project's open saves (or refuses: it was not there); then the
+    /// of `new_blobs` (every blob the commit names) and may refuse; the open save `save_id` of
+    /// the project is forgotten ([`Error::NoSuchSave`] when it is not there); then the
     /// manifest is committed as [`State::commit_manifest`] commits it, and one save counted for
     /// its service. `Ok(None)`: the ledger lacks one of the blobs, and nothing changed (the
     /// caller checks the store). The caller holds the lock in this process; this default, for
@@ -447,7 +447,7 @@ pub trait State: Ephemeral {
         new_blobs: &HashMap<String, BlobRecord>,
         now_unix: i64,
         check: &mut (dyn for<'a> FnMut(&'a HashMap<String, BlobRecord>) -> Result<(), Error> + Send),
-        take: &mut (dyn for<'a> FnMut(&'a mut OpenSaves) -> Result<(), Error> + Send),
+        save_id: &str,
     ) -> Result<Option<Committed>, Error> {
         let digests: Vec<String> = new_blobs.keys().cloned().collect();
         let known = self.stored_blobs(project, &digests).await?;
@@ -455,9 +455,12 @@ pub trait State: Ephemeral {
             return Ok(None);
         }
         check(&known)?;
-        let mut taken = Ok(());
-        self.update_open_saves(Some(project), &mut |saves| taken = take(saves)).await?;
-        taken?;
+        let mut taken = false;
+        self.update_open_saves(Some(project), &mut |saves| taken = crate::claims::forget(saves, save_id, project))
+            .await?;
+        if !taken {
+            return Err(Error::NoSuchSave(save_id.to_owned()));
+        }
         let committed = self.commit_manifest(project, manifest, generation, new_blobs, now_unix).await?;
         let service = manifest.key.as_ref().map(|key| key.service.as_str()).unwrap_or_default();
         self.add_to_counters(project, service, &ServiceCounters { saves: 1, ..Default::default() }).await?;

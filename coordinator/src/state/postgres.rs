@@ -559,11 +559,17 @@ async fn write_ephemeral<T: Serialize>(
         let ids: Vec<&str> = changed.iter().map(|(id, _)| id.as_str()).collect();
         let projects: Vec<&str> = changed.iter().map(|(_, record)| project_of(record)).collect();
         let bodies: Vec<String> = changed.iter().map(|(_, record)| to_json(record)).collect();
-        let upsert = format!(
-            "INSERT INTO {table} (id, project, record) SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[])
+        let new: Vec<bool> = changed.iter().map(|(id, _)| !before.contains_key(*id)).collect();
+        // A record that was there is updated, never written again: one deleted meanwhile (a
+        // commit takes its save by its row alone) stays deleted.
+        let write = format!(
+            "WITH given AS (SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::bool[]) AS given (id, project, record, new)),
+             updated AS (UPDATE {table} SET project = given.project, record = given.record FROM given
+                 WHERE {table}.id = given.id AND NOT given.new)
+             INSERT INTO {table} (id, project, record) SELECT id, project, record FROM given WHERE new
              ON CONFLICT (id) DO UPDATE SET project = EXCLUDED.project, record = EXCLUDED.record"
         );
-        tx.cached_execute(&upsert, &[&ids, &projects, &bodies]).await.map_err(pg_error)?;
+        tx.cached_execute(&write, &[&ids, &projects, &bodies, &new]).await.map_err(pg_error)?;
     }
     Ok(())
 }
@@ -1064,7 +1070,7 @@ impl State for Postgres {
         new_blobs: &HashMap<String, BlobRecord>,
         now_unix: i64,
         check: &mut (dyn for<'a> FnMut(&'a HashMap<String, BlobRecord>) -> Result<(), Error> + Send),
-        take: &mut (dyn for<'a> FnMut(&'a mut super::OpenSaves) -> Result<(), Error> + Send),
+        save_id: &str,
     ) -> Result<Option<Committed>, Error> {
         let key = manifest.key.clone().unwrap_or_default();
         let digests: Vec<String> = new_blobs.keys().cloned().collect();
@@ -1086,25 +1092,25 @@ impl State for Postgres {
         }
         let record = record.ok_or_else(|| Error::NoSuchProject(project.to_owned()))?;
         check(&known)?;
-        // The blobs of the manifest it replaces that it does not name, and the open saves.
+        // The blobs of the manifest it replaces that it does not name, and its open save: one
+        // row, deleted without the project's open-saves lock (a begin holding it never writes
+        // back a save that went meanwhile: see `write_ephemeral`).
         let replaced: Vec<String> =
             old.iter().flat_map(manifest_digests).filter(|digest| !new_blobs.contains_key(digest)).collect();
-        let by_project: &[&(dyn tokio_postgres::types::ToSql + Sync)] = &[&project];
-        let (more_known, _, _, saves) = futures::try_join!(
+        let by_save: &[&(dyn tokio_postgres::types::ToSql + Sync)] = &[&save_id, &project];
+        let (more_known, taken) = futures::try_join!(
             lock_blobs(&tx, project, &replaced),
-            tx.cached_execute(SOME_OPEN_SAVES_LOCK, &[]).map_err(pg_error),
-            tx.cached_execute(PROJECT_OPEN_SAVES_LOCK, by_project).map_err(pg_error),
-            ephemeral_records::<super::OpenSave>(&tx, "lc_open_saves", Some(project)),
+            tx.cached_query_opt("DELETE FROM lc_open_saves WHERE id = $1 AND project = $2 RETURNING id", by_save)
+                .map_err(pg_error),
         )?;
+        if taken.is_none() {
+            return Err(Error::NoSuchSave(save_id.to_owned()));
+        }
         known.extend(more_known);
-        let mut taken = saves.clone();
-        take(&mut taken)?;
         let view = ledger::CommitView { project: &record, old, known: &known };
         let (committed, change) = ledger::commit(view, manifest, generation, new_blobs, now_unix)?;
-        apply(&tx, project, &change).await?;
-        write_ephemeral(&tx, "lc_open_saves", Some(project), &saves, &taken, |save| &save.project).await?;
         let counted = ServiceCounters { saves: 1, ..Default::default() };
-        add_counters(&tx, project, &key.service, &counted).await?;
+        futures::try_join!(apply(&tx, project, &change), add_counters(&tx, project, &key.service, &counted))?;
         tx.commit().await.map_err(pg_error)?;
         Ok(Some(committed))
     }

@@ -301,10 +301,7 @@ async fn a_commit_of_known_blobs_is_one_step(a: &dyn State, b: &dyn State) {
     let named = |digests: &[&str]| -> HashMap<String, BlobRecord> {
         digests.iter().map(|digest| (digest.to_string(), sizes()[*digest].clone())).collect()
     };
-    let take = &mut |saves: &mut OpenSaves| match crate::claims::forget(saves, "s1", "known") {
-        true => Ok(()),
-        false => Err(Error::NoSuchSave("s1".into())),
-    };
+    let take = "s1";
     let unknown = manifest("web", &["c1", "l1", "l2"], 7);
     let passes = &mut |_: &HashMap<String, BlobRecord>| Ok(());
     assert_eq!(b.commit_known("known", &unknown, 0, &named(&["c1", "l1", "l2"]), 8, passes, take).await.unwrap(), None);
@@ -450,11 +447,7 @@ async fn two_projects_save_and_restore_while_a_third_holds_its_locks() {
                 state.commit_manifest(project, &saved, 0, &blobs, 1).await.unwrap()
             } else {
                 let passes = &mut |_: &HashMap<String, BlobRecord>| Ok(());
-                let take = &mut |open: &mut OpenSaves| match crate::claims::forget(open, &save_id, project) {
-                    true => Ok(()),
-                    false => Err(Error::NoSuchSave(save_id.clone())),
-                };
-                let committed = state.commit_known(project, &saved, 0, &blobs, 1, passes, take).await.unwrap();
+                let committed = state.commit_known(project, &saved, 0, &blobs, 1, passes, &save_id).await.unwrap();
                 committed.expect("the ledger records every blob")
             };
             assert!(matches!(committed, Committed::Stored { .. }));
@@ -476,6 +469,51 @@ async fn two_projects_save_and_restore_while_a_third_holds_its_locks() {
     holder.join().unwrap();
     done.expect("projects A and B waited for project C's locks");
     assert_eq!(replicas[1].totals("b").await.unwrap().manifests, 1);
+}
+
+/// A commit takes its save by its row alone, without the project's open-saves lock: a change
+/// of the open saves that read the save before never writes it back once it went.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_save_taken_during_a_change_of_the_open_saves_stays_taken() {
+    let Some(server) = postgres_server() else { return };
+    let url = postgres::new_test_database(&server).await;
+    let state = postgres::Postgres::connect(&url).await.unwrap();
+    state.create_project(&project("p")).await.unwrap();
+    state.commit_manifest("p", &manifest("web", &["c1", "l1"], 1), 0, &sizes(), 1).await.unwrap();
+    let open = crate::claims::tests::pending("p", "web", 2);
+    state
+        .update_open_saves(Some("p"), &mut |saves| {
+            saves.insert("s1".into(), open.clone());
+        })
+        .await
+        .unwrap();
+    let committing_url = url.clone();
+    state
+        .update_open_saves(Some("p"), &mut move |saves| {
+            // Meanwhile, another replica commits s1 (on a thread of its own: this change holds
+            // the lock it does not take).
+            let url = committing_url.clone();
+            std::thread::spawn(move || {
+                let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+                runtime.block_on(async {
+                    let other = postgres::Postgres::connect(&url).await.unwrap();
+                    let passes = &mut |_: &HashMap<String, BlobRecord>| Ok(());
+                    let saved = manifest("web", &["c1", "l1"], 3);
+                    let blobs: HashMap<String, BlobRecord> =
+                        sizes().into_iter().filter(|(digest, _)| ["c1", "l1"].contains(&digest.as_str())).collect();
+                    let committed = other.commit_known("p", &saved, 0, &blobs, 4, passes, "s1").await.unwrap();
+                    assert!(committed.is_some());
+                });
+            })
+            .join()
+            .unwrap();
+            saves.get_mut("s1").expect("read before the commit").silence_noted = true;
+        })
+        .await
+        .unwrap();
+    let mut open = true;
+    state.read_open_saves("p", &mut |saves| open = saves.contains_key("s1")).await.unwrap();
+    assert!(!open, "the committed save was written back");
 }
 
 #[tokio::test]
@@ -529,9 +567,8 @@ async fn the_suite_passes_on_postgres() {
     let begin = tokio::time::timeout(wait, again.begin_save("look", &["c1".to_string()], &mut register)).await;
     assert!(begin.is_err(), "a begin waits for the exclusive lock");
     let passes = &mut |_: &HashMap<String, BlobRecord>| Ok(());
-    let take = &mut |_: &mut OpenSaves| Ok(());
     let saved = manifest("web", &["c1", "l1"], 6);
-    let commit = tokio::time::timeout(wait, again.commit_known("look", &saved, 0, &sizes(), 9, passes, take)).await;
+    let commit = tokio::time::timeout(wait, again.commit_known("look", &saved, 0, &sizes(), 9, passes, "s")).await;
     assert!(commit.is_err(), "a commit waits for the exclusive lock");
     drop(flushing);
 
