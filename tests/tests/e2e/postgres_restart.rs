@@ -1,0 +1,148 @@
+//! A restart of the coordinator's PostgreSQL under load: a cluster of the test's own, stopped
+//! with `pg_ctl -m immediate` (as a crash: sessions cut, unlogged tables emptied) while a save
+//! and a restore run, then started again on the same port. The coordinator reconnects by
+//! itself; while the database is down every call fails at once in one clear line (a restore
+//! warns and exits 0, a save fails), `/readyz` says 503 and `state_up` 0; every save a worker
+//! acknowledged is there afterwards, whole; nothing is half-committed.
+
+use std::time::{Duration, Instant};
+
+use coordinator::state::State;
+use tests::moto::{new_bucket, platform_env, s3_args};
+use tests::{CoordinatorProcess, DockerEngine, EngineKind, http_get, moto_url, stderr_of, stdout_of};
+
+const UNAVAILABLE: &str = "the coordinator's database is unavailable";
+
+/// Polls `/readyz` until it answers `status`; its body then.
+fn readyz_until(coordinator: &CoordinatorProcess, status: u16, within: Duration) -> String {
+    let deadline = Instant::now() + within;
+    loop {
+        let (answered, body) = http_get(&format!("{}/readyz", coordinator.metrics_url));
+        if answered == status {
+            return body;
+        }
+        assert!(Instant::now() < deadline, "/readyz still answers {answered} {body:?}:\n{}", coordinator.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The lines of `stderr` that are not a save beginning again (the worker's own retry).
+fn final_lines(stderr: &str) -> Vec<&str> {
+    stderr.lines().filter(|line| !line.ends_with(" again")).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_postgres_restart_mid_save_and_restore_is_survived_without_a_coordinator_restart() {
+    let Some(cluster) = tests::PrivateCluster::start() else { return };
+    let Some(moto) = moto_url() else { return };
+    let Some(build_host) = DockerEngine::start(EngineKind::Engine20) else { return };
+    let bucket = new_bucket(&moto).await;
+    let database = cluster.url();
+    let mut args = s3_args(&moto, &bucket);
+    args.extend(["--state", &database]);
+    let data_dir = tempfile::tempdir().unwrap();
+    let coordinator = CoordinatorProcess::start_with_env(data_dir.path(), &args, &platform_env());
+    let token = coordinator.create_project("shop");
+    let context = tests::build_seed_app(&build_host);
+    let saved = coordinator.cache_worker_on(&build_host, &token, &["save", "--service", "web", "app:latest"]);
+    assert!(saved.status.success(), "{}", stderr_of(&saved));
+    assert!(stdout_of(&saved).contains("saved"), "{}", stdout_of(&saved));
+    let mut acknowledged = vec!["web"];
+
+    // In flight when the server stops: a save big enough to be uploading, and a restore on a
+    // fresh host.
+    let big = tests::build_context("FROM base:1\nRUN head -c 33554432 /dev/urandom > /big\n");
+    let built = build_host.classic_build(big.path(), "big:1", &[]);
+    assert!(built.status.success(), "{}", stderr_of(&built));
+    let Some(restore_host) = DockerEngine::start(EngineKind::Engine20) else { return };
+    let saving = coordinator.spawn_cache_worker_on(&build_host, &token, &["save", "--service", "big", "big:1"]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while coordinator.log().matches("save begun").count() < 2 {
+        assert!(Instant::now() < deadline, "the big save never began: {}", coordinator.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let restoring = coordinator.spawn_cache_worker_on(&restore_host, &token, &["restore", "--service", "web"]);
+    cluster.stop_immediately();
+
+    // Down: not ready, in one line; every call fails at once, in one line naming the database.
+    let body = readyz_until(&coordinator, 503, Duration::from_secs(20));
+    assert_eq!(body.lines().count(), 1, "{body:?}");
+    assert!(body.starts_with("not ready: ") && body.contains(UNAVAILABLE), "{body:?}");
+    assert_eq!(coordinator.metric("layer_cache_state_up"), Some(0.0));
+    let started = Instant::now();
+    let listed = coordinator.cachectl(&["ls"]);
+    assert!(!listed.status.success());
+    assert_eq!(stderr_of(&listed).lines().count(), 1, "{}", stderr_of(&listed));
+    assert!(stderr_of(&listed).contains(UNAVAILABLE), "{}", stderr_of(&listed));
+    let again = coordinator.cache_worker_on(&build_host, &token, &["save", "--service", "web", "app:latest"]);
+    assert!(!again.status.success(), "a save while the database is down: {}", stdout_of(&again));
+    assert_eq!(stderr_of(&again).lines().count(), 1, "{}", stderr_of(&again));
+    assert!(stderr_of(&again).contains(UNAVAILABLE), "{}", stderr_of(&again));
+    let restored = coordinator.cache_worker_on(&build_host, &token, &["restore", "--service", "web"]);
+    assert!(restored.status.success(), "a restore degrades to a warning: {}", stderr_of(&restored));
+    let warned = stderr_of(&restored);
+    assert_eq!(warned.lines().count(), 1, "{warned}");
+    assert!(warned.starts_with("cache-worker: warning: ") && warned.contains(UNAVAILABLE), "{warned}");
+    assert!(started.elapsed() < Duration::from_secs(30), "calls failed slowly: {:?}", started.elapsed());
+
+    // Back: the same coordinator process serves again by itself.
+    cluster.start_again();
+    assert_eq!(readyz_until(&coordinator, 200, Duration::from_secs(30)), "ready\n");
+    assert_eq!(coordinator.metric("layer_cache_state_up"), Some(1.0));
+    assert!(
+        coordinator.metric("layer_cache_state_outages_total") >= Some(1.0),
+        "{:?}",
+        coordinator.metric("layer_cache_state_outages_total")
+    );
+
+    // The save in flight began again and was stored, or failed in one line.
+    let saving = saving.wait_with_output().unwrap();
+    let stderr = stderr_of(&saving);
+    if saving.status.success() {
+        assert!(stdout_of(&saving).contains("saved"), "{}", stdout_of(&saving));
+        assert!(final_lines(&stderr).is_empty(), "{stderr}");
+        acknowledged.push("big");
+    } else {
+        assert_eq!(final_lines(&stderr).len(), 1, "{stderr}");
+    }
+    eprintln!("the save in flight: {}\n{stderr}", saving.status);
+    // The restore in flight finished before the server stopped, or warned once: exit 0 either way.
+    let restoring = restoring.wait_with_output().unwrap();
+    assert!(restoring.status.success(), "{}", stderr_of(&restoring));
+    assert!(stderr_of(&restoring).lines().count() <= 1, "{}", stderr_of(&restoring));
+
+    // Saves work again, and every acknowledged one restores whole on a fresh host.
+    let after = coordinator.cache_worker_on(&build_host, &token, &["save", "--service", "after", "app:latest"]);
+    assert!(after.status.success(), "{}", stderr_of(&after));
+    acknowledged.push("after");
+    let Some(fresh_host) = DockerEngine::start(EngineKind::Engine20) else { return };
+    for service in &acknowledged {
+        let restored = coordinator.cache_worker_on(&fresh_host, &token, &["restore", "--service", service, "--strict"]);
+        assert!(restored.status.success(), "{service}: {}", stderr_of(&restored));
+    }
+    tests::assert_seed_rebuild_cached(&fresh_host, context.path());
+
+    // Nothing half-committed: each manifest names only blobs the ledger holds, and the totals
+    // are what the ledger and the manifests add up to.
+    let state = coordinator::state::postgres::Postgres::connect(&database).await.unwrap();
+    let manifests = state.manifests("shop").await.unwrap();
+    let services: Vec<String> =
+        manifests.iter().map(|manifest| manifest.key.clone().unwrap_or_default().service).collect();
+    for service in &acknowledged {
+        assert!(services.iter().any(|kept| kept == service), "{service} is lost: {services:?}");
+    }
+    for manifest in &manifests {
+        let digests: Vec<String> = coordinator::state::manifest_digests(manifest).into_iter().collect();
+        let stored = state.stored_blobs("shop", &digests).await.unwrap();
+        let missing: Vec<&String> = digests.iter().filter(|digest| !stored.contains_key(*digest)).collect();
+        assert!(missing.is_empty(), "{:?} names blobs the ledger lacks: {missing:?}", manifest.key);
+    }
+    let ledger: Vec<String> = state.ledger_digests("shop").await.unwrap().into_iter().collect();
+    let records = state.stored_blobs("shop", &ledger).await.unwrap();
+    let totals = state.totals("shop").await.unwrap();
+    assert_eq!(totals.blobs, ledger.len() as u64);
+    assert_eq!(totals.stored_bytes, records.values().map(|record| record.stored_size).sum::<u64>());
+    assert_eq!(totals.manifests, manifests.len() as u64);
+    coordinator.assert_no_secret_logged(&[&token]);
+    coordinator.stop();
+}
