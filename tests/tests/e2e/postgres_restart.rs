@@ -8,6 +8,7 @@
 use std::time::{Duration, Instant};
 
 use coordinator::state::State;
+use proto::v1 as pb;
 use tests::moto::{new_bucket, platform_env, s3_args};
 use tests::{CoordinatorProcess, DockerEngine, EngineKind, http_get, moto_url, stderr_of, stdout_of};
 
@@ -62,6 +63,11 @@ async fn a_postgres_restart_mid_save_and_restore_is_survived_without_a_coordinat
         std::thread::sleep(Duration::from_millis(20));
     }
     let restoring = coordinator.spawn_cache_worker_on(&restore_host, &token, &["restore", "--service", "web"]);
+    // And one begun through the API, its blobs uploaded, to commit after the restart.
+    let content = b"a layer uploaded across the database's restart".to_vec();
+    let mut client = tests::worker_client(&coordinator.grpc_url, &token).await;
+    let begun = client.begin_save(tests::begin_one_layer_save("api", "api:1", &content)).await.unwrap().into_inner();
+    tests::upload_one_layer_blobs(begun.credentials.as_ref().unwrap(), &content).await;
     cluster.stop_immediately();
 
     // Down: not ready, in one line; every call fails at once, in one line naming the database.
@@ -71,6 +77,7 @@ async fn a_postgres_restart_mid_save_and_restore_is_survived_without_a_coordinat
     assert_eq!(coordinator.metric("layer_cache_state_up"), Some(0.0));
     let started = Instant::now();
     let listed = coordinator.cachectl(&["ls"]);
+    eprintln!("a call while the database is down failed in {:?}", started.elapsed());
     assert!(!listed.status.success());
     assert_eq!(stderr_of(&listed).lines().count(), 1, "{}", stderr_of(&listed));
     assert!(stderr_of(&listed).contains(UNAVAILABLE), "{}", stderr_of(&listed));
@@ -87,13 +94,26 @@ async fn a_postgres_restart_mid_save_and_restore_is_survived_without_a_coordinat
 
     // Back: the same coordinator process serves again by itself.
     cluster.start_again();
+    let restarted = Instant::now();
     assert_eq!(readyz_until(&coordinator, 200, Duration::from_secs(30)), "ready\n");
+    eprintln!("ready again {:?} after the server was", restarted.elapsed());
     assert_eq!(coordinator.metric("layer_cache_state_up"), Some(1.0));
     assert!(
         coordinator.metric("layer_cache_state_outages_total") >= Some(1.0),
         "{:?}",
         coordinator.metric("layer_cache_state_outages_total")
     );
+
+    // The crash emptied the open saves: the commit of the one begun before is told to begin
+    // again, never stored on the word of a record that is gone.
+    let commit = pb::CommitSaveRequest {
+        save_id: begun.save_id,
+        images: vec![tests::one_layer_image("api:1", &content, true)],
+        save_log: Vec::new(),
+    };
+    let refused = client.commit_save(commit).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::NotFound, "{refused:?}");
+    assert!(refused.message().contains("save again"), "{refused:?}");
 
     // The save in flight began again and was stored, or failed in one line.
     let saving = saving.wait_with_output().unwrap();
