@@ -241,7 +241,7 @@ impl Listeners {
 const PROBE_SECONDS: u64 = 5;
 
 /// The longest a probe waits for the state (its own waits are bounded shorter).
-const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
+const PROBE_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// What the probes of the state found.
 #[derive(Debug, Default)]
@@ -413,6 +413,10 @@ pub async fn run(
                         sweeping_service.refresh_usage().await;
                     }
                     n_ticks += 1;
+                    // While the database is down the work would only fail, and say so every second.
+                    if sweeping_service.metrics.state_up.get() == 0 {
+                        continue;
+                    }
                     let changes = health.changes.load(std::sync::atomic::Ordering::SeqCst);
                     if lead.as_ref().is_some_and(|(_, taken_at)| *taken_at != changes) {
                         tracing::info!("the database went down or restarted: the lead of the background work is taken again");

@@ -89,6 +89,27 @@ impl PrivateCluster {
         assert!(self.pg_ctl_start(), "PostgreSQL did not start again:\n{}", self.log());
     }
 
+    /// Freezes the server (SIGSTOP to it and its processes): connections are still accepted
+    /// and what is sent acknowledged by the kernel, but nothing is answered, as from a server
+    /// stuck or a host swapping to death.
+    pub fn freeze(&self) {
+        self.signal_all("STOP");
+    }
+
+    /// Lets a frozen server run again.
+    pub fn thaw(&self) {
+        self.signal_all("CONT");
+    }
+
+    fn signal_all(&self, signal: &str) {
+        let pid_file = std::fs::read_to_string(self.data().join("postmaster.pid")).expect("the server runs");
+        let postmaster = pid_file.lines().next().expect("a pid").trim().to_owned();
+        let children = Command::new("pgrep").args(["-P", &postmaster]).output().expect("pgrep");
+        let children =
+            String::from_utf8_lossy(&children.stdout).split_whitespace().map(str::to_owned).collect::<Vec<_>>();
+        must_succeed(Command::new("kill").arg(format!("-{signal}")).arg(&postmaster).args(&children));
+    }
+
     /// The server's log.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("log")).unwrap_or_default()
@@ -116,6 +137,9 @@ impl PrivateCluster {
 
 impl Drop for PrivateCluster {
     fn drop(&mut self) {
+        if std::fs::exists(self.data().join("postmaster.pid")).unwrap_or(false) {
+            let _ = std::panic::catch_unwind(|| self.thaw());
+        }
         let _ = self.tool("pg_ctl").arg("-D").arg(self.data()).args(["-m", "immediate", "-w", "stop"]).output();
     }
 }

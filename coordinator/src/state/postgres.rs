@@ -24,6 +24,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use deadpool_postgres::{GenericClient, Manager, ManagerConfig, Pool, RecyclingMethod, Transaction};
@@ -40,8 +41,8 @@ use super::{
 use crate::error::Error;
 
 /// Connections one replica opens at most: for its transactions, and for the project locks it
-/// holds (one each while held; more callers wait for one). 40 a replica: PostgreSQL's default
-/// `max_connections` of 100 serves two replicas; raise it for more.
+/// holds (one each while held; more callers wait for one), and one for the health probe. 41 a
+/// replica: PostgreSQL's default `max_connections` of 100 serves two replicas; raise it for more.
 const STATE_CONNECTIONS: usize = 8;
 const LOCK_CONNECTIONS: usize = 32;
 
@@ -108,6 +109,13 @@ const KEEPALIVE_IDLE: Duration = Duration::from_secs(5);
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(2);
 const KEEPALIVE_RETRIES: u32 = 3;
 
+/// How long [`Postgres::probe`] waits for the database's answer to a trivial query. A server
+/// that takes longer is frozen (its process stopped or stuck while its host's kernel still
+/// acknowledges what is sent, so no TCP bound fires) or too overwhelmed to serve anyone
+/// (workers' calls give up after 10 s): every connection is then cut, which fails the calls
+/// waiting on one at once, and until a probe is answered again new calls fail at once too.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Asked of the server by each connection of the locks' pool: keep-alive probes of its own, so
 /// that the session locks of a replica whose host vanished are released within about 25 s,
 /// not the kernel's two hours. Said after connecting rather than in the start-up packet,
@@ -151,6 +159,38 @@ fn postgres_unavailable(error: &tokio_postgres::Error) -> bool {
     }
 }
 
+/// Connects as deadpool's own `ConfigConnectImpl` does, but ends each connection's task (and
+/// so closes its socket, failing the calls waiting on it) when `cut` changes.
+struct CuttableConnect {
+    cut: tokio::sync::watch::Receiver<u64>,
+}
+
+type Connected = (tokio_postgres::Client, tokio::task::JoinHandle<()>);
+
+impl deadpool_postgres::Connect for CuttableConnect {
+    fn connect(
+        &self,
+        config: &tokio_postgres::Config,
+    ) -> std::pin::Pin<Box<dyn Future<Output = Result<Connected, tokio_postgres::Error>> + Send + '_>> {
+        let (config, mut cut) = (config.clone(), self.cut.clone());
+        Box::pin(async move {
+            let (client, connection) = config.connect(NoTls).await?;
+            cut.borrow_and_update();
+            let task = tokio::spawn(async move {
+                tokio::select! {
+                    ended = connection => {
+                        if let Err(error) = ended {
+                            tracing::debug!(error = %error, "a connection to the database ended");
+                        }
+                    }
+                    _ = cut.changed() => {}
+                }
+            });
+            Ok((client, task))
+        })
+    }
+}
+
 /// `config` with the bounds above, where the URL did not set its own.
 fn bounded(mut config: tokio_postgres::Config) -> tokio_postgres::Config {
     if config.get_connect_timeout().is_none() {
@@ -174,12 +214,14 @@ fn bounded(mut config: tokio_postgres::Config) -> tokio_postgres::Config {
 /// went away under it) is closed by then, and dropped at its next checkout the same way.
 fn bounded_pool(
     config: tokio_postgres::Config,
+    cut: &tokio::sync::watch::Sender<u64>,
     max_size: usize,
     wait: Duration,
     post_create: Option<&'static str>,
 ) -> Result<Pool, Error> {
+    let connect = CuttableConnect { cut: cut.subscribe() };
     let manager =
-        Manager::from_config(bounded(config), NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
+        Manager::from_connect(bounded(config), connect, ManagerConfig { recycling_method: RecyclingMethod::Fast });
     let mut builder = Pool::builder(manager)
         .max_size(max_size)
         .runtime(deadpool_postgres::Runtime::Tokio1)
@@ -230,8 +272,15 @@ fn decode_manifest(body: &[u8]) -> Result<pb::Manifest, Error> {
 pub struct Postgres {
     pool: Pool,
     locks: Pool,
+    /// One connection of the probe's own, so a busy pool never reads as an outage.
+    probes: Pool,
     /// The database's clock, sampled at connect and at each probe.
     clock: Arc<SampledClock>,
+    /// False from a probe the database did not answer in time to one it answered: calls then
+    /// fail at once (see [`PROBE_TIMEOUT`]).
+    answering: AtomicBool,
+    /// Changed to cut every connection of the three pools.
+    cut: tokio::sync::watch::Sender<u64>,
 }
 
 /// The advisory lock key the replica leading the background work holds.
@@ -273,10 +322,13 @@ impl Postgres {
     pub async fn connect(url: &str) -> Result<Postgres, Error> {
         let config: tokio_postgres::Config =
             url.parse().map_err(|error| Error::InvalidArgument(format!("invalid --state URL: {error}")))?;
-        let pool = bounded_pool(config.clone(), STATE_CONNECTIONS, STATE_POOL_WAIT, None)?;
-        let locks = bounded_pool(config, LOCK_CONNECTIONS, LOCK_POOL_WAIT, Some(SERVER_KEEPALIVES))?;
-        let (sent, received, database_unix_ms, _) = read_clock(&pool.get().await.map_err(pg_error)?).await?;
-        let state = Postgres { pool, locks, clock: SampledClock::new(sent, received, database_unix_ms) };
+        let cut = tokio::sync::watch::Sender::new(0);
+        let pool = bounded_pool(config.clone(), &cut, STATE_CONNECTIONS, STATE_POOL_WAIT, None)?;
+        let locks = bounded_pool(config.clone(), &cut, LOCK_CONNECTIONS, LOCK_POOL_WAIT, Some(SERVER_KEEPALIVES))?;
+        let probes = bounded_pool(config, &cut, 1, PROBE_TIMEOUT, None)?;
+        let (sent, received, database_unix_ms, _) = read_clock(&probes.get().await.map_err(pg_error)?).await?;
+        let clock = SampledClock::new(sent, received, database_unix_ms);
+        let state = Postgres { pool, locks, probes, clock, answering: AtomicBool::new(true), cut };
         state.migrate().await?;
         let offset_ms = state.clock.offset_ms();
         if offset_ms.abs() > 1_000 {
@@ -297,12 +349,42 @@ impl Postgres {
     /// server started (unix milliseconds: a restart changes it); [`Error::DatabaseUnavailable`]
     /// while it cannot be reached.
     pub async fn probe(&self) -> Result<i64, Error> {
-        let (sent, received, database_unix_ms, started_unix_ms) = read_clock(&self.client().await?).await?;
+        let asked = async { read_clock(&self.probes.get().await.map_err(pg_error)?).await };
+        let Ok(answer) = tokio::time::timeout(PROBE_TIMEOUT, asked).await else {
+            // The calls waiting on the server fail now, not when their callers give up.
+            if self.answering.swap(false, Ordering::SeqCst) {
+                self.cut.send_modify(|cuts| *cuts += 1);
+            }
+            let silence = format!("it did not answer within {} s", PROBE_TIMEOUT.as_secs());
+            return Err(Error::DatabaseUnavailable { what: "PostgreSQL", source: silence.into() });
+        };
+        let (sent, received, database_unix_ms, started_unix_ms) = answer?;
+        self.answering.store(true, Ordering::SeqCst);
         self.clock.sample(sent, received, database_unix_ms);
         Ok(started_unix_ms)
     }
 
+    /// `Ok` unless the last probe went unanswered.
+    fn answering(&self) -> Result<(), Error> {
+        match self.answering.load(Ordering::SeqCst) {
+            true => Ok(()),
+            false => Err(Error::DatabaseUnavailable {
+                what: "PostgreSQL",
+                source: "it did not answer the last probe in time".into(),
+            }),
+        }
+    }
+
+    /// A connection of the locks' pool (see [`Postgres::client`]).
+    async fn lock_client(&self) -> Result<deadpool_postgres::Object, Error> {
+        self.answering()?;
+        self.locks.get().await.map_err(pg_error)
+    }
+
+    /// A connection of the state's pool, or at once [`Error::DatabaseUnavailable`] while the
+    /// database does not answer its probes.
     async fn client(&self) -> Result<deadpool_postgres::Object, Error> {
+        self.answering()?;
         self.pool.get().await.map_err(pg_error)
     }
 
@@ -583,13 +665,13 @@ impl State for Postgres {
         // The guard exists before the lock is asked for: a caller that stops waiting (its
         // request cancelled) drops it, and its unlock, queued behind the lock on the same
         // connection, releases the lock once granted.
-        let guard = AdvisoryLock { client: Some(self.locks.get().await.map_err(pg_error)?), key, exclusive };
+        let guard = AdvisoryLock { client: Some(self.lock_client().await?), key, exclusive };
         guard.client.as_ref().expect("held").query_one(lock, &[&key]).await.map_err(pg_error)?;
         Ok(Some(Box::new(guard)))
     }
 
     async fn lead_background_work(&self) -> Result<Option<Box<dyn Send + Sync>>, Error> {
-        let client = self.locks.get().await.map_err(pg_error)?;
+        let client = self.lock_client().await?;
         let row = client.query_one("SELECT pg_try_advisory_lock($1)", &[&LEADER_LOCK_KEY]).await.map_err(pg_error)?;
         if !row.get::<_, bool>(0) {
             return Ok(None);

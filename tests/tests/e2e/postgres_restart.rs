@@ -3,7 +3,9 @@
 //! and a restore run, then started again on the same port. The coordinator reconnects by
 //! itself; while the database is down every call fails at once in one clear line (a restore
 //! warns and exits 0, a save fails), `/readyz` says 503 and `state_up` 0; every save a worker
-//! acknowledged is there afterwards, whole; nothing is half-committed.
+//! acknowledged is there afterwards, whole; nothing is half-committed. A frozen server (its
+//! processes stopped) costs a waiting call the time a probe takes to find it silent, not the
+//! caller's deadline.
 
 use std::time::{Duration, Instant};
 
@@ -130,6 +132,20 @@ async fn a_postgres_restart_mid_save_and_restore_is_survived_without_a_coordinat
     let restoring = restoring.wait_with_output().unwrap();
     assert!(restoring.status.success(), "{}", stderr_of(&restoring));
     assert!(stderr_of(&restoring).lines().count() <= 1, "{}", stderr_of(&restoring));
+
+    // A frozen server (its processes stopped, the kernel still acknowledging what is sent): a
+    // call already waiting on it fails once a probe finds the server silent, in the same line,
+    // rather than at its caller's deadline (cachectl's is 120 s); then it serves again.
+    cluster.freeze();
+    let frozen = Instant::now();
+    let listed = coordinator.cachectl(&["ls"]);
+    let waited = frozen.elapsed();
+    cluster.thaw();
+    eprintln!("a call waiting on a frozen server failed after {waited:?}");
+    assert!(!listed.status.success() && stderr_of(&listed).contains(UNAVAILABLE), "{}", stderr_of(&listed));
+    assert_eq!(stderr_of(&listed).lines().count(), 1, "{}", stderr_of(&listed));
+    assert!(waited < Duration::from_secs(30), "{waited:?}");
+    assert_eq!(readyz_until(&coordinator, 200, Duration::from_secs(30)), "ready\n");
 
     // Saves work again, and every acknowledged one restores whole on a fresh host.
     let after = coordinator.cache_worker_on(&build_host, &token, &["save", "--service", "after", "app:latest"]);
