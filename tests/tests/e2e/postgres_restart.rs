@@ -182,3 +182,74 @@ async fn a_postgres_restart_mid_save_and_restore_is_survived_without_a_coordinat
     coordinator.assert_no_secret_logged(&[&token]);
     coordinator.stop();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_reconnect_after_a_postgres_restart_and_one_leads_again() {
+    // Without a probe noticing the restart, the replica that led kept believing it did while
+    // the other took the lock the crash released: both ran the collections.
+    let Some(cluster) = tests::PrivateCluster::start() else { return };
+    let Some(moto) = moto_url() else { return };
+    let bucket = new_bucket(&moto).await;
+    let database = cluster.url();
+    let mut args = s3_args(&moto, &bucket);
+    args.extend(["--state", &database]);
+    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    let a = CoordinatorProcess::start_with_env(dirs[0].path(), &args, &platform_env());
+    let b = CoordinatorProcess::start_with_env(dirs[1].path(), &args, &platform_env());
+    let token = a.create_project("web");
+    let leads = || {
+        [&a, &b]
+            .iter()
+            .map(|replica| replica.log().matches("this coordinator leads the background work").count())
+            .sum::<usize>()
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while leads() < 1 {
+        assert!(Instant::now() < deadline, "no replica took the lead:\n{}\n{}", a.log(), b.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    cluster.stop_immediately();
+    for replica in [&a, &b] {
+        readyz_until(replica, 503, Duration::from_secs(20));
+    }
+    cluster.start_again();
+    for replica in [&a, &b] {
+        assert_eq!(readyz_until(replica, 200, Duration::from_secs(30)), "ready\n");
+    }
+    // The crash released the lead's lock: the replica that led gave the lead up, and one
+    // replica took it again; never both believe they lead.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while leads() < 2 {
+        assert!(Instant::now() < deadline, "no replica took the lead again:\n{}\n{}", a.log(), b.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(leads(), 2, "one lead before the restart, one after:\n{}\n{}", a.log(), b.log());
+    let believes_it_leads = |replica: &CoordinatorProcess| {
+        let log = replica.log();
+        let took = log.rfind("this coordinator leads the background work");
+        let gave_up = log.rfind("the lead of the background work is taken again");
+        took.is_some_and(|took| gave_up.is_none_or(|gave_up| took > gave_up))
+    };
+    let leaders = [&a, &b].into_iter().filter(|replica| believes_it_leads(replica)).count();
+    assert_eq!(leaders, 1, "replicas that believe they lead:\n{}\n{}", a.log(), b.log());
+
+    // A save through one replica is stored and found through the other.
+    let content = b"a layer saved after the database's restart".to_vec();
+    let (mut through_a, mut through_b) =
+        (tests::worker_client(&a.grpc_url, &token).await, tests::worker_client(&b.grpc_url, &token).await);
+    let begun = through_a.begin_save(tests::begin_one_layer_save("api", "api:1", &content)).await.unwrap().into_inner();
+    tests::upload_one_layer_blobs(begun.credentials.as_ref().unwrap(), &content).await;
+    let commit = pb::CommitSaveRequest {
+        save_id: begun.save_id,
+        images: vec![tests::one_layer_image("api:1", &content, true)],
+        save_log: Vec::new(),
+    };
+    assert!(through_a.commit_save(commit).await.unwrap().into_inner().stored);
+    let key = pb::CacheKey { service: "api".into(), branch: String::new() };
+    let found = through_b.lookup(pb::LookupRequest { key: Some(key), ..Default::default() }).await.unwrap();
+    assert!(found.into_inner().manifest.is_some(), "B finds what A stored");
+    a.stop();
+    b.stop();
+}
