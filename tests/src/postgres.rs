@@ -104,9 +104,17 @@ impl PrivateCluster {
     fn signal_all(&self, signal: &str) {
         let pid_file = std::fs::read_to_string(self.data().join("postmaster.pid")).expect("the server runs");
         let postmaster = pid_file.lines().next().expect("a pid").trim().to_owned();
-        let children = Command::new("pgrep").args(["-P", &postmaster]).output().expect("pgrep");
-        let children =
-            String::from_utf8_lossy(&children.stdout).split_whitespace().map(str::to_owned).collect::<Vec<_>>();
+        // Its children, from /proc (`stat`'s fourth field is the parent; the second, the
+        // command, is in parentheses and may hold spaces).
+        let children: Vec<String> = std::fs::read_dir("/proc")
+            .expect("/proc")
+            .flatten()
+            .filter_map(|entry| {
+                let stat = std::fs::read_to_string(entry.path().join("stat")).ok()?;
+                let parent = stat.rsplit_once(')')?.1.split_whitespace().nth(1)?;
+                (parent == postmaster).then(|| entry.file_name().to_string_lossy().into_owned())
+            })
+            .collect();
         must_succeed(Command::new("kill").arg(format!("-{signal}")).arg(&postmaster).args(&children));
     }
 
