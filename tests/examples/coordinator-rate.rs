@@ -255,17 +255,18 @@ fn worker_counts() -> Result<Vec<usize>, String> {
         .collect()
 }
 
-/// Raises the soft open-file limit to the hard one and checks it holds one connection per
-/// simulated worker (the coordinator raises its own the same way).
+/// Raises the soft open-file limit to the hard one (as the coordinator does for itself, with
+/// the same function) and checks it holds one connection per simulated worker on both ends:
+/// in the bench, and in a coordinator's gRPC listener, whose cap is a share of the limit (one
+/// replica may serve them all). Each worker makes one call at a time on its connection, far
+/// below the 128 streams a connection may carry.
 fn raise_open_file_limit(most_workers: usize) -> Result<(), String> {
-    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
-    let limit = getrlimit(Resource::Nofile);
-    let _ = setrlimit(Resource::Nofile, Rlimit { current: limit.maximum, maximum: limit.maximum });
-    let open_files = getrlimit(Resource::Nofile).current.unwrap_or(u64::MAX);
-    let needed = most_workers as u64 + SPARE_FILES;
-    if open_files < needed {
+    let open_files = coordinator::listener::raise_open_file_limit();
+    let grpc_connections = coordinator::listener::ListenerLimits::for_open_files(open_files).grpc.max_connections;
+    if open_files < most_workers as u64 + SPARE_FILES || grpc_connections < most_workers {
         return Err(format!(
-            "{most_workers} workers need {needed} open files, the limit is {open_files}: raise it (ulimit -Hn) or set fewer WORKERS"
+            "{most_workers} workers need as many connections, and the open-file limit {open_files} lets the coordinator \
+             take {grpc_connections}: raise the hard limit (ulimit -Hn) or set fewer WORKERS"
         ));
     }
     Ok(())
