@@ -2,9 +2,9 @@
 //! commit + lookup rounds per second it answers, how long each call takes (p50 and p99, timed
 //! by the workers), and on PostgreSQL how many database transactions and WAL syncs (fsyncs of
 //! the server's log, for all its databases) a round costs; on sled (one coordinator) and on
-//! PostgreSQL (one replica, then two sharing the database), each on moto's S3 and STS. Every round's save names blobs already stored (two images, alternated,
-//! so each commit writes a manifest), so the figures are the coordinator's and its state's,
-//! not the store's.
+//! PostgreSQL (one replica, then two sharing the database), each on moto's S3 and STS. Every
+//! round's save names blobs already stored (two images, alternated, so each commit writes a
+//! manifest), so the figures are the coordinator's and its state's, not the store's.
 //!
 //! Run through `bench/coordinator-rate`, which builds it with the release binaries and starts
 //! moto and PostgreSQL (`CACHE_TEST_MOTO_URL`, `CACHE_TEST_POSTGRES_URL`). `WORKERS=100` (a
