@@ -1,10 +1,10 @@
 //! The coordinator alone, under 100 and 1,000 simulated workers on loopback: how many begin +
 //! commit + lookup rounds per second it answers, how long each call takes (p50 and p99, timed
-//! by the workers), and on PostgreSQL how many database transactions a round costs; on sled
-//! (one coordinator) and on PostgreSQL (one replica, then two sharing the database), each on
-//! moto's S3 and STS. Every round's save names blobs already stored (two images, alternated,
-//! so each commit writes a manifest), so the figures are the coordinator's and its state's,
-//! not the store's.
+//! by the workers), and on PostgreSQL how many database transactions and WAL syncs (fsyncs of
+//! the server's log, for all its databases) a round costs; on sled (one coordinator) and on
+//! PostgreSQL (one replica, then two sharing the database), each on moto's S3 and STS. Every
+//! round's save names blobs already stored (two images, alternated, so each commit writes a
+//! manifest), so the figures are the coordinator's and its state's, not the store's.
 //!
 //! Run through `bench/coordinator-rate`, which builds it with the release binaries and starts
 //! moto and PostgreSQL (`CACHE_TEST_MOTO_URL`, `CACHE_TEST_POSTGRES_URL`). `WORKERS=100` (a
@@ -34,8 +34,15 @@ struct Measured {
     rounds_per_second: f64,
     /// For each of [`CALLS`], its p50 and p99 latency.
     latencies: [(Duration, Duration); 3],
-    /// Committed database transactions per round (PostgreSQL only).
-    transactions_per_round: Option<f64>,
+    /// Per round, on PostgreSQL only.
+    database_per_round: Option<DatabaseCounts<f64>>,
+}
+
+/// What the bench's database committed, and how often the server synced its log to disk.
+#[derive(Debug, Clone, Copy)]
+struct DatabaseCounts<T> {
+    transactions: T,
+    wal_syncs: T,
 }
 
 /// What simulated workers did between their start and their last round's end.
@@ -85,9 +92,10 @@ async fn run_rounds(
             let mut latencies: [Vec<Duration>; 3] = Default::default();
             start_line.wait().await;
             let stop_at = Instant::now() + Duration::from_secs(SECONDS);
-            let mut n_rounds = 0u64;
+            let (mut n_rounds, mut image_idx) = (0u64, 0usize);
             while Instant::now() < stop_at {
-                let content = &images[n_rounds as usize % 2];
+                let content = &images[image_idx];
+                let begin_unix_ms = std::time::UNIX_EPOCH.elapsed().expect("a clock after 1970").as_millis() as i64;
                 let started = Instant::now();
                 let begun = client.begin_save(tests::begin_one_layer_save(&service, "img:1", content)).await;
                 latencies[0].push(started.elapsed());
@@ -101,7 +109,17 @@ async fn run_rounds(
                 let started = Instant::now();
                 let committed = client.commit_save(commit).await;
                 latencies[1].push(started.elapsed());
-                assert!(committed.expect("CommitSave").into_inner().stored);
+                let committed = committed.expect("CommitSave").into_inner();
+                // Two saves of one key begun in the same millisecond are ordered by their ids, so
+                // a worker whose rounds take under a millisecond may see its previous save kept
+                // (and then saves this image again, the other one being the key's).
+                let began_with_it = |manifest: &pb::Manifest| {
+                    manifest.origin.as_ref().is_some_and(|origin| origin.began_unix_ms >= begin_unix_ms)
+                };
+                assert!(committed.stored || committed.manifest.as_ref().is_some_and(began_with_it), "{committed:?}");
+                if committed.stored {
+                    image_idx = 1 - image_idx;
+                }
                 let started = Instant::now();
                 let found = client.lookup(pb::LookupRequest { key: Some(key.clone()), fallbacks: Vec::new() }).await;
                 latencies[2].push(started.elapsed());
@@ -150,8 +168,10 @@ impl DatabaseStats {
 
     /// The transactions committed in `database` so far, once no session is connected to it: a
     /// server process publishes its counts when it ends (otherwise only about once a second
-    /// while busy, and ten seconds late when idle), so only then is the count whole.
-    async fn committed_transactions(&self, database: &str) -> i64 {
+    /// while busy, and ten seconds late when idle), so only then is the count whole. With them
+    /// the server's WAL syncs so far, for all its databases (only the bench's when the bench
+    /// started the server).
+    async fn counts(&self, database: &str) -> DatabaseCounts<i64> {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let row = self
@@ -167,10 +187,13 @@ impl DatabaseStats {
         }
         let row = self
             .client
-            .query_one("SELECT xact_commit FROM pg_stat_database WHERE datname = $1", &[&database])
+            .query_one(
+                "SELECT xact_commit, (SELECT wal_sync FROM pg_stat_wal) FROM pg_stat_database WHERE datname = $1",
+                &[&database],
+            )
             .await
-            .expect("read the bench database's transaction count");
-        row.get(0)
+            .expect("read the bench database's transaction count and the server's WAL syncs");
+        DatabaseCounts { transactions: row.get(0), wal_syncs: row.get(1) }
     }
 }
 
@@ -190,9 +213,9 @@ async fn measure(moto: &str, postgres: Option<&DatabaseStats>, n_replicas: usize
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let dirs: Vec<tempfile::TempDir> = (0..n_replicas).map(|_| tempfile::tempdir().unwrap()).collect();
     let tokens = seed(&dirs, &args, &images, n_workers.div_ceil(WORKERS_PER_PROJECT)).await;
-    let transactions_before = match (postgres, &database_name) {
-        (Some(stats), Some(name)) => stats.committed_transactions(name).await,
-        _ => 0,
+    let counts_before = match (postgres, &database_name) {
+        (Some(stats), Some(name)) => Some(stats.counts(name).await),
+        _ => None,
     };
     let replicas: Vec<CoordinatorProcess> =
         dirs.iter().map(|dir| CoordinatorProcess::start_with_env(dir.path(), &args, &platform_env())).collect();
@@ -202,10 +225,14 @@ async fn measure(moto: &str, postgres: Option<&DatabaseStats>, n_replicas: usize
     }
     // Counted from before the replicas started to after they stopped: their start and
     // background work (a few transactions a second) are in it too, as they are in production.
-    let transactions_per_round = match (postgres, &database_name) {
-        (Some(stats), Some(name)) => {
-            let transactions = stats.committed_transactions(name).await - transactions_before;
-            Some(transactions as f64 / rounds.n_rounds as f64)
+    let database_per_round = match (postgres, &database_name, counts_before) {
+        (Some(stats), Some(name), Some(before)) => {
+            let after = stats.counts(name).await;
+            let per_round = |count: i64| count as f64 / rounds.n_rounds as f64;
+            Some(DatabaseCounts {
+                transactions: per_round(after.transactions - before.transactions),
+                wal_syncs: per_round(after.wal_syncs - before.wal_syncs),
+            })
         }
         _ => None,
     };
@@ -214,11 +241,7 @@ async fn measure(moto: &str, postgres: Option<&DatabaseStats>, n_replicas: usize
         sorted.sort_unstable();
         (percentile(sorted, 50), percentile(sorted, 99))
     });
-    Measured {
-        rounds_per_second: rounds.n_rounds as f64 / rounds.elapsed.as_secs_f64(),
-        latencies,
-        transactions_per_round,
-    }
+    Measured { rounds_per_second: rounds.n_rounds as f64 / rounds.elapsed.as_secs_f64(), latencies, database_per_round }
 }
 
 /// The numbers of simulated workers to measure: `WORKERS` (comma-separated) or 100 and 1,000.
@@ -232,17 +255,18 @@ fn worker_counts() -> Result<Vec<usize>, String> {
         .collect()
 }
 
-/// Raises the soft open-file limit to the hard one and checks it holds one connection per
-/// simulated worker (the coordinator raises its own the same way).
+/// Raises the soft open-file limit to the hard one (as the coordinator does for itself, with
+/// the same function) and checks it holds one connection per simulated worker on both ends:
+/// in the bench, and in a coordinator's gRPC listener, whose cap is a share of the limit (one
+/// replica may serve them all). Each worker makes one call at a time on its connection, far
+/// below the 128 streams a connection may carry.
 fn raise_open_file_limit(most_workers: usize) -> Result<(), String> {
-    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
-    let limit = getrlimit(Resource::Nofile);
-    let _ = setrlimit(Resource::Nofile, Rlimit { current: limit.maximum, maximum: limit.maximum });
-    let open_files = getrlimit(Resource::Nofile).current.unwrap_or(u64::MAX);
-    let needed = most_workers as u64 + SPARE_FILES;
-    if open_files < needed {
+    let open_files = coordinator::listener::raise_open_file_limit();
+    let grpc_connections = coordinator::listener::ListenerLimits::for_open_files(open_files).grpc.max_connections;
+    if open_files < most_workers as u64 + SPARE_FILES || grpc_connections < most_workers {
         return Err(format!(
-            "{most_workers} workers need {needed} open files, the limit is {open_files}: raise it (ulimit -Hn) or set fewer WORKERS"
+            "{most_workers} workers need as many connections, and the open-file limit {open_files} lets the coordinator \
+             take {grpc_connections}: raise the hard limit (ulimit -Hn) or set fewer WORKERS"
         ));
     }
     Ok(())
@@ -267,8 +291,8 @@ async fn main() {
     let stats = DatabaseStats::connect().await;
     let bench_started = Instant::now();
     let mut table = vec![
-        "| state | workers | rounds/s | vs sled | BeginSave p50 / p99 ms | CommitSave p50 / p99 ms | Lookup p50 / p99 ms | transactions / round |".to_owned(),
-        "|---|---|---|---|---|---|---|---|".to_owned(),
+        "| state | workers | rounds/s | vs sled | BeginSave p50 / p99 ms | CommitSave p50 / p99 ms | Lookup p50 / p99 ms | transactions / round | WAL syncs / round (server) |".to_owned(),
+        "|---|---|---|---|---|---|---|---|---|".to_owned(),
     ];
     for &n_workers in &worker_counts {
         let mut sled_rate = None;
@@ -282,10 +306,16 @@ async fn main() {
                 .iter()
                 .map(|(p50, p99)| format!("{} / {}", milliseconds(*p50), milliseconds(*p99)))
                 .collect();
-            let transactions =
-                measured.transactions_per_round.map_or_else(|| "–".to_owned(), |per_round| format!("{per_round:.2}"));
+            let per_round = |figure: fn(&DatabaseCounts<f64>) -> f64| {
+                measured
+                    .database_per_round
+                    .as_ref()
+                    .map_or_else(|| "–".to_owned(), |counts| format!("{:.2}", figure(counts)))
+            };
+            let (transactions, wal_syncs) =
+                (per_round(|counts| counts.transactions), per_round(|counts| counts.wal_syncs));
             println!(
-                "{state:<24} {n_workers:>5} workers: {rate:>7.0} rounds/s ({versus_sled:.2}x sled); p50 / p99 ms: {}; {transactions} transactions a round",
+                "{state:<24} {n_workers:>5} workers: {rate:>7.0} rounds/s ({versus_sled:.2}x sled); p50 / p99 ms: {}; {transactions} transactions and {wal_syncs} WAL syncs a round",
                 CALLS
                     .iter()
                     .zip(&calls)
@@ -294,7 +324,7 @@ async fn main() {
                     .join(", ")
             );
             table.push(format!(
-                "| {state} | {n_workers} | {rate:.0} | {versus_sled:.2}× | {} | {transactions} |",
+                "| {state} | {n_workers} | {rate:.0} | {versus_sled:.2}× | {} | {transactions} | {wal_syncs} |",
                 calls.join(" | ")
             ));
         }
