@@ -223,6 +223,8 @@ pub struct Streamed {
     pub blobs: Vec<BlobOutcome>,
     /// Layers left out because the host already holds them.
     pub skipped: Vec<String>,
+    /// Of `blobs`, how many this worker wrote into the engine's content store itself.
+    pub placed: usize,
 }
 
 /// How a load stream ended, returned by its task once it did.
@@ -304,10 +306,10 @@ fn plan_parts(blobs: &[PlannedBlob], part_size_for: impl Fn(u64) -> u64) -> Vec<
 }
 
 /// A downloaded part, holding its permit so memory stays bounded until the writer used it.
-type FetchedPart = Result<(Bytes, OwnedSemaphorePermit), TransferError>;
+pub(crate) type FetchedPart = Result<(Bytes, OwnedSemaphorePermit), TransferError>;
 
 /// The parts being fetched, in tarball order.
-type PartsInFlight = mpsc::UnboundedReceiver<oneshot::Receiver<FetchedPart>>;
+pub(crate) type PartsInFlight = mpsc::UnboundedReceiver<oneshot::Receiver<FetchedPart>>;
 
 /// The tarball of `plan` as a stream, and its outcome once it ended. Parts (the plan's part
 /// size below 70 GiB blobs) are fetched with ranged GETs, up to `concurrency` at once and in
@@ -327,7 +329,7 @@ pub fn load_stream<R: BlobReader>(
 }
 
 /// Starts fetching every part of `blobs`, at most `concurrency` held at once.
-fn fetch_parts<R: BlobReader>(store: R, blobs: &[PlannedBlob], concurrency: usize) -> PartsInFlight {
+pub(crate) fn fetch_parts<R: BlobReader>(store: R, blobs: &[PlannedBlob], concurrency: usize) -> PartsInFlight {
     let semaphore = Arc::new(Semaphore::new(concurrency.max(1)));
     let parts = plan_parts(blobs, |size| store.part_size_for(size));
     let digests: Vec<String> = blobs.iter().map(|blob| blob.digest.clone()).collect();
@@ -469,7 +471,11 @@ pub(crate) struct Copy {
 
 impl Copy {
     pub(crate) async fn create(path: &std::path::Path) -> Result<Copy, String> {
-        let part = path.with_extension("part");
+        Copy::create_beside(path, path.with_extension("part")).await
+    }
+
+    /// A copy written as `part` (on the same file system as `path`), renamed to `path`.
+    pub(crate) async fn create_beside(path: &std::path::Path, part: std::path::PathBuf) -> Result<Copy, String> {
         let file = std::fs::File::create(&part).map_err(|error| copy_failed(&part, error))?;
         Ok(Copy { file: Some(file), part, path: path.to_owned() })
     }
@@ -492,6 +498,20 @@ impl Copy {
     pub(crate) async fn finish(self) -> Result<(), String> {
         drop(self.file);
         tokio::fs::rename(&self.part, &self.path).await.map_err(|error| copy_failed(&self.path, error))
+    }
+
+    /// [`Copy::finish`], the file made read-only first (as containerd keeps its blobs).
+    pub(crate) async fn finish_read_only(self) -> Result<(), String> {
+        use std::os::unix::fs::PermissionsExt;
+        let read_only = std::fs::Permissions::from_mode(0o444);
+        std::fs::set_permissions(&self.part, read_only).map_err(|error| copy_failed(&self.part, error))?;
+        self.finish().await
+    }
+
+    /// Gives the copy up: its part file is removed.
+    pub(crate) fn abandon(self) {
+        drop(self.file);
+        let _ = std::fs::remove_file(&self.part);
     }
 }
 

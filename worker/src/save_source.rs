@@ -84,13 +84,18 @@ impl EngineStores {
         ]
     }
 
-    /// containerd's sockets, in the order they are tried: `--containerd-socket`, else the
-    /// engine's own and the system's.
-    fn containerd_sockets(&self) -> Vec<PathBuf> {
-        match &self.containerd_socket {
-            Some(socket) => vec![socket.clone()],
-            None => CONTAINERD_SOCKETS.iter().map(PathBuf::from).collect(),
+    /// containerd's sockets, in the order they are tried: `--containerd-socket`, else
+    /// `engine_named` (the one the engine names, for a restore: a save through it would stop
+    /// saying that the worker reads `docker save` where it sees no data root), the engine's
+    /// default place and the system's.
+    fn containerd_sockets(&self, engine_named: Option<&Path>) -> Vec<PathBuf> {
+        if let Some(socket) = &self.containerd_socket {
+            return vec![socket.clone()];
         }
+        let named = engine_named.map(Path::to_owned);
+        let mut sockets: Vec<PathBuf> = named.into_iter().chain(CONTAINERD_SOCKETS.iter().map(PathBuf::from)).collect();
+        sockets.dedup();
+        sockets
     }
 
     /// Whether a flag says where the stores are: then the engine may be reached over TCP (a
@@ -110,7 +115,7 @@ impl EngineStores {
         if let Some(dir) = dirs.iter().find(|dir| dir.join(hex).is_file()) {
             return Ok(ContentStore::Folder(dir.clone()));
         }
-        let sockets = self.containerd_sockets();
+        let sockets = self.containerd_sockets(None);
         let mut tried = Vec::new();
         for socket in &sockets {
             let holds = match ContentClient::connect(socket, self.stall_timeout).await {
@@ -176,6 +181,9 @@ impl EngineStores {
 #[derive(Debug, Clone, Default)]
 pub struct HostBlobs {
     dirs: Vec<PathBuf>,
+    /// The engine's containerd, when it answers: a restore records there the layers it writes
+    /// into the content store folder itself.
+    containerd: Option<ContentClient>,
 }
 
 impl HostBlobs {
@@ -191,9 +199,32 @@ impl HostBlobs {
         HostBlobs::in_dirs(dirs.into_iter().find(|dir| dir.is_dir()).into_iter().collect())
     }
 
+    /// [`HostBlobs::of`], and the engine's containerd when the content store is visible and a
+    /// containerd socket answers (`--containerd-socket`, the one the engine names, the usual
+    /// places).
+    pub async fn find(storage: &Storage, stores: &EngineStores) -> HostBlobs {
+        let mut host = HostBlobs::of(storage, stores);
+        if host.visible() {
+            let named = storage.containerd_socket.as_deref().filter(|_| storage.is_local());
+            for socket in stores.containerd_sockets(named) {
+                if let Ok(client) = ContentClient::connect(&socket, stores.stall_timeout).await {
+                    host.containerd = Some(client);
+                    break;
+                }
+            }
+        }
+        host
+    }
+
     /// The blobs under these `<hex>` folders (a test's, or a content store found another way).
     pub fn in_dirs(dirs: Vec<PathBuf>) -> HostBlobs {
-        HostBlobs { dirs }
+        HostBlobs { dirs, containerd: None }
+    }
+
+    /// The content store folder (`…/blobs/sha256`) a restore may write blobs into, and the
+    /// containerd that records them, when both are at hand.
+    pub fn writable(&self) -> Option<(PathBuf, ContentClient)> {
+        Some((self.dirs.first()?.clone(), self.containerd.clone()?))
     }
 
     /// Whether any content store is visible: then the host's blobs can be linked, not copied.
@@ -265,7 +296,13 @@ mod tests {
     use super::*;
 
     fn storage(data_root: &Path, containerd_store: bool, host: &str) -> Storage {
-        Storage { driver: "overlay2".into(), data_root: data_root.to_owned(), containerd_store, host: host.into() }
+        Storage {
+            driver: "overlay2".into(),
+            data_root: data_root.to_owned(),
+            containerd_store,
+            host: host.into(),
+            containerd_socket: None,
+        }
     }
 
     /// No containerd anywhere: a socket path that does not exist.

@@ -1,7 +1,9 @@
 //! A restore at the engine's pace on the containerd image store: the blobs the host already
-//! holds are neither downloaded nor sent to the engine again, each layer is written once (by the
-//! engine: the layout a BuildKit build reads holds only the small blobs), and the next build is
-//! fully cached.
+//! holds are neither downloaded nor sent to the engine again, each missing layer is written once
+//! (by the worker, straight into the engine's content store: the layout a BuildKit build reads
+//! holds only the small blobs), and the next build is fully cached.
+
+use std::os::unix::fs::PermissionsExt;
 
 use super::buildkit::{INLINE_CACHE, assert_fully_cached, build};
 use tests::{CoordinatorProcess, DockerEngine, build_context, stderr_of};
@@ -52,6 +54,29 @@ fn a_restore_onto_a_host_holding_half_the_image_downloads_only_the_other_half() 
     let mib = downloaded_mib(summary);
     assert!((6.0..9.0).contains(&mib), "only the second layer (6 MiB) and the small blobs came down: {summary}");
     assert!(!summary.contains(" 0 layers already on this host"), "{summary}");
+    // The missing layer was written straight into the engine's content store, read-only as
+    // containerd keeps its blobs, not ingested by the engine from the load's stream; nothing of
+    // the writing is left behind (part files, the lease that kept it until the load).
+    assert!(summary.contains(", 1 of them written straight into the engine's content store,"), "{summary}");
+    let content = half_host.data_root().join("containerd/daemon/io.containerd.content.v1.content");
+    for entry in std::fs::read_dir(content.join("blobs/sha256")).unwrap() {
+        let mode = entry.unwrap().metadata().unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o444, "containerd's blobs are read-only");
+    }
+    let left: Vec<String> = std::fs::read_dir(&content)
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|name| name.starts_with("cache-worker"))
+        .collect();
+    assert!(left.is_empty(), "part files left in the content store: {left:?}");
+    let leases = std::process::Command::new("ctr")
+        .arg("--address")
+        .arg(half_host.containerd_socket())
+        .args(["--namespace", "moby", "leases", "ls"])
+        .output()
+        .expect("ctr (Debian's containerd)");
+    assert!(leases.status.success(), "{}", stderr_of(&leases));
+    assert!(!String::from_utf8_lossy(&leases.stdout).contains("cache-worker"), "the restore's lease is deleted");
 
     // The layout BuildKit reads holds the small blobs; the layers only the engine wrote, once.
     let printed = String::from_utf8_lossy(&restored.stdout).trim().to_owned();
