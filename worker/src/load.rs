@@ -50,9 +50,9 @@ pub struct LoadPlan {
     /// Blobs the host's content store holds: no entry in the tarball (the engine's import
     /// finds them there), not downloaded.
     pub held: Vec<String>,
-    /// Blobs the host holds that the BuildKit layout needs: the content store's file, and its
-    /// file in the layout ([`copy_from_host`]).
-    pub from_host: Vec<(std::path::PathBuf, std::path::PathBuf)>,
+    /// Blobs the host holds that the BuildKit layout needs, and their files in the layout
+    /// ([`HostBlobs::copy_out`]).
+    pub from_host: Vec<(String, std::path::PathBuf)>,
 }
 
 #[derive(Serialize)]
@@ -128,7 +128,7 @@ pub fn plan_load(manifest: &pb::Manifest, present_chains: &HashSet<Vec<String>>)
 /// (their blobs under `blobs/sha256/`, then `oci-layout` and `index.json`). A blob the host
 /// holds has no entry: containerd's import takes the content store's. The layout a BuildKit
 /// build reads (`copy_dir`) gets the small blobs (indexes, manifests, configs), copied as they
-/// pass or from the content store; when that store is visible here it gets no layer (BuildKit
+/// pass or from the content store; when this worker reaches that store it gets no layer (BuildKit
 /// on the engine reads the layers from the content store the load fills, so each is written
 /// once), else every layer is copied as it passes. BuildKit's cache exports are not part of it.
 pub fn plan_oci_load(manifest: &pb::Manifest, copy_dir: &std::path::Path, host: &HostBlobs) -> LoadPlan {
@@ -143,10 +143,10 @@ pub fn plan_oci_load(manifest: &pb::Manifest, copy_dir: &std::path::Path, host: 
         }
         let path_in_tar = crate::layout::blob_path(&digest);
         let in_layout = copy_dir.join(&path_in_tar);
-        let in_layout = (!host.visible() || !layers.contains(digest.as_str())).then_some(in_layout);
-        if let Some(held) = host.holds(&digest) {
+        let in_layout = (!host.reached() || !layers.contains(digest.as_str())).then_some(in_layout);
+        if host.holds(&digest) {
+            plan.from_host.extend(in_layout.map(|in_layout| (digest.clone(), in_layout)));
             plan.held.push(digest);
-            plan.from_host.extend(in_layout.map(|in_layout| (held, in_layout)));
             continue;
         }
         plan.blobs.push(PlannedBlob {
@@ -163,21 +163,6 @@ pub fn plan_oci_load(manifest: &pb::Manifest, copy_dir: &std::path::Path, host: 
         ("index.json".to_owned(), crate::oci::index_json(&images)),
     ];
     plan
-}
-
-/// Puts each of `files`' blobs, a file of the host's content store, into its layout file: a
-/// link, or a copy where the two are on different mounts (the engine mounts its data root).
-pub fn copy_from_host(files: &[(std::path::PathBuf, std::path::PathBuf)]) -> Result<(), String> {
-    for (held, file) in files {
-        if file.exists() || std::fs::hard_link(held, file).is_ok() {
-            continue;
-        }
-        let part = file.with_extension("part");
-        std::fs::copy(held, &part)
-            .and_then(|_| std::fs::rename(&part, file))
-            .map_err(|error| copy_failed(file, error))?;
-    }
-    Ok(())
 }
 
 /// A 512-byte tar header for a regular file.
@@ -625,8 +610,8 @@ mod tests {
         assert_eq!(index["manifests"].as_array().unwrap().len(), 2, "one per tag: {index}");
     }
 
-    #[test]
-    fn an_oci_load_leaves_out_what_the_host_holds_and_writes_each_layer_once() {
+    #[tokio::test]
+    async fn an_oci_load_leaves_out_what_the_host_holds_and_writes_each_layer_once() {
         let blob = |n: u8, size| pb::Layer { digest: digest(n), size, stored_size: size, ..Default::default() };
         let image = pb::Image {
             id: digest(1),
@@ -642,7 +627,8 @@ mod tests {
         for held in [10, 102] {
             std::fs::write(content.path().join(hex(&digest(held))), "held").unwrap();
         }
-        let host = HostBlobs::in_dirs(vec![content.path().to_owned()]);
+        let mut host = HostBlobs::in_store(crate::content_store::ContentStore::Folder(content.path().to_owned()));
+        host.ask([1, 10, 11, 101, 102].map(digest)).await;
         let layout = tempfile::tempdir().unwrap();
         let in_layout = |n: u8| layout.path().join(format!("blobs/sha256/{}", hex(&digest(n))));
         let plan = plan_oci_load(&manifest, layout.path(), &host);
@@ -659,9 +645,9 @@ mod tests {
             ],
             "the small blobs copied as they pass; the layer written by the engine alone"
         );
-        assert_eq!(plan.from_host, vec![(content.path().join(hex(&digest(102))), in_layout(102))]);
+        assert_eq!(plan.from_host, vec![(digest(102), in_layout(102))]);
         std::fs::create_dir_all(layout.path().join("blobs/sha256")).unwrap();
-        copy_from_host(&plan.from_host).unwrap();
+        host.copy_out(plan.from_host).await.unwrap();
         assert_eq!(std::fs::read(in_layout(102)).unwrap(), b"held");
     }
 

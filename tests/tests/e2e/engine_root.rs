@@ -30,6 +30,12 @@ fn save_with_the_data_root_moved(
     let mut args = global_flags.to_vec();
     args.extend(["save", "--service", "app", "app:1", "base:1"]);
     let worker = coordinator.cache_worker_command_on(host, token, &args);
+    with_the_data_root_moved(&worker, host, mounted)
+}
+
+/// Runs `worker` in a mount namespace of its own where `host`'s data root is an empty tmpfs
+/// and its files are at `mounted` (read-only), when given.
+pub(super) fn with_the_data_root_moved(worker: &Command, host: &DockerEngine, mounted: Option<&Path>) -> Output {
     let script = match mounted {
         Some(_) => {
             r#"mount --bind "$0" "$1" && mount -o remount,bind,ro "$1" && mount -t tmpfs none "$0" && shift && exec "$@""#

@@ -21,7 +21,7 @@ use proto::v1 as pb;
 use crate::build_dirs::{BuildDirs, HostRecord};
 use crate::docker::EngineError;
 use crate::error::WorkerError;
-use crate::load::{LoadFailure, StreamEnd, Streamed, copy_from_host, load_stream, plan_load, plan_oci_load};
+use crate::load::{LoadFailure, StreamEnd, Streamed, load_stream, plan_load, plan_oci_load};
 use crate::progress::{Progress, rate};
 use crate::save_source::HostBlobs;
 use build_cache::{host_io, restore_build_cache};
@@ -208,7 +208,8 @@ impl Run<'_> {
     ) -> Result<Streamed, WorkerError> {
         let store = coordinator.blob_reader(plan).await?;
         let concurrency = plan.max_concurrency as usize;
-        let host = if self.oci { engine.host_blobs(&self.options.stores).await? } else { HostBlobs::default() };
+        let mut host = if self.oci { engine.host_blobs(&self.options.stores).await? } else { HostBlobs::default() };
+        host.ask(manifest.images.iter().flat_map(crate::oci::image_blobs).map(|(digest, _)| digest)).await;
         // A cache of BuildKit's export alone (a view's push saves it so) has no image to load,
         // and the engine refuses a layout without one.
         let mut streamed = if manifest.images.iter().any(|image| !image.build_cache) {
@@ -254,7 +255,7 @@ impl Run<'_> {
         };
         let to_download: u64 = load_plan.blobs.iter().filter(|blob| !blob.skipped).map(|blob| blob.size).sum();
         let trailer = load_plan.trailer.clone();
-        copy_from_host(&load_plan.from_host).map_err(WorkerError::Host)?;
+        host.copy_out(std::mem::take(&mut load_plan.from_host)).await.map_err(WorkerError::Host)?;
         let bar = Progress::for_stderr().bar(&format!("restore {}", self.options.service), to_download);
         // On the containerd store, the layers written into the content store first (the
         // engine then loads a layout without them), under a lease held until the load is done.
