@@ -448,10 +448,20 @@ impl TarWriter {
 
 /// A blob's copy into a layout folder: written as `<name>.part`, renamed once verified. Each
 /// piece goes to the file on a blocking thread as it is (a `Bytes` handle, no copy of it).
+/// A copy dropped before it is finished (a failure, a restore given up) removes its part file.
 pub(crate) struct Copy {
     file: Option<std::fs::File>,
     part: std::path::PathBuf,
     path: std::path::PathBuf,
+    renamed: bool,
+}
+
+impl Drop for Copy {
+    fn drop(&mut self) {
+        if !self.renamed {
+            let _ = std::fs::remove_file(&self.part);
+        }
+    }
 }
 
 impl Copy {
@@ -462,7 +472,7 @@ impl Copy {
     /// A copy written as `part` (on the same file system as `path`), renamed to `path`.
     pub(crate) async fn create_beside(path: &std::path::Path, part: std::path::PathBuf) -> Result<Copy, String> {
         let file = std::fs::File::create(&part).map_err(|error| copy_failed(&part, error))?;
-        Ok(Copy { file: Some(file), part, path: path.to_owned() })
+        Ok(Copy { file: Some(file), part, path: path.to_owned(), renamed: false })
     }
 
     pub(crate) async fn write(&mut self, bytes: &Bytes) -> Result<(), String> {
@@ -480,9 +490,11 @@ impl Copy {
         }
     }
 
-    pub(crate) async fn finish(self) -> Result<(), String> {
-        drop(self.file);
-        tokio::fs::rename(&self.part, &self.path).await.map_err(|error| copy_failed(&self.path, error))
+    pub(crate) async fn finish(mut self) -> Result<(), String> {
+        drop(self.file.take());
+        tokio::fs::rename(&self.part, &self.path).await.map_err(|error| copy_failed(&self.path, error))?;
+        self.renamed = true;
+        Ok(())
     }
 
     /// [`Copy::finish`], the file made read-only first (as containerd keeps its blobs).
@@ -491,12 +503,6 @@ impl Copy {
         let read_only = std::fs::Permissions::from_mode(0o444);
         std::fs::set_permissions(&self.part, read_only).map_err(|error| copy_failed(&self.part, error))?;
         self.finish().await
-    }
-
-    /// Gives the copy up: its part file is removed.
-    pub(crate) fn abandon(self) {
-        drop(self.file);
-        let _ = std::fs::remove_file(&self.part);
     }
 }
 

@@ -34,7 +34,7 @@ struct HalfHost {
     app: tempfile::TempDir,
     half_host: DockerEngine,
     _build_host: DockerEngine,
-    _data_dir: tempfile::TempDir,
+    data_dir: tempfile::TempDir,
 }
 
 fn saved_and_half_held() -> Option<HalfHost> {
@@ -55,7 +55,7 @@ fn saved_and_half_held() -> Option<HalfHost> {
     assert!(exported.status.success(), "{}", stderr_of(&exported));
     let loaded = half_host.docker(&["load", "-i", half_tar.to_str().unwrap()]);
     assert!(loaded.status.success(), "{}", stderr_of(&loaded));
-    Some(HalfHost { coordinator, token, app, half_host, _build_host: build_host, _data_dir: data_dir })
+    Some(HalfHost { coordinator, token, app, half_host, _build_host: build_host, data_dir })
 }
 
 /// The restore's summary line, once it downloaded only the missing layer (6 MiB) and the small
@@ -131,5 +131,38 @@ fn through_containerds_socket_alone_a_restore_still_skips_the_blobs_the_host_hol
     let restored = with_the_data_root_moved(&worker, half_host, None);
     let summary = assert_restored_only_the_other_half(&host, &restored);
     assert!(!summary.contains("written straight"), "no folder to write into: {summary}");
+    host.coordinator.stop();
+}
+
+/// A layer corrupted in the store never reaches the engine's content store: the restore
+/// checks it before its rename, warns naming it (exit 0), and leaves no part file behind.
+#[test]
+fn a_corrupt_layer_is_not_written_into_the_content_store() {
+    let Some(host) = saved_and_half_held() else { return };
+    let stored = host.data_dir.path().join("objects/layer-cache/cache/shop/blobs/sha256");
+    let layer = std::fs::read_dir(&stored)
+        .unwrap()
+        .map(|entry| entry.unwrap())
+        .find(|entry| entry.metadata().unwrap().len() > 5 << 20)
+        .map(|entry| format!("sha256:{}", entry.file_name().to_string_lossy()))
+        .expect("a 6 MiB layer in the store");
+    tests::lose_blob(host.data_dir.path(), "shop", &layer, "corrupted");
+
+    let fresh = DockerEngine::start_with_containerd_store().unwrap();
+    let restored = host.coordinator.cache_worker_on(&fresh, &host.token, &["restore", "--service", "app"]);
+    assert!(restored.status.success(), "a failed restore is a warning: {}", stderr_of(&restored));
+    let warned = stderr_of(&restored);
+    assert!(warned.contains(&format!("blob {layer} failed verification")), "{warned}");
+    let content = fresh.data_root().join("containerd/daemon/io.containerd.content.v1.content");
+    let hex = layer.trim_start_matches("sha256:");
+    assert!(!content.join("blobs/sha256").join(hex).exists(), "the corrupt layer is not in the content store");
+    let left: Vec<String> = std::fs::read_dir(&content)
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|name| name.starts_with("cache-worker"))
+        .collect();
+    assert!(left.is_empty(), "part files left in the content store: {left:?}");
+    let images = fresh.docker(&["image", "ls", "-q"]);
+    assert!(String::from_utf8_lossy(&images.stdout).trim().is_empty(), "no image loaded");
     host.coordinator.stop();
 }

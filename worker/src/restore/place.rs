@@ -105,32 +105,22 @@ impl Placer {
                 Some(part) => part.await.ok(),
                 None => None,
             };
+            // A failure drops `copy`, which removes its part file.
             let bytes = match fetched {
                 Some(Ok((bytes, _permit))) => bytes,
-                Some(Err(TransferError::NotStored { digest })) => {
-                    copy.abandon();
-                    return Err(LoadFailure::Missing { digest });
-                }
-                Some(Err(error)) => {
-                    copy.abandon();
-                    return left(error.to_string());
-                }
-                None => {
-                    copy.abandon();
-                    return left("the download ended early".into());
-                }
+                Some(Err(TransferError::NotStored { digest })) => return Err(LoadFailure::Missing { digest }),
+                Some(Err(error)) => return left(error.to_string()),
+                None => return left("the download ended early".into()),
             };
             hasher.update(&bytes);
             bar.add(bytes.len() as u64);
             if let Err(why) = copy.write(&bytes).await {
-                copy.abandon();
                 return left(why);
             }
         }
         let bytes = hasher.size();
         let actual = hasher.finish();
         if actual != blob.stored_digest {
-            copy.abandon();
             return Err(LoadFailure::DigestMismatch { digest: blob.digest.clone(), actual });
         }
         if let Err(why) = copy.finish_read_only().await {
