@@ -86,9 +86,8 @@ impl EngineStores {
     }
 
     /// containerd's sockets, in the order they are tried: `--containerd-socket`, else
-    /// `engine_named` (the one the engine names, for a restore: a save through it would stop
-    /// saying that the worker reads `docker save` where it sees no data root), the engine's
-    /// default place and the system's.
+    /// `engine_named` (a restore passes the one `docker info` names; a save keeps to the
+    /// places README documents), the engine's default place and the system's.
     fn containerd_sockets(&self, engine_named: Option<&Path>) -> Vec<PathBuf> {
         if let Some(socket) = &self.containerd_socket {
             return vec![socket.clone()];
