@@ -3,10 +3,10 @@
 //! `manifest.json` whose entries carry the tags and `Parent` links. A blob whose digest does not
 //! match ends the stream with an error before `manifest.json`, so the engine commits nothing.
 //! For the containerd image store the same stream carries an OCI layout (`blobs/sha256/*`, then
-//! `oci-layout` and `index.json`) without the blobs the host's content store already holds; the
-//! layout a BuildKit build reads gets the small blobs, and the layers only when that content
-//! store is not visible here (BuildKit reads them there: each layer is written once, by the
-//! engine).
+//! `oci-layout` and `index.json`) without the blobs the host's content store already holds (or
+//! that the restore wrote there itself first, `restore/place.rs`); the layout a BuildKit build
+//! reads gets the small blobs, and the layers only when this worker cannot reach that content
+//! store (BuildKit reads them there: each layer is written once).
 
 use std::collections::HashSet;
 use std::sync::Arc;

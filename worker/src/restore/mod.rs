@@ -1,5 +1,6 @@
 //! `cache-worker restore`: looks the cache key up, streams the manifest's blobs into
-//! `docker load` (verified on the way), brings back every tag, and says which `--cache-from`
+//! `docker load` (verified on the way; on the containerd store the layers written into the
+//! engine's content store first where it can, `place.rs`), brings back every tag, and says which `--cache-from`
 //! flags the next build should use. It reads begin (look up) → load → tag → report; the
 //! coordinator and the engine are behind the seams of `seams.rs`.
 
