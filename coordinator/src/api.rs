@@ -31,6 +31,13 @@ impl From<Error> for Status {
                 tracing::error!(error = message, "a write to the data directory failed");
                 Status::unavailable(message)
             }
+            // Every call fails so while the database is down: said once a call in the log,
+            // with its cause, and to the caller without it (a connection error's words would
+            // read as the coordinator itself being unreachable).
+            Error::DatabaseUnavailable { .. } => {
+                tracing::warn!(error = message, "a call failed: the coordinator's database is unavailable");
+                Status::unavailable(error.to_string())
+            }
             Error::Store { .. } | Error::Credentials { .. } => Status::unavailable(message),
             Error::CorruptState { .. } | Error::DataDir { .. } | Error::DataDirLocked(_) => Status::internal(message),
             // A panicked task is a bug of the coordinator's: said as one, never as bad input.

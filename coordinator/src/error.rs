@@ -21,6 +21,17 @@ pub enum Error {
         #[source]
         source: Option<Cause>,
     },
+    /// The database cannot be reached (stopped, restarting, its connections lost, or too
+    /// busy to hand out one in time): the call may be made again once it is back, and the
+    /// coordinator reconnects by itself. Its gRPC message leaves the cause out (the log has it).
+    #[error(
+        "database error: {what}: the coordinator's database is unavailable (stopped, restarting or too busy): try again once it is back"
+    )]
+    DatabaseUnavailable {
+        what: &'static str,
+        #[source]
+        source: Cause,
+    },
     /// The disk under the data directory refuses writes: full, out of inodes, over quota or
     /// read-only. Said in those words, in the worker's line and the coordinator's log.
     #[error("the coordinator cannot write its data directory: {problem}")]

@@ -236,17 +236,74 @@ impl Listeners {
     }
 }
 
+/// How often the state is probed: the `state_up` gauge, the database's clock sampled again,
+/// and the lead of the background work taken again after the database went down or restarted.
+const PROBE_SECONDS: u64 = 5;
+
+/// The longest a probe waits for the state (its own waits are bounded shorter).
+const PROBE_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// What the probes of the state found.
+#[derive(Debug, Default)]
+struct StateHealth {
+    /// The state's epoch at the last probe that reached it (see [`state::State::probe`]).
+    epoch: std::sync::Mutex<Option<i64>>,
+    /// Outages and restarts seen: a lead taken before one may have been dropped by the database.
+    changes: std::sync::atomic::AtomicU64,
+}
+
+/// Probes the state now: the gauges brought up to date, and a change (down, back, restarted)
+/// logged once.
+async fn probe_state(service: &CacheService, health: &StateHealth) -> Result<(), Error> {
+    use std::sync::atomic::Ordering;
+    let probed = match tokio::time::timeout(PROBE_TIMEOUT, service.db.probe()).await {
+        Ok(probed) => probed,
+        Err(elapsed) => Err(Error::DatabaseUnavailable { what: "the state's probe", source: Box::new(elapsed) }),
+    };
+    let metrics = &service.metrics;
+    let was_up = metrics.state_up.get() == 1;
+    let changed = || {
+        metrics.state_outages.inc();
+        health.changes.fetch_add(1, Ordering::SeqCst);
+    };
+    match probed {
+        Ok(epoch) => {
+            let last = health.epoch.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).replace(epoch);
+            if was_up && last.is_some_and(|last| last != epoch) {
+                changed();
+                tracing::warn!("the coordinator's database restarted since it was last asked; it answers again");
+            } else if !was_up {
+                tracing::info!("the coordinator's database answers again");
+            }
+            metrics.state_up.set(1);
+            use proto::clock::Clock;
+            let offset_ms = service.clock.now_unix_ms() - proto::clock::SystemClock.now_unix_ms();
+            metrics.state_clock_offset.set(offset_ms as f64 / 1000.0);
+            Ok(())
+        }
+        Err(error) => {
+            if was_up {
+                changed();
+                tracing::warn!(error = %error.line(), "the coordinator's database is unavailable: calls fail until it is back");
+            }
+            metrics.state_up.set(0);
+            Err(error)
+        }
+    }
+}
+
 /// The metrics listener: `/metrics` (Prometheus text), `/healthz` (the process runs) and
-/// `/readyz` (its database answers).
-async fn metrics_listener(path: &str, service: &CacheService) -> http::Response<Full<Bytes>> {
+/// `/readyz` (its database answers: probed at each request).
+async fn metrics_listener(path: &str, service: &CacheService, health: &StateHealth) -> http::Response<Full<Bytes>> {
     let (status, content_type, body) = match path {
-        "/metrics" => match service.metrics_text().await {
-            Ok(text) => (http::StatusCode::OK, "application/openmetrics-text; version=1.0.0; charset=utf-8", text),
-            Err(error) => (http::StatusCode::SERVICE_UNAVAILABLE, "text/plain", format!("{}\n", error.line())),
-        },
+        "/metrics" => (
+            http::StatusCode::OK,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            service.metrics_text().await,
+        ),
         "/healthz" => (http::StatusCode::OK, "text/plain", "ok\n".to_owned()),
-        "/readyz" => match service.db.projects().await {
-            Ok(_) => (http::StatusCode::OK, "text/plain", "ready\n".to_owned()),
+        "/readyz" => match probe_state(service, health).await {
+            Ok(()) => (http::StatusCode::OK, "text/plain", "ready\n".to_owned()),
             Err(error) => {
                 (http::StatusCode::SERVICE_UNAVAILABLE, "text/plain", format!("not ready: {}\n", error.line()))
             }
@@ -305,10 +362,28 @@ pub async fn run(
         }
         _ => None,
     };
+    // The state answered at start-up (it was opened): up until a probe finds otherwise.
+    service.metrics.state_up.set(1);
+    let health = Arc::new(StateHealth::default());
     let metrics_service = service.clone();
+    let metrics_health = health.clone();
     let metrics_handler = hyper::service::service_fn(move |request: http::Request<listener::TimedBody>| {
-        let (path, service) = (request.uri().path().to_owned(), metrics_service.clone());
-        async move { Ok::<_, Infallible>(metrics_listener(&path, &service).await) }
+        let (path, service, health) =
+            (request.uri().path().to_owned(), metrics_service.clone(), metrics_health.clone());
+        async move { Ok::<_, Infallible>(metrics_listener(&path, &service, &health).await) }
+    });
+    let mut probe_stop = stop_receiver.clone();
+    let (probing_service, probe_health) = (service.clone(), health.clone());
+    let probe_task = tokio::spawn(async move {
+        let mut interval = tokio::time::interval(Duration::from_secs(PROBE_SECONDS));
+        loop {
+            tokio::select! {
+                _ = interval.tick() => {
+                    let _ = probe_state(&probing_service, &probe_health).await;
+                }
+                _ = probe_stop.changed() => break,
+            }
+        }
     });
     let health_task = tokio::spawn(listener::serve_http(
         listeners.metrics,
@@ -328,6 +403,8 @@ pub async fn run(
         // only), and another takes the lead when it goes.
         let mut interval = tokio::time::interval(Duration::from_secs(1));
         let mut n_ticks: u64 = 0;
+        // The lead's guard, and the state's changes seen when it was taken: a database that went
+        // down or restarted since may have released the lock it stands for.
         let mut lead = None;
         loop {
             tokio::select! {
@@ -336,11 +413,20 @@ pub async fn run(
                         sweeping_service.refresh_usage().await;
                     }
                     n_ticks += 1;
+                    // While the database is down the work would only fail, and say so every second.
+                    if sweeping_service.metrics.state_up.get() == 0 {
+                        continue;
+                    }
+                    let changes = health.changes.load(std::sync::atomic::Ordering::SeqCst);
+                    if lead.as_ref().is_some_and(|(_, taken_at)| *taken_at != changes) {
+                        tracing::info!("the database went down or restarted: the lead of the background work is taken again");
+                        lead = None;
+                    }
                     if lead.is_none() {
                         lead = match sweeping_service.db.lead_background_work().await {
                             Ok(Some(guard)) => {
                                 tracing::info!("this coordinator leads the background work (collections, sweeps)");
-                                Some(guard)
+                                Some((guard, changes))
                             }
                             Ok(None) => None,
                             Err(error) => {
@@ -400,7 +486,7 @@ pub async fn run(
     if let Some(s3_task) = s3_task {
         let _ = s3_task.await;
     }
-    let _ = tokio::join!(health_task, sweeper_task);
+    let _ = tokio::join!(health_task, sweeper_task, probe_task);
     state.durable().await?;
     grpc_result.context("gRPC server")?;
     Ok(())

@@ -101,8 +101,9 @@ async fn main() -> ExitCode {
         Ok(endpoints) => endpoints,
         Err(error) => return fail(1, error.to_string()),
     };
-    // The one clock everything reads time from: key expiry, the ledger's stamps, the sweeps.
-    let clock = proto::clock::system_clock();
+    // The one clock everything reads time from: key expiry, the ledger's stamps, the sweeps,
+    // claims and leases. Replicas read the database's, so they agree without NTP.
+    let clock = state.shared_clock().unwrap_or_else(proto::clock::system_clock);
     let store = match open_store(&config, &data_dir, state.clone(), clock.clone(), &endpoints).await {
         Ok(store) => store,
         Err(error) => return fail(start_up_exit_code(&error), error.line()),

@@ -140,6 +140,13 @@ pub struct Metrics {
     pub transfer_granted: Gauge,
     /// The global budget those leases share (`--transfer-budget`).
     pub transfer_budget: Gauge,
+    /// 1 while the state (the database) answers the coordinator's probes, 0 while it does not.
+    pub state_up: Gauge,
+    /// Times the state was found down or restarted since the coordinator started.
+    pub state_outages: Counter,
+    /// How far the clock the coordinator keeps (the database's, with PostgreSQL) runs ahead of
+    /// this machine's, in seconds.
+    pub state_clock_offset: Gauge<f64, AtomicU64>,
 }
 
 impl Default for Metrics {
@@ -172,6 +179,9 @@ impl Metrics {
             grpc_requests: Family::default(),
             transfer_granted: Gauge::default(),
             transfer_budget: Gauge::default(),
+            state_up: Gauge::default(),
+            state_outages: Counter::default(),
+            state_clock_offset: Gauge::default(),
             registry: Registry::default(),
         };
         // Counter names carry no `_total`: the encoder adds it.
@@ -230,6 +240,21 @@ impl Metrics {
             "transfer_budget_requests",
             "The global budget of requests in flight the leases share",
             metrics.transfer_budget.clone(),
+        );
+        registry.register(
+            "state_up",
+            "1 while the coordinator's state (its database) answers, 0 while it does not",
+            metrics.state_up.clone(),
+        );
+        registry.register(
+            "state_outages",
+            "Times the coordinator found its database down or restarted",
+            metrics.state_outages.clone(),
+        );
+        registry.register(
+            "state_clock_offset_seconds",
+            "How far the clock the coordinator keeps (the database's, with PostgreSQL) runs ahead of this machine's",
+            metrics.state_clock_offset.clone(),
         );
         Metrics { registry, ..metrics }
     }

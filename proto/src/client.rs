@@ -27,6 +27,10 @@ pub enum ClientError {
     /// caller did, and nothing it can fix by asking again differently.
     #[error("{0}")]
     Internal(String),
+    /// The coordinator answered, but something it depends on (its database) is down for now:
+    /// asking another replica would not help, asking again later may.
+    #[error("{0}")]
+    Unavailable(String),
     #[error("coordinator error: {0}")]
     Other(String),
 }
@@ -37,7 +41,7 @@ impl ClientError {
         match self {
             ClientError::InvalidUrl(_) | ClientError::Invalid(_) => 64,
             ClientError::NotFound(_) => 66,
-            ClientError::Unreachable { .. } | ClientError::Stalled { .. } => 69,
+            ClientError::Unreachable { .. } | ClientError::Stalled { .. } | ClientError::Unavailable(_) => 69,
             ClientError::Refused(_) => 77,
             // EX_SOFTWARE: the coordinator's own failure, never the caller's bad input.
             ClientError::Internal(_) => 70,
@@ -48,7 +52,13 @@ impl ClientError {
     /// Whether a report of this failure to the coordinator would fail the same way: it could not
     /// be talked to, or it refused the caller.
     pub fn fails_reports_too(&self) -> bool {
-        matches!(self, ClientError::Unreachable { .. } | ClientError::Stalled { .. } | ClientError::Refused(_))
+        matches!(
+            self,
+            ClientError::Unreachable { .. }
+                | ClientError::Stalled { .. }
+                | ClientError::Unavailable(_)
+                | ClientError::Refused(_)
+        )
     }
 
     /// Turns a failed call into an error, keeping the coordinator's message.
@@ -78,6 +88,7 @@ impl ClientError {
             Code::Unavailable if message.contains("transport") || message.contains("connect") => {
                 ClientError::Unreachable { url: url.to_owned(), reason: message }
             }
+            Code::Unavailable => ClientError::Unavailable(message),
             code => ClientError::Other(format!("{message} ({code:?})")),
         }
     }
@@ -191,5 +202,16 @@ mod tests {
         assert_eq!(ClientError::from_status(url, &Status::not_found("no cache")).exit_code(), 66);
         assert_eq!(ClientError::from_status(url, &Status::permission_denied("no")).exit_code(), 77);
         assert_eq!(ClientError::from_status(url, &Status::resource_exhausted("later")).exit_code(), 1);
+    }
+
+    #[test]
+    fn a_coordinator_whose_database_is_down_is_unavailable_not_unreachable() {
+        let status = Status::unavailable("database error: PostgreSQL: the coordinator's database is unavailable");
+        let error = ClientError::from_status("http://coordinator:7070", &status);
+        // Not another replica's turn (they share the database), but EX_UNAVAILABLE all the same.
+        assert!(matches!(error, ClientError::Unavailable(_)), "{error:?}");
+        assert_eq!(error.exit_code(), 69);
+        assert!(error.fails_reports_too());
+        assert_eq!(error.to_string(), status.message());
     }
 }

@@ -1,11 +1,13 @@
-//! The one clock every side reads wall time from: [`SystemClock`] in production, and
-//! [`ManualClock`] for tests, which move time by hand instead of sleeping. Rules take the time
-//! their caller read from the clock it holds; nothing below a service reads the system clock.
+//! The one clock every side reads wall time from: [`SystemClock`] in production, a
+//! [`SampledClock`] where several processes must agree on time (coordinator replicas read the
+//! database's), and [`ManualClock`] for tests, which move time by hand instead of sleeping.
+//! Rules take the time their caller read from the clock it holds; nothing below a service reads
+//! the system clock.
 
 use std::fmt::Debug;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// Wall time, as unix milliseconds.
 pub trait Clock: Send + Sync + Debug {
@@ -66,6 +68,68 @@ impl Clock for ManualClock {
     }
 }
 
+/// Another machine's wall clock (the database's, which coordinator replicas share), sampled
+/// now and then and carried on this machine's monotonic clock in between: a step of the local
+/// wall clock (NTP, an operator's `date`) changes nothing, and replicas sampling one source
+/// agree to within half a round trip. It never runs backwards, even when a sample is behind
+/// what it already said.
+#[derive(Debug)]
+pub struct SampledClock {
+    /// The monotonic instant offsets are counted from.
+    origin: Instant,
+    /// The source's unix milliseconds at `origin`, as the last sample put it.
+    at_origin_unix_ms: AtomicI64,
+    /// The latest time it said: what it says never goes below it.
+    said_unix_ms: AtomicI64,
+}
+
+impl SampledClock {
+    /// A clock from a first sample (see [`SampledClock::sample`]).
+    pub fn new(sent: Instant, received: Instant, source_unix_ms: i64) -> Arc<SampledClock> {
+        let clock = Arc::new(SampledClock {
+            origin: sent,
+            at_origin_unix_ms: AtomicI64::new(0),
+            said_unix_ms: AtomicI64::new(i64::MIN),
+        });
+        clock.sample(sent, received, source_unix_ms);
+        clock
+    }
+
+    /// Takes a reading of the source: asked at `sent`, answered at `received`, saying
+    /// `source_unix_ms`. The reading is taken to be of the round trip's midpoint.
+    pub fn sample(&self, sent: Instant, received: Instant, source_unix_ms: i64) {
+        let midpoint = sent + received.saturating_duration_since(sent) / 2;
+        let since_origin = signed_ms(midpoint, self.origin);
+        self.at_origin_unix_ms.store(source_unix_ms - since_origin, Ordering::SeqCst);
+    }
+
+    /// The time at the monotonic instant `at`, as the last sample puts it (not clamped).
+    fn unix_ms_at(&self, at: Instant) -> i64 {
+        self.at_origin_unix_ms.load(Ordering::SeqCst) + signed_ms(at, self.origin)
+    }
+
+    /// How far the source runs ahead of this machine's wall clock now, in milliseconds
+    /// (negative: behind), for a log line.
+    pub fn offset_ms(&self) -> i64 {
+        self.unix_ms_at(Instant::now()) - SystemClock.now_unix_ms()
+    }
+}
+
+/// Milliseconds from `origin` to `at`, negative when `at` is earlier.
+fn signed_ms(at: Instant, origin: Instant) -> i64 {
+    match at.checked_duration_since(origin) {
+        Some(after) => after.as_millis() as i64,
+        None => -(origin.duration_since(at).as_millis() as i64),
+    }
+}
+
+impl Clock for SampledClock {
+    fn now_unix_ms(&self) -> i64 {
+        let now = self.unix_ms_at(Instant::now());
+        self.said_unix_ms.fetch_max(now, Ordering::SeqCst).max(now)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -77,5 +141,42 @@ mod tests {
         clock.advance(Duration::from_secs(2));
         assert_eq!((clock.now_unix_ms(), clock.now_unix()), (3_500, 3));
         assert!(SystemClock.now_unix() > 1_700_000_000);
+    }
+
+    #[test]
+    fn a_sampled_clock_says_the_source_time_at_the_round_trips_midpoint() {
+        // A source an hour ahead of this machine, read over a 400 ms round trip that ended now:
+        // its answer is taken to be of 200 ms ago.
+        let hour_ms = 3_600_000;
+        let received = Instant::now();
+        let sent = received - Duration::from_millis(400);
+        let source_at_midpoint = SystemClock.now_unix_ms() + hour_ms - 200;
+        let clock = SampledClock::new(sent, received, source_at_midpoint);
+        let said = clock.now_unix_ms();
+        let expected = SystemClock.now_unix_ms() + hour_ms;
+        // Only the time this test itself takes separates the two readings.
+        assert!((said - expected).abs() < 50, "said {said}, expected about {expected}");
+        assert!((clock.offset_ms() - hour_ms).abs() < 50, "offset {}", clock.offset_ms());
+
+        // A later sample moves it to the source's new reading: 10 s behind this machine.
+        let received = Instant::now();
+        clock.sample(received, received, SystemClock.now_unix_ms() - 10_000);
+        assert!((clock.offset_ms() + 10_000).abs() < 50, "offset {}", clock.offset_ms());
+    }
+
+    #[test]
+    fn a_sampled_clock_never_runs_backwards() {
+        let now = Instant::now();
+        let clock = SampledClock::new(now, now, 1_000_000);
+        let first = clock.now_unix_ms();
+        assert!(first >= 1_000_000);
+        // The source says it is 5 s earlier than the clock already said: the clock holds.
+        clock.sample(Instant::now(), Instant::now(), 995_000);
+        assert!(clock.now_unix_ms() >= first);
+        // A sample from before the clock's origin (a sent instant earlier than the first one).
+        let earlier = now - Duration::from_secs(1);
+        clock.sample(earlier, earlier, 2_000_000);
+        let said = clock.now_unix_ms();
+        assert!((said - 2_001_000).abs() < 50, "said {said}");
     }
 }

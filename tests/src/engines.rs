@@ -225,6 +225,11 @@ impl DockerEngine {
         self.dir.path().join("root")
     }
 
+    /// The socket of the containerd this engine starts for itself (under its exec root).
+    pub fn containerd_socket(&self) -> PathBuf {
+        self.dir.path().join("x/containerd/containerd.sock")
+    }
+
     /// This host's `--build-cache-dir`.
     pub fn build_cache_dir(&self) -> PathBuf {
         self.dir.path().join("build-cache")

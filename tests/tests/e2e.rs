@@ -22,6 +22,7 @@ mod e2e {
     mod lost_blobs;
     mod multi_stage;
     mod operator_view;
+    mod postgres_restart;
     mod projects_and_credentials;
     mod pull_request_trust;
     mod quotas;

@@ -185,6 +185,9 @@ pub struct Storage {
     pub containerd_store: bool,
     /// `DOCKER_HOST`, or the default socket.
     pub host: String,
+    /// The socket of the engine's containerd, as the engine names it (API 1.46 and later), on
+    /// the engine's host.
+    pub containerd_socket: Option<std::path::PathBuf>,
 }
 
 impl Storage {
@@ -269,6 +272,7 @@ impl Engine {
             data_root: info.docker_root_dir.unwrap_or_default().into(),
             containerd_store,
             host: self.watchdog.host.clone(),
+            containerd_socket: info.containerd.and_then(|containerd| containerd.address).map(Into::into),
         })
     }
 

@@ -3,10 +3,10 @@
 //! `manifest.json` whose entries carry the tags and `Parent` links. A blob whose digest does not
 //! match ends the stream with an error before `manifest.json`, so the engine commits nothing.
 //! For the containerd image store the same stream carries an OCI layout (`blobs/sha256/*`, then
-//! `oci-layout` and `index.json`) without the blobs the host's content store already holds; the
-//! layout a BuildKit build reads gets the small blobs, and the layers only when that content
-//! store is not visible here (BuildKit reads them there: each layer is written once, by the
-//! engine).
+//! `oci-layout` and `index.json`) without the blobs the host's content store already holds (or
+//! that the restore wrote there itself first, `restore/place.rs`); the layout a BuildKit build
+//! reads gets the small blobs, and the layers only when this worker cannot reach that content
+//! store (BuildKit reads them there: each layer is written once).
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -50,9 +50,9 @@ pub struct LoadPlan {
     /// Blobs the host's content store holds: no entry in the tarball (the engine's import
     /// finds them there), not downloaded.
     pub held: Vec<String>,
-    /// Blobs the host holds that the BuildKit layout needs: the content store's file, and its
-    /// file in the layout ([`copy_from_host`]).
-    pub from_host: Vec<(std::path::PathBuf, std::path::PathBuf)>,
+    /// Blobs the host holds that the BuildKit layout needs, and their files in the layout
+    /// ([`HostBlobs::copy_out`]).
+    pub from_host: Vec<(String, std::path::PathBuf)>,
 }
 
 #[derive(Serialize)]
@@ -128,7 +128,7 @@ pub fn plan_load(manifest: &pb::Manifest, present_chains: &HashSet<Vec<String>>)
 /// (their blobs under `blobs/sha256/`, then `oci-layout` and `index.json`). A blob the host
 /// holds has no entry: containerd's import takes the content store's. The layout a BuildKit
 /// build reads (`copy_dir`) gets the small blobs (indexes, manifests, configs), copied as they
-/// pass or from the content store; when that store is visible here it gets no layer (BuildKit
+/// pass or from the content store; when this worker reaches that store it gets no layer (BuildKit
 /// on the engine reads the layers from the content store the load fills, so each is written
 /// once), else every layer is copied as it passes. BuildKit's cache exports are not part of it.
 pub fn plan_oci_load(manifest: &pb::Manifest, copy_dir: &std::path::Path, host: &HostBlobs) -> LoadPlan {
@@ -143,10 +143,10 @@ pub fn plan_oci_load(manifest: &pb::Manifest, copy_dir: &std::path::Path, host: 
         }
         let path_in_tar = crate::layout::blob_path(&digest);
         let in_layout = copy_dir.join(&path_in_tar);
-        let in_layout = (!host.visible() || !layers.contains(digest.as_str())).then_some(in_layout);
-        if let Some(held) = host.holds(&digest) {
+        let in_layout = (!host.reached() || !layers.contains(digest.as_str())).then_some(in_layout);
+        if host.holds(&digest) {
+            plan.from_host.extend(in_layout.map(|in_layout| (digest.clone(), in_layout)));
             plan.held.push(digest);
-            plan.from_host.extend(in_layout.map(|in_layout| (held, in_layout)));
             continue;
         }
         plan.blobs.push(PlannedBlob {
@@ -163,21 +163,6 @@ pub fn plan_oci_load(manifest: &pb::Manifest, copy_dir: &std::path::Path, host: 
         ("index.json".to_owned(), crate::oci::index_json(&images)),
     ];
     plan
-}
-
-/// Puts each of `files`' blobs, a file of the host's content store, into its layout file: a
-/// link, or a copy where the two are on different mounts (the engine mounts its data root).
-pub fn copy_from_host(files: &[(std::path::PathBuf, std::path::PathBuf)]) -> Result<(), String> {
-    for (held, file) in files {
-        if file.exists() || std::fs::hard_link(held, file).is_ok() {
-            continue;
-        }
-        let part = file.with_extension("part");
-        std::fs::copy(held, &part)
-            .and_then(|_| std::fs::rename(&part, file))
-            .map_err(|error| copy_failed(file, error))?;
-    }
-    Ok(())
 }
 
 /// A 512-byte tar header for a regular file.
@@ -223,6 +208,8 @@ pub struct Streamed {
     pub blobs: Vec<BlobOutcome>,
     /// Layers left out because the host already holds them.
     pub skipped: Vec<String>,
+    /// Of `blobs`, how many this worker wrote into the engine's content store itself.
+    pub placed: usize,
 }
 
 /// How a load stream ended, returned by its task once it did.
@@ -304,10 +291,10 @@ fn plan_parts(blobs: &[PlannedBlob], part_size_for: impl Fn(u64) -> u64) -> Vec<
 }
 
 /// A downloaded part, holding its permit so memory stays bounded until the writer used it.
-type FetchedPart = Result<(Bytes, OwnedSemaphorePermit), TransferError>;
+pub(crate) type FetchedPart = Result<(Bytes, OwnedSemaphorePermit), TransferError>;
 
 /// The parts being fetched, in tarball order.
-type PartsInFlight = mpsc::UnboundedReceiver<oneshot::Receiver<FetchedPart>>;
+pub(crate) type PartsInFlight = mpsc::UnboundedReceiver<oneshot::Receiver<FetchedPart>>;
 
 /// The tarball of `plan` as a stream, and its outcome once it ended. Parts (the plan's part
 /// size below 70 GiB blobs) are fetched with ranged GETs, up to `concurrency` at once and in
@@ -327,7 +314,7 @@ pub fn load_stream<R: BlobReader>(
 }
 
 /// Starts fetching every part of `blobs`, at most `concurrency` held at once.
-fn fetch_parts<R: BlobReader>(store: R, blobs: &[PlannedBlob], concurrency: usize) -> PartsInFlight {
+pub(crate) fn fetch_parts<R: BlobReader>(store: R, blobs: &[PlannedBlob], concurrency: usize) -> PartsInFlight {
     let semaphore = Arc::new(Semaphore::new(concurrency.max(1)));
     let parts = plan_parts(blobs, |size| store.part_size_for(size));
     let digests: Vec<String> = blobs.iter().map(|blob| blob.digest.clone()).collect();
@@ -461,17 +448,31 @@ impl TarWriter {
 
 /// A blob's copy into a layout folder: written as `<name>.part`, renamed once verified. Each
 /// piece goes to the file on a blocking thread as it is (a `Bytes` handle, no copy of it).
+/// A copy dropped before it is finished (a failure, a restore given up) removes its part file.
 pub(crate) struct Copy {
     file: Option<std::fs::File>,
     part: std::path::PathBuf,
     path: std::path::PathBuf,
+    renamed: bool,
+}
+
+impl Drop for Copy {
+    fn drop(&mut self) {
+        if !self.renamed {
+            let _ = std::fs::remove_file(&self.part);
+        }
+    }
 }
 
 impl Copy {
     pub(crate) async fn create(path: &std::path::Path) -> Result<Copy, String> {
-        let part = path.with_extension("part");
+        Copy::create_beside(path, path.with_extension("part")).await
+    }
+
+    /// A copy written as `part` (on the same file system as `path`), renamed to `path`.
+    pub(crate) async fn create_beside(path: &std::path::Path, part: std::path::PathBuf) -> Result<Copy, String> {
         let file = std::fs::File::create(&part).map_err(|error| copy_failed(&part, error))?;
-        Ok(Copy { file: Some(file), part, path: path.to_owned() })
+        Ok(Copy { file: Some(file), part, path: path.to_owned(), renamed: false })
     }
 
     pub(crate) async fn write(&mut self, bytes: &Bytes) -> Result<(), String> {
@@ -489,9 +490,19 @@ impl Copy {
         }
     }
 
-    pub(crate) async fn finish(self) -> Result<(), String> {
-        drop(self.file);
-        tokio::fs::rename(&self.part, &self.path).await.map_err(|error| copy_failed(&self.path, error))
+    pub(crate) async fn finish(mut self) -> Result<(), String> {
+        drop(self.file.take());
+        tokio::fs::rename(&self.part, &self.path).await.map_err(|error| copy_failed(&self.path, error))?;
+        self.renamed = true;
+        Ok(())
+    }
+
+    /// [`Copy::finish`], the file made read-only first (as containerd keeps its blobs).
+    pub(crate) async fn finish_read_only(self) -> Result<(), String> {
+        use std::os::unix::fs::PermissionsExt;
+        let read_only = std::fs::Permissions::from_mode(0o444);
+        std::fs::set_permissions(&self.part, read_only).map_err(|error| copy_failed(&self.part, error))?;
+        self.finish().await
     }
 }
 
@@ -605,8 +616,8 @@ mod tests {
         assert_eq!(index["manifests"].as_array().unwrap().len(), 2, "one per tag: {index}");
     }
 
-    #[test]
-    fn an_oci_load_leaves_out_what_the_host_holds_and_writes_each_layer_once() {
+    #[tokio::test]
+    async fn an_oci_load_leaves_out_what_the_host_holds_and_writes_each_layer_once() {
         let blob = |n: u8, size| pb::Layer { digest: digest(n), size, stored_size: size, ..Default::default() };
         let image = pb::Image {
             id: digest(1),
@@ -622,7 +633,8 @@ mod tests {
         for held in [10, 102] {
             std::fs::write(content.path().join(hex(&digest(held))), "held").unwrap();
         }
-        let host = HostBlobs::in_dirs(vec![content.path().to_owned()]);
+        let mut host = HostBlobs::in_store(crate::content_store::ContentStore::Folder(content.path().to_owned()));
+        host.ask([1, 10, 11, 101, 102].map(digest)).await;
         let layout = tempfile::tempdir().unwrap();
         let in_layout = |n: u8| layout.path().join(format!("blobs/sha256/{}", hex(&digest(n))));
         let plan = plan_oci_load(&manifest, layout.path(), &host);
@@ -639,9 +651,9 @@ mod tests {
             ],
             "the small blobs copied as they pass; the layer written by the engine alone"
         );
-        assert_eq!(plan.from_host, vec![(content.path().join(hex(&digest(102))), in_layout(102))]);
+        assert_eq!(plan.from_host, vec![(digest(102), in_layout(102))]);
         std::fs::create_dir_all(layout.path().join("blobs/sha256")).unwrap();
-        copy_from_host(&plan.from_host).unwrap();
+        host.copy_out(plan.from_host).await.unwrap();
         assert_eq!(std::fs::read(in_layout(102)).unwrap(), b"held");
     }
 

@@ -7,6 +7,7 @@
 //! under the engine's data root (or `--engine-root`, the same folder as this worker sees it),
 //! and containerd's sockets.
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -84,13 +85,17 @@ impl EngineStores {
         ]
     }
 
-    /// containerd's sockets, in the order they are tried: `--containerd-socket`, else the
-    /// engine's own and the system's.
-    fn containerd_sockets(&self) -> Vec<PathBuf> {
-        match &self.containerd_socket {
-            Some(socket) => vec![socket.clone()],
-            None => CONTAINERD_SOCKETS.iter().map(PathBuf::from).collect(),
+    /// containerd's sockets, in the order they are tried: `--containerd-socket`, else
+    /// `engine_named` (a restore passes the one `docker info` names; a save keeps to the
+    /// places README documents), the engine's default place and the system's.
+    fn containerd_sockets(&self, engine_named: Option<&Path>) -> Vec<PathBuf> {
+        if let Some(socket) = &self.containerd_socket {
+            return vec![socket.clone()];
         }
+        let named = engine_named.map(Path::to_owned);
+        let mut sockets: Vec<PathBuf> = named.into_iter().chain(CONTAINERD_SOCKETS.iter().map(PathBuf::from)).collect();
+        sockets.dedup();
+        sockets
     }
 
     /// Whether a flag says where the stores are: then the engine may be reached over TCP (a
@@ -110,7 +115,7 @@ impl EngineStores {
         if let Some(dir) = dirs.iter().find(|dir| dir.join(hex).is_file()) {
             return Ok(ContentStore::Folder(dir.clone()));
         }
-        let sockets = self.containerd_sockets();
+        let sockets = self.containerd_sockets(None);
         let mut tried = Vec::new();
         for socket in &sockets {
             let holds = match ContentClient::connect(socket, self.stall_timeout).await {
@@ -143,13 +148,25 @@ impl EngineStores {
 
     /// The engine's content store where no image names it (a restore onto a host that may
     /// hold some blobs already): the first content store folder this worker sees, else the
-    /// containerd `--containerd-socket` names, if it answers.
-    pub async fn host_content_store(&self, storage: &Storage) -> Option<ContentStore> {
-        if let Some(dir) = self.content_store_dirs(storage).into_iter().find(|dir| dir.is_dir()) {
-            return Some(ContentStore::Folder(dir));
+    /// engine's containerd through its socket; and that containerd, when one answers
+    /// (`--containerd-socket`, else `engine_named`, the one the engine names, then the usual
+    /// places).
+    pub async fn host_content_store(
+        &self,
+        storage: &Storage,
+        engine_named: Option<&Path>,
+    ) -> (Option<ContentStore>, Option<ContentClient>) {
+        let mut containerd = None;
+        for socket in self.containerd_sockets(engine_named) {
+            if let Ok(client) = ContentClient::connect(&socket, self.stall_timeout).await {
+                containerd = Some(client);
+                break;
+            }
         }
-        let socket = self.containerd_socket.as_ref()?;
-        ContentClient::connect(socket, self.stall_timeout).await.ok().map(ContentStore::Socket)
+        let seen = !self.data_root(storage).as_os_str().is_empty();
+        let folder = self.content_store_dirs(storage).into_iter().find(|dir| seen && dir.is_dir());
+        let store = folder.map(ContentStore::Folder).or_else(|| containerd.clone().map(ContentStore::Socket));
+        (store, containerd)
     }
 
     /// The graph driver's stores under the data root, if they hold the image `probe`.
@@ -170,44 +187,117 @@ impl EngineStores {
     }
 }
 
-/// The blobs the engine's containerd holds, as files this worker can read (a restore's one
-/// question about them: [`HostBlobs::holds`]). Empty when the engine is not on this host, keeps
-/// the graph driver, or its content store is not visible here.
+/// The blobs the engine's containerd holds, as this worker reaches its content store (the
+/// folder, else containerd's socket): a restore asks once about the blobs it needs
+/// ([`HostBlobs::ask`]), then [`HostBlobs::holds`] answers. Empty when the engine is not on
+/// this host, keeps the graph driver, or its content store is out of reach.
 #[derive(Debug, Clone, Default)]
 pub struct HostBlobs {
-    dirs: Vec<PathBuf>,
+    store: Option<ContentStore>,
+    /// The engine's containerd, when it answers: a restore records there the layers it writes
+    /// into the content store folder itself.
+    containerd: Option<ContentClient>,
+    /// Of the blobs asked about, those the store holds.
+    held: HashSet<String>,
 }
 
 impl HostBlobs {
-    /// The content store of `storage`'s engine, if this worker can see it: the engine's own
-    /// containerd's when it exists, else the system's (never both: the system's containerd
-    /// may hold blobs the engine's does not).
-    pub fn of(storage: &Storage, stores: &EngineStores) -> HostBlobs {
+    /// The content store of `storage`'s engine as this worker reaches it: the engine's own
+    /// containerd's folder when it exists, else the system's (never both: the system's
+    /// containerd may hold blobs the engine's does not), else containerd's socket.
+    pub async fn find(storage: &Storage, stores: &EngineStores) -> HostBlobs {
         let unseen = !storage.is_local() && !stores.given();
-        if unseen || !storage.containerd_store || stores.data_root(storage).as_os_str().is_empty() {
+        if unseen || !storage.containerd_store {
             return HostBlobs::default();
         }
-        let dirs = stores.content_store_dirs(storage);
-        HostBlobs::in_dirs(dirs.into_iter().find(|dir| dir.is_dir()).into_iter().collect())
+        let named = storage.containerd_socket.as_deref().filter(|_| storage.is_local());
+        let (store, containerd) = stores.host_content_store(storage, named).await;
+        HostBlobs { store, containerd, held: HashSet::new() }
     }
 
-    /// The blobs under these `<hex>` folders (a test's, or a content store found another way).
-    pub fn in_dirs(dirs: Vec<PathBuf>) -> HostBlobs {
-        HostBlobs { dirs }
+    /// The blobs of `store` (a test's, or a content store found another way).
+    pub fn in_store(store: ContentStore) -> HostBlobs {
+        HostBlobs { store: Some(store), ..HostBlobs::default() }
     }
 
-    /// Whether any content store is visible: then the host's blobs can be linked, not copied.
-    pub fn visible(&self) -> bool {
-        !self.dirs.is_empty()
+    /// Asks the store which of `digests` it holds (a digest that names no blob is not held).
+    pub async fn ask(&mut self, digests: impl IntoIterator<Item = String>) {
+        let Some(store) = &self.store else { return };
+        for digest in digests {
+            if !self.held.contains(&digest) && store.holds(&digest).await {
+                self.held.insert(digest);
+            }
+        }
     }
 
-    /// The file of `digest` when the host holds it (containerd commits a blob by renaming it
-    /// into place once verified: a file here is whole).
-    pub fn holds(&self, digest: &str) -> Option<PathBuf> {
-        proto::names::validate_digest(digest).ok()?;
-        let hex = proto::digest::digest_hex(digest);
-        self.dirs.iter().map(|dir| dir.join(hex)).find(|file| file.is_file())
+    /// Whether this worker reaches the engine's content store: then BuildKit's layout needs no
+    /// layer (BuildKit on the engine reads them there).
+    pub fn reached(&self) -> bool {
+        self.store.is_some()
     }
+
+    /// Whether the host holds `digest` (asked about before, [`HostBlobs::ask`]; containerd
+    /// commits a blob once verified: a blob it holds is whole).
+    pub fn holds(&self, digest: &str) -> bool {
+        self.held.contains(digest)
+    }
+
+    /// The content store folder (`…/blobs/sha256`) a restore may write blobs into, and the
+    /// containerd that records them, when both are at hand.
+    pub fn writable(&self) -> Option<(PathBuf, ContentClient)> {
+        match &self.store {
+            Some(ContentStore::Folder(dir)) => Some((dir.clone(), self.containerd.clone()?)),
+            _ => None,
+        }
+    }
+
+    /// Puts each held blob of `files` into its layout file: a link to the store's file, or a
+    /// copy (where the two are on different mounts: the engine mounts its data root; or read
+    /// through containerd), checked against its digest and renamed into place.
+    pub async fn copy_out(&self, files: Vec<(String, PathBuf)>) -> Result<(), String> {
+        if files.is_empty() {
+            return Ok(());
+        }
+        let Some(store) = self.store.clone() else { return Err("the host's content store is out of reach".into()) };
+        let copied = tokio::task::spawn_blocking(move || {
+            files.iter().try_for_each(|(digest, file)| copy_blob(&store, digest, file))
+        });
+        copied.await.map_err(|error| format!("copying from the host's content store failed: {error}"))?
+    }
+}
+
+/// One blob of `store` into `file`, verified (a blocking call).
+fn copy_blob(store: &ContentStore, digest: &str, file: &Path) -> Result<(), String> {
+    use std::io::{Read, Write};
+    let failed = |error: std::io::Error| format!("writing {} failed: {error}", file.display());
+    if file.exists() {
+        return Ok(());
+    }
+    if let ContentStore::Folder(dir) = store
+        && std::fs::hard_link(dir.join(proto::digest::digest_hex(digest)), file).is_ok()
+    {
+        return Ok(());
+    }
+    let part = file.with_extension("part");
+    let (_, mut reader) =
+        store.open(digest).map_err(|error| format!("reading {digest} from {} failed: {error}", store.describe()))?;
+    let mut out = std::fs::File::create(&part).map_err(failed)?;
+    let mut hasher = proto::digest::DigestHasher::new();
+    let mut buffer = vec![0u8; 1 << 16];
+    loop {
+        let n = reader.read(&mut buffer).map_err(failed)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buffer[..n]);
+        out.write_all(&buffer[..n]).map_err(failed)?;
+    }
+    let actual = hasher.finish();
+    if actual != digest {
+        let _ = std::fs::remove_file(&part);
+        return Err(format!("blob {digest} of the host's content store hashes to {actual}"));
+    }
+    std::fs::rename(&part, file).map_err(failed)
 }
 
 impl BlobSource {
@@ -265,7 +355,13 @@ mod tests {
     use super::*;
 
     fn storage(data_root: &Path, containerd_store: bool, host: &str) -> Storage {
-        Storage { driver: "overlay2".into(), data_root: data_root.to_owned(), containerd_store, host: host.into() }
+        Storage {
+            driver: "overlay2".into(),
+            data_root: data_root.to_owned(),
+            containerd_store,
+            host: host.into(),
+            containerd_socket: None,
+        }
     }
 
     /// No containerd anywhere: a socket path that does not exist.
@@ -309,24 +405,37 @@ mod tests {
         assert!(!chosen.reads_in_place() && chosen.oci());
     }
 
-    #[test]
-    fn the_host_holds_the_blobs_its_visible_content_store_has() {
+    #[tokio::test]
+    async fn the_host_holds_the_blobs_its_content_store_has() {
         let root = tempfile::tempdir().unwrap();
         let blobs = root.path().join("containerd/daemon/io.containerd.content.v1.content/blobs/sha256");
         let (held, absent) = (format!("sha256:{}", "a".repeat(64)), format!("sha256:{}", "b".repeat(64)));
         let local = storage(root.path(), true, "unix:///run/docker.sock");
-        assert!(!HostBlobs::of(&local, &EngineStores::default()).visible(), "no content store yet");
+        let no_socket = stores(None);
+        assert!(!HostBlobs::find(&local, &no_socket).await.reached(), "no content store yet");
         std::fs::create_dir_all(&blobs).unwrap();
         std::fs::write(blobs.join("a".repeat(64)), "{}").unwrap();
-        let host = HostBlobs::of(&local, &EngineStores::default());
-        assert!(host.visible());
-        assert_eq!(host.holds(&held), Some(blobs.join("a".repeat(64))));
-        assert_eq!(host.holds(&absent), None);
-        assert_eq!(host.holds("sha256:../../etc/passwd"), None, "a bad digest names no file");
-        let remote = HostBlobs::of(&storage(root.path(), true, "tcp://10.0.0.5:2376"), &EngineStores::default());
-        let graph_driver =
-            HostBlobs::of(&storage(root.path(), false, "unix:///run/docker.sock"), &EngineStores::default());
-        assert!(remote.holds(&held).is_none() && graph_driver.holds(&held).is_none());
+        std::fs::write(root.path().join("passwd"), "x").unwrap();
+        let asked = || [held.clone(), absent.clone(), "sha256:../../../../../passwd".to_owned()];
+        let mut host = HostBlobs::find(&local, &no_socket).await;
+        host.ask(asked()).await;
+        assert!(host.reached() && host.writable().is_none(), "no containerd to record a write");
+        assert!(host.holds(&held) && !host.holds(&absent));
+        assert!(!host.holds("sha256:../../../../../passwd"), "a bad digest names no file");
+        let flagless = EngineStores::default();
+        let mut remote = HostBlobs::find(&storage(root.path(), true, "tcp://10.0.0.5:2376"), &flagless).await;
+        let mut graph_driver =
+            HostBlobs::find(&storage(root.path(), false, "unix:///run/docker.sock"), &flagless).await;
+        remote.ask(asked()).await;
+        graph_driver.ask(asked()).await;
+        assert!(!remote.holds(&held) && !graph_driver.holds(&held));
+        // A held blob copied out into a layout file.
+        let layout = tempfile::tempdir().unwrap();
+        let small = proto::digest::sha256_digest(b"{}");
+        std::fs::write(blobs.join(proto::digest::digest_hex(&small)), "{}").unwrap();
+        let in_layout = layout.path().join("small");
+        host.copy_out(vec![(small, in_layout.clone())]).await.unwrap();
+        assert_eq!(std::fs::read(&in_layout).unwrap(), b"{}");
     }
 
     #[tokio::test]
@@ -398,12 +507,12 @@ mod tests {
     async fn a_restore_finds_the_content_store_under_the_engine_root() {
         let root = tempfile::tempdir().unwrap();
         let at = storage(Path::new("/var/lib/docker-not-here"), true, "unix:///run/docker.sock");
-        assert!(stores(Some(root.path())).host_content_store(&at).await.is_none(), "no folder, no socket");
+        assert!(stores(Some(root.path())).host_content_store(&at, None).await.0.is_none(), "no folder, no socket");
         let blobs = root.path().join("containerd/daemon/io.containerd.content.v1.content/blobs/sha256");
         std::fs::create_dir_all(&blobs).unwrap();
         let held = format!("sha256:{}", "a".repeat(64));
         std::fs::write(blobs.join("a".repeat(64)), "x").unwrap();
-        let store = stores(Some(root.path())).host_content_store(&at).await.unwrap();
+        let store = stores(Some(root.path())).host_content_store(&at, None).await.0.unwrap();
         assert!(matches!(&store, ContentStore::Folder(dir) if *dir == blobs), "{store:?}");
         assert!(store.holds(&held).await && !store.holds(&format!("sha256:{}", "b".repeat(64))).await);
     }

@@ -486,7 +486,16 @@ impl CacheService {
     }
 
     /// The Prometheus text exposition, with the store gauges brought up to date from the ledger.
-    pub async fn metrics_text(&self) -> Result<String, Error> {
+    /// Served while the database is down too (`state_up` then says so): the gauges read from
+    /// it keep their last values.
+    pub async fn metrics_text(&self) -> String {
+        if let Err(error) = self.refresh_state_gauges().await {
+            tracing::debug!(error = %error.line(), "the gauges read from the state keep their last values");
+        }
+        self.metrics.encode()
+    }
+
+    async fn refresh_state_gauges(&self) -> Result<(), Error> {
         for project in self.db.projects().await? {
             let totals = self.db.totals(&project.name).await?;
             let (blobs, bytes) = (totals.blobs, totals.stored_bytes);
@@ -494,7 +503,7 @@ impl CacheService {
         }
         self.metrics.transfer_granted.set(i64::from(self.budget.granted(self.clock.now_unix_ms()).await?));
         self.metrics.transfer_budget.set(i64::from(self.budget.total()));
-        Ok(self.metrics.encode())
+        Ok(())
     }
 
     /// Finds the manifest of `key`, else of the first fallback that has one. A scoped token

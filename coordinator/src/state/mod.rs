@@ -337,6 +337,18 @@ pub trait State: Ephemeral {
     async fn lead_background_work(&self) -> Result<Option<Box<dyn Send + Sync>>, Error> {
         Ok(Some(Box::new(())))
     }
+    /// `Ok` when the state answers now (`/readyz`, the `state_up` gauge), with its epoch: a
+    /// number that changes when the state dropped what it held for this process's sessions (a
+    /// database's restart releases their locks, the lead among them). A shared database also
+    /// samples its clock (see [`State::shared_clock`]).
+    async fn probe(&self) -> Result<i64, Error> {
+        self.project("").await.map(|_| 0)
+    }
+    /// The clock every replica sharing this state reads (the database's); `None`: this state
+    /// serves one process, which reads its own.
+    fn shared_clock(&self) -> Option<proto::clock::SharedClock> {
+        None
+    }
     /// Returns once every write this caller made before the call is durable: what an acknowledgement waits for.
     async fn durable(&self) -> Result<(), Error>;
     /// Waits for a storage key's record to be durable (a read key is handed out even when the disk refuses).

@@ -19,12 +19,22 @@
 //!   apart, so a change of leases never reads them; and each project's demand on the transfer
 //!   budget, written with its leases, which is all a change of another project's leases reads
 //!   of them
+//!
+//! A server that stops (a restart, `pg_ctl -m immediate`, a failover) costs the calls made
+//! while it is down one clear error each ([`Error::DatabaseUnavailable`], gRPC `UNAVAILABLE`),
+//! never a hang: every wait for it is bounded (see [`CONNECT_TIMEOUT`] and the constants after
+//! it), and the pools reconnect by themselves once it is back. The database's clock is the one
+//! replicas agree on: sampled at connect and at each [`Postgres::probe`] (see [`SampledClock`]).
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use deadpool_postgres::{GenericClient, Manager, ManagerConfig, Pool, RecyclingMethod, Transaction};
 use futures::TryFutureExt;
 use prost::Message;
+use proto::clock::{SampledClock, SharedClock};
 use proto::v1 as pb;
 use serde::{Deserialize, Serialize};
 use tokio_postgres::NoTls;
@@ -37,9 +47,10 @@ use crate::error::Error;
 
 /// Connections one replica opens at most: for its transactions (a begin, a commit of blobs the
 /// ledger records and a lookup each hold one for their one transaction, the publish lock
-/// inside it), and for the session locks it holds (one each while held; more callers wait for
-/// one): a commit that checks the store, flushes, evictions and collections, the lead. 40 a
-/// replica: PostgreSQL's default `max_connections` of 100 serves two replicas; raise it for more.
+/// inside it), for the session locks it holds (one each while held; more callers wait for
+/// one: a commit that checks the store, flushes, evictions and collections, the lead), and one
+/// for the health probe. 41 a replica: PostgreSQL's default `max_connections` of 100 serves
+/// two replicas; raise it for more.
 const STATE_CONNECTIONS: usize = 24;
 const LOCK_CONNECTIONS: usize = 16;
 
@@ -140,8 +151,172 @@ trait Cached: GenericClient {
 
 impl<T: GenericClient> Cached for T {}
 
+/// How long connecting may take (TCP and PostgreSQL's start-up, which answer in milliseconds
+/// on a LAN): longer is a server that is down or unreachable, and the call fails. Shorter than a
+/// worker's own deadline on a call (`--stall-timeout`, 10 s by default), so the worker hears
+/// the database's error rather than its own timeout.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// How long a call waits for a free connection of the state's pool (8, each held for one
+/// transaction of milliseconds): longer is a database too busy to answer, and the call fails.
+const STATE_POOL_WAIT: Duration = Duration::from_secs(5);
+
+/// The same for the project locks' pool, whose connections are held while a lock is.
+const LOCK_POOL_WAIT: Duration = Duration::from_secs(10);
+
+/// A query sent and not acknowledged for this long (`TCP_USER_TIMEOUT`), or an answer awaited
+/// on a connection whose keep-alive probes (after [`KEEPALIVE_IDLE`]) go unanswered, means the
+/// server's host is gone: the connection closes and the call waiting on it fails, instead of
+/// waiting for the kernel's retransmissions (about 15 minutes). A server that stopped or
+/// restarted closes its connections itself, and the call fails at once.
+const TCP_USER_TIMEOUT: Duration = Duration::from_secs(10);
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(5);
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(2);
+const KEEPALIVE_RETRIES: u32 = 3;
+
+/// How long [`Postgres::probe`] waits for the database's answer to a trivial query. A server
+/// that takes longer is frozen (its process stopped or stuck while its host's kernel still
+/// acknowledges what is sent, so no TCP bound fires) or too overwhelmed to serve anyone
+/// (workers' calls give up after 10 s): every connection is then cut, which fails the calls
+/// waiting on one at once, and until a probe is answered again new calls fail at once too.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Asked of the server by each connection of the locks' pool: keep-alive probes of its own, so
+/// that the session locks of a replica whose host vanished are released within about 25 s,
+/// not the kernel's two hours. Said after connecting rather than in the start-up packet,
+/// which some poolers refuse options in.
+const SERVER_KEEPALIVES: &str = "SET tcp_keepalives_idle = 10; SET tcp_keepalives_interval = 5; \
+                                 SET tcp_keepalives_count = 3";
+
 fn pg_error(error: impl Into<crate::error::Cause>) -> Error {
-    Error::database("PostgreSQL", error)
+    let error = error.into();
+    match unavailable(&*error) {
+        true => Error::DatabaseUnavailable { what: "PostgreSQL", source: error },
+        false => Error::database("PostgreSQL", error),
+    }
+}
+
+/// Whether `error` says the server cannot be reached or is going away (stopped, restarting,
+/// its connection lost, no connection free in time), rather than that it refused a statement.
+fn unavailable(error: &(dyn std::error::Error + Send + Sync + 'static)) -> bool {
+    use deadpool_postgres::PoolError;
+    match error.downcast_ref::<PoolError>() {
+        Some(PoolError::Timeout(_)) => true,
+        Some(PoolError::Backend(error)) => postgres_unavailable(error),
+        Some(_) => false,
+        None => error.downcast_ref::<tokio_postgres::Error>().is_some_and(postgres_unavailable),
+    }
+}
+
+fn postgres_unavailable(error: &tokio_postgres::Error) -> bool {
+    match error.code() {
+        // Connection exceptions (class 08); the server shutting down, crashed or still starting.
+        Some(code) => {
+            let code = code.code();
+            code.starts_with("08") || ["57P01", "57P02", "57P03"].contains(&code)
+        }
+        // No answer at all: the connection closed, failed, or timed out.
+        None => {
+            error.is_closed()
+                || std::error::Error::source(error).is_some_and(|cause| cause.is::<std::io::Error>())
+                || error.to_string().starts_with("timeout")
+        }
+    }
+}
+
+/// Connects as deadpool's own `ConfigConnectImpl` does, but ends each connection's task (and
+/// so closes its socket, failing the calls waiting on it) when `cut` changes.
+struct CuttableConnect {
+    cut: tokio::sync::watch::Receiver<u64>,
+}
+
+type Connected = (tokio_postgres::Client, tokio::task::JoinHandle<()>);
+
+impl deadpool_postgres::Connect for CuttableConnect {
+    fn connect(
+        &self,
+        config: &tokio_postgres::Config,
+    ) -> std::pin::Pin<Box<dyn Future<Output = Result<Connected, tokio_postgres::Error>> + Send + '_>> {
+        let (config, mut cut) = (config.clone(), self.cut.clone());
+        Box::pin(async move {
+            let (client, connection) = config.connect(NoTls).await?;
+            cut.borrow_and_update();
+            let task = tokio::spawn(async move {
+                tokio::select! {
+                    ended = connection => {
+                        if let Err(error) = ended {
+                            tracing::debug!(error = %error, "a connection to the database ended");
+                        }
+                    }
+                    _ = cut.changed() => {}
+                }
+            });
+            Ok((client, task))
+        })
+    }
+}
+
+/// `config` with the bounds above, where the URL did not set its own.
+fn bounded(mut config: tokio_postgres::Config) -> tokio_postgres::Config {
+    if config.get_connect_timeout().is_none() {
+        config.connect_timeout(CONNECT_TIMEOUT);
+    }
+    if config.get_tcp_user_timeout().is_none() {
+        config.tcp_user_timeout(TCP_USER_TIMEOUT);
+    }
+    config
+        .keepalives(true)
+        .keepalives_idle(KEEPALIVE_IDLE)
+        .keepalives_interval(KEEPALIVE_INTERVAL)
+        .keepalives_retries(KEEPALIVE_RETRIES);
+    config
+}
+
+/// A pool of at most `max_size` connections to `config`'s server, every wait in it bounded.
+/// `RecyclingMethod::Fast` hands a pooled connection out again after checking only that it is
+/// still open (no query per call): one the server closed (a restart, a crash) is dropped and a
+/// new one made, so the pool reconnects by itself. A connection that fails a call (the server
+/// went away under it) is closed by then, and dropped at its next checkout the same way.
+fn bounded_pool(
+    config: tokio_postgres::Config,
+    cut: &tokio::sync::watch::Sender<u64>,
+    max_size: usize,
+    wait: Duration,
+    post_create: Option<&'static str>,
+) -> Result<Pool, Error> {
+    let connect = CuttableConnect { cut: cut.subscribe() };
+    let manager =
+        Manager::from_connect(bounded(config), connect, ManagerConfig { recycling_method: RecyclingMethod::Fast });
+    let mut builder = Pool::builder(manager)
+        .max_size(max_size)
+        .runtime(deadpool_postgres::Runtime::Tokio1)
+        .wait_timeout(Some(wait))
+        .create_timeout(Some(CONNECT_TIMEOUT))
+        .recycle_timeout(Some(CONNECT_TIMEOUT));
+    if let Some(statements) = post_create {
+        builder = builder.post_create(deadpool_postgres::Hook::async_fn(move |client, _| {
+            Box::pin(
+                async move { client.batch_execute(statements).await.map_err(deadpool_postgres::HookError::Backend) },
+            )
+        }));
+    }
+    builder.build().map_err(pg_error)
+}
+
+/// The database's clock: `clock_timestamp()` as unix milliseconds, with the instants the
+/// question left and the answer came (the reading is taken to be of their midpoint), and when
+/// the server started (its epoch: a restart changes it).
+async fn read_clock(client: &impl GenericClient) -> Result<(Instant, Instant, i64, i64), Error> {
+    let sent = Instant::now();
+    let row = client
+        .query_one(
+            "SELECT (extract(epoch FROM clock_timestamp()) * 1000)::bigint,
+                    (extract(epoch FROM pg_postmaster_start_time()) * 1000)::bigint",
+            &[],
+        )
+        .await
+        .map_err(pg_error)?;
+    Ok((sent, Instant::now(), row.get(0), row.get(1)))
 }
 
 fn to_json<T: Serialize>(value: &T) -> String {
@@ -162,6 +337,15 @@ fn decode_manifest(body: &[u8]) -> Result<pb::Manifest, Error> {
 pub struct Postgres {
     pool: Pool,
     locks: Pool,
+    /// One connection of the probe's own, so a busy pool never reads as an outage.
+    probes: Pool,
+    /// The database's clock, sampled at connect and at each probe.
+    clock: Arc<SampledClock>,
+    /// False from a probe the database did not answer in time to one it answered: calls then
+    /// fail at once (see [`PROBE_TIMEOUT`]).
+    answering: AtomicBool,
+    /// Changed to cut every connection of the three pools.
+    cut: tokio::sync::watch::Sender<u64>,
 }
 
 /// The advisory lock key the replica leading the background work holds.
@@ -203,20 +387,69 @@ impl Postgres {
     pub async fn connect(url: &str) -> Result<Postgres, Error> {
         let config: tokio_postgres::Config =
             url.parse().map_err(|error| Error::InvalidArgument(format!("invalid --state URL: {error}")))?;
-        let manager = Manager::from_config(config, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
-        let pool = Pool::builder(manager).max_size(STATE_CONNECTIONS).build().map_err(pg_error)?;
-        let lock_manager = Manager::from_config(
-            url.parse().map_err(pg_error)?,
-            NoTls,
-            ManagerConfig { recycling_method: RecyclingMethod::Fast },
-        );
-        let locks = Pool::builder(lock_manager).max_size(LOCK_CONNECTIONS).build().map_err(pg_error)?;
-        let state = Postgres { pool, locks };
+        let cut = tokio::sync::watch::Sender::new(0);
+        let pool = bounded_pool(config.clone(), &cut, STATE_CONNECTIONS, STATE_POOL_WAIT, None)?;
+        let locks = bounded_pool(config.clone(), &cut, LOCK_CONNECTIONS, LOCK_POOL_WAIT, Some(SERVER_KEEPALIVES))?;
+        let probes = bounded_pool(config, &cut, 1, PROBE_TIMEOUT, None)?;
+        let (sent, received, database_unix_ms, _) = read_clock(&probes.get().await.map_err(pg_error)?).await?;
+        let clock = SampledClock::new(sent, received, database_unix_ms);
+        let state = Postgres { pool, locks, probes, clock, answering: AtomicBool::new(true), cut };
         state.migrate().await?;
+        let offset_ms = state.clock.offset_ms();
+        if offset_ms.abs() > 1_000 {
+            tracing::warn!(
+                offset_ms,
+                "the database's clock differs from this machine's by more than a second: the coordinator keeps the database's time"
+            );
+        }
         Ok(state)
     }
 
+    /// The database's clock, which every replica sharing the database reads.
+    pub fn clock(&self) -> SharedClock {
+        self.clock.clone()
+    }
+
+    /// Asks the database for its clock: once it answers, the clock sampled again and when the
+    /// server started (unix milliseconds: a restart changes it); [`Error::DatabaseUnavailable`]
+    /// while it cannot be reached.
+    pub async fn probe(&self) -> Result<i64, Error> {
+        let asked = async { read_clock(&self.probes.get().await.map_err(pg_error)?).await };
+        let Ok(answer) = tokio::time::timeout(PROBE_TIMEOUT, asked).await else {
+            // The calls waiting on the server fail now, not when their callers give up.
+            if self.answering.swap(false, Ordering::SeqCst) {
+                self.cut.send_modify(|cuts| *cuts += 1);
+            }
+            let silence = format!("it did not answer within {} s", PROBE_TIMEOUT.as_secs());
+            return Err(Error::DatabaseUnavailable { what: "PostgreSQL", source: silence.into() });
+        };
+        let (sent, received, database_unix_ms, started_unix_ms) = answer?;
+        self.answering.store(true, Ordering::SeqCst);
+        self.clock.sample(sent, received, database_unix_ms);
+        Ok(started_unix_ms)
+    }
+
+    /// `Ok` unless the last probe went unanswered.
+    fn answering(&self) -> Result<(), Error> {
+        match self.answering.load(Ordering::SeqCst) {
+            true => Ok(()),
+            false => Err(Error::DatabaseUnavailable {
+                what: "PostgreSQL",
+                source: "it did not answer the last probe in time".into(),
+            }),
+        }
+    }
+
+    /// A connection of the locks' pool (see [`Postgres::client`]).
+    async fn lock_client(&self) -> Result<deadpool_postgres::Object, Error> {
+        self.answering()?;
+        self.locks.get().await.map_err(pg_error)
+    }
+
+    /// A connection of the state's pool, or at once [`Error::DatabaseUnavailable`] while the
+    /// database does not answer its probes.
     async fn client(&self) -> Result<deadpool_postgres::Object, Error> {
+        self.answering()?;
         self.pool.get().await.map_err(pg_error)
     }
 
@@ -713,19 +946,27 @@ impl State for Postgres {
         // The guard exists before the lock is asked for: a caller that stops waiting (its
         // request cancelled) drops it, and its unlock, queued behind the lock on the same
         // connection, releases the lock once granted.
-        let guard = AdvisoryLock { client: Some(self.locks.get().await.map_err(pg_error)?), key, exclusive };
+        let guard = AdvisoryLock { client: Some(self.lock_client().await?), key, exclusive };
         guard.client.as_ref().expect("held").query_one(lock, &[&key]).await.map_err(pg_error)?;
         Ok(Some(Box::new(guard)))
     }
 
     async fn lead_background_work(&self) -> Result<Option<Box<dyn Send + Sync>>, Error> {
-        let client = self.locks.get().await.map_err(pg_error)?;
+        let client = self.lock_client().await?;
         let row =
             client.cached_query_one("SELECT pg_try_advisory_lock($1)", &[&LEADER_LOCK_KEY]).await.map_err(pg_error)?;
         if !row.get::<_, bool>(0) {
             return Ok(None);
         }
         Ok(Some(Box::new(AdvisoryLock { client: Some(client), key: LEADER_LOCK_KEY, exclusive: true })))
+    }
+
+    async fn probe(&self) -> Result<i64, Error> {
+        Postgres::probe(self).await
+    }
+
+    fn shared_clock(&self) -> Option<SharedClock> {
+        Some(self.clock())
     }
 
     // Every transaction is durable once committed (PostgreSQL's synchronous commit).
@@ -1290,4 +1531,105 @@ pub(crate) async fn new_test_database(server_url: &str) -> String {
     };
     let user = config.get_user().unwrap_or("postgres");
     format!("postgres://{user}@{host}:{}/{name}", config.get_ports().first().copied().unwrap_or(5432))
+}
+
+#[cfg(test)]
+mod tests {
+    use proto::clock::Clock;
+
+    use super::*;
+    use crate::state::State;
+
+    /// The server `CACHE_TEST_POSTGRES_URL` names; `None` outside CI when it is unset.
+    fn test_server() -> Option<String> {
+        let Ok(server) = std::env::var("CACHE_TEST_POSTGRES_URL") else {
+            let in_ci = std::env::var("CI").is_ok_and(|value| value == "true" || value == "1");
+            assert!(!in_ci, "CACHE_TEST_POSTGRES_URL is not set: .ci/run starts PostgreSQL and sets it");
+            eprintln!("skipping: CACHE_TEST_POSTGRES_URL is not set");
+            return None;
+        };
+        Some(server)
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_server_fails_at_once_as_unavailable_in_words_that_blame_the_database() {
+        // A port bound but not listening: connections are refused.
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let port = socket.local_addr().unwrap().port();
+        let started = Instant::now();
+        let error = Postgres::connect(&format!("postgres://cache@127.0.0.1:{port}/cache")).await.err().unwrap();
+        assert!(started.elapsed() < CONNECT_TIMEOUT, "{:?}", started.elapsed());
+        assert!(matches!(error, Error::DatabaseUnavailable { .. }), "{error:?}");
+        assert!(error.line().ends_with("Connection refused (os error 111)"), "{}", error.line());
+        // The caller hears UNAVAILABLE without the connection's words, which a worker would
+        // read as the coordinator itself being unreachable.
+        let status = tonic::Status::from(error);
+        assert_eq!(status.code(), tonic::Code::Unavailable);
+        assert_eq!(
+            status.message(),
+            "database error: PostgreSQL: the coordinator's database is unavailable (stopped, restarting or too busy): \
+             try again once it is back"
+        );
+        // No connection free in time is the same; a refused statement is not.
+        assert!(unavailable(&deadpool_postgres::PoolError::Timeout(deadpool_postgres::TimeoutType::Wait)));
+    }
+
+    #[tokio::test]
+    async fn sessions_the_server_ended_are_replaced_and_their_locks_do_not_wedge_a_project() {
+        let Some(server) = test_server() else { return };
+        let url = new_test_database(&server).await;
+        let (state, other) = (Postgres::connect(&url).await.unwrap(), Postgres::connect(&url).await.unwrap());
+        // The database's clock, on this machine: the same as the system's, to within the test's pace.
+        let offset = state.clock().now_unix_ms() - proto::clock::SystemClock.now_unix_ms();
+        assert!(offset.abs() < 1_000, "{offset} ms");
+        let epoch = state.probe().await.unwrap();
+        assert_eq!(state.probe().await.unwrap(), epoch, "the server did not restart");
+
+        let record = ProjectRecord {
+            name: "a".into(),
+            token_sha256_hex: String::new(),
+            created_unix: 0,
+            generation: 0,
+            quota_bytes: 0,
+            sweep_after_unix: 0,
+        };
+        state.create_project(&record).await.unwrap();
+        let held = state.project_lock("a", true).await.unwrap();
+        // The server ends every session of this database (as a restart does, to the client).
+        let (client, connection) = tokio_postgres::connect(&url, NoTls).await.unwrap();
+        tokio::spawn(connection);
+        let ended: i64 = client
+            .query_one(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+                 WHERE datname = current_database() AND pid <> pg_backend_pid()",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert!(ended >= 3, "{ended} sessions ended");
+        // The lock went with its session: another replica takes it at once.
+        let taken = tokio::time::timeout(Duration::from_secs(5), other.project_lock("a", true)).await;
+        let taken = taken.expect("the dead session's lock is free").unwrap();
+        drop((held, taken));
+
+        // A pooled connection whose end was not seen yet fails one call, as unavailable; then
+        // the pool has made new ones, with no restart of anything.
+        let mut failures = 0;
+        for _ in 0..2 * STATE_CONNECTIONS {
+            match state.project("a").await {
+                Ok(found) => assert_eq!(found, Some(record.clone())),
+                Err(Error::DatabaseUnavailable { .. }) => failures += 1,
+                Err(error) => panic!("{error:?}"),
+            }
+        }
+        assert!(failures <= STATE_CONNECTIONS, "{failures} calls failed");
+        assert_eq!(state.project("a").await.unwrap(), Some(record));
+        assert!(state.project_lock("a", false).await.is_ok());
+        assert_eq!(state.probe().await.unwrap(), epoch);
+        // A statement the server refuses is an error of its own, not an outage.
+        let refused = client.batch_execute("SELECT no_such_column FROM lc_projects").await.unwrap_err();
+        assert!(matches!(pg_error(refused), Error::Database { .. }));
+    }
 }

@@ -224,5 +224,11 @@ async fn every_dashboard_panel_reads_the_right_values_from_a_real_prometheus() {
         series(&answers[&key]).first().map(|(_, value)| *value)
     };
     assert_eq!((budget("A"), budget("B")), (Some(0.0), Some(256.0)));
+    // The state answered all along: up, and no outage.
+    let database = |ref_id: &str| {
+        let key = (answers_title(&answers, "Coordinator database up"), ref_id.to_owned());
+        series(&answers[&key]).first().map(|(_, value)| *value)
+    };
+    assert_eq!((database("A"), database("B")), (Some(1.0), Some(0.0)));
     coordinator.stop();
 }

@@ -7,7 +7,7 @@
 //! content store's files out of sight, a save reads the blobs through containerd's socket
 //! (`--containerd-socket`), and a fresh host restored from it rebuilds fully cached.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 
 use super::incremental_save::{
@@ -30,6 +30,12 @@ fn save_with_the_data_root_moved(
     let mut args = global_flags.to_vec();
     args.extend(["save", "--service", "app", "app:1", "base:1"]);
     let worker = coordinator.cache_worker_command_on(host, token, &args);
+    with_the_data_root_moved(&worker, host, mounted)
+}
+
+/// Runs `worker` in a mount namespace of its own where `host`'s data root is an empty tmpfs
+/// and its files are at `mounted` (read-only), when given.
+pub(super) fn with_the_data_root_moved(worker: &Command, host: &DockerEngine, mounted: Option<&Path>) -> Output {
     let script = match mounted {
         Some(_) => {
             r#"mount --bind "$0" "$1" && mount -o remount,bind,ro "$1" && mount -t tmpfs none "$0" && shift && exec "$@""#
@@ -117,15 +123,11 @@ fn with_the_data_root_mounted_elsewhere_engine_20_10_saves_in_place_given_engine
 }
 
 /// The socket of the containerd the engine started for itself, under its exec root.
-fn containerd_socket(host: &DockerEngine) -> PathBuf {
-    host.data_root().parent().unwrap().join("x/containerd/containerd.sock")
-}
-
 #[test]
 fn with_the_content_store_out_of_sight_the_containerd_store_is_read_through_containerds_socket() {
     let Some(host) = DockerEngine::start_with_containerd_store() else { return };
     let Built { coordinator, data_dir, token, app } = built_on(&host);
-    let socket = containerd_socket(&host);
+    let socket = host.containerd_socket();
     assert!(socket.exists(), "the engine's containerd listens at {}", socket.display());
 
     let socket_flag = ["--containerd-socket", socket.to_str().unwrap()];

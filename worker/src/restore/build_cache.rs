@@ -13,7 +13,7 @@ use proto::v1 as pb;
 use crate::build_dirs::BuildDirs;
 use crate::error::WorkerError;
 use crate::layout;
-use crate::load::{BlobOutcome, BlobReader, Copy, copy_from_host};
+use crate::load::{BlobOutcome, BlobReader, Copy};
 use crate::save_source::HostBlobs;
 
 /// Writes BuildKit's restored cache export (containerd image store) into `dirs.cache()`: no
@@ -33,7 +33,8 @@ pub(super) async fn restore_build_cache<R: BlobReader>(
     if caches.is_empty() {
         return Ok(Vec::new());
     }
-    let wanted = blobs_to_download(&caches, dirs, host)?;
+    let (wanted, from_host) = blobs_to_download(&caches, dirs, host)?;
+    host.copy_out(from_host).await.map_err(WorkerError::Host)?;
     let downloads = wanted.into_iter().map(|(digest, size)| download(store, dirs, digest, size));
     let outcomes: Vec<_> = futures::stream::iter(downloads).buffer_unordered(concurrency.max(1)).try_collect().await?;
     std::fs::write(dirs.cache().join("oci-layout"), crate::oci::OCI_LAYOUT).map_err(host_io)?;
@@ -42,13 +43,16 @@ pub(super) async fn restore_build_cache<R: BlobReader>(
 }
 
 /// The caches' blobs neither in the cache folder already, nor held by the host (a layer) or
-/// linked there from the restored images' layout or the host's content store, each once.
+/// linked there from the restored images' layout, each once; and the other blobs the host
+/// holds, with their files in the cache folder.
+#[allow(clippy::type_complexity)]
 fn blobs_to_download(
     caches: &[&pb::Image],
     dirs: &BuildDirs,
     host: &HostBlobs,
-) -> Result<Vec<(String, u64)>, WorkerError> {
+) -> Result<(Vec<(String, u64)>, Vec<(String, std::path::PathBuf)>), WorkerError> {
     let mut wanted: Vec<(String, u64)> = Vec::new();
+    let mut from_host = Vec::new();
     let layers: std::collections::HashSet<&str> =
         caches.iter().flat_map(|image| &image.layers).map(|layer| layer.digest.as_str()).collect();
     for (digest, size) in caches.iter().flat_map(|image| crate::oci::image_blobs(image)) {
@@ -58,9 +62,9 @@ fn blobs_to_download(
         if cached.exists() || std::fs::hard_link(&restored, &cached).is_ok() {
             continue;
         }
-        if let Some(held) = host.holds(&digest) {
-            if !layers.contains(digest.as_str()) {
-                copy_from_host(&[(held, cached)]).map_err(WorkerError::Host)?;
+        if host.holds(&digest) {
+            if !layers.contains(digest.as_str()) && !from_host.iter().any(|(known, _)| *known == digest) {
+                from_host.push((digest, cached));
             }
             continue;
         }
@@ -68,7 +72,7 @@ fn blobs_to_download(
             wanted.push((digest, size));
         }
     }
-    Ok(wanted)
+    Ok((wanted, from_host))
 }
 
 /// Downloads one blob into the cache folder, renamed into place once verified.

@@ -1,10 +1,12 @@
 //! `cache-worker restore`: looks the cache key up, streams the manifest's blobs into
-//! `docker load` (verified on the way), brings back every tag, and says which `--cache-from`
+//! `docker load` (verified on the way; on the containerd store the layers written into the
+//! engine's content store first where it can, `place.rs`), brings back every tag, and says which `--cache-from`
 //! flags the next build should use. It reads begin (look up) → load → tag → report; the
 //! coordinator and the engine are behind the seams of `seams.rs`.
 
 mod build_cache;
 mod flags;
+mod place;
 pub mod seams;
 #[cfg(test)]
 mod tests;
@@ -20,12 +22,13 @@ use proto::v1 as pb;
 use crate::build_dirs::{BuildDirs, HostRecord};
 use crate::docker::EngineError;
 use crate::error::WorkerError;
-use crate::load::{LoadFailure, StreamEnd, Streamed, copy_from_host, load_stream, plan_load, plan_oci_load};
+use crate::load::{LoadFailure, StreamEnd, Streamed, load_stream, plan_load, plan_oci_load};
 use crate::progress::{Progress, rate};
 use crate::save_source::HostBlobs;
 use build_cache::{host_io, restore_build_cache};
 pub use flags::build_flags;
 use flags::{buildkit_local_flags, cache_from_images, saved_as_oci, stage_leaves};
+use place::Placer;
 use seams::{ImageLoader, Lease, Lookup, RestoreCoordinator};
 
 pub struct RestoreOptions {
@@ -206,7 +209,8 @@ impl Run<'_> {
     ) -> Result<Streamed, WorkerError> {
         let store = coordinator.blob_reader(plan).await?;
         let concurrency = plan.max_concurrency as usize;
-        let host = if self.oci { engine.host_blobs(&self.options.stores).await? } else { HostBlobs::default() };
+        let mut host = if self.oci { engine.host_blobs(&self.options.stores).await? } else { HostBlobs::default() };
+        host.ask(manifest.images.iter().flat_map(crate::oci::image_blobs).map(|(digest, _)| digest)).await;
         // A cache of BuildKit's export alone (a view's push saves it so) has no image to load,
         // and the engine refuses a layout without one.
         let mut streamed = if manifest.images.iter().any(|image| !image.build_cache) {
@@ -245,15 +249,59 @@ impl Run<'_> {
         host: &HostBlobs,
         concurrency: usize,
     ) -> Result<Streamed, WorkerError> {
-        let load_plan = if self.oci {
+        let mut load_plan = if self.oci {
             plan_oci_load(manifest, &self.dirs.images(), host)
         } else {
             plan_load(manifest, &engine.layer_chains().await?)
         };
         let to_download: u64 = load_plan.blobs.iter().filter(|blob| !blob.skipped).map(|blob| blob.size).sum();
         let trailer = load_plan.trailer.clone();
-        copy_from_host(&load_plan.from_host).map_err(WorkerError::Host)?;
+        host.copy_out(std::mem::take(&mut load_plan.from_host)).await.map_err(WorkerError::Host)?;
         let bar = Progress::for_stderr().bar(&format!("restore {}", self.options.service), to_download);
+        // On the containerd store, the layers written into the content store first (the
+        // engine then loads a layout without them), under a lease held until the load is done.
+        let placer = if self.oci { Placer::begin(host).await } else { None };
+        let placed = match &placer {
+            Some(placer) => {
+                let placing = Instant::now();
+                let placed = placer.place(store, &mut load_plan, concurrency, &bar).await;
+                tracing::debug!(seconds = placing.elapsed().as_secs_f64(), "the layers are in the content store");
+                placed
+            }
+            None => Ok(Vec::new()),
+        };
+        let loaded = match placed {
+            Ok(placed) => {
+                self.load_stream(coordinator, engine, store, load_plan, concurrency, bar).await.map(|mut streamed| {
+                    streamed.placed = placed.len();
+                    streamed.blobs.extend(placed);
+                    streamed
+                })
+            }
+            Err(failure) => Err(self.failed_blob(coordinator, failure).await),
+        };
+        if let Some(placer) = placer {
+            placer.end().await;
+        }
+        let streamed = loaded?;
+        if self.oci {
+            for (name, bytes) in &trailer {
+                std::fs::write(self.dirs.images().join(name), bytes).map_err(host_io)?;
+            }
+        }
+        Ok(streamed)
+    }
+
+    /// Streams `load_plan` into `docker load`.
+    async fn load_stream<C: RestoreCoordinator, E: ImageLoader>(
+        &self,
+        coordinator: &mut C,
+        engine: &E,
+        store: &C::Reader,
+        load_plan: crate::load::LoadPlan,
+        concurrency: usize,
+        bar: crate::progress::Bar,
+    ) -> Result<Streamed, WorkerError> {
         let (tarball, outcome) = load_stream(store.clone(), load_plan, concurrency, bar);
         let loading = Instant::now();
         let loaded = engine.load(tarball).await;
@@ -265,26 +313,23 @@ impl Run<'_> {
         }
         let streamed = match outcome.ended().await {
             StreamEnd::Finished(streamed) | StreamEnd::Dropped(streamed) => streamed,
-            // A verification failure is the cause of the engine's error: name the blob, and
-            // tell the coordinator, which checks the store and drops a lost blob so the next
-            // save uploads it.
-            StreamEnd::Failed(failure) => {
-                let reported = match &failure {
-                    LoadFailure::DigestMismatch { digest, .. } | LoadFailure::Missing { digest } => {
-                        format!("; {}", coordinator.report_bad_blob(digest).await.said())
-                    }
-                    LoadFailure::Transfer(_) => String::new(),
-                };
-                return Err(WorkerError::Restore(format!("{failure}; the engine loaded nothing{reported}")));
-            }
+            StreamEnd::Failed(failure) => return Err(self.failed_blob(coordinator, failure).await),
         };
         loaded?;
-        if self.oci {
-            for (name, bytes) in &trailer {
-                std::fs::write(self.dirs.images().join(name), bytes).map_err(host_io)?;
-            }
-        }
         Ok(streamed)
+    }
+
+    /// A blob that failed: a verification failure is the cause of the engine's error: name the
+    /// blob, and tell the coordinator, which checks the store and drops a lost blob so the next
+    /// save uploads it.
+    async fn failed_blob<C: RestoreCoordinator>(&self, coordinator: &mut C, failure: LoadFailure) -> WorkerError {
+        let reported = match &failure {
+            LoadFailure::DigestMismatch { digest, .. } | LoadFailure::Missing { digest } => {
+                format!("; {}", coordinator.report_bad_blob(digest).await.said())
+            }
+            LoadFailure::Transfer(_) => String::new(),
+        };
+        WorkerError::Restore(format!("{failure}; the engine loaded nothing{reported}"))
     }
 
     /// Reports the hit, records what was restored, and says which flags the build carries.
@@ -295,7 +340,7 @@ impl Run<'_> {
         streamed: Streamed,
         lease: Lease,
     ) -> Restored {
-        let Streamed { blobs, skipped } = streamed;
+        let Streamed { blobs, skipped, placed } = streamed;
         let bytes: u64 = blobs.iter().map(|blob| blob.bytes).sum();
         let seconds = self.started.elapsed().as_secs_f64();
         let layers = layer_metrics(manifest, &blobs, &skipped);
@@ -303,8 +348,13 @@ impl Run<'_> {
         coordinator.report_metrics(report).await;
         self.write_record(manifest);
         let flags = self.flags(manifest);
+        let placed = if placed > 0 {
+            format!(", {placed} of them written straight into the engine's content store")
+        } else {
+            String::new()
+        };
         (self.say)(&format!(
-            "restored {}: {} images, {} blobs downloaded ({}), {} layers already on this host, in {:.1} s, {}",
+            "restored {}: {} images, {} blobs downloaded ({}){placed}, {} layers already on this host, in {:.1} s, {}",
             self.options.service,
             manifest.images.len(),
             blobs.len(),

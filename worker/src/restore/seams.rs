@@ -145,7 +145,7 @@ impl ImageLoader for Engine {
     }
 
     async fn host_blobs(&self, stores: &EngineStores) -> Result<HostBlobs, EngineError> {
-        Ok(HostBlobs::of(&self.storage().await?, stores))
+        Ok(HostBlobs::find(&self.storage().await?, stores).await)
     }
 
     async fn image_ids(&self) -> Result<HashSet<String>, EngineError> {
