@@ -17,11 +17,20 @@
 //!   them per token (beyond, that token's oldest lapses), so a project arriving later always
 //!   finds its share.
 //!
+//! Leases are partitioned by project: a change (grant, keep-alive, release) sees its own
+//! project's leases in full and, of the others, only each project's demand as that project's
+//! last change recorded it, so no project ever waits for another's. Across replicas that
+//! snapshot may be one concurrent change old, so the budget is a soft bound there: two
+//! projects granting at once may each count the other's demand from just before, and
+//! together exceed their shares until their saves' next keep-alive (every save learns its
+//! current share from each) or their restores end. A project whose leases all lapsed counts
+//! 0 (its demand carries when its last lease lapses); the next change of its leases drops them.
+//!
 //! A restore's lease also protects the blobs it reads from eviction and collection. The bound
 //! counts each token's restores apart, so no token (a pull request's, looking up its own
 //! branches) can end the lease, and the protection, of a restore another token runs.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -29,7 +38,10 @@ use proto::v1 as pb;
 
 use crate::error::Error;
 pub use crate::state::LeaseKind;
-use crate::state::{Ephemeral, Lease, Leases};
+use crate::state::{Ephemeral, Lease, LeaseDemand, Leases};
+
+/// Other projects' demands (requests in flight their live leases ask for), by project.
+type Demands = BTreeMap<String, u32>;
 
 /// How long a lease holds without its save committing or saying it is alive, or its restore
 /// reporting.
@@ -50,7 +62,8 @@ pub struct PlanSettings {
 }
 
 /// The planner. Its leases live in the state's ephemeral records, so replicas sharing a
-/// database share one budget; every change runs on one consistent view of them.
+/// database share one budget; every change runs on one consistent view of its project's
+/// leases, beside the other projects' demands.
 pub struct TransferBudget {
     settings: PlanSettings,
     leases: Arc<dyn Ephemeral>,
@@ -81,24 +94,56 @@ impl TransferBudget {
         TransferBudget { settings, leases }
     }
 
-    /// Runs `change` on the live leases at `now`; when some lapsed, the others' shares are
-    /// recomputed first.
-    async fn change<R: Send>(&self, now: i64, change: impl FnOnce(&mut Leases) -> R + Send) -> Result<R, Error> {
+    /// Runs `change` on `project`'s live leases at `now`, beside the other projects' live
+    /// demands; when some of its leases lapsed, the others' shares are recomputed first.
+    async fn change<R: Send>(
+        &self,
+        project: &str,
+        now: i64,
+        change: impl FnOnce(&mut Leases, &Demands) -> R + Send,
+    ) -> Result<R, Error> {
         let mut change = Some(change);
         let mut result = None;
         self.leases
-            .update_leases(&mut |leases| {
-                leases.retain(|_, lease| !lapsed(lease.renewed_unix_ms, now));
-                self.rebalance(leases);
-                if let Some(change) = change.take() {
-                    result = Some(change(leases));
-                }
+            .update_leases(project, &mut |leases, demands| {
+                let change = change.take().expect("a change runs once");
+                let (changed, demand) = self.run_change(project, now, leases, demands, change);
+                result = Some(changed);
+                demand
             })
             .await?;
         Ok(result.expect("the change ran"))
     }
 
-    /// Answers `read` of the live leases at `now`.
+    /// Runs `change` on `project`'s `leases` at `now` (those lapsed dropped first), beside the
+    /// live ones of the other projects' `demands`; answers what `change` did and the project's
+    /// demand after it, as [`Ephemeral::update_leases`] records it.
+    fn run_change<R>(
+        &self,
+        project: &str,
+        now: i64,
+        leases: &mut Leases,
+        demands: &crate::state::LeaseDemands,
+        change: impl FnOnce(&mut Leases, &Demands) -> R,
+    ) -> (R, LeaseDemand) {
+        leases.retain(|_, lease| lease.project == project && !lapsed(lease.renewed_unix_ms, now));
+        let others: Demands = demands
+            .iter()
+            .filter(|(other, demand)| *other != project && demand.lapses_unix_ms > now)
+            .map(|(other, demand)| (other.clone(), demand.demand))
+            .collect();
+        self.rebalance(project, leases, &others);
+        let changed = change(leases, &others);
+        let lapses_unix_ms = leases
+            .values()
+            .map(|lease| lease.renewed_unix_ms.saturating_add(LEASE_LIFETIME.as_millis() as i64))
+            .max()
+            .unwrap_or(now);
+        (changed, LeaseDemand { demand: self.demand(leases.values()), lapses_unix_ms })
+    }
+
+    /// Answers `read` of every project's live leases at `now`, each project's shares computed
+    /// from all of them.
     async fn read<R: Send>(
         &self,
         now: i64,
@@ -106,14 +151,21 @@ impl TransferBudget {
     ) -> Result<R, Error> {
         let mut result = None;
         self.leases
-            .read_leases(&mut |leases| {
-                let mut live: Leases = leases
+            .read_leases(None, &mut |leases| {
+                let mut by_project: BTreeMap<String, Leases> = BTreeMap::new();
+                for (id, lease) in leases.iter().filter(|(_, lease)| !lapsed(lease.renewed_unix_ms, now)) {
+                    by_project.entry(lease.project.clone()).or_default().insert(id.clone(), lease.clone());
+                }
+                let demands: Demands = by_project
                     .iter()
-                    .filter(|(_, lease)| !lapsed(lease.renewed_unix_ms, now))
-                    .map(|(id, lease)| (id.clone(), lease.clone()))
+                    .map(|(project, leases)| (project.clone(), self.demand(leases.values())))
                     .collect();
-                self.rebalance(&mut live);
-                result = Some(read(&mut live.values()));
+                for (project, leases) in by_project.iter_mut() {
+                    let mut others = demands.clone();
+                    others.remove(project);
+                    self.rebalance(project, leases, &others);
+                }
+                result = Some(read(&mut by_project.values().flat_map(|leases| leases.values())));
             })
             .await?;
         Ok(result.expect("the read ran"))
@@ -159,10 +211,15 @@ impl TransferBudget {
 
     /// The blobs the live restores of `project` read.
     pub async fn read_by_restores(&self, project: &str, now: i64) -> Result<HashSet<String>, Error> {
-        self.read(now, |leases| {
-            leases.filter(|lease| lease.project == project).flat_map(|lease| lease.reads.iter().cloned()).collect()
-        })
-        .await
+        let mut reads = HashSet::new();
+        self.leases
+            .read_leases(Some(project), &mut |leases| {
+                let live =
+                    leases.values().filter(|lease| lease.project == project && !lapsed(lease.renewed_unix_ms, now));
+                reads = live.flat_map(|lease| lease.reads.iter().cloned()).collect();
+            })
+            .await?;
+        Ok(reads)
     }
 
     async fn grant_reading(
@@ -174,46 +231,72 @@ impl TransferBudget {
         reads: BTreeSet<String>,
         now: i64,
     ) -> Result<pb::TransferPlan, Error> {
-        let concurrency = self
-            .change(now, |leases| {
-                leases.remove(lease_id);
-                let concurrency = match kind {
-                    LeaseKind::Save => 0,
-                    LeaseKind::Restore => {
-                        // Only the holder's own restores make room: another token's lookups
-                        // never end a lease, nor the protection of the blobs it reads.
-                        let mut restores: Vec<(u64, String)> = leases
-                            .iter()
-                            .filter(|(_, lease)| {
-                                lease.project == project && lease.kind == LeaseKind::Restore && lease.holder == holder
-                            })
-                            .map(|(id, lease)| (lease.order, id.clone()))
-                            .collect();
-                        restores.sort();
-                        let beyond = (restores.len() + 1).saturating_sub(MOST_RESTORES_PER_TOKEN);
-                        for (_, oldest) in restores.iter().take(beyond) {
-                            leases.remove(oldest);
-                        }
-                        self.restore_share(leases, project)
-                    }
-                };
-                let order = leases.values().map(|lease| lease.order + 1).max().unwrap_or(0);
-                let lease = Lease {
-                    project: project.to_owned(),
-                    kind,
-                    fixed: concurrency,
-                    concurrency,
-                    order,
-                    renewed_unix_ms: now,
-                    reads,
-                    holder: holder.to_owned(),
-                };
-                leases.insert(lease_id.to_owned(), lease);
-                self.rebalance(leases);
-                leases[lease_id].concurrency
+        let mut reads = Some(reads);
+        let mut plan = None;
+        self.leases
+            .update_leases(project, &mut |leases, demands| {
+                let reads = reads.take().expect("a grant runs once");
+                let (granted, demand) = self.grant_in(project, holder, lease_id, kind, reads, now, leases, demands);
+                plan = Some(granted);
+                demand
             })
             .await?;
-        Ok(self.plan(lease_id, concurrency))
+        Ok(plan.expect("the grant ran"))
+    }
+
+    /// Grants `project` a lease (see [`TransferBudget::grant_restore`]) inside a step its
+    /// caller runs on the project's `leases` and the others' `demands` (as
+    /// [`Ephemeral::update_leases`] does): the plan, and the demand to record.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn grant_in(
+        &self,
+        project: &str,
+        holder: &str,
+        lease_id: &str,
+        kind: LeaseKind,
+        reads: BTreeSet<String>,
+        now: i64,
+        leases: &mut Leases,
+        demands: &crate::state::LeaseDemands,
+    ) -> (pb::TransferPlan, LeaseDemand) {
+        let (concurrency, demand) = self.run_change(project, now, leases, demands, |leases, others| {
+            leases.remove(lease_id);
+            let concurrency = match kind {
+                LeaseKind::Save => 0,
+                LeaseKind::Restore => {
+                    // Only the holder's own restores make room: another token's lookups
+                    // never end a lease, nor the protection of the blobs it reads.
+                    let mut restores: Vec<(u64, String)> = leases
+                        .iter()
+                        .filter(|(_, lease)| {
+                            lease.project == project && lease.kind == LeaseKind::Restore && lease.holder == holder
+                        })
+                        .map(|(id, lease)| (lease.order, id.clone()))
+                        .collect();
+                    restores.sort();
+                    let beyond = (restores.len() + 1).saturating_sub(MOST_RESTORES_PER_TOKEN);
+                    for (_, oldest) in restores.iter().take(beyond) {
+                        leases.remove(oldest);
+                    }
+                    self.restore_share(leases, others, project)
+                }
+            };
+            let order = leases.values().map(|lease| lease.order + 1).max().unwrap_or(0);
+            let lease = Lease {
+                project: project.to_owned(),
+                kind,
+                fixed: concurrency,
+                concurrency,
+                order,
+                renewed_unix_ms: now,
+                reads,
+                holder: holder.to_owned(),
+            };
+            leases.insert(lease_id.to_owned(), lease);
+            self.rebalance(project, leases, others);
+            leases[lease_id].concurrency
+        });
+        (self.plan(lease_id, concurrency), demand)
     }
 
     fn plan(&self, lease_id: &str, concurrency: u32) -> pb::TransferPlan {
@@ -225,15 +308,24 @@ impl TransferBudget {
         }
     }
 
-    /// Each project's demand: its restores' fixed shares, and a full worker's cap for each save.
-    fn demands<'a>(&self, leases: &'a Leases) -> BTreeMap<&'a str, u32> {
-        let mut demands: BTreeMap<&str, u32> = BTreeMap::new();
-        for lease in leases.values() {
-            let demand = match lease.kind {
+    /// A project's demand, from its leases: its restores' fixed shares, and a full worker's
+    /// cap for each save.
+    fn demand<'a>(&self, leases: impl Iterator<Item = &'a Lease>) -> u32 {
+        leases
+            .map(|lease| match lease.kind {
                 LeaseKind::Save => self.settings.worker_concurrency,
                 LeaseKind::Restore => lease.fixed,
-            };
-            *demands.entry(lease.project.as_str()).or_default() += demand;
+            })
+            .fold(0u32, u32::saturating_add)
+    }
+
+    /// Every project's demand: the others' as given, `project`'s from its `leases`, plus `more`.
+    fn demands<'a>(&self, project: &'a str, leases: &Leases, others: &'a Demands, more: u32) -> BTreeMap<&'a str, u32> {
+        let mut demands: BTreeMap<&str, u32> =
+            others.iter().filter(|(_, demand)| **demand > 0).map(|(other, demand)| (other.as_str(), *demand)).collect();
+        let own = self.demand(leases.values()).saturating_add(more);
+        if own > 0 {
+            demands.insert(project, own);
         }
         demands
     }
@@ -241,62 +333,51 @@ impl TransferBudget {
     /// What a new restore of `project` gets: what its fair share (as if it asked a worker's
     /// cap more) leaves beside its restores, within half the budget for all its restores, and
     /// never below one.
-    fn restore_share(&self, leases: &Leases, project: &str) -> u32 {
+    fn restore_share(&self, leases: &Leases, others: &Demands, project: &str) -> u32 {
         let cap = self.settings.worker_concurrency;
-        let mut demands = self.demands(leases);
-        *demands.entry(project).or_default() += cap;
+        let demands = self.demands(project, leases, others, cap);
         let share = fair_shares(self.settings.transfer_budget, &demands)[project];
-        let restoring: u32 = leases
-            .values()
-            .filter(|lease| lease.project == project && lease.kind == LeaseKind::Restore)
-            .map(|lease| lease.fixed)
-            .sum();
+        let restoring: u32 =
+            leases.values().filter(|lease| lease.kind == LeaseKind::Restore).map(|lease| lease.fixed).sum();
         let half = (self.settings.transfer_budget / 2).saturating_sub(restoring);
         share.saturating_sub(restoring).min(half).min(cap).max(1)
     }
 
-    /// Gives every save its part of its project's fair share, oldest first: an equal part
-    /// within the worker's cap, or, when the project holds more saves than its share has
-    /// requests, one each for the oldest and none for the rest.
-    fn rebalance(&self, leases: &mut Leases) {
+    /// Gives every save of `project` (its `leases`) its part of the project's fair share beside
+    /// the `others`' demands, oldest first: an equal part within the worker's cap, or, when the
+    /// project holds more saves than its share has requests, one each for the oldest and none
+    /// for the rest.
+    fn rebalance(&self, project: &str, leases: &mut Leases, others: &Demands) {
         for lease in leases.values_mut().filter(|lease| lease.kind == LeaseKind::Restore) {
             lease.concurrency = lease.fixed;
         }
-        let shares = fair_shares(self.settings.transfer_budget, &self.demands(leases));
-        // Each project's saves by the token that began them.
-        let mut saves: BTreeMap<String, BTreeMap<String, Vec<(u64, String)>>> = BTreeMap::new();
-        let mut restoring: HashMap<String, u32> = HashMap::new();
+        let demands = self.demands(project, leases, others, 0);
+        let Some(share) = fair_shares(self.settings.transfer_budget, &demands).get(project).copied() else { return };
+        // The project's saves by the token that began them.
+        let mut by_token: BTreeMap<String, Vec<(u64, String)>> = BTreeMap::new();
+        let mut restoring = 0u32;
         for (id, lease) in leases.iter() {
             match lease.kind {
-                LeaseKind::Save => saves
-                    .entry(lease.project.clone())
-                    .or_default()
-                    .entry(lease.holder.clone())
-                    .or_default()
-                    .push((lease.order, id.clone())),
-                LeaseKind::Restore => *restoring.entry(lease.project.clone()).or_default() += lease.fixed,
+                LeaseKind::Save => by_token.entry(lease.holder.clone()).or_default().push((lease.order, id.clone())),
+                LeaseKind::Restore => restoring += lease.fixed,
             }
         }
-        for (project, by_token) in saves {
-            let share = shares[&project].saturating_sub(restoring.get(&project).copied().unwrap_or(0));
-            // Max-min fair between the project's tokens, then evenly between a token's saves
-            // (the older first when the share does not divide).
-            let demands: BTreeMap<&str, u32> = by_token
-                .iter()
-                .map(|(token, ids)| {
-                    (token.as_str(), (ids.len() as u32).saturating_mul(self.settings.worker_concurrency))
-                })
-                .collect();
-            let token_shares = fair_shares(share, &demands);
-            for (token, mut ids) in by_token {
-                ids.sort();
-                let share = token_shares[&token];
-                let n = ids.len() as u32;
-                for (i, (_, id)) in ids.iter().enumerate() {
-                    let i = i as u32;
-                    let part = share / n + u32::from(i < share % n);
-                    leases.get_mut(id).expect("listed").concurrency = part.min(self.settings.worker_concurrency);
-                }
+        let share = share.saturating_sub(restoring);
+        // Max-min fair between the project's tokens, then evenly between a token's saves
+        // (the older first when the share does not divide).
+        let token_demands: BTreeMap<&str, u32> = by_token
+            .iter()
+            .map(|(token, ids)| (token.as_str(), (ids.len() as u32).saturating_mul(self.settings.worker_concurrency)))
+            .collect();
+        let token_shares = fair_shares(share, &token_demands);
+        for (token, mut ids) in by_token {
+            ids.sort();
+            let share = token_shares[&token];
+            let n = ids.len() as u32;
+            for (i, (_, id)) in ids.iter().enumerate() {
+                let i = i as u32;
+                let part = share / n + u32::from(i < share % n);
+                leases.get_mut(id).expect("listed").concurrency = part.min(self.settings.worker_concurrency);
             }
         }
     }
@@ -305,7 +386,7 @@ impl TransferBudget {
     /// since the last answer), or `None` when the lease has lapsed or is another project's.
     pub async fn renew(&self, project: &str, lease_id: &str, now: i64) -> Result<Option<pb::TransferPlan>, Error> {
         let concurrency = self
-            .change(now, |leases| {
+            .change(project, now, |leases, _| {
                 let lease = leases.get_mut(lease_id).filter(|lease| lease.project == project)?;
                 lease.renewed_unix_ms = now;
                 Some(lease.concurrency)
@@ -316,10 +397,9 @@ impl TransferBudget {
 
     /// Gives a lease's share back. Only the project that holds it can release it.
     pub async fn release(&self, project: &str, lease_id: &str, now: i64) -> Result<(), Error> {
-        self.change(now, |leases| {
-            if leases.get(lease_id).is_some_and(|lease| lease.project == project) {
-                leases.remove(lease_id);
-                self.rebalance(leases);
+        self.change(project, now, |leases, others| {
+            if leases.remove(lease_id).is_some() {
+                self.rebalance(project, leases, others);
             }
         })
         .await

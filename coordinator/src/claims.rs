@@ -122,15 +122,29 @@ impl PendingSaves {
     /// Refused while its token holds [`MOST_SAVES_PER_TOKEN`] saves or
     /// [`MOST_HELD_NAMES_PER_TOKEN`] names. Also answers the project's saves that fell
     /// silent (see [`PendingSaves::newly_silent`]), in the same step.
+    /// (The service registers a save inside its begin's step: see [`PendingSaves::begin_in`].)
+    #[cfg(test)]
     pub(crate) async fn begin(
         &self,
+        save_id: String,
+        save: OpenSave,
+        missing: Vec<String>,
+        now: i64,
+    ) -> Result<Begun, Error> {
+        let project = save.project.clone();
+        self.change(Some(&project), move |saves| self.begin_in(saves, save_id, save, missing, now)).await?
+    }
+
+    /// [`PendingSaves::begin`] inside a step its caller runs on the project's open `saves`.
+    pub(crate) fn begin_in(
+        &self,
+        saves: &mut OpenSaves,
         save_id: String,
         mut save: OpenSave,
         missing: Vec<String>,
         now: i64,
     ) -> Result<Begun, Error> {
-        let project = save.project.clone();
-        self.change(Some(&project), move |saves| {
+        {
             let silent = self.note_silent(saves, Some(&save.project), now);
             save.named.extend(missing.iter().cloned());
             let of_token =
@@ -166,8 +180,7 @@ impl PendingSaves {
             save.claimed = to_upload.iter().cloned().collect();
             saves.insert(save_id, save);
             Ok(Begun { to_upload, in_flight, silent })
-        })
-        .await?
+        }
     }
 
     /// The blobs open saves of `project` name (a garbage collection keeps them).
@@ -252,14 +265,7 @@ impl PendingSaves {
 
     /// Forgets a save (and its claims); whether it was there.
     pub(crate) async fn abandon(&self, save_id: &str, project: &str) -> Result<bool, Error> {
-        self.change(Some(project), |saves| {
-            if saves.get(save_id).is_some_and(|save| save.project == project) {
-                saves.remove(save_id);
-                return true;
-            }
-            false
-        })
-        .await
+        self.change(Some(project), |saves| forget(saves, save_id, project)).await
     }
 
     /// Forgets every save of a project (a flush: none of them can commit).
@@ -287,6 +293,16 @@ impl PendingSaves {
     pub(crate) async fn take(&self, save_id: &str, project: &str) -> Result<(), Error> {
         if self.abandon(save_id, project).await? { Ok(()) } else { Err(Error::NoSuchSave(save_id.to_owned())) }
     }
+}
+
+/// Forgets the save `save_id` of `project` from `saves` (and its claims), inside a step its
+/// caller runs on the project's open saves; whether it was there.
+pub(crate) fn forget(saves: &mut OpenSaves, save_id: &str, project: &str) -> bool {
+    if saves.get(save_id).is_some_and(|save| save.project == project) {
+        saves.remove(save_id);
+        return true;
+    }
+    false
 }
 
 /// A begun save, as its commit sees it.

@@ -129,13 +129,19 @@ impl CacheService {
         Ok(self.authenticate_worker(token).await?.project)
     }
 
-    /// Takes `project`'s publish lock: this process's first, then the replicas' (the state's).
-    pub async fn lock_project(&self, project: &str, lock: Lock) -> Result<ProjectLock, Error> {
+    /// Takes `project`'s publish lock in this process only, for a step the state runs under
+    /// the replicas' lock itself (`State::look_up`).
+    async fn lock_in_process(&self, project: &str, lock: Lock) -> Box<dyn Send + Sync> {
         let in_process = self.publish_lock.of_project(project);
-        let in_process: Box<dyn Send + Sync> = match lock {
+        match lock {
             Lock::Shared => Box::new(in_process.read_owned().await),
             Lock::Exclusive => Box::new(in_process.write_owned().await),
-        };
+        }
+    }
+
+    /// Takes `project`'s publish lock: this process's first, then the replicas' (the state's).
+    pub async fn lock_project(&self, project: &str, lock: Lock) -> Result<ProjectLock, Error> {
+        let in_process = self.lock_in_process(project, lock).await;
         let across_replicas = self.db.project_lock(project, lock == Lock::Exclusive).await?;
         Ok(ProjectLock { _in_process: in_process, _across_replicas: across_replicas })
     }
@@ -517,26 +523,32 @@ impl CacheService {
         }
         // Held while the manifest is read and its restore's lease registered: an eviction or a
         // collection (which take the lock exclusively) either ran before, and this finds what
-        // it left, or runs after and deletes none of the blobs this restore reads.
-        let _registering = self.lock_project(project, Lock::Shared).await?;
-        for key in candidates {
-            if let Some(manifest) = self.db.manifest(project, &key.service, &key.branch).await? {
-                self.db.touch_manifest(project, &manifest, self.clock.now_unix()).await?;
-                let reads = crate::state::manifest_digests(&manifest);
-                let lease_id = crate::tokens::random_hex_32();
-                let plan = self
-                    .budget
-                    .grant_restore(project, &principal.token_id, &lease_id, reads, self.clock.now_unix_ms())
-                    .await?;
-                return Ok(pb::LookupResponse {
-                    found: true,
-                    matched: Some(key),
-                    manifest: Some(manifest),
-                    plan: Some(plan),
-                });
-            }
-        }
-        Ok(pb::LookupResponse::default())
+        // it left, or runs after and deletes none of the blobs this restore reads. Across
+        // replicas the state holds it for its step (`State::look_up`).
+        let _registering = self.lock_in_process(project, Lock::Shared).await;
+        let lease_id = crate::tokens::random_hex_32();
+        let (now_unix, now_unix_ms) = (self.clock.now_unix(), self.clock.now_unix_ms());
+        let mut plan = None;
+        let found = self
+            .db
+            .look_up(project, &candidates, now_unix, &mut |manifest, leases, demands| {
+                let reads = crate::state::manifest_digests(manifest);
+                let (granted, demand) = self.budget.grant_in(
+                    project,
+                    &principal.token_id,
+                    &lease_id,
+                    crate::budget::LeaseKind::Restore,
+                    reads,
+                    now_unix_ms,
+                    leases,
+                    demands,
+                );
+                plan = Some(granted);
+                demand
+            })
+            .await?;
+        let Some(manifest) = found else { return Ok(pb::LookupResponse::default()) };
+        Ok(pb::LookupResponse { found: true, matched: manifest.key.clone(), manifest: Some(manifest), plan })
     }
 }
 

@@ -261,6 +261,35 @@ fn known_image(image: pb::Image) -> pb::Image {
     }
 }
 
+/// The images of `images` that the project's `manifests` already hold, each once, with what
+/// the first trusted one recorded of them ([`may_describe`]; the save's own branch first),
+/// within [`KNOWN_IMAGES_BUDGET`].
+fn known_images(
+    principal: &crate::tokens::Principal,
+    key: &pb::CacheKey,
+    images: &[pb::Image],
+    manifests: &[pb::Manifest],
+) -> Vec<pb::Image> {
+    use prost::Message;
+    let wanted_ids: BTreeSet<&str> = images.iter().map(|image| image.id.as_str()).collect();
+    let mut sources: Vec<&pb::Manifest> =
+        manifests.iter().filter(|manifest| may_describe(principal, manifest, &key.branch)).collect();
+    sources.sort_by_key(|manifest| manifest.key.as_ref().is_none_or(|source| source.branch != key.branch));
+    let (mut known_images, mut n_bytes): (Vec<pb::Image>, usize) = (Vec::new(), 0);
+    for image in sources.into_iter().flat_map(|manifest| &manifest.images) {
+        if !wanted_ids.contains(image.id.as_str()) || known_images.iter().any(|known| known.id == image.id) {
+            continue;
+        }
+        let described = known_image(image.clone());
+        n_bytes += described.encoded_len();
+        if n_bytes > KNOWN_IMAGES_BUDGET {
+            break;
+        }
+        known_images.push(described);
+    }
+    known_images
+}
+
 /// The most bytes of the key's previous images (with their steps) one begin answers.
 const PREVIOUS_IMAGES_BUDGET: usize = 1 << 20;
 
@@ -312,43 +341,59 @@ impl CacheService {
         let record = self.db.project(project).await?.ok_or_else(|| Error::NoSuchProject(project.to_owned()))?;
         // Held until the save is registered: a garbage collection (which takes the lock
         // exclusively) either ran before and this save sees what it left, or runs after and
-        // keeps every blob this save names.
-        let registering = self.lock_project(project, Lock::Shared).await?;
+        // keeps every blob this save names. Across replicas the state holds it for its step
+        // (`State::begin_save`).
+        let registering = self.lock_in_process(project, Lock::Shared).await;
         let named: Vec<String> = digests.iter().cloned().collect();
-        let stored = self.db.stored_blobs(project, &named).await?;
-        let missing: Vec<String> = digests.iter().filter(|d| !stored.contains_key(*d)).cloned().collect();
-        let current = self.db.manifest(project, &key.service, &key.branch).await?;
-        let known_images = self.known_images(principal, &key, &request.images).await?;
-        let known_size: u64 = stored.values().map(|record| record.stored_size).sum();
-        if record.quota_bytes > 0 && known_size > record.quota_bytes {
-            return Err(super::gc::over_quota(project, &key, known_size, record.quota_bytes));
-        }
-        let unchanged = match &current {
-            // A manifest holding a record no commit checked (written before commits derived
-            // them) is saved again, so the save replaces it with checked ones.
-            Some(manifest) => {
-                missing.is_empty()
-                    && identity(&manifest.images) == identity(&request.images)
-                    && checked_records(manifest)
+        let save_id = crate::tokens::random_hex_32();
+        let now = self.clock.now_unix_ms();
+        let mut outcome = None;
+        self.db
+            .begin_save(project, &named, &mut |stored, manifests, saves| {
+                let missing: Vec<String> = digests.iter().filter(|d| !stored.contains_key(*d)).cloned().collect();
+                let current = manifests.iter().find(|manifest| manifest.key.as_ref() == Some(&key));
+                let known_size: u64 = stored.values().map(|record| record.stored_size).sum();
+                if record.quota_bytes > 0 && known_size > record.quota_bytes {
+                    return Err(super::gc::over_quota(project, &key, known_size, record.quota_bytes));
+                }
+                let unchanged = match current {
+                    // A manifest holding a record no commit checked (written before commits
+                    // derived them) is saved again, so the save replaces it with checked ones.
+                    Some(manifest) => {
+                        missing.is_empty()
+                            && identity(&manifest.images) == identity(&request.images)
+                            && checked_records(manifest)
+                    }
+                    None => false,
+                };
+                // An unchanged save commits nothing, so it is not kept (and claims nothing).
+                let begun = match unchanged {
+                    true => None,
+                    false => {
+                        let moves_blobs = !missing.is_empty();
+                        let pending = open_save(principal, &key, &record, request, &digests, moves_blobs, now);
+                        Some(self.pending_saves.begin_in(saves, save_id.clone(), pending, missing, now)?)
+                    }
+                };
+                let known_images = known_images(principal, &key, &request.images, manifests);
+                outcome = Some((stored.clone(), current.cloned(), known_images, begun));
+                Ok(())
+            })
+            .await?;
+        drop(registering);
+        let (stored, current, known_images, begun) = outcome.expect("the save was registered");
+        let unchanged = begun.is_none();
+        let (missing_digests, in_flight_digests) = match begun {
+            Some(begun) => {
+                self.release_shares_of_silent(begun.silent, now).await;
+                (begun.to_upload, begun.in_flight)
             }
-            None => false,
+            None => (Vec::new(), Vec::new()),
         };
         if unchanged && let Some(manifest) = &current {
             // An unchanged save is a use of its cache, as a restore is.
             self.db.touch_manifest(project, manifest, self.clock.now_unix()).await?;
         }
-        let save_id = crate::tokens::random_hex_32();
-        let now = self.clock.now_unix_ms();
-        // An unchanged save commits nothing, so it is not kept (and claims nothing).
-        let (missing_digests, in_flight_digests) = if unchanged {
-            (Vec::new(), Vec::new())
-        } else {
-            let pending = open_save(principal, &key, &record, request, &digests, !missing.is_empty(), now);
-            let begun = self.pending_saves.begin(save_id.clone(), pending, missing, now).await?;
-            self.release_shares_of_silent(begun.silent, now).await;
-            (begun.to_upload, begun.in_flight)
-        };
-        drop(registering);
         // Blobs in flight still need the worker's export (for their sizes), not its uploads.
         // A save that moves nothing holds no share of the transfer budget.
         let (credentials, plan) = if missing_digests.is_empty() && in_flight_digests.is_empty() {
@@ -376,40 +421,6 @@ impl CacheService {
             in_flight_digests,
             keep_alive_seconds: self.pending_saves.keep_alive_interval().as_secs() as u32,
         })
-    }
-
-    /// The images of `images` that manifests of the project already hold, each once, with what
-    /// the first trusted one recorded of them ([`may_describe`]; the save's own branch first),
-    /// within [`KNOWN_IMAGES_BUDGET`].
-    async fn known_images(
-        &self,
-        principal: &crate::tokens::Principal,
-        key: &pb::CacheKey,
-        images: &[pb::Image],
-    ) -> Result<Vec<pb::Image>, Error> {
-        use prost::Message;
-        let wanted_ids: BTreeSet<&str> = images.iter().map(|image| image.id.as_str()).collect();
-        let mut sources: Vec<pb::Manifest> = self
-            .db
-            .manifests(&principal.project)
-            .await?
-            .into_iter()
-            .filter(|manifest| may_describe(principal, manifest, &key.branch))
-            .collect();
-        sources.sort_by_key(|manifest| manifest.key.as_ref().is_none_or(|source| source.branch != key.branch));
-        let (mut known_images, mut n_bytes): (Vec<pb::Image>, usize) = (Vec::new(), 0);
-        for image in sources.into_iter().flat_map(|manifest| manifest.images) {
-            if !wanted_ids.contains(image.id.as_str()) || known_images.iter().any(|known| known.id == image.id) {
-                continue;
-            }
-            let described = known_image(image);
-            n_bytes += described.encoded_len();
-            if n_bytes > KNOWN_IMAGES_BUDGET {
-                break;
-            }
-            known_images.push(described);
-        }
-        Ok(known_images)
     }
 
     /// Write credentials and a share of the transfer budget for a save that moves blobs; the
@@ -560,6 +571,11 @@ impl CacheService {
         let (pending, record) = self.committable_save(principal, request).await?;
         let mut manifest = self.manifest_of(principal, &pending, request);
         let reported = reported_blobs(&mut manifest.images)?;
+        if let Some(answer) =
+            self.commit_known_blobs(principal, &pending, &record, &manifest, &reported, &request.save_id).await?
+        {
+            return Ok(answer);
+        }
         // A post-flush sweep waits until the blobs are checked and recorded.
         let no_sweep = self.lock_project(project, Lock::Shared).await?;
         let reported_digests: Vec<String> = reported.keys().cloned().collect();
@@ -595,6 +611,55 @@ impl CacheService {
             return Err(super::gc::over_quota_of_others(principal, &pending.key, quota));
         }
         Ok(commit_response(project, &pending.key, manifest, committed))
+    }
+
+    /// The commit of a save whose every blob the ledger records, which needs no look at the
+    /// store: checked against the ledger and recorded in one step of the state
+    /// (`State::commit_known`, under the publish lock held shared for the step). `None`: the
+    /// ledger lacks one of the blobs, or the save is over the quota, and nothing changed; the
+    /// commit then takes the way through the store.
+    async fn commit_known_blobs(
+        &self,
+        principal: &crate::tokens::Principal,
+        pending: &SaveFacts,
+        record: &ProjectRecord,
+        manifest: &pb::Manifest,
+        reported: &HashMap<String, BlobRecord>,
+        save_id: &str,
+    ) -> Result<Option<pb::CommitSaveResponse>, Error> {
+        let project = principal.project.as_str();
+        let size: u64 = reported.values().map(|record| record.stored_size).sum::<u64>() + manifest_bytes(manifest);
+        let quota = record.quota_bytes;
+        if quota > 0 && size > quota {
+            return Ok(None);
+        }
+        let mut manifest = manifest.clone();
+        if let Some(origin) = manifest.origin.as_mut() {
+            origin.committed_unix_ms = self.clock.now_unix_ms();
+        }
+        let recording = self.lock_in_process(project, Lock::Shared).await;
+        let committed = self
+            .db
+            .commit_known(
+                project,
+                &manifest,
+                pending.generation,
+                reported,
+                self.clock.now_unix(),
+                &mut |known| check_known_sizes(reported, known),
+                save_id,
+            )
+            .await?;
+        drop(recording);
+        let Some(committed) = committed else { return Ok(None) };
+        self.db.durable().await?;
+        if pending.leased {
+            self.budget.release(project, save_id, self.clock.now_unix_ms()).await?;
+        }
+        if quota > 0 && !self.fit_quota_after_commit(principal, &pending.key).await {
+            return Err(super::gc::over_quota_of_others(principal, &pending.key, quota));
+        }
+        Ok(Some(commit_response(project, &pending.key, manifest, committed)))
     }
 
     /// The begun save `request` commits, and its project's record: refused when the save was
@@ -716,12 +781,7 @@ impl CacheService {
                 {
                     return Err(planted(digest));
                 }
-                Some(size) => {
-                    return Err(Error::BlobNotStored(format!(
-                        "blob {digest} is stored with {size} bytes, not {}: upload it again",
-                        record.stored_size
-                    )));
-                }
+                Some(size) => return Err(stored_with(digest, size, record.stored_size)),
                 None => {
                     return Err(Error::BlobNotStored(format!(
                         "blob {digest} is not in the store: upload it before committing"
@@ -848,6 +908,22 @@ fn reported_blobs(images: &mut [pb::Image]) -> Result<HashMap<String, BlobRecord
         }
     }
     Ok(reported)
+}
+
+/// The refusal of a commit reporting a blob of `reported_size` bytes that is stored with `size`.
+fn stored_with(digest: &str, size: u64, reported_size: u64) -> Error {
+    Error::BlobNotStored(format!("blob {digest} is stored with {size} bytes, not {reported_size}: upload it again"))
+}
+
+/// Every reported blob the ledger records (`known`) must be recorded with the size its worker
+/// reports.
+fn check_known_sizes(reported: &HashMap<String, BlobRecord>, known: &HashMap<String, BlobRecord>) -> Result<(), Error> {
+    for (digest, record) in reported {
+        if let Some(known) = known.get(digest).filter(|known| known.stored_size != record.stored_size) {
+            return Err(stored_with(digest, known.stored_size, record.stored_size));
+        }
+    }
+    Ok(())
 }
 
 /// A commit's answer: the manifest stored, or the newer one kept.

@@ -2,15 +2,23 @@
 //! restart forgets them, and its workers save again). The sled state keeps them here; so do
 //! unit tests of the rules that use them.
 
+use std::collections::HashMap;
 use std::sync::Mutex;
 
-use super::{Ephemeral, Leases, OpenSaves};
+use super::{Ephemeral, LeaseDemand, LeaseDemands, Leases, OpenSaves};
 use crate::error::Error;
 
 #[derive(Default)]
 pub struct InMemory {
     open_saves: Mutex<OpenSaves>,
-    leases: Mutex<Leases>,
+    leases: Mutex<LeaseRecords>,
+}
+
+/// Leases by project, and each project's demand as its last change left it.
+#[derive(Default)]
+struct LeaseRecords {
+    by_project: HashMap<String, Leases>,
+    demands: LeaseDemands,
 }
 
 #[async_trait::async_trait]
@@ -33,13 +41,36 @@ impl Ephemeral for InMemory {
         Ok(())
     }
 
-    async fn update_leases(&self, change: &mut (dyn for<'a> FnMut(&'a mut Leases) + Send)) -> Result<(), Error> {
-        change(&mut self.leases.lock().expect("leases lock"));
+    async fn update_leases(
+        &self,
+        project: &str,
+        change: &mut (dyn for<'a> FnMut(&'a mut Leases, &'a LeaseDemands) -> LeaseDemand + Send),
+    ) -> Result<(), Error> {
+        let mut records = self.leases.lock().expect("leases lock");
+        let LeaseRecords { by_project, demands } = &mut *records;
+        let mut leases = by_project.remove(project).unwrap_or_default();
+        let demand = change(&mut leases, demands);
+        if leases.is_empty() {
+            demands.remove(project);
+        } else {
+            by_project.insert(project.to_owned(), leases);
+            demands.insert(project.to_owned(), demand);
+        }
         Ok(())
     }
 
-    async fn read_leases(&self, read: &mut (dyn for<'a> FnMut(&'a Leases) + Send)) -> Result<(), Error> {
-        read(&self.leases.lock().expect("leases lock"));
+    async fn read_leases(
+        &self,
+        project: Option<&str>,
+        read: &mut (dyn for<'a> FnMut(&'a Leases) + Send),
+    ) -> Result<(), Error> {
+        let records = self.leases.lock().expect("leases lock");
+        match project {
+            Some(project) => read(records.by_project.get(project).unwrap_or(&Leases::new())),
+            None => {
+                read(&records.by_project.values().flatten().map(|(id, lease)| (id.clone(), lease.clone())).collect())
+            }
+        }
         Ok(())
     }
 }

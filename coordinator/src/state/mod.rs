@@ -252,7 +252,9 @@ pub struct Lease {
     /// Its grant, or the save's last keep-alive.
     pub renewed_unix_ms: i64,
     /// A restore's: the blobs of the manifest it reads, which no eviction or collection
-    /// deletes while the lease lives.
+    /// deletes while the lease lives. Kept apart from the rest on PostgreSQL: a change of
+    /// leases never reads it, only [`Ephemeral::read_leases`] of one project does.
+    #[serde(default)]
     pub reads: BTreeSet<String>,
     /// The token that began the save or looked the restore up (its scoped token's ID; empty
     /// for the project token). A project's save share is split between tokens first, and the
@@ -264,6 +266,20 @@ pub struct Lease {
 
 /// Transfer leases by lease ID.
 pub type Leases = HashMap<String, Lease>;
+
+/// A project's demand on the transfer budget, as the last change of its leases left it: what
+/// every other project's change reads of it (see `budget.rs`), so no change reads, or waits
+/// for, another project's leases.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseDemand {
+    /// Requests in flight its leases ask for.
+    pub demand: u32,
+    /// When its last lease lapses (unix milliseconds): from then on it counts 0.
+    pub lapses_unix_ms: i64,
+}
+
+/// Projects' demands by project.
+pub type LeaseDemands = HashMap<String, LeaseDemand>;
 
 /// What lives only as long as a transfer: open saves (with their claims) and transfer leases.
 /// Each `update_` runs its `change` atomically with respect to every other replica's: the rules
@@ -283,10 +299,23 @@ pub trait Ephemeral: Send + Sync {
         project: &str,
         read: &mut (dyn for<'a> FnMut(&'a OpenSaves) + Send),
     ) -> Result<(), Error>;
-    /// Runs `change` on every transfer lease.
-    async fn update_leases(&self, change: &mut (dyn for<'a> FnMut(&'a mut Leases) + Send)) -> Result<(), Error>;
-    /// Lets `read` see every transfer lease as it is now.
-    async fn read_leases(&self, read: &mut (dyn for<'a> FnMut(&'a Leases) + Send)) -> Result<(), Error>;
+    /// Runs `change` on `project`'s transfer leases (`reads` left empty, and kept as they are
+    /// for the leases it keeps), beside every project's demand as its last change left it (a
+    /// snapshot: another project's may change meanwhile); `change` answers `project`'s demand
+    /// now, which is recorded with its leases. Changes of one project's leases run one at a
+    /// time across replicas; changes of different projects never wait for each other.
+    async fn update_leases(
+        &self,
+        project: &str,
+        change: &mut (dyn for<'a> FnMut(&'a mut Leases, &'a LeaseDemands) -> LeaseDemand + Send),
+    ) -> Result<(), Error>;
+    /// Lets `read` see the transfer leases as they are now: with a project, that project's,
+    /// with what their restores read; with `None`, every project's, `reads` left empty.
+    async fn read_leases(
+        &self,
+        project: Option<&str>,
+        read: &mut (dyn for<'a> FnMut(&'a Leases) + Send),
+    ) -> Result<(), Error>;
 }
 
 /// The coordinator's durable state, as the cache's operations use it. Every method is one
@@ -355,6 +384,29 @@ pub trait State: Ephemeral {
     async fn manifests(&self, project: &str) -> Result<Vec<pb::Manifest>, Error>;
     /// Records that a manifest was used now, unless another writer replaced it meanwhile.
     async fn touch_manifest(&self, project: &str, manifest: &pb::Manifest, now_unix: i64) -> Result<(), Error>;
+    /// A restore's lookup as one atomic step: the manifest of the first of `keys` the project
+    /// holds, recorded as used at `now_unix`, with `grant` run on the project's transfer leases
+    /// (as [`Ephemeral::update_leases`] runs a change) for it, while the project's publish lock
+    /// is held shared across replicas, so no eviction or collection runs between the read and
+    /// the lease that protects what the restore reads. A miss takes no lock and changes
+    /// nothing. The caller holds the lock in this process; this default, for one process,
+    /// composes the steps above.
+    async fn look_up(
+        &self,
+        project: &str,
+        keys: &[pb::CacheKey],
+        now_unix: i64,
+        grant: &mut (dyn for<'a> FnMut(&'a pb::Manifest, &'a mut Leases, &'a LeaseDemands) -> LeaseDemand + Send),
+    ) -> Result<Option<pb::Manifest>, Error> {
+        for key in keys {
+            if let Some(manifest) = self.manifest(project, &key.service, &key.branch).await? {
+                self.touch_manifest(project, &manifest, now_unix).await?;
+                self.update_leases(project, &mut |leases, demands| grant(&manifest, leases, demands)).await?;
+                return Ok(Some(manifest));
+            }
+        }
+        Ok(None)
+    }
     /// Makes `manifest` its key's at `now_unix`, atomically with the ledger (see [`Committed`]); refused with [`Error::SaveConflict`] when the project's generation is no longer `generation`.
     async fn commit_manifest(
         &self,
@@ -364,6 +416,68 @@ pub trait State: Ephemeral {
         new_blobs: &HashMap<String, BlobRecord>,
         now_unix: i64,
     ) -> Result<Committed, Error>;
+    /// A save's begin as one atomic step, while the project's publish lock is held shared
+    /// across replicas (so a collection either ran before and the save sees what it left, or
+    /// runs after and keeps every blob the save names): `register` sees the ledger's records
+    /// of those of `digests` the store holds and every manifest of the project, and runs on
+    /// the project's open saves (as [`Ephemeral::update_open_saves`] runs a change); its
+    /// answer is this step's. The caller holds the lock in this process; this default, for
+    /// one process, composes the steps above.
+    async fn begin_save(
+        &self,
+        project: &str,
+        digests: &[String],
+        register: &mut (
+                 dyn for<'a> FnMut(
+            &'a HashMap<String, BlobRecord>,
+            &'a [pb::Manifest],
+            &'a mut OpenSaves,
+        ) -> Result<(), Error>
+                     + Send
+             ),
+    ) -> Result<(), Error> {
+        let stored = self.stored_blobs(project, digests).await?;
+        let manifests = self.manifests(project).await?;
+        let mut registered = Ok(());
+        self.update_open_saves(Some(project), &mut |saves| registered = register(&stored, &manifests, saves)).await?;
+        registered
+    }
+    /// A commit whose every blob the ledger already records, as one atomic step while the
+    /// project's publish lock is held shared across replicas: `check` sees the ledger's records
+    /// of `new_blobs` (every blob the commit names) and may refuse; the open save `save_id` of
+    /// the project is forgotten ([`Error::NoSuchSave`] when it is not there); then the
+    /// manifest is committed as [`State::commit_manifest`] commits it, and one save counted for
+    /// its service. `Ok(None)`: the ledger lacks one of the blobs, and nothing changed (the
+    /// caller checks the store). The caller holds the lock in this process; this default, for
+    /// one process, composes the steps above.
+    #[allow(clippy::too_many_arguments)]
+    async fn commit_known(
+        &self,
+        project: &str,
+        manifest: &pb::Manifest,
+        generation: u64,
+        new_blobs: &HashMap<String, BlobRecord>,
+        now_unix: i64,
+        check: &mut (dyn for<'a> FnMut(&'a HashMap<String, BlobRecord>) -> Result<(), Error> + Send),
+        save_id: &str,
+    ) -> Result<Option<Committed>, Error> {
+        let digests: Vec<String> = new_blobs.keys().cloned().collect();
+        let known = self.stored_blobs(project, &digests).await?;
+        if known.len() < digests.len() {
+            return Ok(None);
+        }
+        check(&known)?;
+        let mut taken = false;
+        self.update_open_saves(Some(project), &mut |saves| taken = crate::claims::forget(saves, save_id, project))
+            .await?;
+        if !taken {
+            return Err(Error::NoSuchSave(save_id.to_owned()));
+        }
+        let committed = self.commit_manifest(project, manifest, generation, new_blobs, now_unix).await?;
+        let service = manifest.key.as_ref().map(|key| key.service.as_str()).unwrap_or_default();
+        self.add_to_counters(project, service, &ServiceCounters { saves: 1, ..Default::default() }).await?;
+        Ok(Some(committed))
+    }
     /// Evicts one cache at `now_unix`; returns the blobs it left unreferenced, or `None` when there was none.
     async fn remove_manifest(
         &self,

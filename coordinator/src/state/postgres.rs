@@ -13,8 +13,12 @@
 //! - `lc_totals`: a project's totals, kept in step by the transactions that change them
 //! - `lc_open_saves`, `lc_leases` (version 2): open saves with their single-flight claims, and
 //!   transfer leases, as JSON; each change is one transaction under an advisory lock (a
-//!   project's for its open saves, one for every lease), so a rule in `saves.rs` or
-//!   `budget.rs` sees one consistent view across replicas
+//!   project's for its open saves, a project's for its leases), so a rule in `saves.rs` or
+//!   `budget.rs` sees one consistent view of a project's records across replicas
+//! - `lc_leases.reads`, `lc_lease_demand` (version 3): the blobs a restore's lease protects,
+//!   apart, so a change of leases never reads them; and each project's demand on the transfer
+//!   budget, written with its leases, which is all a change of another project's leases reads
+//!   of them
 //!
 //! A server that stops (a restart, `pg_ctl -m immediate`, a failover) costs the calls made
 //! while it is down one clear error each ([`Error::DatabaseUnavailable`], gRPC `UNAVAILABLE`),
@@ -28,6 +32,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use deadpool_postgres::{GenericClient, Manager, ManagerConfig, Pool, RecyclingMethod, Transaction};
+use futures::TryFutureExt;
 use prost::Message;
 use proto::clock::{SampledClock, SharedClock};
 use proto::v1 as pb;
@@ -40,14 +45,17 @@ use super::{
 };
 use crate::error::Error;
 
-/// Connections one replica opens at most: for its transactions, and for the project locks it
-/// holds (one each while held; more callers wait for one), and one for the health probe. 41 a
-/// replica: PostgreSQL's default `max_connections` of 100 serves two replicas; raise it for more.
-const STATE_CONNECTIONS: usize = 8;
-const LOCK_CONNECTIONS: usize = 32;
+/// Connections one replica opens at most: for its transactions (a begin, a commit of blobs the
+/// ledger records and a lookup each hold one for their one transaction, the publish lock
+/// inside it), for the session locks it holds (one each while held; more callers wait for
+/// one: a commit that checks the store, flushes, evictions and collections, the lead), and one
+/// for the health probe. 41 a replica: PostgreSQL's default `max_connections` of 100 serves
+/// two replicas; raise it for more.
+const STATE_CONNECTIONS: usize = 24;
+const LOCK_CONNECTIONS: usize = 16;
 
 /// The schema this coordinator writes; bumped with each migration below.
-const SCHEMA_VERSION: i32 = 2;
+const SCHEMA_VERSION: i32 = 3;
 
 /// Version 1.
 const SCHEMA_1: &str = "
@@ -78,13 +86,70 @@ CREATE INDEX lc_open_saves_project ON lc_open_saves (project);
 CREATE UNLOGGED TABLE lc_leases (id TEXT PRIMARY KEY, project TEXT NOT NULL, record TEXT NOT NULL);
 ";
 
+/// Version 3: leases partitioned by project. A restore's `reads` move out of its record (the
+/// hot part every change of its project's leases reads and writes) into a column; each
+/// project's demand is kept beside. Leases from before count in other projects' shares from
+/// their project's next change of leases on.
+const SCHEMA_3: &str = "
+ALTER TABLE lc_leases ADD COLUMN reads TEXT[] NOT NULL DEFAULT '{}';
+UPDATE lc_leases SET reads = ARRAY(SELECT jsonb_array_elements_text(COALESCE(record::jsonb -> 'reads', '[]'))),
+    record = (record::jsonb - 'reads')::text;
+CREATE INDEX lc_leases_project ON lc_leases (project);
+CREATE UNLOGGED TABLE lc_lease_demand (
+    project TEXT PRIMARY KEY, demand BIGINT NOT NULL, lapses_unix_ms BIGINT NOT NULL);
+";
+
 /// Transaction advisory locks (the two-key space, apart from the projects' publish locks):
 /// every project's open saves (shared by a change of one project's, exclusive for all), one
-/// project's, and the leases.
+/// project's, and one project's leases.
 const ALL_OPEN_SAVES_LOCK: &str = "SELECT pg_advisory_xact_lock(7401, 0)";
 const SOME_OPEN_SAVES_LOCK: &str = "SELECT pg_advisory_xact_lock_shared(7401, 0)";
 const PROJECT_OPEN_SAVES_LOCK: &str = "SELECT pg_advisory_xact_lock(7402, hashtext($1))";
-const LEASES_LOCK: &str = "SELECT pg_advisory_xact_lock(7403, 0)";
+const PROJECT_LEASES_LOCK: &str = "SELECT pg_advisory_xact_lock(7403, hashtext($1))";
+
+/// Statements prepared once per connection (deadpool's statement cache): each later use is one
+/// round trip, not two (a prepare, then the execution), and an autocommit read one
+/// transaction, not two.
+#[async_trait::async_trait]
+trait Cached: GenericClient {
+    async fn cached_query(
+        &self,
+        sql: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> Result<Vec<tokio_postgres::Row>, tokio_postgres::Error> {
+        let statement = self.prepare_cached(sql).await?;
+        self.query(&statement, params).await
+    }
+
+    async fn cached_query_opt(
+        &self,
+        sql: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> Result<Option<tokio_postgres::Row>, tokio_postgres::Error> {
+        let statement = self.prepare_cached(sql).await?;
+        self.query_opt(&statement, params).await
+    }
+
+    async fn cached_query_one(
+        &self,
+        sql: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> Result<tokio_postgres::Row, tokio_postgres::Error> {
+        let statement = self.prepare_cached(sql).await?;
+        self.query_one(&statement, params).await
+    }
+
+    async fn cached_execute(
+        &self,
+        sql: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> Result<u64, tokio_postgres::Error> {
+        let statement = self.prepare_cached(sql).await?;
+        self.execute(&statement, params).await
+    }
+}
+
+impl<T: GenericClient> Cached for T {}
 
 /// How long connecting may take (TCP and PostgreSQL's start-up, which answer in milliseconds
 /// on a LAN): longer is a server that is down or unreachable, and the call fails. Shorter than a
@@ -308,7 +373,7 @@ impl Drop for AdvisoryLock {
         runtime.spawn(async move {
             let unlock =
                 if exclusive { "SELECT pg_advisory_unlock($1)" } else { "SELECT pg_advisory_unlock_shared($1)" };
-            if client.query_one(unlock, &[&key]).await.is_err() {
+            if client.cached_query_one(unlock, &[&key]).await.is_err() {
                 // Not back into the pool: closing the session releases whatever it holds.
                 drop(deadpool_postgres::Object::take(client));
             }
@@ -399,7 +464,7 @@ impl Postgres {
         .await
         .map_err(pg_error)?;
         let version: Option<i32> =
-            tx.query_opt("SELECT version FROM lc_schema", &[]).await.map_err(pg_error)?.map(|row| row.get(0));
+            tx.cached_query_opt("SELECT version FROM lc_schema", &[]).await.map_err(pg_error)?.map(|row| row.get(0));
         match version {
             Some(version) if version > SCHEMA_VERSION => {
                 return Err(Error::Database {
@@ -415,12 +480,16 @@ impl Postgres {
                 if version < 2 {
                     tx.batch_execute(SCHEMA_2).await.map_err(pg_error)?;
                 }
-                tx.execute("UPDATE lc_schema SET version = $1", &[&SCHEMA_VERSION]).await.map_err(pg_error)?;
+                if version < 3 {
+                    tx.batch_execute(SCHEMA_3).await.map_err(pg_error)?;
+                }
+                tx.cached_execute("UPDATE lc_schema SET version = $1", &[&SCHEMA_VERSION]).await.map_err(pg_error)?;
             }
             None => {
                 tx.batch_execute(SCHEMA_1).await.map_err(pg_error)?;
                 tx.batch_execute(SCHEMA_2).await.map_err(pg_error)?;
-                tx.execute("INSERT INTO lc_schema (version) VALUES ($1)", &[&SCHEMA_VERSION])
+                tx.batch_execute(SCHEMA_3).await.map_err(pg_error)?;
+                tx.cached_execute("INSERT INTO lc_schema (version) VALUES ($1)", &[&SCHEMA_VERSION])
                     .await
                     .map_err(pg_error)?;
             }
@@ -439,7 +508,7 @@ async fn lock_project(tx: &Transaction<'_>, project: &str) -> Result<Option<Proj
 }
 
 async fn put_project(tx: &impl GenericClient, record: &ProjectRecord) -> Result<(), Error> {
-    tx.execute("UPDATE lc_projects SET record = $2 WHERE name = $1", &[&record.name, &to_json(record)])
+    tx.cached_execute("UPDATE lc_projects SET record = $2 WHERE name = $1", &[&record.name, &to_json(record)])
         .await
         .map_err(pg_error)?;
     Ok(())
@@ -462,7 +531,7 @@ async fn lock_blobs(
 }
 
 async fn put_blob(tx: &Transaction<'_>, project: &str, digest: &str, record: &BlobRecord) -> Result<(), Error> {
-    tx.execute(
+    tx.cached_execute(
         "INSERT INTO lc_blobs (project, digest, refs, record) VALUES ($1, $2, $3, $4)
          ON CONFLICT (project, digest) DO UPDATE SET refs = EXCLUDED.refs, record = EXCLUDED.record",
         &[&project, &digest, &(record.references as i64), &to_json(record)],
@@ -480,7 +549,7 @@ async fn change_totals(
     bytes: i64,
     manifests: i64,
 ) -> Result<(), Error> {
-    tx.execute(
+    tx.cached_execute(
         "INSERT INTO lc_totals (project, blobs, stored_bytes, manifests)
              VALUES ($1, GREATEST($2::bigint, 0), GREATEST($3::bigint, 0), GREATEST($4::bigint, 0))
          ON CONFLICT (project) DO UPDATE SET blobs = GREATEST(lc_totals.blobs + $2::bigint, 0),
@@ -499,7 +568,7 @@ async fn apply(tx: &Transaction<'_>, project: &str, change: &ledger::ChangeSet) 
         put_project(tx, record).await?;
     }
     for key in &change.remove_manifests {
-        tx.execute(
+        tx.cached_execute(
             "DELETE FROM lc_manifests WHERE project = $1 AND service = $2 AND branch = $3",
             &[&project, &key.service, &key.branch],
         )
@@ -508,7 +577,7 @@ async fn apply(tx: &Transaction<'_>, project: &str, change: &ledger::ChangeSet) 
     }
     if let Some(manifest) = &change.put_manifest {
         let key = manifest.key.clone().unwrap_or_default();
-        tx.execute(
+        tx.cached_execute(
             "INSERT INTO lc_manifests (project, service, branch, body) VALUES ($1, $2, $3, $4)
              ON CONFLICT (project, service, branch) DO UPDATE SET body = EXCLUDED.body",
             &[&project, &key.service, &key.branch, &manifest.encode_to_vec()],
@@ -520,19 +589,25 @@ async fn apply(tx: &Transaction<'_>, project: &str, change: &ledger::ChangeSet) 
         put_blob(tx, project, digest, blob).await?;
     }
     if !change.remove_blobs.is_empty() {
-        tx.execute("DELETE FROM lc_blobs WHERE project = $1 AND digest = ANY($2)", &[&project, &change.remove_blobs])
-            .await
-            .map_err(pg_error)?;
+        tx.cached_execute(
+            "DELETE FROM lc_blobs WHERE project = $1 AND digest = ANY($2)",
+            &[&project, &change.remove_blobs],
+        )
+        .await
+        .map_err(pg_error)?;
     }
     if !change.remove_keys.is_empty() {
-        tx.execute("DELETE FROM lc_minted_keys WHERE access_key_id = ANY($1)", &[&change.remove_keys])
+        tx.cached_execute("DELETE FROM lc_minted_keys WHERE access_key_id = ANY($1)", &[&change.remove_keys])
             .await
             .map_err(pg_error)?;
     }
     if change.reset_totals {
-        tx.execute("UPDATE lc_totals SET blobs = 0, stored_bytes = 0, manifests = 0 WHERE project = $1", &[&project])
-            .await
-            .map_err(pg_error)?;
+        tx.cached_execute(
+            "UPDATE lc_totals SET blobs = 0, stored_bytes = 0, manifests = 0 WHERE project = $1",
+            &[&project],
+        )
+        .await
+        .map_err(pg_error)?;
     }
     let deltas = [change.blobs_delta, change.stored_bytes_delta, change.manifests_delta];
     if change.reset_totals || deltas != [0; 3] {
@@ -552,8 +627,127 @@ async fn manifest_of(
     } else {
         "SELECT body FROM lc_manifests WHERE project = $1 AND service = $2 AND branch = $3"
     };
-    let row = tx.query_opt(query, &[&project, &key.service, &key.branch]).await.map_err(pg_error)?;
+    let row = tx.cached_query_opt(query, &[&project, &key.service, &key.branch]).await.map_err(pg_error)?;
     row.map(|row| decode_manifest(row.get::<_, &[u8]>(0))).transpose()
+}
+
+/// Locks `project`'s leases for the rest of the transaction; its leases (`reads` left empty)
+/// and every other project's demand. The lock and both reads go in one round trip.
+async fn locked_leases(tx: &Transaction<'_>, project: &str) -> Result<(super::Leases, super::LeaseDemands), Error> {
+    let by_project: &[&(dyn tokio_postgres::types::ToSql + Sync)] = &[&project];
+    let (_, leases, demands) = futures::try_join!(
+        tx.cached_execute(PROJECT_LEASES_LOCK, by_project),
+        tx.cached_query("SELECT id, record FROM lc_leases WHERE project = $1", by_project),
+        tx.cached_query("SELECT project, demand, lapses_unix_ms FROM lc_lease_demand WHERE project <> $1", by_project),
+    )
+    .map_err(pg_error)?;
+    let leases = leases
+        .iter()
+        .map(|row| Ok((row.get::<_, String>(0), from_json("lc_leases", row.get::<_, &str>(1))?)))
+        .collect::<Result<_, Error>>()?;
+    let demands = demands
+        .iter()
+        .map(|row| {
+            let demand = u32::try_from(row.get::<_, i64>(1)).unwrap_or(u32::MAX);
+            (row.get(0), super::LeaseDemand { demand, lapses_unix_ms: row.get(2) })
+        })
+        .collect();
+    Ok((leases, demands))
+}
+
+/// Writes what a change made of `project`'s leases (`before` it, `after` it) and the project's
+/// `demand`, in one round trip.
+async fn write_leases(
+    tx: &Transaction<'_>,
+    project: &str,
+    before: &super::Leases,
+    after: &super::Leases,
+    demand: super::LeaseDemand,
+) -> Result<(), Error> {
+    let gone: Vec<&String> = before.keys().filter(|id| !after.contains_key(*id)).collect();
+    // What is written is the JSON without `reads`: a change to a field never stored writes
+    // nothing, and a lease's `reads` are written once, with the lease.
+    let changed: Vec<(&String, &super::Lease, bool)> = after
+        .iter()
+        .filter(|(_, lease)| lease.project == project)
+        .filter_map(|(id, lease)| match before.get(id) {
+            None => Some((id, lease, true)),
+            Some(was) if lease_json(was) != lease_json(lease) => Some((id, lease, false)),
+            Some(_) => None,
+        })
+        .collect();
+    let ids: Vec<&str> = changed.iter().map(|(id, _, _)| id.as_str()).collect();
+    let bodies: Vec<String> = changed.iter().map(|(_, lease, _)| lease_json(lease)).collect();
+    // A new lease's reads, as one JSON text (a text[][] cannot be ragged); a kept lease's: NULL.
+    let reads: Vec<Option<String>> = changed.iter().map(|(_, lease, new)| new.then(|| to_json(&lease.reads))).collect();
+    let lapses_unix_ms = if after.is_empty() { 0 } else { demand.lapses_unix_ms };
+    let demand = if after.is_empty() { 0 } else { i64::from(demand.demand) };
+    let write_demand = async {
+        tx.cached_execute(
+            "INSERT INTO lc_lease_demand (project, demand, lapses_unix_ms) VALUES ($1, $2, $3)
+             ON CONFLICT (project) DO UPDATE SET demand = EXCLUDED.demand, lapses_unix_ms = EXCLUDED.lapses_unix_ms",
+            &[&project, &demand, &lapses_unix_ms],
+        )
+        .await
+    };
+    let remove = async {
+        if gone.is_empty() {
+            return Ok(0);
+        }
+        tx.cached_execute("DELETE FROM lc_leases WHERE project = $1 AND id = ANY($2)", &[&project, &gone]).await
+    };
+    let upsert = async {
+        if changed.is_empty() {
+            return Ok(0);
+        }
+        tx.cached_execute(
+            "INSERT INTO lc_leases (id, project, record, reads)
+             SELECT id, $1, record, COALESCE(ARRAY(SELECT jsonb_array_elements_text(reads::jsonb)), '{}')
+             FROM UNNEST($2::text[], $3::text[], $4::text[]) AS given (id, record, reads)
+             ON CONFLICT (id) DO UPDATE SET record = EXCLUDED.record,
+                 reads = CASE WHEN EXCLUDED.reads = '{}' THEN lc_leases.reads ELSE EXCLUDED.reads END
+             WHERE lc_leases.project = EXCLUDED.project",
+            &[&project, &ids, &bodies, &reads],
+        )
+        .await
+    };
+    futures::try_join!(write_demand, remove, upsert).map_err(pg_error)?;
+    Ok(())
+}
+
+/// The manifest of the first of `keys` the project holds.
+async fn first_manifest(
+    tx: &Transaction<'_>,
+    project: &str,
+    keys: &[pb::CacheKey],
+) -> Result<Option<pb::Manifest>, Error> {
+    let services: Vec<&str> = keys.iter().map(|key| key.service.as_str()).collect();
+    let branches: Vec<&str> = keys.iter().map(|key| key.branch.as_str()).collect();
+    let row = tx
+        .query_opt(
+            "SELECT body FROM lc_manifests JOIN UNNEST($2::text[], $3::text[]) WITH ORDINALITY AS wanted (service, branch, n)
+                 USING (service, branch)
+             WHERE project = $1 ORDER BY wanted.n LIMIT 1",
+            &[&project, &services, &branches],
+        )
+        .await
+        .map_err(pg_error)?;
+    row.map(|row| decode_manifest(row.get::<_, &[u8]>(0))).transpose()
+}
+
+/// A lease's record as stored: without its `reads`, which are a column of their own.
+fn lease_json(lease: &super::Lease) -> String {
+    let bare = super::Lease {
+        project: lease.project.clone(),
+        kind: lease.kind,
+        fixed: lease.fixed,
+        concurrency: lease.concurrency,
+        order: lease.order,
+        renewed_unix_ms: lease.renewed_unix_ms,
+        reads: Default::default(),
+        holder: lease.holder.clone(),
+    };
+    to_json(&bare)
 }
 
 /// Ephemeral records of `table` (all of them, or `project`'s), by ID.
@@ -563,13 +757,85 @@ async fn ephemeral_records<T: for<'de> Deserialize<'de>>(
     project: Option<&str>,
 ) -> Result<HashMap<String, T>, Error> {
     let rows = match project {
-        Some(project) => client.query(&format!("SELECT id, record FROM {table} WHERE project = $1"), &[&project]).await,
-        None => client.query(&format!("SELECT id, record FROM {table}"), &[]).await,
+        Some(project) => {
+            client.cached_query(&format!("SELECT id, record FROM {table} WHERE project = $1"), &[&project]).await
+        }
+        None => client.cached_query(&format!("SELECT id, record FROM {table}"), &[]).await,
     };
     rows.map_err(pg_error)?
         .iter()
         .map(|row| Ok((row.get::<_, String>(0), from_json(table, row.get::<_, &str>(1))?)))
         .collect()
+}
+
+/// Writes back what a change made of the records of `table` (all, or `project`'s): `before`
+/// it and `after` it.
+async fn write_ephemeral<T: Serialize>(
+    tx: &Transaction<'_>,
+    table: &'static str,
+    project: Option<&str>,
+    before: &HashMap<String, T>,
+    after: &HashMap<String, T>,
+    project_of: fn(&T) -> &str,
+) -> Result<(), Error> {
+    let gone: Vec<&String> = before.keys().filter(|id| !after.contains_key(*id)).collect();
+    if !gone.is_empty() {
+        tx.cached_execute(&format!("DELETE FROM {table} WHERE id = ANY($1)"), &[&gone]).await.map_err(pg_error)?;
+    }
+    // What is written is the JSON: a change to a field never stored writes nothing.
+    let changed: Vec<(&String, &T)> = after
+        .iter()
+        .filter(|(id, record)| before.get(*id).is_none_or(|was| to_json(was) != to_json(*record)))
+        .collect();
+    if !changed.is_empty() {
+        debug_assert!(changed.iter().all(|(_, record)| project.is_none_or(|project| project_of(record) == project)));
+        let ids: Vec<&str> = changed.iter().map(|(id, _)| id.as_str()).collect();
+        let projects: Vec<&str> = changed.iter().map(|(_, record)| project_of(record)).collect();
+        let bodies: Vec<String> = changed.iter().map(|(_, record)| to_json(record)).collect();
+        let new: Vec<bool> = changed.iter().map(|(id, _)| !before.contains_key(*id)).collect();
+        // A record that was there is updated, never written again: one deleted meanwhile (a
+        // commit takes its save by its row alone) stays deleted.
+        let write = format!(
+            "WITH given AS (SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::bool[]) AS given (id, project, record, new)),
+             updated AS (UPDATE {table} SET project = given.project, record = given.record FROM given
+                 WHERE {table}.id = given.id AND NOT given.new)
+             INSERT INTO {table} (id, project, record) SELECT id, project, record FROM given WHERE new
+             ON CONFLICT (id) DO UPDATE SET project = EXCLUDED.project, record = EXCLUDED.record"
+        );
+        tx.cached_execute(&write, &[&ids, &projects, &bodies, &new]).await.map_err(pg_error)?;
+    }
+    Ok(())
+}
+
+/// Adds `change` to the counters of a project's service, inside `tx`.
+async fn add_counters(
+    tx: &Transaction<'_>,
+    project: &str,
+    service: &str,
+    change: &ServiceCounters,
+) -> Result<(), Error> {
+    tx.cached_execute(
+        "INSERT INTO lc_counters (project, service, record) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+        &[&project, &service, &to_json(&ServiceCounters::default())],
+    )
+    .await
+    .map_err(pg_error)?;
+    let row = tx
+        .query_one(
+            "SELECT record FROM lc_counters WHERE project = $1 AND service = $2 FOR UPDATE",
+            &[&project, &service],
+        )
+        .await
+        .map_err(pg_error)?;
+    let mut counters: ServiceCounters = from_json("lc_counters", row.get::<_, &str>(0))?;
+    counters.add(change);
+    tx.cached_execute(
+        "UPDATE lc_counters SET record = $3 WHERE project = $1 AND service = $2",
+        &[&project, &service, &to_json(&counters)],
+    )
+    .await
+    .map_err(pg_error)?;
+    Ok(())
 }
 
 impl Postgres {
@@ -590,36 +856,15 @@ impl Postgres {
         tx.batch_execute("SET LOCAL synchronous_commit = off").await.map_err(pg_error)?;
         for lock in locks {
             match lock.contains("$1") {
-                true => tx.execute(*lock, &[&project.unwrap_or_default()]).await,
-                false => tx.execute(*lock, &[]).await,
+                true => tx.cached_execute(lock, &[&project.unwrap_or_default()]).await,
+                false => tx.cached_execute(lock, &[]).await,
             }
             .map_err(pg_error)?;
         }
         let before: HashMap<String, T> = ephemeral_records(&tx, table, project).await?;
         let mut records = before.clone();
         change(&mut records);
-        let gone: Vec<&String> = before.keys().filter(|id| !records.contains_key(*id)).collect();
-        if !gone.is_empty() {
-            tx.execute(&format!("DELETE FROM {table} WHERE id = ANY($1)"), &[&gone]).await.map_err(pg_error)?;
-        }
-        // What is written is the JSON: a change to a field never stored writes nothing.
-        let changed: Vec<(&String, &T)> = records
-            .iter()
-            .filter(|(id, record)| before.get(*id).is_none_or(|was| to_json(was) != to_json(*record)))
-            .collect();
-        if !changed.is_empty() {
-            debug_assert!(
-                changed.iter().all(|(_, record)| project.is_none_or(|project| project_of(record) == project))
-            );
-            let ids: Vec<&str> = changed.iter().map(|(id, _)| id.as_str()).collect();
-            let projects: Vec<&str> = changed.iter().map(|(_, record)| project_of(record)).collect();
-            let bodies: Vec<String> = changed.iter().map(|(_, record)| to_json(record)).collect();
-            let upsert = format!(
-                "INSERT INTO {table} (id, project, record) SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[])
-                 ON CONFLICT (id) DO UPDATE SET project = EXCLUDED.project, record = EXCLUDED.record"
-            );
-            tx.execute(&upsert, &[&ids, &projects, &bodies]).await.map_err(pg_error)?;
-        }
+        write_ephemeral(&tx, table, project, &before, &records, project_of).await?;
         tx.commit().await.map_err(pg_error)
     }
 }
@@ -647,12 +892,48 @@ impl super::Ephemeral for Postgres {
         Ok(())
     }
 
-    async fn update_leases(&self, change: &mut (dyn for<'a> FnMut(&'a mut super::Leases) + Send)) -> Result<(), Error> {
-        self.update_ephemeral("lc_leases", None, &[LEASES_LOCK], |lease: &super::Lease| &lease.project, change).await
+    async fn update_leases(
+        &self,
+        project: &str,
+        change: &mut (dyn for<'a> FnMut(&'a mut super::Leases, &'a super::LeaseDemands) -> super::LeaseDemand + Send),
+    ) -> Result<(), Error> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(pg_error)?;
+        // Nothing here outlives a server crash anyway: the commit need not wait for the disk.
+        // Sent together: one round trip for the lock and both reads.
+        let (_, (before, demands)) = futures::try_join!(
+            tx.batch_execute("SET LOCAL synchronous_commit = off").map_err(pg_error),
+            locked_leases(&tx, project)
+        )?;
+        let mut leases = before.clone();
+        let demand = change(&mut leases, &demands);
+        write_leases(&tx, project, &before, &leases, demand).await?;
+        tx.commit().await.map_err(pg_error)
     }
 
-    async fn read_leases(&self, read: &mut (dyn for<'a> FnMut(&'a super::Leases) + Send)) -> Result<(), Error> {
-        read(&ephemeral_records(&self.client().await?, "lc_leases", None).await?);
+    async fn read_leases(
+        &self,
+        project: Option<&str>,
+        read: &mut (dyn for<'a> FnMut(&'a super::Leases) + Send),
+    ) -> Result<(), Error> {
+        let client = self.client().await?;
+        let leases: super::Leases = match project {
+            Some(project) => {
+                let rows = client
+                    .query("SELECT id, record, reads FROM lc_leases WHERE project = $1", &[&project])
+                    .await
+                    .map_err(pg_error)?;
+                rows.iter()
+                    .map(|row| {
+                        let mut lease: super::Lease = from_json("lc_leases", row.get::<_, &str>(1))?;
+                        lease.reads = row.get::<_, Vec<String>>(2).into_iter().collect();
+                        Ok((row.get::<_, String>(0), lease))
+                    })
+                    .collect::<Result<_, Error>>()?
+            }
+            None => ephemeral_records(&client, "lc_leases", None).await?,
+        };
+        read(&leases);
         Ok(())
     }
 }
@@ -672,7 +953,8 @@ impl State for Postgres {
 
     async fn lead_background_work(&self) -> Result<Option<Box<dyn Send + Sync>>, Error> {
         let client = self.lock_client().await?;
-        let row = client.query_one("SELECT pg_try_advisory_lock($1)", &[&LEADER_LOCK_KEY]).await.map_err(pg_error)?;
+        let row =
+            client.cached_query_one("SELECT pg_try_advisory_lock($1)", &[&LEADER_LOCK_KEY]).await.map_err(pg_error)?;
         if !row.get::<_, bool>(0) {
             return Ok(None);
         }
@@ -709,7 +991,7 @@ impl State for Postgres {
         if inserted == 0 {
             return Err(Error::ProjectExists(record.name.clone()));
         }
-        tx.execute(
+        tx.cached_execute(
             "INSERT INTO lc_totals (project, blobs, stored_bytes, manifests) VALUES ($1, 0, 0, 0)
              ON CONFLICT (project) DO UPDATE SET blobs = 0, stored_bytes = 0, manifests = 0",
             &[&record.name],
@@ -721,14 +1003,16 @@ impl State for Postgres {
 
     async fn project(&self, name: &str) -> Result<Option<ProjectRecord>, Error> {
         let client = self.client().await?;
-        let row =
-            client.query_opt("SELECT record FROM lc_projects WHERE name = $1", &[&name]).await.map_err(pg_error)?;
+        let row = client
+            .cached_query_opt("SELECT record FROM lc_projects WHERE name = $1", &[&name])
+            .await
+            .map_err(pg_error)?;
         row.map(|row| from_json("lc_projects", row.get::<_, &str>(0))).transpose()
     }
 
     async fn projects(&self) -> Result<Vec<ProjectRecord>, Error> {
         let client = self.client().await?;
-        let rows = client.query("SELECT record FROM lc_projects ORDER BY name", &[]).await.map_err(pg_error)?;
+        let rows = client.cached_query("SELECT record FROM lc_projects ORDER BY name", &[]).await.map_err(pg_error)?;
         rows.iter().map(|row| from_json("lc_projects", row.get::<_, &str>(0))).collect()
     }
 
@@ -753,10 +1037,13 @@ impl State for Postgres {
 
     async fn remove_project(&self, project: &str) -> Result<(), Error> {
         let client = self.client().await?;
-        client.execute("DELETE FROM lc_scoped_tokens WHERE project = $1", &[&project]).await.map_err(pg_error)?;
-        client.execute("DELETE FROM lc_counters WHERE project = $1", &[&project]).await.map_err(pg_error)?;
-        client.execute("DELETE FROM lc_totals WHERE project = $1", &[&project]).await.map_err(pg_error)?;
-        client.execute("DELETE FROM lc_projects WHERE name = $1", &[&project]).await.map_err(pg_error)?;
+        client
+            .cached_execute("DELETE FROM lc_scoped_tokens WHERE project = $1", &[&project])
+            .await
+            .map_err(pg_error)?;
+        client.cached_execute("DELETE FROM lc_counters WHERE project = $1", &[&project]).await.map_err(pg_error)?;
+        client.cached_execute("DELETE FROM lc_totals WHERE project = $1", &[&project]).await.map_err(pg_error)?;
+        client.cached_execute("DELETE FROM lc_projects WHERE name = $1", &[&project]).await.map_err(pg_error)?;
         Ok(())
     }
 
@@ -894,6 +1181,59 @@ impl State for Postgres {
         Ok(())
     }
 
+    async fn look_up(
+        &self,
+        project: &str,
+        keys: &[pb::CacheKey],
+        now_unix: i64,
+        grant: &mut (
+                 dyn for<'a> FnMut(
+            &'a pb::Manifest,
+            &'a mut super::Leases,
+            &'a super::LeaseDemands,
+        ) -> super::LeaseDemand
+                     + Send
+             ),
+    ) -> Result<Option<pb::Manifest>, Error> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(pg_error)?;
+        // A miss takes no lock. A hit is read again under the lock: an eviction may have run
+        // between. The lock is the publish lock of `project_lock`, for this transaction only.
+        if first_manifest(&tx, project, keys).await?.is_none() {
+            tx.commit().await.map_err(pg_error)?;
+            return Ok(None);
+        }
+        // A use's time is a hint for expiry and eviction: it need not wait for the disk.
+        let key = lock_key(project);
+        let by_key: &[&(dyn tokio_postgres::types::ToSql + Sync)] = &[&key];
+        let (_, _, found, (before, demands)) = futures::try_join!(
+            tx.batch_execute("SET LOCAL synchronous_commit = off").map_err(pg_error),
+            tx.cached_execute("SELECT pg_advisory_xact_lock_shared($1)", by_key).map_err(pg_error),
+            first_manifest(&tx, project, keys),
+            locked_leases(&tx, project),
+        )?;
+        let Some(manifest) = found else {
+            tx.commit().await.map_err(pg_error)?;
+            return Ok(None);
+        };
+        let mut leases = before.clone();
+        let demand = grant(&manifest, &mut leases, &demands);
+        let key = manifest.key.clone().unwrap_or_default();
+        let touched = ledger::touched(&manifest, now_unix).encode_to_vec();
+        let touch = async {
+            // Only the manifest it was: a lost race means a newer one is there, with its own times.
+            tx.cached_execute(
+                "UPDATE lc_manifests SET body = $5 WHERE project = $1 AND service = $2 AND branch = $3 AND body = $4",
+                &[&project, &key.service, &key.branch, &manifest.encode_to_vec(), &touched],
+            )
+            .await
+            .map_err(pg_error)
+        };
+        futures::try_join!(touch, write_leases(&tx, project, &before, &leases, demand))?;
+        tx.commit().await.map_err(pg_error)?;
+        Ok(Some(manifest))
+    }
+
     async fn commit_manifest(
         &self,
         project: &str,
@@ -914,6 +1254,106 @@ impl State for Postgres {
         apply(&tx, project, &change).await?;
         tx.commit().await.map_err(pg_error)?;
         Ok(committed)
+    }
+
+    async fn begin_save(
+        &self,
+        project: &str,
+        digests: &[String],
+        register: &mut (
+                 dyn for<'a> FnMut(
+            &'a HashMap<String, BlobRecord>,
+            &'a [pb::Manifest],
+            &'a mut super::OpenSaves,
+        ) -> Result<(), Error>
+                     + Send
+             ),
+    ) -> Result<(), Error> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(pg_error)?;
+        // The publish lock (`project_lock`'s, for this transaction only), the ledger's records,
+        // the manifests and the open saves, in one round trip. Only the open saves are written,
+        // which outlive no server crash: the commit need not wait for the disk.
+        let lock = lock_key(project);
+        let by_key: &[&(dyn tokio_postgres::types::ToSql + Sync)] = &[&lock];
+        let by_project: &[&(dyn tokio_postgres::types::ToSql + Sync)] = &[&project];
+        let by_digests: &[&(dyn tokio_postgres::types::ToSql + Sync)] = &[&project, &digests];
+        let (_, _, stored, manifests, _, _, saves) = futures::try_join!(
+            tx.batch_execute("SET LOCAL synchronous_commit = off").map_err(pg_error),
+            tx.cached_execute("SELECT pg_advisory_xact_lock_shared($1)", by_key).map_err(pg_error),
+            tx.cached_query("SELECT digest, record FROM lc_blobs WHERE project = $1 AND digest = ANY($2)", by_digests)
+                .map_err(pg_error),
+            tx.cached_query("SELECT body FROM lc_manifests WHERE project = $1 ORDER BY service, branch", by_project)
+                .map_err(pg_error),
+            tx.cached_execute(SOME_OPEN_SAVES_LOCK, &[]).map_err(pg_error),
+            tx.cached_execute(PROJECT_OPEN_SAVES_LOCK, by_project).map_err(pg_error),
+            ephemeral_records::<super::OpenSave>(&tx, "lc_open_saves", Some(project)),
+        )?;
+        let stored: HashMap<String, BlobRecord> = stored
+            .iter()
+            .map(|row| Ok((row.get::<_, String>(0), from_json("lc_blobs", row.get::<_, &str>(1))?)))
+            .collect::<Result<_, Error>>()?;
+        let manifests: Vec<pb::Manifest> =
+            manifests.iter().map(|row| decode_manifest(row.get::<_, &[u8]>(0))).collect::<Result<_, _>>()?;
+        let mut changed = saves.clone();
+        // What the rule changed stands even when it refuses (the silent saves it noted).
+        let registered = register(&stored, &manifests, &mut changed);
+        write_ephemeral(&tx, "lc_open_saves", Some(project), &saves, &changed, |save| &save.project).await?;
+        tx.commit().await.map_err(pg_error)?;
+        registered
+    }
+
+    async fn commit_known(
+        &self,
+        project: &str,
+        manifest: &pb::Manifest,
+        generation: u64,
+        new_blobs: &HashMap<String, BlobRecord>,
+        now_unix: i64,
+        check: &mut (dyn for<'a> FnMut(&'a HashMap<String, BlobRecord>) -> Result<(), Error> + Send),
+        save_id: &str,
+    ) -> Result<Option<Committed>, Error> {
+        let key = manifest.key.clone().unwrap_or_default();
+        let digests: Vec<String> = new_blobs.keys().cloned().collect();
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(pg_error)?;
+        // The publish lock (`project_lock`'s, for this transaction only), then the project's
+        // row, the key's manifest and the blobs, in one round trip.
+        let lock = lock_key(project);
+        let by_key: &[&(dyn tokio_postgres::types::ToSql + Sync)] = &[&lock];
+        let (_, record, old, mut known) = futures::try_join!(
+            tx.cached_execute("SELECT pg_advisory_xact_lock_shared($1)", by_key).map_err(pg_error),
+            lock_project(&tx, project),
+            manifest_of(&tx, project, &key, true),
+            lock_blobs(&tx, project, &digests),
+        )?;
+        if known.len() < digests.len() {
+            tx.commit().await.map_err(pg_error)?;
+            return Ok(None);
+        }
+        let record = record.ok_or_else(|| Error::NoSuchProject(project.to_owned()))?;
+        check(&known)?;
+        // The blobs of the manifest it replaces that it does not name, and its open save: one
+        // row, deleted without the project's open-saves lock (a begin holding it never writes
+        // back a save that went meanwhile: see `write_ephemeral`).
+        let replaced: Vec<String> =
+            old.iter().flat_map(manifest_digests).filter(|digest| !new_blobs.contains_key(digest)).collect();
+        let by_save: &[&(dyn tokio_postgres::types::ToSql + Sync)] = &[&save_id, &project];
+        let (more_known, taken) = futures::try_join!(
+            lock_blobs(&tx, project, &replaced),
+            tx.cached_query_opt("DELETE FROM lc_open_saves WHERE id = $1 AND project = $2 RETURNING id", by_save)
+                .map_err(pg_error),
+        )?;
+        if taken.is_none() {
+            return Err(Error::NoSuchSave(save_id.to_owned()));
+        }
+        known.extend(more_known);
+        let view = ledger::CommitView { project: &record, old, known: &known };
+        let (committed, change) = ledger::commit(view, manifest, generation, new_blobs, now_unix)?;
+        let counted = ServiceCounters { saves: 1, ..Default::default() };
+        futures::try_join!(apply(&tx, project, &change), add_counters(&tx, project, &key.service, &counted))?;
+        tx.commit().await.map_err(pg_error)?;
+        Ok(Some(committed))
     }
 
     async fn remove_manifest(
@@ -972,27 +1412,7 @@ impl State for Postgres {
     async fn add_to_counters(&self, project: &str, service: &str, change: &ServiceCounters) -> Result<(), Error> {
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(pg_error)?;
-        tx.execute(
-            "INSERT INTO lc_counters (project, service, record) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
-            &[&project, &service, &to_json(&ServiceCounters::default())],
-        )
-        .await
-        .map_err(pg_error)?;
-        let row = tx
-            .query_one(
-                "SELECT record FROM lc_counters WHERE project = $1 AND service = $2 FOR UPDATE",
-                &[&project, &service],
-            )
-            .await
-            .map_err(pg_error)?;
-        let mut counters: ServiceCounters = from_json("lc_counters", row.get::<_, &str>(0))?;
-        counters.add(change);
-        tx.execute(
-            "UPDATE lc_counters SET record = $3 WHERE project = $1 AND service = $2",
-            &[&project, &service, &to_json(&counters)],
-        )
-        .await
-        .map_err(pg_error)?;
+        add_counters(&tx, project, service, change).await?;
         tx.commit().await.map_err(pg_error)
     }
 
@@ -1035,8 +1455,10 @@ impl State for Postgres {
 
     async fn ledger_digests(&self, project: &str) -> Result<HashSet<String>, Error> {
         let client = self.client().await?;
-        let rows =
-            client.query("SELECT digest FROM lc_blobs WHERE project = $1", &[&project]).await.map_err(pg_error)?;
+        let rows = client
+            .cached_query("SELECT digest FROM lc_blobs WHERE project = $1", &[&project])
+            .await
+            .map_err(pg_error)?;
         Ok(rows.iter().map(|row| row.get(0)).collect())
     }
 

@@ -228,12 +228,20 @@ impl super::Ephemeral for Database {
         self.ephemeral.read_open_saves(project, read).await
     }
 
-    async fn update_leases(&self, change: &mut (dyn for<'a> FnMut(&'a mut super::Leases) + Send)) -> Result<(), Error> {
-        self.ephemeral.update_leases(change).await
+    async fn update_leases(
+        &self,
+        project: &str,
+        change: &mut (dyn for<'a> FnMut(&'a mut super::Leases, &'a super::LeaseDemands) -> super::LeaseDemand + Send),
+    ) -> Result<(), Error> {
+        self.ephemeral.update_leases(project, change).await
     }
 
-    async fn read_leases(&self, read: &mut (dyn for<'a> FnMut(&'a super::Leases) + Send)) -> Result<(), Error> {
-        self.ephemeral.read_leases(read).await
+    async fn read_leases(
+        &self,
+        project: Option<&str>,
+        read: &mut (dyn for<'a> FnMut(&'a super::Leases) + Send),
+    ) -> Result<(), Error> {
+        self.ephemeral.read_leases(project, read).await
     }
 }
 

@@ -223,6 +223,7 @@ pub(crate) async fn run(state: &dyn State) {
 /// Open saves and transfer leases, seen through two handles on one state (the same one on
 /// sled; two replicas' on PostgreSQL): single flight and one budget hold across them.
 pub(crate) async fn ephemeral_records_are_shared(a: std::sync::Arc<dyn State>, b: std::sync::Arc<dyn State>) {
+    let (a_state, b_state) = (a.clone(), b.clone());
     let ttl = std::time::Duration::from_secs(15);
     let (saves_a, saves_b) =
         (crate::claims::PendingSaves::new(ttl, a.clone()), crate::claims::PendingSaves::new(ttl, b.clone()));
@@ -254,6 +255,107 @@ pub(crate) async fn ephemeral_records_are_shared(a: std::sync::Arc<dyn State>, b
     let later = now + 10 * 60 * 1000;
     assert_eq!(budget_b.granted(later).await.unwrap(), 0);
     assert_eq!(budget_a.grant("p2", "w", save, later).await.unwrap().max_concurrency, 8);
+    look_up_grants_with_the_manifest(a_state.as_ref(), b_state.as_ref()).await;
+    a_commit_of_known_blobs_is_one_step(a_state.as_ref(), b_state.as_ref()).await;
+    a_begin_is_one_step(a_state.as_ref(), b_state.as_ref()).await;
+}
+
+/// A begin sees the ledger's records of the blobs it names and the project's manifests, and
+/// registers its save, in one step; its refusal is the step's.
+async fn a_begin_is_one_step(a: &dyn State, b: &dyn State) {
+    let named = ["c1".to_string(), "zz".to_string()];
+    let mut register = |stored: &HashMap<String, BlobRecord>, manifests: &[pb::Manifest], saves: &mut OpenSaves| {
+        assert_eq!(stored.keys().collect::<Vec<_>>(), ["c1"]);
+        assert_eq!(manifests.len(), 1);
+        saves.insert("s2".into(), crate::claims::tests::pending("known", "web", 9));
+        Ok(())
+    };
+    b.begin_save("known", &named, &mut register).await.unwrap();
+    let mut open = false;
+    a.read_open_saves("known", &mut |saves| open = saves.contains_key("s2")).await.unwrap();
+    assert!(open);
+    let mut refuse =
+        |_: &HashMap<String, BlobRecord>, _: &[pb::Manifest], _: &mut OpenSaves| Err(Error::TooMany("too many".into()));
+    assert!(matches!(b.begin_save("known", &named, &mut refuse).await, Err(Error::TooMany(_))));
+}
+
+/// Whether save `s1` of project `known` is open.
+async fn save_is_open(state: &dyn State) -> bool {
+    let mut open = false;
+    state.read_open_saves("known", &mut |saves| open = saves.contains_key("s1")).await.unwrap();
+    open
+}
+
+/// A commit naming only blobs the ledger records is checked, takes its save and is recorded in
+/// one step; one naming a blob the ledger lacks, or refused by its check, changes nothing.
+async fn a_commit_of_known_blobs_is_one_step(a: &dyn State, b: &dyn State) {
+    a.create_project(&project("known")).await.unwrap();
+    let first = manifest("web", &["c1", "l1"], 5);
+    a.commit_manifest("known", &first, 0, &sizes(), 1).await.unwrap();
+    let open = crate::claims::tests::pending("known", "web", 6);
+    a.update_open_saves(Some("known"), &mut |saves| {
+        saves.insert("s1".into(), open.clone());
+    })
+    .await
+    .unwrap();
+    let named = |digests: &[&str]| -> HashMap<String, BlobRecord> {
+        digests.iter().map(|digest| (digest.to_string(), sizes()[*digest].clone())).collect()
+    };
+    let take = "s1";
+    let unknown = manifest("web", &["c1", "l1", "l2"], 7);
+    let passes = &mut |_: &HashMap<String, BlobRecord>| Ok(());
+    assert_eq!(b.commit_known("known", &unknown, 0, &named(&["c1", "l1", "l2"]), 8, passes, take).await.unwrap(), None);
+    assert!(save_is_open(a).await, "nothing changed");
+    let second = manifest("web", &["c1", "l1"], 7);
+    let refuses = &mut |known: &HashMap<String, BlobRecord>| {
+        assert_eq!(known.len(), 2);
+        Err(Error::BlobNotStored("no".into()))
+    };
+    let refused = b.commit_known("known", &second, 0, &named(&["c1", "l1"]), 8, refuses, take).await;
+    assert!(matches!(refused, Err(Error::BlobNotStored(_))));
+    assert!(save_is_open(a).await, "nothing changed");
+    let committed = b.commit_known("known", &second, 0, &named(&["c1", "l1"]), 8, passes, take).await.unwrap();
+    assert!(matches!(committed, Some(Committed::Stored { replaced: Some(_) })), "{committed:?}");
+    assert!(!save_is_open(a).await, "the save is taken");
+    let stored = a.manifest("known", "web", "").await.unwrap().unwrap();
+    assert_eq!(stored.origin.map(|origin| origin.began_unix_ms), Some(7));
+    assert_eq!(references(a, "known", "l1").await, Some(1));
+    let counted = a.service_counters(Some("known")).await.unwrap();
+    assert_eq!(counted.iter().map(|(_, _, counters)| counters.saves).sum::<u64>(), 1);
+    let again = b.commit_known("known", &second, 0, &named(&["c1", "l1"]), 9, passes, take).await;
+    assert!(matches!(again, Err(Error::NoSuchSave(_))), "a save commits once");
+}
+
+/// A lookup reads the first key's manifest that exists, marks it used and runs its grant in
+/// the same step; a miss changes nothing.
+async fn look_up_grants_with_the_manifest(a: &dyn State, b: &dyn State) {
+    a.create_project(&project("look")).await.unwrap();
+    let saved = manifest("web", &["c1", "l1"], 5);
+    a.commit_manifest("look", &saved, 0, &sizes(), 1).await.unwrap();
+    let mut granted = 0;
+    let mut grant = |manifest: &pb::Manifest, leases: &mut Leases, _: &LeaseDemands| {
+        granted += 1;
+        let lease = Lease {
+            project: "look".into(),
+            kind: LeaseKind::Restore,
+            fixed: 1,
+            concurrency: 1,
+            order: 0,
+            renewed_unix_ms: 9,
+            reads: manifest_digests(manifest),
+            holder: String::new(),
+        };
+        leases.insert("r1".into(), lease);
+        LeaseDemand { demand: 1, lapses_unix_ms: 10 }
+    };
+    assert_eq!(b.look_up("look", &[key("none")], 7, &mut grant).await.unwrap(), None);
+    let found = b.look_up("look", &[key("none"), key("web"), key("web2")], 7, &mut grant).await.unwrap();
+    assert_eq!(found.and_then(|manifest| manifest.key), Some(key("web")));
+    assert_eq!(granted, 1, "the grant runs on a hit only");
+    assert_eq!(a.manifest("look", "web", "").await.unwrap().unwrap().last_used_unix, 7);
+    let mut reads = Vec::new();
+    a.read_leases(Some("look"), &mut |leases| reads.extend(leases["r1"].reads.iter().cloned())).await.unwrap();
+    assert_eq!(reads, ["c1", "l1"]);
 }
 
 #[tokio::test]
@@ -265,15 +367,158 @@ async fn the_suite_passes_on_sled() {
     ephemeral_records_are_shared(std::sync::Arc::new(database.clone()), std::sync::Arc::new(database)).await;
 }
 
-#[tokio::test]
-async fn the_suite_passes_on_postgres() {
+/// The PostgreSQL server of the tests, or `None` (outside CI) when there is none.
+fn postgres_server() -> Option<String> {
     let Some(server) = std::env::var_os("CACHE_TEST_POSTGRES_URL") else {
         let in_ci = std::env::var("CI").is_ok_and(|value| value == "true" || value == "1");
         assert!(!in_ci, "CACHE_TEST_POSTGRES_URL is not set: .ci/run starts PostgreSQL and sets it");
         eprintln!("skipping: CACHE_TEST_POSTGRES_URL is not set");
-        return;
+        return None;
     };
-    let server = server.into_string().unwrap();
+    Some(server.into_string().unwrap())
+}
+
+/// While one project's records are held mid-change (its publish lock taken exclusively, as a
+/// flush does, and a change of its leases open), two other projects' saves begin, take and
+/// give back their budget shares, commit, and their restores are granted, through two
+/// replicas: no project waits for another's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_projects_save_and_restore_while_a_third_holds_its_locks() {
+    let Some(server) = postgres_server() else { return };
+    let url = postgres::new_test_database(&server).await;
+    let replicas = [
+        std::sync::Arc::new(postgres::Postgres::connect(&url).await.unwrap()),
+        std::sync::Arc::new(postgres::Postgres::connect(&url).await.unwrap()),
+    ];
+    for name in ["a", "b", "c"] {
+        replicas[0].create_project(&project(name)).await.unwrap();
+    }
+    // Project C's holder, on a thread and runtime of its own, blocked inside its change.
+    let (held_tx, held_rx) = std::sync::mpsc::channel::<()>();
+    let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+    let holder_url = url.clone();
+    let holder = std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        runtime.block_on(async {
+            let state = postgres::Postgres::connect(&holder_url).await.unwrap();
+            let _flushing = state.project_lock("c", true).await.unwrap();
+            state
+                .update_leases("c", &mut move |_, _| {
+                    held_tx.send(()).unwrap();
+                    release_rx.recv().unwrap();
+                    LeaseDemand::default()
+                })
+                .await
+                .unwrap();
+        });
+    });
+    held_rx.recv_timeout(std::time::Duration::from_secs(30)).expect("project C's holder holds its locks");
+    let settings = crate::budget::PlanSettings {
+        part_size: 1 << 20,
+        multipart_threshold: 1 << 20,
+        worker_concurrency: 8,
+        transfer_budget: 64,
+    };
+    let now = 1_800_000_000_000;
+    let rounds = ["a", "b"].into_iter().zip(replicas.clone()).map(|(project, state)| async move {
+        let ttl = std::time::Duration::from_secs(15);
+        let saves = crate::claims::PendingSaves::new(ttl, state.clone());
+        let budget = crate::budget::TransferBudget::new(settings, state.clone());
+        // The first save's blobs are new (its commit the way through the store, the session
+        // lock across it); the next ones' the ledger records (one step each).
+        for round in 0..4 {
+            let save_id = format!("{project}-save-{round}");
+            let pending = crate::claims::tests::pending(project, "web", now);
+            let named = ["c1".to_string(), "l1".to_string()];
+            let mut register = |stored: &HashMap<String, BlobRecord>, _: &[pb::Manifest], open: &mut OpenSaves| {
+                let missing = named.iter().filter(|digest| !stored.contains_key(*digest)).cloned().collect();
+                saves.begin_in(open, save_id.clone(), pending.clone(), missing, now).map(|_| ())
+            };
+            state.begin_save(project, &named, &mut register).await.unwrap();
+            assert!(budget.grant_save(project, "", &save_id, now).await.unwrap().max_concurrency > 0);
+            assert!(budget.renew(project, &save_id, now).await.unwrap().is_some());
+            budget.release(project, &save_id, now).await.unwrap();
+            let saved = manifest("web", &["c1", "l1"], round);
+            let blobs: HashMap<String, BlobRecord> =
+                named.iter().map(|digest| (digest.clone(), sizes()[digest].clone())).collect();
+            let committed = if round == 0 {
+                let _checking = state.project_lock(project, false).await.unwrap();
+                saves.take(&save_id, project).await.unwrap();
+                state.commit_manifest(project, &saved, 0, &blobs, 1).await.unwrap()
+            } else {
+                let passes = &mut |_: &HashMap<String, BlobRecord>| Ok(());
+                let committed = state.commit_known(project, &saved, 0, &blobs, 1, passes, &save_id).await.unwrap();
+                committed.expect("the ledger records every blob")
+            };
+            assert!(matches!(committed, Committed::Stored { .. }));
+            let lease_id = format!("{project}-restore-{round}");
+            let mut plan = None;
+            let mut grant = |manifest: &pb::Manifest, leases: &mut Leases, demands: &LeaseDemands| {
+                let reads = manifest_digests(manifest);
+                let restore = crate::budget::LeaseKind::Restore;
+                let (granted, demand) = budget.grant_in(project, "", &lease_id, restore, reads, now, leases, demands);
+                plan = Some(granted);
+                demand
+            };
+            assert!(state.look_up(project, &[key("web")], 2, &mut grant).await.unwrap().is_some());
+            assert!(plan.is_some_and(|plan| plan.max_concurrency > 0));
+        }
+    });
+    let done = tokio::time::timeout(std::time::Duration::from_secs(20), futures::future::join_all(rounds)).await;
+    release_tx.send(()).unwrap();
+    holder.join().unwrap();
+    done.expect("projects A and B waited for project C's locks");
+    assert_eq!(replicas[1].totals("b").await.unwrap().manifests, 1);
+}
+
+/// A commit takes its save by its row alone, without the project's open-saves lock: a change
+/// of the open saves that read the save before never writes it back once it went.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_save_taken_during_a_change_of_the_open_saves_stays_taken() {
+    let Some(server) = postgres_server() else { return };
+    let url = postgres::new_test_database(&server).await;
+    let state = postgres::Postgres::connect(&url).await.unwrap();
+    state.create_project(&project("p")).await.unwrap();
+    state.commit_manifest("p", &manifest("web", &["c1", "l1"], 1), 0, &sizes(), 1).await.unwrap();
+    let open = crate::claims::tests::pending("p", "web", 2);
+    state
+        .update_open_saves(Some("p"), &mut |saves| {
+            saves.insert("s1".into(), open.clone());
+        })
+        .await
+        .unwrap();
+    let committing_url = url.clone();
+    state
+        .update_open_saves(Some("p"), &mut move |saves| {
+            // Meanwhile, another replica commits s1 (on a thread of its own: this change holds
+            // the lock it does not take).
+            let url = committing_url.clone();
+            std::thread::spawn(move || {
+                let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+                runtime.block_on(async {
+                    let other = postgres::Postgres::connect(&url).await.unwrap();
+                    let passes = &mut |_: &HashMap<String, BlobRecord>| Ok(());
+                    let saved = manifest("web", &["c1", "l1"], 3);
+                    let blobs: HashMap<String, BlobRecord> =
+                        sizes().into_iter().filter(|(digest, _)| ["c1", "l1"].contains(&digest.as_str())).collect();
+                    let committed = other.commit_known("p", &saved, 0, &blobs, 4, passes, "s1").await.unwrap();
+                    assert!(committed.is_some());
+                });
+            })
+            .join()
+            .unwrap();
+            saves.get_mut("s1").expect("read before the commit").silence_noted = true;
+        })
+        .await
+        .unwrap();
+    let mut open = true;
+    state.read_open_saves("p", &mut |saves| open = saves.contains_key("s1")).await.unwrap();
+    assert!(!open, "the committed save was written back");
+}
+
+#[tokio::test]
+async fn the_suite_passes_on_postgres() {
+    let Some(server) = postgres_server() else { return };
     let url = postgres::new_test_database(&server).await;
     let state = postgres::Postgres::connect(&url).await.unwrap();
     run(&state).await;
@@ -307,20 +552,63 @@ async fn the_suite_passes_on_postgres() {
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
     assert!(taken.is_some(), "the lead is free once its holder lets go");
-    ephemeral_records_are_shared(std::sync::Arc::new(state), std::sync::Arc::new(again)).await;
+    let again = std::sync::Arc::new(again);
+    ephemeral_records_are_shared(std::sync::Arc::new(state), again.clone()).await;
+    // A lookup's hit holds the publish lock shared for its step: it waits for a flush's
+    // (exclusive) lock; a miss takes none.
+    let flushing = again.project_lock("look", true).await.unwrap();
+    let mut grant = |_: &pb::Manifest, _: &mut Leases, _: &LeaseDemands| LeaseDemand::default();
+    let miss = tokio::time::timeout(wait, again.look_up("look", &[key("none")], 8, &mut grant)).await;
+    assert!(miss.is_ok_and(|found| found.unwrap().is_none()), "a miss waits for no lock");
+    let mut grant = |_: &pb::Manifest, _: &mut Leases, _: &LeaseDemands| LeaseDemand::default();
+    let hit = tokio::time::timeout(wait, again.look_up("look", &[key("web")], 8, &mut grant)).await;
+    assert!(hit.is_err(), "a hit waits for the exclusive lock");
+    let mut register = |_: &HashMap<String, BlobRecord>, _: &[pb::Manifest], _: &mut OpenSaves| Ok(());
+    let begin = tokio::time::timeout(wait, again.begin_save("look", &["c1".to_string()], &mut register)).await;
+    assert!(begin.is_err(), "a begin waits for the exclusive lock");
+    let passes = &mut |_: &HashMap<String, BlobRecord>| Ok(());
+    let saved = manifest("web", &["c1", "l1"], 6);
+    let commit = tokio::time::timeout(wait, again.commit_known("look", &saved, 0, &sizes(), 9, passes, "s")).await;
+    assert!(commit.is_err(), "a commit waits for the exclusive lock");
+    drop(flushing);
 
     // A database of schema version 1 is migrated; one newer than this coordinator's refused.
     let config: tokio_postgres::Config = url.parse().unwrap();
     let (client, connection) = config.connect(tokio_postgres::NoTls).await.unwrap();
     tokio::spawn(connection);
-    client.batch_execute("DROP TABLE lc_open_saves, lc_leases; UPDATE lc_schema SET version = 1").await.unwrap();
+    client
+        .batch_execute("DROP TABLE lc_open_saves, lc_leases, lc_lease_demand; UPDATE lc_schema SET version = 1")
+        .await
+        .unwrap();
     let migrated = postgres::Postgres::connect(&url).await.unwrap();
     assert_eq!(migrated.project("a").await.unwrap().map(|record| record.quota_bytes), Some(5 << 20));
     let version: i32 = client.query_one("SELECT version FROM lc_schema", &[]).await.unwrap().get(0);
-    assert_eq!(version, 2);
-    migrated.update_leases(&mut |leases| assert!(leases.is_empty())).await.unwrap();
+    assert_eq!(version, 3);
+    migrated
+        .update_leases("p", &mut |leases, _| {
+            assert!(leases.is_empty());
+            LeaseDemand::default()
+        })
+        .await
+        .unwrap();
+    // One of version 2 keeps its leases, a restore's reads moved apart from its record.
+    let lease = r#"{"project":"p","kind":"Restore","fixed":1,"order":0,"renewed_unix_ms":9,"reads":["sha256:r"]}"#;
+    client
+        .batch_execute(&format!(
+            "DROP TABLE lc_lease_demand; DROP INDEX lc_leases_project; ALTER TABLE lc_leases DROP COLUMN reads;
+             INSERT INTO lc_leases (id, project, record) VALUES ('r', 'p', '{lease}');
+             UPDATE lc_schema SET version = 2"
+        ))
+        .await
+        .unwrap();
+    let migrated = postgres::Postgres::connect(&url).await.unwrap();
+    let mut seen = Vec::new();
+    migrated.read_leases(Some("p"), &mut |leases| seen.extend(leases["r"].reads.iter().cloned())).await.unwrap();
+    assert_eq!(seen, ["sha256:r"]);
+    let record: String = client.query_one("SELECT record FROM lc_leases", &[]).await.unwrap().get(0);
+    assert!(!record.contains("sha256:r"), "{record}");
     client.batch_execute("UPDATE lc_schema SET version = 99").await.unwrap();
     let refused = postgres::Postgres::connect(&url).await.err().expect("a newer schema is refused").to_string();
-    assert!(refused.contains("schema is version 99, newer than this coordinator's 2"), "{refused}");
+    assert!(refused.contains("schema is version 99, newer than this coordinator's 3"), "{refused}");
     assert_eq!(refused.lines().count(), 1, "{refused}");
 }
