@@ -93,6 +93,10 @@ impl Placer {
             tracing::debug!(digest = %blob.digest, why, "the layer goes through docker load");
             Ok(None)
         };
+        // The name becomes a path in the engine's data root: only a well-formed digest makes one.
+        if let Err(error) = proto::names::validate_digest(&blob.stored_digest) {
+            return left(error.to_string());
+        }
         let part = self.parts.join(format!("cache-worker-{hex}.part"));
         let mut copy = match Copy::create_beside(&self.blobs.join(hex), part).await {
             Ok(copy) => copy,
