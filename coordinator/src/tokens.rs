@@ -20,6 +20,12 @@ pub struct Principal {
     pub scope: Option<BranchScope>,
     /// The SHA-256 of the token presented, to check it is still live when a key is minted.
     pub token_sha256_hex: String,
+    /// The project's generation and quota as its record stood when the token was checked
+    /// (read then anyway): what a begin stamps on its save and what a commit checks first, so
+    /// neither reads the record again. A flush after the check is still caught: a commit's own
+    /// step refuses a save of an older generation.
+    pub generation: u64,
+    pub quota_bytes: u64,
 }
 
 impl Principal {

@@ -34,9 +34,11 @@ impl CacheService {
         let Some(record) = self.db.project(project).await? else {
             return Err(Error::Unauthenticated("unknown or revoked project token"));
         };
+        let (generation, quota_bytes) = (record.generation, record.quota_bytes);
         if tokens::token_matches(token, &record.token_sha256_hex) {
             let token_sha256_hex = record.token_sha256_hex;
-            return Ok(Principal { project: record.name, token_id: String::new(), scope: None, token_sha256_hex });
+            let (project, token_id, scope) = (record.name, String::new(), None);
+            return Ok(Principal { project, token_id, scope, token_sha256_hex, generation, quota_bytes });
         }
         // The lookup is by the token's hash: what it reveals (whether a hash is recorded) is
         // worth nothing without the 256-bit secret.
@@ -51,6 +53,8 @@ impl CacheService {
                     token_id: scoped.id,
                     scope: Some(scoped.scope),
                     token_sha256_hex,
+                    generation,
+                    quota_bytes,
                 })
             }
             _ => Err(Error::Unauthenticated("unknown or revoked project token")),

@@ -15,7 +15,7 @@ use proto::v1 as pb;
 use super::{CacheService, Lock, validate_key};
 use crate::claims::SaveFacts;
 use crate::error::Error;
-use crate::state::{BlobRecord, Committed, OpenSave, ProjectRecord, ServiceCounters, manifest_digests};
+use crate::state::{BlobRecord, Committed, OpenSave, ServiceCounters, manifest_digests};
 
 /// How long one `CommitSave` call waits for blobs other saves are uploading before it answers
 /// "call again": well inside any worker's per-call deadline.
@@ -174,7 +174,6 @@ fn validate_begin(
 fn open_save(
     principal: &crate::tokens::Principal,
     key: &pb::CacheKey,
-    record: &ProjectRecord,
     request: &pb::BeginSaveRequest,
     digests: &BTreeSet<String>,
     moves_blobs: bool,
@@ -185,7 +184,7 @@ fn open_save(
         token_id: principal.token_id.clone(),
         service: key.service.clone(),
         branch: key.branch.clone(),
-        generation: record.generation,
+        generation: principal.generation,
         image_ids: request.images.iter().map(|image| image.id.clone()).collect(),
         engine_version: request.engine_version.clone(),
         began_unix_ms: now_unix_ms,
@@ -338,7 +337,7 @@ impl CacheService {
     ) -> Result<pb::BeginSaveResponse, Error> {
         let project = principal.project.as_str();
         let (key, digests) = validate_begin(principal, request)?;
-        let record = self.db.project(project).await?.ok_or_else(|| Error::NoSuchProject(project.to_owned()))?;
+        let quota_bytes = principal.quota_bytes;
         // Held until the save is registered: a garbage collection (which takes the lock
         // exclusively) either ran before and this save sees what it left, or runs after and
         // keeps every blob this save names. Across replicas the state holds it for its step
@@ -353,8 +352,8 @@ impl CacheService {
                 let missing: Vec<String> = digests.iter().filter(|d| !stored.contains_key(*d)).cloned().collect();
                 let current = manifests.iter().find(|manifest| manifest.key.as_ref() == Some(&key));
                 let known_size: u64 = stored.values().map(|record| record.stored_size).sum();
-                if record.quota_bytes > 0 && known_size > record.quota_bytes {
-                    return Err(super::gc::over_quota(project, &key, known_size, record.quota_bytes));
+                if quota_bytes > 0 && known_size > quota_bytes {
+                    return Err(super::gc::over_quota(project, &key, known_size, quota_bytes));
                 }
                 let unchanged = match current {
                     // A manifest holding a record no commit checked (written before commits
@@ -371,7 +370,7 @@ impl CacheService {
                     true => None,
                     false => {
                         let moves_blobs = !missing.is_empty();
-                        let pending = open_save(principal, &key, &record, request, &digests, moves_blobs, now);
+                        let pending = open_save(principal, &key, request, &digests, moves_blobs, now);
                         Some(self.pending_saves.begin_in(saves, save_id.clone(), pending, missing, now)?)
                     }
                 };
@@ -568,11 +567,11 @@ impl CacheService {
         let project = principal.project.as_str();
         validate_images(&request.images)?;
         validate_save_log(&request.save_log)?;
-        let (pending, record) = self.committable_save(principal, request).await?;
+        let pending = self.committable_save(principal, request).await?;
         let mut manifest = self.manifest_of(principal, &pending, request);
         let reported = reported_blobs(&mut manifest.images)?;
         if let Some(answer) =
-            self.commit_known_blobs(principal, &pending, &record, &manifest, &reported, &request.save_id).await?
+            self.commit_known_blobs(principal, &pending, &manifest, &reported, &request.save_id).await?
         {
             return Ok(answer);
         }
@@ -595,7 +594,7 @@ impl CacheService {
         }
         // The manifest's own bytes count against the quota beside its blobs'.
         let size: u64 = reported.values().map(|record| record.stored_size).sum::<u64>() + manifest_bytes(&manifest);
-        let quota = record.quota_bytes;
+        let quota = principal.quota_bytes;
         if quota > 0 && size > quota {
             drop(no_sweep);
             let uploaded: HashMap<String, BlobRecord> =
@@ -622,14 +621,13 @@ impl CacheService {
         &self,
         principal: &crate::tokens::Principal,
         pending: &SaveFacts,
-        record: &ProjectRecord,
         manifest: &pb::Manifest,
         reported: &HashMap<String, BlobRecord>,
         save_id: &str,
     ) -> Result<Option<pb::CommitSaveResponse>, Error> {
         let project = principal.project.as_str();
         let size: u64 = reported.values().map(|record| record.stored_size).sum::<u64>() + manifest_bytes(manifest);
-        let quota = record.quota_bytes;
+        let quota = principal.quota_bytes;
         if quota > 0 && size > quota {
             return Ok(None);
         }
@@ -662,22 +660,21 @@ impl CacheService {
         Ok(Some(commit_response(project, &pending.key, manifest, committed)))
     }
 
-    /// The begun save `request` commits, and its project's record: refused when the save was
-    /// begun for a branch this principal may not write, when its project was flushed since
-    /// (its claims and budget share then given back), or when its images changed.
+    /// The begun save `request` commits: refused when the save was begun for a branch this
+    /// principal may not write, when its project was flushed since (by the generation its token
+    /// check read; its claims and budget share then given back), or when its images changed.
     async fn committable_save(
         &self,
         principal: &crate::tokens::Principal,
         request: &pb::CommitSaveRequest,
-    ) -> Result<(SaveFacts, ProjectRecord), Error> {
+    ) -> Result<SaveFacts, Error> {
         let project = principal.project.as_str();
         let pending = self.pending_saves.describe(&request.save_id, project, self.clock.now_unix_ms()).await?;
         // Checked again: the save may have been begun by another token of the project.
         principal.check_write(&pending.key.branch)?;
         // A flush since the begin (through another replica, which cannot forget this one's
         // open saves) is named as such, before the store is asked for what it deleted.
-        let record = self.existing_project(project).await?;
-        if record.generation != pending.generation {
+        if principal.generation != pending.generation {
             self.pending_saves.take(&request.save_id, project).await?;
             if pending.leased {
                 self.budget.release(project, &request.save_id, self.clock.now_unix_ms()).await?;
@@ -688,7 +685,7 @@ impl CacheService {
         if image_ids != pending.image_ids {
             return Err(Error::InvalidArgument("the committed images differ from the ones the save began with".into()));
         }
-        Ok((pending, record))
+        Ok(pending)
     }
 
     /// The manifest a commit makes visible, created and last used now, naming the branches its
@@ -1096,6 +1093,8 @@ mod tests {
             token_id: String::new(),
             scope: None,
             token_sha256_hex: String::new(),
+            generation: 0,
+            quota_bytes: 0,
         };
         let pr_token = crate::tokens::Principal {
             scope: Some(crate::tokens::BranchScope { read: vec!["main".into()], write: vec!["pr-*".into()] }),
