@@ -3,7 +3,7 @@
 //! sled, the database replicas share on PostgreSQL); every rule here runs on one consistent
 //! view of a project's open saves, at a time (unix milliseconds) its caller passes in.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -37,7 +37,16 @@ pub struct PendingSaves {
     saves: Arc<dyn Ephemeral>,
     /// How long a claim outlives its worker's last sign of life.
     claim_ttl: Duration,
+    /// What a commit needs of the saves begun through this process, by save ID: facts fixed at
+    /// the begin, so a commit through this process reads none of them from the state (one
+    /// transaction on PostgreSQL). Whether the save is still open is the commit's own step's
+    /// to check: it takes the save's record.
+    begun_here: std::sync::Mutex<HashMap<String, SaveFacts>>,
 }
+
+/// Saves whose facts this process keeps at most; beyond, the ones too old to commit are
+/// forgotten, then all (a commit then reads them from the state).
+const MOST_SAVES_BEGUN_HERE: usize = 10_000;
 
 /// What registering a save answered.
 #[derive(Debug, PartialEq, Eq)]
@@ -60,13 +69,13 @@ fn held_names(save: &OpenSave) -> usize {
 }
 
 /// Whether a save was begun too long ago to commit.
-fn too_old(save: &OpenSave, now: i64) -> bool {
-    now.saturating_sub(save.began_unix_ms) >= millis(SAVE_LIFETIME)
+fn too_old(began_unix_ms: i64, now: i64) -> bool {
+    now.saturating_sub(began_unix_ms) >= millis(SAVE_LIFETIME)
 }
 
 impl PendingSaves {
     pub fn new(claim_ttl: Duration, saves: Arc<dyn Ephemeral>) -> PendingSaves {
-        PendingSaves { saves, claim_ttl }
+        PendingSaves { saves, claim_ttl, begun_here: Default::default() }
     }
 
     /// How often a worker says it is alive: a claim survives two missed calls.
@@ -226,7 +235,7 @@ impl PendingSaves {
     /// Records a sign of life of a save's worker.
     pub(crate) async fn keep_alive(&self, save_id: &str, project: &str, now: i64) -> Result<(), Error> {
         self.change(Some(project), |saves| match saves.get_mut(save_id) {
-            Some(save) if save.project == project && !too_old(save, now) => {
+            Some(save) if save.project == project && !too_old(save.began_unix_ms, now) => {
                 save.last_alive_unix_ms = now;
                 save.silence_noted = false;
                 Ok(())
@@ -250,7 +259,7 @@ impl PendingSaves {
         let (claim_ttl, forget_silent) = (millis(self.claim_ttl), millis(self.claim_ttl * SILENT_SAVE_CLAIM_TTLS));
         let mine = |save: &OpenSave| project.is_none_or(|project| save.project == project);
         saves.retain(|_, save| {
-            !mine(save) || (!too_old(save, now) && now.saturating_sub(save.last_alive_unix_ms) < forget_silent)
+            !mine(save) || (!too_old(save.began_unix_ms, now) && now.saturating_sub(save.last_alive_unix_ms) < forget_silent)
         });
         let mut silent = Vec::new();
         for (save_id, save) in saves.iter_mut().filter(|(_, save)| mine(save)) {
@@ -265,27 +274,46 @@ impl PendingSaves {
 
     /// Forgets a save (and its claims); whether it was there.
     pub(crate) async fn abandon(&self, save_id: &str, project: &str) -> Result<bool, Error> {
+        self.forget_here(save_id);
         self.change(Some(project), |saves| forget(saves, save_id, project)).await
     }
 
     /// Forgets every save of a project (a flush: none of them can commit).
     pub(crate) async fn abandon_project(&self, project: &str) -> Result<(), Error> {
+        self.begun_here.lock().expect("saves begun here").retain(|_, facts| facts.project != project);
         self.change(Some(project), |saves| saves.retain(|_, save| save.project != project)).await
     }
 
-    /// What a commit needs of a begun save, which stays begun until [`PendingSaves::take`].
+    /// Keeps what a commit needs of `save`, just begun through this process as `save_id`.
+    pub(crate) fn begun_here(&self, save_id: &str, save: &OpenSave, now: i64) {
+        let mut begun = self.begun_here.lock().expect("saves begun here");
+        if begun.len() >= MOST_SAVES_BEGUN_HERE {
+            begun.retain(|_, facts| !too_old(facts.began_unix_ms, now));
+        }
+        if begun.len() >= MOST_SAVES_BEGUN_HERE {
+            begun.clear();
+        }
+        begun.insert(save_id.to_owned(), SaveFacts::of(save));
+    }
+
+    /// Forgets the facts of a save begun through this process (committed or abandoned).
+    pub(crate) fn forget_here(&self, save_id: &str) {
+        self.begun_here.lock().expect("saves begun here").remove(save_id);
+    }
+
+    /// What a commit needs of a begun save, which stays begun until [`PendingSaves::take`]: kept
+    /// since its begin when that was through this process (the commit's step then finds
+    /// whether it is still open), read from the state otherwise.
     pub(crate) async fn describe(&self, save_id: &str, project: &str, now: i64) -> Result<SaveFacts, Error> {
+        let no_such_save = || Error::NoSuchSave(save_id.to_owned());
+        let kept = self.begun_here.lock().expect("saves begun here").get(save_id).cloned();
+        if let Some(facts) = kept {
+            let open = facts.project == project && !too_old(facts.began_unix_ms, now);
+            return if open { Ok(facts) } else { Err(no_such_save()) };
+        }
         self.read(project, |saves| match saves.get(save_id) {
-            Some(save) if save.project == project && !too_old(save, now) => Ok(SaveFacts {
-                key: pb::CacheKey { service: save.service.clone(), branch: save.branch.clone() },
-                generation: save.generation,
-                image_ids: save.image_ids.clone(),
-                engine_version: save.engine_version.clone(),
-                began_unix_ms: save.began_unix_ms,
-                host: save.host.clone(),
-                leased: save.leased,
-            }),
-            _ => Err(Error::NoSuchSave(save_id.to_owned())),
+            Some(save) if save.project == project && !too_old(save.began_unix_ms, now) => Ok(SaveFacts::of(save)),
+            _ => Err(no_such_save()),
         })
         .await?
     }
@@ -305,8 +333,10 @@ pub(crate) fn forget(saves: &mut OpenSaves, save_id: &str, project: &str) -> boo
     false
 }
 
-/// A begun save, as its commit sees it.
+/// A begun save, as its commit sees it: what its begin fixed.
+#[derive(Debug, Clone)]
 pub(crate) struct SaveFacts {
+    pub project: String,
     pub key: pb::CacheKey,
     pub generation: u64,
     pub image_ids: Vec<String>,
@@ -315,6 +345,21 @@ pub(crate) struct SaveFacts {
     pub host: String,
     /// Its begin granted it a share of the transfer budget.
     pub leased: bool,
+}
+
+impl SaveFacts {
+    fn of(save: &OpenSave) -> SaveFacts {
+        SaveFacts {
+            project: save.project.clone(),
+            key: pb::CacheKey { service: save.service.clone(), branch: save.branch.clone() },
+            generation: save.generation,
+            image_ids: save.image_ids.clone(),
+            engine_version: save.engine_version.clone(),
+            began_unix_ms: save.began_unix_ms,
+            host: save.host.clone(),
+            leased: save.leased,
+        }
+    }
 }
 
 #[cfg(test)]

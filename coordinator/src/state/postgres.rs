@@ -40,8 +40,8 @@ use serde::{Deserialize, Serialize};
 use tokio_postgres::NoTls;
 
 use super::{
-    BlobRecord, Committed, FlushedRecords, KeyAccess, MintedKeyRecord, ProjectRecord, ProjectTotals, ScopedTokenRecord,
-    ServiceCounters, State, ledger, manifest_digests,
+    BlobRecord, Committed, FlushedRecords, Holder, KeyAccess, MintedKeyRecord, ProjectRecord, ProjectTotals,
+    ScopedTokenRecord, ServiceCounters, State, ledger, manifest_digests,
 };
 use crate::error::Error;
 
@@ -501,7 +501,7 @@ impl Postgres {
 /// Locks a project's row for the rest of the transaction; its record, if there is one.
 async fn lock_project(tx: &Transaction<'_>, project: &str) -> Result<Option<ProjectRecord>, Error> {
     let row = tx
-        .query_opt("SELECT record FROM lc_projects WHERE name = $1 FOR UPDATE", &[&project])
+        .cached_query_opt("SELECT record FROM lc_projects WHERE name = $1 FOR UPDATE", &[&project])
         .await
         .map_err(pg_error)?;
     row.map(|row| from_json("lc_projects", row.get::<_, &str>(0))).transpose()
@@ -715,6 +715,31 @@ async fn write_leases(
     Ok(())
 }
 
+/// `project`'s record while `holder` is one of its live tokens (with `lock`, locked for the rest
+/// of the transaction), in one statement; refused as revoked otherwise.
+async fn holders_record(
+    client: &impl GenericClient,
+    project: &str,
+    holder: Holder<'_>,
+    lock: bool,
+) -> Result<ProjectRecord, Error> {
+    let query = if lock {
+        "SELECT p.record, s.record FROM lc_projects p
+             LEFT JOIN lc_scoped_tokens s ON s.sha256 = $2 AND s.project = p.name
+         WHERE p.name = $1 FOR UPDATE OF p"
+    } else {
+        "SELECT p.record, s.record FROM lc_projects p
+             LEFT JOIN lc_scoped_tokens s ON s.sha256 = $2 AND s.project = p.name
+         WHERE p.name = $1"
+    };
+    let row = client.cached_query_opt(query, &[&project, &holder.token_sha256_hex]).await.map_err(pg_error)?;
+    let row = row.ok_or_else(super::revoked)?;
+    let record: ProjectRecord = from_json("lc_projects", row.get::<_, &str>(0))?;
+    let scoped: Option<ScopedTokenRecord> =
+        row.get::<_, Option<&str>>(1).map(|json| from_json("lc_scoped_tokens", json)).transpose()?;
+    if holder.is_live(&record, scoped.as_ref()) { Ok(record) } else { Err(super::revoked()) }
+}
+
 /// The manifest of the first of `keys` the project holds.
 async fn first_manifest(
     tx: &Transaction<'_>,
@@ -724,7 +749,7 @@ async fn first_manifest(
     let services: Vec<&str> = keys.iter().map(|key| key.service.as_str()).collect();
     let branches: Vec<&str> = keys.iter().map(|key| key.branch.as_str()).collect();
     let row = tx
-        .query_opt(
+        .cached_query_opt(
             "SELECT body FROM lc_manifests JOIN UNNEST($2::text[], $3::text[]) WITH ORDINALITY AS wanted (service, branch, n)
                  USING (service, branch)
              WHERE project = $1 ORDER BY wanted.n LIMIT 1",
@@ -1010,6 +1035,10 @@ impl State for Postgres {
         row.map(|row| from_json("lc_projects", row.get::<_, &str>(0))).transpose()
     }
 
+    async fn holders_project(&self, project: &str, holder: Holder<'_>) -> Result<ProjectRecord, Error> {
+        holders_record(&self.client().await?, project, holder, false).await
+    }
+
     async fn projects(&self) -> Result<Vec<ProjectRecord>, Error> {
         let client = self.client().await?;
         let rows = client.cached_query("SELECT record FROM lc_projects ORDER BY name", &[]).await.map_err(pg_error)?;
@@ -1184,6 +1213,7 @@ impl State for Postgres {
     async fn look_up(
         &self,
         project: &str,
+        holder: Holder<'_>,
         keys: &[pb::CacheKey],
         now_unix: i64,
         grant: &mut (
@@ -1199,7 +1229,9 @@ impl State for Postgres {
         let tx = client.transaction().await.map_err(pg_error)?;
         // A miss takes no lock. A hit is read again under the lock: an eviction may have run
         // between. The lock is the publish lock of `project_lock`, for this transaction only.
-        if first_manifest(&tx, project, keys).await?.is_none() {
+        let (_, first) =
+            futures::try_join!(holders_record(&tx, project, holder, false), first_manifest(&tx, project, keys))?;
+        if first.is_none() {
             tx.commit().await.map_err(pg_error)?;
             return Ok(None);
         }
@@ -1259,9 +1291,11 @@ impl State for Postgres {
     async fn begin_save(
         &self,
         project: &str,
+        holder: Holder<'_>,
         digests: &[String],
         register: &mut (
                  dyn for<'a> FnMut(
+            &'a ProjectRecord,
             &'a HashMap<String, BlobRecord>,
             &'a [pb::Manifest],
             &'a mut super::OpenSaves,
@@ -1271,16 +1305,18 @@ impl State for Postgres {
     ) -> Result<(), Error> {
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(pg_error)?;
-        // The publish lock (`project_lock`'s, for this transaction only), the ledger's records,
-        // the manifests and the open saves, in one round trip. Only the open saves are written,
+        // The publish lock (`project_lock`'s, for this transaction only), the project's record
+        // with the token's check, the ledger's records, the manifests and the open saves, in
+        // one round trip. Only the open saves are written,
         // which outlive no server crash: the commit need not wait for the disk.
         let lock = lock_key(project);
         let by_key: &[&(dyn tokio_postgres::types::ToSql + Sync)] = &[&lock];
         let by_project: &[&(dyn tokio_postgres::types::ToSql + Sync)] = &[&project];
         let by_digests: &[&(dyn tokio_postgres::types::ToSql + Sync)] = &[&project, &digests];
-        let (_, _, stored, manifests, _, _, saves) = futures::try_join!(
+        let (_, _, record, stored, manifests, _, _, saves) = futures::try_join!(
             tx.batch_execute("SET LOCAL synchronous_commit = off").map_err(pg_error),
             tx.cached_execute("SELECT pg_advisory_xact_lock_shared($1)", by_key).map_err(pg_error),
+            holders_record(&tx, project, holder, false),
             tx.cached_query("SELECT digest, record FROM lc_blobs WHERE project = $1 AND digest = ANY($2)", by_digests)
                 .map_err(pg_error),
             tx.cached_query("SELECT body FROM lc_manifests WHERE project = $1 ORDER BY service, branch", by_project)
@@ -1297,7 +1333,7 @@ impl State for Postgres {
             manifests.iter().map(|row| decode_manifest(row.get::<_, &[u8]>(0))).collect::<Result<_, _>>()?;
         let mut changed = saves.clone();
         // What the rule changed stands even when it refuses (the silent saves it noted).
-        let registered = register(&stored, &manifests, &mut changed);
+        let registered = register(&record, &stored, &manifests, &mut changed);
         write_ephemeral(&tx, "lc_open_saves", Some(project), &saves, &changed, |save| &save.project).await?;
         tx.commit().await.map_err(pg_error)?;
         registered
@@ -1306,11 +1342,12 @@ impl State for Postgres {
     async fn commit_known(
         &self,
         project: &str,
+        holder: Holder<'_>,
         manifest: &pb::Manifest,
         generation: u64,
         new_blobs: &HashMap<String, BlobRecord>,
         now_unix: i64,
-        check: &mut (dyn for<'a> FnMut(&'a HashMap<String, BlobRecord>) -> Result<(), Error> + Send),
+        check: &mut super::CommitCheck<'_>,
         save_id: &str,
     ) -> Result<Option<Committed>, Error> {
         let key = manifest.key.clone().unwrap_or_default();
@@ -1318,21 +1355,19 @@ impl State for Postgres {
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(pg_error)?;
         // The publish lock (`project_lock`'s, for this transaction only), then the project's
-        // row, the key's manifest and the blobs, in one round trip.
+        // row with the token's check, the key's manifest and the blobs, in one round trip.
         let lock = lock_key(project);
         let by_key: &[&(dyn tokio_postgres::types::ToSql + Sync)] = &[&lock];
         let (_, record, old, mut known) = futures::try_join!(
             tx.cached_execute("SELECT pg_advisory_xact_lock_shared($1)", by_key).map_err(pg_error),
-            lock_project(&tx, project),
+            holders_record(&tx, project, holder, true),
             manifest_of(&tx, project, &key, true),
             lock_blobs(&tx, project, &digests),
         )?;
-        if known.len() < digests.len() {
+        if known.len() < digests.len() || !check(&record, &known)? {
             tx.commit().await.map_err(pg_error)?;
             return Ok(None);
         }
-        let record = record.ok_or_else(|| Error::NoSuchProject(project.to_owned()))?;
-        check(&known)?;
         // The blobs of the manifest it replaces that it does not name, and its open save: one
         // row, deleted without the project's open-saves lock (a begin holding it never writes
         // back a save that went meanwhile: see `write_ephemeral`).
