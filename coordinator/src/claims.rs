@@ -259,7 +259,8 @@ impl PendingSaves {
         let (claim_ttl, forget_silent) = (millis(self.claim_ttl), millis(self.claim_ttl * SILENT_SAVE_CLAIM_TTLS));
         let mine = |save: &OpenSave| project.is_none_or(|project| save.project == project);
         saves.retain(|_, save| {
-            !mine(save) || (!too_old(save.began_unix_ms, now) && now.saturating_sub(save.last_alive_unix_ms) < forget_silent)
+            !mine(save)
+                || (!too_old(save.began_unix_ms, now) && now.saturating_sub(save.last_alive_unix_ms) < forget_silent)
         });
         let mut silent = Vec::new();
         for (save_id, save) in saves.iter_mut().filter(|(_, save)| mine(save)) {
@@ -305,15 +306,20 @@ impl PendingSaves {
     /// since its begin when that was through this process (the commit's step then finds
     /// whether it is still open), read from the state otherwise.
     pub(crate) async fn describe(&self, save_id: &str, project: &str, now: i64) -> Result<SaveFacts, Error> {
-        let no_such_save = || Error::NoSuchSave(save_id.to_owned());
         let kept = self.begun_here.lock().expect("saves begun here").get(save_id).cloned();
-        if let Some(facts) = kept {
-            let open = facts.project == project && !too_old(facts.began_unix_ms, now);
-            return if open { Ok(facts) } else { Err(no_such_save()) };
+        match kept {
+            Some(facts) if facts.project == project && !too_old(facts.began_unix_ms, now) => Ok(facts),
+            Some(_) => Err(Error::NoSuchSave(save_id.to_owned())),
+            None => self.describe_open(save_id, project, now).await,
         }
+    }
+
+    /// What a commit needs of a begun save, read from the state: [`Error::NoSuchSave`] when it
+    /// is no longer open.
+    pub(crate) async fn describe_open(&self, save_id: &str, project: &str, now: i64) -> Result<SaveFacts, Error> {
         self.read(project, |saves| match saves.get(save_id) {
             Some(save) if save.project == project && !too_old(save.began_unix_ms, now) => Ok(SaveFacts::of(save)),
-            _ => Err(no_such_save()),
+            _ => Err(Error::NoSuchSave(save_id.to_owned())),
         })
         .await?
     }

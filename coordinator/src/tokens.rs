@@ -81,9 +81,21 @@ const MOST_RECENT_TOKEN_CHECKS: usize = 10_000;
 /// minted. A revocation or rotation through this process forgets its project's checks at once;
 /// through another replica, a keep-alive, an abandon or a metrics report with the old token is
 /// taken for up to the reuse time more.
-#[derive(Default)]
 pub struct RecentTokens {
     checks: std::sync::Mutex<std::collections::HashMap<String, RecentCheck>>,
+    /// Held while a token is checked, by a slot its hash picks: the workers of a project that
+    /// call at once (a coordinator's restart, a burst of jobs) make one check of their token
+    /// between them, not one each.
+    checking: [tokio::sync::Mutex<()>; CHECKING_SLOTS],
+}
+
+/// Slots of [`RecentTokens::checking`]: checks of different tokens rarely wait for each other.
+const CHECKING_SLOTS: usize = 64;
+
+impl Default for RecentTokens {
+    fn default() -> RecentTokens {
+        RecentTokens { checks: Default::default(), checking: std::array::from_fn(|_| Default::default()) }
+    }
 }
 
 struct RecentCheck {
@@ -101,6 +113,14 @@ impl RecentTokens {
         let check = checks.get(sha256_hex)?;
         let fresh = (0..TOKEN_CHECK_REUSE_MS).contains(&now_unix_ms.saturating_sub(check.checked_unix_ms));
         fresh.then(|| (check.principal.clone(), check.expires_unix))
+    }
+
+    /// Waits until no other check of the token hashing to `sha256_hex` runs (nor of a token
+    /// sharing its slot), and holds that until the guard drops: a caller that misses asks
+    /// [`RecentTokens::get`] again under it before it checks.
+    pub async fn checking(&self, sha256_hex: &str) -> tokio::sync::MutexGuard<'_, ()> {
+        let slot = sha256_hex.bytes().fold(0usize, |slot, byte| slot.wrapping_mul(31).wrapping_add(byte as usize));
+        self.checking[slot % CHECKING_SLOTS].lock().await
     }
 
     /// Keeps a check made at `now_unix_ms`.

@@ -32,11 +32,17 @@ impl CacheService {
         }
         let project = tokens::project_of_token(token).ok_or_else(revoked)?;
         let token_sha256_hex = tokens::sha256_hex(token);
-        let now_unix_ms = self.clock.now_unix_ms();
-        if let Some((principal, expires_unix)) = self.recent_tokens.get(&token_sha256_hex, now_unix_ms) {
+        let reused = |recent: &tokens::RecentTokens| recent.get(&token_sha256_hex, self.clock.now_unix_ms());
+        if let Some((principal, expires_unix)) = reused(&self.recent_tokens) {
             self.check_unexpired(expires_unix)?;
             return Ok(principal);
         }
+        let _one_check_at_a_time = self.recent_tokens.checking(&token_sha256_hex).await;
+        if let Some((principal, expires_unix)) = reused(&self.recent_tokens) {
+            self.check_unexpired(expires_unix)?;
+            return Ok(principal);
+        }
+        let now_unix_ms = self.clock.now_unix_ms();
         let record = self.db.project(project).await?.ok_or_else(revoked)?;
         let (principal, expires_unix) = if tokens::token_matches_hash(&token_sha256_hex, &record.token_sha256_hex) {
             (Principal { project: record.name, token_id: String::new(), scope: None, token_sha256_hex }, 0)

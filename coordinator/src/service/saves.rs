@@ -370,8 +370,10 @@ impl CacheService {
                     true => None,
                     false => {
                         let moves_blobs = !missing.is_empty();
-                        let pending = open_save(principal, &key, record.generation, request, &digests, moves_blobs, now);
-                        let begun = self.pending_saves.begin_in(saves, save_id.clone(), pending.clone(), missing, now)?;
+                        let pending =
+                            open_save(principal, &key, record.generation, request, &digests, moves_blobs, now);
+                        let begun =
+                            self.pending_saves.begin_in(saves, save_id.clone(), pending.clone(), missing, now)?;
                         Some((pending, begun))
                     }
                 };
@@ -575,11 +577,14 @@ impl CacheService {
         match self.commit_known_blobs(principal, &pending, &manifest, &reported, &request.save_id).await {
             Ok(Some(answer)) => return Ok(answer),
             Ok(None) => {}
-            Err(Error::SaveConflict(flushed)) => return Err(self.flushed_since_begun(&pending, &request.save_id, flushed).await),
+            Err(Error::SaveConflict(flushed)) => {
+                return Err(self.flushed_since_begun(&pending, &request.save_id, flushed).await);
+            }
             Err(error) => return Err(error),
         }
-        // Flushed since the begin (through another replica, whose flush forgot the open save
-        // unless it began after it): named as such, before the store is asked for what it deleted.
+        // A save no longer open (a flush forgets the project's) is named as such, and one begun
+        // before a flush that missed it, before the store is asked for what it deleted.
+        self.pending_saves.describe_open(&request.save_id, project, self.clock.now_unix_ms()).await?;
         let record = self.existing_project(project).await?;
         if record.generation != pending.generation {
             let flushed = format!("project {project:?} was flushed while the save ran: save again");

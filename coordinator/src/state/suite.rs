@@ -293,10 +293,11 @@ async fn every_step_checks_its_token_live(a: &dyn State, b: &dyn State) {
         sizes().into_iter().filter(|(digest, _)| ["c1", "l1"].contains(&digest.as_str())).collect();
     let saved = manifest("web", &["c1", "l1"], 6);
     let quota_seen = std::sync::atomic::AtomicU64::new(u64::MAX);
-    let mut register = |record: &ProjectRecord, _: &HashMap<String, BlobRecord>, _: &[pb::Manifest], _: &mut OpenSaves| {
-        quota_seen.store(record.quota_bytes, std::sync::atomic::Ordering::Relaxed);
-        Ok(())
-    };
+    let mut register =
+        |record: &ProjectRecord, _: &HashMap<String, BlobRecord>, _: &[pb::Manifest], _: &mut OpenSaves| {
+            quota_seen.store(record.quota_bytes, std::sync::atomic::Ordering::Relaxed);
+            Ok(())
+        };
     let mut grant = |_: &pb::Manifest, _: &mut Leases, _: &LeaseDemands| LeaseDemand::default();
     let passes = &mut |_: &ProjectRecord, _: &HashMap<String, BlobRecord>| Ok(true);
     let refused = |result: Result<(), Error>| matches!(result, Err(Error::Unauthenticated(_)));
@@ -330,18 +331,20 @@ async fn every_step_checks_its_token_live(a: &dyn State, b: &dyn State) {
 /// registers its save, in one step; its refusal is the step's.
 async fn a_begin_is_one_step(a: &dyn State, b: &dyn State) {
     let named = ["c1".to_string(), "zz".to_string()];
-    let mut register = |_: &ProjectRecord, stored: &HashMap<String, BlobRecord>, manifests: &[pb::Manifest], saves: &mut OpenSaves| {
-        assert_eq!(stored.keys().collect::<Vec<_>>(), ["c1"]);
-        assert_eq!(manifests.len(), 1);
-        saves.insert("s2".into(), crate::claims::tests::pending("known", "web", 9));
-        Ok(())
-    };
+    let mut register =
+        |_: &ProjectRecord, stored: &HashMap<String, BlobRecord>, manifests: &[pb::Manifest], saves: &mut OpenSaves| {
+            assert_eq!(stored.keys().collect::<Vec<_>>(), ["c1"]);
+            assert_eq!(manifests.len(), 1);
+            saves.insert("s2".into(), crate::claims::tests::pending("known", "web", 9));
+            Ok(())
+        };
     b.begin_save("known", OWNER, &named, &mut register).await.unwrap();
     let mut open = false;
     a.read_open_saves("known", &mut |saves| open = saves.contains_key("s2")).await.unwrap();
     assert!(open);
-    let mut refuse =
-        |_: &ProjectRecord, _: &HashMap<String, BlobRecord>, _: &[pb::Manifest], _: &mut OpenSaves| Err(Error::TooMany("too many".into()));
+    let mut refuse = |_: &ProjectRecord, _: &HashMap<String, BlobRecord>, _: &[pb::Manifest], _: &mut OpenSaves| {
+        Err(Error::TooMany("too many".into()))
+    };
     assert!(matches!(b.begin_save("known", OWNER, &named, &mut refuse).await, Err(Error::TooMany(_))));
 }
 
@@ -370,7 +373,10 @@ async fn a_commit_of_known_blobs_is_one_step(a: &dyn State, b: &dyn State) {
     let take = "s1";
     let unknown = manifest("web", &["c1", "l1", "l2"], 7);
     let passes = &mut |_: &ProjectRecord, _: &HashMap<String, BlobRecord>| Ok(true);
-    assert_eq!(b.commit_known("known", OWNER, &unknown, 0, &named(&["c1", "l1", "l2"]), 8, passes, take).await.unwrap(), None);
+    assert_eq!(
+        b.commit_known("known", OWNER, &unknown, 0, &named(&["c1", "l1", "l2"]), 8, passes, take).await.unwrap(),
+        None
+    );
     assert!(save_is_open(a).await, "nothing changed");
     let second = manifest("web", &["c1", "l1"], 7);
     let refuses = &mut |_: &ProjectRecord, known: &HashMap<String, BlobRecord>| {
@@ -496,10 +502,11 @@ async fn two_projects_save_and_restore_while_a_third_holds_its_locks() {
             let save_id = format!("{project}-save-{round}");
             let pending = crate::claims::tests::pending(project, "web", now);
             let named = ["c1".to_string(), "l1".to_string()];
-            let mut register = |_: &ProjectRecord, stored: &HashMap<String, BlobRecord>, _: &[pb::Manifest], open: &mut OpenSaves| {
-                let missing = named.iter().filter(|digest| !stored.contains_key(*digest)).cloned().collect();
-                saves.begin_in(open, save_id.clone(), pending.clone(), missing, now).map(|_| ())
-            };
+            let mut register =
+                |_: &ProjectRecord, stored: &HashMap<String, BlobRecord>, _: &[pb::Manifest], open: &mut OpenSaves| {
+                    let missing = named.iter().filter(|digest| !stored.contains_key(*digest)).cloned().collect();
+                    saves.begin_in(open, save_id.clone(), pending.clone(), missing, now).map(|_| ())
+                };
             state.begin_save(project, OWNER, &named, &mut register).await.unwrap();
             assert!(budget.grant_save(project, "", &save_id, now).await.unwrap().max_concurrency > 0);
             assert!(budget.renew(project, &save_id, now).await.unwrap().is_some());
@@ -513,7 +520,8 @@ async fn two_projects_save_and_restore_while_a_third_holds_its_locks() {
                 state.commit_manifest(project, &saved, 0, &blobs, 1).await.unwrap()
             } else {
                 let passes = &mut |_: &ProjectRecord, _: &HashMap<String, BlobRecord>| Ok(true);
-                let committed = state.commit_known(project, OWNER, &saved, 0, &blobs, 1, passes, &save_id).await.unwrap();
+                let committed =
+                    state.commit_known(project, OWNER, &saved, 0, &blobs, 1, passes, &save_id).await.unwrap();
                 committed.expect("the ledger records every blob")
             };
             assert!(matches!(committed, Committed::Stored { .. }));
@@ -629,12 +637,14 @@ async fn the_suite_passes_on_postgres() {
     let mut grant = |_: &pb::Manifest, _: &mut Leases, _: &LeaseDemands| LeaseDemand::default();
     let hit = tokio::time::timeout(wait, again.look_up("look", OWNER, &[key("web")], 8, &mut grant)).await;
     assert!(hit.is_err(), "a hit waits for the exclusive lock");
-    let mut register = |_: &ProjectRecord, _: &HashMap<String, BlobRecord>, _: &[pb::Manifest], _: &mut OpenSaves| Ok(());
+    let mut register =
+        |_: &ProjectRecord, _: &HashMap<String, BlobRecord>, _: &[pb::Manifest], _: &mut OpenSaves| Ok(());
     let begin = tokio::time::timeout(wait, again.begin_save("look", OWNER, &["c1".to_string()], &mut register)).await;
     assert!(begin.is_err(), "a begin waits for the exclusive lock");
     let passes = &mut |_: &ProjectRecord, _: &HashMap<String, BlobRecord>| Ok(true);
     let saved = manifest("web", &["c1", "l1"], 6);
-    let commit = tokio::time::timeout(wait, again.commit_known("look", OWNER, &saved, 0, &sizes(), 9, passes, "s")).await;
+    let commit =
+        tokio::time::timeout(wait, again.commit_known("look", OWNER, &saved, 0, &sizes(), 9, passes, "s")).await;
     assert!(commit.is_err(), "a commit waits for the exclusive lock");
     drop(flushing);
 
