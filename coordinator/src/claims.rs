@@ -99,10 +99,10 @@ impl PendingSaves {
             && self.claims(claimant, project, digest, now)
     }
 
-    /// Runs `change` on the open saves of `project` (`None`: of every project).
+    /// Runs `change` on the open saves of `project`.
     async fn change<R: Send>(
         &self,
-        project: Option<&str>,
+        project: &str,
         change: impl FnOnce(&mut OpenSaves) -> R + Send,
     ) -> Result<R, Error> {
         let (mut change, mut result) = (Some(change), None);
@@ -119,7 +119,7 @@ impl PendingSaves {
     /// Answers `read` of the open saves of `project`.
     async fn read<R: Send>(&self, project: &str, read: impl Fn(&OpenSaves) -> R + Send + Sync) -> Result<R, Error> {
         let mut result = None;
-        self.saves.read_open_saves(project, &mut |saves| result = Some(read(saves))).await?;
+        self.saves.read_open_saves(Some(project), &mut |saves| result = Some(read(saves))).await?;
         Ok(result.expect("the read ran"))
     }
 
@@ -141,7 +141,7 @@ impl PendingSaves {
         now: i64,
     ) -> Result<Begun, Error> {
         let project = save.project.clone();
-        self.change(Some(&project), move |saves| self.begin_in(saves, save_id, save, missing, now)).await?
+        self.change(&project, move |saves| self.begin_in(saves, save_id, save, missing, now)).await?
     }
 
     /// [`PendingSaves::begin`] inside a step its caller runs on the project's open `saves`.
@@ -154,7 +154,7 @@ impl PendingSaves {
         now: i64,
     ) -> Result<Begun, Error> {
         {
-            let silent = self.note_silent(saves, Some(&save.project), now);
+            let silent = self.note_silent(saves, &save.project, now);
             save.named.extend(missing.iter().cloned());
             let of_token =
                 || saves.values().filter(|other| other.project == save.project && other.token_id == save.token_id);
@@ -234,7 +234,7 @@ impl PendingSaves {
 
     /// Records a sign of life of a save's worker.
     pub(crate) async fn keep_alive(&self, save_id: &str, project: &str, now: i64) -> Result<(), Error> {
-        self.change(Some(project), |saves| match saves.get_mut(save_id) {
+        self.change(project, |saves| match saves.get_mut(save_id) {
             Some(save) if save.project == project && !too_old(save.began_unix_ms, now) => {
                 save.last_alive_unix_ms = now;
                 save.silence_noted = false;
@@ -245,26 +245,54 @@ impl PendingSaves {
         .await?
     }
 
-    /// Saves of `project` (`None`: of every project) whose worker has been silent for the
-    /// claim lifetime (killed, most likely): their claims have lapsed, and their shares of the
-    /// transfer budget should too. Each is named once; the save itself stays begun, should its
-    /// worker come back and commit. Saves silent for [`SILENT_SAVE_CLAIM_TTLS`] claim lifetimes,
-    /// or begun too long ago, are forgotten.
-    pub(crate) async fn newly_silent(&self, project: Option<&str>, now: i64) -> Result<Vec<(String, String)>, Error> {
-        self.change(project, |saves| self.note_silent(saves, project, now)).await
+    /// Saves of every project whose worker has been silent for the claim lifetime (killed,
+    /// most likely): their claims have lapsed, and their shares of the transfer budget should
+    /// too. Each is named once; the save itself stays begun, should its worker come back and
+    /// commit. Saves silent for [`SILENT_SAVE_CLAIM_TTLS`] claim lifetimes, or begun too long
+    /// ago, are forgotten. A look at every project's saves, taking no lock, finds the projects
+    /// with one to name or forget; each of those is then changed under its own lock alone, so
+    /// no begin or commit ever waits for this beyond its own project's.
+    pub(crate) async fn newly_silent(&self, now: i64) -> Result<Vec<(String, String)>, Error> {
+        let mut due = std::collections::BTreeSet::new();
+        self.saves
+            .read_open_saves(None, &mut |saves| {
+                due = saves
+                    .values()
+                    .filter(|save| self.silence_due(save, now))
+                    .map(|save| save.project.clone())
+                    .collect();
+            })
+            .await?;
+        let mut silent = Vec::new();
+        for project in due {
+            silent.extend(self.change(&project, |saves| self.note_silent(saves, &project, now)).await?);
+        }
+        silent.sort();
+        Ok(silent)
     }
 
-    /// [`PendingSaves::newly_silent`] on `saves`.
-    fn note_silent(&self, saves: &mut OpenSaves, project: Option<&str>, now: i64) -> Vec<(String, String)> {
-        let (claim_ttl, forget_silent) = (millis(self.claim_ttl), millis(self.claim_ttl * SILENT_SAVE_CLAIM_TTLS));
-        let mine = |save: &OpenSave| project.is_none_or(|project| save.project == project);
-        saves.retain(|_, save| {
-            !mine(save)
-                || (!too_old(save.began_unix_ms, now) && now.saturating_sub(save.last_alive_unix_ms) < forget_silent)
-        });
+    /// Whether a save is to be forgotten at `now` (silent too long, or begun too long ago).
+    fn forgotten(&self, save: &OpenSave, now: i64) -> bool {
+        let forget_silent = millis(self.claim_ttl * SILENT_SAVE_CLAIM_TTLS);
+        too_old(save.began_unix_ms, now) || now.saturating_sub(save.last_alive_unix_ms) >= forget_silent
+    }
+
+    /// Whether a save's silence is to be named at `now`.
+    fn newly_silent_at(&self, save: &OpenSave, now: i64) -> bool {
+        !save.silence_noted && now.saturating_sub(save.last_alive_unix_ms) >= millis(self.claim_ttl)
+    }
+
+    /// Whether [`PendingSaves::note_silent`] has anything to do with a save at `now`.
+    fn silence_due(&self, save: &OpenSave, now: i64) -> bool {
+        self.forgotten(save, now) || self.newly_silent_at(save, now)
+    }
+
+    /// [`PendingSaves::newly_silent`] on `project`'s saves among `saves`.
+    fn note_silent(&self, saves: &mut OpenSaves, project: &str, now: i64) -> Vec<(String, String)> {
+        saves.retain(|_, save| save.project != project || !self.forgotten(save, now));
         let mut silent = Vec::new();
-        for (save_id, save) in saves.iter_mut().filter(|(_, save)| mine(save)) {
-            if !save.silence_noted && now.saturating_sub(save.last_alive_unix_ms) >= claim_ttl {
+        for (save_id, save) in saves.iter_mut().filter(|(_, save)| save.project == project) {
+            if self.newly_silent_at(save, now) {
                 save.silence_noted = true;
                 silent.push((save.project.clone(), save_id.clone()));
             }
@@ -276,13 +304,13 @@ impl PendingSaves {
     /// Forgets a save (and its claims); whether it was there.
     pub(crate) async fn abandon(&self, save_id: &str, project: &str) -> Result<bool, Error> {
         self.forget_here(save_id);
-        self.change(Some(project), |saves| forget(saves, save_id, project)).await
+        self.change(project, |saves| forget(saves, save_id, project)).await
     }
 
     /// Forgets every save of a project (a flush: none of them can commit).
     pub(crate) async fn abandon_project(&self, project: &str) -> Result<(), Error> {
         self.begun_here.lock().expect("saves begun here").retain(|_, facts| facts.project != project);
-        self.change(Some(project), |saves| saves.retain(|_, save| save.project != project)).await
+        self.change(project, |saves| saves.retain(|_, save| save.project != project)).await
     }
 
     /// Keeps what a commit needs of `save`, just begun through this process as `save_id`.
@@ -481,16 +509,22 @@ pub(crate) mod tests {
             "a lapsed claim is uploaded again"
         );
         assert_eq!(begun.silent, vec![("web".to_string(), "s1".to_string())], "the begin names the silent save");
-        assert!(saves.newly_silent(Some("web"), lapsed).await.unwrap().is_empty(), "each silent save is named once");
+        assert!(saves.newly_silent(lapsed).await.unwrap().is_empty(), "each silent save is named once");
         assert!(saves.keep_alive("s1", "api", lapsed).await.is_err(), "another project's save is not found");
         assert!(saves.abandon("s2", "web").await.unwrap() && !saves.abandon("s2", "web").await.unwrap());
         assert!(saves.keep_alive("s2", "web", lapsed).await.is_err());
         assert_eq!(saves.keep_alive_interval(), Duration::from_secs(5));
-        // Silent again, once more named, now by the look over every project.
+        // Silent again, once more named, now by the look over every project, with another
+        // project's silent save.
         let later = lapsed + millis(TTL);
         saves.keep_alive("s1", "web", lapsed).await.unwrap();
-        assert_eq!(saves.newly_silent(None, later).await.unwrap(), vec![("web".to_string(), "s1".to_string())]);
-        assert!(saves.newly_silent(None, later).await.unwrap().is_empty(), "each silent save is named once");
+        saves.begin("s3".into(), pending("api", "one", lapsed), digests(&["b"]), lapsed).await.unwrap();
+        let both = vec![("api".to_string(), "s3".to_string()), ("web".to_string(), "s1".to_string())];
+        assert_eq!(saves.newly_silent(later).await.unwrap(), both);
+        assert!(saves.newly_silent(later).await.unwrap().is_empty(), "each silent save is named once");
+        let forgotten = later + millis(TTL * SILENT_SAVE_CLAIM_TTLS);
+        assert!(saves.newly_silent(forgotten).await.unwrap().is_empty());
+        assert!(saves.keep_alive("s3", "api", forgotten).await.is_err(), "silent that long, it is forgotten");
     }
 
     #[tokio::test]

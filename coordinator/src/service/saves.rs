@@ -534,7 +534,7 @@ impl CacheService {
     /// its project, by every begin); a failure is logged, and the next second tries again.
     pub(crate) async fn release_silent_saves(&self) {
         let now = self.clock.now_unix_ms();
-        match self.pending_saves.newly_silent(None, now).await {
+        match self.pending_saves.newly_silent(now).await {
             Ok(silent) => self.release_shares_of_silent(silent, now).await,
             Err(error) => tracing::warn!(error = %error.line(), "looking for silent saves failed; it is tried again"),
         }

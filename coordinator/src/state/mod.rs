@@ -314,17 +314,19 @@ pub type LeaseDemands = HashMap<String, LeaseDemand>;
 /// (claims, fair shares) live in `saves.rs` and `budget.rs`, which see one consistent map.
 #[async_trait::async_trait]
 pub trait Ephemeral: Send + Sync {
-    /// Runs `change` on the open saves: with a project, on at least that project's (it must
-    /// change no other's); with `None`, on every project's.
+    /// Runs `change` on at least `project`'s open saves (it must change no other's). Changes of
+    /// one project's run one at a time across replicas; of different projects', never wait
+    /// for each other.
     async fn update_open_saves(
         &self,
-        project: Option<&str>,
+        project: &str,
         change: &mut (dyn for<'a> FnMut(&'a mut OpenSaves) + Send),
     ) -> Result<(), Error>;
-    /// Lets `read` see at least `project`'s open saves as they are now.
+    /// Lets `read` see at least `project`'s open saves as they are now; with `None`, every
+    /// project's (a snapshot, taking no lock: each project's may change meanwhile).
     async fn read_open_saves(
         &self,
-        project: &str,
+        project: Option<&str>,
         read: &mut (dyn for<'a> FnMut(&'a OpenSaves) + Send),
     ) -> Result<(), Error>;
     /// Runs `change` on `project`'s transfer leases (`reads` left empty, and kept as they are
@@ -487,7 +489,7 @@ pub trait State: Ephemeral {
         let stored = self.stored_blobs(project, digests).await?;
         let manifests = self.manifests(project).await?;
         let mut registered = Ok(());
-        self.update_open_saves(Some(project), &mut |saves| registered = register(&record, &stored, &manifests, saves))
+        self.update_open_saves(project, &mut |saves| registered = register(&record, &stored, &manifests, saves))
             .await?;
         registered
     }
@@ -520,8 +522,7 @@ pub trait State: Ephemeral {
             return Ok(None);
         }
         let mut taken = false;
-        self.update_open_saves(Some(project), &mut |saves| taken = crate::claims::forget(saves, save_id, project))
-            .await?;
+        self.update_open_saves(project, &mut |saves| taken = crate::claims::forget(saves, save_id, project)).await?;
         if !taken {
             return Err(Error::NoSuchSave(save_id.to_owned()));
         }

@@ -100,10 +100,7 @@ CREATE UNLOGGED TABLE lc_lease_demand (
 ";
 
 /// Transaction advisory locks (the two-key space, apart from the projects' publish locks):
-/// every project's open saves (shared by a change of one project's, exclusive for all), one
-/// project's, and one project's leases.
-const ALL_OPEN_SAVES_LOCK: &str = "SELECT pg_advisory_xact_lock(7401, 0)";
-const SOME_OPEN_SAVES_LOCK: &str = "SELECT pg_advisory_xact_lock_shared(7401, 0)";
+/// one project's open saves, and one project's leases. No lock covers every project's.
 const PROJECT_OPEN_SAVES_LOCK: &str = "SELECT pg_advisory_xact_lock(7402, hashtext($1))";
 const PROJECT_LEASES_LOCK: &str = "SELECT pg_advisory_xact_lock(7403, hashtext($1))";
 
@@ -867,29 +864,23 @@ impl Postgres {
     /// Runs `change` on the records of `table` (all, or `project`'s) in one transaction, after
     /// `locks` (statements taking transaction advisory locks, `$1` the project), and writes back
     /// what it changed.
-    async fn update_ephemeral<T: Serialize + for<'de> Deserialize<'de> + Clone + Send + Sync>(
+    /// Runs `change` on `project`'s open saves, under the project's open-saves lock.
+    async fn update_project_open_saves(
         &self,
-        table: &'static str,
-        project: Option<&str>,
-        locks: &[&str],
-        project_of: fn(&T) -> &str,
-        change: &mut (dyn for<'a> FnMut(&'a mut HashMap<String, T>) + Send),
+        project: &str,
+        change: &mut (dyn for<'a> FnMut(&'a mut super::OpenSaves) + Send),
     ) -> Result<(), Error> {
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(pg_error)?;
-        // Nothing here outlives a server crash anyway: the commit need not wait for the disk.
-        tx.batch_execute("SET LOCAL synchronous_commit = off").await.map_err(pg_error)?;
-        for lock in locks {
-            match lock.contains("$1") {
-                true => tx.cached_execute(lock, &[&project.unwrap_or_default()]).await,
-                false => tx.cached_execute(lock, &[]).await,
-            }
-            .map_err(pg_error)?;
-        }
-        let before: HashMap<String, T> = ephemeral_records(&tx, table, project).await?;
+        // Only an unlogged table is written: the commit has no WAL to wait for.
+        let by_project: &[&(dyn tokio_postgres::types::ToSql + Sync)] = &[&project];
+        let (_, before) = futures::try_join!(
+            tx.cached_execute(PROJECT_OPEN_SAVES_LOCK, by_project).map_err(pg_error),
+            ephemeral_records::<super::OpenSave>(&tx, "lc_open_saves", Some(project)),
+        )?;
         let mut records = before.clone();
         change(&mut records);
-        write_ephemeral(&tx, table, project, &before, &records, project_of).await?;
+        write_ephemeral(&tx, "lc_open_saves", Some(project), &before, &records, |save| &save.project).await?;
         tx.commit().await.map_err(pg_error)
     }
 }
@@ -898,22 +889,18 @@ impl Postgres {
 impl super::Ephemeral for Postgres {
     async fn update_open_saves(
         &self,
-        project: Option<&str>,
+        project: &str,
         change: &mut (dyn for<'a> FnMut(&'a mut super::OpenSaves) + Send),
     ) -> Result<(), Error> {
-        let locks: &[&str] = match project {
-            Some(_) => &[SOME_OPEN_SAVES_LOCK, PROJECT_OPEN_SAVES_LOCK],
-            None => &[ALL_OPEN_SAVES_LOCK],
-        };
-        self.update_ephemeral("lc_open_saves", project, locks, |save: &super::OpenSave| &save.project, change).await
+        self.update_project_open_saves(project, change).await
     }
 
     async fn read_open_saves(
         &self,
-        project: &str,
+        project: Option<&str>,
         read: &mut (dyn for<'a> FnMut(&'a super::OpenSaves) + Send),
     ) -> Result<(), Error> {
-        read(&ephemeral_records(&self.client().await?, "lc_open_saves", Some(project)).await?);
+        read(&ephemeral_records(&self.client().await?, "lc_open_saves", project).await?);
         Ok(())
     }
 
@@ -924,12 +911,9 @@ impl super::Ephemeral for Postgres {
     ) -> Result<(), Error> {
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(pg_error)?;
-        // Nothing here outlives a server crash anyway: the commit need not wait for the disk.
-        // Sent together: one round trip for the lock and both reads.
-        let (_, (before, demands)) = futures::try_join!(
-            tx.batch_execute("SET LOCAL synchronous_commit = off").map_err(pg_error),
-            locked_leases(&tx, project)
-        )?;
+        // Only unlogged tables are written: the commit has no WAL to wait for. One round trip
+        // for the lock and both reads.
+        let (before, demands) = locked_leases(&tx, project).await?;
         let mut leases = before.clone();
         let demand = change(&mut leases, &demands);
         write_leases(&tx, project, &before, &leases, demand).await?;
@@ -1307,21 +1291,19 @@ impl State for Postgres {
         let tx = client.transaction().await.map_err(pg_error)?;
         // The publish lock (`project_lock`'s, for this transaction only), the project's record
         // with the token's check, the ledger's records, the manifests and the open saves, in
-        // one round trip. Only the open saves are written,
-        // which outlive no server crash: the commit need not wait for the disk.
+        // one round trip. Only the open saves are written, an unlogged table: the commit has no
+        // WAL to wait for.
         let lock = lock_key(project);
         let by_key: &[&(dyn tokio_postgres::types::ToSql + Sync)] = &[&lock];
         let by_project: &[&(dyn tokio_postgres::types::ToSql + Sync)] = &[&project];
         let by_digests: &[&(dyn tokio_postgres::types::ToSql + Sync)] = &[&project, &digests];
-        let (_, _, record, stored, manifests, _, _, saves) = futures::try_join!(
-            tx.batch_execute("SET LOCAL synchronous_commit = off").map_err(pg_error),
+        let (_, record, stored, manifests, _, saves) = futures::try_join!(
             tx.cached_execute("SELECT pg_advisory_xact_lock_shared($1)", by_key).map_err(pg_error),
             holders_record(&tx, project, holder, false),
             tx.cached_query("SELECT digest, record FROM lc_blobs WHERE project = $1 AND digest = ANY($2)", by_digests)
                 .map_err(pg_error),
             tx.cached_query("SELECT body FROM lc_manifests WHERE project = $1 ORDER BY service, branch", by_project)
                 .map_err(pg_error),
-            tx.cached_execute(SOME_OPEN_SAVES_LOCK, &[]).map_err(pg_error),
             tx.cached_execute(PROJECT_OPEN_SAVES_LOCK, by_project).map_err(pg_error),
             ephemeral_records::<super::OpenSave>(&tx, "lc_open_saves", Some(project)),
         )?;

@@ -340,7 +340,7 @@ async fn a_begin_is_one_step(a: &dyn State, b: &dyn State) {
         };
     b.begin_save("known", OWNER, &named, &mut register).await.unwrap();
     let mut open = false;
-    a.read_open_saves("known", &mut |saves| open = saves.contains_key("s2")).await.unwrap();
+    a.read_open_saves(Some("known"), &mut |saves| open = saves.contains_key("s2")).await.unwrap();
     assert!(open);
     let mut refuse = |_: &ProjectRecord, _: &HashMap<String, BlobRecord>, _: &[pb::Manifest], _: &mut OpenSaves| {
         Err(Error::TooMany("too many".into()))
@@ -351,7 +351,7 @@ async fn a_begin_is_one_step(a: &dyn State, b: &dyn State) {
 /// Whether save `s1` of project `known` is open.
 async fn save_is_open(state: &dyn State) -> bool {
     let mut open = false;
-    state.read_open_saves("known", &mut |saves| open = saves.contains_key("s1")).await.unwrap();
+    state.read_open_saves(Some("known"), &mut |saves| open = saves.contains_key("s1")).await.unwrap();
     open
 }
 
@@ -362,7 +362,7 @@ async fn a_commit_of_known_blobs_is_one_step(a: &dyn State, b: &dyn State) {
     let first = manifest("web", &["c1", "l1"], 5);
     a.commit_manifest("known", &first, 0, &sizes(), 1).await.unwrap();
     let open = crate::claims::tests::pending("known", "web", 6);
-    a.update_open_saves(Some("known"), &mut |saves| {
+    a.update_open_saves("known", &mut |saves| {
         saves.insert("s1".into(), open.clone());
     })
     .await
@@ -556,14 +556,14 @@ async fn a_save_taken_during_a_change_of_the_open_saves_stays_taken() {
     state.commit_manifest("p", &manifest("web", &["c1", "l1"], 1), 0, &sizes(), 1).await.unwrap();
     let open = crate::claims::tests::pending("p", "web", 2);
     state
-        .update_open_saves(Some("p"), &mut |saves| {
+        .update_open_saves("p", &mut |saves| {
             saves.insert("s1".into(), open.clone());
         })
         .await
         .unwrap();
     let committing_url = url.clone();
     state
-        .update_open_saves(Some("p"), &mut move |saves| {
+        .update_open_saves("p", &mut move |saves| {
             // Meanwhile, another replica commits s1 (on a thread of its own: this change holds
             // the lock it does not take).
             let url = committing_url.clone();
@@ -586,7 +586,7 @@ async fn a_save_taken_during_a_change_of_the_open_saves_stays_taken() {
         .await
         .unwrap();
     let mut open = true;
-    state.read_open_saves("p", &mut |saves| open = saves.contains_key("s1")).await.unwrap();
+    state.read_open_saves(Some("p"), &mut |saves| open = saves.contains_key("s1")).await.unwrap();
     assert!(!open, "the committed save was written back");
 }
 
