@@ -582,8 +582,9 @@ impl CacheService {
             }
             Err(error) => return Err(error),
         }
-        // A save no longer open (a flush forgets the project's) is named as such, and one begun
-        // before a flush that missed it, before the store is asked for what it deleted.
+        // Before the store is asked for what a flush deleted: a save no longer open (a flush
+        // forgets its project's open saves) is refused as unknown, one the flush missed (begun
+        // as it ran) by the project's generation.
         self.pending_saves.describe_open(&request.save_id, project, self.clock.now_unix_ms()).await?;
         let record = self.existing_project(project).await?;
         if record.generation != pending.generation {
