@@ -250,7 +250,7 @@ pub enum LoadFailure {
 /// What a load stream wrote.
 #[derive(Debug, Clone, Default)]
 pub struct Streamed {
-    /// Blobs downloaded and verified.
+    /// Blobs downloaded and verified (by the stream, or by the engine as it registered them).
     pub blobs: Vec<BlobOutcome>,
     /// Layers left out because the host already holds them.
     pub skipped: Vec<String>,
@@ -261,7 +261,7 @@ pub struct Streamed {
 /// How a load stream ended, returned by its task once it did.
 #[derive(Debug)]
 pub enum StreamEnd {
-    /// Every blob verified, the trailer written.
+    /// Every blob verified (or left to the engine's check), the trailer written.
     Finished(Streamed),
     /// A blob failed: the stream ended with an error before the trailer.
     Failed(LoadFailure),
