@@ -27,8 +27,12 @@ impl From<Error> for Status {
             Error::BlobCorrupt(_) => Status::data_loss(message),
             // Retrying may help: the store or the disk may come back. The operator must hear of
             // it: the worker's line names the cause, and so does the coordinator's log.
-            Error::DataDirUnwritable { .. } | Error::Database { .. } => {
+            Error::DataDirUnwritable { .. } => {
                 tracing::error!(error = message, "a write to the data directory failed");
+                Status::unavailable(message)
+            }
+            Error::Database { .. } => {
+                tracing::error!(error = message, "the coordinator's database failed a call");
                 Status::unavailable(message)
             }
             // Every call fails so while the database is down: said once a call in the log,

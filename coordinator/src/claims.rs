@@ -3,7 +3,7 @@
 //! sled, the database replicas share on PostgreSQL); every rule here runs on one consistent
 //! view of a project's open saves, at a time (unix milliseconds) its caller passes in.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -37,7 +37,16 @@ pub struct PendingSaves {
     saves: Arc<dyn Ephemeral>,
     /// How long a claim outlives its worker's last sign of life.
     claim_ttl: Duration,
+    /// What a commit needs of the saves begun through this process, by save ID: facts fixed at
+    /// the begin, so a commit through this process reads none of them from the state (one
+    /// transaction on PostgreSQL). Whether the save is still open is the commit's own step's
+    /// to check: it takes the save's record.
+    begun_here: std::sync::Mutex<HashMap<String, SaveFacts>>,
 }
+
+/// Saves whose facts this process keeps at most; beyond, the ones too old to commit are
+/// forgotten, then all (a commit then reads them from the state).
+const MOST_SAVES_BEGUN_HERE: usize = 10_000;
 
 /// What registering a save answered.
 #[derive(Debug, PartialEq, Eq)]
@@ -60,13 +69,13 @@ fn held_names(save: &OpenSave) -> usize {
 }
 
 /// Whether a save was begun too long ago to commit.
-fn too_old(save: &OpenSave, now: i64) -> bool {
-    now.saturating_sub(save.began_unix_ms) >= millis(SAVE_LIFETIME)
+fn too_old(began_unix_ms: i64, now: i64) -> bool {
+    now.saturating_sub(began_unix_ms) >= millis(SAVE_LIFETIME)
 }
 
 impl PendingSaves {
     pub fn new(claim_ttl: Duration, saves: Arc<dyn Ephemeral>) -> PendingSaves {
-        PendingSaves { saves, claim_ttl }
+        PendingSaves { saves, claim_ttl, begun_here: Default::default() }
     }
 
     /// How often a worker says it is alive: a claim survives two missed calls.
@@ -90,10 +99,10 @@ impl PendingSaves {
             && self.claims(claimant, project, digest, now)
     }
 
-    /// Runs `change` on the open saves of `project` (`None`: of every project).
+    /// Runs `change` on the open saves of `project`.
     async fn change<R: Send>(
         &self,
-        project: Option<&str>,
+        project: &str,
         change: impl FnOnce(&mut OpenSaves) -> R + Send,
     ) -> Result<R, Error> {
         let (mut change, mut result) = (Some(change), None);
@@ -110,7 +119,7 @@ impl PendingSaves {
     /// Answers `read` of the open saves of `project`.
     async fn read<R: Send>(&self, project: &str, read: impl Fn(&OpenSaves) -> R + Send + Sync) -> Result<R, Error> {
         let mut result = None;
-        self.saves.read_open_saves(project, &mut |saves| result = Some(read(saves))).await?;
+        self.saves.read_open_saves(Some(project), &mut |saves| result = Some(read(saves))).await?;
         Ok(result.expect("the read ran"))
     }
 
@@ -132,7 +141,7 @@ impl PendingSaves {
         now: i64,
     ) -> Result<Begun, Error> {
         let project = save.project.clone();
-        self.change(Some(&project), move |saves| self.begin_in(saves, save_id, save, missing, now)).await?
+        self.change(&project, move |saves| self.begin_in(saves, save_id, save, missing, now)).await?
     }
 
     /// [`PendingSaves::begin`] inside a step its caller runs on the project's open `saves`.
@@ -145,7 +154,7 @@ impl PendingSaves {
         now: i64,
     ) -> Result<Begun, Error> {
         {
-            let silent = self.note_silent(saves, Some(&save.project), now);
+            let silent = self.note_silent(saves, &save.project, now);
             save.named.extend(missing.iter().cloned());
             let of_token =
                 || saves.values().filter(|other| other.project == save.project && other.token_id == save.token_id);
@@ -225,8 +234,8 @@ impl PendingSaves {
 
     /// Records a sign of life of a save's worker.
     pub(crate) async fn keep_alive(&self, save_id: &str, project: &str, now: i64) -> Result<(), Error> {
-        self.change(Some(project), |saves| match saves.get_mut(save_id) {
-            Some(save) if save.project == project && !too_old(save, now) => {
+        self.change(project, |saves| match saves.get_mut(save_id) {
+            Some(save) if save.project == project && !too_old(save.began_unix_ms, now) => {
                 save.last_alive_unix_ms = now;
                 save.silence_noted = false;
                 Ok(())
@@ -236,25 +245,54 @@ impl PendingSaves {
         .await?
     }
 
-    /// Saves of `project` (`None`: of every project) whose worker has been silent for the
-    /// claim lifetime (killed, most likely): their claims have lapsed, and their shares of the
-    /// transfer budget should too. Each is named once; the save itself stays begun, should its
-    /// worker come back and commit. Saves silent for [`SILENT_SAVE_CLAIM_TTLS`] claim lifetimes,
-    /// or begun too long ago, are forgotten.
-    pub(crate) async fn newly_silent(&self, project: Option<&str>, now: i64) -> Result<Vec<(String, String)>, Error> {
-        self.change(project, |saves| self.note_silent(saves, project, now)).await
+    /// Saves of every project whose worker has been silent for the claim lifetime (killed,
+    /// most likely): their claims have lapsed, and their shares of the transfer budget should
+    /// too. Each is named once; the save itself stays begun, should its worker come back and
+    /// commit. Saves silent for [`SILENT_SAVE_CLAIM_TTLS`] claim lifetimes, or begun too long
+    /// ago, are forgotten. A look at every project's saves, taking no lock, finds the projects
+    /// with one to name or forget; each of those is then changed under its own lock alone, so
+    /// no begin or commit ever waits for this beyond its own project's.
+    pub(crate) async fn newly_silent(&self, now: i64) -> Result<Vec<(String, String)>, Error> {
+        let mut due = std::collections::BTreeSet::new();
+        self.saves
+            .read_open_saves(None, &mut |saves| {
+                due = saves
+                    .values()
+                    .filter(|save| self.silence_due(save, now))
+                    .map(|save| save.project.clone())
+                    .collect();
+            })
+            .await?;
+        let mut silent = Vec::new();
+        for project in due {
+            silent.extend(self.change(&project, |saves| self.note_silent(saves, &project, now)).await?);
+        }
+        silent.sort();
+        Ok(silent)
     }
 
-    /// [`PendingSaves::newly_silent`] on `saves`.
-    fn note_silent(&self, saves: &mut OpenSaves, project: Option<&str>, now: i64) -> Vec<(String, String)> {
-        let (claim_ttl, forget_silent) = (millis(self.claim_ttl), millis(self.claim_ttl * SILENT_SAVE_CLAIM_TTLS));
-        let mine = |save: &OpenSave| project.is_none_or(|project| save.project == project);
-        saves.retain(|_, save| {
-            !mine(save) || (!too_old(save, now) && now.saturating_sub(save.last_alive_unix_ms) < forget_silent)
-        });
+    /// Whether a save is to be forgotten at `now` (silent too long, or begun too long ago).
+    fn forgotten(&self, save: &OpenSave, now: i64) -> bool {
+        let forget_silent = millis(self.claim_ttl * SILENT_SAVE_CLAIM_TTLS);
+        too_old(save.began_unix_ms, now) || now.saturating_sub(save.last_alive_unix_ms) >= forget_silent
+    }
+
+    /// Whether a save's silence is to be named at `now`.
+    fn newly_silent_at(&self, save: &OpenSave, now: i64) -> bool {
+        !save.silence_noted && now.saturating_sub(save.last_alive_unix_ms) >= millis(self.claim_ttl)
+    }
+
+    /// Whether [`PendingSaves::note_silent`] has anything to do with a save at `now`.
+    fn silence_due(&self, save: &OpenSave, now: i64) -> bool {
+        self.forgotten(save, now) || self.newly_silent_at(save, now)
+    }
+
+    /// [`PendingSaves::newly_silent`] on `project`'s saves among `saves`.
+    fn note_silent(&self, saves: &mut OpenSaves, project: &str, now: i64) -> Vec<(String, String)> {
+        saves.retain(|_, save| save.project != project || !self.forgotten(save, now));
         let mut silent = Vec::new();
-        for (save_id, save) in saves.iter_mut().filter(|(_, save)| mine(save)) {
-            if !save.silence_noted && now.saturating_sub(save.last_alive_unix_ms) >= claim_ttl {
+        for (save_id, save) in saves.iter_mut().filter(|(_, save)| save.project == project) {
+            if self.newly_silent_at(save, now) {
                 save.silence_noted = true;
                 silent.push((save.project.clone(), save_id.clone()));
             }
@@ -265,26 +303,50 @@ impl PendingSaves {
 
     /// Forgets a save (and its claims); whether it was there.
     pub(crate) async fn abandon(&self, save_id: &str, project: &str) -> Result<bool, Error> {
-        self.change(Some(project), |saves| forget(saves, save_id, project)).await
+        self.forget_here(save_id);
+        self.change(project, |saves| forget(saves, save_id, project)).await
     }
 
     /// Forgets every save of a project (a flush: none of them can commit).
     pub(crate) async fn abandon_project(&self, project: &str) -> Result<(), Error> {
-        self.change(Some(project), |saves| saves.retain(|_, save| save.project != project)).await
+        self.begun_here.lock().expect("saves begun here").retain(|_, facts| facts.project != project);
+        self.change(project, |saves| saves.retain(|_, save| save.project != project)).await
     }
 
-    /// What a commit needs of a begun save, which stays begun until [`PendingSaves::take`].
+    /// Keeps what a commit needs of `save`, just begun through this process as `save_id`.
+    pub(crate) fn begun_here(&self, save_id: &str, save: &OpenSave, now: i64) {
+        let mut begun = self.begun_here.lock().expect("saves begun here");
+        if begun.len() >= MOST_SAVES_BEGUN_HERE {
+            begun.retain(|_, facts| !too_old(facts.began_unix_ms, now));
+        }
+        if begun.len() >= MOST_SAVES_BEGUN_HERE {
+            begun.clear();
+        }
+        begun.insert(save_id.to_owned(), SaveFacts::of(save));
+    }
+
+    /// Forgets the facts of a save begun through this process (committed or abandoned).
+    pub(crate) fn forget_here(&self, save_id: &str) {
+        self.begun_here.lock().expect("saves begun here").remove(save_id);
+    }
+
+    /// What a commit needs of a begun save, which stays begun until [`PendingSaves::take`]: kept
+    /// since its begin when that was through this process (the commit's step then finds
+    /// whether it is still open), read from the state otherwise.
     pub(crate) async fn describe(&self, save_id: &str, project: &str, now: i64) -> Result<SaveFacts, Error> {
+        let kept = self.begun_here.lock().expect("saves begun here").get(save_id).cloned();
+        match kept {
+            Some(facts) if facts.project == project && !too_old(facts.began_unix_ms, now) => Ok(facts),
+            Some(_) => Err(Error::NoSuchSave(save_id.to_owned())),
+            None => self.describe_open(save_id, project, now).await,
+        }
+    }
+
+    /// What a commit needs of a begun save, read from the state: [`Error::NoSuchSave`] when it
+    /// is no longer open.
+    pub(crate) async fn describe_open(&self, save_id: &str, project: &str, now: i64) -> Result<SaveFacts, Error> {
         self.read(project, |saves| match saves.get(save_id) {
-            Some(save) if save.project == project && !too_old(save, now) => Ok(SaveFacts {
-                key: pb::CacheKey { service: save.service.clone(), branch: save.branch.clone() },
-                generation: save.generation,
-                image_ids: save.image_ids.clone(),
-                engine_version: save.engine_version.clone(),
-                began_unix_ms: save.began_unix_ms,
-                host: save.host.clone(),
-                leased: save.leased,
-            }),
+            Some(save) if save.project == project && !too_old(save.began_unix_ms, now) => Ok(SaveFacts::of(save)),
             _ => Err(Error::NoSuchSave(save_id.to_owned())),
         })
         .await?
@@ -305,8 +367,10 @@ pub(crate) fn forget(saves: &mut OpenSaves, save_id: &str, project: &str) -> boo
     false
 }
 
-/// A begun save, as its commit sees it.
+/// A begun save, as its commit sees it: what its begin fixed.
+#[derive(Debug, Clone)]
 pub(crate) struct SaveFacts {
+    pub project: String,
     pub key: pb::CacheKey,
     pub generation: u64,
     pub image_ids: Vec<String>,
@@ -315,6 +379,21 @@ pub(crate) struct SaveFacts {
     pub host: String,
     /// Its begin granted it a share of the transfer budget.
     pub leased: bool,
+}
+
+impl SaveFacts {
+    fn of(save: &OpenSave) -> SaveFacts {
+        SaveFacts {
+            project: save.project.clone(),
+            key: pb::CacheKey { service: save.service.clone(), branch: save.branch.clone() },
+            generation: save.generation,
+            image_ids: save.image_ids.clone(),
+            engine_version: save.engine_version.clone(),
+            began_unix_ms: save.began_unix_ms,
+            host: save.host.clone(),
+            leased: save.leased,
+        }
+    }
 }
 
 #[cfg(test)]
@@ -430,16 +509,22 @@ pub(crate) mod tests {
             "a lapsed claim is uploaded again"
         );
         assert_eq!(begun.silent, vec![("web".to_string(), "s1".to_string())], "the begin names the silent save");
-        assert!(saves.newly_silent(Some("web"), lapsed).await.unwrap().is_empty(), "each silent save is named once");
+        assert!(saves.newly_silent(lapsed).await.unwrap().is_empty(), "each silent save is named once");
         assert!(saves.keep_alive("s1", "api", lapsed).await.is_err(), "another project's save is not found");
         assert!(saves.abandon("s2", "web").await.unwrap() && !saves.abandon("s2", "web").await.unwrap());
         assert!(saves.keep_alive("s2", "web", lapsed).await.is_err());
         assert_eq!(saves.keep_alive_interval(), Duration::from_secs(5));
-        // Silent again, once more named, now by the look over every project.
+        // Silent again, once more named, now by the look over every project, with another
+        // project's silent save.
         let later = lapsed + millis(TTL);
         saves.keep_alive("s1", "web", lapsed).await.unwrap();
-        assert_eq!(saves.newly_silent(None, later).await.unwrap(), vec![("web".to_string(), "s1".to_string())]);
-        assert!(saves.newly_silent(None, later).await.unwrap().is_empty(), "each silent save is named once");
+        saves.begin("s3".into(), pending("api", "one", lapsed), digests(&["b"]), lapsed).await.unwrap();
+        let both = vec![("api".to_string(), "s3".to_string()), ("web".to_string(), "s1".to_string())];
+        assert_eq!(saves.newly_silent(later).await.unwrap(), both);
+        assert!(saves.newly_silent(later).await.unwrap().is_empty(), "each silent save is named once");
+        let forgotten = later + millis(TTL * SILENT_SAVE_CLAIM_TTLS);
+        assert!(saves.newly_silent(forgotten).await.unwrap().is_empty());
+        assert!(saves.keep_alive("s3", "api", forgotten).await.is_err(), "silent that long, it is forgotten");
     }
 
     #[tokio::test]

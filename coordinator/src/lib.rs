@@ -350,6 +350,7 @@ pub async fn run(
         cache_expiry: config.cache_expiry,
         default_quota: config.default_quota,
         clock,
+        recent_tokens: Default::default(),
     });
     let mut limits = listener::ListenerLimits::for_open_files(listener::raise_open_file_limit());
     limits.s3.idle_timeout = config.idle_timeout;

@@ -18,17 +18,17 @@ pub struct Principal {
     pub token_id: String,
     /// `None`: the project token, which may read and write every branch.
     pub scope: Option<BranchScope>,
-    /// The SHA-256 of the token presented, to check it is still live when a key is minted.
+    /// The SHA-256 of the token presented, to check it is still live inside a step of the
+    /// state and when a key is minted.
     pub token_sha256_hex: String,
-    /// The project's generation and quota as its record stood when the token was checked
-    /// (read then anyway): what a begin stamps on its save and what a commit checks first, so
-    /// neither reads the record again. A flush after the check is still caught: a commit's own
-    /// step refuses a save of an older generation.
-    pub generation: u64,
-    pub quota_bytes: u64,
 }
 
 impl Principal {
+    /// The token, as a step of the state checks it is still live.
+    pub fn holder(&self) -> crate::state::Holder<'_> {
+        crate::state::Holder { token_sha256_hex: &self.token_sha256_hex, token_id: &self.token_id }
+    }
+
     /// Refuses a lookup of a branch the token may not read.
     pub fn check_read(&self, branch: &str) -> Result<(), Error> {
         match &self.scope {
@@ -63,6 +63,82 @@ impl Principal {
             }
             _ => Ok(()),
         }
+    }
+}
+
+/// How long a check of a worker's token is reused (unix milliseconds): a worker's calls come
+/// seconds apart, and its project's other hosts share its token.
+const TOKEN_CHECK_REUSE_MS: i64 = 10_000;
+/// Token checks kept at most; beyond, the oldest are forgotten first.
+const MOST_RECENT_TOKEN_CHECKS: usize = 10_000;
+
+/// The token checks this process made lately, by the token's SHA-256: a worker's call reuses
+/// one for [`TOKEN_CHECK_REUSE_MS`] instead of reading the project's record and its scoped
+/// token again (one database transaction a call on PostgreSQL). What a check finds never
+/// changes for a token (its project, ID, scope and expiry are fixed when it is made) but
+/// whether it is still live, and that is checked again wherever it matters: inside each begin,
+/// commit and lookup's own step of the state ([`crate::state::Holder`]), and before a key is
+/// minted. A revocation or rotation through this process forgets its project's checks at once;
+/// through another replica, a keep-alive, an abandon or a metrics report with the old token is
+/// taken for up to the reuse time more.
+pub struct RecentTokens {
+    checks: std::sync::Mutex<std::collections::HashMap<String, RecentCheck>>,
+    /// Held while a token is checked, by a slot its hash picks: the workers of a project that
+    /// call at once (a coordinator's restart, a burst of jobs) make one check of their token
+    /// between them, not one each.
+    checking: [tokio::sync::Mutex<()>; CHECKING_SLOTS],
+}
+
+/// Slots of [`RecentTokens::checking`]: checks of different tokens rarely wait for each other.
+const CHECKING_SLOTS: usize = 64;
+
+impl Default for RecentTokens {
+    fn default() -> RecentTokens {
+        RecentTokens { checks: Default::default(), checking: std::array::from_fn(|_| Default::default()) }
+    }
+}
+
+struct RecentCheck {
+    principal: Principal,
+    /// The scoped token's expiry (unix seconds; 0: none), checked on each reuse.
+    expires_unix: i64,
+    checked_unix_ms: i64,
+}
+
+impl RecentTokens {
+    /// The principal, and its token's expiry, of a check of the token hashing to `sha256_hex`
+    /// made less than the reuse time before `now_unix_ms`.
+    pub fn get(&self, sha256_hex: &str, now_unix_ms: i64) -> Option<(Principal, i64)> {
+        let checks = self.checks.lock().expect("token checks");
+        let check = checks.get(sha256_hex)?;
+        let fresh = (0..TOKEN_CHECK_REUSE_MS).contains(&now_unix_ms.saturating_sub(check.checked_unix_ms));
+        fresh.then(|| (check.principal.clone(), check.expires_unix))
+    }
+
+    /// Waits until no other check of the token hashing to `sha256_hex` runs (nor of a token
+    /// sharing its slot), and holds that until the guard drops: a caller that misses asks
+    /// [`RecentTokens::get`] again under it before it checks.
+    pub async fn checking(&self, sha256_hex: &str) -> tokio::sync::MutexGuard<'_, ()> {
+        let slot = sha256_hex.bytes().fold(0usize, |slot, byte| slot.wrapping_mul(31).wrapping_add(byte as usize));
+        self.checking[slot % CHECKING_SLOTS].lock().await
+    }
+
+    /// Keeps a check made at `now_unix_ms`.
+    pub fn put(&self, principal: Principal, expires_unix: i64, now_unix_ms: i64) {
+        let mut checks = self.checks.lock().expect("token checks");
+        if checks.len() >= MOST_RECENT_TOKEN_CHECKS {
+            checks.retain(|_, check| now_unix_ms.saturating_sub(check.checked_unix_ms) < TOKEN_CHECK_REUSE_MS);
+        }
+        if checks.len() >= MOST_RECENT_TOKEN_CHECKS {
+            checks.clear();
+        }
+        let key = principal.token_sha256_hex.clone();
+        checks.insert(key, RecentCheck { principal, expires_unix, checked_unix_ms: now_unix_ms });
+    }
+
+    /// Forgets every check of `project`'s tokens.
+    pub fn forget_project(&self, project: &str) {
+        self.checks.lock().expect("token checks").retain(|_, check| check.principal.project != project);
     }
 }
 
@@ -233,6 +309,30 @@ pub fn branch_for_people(branch: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn principal_of(project: &str, sha256_hex: &str) -> Principal {
+        let (project, token_sha256_hex) = (project.to_owned(), sha256_hex.to_owned());
+        Principal { project, token_id: String::new(), scope: None, token_sha256_hex }
+    }
+
+    #[test]
+    fn a_token_check_is_reused_for_a_while_then_made_again() {
+        let recent = RecentTokens::default();
+        recent.put(principal_of("web", "aa"), 0, 1_000);
+        recent.put(principal_of("api", "bb"), 77, 1_000);
+        assert_eq!(recent.get("aa", 1_000).map(|(p, _)| p.project), Some("web".into()));
+        assert_eq!(recent.get("bb", 1_000 + TOKEN_CHECK_REUSE_MS - 1).map(|(_, e)| e), Some(77));
+        assert!(recent.get("bb", 1_000 + TOKEN_CHECK_REUSE_MS).is_none(), "stale");
+        assert!(recent.get("aa", 999).is_none(), "a clock that went back reuses nothing");
+        assert!(recent.get("cc", 1_000).is_none());
+        recent.forget_project("web");
+        assert!(recent.get("aa", 1_000).is_none(), "a revocation here forgets its project's checks");
+        assert!(recent.get("bb", 1_000).is_some(), "and no other project's");
+        for n in 0..MOST_RECENT_TOKEN_CHECKS + 5 {
+            recent.put(principal_of("many", &format!("{n:x}")), 0, 2_000);
+        }
+        assert!(recent.checks.lock().unwrap().len() <= MOST_RECENT_TOKEN_CHECKS, "bounded");
+    }
 
     #[test]
     fn branch_patterns_match_as_globs() {

@@ -164,7 +164,7 @@ impl EngineStores {
             }
         }
         let seen = !self.data_root(storage).as_os_str().is_empty();
-        let folder = self.content_store_dirs(storage).into_iter().find(|dir| seen && dir.is_dir());
+        let folder = self.content_store_dirs(storage).into_iter().find(|dir| seen && content_store_at(dir));
         let store = folder.map(ContentStore::Folder).or_else(|| containerd.clone().map(ContentStore::Socket));
         (store, containerd)
     }
@@ -185,6 +185,15 @@ impl EngineStores {
         }
         Ok(store)
     }
+}
+
+/// Whether a content store is at `blobs` (its `blobs/sha256` folder): the folder, or the
+/// containerd whose store it is (its metadata database beside the store) without it yet:
+/// containerd makes the store's folders with its first blob, so a fresh engine's first restore
+/// finds none of them.
+fn content_store_at(blobs: &Path) -> bool {
+    let containerd_root = blobs.ancestors().nth(3);
+    blobs.is_dir() || containerd_root.is_some_and(|root| root.join("io.containerd.metadata.v1.bolt").is_dir())
 }
 
 /// The blobs the engine's containerd holds, as this worker reaches its content store (the

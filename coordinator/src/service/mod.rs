@@ -49,6 +49,8 @@ pub struct CacheService {
     /// The wall clock every time this service stamps or compares is read from: the system's in
     /// production, a manual one in tests.
     pub clock: proto::clock::SharedClock,
+    /// Worker tokens checked lately, reused for a few seconds.
+    pub recent_tokens: crate::tokens::RecentTokens,
 }
 
 /// How a project's publish lock is held (see [`CacheService::lock_project`]).
@@ -531,7 +533,7 @@ impl CacheService {
         let mut plan = None;
         let found = self
             .db
-            .look_up(project, &candidates, now_unix, &mut |manifest, leases, demands| {
+            .look_up(project, principal.holder(), &candidates, now_unix, &mut |manifest, leases, demands| {
                 let reads = crate::state::manifest_digests(manifest);
                 let (granted, demand) = self.budget.grant_in(
                     project,
@@ -663,6 +665,7 @@ pub(crate) mod tests {
             default_quota: 0,
             bad_blob_checks: Default::default(),
             clock: proto::clock::ManualClock::starting_now(),
+            recent_tokens: Default::default(),
         })
     }
 }

@@ -6,7 +6,7 @@ use proto::v1 as pb;
 
 use super::CacheService;
 use crate::error::Error;
-use crate::state::ScopedTokenRecord;
+use crate::state::{ScopedTokenRecord, revoked};
 use crate::tokens::{self, BranchScope, Principal};
 
 /// The longest a scoped token may live.
@@ -24,55 +24,53 @@ fn token_message(record: &ScopedTokenRecord) -> pb::ScopedToken {
 
 impl CacheService {
     /// The principal a worker token stands for: the project token, or a live scoped token.
+    /// A check made lately is reused (see [`tokens::RecentTokens`]).
     pub async fn authenticate_worker(&self, token: Option<&str>) -> Result<Principal, Error> {
         let token = token.ok_or(Error::Unauthenticated("missing project token: pass --token or set CACHE_TOKEN"))?;
         if tokens::token_matches(token, &self.admin_token_sha256_hex) {
             return Err(Error::PermissionDenied("the admin token cannot be used by a worker: use a project token"));
         }
-        let unknown = Error::Unauthenticated("unknown or revoked project token");
-        let project = tokens::project_of_token(token).ok_or(unknown)?;
-        let Some(record) = self.db.project(project).await? else {
-            return Err(Error::Unauthenticated("unknown or revoked project token"));
-        };
-        let (generation, quota_bytes) = (record.generation, record.quota_bytes);
-        if tokens::token_matches(token, &record.token_sha256_hex) {
-            let token_sha256_hex = record.token_sha256_hex;
-            let (project, token_id, scope) = (record.name, String::new(), None);
-            return Ok(Principal { project, token_id, scope, token_sha256_hex, generation, quota_bytes });
-        }
-        // The lookup is by the token's hash: what it reveals (whether a hash is recorded) is
-        // worth nothing without the 256-bit secret.
+        let project = tokens::project_of_token(token).ok_or_else(revoked)?;
         let token_sha256_hex = tokens::sha256_hex(token);
-        match self.db.scoped_token(&token_sha256_hex).await? {
-            Some(scoped) if scoped.project == record.name => {
-                if scoped.expires_unix != 0 && scoped.expires_unix <= self.clock.now_unix() {
-                    return Err(Error::Unauthenticated("the token has expired: ask the operator for a new one"));
-                }
-                Ok(Principal {
-                    project: scoped.project,
-                    token_id: scoped.id,
-                    scope: Some(scoped.scope),
-                    token_sha256_hex,
-                    generation,
-                    quota_bytes,
-                })
-            }
-            _ => Err(Error::Unauthenticated("unknown or revoked project token")),
+        let reused = |recent: &tokens::RecentTokens| recent.get(&token_sha256_hex, self.clock.now_unix_ms());
+        if let Some((principal, expires_unix)) = reused(&self.recent_tokens) {
+            self.check_unexpired(expires_unix)?;
+            return Ok(principal);
         }
+        let _one_check_at_a_time = self.recent_tokens.checking(&token_sha256_hex).await;
+        if let Some((principal, expires_unix)) = reused(&self.recent_tokens) {
+            self.check_unexpired(expires_unix)?;
+            return Ok(principal);
+        }
+        let now_unix_ms = self.clock.now_unix_ms();
+        let record = self.db.project(project).await?.ok_or_else(revoked)?;
+        let (principal, expires_unix) = if tokens::token_matches_hash(&token_sha256_hex, &record.token_sha256_hex) {
+            (Principal { project: record.name, token_id: String::new(), scope: None, token_sha256_hex }, 0)
+        } else {
+            // The lookup is by the token's hash: what it reveals (whether a hash is recorded)
+            // is worth nothing without the 256-bit secret.
+            let scoped = self.db.scoped_token(&token_sha256_hex).await?;
+            let scoped = scoped.filter(|scoped| scoped.project == record.name).ok_or_else(revoked)?;
+            self.check_unexpired(scoped.expires_unix)?;
+            let (project, token_id, scope) = (scoped.project, scoped.id, Some(scoped.scope));
+            (Principal { project, token_id, scope, token_sha256_hex }, scoped.expires_unix)
+        };
+        self.recent_tokens.put(principal.clone(), expires_unix, now_unix_ms);
+        Ok(principal)
+    }
+
+    /// Refuses a token past its expiry (unix seconds; 0: none).
+    fn check_unexpired(&self, expires_unix: i64) -> Result<(), Error> {
+        if expires_unix != 0 && expires_unix <= self.clock.now_unix() {
+            return Err(Error::Unauthenticated("the token has expired: ask the operator for a new one"));
+        }
+        Ok(())
     }
 
     /// Refuses a principal whose token was revoked (or rotated away) since it was
     /// authenticated: asked under the project's publish lock before a key is minted for it.
     pub(super) async fn check_still_live(&self, principal: &Principal) -> Result<(), Error> {
-        let revoked = Error::Unauthenticated("unknown or revoked project token");
-        let Some(record) = self.db.project(&principal.project).await? else { return Err(revoked) };
-        let live = if principal.token_id.is_empty() {
-            tokens::token_matches_hash(&principal.token_sha256_hex, &record.token_sha256_hex)
-        } else {
-            let scoped = self.db.scoped_token(&principal.token_sha256_hex).await?;
-            scoped.is_some_and(|scoped| scoped.project == principal.project && scoped.id == principal.token_id)
-        };
-        if live { Ok(()) } else { Err(revoked) }
+        self.db.holders_project(&principal.project, principal.holder()).await.map(|_| ())
     }
 
     /// A new token of `project` that may read and write only the branches of `scope`, for
@@ -120,6 +118,7 @@ impl CacheService {
             }
             self.db.revoke_keys(project, token_id).await?;
         }
+        self.recent_tokens.forget_project(project);
         self.db.durable().await?;
         tracing::info!(project, token_id, "scoped token revoked");
         Ok(())
@@ -139,6 +138,7 @@ impl CacheService {
             self.db.set_project_token(project, &tokens::sha256_hex(&token)).await?;
             self.db.revoke_keys(project, "").await?;
         }
+        self.recent_tokens.forget_project(project);
         self.db.durable().await?;
         tracing::info!(project, "project token rotated");
         Ok(token)
@@ -162,6 +162,7 @@ impl CacheService {
                 self.db.revoke_keys(project, &token_id).await?;
             }
         }
+        self.recent_tokens.forget_project(project);
         self.db.durable().await?;
         self.metrics.forget_project(project, &reported);
         if sweep_due > self.clock.now_unix() {

@@ -174,6 +174,7 @@ fn validate_begin(
 fn open_save(
     principal: &crate::tokens::Principal,
     key: &pb::CacheKey,
+    generation: u64,
     request: &pb::BeginSaveRequest,
     digests: &BTreeSet<String>,
     moves_blobs: bool,
@@ -184,7 +185,7 @@ fn open_save(
         token_id: principal.token_id.clone(),
         service: key.service.clone(),
         branch: key.branch.clone(),
-        generation: principal.generation,
+        generation,
         image_ids: request.images.iter().map(|image| image.id.clone()).collect(),
         engine_version: request.engine_version.clone(),
         began_unix_ms: now_unix_ms,
@@ -337,7 +338,6 @@ impl CacheService {
     ) -> Result<pb::BeginSaveResponse, Error> {
         let project = principal.project.as_str();
         let (key, digests) = validate_begin(principal, request)?;
-        let quota_bytes = principal.quota_bytes;
         // Held until the save is registered: a garbage collection (which takes the lock
         // exclusively) either ran before and this save sees what it left, or runs after and
         // keeps every blob this save names. Across replicas the state holds it for its step
@@ -348,12 +348,12 @@ impl CacheService {
         let now = self.clock.now_unix_ms();
         let mut outcome = None;
         self.db
-            .begin_save(project, &named, &mut |stored, manifests, saves| {
+            .begin_save(project, principal.holder(), &named, &mut |record, stored, manifests, saves| {
                 let missing: Vec<String> = digests.iter().filter(|d| !stored.contains_key(*d)).cloned().collect();
                 let current = manifests.iter().find(|manifest| manifest.key.as_ref() == Some(&key));
                 let known_size: u64 = stored.values().map(|record| record.stored_size).sum();
-                if quota_bytes > 0 && known_size > quota_bytes {
-                    return Err(super::gc::over_quota(project, &key, known_size, quota_bytes));
+                if record.quota_bytes > 0 && known_size > record.quota_bytes {
+                    return Err(super::gc::over_quota(project, &key, known_size, record.quota_bytes));
                 }
                 let unchanged = match current {
                     // A manifest holding a record no commit checked (written before commits
@@ -370,8 +370,11 @@ impl CacheService {
                     true => None,
                     false => {
                         let moves_blobs = !missing.is_empty();
-                        let pending = open_save(principal, &key, request, &digests, moves_blobs, now);
-                        Some(self.pending_saves.begin_in(saves, save_id.clone(), pending, missing, now)?)
+                        let pending =
+                            open_save(principal, &key, record.generation, request, &digests, moves_blobs, now);
+                        let begun =
+                            self.pending_saves.begin_in(saves, save_id.clone(), pending.clone(), missing, now)?;
+                        Some((pending, begun))
                     }
                 };
                 let known_images = known_images(principal, &key, &request.images, manifests);
@@ -383,7 +386,8 @@ impl CacheService {
         let (stored, current, known_images, begun) = outcome.expect("the save was registered");
         let unchanged = begun.is_none();
         let (missing_digests, in_flight_digests) = match begun {
-            Some(begun) => {
+            Some((pending, begun)) => {
+                self.pending_saves.begun_here(&save_id, &pending, now);
                 self.release_shares_of_silent(begun.silent, now).await;
                 (begun.to_upload, begun.in_flight)
             }
@@ -530,7 +534,7 @@ impl CacheService {
     /// its project, by every begin); a failure is logged, and the next second tries again.
     pub(crate) async fn release_silent_saves(&self) {
         let now = self.clock.now_unix_ms();
-        match self.pending_saves.newly_silent(None, now).await {
+        match self.pending_saves.newly_silent(now).await {
             Ok(silent) => self.release_shares_of_silent(silent, now).await,
             Err(error) => tracing::warn!(error = %error.line(), "looking for silent saves failed; it is tried again"),
         }
@@ -570,10 +574,22 @@ impl CacheService {
         let pending = self.committable_save(principal, request).await?;
         let mut manifest = self.manifest_of(principal, &pending, request);
         let reported = reported_blobs(&mut manifest.images)?;
-        if let Some(answer) =
-            self.commit_known_blobs(principal, &pending, &manifest, &reported, &request.save_id).await?
-        {
-            return Ok(answer);
+        match self.commit_known_blobs(principal, &pending, &manifest, &reported, &request.save_id).await {
+            Ok(Some(answer)) => return Ok(answer),
+            Ok(None) => {}
+            Err(Error::SaveConflict(flushed)) => {
+                return Err(self.flushed_since_begun(&pending, &request.save_id, flushed).await);
+            }
+            Err(error) => return Err(error),
+        }
+        // Before the store is asked for what a flush deleted: a save no longer open (a flush
+        // forgets its project's open saves) is refused as unknown, one the flush missed (begun
+        // as it ran) by the project's generation.
+        self.pending_saves.describe_open(&request.save_id, project, self.clock.now_unix_ms()).await?;
+        let record = self.existing_project(project).await?;
+        if record.generation != pending.generation {
+            let flushed = format!("project {project:?} was flushed while the save ran: save again");
+            return Err(self.flushed_since_begun(&pending, &request.save_id, flushed).await);
         }
         // A post-flush sweep waits until the blobs are checked and recorded.
         let no_sweep = self.lock_project(project, Lock::Shared).await?;
@@ -594,7 +610,7 @@ impl CacheService {
         }
         // The manifest's own bytes count against the quota beside its blobs'.
         let size: u64 = reported.values().map(|record| record.stored_size).sum::<u64>() + manifest_bytes(&manifest);
-        let quota = principal.quota_bytes;
+        let quota = record.quota_bytes;
         if quota > 0 && size > quota {
             drop(no_sweep);
             let uploaded: HashMap<String, BlobRecord> =
@@ -605,6 +621,7 @@ impl CacheService {
             origin.committed_unix_ms = self.clock.now_unix_ms();
         }
         let committed = self.record_commit(project, &manifest, &pending, &reported).await?;
+        self.pending_saves.forget_here(&request.save_id);
         drop(no_sweep);
         if quota > 0 && !self.fit_quota_after_commit(principal, &pending.key).await {
             return Err(super::gc::over_quota_of_others(principal, &pending.key, quota));
@@ -613,10 +630,11 @@ impl CacheService {
     }
 
     /// The commit of a save whose every blob the ledger records, which needs no look at the
-    /// store: checked against the ledger and recorded in one step of the state
-    /// (`State::commit_known`, under the publish lock held shared for the step). `None`: the
-    /// ledger lacks one of the blobs, or the save is over the quota, and nothing changed; the
-    /// commit then takes the way through the store.
+    /// store: checked against the ledger and the project's quota, and recorded, in one step of
+    /// the state (`State::commit_known`, under the publish lock held shared for the step, the
+    /// token checked live inside it). `None`: the ledger lacks one of the blobs, or the save is
+    /// over the quota, and nothing changed; the commit then takes the way through the store.
+    /// [`Error::SaveConflict`]: the project was flushed since the save began.
     async fn commit_known_blobs(
         &self,
         principal: &crate::tokens::Principal,
@@ -627,10 +645,7 @@ impl CacheService {
     ) -> Result<Option<pb::CommitSaveResponse>, Error> {
         let project = principal.project.as_str();
         let size: u64 = reported.values().map(|record| record.stored_size).sum::<u64>() + manifest_bytes(manifest);
-        let quota = principal.quota_bytes;
-        if quota > 0 && size > quota {
-            return Ok(None);
-        }
+        let mut quota = 0;
         let mut manifest = manifest.clone();
         if let Some(origin) = manifest.origin.as_mut() {
             origin.committed_unix_ms = self.clock.now_unix_ms();
@@ -640,16 +655,22 @@ impl CacheService {
             .db
             .commit_known(
                 project,
+                principal.holder(),
                 &manifest,
                 pending.generation,
                 reported,
                 self.clock.now_unix(),
-                &mut |known| check_known_sizes(reported, known),
+                &mut |record, known| {
+                    quota = record.quota_bytes;
+                    check_known_sizes(reported, known)?;
+                    Ok(quota == 0 || size <= quota)
+                },
                 save_id,
             )
             .await?;
         drop(recording);
         let Some(committed) = committed else { return Ok(None) };
+        self.pending_saves.forget_here(save_id);
         self.db.durable().await?;
         if pending.leased {
             self.budget.release(project, save_id, self.clock.now_unix_ms()).await?;
@@ -661,8 +682,7 @@ impl CacheService {
     }
 
     /// The begun save `request` commits: refused when the save was begun for a branch this
-    /// principal may not write, when its project was flushed since (by the generation its token
-    /// check read; its claims and budget share then given back), or when its images changed.
+    /// principal may not write, or when its images changed.
     async fn committable_save(
         &self,
         principal: &crate::tokens::Principal,
@@ -672,20 +692,28 @@ impl CacheService {
         let pending = self.pending_saves.describe(&request.save_id, project, self.clock.now_unix_ms()).await?;
         // Checked again: the save may have been begun by another token of the project.
         principal.check_write(&pending.key.branch)?;
-        // A flush since the begin (through another replica, which cannot forget this one's
-        // open saves) is named as such, before the store is asked for what it deleted.
-        if principal.generation != pending.generation {
-            self.pending_saves.take(&request.save_id, project).await?;
-            if pending.leased {
-                self.budget.release(project, &request.save_id, self.clock.now_unix_ms()).await?;
-            }
-            return Err(Error::SaveConflict(format!("project {project:?} was flushed while the save ran: save again")));
-        }
         let image_ids: Vec<String> = request.images.iter().map(|image| image.id.clone()).collect();
         if image_ids != pending.image_ids {
             return Err(Error::InvalidArgument("the committed images differ from the ones the save began with".into()));
         }
         Ok(pending)
+    }
+
+    /// The refusal of a save whose project was flushed since it began (`flushed` says so), its
+    /// claims and budget share given back first.
+    async fn flushed_since_begun(&self, pending: &SaveFacts, save_id: &str, flushed: String) -> Error {
+        let project = pending.project.as_str();
+        let given_back = async {
+            self.pending_saves.abandon(save_id, project).await?;
+            if pending.leased {
+                self.budget.release(project, save_id, self.clock.now_unix_ms()).await?;
+            }
+            Ok::<_, Error>(())
+        };
+        match given_back.await {
+            Ok(()) => Error::SaveConflict(flushed),
+            Err(error) => error,
+        }
     }
 
     /// The manifest a commit makes visible, created and last used now, naming the branches its
@@ -1093,8 +1121,6 @@ mod tests {
             token_id: String::new(),
             scope: None,
             token_sha256_hex: String::new(),
-            generation: 0,
-            quota_bytes: 0,
         };
         let pr_token = crate::tokens::Principal {
             scope: Some(crate::tokens::BranchScope { read: vec!["main".into()], write: vec!["pr-*".into()] }),

@@ -25,7 +25,7 @@ struct LeaseRecords {
 impl Ephemeral for InMemory {
     async fn update_open_saves(
         &self,
-        _project: Option<&str>,
+        _project: &str,
         change: &mut (dyn for<'a> FnMut(&'a mut OpenSaves) + Send),
     ) -> Result<(), Error> {
         change(&mut self.open_saves.lock().expect("open saves lock"));
@@ -34,7 +34,7 @@ impl Ephemeral for InMemory {
 
     async fn read_open_saves(
         &self,
-        _project: &str,
+        _project: Option<&str>,
         read: &mut (dyn for<'a> FnMut(&'a OpenSaves) + Send),
     ) -> Result<(), Error> {
         read(&self.open_saves.lock().expect("open saves lock"));

@@ -22,6 +22,34 @@ mod suite;
 pub use self::memory::InMemory;
 pub use self::sled::Database;
 
+/// The token a worker's step is called with, checked inside the step (the state's own
+/// transaction on a shared database): a token revoked or rotated away meanwhile, through any
+/// replica, begins, commits and looks up nothing, even where the service reuses a recent check
+/// of it (see `service/principals.rs`).
+#[derive(Debug, Clone, Copy)]
+pub struct Holder<'a> {
+    /// The SHA-256 of the token presented.
+    pub token_sha256_hex: &'a str,
+    /// Its scoped token's ID; empty for the project token.
+    pub token_id: &'a str,
+}
+
+impl Holder<'_> {
+    /// Whether the token is still one of `project`'s: the project token now, or the scoped
+    /// token recorded under its hash (`scoped`) still there.
+    pub fn is_live(&self, project: &ProjectRecord, scoped: Option<&ScopedTokenRecord>) -> bool {
+        if self.token_id.is_empty() {
+            return crate::tokens::token_matches_hash(self.token_sha256_hex, &project.token_sha256_hex);
+        }
+        scoped.is_some_and(|scoped| scoped.project == project.name && scoped.id == self.token_id)
+    }
+}
+
+/// The refusal of a token no longer live.
+pub(crate) fn revoked() -> Error {
+    Error::Unauthenticated("unknown or revoked project token")
+}
+
 /// A tenant. The token is kept only as its SHA-256.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ProjectRecord {
@@ -286,17 +314,19 @@ pub type LeaseDemands = HashMap<String, LeaseDemand>;
 /// (claims, fair shares) live in `saves.rs` and `budget.rs`, which see one consistent map.
 #[async_trait::async_trait]
 pub trait Ephemeral: Send + Sync {
-    /// Runs `change` on the open saves: with a project, on at least that project's (it must
-    /// change no other's); with `None`, on every project's.
+    /// Runs `change` on at least `project`'s open saves (it must change no other's). Changes of
+    /// one project's run one at a time across replicas; of different projects', never wait
+    /// for each other.
     async fn update_open_saves(
         &self,
-        project: Option<&str>,
+        project: &str,
         change: &mut (dyn for<'a> FnMut(&'a mut OpenSaves) + Send),
     ) -> Result<(), Error>;
-    /// Lets `read` see at least `project`'s open saves as they are now.
+    /// Lets `read` see at least `project`'s open saves as they are now; with `None`, every
+    /// project's (a snapshot, taking no lock: each project's may change meanwhile).
     async fn read_open_saves(
         &self,
-        project: &str,
+        project: Option<&str>,
         read: &mut (dyn for<'a> FnMut(&'a OpenSaves) + Send),
     ) -> Result<(), Error>;
     /// Runs `change` on `project`'s transfer leases (`reads` left empty, and kept as they are
@@ -317,6 +347,10 @@ pub trait Ephemeral: Send + Sync {
         read: &mut (dyn for<'a> FnMut(&'a Leases) + Send),
     ) -> Result<(), Error>;
 }
+
+/// What a commit of known blobs checks inside its step (see [`State::commit_known`]).
+pub type CommitCheck<'c> =
+    dyn for<'a> FnMut(&'a ProjectRecord, &'a HashMap<String, BlobRecord>) -> Result<bool, Error> + Send + 'c;
 
 /// The coordinator's durable state, as the cache's operations use it. Every method is one
 /// atomic step of the protocol its caller follows (see ARCHITECTURE.md's invariants); an
@@ -356,6 +390,15 @@ pub trait State: Ephemeral {
     /// Inserts a new project; [`Error::ProjectExists`] if the name is taken.
     async fn create_project(&self, record: &ProjectRecord) -> Result<(), Error>;
     async fn project(&self, name: &str) -> Result<Option<ProjectRecord>, Error>;
+    /// `project`'s record, while `holder` is one of its live tokens; refused as revoked otherwise.
+    async fn holders_project(&self, project: &str, holder: Holder<'_>) -> Result<ProjectRecord, Error> {
+        let record = self.project(project).await?.ok_or_else(revoked)?;
+        let scoped = match holder.token_id.is_empty() {
+            true => None,
+            false => self.scoped_token(holder.token_sha256_hex).await?,
+        };
+        if holder.is_live(&record, scoped.as_ref()) { Ok(record) } else { Err(revoked()) }
+    }
     /// Every project, sorted by name.
     async fn projects(&self) -> Result<Vec<ProjectRecord>, Error>;
     /// Sets a project's byte quota (0: none).
@@ -384,8 +427,8 @@ pub trait State: Ephemeral {
     async fn manifests(&self, project: &str) -> Result<Vec<pb::Manifest>, Error>;
     /// Records that a manifest was used now, unless another writer replaced it meanwhile.
     async fn touch_manifest(&self, project: &str, manifest: &pb::Manifest, now_unix: i64) -> Result<(), Error>;
-    /// A restore's lookup as one atomic step: the manifest of the first of `keys` the project
-    /// holds, recorded as used at `now_unix`, with `grant` run on the project's transfer leases
+    /// A restore's lookup as one atomic step, refused when `holder` is no longer live: the
+    /// manifest of the first of `keys` the project holds, recorded as used at `now_unix`, with `grant` run on the project's transfer leases
     /// (as [`Ephemeral::update_leases`] runs a change) for it, while the project's publish lock
     /// is held shared across replicas, so no eviction or collection runs between the read and
     /// the lease that protects what the restore reads. A miss takes no lock and changes
@@ -394,10 +437,12 @@ pub trait State: Ephemeral {
     async fn look_up(
         &self,
         project: &str,
+        holder: Holder<'_>,
         keys: &[pb::CacheKey],
         now_unix: i64,
         grant: &mut (dyn for<'a> FnMut(&'a pb::Manifest, &'a mut Leases, &'a LeaseDemands) -> LeaseDemand + Send),
     ) -> Result<Option<pb::Manifest>, Error> {
+        self.holders_project(project, holder).await?;
         for key in keys {
             if let Some(manifest) = self.manifest(project, &key.service, &key.branch).await? {
                 self.touch_manifest(project, &manifest, now_unix).await?;
@@ -418,17 +463,21 @@ pub trait State: Ephemeral {
     ) -> Result<Committed, Error>;
     /// A save's begin as one atomic step, while the project's publish lock is held shared
     /// across replicas (so a collection either ran before and the save sees what it left, or
-    /// runs after and keeps every blob the save names): `register` sees the ledger's records
-    /// of those of `digests` the store holds and every manifest of the project, and runs on
+    /// runs after and keeps every blob the save names), refused when `holder` is no longer
+    /// live: `register` sees the project's record (its generation and quota as they are now),
+    /// the ledger's records of those of `digests` the store holds and every manifest of the
+    /// project, and runs on
     /// the project's open saves (as [`Ephemeral::update_open_saves`] runs a change); its
     /// answer is this step's. The caller holds the lock in this process; this default, for
     /// one process, composes the steps above.
     async fn begin_save(
         &self,
         project: &str,
+        holder: Holder<'_>,
         digests: &[String],
         register: &mut (
                  dyn for<'a> FnMut(
+            &'a ProjectRecord,
             &'a HashMap<String, BlobRecord>,
             &'a [pb::Manifest],
             &'a mut OpenSaves,
@@ -436,40 +485,44 @@ pub trait State: Ephemeral {
                      + Send
              ),
     ) -> Result<(), Error> {
+        let record = self.holders_project(project, holder).await?;
         let stored = self.stored_blobs(project, digests).await?;
         let manifests = self.manifests(project).await?;
         let mut registered = Ok(());
-        self.update_open_saves(Some(project), &mut |saves| registered = register(&stored, &manifests, saves)).await?;
+        self.update_open_saves(project, &mut |saves| registered = register(&record, &stored, &manifests, saves))
+            .await?;
         registered
     }
     /// A commit whose every blob the ledger already records, as one atomic step while the
-    /// project's publish lock is held shared across replicas: `check` sees the ledger's records
-    /// of `new_blobs` (every blob the commit names) and may refuse; the open save `save_id` of
+    /// project's publish lock is held shared across replicas, refused when `holder` is no
+    /// longer live: `check` sees the project's record and the ledger's records of `new_blobs`
+    /// (every blob the commit names), and may refuse, or decline (`false`: nothing changes,
+    /// and the answer is `Ok(None)`); the open save `save_id` of
     /// the project is forgotten ([`Error::NoSuchSave`] when it is not there); then the
     /// manifest is committed as [`State::commit_manifest`] commits it, and one save counted for
-    /// its service. `Ok(None)`: the ledger lacks one of the blobs, and nothing changed (the
-    /// caller checks the store). The caller holds the lock in this process; this default, for
+    /// its service. `Ok(None)`: the ledger lacks one of the blobs, or `check` declined, and
+    /// nothing changed (the caller checks the store). The caller holds the lock in this process; this default, for
     /// one process, composes the steps above.
     #[allow(clippy::too_many_arguments)]
     async fn commit_known(
         &self,
         project: &str,
+        holder: Holder<'_>,
         manifest: &pb::Manifest,
         generation: u64,
         new_blobs: &HashMap<String, BlobRecord>,
         now_unix: i64,
-        check: &mut (dyn for<'a> FnMut(&'a HashMap<String, BlobRecord>) -> Result<(), Error> + Send),
+        check: &mut CommitCheck<'_>,
         save_id: &str,
     ) -> Result<Option<Committed>, Error> {
+        let record = self.holders_project(project, holder).await?;
         let digests: Vec<String> = new_blobs.keys().cloned().collect();
         let known = self.stored_blobs(project, &digests).await?;
-        if known.len() < digests.len() {
+        if known.len() < digests.len() || !check(&record, &known)? {
             return Ok(None);
         }
-        check(&known)?;
         let mut taken = false;
-        self.update_open_saves(Some(project), &mut |saves| taken = crate::claims::forget(saves, save_id, project))
-            .await?;
+        self.update_open_saves(project, &mut |saves| taken = crate::claims::forget(saves, save_id, project)).await?;
         if !taken {
             return Err(Error::NoSuchSave(save_id.to_owned()));
         }

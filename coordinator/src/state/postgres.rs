@@ -40,8 +40,8 @@ use serde::{Deserialize, Serialize};
 use tokio_postgres::NoTls;
 
 use super::{
-    BlobRecord, Committed, FlushedRecords, KeyAccess, MintedKeyRecord, ProjectRecord, ProjectTotals, ScopedTokenRecord,
-    ServiceCounters, State, ledger, manifest_digests,
+    BlobRecord, Committed, FlushedRecords, Holder, KeyAccess, MintedKeyRecord, ProjectRecord, ProjectTotals,
+    ScopedTokenRecord, ServiceCounters, State, ledger, manifest_digests,
 };
 use crate::error::Error;
 
@@ -100,10 +100,7 @@ CREATE UNLOGGED TABLE lc_lease_demand (
 ";
 
 /// Transaction advisory locks (the two-key space, apart from the projects' publish locks):
-/// every project's open saves (shared by a change of one project's, exclusive for all), one
-/// project's, and one project's leases.
-const ALL_OPEN_SAVES_LOCK: &str = "SELECT pg_advisory_xact_lock(7401, 0)";
-const SOME_OPEN_SAVES_LOCK: &str = "SELECT pg_advisory_xact_lock_shared(7401, 0)";
+/// one project's open saves, and one project's leases. No lock covers every project's.
 const PROJECT_OPEN_SAVES_LOCK: &str = "SELECT pg_advisory_xact_lock(7402, hashtext($1))";
 const PROJECT_LEASES_LOCK: &str = "SELECT pg_advisory_xact_lock(7403, hashtext($1))";
 
@@ -501,7 +498,7 @@ impl Postgres {
 /// Locks a project's row for the rest of the transaction; its record, if there is one.
 async fn lock_project(tx: &Transaction<'_>, project: &str) -> Result<Option<ProjectRecord>, Error> {
     let row = tx
-        .query_opt("SELECT record FROM lc_projects WHERE name = $1 FOR UPDATE", &[&project])
+        .cached_query_opt("SELECT record FROM lc_projects WHERE name = $1 FOR UPDATE", &[&project])
         .await
         .map_err(pg_error)?;
     row.map(|row| from_json("lc_projects", row.get::<_, &str>(0))).transpose()
@@ -715,6 +712,31 @@ async fn write_leases(
     Ok(())
 }
 
+/// `project`'s record while `holder` is one of its live tokens (with `lock`, locked for the rest
+/// of the transaction), in one statement; refused as revoked otherwise.
+async fn holders_record(
+    client: &impl GenericClient,
+    project: &str,
+    holder: Holder<'_>,
+    lock: bool,
+) -> Result<ProjectRecord, Error> {
+    let query = if lock {
+        "SELECT p.record, s.record FROM lc_projects p
+             LEFT JOIN lc_scoped_tokens s ON s.sha256 = $2 AND s.project = p.name
+         WHERE p.name = $1 FOR UPDATE OF p"
+    } else {
+        "SELECT p.record, s.record FROM lc_projects p
+             LEFT JOIN lc_scoped_tokens s ON s.sha256 = $2 AND s.project = p.name
+         WHERE p.name = $1"
+    };
+    let row = client.cached_query_opt(query, &[&project, &holder.token_sha256_hex]).await.map_err(pg_error)?;
+    let row = row.ok_or_else(super::revoked)?;
+    let record: ProjectRecord = from_json("lc_projects", row.get::<_, &str>(0))?;
+    let scoped: Option<ScopedTokenRecord> =
+        row.get::<_, Option<&str>>(1).map(|json| from_json("lc_scoped_tokens", json)).transpose()?;
+    if holder.is_live(&record, scoped.as_ref()) { Ok(record) } else { Err(super::revoked()) }
+}
+
 /// The manifest of the first of `keys` the project holds.
 async fn first_manifest(
     tx: &Transaction<'_>,
@@ -724,7 +746,7 @@ async fn first_manifest(
     let services: Vec<&str> = keys.iter().map(|key| key.service.as_str()).collect();
     let branches: Vec<&str> = keys.iter().map(|key| key.branch.as_str()).collect();
     let row = tx
-        .query_opt(
+        .cached_query_opt(
             "SELECT body FROM lc_manifests JOIN UNNEST($2::text[], $3::text[]) WITH ORDINALITY AS wanted (service, branch, n)
                  USING (service, branch)
              WHERE project = $1 ORDER BY wanted.n LIMIT 1",
@@ -842,29 +864,23 @@ impl Postgres {
     /// Runs `change` on the records of `table` (all, or `project`'s) in one transaction, after
     /// `locks` (statements taking transaction advisory locks, `$1` the project), and writes back
     /// what it changed.
-    async fn update_ephemeral<T: Serialize + for<'de> Deserialize<'de> + Clone + Send + Sync>(
+    /// Runs `change` on `project`'s open saves, under the project's open-saves lock.
+    async fn update_project_open_saves(
         &self,
-        table: &'static str,
-        project: Option<&str>,
-        locks: &[&str],
-        project_of: fn(&T) -> &str,
-        change: &mut (dyn for<'a> FnMut(&'a mut HashMap<String, T>) + Send),
+        project: &str,
+        change: &mut (dyn for<'a> FnMut(&'a mut super::OpenSaves) + Send),
     ) -> Result<(), Error> {
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(pg_error)?;
-        // Nothing here outlives a server crash anyway: the commit need not wait for the disk.
-        tx.batch_execute("SET LOCAL synchronous_commit = off").await.map_err(pg_error)?;
-        for lock in locks {
-            match lock.contains("$1") {
-                true => tx.cached_execute(lock, &[&project.unwrap_or_default()]).await,
-                false => tx.cached_execute(lock, &[]).await,
-            }
-            .map_err(pg_error)?;
-        }
-        let before: HashMap<String, T> = ephemeral_records(&tx, table, project).await?;
+        // Only an unlogged table is written: the commit has no WAL to wait for.
+        let by_project: &[&(dyn tokio_postgres::types::ToSql + Sync)] = &[&project];
+        let (_, before) = futures::try_join!(
+            tx.cached_execute(PROJECT_OPEN_SAVES_LOCK, by_project).map_err(pg_error),
+            ephemeral_records::<super::OpenSave>(&tx, "lc_open_saves", Some(project)),
+        )?;
         let mut records = before.clone();
         change(&mut records);
-        write_ephemeral(&tx, table, project, &before, &records, project_of).await?;
+        write_ephemeral(&tx, "lc_open_saves", Some(project), &before, &records, |save| &save.project).await?;
         tx.commit().await.map_err(pg_error)
     }
 }
@@ -873,22 +889,18 @@ impl Postgres {
 impl super::Ephemeral for Postgres {
     async fn update_open_saves(
         &self,
-        project: Option<&str>,
+        project: &str,
         change: &mut (dyn for<'a> FnMut(&'a mut super::OpenSaves) + Send),
     ) -> Result<(), Error> {
-        let locks: &[&str] = match project {
-            Some(_) => &[SOME_OPEN_SAVES_LOCK, PROJECT_OPEN_SAVES_LOCK],
-            None => &[ALL_OPEN_SAVES_LOCK],
-        };
-        self.update_ephemeral("lc_open_saves", project, locks, |save: &super::OpenSave| &save.project, change).await
+        self.update_project_open_saves(project, change).await
     }
 
     async fn read_open_saves(
         &self,
-        project: &str,
+        project: Option<&str>,
         read: &mut (dyn for<'a> FnMut(&'a super::OpenSaves) + Send),
     ) -> Result<(), Error> {
-        read(&ephemeral_records(&self.client().await?, "lc_open_saves", Some(project)).await?);
+        read(&ephemeral_records(&self.client().await?, "lc_open_saves", project).await?);
         Ok(())
     }
 
@@ -899,12 +911,9 @@ impl super::Ephemeral for Postgres {
     ) -> Result<(), Error> {
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(pg_error)?;
-        // Nothing here outlives a server crash anyway: the commit need not wait for the disk.
-        // Sent together: one round trip for the lock and both reads.
-        let (_, (before, demands)) = futures::try_join!(
-            tx.batch_execute("SET LOCAL synchronous_commit = off").map_err(pg_error),
-            locked_leases(&tx, project)
-        )?;
+        // Only unlogged tables are written: the commit has no WAL to wait for. One round trip
+        // for the lock and both reads.
+        let (before, demands) = locked_leases(&tx, project).await?;
         let mut leases = before.clone();
         let demand = change(&mut leases, &demands);
         write_leases(&tx, project, &before, &leases, demand).await?;
@@ -1008,6 +1017,10 @@ impl State for Postgres {
             .await
             .map_err(pg_error)?;
         row.map(|row| from_json("lc_projects", row.get::<_, &str>(0))).transpose()
+    }
+
+    async fn holders_project(&self, project: &str, holder: Holder<'_>) -> Result<ProjectRecord, Error> {
+        holders_record(&self.client().await?, project, holder, false).await
     }
 
     async fn projects(&self) -> Result<Vec<ProjectRecord>, Error> {
@@ -1184,6 +1197,7 @@ impl State for Postgres {
     async fn look_up(
         &self,
         project: &str,
+        holder: Holder<'_>,
         keys: &[pb::CacheKey],
         now_unix: i64,
         grant: &mut (
@@ -1199,7 +1213,9 @@ impl State for Postgres {
         let tx = client.transaction().await.map_err(pg_error)?;
         // A miss takes no lock. A hit is read again under the lock: an eviction may have run
         // between. The lock is the publish lock of `project_lock`, for this transaction only.
-        if first_manifest(&tx, project, keys).await?.is_none() {
+        let (_, first) =
+            futures::try_join!(holders_record(&tx, project, holder, false), first_manifest(&tx, project, keys))?;
+        if first.is_none() {
             tx.commit().await.map_err(pg_error)?;
             return Ok(None);
         }
@@ -1259,9 +1275,11 @@ impl State for Postgres {
     async fn begin_save(
         &self,
         project: &str,
+        holder: Holder<'_>,
         digests: &[String],
         register: &mut (
                  dyn for<'a> FnMut(
+            &'a ProjectRecord,
             &'a HashMap<String, BlobRecord>,
             &'a [pb::Manifest],
             &'a mut super::OpenSaves,
@@ -1271,21 +1289,21 @@ impl State for Postgres {
     ) -> Result<(), Error> {
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(pg_error)?;
-        // The publish lock (`project_lock`'s, for this transaction only), the ledger's records,
-        // the manifests and the open saves, in one round trip. Only the open saves are written,
-        // which outlive no server crash: the commit need not wait for the disk.
+        // The publish lock (`project_lock`'s, for this transaction only), the project's record
+        // with the token's check, the ledger's records, the manifests and the open saves, in
+        // one round trip. Only the open saves are written, an unlogged table: the commit has no
+        // WAL to wait for.
         let lock = lock_key(project);
         let by_key: &[&(dyn tokio_postgres::types::ToSql + Sync)] = &[&lock];
         let by_project: &[&(dyn tokio_postgres::types::ToSql + Sync)] = &[&project];
         let by_digests: &[&(dyn tokio_postgres::types::ToSql + Sync)] = &[&project, &digests];
-        let (_, _, stored, manifests, _, _, saves) = futures::try_join!(
-            tx.batch_execute("SET LOCAL synchronous_commit = off").map_err(pg_error),
+        let (_, record, stored, manifests, _, saves) = futures::try_join!(
             tx.cached_execute("SELECT pg_advisory_xact_lock_shared($1)", by_key).map_err(pg_error),
+            holders_record(&tx, project, holder, false),
             tx.cached_query("SELECT digest, record FROM lc_blobs WHERE project = $1 AND digest = ANY($2)", by_digests)
                 .map_err(pg_error),
             tx.cached_query("SELECT body FROM lc_manifests WHERE project = $1 ORDER BY service, branch", by_project)
                 .map_err(pg_error),
-            tx.cached_execute(SOME_OPEN_SAVES_LOCK, &[]).map_err(pg_error),
             tx.cached_execute(PROJECT_OPEN_SAVES_LOCK, by_project).map_err(pg_error),
             ephemeral_records::<super::OpenSave>(&tx, "lc_open_saves", Some(project)),
         )?;
@@ -1297,7 +1315,7 @@ impl State for Postgres {
             manifests.iter().map(|row| decode_manifest(row.get::<_, &[u8]>(0))).collect::<Result<_, _>>()?;
         let mut changed = saves.clone();
         // What the rule changed stands even when it refuses (the silent saves it noted).
-        let registered = register(&stored, &manifests, &mut changed);
+        let registered = register(&record, &stored, &manifests, &mut changed);
         write_ephemeral(&tx, "lc_open_saves", Some(project), &saves, &changed, |save| &save.project).await?;
         tx.commit().await.map_err(pg_error)?;
         registered
@@ -1306,11 +1324,12 @@ impl State for Postgres {
     async fn commit_known(
         &self,
         project: &str,
+        holder: Holder<'_>,
         manifest: &pb::Manifest,
         generation: u64,
         new_blobs: &HashMap<String, BlobRecord>,
         now_unix: i64,
-        check: &mut (dyn for<'a> FnMut(&'a HashMap<String, BlobRecord>) -> Result<(), Error> + Send),
+        check: &mut super::CommitCheck<'_>,
         save_id: &str,
     ) -> Result<Option<Committed>, Error> {
         let key = manifest.key.clone().unwrap_or_default();
@@ -1318,21 +1337,19 @@ impl State for Postgres {
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(pg_error)?;
         // The publish lock (`project_lock`'s, for this transaction only), then the project's
-        // row, the key's manifest and the blobs, in one round trip.
+        // row with the token's check, the key's manifest and the blobs, in one round trip.
         let lock = lock_key(project);
         let by_key: &[&(dyn tokio_postgres::types::ToSql + Sync)] = &[&lock];
         let (_, record, old, mut known) = futures::try_join!(
             tx.cached_execute("SELECT pg_advisory_xact_lock_shared($1)", by_key).map_err(pg_error),
-            lock_project(&tx, project),
+            holders_record(&tx, project, holder, true),
             manifest_of(&tx, project, &key, true),
             lock_blobs(&tx, project, &digests),
         )?;
-        if known.len() < digests.len() {
+        if known.len() < digests.len() || !check(&record, &known)? {
             tx.commit().await.map_err(pg_error)?;
             return Ok(None);
         }
-        let record = record.ok_or_else(|| Error::NoSuchProject(project.to_owned()))?;
-        check(&known)?;
         // The blobs of the manifest it replaces that it does not name, and its open save: one
         // row, deleted without the project's open-saves lock (a begin holding it never writes
         // back a save that went meanwhile: see `write_ephemeral`).

@@ -214,7 +214,7 @@ fn transacted<T>(result: Result<T, TransactionError<Error>>) -> Result<T, Error>
 impl super::Ephemeral for Database {
     async fn update_open_saves(
         &self,
-        project: Option<&str>,
+        project: &str,
         change: &mut (dyn for<'a> FnMut(&'a mut super::OpenSaves) + Send),
     ) -> Result<(), Error> {
         self.ephemeral.update_open_saves(project, change).await
@@ -222,7 +222,7 @@ impl super::Ephemeral for Database {
 
     async fn read_open_saves(
         &self,
-        project: &str,
+        project: Option<&str>,
         read: &mut (dyn for<'a> FnMut(&'a super::OpenSaves) + Send),
     ) -> Result<(), Error> {
         self.ephemeral.read_open_saves(project, read).await

@@ -8,10 +8,16 @@ use proto::v1 as pb;
 
 use super::*;
 
+/// The hash of every test project's token.
+const PROJECT_TOKEN_HASH: &str = "hash-of-the-project-token";
+
+/// The project token, as a step checks it.
+const OWNER: Holder<'static> = Holder { token_sha256_hex: PROJECT_TOKEN_HASH, token_id: "" };
+
 fn project(name: &str) -> ProjectRecord {
     ProjectRecord {
         name: name.into(),
-        token_sha256_hex: format!("hash-of-{name}"),
+        token_sha256_hex: PROJECT_TOKEN_HASH.into(),
         created_unix: 1,
         generation: 0,
         quota_bytes: 0,
@@ -258,31 +264,94 @@ pub(crate) async fn ephemeral_records_are_shared(a: std::sync::Arc<dyn State>, b
     look_up_grants_with_the_manifest(a_state.as_ref(), b_state.as_ref()).await;
     a_commit_of_known_blobs_is_one_step(a_state.as_ref(), b_state.as_ref()).await;
     a_begin_is_one_step(a_state.as_ref(), b_state.as_ref()).await;
+    every_step_checks_its_token_live(a_state.as_ref(), b_state.as_ref()).await;
+}
+
+/// A begin, a commit and a lookup each check inside their step that the token is still live,
+/// whichever replica revoked it (a replica reuses a token check for a while), and a begin and a
+/// commit see the project's record as it is then.
+async fn every_step_checks_its_token_live(a: &dyn State, b: &dyn State) {
+    a.create_project(&project("held")).await.unwrap();
+    a.commit_manifest("held", &manifest("web", &["c1", "l1"], 5), 0, &sizes(), 1).await.unwrap();
+    let scoped = ScopedTokenRecord {
+        id: "tok_1".into(),
+        project: "held".into(),
+        scope: crate::tokens::BranchScope { read: vec!["*".into()], write: vec!["pr-*".into()] },
+        created_unix: 1,
+        expires_unix: 0,
+    };
+    a.insert_scoped_token("scoped-hash", &scoped).await.unwrap();
+    let pr = Holder { token_sha256_hex: "scoped-hash", token_id: "tok_1" };
+    let strangers = [
+        Holder { token_sha256_hex: "another-hash", token_id: "" },
+        Holder { token_sha256_hex: PROJECT_TOKEN_HASH, token_id: "tok_1" },
+        Holder { token_sha256_hex: "scoped-hash", token_id: "" },
+        Holder { token_sha256_hex: "scoped-hash", token_id: "tok_2" },
+    ];
+    let digests = ["c1".to_string()];
+    let blobs: HashMap<String, BlobRecord> =
+        sizes().into_iter().filter(|(digest, _)| ["c1", "l1"].contains(&digest.as_str())).collect();
+    let saved = manifest("web", &["c1", "l1"], 6);
+    let quota_seen = std::sync::atomic::AtomicU64::new(u64::MAX);
+    let mut register =
+        |record: &ProjectRecord, _: &HashMap<String, BlobRecord>, _: &[pb::Manifest], _: &mut OpenSaves| {
+            quota_seen.store(record.quota_bytes, std::sync::atomic::Ordering::Relaxed);
+            Ok(())
+        };
+    let mut grant = |_: &pb::Manifest, _: &mut Leases, _: &LeaseDemands| LeaseDemand::default();
+    let passes = &mut |_: &ProjectRecord, _: &HashMap<String, BlobRecord>| Ok(true);
+    let refused = |result: Result<(), Error>| matches!(result, Err(Error::Unauthenticated(_)));
+    for holder in strangers {
+        assert!(refused(b.begin_save("held", holder, &digests, &mut register).await), "{holder:?}");
+        assert!(refused(b.look_up("held", holder, &[key("web")], 2, &mut grant).await.map(|_| ())), "{holder:?}");
+        assert!(refused(b.look_up("held", holder, &[key("none")], 2, &mut grant).await.map(|_| ())), "a miss too");
+        let commit = b.commit_known("held", holder, &saved, 0, &blobs, 2, passes, "s9").await;
+        assert!(refused(commit.map(|_| ())), "{holder:?}");
+    }
+    assert_eq!(quota_seen.load(std::sync::atomic::Ordering::Relaxed), u64::MAX, "a refused begin registers nothing");
+    a.set_quota("held", 1234).await.unwrap();
+    b.begin_save("held", pr, &digests, &mut register).await.unwrap();
+    assert_eq!(quota_seen.load(std::sync::atomic::Ordering::Relaxed), 1234, "a begin sees the record as it is then");
+    assert!(b.look_up("held", pr, &[key("web")], 2, &mut grant).await.unwrap().is_some());
+    a.remove_scoped_tokens("held", Some("tok_1")).await.unwrap();
+    assert!(refused(b.begin_save("held", pr, &digests, &mut register).await), "revoked");
+    assert!(refused(b.look_up("held", pr, &[key("web")], 2, &mut grant).await.map(|_| ())), "revoked");
+    assert!(b.look_up("held", OWNER, &[key("web")], 2, &mut grant).await.unwrap().is_some());
+    a.set_project_token("held", "rotated-hash").await.unwrap();
+    assert!(refused(b.look_up("held", OWNER, &[key("web")], 2, &mut grant).await.map(|_| ())), "rotated away");
+    let commit = b.commit_known("held", OWNER, &saved, 0, &blobs, 2, passes, "s9").await;
+    assert!(refused(commit.map(|_| ())), "rotated away");
+    let rotated = Holder { token_sha256_hex: "rotated-hash", token_id: "" };
+    assert_eq!(a.holders_project("held", rotated).await.unwrap().quota_bytes, 1234);
+    assert!(refused(a.holders_project("held", OWNER).await.map(|_| ())));
+    assert!(refused(b.holders_project("nobody", rotated).await.map(|_| ())), "a project gone");
 }
 
 /// A begin sees the ledger's records of the blobs it names and the project's manifests, and
 /// registers its save, in one step; its refusal is the step's.
 async fn a_begin_is_one_step(a: &dyn State, b: &dyn State) {
     let named = ["c1".to_string(), "zz".to_string()];
-    let mut register = |stored: &HashMap<String, BlobRecord>, manifests: &[pb::Manifest], saves: &mut OpenSaves| {
-        assert_eq!(stored.keys().collect::<Vec<_>>(), ["c1"]);
-        assert_eq!(manifests.len(), 1);
-        saves.insert("s2".into(), crate::claims::tests::pending("known", "web", 9));
-        Ok(())
-    };
-    b.begin_save("known", &named, &mut register).await.unwrap();
+    let mut register =
+        |_: &ProjectRecord, stored: &HashMap<String, BlobRecord>, manifests: &[pb::Manifest], saves: &mut OpenSaves| {
+            assert_eq!(stored.keys().collect::<Vec<_>>(), ["c1"]);
+            assert_eq!(manifests.len(), 1);
+            saves.insert("s2".into(), crate::claims::tests::pending("known", "web", 9));
+            Ok(())
+        };
+    b.begin_save("known", OWNER, &named, &mut register).await.unwrap();
     let mut open = false;
-    a.read_open_saves("known", &mut |saves| open = saves.contains_key("s2")).await.unwrap();
+    a.read_open_saves(Some("known"), &mut |saves| open = saves.contains_key("s2")).await.unwrap();
     assert!(open);
-    let mut refuse =
-        |_: &HashMap<String, BlobRecord>, _: &[pb::Manifest], _: &mut OpenSaves| Err(Error::TooMany("too many".into()));
-    assert!(matches!(b.begin_save("known", &named, &mut refuse).await, Err(Error::TooMany(_))));
+    let mut refuse = |_: &ProjectRecord, _: &HashMap<String, BlobRecord>, _: &[pb::Manifest], _: &mut OpenSaves| {
+        Err(Error::TooMany("too many".into()))
+    };
+    assert!(matches!(b.begin_save("known", OWNER, &named, &mut refuse).await, Err(Error::TooMany(_))));
 }
 
 /// Whether save `s1` of project `known` is open.
 async fn save_is_open(state: &dyn State) -> bool {
     let mut open = false;
-    state.read_open_saves("known", &mut |saves| open = saves.contains_key("s1")).await.unwrap();
+    state.read_open_saves(Some("known"), &mut |saves| open = saves.contains_key("s1")).await.unwrap();
     open
 }
 
@@ -293,7 +362,7 @@ async fn a_commit_of_known_blobs_is_one_step(a: &dyn State, b: &dyn State) {
     let first = manifest("web", &["c1", "l1"], 5);
     a.commit_manifest("known", &first, 0, &sizes(), 1).await.unwrap();
     let open = crate::claims::tests::pending("known", "web", 6);
-    a.update_open_saves(Some("known"), &mut |saves| {
+    a.update_open_saves("known", &mut |saves| {
         saves.insert("s1".into(), open.clone());
     })
     .await
@@ -303,18 +372,21 @@ async fn a_commit_of_known_blobs_is_one_step(a: &dyn State, b: &dyn State) {
     };
     let take = "s1";
     let unknown = manifest("web", &["c1", "l1", "l2"], 7);
-    let passes = &mut |_: &HashMap<String, BlobRecord>| Ok(());
-    assert_eq!(b.commit_known("known", &unknown, 0, &named(&["c1", "l1", "l2"]), 8, passes, take).await.unwrap(), None);
+    let passes = &mut |_: &ProjectRecord, _: &HashMap<String, BlobRecord>| Ok(true);
+    assert_eq!(
+        b.commit_known("known", OWNER, &unknown, 0, &named(&["c1", "l1", "l2"]), 8, passes, take).await.unwrap(),
+        None
+    );
     assert!(save_is_open(a).await, "nothing changed");
     let second = manifest("web", &["c1", "l1"], 7);
-    let refuses = &mut |known: &HashMap<String, BlobRecord>| {
+    let refuses = &mut |_: &ProjectRecord, known: &HashMap<String, BlobRecord>| {
         assert_eq!(known.len(), 2);
         Err(Error::BlobNotStored("no".into()))
     };
-    let refused = b.commit_known("known", &second, 0, &named(&["c1", "l1"]), 8, refuses, take).await;
+    let refused = b.commit_known("known", OWNER, &second, 0, &named(&["c1", "l1"]), 8, refuses, take).await;
     assert!(matches!(refused, Err(Error::BlobNotStored(_))));
     assert!(save_is_open(a).await, "nothing changed");
-    let committed = b.commit_known("known", &second, 0, &named(&["c1", "l1"]), 8, passes, take).await.unwrap();
+    let committed = b.commit_known("known", OWNER, &second, 0, &named(&["c1", "l1"]), 8, passes, take).await.unwrap();
     assert!(matches!(committed, Some(Committed::Stored { replaced: Some(_) })), "{committed:?}");
     assert!(!save_is_open(a).await, "the save is taken");
     let stored = a.manifest("known", "web", "").await.unwrap().unwrap();
@@ -322,7 +394,7 @@ async fn a_commit_of_known_blobs_is_one_step(a: &dyn State, b: &dyn State) {
     assert_eq!(references(a, "known", "l1").await, Some(1));
     let counted = a.service_counters(Some("known")).await.unwrap();
     assert_eq!(counted.iter().map(|(_, _, counters)| counters.saves).sum::<u64>(), 1);
-    let again = b.commit_known("known", &second, 0, &named(&["c1", "l1"]), 9, passes, take).await;
+    let again = b.commit_known("known", OWNER, &second, 0, &named(&["c1", "l1"]), 9, passes, take).await;
     assert!(matches!(again, Err(Error::NoSuchSave(_))), "a save commits once");
 }
 
@@ -348,8 +420,8 @@ async fn look_up_grants_with_the_manifest(a: &dyn State, b: &dyn State) {
         leases.insert("r1".into(), lease);
         LeaseDemand { demand: 1, lapses_unix_ms: 10 }
     };
-    assert_eq!(b.look_up("look", &[key("none")], 7, &mut grant).await.unwrap(), None);
-    let found = b.look_up("look", &[key("none"), key("web"), key("web2")], 7, &mut grant).await.unwrap();
+    assert_eq!(b.look_up("look", OWNER, &[key("none")], 7, &mut grant).await.unwrap(), None);
+    let found = b.look_up("look", OWNER, &[key("none"), key("web"), key("web2")], 7, &mut grant).await.unwrap();
     assert_eq!(found.and_then(|manifest| manifest.key), Some(key("web")));
     assert_eq!(granted, 1, "the grant runs on a hit only");
     assert_eq!(a.manifest("look", "web", "").await.unwrap().unwrap().last_used_unix, 7);
@@ -430,11 +502,12 @@ async fn two_projects_save_and_restore_while_a_third_holds_its_locks() {
             let save_id = format!("{project}-save-{round}");
             let pending = crate::claims::tests::pending(project, "web", now);
             let named = ["c1".to_string(), "l1".to_string()];
-            let mut register = |stored: &HashMap<String, BlobRecord>, _: &[pb::Manifest], open: &mut OpenSaves| {
-                let missing = named.iter().filter(|digest| !stored.contains_key(*digest)).cloned().collect();
-                saves.begin_in(open, save_id.clone(), pending.clone(), missing, now).map(|_| ())
-            };
-            state.begin_save(project, &named, &mut register).await.unwrap();
+            let mut register =
+                |_: &ProjectRecord, stored: &HashMap<String, BlobRecord>, _: &[pb::Manifest], open: &mut OpenSaves| {
+                    let missing = named.iter().filter(|digest| !stored.contains_key(*digest)).cloned().collect();
+                    saves.begin_in(open, save_id.clone(), pending.clone(), missing, now).map(|_| ())
+                };
+            state.begin_save(project, OWNER, &named, &mut register).await.unwrap();
             assert!(budget.grant_save(project, "", &save_id, now).await.unwrap().max_concurrency > 0);
             assert!(budget.renew(project, &save_id, now).await.unwrap().is_some());
             budget.release(project, &save_id, now).await.unwrap();
@@ -446,8 +519,9 @@ async fn two_projects_save_and_restore_while_a_third_holds_its_locks() {
                 saves.take(&save_id, project).await.unwrap();
                 state.commit_manifest(project, &saved, 0, &blobs, 1).await.unwrap()
             } else {
-                let passes = &mut |_: &HashMap<String, BlobRecord>| Ok(());
-                let committed = state.commit_known(project, &saved, 0, &blobs, 1, passes, &save_id).await.unwrap();
+                let passes = &mut |_: &ProjectRecord, _: &HashMap<String, BlobRecord>| Ok(true);
+                let committed =
+                    state.commit_known(project, OWNER, &saved, 0, &blobs, 1, passes, &save_id).await.unwrap();
                 committed.expect("the ledger records every blob")
             };
             assert!(matches!(committed, Committed::Stored { .. }));
@@ -460,7 +534,7 @@ async fn two_projects_save_and_restore_while_a_third_holds_its_locks() {
                 plan = Some(granted);
                 demand
             };
-            assert!(state.look_up(project, &[key("web")], 2, &mut grant).await.unwrap().is_some());
+            assert!(state.look_up(project, OWNER, &[key("web")], 2, &mut grant).await.unwrap().is_some());
             assert!(plan.is_some_and(|plan| plan.max_concurrency > 0));
         }
     });
@@ -482,14 +556,14 @@ async fn a_save_taken_during_a_change_of_the_open_saves_stays_taken() {
     state.commit_manifest("p", &manifest("web", &["c1", "l1"], 1), 0, &sizes(), 1).await.unwrap();
     let open = crate::claims::tests::pending("p", "web", 2);
     state
-        .update_open_saves(Some("p"), &mut |saves| {
+        .update_open_saves("p", &mut |saves| {
             saves.insert("s1".into(), open.clone());
         })
         .await
         .unwrap();
     let committing_url = url.clone();
     state
-        .update_open_saves(Some("p"), &mut move |saves| {
+        .update_open_saves("p", &mut move |saves| {
             // Meanwhile, another replica commits s1 (on a thread of its own: this change holds
             // the lock it does not take).
             let url = committing_url.clone();
@@ -497,11 +571,11 @@ async fn a_save_taken_during_a_change_of_the_open_saves_stays_taken() {
                 let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
                 runtime.block_on(async {
                     let other = postgres::Postgres::connect(&url).await.unwrap();
-                    let passes = &mut |_: &HashMap<String, BlobRecord>| Ok(());
+                    let passes = &mut |_: &ProjectRecord, _: &HashMap<String, BlobRecord>| Ok(true);
                     let saved = manifest("web", &["c1", "l1"], 3);
                     let blobs: HashMap<String, BlobRecord> =
                         sizes().into_iter().filter(|(digest, _)| ["c1", "l1"].contains(&digest.as_str())).collect();
-                    let committed = other.commit_known("p", &saved, 0, &blobs, 4, passes, "s1").await.unwrap();
+                    let committed = other.commit_known("p", OWNER, &saved, 0, &blobs, 4, passes, "s1").await.unwrap();
                     assert!(committed.is_some());
                 });
             })
@@ -512,7 +586,7 @@ async fn a_save_taken_during_a_change_of_the_open_saves_stays_taken() {
         .await
         .unwrap();
     let mut open = true;
-    state.read_open_saves("p", &mut |saves| open = saves.contains_key("s1")).await.unwrap();
+    state.read_open_saves(Some("p"), &mut |saves| open = saves.contains_key("s1")).await.unwrap();
     assert!(!open, "the committed save was written back");
 }
 
@@ -558,17 +632,19 @@ async fn the_suite_passes_on_postgres() {
     // (exclusive) lock; a miss takes none.
     let flushing = again.project_lock("look", true).await.unwrap();
     let mut grant = |_: &pb::Manifest, _: &mut Leases, _: &LeaseDemands| LeaseDemand::default();
-    let miss = tokio::time::timeout(wait, again.look_up("look", &[key("none")], 8, &mut grant)).await;
+    let miss = tokio::time::timeout(wait, again.look_up("look", OWNER, &[key("none")], 8, &mut grant)).await;
     assert!(miss.is_ok_and(|found| found.unwrap().is_none()), "a miss waits for no lock");
     let mut grant = |_: &pb::Manifest, _: &mut Leases, _: &LeaseDemands| LeaseDemand::default();
-    let hit = tokio::time::timeout(wait, again.look_up("look", &[key("web")], 8, &mut grant)).await;
+    let hit = tokio::time::timeout(wait, again.look_up("look", OWNER, &[key("web")], 8, &mut grant)).await;
     assert!(hit.is_err(), "a hit waits for the exclusive lock");
-    let mut register = |_: &HashMap<String, BlobRecord>, _: &[pb::Manifest], _: &mut OpenSaves| Ok(());
-    let begin = tokio::time::timeout(wait, again.begin_save("look", &["c1".to_string()], &mut register)).await;
+    let mut register =
+        |_: &ProjectRecord, _: &HashMap<String, BlobRecord>, _: &[pb::Manifest], _: &mut OpenSaves| Ok(());
+    let begin = tokio::time::timeout(wait, again.begin_save("look", OWNER, &["c1".to_string()], &mut register)).await;
     assert!(begin.is_err(), "a begin waits for the exclusive lock");
-    let passes = &mut |_: &HashMap<String, BlobRecord>| Ok(());
+    let passes = &mut |_: &ProjectRecord, _: &HashMap<String, BlobRecord>| Ok(true);
     let saved = manifest("web", &["c1", "l1"], 6);
-    let commit = tokio::time::timeout(wait, again.commit_known("look", &saved, 0, &sizes(), 9, passes, "s")).await;
+    let commit =
+        tokio::time::timeout(wait, again.commit_known("look", OWNER, &saved, 0, &sizes(), 9, passes, "s")).await;
     assert!(commit.is_err(), "a commit waits for the exclusive lock");
     drop(flushing);
 

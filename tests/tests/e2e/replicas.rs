@@ -2,7 +2,8 @@
 //! bucket (moto's S3 and STS): a project created through one is the other's; a save through one
 //! restores through the other on a fresh engine, fully cached; two saves of one new blob
 //! through the two upload it once, under one transfer budget; a flush through one fences a
-//! save begun through the other; the embedded store with PostgreSQL is refused in one line.
+//! save begun through the other, and a token revoked through one is refused at once through the
+//! other; the embedded store with PostgreSQL is refused in one line.
 
 use proto::v1 as pb;
 use tests::moto::{new_bucket, platform_env, s3_args};
@@ -232,5 +233,76 @@ async fn a_replica_killed_mid_save_costs_that_save_one_retry_through_the_next() 
     tests::assert_seed_rebuild_cached(&fresh_host, context.path());
     let rebuilt = fresh_host.classic_build(big.path(), "big:1", &[]);
     assert_eq!(stdout_of(&rebuilt).matches("Using cache").count(), 1, "{}", stdout_of(&rebuilt));
+    b.stop();
+}
+
+/// The code a lookup of service "web" on `branch` through `grpc_url` with `token` answers.
+async fn lookup_code(grpc_url: &str, token: &str, branch: &str) -> tonic::Code {
+    let key = pb::CacheKey { service: "web".into(), branch: branch.into() };
+    let mut client = tests::worker_client(grpc_url, token).await;
+    match client.lookup(pb::LookupRequest { key: Some(key), fallbacks: Vec::new() }).await {
+        Ok(_) => tonic::Code::Ok,
+        Err(status) => status.code(),
+    }
+}
+
+/// A replica reuses its check of a worker's token for a few seconds; a revocation, rotation or
+/// flush through another replica still takes effect at once for begins, commits and lookups,
+/// which check the token, and read the project, inside their own step.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_revoked_or_a_project_flushed_through_one_replica_counts_at_once_through_the_other() {
+    let Some(moto) = moto_url() else { return };
+    let Some(database) = tests::postgres_database().await else { return };
+    let (a, b, _dirs) = replicas(&moto, &new_bucket(&moto).await, &database, &[]);
+    let token = a.create_project("shop");
+    let pr = tests::printed_token(&a.cachectl(&["token", "create", "shop", "--write-branch", "pr-*"]));
+    let content = b"a layer of the default branch".to_vec();
+    let saved = tests::save_one_layer_image(&b.grpc_url, &token, "web", "web:1", &content).await;
+    assert!(saved.waiting_for_digests.is_empty());
+
+    // The pull request's token, checked through B (and its check kept there), revoked through A.
+    let mut pr_through_b = tests::worker_client(&b.grpc_url, &pr).await;
+    assert_eq!(lookup_code(&b.grpc_url, &pr, "pr-1").await, tonic::Code::Ok);
+    let listed = stdout_of(&a.cachectl(&["token", "ls", "shop"]));
+    let token_id = listed.lines().nth(1).unwrap().split_whitespace().next().unwrap().to_owned();
+    let revoked = a.cachectl(&["token", "revoke", "shop", &token_id]);
+    assert!(revoked.status.success(), "{}", stderr_of(&revoked));
+    assert_eq!(lookup_code(&b.grpc_url, &pr, "pr-1").await, tonic::Code::Unauthenticated, "a lookup");
+    let mut begin = tests::begin_one_layer_save("web", "web:2", b"a pull request's layer");
+    begin.key.as_mut().unwrap().branch = "pr-1".into();
+    let refused = pr_through_b.begin_save(begin).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unauthenticated, "a begin: {refused:?}");
+    assert!(refused.message().contains("unknown or revoked project token"), "{refused:?}");
+
+    // A flush through A: B's next save, with the token check it keeps, begins after the flush
+    // and commits, and its cache is the one found.
+    let mut through_b = tests::worker_client(&b.grpc_url, &token).await;
+    assert_eq!(lookup_code(&b.grpc_url, &token, "").await, tonic::Code::Ok);
+    let flushed = a.cachectl(&["flush", "shop"]);
+    assert!(flushed.status.success(), "{}", stderr_of(&flushed));
+    let again = b"a layer saved right after the flush".to_vec();
+    let saved = tests::save_one_layer_image(&b.grpc_url, &token, "web", "web:3", &again).await;
+    assert!(saved.waiting_for_digests.is_empty());
+    let key = pb::CacheKey { service: "web".into(), branch: String::new() };
+    let found = through_b.lookup(pb::LookupRequest { key: Some(key), fallbacks: Vec::new() }).await.unwrap();
+    let found = found.into_inner().manifest.unwrap();
+    assert_eq!(found.images[0].repo_tags, ["web:3"], "the save after the flush is the cache");
+
+    // A save begun through B, the project token rotated through A: its commit is refused.
+    let begun = through_b.begin_save(tests::begin_one_layer_save("api", "api:1", &again)).await.unwrap().into_inner();
+    let rotated = tests::printed_token(&a.cachectl(&["project", "rotate-token", "shop"]));
+    let commit = pb::CommitSaveRequest {
+        save_id: begun.save_id,
+        images: vec![tests::one_layer_image("api:1", &again, true)],
+        save_log: Vec::new(),
+    };
+    let refused = through_b.commit_save(commit).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unauthenticated, "a commit: {refused:?}");
+    assert_eq!(lookup_code(&b.grpc_url, &token, "").await, tonic::Code::Unauthenticated, "the old token");
+    assert_eq!(lookup_code(&b.grpc_url, &rotated, "").await, tonic::Code::Ok, "the new token");
+    assert!(stdout_of(&a.cachectl(&["ls", "shop"])).lines().all(|line| !line.starts_with("api ")), "nothing committed");
+    a.assert_no_secret_logged(&[&token, &pr, &rotated]);
+    b.assert_no_secret_logged(&[&token, &pr, &rotated]);
+    a.stop();
     b.stop();
 }

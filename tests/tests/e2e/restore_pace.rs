@@ -119,6 +119,32 @@ fn a_restore_onto_a_host_holding_half_the_image_downloads_only_the_other_half() 
     host.coordinator.stop();
 }
 
+/// The first restore onto an engine that never held an image (an ephemeral build host's, the
+/// common case) finds a content store with no blob folder yet, since containerd makes it with
+/// its first blob: the layers are written straight into it all the same, and the next build
+/// is fully cached.
+#[test]
+fn the_first_restore_onto_a_fresh_engine_writes_its_layers_straight_into_the_content_store() {
+    let Some(host) = saved_and_half_held() else { return };
+    let fresh = DockerEngine::start_with_containerd_store().unwrap();
+    let blobs = fresh.data_root().join("containerd/daemon/io.containerd.content.v1.content/blobs/sha256");
+    assert!(!blobs.exists(), "a fresh engine's content store has no blob folder yet");
+    let restored =
+        host.coordinator.cache_worker_on(&fresh, &host.token, &["restore", "--service", "app", "--print-cache-from"]);
+    assert!(restored.status.success(), "{}", stderr_of(&restored));
+    let log = stderr_of(&restored);
+    let summary = log.lines().find(|line| line.starts_with("restored app: ")).unwrap_or_else(|| panic!("{log}"));
+    assert!(summary.contains(" of them written straight into the engine's content store"), "{summary}");
+    let mode = std::fs::metadata(&blobs).unwrap().permissions().mode() & 0o7777;
+    assert_eq!(mode, 0o755, "the folder as containerd makes it");
+    let mut flags: Vec<String> =
+        String::from_utf8_lossy(&restored.stdout).split_whitespace().map(String::from).collect();
+    flags.push(INLINE_CACHE.to_owned());
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    assert_fully_cached(&build(&fresh, host.app.path(), "app:1", &flags), 2);
+    host.coordinator.stop();
+}
+
 /// A worker that reaches the engine's containerd but not its files (the data root hidden, as in
 /// `engine_root.rs`) asks containerd which blobs the host holds.
 #[test]

@@ -7,6 +7,7 @@
 //! ingesting each layer, one at a time, from the stream. A layer that cannot be written or
 //! recorded goes through the stream as before: never a failed restore for the fast way.
 
+use std::os::unix::fs::DirBuilderExt;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -43,6 +44,11 @@ impl Placer {
     pub(super) async fn begin(host: &HostBlobs) -> Option<Placer> {
         let (blobs, client) = host.writable()?;
         let parts = blobs.parent()?.parent()?.to_owned();
+        // A fresh engine's store has no folders yet: made as containerd makes them.
+        if let Err(error) = std::fs::DirBuilder::new().recursive(true).mode(0o755).create(&blobs) {
+            tracing::debug!(%error, "no blob folder in the content store: every blob goes through docker load");
+            return None;
+        }
         let unique = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
         let lease = format!("cache-worker-restore-{}-{}", std::process::id(), unique.as_nanos());
         if let Err(error) = client.create_lease(&lease, LEASE_LASTS).await {
