@@ -2,6 +2,9 @@
 //! layer downloaded (several at once, in bounded memory) and verified as it passes, then a
 //! `manifest.json` whose entries carry the tags and `Parent` links. A blob whose digest does not
 //! match ends the stream with an error before `manifest.json`, so the engine commits nothing.
+//! The uncompressed layers of the chain `manifest.json` names first are not hashed here: the
+//! engine hashes each against its diff ID before it commits any image, a second SHA-256 pass
+//! costs the CPU the engine needs, and a load it refuses gets its culprit from [`find_corrupt`].
 //! For the containerd image store the same stream carries an OCI layout (`blobs/sha256/*`, then
 //! `oci-layout` and `index.json`) without the blobs the host's content store already holds (or
 //! that the restore wrote there itself first, `restore/place.rs`); the layout a BuildKit build
@@ -39,6 +42,10 @@ pub struct PlannedBlob {
     /// Also written here as it passes (renamed into place once verified): the OCI layout a
     /// BuildKit build reads on the containerd image store.
     pub copy_to: Option<std::path::PathBuf>,
+    /// An uncompressed layer the graph driver registers from the tarball while it reads the first
+    /// entry of `manifest.json`, hashing it against its diff ID before any image is committed:
+    /// the stream does not hash it too (see [`plan_load`]).
+    pub checked_by_engine: bool,
 }
 
 /// What to write: the blobs, then small files by name (`manifest.json`; or the OCI layout's
@@ -66,9 +73,17 @@ struct LoadManifestEntry {
 }
 
 /// Lays out the tarball of `manifest`: configs as `<hex>.json`, one `<hex>/layer.tar` per
-/// distinct layer, and the entries of `manifest.json` in the manifest's order (parents first).
+/// distinct layer, and the entries of `manifest.json` in the manifest's order (parents first),
+/// but for the one that goes first: the entry whose chain the engine registers the most bytes of.
 /// A layer is left empty when every chain it ends in the tarball is in `present_chains` (the
 /// host's layer chains, as lists of diff IDs from the bottom).
+///
+/// The graph driver's `docker load` reads the entries in order, and registers each entry's
+/// layers (hashing each against its diff ID) before it commits that entry's image: a layer it
+/// registers for the first entry is checked before anything is committed, and a bad one leaves
+/// nothing loaded. Those layers, when stored uncompressed (their bytes are what the engine
+/// hashes, and no more than the manifest's size reaches the engine), are `checked_by_engine`;
+/// every other blob is hashed as it streams.
 pub fn plan_load(manifest: &pb::Manifest, present_chains: &HashSet<Vec<String>>) -> LoadPlan {
     let mut needed: HashSet<&str> = HashSet::new();
     for image in &manifest.images {
@@ -79,6 +94,15 @@ pub fn plan_load(manifest: &pb::Manifest, present_chains: &HashSet<Vec<String>>)
             }
         }
     }
+    let first = manifest.images.iter().enumerate().max_by_key(|(image_idx, image)| {
+        let bytes: u64 = engine_checked(image, present_chains).map(|layer| layer.size).sum();
+        (bytes, std::cmp::Reverse(*image_idx))
+    });
+    let checked_by_engine: HashSet<&str> = first
+        .into_iter()
+        .flat_map(|(_, image)| engine_checked(image, present_chains))
+        .map(|layer| layer.digest.as_str())
+        .collect();
     let mut blobs = Vec::new();
     let mut seen = HashSet::new();
     let image_ids: HashSet<&str> = manifest.images.iter().map(|image| image.id.as_str()).collect();
@@ -93,6 +117,7 @@ pub fn plan_load(manifest: &pb::Manifest, present_chains: &HashSet<Vec<String>>)
                 size: image.config_size,
                 skipped: false,
                 copy_to: None,
+                checked_by_engine: false,
             });
         }
         let mut layers = Vec::new();
@@ -101,13 +126,15 @@ pub fn plan_load(manifest: &pb::Manifest, present_chains: &HashSet<Vec<String>>)
             if seen.insert(layer.digest.clone()) {
                 // The engine decompresses a gzip layer.tar itself and checks its diff ID.
                 let compressed = !layer.stored_digest.is_empty();
+                let skipped = !needed.contains(layer.digest.as_str());
                 blobs.push(PlannedBlob {
                     path_in_tar: path.clone(),
                     digest: layer.digest.clone(),
                     stored_digest: if compressed { layer.stored_digest.clone() } else { layer.digest.clone() },
                     size: if compressed { layer.stored_size } else { layer.size },
-                    skipped: !needed.contains(layer.digest.as_str()),
+                    skipped,
                     copy_to: None,
+                    checked_by_engine: !skipped && checked_by_engine.contains(layer.digest.as_str()),
                 });
             }
             layers.push(path);
@@ -120,8 +147,26 @@ pub fn plan_load(manifest: &pb::Manifest, present_chains: &HashSet<Vec<String>>)
             parent,
         });
     }
+    // The engine sets `Parent` links once every entry is in: the order changes nothing else.
+    if let Some((first_idx, _)) = first {
+        let entry = entries.remove(first_idx);
+        entries.insert(0, entry);
+    }
     let manifest_json = serde_json::to_vec(&entries).expect("manifest.json serializes");
     LoadPlan { blobs, trailer: vec![("manifest.json".to_owned(), manifest_json)], ..LoadPlan::default() }
+}
+
+/// The uncompressed layers of `image` the engine registers from the tarball when it reads the
+/// image's entry first: those whose chain from the bottom the host does not hold.
+fn engine_checked<'a>(
+    image: &'a pb::Image,
+    present_chains: &'a HashSet<Vec<String>>,
+) -> impl Iterator<Item = &'a pb::Layer> + 'a {
+    let diff_ids: Vec<String> = image.layers.iter().map(|layer| layer.digest.clone()).collect();
+    image.layers.iter().enumerate().filter_map(move |(layer_idx, layer)| {
+        let registered = !present_chains.contains(&diff_ids[..=layer_idx]);
+        (registered && layer.stored_digest.is_empty()).then_some(layer)
+    })
 }
 
 /// Lays out the tarball of the containerd image store's images of `manifest` as an OCI layout
@@ -156,6 +201,7 @@ pub fn plan_oci_load(manifest: &pb::Manifest, copy_dir: &std::path::Path, host: 
             digest,
             size,
             skipped: false,
+            checked_by_engine: false,
         });
     }
     plan.trailer = vec![
@@ -204,7 +250,7 @@ pub enum LoadFailure {
 /// What a load stream wrote.
 #[derive(Debug, Clone, Default)]
 pub struct Streamed {
-    /// Blobs downloaded and verified.
+    /// Blobs downloaded and verified (by the stream, or by the engine as it registered them).
     pub blobs: Vec<BlobOutcome>,
     /// Layers left out because the host already holds them.
     pub skipped: Vec<String>,
@@ -215,7 +261,7 @@ pub struct Streamed {
 /// How a load stream ended, returned by its task once it did.
 #[derive(Debug)]
 pub enum StreamEnd {
-    /// Every blob verified, the trailer written.
+    /// Every blob verified (or left to the engine's check), the trailer written.
     Finished(Streamed),
     /// A blob failed: the stream ended with an error before the trailer.
     Failed(LoadFailure),
@@ -245,6 +291,15 @@ pub trait BlobReader: Clone + Send + Sync + 'static {
         offset: u64,
         length: u64,
     ) -> impl Future<Output = Result<Bytes, TransferError>> + Send;
+    /// The same bytes in the pieces they arrived in, not copied into one buffer.
+    fn download_range_pieces(
+        &self,
+        digest: &str,
+        offset: u64,
+        length: u64,
+    ) -> impl Future<Output = Result<Vec<Bytes>, TransferError>> + Send {
+        async move { Ok(vec![self.download_range(digest, offset, length).await?]) }
+    }
     /// A stored blob's bytes, unverified.
     fn download(&self, digest: &str) -> impl Future<Output = Result<BlobBody, TransferError>> + Send;
 }
@@ -259,6 +314,10 @@ impl BlobReader for BlobStore {
 
     async fn download_range(&self, digest: &str, offset: u64, length: u64) -> Result<Bytes, TransferError> {
         BlobStore::download_range(self, digest, offset, length).await
+    }
+
+    async fn download_range_pieces(&self, digest: &str, offset: u64, length: u64) -> Result<Vec<Bytes>, TransferError> {
+        BlobStore::download_range_pieces(self, digest, offset, length).await
     }
 
     async fn download(&self, digest: &str) -> Result<BlobBody, TransferError> {
@@ -290,8 +349,10 @@ fn plan_parts(blobs: &[PlannedBlob], part_size_for: impl Fn(u64) -> u64) -> Vec<
     parts
 }
 
-/// A downloaded part, holding its permit so memory stays bounded until the writer used it.
-pub(crate) type FetchedPart = Result<(Bytes, OwnedSemaphorePermit), TransferError>;
+/// A downloaded part, in the pieces it arrived in (passed on as they are: copying 8 to 16 MiB
+/// parts into one buffer cost a restore a fifth of its CPU), holding its permit so memory stays
+/// bounded until the writer used it.
+pub(crate) type FetchedPart = Result<(Vec<Bytes>, OwnedSemaphorePermit), TransferError>;
 
 /// The parts being fetched, in tarball order.
 pub(crate) type PartsInFlight = mpsc::UnboundedReceiver<oneshot::Receiver<FetchedPart>>;
@@ -306,12 +367,23 @@ pub fn load_stream<R: BlobReader>(
     concurrency: usize,
     bar: Bar,
 ) -> (impl Stream<Item = std::io::Result<Bytes>> + Send + 'static, LoadOutcome) {
-    let (sender, receiver) = mpsc::channel::<std::io::Result<Bytes>>(1);
+    // A part's pieces queue for the engine's socket: a few at a time, not one.
+    let (sender, receiver) = mpsc::channel::<std::io::Result<Bytes>>(PIECES_QUEUED);
     let parts = fetch_parts(store, &plan.blobs, concurrency);
-    let writer = TarWriter { sender, parts, bar };
+    let writer = TarWriter {
+        sender,
+        parts,
+        bar,
+        waited_for_store: std::time::Duration::ZERO,
+        waited_for_engine: std::time::Duration::ZERO,
+    };
     let task = tokio::spawn(writer.write(plan));
     (tokio_stream::wrappers::ReceiverStream::new(receiver), LoadOutcome(task))
 }
+
+/// How many pieces of a part wait for the engine's socket at most (each is what one read of the
+/// store's answer gave, up to a few hundred KiB).
+const PIECES_QUEUED: usize = 16;
 
 /// Starts fetching every part of `blobs`, at most `concurrency` held at once.
 pub(crate) fn fetch_parts<R: BlobReader>(store: R, blobs: &[PlannedBlob], concurrency: usize) -> PartsInFlight {
@@ -326,7 +398,7 @@ pub(crate) fn fetch_parts<R: BlobReader>(store: R, blobs: &[PlannedBlob], concur
             let store = store.clone();
             let digest = digests[part.blob_idx].clone();
             tokio::spawn(async move {
-                let fetched = store.download_range(&digest, part.offset, part.length).await;
+                let fetched = store.download_range_pieces(&digest, part.offset, part.length).await;
                 let _ = part_sender.send(fetched.map(|bytes| (bytes, permit)));
             });
             if parts_sender.send(part_receiver).is_err() {
@@ -349,6 +421,9 @@ struct TarWriter {
     sender: mpsc::Sender<std::io::Result<Bytes>>,
     parts: PartsInFlight,
     bar: Bar,
+    /// How long the writer waited for the store's parts, and for the engine to take pieces.
+    waited_for_store: std::time::Duration,
+    waited_for_engine: std::time::Duration,
 }
 
 impl TarWriter {
@@ -379,16 +454,25 @@ impl TarWriter {
             }
         }
         // Beside the engine's "finished the load": how long the engine waited on the stream.
-        tracing::debug!(seconds = started.elapsed().as_secs_f64(), "the load stream is written");
+        tracing::debug!(
+            seconds = started.elapsed().as_secs_f64(),
+            waited_for_store = self.waited_for_store.as_secs_f64(),
+            waited_for_engine = self.waited_for_engine.as_secs_f64(),
+            "the load stream is written"
+        );
         StreamEnd::Finished(streamed)
     }
 
-    async fn send(&self, bytes: Bytes) -> Result<(), BlobEnd> {
-        self.sender.send(Ok(bytes)).await.map_err(|_| BlobEnd::Gone)
+    async fn send(&mut self, bytes: Bytes) -> Result<(), BlobEnd> {
+        let waiting = Instant::now();
+        let sent = self.sender.send(Ok(bytes)).await.map_err(|_| BlobEnd::Gone);
+        self.waited_for_engine += waiting.elapsed();
+        sent
     }
 
-    /// One blob's entry: its header, its parts as they arrive (hashed, and copied into the
-    /// layout when it has a `copy_to`), its padding. `None` for a layer left out.
+    /// One blob's entry: its header, its parts as they arrive (hashed unless the engine checks
+    /// it, and copied into the layout when it has a `copy_to`), its padding. `None` for a layer
+    /// left out.
     async fn write_blob(&mut self, blob: &PlannedBlob) -> Result<Option<BlobOutcome>, BlobEnd> {
         let failed = |reason: String| BlobEnd::Failed(LoadFailure::Transfer(reason));
         self.send(tar_header(&blob.path_in_tar, if blob.skipped { 0 } else { blob.size })).await?;
@@ -396,27 +480,37 @@ impl TarWriter {
             return Ok(None);
         }
         let started = Instant::now();
-        let mut hasher = DigestHasher::new();
+        let mut hasher = (!blob.checked_by_engine).then(DigestHasher::new);
         let mut copy = match &blob.copy_to {
             Some(path) => Some(Copy::create(path).await.map_err(failed)?),
             None => None,
         };
-        while hasher.size() < blob.size {
-            let (bytes, permit) = self.next_part(&blob.digest).await?;
-            self.bar.add(bytes.len() as u64);
-            // Into the stream first: the engine reads this part while it is hashed (a bad blob
-            // still ends the stream before the trailer, so the engine commits nothing).
-            self.send(bytes.clone()).await?;
-            hasher.update(&bytes);
+        let mut written = 0;
+        while written < blob.size {
+            let waiting = Instant::now();
+            let fetched = next_part(&mut self.parts, &blob.digest).await;
+            self.waited_for_store += waiting.elapsed();
+            let (pieces, permit) = fetched.map_err(BlobEnd::Failed)?;
+            for piece in &pieces {
+                self.bar.add(piece.len() as u64);
+                written += piece.len() as u64;
+                // Into the stream first: the engine reads this piece while it is hashed (a bad
+                // blob still ends the stream before the trailer, so the engine commits nothing).
+                self.send(piece.clone()).await?;
+                if let Some(hasher) = hasher.as_mut() {
+                    hasher.update(piece);
+                }
+            }
             if let Some(copy) = copy.as_mut() {
-                copy.write(&bytes).await.map_err(failed)?;
+                copy.write(&pieces).await.map_err(failed)?;
             }
             drop(permit);
         }
-        let written = hasher.size();
-        let actual = hasher.finish();
-        if actual != blob.stored_digest {
-            return Err(BlobEnd::Failed(LoadFailure::DigestMismatch { digest: blob.digest.clone(), actual }));
+        if let Some(hasher) = hasher {
+            let actual = hasher.finish();
+            if actual != blob.stored_digest {
+                return Err(BlobEnd::Failed(LoadFailure::DigestMismatch { digest: blob.digest.clone(), actual }));
+            }
         }
         if let Some(copy) = copy {
             copy.finish().await.map_err(failed)?;
@@ -426,28 +520,51 @@ impl TarWriter {
         self.send(padding(blob.size)).await?;
         Ok(Some(outcome))
     }
-
-    /// The oldest part in flight, once fetched.
-    async fn next_part(&mut self, digest: &str) -> Result<(Bytes, OwnedSemaphorePermit), BlobEnd> {
-        let ended = |what: &str| {
-            let reason = format!("the download {what} ended early");
-            Err(TransferError::Download { digest: digest.to_owned(), reason })
-        };
-        let fetched = match self.parts.recv().await {
-            Some(part) => part.await.unwrap_or_else(|_| ended("task")),
-            None => ended("scheduler"),
-        };
-        fetched.map_err(|error| {
-            BlobEnd::Failed(match error {
-                TransferError::NotStored { digest } => LoadFailure::Missing { digest },
-                error => LoadFailure::Transfer(error.to_string()),
-            })
-        })
-    }
 }
 
-/// A blob's copy into a layout folder: written as `<name>.part`, renamed once verified. Each
-/// piece goes to the file on a blocking thread as it is (a `Bytes` handle, no copy of it).
+/// The oldest part in flight, once fetched.
+async fn next_part(parts: &mut PartsInFlight, digest: &str) -> Result<(Vec<Bytes>, OwnedSemaphorePermit), LoadFailure> {
+    let ended = |what: &str| {
+        let reason = format!("the download {what} ended early");
+        Err(TransferError::Download { digest: digest.to_owned(), reason })
+    };
+    let fetched = match parts.recv().await {
+        Some(part) => part.await.unwrap_or_else(|_| ended("task")),
+        None => ended("scheduler"),
+    };
+    fetched.map_err(|error| match error {
+        TransferError::NotStored { digest } => LoadFailure::Missing { digest },
+        error => LoadFailure::Transfer(error.to_string()),
+    })
+}
+
+/// After the engine refused a load whose stream it read whole: downloads the blobs the stream
+/// left to the engine's check again, in order, and hashes each until one fails (a layer whose
+/// bytes do not hash to its diff ID, or are no tar at all, fails the engine's load with an
+/// error that need not name it). `None` when each is intact, or cannot be read again: the
+/// engine's own error is then the one to tell.
+pub async fn find_corrupt<R: BlobReader>(store: R, blobs: &[PlannedBlob], concurrency: usize) -> Option<LoadFailure> {
+    let mut parts = fetch_parts(store, blobs, concurrency);
+    for blob in blobs.iter().filter(|blob| !blob.skipped) {
+        let mut hasher = DigestHasher::new();
+        while hasher.size() < blob.size {
+            match next_part(&mut parts, &blob.digest).await {
+                Ok((pieces, _permit)) => pieces.iter().for_each(|piece| hasher.update(piece)),
+                Err(missing @ LoadFailure::Missing { .. }) => return Some(missing),
+                Err(_) => return None,
+            }
+        }
+        let actual = hasher.finish();
+        if actual != blob.stored_digest {
+            return Some(LoadFailure::DigestMismatch { digest: blob.digest.clone(), actual });
+        }
+    }
+    None
+}
+
+/// A blob's copy into a layout folder: written as `<name>.part`, renamed once verified. The
+/// pieces of each write go to the file on a blocking thread as they are (`Bytes` handles, no
+/// copy of them).
 /// A copy dropped before it is finished (a failure, a restore given up) removes its part file.
 pub(crate) struct Copy {
     file: Option<std::fs::File>,
@@ -475,11 +592,14 @@ impl Copy {
         Ok(Copy { file: Some(file), part, path: path.to_owned(), renamed: false })
     }
 
-    pub(crate) async fn write(&mut self, bytes: &Bytes) -> Result<(), String> {
+    pub(crate) async fn write(&mut self, pieces: &[Bytes]) -> Result<(), String> {
         use std::io::Write;
         let Some(mut file) = self.file.take() else { return Err(format!("{} was closed", self.part.display())) };
-        let bytes = bytes.clone();
-        let written = tokio::task::spawn_blocking(move || file.write_all(&bytes).map(|()| file)).await;
+        let pieces = pieces.to_vec();
+        let written = tokio::task::spawn_blocking(move || {
+            pieces.iter().try_for_each(|piece| file.write_all(piece)).map(|()| file)
+        })
+        .await;
         match written {
             Ok(Ok(file)) => {
                 self.file = Some(file);
@@ -545,11 +665,12 @@ mod tests {
         assert_eq!(paths.len(), 4, "two configs and two distinct layers: {paths:?}");
         assert_eq!(plan.trailer[0].0, "manifest.json");
         let entries: serde_json::Value = serde_json::from_slice(&plan.trailer[0].1).unwrap();
-        assert_eq!(entries[0]["RepoTags"][0], "base:1");
-        assert!(entries[0].get("Parent").is_none());
-        assert_eq!(entries[1]["Parent"], digest(1));
-        assert_eq!(entries[1]["RepoTags"], serde_json::Value::Null);
-        assert_eq!(entries[1]["Layers"][0], entries[0]["Layers"][0]);
+        // The longer chain first (see `plan_load`), its parent linked all the same.
+        assert_eq!(entries[1]["RepoTags"][0], "base:1");
+        assert!(entries[1].get("Parent").is_none());
+        assert_eq!(entries[0]["Parent"], digest(1));
+        assert_eq!(entries[0]["RepoTags"], serde_json::Value::Null);
+        assert_eq!(entries[0]["Layers"][0], entries[1]["Layers"][0]);
     }
 
     #[test]
@@ -574,6 +695,58 @@ mod tests {
             2 * 2 + 2 * 3,
             "two configs of 5 bytes in 2 parts each, layers 11 and 12 in 3 each, none for 10"
         );
+    }
+
+    #[test]
+    fn the_longest_chain_goes_first_and_its_uncompressed_layers_are_left_to_the_engine() {
+        let layer = |n| pb::Layer { digest: digest(n), size: 10, ..Default::default() };
+        let gzip = pb::Layer { stored_digest: digest(40), stored_size: 5, ..layer(13) };
+        let image = |id, parent: Option<u8>, layers| pb::Image {
+            id: digest(id),
+            parent_id: parent.map(digest).unwrap_or_default(),
+            layers,
+            config_size: 5,
+            ..Default::default()
+        };
+        let manifest = pb::Manifest {
+            images: vec![
+                image(1, None, vec![layer(10)]),
+                image(2, Some(1), vec![layer(10), layer(11), gzip, layer(15)]),
+                // Another chain on a base the host holds, sharing layer 11.
+                image(3, None, vec![layer(12), layer(11), layer(14)]),
+            ],
+            ..Default::default()
+        };
+        let present = HashSet::from([vec![digest(12)]]);
+        let plan = plan_load(&manifest, &present);
+        let entries: serde_json::Value = serde_json::from_slice(&plan.trailer[0].1).unwrap();
+        let configs: Vec<&str> = entries.as_array().unwrap().iter().map(|e| e["Config"].as_str().unwrap()).collect();
+        let config = |n| format!("{}.json", hex(&digest(n)));
+        assert_eq!(configs, vec![config(2), config(1), config(3)], "the chain registering the most bytes first");
+        assert_eq!(entries[0]["Parent"], digest(1), "its parent link stays");
+        let checked: Vec<&str> =
+            plan.blobs.iter().filter(|blob| blob.checked_by_engine).map(|blob| blob.digest.as_str()).collect();
+        assert_eq!(
+            checked,
+            vec![digest(10).as_str(), digest(11).as_str(), digest(15).as_str()],
+            "the first entry's uncompressed layers; not its gzip layer, not the other chain's"
+        );
+
+        // A layer the first entry finds on the host is registered later, for another chain:
+        // the stream hashes it.
+        let present = HashSet::from([vec![digest(10)]]);
+        let manifest = pb::Manifest {
+            images: vec![
+                image(2, None, vec![layer(10), layer(11), layer(13), layer(14)]),
+                image(3, None, vec![layer(12), layer(10)]),
+            ],
+            ..Default::default()
+        };
+        let plan = plan_load(&manifest, &present);
+        let checked: Vec<&str> =
+            plan.blobs.iter().filter(|blob| blob.checked_by_engine).map(|blob| blob.digest.as_str()).collect();
+        assert_eq!(checked, vec![digest(11).as_str(), digest(13).as_str(), digest(14).as_str()]);
+        assert!(plan.blobs.iter().any(|blob| blob.digest == digest(10) && !blob.skipped), "layer 10 is streamed");
     }
 
     #[test]
@@ -684,7 +857,7 @@ mod tests {
         assert_eq!(padding(1024).len(), 0);
     }
 
-    /// Blobs by digest, read in parts of 3 bytes.
+    /// Blobs by digest, read in parts of 3 bytes, each arriving a byte at a time.
     #[derive(Clone)]
     struct Blobs(Arc<std::collections::HashMap<String, Bytes>>);
 
@@ -696,6 +869,16 @@ mod tests {
         async fn download_range(&self, digest: &str, offset: u64, length: u64) -> Result<Bytes, TransferError> {
             let blob = self.0.get(digest).ok_or_else(|| TransferError::NotStored { digest: digest.to_owned() })?;
             Ok(blob.slice(offset as usize..(offset + length) as usize))
+        }
+
+        async fn download_range_pieces(
+            &self,
+            digest: &str,
+            offset: u64,
+            length: u64,
+        ) -> Result<Vec<Bytes>, TransferError> {
+            let part = self.download_range(digest, offset, length).await?;
+            Ok((0..part.len()).map(|at| part.slice(at..at + 1)).collect())
         }
 
         async fn download(&self, _digest: &str) -> Result<BlobBody, TransferError> {
@@ -712,6 +895,7 @@ mod tests {
             size: bytes.len() as u64,
             skipped: false,
             copy_to: None,
+            checked_by_engine: false,
         }
     }
 
@@ -753,9 +937,50 @@ mod tests {
         assert!(!failed);
         let names = entry_names(&bytes);
         assert_eq!(names.last().map(String::as_str), Some("manifest.json"));
+        let mut archive = tar::Archive::new(bytes.as_slice());
+        let mut entry = archive.entries().unwrap().next().unwrap().unwrap();
+        let mut content = Vec::new();
+        std::io::Read::read_to_end(&mut entry, &mut content).unwrap();
+        assert_eq!(content, first, "the pieces in order, as they arrived");
         let StreamEnd::Finished(streamed) = outcome.ended().await else { panic!("the stream did not finish") };
         let sizes: Vec<u64> = streamed.blobs.iter().map(|blob| blob.bytes).collect();
         assert_eq!(sizes, vec![first.len() as u64, second.len() as u64]);
+    }
+
+    #[tokio::test]
+    async fn a_layer_left_to_the_engine_streams_unhashed_and_is_found_if_the_engine_refuses_it() {
+        let intact = b"an intact layer".as_slice();
+        let corrupt = PlannedBlob { checked_by_engine: true, ..blob(b"what the manifest says") };
+        let store = Blobs(Arc::new(
+            [
+                (proto::digest::sha256_digest(intact), Bytes::copy_from_slice(intact)),
+                (corrupt.digest.clone(), Bytes::from_static(b"what the store returns")),
+            ]
+            .into(),
+        ));
+        let intact = PlannedBlob { checked_by_engine: true, ..blob(intact) };
+        let plan = LoadPlan {
+            blobs: vec![intact.clone(), corrupt.clone()],
+            trailer: vec![("manifest.json".into(), b"[]".to_vec())],
+            ..LoadPlan::default()
+        };
+        let (stream, outcome) = load_stream(store.clone(), plan, 2, Bar::none());
+        let (bytes, failed) = read_all(stream).await;
+        assert!(!failed, "the engine's check, not the stream's");
+        assert_eq!(entry_names(&bytes).last().map(String::as_str), Some("manifest.json"));
+        let StreamEnd::Finished(streamed) = outcome.ended().await else { panic!("the stream did not finish") };
+        assert_eq!(streamed.blobs.len(), 2);
+
+        assert_eq!(find_corrupt(store.clone(), std::slice::from_ref(&intact), 2).await, None);
+        let Some(LoadFailure::DigestMismatch { digest, actual }) =
+            find_corrupt(store.clone(), &[intact.clone(), corrupt.clone()], 2).await
+        else {
+            panic!("the corrupt layer is not found")
+        };
+        assert_eq!((digest, actual), (corrupt.digest, proto::digest::sha256_digest(b"what the store returns")));
+        let lost = PlannedBlob { checked_by_engine: true, ..blob(b"a blob the store lost") };
+        let missing = find_corrupt(store, &[intact, lost.clone()], 2).await;
+        assert_eq!(missing, Some(LoadFailure::Missing { digest: lost.digest }));
     }
 
     #[tokio::test]

@@ -795,6 +795,23 @@ impl BlobStore {
 
     /// The bytes `offset..offset + length` of a stored blob, in memory. The caller verifies them.
     pub async fn download_range(&self, digest: &str, offset: u64, length: u64) -> Result<Bytes, TransferError> {
+        let mut pieces = self.download_range_pieces(digest, offset, length).await?;
+        if pieces.len() == 1 {
+            return Ok(pieces.remove(0));
+        }
+        let mut bytes = bytes::BytesMut::with_capacity(length as usize);
+        pieces.iter().for_each(|piece| bytes.extend_from_slice(piece));
+        Ok(bytes.freeze())
+    }
+
+    /// [`BlobStore::download_range`]'s bytes in the pieces they arrived in, not copied into one
+    /// buffer.
+    pub async fn download_range_pieces(
+        &self,
+        digest: &str,
+        offset: u64,
+        length: u64,
+    ) -> Result<Vec<Bytes>, TransferError> {
         let failed = |reason: String| TransferError::Download { digest: digest.to_owned(), reason };
         let range = format!("bytes={offset}-{}", offset + length - 1);
         if self.stalled_recently() {
@@ -808,22 +825,23 @@ impl BlobStore {
             let response = request.send().await.map_err(|error| self.get_failed(digest, error))?;
             progress.mark();
             let mut body = response.body;
-            let mut bytes = bytes::BytesMut::with_capacity(length as usize);
+            let mut pieces = Vec::new();
             while let Some(piece) = body.try_next().await.map_err(|error| failed(innermost_cause(&error)))? {
                 progress.mark();
-                bytes.extend_from_slice(&piece);
+                pieces.push(piece);
             }
-            Ok(bytes.freeze())
+            Ok(pieces)
         };
         let Some(fetched) = progress.unless_stalled(self.stall_timeout, fetching).await else {
             self.mark_stalled();
             return Err(self.stall_error(Direction::Down, digest));
         };
-        let bytes = fetched?;
-        if bytes.len() as u64 != length {
-            return Err(failed(format!("asked for {length} bytes at {offset}, got {}", bytes.len())));
+        let pieces = fetched?;
+        let got: u64 = pieces.iter().map(|piece| piece.len() as u64).sum();
+        if got != length {
+            return Err(failed(format!("asked for {length} bytes at {offset}, got {got}")));
         }
-        Ok(bytes)
+        Ok(pieces)
     }
 
     /// A GET of `digest` that failed: not stored, or why (a timeout is noted as a stall).

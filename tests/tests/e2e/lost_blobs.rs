@@ -38,6 +38,10 @@ fn a_lost_blob_is_dropped_at_the_first_restore_and_uploaded_again_by_the_next_sa
         assert!(failed.status.success(), "a failed restore is a warning ({how}): {}", stderr_of(&failed));
         let warned = stderr_of(&failed);
         assert!(warned.contains("dropped it with the 1 cache(s) naming it"), "{how}: {warned}");
+        assert_eq!(warned.lines().count(), 1, "{how}: one warning: {warned}");
+        assert!(warned.contains(&format!("blob {layer} ")), "{how}: the blob is named: {warned}");
+        // A layer in the middle of the chain: the images below it are not committed either.
+        assert!(fresh_host.image_ids().is_empty(), "{how}: nothing half-loaded: {:?}", fresh_host.image_ids());
         let listed = stdout_of(&coordinator.cachectl(&["ls", "web"]));
         assert!(!listed.contains("\nweb "), "{how}: the cache naming the lost blob is gone: {listed}");
         let miss = coordinator.cache_worker_on(&fresh_host, &token, &restore);

@@ -88,7 +88,7 @@ async fn download<R: BlobReader>(
     let mut hasher = DigestHasher::new();
     while let Some(chunk) = body.try_next().await? {
         hasher.update(&chunk);
-        copy.write(&chunk).await.map_err(WorkerError::Host)?;
+        copy.write(std::slice::from_ref(&chunk)).await.map_err(WorkerError::Host)?;
     }
     let bytes = hasher.size();
     let actual = hasher.finish();

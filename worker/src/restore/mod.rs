@@ -22,7 +22,7 @@ use proto::v1 as pb;
 use crate::build_dirs::{BuildDirs, HostRecord};
 use crate::docker::EngineError;
 use crate::error::WorkerError;
-use crate::load::{LoadFailure, StreamEnd, Streamed, load_stream, plan_load, plan_oci_load};
+use crate::load::{LoadFailure, PlannedBlob, StreamEnd, Streamed, find_corrupt, load_stream, plan_load, plan_oci_load};
 use crate::progress::{Progress, rate};
 use crate::save_source::HostBlobs;
 use build_cache::{host_io, restore_build_cache};
@@ -302,6 +302,8 @@ impl Run<'_> {
         concurrency: usize,
         bar: crate::progress::Bar,
     ) -> Result<Streamed, WorkerError> {
+        let checked_by_engine: Vec<PlannedBlob> =
+            load_plan.blobs.iter().filter(|blob| blob.checked_by_engine).cloned().collect();
         let (tarball, outcome) = load_stream(store.clone(), load_plan, concurrency, bar);
         let loading = Instant::now();
         let loaded = engine.load(tarball).await;
@@ -311,11 +313,22 @@ impl Run<'_> {
             // the engine's, and what the stream did is not waited for.
             return Err(stalled.into());
         }
-        let streamed = match outcome.ended().await {
-            StreamEnd::Finished(streamed) | StreamEnd::Dropped(streamed) => streamed,
+        let (streamed, read_whole) = match outcome.ended().await {
+            StreamEnd::Finished(streamed) => (streamed, true),
+            StreamEnd::Dropped(streamed) => (streamed, false),
             StreamEnd::Failed(failure) => return Err(self.failed_blob(coordinator, failure).await),
         };
-        loaded?;
+        if let Err(refused) = loaded {
+            // A layer the stream left to the engine's check fails the load in the engine, after
+            // the last byte was read and before any image was committed: find which one.
+            if read_whole
+                && !checked_by_engine.is_empty()
+                && let Some(failure) = find_corrupt(store.clone(), &checked_by_engine, concurrency).await
+            {
+                return Err(self.failed_blob(coordinator, failure).await);
+            }
+            return Err(refused.into());
+        }
         Ok(streamed)
     }
 

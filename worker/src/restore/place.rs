@@ -116,15 +116,17 @@ impl Placer {
                 None => None,
             };
             // A failure drops `copy`, which removes its part file.
-            let bytes = match fetched {
-                Some(Ok((bytes, _permit))) => bytes,
+            let pieces = match fetched {
+                Some(Ok((pieces, _permit))) => pieces,
                 Some(Err(TransferError::NotStored { digest })) => return Err(LoadFailure::Missing { digest }),
                 Some(Err(error)) => return left(error.to_string()),
                 None => return left("the download ended early".into()),
             };
-            hasher.update(&bytes);
-            bar.add(bytes.len() as u64);
-            if let Err(why) = copy.write(&bytes).await {
+            for piece in &pieces {
+                hasher.update(piece);
+                bar.add(piece.len() as u64);
+            }
+            if let Err(why) = copy.write(&pieces).await {
                 return left(why);
             }
         }

@@ -144,14 +144,30 @@ impl ImageLoader for FakeEngine {
         while let Some(piece) = tarball.next().await {
             bytes.extend_from_slice(&piece.map_err(|error| failed(error.to_string()))?);
         }
+        // As the graph driver does: the whole tarball unpacked first, then the entries of
+        // `manifest.json` in order, each entry's layers checked against their diff IDs (named
+        // by their paths) before its image is committed.
+        let mut files = HashMap::new();
         let mut archive = tar::Archive::new(bytes.as_slice());
         for entry in archive.entries().unwrap() {
             let mut entry = entry.unwrap();
-            if entry.path().unwrap().to_str() == Some("manifest.json") {
-                let mut json = String::new();
-                entry.read_to_string(&mut json).unwrap();
-                self.take_manifest(&json);
+            let path = entry.path().unwrap().to_string_lossy().into_owned();
+            let mut content = Vec::new();
+            entry.read_to_end(&mut content).unwrap();
+            files.insert(path, content);
+        }
+        let entries: serde_json::Value = serde_json::from_slice(&files["manifest.json"]).unwrap();
+        for entry in entries.as_array().unwrap() {
+            for (layer_idx, path) in entry["Layers"].as_array().unwrap().iter().enumerate() {
+                let path = path.as_str().unwrap();
+                let expected = format!("sha256:{}", path.trim_end_matches("/layer.tar"));
+                // An empty entry is a layer whose chain the host holds: not read.
+                let content = &files[path];
+                if !content.is_empty() && sha256_digest(content) != expected {
+                    return Err(failed(format!("invalid diffID for layer {layer_idx}")));
+                }
             }
+            self.commit(entry);
         }
         Ok(())
     }
@@ -167,15 +183,13 @@ impl ImageLoader for FakeEngine {
 }
 
 impl FakeEngine {
-    fn take_manifest(&self, json: &str) {
-        let entries: serde_json::Value = serde_json::from_str(json).unwrap();
+    /// Commits the image of one entry of `manifest.json`, with its tags.
+    fn commit(&self, entry: &serde_json::Value) {
         let mut images = self.images.lock().unwrap();
-        for entry in entries.as_array().unwrap() {
-            let id = format!("sha256:{}", entry["Config"].as_str().unwrap().trim_end_matches(".json"));
-            images.insert(id.clone(), id.clone());
-            for tag in entry["RepoTags"].as_array().into_iter().flatten() {
-                images.insert(tag.as_str().unwrap().to_owned(), id.clone());
-            }
+        let id = format!("sha256:{}", entry["Config"].as_str().unwrap().trim_end_matches(".json"));
+        images.insert(id.clone(), id.clone());
+        for tag in entry["RepoTags"].as_array().into_iter().flatten() {
+            images.insert(tag.as_str().unwrap().to_owned(), id.clone());
         }
     }
 
