@@ -348,6 +348,20 @@ pub trait Ephemeral: Send + Sync {
     ) -> Result<(), Error>;
 }
 
+/// What a begin registers inside its step (see [`State::begin_save`]).
+pub type BeginRegister<'c> = dyn for<'a> FnMut(
+        &'a ProjectRecord,
+        &'a HashMap<String, BlobRecord>,
+        &'a [pb::Manifest],
+        &'a mut OpenSaves,
+    ) -> Result<(), Error>
+    + Send
+    + 'c;
+
+/// What a lookup that finds a manifest grants inside its step (see [`State::look_up`]).
+pub type LookupGrant<'c> =
+    dyn for<'a> FnMut(&'a pb::Manifest, &'a mut Leases, &'a LeaseDemands) -> LeaseDemand + Send + 'c;
+
 /// What a commit of known blobs checks inside its step (see [`State::commit_known`]).
 pub type CommitCheck<'c> =
     dyn for<'a> FnMut(&'a ProjectRecord, &'a HashMap<String, BlobRecord>) -> Result<bool, Error> + Send + 'c;
@@ -440,7 +454,7 @@ pub trait State: Ephemeral {
         holder: Holder<'_>,
         keys: &[pb::CacheKey],
         now_unix: i64,
-        grant: &mut (dyn for<'a> FnMut(&'a pb::Manifest, &'a mut Leases, &'a LeaseDemands) -> LeaseDemand + Send),
+        grant: &mut LookupGrant<'_>,
     ) -> Result<Option<pb::Manifest>, Error> {
         self.holders_project(project, holder).await?;
         for key in keys {
@@ -475,15 +489,7 @@ pub trait State: Ephemeral {
         project: &str,
         holder: Holder<'_>,
         digests: &[String],
-        register: &mut (
-                 dyn for<'a> FnMut(
-            &'a ProjectRecord,
-            &'a HashMap<String, BlobRecord>,
-            &'a [pb::Manifest],
-            &'a mut OpenSaves,
-        ) -> Result<(), Error>
-                     + Send
-             ),
+        register: &mut BeginRegister<'_>,
     ) -> Result<(), Error> {
         let record = self.holders_project(project, holder).await?;
         let stored = self.stored_blobs(project, digests).await?;

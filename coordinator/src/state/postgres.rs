@@ -1200,14 +1200,7 @@ impl State for Postgres {
         holder: Holder<'_>,
         keys: &[pb::CacheKey],
         now_unix: i64,
-        grant: &mut (
-                 dyn for<'a> FnMut(
-            &'a pb::Manifest,
-            &'a mut super::Leases,
-            &'a super::LeaseDemands,
-        ) -> super::LeaseDemand
-                     + Send
-             ),
+        grant: &mut super::LookupGrant<'_>,
     ) -> Result<Option<pb::Manifest>, Error> {
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(pg_error)?;
@@ -1277,15 +1270,7 @@ impl State for Postgres {
         project: &str,
         holder: Holder<'_>,
         digests: &[String],
-        register: &mut (
-                 dyn for<'a> FnMut(
-            &'a ProjectRecord,
-            &'a HashMap<String, BlobRecord>,
-            &'a [pb::Manifest],
-            &'a mut super::OpenSaves,
-        ) -> Result<(), Error>
-                     + Send
-             ),
+        register: &mut super::BeginRegister<'_>,
     ) -> Result<(), Error> {
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(pg_error)?;

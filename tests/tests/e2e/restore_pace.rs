@@ -26,6 +26,16 @@ fn downloaded_mib(summary: &str) -> f64 {
     }
 }
 
+/// Fails when a restore left a part file of its own in the content store at `content`.
+fn assert_no_part_files(content: &std::path::Path) {
+    let left: Vec<String> = std::fs::read_dir(content)
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|name| name.starts_with("cache-worker"))
+        .collect();
+    assert!(left.is_empty(), "part files left in the content store: {left:?}");
+}
+
 /// A coordinator holding the cache of `app:1` (built on a host of its own), and a fresh host
 /// that holds the `half` stage: the base and the first random layer, the same blobs.
 struct HalfHost {
@@ -102,12 +112,7 @@ fn a_restore_onto_a_host_holding_half_the_image_downloads_only_the_other_half() 
         let mode = entry.unwrap().metadata().unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o444, "containerd's blobs are read-only");
     }
-    let left: Vec<String> = std::fs::read_dir(&content)
-        .unwrap()
-        .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
-        .filter(|name| name.starts_with("cache-worker"))
-        .collect();
-    assert!(left.is_empty(), "part files left in the content store: {left:?}");
+    assert_no_part_files(&content);
     let leases = std::process::Command::new("ctr")
         .arg("--address")
         .arg(half_host.containerd_socket())
@@ -182,12 +187,7 @@ fn a_corrupt_layer_is_not_written_into_the_content_store() {
     let content = fresh.data_root().join("containerd/daemon/io.containerd.content.v1.content");
     let hex = layer.trim_start_matches("sha256:");
     assert!(!content.join("blobs/sha256").join(hex).exists(), "the corrupt layer is not in the content store");
-    let left: Vec<String> = std::fs::read_dir(&content)
-        .unwrap()
-        .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
-        .filter(|name| name.starts_with("cache-worker"))
-        .collect();
-    assert!(left.is_empty(), "part files left in the content store: {left:?}");
+    assert_no_part_files(&content);
     let images = fresh.docker(&["image", "ls", "-q"]);
     assert!(String::from_utf8_lossy(&images.stdout).trim().is_empty(), "no image loaded");
     host.coordinator.stop();
