@@ -205,12 +205,13 @@ async fn execute_writes(
 /// goes back to the pool.
 struct Pipelined {
     client: Option<deadpool_postgres::Object>,
+    begun: AtomicBool,
     done: AtomicBool,
 }
 
 impl Pipelined {
     fn new(client: deadpool_postgres::Object) -> Pipelined {
-        Pipelined { client: Some(client), done: AtomicBool::new(false) }
+        Pipelined { client: Some(client), begun: AtomicBool::new(false), done: AtomicBool::new(false) }
     }
 
     /// The connection, for the transaction's statements.
@@ -221,7 +222,15 @@ impl Pipelined {
     /// Opens the transaction: join it before the statements that belong in it (a simple
     /// query, on the wire when first polled).
     async fn begin(&self) -> Result<(), Error> {
+        debug_assert!(!self.begun.swap(true, Ordering::Relaxed), "a transaction begun twice");
         self.client().batch_execute("BEGIN").await.map_err(pg_error)
+    }
+
+    /// Rolls the transaction back (one round trip), for a step that found it must change nothing.
+    async fn rollback(&self) -> Result<(), Error> {
+        self.client().batch_execute("ROLLBACK").await.map_err(pg_error)?;
+        self.done.store(true, Ordering::Relaxed);
+        Ok(())
     }
 
     /// Sends `writes` and `COMMIT` after them in one round trip. A write that fails makes the
@@ -360,8 +369,20 @@ impl deadpool_postgres::Connect for CuttableConnect {
     }
 }
 
-/// `config` with the bounds above, where the URL did not set its own.
+/// Every statement is prepared once per connection and run with the plan made then: the
+/// statements name rows by key (a project, a digest, a save), so one plan serves every value,
+/// and the server's default would plan many of them again at each execution (a tenth of the
+/// machine's CPU at 100 simulated workers). Sent with the connection's start-up, before any
+/// `options` the URL gives (which may set it otherwise).
+const SESSION_OPTIONS: &str = "-c plan_cache_mode=force_generic_plan";
+
+/// `config` with the bounds above, where the URL did not set its own, and [`SESSION_OPTIONS`].
 fn bounded(mut config: tokio_postgres::Config) -> tokio_postgres::Config {
+    let options = match config.get_options() {
+        Some(given) => format!("{SESSION_OPTIONS} {given}"),
+        None => SESSION_OPTIONS.to_owned(),
+    };
+    config.options(&options);
     if config.get_connect_timeout().is_none() {
         config.connect_timeout(CONNECT_TIMEOUT);
     }
@@ -765,14 +786,14 @@ fn lease_writes(
     demand: super::LeaseDemand,
 ) -> Vec<Write> {
     let gone: Vec<String> = before.keys().filter(|id| !after.contains_key(*id)).cloned().collect();
-    // What is written is the JSON without `reads`: a change to a field never stored writes
+    // What is written is the record without `reads`: a change to a field never stored writes
     // nothing, and a lease's `reads` are written once, with the lease.
     let changed: Vec<(&String, &super::Lease, bool)> = after
         .iter()
         .filter(|(_, lease)| lease.project == project)
         .filter_map(|(id, lease)| match before.get(id) {
             None => Some((id, lease, true)),
-            Some(was) if lease_json(was) != lease_json(lease) => Some((id, lease, false)),
+            Some(was) if stored_lease(was) != stored_lease(lease) => Some((id, lease, false)),
             Some(_) => None,
         })
         .collect();
@@ -791,7 +812,7 @@ fn lease_writes(
     }
     if !changed.is_empty() {
         let ids: Vec<String> = changed.iter().map(|(id, _, _)| (*id).clone()).collect();
-        let bodies: Vec<String> = changed.iter().map(|(_, lease, _)| lease_json(lease)).collect();
+        let bodies: Vec<String> = changed.iter().map(|(_, lease, _)| to_json(&stored_lease(lease))).collect();
         // A new lease's reads, as one JSON text (a text[][] cannot be ragged); a kept lease's: NULL.
         let reads: Vec<Option<String>> =
             changed.iter().map(|(_, lease, new)| new.then(|| to_json(&lease.reads))).collect();
@@ -853,19 +874,19 @@ async fn first_manifest(
     row.map(|row| decode_manifest(row.get::<_, &[u8]>(0))).transpose()
 }
 
-/// A lease's record as stored: without its `reads`, which are a column of their own.
-fn lease_json(lease: &super::Lease) -> String {
-    let bare = super::Lease {
+/// What of a lease is stored in its record: not its `reads`, which are a column of their own,
+/// nor its `concurrency`, which is derived.
+fn stored_lease(lease: &super::Lease) -> super::Lease {
+    super::Lease {
         project: lease.project.clone(),
         kind: lease.kind,
         fixed: lease.fixed,
-        concurrency: lease.concurrency,
+        concurrency: 0,
         order: lease.order,
         renewed_unix_ms: lease.renewed_unix_ms,
         reads: Default::default(),
         holder: lease.holder.clone(),
-    };
-    to_json(&bare)
+    }
 }
 
 /// Ephemeral records of `table` (all of them, or `project`'s), by ID.
@@ -888,7 +909,7 @@ async fn ephemeral_records<T: for<'de> Deserialize<'de>>(
 
 /// The writes that store what a change made of the records of `table` (all, or `project`'s):
 /// `before` it and `after` it.
-fn ephemeral_writes<T: Serialize>(
+fn ephemeral_writes<T: Serialize + PartialEq>(
     table: &'static str,
     project: Option<&str>,
     before: &HashMap<String, T>,
@@ -900,11 +921,9 @@ fn ephemeral_writes<T: Serialize>(
     if !gone.is_empty() {
         writes.push(Write::new(format!("DELETE FROM {table} WHERE id = ANY($1)"), vec![Box::new(gone)]));
     }
-    // What is written is the JSON: a change to a field never stored writes nothing.
-    let changed: Vec<(&String, &T)> = after
-        .iter()
-        .filter(|(id, record)| before.get(*id).is_none_or(|was| to_json(was) != to_json(*record)))
-        .collect();
+    // Only the records it changed are written.
+    let changed: Vec<(&String, &T)> =
+        after.iter().filter(|(id, record)| before.get(*id).is_none_or(|was| was != *record)).collect();
     if !changed.is_empty() {
         debug_assert!(changed.iter().all(|(_, record)| project.is_none_or(|project| project_of(record) == project)));
         let ids: Vec<String> = changed.iter().map(|(id, _)| (*id).clone()).collect();
@@ -1308,8 +1327,7 @@ impl State for Postgres {
         }
         let key = lock_key(project);
         let by_key: &[&(dyn tokio_postgres::types::ToSql + Sync)] = &[&key];
-        let (_, _, _, found, (before, demands)) = futures::try_join!(
-            tx.begin(),
+        let (_, _, found, (before, demands)) = futures::try_join!(
             // A use's time is a hint for expiry and eviction: it need not wait for the disk.
             tx.client().batch_execute("SET LOCAL synchronous_commit = off").map_err(pg_error),
             tx.client().cached_execute("SELECT pg_advisory_xact_lock_shared($1)", by_key).map_err(pg_error),
@@ -1421,38 +1439,40 @@ impl State for Postgres {
         let digests: Vec<String> = new_blobs.keys().cloned().collect();
         let tx = self.pipelined().await?;
         let client = tx.client();
-        // Three round trips: the publish lock (`project_lock`'s, for this transaction only),
-        // then the project's row with the token's check, the key's manifest and the blobs;
-        // the blobs of the manifest it replaces, its open save and the service's counters;
-        // the writes and the commit.
+        // Two round trips, three when the manifest it replaces names blobs it does not: the
+        // publish lock (`project_lock`'s, for this transaction only), the project's row with the
+        // token's check, the key's manifest, the blobs, its open save and the service's
+        // counters; the blobs of the manifest it replaces; the writes and the commit. Its open
+        // save is one row, deleted without the project's open-saves lock (a begin holding it
+        // never writes back a save that went meanwhile: see `ephemeral_writes`).
         let lock = lock_key(project);
         let by_key: &[&(dyn tokio_postgres::types::ToSql + Sync)] = &[&lock];
-        let (_, _, record, old, mut known) = futures::try_join!(
+        let by_save: &[&(dyn tokio_postgres::types::ToSql + Sync)] = &[&save_id, &project];
+        let (_, _, record, old, mut known, taken, mut counters) = futures::try_join!(
             tx.begin(),
             client.cached_execute("SELECT pg_advisory_xact_lock_shared($1)", by_key).map_err(pg_error),
             holders_record(client, project, holder, true),
             manifest_of(client, project, &key, true),
             lock_blobs(client, project, &digests),
-        )?;
-        if known.len() < digests.len() || !check(&record, &known)? {
-            tx.commit_with(&[]).await?;
-            return Ok(None);
-        }
-        // Its open save is one row, deleted without the project's open-saves lock (a begin
-        // holding it never writes back a save that went meanwhile: see `ephemeral_writes`).
-        let replaced: Vec<String> =
-            old.iter().flat_map(manifest_digests).filter(|digest| !new_blobs.contains_key(digest)).collect();
-        let by_save: &[&(dyn tokio_postgres::types::ToSql + Sync)] = &[&save_id, &project];
-        let (more_known, taken, mut counters) = futures::try_join!(
-            lock_blobs(client, project, &replaced),
             client
                 .cached_query_opt("DELETE FROM lc_open_saves WHERE id = $1 AND project = $2 RETURNING id", by_save)
                 .map_err(pg_error),
             locked_counters(client, project, &key.service),
         )?;
+        if known.len() < digests.len() || !check(&record, &known)? {
+            // Its open save stays: the caller checks the store and commits again.
+            tx.rollback().await?;
+            return Ok(None);
+        }
         if taken.is_none() {
             return Err(Error::NoSuchSave(save_id.to_owned()));
         }
+        let replaced: Vec<String> =
+            old.iter().flat_map(manifest_digests).filter(|digest| !new_blobs.contains_key(digest)).collect();
+        let more_known = match replaced.is_empty() {
+            true => HashMap::new(),
+            false => lock_blobs(client, project, &replaced).await?,
+        };
         known.extend(more_known);
         let view = ledger::CommitView { project: &record, old, known: &known };
         let (committed, change) = ledger::commit(view, manifest, generation, new_blobs, now_unix)?;
@@ -1727,6 +1747,22 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(rows_of_t(&outside).await, vec![3, 4]);
+    }
+
+    #[tokio::test]
+    async fn sessions_keep_the_plan_made_when_a_statement_was_prepared_unless_the_url_says_otherwise() {
+        let Some(server) = test_server() else { return };
+        let url = new_test_database(&server).await;
+        let cut = tokio::sync::watch::Sender::new(0);
+        let mode = |url: String| {
+            let pool = bounded_pool(url.parse().unwrap(), &cut, 1, STATE_POOL_WAIT, None).unwrap();
+            async move {
+                let client = pool.get().await.unwrap();
+                client.query_one("SHOW plan_cache_mode", &[]).await.unwrap().get::<_, String>(0)
+            }
+        };
+        assert_eq!(mode(url.clone()).await, "force_generic_plan");
+        assert_eq!(mode(format!("{url}?options=-c%20plan_cache_mode%3Dauto")).await, "auto");
     }
 
     #[tokio::test]
