@@ -55,7 +55,7 @@ const STATE_CONNECTIONS: usize = 24;
 const LOCK_CONNECTIONS: usize = 16;
 
 /// The schema this coordinator writes; bumped with each migration below.
-const SCHEMA_VERSION: i32 = 3;
+const SCHEMA_VERSION: i32 = 4;
 
 /// Version 1.
 const SCHEMA_1: &str = "
@@ -97,6 +97,13 @@ UPDATE lc_leases SET reads = ARRAY(SELECT jsonb_array_elements_text(COALESCE(rec
 CREATE INDEX lc_leases_project ON lc_leases (project);
 CREATE UNLOGGED TABLE lc_lease_demand (
     project TEXT PRIMARY KEY, demand BIGINT NOT NULL, lapses_unix_ms BIGINT NOT NULL);
+";
+
+/// Version 4: the blobs each manifest names, beside its body, so that a commit locks those of
+/// the manifest it replaces with its own, in its first round trip. NULL for a manifest written
+/// before: its replacement reads them from the body, one round trip more.
+const SCHEMA_4: &str = "
+ALTER TABLE lc_manifests ADD COLUMN digests TEXT[];
 ";
 
 /// Transaction advisory locks (the two-key space, apart from the projects' publish locks):
@@ -613,12 +620,16 @@ impl Postgres {
                 if version < 3 {
                     tx.batch_execute(SCHEMA_3).await.map_err(pg_error)?;
                 }
+                if version < 4 {
+                    tx.batch_execute(SCHEMA_4).await.map_err(pg_error)?;
+                }
                 tx.cached_execute("UPDATE lc_schema SET version = $1", &[&SCHEMA_VERSION]).await.map_err(pg_error)?;
             }
             None => {
                 tx.batch_execute(SCHEMA_1).await.map_err(pg_error)?;
                 tx.batch_execute(SCHEMA_2).await.map_err(pg_error)?;
                 tx.batch_execute(SCHEMA_3).await.map_err(pg_error)?;
+                tx.batch_execute(SCHEMA_4).await.map_err(pg_error)?;
                 tx.cached_execute("INSERT INTO lc_schema (version) VALUES ($1)", &[&SCHEMA_VERSION])
                     .await
                     .map_err(pg_error)?;
@@ -660,6 +671,27 @@ async fn lock_blobs(
     rows.iter().map(|row| Ok((row.get::<_, String>(0), from_json("lc_blobs", row.get::<_, &str>(1))?))).collect()
 }
 
+/// The ledger's records of `digests` and of the blobs `key`'s manifest names, locked for the rest
+/// of the transaction (which must hold the manifest's row: the list read is then its current
+/// one). A manifest written before schema version 4 adds none.
+async fn lock_commit_blobs(
+    tx: &impl GenericClient,
+    project: &str,
+    key: &pb::CacheKey,
+    digests: &[String],
+) -> Result<HashMap<String, BlobRecord>, Error> {
+    let rows = tx
+        .cached_query(
+            "SELECT digest, record FROM lc_blobs WHERE project = $1 AND digest = ANY($2::text[] || COALESCE(
+                 (SELECT digests FROM lc_manifests WHERE project = $1 AND service = $3 AND branch = $4), '{}'))
+             FOR UPDATE",
+            &[&project, &digests, &key.service, &key.branch],
+        )
+        .await
+        .map_err(pg_error)?;
+    rows.iter().map(|row| Ok((row.get::<_, String>(0), from_json("lc_blobs", row.get::<_, &str>(1))?))).collect()
+}
+
 /// The writes that apply a ledger rule's change set (see [`ledger::ChangeSet`]), in order: at
 /// most 9 statements, whatever its size.
 fn change_writes(project: &str, change: &ledger::ChangeSet) -> Vec<Write> {
@@ -680,9 +712,15 @@ fn change_writes(project: &str, change: &ledger::ChangeSet) -> Vec<Write> {
     if let Some(manifest) = &change.put_manifest {
         let key = manifest.key.clone().unwrap_or_default();
         writes.push(Write::new(
-            "INSERT INTO lc_manifests (project, service, branch, body) VALUES ($1, $2, $3, $4)
-             ON CONFLICT (project, service, branch) DO UPDATE SET body = EXCLUDED.body",
-            vec![by_project(), Box::new(key.service), Box::new(key.branch), Box::new(manifest.encode_to_vec())],
+            "INSERT INTO lc_manifests (project, service, branch, body, digests) VALUES ($1, $2, $3, $4, $5)
+             ON CONFLICT (project, service, branch) DO UPDATE SET body = EXCLUDED.body, digests = EXCLUDED.digests",
+            vec![
+                by_project(),
+                Box::new(key.service),
+                Box::new(key.branch),
+                Box::new(manifest.encode_to_vec()),
+                Box::new(manifest_digests(manifest).into_iter().collect::<Vec<String>>()),
+            ],
         ));
     }
     if !change.put_blobs.is_empty() {
@@ -1439,12 +1477,12 @@ impl State for Postgres {
         let digests: Vec<String> = new_blobs.keys().cloned().collect();
         let tx = self.pipelined().await?;
         let client = tx.client();
-        // Two round trips, three when the manifest it replaces names blobs it does not: the
-        // publish lock (`project_lock`'s, for this transaction only), the project's row with the
-        // token's check, the key's manifest, the blobs, its open save and the service's
-        // counters; the blobs of the manifest it replaces; the writes and the commit. Its open
-        // save is one row, deleted without the project's open-saves lock (a begin holding it
-        // never writes back a save that went meanwhile: see `ephemeral_writes`).
+        // Two round trips: the publish lock (`project_lock`'s, for this transaction only), the
+        // project's row with the token's check, the key's manifest, its blobs and those of the
+        // manifest it replaces, its open save and the service's counters; then the writes and
+        // the commit. Its open save is one row, deleted without the project's open-saves lock
+        // (a begin holding it never writes back a save that went meanwhile: see
+        // `ephemeral_writes`).
         let lock = lock_key(project);
         let by_key: &[&(dyn tokio_postgres::types::ToSql + Sync)] = &[&lock];
         let by_save: &[&(dyn tokio_postgres::types::ToSql + Sync)] = &[&save_id, &project];
@@ -1453,13 +1491,13 @@ impl State for Postgres {
             client.cached_execute("SELECT pg_advisory_xact_lock_shared($1)", by_key).map_err(pg_error),
             holders_record(client, project, holder, true),
             manifest_of(client, project, &key, true),
-            lock_blobs(client, project, &digests),
+            lock_commit_blobs(client, project, &key, &digests),
             client
                 .cached_query_opt("DELETE FROM lc_open_saves WHERE id = $1 AND project = $2 RETURNING id", by_save)
                 .map_err(pg_error),
             locked_counters(client, project, &key.service),
         )?;
-        if known.len() < digests.len() || !check(&record, &known)? {
+        if !digests.iter().all(|digest| known.contains_key(digest)) || !check(&record, &known)? {
             // Its open save stays: the caller checks the store and commits again.
             tx.rollback().await?;
             return Ok(None);
@@ -1467,13 +1505,16 @@ impl State for Postgres {
         if taken.is_none() {
             return Err(Error::NoSuchSave(save_id.to_owned()));
         }
-        let replaced: Vec<String> =
-            old.iter().flat_map(manifest_digests).filter(|digest| !new_blobs.contains_key(digest)).collect();
-        let more_known = match replaced.is_empty() {
-            true => HashMap::new(),
-            false => lock_blobs(client, project, &replaced).await?,
-        };
-        known.extend(more_known);
+        // A round trip more for a replaced manifest whose blobs were not listed beside it (one
+        // written before schema version 4, or by an older replica since).
+        let unlisted: Vec<String> = old
+            .iter()
+            .flat_map(manifest_digests)
+            .filter(|digest| !new_blobs.contains_key(digest) && !known.contains_key(digest))
+            .collect();
+        if !unlisted.is_empty() {
+            known.extend(lock_blobs(client, project, &unlisted).await?);
+        }
         let view = ledger::CommitView { project: &record, old, known: &known };
         let (committed, change) = ledger::commit(view, manifest, generation, new_blobs, now_unix)?;
         counters.add(&ServiceCounters { saves: 1, ..Default::default() });
