@@ -111,6 +111,16 @@ ALTER TABLE lc_manifests ADD COLUMN digests TEXT[];
 const PROJECT_OPEN_SAVES_LOCK: &str = "SELECT pg_advisory_xact_lock(7402, hashtext($1))";
 const PROJECT_LEASES_LOCK: &str = "SELECT pg_advisory_xact_lock(7403, hashtext($1))";
 
+/// A begin's locks in one statement (`$1` the publish lock's key, `$2` the project): the publish
+/// lock (`project_lock`'s, shared, for this transaction only), then the open saves'.
+const BEGIN_LOCKS: &str = "SELECT pg_advisory_xact_lock_shared($1), pg_advisory_xact_lock(7402, hashtext($2))";
+
+/// A lookup's hit's locks in one statement (`$1` the project, `$2` the publish lock's key): the
+/// publish lock, shared, then the leases'; with them its commit does not wait for the disk (a
+/// use's time is a hint for expiry and eviction, and leases live in unlogged tables).
+const LOOKUP_LOCKS: &str = "SELECT set_config('synchronous_commit', 'off', true),
+    pg_advisory_xact_lock_shared($2), pg_advisory_xact_lock(7403, hashtext($1))";
+
 /// Statements prepared once per connection (deadpool's statement cache): each later use is one
 /// round trip, not two (a prepare, then the execution), and an autocommit read one
 /// transaction, not two.
@@ -793,10 +803,22 @@ async fn manifest_of(
 
 /// Locks `project`'s leases for the rest of the transaction; its leases (`reads` left empty)
 /// and every other project's demand. The lock and both reads go in one round trip.
-async fn locked_leases(tx: &impl GenericClient, project: &str) -> Result<(super::Leases, super::LeaseDemands), Error> {
+///
+/// With `lookup` (the publish lock's key), [`LOOKUP_LOCKS`] are taken instead of the leases'.
+async fn locked_leases(
+    tx: &impl GenericClient,
+    project: &str,
+    lookup: Option<i64>,
+) -> Result<(super::Leases, super::LeaseDemands), Error> {
     let by_project: &[&(dyn tokio_postgres::types::ToSql + Sync)] = &[&project];
+    let lock = async {
+        match lookup {
+            Some(key) => tx.cached_execute(LOOKUP_LOCKS, &[&project, &key]).await,
+            None => tx.cached_execute(PROJECT_LEASES_LOCK, by_project).await,
+        }
+    };
     let (_, leases, demands) = futures::try_join!(
-        tx.cached_execute(PROJECT_LEASES_LOCK, by_project),
+        lock,
         tx.cached_query("SELECT id, record FROM lc_leases WHERE project = $1", by_project),
         tx.cached_query("SELECT project, demand, lapses_unix_ms FROM lc_lease_demand WHERE project <> $1", by_project),
     )
@@ -1062,7 +1084,7 @@ impl super::Ephemeral for Postgres {
         let tx = self.pipelined().await?;
         // Only unlogged tables are written: the commit has no WAL to wait for. One round trip
         // for the lock and both reads, one for the writes.
-        let (_, (before, demands)) = futures::try_join!(tx.begin(), locked_leases(tx.client(), project))?;
+        let (_, (before, demands)) = futures::try_join!(tx.begin(), locked_leases(tx.client(), project, None))?;
         let mut leases = before.clone();
         let demand = change(&mut leases, &demands);
         tx.commit_with(&lease_writes(project, &before, &leases, demand)).await
@@ -1363,14 +1385,10 @@ impl State for Postgres {
             tx.commit_with(&[]).await?;
             return Ok(None);
         }
-        let key = lock_key(project);
-        let by_key: &[&(dyn tokio_postgres::types::ToSql + Sync)] = &[&key];
-        let (_, _, found, (before, demands)) = futures::try_join!(
-            // A use's time is a hint for expiry and eviction: it need not wait for the disk.
-            tx.client().batch_execute("SET LOCAL synchronous_commit = off").map_err(pg_error),
-            tx.client().cached_execute("SELECT pg_advisory_xact_lock_shared($1)", by_key).map_err(pg_error),
+        // The locks first (the leases' statements are sent in order), then the manifest again.
+        let ((before, demands), found) = futures::try_join!(
+            locked_leases(tx.client(), project, Some(lock_key(project))),
             first_manifest(tx.client(), project, keys),
-            locked_leases(tx.client(), project),
         )?;
         let Some(manifest) = found else {
             tx.commit_with(&[]).await?;
@@ -1426,18 +1444,18 @@ impl State for Postgres {
         register: &mut super::BeginRegister<'_>,
     ) -> Result<(), Error> {
         let tx = self.pipelined().await?;
-        // The publish lock (`project_lock`'s, for this transaction only), the project's record
-        // with the token's check, the ledger's records, the manifests and the open saves, in
-        // one round trip; the writes and the commit in another. Only the open saves are
-        // written, an unlogged table: the commit has no WAL to wait for.
+        // The locks (see `BEGIN_LOCKS`), the project's record with the token's check, the
+        // ledger's records, the manifests and the open saves, in one round trip; the writes and
+        // the commit in another. Only the open saves are written, an unlogged table: the commit
+        // has no WAL to wait for.
         let lock = lock_key(project);
-        let by_key: &[&(dyn tokio_postgres::types::ToSql + Sync)] = &[&lock];
+        let locks: &[&(dyn tokio_postgres::types::ToSql + Sync)] = &[&lock, &project];
         let by_project: &[&(dyn tokio_postgres::types::ToSql + Sync)] = &[&project];
         let by_digests: &[&(dyn tokio_postgres::types::ToSql + Sync)] = &[&project, &digests];
         let client = tx.client();
-        let (_, _, record, stored, manifests, _, saves) = futures::try_join!(
+        let (_, _, record, stored, manifests, saves) = futures::try_join!(
             tx.begin(),
-            client.cached_execute("SELECT pg_advisory_xact_lock_shared($1)", by_key).map_err(pg_error),
+            client.cached_execute(BEGIN_LOCKS, locks).map_err(pg_error),
             holders_record(client, project, holder, false),
             client
                 .cached_query("SELECT digest, record FROM lc_blobs WHERE project = $1 AND digest = ANY($2)", by_digests)
@@ -1445,7 +1463,6 @@ impl State for Postgres {
             client
                 .cached_query("SELECT body FROM lc_manifests WHERE project = $1 ORDER BY service, branch", by_project)
                 .map_err(pg_error),
-            client.cached_execute(PROJECT_OPEN_SAVES_LOCK, by_project).map_err(pg_error),
             ephemeral_records::<super::OpenSave>(client, "lc_open_saves", Some(project)),
         )?;
         let stored: HashMap<String, BlobRecord> = stored
