@@ -924,9 +924,12 @@ async fn first_manifest(
     let branches: Vec<&str> = keys.iter().map(|key| key.branch.as_str()).collect();
     let row = tx
         .cached_query_opt(
-            "SELECT body FROM lc_manifests JOIN UNNEST($2::text[], $3::text[]) WITH ORDINALITY AS wanted (service, branch, n)
-                 USING (service, branch)
-             WHERE project = $1 ORDER BY wanted.n LIMIT 1",
+            // One look-up of the primary key per key, in their order (`OFFSET 0` keeps the
+            // planner from turning it into a scan of the project's manifests and a join).
+            "SELECT m.body FROM UNNEST($2::text[], $3::text[]) WITH ORDINALITY AS wanted (service, branch, n)
+                 CROSS JOIN LATERAL (SELECT body FROM lc_manifests
+                     WHERE project = $1 AND service = wanted.service AND branch = wanted.branch OFFSET 0) m
+             ORDER BY wanted.n LIMIT 1",
             &[&project, &services, &branches],
         )
         .await

@@ -460,6 +460,13 @@ async fn look_up_grants_with_the_manifest(a: &dyn State, b: &dyn State) {
     let mut reads = Vec::new();
     a.read_leases(Some("look"), &mut |leases| reads.extend(leases["r1"].reads.iter().cloned())).await.unwrap();
     assert_eq!(reads, ["c1", "l1"]);
+    // The first of the keys that has a manifest, in the caller's order.
+    a.commit_manifest("look", &manifest("web2", &["c2", "l2"], 6), 0, &sizes(), 1).await.unwrap();
+    let mut grant = |_: &pb::Manifest, _: &mut Leases, _: &LeaseDemands| LeaseDemand::default();
+    let found = b.look_up("look", OWNER, &[key("web2"), key("web")], 8, &mut grant).await.unwrap();
+    assert_eq!(found.and_then(|manifest| manifest.key), Some(key("web2")));
+    let found = b.look_up("look", OWNER, &[key("none"), key("web"), key("web2")], 8, &mut grant).await.unwrap();
+    assert_eq!(found.and_then(|manifest| manifest.key), Some(key("web")));
 }
 
 #[tokio::test]
