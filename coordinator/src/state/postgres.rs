@@ -19,6 +19,12 @@
 //!   apart, so a change of leases never reads them; and each project's demand on the transfer
 //!   budget, written with its leases, which is all a change of another project's leases reads
 //!   of them
+//! - `lc_manifests.digests` (version 4): the blobs a manifest names, so a commit locks those of
+//!   the manifest it replaces without reading it first
+//!
+//! A call's transaction is [`Pipelined`]: its `BEGIN` goes out with its first statements and its
+//! `COMMIT` with its writes, so a begin or a commit costs two round trips and a lookup's hit
+//! three.
 //!
 //! A server that stops (a restart, `pg_ctl -m immediate`, a failover) costs the calls made
 //! while it is down one clear error each ([`Error::DatabaseUnavailable`], gRPC `UNAVAILABLE`),
