@@ -1043,10 +1043,8 @@ fn counters_write(project: &str, service: &str, counters: &ServiceCounters) -> W
 }
 
 impl Postgres {
-    /// Runs `change` on the records of `table` (all, or `project`'s) in one transaction, after
-    /// `locks` (statements taking transaction advisory locks, `$1` the project), and writes back
-    /// what it changed.
-    /// Runs `change` on `project`'s open saves, under the project's open-saves lock.
+    /// Runs `change` on `project`'s open saves, under the project's open-saves lock, and writes
+    /// back what it changed: one transaction of two round trips.
     async fn update_project_open_saves(
         &self,
         project: &str,
