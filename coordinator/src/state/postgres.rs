@@ -392,20 +392,21 @@ impl deadpool_postgres::Connect for CuttableConnect {
     }
 }
 
-/// Every statement is prepared once per connection and run with the plan made then: the
-/// statements name rows by key (a project, a digest, a save), so one plan serves every value,
-/// and the server's default would plan many of them again at each execution (a tenth of the
-/// machine's CPU at 100 simulated workers). Sent with the connection's start-up, before any
-/// `options` the URL gives (which may set it otherwise).
-const SESSION_OPTIONS: &str = "-c plan_cache_mode=force_generic_plan";
+/// Said to each connection of the state's pool once connected (not in the start-up packet,
+/// which some poolers refuse options in): every statement is prepared once per connection and
+/// run with the plan made then. The statements name rows by key (a project, a digest, a save),
+/// so one plan serves every value, and the server's default would plan many of them again at
+/// each execution (a tenth of the machine's CPU at 100 simulated workers).
+const STATE_SESSION: &str = "SET plan_cache_mode = force_generic_plan";
 
-/// `config` with the bounds above, where the URL did not set its own, and [`SESSION_OPTIONS`].
+/// [`STATE_SESSION`], unless the URL's `options` choose a `plan_cache_mode` of their own.
+fn state_session(config: &tokio_postgres::Config) -> Option<&'static str> {
+    let chosen = config.get_options().is_some_and(|options| options.contains("plan_cache_mode"));
+    (!chosen).then_some(STATE_SESSION)
+}
+
+/// `config` with the bounds above, where the URL did not set its own.
 fn bounded(mut config: tokio_postgres::Config) -> tokio_postgres::Config {
-    let options = match config.get_options() {
-        Some(given) => format!("{SESSION_OPTIONS} {given}"),
-        None => SESSION_OPTIONS.to_owned(),
-    };
-    config.options(&options);
     if config.get_connect_timeout().is_none() {
         config.connect_timeout(CONNECT_TIMEOUT);
     }
@@ -536,7 +537,8 @@ impl Postgres {
         let config: tokio_postgres::Config =
             url.parse().map_err(|error| Error::InvalidArgument(format!("invalid --state URL: {error}")))?;
         let cut = tokio::sync::watch::Sender::new(0);
-        let pool = bounded_pool(config.clone(), &cut, STATE_CONNECTIONS, STATE_POOL_WAIT, None)?;
+        let session = state_session(&config);
+        let pool = bounded_pool(config.clone(), &cut, STATE_CONNECTIONS, STATE_POOL_WAIT, session)?;
         let locks = bounded_pool(config.clone(), &cut, LOCK_CONNECTIONS, LOCK_POOL_WAIT, Some(SERVER_KEEPALIVES))?;
         let probes = bounded_pool(config, &cut, 1, PROBE_TIMEOUT, None)?;
         let (sent, received, database_unix_ms, _) = read_clock(&probes.get().await.map_err(pg_error)?).await?;
@@ -1820,7 +1822,8 @@ mod tests {
         let url = new_test_database(&server).await;
         let cut = tokio::sync::watch::Sender::new(0);
         let mode = |url: String| {
-            let pool = bounded_pool(url.parse().unwrap(), &cut, 1, STATE_POOL_WAIT, None).unwrap();
+            let config: tokio_postgres::Config = url.parse().unwrap();
+            let pool = bounded_pool(config.clone(), &cut, 1, STATE_POOL_WAIT, state_session(&config)).unwrap();
             async move {
                 let client = pool.get().await.unwrap();
                 client.query_one("SHOW plan_cache_mode", &[]).await.unwrap().get::<_, String>(0)
