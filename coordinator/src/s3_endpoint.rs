@@ -355,13 +355,12 @@ impl S3 for ObjectFiles {
         // The access check has already held the key to safe segments under the project's prefix.
         let path = self.object_path(&req.input.bucket, &req.input.key);
         let (file, file_len) = tokio::task::spawn_blocking(move || {
-            let file = std::fs::File::open(&path)?;
-            let len = file.metadata()?.len();
-            Ok::<_, std::io::Error>((file, len))
+            let file = std::fs::File::open(&path).map_err(|error| s3_error!(error, NoSuchKey))?;
+            let len = file.metadata().map_err(|error| s3_error!(error, InternalError))?.len();
+            Ok::<_, s3s::S3Error>((file, len))
         })
         .await
-        .map_err(|error| s3_error!(InternalError, "{error}"))?
-        .map_err(|error| s3_error!(error, NoSuchKey))?;
+        .map_err(|error| s3_error!(InternalError, "{error}"))??;
         // The range is checked against the object and handed on as plain offsets: s3s-fs
         // panics on a suffix range longer than an i64 (`bytes=-9223372036854775808`).
         let start = match req.input.range {
