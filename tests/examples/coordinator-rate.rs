@@ -1,7 +1,9 @@
 //! The coordinator alone, under 100 and 1,000 simulated workers on loopback: how many begin +
 //! commit + lookup rounds per second it answers, how long each call takes (p50 and p99, timed
 //! by the workers), and on PostgreSQL how many database transactions and WAL syncs (fsyncs of
-//! the server's log, for all its databases) a round costs; on sled (one coordinator) and on
+//! the server's log, for all its databases) a round costs, and where the machine's CPU went
+//! meanwhile (the coordinators', PostgreSQL's and the workers' own, per round, and how much of
+//! it was idle); on sled (one coordinator) and on
 //! PostgreSQL (one replica, then two sharing the database), each on moto's S3 and STS. Every
 //! round's save names blobs already stored (two images, alternated, so each commit writes a
 //! manifest), so the figures are the coordinator's and its state's, not the store's.
@@ -36,6 +38,82 @@ struct Measured {
     latencies: [(Duration, Duration); 3],
     /// Per round, on PostgreSQL only.
     database_per_round: Option<DatabaseCounts<f64>>,
+    cpu: CpuSplit,
+}
+
+/// Where the machine's CPU went while the workers ran: milliseconds a round of the
+/// coordinators, of PostgreSQL's processes (all of the machine's: the bench's server's, when
+/// it started its own), and of the bench itself (the simulated workers); the share it was idle.
+#[derive(Debug, Clone, Copy, Default)]
+struct CpuSplit {
+    coordinators_ms: f64,
+    postgres_ms: f64,
+    workers_ms: f64,
+    idle_percent: f64,
+}
+
+/// CPU times in clock ticks, read from `/proc`: of given processes, of every process named
+/// `postgres`, of this one, and the machine's (busy, all).
+#[derive(Debug, Default)]
+struct CpuTicks {
+    processes: u64,
+    postgres: std::collections::HashMap<u32, u64>,
+    own: u64,
+    machine_idle: u64,
+    machine_all: u64,
+}
+
+/// The user and system ticks of a process, and its name (`/proc/PID/stat`); `None` once gone.
+fn process_ticks(pid: &str) -> Option<(String, u64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (name, rest) = stat.split_once(" (")?.1.rsplit_once(") ")?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // After the name: state is field 3 of the whole line, utime 14 and stime 15.
+    let ticks = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    Some((name.to_owned(), ticks))
+}
+
+impl CpuTicks {
+    fn read(pids: &[u32]) -> CpuTicks {
+        let processes = pids.iter().filter_map(|pid| process_ticks(&pid.to_string())).map(|(_, ticks)| ticks).sum();
+        let mut postgres = std::collections::HashMap::new();
+        for entry in std::fs::read_dir("/proc").expect("/proc").flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Ok(pid) = name.parse::<u32>() else { continue };
+            if let Some((_, ticks)) = process_ticks(&name).filter(|(comm, _)| comm == "postgres") {
+                postgres.insert(pid, ticks);
+            }
+        }
+        let own = process_ticks("self").map_or(0, |(_, ticks)| ticks);
+        let machine = std::fs::read_to_string("/proc/stat").expect("/proc/stat");
+        let line = machine.lines().next().expect("the cpu line of /proc/stat");
+        let times: Vec<u64> = line.split_whitespace().skip(1).filter_map(|field| field.parse().ok()).collect();
+        // user nice system idle iowait irq softirq steal: idle and iowait are idle.
+        let (machine_idle, machine_all) = (times[3] + times[4], times.iter().take(8).sum());
+        CpuTicks { processes, postgres, own, machine_idle, machine_all }
+    }
+
+    /// What went between `self` (earlier) and `later`, per round of `n_rounds`. A PostgreSQL
+    /// process that started between counts whole.
+    fn split(&self, later: &CpuTicks, n_rounds: u64) -> CpuSplit {
+        let tick_ms = 1000.0 / clock_ticks_per_second();
+        let per_round = |ticks: u64| ticks as f64 * tick_ms / n_rounds.max(1) as f64;
+        let postgres: u64 =
+            later.postgres.iter().map(|(pid, ticks)| ticks.saturating_sub(*self.postgres.get(pid).unwrap_or(&0))).sum();
+        let all = later.machine_all.saturating_sub(self.machine_all).max(1);
+        CpuSplit {
+            coordinators_ms: per_round(later.processes.saturating_sub(self.processes)),
+            postgres_ms: per_round(postgres),
+            workers_ms: per_round(later.own.saturating_sub(self.own)),
+            idle_percent: 100.0 * later.machine_idle.saturating_sub(self.machine_idle) as f64 / all as f64,
+        }
+    }
+}
+
+/// The kernel's clock ticks a second (`getconf CLK_TCK`; 100 on Linux).
+fn clock_ticks_per_second() -> f64 {
+    let output = std::process::Command::new("getconf").arg("CLK_TCK").output().ok();
+    output.and_then(|output| String::from_utf8_lossy(&output.stdout).trim().parse().ok()).unwrap_or(100.0)
 }
 
 /// What the bench's database committed, and how often the server synced its log to disk.
@@ -51,6 +129,7 @@ struct Rounds {
     elapsed: Duration,
     /// For each of [`CALLS`], every call's latency.
     latencies: [Vec<Duration>; 3],
+    cpu: CpuSplit,
 }
 
 /// Seeds `n_projects` projects with both images through one coordinator on `dirs[0]`, which it
@@ -129,9 +208,12 @@ async fn run_rounds(
             (n_rounds, latencies)
         });
     }
+    let pids: Vec<u32> = replicas.iter().map(CoordinatorProcess::pid).collect();
     start_line.wait().await;
     let started = Instant::now();
-    let mut rounds = Rounds { n_rounds: 0, elapsed: Duration::ZERO, latencies: Default::default() };
+    let ticks_before = CpuTicks::read(&pids);
+    let mut rounds =
+        Rounds { n_rounds: 0, elapsed: Duration::ZERO, latencies: Default::default(), cpu: CpuSplit::default() };
     while let Some(done) = tasks.join_next().await {
         let (n_rounds, latencies) = done.expect("a simulated worker");
         rounds.n_rounds += n_rounds;
@@ -142,6 +224,7 @@ async fn run_rounds(
     // Until the last round in flight at the deadline ended: with 1,000 workers on a slow state
     // that round may take seconds, and counting it without its time would flatter the rate.
     rounds.elapsed = started.elapsed();
+    rounds.cpu = ticks_before.split(&CpuTicks::read(&pids), rounds.n_rounds);
     rounds
 }
 
@@ -241,7 +324,12 @@ async fn measure(moto: &str, postgres: Option<&DatabaseStats>, n_replicas: usize
         sorted.sort_unstable();
         (percentile(sorted, 50), percentile(sorted, 99))
     });
-    Measured { rounds_per_second: rounds.n_rounds as f64 / rounds.elapsed.as_secs_f64(), latencies, database_per_round }
+    Measured {
+        rounds_per_second: rounds.n_rounds as f64 / rounds.elapsed.as_secs_f64(),
+        latencies,
+        database_per_round,
+        cpu: rounds.cpu,
+    }
 }
 
 /// The numbers of simulated workers to measure: `WORKERS` (comma-separated) or 100 and 1,000.
@@ -291,8 +379,8 @@ async fn main() {
     let stats = DatabaseStats::connect().await;
     let bench_started = Instant::now();
     let mut table = vec![
-        "| state | workers | rounds/s | vs sled | BeginSave p50 / p99 ms | CommitSave p50 / p99 ms | Lookup p50 / p99 ms | transactions / round | WAL syncs / round (server) |".to_owned(),
-        "|---|---|---|---|---|---|---|---|---|".to_owned(),
+        "| state | workers | rounds/s | vs sled | BeginSave p50 / p99 ms | CommitSave p50 / p99 ms | Lookup p50 / p99 ms | transactions / round | WAL syncs / round (server) | CPU ms / round: coordinators / PostgreSQL / workers | idle |".to_owned(),
+        "|---|---|---|---|---|---|---|---|---|---|---|".to_owned(),
     ];
     for &n_workers in &worker_counts {
         let mut sled_rate = None;
@@ -314,18 +402,22 @@ async fn main() {
             };
             let (transactions, wal_syncs) =
                 (per_round(|counts| counts.transactions), per_round(|counts| counts.wal_syncs));
+            let cpu = measured.cpu;
+            let (coordinators, postgres, workers) = (cpu.coordinators_ms, cpu.postgres_ms, cpu.workers_ms);
             println!(
-                "{state:<24} {n_workers:>5} workers: {rate:>7.0} rounds/s ({versus_sled:.2}x sled); p50 / p99 ms: {}; {transactions} transactions and {wal_syncs} WAL syncs a round",
+                "{state:<24} {n_workers:>5} workers: {rate:>7.0} rounds/s ({versus_sled:.2}x sled); p50 / p99 ms: {}; {transactions} transactions and {wal_syncs} WAL syncs a round; CPU ms a round: coordinators {coordinators:.2}, PostgreSQL {postgres:.2}, workers {workers:.2}, machine {:.0}% idle",
                 CALLS
                     .iter()
                     .zip(&calls)
                     .map(|(call, figures)| format!("{call} {figures}"))
                     .collect::<Vec<_>>()
-                    .join(", ")
+                    .join(", "),
+                cpu.idle_percent
             );
             table.push(format!(
-                "| {state} | {n_workers} | {rate:.0} | {versus_sled:.2}× | {} | {transactions} | {wal_syncs} |",
-                calls.join(" | ")
+                "| {state} | {n_workers} | {rate:.0} | {versus_sled:.2}× | {} | {transactions} | {wal_syncs} | {coordinators:.2} / {postgres:.2} / {workers:.2} | {:.0}% |",
+                calls.join(" | "),
+                cpu.idle_percent
             ));
         }
     }

@@ -167,6 +167,11 @@ impl CoordinatorProcess {
         assert!(status.is_ok_and(|status| status.success()), "kill -{name} cache-coordinator");
     }
 
+    /// The process's ID (for reading its CPU time).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Stops the process with SIGTERM and waits for it.
     pub fn stop(mut self) {
         let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();

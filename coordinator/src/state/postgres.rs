@@ -19,6 +19,12 @@
 //!   apart, so a change of leases never reads them; and each project's demand on the transfer
 //!   budget, written with its leases, which is all a change of another project's leases reads
 //!   of them
+//! - `lc_manifests.digests` (version 4): the blobs a manifest names, so a commit locks those of
+//!   the manifest it replaces without reading it first
+//!
+//! A call's transaction is [`Pipelined`]: its `BEGIN` goes out with its first statements and its
+//! `COMMIT` with its writes, so a begin or a commit costs two round trips and a lookup's hit
+//! three.
 //!
 //! A server that stops (a restart, `pg_ctl -m immediate`, a failover) costs the calls made
 //! while it is down one clear error each ([`Error::DatabaseUnavailable`], gRPC `UNAVAILABLE`),
@@ -55,7 +61,7 @@ const STATE_CONNECTIONS: usize = 24;
 const LOCK_CONNECTIONS: usize = 16;
 
 /// The schema this coordinator writes; bumped with each migration below.
-const SCHEMA_VERSION: i32 = 3;
+const SCHEMA_VERSION: i32 = 4;
 
 /// Version 1.
 const SCHEMA_1: &str = "
@@ -99,10 +105,27 @@ CREATE UNLOGGED TABLE lc_lease_demand (
     project TEXT PRIMARY KEY, demand BIGINT NOT NULL, lapses_unix_ms BIGINT NOT NULL);
 ";
 
+/// Version 4: the blobs each manifest names, beside its body, so that a commit locks those of
+/// the manifest it replaces with its own, in its first round trip. NULL for a manifest written
+/// before: its replacement reads them from the body, one round trip more.
+const SCHEMA_4: &str = "
+ALTER TABLE lc_manifests ADD COLUMN digests TEXT[];
+";
+
 /// Transaction advisory locks (the two-key space, apart from the projects' publish locks):
 /// one project's open saves, and one project's leases. No lock covers every project's.
 const PROJECT_OPEN_SAVES_LOCK: &str = "SELECT pg_advisory_xact_lock(7402, hashtext($1))";
 const PROJECT_LEASES_LOCK: &str = "SELECT pg_advisory_xact_lock(7403, hashtext($1))";
+
+/// A begin's locks in one statement (`$1` the publish lock's key, `$2` the project): the publish
+/// lock (`project_lock`'s, shared, for this transaction only), then the open saves'.
+const BEGIN_LOCKS: &str = "SELECT pg_advisory_xact_lock_shared($1), pg_advisory_xact_lock(7402, hashtext($2))";
+
+/// A lookup's hit's locks in one statement (`$1` the project, `$2` the publish lock's key): the
+/// publish lock, shared, then the leases'; with them its commit does not wait for the disk (a
+/// use's time is a hint for expiry and eviction, and leases live in unlogged tables).
+const LOOKUP_LOCKS: &str = "SELECT set_config('synchronous_commit', 'off', true),
+    pg_advisory_xact_lock_shared($2), pg_advisory_xact_lock(7403, hashtext($1))";
 
 /// Statements prepared once per connection (deadpool's statement cache): each later use is one
 /// round trip, not two (a prepare, then the execution), and an autocommit read one
@@ -147,6 +170,122 @@ trait Cached: GenericClient {
 }
 
 impl<T: GenericClient> Cached for T {}
+
+/// A statement's parameter, owned, so a [`Write`] can be built before it is sent.
+type Param = Box<dyn tokio_postgres::types::ToSql + Sync + Send>;
+
+/// One statement of the writes a transaction ends with, built before any of them is sent (see
+/// [`send_writes`]).
+struct Write {
+    sql: std::borrow::Cow<'static, str>,
+    params: Vec<Param>,
+}
+
+impl Write {
+    fn new(sql: impl Into<std::borrow::Cow<'static, str>>, params: Vec<Param>) -> Write {
+        Write { sql: sql.into(), params }
+    }
+}
+
+/// Sends `writes` in their order and waits for all their answers: one round trip once the
+/// connection has prepared them (see [`prepare_writes`]).
+async fn send_writes(client: &impl GenericClient, writes: &[Write]) -> Result<(), Error> {
+    let statements = prepare_writes(client, writes).await?;
+    execute_writes(client, &statements, writes).await
+}
+
+/// `writes`' statements, from the connection's statement cache (a round trip only the first
+/// time a connection uses one).
+async fn prepare_writes(
+    client: &impl GenericClient,
+    writes: &[Write],
+) -> Result<Vec<tokio_postgres::Statement>, Error> {
+    futures::future::try_join_all(writes.iter().map(|write| client.prepare_cached(&write.sql))).await.map_err(pg_error)
+}
+
+/// Executes `writes` with their prepared `statements`. Each goes on the wire when first polled,
+/// in order (`try_join_all` polls up to 30 futures in order; a change set makes at most 9
+/// writes), so whatever a caller joins after this (a `COMMIT`) goes out after them all.
+async fn execute_writes(
+    client: &impl GenericClient,
+    statements: &[tokio_postgres::Statement],
+    writes: &[Write],
+) -> Result<(), Error> {
+    debug_assert!(writes.len() <= 30, "{} writes: more than are sent in order", writes.len());
+    let sent = statements.iter().zip(writes).map(|(statement, write)| {
+        let params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
+            write.params.iter().map(|param| param.as_ref() as &(dyn tokio_postgres::types::ToSql + Sync)).collect();
+        async move { client.execute(statement, &params).await }
+    });
+    futures::future::try_join_all(sent).await.map_err(pg_error)?;
+    Ok(())
+}
+
+/// A transaction whose `BEGIN` goes out with its first statements ([`Pipelined::begin`], joined
+/// first with them) and whose `COMMIT` goes out with its writes ([`Pipelined::commit_with`]):
+/// the transaction costs the round trips its statements need, none of its own. Dropped
+/// unfinished (an error, a caller that went away), it is rolled back before its connection
+/// goes back to the pool.
+struct Pipelined {
+    client: Option<deadpool_postgres::Object>,
+    begun: AtomicBool,
+    done: AtomicBool,
+}
+
+impl Pipelined {
+    fn new(client: deadpool_postgres::Object) -> Pipelined {
+        Pipelined { client: Some(client), begun: AtomicBool::new(false), done: AtomicBool::new(false) }
+    }
+
+    /// The connection, for the transaction's statements.
+    fn client(&self) -> &deadpool_postgres::Object {
+        self.client.as_ref().expect("held until dropped")
+    }
+
+    /// Opens the transaction: join it before the statements that belong in it (a simple
+    /// query, on the wire when first polled).
+    async fn begin(&self) -> Result<(), Error> {
+        debug_assert!(!self.begun.swap(true, Ordering::Relaxed), "a transaction begun twice");
+        self.client().batch_execute("BEGIN").await.map_err(pg_error)
+    }
+
+    /// Rolls the transaction back (one round trip), for a step that found it must change nothing.
+    async fn rollback(&self) -> Result<(), Error> {
+        self.client().batch_execute("ROLLBACK").await.map_err(pg_error)?;
+        self.done.store(true, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Sends `writes` and `COMMIT` after them in one round trip. A write that fails makes the
+    /// `COMMIT` a rollback, and its error is returned.
+    async fn commit_with(&self, writes: &[Write]) -> Result<(), Error> {
+        // Prepared first: a write prepared while the `COMMIT` went out would run after it.
+        let statements = prepare_writes(self.client(), writes).await?;
+        let commit = self.client().batch_execute("COMMIT").map_err(pg_error);
+        futures::try_join!(execute_writes(self.client(), &statements, writes), commit)?;
+        self.done.store(true, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+impl Drop for Pipelined {
+    fn drop(&mut self) {
+        let Some(client) = self.client.take() else { return };
+        if self.done.load(Ordering::Relaxed) {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            // Not back into the pool: closing the session rolls the transaction back.
+            drop(deadpool_postgres::Object::take(client));
+            return;
+        };
+        runtime.spawn(async move {
+            if client.batch_execute("ROLLBACK").await.is_err() {
+                drop(deadpool_postgres::Object::take(client));
+            }
+        });
+    }
+}
 
 /// How long connecting may take (TCP and PostgreSQL's start-up, which answer in milliseconds
 /// on a LAN): longer is a server that is down or unreachable, and the call fails. Shorter than a
@@ -253,8 +392,20 @@ impl deadpool_postgres::Connect for CuttableConnect {
     }
 }
 
-/// `config` with the bounds above, where the URL did not set its own.
+/// Every statement is prepared once per connection and run with the plan made then: the
+/// statements name rows by key (a project, a digest, a save), so one plan serves every value,
+/// and the server's default would plan many of them again at each execution (a tenth of the
+/// machine's CPU at 100 simulated workers). Sent with the connection's start-up, before any
+/// `options` the URL gives (which may set it otherwise).
+const SESSION_OPTIONS: &str = "-c plan_cache_mode=force_generic_plan";
+
+/// `config` with the bounds above, where the URL did not set its own, and [`SESSION_OPTIONS`].
 fn bounded(mut config: tokio_postgres::Config) -> tokio_postgres::Config {
+    let options = match config.get_options() {
+        Some(given) => format!("{SESSION_OPTIONS} {given}"),
+        None => SESSION_OPTIONS.to_owned(),
+    };
+    config.options(&options);
     if config.get_connect_timeout().is_none() {
         config.connect_timeout(CONNECT_TIMEOUT);
     }
@@ -450,6 +601,11 @@ impl Postgres {
         self.pool.get().await.map_err(pg_error)
     }
 
+    /// A transaction on a connection of the state's pool, not begun yet (see [`Pipelined`]).
+    async fn pipelined(&self) -> Result<Pipelined, Error> {
+        Ok(Pipelined::new(self.client().await?))
+    }
+
     async fn migrate(&self) -> Result<(), Error> {
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(pg_error)?;
@@ -480,12 +636,16 @@ impl Postgres {
                 if version < 3 {
                     tx.batch_execute(SCHEMA_3).await.map_err(pg_error)?;
                 }
+                if version < 4 {
+                    tx.batch_execute(SCHEMA_4).await.map_err(pg_error)?;
+                }
                 tx.cached_execute("UPDATE lc_schema SET version = $1", &[&SCHEMA_VERSION]).await.map_err(pg_error)?;
             }
             None => {
                 tx.batch_execute(SCHEMA_1).await.map_err(pg_error)?;
                 tx.batch_execute(SCHEMA_2).await.map_err(pg_error)?;
                 tx.batch_execute(SCHEMA_3).await.map_err(pg_error)?;
+                tx.batch_execute(SCHEMA_4).await.map_err(pg_error)?;
                 tx.cached_execute("INSERT INTO lc_schema (version) VALUES ($1)", &[&SCHEMA_VERSION])
                     .await
                     .map_err(pg_error)?;
@@ -504,21 +664,21 @@ async fn lock_project(tx: &Transaction<'_>, project: &str) -> Result<Option<Proj
     row.map(|row| from_json("lc_projects", row.get::<_, &str>(0))).transpose()
 }
 
+const PUT_PROJECT: &str = "UPDATE lc_projects SET record = $2 WHERE name = $1";
+
 async fn put_project(tx: &impl GenericClient, record: &ProjectRecord) -> Result<(), Error> {
-    tx.cached_execute("UPDATE lc_projects SET record = $2 WHERE name = $1", &[&record.name, &to_json(record)])
-        .await
-        .map_err(pg_error)?;
+    tx.cached_execute(PUT_PROJECT, &[&record.name, &to_json(record)]).await.map_err(pg_error)?;
     Ok(())
 }
 
 /// The ledger's records of `digests`, locked for the rest of the transaction.
 async fn lock_blobs(
-    tx: &Transaction<'_>,
+    tx: &impl GenericClient,
     project: &str,
     digests: &[String],
 ) -> Result<HashMap<String, BlobRecord>, Error> {
     let rows = tx
-        .query(
+        .cached_query(
             "SELECT digest, record FROM lc_blobs WHERE project = $1 AND digest = ANY($2) FOR UPDATE",
             &[&project, &digests],
         )
@@ -527,90 +687,109 @@ async fn lock_blobs(
     rows.iter().map(|row| Ok((row.get::<_, String>(0), from_json("lc_blobs", row.get::<_, &str>(1))?))).collect()
 }
 
-async fn put_blob(tx: &Transaction<'_>, project: &str, digest: &str, record: &BlobRecord) -> Result<(), Error> {
-    tx.cached_execute(
-        "INSERT INTO lc_blobs (project, digest, refs, record) VALUES ($1, $2, $3, $4)
-         ON CONFLICT (project, digest) DO UPDATE SET refs = EXCLUDED.refs, record = EXCLUDED.record",
-        &[&project, &digest, &(record.references as i64), &to_json(record)],
-    )
-    .await
-    .map_err(pg_error)?;
-    Ok(())
-}
-
-/// Adds to a project's totals (never below zero).
-async fn change_totals(
-    tx: &Transaction<'_>,
+/// The ledger's records of `digests` and of the blobs `key`'s manifest names, locked for the rest
+/// of the transaction (which must hold the manifest's row: the list read is then its current
+/// one). A manifest written before schema version 4 adds none.
+async fn lock_commit_blobs(
+    tx: &impl GenericClient,
     project: &str,
-    blobs: i64,
-    bytes: i64,
-    manifests: i64,
-) -> Result<(), Error> {
-    tx.cached_execute(
-        "INSERT INTO lc_totals (project, blobs, stored_bytes, manifests)
-             VALUES ($1, GREATEST($2::bigint, 0), GREATEST($3::bigint, 0), GREATEST($4::bigint, 0))
-         ON CONFLICT (project) DO UPDATE SET blobs = GREATEST(lc_totals.blobs + $2::bigint, 0),
-             stored_bytes = GREATEST(lc_totals.stored_bytes + $3::bigint, 0),
-             manifests = GREATEST(lc_totals.manifests + $4::bigint, 0)",
-        &[&project, &blobs, &bytes, &manifests],
-    )
-    .await
-    .map_err(pg_error)?;
-    Ok(())
-}
-
-/// Applies a ledger rule's change set (see [`ledger::ChangeSet`]) inside `tx`.
-async fn apply(tx: &Transaction<'_>, project: &str, change: &ledger::ChangeSet) -> Result<(), Error> {
-    if let Some(record) = &change.put_project {
-        put_project(tx, record).await?;
-    }
-    for key in &change.remove_manifests {
-        tx.cached_execute(
-            "DELETE FROM lc_manifests WHERE project = $1 AND service = $2 AND branch = $3",
-            &[&project, &key.service, &key.branch],
+    key: &pb::CacheKey,
+    digests: &[String],
+) -> Result<HashMap<String, BlobRecord>, Error> {
+    let rows = tx
+        .cached_query(
+            "SELECT digest, record FROM lc_blobs WHERE project = $1 AND digest = ANY($2::text[] || COALESCE(
+                 (SELECT digests FROM lc_manifests WHERE project = $1 AND service = $3 AND branch = $4), '{}'))
+             FOR UPDATE",
+            &[&project, &digests, &key.service, &key.branch],
         )
         .await
         .map_err(pg_error)?;
+    rows.iter().map(|row| Ok((row.get::<_, String>(0), from_json("lc_blobs", row.get::<_, &str>(1))?))).collect()
+}
+
+/// The writes that apply a ledger rule's change set (see [`ledger::ChangeSet`]), in order: at
+/// most 9 statements, whatever its size.
+fn change_writes(project: &str, change: &ledger::ChangeSet) -> Vec<Write> {
+    let by_project = || -> Param { Box::new(project.to_owned()) };
+    let mut writes = Vec::new();
+    if let Some(record) = &change.put_project {
+        writes.push(Write::new(PUT_PROJECT, vec![Box::new(record.name.clone()), Box::new(to_json(record))]));
+    }
+    if !change.remove_manifests.is_empty() {
+        let services: Vec<String> = change.remove_manifests.iter().map(|key| key.service.clone()).collect();
+        let branches: Vec<String> = change.remove_manifests.iter().map(|key| key.branch.clone()).collect();
+        writes.push(Write::new(
+            "DELETE FROM lc_manifests m USING UNNEST($2::text[], $3::text[]) AS gone (service, branch)
+             WHERE m.project = $1 AND m.service = gone.service AND m.branch = gone.branch",
+            vec![by_project(), Box::new(services), Box::new(branches)],
+        ));
     }
     if let Some(manifest) = &change.put_manifest {
         let key = manifest.key.clone().unwrap_or_default();
-        tx.cached_execute(
-            "INSERT INTO lc_manifests (project, service, branch, body) VALUES ($1, $2, $3, $4)
-             ON CONFLICT (project, service, branch) DO UPDATE SET body = EXCLUDED.body",
-            &[&project, &key.service, &key.branch, &manifest.encode_to_vec()],
-        )
-        .await
-        .map_err(pg_error)?;
+        writes.push(Write::new(
+            "INSERT INTO lc_manifests (project, service, branch, body, digests) VALUES ($1, $2, $3, $4, $5)
+             ON CONFLICT (project, service, branch) DO UPDATE SET body = EXCLUDED.body, digests = EXCLUDED.digests",
+            vec![
+                by_project(),
+                Box::new(key.service),
+                Box::new(key.branch),
+                Box::new(manifest.encode_to_vec()),
+                Box::new(manifest_digests(manifest).into_iter().collect::<Vec<String>>()),
+            ],
+        ));
     }
-    for (digest, blob) in &change.put_blobs {
-        put_blob(tx, project, digest, blob).await?;
+    if !change.put_blobs.is_empty() {
+        // One statement may change a row once: a digest's last record is the one that stands,
+        // as it would written one after another.
+        let blobs: std::collections::BTreeMap<&str, &BlobRecord> =
+            change.put_blobs.iter().map(|(digest, record)| (digest.as_str(), record)).collect();
+        let digests: Vec<String> = blobs.keys().map(|digest| (*digest).to_owned()).collect();
+        let references: Vec<i64> = blobs.values().map(|record| record.references as i64).collect();
+        let records: Vec<String> = blobs.values().map(|record| to_json(*record)).collect();
+        writes.push(Write::new(
+            "INSERT INTO lc_blobs (project, digest, refs, record)
+                 SELECT $1, digest, refs, record FROM UNNEST($2::text[], $3::bigint[], $4::text[]) AS given (digest, refs, record)
+             ON CONFLICT (project, digest) DO UPDATE SET refs = EXCLUDED.refs, record = EXCLUDED.record",
+            vec![by_project(), Box::new(digests), Box::new(references), Box::new(records)],
+        ));
     }
     if !change.remove_blobs.is_empty() {
-        tx.cached_execute(
+        writes.push(Write::new(
             "DELETE FROM lc_blobs WHERE project = $1 AND digest = ANY($2)",
-            &[&project, &change.remove_blobs],
-        )
-        .await
-        .map_err(pg_error)?;
+            vec![by_project(), Box::new(change.remove_blobs.clone())],
+        ));
     }
     if !change.remove_keys.is_empty() {
-        tx.cached_execute("DELETE FROM lc_minted_keys WHERE access_key_id = ANY($1)", &[&change.remove_keys])
-            .await
-            .map_err(pg_error)?;
+        writes.push(Write::new(
+            "DELETE FROM lc_minted_keys WHERE access_key_id = ANY($1)",
+            vec![Box::new(change.remove_keys.clone())],
+        ));
     }
     if change.reset_totals {
-        tx.cached_execute(
+        writes.push(Write::new(
             "UPDATE lc_totals SET blobs = 0, stored_bytes = 0, manifests = 0 WHERE project = $1",
-            &[&project],
-        )
-        .await
-        .map_err(pg_error)?;
+            vec![by_project()],
+        ));
     }
     let deltas = [change.blobs_delta, change.stored_bytes_delta, change.manifests_delta];
     if change.reset_totals || deltas != [0; 3] {
-        change_totals(tx, project, deltas[0], deltas[1], deltas[2]).await?;
+        // Added to a project's totals, never below zero.
+        writes.push(Write::new(
+            "INSERT INTO lc_totals (project, blobs, stored_bytes, manifests)
+                 VALUES ($1, GREATEST($2::bigint, 0), GREATEST($3::bigint, 0), GREATEST($4::bigint, 0))
+             ON CONFLICT (project) DO UPDATE SET blobs = GREATEST(lc_totals.blobs + $2::bigint, 0),
+                 stored_bytes = GREATEST(lc_totals.stored_bytes + $3::bigint, 0),
+                 manifests = GREATEST(lc_totals.manifests + $4::bigint, 0)",
+            vec![by_project(), Box::new(deltas[0]), Box::new(deltas[1]), Box::new(deltas[2])],
+        ));
     }
-    Ok(())
+    writes
+}
+
+/// Applies a ledger rule's change set inside the transaction `tx` is in, in one round trip.
+async fn apply(tx: &impl GenericClient, project: &str, change: &ledger::ChangeSet) -> Result<(), Error> {
+    send_writes(tx, &change_writes(project, change)).await
 }
 
 async fn manifest_of(
@@ -630,10 +809,22 @@ async fn manifest_of(
 
 /// Locks `project`'s leases for the rest of the transaction; its leases (`reads` left empty)
 /// and every other project's demand. The lock and both reads go in one round trip.
-async fn locked_leases(tx: &Transaction<'_>, project: &str) -> Result<(super::Leases, super::LeaseDemands), Error> {
+///
+/// With `lookup` (the publish lock's key), [`LOOKUP_LOCKS`] are taken instead of the leases'.
+async fn locked_leases(
+    tx: &impl GenericClient,
+    project: &str,
+    lookup: Option<i64>,
+) -> Result<(super::Leases, super::LeaseDemands), Error> {
     let by_project: &[&(dyn tokio_postgres::types::ToSql + Sync)] = &[&project];
+    let lock = async {
+        match lookup {
+            Some(key) => tx.cached_execute(LOOKUP_LOCKS, &[&project, &key]).await,
+            None => tx.cached_execute(PROJECT_LEASES_LOCK, by_project).await,
+        }
+    };
     let (_, leases, demands) = futures::try_join!(
-        tx.cached_execute(PROJECT_LEASES_LOCK, by_project),
+        lock,
         tx.cached_query("SELECT id, record FROM lc_leases WHERE project = $1", by_project),
         tx.cached_query("SELECT project, demand, lapses_unix_ms FROM lc_lease_demand WHERE project <> $1", by_project),
     )
@@ -652,64 +843,56 @@ async fn locked_leases(tx: &Transaction<'_>, project: &str) -> Result<(super::Le
     Ok((leases, demands))
 }
 
-/// Writes what a change made of `project`'s leases (`before` it, `after` it) and the project's
-/// `demand`, in one round trip.
-async fn write_leases(
-    tx: &Transaction<'_>,
+/// The writes that store what a change made of `project`'s leases (`before` it, `after` it)
+/// and the project's `demand`.
+fn lease_writes(
     project: &str,
     before: &super::Leases,
     after: &super::Leases,
     demand: super::LeaseDemand,
-) -> Result<(), Error> {
-    let gone: Vec<&String> = before.keys().filter(|id| !after.contains_key(*id)).collect();
-    // What is written is the JSON without `reads`: a change to a field never stored writes
+) -> Vec<Write> {
+    let gone: Vec<String> = before.keys().filter(|id| !after.contains_key(*id)).cloned().collect();
+    // What is written is the record without `reads`: a change to a field never stored writes
     // nothing, and a lease's `reads` are written once, with the lease.
     let changed: Vec<(&String, &super::Lease, bool)> = after
         .iter()
         .filter(|(_, lease)| lease.project == project)
         .filter_map(|(id, lease)| match before.get(id) {
             None => Some((id, lease, true)),
-            Some(was) if lease_json(was) != lease_json(lease) => Some((id, lease, false)),
+            Some(was) if stored_lease(was) != stored_lease(lease) => Some((id, lease, false)),
             Some(_) => None,
         })
         .collect();
-    let ids: Vec<&str> = changed.iter().map(|(id, _, _)| id.as_str()).collect();
-    let bodies: Vec<String> = changed.iter().map(|(_, lease, _)| lease_json(lease)).collect();
-    // A new lease's reads, as one JSON text (a text[][] cannot be ragged); a kept lease's: NULL.
-    let reads: Vec<Option<String>> = changed.iter().map(|(_, lease, new)| new.then(|| to_json(&lease.reads))).collect();
     let lapses_unix_ms = if after.is_empty() { 0 } else { demand.lapses_unix_ms };
     let demand = if after.is_empty() { 0 } else { i64::from(demand.demand) };
-    let write_demand = async {
-        tx.cached_execute(
-            "INSERT INTO lc_lease_demand (project, demand, lapses_unix_ms) VALUES ($1, $2, $3)
-             ON CONFLICT (project) DO UPDATE SET demand = EXCLUDED.demand, lapses_unix_ms = EXCLUDED.lapses_unix_ms",
-            &[&project, &demand, &lapses_unix_ms],
-        )
-        .await
-    };
-    let remove = async {
-        if gone.is_empty() {
-            return Ok(0);
-        }
-        tx.cached_execute("DELETE FROM lc_leases WHERE project = $1 AND id = ANY($2)", &[&project, &gone]).await
-    };
-    let upsert = async {
-        if changed.is_empty() {
-            return Ok(0);
-        }
-        tx.cached_execute(
+    let mut writes = vec![Write::new(
+        "INSERT INTO lc_lease_demand (project, demand, lapses_unix_ms) VALUES ($1, $2, $3)
+         ON CONFLICT (project) DO UPDATE SET demand = EXCLUDED.demand, lapses_unix_ms = EXCLUDED.lapses_unix_ms",
+        vec![Box::new(project.to_owned()), Box::new(demand), Box::new(lapses_unix_ms)],
+    )];
+    if !gone.is_empty() {
+        writes.push(Write::new(
+            "DELETE FROM lc_leases WHERE project = $1 AND id = ANY($2)",
+            vec![Box::new(project.to_owned()), Box::new(gone)],
+        ));
+    }
+    if !changed.is_empty() {
+        let ids: Vec<String> = changed.iter().map(|(id, _, _)| (*id).clone()).collect();
+        let bodies: Vec<String> = changed.iter().map(|(_, lease, _)| to_json(&stored_lease(lease))).collect();
+        // A new lease's reads, as one JSON text (a text[][] cannot be ragged); a kept lease's: NULL.
+        let reads: Vec<Option<String>> =
+            changed.iter().map(|(_, lease, new)| new.then(|| to_json(&lease.reads))).collect();
+        writes.push(Write::new(
             "INSERT INTO lc_leases (id, project, record, reads)
              SELECT id, $1, record, COALESCE(ARRAY(SELECT jsonb_array_elements_text(reads::jsonb)), '{}')
              FROM UNNEST($2::text[], $3::text[], $4::text[]) AS given (id, record, reads)
              ON CONFLICT (id) DO UPDATE SET record = EXCLUDED.record,
                  reads = CASE WHEN EXCLUDED.reads = '{}' THEN lc_leases.reads ELSE EXCLUDED.reads END
              WHERE lc_leases.project = EXCLUDED.project",
-            &[&project, &ids, &bodies, &reads],
-        )
-        .await
-    };
-    futures::try_join!(write_demand, remove, upsert).map_err(pg_error)?;
-    Ok(())
+            vec![Box::new(project.to_owned()), Box::new(ids), Box::new(bodies), Box::new(reads)],
+        ));
+    }
+    writes
 }
 
 /// `project`'s record while `holder` is one of its live tokens (with `lock`, locked for the rest
@@ -739,7 +922,7 @@ async fn holders_record(
 
 /// The manifest of the first of `keys` the project holds.
 async fn first_manifest(
-    tx: &Transaction<'_>,
+    tx: &impl GenericClient,
     project: &str,
     keys: &[pb::CacheKey],
 ) -> Result<Option<pb::Manifest>, Error> {
@@ -747,9 +930,12 @@ async fn first_manifest(
     let branches: Vec<&str> = keys.iter().map(|key| key.branch.as_str()).collect();
     let row = tx
         .cached_query_opt(
-            "SELECT body FROM lc_manifests JOIN UNNEST($2::text[], $3::text[]) WITH ORDINALITY AS wanted (service, branch, n)
-                 USING (service, branch)
-             WHERE project = $1 ORDER BY wanted.n LIMIT 1",
+            // One look-up of the primary key per key, in their order (`OFFSET 0` keeps the
+            // planner from turning it into a scan of the project's manifests and a join).
+            "SELECT m.body FROM UNNEST($2::text[], $3::text[]) WITH ORDINALITY AS wanted (service, branch, n)
+                 CROSS JOIN LATERAL (SELECT body FROM lc_manifests
+                     WHERE project = $1 AND service = wanted.service AND branch = wanted.branch OFFSET 0) m
+             ORDER BY wanted.n LIMIT 1",
             &[&project, &services, &branches],
         )
         .await
@@ -757,19 +943,19 @@ async fn first_manifest(
     row.map(|row| decode_manifest(row.get::<_, &[u8]>(0))).transpose()
 }
 
-/// A lease's record as stored: without its `reads`, which are a column of their own.
-fn lease_json(lease: &super::Lease) -> String {
-    let bare = super::Lease {
+/// What of a lease is stored in its record: not its `reads`, which are a column of their own,
+/// nor its `concurrency`, which is derived.
+fn stored_lease(lease: &super::Lease) -> super::Lease {
+    super::Lease {
         project: lease.project.clone(),
         kind: lease.kind,
         fixed: lease.fixed,
-        concurrency: lease.concurrency,
+        concurrency: 0,
         order: lease.order,
         renewed_unix_ms: lease.renewed_unix_ms,
         reads: Default::default(),
         holder: lease.holder.clone(),
-    };
-    to_json(&bare)
+    }
 }
 
 /// Ephemeral records of `table` (all of them, or `project`'s), by ID.
@@ -790,74 +976,70 @@ async fn ephemeral_records<T: for<'de> Deserialize<'de>>(
         .collect()
 }
 
-/// Writes back what a change made of the records of `table` (all, or `project`'s): `before`
-/// it and `after` it.
-async fn write_ephemeral<T: Serialize>(
-    tx: &Transaction<'_>,
+/// The writes that store what a change made of the records of `table` (all, or `project`'s):
+/// `before` it and `after` it.
+fn ephemeral_writes<T: Serialize + PartialEq>(
     table: &'static str,
     project: Option<&str>,
     before: &HashMap<String, T>,
     after: &HashMap<String, T>,
     project_of: fn(&T) -> &str,
-) -> Result<(), Error> {
-    let gone: Vec<&String> = before.keys().filter(|id| !after.contains_key(*id)).collect();
+) -> Vec<Write> {
+    let mut writes = Vec::new();
+    let gone: Vec<String> = before.keys().filter(|id| !after.contains_key(*id)).cloned().collect();
     if !gone.is_empty() {
-        tx.cached_execute(&format!("DELETE FROM {table} WHERE id = ANY($1)"), &[&gone]).await.map_err(pg_error)?;
+        writes.push(Write::new(format!("DELETE FROM {table} WHERE id = ANY($1)"), vec![Box::new(gone)]));
     }
-    // What is written is the JSON: a change to a field never stored writes nothing.
-    let changed: Vec<(&String, &T)> = after
-        .iter()
-        .filter(|(id, record)| before.get(*id).is_none_or(|was| to_json(was) != to_json(*record)))
-        .collect();
+    // Only the records it changed are written.
+    let changed: Vec<(&String, &T)> =
+        after.iter().filter(|(id, record)| before.get(*id).is_none_or(|was| was != *record)).collect();
     if !changed.is_empty() {
         debug_assert!(changed.iter().all(|(_, record)| project.is_none_or(|project| project_of(record) == project)));
-        let ids: Vec<&str> = changed.iter().map(|(id, _)| id.as_str()).collect();
-        let projects: Vec<&str> = changed.iter().map(|(_, record)| project_of(record)).collect();
+        let ids: Vec<String> = changed.iter().map(|(id, _)| (*id).clone()).collect();
+        let projects: Vec<String> = changed.iter().map(|(_, record)| project_of(record).to_owned()).collect();
         let bodies: Vec<String> = changed.iter().map(|(_, record)| to_json(record)).collect();
         let new: Vec<bool> = changed.iter().map(|(id, _)| !before.contains_key(*id)).collect();
         // A record that was there is updated, never written again: one deleted meanwhile (a
         // commit takes its save by its row alone) stays deleted.
-        let write = format!(
-            "WITH given AS (SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::bool[]) AS given (id, project, record, new)),
-             updated AS (UPDATE {table} SET project = given.project, record = given.record FROM given
-                 WHERE {table}.id = given.id AND NOT given.new)
-             INSERT INTO {table} (id, project, record) SELECT id, project, record FROM given WHERE new
-             ON CONFLICT (id) DO UPDATE SET project = EXCLUDED.project, record = EXCLUDED.record"
-        );
-        tx.cached_execute(&write, &[&ids, &projects, &bodies, &new]).await.map_err(pg_error)?;
+        writes.push(Write::new(
+            format!(
+                "WITH given AS (SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::bool[]) AS given (id, project, record, new)),
+                 updated AS (UPDATE {table} SET project = given.project, record = given.record FROM given
+                     WHERE {table}.id = given.id AND NOT given.new)
+                 INSERT INTO {table} (id, project, record) SELECT id, project, record FROM given WHERE new
+                 ON CONFLICT (id) DO UPDATE SET project = EXCLUDED.project, record = EXCLUDED.record"
+            ),
+            vec![Box::new(ids), Box::new(projects), Box::new(bodies), Box::new(new)],
+        ));
     }
-    Ok(())
+    writes
 }
 
-/// Adds `change` to the counters of a project's service, inside `tx`.
-async fn add_counters(
-    tx: &Transaction<'_>,
-    project: &str,
-    service: &str,
-    change: &ServiceCounters,
-) -> Result<(), Error> {
-    tx.cached_execute(
-        "INSERT INTO lc_counters (project, service, record) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
-        &[&project, &service, &to_json(&ServiceCounters::default())],
-    )
-    .await
-    .map_err(pg_error)?;
-    let row = tx
-        .query_one(
+/// The counters of a project's service, locked for the rest of the transaction (made, all
+/// zero, if it had none): two statements, one round trip.
+async fn locked_counters(tx: &impl GenericClient, project: &str, service: &str) -> Result<ServiceCounters, Error> {
+    let zero = to_json(&ServiceCounters::default());
+    let new: &[&(dyn tokio_postgres::types::ToSql + Sync)] = &[&project, &service, &zero];
+    let by_service: &[&(dyn tokio_postgres::types::ToSql + Sync)] = &[&project, &service];
+    let (_, row) = futures::try_join!(
+        tx.cached_execute(
+            "INSERT INTO lc_counters (project, service, record) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+            new
+        ),
+        tx.cached_query_one(
             "SELECT record FROM lc_counters WHERE project = $1 AND service = $2 FOR UPDATE",
-            &[&project, &service],
-        )
-        .await
-        .map_err(pg_error)?;
-    let mut counters: ServiceCounters = from_json("lc_counters", row.get::<_, &str>(0))?;
-    counters.add(change);
-    tx.cached_execute(
-        "UPDATE lc_counters SET record = $3 WHERE project = $1 AND service = $2",
-        &[&project, &service, &to_json(&counters)],
+            by_service
+        ),
     )
-    .await
     .map_err(pg_error)?;
-    Ok(())
+    from_json("lc_counters", row.get::<_, &str>(0))
+}
+
+/// The write that stores a project's service's `counters`, read with [`locked_counters`].
+fn counters_write(project: &str, service: &str, counters: &ServiceCounters) -> Write {
+    let params: Vec<Param> =
+        vec![Box::new(project.to_owned()), Box::new(service.to_owned()), Box::new(to_json(counters))];
+    Write::new("UPDATE lc_counters SET record = $3 WHERE project = $1 AND service = $2", params)
 }
 
 impl Postgres {
@@ -870,18 +1052,17 @@ impl Postgres {
         project: &str,
         change: &mut (dyn for<'a> FnMut(&'a mut super::OpenSaves) + Send),
     ) -> Result<(), Error> {
-        let mut client = self.client().await?;
-        let tx = client.transaction().await.map_err(pg_error)?;
+        let tx = self.pipelined().await?;
         // Only an unlogged table is written: the commit has no WAL to wait for.
         let by_project: &[&(dyn tokio_postgres::types::ToSql + Sync)] = &[&project];
-        let (_, before) = futures::try_join!(
-            tx.cached_execute(PROJECT_OPEN_SAVES_LOCK, by_project).map_err(pg_error),
-            ephemeral_records::<super::OpenSave>(&tx, "lc_open_saves", Some(project)),
+        let (_, _, before) = futures::try_join!(
+            tx.begin(),
+            tx.client().cached_execute(PROJECT_OPEN_SAVES_LOCK, by_project).map_err(pg_error),
+            ephemeral_records::<super::OpenSave>(tx.client(), "lc_open_saves", Some(project)),
         )?;
         let mut records = before.clone();
         change(&mut records);
-        write_ephemeral(&tx, "lc_open_saves", Some(project), &before, &records, |save| &save.project).await?;
-        tx.commit().await.map_err(pg_error)
+        tx.commit_with(&ephemeral_writes("lc_open_saves", Some(project), &before, &records, |save| &save.project)).await
     }
 }
 
@@ -909,15 +1090,13 @@ impl super::Ephemeral for Postgres {
         project: &str,
         change: &mut (dyn for<'a> FnMut(&'a mut super::Leases, &'a super::LeaseDemands) -> super::LeaseDemand + Send),
     ) -> Result<(), Error> {
-        let mut client = self.client().await?;
-        let tx = client.transaction().await.map_err(pg_error)?;
+        let tx = self.pipelined().await?;
         // Only unlogged tables are written: the commit has no WAL to wait for. One round trip
-        // for the lock and both reads.
-        let (before, demands) = locked_leases(&tx, project).await?;
+        // for the lock and both reads, one for the writes.
+        let (_, (before, demands)) = futures::try_join!(tx.begin(), locked_leases(tx.client(), project, None))?;
         let mut leases = before.clone();
         let demand = change(&mut leases, &demands);
-        write_leases(&tx, project, &before, &leases, demand).await?;
-        tx.commit().await.map_err(pg_error)
+        tx.commit_with(&lease_writes(project, &before, &leases, demand)).await
     }
 
     async fn read_leases(
@@ -1202,44 +1381,45 @@ impl State for Postgres {
         now_unix: i64,
         grant: &mut super::LookupGrant<'_>,
     ) -> Result<Option<pb::Manifest>, Error> {
-        let mut client = self.client().await?;
-        let tx = client.transaction().await.map_err(pg_error)?;
-        // A miss takes no lock. A hit is read again under the lock: an eviction may have run
-        // between. The lock is the publish lock of `project_lock`, for this transaction only.
-        let (_, first) =
-            futures::try_join!(holders_record(&tx, project, holder, false), first_manifest(&tx, project, keys))?;
+        // A miss takes no lock and writes nothing. A hit is read again under the lock: an
+        // eviction may have run between. The lock is the publish lock of `project_lock`, for
+        // this transaction only.
+        let tx = self.pipelined().await?;
+        let (_, _, first) = futures::try_join!(
+            tx.begin(),
+            holders_record(tx.client(), project, holder, false),
+            first_manifest(tx.client(), project, keys)
+        )?;
         if first.is_none() {
-            tx.commit().await.map_err(pg_error)?;
+            tx.commit_with(&[]).await?;
             return Ok(None);
         }
-        // A use's time is a hint for expiry and eviction: it need not wait for the disk.
-        let key = lock_key(project);
-        let by_key: &[&(dyn tokio_postgres::types::ToSql + Sync)] = &[&key];
-        let (_, _, found, (before, demands)) = futures::try_join!(
-            tx.batch_execute("SET LOCAL synchronous_commit = off").map_err(pg_error),
-            tx.cached_execute("SELECT pg_advisory_xact_lock_shared($1)", by_key).map_err(pg_error),
-            first_manifest(&tx, project, keys),
-            locked_leases(&tx, project),
+        // The locks first (the leases' statements are sent in order), then the manifest again.
+        let ((before, demands), found) = futures::try_join!(
+            locked_leases(tx.client(), project, Some(lock_key(project))),
+            first_manifest(tx.client(), project, keys),
         )?;
         let Some(manifest) = found else {
-            tx.commit().await.map_err(pg_error)?;
+            tx.commit_with(&[]).await?;
             return Ok(None);
         };
         let mut leases = before.clone();
         let demand = grant(&manifest, &mut leases, &demands);
         let key = manifest.key.clone().unwrap_or_default();
-        let touched = ledger::touched(&manifest, now_unix).encode_to_vec();
-        let touch = async {
-            // Only the manifest it was: a lost race means a newer one is there, with its own times.
-            tx.cached_execute(
-                "UPDATE lc_manifests SET body = $5 WHERE project = $1 AND service = $2 AND branch = $3 AND body = $4",
-                &[&project, &key.service, &key.branch, &manifest.encode_to_vec(), &touched],
-            )
-            .await
-            .map_err(pg_error)
-        };
-        futures::try_join!(touch, write_leases(&tx, project, &before, &leases, demand))?;
-        tx.commit().await.map_err(pg_error)?;
+        // Only the manifest it was: a lost race means a newer one is there, with its own times.
+        let touch = Write::new(
+            "UPDATE lc_manifests SET body = $5 WHERE project = $1 AND service = $2 AND branch = $3 AND body = $4",
+            vec![
+                Box::new(project.to_owned()),
+                Box::new(key.service),
+                Box::new(key.branch),
+                Box::new(manifest.encode_to_vec()),
+                Box::new(ledger::touched(&manifest, now_unix).encode_to_vec()),
+            ],
+        );
+        let mut writes = vec![touch];
+        writes.extend(lease_writes(project, &before, &leases, demand));
+        tx.commit_with(&writes).await?;
         Ok(Some(manifest))
     }
 
@@ -1272,25 +1452,27 @@ impl State for Postgres {
         digests: &[String],
         register: &mut super::BeginRegister<'_>,
     ) -> Result<(), Error> {
-        let mut client = self.client().await?;
-        let tx = client.transaction().await.map_err(pg_error)?;
-        // The publish lock (`project_lock`'s, for this transaction only), the project's record
-        // with the token's check, the ledger's records, the manifests and the open saves, in
-        // one round trip. Only the open saves are written, an unlogged table: the commit has no
-        // WAL to wait for.
+        let tx = self.pipelined().await?;
+        // The locks (see `BEGIN_LOCKS`), the project's record with the token's check, the
+        // ledger's records, the manifests and the open saves, in one round trip; the writes and
+        // the commit in another. Only the open saves are written, an unlogged table: the commit
+        // has no WAL to wait for.
         let lock = lock_key(project);
-        let by_key: &[&(dyn tokio_postgres::types::ToSql + Sync)] = &[&lock];
+        let locks: &[&(dyn tokio_postgres::types::ToSql + Sync)] = &[&lock, &project];
         let by_project: &[&(dyn tokio_postgres::types::ToSql + Sync)] = &[&project];
         let by_digests: &[&(dyn tokio_postgres::types::ToSql + Sync)] = &[&project, &digests];
-        let (_, record, stored, manifests, _, saves) = futures::try_join!(
-            tx.cached_execute("SELECT pg_advisory_xact_lock_shared($1)", by_key).map_err(pg_error),
-            holders_record(&tx, project, holder, false),
-            tx.cached_query("SELECT digest, record FROM lc_blobs WHERE project = $1 AND digest = ANY($2)", by_digests)
+        let client = tx.client();
+        let (_, _, record, stored, manifests, saves) = futures::try_join!(
+            tx.begin(),
+            client.cached_execute(BEGIN_LOCKS, locks).map_err(pg_error),
+            holders_record(client, project, holder, false),
+            client
+                .cached_query("SELECT digest, record FROM lc_blobs WHERE project = $1 AND digest = ANY($2)", by_digests)
                 .map_err(pg_error),
-            tx.cached_query("SELECT body FROM lc_manifests WHERE project = $1 ORDER BY service, branch", by_project)
+            client
+                .cached_query("SELECT body FROM lc_manifests WHERE project = $1 ORDER BY service, branch", by_project)
                 .map_err(pg_error),
-            tx.cached_execute(PROJECT_OPEN_SAVES_LOCK, by_project).map_err(pg_error),
-            ephemeral_records::<super::OpenSave>(&tx, "lc_open_saves", Some(project)),
+            ephemeral_records::<super::OpenSave>(client, "lc_open_saves", Some(project)),
         )?;
         let stored: HashMap<String, BlobRecord> = stored
             .iter()
@@ -1301,8 +1483,8 @@ impl State for Postgres {
         let mut changed = saves.clone();
         // What the rule changed stands even when it refuses (the silent saves it noted).
         let registered = register(&record, &stored, &manifests, &mut changed);
-        write_ephemeral(&tx, "lc_open_saves", Some(project), &saves, &changed, |save| &save.project).await?;
-        tx.commit().await.map_err(pg_error)?;
+        tx.commit_with(&ephemeral_writes("lc_open_saves", Some(project), &saves, &changed, |save| &save.project))
+            .await?;
         registered
     }
 
@@ -1319,42 +1501,52 @@ impl State for Postgres {
     ) -> Result<Option<Committed>, Error> {
         let key = manifest.key.clone().unwrap_or_default();
         let digests: Vec<String> = new_blobs.keys().cloned().collect();
-        let mut client = self.client().await?;
-        let tx = client.transaction().await.map_err(pg_error)?;
-        // The publish lock (`project_lock`'s, for this transaction only), then the project's
-        // row with the token's check, the key's manifest and the blobs, in one round trip.
+        let tx = self.pipelined().await?;
+        let client = tx.client();
+        // Two round trips: the publish lock (`project_lock`'s, for this transaction only), the
+        // project's row with the token's check, the key's manifest, its blobs and those of the
+        // manifest it replaces, its open save and the service's counters; then the writes and
+        // the commit. Its open save is one row, deleted without the project's open-saves lock
+        // (a begin holding it never writes back a save that went meanwhile: see
+        // `ephemeral_writes`).
         let lock = lock_key(project);
         let by_key: &[&(dyn tokio_postgres::types::ToSql + Sync)] = &[&lock];
-        let (_, record, old, mut known) = futures::try_join!(
-            tx.cached_execute("SELECT pg_advisory_xact_lock_shared($1)", by_key).map_err(pg_error),
-            holders_record(&tx, project, holder, true),
-            manifest_of(&tx, project, &key, true),
-            lock_blobs(&tx, project, &digests),
+        let by_save: &[&(dyn tokio_postgres::types::ToSql + Sync)] = &[&save_id, &project];
+        let (_, _, record, old, mut known, taken, mut counters) = futures::try_join!(
+            tx.begin(),
+            client.cached_execute("SELECT pg_advisory_xact_lock_shared($1)", by_key).map_err(pg_error),
+            holders_record(client, project, holder, true),
+            manifest_of(client, project, &key, true),
+            lock_commit_blobs(client, project, &key, &digests),
+            client
+                .cached_query_opt("DELETE FROM lc_open_saves WHERE id = $1 AND project = $2 RETURNING id", by_save)
+                .map_err(pg_error),
+            locked_counters(client, project, &key.service),
         )?;
-        if known.len() < digests.len() || !check(&record, &known)? {
-            tx.commit().await.map_err(pg_error)?;
+        if !digests.iter().all(|digest| known.contains_key(digest)) || !check(&record, &known)? {
+            // Its open save stays: the caller checks the store and commits again.
+            tx.rollback().await?;
             return Ok(None);
         }
-        // The blobs of the manifest it replaces that it does not name, and its open save: one
-        // row, deleted without the project's open-saves lock (a begin holding it never writes
-        // back a save that went meanwhile: see `write_ephemeral`).
-        let replaced: Vec<String> =
-            old.iter().flat_map(manifest_digests).filter(|digest| !new_blobs.contains_key(digest)).collect();
-        let by_save: &[&(dyn tokio_postgres::types::ToSql + Sync)] = &[&save_id, &project];
-        let (more_known, taken) = futures::try_join!(
-            lock_blobs(&tx, project, &replaced),
-            tx.cached_query_opt("DELETE FROM lc_open_saves WHERE id = $1 AND project = $2 RETURNING id", by_save)
-                .map_err(pg_error),
-        )?;
         if taken.is_none() {
             return Err(Error::NoSuchSave(save_id.to_owned()));
         }
-        known.extend(more_known);
+        // A round trip more for a replaced manifest whose blobs were not listed beside it (one
+        // written before schema version 4, or by an older replica since).
+        let unlisted: Vec<String> = old
+            .iter()
+            .flat_map(manifest_digests)
+            .filter(|digest| !new_blobs.contains_key(digest) && !known.contains_key(digest))
+            .collect();
+        if !unlisted.is_empty() {
+            known.extend(lock_blobs(client, project, &unlisted).await?);
+        }
         let view = ledger::CommitView { project: &record, old, known: &known };
         let (committed, change) = ledger::commit(view, manifest, generation, new_blobs, now_unix)?;
-        let counted = ServiceCounters { saves: 1, ..Default::default() };
-        futures::try_join!(apply(&tx, project, &change), add_counters(&tx, project, &key.service, &counted))?;
-        tx.commit().await.map_err(pg_error)?;
+        counters.add(&ServiceCounters { saves: 1, ..Default::default() });
+        let mut writes = change_writes(project, &change);
+        writes.push(counters_write(project, &key.service, &counters));
+        tx.commit_with(&writes).await?;
         Ok(Some(committed))
     }
 
@@ -1412,10 +1604,10 @@ impl State for Postgres {
     }
 
     async fn add_to_counters(&self, project: &str, service: &str, change: &ServiceCounters) -> Result<(), Error> {
-        let mut client = self.client().await?;
-        let tx = client.transaction().await.map_err(pg_error)?;
-        add_counters(&tx, project, service, change).await?;
-        tx.commit().await.map_err(pg_error)
+        let tx = self.pipelined().await?;
+        let (_, mut counters) = futures::try_join!(tx.begin(), locked_counters(tx.client(), project, service))?;
+        counters.add(change);
+        tx.commit_with(&[counters_write(project, service, &counters)]).await
     }
 
     async fn flush_project(&self, project: &str) -> Result<FlushedRecords, Error> {
@@ -1575,6 +1767,89 @@ mod tests {
         );
         // No connection free in time is the same; a refused statement is not.
         assert!(unavailable(&deadpool_postgres::PoolError::Timeout(deadpool_postgres::TimeoutType::Wait)));
+    }
+
+    /// A pool of one connection to a new database with a table `t (n int)` (with the sender
+    /// that would cut its connection: kept, or they are cut), and a connection of its own to
+    /// look at it from outside.
+    async fn one_connection_pool(server: &str) -> (Pool, tokio::sync::watch::Sender<u64>, tokio_postgres::Client) {
+        let url = new_test_database(server).await;
+        let (outside, connection) = tokio_postgres::connect(&url, NoTls).await.unwrap();
+        tokio::spawn(connection);
+        outside.batch_execute("CREATE TABLE t (n INTEGER NOT NULL)").await.unwrap();
+        let cut = tokio::sync::watch::Sender::new(0);
+        (bounded_pool(url.parse().unwrap(), &cut, 1, STATE_POOL_WAIT, None).unwrap(), cut, outside)
+    }
+
+    async fn rows_of_t(outside: &tokio_postgres::Client) -> Vec<i32> {
+        let rows = outside.query("SELECT n FROM t ORDER BY n", &[]).await.unwrap();
+        rows.iter().map(|row| row.get(0)).collect()
+    }
+
+    #[tokio::test]
+    async fn a_pipelined_transactions_writes_are_all_in_it_even_on_a_connection_that_never_prepared_them() {
+        let Some(server) = test_server() else { return };
+        let (pool, _cut, outside) = one_connection_pool(&server).await;
+        // Statements this connection never prepared: were the COMMIT sent while they were
+        // being prepared, they would run after it, each on its own, and the first would stay.
+        let tx = Pipelined::new(pool.get().await.unwrap());
+        tx.begin().await.unwrap();
+        let writes = [
+            Write::new("INSERT INTO t (n) VALUES ($1)", vec![Box::new(1i32)]),
+            Write::new("INSERT INTO t (n) VALUES ($1 / 0)", vec![Box::new(2i32)]),
+        ];
+        let error = tx.commit_with(&writes).await.unwrap_err();
+        assert!(format!("{error:?}").contains("division by zero"), "{error:?}");
+        drop(tx);
+        assert_eq!(rows_of_t(&outside).await, Vec::<i32>::new(), "a failed write rolls all of them back");
+
+        let tx = Pipelined::new(pool.get().await.unwrap());
+        let (_, count) = futures::try_join!(
+            tx.begin(),
+            tx.client().cached_query_one("SELECT count(*) FROM t", &[]).map_err(pg_error)
+        )
+        .unwrap();
+        assert_eq!(count.get::<_, i64>(0), 0);
+        tx.commit_with(&[Write::new("INSERT INTO t (n) VALUES ($1), ($2)", vec![Box::new(3i32), Box::new(4i32)])])
+            .await
+            .unwrap();
+        assert_eq!(rows_of_t(&outside).await, vec![3, 4]);
+    }
+
+    #[tokio::test]
+    async fn sessions_keep_the_plan_made_when_a_statement_was_prepared_unless_the_url_says_otherwise() {
+        let Some(server) = test_server() else { return };
+        let url = new_test_database(&server).await;
+        let cut = tokio::sync::watch::Sender::new(0);
+        let mode = |url: String| {
+            let pool = bounded_pool(url.parse().unwrap(), &cut, 1, STATE_POOL_WAIT, None).unwrap();
+            async move {
+                let client = pool.get().await.unwrap();
+                client.query_one("SHOW plan_cache_mode", &[]).await.unwrap().get::<_, String>(0)
+            }
+        };
+        assert_eq!(mode(url.clone()).await, "force_generic_plan");
+        assert_eq!(mode(format!("{url}?options=-c%20plan_cache_mode%3Dauto")).await, "auto");
+    }
+
+    #[tokio::test]
+    async fn a_pipelined_transaction_dropped_unfinished_is_rolled_back_before_its_connection_is_used_again() {
+        let Some(server) = test_server() else { return };
+        let (pool, _cut, outside) = one_connection_pool(&server).await;
+        let tx = Pipelined::new(pool.get().await.unwrap());
+        let (_, inserted) = futures::try_join!(
+            tx.begin(),
+            tx.client().cached_execute("INSERT INTO t (n) VALUES (1)", &[]).map_err(pg_error)
+        )
+        .unwrap();
+        assert_eq!(inserted, 1);
+        // A caller that went away (its request cancelled) drops the transaction unfinished.
+        drop(tx);
+        // The pool's one connection comes back only once rolled back: what it runs next is not
+        // inside the abandoned transaction, and commits on its own.
+        let client = tokio::time::timeout(Duration::from_secs(5), pool.get()).await.unwrap().unwrap();
+        client.batch_execute("INSERT INTO t (n) VALUES (2)").await.unwrap();
+        assert_eq!(rows_of_t(&outside).await, vec![2]);
     }
 
     #[tokio::test]

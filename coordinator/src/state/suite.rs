@@ -263,6 +263,7 @@ pub(crate) async fn ephemeral_records_are_shared(a: std::sync::Arc<dyn State>, b
     assert_eq!(budget_a.grant("p2", "w", save, later).await.unwrap().max_concurrency, 8);
     look_up_grants_with_the_manifest(a_state.as_ref(), b_state.as_ref()).await;
     a_commit_of_known_blobs_is_one_step(a_state.as_ref(), b_state.as_ref()).await;
+    a_commit_of_known_blobs_releases_those_of_the_manifest_it_replaces(a_state.as_ref(), b_state.as_ref()).await;
     a_begin_is_one_step(a_state.as_ref(), b_state.as_ref()).await;
     every_step_checks_its_token_live(a_state.as_ref(), b_state.as_ref()).await;
 }
@@ -398,6 +399,37 @@ async fn a_commit_of_known_blobs_is_one_step(a: &dyn State, b: &dyn State) {
     assert!(matches!(again, Err(Error::NoSuchSave(_))), "a save commits once");
 }
 
+/// Replaces project `swap`'s manifest of `web` by one naming `digests` (all recorded), through a
+/// save opened for it.
+async fn commit_known_in_swap(a: &dyn State, b: &dyn State, digests: &[&str], began_unix_ms: i64) {
+    let open = crate::claims::tests::pending("swap", "web", began_unix_ms);
+    a.update_open_saves("swap", &mut |saves| {
+        saves.insert("swapping".into(), open.clone());
+    })
+    .await
+    .unwrap();
+    let named: HashMap<String, BlobRecord> =
+        digests.iter().map(|digest| (digest.to_string(), sizes()[*digest].clone())).collect();
+    let passes = &mut |_: &ProjectRecord, _: &HashMap<String, BlobRecord>| Ok(true);
+    let saved = manifest("web", digests, began_unix_ms);
+    let committed = b.commit_known("swap", OWNER, &saved, 0, &named, 9, passes, "swapping").await.unwrap();
+    assert!(matches!(committed, Some(Committed::Stored { replaced: Some(_) })), "{committed:?}");
+}
+
+/// A commit of known blobs that replaces a manifest naming other blobs takes their references
+/// away in the same step.
+async fn a_commit_of_known_blobs_releases_those_of_the_manifest_it_replaces(a: &dyn State, b: &dyn State) {
+    a.create_project(&project("swap")).await.unwrap();
+    a.commit_manifest("swap", &manifest("web", &["c1", "l1"], 5), 0, &sizes(), 1).await.unwrap();
+    a.commit_manifest("swap", &manifest("api", &["c2", "l2"], 5), 0, &sizes(), 1).await.unwrap();
+    commit_known_in_swap(a, b, &["c2", "l2"], 6).await;
+    assert_eq!(references(a, "swap", "l1").await, Some(0));
+    assert_eq!(references(a, "swap", "l2").await, Some(2));
+    commit_known_in_swap(a, b, &["c1", "l1"], 7).await;
+    assert_eq!(references(a, "swap", "l1").await, Some(1));
+    assert_eq!(references(a, "swap", "l2").await, Some(1));
+}
+
 /// A lookup reads the first key's manifest that exists, marks it used and runs its grant in
 /// the same step; a miss changes nothing.
 async fn look_up_grants_with_the_manifest(a: &dyn State, b: &dyn State) {
@@ -428,6 +460,13 @@ async fn look_up_grants_with_the_manifest(a: &dyn State, b: &dyn State) {
     let mut reads = Vec::new();
     a.read_leases(Some("look"), &mut |leases| reads.extend(leases["r1"].reads.iter().cloned())).await.unwrap();
     assert_eq!(reads, ["c1", "l1"]);
+    // The first of the keys that has a manifest, in the caller's order.
+    a.commit_manifest("look", &manifest("web2", &["c2", "l2"], 6), 0, &sizes(), 1).await.unwrap();
+    let mut grant = |_: &pb::Manifest, _: &mut Leases, _: &LeaseDemands| LeaseDemand::default();
+    let found = b.look_up("look", OWNER, &[key("web2"), key("web")], 8, &mut grant).await.unwrap();
+    assert_eq!(found.and_then(|manifest| manifest.key), Some(key("web2")));
+    let found = b.look_up("look", OWNER, &[key("none"), key("web"), key("web2")], 8, &mut grant).await.unwrap();
+    assert_eq!(found.and_then(|manifest| manifest.key), Some(key("web")));
 }
 
 #[tokio::test]
@@ -648,18 +687,34 @@ async fn the_suite_passes_on_postgres() {
     assert!(commit.is_err(), "a commit waits for the exclusive lock");
     drop(flushing);
 
-    // A database of schema version 1 is migrated; one newer than this coordinator's refused.
+    // A manifest written before schema version 4 has no list of its blobs beside it: a commit
+    // replacing it reads them from its body.
     let config: tokio_postgres::Config = url.parse().unwrap();
     let (client, connection) = config.connect(tokio_postgres::NoTls).await.unwrap();
     tokio::spawn(connection);
+    client.batch_execute("UPDATE lc_manifests SET digests = NULL WHERE project = 'swap'").await.unwrap();
+    commit_known_in_swap(again.as_ref(), again.as_ref(), &["c2", "l2"], 8).await;
+    assert_eq!(references(again.as_ref(), "swap", "l1").await, Some(0));
+    assert_eq!(references(again.as_ref(), "swap", "l2").await, Some(2));
+    let listed: Vec<String> = client
+        .query_one("SELECT digests FROM lc_manifests WHERE project = 'swap' AND service = 'web'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(listed, ["c2", "l2"]);
+
+    // A database of schema version 1 is migrated; one newer than this coordinator's refused.
     client
-        .batch_execute("DROP TABLE lc_open_saves, lc_leases, lc_lease_demand; UPDATE lc_schema SET version = 1")
+        .batch_execute(
+            "DROP TABLE lc_open_saves, lc_leases, lc_lease_demand; ALTER TABLE lc_manifests DROP COLUMN digests;
+             UPDATE lc_schema SET version = 1",
+        )
         .await
         .unwrap();
     let migrated = postgres::Postgres::connect(&url).await.unwrap();
     assert_eq!(migrated.project("a").await.unwrap().map(|record| record.quota_bytes), Some(5 << 20));
     let version: i32 = client.query_one("SELECT version FROM lc_schema", &[]).await.unwrap().get(0);
-    assert_eq!(version, 3);
+    assert_eq!(version, 4);
     migrated
         .update_leases("p", &mut |leases, _| {
             assert!(leases.is_empty());
@@ -672,6 +727,7 @@ async fn the_suite_passes_on_postgres() {
     client
         .batch_execute(&format!(
             "DROP TABLE lc_lease_demand; DROP INDEX lc_leases_project; ALTER TABLE lc_leases DROP COLUMN reads;
+             ALTER TABLE lc_manifests DROP COLUMN digests;
              INSERT INTO lc_leases (id, project, record) VALUES ('r', 'p', '{lease}');
              UPDATE lc_schema SET version = 2"
         ))
@@ -685,6 +741,6 @@ async fn the_suite_passes_on_postgres() {
     assert!(!record.contains("sha256:r"), "{record}");
     client.batch_execute("UPDATE lc_schema SET version = 99").await.unwrap();
     let refused = postgres::Postgres::connect(&url).await.err().expect("a newer schema is refused").to_string();
-    assert!(refused.contains("schema is version 99, newer than this coordinator's 3"), "{refused}");
+    assert!(refused.contains("schema is version 99, newer than this coordinator's 4"), "{refused}");
     assert_eq!(refused.lines().count(), 1, "{refused}");
 }
