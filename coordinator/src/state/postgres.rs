@@ -393,16 +393,29 @@ impl deadpool_postgres::Connect for CuttableConnect {
 }
 
 /// Said to each connection of the state's pool once connected (not in the start-up packet,
-/// which some poolers refuse options in): every statement is prepared once per connection and
-/// run with the plan made then. The statements name rows by key (a project, a digest, a save),
-/// so one plan serves every value, and the server's default would plan many of them again at
-/// each execution (a tenth of the machine's CPU at 100 simulated workers).
-const STATE_SESSION: &str = "SET plan_cache_mode = force_generic_plan";
+/// which some poolers refuse options in), each unless the URL's `options` set it themselves:
+/// - `plan_cache_mode`: every statement is prepared once per connection and run with the plan
+///   made then. The statements name rows by key (a project, a digest, a save), so one plan
+///   serves every value, and the server's default would plan many of them again at each
+///   execution (a tenth of the machine's CPU at 100 simulated workers).
+/// - `enable_bitmapscan`: a project's open saves and leases are rows written and deleted many
+///   times a second, and autovacuum visits a table at most once a minute. A plain index scan
+///   marks the dead entries it meets so later scans skip them; a bitmap scan (the planner's
+///   choice for a project's few rows) visits them all again each time: 8% of the server's CPU
+///   at 100 simulated workers. The state's statements read rows by key, never enough of a
+///   table for a bitmap to pay.
+const STATE_SESSION: [(&str, &str); 2] = [("plan_cache_mode", "force_generic_plan"), ("enable_bitmapscan", "off")];
 
-/// [`STATE_SESSION`], unless the URL's `options` choose a `plan_cache_mode` of their own.
-fn state_session(config: &tokio_postgres::Config) -> Option<&'static str> {
-    let chosen = config.get_options().is_some_and(|options| options.contains("plan_cache_mode"));
-    (!chosen).then_some(STATE_SESSION)
+/// The `SET` statements of [`STATE_SESSION`] the URL's `options` leave to us; none when they
+/// set them all.
+fn state_session(config: &tokio_postgres::Config) -> Option<String> {
+    let options = config.get_options().unwrap_or_default();
+    let statements: Vec<String> = STATE_SESSION
+        .iter()
+        .filter(|(name, _)| !options.contains(name))
+        .map(|(name, value)| format!("SET {name} = {value}"))
+        .collect();
+    (!statements.is_empty()).then(|| statements.join("; "))
 }
 
 /// `config` with the bounds above, where the URL did not set its own.
@@ -431,7 +444,7 @@ fn bounded_pool(
     cut: &tokio::sync::watch::Sender<u64>,
     max_size: usize,
     wait: Duration,
-    post_create: Option<&'static str>,
+    post_create: Option<String>,
 ) -> Result<Pool, Error> {
     let connect = CuttableConnect { cut: cut.subscribe() };
     let manager =
@@ -444,8 +457,9 @@ fn bounded_pool(
         .recycle_timeout(Some(CONNECT_TIMEOUT));
     if let Some(statements) = post_create {
         builder = builder.post_create(deadpool_postgres::Hook::async_fn(move |client, _| {
+            let statements = statements.clone();
             Box::pin(
-                async move { client.batch_execute(statements).await.map_err(deadpool_postgres::HookError::Backend) },
+                async move { client.batch_execute(&statements).await.map_err(deadpool_postgres::HookError::Backend) },
             )
         }));
     }
@@ -539,7 +553,8 @@ impl Postgres {
         let cut = tokio::sync::watch::Sender::new(0);
         let session = state_session(&config);
         let pool = bounded_pool(config.clone(), &cut, STATE_CONNECTIONS, STATE_POOL_WAIT, session)?;
-        let locks = bounded_pool(config.clone(), &cut, LOCK_CONNECTIONS, LOCK_POOL_WAIT, Some(SERVER_KEEPALIVES))?;
+        let locks =
+            bounded_pool(config.clone(), &cut, LOCK_CONNECTIONS, LOCK_POOL_WAIT, Some(SERVER_KEEPALIVES.to_owned()))?;
         let probes = bounded_pool(config, &cut, 1, PROBE_TIMEOUT, None)?;
         let (sent, received, database_unix_ms, _) = read_clock(&probes.get().await.map_err(pg_error)?).await?;
         let clock = SampledClock::new(sent, received, database_unix_ms);
@@ -1017,31 +1032,22 @@ fn ephemeral_writes<T: Serialize + PartialEq>(
     writes
 }
 
-/// The counters of a project's service, locked for the rest of the transaction (made, all
-/// zero, if it had none): two statements, one round trip.
-async fn locked_counters(tx: &impl GenericClient, project: &str, service: &str) -> Result<ServiceCounters, Error> {
-    let zero = to_json(&ServiceCounters::default());
-    let new: &[&(dyn tokio_postgres::types::ToSql + Sync)] = &[&project, &service, &zero];
-    let by_service: &[&(dyn tokio_postgres::types::ToSql + Sync)] = &[&project, &service];
-    let (_, row) = futures::try_join!(
-        tx.cached_execute(
-            "INSERT INTO lc_counters (project, service, record) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
-            new
-        ),
-        tx.cached_query_one(
-            "SELECT record FROM lc_counters WHERE project = $1 AND service = $2 FOR UPDATE",
-            by_service
-        ),
-    )
-    .map_err(pg_error)?;
-    from_json("lc_counters", row.get::<_, &str>(0))
-}
-
-/// The write that stores a project's service's `counters`, read with [`locked_counters`].
-fn counters_write(project: &str, service: &str, counters: &ServiceCounters) -> Write {
+/// The write that adds `change` to a project's service's counters (made, all zero, if it had
+/// none): one statement, nothing read first, the row locked only from it to the commit. Each
+/// counter stops at `u64::MAX` rather than wrap, as [`ServiceCounters::add`] does; a counter
+/// the record has and `change` does not (one a newer replica added) is kept.
+fn counters_write(project: &str, service: &str, change: &ServiceCounters) -> Write {
     let params: Vec<Param> =
-        vec![Box::new(project.to_owned()), Box::new(service.to_owned()), Box::new(to_json(counters))];
-    Write::new("UPDATE lc_counters SET record = $3 WHERE project = $1 AND service = $2", params)
+        vec![Box::new(project.to_owned()), Box::new(service.to_owned()), Box::new(to_json(change))];
+    Write::new(
+        "INSERT INTO lc_counters (project, service, record) VALUES ($1, $2, $3)
+         ON CONFLICT (project, service) DO UPDATE SET record = (lc_counters.record::jsonb || (
+             SELECT jsonb_object_agg(added.key, LEAST(
+                 COALESCE((lc_counters.record::jsonb ->> added.key)::numeric, 0) + added.value::numeric,
+                 18446744073709551615))
+             FROM jsonb_each_text(EXCLUDED.record::jsonb) AS added))::text",
+        params,
+    )
 }
 
 impl Postgres {
@@ -1505,14 +1511,14 @@ impl State for Postgres {
         let client = tx.client();
         // Two round trips: the publish lock (`project_lock`'s, for this transaction only), the
         // project's row with the token's check, the key's manifest, its blobs and those of the
-        // manifest it replaces, its open save and the service's counters; then the writes and
-        // the commit. Its open save is one row, deleted without the project's open-saves lock
-        // (a begin holding it never writes back a save that went meanwhile: see
-        // `ephemeral_writes`).
+        // manifest it replaces and its open save; then the writes (the service's counters
+        // among them, added in one statement) and the commit. Its open save is one row,
+        // deleted without the project's open-saves lock (a begin holding it never writes back
+        // a save that went meanwhile: see `ephemeral_writes`).
         let lock = lock_key(project);
         let by_key: &[&(dyn tokio_postgres::types::ToSql + Sync)] = &[&lock];
         let by_save: &[&(dyn tokio_postgres::types::ToSql + Sync)] = &[&save_id, &project];
-        let (_, _, record, old, mut known, taken, mut counters) = futures::try_join!(
+        let (_, _, record, old, mut known, taken) = futures::try_join!(
             tx.begin(),
             client.cached_execute("SELECT pg_advisory_xact_lock_shared($1)", by_key).map_err(pg_error),
             holders_record(client, project, holder, true),
@@ -1521,7 +1527,6 @@ impl State for Postgres {
             client
                 .cached_query_opt("DELETE FROM lc_open_saves WHERE id = $1 AND project = $2 RETURNING id", by_save)
                 .map_err(pg_error),
-            locked_counters(client, project, &key.service),
         )?;
         if !digests.iter().all(|digest| known.contains_key(digest)) || !check(&record, &known)? {
             // Its open save stays: the caller checks the store and commits again.
@@ -1543,9 +1548,8 @@ impl State for Postgres {
         }
         let view = ledger::CommitView { project: &record, old, known: &known };
         let (committed, change) = ledger::commit(view, manifest, generation, new_blobs, now_unix)?;
-        counters.add(&ServiceCounters { saves: 1, ..Default::default() });
         let mut writes = change_writes(project, &change);
-        writes.push(counters_write(project, &key.service, &counters));
+        writes.push(counters_write(project, &key.service, &ServiceCounters { saves: 1, ..Default::default() }));
         tx.commit_with(&writes).await?;
         Ok(Some(committed))
     }
@@ -1604,10 +1608,8 @@ impl State for Postgres {
     }
 
     async fn add_to_counters(&self, project: &str, service: &str, change: &ServiceCounters) -> Result<(), Error> {
-        let tx = self.pipelined().await?;
-        let (_, mut counters) = futures::try_join!(tx.begin(), locked_counters(tx.client(), project, service))?;
-        counters.add(change);
-        tx.commit_with(&[counters_write(project, service, &counters)]).await
+        // One statement, its own transaction.
+        send_writes(&self.client().await?, &[counters_write(project, service, change)]).await
     }
 
     async fn flush_project(&self, project: &str) -> Result<FlushedRecords, Error> {
@@ -1817,20 +1819,25 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn sessions_keep_the_plan_made_when_a_statement_was_prepared_unless_the_url_says_otherwise() {
+    async fn sessions_keep_the_plan_made_when_a_statement_was_prepared_and_scan_indexes_unless_the_url_says_otherwise()
+    {
         let Some(server) = test_server() else { return };
         let url = new_test_database(&server).await;
         let cut = tokio::sync::watch::Sender::new(0);
-        let mode = |url: String| {
+        let modes = |url: String| {
             let config: tokio_postgres::Config = url.parse().unwrap();
             let pool = bounded_pool(config.clone(), &cut, 1, STATE_POOL_WAIT, state_session(&config)).unwrap();
             async move {
                 let client = pool.get().await.unwrap();
-                client.query_one("SHOW plan_cache_mode", &[]).await.unwrap().get::<_, String>(0)
+                let plans = client.query_one("SHOW plan_cache_mode", &[]).await.unwrap();
+                let bitmaps = client.query_one("SHOW enable_bitmapscan", &[]).await.unwrap();
+                (plans.get::<_, String>(0), bitmaps.get::<_, String>(0))
             }
         };
-        assert_eq!(mode(url.clone()).await, "force_generic_plan");
-        assert_eq!(mode(format!("{url}?options=-c%20plan_cache_mode%3Dauto")).await, "auto");
+        assert_eq!(modes(url.clone()).await, ("force_generic_plan".into(), "off".into()));
+        assert_eq!(modes(format!("{url}?options=-c%20plan_cache_mode%3Dauto")).await, ("auto".into(), "off".into()));
+        let both = format!("{url}?options=-c%20plan_cache_mode%3Dauto%20-c%20enable_bitmapscan%3Don");
+        assert_eq!(modes(both).await, ("auto".into(), "on".into()));
     }
 
     #[tokio::test]
@@ -1851,6 +1858,38 @@ mod tests {
         let client = tokio::time::timeout(Duration::from_secs(5), pool.get()).await.unwrap().unwrap();
         client.batch_execute("INSERT INTO t (n) VALUES (2)").await.unwrap();
         assert_eq!(rows_of_t(&outside).await, vec![2]);
+    }
+
+    #[tokio::test]
+    async fn counters_are_added_in_one_statement_stop_at_the_largest_count_and_keep_fields_they_do_not_name() {
+        let Some(server) = test_server() else { return };
+        let url = new_test_database(&server).await;
+        let state = Postgres::connect(&url).await.unwrap();
+        let (outside, connection) = tokio_postgres::connect(&url, NoTls).await.unwrap();
+        tokio::spawn(connection);
+        let change = ServiceCounters { saves: 1, bytes_found: 7, ..Default::default() };
+        state.add_to_counters("p", "web", &change).await.unwrap();
+        async fn stored(outside: &tokio_postgres::Client) -> serde_json::Value {
+            let query = "SELECT record FROM lc_counters WHERE project = 'p' AND service = 'web'";
+            serde_json::from_str(outside.query_one(query, &[]).await.unwrap().get::<_, &str>(0)).unwrap()
+        }
+        assert_eq!(stored(&outside).await["saves"], 1, "made with the first change");
+        // A record with a count near the largest and a counter a newer replica added.
+        let mut record = stored(&outside).await;
+        record["bytes_found"] = serde_json::json!(u64::MAX - 2);
+        record["from_a_newer_replica"] = serde_json::json!(5);
+        outside
+            .execute("UPDATE lc_counters SET record = $1 WHERE project = 'p'", &[&record.to_string()])
+            .await
+            .unwrap();
+        state.add_to_counters("p", "web", &change).await.unwrap();
+        let record = stored(&outside).await;
+        assert_eq!(record["saves"], 2);
+        assert_eq!(record["bytes_found"], u64::MAX, "stops at the largest count rather than wrap");
+        assert_eq!(record["from_a_newer_replica"], 5);
+        let counters = state.service_counters(Some("p")).await.unwrap();
+        assert_eq!(counters[0].2.bytes_found, u64::MAX);
+        assert_eq!(counters[0].2.saves, 2);
     }
 
     #[tokio::test]
