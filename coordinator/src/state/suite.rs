@@ -492,7 +492,8 @@ fn postgres_server() -> Option<String> {
 /// While one project's records are held mid-change (its publish lock taken exclusively, as a
 /// flush does, and a change of its leases open), two other projects' saves begin, take and
 /// give back their budget shares, commit, and their restores are granted, through two
-/// replicas: no project waits for another's.
+/// replicas, while more of its begins than a replica has connections wait for its locks: no
+/// project waits for another's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_projects_save_and_restore_while_a_third_holds_its_locks() {
     let Some(server) = postgres_server() else { return };
@@ -524,6 +525,20 @@ async fn two_projects_save_and_restore_while_a_third_holds_its_locks() {
         });
     });
     held_rx.recv_timeout(std::time::Duration::from_secs(30)).expect("project C's holder holds its locks");
+    // Project C's begins waiting for its locks through replica A, more of them than the
+    // replica's pool has connections: they wait for their turn in the replica, one in the
+    // database, so projects A and B still find connections there.
+    let waiting: Vec<_> = (0..40)
+        .map(|_| {
+            let state = replicas[0].clone();
+            tokio::spawn(async move {
+                let mut register =
+                    |_: &ProjectRecord, _: &HashMap<String, BlobRecord>, _: &[pb::Manifest], _: &mut OpenSaves| Ok(());
+                state.begin_save("c", OWNER, &["c1".to_string()], &mut register).await
+            })
+        })
+        .collect();
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     let settings = crate::budget::PlanSettings {
         part_size: 1 << 20,
         multipart_threshold: 1 << 20,
@@ -582,6 +597,10 @@ async fn two_projects_save_and_restore_while_a_third_holds_its_locks() {
     holder.join().unwrap();
     done.expect("projects A and B waited for project C's locks");
     assert_eq!(replicas[1].totals("b").await.unwrap().manifests, 1);
+    for begin in waiting {
+        let begun = tokio::time::timeout(std::time::Duration::from_secs(30), begin).await;
+        begun.expect("project C's begins run once its locks are free").unwrap().unwrap();
+    }
 }
 
 /// A commit takes its save by its row alone, without the project's open-saves lock: a change
