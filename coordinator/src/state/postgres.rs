@@ -23,8 +23,9 @@
 //!   the manifest it replaces without reading it first
 //!
 //! A call's transaction is [`Pipelined`]: its `BEGIN` goes out with its first statements and its
-//! `COMMIT` with its writes, so a begin or a commit costs two round trips and a lookup's hit
-//! three.
+//! `COMMIT` with its writes, so a begin, a commit and a lookup's hit cost two round trips each.
+//! A project's calls that the database would run one at a time wait for their turn in the
+//! replica instead ([`Turns`]).
 //!
 //! A server that stops (a restart, `pg_ctl -m immediate`, a failover) costs the calls made
 //! while it is down one clear error each ([`Error::DatabaseUnavailable`], gRPC `UNAVAILABLE`),
