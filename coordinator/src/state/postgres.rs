@@ -542,14 +542,21 @@ pub struct Postgres {
     turns: Turns,
 }
 
-/// The kinds of a project's transactions the database runs one at a time, each kind behind a
-/// lock of the project's: begins and other changes of its open saves (the open saves' lock),
-/// commits (the project's row), lookups and other changes of its leases (the leases' lock).
+/// The kinds of a project's calls the database runs one at a time, each kind behind a lock of
+/// the project's: begins (the open saves' lock), commits of blobs the ledger records (the
+/// project's row), lookups (the leases' lock).
+///
+/// Only these three take turns: each takes the publish lock shared inside its transaction,
+/// first, holding nothing else, and none is made under the project's lock held across steps
+/// (`project_lock`). The steps a commit through the store makes under that lock (taking its
+/// save, giving back its share, recording the manifest) take none: behind a flush waiting for
+/// that lock, turn holders wait for the flush, and a step waiting for their turn would wait for
+/// itself.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 enum Turn {
-    OpenSaves,
-    Ledger,
-    Leases,
+    Begin,
+    Commit,
+    Lookup,
 }
 
 /// How many of a project's transactions of one [`Turn`] a replica has in the database at once.
@@ -566,8 +573,11 @@ const TURN_DEPTH: usize = 1;
 /// took a fifth of the server's CPU at 100 simulated workers, and a project whose calls all
 /// waited there could take every slot of the pool. Here a project has at most
 /// [`TURN_DEPTH`] of each kind in the database (across replicas, that many per replica). A
-/// project's entry lives as long as the replica, as its publish lock does (projects are few
-/// and made by an operator).
+/// lookup waits behind the project's other lookups here, a miss too: while a flush holds the
+/// project's lock, a miss queued behind a hit waiting for it waits as long (a miss alone waits
+/// for no lock; after the flush nothing of the project is left to hit). A project's entry
+/// lives as long as the replica, as its publish lock does (projects are few and made by an
+/// operator).
 #[derive(Default)]
 struct Turns(std::sync::Mutex<HashMap<(String, Turn), Arc<tokio::sync::Semaphore>>>);
 
@@ -1137,7 +1147,6 @@ impl Postgres {
         project: &str,
         change: &mut (dyn for<'a> FnMut(&'a mut super::OpenSaves) + Send),
     ) -> Result<(), Error> {
-        let _turn = self.turns.take(project, Turn::OpenSaves).await;
         let tx = self.pipelined().await?;
         // Only an unlogged table is written: the commit has no WAL to wait for.
         let by_project: &[&(dyn tokio_postgres::types::ToSql + Sync)] = &[&project];
@@ -1177,7 +1186,6 @@ impl super::Ephemeral for Postgres {
         project: &str,
         change: &mut (dyn for<'a> FnMut(&'a mut super::Leases, &'a super::LeaseDemands) -> super::LeaseDemand + Send),
     ) -> Result<(), Error> {
-        let _turn = self.turns.take(project, Turn::Leases).await;
         let tx = self.pipelined().await?;
         // Only unlogged tables are written: the commit has no WAL to wait for. One round trip
         // for the lock and both reads, one for the writes.
@@ -1476,7 +1484,7 @@ impl State for Postgres {
         // after the locks (an eviction may have run meanwhile). The writes and the commit in a
         // second. The locks are the publish lock of `project_lock` (shared, for this
         // transaction only) and the project's leases'.
-        let _turn = self.turns.take(project, Turn::Leases).await;
+        let _turn = self.turns.take(project, Turn::Lookup).await;
         let tx = self.pipelined().await?;
         let services: Vec<&str> = keys.iter().map(|key| key.service.as_str()).collect();
         let branches: Vec<&str> = keys.iter().map(|key| key.branch.as_str()).collect();
@@ -1522,7 +1530,6 @@ impl State for Postgres {
         now_unix: i64,
     ) -> Result<Committed, Error> {
         let key = manifest.key.clone().unwrap_or_default();
-        let _turn = self.turns.take(project, Turn::Ledger).await;
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(pg_error)?;
         let record = lock_project(&tx, project).await?.ok_or_else(|| Error::NoSuchProject(project.to_owned()))?;
@@ -1543,7 +1550,7 @@ impl State for Postgres {
         digests: &[String],
         register: &mut super::BeginRegister<'_>,
     ) -> Result<(), Error> {
-        let _turn = self.turns.take(project, Turn::OpenSaves).await;
+        let _turn = self.turns.take(project, Turn::Begin).await;
         let tx = self.pipelined().await?;
         // The locks (see `BEGIN_LOCKS`), the project's record with the token's check, the
         // ledger's records, the manifests and the open saves, in one round trip; the writes and
@@ -1594,7 +1601,7 @@ impl State for Postgres {
     ) -> Result<Option<Committed>, Error> {
         let key = manifest.key.clone().unwrap_or_default();
         let digests: Vec<String> = new_blobs.keys().cloned().collect();
-        let _turn = self.turns.take(project, Turn::Ledger).await;
+        let _turn = self.turns.take(project, Turn::Commit).await;
         let tx = self.pipelined().await?;
         let client = tx.client();
         // Two round trips: the publish lock (`project_lock`'s, for this transaction only), the

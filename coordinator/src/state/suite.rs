@@ -603,6 +603,61 @@ async fn two_projects_save_and_restore_while_a_third_holds_its_locks() {
     }
 }
 
+/// A commit through the store holds its project's lock shared across its steps (a session lock)
+/// and takes its save, gives back its share and records its manifest under it, while a flush
+/// through another replica waits for the lock exclusively and a begin, a commit and a lookup
+/// of the project queue behind the flush, each holding its turn: the steps under the lock wait
+/// for no turn, so nothing waits in a circle.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn steps_under_a_project_s_lock_never_wait_for_calls_queued_behind_a_flush() {
+    let Some(server) = postgres_server() else { return };
+    let url = postgres::new_test_database(&server).await;
+    let a = std::sync::Arc::new(postgres::Postgres::connect(&url).await.unwrap());
+    let b = postgres::Postgres::connect(&url).await.unwrap();
+    a.create_project(&project("p")).await.unwrap();
+    a.commit_manifest("p", &manifest("web", &["c1", "l1"], 1), 0, &sizes(), 1).await.unwrap();
+    let committing = a.project_lock("p", false).await.unwrap();
+    let flush = tokio::spawn(async move { drop(b.project_lock("p", true).await.unwrap()) });
+    let settle = std::time::Duration::from_millis(300);
+    tokio::time::sleep(settle).await;
+    assert!(!flush.is_finished(), "the flush waits for the commit's lock");
+    let queued_begin = a.clone();
+    let begin = tokio::spawn(async move {
+        let mut register =
+            |_: &ProjectRecord, _: &HashMap<String, BlobRecord>, _: &[pb::Manifest], _: &mut OpenSaves| Ok(());
+        queued_begin.begin_save("p", OWNER, &["c1".to_string()], &mut register).await
+    });
+    let queued_lookup = a.clone();
+    let lookup = tokio::spawn(async move {
+        let mut grant = |_: &pb::Manifest, _: &mut Leases, _: &LeaseDemands| LeaseDemand::default();
+        queued_lookup.look_up("p", OWNER, &[key("web")], 2, &mut grant).await
+    });
+    let queued_commit = a.clone();
+    let commit = tokio::spawn(async move {
+        let passes = &mut |_: &ProjectRecord, _: &HashMap<String, BlobRecord>| Ok(true);
+        let saved = manifest("web", &["c1", "l1"], 3);
+        queued_commit.commit_known("p", OWNER, &saved, 0, &sizes(), 3, passes, "no-such-save").await
+    });
+    tokio::time::sleep(settle).await;
+    assert!(!begin.is_finished() && !lookup.is_finished() && !commit.is_finished(), "queued behind the flush");
+    let steps = async {
+        a.update_open_saves("p", &mut |_| {}).await.unwrap();
+        a.update_leases("p", &mut |_, _| LeaseDemand::default()).await.unwrap();
+        a.commit_manifest("p", &manifest("web", &["c1", "l1"], 2), 0, &sizes(), 2).await.unwrap();
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(10), steps)
+        .await
+        .expect("the commit's steps under its lock waited for calls queued behind the flush");
+    drop(committing);
+    let wait = std::time::Duration::from_secs(10);
+    tokio::time::timeout(wait, flush).await.expect("the flush gets the lock").unwrap();
+    tokio::time::timeout(wait, begin).await.expect("the begin runs after the flush").unwrap().unwrap();
+    assert!(tokio::time::timeout(wait, lookup).await.expect("the lookup runs").unwrap().unwrap().is_some());
+    // A commit of a save no one began: it changes nothing, whatever it finds.
+    let nothing = tokio::time::timeout(wait, commit).await.expect("the commit runs").unwrap();
+    assert!(matches!(nothing, Ok(None) | Err(crate::error::Error::NoSuchSave(_))), "{nothing:?}");
+}
+
 /// A commit takes its save by its row alone, without the project's open-saves lock: a change
 /// of the open saves that read the save before never writes it back once it went.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
