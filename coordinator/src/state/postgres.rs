@@ -210,13 +210,24 @@ async fn send_writes(client: &impl GenericClient, writes: &[Write]) -> Result<()
     execute_writes(client, &statements, writes).await
 }
 
-/// `writes`' statements, from the connection's statement cache (a round trip only the first
-/// time a connection uses one).
+/// `writes`' statements, from the connection's statement cache (see [`prepare_all`]).
 async fn prepare_writes(
     client: &impl GenericClient,
     writes: &[Write],
 ) -> Result<Vec<tokio_postgres::Statement>, Error> {
-    futures::future::try_join_all(writes.iter().map(|write| client.prepare_cached(&write.sql))).await.map_err(pg_error)
+    prepare_all(client, writes.iter().map(|write| &*write.sql)).await
+}
+
+/// `statements` prepared on the connection, from its statement cache: a round trip only the
+/// first time the connection uses one. Prepare what must run first before joining a
+/// transaction's statements: a statement not yet prepared goes on the wire only once its
+/// preparation is answered, behind the statements sent meanwhile (on a connection that had
+/// prepared a read and not the lock it must follow, the read would run first).
+async fn prepare_all<'a>(
+    client: &impl GenericClient,
+    statements: impl IntoIterator<Item = &'a str>,
+) -> Result<Vec<tokio_postgres::Statement>, Error> {
+    futures::future::try_join_all(statements.into_iter().map(|sql| client.prepare_cached(sql))).await.map_err(pg_error)
 }
 
 /// Executes `writes` with their prepared `statements`. Each goes on the wire when first polled,
@@ -256,19 +267,6 @@ impl Pipelined {
     /// The connection, for the transaction's statements.
     fn client(&self) -> &deadpool_postgres::Object {
         self.client.as_ref().expect("held until dropped")
-    }
-
-    /// Prepares `statements` on the transaction's connection (from its cache; a round trip only
-    /// the first time the connection uses one): call it, before joining a transaction's
-    /// statements, with those that must run before the ones after them (its locks). A statement
-    /// not yet prepared goes on the wire only once its preparation is answered, behind the
-    /// statements sent meanwhile: on a connection that had prepared a read and not the lock it
-    /// must follow, the read would run first.
-    async fn prepare_first(&self, statements: &[&str]) -> Result<(), Error> {
-        futures::future::try_join_all(statements.iter().map(|sql| self.client().prepare_cached(sql)))
-            .await
-            .map_err(pg_error)?;
-        Ok(())
     }
 
     /// Opens the transaction: join it before the statements that belong in it (a simple
@@ -703,9 +701,13 @@ impl Postgres {
         self.pool.get().await.map_err(pg_error)
     }
 
-    /// A transaction on a connection of the state's pool, not begun yet (see [`Pipelined`]).
-    async fn pipelined(&self) -> Result<Pipelined, Error> {
-        Ok(Pipelined::new(self.client().await?))
+    /// A transaction on a connection of the state's pool, not begun yet (see [`Pipelined`]),
+    /// with `first` prepared: the statements that must run before the ones joined after them
+    /// (its locks; see [`prepare_all`]).
+    async fn pipelined(&self, first: &[&str]) -> Result<Pipelined, Error> {
+        let client = self.client().await?;
+        prepare_all(&client, first.iter().copied()).await?;
+        Ok(Pipelined::new(client))
     }
 
     async fn migrate(&self) -> Result<(), Error> {
@@ -773,6 +775,11 @@ async fn put_project(tx: &impl GenericClient, record: &ProjectRecord) -> Result<
     Ok(())
 }
 
+/// The ledger's records among `rows` of (digest, record).
+fn blob_records<C: FromIterator<(String, BlobRecord)>>(rows: &[tokio_postgres::Row]) -> Result<C, Error> {
+    rows.iter().map(|row| Ok((row.get::<_, String>(0), from_json("lc_blobs", row.get::<_, &str>(1))?))).collect()
+}
+
 /// The ledger's records of `digests`, locked for the rest of the transaction.
 async fn lock_blobs(
     tx: &impl GenericClient,
@@ -786,7 +793,7 @@ async fn lock_blobs(
         )
         .await
         .map_err(pg_error)?;
-    rows.iter().map(|row| Ok((row.get::<_, String>(0), from_json("lc_blobs", row.get::<_, &str>(1))?))).collect()
+    blob_records(&rows)
 }
 
 /// The ledger's records of `digests` and of the blobs `key`'s manifest names, locked for the rest
@@ -807,7 +814,7 @@ async fn lock_commit_blobs(
         )
         .await
         .map_err(pg_error)?;
-    rows.iter().map(|row| Ok((row.get::<_, String>(0), from_json("lc_blobs", row.get::<_, &str>(1))?))).collect()
+    blob_records(&rows)
 }
 
 /// The writes that apply a ledger rule's change set (see [`ledger::ChangeSet`]), in order: at
@@ -1147,10 +1154,9 @@ impl Postgres {
         project: &str,
         change: &mut (dyn for<'a> FnMut(&'a mut super::OpenSaves) + Send),
     ) -> Result<(), Error> {
-        let tx = self.pipelined().await?;
+        let tx = self.pipelined(&[PROJECT_OPEN_SAVES_LOCK]).await?;
         // Only an unlogged table is written: the commit has no WAL to wait for.
         let by_project: &[&(dyn tokio_postgres::types::ToSql + Sync)] = &[&project];
-        tx.prepare_first(&[PROJECT_OPEN_SAVES_LOCK]).await?;
         let (_, _, before) = futures::try_join!(
             tx.begin(),
             tx.client().cached_execute(PROJECT_OPEN_SAVES_LOCK, by_project).map_err(pg_error),
@@ -1186,10 +1192,9 @@ impl super::Ephemeral for Postgres {
         project: &str,
         change: &mut (dyn for<'a> FnMut(&'a mut super::Leases, &'a super::LeaseDemands) -> super::LeaseDemand + Send),
     ) -> Result<(), Error> {
-        let tx = self.pipelined().await?;
+        let tx = self.pipelined(&[PROJECT_LEASES_LOCK]).await?;
         // Only unlogged tables are written: the commit has no WAL to wait for. One round trip
         // for the lock and both reads, one for the writes.
-        tx.prepare_first(&[PROJECT_LEASES_LOCK]).await?;
         let (_, (_, before, demands)) = futures::try_join!(tx.begin(), locked_leases(tx.client(), project, None))?;
         let mut leases = before.clone();
         let demand = change(&mut leases, &demands);
@@ -1485,11 +1490,10 @@ impl State for Postgres {
         // second. The locks are the publish lock of `project_lock` (shared, for this
         // transaction only) and the project's leases'.
         let _turn = self.turns.take(project, Turn::Lookup).await;
-        let tx = self.pipelined().await?;
+        let tx = self.pipelined(&[LOOKUP_LOCKS]).await?;
         let services: Vec<&str> = keys.iter().map(|key| key.service.as_str()).collect();
         let branches: Vec<&str> = keys.iter().map(|key| key.branch.as_str()).collect();
         let lookup = LookupKeys { lock_key: lock_key(project), services: &services, branches: &branches };
-        tx.prepare_first(&[LOOKUP_LOCKS]).await?;
         let (_, _, (locked, before, demands), found) = futures::try_join!(
             tx.begin(),
             holders_record(tx.client(), project, holder, false),
@@ -1551,7 +1555,7 @@ impl State for Postgres {
         register: &mut super::BeginRegister<'_>,
     ) -> Result<(), Error> {
         let _turn = self.turns.take(project, Turn::Begin).await;
-        let tx = self.pipelined().await?;
+        let tx = self.pipelined(&[BEGIN_LOCKS]).await?;
         // The locks (see `BEGIN_LOCKS`), the project's record with the token's check, the
         // ledger's records, the manifests and the open saves, in one round trip; the writes and
         // the commit in another. Only the open saves are written, an unlogged table: the commit
@@ -1561,7 +1565,6 @@ impl State for Postgres {
         let by_project: &[&(dyn tokio_postgres::types::ToSql + Sync)] = &[&project];
         let by_digests: &[&(dyn tokio_postgres::types::ToSql + Sync)] = &[&project, &digests];
         let client = tx.client();
-        tx.prepare_first(&[BEGIN_LOCKS]).await?;
         let (_, _, record, stored, manifests, saves) = futures::try_join!(
             tx.begin(),
             client.cached_execute(BEGIN_LOCKS, locks).map_err(pg_error),
@@ -1574,10 +1577,7 @@ impl State for Postgres {
                 .map_err(pg_error),
             ephemeral_records::<super::OpenSave>(client, "lc_open_saves", Some(project)),
         )?;
-        let stored: HashMap<String, BlobRecord> = stored
-            .iter()
-            .map(|row| Ok((row.get::<_, String>(0), from_json("lc_blobs", row.get::<_, &str>(1))?)))
-            .collect::<Result<_, Error>>()?;
+        let stored: HashMap<String, BlobRecord> = blob_records(&stored)?;
         let manifests: Vec<pb::Manifest> =
             manifests.iter().map(|row| decode_manifest(row.get::<_, &[u8]>(0))).collect::<Result<_, _>>()?;
         let mut changed = saves.clone();
@@ -1602,7 +1602,7 @@ impl State for Postgres {
         let key = manifest.key.clone().unwrap_or_default();
         let digests: Vec<String> = new_blobs.keys().cloned().collect();
         let _turn = self.turns.take(project, Turn::Commit).await;
-        let tx = self.pipelined().await?;
+        let tx = self.pipelined(&[COMMIT_LOCK, HOLDERS_RECORD_LOCKED]).await?;
         let client = tx.client();
         // Two round trips: the publish lock (`project_lock`'s, for this transaction only), the
         // project's row with the token's check, the key's manifest, its blobs and those of the
@@ -1613,7 +1613,6 @@ impl State for Postgres {
         let lock = lock_key(project);
         let by_key: &[&(dyn tokio_postgres::types::ToSql + Sync)] = &[&lock];
         let by_save: &[&(dyn tokio_postgres::types::ToSql + Sync)] = &[&save_id, &project];
-        tx.prepare_first(&[COMMIT_LOCK, HOLDERS_RECORD_LOCKED]).await?;
         let (_, _, record, old, mut known, taken) = futures::try_join!(
             tx.begin(),
             client.cached_execute(COMMIT_LOCK, by_key).map_err(pg_error),
@@ -1742,7 +1741,7 @@ impl State for Postgres {
             .query("SELECT digest, record FROM lc_blobs WHERE project = $1 AND digest = ANY($2)", &[&project, &digests])
             .await
             .map_err(pg_error)?;
-        rows.iter().map(|row| Ok((row.get::<_, String>(0), from_json("lc_blobs", row.get::<_, &str>(1))?))).collect()
+        blob_records(&rows)
     }
 
     async fn ledger_digests(&self, project: &str) -> Result<HashSet<String>, Error> {
@@ -1787,10 +1786,7 @@ impl State for Postgres {
             )
             .await
             .map_err(pg_error)?;
-        let records = rows
-            .iter()
-            .map(|row| Ok((row.get::<_, String>(0), from_json("lc_blobs", row.get::<_, &str>(1))?)))
-            .collect::<Result<_, Error>>()?;
+        let records = blob_records(&rows)?;
         let (unreferenced, change) = ledger::unreferenced(records, now_unix);
         apply(&tx, project, &change).await?;
         tx.commit().await.map_err(pg_error)?;
@@ -1896,7 +1892,7 @@ mod tests {
                 let tx = Pipelined::new(pool.get().await.unwrap());
                 tx.client().prepare_cached(after).await.unwrap();
                 if prepare_first {
-                    tx.prepare_first(&[first]).await.unwrap();
+                    prepare_all(tx.client(), [first]).await.unwrap();
                 }
                 let (_, _, count) = futures::try_join!(
                     tx.begin(),
