@@ -260,9 +260,11 @@ pub fn sweep_done(project: &ProjectRecord, due_unix: i64) -> Option<ProjectRecor
     (project.sweep_after_unix == due_unix).then(|| ProjectRecord { sweep_after_unix: 0, ..project.clone() })
 }
 
-/// A manifest as used at `now_unix` (stored only if it is still its key's).
-pub fn touched(manifest: &pb::Manifest, now_unix: i64) -> pb::Manifest {
-    pb::Manifest { last_used_unix: now_unix, ..manifest.clone() }
+/// A manifest as used at `now_unix` (stored only if it is still its key's); `None` when it
+/// already says so (a use in the same second, or a later one: a use never moves it back), so
+/// a key restored many times a second is written once that second.
+pub fn touched(manifest: &pb::Manifest, now_unix: i64) -> Option<pb::Manifest> {
+    (manifest.last_used_unix < now_unix).then(|| pb::Manifest { last_used_unix: now_unix, ..manifest.clone() })
 }
 
 #[cfg(test)]
@@ -438,6 +440,9 @@ mod tests {
         assert_eq!(sweep_done(&at("a", 50), 50), Some(at("a", 0)));
         assert_eq!(sweep_done(&at("a", 80), 50), None, "a later flush made another due");
         let manifest = manifest(&["c1"], 100);
-        assert_eq!(touched(&manifest, 900), pb::Manifest { last_used_unix: 900, ..manifest });
+        let used = touched(&manifest, 900).unwrap();
+        assert_eq!(used, pb::Manifest { last_used_unix: 900, ..manifest });
+        assert_eq!(touched(&used, 900), None, "used again in the same second: nothing to write");
+        assert_eq!(touched(&used, 899), None, "a clock stepped back never moves it back");
     }
 }

@@ -1103,26 +1103,36 @@ fn ephemeral_writes<T: Serialize + PartialEq>(
     if !gone.is_empty() {
         writes.push(Write::new(format!("DELETE FROM {table} WHERE id = ANY($1)"), vec![Box::new(gone)]));
     }
-    // Only the records it changed are written.
-    let changed: Vec<(&String, &T)> =
-        after.iter().filter(|(id, record)| before.get(*id).is_none_or(|was| was != *record)).collect();
-    if !changed.is_empty() {
-        debug_assert!(changed.iter().all(|(_, record)| project.is_none_or(|project| project_of(record) == project)));
-        let ids: Vec<String> = changed.iter().map(|(id, _)| (*id).clone()).collect();
-        let projects: Vec<String> = changed.iter().map(|(_, record)| project_of(record).to_owned()).collect();
-        let bodies: Vec<String> = changed.iter().map(|(_, record)| to_json(record)).collect();
-        let new: Vec<bool> = changed.iter().map(|(id, _)| !before.contains_key(*id)).collect();
-        // A record that was there is updated, never written again: one deleted meanwhile (a
-        // commit takes its save by its row alone) stays deleted.
+    // Only the records it changed are written: new ones inserted, those that were there updated,
+    // never written again (one deleted meanwhile, as a commit takes its save by its row alone,
+    // stays deleted). Each kind is one statement, sent only when it has records.
+    let changed = after.iter().filter(|(id, record)| before.get(*id).is_none_or(|was| was != *record));
+    let (new, kept): (Vec<_>, Vec<_>) = changed.partition(|(id, _)| !before.contains_key(*id));
+    debug_assert!(
+        new.iter().chain(&kept).all(|(_, record)| project.is_none_or(|project| project_of(record) == project))
+    );
+    let columns = |records: &[(&String, &T)]| -> Vec<Param> {
+        let ids: Vec<String> = records.iter().map(|(id, _)| (*id).clone()).collect();
+        let projects: Vec<String> = records.iter().map(|(_, record)| project_of(record).to_owned()).collect();
+        let bodies: Vec<String> = records.iter().map(|(_, record)| to_json(record)).collect();
+        vec![Box::new(ids), Box::new(projects), Box::new(bodies)]
+    };
+    if !kept.is_empty() {
         writes.push(Write::new(
             format!(
-                "WITH given AS (SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::bool[]) AS given (id, project, record, new)),
-                 updated AS (UPDATE {table} SET project = given.project, record = given.record FROM given
-                     WHERE {table}.id = given.id AND NOT given.new)
-                 INSERT INTO {table} (id, project, record) SELECT id, project, record FROM given WHERE new
+                "UPDATE {table} SET project = given.project, record = given.record
+                 FROM UNNEST($1::text[], $2::text[], $3::text[]) AS given (id, project, record) WHERE {table}.id = given.id"
+            ),
+            columns(&kept),
+        ));
+    }
+    if !new.is_empty() {
+        writes.push(Write::new(
+            format!(
+                "INSERT INTO {table} (id, project, record) SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[])
                  ON CONFLICT (id) DO UPDATE SET project = EXCLUDED.project, record = EXCLUDED.record"
             ),
-            vec![Box::new(ids), Box::new(projects), Box::new(bodies), Box::new(new)],
+            columns(&new),
         ));
     }
     writes
@@ -1131,17 +1141,28 @@ fn ephemeral_writes<T: Serialize + PartialEq>(
 /// The write that adds `change` to a project's service's counters (made, all zero, if it had
 /// none): one statement, nothing read first, the row locked only from it to the commit. Each
 /// counter stops at `u64::MAX` rather than wrap, as [`ServiceCounters::add`] does; a counter
-/// the record has and `change` does not (one a newer replica added) is kept.
+/// the record has and `change` does not (one a newer replica added) is kept. Only the counters
+/// `change` moves are sent to be added (a commit's is one), and the record is parsed once.
 fn counters_write(project: &str, service: &str, change: &ServiceCounters) -> Write {
-    let params: Vec<Param> =
-        vec![Box::new(project.to_owned()), Box::new(service.to_owned()), Box::new(to_json(change))];
+    let mut added = serde_json::to_value(change).expect("counters serialize");
+    if let serde_json::Value::Object(fields) = &mut added {
+        fields.retain(|_, value| value.as_u64() != Some(0));
+    }
+    let params: Vec<Param> = vec![
+        Box::new(project.to_owned()),
+        Box::new(service.to_owned()),
+        Box::new(to_json(change)),
+        Box::new(added.to_string()),
+    ];
     Write::new(
         "INSERT INTO lc_counters (project, service, record) VALUES ($1, $2, $3)
-         ON CONFLICT (project, service) DO UPDATE SET record = (lc_counters.record::jsonb || (
-             SELECT jsonb_object_agg(added.key, LEAST(
-                 COALESCE((lc_counters.record::jsonb ->> added.key)::numeric, 0) + added.value::numeric,
-                 18446744073709551615))
-             FROM jsonb_each_text(EXCLUDED.record::jsonb) AS added))::text",
+         ON CONFLICT (project, service) DO UPDATE SET record = (
+             SELECT (was.record || COALESCE(jsonb_object_agg(added.key, LEAST(
+                     COALESCE((was.record ->> added.key)::numeric, 0) + added.value::numeric, 18446744073709551615))
+                 FILTER (WHERE added.key IS NOT NULL), '{}'))::text
+             FROM (SELECT lc_counters.record::jsonb) AS was (record)
+                 LEFT JOIN jsonb_each_text($4::text::jsonb) AS added ON true
+             GROUP BY was.record)",
         params,
     )
 }
@@ -1461,8 +1482,9 @@ impl State for Postgres {
     }
 
     async fn touch_manifest(&self, project: &str, manifest: &pb::Manifest, now_unix: i64) -> Result<(), Error> {
+        let Some(touched) = ledger::touched(manifest, now_unix) else { return Ok(()) };
         let key = manifest.key.clone().unwrap_or_default();
-        let touched = ledger::touched(manifest, now_unix).encode_to_vec();
+        let touched = touched.encode_to_vec();
         let client = self.client().await?;
         // Only the manifest it was: a lost race means a newer one is there, with its own times.
         client
@@ -1507,19 +1529,21 @@ impl State for Postgres {
         };
         let mut leases = before.clone();
         let demand = grant(&manifest, &mut leases, &demands);
-        let key = manifest.key.clone().unwrap_or_default();
         // Only the manifest it was: a lost race means a newer one is there, with its own times.
-        let touch = Write::new(
-            "UPDATE lc_manifests SET body = $5 WHERE project = $1 AND service = $2 AND branch = $3 AND body = $4",
-            vec![
-                Box::new(project.to_owned()),
-                Box::new(key.service),
-                Box::new(key.branch),
-                Box::new(manifest.encode_to_vec()),
-                Box::new(ledger::touched(&manifest, now_unix).encode_to_vec()),
-            ],
-        );
-        let mut writes = vec![touch];
+        let touch = ledger::touched(&manifest, now_unix).map(|touched| {
+            let key = manifest.key.clone().unwrap_or_default();
+            Write::new(
+                "UPDATE lc_manifests SET body = $5 WHERE project = $1 AND service = $2 AND branch = $3 AND body = $4",
+                vec![
+                    Box::new(project.to_owned()),
+                    Box::new(key.service),
+                    Box::new(key.branch),
+                    Box::new(manifest.encode_to_vec()),
+                    Box::new(touched.encode_to_vec()),
+                ],
+            )
+        });
+        let mut writes: Vec<Write> = touch.into_iter().collect();
         writes.extend(lease_writes(project, &before, &leases, demand));
         tx.commit_with(&writes).await?;
         Ok(Some(manifest))
@@ -2008,6 +2032,8 @@ mod tests {
         assert_eq!(record["saves"], 2);
         assert_eq!(record["bytes_found"], u64::MAX, "stops at the largest count rather than wrap");
         assert_eq!(record["from_a_newer_replica"], 5);
+        state.add_to_counters("p", "web", &ServiceCounters::default()).await.unwrap();
+        assert_eq!(stored(&outside).await, record, "a change of nothing changes nothing");
         let counters = state.service_counters(Some("p")).await.unwrap();
         assert_eq!(counters[0].2.bytes_found, u64::MAX);
         assert_eq!(counters[0].2.saves, 2);

@@ -459,10 +459,11 @@ impl State for Database {
 
     /// Records that a manifest was used now ([`ledger::touched`]), unless another writer replaced it meanwhile.
     async fn touch_manifest(&self, project: &str, manifest: &pb::Manifest, now_unix: i64) -> Result<(), Error> {
+        let Some(touched) = ledger::touched(manifest, now_unix) else { return Ok(()) };
         let key = manifest.key.clone().unwrap_or_default();
         let manifest_key = composite_key(&[project, &key.service, &key.branch]);
         let old = manifest.encode_to_vec();
-        let touched = ledger::touched(manifest, now_unix).encode_to_vec();
+        let touched = touched.encode_to_vec();
         // A lost race means a newer manifest is there: its own times are right.
         let _ = self.manifests.compare_and_swap(manifest_key, Some(old), Some(touched)).map_err(db_error)?;
         Ok(())
