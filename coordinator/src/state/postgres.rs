@@ -130,11 +130,13 @@ const COMMIT_LOCK: &str = "SELECT pg_advisory_xact_lock_shared($1)";
 /// `$4` the keys' services and branches), taken only when the project holds a manifest of one
 /// of the keys (a row then, none otherwise: a miss waits for no lock): the publish lock,
 /// shared, then the leases'; with them its commit does not wait for the disk (a use's time is a
-/// hint for expiry and eviction, and leases live in unlogged tables).
+/// hint for expiry and eviction, and leases live in unlogged tables). Each key is one look-up of
+/// the primary key, as in [`first_manifest`], not a join over the project's manifests.
 const LOOKUP_LOCKS: &str = "SELECT set_config('synchronous_commit', 'off', true),
     pg_advisory_xact_lock_shared($2), pg_advisory_xact_lock(7403, hashtext($1))
     WHERE EXISTS (SELECT 1 FROM UNNEST($3::text[], $4::text[]) AS wanted (service, branch)
-        JOIN lc_manifests m ON m.project = $1 AND m.service = wanted.service AND m.branch = wanted.branch)";
+        CROSS JOIN LATERAL (SELECT 1 FROM lc_manifests
+            WHERE project = $1 AND service = wanted.service AND branch = wanted.branch OFFSET 0) m)";
 
 /// What a lookup's [`LOOKUP_LOCKS`] need: the publish lock's key and the keys looked up.
 struct LookupKeys<'a> {
