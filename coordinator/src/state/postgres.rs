@@ -52,6 +52,8 @@ use super::{
 };
 use crate::error::Error;
 
+mod commits;
+
 /// Connections one replica opens at most: for its transactions (a begin, a commit of blobs the
 /// ledger records and a lookup each hold one for their one transaction, the publish lock
 /// inside it), for the session locks it holds (one each while held; more callers wait for
@@ -123,7 +125,7 @@ const PROJECT_LEASES_LOCK: &str = "SELECT pg_advisory_xact_lock(7403, hashtext($
 const BEGIN_LOCKS: &str = "SELECT pg_advisory_xact_lock_shared($1), pg_advisory_xact_lock(7402, hashtext($2))";
 
 /// A commit's first lock (`$1` the publish lock's key): the publish lock of `project_lock`,
-/// shared, for the transaction only; the project's row is locked next ([`HOLDERS_RECORD_LOCKED`]).
+/// shared, for the transaction only; the project's row is locked next (see `commits.rs`).
 const COMMIT_LOCK: &str = "SELECT pg_advisory_xact_lock_shared($1)";
 
 /// A lookup's locks in one statement (`$1` the project, `$2` the publish lock's key, `$3` and
@@ -540,13 +542,16 @@ pub struct Postgres {
     cut: tokio::sync::watch::Sender<u64>,
     /// Where a project's calls that the database would run one at a time wait in this replica.
     turns: Turns,
+    /// A project's commits of recorded blobs waiting for its next batch (see `commits.rs`).
+    commits: Arc<commits::CommitQueues>,
 }
 
 /// The kinds of a project's calls the database runs one at a time, each kind behind a lock of
-/// the project's: begins (the open saves' lock), commits of blobs the ledger records (the
-/// project's row), lookups (the leases' lock).
+/// the project's: begins (the open saves' lock), lookups (the leases' lock). Commits of blobs
+/// the ledger records (behind the project's row) go in batches, one of a project's at a time
+/// (see `commits.rs`), which is their turn.
 ///
-/// Only these three take turns: each takes the publish lock shared inside its transaction,
+/// Only these take turns: each takes the publish lock shared inside its transaction,
 /// first, holding nothing else, and none is made under the project's lock held across steps
 /// (`project_lock`). The steps a commit through the store makes under that lock (taking its
 /// save, giving back its share, recording the manifest) take none: behind a flush waiting for
@@ -555,7 +560,6 @@ pub struct Postgres {
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 enum Turn {
     Begin,
-    Commit,
     Lookup,
 }
 
@@ -642,8 +646,16 @@ impl Postgres {
         let probes = bounded_pool(config, &cut, 1, PROBE_TIMEOUT, None)?;
         let (sent, received, database_unix_ms, _) = read_clock(&probes.get().await.map_err(pg_error)?).await?;
         let clock = SampledClock::new(sent, received, database_unix_ms);
-        let state =
-            Postgres { pool, locks, probes, clock, answering: AtomicBool::new(true), cut, turns: Turns::default() };
+        let state = Postgres {
+            pool,
+            locks,
+            probes,
+            clock,
+            answering: AtomicBool::new(true),
+            cut,
+            turns: Turns::default(),
+            commits: Arc::default(),
+        };
         state.migrate().await?;
         let offset_ms = state.clock.offset_ms();
         if offset_ms.abs() > 1_000 {
@@ -798,27 +810,6 @@ async fn lock_blobs(
     blob_records(&rows)
 }
 
-/// The ledger's records of `digests` and of the blobs `key`'s manifest names, locked for the rest
-/// of the transaction (which must hold the manifest's row: the list read is then its current
-/// one). A manifest written before schema version 4 adds none.
-async fn lock_commit_blobs(
-    tx: &impl GenericClient,
-    project: &str,
-    key: &pb::CacheKey,
-    digests: &[String],
-) -> Result<HashMap<String, BlobRecord>, Error> {
-    let rows = tx
-        .cached_query(
-            "SELECT digest, record FROM lc_blobs WHERE project = $1 AND digest = ANY($2::text[] || COALESCE(
-                 (SELECT digests FROM lc_manifests WHERE project = $1 AND service = $3 AND branch = $4), '{}'))
-             FOR UPDATE",
-            &[&project, &digests, &key.service, &key.branch],
-        )
-        .await
-        .map_err(pg_error)?;
-    blob_records(&rows)
-}
-
 /// The writes that apply a ledger rule's change set (see [`ledger::ChangeSet`]), in order: at
 /// most 9 statements, whatever its size.
 fn change_writes(project: &str, change: &ledger::ChangeSet) -> Vec<Write> {
@@ -836,20 +827,7 @@ fn change_writes(project: &str, change: &ledger::ChangeSet) -> Vec<Write> {
             vec![by_project(), Box::new(services), Box::new(branches)],
         ));
     }
-    if let Some(manifest) = &change.put_manifest {
-        let key = manifest.key.clone().unwrap_or_default();
-        writes.push(Write::new(
-            "INSERT INTO lc_manifests (project, service, branch, body, digests) VALUES ($1, $2, $3, $4, $5)
-             ON CONFLICT (project, service, branch) DO UPDATE SET body = EXCLUDED.body, digests = EXCLUDED.digests",
-            vec![
-                by_project(),
-                Box::new(key.service),
-                Box::new(key.branch),
-                Box::new(manifest.encode_to_vec()),
-                Box::new(manifest_digests(manifest).into_iter().collect::<Vec<String>>()),
-            ],
-        ));
-    }
+    writes.extend(manifests_write(project, change.put_manifest.as_slice()));
     if !change.put_blobs.is_empty() {
         // One statement may change a row once: a digest's last record is the one that stands,
         // as it would written one after another.
@@ -896,6 +874,28 @@ fn change_writes(project: &str, change: &ledger::ChangeSet) -> Vec<Write> {
         ));
     }
     writes
+}
+
+/// The write that makes `manifests` their keys' (one of each key), with the blobs each names
+/// beside it; none when there are none.
+fn manifests_write(project: &str, manifests: &[pb::Manifest]) -> Option<Write> {
+    if manifests.is_empty() {
+        return None;
+    }
+    let keys: Vec<pb::CacheKey> = manifests.iter().map(|manifest| manifest.key.clone().unwrap_or_default()).collect();
+    let services: Vec<String> = keys.iter().map(|key| key.service.clone()).collect();
+    let branches: Vec<String> = keys.iter().map(|key| key.branch.clone()).collect();
+    let bodies: Vec<Vec<u8>> = manifests.iter().map(Message::encode_to_vec).collect();
+    // Each manifest's blobs as one JSON text (a text[][] cannot be ragged).
+    let digests: Vec<String> =
+        manifests.iter().map(|manifest| to_json(&manifest_digests(manifest).into_iter().collect::<Vec<_>>())).collect();
+    Some(Write::new(
+        "INSERT INTO lc_manifests (project, service, branch, body, digests)
+             SELECT $1, service, branch, body, ARRAY(SELECT jsonb_array_elements_text(digests::jsonb))
+             FROM UNNEST($2::text[], $3::text[], $4::bytea[], $5::text[]) AS given (service, branch, body, digests)
+         ON CONFLICT (project, service, branch) DO UPDATE SET body = EXCLUDED.body, digests = EXCLUDED.digests",
+        vec![Box::new(project.to_owned()), Box::new(services), Box::new(branches), Box::new(bodies), Box::new(digests)],
+    ))
 }
 
 /// Applies a ledger rule's change set inside the transaction `tx` is in, in one round trip.
@@ -1011,12 +1011,9 @@ fn lease_writes(
     writes
 }
 
-/// A project's record (`$1`) and the scoped token's under a hash (`$2`), and the same with the
-/// project's row locked (a commit's: its reads after it see every commit of the project before).
+/// A project's record (`$1`) and the scoped token's under a hash (`$2`).
 const HOLDERS_RECORD: &str = "SELECT p.record, s.record FROM lc_projects p
     LEFT JOIN lc_scoped_tokens s ON s.sha256 = $2 AND s.project = p.name WHERE p.name = $1";
-const HOLDERS_RECORD_LOCKED: &str = "SELECT p.record, s.record FROM lc_projects p
-    LEFT JOIN lc_scoped_tokens s ON s.sha256 = $2 AND s.project = p.name WHERE p.name = $1 FOR UPDATE OF p";
 
 /// `project`'s record while `holder` is one of its live tokens (with `lock`, locked for the rest
 /// of the transaction), in one statement; refused as revoked otherwise.
@@ -1024,10 +1021,8 @@ async fn holders_record(
     client: &impl GenericClient,
     project: &str,
     holder: Holder<'_>,
-    lock: bool,
 ) -> Result<ProjectRecord, Error> {
-    let query = if lock { HOLDERS_RECORD_LOCKED } else { HOLDERS_RECORD };
-    let row = client.cached_query_opt(query, &[&project, &holder.token_sha256_hex]).await.map_err(pg_error)?;
+    let row = client.cached_query_opt(HOLDERS_RECORD, &[&project, &holder.token_sha256_hex]).await.map_err(pg_error)?;
     let row = row.ok_or_else(super::revoked)?;
     let record: ProjectRecord = from_json("lc_projects", row.get::<_, &str>(0))?;
     let scoped: Option<ScopedTokenRecord> =
@@ -1140,32 +1135,26 @@ fn ephemeral_writes<T: Serialize + PartialEq>(
     writes
 }
 
-/// The write that adds `change` to a project's service's counters (made, all zero, if it had
-/// none): one statement, nothing read first, the row locked only from it to the commit. Each
-/// counter stops at `u64::MAX` rather than wrap, as [`ServiceCounters::add`] does; a counter
-/// the record has and `change` does not (one a newer replica added) is kept. Only the counters
-/// `change` moves are sent to be added (a commit's is one), and the record is parsed once.
-fn counters_write(project: &str, service: &str, change: &ServiceCounters) -> Write {
-    let mut added = serde_json::to_value(change).expect("counters serialize");
-    if let serde_json::Value::Object(fields) = &mut added {
-        fields.retain(|_, value| value.as_u64() != Some(0));
-    }
-    let params: Vec<Param> = vec![
-        Box::new(project.to_owned()),
-        Box::new(service.to_owned()),
-        Box::new(to_json(change)),
-        Box::new(added.to_string()),
-    ];
+/// The write that adds each of `changes` to a project's service's counters (made, all zero, if
+/// it had none): one statement, nothing read first, the rows locked only from it to the
+/// commit. Each counter stops at `u64::MAX` rather than wrap, as [`ServiceCounters::add`] does;
+/// a counter a record has and the change does not (one a newer replica added) is kept. Only the
+/// counters a change moves are added (a commit's is one), and each record is parsed once. A
+/// service appears once in `changes`.
+fn counters_write(project: &str, changes: &[(String, ServiceCounters)]) -> Write {
+    let services: Vec<String> = changes.iter().map(|(service, _)| service.clone()).collect();
+    let records: Vec<String> = changes.iter().map(|(_, change)| to_json(change)).collect();
     Write::new(
-        "INSERT INTO lc_counters (project, service, record) VALUES ($1, $2, $3)
+        "INSERT INTO lc_counters (project, service, record)
+             SELECT $1, service, record FROM UNNEST($2::text[], $3::text[]) AS given (service, record)
          ON CONFLICT (project, service) DO UPDATE SET record = (
              SELECT (was.record || COALESCE(jsonb_object_agg(added.key, LEAST(
                      COALESCE((was.record ->> added.key)::numeric, 0) + added.value::numeric, 18446744073709551615))
-                 FILTER (WHERE added.key IS NOT NULL), '{}'))::text
+                 FILTER (WHERE added.value <> '0'), '{}'))::text
              FROM (SELECT lc_counters.record::jsonb) AS was (record)
-                 LEFT JOIN jsonb_each_text($4::text::jsonb) AS added ON true
+                 LEFT JOIN jsonb_each_text(EXCLUDED.record::jsonb) AS added ON true
              GROUP BY was.record)",
-        params,
+        vec![Box::new(project.to_owned()), Box::new(services), Box::new(records)],
     )
 }
 
@@ -1324,7 +1313,7 @@ impl State for Postgres {
     }
 
     async fn holders_project(&self, project: &str, holder: Holder<'_>) -> Result<ProjectRecord, Error> {
-        holders_record(&self.client().await?, project, holder, false).await
+        holders_record(&self.client().await?, project, holder).await
     }
 
     async fn projects(&self) -> Result<Vec<ProjectRecord>, Error> {
@@ -1520,7 +1509,7 @@ impl State for Postgres {
         let lookup = LookupKeys { lock_key: lock_key(project), services: &services, branches: &branches };
         let (_, _, (locked, before, demands), found) = futures::try_join!(
             tx.begin(),
-            holders_record(tx.client(), project, holder, false),
+            holders_record(tx.client(), project, holder),
             locked_leases(tx.client(), project, Some(lookup)),
             first_manifest(tx.client(), project, keys),
         )?;
@@ -1594,7 +1583,7 @@ impl State for Postgres {
         let (_, _, record, stored, manifests, saves) = futures::try_join!(
             tx.begin(),
             client.cached_execute(BEGIN_LOCKS, locks).map_err(pg_error),
-            holders_record(client, project, holder, false),
+            holders_record(client, project, holder),
             client
                 .cached_query("SELECT digest, record FROM lc_blobs WHERE project = $1 AND digest = ANY($2)", by_digests)
                 .map_err(pg_error),
@@ -1625,54 +1614,11 @@ impl State for Postgres {
         check: &mut super::CommitCheck<'_>,
         save_id: &str,
     ) -> Result<Option<Committed>, Error> {
-        let key = manifest.key.clone().unwrap_or_default();
-        let digests: Vec<String> = new_blobs.keys().cloned().collect();
-        let _turn = self.turns.take(project, Turn::Commit).await;
-        let tx = self.pipelined(&[COMMIT_LOCK, HOLDERS_RECORD_LOCKED]).await?;
-        let client = tx.client();
-        // Two round trips: the publish lock (`project_lock`'s, for this transaction only), the
-        // project's row with the token's check, the key's manifest, its blobs and those of the
-        // manifest it replaces and its open save; then the writes (the service's counters
-        // among them, added in one statement) and the commit. Its open save is one row,
-        // deleted without the project's open-saves lock (a begin holding it never writes back
-        // a save that went meanwhile: see `ephemeral_writes`).
-        let lock = lock_key(project);
-        let by_key: &[&(dyn tokio_postgres::types::ToSql + Sync)] = &[&lock];
-        let by_save: &[&(dyn tokio_postgres::types::ToSql + Sync)] = &[&save_id, &project];
-        let (_, _, record, old, mut known, taken) = futures::try_join!(
-            tx.begin(),
-            client.cached_execute(COMMIT_LOCK, by_key).map_err(pg_error),
-            holders_record(client, project, holder, true),
-            manifest_of(client, project, &key, true),
-            lock_commit_blobs(client, project, &key, &digests),
-            client
-                .cached_query_opt("DELETE FROM lc_open_saves WHERE id = $1 AND project = $2 RETURNING id", by_save)
-                .map_err(pg_error),
-        )?;
-        if !digests.iter().all(|digest| known.contains_key(digest)) || !check(&record, &known)? {
-            // Its open save stays: the caller checks the store and commits again.
-            tx.rollback().await?;
-            return Ok(None);
-        }
-        if taken.is_none() {
-            return Err(Error::NoSuchSave(save_id.to_owned()));
-        }
-        // A round trip more for a replaced manifest whose blobs were not listed beside it (one
-        // written before schema version 4, or by an older replica since).
-        let unlisted: Vec<String> = old
-            .iter()
-            .flat_map(manifest_digests)
-            .filter(|digest| !new_blobs.contains_key(digest) && !known.contains_key(digest))
-            .collect();
-        if !unlisted.is_empty() {
-            known.extend(lock_blobs(client, project, &unlisted).await?);
-        }
-        let view = ledger::CommitView { project: &record, old, known: &known };
-        let (committed, change) = ledger::commit(view, manifest, generation, new_blobs, now_unix)?;
-        let mut writes = change_writes(project, &change);
-        writes.push(counters_write(project, &key.service, &ServiceCounters { saves: 1, ..Default::default() }));
-        tx.commit_with(&writes).await?;
-        Ok(Some(committed))
+        // In the project's next batch (see `commits.rs`): two round trips, whatever the
+        // batch's size.
+        self.answering()?;
+        let commits = &self.commits;
+        commits.commit(&self.pool, project, holder, manifest, generation, new_blobs, now_unix, check, save_id).await
     }
 
     async fn remove_manifest(
@@ -1730,7 +1676,7 @@ impl State for Postgres {
 
     async fn add_to_counters(&self, project: &str, service: &str, change: &ServiceCounters) -> Result<(), Error> {
         // One statement, its own transaction.
-        send_writes(&self.client().await?, &[counters_write(project, service, change)]).await
+        send_writes(&self.client().await?, &[counters_write(project, &[(service.to_owned(), change.clone())])]).await
     }
 
     async fn flush_project(&self, project: &str) -> Result<FlushedRecords, Error> {

@@ -266,6 +266,85 @@ pub(crate) async fn ephemeral_records_are_shared(a: std::sync::Arc<dyn State>, b
     a_commit_of_known_blobs_releases_those_of_the_manifest_it_replaces(a_state.as_ref(), b_state.as_ref()).await;
     a_begin_is_one_step(a_state.as_ref(), b_state.as_ref()).await;
     every_step_checks_its_token_live(a_state.as_ref(), b_state.as_ref()).await;
+    commits_made_at_once_store_what_they_would_one_after_another(a_state.as_ref(), b_state.as_ref()).await;
+}
+
+/// Commits of known blobs of one project made at once (on PostgreSQL, a replica's batch) each
+/// store what they would have one after another, two of one key included (the save begun
+/// later stands); those that fail (a revoked `pr-*` token, a save not open, a refusing check)
+/// change nothing, and the others commit.
+async fn commits_made_at_once_store_what_they_would_one_after_another(a: &dyn State, b: &dyn State) {
+    a.create_project(&project("many")).await.unwrap();
+    a.commit_manifest("many", &manifest("base", &["c1", "l1"], 1), 0, &sizes(), 1).await.unwrap();
+    a.commit_manifest("many", &manifest("other", &["c2", "l2"], 1), 0, &sizes(), 1).await.unwrap();
+    let pr = ScopedTokenRecord {
+        id: "tok_pr".into(),
+        project: "many".into(),
+        scope: crate::tokens::BranchScope { read: vec!["*".into()], write: vec!["pr-*".into()] },
+        created_unix: 1,
+        expires_unix: 0,
+    };
+    a.insert_scoped_token("pr-hash", &pr).await.unwrap();
+    a.remove_scoped_tokens("many", Some("tok_pr")).await.unwrap();
+    let revoked = Holder { token_sha256_hex: "pr-hash", token_id: "tok_pr" };
+    // (save, key, blobs, began, who): s0 and s6 both save k0, s6 begun later; "ghost" was never open.
+    let commits: Vec<(&str, String, [&str; 2], i64, Holder<'static>)> = (0..6)
+        .map(|i| {
+            (
+                ["s0", "s1", "s2", "s3", "s4", "s5"][i],
+                format!("k{i}"),
+                if i % 2 == 1 { ["c1", "l1"] } else { ["c2", "l2"] },
+                10 + i as i64,
+                OWNER,
+            )
+        })
+        .chain([
+            ("s6", "k0".to_string(), ["c1", "l1"], 20, OWNER),
+            ("s7", "k7".to_string(), ["c1", "l1"], 10, revoked),
+            ("ghost", "k8".to_string(), ["c1", "l1"], 10, OWNER),
+            ("s9", "k9".to_string(), ["c1", "l1"], 10, OWNER),
+        ])
+        .collect();
+    a.update_open_saves("many", &mut |saves| {
+        for (save, key, _, began, _) in commits.iter().filter(|(save, ..)| *save != "ghost") {
+            saves.insert(save.to_string(), crate::claims::tests::pending("many", key, *began));
+        }
+    })
+    .await
+    .unwrap();
+    let outcomes = futures::future::join_all(commits.iter().map(|(save, key, blobs, began, holder)| async move {
+        let named: HashMap<String, BlobRecord> =
+            blobs.iter().map(|digest| (digest.to_string(), sizes()[*digest].clone())).collect();
+        let saved = manifest(key, blobs, *began);
+        let mut check = |_: &ProjectRecord, known: &HashMap<String, BlobRecord>| {
+            assert!(blobs.iter().all(|digest| known.contains_key(*digest)), "a check sees its blobs' records");
+            Ok(*save != "s9")
+        };
+        b.commit_known("many", *holder, &saved, 0, &named, 30, &mut check, save).await
+    }))
+    .await;
+    for ((save, ..), outcome) in commits.iter().zip(&outcomes) {
+        match *save {
+            "s7" => assert!(matches!(outcome, Err(Error::Unauthenticated(_))), "{save}: {outcome:?}"),
+            "ghost" => assert!(matches!(outcome, Err(Error::NoSuchSave(_))), "{save}: {outcome:?}"),
+            "s9" => assert!(matches!(outcome, Ok(None)), "{save}: {outcome:?}"),
+            "s0" => assert!(matches!(outcome, Ok(Some(_))), "{save}: {outcome:?}"),
+            _ => assert!(matches!(outcome, Ok(Some(Committed::Stored { .. }))), "{save}: {outcome:?}"),
+        }
+    }
+    let stored = a.manifest("many", "k0", "").await.unwrap().unwrap();
+    assert_eq!(stored.origin.map(|origin| origin.began_unix_ms), Some(20), "the save begun later stands");
+    // c1 and l1: base, k1, k3, k5, k0 (s6); c2 and l2: other, k2, k4 (k0's s0 replaced or kept out).
+    for (digest, references_now) in [("c1", 5), ("l1", 5), ("c2", 3), ("l2", 3)] {
+        assert_eq!(references(a, "many", digest).await, Some(references_now), "{digest}");
+    }
+    assert_eq!(a.totals("many").await.unwrap().manifests, 8);
+    let mut open: Vec<String> = Vec::new();
+    a.read_open_saves(Some("many"), &mut |saves| open = saves.keys().cloned().collect()).await.unwrap();
+    open.sort();
+    assert_eq!(open, ["s7", "s9"], "the failed commits' saves stay open");
+    let counted = a.service_counters(Some("many")).await.unwrap();
+    assert_eq!(counted.iter().map(|(_, _, counters)| counters.saves).sum::<u64>(), 7);
 }
 
 /// A begin, a commit and a lookup each check inside their step that the token is still live,

@@ -1,0 +1,320 @@
+//! A project's commits of recorded blobs on PostgreSQL, in batches: the commits that queue in a
+//! replica while one batch of the project's is in the database go in together next, as one
+//! transaction of the same few statements whatever their number (the locks and reads in one
+//! round trip, the writes and the commit in another). Each commit's rule runs on what the
+//! commits before it in the batch left, so a batch stores what they would have stored one
+//! after another; one that fails (its token revoked, its save gone, the project flushed, its
+//! check refused) changes nothing and leaves the others to commit.
+//!
+//! The batch runs in a task of its own, so a caller that goes away never takes the others'
+//! commits with it. Each caller runs its own check (the service's rule) on the records the
+//! batch read, and hears its outcome, over a channel.
+
+use super::*;
+
+/// The most commits one batch takes; the rest wait for the next.
+const MOST_PER_BATCH: usize = 64;
+
+/// A batch's locks and reads, in its first round trip, in this order (each its own statement,
+/// so each reads after the locks before it): the publish lock (shared), the project's row,
+/// the scoped tokens of the callers' hashes, the manifests of their keys (locked), the ledger's
+/// records of their blobs and of those the manifests they replace list (locked), and their
+/// open saves (locked, deleted with the writes for those that commit).
+const PROJECT_LOCKED: &str = "SELECT record FROM lc_projects WHERE name = $1 FOR UPDATE";
+const SCOPED_TOKENS: &str = "SELECT sha256, record FROM lc_scoped_tokens WHERE project = $1 AND sha256 = ANY($2)";
+const KEYS_MANIFESTS_LOCKED: &str = "SELECT m.service, m.branch, m.body
+    FROM UNNEST($2::text[], $3::text[]) AS wanted (service, branch)
+    CROSS JOIN LATERAL (SELECT service, branch, body FROM lc_manifests
+        WHERE project = $1 AND service = wanted.service AND branch = wanted.branch OFFSET 0 FOR UPDATE) m";
+const BLOBS_LOCKED: &str =
+    "SELECT digest, record FROM lc_blobs WHERE project = $1 AND digest = ANY($2::text[] || ARRAY(
+        SELECT UNNEST(m.digests) FROM UNNEST($3::text[], $4::text[]) AS wanted (service, branch)
+        CROSS JOIN LATERAL (SELECT digests FROM lc_manifests
+            WHERE project = $1 AND service = wanted.service AND branch = wanted.branch OFFSET 0) m))
+    FOR UPDATE";
+const SAVES_LOCKED: &str = "SELECT id FROM lc_open_saves WHERE project = $1 AND id = ANY($2) FOR UPDATE";
+
+/// What a batch says to a queued commit's caller.
+enum ToCaller {
+    /// Run your check on the project's record and the ledger's records the batch read, and
+    /// answer on the channel.
+    Check(ProjectRecord, Arc<HashMap<String, BlobRecord>>, tokio::sync::oneshot::Sender<Result<bool, Error>>),
+    /// Your commit's outcome.
+    Done(Result<Option<Committed>, Error>),
+}
+
+/// A commit waiting for its project's next batch.
+pub(super) struct QueuedCommit {
+    pub token_sha256_hex: String,
+    pub token_id: String,
+    pub manifest: pb::Manifest,
+    pub generation: u64,
+    pub new_blobs: HashMap<String, BlobRecord>,
+    pub now_unix: i64,
+    pub save_id: String,
+    to_caller: tokio::sync::mpsc::UnboundedSender<ToCaller>,
+}
+
+/// The commits waiting in this replica, by project. A project has an entry while its batches'
+/// task runs (one per project: one batch of a project's in the database at a time per
+/// replica), and the task ends when it finds none waiting.
+#[derive(Default)]
+pub(super) struct CommitQueues(std::sync::Mutex<HashMap<String, Vec<QueuedCommit>>>);
+
+impl CommitQueues {
+    /// Commits through the project's next batch: `check` runs on the records it read, as
+    /// [`State::commit_known`]'s does.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) async fn commit(
+        self: &Arc<Self>,
+        pool: &Pool,
+        project: &str,
+        holder: Holder<'_>,
+        manifest: &pb::Manifest,
+        generation: u64,
+        new_blobs: &HashMap<String, BlobRecord>,
+        now_unix: i64,
+        check: &mut super::super::CommitCheck<'_>,
+        save_id: &str,
+    ) -> Result<Option<Committed>, Error> {
+        let (to_caller, mut from_batch) = tokio::sync::mpsc::unbounded_channel();
+        let queued = QueuedCommit {
+            token_sha256_hex: holder.token_sha256_hex.to_owned(),
+            token_id: holder.token_id.to_owned(),
+            manifest: manifest.clone(),
+            generation,
+            new_blobs: new_blobs.clone(),
+            now_unix,
+            save_id: save_id.to_owned(),
+            to_caller,
+        };
+        let start = {
+            let mut queues = self.0.lock().expect("commit queues");
+            match queues.get_mut(project) {
+                Some(waiting) => {
+                    waiting.push(queued);
+                    false
+                }
+                None => {
+                    queues.insert(project.to_owned(), vec![queued]);
+                    true
+                }
+            }
+        };
+        if start {
+            tokio::spawn(Arc::clone(self).run(pool.clone(), project.to_owned()));
+        }
+        while let Some(said) = from_batch.recv().await {
+            match said {
+                ToCaller::Check(record, known, answer) => {
+                    let _ = answer.send(check(&record, &known));
+                }
+                ToCaller::Done(outcome) => return outcome,
+            }
+        }
+        Err(Error::DatabaseUnavailable { what: "PostgreSQL", source: "the batch of commits ended unanswered".into() })
+    }
+
+    /// Runs `project`'s batches until none waits.
+    async fn run(self: Arc<Self>, pool: Pool, project: String) {
+        // Should a batch panic, the project's entry goes with it (its waiting callers hear an
+        // error), so its next commit starts a task again.
+        struct Running<'a>(&'a CommitQueues, &'a str, bool);
+        impl Drop for Running<'_> {
+            fn drop(&mut self) {
+                if self.2
+                    && let Ok(mut queues) = self.0.0.lock()
+                {
+                    queues.remove(self.1);
+                }
+            }
+        }
+        let mut running = Running(&self, &project, true);
+        loop {
+            let batch: Vec<QueuedCommit> = {
+                let mut queues = self.0.lock().expect("commit queues");
+                let waiting = queues.get_mut(&project).expect("a running project's queue");
+                if waiting.is_empty() {
+                    queues.remove(&project);
+                    running.2 = false;
+                    return;
+                }
+                let rest = waiting.split_off(waiting.len().min(MOST_PER_BATCH));
+                std::mem::replace(waiting, rest)
+            };
+            match run_batch(&pool, &project, &batch).await {
+                Ok(outcomes) => {
+                    for (queued, outcome) in batch.iter().zip(outcomes) {
+                        let _ = queued.to_caller.send(ToCaller::Done(outcome));
+                    }
+                }
+                Err(error) => {
+                    for queued in &batch {
+                        let _ = queued.to_caller.send(ToCaller::Done(Err(each_callers(&error))));
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A batch's failure as each of its callers hears it: an outage stays one.
+fn each_callers(error: &Error) -> Error {
+    match error {
+        Error::DatabaseUnavailable { what, source } => {
+            Error::DatabaseUnavailable { what, source: source.to_string().into() }
+        }
+        other => Error::database("PostgreSQL", other.to_string()),
+    }
+}
+
+/// One batch: every commit's outcome, in order, or the batch's failure (nothing committed).
+async fn run_batch(
+    pool: &Pool,
+    project: &str,
+    batch: &[QueuedCommit],
+) -> Result<Vec<Result<Option<Committed>, Error>>, Error> {
+    let reads = [COMMIT_LOCK, PROJECT_LOCKED, SCOPED_TOKENS, KEYS_MANIFESTS_LOCKED, BLOBS_LOCKED, SAVES_LOCKED];
+    let client = pool.get().await.map_err(pg_error)?;
+    // All prepared before any is sent, so they run in this order.
+    prepare_all(&client, reads).await?;
+    let tx = Pipelined::new(client);
+    let client = tx.client();
+    let lock = lock_key(project);
+    let hashes: Vec<&str> = batch.iter().map(|queued| queued.token_sha256_hex.as_str()).collect();
+    let keys: Vec<pb::CacheKey> = batch.iter().map(|queued| queued.manifest.key.clone().unwrap_or_default()).collect();
+    let services: Vec<&str> = keys.iter().map(|key| key.service.as_str()).collect();
+    let branches: Vec<&str> = keys.iter().map(|key| key.branch.as_str()).collect();
+    let digests: Vec<&str> = batch
+        .iter()
+        .flat_map(|queued| queued.new_blobs.keys().map(String::as_str))
+        .collect::<HashSet<_>>()
+        .into_iter()
+        .collect();
+    let save_ids: Vec<&str> = batch.iter().map(|queued| queued.save_id.as_str()).collect();
+    type Params<'a> = &'a [&'a (dyn tokio_postgres::types::ToSql + Sync)];
+    let (by_lock, by_project): (Params, Params) = (&[&lock], &[&project]);
+    let (by_hashes, by_keys): (Params, Params) = (&[&project, &hashes], &[&project, &services, &branches]);
+    let (by_blobs, by_saves): (Params, Params) = (&[&project, &digests, &services, &branches], &[&project, &save_ids]);
+    let (_, _, record, scoped, manifests, known, saves) = futures::try_join!(
+        tx.begin(),
+        client.cached_execute(COMMIT_LOCK, by_lock).map_err(pg_error),
+        client.cached_query_opt(PROJECT_LOCKED, by_project).map_err(pg_error),
+        client.cached_query(SCOPED_TOKENS, by_hashes).map_err(pg_error),
+        client.cached_query(KEYS_MANIFESTS_LOCKED, by_keys).map_err(pg_error),
+        client.cached_query(BLOBS_LOCKED, by_blobs).map_err(pg_error),
+        client.cached_query(SAVES_LOCKED, by_saves).map_err(pg_error),
+    )?;
+    let Some(record) = record else {
+        // No project: no token of it is live.
+        return Ok(batch.iter().map(|_| Err(super::super::revoked())).collect());
+    };
+    let record: ProjectRecord = from_json("lc_projects", record.get::<_, &str>(0))?;
+    let scoped: HashMap<String, ScopedTokenRecord> = scoped
+        .iter()
+        .map(|row| Ok((row.get::<_, String>(0), from_json("lc_scoped_tokens", row.get::<_, &str>(1))?)))
+        .collect::<Result<_, Error>>()?;
+    let mut current: HashMap<(String, String), pb::Manifest> = manifests
+        .iter()
+        .map(|row| Ok(((row.get(0), row.get(1)), decode_manifest(row.get::<_, &[u8]>(2))?)))
+        .collect::<Result<_, Error>>()?;
+    let mut known: HashMap<String, BlobRecord> = blob_records(&known)?;
+    let mut open: HashSet<String> = saves.iter().map(|row| row.get(0)).collect();
+    // A round trip more for a replaced manifest whose blobs were not listed beside it (one
+    // written before schema version 4, or by an older replica since).
+    let unlisted: Vec<String> =
+        current.values().flat_map(manifest_digests).filter(|digest| !known.contains_key(digest)).collect();
+    if !unlisted.is_empty() {
+        known.extend(lock_blobs(client, project, &unlisted).await?);
+    }
+    // Each live caller whose blobs are all recorded checks them, all at once.
+    let shared = Arc::new(known.clone());
+    let asked: Vec<Option<tokio::sync::oneshot::Receiver<Result<bool, Error>>>> = batch
+        .iter()
+        .map(|queued| {
+            let holder = Holder { token_sha256_hex: &queued.token_sha256_hex, token_id: &queued.token_id };
+            let live = holder.is_live(&record, scoped.get(&queued.token_sha256_hex));
+            let recorded = queued.new_blobs.keys().all(|digest| known.contains_key(digest));
+            (live && recorded).then(|| {
+                let (answer, answered) = tokio::sync::oneshot::channel();
+                let _ = queued.to_caller.send(ToCaller::Check(record.clone(), Arc::clone(&shared), answer));
+                answered
+            })
+        })
+        .collect();
+    let mut outcomes = Vec::with_capacity(batch.len());
+    let (mut changes, mut counters, mut taken) = (Vec::new(), HashMap::<String, ServiceCounters>::new(), Vec::new());
+    for ((queued, key), asked) in batch.iter().zip(&keys).zip(asked) {
+        let holder = Holder { token_sha256_hex: &queued.token_sha256_hex, token_id: &queued.token_id };
+        let outcome = match asked {
+            None if !holder.is_live(&record, scoped.get(&queued.token_sha256_hex)) => Err(super::super::revoked()),
+            // Its open save stays: the caller checks the store and commits again.
+            None => Ok(None),
+            // A caller gone before it answered commits nothing.
+            Some(answered) => match answered.await.unwrap_or(Ok(false)) {
+                Err(error) => Err(error),
+                Ok(false) => Ok(None),
+                Ok(true) if !open.remove(&queued.save_id) => Err(Error::NoSuchSave(queued.save_id.clone())),
+                Ok(true) => {
+                    let place = (key.service.clone(), key.branch.clone());
+                    let view =
+                        ledger::CommitView { project: &record, old: current.get(&place).cloned(), known: &known };
+                    match ledger::commit(view, &queued.manifest, queued.generation, &queued.new_blobs, queued.now_unix)
+                    {
+                        Err(error) => {
+                            open.insert(queued.save_id.clone());
+                            Err(error)
+                        }
+                        Ok((committed, change)) => {
+                            known.extend(change.put_blobs.iter().cloned());
+                            if let Some(manifest) = &change.put_manifest {
+                                current.insert(place, manifest.clone());
+                            }
+                            let saves = ServiceCounters { saves: 1, ..Default::default() };
+                            counters.entry(key.service.clone()).or_default().add(&saves);
+                            taken.push(queued.save_id.clone());
+                            changes.push(change);
+                            Ok(Some(committed))
+                        }
+                    }
+                }
+            },
+        };
+        outcomes.push(outcome);
+    }
+    if changes.is_empty() {
+        tx.rollback().await?;
+        return Ok(outcomes);
+    }
+    let mut writes = batch_writes(project, changes);
+    writes.push(Write::new(
+        "DELETE FROM lc_open_saves WHERE project = $1 AND id = ANY($2)",
+        vec![Box::new(project.to_owned()), Box::new(taken)],
+    ));
+    let counters: Vec<(String, ServiceCounters)> = counters.into_iter().collect();
+    writes.push(counters_write(project, &counters));
+    tx.commit_with(&writes).await?;
+    Ok(outcomes)
+}
+
+/// The writes that apply the change sets of a batch's commits, in their order: a blob's last
+/// record stands, as does a key's last manifest.
+fn batch_writes(project: &str, changes: Vec<ledger::ChangeSet>) -> Vec<Write> {
+    let mut merged = ledger::ChangeSet::default();
+    let mut manifests: Vec<pb::Manifest> = Vec::new();
+    for change in changes {
+        debug_assert!(change.put_project.is_none() && change.remove_manifests.is_empty(), "a commit's change");
+        debug_assert!(change.remove_blobs.is_empty() && change.remove_keys.is_empty() && !change.reset_totals);
+        merged.put_blobs.extend(change.put_blobs);
+        if let Some(manifest) = change.put_manifest {
+            manifests.retain(|earlier| earlier.key != manifest.key);
+            manifests.push(manifest);
+        }
+        merged.blobs_delta += change.blobs_delta;
+        merged.stored_bytes_delta += change.stored_bytes_delta;
+        merged.manifests_delta += change.manifests_delta;
+    }
+    let mut writes = change_writes(project, &merged);
+    writes.extend(manifests_write(project, &manifests));
+    writes
+}
