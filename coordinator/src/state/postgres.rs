@@ -52,6 +52,8 @@ use super::{
 };
 use crate::error::Error;
 
+mod batches;
+mod begins;
 mod commits;
 
 /// Connections one replica opens at most: for its transactions (a begin, a commit of blobs the
@@ -542,24 +544,25 @@ pub struct Postgres {
     cut: tokio::sync::watch::Sender<u64>,
     /// Where a project's calls that the database would run one at a time wait in this replica.
     turns: Turns,
-    /// A project's commits of recorded blobs waiting for its next batch (see `commits.rs`).
-    commits: Arc<commits::CommitQueues>,
+    /// A project's begins waiting for its next batch (see `batches.rs`).
+    begins: Arc<batches::Queues<begins::QueuedBegin>>,
+    /// A project's commits of recorded blobs waiting for its next batch.
+    commits: Arc<batches::Queues<commits::QueuedCommit>>,
 }
 
-/// The kinds of a project's calls the database runs one at a time, each kind behind a lock of
-/// the project's: begins (the open saves' lock), lookups (the leases' lock). Commits of blobs
-/// the ledger records (behind the project's row) go in batches, one of a project's at a time
-/// (see `commits.rs`), which is their turn.
+/// The kinds of a project's calls that wait for their turn in the replica, each behind a lock
+/// of the project's in the database: lookups (the leases' lock). Begins (behind the open
+/// saves' lock) and commits of blobs the ledger records (behind the project's row) go in
+/// batches instead, one batch of a project's at a time (see `batches.rs`), which is their turn.
 ///
-/// Only these take turns: each takes the publish lock shared inside its transaction,
-/// first, holding nothing else, and none is made under the project's lock held across steps
-/// (`project_lock`). The steps a commit through the store makes under that lock (taking its
-/// save, giving back its share, recording the manifest) take none: behind a flush waiting for
-/// that lock, turn holders wait for the flush, and a step waiting for their turn would wait for
-/// itself.
+/// A lookup takes the publish lock shared inside its transaction, first, holding nothing else,
+/// and none is made under the project's lock held across steps (`project_lock`); the same
+/// holds for batches. The steps a commit through the store makes under that lock (taking its
+/// save, giving back its share, recording the manifest) take no turn and go in no batch:
+/// behind a flush waiting for that lock, turn holders wait for the flush, and a step waiting
+/// for their turn would wait for itself.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 enum Turn {
-    Begin,
     Lookup,
 }
 
@@ -654,6 +657,7 @@ impl Postgres {
             answering: AtomicBool::new(true),
             cut,
             turns: Turns::default(),
+            begins: Arc::default(),
             commits: Arc::default(),
         };
         state.migrate().await?;
@@ -1569,38 +1573,10 @@ impl State for Postgres {
         digests: &[String],
         register: &mut super::BeginRegister<'_>,
     ) -> Result<(), Error> {
-        let _turn = self.turns.take(project, Turn::Begin).await;
-        let tx = self.pipelined(&[BEGIN_LOCKS]).await?;
-        // The locks (see `BEGIN_LOCKS`), the project's record with the token's check, the
-        // ledger's records, the manifests and the open saves, in one round trip; the writes and
-        // the commit in another. Only the open saves are written, an unlogged table: the commit
-        // has no WAL to wait for.
-        let lock = lock_key(project);
-        let locks: &[&(dyn tokio_postgres::types::ToSql + Sync)] = &[&lock, &project];
-        let by_project: &[&(dyn tokio_postgres::types::ToSql + Sync)] = &[&project];
-        let by_digests: &[&(dyn tokio_postgres::types::ToSql + Sync)] = &[&project, &digests];
-        let client = tx.client();
-        let (_, _, record, stored, manifests, saves) = futures::try_join!(
-            tx.begin(),
-            client.cached_execute(BEGIN_LOCKS, locks).map_err(pg_error),
-            holders_record(client, project, holder),
-            client
-                .cached_query("SELECT digest, record FROM lc_blobs WHERE project = $1 AND digest = ANY($2)", by_digests)
-                .map_err(pg_error),
-            client
-                .cached_query("SELECT body FROM lc_manifests WHERE project = $1 ORDER BY service, branch", by_project)
-                .map_err(pg_error),
-            ephemeral_records::<super::OpenSave>(client, "lc_open_saves", Some(project)),
-        )?;
-        let stored: HashMap<String, BlobRecord> = blob_records(&stored)?;
-        let manifests: Vec<pb::Manifest> =
-            manifests.iter().map(|row| decode_manifest(row.get::<_, &[u8]>(0))).collect::<Result<_, _>>()?;
-        let mut changed = saves.clone();
-        // What the rule changed stands even when it refuses (the silent saves it noted).
-        let registered = register(&record, &stored, &manifests, &mut changed);
-        tx.commit_with(&ephemeral_writes("lc_open_saves", Some(project), &saves, &changed, |save| &save.project))
-            .await?;
-        registered
+        // In the project's next batch (see `begins.rs`): two round trips, whatever the
+        // batch's size.
+        self.answering()?;
+        begins::begin(&self.begins, &self.pool, project, holder, digests, register).await
     }
 
     async fn commit_known(
@@ -1617,8 +1593,9 @@ impl State for Postgres {
         // In the project's next batch (see `commits.rs`): two round trips, whatever the
         // batch's size.
         self.answering()?;
-        let commits = &self.commits;
-        commits.commit(&self.pool, project, holder, manifest, generation, new_blobs, now_unix, check, save_id).await
+        let queues = &self.commits;
+        commits::commit(queues, &self.pool, project, holder, manifest, generation, new_blobs, now_unix, check, save_id)
+            .await
     }
 
     async fn remove_manifest(

@@ -267,6 +267,65 @@ pub(crate) async fn ephemeral_records_are_shared(a: std::sync::Arc<dyn State>, b
     a_begin_is_one_step(a_state.as_ref(), b_state.as_ref()).await;
     every_step_checks_its_token_live(a_state.as_ref(), b_state.as_ref()).await;
     commits_made_at_once_store_what_they_would_one_after_another(a_state.as_ref(), b_state.as_ref()).await;
+    begins_made_at_once_register_what_they_would_one_after_another(a_state.as_ref(), b_state.as_ref()).await;
+}
+
+/// Begins of one project made at once (on PostgreSQL, a replica's batch) each register on the
+/// open saves the ones before it left, as one after another would; a refused begin keeps what
+/// its rule changed; a revoked `pr-*` token's registers nothing.
+async fn begins_made_at_once_register_what_they_would_one_after_another(a: &dyn State, b: &dyn State) {
+    a.create_project(&project("busy")).await.unwrap();
+    a.commit_manifest("busy", &manifest("base", &["c1", "l1"], 1), 0, &sizes(), 1).await.unwrap();
+    let pr = ScopedTokenRecord {
+        id: "tok_gone".into(),
+        project: "busy".into(),
+        scope: crate::tokens::BranchScope { read: vec!["*".into()], write: vec!["pr-*".into()] },
+        created_unix: 1,
+        expires_unix: 0,
+    };
+    a.insert_scoped_token("gone-hash", &pr).await.unwrap();
+    a.remove_scoped_tokens("busy", Some("tok_gone")).await.unwrap();
+    let revoked = Holder { token_sha256_hex: "gone-hash", token_id: "tok_gone" };
+    let seen = std::sync::Mutex::new(Vec::new());
+    let begins = (0..10).map(|i| {
+        let seen = &seen;
+        async move {
+            let holder = if i == 7 { revoked } else { OWNER };
+            let named = [if i % 2 == 0 { "c1" } else { "zz" }.to_string()];
+            let mut register = |_: &ProjectRecord,
+                                stored: &HashMap<String, BlobRecord>,
+                                manifests: &[pb::Manifest],
+                                saves: &mut OpenSaves| {
+                assert_eq!(stored.len(), usize::from(i % 2 == 0), "a begin sees the records of its own blobs");
+                assert_eq!(manifests.len(), 1);
+                seen.lock().unwrap().push(saves.len());
+                saves.insert(format!("b{i}"), crate::claims::tests::pending("busy", "web", 10 + i as i64));
+                if i == 3 { Err(Error::TooMany("refused, its change kept".into())) } else { Ok(()) }
+            };
+            b.begin_save("busy", holder, &named, &mut register).await
+        }
+    });
+    let outcomes = futures::future::join_all(begins).await;
+    for (i, outcome) in outcomes.iter().enumerate() {
+        match i {
+            3 => assert!(matches!(outcome, Err(Error::TooMany(_))), "{i}: {outcome:?}"),
+            7 => assert!(matches!(outcome, Err(Error::Unauthenticated(_))), "{i}: {outcome:?}"),
+            _ => assert!(outcome.is_ok(), "{i}: {outcome:?}"),
+        }
+    }
+    let mut seen = seen.into_inner().unwrap();
+    seen.sort();
+    // (A state may show other projects' open saves beside this one's: counted from the first.)
+    let first = seen[0];
+    assert_eq!(seen, (first..first + 9).collect::<Vec<usize>>(), "each saw those before it; the revoked ran no rule");
+    let mut open: Vec<String> = Vec::new();
+    a.read_open_saves(Some("busy"), &mut |saves| {
+        open = saves.iter().filter(|(_, save)| save.project == "busy").map(|(id, _)| id.clone()).collect();
+    })
+    .await
+    .unwrap();
+    open.sort();
+    assert_eq!(open, ["b0", "b1", "b2", "b3", "b4", "b5", "b6", "b8", "b9"]);
 }
 
 /// Commits of known blobs of one project made at once (on PostgreSQL, a replica's batch) each

@@ -1,19 +1,12 @@
-//! A project's commits of recorded blobs on PostgreSQL, in batches: the commits that queue in a
-//! replica while one batch of the project's is in the database go in together next, as one
-//! transaction of the same few statements whatever their number (the locks and reads in one
+//! A project's commits of recorded blobs on PostgreSQL, in batches (see `batches.rs`): one
+//! transaction of the same statements however many commits queued (the locks and reads in one
 //! round trip, the writes and the commit in another). Each commit's rule runs on what the
 //! commits before it in the batch left, so a batch stores what they would have stored one
 //! after another; one that fails (its token revoked, its save gone, the project flushed, its
 //! check refused) changes nothing and leaves the others to commit.
-//!
-//! The batch runs in a task of its own, so a caller that goes away never takes the others'
-//! commits with it. Each caller runs its own check (the service's rule) on the records the
-//! batch read, and hears its outcome, over a channel.
 
+use super::batches::{BatchRun, Batched, Holders, SCOPED_TOKENS, Token, unanswered};
 use super::*;
-
-/// The most commits one batch takes; the rest wait for the next.
-const MOST_PER_BATCH: usize = 64;
 
 /// A batch's locks and reads, in its first round trip, in this order (each its own statement,
 /// so each reads after the locks before it): the publish lock (shared), the project's row,
@@ -21,7 +14,6 @@ const MOST_PER_BATCH: usize = 64;
 /// records of their blobs and of those the manifests they replace list (locked), and their
 /// open saves (locked, deleted with the writes for those that commit).
 const PROJECT_LOCKED: &str = "SELECT record FROM lc_projects WHERE name = $1 FOR UPDATE";
-const SCOPED_TOKENS: &str = "SELECT sha256, record FROM lc_scoped_tokens WHERE project = $1 AND sha256 = ANY($2)";
 const KEYS_MANIFESTS_LOCKED: &str = "SELECT m.service, m.branch, m.body
     FROM UNNEST($2::text[], $3::text[]) AS wanted (service, branch)
     CROSS JOIN LATERAL (SELECT service, branch, body FROM lc_manifests
@@ -45,127 +37,62 @@ enum ToCaller {
 
 /// A commit waiting for its project's next batch.
 pub(super) struct QueuedCommit {
-    pub token_sha256_hex: String,
-    pub token_id: String,
-    pub manifest: pb::Manifest,
-    pub generation: u64,
-    pub new_blobs: HashMap<String, BlobRecord>,
-    pub now_unix: i64,
-    pub save_id: String,
+    token: Token,
+    manifest: pb::Manifest,
+    generation: u64,
+    new_blobs: HashMap<String, BlobRecord>,
+    now_unix: i64,
+    save_id: String,
     to_caller: tokio::sync::mpsc::UnboundedSender<ToCaller>,
 }
 
-/// The commits waiting in this replica, by project. A project has an entry while its batches'
-/// task runs (one per project: one batch of a project's in the database at a time per
-/// replica), and the task ends when it finds none waiting.
-#[derive(Default)]
-pub(super) struct CommitQueues(std::sync::Mutex<HashMap<String, Vec<QueuedCommit>>>);
+impl Batched for QueuedCommit {
+    type Outcome = Option<Committed>;
 
-impl CommitQueues {
-    /// Commits through the project's next batch: `check` runs on the records it read, as
-    /// [`State::commit_known`]'s does.
-    #[allow(clippy::too_many_arguments)]
-    pub(super) async fn commit(
-        self: &Arc<Self>,
-        pool: &Pool,
-        project: &str,
-        holder: Holder<'_>,
-        manifest: &pb::Manifest,
-        generation: u64,
-        new_blobs: &HashMap<String, BlobRecord>,
-        now_unix: i64,
-        check: &mut super::super::CommitCheck<'_>,
-        save_id: &str,
-    ) -> Result<Option<Committed>, Error> {
-        let (to_caller, mut from_batch) = tokio::sync::mpsc::unbounded_channel();
-        let queued = QueuedCommit {
-            token_sha256_hex: holder.token_sha256_hex.to_owned(),
-            token_id: holder.token_id.to_owned(),
-            manifest: manifest.clone(),
-            generation,
-            new_blobs: new_blobs.clone(),
-            now_unix,
-            save_id: save_id.to_owned(),
-            to_caller,
-        };
-        let start = {
-            let mut queues = self.0.lock().expect("commit queues");
-            match queues.get_mut(project) {
-                Some(waiting) => {
-                    waiting.push(queued);
-                    false
-                }
-                None => {
-                    queues.insert(project.to_owned(), vec![queued]);
-                    true
-                }
-            }
-        };
-        if start {
-            tokio::spawn(Arc::clone(self).run(pool.clone(), project.to_owned()));
-        }
-        while let Some(said) = from_batch.recv().await {
-            match said {
-                ToCaller::Check(record, known, answer) => {
-                    let _ = answer.send(check(&record, &known));
-                }
-                ToCaller::Done(outcome) => return outcome,
-            }
-        }
-        Err(Error::DatabaseUnavailable { what: "PostgreSQL", source: "the batch of commits ended unanswered".into() })
+    fn answer(&self, outcome: Result<Option<Committed>, Error>) {
+        let _ = self.to_caller.send(ToCaller::Done(outcome));
     }
 
-    /// Runs `project`'s batches until none waits.
-    async fn run(self: Arc<Self>, pool: Pool, project: String) {
-        // Should a batch panic, the project's entry goes with it (its waiting callers hear an
-        // error), so its next commit starts a task again.
-        struct Running<'a>(&'a CommitQueues, &'a str, bool);
-        impl Drop for Running<'_> {
-            fn drop(&mut self) {
-                if self.2
-                    && let Ok(mut queues) = self.0.0.lock()
-                {
-                    queues.remove(self.1);
-                }
-            }
-        }
-        let mut running = Running(&self, &project, true);
-        loop {
-            let batch: Vec<QueuedCommit> = {
-                let mut queues = self.0.lock().expect("commit queues");
-                let waiting = queues.get_mut(&project).expect("a running project's queue");
-                if waiting.is_empty() {
-                    queues.remove(&project);
-                    running.2 = false;
-                    return;
-                }
-                let rest = waiting.split_off(waiting.len().min(MOST_PER_BATCH));
-                std::mem::replace(waiting, rest)
-            };
-            match run_batch(&pool, &project, &batch).await {
-                Ok(outcomes) => {
-                    for (queued, outcome) in batch.iter().zip(outcomes) {
-                        let _ = queued.to_caller.send(ToCaller::Done(outcome));
-                    }
-                }
-                Err(error) => {
-                    for queued in &batch {
-                        let _ = queued.to_caller.send(ToCaller::Done(Err(each_callers(&error))));
-                    }
-                }
-            }
-        }
+    fn run<'a>(pool: &'a Pool, project: &'a str, batch: &'a [Self]) -> BatchRun<'a, Option<Committed>> {
+        Box::pin(run_batch(pool, project, batch))
     }
 }
 
-/// A batch's failure as each of its callers hears it: an outage stays one.
-fn each_callers(error: &Error) -> Error {
-    match error {
-        Error::DatabaseUnavailable { what, source } => {
-            Error::DatabaseUnavailable { what, source: source.to_string().into() }
+/// Commits through `project`'s next batch: `check` runs on the records it read, as
+/// [`State::commit_known`]'s does.
+#[allow(clippy::too_many_arguments)]
+pub(super) async fn commit(
+    queues: &Arc<batches::Queues<QueuedCommit>>,
+    pool: &Pool,
+    project: &str,
+    holder: Holder<'_>,
+    manifest: &pb::Manifest,
+    generation: u64,
+    new_blobs: &HashMap<String, BlobRecord>,
+    now_unix: i64,
+    check: &mut super::super::CommitCheck<'_>,
+    save_id: &str,
+) -> Result<Option<Committed>, Error> {
+    let (to_caller, mut from_batch) = tokio::sync::mpsc::unbounded_channel();
+    let queued = QueuedCommit {
+        token: Token::of(holder),
+        manifest: manifest.clone(),
+        generation,
+        new_blobs: new_blobs.clone(),
+        now_unix,
+        save_id: save_id.to_owned(),
+        to_caller,
+    };
+    queues.queue(pool, project, queued);
+    while let Some(said) = from_batch.recv().await {
+        match said {
+            ToCaller::Check(record, known, answer) => {
+                let _ = answer.send(check(&record, &known));
+            }
+            ToCaller::Done(outcome) => return outcome,
         }
-        other => Error::database("PostgreSQL", other.to_string()),
     }
+    Err(unanswered())
 }
 
 /// One batch: every commit's outcome, in order, or the batch's failure (nothing committed).
@@ -181,7 +108,7 @@ async fn run_batch(
     let tx = Pipelined::new(client);
     let client = tx.client();
     let lock = lock_key(project);
-    let hashes: Vec<&str> = batch.iter().map(|queued| queued.token_sha256_hex.as_str()).collect();
+    let hashes: Vec<&str> = batch.iter().map(|queued| queued.token.sha256_hex.as_str()).collect();
     let keys: Vec<pb::CacheKey> = batch.iter().map(|queued| queued.manifest.key.clone().unwrap_or_default()).collect();
     let services: Vec<&str> = keys.iter().map(|key| key.service.as_str()).collect();
     let branches: Vec<&str> = keys.iter().map(|key| key.branch.as_str()).collect();
@@ -205,15 +132,11 @@ async fn run_batch(
         client.cached_query(BLOBS_LOCKED, by_blobs).map_err(pg_error),
         client.cached_query(SAVES_LOCKED, by_saves).map_err(pg_error),
     )?;
-    let Some(record) = record else {
+    let Some(holders) = Holders::read(record, &scoped)? else {
         // No project: no token of it is live.
         return Ok(batch.iter().map(|_| Err(super::super::revoked())).collect());
     };
-    let record: ProjectRecord = from_json("lc_projects", record.get::<_, &str>(0))?;
-    let scoped: HashMap<String, ScopedTokenRecord> = scoped
-        .iter()
-        .map(|row| Ok((row.get::<_, String>(0), from_json("lc_scoped_tokens", row.get::<_, &str>(1))?)))
-        .collect::<Result<_, Error>>()?;
+    let record = &holders.record;
     let mut current: HashMap<(String, String), pb::Manifest> = manifests
         .iter()
         .map(|row| Ok(((row.get(0), row.get(1)), decode_manifest(row.get::<_, &[u8]>(2))?)))
@@ -232,8 +155,7 @@ async fn run_batch(
     let asked: Vec<Option<tokio::sync::oneshot::Receiver<Result<bool, Error>>>> = batch
         .iter()
         .map(|queued| {
-            let holder = Holder { token_sha256_hex: &queued.token_sha256_hex, token_id: &queued.token_id };
-            let live = holder.is_live(&record, scoped.get(&queued.token_sha256_hex));
+            let live = holders.live(&queued.token);
             let recorded = queued.new_blobs.keys().all(|digest| known.contains_key(digest));
             (live && recorded).then(|| {
                 let (answer, answered) = tokio::sync::oneshot::channel();
@@ -245,9 +167,8 @@ async fn run_batch(
     let mut outcomes = Vec::with_capacity(batch.len());
     let (mut changes, mut counters, mut taken) = (Vec::new(), HashMap::<String, ServiceCounters>::new(), Vec::new());
     for ((queued, key), asked) in batch.iter().zip(&keys).zip(asked) {
-        let holder = Holder { token_sha256_hex: &queued.token_sha256_hex, token_id: &queued.token_id };
         let outcome = match asked {
-            None if !holder.is_live(&record, scoped.get(&queued.token_sha256_hex)) => Err(super::super::revoked()),
+            None if !holders.live(&queued.token) => Err(super::super::revoked()),
             // Its open save stays: the caller checks the store and commits again.
             None => Ok(None),
             // A caller gone before it answered commits nothing.
@@ -257,8 +178,7 @@ async fn run_batch(
                 Ok(true) if !open.remove(&queued.save_id) => Err(Error::NoSuchSave(queued.save_id.clone())),
                 Ok(true) => {
                     let place = (key.service.clone(), key.branch.clone());
-                    let view =
-                        ledger::CommitView { project: &record, old: current.get(&place).cloned(), known: &known };
+                    let view = ledger::CommitView { project: record, old: current.get(&place).cloned(), known: &known };
                     match ledger::commit(view, &queued.manifest, queued.generation, &queued.new_blobs, queued.now_unix)
                     {
                         Err(error) => {
