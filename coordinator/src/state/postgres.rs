@@ -24,8 +24,9 @@
 //!
 //! A call's transaction is [`Pipelined`]: its `BEGIN` goes out with its first statements and its
 //! `COMMIT` with its writes, so a begin, a commit and a lookup's hit cost two round trips each.
-//! A project's calls that the database would run one at a time wait for their turn in the
-//! replica instead ([`Turns`]).
+//! A project's begins, commits of recorded blobs and lookups, which the database would run one
+//! at a time, queue in the replica instead and go in batches (`postgres/batches.rs`): the
+//! calls queued while one batch is in the database are one transaction next.
 //!
 //! A server that stops (a restart, `pg_ctl -m immediate`, a failover) costs the calls made
 //! while it is down one clear error each ([`Error::DatabaseUnavailable`], gRPC `UNAVAILABLE`),
@@ -55,6 +56,7 @@ use crate::error::Error;
 mod batches;
 mod begins;
 mod commits;
+mod lookups;
 
 /// Connections one replica opens at most: for its transactions (a begin, a commit of blobs the
 /// ledger records and a lookup each hold one for their one transaction, the publish lock
@@ -135,7 +137,7 @@ const COMMIT_LOCK: &str = "SELECT pg_advisory_xact_lock_shared($1)";
 /// of the keys (a row then, none otherwise: a miss waits for no lock): the publish lock,
 /// shared, then the leases'; with them its commit does not wait for the disk (a use's time is a
 /// hint for expiry and eviction, and leases live in unlogged tables). Each key is one look-up of
-/// the primary key, as in [`first_manifest`], not a join over the project's manifests.
+/// the primary key, not a join over the project's manifests.
 const LOOKUP_LOCKS: &str = "SELECT set_config('synchronous_commit', 'off', true),
     pg_advisory_xact_lock_shared($2), pg_advisory_xact_lock(7403, hashtext($1))
     WHERE EXISTS (SELECT 1 FROM UNNEST($3::text[], $4::text[]) AS wanted (service, branch)
@@ -542,64 +544,12 @@ pub struct Postgres {
     answering: AtomicBool,
     /// Changed to cut every connection of the three pools.
     cut: tokio::sync::watch::Sender<u64>,
-    /// Where a project's calls that the database would run one at a time wait in this replica.
-    turns: Turns,
     /// A project's begins waiting for its next batch (see `batches.rs`).
     begins: Arc<batches::Queues<begins::QueuedBegin>>,
     /// A project's commits of recorded blobs waiting for its next batch.
     commits: Arc<batches::Queues<commits::QueuedCommit>>,
-}
-
-/// The kinds of a project's calls that wait for their turn in the replica, each behind a lock
-/// of the project's in the database: lookups (the leases' lock). Begins (behind the open
-/// saves' lock) and commits of blobs the ledger records (behind the project's row) go in
-/// batches instead, one batch of a project's at a time (see `batches.rs`), which is their turn.
-///
-/// A lookup takes the publish lock shared inside its transaction, first, holding nothing else,
-/// and none is made under the project's lock held across steps (`project_lock`); the same
-/// holds for batches. The steps a commit through the store makes under that lock (taking its
-/// save, giving back its share, recording the manifest) take no turn and go in no batch:
-/// behind a flush waiting for that lock, turn holders wait for the flush, and a step waiting
-/// for their turn would wait for itself.
-#[derive(Clone, Copy, PartialEq, Eq, Hash)]
-enum Turn {
-    Lookup,
-}
-
-/// How many of a project's transactions of one [`Turn`] a replica has in the database at once.
-/// Two (one running, the next waiting on the lock there, so the lock passes without a round
-/// trip between) measured no faster at 100 simulated workers, and the server's CPU a round
-/// rose from 1.12 to 1.27 ms.
-const TURN_DEPTH: usize = 1;
-
-/// One queue per project and [`Turn`] in this replica: a call waits for its turn here before
-/// it takes a connection, rather than on the project's lock in the database, holding one. In
-/// the database a waiting transaction costs a server process woken and put back to sleep on
-/// every release, and a pool slot other projects could use: with up to 24 of one replica's
-/// transactions in the database where one of a project's kind can run at once, waiting there
-/// took a fifth of the server's CPU at 100 simulated workers, and a project whose calls all
-/// waited there could take every slot of the pool. Here a project has at most
-/// [`TURN_DEPTH`] of each kind in the database (across replicas, that many per replica). A
-/// lookup waits behind the project's other lookups here, a miss too: while a flush holds the
-/// project's lock, a miss queued behind a hit waiting for it waits as long (a miss alone waits
-/// for no lock; after the flush nothing of the project is left to hit). A project's entry
-/// lives as long as the replica, as its publish lock does (projects are few and made by an
-/// operator).
-#[derive(Default)]
-struct Turns(std::sync::Mutex<HashMap<(String, Turn), Arc<tokio::sync::Semaphore>>>);
-
-impl Turns {
-    /// Waits for `project`'s `turn`: held until the permit is dropped.
-    async fn take(&self, project: &str, turn: Turn) -> tokio::sync::OwnedSemaphorePermit {
-        let queue = self
-            .0
-            .lock()
-            .expect("turns")
-            .entry((project.to_owned(), turn))
-            .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(TURN_DEPTH)))
-            .clone();
-        queue.acquire_owned().await.expect("a turn's queue is never closed")
-    }
+    /// A project's lookups waiting for its next batch.
+    lookups: Arc<batches::Queues<lookups::QueuedLookup>>,
 }
 
 /// The advisory lock key the replica leading the background work holds.
@@ -656,9 +606,9 @@ impl Postgres {
             clock,
             answering: AtomicBool::new(true),
             cut,
-            turns: Turns::default(),
             begins: Arc::default(),
             commits: Arc::default(),
+            lookups: Arc::default(),
         };
         state.migrate().await?;
         let offset_ms = state.clock.offset_ms();
@@ -880,6 +830,26 @@ fn change_writes(project: &str, change: &ledger::ChangeSet) -> Vec<Write> {
     writes
 }
 
+/// The write that records uses of manifests: each (as it was, as used) stored only if the
+/// manifest is still the one it was (a lost race means a newer one is there, with its own
+/// times); none when there are none.
+fn touches_write(project: &str, touched: &[(&pb::Manifest, pb::Manifest)]) -> Option<Write> {
+    if touched.is_empty() {
+        return None;
+    }
+    let keys: Vec<pb::CacheKey> = touched.iter().map(|(was, _)| was.key.clone().unwrap_or_default()).collect();
+    let services: Vec<String> = keys.iter().map(|key| key.service.clone()).collect();
+    let branches: Vec<String> = keys.iter().map(|key| key.branch.clone()).collect();
+    let was: Vec<Vec<u8>> = touched.iter().map(|(was, _)| was.encode_to_vec()).collect();
+    let used: Vec<Vec<u8>> = touched.iter().map(|(_, used)| used.encode_to_vec()).collect();
+    Some(Write::new(
+        "UPDATE lc_manifests m SET body = given.used
+         FROM UNNEST($2::text[], $3::text[], $4::bytea[], $5::bytea[]) AS given (service, branch, was, used)
+         WHERE m.project = $1 AND m.service = given.service AND m.branch = given.branch AND m.body = given.was",
+        vec![Box::new(project.to_owned()), Box::new(services), Box::new(branches), Box::new(was), Box::new(used)],
+    ))
+}
+
 /// The write that makes `manifests` their keys' (one of each key), with the blobs each names
 /// beside it; none when there are none.
 fn manifests_write(project: &str, manifests: &[pb::Manifest]) -> Option<Write> {
@@ -1032,29 +1002,6 @@ async fn holders_record(
     let scoped: Option<ScopedTokenRecord> =
         row.get::<_, Option<&str>>(1).map(|json| from_json("lc_scoped_tokens", json)).transpose()?;
     if holder.is_live(&record, scoped.as_ref()) { Ok(record) } else { Err(super::revoked()) }
-}
-
-/// The manifest of the first of `keys` the project holds.
-async fn first_manifest(
-    tx: &impl GenericClient,
-    project: &str,
-    keys: &[pb::CacheKey],
-) -> Result<Option<pb::Manifest>, Error> {
-    let services: Vec<&str> = keys.iter().map(|key| key.service.as_str()).collect();
-    let branches: Vec<&str> = keys.iter().map(|key| key.branch.as_str()).collect();
-    let row = tx
-        .cached_query_opt(
-            // One look-up of the primary key per key, in their order (`OFFSET 0` keeps the
-            // planner from turning it into a scan of the project's manifests and a join).
-            "SELECT m.body FROM UNNEST($2::text[], $3::text[]) WITH ORDINALITY AS wanted (service, branch, n)
-                 CROSS JOIN LATERAL (SELECT body FROM lc_manifests
-                     WHERE project = $1 AND service = wanted.service AND branch = wanted.branch OFFSET 0) m
-             ORDER BY wanted.n LIMIT 1",
-            &[&project, &services, &branches],
-        )
-        .await
-        .map_err(pg_error)?;
-    row.map(|row| decode_manifest(row.get::<_, &[u8]>(0))).transpose()
 }
 
 /// What of a lease is stored in its record: not its `reads`, which are a column of their own,
@@ -1478,18 +1425,11 @@ impl State for Postgres {
 
     async fn touch_manifest(&self, project: &str, manifest: &pb::Manifest, now_unix: i64) -> Result<(), Error> {
         let Some(touched) = ledger::touched(manifest, now_unix) else { return Ok(()) };
-        let key = manifest.key.clone().unwrap_or_default();
-        let touched = touched.encode_to_vec();
-        let client = self.client().await?;
-        // Only the manifest it was: a lost race means a newer one is there, with its own times.
-        client
-            .execute(
-                "UPDATE lc_manifests SET body = $5 WHERE project = $1 AND service = $2 AND branch = $3 AND body = $4",
-                &[&project, &key.service, &key.branch, &manifest.encode_to_vec(), &touched],
-            )
-            .await
-            .map_err(pg_error)?;
-        Ok(())
+        send_writes(
+            &self.client().await?,
+            &touches_write(project, &[(manifest, touched)]).into_iter().collect::<Vec<_>>(),
+        )
+        .await
     }
 
     async fn look_up(
@@ -1500,48 +1440,10 @@ impl State for Postgres {
         now_unix: i64,
         grant: &mut super::LookupGrant<'_>,
     ) -> Result<Option<pb::Manifest>, Error> {
-        // One round trip for the reads: the token's check, then the locks, taken only if one
-        // of the keys has a manifest (`LOOKUP_LOCKS`: a miss waits for no lock and writes
-        // nothing), the leases and the demands, and the first of the keys' manifests, read
-        // after the locks (an eviction may have run meanwhile). The writes and the commit in a
-        // second. The locks are the publish lock of `project_lock` (shared, for this
-        // transaction only) and the project's leases'.
-        let _turn = self.turns.take(project, Turn::Lookup).await;
-        let tx = self.pipelined(&[LOOKUP_LOCKS]).await?;
-        let services: Vec<&str> = keys.iter().map(|key| key.service.as_str()).collect();
-        let branches: Vec<&str> = keys.iter().map(|key| key.branch.as_str()).collect();
-        let lookup = LookupKeys { lock_key: lock_key(project), services: &services, branches: &branches };
-        let (_, _, (locked, before, demands), found) = futures::try_join!(
-            tx.begin(),
-            holders_record(tx.client(), project, holder),
-            locked_leases(tx.client(), project, Some(lookup)),
-            first_manifest(tx.client(), project, keys),
-        )?;
-        // A manifest committed between the locks' check and the read is read without them: a miss.
-        let Some(manifest) = found.filter(|_| locked) else {
-            tx.commit_with(&[]).await?;
-            return Ok(None);
-        };
-        let mut leases = before.clone();
-        let demand = grant(&manifest, &mut leases, &demands);
-        // Only the manifest it was: a lost race means a newer one is there, with its own times.
-        let touch = ledger::touched(&manifest, now_unix).map(|touched| {
-            let key = manifest.key.clone().unwrap_or_default();
-            Write::new(
-                "UPDATE lc_manifests SET body = $5 WHERE project = $1 AND service = $2 AND branch = $3 AND body = $4",
-                vec![
-                    Box::new(project.to_owned()),
-                    Box::new(key.service),
-                    Box::new(key.branch),
-                    Box::new(manifest.encode_to_vec()),
-                    Box::new(touched.encode_to_vec()),
-                ],
-            )
-        });
-        let mut writes: Vec<Write> = touch.into_iter().collect();
-        writes.extend(lease_writes(project, &before, &leases, demand));
-        tx.commit_with(&writes).await?;
-        Ok(Some(manifest))
+        // In the project's next batch (see `lookups.rs`): a miss one round trip, a hit two,
+        // whatever the batch's size.
+        self.answering()?;
+        lookups::look_up(&self.lookups, &self.pool, project, holder, keys, now_unix, grant).await
     }
 
     async fn commit_manifest(

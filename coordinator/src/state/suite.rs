@@ -268,6 +268,83 @@ pub(crate) async fn ephemeral_records_are_shared(a: std::sync::Arc<dyn State>, b
     every_step_checks_its_token_live(a_state.as_ref(), b_state.as_ref()).await;
     commits_made_at_once_store_what_they_would_one_after_another(a_state.as_ref(), b_state.as_ref()).await;
     begins_made_at_once_register_what_they_would_one_after_another(a_state.as_ref(), b_state.as_ref()).await;
+    lookups_made_at_once_grant_what_they_would_one_after_another(a_state.as_ref(), b_state.as_ref()).await;
+}
+
+/// Lookups of one project made at once (on PostgreSQL, a replica's batch) each find the first
+/// of its own keys with a manifest, and each hit's grant runs on the leases the grants before
+/// it left, as one after another would; a miss grants nothing; a revoked `pr-*` token's
+/// lookup finds nothing and grants nothing; the last use of each manifest found is recorded.
+async fn lookups_made_at_once_grant_what_they_would_one_after_another(a: &dyn State, b: &dyn State) {
+    a.create_project(&project("read")).await.unwrap();
+    a.commit_manifest("read", &manifest("web", &["c1", "l1"], 5), 0, &sizes(), 1).await.unwrap();
+    a.commit_manifest("read", &manifest("api", &["c2", "l2"], 5), 0, &sizes(), 1).await.unwrap();
+    let pr = ScopedTokenRecord {
+        id: "tok_old".into(),
+        project: "read".into(),
+        scope: crate::tokens::BranchScope { read: vec!["*".into()], write: vec!["pr-*".into()] },
+        created_unix: 1,
+        expires_unix: 0,
+    };
+    a.insert_scoped_token("old-hash", &pr).await.unwrap();
+    a.remove_scoped_tokens("read", Some("tok_old")).await.unwrap();
+    let revoked = Holder { token_sha256_hex: "old-hash", token_id: "tok_old" };
+    let seen = std::sync::Mutex::new(Vec::new());
+    // i % 3: 0 finds web (its first key), 1 finds api behind a key with none, 2 misses.
+    let keys_of = |i: usize| match i % 3 {
+        0 => vec![key("web"), key("api")],
+        1 => vec![key("none"), key("api")],
+        _ => vec![key("none"), key("nothing")],
+    };
+    let lookups = (0..10).map(|i| {
+        let (seen, keys) = (&seen, keys_of(i));
+        async move {
+            let holder = if i == 6 { revoked } else { OWNER };
+            let mut grant = |manifest: &pb::Manifest, leases: &mut Leases, _: &LeaseDemands| {
+                seen.lock().unwrap().push(leases.len());
+                let lease = Lease {
+                    project: "read".into(),
+                    kind: LeaseKind::Restore,
+                    fixed: 1,
+                    concurrency: 1,
+                    order: leases.len() as u64,
+                    renewed_unix_ms: 9,
+                    reads: manifest_digests(manifest),
+                    holder: String::new(),
+                };
+                leases.insert(format!("read-{i}"), lease);
+                LeaseDemand { demand: leases.len() as u32, lapses_unix_ms: 10 }
+            };
+            b.look_up("read", holder, &keys, 20 + i as i64, &mut grant).await
+        }
+    });
+    let outcomes = futures::future::join_all(lookups).await;
+    let mut hits = Vec::new();
+    for (i, outcome) in outcomes.into_iter().enumerate() {
+        let found = match i {
+            6 => {
+                assert!(matches!(outcome, Err(Error::Unauthenticated(_))), "{i}: {outcome:?}");
+                continue;
+            }
+            _ => outcome.unwrap().and_then(|manifest| manifest.key).map(|key| key.service),
+        };
+        let wanted = [Some("web"), Some("api"), None][i % 3].map(str::to_owned);
+        assert_eq!(found, wanted, "{i}");
+        if found.is_some() {
+            hits.push(format!("read-{i}"));
+        }
+    }
+    let mut seen = seen.into_inner().unwrap();
+    seen.sort();
+    assert_eq!(seen, (0..hits.len()).collect::<Vec<usize>>(), "each grant saw the leases of those before it");
+    let mut granted: Vec<String> = Vec::new();
+    a.read_leases(Some("read"), &mut |leases| granted = leases.keys().cloned().collect()).await.unwrap();
+    granted.sort();
+    hits.sort();
+    assert_eq!(granted, hits);
+    // web: found by 0, 3, 9 (6 revoked); api: by 1, 4, 7.
+    assert_eq!(a.manifest("read", "web", "").await.unwrap().unwrap().last_used_unix, 29);
+    assert_eq!(a.manifest("read", "api", "").await.unwrap().unwrap().last_used_unix, 27);
 }
 
 /// Begins of one project made at once (on PostgreSQL, a replica's batch) each register on the
