@@ -741,8 +741,8 @@ async fn two_projects_save_and_restore_while_a_third_holds_its_locks() {
     });
     held_rx.recv_timeout(std::time::Duration::from_secs(30)).expect("project C's holder holds its locks");
     // Project C's begins waiting for its locks through replica A, more of them than the
-    // replica's pool has connections: they wait for their turn in the replica, one in the
-    // database, so projects A and B still find connections there.
+    // replica's pool has connections: they queue in the replica and go in one batch, one
+    // transaction in the database, so projects A and B still find connections there.
     let waiting: Vec<_> = (0..40)
         .map(|_| {
             let state = replicas[0].clone();
@@ -821,8 +821,8 @@ async fn two_projects_save_and_restore_while_a_third_holds_its_locks() {
 /// A commit through the store holds its project's lock shared across its steps (a session lock)
 /// and takes its save, gives back its share and records its manifest under it, while a flush
 /// through another replica waits for the lock exclusively and a begin, a commit and a lookup
-/// of the project queue behind the flush, each holding its turn: the steps under the lock wait
-/// for no turn, so nothing waits in a circle.
+/// of the project queue behind the flush, each in its batch: the steps under the lock go in no
+/// batch, so nothing waits in a circle.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn steps_under_a_project_s_lock_never_wait_for_calls_queued_behind_a_flush() {
     let Some(server) = postgres_server() else { return };
