@@ -279,16 +279,7 @@ async fn lookups_made_at_once_grant_what_they_would_one_after_another(a: &dyn St
     a.create_project(&project("read")).await.unwrap();
     a.commit_manifest("read", &manifest("web", &["c1", "l1"], 5), 0, &sizes(), 1).await.unwrap();
     a.commit_manifest("read", &manifest("api", &["c2", "l2"], 5), 0, &sizes(), 1).await.unwrap();
-    let pr = ScopedTokenRecord {
-        id: "tok_old".into(),
-        project: "read".into(),
-        scope: crate::tokens::BranchScope { read: vec!["*".into()], write: vec!["pr-*".into()] },
-        created_unix: 1,
-        expires_unix: 0,
-    };
-    a.insert_scoped_token("old-hash", &pr).await.unwrap();
-    a.remove_scoped_tokens("read", Some("tok_old")).await.unwrap();
-    let revoked = Holder { token_sha256_hex: "old-hash", token_id: "tok_old" };
+    let revoked = revoked_pr_token(a, "read", "old-hash", "tok_old").await;
     let seen = std::sync::Mutex::new(Vec::new());
     // i % 3: 0 finds web (its first key), 1 finds api behind a key with none, 2 misses.
     let keys_of = |i: usize| match i % 3 {
@@ -353,16 +344,7 @@ async fn lookups_made_at_once_grant_what_they_would_one_after_another(a: &dyn St
 async fn begins_made_at_once_register_what_they_would_one_after_another(a: &dyn State, b: &dyn State) {
     a.create_project(&project("busy")).await.unwrap();
     a.commit_manifest("busy", &manifest("base", &["c1", "l1"], 1), 0, &sizes(), 1).await.unwrap();
-    let pr = ScopedTokenRecord {
-        id: "tok_gone".into(),
-        project: "busy".into(),
-        scope: crate::tokens::BranchScope { read: vec!["*".into()], write: vec!["pr-*".into()] },
-        created_unix: 1,
-        expires_unix: 0,
-    };
-    a.insert_scoped_token("gone-hash", &pr).await.unwrap();
-    a.remove_scoped_tokens("busy", Some("tok_gone")).await.unwrap();
-    let revoked = Holder { token_sha256_hex: "gone-hash", token_id: "tok_gone" };
+    let revoked = revoked_pr_token(a, "busy", "gone-hash", "tok_gone").await;
     let seen = std::sync::Mutex::new(Vec::new());
     let begins = (0..10).map(|i| {
         let seen = &seen;
@@ -405,6 +387,20 @@ async fn begins_made_at_once_register_what_they_would_one_after_another(a: &dyn 
     assert_eq!(open, ["b0", "b1", "b2", "b3", "b4", "b5", "b6", "b8", "b9"]);
 }
 
+/// A `pr-*` token of `project` made and revoked: its holder, as a caller still presents it.
+async fn revoked_pr_token(state: &dyn State, project: &str, hash: &'static str, id: &'static str) -> Holder<'static> {
+    let pr = ScopedTokenRecord {
+        id: id.into(),
+        project: project.into(),
+        scope: crate::tokens::BranchScope { read: vec!["*".into()], write: vec!["pr-*".into()] },
+        created_unix: 1,
+        expires_unix: 0,
+    };
+    state.insert_scoped_token(hash, &pr).await.unwrap();
+    state.remove_scoped_tokens(project, Some(id)).await.unwrap();
+    Holder { token_sha256_hex: hash, token_id: id }
+}
+
 /// Commits of known blobs of one project made at once (on PostgreSQL, a replica's batch) each
 /// store what they would have one after another, two of one key included (the save begun
 /// later stands); those that fail (a revoked `pr-*` token, a save not open, a refusing check)
@@ -413,16 +409,7 @@ async fn commits_made_at_once_store_what_they_would_one_after_another(a: &dyn St
     a.create_project(&project("many")).await.unwrap();
     a.commit_manifest("many", &manifest("base", &["c1", "l1"], 1), 0, &sizes(), 1).await.unwrap();
     a.commit_manifest("many", &manifest("other", &["c2", "l2"], 1), 0, &sizes(), 1).await.unwrap();
-    let pr = ScopedTokenRecord {
-        id: "tok_pr".into(),
-        project: "many".into(),
-        scope: crate::tokens::BranchScope { read: vec!["*".into()], write: vec!["pr-*".into()] },
-        created_unix: 1,
-        expires_unix: 0,
-    };
-    a.insert_scoped_token("pr-hash", &pr).await.unwrap();
-    a.remove_scoped_tokens("many", Some("tok_pr")).await.unwrap();
-    let revoked = Holder { token_sha256_hex: "pr-hash", token_id: "tok_pr" };
+    let revoked = revoked_pr_token(a, "many", "pr-hash", "tok_pr").await;
     // (save, key, blobs, began, who): s0 and s6 both save k0, s6 begun later; "ghost" was never open.
     let commits: Vec<(&str, String, [&str; 2], i64, Holder<'static>)> = (0..6)
         .map(|i| {

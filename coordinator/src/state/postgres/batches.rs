@@ -40,6 +40,19 @@ pub(super) trait Batched: Send + Sized + 'static {
     fn run<'a>(pool: &'a Pool, project: &'a str, batch: &'a [Self]) -> BatchRun<'a, Self::Outcome>;
 }
 
+/// A statement's parameters, as a batch's reads name them.
+pub(super) type Params<'a> = &'a [&'a (dyn tokio_postgres::types::ToSql + Sync)];
+
+/// Each of `items` once.
+pub(super) fn distinct<'a>(items: impl Iterator<Item = &'a str>) -> Vec<&'a str> {
+    items.collect::<HashSet<_>>().into_iter().collect()
+}
+
+/// The outcomes of a batch of `n` calls whose project is gone: no token of it is live.
+pub(super) fn all_revoked<T>(n: usize) -> Vec<Result<T, Error>> {
+    (0..n).map(|_| Err(super::super::revoked())).collect()
+}
+
 /// A running batch (see [`Batched::run`]).
 pub(super) type BatchRun<'a, T> = futures::future::BoxFuture<'a, Result<Vec<Result<T, Error>>, Error>>;
 

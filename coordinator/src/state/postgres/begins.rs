@@ -6,7 +6,7 @@
 //! another; a refused begin keeps what its rule changed (the silent saves it noted), as it
 //! does alone.
 
-use super::batches::{BatchRun, Batched, Holders, SCOPED_TOKENS, Token, unanswered};
+use super::batches::{BatchRun, Batched, Holders, Params, SCOPED_TOKENS, Token, all_revoked, distinct, unanswered};
 use super::*;
 
 /// A batch's locks and reads, in its first round trip, in this order: the locks (see
@@ -82,13 +82,7 @@ async fn run_batch(pool: &Pool, project: &str, batch: &[QueuedBegin]) -> Result<
     let client = tx.client();
     let lock = lock_key(project);
     let hashes: Vec<&str> = batch.iter().map(|queued| queued.token.sha256_hex.as_str()).collect();
-    let digests: Vec<&str> = batch
-        .iter()
-        .flat_map(|queued| queued.digests.iter().map(String::as_str))
-        .collect::<HashSet<_>>()
-        .into_iter()
-        .collect();
-    type Params<'a> = &'a [&'a (dyn tokio_postgres::types::ToSql + Sync)];
+    let digests = distinct(batch.iter().flat_map(|queued| queued.digests.iter().map(String::as_str)));
     let (by_locks, by_project): (Params, Params) = (&[&lock, &project], &[&project]);
     let (by_hashes, by_digests): (Params, Params) = (&[&project, &hashes], &[&project, &digests]);
     let (_, _, record, scoped, stored, manifests, before) = futures::try_join!(
@@ -100,10 +94,7 @@ async fn run_batch(pool: &Pool, project: &str, batch: &[QueuedBegin]) -> Result<
         client.cached_query(MANIFESTS, by_project).map_err(pg_error),
         ephemeral_records::<super::super::OpenSave>(client, "lc_open_saves", Some(project)),
     )?;
-    let Some(holders) = Holders::read(record, &scoped)? else {
-        // No project: no token of it is live.
-        return Ok(batch.iter().map(|_| Err(super::super::revoked())).collect());
-    };
+    let Some(holders) = Holders::read(record, &scoped)? else { return Ok(all_revoked(batch.len())) };
     let stored: HashMap<String, BlobRecord> = blob_records(&stored)?;
     let manifests: Arc<Vec<pb::Manifest>> =
         Arc::new(manifests.iter().map(|row| decode_manifest(row.get::<_, &[u8]>(0))).collect::<Result<_, _>>()?);

@@ -5,7 +5,7 @@
 //! after another; one that fails (its token revoked, its save gone, the project flushed, its
 //! check refused) changes nothing and leaves the others to commit.
 
-use super::batches::{BatchRun, Batched, Holders, SCOPED_TOKENS, Token, unanswered};
+use super::batches::{BatchRun, Batched, Holders, Params, SCOPED_TOKENS, Token, all_revoked, distinct, unanswered};
 use super::*;
 
 /// A batch's locks and reads, in its first round trip, in this order (each its own statement,
@@ -112,14 +112,8 @@ async fn run_batch(
     let keys: Vec<pb::CacheKey> = batch.iter().map(|queued| queued.manifest.key.clone().unwrap_or_default()).collect();
     let services: Vec<&str> = keys.iter().map(|key| key.service.as_str()).collect();
     let branches: Vec<&str> = keys.iter().map(|key| key.branch.as_str()).collect();
-    let digests: Vec<&str> = batch
-        .iter()
-        .flat_map(|queued| queued.new_blobs.keys().map(String::as_str))
-        .collect::<HashSet<_>>()
-        .into_iter()
-        .collect();
+    let digests = distinct(batch.iter().flat_map(|queued| queued.new_blobs.keys().map(String::as_str)));
     let save_ids: Vec<&str> = batch.iter().map(|queued| queued.save_id.as_str()).collect();
-    type Params<'a> = &'a [&'a (dyn tokio_postgres::types::ToSql + Sync)];
     let (by_lock, by_project): (Params, Params) = (&[&lock], &[&project]);
     let (by_hashes, by_keys): (Params, Params) = (&[&project, &hashes], &[&project, &services, &branches]);
     let (by_blobs, by_saves): (Params, Params) = (&[&project, &digests, &services, &branches], &[&project, &save_ids]);
@@ -132,10 +126,7 @@ async fn run_batch(
         client.cached_query(BLOBS_LOCKED, by_blobs).map_err(pg_error),
         client.cached_query(SAVES_LOCKED, by_saves).map_err(pg_error),
     )?;
-    let Some(holders) = Holders::read(record, &scoped)? else {
-        // No project: no token of it is live.
-        return Ok(batch.iter().map(|_| Err(super::super::revoked())).collect());
-    };
+    let Some(holders) = Holders::read(record, &scoped)? else { return Ok(all_revoked(batch.len())) };
     let record = &holders.record;
     let mut current: HashMap<(String, String), pb::Manifest> = manifests
         .iter()

@@ -6,7 +6,7 @@
 //! service's `grant`) runs in its caller's task, one after another in the batch's order, each
 //! on the leases the grants before it left; the writes and the commit in a second round trip.
 
-use super::batches::{BatchRun, Batched, Holders, SCOPED_TOKENS, Token, unanswered};
+use super::batches::{BatchRun, Batched, Holders, Params, SCOPED_TOKENS, Token, all_revoked, unanswered};
 use super::*;
 
 /// The project's record (for the token checks).
@@ -92,7 +92,6 @@ async fn run_batch(
         .collect();
     let (services, branches): (Vec<&str>, Vec<&str>) = keys.into_iter().unzip();
     let lookup = LookupKeys { lock_key: lock_key(project), services: &services, branches: &branches };
-    type Params<'a> = &'a [&'a (dyn tokio_postgres::types::ToSql + Sync)];
     let (by_project, by_hashes): (Params, Params) = (&[&project], &[&project, &hashes]);
     let by_keys: Params = &[&project, &services, &branches];
     let (_, record, scoped, (locked, before, demands), found) = futures::try_join!(
@@ -102,10 +101,7 @@ async fn run_batch(
         locked_leases(client, project, Some(lookup)),
         client.cached_query(KEYS_MANIFESTS, by_keys).map_err(pg_error),
     )?;
-    let Some(holders) = Holders::read(record, &scoped)? else {
-        // No project: no token of it is live.
-        return Ok(batch.iter().map(|_| Err(super::super::revoked())).collect());
-    };
+    let Some(holders) = Holders::read(record, &scoped)? else { return Ok(all_revoked(batch.len())) };
     // A manifest committed between the locks' check and the read is read without them: a miss.
     let found: HashMap<(String, String), pb::Manifest> = match locked {
         false => HashMap::new(),
