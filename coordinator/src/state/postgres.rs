@@ -58,9 +58,9 @@ mod begins;
 mod commits;
 mod lookups;
 
-/// Connections one replica opens at most: for its transactions (a begin, a commit of blobs the
-/// ledger records and a lookup each hold one for their one transaction, the publish lock
-/// inside it), for the session locks it holds (one each while held; more callers wait for
+/// Connections one replica opens at most: for its transactions (a batch of a project's begins,
+/// commits of blobs the ledger records or lookups holds one for its one transaction, the
+/// publish lock inside it, as do the other calls), for the session locks it holds (one each while held; more callers wait for
 /// one: a commit that checks the store, flushes, evictions and collections, the lead), and one
 /// for the health probe. 41 a replica: PostgreSQL's default `max_connections` of 100 serves
 /// two replicas; raise it for more.
@@ -989,8 +989,8 @@ fn lease_writes(
 const HOLDERS_RECORD: &str = "SELECT p.record, s.record FROM lc_projects p
     LEFT JOIN lc_scoped_tokens s ON s.sha256 = $2 AND s.project = p.name WHERE p.name = $1";
 
-/// `project`'s record while `holder` is one of its live tokens (with `lock`, locked for the rest
-/// of the transaction), in one statement; refused as revoked otherwise.
+/// `project`'s record while `holder` is one of its live tokens, in one statement; refused as
+/// revoked otherwise.
 async fn holders_record(
     client: &impl GenericClient,
     project: &str,
