@@ -860,6 +860,56 @@ async fn steps_under_a_project_s_lock_never_wait_for_calls_queued_behind_a_flush
     assert!(matches!(nothing, Ok(None) | Err(crate::error::Error::NoSuchSave(_))), "{nothing:?}");
 }
 
+/// A caller that goes away while its commit waits in a batch (its client hung up) takes none
+/// of the others' commits with it: the batch runs in a task of its own, and commits nothing of
+/// the caller that never answered its check.
+#[tokio::test]
+async fn a_caller_gone_from_a_batch_takes_nothing_of_the_others_with_it() {
+    let Some(server) = postgres_server() else { return };
+    let url = postgres::new_test_database(&server).await;
+    let state = postgres::Postgres::connect(&url).await.unwrap();
+    state.create_project(&project("p")).await.unwrap();
+    state.commit_manifest("p", &manifest("base", &["c1", "l1"], 1), 0, &sizes(), 1).await.unwrap();
+    state
+        .update_open_saves("p", &mut |saves| {
+            for i in 0..4 {
+                saves.insert(format!("s{i}"), crate::claims::tests::pending("p", &format!("k{i}"), 10 + i));
+            }
+        })
+        .await
+        .unwrap();
+    let named: HashMap<String, BlobRecord> =
+        ["c1", "l1"].iter().map(|digest| (digest.to_string(), sizes()[*digest].clone())).collect();
+    let commits = (0..4).map(|i| {
+        let (state, named) = (&state, &named);
+        async move {
+            let saved = manifest(&format!("k{i}"), &["c1", "l1"], 10 + i);
+            let mut check = |_: &ProjectRecord, _: &HashMap<String, BlobRecord>| Ok(true);
+            let save_id = format!("s{i}");
+            let commit = state.commit_known("p", OWNER, &saved, 0, named, 20, &mut check, &save_id);
+            if i == 1 {
+                // Polled once (queued in the batch), then dropped, as when the client hangs up.
+                let gone = futures::future::select(commit, futures::future::ready(())).await;
+                assert!(matches!(gone, futures::future::Either::Right(_)), "answered at its first poll");
+                return None;
+            }
+            Some(commit.await)
+        }
+    });
+    let outcomes = futures::future::join_all(commits).await;
+    for (i, outcome) in outcomes.into_iter().enumerate() {
+        match i {
+            1 => assert!(outcome.is_none()),
+            _ => assert!(matches!(outcome, Some(Ok(Some(Committed::Stored { .. })))), "{i}: {outcome:?}"),
+        }
+    }
+    assert!(state.manifest("p", "k1", "").await.unwrap().is_none(), "the gone caller's commit made nothing");
+    assert_eq!(references(&state, "p", "l1").await, Some(4), "base, k0, k2 and k3");
+    let mut open: Vec<String> = Vec::new();
+    state.read_open_saves(Some("p"), &mut |saves| open = saves.keys().cloned().collect()).await.unwrap();
+    assert_eq!(open, ["s1"], "its save stays open, to be abandoned or to lapse");
+}
+
 /// A commit takes its save by its row alone, without the project's open-saves lock: a change
 /// of the open saves that read the save before never writes it back once it went.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
