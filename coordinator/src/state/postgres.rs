@@ -128,6 +128,17 @@ const PROJECT_LEASES_LOCK: &str = "SELECT pg_advisory_xact_lock(7403, hashtext($
 /// lock (`project_lock`'s, shared, for this transaction only), then the open saves'.
 const BEGIN_LOCKS: &str = "SELECT pg_advisory_xact_lock_shared($1), pg_advisory_xact_lock(7402, hashtext($2))";
 
+/// A project's record (`$1` the project), and the same with its row locked for the rest of the
+/// transaction.
+const PROJECT_RECORD: &str = "SELECT record FROM lc_projects WHERE name = $1";
+const PROJECT_RECORD_LOCKED: &str = "SELECT record FROM lc_projects WHERE name = $1 FOR UPDATE";
+
+/// The ledger's records of blobs (`$2`) of a project (`$1`).
+const BLOBS_OF: &str = "SELECT digest, record FROM lc_blobs WHERE project = $1 AND digest = ANY($2)";
+
+/// A project's manifests (`$1` the project), in the order of their keys.
+const PROJECT_MANIFESTS: &str = "SELECT body FROM lc_manifests WHERE project = $1 ORDER BY service, branch";
+
 /// A commit's first lock (`$1` the publish lock's key): the publish lock of `project_lock`,
 /// shared, for the transaction only; the project's row is locked next (see `commits.rs`).
 const COMMIT_LOCK: &str = "SELECT pg_advisory_xact_lock_shared($1)";
@@ -254,6 +265,16 @@ async fn execute_writes(
     });
     futures::future::try_join_all(sent).await.map_err(pg_error)?;
     Ok(())
+}
+
+/// A transaction on a connection of `pool`, not begun yet (see [`Pipelined`]), with `first`
+/// prepared: the statements that must run before the ones joined after them (its locks; see
+/// [`prepare_all`]). A batch names all its first round trip's statements, so they run in the
+/// order it joins them.
+async fn pipelined(pool: &Pool, first: &[&str]) -> Result<Pipelined, Error> {
+    let client = pool.get().await.map_err(pg_error)?;
+    prepare_all(&client, first.iter().copied()).await?;
+    Ok(Pipelined::new(client))
 }
 
 /// A transaction whose `BEGIN` goes out with its first statements ([`Pipelined::begin`], joined
@@ -669,13 +690,11 @@ impl Postgres {
         self.pool.get().await.map_err(pg_error)
     }
 
-    /// A transaction on a connection of the state's pool, not begun yet (see [`Pipelined`]),
-    /// with `first` prepared: the statements that must run before the ones joined after them
-    /// (its locks; see [`prepare_all`]).
+    /// [`pipelined`] on the state's pool, or at once [`Error::DatabaseUnavailable`] while the
+    /// database does not answer its probes.
     async fn pipelined(&self, first: &[&str]) -> Result<Pipelined, Error> {
-        let client = self.client().await?;
-        prepare_all(&client, first.iter().copied()).await?;
-        Ok(Pipelined::new(client))
+        self.answering()?;
+        pipelined(&self.pool, first).await
     }
 
     async fn migrate(&self) -> Result<(), Error> {
@@ -729,10 +748,7 @@ impl Postgres {
 
 /// Locks a project's row for the rest of the transaction; its record, if there is one.
 async fn lock_project(tx: &Transaction<'_>, project: &str) -> Result<Option<ProjectRecord>, Error> {
-    let row = tx
-        .cached_query_opt("SELECT record FROM lc_projects WHERE name = $1 FOR UPDATE", &[&project])
-        .await
-        .map_err(pg_error)?;
+    let row = tx.cached_query_opt(PROJECT_RECORD_LOCKED, &[&project]).await.map_err(pg_error)?;
     row.map(|row| from_json("lc_projects", row.get::<_, &str>(0))).transpose()
 }
 
@@ -1256,10 +1272,7 @@ impl State for Postgres {
 
     async fn project(&self, name: &str) -> Result<Option<ProjectRecord>, Error> {
         let client = self.client().await?;
-        let row = client
-            .cached_query_opt("SELECT record FROM lc_projects WHERE name = $1", &[&name])
-            .await
-            .map_err(pg_error)?;
+        let row = client.cached_query_opt(PROJECT_RECORD, &[&name]).await.map_err(pg_error)?;
         row.map(|row| from_json("lc_projects", row.get::<_, &str>(0))).transpose()
     }
 
@@ -1416,10 +1429,7 @@ impl State for Postgres {
 
     async fn manifests(&self, project: &str) -> Result<Vec<pb::Manifest>, Error> {
         let client = self.client().await?;
-        let rows = client
-            .query("SELECT body FROM lc_manifests WHERE project = $1 ORDER BY service, branch", &[&project])
-            .await
-            .map_err(pg_error)?;
+        let rows = client.query(PROJECT_MANIFESTS, &[&project]).await.map_err(pg_error)?;
         rows.iter().map(|row| decode_manifest(row.get::<_, &[u8]>(0))).collect()
     }
 
@@ -1588,10 +1598,7 @@ impl State for Postgres {
 
     async fn stored_blobs(&self, project: &str, digests: &[String]) -> Result<HashMap<String, BlobRecord>, Error> {
         let client = self.client().await?;
-        let rows = client
-            .query("SELECT digest, record FROM lc_blobs WHERE project = $1 AND digest = ANY($2)", &[&project, &digests])
-            .await
-            .map_err(pg_error)?;
+        let rows = client.query(BLOBS_OF, &[&project, &digests]).await.map_err(pg_error)?;
         blob_records(&rows)
     }
 

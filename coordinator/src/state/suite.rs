@@ -860,16 +860,23 @@ async fn steps_under_a_project_s_lock_never_wait_for_calls_queued_behind_a_flush
     assert!(matches!(nothing, Ok(None) | Err(crate::error::Error::NoSuchSave(_))), "{nothing:?}");
 }
 
+/// A new database on `server` holding project `p` with one manifest, of `service`, naming `c1`
+/// and `l1`: its URL and a replica's state on it.
+async fn new_project_p(server: &str, service: &str) -> (String, postgres::Postgres) {
+    let url = postgres::new_test_database(server).await;
+    let state = postgres::Postgres::connect(&url).await.unwrap();
+    state.create_project(&project("p")).await.unwrap();
+    state.commit_manifest("p", &manifest(service, &["c1", "l1"], 1), 0, &sizes(), 1).await.unwrap();
+    (url, state)
+}
+
 /// A caller that goes away while its commit waits in a batch (its client hung up) takes none
 /// of the others' commits with it: the batch runs in a task of its own, and commits nothing of
 /// the caller that never answered its check.
 #[tokio::test]
 async fn a_caller_gone_from_a_batch_takes_nothing_of_the_others_with_it() {
     let Some(server) = postgres_server() else { return };
-    let url = postgres::new_test_database(&server).await;
-    let state = postgres::Postgres::connect(&url).await.unwrap();
-    state.create_project(&project("p")).await.unwrap();
-    state.commit_manifest("p", &manifest("base", &["c1", "l1"], 1), 0, &sizes(), 1).await.unwrap();
+    let (_, state) = new_project_p(&server, "base").await;
     state
         .update_open_saves("p", &mut |saves| {
             for i in 0..4 {
@@ -915,10 +922,7 @@ async fn a_caller_gone_from_a_batch_takes_nothing_of_the_others_with_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_save_taken_during_a_change_of_the_open_saves_stays_taken() {
     let Some(server) = postgres_server() else { return };
-    let url = postgres::new_test_database(&server).await;
-    let state = postgres::Postgres::connect(&url).await.unwrap();
-    state.create_project(&project("p")).await.unwrap();
-    state.commit_manifest("p", &manifest("web", &["c1", "l1"], 1), 0, &sizes(), 1).await.unwrap();
+    let (url, state) = new_project_p(&server, "web").await;
     let open = crate::claims::tests::pending("p", "web", 2);
     state
         .update_open_saves("p", &mut |saves| {

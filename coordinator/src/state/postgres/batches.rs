@@ -123,19 +123,75 @@ impl<Q: Batched> Queues<Q> {
     }
 }
 
-/// A batch's failure as each of its callers hears it: an outage stays one.
+/// A batch's failure as each of its callers hears it: the same kind of error (an outage stays
+/// one, a corrupt record one), saying the same line with its causes.
 fn each_callers(error: &Error) -> Error {
+    let cause =
+        |source: &(dyn std::error::Error + 'static)| -> crate::error::Cause { crate::error::chain_line(source).into() };
     match error {
-        Error::DatabaseUnavailable { what, source } => {
-            Error::DatabaseUnavailable { what, source: source.to_string().into() }
+        Error::DatabaseUnavailable { what, source } => Error::DatabaseUnavailable { what, source: cause(&**source) },
+        Error::Database { what, source } => {
+            Error::Database { what: what.clone(), source: source.as_ref().map(|source| cause(&**source)) }
         }
-        other => Error::database("PostgreSQL", other.to_string()),
+        Error::CorruptState { record, source } => {
+            Error::CorruptState { record: record.clone(), source: cause(&**source) }
+        }
+        other => Error::database("PostgreSQL", other.line()),
     }
 }
 
 /// The refusal a caller hears when its batch's task ended without answering it.
 pub(super) fn unanswered() -> Error {
     Error::DatabaseUnavailable { what: "PostgreSQL", source: "the batch ended without an answer".into() }
+}
+
+/// What a batch says to a queued call's caller: run your rule on this view (`V`) and give
+/// back its answer (`A`), or here is your call's outcome (`O`).
+enum ToCaller<V, A, O> {
+    Rule(V, tokio::sync::oneshot::Sender<A>),
+    Done(Result<O, Error>),
+}
+
+/// The batch's end of a queued call's channel to its caller (see [`channel`]).
+pub(super) struct Caller<V, A, O>(tokio::sync::mpsc::UnboundedSender<ToCaller<V, A, O>>);
+
+impl<V, A, O> Caller<V, A, O> {
+    /// Asks the caller to run its rule on `view`, at once; the answer, once given, or `None`
+    /// when the caller went away first.
+    pub(super) fn ask(&self, view: V) -> impl std::future::Future<Output = Option<A>> + use<V, A, O> {
+        let (answer, answered) = tokio::sync::oneshot::channel();
+        let sent = self.0.send(ToCaller::Rule(view, answer)).is_ok();
+        async move { if sent { answered.await.ok() } else { None } }
+    }
+
+    /// Gives the caller its outcome.
+    pub(super) fn answer(&self, outcome: Result<O, Error>) {
+        let _ = self.0.send(ToCaller::Done(outcome));
+    }
+}
+
+/// The caller's end (see [`channel`]).
+pub(super) struct Waiting<V, A, O>(tokio::sync::mpsc::UnboundedReceiver<ToCaller<V, A, O>>);
+
+impl<V, A, O> Waiting<V, A, O> {
+    /// Runs `rule` on each view the batch sends, until the outcome comes.
+    pub(super) async fn outcome(mut self, mut rule: impl FnMut(V) -> A) -> Result<O, Error> {
+        while let Some(said) = self.0.recv().await {
+            match said {
+                ToCaller::Rule(view, answer) => {
+                    let _ = answer.send(rule(view));
+                }
+                ToCaller::Done(outcome) => return outcome,
+            }
+        }
+        Err(unanswered())
+    }
+}
+
+/// A queued call's channel: the batch's end goes in the queue, the caller waits on the other.
+pub(super) fn channel<V, A, O>() -> (Caller<V, A, O>, Waiting<V, A, O>) {
+    let (caller, waiting) = tokio::sync::mpsc::unbounded_channel();
+    (Caller(caller), Waiting(waiting))
 }
 
 /// A caller's token, owned, as a queued call carries it.
@@ -175,5 +231,28 @@ impl Holders {
     pub(super) fn live(&self, token: &Token) -> bool {
         let holder = Holder { token_sha256_hex: &token.sha256_hex, token_id: &token.id };
         holder.is_live(&self.record, self.scoped.get(&token.sha256_hex))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_caller_of_a_failed_batch_hears_its_kind_of_error_and_its_whole_line() {
+        let refused = || std::io::Error::other("connection refused");
+        let kept = [
+            Error::database("PostgreSQL", refused()),
+            Error::DatabaseUnavailable { what: "PostgreSQL", source: refused().into() },
+            Error::corrupt("lc_projects", refused()),
+        ];
+        for failure in &kept {
+            let heard = each_callers(failure);
+            assert_eq!(std::mem::discriminant(&heard), std::mem::discriminant(failure), "{}", failure.line());
+            assert_eq!(heard.line(), failure.line());
+        }
+        assert_eq!(each_callers(&kept[0]).line(), "database error: PostgreSQL: connection refused");
+        let other = each_callers(&Error::NoSuchProject("p".into()));
+        assert_eq!(other.line(), format!("database error: PostgreSQL: {}", Error::NoSuchProject("p".into()).line()));
     }
 }

@@ -9,39 +9,32 @@
 use super::batches::{BatchRun, Batched, Holders, Params, SCOPED_TOKENS, Token, all_revoked, distinct, unanswered};
 use super::*;
 
-/// A batch's locks and reads, in its first round trip, in this order: the locks (see
-/// [`BEGIN_LOCKS`]), the project's row, the scoped tokens of the callers' hashes, the ledger's
-/// records of the blobs they name, the project's manifests and its open saves.
-const PROJECT: &str = "SELECT record FROM lc_projects WHERE name = $1";
-const BLOBS: &str = "SELECT digest, record FROM lc_blobs WHERE project = $1 AND digest = ANY($2)";
-const MANIFESTS: &str = "SELECT body FROM lc_manifests WHERE project = $1 ORDER BY service, branch";
-/// The statement [`ephemeral_records`] sends for a project's open saves.
+/// The statement [`ephemeral_records`] sends for a project's open saves: the last of a batch's
+/// reads, which go in its first round trip in this order: the locks (see [`BEGIN_LOCKS`]), the
+/// project's row, the scoped tokens of the callers' hashes, the ledger's records of the blobs
+/// they name, the project's manifests and its open saves.
 const OPEN_SAVES: &str = "SELECT id, record FROM lc_open_saves WHERE project = $1";
 
 /// What a begin's rule sees and changes: the project's record, the ledger's records of the
 /// blobs the begin names, the project's manifests, and its open saves (given back changed).
 type RegisterView = (ProjectRecord, HashMap<String, BlobRecord>, Arc<Vec<pb::Manifest>>, super::super::OpenSaves);
 
-/// What a batch says to a queued begin's caller.
-enum ToCaller {
-    /// Run your rule on this view and give the open saves back with its result.
-    Register(RegisterView, tokio::sync::oneshot::Sender<(super::super::OpenSaves, Result<(), Error>)>),
-    /// Your begin's outcome: your rule's result once the batch committed.
-    Done(Result<(), Error>),
-}
+/// A begin's channel to its caller: its rule run on a view gives back the open saves with its
+/// result; the outcome is that result once the batch committed.
+type Caller = batches::Caller<RegisterView, (super::super::OpenSaves, Result<(), Error>), ()>;
 
 /// A begin waiting for its project's next batch.
 pub(super) struct QueuedBegin {
     token: Token,
     digests: Vec<String>,
-    to_caller: tokio::sync::mpsc::UnboundedSender<ToCaller>,
+    caller: Caller,
 }
 
 impl Batched for QueuedBegin {
     type Outcome = ();
 
     fn answer(&self, outcome: Result<(), Error>) {
-        let _ = self.to_caller.send(ToCaller::Done(outcome));
+        self.caller.answer(outcome);
     }
 
     fn run<'a>(pool: &'a Pool, project: &'a str, batch: &'a [Self]) -> BatchRun<'a, ()> {
@@ -59,26 +52,21 @@ pub(super) async fn begin(
     digests: &[String],
     register: &mut super::super::BeginRegister<'_>,
 ) -> Result<(), Error> {
-    let (to_caller, mut from_batch) = tokio::sync::mpsc::unbounded_channel();
-    queues.queue(pool, project, QueuedBegin { token: Token::of(holder), digests: digests.to_vec(), to_caller });
-    while let Some(said) = from_batch.recv().await {
-        match said {
-            ToCaller::Register((record, stored, manifests, mut saves), answer) => {
-                let registered = register(&record, &stored, &manifests, &mut saves);
-                let _ = answer.send((saves, registered));
-            }
-            ToCaller::Done(outcome) => return outcome,
-        }
-    }
-    Err(unanswered())
+    let (caller, waiting) = batches::channel();
+    queues.queue(pool, project, QueuedBegin { token: Token::of(holder), digests: digests.to_vec(), caller });
+    waiting
+        .outcome(|(record, stored, manifests, mut saves): RegisterView| {
+            let registered = register(&record, &stored, &manifests, &mut saves);
+            (saves, registered)
+        })
+        .await
 }
 
 /// One batch: every begin's outcome, in order, or the batch's failure (nothing registered).
 async fn run_batch(pool: &Pool, project: &str, batch: &[QueuedBegin]) -> Result<Vec<Result<(), Error>>, Error> {
-    let client = pool.get().await.map_err(pg_error)?;
     // All prepared before any is sent, so they run in this order.
-    prepare_all(&client, [BEGIN_LOCKS, PROJECT, SCOPED_TOKENS, BLOBS, MANIFESTS, OPEN_SAVES]).await?;
-    let tx = Pipelined::new(client);
+    let tx =
+        pipelined(pool, &[BEGIN_LOCKS, PROJECT_RECORD, SCOPED_TOKENS, BLOBS_OF, PROJECT_MANIFESTS, OPEN_SAVES]).await?;
     let client = tx.client();
     let lock = lock_key(project);
     let hashes: Vec<&str> = batch.iter().map(|queued| queued.token.sha256_hex.as_str()).collect();
@@ -88,10 +76,10 @@ async fn run_batch(pool: &Pool, project: &str, batch: &[QueuedBegin]) -> Result<
     let (_, _, record, scoped, stored, manifests, before) = futures::try_join!(
         tx.begin(),
         client.cached_execute(BEGIN_LOCKS, by_locks).map_err(pg_error),
-        client.cached_query_opt(PROJECT, by_project).map_err(pg_error),
+        client.cached_query_opt(PROJECT_RECORD, by_project).map_err(pg_error),
         client.cached_query(SCOPED_TOKENS, by_hashes).map_err(pg_error),
-        client.cached_query(BLOBS, by_digests).map_err(pg_error),
-        client.cached_query(MANIFESTS, by_project).map_err(pg_error),
+        client.cached_query(BLOBS_OF, by_digests).map_err(pg_error),
+        client.cached_query(PROJECT_MANIFESTS, by_project).map_err(pg_error),
         ephemeral_records::<super::super::OpenSave>(client, "lc_open_saves", Some(project)),
     )?;
     let Some(holders) = Holders::read(record, &scoped)? else { return Ok(all_revoked(batch.len())) };
@@ -107,16 +95,14 @@ async fn run_batch(pool: &Pool, project: &str, batch: &[QueuedBegin]) -> Result<
         }
         let named = queued.digests.iter().filter_map(|digest| Some((digest.clone(), stored.get(digest)?.clone())));
         let view = (holders.record.clone(), named.collect(), Arc::clone(&manifests), saves.clone());
-        let (answer, answered) = tokio::sync::oneshot::channel();
-        let _ = queued.to_caller.send(ToCaller::Register(view, answer));
         // A caller gone before it answered registers nothing.
-        let outcome = match answered.await {
-            Ok((changed, registered)) => {
+        let outcome = match queued.caller.ask(view).await {
+            Some((changed, registered)) => {
                 // What the rule changed stands even when it refuses (the silent saves it noted).
                 saves = changed;
                 registered
             }
-            Err(_) => Err(unanswered()),
+            None => Err(unanswered()),
         };
         outcomes.push(outcome);
     }

@@ -5,7 +5,7 @@
 //! after another; one that fails (its token revoked, its save gone, the project flushed, its
 //! check refused) changes nothing and leaves the others to commit.
 
-use super::batches::{BatchRun, Batched, Holders, Params, SCOPED_TOKENS, Token, all_revoked, distinct, unanswered};
+use super::batches::{BatchRun, Batched, Holders, Params, SCOPED_TOKENS, Token, all_revoked, distinct};
 use super::*;
 
 /// A batch's locks and reads, in its first round trip, in this order (each its own statement,
@@ -13,7 +13,6 @@ use super::*;
 /// the scoped tokens of the callers' hashes, the manifests of their keys (locked), the ledger's
 /// records of their blobs and of those the manifests they replace list (locked), and their
 /// open saves (locked, deleted with the writes for those that commit).
-const PROJECT_LOCKED: &str = "SELECT record FROM lc_projects WHERE name = $1 FOR UPDATE";
 const KEYS_MANIFESTS_LOCKED: &str = "SELECT m.service, m.branch, m.body
     FROM UNNEST($2::text[], $3::text[]) AS wanted (service, branch)
     CROSS JOIN LATERAL (SELECT service, branch, body FROM lc_manifests
@@ -26,14 +25,12 @@ const BLOBS_LOCKED: &str =
     FOR UPDATE";
 const SAVES_LOCKED: &str = "SELECT id FROM lc_open_saves WHERE project = $1 AND id = ANY($2) FOR UPDATE";
 
-/// What a batch says to a queued commit's caller.
-enum ToCaller {
-    /// Run your check on the project's record and the ledger's records the batch read, and
-    /// answer on the channel.
-    Check(ProjectRecord, Arc<HashMap<String, BlobRecord>>, tokio::sync::oneshot::Sender<Result<bool, Error>>),
-    /// Your commit's outcome.
-    Done(Result<Option<Committed>, Error>),
-}
+/// What a commit's check sees: the project's record and the ledger's records the batch read.
+type CheckView = (ProjectRecord, Arc<HashMap<String, BlobRecord>>);
+
+/// A commit's channel to its caller: its check run on a view answers whether it passed; the
+/// outcome is the commit's.
+type Caller = batches::Caller<CheckView, Result<bool, Error>, Option<Committed>>;
 
 /// A commit waiting for its project's next batch.
 pub(super) struct QueuedCommit {
@@ -43,14 +40,14 @@ pub(super) struct QueuedCommit {
     new_blobs: HashMap<String, BlobRecord>,
     now_unix: i64,
     save_id: String,
-    to_caller: tokio::sync::mpsc::UnboundedSender<ToCaller>,
+    caller: Caller,
 }
 
 impl Batched for QueuedCommit {
     type Outcome = Option<Committed>;
 
     fn answer(&self, outcome: Result<Option<Committed>, Error>) {
-        let _ = self.to_caller.send(ToCaller::Done(outcome));
+        self.caller.answer(outcome);
     }
 
     fn run<'a>(pool: &'a Pool, project: &'a str, batch: &'a [Self]) -> BatchRun<'a, Option<Committed>> {
@@ -73,7 +70,7 @@ pub(super) async fn commit(
     check: &mut super::super::CommitCheck<'_>,
     save_id: &str,
 ) -> Result<Option<Committed>, Error> {
-    let (to_caller, mut from_batch) = tokio::sync::mpsc::unbounded_channel();
+    let (caller, waiting) = batches::channel();
     let queued = QueuedCommit {
         token: Token::of(holder),
         manifest: manifest.clone(),
@@ -81,18 +78,10 @@ pub(super) async fn commit(
         new_blobs: new_blobs.clone(),
         now_unix,
         save_id: save_id.to_owned(),
-        to_caller,
+        caller,
     };
     queues.queue(pool, project, queued);
-    while let Some(said) = from_batch.recv().await {
-        match said {
-            ToCaller::Check(record, known, answer) => {
-                let _ = answer.send(check(&record, &known));
-            }
-            ToCaller::Done(outcome) => return outcome,
-        }
-    }
-    Err(unanswered())
+    waiting.outcome(|(record, known): CheckView| check(&record, &known)).await
 }
 
 /// One batch: every commit's outcome, in order, or the batch's failure (nothing committed).
@@ -101,11 +90,9 @@ async fn run_batch(
     project: &str,
     batch: &[QueuedCommit],
 ) -> Result<Vec<Result<Option<Committed>, Error>>, Error> {
-    let reads = [COMMIT_LOCK, PROJECT_LOCKED, SCOPED_TOKENS, KEYS_MANIFESTS_LOCKED, BLOBS_LOCKED, SAVES_LOCKED];
-    let client = pool.get().await.map_err(pg_error)?;
+    let reads = [COMMIT_LOCK, PROJECT_RECORD_LOCKED, SCOPED_TOKENS, KEYS_MANIFESTS_LOCKED, BLOBS_LOCKED, SAVES_LOCKED];
     // All prepared before any is sent, so they run in this order.
-    prepare_all(&client, reads).await?;
-    let tx = Pipelined::new(client);
+    let tx = pipelined(pool, &reads).await?;
     let client = tx.client();
     let lock = lock_key(project);
     let hashes: Vec<&str> = batch.iter().map(|queued| queued.token.sha256_hex.as_str()).collect();
@@ -120,7 +107,7 @@ async fn run_batch(
     let (_, _, record, scoped, manifests, known, saves) = futures::try_join!(
         tx.begin(),
         client.cached_execute(COMMIT_LOCK, by_lock).map_err(pg_error),
-        client.cached_query_opt(PROJECT_LOCKED, by_project).map_err(pg_error),
+        client.cached_query_opt(PROJECT_RECORD_LOCKED, by_project).map_err(pg_error),
         client.cached_query(SCOPED_TOKENS, by_hashes).map_err(pg_error),
         client.cached_query(KEYS_MANIFESTS_LOCKED, by_keys).map_err(pg_error),
         client.cached_query(BLOBS_LOCKED, by_blobs).map_err(pg_error),
@@ -143,16 +130,12 @@ async fn run_batch(
     }
     // Each live caller whose blobs are all recorded checks them, all at once.
     let shared = Arc::new(known.clone());
-    let asked: Vec<Option<tokio::sync::oneshot::Receiver<Result<bool, Error>>>> = batch
+    let asked: Vec<_> = batch
         .iter()
         .map(|queued| {
             let live = holders.live(&queued.token);
             let recorded = queued.new_blobs.keys().all(|digest| known.contains_key(digest));
-            (live && recorded).then(|| {
-                let (answer, answered) = tokio::sync::oneshot::channel();
-                let _ = queued.to_caller.send(ToCaller::Check(record.clone(), Arc::clone(&shared), answer));
-                answered
-            })
+            (live && recorded).then(|| queued.caller.ask((record.clone(), Arc::clone(&shared))))
         })
         .collect();
     let mut outcomes = Vec::with_capacity(batch.len());

@@ -9,8 +9,6 @@
 use super::batches::{BatchRun, Batched, Holders, Params, SCOPED_TOKENS, Token, all_revoked, unanswered};
 use super::*;
 
-/// The project's record (for the token checks).
-const PROJECT: &str = "SELECT record FROM lc_projects WHERE name = $1";
 /// The manifests of keys (`$2` services, `$3` branches), one look-up of the primary key each.
 const KEYS_MANIFESTS: &str = "SELECT m.service, m.branch, m.body
     FROM UNNEST($2::text[], $3::text[]) AS wanted (service, branch)
@@ -21,27 +19,23 @@ const KEYS_MANIFESTS: &str = "SELECT m.service, m.branch, m.body
 /// changed) and the other projects' demands.
 type GrantView = (pb::Manifest, super::super::Leases, Arc<super::super::LeaseDemands>);
 
-/// What a batch says to a queued lookup's caller.
-enum ToCaller {
-    /// Run your grant on this view and give the leases back with the project's demand.
-    Grant(GrantView, tokio::sync::oneshot::Sender<(super::super::Leases, super::super::LeaseDemand)>),
-    /// Your lookup's outcome: the manifest found, once the batch committed.
-    Done(Result<Option<pb::Manifest>, Error>),
-}
+/// A lookup's channel to its caller: its grant run on a view gives back the leases with the
+/// project's demand; the outcome is the manifest found, once the batch committed.
+type Caller = batches::Caller<GrantView, (super::super::Leases, super::super::LeaseDemand), Option<pb::Manifest>>;
 
 /// A lookup waiting for its project's next batch.
 pub(super) struct QueuedLookup {
     token: Token,
     keys: Vec<pb::CacheKey>,
     now_unix: i64,
-    to_caller: tokio::sync::mpsc::UnboundedSender<ToCaller>,
+    caller: Caller,
 }
 
 impl Batched for QueuedLookup {
     type Outcome = Option<pb::Manifest>;
 
     fn answer(&self, outcome: Result<Option<pb::Manifest>, Error>) {
-        let _ = self.to_caller.send(ToCaller::Done(outcome));
+        self.caller.answer(outcome);
     }
 
     fn run<'a>(pool: &'a Pool, project: &'a str, batch: &'a [Self]) -> BatchRun<'a, Option<pb::Manifest>> {
@@ -60,18 +54,14 @@ pub(super) async fn look_up(
     now_unix: i64,
     grant: &mut super::super::LookupGrant<'_>,
 ) -> Result<Option<pb::Manifest>, Error> {
-    let (to_caller, mut from_batch) = tokio::sync::mpsc::unbounded_channel();
-    queues.queue(pool, project, QueuedLookup { token: Token::of(holder), keys: keys.to_vec(), now_unix, to_caller });
-    while let Some(said) = from_batch.recv().await {
-        match said {
-            ToCaller::Grant((manifest, mut leases, demands), answer) => {
-                let demand = grant(&manifest, &mut leases, &demands);
-                let _ = answer.send((leases, demand));
-            }
-            ToCaller::Done(outcome) => return outcome,
-        }
-    }
-    Err(unanswered())
+    let (caller, waiting) = batches::channel();
+    queues.queue(pool, project, QueuedLookup { token: Token::of(holder), keys: keys.to_vec(), now_unix, caller });
+    waiting
+        .outcome(|(manifest, mut leases, demands): GrantView| {
+            let demand = grant(&manifest, &mut leases, &demands);
+            (leases, demand)
+        })
+        .await
 }
 
 /// One batch: every lookup's outcome, in order, or the batch's failure (nothing granted).
@@ -80,10 +70,8 @@ async fn run_batch(
     project: &str,
     batch: &[QueuedLookup],
 ) -> Result<Vec<Result<Option<pb::Manifest>, Error>>, Error> {
-    let client = pool.get().await.map_err(pg_error)?;
     // All prepared before any is sent, so they run in this order.
-    prepare_all(&client, [PROJECT, SCOPED_TOKENS, LOOKUP_LOCKS, KEYS_MANIFESTS]).await?;
-    let tx = Pipelined::new(client);
+    let tx = pipelined(pool, &[PROJECT_RECORD, SCOPED_TOKENS, LOOKUP_LOCKS, KEYS_MANIFESTS]).await?;
     let client = tx.client();
     let hashes: Vec<&str> = batch.iter().map(|queued| queued.token.sha256_hex.as_str()).collect();
     let keys: HashSet<(&str, &str)> = batch
@@ -96,7 +84,7 @@ async fn run_batch(
     let by_keys: Params = &[&project, &services, &branches];
     let (_, record, scoped, (locked, before, demands), found) = futures::try_join!(
         tx.begin(),
-        client.cached_query_opt(PROJECT, by_project).map_err(pg_error),
+        client.cached_query_opt(PROJECT_RECORD, by_project).map_err(pg_error),
         client.cached_query(SCOPED_TOKENS, by_hashes).map_err(pg_error),
         locked_leases(client, project, Some(lookup)),
         client.cached_query(KEYS_MANIFESTS, by_keys).map_err(pg_error),
@@ -129,11 +117,9 @@ async fn run_batch(
             outcomes.push(Ok(None));
             continue;
         };
-        let (answer, answered) = tokio::sync::oneshot::channel();
         let view = (manifest.clone(), leases.clone(), Arc::clone(&demands));
-        let _ = queued.to_caller.send(ToCaller::Grant(view, answer));
         // A caller gone before it answered is granted nothing.
-        let Ok((granted, demand_now)) = answered.await else {
+        let Some((granted, demand_now)) = queued.caller.ask(view).await else {
             outcomes.push(Err(unanswered()));
             continue;
         };
